@@ -1,0 +1,112 @@
+"""The exporter: send due result objects to their destinations and record what they answered.
+
+A result is delivered only when the destination answered success (or an accepted warning);
+otherwise it stays in the outbox with exponential back-off, and fails visibly after
+``max_attempts``. Deliveries due for one destination go over one association.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+from acwi_node.config import Settings
+from acwi_node.export.scu import send_files
+from acwi_node.ledger import DueDelivery, Ledger
+
+log = logging.getLogger("acwi_node.exporter")
+
+
+def backoff_s(settings: Settings, attempts_so_far: int) -> float:
+    """Seconds to wait before the next attempt after ``attempts_so_far + 1`` failures."""
+    cfg = settings.exporter
+    return float(min(cfg.backoff_max_s, cfg.backoff_initial_s * (2**attempts_so_far)))
+
+
+class Exporter:
+    """Drains the outbox."""
+
+    def __init__(self, settings: Settings, ledger: Ledger) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self._stop = threading.Event()
+
+    def tick(self) -> int:
+        """One pass over the due deliveries; returns how many were attempted."""
+        due = self.ledger.due_deliveries()
+        by_dest: dict[str, list[DueDelivery]] = defaultdict(list)
+        for d in due:
+            by_dest[d.destination].append(d)
+        for dest_name, items in by_dest.items():
+            self._send(dest_name, items)
+        return len(due)
+
+    def _send(self, dest_name: str, items: list[DueDelivery]) -> None:
+        cfg = self.settings.exporter
+        try:
+            dest = self.settings.destination(dest_name)
+        except KeyError:
+            for d in items:
+                self.ledger.record_delivery(
+                    d.id,
+                    delivered=False,
+                    status=None,
+                    error=f"destination {dest_name!r} is no longer configured",
+                    max_attempts=1,
+                    backoff_s=0,
+                )
+            return
+        root = self.settings.results_dir
+        paths = {d.id: root / d.path for d in items}
+        report = send_files(
+            list(dict.fromkeys(paths.values())),
+            called_ae=dest.ae_title,
+            host=dest.host,
+            port=dest.port,
+            calling_ae=self.settings.node.ae_title,
+            timeout_s=cfg.timeout_s,
+        )
+        delivered = 0
+        for d in items:
+            path: Path = paths[d.id]
+            outcome = report.outcomes.get(path)
+            if outcome is None:
+                ok, status, detail = False, None, report.error or "not sent"
+            else:
+                ok, status, detail = outcome.delivered, outcome.status, outcome.detail
+                if not ok and report.error and not detail:
+                    detail = report.error
+            delivered += ok
+            self.ledger.record_delivery(
+                d.id,
+                delivered=ok,
+                status=status,
+                error="" if ok else detail,
+                max_attempts=cfg.max_attempts,
+                backoff_s=backoff_s(self.settings, d.attempts),
+            )
+        if delivered == len(items):
+            log.info("sent %d object(s) to %s", delivered, dest_name)
+        else:
+            log.warning(
+                "sent %d of %d object(s) to %s: %s",
+                delivered,
+                len(items),
+                dest_name,
+                report.error or "some were refused",
+            )
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.tick()
+            except Exception:
+                log.exception("exporter pass failed; retrying")
+                busy = 0
+            if not busy:
+                self._stop.wait(self.settings.exporter.poll_interval_s)
+
+    def stop(self) -> None:
+        self._stop.set()

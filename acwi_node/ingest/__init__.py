@@ -1,0 +1,1 @@
+"""Ingest: the storage SCP, the spool it writes to, and study completion."""

@@ -1,0 +1,87 @@
+"""Study completion: decide when a study is complete, route it, and queue its jobs.
+
+A study is complete when no association is sending it any more and a quiet period has passed
+since the last release and the last instance, or, while an association stays open, when no
+instance arrived for ``max_wait_s``. Completion is a conditional update in the ledger, so several
+processes may run this loop at once without routing a study twice. Instances arriving after
+completion re-open the study (a new generation); its new job supersedes the old one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from celery import Celery
+
+from acwi_node.config import Settings
+from acwi_node.ledger import Ledger, RoutedJob, StudyFacts
+from acwi_node.routing.rules import decide_routes
+from acwi_node.tasks.queue import enqueue, reconcile
+
+log = logging.getLogger("acwi_node.completion")
+
+
+class CompletionService:
+    """Background loop: completion, routing, enqueueing and the periodic reconciler."""
+
+    def __init__(self, settings: Settings, ledger: Ledger, celery: Celery) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.celery = celery
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_reconcile = 0.0
+
+    def decide(self, facts: StudyFacts) -> list[RoutedJob]:
+        return decide_routes(self.settings.routes, facts)
+
+    def tick(self) -> list[int]:
+        """One pass: complete due studies and queue their jobs. Returns the new job ids."""
+        cfg = self.settings.completion
+        new_jobs: list[int] = []
+        for study_id, generation in self.ledger.studies_due(
+            quiet_period_s=cfg.quiet_period_s, max_wait_s=cfg.max_wait_s
+        ):
+            job_ids = self.ledger.complete_study(study_id, generation, self.decide)
+            if job_ids:
+                log.info("study_id=%d complete: %d job(s) queued", study_id, len(job_ids))
+                enqueue(self.celery, self.ledger, job_ids)
+                new_jobs.extend(job_ids)
+        now = time.monotonic()
+        if now - self._last_reconcile >= cfg.requeue_after_s / 2:
+            self._last_reconcile = now
+            reconcile(
+                self.celery,
+                self.ledger,
+                startup=False,
+                requeue_after_s=cfg.requeue_after_s,
+                stale_analysing_s=self.settings.worker.visibility_timeout_s,
+            )
+        return new_jobs
+
+    def poke(self) -> None:
+        """Something happened (an association ended): look again soon."""
+        self._wake.set()
+
+    def run(self) -> None:
+        self._last_reconcile = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("completion pass failed; retrying")
+            self._wake.wait(self.settings.completion.poll_interval_s)
+            self._wake.clear()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="completion", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)

@@ -1,0 +1,112 @@
+"""The spool: received instances as Part-10 files, written atomically and durably.
+
+A file is written to ``<spool>/.tmp/`` (same file system), fsynced, renamed to
+``<spool>/<study uid>/<sop instance uid>.dcm`` and its directory fsynced. Names come only from UIDs
+that passed :func:`is_safe_uid` (digits and dots, at most 64 characters); nothing else from a
+dataset ever names a path. On any failure the temporary file is removed: no partial file remains.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import uuid
+from pathlib import Path
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def is_safe_uid(value: str) -> bool:
+    """True for a UID that may name a file: digits and dots, no empty component, <= 64 chars.
+
+    Leading zeros in a component (invalid in strict DICOM, seen from old scanners) are tolerated;
+    they cannot form a path.
+    """
+    return 0 < len(value) <= 64 and _UID_RE.match(value) is not None
+
+
+class SpoolError(OSError):
+    """Writing to the spool failed; ``out_of_space`` tells a full disk or quota from the rest."""
+
+    def __init__(self, message: str, *, out_of_space: bool) -> None:
+        super().__init__(message)
+        self.out_of_space = out_of_space
+
+
+class Spool:
+    """Atomic, durable storage of received instances under one root directory."""
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = root
+        self.fsync = fsync
+        self.tmp_dir = root / ".tmp"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, study_uid: str, sop_instance_uid: str) -> Path:
+        """Where an instance lives; both UIDs must be safe."""
+        if not (is_safe_uid(study_uid) and is_safe_uid(sop_instance_uid)):
+            raise ValueError("refusing to build a spool path from an unsafe UID")
+        return self.root / study_uid / f"{sop_instance_uid}.dcm"
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def resolve(self, relative: str) -> Path:
+        """The absolute path of a ledger-recorded relative path, refusing anything outside."""
+        path = (self.root / relative).resolve()
+        if self.root.resolve() not in path.parents:
+            raise ValueError("spool path escapes the spool directory")
+        return path
+
+    def store(self, study_uid: str, sop_instance_uid: str, data: bytes | memoryview) -> Path:
+        """Write ``data`` atomically to the instance's place; returns the final path."""
+        final = self.path_for(study_uid, sop_instance_uid)
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        fd = -1
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            if self.fsync:
+                os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            new_dir = not final.parent.exists()
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+            if self.fsync:
+                _fsync_dir(final.parent)
+                if new_dir:
+                    _fsync_dir(self.root)
+            return final
+        except OSError as exc:
+            if fd >= 0:
+                os.close(fd)
+            tmp.unlink(missing_ok=True)
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise SpoolError(
+                f"cannot write to spool: {exc.strerror or exc}", out_of_space=full
+            ) from exc
+
+    def discard(self, path: Path) -> None:
+        """Remove a stored file (used when recording it in the ledger failed)."""
+        path.unlink(missing_ok=True)
+
+    def clean_tmp(self) -> int:
+        """Remove temporary files left by a crash; returns how many."""
+        n = 0
+        for p in self.tmp_dir.glob("*.part"):
+            p.unlink(missing_ok=True)
+            n += 1
+        return n
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,31 @@
+"""The ledger: the node's durable record of every instance, study, job, result and delivery."""
+
+from acwi_node.ledger.models import (
+    DeliveryState,
+    JobState,
+    ReviewState,
+    StudyState,
+)
+from acwi_node.ledger.repository import (
+    DueDelivery,
+    InstanceRecord,
+    Ledger,
+    Recorded,
+    ResultFile,
+    RoutedJob,
+    StudyFacts,
+)
+
+__all__ = [
+    "DeliveryState",
+    "DueDelivery",
+    "InstanceRecord",
+    "JobState",
+    "Ledger",
+    "Recorded",
+    "ResultFile",
+    "ReviewState",
+    "RoutedJob",
+    "StudyFacts",
+    "StudyState",
+]

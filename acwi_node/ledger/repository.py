@@ -1,0 +1,706 @@
+"""The ledger's repository API: every state change of the node goes through here.
+
+State changes are conditional updates inside one transaction, so several SCP, worker and
+exporter processes can share one database (SQLite in WAL mode, or PostgreSQL) safely.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from acwi_node.ledger.models import (
+    FINAL_JOB_STATES,
+    Base,
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Result,
+    ReviewItem,
+    ReviewState,
+    Study,
+    StudyState,
+    utcnow,
+)
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the SCP learnt about one stored instance (no patient data)."""
+
+    study_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_uid: str
+    transfer_syntax_uid: str
+    modality: str
+    body_part: str
+    path: str
+    size: int
+    calling_ae: str
+
+
+@dataclass(frozen=True)
+class Recorded:
+    study_id: int
+    generation: int
+    reopened: bool
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class RoutedJob:
+    """What the router decided for a completed study."""
+
+    route: str
+    model: str
+    destinations: list[str]
+    priority: int
+
+
+@dataclass(frozen=True)
+class StudyFacts:
+    """What routing rules look at."""
+
+    study_uid: str
+    calling_ae: str
+    modalities: set[str]
+    sop_classes: set[str]
+    body_parts: set[str]
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    kind: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: str
+
+
+@dataclass(frozen=True)
+class DueDelivery:
+    id: int
+    job_id: int
+    destination: str
+    path: str
+    attempts: int
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for the ledger URL; SQLite gets WAL and a busy timeout, PostgreSQL psycopg 3."""
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+class Ledger:
+    """Repository over the ledger database."""
+
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._pid = os.getpid()
+        if create:
+            Base.metadata.create_all(self.engine)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session inside one transaction, committed on success."""
+        if os.getpid() != self._pid:  # after fork: never share pooled connections
+            self.engine.dispose(close=False)
+            self._pid = os.getpid()
+        with self._sessions() as s, s.begin():
+            yield s
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ ingest
+    def record_instance(self, rec: InstanceRecord, *, first_in_association: bool) -> Recorded:
+        """Record a stored instance; creates or re-opens its study. Safe under concurrency."""
+        for attempt in range(3):
+            try:
+                return self._record_instance(rec, first_in_association)
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _record_instance(self, rec: InstanceRecord, first_in_association: bool) -> Recorded:
+        now = utcnow()
+        with self.session() as s:
+            study = s.scalars(
+                select(Study).where(Study.study_uid == rec.study_uid).with_for_update()
+            ).one_or_none()
+            reopened = False
+            if study is None:
+                study = Study(
+                    study_uid=rec.study_uid,
+                    calling_ae=rec.calling_ae,
+                    modality=rec.modality,
+                    body_part=rec.body_part,
+                    first_received_at=now,
+                    last_received_at=now,
+                    generation=1,
+                    state=StudyState.RECEIVING,
+                    instance_count=0,
+                    open_associations=0,
+                )
+                s.add(study)
+                s.flush()
+            elif study.state != StudyState.RECEIVING:
+                study.generation += 1
+                study.state = StudyState.RECEIVING
+                study.reason = ""
+                reopened = True
+            if first_in_association:
+                study.open_associations += 1
+            study.last_received_at = now
+            if rec.modality and rec.modality not in study.modality.split("\\"):
+                study.modality = (
+                    f"{study.modality}\\{rec.modality}" if study.modality else rec.modality
+                )[:16]
+            if rec.body_part and not study.body_part:
+                study.body_part = rec.body_part[:64]
+            existing = s.scalars(
+                select(Instance).where(Instance.sop_instance_uid == rec.sop_instance_uid)
+            ).one_or_none()
+            duplicate = existing is not None
+            if existing is None:
+                s.add(
+                    Instance(
+                        study_id=study.id,
+                        sop_instance_uid=rec.sop_instance_uid,
+                        sop_class_uid=rec.sop_class_uid,
+                        series_uid=rec.series_uid,
+                        transfer_syntax_uid=rec.transfer_syntax_uid,
+                        modality=rec.modality,
+                        path=rec.path,
+                        size=rec.size,
+                        calling_ae=rec.calling_ae,
+                        generation=study.generation,
+                        received_at=now,
+                    )
+                )
+                study.instance_count += 1
+            else:
+                existing.path = rec.path
+                existing.size = rec.size
+                existing.transfer_syntax_uid = rec.transfer_syntax_uid
+                existing.generation = study.generation
+                existing.received_at = now
+            return Recorded(study.id, study.generation, reopened, duplicate)
+
+    def association_released(self, study_ids: Sequence[int]) -> None:
+        """An association that sent instances of these studies ended (released or aborted)."""
+        if not study_ids:
+            return
+        now = utcnow()
+        with self.session() as s:
+            s.execute(
+                update(Study)
+                .where(Study.id.in_(list(study_ids)))
+                .values(
+                    open_associations=func.max(Study.open_associations - 1, 0)
+                    if self.engine.dialect.name == "sqlite"
+                    else func.greatest(Study.open_associations - 1, 0),
+                    last_released_at=now,
+                )
+            )
+
+    # -------------------------------------------------------------- completion
+    def studies_due(self, *, quiet_period_s: float, max_wait_s: float) -> list[tuple[int, int]]:
+        """(study id, generation) of receiving studies that are complete now.
+
+        Complete means: no association is sending it and the quiet period since the last
+        release and the last instance has passed; or, while an association stays open, no
+        instance arrived for ``max_wait_s``.
+        """
+        now = utcnow()
+        quiet_cut = now - dt.timedelta(seconds=quiet_period_s)
+        wait_cut = now - dt.timedelta(seconds=max_wait_s)
+        with self.session() as s:
+            rows = s.execute(
+                select(Study.id, Study.generation).where(
+                    Study.state == StudyState.RECEIVING,
+                    (
+                        (Study.open_associations <= 0)
+                        & (Study.last_received_at <= quiet_cut)
+                        & (
+                            (Study.last_released_at.is_(None))
+                            | (Study.last_released_at <= quiet_cut)
+                        )
+                    )
+                    | (Study.last_received_at <= wait_cut),
+                )
+            ).all()
+        return [(r[0], r[1]) for r in rows]
+
+    def study_facts(self, study_id: int) -> StudyFacts:
+        with self.session() as s:
+            study = s.get_one(Study, study_id)
+            insts = s.scalars(
+                select(Instance).where(
+                    Instance.study_id == study_id, Instance.generation <= study.generation
+                )
+            ).all()
+            return StudyFacts(
+                study_uid=study.study_uid,
+                calling_ae=study.calling_ae,
+                modalities={i.modality for i in insts if i.modality},
+                sop_classes={i.sop_class_uid for i in insts},
+                body_parts={p for p in study.body_part.split("\\") if p},
+            )
+
+    def complete_study(
+        self, study_id: int, generation: int, decide: Callable[[StudyFacts], list[RoutedJob]]
+    ) -> list[int]:
+        """Mark a receiving study complete and create its jobs; returns the new job ids.
+
+        Only the caller whose conditional update wins creates jobs, so several processes may
+        run completion concurrently. Older unfinished jobs of the study are superseded.
+        """
+        facts = self.study_facts(study_id)
+        routed = decide(facts)
+        now = utcnow()
+        with self.session() as s:
+            result = s.execute(
+                update(Study)
+                .where(
+                    Study.id == study_id,
+                    Study.generation == generation,
+                    Study.state == StudyState.RECEIVING,
+                )
+                .values(state=StudyState.COMPLETE, completed_at=now)
+            )
+            won: int = getattr(result, "rowcount", 0)
+            if not won:
+                return []
+            self._supersede_older(s, study_id, generation)
+            study = s.get_one(Study, study_id)
+            if not routed:
+                study.state = StudyState.NOT_ROUTED
+                study.reason = "no routing rule matches this study"
+                return []
+            jobs = [
+                Job(
+                    study_id=study_id,
+                    generation=generation,
+                    route=r.route,
+                    model=r.model,
+                    destinations=list(r.destinations),
+                    priority=r.priority,
+                    state=JobState.QUEUED,
+                    created_at=now,
+                )
+                for r in routed
+            ]
+            s.add_all(jobs)
+            s.flush()
+            study.state = StudyState.QUEUED
+            study.needs_review = False
+            return [j.id for j in jobs]
+
+    def _supersede_older(self, s: Session, study_id: int, generation: int) -> None:
+        old_jobs = s.scalars(
+            select(Job).where(
+                Job.study_id == study_id,
+                Job.generation < generation,
+                Job.state.not_in([JobState.DELIVERED, JobState.FAILED, JobState.SUPERSEDED]),
+            )
+        ).all()
+        for job in old_jobs:
+            job.state = JobState.SUPERSEDED
+            job.finished_at = utcnow()
+        old_ids = [
+            j
+            for (j,) in s.execute(
+                select(Job.id).where(Job.study_id == study_id, Job.generation < generation)
+            ).all()
+        ]
+        if old_ids:
+            s.execute(
+                update(Delivery)
+                .where(Delivery.job_id.in_(old_ids), Delivery.state == DeliveryState.PENDING)
+                .values(state=DeliveryState.SUPERSEDED)
+            )
+            s.execute(
+                update(ReviewItem)
+                .where(ReviewItem.job_id.in_(old_ids), ReviewItem.state == ReviewState.OPEN)
+                .values(state=ReviewState.CLOSED, closed_at=utcnow(), reason="superseded")
+            )
+
+    # -------------------------------------------------------------------- jobs
+    def mark_enqueued(self, job_ids: Sequence[int]) -> None:
+        with self.session() as s:
+            s.execute(update(Job).where(Job.id.in_(list(job_ids))).values(enqueued_at=utcnow()))
+
+    def jobs_to_requeue(self, *, older_than_s: float, stale_analysing_s: float) -> list[int]:
+        """Jobs whose broker message may be lost: queued and not started, or stuck analysing."""
+        now = utcnow()
+        queued_cut = now - dt.timedelta(seconds=older_than_s)
+        stale_cut = now - dt.timedelta(seconds=stale_analysing_s)
+        with self.session() as s:
+            rows = s.execute(
+                select(Job.id).where(
+                    (
+                        (Job.state == JobState.QUEUED)
+                        & ((Job.enqueued_at.is_(None)) | (Job.enqueued_at <= queued_cut))
+                    )
+                    | ((Job.state == JobState.ANALYSING) & (Job.started_at <= stale_cut))
+                )
+            ).all()
+        return [r[0] for r in rows]
+
+    def unfinished_jobs(self) -> list[int]:
+        """Every job whose state is not final (for the start-up reconciler)."""
+        with self.session() as s:
+            rows = s.execute(
+                select(Job.id).where(Job.state.in_([JobState.QUEUED, JobState.ANALYSING]))
+            ).all()
+        return [r[0] for r in rows]
+
+    def claim_job(self, job_id: int, *, stale_after_s: float) -> Job | None:
+        """Take a job for analysis. None if it is gone, final, or being analysed elsewhere."""
+        now = utcnow()
+        stale_cut = now - dt.timedelta(seconds=stale_after_s)
+        with self.session() as s:
+            result = s.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id,
+                    (Job.state == JobState.QUEUED)
+                    | ((Job.state == JobState.ANALYSING) & (Job.started_at <= stale_cut)),
+                )
+                .values(state=JobState.ANALYSING, started_at=now, attempts=Job.attempts + 1)
+            )
+            won: int = getattr(result, "rowcount", 0)
+            if not won:
+                return None
+            job = s.get_one(Job, job_id)
+            study = s.get_one(Study, job.study_id)
+            if study.generation == job.generation and study.state in (
+                StudyState.QUEUED,
+                StudyState.COMPLETE,
+            ):
+                study.state = StudyState.ANALYSING
+            return job
+
+    def job_inputs(self, job_id: int) -> tuple[str, list[str]]:
+        """The study UID and the spool paths (relative) of the instances a job analyses."""
+        with self.session() as s:
+            job = s.get_one(Job, job_id)
+            study = s.get_one(Study, job.study_id)
+            paths = s.scalars(
+                select(Instance.path)
+                .where(Instance.study_id == job.study_id, Instance.generation <= job.generation)
+                .order_by(Instance.series_uid, Instance.id)
+            ).all()
+            return study.study_uid, list(paths)
+
+    def finish_analysis(
+        self,
+        job_id: int,
+        *,
+        results: Sequence[ResultFile],
+        summary: dict[str, Any],
+        needs_review: bool,
+        review_reason: str,
+    ) -> bool:
+        """Record a job's result objects, its outbox rows and its review item.
+
+        Idempotent: re-running replaces the job's earlier result rows. Returns False if the job
+        was superseded while it ran (its results are then not delivered).
+        """
+        now = utcnow()
+        with self.session() as s:
+            job = s.get_one(Job, job_id, with_for_update=True)
+            if job.state != JobState.ANALYSING:
+                return False
+            for old in list(job.results):
+                for d in old.deliveries:
+                    s.delete(d)
+                s.delete(old)
+            s.flush()
+            for rf in results:
+                res = Result(
+                    job_id=job_id,
+                    kind=rf.kind,
+                    sop_instance_uid=rf.sop_instance_uid,
+                    sop_class_uid=rf.sop_class_uid,
+                    path=rf.path,
+                )
+                s.add(res)
+                s.flush()
+                for dest in job.destinations:
+                    s.add(
+                        Delivery(
+                            result_id=res.id,
+                            job_id=job_id,
+                            destination=dest,
+                            state=DeliveryState.PENDING,
+                            next_attempt_at=now,
+                        )
+                    )
+            job.summary = summary
+            job.error = ""
+            job.state = JobState.EXPORTING if job.destinations else JobState.DELIVERED
+            if not job.destinations:
+                job.finished_at = now
+            if needs_review:
+                item = s.scalars(select(ReviewItem).where(ReviewItem.job_id == job_id)).first()
+                if item is None:
+                    s.add(
+                        ReviewItem(
+                            study_id=job.study_id,
+                            job_id=job_id,
+                            reason=review_reason,
+                            priority=job.priority,
+                            created_at=now,
+                        )
+                    )
+            self._sync_study(s, job.study_id)
+            return True
+
+    def fail_job(self, job_id: int, error: str) -> None:
+        with self.session() as s:
+            job = s.get_one(Job, job_id)
+            if job.state in FINAL_JOB_STATES:
+                return
+            job.state = JobState.FAILED
+            job.error = error[:2000]
+            job.finished_at = utcnow()
+            self._sync_study(s, job.study_id)
+
+    def _sync_study(self, s: Session, study_id: int) -> None:
+        """Derive the study's state from the jobs of its current generation."""
+        study = s.get_one(Study, study_id)
+        if study.state in (StudyState.RECEIVING, StudyState.NOT_ROUTED):
+            return
+        jobs = [
+            j
+            for j in s.scalars(
+                select(Job).where(Job.study_id == study_id, Job.generation == study.generation)
+            ).all()
+            if j.state != JobState.SUPERSEDED
+        ]
+        if not jobs:
+            return
+        states = {j.state for j in jobs}
+        study.needs_review = any(bool(j.summary.get("needs_review")) for j in jobs)
+        if JobState.FAILED in states:
+            study.state = StudyState.FAILED
+            study.reason = "; ".join(f"{j.route}: {j.error}" for j in jobs if j.error)[:2000]
+        elif JobState.QUEUED in states:
+            study.state = StudyState.QUEUED
+        elif JobState.ANALYSING in states:
+            study.state = StudyState.ANALYSING
+        elif JobState.EXPORTING in states:
+            study.state = StudyState.EXPORTING
+        else:
+            study.state = StudyState.DELIVERED
+            study.reason = ""
+
+    # --------------------------------------------------------------- delivery
+    def due_deliveries(self, *, limit: int = 500) -> list[DueDelivery]:
+        now = utcnow()
+        with self.session() as s:
+            rows = s.execute(
+                select(Delivery, Result.path)
+                .join(Result, Delivery.result_id == Result.id)
+                .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
+                .order_by(Delivery.next_attempt_at, Delivery.id)
+                .limit(limit)
+            ).all()
+            return [
+                DueDelivery(d.id, d.job_id, d.destination, path, d.attempts) for d, path in rows
+            ]
+
+    def record_delivery(
+        self,
+        delivery_id: int,
+        *,
+        delivered: bool,
+        status: int | None,
+        error: str,
+        max_attempts: int,
+        backoff_s: float,
+    ) -> None:
+        """Record one attempt; a delivery fails for good after ``max_attempts``."""
+        now = utcnow()
+        with self.session() as s:
+            d = s.get_one(Delivery, delivery_id, with_for_update=True)
+            if d.state != DeliveryState.PENDING:
+                return
+            d.attempts += 1
+            d.last_status = status
+            d.last_error = error[:2000]
+            if delivered:
+                d.state = DeliveryState.DELIVERED
+                d.delivered_at = now
+            elif d.attempts >= max_attempts:
+                d.state = DeliveryState.FAILED
+            else:
+                d.next_attempt_at = now + dt.timedelta(seconds=backoff_s)
+            s.flush()
+            self._sync_job_delivery(s, d.job_id)
+
+    def _sync_job_delivery(self, s: Session, job_id: int) -> None:
+        job = s.get_one(Job, job_id)
+        if job.state != JobState.EXPORTING:
+            return
+        states = [
+            (d.state, d.destination, d.last_status, d.last_error)
+            for d in s.scalars(select(Delivery).where(Delivery.job_id == job_id)).all()
+        ]
+        if any(st == DeliveryState.PENDING for st, *_ in states):
+            return
+        failed = [
+            (dest, status, err) for st, dest, status, err in states if st == DeliveryState.FAILED
+        ]
+        job.finished_at = utcnow()
+        if failed:
+            dest, status, err = failed[0]
+            code = f"0x{status:04X}" if status is not None else "no status"
+            job.state = JobState.FAILED
+            job.error = f"delivery to {dest} failed ({code}): {err}"[:2000]
+        else:
+            job.state = JobState.DELIVERED
+        self._sync_study(s, job.study_id)
+
+    # ------------------------------------------------------------------ views
+    def list_studies(self, *, limit: int = 200) -> list[dict[str, Any]]:
+        with self.session() as s:
+            studies = s.scalars(select(Study).order_by(Study.id.desc()).limit(limit)).all()
+            return [self._study_view(s, st) for st in studies]
+
+    def get_study(self, study_uid: str) -> dict[str, Any] | None:
+        with self.session() as s:
+            st = s.scalars(select(Study).where(Study.study_uid == study_uid)).one_or_none()
+            return None if st is None else self._study_view(s, st, detail=True)
+
+    def _study_view(self, s: Session, st: Study, *, detail: bool = False) -> dict[str, Any]:
+        jobs = s.scalars(select(Job).where(Job.study_id == st.id).order_by(Job.id)).all()
+        status = st.state.value
+        if st.needs_review and st.state in (StudyState.EXPORTING, StudyState.DELIVERED):
+            status = "needs_review"
+        view: dict[str, Any] = {
+            "study_uid": st.study_uid,
+            "state": st.state.value,
+            "status": status,
+            "needs_review": st.needs_review,
+            "reason": st.reason,
+            "generation": st.generation,
+            "calling_ae": st.calling_ae,
+            "modality": st.modality,
+            "body_part": st.body_part,
+            "instances": st.instance_count,
+            "first_received_at": _iso(st.first_received_at),
+            "last_received_at": _iso(st.last_received_at),
+            "completed_at": _iso(st.completed_at),
+            "jobs": [],
+        }
+        for j in jobs:
+            jv: dict[str, Any] = {
+                "id": j.id,
+                "generation": j.generation,
+                "route": j.route,
+                "model": j.model,
+                "state": j.state.value,
+                "attempts": j.attempts,
+                "error": j.error,
+                "summary": j.summary,
+            }
+            if detail:
+                jv["results"] = [
+                    {
+                        "kind": r.kind,
+                        "sop_instance_uid": r.sop_instance_uid,
+                        "deliveries": [
+                            {
+                                "destination": d.destination,
+                                "state": d.state.value,
+                                "attempts": d.attempts,
+                                "last_status": d.last_status,
+                                "last_error": d.last_error,
+                            }
+                            for d in r.deliveries
+                        ],
+                    }
+                    for r in j.results
+                ]
+            view["jobs"].append(jv)
+        return view
+
+    def worklist(self) -> list[dict[str, Any]]:
+        """Open review items, highest priority first, then oldest."""
+        with self.session() as s:
+            items = s.scalars(
+                select(ReviewItem)
+                .where(ReviewItem.state == ReviewState.OPEN)
+                .order_by(ReviewItem.priority.desc(), ReviewItem.created_at)
+            ).all()
+            out = []
+            for it in items:
+                job = it.job
+                out.append(
+                    {
+                        "id": it.id,
+                        "study_uid": it.study.study_uid,
+                        "job_id": job.id,
+                        "route": job.route,
+                        "model": job.model,
+                        "reason": it.reason,
+                        "priority": it.priority,
+                        "created_at": _iso(it.created_at),
+                        "modality": it.study.modality,
+                        "calling_ae": it.study.calling_ae,
+                        "predicted_label": job.summary.get("predicted_label"),
+                        "probabilities": job.summary.get("probabilities"),
+                        "uncertainty": job.summary.get("uncertainty"),
+                        "ood_score": job.summary.get("ood_score"),
+                    }
+                )
+            return out
+
+    def counts(self) -> dict[str, int]:
+        with self.session() as s:
+            rows = s.execute(select(Study.state, func.count()).group_by(Study.state)).all()
+            out = {state.value: 0 for state in StudyState}
+            for state, n in rows:
+                out[StudyState(state).value] = n
+            out["instances"] = s.scalar(select(func.count()).select_from(Instance)) or 0
+            return out
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.isoformat() + "Z"

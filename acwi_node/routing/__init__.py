@@ -1,0 +1,1 @@
+"""Routing rules as data: which model pipelines a completed study goes to."""

@@ -1,0 +1,46 @@
+"""Match a completed study against the configured routes.
+
+A route matches when every condition it states holds: for each given list (modality, SOP class,
+body part, calling AE) at least one of the study's values is in the list. Comparison is
+case-insensitive and ignores surrounding blanks (scanners differ). Routes are returned highest
+priority first, then in configuration order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from acwi_node.config import Route
+from acwi_node.ledger import RoutedJob, StudyFacts
+
+
+def _norm(values: Iterable[str]) -> set[str]:
+    return {v.strip().upper() for v in values if v and v.strip()}
+
+
+def route_matches(route: Route, facts: StudyFacts) -> bool:
+    m = route.match
+    checks: list[tuple[list[str] | None, set[str]]] = [
+        (m.modality, facts.modalities),
+        (m.sop_class_uid, facts.sop_classes),
+        (m.body_part, facts.body_parts),
+        (m.calling_ae, {facts.calling_ae}),
+    ]
+    for wanted, have in checks:
+        if wanted is None:
+            continue
+        if not _norm(wanted) & _norm(have):
+            return False
+    return True
+
+
+def decide_routes(routes: Sequence[Route], facts: StudyFacts) -> list[RoutedJob]:
+    """The jobs a study gets: one per matching route."""
+    ordered = sorted(enumerate(routes), key=lambda ir: (-ir[1].priority, ir[0]))
+    return [
+        RoutedJob(
+            route=r.name, model=r.model, destinations=list(r.destinations), priority=r.priority
+        )
+        for _, r in ordered
+        if route_matches(r, facts)
+    ]

@@ -1,0 +1,1 @@
+"""The Celery side: the app, the analyse task, enqueueing and the reconciler."""

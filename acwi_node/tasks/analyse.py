@@ -1,0 +1,187 @@
+"""The analyse task: one job in, result objects and outbox rows out.
+
+:func:`run_job` does the work and is idempotent: it claims the job in the ledger (so a duplicate
+message is a no-op), analyses the study's instances, writes the SR and heatmaps with UIDs derived
+from (study, model, version, kind) into the results directory, and records them with one outbox row
+per destination. A re-run replaces the same files and rows; it never duplicates.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
+
+from acwi_node.config import Settings, load_settings
+from acwi_node.inference.analyser import Analyser, NothingToAnalyse
+from acwi_node.inference.types import StudyAnalysis
+from acwi_node.ingest.spool import Spool
+from acwi_node.ledger import Ledger, ResultFile
+from acwi_node.results.heatmap import build_heatmap_sc
+from acwi_node.results.sr import build_sr
+from acwi_node.tasks.app import ANALYSE_TASK, app
+
+log = logging.getLogger("acwi_node.worker")
+
+_state: dict[str, Any] = {}
+_analysers: dict[tuple[str, str], Analyser] = {}
+_analysers_lock = threading.Lock()
+
+
+def bind_settings(settings: Settings) -> None:
+    """Give the task its settings (the worker process calls this once at start-up)."""
+    _state["settings"] = settings
+    _state.pop("ledger", None)
+
+
+def _settings() -> Settings:
+    if "settings" not in _state:
+        _state["settings"] = load_settings()
+    settings: Settings = _state["settings"]
+    return settings
+
+
+def _ledger() -> Ledger:
+    if "ledger" not in _state:
+        _state["ledger"] = Ledger(_settings().database_url)
+    ledger: Ledger = _state["ledger"]
+    return ledger
+
+
+def get_analyser(settings: Settings, model: str) -> Analyser:
+    """The loaded model for a route's model name, cached per process."""
+    manifest = settings.model_manifest(model)
+    key = (model, str(manifest))
+    with _analysers_lock:
+        if key not in _analysers:
+            _analysers[key] = Analyser.load(
+                manifest,
+                device=settings.worker.device,
+                mc_samples=settings.worker.mc_samples,
+                num_threads=settings.worker.torch_threads or None,
+            )
+        return _analysers[key]
+
+
+def _encode(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def summarise(analysis: StudyAnalysis, threshold: float) -> dict[str, Any]:
+    """The JSON summary the ledger keeps for a job (no patient data)."""
+    u = analysis.uncertainty
+    return {
+        "model": {"name": analysis.model.name, "version": analysis.model.version},
+        "labels": list(analysis.labels),
+        "probabilities": {k: float(v) for k, v in analysis.probabilities.items()},
+        "predicted_label": analysis.predicted_label,
+        "uncertainty": {
+            "entropy": u.entropy,
+            "epistemic": u.epistemic,
+            "aleatoric": u.aleatoric,
+            "score": u.score,
+        },
+        "uncertainty_threshold": threshold,
+        "ood_score": float(analysis.ood_score),
+        "needs_review": bool(analysis.needs_review),
+        "images": [
+            {
+                "sop_instance_uid": im.sop_instance_uid,
+                "probabilities": {k: float(v) for k, v in im.probabilities.items()},
+                "uncertainty_score": im.uncertainty.score,
+                "ood_score": float(im.ood_score),
+            }
+            for im in analysis.images
+        ],
+        "skipped": dict(analysis.skipped),
+    }
+
+
+def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
+    """Analyse one job. Returns what happened: analysed, skipped, superseded or failed."""
+    job = ledger.claim_job(job_id, stale_after_s=settings.worker.visibility_timeout_s)
+    if job is None:
+        log.info("job %d: nothing to do (final, or running elsewhere)", job_id)
+        return "skipped"
+    try:
+        study_uid, rel_paths = ledger.job_inputs(job_id)
+        spool = Spool(settings.spool_dir, fsync=settings.ingest.fsync)
+        datasets: list[Dataset] = []
+        unreadable: dict[str, str] = {}
+        for rel in rel_paths:
+            try:
+                datasets.append(dcmread(spool.resolve(rel)))
+            except Exception as exc:  # a file the model cannot use never blocks the queue
+                unreadable[Path(rel).stem] = f"unreadable: {exc}"
+        analyser = get_analyser(settings, job.model)
+        analysis = analyser.analyse(datasets)
+        analysis.skipped.update(unreadable)
+        by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
+        used = [by_uid[im.sop_instance_uid] for im in analysis.images]
+        sr = build_sr(used, analysis)
+        objects: list[tuple[str, Dataset]] = [("sr", sr)]
+        for n, image in enumerate(analysis.images, start=1):
+            source = by_uid[image.sop_instance_uid]
+            objects.append(
+                (
+                    "heatmap",
+                    build_heatmap_sc(source, image.heatmap, analysis, image, instance_number=n),
+                )
+            )
+        out = Spool(settings.results_dir, fsync=settings.ingest.fsync)
+        files: list[ResultFile] = []
+        for kind, ds in objects:
+            path = out.store(study_uid, str(ds.SOPInstanceUID), _encode(ds))
+            files.append(
+                ResultFile(kind, str(ds.SOPInstanceUID), str(ds.SOPClassUID), out.relative(path))
+            )
+        threshold = analyser.manifest.uncertainty_threshold
+        summary = summarise(analysis, threshold)
+        summary["sr_sop_instance_uid"] = str(sr.SOPInstanceUID)
+        reason = ""
+        if analysis.needs_review:
+            reason = (
+                f"uncertainty {analysis.uncertainty.score:.3f} above threshold {threshold:.3f}"
+                if analysis.uncertainty.score > threshold
+                else f"out-of-distribution score {analysis.ood_score:.3f}"
+            )
+        kept = ledger.finish_analysis(
+            job_id,
+            results=files,
+            summary=summary,
+            needs_review=analysis.needs_review,
+            review_reason=reason,
+        )
+    except NothingToAnalyse as exc:
+        ledger.fail_job(job_id, f"nothing to analyse: {exc}")
+        log.warning("job %d: nothing to analyse: %s", job_id, exc)
+        return "failed"
+    except Exception as exc:
+        log.exception("job %d: analysis failed", job_id)
+        ledger.fail_job(job_id, f"analysis failed: {type(exc).__name__}: {exc}")
+        return "failed"
+    if not kept:
+        log.info("job %d: superseded while it ran; results not sent", job_id)
+        return "superseded"
+    log.info(
+        "job %d: analysed %d image(s), predicted=%s review=%s",
+        job_id,
+        len(analysis.images),
+        analysis.predicted_label,
+        analysis.needs_review,
+    )
+    return "analysed"
+
+
+@app.task(name=ANALYSE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def analyse_job(job_id: int) -> str:
+    """Celery entry point: the message carries only the job id."""
+    return run_job(_settings(), _ledger(), int(job_id))

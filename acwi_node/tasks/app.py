@@ -1,0 +1,68 @@
+"""The Celery application, configured from the node's settings.
+
+The broker is a doorbell: a message carries only a job id; the ledger holds the job. Tasks are
+``acks_late`` with ``task_reject_on_worker_lost`` and prefetch 1, so a killed worker's job is
+redelivered, and the visibility timeout exceeds the longest analysis. Without ``broker_url`` the
+node uses kombu's filesystem transport under ``<data_dir>/broker``: no server to install.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from acwi_node.config import Settings
+
+ANALYSE_TASK = "acwi_node.analyse"
+ANALYSIS_QUEUE = "analysis"
+
+app = Celery("acwi_node")
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings for this node (pure function, testable)."""
+    conf: dict[str, Any] = {
+        "broker_url": settings.broker_url,
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": ANALYSIS_QUEUE,
+        "task_routes": {ANALYSE_TASK: {"queue": ANALYSIS_QUEUE}},
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "worker_hijack_root_logger": False,
+        "broker_connection_retry_on_startup": True,
+        "worker_send_task_events": False,
+        "enable_utc": True,
+    }
+    transport: dict[str, Any] = {"visibility_timeout": settings.worker.visibility_timeout_s}
+    if settings.broker_url.startswith("filesystem://"):
+        folder = settings.embedded_broker_dir
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        transport = {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+            "polling_interval": 0.2,
+        }
+    conf["broker_transport_options"] = transport
+    return conf
+
+
+def configure(settings: Settings) -> Celery:
+    """Configure the module-level app for these settings and register the tasks."""
+    # Drop connections made under an earlier configuration (one process, several configs).
+    if app._pool is not None:
+        app._pool.force_close_all()
+        app._pool = None
+    app.amqp._producer_pool = None
+    app.conf.update(celery_config(settings))
+    from acwi_node.tasks import analyse  # noqa: F401  (registers the task)
+
+    analyse.bind_settings(settings)
+    return app

@@ -1,0 +1,79 @@
+"""Enqueueing and the reconciler against a real Redis broker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+
+from acwi_node.config import load_settings
+from acwi_node.ledger import InstanceRecord, Ledger, RoutedJob, StudyFacts
+from acwi_node.tasks.app import ANALYSIS_QUEUE, configure
+from acwi_node.tasks.queue import enqueue, reconcile
+from tests.conftest import REDIS_URL
+
+pytestmark = pytest.mark.integration
+DB = 12
+
+
+def one_job(ledger: Ledger) -> int:
+    r = ledger.record_instance(
+        InstanceRecord(
+            "1.2.3",
+            "1.2.3.1",
+            "1.2.840.10008.5.1.4.1.1.1.1",
+            "1.2.3.9",
+            "1.2.840.10008.1.2.1",
+            "DX",
+            "CHEST",
+            "1.2.3/1.2.3.1.dcm",
+            10,
+            "MOD",
+        ),
+        first_in_association=False,
+    )
+
+    def route(_: StudyFacts) -> list[RoutedJob]:
+        return [RoutedJob("chest", "default", [], 0)]
+
+    (job_id,) = ledger.complete_study(r.study_id, 1, route)
+    return job_id
+
+
+def test_messages_carry_only_the_job_id_and_survive_a_flush(tmp_path: Path) -> None:
+    broker = f"{REDIS_URL}/{DB}"
+    client = redis.Redis.from_url(broker)
+    client.flushdb()
+    settings = load_settings(None, node={"data_dir": tmp_path, "broker_url": broker})
+    celery = configure(settings)
+    ledger = Ledger(settings.database_url)
+    job_id = one_job(ledger)
+
+    assert enqueue(celery, ledger, [job_id]) == 1
+    assert client.llen(ANALYSIS_QUEUE) == 1
+    raw = client.lindex(ANALYSIS_QUEUE, 0)
+    assert raw is not None and b"acwi_node.analyse" in raw
+    assert ledger.jobs_to_requeue(older_than_s=3600, stale_analysing_s=3600) == []
+
+    # Redis restarted empty: the ledger still knows the job; the reconciler rings again.
+    client.flushdb()
+    assert reconcile(celery, ledger, startup=True, requeue_after_s=120, stale_analysing_s=3600) == 1
+    assert client.llen(ANALYSIS_QUEUE) == 1
+    client.flushdb()
+    ledger.dispose()
+
+
+def test_broker_down_keeps_the_job_queued_in_the_ledger(tmp_path: Path) -> None:
+    settings = load_settings(
+        None, node={"data_dir": tmp_path, "broker_url": "redis://127.0.0.1:1/0"}
+    )
+    celery = configure(settings)
+    celery.conf.broker_connection_retry = False
+    celery.conf.broker_connection_max_retries = 0
+    celery.conf.broker_transport_options = {"max_retries": 0}
+    ledger = Ledger(settings.database_url)
+    job_id = one_job(ledger)
+    assert enqueue(celery, ledger, [job_id]) == 0
+    assert ledger.jobs_to_requeue(older_than_s=3600, stale_analysing_s=3600) == [job_id]
+    ledger.dispose()

@@ -1,0 +1,220 @@
+"""The storage SCP over real associations: pynetdicom and DCMTK as senders."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+
+from acwi_node.config import Settings, load_settings
+from acwi_node.ingest.scp import TRANSFER_SYNTAXES, StorageSCP
+from acwi_node.ingest.spool import Spool
+from acwi_node.ledger import Ledger
+from tests.support.dcmtk import storescu
+from tests.support.ports import free_port
+
+SC = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def make_sc(
+    study_uid: str,
+    sop_uid: str | None = None,
+    *,
+    ts: str = ExplicitVRLittleEndian,
+    patient: str = "SCP^TEST",
+) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = UID(SC)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid or generate_uid())
+    ds.file_meta.TransferSyntaxUID = UID(ts)
+    ds.SOPClassUID = SC
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = study_uid + ".1"
+    ds.PatientName = patient
+    ds.PatientID = "P1"
+    ds.Modality = "OT"
+    ds.ConversionType = "WSD"
+    ds.Rows = ds.Columns = 8
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.arange(64, dtype=np.uint8).tobytes()
+    return ds
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[tuple[Settings, Ledger, StorageSCP]]:
+    settings = load_settings(
+        None,
+        node={"data_dir": tmp_path / "data", "dicom_host": "127.0.0.1", "dicom_port": free_port()},
+        ingest={
+            "fsync": False,
+            "allowed_calling_aes": ["SENDER", "STORESCU"],
+            "network_timeout_s": 2,
+            "acse_timeout_s": 2,
+        },
+    )
+    ledger = Ledger(settings.database_url)
+    scp = StorageSCP(settings, ledger, Spool(settings.spool_dir, fsync=False))
+    scp.start(block=False)
+    yield settings, ledger, scp
+    scp.stop()
+    ledger.dispose()
+
+
+def send(
+    settings: Settings,
+    datasets: list[Dataset],
+    *,
+    calling: str = "SENDER",
+    ts: str = ExplicitVRLittleEndian,
+) -> list[int]:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(SC, ts)
+    assoc = ae.associate("127.0.0.1", settings.node.dicom_port, ae_title=settings.node.ae_title)
+    assert assoc.is_established
+    statuses = [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    assoc.release()
+    return statuses
+
+
+def test_echo(node: tuple[Settings, Ledger, StorageSCP]) -> None:
+    settings, _, _ = node
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", settings.node.dicom_port, ae_title="ACWI")
+    assert assoc.is_established
+    assert int(assoc.send_c_echo().Status) == 0
+    assoc.release()
+
+
+def test_store_writes_spool_and_ledger_before_success(
+    node: tuple[Settings, Ledger, StorageSCP],
+) -> None:
+    settings, ledger, _ = node
+    study = generate_uid()
+    datasets = [make_sc(study) for _ in range(3)]
+    assert send(settings, datasets) == [0, 0, 0]
+    st = ledger.get_study(study)
+    assert st is not None and st["instances"] == 3 and st["calling_ae"] == "SENDER"
+    for ds in datasets:
+        path = settings.spool_dir / study / f"{ds.SOPInstanceUID}.dcm"
+        back = dcmread(path)
+        assert back.SOPInstanceUID == ds.SOPInstanceUID
+        assert back.PatientName == "SCP^TEST"
+    assert list((settings.spool_dir / ".tmp").iterdir()) == []
+    # The association's release lets completion proceed after the quiet period.
+    deadline = time.monotonic() + 5
+    while (
+        ledger.studies_due(quiet_period_s=0, max_wait_s=3600) == [] and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    assert ledger.studies_due(quiet_period_s=0, max_wait_s=3600) != []
+
+
+@pytest.mark.parametrize("ts", TRANSFER_SYNTAXES)
+def test_every_common_transfer_syntax_is_accepted(
+    node: tuple[Settings, Ledger, StorageSCP], ts: str
+) -> None:
+    settings, ledger, _ = node
+    study = generate_uid()
+    ds = make_sc(study, ts=ts)
+    if ts not in (
+        "1.2.840.10008.1.2",
+        "1.2.840.10008.1.2.1",
+        "1.2.840.10008.1.2.2",
+        "1.2.840.10008.1.2.1.99",
+    ):
+        # Encapsulated pixel data: the node stores the bytes as received, never decodes them.
+        from pydicom.encaps import encapsulate
+
+        ds.PixelData = encapsulate([b"\xff\xd8not-really-jpeg\xff\xd9"])
+        ds["PixelData"].VR = "OB"
+    assert send(settings, [ds], ts=ts) == [0]
+    st = ledger.get_study(study)
+    assert st is not None and st["instances"] == 1
+    stored = dcmread(
+        settings.spool_dir / study / f"{ds.SOPInstanceUID}.dcm", stop_before_pixels=True
+    )
+    assert stored.file_meta.TransferSyntaxUID == ts
+
+
+@pytest.mark.parametrize("bad", ["../../x", "/etc/x", "1.2.3a", "9" * 65])
+def test_path_like_or_overlong_study_uid_is_refused(
+    node: tuple[Settings, Ledger, StorageSCP], bad: str, tmp_path: Path
+) -> None:
+    settings, ledger, _ = node
+    ds = make_sc("1.2.3")
+    ds.StudyInstanceUID = bad
+    status = send(settings, [ds])[0]
+    assert status == 0xC001
+    assert ledger.list_studies() == []
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".dcm", ".part")]
+    assert written == []
+    # The node keeps serving.
+    assert send(settings, [make_sc(generate_uid())]) == [0]
+
+
+def test_unknown_calling_ae_is_rejected(node: tuple[Settings, Ledger, StorageSCP]) -> None:
+    settings, _, _ = node
+    ae = AE(ae_title="INTRUDER")
+    ae.add_requested_context(SC)
+    assoc = ae.associate("127.0.0.1", settings.node.dicom_port, ae_title="ACWI")
+    assert assoc.is_rejected
+    assert send(settings, [make_sc(generate_uid())]) == [0]
+
+
+def test_truncated_association_keeps_serving(node: tuple[Settings, Ledger, StorageSCP]) -> None:
+    settings, ledger, _ = node
+    with socket.create_connection(("127.0.0.1", settings.node.dicom_port)) as sock:
+        sock.sendall(b"\x01\x00\x00\x00\x10\x00")  # half an A-ASSOCIATE-RQ
+    with socket.create_connection(("127.0.0.1", settings.node.dicom_port)) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(5)
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            sock.recv(100)
+    assert send(settings, [make_sc(generate_uid())]) == [0]
+
+
+def test_ledger_failure_answers_out_of_resources_and_leaves_no_file(
+    node: tuple[Settings, Ledger, StorageSCP], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, ledger, _ = node
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(ledger, "record_instance", broken)
+    study = generate_uid()
+    assert send(settings, [make_sc(study)]) == [0xA701]
+    assert not (settings.spool_dir / study).exists() or not any(
+        (settings.spool_dir / study).iterdir()
+    )
+
+
+def test_dcmtk_storescu_sends_a_directory(
+    node: tuple[Settings, Ledger, StorageSCP], tmp_path: Path
+) -> None:
+    settings, ledger, _ = node
+    study = generate_uid()
+    folder = tmp_path / "out"
+    folder.mkdir()
+    for i in range(4):
+        make_sc(study).save_as(folder / f"{i}.dcm", enforce_file_format=True)
+    done = storescu("127.0.0.1", settings.node.dicom_port, "ACWI", folder, calling_ae="STORESCU")
+    assert done.returncode == 0, done.stderr
+    st = ledger.get_study(study)
+    assert st is not None and st["instances"] == 4 and st["calling_ae"] == "STORESCU"

@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from acwi_node.config import ConfigError, load_settings
+
+EXAMPLE = """
+[node]
+ae_title = "ACWI"
+dicom_port = 11112
+http_port = 8080
+data_dir = "acwi-data"
+
+[[destinations]]
+name = "pacs"
+ae_title = "ORTHANC"
+host = "127.0.0.1"
+port = 4242
+
+[[routes]]
+name = "chest"
+match = { modality = ["CR", "DX"] }
+model = "default"
+destinations = ["pacs"]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "acwi.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_without_a_file() -> None:
+    s = load_settings(None)
+    assert s.node.ae_title == "ACWI"
+    assert s.node.dicom_port == 11112
+    assert s.node.http_port == 8080
+    assert s.database_url.startswith("sqlite:///") and s.database_url.endswith("ledger.sqlite")
+    assert s.broker_url == "filesystem://"
+    assert s.routes == [] and s.destinations == []
+
+
+def test_issue_example_shape_is_accepted(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, EXAMPLE))
+    assert s.destination("pacs").ae_title == "ORTHANC"
+    assert s.routes[0].match.modality == ["CR", "DX"]
+    assert s.routes[0].destinations == ["pacs"]
+    assert s.model_manifest("default").name == "manifest.json"
+
+
+def test_env_overrides_scalar_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACWI_NODE__DICOM_PORT", "11999")
+    monkeypatch.setenv("ACWI_NODE__BROKER_URL", "redis://127.0.0.1:6379/3")
+    monkeypatch.setenv("ACWI_COMPLETION__QUIET_PERIOD_S", "0.5")
+    s = load_settings(write(tmp_path, EXAMPLE))
+    assert s.node.dicom_port == 11999
+    assert s.broker_url == "redis://127.0.0.1:6379/3"
+    assert s.completion.quiet_period_s == 0.5
+
+
+def test_acwi_config_env_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACWI_CONFIG", str(write(tmp_path, EXAMPLE.replace('"ACWI"', '"NODE2"'))))
+    assert load_settings(None).node.ae_title == "NODE2"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (EXAMPLE.replace("dicom_port = 11112", "dicom_port = 99999"), "node.dicom_port"),
+        (EXAMPLE.replace('ae_title = "ORTHANC"', 'ae_title = "WAY_TOO_LONG_AE_TITLE"'), "ae_title"),
+        (EXAMPLE.replace('destinations = ["pacs"]', 'destinations = ["nowhere"]'), "'nowhere'"),
+        (EXAMPLE.replace('model = "default"', 'model = "missing"'), "'missing'"),
+        (EXAMPLE + "\n[node2]\nx = 1\n", "node2"),
+        (EXAMPLE.replace("http_port = 8080", "http_prot = 8080"), "http_prot"),
+        ("[node\n", "cannot read"),
+    ],
+)
+def test_invalid_configuration_is_reported_clearly(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, text))
+    assert message in str(err.value)
+
+
+def test_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml")

@@ -1,0 +1,211 @@
+"""The ledger's state machine, on SQLite and on the real PostgreSQL server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from acwi_node.ledger import (
+    InstanceRecord,
+    Ledger,
+    ResultFile,
+    RoutedJob,
+    StudyFacts,
+)
+
+DX = "1.2.840.10008.5.1.4.1.1.1.1"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    ledger = Ledger(url)
+    yield ledger
+    ledger.dispose()
+
+
+def rec(study: str = "1.2.3", sop: str = "1.2.3.1", ae: str = "MOD") -> InstanceRecord:
+    return InstanceRecord(
+        study_uid=study,
+        sop_instance_uid=sop,
+        sop_class_uid=DX,
+        series_uid=study + ".9",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        modality="DX",
+        body_part="CHEST",
+        path=f"{study}/{sop}.dcm",
+        size=100,
+        calling_ae=ae,
+    )
+
+
+def route_all(facts: StudyFacts) -> list[RoutedJob]:
+    return [RoutedJob(route="chest", model="default", destinations=["pacs"], priority=0)]
+
+
+def route_none(facts: StudyFacts) -> list[RoutedJob]:
+    return []
+
+
+def test_instances_create_a_receiving_study(db: Ledger) -> None:
+    r1 = db.record_instance(rec(sop="1.2.3.1"), first_in_association=True)
+    r2 = db.record_instance(rec(sop="1.2.3.2"), first_in_association=False)
+    dup = db.record_instance(rec(sop="1.2.3.2"), first_in_association=False)
+    assert r1.study_id == r2.study_id == dup.study_id
+    assert not r1.duplicate and dup.duplicate
+    st = db.get_study("1.2.3")
+    assert st is not None
+    assert st["state"] == "receiving" and st["instances"] == 2
+    assert st["modality"] == "DX" and st["calling_ae"] == "MOD"
+
+
+def test_open_association_holds_completion_until_released(db: Ledger) -> None:
+    r = db.record_instance(rec(), first_in_association=True)
+    assert db.studies_due(quiet_period_s=0, max_wait_s=3600) == []
+    db.association_released([r.study_id])
+    assert db.studies_due(quiet_period_s=0, max_wait_s=3600) == [(r.study_id, 1)]
+    assert db.studies_due(quiet_period_s=60, max_wait_s=3600) == []
+
+
+def test_upper_bound_completes_while_association_stays_open(db: Ledger) -> None:
+    r = db.record_instance(rec(), first_in_association=True)
+    time.sleep(0.05)
+    assert db.studies_due(quiet_period_s=0, max_wait_s=0.01) == [(r.study_id, 1)]
+
+
+def test_study_no_rule_matches_is_not_routed(db: Ledger) -> None:
+    r = db.record_instance(rec(), first_in_association=False)
+    assert db.complete_study(r.study_id, 1, route_none) == []
+    st = db.get_study("1.2.3")
+    assert st is not None and st["state"] == "not_routed"
+    assert "no routing rule" in st["reason"]
+
+
+def test_completion_happens_once(db: Ledger) -> None:
+    r = db.record_instance(rec(), first_in_association=False)
+    jobs = db.complete_study(r.study_id, 1, route_all)
+    assert len(jobs) == 1
+    assert db.complete_study(r.study_id, 1, route_all) == []
+    assert db.get_study("1.2.3")["state"] == "queued"  # type: ignore[index]
+
+
+def _analyse(db: Ledger, job_id: int, needs_review: bool = False) -> None:
+    job = db.claim_job(job_id, stale_after_s=3600)
+    assert job is not None
+    assert db.claim_job(job_id, stale_after_s=3600) is None  # a duplicate message is a no-op
+    kept = db.finish_analysis(
+        job_id,
+        results=[
+            ResultFile("sr", "2.25.1", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.3/2.25.1.dcm"),
+            ResultFile("heatmap", "2.25.2", "1.2.840.10008.5.1.4.1.1.7", "1.2.3/2.25.2.dcm"),
+        ],
+        summary={
+            "needs_review": needs_review,
+            "predicted_label": "nodule",
+            "probabilities": {"normal": 0.2, "nodule": 0.8},
+        },
+        needs_review=needs_review,
+        review_reason="uncertain" if needs_review else "",
+    )
+    assert kept
+
+
+def test_full_lifecycle_to_delivered(db: Ledger) -> None:
+    r = db.record_instance(rec(), first_in_association=False)
+    (job_id,) = db.complete_study(r.study_id, 1, route_all)
+    _analyse(db, job_id)
+    assert db.get_study("1.2.3")["state"] == "exporting"  # type: ignore[index]
+    due = db.due_deliveries()
+    assert {d.path for d in due} == {"1.2.3/2.25.1.dcm", "1.2.3/2.25.2.dcm"}
+    for d in due:
+        db.record_delivery(d.id, delivered=True, status=0, error="", max_attempts=3, backoff_s=1)
+    st = db.get_study("1.2.3")
+    assert st is not None and st["state"] == "delivered" and st["status"] == "delivered"
+    deliveries = [d for res in st["jobs"][0]["results"] for d in res["deliveries"]]
+    assert all(d["state"] == "delivered" and d["last_status"] == 0 for d in deliveries)
+
+
+def test_failed_delivery_backs_off_then_fails_visibly(db: Ledger) -> None:
+    r = db.record_instance(rec(), first_in_association=False)
+    (job_id,) = db.complete_study(r.study_id, 1, route_all)
+    _analyse(db, job_id)
+    due = db.due_deliveries()
+    for d in due:
+        db.record_delivery(
+            d.id,
+            delivered=False,
+            status=None,
+            error="connection refused",
+            max_attempts=2,
+            backoff_s=60,
+        )
+    assert db.due_deliveries() == []  # backing off
+    assert db.get_study("1.2.3")["state"] == "exporting"  # type: ignore[index]
+    for d in due:
+        db.record_delivery(
+            d.id,
+            delivered=False,
+            status=0xA700,
+            error="out of resources",
+            max_attempts=2,
+            backoff_s=60,
+        )
+    st = db.get_study("1.2.3")
+    assert st is not None and st["state"] == "failed"
+    assert "0xA700" in st["reason"] and "pacs" in st["reason"]
+
+
+def test_needs_review_creates_a_work_item(db: Ledger) -> None:
+    r = db.record_instance(rec(), first_in_association=False)
+    (job_id,) = db.complete_study(r.study_id, 1, route_all)
+    _analyse(db, job_id, needs_review=True)
+    items = db.worklist()
+    assert len(items) == 1 and items[0]["study_uid"] == "1.2.3"
+    assert items[0]["reason"] == "uncertain" and items[0]["predicted_label"] == "nodule"
+    assert db.get_study("1.2.3")["status"] == "needs_review"  # type: ignore[index]
+
+
+def test_late_instance_reopens_and_supersedes(db: Ledger) -> None:
+    r = db.record_instance(rec(sop="1.2.3.1"), first_in_association=False)
+    (old_job,) = db.complete_study(r.study_id, 1, route_all)
+    _analyse(db, old_job, needs_review=True)
+    late = db.record_instance(rec(sop="1.2.3.2"), first_in_association=False)
+    assert late.reopened and late.generation == 2
+    assert db.get_study("1.2.3")["state"] == "receiving"  # type: ignore[index]
+    (new_job,) = db.complete_study(r.study_id, 2, route_all)
+    st = db.get_study("1.2.3")
+    assert st is not None
+    states = {j["id"]: j["state"] for j in st["jobs"]}
+    assert states == {old_job: "superseded", new_job: "queued"}
+    assert db.due_deliveries() == []  # the old job's unsent results are not sent
+    assert db.worklist() == []  # the old review item is closed
+    study_uid, paths = db.job_inputs(new_job)
+    assert study_uid == "1.2.3" and len(paths) == 2
+
+
+def test_failed_job_shows_reason(db: Ledger) -> None:
+    r = db.record_instance(rec(), first_in_association=False)
+    (job_id,) = db.complete_study(r.study_id, 1, route_all)
+    assert db.claim_job(job_id, stale_after_s=3600) is not None
+    db.fail_job(job_id, "nothing to analyse: no image with pixel data")
+    st = db.get_study("1.2.3")
+    assert st is not None and st["state"] == "failed"
+    assert "no image with pixel data" in st["reason"]
+
+
+def test_reconciler_views(db: Ledger) -> None:
+    r = db.record_instance(rec(), first_in_association=False)
+    (job_id,) = db.complete_study(r.study_id, 1, route_all)
+    assert db.unfinished_jobs() == [job_id]
+    assert db.jobs_to_requeue(older_than_s=0, stale_analysing_s=3600) == [job_id]
+    db.mark_enqueued([job_id])
+    assert db.jobs_to_requeue(older_than_s=3600, stale_analysing_s=3600) == []
+    db.claim_job(job_id, stale_after_s=3600)
+    time.sleep(0.02)
+    assert db.jobs_to_requeue(older_than_s=3600, stale_analysing_s=0.01) == [job_id]

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from acwi_node.ingest.spool import Spool, SpoolError, is_safe_uid
+
+
+@pytest.mark.parametrize(
+    "uid", ["1.2.840.10008.5.1.4.1.1.1.1", "2.25.1234", "1", "1.2.03", "9" * 64]
+)
+def test_safe_uids(uid: str) -> None:
+    assert is_safe_uid(uid)
+
+
+@pytest.mark.parametrize(
+    "uid", ["", "../../x", "/etc/x", "1.2.3a", "1..2", ".1.2", "1.2.", "9" * 65, "1.2/3", "1 .2"]
+)
+def test_unsafe_uids(uid: str) -> None:
+    assert not is_safe_uid(uid)
+
+
+def test_store_is_atomic_and_named_by_uids(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", fsync=True)
+    path = spool.store("1.2.3", "1.2.3.4", b"DICM-data")
+    assert path == tmp_path / "spool" / "1.2.3" / "1.2.3.4.dcm"
+    assert path.read_bytes() == b"DICM-data"
+    assert list(spool.tmp_dir.iterdir()) == []
+    assert spool.relative(path) == "1.2.3/1.2.3.4.dcm"
+    assert spool.resolve("1.2.3/1.2.3.4.dcm") == path.resolve()
+
+
+def test_store_replaces_an_earlier_copy(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    spool.store("1.2", "1.2.1", b"old")
+    assert spool.store("1.2", "1.2.1", b"new").read_bytes() == b"new"
+
+
+def test_unsafe_uid_never_names_a_path(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    with pytest.raises(ValueError):
+        spool.store("../../etc", "1.2", b"x")
+    with pytest.raises(ValueError):
+        spool.resolve("../outside.dcm")
+    assert not (tmp_path / "etc").exists()
+
+
+def test_disk_full_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path / "spool", fsync=False)
+    real_write = os.write
+
+    def full(fd: int, data: bytes | memoryview) -> int:
+        real_write(fd, bytes(data)[:3])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(SpoolError) as err:
+        spool.store("1.2", "1.2.9", b"0123456789")
+    assert err.value.out_of_space
+    assert list(spool.tmp_dir.iterdir()) == []
+    assert not (tmp_path / "spool" / "1.2" / "1.2.9.dcm").exists()
+
+
+def test_clean_tmp_removes_crash_leftovers(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    (spool.tmp_dir / "abc.part").write_bytes(b"half")
+    assert spool.clean_tmp() == 1
+    assert list(spool.tmp_dir.iterdir()) == []

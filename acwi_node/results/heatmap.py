@@ -1,0 +1,344 @@
+"""Heatmap overlays as RGB Secondary Capture images in the source study.
+
+The source image is rendered to 8-bit grey the way a viewer would show it (modality LUT or
+rescale, then its VOI window or LUT, else a 0.5-99.5 percentile window; MONOCHROME1 inverted)
+and blended with a jet-like colour map of the heatmap whose opacity is proportional to the heat.
+No text is burned into the pixels: the model, version, predicted label and the
+"not for primary diagnosis" notice are in Image Comments and Derivation Description.
+
+The object is written to the Secondary Capture Image IOD (PS3.3 A.8.1) on top of
+``highdicom.SOPClass``: ``highdicom.sc.SCImage`` only accepts single-letter Patient Orientation
+values, while the source's value (possibly compound, possibly empty) must be carried over
+unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+from highdicom import SOPClass
+from numpy.typing import NDArray
+from PIL import Image
+from pydicom import Dataset
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_modality_lut, apply_voi
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+
+from acwi_node.inference.types import ImageResult, StudyAnalysis
+from acwi_node.results.sr import MANUFACTURER
+from acwi_node.results.uids import result_uids
+
+__all__ = [
+    "HEATMAP_SERIES_NUMBER",
+    "MAX_ALPHA",
+    "MAX_DIMENSION",
+    "blend_heatmap",
+    "build_heatmap_sc",
+    "colour_map",
+    "render_grey",
+]
+
+HEATMAP_SERIES_NUMBER = 9902
+#: Largest Rows or Columns written; larger sources are downscaled to fit.
+MAX_DIMENSION = 2048
+#: Opacity of the colour map where the heat is 1.
+MAX_ALPHA = 0.6
+
+NOTICE = "AI heatmap, not for primary diagnosis"
+
+# Jet-like colour map: dark blue -> blue -> cyan -> yellow -> red, ending in full red.
+_CMAP_POSITIONS = np.array([0.0, 0.125, 0.375, 0.625, 0.875, 1.0])
+_CMAP_RGB = np.array(
+    [
+        [0.0, 0.0, 0.5],
+        [0.0, 0.0, 1.0],
+        [0.0, 1.0, 1.0],
+        [1.0, 1.0, 0.0],
+        [1.0, 0.0, 0.0],
+        [1.0, 0.0, 0.0],
+    ]
+)
+
+_PERCENTILES = (0.5, 99.5)
+
+FloatImage = NDArray[np.float64]
+
+
+def _first(value: object) -> float | None:
+    """First value of a possibly multi-valued numeric attribute, or None when unusable."""
+    if isinstance(value, MultiValue | list | tuple):
+        if len(value) == 0:
+            return None
+        value = value[0]
+    if not isinstance(value, int | float | str) or value == "":
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if np.isfinite(number) else None
+
+
+def _percentile_window(values: FloatImage) -> FloatImage:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return np.zeros_like(values)
+    low, high = np.percentile(finite, _PERCENTILES)
+    if high <= low:
+        high = low + 1.0
+    return np.clip((values - low) / (high - low), 0.0, 1.0)
+
+
+def _window(values: FloatImage, centre: float, width: float, function: str) -> FloatImage:
+    """VOI windowing to [0, 1] as defined in PS3.3 C.11.2.1.2."""
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - centre) / max(width, 1e-12)))
+    if function == "LINEAR_EXACT":
+        return np.clip((values - centre) / max(width, 1e-12) + 0.5, 0.0, 1.0)
+    if width <= 1.0:
+        return (values > centre - 0.5).astype(np.float64)
+    return np.clip((values - (centre - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
+
+
+def _voi_lut(values: FloatImage, source: Dataset) -> FloatImage | None:
+    sequence = source.get("VOILUTSequence")
+    if not sequence:
+        return None
+    lut_data = np.asarray(sequence[0].get("LUTData") or [], dtype=np.float64)
+    if lut_data.size == 0:
+        return None
+    low, high = float(lut_data.min()), float(lut_data.max())
+    if high <= low:
+        return None
+    # The LUT is indexed by integer input values.
+    mapped = apply_voi(np.rint(values).astype(np.int64), source).astype(np.float64)
+    return np.clip((mapped - low) / (high - low), 0.0, 1.0)
+
+
+def render_grey(source: Dataset) -> FloatImage:
+    """The source image as display grey levels in [0, 1] (first frame of a multi-frame)."""
+    pixels = np.asarray(source.pixel_array)
+    frames = int(source.get("NumberOfFrames", 1) or 1)
+    samples = int(source.get("SamplesPerPixel", 1) or 1)
+    if frames > 1:
+        pixels = pixels[0]
+    if samples == 3:
+        rgb = pixels.astype(np.float64)
+        luminance = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+        return _percentile_window(luminance)
+
+    values = np.asarray(apply_modality_lut(pixels, source), dtype=np.float64)
+    centre = _first(source.get("WindowCenter"))
+    width = _first(source.get("WindowWidth"))
+    grey: FloatImage | None = None
+    if centre is not None and width is not None and width > 0:
+        function = str(source.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        grey = _window(values, centre, width, function)
+    if grey is None:
+        grey = _voi_lut(values, source)
+    if grey is None:
+        grey = _percentile_window(values)
+    if str(source.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        grey = 1.0 - grey
+    return grey
+
+
+def colour_map(heat: FloatImage) -> FloatImage:
+    """Jet-like RGB in [0, 1] for heat values in [0, 1]; shape (..., 3)."""
+    clipped = np.clip(heat, 0.0, 1.0)
+    channels = [np.interp(clipped, _CMAP_POSITIONS, _CMAP_RGB[:, c]) for c in range(3)]
+    return np.stack(channels, axis=-1)
+
+
+def blend_heatmap(grey: FloatImage, heat: FloatImage, max_alpha: float = MAX_ALPHA) -> np.ndarray:
+    """Blend grey [0, 1] and heat [0, 1] (same shape) into an 8-bit RGB image."""
+    if grey.shape != heat.shape:
+        raise ValueError(f"grey {grey.shape} and heat {heat.shape} differ in shape")
+    clipped = np.clip(np.nan_to_num(heat, nan=0.0), 0.0, 1.0)
+    alpha = (max_alpha * clipped)[..., None]
+    rgb = grey[..., None] * (1.0 - alpha) + colour_map(clipped) * alpha
+    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+
+
+def _resize(values: FloatImage, rows: int, columns: int) -> FloatImage:
+    if values.shape == (rows, columns):
+        return values
+    image = Image.fromarray(values.astype(np.float32), mode="F")
+    resized = image.resize((columns, rows), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.float64)
+
+
+def _output_shape(rows: int, columns: int) -> tuple[int, int]:
+    largest = max(rows, columns)
+    if largest <= MAX_DIMENSION:
+        return rows, columns
+    scale = MAX_DIMENSION / largest
+    return max(1, round(rows * scale)), max(1, round(columns * scale))
+
+
+def _header(source: Dataset) -> Dataset:
+    """Deep copy of ``source`` without its pixel data."""
+    header = Dataset()
+    for element in source:
+        if element.keyword not in {"PixelData", "FloatPixelData", "DoubleFloatPixelData"}:
+            header.add(copy.deepcopy(element))
+    return header
+
+
+def _lo(text: str) -> str:
+    """A Long String value: no backslash (the value separator), at most 64 characters."""
+    return text.replace("\\", "/")[:64]
+
+
+def _predicted(analysis: StudyAnalysis, image: ImageResult) -> tuple[str, float | None]:
+    label = analysis.predicted_label
+    probability = image.probabilities.get(label)
+    if probability is None:
+        probability = analysis.probabilities.get(label)
+    return label, probability
+
+
+def build_heatmap_sc(
+    source: Dataset,
+    heatmap: np.ndarray,
+    analysis: StudyAnalysis,
+    image: ImageResult,
+    *,
+    instance_number: int,
+) -> Dataset:
+    """Build the RGB Secondary Capture overlaying ``heatmap`` on ``source``.
+
+    The result is in the source's study, in the model version's heatmap series, with a SOP
+    Instance UID derived from the source's, so a re-run replaces it.
+    """
+    source_uid = str(source.SOPInstanceUID)
+    if image.sop_instance_uid != source_uid:
+        raise ValueError(
+            f"image result is for {image.sop_instance_uid}, source image is {source_uid}"
+        )
+    heat = np.asarray(heatmap, dtype=np.float64)
+    if heat.ndim != 2:
+        raise ValueError(f"heatmap must be 2-D, got shape {heat.shape}")
+    heat = np.clip(np.nan_to_num(heat, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+
+    model = analysis.model
+    study_uid = str(source.StudyInstanceUID)
+    uids = result_uids(study_uid, model.name, model.version)
+
+    grey = render_grey(source)
+    source_rows, source_columns = grey.shape
+    rows, columns = _output_shape(source_rows, source_columns)
+    grey = np.clip(_resize(grey, rows, columns), 0.0, 1.0)
+    heat = np.clip(_resize(heat, rows, columns), 0.0, 1.0)
+    rgb = np.ascontiguousarray(blend_heatmap(grey, heat))
+
+    sc = SOPClass(
+        study_instance_uid=study_uid,
+        series_instance_uid=uids.heatmap_series_uid,
+        series_number=HEATMAP_SERIES_NUMBER,
+        sop_instance_uid=uids.heatmap_instance_uid(source_uid),
+        sop_class_uid=SecondaryCaptureImageStorage,
+        instance_number=instance_number,
+        modality="OT",
+        manufacturer=MANUFACTURER,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=_lo(f"ACWI {model.name} {model.version} AI heatmap"),
+        manufacturer_model_name=_lo(model.name),
+        software_versions=_lo(model.version),
+        specific_character_set=source.get("SpecificCharacterSet"),
+    )
+    # Copy from a detached header so the new object shares no data elements with the source.
+    sc.copy_patient_and_study_information(_header(source))
+
+    # General Series: same anatomy as the source. Laterality (2C) is required unless the body
+    # part is known to be unpaired; it is written empty when the side is unknown.
+    body_part = str(source.get("BodyPartExamined", "") or "")
+    if body_part:
+        sc.BodyPartExamined = body_part
+    laterality = str(source.get("Laterality", "") or source.get("ImageLaterality", "") or "")
+    if laterality in {"R", "L"}:
+        sc.Laterality = laterality
+    elif not (body_part and laterality == "U"):
+        sc.Laterality = ""
+
+    # SC Equipment
+    sc.ConversionType = "WSD"
+    sc.SecondaryCaptureDeviceManufacturer = MANUFACTURER
+    sc.SecondaryCaptureDeviceManufacturerModelName = _lo(model.name)
+    sc.SecondaryCaptureDeviceSoftwareVersions = _lo(model.version)
+
+    # General Image
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    orientation = source.get("PatientOrientation")
+    sc.PatientOrientation = (
+        list(orientation) if isinstance(orientation, MultiValue) and len(orientation) == 2 else ""
+    )
+    label, probability = _predicted(analysis, image)
+    shown = f"{label} (p={probability:.3f})" if probability is not None else label
+    review = "; flagged for human review" if analysis.needs_review else ""
+    sc.ImageComments = f"ACWI {model.name} {model.version}: predicted {shown}{review}. {NOTICE}."
+    sc.DerivationDescription = (
+        f"Source image windowed to 8-bit grey and blended with the {model.name} "
+        f"{model.version} heatmap (jet-like colour map, opacity proportional to heat). "
+        f"{NOTICE}."
+    )[:1024]
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = str(source.SOPClassUID)
+    reference.ReferencedSOPInstanceUID = source_uid
+    purpose = Dataset()
+    purpose.CodeValue = "121322"
+    purpose.CodingSchemeDesignator = "DCM"
+    purpose.CodeMeaning = "Source image for image processing operation"
+    reference.PurposeOfReferenceCodeSequence = [purpose]
+    sc.SourceImageSequence = [reference]
+    burned_in = str(source.get("BurnedInAnnotation", "") or "").upper() == "YES"
+    sc.BurnedInAnnotation = "YES" if burned_in else "NO"
+    if "RecognizableVisualFeatures" in source:
+        sc.RecognizableVisualFeatures = source.RecognizableVisualFeatures
+    lossy = str(source.get("LossyImageCompression", "") or "") == "01"
+    sc.LossyImageCompression = "01" if lossy else "00"
+    if lossy:
+        for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+            if keyword in source:
+                setattr(sc, keyword, source[keyword].value)
+
+    # SC Image
+    if "ContentDate" in sc:
+        sc.DateOfSecondaryCapture = sc.ContentDate
+    if "ContentTime" in sc:
+        sc.TimeOfSecondaryCapture = sc.ContentTime
+    spacing = source.get("PixelSpacing")
+    if isinstance(spacing, MultiValue) and len(spacing) == 2:
+        row_factor = source_rows / rows
+        column_factor = source_columns / columns
+        sc.PixelSpacing = [
+            _ds(float(spacing[0]) * row_factor),
+            _ds(float(spacing[1]) * column_factor),
+        ]
+
+    # Image Pixel
+    sc.SamplesPerPixel = 3
+    sc.PhotometricInterpretation = "RGB"
+    sc.PlanarConfiguration = 0
+    sc.Rows = rows
+    sc.Columns = columns
+    sc.BitsAllocated = 8
+    sc.BitsStored = 8
+    sc.HighBit = 7
+    sc.PixelRepresentation = 0
+    data = rgb.tobytes()
+    if len(data) % 2:
+        data += b"\x00"
+    sc.PixelData = data
+    sc["PixelData"].VR = "OB"
+    return sc
+
+
+def _ds(value: float) -> str:
+    """A Decimal String (at most 16 characters) for ``value``."""
+    for digits in range(10, 0, -1):
+        text = f"{value:.{digits}g}"
+        if len(text) <= 16:
+            return text
+    return f"{value:.1e}"

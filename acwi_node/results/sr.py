@@ -1,0 +1,657 @@
+"""The study's AI result as a Comprehensive 3D SR (TID 1500 Measurement Report).
+
+Content tree written by :func:`build_sr`::
+
+    Imaging Measurement Report (TID 1500)
+      Language, Observation context (device observer = the model), Procedure reported
+      Image Library (TID 1600): the analysed source images
+      Imaging Measurements
+        per label, study level (TID 1501): tracking identifier = the label,
+            finding = coded label, Probability (method "Study-level aggregate"),
+            algorithm identification, source images = every analysed image
+        study summary (TID 1501): entropy, epistemic and aleatoric uncertainty, uncertainty
+            score, out-of-distribution score, "Needs human review" yes/no, predicted class
+        per analysed image: one group per label (method "Single-image inference") and one
+            summary group, each referencing that image only
+
+Every source instance handed to :func:`build_sr` (analysed or skipped) is listed in the
+Current Requested Procedure Evidence Sequence. :func:`summarise_sr` reads the numbers back from
+any dataset with this layout, walking the content tree.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodedConcept,
+    Comprehensive3DSR,
+    DeviceObserverIdentifyingAttributes,
+    ImageLibraryEntryDescriptors,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    QualitativeEvaluation,
+    SourceImageForMeasurementGroup,
+    TrackingIdentifier,
+)
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+
+from acwi_node.inference.types import ImageResult, StudyAnalysis, Uncertainty
+from acwi_node.results.uids import ResultUIDs, device_uid, result_uids
+
+__all__ = [
+    "MANUFACTURER",
+    "PRIVATE_SCHEME",
+    "SR_SERIES_NUMBER",
+    "build_sr",
+    "finding_code",
+    "summarise_sr",
+]
+
+#: Manufacturer (0008,0070) of every object the node writes.
+MANUFACTURER = "ACWI Node"
+SR_SERIES_NUMBER = 9901
+
+# ---------------------------------------------------------------------------------------------
+# Codes
+# ---------------------------------------------------------------------------------------------
+
+#: Coding Scheme Designator of the node's local codes (PS3.16 8.2: private schemes start "99").
+PRIVATE_SCHEME = "99ACWI"
+
+_PRIVATE_SCHEME_ITEM = CodingSchemeIdentificationItem(
+    designator=PRIVATE_SCHEME,
+    name="ACWI Node local codes",
+    responsible_organization="ACWI Node",
+)
+
+
+def _local(value: str, meaning: str) -> CodedConcept:
+    return CodedConcept(value=value, scheme_designator=PRIVATE_SCHEME, meaning=meaning)
+
+
+# DICOM PS3.16 concepts (as listed in pydicom.sr.codedict, which is generated from PS3.16).
+PROBABILITY = CodedConcept("122157", "DCM", "Probability")
+NO_UNITS = CodedConcept("1", "UCUM", "no units")
+IMAGING_PROCEDURE = CodedConcept("363679005", "SCT", "Imaging procedure")  # CID 100
+YES = CodedConcept("373066001", "SCT", "Yes")  # CID 230
+NO = CodedConcept("373067005", "SCT", "No")  # CID 230
+_TRACKING_IDENTIFIER = ("DCM", "112039")
+_TRACKING_UID = ("DCM", "112040")
+_FINDING = ("DCM", "121071")
+_MEASUREMENT_GROUP = ("DCM", "125007")
+_IMAGING_MEASUREMENTS = ("DCM", "126010")
+_MEASUREMENT_METHOD = ("SCT", "370129005")
+_ALGORITHM_NAME = ("DCM", "111001")
+_ALGORITHM_VERSION = ("DCM", "111003")
+_SOURCE_IMAGE_CONCEPTS = {("DCM", "121112"), ("SCT", "260753009")}
+
+#: UCUM annotation for an entropy in natural units.
+NATS = CodedConcept("{nat}", "UCUM", "nat")
+
+# Local concepts: PS3.16 has no concepts for these model outputs.
+PREDICTIVE_ENTROPY = _local("ACWI001", "Predictive entropy")
+EPISTEMIC_UNCERTAINTY = _local("ACWI002", "Epistemic uncertainty")
+ALEATORIC_UNCERTAINTY = _local("ACWI003", "Aleatoric uncertainty")
+UNCERTAINTY_SCORE = _local("ACWI004", "Uncertainty score")
+OOD_SCORE = _local("ACWI005", "Out-of-distribution score")
+NEEDS_REVIEW = _local("ACWI006", "Needs human review")
+PREDICTED_CLASS = _local("ACWI007", "Predicted class")
+METHOD_STUDY = _local("ACWI010", "Study-level aggregate")
+METHOD_IMAGE = _local("ACWI011", "Single-image inference")
+
+_UNCERTAINTY_FIELDS: tuple[tuple[str, CodedConcept, CodedConcept], ...] = (
+    ("entropy", PREDICTIVE_ENTROPY, NATS),
+    ("epistemic", EPISTEMIC_UNCERTAINTY, NATS),
+    ("aleatoric", ALEATORIC_UNCERTAINTY, NATS),
+    ("score", UNCERTAINTY_SCORE, NO_UNITS),
+)
+
+_SCT_NORMAL = CodedConcept("17621005", "SCT", "Normal")
+_SCT_PLEURAL_EFFUSION = CodedConcept("60046008", "SCT", "Pleural effusion")
+_SCT_PULMONARY_NODULE = CodedConcept("786838002", "SCT", "Pulmonary nodule")
+_SCT_PULMONARY_EDEMA = CodedConcept("19242006", "SCT", "Pulmonary edema")
+
+#: Finding codes for common label spellings (normalised: lower case, single spaces).
+#: SCT/DCM values are those of PS3.16 (pydicom.sr.codedict); 786838002 "Pulmonary nodule" and
+#: 233604007 "Pneumonia" are SNOMED CT International concepts not listed in PS3.16.
+FINDING_CODES: Mapping[str, CodedConcept] = {
+    "normal": _SCT_NORMAL,
+    "no finding": _SCT_NORMAL,
+    "abnormal": CodedConcept("263654008", "SCT", "Abnormal"),
+    "effusion": _SCT_PLEURAL_EFFUSION,
+    "pleural effusion": _SCT_PLEURAL_EFFUSION,
+    "pneumothorax": CodedConcept("36118008", "SCT", "Pneumothorax"),
+    "nodule": _SCT_PULMONARY_NODULE,
+    "lung nodule": _SCT_PULMONARY_NODULE,
+    "pulmonary nodule": _SCT_PULMONARY_NODULE,
+    "mass": CodedConcept("4147007", "SCT", "Mass"),
+    "cardiomegaly": CodedConcept("287272002", "SCT", "Cardiomegaly"),
+    "edema": _SCT_PULMONARY_EDEMA,
+    "pulmonary edema": _SCT_PULMONARY_EDEMA,
+    "pneumonia": CodedConcept("233604007", "SCT", "Pneumonia"),
+    "fibrosis": CodedConcept("112674009", "SCT", "Fibrosis"),
+    "opacity": CodedConcept("112001", "DCM", "Opacity"),
+    "infiltrate": CodedConcept("112121", "DCM", "Infiltrate"),
+    "infiltration": CodedConcept("112121", "DCM", "Infiltrate"),
+}
+
+_LO_MAX = 64
+
+
+def _normalise_label(label: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", label.strip().lower())
+
+
+def _local_label_code(label: str) -> CodedConcept:
+    digest = hashlib.sha256(label.encode("utf-8")).hexdigest()[:12].upper()
+    return _local(f"LBL{digest}", _lo(label) or "(unnamed label)")
+
+
+def finding_code(label: str) -> CodedConcept:
+    """The coded finding for a model label: a standard code when known, else a local one."""
+    known = FINDING_CODES.get(_normalise_label(label))
+    if known is not None:
+        return CodedConcept(known.value, known.scheme_designator, known.meaning)
+    return _local_label_code(label)
+
+
+def _label_codes(labels: Sequence[str]) -> dict[str, CodedConcept]:
+    """One distinct code per label, so a code read back names exactly one label."""
+    result: dict[str, CodedConcept] = {}
+    seen: set[tuple[str, str]] = set()
+    for label in labels:
+        code = finding_code(label)
+        if (code.scheme_designator, code.value) in seen:
+            code = _local_label_code(label)
+        seen.add((code.scheme_designator, code.value))
+        result[label] = code
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Writer
+# ---------------------------------------------------------------------------------------------
+
+
+def _lo(text: str) -> str:
+    """A Long String value: no backslash (the value separator), at most 64 characters."""
+    return text.replace("\\", "/")[:_LO_MAX]
+
+
+def _check_sources(
+    sources: Sequence[Dataset], analysis: StudyAnalysis
+) -> tuple[str, dict[str, Dataset]]:
+    if not sources:
+        raise ValueError("build_sr needs at least one source instance")
+    study_uids = {str(ds.StudyInstanceUID) for ds in sources}
+    if len(study_uids) != 1:
+        raise ValueError(f"source instances belong to more than one study: {sorted(study_uids)}")
+    by_uid: dict[str, Dataset] = {}
+    for ds in sources:
+        by_uid.setdefault(str(ds.SOPInstanceUID), ds)
+    missing = [
+        img.sop_instance_uid for img in analysis.images if img.sop_instance_uid not in by_uid
+    ]
+    if missing:
+        raise ValueError(f"analysed images not among the source instances: {missing}")
+    if not analysis.labels:
+        raise ValueError("the analysis has no labels")
+    unknown = [label for label in analysis.labels if label not in analysis.probabilities]
+    if unknown:
+        raise ValueError(f"no study-level probability for labels: {unknown}")
+    return study_uids.pop(), by_uid
+
+
+_PATIENT_STUDY_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+_PATIENT_SEX_VALUES = {"M", "F", "O"}
+
+
+def _reference(source: Dataset) -> Dataset:
+    """Header of ``source`` (no pixel data) with absent Type 2 patient/study attributes empty.
+
+    The SR copies patient and study from its first evidence item; Type 2 attributes missing
+    from the source are written empty, as the IOD allows, and a Patient's Sex outside the
+    enumerated values is written empty (unknown).
+    """
+    reference = Dataset()
+    for element in source:
+        if element.keyword not in {"PixelData", "FloatPixelData", "DoubleFloatPixelData"}:
+            reference.add(copy.deepcopy(element))
+    for keyword in _PATIENT_STUDY_TYPE2:
+        if keyword not in reference or reference[keyword].value is None:
+            setattr(reference, keyword, "")
+    sex = str(reference.PatientSex or "").strip().upper()
+    reference.PatientSex = sex if sex in _PATIENT_SEX_VALUES else ""
+    return reference
+
+
+def _algorithm(analysis: StudyAnalysis) -> AlgorithmIdentification:
+    return AlgorithmIdentification(
+        name=analysis.model.name,
+        version=analysis.model.version,
+        manufacturer=analysis.model.manufacturer or None,
+    )
+
+
+def _source_refs(images: Sequence[Dataset]) -> list[SourceImageForMeasurementGroup]:
+    return [
+        SourceImageForMeasurementGroup(
+            referenced_sop_class_uid=str(ds.SOPClassUID),
+            referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+        )
+        for ds in images
+    ]
+
+
+def _number(
+    name: CodedConcept,
+    value: float,
+    unit: CodedConcept,
+    method: CodedConcept,
+    analysis: StudyAnalysis,
+) -> Measurement:
+    return Measurement(
+        name=name,
+        value=float(value),
+        unit=unit,
+        method=method,
+        algorithm_id=_algorithm(analysis),
+    )
+
+
+def _label_group(
+    label: str,
+    probability: float,
+    scope: str,
+    method: CodedConcept,
+    code: CodedConcept,
+    images: Sequence[Dataset],
+    analysis: StudyAnalysis,
+    uids: ResultUIDs,
+) -> MeasurementsAndQualitativeEvaluations:
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=uids.tracking_uid(label, scope), identifier=label
+        ),
+        finding_type=code,
+        algorithm_id=_algorithm(analysis),
+        measurements=[_number(PROBABILITY, probability, NO_UNITS, method, analysis)],
+        source_images=_source_refs(images),
+    )
+
+
+def _summary_group(
+    identifier: str,
+    scope: str,
+    method: CodedConcept,
+    uncertainty: Uncertainty,
+    ood_score: float,
+    images: Sequence[Dataset],
+    analysis: StudyAnalysis,
+    uids: ResultUIDs,
+    evaluations: Sequence[QualitativeEvaluation] = (),
+) -> MeasurementsAndQualitativeEvaluations:
+    measurements = [
+        _number(concept, getattr(uncertainty, field), unit, method, analysis)
+        for field, concept, unit in _UNCERTAINTY_FIELDS
+    ]
+    measurements.append(_number(OOD_SCORE, ood_score, NO_UNITS, method, analysis))
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=uids.summary_tracking_uid(scope), identifier=identifier
+        ),
+        algorithm_id=_algorithm(analysis),
+        measurements=measurements,
+        qualitative_evaluations=list(evaluations) or None,
+        source_images=_source_refs(images),
+    )
+
+
+def _library_images(sources: Sequence[Dataset]) -> list[Dataset]:
+    """Sources that can be described by an Image Library entry (TID 1601/1602)."""
+    usable: list[Dataset] = []
+    seen: set[str] = set()
+    for ds in sources:
+        uid = str(ds.SOPInstanceUID)
+        if uid in seen:
+            continue
+        try:
+            ImageLibraryEntryDescriptors(ds)
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+            continue
+        seen.add(uid)
+        usable.append(ds)
+    return usable
+
+
+def build_sr(
+    sources: Sequence[Dataset],
+    analysis: StudyAnalysis,
+    *,
+    institution_name: str | None = None,
+) -> Dataset:
+    """Build the Comprehensive 3D SR holding ``analysis`` for the study of ``sources``.
+
+    ``sources`` are all instances received for the study (analysed or skipped); the first one
+    supplies the patient and study attributes. Series and SOP Instance UIDs come from
+    :func:`~acwi_node.results.uids.result_uids`, so a re-run replaces the earlier document.
+    """
+    study_uid, by_uid = _check_sources(sources, analysis)
+    model = analysis.model
+    uids = result_uids(study_uid, model.name, model.version)
+    analysed = [by_uid[img.sop_instance_uid] for img in analysis.images]
+    codes_by_label = _label_codes(analysis.labels)
+
+    groups: list[MeasurementsAndQualitativeEvaluations] = [
+        _label_group(
+            label,
+            analysis.probabilities[label],
+            "study",
+            METHOD_STUDY,
+            codes_by_label[label],
+            analysed,
+            analysis,
+            uids,
+        )
+        for label in analysis.labels
+    ]
+    study_evaluations = [QualitativeEvaluation(NEEDS_REVIEW, YES if analysis.needs_review else NO)]
+    if analysis.predicted_label in codes_by_label:
+        study_evaluations.append(
+            QualitativeEvaluation(PREDICTED_CLASS, codes_by_label[analysis.predicted_label])
+        )
+    groups.append(
+        _summary_group(
+            "Study summary",
+            "study",
+            METHOD_STUDY,
+            analysis.uncertainty,
+            analysis.ood_score,
+            analysed,
+            analysis,
+            uids,
+            study_evaluations,
+        )
+    )
+    for number, image in enumerate(analysis.images, start=1):
+        source = by_uid[image.sop_instance_uid]
+        groups.extend(_image_groups(number, image, source, analysis, uids, codes_by_label))
+
+    observer = ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=device_uid(model.name, model.version, model.weights_sha256),
+            name=model.name,
+            manufacturer_name=model.manufacturer or None,
+            model_name=f"{model.name} {model.version}",
+            serial_number=model.weights_sha256 or None,
+        ),
+    )
+    library = _library_images(analysed)
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=observer),
+        procedure_reported=IMAGING_PROCEDURE,
+        imaging_measurements=groups,
+        referenced_images=library or None,
+    )
+    document = Comprehensive3DSR(
+        evidence=[_reference(sources[0]), *sources[1:]],
+        content=report,
+        series_instance_uid=uids.sr_series_uid,
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=uids.sr_instance_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=institution_name,
+        series_description=_lo(f"ACWI {model.name} {model.version} AI result"),
+        manufacturer_model_name=_lo(model.name),
+        software_versions=_lo(model.version),
+        coding_schemes=[_PRIVATE_SCHEME_ITEM],
+    )
+    return document
+
+
+def _image_groups(
+    number: int,
+    image: ImageResult,
+    source: Dataset,
+    analysis: StudyAnalysis,
+    uids: ResultUIDs,
+    codes_by_label: Mapping[str, CodedConcept],
+) -> list[MeasurementsAndQualitativeEvaluations]:
+    scope = image.sop_instance_uid
+    groups = [
+        _label_group(
+            label,
+            image.probabilities[label],
+            scope,
+            METHOD_IMAGE,
+            codes_by_label[label],
+            [source],
+            analysis,
+            uids,
+        )
+        for label in analysis.labels
+        if label in image.probabilities
+    ]
+    groups.append(
+        _summary_group(
+            f"Image {number} summary",
+            scope,
+            METHOD_IMAGE,
+            image.uncertainty,
+            image.ood_score,
+            [source],
+            analysis,
+            uids,
+        )
+    )
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# Reader
+# ---------------------------------------------------------------------------------------------
+
+
+def _concept(item: Dataset) -> tuple[str, str] | None:
+    seq = item.get("ConceptNameCodeSequence")
+    if not seq:
+        return None
+    return (str(seq[0].CodingSchemeDesignator), str(seq[0].CodeValue))
+
+
+def _code_value(item: Dataset) -> tuple[str, str] | None:
+    seq = item.get("ConceptCodeSequence")
+    if not seq:
+        return None
+    return (str(seq[0].CodingSchemeDesignator), str(seq[0].CodeValue))
+
+
+def _key(code: CodedConcept) -> tuple[str, str]:
+    return (code.scheme_designator, code.value)
+
+
+def _children(item: Dataset) -> Sequence[Dataset]:
+    seq = item.get("ContentSequence")
+    return list(seq) if seq else []
+
+
+def _walk(item: Dataset) -> Iterator[Dataset]:
+    for child in _children(item):
+        yield child
+        yield from _walk(child)
+
+
+def _num_value(item: Dataset) -> float | None:
+    seq = item.get("MeasuredValueSequence")
+    if not seq:
+        return None
+    measured = seq[0]
+    if "FloatingPointValue" in measured:
+        return float(measured.FloatingPointValue)
+    return float(measured.NumericValue)
+
+
+def _image_uid(item: Dataset) -> str | None:
+    seq = item.get("ReferencedSOPSequence")
+    if not seq:
+        return None
+    return str(seq[0].ReferencedSOPInstanceUID)
+
+
+def _measurement_groups(ds: Dataset) -> Iterator[Dataset]:
+    for container in _children(ds):
+        if _concept(container) != _IMAGING_MEASUREMENTS:
+            continue
+        for group in _children(container):
+            if _concept(group) == _MEASUREMENT_GROUP and group.get("ValueType") == "CONTAINER":
+                yield group
+
+
+def _evidence_uids(ds: Dataset) -> list[str]:
+    found: list[str] = []
+    for keyword in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"):
+        for study in ds.get(keyword) or []:
+            for series in study.get("ReferencedSeriesSequence") or []:
+                for ref in series.get("ReferencedSOPSequence") or []:
+                    found.append(str(ref.ReferencedSOPInstanceUID))
+    return found
+
+
+_UNCERTAINTY_BY_CONCEPT = {_key(concept): field for field, concept, _ in _UNCERTAINTY_FIELDS}
+
+
+def summarise_sr(ds: Dataset) -> dict[str, Any]:
+    """Read the AI result back from an SR written by :func:`build_sr`.
+
+    Only the dataset's content tree and evidence sequences are used. Returns a dict with:
+    ``study_instance_uid``, ``series_instance_uid``, ``sop_instance_uid``; ``model_name`` and
+    ``model_version`` (from the algorithm identification); ``probabilities`` (label ->
+    study-level probability); ``image_probabilities`` (SOP Instance UID -> label ->
+    probability); ``uncertainty`` (entropy, epistemic, aleatoric, score) and ``ood_score`` for
+    the study; ``image_uncertainty`` (SOP Instance UID -> the same five numbers);
+    ``needs_review`` (bool or None); ``predicted_label`` (str or None);
+    ``evidence_sop_instance_uids`` (the evidence sequences) and
+    ``referenced_sop_instance_uids`` (evidence plus every image referenced in the content),
+    both sorted.
+    """
+    probabilities: dict[str, float] = {}
+    image_probabilities: dict[str, dict[str, float]] = {}
+    uncertainty: dict[str, float] = {}
+    image_uncertainty: dict[str, dict[str, float]] = {}
+    ood_score: float | None = None
+    needs_review: bool | None = None
+    predicted_code: tuple[str, str] | None = None
+    label_by_code: dict[tuple[str, str], str] = {}
+    model_name: str | None = None
+    model_version: str | None = None
+    content_uids: set[str] = set()
+
+    for item in _walk(ds):
+        if item.get("ValueType") == "IMAGE":
+            uid = _image_uid(item)
+            if uid is not None:
+                content_uids.add(uid)
+
+    for group in _measurement_groups(ds):
+        label: str | None = None
+        finding: tuple[str, str] | None = None
+        sources: list[str] = []
+        numbers: list[tuple[tuple[str, str], float, tuple[str, str] | None]] = []
+        for item in _children(group):
+            concept = _concept(item)
+            value_type = item.get("ValueType")
+            if concept == _TRACKING_IDENTIFIER and value_type == "TEXT":
+                label = str(item.TextValue)
+            elif concept == _FINDING and value_type == "CODE":
+                finding = _code_value(item)
+            elif concept in _SOURCE_IMAGE_CONCEPTS and value_type == "IMAGE":
+                uid = _image_uid(item)
+                if uid is not None:
+                    sources.append(uid)
+            elif concept == _key(NEEDS_REVIEW) and value_type == "CODE":
+                needs_review = _code_value(item) == _key(YES)
+            elif concept == _key(PREDICTED_CLASS) and value_type == "CODE":
+                predicted_code = _code_value(item)
+            elif value_type == "NUM" and concept is not None:
+                value = _num_value(item)
+                if value is None:
+                    continue
+                method: tuple[str, str] | None = None
+                for child in _children(item):
+                    child_concept = _concept(child)
+                    if child_concept == _MEASUREMENT_METHOD:
+                        method = _code_value(child)
+                    elif child_concept == _ALGORITHM_NAME and model_name is None:
+                        model_name = str(child.TextValue)
+                    elif child_concept == _ALGORITHM_VERSION and model_version is None:
+                        model_version = str(child.TextValue)
+                numbers.append((concept, value, method))
+
+        for concept, value, method in numbers:
+            per_image = method == _key(METHOD_IMAGE)
+            if per_image and len(sources) != 1:
+                continue
+            if concept == _key(PROBABILITY) and label is not None:
+                if per_image:
+                    image_probabilities.setdefault(sources[0], {})[label] = value
+                else:
+                    probabilities[label] = value
+                    if finding is not None:
+                        label_by_code.setdefault(finding, label)
+                continue
+            if concept in _UNCERTAINTY_BY_CONCEPT:
+                field = _UNCERTAINTY_BY_CONCEPT[concept]
+            elif concept == _key(OOD_SCORE):
+                field = "ood_score"
+            else:
+                continue
+            if per_image:
+                image_uncertainty.setdefault(sources[0], {})[field] = value
+            elif field == "ood_score":
+                ood_score = value
+            else:
+                uncertainty[field] = value
+
+    evidence = _evidence_uids(ds)
+    return {
+        "study_instance_uid": str(ds.get("StudyInstanceUID", "")),
+        "series_instance_uid": str(ds.get("SeriesInstanceUID", "")),
+        "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
+        "model_name": model_name,
+        "model_version": model_version,
+        "probabilities": probabilities,
+        "image_probabilities": image_probabilities,
+        "uncertainty": uncertainty,
+        "ood_score": ood_score,
+        "image_uncertainty": image_uncertainty,
+        "needs_review": needs_review,
+        "predicted_label": label_by_code.get(predicted_code) if predicted_code else None,
+        "evidence_sop_instance_uids": sorted(set(evidence)),
+        "referenced_sop_instance_uids": sorted(set(evidence) | content_uids),
+    }

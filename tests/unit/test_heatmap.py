@@ -1,0 +1,360 @@
+"""Heatmap overlays written as RGB Secondary Capture images."""
+
+from __future__ import annotations
+
+import io
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+from acwi_node.inference.types import ImageResult, ModelIdentity, StudyAnalysis, Uncertainty
+from acwi_node.results.heatmap import MAX_DIMENSION, build_heatmap_sc, render_grey
+from acwi_node.results.uids import result_uids
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+DX_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
+LABELS = ["normal", "effusion", "pneumothorax"]
+MODEL = ModelIdentity(name="cxr-triage", version="2.1.0", weights_sha256="9f2c4e1ab37d")
+HOT = (slice(20, 44), slice(30, 54))
+
+needs_dciodvfy = pytest.mark.skipif(
+    shutil.which("dciodvfy") is None and shutil.which("/usr/bin/dciodvfy") is None,
+    reason="dicom3tools dciodvfy is not installed (/usr/bin/dciodvfy missing)",
+)
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def make_dx(
+    study_uid: str,
+    *,
+    rows: int = 96,
+    columns: int = 80,
+    monochrome1: bool = False,
+    pixels: np.ndarray | None = None,
+    window: bool = True,
+) -> Dataset:
+    """A 16-bit (12 stored) DX For Presentation image with a real DX header."""
+    sop_uid = generate_uid()
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.SOPClassUID = DX_FOR_PRESENTATION
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240115"
+    ds.StudyTime = "101500"
+    ds.SeriesTime = "101600"
+    ds.ContentTime = "101700"
+    ds.AccessionNumber = "ACC0002"
+    ds.Modality = "DX"
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.Manufacturer = "Example Imaging"
+    ds.InstitutionName = "Example Hospital"
+    ds.ReferringPhysicianName = "Doe^Referrer"
+    ds.StudyDescription = "XR CHEST 1 VIEW"
+    ds.PatientName = "Heat^Map"
+    ds.PatientID = "PID0002"
+    ds.PatientBirthDate = "19650505"
+    ds.PatientSex = "M"
+    ds.BodyPartExamined = "CHEST"
+    ds.DetectorType = "SCINTILLATOR"
+    ds.ImagerPixelSpacing = [0.139, 0.139]
+    ds.PositionerType = ""
+    ds.ViewPosition = "PA"
+    ds.ViewCodeSequence = Sequence([_code("399348003", "SCT", "postero-anterior")])
+    ds.AcquisitionContextSequence = Sequence()
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = generate_uid()
+    ds.StudyID = "STUDY2"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.PatientOrientation = ["L", "F"]
+    ds.ImageLaterality = "U"
+    ds.AnatomicRegionSequence = Sequence([_code("51185008", "SCT", "Chest")])
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.PixelIntensityRelationship = "LIN"
+    ds.PixelIntensityRelationshipSign = 1
+    if window:
+        ds.WindowCenter = 2048
+        ds.WindowWidth = 4096
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    ds.RescaleType = "US"
+    ds.PresentationLUTShape = "INVERSE" if monochrome1 else "IDENTITY"
+    ds.LossyImageCompression = "00"
+    ds.BurnedInAnnotation = "NO"
+    if pixels is None:
+        yy, xx = np.mgrid[0:rows, 0:columns]
+        pixels = 1000 + (yy * 2000) // max(rows - 1, 1) + (xx * 500) // max(columns - 1, 1)
+    ds.PixelData = np.asarray(pixels, dtype=np.uint16).tobytes()
+    ds["PixelData"].VR = "OW"
+    return ds
+
+
+def _heat(rows: int, columns: int) -> np.ndarray:
+    heat = np.zeros((rows, columns), dtype=np.float32)
+    heat[HOT] = 1.0
+    return heat
+
+
+def _analysis(sources: list[Dataset], *, needs_review: bool = False) -> StudyAnalysis:
+    images = [
+        ImageResult(
+            sop_instance_uid=str(source.SOPInstanceUID),
+            sop_class_uid=str(source.SOPClassUID),
+            series_instance_uid=str(source.SeriesInstanceUID),
+            probabilities={"normal": 0.1, "effusion": 0.8, "pneumothorax": 0.1},
+            uncertainty=Uncertainty(entropy=0.6, epistemic=0.1, aleatoric=0.5, score=0.3),
+            heatmap=_heat(source.Rows, source.Columns),
+            ood_score=0.1,
+        )
+        for source in sources
+    ]
+    return StudyAnalysis(
+        model=MODEL,
+        labels=list(LABELS),
+        images=images,
+        probabilities={"normal": 0.1, "effusion": 0.8, "pneumothorax": 0.1},
+        predicted_label="effusion",
+        uncertainty=Uncertainty(entropy=0.6, epistemic=0.1, aleatoric=0.5, score=0.3),
+        ood_score=0.1,
+        needs_review=needs_review,
+        finding_labels=["effusion", "pneumothorax"],
+    )
+
+
+def _build(source: Dataset, analysis: StudyAnalysis, index: int = 0) -> Dataset:
+    image = analysis.images[index]
+    return build_heatmap_sc(source, image.heatmap, analysis, image, instance_number=index + 1)
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[list[Dataset], StudyAnalysis]:
+    study_uid = generate_uid()
+    sources = [make_dx(study_uid), make_dx(study_uid, monochrome1=True)]
+    return sources, _analysis(sources)
+
+
+def test_rgb_secondary_capture(pair: tuple[list[Dataset], StudyAnalysis]) -> None:
+    sources, analysis = pair
+    sc = _build(sources[0], analysis)
+    assert sc.SOPClassUID == SECONDARY_CAPTURE
+    assert sc.file_meta.MediaStorageSOPClassUID == SECONDARY_CAPTURE
+    assert sc.PhotometricInterpretation == "RGB"
+    assert sc.SamplesPerPixel == 3
+    assert sc.PlanarConfiguration == 0
+    assert sc.BitsAllocated == 8
+    assert sc.BitsStored == 8
+    assert sc.HighBit == 7
+    assert sc.PixelRepresentation == 0
+    assert (sc.Rows, sc.Columns) == (sources[0].Rows, sources[0].Columns)
+    assert sc.SeriesNumber == 9902
+    assert sc.InstanceNumber == 1
+    assert sc.ConversionType == "WSD"
+    assert sc.BurnedInAnnotation == "NO"
+    assert sc.Manufacturer == "ACWI Node"
+    assert list(sc.PatientOrientation) == ["L", "F"]
+    assert sc.pixel_array.shape == (sources[0].Rows, sources[0].Columns, 3)
+    assert sc.pixel_array.dtype == np.uint8
+
+
+def test_pixels_survive_file_roundtrip(pair: tuple[list[Dataset], StudyAnalysis]) -> None:
+    sources, analysis = pair
+    sc = _build(sources[0], analysis)
+    buffer = io.BytesIO()
+    sc.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    read = pydicom.dcmread(buffer)
+    np.testing.assert_array_equal(read.pixel_array, sc.pixel_array)
+
+
+def test_same_study_and_patient(pair: tuple[list[Dataset], StudyAnalysis]) -> None:
+    sources, analysis = pair
+    sc = _build(sources[0], analysis)
+    for keyword in (
+        "StudyInstanceUID",
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "AccessionNumber",
+        "StudyID",
+        "StudyDate",
+    ):
+        assert sc[keyword].value == sources[0][keyword].value, keyword
+    assert sc.SeriesInstanceUID != sources[0].SeriesInstanceUID
+
+
+def test_uids_deterministic(pair: tuple[list[Dataset], StudyAnalysis]) -> None:
+    sources, analysis = pair
+    first = _build(sources[0], analysis)
+    again = _build(sources[0], analysis)
+    other = _build(sources[1], analysis, 1)
+    expected = result_uids(str(sources[0].StudyInstanceUID), MODEL.name, MODEL.version)
+    assert first.SOPInstanceUID == again.SOPInstanceUID
+    assert first.SOPInstanceUID == expected.heatmap_instance_uid(str(sources[0].SOPInstanceUID))
+    assert first.file_meta.MediaStorageSOPInstanceUID == first.SOPInstanceUID
+    assert first.SeriesInstanceUID == expected.heatmap_series_uid == other.SeriesInstanceUID
+    assert first.SOPInstanceUID != other.SOPInstanceUID
+    assert first.SeriesInstanceUID != expected.sr_series_uid
+
+
+def test_references_source(pair: tuple[list[Dataset], StudyAnalysis]) -> None:
+    sources, analysis = pair
+    sc = _build(sources[0], analysis)
+    assert len(sc.SourceImageSequence) == 1
+    reference = sc.SourceImageSequence[0]
+    assert reference.ReferencedSOPInstanceUID == sources[0].SOPInstanceUID
+    assert reference.ReferencedSOPClassUID == DX_FOR_PRESENTATION
+    assert reference.PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
+    assert "AI heatmap" in sc.DerivationDescription
+
+
+def test_comments_name_model_and_notice(pair: tuple[list[Dataset], StudyAnalysis]) -> None:
+    sources, _ = pair
+    analysis = _analysis(sources, needs_review=True)
+    sc = _build(sources[0], analysis)
+    comments = str(sc.ImageComments)
+    assert "cxr-triage" in comments
+    assert "2.1.0" in comments
+    assert "effusion" in comments
+    assert "AI heatmap, not for primary diagnosis" in comments
+    assert "review" in comments
+    assert "cxr-triage" in str(sc.SeriesDescription)
+
+
+def test_hot_region_is_redder_and_brighter(pair: tuple[list[Dataset], StudyAnalysis]) -> None:
+    sources, analysis = pair
+    for index, source in enumerate(sources):
+        rgb = _build(source, analysis, index).pixel_array.astype(np.float64)
+        redness = rgb[..., 0] - (rgb[..., 1] + rgb[..., 2]) / 2.0
+        cold = np.ones(redness.shape, dtype=bool)
+        cold[HOT] = False
+        assert redness[HOT].mean() > 100.0
+        assert abs(redness[cold].mean()) < 1.0
+        grey = render_grey(source) * 255.0
+        assert (rgb[..., 0][HOT] >= grey[HOT] - 1.0).all()
+        assert rgb[..., 0][HOT].mean() > grey[HOT].mean() + 20.0
+
+
+def test_cold_region_is_the_windowed_source(pair: tuple[list[Dataset], StudyAnalysis]) -> None:
+    sources, analysis = pair
+    rgb = _build(sources[0], analysis).pixel_array
+    cold = rgb[60:, :, :].astype(np.int16)
+    assert (cold[..., 0] == cold[..., 1]).all()
+    assert (cold[..., 1] == cold[..., 2]).all()
+    expected = np.rint(render_grey(sources[0])[60:, :] * 255.0)
+    np.testing.assert_allclose(cold[..., 0], expected, atol=1)
+
+
+def test_monochrome1_is_inverted() -> None:
+    study_uid = generate_uid()
+    yy, xx = np.mgrid[0:64, 0:64]
+    pixels = (yy * 64).astype(np.uint16)
+    mono2 = make_dx(study_uid, rows=64, columns=64, pixels=pixels)
+    mono1 = make_dx(study_uid, rows=64, columns=64, pixels=pixels, monochrome1=True)
+    grey2 = render_grey(mono2)
+    grey1 = render_grey(mono1)
+    np.testing.assert_allclose(grey1, 1.0 - grey2)
+    assert grey2[0].mean() < grey2[-1].mean()
+    assert grey1[0].mean() > grey1[-1].mean()
+
+
+def test_window_from_header_and_percentile_fallback() -> None:
+    study_uid = generate_uid()
+    pixels = np.full((32, 32), 2048, dtype=np.uint16)
+    pixels[0, 0] = 0
+    pixels[-1, -1] = 4095
+    windowed = render_grey(make_dx(study_uid, rows=32, columns=32, pixels=pixels))
+    assert windowed[5, 5] == pytest.approx(0.5, abs=0.01)
+
+    ramp = np.tile(np.arange(1000, 1032, dtype=np.uint16), (32, 1))
+    unwindowed = render_grey(make_dx(study_uid, rows=32, columns=32, pixels=ramp, window=False))
+    assert unwindowed.min() == pytest.approx(0.0)
+    assert unwindowed.max() == pytest.approx(1.0)
+    assert (np.diff(unwindowed[0]) >= 0).all()
+
+
+def test_voi_lut_sequence_without_window() -> None:
+    study_uid = generate_uid()
+    pixels = np.tile(np.arange(0, 4096, 64, dtype=np.uint16), (8, 1))
+    source = make_dx(study_uid, rows=8, columns=64, pixels=pixels, window=False)
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 12]
+    item.LUTData = [min(4095, 2 * value) for value in range(4096)]
+    source.VOILUTSequence = Sequence([item])
+    grey = render_grey(source)
+    assert grey[0, 0] == pytest.approx(0.0)
+    assert grey[0, 16] == pytest.approx(2 * 1024 / 4095, abs=1e-6)
+    assert (grey[0, 32:] == 1.0).all()
+
+
+def test_rescale_is_applied() -> None:
+    study_uid = generate_uid()
+    pixels = np.full((16, 16), 100, dtype=np.uint16)
+    source = make_dx(study_uid, rows=16, columns=16, pixels=pixels)
+    source.RescaleIntercept = 1948  # 100 stored -> 2048, the window centre
+    assert render_grey(source)[0, 0] == pytest.approx(0.5, abs=0.01)
+
+
+def test_large_source_is_downscaled() -> None:
+    study_uid = generate_uid()
+    rows, columns = 2300, 1150
+    source = make_dx(study_uid, rows=rows, columns=columns)
+    source.PixelSpacing = [0.1, 0.1]
+    analysis = _analysis([source])
+    sc = _build(source, analysis)
+    assert max(sc.Rows, sc.Columns) == MAX_DIMENSION
+    assert sc.Rows == MAX_DIMENSION
+    assert sc.Columns == round(columns * MAX_DIMENSION / rows)
+    assert float(sc.PixelSpacing[0]) == pytest.approx(0.1 * rows / sc.Rows)
+    assert sc.pixel_array.shape == (sc.Rows, sc.Columns, 3)
+
+
+def test_rejects_mismatched_image_result(pair: tuple[list[Dataset], StudyAnalysis]) -> None:
+    sources, analysis = pair
+    image = analysis.images[1]
+    with pytest.raises(ValueError, match="image result is for"):
+        build_heatmap_sc(sources[0], image.heatmap, analysis, image, instance_number=1)
+
+
+def test_burned_in_source_is_flagged(pair: tuple[list[Dataset], StudyAnalysis]) -> None:
+    sources, analysis = pair
+    source = make_dx(str(sources[0].StudyInstanceUID))
+    source.BurnedInAnnotation = "YES"
+    sc = _build(source, _analysis([source]))
+    assert sc.BurnedInAnnotation == "YES"
+
+
+@needs_dciodvfy
+@pytest.mark.parametrize("index", [0, 1], ids=["monochrome2", "monochrome1"])
+def test_dciodvfy_reports_no_errors(pair: tuple[list[Dataset], StudyAnalysis], index: int) -> None:
+    from acwi_node.results.validate import run_dciodvfy
+
+    sources, analysis = pair
+    report = run_dciodvfy(_build(sources[index], analysis, index))
+    assert report.iod == "SCImage"
+    assert report.errors == [], report.output

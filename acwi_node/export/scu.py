@@ -1,0 +1,492 @@
+"""C-STORE SCU used by the exporter to deliver result objects to a DICOM destination.
+
+The public entry points never raise for network problems: :func:`send_files`
+returns a :class:`SendReport` that says what happened to the association and to
+every file, and :func:`echo` returns ``False`` when the peer cannot be verified.
+
+Log messages carry SOP Class names, DIMSE statuses and counts only -- never
+patient names, identifiers or file paths (paths of result files can embed UIDs
+or accession numbers).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext, build_context
+
+__all__ = [
+    "DELIVERED_WARNING_STATUSES",
+    "MAX_PRESENTATION_CONTEXTS",
+    "FileOutcome",
+    "SendReport",
+    "echo",
+    "send_files",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The association negotiation allows at most 128 presentation contexts (PS3.8 9.3.2.2).
+MAX_PRESENTATION_CONTEXTS = 128
+
+#: C-STORE warning statuses after which the peer has stored the object (PS3.4 B.2.3).
+DELIVERED_WARNING_STATUSES: dict[int, str] = {
+    0xB000: "coercion of data elements",
+    0xB006: "elements discarded",
+    0xB007: "data set does not match SOP Class",
+}
+
+_VERIFICATION = UID("1.2.840.10008.1.1")
+_UNCOMPRESSED: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_NATIVE_SYNTAXES = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian})
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    """What happened to one file.
+
+    ``status`` is the DIMSE status returned by the peer, or ``None`` when no
+    C-STORE response was received (file unreadable, not sent, association lost).
+    ``delivered`` is true for success (0x0000) and for the warning statuses in
+    :data:`DELIVERED_WARNING_STATUSES`; ``detail`` explains the outcome in clear text.
+    """
+
+    status: int | None
+    delivered: bool
+    detail: str
+
+
+@dataclass
+class SendReport:
+    """Result of one :func:`send_files` call.
+
+    ``association_ok`` is true when the association was established.  ``error``
+    describes an association-level problem (connection refused, rejection with
+    result/source/reason, abort, timeout); it is ``None`` when the association
+    was established and released normally.  ``outcomes`` has one entry per
+    distinct input path, in input order.  When no file is readable (or none
+    was given) no association is attempted and ``association_ok`` is false.
+    """
+
+    association_ok: bool
+    error: str | None = None
+    outcomes: dict[Path, FileOutcome] = field(default_factory=dict)
+
+    @property
+    def all_delivered(self) -> bool:
+        """True when every file was delivered (vacuously true for no files)."""
+        return all(outcome.delivered for outcome in self.outcomes.values())
+
+    @property
+    def delivered_count(self) -> int:
+        """Number of files that count as delivered."""
+        return sum(1 for outcome in self.outcomes.values() if outcome.delivered)
+
+
+@dataclass(frozen=True)
+class _FileInfo:
+    sop_class: UID
+    transfer_syntax: UID
+
+
+def _sop_class_name(uid: UID | str) -> str:
+    uid = UID(str(uid))
+    return uid.name if uid.is_valid else "invalid SOP Class UID"
+
+
+def _read_file_info(path: Path) -> _FileInfo:
+    """Read the SOP Class and Transfer Syntax of a Part-10 file (no pixel data)."""
+    ds = dcmread(path, stop_before_pixels=True)
+    meta = getattr(ds, "file_meta", None)
+    transfer_syntax = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    if transfer_syntax is None:
+        raise ValueError("no (0002,0010) Transfer Syntax UID in the file meta information")
+    sop_class = ds.get("SOPClassUID") or (
+        getattr(meta, "MediaStorageSOPClassUID", None) if meta is not None else None
+    )
+    if not sop_class:
+        raise ValueError("no SOP Class UID in the data set or file meta information")
+    if "SOPInstanceUID" not in ds:
+        raise ValueError("no SOP Instance UID in the data set")
+    return _FileInfo(sop_class=UID(str(sop_class)), transfer_syntax=UID(str(transfer_syntax)))
+
+
+def _plan_contexts(
+    infos: dict[Path, _FileInfo],
+) -> tuple[list[PresentationContext], set[tuple[UID, UID]]]:
+    """Build the presentation contexts to propose and the (class, syntax) pairs they cover.
+
+    Every SOP Class gets one context offering explicit and implicit VR little
+    endian (plus big endian when a file uses it).  A file in any other transfer
+    syntax (compressed, deflated) gets a separate context offering only that
+    syntax, so that the acceptor cannot pick an uncompressed syntax the file is
+    not in.  Uncompressed contexts take priority when the 128-context limit is
+    reached.
+    """
+    classes: dict[UID, list[UID]] = {}
+    for info in infos.values():
+        syntaxes = classes.setdefault(info.sop_class, [])
+        if info.transfer_syntax not in syntaxes:
+            syntaxes.append(info.transfer_syntax)
+
+    native: list[PresentationContext] = []
+    encapsulated: list[PresentationContext] = []
+    covered_native: list[tuple[UID, list[str | UID]]] = []
+    covered_other: list[tuple[UID, UID]] = []
+    for sop_class, syntaxes in classes.items():
+        offered: list[str | UID] = list(_UNCOMPRESSED)
+        if ExplicitVRBigEndian in syntaxes:
+            offered.append(ExplicitVRBigEndian)
+        native.append(build_context(sop_class, offered))
+        covered_native.append((sop_class, offered))
+        for syntax in syntaxes:
+            if syntax not in _NATIVE_SYNTAXES:
+                encapsulated.append(build_context(sop_class, [syntax]))
+                covered_other.append((sop_class, syntax))
+
+    contexts: list[PresentationContext] = []
+    covered: set[tuple[UID, UID]] = set()
+    for cx, (sop_class, offered) in zip(native, covered_native, strict=True):
+        if len(contexts) >= MAX_PRESENTATION_CONTEXTS:
+            break
+        contexts.append(cx)
+        covered.update((sop_class, UID(str(syntax))) for syntax in offered)
+    for cx, pair in zip(encapsulated, covered_other, strict=True):
+        if len(contexts) >= MAX_PRESENTATION_CONTEXTS:
+            break
+        contexts.append(cx)
+        covered.add(pair)
+    return contexts, covered
+
+
+def _make_ae(calling_ae: str, timeout_s: float, max_pdu: int) -> AE:
+    ae = AE(ae_title=calling_ae)
+    ae.connection_timeout = timeout_s
+    ae.acse_timeout = timeout_s
+    ae.dimse_timeout = timeout_s
+    ae.network_timeout = timeout_s
+    ae.maximum_pdu_size = max_pdu
+    return ae
+
+
+def _probe_connection(host: str, port: int, timeout_s: float) -> str:
+    """Explain why a TCP connection to ``host:port`` fails (called only after a failure)."""
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout_s, 5.0)):
+            return f"TCP connection to {host}:{port} failed"
+    except ConnectionRefusedError:
+        return f"connection refused by {host}:{port}"
+    except socket.gaierror as exc:
+        return f"cannot resolve host {host!r}: {exc.strerror or exc}"
+    except TimeoutError:
+        return f"connection to {host}:{port} timed out"
+    except OSError as exc:
+        return f"cannot connect to {host}:{port}: {exc.strerror or exc}"
+
+
+def _association_error(
+    assoc: Association,
+    *,
+    connected: bool,
+    elapsed_s: float,
+    host: str,
+    port: int,
+    called_ae: str,
+    timeout_s: float,
+) -> str:
+    """Describe in clear text why an association was not established."""
+    if not connected:
+        if elapsed_s >= 0.95 * timeout_s:
+            return f"connection to {host}:{port} timed out after {timeout_s:g} s"
+        return _probe_connection(host, port, timeout_s)
+    primitive = assoc.acceptor.primitive
+    if assoc.is_rejected and primitive is not None:
+        return (
+            f"association rejected by {called_ae}@{host}:{port}: "
+            f"result={primitive.result_str} ({primitive.result}), "
+            f"source={primitive.source_str} ({primitive.result_source}), "
+            f"reason={primitive.reason_str} ({primitive.diagnostic})"
+        )
+    if primitive is not None and primitive.result == 0x00 and not assoc.accepted_contexts:
+        return (
+            f"association aborted: {called_ae}@{host}:{port} accepted none of the "
+            f"{len(assoc.rejected_contexts)} proposed presentation contexts"
+        )
+    if primitive is None and elapsed_s >= 0.95 * timeout_s:
+        return (
+            f"association request to {called_ae}@{host}:{port} timed out: "
+            f"no response within {timeout_s:g} s"
+        )
+    return (
+        f"association aborted by {called_ae}@{host}:{port} during negotiation "
+        "(peer closed the connection or is not a DICOM application)"
+    )
+
+
+def _status_outcome(status_ds: Dataset) -> FileOutcome:
+    status = int(status_ds.Status)
+    comment = status_ds.get("ErrorComment")
+    suffix = f" ({comment})" if comment else ""
+    if status == 0x0000:
+        return FileOutcome(status=status, delivered=True, detail="stored")
+    if status in DELIVERED_WARNING_STATUSES:
+        note = DELIVERED_WARNING_STATUSES[status]
+        return FileOutcome(
+            status=status,
+            delivered=True,
+            detail=f"stored with warning 0x{status:04X}: {note}{suffix}",
+        )
+    return FileOutcome(
+        status=status, delivered=False, detail=f"refused with status 0x{status:04X}{suffix}"
+    )
+
+
+def send_files(
+    paths: Sequence[Path],
+    *,
+    called_ae: str,
+    host: str,
+    port: int,
+    calling_ae: str,
+    timeout_s: float = 30.0,
+    max_pdu: int = 0,
+) -> SendReport:
+    """Send DICOM Part-10 files to a storage SCP over one association.
+
+    Presentation contexts are proposed for exactly the SOP Classes present,
+    each with explicit and implicit VR little endian, plus a context in the
+    file's own transfer syntax when it is neither (at most 128 contexts; files
+    that do not fit are reported as not sent).  Each file is sent with one
+    C-STORE; its DIMSE status is recorded in the returned report.
+
+    Args:
+        paths: Part-10 files to send.  Duplicates are sent once.
+        called_ae: AE title of the destination.
+        host: Destination host name or address.
+        port: Destination DICOM port.
+        calling_ae: Our AE title.
+        timeout_s: Timeout for TCP connect, association negotiation and each
+            C-STORE response.
+        max_pdu: Maximum PDU size we accept (0 = unlimited).
+
+    Returns:
+        A :class:`SendReport`; this function does not raise for network or
+        file problems.
+    """
+    unique_paths = list(dict.fromkeys(Path(p) for p in paths))
+    report = SendReport(association_ok=False)
+    infos: dict[Path, _FileInfo] = {}
+    read_failures: dict[Path, FileOutcome] = {}
+    for path in unique_paths:
+        try:
+            infos[path] = _read_file_info(path)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file becomes an outcome
+            read_failures[path] = FileOutcome(
+                status=None,
+                delivered=False,
+                detail=f"cannot read file: {type(exc).__name__}: {exc}",
+            )
+    if read_failures:
+        logger.warning("%d of %d file(s) could not be read", len(read_failures), len(unique_paths))
+
+    def finish(pending: dict[Path, FileOutcome]) -> SendReport:
+        not_sent = FileOutcome(None, False, "not sent")
+        report.outcomes = {
+            p: read_failures.get(p) or pending.get(p, not_sent) for p in unique_paths
+        }
+        return report
+
+    if not infos:
+        report.error = "no readable DICOM files to send" if unique_paths else None
+        return finish({})
+
+    contexts, covered = _plan_contexts(infos)
+    connected = False
+
+    def on_open(event: evt.Event) -> None:
+        nonlocal connected
+        connected = True
+
+    started = time.monotonic()
+    try:
+        ae = _make_ae(calling_ae, timeout_s, max_pdu)
+        assoc = ae.associate(
+            host,
+            port,
+            contexts=contexts,
+            ae_title=called_ae,
+            max_pdu=max_pdu,
+            evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+        )
+    except socket.gaierror as exc:
+        report.error = f"cannot resolve host {host!r}: {exc.strerror or exc}"
+        logger.error("C-STORE to %s@%s:%d: %s", called_ae, host, port, report.error)
+        return finish({p: FileOutcome(None, False, f"not sent: {report.error}") for p in infos})
+    except Exception as exc:  # noqa: BLE001 - e.g. invalid AE title or address
+        report.error = f"cannot request association: {type(exc).__name__}: {exc}"
+        logger.error("C-STORE to %s@%s:%d: %s", called_ae, host, port, report.error)
+        return finish({p: FileOutcome(None, False, f"not sent: {report.error}") for p in infos})
+
+    if not assoc.is_established:
+        report.error = _association_error(
+            assoc,
+            connected=connected,
+            elapsed_s=time.monotonic() - started,
+            host=host,
+            port=port,
+            called_ae=called_ae,
+            timeout_s=timeout_s,
+        )
+        logger.error("C-STORE association failed: %s", report.error)
+        return finish({p: FileOutcome(None, False, f"not sent: {report.error}") for p in infos})
+
+    report.association_ok = True
+    logger.info(
+        "association with %s@%s:%d established: %d file(s), %d context(s) accepted",
+        called_ae,
+        host,
+        port,
+        len(infos),
+        len(assoc.accepted_contexts),
+    )
+    pending: dict[Path, FileOutcome] = {}
+    accepted_pairs = {
+        (UID(str(cx.abstract_syntax)), UID(str(ts)))
+        for cx in assoc.accepted_contexts
+        for ts in cx.transfer_syntax
+    }
+    accepted_classes = {sop_class for sop_class, _ in accepted_pairs}
+    try:
+        paths_to_send = list(infos)
+        for index, path in enumerate(paths_to_send):
+            if not assoc.is_established:
+                report.error = "association aborted by the peer or connection lost"
+                for rest in paths_to_send[index:]:
+                    pending[rest] = FileOutcome(None, False, f"not sent: {report.error}")
+                break
+            info = infos[path]
+            class_name = _sop_class_name(info.sop_class)
+            if (info.sop_class, info.transfer_syntax) not in covered:
+                pending[path] = FileOutcome(
+                    None,
+                    False,
+                    "not sent: more than "
+                    f"{MAX_PRESENTATION_CONTEXTS} presentation contexts would be needed",
+                )
+                continue
+            if info.sop_class not in accepted_classes:
+                pending[path] = FileOutcome(
+                    None, False, f"not sent: the peer did not accept SOP Class {class_name}"
+                )
+                logger.warning("file %d: SOP Class %s not accepted by the peer", index, class_name)
+                continue
+            outcome, association_lost = _store_one(assoc, path, index, class_name, info, timeout_s)
+            pending[path] = outcome
+            if association_lost:
+                # pynetdicom may still report the association as established for
+                # a moment after an A-ABORT; it is unusable either way.
+                report.error = outcome.detail
+                if assoc.is_established:
+                    assoc.abort()
+                for rest in paths_to_send[index + 1 :]:
+                    pending[rest] = FileOutcome(None, False, f"not sent: {outcome.detail}")
+                break
+        if assoc.is_established:
+            assoc.release()
+    finally:
+        if assoc.is_established:
+            assoc.abort()
+
+    delivered = sum(1 for o in pending.values() if o.delivered)
+    logger.info("C-STORE finished: %d of %d file(s) delivered", delivered, len(unique_paths))
+    return finish(pending)
+
+
+def _store_one(
+    assoc: Association,
+    path: Path,
+    index: int,
+    class_name: str,
+    info: _FileInfo,
+    timeout_s: float,
+) -> tuple[FileOutcome, bool]:
+    """C-STORE one file over an established association.
+
+    Returns the outcome and whether the association was lost on the way.
+    """
+    try:
+        dataset = dcmread(path)
+    except Exception as exc:  # noqa: BLE001 - the file changed or became unreadable
+        return FileOutcome(None, False, f"cannot read file: {type(exc).__name__}: {exc}"), False
+    started = time.monotonic()
+    try:
+        status_ds = assoc.send_c_store(dataset, msg_id=(index % 65535) + 1)
+    except ValueError as exc:
+        # No accepted presentation context for the file's class/syntax, or
+        # the data set cannot be encoded in the accepted transfer syntax.
+        logger.warning("file %d (%s): not sent: %s", index, class_name, type(exc).__name__)
+        return FileOutcome(None, False, f"not sent: {exc}"), not assoc.is_established
+    except Exception as exc:  # noqa: BLE001 - malformed data set, association lost
+        logger.warning("file %d (%s): not sent: %s", index, class_name, type(exc).__name__)
+        detail = f"not sent: {type(exc).__name__}: {exc}"
+        return FileOutcome(None, False, detail), not assoc.is_established
+    if "Status" not in status_ds:
+        elapsed = time.monotonic() - started
+        if elapsed >= 0.95 * timeout_s:
+            detail = f"no C-STORE response within {timeout_s:g} s; association aborted"
+        else:
+            detail = "association aborted or connection lost before the C-STORE response"
+        logger.error("file %d (%s): %s", index, class_name, detail)
+        return FileOutcome(None, False, detail), True
+    outcome = _status_outcome(status_ds)
+    log = logger.info if outcome.status == 0 else logger.warning
+    log("file %d (%s): C-STORE status 0x%04X", index, class_name, outcome.status)
+    return outcome, False
+
+
+def echo(
+    called_ae: str,
+    host: str,
+    port: int,
+    calling_ae: str,
+    timeout_s: float = 10.0,
+) -> bool:
+    """Return True when the peer answers a C-ECHO with success; never raises."""
+    try:
+        ae = _make_ae(calling_ae, timeout_s, 0)
+        ae.add_requested_context(_VERIFICATION)
+        assoc = ae.associate(host, port, ae_title=called_ae)
+    except Exception as exc:  # noqa: BLE001 - invalid AE title or address
+        logger.warning("C-ECHO to %s@%s:%d failed: %s", called_ae, host, port, exc)
+        return False
+    if not assoc.is_established:
+        logger.warning("C-ECHO to %s@%s:%d: no association", called_ae, host, port)
+        return False
+    try:
+        status = assoc.send_c_echo()
+        ok = "Status" in status and int(status.Status) == 0x0000
+    except Exception as exc:  # noqa: BLE001 - association lost mid-way
+        logger.warning("C-ECHO to %s@%s:%d failed: %s", called_ae, host, port, exc)
+        ok = False
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        elif assoc.is_alive():
+            assoc.abort()
+    logger.info("C-ECHO to %s@%s:%d: %s", called_ae, host, port, "ok" if ok else "failed")
+    return ok

@@ -1,0 +1,434 @@
+"""The exporter's C-STORE SCU and the DCMTK helpers against a real Orthanc."""
+
+from __future__ import annotations
+
+import io
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    generate_uid,
+)
+from pynetdicom import AE, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from acwi_node.export import FileOutcome, SendReport, echo, send_files
+from acwi_node.export.scu import MAX_PRESENTATION_CONTEXTS, _FileInfo, _plan_contexts
+from tests.support import SECONDARY_CAPTURE_IMAGE_STORAGE, write_secondary_capture
+from tests.support.dcmtk import echoscu, find_dcmtk_tool, require_dcmtk_tool, storescu
+from tests.support.orthanc import OrthancServer, require_orthanc
+from tests.support.ports import free_port
+
+NODE_AE = "ACWI"
+DX_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
+CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
+BASIC_TEXT_SR = UID("1.2.840.10008.5.1.4.1.1.88.11")
+
+
+@pytest.fixture(scope="module")
+def orthanc() -> Iterator[OrthancServer]:
+    require_orthanc()
+    with OrthancServer(node_ae=NODE_AE, node_port=free_port()) as server:
+        yield server
+
+
+def _send(orthanc: OrthancServer, paths: list[Path], **kwargs: object) -> SendReport:
+    return send_files(
+        paths,
+        called_ae=orthanc.aet,
+        host="127.0.0.1",
+        port=orthanc.dicom_port,
+        calling_ae=NODE_AE,
+        timeout_s=20.0,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _pixels_of(blob: bytes) -> bytes:
+    return bytes(dcmread(io.BytesIO(blob)).PixelData)
+
+
+def _retype(path: Path, sop_class: UID) -> Path:
+    """Rewrite a Secondary Capture file under another storage SOP Class."""
+    ds = dcmread(path)
+    ds.SOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    if sop_class == DX_FOR_PRESENTATION:
+        ds.Modality = "DX"
+    elif sop_class == CR_IMAGE_STORAGE:
+        ds.Modality = "CR"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _write_text_sr(path: Path, study_uid: str) -> Path:
+    ds = dcmread(write_secondary_capture(path, study_uid=study_uid))
+    for keyword in (
+        "PixelData",
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "ConversionType",
+        "PatientOrientation",
+    ):
+        delattr(ds, keyword)
+    ds.SOPClassUID = BASIC_TEXT_SR
+    ds.file_meta.MediaStorageSOPClassUID = BASIC_TEXT_SR
+    ds.Modality = "SR"
+    ds.ValueType = "CONTAINER"
+    ds.ContinuityOfContent = "SEPARATE"
+    ds.CompletionFlag = "COMPLETE"
+    ds.VerificationFlag = "UNVERIFIED"
+    concept = Dataset()
+    concept.CodeValue = "11528-7"
+    concept.CodingSchemeDesignator = "LN"
+    concept.CodeMeaning = "Radiology Report"
+    ds.ConceptNameCodeSequence = [concept]
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# --------------------------------------------------------------------- send_files
+
+
+def test_send_files_delivers_every_file(orthanc: OrthancServer, tmp_path: Path) -> None:
+    study_uid = generate_uid()
+    series_uid = generate_uid()
+    paths = [
+        write_secondary_capture(
+            tmp_path / f"sc{i}.dcm",
+            study_uid=study_uid,
+            series_uid=series_uid,
+            instance_number=i + 1,
+            pixel_value=10 * i,
+        )
+        for i in range(3)
+    ]
+    report = _send(orthanc, paths)
+
+    assert report.association_ok, report.error
+    assert report.error is None
+    assert list(report.outcomes) == paths
+    for outcome in report.outcomes.values():
+        assert outcome == FileOutcome(status=0x0000, delivered=True, detail="stored")
+    assert report.all_delivered and report.delivered_count == 3
+
+    expected = {str(dcmread(p).SOPInstanceUID): bytes(dcmread(p).PixelData) for p in paths}
+    instances = orthanc.study_instances(study_uid)
+    assert {i["MainDicomTags"]["SOPInstanceUID"] for i in instances} == set(expected)
+    for instance in instances:
+        stored = _pixels_of(orthanc.instance_file(instance["ID"]))
+        assert stored == expected[instance["MainDicomTags"]["SOPInstanceUID"]]
+        assert orthanc.instance_metadata(instance["ID"])["RemoteAET"] == NODE_AE
+
+
+def test_send_files_to_closed_port_reports_refusal(tmp_path: Path) -> None:
+    path = write_secondary_capture(tmp_path / "sc.dcm", study_uid=generate_uid())
+    started = time.monotonic()
+    report = send_files(
+        [path], called_ae="NOBODY", host="127.0.0.1", port=free_port(), calling_ae=NODE_AE
+    )
+    assert time.monotonic() - started < 10
+    assert report.association_ok is False
+    assert report.error is not None and "refused" in report.error
+    assert report.outcomes[path].status is None
+    assert report.outcomes[path].delivered is False
+    assert "refused" in report.outcomes[path].detail
+
+
+def test_echo(orthanc: OrthancServer) -> None:
+    assert echo(orthanc.aet, "127.0.0.1", orthanc.dicom_port, NODE_AE, 10.0) is True
+    assert echo("NOBODY", "127.0.0.1", free_port(), NODE_AE, 5.0) is False
+
+
+def test_unreadable_file_is_an_outcome(orthanc: OrthancServer, tmp_path: Path) -> None:
+    good = write_secondary_capture(tmp_path / "good.dcm", study_uid=generate_uid())
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"this is not DICOM at all")
+    missing = tmp_path / "missing.dcm"
+    report = _send(orthanc, [bad, good, missing])
+
+    assert report.association_ok
+    assert report.outcomes[good].delivered and report.outcomes[good].status == 0
+    for path in (bad, missing):
+        outcome = report.outcomes[path]
+        assert outcome.status is None and outcome.delivered is False
+        assert outcome.detail.startswith("cannot read file")
+    assert list(report.outcomes) == [bad, good, missing]
+
+
+def test_resend_same_sop_instance_uid_replaces(orthanc: OrthancServer, tmp_path: Path) -> None:
+    study_uid = generate_uid()
+    series_uid = generate_uid()
+    sop_uid = generate_uid()
+    first, second = (
+        write_secondary_capture(
+            tmp_path / f"v{value}.dcm",
+            study_uid=study_uid,
+            series_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            pixel_value=value,
+        )
+        for value in (1, 99)
+    )
+    assert _send(orthanc, [first]).all_delivered
+    assert _send(orthanc, [second]).all_delivered
+
+    instances = orthanc.study_instances(study_uid)
+    assert len(instances) == 1, instances
+    stored = _pixels_of(orthanc.instance_file(instances[0]["ID"]))
+    assert stored == bytes(dcmread(second).PixelData)
+    assert stored != bytes(dcmread(first).PixelData)
+
+
+def test_overwrite_needs_the_same_series(orthanc: OrthancServer, tmp_path: Path) -> None:
+    """Orthanc keys an instance on Patient ID + Study/Series/SOP Instance UIDs.
+
+    A re-run result replaces the previous one only when it keeps the series
+    (and patient and study) of the first version; with a new Series Instance
+    UID both versions are kept.
+    """
+    study_uid = generate_uid()
+    sop_uid = generate_uid()
+    paths = [
+        write_secondary_capture(
+            tmp_path / f"s{value}.dcm",
+            study_uid=study_uid,
+            series_uid=generate_uid(),
+            sop_instance_uid=sop_uid,
+            pixel_value=value,
+        )
+        for value in (1, 2)
+    ]
+    assert _send(orthanc, paths).all_delivered
+    assert len(orthanc.study_instances(study_uid)) == 2
+
+
+def test_contexts_follow_the_files(orthanc: OrthancServer, tmp_path: Path) -> None:
+    """Implicit VR files and several SOP Classes go through one association."""
+    study_uid = generate_uid()
+    sc = write_secondary_capture(tmp_path / "sc.dcm", study_uid=study_uid)
+    implicit = write_secondary_capture(tmp_path / "implicit.dcm", study_uid=study_uid)
+    ds = dcmread(implicit)
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.save_as(implicit, enforce_file_format=True)
+    dx = _retype(
+        write_secondary_capture(tmp_path / "dx.dcm", study_uid=study_uid), DX_FOR_PRESENTATION
+    )
+    sr = _write_text_sr(tmp_path / "sr.dcm", study_uid)
+
+    report = _send(orthanc, [sc, implicit, dx, sr])
+    assert report.all_delivered, report
+    stored_classes = {
+        orthanc.instance_tags(i["ID"])["SOPClassUID"] for i in orthanc.study_instances(study_uid)
+    }
+    assert stored_classes == {SECONDARY_CAPTURE_IMAGE_STORAGE, DX_FOR_PRESENTATION, BASIC_TEXT_SR}
+
+
+def test_compressed_file_keeps_its_transfer_syntax(orthanc: OrthancServer, tmp_path: Path) -> None:
+    """A JPEG file is proposed in its own context and stored without transcoding."""
+    image = pytest.importorskip("PIL.Image")
+    study_uid = generate_uid()
+    path = write_secondary_capture(tmp_path / "jpeg.dcm", study_uid=study_uid)
+    ds = dcmread(path)
+    buffer = io.BytesIO()
+    image.frombytes("L", (ds.Columns, ds.Rows), bytes(ds.PixelData)).save(buffer, format="JPEG")
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.save_as(path, enforce_file_format=True)
+    plain = write_secondary_capture(tmp_path / "plain.dcm", study_uid=study_uid)
+
+    report = _send(orthanc, [path, plain])
+    assert report.all_delivered, report
+    syntaxes = {
+        orthanc.instance_metadata(i["ID"])["TransferSyntax"]
+        for i in orthanc.study_instances(study_uid)
+    }
+    assert syntaxes == {JPEGBaseline8Bit, ExplicitVRLittleEndian}
+
+
+def test_context_plan_is_capped() -> None:
+    infos = {
+        Path(f"/x/{i}.dcm"): _FileInfo(
+            UID(f"1.2.826.0.1.3680043.10.999.{i}"), ExplicitVRLittleEndian
+        )
+        for i in range(MAX_PRESENTATION_CONTEXTS + 5)
+    }
+    contexts, covered = _plan_contexts(infos)
+    assert len(contexts) == MAX_PRESENTATION_CONTEXTS
+    assert len({cx.abstract_syntax for cx in contexts}) == MAX_PRESENTATION_CONTEXTS
+    assert len({sop for sop, _ in covered}) == MAX_PRESENTATION_CONTEXTS
+
+
+# ---------------------------------------------------------- scripted peers
+
+
+class _ScriptedScp:
+    """A pynetdicom storage SCP whose C-STORE answers are chosen by the test."""
+
+    def __init__(
+        self, answer: Callable[[int, Dataset, evt.Event], int], *, require_called_aet: bool = False
+    ) -> None:
+        self.ae = AE(ae_title="SCRIPTED")
+        self.ae.add_supported_context(
+            SECONDARY_CAPTURE_IMAGE_STORAGE, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        )
+        self.ae.require_called_aet = require_called_aet
+        self.port = free_port()
+        self.calls = 0
+        self._lock = threading.Lock()
+        self._answer = answer
+        self.server: ThreadedAssociationServer | None = None
+
+    def _on_store(self, event: evt.Event) -> int:
+        with self._lock:
+            self.calls += 1
+            index = self.calls
+        return self._answer(index, event.dataset, event)
+
+    def __enter__(self) -> _ScriptedScp:
+        self.server = self.ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+        )
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+
+
+def _three_files(tmp_path: Path) -> list[Path]:
+    study_uid = generate_uid()
+    return [
+        write_secondary_capture(tmp_path / f"f{i}.dcm", study_uid=study_uid, instance_number=i + 1)
+        for i in range(3)
+    ]
+
+
+def test_warning_statuses_count_as_delivered(tmp_path: Path) -> None:
+    statuses = {1: 0xB000, 2: 0xB007, 3: 0xA700}
+    paths = _three_files(tmp_path)
+    with _ScriptedScp(lambda index, _ds, _event: statuses[index]) as scp:
+        report = send_files(
+            paths, called_ae="SCRIPTED", host="127.0.0.1", port=scp.port, calling_ae=NODE_AE
+        )
+    assert report.association_ok and report.error is None
+    first, second, third = (report.outcomes[p] for p in paths)
+    assert (first.status, first.delivered) == (0xB000, True)
+    assert "warning 0xB000" in first.detail
+    assert (second.status, second.delivered) == (0xB007, True)
+    assert (third.status, third.delivered) == (0xA700, False)
+    assert "0xA700" in third.detail
+
+
+def test_abort_half_way_leaves_remaining_files_unsent(tmp_path: Path) -> None:
+    def answer(index: int, _ds: Dataset, event: evt.Event) -> int:
+        if index == 2:
+            threading.Timer(0.05, event.assoc.abort).start()
+            time.sleep(1.0)
+        return 0x0000
+
+    paths = _three_files(tmp_path)
+    with _ScriptedScp(answer) as scp:
+        report = send_files(
+            paths,
+            called_ae="SCRIPTED",
+            host="127.0.0.1",
+            port=scp.port,
+            calling_ae=NODE_AE,
+            timeout_s=10,
+        )
+    assert report.association_ok
+    assert report.error is not None and "abort" in report.error
+    first, second, third = (report.outcomes[p] for p in paths)
+    assert (first.status, first.delivered) == (0x0000, True)
+    assert (second.status, second.delivered) == (None, False)
+    assert (third.status, third.delivered) == (None, False)
+    assert third.detail.startswith("not sent")
+
+
+def test_rejected_association_is_explained(tmp_path: Path) -> None:
+    path = write_secondary_capture(tmp_path / "sc.dcm", study_uid=generate_uid())
+    with _ScriptedScp(lambda *_: 0, require_called_aet=True) as scp:
+        report = send_files(
+            [path], called_ae="WRONG", host="127.0.0.1", port=scp.port, calling_ae=NODE_AE
+        )
+    assert report.association_ok is False
+    assert report.error is not None
+    assert "rejected" in report.error
+    assert "Called AE title not recognised" in report.error
+    assert report.outcomes[path].delivered is False
+
+
+# ---------------------------------------------------------------------- DCMTK
+
+
+def test_dcmtk_tools_are_not_the_virtualenv_shadows() -> None:
+    storescu_path = require_dcmtk_tool("storescu")
+    echoscu_path = require_dcmtk_tool("echoscu")
+    for tool in (storescu_path, echoscu_path):
+        assert ".venv" not in tool.parts
+        assert tool.resolve().parent != Path(sys.executable).parent.resolve()
+    assert find_dcmtk_tool("storescu") == storescu_path
+
+
+def test_dcmtk_echoscu(orthanc: OrthancServer) -> None:
+    require_dcmtk_tool("echoscu")
+    completed = echoscu("127.0.0.1", orthanc.dicom_port, orthanc.aet)
+    assert completed.returncode == 0, completed.stderr
+    failed = echoscu("127.0.0.1", free_port(), "NOBODY", timeout_s=5)
+    assert failed.returncode != 0
+
+
+def test_dcmtk_storescu_directory_with_several_classes(
+    orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    require_dcmtk_tool("storescu")
+    study_uid = generate_uid()
+    root = tmp_path / "in"
+    files = [
+        write_secondary_capture(root / "sc.dcm", study_uid=study_uid),
+        _retype(
+            write_secondary_capture(root / "a" / "dx.dcm", study_uid=study_uid), DX_FOR_PRESENTATION
+        ),
+        _retype(
+            write_secondary_capture(root / "a" / "b" / "cr.dcm", study_uid=study_uid),
+            CR_IMAGE_STORAGE,
+        ),
+        _write_text_sr(root / "a" / "b" / "sr.dcm", study_uid),
+    ]
+    completed = storescu("127.0.0.1", orthanc.dicom_port, orthanc.aet, root, calling_ae="MODALITY")
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+    expected = {str(dcmread(p).SOPInstanceUID) for p in files}
+    assert orthanc.study_sop_instance_uids(study_uid) == expected
+    instance = orthanc.study_instances(study_uid)[0]
+    assert orthanc.instance_metadata(instance["ID"])["RemoteAET"] == "MODALITY"
+
+
+def test_dcmtk_storescu_single_file(orthanc: OrthancServer, tmp_path: Path) -> None:
+    require_dcmtk_tool("storescu")
+    study_uid = generate_uid()
+    path = write_secondary_capture(tmp_path / "one.dcm", study_uid=study_uid)
+    completed = storescu("127.0.0.1", orthanc.dicom_port, orthanc.aet, [path])
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert orthanc.find_study(study_uid) is not None

@@ -1,0 +1,1 @@
+"""Model loading, preprocessing and analysis of a study's images."""

@@ -1,0 +1,297 @@
+"""Run a trained DIANet on a study's images: calibrated probabilities, uncertainty, OOD, CAM.
+
+Per image (``K`` classes, ``T`` Monte-Carlo dropout samples of the head over one backbone
+pass, temperature ``tau`` from the manifest, ``p_t = softmax(logits_t / tau)``):
+
+* ``probabilities``  = ``p = mean_t p_t``;
+* ``entropy``        = ``H(p) = -sum_k p_k log p_k`` (nats);
+* ``epistemic``      = mutual information ``H(p) - mean_t H(p_t)`` (>= 0);
+* ``aleatoric``      = ``mean_t H(p_t) + mean_{t,k} exp(log_var_t,k) / tau^2``: the expected
+  entropy plus the mean heteroscedastic logit variance on the temperature-scaled logit scale;
+* ``score``          = ``H(p) / log K`` in [0, 1], compared with the manifest threshold;
+* ``ood_score``      = Mahalanobis distance of the latent mean (see ``OODSpec``);
+* ``heatmap``        = for the most probable finding label ``k`` (the predicted label if the
+  manifest lists no findings), the class activation map of the logit margin of ``k`` over
+  the reference (non-finding, e.g. ``normal``) label, ``cam_k - cam_ref`` (plain ``cam_k``
+  without a reference label); ReLU, resized to Rows x Columns by the inverse of the
+  preprocessing resize (bilinear) and divided by its maximum (all zeros if <= 0). Its
+  resolution is that of the feature map (8 x 8 for a 128-pixel input), so the peak locates a
+  lesion to within about one feature cell.
+
+Per study: probabilities are the mean over analysed images; the study ``uncertainty`` is
+that of the image with the highest score (so ``study.uncertainty.score`` is the max image
+score); ``ood_score`` is the max image OOD score; ``needs_review`` is true when the study
+score exceeds ``uncertainty_threshold`` or the OOD score exceeds ``ood.threshold``.
+
+Dropout masks are drawn from a generator seeded with SHA-256 of the Study and SOP Instance
+UIDs, so re-analysing the same images gives identical numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydicom.dataset import Dataset
+from torch import Tensor
+
+from acwi_node.inference.manifest import ModelManifest, load_manifest
+from acwi_node.inference.preprocess import UnsupportedImage, preprocess
+from acwi_node.inference.types import (
+    ImageResult,
+    ModelIdentity,
+    StudyAnalysis,
+    Uncertainty,
+)
+from models.networks.dianet import DIANet, DIANetConfig
+
+
+class NothingToAnalyse(ValueError):
+    """None of the given datasets could be analysed (the message lists why)."""
+
+
+@dataclass(frozen=True)
+class MCSummary:
+    """Monte-Carlo summary for ``N`` images (arrays of length ``N`` unless noted)."""
+
+    probabilities: np.ndarray  # (N, K)
+    entropy: np.ndarray
+    epistemic: np.ndarray
+    aleatoric: np.ndarray
+    score: np.ndarray
+
+
+def mc_head(
+    model: DIANet, pooled: Tensor, samples: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """``samples`` dropout passes of the head: logits and log-variances, each ``(T, N, K)``."""
+    n = pooled.shape[0]
+    out = model.head(pooled.repeat(samples, 1), mc=True, generator=generator)
+    return out.logits.view(samples, n, -1), out.log_var.view(samples, n, -1)
+
+
+def summarise_mc(logits: Tensor, log_var: Tensor, temperature: float) -> MCSummary:
+    """Uncertainty decomposition of ``(T, N, K)`` head samples (see the module docstring)."""
+    k = logits.shape[-1]
+    log_p_t = torch.log_softmax(logits.double() / temperature, dim=-1)
+    p_t = log_p_t.exp()
+    p = p_t.mean(dim=0)
+    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=-1)
+    expected = -(p_t * log_p_t).sum(dim=-1).mean(dim=0)
+    epistemic = (entropy - expected).clamp_min(0.0)
+    variance = (log_var.double().exp() / temperature**2).mean(dim=(0, 2))
+    score = (entropy / math.log(k)).clamp(0.0, 1.0)
+    return MCSummary(
+        probabilities=p.numpy(),
+        entropy=entropy.numpy(),
+        epistemic=epistemic.numpy(),
+        aleatoric=(expected + variance).numpy(),
+        score=score.numpy(),
+    )
+
+
+def mahalanobis(mu: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """RMS per-dimension Mahalanobis distance of each row of ``mu`` (``(N, D)`` -> ``(N,)``)."""
+    diff = np.atleast_2d(mu) - mean
+    d2 = np.einsum("nd,de,ne->n", diff, precision, diff)
+    return np.sqrt(np.clip(d2, 0.0, None) / mean.shape[0])
+
+
+def uid_seed(*uids: str) -> int:
+    """A 63-bit seed from UIDs."""
+    digest = hashlib.sha256("|".join(uids).encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+def build_model(manifest: ModelManifest) -> DIANet:
+    """An untrained DIANet with the manifest's architecture (checked against its labels)."""
+    config = DIANetConfig.from_dict(manifest.architecture_config)
+    if config.num_classes != len(manifest.labels):
+        raise ValueError(
+            f"architecture has {config.num_classes} classes but the manifest lists "
+            f"{len(manifest.labels)} labels"
+        )
+    return DIANet(config)
+
+
+@dataclass
+class _Prepared:
+    index: int
+    ds: Dataset
+    x: np.ndarray
+
+
+class Analyser:
+    """A loaded model ready to analyse studies."""
+
+    def __init__(
+        self,
+        model: DIANet,
+        manifest: ModelManifest,
+        *,
+        device: str = "cpu",
+        mc_samples: int = 20,
+        batch_size: int = 16,
+    ) -> None:
+        if mc_samples < 1:
+            raise ValueError("mc_samples must be at least 1")
+        self.manifest = manifest
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.mc_samples = mc_samples
+        self.batch_size = batch_size
+        self.spec = manifest.preprocess_spec()
+        self.labels = list(manifest.labels)
+        self._ood_mean = np.asarray(manifest.ood.mean, dtype=np.float64)
+        self._ood_precision = np.asarray(manifest.ood.precision, dtype=np.float64)
+        findings = [self.labels.index(name) for name in manifest.finding_labels]
+        self._finding_indices = findings
+        others = [i for i in range(len(self.labels)) if i not in findings]
+        self._reference_index: int | None = others[0] if others and findings else None
+
+    @classmethod
+    def load(
+        cls,
+        manifest_path: Path,
+        *,
+        device: str = "cpu",
+        mc_samples: int = 20,
+        num_threads: int | None = None,
+        batch_size: int = 16,
+    ) -> Analyser:
+        """Load a manifest (file or folder) and its verified weights.
+
+        ``num_threads``, when given, is passed to ``torch.set_num_threads``.
+        """
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        manifest = load_manifest(Path(manifest_path))
+        model = build_model(manifest)
+        state = torch.load(manifest.weights_path, map_location=device, weights_only=True)
+        model.load_state_dict(state)
+        return cls(model, manifest, device=device, mc_samples=mc_samples, batch_size=batch_size)
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """The model identity written into results."""
+        return self.manifest.identity()
+
+    def analyse(self, datasets: Sequence[Dataset]) -> StudyAnalysis:
+        """Analyse the images of one study (see the module docstring for every number)."""
+        skipped: dict[str, str] = {}
+        prepared: list[_Prepared] = []
+        for i, ds in enumerate(datasets):
+            key = str(ds.get("SOPInstanceUID", "") or f"#{i}")
+            try:
+                prepared.append(_Prepared(i, ds, preprocess(ds, self.spec)))
+            except UnsupportedImage as exc:
+                skipped[key] = str(exc)
+        if not prepared:
+            reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "no datasets given"
+            raise NothingToAnalyse(f"no image could be analysed ({reasons})")
+
+        study_uid = str(prepared[0].ds.get("StudyInstanceUID", ""))
+        by_series: dict[str, list[_Prepared]] = {}
+        for item in prepared:
+            by_series.setdefault(str(item.ds.get("SeriesInstanceUID", "")), []).append(item)
+
+        results: dict[int, ImageResult] = {}
+        for items in by_series.values():
+            for start in range(0, len(items), self.batch_size):
+                batch = items[start : start + self.batch_size]
+                for item, result in zip(batch, self._analyse_batch(batch, study_uid), strict=True):
+                    results[item.index] = result
+        images = [results[i] for i in sorted(results)]
+        return self._summarise(images, skipped)
+
+    def _analyse_batch(self, batch: list[_Prepared], study_uid: str) -> list[ImageResult]:
+        x = torch.from_numpy(np.stack([item.x for item in batch])).to(self.device)
+        out: list[ImageResult] = []
+        with torch.inference_mode():
+            enc = self.model.encode(x)
+            cams = self.model.cam(enc.features)
+            mus = enc.mu.double().cpu().numpy()
+            ood = mahalanobis(mus, self._ood_mean, self._ood_precision)
+            for j, item in enumerate(batch):
+                sop = str(item.ds.get("SOPInstanceUID", ""))
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(uid_seed(study_uid, sop))
+                logits, log_var = mc_head(
+                    self.model, enc.pooled[j : j + 1], self.mc_samples, generator
+                )
+                mc = summarise_mc(logits.cpu(), log_var.cpu(), self.manifest.temperature)
+                probs = mc.probabilities[0]
+                cam = cams[j, self._heatmap_class(probs)]
+                if self._reference_index is not None:
+                    cam = cam - cams[j, self._reference_index]
+                heatmap = _heatmap(cam, int(item.ds.Rows), int(item.ds.Columns))
+                out.append(
+                    ImageResult(
+                        sop_instance_uid=sop,
+                        sop_class_uid=str(item.ds.get("SOPClassUID", "")),
+                        series_instance_uid=str(item.ds.get("SeriesInstanceUID", "")),
+                        probabilities=_as_dict(self.labels, probs),
+                        uncertainty=Uncertainty(
+                            entropy=float(mc.entropy[0]),
+                            epistemic=float(mc.epistemic[0]),
+                            aleatoric=float(mc.aleatoric[0]),
+                            score=float(mc.score[0]),
+                        ),
+                        heatmap=heatmap,
+                        ood_score=float(ood[j]),
+                    )
+                )
+        return out
+
+    def _heatmap_class(self, probs: np.ndarray) -> int:
+        if self._finding_indices:
+            return max(self._finding_indices, key=lambda k: float(probs[k]))
+        return int(np.argmax(probs))
+
+    def _summarise(self, images: list[ImageResult], skipped: dict[str, str]) -> StudyAnalysis:
+        probs = np.mean(
+            [[img.probabilities[name] for name in self.labels] for img in images], axis=0
+        )
+        probs = probs / probs.sum()
+        worst = max(images, key=lambda img: img.uncertainty.score)
+        ood = max(img.ood_score for img in images)
+        needs_review = bool(
+            worst.uncertainty.score > self.manifest.uncertainty_threshold
+            or ood > self.manifest.ood.threshold
+        )
+        return StudyAnalysis(
+            model=self.identity,
+            labels=list(self.labels),
+            images=images,
+            probabilities=_as_dict(self.labels, probs),
+            predicted_label=self.labels[int(np.argmax(probs))],
+            uncertainty=worst.uncertainty,
+            ood_score=ood,
+            needs_review=needs_review,
+            finding_labels=list(self.manifest.finding_labels),
+            skipped=skipped,
+        )
+
+
+def _as_dict(labels: list[str], probs: np.ndarray) -> dict[str, float]:
+    return {name: float(p) for name, p in zip(labels, probs, strict=True)}
+
+
+def _heatmap(cam: Tensor, rows: int, cols: int) -> np.ndarray:
+    """ReLU, bilinear resize to ``rows x cols``, divide by the maximum."""
+    up = F.interpolate(
+        cam.float().clamp_min(0.0)[None, None],
+        size=(rows, cols),
+        mode="bilinear",
+        align_corners=False,
+    )[0, 0]
+    peak = float(up.max())
+    if peak <= 0.0:
+        return np.zeros((rows, cols), dtype=np.float32)
+    return (up / peak).clamp(0.0, 1.0).cpu().numpy().astype(np.float32)

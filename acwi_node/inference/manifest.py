@@ -1,0 +1,197 @@
+"""The model manifest: everything needed to run and trust a trained model, next to its weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from acwi_node.inference.preprocess import PreprocessSpec
+from acwi_node.inference.types import ModelIdentity
+
+MANIFEST_NAME = "manifest.json"
+
+
+class ManifestError(ValueError):
+    """The manifest is missing, malformed or does not match its weights file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputSpec(_Strict):
+    """Model input geometry."""
+
+    size: int = Field(ge=32, le=4096)
+    channels: Literal[1] = 1
+
+
+class PreprocessingSpec(_Strict):
+    """Windowing percentiles and the z-normalisation statistics of the training set."""
+
+    lower_percentile: float = Field(ge=0.0, le=50.0)
+    upper_percentile: float = Field(ge=50.0, le=100.0)
+    mean: float
+    std: float = Field(gt=0.0)
+
+
+class OODSpec(_Strict):
+    """Mahalanobis distance of the latent mean, fitted on the training set.
+
+    ``score = sqrt((mu - mean)^T precision (mu - mean) / dim)``: the RMS per-dimension
+    distance (about 1 in distribution). ``precision`` is the inverse of the shrunk training
+    covariance; ``threshold`` is the ``quantile`` of the validation scores.
+    """
+
+    method: Literal["mahalanobis"] = "mahalanobis"
+    mean: list[float]
+    precision: list[list[float]]
+    threshold: float = Field(gt=0.0)
+    quantile: float = Field(gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _square(self) -> OODSpec:
+        dim = len(self.mean)
+        if dim == 0 or len(self.precision) != dim or any(len(r) != dim for r in self.precision):
+            raise ValueError("ood.precision must be a square matrix matching ood.mean")
+        return self
+
+
+class TrainingSummary(_Strict):
+    """Where the weights came from and how well they did on validation."""
+
+    dataset: str
+    epochs: int = Field(ge=0)
+    train_images: int = Field(ge=0)
+    val_images: int = Field(ge=0)
+    val_accuracy: float = Field(ge=0.0, le=1.0)
+    val_balanced_accuracy: float = Field(ge=0.0, le=1.0)
+    val_nll: float = Field(ge=0.0)
+    seconds: float = Field(ge=0.0)
+    seed: int
+    preset: str
+
+
+class ModelManifest(_Strict):
+    """Validated contents of ``manifest.json``."""
+
+    name: str = Field(min_length=1)
+    version: str = Field(min_length=1)
+    architecture: Literal["dianet"] = "dianet"
+    architecture_config: dict[str, Any]
+    labels: list[str] = Field(min_length=2)
+    finding_labels: list[str]
+    input: InputSpec
+    preprocessing: PreprocessingSpec
+    temperature: float = Field(gt=0.0)
+    uncertainty_threshold: float = Field(ge=0.0, le=1.0)
+    target_review_rate: float = Field(ge=0.0, le=1.0)
+    mc_samples: int = Field(default=20, ge=1)
+    ood: OODSpec
+    weights: str
+    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    created_at: datetime
+    training: TrainingSummary
+
+    _directory: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelManifest:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels must be unique")
+        unknown = set(self.finding_labels) - set(self.labels)
+        if unknown:
+            raise ValueError(f"finding_labels not in labels: {sorted(unknown)}")
+        name = PurePosixPath(self.weights)
+        if name.is_absolute() or ".." in name.parts or "\\" in self.weights:
+            raise ValueError("weights must be a file name relative to the manifest")
+        return self
+
+    @property
+    def directory(self) -> Path:
+        """The folder the manifest was loaded from (weights are relative to it)."""
+        if self._directory is None:
+            raise ManifestError("manifest was not loaded from a file; no weights directory")
+        return self._directory
+
+    @property
+    def weights_path(self) -> Path:
+        """Absolute path of the weights file."""
+        return self.directory / self.weights
+
+    def identity(self) -> ModelIdentity:
+        """The identity written into results (short hash: first 16 hex digits)."""
+        return ModelIdentity(
+            name=self.name, version=self.version, weights_sha256=self.weights_sha256[:16]
+        )
+
+    def preprocess_spec(self) -> PreprocessSpec:
+        """Parameters for :func:`acwi_node.inference.preprocess.preprocess`."""
+        p = self.preprocessing
+        return PreprocessSpec(
+            size=self.input.size,
+            lower_percentile=p.lower_percentile,
+            upper_percentile=p.upper_percentile,
+            mean=p.mean,
+            std=p.std,
+        )
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's contents."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_manifest(path: Path) -> ModelManifest:
+    """Read and validate a manifest (a file, or a folder holding ``manifest.json``).
+
+    Raises :class:`ManifestError` when the file is missing or invalid, the weights file does
+    not exist, or its SHA-256 differs from ``weights_sha256``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ManifestError(f"model manifest not found: {path}") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"model manifest {path} is unreadable: {exc}") from exc
+    try:
+        manifest = ModelManifest.model_validate(raw)
+    except ValidationError as exc:
+        raise ManifestError(f"model manifest {path} is invalid:\n{exc}") from exc
+    manifest._directory = path.resolve().parent
+    weights = manifest.weights_path
+    if not weights.is_file():
+        raise ManifestError(f"weights file {weights} named by {path} does not exist")
+    actual = sha256_file(weights)
+    if actual != manifest.weights_sha256:
+        raise ManifestError(
+            f"weights file {weights} has SHA-256 {actual}, but {path} expects "
+            f"{manifest.weights_sha256}: the weights were changed or replaced"
+        )
+    return manifest
+
+
+def write_manifest(manifest: ModelManifest, directory: Path) -> Path:
+    """Write ``manifest.json`` into ``directory`` and return its path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / MANIFEST_NAME
+    path.write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def default_model_dir() -> Path:
+    """The folder of the bundled default model (``models/registry/default``)."""
+    return Path(__file__).resolve().parents[2] / "models" / "registry" / "default"

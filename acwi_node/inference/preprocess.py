@@ -1,0 +1,115 @@
+"""The one preprocessing path from a DICOM dataset to a model input (training and node alike).
+
+Steps, in order:
+
+1. checks: single-frame (``NumberOfFrames`` absent or 1), one sample per pixel,
+   MONOCHROME1/MONOCHROME2, ``PixelData`` present and decodable, at least 32 x 32 pixels;
+   anything else raises :class:`UnsupportedImage`. Multi-frame images are refused rather
+   than reduced to one frame: the model reads single projection radiographs;
+2. modality LUT (Rescale Slope/Intercept or a Modality LUT Sequence);
+3. MONOCHROME1 inversion (negation), so that higher always means brighter/denser;
+4. plain resize (no padding, aspect ratio not kept) to ``size x size`` with antialiased
+   bilinear interpolation; the heatmap goes back to Rows x Columns by the inverse resize;
+5. robust windowing: the lower/upper percentiles of the resized image map to 0/1, clipped.
+   The VOI LUT (Window Center/Width) of the file is deliberately ignored, so that sites with
+   different windows give comparable inputs;
+6. z-normalisation with the manifest's mean and standard deviation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut
+
+MIN_SIZE = 32
+
+
+class UnsupportedImage(ValueError):
+    """The dataset holds no image the model can read; the message says why."""
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Parameters of :func:`preprocess` (the manifest's ``input`` and ``preprocessing``)."""
+
+    size: int
+    lower_percentile: float = 0.5
+    upper_percentile: float = 99.5
+    mean: float = 0.0
+    std: float = 1.0
+
+
+def _sop(ds: Dataset) -> str:
+    return str(ds.get("SOPInstanceUID", "<no SOPInstanceUID>"))
+
+
+def modality_pixels(ds: Dataset) -> np.ndarray:
+    """Checked float32 pixels after the modality LUT and MONOCHROME1 inversion (steps 1-3)."""
+    if "PixelData" not in ds:
+        raise UnsupportedImage(f"{_sop(ds)}: no PixelData (not an integer-pixel image)")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise UnsupportedImage(f"{_sop(ds)}: multi-frame image ({frames} frames)")
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise UnsupportedImage(
+            f"{_sop(ds)}: not a greyscale image (SamplesPerPixel {samples}, "
+            f"PhotometricInterpretation {photometric or 'missing'})"
+        )
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows < MIN_SIZE or cols < MIN_SIZE:
+        raise UnsupportedImage(f"{_sop(ds)}: image too small ({rows} x {cols})")
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:  # decoders raise many types; all mean the same to us
+        raise UnsupportedImage(f"{_sop(ds)}: pixel data could not be decoded: {exc}") from exc
+    if stored.ndim != 2:
+        raise UnsupportedImage(f"{_sop(ds)}: unexpected pixel array shape {stored.shape}")
+    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+    if photometric == "MONOCHROME1":
+        values = -values
+    if not np.isfinite(values).all():
+        raise UnsupportedImage(f"{_sop(ds)}: non-finite pixel values after the modality LUT")
+    return values
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Antialiased bilinear resize of a 2-D float image to ``size x size``."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    out = F.interpolate(
+        tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
+    return out[0, 0].numpy()
+
+
+def window(image: np.ndarray, lower_percentile: float, upper_percentile: float) -> np.ndarray:
+    """Map the given percentiles to 0 and 1 and clip; constant images are unsupported."""
+    lo, hi = np.percentile(image, [lower_percentile, upper_percentile])
+    if not hi - lo > 1e-6 * max(1.0, abs(float(hi))):
+        raise UnsupportedImage("image has no contrast between its window percentiles")
+    return np.clip((image - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def to_unit_range(ds: Dataset, spec: PreprocessSpec) -> np.ndarray:
+    """Steps 1-5: a ``(size, size)`` float32 image in [0, 1]."""
+    pixels = modality_pixels(ds)
+    try:
+        return window(resize(pixels, spec.size), spec.lower_percentile, spec.upper_percentile)
+    except UnsupportedImage as exc:
+        raise UnsupportedImage(f"{_sop(ds)}: {exc}") from exc
+
+
+def normalise(unit: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Step 6: z-normalisation, returning a ``(1, size, size)`` float32 array."""
+    return ((unit - spec.mean) / spec.std).astype(np.float32)[None]
+
+
+def preprocess(ds: Dataset, spec: PreprocessSpec) -> np.ndarray:
+    """The model input ``(1, size, size)`` float32 for one dataset (all six steps)."""
+    return normalise(to_unit_range(ds, spec), spec)

@@ -1,0 +1,1 @@
+"""Model development for ACWI Node: networks, synthetic data, training and the model registry."""

@@ -1,0 +1,1 @@
+"""Synthetic phantoms and DICOM readers used for training and benchmarks."""

@@ -1,0 +1,135 @@
+"""A folder of DICOM files with a labels CSV, read through the node's own preprocessing.
+
+The CSV needs a ``label`` column and at least one of ``sop_instance_uid`` (per image) or
+``study_instance_uid`` (every image of the study); an optional ``site`` column is kept.
+A per-image row wins over a per-study row. Files that are not DICOM, or that have no label,
+are ignored; images the preprocessing refuses are reported, not loaded.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+from pydicom.errors import InvalidDicomError
+from torch.utils.data import Dataset as TorchDataset
+
+from acwi_node.inference.preprocess import (
+    PreprocessSpec,
+    UnsupportedImage,
+    normalise,
+    to_unit_range,
+)
+
+LABELS_CSV = "labels.csv"
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    """One labelled DICOM file."""
+
+    path: Path
+    study_instance_uid: str
+    sop_instance_uid: str
+    label: str
+    site: int | None
+
+
+@dataclass(frozen=True)
+class _Row:
+    label: str
+    site: int | None
+
+
+def read_labels_csv(path: Path) -> tuple[dict[str, _Row], dict[str, _Row]]:
+    """Rows keyed by SOP Instance UID and by Study Instance UID."""
+    by_sop: dict[str, _Row] = {}
+    by_study: dict[str, _Row] = {}
+    with Path(path).open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields = set(reader.fieldnames or [])
+        if "label" not in fields or not fields & {"sop_instance_uid", "study_instance_uid"}:
+            raise ValueError(
+                f"{path}: needs a 'label' column and 'sop_instance_uid' or 'study_instance_uid'"
+            )
+        for line in reader:
+            site_text = (line.get("site") or "").strip()
+            row = _Row(line["label"].strip(), int(site_text) if site_text else None)
+            sop = (line.get("sop_instance_uid") or "").strip()
+            study = (line.get("study_instance_uid") or "").strip()
+            if sop:
+                by_sop[sop] = row
+            elif study:
+                by_study[study] = row
+    return by_sop, by_study
+
+
+def scan_folder(
+    root: Path, labels_csv: Path | None = None, labels: Sequence[str] | None = None
+) -> list[LabelledImage]:
+    """Labelled DICOM files under ``root`` (sorted by path).
+
+    ``labels_csv`` defaults to ``root/labels.csv``. With ``labels`` given, a label outside it
+    is an error.
+    """
+    root = Path(root)
+    by_sop, by_study = read_labels_csv(labels_csv or root / LABELS_CSV)
+    items: list[LabelledImage] = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if path.suffix.lower() in (".csv", ".json"):
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError):
+            continue
+        sop = str(ds.get("SOPInstanceUID", ""))
+        study = str(ds.get("StudyInstanceUID", ""))
+        row = by_sop.get(sop) or by_study.get(study)
+        if row is None:
+            continue
+        if labels is not None and row.label not in labels:
+            raise ValueError(f"{path}: label {row.label!r} is not one of {list(labels)}")
+        items.append(LabelledImage(path, study, sop, row.label, row.site))
+    return items
+
+
+def load_unit_images(
+    items: Sequence[LabelledImage], spec: PreprocessSpec
+) -> tuple[np.ndarray, list[int], dict[str, str]]:
+    """Unit-range images ``(N, size, size)``, the indices of ``items`` they came from, and
+    the refused files with their reasons."""
+    images: list[np.ndarray] = []
+    kept: list[int] = []
+    refused: dict[str, str] = {}
+    for i, item in enumerate(items):
+        try:
+            images.append(to_unit_range(pydicom.dcmread(item.path), spec))
+            kept.append(i)
+        except UnsupportedImage as exc:
+            refused[str(item.path)] = str(exc)
+    stack = np.stack(images) if images else np.zeros((0, spec.size, spec.size), np.float32)
+    return stack.astype(np.float32), kept, refused
+
+
+class DicomFolderDataset(TorchDataset[tuple[torch.Tensor, int]]):
+    """Lazily preprocessed ``(input, label index)`` pairs for a labelled folder."""
+
+    def __init__(
+        self, items: Sequence[LabelledImage], spec: PreprocessSpec, labels: Sequence[str]
+    ) -> None:
+        self.items = list(items)
+        self.spec = spec
+        self.index = {name: i for i, name in enumerate(labels)}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        item = self.items[i]
+        unit = to_unit_range(pydicom.dcmread(item.path), self.spec)
+        return torch.from_numpy(normalise(unit, self.spec)), self.index[item.label]

@@ -1,0 +1,685 @@
+"""Seeded chest-radiograph-like phantoms from several simulated acquisition sites.
+
+Every image is built in three independent random streams so that paired images share
+what they should:
+
+* anatomy (body outline, lungs, heart, mediastinum, ribs, lung texture): seeded by
+  ``(seed, site)``;
+* the lesion (``nodule`` or ``effusion``): seeded by ``(seed, site, label)``;
+* acquisition (blur, gamma, bias field, noise, quantisation): seeded by ``(seed, site)``.
+
+The same ``seed`` and ``site`` with different labels therefore gives the same patient and
+the same noise, differing only by the lesion. Sites differ the way scanners do: noise level,
+contrast curve (gamma), resolution blur, bias field, bits stored, MONOCHROME1/2 and the
+equipment attributes written to DICOM.
+
+Images are PA views: the patient's left (and the heart) is on the image's right.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import UID, ExplicitVRLittleEndian
+
+LABELS: tuple[str, ...] = ("normal", "nodule", "effusion")
+#: Screening-like prevalence used when a class mix is not given.
+DEFAULT_CLASS_FRACTIONS: dict[str, float] = {"normal": 0.70, "nodule": 0.15, "effusion": 0.15}
+
+DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
+SOP_CLASS_FOR_MODALITY: dict[str, str] = {"DX": DX_STORAGE, "CR": CR_STORAGE}
+
+
+@dataclass(frozen=True)
+class SiteProfile:
+    """How one simulated acquisition site renders the same anatomy."""
+
+    index: int
+    manufacturer: str
+    model_name: str
+    station_name: str
+    #: The site's own modality (used by :func:`write_dataset`).
+    modality: str
+    #: DICOM Detector Type: DIRECT, SCINTILLATOR or STORAGE.
+    detector_type: str
+    photometric: str
+    bits_stored: int
+    #: Additive noise standard deviation as a fraction of the used range (256-pixel image).
+    noise: float
+    #: Contrast curve exponent applied to normalised density.
+    gamma: float
+    #: Resolution blur (Gaussian sigma) in pixels of a 256-pixel image.
+    blur_sigma: float
+    #: Strength of the multiplicative bias field.
+    bias: float
+    #: Direction of the bias gradient in radians.
+    bias_angle: float
+    #: Fractions of the stored range used for the darkest and brightest value.
+    range_low: float
+    range_high: float
+    #: Detector pixel pitch in mm for a 256-pixel image (scaled with the matrix size).
+    pixel_spacing_256: float
+    rescale_slope: float = 1.0
+    rescale_intercept: float = 0.0
+
+
+SITES: tuple[SiteProfile, ...] = (
+    SiteProfile(
+        0,
+        "Northwind Imaging",
+        "NW-DR 500",
+        "NWDR500-01",
+        "DX",
+        "DIRECT",
+        "MONOCHROME2",
+        12,
+        0.015,
+        1.00,
+        0.6,
+        0.05,
+        0.3,
+        0.05,
+        0.92,
+        1.68,
+    ),
+    SiteProfile(
+        1,
+        "Helios Radiology Systems",
+        "Helios FlatPanel 43",
+        "HFP43-RAD2",
+        "DX",
+        "SCINTILLATOR",
+        "MONOCHROME1",
+        14,
+        0.025,
+        0.80,
+        1.0,
+        0.12,
+        2.0,
+        0.08,
+        0.88,
+        1.72,
+    ),
+    SiteProfile(
+        2,
+        "Vantage Diagnostics",
+        "VD-CR 12",
+        "VDCR12-ER",
+        "CR",
+        "STORAGE",
+        "MONOCHROME1",
+        10,
+        0.035,
+        1.30,
+        1.6,
+        0.18,
+        4.0,
+        0.03,
+        0.97,
+        1.60,
+    ),
+    SiteProfile(
+        3,
+        "Orion Medical",
+        "Orion DX-9",
+        "ODX9-WARD4",
+        "DX",
+        "SCINTILLATOR",
+        "MONOCHROME2",
+        16,
+        0.020,
+        1.15,
+        1.2,
+        0.08,
+        5.5,
+        0.10,
+        0.85,
+        1.76,
+    ),
+    #: A site held out of the default training set, for site-shift benchmarks.
+    SiteProfile(
+        4,
+        "Kestrel Imaging",
+        "Kestrel Mobile DR",
+        "KMDR-ICU1",
+        "DX",
+        "SCINTILLATOR",
+        "MONOCHROME2",
+        12,
+        0.050,
+        0.70,
+        2.2,
+        0.25,
+        1.2,
+        0.15,
+        0.80,
+        1.50,
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Phantom:
+    """One generated image with its ground truth."""
+
+    #: Stored pixel values as written to PixelData (site bits, site photometric), uint16.
+    pixels: np.ndarray
+    #: Lesion mask (all False for ``normal``).
+    mask: np.ndarray
+    #: Union of both lung fields.
+    lung_mask: np.ndarray
+    label: str
+    site: int
+    seed: int
+    #: Lesion bounding box ``(x_min, y_min, x_max, y_max)``, inclusive, or None.
+    box: tuple[int, int, int, int] | None
+
+
+def _check(label: str, site: int) -> SiteProfile:
+    if label not in LABELS:
+        raise ValueError(f"unknown label {label!r}; expected one of {LABELS}")
+    if not 0 <= site < len(SITES):
+        raise ValueError(f"unknown site {site}; expected 0..{len(SITES) - 1}")
+    return SITES[site]
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """A smooth step with the logistic function's slope at 0 (cheaper than ``tanh``)."""
+    t = np.clip(0.5 + x / 6.0, 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+def _bump(x: np.ndarray) -> np.ndarray:
+    """A compact bell ``(1 - x^2/2)^2`` on ``|x| < sqrt(2)``, 0 outside."""
+    t = np.clip(1.0 - 0.5 * x * x, 0.0, None)
+    return t * t
+
+
+def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur (sigma in pixels) by FFT with reflective padding."""
+    if sigma <= 0:
+        return img
+    pad = 8 * int(np.ceil((3.0 * sigma + 1.0) / 8.0))  # keeps FFT sizes friendly
+    padded = np.pad(img.astype(np.float32), pad, mode="reflect")
+    h, w = padded.shape
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    kernel = np.exp(-2.0 * (np.pi * sigma) ** 2 * (fx**2 + fy**2))
+    out = np.fft.irfft2(np.fft.rfft2(padded) * kernel, s=padded.shape)
+    return np.asarray(out[pad:-pad, pad:-pad], dtype=np.float32)
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
+    """Unit-variance Gaussian noise low-passed by a (periodic) Gaussian of ``sigma`` pixels."""
+    fy = np.fft.fftfreq(size)[:, None]
+    fx = np.fft.rfftfreq(size)[None, :]
+    kernel = np.exp(-2.0 * (np.pi * sigma) ** 2 * (fx**2 + fy**2))
+    spectrum = np.fft.rfft2(rng.standard_normal((size, size)).astype(np.float32)) * kernel
+    field = np.fft.irfft2(spectrum, s=(size, size)).astype(np.float32)
+    std = float(field.std())
+    return field / std if std > 0 else field
+
+
+def lesion_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Inclusive bounding box ``(x_min, y_min, x_max, y_max)`` of a mask, None when empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
+
+
+@dataclass(frozen=True)
+class _Lung:
+    cx: float
+    cy: float
+    rx: float
+    ry: float
+    r: np.ndarray  # implicit radius: < 1 inside
+
+
+def _anatomy(
+    rng: np.random.Generator, size: int, u: np.ndarray, v: np.ndarray
+) -> tuple[np.ndarray, list[_Lung], np.ndarray, np.ndarray]:
+    """Density map (about 0..0.9), both lungs, effective lung weight and heart weight."""
+    s = rng.uniform(0.92, 1.06)
+    dx, dy = rng.uniform(-0.04, 0.04, size=2)
+    edge = 0.03
+
+    body_r = np.sqrt(((u - dx) / (0.86 * s)) ** 2 + ((v - 0.12 - dy) / (1.10 * s)) ** 2)
+    body = _sigmoid((1.0 - body_r) / edge)
+
+    lungs: list[_Lung] = []
+    lung_soft = np.zeros_like(u)
+    for sgn in (-1.0, 1.0):
+        cx = sgn * 0.37 * s + dx + rng.uniform(-0.015, 0.015)
+        cy = -0.05 * s + dy
+        rx = 0.25 * s * rng.uniform(0.93, 1.07)
+        ry = 0.56 * s * rng.uniform(0.95, 1.05)
+        t = (v - cy) / ry
+        taper = 0.6 + 0.4 * np.clip((t + 1.0) / 1.6, 0.0, 1.0)
+        du = np.abs((u - cx) / (rx * taper))
+        at = np.abs(t)
+        # Rounder apex (power 2), squarer base (power 4) for the costophrenic angles.
+        du2, at2 = du * du, at * at
+        r = np.where(t > 0, np.sqrt(np.sqrt(du2 * du2 + at2 * at2)), np.sqrt(du2 + at2))
+        lungs.append(_Lung(cx, cy, rx, ry, r))
+        lung_soft = np.maximum(lung_soft, _sigmoid((1.0 - r) / 0.04))
+
+    hx, hy = 0.10 * s + dx, 0.28 * s + dy
+    hrx, hry = 0.27 * s * rng.uniform(0.9, 1.15), 0.24 * s * rng.uniform(0.92, 1.08)
+    heart = _sigmoid((1.0 - np.sqrt(((u - hx) / hrx) ** 2 + ((v - hy) / hry) ** 2)) / 0.04)
+    medi = _sigmoid((0.10 * s - np.abs(u - dx)) / 0.02) * _sigmoid((v + 0.95) / 0.05)
+    spine = _sigmoid((0.06 * s - np.abs(u - dx)) / 0.01)
+
+    lung_eff = lung_soft * (1.0 - heart) * (1.0 - 0.8 * medi)
+    density = 0.50 * body + 0.12 * spine * body - 0.38 * lung_eff
+
+    # Posterior ribs: curved bands sloping down laterally, over the thorax only.
+    thorax = np.zeros_like(u)
+    for lung in lungs:
+        thorax = np.maximum(thorax, _sigmoid((1.15 - lung.r) / 0.05))
+    lateral = np.abs(u - dx) - 0.08
+    rib_w = 0.022 * s
+    phase = rng.uniform(-0.04, 0.04)
+    ribs = np.zeros_like(u)
+    curve = v - 0.28 * np.clip(lateral, 0.0, None) ** 2
+    for k in range(10):
+        v0 = -0.78 * s + 0.14 * s * k + dy + phase
+        ribs += _bump((curve - v0) / rib_w)
+    ribs *= (lateral > 0) * thorax * _sigmoid((0.80 * s - lateral) / 0.03)
+    density += 0.07 * np.clip(ribs, 0.0, 1.5)
+
+    # Clavicles.
+    for sgn in (-1.0, 1.0):
+        a = np.clip(sgn * (u - dx), 0.0, None)
+        centre = -0.74 * s + dy - 0.12 * a
+        clav = _bump((v - centre) / (0.03 * s)) * _sigmoid((0.62 * s - a) / 0.03)
+        density += 0.10 * clav * (a > 0.06) * body
+
+    # Lung markings.
+    density += 0.03 * _smooth_noise(rng, size, 2.5 * size / 256) * lung_eff
+    density += 0.02 * _smooth_noise(rng, size, 12.0 * size / 256) * body
+    return density, lungs, lung_eff, heart
+
+
+def _nodule(
+    rng: np.random.Generator,
+    u: np.ndarray,
+    v: np.ndarray,
+    lungs: list[_Lung],
+    heart: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    radius = rng.uniform(0.05, 0.10)
+    amp = rng.uniform(0.15, 0.38)
+    candidates = np.zeros(u.shape, dtype=bool)
+    for lung in lungs:
+        candidates |= lung.r < 1.0 - 1.6 * radius / lung.rx
+    candidates &= heart < 0.05
+    idx = np.flatnonzero(candidates)
+    pick = int(idx[rng.integers(idx.size)])
+    cy, cx = np.unravel_index(pick, u.shape)
+    d = np.sqrt((u - u[cy, cx]) ** 2 + (v - v[cy, cx]) ** 2) / radius
+    profile = amp * np.sqrt(np.clip(1.0 - d**2, 0.0, None))
+    return profile, d < 1.0
+
+
+def _effusion(
+    rng: np.random.Generator,
+    u: np.ndarray,
+    v: np.ndarray,
+    lungs: list[_Lung],
+    heart: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    side = int(rng.integers(2))
+    lung = lungs[side]
+    sgn = -1.0 if side == 0 else 1.0
+    bottom = lung.cy + lung.ry
+    height = rng.uniform(0.15, 0.40) * 2.0 * lung.ry
+    meniscus = rng.uniform(0.08, 0.16)
+    lateral01 = np.clip((sgn * (u - lung.cx) / lung.rx + 1.0) / 2.0, 0.0, 1.0)
+    level = bottom - height - meniscus * lateral01**2
+    inside = _sigmoid((1.0 - lung.r) / 0.04) * (1.0 - heart)
+    fluid = _sigmoid((v - level) / 0.015) * inside
+    depth = np.clip((v - level) / 0.2, 0.0, 1.0)
+    profile = 0.36 * fluid * (0.85 + 0.15 * depth)
+    mask = (fluid > 0.5) & (lung.r < 1.0)
+    return profile, mask
+
+
+def make_phantom(label: str, site: int, seed: int, size: int = 256) -> Phantom:
+    """Generate one phantom with its ground truth (see the module docstring for seeding)."""
+    profile = _check(label, site)
+    if size < 64:
+        raise ValueError("size must be at least 64")
+    lin = ((np.arange(size) + 0.5) / size * 2.0 - 1.0).astype(np.float32)
+    v, u = np.meshgrid(lin, lin, indexing="ij")
+
+    rng_anat = np.random.default_rng([seed, site, 0])
+    density, lungs, _, heart = _anatomy(rng_anat, size, u, v)
+    lung_mask = np.zeros(u.shape, dtype=bool)
+    for lung in lungs:
+        lung_mask |= lung.r < 1.0
+
+    mask = np.zeros(u.shape, dtype=bool)
+    if label != "normal":
+        rng_lesion = np.random.default_rng([seed, site, 1 + LABELS.index(label)])
+        lesion_fn = _nodule if label == "nodule" else _effusion
+        lesion, mask = lesion_fn(rng_lesion, u, v, lungs, heart)
+        density = density + lesion
+
+    rng_acq = np.random.default_rng([seed, site, 9])
+    scale = size / 256.0
+    img = gaussian_blur(density, profile.blur_sigma * scale)
+    img = np.clip(img / 0.9, 0.0, 1.0) ** profile.gamma
+    angle = profile.bias_angle + rng_acq.uniform(-0.4, 0.4)
+    gradient = np.cos(angle) * u + np.sin(angle) * v
+    field = gradient + 0.5 * _smooth_noise(rng_acq, size, 40.0 * scale)
+    img = img * (1.0 + profile.bias * field)
+    noise = rng_acq.standard_normal(img.shape)
+    # Per-pixel quantum noise grows with the matrix size (smaller pixels, fewer photons), so an
+    # image resized to a common size looks alike whatever size it was generated at.
+    sigma = profile.noise * scale
+    img = img + sigma * (0.5 + 0.5 * np.sqrt(np.clip(img, 0.0, None))) * noise
+
+    max_value = (1 << profile.bits_stored) - 1
+    lo, hi = profile.range_low * max_value, profile.range_high * max_value
+    values = np.rint(lo + (hi - lo) * np.clip(img, 0.0, 1.0))
+    values = np.clip(values, 0, max_value)
+    if profile.photometric == "MONOCHROME1":
+        values = max_value - values
+    pixels = values.astype(np.uint16)
+    return Phantom(pixels, mask, lung_mask, label, site, seed, lesion_box(mask))
+
+
+def make_image(label: str, site: int, seed: int, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Stored pixel values (uint16, the site's bits and photometric) and the lesion mask."""
+    phantom = make_phantom(label, site, seed, size)
+    return phantom.pixels, phantom.mask
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The phantom seed of image ``index`` of a study generated with ``seed``."""
+    return int(np.random.SeedSequence([seed, index, 17]).generate_state(1)[0])
+
+
+_UID_NAMESPACE = uuid.UUID("5b0e4bd4-6f3c-4c35-9a51-7d4b1f6f0a11")
+
+
+def _uid(*parts: object) -> str:
+    """A deterministic ``2.25.<uuid>`` UID from ``parts`` (name-based UUID, version 5)."""
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, '|'.join(str(p) for p in parts)).int}"
+
+
+def make_dataset(
+    pixels: np.ndarray,
+    *,
+    site: int,
+    modality: str = "DX",
+    patient_name: str = "PHANTOM^ONE",
+    patient_id: str = "PH0001",
+    study_instance_uid: str,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    accession_number: str = "ACC0001",
+    instance_number: int = 1,
+    study_date: dt.date = dt.date(2024, 1, 15),
+    patient_sex: str = "O",
+    patient_birth_date: str = "19700101",
+) -> Dataset:
+    """A DICOM Part 10 dataset (DX For Presentation or CR) holding ``pixels`` from ``site``."""
+    if modality not in SOP_CLASS_FOR_MODALITY:
+        raise ValueError(f"unsupported modality {modality!r}; expected DX or CR")
+    profile = SITES[site]
+    rows, cols = pixels.shape
+    sop_class = SOP_CLASS_FOR_MODALITY[modality]
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_instance_uid
+    date = study_date.strftime("%Y%m%d")
+    ds.InstanceCreationDate = date
+    ds.InstanceCreationTime = "093000"
+    ds.StudyDate = date
+    ds.SeriesDate = date
+    ds.ContentDate = date
+    ds.AcquisitionDateTime = date + "092900"
+    ds.StudyTime = "092500"
+    ds.SeriesTime = "092800"
+    ds.ContentTime = "092900"
+    ds.AccessionNumber = accession_number
+    ds.Modality = modality
+    ds.Manufacturer = profile.manufacturer
+    ds.InstitutionName = f"Phantom Site {site}"
+    ds.ReferringPhysicianName = "REFERRER^PHANTOM"
+    ds.StationName = profile.station_name
+    ds.StudyDescription = "XR CHEST PA"
+    ds.SeriesDescription = "CHEST PA"
+    ds.ManufacturerModelName = profile.model_name
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = patient_birth_date
+    ds.PatientSex = patient_sex
+    ds.BodyPartExamined = "CHEST"
+    ds.DeviceSerialNumber = f"SN-{site:02d}-0001"
+    ds.SoftwareVersions = "1.0"
+    ds.ViewPosition = "PA"
+    ds.PatientPosition = ""
+    ds.StudyInstanceUID = study_instance_uid
+    ds.SeriesInstanceUID = series_instance_uid
+    ds.StudyID = accession_number[-16:]
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = instance_number
+    ds.PatientOrientation = ["L", "F"]
+    ds.ImageLaterality = "U"
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+
+    max_value = (1 << profile.bits_stored) - 1
+    lo = profile.range_low * max_value
+    hi = profile.range_high * max_value
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = profile.photometric
+    ds.Rows = rows
+    ds.Columns = cols
+    ds.BitsAllocated = 16
+    ds.BitsStored = profile.bits_stored
+    ds.HighBit = profile.bits_stored - 1
+    ds.PixelRepresentation = 0
+    ds.WindowCenter = f"{(lo + hi) / 2:.1f}"
+    ds.WindowWidth = f"{(hi - lo):.1f}"
+    ds.WindowCenterWidthExplanation = "SITE DEFAULT"
+    ds.RescaleIntercept = f"{profile.rescale_intercept:g}"
+    ds.RescaleSlope = f"{profile.rescale_slope:g}"
+    ds.RescaleType = "US"
+    spacing = profile.pixel_spacing_256 * 256.0 / max(rows, cols)
+    ds.PixelSpacing = [f"{spacing:.4f}", f"{spacing:.4f}"]
+    ds.ImagerPixelSpacing = [f"{spacing:.4f}", f"{spacing:.4f}"]
+
+    region = Dataset()
+    region.CodeValue = "43799004"
+    region.CodingSchemeDesignator = "SCT"
+    region.CodeMeaning = "Chest"
+    ds.AnatomicRegionSequence = DicomSequence([region])
+
+    if modality == "DX":
+        ds.ImageType = ["ORIGINAL", "PRIMARY", ""]
+        ds.PresentationIntentType = "FOR PRESENTATION"
+        ds.PixelIntensityRelationship = "LOG"
+        ds.PixelIntensityRelationshipSign = -1 if profile.photometric == "MONOCHROME1" else 1
+        ds.PresentationLUTShape = "INVERSE" if profile.photometric == "MONOCHROME1" else "IDENTITY"
+        ds.DetectorType = profile.detector_type
+        ds.PositionerType = "NONE"
+        view = Dataset()
+        view.CodeValue = "399348003"
+        view.CodingSchemeDesignator = "SCT"
+        view.CodeMeaning = "postero-anterior"
+        ds.ViewCodeSequence = DicomSequence([view])
+        ds.AcquisitionContextSequence = DicomSequence([])
+    else:
+        ds.ImageType = ["ORIGINAL", "PRIMARY"]
+
+    ds.PixelData = np.ascontiguousarray(pixels.astype("<u2")).tobytes()
+    return ds
+
+
+def write_study(
+    out_dir: Path,
+    *,
+    n_images: int = 2,
+    label: str = "nodule",
+    site: int = 0,
+    seed: int = 0,
+    modality: str = "DX",
+    size: int = 256,
+    patient_name: str = "PHANTOM^ONE",
+    patient_id: str = "PH0001",
+    study_instance_uid: str | None = None,
+    accession_number: str = "ACC0001",
+) -> list[Path]:
+    """Write one study (one series of ``n_images`` instances) as DICOM Part 10 files.
+
+    Image ``i`` is ``make_phantom(label, site, image_seed(seed, i), size)``. Ground truth is
+    written only to a side-car ``<file stem>.truth.json`` next to each DICOM file (label,
+    site, phantom seed, box); the DICOM files carry no label. Returns the DICOM paths.
+    """
+    _check(label, site)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study_uid = study_instance_uid or _uid("study", patient_id, accession_number, seed, site, label)
+    series_uid = _uid("series", study_uid, site, modality)
+    rng = np.random.default_rng([seed, site, 23])
+    study_date = dt.date(2023, 1, 1) + dt.timedelta(days=int(rng.integers(0, 730)))
+    birth = dt.date(1940, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365 * 55)))
+    sex = "F" if rng.random() < 0.5 else "M"
+
+    paths: list[Path] = []
+    for i in range(n_images):
+        phantom_seed = image_seed(seed, i)
+        phantom = make_phantom(label, site, phantom_seed, size)
+        sop_uid = _uid("sop", series_uid, seed, i)
+        ds = make_dataset(
+            phantom.pixels,
+            site=site,
+            modality=modality,
+            patient_name=patient_name,
+            patient_id=patient_id,
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            accession_number=accession_number,
+            instance_number=i + 1,
+            study_date=study_date,
+            patient_sex=sex,
+            patient_birth_date=birth.strftime("%Y%m%d"),
+        )
+        path = out_dir / f"{accession_number}_{i + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        truth = {
+            "sop_instance_uid": sop_uid,
+            "study_instance_uid": study_uid,
+            "label": label,
+            "site": site,
+            "phantom_seed": phantom_seed,
+            "size": size,
+            "box": list(phantom.box) if phantom.box else None,
+        }
+        path.with_suffix(".truth.json").write_text(json.dumps(truth, indent=2) + "\n")
+        paths.append(path)
+    return paths
+
+
+def sample_labels(
+    n: int, rng: np.random.Generator, fractions: dict[str, float] | None = None
+) -> list[str]:
+    """``n`` labels drawn with the given class fractions (screening-like by default)."""
+    fractions = fractions or DEFAULT_CLASS_FRACTIONS
+    names = list(fractions)
+    for name in names:
+        _check(name, 0)
+    p = np.asarray([fractions[k] for k in names], dtype=float)
+    picks = rng.choice(len(names), size=n, p=p / p.sum())
+    return [names[int(i)] for i in picks]
+
+
+def format_box(box: tuple[int, int, int, int] | None) -> str:
+    """A box as ``"x_min y_min x_max y_max"`` (empty for no box)."""
+    return "" if box is None else " ".join(str(c) for c in box)
+
+
+def write_dataset(
+    out_dir: Path,
+    n_studies: int,
+    seed: int,
+    *,
+    sites: Sequence[int] = (0, 1, 2, 3),
+    images_per_study: int = 1,
+    size: int = 256,
+    class_fractions: dict[str, float] | None = None,
+) -> Path:
+    """Write a multi-study, multi-site benchmark and its ``labels.csv``; returns the CSV path.
+
+    Studies go to ``out_dir/<accession>/``; each site writes its own modality (CR for the
+    storage-phosphor site). ``labels.csv`` has one row per image with the columns
+    ``study_instance_uid, sop_instance_uid, label, site, box`` (box as in :func:`format_box`).
+    """
+    if not sites:
+        raise ValueError("sites must not be empty")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 31])
+    labels = sample_labels(n_studies, rng, class_fractions)
+    rows: list[dict[str, str]] = []
+    for j, label in enumerate(labels):
+        site = int(sites[int(rng.integers(len(sites)))])
+        study_seed = int(np.random.SeedSequence([seed, j, 41]).generate_state(1)[0])
+        accession = f"BM{seed % 10000:04d}{j:06d}"
+        paths = write_study(
+            out_dir / accession,
+            n_images=images_per_study,
+            label=label,
+            site=site,
+            seed=study_seed,
+            modality=SITES[site].modality,
+            size=size,
+            patient_name=f"PHANTOM^S{j:06d}",
+            patient_id=f"PH{seed % 10000:04d}{j:06d}",
+            accession_number=accession,
+        )
+        for path in paths:
+            truth = json.loads(path.with_suffix(".truth.json").read_text())
+            box = truth["box"]
+            rows.append(
+                {
+                    "study_instance_uid": truth["study_instance_uid"],
+                    "sop_instance_uid": truth["sop_instance_uid"],
+                    "label": label,
+                    "site": str(site),
+                    "box": format_box(tuple(box) if box else None),
+                }
+            )
+    csv_path = out_dir / "labels.csv"
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(
+            fh, fieldnames=["study_instance_uid", "sop_instance_uid", "label", "site", "box"]
+        )
+        writer.writeheader()
+        writer.writerows(rows)
+    return csv_path

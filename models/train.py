@@ -1,0 +1,732 @@
+"""Train DIANet on synthetic multi-site phantoms (or a labelled DICOM folder) and calibrate it.
+
+Pipeline: data (generated in memory through the node's own preprocessing, or read with
+``--data DIR``) -> training with class-weighted cross-entropy + heteroscedastic loss + a small
+KL term on the latent -> temperature scaling on validation -> uncertainty threshold for the
+target review rate on validation -> Mahalanobis OOD statistic of the latent mean (fitted on
+training, threshold from validation) -> ``weights.pt`` (state_dict) and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, fields
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from acwi_node.inference.analyser import mahalanobis, mc_head, summarise_mc
+from acwi_node.inference.manifest import (
+    InputSpec,
+    ModelManifest,
+    OODSpec,
+    PreprocessingSpec,
+    TrainingSummary,
+    sha256_file,
+    write_manifest,
+)
+from acwi_node.inference.preprocess import PreprocessSpec, to_unit_range
+from models.data import synth
+from models.data.dicom_dataset import load_unit_images, scan_folder
+from models.networks.dianet import DIANet, DIANetConfig, DIANetOutput, count_parameters
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 reads TOML with the tomli backport
+    import tomli as tomllib
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+WEIGHTS_NAME = "weights.pt"
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how many."""
+
+    labels: list[str] = field(default_factory=lambda: list(synth.LABELS))
+    normal_label: str = "normal"
+    train_images: int = 2000
+    val_images: int = 600
+    sites: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    #: Matrix sizes the phantoms are generated at (cycled); the model input size is separate.
+    sizes: list[int] = field(default_factory=lambda: [128])
+    #: Class mix of the validation split (screening-like prevalence).
+    class_fractions: dict[str, float] = field(
+        default_factory=lambda: dict(synth.DEFAULT_CLASS_FRACTIONS)
+    )
+    #: Class mix of the training split: richer in findings so that small lesions are seen
+    #: often enough; the class-weighted loss removes the prior either way.
+    train_class_fractions: dict[str, float] = field(
+        default_factory=lambda: dict(synth.DEFAULT_CLASS_FRACTIONS)
+    )
+    seed: int = 20240101
+    #: Processes generating phantoms (1 = in this process).
+    workers: int = 1
+    #: With ``--data``: the fraction of studies held out for validation.
+    val_fraction: float = 0.2
+
+
+@dataclass
+class PreprocessingConfig:
+    """Model input size and robust window."""
+
+    input_size: int = 128
+    lower_percentile: float = 0.5
+    upper_percentile: float = 99.5
+
+
+@dataclass
+class ModelConfig:
+    """DIANet architecture (see :class:`DIANetConfig`)."""
+
+    widths: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 96])
+    stem_kernel: int = 9
+    pyramid_levels: int = 3
+    fusion_level: int = 1
+    fpn_channels: int = 48
+    feature_channels: int = 64
+    latent_dim: int = 32
+    dropout: float = 0.2
+
+
+@dataclass
+class OptimConfig:
+    """Optimisation and loss weights."""
+
+    epochs: int = 8
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    het_weight: float = 0.5
+    het_samples: int = 8
+    kl_weight: float = 1e-3
+    #: Random translation in pixels (replicate padding) and gamma jitter (+-) in training.
+    shift: int = 6
+    gamma_jitter: float = 0.15
+    seed: int = 0
+    threads: int = 2
+    channels_last: bool = True
+
+
+@dataclass
+class CalibrationConfig:
+    """Post-training fits."""
+
+    target_review_rate: float = 0.2
+    mc_samples: int = 20
+    ood_quantile: float = 0.99
+    ood_shrinkage: float = 0.1
+
+
+@dataclass
+class TrainingConfig:
+    """A whole training run (a preset, optionally overridden by ``--config``)."""
+
+    name: str = "acwi-dianet-chest"
+    version: str = "1.0.0"
+    preset: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def architecture(self) -> DIANetConfig:
+        """The network configuration for this run."""
+        m = self.model
+        return DIANetConfig(
+            num_classes=len(self.data.labels),
+            widths=tuple(m.widths),
+            stem_kernel=m.stem_kernel,
+            pyramid_levels=m.pyramid_levels,
+            fusion_level=m.fusion_level,
+            fpn_channels=m.fpn_channels,
+            feature_channels=m.feature_channels,
+            latent_dim=m.latent_dim,
+            dropout=m.dropout,
+        )
+
+
+T = TypeVar("T")
+
+
+def _build(cls: Callable[..., T], values: dict[str, Any], where: str) -> T:
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ValueError(f"unknown keys in [{where}]: {sorted(unknown)}")
+    return cls(**values)
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainingConfig:
+    """A :class:`TrainingConfig` from nested dictionaries (unknown keys are errors)."""
+    sections: dict[str, Callable[..., Any]] = {
+        "data": DataConfig,
+        "preprocessing": PreprocessingConfig,
+        "model": ModelConfig,
+        "train": OptimConfig,
+        "calibration": CalibrationConfig,
+    }
+    top: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in sections:
+            top[key] = _build(sections[key], dict(value), key)
+        else:
+            top[key] = value
+    return _build(TrainingConfig, top, "top level")
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(preset: str = "default", config_file: Path | None = None) -> TrainingConfig:
+    """Load ``presets/<preset>.toml`` and deep-merge ``config_file`` (TOML) over it."""
+    path = PRESET_DIR / f"{preset}.toml"
+    if not path.is_file():
+        available = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+        raise ValueError(f"unknown preset {preset!r}; available: {available}")
+    data = tomllib.loads(path.read_text())
+    data.setdefault("preset", preset)
+    if config_file is not None:
+        data = _merge(data, tomllib.loads(Path(config_file).read_text()))
+    return config_from_dict(data)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class ImageSet:
+    """Unit-range images ``(N, S, S)`` with label indices and sites (-1 when unknown)."""
+
+    images: np.ndarray
+    targets: np.ndarray
+    sites: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+
+def _label_plan(n: int, fractions: dict[str, float], labels: Sequence[str]) -> list[str]:
+    """Exactly proportional label counts (largest remainder), in label order."""
+    names = [name for name in labels if fractions.get(name, 0.0) > 0]
+    weights = np.asarray([fractions[name] for name in names], dtype=float)
+    exact = weights / weights.sum() * n
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts))[: n - int(counts.sum())]:
+        counts[i] += 1
+    return [name for name, c in zip(names, counts, strict=True) for _ in range(int(c))]
+
+
+def _render(job: tuple[str, int, int, int, PreprocessSpec]) -> np.ndarray:
+    """One synthetic image through the DICOM path and the node's preprocessing."""
+    label, site, seed, size, spec = job
+    phantom = synth.make_phantom(label, site, seed, size)
+    ds = synth.make_dataset(
+        phantom.pixels,
+        site=site,
+        modality=synth.SITES[site].modality,
+        study_instance_uid="2.25.1",
+        series_instance_uid="2.25.2",
+        sop_instance_uid="2.25.3",
+    )
+    return to_unit_range(ds, spec)
+
+
+def _single_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def synthetic_split(config: TrainingConfig, split: str, n: int, spec: PreprocessSpec) -> ImageSet:
+    """Generate ``n`` images of one split (``train`` or ``val``) deterministically."""
+    d = config.data
+    split_id = {"train": 1, "val": 2}[split]
+    rng = np.random.default_rng([d.seed, split_id])
+    fractions = d.train_class_fractions if split == "train" else d.class_fractions
+    plan = _label_plan(n, fractions, d.labels)
+    order = rng.permutation(len(plan))
+    labels = [plan[i] for i in order]
+    sites = [int(d.sites[i % len(d.sites)]) for i in range(len(labels))]
+    rng.shuffle(sites)
+    jobs = [
+        (
+            label,
+            site,
+            int(np.random.SeedSequence([d.seed, split_id, i]).generate_state(1)[0]),
+            d.sizes[i % len(d.sizes)],
+            spec,
+        )
+        for i, (label, site) in enumerate(zip(labels, sites, strict=True))
+    ]
+    if d.workers > 1:
+        # Forked workers keep one intra-op thread each, so an inherited thread pool is unused.
+        with ProcessPoolExecutor(
+            d.workers, mp_context=get_context("fork"), initializer=_single_thread
+        ) as pool:
+            images = list(pool.map(_render, jobs, chunksize=32))
+    else:
+        images = [_render(job) for job in jobs]
+    index = {name: i for i, name in enumerate(d.labels)}
+    return ImageSet(
+        np.stack(images).astype(np.float32),
+        np.asarray([index[name] for name in labels], dtype=np.int64),
+        np.asarray(sites, dtype=np.int64),
+    )
+
+
+def folder_splits(
+    config: TrainingConfig, root: Path, spec: PreprocessSpec
+) -> tuple[ImageSet, ImageSet, dict[str, str]]:
+    """Train/validation sets from a labelled DICOM folder, split by study (seeded).
+
+    With a single study there is nothing to hold out and validation reuses the training set.
+    Also returns the files the preprocessing refused, with their reasons.
+    """
+    d = config.data
+    items = scan_folder(root, labels=d.labels)
+    if not items:
+        raise ValueError(f"no labelled DICOM images found under {root}")
+    images, kept, refused = load_unit_images(items, spec)
+    studies = sorted({items[i].study_instance_uid for i in kept})
+    rng = np.random.default_rng([d.seed, 3])
+    n_val = max(1, round(len(studies) * d.val_fraction)) if len(studies) > 1 else 0
+    val_studies = set(rng.permutation(studies)[:n_val].tolist())
+    index = {name: i for i, name in enumerate(d.labels)}
+    is_val = np.asarray([items[i].study_instance_uid in val_studies for i in kept])
+    targets = np.asarray([index[items[i].label] for i in kept], dtype=np.int64)
+    sites = np.asarray(
+        [-1 if items[i].site is None else items[i].site for i in kept], dtype=np.int64
+    )
+    train = ImageSet(images[~is_val], targets[~is_val], sites[~is_val])
+    val = ImageSet(images[is_val], targets[is_val], sites[is_val])
+    if len(val) == 0:
+        val = train
+    return train, val, refused
+
+
+# --------------------------------------------------------------------------- losses
+
+
+class LossTerms(NamedTuple):
+    """Loss components and their weighted total."""
+
+    ce: Tensor
+    het: Tensor
+    kl: Tensor
+    total: Tensor
+
+
+def heteroscedastic_nll(
+    logits: Tensor,
+    log_var: Tensor,
+    targets: Tensor,
+    class_weights: Tensor | None = None,
+    samples: int = 8,
+) -> Tensor:
+    """Class-weighted NLL of the softmax averaged over Gaussian-corrupted logits.
+
+    ``-log mean_s softmax(logits + exp(log_var / 2) * eps_s)[y]`` (Kendall and Gal, 2017).
+    """
+    eps = torch.randn((samples, *logits.shape), device=logits.device, dtype=logits.dtype)
+    noisy = logits.unsqueeze(0) + torch.exp(0.5 * log_var).unsqueeze(0) * eps
+    log_p = torch.log_softmax(noisy, dim=-1)
+    index = targets.view(1, -1, 1).expand(samples, -1, 1)
+    picked = log_p.gather(-1, index).squeeze(-1)  # (S, B)
+    nll = -(torch.logsumexp(picked, dim=0) - math.log(samples))
+    if class_weights is None:
+        return nll.mean()
+    w = class_weights[targets]
+    return (w * nll).sum() / w.sum()
+
+
+def kl_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)), averaged over batch and latent dimensions."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+
+
+def loss_terms(
+    out: DIANetOutput,
+    targets: Tensor,
+    class_weights: Tensor | None,
+    *,
+    het_weight: float,
+    kl_weight: float,
+    het_samples: int = 8,
+) -> LossTerms:
+    """``total = CE_w + het_weight * heteroscedastic + kl_weight * KL``."""
+    ce = F.cross_entropy(out.logits, targets, weight=class_weights)
+    het = heteroscedastic_nll(out.logits, out.log_var, targets, class_weights, het_samples)
+    kl = kl_standard_normal(out.mu, out.logvar_latent)
+    return LossTerms(ce, het, kl, ce + het_weight * het + kl_weight * kl)
+
+
+def class_weights_for(targets: np.ndarray, num_classes: int) -> Tensor:
+    """Inverse-frequency weights normalised to mean 1 over present classes."""
+    counts = np.bincount(targets, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / num_classes, 0.0)
+    present = weights > 0
+    weights[present] /= weights[present].mean()
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _augment(unit: Tensor, generator: torch.Generator, shift: int, gamma_jitter: float) -> Tensor:
+    """Random translation (replicate padding) and gamma jitter of unit-range images."""
+    b = unit.shape[0]
+    if gamma_jitter > 0:
+        gamma = 1.0 + (torch.rand(b, 1, 1, 1, generator=generator) * 2 - 1) * gamma_jitter
+        unit = unit.clamp_min(0.0) ** gamma
+    if shift > 0:
+        size = unit.shape[-1]
+        padded = F.pad(unit, (shift, shift, shift, shift), mode="replicate")
+        offsets = torch.randint(0, 2 * shift + 1, (b, 2), generator=generator)
+        unit = torch.stack(
+            [
+                padded[i, :, int(dy) : int(dy) + size, int(dx) : int(dx) + size]
+                for i, (dy, dx) in enumerate(offsets.tolist())
+            ]
+        )
+    return unit
+
+
+@dataclass
+class Evaluation:
+    """Validation metrics from the deterministic (no dropout) head."""
+
+    accuracy: float
+    balanced_accuracy: float
+    nll: float
+
+
+def balanced_accuracy(pred: np.ndarray, targets: np.ndarray, num_classes: int) -> float:
+    """Mean per-class recall over classes present in ``targets``."""
+    recalls = [
+        float((pred[targets == k] == k).mean()) for k in range(num_classes) if (targets == k).any()
+    ]
+    return float(np.mean(recalls)) if recalls else 0.0
+
+
+def _batches(x: Tensor, batch_size: int) -> list[Tensor]:
+    return [x[i : i + batch_size] for i in range(0, x.shape[0], batch_size)]
+
+
+@torch.no_grad()
+def encode_all(model: DIANet, x: Tensor, batch_size: int = 64) -> tuple[Tensor, Tensor, Tensor]:
+    """Evaluation-mode pooled features, latent means and deterministic logits."""
+    model.eval()
+    pooled, mus, logits = [], [], []
+    for chunk in _batches(x, batch_size):
+        enc = model.encode(chunk)
+        pooled.append(enc.pooled)
+        mus.append(enc.mu)
+        logits.append(model.head(enc.pooled).logits)
+    return torch.cat(pooled), torch.cat(mus), torch.cat(logits)
+
+
+def evaluate(model: DIANet, x: Tensor, targets: np.ndarray) -> Evaluation:
+    """Accuracy, balanced accuracy and NLL of the deterministic head."""
+    _, _, logits = encode_all(model, x)
+    pred = logits.argmax(dim=1).numpy()
+    nll = float(F.cross_entropy(logits, torch.from_numpy(targets)))
+    return Evaluation(
+        float((pred == targets).mean()),
+        balanced_accuracy(pred, targets, logits.shape[1]),
+        nll,
+    )
+
+
+def fit_temperature(logits: Tensor, targets: np.ndarray) -> float:
+    """Temperature minimising the NLL of ``mean_t softmax(logits_t / T)`` (``(T, N, K)``)."""
+    y = torch.from_numpy(targets)
+
+    def nll(temperature: float) -> float:
+        p = torch.softmax(logits.double() / temperature, dim=-1).mean(dim=0)
+        return float(-torch.log(p[torch.arange(len(y)), y].clamp_min(1e-12)).mean())
+
+    grid = np.exp(np.linspace(np.log(0.2), np.log(10.0), 61))
+    best = float(min(grid, key=nll))
+    lo, hi = best / 1.07, best * 1.07
+    phi = (math.sqrt(5) - 1) / 2
+    for _ in range(40):
+        a, b = hi - phi * (hi - lo), lo + phi * (hi - lo)
+        if nll(a) < nll(b):
+            hi = b
+        else:
+            lo = a
+    return float((lo + hi) / 2)
+
+
+def fit_ood(train_mu: np.ndarray, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and precision of the latent means (covariance shrunk towards its mean variance)."""
+    mean = train_mu.mean(axis=0)
+    cov = np.cov(train_mu, rowvar=False)
+    dim = cov.shape[0]
+    target = np.eye(dim) * np.trace(cov) / dim
+    shrunk = (1.0 - shrinkage) * cov + shrinkage * target + 1e-6 * np.eye(dim)
+    return mean, np.linalg.inv(shrunk)
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    manifest_path: Path
+    weights_path: Path
+    manifest: ModelManifest
+    seconds: float
+    val: Evaluation
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def train(
+    config: TrainingConfig,
+    out_dir: Path,
+    *,
+    data_dir: Path | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] = _log,
+) -> TrainResult:
+    """Run the whole pipeline and write ``weights.pt`` and ``manifest.json`` into ``out_dir``."""
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    opt = config.train
+    torch.set_num_threads(max(1, opt.threads))
+    torch.manual_seed(opt.seed)
+    labels = list(config.data.labels)
+    if config.data.normal_label not in labels:
+        raise ValueError("data.normal_label must be one of data.labels")
+    p = config.preprocessing
+    unit_spec = PreprocessSpec(p.input_size, p.lower_percentile, p.upper_percentile)
+
+    if data_dir is None:
+        train_set = synthetic_split(config, "train", config.data.train_images, unit_spec)
+        val_set = synthetic_split(config, "val", config.data.val_images, unit_spec)
+        dataset_name = f"synthetic phantoms, sites {config.data.sites}, seed {config.data.seed}"
+    else:
+        train_set, val_set, refused = folder_splits(config, data_dir, unit_spec)
+        for path, reason in refused.items():
+            log(f"skipped {path}: {reason}")
+        dataset_name = f"DICOM folder {Path(data_dir).name}"
+    log(
+        f"data: {len(train_set)} train / {len(val_set)} val images "
+        f"({time.perf_counter() - started:.1f}s)"
+    )
+
+    mean = float(train_set.images.mean())
+    std = float(train_set.images.std()) or 1.0
+    x_train_unit = torch.from_numpy(train_set.images).unsqueeze(1)
+    x_val = (torch.from_numpy(val_set.images).unsqueeze(1) - mean) / std
+    y_train = torch.from_numpy(train_set.targets)
+    weights = class_weights_for(train_set.targets, len(labels))
+
+    arch = config.architecture()
+    model = DIANet(arch)
+    memory = torch.channels_last if opt.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory)  # type: ignore[call-overload]
+    optimiser = torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(train_set) / opt.batch_size))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser,
+        max_lr=opt.lr,
+        total_steps=max(1, opt.epochs * steps_per_epoch),
+        pct_start=0.15,
+    )
+    log(f"model: DIANet, {count_parameters(model)} parameters")
+
+    checkpoint = out_dir / CHECKPOINT_NAME
+    first_epoch = 0
+    history: list[dict[str, float]] = []
+    if resume and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        schedule.load_state_dict(state["schedule"])
+        first_epoch = int(state["epoch"])
+        history = list(state["history"])
+        log(f"resumed from {checkpoint} after epoch {first_epoch}")
+
+    for epoch in range(first_epoch, opt.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        generator = torch.Generator().manual_seed(opt.seed * 1000 + epoch)
+        torch.manual_seed(opt.seed * 1000 + epoch)
+        order = torch.randperm(len(train_set), generator=generator)
+        sums = np.zeros(4)
+        correct = 0
+        for idx in _batches(order, opt.batch_size):
+            unit = _augment(x_train_unit[idx], generator, opt.shift, opt.gamma_jitter)
+            x = ((unit - mean) / std).contiguous(memory_format=memory)
+            y = y_train[idx]
+            out = model(x)
+            terms = loss_terms(
+                out,
+                y,
+                weights,
+                het_weight=opt.het_weight,
+                kl_weight=opt.kl_weight,
+                het_samples=opt.het_samples,
+            )
+            optimiser.zero_grad(set_to_none=True)
+            terms.total.backward()
+            optimiser.step()
+            schedule.step()
+            parts = (terms.total, terms.ce, terms.het, terms.kl)
+            sums += np.asarray([float(t.detach()) for t in parts]) * len(idx)
+            correct += int((out.logits.argmax(1) == y).sum())
+        sums /= len(train_set)
+        val = evaluate(model, x_val, val_set.targets)
+        record = {
+            "epoch": float(epoch + 1),
+            "loss": sums[0],
+            "ce": sums[1],
+            "het": sums[2],
+            "kl": sums[3],
+            "train_accuracy": correct / len(train_set),
+            "val_accuracy": val.accuracy,
+            "val_balanced_accuracy": val.balanced_accuracy,
+            "val_nll": val.nll,
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(record)
+        log(
+            f"epoch {epoch + 1}/{opt.epochs} loss {sums[0]:.4f} (ce {sums[1]:.4f} "
+            f"het {sums[2]:.4f} kl {sums[3]:.4f}) train_acc {record['train_accuracy']:.3f} "
+            f"val_acc {val.accuracy:.3f} val_bal_acc {val.balanced_accuracy:.3f} "
+            f"val_nll {val.nll:.4f} lr {schedule.get_last_lr()[0]:.2e} "
+            f"{record['seconds']:.1f}s"
+        )
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimiser": optimiser.state_dict(),
+                "schedule": schedule.state_dict(),
+                "epoch": epoch + 1,
+                "history": history,
+            },
+            checkpoint,
+        )
+
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    cal = config.calibration
+    x_train = (x_train_unit - mean) / std
+    _, train_mu, _ = encode_all(model, x_train)
+    val_pooled, val_mu, _ = encode_all(model, x_val)
+    generator = torch.Generator().manual_seed(opt.seed + 7)
+    with torch.no_grad():
+        mc_logits, mc_log_var = mc_head(model, val_pooled, cal.mc_samples, generator)
+    temperature = fit_temperature(mc_logits, val_set.targets)
+    summary = summarise_mc(mc_logits, mc_log_var, temperature)
+    threshold = float(np.quantile(summary.score, 1.0 - cal.target_review_rate))
+    threshold = min(max(threshold, 0.0), 1.0)
+    pred = summary.probabilities.argmax(axis=1)
+    val_accuracy = float((pred == val_set.targets).mean())
+    val_balanced = balanced_accuracy(pred, val_set.targets, len(labels))
+    val_nll = float(
+        -np.log(
+            np.clip(summary.probabilities[np.arange(len(val_set)), val_set.targets], 1e-12, None)
+        ).mean()
+    )
+    ood_mean, precision = fit_ood(train_mu.double().numpy(), cal.ood_shrinkage)
+    val_ood = mahalanobis(val_mu.double().numpy(), ood_mean, precision)
+    ood_threshold = float(np.quantile(val_ood, cal.ood_quantile))
+    log(
+        f"calibration: temperature {temperature:.3f}, uncertainty threshold {threshold:.4f} "
+        f"(review rate {float((summary.score > threshold).mean()):.3f}), OOD threshold "
+        f"{ood_threshold:.3f}; MC val_acc {val_accuracy:.3f} val_bal_acc {val_balanced:.3f} "
+        f"val_nll {val_nll:.4f}"
+    )
+    for site in sorted(set(val_set.sites.tolist())):
+        sel = val_set.sites == site
+        log(
+            f"  site {site}: val_acc {float((pred[sel] == val_set.targets[sel]).mean()):.3f} "
+            f"({int(sel.sum())} images)"
+        )
+
+    weights_path = out_dir / WEIGHTS_NAME
+    torch.save(copy.deepcopy(model.state_dict()), weights_path)
+    seconds = time.perf_counter() - started
+    manifest = ModelManifest(
+        name=config.name,
+        version=config.version,
+        architecture="dianet",
+        architecture_config=arch.to_dict(),
+        labels=labels,
+        finding_labels=[name for name in labels if name != config.data.normal_label],
+        input=InputSpec(size=p.input_size, channels=1),
+        preprocessing=PreprocessingSpec(
+            lower_percentile=p.lower_percentile,
+            upper_percentile=p.upper_percentile,
+            mean=mean,
+            std=std,
+        ),
+        temperature=temperature,
+        uncertainty_threshold=threshold,
+        target_review_rate=cal.target_review_rate,
+        mc_samples=cal.mc_samples,
+        ood=OODSpec(
+            mean=ood_mean.tolist(),
+            precision=precision.tolist(),
+            threshold=ood_threshold,
+            quantile=cal.ood_quantile,
+        ),
+        weights=WEIGHTS_NAME,
+        weights_sha256=sha256_file(weights_path),
+        created_at=dt.datetime.now(dt.timezone.utc).replace(microsecond=0),
+        training=TrainingSummary(
+            dataset=dataset_name,
+            epochs=opt.epochs,
+            train_images=len(train_set),
+            val_images=len(val_set),
+            val_accuracy=val_accuracy,
+            val_balanced_accuracy=val_balanced,
+            val_nll=val_nll,
+            seconds=round(seconds, 1),
+            seed=opt.seed,
+            preset=config.preset,
+        ),
+    )
+    manifest_path = write_manifest(manifest, out_dir)
+    if checkpoint.exists():
+        os.remove(checkpoint)
+    log(
+        f"wrote {weights_path} ({weights_path.stat().st_size / 1e6:.2f} MB) and "
+        f"{manifest_path} in {seconds:.1f}s"
+    )
+    return TrainResult(
+        manifest_path,
+        weights_path,
+        manifest,
+        seconds,
+        Evaluation(val_accuracy, val_balanced, val_nll),
+        history,
+    )

@@ -1,0 +1,136 @@
+"""The analyser with the bundled default model on studies written as real DICOM files."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from acwi_node.inference.analyser import Analyser, NothingToAnalyse
+from acwi_node.inference.manifest import ManifestError, default_model_dir, load_manifest
+from models.data.synth import write_study
+
+
+@pytest.fixture(scope="module")
+def analyser() -> Analyser:
+    return Analyser.load(default_model_dir(), mc_samples=20, num_threads=2)
+
+
+def _study(tmp_path: Path, **kwargs: object) -> list[Dataset]:
+    return [pydicom.dcmread(p) for p in write_study(tmp_path, **kwargs)]  # type: ignore[arg-type]
+
+
+def test_default_manifest_is_valid() -> None:
+    manifest = load_manifest(default_model_dir())
+    assert manifest.architecture == "dianet"
+    assert manifest.weights_path.stat().st_size < 3_000_000
+    assert set(manifest.finding_labels) == set(manifest.labels) - {"normal"}
+    assert 0.0 <= manifest.uncertainty_threshold <= 1.0
+    assert manifest.training.val_accuracy > 0.85
+
+
+def test_tampered_weights_are_refused(tmp_path: Path) -> None:
+    copy_dir = tmp_path / "model"
+    shutil.copytree(default_model_dir(), copy_dir)
+    weights = copy_dir / load_manifest(copy_dir).weights
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="SHA-256"):
+        load_manifest(copy_dir)
+    weights.unlink()
+    with pytest.raises(ManifestError, match="does not exist"):
+        load_manifest(copy_dir)
+
+
+def test_study_result_structure(analyser: Analyser, tmp_path: Path) -> None:
+    datasets = _study(tmp_path, n_images=2, label="nodule", site=0, seed=1)
+    result = analyser.analyse(datasets)
+    assert result.labels == analyser.labels
+    assert len(result.images) == 2 and result.skipped == {}
+    assert result.predicted_label in result.labels
+    assert sum(result.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
+    for ds, image in zip(datasets, result.images, strict=True):
+        assert image.sop_instance_uid == ds.SOPInstanceUID
+        assert image.series_instance_uid == ds.SeriesInstanceUID
+        assert image.sop_class_uid == ds.SOPClassUID
+        assert sum(image.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
+        assert image.heatmap.shape == (ds.Rows, ds.Columns)
+        assert image.heatmap.dtype == np.float32
+        assert float(image.heatmap.min()) >= 0.0 and float(image.heatmap.max()) <= 1.0
+        u = image.uncertainty
+        assert u.entropy >= 0 and u.epistemic >= 0 and u.aleatoric >= 0
+        assert 0.0 <= u.score <= 1.0
+        assert image.ood_score >= 0
+    assert result.uncertainty.score == max(i.uncertainty.score for i in result.images)
+    assert result.ood_score == max(i.ood_score for i in result.images)
+    assert result.finding_labels == ["nodule", "effusion"]
+    assert result.model.weights_sha256 and result.model.name
+
+
+def test_repeated_analysis_is_identical(analyser: Analyser, tmp_path: Path) -> None:
+    datasets = _study(tmp_path, n_images=1, label="effusion", site=3, seed=2)
+    a = analyser.analyse(datasets)
+    b = analyser.analyse(datasets)
+    assert a.probabilities == b.probabilities
+    assert a.uncertainty == b.uncertainty
+    np.testing.assert_array_equal(a.images[0].heatmap, b.images[0].heatmap)
+    assert a.images[0].ood_score == b.images[0].ood_score
+
+
+@pytest.mark.parametrize(
+    ("label", "site", "seed"),
+    [("nodule", 0, 3), ("nodule", 1, 4), ("nodule", 3, 5), ("effusion", 2, 6), ("normal", 0, 7)],
+)
+def test_clear_cases_are_classified(
+    analyser: Analyser, tmp_path: Path, label: str, site: int, seed: int
+) -> None:
+    result = analyser.analyse(_study(tmp_path, n_images=1, label=label, site=site, seed=seed))
+    assert result.predicted_label == label
+
+
+def test_heatmap_peak_near_nodule(analyser: Analyser, tmp_path: Path) -> None:
+    """The peak lies within about one feature cell (32 px of a 256-px image) of the box.
+
+    The CAM has the feature map's resolution (8 x 8 for a 128-px input), so "near" is the
+    claim; a faint nodule may be missed, hence 6 of 8 rather than all.
+    """
+    margin = 40
+    near = 0
+    for k in range(8):
+        paths = write_study(tmp_path / str(k), n_images=1, label="nodule", site=k % 4, seed=700 + k)
+        box = json.loads(paths[0].with_suffix(".truth.json").read_text())["box"]
+        heat = analyser.analyse([pydicom.dcmread(paths[0])]).images[0].heatmap
+        y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        x0, y0, x1, y1 = box
+        near += int(x0 - margin <= x <= x1 + margin and y0 - margin <= y <= y1 + margin)
+    assert near >= 6
+
+
+def test_unusable_dataset_is_skipped(analyser: Analyser, tmp_path: Path) -> None:
+    datasets = _study(tmp_path, n_images=2, label="normal", site=1, seed=8)
+    broken = copy.deepcopy(datasets[1])
+    del broken.PixelData
+    result = analyser.analyse([datasets[0], broken])
+    assert len(result.images) == 1
+    assert list(result.skipped) == [broken.SOPInstanceUID]
+    assert "PixelData" in result.skipped[broken.SOPInstanceUID]
+    with pytest.raises(NothingToAnalyse, match="PixelData"):
+        analyser.analyse([broken])
+    with pytest.raises(NothingToAnalyse):
+        analyser.analyse([])
+
+
+def test_non_square_image(analyser: Analyser, tmp_path: Path) -> None:
+    (ds,) = _study(tmp_path, n_images=1, label="normal", site=0, seed=9)
+    pixels = ds.pixel_array[:, 20:220].copy()
+    ds.Columns = pixels.shape[1]
+    ds.PixelData = pixels.tobytes()
+    result = analyser.analyse([ds])
+    assert result.images[0].heatmap.shape == (256, 200)

@@ -1,0 +1,122 @@
+"""The shared preprocessing: modality LUT, MONOCHROME1, windowing, resize, refusals."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import JPEGBaseline8Bit
+
+from acwi_node.inference.preprocess import (
+    PreprocessSpec,
+    UnsupportedImage,
+    modality_pixels,
+    preprocess,
+    to_unit_range,
+)
+from models.data.synth import make_dataset, make_image
+
+
+def _dataset(site: int = 0, size: int = 96, seed: int = 1) -> Dataset:
+    pixels, _ = make_image("nodule", site, seed, size=size)
+    return make_dataset(
+        pixels,
+        site=site,
+        study_instance_uid="2.25.10",
+        series_instance_uid="2.25.11",
+        sop_instance_uid="2.25.12",
+    )
+
+
+def _with_pixels(ds: Dataset, pixels: np.ndarray) -> Dataset:
+    out = copy.deepcopy(ds)
+    out.Rows, out.Columns = pixels.shape
+    out.PixelData = pixels.astype("<u2").tobytes()
+    return out
+
+
+SPEC = PreprocessSpec(size=64)
+
+
+def test_output_shape_range_and_normalisation() -> None:
+    ds = _dataset()
+    unit = to_unit_range(ds, SPEC)
+    assert unit.shape == (64, 64) and unit.dtype == np.float32
+    assert unit.min() == 0.0 and unit.max() == 1.0
+    spec = PreprocessSpec(size=64, mean=0.5, std=0.25)
+    x = preprocess(ds, spec)
+    assert x.shape == (1, 64, 64) and x.dtype == np.float32
+    np.testing.assert_allclose(x[0], (unit - 0.5) / 0.25, rtol=1e-6, atol=1e-6)
+
+
+def test_monochrome1_is_inverted() -> None:
+    ds2 = _dataset(site=0)
+    assert ds2.PhotometricInterpretation == "MONOCHROME2"
+    stored = ds2.pixel_array.astype(np.int64)
+    max_value = 2**ds2.BitsStored - 1
+    ds1 = _with_pixels(ds2, (max_value - stored).astype(np.uint16))
+    ds1.PhotometricInterpretation = "MONOCHROME1"
+    a, b = to_unit_range(ds2, SPEC), to_unit_range(ds1, SPEC)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    # Without the photometric change the image would come out as a negative.
+    ds1.PhotometricInterpretation = "MONOCHROME2"
+    assert np.abs(to_unit_range(ds1, SPEC) - a).mean() > 0.3
+
+
+def test_rescale_is_applied() -> None:
+    ds = _dataset()
+    stored = ds.pixel_array.astype(np.float64)
+    ds.RescaleSlope = "2.5"
+    ds.RescaleIntercept = "-100"
+    np.testing.assert_allclose(modality_pixels(ds), 2.5 * stored - 100, rtol=1e-6)
+    # A negative slope flips the grey scale.
+    ds.RescaleSlope = "-1"
+    ds.RescaleIntercept = "0"
+    flipped = to_unit_range(ds, SPEC)
+    ds.RescaleSlope = "1"
+    assert np.abs(flipped - to_unit_range(ds, SPEC)).mean() > 0.3
+
+
+def test_non_square_is_resized() -> None:
+    ds = _dataset(size=128)
+    cropped = _with_pixels(ds, ds.pixel_array[:, 16:112].copy())
+    assert to_unit_range(cropped, SPEC).shape == (64, 64)
+
+
+def test_no_pixel_data() -> None:
+    ds = _dataset()
+    del ds.PixelData
+    with pytest.raises(UnsupportedImage, match="no PixelData"):
+        preprocess(ds, SPEC)
+
+
+def test_multi_frame_colour_small_and_flat_are_refused() -> None:
+    ds = _dataset()
+    multi = copy.deepcopy(ds)
+    multi.NumberOfFrames = 2
+    with pytest.raises(UnsupportedImage, match="multi-frame"):
+        preprocess(multi, SPEC)
+    colour = copy.deepcopy(ds)
+    colour.PhotometricInterpretation = "RGB"
+    colour.SamplesPerPixel = 3
+    with pytest.raises(UnsupportedImage, match="greyscale"):
+        preprocess(colour, SPEC)
+    small = _with_pixels(ds, np.ones((16, 16), dtype=np.uint16))
+    with pytest.raises(UnsupportedImage, match="too small"):
+        preprocess(small, SPEC)
+    flat = _with_pixels(ds, np.full((96, 96), 700, dtype=np.uint16))
+    with pytest.raises(UnsupportedImage, match="no contrast"):
+        preprocess(flat, SPEC)
+
+
+def test_undecodable_compressed_pixel_data() -> None:
+    ds = _dataset()
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelData = b"\xff\xd8\xff\xe0 definitely not a jpeg"
+    with pytest.raises(UnsupportedImage, match="could not be decoded"):
+        preprocess(ds, SPEC)

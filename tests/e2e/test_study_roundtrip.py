@@ -1,0 +1,266 @@
+"""End to end: a study sent by DCMTK storescu comes back to Orthanc as a TID 1500 SR and heatmaps.
+
+Orthanc runs on loopback with the repository's configuration; the node runs as real processes.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from acwi_node.ledger import Ledger
+from acwi_node.results.sr import summarise_sr
+from models.data.synth import write_study
+from tests.conftest import REDIS_URL
+from tests.support.dciodvfy import dciodvfy_errors
+from tests.support.dcmtk import storescu
+from tests.support.node import NodeProcesses, http_json, wait_port, wait_study_state, write_config
+from tests.support.orthanc import OrthancServer
+from tests.support.ports import free_port
+
+pytestmark = pytest.mark.e2e
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+E2E_REDIS_DB = 11
+
+
+@pytest.fixture
+def orthanc() -> Iterator[OrthancServer]:
+    node_port = free_port()
+    with OrthancServer(node_ae="ACWI", node_port=node_port, with_lua=False) as server:
+        yield server
+
+
+def node_config(tmp_path: Path, orthanc: OrthancServer, **node: Any) -> dict[str, Any]:
+    return {
+        "node": {
+            "ae_title": "ACWI",
+            "dicom_host": "127.0.0.1",
+            "dicom_port": orthanc.node_port,
+            "http_port": free_port(),
+            "data_dir": str(tmp_path / "data"),
+            **node,
+        },
+        "ingest": {"fsync": True},
+        "completion": {"quiet_period_s": 0.5, "max_wait_s": 60},
+        "worker": {"mc_samples": 10, "torch_threads": 1},
+        "exporter": {"backoff_initial_s": 0.5, "max_attempts": 5},
+        "destinations": [
+            {
+                "name": "pacs",
+                "ae_title": orthanc.aet,
+                "host": "127.0.0.1",
+                "port": orthanc.dicom_port,
+            }
+        ],
+        "routes": [
+            {
+                "name": "chest",
+                "match": {"modality": ["CR", "DX"]},
+                "model": "default",
+                "destinations": ["pacs"],
+            }
+        ],
+    }
+
+
+def results_in_orthanc(
+    orthanc: OrthancServer, study_uid: str, n_heatmaps: int, seen: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """The study's SR and heatmaps once exactly one SR and ``n_heatmaps`` are in Orthanc.
+
+    ``seen`` (when given) is overwritten with the SOP classes found, for the timeout message.
+    """
+    instances = orthanc.study_instances(study_uid) if orthanc.find_study(study_uid) else []
+    classes = [_sop_class(orthanc, i) for i in instances]
+    if seen is not None:
+        seen[:] = classes
+    results = [i for i, c in zip(instances, classes, strict=True) if c in (SR_CLASS, SC_CLASS)]
+    if classes.count(SR_CLASS) == 1 and classes.count(SC_CLASS) == n_heatmaps:
+        return results
+    return []
+
+
+def _sop_class(orthanc: OrthancServer, instance: dict[str, Any]) -> str:
+    return str(orthanc.instance_tags(instance["ID"]).get("SOPClassUID", ""))
+
+
+def check_results(
+    orthanc: OrthancServer, ledger: Ledger, study_uid: str, sources: list[Path], tmp_path: Path
+) -> dict[str, Any]:
+    """The SR references every source image; its numbers equal the ledger's; dciodvfy is clean."""
+    source_uids = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in sources}
+    seen: list[str] = []
+    try:
+        instances = orthanc.wait_for(
+            lambda: results_in_orthanc(orthanc, study_uid, len(sources), seen),
+            timeout_s=180,
+            message="SR and heatmaps in Orthanc",
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"SOP classes in Orthanc: {seen}\n{exc}") from None
+    study = ledger.get_study(study_uid)
+    assert study is not None and study["state"] == "delivered", study
+    job = [j for j in study["jobs"] if j["state"] == "delivered"][-1]
+    summary = job["summary"]
+    heatmap_sources: set[str] = set()
+    for inst in instances:
+        raw = orthanc.instance_file(inst["ID"])
+        path = tmp_path / f"{inst['ID']}.dcm"
+        path.write_bytes(raw)
+        assert dciodvfy_errors(path) == [], f"dciodvfy errors in {path}"
+        ds = dcmread(io.BytesIO(raw))
+        assert ds.StudyInstanceUID == study_uid
+        if ds.SOPClassUID == SR_CLASS:
+            assert ds.VerificationFlag == "UNVERIFIED"
+            sr = summarise_sr(ds)
+            assert source_uids <= set(sr["referenced_sop_instance_uids"])
+            assert sr["model_name"] == summary["model"]["name"]
+            assert sr["model_version"] == summary["model"]["version"]
+            for label, p in summary["probabilities"].items():
+                if label in sr["probabilities"]:
+                    assert sr["probabilities"][label] == pytest.approx(p, abs=1e-4)
+            assert set(sr["probabilities"]) >= set(summary["labels"]) - {"normal"}
+            assert ds.SOPInstanceUID == summary["sr_sop_instance_uid"]
+        else:
+            assert ds.Manufacturer == "ACWI Node"
+            assert ds.PhotometricInterpretation == "RGB"
+            heatmap_sources |= {str(r.ReferencedSOPInstanceUID) for r in ds.SourceImageSequence}
+    assert heatmap_sources == source_uids
+    return summary
+
+
+def send_study(node_port: int, files: list[Path]) -> None:
+    done = storescu("127.0.0.1", node_port, "ACWI", files, calling_ae="MODALITY1")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.integration
+def test_separate_processes_redis_postgres(
+    tmp_path: Path, orthanc: OrthancServer, postgres_url: str
+) -> None:
+    """Production layout: scp, worker (Celery on Redis), exporter; PostgreSQL ledger."""
+    broker = f"{REDIS_URL}/{E2E_REDIS_DB}"
+    redis.Redis.from_url(broker).flushdb()
+    cfg = node_config(tmp_path, orthanc, database_url=postgres_url, broker_url=broker)
+    config = write_config(tmp_path / "acwi.toml", cfg)
+    study_uid = generate_uid()
+    files = write_study(
+        tmp_path / "study", n_images=3, label="nodule", site=1, seed=7, study_instance_uid=study_uid
+    )
+    with NodeProcesses(config, ["scp", "worker", "exporter", "web"], tmp_path) as nodes:
+        wait_port("127.0.0.1", orthanc.node_port)
+        send_study(orthanc.node_port, files)
+        ledger = Ledger(postgres_url)
+        wait_study_state(ledger, study_uid, {"delivered", "failed"}, nodes, timeout_s=240)
+        summary = check_results(orthanc, ledger, study_uid, files, tmp_path)
+        assert len(summary["images"]) == 3
+        # The HTTP API and the status command show the same state.
+        wait_port("127.0.0.1", cfg["node"]["http_port"])
+        api = http_json(f"http://127.0.0.1:{cfg['node']['http_port']}/api/studies/{study_uid}")
+        assert api["state"] == "delivered"
+        status = subprocess.run(
+            [sys.executable, "-m", "acwi_node.cli", "--config", str(config), "status"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert study_uid in status.stdout and "delivered" in status.stdout
+        ledger.dispose()
+
+
+def test_serve_on_embedded_defaults_and_reopen(tmp_path: Path, orthanc: OrthancServer) -> None:
+    """``acwi-node serve``: SQLite ledger, embedded broker. A late instance re-opens the study."""
+    cfg = node_config(tmp_path, orthanc)
+    config = write_config(tmp_path / "acwi.toml", cfg)
+    study_uid = generate_uid()
+    files = write_study(
+        tmp_path / "study",
+        n_images=2,
+        label="effusion",
+        site=2,
+        seed=3,
+        study_instance_uid=study_uid,
+    )
+    with NodeProcesses(config, ["serve"], tmp_path) as nodes:
+        wait_port("127.0.0.1", orthanc.node_port)
+        send_study(orthanc.node_port, files[:1])
+        ledger = Ledger(f"sqlite:///{tmp_path / 'data' / 'ledger.sqlite'}")
+        wait_study_state(ledger, study_uid, {"delivered", "failed"}, nodes, timeout_s=240)
+        first = check_results(orthanc, ledger, study_uid, files[:1], tmp_path)
+        # A late instance: the study re-opens, the new SR (same UID) supersedes the old one.
+        send_study(orthanc.node_port, files[1:])
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            st = ledger.get_study(study_uid)
+            if st and st["generation"] == 2 and st["state"] in ("delivered", "failed"):
+                break
+            time.sleep(0.25)
+        second = check_results(orthanc, ledger, study_uid, files, tmp_path)
+        assert second["sr_sop_instance_uid"] == first["sr_sop_instance_uid"]
+        st = ledger.get_study(study_uid)
+        assert st is not None and [j["state"] for j in st["jobs"]] == ["delivered", "delivered"]
+        wait_port("127.0.0.1", cfg["node"]["http_port"])
+        listed = http_json(f"http://127.0.0.1:{cfg['node']['http_port']}/api/studies")
+        assert [s["study_uid"] for s in listed["studies"]] == [study_uid]
+        ledger.dispose()
+
+
+def test_not_routed_study_is_recorded(tmp_path: Path, orthanc: OrthancServer) -> None:
+    cfg = node_config(tmp_path, orthanc)
+    cfg["routes"][0]["match"] = {"modality": ["CT"]}
+    config = write_config(tmp_path / "acwi.toml", cfg)
+    study_uid = generate_uid()
+    files = write_study(tmp_path / "study", n_images=1, study_instance_uid=study_uid)
+    with NodeProcesses(config, ["serve"], tmp_path) as nodes:
+        wait_port("127.0.0.1", orthanc.node_port)
+        send_study(orthanc.node_port, files)
+        ledger = Ledger(f"sqlite:///{tmp_path / 'data' / 'ledger.sqlite'}")
+        st = wait_study_state(ledger, study_uid, {"not_routed"}, nodes, timeout_s=60)
+        assert "no routing rule" in st["reason"]
+        ledger.dispose()
+
+
+def test_orthanc_pushes_a_stored_study(tmp_path: Path, orthanc: OrthancServer) -> None:
+    """Orthanc sends a study it holds to the node (POST /modalities/acwi/store), gets results."""
+    cfg = node_config(tmp_path, orthanc)
+    config = write_config(tmp_path / "acwi.toml", cfg)
+    study_uid = generate_uid()
+    files = write_study(
+        tmp_path / "study",
+        n_images=2,
+        label="normal",
+        site=0,
+        seed=11,
+        study_instance_uid=study_uid,
+    )
+    for f in files:
+        orthanc.upload(f)
+    orthanc_study = orthanc.find_study(study_uid)
+    assert orthanc_study is not None
+    with NodeProcesses(config, ["serve"], tmp_path) as nodes:
+        wait_port("127.0.0.1", orthanc.node_port)
+        orthanc.store_to_modality("acwi", [orthanc_study])
+        ledger = Ledger(f"sqlite:///{tmp_path / 'data' / 'ledger.sqlite'}")
+        wait_study_state(ledger, study_uid, {"delivered", "failed"}, nodes, timeout_s=240)
+        st = ledger.get_study(study_uid)
+        assert st is not None and st["calling_ae"] == orthanc.aet
+        orthanc.wait_for(
+            lambda: len(orthanc.study_instances(study_uid)) == 2 + 1 + 2,
+            timeout_s=120,
+            message="sources + SR + 2 heatmaps",
+        )
+        check_results(orthanc, ledger, study_uid, files, tmp_path)
+        ledger.dispose()

@@ -76,7 +76,7 @@ def run_scp(settings: Settings) -> int:
         ledger,
         startup=True,
         requeue_after_s=settings.completion.requeue_after_s,
-        stale_analysing_s=settings.worker.visibility_timeout_s,
+        lease_s=settings.worker.lease_s,
     )
     stop = threading.Event()
     _stop_on_signals(stop)

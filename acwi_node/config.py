@@ -114,6 +114,9 @@ class WorkerSettings(_Strict):
     device: str = "cpu"
     #: Seconds a task may run before the broker redelivers it (must exceed the longest task).
     visibility_timeout_s: int = Field(3600, ge=60)
+    #: A worker renews its claim on a job every lease_s / 3 seconds while it analyses; a job
+    #: whose claim was not renewed for lease_s (the worker was killed or hangs) is taken again.
+    lease_s: float = Field(30.0, ge=3.0, le=3600.0)
 
 
 class ExporterSettings(_Strict):

@@ -51,14 +51,14 @@ class CompletionService:
                 enqueue(self.celery, self.ledger, job_ids)
                 new_jobs.extend(job_ids)
         now = time.monotonic()
-        if now - self._last_reconcile >= cfg.requeue_after_s / 2:
+        if now - self._last_reconcile >= min(cfg.requeue_after_s / 2, self.settings.worker.lease_s):
             self._last_reconcile = now
             reconcile(
                 self.celery,
                 self.ledger,
                 startup=False,
                 requeue_after_s=cfg.requeue_after_s,
-                stale_analysing_s=self.settings.worker.visibility_timeout_s,
+                lease_s=self.settings.worker.lease_s,
             )
         return new_jobs
 

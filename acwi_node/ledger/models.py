@@ -136,6 +136,8 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    #: Renewed by the worker while it analyses; a job whose lease ran out is taken again.
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     #: The analysis summary: model identity, probabilities, uncertainty, review decision.
     summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

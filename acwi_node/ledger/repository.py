@@ -121,6 +121,11 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
+def _lease_time() -> Any:
+    """When an analysing job last showed a sign of life (heartbeat, else its start)."""
+    return func.coalesce(Job.heartbeat_at, Job.started_at)
+
+
 class Ledger:
     """Repository over the ledger database."""
 
@@ -364,11 +369,12 @@ class Ledger:
         with self.session() as s:
             s.execute(update(Job).where(Job.id.in_(list(job_ids))).values(enqueued_at=utcnow()))
 
-    def jobs_to_requeue(self, *, older_than_s: float, stale_analysing_s: float) -> list[int]:
-        """Jobs whose broker message may be lost: queued and not started, or stuck analysing."""
+    def jobs_to_requeue(self, *, older_than_s: float, lease_s: float) -> list[int]:
+        """Jobs whose broker message may be lost: queued and not started, or analysing by a
+        worker whose lease ran out (no heartbeat for ``lease_s``: it died or hangs)."""
         now = utcnow()
         queued_cut = now - dt.timedelta(seconds=older_than_s)
-        stale_cut = now - dt.timedelta(seconds=stale_analysing_s)
+        stale_cut = now - dt.timedelta(seconds=lease_s)
         with self.session() as s:
             rows = s.execute(
                 select(Job.id).where(
@@ -376,7 +382,7 @@ class Ledger:
                         (Job.state == JobState.QUEUED)
                         & ((Job.enqueued_at.is_(None)) | (Job.enqueued_at <= queued_cut))
                     )
-                    | ((Job.state == JobState.ANALYSING) & (Job.started_at <= stale_cut))
+                    | ((Job.state == JobState.ANALYSING) & (_lease_time() <= stale_cut))
                 )
             ).all()
         return [r[0] for r in rows]
@@ -389,19 +395,28 @@ class Ledger:
             ).all()
         return [r[0] for r in rows]
 
-    def claim_job(self, job_id: int, *, stale_after_s: float) -> Job | None:
-        """Take a job for analysis. None if it is gone, final, or being analysed elsewhere."""
+    def claim_job(self, job_id: int, *, lease_s: float) -> Job | None:
+        """Take a job for analysis. None if it is gone, final, or being analysed elsewhere.
+
+        A job another worker analyses is taken over only when that worker's lease ran out: no
+        :meth:`renew_lease` for ``lease_s`` seconds (it was killed, or hangs).
+        """
         now = utcnow()
-        stale_cut = now - dt.timedelta(seconds=stale_after_s)
+        stale_cut = now - dt.timedelta(seconds=lease_s)
         with self.session() as s:
             result = s.execute(
                 update(Job)
                 .where(
                     Job.id == job_id,
                     (Job.state == JobState.QUEUED)
-                    | ((Job.state == JobState.ANALYSING) & (Job.started_at <= stale_cut)),
+                    | ((Job.state == JobState.ANALYSING) & (_lease_time() <= stale_cut)),
                 )
-                .values(state=JobState.ANALYSING, started_at=now, attempts=Job.attempts + 1)
+                .values(
+                    state=JobState.ANALYSING,
+                    started_at=now,
+                    heartbeat_at=now,
+                    attempts=Job.attempts + 1,
+                )
             )
             won: int = getattr(result, "rowcount", 0)
             if not won:
@@ -414,6 +429,16 @@ class Ledger:
             ):
                 study.state = StudyState.ANALYSING
             return job
+
+    def renew_lease(self, job_id: int) -> bool:
+        """The worker analysing ``job_id`` is alive. False when the job is no longer analysing."""
+        with self.session() as s:
+            result = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.ANALYSING)
+                .values(heartbeat_at=utcnow())
+            )
+            return bool(getattr(result, "rowcount", 0))
 
     def job_inputs(self, job_id: int) -> tuple[str, list[str]]:
         """The study UID and the spool paths (relative) of the instances a job analyses."""

@@ -26,6 +26,7 @@ from acwi_node.ledger import Ledger, ResultFile
 from acwi_node.results.heatmap import build_heatmap_sc
 from acwi_node.results.sr import build_sr
 from acwi_node.tasks.app import ANALYSE_TASK, app
+from acwi_node.tasks.lease import LeaseKeeper
 
 log = logging.getLogger("acwi_node.worker")
 
@@ -107,10 +108,11 @@ def summarise(analysis: StudyAnalysis, threshold: float) -> dict[str, Any]:
 
 def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
     """Analyse one job. Returns what happened: analysed, skipped, superseded or failed."""
-    job = ledger.claim_job(job_id, stale_after_s=settings.worker.visibility_timeout_s)
+    job = ledger.claim_job(job_id, lease_s=settings.worker.lease_s)
     if job is None:
         log.info("job %d: nothing to do (final, or running elsewhere)", job_id)
         return "skipped"
+    lease = LeaseKeeper(ledger, job_id, settings.worker.lease_s / 3).start()
     try:
         study_uid, rel_paths = ledger.job_inputs(job_id)
         spool = Spool(settings.spool_dir, fsync=settings.ingest.fsync)
@@ -168,6 +170,8 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
         log.exception("job %d: analysis failed", job_id)
         ledger.fail_job(job_id, f"analysis failed: {type(exc).__name__}: {exc}")
         return "failed"
+    finally:
+        lease.stop()
     if not kept:
         log.info("job %d: superseded while it ran; results not sent", job_id)
         return "superseded"

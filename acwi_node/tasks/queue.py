@@ -37,20 +37,18 @@ def reconcile(
     *,
     startup: bool,
     requeue_after_s: float,
-    stale_analysing_s: float,
+    lease_s: float,
 ) -> int:
     """Re-enqueue jobs that are not final and whose message may be lost.
 
     At start-up every queued or analysing job is sent again (a duplicate is harmless: the task
     claims the job in the ledger). Later, only jobs queued for ``requeue_after_s`` without being
-    started, or analysing for longer than ``stale_analysing_s``.
+    started, or analysing by a worker whose lease (``lease_s``) ran out.
     """
     if startup:
         ids = ledger.unfinished_jobs()
     else:
-        ids = ledger.jobs_to_requeue(
-            older_than_s=requeue_after_s, stale_analysing_s=stale_analysing_s
-        )
+        ids = ledger.jobs_to_requeue(older_than_s=requeue_after_s, lease_s=lease_s)
     if ids:
         log.info("reconciler: re-enqueueing %d job(s)", len(ids))
     return enqueue(celery, ledger, ids)

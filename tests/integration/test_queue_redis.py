@@ -54,11 +54,11 @@ def test_messages_carry_only_the_job_id_and_survive_a_flush(tmp_path: Path) -> N
     assert client.llen(ANALYSIS_QUEUE) == 1
     raw = client.lindex(ANALYSIS_QUEUE, 0)
     assert raw is not None and b"acwi_node.analyse" in raw
-    assert ledger.jobs_to_requeue(older_than_s=3600, stale_analysing_s=3600) == []
+    assert ledger.jobs_to_requeue(older_than_s=3600, lease_s=3600) == []
 
     # Redis restarted empty: the ledger still knows the job; the reconciler rings again.
     client.flushdb()
-    assert reconcile(celery, ledger, startup=True, requeue_after_s=120, stale_analysing_s=3600) == 1
+    assert reconcile(celery, ledger, startup=True, requeue_after_s=120, lease_s=3600) == 1
     assert client.llen(ANALYSIS_QUEUE) == 1
     client.flushdb()
     ledger.dispose()
@@ -75,5 +75,5 @@ def test_broker_down_keeps_the_job_queued_in_the_ledger(tmp_path: Path) -> None:
     ledger = Ledger(settings.database_url)
     job_id = one_job(ledger)
     assert enqueue(celery, ledger, [job_id]) == 0
-    assert ledger.jobs_to_requeue(older_than_s=3600, stale_analysing_s=3600) == [job_id]
+    assert ledger.jobs_to_requeue(older_than_s=3600, lease_s=3600) == [job_id]
     ledger.dispose()

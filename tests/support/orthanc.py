@@ -294,6 +294,17 @@ class OrthancServer:
                     return True
         return False
 
+    def halt(self) -> None:
+        """Stop the Orthanc process but keep its ports, configuration and storage."""
+        self._terminate()
+
+    def resume(self) -> None:
+        """Start Orthanc again after :meth:`halt`, on the same ports with the same storage."""
+        binary = orthanc_binary()
+        if binary is None:
+            raise OrthancError("Orthanc is not installed (/usr/sbin/Orthanc)")
+        self._launch(binary)
+
     def stop(self) -> None:
         """Stop Orthanc (SIGTERM, then SIGKILL) and remove the temporary files."""
         self._terminate()

@@ -96,9 +96,9 @@ def test_completion_happens_once(db: Ledger) -> None:
 
 
 def _analyse(db: Ledger, job_id: int, needs_review: bool = False) -> None:
-    job = db.claim_job(job_id, stale_after_s=3600)
+    job = db.claim_job(job_id, lease_s=3600)
     assert job is not None
-    assert db.claim_job(job_id, stale_after_s=3600) is None  # a duplicate message is a no-op
+    assert db.claim_job(job_id, lease_s=3600) is None  # a duplicate message is a no-op
     kept = db.finish_analysis(
         job_id,
         results=[
@@ -192,7 +192,7 @@ def test_late_instance_reopens_and_supersedes(db: Ledger) -> None:
 def test_failed_job_shows_reason(db: Ledger) -> None:
     r = db.record_instance(rec(), first_in_association=False)
     (job_id,) = db.complete_study(r.study_id, 1, route_all)
-    assert db.claim_job(job_id, stale_after_s=3600) is not None
+    assert db.claim_job(job_id, lease_s=3600) is not None
     db.fail_job(job_id, "nothing to analyse: no image with pixel data")
     st = db.get_study("1.2.3")
     assert st is not None and st["state"] == "failed"
@@ -203,9 +203,41 @@ def test_reconciler_views(db: Ledger) -> None:
     r = db.record_instance(rec(), first_in_association=False)
     (job_id,) = db.complete_study(r.study_id, 1, route_all)
     assert db.unfinished_jobs() == [job_id]
-    assert db.jobs_to_requeue(older_than_s=0, stale_analysing_s=3600) == [job_id]
+    assert db.jobs_to_requeue(older_than_s=0, lease_s=3600) == [job_id]
     db.mark_enqueued([job_id])
-    assert db.jobs_to_requeue(older_than_s=3600, stale_analysing_s=3600) == []
-    db.claim_job(job_id, stale_after_s=3600)
+    assert db.jobs_to_requeue(older_than_s=3600, lease_s=3600) == []
+    db.claim_job(job_id, lease_s=3600)
     time.sleep(0.02)
-    assert db.jobs_to_requeue(older_than_s=3600, stale_analysing_s=0.01) == [job_id]
+    assert db.jobs_to_requeue(older_than_s=3600, lease_s=0.01) == [job_id]
+
+
+def test_a_renewed_lease_keeps_the_job_and_a_lapsed_one_frees_it(db: Ledger) -> None:
+    r = db.record_instance(rec(), first_in_association=False)
+    (job_id,) = db.complete_study(r.study_id, 1, route_all)
+    assert db.claim_job(job_id, lease_s=0.2) is not None
+    assert db.claim_job(job_id, lease_s=0.2) is None  # another worker must wait
+    for _ in range(3):
+        time.sleep(0.1)
+        assert db.renew_lease(job_id)
+        assert db.claim_job(job_id, lease_s=0.2) is None  # renewed in time: still held
+        assert db.jobs_to_requeue(older_than_s=3600, lease_s=0.2) == []
+    time.sleep(0.3)  # the holder died: no renewal
+    assert db.jobs_to_requeue(older_than_s=3600, lease_s=0.2) == [job_id]
+    taken = db.claim_job(job_id, lease_s=0.2)
+    assert taken is not None and taken.attempts == 2
+    db.fail_job(job_id, "analysis failed: test")
+    assert not db.renew_lease(job_id)  # a final job has no lease to renew
+
+
+def test_lease_keeper_renews_until_stopped(db: Ledger) -> None:
+    from acwi_node.tasks.lease import LeaseKeeper
+
+    r = db.record_instance(rec(), first_in_association=False)
+    (job_id,) = db.complete_study(r.study_id, 1, route_all)
+    assert db.claim_job(job_id, lease_s=0.3) is not None
+    with LeaseKeeper(db, job_id, interval_s=0.05) as keeper:
+        time.sleep(0.6)  # twice the lease: only the keeper's renewals hold the job
+        assert db.claim_job(job_id, lease_s=0.3) is None
+    assert keeper.renewals >= 3
+    time.sleep(0.4)
+    assert db.claim_job(job_id, lease_s=0.3) is not None

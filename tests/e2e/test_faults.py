@@ -1,0 +1,164 @@
+"""Faults: a worker killed mid-analysis, a destination that is down. Nothing is lost.
+
+Each test ends by counting what Orthanc holds: every study sent has exactly one SR and one
+heatmap per image, however often the node's processes died or the destination was away.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from pydicom.uid import generate_uid
+
+from acwi_node.ledger import Ledger
+from models.data.synth import write_study
+from tests.conftest import REDIS_URL
+from tests.e2e.test_study_roundtrip import (
+    SC_CLASS,
+    SR_CLASS,
+    _sop_class,
+    node_config,
+    send_study,
+)
+from tests.support.node import NodeProcesses, wait_port, wait_study_state, write_config
+from tests.support.orthanc import OrthancServer
+from tests.support.ports import free_port
+
+pytestmark = pytest.mark.e2e
+
+FAULTS_REDIS_DB = 7
+
+
+@pytest.fixture
+def orthanc() -> Any:
+    with OrthancServer(node_ae="ACWI", node_port=free_port(), with_lua=False) as server:
+        yield server
+
+
+def result_counts(orthanc: OrthancServer, study_uid: str) -> tuple[int, int]:
+    """(SR objects, heatmap objects) Orthanc holds for a study."""
+    if not orthanc.find_study(study_uid):
+        return (0, 0)
+    classes = [_sop_class(orthanc, i) for i in orthanc.study_instances(study_uid)]
+    return classes.count(SR_CLASS), classes.count(SC_CLASS)
+
+
+def analysing_job(ledger: Ledger, study_uids: list[str]) -> bool:
+    for uid in study_uids:
+        view = ledger.get_study(uid)
+        if view and any(j["state"] == "analysing" for j in view["jobs"]):
+            return True
+    return False
+
+
+@pytest.mark.integration
+def test_worker_killed_mid_analysis_again_and_again(
+    tmp_path: Path, orthanc: OrthancServer, postgres_url: str
+) -> None:
+    """kill -9 of the worker while it analyses, three times: every study still gets one result."""
+    broker = f"{REDIS_URL}/{FAULTS_REDIS_DB}"
+    redis.Redis.from_url(broker).flushdb()
+    cfg = node_config(tmp_path, orthanc, database_url=postgres_url, broker_url=broker)
+    cfg["worker"]["lease_s"] = 3
+    cfg["completion"]["requeue_after_s"] = 4
+    config = write_config(tmp_path / "acwi.toml", cfg)
+    studies: dict[str, list[Path]] = {}
+    for n in range(3):
+        uid = generate_uid()
+        studies[uid] = write_study(
+            tmp_path / f"study{n}",
+            n_images=12,
+            size=384,
+            label="nodule",
+            seed=100 + n,
+            study_instance_uid=uid,
+        )
+    ledger = Ledger(postgres_url)
+    kills = 0
+    with NodeProcesses(config, ["scp", "worker", "exporter"], tmp_path) as nodes:
+        wait_port("127.0.0.1", orthanc.node_port)
+        for files in studies.values():
+            send_study(orthanc.node_port, files)
+        uids = list(studies)
+        deadline = time.monotonic() + 120
+        while kills < 3 and time.monotonic() < deadline:
+            if analysing_job(ledger, uids):
+                nodes.stop("worker", signal.SIGKILL)
+                kills += 1
+                nodes.start("worker")
+            time.sleep(0.01)
+        for uid in uids:
+            wait_study_state(ledger, uid, {"delivered", "failed"}, nodes, timeout_s=240)
+        assert kills >= 1, "the worker was never caught analysing"
+        attempts = [j["attempts"] for uid in uids for j in ledger.get_study(uid)["jobs"]]  # type: ignore[index]
+        assert max(attempts) >= 2, f"no job was taken again after a kill: {attempts}"
+        for uid, files in studies.items():
+            assert ledger.get_study(uid)["state"] == "delivered"  # type: ignore[index]
+            assert result_counts(orthanc, uid) == (1, len(files)), uid
+    ledger.dispose()
+
+
+def test_destination_down_then_back_gets_each_result_once(
+    tmp_path: Path, orthanc: OrthancServer
+) -> None:
+    """The PACS is down when results are due; when it is back they arrive, once."""
+    cfg = node_config(tmp_path, orthanc)
+    cfg["exporter"] = {"backoff_initial_s": 0.5, "backoff_max_s": 2, "max_attempts": 100}
+    config = write_config(tmp_path / "acwi.toml", cfg)
+    uid = generate_uid()
+    files = write_study(tmp_path / "study", n_images=2, seed=5, study_instance_uid=uid)
+    with NodeProcesses(config, ["serve"], tmp_path) as nodes:
+        wait_port("127.0.0.1", orthanc.node_port)
+        ledger = Ledger(f"sqlite:///{tmp_path / 'data' / 'ledger.sqlite'}")
+        orthanc.halt()
+        send_study(orthanc.node_port, files)
+        wait_study_state(ledger, uid, {"exporting"}, nodes, timeout_s=120)
+        _wait_deliveries(ledger, uid, lambda d: d["attempts"] >= 2 and d["state"] == "pending")
+        orthanc.resume()
+        wait_study_state(ledger, uid, {"delivered"}, nodes, timeout_s=120)
+        assert result_counts(orthanc, uid) == (1, len(files))
+    ledger.dispose()
+
+
+def test_destination_down_for_good_fails_visibly(tmp_path: Path, orthanc: OrthancServer) -> None:
+    """After the configured attempts the failure is visible in the API, with the reason."""
+    cfg = node_config(tmp_path, orthanc)
+    cfg["exporter"] = {"backoff_initial_s": 0.2, "backoff_max_s": 0.5, "max_attempts": 3}
+    config = write_config(tmp_path / "acwi.toml", cfg)
+    uid = generate_uid()
+    files = write_study(tmp_path / "study", n_images=1, seed=6, study_instance_uid=uid)
+    with NodeProcesses(config, ["serve"], tmp_path) as nodes:
+        wait_port("127.0.0.1", orthanc.node_port)
+        ledger = Ledger(f"sqlite:///{tmp_path / 'data' / 'ledger.sqlite'}")
+        orthanc.halt()
+        send_study(orthanc.node_port, files)
+        wait_study_state(ledger, uid, {"failed"}, nodes, timeout_s=120)
+        port = cfg["node"]["http_port"]
+        wait_port("127.0.0.1", port)
+        view = httpx.get(f"http://127.0.0.1:{port}/api/studies/{uid}", timeout=10).json()
+        assert view["state"] == "failed"
+        assert "pacs" in view["reason"]
+        deliveries = [d for j in view["jobs"] for r in j["results"] for d in r["deliveries"]]
+        assert deliveries and all(
+            d["state"] == "failed" and d["attempts"] == 3 and d["last_error"] for d in deliveries
+        )
+    ledger.dispose()
+
+
+def _wait_deliveries(ledger: Ledger, uid: str, predicate: Any, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        view = ledger.get_study(uid) or {"jobs": []}
+        deliveries = [
+            d for j in view["jobs"] for r in j.get("results", []) for d in r["deliveries"]
+        ]
+        if deliveries and all(predicate(d) for d in deliveries):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"deliveries never matched; last: {ledger.get_study(uid)}")

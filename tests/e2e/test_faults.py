@@ -162,3 +162,65 @@ def _wait_deliveries(ledger: Ledger, uid: str, predicate: Any, timeout_s: float 
             return
         time.sleep(0.2)
     raise AssertionError(f"deliveries never matched; last: {ledger.get_study(uid)}")
+
+
+@pytest.mark.integration
+def test_broker_flushed_while_studies_are_queued(
+    tmp_path: Path, orthanc: OrthancServer, postgres_url: str
+) -> None:
+    """Redis loses every queued message; the reconciler re-queues from the ledger."""
+    broker = f"{REDIS_URL}/{FAULTS_REDIS_DB}"
+    client = redis.Redis.from_url(broker)
+    client.flushdb()
+    cfg = node_config(tmp_path, orthanc, database_url=postgres_url, broker_url=broker)
+    cfg["completion"]["requeue_after_s"] = 2
+    config = write_config(tmp_path / "acwi.toml", cfg)
+    uids = [generate_uid() for _ in range(2)]
+    sent = {
+        uid: write_study(tmp_path / f"s{n}", n_images=2, seed=20 + n, study_instance_uid=uid)
+        for n, uid in enumerate(uids)
+    }
+    ledger = Ledger(postgres_url)
+    with NodeProcesses(config, ["scp", "exporter"], tmp_path) as nodes:
+        wait_port("127.0.0.1", orthanc.node_port)
+        for files in sent.values():
+            send_study(orthanc.node_port, files)
+        for uid in uids:
+            wait_study_state(ledger, uid, {"queued"}, nodes, timeout_s=60)
+        assert client.dbsize() > 0
+        client.flushdb()  # every message is gone; only the ledger knows the work
+        nodes.start("worker")
+        for uid in uids:
+            wait_study_state(ledger, uid, {"delivered"}, nodes, timeout_s=180)
+            assert result_counts(orthanc, uid) == (1, len(sent[uid]))
+    ledger.dispose()
+
+
+def test_scp_killed_mid_association(tmp_path: Path, orthanc: OrthancServer) -> None:
+    """The SCP dies with an association open: on restart what was acknowledged is analysed."""
+    from pydicom import dcmread
+    from pynetdicom import AE, build_context
+
+    cfg = node_config(tmp_path, orthanc)
+    cfg["completion"] = {"quiet_period_s": 0.5, "max_wait_s": 3}
+    config = write_config(tmp_path / "acwi.toml", cfg)
+    uid = generate_uid()
+    files = write_study(tmp_path / "study", n_images=4, seed=9, study_instance_uid=uid)
+    datasets = [dcmread(f) for f in files]
+    with NodeProcesses(config, ["scp", "worker", "exporter"], tmp_path) as nodes:
+        wait_port("127.0.0.1", orthanc.node_port)
+        ae = AE(ae_title="MODALITY1")
+        ae.requested_contexts = [build_context(datasets[0].SOPClassUID)]
+        assoc = ae.associate("127.0.0.1", orthanc.node_port, ae_title="ACWI")
+        assert assoc.is_established
+        for ds in datasets[:2]:
+            assert assoc.send_c_store(ds).Status == 0x0000
+        nodes.stop("scp", signal.SIGKILL)  # two acknowledged, two never sent
+        assoc.abort()
+        nodes.start("scp")
+        ledger = Ledger(f"sqlite:///{tmp_path / 'data' / 'ledger.sqlite'}")
+        view = wait_study_state(ledger, uid, {"delivered"}, nodes, timeout_s=120)
+        assert view["instances"] == 2
+        assert result_counts(orthanc, uid) == (1, 2)
+        assert not list((tmp_path / "data" / "spool" / ".tmp").glob("*"))
+        ledger.dispose()

@@ -70,7 +70,7 @@ def test_worker_killed_mid_analysis_again_and_again(
     config = write_config(tmp_path / "acwi.toml", cfg)
     studies: dict[str, list[Path]] = {}
     for n in range(3):
-        uid = generate_uid()
+        uid: str = generate_uid()
         studies[uid] = write_study(
             tmp_path / f"study{n}",
             n_images=12,

@@ -25,15 +25,31 @@ score exceeds ``uncertainty_threshold`` or the OOD score exceeds ``ood.threshold
 
 Dropout masks are drawn from a generator seeded with SHA-256 of the Study and SOP Instance
 UIDs, so re-analysing the same images gives identical numbers.
+
+Engines. The backbone (:meth:`DIANet.encode`) runs once per batch on the configured engine
+(PyTorch, ONNX Runtime or TensorRT, see :mod:`acwi_node.inference.engines`); images are
+batched per series, ``batch_size`` at a time. The head sampling, the uncertainty numbers, the
+OOD score and the CAM are the same torch code on the engine's outputs for every engine, so
+engines differ only by the backbone's numerical precision. The ``T`` head samples of all images
+of a batch run as one batched pass; each image's dropout masks still come from its own seeded
+generator, exactly as :func:`mc_head` draws them.
+
+Heatmaps. ``heatmaps = "all"`` selects every image's heatmap for writing;
+``"positive_or_uncertain"`` selects only images whose most probable label is a finding, whose
+uncertainty score exceeds the threshold, or whose OOD score exceeds the OOD threshold. The
+heatmap array is computed for every image either way (it is cheap); an image not selected has
+``ImageResult.heatmap_selected = False`` and the worker writes no heatmap object for it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -41,6 +57,7 @@ import torch.nn.functional as F
 from pydicom.dataset import Dataset
 from torch import Tensor
 
+from acwi_node.inference.engines import Engine, EngineOptions, PyTorchEngine, create_engine
 from acwi_node.inference.manifest import ModelManifest, load_manifest
 from acwi_node.inference.preprocess import UnsupportedImage, preprocess
 from acwi_node.inference.types import (
@@ -49,7 +66,10 @@ from acwi_node.inference.types import (
     StudyAnalysis,
     Uncertainty,
 )
-from models.networks.dianet import DIANet, DIANetConfig
+from models.networks.dianet import LOGVAR_ALEATORIC_RANGE, DIANet, DIANetConfig
+
+HeatmapPolicy = Literal["all", "positive_or_uncertain"]
+HEATMAP_POLICIES: tuple[str, ...] = ("all", "positive_or_uncertain")
 
 
 class NothingToAnalyse(ValueError):
@@ -74,6 +94,38 @@ def mc_head(
     n = pooled.shape[0]
     out = model.head(pooled.repeat(samples, 1), mc=True, generator=generator)
     return out.logits.view(samples, n, -1), out.log_var.view(samples, n, -1)
+
+
+def mc_head_batched(
+    model: DIANet, pooled: Tensor, samples: int, generators: Sequence[torch.Generator]
+) -> tuple[Tensor, Tensor]:
+    """:func:`mc_head` for ``N`` images at once, image ``i`` drawing from ``generators[i]``.
+
+    Image ``i``'s dropout masks equal those :func:`mc_head` draws for it alone with the same
+    generator state, so the numbers do not depend on how images are batched. ``samples = 0``
+    is one deterministic pass (no dropout). Returns ``(T, N, K)`` logits and log-variances.
+    """
+    if len(generators) != pooled.shape[0]:
+        raise ValueError("one generator per image is needed")
+    if model.training:
+        raise ValueError("mc_head_batched needs the model in evaluation mode")
+    z = model.to_mu(pooled)  # evaluation mode: z = mu, as in DIANet.head
+    p = model.config.dropout
+    if samples == 0 or p <= 0:
+        zs = z.unsqueeze(0).repeat(max(samples, 1), 1, 1)
+    else:
+        keep = torch.stack(
+            [
+                torch.empty((samples, z.shape[1]), dtype=z.dtype, device=z.device).bernoulli_(
+                    1.0 - p, generator=g
+                )
+                for g in generators
+            ],
+            dim=1,
+        )
+        zs = z.unsqueeze(0) * keep / (1.0 - p)
+    log_var = model.variance(zs).clamp(*LOGVAR_ALEATORIC_RANGE)
+    return model.classifier(zs), log_var
 
 
 def summarise_mc(logits: Tensor, log_var: Tensor, temperature: float) -> MCSummary:
@@ -120,6 +172,15 @@ def build_model(manifest: ModelManifest) -> DIANet:
     return DIANet(config)
 
 
+@dataclass(frozen=True)
+class BatchInference:
+    """Numbers for one batch of model inputs (see :meth:`Analyser.infer`)."""
+
+    mc: MCSummary
+    ood: np.ndarray  # (N,)
+    heatmaps: list[np.ndarray] | None
+
+
 @dataclass
 class _Prepared:
     index: int
@@ -138,14 +199,25 @@ class Analyser:
         device: str = "cpu",
         mc_samples: int = 20,
         batch_size: int = 16,
+        engine: Engine | None = None,
+        heatmaps: HeatmapPolicy = "all",
     ) -> None:
         if mc_samples < 1:
             raise ValueError("mc_samples must be at least 1")
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if heatmaps not in HEATMAP_POLICIES:
+            raise ValueError(f"heatmaps must be one of {HEATMAP_POLICIES}, not {heatmaps!r}")
         self.manifest = manifest
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        #: Runs the backbone; the head, uncertainty, OOD and CAM run here in torch.
+        self.engine: Engine = engine or PyTorchEngine(self.model, self.device)
+        if self.engine.device != self.device and self.engine.device.type != self.device.type:
+            raise ValueError(f"engine runs on {self.engine.device}, analyser on {self.device}")
         self.mc_samples = mc_samples
-        self.batch_size = batch_size
+        self.batch_size = min(batch_size, self.engine.max_batch or batch_size)
+        self.heatmaps = heatmaps
         self.spec = manifest.preprocess_spec()
         self.labels = list(manifest.labels)
         self._ood_mean = np.asarray(manifest.ood.mean, dtype=np.float64)
@@ -164,10 +236,13 @@ class Analyser:
         mc_samples: int = 20,
         num_threads: int | None = None,
         batch_size: int = 16,
+        engine: EngineOptions | None = None,
+        heatmaps: HeatmapPolicy = "all",
     ) -> Analyser:
-        """Load a manifest (file or folder) and its verified weights.
+        """Load a manifest (file or folder) and its verified weights, and start the engine.
 
-        ``num_threads``, when given, is passed to ``torch.set_num_threads``.
+        ``num_threads``, when given, is passed to ``torch.set_num_threads`` (and to ONNX
+        Runtime). ``engine`` defaults to eager PyTorch in fp32.
         """
         if num_threads is not None:
             torch.set_num_threads(num_threads)
@@ -175,7 +250,20 @@ class Analyser:
         model = build_model(manifest)
         state = torch.load(manifest.weights_path, map_location=device, weights_only=True)
         model.load_state_dict(state)
-        return cls(model, manifest, device=device, mc_samples=mc_samples, batch_size=batch_size)
+        model = model.to(device).eval()
+        options = engine or EngineOptions()
+        if options.num_threads is None and num_threads is not None:
+            options = dataclasses.replace(options, num_threads=num_threads)
+        backbone = create_engine(model, manifest, device, options)
+        return cls(
+            model,
+            manifest,
+            device=device,
+            mc_samples=mc_samples,
+            batch_size=batch_size,
+            engine=backbone,
+            heatmaps=heatmaps,
+        )
 
     @property
     def identity(self) -> ModelIdentity:
@@ -210,44 +298,83 @@ class Analyser:
         images = [results[i] for i in sorted(results)]
         return self._summarise(images, skipped)
 
-    def _analyse_batch(self, batch: list[_Prepared], study_uid: str) -> list[ImageResult]:
-        x = torch.from_numpy(np.stack([item.x for item in batch])).to(self.device)
-        out: list[ImageResult] = []
+    def infer(
+        self,
+        x: np.ndarray | Tensor,
+        seeds: Sequence[int],
+        sizes: Sequence[tuple[int, int]] | None = None,
+        *,
+        samples: int | None = None,
+    ) -> BatchInference:
+        """One backbone pass on the engine, then head sampling, OOD and (optionally) heatmaps.
+
+        ``x`` is a ``(N, 1, S, S)`` batch of preprocessed inputs, ``seeds[i]`` seeds image
+        ``i``'s dropout masks, ``sizes[i]`` is its Rows x Columns (``None``: no heatmaps).
+        ``samples`` defaults to ``mc_samples``; 0 is one deterministic head pass.
+        """
+        batch = torch.as_tensor(x, dtype=torch.float32)
+        out = self.engine.run(batch)
+        t = self.mc_samples if samples is None else samples
         with torch.inference_mode():
-            enc = self.model.encode(x)
-            cams = self.model.cam(enc.features)
-            mus = enc.mu.double().cpu().numpy()
-            ood = mahalanobis(mus, self._ood_mean, self._ood_precision)
-            for j, item in enumerate(batch):
-                sop = str(item.ds.get("SOPInstanceUID", ""))
+            generators = []
+            for seed in seeds:
                 generator = torch.Generator(device=self.device)
-                generator.manual_seed(uid_seed(study_uid, sop))
-                logits, log_var = mc_head(
-                    self.model, enc.pooled[j : j + 1], self.mc_samples, generator
-                )
-                mc = summarise_mc(logits.cpu(), log_var.cpu(), self.manifest.temperature)
-                probs = mc.probabilities[0]
-                cam = cams[j, self._heatmap_class(probs)]
+                generator.manual_seed(seed)
+                generators.append(generator)
+            logits, log_var = mc_head_batched(self.model, out.pooled, t, generators)
+            mc = summarise_mc(logits.cpu(), log_var.cpu(), self.manifest.temperature)
+            ood = mahalanobis(out.mu.double().cpu().numpy(), self._ood_mean, self._ood_precision)
+            heatmaps: list[np.ndarray] | None = None
+            if sizes is not None:
+                cams = self.model.cam(out.features)
+                index = torch.arange(cams.shape[0], device=cams.device)
+                classes = [self._heatmap_class(p) for p in mc.probabilities]
+                selected = cams[index, torch.tensor(classes, device=cams.device)]
                 if self._reference_index is not None:
-                    cam = cam - cams[j, self._reference_index]
-                heatmap = _heatmap(cam, int(item.ds.Rows), int(item.ds.Columns))
-                out.append(
-                    ImageResult(
-                        sop_instance_uid=sop,
-                        sop_class_uid=str(item.ds.get("SOPClassUID", "")),
-                        series_instance_uid=str(item.ds.get("SeriesInstanceUID", "")),
-                        probabilities=_as_dict(self.labels, probs),
-                        uncertainty=Uncertainty(
-                            entropy=float(mc.entropy[0]),
-                            epistemic=float(mc.epistemic[0]),
-                            aleatoric=float(mc.aleatoric[0]),
-                            score=float(mc.score[0]),
-                        ),
-                        heatmap=heatmap,
-                        ood_score=float(ood[j]),
-                    )
+                    selected = selected - cams[:, self._reference_index]
+                heatmaps = _heatmaps(selected, list(sizes))
+        return BatchInference(mc=mc, ood=ood, heatmaps=heatmaps)
+
+    def _analyse_batch(self, batch: list[_Prepared], study_uid: str) -> list[ImageResult]:
+        sops = [str(item.ds.get("SOPInstanceUID", "")) for item in batch]
+        result = self.infer(
+            np.stack([item.x for item in batch]),
+            [uid_seed(study_uid, sop) for sop in sops],
+            [(int(item.ds.Rows), int(item.ds.Columns)) for item in batch],
+        )
+        assert result.heatmaps is not None
+        mc = result.mc
+        out: list[ImageResult] = []
+        for j, (item, sop) in enumerate(zip(batch, sops, strict=True)):
+            probs = mc.probabilities[j]
+            score = float(mc.score[j])
+            ood = float(result.ood[j])
+            out.append(
+                ImageResult(
+                    sop_instance_uid=sop,
+                    sop_class_uid=str(item.ds.get("SOPClassUID", "")),
+                    series_instance_uid=str(item.ds.get("SeriesInstanceUID", "")),
+                    probabilities=_as_dict(self.labels, probs),
+                    uncertainty=Uncertainty(
+                        entropy=float(mc.entropy[j]),
+                        epistemic=float(mc.epistemic[j]),
+                        aleatoric=float(mc.aleatoric[j]),
+                        score=score,
+                    ),
+                    heatmap=result.heatmaps[j],
+                    ood_score=ood,
+                    heatmap_selected=self.heatmap_selected(probs, score, ood),
                 )
+            )
         return out
+
+    def heatmap_selected(self, probs: np.ndarray, score: float, ood: float) -> bool:
+        """Whether an image's heatmap is to be written under the ``heatmaps`` policy."""
+        if self.heatmaps == "all":
+            return True
+        positive = int(np.argmax(probs)) in self._finding_indices
+        uncertain = score > self.manifest.uncertainty_threshold or ood > self.manifest.ood.threshold
+        return bool(positive or uncertain)
 
     def _heatmap_class(self, probs: np.ndarray) -> int:
         if self._finding_indices:
@@ -281,6 +408,25 @@ class Analyser:
 
 def _as_dict(labels: list[str], probs: np.ndarray) -> dict[str, float]:
     return {name: float(p) for name, p in zip(labels, probs, strict=True)}
+
+
+def _heatmaps(cams: Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """:func:`_heatmap` of each ``(h, w)`` map in ``cams``; one resize per distinct size."""
+    out: list[np.ndarray | None] = [None] * len(sizes)
+    for size in dict.fromkeys(sizes):
+        idx = [i for i, s in enumerate(sizes) if s == size]
+        up = F.interpolate(
+            cams[idx].float().clamp_min(0.0)[:, None],
+            size=size,
+            mode="bilinear",
+            align_corners=False,
+        )[:, 0]
+        peak = up.amax(dim=(1, 2), keepdim=True)
+        scale = torch.where(peak > 0, 1.0 / peak.clamp_min(1e-30), torch.zeros_like(peak))
+        arrays = up.mul_(scale).clamp_(0.0, 1.0).cpu().numpy().astype(np.float32, copy=False)
+        for k, i in enumerate(idx):
+            out[i] = arrays[k]
+    return [m for m in out if m is not None]
 
 
 def _heatmap(cam: Tensor, rows: int, cols: int) -> np.ndarray:

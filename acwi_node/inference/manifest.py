@@ -77,6 +77,24 @@ class TrainingSummary(_Strict):
     preset: str
 
 
+class OnnxRecord(_Strict):
+    """The exported backbone (``acwi-models export``): ONNX file next to the manifest."""
+
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    opset: int = Field(ge=7)
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_batch: bool = True
+
+    @model_validator(mode="after")
+    def _relative(self) -> OnnxRecord:
+        name = PurePosixPath(self.file)
+        if name.is_absolute() or ".." in name.parts or "\\" in self.file:
+            raise ValueError("onnx.file must be a file name relative to the manifest")
+        return self
+
+
 class ModelManifest(_Strict):
     """Validated contents of ``manifest.json``."""
 
@@ -97,6 +115,8 @@ class ModelManifest(_Strict):
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     created_at: datetime
     training: TrainingSummary
+    #: The exported ONNX backbone, when ``acwi-models export`` recorded one.
+    onnx: OnnxRecord | None = None
 
     _directory: Path | None = PrivateAttr(default=None)
 

@@ -49,6 +49,9 @@ class ImageResult:
     heatmap: np.ndarray = field(repr=False)
     #: Out-of-distribution score (higher = further from the training data), >= 0.
     ood_score: float = 0.0
+    #: False when the worker's ``heatmaps`` policy skips this image's heatmap object (the array
+    #: is still computed); writers must not write a heatmap for such an image.
+    heatmap_selected: bool = True
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Benchmarks (run as scripts: ``python -m bench.inference``); not part of the installed node."""

@@ -5,7 +5,9 @@ Commands::
     acwi-models synth --out DIR --studies N --seed S [--sites 0,1,2,3] [--images-per-study 1]
     acwi-models train --preset default --out models/registry/default [--config FILE]
                       [--data DIR] [--epochs N] [--threads N] [--resume]
-    acwi-models evaluate --model models/registry/default --data DIR
+                      [--init-from MODEL --ewc-lambda X [--ewc-data OLD_DIR]]
+    acwi-models evaluate --model models/registry/default --data DIR [--out REPORT_DIR]
+    acwi-models export --model models/registry/default [--out DIR] [--opset N]
 """
 
 from __future__ import annotations
@@ -45,12 +47,34 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int)
     train.add_argument("--threads", type=int)
     train.add_argument("--resume", action="store_true", help="continue from checkpoint.pt")
+    train.add_argument(
+        "--init-from",
+        type=Path,
+        help="fine-tune this model (manifest, its folder, or a checkpoint.pt) instead",
+    )
+    train.add_argument("--ewc-lambda", type=float, help="EWC strength when fine-tuning")
+    train.add_argument(
+        "--ewc-data", type=Path, help="old task's DICOM folder for the Fisher, if not stored"
+    )
 
     evaluate = sub.add_parser("evaluate", help="run the node's analyser over a benchmark")
     evaluate.add_argument("--model", type=Path, required=True, help="manifest or its folder")
     evaluate.add_argument("--data", type=Path, required=True, help="DICOM folder + labels.csv")
     evaluate.add_argument("--mc-samples", type=int, default=20)
     evaluate.add_argument("--threads", type=int)
+    evaluate.add_argument(
+        "--out", type=Path, help="write metrics.json, report.md and PNG plots into this folder"
+    )
+    evaluate.add_argument(
+        "--train-sites",
+        type=_sites,
+        help="sites the model was trained on (default: from the manifest); others count as OOD",
+    )
+
+    export = sub.add_parser("export", help="export the ONNX backbone and record it in the manifest")
+    export.add_argument("--model", type=Path, required=True, help="manifest or its folder")
+    export.add_argument("--out", type=Path, help="write ONNX, manifest and weights here instead")
+    export.add_argument("--opset", type=int, default=18)
     return parser
 
 
@@ -77,7 +101,20 @@ def _train(args: argparse.Namespace) -> int:
         config.train.epochs = args.epochs
     if args.threads is not None:
         config.train.threads = args.threads
-    result = train(config, args.out, data_dir=args.data, resume=args.resume)
+    if args.ewc_lambda is not None:
+        config.continual.ewc_lambda = args.ewc_lambda
+    try:
+        result = train(
+            config,
+            args.out,
+            data_dir=args.data,
+            resume=args.resume,
+            init_from=args.init_from,
+            ewc_data=args.ewc_data,
+        )
+    except ValueError as exc:
+        print(f"training failed: {exc}", file=sys.stderr)
+        return 1
     print(
         f"validation accuracy {result.val.accuracy:.3f} (balanced "
         f"{result.val.balanced_accuracy:.3f}) in {result.seconds:.1f}s"
@@ -86,46 +123,43 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import numpy as np
-    import pydicom
+    from models.evaluate import evaluate_model, summary_lines
 
-    from acwi_node.inference.analyser import Analyser, NothingToAnalyse
-    from models.data.dicom_dataset import scan_folder
-
-    analyser = Analyser.load(args.model, mc_samples=args.mc_samples, num_threads=args.threads)
-    items = scan_folder(args.data, labels=analyser.labels)
-    by_study: dict[str, list[int]] = {}
-    for i, item in enumerate(items):
-        by_study.setdefault(item.study_instance_uid, []).append(i)
-    correct = reviewed = total = 0
-    per_site: dict[int, list[int]] = {}
-    for indices in by_study.values():
-        datasets = [pydicom.dcmread(items[i].path) for i in indices]
-        try:
-            result = analyser.analyse(datasets)
-        except NothingToAnalyse as exc:
-            print(f"skipped study: {exc}")
-            continue
-        truth = items[indices[0]].label
-        hit = int(result.predicted_label == truth)
-        correct += hit
-        reviewed += int(result.needs_review)
-        total += 1
-        site = items[indices[0]].site
-        per_site.setdefault(-1 if site is None else site, []).append(hit)
-    if total == 0:
-        print("no study could be analysed")
+    try:
+        metrics = evaluate_model(
+            args.model,
+            args.data,
+            args.out,
+            mc_samples=args.mc_samples,
+            threads=args.threads,
+            train_sites=args.train_sites,
+        )
+    except ValueError as exc:
+        print(f"evaluation failed: {exc}", file=sys.stderr)
         return 1
-    print(f"studies {total}: accuracy {correct / total:.3f}, review rate {reviewed / total:.3f}")
-    for site, hits in sorted(per_site.items()):
-        print(f"  site {site}: accuracy {float(np.mean(hits)):.3f} ({len(hits)} studies)")
+    for line in summary_lines(metrics):
+        print(line)
+    if args.out is not None:
+        print(f"wrote {args.out / 'metrics.json'} and {args.out / 'report.md'}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from models.export import ExportError, export_model
+
+    try:
+        path = export_model(args.model, args.out, opset=args.opset)
+    except (ExportError, ValueError) as exc:
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"exported the ONNX backbone and recorded it in {path}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``acwi-models``."""
     args = _parser().parse_args(argv)
-    handlers = {"synth": _synth, "train": _train, "evaluate": _evaluate}
+    handlers = {"synth": _synth, "train": _train, "evaluate": _evaluate, "export": _export}
     return handlers[args.command](args)
 
 

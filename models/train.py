@@ -10,6 +10,7 @@ training, threshold from validation) -> ``weights.pt`` (state_dict) and ``manife
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import math
 import os
@@ -20,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, fields
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import numpy as np
 import torch
@@ -35,12 +36,36 @@ from acwi_node.inference.manifest import (
     PreprocessingSpec,
     TrainingSummary,
     sha256_file,
-    write_manifest,
 )
-from acwi_node.inference.preprocess import PreprocessSpec, to_unit_range
+from acwi_node.inference.preprocess import PreprocessSpec, resize, to_unit_range
+from models.continual import (
+    FISHER_NAME,
+    FisherState,
+    ewc_penalty,
+    fisher_diagonal,
+    load_fisher,
+    save_fisher,
+)
 from models.data import synth
 from models.data.dicom_dataset import load_unit_images, scan_folder
+from models.model_io import read_manifest, write_model_manifest
+from models.networks import Network, build, feature_stride
+from models.networks.amrinet import AMRINetConfig
 from models.networks.dianet import DIANet, DIANetConfig, DIANetOutput, count_parameters
+from models.networks.domain import (
+    MixStyle,
+    SiteDiscriminator,
+    attach_mixstyle,
+    grl_schedule,
+    site_mmd,
+)
+from models.networks.heads import (
+    ReconstructionHead,
+    SegmentationHead,
+    anomaly_score,
+    dice_score,
+    segmentation_loss,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -50,6 +75,7 @@ else:  # Python 3.10 reads TOML with the tomli backport
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 WEIGHTS_NAME = "weights.pt"
 CHECKPOINT_NAME = "checkpoint.pt"
+HEADS_NAME = "heads.pt"
 
 
 # --------------------------------------------------------------------------- configuration
@@ -93,8 +119,10 @@ class PreprocessingConfig:
 
 @dataclass
 class ModelConfig:
-    """DIANet architecture (see :class:`DIANetConfig`)."""
+    """Network architecture: ``dianet`` (:class:`DIANetConfig`) or ``amrinet``."""
 
+    #: ``dianet`` or ``amrinet`` (see :mod:`models.networks`).
+    architecture: str = "dianet"
     widths: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 96])
     stem_kernel: int = 9
     pyramid_levels: int = 3
@@ -103,6 +131,10 @@ class ModelConfig:
     feature_channels: int = 64
     latent_dim: int = 32
     dropout: float = 0.2
+    #: AMRI-Net only: parallel kernel sizes per stage and the transformer encoder's size.
+    kernel_sizes: list[int] = field(default_factory=lambda: [3, 5, 7])
+    transformer_layers: int = 2
+    transformer_heads: int = 4
 
 
 @dataclass
@@ -135,6 +167,57 @@ class CalibrationConfig:
 
 
 @dataclass
+class DomainConfig:
+    """Domain alignment across acquisition sites (all off by default)."""
+
+    #: Weight of the mean pairwise-site MMD of the latent mean (0 = off).
+    mmd_weight: float = 0.0
+    #: Weight of the site discriminator's loss behind gradient reversal (0 = off).
+    adversarial_weight: float = 0.0
+    #: Gradient-reversal coefficient: "ramp" (0 -> 1 over training, DANN) or "constant" (1).
+    adversarial_schedule: str = "ramp"
+    adversarial_hidden: int = 32
+    #: MixStyle probability per forward pass in training (0 = off) and its Beta(alpha, alpha).
+    mixstyle_p: float = 0.0
+    mixstyle_alpha: float = 0.1
+    #: How many early stages (stem first) MixStyle follows.
+    mixstyle_stages: int = 2
+
+    def enabled(self) -> bool:
+        """Whether any option is on."""
+        return self.mmd_weight > 0 or self.adversarial_weight > 0 or self.mixstyle_p > 0
+
+
+@dataclass
+class ContinualConfig:
+    """Elastic weight consolidation (see :mod:`models.continual`)."""
+
+    #: Images (one backward pass each) for the Fisher information written after training
+    #: (``fisher.pt`` next to the manifest); 0 writes none.
+    fisher_images: int = 256
+    #: EWC strength when fine-tuning with ``--init-from`` (0 = plain fine-tuning).
+    ewc_lambda: float = 0.0
+    #: When fine-tuning, keep BatchNorm running statistics as they were: EWC protects
+    #: parameters only, and statistics re-estimated on a small new site move every old input.
+    freeze_batchnorm: bool = True
+
+
+@dataclass
+class HeadsConfig:
+    """Optional dense heads on the feature map (see :mod:`models.networks.heads`)."""
+
+    #: Weight of the lesion-segmentation loss (0 = no head; needs synthetic data's masks).
+    segmentation_weight: float = 0.0
+    #: Weight of the reconstruction loss on normal images (0 = no head).
+    reconstruction_weight: float = 0.0
+    decoder_width: int = 16
+
+    def enabled(self) -> bool:
+        """Whether any head is on."""
+        return self.segmentation_weight > 0 or self.reconstruction_weight > 0
+
+
+@dataclass
 class TrainingConfig:
     """A whole training run (a preset, optionally overridden by ``--config``)."""
 
@@ -146,6 +229,29 @@ class TrainingConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: OptimConfig = field(default_factory=OptimConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    domain: DomainConfig = field(default_factory=DomainConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+
+    def network(self) -> tuple[str, dict[str, Any]]:
+        """Architecture name and ``architecture_config`` of the network this run trains."""
+        m = self.model
+        if m.architecture == "dianet":
+            return "dianet", self.architecture().to_dict()
+        if m.architecture == "amrinet":
+            return "amrinet", AMRINetConfig(
+                num_classes=len(self.data.labels),
+                widths=tuple(m.widths),
+                stem_kernel=m.stem_kernel,
+                kernel_sizes=tuple(m.kernel_sizes),
+                feature_channels=m.feature_channels,
+                transformer_layers=m.transformer_layers,
+                transformer_heads=m.transformer_heads,
+                input_size=self.preprocessing.input_size,
+                latent_dim=m.latent_dim,
+                dropout=m.dropout,
+            ).to_dict()
+        raise ValueError(f"unknown model.architecture {m.architecture!r}: dianet or amrinet")
 
     def architecture(self) -> DIANetConfig:
         """The network configuration for this run."""
@@ -182,6 +288,9 @@ def config_from_dict(data: dict[str, Any]) -> TrainingConfig:
         "model": ModelConfig,
         "train": OptimConfig,
         "calibration": CalibrationConfig,
+        "domain": DomainConfig,
+        "continual": ContinualConfig,
+        "heads": HeadsConfig,
     }
     top: dict[str, Any] = {}
     for key, value in data.items():
@@ -225,6 +334,8 @@ class ImageSet:
     images: np.ndarray
     targets: np.ndarray
     sites: np.ndarray
+    #: Lesion masks ``(N, S, S)`` in {0, 1} at the model input size (synthetic data only).
+    masks: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -256,12 +367,25 @@ def _render(job: tuple[str, int, int, int, PreprocessSpec]) -> np.ndarray:
     return to_unit_range(ds, spec)
 
 
+def _render_with_mask(job: tuple[str, int, int, int, PreprocessSpec]) -> np.ndarray:
+    """:func:`_render` and the lesion mask resized like the image, stacked ``(2, S, S)``."""
+    label, site, seed, size, spec = job
+    image = _render(job)
+    mask = synth.make_phantom(label, site, seed, size).mask.astype(np.float32)
+    return np.stack([image, (resize(mask, spec.size) > 0.5).astype(np.float32)])
+
+
 def _single_thread() -> None:
     torch.set_num_threads(1)
 
 
-def synthetic_split(config: TrainingConfig, split: str, n: int, spec: PreprocessSpec) -> ImageSet:
-    """Generate ``n`` images of one split (``train`` or ``val``) deterministically."""
+def synthetic_split(
+    config: TrainingConfig, split: str, n: int, spec: PreprocessSpec, *, masks: bool = False
+) -> ImageSet:
+    """Generate ``n`` images of one split (``train`` or ``val``) deterministically.
+
+    With ``masks``, the lesion masks come along (resized as the images are).
+    """
     d = config.data
     split_id = {"train": 1, "val": 2}[split]
     rng = np.random.default_rng([d.seed, split_id])
@@ -281,19 +405,24 @@ def synthetic_split(config: TrainingConfig, split: str, n: int, spec: Preprocess
         )
         for i, (label, site) in enumerate(zip(labels, sites, strict=True))
     ]
+    render: Callable[[tuple[str, int, int, int, PreprocessSpec]], np.ndarray] = (
+        _render_with_mask if masks else _render
+    )
     if d.workers > 1:
         # Forked workers keep one intra-op thread each, so an inherited thread pool is unused.
         with ProcessPoolExecutor(
             d.workers, mp_context=get_context("fork"), initializer=_single_thread
         ) as pool:
-            images = list(pool.map(_render, jobs, chunksize=32))
+            images = list(pool.map(render, jobs, chunksize=32))
     else:
-        images = [_render(job) for job in jobs]
+        images = [render(job) for job in jobs]
     index = {name: i for i, name in enumerate(d.labels)}
+    stack = np.stack(images).astype(np.float32)
     return ImageSet(
-        np.stack(images).astype(np.float32),
+        stack[:, 0] if masks else stack,
         np.asarray([index[name] for name in labels], dtype=np.int64),
         np.asarray(sites, dtype=np.int64),
+        stack[:, 1] if masks else None,
     )
 
 
@@ -436,7 +565,7 @@ def _batches(x: Tensor, batch_size: int) -> list[Tensor]:
 
 
 @torch.no_grad()
-def encode_all(model: DIANet, x: Tensor, batch_size: int = 64) -> tuple[Tensor, Tensor, Tensor]:
+def encode_all(model: Network, x: Tensor, batch_size: int = 64) -> tuple[Tensor, Tensor, Tensor]:
     """Evaluation-mode pooled features, latent means and deterministic logits."""
     model.eval()
     pooled, mus, logits = [], [], []
@@ -448,7 +577,7 @@ def encode_all(model: DIANet, x: Tensor, batch_size: int = 64) -> tuple[Tensor, 
     return torch.cat(pooled), torch.cat(mus), torch.cat(logits)
 
 
-def evaluate(model: DIANet, x: Tensor, targets: np.ndarray) -> Evaluation:
+def evaluate(model: Network, x: Tensor, targets: np.ndarray) -> Evaluation:
     """Accuracy, balanced accuracy and NLL of the deterministic head."""
     _, _, logits = encode_all(model, x)
     pred = logits.argmax(dim=1).numpy()
@@ -507,15 +636,206 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
+@dataclass
+class InitialModel:
+    """Weights and input statistics a fine-tuning run starts from (``--init-from``)."""
+
+    source: Path
+    state: dict[str, Tensor]
+    architecture: str
+    architecture_config: dict[str, Any]
+    mean: float
+    std: float
+    description: str
+    fisher: FisherState | None
+
+
+def load_initial(path: Path) -> InitialModel:
+    """Load a model to fine-tune: a manifest (file or folder) or a training checkpoint.
+
+    A ``fisher.pt`` next to the manifest (or inside a checkpoint) is picked up for EWC.
+    """
+    path = Path(path)
+    if path.is_file() and path.suffix == ".pt":
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or "model" not in state or "input_stats" not in state:
+            raise ValueError(f"{path} is not a training checkpoint of this trainer")
+        mean, std = state["input_stats"]
+        fisher = FisherState.from_dict(state["fisher"]) if state.get("fisher") else None
+        return InitialModel(
+            path,
+            dict(state["model"]),
+            str(state.get("architecture", "dianet")),
+            dict(state["architecture_config"]),
+            float(mean),
+            float(std),
+            f"checkpoint {path.name} (epoch {state.get('epoch')})",
+            fisher,
+        )
+    manifest, architecture = read_manifest(path)
+    weights = torch.load(manifest.weights_path, map_location="cpu", weights_only=True)
+    fisher_path = manifest.directory / FISHER_NAME
+    return InitialModel(
+        manifest.directory,
+        dict(weights),
+        architecture,
+        dict(manifest.architecture_config),
+        manifest.preprocessing.mean,
+        manifest.preprocessing.std,
+        f"{manifest.name} {manifest.version}",
+        load_fisher(fisher_path) if fisher_path.is_file() else None,
+    )
+
+
+class _DomainLosses:
+    """MMD and adversarial site losses of one batch (see :class:`DomainConfig`)."""
+
+    def __init__(self, config: DomainConfig, sites: np.ndarray, latent_dim: int) -> None:
+        self.config = config
+        known = sorted({int(s) for s in sites.tolist() if s >= 0})
+        self.site_index = {site: i for i, site in enumerate(known)}
+        self.usable = len(known) >= 2
+        if config.adversarial_schedule not in ("ramp", "constant"):
+            raise ValueError("domain.adversarial_schedule must be 'ramp' or 'constant'")
+        self.discriminator: SiteDiscriminator | None = None
+        if config.adversarial_weight > 0 and self.usable:
+            self.discriminator = SiteDiscriminator(
+                latent_dim, len(known), config.adversarial_hidden
+            )
+
+    def coefficient(self, progress: float) -> float:
+        if self.config.adversarial_schedule == "constant":
+            return 1.0
+        return grl_schedule(progress)
+
+    def __call__(self, mu: Tensor, sites: Tensor, progress: float) -> tuple[Tensor, Tensor]:
+        zero = mu.new_zeros(())
+        if not self.usable:
+            return zero, zero
+        mmd = site_mmd(mu, sites) if self.config.mmd_weight > 0 else zero
+        adv = zero
+        if self.discriminator is not None:
+            index = torch.tensor([self.site_index.get(int(s), -1) for s in sites.tolist()])
+            keep = index >= 0
+            if int(keep.sum()) > 0:
+                logits = self.discriminator(mu[keep], self.coefficient(progress))
+                adv = F.cross_entropy(logits, index[keep])
+        return mmd, adv
+
+
+class _DenseHeads:
+    """The optional segmentation / reconstruction heads of a run (see :class:`HeadsConfig`)."""
+
+    def __init__(self, config: HeadsConfig, channels: int, stride: int, normal_index: int) -> None:
+        self.config = config
+        self.normal_index = normal_index
+        w = config.decoder_width
+        self.segmentation = (
+            SegmentationHead(channels, stride, w) if config.segmentation_weight > 0 else None
+        )
+        self.reconstruction = (
+            ReconstructionHead(channels, stride, w) if config.reconstruction_weight > 0 else None
+        )
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.segmentation, self.reconstruction) if m is not None]
+
+    def train(self, mode: bool = True) -> None:
+        for module in self.modules():
+            module.train(mode)
+
+    def __call__(
+        self, features: Tensor, x: Tensor, y: Tensor, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        seg = rec = features.new_zeros(())
+        if self.segmentation is not None and mask is not None:
+            seg = segmentation_loss(self.segmentation(features), mask)
+        if self.reconstruction is not None:
+            normal = y == self.normal_index
+            if bool(normal.any()):
+                rec = F.mse_loss(self.reconstruction(features[normal]), x[normal])
+        return seg, rec
+
+    @torch.no_grad()
+    def validate(
+        self, model: Network, x: Tensor, targets: np.ndarray, masks: np.ndarray | None
+    ) -> dict[str, float]:
+        """Validation Dice on lesion images and the reconstruction anomaly AUROC."""
+        from models.evaluate import roc_auc
+
+        self.train(False)
+        model.eval()
+        dice: list[Tensor] = []
+        scores: list[Tensor] = []
+        for start in range(0, x.shape[0], 64):
+            chunk = x[start : start + 64]
+            features = model.encode(chunk).features
+            if self.segmentation is not None and masks is not None:
+                m = torch.from_numpy(masks[start : start + 64]).unsqueeze(1)
+                pred = self.segmentation(features) > 0
+                has = m.flatten(1).sum(1) > 0
+                if bool(has.any()):
+                    dice.append(dice_score(pred[has], m[has]))
+            if self.reconstruction is not None:
+                scores.append(anomaly_score(chunk, self.reconstruction(features)))
+        metrics: dict[str, float] = {}
+        if dice:
+            metrics["val_lesion_dice"] = float(torch.cat(dice).mean())
+        if scores:
+            finding = targets != self.normal_index
+            auc = roc_auc(torch.cat(scores).numpy(), finding)
+            if auc is not None:
+                metrics["val_anomaly_auroc"] = auc
+        return metrics
+
+    def save(self, path: Path, stride: int, metrics: dict[str, float]) -> None:
+        torch.save(
+            {
+                "config": dataclasses.asdict(self.config),
+                "stride": stride,
+                "segmentation": self.segmentation.state_dict() if self.segmentation else None,
+                "reconstruction": (
+                    self.reconstruction.state_dict() if self.reconstruction else None
+                ),
+                "metrics": metrics,
+            },
+            path,
+        )
+
+
+def build_network(config: TrainingConfig, initial: InitialModel | None = None) -> Network:
+    """The network of ``config`` (or of the model being fine-tuned), untrained."""
+    if initial is not None:
+        return build(initial.architecture, initial.architecture_config)
+    return build(*config.network())
+
+
+def _compute_fisher(
+    model: torch.nn.Module, x: Tensor, y: Tensor, images: int, dataset: str
+) -> FisherState:
+    """Fisher information on (a seeded subset of) the given normalised images."""
+    n = min(images, x.shape[0])
+    pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(11))[:n]
+    return fisher_diagonal(model, x[pick], y[pick], dataset=dataset)
+
+
 def train(
     config: TrainingConfig,
     out_dir: Path,
     *,
     data_dir: Path | None = None,
     resume: bool = False,
+    init_from: Path | None = None,
+    ewc_data: Path | None = None,
     log: Callable[[str], None] = _log,
 ) -> TrainResult:
-    """Run the whole pipeline and write ``weights.pt`` and ``manifest.json`` into ``out_dir``."""
+    """Run the whole pipeline and write ``weights.pt`` and ``manifest.json`` into ``out_dir``.
+
+    ``init_from`` (a manifest or a training checkpoint) fine-tunes that model instead of
+    training from scratch, keeping its architecture and input statistics; with
+    ``continual.ewc_lambda > 0`` the EWC penalty holds it near the old task (Fisher from the
+    model's ``fisher.pt``, else computed on ``ewc_data`` or on the configured synthetic data).
+    """
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -527,10 +847,21 @@ def train(
         raise ValueError("data.normal_label must be one of data.labels")
     p = config.preprocessing
     unit_spec = PreprocessSpec(p.input_size, p.lower_percentile, p.upper_percentile)
+    initial = load_initial(init_from) if init_from is not None else None
+    ewc_lambda = config.continual.ewc_lambda
+    if ewc_lambda > 0 and initial is None:
+        raise ValueError("continual.ewc_lambda needs a model to start from (--init-from)")
 
+    want_masks = config.heads.segmentation_weight > 0
+    if want_masks and data_dir is not None:
+        raise ValueError("heads.segmentation_weight needs lesion masks: synthetic data only")
     if data_dir is None:
-        train_set = synthetic_split(config, "train", config.data.train_images, unit_spec)
-        val_set = synthetic_split(config, "val", config.data.val_images, unit_spec)
+        train_set = synthetic_split(
+            config, "train", config.data.train_images, unit_spec, masks=want_masks
+        )
+        val_set = synthetic_split(
+            config, "val", config.data.val_images, unit_spec, masks=want_masks
+        )
         dataset_name = f"synthetic phantoms, sites {config.data.sites}, seed {config.data.seed}"
     else:
         train_set, val_set, refused = folder_splits(config, data_dir, unit_spec)
@@ -542,26 +873,71 @@ def train(
         f"({time.perf_counter() - started:.1f}s)"
     )
 
-    mean = float(train_set.images.mean())
-    std = float(train_set.images.std()) or 1.0
+    if initial is not None:
+        # The fine-tuned model keeps the old input statistics: the old task stays valid.
+        mean, std = initial.mean, initial.std
+    else:
+        mean = float(train_set.images.mean())
+        std = float(train_set.images.std()) or 1.0
     x_train_unit = torch.from_numpy(train_set.images).unsqueeze(1)
     x_val = (torch.from_numpy(val_set.images).unsqueeze(1) - mean) / std
     y_train = torch.from_numpy(train_set.targets)
+    s_train = torch.from_numpy(train_set.sites)
+    m_train = (
+        torch.from_numpy(train_set.masks).unsqueeze(1) if train_set.masks is not None else None
+    )
     weights = class_weights_for(train_set.targets, len(labels))
 
-    arch = config.architecture()
-    model = DIANet(arch)
+    model = build_network(config, initial)
+    arch_name = initial.architecture if initial is not None else config.network()[0]
+    arch_config: dict[str, Any] = model.config.to_dict()
+    if int(arch_config["num_classes"]) != len(labels):
+        raise ValueError(
+            f"the model has {arch_config['num_classes']} classes, data.labels {len(labels)}"
+        )
+    fisher_state: FisherState | None = None
+    if initial is not None:
+        model.load_state_dict(initial.state)
+        log(f"initialised from {initial.description}")
+        if ewc_lambda > 0:
+            fisher_state = initial.fisher
+            if fisher_state is None:
+                fisher_state = _old_task_fisher(config, model, initial, ewc_data, unit_spec, log)
+            log(f"EWC: lambda {ewc_lambda:g}, Fisher from {fisher_state.images} images")
+    stride = feature_stride(arch_name, arch_config)
+    dense = _DenseHeads(
+        config.heads,
+        int(arch_config["feature_channels"]),
+        stride,
+        labels.index(config.data.normal_label),
+    )
+    domain = config.domain
+    losses = _DomainLosses(domain, train_set.sites, int(arch_config["latent_dim"]))
+    if (domain.mmd_weight > 0 or domain.adversarial_weight > 0) and not losses.usable:
+        log(
+            "domain alignment: fewer than two known sites in the training data; MMD/adversarial off"
+        )
+    hooks = []
+    if domain.mixstyle_p > 0:
+        mixstyle = MixStyle(domain.mixstyle_p, domain.mixstyle_alpha)
+        hooks = attach_mixstyle(model, mixstyle, domain.mixstyle_stages)
     memory = torch.channels_last if opt.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory)  # type: ignore[call-overload]
-    optimiser = torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+    params = list(model.parameters())
+    if losses.discriminator is not None:
+        params += list(losses.discriminator.parameters())
+    for head in dense.modules():
+        params += list(head.parameters())
+    optimiser = torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(train_set) / opt.batch_size))
+    total_steps = max(1, opt.epochs * steps_per_epoch)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser,
         max_lr=opt.lr,
-        total_steps=max(1, opt.epochs * steps_per_epoch),
+        total_steps=total_steps,
         pct_start=0.15,
     )
-    log(f"model: DIANet, {count_parameters(model)} parameters")
+    log(f"model: {type(model).__name__}, {count_parameters(model)} parameters")
 
     checkpoint = out_dir / CHECKPOINT_NAME
     first_epoch = 0
@@ -571,20 +947,41 @@ def train(
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         schedule.load_state_dict(state["schedule"])
+        if losses.discriminator is not None and state.get("discriminator"):
+            losses.discriminator.load_state_dict(state["discriminator"])
+        if dense.segmentation is not None and state.get("segmentation"):
+            dense.segmentation.load_state_dict(state["segmentation"])
+        if dense.reconstruction is not None and state.get("reconstruction"):
+            dense.reconstruction.load_state_dict(state["reconstruction"])
         first_epoch = int(state["epoch"])
         history = list(state["history"])
         log(f"resumed from {checkpoint} after epoch {first_epoch}")
 
+    names = ("loss", "ce", "het", "kl", "mmd", "adv", "ewc", "seg", "rec")
+    step = first_epoch * steps_per_epoch
     for epoch in range(first_epoch, opt.epochs):
         t0 = time.perf_counter()
         model.train()
+        if losses.discriminator is not None:
+            losses.discriminator.train()
+        dense.train()
+        if initial is not None and config.continual.freeze_batchnorm:
+            for module in model.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         generator = torch.Generator().manual_seed(opt.seed * 1000 + epoch)
         torch.manual_seed(opt.seed * 1000 + epoch)
         order = torch.randperm(len(train_set), generator=generator)
-        sums = np.zeros(4)
+        sums = np.zeros(len(names))
         correct = 0
         for idx in _batches(order, opt.batch_size):
-            unit = _augment(x_train_unit[idx], generator, opt.shift, opt.gamma_jitter)
+            mask = None
+            if m_train is not None:  # shifted together with the image
+                both = torch.cat([x_train_unit[idx], m_train[idx]], dim=1)
+                both = _augment(both, generator, opt.shift, opt.gamma_jitter)
+                unit, mask = both[:, :1], (both[:, 1:] > 0.5).float()
+            else:
+                unit = _augment(x_train_unit[idx], generator, opt.shift, opt.gamma_jitter)
             x = ((unit - mean) / std).contiguous(memory_format=memory)
             y = y_train[idx]
             out = model(x)
@@ -596,31 +993,56 @@ def train(
                 kl_weight=opt.kl_weight,
                 het_samples=opt.het_samples,
             )
+            mmd, adv = losses(out.mu, s_train[idx], step / total_steps)
+            ewc = (
+                ewc_penalty(model, fisher_state) if fisher_state is not None else mmd.new_zeros(())
+            )
+            seg, rec = dense(out.features, x, y, mask)
+            total = (
+                terms.total
+                + domain.mmd_weight * mmd
+                + domain.adversarial_weight * adv
+                + ewc_lambda * ewc
+                + config.heads.segmentation_weight * seg
+                + config.heads.reconstruction_weight * rec
+            )
             optimiser.zero_grad(set_to_none=True)
-            terms.total.backward()
+            total.backward()
             optimiser.step()
             schedule.step()
-            parts = (terms.total, terms.ce, terms.het, terms.kl)
+            step += 1
+            parts = (total, terms.ce, terms.het, terms.kl, mmd, adv, ewc, seg, rec)
             sums += np.asarray([float(t.detach()) for t in parts]) * len(idx)
             correct += int((out.logits.argmax(1) == y).sum())
         sums /= len(train_set)
         val = evaluate(model, x_val, val_set.targets)
-        record = {
-            "epoch": float(epoch + 1),
-            "loss": sums[0],
-            "ce": sums[1],
-            "het": sums[2],
-            "kl": sums[3],
-            "train_accuracy": correct / len(train_set),
-            "val_accuracy": val.accuracy,
-            "val_balanced_accuracy": val.balanced_accuracy,
-            "val_nll": val.nll,
-            "seconds": time.perf_counter() - t0,
-        }
+        record = {name: float(v) for name, v in zip(names, sums, strict=True)}
+        record.update(
+            {
+                "epoch": float(epoch + 1),
+                "train_accuracy": correct / len(train_set),
+                "val_accuracy": val.accuracy,
+                "val_balanced_accuracy": val.balanced_accuracy,
+                "val_nll": val.nll,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         history.append(record)
+        extras = "".join(
+            f" {name} {record[name]:.4f}"
+            for name, on in (
+                ("mmd", domain.mmd_weight > 0),
+                ("adv", losses.discriminator is not None),
+                ("ewc", fisher_state is not None),
+                ("seg", dense.segmentation is not None),
+                ("rec", dense.reconstruction is not None),
+            )
+            if on
+        )
         log(
             f"epoch {epoch + 1}/{opt.epochs} loss {sums[0]:.4f} (ce {sums[1]:.4f} "
-            f"het {sums[2]:.4f} kl {sums[3]:.4f}) train_acc {record['train_accuracy']:.3f} "
+            f"het {sums[2]:.4f} kl {sums[3]:.4f}{extras}) "
+            f"train_acc {record['train_accuracy']:.3f} "
             f"val_acc {val.accuracy:.3f} val_bal_acc {val.balanced_accuracy:.3f} "
             f"val_nll {val.nll:.4f} lr {schedule.get_last_lr()[0]:.2e} "
             f"{record['seconds']:.1f}s"
@@ -630,12 +1052,25 @@ def train(
                 "model": model.state_dict(),
                 "optimiser": optimiser.state_dict(),
                 "schedule": schedule.state_dict(),
+                "discriminator": (
+                    losses.discriminator.state_dict() if losses.discriminator is not None else None
+                ),
                 "epoch": epoch + 1,
                 "history": history,
+                "architecture": arch_name,
+                "architecture_config": arch_config,
+                "input_stats": (mean, std),
+                "fisher": fisher_state.to_dict() if fisher_state is not None else None,
+                "segmentation": dense.segmentation.state_dict() if dense.segmentation else None,
+                "reconstruction": (
+                    dense.reconstruction.state_dict() if dense.reconstruction else None
+                ),
             },
             checkpoint,
         )
 
+    for hook in hooks:
+        hook.remove()
     model = model.to(memory_format=torch.contiguous_format).eval()
     cal = config.calibration
     x_train = (x_train_unit - mean) / std
@@ -643,7 +1078,8 @@ def train(
     val_pooled, val_mu, _ = encode_all(model, x_val)
     generator = torch.Generator().manual_seed(opt.seed + 7)
     with torch.no_grad():
-        mc_logits, mc_log_var = mc_head(model, val_pooled, cal.mc_samples, generator)
+        # AMRI-Net shares DIANet's head interface, which is all mc_head uses.
+        mc_logits, mc_log_var = mc_head(cast(DIANet, model), val_pooled, cal.mc_samples, generator)
     temperature = fit_temperature(mc_logits, val_set.targets)
     summary = summarise_mc(mc_logits, mc_log_var, temperature)
     threshold = float(np.quantile(summary.score, 1.0 - cal.target_review_rate))
@@ -674,12 +1110,29 @@ def train(
 
     weights_path = out_dir / WEIGHTS_NAME
     torch.save(copy.deepcopy(model.state_dict()), weights_path)
+    if config.continual.fisher_images > 0:
+        fisher_path = save_fisher(
+            _compute_fisher(model, x_train, y_train, config.continual.fisher_images, dataset_name),
+            out_dir / FISHER_NAME,
+        )
+        log(f"wrote {fisher_path} (EWC Fisher information)")
+    if dense.modules():
+        head_metrics = dense.validate(model, x_val, val_set.targets, val_set.masks)
+        dense.save(out_dir / HEADS_NAME, stride, head_metrics)
+        log(
+            f"wrote {out_dir / HEADS_NAME} (dense heads)"
+            + "".join(f", {k} {v:.3f}" for k, v in head_metrics.items())
+        )
+    if initial is not None:
+        dataset_name += f"; fine-tuned from {initial.description}"
+        if ewc_lambda > 0:
+            dataset_name += f" with EWC lambda {ewc_lambda:g}"
     seconds = time.perf_counter() - started
     manifest = ModelManifest(
         name=config.name,
         version=config.version,
         architecture="dianet",
-        architecture_config=arch.to_dict(),
+        architecture_config=arch_config,
         labels=labels,
         finding_labels=[name for name in labels if name != config.data.normal_label],
         input=InputSpec(size=p.input_size, channels=1),
@@ -715,7 +1168,7 @@ def train(
             preset=config.preset,
         ),
     )
-    manifest_path = write_manifest(manifest, out_dir)
+    manifest_path = write_model_manifest(manifest, arch_name, out_dir)
     if checkpoint.exists():
         os.remove(checkpoint)
     log(
@@ -730,3 +1183,41 @@ def train(
         Evaluation(val_accuracy, val_balanced, val_nll),
         history,
     )
+
+
+def _old_task_fisher(
+    config: TrainingConfig,
+    model: torch.nn.Module,
+    initial: InitialModel,
+    ewc_data: Path | None,
+    spec: PreprocessSpec,
+    log: Callable[[str], None],
+) -> FisherState:
+    """Fisher information of the starting model on its old task's data.
+
+    ``ewc_data`` is a labelled DICOM folder of the old task; without it the old task is taken
+    to be the synthetic data of ``config.data`` with its default sites and class mix.
+    """
+    images = max(1, config.continual.fisher_images)
+    if ewc_data is not None:
+        items = scan_folder(ewc_data, labels=config.data.labels)
+        unit, kept, _ = load_unit_images(items, spec)
+        index = {name: i for i, name in enumerate(config.data.labels)}
+        targets = np.asarray([index[items[i].label] for i in kept], dtype=np.int64)
+        where = f"DICOM folder {Path(ewc_data).name}"
+    else:
+        old = copy.deepcopy(config)
+        old.data = DataConfig(
+            labels=list(config.data.labels),
+            normal_label=config.data.normal_label,
+            sizes=list(config.data.sizes),
+            workers=config.data.workers,
+        )
+        made = synthetic_split(old, "train", images, spec)
+        unit, targets = made.images, made.targets
+        where = f"synthetic phantoms, sites {old.data.sites}"
+    if len(targets) == 0:
+        raise ValueError("no images to estimate the old task's Fisher information on")
+    log(f"EWC: no Fisher file with {initial.description}; estimating it on {where}")
+    x = (torch.from_numpy(unit).unsqueeze(1) - initial.mean) / initial.std
+    return _compute_fisher(model, x, torch.from_numpy(targets), images, where)

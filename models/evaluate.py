@@ -1,0 +1,755 @@
+"""Evaluate a trained model through the node's own analyser and write a report.
+
+``evaluate_model`` reads a labelled DICOM folder (``labels.csv`` as in
+:mod:`models.data.dicom_dataset`; an optional ``box`` column ``"x0 y0 x1 y1"`` or the synthetic
+``<file>.truth.json`` side-cars give lesion boxes), analyses every study with
+:class:`acwi_node.inference.analyser.Analyser` exactly as the node does, and computes per
+image (``K`` labels):
+
+* accuracy, balanced accuracy, confusion matrix;
+* per-class one-vs-rest ROC curve and AUC (probability of the class as the score);
+* at the operating point (the most probable label): per-class sensitivity/specificity, and
+  the screening view "any finding" vs the normal label;
+* expected calibration error (15 equal-width bins of the top-label confidence) with and
+  without the manifest's temperature, and their reliability diagrams;
+* the triage curve: accuracy of the automatically accepted images as the uncertainty
+  threshold sweeps the review rate from 0 to 1, and the review rate at the manifest's
+  threshold (uncertainty alone, and uncertainty or OOD as the node decides);
+* a per-site breakdown;
+* heatmap faithfulness by the pointing game: the heatmap's peak lies inside the lesion box
+  (strictly, and with a tolerance of half a feature cell, the heatmap's resolution);
+* OOD AUROC: the OOD score separating images of sites the model was not trained on from
+  images of its training sites, when both are present.
+
+``write_report`` writes ``metrics.json``, ``report.md`` and PNG plots (matplotlib, Agg).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+
+from acwi_node.inference.analyser import Analyser, NothingToAnalyse
+from acwi_node.inference.types import StudyAnalysis
+from models.data.dicom_dataset import LABELS_CSV, LabelledImage, scan_folder
+from models.model_io import load_analyser
+from models.networks import feature_stride
+
+ECE_BINS = 15
+Box = tuple[int, int, int, int]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates over every threshold (ties handled as one step)."""
+    scores = np.asarray(scores, dtype=float)
+    positive = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("ROC needs both positive and negative cases")
+    order = np.argsort(-scores, kind="mergesort")
+    s, p = scores[order], positive[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each distinct score
+    tp = np.cumsum(p)[last]
+    fp = np.cumsum(~p)[last]
+    return np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos]
+
+
+def auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    """Area under a ROC curve (trapezoidal rule)."""
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """AUROC, or None when one of the two groups is empty."""
+    positive = np.asarray(positive, dtype=bool)
+    if positive.all() or not positive.any():
+        return None
+    return auc(*roc_curve(scores, positive))
+
+
+def balanced_accuracy(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
+    """Mean per-class recall over the classes present in ``truth``."""
+    recalls = [
+        float((pred[truth == k] == k).mean()) for k in range(num_classes) if (truth == k).any()
+    ]
+    return float(np.mean(recalls)) if recalls else math.nan
+
+
+@dataclass(frozen=True)
+class Reliability:
+    """Reliability diagram bins and the expected calibration error."""
+
+    ece: float
+    bin_confidence: list[float | None]
+    bin_accuracy: list[float | None]
+    bin_count: list[int]
+
+
+def reliability(probabilities: np.ndarray, truth: np.ndarray, bins: int = ECE_BINS) -> Reliability:
+    """Top-label calibration: ``ECE = sum_b n_b / N * |acc_b - conf_b|``."""
+    conf = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == truth
+    index = np.minimum((conf * bins).astype(int), bins - 1)
+    ece = 0.0
+    confs: list[float | None] = []
+    accs: list[float | None] = []
+    counts: list[int] = []
+    for b in range(bins):
+        sel = index == b
+        n = int(sel.sum())
+        counts.append(n)
+        if n == 0:
+            confs.append(None)
+            accs.append(None)
+            continue
+        c, a = float(conf[sel].mean()), float(correct[sel].mean())
+        confs.append(c)
+        accs.append(a)
+        ece += n / len(truth) * abs(a - c)
+    return Reliability(float(ece), confs, accs, counts)
+
+
+def triage_curve(
+    score: np.ndarray, correct: np.ndarray, points: int = 101
+) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy of auto-accepted images (the least uncertain) against the review rate.
+
+    For review rate ``r`` the ``round(r N)`` most uncertain images go to review; the rest
+    are accepted. Accuracy at ``r = 1`` (nothing accepted) is reported as 1.
+    """
+    order = np.argsort(score, kind="mergesort")  # most certain first
+    ok = np.asarray(correct, dtype=float)[order]
+    rates = np.linspace(0.0, 1.0, points)
+    n = len(ok)
+    accuracy = []
+    for r in rates:
+        accepted = n - int(round(r * n))
+        accuracy.append(float(ok[:accepted].mean()) if accepted > 0 else 1.0)
+    return rates, np.asarray(accuracy)
+
+
+def sens_spec(pred_positive: np.ndarray, positive: np.ndarray) -> dict[str, float | None]:
+    """Sensitivity and specificity of a binary decision."""
+    pos, neg = positive.astype(bool), ~positive.astype(bool)
+    return {
+        "sensitivity": float(pred_positive[pos].mean()) if pos.any() else None,
+        "specificity": float((~pred_positive[neg]).mean()) if neg.any() else None,
+        "positives": int(pos.sum()),
+        "negatives": int(neg.sum()),
+    }
+
+
+def pointing_hit(heatmap: np.ndarray, box: Box, tolerance: float = 0.0) -> bool:
+    """Whether the heatmap's peak lies inside ``box`` (inclusive) grown by ``tolerance`` px."""
+    if float(heatmap.max()) <= 0.0:
+        return False
+    y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    x0, y0, x1, y1 = box
+    return bool(x0 - tolerance <= x <= x1 + tolerance and y0 - tolerance <= y <= y1 + tolerance)
+
+
+def centre_value(heatmap: np.ndarray, box: Box) -> float:
+    """The (peak-normalised) heatmap value at the centre of ``box``."""
+    x0, y0, x1, y1 = box
+    rows, cols = heatmap.shape
+    y = min(max((y0 + y1) // 2, 0), rows - 1)
+    x = min(max((x0 + x1) // 2, 0), cols - 1)
+    return float(heatmap[y, x])
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class EvalImage:
+    """One labelled image with its optional lesion box (pixel coordinates, inclusive)."""
+
+    item: LabelledImage
+    box: Box | None
+
+
+def _parse_box(text: str | None) -> Box | None:
+    parts = (text or "").split()
+    if len(parts) != 4:
+        return None
+    x0, y0, x1, y1 = (int(float(p)) for p in parts)
+    return (x0, y0, x1, y1)
+
+
+def read_boxes(root: Path, items: Sequence[LabelledImage]) -> dict[str, Box]:
+    """Lesion boxes by SOP Instance UID from ``labels.csv``'s ``box`` column, else side-cars."""
+    boxes: dict[str, Box] = {}
+    csv_path = Path(root) / LABELS_CSV
+    if csv_path.is_file():
+        import csv
+
+        with csv_path.open(newline="") as fh:
+            for row in csv.DictReader(fh):
+                box = _parse_box(row.get("box"))
+                sop = (row.get("sop_instance_uid") or "").strip()
+                if box is not None and sop:
+                    boxes[sop] = box
+    for item in items:
+        if item.sop_instance_uid in boxes:
+            continue
+        side_car = item.path.with_suffix(".truth.json")
+        if side_car.is_file():
+            truth = json.loads(side_car.read_text())
+            if truth.get("box"):
+                boxes[item.sop_instance_uid] = tuple(int(v) for v in truth["box"])  # type: ignore[assignment]
+    return boxes
+
+
+def heatmap_grid(architecture_config: dict[str, Any], input_size: int) -> int:
+    """Feature-map (and so heatmap) cells per side for a model's architecture config."""
+    architecture = "dianet" if "pyramid_levels" in architecture_config else "amrinet"
+    return max(1, input_size // feature_stride(architecture, architecture_config))
+
+
+def training_sites(dataset: str) -> list[int] | None:
+    """Sites named in a manifest's ``training.dataset`` (``"... sites [0, 1] ..."``)."""
+    match = re.search(r"sites \[([0-9,\s]*)\]", dataset)
+    if not match:
+        return None
+    return [int(v) for v in match.group(1).split(",") if v.strip()]
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class Collected:
+    """Per-image analyser outputs (``N`` images, ``K`` labels)."""
+
+    labels: list[str]
+    truth: np.ndarray  # (N,)
+    sites: np.ndarray  # (N,), -1 unknown
+    probabilities: np.ndarray  # (N, K), calibrated as the node reports them
+    raw_probabilities: np.ndarray  # (N, K), the same MC samples at temperature 1
+    score: np.ndarray
+    ood: np.ndarray
+    needs_review_image: np.ndarray  # score or OOD over the manifest thresholds
+    study_of: list[str]
+    study_needs_review: dict[str, bool]
+    pointing: list[dict[str, Any]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def collect(
+    analyser: Analyser,
+    images: Sequence[EvalImage],
+    *,
+    log: Callable[[str], None] = print,
+) -> Collected:
+    """Analyse every study of ``images`` with the node's analyser (and at temperature 1)."""
+    manifest = analyser.manifest
+    raw = Analyser(
+        analyser.model,
+        manifest.model_copy(update={"temperature": 1.0}),
+        device=str(analyser.device),
+        mc_samples=analyser.mc_samples,
+        batch_size=analyser.batch_size,
+        engine=analyser.engine,
+    )
+    by_study: dict[str, list[EvalImage]] = {}
+    for image in images:
+        by_study.setdefault(image.item.study_instance_uid, []).append(image)
+    index = {name: i for i, name in enumerate(analyser.labels)}
+    grid = heatmap_grid(manifest.architecture_config, manifest.input.size)
+    truth: list[int] = []
+    sites: list[int] = []
+    probs: list[list[float]] = []
+    raw_probs: list[list[float]] = []
+    scores: list[float] = []
+    oods: list[float] = []
+    study_of: list[str] = []
+    study_review: dict[str, bool] = {}
+    pointing: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    for n, (study, members) in enumerate(by_study.items()):
+        datasets = [pydicom.dcmread(m.item.path) for m in members]
+        try:
+            result: StudyAnalysis = analyser.analyse(datasets)
+            uncal = raw.analyse(datasets)
+        except NothingToAnalyse as exc:
+            skipped[study] = str(exc)
+            continue
+        skipped.update(result.skipped)
+        study_review[study] = result.needs_review
+        by_sop = {m.item.sop_instance_uid: m for m in members}
+        raw_by_sop = {img.sop_instance_uid: img for img in uncal.images}
+        for img in result.images:
+            member = by_sop[img.sop_instance_uid]
+            truth.append(index[member.item.label])
+            sites.append(-1 if member.item.site is None else member.item.site)
+            probs.append([img.probabilities[name] for name in analyser.labels])
+            raw_img = raw_by_sop[img.sop_instance_uid]
+            raw_probs.append([raw_img.probabilities[name] for name in analyser.labels])
+            scores.append(img.uncertainty.score)
+            oods.append(img.ood_score)
+            study_of.append(study)
+            if member.box is not None:
+                rows, cols = img.heatmap.shape
+                tolerance = 0.5 * max(rows, cols) / grid
+                pointing.append(
+                    {
+                        "label": member.item.label,
+                        "site": sites[-1],
+                        "hit": pointing_hit(img.heatmap, member.box),
+                        "hit_tolerant": pointing_hit(img.heatmap, member.box, tolerance),
+                        "centre_value": centre_value(img.heatmap, member.box),
+                    }
+                )
+        if (n + 1) % 50 == 0:
+            log(f"analysed {n + 1}/{len(by_study)} studies")
+    if not truth:
+        raise ValueError("no image could be analysed")
+    score = np.asarray(scores)
+    ood = np.asarray(oods)
+    return Collected(
+        labels=list(analyser.labels),
+        truth=np.asarray(truth),
+        sites=np.asarray(sites),
+        probabilities=np.asarray(probs),
+        raw_probabilities=np.asarray(raw_probs),
+        score=score,
+        ood=ood,
+        needs_review_image=(score > manifest.uncertainty_threshold)
+        | (ood > manifest.ood.threshold),
+        study_of=study_of,
+        study_needs_review=study_review,
+        pointing=pointing,
+        skipped=skipped,
+    )
+
+
+def _none_if_nan(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def compute_metrics(
+    c: Collected,
+    *,
+    uncertainty_threshold: float,
+    normal_labels: Sequence[str],
+    train_sites: Sequence[int] | None,
+) -> dict[str, Any]:
+    """Every number of the report as a JSON-ready dictionary."""
+    k = len(c.labels)
+    pred = c.probabilities.argmax(axis=1)
+    correct = pred == c.truth
+    confusion = np.zeros((k, k), dtype=int)
+    np.add.at(confusion, (c.truth, pred), 1)
+    per_class: dict[str, Any] = {}
+    for j, name in enumerate(c.labels):
+        positive = c.truth == j
+        per_class[name] = {
+            "auc": roc_auc(c.probabilities[:, j], positive),
+            "count": int(positive.sum()),
+            **sens_spec(pred == j, positive),
+        }
+    normal_idx = [c.labels.index(n) for n in normal_labels if n in c.labels]
+    finding_truth = ~np.isin(c.truth, normal_idx)
+    finding_pred = ~np.isin(pred, normal_idx)
+    finding_score = 1.0 - c.probabilities[:, normal_idx].sum(axis=1)
+    calibrated = reliability(c.probabilities, c.truth)
+    uncalibrated = reliability(c.raw_probabilities, c.truth)
+    rates, accepted_accuracy = triage_curve(c.score, correct)
+    review_unc = c.score > uncertainty_threshold
+    accepted = ~review_unc
+    studies = sorted(c.study_needs_review)
+
+    per_site: dict[str, Any] = {}
+    for site in sorted(set(c.sites.tolist())):
+        sel = c.sites == site
+        hits = [p for p in c.pointing if p["site"] == site and p["label"] == "nodule"]
+        per_site[str(site)] = {
+            "images": int(sel.sum()),
+            "accuracy": float(correct[sel].mean()),
+            "balanced_accuracy": _none_if_nan(balanced_accuracy(pred[sel], c.truth[sel], k)),
+            "ece": reliability(c.probabilities[sel], c.truth[sel]).ece,
+            "review_rate": float(c.needs_review_image[sel].mean()),
+            "review_rate_uncertainty": float(review_unc[sel].mean()),
+            "mean_ood_score": float(c.ood[sel].mean()),
+            "nodule_pointing": float(np.mean([p["hit"] for p in hits])) if hits else None,
+            "unseen": bool(train_sites is not None and site not in train_sites),
+        }
+
+    pointing: dict[str, Any] = {}
+    for label in sorted({p["label"] for p in c.pointing}):
+        rows = [p for p in c.pointing if p["label"] == label]
+        pointing[label] = {
+            "cases": len(rows),
+            "hit_rate": float(np.mean([p["hit"] for p in rows])),
+            "hit_rate_tolerant": float(np.mean([p["hit_tolerant"] for p in rows])),
+            "mean_centre_value": float(np.mean([p["centre_value"] for p in rows])),
+        }
+
+    ood: dict[str, Any] = {"train_sites": list(train_sites) if train_sites is not None else None}
+    if train_sites is not None:
+        unseen = ~np.isin(c.sites, list(train_sites)) & (c.sites >= 0)
+        ood["unseen_sites"] = sorted({int(s) for s in c.sites[unseen]})
+        ood["auroc_unseen_site"] = roc_auc(c.ood, unseen)
+        if unseen.any() and (~unseen).any():
+            ood["mean_score_seen"] = float(c.ood[~unseen].mean())
+            ood["mean_score_unseen"] = float(c.ood[unseen].mean())
+
+    return {
+        "images": len(c.truth),
+        "studies": len(studies),
+        "skipped": len(c.skipped),
+        "labels": list(c.labels),
+        "accuracy": float(correct.mean()),
+        "balanced_accuracy": balanced_accuracy(pred, c.truth, k),
+        "confusion_matrix": confusion.tolist(),
+        "per_class": per_class,
+        "macro_auc": _none_if_nan(
+            float(np.mean([v["auc"] for v in per_class.values() if v["auc"] is not None]))
+            if any(v["auc"] is not None for v in per_class.values())
+            else math.nan
+        ),
+        "finding_vs_normal": {
+            "auc": roc_auc(finding_score, finding_truth),
+            **sens_spec(finding_pred, finding_truth),
+        },
+        "calibration": {
+            "ece": calibrated.ece,
+            "ece_before_temperature": uncalibrated.ece,
+            "nll": float(
+                -np.log(
+                    np.clip(c.probabilities[np.arange(len(c.truth)), c.truth], 1e-12, None)
+                ).mean()
+            ),
+            "reliability": dataclasses.asdict(calibrated),
+            "reliability_before_temperature": dataclasses.asdict(uncalibrated),
+        },
+        "triage": {
+            "uncertainty_threshold": uncertainty_threshold,
+            "review_rate_uncertainty": float(review_unc.mean()),
+            "review_rate": float(c.needs_review_image.mean()),
+            "study_review_rate": float(np.mean([c.study_needs_review[s] for s in studies])),
+            "accepted_accuracy": float(correct[accepted].mean()) if accepted.any() else None,
+            "reviewed_accuracy": float(correct[review_unc].mean()) if review_unc.any() else None,
+            "curve": {
+                "review_rate": rates.tolist(),
+                "accepted_accuracy": accepted_accuracy.tolist(),
+            },
+        },
+        "per_site": per_site,
+        "pointing_game": pointing,
+        "ood": ood,
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _plots(c: Collected, metrics: dict[str, Any], out: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files: dict[str, str] = {}
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for j, name in enumerate(c.labels):
+        positive = c.truth == j
+        if positive.all() or not positive.any():
+            continue
+        fpr, tpr = roc_curve(c.probabilities[:, j], positive)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title="ROC (one vs rest)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "roc.png", dpi=110)
+    plt.close(fig)
+    files["roc"] = "roc.png"
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    cal = metrics["calibration"]
+    for key, name in (
+        ("reliability_before_temperature", f"T = 1 (ECE {cal['ece_before_temperature']:.3f})"),
+        ("reliability", f"T = {metrics['temperature']:.3f} (ECE {cal['ece']:.3f})"),
+    ):
+        rel = cal[key]
+        pts = [
+            (conf, acc)
+            for conf, acc in zip(rel["bin_confidence"], rel["bin_accuracy"], strict=True)
+            if conf is not None
+        ]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set(xlabel="confidence (top label)", ylabel="accuracy", title="Reliability diagram")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "reliability.png", dpi=110)
+    plt.close(fig)
+    files["reliability"] = "reliability.png"
+
+    tri = metrics["triage"]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(tri["curve"]["review_rate"], tri["curve"]["accepted_accuracy"])
+    ax.axvline(
+        tri["review_rate_uncertainty"],
+        color="tab:red",
+        linestyle="--",
+        label=f"manifest threshold ({tri['review_rate_uncertainty']:.1%} reviewed)",
+    )
+    ax.set(xlabel="review rate", ylabel="accuracy of auto-accepted", title="Triage curve")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "triage.png", dpi=110)
+    plt.close(fig)
+    files["triage"] = "triage.png"
+
+    sites = metrics["per_site"]
+    if sites:
+        names = list(sites)
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        x = np.arange(len(names))
+        ax.bar(x - 0.2, [sites[s]["accuracy"] for s in names], 0.4, label="accuracy")
+        ax.bar(x + 0.2, [sites[s]["review_rate"] for s in names], 0.4, label="review rate")
+        ax.set_xticks(x, [f"site {s}" + (" *" if sites[s]["unseen"] else "") for s in names])
+        ax.set_ylim(0, 1.05)
+        ax.set_title("Per site (* = not in training)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "per_site.png", dpi=110)
+        plt.close(fig)
+        files["per_site"] = "per_site.png"
+
+    if metrics["ood"].get("auroc_unseen_site") is not None:
+        train_sites = metrics["ood"]["train_sites"]
+        unseen = ~np.isin(c.sites, train_sites) & (c.sites >= 0)
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        bins = np.linspace(0, float(np.quantile(c.ood, 0.995)) * 1.05 + 1e-9, 40).tolist()
+        ax.hist(c.ood[~unseen], bins=bins, alpha=0.6, density=True, label="training sites")
+        ax.hist(c.ood[unseen], bins=bins, alpha=0.6, density=True, label="unseen sites")
+        ax.axvline(metrics["ood_threshold"], color="tab:red", linestyle="--", label="threshold")
+        ax.set(
+            xlabel="OOD score",
+            ylabel="density",
+            title=f"OOD score (AUROC {metrics['ood']['auroc_unseen_site']:.3f})",
+        )
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "ood.png", dpi=110)
+        plt.close(fig)
+        files["ood"] = "ood.png"
+    return files
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _markdown(metrics: dict[str, Any], files: dict[str, str]) -> str:
+    m = metrics
+    lines = [
+        f"# Evaluation of {m['model']['name']} {m['model']['version']}",
+        "",
+        f"Data: `{m['data']}`: {m['images']} images in {m['studies']} studies "
+        f"({m['skipped']} skipped). Analysed with the node's analyser, {m['mc_samples']} "
+        f"Monte-Carlo samples, in {m['seconds']:.1f} s.",
+        "",
+        "## Classification",
+        "",
+        f"- accuracy {_fmt(m['accuracy'])}, balanced accuracy {_fmt(m['balanced_accuracy'])}, "
+        f"macro AUC {_fmt(m['macro_auc'])}",
+        f"- finding vs normal: AUC {_fmt(m['finding_vs_normal']['auc'])}, sensitivity "
+        f"{_fmt(m['finding_vs_normal']['sensitivity'])}, specificity "
+        f"{_fmt(m['finding_vs_normal']['specificity'])} (operating point: most probable label)",
+        "",
+        "| label | images | AUC | sensitivity | specificity |",
+        "|---|---|---|---|---|",
+    ]
+    for name, v in m["per_class"].items():
+        lines.append(
+            f"| {name} | {v['count']} | {_fmt(v['auc'])} | {_fmt(v['sensitivity'])} | "
+            f"{_fmt(v['specificity'])} |"
+        )
+    lines += ["", "Confusion matrix (rows: truth, columns: prediction):", ""]
+    lines.append("| | " + " | ".join(m["labels"]) + " |")
+    lines.append("|---" * (len(m["labels"]) + 1) + "|")
+    for name, row in zip(m["labels"], m["confusion_matrix"], strict=True):
+        lines.append(f"| **{name}** | " + " | ".join(str(v) for v in row) + " |")
+    if "roc" in files:
+        lines += ["", f"![ROC]({files['roc']})"]
+    cal = m["calibration"]
+    tri = m["triage"]
+    lines += [
+        "",
+        "## Calibration",
+        "",
+        f"ECE {_fmt(cal['ece'])} at the manifest temperature {_fmt(m['temperature'])} "
+        f"(ECE {_fmt(cal['ece_before_temperature'])} at T = 1); NLL {_fmt(cal['nll'], 4)}.",
+        "",
+        f"![Reliability]({files['reliability']})",
+        "",
+        "## Triage",
+        "",
+        f"At the manifest uncertainty threshold {_fmt(tri['uncertainty_threshold'], 4)} "
+        f"{_fmt(tri['review_rate_uncertainty'])} of images go to review on uncertainty "
+        f"(target {_fmt(m['target_review_rate'])}); with the OOD flag as the node decides, "
+        f"{_fmt(tri['review_rate'])} of images and {_fmt(tri['study_review_rate'])} of studies. "
+        f"Accuracy of the auto-accepted images {_fmt(tri['accepted_accuracy'])}, of the "
+        f"reviewed ones {_fmt(tri['reviewed_accuracy'])}.",
+        "",
+        f"![Triage]({files['triage']})",
+        "",
+        "## Per site",
+        "",
+        "| site | images | accuracy | balanced | ECE | review rate | mean OOD | nodule pointing |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for site, v in m["per_site"].items():
+        mark = " (unseen)" if v["unseen"] else ""
+        lines.append(
+            f"| {site}{mark} | {v['images']} | {_fmt(v['accuracy'])} | "
+            f"{_fmt(v['balanced_accuracy'])} | {_fmt(v['ece'])} | {_fmt(v['review_rate'])} | "
+            f"{_fmt(v['mean_ood_score'])} | {_fmt(v['nodule_pointing'])} |"
+        )
+    if "per_site" in files:
+        lines += ["", f"![Per site]({files['per_site']})"]
+    lines += ["", "## Heatmap faithfulness (pointing game)", ""]
+    if m["pointing_game"]:
+        lines += [
+            "Hit: the heatmap's peak lies inside the ground-truth lesion box; tolerant: within "
+            "half a feature cell of it (the CAM has the feature map's resolution, "
+            f"{m['heatmap_grid']} x {m['heatmap_grid']} cells); centre value: the heatmap "
+            "(1 = its peak) at the box centre.",
+            "",
+            "| label | cases | hit rate | tolerant hit rate | mean centre value |",
+            "|---|---|---|---|---|",
+        ]
+        for label, v in m["pointing_game"].items():
+            lines.append(
+                f"| {label} | {v['cases']} | {_fmt(v['hit_rate'])} | "
+                f"{_fmt(v['hit_rate_tolerant'])} | {_fmt(v['mean_centre_value'])} |"
+            )
+    else:
+        lines.append("No lesion boxes in the data.")
+    ood = m["ood"]
+    lines += ["", "## Out-of-distribution detection", ""]
+    if ood.get("auroc_unseen_site") is not None:
+        lines += [
+            f"OOD score AUROC, unseen sites {ood['unseen_sites']} vs training sites "
+            f"{ood['train_sites']}: {_fmt(ood['auroc_unseen_site'])} (mean score "
+            f"{_fmt(ood['mean_score_seen'])} vs {_fmt(ood['mean_score_unseen'])}, threshold "
+            f"{_fmt(m['ood_threshold'])}).",
+            "",
+            f"![OOD]({files['ood']})",
+        ]
+    else:
+        lines.append("No images from sites outside the training set (or training sites unknown).")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_model(
+    model: Path,
+    data: Path,
+    out_dir: Path | None = None,
+    *,
+    mc_samples: int = 20,
+    threads: int | None = None,
+    train_sites: Sequence[int] | None = None,
+    analyser: Analyser | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Analyse ``data`` with the model at ``model`` (manifest or folder); return the metrics.
+
+    With ``out_dir``, also write ``metrics.json``, ``report.md`` and the PNG plots there.
+    ``train_sites`` defaults to the sites named in the manifest's training summary.
+    """
+    started = time.perf_counter()
+    if not (Path(data) / LABELS_CSV).is_file():
+        raise ValueError(f"{data} has no {LABELS_CSV}")
+    analyser = analyser or load_analyser(Path(model), mc_samples=mc_samples, threads=threads)
+    manifest = analyser.manifest
+    items = scan_folder(Path(data), labels=analyser.labels)
+    if not items:
+        raise ValueError(f"no labelled DICOM images found under {data}")
+    boxes = read_boxes(Path(data), items)
+    images = [EvalImage(item, boxes.get(item.sop_instance_uid)) for item in items]
+    collected = collect(analyser, images, log=log)
+    if train_sites is None:
+        train_sites = training_sites(manifest.training.dataset)
+    normal = [name for name in manifest.labels if name not in manifest.finding_labels]
+    metrics = compute_metrics(
+        collected,
+        uncertainty_threshold=manifest.uncertainty_threshold,
+        normal_labels=normal,
+        train_sites=train_sites,
+    )
+    metrics.update(
+        {
+            "model": {"name": manifest.name, "version": manifest.version},
+            "data": str(data),
+            "mc_samples": analyser.mc_samples,
+            "temperature": manifest.temperature,
+            "target_review_rate": manifest.target_review_rate,
+            "ood_threshold": manifest.ood.threshold,
+            "heatmap_grid": heatmap_grid(manifest.architecture_config, manifest.input.size),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+    )
+    if out_dir is not None:
+        write_report(collected, metrics, Path(out_dir))
+    return metrics
+
+
+def write_report(c: Collected, metrics: dict[str, Any], out_dir: Path) -> None:
+    """``metrics.json``, ``report.md`` and the PNG plots."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = _plots(c, metrics, out_dir)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out_dir / "report.md").write_text(_markdown(metrics, files))
+
+
+def summary_lines(metrics: dict[str, Any]) -> list[str]:
+    """A short console summary."""
+    tri = metrics["triage"]
+    lines = [
+        f"images {metrics['images']} ({metrics['studies']} studies): accuracy "
+        f"{metrics['accuracy']:.3f}, balanced {metrics['balanced_accuracy']:.3f}, macro AUC "
+        f"{_fmt(metrics['macro_auc'])}, ECE {metrics['calibration']['ece']:.3f} "
+        f"(T=1: {metrics['calibration']['ece_before_temperature']:.3f})",
+        f"review rate {tri['review_rate']:.3f} (uncertainty {tri['review_rate_uncertainty']:.3f}),"
+        f" accepted accuracy {_fmt(tri['accepted_accuracy'])}",
+    ]
+    for site, v in metrics["per_site"].items():
+        mark = " (unseen)" if v["unseen"] else ""
+        lines.append(
+            f"  site {site}{mark}: accuracy {v['accuracy']:.3f} ({v['images']} images), "
+            f"review rate {v['review_rate']:.3f}"
+        )
+    for label, v in metrics["pointing_game"].items():
+        lines.append(
+            f"  pointing game {label}: {v['hit_rate']:.3f}, within half a cell "
+            f"{v['hit_rate_tolerant']:.3f}, centre value {v['mean_centre_value']:.3f} "
+            f"({v['cases']} cases)"
+        )
+    if metrics["ood"].get("auroc_unseen_site") is not None:
+        lines.append(f"  OOD AUROC unseen site: {metrics['ood']['auroc_unseen_site']:.3f}")
+    return lines

@@ -11,11 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from kombu import pools as kombu_pools
 
 from acwi_node.config import Settings
 
 ANALYSE_TASK = "acwi_node.analyse"
 ANALYSIS_QUEUE = "analysis"
+#: STAT work (an HL7 order with priority S); workers consume it before ANALYSIS_QUEUE.
+HIGH_PRIORITY_QUEUE = "analysis.high"
 
 app = Celery("acwi_node")
 
@@ -38,12 +41,18 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": False,
         "enable_utc": True,
     }
-    transport: dict[str, Any] = {"visibility_timeout": settings.worker.visibility_timeout_s}
+    transport: dict[str, Any] = {
+        "visibility_timeout": settings.worker.visibility_timeout_s,
+        # Poll the queues in the order the worker lists them (high priority first).
+        "queue_order_strategy": "priority",
+    }
     if settings.broker_url.startswith("filesystem://"):
         folder = settings.embedded_broker_dir
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         transport = {
+            # Broadcast (control) messages too; kombu's default is ./control in the cwd.
+            "control_folder": str(folder / "control"),
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
@@ -61,6 +70,7 @@ def configure(settings: Settings) -> Celery:
         app._pool.force_close_all()
         app._pool = None
     app.amqp._producer_pool = None
+    kombu_pools.reset()  # kombu keeps producer pools per broker URL, across configurations
     app.conf.update(celery_config(settings))
     from acwi_node.tasks import analyse  # noqa: F401  (registers the task)
 

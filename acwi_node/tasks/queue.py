@@ -8,21 +8,35 @@ from collections.abc import Sequence
 from celery import Celery
 
 from acwi_node.ledger import Ledger
-from acwi_node.tasks.app import ANALYSE_TASK, ANALYSIS_QUEUE
+from acwi_node.ledger.repository import STAT_PRIORITY
+from acwi_node.observability import metrics
+from acwi_node.tasks.app import ANALYSE_TASK, ANALYSIS_QUEUE, HIGH_PRIORITY_QUEUE
 
 log = logging.getLogger("acwi_node.queue")
 
 
-def enqueue(celery: Celery, ledger: Ledger, job_ids: Sequence[int]) -> int:
+def queue_for(priority: int) -> str:
+    """The broker queue of a job: STAT jobs go to the high-priority queue."""
+    return HIGH_PRIORITY_QUEUE if priority >= STAT_PRIORITY else ANALYSIS_QUEUE
+
+
+def enqueue(
+    celery: Celery, ledger: Ledger, job_ids: Sequence[int], *, queue: str | None = None
+) -> int:
     """Send one message per job; returns how many were sent.
+
+    ``queue`` forces a broker queue; by default each job goes to :func:`queue_for` its priority
+    in the ledger (so the reconciler re-sends a STAT job to the high-priority queue too).
 
     A broker that is down is logged, not raised: the job stays queued in the ledger and the
     reconciler sends it again later.
     """
     sent: list[int] = []
+    priorities = ledger.job_priorities(job_ids) if queue is None and job_ids else {}
     for job_id in job_ids:
+        target = queue or queue_for(priorities.get(job_id, 0))
         try:
-            celery.send_task(ANALYSE_TASK, args=[job_id], queue=ANALYSIS_QUEUE)
+            celery.send_task(ANALYSE_TASK, args=[job_id], queue=target)
             sent.append(job_id)
         except Exception as exc:
             log.error("job %d: broker unavailable, will retry from the ledger: %s", job_id, exc)
@@ -51,4 +65,6 @@ def reconcile(
         ids = ledger.jobs_to_requeue(older_than_s=requeue_after_s, lease_s=lease_s)
     if ids:
         log.info("reconciler: re-enqueueing %d job(s)", len(ids))
-    return enqueue(celery, ledger, ids)
+    sent = enqueue(celery, ledger, ids)
+    metrics.RECONCILER_REQUEUED.labels("startup" if startup else "periodic").inc(sent)
+    return sent

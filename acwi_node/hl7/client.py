@@ -1,0 +1,233 @@
+"""ORU^R01 results to the RIS: queue a message in the ledger, then deliver it over MLLP.
+
+:func:`queue_oru` builds the message for an analysed job (with a radiologist's verdict once there
+is one) and stores it as an outbound row. :class:`OruSender` sends due rows: ``AA``/``CA`` is
+delivered; ``AR``/``CR`` (rejected) fails at once; ``AE``/``CE``, no answer or no connection is
+retried with exponential back-off and fails after ``max_attempts``. The ledger keeps the state and
+the last acknowledgement code. A retry re-sends the same message with the same MSH-10, so a RIS
+that did receive it but whose ACK was lost can recognise the repeat.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from acwi_node.config import Settings
+from acwi_node.hl7.messages import (
+    AckInfo,
+    HL7Error,
+    OruStudy,
+    Verdict,
+    build_oru,
+    decode,
+    escape,
+    parse_ack,
+)
+from acwi_node.hl7.mllp import FramingError, frame, read_frame_sync
+from acwi_node.ledger import Ledger
+
+log = logging.getLogger("acwi_node.hl7")
+
+_PATIENT_TAGS = [
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+]
+
+
+class SendError(Exception):
+    """No acknowledgement came back (connection, timeout, framing, unreadable reply)."""
+
+
+def send_message(host: str, port: int, message: str, *, timeout_s: float) -> AckInfo:
+    """Send one message over MLLP and return the acknowledgement. Raises :class:`SendError`."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(frame(message.encode("utf-8")))
+            reply = read_frame_sync(sock, max_bytes=1_048_576, timeout_s=timeout_s)
+    except (OSError, FramingError) as exc:
+        raise SendError(f"{type(exc).__name__}: {exc}") from None
+    try:
+        return parse_ack(decode(reply))
+    except HL7Error as exc:
+        raise SendError(f"unreadable acknowledgement: {exc.text}") from None
+
+
+# ----------------------------------------------------------------------- building the ORU
+def _dicom_patient(path: Path | None) -> dict[str, str]:
+    """Patient identifiers from a spooled instance's header (escaped ER7), empty if unreadable."""
+    if path is None:
+        return {}
+    try:
+        ds: Dataset = dcmread(path, stop_before_pixels=True, specific_tags=_PATIENT_TAGS)
+    except Exception:
+        return {}
+    pid = str(ds.get("PatientID", "") or "").strip()
+    issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
+    name = str(ds.get("PatientName", "") or "")
+    comps = [c.strip() for c in name.split("=")[0].split("^")] + [""] * 5
+    family, given, middle, prefix, suffix = comps[:5]
+    # DICOM PN: family^given^middle^prefix^suffix; HL7 XPN: family^given^middle^suffix^prefix
+    xpn = "^".join(escape(c) for c in (family, given, middle, suffix, prefix)).rstrip("^")
+    cx = escape(pid) + (f"^^^{escape(issuer)}" if issuer and pid else "")
+    return {
+        "patient_id": cx,
+        "patient_name": xpn,
+        "birth_date": str(ds.get("PatientBirthDate", "") or "")[:8],
+        "sex": str(ds.get("PatientSex", "") or "")[:1],
+        "accession_number": str(ds.get("AccessionNumber", "") or "").strip()[:64],
+    }
+
+
+def oru_study(settings: Settings, ledger: Ledger, job_id: int) -> OruStudy:
+    """The :class:`OruStudy` of an analysed job: summary from the ledger, patient from the
+    order (by Study Instance UID or accession number), else from the study's DICOM header."""
+    inputs = ledger.job_report_inputs(job_id)
+    if not inputs["summary"]:
+        raise ValueError(f"job {job_id} has no analysis result")
+    rel = inputs["instance_path"]
+    dicom = _dicom_patient(settings.spool_dir / rel if rel else None)
+    order = ledger.hl7_order_for_study(inputs["study_uid"], dicom.get("accession_number", ""))
+    source: dict[str, Any] = order if order is not None else dicom
+    return OruStudy(
+        study_uid=inputs["study_uid"],
+        accession_number=(order or {}).get("accession_number") or dicom.get("accession_number", ""),
+        patient_id=source.get("patient_id") or "",
+        patient_name=source.get("patient_name") or "",
+        birth_date=source.get("birth_date") or "",
+        sex=source.get("sex") or "",
+        placer_order_number=(order or {}).get("placer_order_number") or "",
+        filler_order_number=(order or {}).get("filler_order_number") or "",
+        procedure_code=(order or {}).get("procedure_code") or "",
+        procedure_text=(order or {}).get("procedure_text") or "",
+        summary=inputs["summary"],
+        observed_at=inputs["completed_at"],
+    )
+
+
+def queue_oru(
+    settings: Settings,
+    ledger: Ledger,
+    job_id: int,
+    verdict: Verdict | None = None,
+    *,
+    review_id: int | None = None,
+) -> int | None:
+    """Queue the ORU^R01 of an analysed job for the RIS; returns the outbound row id.
+
+    None when no RIS is configured or the job already has this message (idempotent: a re-run of
+    the analysis does not send twice). A verdict is sent as its own message (kind
+    ``verdict-<review_id>``, or ``verdict`` when no id is given).
+    """
+    cfg = settings.hl7
+    if cfg.ris is None:
+        return None
+    study = oru_study(settings, ledger, job_id)
+    kind = "result" if verdict is None else f"verdict-{review_id}" if review_id else "verdict"
+    control_id = f"ACWI{job_id}{kind[0].upper()}{review_id or ''}T{dt.datetime.now():%y%m%d%H%M%S}"
+    message = build_oru(
+        study,
+        verdict,
+        control_id=control_id[:64],
+        sending=(cfg.sending_application, cfg.sending_facility),
+        receiving=(cfg.ris.receiving_application, cfg.ris.receiving_facility),
+    )
+    row = ledger.add_hl7_outbound(
+        job_id=job_id, kind=kind, control_id=control_id[:64], message=message
+    )
+    if row is not None:
+        log.info("job %d: ORU^R01 (%s) queued for the RIS", job_id, kind)
+    return row
+
+
+def queue_result_safely(settings: Settings, ledger: Ledger, job_id: int) -> None:
+    """The analysis hook: queue the result ORU, logging (never raising) a failure."""
+    if settings.hl7.ris is None:
+        return
+    try:
+        queue_oru(settings, ledger, job_id)
+    except Exception as exc:
+        log.error("job %d: ORU^R01 not queued: %s", job_id, type(exc).__name__)
+
+
+# ---------------------------------------------------------------------------- delivering
+class OruSender:
+    """Drains the ORU outbox to the configured RIS."""
+
+    def __init__(self, settings: Settings, ledger: Ledger) -> None:
+        if settings.hl7.ris is None:
+            raise ValueError("no RIS configured ([hl7.ris])")
+        self.settings = settings
+        self.ris = settings.hl7.ris
+        self.ledger = ledger
+        self._stop = threading.Event()
+
+    def backoff_s(self, attempts_so_far: int) -> float:
+        return float(min(self.ris.backoff_max_s, self.ris.backoff_initial_s * (2**attempts_so_far)))
+
+    def tick(self) -> int:
+        """One pass over the due messages; returns how many were attempted."""
+        due = self.ledger.due_hl7_outbound()
+        for item in due:
+            if self._stop.is_set():
+                break
+            delivered, final, code, error = False, False, "", ""
+            try:
+                ack = send_message(
+                    self.ris.host, self.ris.port, item.message, timeout_s=self.ris.timeout_s
+                )
+                code = ack.code
+                if ack.control_id and ack.control_id != item.control_id:
+                    error = "acknowledgement answers another message"
+                elif code in {"AA", "CA"}:
+                    delivered = True
+                else:
+                    final = code in {"AR", "CR"}
+                    error = ack.text or f"RIS answered {code}"
+            except SendError as exc:
+                error = str(exc)
+            state = self.ledger.record_hl7_attempt(
+                item.id,
+                delivered=delivered,
+                ack_code=code,
+                error=error,
+                max_attempts=self.ris.max_attempts,
+                backoff_s=self.backoff_s(item.attempts),
+                final=final,
+            )
+            if delivered:
+                log.info("ORU %s delivered to the RIS", item.control_id)
+            else:
+                log.warning(
+                    "ORU %s not delivered (%s): %s; now %s",
+                    item.control_id,
+                    code or "no ACK",
+                    error,
+                    state,
+                )
+        return len(due)
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.tick()
+            except Exception:
+                log.exception("ORU sender pass failed; retrying")
+                busy = 0
+            if not busy:
+                self._stop.wait(self.ris.poll_interval_s)
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,124 @@
+"""Order intake: one inbound HL7 message in, its acknowledgement out, the order in the ledger.
+
+``AA`` accepted (the order is stored, keyed by accession number), ``AE`` application error (e.g.
+no accession number), ``AR`` rejected (malformed, or a message type the node does not take). Every
+acknowledgement of a message with a control id (MSH-10) is stored with it, so the same message
+sent again gets the same acknowledgement and creates nothing twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import asdict
+
+from acwi_node.config import Settings
+from acwi_node.hl7.messages import (
+    HL7Error,
+    MshInfo,
+    Rejected,
+    build_ack,
+    decode,
+    extract_order,
+    msh_info,
+    normalise,
+    parse,
+    peek_msh,
+)
+from acwi_node.ledger import Ledger
+
+log = logging.getLogger("acwi_node.hl7")
+
+
+class OrderIntake:
+    """Turns inbound messages into stored orders and acknowledgements (thread-safe)."""
+
+    def __init__(self, settings: Settings, ledger: Ledger) -> None:
+        self.settings = settings
+        self.ledger = ledger
+
+    def _ack(self, answered: MshInfo | None, code: str, text: str) -> str:
+        cfg = self.settings.hl7
+        return build_ack(
+            answered,
+            code,
+            text,
+            control_id=f"ACK{uuid.uuid4().hex[:16].upper()}",
+            application=cfg.sending_application,
+            facility=cfg.sending_facility,
+        )
+
+    def handle(self, raw: bytes) -> bytes:
+        """The acknowledgement (ER7, UTF-8) for one message's bytes. Never raises for bad input."""
+        text = normalise(decode(raw))
+        try:
+            msg = parse(text)
+            info = msh_info(msg)
+        except HL7Error as exc:
+            peeked = peek_msh(text)
+            log.warning("rejected a malformed message (%s)", _describe(peeked))
+            return self._ack(peeked, exc.code, exc.text).encode("utf-8")
+        if not info.control_id:
+            log.warning("rejected a message without MSH-10 (%s)", info.type_code or "no type")
+            return self._ack(info, "AR", "no message control id (MSH-10)").encode("utf-8")
+        stored = self.ledger.hl7_stored_ack(info.sender, info.control_id)
+        if stored is not None:
+            log.info("message %s repeated: answered with its stored ACK", _safe(info.control_id))
+            return stored.encode("utf-8")
+        try:
+            order = extract_order(msg)
+        except HL7Error as exc:
+            ack = self._ack(info, exc.code, exc.text)
+            ack = self.ledger.hl7_record_message(
+                sender=info.sender,
+                control_id=info.control_id,
+                message_type=info.type_code,
+                ack_code=exc.code,
+                ack=ack,
+            )
+            log.warning(
+                "message %s (%s) answered %s: %s",
+                _safe(info.control_id),
+                info.type_code,
+                exc.code,
+                exc.text,
+            )
+            return ack.encode("utf-8")
+        except Exception:
+            log.exception("message %s: unexpected error", _safe(info.control_id))
+            return self._ack(info, "AE", "internal error").encode("utf-8")
+        ack = self._ack(info, "AA", "")
+        fields = asdict(order)
+        ack = self.ledger.hl7_record_message(
+            sender=info.sender,
+            control_id=info.control_id,
+            message_type=info.type_code,
+            ack_code="AA",
+            ack=ack,
+            accession_number=order.accession_number,
+            order=fields,
+            control=order.control,
+        )
+        log.info(
+            "order %s (%s, priority %s%s) accepted from message %s",
+            order.control,
+            info.type_code,
+            order.priority,
+            ", study UID given" if order.study_uid else "",
+            _safe(info.control_id),
+        )
+        return ack.encode("utf-8")
+
+
+def _safe(value: str) -> str:
+    """A control id for the log: printable ASCII only, bounded (it is not patient data)."""
+    return "".join(c if 32 < ord(c) < 127 else "?" for c in value[:40])
+
+
+def _describe(info: MshInfo | None) -> str:
+    if info is None:
+        return "no MSH"
+    return f"type {_safe(info.type_code) or 'none'}, control id {_safe(info.control_id)}"
+
+
+__all__ = ["OrderIntake", "Rejected"]

@@ -1,0 +1,278 @@
+"""The MLLP order listener over loopback: orders, ACKs, duplicates and hostile input."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+
+from acwi_node.config import Settings, load_settings
+from acwi_node.hl7.listener import MllpListener
+from acwi_node.hl7.messages import parse_ack
+from acwi_node.hl7.mllp import END, START, frame, read_frame_sync
+from acwi_node.ingest.completion import CompletionService
+from acwi_node.ledger import InstanceRecord, Ledger
+from acwi_node.ledger.repository import STAT_PRIORITY
+from acwi_node.tasks.app import ANALYSIS_QUEUE, HIGH_PRIORITY_QUEUE, configure
+from tests.conftest import REDIS_URL
+from tests.support.ports import free_port
+
+pytestmark = pytest.mark.integration
+
+STUDY_UID = "1.2.826.0.1.3680043.8.498.77"
+
+
+def orm(cid: str, accession: str = "ACC1", *, name: str = "Doe^John", extra: str = "") -> bytes:
+    obr = "OBR|1|PL1|FI1|CHEST^Chest X-ray^L" + "|" * 14 + accession
+    return "\r".join(
+        [
+            f"MSH|^~\\&|RIS|HOSP|ACWI|ACWI|20240101120000||ORM^O01|{cid}|P|2.5",
+            f"PID|1||PAT1^^^HOSP^MR||{name}||19700101|F",
+            "ORC|NW|PL1|FI1||SC||^^^^^S",
+            obr,
+            *([extra] if extra else []),
+        ]
+    ).encode()
+
+
+@pytest.fixture
+def hl7_settings(tmp_path: Path) -> Settings:
+    return load_settings(
+        None,
+        node={"data_dir": tmp_path / "data", "broker_url": f"{REDIS_URL}/15"},
+        ingest={"fsync": False},
+        completion={"quiet_period_s": 3600},
+        routes=[{"name": "all"}],
+        hl7={
+            "listen_host": "127.0.0.1",
+            "listen_port": free_port(),
+            "max_message_bytes": 4096,
+            "max_connections": 2,
+            "read_timeout_s": 1.0,
+            "idle_timeout_s": 5.0,
+        },
+    )
+
+
+@pytest.fixture
+def node(hl7_settings: Settings) -> Iterator[tuple[MllpListener, Ledger]]:
+    ledger = Ledger(hl7_settings.database_url)
+    listener = MllpListener(hl7_settings, ledger).start()
+    yield listener, ledger
+    listener.stop()
+    ledger.dispose()
+
+
+def connect(listener: MllpListener) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", listener.port), timeout=5)
+
+
+def exchange(listener: MllpListener, payload: bytes) -> tuple[str, str, str]:
+    with connect(listener) as sock:
+        sock.sendall(frame(payload))
+        ack = parse_ack(read_frame_sync(sock, max_bytes=65536, timeout_s=5).decode())
+    return ack.code, ack.control_id, ack.text
+
+
+def closed_without_reply(sock: socket.socket) -> bool:
+    sock.settimeout(5)
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_order_is_stored_and_acknowledged(node: tuple[MllpListener, Ledger]) -> None:
+    listener, ledger = node
+    extra = f"ZDS|{STUDY_UID}^ACWI^Application^DICOM|3"
+    assert exchange(listener, orm("M1", extra=extra)) == ("AA", "M1", "")
+    order = ledger.hl7_order("ACC1")
+    assert order is not None
+    assert order["priority"] == "S"
+    assert order["study_uid"] == STUDY_UID
+    assert order["expected_images"] == 3
+    assert order["patient_name"] == "Doe^John"
+
+
+def test_several_messages_on_one_connection(node: tuple[MllpListener, Ledger]) -> None:
+    listener, ledger = node
+    with connect(listener) as sock:
+        for n in range(3):
+            sock.sendall(frame(orm(f"K{n}", f"ACC-K{n}")))
+            ack = parse_ack(read_frame_sync(sock, max_bytes=65536, timeout_s=5).decode())
+            assert (ack.code, ack.control_id) == ("AA", f"K{n}")
+    assert all(ledger.hl7_order(f"ACC-K{n}") for n in range(3))
+
+
+def test_duplicate_control_id_gets_stored_ack(node: tuple[MllpListener, Ledger]) -> None:
+    listener, ledger = node
+    with connect(listener) as sock:
+        sock.sendall(frame(orm("DUP1", "ACC-D")))
+        first = read_frame_sync(sock, max_bytes=65536, timeout_s=5)
+    # Same MSH-10, different content: the stored ACK comes back and nothing changes.
+    with connect(listener) as sock:
+        sock.sendall(frame(orm("DUP1", "ACC-OTHER")))
+        second = read_frame_sync(sock, max_bytes=65536, timeout_s=5)
+    assert first == second
+    assert ledger.hl7_order("ACC-D") is not None
+    assert ledger.hl7_order("ACC-OTHER") is None
+
+
+def test_missing_accession_is_ae_and_repeat_is_stable(node: tuple[MllpListener, Ledger]) -> None:
+    listener, _ = node
+    code, cid, text = exchange(listener, orm("NOACC", accession=""))
+    assert (code, cid) == ("AE", "NOACC") and "accession" in text
+    assert exchange(listener, orm("NOACC", accession="")) == (code, cid, text)
+
+
+def test_script_in_patient_name(node: tuple[MllpListener, Ledger]) -> None:
+    listener, ledger = node
+    name = "<script>alert(1)</script>^Eve"
+    with connect(listener) as sock:
+        sock.sendall(frame(orm("XSS1", "ACC-X", name=name)))
+        raw = read_frame_sync(sock, max_bytes=65536, timeout_s=5)
+    assert parse_ack(raw.decode()).code == "AA"
+    assert b"script" not in raw  # the ACK does not echo message content
+    order = ledger.hl7_order("ACC-X")
+    assert order is not None and order["patient_name"] == name
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        pytest.param(b"MSH|^~\\&|no start byte" + END, id="no-start-byte"),
+        pytest.param(START + b"MSH|^~\\&|never ends", id="no-end-bytes"),
+        pytest.param(START + b"A" * 10_000, id="oversized-no-end"),
+        pytest.param(frame(b"MSH|" + b"A" * 10_000), id="oversized-framed"),
+        pytest.param(b"\x00\xff\x1c\x0d", id="binary"),
+    ],
+)
+def test_broken_framing_closes_and_listener_serves_next(
+    node: tuple[MllpListener, Ledger], hostile: bytes
+) -> None:
+    listener, _ = node
+    with connect(listener) as sock:
+        sock.sendall(hostile)
+        assert closed_without_reply(sock)
+    assert exchange(listener, orm("AFTER", "ACC-AFTER"))[0] == "AA"
+
+
+@pytest.mark.parametrize(
+    ("payload", "control_id"),
+    [
+        (b"MSH|^~\\&|RIS|H|A|N|2024||ADT^A01|U1|P|2.5\rPID|1||X", "U1"),
+        (b"MSH|^~\\&|RIS|H|A|N|2024||ORM^O01|B1|P|2.5\rQQQ|not a segment", "B1"),
+        (b"this is not HL7", ""),
+    ],
+)
+def test_unsupported_or_malformed_is_ar(
+    node: tuple[MllpListener, Ledger], payload: bytes, control_id: str
+) -> None:
+    listener, _ = node
+    code, cid, _text = exchange(listener, payload)
+    assert (code, cid) == ("AR", control_id)
+    assert exchange(listener, orm("NEXT" + control_id, "ACC-N" + control_id))[0] == "AA"
+
+
+def test_connection_cap(node: tuple[MllpListener, Ledger]) -> None:
+    listener, _ = node
+    held = [connect(listener), connect(listener)]
+    try:
+        # Both held connections are served before the third arrives.
+        for n, sock in enumerate(held):
+            sock.sendall(frame(orm(f"CAP{n}", f"ACC-CAP{n}")))
+            read_frame_sync(sock, max_bytes=65536, timeout_s=5)
+        with connect(listener) as third:
+            third.sendall(frame(orm("CAP3", "ACC-CAP3")))
+            assert closed_without_reply(third)
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 5
+    while True:  # the held connections' slots are freed once their close is seen
+        try:
+            assert exchange(listener, orm("CAP4", "ACC-CAP4"))[0] == "AA"
+            break
+        except (AssertionError, OSError, ValueError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+_CELERY: list[Celery] = []
+
+
+def _celery(settings: Settings) -> Celery:
+    """Configure the Celery app once per process for this broker (kombu keeps one producer
+    pool per broker URL, which a second configure() for the same URL would close)."""
+    if not _CELERY:
+        _CELERY.append(configure(settings))
+    return _CELERY[0]
+
+
+def _receive(ledger: Ledger, count: int) -> int:
+    rec = None
+    for n in range(count):
+        rec = ledger.record_instance(
+            InstanceRecord(
+                study_uid=STUDY_UID,
+                sop_instance_uid=f"{STUDY_UID}.{n + 1}",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+                series_uid=f"{STUDY_UID}.0",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                modality="OT",
+                body_part="",
+                path=f"{STUDY_UID}/{n}.dcm",
+                size=1,
+                calling_ae="MOD",
+            ),
+            first_in_association=n == 0,
+        )
+    assert rec is not None
+    return rec.study_id
+
+
+def test_expected_stat_study_completes_early_on_high_queue(
+    node: tuple[MllpListener, Ledger], hl7_settings: Settings
+) -> None:
+    listener, ledger = node
+    client = redis.Redis.from_url(f"{REDIS_URL}/15")
+    client.delete(ANALYSIS_QUEUE, HIGH_PRIORITY_QUEUE)
+    extra = f"ZDS|{STUDY_UID}^ACWI^Application^DICOM|2"
+    assert exchange(listener, orm("STAT1", "ACC-STAT", extra=extra))[0] == "AA"
+    study_id = _receive(ledger, 1)
+    ledger.association_released([study_id])
+    assert ledger.expected_studies_due() == []  # one of the two announced images
+    _receive(ledger, 2)
+    assert ledger.expected_studies_due() == []  # the association is still open
+    ledger.association_released([study_id])
+    assert ledger.expected_studies_due() == [(study_id, 1)]
+    completion = CompletionService(hl7_settings, ledger, _celery(hl7_settings))
+    job_ids = completion.tick()  # the quiet period (an hour) has not passed
+    assert len(job_ids) == 1
+    assert ledger.job_priorities(job_ids) == {job_ids[0]: STAT_PRIORITY}
+    assert client.llen(HIGH_PRIORITY_QUEUE) == 1
+    assert client.llen(ANALYSIS_QUEUE) == 0
+    client.delete(ANALYSIS_QUEUE, HIGH_PRIORITY_QUEUE)
+
+
+def test_routine_order_uses_normal_queue(
+    node: tuple[MllpListener, Ledger], hl7_settings: Settings
+) -> None:
+    listener, ledger = node
+    client = redis.Redis.from_url(f"{REDIS_URL}/15")
+    client.delete(ANALYSIS_QUEUE, HIGH_PRIORITY_QUEUE)
+    payload = orm("R1", "ACC-R", extra=f"ZDS|{STUDY_UID}").replace(b"^^^^^S", b"^^^^^R")
+    assert exchange(listener, payload)[0] == "AA"
+    study_id = _receive(ledger, 1)
+    ledger.association_released([study_id])
+    completion = CompletionService(hl7_settings, ledger, _celery(hl7_settings))
+    job_ids = completion.tick()
+    assert len(job_ids) == 1 and ledger.job_priorities(job_ids)[job_ids[0]] < STAT_PRIORITY
+    assert client.llen(ANALYSIS_QUEUE) == 1 and client.llen(HIGH_PRIORITY_QUEUE) == 0
+    client.delete(ANALYSIS_QUEUE, HIGH_PRIORITY_QUEUE)

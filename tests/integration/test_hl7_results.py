@@ -1,0 +1,228 @@
+"""ORU^R01 results to a real MLLP peer (a subprocess): delivery, refusals, retries, PID source."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from acwi_node.config import Settings, load_settings
+from acwi_node.hl7.client import OruSender, queue_oru
+from acwi_node.hl7.messages import Verdict, oru_observations
+from acwi_node.hl7.orders import OrderIntake
+from acwi_node.ledger import InstanceRecord, Ledger, ResultFile, RoutedJob, StudyFacts
+from tests.support import write_secondary_capture
+from tests.support.ports import free_port
+
+pytestmark = pytest.mark.integration
+
+STUDY_UID = "1.2.826.0.1.3680043.8.498.88"
+SUMMARY = {
+    "model": {"name": "dianet", "version": "1.0.0"},
+    "labels": ["normal", "abnormal"],
+    "probabilities": {"normal": 0.1, "abnormal": 0.9},
+    "predicted_label": "abnormal",
+    "uncertainty": {"score": 0.05},
+    "ood_score": 0.2,
+    "needs_review": False,
+}
+
+
+class Peer:
+    def __init__(self, tmp: Path, ack: str) -> None:
+        self.port = free_port()
+        self.record = tmp / f"peer-{self.port}.jsonl"
+        ready = tmp / f"ready-{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.mllp_peer", "--port", str(self.port),
+             "--record", str(self.record), "--ack", ack, "--ready", str(ready)],
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while not ready.exists():
+            assert self.proc.poll() is None, "MLLP peer exited"
+            assert time.monotonic() < deadline, "MLLP peer did not start"
+            time.sleep(0.05)
+
+    def messages(self) -> list[str]:
+        if not self.record.exists():
+            return []
+        return [json.loads(line)["message"] for line in self.record.read_text().splitlines()]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def make_peer(tmp_path: Path) -> Iterator[Callable[[str], Peer]]:
+    peers: list[Peer] = []
+
+    def start(ack: str = "AA") -> Peer:
+        peers.append(Peer(tmp_path, ack))
+        return peers[-1]
+
+    yield start
+    for p in peers:
+        p.stop()
+
+
+def make_settings(tmp_path: Path, port: int, *, max_attempts: int = 3) -> Settings:
+    return load_settings(
+        None,
+        node={"data_dir": tmp_path / "data"},
+        ingest={"fsync": False},
+        hl7={
+            "sending_application": "ACWI",
+            "sending_facility": "NODE",
+            "ris": {
+                "host": "127.0.0.1",
+                "port": port,
+                "receiving_application": "RIS",
+                "receiving_facility": "HOSP",
+                "max_attempts": max_attempts,
+                "backoff_initial_s": 0.01,
+                "backoff_max_s": 0.01,
+                "timeout_s": 5,
+            },
+        },
+    )
+
+
+def analysed_job(settings: Settings, ledger: Ledger) -> int:
+    """A study with one spooled instance whose analysis finished."""
+    rel = f"{STUDY_UID}/1.dcm"
+    write_secondary_capture(
+        settings.spool_dir / rel,
+        study_uid=STUDY_UID,
+        patient_id="DICOM-PID",
+        patient_name="Header^Patient",
+    )
+    r = ledger.record_instance(
+        InstanceRecord(STUDY_UID, f"{STUDY_UID}.1", "1.2.840.10008.5.1.4.1.1.7", f"{STUDY_UID}.2",
+                       "1.2.840.10008.1.2.1", "OT", "", rel, 1, "MOD"),
+        first_in_association=False,
+    )  # fmt: skip
+
+    def route(_: StudyFacts) -> list[RoutedJob]:
+        return [RoutedJob("all", "default", [], 0)]
+
+    (job_id,) = ledger.complete_study(r.study_id, 1, route)
+    assert ledger.claim_job(job_id, lease_s=30) is not None
+    sr = ResultFile("sr", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.88.34", "x.dcm")
+    assert ledger.finish_analysis(
+        job_id, results=[sr], summary=SUMMARY, needs_review=False, review_reason=""
+    )
+    return job_id
+
+
+def drain(sender: OruSender, ledger: Ledger, until: str) -> list[dict]:
+    deadline = time.monotonic() + 20
+    while True:
+        sender.tick()
+        rows = ledger.hl7_outbound(STUDY_UID)
+        if rows and all(r["state"] == until for r in rows):
+            return rows
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.02)
+
+
+def test_result_delivered_with_patient_from_dicom(
+    tmp_path: Path, make_peer: Callable[[str], Peer]
+) -> None:
+    peer = make_peer("AA")
+    settings = make_settings(tmp_path, peer.port)
+    ledger = Ledger(settings.database_url)
+    job_id = analysed_job(settings, ledger)
+    assert queue_oru(settings, ledger, job_id) is not None
+    assert queue_oru(settings, ledger, job_id) is None  # idempotent
+    rows = drain(OruSender(settings, ledger), ledger, "delivered")
+    assert [(r["kind"], r["attempts"], r["last_ack_code"]) for r in rows] == [("result", 1, "AA")]
+    (message,) = peer.messages()
+    segs = message.split("\r")
+    assert segs[0].startswith("MSH|^~\\&|ACWI|NODE|RIS|HOSP|")
+    assert segs[1] == "PID|1||DICOM-PID||Header^Patient|||O"
+    obs = oru_observations(message)
+    assert obs["PROB"] == [("normal", "0.1000"), ("abnormal", "0.9000")]
+    assert obs["NEEDS_REVIEW"][0][1].startswith("N^")
+    # A verdict later travels as its own message.
+    verdict = Verdict(agrees=True, label="abnormal", reviewer="R7^Smith^Ann")
+    assert queue_oru(settings, ledger, job_id, verdict, review_id=1) is not None
+    drain(OruSender(settings, ledger), ledger, "delivered")
+    assert oru_observations(peer.messages()[-1])["VERDICT"][0][1].startswith("AGREE^")
+    ledger.dispose()
+
+
+def test_patient_from_order_and_script_in_name(
+    tmp_path: Path, make_peer: Callable[[str], Peer]
+) -> None:
+    peer = make_peer("AA")
+    settings = make_settings(tmp_path, peer.port)
+    ledger = Ledger(settings.database_url)
+    order = "\r".join(
+        [
+            "MSH|^~\\&|RIS|HOSP|ACWI|NODE|20240101||ORM^O01|O1|P|2.5",
+            "PID|1||ORD-PID^^^HOSP^MR||<script>x</script>^Eve||19800101|F",
+            "ORC|NW|PL9|FI9",
+            "OBR|1|PL9|FI9|CT^CT head^L" + "|" * 14 + "ACC-9",
+            f"ZDS|{STUDY_UID}",
+        ]
+    )
+    assert b"MSA|AA|O1" in OrderIntake(settings, ledger).handle(order.encode())
+    job_id = analysed_job(settings, ledger)
+    queue_oru(settings, ledger, job_id)
+    drain(OruSender(settings, ledger), ledger, "delivered")
+    (message,) = peer.messages()
+    segs = message.split("\r")
+    assert segs[1] == "PID|1||ORD-PID^^^HOSP^MR||<script>x</script>^Eve||19800101|F"
+    obr = segs[3].split("|")
+    assert (obr[2], obr[3], obr[4], obr[18]) == ("PL9", "FI9", "CT^CT head^L", "ACC-9")
+    ledger.dispose()
+
+
+def test_application_error_is_retried_then_failed(
+    tmp_path: Path, make_peer: Callable[[str], Peer]
+) -> None:
+    peer = make_peer("AE")
+    settings = make_settings(tmp_path, peer.port, max_attempts=3)
+    ledger = Ledger(settings.database_url)
+    job_id = analysed_job(settings, ledger)
+    queue_oru(settings, ledger, job_id)
+    (row,) = drain(OruSender(settings, ledger), ledger, "failed")
+    assert (row["attempts"], row["last_ack_code"]) == (3, "AE")
+    assert len(peer.messages()) == 3
+    assert len({m.split("\r")[0].split("|")[9] for m in peer.messages()}) == 1  # same MSH-10
+    ledger.dispose()
+
+
+def test_rejection_fails_at_once(tmp_path: Path, make_peer: Callable[[str], Peer]) -> None:
+    peer = make_peer("AR")
+    settings = make_settings(tmp_path, peer.port, max_attempts=5)
+    ledger = Ledger(settings.database_url)
+    queue_oru(settings, ledger, analysed_job(settings, ledger))
+    (row,) = drain(OruSender(settings, ledger), ledger, "failed")
+    assert (row["attempts"], row["last_ack_code"]) == (1, "AR")
+    ledger.dispose()
+
+
+def test_unreachable_ris_is_retried_until_it_answers(
+    tmp_path: Path, make_peer: Callable[[str], Peer]
+) -> None:
+    port = free_port()
+    settings = make_settings(tmp_path, port, max_attempts=50)
+    ledger = Ledger(settings.database_url)
+    queue_oru(settings, ledger, analysed_job(settings, ledger))
+    sender = OruSender(settings, ledger)
+    sender.tick()
+    (row,) = ledger.hl7_outbound(STUDY_UID)
+    assert row["state"] == "pending" and row["attempts"] == 1 and row["last_error"]
+    peer = make_peer("AA")
+    assert peer.port != port
+    sender.ris = settings.hl7.ris.model_copy(update={"port": peer.port})  # type: ignore[union-attr]
+    (row,) = drain(sender, ledger, "delivered")
+    assert row["last_ack_code"] == "AA" and row["attempts"] >= 2
+    ledger.dispose()

@@ -1,0 +1,201 @@
+"""HL7 v2 messages: order extraction, acknowledgements, ORU^R01 results, escaping."""
+
+from __future__ import annotations
+
+import pytest
+
+from acwi_node.hl7.messages import (
+    ApplicationError,
+    OruStudy,
+    Rejected,
+    Verdict,
+    build_ack,
+    build_oru,
+    escape,
+    extract_order,
+    msh_info,
+    oru_observations,
+    parse,
+    parse_ack,
+    peek_msh,
+    unescape,
+)
+
+MSH = "MSH|^~\\&|RIS|HOSP|ACWI|ACWI|20240101120000||{type}|{cid}|P|2.5"
+
+
+def orm(
+    *,
+    cid: str = "MSG1",
+    accession: str = "ACC1",
+    name: str = "Doe^John",
+    orc_priority: str = "",
+    obr_priority: str = "",
+    zds: str = "",
+) -> str:
+    obr = ["OBR", "1", "PL1", "FI1", "CHEST^Chest X-ray^L"] + [""] * 13 + [accession]
+    obr += [""] * (27 - len(obr) + 1)
+    obr[27] = f"^^^^^{obr_priority}" if obr_priority else ""
+    segs = [
+        MSH.format(type="ORM^O01", cid=cid),
+        f"PID|1||PAT1^^^HOSP^MR||{name}||19700101|M",
+        f"ORC|NW|PL1|FI1||SC||{'^^^^^' + orc_priority if orc_priority else ''}",
+        "|".join(obr).rstrip("|"),
+    ]
+    if zds:
+        segs.append(f"ZDS|{zds}")
+    return "\r".join(segs)
+
+
+def test_escape_round_trip() -> None:
+    raw = "a|b^c&d\\e~f\rg"
+    escaped = escape(raw)
+    assert not any(c in escaped for c in "|^&~\r")
+    assert unescape(escaped) == raw
+
+
+def test_orm_order_fields() -> None:
+    order = extract_order(parse(orm(zds="1.2.826.0.1.3680043.2.1125.1^ACWI^Application^DICOM|12")))
+    assert order.accession_number == "ACC1"
+    assert order.control == "NW"
+    assert order.patient_id == "PAT1^^^HOSP^MR"
+    assert order.patient_name == "Doe^John"
+    assert order.birth_date == "19700101"
+    assert order.procedure_code == "CHEST"
+    assert order.procedure_text == "Chest X-ray"
+    assert order.placer_order_number == "PL1"
+    assert order.study_uid == "1.2.826.0.1.3680043.2.1125.1"
+    assert order.expected_images == 12
+    assert order.priority == "R" and not order.stat
+
+
+@pytest.mark.parametrize(
+    ("orc", "obr", "expected"), [("S", "", "S"), ("", "S", "S"), ("R", "S", "R"), ("", "", "R")]
+)
+def test_priority_from_orc_then_obr(orc: str, obr: str, expected: str) -> None:
+    order = extract_order(parse(orm(orc_priority=orc, obr_priority=obr)))
+    assert order.priority == expected
+
+
+def test_omi_with_ipc_and_tq1() -> None:
+    text = "\r".join(
+        [
+            MSH.format(type="OMI^O23^OMI_O23", cid="M2"),
+            "PID|1||P2||Roe^Jane",
+            "ORC|NW|PL2",
+            "TQ1|1||||||||S",
+            "OBR|1|PL2||CT^CT head",
+            "IPC|ACC2|RP1|1.2.3.4|SPS1",
+        ]
+    )
+    order = extract_order(parse(text))
+    assert (order.accession_number, order.study_uid, order.priority) == ("ACC2", "1.2.3.4", "S")
+    assert order.stat
+
+
+def test_missing_accession_is_application_error() -> None:
+    with pytest.raises(ApplicationError) as info:
+        extract_order(parse(orm(accession="")))
+    assert info.value.code == "AE"
+
+
+def test_bad_study_uid_is_application_error() -> None:
+    with pytest.raises(ApplicationError):
+        extract_order(parse(orm(zds="../../etc")))
+
+
+def test_unsupported_type_is_rejected() -> None:
+    text = MSH.format(type="ADT^A01", cid="M3") + "\rPID|1||X"
+    with pytest.raises(Rejected) as info:
+        extract_order(parse(text))
+    assert info.value.code == "AR"
+
+
+@pytest.mark.parametrize("text", ["", "garbage", "PID|1||x", "MSH|^~\\&|A\rQQQ|1"])
+def test_malformed_is_rejected(text: str) -> None:
+    with pytest.raises(Rejected):
+        extract_order(parse(text))
+
+
+def test_script_in_name_is_kept_as_data() -> None:
+    order = extract_order(parse(orm(name="<script>alert(1)</script>^X")))
+    assert order.patient_name == "<script>alert(1)</script>^X"
+
+
+def test_ack_echoes_control_id_only() -> None:
+    msg = parse(orm(cid="C-42", name="Secret^Name"))
+    ack = build_ack(msh_info(msg), "AA", "", control_id="A1", application="ACWI", facility="F")
+    assert "Secret" not in ack
+    info = parse_ack(ack)
+    assert (info.code, info.control_id) == ("AA", "C-42")
+    assert ack.startswith("MSH|^~\\&|ACWI|F|RIS|HOSP|")
+    assert "|ACK^O01^ACK|A1|P|2.5" in ack
+
+
+def test_ack_without_msh_and_with_error() -> None:
+    ack = build_ack(None, "AR", "bad | input", control_id="A2", application="ACWI", facility="")
+    info = parse_ack(ack)
+    assert (info.code, info.control_id, info.text) == ("AR", "", "bad | input")
+    with pytest.raises(ValueError):
+        build_ack(None, "XX", "", control_id="A3", application="ACWI", facility="")
+
+
+def test_peek_msh_reads_broken_messages() -> None:
+    info = peek_msh("MSH|^~\\&|RIS|H|A|N|2024||ORM^O01|X\\F\\1|P|2.5\rQQQ|broken")
+    assert info is not None
+    assert (info.type_code, info.control_id, info.sender) == ("ORM^O01", "X|1", "RIS|H")
+    assert peek_msh("PID|1") is None
+
+
+SUMMARY = {
+    "model": {"name": "dianet", "version": "1.2.0"},
+    "labels": ["normal", "abnormal"],
+    "probabilities": {"normal": 0.25, "abnormal": 0.75},
+    "predicted_label": "abnormal",
+    "uncertainty": {"score": 0.125},
+    "ood_score": 0.5,
+    "needs_review": True,
+}
+
+
+def _study(**kw: str) -> OruStudy:
+    base = {
+        "study_uid": "1.2.3",
+        "accession_number": "ACC|9",
+        "patient_id": "PAT1^^^HOSP^MR",
+        "patient_name": "<script>^Jo",
+    }
+    base.update(kw)
+    return OruStudy(summary=SUMMARY, **base)  # type: ignore[arg-type]
+
+
+def test_oru_carries_result_observations() -> None:
+    text = build_oru(_study(), control_id="ORU1", receiving=("RIS", "HOSP"))
+    msg = parse(text)
+    info = msh_info(msg)
+    assert (info.type_code, info.control_id) == ("ORU^R01", "ORU1")
+    segs = text.split("\r")
+    assert segs[1] == "PID|1||PAT1^^^HOSP^MR||<script>^Jo"
+    obr = segs[3].split("|")
+    assert obr[18] == "ACC\\F\\9" and obr[25] == "P"
+    obs = oru_observations(text)
+    assert obs["FINDING"][0][1].startswith("abnormal^")
+    assert obs["PROB"] == [("normal", "0.2500"), ("abnormal", "0.7500")]
+    assert obs["UNCERTAINTY"] == [("", "0.1250")]
+    assert obs["NEEDS_REVIEW"][0][1].startswith("Y^")
+    assert obs["ALGORITHM"] == [("", "dianet")]
+    assert obs["ALGORITHM_VERSION"] == [("", "1.2.0")]
+    assert obs["STUDY_UID"] == [("", "1.2.3")]
+    assert "VERDICT" not in obs
+
+
+def test_oru_with_verdict_is_final() -> None:
+    verdict = Verdict(agrees=False, label="normal", reviewer="R1^Smith^Ann", comment="a|b")
+    text = build_oru(_study(), verdict, control_id="ORU2")
+    obs = oru_observations(text)
+    assert obs["VERDICT"][0][1].startswith("DISAGREE^")
+    assert obs["FINAL_FINDING"][0][1].startswith("normal^")
+    assert obs["COMMENT"] == [("", "a|b")]
+    obr = text.split("\r")[3].split("|")
+    assert obr[25] == "F"
+    assert all(seg.split("|")[11] == "F" for seg in text.split("\r") if seg.startswith("OBX"))

@@ -22,9 +22,11 @@ any dataset with this layout, walking the content tree.
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import hashlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
@@ -40,22 +42,28 @@ from highdicom.sr import (
     ObservationContext,
     ObserverContext,
     QualitativeEvaluation,
+    RelationshipTypeValues,
     SourceImageForMeasurementGroup,
+    TextContentItem,
     TrackingIdentifier,
 )
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from acwi_node.inference.types import ImageResult, StudyAnalysis, Uncertainty
-from acwi_node.results.uids import ResultUIDs, device_uid, result_uids
+from acwi_node.results.uids import UID_NAMESPACE, ResultUIDs, derive_uid, device_uid, result_uids
 
 __all__ = [
     "MANUFACTURER",
     "PRIVATE_SCHEME",
     "SR_SERIES_NUMBER",
+    "VERDICT_ACTIONS",
+    "Verification",
     "build_sr",
+    "build_verified_sr",
     "finding_code",
     "summarise_sr",
+    "verified_sr_uid",
 ]
 
 #: Manufacturer (0008,0070) of every object the node writes.
@@ -109,6 +117,17 @@ NEEDS_REVIEW = _local("ACWI006", "Needs human review")
 PREDICTED_CLASS = _local("ACWI007", "Predicted class")
 METHOD_STUDY = _local("ACWI010", "Study-level aggregate")
 METHOD_IMAGE = _local("ACWI011", "Single-image inference")
+RADIOLOGIST_VERDICT = _local("ACWI020", "Radiologist verdict")
+VERDICT_CONFIRMED = _local("ACWI021", "AI result confirmed")
+VERDICT_OVERRIDDEN = _local("ACWI022", "AI result overridden")
+VERDICT_REASON = _local("ACWI023", "Reason for override")
+VERIFIED_LABEL = _local("ACWI024", "Verified class")
+#: Verdicts that verify a result (an escalation verifies nothing).
+VERDICT_ACTIONS: Mapping[str, CodedConcept] = {
+    "confirm": VERDICT_CONFIRMED,
+    "override": VERDICT_OVERRIDDEN,
+}
+VERIFIED_SR_INSTANCE_NUMBER = 2
 
 _UNCERTAINTY_FIELDS: tuple[tuple[str, CodedConcept, CodedConcept], ...] = (
     ("entropy", PREDICTIVE_ENTROPY, NATS),
@@ -474,6 +493,152 @@ def _image_groups(
 
 
 # ---------------------------------------------------------------------------------------------
+# Verified SR (after a radiologist's verdict)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verification:
+    """A radiologist's verdict that verifies an AI result."""
+
+    #: Verifying Observer Name (PN), e.g. ``"Doe^Jane"``.
+    observer_name: str
+    #: Verifying Organization.
+    organization: str
+    #: ``confirm`` or ``override`` (see :data:`VERDICT_ACTIONS`).
+    action: str
+    #: The label the radiologist stands by (one of the model's labels).
+    label: str
+    #: Why the model's result was overridden (required for ``override``).
+    reason: str
+    #: When the verdict was given (UTC).
+    verified_at: dt.datetime
+
+
+def verified_sr_uid(study_uid: str, model_name: str, model_version: str) -> str:
+    """SOP Instance UID of the verified SR for one model version's result on one study."""
+    return derive_uid(UID_NAMESPACE, "sr-verified-instance", study_uid, model_name, model_version)
+
+
+def _person_name(name: str) -> str:
+    """A PN value: no value separator, at most 64 characters."""
+    cleaned = name.replace("\\", "/").replace("=", "-").strip()[:63] or "Unknown"
+    # A single component is a family name: the trailing caret says so (PS3.5 6.2.1.2).
+    return cleaned if "^" in cleaned else cleaned + "^"
+
+
+def _dicom_datetime(value: dt.datetime) -> str:
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return value.strftime("%Y%m%d%H%M%S.%f") + "+0000"
+
+
+def _verdict_group(
+    verification: Verification,
+    label_code: CodedConcept,
+    uids: ResultUIDs,
+) -> MeasurementsAndQualitativeEvaluations:
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=uids._derive("verdict-tracking"), identifier="Radiologist verdict"
+        ),
+        qualitative_evaluations=[
+            QualitativeEvaluation(RADIOLOGIST_VERDICT, VERDICT_ACTIONS[verification.action]),
+            QualitativeEvaluation(VERIFIED_LABEL, label_code),
+        ],
+    )
+    if verification.reason:
+        container = group[0]
+        container.ContentSequence.append(
+            TextContentItem(
+                name=VERDICT_REASON,
+                value=verification.reason[:1024],
+                relationship_type=RelationshipTypeValues.CONTAINS,
+            )
+        )
+    return group
+
+
+def build_verified_sr(
+    unverified: Dataset, sources: Sequence[Dataset], verification: Verification
+) -> Dataset:
+    """The VERIFIED successor of an SR written by :func:`build_sr`.
+
+    The content tree is the unverified document's, plus one "Radiologist verdict" measurement
+    group (verdict, verified class, reason). The document is complete, final and verified by
+    ``verification.observer_name``; it lists the unverified SR in the Predecessor Documents
+    Sequence, lives in the same series and has its own deterministic SOP Instance UID
+    (:func:`verified_sr_uid`), so re-sending it replaces, never duplicates.
+    """
+    if verification.action not in VERDICT_ACTIONS:
+        raise ValueError(
+            f"verdict must be one of {sorted(VERDICT_ACTIONS)}, got {verification.action!r}"
+        )
+    if verification.action == "override" and not verification.reason.strip():
+        raise ValueError("an override needs a reason")
+    if not sources:
+        raise ValueError("build_verified_sr needs the source instances")
+    if str(unverified.get("VerificationFlag", "")) != "UNVERIFIED":
+        raise ValueError("the document to verify is not an UNVERIFIED SR")
+    summary = summarise_sr(unverified)
+    labels = list(summary["probabilities"])
+    if verification.label not in labels:
+        raise ValueError(f"label {verification.label!r} is not one of the model's {labels}")
+    model_name, model_version = summary["model_name"], summary["model_version"]
+    if not model_name or not model_version:
+        raise ValueError("the SR names no algorithm")
+    study_uid = str(unverified.StudyInstanceUID)
+    other = {str(ds.StudyInstanceUID) for ds in sources} - {study_uid}
+    if other:
+        raise ValueError(f"source instances from another study: {sorted(other)}")
+    uids = result_uids(study_uid, model_name, model_version)
+
+    root = Dataset()
+    for keyword in (
+        "ValueType",
+        "ConceptNameCodeSequence",
+        "ContinuityOfContent",
+        "ContentTemplateSequence",
+    ):
+        if keyword in unverified:
+            setattr(root, keyword, copy.deepcopy(unverified[keyword].value))
+    root.ContentSequence = copy.deepcopy(unverified.ContentSequence)
+    measurements = [
+        item for item in root.ContentSequence if _concept(item) == _IMAGING_MEASUREMENTS
+    ]
+    if not measurements:
+        raise ValueError("the SR has no Imaging Measurements container")
+    codes_by_label = _label_codes(labels)
+    group = _verdict_group(verification, codes_by_label[verification.label], uids)
+    measurements[0].ContentSequence.append(group[0])
+
+    document = Comprehensive3DSR(
+        evidence=[_reference(sources[0]), *sources[1:]],
+        content=root,
+        series_instance_uid=str(unverified.SeriesInstanceUID),
+        series_number=int(unverified.get("SeriesNumber", SR_SERIES_NUMBER) or SR_SERIES_NUMBER),
+        sop_instance_uid=verified_sr_uid(study_uid, model_name, model_version),
+        instance_number=VERIFIED_SR_INSTANCE_NUMBER,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=True,
+        is_verified=True,
+        institution_name=unverified.get("InstitutionName") or None,
+        verifying_observer_name=_person_name(verification.observer_name),
+        verifying_organization=_lo(verification.organization),
+        previous_versions=[unverified],
+        series_description=_lo(f"ACWI {model_name} {model_version} verified result"),
+        manufacturer_model_name=_lo(model_name),
+        software_versions=_lo(model_version),
+        coding_schemes=[_PRIVATE_SCHEME_ITEM],
+    )
+    document.VerifyingObserverSequence[0].VerificationDateTime = _dicom_datetime(
+        verification.verified_at
+    )
+    return document
+
+
+# ---------------------------------------------------------------------------------------------
 # Reader
 # ---------------------------------------------------------------------------------------------
 
@@ -558,7 +723,8 @@ def summarise_sr(ds: Dataset) -> dict[str, Any]:
     ``needs_review`` (bool or None); ``predicted_label`` (str or None);
     ``evidence_sop_instance_uids`` (the evidence sequences) and
     ``referenced_sop_instance_uids`` (evidence plus every image referenced in the content),
-    both sorted.
+    both sorted; ``verified`` (VerificationFlag is VERIFIED), ``verifying_observer`` (name or
+    None) and ``verdict`` (``action``, ``label``, ``reason`` of a verified SR, else None).
     """
     probabilities: dict[str, float] = {}
     image_probabilities: dict[str, dict[str, float]] = {}
@@ -571,6 +737,9 @@ def summarise_sr(ds: Dataset) -> dict[str, Any]:
     model_name: str | None = None
     model_version: str | None = None
     content_uids: set[str] = set()
+    verdict_action: tuple[str, str] | None = None
+    verdict_label: tuple[str, str] | None = None
+    verdict_reason = ""
 
     for item in _walk(ds):
         if item.get("ValueType") == "IMAGE":
@@ -598,6 +767,12 @@ def summarise_sr(ds: Dataset) -> dict[str, Any]:
                 needs_review = _code_value(item) == _key(YES)
             elif concept == _key(PREDICTED_CLASS) and value_type == "CODE":
                 predicted_code = _code_value(item)
+            elif concept == _key(RADIOLOGIST_VERDICT) and value_type == "CODE":
+                verdict_action = _code_value(item)
+            elif concept == _key(VERIFIED_LABEL) and value_type == "CODE":
+                verdict_label = _code_value(item)
+            elif concept == _key(VERDICT_REASON) and value_type == "TEXT":
+                verdict_reason = str(item.TextValue)
             elif value_type == "NUM" and concept is not None:
                 value = _num_value(item)
                 if value is None:
@@ -639,6 +814,15 @@ def summarise_sr(ds: Dataset) -> dict[str, Any]:
                 uncertainty[field] = value
 
     evidence = _evidence_uids(ds)
+    verdict: dict[str, str | None] | None = None
+    if verdict_action is not None:
+        actions = {_key(code): name for name, code in VERDICT_ACTIONS.items()}
+        verdict = {
+            "action": actions.get(verdict_action),
+            "label": label_by_code.get(verdict_label) if verdict_label else None,
+            "reason": verdict_reason,
+        }
+    observers = ds.get("VerifyingObserverSequence") or []
     return {
         "study_instance_uid": str(ds.get("StudyInstanceUID", "")),
         "series_instance_uid": str(ds.get("SeriesInstanceUID", "")),
@@ -654,4 +838,7 @@ def summarise_sr(ds: Dataset) -> dict[str, Any]:
         "predicted_label": label_by_code.get(predicted_code) if predicted_code else None,
         "evidence_sop_instance_uids": sorted(set(evidence)),
         "referenced_sop_instance_uids": sorted(set(evidence) | content_uids),
+        "verified": str(ds.get("VerificationFlag", "")) == "VERIFIED",
+        "verifying_observer": str(observers[0].VerifyingObserverName) if observers else None,
+        "verdict": verdict,
     }

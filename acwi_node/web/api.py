@@ -1,7 +1,10 @@
 """The node's HTTP API.
 
 ``GET /api/studies`` and ``GET /api/studies/{study_uid}`` show each study's state;
-``GET /api/worklist`` lists the open review items; ``/healthz`` and ``/readyz`` serve probes.
+``GET /api/worklist`` lists the open review items; ``/healthz``, ``/readyz`` and ``/metrics``
+(:mod:`acwi_node.web.ops`) serve probes and Prometheus. The review web app
+(:mod:`acwi_node.review.views`) adds its pages; every other path needs a signed-in user (the
+JSON API also accepts HTTP Basic credentials of a local account).
 """
 
 from __future__ import annotations
@@ -9,31 +12,22 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query
-from fastapi.responses import JSONResponse
-from sqlalchemy import text
 
 from acwi_node import __version__
 from acwi_node.config import Settings
 from acwi_node.ledger import Ledger
+from acwi_node.review.views import install_review
+from acwi_node.web.ops import ops_router
 
 
 def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
     """The FastAPI application over the ledger."""
     db = ledger or Ledger(settings.database_url)
     app = FastAPI(title="ACWI Node", version=__version__, docs_url="/api/docs", redoc_url=None)
+    # The review web app, and sign-in for everything but /healthz, /readyz and /metrics.
+    install_review(app, settings, db)
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz")
-    def readyz() -> JSONResponse:
-        try:
-            with db.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-        except Exception as exc:
-            return JSONResponse({"status": "unavailable", "ledger": str(exc)}, status_code=503)
-        return JSONResponse({"status": "ready"})
+    app.include_router(ops_router(settings, db))  # /healthz, /readyz, /metrics
 
     @app.get("/api/studies")
     def studies(limit: int = Query(200, ge=1, le=5000)) -> dict[str, Any]:

@@ -24,7 +24,14 @@ from models.data.synth import write_study
 from tests.conftest import REDIS_URL
 from tests.support.dciodvfy import dciodvfy_errors
 from tests.support.dcmtk import storescu
-from tests.support.node import NodeProcesses, http_json, wait_port, wait_study_state, write_config
+from tests.support.node import (
+    NodeProcesses,
+    add_api_user,
+    http_json,
+    wait_port,
+    wait_study_state,
+    write_config,
+)
 from tests.support.orthanc import OrthancServer
 from tests.support.ports import free_port
 
@@ -168,7 +175,10 @@ def test_separate_processes_redis_postgres(
         assert len(summary["images"]) == 3
         # The HTTP API and the status command show the same state.
         wait_port("127.0.0.1", cfg["node"]["http_port"])
-        api = http_json(f"http://127.0.0.1:{cfg['node']['http_port']}/api/studies/{study_uid}")
+        api = http_json(
+            f"http://127.0.0.1:{cfg['node']['http_port']}/api/studies/{study_uid}",
+            auth=add_api_user(config),
+        )
         assert api["state"] == "delivered"
         status = subprocess.run(
             [sys.executable, "-m", "acwi_node.cli", "--config", str(config), "status"],
@@ -213,7 +223,9 @@ def test_serve_on_embedded_defaults_and_reopen(tmp_path: Path, orthanc: OrthancS
         st = ledger.get_study(study_uid)
         assert st is not None and [j["state"] for j in st["jobs"]] == ["delivered", "delivered"]
         wait_port("127.0.0.1", cfg["node"]["http_port"])
-        listed = http_json(f"http://127.0.0.1:{cfg['node']['http_port']}/api/studies")
+        listed = http_json(
+            f"http://127.0.0.1:{cfg['node']['http_port']}/api/studies", auth=add_api_user(config)
+        )
         assert [s["study_uid"] for s in listed["studies"]] == [study_uid]
         ledger.dispose()
 

@@ -143,7 +143,25 @@ def wait_study_state(
     raise AssertionError(f"study never reached {states}; last view: {last}\n{nodes.log_text()}")
 
 
-def http_json(url: str) -> Any:
-    response = httpx.get(url, timeout=10)
+def http_json(url: str, auth: tuple[str, str] | None = None) -> Any:
+    response = httpx.get(url, timeout=10, auth=auth)
     response.raise_for_status()
     return response.json()
+
+
+#: The account end-to-end tests use for the JSON API (HTTP Basic).
+API_USER = ("e2e-api", "e2e-api-password")
+
+
+def add_api_user(config: Path) -> tuple[str, str]:
+    """Create :data:`API_USER` with ``acwi-node users add``; returns the Basic credentials."""
+    done = subprocess.run(
+        [sys.executable, "-m", "acwi_node.cli", "--config", str(config), "users", "add"]
+        + [API_USER[0], "--role", "admin", "--password-stdin"],
+        input=API_USER[1] + "\n",
+        text=True,
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return API_USER

@@ -1,0 +1,6 @@
+"""The radiologist review web app: sign-in, worklist, case page, verdicts, dashboard, feedback.
+
+``views.install_review`` adds it to the node's FastAPI app (``acwi-node web``); ``store`` holds
+its ledger queries, ``auth`` accounts, sessions and CSRF, ``verdicts`` the verdict flow and the
+verified SR, ``feedback`` the labelled-dataset export.
+"""

@@ -1,0 +1,96 @@
+"""``acwi-node users add|list|disable|enable`` and ``acwi-node feedback export DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from pathlib import Path
+from typing import Any
+
+from acwi_node.config import Settings
+
+COMMANDS = ("users", "feedback")
+
+
+def add_parsers(sub: Any) -> None:
+    """Add the review app's sub-commands to the ``acwi-node`` parser."""
+    users = sub.add_parser("users", help="review web app accounts: add, list, disable, enable")
+    users_sub = users.add_subparsers(dest="users_command", required=True)
+    add = users_sub.add_parser("add", help="create an account (password from a prompt)")
+    add.add_argument("name", help="user name (letters, digits, . _ - ^)")
+    add.add_argument("--role", choices=("radiologist", "admin"), default="radiologist")
+    add.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input"
+    )
+    users_sub.add_parser("list", help="list accounts")
+    disable = users_sub.add_parser("disable", help="disable an account and end its sessions")
+    disable.add_argument("name")
+    enable = users_sub.add_parser("enable", help="enable a disabled account")
+    enable.add_argument("name")
+
+    feedback = sub.add_parser("feedback", help="reviewed cases as a labelled dataset")
+    feedback_sub = feedback.add_subparsers(dest="feedback_command", required=True)
+    export = feedback_sub.add_parser(
+        "export", help="write DIR/images/*.dcm and DIR/labels.csv (acwi-models train reads it)"
+    )
+    export.add_argument("dir", type=Path)
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass("Password: ")
+    if getpass.getpass("Repeat password: ") != first:
+        raise ValueError("the passwords differ")
+    return first
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    from acwi_node.ledger import Ledger
+    from acwi_node.review import auth
+    from acwi_node.review.store import ReviewError, ReviewStore
+
+    ledger = Ledger(settings.database_url)
+    try:
+        if args.command == "feedback":
+            from acwi_node.review.feedback import export_feedback
+
+            report = export_feedback(settings, ledger, args.dir)
+            print(
+                f"exported {report.images} image(s) of {report.cases} reviewed case(s) "
+                f"to {args.dir}"
+                + (f"; {report.missing} no longer in the spool" if report.missing else "")
+            )
+            return 0
+        store = ReviewStore(ledger)
+        if args.users_command == "add":
+            try:
+                name = auth.check_user_name(args.name)
+                password = auth.check_password(_read_password(args.password_stdin))
+                store.add_user(name, auth.hash_password(password), args.role)
+            except (ValueError, EOFError) as exc:
+                print(f"acwi-node users add: {exc}", file=sys.stderr)
+                return 1
+            store.audit("", "user_added", detail=f"{name} ({args.role})")
+            print(f"added {name} ({args.role})")
+            return 0
+        if args.users_command == "list":
+            users = store.list_users()
+            if not users:
+                print("no users")
+            for u in users:
+                print(f"{u.name:<32} {u.role:<12} {'disabled' if u.disabled else 'active'}")
+            return 0
+        disabled = args.users_command == "disable"
+        if not store.set_disabled(args.name, disabled):
+            print(f"acwi-node users {args.users_command}: no user {args.name!r}", file=sys.stderr)
+            return 1
+        store.audit("", "user_disabled" if disabled else "user_enabled", detail=args.name)
+        print(f"{'disabled' if disabled else 'enabled'} {args.name}")
+        return 0
+    except ReviewError as exc:
+        print(f"acwi-node: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        ledger.dispose()

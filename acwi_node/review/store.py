@@ -1,0 +1,575 @@
+"""The review app's reads and writes on the ledger: users, sessions, worklist, verdicts, audit.
+
+Everything goes through :meth:`Ledger.session`, so the same code runs on SQLite and PostgreSQL.
+Verdicts close review items with a conditional update: two radiologists deciding the same case
+at once cannot both win.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
+
+from acwi_node.ledger import Ledger, ResultFile
+from acwi_node.ledger.models import (
+    AuditEvent,
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Result,
+    ReviewItem,
+    ReviewState,
+    Study,
+    User,
+    Verdict,
+    WebSession,
+    utcnow,
+)
+
+ROLES = ("radiologist", "admin")
+#: Verdict actions: the first two verify the result and close the item; escalate keeps it open.
+ACTIONS = ("confirm", "override", "escalate")
+
+
+class ReviewError(ValueError):
+    """A request the review app refuses; the message says why (safe to show to the user)."""
+
+
+class UserExists(ReviewError):
+    pass
+
+
+class ItemClosed(ReviewError):
+    pass
+
+
+@dataclass(frozen=True)
+class UserInfo:
+    id: int
+    name: str
+    role: str
+    disabled: bool
+    password_hash: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    user_id: int
+    user_name: str
+    role: str
+    token_hash: str
+    expires_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class WorklistFilters:
+    modality: str = ""
+    calling_ae: str = ""
+    model: str = ""
+    state: str = ""
+
+    def matches(self, item: dict[str, Any]) -> bool:
+        if self.modality and self.modality not in str(item["modality"]).split("\\"):
+            return False
+        if self.calling_ae and item["calling_ae"] != self.calling_ae:
+            return False
+        if self.model and item["model"] != self.model:
+            return False
+        return not (self.state and item["state"] != self.state)
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.isoformat(timespec="seconds") + "Z"
+
+
+def _user(u: User) -> UserInfo:
+    return UserInfo(u.id, u.name, u.role, u.disabled, u.password_hash)
+
+
+class ReviewStore:
+    """Review-app data access over a :class:`~acwi_node.ledger.Ledger`."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    # ------------------------------------------------------------------ users
+    def add_user(self, name: str, password_hash: str, role: str) -> UserInfo:
+        if role not in ROLES:
+            raise ReviewError(f"role must be one of {', '.join(ROLES)}")
+        try:
+            with self.ledger.session() as s:
+                if s.scalars(select(User).where(User.name == name)).first() is not None:
+                    raise UserExists(f"user {name!r} already exists")
+                user = User(name=name, password_hash=password_hash, role=role, disabled=False)
+                s.add(user)
+                s.flush()
+                return _user(user)
+        except IntegrityError as exc:
+            raise UserExists(f"user {name!r} already exists") from exc
+
+    def get_user(self, name: str) -> UserInfo | None:
+        with self.ledger.session() as s:
+            user = s.scalars(select(User).where(User.name == name)).first()
+            return None if user is None else _user(user)
+
+    def list_users(self) -> list[UserInfo]:
+        with self.ledger.session() as s:
+            return [_user(u) for u in s.scalars(select(User).order_by(User.name)).all()]
+
+    def set_disabled(self, name: str, disabled: bool = True) -> bool:
+        """Disable (or enable) a user; disabling ends the user's sessions. False if unknown."""
+        with self.ledger.session() as s:
+            user = s.scalars(select(User).where(User.name == name)).first()
+            if user is None:
+                return False
+            user.disabled = disabled
+            if disabled:
+                s.execute(delete(WebSession).where(WebSession.user_id == user.id))
+            return True
+
+    # --------------------------------------------------------------- sessions
+    def create_session(self, user_id: int, token_hash: str, lifetime_s: float) -> None:
+        now = utcnow()
+        with self.ledger.session() as s:
+            s.execute(delete(WebSession).where(WebSession.expires_at <= now))
+            s.add(
+                WebSession(
+                    token_hash=token_hash,
+                    user_id=user_id,
+                    created_at=now,
+                    last_seen_at=now,
+                    expires_at=now + dt.timedelta(seconds=lifetime_s),
+                )
+            )
+
+    def session_user(
+        self, token_hash: str, *, idle_timeout_s: float, now: dt.datetime | None = None
+    ) -> SessionInfo | None:
+        """The signed-in user of a live session, or None (unknown, expired, idle, disabled)."""
+        now = now or utcnow()
+        with self.ledger.session() as s:
+            row = s.scalars(select(WebSession).where(WebSession.token_hash == token_hash)).first()
+            if row is None:
+                return None
+            idle_cut = now - dt.timedelta(seconds=idle_timeout_s)
+            if row.expires_at <= now or row.last_seen_at <= idle_cut or row.user.disabled:
+                s.delete(row)
+                return None
+            row.last_seen_at = now
+            return SessionInfo(
+                row.user_id, row.user.name, row.user.role, token_hash, row.expires_at
+            )
+
+    def end_session(self, token_hash: str) -> None:
+        with self.ledger.session() as s:
+            s.execute(delete(WebSession).where(WebSession.token_hash == token_hash))
+
+    # ------------------------------------------------------------------ audit
+    def audit(self, user_name: str, action: str, study_uid: str = "", detail: str = "") -> None:
+        with self.ledger.session() as s:
+            s.add(
+                AuditEvent(
+                    user_name=user_name[:64],
+                    action=action[:32],
+                    study_uid=study_uid[:64],
+                    detail=detail[:2000],
+                )
+            )
+
+    def audit_events(self, limit: int = 200) -> list[dict[str, Any]]:
+        with self.ledger.session() as s:
+            rows = s.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)).all()
+            return [
+                {
+                    "at": _iso(e.at),
+                    "user": e.user_name,
+                    "action": e.action,
+                    "study_uid": e.study_uid,
+                    "detail": e.detail,
+                }
+                for e in rows
+            ]
+
+    # --------------------------------------------------------------- worklist
+    def worklist(self, filters: WorklistFilters | None = None) -> dict[str, Any]:
+        """Open review items: escalated first, then by priority (highest first), then oldest.
+
+        Returns ``items`` (after the filters), ``total`` (before) and ``counts`` per modality,
+        calling AE, model and study state over every open item (for the filter menus).
+        """
+        filters = filters or WorklistFilters()
+        with self.ledger.session() as s:
+            rows = s.execute(
+                select(ReviewItem, Study, Job)
+                .join(Study, ReviewItem.study_id == Study.id)
+                .join(Job, ReviewItem.job_id == Job.id)
+                .where(ReviewItem.state == ReviewState.OPEN)
+            ).all()
+            escalated = {
+                item_id
+                for (item_id,) in s.execute(
+                    select(Verdict.review_item_id).where(
+                        Verdict.action == "escalate",
+                        Verdict.review_item_id.in_([it.id for it, _, _ in rows] or [-1]),
+                    )
+                ).all()
+            }
+            items = []
+            for it, st, job in rows:
+                summary = job.summary or {}
+                items.append(
+                    {
+                        "id": it.id,
+                        "study_uid": st.study_uid,
+                        "job_id": job.id,
+                        "route": job.route,
+                        "model": job.model,
+                        "model_version": (summary.get("model") or {}).get("version", ""),
+                        "reason": it.reason,
+                        "priority": it.priority,
+                        "escalated": it.id in escalated,
+                        "state": st.state.value,
+                        "modality": st.modality,
+                        "calling_ae": st.calling_ae,
+                        "received_at": _iso(st.first_received_at),
+                        "created_at": _iso(it.created_at),
+                        "_received": st.first_received_at,
+                        "predicted_label": summary.get("predicted_label"),
+                        "probabilities": summary.get("probabilities") or {},
+                        "uncertainty": summary.get("uncertainty") or {},
+                        "ood_score": summary.get("ood_score"),
+                    }
+                )
+        items.sort(key=lambda i: (not i["escalated"], -i["priority"], i["_received"], i["id"]))
+        for i in items:
+            del i["_received"]
+        counts: dict[str, Counter[str]] = {
+            "modality": Counter(),
+            "calling_ae": Counter(),
+            "model": Counter(),
+            "state": Counter(),
+        }
+        for i in items:
+            for m in str(i["modality"]).split("\\"):
+                counts["modality"][m] += 1
+            for key in ("calling_ae", "model", "state"):
+                counts[key][str(i[key])] += 1
+        shown = [i for i in items if filters.matches(i)]
+        return {
+            "items": shown,
+            "total": len(items),
+            "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
+        }
+
+    # ------------------------------------------------------------------- case
+    def case(self, item_id: int) -> dict[str, Any] | None:
+        """Everything the case page shows about one review item (open or closed)."""
+        with self.ledger.session() as s:
+            it = s.get(ReviewItem, item_id)
+            if it is None:
+                return None
+            st, job = it.study, it.job
+            results = [
+                {
+                    "kind": r.kind,
+                    "sop_instance_uid": r.sop_instance_uid,
+                    "path": r.path,
+                    "deliveries": [
+                        {
+                            "destination": d.destination,
+                            "state": d.state.value,
+                            "attempts": d.attempts,
+                            "last_status": d.last_status,
+                        }
+                        for d in r.deliveries
+                    ],
+                }
+                for r in job.results
+            ]
+            verdicts = s.scalars(
+                select(Verdict).where(Verdict.review_item_id == item_id).order_by(Verdict.id)
+            ).all()
+            return {
+                "id": it.id,
+                "state": it.state.value,
+                "reason": it.reason,
+                "priority": it.priority,
+                "created_at": _iso(it.created_at),
+                "closed_at": _iso(it.closed_at),
+                "study_id": st.id,
+                "study_uid": st.study_uid,
+                "study_state": st.state.value,
+                "modality": st.modality,
+                "calling_ae": st.calling_ae,
+                "body_part": st.body_part,
+                "instances": st.instance_count,
+                "received_at": _iso(st.first_received_at),
+                "job_id": job.id,
+                "job_state": job.state.value,
+                "generation": job.generation,
+                "route": job.route,
+                "model": job.model,
+                "destinations": list(job.destinations),
+                "summary": dict(job.summary or {}),
+                "results": results,
+                "verdicts": [
+                    {
+                        "id": v.id,
+                        "user": v.user_name,
+                        "action": v.action,
+                        "label": v.label,
+                        "model_label": v.model_label,
+                        "reason": v.reason,
+                        "at": _iso(v.created_at),
+                        "sr_sop_instance_uid": v.sr_sop_instance_uid,
+                    }
+                    for v in verdicts
+                ],
+            }
+
+    def instance_path(self, study_uid: str, sop_instance_uid: str) -> str | None:
+        """Spool path (relative) of an instance of the study, or None."""
+        with self.ledger.session() as s:
+            return s.scalars(
+                select(Instance.path)
+                .join(Study, Instance.study_id == Study.id)
+                .where(Study.study_uid == study_uid, Instance.sop_instance_uid == sop_instance_uid)
+            ).first()
+
+    def job_instance_paths(self, job_id: int) -> list[str]:
+        _, paths = self.ledger.job_inputs(job_id)
+        return paths
+
+    # --------------------------------------------------------------- verdicts
+    def claim_verdict(
+        self,
+        item_id: int,
+        *,
+        user: SessionInfo,
+        action: str,
+        label: str,
+        model_label: str,
+        reason: str,
+        sr_sop_instance_uid: str = "",
+    ) -> int:
+        """Record a verdict on an open item; confirm/override close it. Returns the verdict id.
+
+        Raises :class:`ItemClosed` when the item is not open (someone else decided first).
+        """
+        if action not in ACTIONS:
+            raise ReviewError(f"verdict must be one of {', '.join(ACTIONS)}")
+        now = utcnow()
+        with self.ledger.session() as s:
+            if action == "escalate":
+                it = s.get(ReviewItem, item_id, with_for_update=True)
+                won = it is not None and it.state == ReviewState.OPEN
+            else:
+                result = s.execute(
+                    update(ReviewItem)
+                    .where(ReviewItem.id == item_id, ReviewItem.state == ReviewState.OPEN)
+                    .values(state=ReviewState.CLOSED, closed_at=now)
+                )
+                won = bool(getattr(result, "rowcount", 0))
+                it = s.get(ReviewItem, item_id)
+            if not won or it is None:
+                raise ItemClosed("this case is no longer open for review")
+            verdict = Verdict(
+                review_item_id=item_id,
+                study_id=it.study_id,
+                job_id=it.job_id,
+                user_id=user.user_id,
+                user_name=user.user_name,
+                action=action,
+                label=label[:64],
+                model_label=model_label[:64],
+                reason=reason[:2000],
+                created_at=now,
+                sr_sop_instance_uid=sr_sop_instance_uid,
+            )
+            s.add(verdict)
+            s.add(
+                AuditEvent(
+                    at=now,
+                    user_name=user.user_name,
+                    action=f"verdict:{action}",
+                    study_uid=it.study.study_uid,
+                    detail=f"item {item_id}, label {label or '-'}",
+                )
+            )
+            s.flush()
+            return verdict.id
+
+    def undo_verdict(self, verdict_id: int) -> None:
+        """Remove a verdict whose verified SR could not be stored, and re-open its item."""
+        with self.ledger.session() as s:
+            v = s.get(Verdict, verdict_id)
+            if v is None:
+                return
+            s.execute(
+                update(ReviewItem)
+                .where(ReviewItem.id == v.review_item_id)
+                .values(state=ReviewState.OPEN, closed_at=None)
+            )
+            s.delete(v)
+
+    def attach_verified_sr(self, job_id: int, result: ResultFile) -> int:
+        """Record the verified SR as a result of the job with one outbox row per destination.
+
+        A delivered job goes back to exporting until the new deliveries are answered. Returns
+        how many deliveries were queued.
+        """
+        now = utcnow()
+        with self.ledger.session() as s:
+            job = s.get_one(Job, job_id, with_for_update=True)
+            res = s.scalars(
+                select(Result).where(
+                    Result.job_id == job_id, Result.sop_instance_uid == result.sop_instance_uid
+                )
+            ).first()
+            if res is None:
+                res = Result(
+                    job_id=job_id,
+                    kind=result.kind,
+                    sop_instance_uid=result.sop_instance_uid,
+                    sop_class_uid=result.sop_class_uid,
+                    path=result.path,
+                )
+                s.add(res)
+                s.flush()
+            else:
+                res.path = result.path
+                s.execute(
+                    update(Delivery)
+                    .where(Delivery.result_id == res.id, Delivery.state == DeliveryState.PENDING)
+                    .values(state=DeliveryState.SUPERSEDED)
+                )
+            for dest in job.destinations:
+                s.add(
+                    Delivery(
+                        result_id=res.id,
+                        job_id=job_id,
+                        destination=dest,
+                        state=DeliveryState.PENDING,
+                        next_attempt_at=now,
+                    )
+                )
+            if job.destinations and job.state == JobState.DELIVERED:
+                job.state = JobState.EXPORTING
+                job.finished_at = None
+                self.ledger._sync_study(s, job.study_id)
+            return len(job.destinations)
+
+    # -------------------------------------------------------------- dashboard
+    def dashboard(self, *, days: int = 14, now: dt.datetime | None = None) -> dict[str, Any]:
+        """Per calling AE (site) and day: received, analysed, delivered, review rate, mean
+        uncertainty and out-of-distribution rate; plus the current queue depth."""
+        now = now or utcnow()
+        since = (now - dt.timedelta(days=days)).replace(hour=0, minute=0, second=0, microsecond=0)
+        rows: dict[tuple[str, str], dict[str, Any]] = defaultdict(
+            lambda: {
+                "received": 0,
+                "analysed": 0,
+                "delivered": 0,
+                "review": 0,
+                "ood": 0,
+                "_uncertainty": [],
+            }
+        )
+        with self.ledger.session() as s:
+            for st in s.scalars(select(Study).where(Study.first_received_at >= since)).all():
+                key = (st.first_received_at.date().isoformat(), st.calling_ae or "-")
+                rows[key]["received"] += 1
+                if st.state.value == "delivered":
+                    rows[key]["delivered"] += 1
+            jobs = s.execute(
+                select(Job, Study.calling_ae)
+                .join(Study, Job.study_id == Study.id)
+                .where(Job.started_at >= since, Job.state != JobState.SUPERSEDED)
+            ).all()
+            for job, calling_ae in jobs:
+                summary = job.summary or {}
+                if not summary.get("probabilities"):
+                    continue
+                assert job.started_at is not None
+                key = (job.started_at.date().isoformat(), calling_ae or "-")
+                row = rows[key]
+                row["analysed"] += 1
+                u = summary.get("uncertainty") or {}
+                score = float(u.get("score", 0.0))
+                row["_uncertainty"].append(score)
+                if summary.get("needs_review"):
+                    row["review"] += 1
+                    threshold = float(summary.get("uncertainty_threshold", float("inf")))
+                    ood_threshold = summary.get("ood_threshold")
+                    if ood_threshold is not None:
+                        is_ood = float(summary.get("ood_score", 0.0)) > float(ood_threshold)
+                    else:
+                        is_ood = score <= threshold
+                    row["ood"] += int(is_ood)
+            queue = {
+                "queued": _count(s, Job, Job.state == JobState.QUEUED),
+                "analysing": _count(s, Job, Job.state == JobState.ANALYSING),
+                "pending_deliveries": _count(s, Delivery, Delivery.state == DeliveryState.PENDING),
+                "open_reviews": _count(s, ReviewItem, ReviewItem.state == ReviewState.OPEN),
+            }
+            reviewed = _count(s, Verdict, Verdict.created_at >= since)
+        table = []
+        for (day, ae), row in sorted(rows.items(), reverse=True):
+            values = row.pop("_uncertainty")
+            analysed = row["analysed"]
+            table.append(
+                {
+                    "day": day,
+                    "calling_ae": ae,
+                    **row,
+                    "review_rate": row["review"] / analysed if analysed else None,
+                    "ood_rate": row["ood"] / analysed if analysed else None,
+                    "mean_uncertainty": sum(values) / len(values) if values else None,
+                }
+            )
+        return {"days": days, "rows": table, "queue": queue, "verdicts": reviewed}
+
+    # --------------------------------------------------------------- feedback
+    def reviewed_cases(self) -> list[dict[str, Any]]:
+        """Closed items with their final confirm/override verdict (latest per item)."""
+        with self.ledger.session() as s:
+            verdicts = s.scalars(
+                select(Verdict)
+                .where(Verdict.action.in_(["confirm", "override"]))
+                .order_by(Verdict.id)
+            ).all()
+            latest: dict[int, Verdict] = {}
+            for v in verdicts:
+                latest[v.review_item_id] = v
+            out = []
+            for v in latest.values():
+                st = s.get_one(Study, v.study_id)
+                job = s.get_one(Job, v.job_id)
+                images = [
+                    im.get("sop_instance_uid") for im in (job.summary or {}).get("images", [])
+                ]
+                out.append(
+                    {
+                        "study_uid": st.study_uid,
+                        "calling_ae": st.calling_ae,
+                        "job_id": job.id,
+                        "label": v.label,
+                        "model_label": v.model_label,
+                        "action": v.action,
+                        "images": [uid for uid in images if uid],
+                    }
+                )
+            return out
+
+
+def _count(s: Any, model: Any, *where: Any) -> int:
+    from sqlalchemy import func
+
+    return int(s.scalar(select(func.count()).select_from(model).where(*where)) or 0)

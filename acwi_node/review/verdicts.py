@@ -1,0 +1,208 @@
+"""A radiologist's verdict on a review item, and the VERIFIED SR it produces.
+
+* ``confirm``: the model's predicted label is right.
+* ``override``: the right label is another of the model's labels; a reason is required.
+* ``escalate``: a second opinion is needed; a reason is required. The item stays on the
+  worklist (at the top) and no SR is written.
+
+Confirm and override close the item, write a VERIFIED Comprehensive 3D SR (verifying observer =
+the radiologist) that supersedes the unverified one, store it in the results directory and queue
+it in the outbox for every destination of the job: the exporter sends it by C-STORE like any
+other result. The SR is built before the item is claimed, so a case that cannot be verified
+(missing files) stays open; if storing it fails after the claim, the verdict is undone.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
+
+from acwi_node.config import Settings
+from acwi_node.ingest.spool import Spool
+from acwi_node.ledger import ResultFile
+from acwi_node.ledger.models import utcnow
+from acwi_node.results.sr import Verification, build_verified_sr
+from acwi_node.review.store import ACTIONS, ItemClosed, ReviewError, ReviewStore, SessionInfo
+
+log = logging.getLogger("acwi_node.review")
+
+VERIFIED_SR_KIND = "sr-verified"
+MAX_REASON = 1000
+
+
+@dataclass(frozen=True)
+class VerdictOutcome:
+    verdict_id: int
+    action: str
+    label: str
+    sr_sop_instance_uid: str
+    deliveries: int
+
+
+def _encode(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _unverified_sr(settings: Settings, case: dict[str, Any]) -> Dataset:
+    paths = [r["path"] for r in case["results"] if r["kind"] == "sr"]
+    if not paths:
+        raise ReviewError("this case has no AI result SR to verify")
+    path = settings.results_dir / paths[0]
+    try:
+        return dcmread(path)
+    except (OSError, ValueError) as exc:
+        raise ReviewError("the AI result SR of this case cannot be read") from exc
+
+
+def _sources(settings: Settings, store: ReviewStore, job_id: int) -> list[Dataset]:
+    spool = Spool(settings.spool_dir, fsync=False)
+    sources: list[Dataset] = []
+    for rel in store.job_instance_paths(job_id):
+        try:
+            sources.append(dcmread(spool.resolve(rel), stop_before_pixels=True))
+        except (OSError, ValueError):
+            continue
+    if not sources:
+        raise ReviewError("the source images of this case are no longer in the spool")
+    return sources
+
+
+def decide_label(case: dict[str, Any], action: str, label: str, reason: str) -> str:
+    """Validate a verdict against the case; returns the label the verdict stands by."""
+    if action not in ACTIONS:
+        raise ReviewError(f"verdict must be one of {', '.join(ACTIONS)}")
+    if len(reason) > MAX_REASON:
+        raise ReviewError(f"reason: at most {MAX_REASON} characters")
+    summary = case["summary"]
+    predicted = str(summary.get("predicted_label") or "")
+    labels = [str(x) for x in summary.get("labels") or []]
+    if action == "confirm":
+        if not predicted:
+            raise ReviewError("this case has no predicted label to confirm")
+        return predicted
+    if action == "override":
+        if label not in labels:
+            raise ReviewError(f"choose the correct label among: {', '.join(labels)}")
+        if label == predicted:
+            raise ReviewError("the chosen label is the model's: use confirm")
+        if not reason:
+            raise ReviewError("an override needs a reason")
+        return label
+    if not reason:
+        raise ReviewError("an escalation needs a reason")
+    return ""
+
+
+def _queue_ris_verdict(
+    settings: Settings,
+    store: ReviewStore,
+    job_id: int,
+    item_id: int,
+    user: SessionInfo,
+    verification: Verification,
+) -> None:
+    """Also tell the RIS (ORU^R01 with the verdict) when ``[hl7.ris]`` is configured.
+
+    The verdict and the verified SR stand even if this fails; the failure is logged.
+    """
+    if settings.hl7.ris is None:
+        return
+    try:
+        from acwi_node.hl7.client import queue_oru
+        from acwi_node.hl7.messages import Verdict as Hl7Verdict
+
+        queue_oru(
+            settings,
+            store.ledger,
+            job_id,
+            Hl7Verdict(
+                agrees=verification.action == "confirm",
+                label=verification.label,
+                reviewer=user.user_name,
+                comment=verification.reason,
+                reviewed_at=verification.verified_at,
+            ),
+            review_id=item_id,
+        )
+    except Exception:
+        log.exception("review item %d: the verdict could not be queued for the RIS", item_id)
+
+
+def submit_verdict(
+    settings: Settings,
+    store: ReviewStore,
+    item_id: int,
+    user: SessionInfo,
+    *,
+    action: str,
+    label: str = "",
+    reason: str = "",
+) -> VerdictOutcome:
+    """Record a verdict; for confirm/override also write and queue the verified SR."""
+    case = store.case(item_id)
+    if case is None:
+        raise ReviewError("no such case")
+    if case["state"] != "open":
+        raise ItemClosed("this case is no longer open for review")
+    reason = reason.strip()
+    chosen = decide_label(case, action, label.strip(), reason)
+    model_label = str(case["summary"].get("predicted_label") or "")
+    if action == "escalate":
+        vid = store.claim_verdict(
+            item_id, user=user, action=action, label="", model_label=model_label, reason=reason
+        )
+        log.info("review item %d escalated", item_id)
+        return VerdictOutcome(vid, action, "", "", 0)
+
+    unverified = _unverified_sr(settings, case)
+    sources = _sources(settings, store, case["job_id"])
+    verification = Verification(
+        observer_name=user.user_name,
+        organization=settings.review.organization,
+        action=action,
+        label=chosen,
+        reason=reason,
+        verified_at=utcnow(),
+    )
+    try:
+        document = build_verified_sr(unverified, sources, verification)
+    except ValueError as exc:
+        raise ReviewError(f"the verified SR cannot be written: {exc}") from exc
+    data = _encode(document)
+    uid = str(document.SOPInstanceUID)
+    vid = store.claim_verdict(
+        item_id,
+        user=user,
+        action=action,
+        label=chosen,
+        model_label=model_label,
+        reason=reason,
+        sr_sop_instance_uid=uid,
+    )
+    try:
+        out = Spool(settings.results_dir, fsync=settings.ingest.fsync)
+        path = out.store(case["study_uid"], uid, data)
+        deliveries = store.attach_verified_sr(
+            case["job_id"],
+            ResultFile(VERIFIED_SR_KIND, uid, str(document.SOPClassUID), out.relative(path)),
+        )
+    except Exception:
+        log.exception("review item %d: the verified SR could not be stored", item_id)
+        store.undo_verdict(vid)
+        raise
+    _queue_ris_verdict(settings, store, case["job_id"], item_id, user, verification)
+    log.info(
+        "review item %d: %s, verified SR queued for %d destination(s)",
+        item_id,
+        action,
+        deliveries,
+    )
+    return VerdictOutcome(vid, action, chosen, uid, deliveries)

@@ -1,0 +1,538 @@
+"""The review web app's pages: sign-in, worklist, case, verdict, dashboard.
+
+:func:`install_review` adds the pages, the static files and an authentication middleware to the
+node's FastAPI app. Every path needs a signed-in user except ``/login``, ``/static/``,
+``/healthz``, ``/readyz`` and ``/metrics``. The JSON API (``/api/...``) also accepts HTTP Basic
+credentials of an active local account, for scripts; it answers 401 rather than redirecting.
+
+Pages are Jinja2 templates with autoescaping on, served with a Content-Security-Policy that
+allows no inline script: DICOM and HL7 text is always rendered as text.
+
+Images: the source instance is rendered as the heatmap writer renders it
+(:func:`acwi_node.results.heatmap.render_grey`: modality LUT / rescale, the file's VOI window if
+present else a percentile window, MONOCHROME1 inverted). The overlay is the heatmap secondary
+capture the node sent (source grey blended with the colour map, opacity proportional to heat),
+drawn over the same rendering: its opacity slider therefore fades the colour map in and out
+exactly; no separate heatmap file is stored.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+from collections.abc import Awaitable, Callable
+from functools import lru_cache, partial
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from jinja2 import Environment, FileSystemLoader
+from PIL import Image
+from pydicom import dcmread
+from starlette.concurrency import run_in_threadpool
+
+from acwi_node import __version__
+from acwi_node.config import Settings
+from acwi_node.ingest.spool import Spool, is_safe_uid
+from acwi_node.ledger import Ledger
+from acwi_node.ledger.models import utcnow
+from acwi_node.results.heatmap import render_grey
+from acwi_node.results.sr import summarise_sr
+from acwi_node.results.uids import result_uids
+from acwi_node.review import auth
+from acwi_node.review.store import (
+    ItemClosed,
+    ReviewError,
+    ReviewStore,
+    SessionInfo,
+    WorklistFilters,
+)
+from acwi_node.review.verdicts import VERIFIED_SR_KIND, submit_verdict
+
+log = logging.getLogger("acwi_node.review")
+
+HERE = Path(__file__).parent
+PUBLIC_PATHS = {"/login", "/healthz", "/readyz", "/metrics", "/favicon.ico"}
+PUBLIC_PREFIXES = ("/static/",)
+MAX_FORM_BYTES = 64 * 1024
+#: Largest side of a rendered image (pixels).
+DISPLAY_MAX = 1024
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; "
+        "object-src 'none'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+FILTER_NAMES = [
+    ("modality", "Modality"),
+    ("calling_ae", "Site (calling AE)"),
+    ("model", "Model"),
+    ("state", "Study state"),
+]
+
+
+def make_templates() -> Environment:
+    """The page templates; autoescaping is on for every template."""
+    return Environment(
+        loader=FileSystemLoader(str(HERE / "templates")),
+        autoescape=True,
+        auto_reload=False,
+    )
+
+
+def _text(value: object) -> str:
+    """A DICOM attribute as plain text (rendering escapes it)."""
+    return "" if value is None else str(value)
+
+
+@lru_cache(maxsize=512)
+def _header(path: str, mtime_ns: int) -> dict[str, str]:
+    try:
+        ds = dcmread(path, stop_before_pixels=True)
+    except Exception:
+        return {}
+    return {
+        "patient_name": _text(ds.get("PatientName")),
+        "patient_id": _text(ds.get("PatientID")),
+        "birth_date": _text(ds.get("PatientBirthDate")),
+        "sex": _text(ds.get("PatientSex")),
+        "accession": _text(ds.get("AccessionNumber")),
+        "study_description": _text(ds.get("StudyDescription")),
+        "study_date": _text(ds.get("StudyDate")),
+    }
+
+
+def _png(rgb_or_grey: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb_or_grey).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def display_size(rows: int, columns: int) -> tuple[int, int]:
+    """(width, height) of a rendered image: at most DISPLAY_MAX on its longer side."""
+    scale = min(1.0, DISPLAY_MAX / max(rows, columns, 1))
+    return max(1, round(columns * scale)), max(1, round(rows * scale))
+
+
+def render_source_png(path: Path) -> bytes:
+    """The source image windowed for display, as an 8-bit greyscale PNG."""
+    ds = dcmread(path)
+    grey = render_grey(ds)
+    image = Image.fromarray(np.clip(np.rint(grey * 255.0), 0, 255).astype(np.uint8))
+    size = display_size(*grey.shape)
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    return _png(np.asarray(image))
+
+
+def render_heatmap_png(heatmap_path: Path, rows: int, columns: int) -> bytes:
+    """The heatmap secondary capture at the display size of a ``rows`` x ``columns`` source."""
+    ds = dcmread(heatmap_path)
+    rgb = np.asarray(ds.pixel_array, dtype=np.uint8)
+    image = Image.fromarray(rgb, mode="RGB")
+    size = display_size(rows, columns)
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    return _png(np.asarray(image))
+
+
+class ReviewApp:
+    """State shared by the pages: settings, ledger store, templates and the CSRF key."""
+
+    def __init__(self, settings: Settings, ledger: Ledger) -> None:
+        self.settings = settings
+        self.store = ReviewStore(ledger)
+        self.templates = make_templates()
+        self.key = auth.load_secret_key(settings.review_secret_key_file)
+
+    # ------------------------------------------------------------- helpers
+    def csrf_for(self, user: SessionInfo) -> str:
+        return auth.csrf_token(self.key, "session", user.token_hash)
+
+    def page(
+        self,
+        name: str,
+        request: Request,
+        status_code: int = 200,
+        **context: Any,
+    ) -> HTMLResponse:
+        user: SessionInfo | None = getattr(request.state, "user", None)
+        html = self.templates.get_template(name).render(
+            user=user,
+            csrf=self.csrf_for(user) if user else "",
+            version=__version__,
+            **context,
+        )
+        return HTMLResponse(html, status_code=status_code, headers=SECURITY_HEADERS)
+
+    def authenticate(self, request: Request) -> SessionInfo | None:
+        token = request.cookies.get(auth.SESSION_COOKIE)
+        if token:
+            found = self.store.session_user(
+                auth.token_hash(token), idle_timeout_s=self.settings.review.idle_timeout_s
+            )
+            if found is not None:
+                return found
+        if request.url.path.startswith("/api/"):
+            return self._basic(request.headers.get("authorization", ""))
+        return None
+
+    def _basic(self, header: str) -> SessionInfo | None:
+        if not header.lower().startswith("basic "):
+            return None
+        try:
+            decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        name, _, password = decoded.partition(":")
+        user = self.store.get_user(name)
+        if user is None or user.disabled:
+            auth.verify_password(password, auth.DUMMY_HASH)
+            return None
+        if not auth.verify_password(password, user.password_hash):
+            return None
+        return SessionInfo(user.id, user.name, user.role, "", utcnow())
+
+    def case_header(self, case: dict[str, Any]) -> dict[str, str]:
+        spool = Spool(self.settings.spool_dir, fsync=False)
+        for rel in self.store.job_instance_paths(case["job_id"]):
+            try:
+                path = spool.resolve(rel)
+                found = _header(str(path), path.stat().st_mtime_ns)
+            except (OSError, ValueError):
+                continue
+            if found:
+                return found
+        return {}
+
+    def item_header(self, study_uid: str, job_id: int) -> dict[str, str]:
+        return self.case_header({"job_id": job_id, "study_uid": study_uid})
+
+
+def _form(body: bytes) -> dict[str, str]:
+    if len(body) > MAX_FORM_BYTES:
+        raise HTTPException(status_code=413, detail="form too large")
+    try:
+        parsed = parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=50)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HTTPException(status_code=400, detail="malformed form") from exc
+    return {k: v[0] for k, v in parsed.items()}
+
+
+def _safe_next(value: str) -> str:
+    """A redirect target after sign-in: a local path only."""
+    if value.startswith("/") and not value.startswith("//") and "\\" not in value:
+        return value
+    return "/review/worklist"
+
+
+def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewApp:
+    """Add the review pages and the authentication middleware to ``app``."""
+    review = ReviewApp(settings, ledger)
+    app.state.review = review
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="review-static")
+    cookie_secure = settings.review.cookie_secure
+
+    @app.middleware("http")
+    async def require_sign_in(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        path = request.url.path
+        if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
+            return await call_next(request)
+        user = await run_in_threadpool(review.authenticate, request)
+        if user is None:
+            if path.startswith("/api/") or request.method != "GET":
+                return JSONResponse(
+                    {"detail": "sign in required"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": 'Basic realm="ACWI Node"'},
+                )
+            target = path + (f"?{request.url.query}" if request.url.query else "")
+            return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
+        request.state.user = user
+        return await call_next(request)
+
+    # ---------------------------------------------------------------- sign-in
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/review/worklist", status_code=303)
+
+    @app.get("/login", include_in_schema=False)
+    def login_form(request: Request, next: str = "/review/worklist") -> HTMLResponse:
+        nonce = request.cookies.get(auth.LOGIN_COOKIE) or auth.new_token()
+        response = review.page(
+            "login.html",
+            request,
+            login_csrf=auth.csrf_token(review.key, "login", nonce),
+            next=_safe_next(next),
+        )
+        _set_cookie(response, auth.LOGIN_COOKIE, nonce, 3600, cookie_secure)
+        return response
+
+    @app.post("/login", include_in_schema=False)
+    async def login(request: Request) -> Response:
+        form = _form(await request.body())
+        nonce = request.cookies.get(auth.LOGIN_COOKIE, "")
+        next_path = _safe_next(form.get("next", ""))
+        if not auth.csrf_ok(review.key, "login", nonce, form.get("csrf_token")):
+            return _forbidden("the sign-in form expired: reload the page and try again")
+        name = form.get("username", "").strip()
+        password = form.get("password", "")
+        user = await run_in_threadpool(review.store.get_user, name)
+        ok = await run_in_threadpool(
+            auth.verify_password,
+            password,
+            user.password_hash if user is not None and not user.disabled else auth.DUMMY_HASH,
+        )
+        if user is None or user.disabled or not ok:
+            await run_in_threadpool(review.store.audit, name[:64], "login_failed")
+            new_nonce = auth.new_token()
+            failed = review.page(
+                "login.html",
+                request,
+                status_code=401,
+                error="Unknown user name or wrong password.",
+                login_csrf=auth.csrf_token(review.key, "login", new_nonce),
+                next=next_path,
+            )
+            _set_cookie(failed, auth.LOGIN_COOKIE, new_nonce, 3600, cookie_secure)
+            return failed
+        token = auth.new_token()
+        lifetime = settings.review.session_lifetime_s
+        await run_in_threadpool(
+            review.store.create_session, user.id, auth.token_hash(token), lifetime
+        )
+        await run_in_threadpool(review.store.audit, user.name, "login")
+        response = RedirectResponse(next_path, status_code=303)
+        _set_cookie(response, auth.SESSION_COOKIE, token, lifetime, cookie_secure)
+        response.delete_cookie(auth.LOGIN_COOKIE, path="/")
+        return response
+
+    @app.post("/logout", include_in_schema=False)
+    async def logout(request: Request) -> Response:
+        user: SessionInfo = request.state.user
+        form = _form(await request.body())
+        if not auth.csrf_ok(review.key, "session", user.token_hash, form.get("csrf_token")):
+            return _forbidden("invalid form token")
+        if user.token_hash:
+            await run_in_threadpool(review.store.end_session, user.token_hash)
+        await run_in_threadpool(review.store.audit, user.user_name, "logout")
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(auth.SESSION_COOKIE, path="/")
+        return response
+
+    # ---------------------------------------------------------------- worklist
+    @app.get("/review/worklist", include_in_schema=False)
+    def worklist_page(
+        request: Request,
+        modality: str = "",
+        calling_ae: str = "",
+        model: str = "",
+        state: str = "",
+    ) -> HTMLResponse:
+        filters = WorklistFilters(modality, calling_ae, model, state)
+        found = review.store.worklist(filters)
+        for it in found["items"]:
+            header = review.item_header(it["study_uid"], it["job_id"])
+            it["patient_name"] = header.get("patient_name", "")
+            it["accession"] = header.get("accession", "")
+        return review.page(
+            "worklist.html",
+            request,
+            items=found["items"],
+            total=found["total"],
+            shown=len(found["items"]),
+            counts=found["counts"],
+            filters={
+                "modality": modality,
+                "calling_ae": calling_ae,
+                "model": model,
+                "state": state,
+            },
+            filter_names=FILTER_NAMES,
+        )
+
+    @app.get("/review/dashboard", include_in_schema=False)
+    def dashboard_page(request: Request, days: int = 14) -> HTMLResponse:
+        days = max(1, min(days, 365))
+        return review.page("dashboard.html", request, d=review.store.dashboard(days=days))
+
+    # -------------------------------------------------------------------- case
+    def _case_or_404(item_id: int) -> dict[str, Any]:
+        case = review.store.case(item_id)
+        if case is None:
+            raise HTTPException(status_code=404, detail="no such case")
+        return case
+
+    def _case_page(
+        request: Request, item_id: int, *, error: str = "", notice: str = "", status: int = 200
+    ) -> HTMLResponse:
+        case = _case_or_404(item_id)
+        user: SessionInfo = request.state.user
+        review.store.audit(user.user_name, "view_case", case["study_uid"], f"item {item_id}")
+        summary = case["summary"]
+        predicted = summary.get("predicted_label")
+        heatmaps = {r["sop_instance_uid"] for r in case["results"] if r["kind"] == "heatmap"}
+        model = summary.get("model") or {}
+        uids = (
+            result_uids(case["study_uid"], model["name"], model["version"])
+            if model.get("name") and model.get("version")
+            else None
+        )
+        images = []
+        for im in summary.get("images") or []:
+            sop = str(im.get("sop_instance_uid", ""))
+            if not is_safe_uid(sop):
+                continue
+            images.append(
+                {
+                    "sop": sop,
+                    "heatmap": uids is not None and uids.heatmap_instance_uid(sop) in heatmaps,
+                    "probability": float((im.get("probabilities") or {}).get(predicted, 0.0)),
+                    "uncertainty": float(im.get("uncertainty_score", 0.0)),
+                    "ood": float(im.get("ood_score", 0.0)),
+                }
+            )
+        results = []
+        for r in case["results"]:
+            if r["kind"] not in ("sr", VERIFIED_SR_KIND):
+                continue
+            sr_summary: dict[str, Any] | None = None
+            try:
+                sr_summary = summarise_sr(dcmread(settings.results_dir / r["path"]))
+            except Exception:
+                sr_summary = None
+            title = "Verified SR" if r["kind"] == VERIFIED_SR_KIND else "AI result SR (unverified)"
+            results.append({**r, "title": title, "sr": sr_summary})
+        probabilities = sorted(
+            (summary.get("probabilities") or {}).items(), key=lambda kv: -float(kv[1])
+        )
+        return review.page(
+            "case.html",
+            request,
+            status_code=status,
+            case=case,
+            header=review.case_header(case),
+            summary=summary,
+            u=summary.get("uncertainty") or {},
+            probabilities=probabilities,
+            images=images,
+            results=results,
+            error=error,
+            notice=notice,
+        )
+
+    @app.get("/review/cases/{item_id}", include_in_schema=False)
+    def case_page(request: Request, item_id: int) -> HTMLResponse:
+        return _case_page(request, item_id)
+
+    @app.get("/review/cases/{item_id}/images/{sop}.png", include_in_schema=False)
+    def case_image(item_id: int, sop: str) -> Response:
+        case = _case_or_404(item_id)
+        rel = review.store.instance_path(case["study_uid"], sop) if is_safe_uid(sop) else None
+        if rel is None:
+            raise HTTPException(status_code=404, detail="no such image in this case")
+        try:
+            path = Spool(settings.spool_dir, fsync=False).resolve(rel)
+            data = render_source_png(path)
+        except (OSError, ValueError) as exc:
+            raise HTTPException(status_code=404, detail="image cannot be rendered") from exc
+        return Response(data, media_type="image/png", headers={"Cache-Control": "private"})
+
+    @app.get("/review/cases/{item_id}/heatmaps/{sop}.png", include_in_schema=False)
+    def case_heatmap(item_id: int, sop: str) -> Response:
+        case = _case_or_404(item_id)
+        model = case["summary"].get("model") or {}
+        if not is_safe_uid(sop) or not model.get("name"):
+            raise HTTPException(status_code=404, detail="no heatmap")
+        wanted = result_uids(case["study_uid"], model["name"], model["version"])
+        hm_uid = wanted.heatmap_instance_uid(sop)
+        paths = [
+            r["path"]
+            for r in case["results"]
+            if r["kind"] == "heatmap" and r["sop_instance_uid"] == hm_uid
+        ]
+        rel = review.store.instance_path(case["study_uid"], sop)
+        if not paths or rel is None:
+            raise HTTPException(status_code=404, detail="no heatmap for this image")
+        try:
+            source = dcmread(
+                Spool(settings.spool_dir, fsync=False).resolve(rel), stop_before_pixels=True
+            )
+            data = render_heatmap_png(
+                Spool(settings.results_dir, fsync=False).resolve(paths[0]),
+                int(source.Rows),
+                int(source.Columns),
+            )
+        except (OSError, ValueError, AttributeError) as exc:
+            raise HTTPException(status_code=404, detail="heatmap cannot be rendered") from exc
+        return Response(data, media_type="image/png", headers={"Cache-Control": "private"})
+
+    @app.post("/review/cases/{item_id}/verdict", include_in_schema=False)
+    async def verdict(request: Request, item_id: int) -> Response:
+        user: SessionInfo = request.state.user
+        form = _form(await request.body())
+        if not auth.csrf_ok(review.key, "session", user.token_hash, form.get("csrf_token")):
+            return _forbidden("invalid form token: reload the page")
+        try:
+            outcome = await run_in_threadpool(
+                submit_verdict,
+                settings,
+                review.store,
+                item_id,
+                user,
+                action=form.get("action", ""),
+                label=form.get("label", ""),
+                reason=form.get("reason", ""),
+            )
+        except ReviewError as exc:
+            message = str(exc)
+            status = 409 if isinstance(exc, ItemClosed) else 400
+            return await run_in_threadpool(
+                partial(_case_page, request, item_id, error=message, status=status)
+            )
+        if outcome.action == "escalate":
+            return RedirectResponse(f"/review/cases/{item_id}", status_code=303)
+        return RedirectResponse("/review/worklist", status_code=303)
+
+    return review
+
+
+def _forbidden(message: str) -> Response:
+    return HTMLResponse(
+        f"<!doctype html><title>Forbidden</title><p>{_escape(message)}</p>",
+        status_code=403,
+        headers=SECURITY_HEADERS,
+    )
+
+
+def _escape(text: str) -> str:
+    from markupsafe import escape
+
+    return str(escape(text))
+
+
+def _set_cookie(response: Response, name: str, value: str, max_age: int, secure: bool) -> None:
+    response.set_cookie(
+        name,
+        value,
+        max_age=max_age,
+        path="/",
+        secure=secure,
+        httponly=True,
+        samesite="strict",
+    )
+
+
+__all__ = ["ReviewApp", "display_size", "install_review", "render_source_png"]

@@ -1,0 +1,167 @@
+"""The review web app in a real browser: Playwright driving Debian's Chromium headless.
+
+The node's ``web`` process runs as in production (``acwi-node web``, account created with
+``acwi-node users add``); two review cases are real analyses of synthetic studies. The test signs
+in, opens a case, checks the images and the heatmap controls, overrides the result and sees the
+worklist and the ledger change. A screenshot of the case page is kept in ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Dialog, Page, expect, sync_playwright
+from sqlalchemy import select
+
+from acwi_node.ledger import Ledger
+from acwi_node.ledger.models import Delivery, Result, Verdict
+from tests.support.node import NodeProcesses, wait_port, write_config
+from tests.support.ports import free_port
+from tests.support.review_case import DESTINATION, MODEL, make_review_case, review_settings
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+CANARY = "<script>document.title='pwned'</script>^Canary"
+USER, PASSWORD = "dr.browser", "browser password 42"
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason="/usr/bin/chromium is absent: install Debian's chromium package "
+        "(scripts/setup.sh --test does)",
+    ),
+]
+
+
+def _cli(config: Path, *args: str, stdin: str = "") -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "acwi_node.cli", "--config", str(config), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def _images_loaded(page: Page, selector: str) -> int:
+    return int(
+        page.eval_on_selector_all(
+            selector, "els => els.filter(e => e.complete && e.naturalWidth > 0).length"
+        )
+    )
+
+
+def test_sign_in_open_case_override(tmp_path: Path) -> None:
+    settings = review_settings(tmp_path)
+    ledger = Ledger(settings.database_url)
+    canary_item, canary_uid = make_review_case(
+        settings, ledger, tmp_path, patient_name=CANARY, calling_ae="SITEA", seed=11
+    )
+    other_item, _ = make_review_case(settings, ledger, tmp_path, calling_ae="SITEB", seed=12)
+    http_port = free_port()
+    config = write_config(
+        tmp_path / "acwi.toml",
+        {
+            "node": {"data_dir": str(settings.data_dir), "http_port": http_port},
+            "destinations": [
+                {"name": DESTINATION, "ae_title": "PACS", "host": "127.0.0.1", "port": 11199}
+            ],
+            "models": [{"name": MODEL, "manifest": str(settings.model_manifest(MODEL))}],
+        },
+    )
+    _cli(config, "users", "add", USER, "--role", "radiologist", "--password-stdin", stdin=PASSWORD)
+    assert USER in _cli(config, "users", "list")
+    base = f"http://127.0.0.1:{http_port}"
+    dialogs: list[str] = []
+    with NodeProcesses(config, ["web"], tmp_path) as nodes, sync_playwright() as pw:
+        wait_port("127.0.0.1", http_port)
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"]
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+
+            def on_dialog(dialog: Dialog) -> None:  # an alert() would mean script injection
+                dialogs.append(dialog.message)
+                dialog.dismiss()
+
+            page.on("dialog", on_dialog)
+
+            # Sign in: the worklist sends an anonymous visitor to the sign-in form and back.
+            page.goto(f"{base}/review/worklist")
+            expect(page).to_have_url(f"{base}/login?next=%2Freview%2Fworklist")
+            page.fill("input[name=username]", USER)
+            page.fill("input[name=password]", PASSWORD)
+            page.click("button[type=submit]")
+            expect(page).to_have_url(f"{base}/review/worklist")
+            expect(page.locator("#counts")).to_have_text("2 of 2 open cases shown")
+            link = page.locator(f"a[href='/review/cases/{canary_item}']")
+            expect(link).to_have_text(CANARY)  # the patient name is text, not markup
+
+            # The case page: images, heatmap overlay controls, model figures.
+            link.click()
+            expect(page).to_have_url(f"{base}/review/cases/{canary_item}")
+            expect(page.locator("#patient-name")).to_have_text(CANARY)
+            page.wait_for_function(
+                "() => [...document.images].every(i => i.complete && i.naturalWidth > 0)"
+            )
+            assert _images_loaded(page, "img.source") == 2
+            assert _images_loaded(page, "img.overlay") == 2
+            overlay = page.locator("img.overlay").first
+            page.locator("input.heatmap-opacity").first.fill("40")
+            expect(overlay).to_have_css("opacity", "0.4")
+            page.locator("input.heatmap-toggle").first.uncheck()
+            expect(overlay).to_be_hidden()
+            page.locator("input.heatmap-toggle").first.check()
+            expect(overlay).to_be_visible()
+            expect(page.locator("section.model")).to_contain_text("Epistemic")
+            expect(page.locator("section.sr")).to_contain_text("UNVERIFIED")
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "review-case.png"), full_page=True)
+
+            # Override: choose another label, give a reason, submit.
+            predicted = page.locator("#predicted").inner_text()
+            page.check("input[name=action][value=override]")
+            new_label = page.locator("select[name=label] option").first.get_attribute("value")
+            assert new_label and new_label != predicted
+            page.select_option("select[name=label]", new_label)
+            page.fill("textarea[name=reason]", "rib overlap <not> a finding")
+            page.click(".verdict-form button[type=submit]")
+            expect(page).to_have_url(f"{base}/review/worklist")
+            expect(page.locator("#counts")).to_have_text("1 of 1 open case shown")
+            expect(page.locator(f"a[href='/review/cases/{canary_item}']")).to_have_count(0)
+            expect(page.locator(f"a[href='/review/cases/{other_item}']")).to_have_count(1)
+
+            page.goto(f"{base}/review/cases/{canary_item}")
+            expect(page.locator("#case-state")).to_have_text("closed")
+            expect(page.locator("#verdicts")).to_contain_text(
+                f"{USER} override as {new_label}: rib overlap <not> a finding"
+            )
+            expect(page.locator("section.sr")).to_contain_text("VERIFIED by")
+            assert page.title() != "pwned"
+            assert dialogs == []
+        finally:
+            browser.close()
+        nodes.assert_alive()
+
+    with ledger.session() as s:
+        verdict = s.scalars(select(Verdict)).one()
+        assert (verdict.user_name, verdict.action, verdict.label) == (USER, "override", new_label)
+        assert verdict.model_label == predicted
+        verified = s.scalars(select(Result).where(Result.kind == "sr-verified")).one()
+        assert verified.sop_instance_uid == verdict.sr_sop_instance_uid
+        states = [
+            d.state.value
+            for d in s.scalars(select(Delivery).where(Delivery.result_id == verified.id)).all()
+        ]
+        assert states == ["pending"]
+    study = ledger.get_study(canary_uid)
+    assert study is not None and study["state"] == "exporting"
+    assert [i["id"] for i in ledger.worklist()] == [other_item]
+    ledger.dispose()

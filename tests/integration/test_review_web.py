@@ -1,0 +1,380 @@
+"""The review web app over HTTP (FastAPI TestClient) against a real ledger and real results.
+
+Cases are synthetic studies analysed by the real analyse task; verdicts write real verified SRs;
+one test sends the verified SR to a real Orthanc through the exporter.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from sqlalchemy import select
+
+from acwi_node.config import Settings
+from acwi_node.export.outbox import Exporter
+from acwi_node.ledger import Ledger
+from acwi_node.ledger.models import AuditEvent, Delivery, Result, Verdict
+from acwi_node.results.sr import summarise_sr
+from acwi_node.review.feedback import export_feedback
+from acwi_node.review.store import ReviewStore
+from acwi_node.web.api import create_app
+from models.data.dicom_dataset import scan_folder
+from tests.support.orthanc import OrthancServer, require_orthanc
+from tests.support.ports import free_port
+from tests.support.review_case import PASSWORD, add_user, make_review_case, review_settings
+
+pytestmark = pytest.mark.integration
+
+CANARY = "<script>alert('acwi')</script>^Evil"
+CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+def sign_in(client: TestClient, name: str = "jane.doe", password: str = PASSWORD) -> str:
+    """Sign in through the form; returns the session's CSRF token."""
+    page = client.get("/login")
+    assert page.status_code == 200
+    token = CSRF.search(page.text)
+    assert token is not None
+    answer = client.post(
+        "/login",
+        data={"csrf_token": token.group(1), "username": name, "password": password, "next": "/"},
+        follow_redirects=False,
+    )
+    assert answer.status_code == 303, answer.text
+    worklist = client.get("/review/worklist")
+    assert worklist.status_code == 200
+    found = CSRF.search(worklist.text)
+    assert found is not None
+    return found.group(1)
+
+
+def _predicted_and_other(ledger: Ledger, item_id: int) -> tuple[str, str]:
+    case = ReviewStore(ledger).case(item_id)
+    assert case is not None
+    predicted = case["summary"]["predicted_label"]
+    other = next(lbl for lbl in case["summary"]["labels"] if lbl != predicted)
+    return predicted, other
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[tuple[Settings, Ledger, TestClient]]:
+    settings = review_settings(tmp_path)
+    ledger = Ledger(settings.database_url)
+    add_user(ledger)
+    with TestClient(create_app(settings, ledger)) as client:
+        yield settings, ledger, client
+    ledger.dispose()
+
+
+def test_pages_and_api_need_sign_in(env: tuple[Settings, Ledger, TestClient]) -> None:
+    settings, ledger, client = env
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/api/studies").status_code == 401
+    assert client.get("/api/worklist").status_code == 401
+    page = client.get("/review/worklist", follow_redirects=False)
+    assert page.status_code == 303
+    assert page.headers["location"].startswith("/login?next=")
+    assert client.get("/api/studies", auth=("jane.doe", "wrong password!")).status_code == 401
+    assert client.get("/api/studies", auth=("jane.doe", PASSWORD)).status_code == 200
+    bad = client.post(
+        "/login",
+        data={"csrf_token": "forged", "username": "jane.doe", "password": PASSWORD},
+        follow_redirects=False,
+    )
+    assert bad.status_code == 403
+    assert "acwi_session" not in client.cookies
+
+
+def test_wrong_password_and_disabled_user(env: tuple[Settings, Ledger, TestClient]) -> None:
+    settings, ledger, client = env
+    page = client.get("/login")
+    token = CSRF.search(page.text)
+    assert token is not None
+    wrong = client.post(
+        "/login",
+        data={"csrf_token": token.group(1), "username": "jane.doe", "password": "nope-nope-nope"},
+        follow_redirects=False,
+    )
+    assert wrong.status_code == 401
+    assert "wrong password" in wrong.text
+    sign_in(client)
+    assert ReviewStore(ledger).set_disabled("jane.doe")
+    assert client.get("/review/worklist", follow_redirects=False).status_code == 303
+    with ledger.session() as s:
+        actions = [e.action for e in s.scalars(select(AuditEvent)).all()]
+    assert "login_failed" in actions and "login" in actions
+
+
+def test_worklist_case_and_override(
+    env: tuple[Settings, Ledger, TestClient], tmp_path: Path
+) -> None:
+    settings, ledger, client = env
+    routine, routine_uid = make_review_case(
+        settings, ledger, tmp_path, patient_name=CANARY, calling_ae="SITEA", seed=1
+    )
+    stat, _ = make_review_case(
+        settings, ledger, tmp_path, calling_ae="SITEB", seed=2, priority=5, label="effusion"
+    )
+    csrf = sign_in(client)
+
+    page = client.get("/review/worklist")
+    assert page.text.index(f"/review/cases/{stat}") < page.text.index(f"/review/cases/{routine}")
+    assert "2 of 2 open cases shown" in page.text
+    assert "<script>alert" not in page.text
+    assert "&lt;script&gt;alert(" in page.text
+    filtered = client.get("/review/worklist", params={"calling_ae": "SITEA"})
+    assert "1 of 2 open cases shown" in filtered.text
+    assert f'/review/cases/{stat}"' not in filtered.text
+    assert "SITEB (1)" in filtered.text
+
+    case = client.get(f"/review/cases/{routine}")
+    assert case.status_code == 200
+    assert "<script>alert" not in case.text
+    assert "&lt;script&gt;alert(&#39;acwi&#39;)&lt;/script&gt;^Evil" in case.text
+    assert "script-src 'self'" in case.headers["content-security-policy"]
+    for word in ("Epistemic", "Aleatoric", "Out-of-distribution score", "UNVERIFIED"):
+        assert word in case.text
+    sops = re.findall(rf"/review/cases/{routine}/images/([0-9.]+)\.png", case.text)
+    assert len(sops) == 2
+    image = client.get(f"/review/cases/{routine}/images/{sops[0]}.png")
+    assert image.headers["content-type"] == "image/png"
+    grey = Image.open(io.BytesIO(image.content))
+    assert grey.mode == "L" and grey.size == (128, 128)
+    assert len(np.unique(np.asarray(grey))) > 16  # windowed, not blank
+    heat = client.get(f"/review/cases/{routine}/heatmaps/{sops[0]}.png")
+    assert heat.status_code == 200
+    assert Image.open(io.BytesIO(heat.content)).mode == "RGB"
+    assert client.get(f"/review/cases/{routine}/images/1.2.3.png").status_code == 404
+
+    predicted, other = _predicted_and_other(ledger, routine)
+    # CSRF: a verdict without the form token is refused and changes nothing.
+    forged = client.post(
+        f"/review/cases/{routine}/verdict",
+        data={"action": "override", "label": other, "reason": "x"},
+        follow_redirects=False,
+    )
+    assert forged.status_code == 403
+    # An override needs a reason.
+    missing = client.post(
+        f"/review/cases/{routine}/verdict",
+        data={"csrf_token": csrf, "action": "override", "label": other, "reason": ""},
+        follow_redirects=False,
+    )
+    assert missing.status_code == 400
+    assert "needs a reason" in missing.text
+    assert ReviewStore(ledger).case(routine)["state"] == "open"  # type: ignore[index]
+
+    done = client.post(
+        f"/review/cases/{routine}/verdict",
+        data={
+            "csrf_token": csrf,
+            "action": "override",
+            "label": other,
+            "reason": "<b>rib</b> overlap",
+        },
+        follow_redirects=False,
+    )
+    assert done.status_code == 303
+    assert done.headers["location"] == "/review/worklist"
+    after = client.get("/review/worklist")
+    assert "1 of 1 open case shown" in after.text
+    assert f'/review/cases/{routine}"' not in after.text
+
+    again = client.post(
+        f"/review/cases/{routine}/verdict",
+        data={"csrf_token": csrf, "action": "confirm"},
+        follow_redirects=False,
+    )
+    assert again.status_code == 409
+
+    with ledger.session() as s:
+        verdicts = s.scalars(select(Verdict)).all()
+        assert [(v.action, v.label, v.model_label, v.user_name) for v in verdicts] == [
+            ("override", other, predicted, "jane.doe")
+        ]
+        verified = s.scalars(select(Result).where(Result.kind == "sr-verified")).one()
+        original = s.scalars(
+            select(Result).where(Result.kind == "sr", Result.job_id == verified.job_id)
+        ).one()
+        deliveries = s.scalars(select(Delivery).where(Delivery.result_id == verified.id)).all()
+        assert [(d.destination, d.state.value) for d in deliveries] == [("pacs", "pending")]
+        assert verified.sop_instance_uid == verdicts[0].sr_sop_instance_uid
+        audit = [(e.action, e.study_uid) for e in s.scalars(select(AuditEvent)).all()]
+    assert ("verdict:override", routine_uid) in audit
+    assert ("view_case", routine_uid) in audit
+
+    ds = pydicom.dcmread(settings.results_dir / verified.path)
+    assert ds.VerificationFlag == "VERIFIED"
+    assert ds.CompletionFlag == "COMPLETE"
+    assert ds.PreliminaryFlag == "FINAL"
+    assert ds.VerifyingObserverSequence[0].VerifyingObserverName.family_name == "jane.doe"
+    predecessor = ds.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert predecessor.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+        original.sop_instance_uid
+    )
+    assert ds.SOPInstanceUID != original.sop_instance_uid
+    read = summarise_sr(ds)
+    assert read["verdict"] == {"action": "override", "label": other, "reason": "<b>rib</b> overlap"}
+    assert read["verified"] and read["verifying_observer"] == "jane.doe^"
+
+    closed = client.get(f"/review/cases/{routine}")
+    assert "Verified SR" in closed.text and "This case is closed." in closed.text
+    assert "&lt;b&gt;rib&lt;/b&gt; overlap" in closed.text
+
+    export = export_feedback(settings, ledger, tmp_path / "feedback")
+    assert (export.cases, export.images, export.missing) == (1, 2, 0)
+    items = scan_folder(tmp_path / "feedback")
+    assert {i.label for i in items} == {other}
+    assert {i.sop_instance_uid for i in items} == set(sops)
+    with (tmp_path / "feedback" / "labels.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["calling_ae"] for r in rows} == {"SITEA"}
+
+
+def test_escalate_keeps_case_on_top(
+    env: tuple[Settings, Ledger, TestClient], tmp_path: Path
+) -> None:
+    settings, ledger, client = env
+    stat, _ = make_review_case(settings, ledger, tmp_path, seed=3, priority=5)
+    routine, _ = make_review_case(settings, ledger, tmp_path, seed=4)
+    csrf = sign_in(client)
+    no_reason = client.post(
+        f"/review/cases/{routine}/verdict",
+        data={"csrf_token": csrf, "action": "escalate", "reason": " "},
+        follow_redirects=False,
+    )
+    assert no_reason.status_code == 400
+    escalated = client.post(
+        f"/review/cases/{routine}/verdict",
+        data={"csrf_token": csrf, "action": "escalate", "reason": "needs a chest specialist"},
+        follow_redirects=False,
+    )
+    assert escalated.status_code == 303
+    items = ReviewStore(ledger).worklist()["items"]
+    assert [(i["id"], i["escalated"]) for i in items] == [(routine, True), (stat, False)]
+    with ledger.session() as s:
+        assert s.scalars(select(Result).where(Result.kind == "sr-verified")).first() is None
+    confirmed = client.post(
+        f"/review/cases/{routine}/verdict",
+        data={"csrf_token": csrf, "action": "confirm"},
+        follow_redirects=False,
+    )
+    assert confirmed.status_code == 303
+    assert [i["id"] for i in ReviewStore(ledger).worklist()["items"]] == [stat]
+
+
+def test_dashboard_counts(env: tuple[Settings, Ledger, TestClient], tmp_path: Path) -> None:
+    settings, ledger, client = env
+    make_review_case(settings, ledger, tmp_path, seed=5, calling_ae="SITEA")
+    make_review_case(settings, ledger, tmp_path, seed=6, calling_ae="SITEA")
+    make_review_case(settings, ledger, tmp_path, seed=7, calling_ae="SITEB")
+    data = ReviewStore(ledger).dashboard()
+    by_site = {r["calling_ae"]: r for r in data["rows"]}
+    assert by_site["SITEA"]["received"] == 2 and by_site["SITEA"]["analysed"] == 2
+    assert by_site["SITEB"]["received"] == 1
+    assert by_site["SITEA"]["review_rate"] == 1.0  # the test model sends everything to review
+    assert by_site["SITEA"]["mean_uncertainty"] > 0
+    assert data["queue"]["open_reviews"] == 3
+    assert data["queue"]["pending_deliveries"] == 3 * 3  # SR + two heatmaps each
+    sign_in(client)
+    page = client.get("/review/dashboard")
+    assert page.status_code == 200
+    assert '<td id="q-reviews">3</td>' in page.text
+    assert "SITEB" in page.text
+
+
+def test_postgresql_confirm(postgres_url: str, tmp_path: Path) -> None:
+    settings = review_settings(tmp_path, database_url=postgres_url)
+    ledger = Ledger(settings.database_url)
+    try:
+        add_user(ledger, "dr.pg", role="admin")
+        item, _ = make_review_case(settings, ledger, tmp_path, seed=8)
+        predicted, _ = _predicted_and_other(ledger, item)
+        with TestClient(create_app(settings, ledger)) as client:
+            csrf = sign_in(client, "dr.pg")
+            done = client.post(
+                f"/review/cases/{item}/verdict",
+                data={"csrf_token": csrf, "action": "confirm"},
+                follow_redirects=False,
+            )
+            assert done.status_code == 303
+            assert client.get("/api/worklist").json()["count"] == 0
+        with ledger.session() as s:
+            verdict = s.scalars(select(Verdict)).one()
+            assert (verdict.action, verdict.label) == ("confirm", predicted)
+            assert s.scalars(select(Result).where(Result.kind == "sr-verified")).one()
+    finally:
+        ledger.dispose()
+
+
+def test_verified_sr_reaches_orthanc(tmp_path: Path) -> None:
+    """The exporter sends the verified SR by C-STORE to the job's destination."""
+    require_orthanc()
+    with OrthancServer(node_ae="ACWI", node_port=free_port()) as orthanc:
+        settings = review_settings(tmp_path, pacs_ae=orthanc.aet, pacs_port=orthanc.dicom_port)
+        ledger = Ledger(settings.database_url)
+        try:
+            add_user(ledger)
+            item, study_uid = make_review_case(settings, ledger, tmp_path, seed=9)
+            exporter = Exporter(settings, ledger)
+            assert exporter.tick() == 3  # unverified SR + 2 heatmaps
+            with TestClient(create_app(settings, ledger)) as client:
+                csrf = sign_in(client)
+                done = client.post(
+                    f"/review/cases/{item}/verdict",
+                    data={"csrf_token": csrf, "action": "confirm"},
+                    follow_redirects=False,
+                )
+                assert done.status_code == 303
+            assert ledger.get_study(study_uid)["state"] == "exporting"  # type: ignore[index]
+            assert exporter.tick() == 1
+            assert ledger.get_study(study_uid)["state"] == "delivered"  # type: ignore[index]
+            with ledger.session() as s:
+                verified = s.scalars(select(Result).where(Result.kind == "sr-verified")).one()
+                uid = verified.sop_instance_uid
+            found = orthanc.client.post(
+                "/tools/find",
+                json={"Level": "Instance", "Query": {"SOPInstanceUID": uid}, "Expand": True},
+            ).json()
+            assert len(found) == 1
+            tags = orthanc.client.get(f"/instances/{found[0]['ID']}/simplified-tags").json()
+            assert tags["VerificationFlag"] == "VERIFIED"
+            assert tags["StudyInstanceUID"] == study_uid
+        finally:
+            ledger.dispose()
+
+
+def test_verdict_is_queued_for_the_ris(tmp_path: Path) -> None:
+    """With ``[hl7.ris]`` set, a verdict also queues an ORU^R01 carrying it."""
+    from acwi_node.ledger.models import Hl7Outbound
+
+    settings = review_settings(tmp_path, hl7={"ris": {"host": "127.0.0.1", "port": 2575}})
+    ledger = Ledger(settings.database_url)
+    try:
+        add_user(ledger)
+        item, _ = make_review_case(settings, ledger, tmp_path, seed=10)
+        _, other = _predicted_and_other(ledger, item)
+        with TestClient(create_app(settings, ledger)) as client:
+            csrf = sign_in(client)
+            done = client.post(
+                f"/review/cases/{item}/verdict",
+                data={"csrf_token": csrf, "action": "override", "label": other, "reason": "rib"},
+                follow_redirects=False,
+            )
+            assert done.status_code == 303
+        with ledger.session() as s:
+            rows = {o.kind: o.message for o in s.scalars(select(Hl7Outbound)).all()}
+        assert f"verdict-{item}" in rows
+        assert "DISAGREE" in rows[f"verdict-{item}"]
+        assert other in rows[f"verdict-{item}"]
+    finally:
+        ledger.dispose()

@@ -1,0 +1,130 @@
+"""Review cases for tests: a synthetic study stored, completed and analysed for real.
+
+:func:`review_settings` gives settings whose model is a copy of the bundled one with an
+uncertainty threshold near zero, so every analysed study lands on the worklist;
+:func:`make_review_case` spools a phantom study, records it in the ledger, completes it with a
+job routed to one destination and runs the real analyse task (SR and heatmaps written).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pydicom
+
+from acwi_node.config import Settings, load_settings
+from acwi_node.inference.manifest import default_model_dir
+from acwi_node.ingest.spool import Spool
+from acwi_node.ledger import InstanceRecord, Ledger, RoutedJob
+from acwi_node.review import auth
+from acwi_node.review.store import ReviewStore
+from acwi_node.tasks.analyse import run_job
+from models.data.synth import write_study
+
+MODEL = "review-model"
+DESTINATION = "pacs"
+PASSWORD = "correct horse battery"
+
+
+def review_model(root: Path) -> Path:
+    """A copy of the bundled model that sends every study to review."""
+    target = root / "review-model"
+    if not target.exists():
+        shutil.copytree(default_model_dir(), target)
+        manifest = json.loads((target / "manifest.json").read_text())
+        manifest["uncertainty_threshold"] = 1e-9
+        manifest["ood"]["threshold"] = 1e-9
+        (target / "manifest.json").write_text(json.dumps(manifest))
+    return target / "manifest.json"
+
+
+def review_settings(
+    tmp_path: Path,
+    *,
+    database_url: str | None = None,
+    pacs_ae: str = "PACS",
+    pacs_port: int = 11199,
+    **extra: Any,
+) -> Settings:
+    node: dict[str, Any] = {"data_dir": tmp_path / "data"}
+    if database_url:
+        node["database_url"] = database_url
+    return load_settings(
+        None,
+        node=node,
+        ingest={"fsync": False},
+        worker={"mc_samples": 4, "torch_threads": 2, "engine": "pytorch"},
+        models=[{"name": MODEL, "manifest": review_model(tmp_path)}],
+        destinations=[
+            {"name": DESTINATION, "ae_title": pacs_ae, "host": "127.0.0.1", "port": pacs_port}
+        ],
+        review={"cookie_secure": False},
+        **extra,
+    )
+
+
+def make_review_case(
+    settings: Settings,
+    ledger: Ledger,
+    work_dir: Path,
+    *,
+    patient_name: str = "PHANTOM^ONE",
+    calling_ae: str = "SITEA",
+    label: str = "nodule",
+    seed: int = 0,
+    priority: int = 0,
+    accession: str = "ACC0001",
+) -> tuple[int, str]:
+    """Store, complete and analyse one synthetic study; returns (review item id, study UID)."""
+    files = write_study(
+        work_dir / f"src-{seed}-{calling_ae}",
+        n_images=2,
+        label=label,
+        seed=seed,
+        size=128,
+        patient_name=patient_name,
+        accession_number=accession,
+    )
+    spool = Spool(settings.spool_dir, fsync=False)
+    study_id = generation = 0
+    study_uid = ""
+    for n, path in enumerate(files):
+        data = path.read_bytes()
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        study_uid = str(ds.StudyInstanceUID)
+        stored = spool.store(study_uid, str(ds.SOPInstanceUID), data)
+        rec = ledger.record_instance(
+            InstanceRecord(
+                study_uid=study_uid,
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                series_uid=str(ds.SeriesInstanceUID),
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                modality=str(ds.get("Modality", "")),
+                body_part=str(ds.get("BodyPartExamined", "")),
+                path=spool.relative(stored),
+                size=len(data),
+                calling_ae=calling_ae,
+            ),
+            first_in_association=n == 0,
+        )
+        study_id, generation = rec.study_id, rec.generation
+    ledger.association_released([study_id])
+    jobs = ledger.complete_study(
+        study_id,
+        generation,
+        lambda _facts: [RoutedJob("review-route", MODEL, [DESTINATION], priority)],
+    )
+    assert len(jobs) == 1
+    outcome = run_job(settings, ledger, jobs[0])
+    assert outcome == "analysed", outcome
+    items = [i for i in ledger.worklist() if i["study_uid"] == study_uid]
+    assert len(items) == 1, "the analysed study did not land on the worklist"
+    return int(items[0]["id"]), study_uid
+
+
+def add_user(ledger: Ledger, name: str = "jane.doe", role: str = "radiologist") -> None:
+    ReviewStore(ledger).add_user(name, auth.hash_password(PASSWORD), role)

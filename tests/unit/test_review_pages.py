@@ -1,0 +1,175 @@
+"""Review pages: every DICOM string is escaped, every POST needs its CSRF token."""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from pydicom.filewriter import dcmwrite
+
+from acwi_node.config import Settings, load_settings
+from acwi_node.ingest.spool import Spool
+from acwi_node.ledger import InstanceRecord, Ledger, RoutedJob
+from acwi_node.review import auth
+from acwi_node.review.store import ReviewStore
+from acwi_node.web.api import create_app
+from tests.unit.test_sr import make_dx
+
+CANARY_NAME = "<script>document.title='pwned'</script>^Canary"
+CANARY_DESC = '"><img src=x onerror=alert(1)>'
+PASSWORD = "correct horse battery"
+CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+def _case(settings: Settings, ledger: Ledger) -> int:
+    ds = make_dx("1.2.826.0.1.3680043.10.1.1", "1.2.826.0.1.3680043.10.1.2", 1)
+    ds.PatientName = CANARY_NAME
+    ds.StudyDescription = CANARY_DESC
+    ds.AccessionNumber = "<i>ACC</i>"
+    buf = io.BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    spool = Spool(settings.spool_dir, fsync=False)
+    path = spool.store(ds.StudyInstanceUID, ds.SOPInstanceUID, buf.getvalue())
+    rec = ledger.record_instance(
+        InstanceRecord(
+            study_uid=ds.StudyInstanceUID,
+            sop_instance_uid=ds.SOPInstanceUID,
+            sop_class_uid=ds.SOPClassUID,
+            series_uid=ds.SeriesInstanceUID,
+            transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+            modality="DX",
+            body_part="CHEST",
+            path=spool.relative(path),
+            size=len(buf.getvalue()),
+            calling_ae="<b>AE</b>",
+        ),
+        first_in_association=True,
+    )
+    ledger.association_released([rec.study_id])
+    (job,) = ledger.complete_study(
+        rec.study_id, rec.generation, lambda _f: [RoutedJob("r", "default", [], 0)]
+    )
+    assert ledger.claim_job(job, lease_s=30) is not None
+    summary = {
+        "model": {"name": "m", "version": "1"},
+        "labels": ["normal", "<svg onload=alert(1)>"],
+        "probabilities": {"normal": 0.4, "<svg onload=alert(1)>": 0.6},
+        "predicted_label": "<svg onload=alert(1)>",
+        "uncertainty": {"entropy": 0.6, "epistemic": 0.2, "aleatoric": 0.4, "score": 0.3},
+        "uncertainty_threshold": 0.1,
+        "ood_score": 1.2,
+        "needs_review": True,
+        "images": [],
+    }
+    assert ledger.finish_analysis(
+        job, results=[], summary=summary, needs_review=True, review_reason="<u>uncertain</u>"
+    )
+    return int(ledger.worklist()[0]["id"])
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[tuple[TestClient, Ledger, int]]:
+    settings = load_settings(
+        None,
+        node={"data_dir": tmp_path / "data"},
+        ingest={"fsync": False},
+        review={"cookie_secure": False},
+    )
+    ledger = Ledger(settings.database_url)
+    ReviewStore(ledger).add_user("jane", auth.hash_password(PASSWORD), "radiologist")
+    item = _case(settings, ledger)
+    with TestClient(create_app(settings, ledger)) as c:
+        yield c, ledger, item
+    ledger.dispose()
+
+
+def _sign_in(client: TestClient) -> str:
+    token = CSRF.search(client.get("/login").text)
+    assert token is not None
+    done = client.post(
+        "/login",
+        data={"csrf_token": token.group(1), "username": "jane", "password": PASSWORD},
+        follow_redirects=False,
+    )
+    assert done.status_code == 303
+    found = CSRF.search(client.get("/review/worklist").text)
+    assert found is not None
+    return found.group(1)
+
+
+def _assert_escaped(html: str) -> None:
+    for raw in ("<script>document", "<img src=x", "<svg onload", "<b>AE</b>", "<u>uncertain"):
+        assert raw not in html
+    assert "&lt;script&gt;document.title=&#39;pwned&#39;&lt;/script&gt;^Canary" in html
+
+
+def test_worklist_and_case_escape_dicom_text(client: tuple[TestClient, Ledger, int]) -> None:
+    c, _ledger, item = client
+    _sign_in(c)
+    worklist = c.get("/review/worklist")
+    _assert_escaped(worklist.text)
+    assert "&lt;b&gt;AE&lt;/b&gt;" in worklist.text
+    page = c.get(f"/review/cases/{item}")
+    assert page.status_code == 200
+    _assert_escaped(page.text)
+    assert "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;" in page.text
+    assert "&lt;i&gt;ACC&lt;/i&gt;" in page.text
+    assert "&lt;svg onload=alert(1)&gt;" in page.text
+    assert page.headers["x-frame-options"] == "DENY"
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+
+
+def test_posts_without_csrf_token_are_rejected(client: tuple[TestClient, Ledger, int]) -> None:
+    c, ledger, item = client
+    # Sign-in without the pre-sign-in cookie's token.
+    c.get("/login")
+    refused = c.post(
+        "/login", data={"username": "jane", "password": PASSWORD}, follow_redirects=False
+    )
+    assert refused.status_code == 403
+    csrf = _sign_in(c)
+    for data in ({}, {"csrf_token": "0" * 64}, {"csrf_token": csrf[:-1] + "x"}):
+        answer = c.post(
+            f"/review/cases/{item}/verdict",
+            data={**data, "action": "escalate", "reason": "r"},
+            follow_redirects=False,
+        )
+        assert answer.status_code == 403
+    assert not ReviewStore(ledger).case(item)["verdicts"]  # type: ignore[index]
+    assert c.post("/logout", data={}, follow_redirects=False).status_code == 403
+    assert c.get("/review/worklist", follow_redirects=False).status_code == 200  # still in
+    # The right token works, and an impossible verdict is refused without closing the item.
+    answer = c.post(
+        f"/review/cases/{item}/verdict",
+        data={"csrf_token": csrf, "action": "confirm"},
+        follow_redirects=False,
+    )
+    assert answer.status_code == 400
+    assert "no AI result SR to verify" in answer.text
+    assert ReviewStore(ledger).case(item)["state"] == "open"  # type: ignore[index]
+    out = c.post("/logout", data={"csrf_token": csrf}, follow_redirects=False)
+    assert out.status_code == 303
+    assert c.get("/review/worklist", follow_redirects=False).status_code == 303
+    # Without a session, a POST is answered 401 before any form is read.
+    assert c.post(f"/review/cases/{item}/verdict", data={}).status_code == 401
+
+
+def test_login_redirect_stays_local(client: tuple[TestClient, Ledger, int]) -> None:
+    c, _ledger, _item = client
+    token = CSRF.search(c.get("/login").text)
+    assert token is not None
+    done = c.post(
+        "/login",
+        data={
+            "csrf_token": token.group(1),
+            "username": "jane",
+            "password": PASSWORD,
+            "next": "//evil.example/",
+        },
+        follow_redirects=False,
+    )
+    assert done.headers["location"] == "/review/worklist"

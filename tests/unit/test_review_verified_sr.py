@@ -1,0 +1,109 @@
+"""The VERIFIED SR written after a radiologist's verdict."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom import Dataset
+
+from acwi_node.results.sr import (
+    Verification,
+    build_sr,
+    build_verified_sr,
+    summarise_sr,
+    verified_sr_uid,
+)
+from tests.unit.test_sr import MODEL, make_study, needs_dciodvfy
+
+AT = dt.datetime(2026, 3, 4, 5, 6, 7)
+
+
+def _unverified() -> tuple[list[Dataset], Dataset]:
+    sources, analysis = make_study()
+    buf = io.BytesIO()
+    build_sr(sources, analysis).save_as(buf, enforce_file_format=True)
+    return sources, pydicom.dcmread(io.BytesIO(buf.getvalue()))
+
+
+def _verdict(action: str = "override", label: str = "nodule", reason: str = "rib") -> Verification:
+    return Verification("Doe^Jane", "Example Hospital", action, label, reason, AT)
+
+
+def test_flags_observer_and_predecessor() -> None:
+    sources, sr = _unverified()
+    doc = build_verified_sr(sr, sources, _verdict())
+    assert (doc.VerificationFlag, doc.CompletionFlag, doc.PreliminaryFlag) == (
+        "VERIFIED",
+        "COMPLETE",
+        "FINAL",
+    )
+    observer = doc.VerifyingObserverSequence[0]
+    assert str(observer.VerifyingObserverName) == "Doe^Jane"
+    assert observer.VerifyingOrganization == "Example Hospital"
+    assert observer.VerificationDateTime.startswith("20260304050607")
+    ref = doc.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sr.SOPInstanceUID
+    assert doc.SeriesInstanceUID == sr.SeriesInstanceUID
+    assert doc.StudyInstanceUID == sr.StudyInstanceUID
+    assert doc.PatientID == sr.PatientID
+    assert doc.SOPInstanceUID == verified_sr_uid(sr.StudyInstanceUID, MODEL.name, MODEL.version)
+    assert doc.SOPInstanceUID != sr.SOPInstanceUID
+
+
+def test_content_keeps_the_ai_result_and_adds_the_verdict() -> None:
+    sources, sr = _unverified()
+    before = summarise_sr(sr)
+    after = summarise_sr(build_verified_sr(sr, sources, _verdict(reason="<b>rib</b>")))
+    for key in ("probabilities", "uncertainty", "ood_score", "predicted_label", "model_name"):
+        assert after[key] == before[key]
+    assert after["verdict"] == {"action": "override", "label": "nodule", "reason": "<b>rib</b>"}
+    assert after["verified"] and not before["verified"]
+    assert before["verdict"] is None
+    confirmed = summarise_sr(build_verified_sr(sr, sources, _verdict("confirm", "effusion", "")))
+    assert confirmed["verdict"] == {"action": "confirm", "label": "effusion", "reason": ""}
+
+
+def test_same_verdict_inputs_same_uid_single_name_gets_caret() -> None:
+    sources, sr = _unverified()
+    one = build_verified_sr(sr, sources, _verdict())
+    two = build_verified_sr(sr, sources, Verification("jdoe", "X", "confirm", "normal", "", AT))
+    assert one.SOPInstanceUID == two.SOPInstanceUID  # one verified SR per result: replaced
+    assert str(two.VerifyingObserverSequence[0].VerifyingObserverName) == "jdoe^"
+
+
+@pytest.mark.parametrize(
+    ("verification", "message"),
+    [
+        (_verdict("escalate"), "verdict must be one of"),
+        (_verdict("override", reason="  "), "needs a reason"),
+        (_verdict("confirm", label="pneumonia"), "not one of the model's"),
+    ],
+)
+def test_bad_verdicts_are_refused(verification: Verification, message: str) -> None:
+    sources, sr = _unverified()
+    with pytest.raises(ValueError, match=message):
+        build_verified_sr(sr, sources, verification)
+
+
+def test_only_unverified_documents_are_verified() -> None:
+    sources, sr = _unverified()
+    doc = build_verified_sr(sr, sources, _verdict())
+    with pytest.raises(ValueError, match="not an UNVERIFIED SR"):
+        build_verified_sr(doc, sources, _verdict())
+    with pytest.raises(ValueError, match="source instances"):
+        build_verified_sr(sr, [], _verdict())
+
+
+@needs_dciodvfy
+def test_dciodvfy_reports_no_errors(tmp_path: Path) -> None:
+    sources, sr = _unverified()
+    path = tmp_path / "verified.dcm"
+    build_verified_sr(sr, sources, _verdict()).save_as(path, enforce_file_format=True)
+    done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if "Error" in line]
+    assert not errors, "\n".join(errors)

@@ -154,16 +154,21 @@ def test_every_long_running_service_has_a_healthcheck(
     assert services["orthanc"].get("healthcheck", {}).get("disable") is not True
 
 
-def test_scp_and_web_health_checks_probe_their_ports(
+def test_health_checks_ask_each_process_kind(
     services: dict[str, dict[str, Any]], stack_settings: Settings
 ) -> None:
-    scp_check = _healthcheck_text(services["scp"])
-    assert "socket.create_connection" in scp_check
-    assert str(stack_settings.node.dicom_port) in scp_check
+    """scp, worker and exporter are probed with `acwi-node health --kind <their kind>` on a
+    health port the stack's config turns on; web with its /healthz URL."""
+    for name in ("scp", "worker", "worker-gpu", "exporter"):
+        test = services[name]["healthcheck"]["test"]
+        assert test[0] == "CMD", name
+        args = parse_cli(test[1:][1:])  # drop the program name
+        kind = parse_cli(services[name]["command"]).command
+        assert args.command == "health" and args.kind == kind, name
+        port = getattr(stack_settings.observability, f"{kind}_port")
+        assert port > 0, f"{name}: [observability] {kind}_port is off in deploy/acwi-node.toml"
     web_check = _healthcheck_text(services["web"])
     assert f":{stack_settings.node.http_port}/healthz" in web_check
-    for name in ("worker", "exporter"):
-        assert "acwi-node config" in _healthcheck_text(services[name])
 
 
 def test_published_ports_match_the_config(

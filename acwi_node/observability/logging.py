@@ -1,0 +1,291 @@
+"""Log set-up: text or JSON lines, study/job context, and no patient identifiers.
+
+Every record carries the process kind (``scp``, ``worker``, ...) and, where the code runs inside
+:func:`log_context`, the Study Instance UID and job id it works on (UIDs are not patient
+identifiers in this project's policy). With ``observability.log_format = "json"`` each record is
+one JSON object per line::
+
+    {"time": "2026-01-01T12:00:00.123Z", "level": "INFO", "logger": "acwi_node.worker",
+     "message": "job 7: analysed 2 image(s)", "kind": "worker", "pid": 4242,
+     "study_uid": "1.2.3", "job_id": 7}
+
+Unless ``node.log_phi`` is on, :class:`PhiFilter` sits on the root handler, so it sees the
+records of every library too. The node never logs datasets; the filter is the second line of
+defence, applied to the message and to exception tracebacks:
+
+* pydicom datasets, data elements and person names given as log arguments are replaced;
+* patient-module attributes (group 0010) in dataset dumps and ``PatientName=...`` style text are
+  redacted;
+* the Patient Name (and its components of three or more characters) and Patient ID of every
+  dataset the process received or read (:func:`note_identifiers`, called by the SCP and the
+  worker) are redacted wherever they appear, whatever code logged them. These values are held
+  in memory only, for the most recent :data:`REMEMBERED_IDENTIFIERS` identifiers.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as dt
+import json
+import logging
+import re
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import IO, Any
+
+from acwi_node.config import Settings
+
+REDACTED = "[redacted]"
+
+_study_uid: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "acwi_study_uid", default=None
+)
+_job_id: contextvars.ContextVar[int | None] = contextvars.ContextVar("acwi_job_id", default=None)
+_in_context: contextvars.ContextVar[bool] = contextvars.ContextVar("acwi_in_context", default=False)
+_process_kind = {"kind": "cli"}
+
+# Patient-module attributes in pydicom's dataset dump: "(0010,0010) Patient's Name  PN: 'X^Y'".
+_GROUP_0010_LINE = re.compile(r"\(0010,\s?[0-9A-Fa-f]{4}\)[^\r\n]*")
+# Keyword or name followed by a value: "PatientName=X", "Patient's Name: X", "PatientID 'X'".
+_PATIENT_KEYWORD = re.compile(
+    r"(?P<key>\b(?:Patient(?:'s)?\s?(?:Name|ID|Birth\s?Date|Address|Telephone\s?Numbers|"
+    r"Mother'?s?\s?Birth\s?Name)|OtherPatient(?:IDs|Names)|Patient\s?Birth\s?Name)\b)"
+    r"(?P<sep>\s*(?:[:=]|PN:|LO:|DA:)?\s*)(?P<value>'[^'\r\n]*'|\"[^\"\r\n]*\"|[^\s,;)}\]]+)",
+    re.IGNORECASE,
+)
+
+
+#: How many patient identifier values the filter remembers (most recent first out).
+REMEMBERED_IDENTIFIERS = 4096
+
+
+class _Identifiers:
+    """Recently seen patient identifier values, and one regex matching any of them."""
+
+    def __init__(self) -> None:
+        self._values: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pattern: re.Pattern[str] | None = None
+
+    def add(self, values: Iterable[str]) -> None:
+        with self._lock:
+            changed = False
+            for raw in values:
+                value = raw.strip()
+                if len(value) < 3:
+                    continue
+                key = value.casefold()
+                if key in self._values:
+                    self._values.move_to_end(key)
+                    continue
+                self._values[key] = None
+                changed = True
+                while len(self._values) > REMEMBERED_IDENTIFIERS:
+                    self._values.popitem(last=False)
+            if changed:
+                self._pattern = None
+
+    def redact(self, text: str) -> str:
+        with self._lock:
+            if not self._values:
+                return text
+            if self._pattern is None:
+                longest_first = sorted(self._values, key=len, reverse=True)
+                self._pattern = re.compile(
+                    "|".join(re.escape(v) for v in longest_first), re.IGNORECASE
+                )
+            pattern = self._pattern
+        return pattern.sub(REDACTED, text)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
+            self._pattern = None
+
+
+_IDENTIFIERS = _Identifiers()
+
+
+def note_identifiers(ds: Any) -> None:
+    """Remember a dataset's Patient Name and Patient ID so that no log line can show them."""
+    values: list[str] = []
+    for keyword in ("PatientName", "PatientID"):
+        try:
+            value = ds.get(keyword)
+        except Exception:  # an undecodable value: nothing to remember
+            continue
+        if value is None or value == "":
+            continue
+        text = str(value)
+        values.append(text)
+        if keyword == "PatientName":
+            parts = [p for p in re.split(r"[\^=]", text) if p.strip()]
+            values.extend(parts)
+            values.append(" ".join(p.strip() for p in parts))
+            # pydicom formats a person name as "Given Family" in some places
+            values.append(" ".join(p.strip() for p in reversed(parts[:2])))
+    _IDENTIFIERS.add(values)
+
+
+@contextmanager
+def log_context(*, study_uid: str | None = None, job_id: int | None = None) -> Iterator[None]:
+    """Records logged inside this block carry ``study_uid`` and ``job_id`` (when given)."""
+    # Both are always set, so leaving the block also undoes a bind_study() made inside it.
+    study_token = _study_uid.set(study_uid if study_uid is not None else _study_uid.get())
+    job_token = _job_id.set(int(job_id) if job_id is not None else _job_id.get())
+    inside_token = _in_context.set(True)
+    try:
+        yield
+    finally:
+        _in_context.reset(inside_token)
+        _job_id.reset(job_token)
+        _study_uid.reset(study_token)
+
+
+def bind_study(study_uid: str) -> None:
+    """Attach a Study Instance UID to the enclosing :func:`log_context` (undone when it ends).
+
+    Outside any log context this does nothing, so it never leaks into unrelated records.
+    """
+    if _in_context.get():
+        _study_uid.set(study_uid)
+
+
+def redact_text(text: str) -> str:
+    """``text`` with patient-module dump lines, ``PatientName=...`` values and every noted
+    identifier (:func:`note_identifiers`) redacted."""
+    text = _IDENTIFIERS.redact(text)
+    text = _GROUP_0010_LINE.sub(lambda m: m.group(0)[:11] + " " + REDACTED, text)
+    return _PATIENT_KEYWORD.sub(lambda m: f"{m.group('key')}{m.group('sep')}{REDACTED}", text)
+
+
+def _is_dicom_object(value: object) -> bool:
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import Dataset
+    from pydicom.valuerep import PersonName
+
+    return isinstance(value, (Dataset, DataElement, PersonName))
+
+
+class ContextFilter(logging.Filter):
+    """Adds ``kind``, ``study_uid`` and ``job_id`` to every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.kind = _process_kind["kind"]
+        if not hasattr(record, "study_uid"):
+            record.study_uid = _study_uid.get()
+        if not hasattr(record, "job_id"):
+            record.job_id = _job_id.get()
+        return True
+
+
+class PhiFilter(logging.Filter):
+    """Keeps patient identifiers out of log records (see the module's documentation)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple):
+            record.args = tuple(
+                f"<{type(a).__name__}: {REDACTED}>" if _is_dicom_object(a) else a for a in args
+            )
+        elif isinstance(args, dict):
+            record.args = {
+                k: (f"<{type(v).__name__}: {REDACTED}>" if _is_dicom_object(v) else v)
+                for k, v in args.items()
+            }
+        if _is_dicom_object(record.msg):
+            record.msg = f"<{type(record.msg).__name__}: {REDACTED}>"
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: let the handler report it as logging does
+            return True
+        record.msg = redact_text(message)
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact_text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact_text(record.stack_info)
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, kind, pid, study_uid, job_id."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = dt.datetime.fromtimestamp(record.created, tz=dt.timezone.utc)
+        out: dict[str, Any] = {
+            "time": when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "kind": getattr(record, "kind", _process_kind["kind"]),
+            "pid": record.process,
+        }
+        study_uid = getattr(record, "study_uid", None)
+        if study_uid:
+            out["study_uid"] = study_uid
+        job_id = getattr(record, "job_id", None)
+        if job_id is not None:
+            out["job_id"] = job_id
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            out["exception"] = record.exc_text
+        if record.stack_info:
+            out["stack"] = record.stack_info
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """The classic line, with ``study=`` and ``job=`` appended when known."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s [%(kind)s %(process)d] %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extra = []
+        study_uid = getattr(record, "study_uid", None)
+        job_id = getattr(record, "job_id", None)
+        if study_uid:
+            extra.append(f"study={study_uid}")
+        if job_id is not None:
+            extra.append(f"job={job_id}")
+        if not extra:
+            return line
+        head, sep, tail = line.partition("\n")
+        return f"{head} ({' '.join(extra)}){sep}{tail}"
+
+
+def make_handler(settings: Settings, stream: IO[str] | None = None) -> logging.Handler:
+    """A stream handler with the configured format, the context filter and (by default) the
+    patient-identifier filter."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(ContextFilter())
+    if not settings.node.log_phi:
+        handler.addFilter(PhiFilter())
+    if settings.observability.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(TextFormatter())
+    return handler
+
+
+def setup_logging(settings: Settings, kind: str = "cli", stream: IO[str] | None = None) -> None:
+    """Configure the root logger for one process kind (replaces earlier handlers)."""
+    _process_kind["kind"] = kind
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(make_handler(settings, stream))
+    root.setLevel(settings.node.log_level)
+    # pynetdicom logs dataset contents at DEBUG and association chatter at INFO.
+    logging.getLogger("pynetdicom").setLevel(
+        logging.DEBUG if settings.node.log_phi else logging.WARNING
+    )

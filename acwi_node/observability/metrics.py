@@ -1,0 +1,270 @@
+"""Prometheus metrics: process-local events, and ledger-derived state computed at scrape time.
+
+Two sources, because the node runs as separate processes (possibly on several hosts):
+
+* **Ledger-derived** (:class:`LedgerCollector`, served by the ``web`` process at ``/metrics``):
+  studies by state, instances by calling AE, jobs by state and model (the queue depth in the
+  ledger), deliveries by destination and state, the review rate, and the broker's queue length.
+  They are read from the ledger (and the broker) on every scrape, so they are right across
+  processes and hosts and survive restarts.
+* **Process-local** (module-level counters and histograms below, served by each process's own
+  health/metrics server, ``observability.<kind>_port``): events only the process sees, such as
+  instances rejected and why, reconciler re-queues, inference latency, delivery attempts. They
+  restart at zero with the process; Prometheus' ``rate()``/``increase()`` handle that.
+
+No label carries patient data: calling AE titles, model names and versions, destination names,
+states and reasons only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import distinct, func, select
+
+from acwi_node.config import Settings
+from acwi_node.ledger import Ledger
+from acwi_node.ledger.models import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Result,
+    ReviewItem,
+    ReviewState,
+    Study,
+    StudyState,
+)
+
+log = logging.getLogger("acwi_node.metrics")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# ------------------------------------------------------------------ process-local (scp)
+INSTANCES_RECEIVED = Counter(
+    "acwi_scp_instances_received",
+    "Instances stored and recorded by this scp process, by calling AE title",
+    ["calling_ae"],
+)
+INSTANCES_REJECTED = Counter(
+    "acwi_scp_instances_rejected",
+    "C-STORE requests this scp process answered with a failure status, by reason",
+    ["reason"],
+)
+ASSOCIATIONS_REJECTED = Counter(
+    "acwi_scp_associations_rejected",
+    "Associations this scp process rejected (calling AE not allowed, too many associations)",
+)
+RECONCILER_REQUEUED = Counter(
+    "acwi_reconciler_requeued",
+    "Jobs the reconciler sent to the broker again, by trigger (startup or periodic)",
+    ["trigger"],
+)
+# --------------------------------------------------------------- process-local (worker)
+INFERENCE_SECONDS = Histogram(
+    "acwi_inference_seconds",
+    "Seconds to analyse one study (load excluded), by model and version",
+    ["model", "version"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+)
+JOBS_PROCESSED = Counter(
+    "acwi_worker_jobs",
+    "Jobs this worker process handled, by outcome (analysed, failed, skipped, superseded)",
+    ["outcome"],
+)
+# ------------------------------------------------------------- process-local (exporter)
+DELIVERY_ATTEMPTS = Counter(
+    "acwi_exporter_delivery_attempts",
+    "Result objects this exporter process sent, by destination and outcome (delivered, refused)",
+    ["destination", "outcome"],
+)
+
+#: Reasons of :data:`INSTANCES_REJECTED` (label values).
+REJECT_REASONS = (
+    "unencodable",
+    "unparseable_header",
+    "missing_uid",
+    "invalid_uid",
+    "spool_error",
+    "ledger_unavailable",
+)
+
+
+def process_metrics(registry: CollectorRegistry = REGISTRY) -> bytes:
+    """The text exposition of this process's own metrics (and its pool's, in multiprocess mode:
+    see :mod:`acwi_node.observability.multiproc`)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and registry is REGISTRY:
+        from prometheus_client import multiprocess
+
+        combined = CollectorRegistry()
+        multiprocess.MultiProcessCollector(combined)
+        return generate_latest(combined)
+    return generate_latest(registry)
+
+
+# ------------------------------------------------------------------------ ledger-derived
+def broker_queue_length(settings: Settings, queue: str = "analysis") -> int | None:
+    """Messages waiting on the broker's analysis queue; None when it cannot be read.
+
+    Redis: ``LLEN`` of the queue's list (plus Celery's priority lists). The embedded broker:
+    the message files waiting in ``<data_dir>/broker/queue``.
+    """
+    url = settings.broker_url
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            total = 0
+            keys = [queue] + [f"{queue}\x06\x16{p}" for p in range(1, 10)]
+            for key in keys:
+                total += int(client.llen(key))
+            return total
+        except Exception as exc:
+            log.debug("cannot read the broker queue length: %s", exc)
+            return None
+        finally:
+            client.close()
+    if url.startswith("filesystem://"):
+        folder: Path = settings.embedded_broker_dir / "queue"
+        if not folder.is_dir():
+            return 0
+        return sum(1 for p in folder.iterdir() if p.name.endswith(f".{queue}.msg"))
+    return None
+
+
+class LedgerCollector(Collector):
+    """Gauges read from the ledger (and the broker) on every scrape."""
+
+    def __init__(self, settings: Settings, ledger: Ledger) -> None:
+        self.settings = settings
+        self.ledger = ledger
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # computed at scrape time: nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("acwi_ledger_up", "1 when the ledger answered this scrape, else 0")
+        try:
+            families = self._from_ledger()
+        except Exception as exc:
+            log.warning("metrics: the ledger is unavailable: %s", exc)
+            up.add_metric([], 0)
+            yield up
+        else:
+            up.add_metric([], 1)
+            yield up
+            yield from families
+        from acwi_node.tasks.app import ANALYSIS_QUEUE, HIGH_PRIORITY_QUEUE
+
+        broker = GaugeMetricFamily(
+            "acwi_broker_queue_length",
+            "Messages waiting on the broker's analysis queues",
+            labels=["queue"],
+        )
+        for queue in (ANALYSIS_QUEUE, HIGH_PRIORITY_QUEUE):
+            depth = broker_queue_length(self.settings, queue)
+            if depth is not None:
+                broker.add_metric([queue], depth)
+        yield broker
+
+    def _from_ledger(self) -> list[Metric]:
+        with self.ledger.session() as s:
+            studies = dict(s.execute(select(Study.state, func.count()).group_by(Study.state)).all())
+            completed = s.scalar(
+                select(func.count()).select_from(Study).where(Study.completed_at.is_not(None))
+            )
+            instances = s.execute(
+                select(Instance.calling_ae, func.count()).group_by(Instance.calling_ae)
+            ).all()
+            jobs = s.execute(
+                select(Job.state, Job.model, func.count()).group_by(Job.state, Job.model)
+            ).all()
+            deliveries = s.execute(
+                select(Delivery.destination, Delivery.state, func.count()).group_by(
+                    Delivery.destination, Delivery.state
+                )
+            ).all()
+            analysed = s.scalar(select(func.count(distinct(Result.job_id)))) or 0
+            reviewed = (
+                s.scalar(
+                    select(func.count(distinct(ReviewItem.job_id))).where(
+                        ReviewItem.job_id.in_(select(Result.job_id))
+                    )
+                )
+                or 0
+            )
+            open_review = s.scalar(
+                select(func.count())
+                .select_from(ReviewItem)
+                .where(ReviewItem.state == ReviewState.OPEN)
+            )
+
+        out: list[Metric] = []
+        g = GaugeMetricFamily("acwi_studies", "Studies in the ledger by state", labels=["state"])
+        by_state = {StudyState(k).value: int(n) for k, n in studies.items()}
+        for study_state in StudyState:
+            g.add_metric([study_state.value], by_state.get(study_state.value, 0))
+        out.append(g)
+        g = GaugeMetricFamily(
+            "acwi_ledger_studies_completed",
+            "Studies in the ledger that reached completion (routed or not)",
+        )
+        g.add_metric([], completed or 0)
+        out.append(g)
+        g = GaugeMetricFamily(
+            "acwi_instances", "Instances in the ledger by calling AE title", labels=["calling_ae"]
+        )
+        for calling_ae, n in instances:
+            g.add_metric([calling_ae or ""], n)
+        out.append(g)
+        g = GaugeMetricFamily(
+            "acwi_jobs",
+            "Jobs in the ledger by state and model (state=queued is the queue depth)",
+            labels=["state", "model"],
+        )
+        for job_state, model, n in jobs:
+            g.add_metric([JobState(job_state).value, model], n)
+        out.append(g)
+        g = GaugeMetricFamily(
+            "acwi_jobs_queued", "Jobs queued in the ledger and not yet started (all models)"
+        )
+        g.add_metric([], sum(n for state, _m, n in jobs if JobState(state) == JobState.QUEUED))
+        out.append(g)
+        g = GaugeMetricFamily(
+            "acwi_deliveries",
+            "Result deliveries in the ledger by destination and state",
+            labels=["destination", "state"],
+        )
+        for destination, delivery_state, n in deliveries:
+            g.add_metric([destination, DeliveryState(delivery_state).value], n)
+        out.append(g)
+        g = GaugeMetricFamily("acwi_analysed_jobs", "Jobs that produced results")
+        g.add_metric([], analysed)
+        out.append(g)
+        g = GaugeMetricFamily("acwi_review_jobs", "Jobs that produced results and needed review")
+        g.add_metric([], reviewed)
+        out.append(g)
+        g = GaugeMetricFamily(
+            "acwi_review_rate", "Share of analysed jobs that needed review (0 when none)"
+        )
+        g.add_metric([], reviewed / analysed if analysed else 0.0)
+        out.append(g)
+        g = GaugeMetricFamily("acwi_review_items_open", "Open items on the review worklist")
+        g.add_metric([], open_review or 0)
+        out.append(g)
+        return out
+
+
+def ledger_registry(settings: Settings, ledger: Ledger) -> CollectorRegistry:
+    """A registry holding only the ledger-derived metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(LedgerCollector(settings, ledger))
+    return registry

@@ -1,0 +1,229 @@
+"""Log format (text and JSON lines), study/job context, and no patient identifiers in logs."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, evt
+
+from acwi_node.config import Settings, load_settings
+from acwi_node.ingest.scp import StorageSCP
+from acwi_node.ingest.spool import Spool
+from acwi_node.ledger import Ledger
+from acwi_node.observability.logging import bind_study, log_context, redact_text, setup_logging
+from tests.support.ports import free_port
+
+CANARY_NAME = "Canarybird^Zelda"
+CANARY_ID = "CANARY-7731"
+SC = "1.2.840.10008.5.1.4.1.1.7"
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    pynetdicom_level = logging.getLogger("pynetdicom").level
+    yield
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(level)
+    logging.getLogger("pynetdicom").setLevel(pynetdicom_level)
+
+
+def configured(tmp_path: Path, **node: object) -> tuple[Settings, io.StringIO]:
+    settings = load_settings(
+        None,
+        node={"data_dir": str(tmp_path / "data"), "log_level": "DEBUG", **node},
+        observability={"log_format": "json"},
+    )
+    stream = io.StringIO()
+    setup_logging(settings, "worker", stream)
+    return settings, stream
+
+
+def lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+
+
+def sc_dataset(study_uid: str, sop_uid: str | None = None) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = UID(SC)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid or generate_uid())
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = SC
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = study_uid + ".1"
+    ds.PatientName = CANARY_NAME
+    ds.PatientID = CANARY_ID
+    ds.Modality = "OT"
+    ds.Rows = ds.Columns = 8
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.arange(64, dtype=np.uint8).tobytes()
+    return ds
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_json_lines_carry_kind_study_and_job(tmp_path: Path) -> None:
+    _, stream = configured(tmp_path)
+    log = logging.getLogger("acwi_node.worker")
+    log.info("outside")
+    with log_context(job_id=7):
+        with log_context(study_uid="1.2.826.0.1.3"):
+            log.info("job %d: analysed", 7)
+        log.warning("after the study")
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        log.exception("failed")
+    out = lines(stream)
+    assert [r["message"] for r in out] == [
+        "outside",
+        "job 7: analysed",
+        "after the study",
+        "failed",
+    ]
+    assert set(out[0]) == {"time", "level", "logger", "message", "kind", "pid"}
+    assert out[0]["kind"] == "worker" and out[0]["logger"] == "acwi_node.worker"
+    assert str(out[0]["time"]).endswith("Z") and out[0]["level"] == "INFO"
+    assert out[1]["study_uid"] == "1.2.826.0.1.3" and out[1]["job_id"] == 7
+    assert out[2]["job_id"] == 7 and "study_uid" not in out[2]
+    assert "job_id" not in out[3]
+    assert "RuntimeError: boom" in str(out[3]["exception"])
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_text_format_stays_available(tmp_path: Path) -> None:
+    settings = load_settings(None, node={"data_dir": str(tmp_path)})
+    assert settings.observability.log_format == "text"
+    stream = io.StringIO()
+    setup_logging(settings, "scp", stream)
+    with log_context(study_uid="1.2.3", job_id=4):
+        logging.getLogger("acwi_node.ingest").info("hello")
+    line = stream.getvalue().strip()
+    assert line.endswith(
+        "INFO acwi_node.ingest [scp "
+        + line.split("[scp ")[1].split("]")[0]
+        + "] hello (study=1.2.3 job=4)"
+    )
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(line)
+
+
+def test_redact_text_removes_patient_values() -> None:
+    dump = str(sc_dataset("1.2.3"))
+    assert CANARY_NAME in dump  # pydicom's dump shows it ...
+    redacted = redact_text(dump)
+    assert CANARY_NAME not in redacted and CANARY_ID not in redacted  # ... the filter does not
+    assert "(0008,0060) Modality" in redacted  # other attributes stay readable
+    for text in (
+        f"PatientName={CANARY_NAME} and more",
+        f"patient's name: '{CANARY_NAME}'",
+        f"PatientID {CANARY_ID}",
+    ):
+        assert CANARY_NAME not in redact_text(text) and CANARY_ID not in redact_text(text)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_datasets_and_person_names_are_never_emitted(tmp_path: Path) -> None:
+    _, stream = configured(tmp_path)
+    ds = sc_dataset("1.2.3")
+    log = logging.getLogger("acwi_node.test")
+    log.info("received %s", ds)
+    log.info("name %s", ds.PatientName)
+    log.info(ds)
+    log.info("dict %(who)s", {"who": ds.PatientName})
+    try:
+        raise ValueError(f"bad PatientID={CANARY_ID}")
+    except ValueError:
+        log.exception("decode failed")
+    text = stream.getvalue()
+    assert len(lines(stream)) == 5
+    assert CANARY_NAME not in text and "Canarybird" not in text and CANARY_ID not in text
+    assert "[redacted]" in text
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_log_phi_on_lets_identifiers_through(tmp_path: Path) -> None:
+    _, stream = configured(tmp_path, log_phi=True)
+    logging.getLogger("acwi_node.test").info("name %s", sc_dataset("1.2.3").PatientName)
+    assert CANARY_NAME in stream.getvalue()  # the filter is what keeps them out
+
+
+class CarelessSCP(StorageSCP):
+    """The node's SCP plus the kind of debug lines a developer might add after the store."""
+
+    def handle_store(self, event: evt.Event) -> int | tuple[int, Dataset]:
+        status = super().handle_store(event)
+        ds = event.dataset
+        log = logging.getLogger("acwi_node.ingest")
+        log.debug("C-STORE dataset: %s", ds)
+        log.debug("C-STORE patient %s / %s", ds.PatientName, str(ds.PatientID))
+        log.debug("patient " + str(ds.PatientName).replace("^", " ") + " ID " + ds.PatientID)
+        family, given = str(ds.PatientName).split("^")
+        log.warning(f"{given} {family} could not be matched to an order")
+        return status
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("log_phi", [False, True])
+def test_canary_patient_name_through_the_ingest_path(tmp_path: Path, log_phi: bool) -> None:
+    settings, stream = configured(
+        tmp_path, dicom_host="127.0.0.1", dicom_port=free_port(), log_phi=log_phi
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG)  # its most talkative level
+    ledger = Ledger(settings.database_url)
+    scp = CarelessSCP(settings, ledger, Spool(settings.spool_dir, fsync=False))
+    scp.start(block=False)
+    try:
+        ae = AE(ae_title="CANARYSENDER")
+        ae.add_requested_context(SC, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", settings.node.dicom_port, ae_title="ACWI")
+        assert assoc.is_established
+        good = sc_dataset("1.2.826.0.1.3680043.9.7")
+        bad = sc_dataset("1.2.826.0.1.3680043.9.7/../x")  # refused: unsafe UID, logged
+        assert assoc.send_c_store(good).Status == 0x0000
+        assert assoc.send_c_store(bad).Status == 0xC001
+        assoc.release()
+    finally:
+        scp.stop()
+        ledger.dispose()
+    text = stream.getvalue()
+    records = lines(stream)
+    assert any("invalid UID" in str(r["message"]) for r in records)  # the ingest path logged
+    assert any(str(r["logger"]).startswith("pynetdicom") for r in records)
+    assert sum("C-STORE dataset" in str(r["message"]) for r in records) == 2
+    if log_phi:  # control: the careless lines do carry the identifiers when allowed
+        assert "Canarybird" in text and CANARY_ID in text
+    else:
+        assert "Canarybird" not in text and CANARY_ID not in text
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_bind_study_is_scoped_to_its_log_context(tmp_path: Path) -> None:
+    _, stream = configured(tmp_path)
+    log = logging.getLogger("acwi_node.worker")
+    bind_study("1.2.9")  # outside any context: ignored
+    log.info("a")
+    with log_context(job_id=3):
+        bind_study("1.2.10")
+        log.info("b")
+    log.info("c")
+    out = lines(stream)
+    assert "study_uid" not in out[0] and "study_uid" not in out[2] and "job_id" not in out[2]
+    assert out[1]["study_uid"] == "1.2.10" and out[1]["job_id"] == 3

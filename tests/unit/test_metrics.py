@@ -1,0 +1,273 @@
+"""Prometheus metrics: ledger-derived gauges after real ledger events, process-local counters."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from acwi_node.config import Settings, load_settings
+from acwi_node.export.outbox import Exporter
+from acwi_node.ledger import InstanceRecord, Ledger, ResultFile, RoutedJob, StudyFacts
+from acwi_node.observability import metrics
+from acwi_node.observability.health import OpsServer, Readiness, loop_check
+from acwi_node.tasks.app import configure
+from acwi_node.tasks.queue import reconcile
+from acwi_node.web.api import create_app
+from tests.support.ports import free_port
+
+DX = "1.2.840.10008.5.1.4.1.1.1.1"
+
+
+def rec(study: str, sop: str, ae: str) -> InstanceRecord:
+    return InstanceRecord(
+        study_uid=study,
+        sop_instance_uid=sop,
+        sop_class_uid=DX,
+        series_uid=study + ".9",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        modality="DX",
+        body_part="CHEST",
+        path=f"{study}/{sop}.dcm",
+        size=100,
+        calling_ae=ae,
+    )
+
+
+def to_pacs(facts: StudyFacts) -> list[RoutedJob]:
+    return [RoutedJob(route="chest", model="default", destinations=["pacs"], priority=0)]
+
+
+def nowhere(facts: StudyFacts) -> list[RoutedJob]:
+    return []
+
+
+def scrape(
+    settings: Settings, ledger: Ledger
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """``/metrics`` of the web app as {(sample name, sorted labels): value}."""
+    with TestClient(create_app(settings, ledger)) as client:
+        response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def complete(
+    ledger: Ledger,
+    study_uid: str,
+    decide: Callable[[StudyFacts], list[RoutedJob]] = to_pacs,
+) -> list[int]:
+    study_id = ledger.record_instance(
+        rec(study_uid, study_uid + ".1", "CT_A"), first_in_association=True
+    ).study_id
+    view = ledger.get_study(study_uid)
+    assert view is not None
+    return ledger.complete_study(study_id, view["generation"], decide)
+
+
+def analyse(ledger: Ledger, job_id: int, *, review: bool, n_results: int = 1) -> None:
+    assert ledger.claim_job(job_id, lease_s=30) is not None
+    files = [
+        ResultFile("sr", f"2.25.{job_id}{i}", "1.2.840.10008.5.1.4.1.1.88.34", f"r/{job_id}{i}.dcm")
+        for i in range(n_results)
+    ]
+    assert ledger.finish_analysis(
+        job_id,
+        results=files,
+        summary={"needs_review": review},
+        needs_review=review,
+        review_reason="uncertain" if review else "",
+    )
+
+
+def test_metrics_reflect_ledger_events(settings: Settings, ledger: Ledger) -> None:
+    ledger.record_instance(rec("1.2.1", "1.2.1.1", "CT_A"), first_in_association=True)
+    ledger.record_instance(rec("1.2.1", "1.2.1.2", "CT_A"), first_in_association=False)
+    ledger.record_instance(rec("1.2.2", "1.2.2.1", "DX_B"), first_in_association=True)
+
+    reviewed = complete(ledger, "1.2.3")
+    confident = complete(ledger, "1.2.4")
+    complete(ledger, "1.2.5", nowhere)
+    waiting = complete(ledger, "1.2.6")
+    analyse(ledger, reviewed[0], review=True, n_results=2)
+    analyse(ledger, confident[0], review=False)
+    due = {d.id: d for d in ledger.due_deliveries()}
+    assert len(due) == 3
+    first, second, third = sorted(due)
+    ledger.record_delivery(first, delivered=True, status=0, error="", max_attempts=3, backoff_s=1)
+    ledger.record_delivery(
+        second, delivered=False, status=0xA700, error="full", max_attempts=1, backoff_s=1
+    )
+
+    m = scrape(settings, ledger)
+    assert m[("acwi_ledger_up", ())] == 1
+    assert m[("acwi_instances", (("calling_ae", "CT_A"),))] == 2 + 4
+    assert m[("acwi_instances", (("calling_ae", "DX_B"),))] == 1
+    assert m[("acwi_studies", (("state", "receiving"),))] == 2
+    assert m[("acwi_studies", (("state", "not_routed"),))] == 1
+    assert m[("acwi_studies", (("state", "queued"),))] == 1
+    assert m[("acwi_ledger_studies_completed", ())] == 4
+    assert m[("acwi_jobs_queued", ())] == 1
+    assert m[("acwi_jobs", (("model", "default"), ("state", "queued")))] == 1
+    assert m[("acwi_jobs", (("model", "default"), ("state", "exporting")))] == 1
+    assert m[("acwi_deliveries", (("destination", "pacs"), ("state", "delivered")))] == 1
+    assert m[("acwi_deliveries", (("destination", "pacs"), ("state", "failed")))] == 1
+    assert m[("acwi_deliveries", (("destination", "pacs"), ("state", "pending")))] == 1
+    assert m[("acwi_analysed_jobs", ())] == 2
+    assert m[("acwi_review_jobs", ())] == 1
+    assert m[("acwi_review_rate", ())] == pytest.approx(0.5)
+    assert m[("acwi_review_items_open", ())] == 1
+    assert waiting  # job 4 stays queued: the queue depth above
+
+
+def test_broker_queue_length_of_the_embedded_broker(settings: Settings, ledger: Ledger) -> None:
+    celery = configure(settings)
+    job_ids = complete(ledger, "1.2.7") + complete(ledger, "1.2.8")
+    before = (
+        REGISTRY.get_sample_value("acwi_reconciler_requeued_total", {"trigger": "startup"}) or 0.0
+    )
+    sent = reconcile(celery, ledger, startup=True, requeue_after_s=60, lease_s=30)
+    assert sent == len(job_ids) == 2
+    assert metrics.broker_queue_length(settings) == 2
+    after = REGISTRY.get_sample_value("acwi_reconciler_requeued_total", {"trigger": "startup"})
+    assert after == before + 2
+    m = scrape(settings, ledger)
+    assert m[("acwi_broker_queue_length", (("queue", "analysis"),))] == 2
+
+
+def test_metrics_answer_when_the_ledger_is_down(tmp_path: Path) -> None:
+    settings = load_settings(
+        None,
+        node={"data_dir": str(tmp_path), "database_url": "postgresql://nobody@127.0.0.1:1/none"},
+    )
+    ledger = Ledger(settings.database_url, create=False)
+    m = scrape(settings, ledger)
+    assert m[("acwi_ledger_up", ())] == 0
+    assert ("acwi_studies", (("state", "receiving"),)) not in m
+
+
+@pytest.fixture
+def exporter_settings(tmp_path: Path) -> Settings:
+    return load_settings(
+        None,
+        node={"data_dir": str(tmp_path)},
+        exporter={"timeout_s": 2},
+        destinations=[
+            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}
+        ],
+    )
+
+
+def test_exporter_counts_refused_deliveries(exporter_settings: Settings) -> None:
+    ledger = Ledger(exporter_settings.database_url)
+    job = complete(ledger, "1.2.9")
+    analyse(ledger, job[0], review=False)
+    (exporter_settings.results_dir / "r").mkdir(parents=True)
+    (exporter_settings.results_dir / f"r/{job[0]}0.dcm").write_bytes(b"not sent")
+    labels = {"destination": "pacs", "outcome": "refused"}
+    before = REGISTRY.get_sample_value("acwi_exporter_delivery_attempts_total", labels) or 0.0
+    assert Exporter(exporter_settings, ledger).tick() == 1
+    after = REGISTRY.get_sample_value("acwi_exporter_delivery_attempts_total", labels)
+    assert after == before + 1
+    ledger.dispose()
+
+
+@pytest.fixture
+def ops() -> Iterator[tuple[OpsServer, dict[str, float | None]]]:
+    state: dict[str, float | None] = {"last": None}
+    readiness = Readiness("exporter").add("outbox_loop", loop_check(lambda: state["last"], 60))
+    server = OpsServer(readiness, "127.0.0.1", 0).start()
+    yield server, state
+    server.stop()
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read()
+
+
+def test_ops_server_serves_health_readiness_and_process_metrics(
+    ops: tuple[OpsServer, dict[str, float | None]],
+) -> None:
+    import time
+
+    server, state = ops
+    base = f"http://127.0.0.1:{server.port}"
+    assert get(base + "/healthz") == (200, b'{"status": "ok", "kind": "exporter"}')
+    status, body = get(base + "/readyz")
+    assert status == 503
+    assert json.loads(body)["checks"]["outbox_loop"] == {"ok": False, "detail": "has not run yet"}
+    state["last"] = time.monotonic()
+    status, body = get(base + "/readyz")
+    assert status == 200 and json.loads(body)["status"] == "ready"
+    metrics.INSTANCES_REJECTED.labels("invalid_uid").inc()
+    status, body = get(base + "/metrics")
+    assert status == 200
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(body.decode())
+        for s in f.samples
+    }
+    assert samples[("acwi_scp_instances_rejected_total", (("reason", "invalid_uid"),))] >= 1
+    assert get(base + "/nothing")[0] == 404
+
+
+PREFORK_SCRIPT = """
+import multiprocessing, sys
+from acwi_node.config import load_settings
+from acwi_node.observability.multiproc import enable_multiprocess
+folder = enable_multiprocess(load_settings(None, node={"data_dir": sys.argv[1]}))
+assert folder is not None
+from acwi_node.observability import metrics
+
+def child() -> None:
+    metrics.JOBS_PROCESSED.labels("analysed").inc()
+    metrics.INFERENCE_SECONDS.labels("m", "1").observe(0.3)
+
+procs = [multiprocessing.get_context("fork").Process(target=child) for _ in range(3)]
+for p in procs:
+    p.start()
+for p in procs:
+    p.join()
+metrics.JOBS_PROCESSED.labels("failed").inc()
+sys.stdout.write(metrics.process_metrics().decode())
+"""
+
+
+def test_prefork_pool_metrics_add_up_across_processes(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    done = subprocess.run(
+        [sys.executable, "-c", PREFORK_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr
+    values = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(done.stdout)
+        for s in f.samples
+    }
+    assert values[("acwi_worker_jobs_total", (("outcome", "analysed"),))] == 3
+    assert values[("acwi_worker_jobs_total", (("outcome", "failed"),))] == 1
+    assert values[("acwi_inference_seconds_count", (("model", "m"), ("version", "1")))] == 3
+    assert list((tmp_path / "metrics").iterdir())  # the pool's own folder under data_dir

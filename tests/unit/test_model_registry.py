@@ -1,0 +1,184 @@
+"""The model registry: install (SHA-256 checked), list, activate, and what the worker then runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from acwi_node.cli import main
+from acwi_node.config import ConfigError, Settings, load_settings
+from acwi_node.inference.manifest import default_model_dir, load_manifest, sha256_file
+from acwi_node.model_registry import ModelRegistry, RegistryError
+from acwi_node.results.uids import device_uid
+from acwi_node.tasks.analyse import get_analyser
+from tests.support.node import write_config
+
+
+def model_copy(
+    tmp_path: Path,
+    folder: str,
+    *,
+    name: str = "default",
+    version: str = "2.0.0",
+    change_weights: bool = False,
+) -> Path:
+    """A copy of the bundled model under another name/version (optionally other weights)."""
+    target = tmp_path / folder
+    shutil.copytree(default_model_dir(), target)
+    raw = json.loads((target / "manifest.json").read_text())
+    raw["name"], raw["version"] = name, version
+    if change_weights:
+        weights = target / raw["weights"]
+        weights.write_bytes(weights.read_bytes() + b"\0")
+        raw["weights_sha256"] = sha256_file(weights)
+    (target / "manifest.json").write_text(json.dumps(raw))
+    return target
+
+
+def test_install_list_activate_round_trip(settings: Settings, tmp_path: Path) -> None:
+    registry = ModelRegistry(settings.models_dir)
+    bundled = load_manifest(default_model_dir())
+    assert registry.installed() == []
+    assert settings.model_manifest("default") == default_model_dir() / "manifest.json"
+
+    installed = registry.install(model_copy(tmp_path, "v2"))
+    assert (installed.name, installed.version, installed.active) == ("default", "2.0.0", False)
+    assert installed.weights_sha256 == bundled.weights_sha256
+    assert installed.path == settings.models_dir / "default" / "2.0.0"
+    assert sorted(p.name for p in installed.path.iterdir()) == ["manifest.json", "weights.pt"]
+    # installed, not yet active: the bundled model still runs
+    assert settings.model_manifest("default") == default_model_dir() / "manifest.json"
+
+    # install through the manifest file itself, a second version with other weights
+    v3 = registry.install(
+        model_copy(tmp_path, "v3", version="3.0.0", change_weights=True) / "manifest.json"
+    )
+    assert v3.weights_sha256 != bundled.weights_sha256
+
+    registry.activate("default", "2.0.0")
+    assert settings.model_manifest("default") == installed.manifest_path.resolve()
+    analyser = get_analyser(settings, "default")  # what the worker's next task loads
+    assert analyser.manifest.version == "2.0.0"
+    assert analyser.manifest.directory == installed.path.resolve()
+
+    registry.activate("default", "3.0.0")
+    listing = {(m.version, m.active) for m in registry.installed()}
+    assert listing == {("2.0.0", False), ("3.0.0", True)}
+    assert load_manifest(settings.model_manifest("default")).version == "3.0.0"
+
+
+def test_install_refuses_weights_that_do_not_match_the_manifest(
+    settings: Settings, tmp_path: Path
+) -> None:
+    source = model_copy(tmp_path, "tampered")
+    weights = source / "weights.pt"
+    data = bytearray(weights.read_bytes())
+    data[100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    registry = ModelRegistry(settings.models_dir)
+    with pytest.raises(RegistryError, match="SHA-256"):
+        registry.install(source)
+    assert registry.installed() == []
+    assert not (settings.models_dir / "default" / "2.0.0").exists()
+
+
+def test_a_version_is_never_overwritten_with_other_weights(
+    settings: Settings, tmp_path: Path
+) -> None:
+    registry = ModelRegistry(settings.models_dir)
+    first = registry.install(model_copy(tmp_path, "a"))
+    again = registry.install(model_copy(tmp_path, "b"))  # same weights: a no-op
+    assert again == first
+    with pytest.raises(RegistryError, match="already installed with other weights"):
+        registry.install(model_copy(tmp_path, "c", change_weights=True))
+    assert load_manifest(first.path).weights_sha256 == first.weights_sha256
+
+
+def test_activate_needs_an_installed_version(settings: Settings, tmp_path: Path) -> None:
+    registry = ModelRegistry(settings.models_dir)
+    with pytest.raises(RegistryError, match="none is installed"):
+        registry.activate("default", "9.9")
+    registry.install(model_copy(tmp_path, "a"))
+    with pytest.raises(RegistryError, match=r"installed: 2\.0\.0"):
+        registry.activate("default", "9.9")
+    with pytest.raises(RegistryError, match="cannot name a folder"):
+        registry.activate("../etc", "1")
+    # weights changed after install: activation refuses
+    (settings.models_dir / "default" / "2.0.0" / "weights.pt").write_bytes(b"corrupt")
+    with pytest.raises(RegistryError, match="SHA-256"):
+        registry.activate("default", "2.0.0")
+
+
+def test_unsafe_names_are_refused(settings: Settings, tmp_path: Path) -> None:
+    with pytest.raises(RegistryError, match="cannot name a folder"):
+        ModelRegistry(settings.models_dir).install(model_copy(tmp_path, "x", version="1/../2"))
+
+
+def test_routes_may_name_an_activated_model(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    routes = [{"name": "chest", "model": "chest-ai", "destinations": []}]
+    with pytest.raises(ConfigError, match="chest-ai"):
+        load_settings(None, node={"data_dir": str(data)}, routes=routes)
+    registry = ModelRegistry(data / "models")
+    registry.install(model_copy(tmp_path, "chest", name="chest-ai", version="1.0"), activate=True)
+    settings = load_settings(None, node={"data_dir": str(data)}, routes=routes)
+    assert load_manifest(settings.model_manifest("chest-ai")).name == "chest-ai"
+
+
+def test_device_uid_follows_the_active_weights(settings: Settings, tmp_path: Path) -> None:
+    """The SR's device observer UID includes the weights' hash: another version with other
+    weights is another device."""
+    registry = ModelRegistry(settings.models_dir)
+    registry.install(model_copy(tmp_path, "a", version="1.0"), activate=True)
+    one = load_manifest(settings.model_manifest("default")).identity()
+    registry.install(model_copy(tmp_path, "b", version="1.0-b", change_weights=True))
+    registry.activate("default", "1.0-b")
+    two = load_manifest(settings.model_manifest("default")).identity()
+    assert one.weights_sha256 and two.weights_sha256 and one.weights_sha256 != two.weights_sha256
+    assert device_uid(one.name, "1.0", one.weights_sha256) != device_uid(
+        two.name, "1.0", two.weights_sha256
+    )
+
+
+def test_models_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path / "node.toml", {"node": {"data_dir": str(tmp_path / "data")}})
+    base = ["--config", str(config), "models"]
+    assert main([*base, "list"]) == 0
+    assert "no models installed" in capsys.readouterr().out
+
+    tampered = model_copy(tmp_path, "bad")
+    (tampered / "weights.pt").write_bytes(b"other bytes")
+    assert main([*base, "install", str(tampered)]) == 1
+    assert "SHA-256" in capsys.readouterr().err
+
+    assert main([*base, "install", str(model_copy(tmp_path, "good"))]) == 0
+    assert "installed default 2.0.0" in capsys.readouterr().out
+    assert main([*base, "activate", "default", "2.0.0"]) == 0
+    assert "version 2.0.0 is active" in capsys.readouterr().out
+    assert main([*base, "activate", "default", "7"]) == 1
+    capsys.readouterr()
+    assert main([*base, "list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    sha = load_manifest(default_model_dir()).weights_sha256
+    assert [(r["name"], r["version"], r["active"], r["weights_sha256"]) for r in rows] == [
+        ("default", "2.0.0", True, sha)
+    ]
+    assert main([*base, "list"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split() == ["default", "2.0.0", "yes", sha]
+
+
+def test_install_under_the_name_routes_use(settings: Settings, tmp_path: Path) -> None:
+    registry = ModelRegistry(settings.models_dir)
+    model = registry.install(default_model_dir(), name="default", activate=True)
+    assert (model.name, model.version, model.active) == (
+        "default",
+        load_manifest(default_model_dir()).version,
+        True,
+    )
+    manifest = load_manifest(settings.model_manifest("default"))
+    assert manifest.directory == model.path.resolve()
+    assert manifest.name == load_manifest(default_model_dir()).name  # copied unchanged

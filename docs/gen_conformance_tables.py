@@ -34,12 +34,13 @@ from pynetdicom.presentation import PresentationContext  # noqa: E402
 
 from acwi_node.config import Settings  # noqa: E402
 from acwi_node.export.scu import DELIVERED_WARNING_STATUSES  # noqa: E402
-from acwi_node.ingest import scp  # noqa: E402
+from acwi_node.ingest import mpps, scp  # noqa: E402
 from acwi_node.ingest.spool import Spool  # noqa: E402
 from acwi_node.ledger import Ledger  # noqa: E402
 
 DOCUMENT = ROOT / "docs" / "conformance.md"
 VERIFICATION = "1.2.840.10008.1.1"
+MPPS = mpps.MPPS_SOP_CLASS
 
 #: What each DIMSE status of the storage SCP means (PS3.4 Annex B.2.3 class, then when).
 STATUS_MEANINGS: dict[str, tuple[str, str, str]] = {
@@ -104,7 +105,9 @@ def sop_class_name(uid: str) -> str:
 
 def storage_contexts(ae: AE) -> list[PresentationContext]:
     """The accepted storage contexts, in the order the AE lists them; each must be complete."""
-    contexts = [cx for cx in ae.supported_contexts if cx.abstract_syntax != VERIFICATION]
+    contexts = [
+        cx for cx in ae.supported_contexts if cx.abstract_syntax not in (VERIFICATION, MPPS)
+    ]
     for cx in contexts:
         if list(cx.transfer_syntax) != list(scp.TRANSFER_SYNTAXES):
             raise ValueError(
@@ -156,6 +159,17 @@ def verification_block(ae: AE) -> str:
     contexts = [cx for cx in ae.supported_contexts if cx.abstract_syntax == VERIFICATION]
     rows = [
         (UID(VERIFICATION).name, VERIFICATION, UID(str(ts)).name, str(ts), "SCP", "None")
+        for cx in contexts
+        for ts in cx.transfer_syntax
+    ]
+    header = ("Abstract Syntax", "SOP Class UID", "Transfer Syntax", "UID", "Role", "Ext. Neg.")
+    return _table(header, rows)
+
+
+def mpps_block(ae: AE) -> str:
+    contexts = [cx for cx in ae.supported_contexts if cx.abstract_syntax == MPPS]
+    rows = [
+        (UID(MPPS).name, MPPS, UID(str(ts)).name, str(ts), "SCP", "None")
         for cx in contexts
         for ts in cx.transfer_syntax
     ]
@@ -215,6 +229,7 @@ def blocks() -> dict[str, str]:
     ae = acceptor_ae()
     makers: dict[str, Callable[[], str]] = {
         "verification": lambda: verification_block(ae),
+        "mpps": lambda: mpps_block(ae),
         "sop-classes": lambda: sop_classes_block(ae),
         "transfer-syntaxes": transfer_syntaxes_block,
         "implementation": lambda: implementation_block(ae),

@@ -21,6 +21,7 @@ from pynetdicom import AllStoragePresentationContexts
 
 from acwi_node.export.scu import DELIVERED_WARNING_STATUSES
 from acwi_node.ingest import scp
+from acwi_node.ingest.mpps import MPPS_SOP_CLASS
 from acwi_node.ingest.scp import TRANSFER_SYNTAXES, StorageSCP
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger
@@ -104,7 +105,9 @@ def test_transfer_syntax_table_is_exactly_the_accepted_list(
 
 def test_the_document_claims_nothing_the_code_does_not_do(document: str) -> None:
     known = (
-        set(storage_sop_classes()) | set(TRANSFER_SYNTAXES) | {VERIFICATION, APPLICATION_CONTEXT}
+        set(storage_sop_classes())
+        | set(TRANSFER_SYNTAXES)
+        | {VERIFICATION, APPLICATION_CONTEXT, MPPS_SOP_CLASS}
     )
     unknown = sorted(set(DICOM_UID.findall(document)) - known)
     assert not unknown, f"UIDs the node neither accepts nor uses: {unknown}"
@@ -118,13 +121,21 @@ def test_the_real_acceptor_negotiates_what_the_document_says(
     ae = StorageSCP(Settings(), cast(Ledger, None), cast(Spool, None)).ae
     contexts = {str(cx.abstract_syntax): list(cx.transfer_syntax) for cx in ae.supported_contexts}
     assert VERIFICATION in contexts
-    storage = {uid: syntaxes for uid, syntaxes in contexts.items() if uid != VERIFICATION}
+    storage = {
+        uid: syntaxes
+        for uid, syntaxes in contexts.items()
+        if uid not in (VERIFICATION, MPPS_SOP_CLASS)
+    }
     assert set(storage) == set(DICOM_UID.findall(block(generator, document, "sop-classes")))
     for uid, syntaxes in storage.items():
         assert syntaxes == list(TRANSFER_SYNTAXES), uid
     verification = block(generator, document, "verification")
     listed = set(DICOM_UID.findall(verification)) - {VERIFICATION}
     assert listed == {str(ts) for ts in contexts[VERIFICATION]}
+    mpps = block(generator, document, "mpps")
+    assert MPPS_SOP_CLASS in mpps
+    listed = set(DICOM_UID.findall(mpps)) - {MPPS_SOP_CLASS}
+    assert listed == {str(ts) for ts in contexts[MPPS_SOP_CLASS]}
 
 
 def test_scp_status_table_is_exactly_the_statuses_in_scp_py(

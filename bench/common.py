@@ -1,0 +1,289 @@
+"""Shared helpers of the benchmark scripts: statistics, test data, DCMTK and node processes.
+
+The scripts run from the repository root (``python -m bench.ingest``); they start every server
+they measure on free loopback ports in temporary directories and stop it afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+STORESCU = Path("/usr/bin/storescu")
+STORESCP = Path("/usr/bin/storescp")
+CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+# ------------------------------------------------------------------------- statistics
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) with linear interpolation between closest ranks."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile {q} outside 0..100")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    if lo == hi:
+        return float(ordered[lo])
+    return float(ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo))
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    """n, mean, p50, p95, min and max of ``values``."""
+    return {
+        "n": float(len(values)),
+        "mean": sum(values) / len(values),
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
+        "min": float(min(values)),
+        "max": float(max(values)),
+    }
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """``numerator / denominator``; NaN when the denominator is zero."""
+    return numerator / denominator if denominator else math.nan
+
+
+def rate(count: int, seconds: float) -> float:
+    """Items per second."""
+    return ratio(float(count), seconds)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table; floats with two decimals."""
+
+    def cell(v: Any) -> str:
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def write_json(path: Path | None, payload: dict[str, Any]) -> None:
+    if path is not None:
+        path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------- test data
+def _file_meta(sop_class: str, sop_uid: str) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return meta
+
+
+def ct_slice(
+    study_uid: str, series_uid: str, index: int, *, size: int = 512, seed: int = 0
+) -> Dataset:
+    """One CT-like axial slice: 16-bit signed HU phantom (a body ellipse, lungs, noise)."""
+    sop_uid = generate_uid()
+    ds = Dataset()
+    ds.file_meta = _file_meta(CT_STORAGE, sop_uid)
+    ds.SOPClassUID = CT_STORAGE
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.PatientName = "BENCH^CT"
+    ds.PatientID = "BENCH0001"
+    ds.AccessionNumber = "BENCHCT"
+    ds.StudyDate = ds.SeriesDate = "20240101"
+    ds.Modality = "CT"
+    ds.BodyPartExamined = "CHEST"
+    ds.Manufacturer = "ACWI Bench"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = index + 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SliceThickness = 1.0
+    ds.ImagePositionPatient = [-170.0, -170.0, float(index)]
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.PixelSpacing = [0.68, 0.68]
+    ds.KVP = 120
+    ds.RescaleIntercept = -1024
+    ds.RescaleSlope = 1
+    ds.Rows = ds.Columns = size
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.WindowCenter = -600
+    ds.WindowWidth = 1500
+    rng = np.random.default_rng([seed, index])
+    yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
+    hu = np.full((size, size), -1000.0)
+    hu[(xx / 0.42) ** 2 + (yy / 0.32) ** 2 < 1] = 40.0
+    for cx in (-0.18, 0.18):
+        hu[((xx - cx) / 0.14) ** 2 + (yy / 0.22) ** 2 < 1] = -850.0
+    hu += rng.normal(0, 12, hu.shape)
+    ds.PixelData = np.clip(hu + 1024, 0, 4095).astype(np.uint16).tobytes()
+    return ds
+
+
+def write_ct_series(out_dir: Path, n_slices: int, *, size: int = 512, seed: int = 0) -> list[Path]:
+    """A CT-like series of ``n_slices`` slices (one new study); returns the file paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    paths = []
+    for i in range(n_slices):
+        path = out_dir / f"CT{i + 1:05d}.dcm"
+        ct_slice(study_uid, series_uid, i, size=size, seed=seed).save_as(
+            path, enforce_file_format=True
+        )
+        paths.append(path)
+    return paths
+
+
+def write_small_instances(out_dir: Path, n: int, *, per_study: int = 50) -> list[Path]:
+    """``n`` small secondary-capture instances (16x16, 8-bit), ``per_study`` per study."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    study_uid = series_uid = ""
+    pixels = np.arange(256, dtype=np.uint8).tobytes()
+    for i in range(n):
+        if i % per_study == 0:
+            study_uid, series_uid = generate_uid(), generate_uid()
+        sop_uid = generate_uid()
+        ds = Dataset()
+        ds.file_meta = _file_meta(SC_STORAGE, sop_uid)
+        ds.SOPClassUID = SC_STORAGE
+        ds.SOPInstanceUID = sop_uid
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.PatientName = "BENCH^SMALL"
+        ds.PatientID = "BENCH0002"
+        ds.Modality = "OT"
+        ds.ConversionType = "WSD"
+        ds.InstanceNumber = i + 1
+        ds.Rows = ds.Columns = 16
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit = 7
+        ds.PixelRepresentation = 0
+        ds.PixelData = pixels
+        path = out_dir / f"SC{i + 1:06d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+# ------------------------------------------------------------------------- DCMTK
+def dcmtk_env() -> dict[str, str]:
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def storescu_cmd(
+    port: int, files: Sequence[Path], *, called: str, calling: str = "BENCHSCU"
+) -> list[str]:
+    """DCMTK storescu sending ``files`` over one association (explicit little endian)."""
+    return [
+        str(STORESCU),
+        "-xe",
+        "-aet",
+        calling,
+        "-aec",
+        called,
+        "-to",
+        "60",
+        "-ta",
+        "60",
+        "-td",
+        "120",
+        "127.0.0.1",
+        str(port),
+        *[str(f) for f in files],
+    ]
+
+
+def send_parallel(port: int, files: Sequence[Path], *, called: str, associations: int = 1) -> float:
+    """Send ``files`` split over ``associations`` concurrent storescu processes; seconds taken."""
+    chunks = [list(files[i::associations]) for i in range(associations)]
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            storescu_cmd(port, chunk, called=called),
+            env=dcmtk_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for chunk in chunks
+        if chunk
+    ]
+    outputs = [p.communicate(timeout=1800)[0] for p in procs]
+    elapsed = time.perf_counter() - start
+    for proc, out in zip(procs, outputs, strict=True):
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed ({proc.returncode}): {out.decode()[-2000:]}")
+    return elapsed
+
+
+def wait_port(port: int, timeout_s: float = 60.0) -> None:
+    from tests.support.node import wait_port as _wait
+
+    _wait("127.0.0.1", port, timeout_s)
+
+
+def node_env(config: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACWI_")}
+    env.update({"ACWI_CONFIG": str(config), "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def start_node(config: Path, kind: str, log: Path) -> subprocess.Popen[bytes]:
+    """``acwi-node <kind>`` with ``config``, in its own session, output to ``log``."""
+    with log.open("ab") as handle:
+        return subprocess.Popen(
+            [sys.executable, "-m", "acwi_node.cli", kind],
+            env=node_env(config),
+            cwd=config.parent,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    """SIGTERM to the process group, then SIGKILL if it does not end."""
+    import signal
+
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,202 @@
+"""Ingest throughput: DCMTK storescp, Orthanc and the node's SCP receive the same instances.
+
+    python -m bench.ingest                       # 400 CT slices + 2,000 small instances
+    python -m bench.ingest --ct 100 --small 500  # a quick run (< 2 min)
+    python -m bench.ingest --parallel 4 --json ingest.json
+
+Every target starts fresh (empty storage) for every measurement and receives the same files
+from DCMTK ``storescu`` (``TCP_NODELAY=1``, explicit VR little endian), over one association and
+then split over ``--parallel`` concurrent associations. The node runs as ``acwi-node scp`` with
+its defaults (SQLite ledger, fsync of every instance and its directory before answering); the
+run checks afterwards that every instance is in the node's ledger and spool. storescp and
+Orthanc do not fsync what they receive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    STORESCP,
+    markdown_table,
+    rate,
+    ratio,
+    start_node,
+    stop_process,
+    wait_port,
+    write_ct_series,
+    write_json,
+    write_small_instances,
+)
+from tests.support.node import write_config
+from tests.support.orthanc import OrthancServer
+from tests.support.ports import free_port
+
+Target = Callable[[Path], AbstractContextManager[tuple[int, str, Callable[[], int]]]]
+
+
+@contextmanager
+def storescp_target(workdir: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
+    port = free_port()
+    out = workdir / "storescp"
+    out.mkdir()
+    proc = subprocess.Popen(
+        [str(STORESCP), "-aet", "STORESCP", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_port(port)
+        yield port, "STORESCP", lambda: sum(1 for _ in out.iterdir())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@contextmanager
+def orthanc_target(workdir: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
+    with OrthancServer(node_port=free_port(), workdir=workdir / "orthanc") as orthanc:
+
+        def count() -> int:
+            return int(orthanc.get_json("/statistics")["CountInstances"])
+
+        yield orthanc.dicom_port, orthanc.aet, count
+
+
+def node_config(workdir: Path, port: int, **ingest: Any) -> Path:
+    """The node's config: defaults (fsync on, SQLite ledger) unless ``ingest`` says otherwise."""
+    return write_config(
+        workdir / "acwi-node.toml",
+        {
+            "node": {
+                "ae_title": "ACWI",
+                "dicom_host": "127.0.0.1",
+                "dicom_port": port,
+                "http_port": free_port(),
+                "data_dir": str(workdir / "data"),
+                "log_level": "WARNING",
+            },
+            "ingest": ingest,
+        },
+    )
+
+
+def ledger_instances(db: Path) -> int:
+    with sqlite3.connect(db) as conn:
+        return int(conn.execute("select count(*) from instances").fetchone()[0])
+
+
+@contextmanager
+def node_target(
+    workdir: Path, *, fsync: bool = True
+) -> Iterator[tuple[int, str, Callable[[], int]]]:
+    port = free_port()
+    root = workdir / "node"
+    root.mkdir()
+    config = node_config(root, port, fsync=fsync)
+    proc = start_node(config, "scp", root / "scp.log")
+    try:
+        wait_port(port)
+
+        def count() -> int:
+            spooled = sum(1 for _ in (root / "data" / "spool").glob("*/*.dcm"))
+            recorded = ledger_instances(root / "data" / "ledger.sqlite")
+            if spooled != recorded:
+                raise RuntimeError(f"node: {spooled} files in the spool, {recorded} in the ledger")
+            return recorded
+
+        yield port, "ACWI", count
+    finally:
+        stop_process(proc)
+        if proc.returncode not in (0, -15):
+            print((root / "scp.log").read_text()[-3000:])
+
+
+TARGETS: dict[str, Target] = {
+    "storescp": storescp_target,
+    "orthanc": orthanc_target,
+    "node": node_target,
+    # Not durable: shows what fsync costs; never a production setting.
+    "node-nofsync": lambda workdir: node_target(workdir, fsync=False),
+}
+
+
+def measure(target: Target, files: list[Path], associations: int, workdir: Path) -> float:
+    """Instances per second into a fresh ``target``; checks that every instance arrived."""
+    from bench.common import send_parallel
+
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp, target(Path(tmp)) as (port, aet, count):
+        seconds = send_parallel(port, files, called=aet, associations=associations)
+        deadline = time.monotonic() + 30
+        while (got := count()) < len(files) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if got != len(files):
+            raise RuntimeError(f"{aet}: {got} of {len(files)} instances stored")
+    return rate(len(files), seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ct", type=int, default=400, help="CT slices 512x512 16-bit")
+    parser.add_argument("--small", type=int, default=2000, help="small instances (16x16 SC)")
+    parser.add_argument("--parallel", type=int, default=4, help="associations (0: skip)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per cell (best is kept)")
+    parser.add_argument(
+        "--targets", default="storescp,orthanc,node", help="also: node-nofsync (not durable)"
+    )
+    parser.add_argument("--json", type=Path, help="write the figures as JSON")
+    args = parser.parse_args(argv)
+    # Every DCMTK process (storescu, storescp, Orthanc's network layer) sends small PDUs at once.
+    os.environ["TCP_NODELAY"] = "1"
+
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="acwi-bench-ingest-") as tmp:
+        work = Path(tmp)
+        sets: dict[str, list[Path]] = {}
+        if args.ct:
+            sets[f"{args.ct} CT 512x512x16"] = write_ct_series(work / "ct", args.ct)
+        if args.small:
+            sets[f"{args.small} small"] = write_small_instances(work / "small", args.small)
+        scenarios = [(name, files, 1) for name, files in sets.items()]
+        if args.parallel > 1:
+            scenarios += [(name, files, args.parallel) for name, files in sets.items()]
+        for name, files, assocs in scenarios:
+            row = f"{name}, {assocs} assoc."
+            results[row] = {}
+            for target in targets:
+                best = max(
+                    measure(TARGETS[target], files, assocs, work) for _ in range(args.repeat)
+                )
+                results[row][target] = best
+                print(f"{row:<32} {target:<9} {best:8.1f} inst/s", flush=True)
+
+    header = ["instances, associations", *[f"{t} inst/s" for t in targets]]
+    if "node" in targets:
+        header += [f"node / {t}" for t in targets if t != "node"]
+    rows = []
+    for row, figures in results.items():
+        cells: list[Any] = [row, *[round(figures[t], 1) for t in targets]]
+        if "node" in targets:
+            cells += [ratio(figures["node"], figures[t]) for t in targets if t != "node"]
+        rows.append(cells)
+    print()
+    print(markdown_table(header, rows))
+    write_json(
+        args.json, {"benchmark": "ingest", "args": vars(args) | {"json": None}, "results": results}
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

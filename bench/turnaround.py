@@ -1,0 +1,216 @@
+"""Turnaround: from the last instance acknowledged to the SR and heatmaps stored in the PACS.
+
+    python -m bench.turnaround                       # 20 DX studies and 20 CT series of 100 slices
+    python -m bench.turnaround --dx 10 --ct 0        # a quick run
+    python -m bench.turnaround --mode separate       # scp/worker/exporter processes, Redis db 9
+    python -m bench.turnaround --quiet-period 0.5 --json turnaround.json
+
+Orthanc (the PACS) and the node run on loopback; the node is ``acwi-node serve`` on its embedded
+defaults (SQLite ledger, embedded broker) or, with ``--mode separate``, ``acwi-node scp``,
+``worker`` and ``exporter`` with Redis (database 9) as the broker. Each study is sent by DCMTK
+``storescu`` over one association; the clock starts when storescu exits (every instance
+acknowledged) and stops when the node's ledger shows the study ``delivered`` (every result
+confirmed by Orthanc with 0x0000); the run then checks that Orthanc holds the SR. Studies are
+sent one at a time after one warm-up study, so each figure is one study's latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pydicom.uid import generate_uid
+
+from bench.common import (
+    dcmtk_env,
+    markdown_table,
+    start_node,
+    stop_process,
+    storescu_cmd,
+    summarize,
+    wait_port,
+    write_ct_series,
+    write_json,
+)
+from models.data.synth import write_study
+from tests.support.node import write_config
+from tests.support.orthanc import OrthancServer
+from tests.support.ports import free_port
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+FINAL = ("delivered", "failed", "not_routed")
+REDIS_DB9 = "redis://127.0.0.1:6379/9"
+
+
+def node_config(work: Path, orthanc: OrthancServer, args: argparse.Namespace) -> Path:
+    node: dict[str, Any] = {
+        "ae_title": "ACWI",
+        "dicom_host": "127.0.0.1",
+        "dicom_port": orthanc.node_port,
+        "http_port": free_port(),
+        "data_dir": str(work / "data"),
+        "log_level": "WARNING",
+    }
+    if args.mode == "separate":
+        node["broker_url"] = REDIS_DB9
+    completion: dict[str, Any] = {}
+    if args.quiet_period is not None:
+        completion["quiet_period_s"] = args.quiet_period
+    if args.poll_interval is not None:
+        completion["poll_interval_s"] = args.poll_interval
+    config: dict[str, Any] = {"node": node}
+    if completion:
+        config["completion"] = completion
+    config["worker"] = {"torch_threads": args.torch_threads} if args.torch_threads else {}
+    config["destinations"] = [
+        {"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
+    ]
+    config["routes"] = [
+        {
+            "name": "radiographs",
+            "match": {"modality": ["CR", "DX"]},
+            "model": "default",
+            "destinations": ["pacs"],
+        },
+        {"name": "ct", "match": {"modality": ["CT"]}, "model": "default", "destinations": ["pacs"]},
+    ]
+    if not config["worker"]:
+        del config["worker"]
+    return write_config(work / "acwi-node.toml", config)
+
+
+def study_state(db: Path, study_uid: str) -> str | None:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            row = conn.execute(
+                "select state from studies where study_uid = ?", (study_uid,)
+            ).fetchone()
+    except sqlite3.OperationalError:
+        return None
+    return str(row[0]) if row else None
+
+
+def send_and_wait(
+    port: int, files: list[Path], study_uid: str, db: Path, orthanc: OrthancServer, timeout_s: float
+) -> float:
+    """Seconds from storescu's exit to the study delivered."""
+    done = subprocess.run(
+        storescu_cmd(port, files, called="ACWI", calling="MODALITY"),
+        env=dcmtk_env(),
+        capture_output=True,
+        timeout=600,
+        check=False,
+    )
+    t0 = time.perf_counter()
+    if done.returncode != 0:
+        raise RuntimeError(f"storescu failed: {done.stdout.decode()[-2000:]}")
+    deadline = t0 + timeout_s
+    state = None
+    while time.perf_counter() < deadline:
+        state = study_state(db, study_uid)
+        if state in FINAL:
+            break
+        time.sleep(0.02)
+    elapsed = time.perf_counter() - t0
+    if state != "delivered":
+        raise RuntimeError(f"study ended {state!r} after {elapsed:.1f} s (not delivered)")
+    orthanc_id = orthanc.find_study(study_uid)
+    classes = [
+        orthanc.instance_tags(i["ID"]).get("SOPClassUID")
+        for i in (orthanc.study_instances(study_uid) if orthanc_id else [])
+    ]
+    if classes.count(SR_CLASS) != 1:
+        raise RuntimeError(f"Orthanc holds {classes.count(SR_CLASS)} SR objects for the study")
+    return elapsed
+
+
+def make_dx(out: Path, i: int) -> tuple[list[Path], str]:
+    uid = generate_uid()
+    labels = ("normal", "nodule", "effusion")
+    files = write_study(
+        out,
+        n_images=1,
+        label=labels[i % 3],
+        seed=i,
+        study_instance_uid=uid,
+        accession_number=f"DX{i:05d}",
+        modality="DX",
+    )
+    return files, uid
+
+
+def make_ct(out: Path, n_slices: int, i: int) -> tuple[list[Path], str]:
+    from pydicom import dcmread
+
+    files = write_ct_series(out, n_slices, size=512, seed=i)
+    return files, str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dx", type=int, default=20, help="1-image DX studies")
+    parser.add_argument("--ct", type=int, default=20, help="CT series")
+    parser.add_argument("--ct-slices", type=int, default=100)
+    parser.add_argument("--mode", choices=("serve", "separate"), default="serve")
+    parser.add_argument("--quiet-period", type=float, help="completion.quiet_period_s")
+    parser.add_argument("--poll-interval", type=float, help="completion.poll_interval_s")
+    parser.add_argument("--torch-threads", type=int, default=0, help="worker.torch_threads")
+    parser.add_argument("--timeout", type=float, default=600, help="per study, seconds")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    os.environ["TCP_NODELAY"] = "1"
+
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="acwi-bench-turnaround-") as tmp:
+        work = Path(tmp)
+        node_port = free_port()
+        with OrthancServer(node_port=node_port, workdir=work / "orthanc") as orthanc:
+            config = node_config(work, orthanc, args)
+            kinds = ["serve"] if args.mode == "serve" else ["scp", "worker", "exporter"]
+            procs = [start_node(config, kind, work / f"{kind}.log") for kind in kinds]
+            db = work / "data" / "ledger.sqlite"
+            try:
+                wait_port(node_port, 120)
+                warm, warm_uid = make_dx(work / "warm", 999)
+                send_and_wait(node_port, warm, warm_uid, db, orthanc, args.timeout)
+                kinds_run = [("DX 1 image", args.dx), (f"CT {args.ct_slices} slices", args.ct)]
+                for name, count in kinds_run:
+                    times: list[float] = []
+                    for i in range(count):
+                        out = work / "studies" / f"{name[:2]}{i}"
+                        if name.startswith("DX"):
+                            files, uid = make_dx(out, i)
+                        else:
+                            files, uid = make_ct(out, args.ct_slices, i)
+                        times.append(
+                            send_and_wait(node_port, files, uid, db, orthanc, args.timeout)
+                        )
+                        print(f"{name:<16} {i + 1:3d}/{count}  {times[-1]:6.2f} s", flush=True)
+                    if times:
+                        results[name] = summarize(times)
+            finally:
+                for proc in procs:
+                    stop_process(proc)
+
+    header = ["study", "n", "p50 s", "p95 s", "mean s", "max s"]
+    rows = [
+        [name, int(s["n"]), s["p50"], s["p95"], s["mean"], s["max"]] for name, s in results.items()
+    ]
+    print()
+    print(f"mode={args.mode} quiet_period_s={args.quiet_period} poll={args.poll_interval}")
+    print(markdown_table(header, rows))
+    write_json(
+        args.json,
+        {"benchmark": "turnaround", "args": vars(args) | {"json": None}, "results": results},
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

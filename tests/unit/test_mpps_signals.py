@@ -1,0 +1,76 @@
+"""CompletionSignals and the MPPS attribute readers against a real (SQLite) ledger."""
+
+from __future__ import annotations
+
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from acwi_node.ingest.mpps import CompletionSignals, referenced_instances, step_studies
+from acwi_node.ledger import InstanceRecord, Ledger
+
+
+def record(ledger: Ledger, study: str, sop: str, *, first: bool = True) -> int:
+    rec = InstanceRecord(
+        study_uid=study,
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+        series_uid="",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        modality="OT",
+        body_part="",
+        path=f"{study}/{sop}.dcm",
+        size=1,
+        calling_ae="MODALITY",
+    )
+    return ledger.record_instance(rec, first_in_association=first).study_id
+
+
+def test_referenced_instances_and_studies() -> None:
+    ds = Dataset()
+    series = Dataset()
+    img, other = Dataset(), Dataset()
+    img.ReferencedSOPInstanceUID = "1.2.3"
+    other.ReferencedSOPInstanceUID = "1.2.4"
+    series.ReferencedImageSequence = [img]
+    series.ReferencedNonImageCompositeSOPInstanceSequence = [other]
+    ds.PerformedSeriesSequence = [series]
+    step = Dataset()
+    step.StudyInstanceUID = "1.9"
+    ds.ScheduledStepAttributesSequence = [step]
+    assert referenced_instances(ds) == {"1.2.3", "1.2.4"}
+    assert step_studies(ds) == {"1.9"}
+    assert referenced_instances(Dataset()) == set()
+
+
+def test_expectation_is_due_only_once_every_instance_arrived(ledger: Ledger) -> None:
+    woken: list[int] = []
+    signals = CompletionSignals(ledger, wake=lambda: woken.append(1))
+    study, sops = generate_uid(), [generate_uid() for _ in range(3)]
+    study_id = record(ledger, study, sops[0])
+    signals.expect("1.2.99", [study], sops)
+    assert woken and signals.due() == []
+    record(ledger, study, sops[1], first=False)
+    signals.instance_arrived(study)
+    assert signals.due() == []
+    record(ledger, study, sops[2], first=False)
+    assert signals.due() == [(study_id, 1)]
+    assert signals.pending == 0 and signals.due() == []
+
+
+def test_step_listing_nothing_is_ignored(ledger: Ledger) -> None:
+    signals = CompletionSignals(ledger)
+    signals.expect("1.2.98", ["1.2.3"], [])
+    assert signals.pending == 0
+
+
+def test_released_study_waits_for_other_open_associations(ledger: Ledger) -> None:
+    signals = CompletionSignals(ledger)
+    study = generate_uid()
+    study_id = record(ledger, study, generate_uid())  # association 1 open
+    record(ledger, study, generate_uid(), first=True)  # association 2 open
+    ledger.association_released([study_id])
+    signals.released([study_id])
+    assert signals.due() == []  # association 2 still sends
+    ledger.association_released([study_id])
+    assert signals.due() == [(study_id, 1)]
+    assert signals.pending == 0

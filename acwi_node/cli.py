@@ -5,8 +5,11 @@ acwi-node scp         storage SCP, study completion, routing and the reconciler
 acwi-node worker      a Celery worker running the analyse task
 acwi-node exporter    sends results from the outbox by C-STORE
 acwi-node web         the HTTP API
+acwi-node hl7         HL7 v2 with the RIS: MLLP order listener and ORU^R01 results sender
 acwi-node status      the ledger's view of every study
 acwi-node config      validate the configuration and print it as JSON
+acwi-node users       review web app accounts: add, list, disable, enable
+acwi-node feedback    export reviewed cases as a labelled dataset
 """
 
 from __future__ import annotations
@@ -27,23 +30,20 @@ from types import FrameType
 
 from acwi_node import __version__
 from acwi_node.config import ConfigError, Settings, load_settings
+from acwi_node.review.commands import COMMANDS as REVIEW_COMMANDS
+from acwi_node.review.commands import add_parsers as add_review_commands
+from acwi_node.review.commands import run as run_review_command
 
 log = logging.getLogger("acwi_node")
 
 PROCESS_KINDS = ("scp", "worker", "exporter", "web")
 
 
-def setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.node.log_level,
-        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-    # pynetdicom logs dataset contents at DEBUG and association chatter at INFO.
-    logging.getLogger("pynetdicom").setLevel(
-        logging.DEBUG if settings.node.log_phi else logging.WARNING
-    )
+def setup_logging(settings: Settings, kind: str = "cli") -> None:
+    """Text or JSON log lines with process kind, study and job ids; no patient identifiers."""
+    from acwi_node.observability.logging import setup_logging as setup
+
+    setup(settings, kind)
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
@@ -57,6 +57,7 @@ def _stop_on_signals(stop: threading.Event) -> None:
 # ---------------------------------------------------------------------- process kinds
 def run_scp(settings: Settings) -> int:
     from acwi_node.ingest.completion import CompletionService
+    from acwi_node.ingest.mpps import CompletionSignals
     from acwi_node.ingest.scp import StorageSCP
     from acwi_node.ingest.spool import Spool
     from acwi_node.ledger import Ledger
@@ -69,8 +70,9 @@ def run_scp(settings: Settings) -> int:
     if removed:
         log.info("removed %d partial file(s) left by an earlier crash", removed)
     celery = configure(settings)
-    completion = CompletionService(settings, ledger, celery)
-    scp = StorageSCP(settings, ledger, spool)
+    signals = CompletionSignals(ledger)
+    completion = CompletionService(settings, ledger, celery, signals=signals)
+    scp = StorageSCP(settings, ledger, spool, signals=signals)
     reconcile(
         celery,
         ledger,
@@ -82,44 +84,75 @@ def run_scp(settings: Settings) -> int:
     _stop_on_signals(stop)
     completion.start()
     scp.start(block=False)
+    from acwi_node.observability.health import scp_readiness, start_ops_server_safely
+
+    ops = start_ops_server_safely(settings, scp_readiness(settings, ledger, scp, completion))
     log.info("ready")
     stop.wait()
+    if ops is not None:
+        ops.stop()
     scp.stop()
     completion.stop()
     return 0
 
 
 def run_worker(settings: Settings) -> int:
-    from acwi_node.tasks.app import ANALYSIS_QUEUE, configure
+    from acwi_node.observability.health import (
+        ModelPreload,
+        start_ops_server_safely,
+        worker_readiness,
+    )
+    from acwi_node.observability.multiproc import disable_multiprocess, enable_multiprocess
+
+    concurrency = settings.worker.concurrency
+    # A prefork pool analyses in child processes: count their metrics too (before any import
+    # of prometheus_client, which the task module brings).
+    shared_metrics = (
+        enable_multiprocess(settings)
+        if concurrency > 1 and settings.observability.worker_port
+        else None
+    )
+    from acwi_node.tasks.app import ANALYSIS_QUEUE, HIGH_PRIORITY_QUEUE, configure
 
     celery = configure(settings)
-    concurrency = settings.worker.concurrency
+    # solo pool: load the models now; prefork: verify them only (no fork after loading torch).
+    preload = ModelPreload(settings, load=concurrency == 1)
+    start_ops_server_safely(settings, worker_readiness(settings, preload))
+    preload.run()
     argv = [
         "worker",
         f"--loglevel={settings.node.log_level}",
         f"--concurrency={concurrency}",
         f"--pool={'solo' if concurrency == 1 else 'prefork'}",
-        f"--queues={ANALYSIS_QUEUE}",
+        f"--queues={HIGH_PRIORITY_QUEUE},{ANALYSIS_QUEUE}",  # STAT first
         f"--hostname=acwi-worker-{os.getpid()}@{socket.gethostname()}",
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",
     ]
-    celery.worker_main(argv)
+    try:
+        celery.worker_main(argv)
+    finally:
+        disable_multiprocess(shared_metrics)
     return 0
 
 
 def run_exporter(settings: Settings) -> int:
     from acwi_node.export.outbox import Exporter
     from acwi_node.ledger import Ledger
+    from acwi_node.observability.health import exporter_readiness, start_ops_server_safely
 
-    exporter = Exporter(settings, Ledger(settings.database_url))
+    ledger = Ledger(settings.database_url)
+    exporter = Exporter(settings, ledger)
     stop = threading.Event()
     _stop_on_signals(stop)
     thread = threading.Thread(target=exporter.run, name="exporter", daemon=True)
     thread.start()
+    ops = start_ops_server_safely(settings, exporter_readiness(settings, ledger, exporter))
     log.info("exporter ready")
     stop.wait()
+    if ops is not None:
+        ops.stop()
     exporter.stop()
     thread.join(timeout=30)
     return 0
@@ -141,6 +174,35 @@ def run_web(settings: Settings) -> int:
     return 0
 
 
+def run_hl7(settings: Settings) -> int:
+    """The order listener (``[hl7] listen_port``) and the ORU sender (``[hl7.ris]``)."""
+    from acwi_node.hl7.client import OruSender
+    from acwi_node.hl7.listener import MllpListener
+    from acwi_node.ledger import Ledger
+
+    cfg = settings.hl7
+    if not cfg.enabled:
+        log.error("hl7: nothing to do: set [hl7] listen_port and/or [hl7.ris]")
+        return 2
+    ledger = Ledger(settings.database_url)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    listener = MllpListener(settings, ledger).start() if cfg.listen_port else None
+    sender = OruSender(settings, ledger) if cfg.ris is not None else None
+    thread = None
+    if sender is not None:
+        thread = threading.Thread(target=sender.run, name="oru-sender", daemon=True)
+        thread.start()
+    log.info("hl7 ready")
+    stop.wait()
+    if listener is not None:
+        listener.stop()
+    if sender is not None and thread is not None:
+        sender.stop()
+        thread.join(timeout=30)
+    return 0
+
+
 def run_serve(settings: Settings, config: Path | None) -> int:
     """Run every process kind as a child process; restart one that dies; stop all on a signal."""
     env = dict(os.environ)
@@ -155,8 +217,9 @@ def run_serve(settings: Settings, config: Path | None) -> int:
     def spawn(kind: str) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-m", "acwi_node.cli", kind], env=env)
 
-    children = {kind: spawn(kind) for kind in PROCESS_KINDS}
-    restarts = dict.fromkeys(PROCESS_KINDS, 0)
+    kinds = [*PROCESS_KINDS, "hl7"] if settings.hl7.enabled else list(PROCESS_KINDS)
+    children = {kind: spawn(kind) for kind in kinds}
+    restarts = dict.fromkeys(kinds, 0)
     log.info(
         "ACWI Node %s serving: DICOM %s@%s:%d, HTTP http://%s:%d, data %s",
         __version__,
@@ -222,6 +285,54 @@ def run_status(settings: Settings, as_json: bool) -> int:
     return 0
 
 
+def run_models(settings: Settings, args: argparse.Namespace) -> int:
+    """``acwi-node models list|install|activate``: the model registry in ``<data_dir>/models``."""
+    from acwi_node.model_registry import ModelRegistry, RegistryError
+
+    registry = ModelRegistry(settings.models_dir)
+    try:
+        if args.models_command == "install":
+            model = registry.install(args.source, name=args.name, activate=args.activate)
+            state = (
+                "active"
+                if model.active
+                else f"activate with: acwi-node models activate {model.name} {model.version}"
+            )
+            print(f"installed {model.name} {model.version} sha256 {model.weights_sha256}; {state}")
+            return 0
+        if args.models_command == "activate":
+            model = registry.activate(args.name, args.version)
+            print(
+                f"{model.name}: version {model.version} is active"
+                " (workers use it from their next task)"
+            )
+            return 0
+    except RegistryError as exc:
+        print(f"acwi-node models: {exc}", file=sys.stderr)
+        return 1
+    installed = registry.installed()
+    if args.json:
+        rows = [
+            {
+                "name": m.name,
+                "version": m.version,
+                "weights_sha256": m.weights_sha256,
+                "active": m.active,
+                "path": str(m.path),
+            }
+            for m in installed
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not installed:
+        print(f"no models installed in {registry.root}")
+        return 0
+    print(f"{'NAME':<24} {'VERSION':<16} {'ACTIVE':<6} WEIGHTS SHA-256")
+    for m in installed:
+        print(f"{m.name:<24} {m.version:<16} {'yes' if m.active else '-':<6} {m.weights_sha256}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="acwi-node", description="ACWI Node")
@@ -235,9 +346,38 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("worker", help="Celery worker running the analyse task")
     sub.add_parser("exporter", help="send results from the outbox by C-STORE")
     sub.add_parser("web", help="HTTP API")
+    sub.add_parser("hl7", help="HL7 v2 with the RIS: order listener and ORU^R01 sender")
     status = sub.add_parser("status", help="show every study's state")
     status.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("config", help="validate the configuration and print it")
+    health = sub.add_parser(
+        "health", help="query a process kind's health endpoint (exit 0 when ready)"
+    )
+    health.add_argument(
+        "--kind", choices=[*PROCESS_KINDS, "serve"], default="web", help="process kind"
+    )
+    health.add_argument("--live", action="store_true", help="liveness (/healthz) only")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    models = sub.add_parser("models", help="installed models: list, install, activate")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    models_list = models_sub.add_parser("list", help="installed models and the active versions")
+    models_list.add_argument("--json", action="store_true", help="print JSON")
+    models_install = models_sub.add_parser(
+        "install", help="copy a model (folder or manifest.json) into the registry"
+    )
+    models_install.add_argument("source", type=Path, help="model folder or its manifest.json")
+    models_install.add_argument(
+        "--activate", action="store_true", help="also make it the active version"
+    )
+    models_install.add_argument(
+        "--name", default=None, help="model name routes use (default: the manifest's name)"
+    )
+    models_activate = models_sub.add_parser(
+        "activate", help="make VERSION the one routes using model NAME run"
+    )
+    models_activate.add_argument("name")
+    models_activate.add_argument("version")
+    add_review_commands(sub)  # users, feedback (acwi_node/review/commands.py)
     return parser
 
 
@@ -251,7 +391,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"acwi-node: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings)
+    setup_logging(settings, args.command)
+    if args.command == "health":
+        from acwi_node.observability.probe import probe
+
+        return probe(settings, args.kind, live=args.live, timeout_s=args.timeout)
+    if args.command == "models":
+        return run_models(settings, args)
+    if args.command in REVIEW_COMMANDS:
+        return run_review_command(settings, args)
     if args.command == "config":
         print(settings.model_dump_json(indent=2))
         return 0
@@ -264,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "worker": run_worker,
         "exporter": run_exporter,
         "web": run_web,
+        "hl7": run_hl7,
     }[args.command]
     return runner(settings)
 

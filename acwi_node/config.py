@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -90,18 +90,25 @@ class IngestSettings(_Strict):
     network_timeout_s: float = Field(60.0, gt=0)
     #: fsync each instance before answering success (durability); turn off only for tests.
     fsync: bool = True
+    #: Also act as Modality Performed Procedure Step SCP (N-CREATE/N-SET): a COMPLETED step
+    #: completes its studies as soon as every instance it lists has arrived.
+    mpps: bool = True
 
 
 class CompletionSettings(_Strict):
     """When is a study complete."""
 
-    #: Seconds of silence after the last sending association was released.
-    quiet_period_s: float = Field(2.0, ge=0)
+    #: Seconds of silence after the last sending association was released (bench/turnaround.py:
+    #: it dominates a radiograph's turnaround; MPPS and release-complete senders skip it).
+    quiet_period_s: float = Field(1.0, ge=0)
     #: Upper bound: seconds since the last instance while an association stays open.
     max_wait_s: float = Field(120.0, gt=0)
-    poll_interval_s: float = Field(0.25, gt=0)
+    poll_interval_s: float = Field(0.1, gt=0)
     #: Re-queue jobs not started after this many seconds (lost broker message).
     requeue_after_s: float = Field(120.0, gt=0)
+    #: Calling AE titles whose A-RELEASE means "the studies I sent are complete" (a PACS that
+    #: forwards only stable studies): no quiet period for them.
+    release_complete_aes: list[str] = Field(default_factory=list)
 
 
 class WorkerSettings(_Strict):
@@ -117,6 +124,37 @@ class WorkerSettings(_Strict):
     #: A worker renews its claim on a job every lease_s / 3 seconds while it analyses; a job
     #: whose claim was not renewed for lease_s (the worker was killed or hangs) is taken again.
     lease_s: float = Field(30.0, ge=3.0, le=3600.0)
+    #: Backbone engine: auto | pytorch | onnxruntime | tensorrt (see inference/engines).
+    engine: Literal["auto", "pytorch", "onnxruntime", "tensorrt"] = "auto"
+    #: Backbone precision: fp32 | fp16 | bf16 | int8 (fp16 and int8 need device cuda).
+    precision: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"
+    #: Images per backbone batch (a series is analysed in batches of this size).
+    batch_size: int = Field(16, ge=1, le=32)
+    #: Exported ONNX files and TensorRT engines; default ``<data_dir>/engines``.
+    engine_cache_dir: Path | None = None
+    #: TensorRT builder workspace limit (MiB).
+    trt_workspace_mb: int = Field(1024, ge=16, le=65536)
+    #: TensorRT DLA core (Jetson Orin); unset runs on the GPU only.
+    dla_core: int | None = Field(None, ge=0, le=7)
+    #: DICOM folder of real images for INT8 calibration; default synthetic phantoms.
+    calibration_dir: Path | None = None
+    #: Which heatmap objects are written: all, or only positive or uncertain images.
+    heatmaps: Literal["all", "positive_or_uncertain"] = "all"
+
+    @model_validator(mode="after")
+    def _engine_combination(self) -> WorkerSettings:
+        cuda = self.device.strip().lower().startswith("cuda")
+        if self.precision == "fp16" and not cuda:
+            raise ValueError("precision fp16 needs device 'cuda' (use fp32 or bf16 on cpu)")
+        if self.precision == "int8" and (self.engine not in ("auto", "tensorrt") or not cuda):
+            raise ValueError("precision int8 needs engine 'tensorrt' (or 'auto') on device 'cuda'")
+        if self.precision == "bf16" and self.engine == "onnxruntime":
+            raise ValueError("engine 'onnxruntime' does not support precision bf16")
+        if self.engine == "tensorrt" and not cuda:
+            raise ValueError("engine 'tensorrt' needs device 'cuda'")
+        if self.dla_core is not None and self.engine != "tensorrt":
+            raise ValueError("dla_core needs engine 'tensorrt'")
+        return self
 
 
 class ExporterSettings(_Strict):
@@ -165,6 +203,84 @@ class ModelSpec(_Strict):
     manifest: Path
 
 
+class ObservabilitySettings(_Strict):
+    """Logs, metrics and health endpoints (see ``docs/observability.md``)."""
+
+    #: ``text`` (one readable line per record) or ``json`` (one JSON object per line).
+    log_format: Literal["text", "json"] = "text"
+    #: Address the scp, worker and exporter health/metrics servers listen on.
+    ops_host: str = "127.0.0.1"
+    #: Port of the scp process's ``/healthz``, ``/readyz`` and ``/metrics``; 0 = none.
+    scp_port: int = Field(0, ge=0, le=65535)
+    #: Port of the worker process's health and metrics server; 0 = none.
+    worker_port: int = Field(0, ge=0, le=65535)
+    #: Port of the exporter process's health and metrics server; 0 = none.
+    exporter_port: int = Field(0, ge=0, le=65535)
+    #: A background loop (outbox, completion) that made no pass for this long is not ready.
+    loop_stale_s: float = Field(120.0, gt=0)
+
+    def port_for(self, kind: str) -> int:
+        """The health/metrics port of a non-web process kind (0 = disabled)."""
+        ports = {"scp": self.scp_port, "worker": self.worker_port, "exporter": self.exporter_port}
+        return ports[kind]
+
+
+class RisSettings(_Strict):
+    """The RIS that receives ORU^R01 results over MLLP."""
+
+    host: str
+    port: int = Field(ge=1, le=65535)
+    receiving_application: str = "RIS"
+    receiving_facility: str = ""
+    max_attempts: int = Field(5, ge=1)
+    backoff_initial_s: float = Field(2.0, gt=0)
+    backoff_max_s: float = Field(300.0, gt=0)
+    #: Connect, send and wait for the ACK, each.
+    timeout_s: float = Field(30.0, gt=0)
+    poll_interval_s: float = Field(0.5, gt=0)
+
+
+class Hl7Settings(_Strict):
+    """HL7 v2 with the RIS: the order listener (MLLP) and the ORU^R01 results sender."""
+
+    listen_host: str = "0.0.0.0"
+    #: MLLP listener port for orders (ORM^O01, OMI^O23); 0 means no listener.
+    listen_port: int = Field(0, ge=0, le=65535)
+    #: Largest message accepted; a larger one closes the connection.
+    max_message_bytes: int = Field(1_048_576, ge=256, le=64 * 1_048_576)
+    #: Concurrent connections; more are closed at once.
+    max_connections: int = Field(16, ge=1, le=1024)
+    #: From the start byte of a message to its end bytes.
+    read_timeout_s: float = Field(30.0, gt=0)
+    #: A connection without a new message for this long is closed.
+    idle_timeout_s: float = Field(300.0, gt=0)
+    #: MSH-3 / MSH-4 of what the node sends (ACKs and results).
+    sending_application: str = Field("ACWI", min_length=1, max_length=180)
+    sending_facility: str = Field("ACWI", max_length=180)
+    #: Where results go; none means no ORU^R01 is sent.
+    ris: RisSettings | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.listen_port > 0 or self.ris is not None
+
+
+class ReviewSettings(_Strict):
+    """The radiologist review web app (see README, "For radiologists")."""
+
+    #: A sign-in lasts at most this long.
+    session_lifetime_s: int = Field(8 * 3600, ge=60, le=7 * 24 * 3600)
+    #: A session unused for this long ends.
+    idle_timeout_s: int = Field(1800, ge=60, le=24 * 3600)
+    #: Send the session cookie only over HTTPS; turn off only behind plain-HTTP loopback.
+    cookie_secure: bool = True
+    #: File holding the key that signs CSRF tokens; default ``<data_dir>/review-secret.key``
+    #: (created with mode 0600 when missing).
+    secret_key_file: Path | None = None
+    #: Verifying Organization (0040,A027) written into verified SRs.
+    organization: str = Field("ACWI Node", min_length=1, max_length=64)
+
+
 class Settings(BaseSettings):
     """The whole node configuration."""
 
@@ -180,9 +296,12 @@ class Settings(BaseSettings):
     completion: CompletionSettings = CompletionSettings()
     worker: WorkerSettings = WorkerSettings()
     exporter: ExporterSettings = ExporterSettings()
+    hl7: Hl7Settings = Hl7Settings()
     destinations: list[Destination] = Field(default_factory=list)
     routes: list[Route] = Field(default_factory=list)
     models: list[ModelSpec] = Field(default_factory=list)
+    observability: ObservabilitySettings = ObservabilitySettings()
+    review: ReviewSettings = ReviewSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -208,7 +327,7 @@ class Settings(BaseSettings):
         route_names = [r.name for r in self.routes]
         for dup in {n for n in route_names if route_names.count(n) > 1}:
             problems.append(f"routes: name {dup!r} is used twice")
-        model_names = {m.name for m in self.models} | {"default"}
+        model_names = {m.name for m in self.models} | {"default"} | self._activated_models()
         for route in self.routes:
             for dest in route.destinations:
                 if dest not in dest_names:
@@ -238,6 +357,10 @@ class Settings(BaseSettings):
         return self.data_dir / "results"
 
     @property
+    def review_secret_key_file(self) -> Path:
+        return self.review.secret_key_file or self.data_dir / "review-secret.key"
+
+    @property
     def database_url(self) -> str:
         if self.node.database_url:
             return self.node.database_url
@@ -257,8 +380,28 @@ class Settings(BaseSettings):
                 return dest
         raise KeyError(name)
 
+    @property
+    def models_dir(self) -> Path:
+        """The model registry: ``<data_dir>/models/<name>/<version>/`` (``acwi-node models``)."""
+        return self.data_dir / "models"
+
+    def _activated_models(self) -> set[str]:
+        from acwi_node.model_registry import ModelRegistry
+
+        try:
+            return set(ModelRegistry(self.models_dir).activated())
+        except OSError:
+            return set()
+
     def model_manifest(self, name: str) -> Path:
-        """The manifest path of a configured model; ``default`` is the bundled model."""
+        """The manifest path of a model name, first match wins: the version activated in the
+        model registry (``acwi-node models activate``), a ``[[models]]`` entry, and for
+        ``default`` the bundled model."""
+        from acwi_node.model_registry import ModelRegistry
+
+        active = ModelRegistry(self.models_dir).active_manifest(name)
+        if active is not None:
+            return active
         for spec in self.models:
             if spec.name == name:
                 return spec.manifest.expanduser().resolve()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up ACWI Node in ./.venv (idempotent). With --test, also the tools the test suite talks to:
-# Orthanc, DCMTK and dicom3tools from Debian's packages (needs root or sudo).
+# Orthanc, DCMTK, dicom3tools and Chromium from Debian's packages (needs root or sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +12,8 @@ if [[ $want_test_tools == 1 ]]; then
   command -v Orthanc >/dev/null || missing+=(orthanc orthanc-dicomweb)
   [[ -x /usr/bin/storescu ]] || missing+=(dcmtk)
   command -v dciodvfy >/dev/null || missing+=(dicom3tools)
+  # The review app's browser test drives Debian's Chromium through Playwright (no browser download).
+  [[ -x /usr/bin/chromium ]] || missing+=(chromium)
   if (( ${#missing[@]} )); then
     sudo=""; [[ $(id -u) != 0 ]] && sudo="sudo"
     echo "installing ${missing[*]}"
@@ -29,5 +31,5 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "${ACWI_TORCH_SPEC:-torch==2.13.0}"
 fi
-.venv/bin/python -m pip install -q -e ".[dev,onnx,codecs]"
+.venv/bin/python -m pip install -q -e ".[dev,onnx,codecs,models]"
 echo "ACWI Node installed in .venv"

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 
 from acwi_node.config import Settings
 from acwi_node.export.scu import send_files
 from acwi_node.ledger import DueDelivery, Ledger
+from acwi_node.observability import metrics
 
 log = logging.getLogger("acwi_node.exporter")
 
@@ -32,6 +34,8 @@ class Exporter:
         self.settings = settings
         self.ledger = ledger
         self._stop = threading.Event()
+        #: ``time.monotonic()`` of the last finished pass (readiness: the loop is alive).
+        self.last_pass: float | None = None
 
     def tick(self) -> int:
         """One pass over the due deliveries; returns how many were attempted."""
@@ -79,6 +83,7 @@ class Exporter:
                 if not ok and report.error and not detail:
                     detail = report.error
             delivered += ok
+            metrics.DELIVERY_ATTEMPTS.labels(dest_name, "delivered" if ok else "refused").inc()
             self.ledger.record_delivery(
                 d.id,
                 delivered=ok,
@@ -105,6 +110,8 @@ class Exporter:
             except Exception:
                 log.exception("exporter pass failed; retrying")
                 busy = 0
+            else:
+                self.last_pass = time.monotonic()
             if not busy:
                 self._stop.wait(self.settings.exporter.poll_interval_s)
 

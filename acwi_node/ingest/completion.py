@@ -5,6 +5,8 @@ since the last release and the last instance, or, while an association stays ope
 instance arrived for ``max_wait_s``. Completion is a conditional update in the ledger, so several
 processes may run this loop at once without routing a study twice. Instances arriving after
 completion re-open the study (a new generation); its new job supersedes the old one.
+Stronger signals (:mod:`acwi_node.ingest.mpps`: MPPS COMPLETED, a release-complete sender's
+A-RELEASE) complete a study earlier.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from celery import Celery
 
 from acwi_node.config import Settings
+from acwi_node.ingest.mpps import CompletionSignals
 from acwi_node.ledger import Ledger, RoutedJob, StudyFacts
 from acwi_node.routing.rules import decide_routes
 from acwi_node.tasks.queue import enqueue, reconcile
@@ -26,14 +29,27 @@ log = logging.getLogger("acwi_node.completion")
 class CompletionService:
     """Background loop: completion, routing, enqueueing and the periodic reconciler."""
 
-    def __init__(self, settings: Settings, ledger: Ledger, celery: Celery) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        celery: Celery,
+        *,
+        signals: CompletionSignals | None = None,
+    ) -> None:
         self.settings = settings
         self.ledger = ledger
         self.celery = celery
+        #: Stronger completion signals (MPPS, release-complete senders); wakes this loop.
+        self.signals = signals
+        if signals is not None:
+            signals.wake = self.poke
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_reconcile = 0.0
+        #: ``time.monotonic()`` of the last finished pass (readiness: the loop is alive).
+        self.last_pass: float | None = None
 
     def decide(self, facts: StudyFacts) -> list[RoutedJob]:
         return decide_routes(self.settings.routes, facts)
@@ -42,11 +58,15 @@ class CompletionService:
         """One pass: complete due studies and queue their jobs. Returns the new job ids."""
         cfg = self.settings.completion
         new_jobs: list[int] = []
-        for study_id, generation in self.ledger.studies_due(
-            quiet_period_s=cfg.quiet_period_s, max_wait_s=cfg.max_wait_s
-        ):
+        due = self.ledger.studies_due(quiet_period_s=cfg.quiet_period_s, max_wait_s=cfg.max_wait_s)
+        if self.signals is not None:
+            due += [d for d in self.signals.due() if d not in due]
+        # An HL7 order announced this study: complete once it arrived, without the quiet period.
+        due += [d for d in self.ledger.expected_studies_due() if d not in due]
+        for study_id, generation in due:
             job_ids = self.ledger.complete_study(study_id, generation, self.decide)
             if job_ids:
+                self.ledger.apply_order_priority(study_id, job_ids)  # STAT order: high queue
                 log.info("study_id=%d complete: %d job(s) queued", study_id, len(job_ids))
                 enqueue(self.celery, self.ledger, job_ids)
                 new_jobs.extend(job_ids)
@@ -73,6 +93,8 @@ class CompletionService:
                 self.tick()
             except Exception:
                 log.exception("completion pass failed; retrying")
+            else:
+                self.last_pass = time.monotonic()
             self._wake.wait(self.settings.completion.poll_interval_s)
             self._wake.clear()
 

@@ -25,8 +25,11 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from acwi_node.config import Settings
+from acwi_node.ingest.mpps import MPPS_SOP_CLASS, CompletionSignals, MppsSCP
 from acwi_node.ingest.spool import Spool, SpoolError, is_safe_uid
 from acwi_node.ledger import InstanceRecord, Ledger
+from acwi_node.observability import metrics
+from acwi_node.observability.logging import note_identifiers
 
 log = logging.getLogger("acwi_node.ingest")
 
@@ -62,6 +65,8 @@ _HEADER_TAGS = [
     Tag(0x0008, 0x0016),  # SOPClassUID
     Tag(0x0008, 0x0018),  # SOPInstanceUID
     Tag(0x0008, 0x0060),  # Modality
+    Tag(0x0010, 0x0010),  # PatientName: only to keep it out of the logs (note_identifiers)
+    Tag(0x0010, 0x0020),  # PatientID: likewise
     Tag(0x0018, 0x0015),  # BodyPartExamined
     Tag(0x0020, 0x000D),  # StudyInstanceUID
     Tag(0x0020, 0x000E),  # SeriesInstanceUID
@@ -83,6 +88,7 @@ class _AssociationState:
     calling_ae: str
     study_uids: set[str] = field(default_factory=set)
     study_ids: set[int] = field(default_factory=set)
+    released: bool = False
 
 
 class StorageSCP:
@@ -95,11 +101,15 @@ class StorageSCP:
         spool: Spool,
         *,
         on_instance: Callable[[int], None] | None = None,
+        signals: CompletionSignals | None = None,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
         self.spool = spool
         self.on_instance = on_instance
+        self.signals = signals
+        self.mpps = MppsSCP(signals) if settings.ingest.mpps else None
+        self._release_complete = {a.strip() for a in settings.completion.release_complete_aes}
         self._assocs: dict[int, _AssociationState] = {}
         self._lock = threading.Lock()
         self.ae = self._make_ae()
@@ -118,24 +128,46 @@ class StorageSCP:
         for ctx in AllStoragePresentationContexts:
             assert ctx.abstract_syntax is not None
             ae.add_supported_context(ctx.abstract_syntax, TRANSFER_SYNTAXES)
+        if cfg.mpps:
+            ae.add_supported_context(MPPS_SOP_CLASS, TRANSFER_SYNTAXES[:4])
         return ae
 
     # ------------------------------------------------------------------ server
+    def _on_connection(self, event: evt.Event) -> None:
+        """Give the accepted socket a read timeout before its association thread starts.
+
+        pynetdicom's accepted sockets block forever: a peer that stops in the middle of a PDU
+        (half a PDU, a huge declared length) would hold an association slot for good. With a
+        timeout the read fails after ``network_timeout_s`` and the connection is closed.
+        """
+        sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+        if sock is not None:
+            sock.settimeout(self.settings.ingest.network_timeout_s)
+
     def start(self, *, block: bool = False) -> None:
         """Listen on the configured host and port."""
         node = self.settings.node
-        handlers = [
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_CONN_CLOSE, self._on_closed),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_released),
         ]
+        if self.mpps is not None:
+            handlers += self.mpps.handlers()
         address = (node.dicom_host, node.dicom_port)
         log.info("storage SCP %s listening on %s:%d", node.ae_title, *address)
         if block:
-            self.ae.start_server(address, block=True, evt_handlers=handlers)  # type: ignore[arg-type]
+            self.ae.start_server(address, block=True, evt_handlers=handlers)
         else:
-            self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)  # type: ignore[arg-type]
+            self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
+
+    @property
+    def listening(self) -> bool:
+        """True while the DICOM listener's socket is open (readiness)."""
+        return self._server is not None and self._server.socket.fileno() >= 0
 
     def stop(self) -> None:
         if self._server is not None:
@@ -151,11 +183,18 @@ class StorageSCP:
         log.info("association accepted from %s (%s)", calling, event.assoc.requestor.address)
 
     def _on_rejected(self, event: evt.Event) -> None:
+        metrics.ASSOCIATIONS_REJECTED.inc()
         log.warning(
             "association rejected from %s (%s)",
             event.assoc.requestor.ae_title.strip(),
             event.assoc.requestor.address,
         )
+
+    def _on_released(self, event: evt.Event) -> None:
+        with self._lock:
+            state = self._assocs.get(id(event.assoc))
+            if state is not None:
+                state.released = True
 
     def _on_closed(self, event: evt.Event) -> None:
         with self._lock:
@@ -166,6 +205,13 @@ class StorageSCP:
             self.ledger.association_released(sorted(state.study_ids))
         except Exception:  # the upper bound on waiting still completes these studies
             log.exception("could not record the end of an association")
+            return
+        if (
+            self.signals is not None
+            and state.released
+            and state.calling_ae in self._release_complete
+        ):
+            self.signals.released(state.study_ids)
 
     def handle_store(self, event: evt.Event) -> int | tuple[int, Dataset]:
         """Persist one instance, then answer. Never raises."""
@@ -176,18 +222,22 @@ class StorageSCP:
             data = event.encoded_dataset(include_meta=True)
         except Exception as exc:
             log.warning("C-STORE from %s: cannot encode the received dataset: %s", calling_ae, exc)
+            metrics.INSTANCES_REJECTED.labels("unencodable").inc()
             return STATUS_CANNOT_UNDERSTAND
         try:
             header = read_header(data)
         except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OSError) as exc:
             log.warning("C-STORE from %s: cannot parse the dataset header: %s", calling_ae, exc)
+            metrics.INSTANCES_REJECTED.labels("unparseable_header").inc()
             return STATUS_CANNOT_UNDERSTAND
+        note_identifiers(header)  # from here on, no log line can show this patient's name/ID
         request = cast(C_STORE, event.request)
         sop_uid = _text(header, "SOPInstanceUID") or str(request.AffectedSOPInstanceUID or "")
         sop_class = str(request.AffectedSOPClassUID or "") or _text(header, "SOPClassUID")
         study_uid = _text(header, "StudyInstanceUID")
         if not sop_uid or not study_uid:
             log.warning("C-STORE from %s: missing Study or SOP Instance UID", calling_ae)
+            metrics.INSTANCES_REJECTED.labels("missing_uid").inc()
             return STATUS_MISSING_UID
         if not (is_safe_uid(sop_uid) and is_safe_uid(study_uid)):
             log.warning(
@@ -196,6 +246,7 @@ class StorageSCP:
                 len(study_uid),
                 len(sop_uid),
             )
+            metrics.INSTANCES_REJECTED.labels("invalid_uid").inc()
             return STATUS_BAD_UID
         series_uid = _text(header, "SeriesInstanceUID")
         if series_uid and not is_safe_uid(series_uid):
@@ -205,6 +256,7 @@ class StorageSCP:
             path = self.spool.store(study_uid, sop_uid, data)
         except SpoolError as exc:
             log.error("C-STORE from %s: %s", calling_ae, exc)
+            metrics.INSTANCES_REJECTED.labels("spool_error").inc()
             return STATUS_OUT_OF_RESOURCES
         record = InstanceRecord(
             study_uid=study_uid,
@@ -225,6 +277,7 @@ class StorageSCP:
             log.exception("C-STORE from %s: the ledger could not record the instance", calling_ae)
             if not existed:
                 self.spool.discard(path)
+            metrics.INSTANCES_REJECTED.labels("ledger_unavailable").inc()
             return STATUS_LEDGER_UNAVAILABLE
         if state is not None:
             with self._lock:
@@ -237,6 +290,9 @@ class StorageSCP:
             len(data),
             " (re-opened study)" if recorded.reopened else "",
         )
+        metrics.INSTANCES_RECEIVED.labels(calling_ae).inc()
         if self.on_instance is not None:
             self.on_instance(recorded.study_id)
+        if self.signals is not None:
+            self.signals.instance_arrived(study_uid)
         return STATUS_SUCCESS

@@ -208,11 +208,157 @@ class ReviewItem(Base):
     job: Mapped[Job] = relationship()
 
 
+
+# ------------------------------------------------------------------------- HL7 (RIS)
+class Hl7Order(Base):
+    """An imaging order from the RIS (ORM^O01 / OMI^O23), keyed by accession number.
+
+    Unlike the rest of the ledger, an order holds patient identifiers (as the RIS sent them, ER7
+    text): they go back to the RIS in the ORU^R01 results. They are never logged.
+    """
+
+    __tablename__ = "hl7_orders"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    accession_number: Mapped[str] = mapped_column(String(64), unique=True)
+    study_uid: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    status: Mapped[str] = mapped_column(String(16), default="scheduled")  # or "cancelled"
+    priority: Mapped[str] = mapped_column(String(2), default="R")  # S = STAT
+    expected_images: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    placer_order_number: Mapped[str] = mapped_column(String(64), default="")
+    filler_order_number: Mapped[str] = mapped_column(String(64), default="")
+    procedure_code: Mapped[str] = mapped_column(String(64), default="")
+    procedure_text: Mapped[str] = mapped_column(String(200), default="")
+    patient_id: Mapped[str] = mapped_column(String(250), default="")
+    patient_name: Mapped[str] = mapped_column(String(250), default="")
+    birth_date: Mapped[str] = mapped_column(String(8), default="")
+    sex: Mapped[str] = mapped_column(String(1), default="")
+    control_id: Mapped[str] = mapped_column(String(199), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class Hl7Inbound(Base):
+    """A processed inbound HL7 message and the ACK it got (a repeated MSH-10 gets it again)."""
+
+    __tablename__ = "hl7_inbound"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: "MSH-3|MSH-4" of the sender: control ids are unique per sending system.
+    sender: Mapped[str] = mapped_column(String(400))
+    control_id: Mapped[str] = mapped_column(String(199))
+    message_type: Mapped[str] = mapped_column(String(16), default="")
+    ack_code: Mapped[str] = mapped_column(String(2))
+    ack: Mapped[str] = mapped_column(Text)
+    accession_number: Mapped[str] = mapped_column(String(64), default="")
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    __table_args__ = (UniqueConstraint("sender", "control_id"),)
+
+
+class Hl7Outbound(Base):
+    """One ORU^R01 to the RIS: the outbox of results (and later verdicts) over MLLP."""
+
+    __tablename__ = "hl7_outbound"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), nullable=True, index=True)
+    #: "result" (AI result) or "verdict-N" (radiologist review N); one row per job and kind.
+    kind: Mapped[str] = mapped_column(String(32), default="result")
+    #: MSH-10 of the message; a retry re-sends the same message with the same control id.
+    control_id: Mapped[str] = mapped_column(String(64), unique=True)
+    #: The ER7 message (holds patient identifiers, like the order it came from).
+    message: Mapped[str] = mapped_column(Text)
+    state: Mapped[DeliveryState] = mapped_column(
+        _enum(DeliveryState), default=DeliveryState.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_ack_code: Mapped[str] = mapped_column(String(2), default="")
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+    __table_args__ = (
+        UniqueConstraint("job_id", "kind"),
+        Index("ix_hl7_outbound_due", "state", "next_attempt_at"),
+    )
+
+
+# ------------------------------------------------------------------ review web app
+class User(Base):
+    """A local account of the review web app (radiologist or admin)."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    #: ``scrypt$n$r$p$salt$hash`` (see acwi_node.review.auth); never the password.
+    password_hash: Mapped[str] = mapped_column(String(256))
+    role: Mapped[str] = mapped_column(String(16))
+    disabled: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class WebSession(Base):
+    """A signed-in browser: the cookie holds a token, the ledger only its SHA-256."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+    user: Mapped[User] = relationship()
+
+
+class Verdict(Base):
+    """A radiologist's decision on a review item: confirm, override or escalate."""
+
+    __tablename__ = "verdicts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    review_item_id: Mapped[int] = mapped_column(ForeignKey("review_items.id"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    user_name: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(16))
+    #: The label the radiologist stands by ("" for an escalation).
+    label: Mapped[str] = mapped_column(String(64), default="")
+    model_label: Mapped[str] = mapped_column(String(64), default="")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    #: The verified SR this verdict produced ("" for an escalation).
+    sr_sop_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+
+
+class AuditEvent(Base):
+    """Who signed in, viewed and decided what (no patient data: UIDs only)."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    user_name: Mapped[str] = mapped_column(String(64), default="")
+    action: Mapped[str] = mapped_column(String(32))
+    study_uid: Mapped[str] = mapped_column(String(64), default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
 __all__ = [
+    "AuditEvent",
     "Base",
     "Delivery",
     "DeliveryState",
     "FINAL_JOB_STATES",
+    "Hl7Inbound",
+    "Hl7Order",
+    "Hl7Outbound",
     "Instance",
     "Job",
     "JobState",
@@ -221,5 +367,8 @@ __all__ = [
     "ReviewState",
     "Study",
     "StudyState",
+    "User",
+    "Verdict",
+    "WebSession",
     "utcnow",
 ]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy import create_engine, event, func, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,6 +24,9 @@ from acwi_node.ledger.models import (
     Base,
     Delivery,
     DeliveryState,
+    Hl7Inbound,
+    Hl7Order,
+    Hl7Outbound,
     Instance,
     Job,
     JobState,
@@ -98,6 +101,34 @@ class DueDelivery:
     attempts: int
 
 
+#: Job priority given to the jobs of a study whose order is STAT; jobs at or above it go to the
+#: high-priority analysis queue.
+STAT_PRIORITY = 1000
+
+#: Order columns :meth:`Ledger.hl7_record_message` takes from an order dict.
+ORDER_FIELDS = (
+    "study_uid",
+    "priority",
+    "expected_images",
+    "placer_order_number",
+    "filler_order_number",
+    "procedure_code",
+    "procedure_text",
+    "patient_id",
+    "patient_name",
+    "birth_date",
+    "sex",
+)
+
+
+@dataclass(frozen=True)
+class DueHl7:
+    id: int
+    control_id: str
+    message: str
+    attempts: int
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -121,6 +152,9 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
+#: pg_advisory_xact_lock key held while the ledger's tables are created ("ACWI" in ASCII).
+_SCHEMA_LOCK_KEY = 0x41435749
+
 def _lease_time() -> Any:
     """When an analysing job last showed a sign of life (heartbeat, else its start)."""
     return func.coalesce(Job.heartbeat_at, Job.started_at)
@@ -135,7 +169,17 @@ class Ledger:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._pid = os.getpid()
         if create:
+            self._create_schema()
+
+    def _create_schema(self) -> None:
+        """Create missing tables. Several processes start at once against one PostgreSQL:
+        an advisory lock makes them take turns (CREATE TABLE races on the catalogue)."""
+        if self.engine.dialect.name != "postgresql":
             Base.metadata.create_all(self.engine)
+            return
+        with self.engine.begin() as conn:
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+            Base.metadata.create_all(conn)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -725,6 +769,261 @@ class Ledger:
                 out[StudyState(state).value] = n
             out["instances"] = s.scalar(select(func.count()).select_from(Instance)) or 0
             return out
+
+    # -------------------------------------------------------------------- HL7
+    def hl7_stored_ack(self, sender: str, control_id: str) -> str | None:
+        """The ACK already given to this sender's message ``control_id`` (a repeat), or None."""
+        with self.session() as s:
+            return s.scalar(
+                select(Hl7Inbound.ack).where(
+                    Hl7Inbound.sender == sender[:400], Hl7Inbound.control_id == control_id
+                )
+            )
+
+    def hl7_record_message(
+        self,
+        *,
+        sender: str,
+        control_id: str,
+        message_type: str,
+        ack_code: str,
+        ack: str,
+        accession_number: str = "",
+        order: dict[str, Any] | None = None,
+        control: str = "NW",
+    ) -> str:
+        """Record a processed message, its ACK and the order it carries, in one transaction.
+
+        ``control`` is ORC-1: ``CA``/``DC`` cancel the order, anything else creates or updates it.
+        Returns the ACK to send: ``ack``, or the stored one when the same sender's ``control_id``
+        was recorded first by a concurrent connection (nothing is then created twice).
+        """
+        try:
+            with self.session() as s:
+                s.add(
+                    Hl7Inbound(
+                        sender=sender[:400],
+                        control_id=control_id,
+                        message_type=message_type[:16],
+                        ack_code=ack_code,
+                        ack=ack,
+                        accession_number=accession_number[:64],
+                    )
+                )
+                s.flush()
+                if order is not None and accession_number:
+                    row = s.scalars(
+                        select(Hl7Order)
+                        .where(Hl7Order.accession_number == accession_number)
+                        .with_for_update()
+                    ).one_or_none()
+                    if row is None:
+                        row = Hl7Order(accession_number=accession_number)
+                        s.add(row)
+                    for key in ORDER_FIELDS:
+                        value = order.get(key)
+                        if value is not None and value != "":
+                            setattr(row, key, value)
+                    row.control_id = control_id
+                    row.status = "cancelled" if control in ("CA", "DC", "OC") else "scheduled"
+            return ack
+        except IntegrityError:
+            stored = self.hl7_stored_ack(sender, control_id)
+            if stored is None:
+                raise
+            return stored
+
+    def hl7_order(self, accession_number: str) -> dict[str, Any] | None:
+        with self.session() as s:
+            row = s.scalars(
+                select(Hl7Order).where(Hl7Order.accession_number == accession_number)
+            ).one_or_none()
+            return None if row is None else _order_view(row)
+
+    def hl7_order_for_study(self, study_uid: str, accession_number: str = "") -> dict | None:
+        """The order of a study: by Study Instance UID, else by accession number."""
+        with self.session() as s:
+            row = s.scalars(
+                select(Hl7Order).where(Hl7Order.study_uid == study_uid).order_by(Hl7Order.id)
+            ).first()
+            if row is None and accession_number:
+                row = s.scalars(
+                    select(Hl7Order).where(Hl7Order.accession_number == accession_number)
+                ).one_or_none()
+            return None if row is None else _order_view(row)
+
+    def expected_studies_due(self) -> list[tuple[int, int]]:
+        """(study id, generation) of receiving studies an order announced that have arrived.
+
+        Arrived: the sending association was released and, when the order gave the number of
+        images, at least that many are here. Such a study need not wait for the quiet period.
+        """
+        with self.session() as s:
+            rows = s.execute(
+                select(Study.id, Study.generation)
+                .join(Hl7Order, Hl7Order.study_uid == Study.study_uid)
+                .where(
+                    Study.state == StudyState.RECEIVING,
+                    Study.open_associations <= 0,
+                    Study.last_released_at.is_not(None),
+                    Study.last_released_at >= Study.last_received_at,
+                    Hl7Order.status == "scheduled",
+                    Hl7Order.expected_images.is_(None)
+                    | (Study.instance_count >= Hl7Order.expected_images),
+                )
+            ).all()
+        return sorted({(r[0], r[1]) for r in rows})
+
+    def apply_order_priority(self, study_id: int, job_ids: Sequence[int]) -> bool:
+        """Raise the priority of a study's new jobs to :data:`STAT_PRIORITY` when its order is
+        STAT. Returns whether it was."""
+        if not job_ids:
+            return False
+        with self.session() as s:
+            study_uid = s.scalar(select(Study.study_uid).where(Study.id == study_id))
+            stat = s.scalar(
+                select(func.count())
+                .select_from(Hl7Order)
+                .where(
+                    Hl7Order.study_uid == study_uid,
+                    Hl7Order.priority == "S",
+                    Hl7Order.status == "scheduled",
+                )
+            )
+            if not stat:
+                return False
+            s.execute(
+                update(Job)
+                .where(Job.id.in_(list(job_ids)), Job.priority < STAT_PRIORITY)
+                .values(priority=STAT_PRIORITY)
+            )
+            return True
+
+    def job_priorities(self, job_ids: Sequence[int]) -> dict[int, int]:
+        if not job_ids:
+            return {}
+        with self.session() as s:
+            rows = s.execute(
+                select(Job.id, Job.priority).where(Job.id.in_(list(job_ids)))
+            ).all()
+        return {r[0]: r[1] for r in rows}
+
+    def job_report_inputs(self, job_id: int) -> dict[str, Any]:
+        """What an ORU needs from the ledger: the study, the job's summary, one spooled file."""
+        with self.session() as s:
+            job = s.get_one(Job, job_id)
+            study = s.get_one(Study, job.study_id)
+            path = s.scalar(
+                select(Instance.path)
+                .where(Instance.study_id == study.id, Instance.generation <= job.generation)
+                .order_by(Instance.id)
+                .limit(1)
+            )
+            return {
+                "study_id": study.id,
+                "study_uid": study.study_uid,
+                "job_state": job.state.value,
+                "summary": dict(job.summary or {}),
+                "instance_path": path,
+                "completed_at": study.completed_at,
+            }
+
+    def add_hl7_outbound(
+        self, *, job_id: int, kind: str, control_id: str, message: str
+    ) -> int | None:
+        """Queue one ORU for the RIS; None when this job already has one of this kind."""
+        try:
+            with self.session() as s:
+                study_id = s.get_one(Job, job_id).study_id
+                row = Hl7Outbound(
+                    study_id=study_id,
+                    job_id=job_id,
+                    kind=kind,
+                    control_id=control_id,
+                    message=message,
+                    next_attempt_at=utcnow(),
+                )
+                s.add(row)
+                s.flush()
+                return row.id
+        except IntegrityError:
+            return None
+
+    def due_hl7_outbound(self, *, limit: int = 100) -> list[DueHl7]:
+        now = utcnow()
+        with self.session() as s:
+            rows = s.scalars(
+                select(Hl7Outbound)
+                .where(
+                    Hl7Outbound.state == DeliveryState.PENDING,
+                    Hl7Outbound.next_attempt_at <= now,
+                )
+                .order_by(Hl7Outbound.next_attempt_at, Hl7Outbound.id)
+                .limit(limit)
+            ).all()
+            return [DueHl7(r.id, r.control_id, r.message, r.attempts) for r in rows]
+
+    def record_hl7_attempt(
+        self,
+        outbound_id: int,
+        *,
+        delivered: bool,
+        ack_code: str,
+        error: str,
+        max_attempts: int,
+        backoff_s: float,
+        final: bool = False,
+    ) -> str:
+        """Record one send; ``final`` (a rejection) fails it at once. Returns the new state."""
+        now = utcnow()
+        with self.session() as s:
+            row = s.get_one(Hl7Outbound, outbound_id, with_for_update=True)
+            if row.state != DeliveryState.PENDING:
+                return row.state.value
+            row.attempts += 1
+            row.last_ack_code = ack_code[:2]
+            row.last_error = error[:2000]
+            if delivered:
+                row.state = DeliveryState.DELIVERED
+                row.delivered_at = now
+            elif final or row.attempts >= max_attempts:
+                row.state = DeliveryState.FAILED
+            else:
+                row.next_attempt_at = now + dt.timedelta(seconds=backoff_s)
+            return row.state.value
+
+    def hl7_outbound(self, study_uid: str) -> list[dict[str, Any]]:
+        """The ORU deliveries of a study (no message text: it holds patient identifiers)."""
+        with self.session() as s:
+            rows = s.scalars(
+                select(Hl7Outbound)
+                .join(Study, Study.id == Hl7Outbound.study_id)
+                .where(Study.study_uid == study_uid)
+                .order_by(Hl7Outbound.id)
+            ).all()
+            return [
+                {
+                    "id": r.id,
+                    "job_id": r.job_id,
+                    "kind": r.kind,
+                    "control_id": r.control_id,
+                    "state": r.state.value,
+                    "attempts": r.attempts,
+                    "last_ack_code": r.last_ack_code,
+                    "last_error": r.last_error,
+                    "delivered_at": _iso(r.delivered_at),
+                }
+                for r in rows
+            ]
+
+
+def _order_view(row: Hl7Order) -> dict[str, Any]:
+    return {
+        "accession_number": row.accession_number,
+        "status": row.status,
+        "control_id": row.control_id,
+        **{key: getattr(row, key) for key in ORDER_FIELDS},
+    }
 
 
 def _iso(value: dt.datetime | None) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,12 @@ from pydicom.filewriter import dcmwrite
 
 from acwi_node.config import Settings, load_settings
 from acwi_node.inference.analyser import Analyser, NothingToAnalyse
+from acwi_node.inference.engines import EngineOptions
 from acwi_node.inference.types import StudyAnalysis
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger, ResultFile
+from acwi_node.observability import metrics
+from acwi_node.observability.logging import bind_study, log_context, note_identifiers
 from acwi_node.results.heatmap import build_heatmap_sc
 from acwi_node.results.sr import build_sr
 from acwi_node.tasks.app import ANALYSE_TASK, app
@@ -61,11 +65,25 @@ def get_analyser(settings: Settings, model: str) -> Analyser:
     key = (model, str(manifest))
     with _analysers_lock:
         if key not in _analysers:
+            for stale in [k for k in _analysers if k[0] == model]:
+                del _analysers[stale]  # another version of this model was activated
+            worker = settings.worker
             _analysers[key] = Analyser.load(
                 manifest,
-                device=settings.worker.device,
-                mc_samples=settings.worker.mc_samples,
-                num_threads=settings.worker.torch_threads or None,
+                device=worker.device,
+                mc_samples=worker.mc_samples,
+                num_threads=worker.torch_threads or None,
+                batch_size=worker.batch_size,
+                engine=EngineOptions(
+                    engine=worker.engine,
+                    precision=worker.precision,
+                    cache_dir=worker.engine_cache_dir or settings.data_dir / "engines",
+                    trt_workspace_mb=worker.trt_workspace_mb,
+                    dla_core=worker.dla_core,
+                    calibration_dir=worker.calibration_dir,
+                    num_threads=worker.torch_threads or None,
+                ),
+                heatmaps=worker.heatmaps,
             )
         return _analysers[key]
 
@@ -115,6 +133,7 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
     lease = LeaseKeeper(ledger, job_id, settings.worker.lease_s / 3).start()
     try:
         study_uid, rel_paths = ledger.job_inputs(job_id)
+        bind_study(study_uid)
         spool = Spool(settings.spool_dir, fsync=settings.ingest.fsync)
         datasets: list[Dataset] = []
         unreadable: dict[str, str] = {}
@@ -123,14 +142,22 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
                 datasets.append(dcmread(spool.resolve(rel)))
             except Exception as exc:  # a file the model cannot use never blocks the queue
                 unreadable[Path(rel).stem] = f"unreadable: {exc}"
+        for ds in datasets:
+            note_identifiers(ds)  # keep this patient's name and ID out of every log line
         analyser = get_analyser(settings, job.model)
+        started = time.perf_counter()
         analysis = analyser.analyse(datasets)
+        metrics.INFERENCE_SECONDS.labels(
+            analyser.manifest.name, analyser.manifest.version
+        ).observe(time.perf_counter() - started)
         analysis.skipped.update(unreadable)
         by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
         used = [by_uid[im.sop_instance_uid] for im in analysis.images]
         sr = build_sr(used, analysis)
         objects: list[tuple[str, Dataset]] = [("sr", sr)]
         for n, image in enumerate(analysis.images, start=1):
+            if not image.heatmap_selected:  # [worker] heatmaps = "positive_or_uncertain"
+                continue
             source = by_uid[image.sop_instance_uid]
             objects.append(
                 (
@@ -182,10 +209,17 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
         analysis.predicted_label,
         analysis.needs_review,
     )
+    if settings.hl7.ris is not None:  # ORU^R01 to the RIS (acwi-node hl7 delivers it)
+        from acwi_node.hl7.client import queue_result_safely
+
+        queue_result_safely(settings, ledger, job_id)
     return "analysed"
 
 
 @app.task(name=ANALYSE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def analyse_job(job_id: int) -> str:
     """Celery entry point: the message carries only the job id."""
-    return run_job(_settings(), _ledger(), int(job_id))
+    with log_context(job_id=int(job_id)):
+        outcome = run_job(_settings(), _ledger(), int(job_id))
+    metrics.JOBS_PROCESSED.labels(outcome).inc()
+    return outcome

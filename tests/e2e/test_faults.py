@@ -26,7 +26,13 @@ from tests.e2e.test_study_roundtrip import (
     node_config,
     send_study,
 )
-from tests.support.node import NodeProcesses, wait_port, wait_study_state, write_config
+from tests.support.node import (
+    NodeProcesses,
+    add_api_user,
+    wait_port,
+    wait_study_state,
+    write_config,
+)
 from tests.support.orthanc import OrthancServer
 from tests.support.ports import free_port
 
@@ -141,7 +147,9 @@ def test_destination_down_for_good_fails_visibly(tmp_path: Path, orthanc: Orthan
         wait_study_state(ledger, uid, {"failed"}, nodes, timeout_s=120)
         port = cfg["node"]["http_port"]
         wait_port("127.0.0.1", port)
-        view = httpx.get(f"http://127.0.0.1:{port}/api/studies/{uid}", timeout=10).json()
+        view = httpx.get(
+            f"http://127.0.0.1:{port}/api/studies/{uid}", timeout=10, auth=add_api_user(config)
+        ).json()
         assert view["state"] == "failed"
         assert "pacs" in view["reason"]
         deliveries = [d for j in view["jobs"] for r in j["results"] for d in r["deliveries"]]

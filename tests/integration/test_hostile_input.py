@@ -1,0 +1,192 @@
+"""Bad input and protocol abuse against the storage SCP: a clear answer, nothing lost, and the
+next association works."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmwrite
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+
+from acwi_node.config import Settings
+from acwi_node.ingest.scp import StorageSCP
+from acwi_node.ledger import Ledger
+from tests.integration.test_scp import SC, make_sc, node, send
+from tests.support.dcmtk import storescu
+
+__all__ = ["node"]  # the fixture, shared with test_scp
+
+Node = tuple[Settings, Ledger, StorageSCP]
+
+
+def next_association_works(settings: Settings, ledger: Ledger) -> None:
+    study = generate_uid()
+    assert send(settings, [make_sc(study)]) == [0x0000]
+    view = ledger.get_study(study)
+    assert view is not None and view["instances"] == 1
+
+
+def no_partial_files(settings: Settings) -> None:
+    assert list((settings.spool_dir / ".tmp").glob("*")) == []
+
+
+def send_file(settings: Settings, path: Path) -> int:
+    """C-STORE a Part-10 file as its raw bytes (pynetdicom does not re-encode a path)."""
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(SC, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", settings.node.dicom_port, ae_title="ACWI")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(path)
+        return int(status.Status) if "Status" in status else -1
+    finally:
+        assoc.release()
+
+
+def test_truncated_file(node: Node, tmp_path: Path) -> None:
+    settings, ledger, _ = node
+    path = tmp_path / "whole.dcm"
+    dcmwrite(path, make_sc(generate_uid()), enforce_file_format=True)
+    raw = path.read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(raw[: len(raw) - 40])  # inside the pixel data
+    status = send_file(settings, cut)
+    # Either refused as not understood, or kept as received: never a crash, never a stray file.
+    assert status in (0x0000, 0xC000, 0xA900, 0xC210), hex(status)
+    no_partial_files(settings)
+    next_association_works(settings, ledger)
+
+
+def test_bad_vr_and_missing_pixel_data(node: Node, tmp_path: Path) -> None:
+    settings, ledger, _ = node
+    no_pixels = make_sc(generate_uid())
+    del no_pixels.PixelData
+    assert send(settings, [no_pixels]) == [0x0000]  # kept; the analysis skips it with a reason
+    path = tmp_path / "odd.dcm"
+    dcmwrite(path, make_sc(generate_uid()), enforce_file_format=True)
+    rows = b"\x28\x00\x10\x00US\x02\x00\x08\x00"
+    raw = path.read_bytes()
+    assert raw.count(rows) == 1
+    # Rows with a 3-byte value: not a US value (as a broken modality would write it).
+    path.write_bytes(raw.replace(rows, b"\x28\x00\x10\x00US\x03\x00\x01\x02\x03"))
+    assert send_file(settings, path) in (0x0000, 0xC000)
+    no_partial_files(settings)
+    next_association_works(settings, ledger)
+
+
+def test_multiframe_is_stored(node: Node) -> None:
+    settings, ledger, _ = node
+    ds = make_sc(generate_uid())
+    ds.NumberOfFrames = 4
+    ds.PixelData = np.zeros((4, 8, 8), dtype=np.uint8).tobytes()
+    assert send(settings, [ds]) == [0x0000]
+    next_association_works(settings, ledger)
+
+
+def nested_sequences(levels: int) -> bytes:
+    """(0040,A730) Content Sequence nested ``levels`` deep, undefined lengths, explicit VR LE."""
+    open_level = b"\x40\x00\x30\xa7SQ\x00\x00\xff\xff\xff\xff" + b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+    close_level = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00" + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    return open_level * levels + close_level * levels
+
+
+def test_sequences_nested_beyond_250_levels(node: Node, tmp_path: Path) -> None:
+    settings, ledger, _ = node
+    ds = make_sc(generate_uid())
+    pixels = ds.PixelData
+    del ds.PixelData
+    path = tmp_path / "deep.dcm"
+    dcmwrite(path, ds, enforce_file_format=True)
+    pixel_element = b"\xe0\x7f\x10\x00OB\x00\x00" + struct.pack("<L", len(pixels)) + pixels
+    path.write_bytes(path.read_bytes() + nested_sequences(300) + pixel_element)
+    # pydicom cannot read it back to send it, DCMTK's storescu can (and sends it as it is).
+    done = storescu("127.0.0.1", settings.node.dicom_port, "ACWI", [path], extra_args=["-v"])
+    out = done.stdout + done.stderr
+    assert "Received Store Response (Success)" in out or "0xc000" in out.lower(), out
+    no_partial_files(settings)
+    next_association_works(settings, ledger)
+
+
+def test_unsupported_transfer_syntax_is_refused_at_negotiation(node: Node) -> None:
+    settings, ledger, _ = node
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(SC, "1.2.3.4.5.6.7.8.9")  # no such transfer syntax
+    assoc = ae.associate("127.0.0.1", settings.node.dicom_port, ae_title="ACWI")
+    if assoc.is_established:
+        assert assoc.accepted_contexts == []
+        assoc.release()
+    next_association_works(settings, ledger)
+
+
+def test_disk_full_answers_out_of_resources_and_leaves_no_file(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, ledger, _ = node
+    import acwi_node.ingest.spool as spool_module
+
+    real_write = os.write
+
+    def full(fd: int, data: bytes | memoryview) -> int:
+        real_write(fd, bytes(data)[:10])  # part of the file reaches the disk, then ENOSPC
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool_module.os, "write", full)
+    study = generate_uid()
+    assert send(settings, [make_sc(study)]) == [0xA700]
+    no_partial_files(settings)
+    assert ledger.get_study(study) is None
+    monkeypatch.setattr(spool_module.os, "write", real_write)
+    next_association_works(settings, ledger)
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    sock.settimeout(seconds)
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            if sock.recv(4096) == b"":
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+    return False
+
+
+def test_silent_connection_is_closed_after_the_artim_timeout(node: Node) -> None:
+    settings, ledger, _ = node  # acse/network timeouts are 2 s in the fixture
+    with socket.create_connection(("127.0.0.1", settings.node.dicom_port)) as sock:
+        assert _closed_within(sock, 15), "a connection that sends nothing must be closed"
+    next_association_works(settings, ledger)
+
+
+def test_pdu_declaring_a_huge_length(node: Node) -> None:
+    settings, ledger, _ = node
+    with socket.create_connection(("127.0.0.1", settings.node.dicom_port)) as sock:
+        sock.sendall(struct.pack(">BBL", 0x01, 0x00, 0xFFFFFFF0) + b"\x00" * 64)
+        assert _closed_within(sock, 15)
+    next_association_works(settings, ledger)
+
+
+def test_half_a_pdu_then_silence(node: Node) -> None:
+    settings, ledger, _ = node
+    with socket.create_connection(("127.0.0.1", settings.node.dicom_port)) as sock:
+        sock.sendall(struct.pack(">BBL", 0x01, 0x00, 200) + b"\x00\x01")
+        assert _closed_within(sock, 15)
+    next_association_works(settings, ledger)
+
+
+def test_http_on_the_dicom_port(node: Node) -> None:
+    settings, ledger, _ = node
+    with socket.create_connection(("127.0.0.1", settings.node.dicom_port)) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: node\r\n\r\n")
+        assert _closed_within(sock, 15)
+    next_association_works(settings, ledger)

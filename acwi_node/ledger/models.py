@@ -208,7 +208,6 @@ class ReviewItem(Base):
     job: Mapped[Job] = relationship()
 
 
-
 # ------------------------------------------------------------------------- HL7 (RIS)
 class Hl7Order(Base):
     """An imaging order from the RIS (ORM^O01 / OMI^O23), keyed by accession number.

@@ -155,6 +155,7 @@ def make_engine(url: str) -> Engine:
 #: pg_advisory_xact_lock key held while the ledger's tables are created ("ACWI" in ASCII).
 _SCHEMA_LOCK_KEY = 0x41435749
 
+
 def _lease_time() -> Any:
     """When an analysing job last showed a sign of life (heartbeat, else its start)."""
     return func.coalesce(Job.heartbeat_at, Job.started_at)
@@ -903,9 +904,7 @@ class Ledger:
         if not job_ids:
             return {}
         with self.session() as s:
-            rows = s.execute(
-                select(Job.id, Job.priority).where(Job.id.in_(list(job_ids)))
-            ).all()
+            rows = s.execute(select(Job.id, Job.priority).where(Job.id.in_(list(job_ids)))).all()
         return {r[0]: r[1] for r in rows}
 
     def job_report_inputs(self, job_id: int) -> dict[str, Any]:

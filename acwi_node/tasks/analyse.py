@@ -147,9 +147,9 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
         analyser = get_analyser(settings, job.model)
         started = time.perf_counter()
         analysis = analyser.analyse(datasets)
-        metrics.INFERENCE_SECONDS.labels(
-            analyser.manifest.name, analyser.manifest.version
-        ).observe(time.perf_counter() - started)
+        metrics.INFERENCE_SECONDS.labels(analyser.manifest.name, analyser.manifest.version).observe(
+            time.perf_counter() - started
+        )
         analysis.skipped.update(unreadable)
         by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
         used = [by_uid[im.sop_instance_uid] for im in analysis.images]

@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     ValidationError,
     field_validator,
     model_validator,
@@ -82,6 +83,10 @@ class IngestSettings(_Strict):
 
     #: Calling AE titles allowed to associate; empty means any.
     allowed_calling_aes: list[str] = Field(default_factory=list)
+    #: Host check: a calling AE title listed here may associate only from these addresses or
+    #: networks (e.g. ``{ CT1 = ["10.1.2.3"], PACS = ["10.9.0.0/16"] }``); from elsewhere it is
+    #: rejected. With no ``allowed_calling_aes``, these titles are the allow-list.
+    calling_ae_hosts: dict[str, list[IPvAnyNetwork]] = Field(default_factory=dict)
     max_associations: int = Field(16, ge=1, le=1024)
     #: Largest PDU the node receives (bytes); 0 means no limit.
     max_pdu_size: int = Field(0, ge=0)

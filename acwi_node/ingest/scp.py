@@ -10,6 +10,7 @@ partial file.
 from __future__ import annotations
 
 import io
+import ipaddress
 import logging
 import threading
 from collections.abc import Callable
@@ -83,6 +84,45 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(value).strip() if value is not None else ""
 
 
+class _NodeAE(AE):
+    """pynetdicom's AE with a calling-AE allow-list that can depend on the peer's address.
+
+    pynetdicom rejects an association whose calling AE title is not in
+    ``require_calling_aet`` (A-ASSOCIATE-RJ, reason "calling AE title not recognised"). It
+    reads that list while negotiating, in the association's own thread, so the list returned
+    here is the one for that association's peer: AE titles bound to other hosts are left out.
+    With host checks configured and no explicit allow-list, the host-bound titles are the
+    allow-list.
+    """
+
+    calling_ae_hosts: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {}
+
+    @property
+    def require_calling_aet(self) -> list[str]:
+        allowed: list[str] = self._require_calling_aet
+        if not self.calling_ae_hosts:
+            return allowed
+        assoc = threading.current_thread()
+        address = getattr(getattr(assoc, "requestor", None), "address", None)
+        try:
+            peer = ipaddress.ip_address(address) if address else None
+        except ValueError:
+            peer = None
+        titles = allowed or list(self.calling_ae_hosts)
+        permitted = [
+            t
+            for t in titles
+            if t not in self.calling_ae_hosts
+            or (peer is not None and any(peer in net for net in self.calling_ae_hosts[t]))
+        ]
+        # An empty list would mean "anyone": keep a title no peer can send instead.
+        return permitted or [""]
+
+    @require_calling_aet.setter
+    def require_calling_aet(self, ae_titles: list[str]) -> None:
+        AE.require_calling_aet.fset(self, ae_titles)  # type: ignore[attr-defined]
+
+
 @dataclass
 class _AssociationState:
     calling_ae: str
@@ -117,7 +157,11 @@ class StorageSCP:
 
     def _make_ae(self) -> AE:
         cfg = self.settings.ingest
-        ae = AE(ae_title=self.settings.node.ae_title)
+        ae = _NodeAE(ae_title=self.settings.node.ae_title)
+        ae.calling_ae_hosts = {
+            title.strip(): [ipaddress.ip_network(n) for n in nets]
+            for title, nets in cfg.calling_ae_hosts.items()
+        }
         ae.maximum_associations = cfg.max_associations
         ae.maximum_pdu_size = cfg.max_pdu_size
         ae.acse_timeout = cfg.acse_timeout_s

@@ -190,3 +190,38 @@ def test_http_on_the_dicom_port(node: Node) -> None:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: node\r\n\r\n")
         assert _closed_within(sock, 15)
     next_association_works(settings, ledger)
+
+
+@pytest.mark.parametrize(
+    ("networks", "accepted"),
+    [(["127.0.0.1"], True), (["127.0.0.0/8"], True), (["10.1.2.3", "192.168.0.0/16"], False)],
+)
+def test_host_check_binds_a_calling_ae_to_its_hosts(
+    tmp_path: Path, networks: list[str], accepted: bool
+) -> None:
+    from acwi_node.config import load_settings
+    from acwi_node.ingest.spool import Spool
+    from tests.support.ports import free_port
+
+    settings = load_settings(
+        None,
+        node={"data_dir": tmp_path / "data", "dicom_host": "127.0.0.1", "dicom_port": free_port()},
+        ingest={"fsync": False, "calling_ae_hosts": {"CT1": networks}},
+    )
+    ledger = Ledger(settings.database_url)
+    scp = StorageSCP(settings, ledger, Spool(settings.spool_dir, fsync=False))
+    scp.start(block=False)
+    try:
+        for calling, expected in (("CT1", accepted), ("ELSEWHERE", False)):
+            ae = AE(ae_title=calling)
+            ae.add_requested_context(SC)
+            assoc = ae.associate("127.0.0.1", settings.node.dicom_port, ae_title="ACWI")
+            assert assoc.is_established is expected, calling
+            if assoc.is_established:
+                assert assoc.send_c_store(make_sc(generate_uid())).Status == 0x0000
+                assoc.release()
+            else:
+                assert assoc.is_rejected, calling
+    finally:
+        scp.stop()
+        ledger.dispose()

@@ -4,7 +4,7 @@ Layout::
 
     <data_dir>/models/<name>/<version>/manifest.json   the manifest, as installed
     <data_dir>/models/<name>/<version>/<weights>       its weights (SHA-256 checked on install)
-    <data_dir>/models/<name>/<version>/<onnx file>     the exported backbone, if there is one
+    <data_dir>/models/<name>/<version>/<onnx files>    the exported backbone and full model, if any
     <data_dir>/models/<name>/ACTIVE                    the active version's name (one line)
 
 ``acwi-node models install`` copies a model folder (or the folder of a manifest file) into the
@@ -156,19 +156,21 @@ class ModelRegistry:
         name = _check_name("name", name or manifest.name)
         version = _check_name("version", manifest.version)
         files = [manifest.weights]
-        if manifest.onnx is not None:
-            onnx_path = manifest.directory / manifest.onnx.file
+        for record in (manifest.onnx, manifest.full_onnx):
+            if record is None:
+                continue
+            onnx_path = manifest.directory / record.file
             if not onnx_path.is_file():
                 raise RegistryError(
                     f"refused to install {source}: ONNX file {onnx_path} named by the manifest"
                     " does not exist"
                 )
-            if sha256_file(onnx_path) != manifest.onnx.sha256:
+            if sha256_file(onnx_path) != record.sha256:
                 raise RegistryError(
                     f"refused to install {source}: ONNX file {onnx_path} does not match the"
                     " SHA-256 in the manifest"
                 )
-            files.append(manifest.onnx.file)
+            files.append(record.file)
         target = self.root / name / version
         if target.exists():
             existing = load_manifest(target)

@@ -117,6 +117,10 @@ class ModelManifest(_Strict):
     training: TrainingSummary
     #: The exported ONNX backbone, when ``acwi-models export`` recorded one.
     onnx: OnnxRecord | None = None
+    #: The exported full model (deterministic pass: probabilities, logits, last activations,
+    #: latent mean and log-variance), when ``acwi-models export`` recorded one. For consumers
+    #: outside the node; the node's engines use ``onnx``.
+    full_onnx: OnnxRecord | None = None
 
     _directory: Path | None = PrivateAttr(default=None)
 

@@ -559,7 +559,23 @@ def write_study(
     Image ``i`` is ``make_phantom(label, site, image_seed(seed, i), size)``. Ground truth is
     written only to a side-car ``<file stem>.truth.json`` next to each DICOM file (label,
     site, phantom seed, box); the DICOM files carry no label. Returns the DICOM paths.
+
+    ``modality="CT"`` writes an axial CT series of ``n_images`` slices instead (see
+    :func:`write_ct_series`; ``size`` is then the slice matrix).
     """
+    if modality == "CT":
+        return write_ct_series(
+            out_dir,
+            slices=n_images,
+            label=label,
+            site=site,
+            seed=seed,
+            size=size,
+            patient_name=patient_name,
+            patient_id=patient_id,
+            study_instance_uid=study_instance_uid,
+            accession_number=accession_number,
+        )
     _check(label, site)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -633,15 +649,28 @@ def write_dataset(
     images_per_study: int = 1,
     size: int = 256,
     class_fractions: dict[str, float] | None = None,
+    modality: str | None = None,
 ) -> Path:
     """Write a multi-study, multi-site benchmark and its ``labels.csv``; returns the CSV path.
 
     Studies go to ``out_dir/<accession>/``; each site writes its own modality (CR for the
     storage-phosphor site). ``labels.csv`` has one row per image with the columns
     ``study_instance_uid, sop_instance_uid, label, site, box`` (box as in :func:`format_box`).
+
+    ``modality="CT"`` makes every study an axial CT series of ``images_per_study`` slices
+    (labels ``normal`` and ``nodule`` only; a row's label is the slice's: ``nodule`` only on
+    the slices the nodule crosses). Other modalities override the sites' own.
     """
     if not sites:
         raise ValueError("sites must not be empty")
+    if modality is not None and modality not in (*SOP_CLASS_FOR_MODALITY, "CT"):
+        raise ValueError(f"unsupported modality {modality!r}; expected DX, CR or CT")
+    if modality == "CT":
+        fractions = class_fractions or {"normal": 0.7, "nodule": 0.3}
+        unknown = set(fractions) - set(CT_LABELS)
+        if unknown:
+            raise ValueError(f"CT series can only be {CT_LABELS}, not {sorted(unknown)}")
+        class_fractions = fractions
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 31])
@@ -657,7 +686,7 @@ def write_dataset(
             label=label,
             site=site,
             seed=study_seed,
-            modality=SITES[site].modality,
+            modality=modality or SITES[site].modality,
             size=size,
             patient_name=f"PHANTOM^S{j:06d}",
             patient_id=f"PH{seed % 10000:04d}{j:06d}",
@@ -670,7 +699,7 @@ def write_dataset(
                 {
                     "study_instance_uid": truth["study_instance_uid"],
                     "sop_instance_uid": truth["sop_instance_uid"],
-                    "label": label,
+                    "label": truth["label"],
                     "site": str(site),
                     "box": format_box(tuple(box) if box else None),
                 }
@@ -683,3 +712,419 @@ def write_dataset(
         writer.writeheader()
         writer.writerows(rows)
     return csv_path
+
+
+# --------------------------------------------------------------------------------------------
+# CT: axial chest slices in Hounsfield units
+# --------------------------------------------------------------------------------------------
+
+CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+#: Labels a CT series can carry (effusion phantoms exist for projection images only).
+CT_LABELS: tuple[str, ...] = ("normal", "nodule")
+#: Reconstructed field of view in mm (pixel spacing = fov / size).
+CT_FOV_MM = 360.0
+HU_AIR = -1000.0
+HU_LUNG = -800.0
+HU_FAT = -100.0
+HU_SOFT = 40.0
+HU_NODULE = 30.0
+HU_BONE = 700.0
+
+
+@dataclass(frozen=True)
+class CTSiteProfile:
+    """How one simulated site's CT scanner reconstructs the same chest.
+
+    Manufacturer and station come from :data:`SITES` (same site index).
+    """
+
+    model_name: str
+    #: Reconstruction kernel name written to ConvolutionKernel, and its in-plane blur in mm
+    #: (a sharp kernel blurs less and shows more noise).
+    kernel: str
+    blur_mm: float
+    #: Image noise standard deviation in HU.
+    noise_hu: float
+    slice_thickness_mm: float
+    kvp: int
+    #: Stored value = HU - intercept (int16, slope 1).
+    rescale_intercept: float
+
+
+CT_SITES: tuple[CTSiteProfile, ...] = (
+    CTSiteProfile("NW-CT 64", "STANDARD", 0.9, 12.0, 1.25, 120, -1024.0),
+    CTSiteProfile("Helios Spiral 128", "LUNG-SHARP", 0.4, 28.0, 1.0, 120, 0.0),
+    CTSiteProfile("VD-CT 16", "SOFT", 1.6, 9.0, 2.5, 130, -1024.0),
+    CTSiteProfile("Orion CT Edge", "B45", 0.7, 18.0, 1.5, 100, 0.0),
+    CTSiteProfile("Kestrel Mobile CT", "SMOOTH", 2.2, 40.0, 2.0, 110, -1024.0),
+)
+
+
+@dataclass(frozen=True)
+class CTNodule:
+    """A spherical solid nodule in patient coordinates (LPS, mm) and in the series' voxels."""
+
+    center_mm: tuple[float, float, float]
+    radius_mm: float
+    #: ``(column, row, slice index)``, fractional; slice 0 is the most inferior.
+    center_voxel: tuple[float, float, float]
+    #: Slice indices where the nodule's cross-section is non-empty.
+    slices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CTSeries:
+    """A generated CT series: HU volume ``(slices, rows, cols)`` and its ground truth."""
+
+    hu: np.ndarray
+    #: Nodule mask per slice (all False for ``normal``).
+    mask: np.ndarray
+    lung_mask: np.ndarray
+    label: str
+    site: int
+    seed: int
+    pixel_spacing_mm: float
+    slice_thickness_mm: float
+    #: Patient z (mm) of each slice centre, increasing with the index.
+    z_mm: tuple[float, ...]
+    #: Patient x, y (mm) of the centre of the first (top-left) pixel.
+    origin_xy_mm: tuple[float, float]
+    nodule: CTNodule | None
+
+
+def _check_ct(label: str, site: int, slices: int, size: int) -> CTSiteProfile:
+    if label not in CT_LABELS:
+        raise ValueError(f"unknown CT label {label!r}; expected one of {CT_LABELS}")
+    if not 0 <= site < len(CT_SITES):
+        raise ValueError(f"unknown site {site}; expected 0..{len(CT_SITES) - 1}")
+    if slices < 1:
+        raise ValueError("a CT series needs at least one slice")
+    if size < 64:
+        raise ValueError("size must be at least 64")
+    return CT_SITES[site]
+
+
+def make_ct_series(
+    label: str, site: int, seed: int, *, slices: int = 16, size: int = 512
+) -> CTSeries:
+    """Generate an axial chest CT series (HU) with its ground truth.
+
+    Seeding follows :func:`make_phantom`: anatomy by ``(seed, site)``, the nodule by
+    ``(seed, site, label)``, noise by ``(seed, site)``, so a ``normal`` and a ``nodule``
+    series with the same seed differ only around the nodule. The patient lies head first
+    supine: x grows to the patient's left (image columns), y to posterior (image rows), z to
+    the head (slice index). Lungs are about -800 HU, soft tissue 40, fat -100, bone 700.
+    """
+    profile = _check_ct(label, site, slices, size)
+    spacing = CT_FOV_MM / size
+    thickness = profile.slice_thickness_mm
+    coords = (np.arange(size, dtype=np.float32) + 0.5) * spacing - CT_FOV_MM / 2.0
+    y, x = np.meshgrid(coords, coords, indexing="ij")
+    z = tuple(float((k - (slices - 1) / 2.0) * thickness) for k in range(slices))
+
+    rng = np.random.default_rng([seed, site, 0])
+    scale = rng.uniform(0.92, 1.06)
+    shift_x, shift_y = rng.uniform(-8.0, 8.0, size=2)
+    body_a, body_b = 160.0 * scale, 112.0 * scale * rng.uniform(0.95, 1.05)
+    lung_a = 52.0 * scale * rng.uniform(0.93, 1.07)
+    lung_b = 78.0 * scale * rng.uniform(0.95, 1.05)
+    lung_cx, lung_cy = 72.0 * scale, -4.0 * scale
+    apex = 140.0 * scale  # lungs narrow away from z = 0 (towards apex and base)
+    texture_field = rng.standard_normal((size, size)).astype(np.float32)
+    texture = gaussian_blur(texture_field, 1.5 / spacing)
+    texture /= max(float(texture.std()), 1e-6)
+    ribs = [(float(a), float(rng.uniform(0.88, 0.93))) for a in np.linspace(0.2, np.pi - 0.2, 7)]
+
+    u, v = x - shift_x, y - shift_y
+    body_r = np.sqrt((u / body_a) ** 2 + (v / body_b) ** 2)
+    edge = spacing  # a one-pixel soft edge
+    body = _sigmoid((1.0 - body_r) * body_a / edge)
+    fat = _sigmoid((body_r - 0.90) * body_a / edge) * body
+    spine_r = np.sqrt(u**2 + (v - 0.72 * body_b) ** 2)
+    spine = _sigmoid((18.0 * scale - spine_r) / edge)
+    heart_r = np.sqrt(
+        ((u - 15.0 * scale) / (55.0 * scale)) ** 2 + ((v + 35.0) / (45.0 * scale)) ** 2
+    )
+    heart = _sigmoid((1.0 - heart_r) * 45.0 / edge)
+    bone = spine.copy()
+    for angle, radius in ribs:  # angle 0: anterior, pi: posterior
+        for sgn in (-1.0, 1.0):
+            rx = sgn * radius * body_a * np.sin(angle)
+            ry = -radius * body_b * np.cos(angle)
+            rib_r = np.sqrt((u - rx) ** 2 + (v - ry) ** 2)
+            bone = np.maximum(bone, _sigmoid((5.0 * scale - rib_r) / edge))
+
+    hu = np.empty((slices, size, size), dtype=np.float32)
+    lung_mask = np.zeros((slices, size, size), dtype=bool)
+    for k, zk in enumerate(z):
+        s = float(np.sqrt(np.clip(1.0 - (zk / apex) ** 2, 0.25, 1.0)))
+        lungs = np.zeros_like(u)
+        inside = np.zeros(u.shape, dtype=bool)
+        for sgn in (-1.0, 1.0):
+            r = np.sqrt(
+                ((u - sgn * lung_cx) / (lung_a * s)) ** 2 + ((v - lung_cy) / (lung_b * s)) ** 2
+            )
+            lungs = np.maximum(lungs, _sigmoid((1.0 - r) * lung_a * s / edge))
+            inside |= r < 1.0
+        lungs *= 1.0 - heart
+        tissue = HU_SOFT + (HU_FAT - HU_SOFT) * fat
+        tissue = tissue + (HU_BONE - tissue) * bone
+        lung_hu = HU_LUNG + 25.0 * texture
+        img = HU_AIR + (tissue - HU_AIR) * body
+        img = img + (lung_hu - img) * lungs * body
+        hu[k] = img
+        lung_mask[k] = inside & (heart < 0.5)
+
+    mask = np.zeros_like(lung_mask)
+    nodule: CTNodule | None = None
+    if label == "nodule":
+        rng_lesion = np.random.default_rng([seed, site, 1 + LABELS.index(label)])
+        radius = float(rng_lesion.uniform(4.0, 7.0))
+        centre_index = (slices - 1) / 2.0 + float(rng_lesion.uniform(-0.5, 0.5))
+        cz = float((centre_index - (slices - 1) / 2.0) * thickness)
+        s = float(np.sqrt(np.clip(1.0 - (cz / apex) ** 2, 0.25, 1.0)))
+        sgn = -1.0 if rng_lesion.random() < 0.5 else 1.0
+        margin = 1.0 - (radius + 6.0) / (lung_a * s)
+        heart_margin = 1.0 + (radius + 6.0) / (45.0 * scale)
+        for _ in range(10000):
+            a, b = rng_lesion.uniform(-1.0, 1.0, size=2)
+            cu, cv = sgn * lung_cx + a * lung_a * s, lung_cy + b * lung_b * s
+            from_heart = np.hypot(
+                (cu - 15.0 * scale) / (55.0 * scale), (cv + 35.0) / (45.0 * scale)
+            )
+            if a * a + b * b < margin**2 and from_heart > heart_margin:
+                break
+        else:  # pragma: no cover - the lungs always have room for a 7 mm nodule
+            raise RuntimeError("no room for the nodule in the lung")
+        cx, cy = float(cu + shift_x), float(cv + shift_y)
+        offsets = (np.arange(5, dtype=np.float32) + 0.5) / 5.0 - 0.5  # partial volume
+        d_xy2 = (x - cx) ** 2 + (y - cy) ** 2
+        present: list[int] = []
+        for k, zk in enumerate(z):
+            if abs(zk - cz) > radius + thickness:
+                continue
+            fraction = np.zeros_like(u)
+            for off in offsets:
+                dz = zk + float(off) * thickness - cz
+                fraction += _sigmoid((radius - np.sqrt(d_xy2 + dz * dz)) * 3.0 / spacing)
+            fraction /= len(offsets)
+            hu[k] = hu[k] + (HU_NODULE - hu[k]) * fraction
+            mask[k] = d_xy2 + (zk - cz) ** 2 < radius**2
+            if mask[k].any():
+                present.append(k)
+        nodule = CTNodule(
+            center_mm=(cx, cy, cz),
+            radius_mm=radius,
+            center_voxel=(
+                (cx - float(coords[0])) / spacing,
+                (cy - float(coords[0])) / spacing,
+                centre_index,
+            ),
+            slices=tuple(present),
+        )
+
+    for k in range(slices):
+        rng_acq = np.random.default_rng([seed, site, 9, k])
+        img = gaussian_blur(hu[k], profile.blur_mm / spacing)
+        hu[k] = img + profile.noise_hu * rng_acq.standard_normal(img.shape).astype(np.float32)
+    return CTSeries(
+        hu=hu,
+        mask=mask,
+        lung_mask=lung_mask,
+        label=label,
+        site=site,
+        seed=seed,
+        pixel_spacing_mm=spacing,
+        slice_thickness_mm=thickness,
+        z_mm=z,
+        origin_xy_mm=(float(coords[0]), float(coords[0])),
+        nodule=nodule,
+    )
+
+
+def make_ct_dataset(
+    hu: np.ndarray,
+    *,
+    site: int,
+    z_mm: float,
+    origin_xy_mm: tuple[float, float],
+    pixel_spacing_mm: float,
+    frame_of_reference_uid: str,
+    patient_name: str = "PHANTOM^ONE",
+    patient_id: str = "PH0001",
+    study_instance_uid: str,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    accession_number: str = "ACC0001",
+    instance_number: int = 1,
+    study_date: dt.date = dt.date(2024, 1, 15),
+    patient_sex: str = "O",
+    patient_birth_date: str = "19700101",
+) -> Dataset:
+    """A CT Image Storage dataset holding one axial slice ``hu`` (Hounsfield units)."""
+    profile = SITES[site]
+    ct = CT_SITES[site]
+    rows, cols = hu.shape
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(CT_STORAGE)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SOPClassUID = CT_STORAGE
+    ds.SOPInstanceUID = sop_instance_uid
+    date = study_date.strftime("%Y%m%d")
+    ds.InstanceCreationDate = date
+    ds.InstanceCreationTime = "093000"
+    ds.StudyDate = date
+    ds.SeriesDate = date
+    ds.AcquisitionDate = date
+    ds.ContentDate = date
+    ds.StudyTime = "092500"
+    ds.SeriesTime = "092800"
+    ds.AcquisitionTime = "092850"
+    ds.ContentTime = "092900"
+    ds.AccessionNumber = accession_number
+    ds.Modality = "CT"
+    ds.Manufacturer = profile.manufacturer
+    ds.InstitutionName = f"Phantom Site {site}"
+    ds.ReferringPhysicianName = "REFERRER^PHANTOM"
+    ds.StationName = profile.station_name.replace("R", "C", 1)[:16]
+    ds.StudyDescription = "CT CHEST"
+    ds.SeriesDescription = f"CHEST AXIAL {ct.slice_thickness_mm:g}MM {ct.kernel}"
+    ds.ManufacturerModelName = ct.model_name
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = patient_birth_date
+    ds.PatientSex = patient_sex
+    ds.BodyPartExamined = "CHEST"
+    ds.DeviceSerialNumber = f"SN-CT-{site:02d}-0001"
+    ds.SoftwareVersions = "1.0"
+    ds.PatientPosition = "HFS"
+    ds.StudyInstanceUID = study_instance_uid
+    ds.SeriesInstanceUID = series_instance_uid
+    ds.StudyID = accession_number[-16:]
+    ds.SeriesNumber = 2
+    ds.AcquisitionNumber = 1
+    ds.InstanceNumber = instance_number
+    ds.FrameOfReferenceUID = frame_of_reference_uid
+    ds.PositionReferenceIndicator = ""
+    ds.ImagePositionPatient = [f"{origin_xy_mm[0]:.4f}", f"{origin_xy_mm[1]:.4f}", f"{z_mm:.4f}"]
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    ds.SliceThickness = f"{ct.slice_thickness_mm:g}"
+    ds.SpacingBetweenSlices = f"{ct.slice_thickness_mm:g}"
+    ds.SliceLocation = f"{z_mm:.4f}"
+    ds.PixelSpacing = [f"{pixel_spacing_mm:.6f}", f"{pixel_spacing_mm:.6f}"]
+    ds.KVP = str(ct.kvp)
+    ds.ConvolutionKernel = ct.kernel
+    ds.ReconstructionDiameter = f"{CT_FOV_MM:g}"
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+
+    stored = np.clip(np.rint(hu - ct.rescale_intercept), -32768, 32767).astype("<i2")
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = cols
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.RescaleIntercept = f"{ct.rescale_intercept:g}"
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "HU"
+    ds.WindowCenter = ["-600", "40"]
+    ds.WindowWidth = ["1500", "400"]
+    ds.WindowCenterWidthExplanation = ["LUNG", "MEDIASTINUM"]
+    ds.PixelData = np.ascontiguousarray(stored).tobytes()
+    return ds
+
+
+def write_ct_series(
+    out_dir: Path,
+    *,
+    slices: int = 16,
+    label: str = "nodule",
+    site: int = 0,
+    seed: int = 0,
+    size: int = 512,
+    patient_name: str = "PHANTOM^ONE",
+    patient_id: str = "PH0001",
+    study_instance_uid: str | None = None,
+    accession_number: str = "ACC0001",
+) -> list[Path]:
+    """Write one CT study (one axial series of ``slices`` instances) as DICOM Part 10 files.
+
+    Slice ``k`` (``<accession>_<k + 1:04d>.dcm``, InstanceNumber ``k + 1``) lies at patient z
+    ``ImagePositionPatient[2]``, one slice thickness apart. Each file's ``.truth.json``
+    side-car holds the slice label (``nodule`` where the nodule's cross-section is in the
+    slice, else ``normal``), the series label, its box in pixels and the nodule's position
+    (centre in mm and in voxels, radius, slices); the DICOM files carry no label.
+    """
+    _check_ct(label, site, slices, size)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study_uid = study_instance_uid or _uid(
+        "study", patient_id, accession_number, seed, site, label, "CT"
+    )
+    series_uid = _uid("series", study_uid, site, "CT")
+    frame_uid = _uid("frame", study_uid, site, "CT")
+    rng = np.random.default_rng([seed, site, 23])
+    study_date = dt.date(2023, 1, 1) + dt.timedelta(days=int(rng.integers(0, 730)))
+    birth = dt.date(1940, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365 * 55)))
+    sex = "F" if rng.random() < 0.5 else "M"
+
+    series = make_ct_series(label, site, seed, slices=slices, size=size)
+    nodule = series.nodule
+    paths: list[Path] = []
+    for k in range(slices):
+        sop_uid = _uid("sop", series_uid, seed, k)
+        ds = make_ct_dataset(
+            series.hu[k],
+            site=site,
+            z_mm=series.z_mm[k],
+            origin_xy_mm=series.origin_xy_mm,
+            pixel_spacing_mm=series.pixel_spacing_mm,
+            frame_of_reference_uid=frame_uid,
+            patient_name=patient_name,
+            patient_id=patient_id,
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            accession_number=accession_number,
+            instance_number=k + 1,
+            study_date=study_date,
+            patient_sex=sex,
+            patient_birth_date=birth.strftime("%Y%m%d"),
+        )
+        path = out_dir / f"{accession_number}_{k + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        box = lesion_box(series.mask[k])
+        truth = {
+            "sop_instance_uid": sop_uid,
+            "study_instance_uid": study_uid,
+            "series_instance_uid": series_uid,
+            "modality": "CT",
+            "label": "nodule" if box is not None else "normal",
+            "series_label": label,
+            "site": site,
+            "seed": seed,
+            "size": size,
+            "slice_index": k,
+            "z_mm": series.z_mm[k],
+            "box": list(box) if box else None,
+            "nodule": None
+            if nodule is None
+            else {
+                "center_mm": list(nodule.center_mm),
+                "radius_mm": nodule.radius_mm,
+                "center_voxel": list(nodule.center_voxel),
+                "slices": list(nodule.slices),
+            },
+        }
+        path.with_suffix(".truth.json").write_text(json.dumps(truth, indent=2) + "\n")
+        paths.append(path)
+    return paths

@@ -49,7 +49,7 @@ def test_ten_associations_one_thousand_instances(tmp_path: Path) -> None:
         for a in range(ASSOCIATIONS):
             files: list[Path] = []
             for s in range(STUDIES_PER_ASSOCIATION):
-                uid = generate_uid()
+                uid: str = generate_uid()
                 studies[uid] = IMAGES_PER_STUDY
                 files += write_study(
                     tmp_path / f"a{a}s{s}",

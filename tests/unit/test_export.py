@@ -1,4 +1,4 @@
-"""``acwi-models export``: the ONNX backbone, its manifest record and its use by the engines."""
+"""``acwi-models export``: the ONNX backbone and full model, parity, manifest records, engines."""
 
 from __future__ import annotations
 
@@ -21,7 +21,16 @@ from acwi_node.inference.manifest import (
 )
 from models.cli import main as models_main
 from models.data.synth import write_study
-from models.export import ONNX_NAME, export_model
+from models.export import (
+    FULL_ONNX_NAME,
+    FULL_OUTPUT_NAMES,
+    FULL_TOLERANCES,
+    ONNX_NAME,
+    check_full_onnx,
+    export_model,
+    load_model,
+    parity_inputs,
+)
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
 
@@ -36,9 +45,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_bundled_manifest_without_onnx_still_loads() -> None:
     manifest = load_manifest(default_model_dir())
-    assert manifest.onnx is None
+    assert manifest.onnx is None and manifest.full_onnx is None
     raw = json.loads((default_model_dir() / MANIFEST_NAME).read_text())
-    assert "onnx" not in raw
+    assert "onnx" not in raw and "full_onnx" not in raw
 
 
 def test_export_records_the_onnx_file(exported: Path) -> None:
@@ -111,12 +120,117 @@ def test_cli_export_in_place(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     model = tmp_path / "model"
     shutil.copytree(default_model_dir(), model)
     assert models_main(["export", "--model", str(model)]) == 0
-    assert "recorded it in" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "recorded them in" in out
     manifest = load_manifest(model)
-    assert manifest.onnx is not None
+    assert manifest.onnx is not None and manifest.full_onnx is not None
     assert (model / manifest.onnx.file).is_file()
+    assert sha256_file(model / manifest.full_onnx.file) == manifest.full_onnx.sha256
+    # One printed figure per output, each within its tolerance.
+    printed = {}
+    for line in out.splitlines():
+        if line.startswith("parity ") and "max |onnx - torch|" in line:
+            words = line.split()
+            printed[words[1]] = float(words[words.index("torch|") + 1])
+    assert set(printed) == set(FULL_OUTPUT_NAMES)
+    for name, diff in printed.items():
+        assert 0.0 <= diff <= FULL_TOLERANCES[name], (name, diff)
 
 
 def test_cli_export_reports_a_bad_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert models_main(["export", "--model", str(tmp_path / "missing")]) == 1
     assert "export failed" in capsys.readouterr().err
+
+
+def test_export_records_the_full_model(exported: Path) -> None:
+    manifest = load_manifest(exported)
+    record = manifest.full_onnx
+    assert record is not None
+    assert record.file == FULL_ONNX_NAME
+    assert record.sha256 == sha256_file(exported / FULL_ONNX_NAME)
+    assert record.opset == 18
+    assert record.input_names == ["image"]
+    assert record.output_names == ["probabilities", "logits", "features", "mu", "logvar"]
+    assert record.dynamic_batch
+    assert (exported / ONNX_NAME).is_file()  # the backbone is still there for the engines
+    assert not (default_model_dir() / FULL_ONNX_NAME).exists()
+
+
+def test_full_onnx_outputs_and_shapes(exported: Path) -> None:
+    manifest = load_manifest(exported)
+    session = onnxruntime.InferenceSession(
+        str(exported / FULL_ONNX_NAME), providers=["CPUExecutionProvider"]
+    )
+    assert [o.name for o in session.get_outputs()] == list(FULL_OUTPUT_NAMES)
+    k = len(manifest.labels)
+    latent = int(manifest.architecture_config["latent_dim"])
+    channels = int(manifest.architecture_config["feature_channels"])
+    x = parity_inputs(manifest)
+    model = load_model(manifest)
+    w_eff, b_eff = (t.detach().numpy() for t in model.cam_weights())
+    side = manifest.input.size // 16  # the features' stride
+    for batch in (1, len(x)):
+        probs, logits, features, mu, logvar = session.run(None, {"image": x[:batch]})
+        assert probs.shape == logits.shape == (batch, k)
+        assert features.shape == (batch, channels, side, side)
+        assert mu.shape == logvar.shape == (batch, latent)
+        np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+        scaled = logits / manifest.temperature
+        softmax = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+        np.testing.assert_allclose(probs, softmax / softmax.sum(axis=1, keepdims=True), atol=1e-6)
+        # The CAM of the last activations averages back to the logits (DIANet.cam).
+        cam_logits = np.einsum("kc,bchw->bk", w_eff, features) / side**2 + b_eff
+        np.testing.assert_allclose(cam_logits, logits, atol=1e-4)
+
+
+def test_full_onnx_matches_the_analyser(exported: Path) -> None:
+    manifest = load_manifest(exported)
+    analyser = Analyser.load(default_model_dir(), num_threads=2)
+    x = parity_inputs(manifest)
+    deterministic = analyser.infer(x, seeds=[0] * len(x), samples=0)
+    session = onnxruntime.InferenceSession(
+        str(exported / FULL_ONNX_NAME), providers=["CPUExecutionProvider"]
+    )
+    probs, *_ = session.run(["probabilities"], {"image": x})
+    np.testing.assert_allclose(probs, deterministic.mc.probabilities, atol=1e-4)
+    # The parity images span the classes: the check is not run on one kind of input only.
+    assert len(set(probs.argmax(axis=1).tolist())) >= 2
+
+
+def test_parity_within_tolerance_and_catches_a_mismatch(exported: Path) -> None:
+    manifest = load_manifest(exported)
+    model = load_model(manifest)
+    x = parity_inputs(manifest)
+    parity = check_full_onnx(model, exported / FULL_ONNX_NAME, x, manifest.temperature)
+    assert parity.ok, parity.lines()
+    assert set(parity.max_abs_diff) == set(FULL_OUTPUT_NAMES)
+    assert parity.shapes["probabilities"] == (len(x), len(manifest.labels))
+    assert all(f"{parity.max_abs_diff[n]:.3e}" in "\n".join(parity.lines()) for n in parity.shapes)
+    # The same file against a different temperature: probabilities no longer agree.
+    wrong = check_full_onnx(model, exported / FULL_ONNX_NAME, x, manifest.temperature * 2)
+    assert "probabilities" in wrong.failures and not wrong.ok
+    assert "logits" not in wrong.failures
+
+
+def test_cli_export_fails_on_a_parity_mismatch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import models.export as export_module
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_dir(), model)
+    before = (model / MANIFEST_NAME).read_bytes()
+    reference = export_module.reference_outputs
+
+    def skewed(*args: object, **kwargs: object) -> dict[str, np.ndarray]:
+        outputs = reference(*args, **kwargs)  # type: ignore[arg-type]
+        outputs["probabilities"] = outputs["probabilities"] + 1e-3
+        return outputs
+
+    monkeypatch.setattr(export_module, "reference_outputs", skewed)
+    assert models_main(["export", "--model", str(model)]) == 1
+    captured = capsys.readouterr()
+    assert "export failed" in captured.err and "probabilities" in captured.err
+    assert "FAIL" in captured.out
+    assert (model / MANIFEST_NAME).read_bytes() == before  # nothing recorded
+    assert not (model / FULL_ONNX_NAME).exists() and not (model / ONNX_NAME).exists()

@@ -182,3 +182,27 @@ def test_install_under_the_name_routes_use(settings: Settings, tmp_path: Path) -
     manifest = load_manifest(settings.model_manifest("default"))
     assert manifest.directory == model.path.resolve()
     assert manifest.name == load_manifest(default_model_dir()).name  # copied unchanged
+
+
+def test_install_copies_and_checks_the_exported_onnx_files(
+    settings: Settings, tmp_path: Path
+) -> None:
+    from models.export import export_model
+
+    source = model_copy(tmp_path, "exported", version="3.0.0")
+    manifest = load_manifest(export_model(source))
+    assert manifest.onnx is not None and manifest.full_onnx is not None
+    registry = ModelRegistry(settings.models_dir)
+    installed = load_manifest(registry.install(source).manifest_path)
+    for record in (installed.onnx, installed.full_onnx):
+        assert record is not None
+        assert sha256_file(installed.directory / record.file) == record.sha256
+    (source / manifest.full_onnx.file).write_bytes(b"not onnx")
+    other = model_copy(tmp_path, "broken", version="3.0.1")
+    for name in (manifest.onnx.file, manifest.full_onnx.file):
+        shutil.copyfile(source / name, other / name)
+    raw = json.loads((source / "manifest.json").read_text())
+    raw["version"] = "3.0.1"
+    (other / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(RegistryError, match="does not match"):
+        registry.install(other)

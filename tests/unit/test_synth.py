@@ -13,17 +13,23 @@ import pydicom
 import pytest
 
 from models.data.synth import (
+    CT_FOV_MM,
+    CT_SITES,
+    CT_STORAGE,
     DX_STORAGE,
     LABELS,
     SITES,
     gaussian_blur,
     image_seed,
     lesion_box,
+    make_ct_series,
     make_image,
     make_phantom,
+    write_ct_series,
     write_dataset,
     write_study,
 )
+from tests.support.dciodvfy import dciodvfy_errors, dciodvfy_output, require_dciodvfy
 
 DCIODVFY = shutil.which("dciodvfy") or (
     "/usr/bin/dciodvfy" if Path("/usr/bin/dciodvfy").exists() else None
@@ -179,3 +185,186 @@ def test_write_dataset_labels_csv(tmp_path: Path) -> None:
         assert (row["box"] == "") == (row["label"] == "normal")
         if row["box"]:
             assert len(row["box"].split()) == 4
+
+
+# --- CT -------------------------------------------------------------------------------------
+
+
+def _hu(ds: pydicom.Dataset) -> np.ndarray:
+    return np.asarray(ds.pixel_array, dtype=np.float64) * float(ds.RescaleSlope) + float(
+        ds.RescaleIntercept
+    )
+
+
+def test_write_ct_series_geometry_and_hounsfield_units(tmp_path: Path) -> None:
+    paths = write_ct_series(tmp_path, slices=10, label="nodule", site=0, seed=2, size=256)
+    assert [p.name for p in paths] == [f"ACC0001_{k:04d}.dcm" for k in range(1, 11)]
+    datasets = [pydicom.dcmread(p) for p in paths]
+    first = datasets[0]
+    assert first.SOPClassUID == CT_STORAGE == "1.2.840.10008.5.1.4.1.1.2"
+    assert first.file_meta.MediaStorageSOPClassUID == CT_STORAGE
+    assert first.Modality == "CT" and list(first.ImageType) == ["ORIGINAL", "PRIMARY", "AXIAL"]
+    assert first.pixel_array.dtype == np.int16 and first.PixelRepresentation == 1
+    assert first.BitsAllocated == 16 and first.RescaleType == "HU"
+    assert first.Manufacturer == SITES[0].manufacturer
+    assert first.ConvolutionKernel == CT_SITES[0].kernel
+    assert first.Rows == first.Columns == 256
+    spacing = [float(v) for v in first.PixelSpacing]
+    assert spacing[0] == spacing[1] and spacing[0] * 256 == pytest.approx(CT_FOV_MM, abs=1e-3)
+    thickness = float(first.SliceThickness)
+    assert thickness == CT_SITES[0].slice_thickness_mm
+    assert len({d.SeriesInstanceUID for d in datasets}) == 1
+    assert len({d.FrameOfReferenceUID for d in datasets}) == 1
+    assert len({d.SOPInstanceUID for d in datasets}) == 10
+    assert [d.InstanceNumber for d in datasets] == list(range(1, 11))
+    z = np.array([float(d.ImagePositionPatient[2]) for d in datasets])
+    np.testing.assert_allclose(np.diff(z), thickness, atol=1e-3)
+    np.testing.assert_allclose(z, [float(d.SliceLocation) for d in datasets])
+    for d in datasets:
+        assert [float(v) for v in d.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+        x0, y0 = (float(v) for v in d.ImagePositionPatient[:2])
+        assert x0 == pytest.approx(-CT_FOV_MM / 2 + spacing[0] / 2, abs=1e-3)
+        assert y0 == pytest.approx(-CT_FOV_MM / 2 + spacing[0] / 2, abs=1e-3)
+    assert all(b"nodule" not in p.read_bytes() for p in paths)  # truth only in side-cars
+
+    truths = [json.loads(p.with_suffix(".truth.json").read_text()) for p in paths]
+    nodule = truths[0]["nodule"]
+    assert nodule is not None and all(t["nodule"] == nodule for t in truths)
+    assert 4.0 <= nodule["radius_mm"] <= 7.0
+    assert len(nodule["slices"]) >= 3, "the nodule spans a few slices"
+    assert [t["label"] == "nodule" for t in truths] == [k in nodule["slices"] for k in range(10)]
+    # The recorded centre (mm) is where the image shows a solid nodule inside -800 HU lung.
+    col, row, index = nodule["center_voxel"]
+    cx, cy, cz = nodule["center_mm"]
+    assert x0 + col * spacing[0] == pytest.approx(cx, abs=1e-3)
+    assert y0 + row * spacing[0] == pytest.approx(cy, abs=1e-3)
+    assert z[0] + index * thickness == pytest.approx(cz, abs=1e-3)
+    k = int(round(index))
+    hu = _hu(datasets[k])
+    r, c = int(round(row)), int(round(col))
+    assert hu[r - 1 : r + 2, c - 1 : c + 2].mean() > -100.0
+    x_min, y_min, x_max, y_max = truths[k]["box"]
+    assert x_min <= c <= x_max and y_min <= r <= y_max
+    half = int(nodule["radius_mm"] / spacing[0]) + 6
+    sgn = 1 if c < 128 else -1  # step towards the lung's centre, away from the body wall
+    lung = hu[r - 4 : r + 5, c + sgn * half - 4 : c + sgn * half + 5]
+    assert -870.0 < float(np.median(lung)) < -730.0
+    assert float(np.median(hu[:8, :8])) == pytest.approx(-1000.0, abs=60.0)  # air
+
+
+@pytest.mark.parametrize("site", range(len(CT_SITES)))
+def test_ct_nodule_lies_in_the_lung_and_matches_its_masks(site: int) -> None:
+    for seed in range(2):
+        series = make_ct_series("nodule", site, seed, slices=12, size=128)
+        assert series.nodule is not None
+        assert series.mask.any()
+        assert not (series.mask & ~series.lung_mask).any(), "nodule leaks outside the lungs"
+        present = tuple(int(k) for k in np.flatnonzero(series.mask.any(axis=(1, 2))))
+        assert series.nodule.slices == present and len(present) >= 3
+        col, row, index = series.nodule.center_voxel
+        k = int(round(index))
+        rows, cols = np.nonzero(series.mask[k])
+        assert abs(rows.mean() - row) < 1.0 and abs(cols.mean() - col) < 1.0
+
+
+def test_ct_normal_and_nodule_pairs_differ_only_around_the_nodule() -> None:
+    normal = make_ct_series("normal", 3, 5, slices=8, size=128)
+    nodule = make_ct_series("nodule", 3, 5, slices=8, size=128)
+    assert normal.nodule is None and not normal.mask.any()
+    assert nodule.nodule is not None
+    diff = np.abs(nodule.hu - normal.hu)
+    col, row, _ = nodule.nodule.center_voxel
+    reach = nodule.nodule.radius_mm / nodule.pixel_spacing_mm + 6
+    yy, xx = np.mgrid[:128, :128]
+    far = np.hypot(yy - row, xx - col) > reach
+    assert diff[:, far].max() < 0.5  # FFT round-off only: below one stored HU step
+    assert diff.max() > 400.0  # solid tissue replaced -800 HU lung
+
+
+def test_ct_sites_differ_in_noise_sharpness_and_equipment(tmp_path: Path) -> None:
+    def air_noise(site: int) -> float:
+        series = make_ct_series("normal", site, 1, slices=1, size=128)
+        return float(series.hu[0, :12, :12].std())
+
+    for site, profile in enumerate(CT_SITES):
+        assert air_noise(site) == pytest.approx(profile.noise_hu, rel=0.25)
+    assert air_noise(4) > 2 * air_noise(0)
+    assert len({p.kernel for p in CT_SITES}) == len(CT_SITES)
+    assert len({p.model_name for p in CT_SITES}) == len(CT_SITES)
+    # A sharper kernel keeps the lung edge steeper (larger gradient at the same anatomy).
+    sharp = make_ct_series("normal", 1, 1, slices=1, size=256).hu[0]
+    soft = make_ct_series("normal", 2, 1, slices=1, size=256).hu[0]
+    assert CT_SITES[1].blur_mm < CT_SITES[2].blur_mm
+
+    def edge(img: np.ndarray) -> float:
+        return float(np.percentile(np.abs(np.diff(img, axis=1)), 99.9))
+
+    assert edge(sharp) > edge(soft)
+    datasets = [
+        pydicom.dcmread(write_ct_series(tmp_path / str(s), slices=1, site=s, size=64)[0])
+        for s in (0, 1)
+    ]
+    assert datasets[0].Manufacturer != datasets[1].Manufacturer
+    assert float(datasets[0].RescaleIntercept) == -1024.0
+    assert float(datasets[1].RescaleIntercept) == 0.0
+    for ds in datasets:  # same HU whatever the stored representation
+        assert float(np.median(_hu(ds)[:6, :6])) == pytest.approx(-1000.0, abs=100.0)
+
+
+@pytest.mark.parametrize("site", [0, 1, 4])
+def test_ct_slice_passes_dciodvfy(tmp_path: Path, site: int) -> None:
+    require_dciodvfy()
+    paths = write_ct_series(tmp_path, slices=3, site=site, seed=1, size=128)
+    assert pydicom.dcmread(paths[1]).SOPClassUID == CT_STORAGE
+    output = dciodvfy_output(paths[1])
+    assert "CTImage" in output  # dciodvfy recognised the IOD it checked
+    assert dciodvfy_errors(paths[1]) == []
+
+
+def test_write_study_ct_and_bad_ct_requests(tmp_path: Path) -> None:
+    paths = write_study(tmp_path / "s", n_images=4, site=2, seed=1, modality="CT", size=64)
+    assert len(paths) == 4
+    assert {pydicom.dcmread(p).Modality for p in paths} == {"CT"}
+    with pytest.raises(ValueError, match="CT label"):
+        write_ct_series(tmp_path / "e", label="effusion")
+    with pytest.raises(ValueError, match="at least one slice"):
+        write_ct_series(tmp_path / "z", slices=0)
+    with pytest.raises(ValueError, match="unknown site"):
+        make_ct_series("normal", 9, 0)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "z").exists()
+
+
+def test_write_dataset_ct_labels_per_slice(tmp_path: Path) -> None:
+    csv_path = write_dataset(
+        tmp_path,
+        4,
+        seed=3,
+        sites=(2,),  # 2.5 mm slices: 10 of them reach beyond a 4-7 mm nodule
+        images_per_study=10,
+        size=64,
+        modality="CT",
+        class_fractions={"nodule": 1.0},
+    )
+    with csv_path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 40
+    assert {r["label"] for r in rows} == {"normal", "nodule"}  # slices beyond the nodule
+    for row in rows:
+        assert (row["box"] == "") == (row["label"] == "normal")
+    with pytest.raises(ValueError, match="CT series can only be"):
+        write_dataset(tmp_path / "x", 2, seed=0, modality="CT", class_fractions={"effusion": 1})
+
+
+def test_cli_synth_ct(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from models.cli import main
+
+    out = tmp_path / "ct"
+    args = ["synth", "--out", str(out), "--studies", "2", "--modality", "CT"]
+    assert main([*args, "--slices", "3", "--size", "64", "--sites", "3"]) == 0
+    assert "CT series of 3 slices" in capsys.readouterr().out
+    files = sorted(out.rglob("*.dcm"))
+    assert len(files) == 6
+    ds = pydicom.dcmread(files[0])
+    assert ds.Modality == "CT" and ds.Rows == 64 and ds.Manufacturer == SITES[3].manufacturer
+    assert main([*args, "--slices", "0"]) == 1
+    assert "--slices" in capsys.readouterr().err

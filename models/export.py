@@ -20,13 +20,7 @@ The manifest records each file's name, SHA-256, opset, input/output names and th
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import os
 import shutil
-import tempfile
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +30,12 @@ import torch
 from torch import Tensor, nn
 
 from acwi_node.inference.analyser import build_model
-from acwi_node.inference.engines.onnx_export import DEFAULT_OPSET, OnnxFile, export_backbone
+from acwi_node.inference.engines.onnx_export import (
+    DEFAULT_OPSET,
+    OnnxFile,
+    export_backbone,
+    write_onnx,
+)
 from acwi_node.inference.manifest import (
     MANIFEST_NAME,
     ModelManifest,
@@ -258,44 +257,22 @@ def export_full(
     model: DIANet, path: Path, *, input_size: int, temperature: float, opset: int = DEFAULT_OPSET
 ) -> OnnxFile:
     """Write :class:`FullModel` of ``model`` (CPU, evaluation mode) to ``path`` atomically."""
-    try:
-        import onnxscript  # noqa: F401  (the exporter needs it)
-    except ImportError as exc:
-        raise ExportError(
-            "ONNX export needs the onnx and onnxscript packages (pip install 'acwi-node[onnx]')"
-        ) from exc
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model = model.eval()
     example = torch.zeros(2, model.config.in_channels, input_size, input_size)
-    dynamic = {name: {0: "batch"} for name in (FULL_INPUT_NAME, *FULL_OUTPUT_NAMES)}
-    fd, tmp_name = tempfile.mkstemp(prefix=".export-", suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    quiet = logging.getLogger("torch.onnx")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                FullModel(model, temperature),
-                (example,),
-                str(tmp),
-                input_names=[FULL_INPUT_NAME],
-                output_names=list(FULL_OUTPUT_NAMES),
-                dynamic_axes=dynamic,
-                opset_version=opset,
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-            )
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the export is a model artefact
-        os.replace(tmp, path)
+        write_onnx(
+            FullModel(model, temperature),
+            example,
+            path,
+            input_names=[FULL_INPUT_NAME],
+            output_names=FULL_OUTPUT_NAMES,
+            opset=opset,
+        )
+    except RuntimeError as exc:  # the exporter's packages are missing
+        raise ExportError(str(exc)) from exc
     finally:
-        quiet.setLevel(level)
-        tmp.unlink(missing_ok=True)
         model.train(was_training)
     return OnnxFile(
         path=path,

@@ -15,6 +15,7 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,10 +56,16 @@ class OnnxFile:
     dynamic_batch: bool = True
 
 
-def export_backbone(
-    model: DIANet, path: Path, *, input_size: int, opset: int = DEFAULT_OPSET
-) -> OnnxFile:
-    """Write the backbone of ``model`` (on CPU, evaluation mode) to ``path`` atomically."""
+def write_onnx(
+    module: nn.Module,
+    example: Tensor,
+    path: Path,
+    *,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    opset: int = DEFAULT_OPSET,
+) -> None:
+    """Export ``module`` (dynamic batch on every input and output) to ``path`` atomically."""
     try:
         import onnxscript  # noqa: F401  (the exporter needs it)
     except ImportError as exc:
@@ -67,13 +74,7 @@ def export_backbone(
         ) from exc
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    was_training = model.training
-    model = model.eval()
-    params = list(model.parameters())
-    device = params[0].device if params else torch.device("cpu")
-    channels = model.config.in_channels
-    example = torch.zeros(2, channels, input_size, input_size, device=device)
-    dynamic = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
+    dynamic = {name: {0: "batch"} for name in (*input_names, *output_names)}
     fd, tmp_name = tempfile.mkstemp(prefix=".export-", suffix=".onnx", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -84,11 +85,11 @@ def export_backbone(
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                Backbone(model),
+                module,
                 (example,),
                 str(tmp),
-                input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
+                input_names=list(input_names),
+                output_names=list(output_names),
                 dynamic_axes=dynamic,
                 opset_version=opset,
                 dynamo=True,
@@ -100,8 +101,29 @@ def export_backbone(
     finally:
         quiet.setLevel(level)
         tmp.unlink(missing_ok=True)
+
+
+def export_backbone(
+    model: DIANet, path: Path, *, input_size: int, opset: int = DEFAULT_OPSET
+) -> OnnxFile:
+    """Write the backbone of ``model`` (evaluation mode) to ``path`` atomically."""
+    was_training = model.training
+    model = model.eval()
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    example = torch.zeros(2, model.config.in_channels, input_size, input_size, device=device)
+    try:
+        write_onnx(
+            Backbone(model),
+            example,
+            path,
+            input_names=[INPUT_NAME],
+            output_names=OUTPUT_NAMES,
+            opset=opset,
+        )
+    finally:
         model.train(was_training)
-    return OnnxFile(path=path, sha256=sha256_file(path), opset=opset)
+    return OnnxFile(path=Path(path), sha256=sha256_file(Path(path)), opset=opset)
 
 
 def cached_onnx(manifest: ModelManifest, model: DIANet, cache_dir: Path) -> OnnxFile:

@@ -3,10 +3,12 @@
 Commands::
 
     acwi-models synth --out DIR --studies N --seed S [--sites 0,1,2,3] [--images-per-study 1]
+                      [--size 256] [--modality DX|CR|CT] [--slices 16]
     acwi-models train --preset default --out models/registry/default [--config FILE]
                       [--data DIR] [--epochs N] [--threads N] [--resume]
                       [--init-from MODEL --ewc-lambda X [--ewc-data OLD_DIR]]
     acwi-models evaluate --model models/registry/default --data DIR [--out REPORT_DIR]
+                         [--compare MODEL2] [--costly-images 60]
     acwi-models export --model models/registry/default [--out DIR] [--opset N]
 """
 
@@ -37,7 +39,17 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--sites", type=_sites, default=[0, 1, 2, 3])
     synth.add_argument("--images-per-study", type=int, default=1)
-    synth.add_argument("--size", type=int, default=256)
+    synth.add_argument(
+        "--size", type=int, help="image matrix (default 256; 512 with --modality CT)"
+    )
+    synth.add_argument(
+        "--modality",
+        choices=["DX", "CR", "CT"],
+        help="write every study in this modality (default: each site's own, DX or CR)",
+    )
+    synth.add_argument(
+        "--slices", type=int, default=16, help="axial slices per CT series (--modality CT)"
+    )
 
     train = sub.add_parser("train", help="train and calibrate a model")
     train.add_argument("--preset", default="default")
@@ -70,8 +82,22 @@ def _parser() -> argparse.ArgumentParser:
         type=_sites,
         help="sites the model was trained on (default: from the manifest); others count as OOD",
     )
+    evaluate.add_argument(
+        "--compare",
+        type=Path,
+        metavar="MODEL2",
+        help="also evaluate this model on the same data; its metrics go under 'comparison'",
+    )
+    evaluate.add_argument(
+        "--costly-images",
+        type=int,
+        default=60,
+        help="lesion images for the heatmap stability and deletion metrics (default 60)",
+    )
 
-    export = sub.add_parser("export", help="export the ONNX backbone and record it in the manifest")
+    export = sub.add_parser(
+        "export", help="export the ONNX backbone and full model, check parity, record them"
+    )
     export.add_argument("--model", type=Path, required=True, help="manifest or its folder")
     export.add_argument("--out", type=Path, help="write ONNX, manifest and weights here instead")
     export.add_argument("--opset", type=int, default=18)
@@ -81,15 +107,25 @@ def _parser() -> argparse.ArgumentParser:
 def _synth(args: argparse.Namespace) -> int:
     from models.data.synth import write_dataset
 
-    csv_path = write_dataset(
-        args.out,
-        args.studies,
-        args.seed,
-        sites=args.sites,
-        images_per_study=args.images_per_study,
-        size=args.size,
-    )
-    print(f"wrote {args.studies} studies and {csv_path}")
+    ct = args.modality == "CT"
+    if ct and args.slices < 1:
+        print("synth failed: --slices must be at least 1", file=sys.stderr)
+        return 1
+    try:
+        csv_path = write_dataset(
+            args.out,
+            args.studies,
+            args.seed,
+            sites=args.sites,
+            images_per_study=args.slices if ct else args.images_per_study,
+            size=args.size or (512 if ct else 256),
+            modality=args.modality,
+        )
+    except ValueError as exc:
+        print(f"synth failed: {exc}", file=sys.stderr)
+        return 1
+    what = f"CT series of {args.slices} slices" if ct else "studies"
+    print(f"wrote {args.studies} {what} and {csv_path}")
     return 0
 
 
@@ -133,6 +169,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             mc_samples=args.mc_samples,
             threads=args.threads,
             train_sites=args.train_sites,
+            compare=args.compare,
+            costly_images=args.costly_images,
         )
     except ValueError as exc:
         print(f"evaluation failed: {exc}", file=sys.stderr)
@@ -145,14 +183,24 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from models.export import ExportError, export_model
+    from models.export import ExportError, Parity, export
+
+    def show(parity: Parity) -> None:
+        print(f"parity check: ONNX Runtime vs PyTorch on {parity.images} synthetic images")
+        for line in parity.lines():
+            print(line)
 
     try:
-        path = export_model(args.model, args.out, opset=args.opset)
+        result = export(args.model, args.out, opset=args.opset, on_parity=show)
     except (ExportError, ValueError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 1
-    print(f"exported the ONNX backbone and recorded it in {path}")
+    if result.backbone_max_abs_diff is not None:
+        print(f"backbone max |onnx - torch| {result.backbone_max_abs_diff:.3e}")
+    print(
+        f"exported the ONNX backbone ({result.backbone.path.name}) and the full model "
+        f"({result.full.path.name}) and recorded them in {result.manifest_path}"
+    )
     return 0
 
 

@@ -26,6 +26,7 @@ image (``K`` labels):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -46,6 +47,14 @@ from models.model_io import load_analyser
 from models.networks import feature_stride
 
 ECE_BINS = 15
+BOOTSTRAP_RESAMPLES = 200
+BOOTSTRAP_SEED = 0
+AUTO_ACCEPT_REVIEW = 0.2  # auto-accept accuracy on the 80 % most certain cases
+HEATMAP_IOU_THRESHOLD = 0.5  # heatmap >= 0.5 of its maximum is the "hot" region
+STABILITY_SHIFT = 2  # pixels, each of +x, -x, +y, -y
+STABILITY_NOISE = 0.02  # Gaussian noise sigma as a fraction of the image's value range
+DELETION_STEPS = 10
+COSTLY_IMAGES = 60  # lesion images for the stability and deletion metrics
 Box = tuple[int, int, int, int]
 
 
@@ -170,6 +179,158 @@ def centre_value(heatmap: np.ndarray, box: Box) -> float:
     return float(heatmap[y, x])
 
 
+def macro_auc(probabilities: np.ndarray, truth: np.ndarray) -> float | None:
+    """Mean one-vs-rest AUROC over the classes with both positives and negatives in ``truth``."""
+    values = [
+        v
+        for j in range(probabilities.shape[1])
+        if (v := roc_auc(probabilities[:, j], truth == j)) is not None
+    ]
+    return float(np.mean(values)) if values else None
+
+
+def bootstrap_ci(
+    statistic: Callable[[np.ndarray], float | None],
+    n: int,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    level: float = 0.95,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of ``statistic(indices)`` over ``n`` cases (seeded).
+
+    Resamples where the statistic is undefined (e.g. one class missing) are dropped; None when
+    fewer than half of them are defined.
+    """
+    if n < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    values = [
+        v
+        for _ in range(resamples)
+        if (v := statistic(rng.integers(0, n, size=n))) is not None and not math.isnan(v)
+    ]
+    if len(values) < max(1, resamples // 2):
+        return None
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def f1_macro(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
+    """Mean per-class F1 over the classes present in ``truth`` or ``pred``."""
+    scores = []
+    for k in range(num_classes):
+        tp = int(((pred == k) & (truth == k)).sum())
+        fp = int(((pred == k) & (truth != k)).sum())
+        fn = int(((pred != k) & (truth == k)).sum())
+        if tp + fp + fn == 0:
+            continue
+        scores.append(2.0 * tp / (2.0 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else math.nan
+
+
+def uncertainty_error_auroc(score: np.ndarray, correct: np.ndarray) -> float | None:
+    """AUROC of the uncertainty score ranking the wrong predictions first (None: no errors)."""
+    return roc_auc(score, ~np.asarray(correct, dtype=bool))
+
+
+def auto_accept_accuracy(
+    score: np.ndarray, correct: np.ndarray, review_fraction: float = AUTO_ACCEPT_REVIEW
+) -> float | None:
+    """Accuracy of the ``1 - review_fraction`` least uncertain cases (None when none are)."""
+    n = len(score)
+    accepted = n - int(round(review_fraction * n))
+    if accepted <= 0:
+        return None
+    order = np.argsort(score, kind="mergesort")
+    return float(np.asarray(correct, dtype=float)[order[:accepted]].mean())
+
+
+def box_mask(shape: tuple[int, int], box: Box) -> np.ndarray:
+    """Boolean ``rows x cols`` mask of an inclusive ``(x0, y0, x1, y1)`` box (clipped)."""
+    mask = np.zeros(shape, dtype=bool)
+    x0, y0, x1, y1 = box
+    mask[max(y0, 0) : max(y1 + 1, 0), max(x0, 0) : max(x1 + 1, 0)] = True
+    return mask
+
+
+def heatmap_iou(
+    heatmap: np.ndarray, region: np.ndarray, threshold: float = HEATMAP_IOU_THRESHOLD
+) -> float:
+    """IoU of ``heatmap >= threshold * max`` with the boolean ``region`` (0 for an empty map)."""
+    peak = float(heatmap.max())
+    if peak <= 0.0:
+        return 0.0
+    hot = heatmap >= threshold * peak
+    union = int((hot | region).sum())
+    return float((hot & region).sum() / union) if union else 0.0
+
+
+def _box_filter(a: np.ndarray, size: int) -> np.ndarray:
+    """Mean over every ``size x size`` window that fits in ``a`` (integral image, 'valid')."""
+    c = np.pad(a.astype(np.float64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    s = c[size:, size:] - c[:-size, size:] - c[size:, :-size] + c[:-size, :-size]
+    return s / float(size * size)
+
+
+def ssim(a: np.ndarray, b: np.ndarray, *, window: int = 7, data_range: float = 1.0) -> float:
+    """Mean structural similarity of two 2-D arrays (Wang et al. 2004, uniform window).
+
+    ``K1 = 0.01``, ``K2 = 0.03``, sample covariances over each ``window x window`` patch, the
+    mean over all patches that fit. Identical inputs give exactly 1.
+    """
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"SSIM needs two 2-D arrays of one shape, not {a.shape} and {b.shape}")
+    if min(a.shape) < window:
+        raise ValueError(f"SSIM window {window} exceeds the array shape {a.shape}")
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    x, y = a.astype(np.float64), b.astype(np.float64)
+    mx, my = _box_filter(x, window), _box_filter(y, window)
+    correction = window * window / (window * window - 1.0)
+    vx = (_box_filter(x * x, window) - mx * mx) * correction
+    vy = (_box_filter(y * y, window) - my * my) * correction
+    cxy = (_box_filter(x * y, window) - mx * my) * correction
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+def shift_array(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``a`` moved by ``dy`` rows and ``dx`` columns; the uncovered border repeats the edge."""
+    rows, cols = a.shape
+    padded = np.pad(a, ((abs(dy), abs(dy)), (abs(dx), abs(dx))), mode="edge")
+    top, left = abs(dy) - dy, abs(dx) - dx
+    return padded[top : top + rows, left : left + cols]
+
+
+def salience_order(heatmap: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Flat pixel indices, most salient first; ties (e.g. the zero region) in random order."""
+    flat = heatmap.ravel()
+    return np.lexsort((rng.random(flat.size), -flat))
+
+
+def deletion_images(
+    pixels: np.ndarray, order: np.ndarray, steps: int = DELETION_STEPS
+) -> list[np.ndarray]:
+    """``steps + 1`` images with the first ``i / steps`` of ``order`` set to the image mean."""
+    fill = pixels.mean()
+    out = []
+    for i in range(steps + 1):
+        k = int(round(i / steps * pixels.size))
+        flat = pixels.astype(np.float64).ravel()
+        flat[order[:k]] = fill
+        out.append(flat.reshape(pixels.shape))
+    return out
+
+
+def curve_area(values: Sequence[float]) -> float:
+    """Trapezoidal area under ``values`` at equally spaced fractions from 0 to 1."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        raise ValueError("a curve needs at least two points")
+    return float(np.sum((v[1:] + v[:-1]) / 2.0) / (len(v) - 1))
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -246,6 +407,7 @@ class Collected:
     study_needs_review: dict[str, bool]
     pointing: list[dict[str, Any]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    sop_uids: list[str] = field(default_factory=list)  # (N,)
 
 
 def collect(
@@ -279,6 +441,7 @@ def collect(
     study_review: dict[str, bool] = {}
     pointing: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
+    sop_uids: list[str] = []
     for n, (study, members) in enumerate(by_study.items()):
         datasets = [pydicom.dcmread(m.item.path) for m in members]
         try:
@@ -301,16 +464,19 @@ def collect(
             scores.append(img.uncertainty.score)
             oods.append(img.ood_score)
             study_of.append(study)
+            sop_uids.append(img.sop_instance_uid)
             if member.box is not None:
                 rows, cols = img.heatmap.shape
                 tolerance = 0.5 * max(rows, cols) / grid
                 pointing.append(
                     {
+                        "image": len(truth) - 1,
                         "label": member.item.label,
                         "site": sites[-1],
                         "hit": pointing_hit(img.heatmap, member.box),
                         "hit_tolerant": pointing_hit(img.heatmap, member.box, tolerance),
                         "centre_value": centre_value(img.heatmap, member.box),
+                        "iou": heatmap_iou(img.heatmap, box_mask(img.heatmap.shape, member.box)),
                     }
                 )
         if (n + 1) % 50 == 0:
@@ -333,7 +499,280 @@ def collect(
         study_needs_review=study_review,
         pointing=pointing,
         skipped=skipped,
+        sop_uids=sop_uids,
     )
+
+
+def with_pixels(ds: pydicom.Dataset, pixels: np.ndarray) -> pydicom.Dataset:
+    """A copy of ``ds`` whose stored pixel values are ``pixels`` (rounded, clipped to range)."""
+    original = ds.pixel_array
+    if original.ndim != 2:
+        raise ValueError("only single-frame greyscale images can be perturbed")
+    info = np.iinfo(original.dtype) if original.dtype.kind in "iu" else None
+    bits = int(ds.get("BitsStored", 16))
+    values = np.asarray(pixels, dtype=np.float64)
+    if info is not None:
+        low = info.min if original.dtype.kind == "i" else 0
+        high = min(info.max, 2**bits - 1) if original.dtype.kind == "u" else info.max
+        values = np.clip(np.rint(values), low, high)
+    new = copy.deepcopy(ds)
+    new.set_pixel_data(
+        values.astype(original.dtype),
+        photometric_interpretation=str(ds.PhotometricInterpretation),
+        bits_stored=bits,
+    )
+    return new
+
+
+@dataclass
+class CostlyCase:
+    """Stability and deletion results for one lesion image."""
+
+    image: int  # index into the collected arrays
+    site: int
+    label: str
+    ssim_shift: float
+    ssim_noise: float
+    deletion_curve: list[float]
+    deletion_curve_random: list[float]
+    #: Display copies for the example-heatmap figure (stored values, heatmap, box).
+    pixels: np.ndarray = field(repr=False)
+    heatmap: np.ndarray = field(repr=False)
+    box: Box = (0, 0, 0, 0)
+    monochrome1: bool = False
+
+    @property
+    def stability(self) -> float:
+        return (4.0 * self.ssim_shift + self.ssim_noise) / 5.0
+
+    @property
+    def deletion_auc(self) -> float:
+        return curve_area(self.deletion_curve)
+
+    @property
+    def deletion_auc_random(self) -> float:
+        return curve_area(self.deletion_curve_random)
+
+
+def select_costly(images: Sequence[EvalImage], n: int, seed: int) -> list[int]:
+    """Up to ``n`` lesion images (with a box), drawn round-robin over sites, seeded."""
+    rng = np.random.default_rng(seed)
+    by_site: dict[int, list[int]] = {}
+    for i, image in enumerate(images):
+        if image.box is not None:
+            site = -1 if image.item.site is None else image.item.site
+            by_site.setdefault(site, []).append(i)
+    queues = {site: list(rng.permutation(idx)) for site, idx in sorted(by_site.items())}
+    chosen: list[int] = []
+    while len(chosen) < n and any(queues.values()):
+        for queue in queues.values():
+            if queue and len(chosen) < n:
+                chosen.append(int(queue.pop(0)))
+    return sorted(chosen)
+
+
+def costly_cases(
+    analyser: Analyser,
+    images: Sequence[EvalImage],
+    chosen: Sequence[int],
+    position: dict[str, int],
+    *,
+    seed: int = BOOTSTRAP_SEED,
+    log: Callable[[str], None] = print,
+) -> list[CostlyCase]:
+    """Explanation stability and deletion curves for the ``chosen`` images.
+
+    Each image is analysed with its perturbed copies in one call (so they share the study's
+    dropout seeds and are batched): four +-``STABILITY_SHIFT`` px shifts (the heatmap is shifted
+    back and compared away from the border) and one Gaussian-noise copy for the SSIM; then
+    ``DELETION_STEPS + 1`` copies with the most salient pixels (by the original heatmap), and
+    the same in random order, replaced by the image mean, for the predicted class's probability
+    (the last, constant copy cannot be analysed and counts as chance, ``1 / K``).
+    ``position`` maps SOP Instance UIDs to their index in the collected arrays.
+    """
+    rng = np.random.default_rng(seed)
+    shifts = [(0, STABILITY_SHIFT), (0, -STABILITY_SHIFT), (STABILITY_SHIFT, 0)]
+    shifts.append((-STABILITY_SHIFT, 0))
+    m = STABILITY_SHIFT
+    cases: list[CostlyCase] = []
+    for done, i in enumerate(chosen):
+        image = images[i]
+        if image.item.sop_instance_uid not in position or image.box is None:
+            continue
+        ds = pydicom.dcmread(image.item.path)
+        try:
+            pixels = ds.pixel_array.astype(np.float64)
+            spread = float(pixels.max() - pixels.min()) or 1.0
+            noisy = pixels + rng.normal(0.0, STABILITY_NOISE * spread, pixels.shape)
+            variants = [ds] + [with_pixels(ds, shift_array(pixels, dy, dx)) for dy, dx in shifts]
+            variants.append(with_pixels(ds, noisy))
+            result = analyser.analyse(variants)
+        except (ValueError, NothingToAnalyse) as exc:
+            log(f"stability: skipped an image ({exc})")
+            continue
+        if len(result.images) != len(variants):
+            continue
+        base = result.images[0]
+        hm = base.heatmap
+        inner = (slice(2 * m, -2 * m), slice(2 * m, -2 * m))
+        shift_scores = [
+            ssim(hm[inner], shift_array(r.heatmap, -dy, -dx)[inner])
+            for r, (dy, dx) in zip(result.images[1:5], shifts, strict=True)
+        ]
+        noise_score = ssim(hm, result.images[5].heatmap)
+        cls = max(base.probabilities, key=lambda name: base.probabilities[name])
+        order = salience_order(hm, rng)
+        random_order = rng.permutation(pixels.size)
+        steps = deletion_images(pixels, order) + deletion_images(pixels, random_order)
+        # A fully replaced image is constant, which the preprocessing refuses: it counts as
+        # chance (1 / K), the model having nothing left to see.
+        informative = [i for i, p in enumerate(steps) if float(np.ptp(p)) > 0.0]
+        deleted = analyser.analyse([with_pixels(ds, steps[i]) for i in informative])
+        if len(deleted.images) != len(informative):
+            log("deletion: skipped an image whose perturbed copies could not all be analysed")
+            continue
+        probs = [1.0 / len(analyser.labels)] * len(steps)
+        for i, img in zip(informative, deleted.images, strict=True):
+            probs[i] = img.probabilities[cls]
+        cases.append(
+            CostlyCase(
+                image=position[image.item.sop_instance_uid],
+                site=-1 if image.item.site is None else image.item.site,
+                label=image.item.label,
+                ssim_shift=float(np.mean(shift_scores)),
+                ssim_noise=noise_score,
+                deletion_curve=probs[: DELETION_STEPS + 1],
+                deletion_curve_random=probs[DELETION_STEPS + 1 :],
+                pixels=pixels.astype(np.float32),
+                heatmap=hm,
+                box=image.box,
+                monochrome1=str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1",
+            )
+        )
+        if (done + 1) % 20 == 0:
+            log(f"stability and deletion: {done + 1}/{len(chosen)} images")
+    return cases
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+def required_metrics(
+    c: Collected,
+    sel: np.ndarray,
+    cases: Sequence[CostlyCase],
+    *,
+    in_domain_auc: float | None,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict[str, Any]:
+    """The issue's headline metrics on the images ``sel`` (a boolean mask over ``c``).
+
+    ``domain_gap_auc`` is ``in_domain_auc`` minus this selection's macro AUC (None without
+    either). ``n`` gives the number of cases behind each metric.
+    """
+    k = len(c.labels)
+    probs, truth, score = c.probabilities[sel], c.truth[sel], c.score[sel]
+    pred = probs.argmax(axis=1)
+    correct = pred == truth
+    indices = set(np.flatnonzero(sel).tolist())
+    boxes = [p for p in c.pointing if p["image"] in indices]
+    chosen = [case for case in cases if case.image in indices]
+    auc_value = macro_auc(probs, truth) if len(truth) else None
+    ci = bootstrap_ci(
+        lambda idx: macro_auc(probs[idx], truth[idx]), len(truth), resamples=resamples, seed=seed
+    )
+    gap = None if in_domain_auc is None or auc_value is None else in_domain_auc - auc_value
+    n_images = len(truth)
+    return {
+        "accuracy": float(correct.mean()) if n_images else None,
+        "f1_macro": _none_if_nan(f1_macro(pred, truth, k)) if n_images else None,
+        "auc_macro": auc_value,
+        "auc_macro_ci95": list(ci) if ci is not None else None,
+        "ece": reliability(probs, truth).ece if n_images else None,
+        "uncertainty_error_auroc": uncertainty_error_auroc(score, correct) if n_images else None,
+        "auto_accept_accuracy_at_20pct_review": auto_accept_accuracy(score, correct),
+        "pointing_game": _mean([float(p["hit"]) for p in boxes]),
+        "heatmap_iou": _mean([p["iou"] for p in boxes]),
+        "explanation_stability_ssim": _mean([case.stability for case in chosen]),
+        "explanation_stability_ssim_shift": _mean([case.ssim_shift for case in chosen]),
+        "explanation_stability_ssim_noise": _mean([case.ssim_noise for case in chosen]),
+        "deletion_auc": _mean([case.deletion_auc for case in chosen]),
+        "deletion_auc_random": _mean([case.deletion_auc_random for case in chosen]),
+        "domain_gap_auc": gap,
+        "n": {
+            "images": n_images,
+            "errors": int((~correct).sum()),
+            "auto_accepted": n_images - int(round(AUTO_ACCEPT_REVIEW * n_images)),
+            "lesion_images": len(boxes),
+            "stability_deletion_images": len(chosen),
+            "bootstrap_resamples": resamples,
+        },
+    }
+
+
+def headline_metrics(
+    c: Collected,
+    cases: Sequence[CostlyCase],
+    train_sites: Sequence[int] | None,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict[str, Any]:
+    """``test`` (all images) and ``leave_one_site_out`` (per site) headline metrics.
+
+    Held-out sites are those outside ``train_sites``. The in-domain AUC is that of the
+    training-site images; a held-out site's ``domain_gap_auc`` is the in-domain AUC minus its
+    own. When no site in the data is held out (or the training sites are unknown) every site is
+    reported against the other sites' images instead, and ``mode`` says so.
+    """
+    sites = sorted({int(s) for s in c.sites.tolist()})
+    known = train_sites is not None
+    held_out = [s for s in sites if known and s >= 0 and s not in list(train_sites or [])]
+    in_domain = (
+        np.isin(c.sites, list(train_sites))
+        if train_sites is not None
+        else np.ones(len(c.sites), bool)
+    )
+    in_domain_auc = macro_auc(c.probabilities[in_domain], c.truth[in_domain])
+    test_gap_auc = None
+    if held_out:
+        unseen = np.isin(c.sites, held_out)
+        unseen_auc = macro_auc(c.probabilities[unseen], c.truth[unseen])
+        if in_domain_auc is not None and unseen_auc is not None:
+            test_gap_auc = in_domain_auc - unseen_auc
+    test = required_metrics(
+        c, np.ones(len(c.truth), bool), cases, in_domain_auc=None, resamples=resamples, seed=seed
+    )
+    test["domain_gap_auc"] = test_gap_auc
+    test["in_domain_auc"] = in_domain_auc
+    per_site: dict[str, Any] = {}
+    for site in sites:
+        sel = c.sites == site
+        reference = in_domain & ~sel if held_out else ~sel
+        ref_auc = macro_auc(c.probabilities[reference], c.truth[reference])
+        per_site[str(site)] = {
+            "held_out": site in held_out,
+            **required_metrics(
+                c, sel, cases, in_domain_auc=ref_auc, resamples=resamples, seed=seed
+            ),
+        }
+    if held_out:
+        mode = (
+            f"held-out sites {held_out} were not in training (sites {list(train_sites or [])}); "
+            "training sites are listed for reference, their domain_gap_auc against the other "
+            "training sites"
+        )
+    else:
+        mode = (
+            "no site in the data is held out of training (or the training sites are unknown): "
+            "per-site figures, each site's domain_gap_auc against the other sites' images"
+        )
+    return {
+        "test": test,
+        "leave_one_site_out": {"mode": mode, "held_out_sites": held_out, "sites": per_site},
+    }
 
 
 def _none_if_nan(value: float) -> float | None:
@@ -564,6 +1003,73 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+HEADLINE_KEYS = (
+    "accuracy",
+    "f1_macro",
+    "auc_macro",
+    "ece",
+    "uncertainty_error_auroc",
+    "auto_accept_accuracy_at_20pct_review",
+    "pointing_game",
+    "heatmap_iou",
+    "explanation_stability_ssim",
+    "deletion_auc",
+    "deletion_auc_random",
+    "domain_gap_auc",
+)
+
+
+def _headline_markdown(m: dict[str, Any], files: dict[str, str]) -> list[str]:
+    """The headline table: test split, each site, and the comparison model's test split."""
+    if "test" not in m:
+        return []
+    columns: list[tuple[str, dict[str, Any]]] = [("test", m["test"])]
+    for site, v in m["leave_one_site_out"]["sites"].items():
+        columns.append((f"site {site}" + (" (held out)" if v["held_out"] else ""), v))
+    if "comparison" in m:
+        other = m["comparison"]
+        columns.append((f"{other['model']['name']} test", other["test"]))
+        for site in m["leave_one_site_out"]["held_out_sites"]:
+            v = other["leave_one_site_out"]["sites"].get(str(site))
+            if v is not None:
+                columns.append((f"{other['model']['name']} site {site}", v))
+    lines = [
+        "",
+        "## Headline metrics",
+        "",
+        f"Leave-one-site-out: {m['leave_one_site_out']['mode']}. AUC 95 % CI: percentile "
+        f"bootstrap, {m['settings']['bootstrap_resamples']} resamples, seed "
+        f"{m['settings']['bootstrap_seed']}. Stability (SSIM of the heatmap under "
+        f"+-{m['settings']['stability_shift_px']} px shifts and Gaussian noise) and deletion "
+        f"AUC ({m['settings']['deletion_steps']} steps, lower is more faithful) on "
+        f"{m['settings']['stability_deletion_images']} lesion images.",
+        "",
+        "| metric | " + " | ".join(name for name, _ in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for key in HEADLINE_KEYS:
+        cells = []
+        for _, v in columns:
+            cell = _fmt(v.get(key))
+            if key == "auc_macro" and v.get("auc_macro_ci95"):
+                low, high = v["auc_macro_ci95"]
+                cell += f" ({low:.3f}-{high:.3f})"
+            cells.append(cell)
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    lines.append(
+        "| n images / lesion / stability | "
+        + " | ".join(
+            f"{v['n']['images']} / {v['n']['lesion_images']} / "
+            f"{v['n']['stability_deletion_images']}"
+            for _, v in columns
+        )
+        + " |"
+    )
+    if "examples" in files:
+        lines += ["", f"![Example heatmaps]({files['examples']})"]
+    return lines
+
+
 def _markdown(metrics: dict[str, Any], files: dict[str, str]) -> str:
     m = metrics
     lines = [
@@ -650,6 +1156,7 @@ def _markdown(metrics: dict[str, Any], files: dict[str, str]) -> str:
             )
     else:
         lines.append("No lesion boxes in the data.")
+    lines += _headline_markdown(m, files)
     ood = m["ood"]
     lines += ["", "## Out-of-distribution detection", ""]
     if ood.get("auroc_unseen_site") is not None:
@@ -675,16 +1182,24 @@ def evaluate_model(
     threads: int | None = None,
     train_sites: Sequence[int] | None = None,
     analyser: Analyser | None = None,
+    compare: Path | None = None,
+    costly_images: int = COSTLY_IMAGES,
+    seed: int = BOOTSTRAP_SEED,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Analyse ``data`` with the model at ``model`` (manifest or folder); return the metrics.
 
     With ``out_dir``, also write ``metrics.json``, ``report.md`` and the PNG plots there.
     ``train_sites`` defaults to the sites named in the manifest's training summary.
+    ``costly_images`` lesion images (round-robin over sites, ``seed``) get the stability and
+    deletion metrics. ``compare`` evaluates a second model on the same images, with the same
+    held-out sites and the same subsample, under the ``comparison`` key.
     """
     started = time.perf_counter()
     if not (Path(data) / LABELS_CSV).is_file():
         raise ValueError(f"{data} has no {LABELS_CSV}")
+    if costly_images < 0:
+        raise ValueError("costly_images must not be negative")
     analyser = analyser or load_analyser(Path(model), mc_samples=mc_samples, threads=threads)
     manifest = analyser.manifest
     items = scan_folder(Path(data), labels=analyser.labels)
@@ -692,9 +1207,53 @@ def evaluate_model(
         raise ValueError(f"no labelled DICOM images found under {data}")
     boxes = read_boxes(Path(data), items)
     images = [EvalImage(item, boxes.get(item.sop_instance_uid)) for item in items]
-    collected = collect(analyser, images, log=log)
     if train_sites is None:
         train_sites = training_sites(manifest.training.dataset)
+    chosen = select_costly(images, costly_images, seed)
+    collected, cases, metrics = _evaluate_one(
+        analyser, images, chosen, train_sites, seed=seed, log=log
+    )
+    metrics["data"] = str(data)
+    if compare is not None:
+        other = load_analyser(Path(compare), mc_samples=mc_samples, threads=threads)
+        if list(other.labels) != list(analyser.labels):
+            raise ValueError(
+                f"cannot compare: {compare} has labels {other.labels}, not {analyser.labels}"
+            )
+        log(f"evaluating the comparison model {compare}")
+        _, _, theirs = _evaluate_one(other, images, chosen, train_sites, seed=seed, log=log)
+        metrics["comparison"] = {
+            key: theirs[key]
+            for key in (
+                "model",
+                "test",
+                "leave_one_site_out",
+                "accuracy",
+                "balanced_accuracy",
+                "macro_auc",
+                "mc_samples",
+                "temperature",
+            )
+        }
+    metrics["seconds"] = round(time.perf_counter() - started, 1)
+    if out_dir is not None:
+        write_report(collected, metrics, Path(out_dir), cases=cases)
+    return metrics
+
+
+def _evaluate_one(
+    analyser: Analyser,
+    images: Sequence[EvalImage],
+    chosen: Sequence[int],
+    train_sites: Sequence[int] | None,
+    *,
+    seed: int,
+    log: Callable[[str], None],
+) -> tuple[Collected, list[CostlyCase], dict[str, Any]]:
+    manifest = analyser.manifest
+    collected = collect(analyser, images, log=log)
+    position = {sop: i for i, sop in enumerate(collected.sop_uids)}
+    cases = costly_cases(analyser, images, chosen, position, seed=seed, log=log)
     normal = [name for name in manifest.labels if name not in manifest.finding_labels]
     metrics = compute_metrics(
         collected,
@@ -702,29 +1261,86 @@ def evaluate_model(
         normal_labels=normal,
         train_sites=train_sites,
     )
+    metrics.update(headline_metrics(collected, cases, train_sites, seed=seed))
     metrics.update(
         {
-            "model": {"name": manifest.name, "version": manifest.version},
-            "data": str(data),
+            "model": {
+                "name": manifest.name,
+                "version": manifest.version,
+                "preset": manifest.training.preset,
+                "training": manifest.training.dataset,
+            },
             "mc_samples": analyser.mc_samples,
             "temperature": manifest.temperature,
             "target_review_rate": manifest.target_review_rate,
             "ood_threshold": manifest.ood.threshold,
             "heatmap_grid": heatmap_grid(manifest.architecture_config, manifest.input.size),
-            "seconds": round(time.perf_counter() - started, 1),
+            "settings": {
+                "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
+                "bootstrap_seed": seed,
+                "auto_accept_review_fraction": AUTO_ACCEPT_REVIEW,
+                "heatmap_iou_threshold": HEATMAP_IOU_THRESHOLD,
+                "stability_shift_px": STABILITY_SHIFT,
+                "stability_noise_fraction": STABILITY_NOISE,
+                "deletion_steps": DELETION_STEPS,
+                "stability_deletion_images": len(cases),
+            },
         }
     )
-    if out_dir is not None:
-        write_report(collected, metrics, Path(out_dir))
-    return metrics
+    return collected, cases, metrics
 
 
-def write_report(c: Collected, metrics: dict[str, Any], out_dir: Path) -> None:
-    """``metrics.json``, ``report.md`` and the PNG plots."""
+def write_report(
+    c: Collected,
+    metrics: dict[str, Any],
+    out_dir: Path,
+    *,
+    cases: Sequence[CostlyCase] = (),
+) -> None:
+    """``metrics.json``, ``report.md`` and the PNG plots (``example_heatmaps.png`` from cases)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = _plots(c, metrics, out_dir)
+    if cases:
+        files["examples"] = _example_heatmaps(cases, out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out_dir / "report.md").write_text(_markdown(metrics, files))
+
+
+def _example_heatmaps(cases: Sequence[CostlyCase], out: Path, count: int = 6) -> str:
+    """A grid of source images with the heatmap overlaid and the ground-truth box drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    by_key: dict[tuple[str, int], CostlyCase] = {}
+    for case in cases:
+        by_key.setdefault((case.label, case.site), case)
+    examples = list(by_key.values())[:count]
+    cols = min(3, len(examples))
+    rows = math.ceil(len(examples) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, case in zip(axes.ravel(), examples, strict=False):
+        low, high = np.percentile(case.pixels, [0.5, 99.5])
+        shown = np.clip((case.pixels - low) / max(high - low, 1e-6), 0.0, 1.0)
+        if case.monochrome1:
+            shown = 1.0 - shown
+        ax.imshow(shown, cmap="gray")
+        ax.imshow(case.heatmap, cmap="jet", alpha=0.35, vmin=0.0, vmax=1.0)
+        x0, y0, x1, y1 = case.box
+        ax.add_patch(
+            Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False, color="lime")
+        )
+        iou = heatmap_iou(case.heatmap, box_mask(case.heatmap.shape, case.box))
+        ax.set_title(f"{case.label}, site {case.site}: IoU {iou:.2f}", fontsize=9)
+    fig.suptitle("Heatmap (overlay) and ground-truth lesion box (green)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "example_heatmaps.png", dpi=100)
+    plt.close(fig)
+    return "example_heatmaps.png"
 
 
 def summary_lines(metrics: dict[str, Any]) -> list[str]:
@@ -752,4 +1368,12 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         )
     if metrics["ood"].get("auroc_unseen_site") is not None:
         lines.append(f"  OOD AUROC unseen site: {metrics['ood']['auroc_unseen_site']:.3f}")
+    blocks = [("test", metrics.get("test"))]
+    if "comparison" in metrics:
+        blocks.append(("comparison test", metrics["comparison"]["test"]))
+    for name, block in blocks:
+        if block is not None:
+            lines.append(
+                f"{name}: " + ", ".join(f"{key} {_fmt(block.get(key))}" for key in HEADLINE_KEYS)
+            )
     return lines

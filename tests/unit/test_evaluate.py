@@ -12,15 +12,28 @@ import pytest
 from models.cli import main as cli_main
 from models.data.synth import write_dataset
 from models.evaluate import (
+    HEADLINE_KEYS,
     auc,
+    auto_accept_accuracy,
+    bootstrap_ci,
+    box_mask,
     centre_value,
+    curve_area,
+    deletion_images,
     evaluate_model,
+    f1_macro,
+    heatmap_iou,
+    macro_auc,
     pointing_hit,
     reliability,
     roc_auc,
     roc_curve,
+    salience_order,
+    shift_array,
+    ssim,
     training_sites,
     triage_curve,
+    uncertainty_error_auroc,
 )
 from models.train import config_from_dict, train
 
@@ -131,3 +144,129 @@ def test_evaluate_cli_reports_bad_input(
     code = cli_main(["evaluate", "--model", str(tiny_model), "--data", str(tmp_path / "empty")])
     assert code == 1
     assert "no labels.csv" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- headline metrics
+
+
+def test_macro_auc_and_bootstrap_interval() -> None:
+    truth = np.array([0, 0, 1, 1, 2, 2])
+    perfect = np.eye(3)[truth] * 0.8 + 0.1
+    assert macro_auc(perfect, truth) == 1.0
+    assert macro_auc(perfect[::-1], truth) is not None
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 3, 200)
+    noisy = np.eye(3)[truth] + rng.normal(0, 0.8, (200, 3))
+    value = macro_auc(noisy, truth)
+    ci = bootstrap_ci(lambda idx: macro_auc(noisy[idx], truth[idx]), 200, resamples=100)
+    assert value is not None and ci is not None
+    assert ci[0] < value < ci[1] and ci[0] > 0.5 and ci[1] <= 1.0
+    again = bootstrap_ci(lambda idx: macro_auc(noisy[idx], truth[idx]), 200, resamples=100)
+    assert again == ci  # seeded
+    assert bootstrap_ci(lambda idx: 1.0, 1) is None
+
+
+def test_f1_macro() -> None:
+    truth = np.array([0, 0, 1, 1])
+    assert f1_macro(truth, truth, 3) == 1.0
+    # class 0: tp 1, fn 1 -> 2/3; class 1: tp 2, fp 1 -> 0.8
+    assert f1_macro(np.array([0, 1, 1, 1]), truth, 3) == pytest.approx((2 / 3 + 0.8) / 2)
+
+
+def test_uncertainty_error_auroc_and_auto_accept() -> None:
+    score = np.array([0.1, 0.2, 0.3, 0.4, 0.9])
+    correct = np.array([True, True, True, True, False])
+    assert uncertainty_error_auroc(score, correct) == 1.0
+    assert uncertainty_error_auroc(-score, correct) == 0.0
+    assert uncertainty_error_auroc(score, np.ones(5, bool)) is None
+    assert auto_accept_accuracy(score, correct) == 1.0  # the worst 20 % (one case) reviewed
+    assert auto_accept_accuracy(-score, correct) == pytest.approx(0.75)
+    assert auto_accept_accuracy(score, correct, review_fraction=1.0) is None
+
+
+def test_heatmap_iou_against_a_box() -> None:
+    heatmap = np.zeros((16, 16), dtype=np.float32)
+    heatmap[4:8, 4:8] = 1.0
+    assert heatmap_iou(heatmap, box_mask((16, 16), (4, 4, 7, 7))) == 1.0
+    assert heatmap_iou(heatmap, box_mask((16, 16), (4, 4, 11, 7))) == pytest.approx(0.5)
+    assert heatmap_iou(heatmap, box_mask((16, 16), (10, 10, 12, 12))) == 0.0
+    assert heatmap_iou(np.zeros((16, 16)), box_mask((16, 16), (0, 0, 3, 3))) == 0.0
+    heatmap[0, 0] = 0.4  # under half the peak: not "hot"
+    assert heatmap_iou(heatmap, box_mask((16, 16), (4, 4, 7, 7))) == 1.0
+
+
+def test_ssim_and_shift() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.random((32, 32))
+    assert ssim(a, a) == pytest.approx(1.0)
+    assert ssim(a, 1.0 - a) < 0.0  # anti-correlated structure
+    assert 0.0 < ssim(a, np.clip(a + rng.normal(0, 0.1, a.shape), 0, 1)) < 0.95
+    with pytest.raises(ValueError):
+        ssim(a, a[:16])
+    moved = shift_array(a, 2, -3)
+    assert np.array_equal(moved[2:, :-3], a[:-2, 3:])
+    assert np.array_equal(shift_array(moved, -2, 3)[4:-4, 4:-4], a[4:-4, 4:-4])
+
+
+def test_deletion_images_and_curve_area() -> None:
+    pixels = np.arange(16, dtype=float).reshape(4, 4)
+    heatmap = np.zeros((4, 4))
+    heatmap[3, 3], heatmap[3, 2] = 1.0, 0.5
+    order = salience_order(heatmap, np.random.default_rng(0))
+    assert order[:2].tolist() == [15, 14]
+    steps = deletion_images(pixels, order, steps=4)
+    assert len(steps) == 5
+    assert np.array_equal(steps[0], pixels)
+    assert np.all(steps[-1] == pixels.mean())
+    assert steps[1].ravel()[15] == pixels.mean() and steps[1].ravel()[0] == 0.0
+    assert curve_area([1.0, 1.0, 1.0]) == 1.0
+    assert curve_area([1.0, 0.0, 0.0]) == pytest.approx(0.25)
+
+
+BUNDLED = Path(__file__).resolve().parents[2] / "models" / "registry" / "default"
+
+
+def test_evaluate_bundled_model_headline_metrics(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "data", 24, seed=11, sites=[0, 2, 4], size=128)
+    metrics = evaluate_model(
+        BUNDLED,
+        tmp_path / "data",
+        tmp_path / "report",
+        mc_samples=4,
+        costly_images=6,
+        compare=BUNDLED,
+        log=lambda _: None,
+    )
+    loso = metrics["leave_one_site_out"]
+    assert loso["held_out_sites"] == [4]
+    assert set(loso["sites"]) == {"0", "2", "4"} and loso["sites"]["4"]["held_out"]
+    blocks = [metrics["test"], *loso["sites"].values()]
+    for block in blocks:
+        for key in HEADLINE_KEYS:
+            assert key in block
+        for key in ("accuracy", "f1_macro", "auto_accept_accuracy_at_20pct_review"):
+            assert 0.0 <= block[key] <= 1.0
+        for key in ("ece", "pointing_game", "heatmap_iou"):
+            assert block[key] is None or 0.0 <= block[key] <= 1.0
+        if block["auc_macro"] is not None:
+            assert 0.0 <= block["auc_macro"] <= 1.0
+    test = metrics["test"]
+    assert test["n"]["images"] == 24 and test["n"]["stability_deletion_images"] == 6
+    low, high = test["auc_macro_ci95"]
+    assert low <= test["auc_macro"] <= high
+    assert -1.0 <= test["explanation_stability_ssim"] <= 1.0
+    assert 0.0 <= test["deletion_auc"] <= 1.0 and 0.0 <= test["deletion_auc_random"] <= 1.0
+    assert test["domain_gap_auc"] is not None
+    assert sum(b["n"]["stability_deletion_images"] for b in loso["sites"].values()) == 6
+    theirs = metrics["comparison"]["test"]  # the same model on the same data
+    for key in HEADLINE_KEYS:
+        if key.startswith("deletion_auc"):  # heavily deleted images vary slightly per run
+            assert theirs[key] == pytest.approx(test[key], abs=0.05)
+        else:
+            assert theirs[key] == test[key]
+    report = tmp_path / "report"
+    assert (report / "example_heatmaps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (report / "report.md").read_text()
+    assert "## Headline metrics" in text and "(example_heatmaps.png)" in text
+    saved = json.loads((report / "metrics.json").read_text())
+    assert saved["test"]["auc_macro"] == test["auc_macro"]

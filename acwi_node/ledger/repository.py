@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import create_engine, event, func, select, text, update
-from sqlalchemy.engine import Engine
+from sqlalchemy import Table, create_engine, event, func, insert, select, text, update
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -182,14 +182,24 @@ class Ledger:
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
             Base.metadata.create_all(conn)
 
-    @contextmanager
-    def session(self) -> Iterator[Session]:
-        """A session inside one transaction, committed on success."""
+    def _after_fork(self) -> None:
         if os.getpid() != self._pid:  # after fork: never share pooled connections
             self.engine.dispose(close=False)
             self._pid = os.getpid()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session inside one transaction, committed on success."""
+        self._after_fork()
         with self._sessions() as s, s.begin():
             yield s
+
+    @contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """A Core connection inside one transaction, committed on success (hot paths)."""
+        self._after_fork()
+        with self.engine.begin() as conn:
+            yield conn
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -206,49 +216,65 @@ class Ledger:
         raise AssertionError("unreachable")
 
     def _record_instance(self, rec: InstanceRecord, first_in_association: bool) -> Recorded:
+        # SQLAlchemy Core, not the ORM: this runs once per C-STORE, before the answer, and
+        # the ORM's unit of work cost more than the database itself.
         now = utcnow()
-        with self.session() as s:
-            study = s.scalars(
-                select(Study).where(Study.study_uid == rec.study_uid).with_for_update()
-            ).one_or_none()
-            reopened = False
-            if study is None:
-                study = Study(
-                    study_uid=rec.study_uid,
-                    calling_ae=rec.calling_ae,
-                    modality=rec.modality,
-                    body_part=rec.body_part,
-                    first_received_at=now,
-                    last_received_at=now,
-                    generation=1,
-                    state=StudyState.RECEIVING,
-                    instance_count=0,
-                    open_associations=0,
+        studies = cast(Table, Study.__table__)
+        instances = cast(Table, Instance.__table__)
+        with self.connection() as conn:
+            row = conn.execute(
+                select(
+                    studies.c.id,
+                    studies.c.generation,
+                    studies.c.state,
+                    studies.c.modality,
+                    studies.c.body_part,
                 )
-                s.add(study)
-                s.flush()
-            elif study.state != StudyState.RECEIVING:
-                study.generation += 1
-                study.state = StudyState.RECEIVING
-                study.reason = ""
-                reopened = True
+                .where(studies.c.study_uid == rec.study_uid)
+                .with_for_update()
+            ).first()
+            reopened = False
+            changes: dict[str, Any] = {"last_received_at": now}
+            if row is None:
+                created = conn.execute(
+                    insert(studies).values(
+                        study_uid=rec.study_uid,
+                        calling_ae=rec.calling_ae,
+                        modality=rec.modality[:16],
+                        body_part=rec.body_part[:64],
+                        first_received_at=now,
+                        last_received_at=now,
+                        generation=1,
+                        state=StudyState.RECEIVING,
+                        instance_count=0,
+                        open_associations=0,
+                    )
+                )
+                assert created.inserted_primary_key is not None
+                study_id = created.inserted_primary_key[0]
+                generation = 1
+            else:
+                study_id, generation = row.id, row.generation
+                if row.state != StudyState.RECEIVING:
+                    generation += 1
+                    reopened = True
+                    changes.update(generation=generation, state=StudyState.RECEIVING, reason="")
+                modality = row.modality or ""
+                if rec.modality and rec.modality not in modality.split("\\"):
+                    changes["modality"] = (
+                        f"{modality}\\{rec.modality}" if modality else rec.modality
+                    )[:16]
+                if rec.body_part and not row.body_part:
+                    changes["body_part"] = rec.body_part[:64]
             if first_in_association:
-                study.open_associations += 1
-            study.last_received_at = now
-            if rec.modality and rec.modality not in study.modality.split("\\"):
-                study.modality = (
-                    f"{study.modality}\\{rec.modality}" if study.modality else rec.modality
-                )[:16]
-            if rec.body_part and not study.body_part:
-                study.body_part = rec.body_part[:64]
-            existing = s.scalars(
-                select(Instance).where(Instance.sop_instance_uid == rec.sop_instance_uid)
-            ).one_or_none()
-            duplicate = existing is not None
+                changes["open_associations"] = studies.c.open_associations + 1
+            existing = conn.execute(
+                select(instances.c.id).where(instances.c.sop_instance_uid == rec.sop_instance_uid)
+            ).first()
             if existing is None:
-                s.add(
-                    Instance(
-                        study_id=study.id,
+                conn.execute(
+                    insert(instances).values(
+                        study_id=study_id,
                         sop_instance_uid=rec.sop_instance_uid,
                         sop_class_uid=rec.sop_class_uid,
                         series_uid=rec.series_uid,
@@ -257,18 +283,25 @@ class Ledger:
                         path=rec.path,
                         size=rec.size,
                         calling_ae=rec.calling_ae,
-                        generation=study.generation,
+                        generation=generation,
                         received_at=now,
                     )
                 )
-                study.instance_count += 1
+                changes["instance_count"] = studies.c.instance_count + 1
             else:
-                existing.path = rec.path
-                existing.size = rec.size
-                existing.transfer_syntax_uid = rec.transfer_syntax_uid
-                existing.generation = study.generation
-                existing.received_at = now
-            return Recorded(study.id, study.generation, reopened, duplicate)
+                conn.execute(
+                    update(instances)
+                    .where(instances.c.id == existing.id)
+                    .values(
+                        path=rec.path,
+                        size=rec.size,
+                        transfer_syntax_uid=rec.transfer_syntax_uid,
+                        generation=generation,
+                        received_at=now,
+                    )
+                )
+            conn.execute(update(studies).where(studies.c.id == study_id).values(**changes))
+            return Recorded(int(study_id), generation, reopened, existing is not None)
 
     def association_released(self, study_ids: Sequence[int]) -> None:
         """An association that sent instances of these studies ended (released or aborted)."""

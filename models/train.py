@@ -131,6 +131,12 @@ class ModelConfig:
     feature_channels: int = 64
     latent_dim: int = 32
     dropout: float = 0.2
+    #: DIANet only: encoder (``small``, ``resnet50``, ``mobilenetv3``), its channel multiplier,
+    #: and the optional latent prototype codebook (0 = off); see :class:`DIANetConfig`.
+    backbone: str = "small"
+    backbone_width: float = 1.0
+    codebook_size: int = 0
+    codebook_temperature: float = 1.0
     #: AMRI-Net only: parallel kernel sizes per stage and the transformer encoder's size.
     kernel_sizes: list[int] = field(default_factory=lambda: [3, 5, 7])
     transformer_layers: int = 2
@@ -266,6 +272,10 @@ class TrainingConfig:
             feature_channels=m.feature_channels,
             latent_dim=m.latent_dim,
             dropout=m.dropout,
+            backbone=m.backbone,
+            backbone_width=m.backbone_width,
+            codebook_size=m.codebook_size,
+            codebook_temperature=m.codebook_temperature,
         )
 
 

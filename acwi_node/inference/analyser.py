@@ -110,6 +110,10 @@ def mc_head_batched(
     if model.training:
         raise ValueError("mc_head_batched needs the model in evaluation mode")
     z = model.to_mu(pooled)  # evaluation mode: z = mu, as in DIANet.head
+    mixture = getattr(model, "codebook_mixture", None)  # DIANet only (AMRI-Net has none)
+    codebook = mixture(z) if mixture is not None else None
+    if codebook is not None:  # as in DIANet.head: the prototype mixture is added to mu
+        z = z + codebook[1]
     p = model.config.dropout
     if samples == 0 or p <= 0:
         zs = z.unsqueeze(0).repeat(max(samples, 1), 1, 1)

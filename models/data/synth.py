@@ -239,6 +239,39 @@ def lesion_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
 
 
+#: Suffix of the lesion mask written next to a lesion image's ``.truth.json`` side-car.
+MASK_SUFFIX = ".mask.png"
+
+
+def write_mask(dicom_path: Path, mask: np.ndarray) -> str | None:
+    """Write ``<stem>.mask.png`` next to ``dicom_path``; return its file name (None if empty).
+
+    The PNG is 8-bit greyscale at the image's Rows x Columns: 255 on exactly the lesion's
+    pixels, 0 elsewhere. An empty mask (a normal image) writes nothing.
+    """
+    from PIL import Image
+
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
+    if not mask.any():
+        return None
+    path = Path(dicom_path).with_suffix(MASK_SUFFIX)
+    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(path)
+    return path.name
+
+
+def read_mask(truth_path: Path) -> np.ndarray | None:
+    """The boolean lesion mask a ``.truth.json`` side-car references (None when it has none)."""
+    from PIL import Image
+
+    truth_path = Path(truth_path)
+    name = json.loads(truth_path.read_text()).get("mask")
+    if not name:
+        return None
+    with Image.open(truth_path.parent / name) as img:
+        return np.asarray(img.convert("L")) > 127
+
+
 @dataclass(frozen=True)
 class _Lung:
     cx: float
@@ -558,7 +591,9 @@ def write_study(
 
     Image ``i`` is ``make_phantom(label, site, image_seed(seed, i), size)``. Ground truth is
     written only to a side-car ``<file stem>.truth.json`` next to each DICOM file (label,
-    site, phantom seed, box); the DICOM files carry no label. Returns the DICOM paths.
+    site, phantom seed, box, mask); the DICOM files carry no label. A lesion image also gets
+    ``<file stem>.mask.png`` (see :func:`write_mask`), named by the side-car's ``"mask"``
+    (null for a normal image). Returns the DICOM paths.
 
     ``modality="CT"`` writes an axial CT series of ``n_images`` slices instead (see
     :func:`write_ct_series`; ``size`` is then the slice matrix).
@@ -616,6 +651,7 @@ def write_study(
             "phantom_seed": phantom_seed,
             "size": size,
             "box": list(phantom.box) if phantom.box else None,
+            "mask": write_mask(path, phantom.mask),
         }
         path.with_suffix(".truth.json").write_text(json.dumps(truth, indent=2) + "\n")
         paths.append(path)
@@ -1061,7 +1097,8 @@ def write_ct_series(
     Slice ``k`` (``<accession>_<k + 1:04d>.dcm``, InstanceNumber ``k + 1``) lies at patient z
     ``ImagePositionPatient[2]``, one slice thickness apart. Each file's ``.truth.json``
     side-car holds the slice label (``nodule`` where the nodule's cross-section is in the
-    slice, else ``normal``), the series label, its box in pixels and the nodule's position
+    slice, else ``normal``), the series label, its box in pixels, its mask file (``"mask"``,
+    see :func:`write_mask`; null without a nodule cross-section) and the nodule's position
     (centre in mm and in voxels, radius, slices); the DICOM files carry no label.
     """
     _check_ct(label, site, slices, size)
@@ -1116,6 +1153,7 @@ def write_ct_series(
             "slice_index": k,
             "z_mm": series.z_mm[k],
             "box": list(box) if box else None,
+            "mask": write_mask(path, series.mask[k]),
             "nodule": None
             if nodule is None
             else {

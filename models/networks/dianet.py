@@ -24,6 +24,20 @@ in the pooled features: ``logits = W A_mu pooled + (W b_mu + b)``. With
 The blob stem and the detail skip give the global-average-pooled head direct access to
 small, bright structures; without them learning small lesions under GAP is slow and erratic.
 
+Backbones (``DIANetConfig.backbone``): ``"small"`` is the blob stem and stages above (the
+bundled model); ``"resnet50"`` and ``"mobilenetv3"`` (:mod:`models.networks.backbones`,
+channel counts scaled by ``backbone_width``) replace the stem and stages, giving the stem
+activation (stride 2, for the detail skip) and four stage outputs at strides 4..32 whose last
+``pyramid_levels`` form the pyramid; ``widths`` and ``stem_kernel`` then go unused.
+
+Prototype codebook (``codebook_size = K > 0``): learnable prototypes ``P`` (K x D). The
+latent mean is softly assigned, ``a = softmax(-||mu - P_k||^2 / codebook_temperature)``, and
+the head input becomes ``z + a P`` (the residual form ``mu + mixture`` at evaluation), so the
+heads see the latent pulled towards its prototypes. ``Encoding.assignment`` holds ``a``. With
+a codebook the logits are ``W_eff pooled + b_eff + W (a P)``: the CAM still explains the
+spatial part and the mixture adds an image-level offset (:meth:`DIANet.codebook_mixture`).
+``codebook_size = 0`` creates no parameters (the state dict is that of a plain DIANet).
+
 Monte-Carlo dropout: :meth:`DIANet.encode` runs the backbone once; :meth:`DIANet.head` with
 ``mc=True`` applies dropout even in evaluation mode, so T samples cost T cheap head passes.
 """
@@ -36,6 +50,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.networks.backbones import BACKBONES, NUM_LEVELS, build_backbone
 
 LOGVAR_LATENT_RANGE = (-8.0, 4.0)
 LOGVAR_ALEATORIC_RANGE = (-10.0, 5.0)
@@ -59,6 +75,14 @@ class DIANetConfig:
     feature_channels: int = 64
     latent_dim: int = 32
     dropout: float = 0.2
+    #: Encoder: ``"small"`` (stem + ``widths`` stages), ``"resnet50"`` or ``"mobilenetv3"``.
+    backbone: str = "small"
+    #: Channel multiplier of the ``resnet50`` / ``mobilenetv3`` backbones (1.0 = reference).
+    backbone_width: float = 1.0
+    #: Number of latent prototypes (0 = no codebook, no extra parameters).
+    codebook_size: int = 0
+    #: Softmax temperature of the soft prototype assignment.
+    codebook_temperature: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
@@ -72,6 +96,13 @@ class DIANetConfig:
         values = dict(data)
         if "widths" in values:
             values["widths"] = tuple(int(w) for w in values["widths"])
+        if "backbone" in values:
+            values["backbone"] = str(values["backbone"])
+        for key in ("backbone_width", "codebook_temperature"):
+            if key in values:
+                values[key] = float(values[key])
+        if "codebook_size" in values:
+            values["codebook_size"] = int(values["codebook_size"])
         return cls(**values)
 
 
@@ -83,6 +114,7 @@ class Encoding(NamedTuple):
     mu: Tensor  # (B, D)
     logvar_latent: Tensor  # (B, D)
     attention: tuple[Tensor, ...]  # per scale, (B, 1, h_i, w_i), finest first
+    assignment: Tensor | None = None  # (B, K) soft prototype assignment, None without codebook
 
 
 class HeadOutput(NamedTuple):
@@ -218,20 +250,33 @@ class DIANet(nn.Module):
         super().__init__()
         self.config = config or DIANetConfig()
         cfg = self.config
-        if not 2 <= cfg.pyramid_levels <= len(cfg.widths) - 1:
+        if cfg.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {cfg.backbone!r}; expected one of {BACKBONES}")
+        if cfg.codebook_size < 0:
+            raise ValueError("codebook_size must be 0 (off) or positive")
+        if cfg.codebook_temperature <= 0:
+            raise ValueError("codebook_temperature must be positive")
+        stages = len(cfg.widths) - 1 if cfg.backbone == "small" else NUM_LEVELS
+        if not 2 <= cfg.pyramid_levels <= stages:
             raise ValueError("pyramid_levels must be between 2 and the number of stages")
         if not 0 <= cfg.fusion_level < cfg.pyramid_levels:
             raise ValueError("fusion_level must index a pyramid level")
-        self.stem = BlobStem(cfg.in_channels, cfg.widths[0], cfg.stem_kernel)
-        self.stages = nn.ModuleList(
-            Stage(cin, cout) for cin, cout in zip(cfg.widths[:-1], cfg.widths[1:], strict=True)
-        )
+        if cfg.backbone == "small":
+            self.stem = BlobStem(cfg.in_channels, cfg.widths[0], cfg.stem_kernel)
+            self.stages = nn.ModuleList(
+                Stage(cin, cout) for cin, cout in zip(cfg.widths[:-1], cfg.widths[1:], strict=True)
+            )
+            stem_channels, level_widths = cfg.widths[0], tuple(cfg.widths[1:])
+        else:
+            self.backbone = build_backbone(cfg.backbone, cfg.in_channels, cfg.backbone_width)
+            stem_channels = self.backbone.stem_channels
+            level_widths = self.backbone.level_widths
         self.fusion = PyramidFusion(
-            tuple(cfg.widths[-cfg.pyramid_levels :]), cfg.fpn_channels, cfg.fusion_level
+            level_widths[-cfg.pyramid_levels :], cfg.fpn_channels, cfg.fusion_level
         )
         #: Fine-detail skip: stem responses, max-pooled to the fused resolution.
         self.detail = nn.Sequential(
-            nn.Conv2d(cfg.widths[0], cfg.fpn_channels, 1, bias=False),
+            nn.Conv2d(stem_channels, cfg.fpn_channels, 1, bias=False),
             nn.BatchNorm2d(cfg.fpn_channels),
         )
         self.feature_conv = ConvBNAct(cfg.fpn_channels, cfg.feature_channels)
@@ -244,22 +289,50 @@ class DIANet(nn.Module):
         nn.init.constant_(self.to_logvar.bias, -6.0)
         nn.init.constant_(self.variance.bias, -3.0)
         nn.init.normal_(self.variance.weight, std=1e-3)
+        if cfg.codebook_size > 0:
+            #: Latent prototypes (K x D), softly assigned to the latent mean.
+            self.prototypes = nn.Parameter(torch.randn(cfg.codebook_size, cfg.latent_dim))
 
-    def encode(self, x: Tensor) -> Encoding:
-        """One backbone pass: features, pooled vector and latent statistics."""
+    @property
+    def feature_stride(self) -> int:
+        """Input pixels per feature-map cell (the fused pyramid level's stride)."""
+        cfg = self.config
+        stages = len(cfg.widths) - 1 if cfg.backbone == "small" else NUM_LEVELS
+        # stage i (0-based) has stride 2 ** (i + 2) for every backbone
+        return int(2 ** (stages - cfg.pyramid_levels + cfg.fusion_level + 2))
+
+    def _stem_and_levels(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        if self.config.backbone != "small":
+            stem, levels = self.backbone(x)
+            return stem, levels
         stem = self.stem(x)
         y = stem
-        levels: list[Tensor] = []
+        levels = []
         for stage in self.stages:
             y = stage(y)
             levels.append(y)
+        return stem, levels
+
+    def codebook_mixture(self, mu: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(assignment (B, K), mixture (B, D))`` for latent means, None without codebook."""
+        if self.config.codebook_size == 0:
+            return None
+        distances = torch.cdist(mu, self.prototypes).pow(2)
+        assignment = torch.softmax(-distances / self.config.codebook_temperature, dim=-1)
+        return assignment, assignment @ self.prototypes
+
+    def encode(self, x: Tensor) -> Encoding:
+        """One backbone pass: features, pooled vector and latent statistics."""
+        stem, levels = self._stem_and_levels(x)
         fused, maps = self.fusion(levels[-self.config.pyramid_levels :])
         detail = self.detail(F.adaptive_max_pool2d(stem, fused.shape[-2:]))
         features = self.feature_conv(fused + detail)
         pooled = features.mean(dim=(2, 3))
         mu = self.to_mu(pooled)
         logvar = self.to_logvar(pooled).clamp(*LOGVAR_LATENT_RANGE)
-        return Encoding(features, pooled, mu, logvar, maps)
+        codebook = self.codebook_mixture(mu)
+        assignment = None if codebook is None else codebook[0]
+        return Encoding(features, pooled, mu, logvar, maps, assignment)
 
     def head(
         self, pooled: Tensor, mc: bool = False, generator: torch.Generator | None = None
@@ -276,6 +349,9 @@ class DIANet(nn.Module):
             z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         else:
             z = mu
+        codebook = self.codebook_mixture(mu)
+        if codebook is not None:
+            z = z + codebook[1]
         p = self.config.dropout
         if p > 0 and (self.training or mc):
             keep = torch.empty_like(z).bernoulli_(1.0 - p, generator=generator)
@@ -289,7 +365,10 @@ class DIANet(nn.Module):
         return DIANetOutput(out.logits, out.log_var, enc.mu, enc.logvar_latent, enc.features)
 
     def cam_weights(self) -> tuple[Tensor, Tensor]:
-        """``(W_eff, b_eff)``: logits = W_eff @ pooled + b_eff in evaluation mode."""
+        """``(W_eff, b_eff)``: logits = W_eff @ pooled + b_eff in evaluation mode.
+
+        With a codebook add ``classifier.weight @ mixture`` (see :meth:`codebook_mixture`).
+        """
         w = self.classifier.weight @ self.to_mu.weight
         b = self.classifier.weight @ self.to_mu.bias + self.classifier.bias
         return w, b

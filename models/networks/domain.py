@@ -155,6 +155,9 @@ class MixStyle(nn.Module):
 def early_modules(model: nn.Module, count: int) -> list[nn.Module]:
     """The first ``count`` feature stages of a DIANet/AMRI-Net (``stem`` then ``stages``)."""
     modules: list[nn.Module] = []
+    inner = getattr(model, "backbone", None)  # the ResNet-50 / MobileNetV3-style encoders
+    if isinstance(inner, nn.Module) and hasattr(inner, "stages"):
+        model = inner
     stem = getattr(model, "stem", None)
     if isinstance(stem, nn.Module):
         modules.append(stem)

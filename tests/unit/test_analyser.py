@@ -134,3 +134,29 @@ def test_non_square_image(analyser: Analyser, tmp_path: Path) -> None:
     ds.PixelData = pixels.tobytes()
     result = analyser.analyse([ds])
     assert result.images[0].heatmap.shape == (256, 200)
+
+
+@pytest.mark.parametrize("backbone", ["small", "resnet50", "mobilenetv3"])
+def test_batched_head_matches_dianet_head_with_a_codebook(backbone: str) -> None:
+    """The node's batched MC head adds the prototype mixture exactly as DIANet.head does."""
+    import torch
+
+    from acwi_node.inference.analyser import mc_head_batched
+    from models.networks.dianet import DIANet, DIANetConfig
+    from models.networks.domain import early_modules
+
+    config = DIANetConfig.from_dict(
+        {
+            **DIANetConfig().to_dict(),
+            "backbone": backbone,
+            "backbone_width": 0.25,
+            "codebook_size": 4,
+        }
+    )
+    model = DIANet(config).eval()
+    with torch.no_grad():
+        enc = model.encode(torch.randn(2, 1, 64, 64))
+        reference = model.head(enc.pooled).logits
+        logits, _ = mc_head_batched(model, enc.pooled, 0, [torch.Generator()] * 2)
+    assert torch.allclose(logits[0], reference, atol=1e-6)
+    assert len(early_modules(model, 2)) == 2  # MixStyle finds every backbone's early stages

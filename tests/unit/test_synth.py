@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 
 from models.data.synth import (
     CT_FOV_MM,
@@ -25,6 +27,7 @@ from models.data.synth import (
     make_ct_series,
     make_image,
     make_phantom,
+    read_mask,
     write_ct_series,
     write_dataset,
     write_study,
@@ -368,3 +371,72 @@ def test_cli_synth_ct(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert ds.Modality == "CT" and ds.Rows == 64 and ds.Manufacturer == SITES[3].manufacturer
     assert main([*args, "--slices", "0"]) == 1
     assert "--slices" in capsys.readouterr().err
+
+
+#: SHA-256 of PixelData of ``write_study(n_images=2, site=1, seed=7, size=128)`` per label,
+#: recorded before lesion masks were written: writing masks must not change the images.
+PIXEL_DATA_SHA256 = {
+    "nodule": (
+        "aaeb6ea5edb491a8932bc226ddb6e02bbbb260d7df7c62ae77607c7c60d97df2",
+        "6d8951da70e566e41670758c5ddfd08f78256351a29fb607d614ad072d9fb807",
+    ),
+    "effusion": (
+        "9c4e79e06919c7211e3d8c1490ce321a4f7626df718accef15d31e7c7d14c620",
+        "9681b4e17c7e2bef0192926dee1d30f53a9ec7cb6f5864538a19162f0e0b39e0",
+    ),
+    "normal": (
+        "b06210590214f98798c632c4539d7aadde782cf65d2ebdc0490d75bb664ddef6",
+        "5bda598805e8a0adcc120860bbb0c47b33c9381634f4399d95bca823200bbf2b",
+    ),
+}
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_write_study_lesion_masks(tmp_path: Path, label: str) -> None:
+    paths = write_study(tmp_path, n_images=2, label=label, site=1, seed=7, size=128)
+    hashes = tuple(hashlib.sha256(pydicom.dcmread(p).PixelData).hexdigest() for p in paths)
+    assert hashes == PIXEL_DATA_SHA256[label]
+    for i, path in enumerate(paths):
+        ds = pydicom.dcmread(path)
+        truth_path = path.with_suffix(".truth.json")
+        truth = json.loads(truth_path.read_text())
+        mask_path = path.with_suffix(".mask.png")
+        mask = read_mask(truth_path)
+        if label == "normal":
+            assert truth["mask"] is None and truth["box"] is None
+            assert mask is None and not mask_path.exists()
+            continue
+        assert truth["mask"] == mask_path.name and mask_path.is_file()
+        assert mask is not None and mask.shape == (ds.Rows, ds.Columns)
+        assert mask.any()
+        with Image.open(mask_path) as img:
+            assert img.mode == "L"
+            assert set(np.unique(np.asarray(img)).tolist()) == {0, 255}
+        # exactly the drawn lesion's pixels, all inside the truth box
+        np.testing.assert_array_equal(mask, make_phantom(label, 1, image_seed(7, i), 128).mask)
+        x0, y0, x1, y1 = truth["box"]
+        inside = np.zeros_like(mask)
+        inside[y0 : y1 + 1, x0 : x1 + 1] = True
+        assert not (mask & ~inside).any()
+        assert lesion_box(mask) == tuple(truth["box"])
+
+
+def test_write_ct_series_masks_only_on_nodule_slices(tmp_path: Path) -> None:
+    paths = write_ct_series(tmp_path, slices=6, label="nodule", site=0, seed=3, size=64)
+    series = make_ct_series("nodule", 0, 3, slices=6, size=64)
+    with_mask = 0
+    for k, path in enumerate(paths):
+        truth_path = path.with_suffix(".truth.json")
+        truth = json.loads(truth_path.read_text())
+        mask = read_mask(truth_path)
+        if truth["box"] is None:
+            assert truth["mask"] is None and mask is None
+            continue
+        with_mask += 1
+        assert mask is not None
+        np.testing.assert_array_equal(mask, series.mask[k])
+        assert lesion_box(mask) == tuple(truth["box"])
+    assert with_mask > 0
+    normal = write_ct_series(tmp_path / "n", slices=4, label="normal", size=64)
+    assert not list((tmp_path / "n").glob("*.mask.png"))
+    assert all(json.loads(p.with_suffix(".truth.json").read_text())["mask"] is None for p in normal)

@@ -19,6 +19,8 @@ encoder.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from torch import Tensor, nn
 
 #: Backbone names accepted by ``DIANetConfig.backbone``.
@@ -39,7 +41,7 @@ def scaled(channels: int, width: float, divisor: int = 8) -> int:
     return rounded
 
 
-class Backbone(nn.Module):
+class Backbone(nn.Module, ABC):
     """Common interface: ``forward(x) -> (stem, [C1, C2, C3, C4])``."""
 
     #: Channels of the stem activation.
@@ -47,8 +49,9 @@ class Backbone(nn.Module):
     #: Channels of each stage output, finest first.
     level_widths: tuple[int, ...]
 
+    @abstractmethod
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        raise NotImplementedError
+        """The stem activation and the stage outputs, finest first."""
 
 
 class Bottleneck(nn.Module):

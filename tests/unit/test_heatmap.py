@@ -9,16 +9,15 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from acwi_node.inference.types import ImageResult, ModelIdentity, StudyAnalysis, Uncertainty
 from acwi_node.results.heatmap import MAX_DIMENSION, build_heatmap_sc, render_grey
 from acwi_node.results.uids import result_uids
+from tests.support.dx import DX_FOR_PRESENTATION, make_dx
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-DX_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
 LABELS = ["normal", "effusion", "pneumothorax"]
 MODEL = ModelIdentity(name="cxr-triage", version="2.1.0", weights_sha256="9f2c4e1ab37d")
 HOT = (slice(20, 44), slice(30, 54))
@@ -27,91 +26,6 @@ needs_dciodvfy = pytest.mark.skipif(
     shutil.which("dciodvfy") is None and shutil.which("/usr/bin/dciodvfy") is None,
     reason="dicom3tools dciodvfy is not installed (/usr/bin/dciodvfy missing)",
 )
-
-
-def _code(value: str, scheme: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue = value
-    item.CodingSchemeDesignator = scheme
-    item.CodeMeaning = meaning
-    return item
-
-
-def make_dx(
-    study_uid: str,
-    *,
-    rows: int = 96,
-    columns: int = 80,
-    monochrome1: bool = False,
-    pixels: np.ndarray | None = None,
-    window: bool = True,
-) -> Dataset:
-    """A 16-bit (12 stored) DX For Presentation image with a real DX header."""
-    sop_uid = generate_uid()
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.SOPClassUID = DX_FOR_PRESENTATION
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240115"
-    ds.StudyTime = "101500"
-    ds.SeriesTime = "101600"
-    ds.ContentTime = "101700"
-    ds.AccessionNumber = "ACC0002"
-    ds.Modality = "DX"
-    ds.PresentationIntentType = "FOR PRESENTATION"
-    ds.Manufacturer = "Example Imaging"
-    ds.InstitutionName = "Example Hospital"
-    ds.ReferringPhysicianName = "Doe^Referrer"
-    ds.StudyDescription = "XR CHEST 1 VIEW"
-    ds.PatientName = "Heat^Map"
-    ds.PatientID = "PID0002"
-    ds.PatientBirthDate = "19650505"
-    ds.PatientSex = "M"
-    ds.BodyPartExamined = "CHEST"
-    ds.DetectorType = "SCINTILLATOR"
-    ds.ImagerPixelSpacing = [0.139, 0.139]
-    ds.PositionerType = ""
-    ds.ViewPosition = "PA"
-    ds.ViewCodeSequence = Sequence([_code("399348003", "SCT", "postero-anterior")])
-    ds.AcquisitionContextSequence = Sequence()
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = generate_uid()
-    ds.StudyID = "STUDY2"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
-    ds.PatientOrientation = ["L", "F"]
-    ds.ImageLaterality = "U"
-    ds.AnatomicRegionSequence = Sequence([_code("51185008", "SCT", "Chest")])
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
-    ds.Rows = rows
-    ds.Columns = columns
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
-    ds.PixelIntensityRelationship = "LIN"
-    ds.PixelIntensityRelationshipSign = 1
-    if window:
-        ds.WindowCenter = 2048
-        ds.WindowWidth = 4096
-    ds.RescaleIntercept = 0
-    ds.RescaleSlope = 1
-    ds.RescaleType = "US"
-    ds.PresentationLUTShape = "INVERSE" if monochrome1 else "IDENTITY"
-    ds.LossyImageCompression = "00"
-    ds.BurnedInAnnotation = "NO"
-    if pixels is None:
-        yy, xx = np.mgrid[0:rows, 0:columns]
-        pixels = 1000 + (yy * 2000) // max(rows - 1, 1) + (xx * 500) // max(columns - 1, 1)
-    ds.PixelData = np.asarray(pixels, dtype=np.uint16).tobytes()
-    ds["PixelData"].VR = "OW"
-    return ds
 
 
 def _heat(rows: int, columns: int) -> np.ndarray:

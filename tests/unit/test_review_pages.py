@@ -17,7 +17,7 @@ from acwi_node.ledger import InstanceRecord, Ledger, RoutedJob
 from acwi_node.review import auth
 from acwi_node.review.store import ReviewStore
 from acwi_node.web.api import create_app
-from tests.unit.test_sr import make_dx
+from tests.support.dx import make_dx
 
 CANARY_NAME = "<script>document.title='pwned'</script>^Canary"
 CANARY_DESC = '"><img src=x onerror=alert(1)>'

@@ -11,16 +11,14 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.sequence import Sequence
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from acwi_node.inference.types import ImageResult, ModelIdentity, StudyAnalysis, Uncertainty
 from acwi_node.results.sr import PRIVATE_SCHEME, build_sr, finding_code, summarise_sr
 from acwi_node.results.uids import device_uid, result_uids
+from tests.support.dx import make_dx
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
-DX_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
 LABELS = ["normal", "effusion", "nodule", "atelectasis"]
 MODEL = ModelIdentity(name="cxr-triage", version="2.1.0", weights_sha256="9f2c4e1ab37d")
 
@@ -28,99 +26,6 @@ needs_dciodvfy = pytest.mark.skipif(
     shutil.which("dciodvfy") is None and shutil.which("/usr/bin/dciodvfy") is None,
     reason="dicom3tools dciodvfy is not installed (/usr/bin/dciodvfy missing)",
 )
-
-
-def _code(value: str, scheme: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue = value
-    item.CodingSchemeDesignator = scheme
-    item.CodeMeaning = meaning
-    return item
-
-
-def make_dx(
-    study_uid: str,
-    series_uid: str,
-    number: int,
-    *,
-    rows: int = 96,
-    columns: int = 80,
-    monochrome1: bool = False,
-) -> Dataset:
-    """A small 16-bit (12 stored) DX For Presentation image with a real DX header."""
-    sop_uid = generate_uid()
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.SOPClassUID = DX_FOR_PRESENTATION
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240115"
-    ds.StudyTime = "101500"
-    ds.SeriesTime = "101600"
-    ds.ContentTime = "101700"
-    ds.AccessionNumber = "ACC0001"
-    ds.Modality = "DX"
-    ds.PresentationIntentType = "FOR PRESENTATION"
-    ds.Manufacturer = "Example Imaging"
-    ds.InstitutionName = "Example Hospital"
-    ds.ReferringPhysicianName = "Doe^Referrer"
-    ds.StationName = "DXROOM1"
-    ds.StudyDescription = "XR CHEST 2 VIEWS"
-    ds.SeriesDescription = "CHEST"
-    ds.ManufacturerModelName = "DX-1000"
-    ds.PatientName = "Test^Patient"
-    ds.PatientID = "PID0001"
-    ds.PatientBirthDate = "19700101"
-    ds.PatientSex = "F"
-    ds.BodyPartExamined = "CHEST"
-    ds.DeviceSerialNumber = "SN123"
-    ds.SoftwareVersions = "1.0"
-    ds.DetectorType = "SCINTILLATOR"
-    ds.ImagerPixelSpacing = [0.139, 0.139]
-    ds.PositionerType = ""
-    ds.ViewPosition = "PA" if number == 1 else "LL"
-    ds.ViewCodeSequence = Sequence(
-        [
-            _code("399348003", "SCT", "postero-anterior")
-            if number == 1
-            else _code("399173006", "SCT", "left lateral")
-        ]
-    )
-    ds.AcquisitionContextSequence = Sequence()
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.StudyID = "STUDY1"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = number
-    ds.PatientOrientation = ["L", "F"] if number == 1 else ["A", "F"]
-    ds.ImageLaterality = "U"
-    ds.AnatomicRegionSequence = Sequence([_code("51185008", "SCT", "Chest")])
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
-    ds.Rows = rows
-    ds.Columns = columns
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
-    ds.PixelIntensityRelationship = "LIN"
-    ds.PixelIntensityRelationshipSign = 1
-    ds.WindowCenter = 2048
-    ds.WindowWidth = 4096
-    ds.RescaleIntercept = 0
-    ds.RescaleSlope = 1
-    ds.RescaleType = "US"
-    ds.PresentationLUTShape = "INVERSE" if monochrome1 else "IDENTITY"
-    ds.LossyImageCompression = "00"
-    ds.BurnedInAnnotation = "NO"
-    yy, xx = np.mgrid[0:rows, 0:columns]
-    ds.PixelData = ((yy * 29 + xx * 13) % 4096).astype(np.uint16).tobytes()
-    ds["PixelData"].VR = "OW"
-    return ds
 
 
 def _image_result(source: Dataset, probabilities: list[float], ood: float) -> ImageResult:

@@ -18,8 +18,8 @@ defence, applied to the message and to exception tracebacks:
   redacted;
 * the Patient Name (and its components of three or more characters) and Patient ID of every
   dataset the process received or read (:func:`note_identifiers`, called by the SCP and the
-  worker) are redacted wherever they appear, whatever code logged them. These values are held
-  in memory only, for the most recent :data:`REMEMBERED_IDENTIFIERS` identifiers.
+  worker) are redacted wherever they appear as whole words, whatever code logged them. These
+  values are held in memory only, for the most recent :data:`REMEMBERED_IDENTIFIERS` identifiers.
 """
 
 from __future__ import annotations
@@ -94,8 +94,13 @@ class _Identifiers:
                 return text
             if self._pattern is None:
                 longest_first = sorted(self._values, key=len, reverse=True)
+                # Whole words only: a name part "One" must not turn "ConnectionError" into
+                # "Connecti[redacted]rror". A letter or digit on either side means another word.
                 self._pattern = re.compile(
-                    "|".join(re.escape(v) for v in longest_first), re.IGNORECASE
+                    r"(?<![^\W_])(?:"
+                    + "|".join(re.escape(v) for v in longest_first)
+                    + r")(?![^\W_])",
+                    re.IGNORECASE,
                 )
             pattern = self._pattern
         return pattern.sub(REDACTED, text)
@@ -157,9 +162,11 @@ def bind_study(study_uid: str) -> None:
 def redact_text(text: str) -> str:
     """``text`` with patient-module dump lines, ``PatientName=...`` values and every noted
     identifier (:func:`note_identifiers`) redacted."""
-    text = _IDENTIFIERS.redact(text)
+    # Keywords first: a remembered name part can be a word like "Patient", and redacting it
+    # first would hide the "Patient's Name:" that marks the value to redact.
     text = _GROUP_0010_LINE.sub(lambda m: m.group(0)[:11] + " " + REDACTED, text)
-    return _PATIENT_KEYWORD.sub(lambda m: f"{m.group('key')}{m.group('sep')}{REDACTED}", text)
+    text = _PATIENT_KEYWORD.sub(lambda m: f"{m.group('key')}{m.group('sep')}{REDACTED}", text)
+    return _IDENTIFIERS.redact(text)
 
 
 def _is_dicom_object(value: object) -> bool:

@@ -18,7 +18,13 @@ from acwi_node.config import Settings, load_settings
 from acwi_node.ingest.scp import StorageSCP
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger
-from acwi_node.observability.logging import bind_study, log_context, redact_text, setup_logging
+from acwi_node.observability.logging import (
+    bind_study,
+    log_context,
+    note_identifiers,
+    redact_text,
+    setup_logging,
+)
 from tests.support.ports import free_port
 
 CANARY_NAME = "Canarybird^Zelda"
@@ -227,3 +233,40 @@ def test_bind_study_is_scoped_to_its_log_context(tmp_path: Path) -> None:
     out = lines(stream)
     assert "study_uid" not in out[0] and "study_uid" not in out[2] and "job_id" not in out[2]
     assert out[1]["study_uid"] == "1.2.10" and out[1]["job_id"] == 3
+
+
+def test_identifiers_are_redacted_as_whole_words_only() -> None:
+    from pydicom.dataset import Dataset
+
+    from acwi_node.observability.logging import _IDENTIFIERS
+
+    remembered = list(_IDENTIFIERS._values)  # other tests' identifiers, restored below
+    _IDENTIFIERS.clear()
+    ds = Dataset()
+    ds.PatientName = "PHANTOM^ONE"
+    ds.PatientID = "PH0001"
+    note_identifiers(ds)
+    try:
+        assert _IDENTIFIERS.redact("ConnectionError: the task is gone") == (
+            "ConnectionError: the task is gone"
+        )
+        assert (
+            _IDENTIFIERS.redact("patient one, id PH0001.") == "patient [redacted], id [redacted]."
+        )
+        assert _IDENTIFIERS.redact("file PH0001_scan.dcm; Phantom One") == (
+            "file [redacted]_scan.dcm; [redacted]"
+        )
+    finally:
+        _IDENTIFIERS.clear()
+        _IDENTIFIERS.add(remembered)
+
+
+def test_a_remembered_common_word_does_not_hide_a_keyword() -> None:
+    """A patient called "Test^Patient" must not stop "Patient's name: X" being redacted."""
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.PatientName = "Test^Patient"
+    note_identifiers(ds)
+    redacted = redact_text(f"patient's name: '{CANARY_NAME}'")
+    assert CANARY_NAME not in redacted

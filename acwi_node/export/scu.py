@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,11 +36,15 @@ __all__ = [
     "MAX_PRESENTATION_CONTEXTS",
     "FileOutcome",
     "SendReport",
+    "TlsArgs",
     "echo",
     "send_files",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: DICOM TLS for an association: the client SSL context and the host name to verify.
+TlsArgs = tuple[ssl.SSLContext, str]
 
 #: The association negotiation allows at most 128 presentation contexts (PS3.8 9.3.2.2).
 MAX_PRESENTATION_CONTEXTS = 128
@@ -199,6 +204,30 @@ def _probe_connection(host: str, port: int, timeout_s: float) -> str:
         return f"cannot connect to {host}:{port}: {exc.strerror or exc}"
 
 
+def _probe_tls(host: str, port: int, tls: TlsArgs, timeout_s: float) -> str | None:
+    """Why a TLS session with ``host:port`` fails, or None when it works (after a failure).
+
+    With TLS 1.3 the server checks the client's certificate after the client has finished its
+    handshake, so a refused client certificate shows only as an alert on the first read.
+    """
+    context, server_name = tls
+    try:
+        raw = socket.create_connection((host, port), timeout=min(timeout_s, 5.0))
+        with raw, context.wrap_socket(raw, server_hostname=server_name) as sock:
+            sock.settimeout(1.0)
+            try:
+                sock.recv(1)
+            except TimeoutError:
+                return None
+            return None
+    except ssl.SSLCertVerificationError as exc:
+        return f"TLS: the certificate of {host}:{port} is not trusted: {exc.verify_message}"
+    except ssl.SSLError as exc:
+        return f"TLS handshake with {host}:{port} failed: {exc.reason or exc}"
+    except OSError:
+        return None
+
+
 def _association_error(
     assoc: Association,
     *,
@@ -208,8 +237,12 @@ def _association_error(
     port: int,
     called_ae: str,
     timeout_s: float,
+    tls: TlsArgs | None = None,
 ) -> str:
     """Describe in clear text why an association was not established."""
+    tls_problem = _probe_tls(host, port, tls, timeout_s) if tls is not None else None
+    if tls_problem is not None:
+        return tls_problem
     if not connected:
         if elapsed_s >= 0.95 * timeout_s:
             return f"connection to {host}:{port} timed out after {timeout_s:g} s"
@@ -265,6 +298,7 @@ def send_files(
     calling_ae: str,
     timeout_s: float = 30.0,
     max_pdu: int = 0,
+    tls: TlsArgs | None = None,
 ) -> SendReport:
     """Send DICOM Part-10 files to a storage SCP over one association.
 
@@ -283,6 +317,8 @@ def send_files(
         timeout_s: Timeout for TCP connect, association negotiation and each
             C-STORE response.
         max_pdu: Maximum PDU size we accept (0 = unlimited).
+        tls: DICOM TLS: the client SSL context and the host name its certificate must
+            carry; plain TCP when None.
 
     Returns:
         A :class:`SendReport`; this function does not raise for network or
@@ -332,6 +368,7 @@ def send_files(
             ae_title=called_ae,
             max_pdu=max_pdu,
             evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+            tls_args=tls,
         )
     except socket.gaierror as exc:
         report.error = f"cannot resolve host {host!r}: {exc.strerror or exc}"
@@ -351,6 +388,7 @@ def send_files(
             port=port,
             called_ae=called_ae,
             timeout_s=timeout_s,
+            tls=tls,
         )
         logger.error("C-STORE association failed: %s", report.error)
         return finish({p: FileOutcome(None, False, f"not sent: {report.error}") for p in infos})
@@ -465,12 +503,13 @@ def echo(
     port: int,
     calling_ae: str,
     timeout_s: float = 10.0,
+    tls: TlsArgs | None = None,
 ) -> bool:
     """Return True when the peer answers a C-ECHO with success; never raises."""
     try:
         ae = _make_ae(calling_ae, timeout_s, 0)
         ae.add_requested_context(_VERIFICATION)
-        assoc = ae.associate(host, port, ae_title=called_ae)
+        assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls)
     except Exception as exc:  # noqa: BLE001 - invalid AE title or address
         logger.warning("C-ECHO to %s@%s:%d failed: %s", called_ae, host, port, exc)
         return False

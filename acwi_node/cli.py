@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -37,6 +37,9 @@ from acwi_node.review.commands import run as run_review_command
 log = logging.getLogger("acwi_node")
 
 PROCESS_KINDS = ("scp", "worker", "exporter", "web")
+#: Commands that write no audit records: they change nothing (``serve``'s processes audit
+#: on their own).
+UNAUDITED_COMMANDS = ("health", "status", "config", "serve")
 
 
 def setup_logging(settings: Settings, kind: str = "cli") -> None:
@@ -69,7 +72,7 @@ def run_scp(settings: Settings) -> int:
     removed = spool.clean_tmp()
     if removed:
         log.info("removed %d partial file(s) left by an earlier crash", removed)
-    celery = configure(settings)
+    celery = configure(settings, register_tasks=False)
     signals = CompletionSignals(ledger)
     completion = CompletionService(settings, ledger, celery, signals=signals)
     scp = StorageSCP(settings, ledger, spool, signals=signals)
@@ -164,6 +167,10 @@ def run_web(settings: Settings) -> int:
     from acwi_node.web.api import create_app
 
     app = create_app(settings)
+    # uvicorn handles SIGTERM/SIGINT itself and, once shut down, raises the signal again for
+    # the handler it found: with this one in place the process returns here (and writes its
+    # stop record) instead of being killed by the default handler.
+    _stop_on_signals(threading.Event())
     uvicorn.run(
         app,
         host=settings.node.http_host,
@@ -287,6 +294,7 @@ def run_status(settings: Settings, as_json: bool) -> int:
 
 def run_models(settings: Settings, args: argparse.Namespace) -> int:
     """``acwi-node models list|install|activate``: the model registry in ``<data_dir>/models``."""
+    from acwi_node.audit import AuditEvent, audit
     from acwi_node.model_registry import ModelRegistry, RegistryError
 
     registry = ModelRegistry(settings.models_dir)
@@ -299,9 +307,18 @@ def run_models(settings: Settings, args: argparse.Namespace) -> int:
                 else f"activate with: acwi-node models activate {model.name} {model.version}"
             )
             print(f"installed {model.name} {model.version} sha256 {model.weights_sha256}; {state}")
+            audit(
+                AuditEvent.CONFIGURATION_CHANGED,
+                detail=f"model {model.name} {model.version} installed"
+                + (" and activated" if model.active else ""),
+            )
             return 0
         if args.models_command == "activate":
             model = registry.activate(args.name, args.version)
+            audit(
+                AuditEvent.CONFIGURATION_CHANGED,
+                detail=f"model {model.name} {model.version} activated",
+            )
             print(
                 f"{model.name}: version {model.version} is active"
                 " (workers use it from their next task)"
@@ -392,6 +409,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"acwi-node: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings, args.command)
+    if args.command not in UNAUDITED_COMMANDS:
+        from acwi_node.audit import configure_audit
+
+        configure_audit(settings, args.command)
     if args.command == "health":
         from acwi_node.observability.probe import probe
 
@@ -414,7 +435,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         "web": run_web,
         "hl7": run_hl7,
     }[args.command]
-    return runner(settings)
+    return _run_audited(settings, args.command, runner)
+
+
+def _run_audited(settings: Settings, kind: str, runner: Callable[[Settings], int]) -> int:
+    """Run a process kind between its start and stop audit records."""
+    from acwi_node.audit import AuditEvent, Outcome, audit, close_audit, note_configuration
+
+    note_configuration(settings, kind)
+    audit(AuditEvent.NODE_STARTED, detail=f"{kind} {__version__}")
+    code = 1
+    try:
+        code = runner(settings)
+        return code
+    finally:
+        audit(
+            AuditEvent.NODE_STOPPED,
+            outcome=Outcome.SUCCESS if code == 0 else Outcome.SERIOUS_FAILURE,
+            detail=f"{kind} exit {code}",
+        )
+        close_audit()
 
 
 if __name__ == "__main__":

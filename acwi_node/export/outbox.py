@@ -13,12 +13,24 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from acwi_node.config import Settings
-from acwi_node.export.scu import send_files
+from acwi_node.audit import AuditEvent, Outcome, audit, remote_ae
+from acwi_node.config import Destination, Settings
+from acwi_node.export.scu import SendReport, TlsArgs, send_files
 from acwi_node.ledger import DueDelivery, Ledger
 from acwi_node.observability import metrics
+from acwi_node.tls import TlsConfigError
 
 log = logging.getLogger("acwi_node.exporter")
+
+
+def tls_args(dest: Destination) -> TlsArgs | None:
+    """The TLS context and host name for a destination; None for plain TCP.
+
+    Built for every association, so renewed certificate files are used without a restart.
+    """
+    if dest.tls is None:
+        return None
+    return dest.tls.context(), dest.tls.server_name or dest.host
 
 
 def backoff_s(settings: Settings, attempts_so_far: int) -> float:
@@ -47,20 +59,30 @@ class Exporter:
             self._send(dest_name, items)
         return len(due)
 
+    def _fail_all(self, items: list[DueDelivery], error: str, *, final: bool) -> None:
+        """Record a failed attempt for every item (``final``: no further attempts)."""
+        for d in items:
+            self.ledger.record_delivery(
+                d.id,
+                delivered=False,
+                status=None,
+                error=error,
+                max_attempts=1 if final else self.settings.exporter.max_attempts,
+                backoff_s=0 if final else backoff_s(self.settings, d.attempts),
+            )
+
     def _send(self, dest_name: str, items: list[DueDelivery]) -> None:
         cfg = self.settings.exporter
         try:
             dest = self.settings.destination(dest_name)
         except KeyError:
-            for d in items:
-                self.ledger.record_delivery(
-                    d.id,
-                    delivered=False,
-                    status=None,
-                    error=f"destination {dest_name!r} is no longer configured",
-                    max_attempts=1,
-                    backoff_s=0,
-                )
+            self._fail_all(items, f"destination {dest_name!r} is no longer configured", final=True)
+            return
+        try:
+            tls = tls_args(dest)
+        except TlsConfigError as exc:  # a certificate file went missing since start-up
+            self._fail_all(items, f"TLS configuration of {dest_name!r}: {exc}", final=False)
+            log.error("cannot send to %s: %s", dest_name, exc)
             return
         root = self.settings.results_dir
         paths = {d.id: root / d.path for d in items}
@@ -71,6 +93,7 @@ class Exporter:
             port=dest.port,
             calling_ae=self.settings.node.ae_title,
             timeout_s=cfg.timeout_s,
+            tls=tls,
         )
         delivered = 0
         for d in items:
@@ -92,6 +115,7 @@ class Exporter:
                 max_attempts=cfg.max_attempts,
                 backoff_s=backoff_s(self.settings, d.attempts),
             )
+        self._audit_sent(dest, items, paths, report)
         if delivered == len(items):
             log.info("sent %d object(s) to %s", delivered, dest_name)
         else:
@@ -101,6 +125,33 @@ class Exporter:
                 len(items),
                 dest_name,
                 report.error or "some were refused",
+            )
+
+    @staticmethod
+    def _audit_sent(
+        dest: Destination, items: list[DueDelivery], paths: dict[int, Path], report: SendReport
+    ) -> None:
+        """One audit record per study: how many of its objects the destination took."""
+        sent: dict[str, int] = defaultdict(int)
+        failed: dict[str, int] = defaultdict(int)
+        for d in items:
+            outcome = report.outcomes.get(paths[d.id])
+            if outcome is not None and outcome.delivered:
+                sent[d.study_uid] += 1
+            else:
+                failed[d.study_uid] += 1
+        peer = remote_ae(dest.ae_title, dest.host, requestor=False)
+        for study_uid in sorted(set(sent) | set(failed)):
+            detail = f"{sent[study_uid]} object(s) stored by {dest.name}"
+            if failed[study_uid]:
+                detail += f", {failed[study_uid]} not: {report.error or 'refused'}"
+            audit(
+                AuditEvent.RESULTS_SENT,
+                outcome=Outcome.MINOR_FAILURE if failed[study_uid] else Outcome.SUCCESS,
+                participants=[peer],
+                study_uids=[study_uid],
+                instances={study_uid: sent[study_uid]},
+                detail=detail,
             )
 
     def run(self) -> None:

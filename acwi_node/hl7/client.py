@@ -20,6 +20,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from acwi_node.audit import AuditEvent, Outcome, Participant, audit
 from acwi_node.config import Settings
 from acwi_node.hl7.messages import (
     AckInfo,
@@ -206,6 +207,20 @@ class OruSender:
                 max_attempts=self.ris.max_attempts,
                 backoff_s=self.backoff_s(item.attempts),
                 final=final,
+            )
+            audit(
+                AuditEvent.RESULTS_SENT,
+                outcome=Outcome.SUCCESS if delivered else Outcome.MINOR_FAILURE,
+                participants=[
+                    Participant(
+                        "application",
+                        self.ris.receiving_application,
+                        self.ris.host,
+                        requestor=False,
+                    )
+                ],
+                detail=f"ORU^R01 {item.control_id} to the RIS: "
+                + ("acknowledged" if delivered else f"{code or 'no ACK'}, {error}; now {state}"),
             )
             if delivered:
                 log.info("ORU %s delivered to the RIS", item.control_id)

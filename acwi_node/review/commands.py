@@ -37,6 +37,14 @@ def add_parsers(sub: Any) -> None:
     export.add_argument("dir", type=Path)
 
 
+def _operator() -> str:
+    """Who runs a command: the operating-system account, as the audit trail names it."""
+    try:
+        return f"os:{getpass.getuser()}"[:64]
+    except (KeyError, OSError):
+        return "os:unknown"
+
+
 def _read_password(from_stdin: bool) -> str:
     if from_stdin:
         return sys.stdin.readline().rstrip("\r\n")
@@ -47,6 +55,7 @@ def _read_password(from_stdin: bool) -> str:
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
+    from acwi_node.audit import AuditEvent, audit, user
     from acwi_node.ledger import Ledger
     from acwi_node.review import auth
     from acwi_node.review.store import ReviewError, ReviewStore
@@ -57,6 +66,11 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             from acwi_node.review.feedback import export_feedback
 
             report = export_feedback(settings, ledger, args.dir)
+            audit(
+                AuditEvent.FEEDBACK_EXPORTED,
+                participants=[user(_operator())],
+                detail=f"{report.images} image(s) of {report.cases} reviewed case(s) exported",
+            )
             print(
                 f"exported {report.images} image(s) of {report.cases} reviewed case(s) "
                 f"to {args.dir}"
@@ -72,7 +86,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             except (ValueError, EOFError) as exc:
                 print(f"acwi-node users add: {exc}", file=sys.stderr)
                 return 1
-            store.audit("", "user_added", detail=f"{name} ({args.role})")
+            store.audit(_operator(), "user_added", detail=f"{name} ({args.role})")
             print(f"added {name} ({args.role})")
             return 0
         if args.users_command == "list":
@@ -86,7 +100,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         if not store.set_disabled(args.name, disabled):
             print(f"acwi-node users {args.users_command}: no user {args.name!r}", file=sys.stderr)
             return 1
-        store.audit("", "user_disabled" if disabled else "user_enabled", detail=args.name)
+        store.audit(_operator(), "user_disabled" if disabled else "user_enabled", detail=args.name)
         print(f"{'disabled' if disabled else 'enabled'} {args.name}")
         return 0
     except ReviewError as exc:

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
+from acwi_node import audit as trail
 from acwi_node.ledger import Ledger, ResultFile
 from acwi_node.ledger.models import (
     AuditEvent,
@@ -36,6 +37,18 @@ from acwi_node.ledger.models import (
 ROLES = ("radiologist", "admin")
 #: Verdict actions: the first two verify the result and close the item; escalate keeps it open.
 ACTIONS = ("confirm", "override", "escalate")
+
+
+#: Review actions -> audit trail event (and outcome when not success).
+_TRAIL_EVENTS: dict[str, tuple[trail.AuditEvent, trail.Outcome | None]] = {
+    "login": (trail.AuditEvent.USER_SIGNED_IN, None),
+    "login_failed": (trail.AuditEvent.USER_SIGNED_IN, trail.Outcome.MINOR_FAILURE),
+    "logout": (trail.AuditEvent.USER_SIGNED_OUT, None),
+    "view_case": (trail.AuditEvent.CASE_VIEWED, None),
+    "user_added": (trail.AuditEvent.USERS_CHANGED, None),
+    "user_disabled": (trail.AuditEvent.USERS_CHANGED, None),
+    "user_enabled": (trail.AuditEvent.USERS_CHANGED, None),
+}
 
 
 class ReviewError(ValueError):
@@ -172,7 +185,15 @@ class ReviewStore:
             s.execute(delete(WebSession).where(WebSession.token_hash == token_hash))
 
     # ------------------------------------------------------------------ audit
-    def audit(self, user_name: str, action: str, study_uid: str = "", detail: str = "") -> None:
+    def audit(
+        self,
+        user_name: str,
+        action: str,
+        study_uid: str = "",
+        detail: str = "",
+        address: str = "",
+    ) -> None:
+        """Record an action in the ledger (the dashboard shows it) and in the audit trail."""
         with self.ledger.session() as s:
             s.add(
                 AuditEvent(
@@ -182,6 +203,15 @@ class ReviewStore:
                     detail=detail[:2000],
                 )
             )
+        event, outcome = _TRAIL_EVENTS.get(action, (trail.AuditEvent.USERS_CHANGED, None))
+        actor = [trail.user(user_name[:64], address)] if user_name else []
+        trail.audit(
+            event,
+            outcome=outcome or trail.Outcome.SUCCESS,
+            participants=actor,
+            study_uids=[study_uid] if study_uid else [],
+            detail=f"{action}: {detail}" if detail else action,
+        )
 
     def audit_events(self, limit: int = 200) -> list[dict[str, Any]]:
         with self.ledger.session() as s:
@@ -404,7 +434,15 @@ class ReviewStore:
                 )
             )
             s.flush()
-            return verdict.id
+            verdict_id = verdict.id
+            study_uid = it.study.study_uid
+        trail.audit(
+            trail.AuditEvent.VERDICT_RECORDED,
+            participants=[trail.user(user.user_name)],
+            study_uids=[study_uid],
+            detail=f"{action}, item {item_id}, label {label or '-'}",
+        )
+        return verdict_id
 
     def undo_verdict(self, verdict_id: int) -> None:
         """Remove a verdict whose verified SR could not be stored, and re-open its item."""
@@ -418,6 +456,13 @@ class ReviewStore:
                 .values(state=ReviewState.OPEN, closed_at=None)
             )
             s.delete(v)
+            user_name, item_id = v.user_name, v.review_item_id
+        trail.audit(
+            trail.AuditEvent.VERDICT_RECORDED,
+            outcome=trail.Outcome.MINOR_FAILURE,
+            participants=[trail.user(user_name)],
+            detail=f"verdict on item {item_id} withdrawn: its verified SR could not be stored",
+        )
 
     def attach_verified_sr(self, job_id: int, result: ResultFile) -> int:
         """Record the verified SR as a result of the job with one outbox row per destination.

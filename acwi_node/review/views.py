@@ -219,6 +219,11 @@ class ReviewApp:
         return self.case_header({"job_id": job_id, "study_uid": study_uid})
 
 
+def _client_address(request: Request) -> str:
+    """The address the request came from (the proxy's, behind one)."""
+    return request.client.host if request.client is not None else ""
+
+
 def _form(body: bytes) -> dict[str, str]:
     if len(body) > MAX_FORM_BYTES:
         raise HTTPException(status_code=413, detail="form too large")
@@ -296,7 +301,9 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             user.password_hash if user is not None and not user.disabled else auth.DUMMY_HASH,
         )
         if user is None or user.disabled or not ok:
-            await run_in_threadpool(review.store.audit, name[:64], "login_failed")
+            await run_in_threadpool(
+                review.store.audit, name[:64], "login_failed", address=_client_address(request)
+            )
             new_nonce = auth.new_token()
             failed = review.page(
                 "login.html",
@@ -313,7 +320,9 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         await run_in_threadpool(
             review.store.create_session, user.id, auth.token_hash(token), lifetime
         )
-        await run_in_threadpool(review.store.audit, user.name, "login")
+        await run_in_threadpool(
+            review.store.audit, user.name, "login", address=_client_address(request)
+        )
         response = RedirectResponse(next_path, status_code=303)
         _set_cookie(response, auth.SESSION_COOKIE, token, lifetime, cookie_secure)
         response.delete_cookie(auth.LOGIN_COOKIE, path="/")
@@ -327,7 +336,9 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             return _forbidden("invalid form token")
         if user.token_hash:
             await run_in_threadpool(review.store.end_session, user.token_hash)
-        await run_in_threadpool(review.store.audit, user.user_name, "logout")
+        await run_in_threadpool(
+            review.store.audit, user.user_name, "logout", address=_client_address(request)
+        )
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(auth.SESSION_COOKIE, path="/")
         return response
@@ -380,7 +391,13 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
     ) -> HTMLResponse:
         case = _case_or_404(item_id)
         user: SessionInfo = request.state.user
-        review.store.audit(user.user_name, "view_case", case["study_uid"], f"item {item_id}")
+        review.store.audit(
+            user.user_name,
+            "view_case",
+            case["study_uid"],
+            f"item {item_id}",
+            address=_client_address(request),
+        )
         summary = case["summary"]
         predicted = summary.get("predicted_label")
         heatmaps = {r["sop_instance_uid"] for r in case["results"] if r["kind"] == "heatmap"}

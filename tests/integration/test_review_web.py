@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -19,6 +21,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select
 
+from acwi_node.audit import audit_file, close_audit, configure_audit
 from acwi_node.config import Settings
 from acwi_node.export.outbox import Exporter
 from acwi_node.ledger import Ledger
@@ -70,9 +73,17 @@ def env(tmp_path: Path) -> Iterator[tuple[Settings, Ledger, TestClient]]:
     settings = review_settings(tmp_path)
     ledger = Ledger(settings.database_url)
     add_user(ledger)
-    with TestClient(create_app(settings, ledger)) as client:
-        yield settings, ledger, client
-    ledger.dispose()
+    configure_audit(settings, "web")
+    try:
+        with TestClient(create_app(settings, ledger)) as client:
+            yield settings, ledger, client
+    finally:
+        close_audit()
+        ledger.dispose()
+
+
+def trail_records(settings: Settings) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in audit_file(settings).read_text().splitlines()]
 
 
 def test_pages_and_api_need_sign_in(env: tuple[Settings, Ledger, TestClient]) -> None:
@@ -112,6 +123,16 @@ def test_wrong_password_and_disabled_user(env: tuple[Settings, Ledger, TestClien
     with ledger.session() as s:
         actions = [e.action for e in s.scalars(select(AuditEvent)).all()]
     assert "login_failed" in actions and "login" in actions
+    # The same in the audit trail, with the outcome and the client's address.
+    sign_ins = [r for r in trail_records(settings) if r["event"] == "user_signed_in"]
+    assert [r["outcome"] for r in sign_ins] == ["minor_failure", "success"]
+    assert sign_ins[0]["participants"][0] == {
+        "type": "user",
+        "id": "jane.doe",
+        "requestor": True,
+        "address": "testclient",
+    }
+    assert sign_ins[0]["event_id"]["code"] == "110114"
 
 
 def test_worklist_case_and_override(
@@ -211,6 +232,16 @@ def test_worklist_case_and_override(
         audit = [(e.action, e.study_uid) for e in s.scalars(select(AuditEvent)).all()]
     assert ("verdict:override", routine_uid) in audit
     assert ("view_case", routine_uid) in audit
+    trail = trail_records(settings)
+    viewed = [r for r in trail if r["event"] == "case_viewed"]
+    assert viewed and viewed[0]["study_uids"] == [routine_uid]
+    assert viewed[0]["action"] == "R" and viewed[0]["event_id"]["code"] == "110103"
+    verdicts_trail = [r for r in trail if r["event"] == "verdict_recorded"]
+    assert len(verdicts_trail) == 1 and verdicts_trail[0]["study_uids"] == [routine_uid]
+    assert verdicts_trail[0]["participants"][0]["id"] == "jane.doe"
+    assert "override" in verdicts_trail[0]["detail"]
+    # The patient's name (the XSS canary) is nowhere in the trail.
+    assert "alert" not in audit_file(settings).read_text()
 
     ds = pydicom.dcmread(settings.results_dir / verified.path)
     assert ds.VerificationFlag == "VERIFIED"

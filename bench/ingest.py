@@ -97,13 +97,11 @@ def ledger_instances(db: Path) -> int:
 
 
 @contextmanager
-def node_target(
-    workdir: Path, *, fsync: bool = True
-) -> Iterator[tuple[int, str, Callable[[], int]]]:
+def node_target(workdir: Path, **ingest: Any) -> Iterator[tuple[int, str, Callable[[], int]]]:
     port = free_port()
     root = workdir / "node"
     root.mkdir()
-    config = node_config(root, port, fsync=fsync)
+    config = node_config(root, port, **ingest)
     proc = start_node(config, "scp", root / "scp.log")
     try:
         wait_port(port)
@@ -128,6 +126,8 @@ TARGETS: dict[str, Target] = {
     "node": node_target,
     # Not durable: shows what fsync costs; never a production setting.
     "node-nofsync": lambda workdir: node_target(workdir, fsync=False),
+    # pynetdicom's own polling loops instead of the event-driven reactor (ingest/reactor.py).
+    "node-polling": lambda workdir: node_target(workdir, reactor="polling"),
 }
 
 
@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=4, help="associations (0: skip)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per cell (best is kept)")
     parser.add_argument(
-        "--targets", default="storescp,orthanc,node", help="also: node-nofsync (not durable)"
+        "--targets",
+        default="storescp,orthanc,node",
+        help="also: node-nofsync (not durable), node-polling (pynetdicom's polling loops)",
     )
     parser.add_argument("--json", type=Path, help="write the figures as JSON")
     args = parser.parse_args(argv)

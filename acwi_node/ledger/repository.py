@@ -7,6 +7,7 @@ exporter processes can share one database (SQLite in WAL mode, or PostgreSQL) sa
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Table, create_engine, event, func, insert, select, text, update
+from sqlalchemy import Table, bindparam, create_engine, event, func, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -99,6 +100,7 @@ class DueDelivery:
     destination: str
     path: str
     attempts: int
+    study_uid: str = ""
 
 
 #: Job priority given to the jobs of a study whose order is STAT; jobs at or above it go to the
@@ -161,6 +163,66 @@ def _lease_time() -> Any:
     return func.coalesce(Job.heartbeat_at, Job.started_at)
 
 
+class _IngestStatements:
+    """The statements of :meth:`Ledger.record_instance`, built once for every call."""
+
+    def __init__(self) -> None:
+        studies = cast(Table, Study.__table__)
+        instances = cast(Table, Instance.__table__)
+        self.select_study = (
+            select(
+                studies.c.id,
+                studies.c.generation,
+                studies.c.state,
+                studies.c.modality,
+                studies.c.body_part,
+            )
+            .where(studies.c.study_uid == bindparam("b_uid"))
+            .with_for_update()
+        )
+        self.insert_study = insert(studies)
+        self.select_instance = select(instances.c.id).where(
+            instances.c.sop_instance_uid == bindparam("b_sop")
+        )
+        self.insert_instance = insert(instances)
+        self.update_instance = (
+            update(instances)
+            .where(instances.c.id == bindparam("b_id"))
+            .values(
+                path=bindparam("b_path"),
+                size=bindparam("b_size"),
+                transfer_syntax_uid=bindparam("b_ts"),
+                generation=bindparam("b_generation"),
+                received_at=bindparam("b_now"),
+            )
+        )
+        received = {
+            "last_received_at": bindparam("b_now"),
+            "modality": bindparam("b_modality"),
+            "body_part": bindparam("b_body_part"),
+            "open_associations": studies.c.open_associations + bindparam("b_open"),
+            "instance_count": studies.c.instance_count + bindparam("b_count"),
+        }
+        #: A study still receiving: its state and generation are left as they are.
+        self.update_study = (
+            update(studies).where(studies.c.id == bindparam("b_id")).values(**received)
+        )
+        #: An instance re-opens a study that had completed: a new generation.
+        self.reopen_study = (
+            update(studies)
+            .where(studies.c.id == bindparam("b_id"))
+            .values(
+                **received,
+                generation=bindparam("b_generation"),
+                state=bindparam("b_state"),
+                reason=bindparam("b_reason"),
+            )
+        )
+
+
+_INGEST = _IngestStatements()
+
+
 class Ledger:
     """Repository over the ledger database."""
 
@@ -173,10 +235,17 @@ class Ledger:
             self._create_schema()
 
     def _create_schema(self) -> None:
-        """Create missing tables. Several processes start at once against one PostgreSQL:
-        an advisory lock makes them take turns (CREATE TABLE races on the catalogue)."""
+        """Create missing tables. Several processes start at once against one database and
+        take turns (CREATE TABLE races otherwise: "table ... already exists"): an advisory
+        lock on PostgreSQL, a lock file beside an SQLite database."""
         if self.engine.dialect.name != "postgresql":
-            Base.metadata.create_all(self.engine)
+            database = self.engine.url.database
+            if not database or database == ":memory:":
+                Base.metadata.create_all(self.engine)
+                return
+            with open(f"{database}.schema-lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                Base.metadata.create_all(self.engine)
             return
         with self.engine.begin() as conn:
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
@@ -216,91 +285,85 @@ class Ledger:
         raise AssertionError("unreachable")
 
     def _record_instance(self, rec: InstanceRecord, first_in_association: bool) -> Recorded:
-        # SQLAlchemy Core, not the ORM: this runs once per C-STORE, before the answer, and
-        # the ORM's unit of work cost more than the database itself.
+        # SQLAlchemy Core with statements built once (see _IngestStatements): this runs once
+        # per C-STORE, before the answer, and building statements cost more than running them.
         now = utcnow()
-        studies = cast(Table, Study.__table__)
-        instances = cast(Table, Instance.__table__)
+        sql = _INGEST
         with self.connection() as conn:
-            row = conn.execute(
-                select(
-                    studies.c.id,
-                    studies.c.generation,
-                    studies.c.state,
-                    studies.c.modality,
-                    studies.c.body_part,
-                )
-                .where(studies.c.study_uid == rec.study_uid)
-                .with_for_update()
-            ).first()
+            row = conn.execute(sql.select_study, {"b_uid": rec.study_uid}).first()
             reopened = False
-            changes: dict[str, Any] = {"last_received_at": now}
             if row is None:
                 created = conn.execute(
-                    insert(studies).values(
-                        study_uid=rec.study_uid,
-                        calling_ae=rec.calling_ae,
-                        modality=rec.modality[:16],
-                        body_part=rec.body_part[:64],
-                        first_received_at=now,
-                        last_received_at=now,
-                        generation=1,
-                        state=StudyState.RECEIVING,
-                        instance_count=0,
-                        open_associations=0,
-                    )
+                    sql.insert_study,
+                    {
+                        "study_uid": rec.study_uid,
+                        "calling_ae": rec.calling_ae,
+                        "modality": rec.modality[:16],
+                        "body_part": rec.body_part[:64],
+                        "first_received_at": now,
+                        "last_received_at": now,
+                        "generation": 1,
+                        "state": StudyState.RECEIVING,
+                        "instance_count": 0,
+                        "open_associations": 0,
+                        "reason": "",
+                    },
                 )
                 assert created.inserted_primary_key is not None
                 study_id = created.inserted_primary_key[0]
-                generation = 1
+                generation, state = 1, StudyState.RECEIVING
+                modality, body_part = rec.modality[:16], rec.body_part[:64]
             else:
-                study_id, generation = row.id, row.generation
-                if row.state != StudyState.RECEIVING:
+                study_id, generation, state = row.id, row.generation, row.state
+                if state != StudyState.RECEIVING:
                     generation += 1
                     reopened = True
-                    changes.update(generation=generation, state=StudyState.RECEIVING, reason="")
+                    state = StudyState.RECEIVING
                 modality = row.modality or ""
                 if rec.modality and rec.modality not in modality.split("\\"):
-                    changes["modality"] = (
-                        f"{modality}\\{rec.modality}" if modality else rec.modality
-                    )[:16]
-                if rec.body_part and not row.body_part:
-                    changes["body_part"] = rec.body_part[:64]
-            if first_in_association:
-                changes["open_associations"] = studies.c.open_associations + 1
-            existing = conn.execute(
-                select(instances.c.id).where(instances.c.sop_instance_uid == rec.sop_instance_uid)
-            ).first()
+                    modality = (f"{modality}\\{rec.modality}" if modality else rec.modality)[:16]
+                body_part = row.body_part or rec.body_part[:64]
+            existing = conn.execute(sql.select_instance, {"b_sop": rec.sop_instance_uid}).first()
             if existing is None:
                 conn.execute(
-                    insert(instances).values(
-                        study_id=study_id,
-                        sop_instance_uid=rec.sop_instance_uid,
-                        sop_class_uid=rec.sop_class_uid,
-                        series_uid=rec.series_uid,
-                        transfer_syntax_uid=rec.transfer_syntax_uid,
-                        modality=rec.modality,
-                        path=rec.path,
-                        size=rec.size,
-                        calling_ae=rec.calling_ae,
-                        generation=generation,
-                        received_at=now,
-                    )
+                    sql.insert_instance,
+                    {
+                        "study_id": study_id,
+                        "sop_instance_uid": rec.sop_instance_uid,
+                        "sop_class_uid": rec.sop_class_uid,
+                        "series_uid": rec.series_uid,
+                        "transfer_syntax_uid": rec.transfer_syntax_uid,
+                        "modality": rec.modality,
+                        "path": rec.path,
+                        "size": rec.size,
+                        "calling_ae": rec.calling_ae,
+                        "generation": generation,
+                        "received_at": now,
+                    },
                 )
-                changes["instance_count"] = studies.c.instance_count + 1
             else:
                 conn.execute(
-                    update(instances)
-                    .where(instances.c.id == existing.id)
-                    .values(
-                        path=rec.path,
-                        size=rec.size,
-                        transfer_syntax_uid=rec.transfer_syntax_uid,
-                        generation=generation,
-                        received_at=now,
-                    )
+                    sql.update_instance,
+                    {
+                        "b_id": existing.id,
+                        "b_path": rec.path,
+                        "b_size": rec.size,
+                        "b_ts": rec.transfer_syntax_uid,
+                        "b_generation": generation,
+                        "b_now": now,
+                    },
                 )
-            conn.execute(update(studies).where(studies.c.id == study_id).values(**changes))
+            params: dict[str, Any] = {
+                "b_id": study_id,
+                "b_now": now,
+                "b_modality": modality,
+                "b_body_part": body_part,
+                "b_open": 1 if first_in_association else 0,
+                "b_count": 1 if existing is None else 0,
+            }
+            if reopened:
+                params.update(b_generation=generation, b_state=state, b_reason="")
+            conn.execute(sql.reopen_study if reopened else sql.update_study, params)
             return Recorded(int(study_id), generation, reopened, existing is not None)
 
     def association_released(self, study_ids: Sequence[int]) -> None:
@@ -638,14 +701,17 @@ class Ledger:
         now = utcnow()
         with self.session() as s:
             rows = s.execute(
-                select(Delivery, Result.path)
+                select(Delivery, Result.path, Study.study_uid)
                 .join(Result, Delivery.result_id == Result.id)
+                .join(Job, Delivery.job_id == Job.id)
+                .join(Study, Job.study_id == Study.id)
                 .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
                 .order_by(Delivery.next_attempt_at, Delivery.id)
                 .limit(limit)
             ).all()
             return [
-                DueDelivery(d.id, d.job_id, d.destination, path, d.attempts) for d, path in rows
+                DueDelivery(d.id, d.job_id, d.destination, path, d.attempts, study_uid)
+                for d, path, study_uid in rows
             ]
 
     def record_delivery(

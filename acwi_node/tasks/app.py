@@ -63,8 +63,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return conf
 
 
-def configure(settings: Settings) -> Celery:
-    """Configure the module-level app for these settings and register the tasks."""
+def configure(settings: Settings, *, register_tasks: bool = True) -> Celery:
+    """Configure the module-level app for these settings and register the tasks.
+
+    Processes that only send tasks (the scp: it sends them by name) pass
+    ``register_tasks=False`` and so never import the analysis code and PyTorch.
+    """
     # Drop connections made under an earlier configuration (one process, several configs).
     if app._pool is not None:
         app._pool.force_close_all()
@@ -72,6 +76,8 @@ def configure(settings: Settings) -> Celery:
     app.amqp._producer_pool = None
     kombu_pools.reset()  # kombu keeps producer pools per broker URL, across configurations
     app.conf.update(celery_config(settings))
+    if not register_tasks:
+        return app
     from acwi_node.tasks import analyse  # noqa: F401  (registers the task)
 
     analyse.bind_settings(settings)

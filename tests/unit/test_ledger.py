@@ -241,3 +241,26 @@ def test_lease_keeper_renews_until_stopped(db: Ledger) -> None:
     assert keeper.renewals >= 3
     time.sleep(0.4)
     assert db.claim_job(job_id, lease_s=0.3) is not None
+
+
+def test_processes_starting_at_once_create_the_sqlite_schema_once(tmp_path: Path) -> None:
+    """scp, worker and exporter start together on the embedded ledger: no CREATE TABLE race."""
+    import subprocess
+    import sys
+
+    from sqlalchemy import create_engine, inspect
+
+    from acwi_node.ledger.models import Base
+
+    for attempt in range(3):  # a race needs luck to show; three fresh databases
+        url = f"sqlite:///{tmp_path / f'ledger{attempt}.sqlite'}"
+        code = f"from acwi_node.ledger import Ledger; Ledger({url!r}).dispose()"
+        procs = [
+            subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+            for _ in range(6)
+        ]
+        failures = [p.stderr.read() for p in procs if p.wait(timeout=120) != 0]  # type: ignore[union-attr]
+        assert failures == []
+        engine = create_engine(url)
+        assert set(Base.metadata.tables) <= set(inspect(engine).get_table_names())
+        engine.dispose()

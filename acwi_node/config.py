@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -78,6 +79,47 @@ class NodeSettings(_Strict):
         return v
 
 
+class IngestTlsSettings(_Strict):
+    """DICOM TLS on the storage SCP's port (PS3.15 Annex B; TLS 1.2 or newer).
+
+    When enabled the port speaks only TLS. The handshake runs in the connection's own thread
+    with ``handshake_timeout_s``, so a peer that never finishes it holds up nobody else.
+    """
+
+    enabled: bool = False
+    #: The node's certificate (PEM, leaf first, then intermediates) and its private key.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: CAs (PEM) that sign the certificates of sending systems.
+    ca_file: Path | None = None
+    #: Refuse a client without a certificate from ``ca_file`` (mutual TLS).
+    require_client_cert: bool = True
+    handshake_timeout_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _usable(self) -> IngestTlsSettings:
+        if not self.enabled:
+            return self
+        if self.cert_file is None or self.key_file is None:
+            raise ValueError("enabled TLS needs cert_file and key_file")
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file (the CAs of client certificates)")
+        self.context()  # a missing or unreadable file fails at start-up, not at first use
+        return self
+
+    def context(self) -> ssl.SSLContext:
+        """The server SSL context (raises ``TlsConfigError``)."""
+        from acwi_node.tls import server_context
+
+        assert self.cert_file is not None and self.key_file is not None
+        return server_context(
+            cert_file=self.cert_file.expanduser(),
+            key_file=self.key_file.expanduser(),
+            ca_file=self.ca_file.expanduser() if self.ca_file else None,
+            require_client_cert=self.require_client_cert,
+        )
+
+
 class IngestSettings(_Strict):
     """Storage SCP policy."""
 
@@ -98,6 +140,11 @@ class IngestSettings(_Strict):
     #: Also act as Modality Performed Procedure Step SCP (N-CREATE/N-SET): a COMPLETED step
     #: completes its studies as soon as every instance it lists has arrived.
     mpps: bool = True
+    #: ``event``: associations sleep until data or work arrives (see ingest/reactor.py);
+    #: ``polling``: pynetdicom's own loops, which poll every millisecond.
+    reactor: Literal["event", "polling"] = "event"
+    #: DICOM TLS on the DICOM port (``[ingest.tls]``).
+    tls: IngestTlsSettings = IngestTlsSettings()
 
 
 class CompletionSettings(_Strict):
@@ -172,6 +219,35 @@ class ExporterSettings(_Strict):
     timeout_s: float = Field(30.0, gt=0)
 
 
+class DestinationTls(_Strict):
+    """DICOM TLS to a destination (``[destinations.tls]``)."""
+
+    #: CAs (PEM) the destination's certificate must chain to; default the system trust store.
+    ca_file: Path | None = None
+    #: The node's client certificate and key, for destinations that require one.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: The certificate must name the host (``server_name``, default ``host``).
+    verify_hostname: bool = True
+    server_name: str | None = None
+
+    @model_validator(mode="after")
+    def _usable(self) -> DestinationTls:
+        self.context()
+        return self
+
+    def context(self) -> ssl.SSLContext:
+        """The client SSL context (raises ``TlsConfigError``)."""
+        from acwi_node.tls import client_context
+
+        return client_context(
+            ca_file=self.ca_file.expanduser() if self.ca_file else None,
+            cert_file=self.cert_file.expanduser() if self.cert_file else None,
+            key_file=self.key_file.expanduser() if self.key_file else None,
+            verify_hostname=self.verify_hostname,
+        )
+
+
 class Destination(_Strict):
     """A DICOM node results are sent to."""
 
@@ -179,6 +255,8 @@ class Destination(_Strict):
     ae_title: AETitle
     host: str
     port: int = Field(ge=1, le=65535)
+    #: Send over DICOM TLS (PS3.15 Annex B); plain TCP when absent.
+    tls: DestinationTls | None = None
 
 
 class RouteMatch(_Strict):
@@ -286,6 +364,58 @@ class ReviewSettings(_Strict):
     organization: str = Field("ACWI Node", min_length=1, max_length=64)
 
 
+class AuditSettings(_Strict):
+    """The audit trail (README "Audit trail"): JSON lines, optionally syslog (IHE ATNA)."""
+
+    enabled: bool = True
+    #: JSON-lines file, mode 0600; default ``<data_dir>/audit/audit.jsonl``.
+    file: Path | None = None
+    #: Also send DICOM audit messages (RFC 5424) to ``udp://host:514``, ``tcp://host:601``
+    #: (RFC 6587 octet counting) or ``tls://host:6514`` (RFC 5425).
+    syslog_url: str | None = None
+    #: CAs for a ``tls://`` collector's certificate (default the system trust store), and the
+    #: node's client certificate if the collector asks for one.
+    syslog_ca_file: Path | None = None
+    syslog_cert_file: Path | None = None
+    syslog_key_file: Path | None = None
+    #: Put patient IDs in audit records (ATNA's patient participant). Off: Study UIDs only.
+    patient_id: bool = False
+    #: AuditEnterpriseSiteID of the audit messages.
+    enterprise_site: str = ""
+
+    @field_validator("syslog_url")
+    @classmethod
+    def _syslog_url(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.scheme not in {"udp", "tcp", "tls"} or not parts.hostname:
+            raise ValueError(
+                f"syslog_url {v!r} must look like udp://host:514, tcp://host:601 or tls://host:6514"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _tls_usable(self) -> AuditSettings:
+        self.syslog_context()
+        return self
+
+    def syslog_context(self) -> ssl.SSLContext | None:
+        """The client SSL context of a ``tls://`` collector (None for udp/tcp)."""
+        if not self.syslog_url or not self.syslog_url.startswith("tls://"):
+            return None
+        from acwi_node.tls import client_context
+
+        return client_context(
+            ca_file=self.syslog_ca_file.expanduser() if self.syslog_ca_file else None,
+            cert_file=self.syslog_cert_file.expanduser() if self.syslog_cert_file else None,
+            key_file=self.syslog_key_file.expanduser() if self.syslog_key_file else None,
+            verify_hostname=True,
+        )
+
+
 class Settings(BaseSettings):
     """The whole node configuration."""
 
@@ -307,6 +437,7 @@ class Settings(BaseSettings):
     models: list[ModelSpec] = Field(default_factory=list)
     observability: ObservabilitySettings = ObservabilitySettings()
     review: ReviewSettings = ReviewSettings()
+    audit: AuditSettings = AuditSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -9,28 +9,35 @@ partial file.
 
 from __future__ import annotations
 
-import io
 import ipaddress
 import logging
+import socket
+import ssl
+import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.tag import Tag
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
+from acwi_node.audit import AuditEvent, Outcome, audit, remote_ae
 from acwi_node.config import Settings
+from acwi_node.ingest.header import pydicom_header, scan_header
 from acwi_node.ingest.mpps import MPPS_SOP_CLASS, CompletionSignals, MppsSCP
+from acwi_node.ingest.part10 import file_meta_prefix
+from acwi_node.ingest.reactor import EventDrivenRequestHandler
+from acwi_node.ingest.reactor import compatible as reactor_compatible
 from acwi_node.ingest.spool import Spool, SpoolError, is_safe_uid
 from acwi_node.ledger import InstanceRecord, Ledger
 from acwi_node.observability import metrics
 from acwi_node.observability.logging import note_identifiers
+from acwi_node.tls import peer_subject
 
 log = logging.getLogger("acwi_node.ingest")
 
@@ -62,26 +69,25 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_BAD_UID = 0xC001  # cannot understand: a UID unsafe to store (path-like, too long)
 STATUS_MISSING_UID = 0xC002  # cannot understand: no Study/SOP Instance UID
 
-_HEADER_TAGS = [
-    Tag(0x0008, 0x0016),  # SOPClassUID
-    Tag(0x0008, 0x0018),  # SOPInstanceUID
-    Tag(0x0008, 0x0060),  # Modality
-    Tag(0x0010, 0x0010),  # PatientName: only to keep it out of the logs (note_identifiers)
-    Tag(0x0010, 0x0020),  # PatientID: likewise
-    Tag(0x0018, 0x0015),  # BodyPartExamined
-    Tag(0x0020, 0x000D),  # StudyInstanceUID
-    Tag(0x0020, 0x000E),  # SeriesInstanceUID
-]
+
+def _received(event: evt.Event) -> tuple[bytes, bytes]:
+    """(data set as received, the instance as a Part 10 file): the File Meta Information from
+    :mod:`.part10`, or from pynetdicom's encoder for values that one cannot take."""
+    request = cast(C_STORE, event.request)
+    dataset = event.encoded_dataset(include_meta=False)
+    try:
+        prefix = file_meta_prefix(
+            str(request.AffectedSOPClassUID or ""),
+            str(request.AffectedSOPInstanceUID or ""),
+            str(event.context.transfer_syntax),
+        )
+    except (UnicodeEncodeError, struct.error):  # odd values: pynetdicom's encoder decides
+        return dataset, event.encoded_dataset(include_meta=True)
+    return dataset, prefix + dataset
 
 
-def read_header(data: bytes) -> Dataset:
-    """The header attributes routing needs, from a Part-10 byte string, without pixel data."""
-    return dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-
-
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword, "")
-    return str(value).strip() if value is not None else ""
+def _text(header: Mapping[str, str], keyword: str) -> str:
+    return header.get(keyword, "")
 
 
 class _NodeAE(AE):
@@ -123,12 +129,56 @@ class _NodeAE(AE):
         AE.require_calling_aet.fset(self, ae_titles)  # type: ignore[attr-defined]
 
 
+class _AssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the TLS handshake moved off the accept loop.
+
+    pynetdicom wraps an accepted socket and completes the handshake in the thread that accepts
+    connections, without a timeout: one peer that connects and sends nothing would stop the
+    node accepting anyone. Here the accept loop only wraps the socket; the handshake runs in
+    the connection's own thread with a timeout, and a failed one (no client certificate, an
+    untrusted one, plain DICOM on the TLS port) closes that connection and is reported.
+    """
+
+    handshake_timeout_s: float = 10.0
+    on_handshake_failed: Callable[[tuple[str, int], str], None] | None = None
+
+    def use_event_driven_reactors(self) -> None:
+        """Serve connections with :mod:`acwi_node.ingest.reactor`'s associations."""
+        self.RequestHandlerClass = EventDrivenRequestHandler
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client_socket, address = self.socket.accept()
+        if self.ssl_context is not None:
+            client_socket = self.ssl_context.wrap_socket(
+                client_socket, server_side=True, do_handshake_on_connect=False
+            )
+        return client_socket, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.settimeout(self.handshake_timeout_s)
+                request.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                if self.on_handshake_failed is not None:
+                    reason = getattr(exc, "reason", None) or type(exc).__name__
+                    self.on_handshake_failed(client_address, str(reason))
+                return  # the server closes the socket
+        super().finish_request(request, client_address)
+
+
 @dataclass
 class _AssociationState:
     calling_ae: str
+    address: str = ""
     study_uids: set[str] = field(default_factory=set)
     study_ids: set[int] = field(default_factory=set)
     released: bool = False
+    #: Instances stored per Study Instance UID, and refused (for the audit trail).
+    stored: dict[str, int] = field(default_factory=dict)
+    refused: int = 0
+    patient_ids: set[str] = field(default_factory=set)
 
 
 class StorageSCP:
@@ -150,7 +200,10 @@ class StorageSCP:
         self.signals = signals
         self.mpps = MppsSCP(signals) if settings.ingest.mpps else None
         self._release_complete = {a.strip() for a in settings.completion.release_complete_aes}
+        self._audit_patient_id = settings.audit.patient_id
         self._assocs: dict[int, _AssociationState] = {}
+        #: Associations whose end is being recorded (ledger, completion signals).
+        self._closing = 0
         self._lock = threading.Lock()
         self.ae = self._make_ae()
         self._server: Any = None
@@ -189,8 +242,9 @@ class StorageSCP:
             sock.settimeout(self.settings.ingest.network_timeout_s)
 
     def start(self, *, block: bool = False) -> None:
-        """Listen on the configured host and port."""
+        """Listen on the configured host and port (DICOM TLS there when ``[ingest.tls]``)."""
         node = self.settings.node
+        tls = self.settings.ingest.tls
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_C_STORE, self.handle_store),
@@ -202,16 +256,48 @@ class StorageSCP:
         if self.mpps is not None:
             handlers += self.mpps.handlers()
         address = (node.dicom_host, node.dicom_port)
-        log.info("storage SCP %s listening on %s:%d", node.ae_title, *address)
+        server = cast(
+            _AssociationServer,
+            self.ae.make_server(
+                address,
+                evt_handlers=handlers,
+                ssl_context=tls.context() if tls.enabled else None,
+                server_class=_AssociationServer,
+            ),
+        )
+        server.handshake_timeout_s = tls.handshake_timeout_s
+        if self.settings.ingest.reactor == "event":
+            if reactor_compatible():
+                server.use_event_driven_reactors()
+            else:
+                log.warning("this pynetdicom lacks what the event-driven reactor needs: polling")
+        server.on_handshake_failed = self._on_handshake_failed
+        self.ae._servers.append(server)  # so that AE.shutdown() and server.shutdown() work
+        self._server = server
+        log.info(
+            "storage SCP %s listening on %s:%d%s",
+            node.ae_title,
+            *address,
+            " (DICOM TLS)" if tls.enabled else "",
+        )
         if block:
-            self.ae.start_server(address, block=True, evt_handlers=handlers)
+            server.serve_forever()
         else:
-            self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
+            thread = threading.Thread(
+                target=server.serve_forever, name="acwi-scp-acceptor", daemon=True
+            )
+            thread.start()
 
     @property
     def listening(self) -> bool:
         """True while the DICOM listener's socket is open (readiness)."""
         return self._server is not None and self._server.socket.fileno() >= 0
+
+    @property
+    def open_associations(self) -> int:
+        """Associations accepted and not yet fully recorded as ended."""
+        with self._lock:
+            return len(self._assocs) + self._closing
 
     def stop(self) -> None:
         if self._server is not None:
@@ -220,18 +306,49 @@ class StorageSCP:
         self.ae.shutdown()
 
     # ---------------------------------------------------------------- handlers
+    def _on_handshake_failed(self, address: tuple[str, int], reason: str) -> None:
+        metrics.ASSOCIATIONS_REJECTED.inc()
+        log.warning("TLS handshake with %s failed: %s", address[0], reason)
+        audit(
+            AuditEvent.ASSOCIATION_REJECTED,
+            outcome=Outcome.MINOR_FAILURE,
+            participants=[remote_ae("", str(address[0]), requestor=True)],
+            detail=f"TLS handshake failed: {reason}",
+        )
+
     def _on_accepted(self, event: evt.Event) -> None:
         calling = event.assoc.requestor.ae_title.strip()
+        address = str(event.assoc.requestor.address)
+        subject = peer_subject(getattr(event.assoc.dul.socket, "socket", None))
         with self._lock:
-            self._assocs[id(event.assoc)] = _AssociationState(calling_ae=calling)
-        log.info("association accepted from %s (%s)", calling, event.assoc.requestor.address)
+            self._assocs[id(event.assoc)] = _AssociationState(calling_ae=calling, address=address)
+        log.info("association accepted from %s (%s)", calling, address)
+        audit(
+            AuditEvent.ASSOCIATION_ACCEPTED,
+            participants=[remote_ae(calling, address, requestor=True, tls_subject=subject)],
+            detail="DICOM TLS" if subject or self.settings.ingest.tls.enabled else "",
+        )
+
+    def _rejection_reason(self, event: evt.Event) -> str:
+        calling = event.assoc.requestor.ae_title.strip()
+        allowed = self.ae.require_calling_aet  # this peer's list (see _NodeAE)
+        if allowed and calling not in allowed:
+            if calling in {t.strip() for t in self.settings.ingest.calling_ae_hosts}:
+                return "calling AE title not permitted from this address"
+            return "calling AE title not recognised"
+        return "no association slot free (ingest.max_associations)"
 
     def _on_rejected(self, event: evt.Event) -> None:
         metrics.ASSOCIATIONS_REJECTED.inc()
-        log.warning(
-            "association rejected from %s (%s)",
-            event.assoc.requestor.ae_title.strip(),
-            event.assoc.requestor.address,
+        calling = event.assoc.requestor.ae_title.strip()
+        address = str(event.assoc.requestor.address)
+        reason = self._rejection_reason(event)
+        log.warning("association rejected from %s (%s): %s", calling, address, reason)
+        audit(
+            AuditEvent.ASSOCIATION_REJECTED,
+            outcome=Outcome.MINOR_FAILURE,
+            participants=[remote_ae(calling, address, requestor=True)],
+            detail=reason,
         )
 
     def _on_released(self, event: evt.Event) -> None:
@@ -240,9 +357,40 @@ class StorageSCP:
             if state is not None:
                 state.released = True
 
+    def _audit_received(self, state: _AssociationState) -> None:
+        if not state.stored and not state.refused:
+            return
+        total = sum(state.stored.values())
+        detail = f"{total} instance(s) stored"
+        if state.refused:
+            detail += f", {state.refused} refused"
+        if not state.released:
+            detail += "; the association ended without a release"
+        audit(
+            AuditEvent.INSTANCES_RECEIVED,
+            outcome=Outcome.MINOR_FAILURE if state.refused else Outcome.SUCCESS,
+            participants=[remote_ae(state.calling_ae, state.address, requestor=True)],
+            study_uids=sorted(state.stored),
+            instances=dict(state.stored),
+            patient_ids=sorted(state.patient_ids),
+            detail=detail,
+        )
+
     def _on_closed(self, event: evt.Event) -> None:
         with self._lock:
             state = self._assocs.pop(id(event.assoc), None)
+            if state is not None:
+                self._closing += 1
+        try:
+            self._record_end(state)
+        finally:
+            if state is not None:
+                with self._lock:
+                    self._closing -= 1
+
+    def _record_end(self, state: _AssociationState | None) -> None:
+        if state is not None:
+            self._audit_received(state)
         if state is None or not state.study_ids:
             return
         try:
@@ -261,15 +409,24 @@ class StorageSCP:
         """Persist one instance, then answer. Never raises."""
         with self._lock:
             state = self._assocs.get(id(event.assoc))
+        status = self._store(event, state)
+        if status != STATUS_SUCCESS and state is not None:
+            with self._lock:
+                state.refused += 1
+        return status
+
+    def _store(self, event: evt.Event, state: _AssociationState | None) -> int:
         calling_ae = state.calling_ae if state else event.assoc.requestor.ae_title.strip()
         try:
-            data = event.encoded_dataset(include_meta=True)
+            dataset, data = _received(event)
         except Exception as exc:
             log.warning("C-STORE from %s: cannot encode the received dataset: %s", calling_ae, exc)
             metrics.INSTANCES_REJECTED.labels("unencodable").inc()
             return STATUS_CANNOT_UNDERSTAND
         try:
-            header = read_header(data)
+            header = scan_header(dataset, str(event.context.transfer_syntax)) or pydicom_header(
+                data
+            )
         except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OSError) as exc:
             log.warning("C-STORE from %s: cannot parse the dataset header: %s", calling_ae, exc)
             metrics.INSTANCES_REJECTED.labels("unparseable_header").inc()
@@ -327,6 +484,9 @@ class StorageSCP:
             with self._lock:
                 state.study_uids.add(study_uid)
                 state.study_ids.add(recorded.study_id)
+                state.stored[study_uid] = state.stored.get(study_uid, 0) + 1
+                if self._audit_patient_id:
+                    state.patient_ids.add(_text(header, "PatientID"))
         log.debug(
             "stored study_id=%d sop_class=%s size=%d%s",
             recorded.study_id,

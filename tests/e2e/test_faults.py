@@ -1,4 +1,5 @@
-"""Faults: a worker killed mid-analysis, a destination that is down. Nothing is lost.
+"""Faults: a worker killed mid-analysis, Redis flushed or restarted, a destination that is down.
+Nothing is lost.
 
 Each test ends by counting what Orthanc holds: every study sent has exactly one SR and one
 heatmap per image, however often the node's processes died or the destination was away.
@@ -6,7 +7,9 @@ heatmap per image, however often the node's processes died or the destination wa
 
 from __future__ import annotations
 
+import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -201,6 +204,109 @@ def test_broker_flushed_while_studies_are_queued(
         for uid in uids:
             wait_study_state(ledger, uid, {"delivered"}, nodes, timeout_s=180)
             assert result_counts(orthanc, uid) == (1, len(sent[uid]))
+    ledger.dispose()
+
+
+class _PrivateRedis:
+    """A Redis server of this test's own (nothing kept on disk), so it can be killed and
+    started again without touching the shared one."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed")
+        self.binary = binary
+        self.port = free_port()
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis.from_url(self.url).ping():
+                    return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise AssertionError("the test's Redis did not start")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
+
+    def __enter__(self) -> _PrivateRedis:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.kill()
+
+
+@pytest.mark.integration
+def test_redis_restarted_while_studies_are_queued_and_analysed(
+    tmp_path: Path, orthanc: OrthancServer, postgres_url: str
+) -> None:
+    """Redis dies (kill -9) with messages queued and a task running, and comes back empty.
+
+    The processes reconnect, the reconciler re-queues from the ledger, and every study, those
+    sent before the restart and one sent after, gets exactly one result.
+    """
+    ledger = Ledger(postgres_url)
+    with _PrivateRedis(tmp_path) as broker:
+        cfg = node_config(tmp_path, orthanc, database_url=postgres_url, broker_url=broker.url)
+        cfg["completion"]["requeue_after_s"] = 3
+        cfg["worker"]["lease_s"] = 3
+        config = write_config(tmp_path / "acwi.toml", cfg)
+        studies: dict[str, list[Path]] = {}
+        for n in range(3):
+            uid: str = generate_uid()
+            studies[uid] = write_study(
+                tmp_path / f"study{n}", n_images=8, size=384, seed=40 + n, study_instance_uid=uid
+            )
+        with NodeProcesses(config, ["scp", "worker", "exporter"], tmp_path) as nodes:
+            wait_port("127.0.0.1", orthanc.node_port)
+            for files in studies.values():
+                send_study(orthanc.node_port, files)
+            deadline = time.monotonic() + 120
+            while not analysing_job(ledger, list(studies)) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert analysing_job(ledger, list(studies)), "no study was being analysed"
+            queued = redis.Redis.from_url(broker.url).dbsize()
+            broker.kill()
+            time.sleep(2)
+            broker.start()  # empty: every message is gone
+            late_uid: str = generate_uid()
+            studies[late_uid] = write_study(
+                tmp_path / "late", n_images=2, seed=49, study_instance_uid=late_uid
+            )
+            send_study(orthanc.node_port, studies[late_uid])
+            for uid in studies:
+                wait_study_state(ledger, uid, {"delivered", "failed"}, nodes, timeout_s=300)
+            nodes.assert_alive()
+            for uid, files in studies.items():
+                assert ledger.get_study(uid)["state"] == "delivered", uid  # type: ignore[index]
+                assert result_counts(orthanc, uid) == (1, len(files)), uid
+        assert queued > 0, "nothing was queued in Redis when it died"
     ledger.dispose()
 
 

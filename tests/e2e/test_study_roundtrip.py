@@ -6,6 +6,7 @@ Orthanc runs on loopback with the repository's configuration; the node runs as r
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 import time
@@ -189,6 +190,27 @@ def test_separate_processes_redis_postgres(
         )
         assert study_uid in status.stdout and "delivered" in status.stdout
         ledger.dispose()
+    check_audit_trail(tmp_path / "data" / "audit" / "audit.jsonl", study_uid, files)
+
+
+def check_audit_trail(path: Path, study_uid: str, files: list[Path]) -> None:
+    """Every process kind wrote its start and stop; the study's way in and out is recorded."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    events = [(r["event"], r["source"]["kind"]) for r in records]
+    for kind in ("scp", "worker", "exporter", "web"):
+        assert ("node_started", kind) in events and ("node_stopped", kind) in events, kind
+    assert ("configuration_changed", "scp") in events or any(
+        e == "configuration_changed" for e, _ in events
+    )
+    accepted = [r for r in records if r["event"] == "association_accepted"]
+    assert any(r["participants"][0]["id"] == "MODALITY1" for r in accepted)
+    received = [r for r in records if r["event"] == "instances_received"]
+    assert sum(r["instances"].get(study_uid, 0) for r in received) == len(files)
+    sent = [r for r in records if r["event"] == "results_sent" and r["study_uids"] == [study_uid]]
+    assert sum(r["instances"][study_uid] for r in sent) == len(files) + 1  # heatmaps and the SR
+    assert all(r["outcome"] == "success" for r in sent)
+    patient = str(dcmread(files[0], stop_before_pixels=True).PatientName)
+    assert patient and patient not in path.read_text()
 
 
 def test_serve_on_embedded_defaults_and_reopen(tmp_path: Path, orthanc: OrthancServer) -> None:

@@ -7,6 +7,7 @@ the study's state in the ledger, never by timing.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -101,12 +102,25 @@ def associate(node: Node, calling: str = "MODALITY") -> Association:
     return assoc
 
 
+def release(node: Node, assoc: Association) -> None:
+    """Release, then wait until the node has recorded the association's end.
+
+    The sender's release returns when the A-RELEASE-RP arrives; the node records the end
+    (ledger, release-complete signal) when the connection closes, a moment later.
+    """
+    assoc.release()
+    deadline = time.monotonic() + 10
+    while node.scp.open_associations:
+        assert time.monotonic() < deadline, "the node never recorded the association's end"
+        time.sleep(0.01)
+
+
 def store(node: Node, datasets: list[Dataset], calling: str = "MODALITY") -> None:
     assoc = associate(node, calling)
     try:
         assert [int(assoc.send_c_store(ds).Status) for ds in datasets] == [0] * len(datasets)
     finally:
-        assoc.release()
+        release(node, assoc)
 
 
 def step_created(study_uid: str) -> Dataset:
@@ -157,14 +171,14 @@ def test_mpps_completed_completes_the_study_without_the_quiet_period(node: Node)
 
     assoc = associate(node)
     assert n_create(assoc, step_created(study), step) == 0
-    assoc.release()
+    release(node, assoc)
     store(node, datasets)
     node.completion.tick()
     assert node.state(study) == "receiving"  # released, but the quiet period is an hour
 
     assoc = associate(node)
     assert n_set(assoc, step_completed(generate_uid(), sops), step) == 0
-    assoc.release()
+    release(node, assoc)
     assert node.scp.mpps is not None and node.scp.mpps.status_of(step) == "COMPLETED"
     node.completion.tick()
     assert node.state(study) == "not_routed"

@@ -218,3 +218,28 @@ def test_dcmtk_storescu_sends_a_directory(
     assert done.returncode == 0, done.stderr
     st = ledger.get_study(study)
     assert st is not None and st["instances"] == 4 and st["calling_ae"] == "STORESCU"
+
+
+@pytest.mark.parametrize("reactor", ["event", "polling"])
+def test_both_association_reactors_serve(tmp_path: Path, reactor: str) -> None:
+    """The event-driven reactor is the default and in use; pynetdicom's own still works."""
+    from acwi_node.ingest.reactor import EventDrivenRequestHandler
+
+    settings = load_settings(
+        None,
+        node={"data_dir": tmp_path / "data", "dicom_host": "127.0.0.1", "dicom_port": free_port()},
+        ingest={"fsync": False, "reactor": reactor},
+    )
+    ledger = Ledger(settings.database_url)
+    scp = StorageSCP(settings, ledger, Spool(settings.spool_dir, fsync=False))
+    scp.start(block=False)
+    try:
+        handler = scp._server.RequestHandlerClass
+        assert (handler is EventDrivenRequestHandler) is (reactor == "event")
+        study = generate_uid()
+        assert send(settings, [make_sc(study) for _ in range(20)]) == [0] * 20
+        record = ledger.get_study(study)
+        assert record is not None and record["instances"] == 20
+    finally:
+        scp.stop()
+        ledger.dispose()

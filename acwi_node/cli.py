@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from acwi_node import __version__
 from acwi_node.config import ConfigError, Settings, load_settings
@@ -58,7 +59,22 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 
 # ---------------------------------------------------------------------- process kinds
-def run_scp(settings: Settings) -> int:
+def run_scp(settings: Settings, config: Path | None = None) -> int:
+    """The storage SCP and the completion loop; with ``ingest.processes`` > 1, the loop here
+    and the SCP in listener processes sharing the port (:mod:`acwi_node.ingest.listeners`)."""
+    from acwi_node.ingest.listeners import inherited_listener, listener_count
+
+    inherited = inherited_listener()
+    if inherited is not None:
+        return _run_scp_listener(settings, inherited)
+    listeners = listener_count(settings)
+    shared_metrics = None
+    if listeners > 1:
+        from acwi_node.observability.multiproc import enable_multiprocess
+
+        # The listeners' metrics, added up by this process's /metrics (before the modules
+        # below load prometheus_client).
+        shared_metrics = enable_multiprocess(settings, "scp")
     from acwi_node.ingest.completion import CompletionService
     from acwi_node.ingest.mpps import CompletionSignals
     from acwi_node.ingest.scp import StorageSCP
@@ -69,13 +85,12 @@ def run_scp(settings: Settings) -> int:
 
     ledger = Ledger(settings.database_url)
     spool = Spool(settings.spool_dir, fsync=settings.ingest.fsync)
-    removed = spool.clean_tmp()
+    removed = spool.clean_tmp()  # before any listener writes there
     if removed:
         log.info("removed %d partial file(s) left by an earlier crash", removed)
     celery = configure(settings, register_tasks=False)
     signals = CompletionSignals(ledger)
     completion = CompletionService(settings, ledger, celery, signals=signals)
-    scp = StorageSCP(settings, ledger, spool, signals=signals)
     reconcile(
         celery,
         ledger,
@@ -86,16 +101,58 @@ def run_scp(settings: Settings) -> int:
     stop = threading.Event()
     _stop_on_signals(stop)
     completion.start()
-    scp.start(block=False)
+    scp: Any
+    if listeners > 1:
+        from acwi_node.ingest.listeners import ListenerProcesses, bind_listener
+
+        env = dict(os.environ)
+        if config is not None:
+            env["ACWI_CONFIG"] = str(config.resolve())
+        env["ACWI_NODE__DATA_DIR"] = str(settings.data_dir)
+        scp = ListenerProcesses(
+            bind_listener(settings.node.dicom_host, settings.node.dicom_port), listeners, env
+        )
+    else:
+        scp = StorageSCP(settings, ledger, spool, signals=signals)
+    scp.start()
     from acwi_node.observability.health import scp_readiness, start_ops_server_safely
 
     ops = start_ops_server_safely(settings, scp_readiness(settings, ledger, scp, completion))
     log.info("ready")
-    stop.wait()
+    while not stop.wait(0.5):
+        if listeners > 1:
+            scp.supervise()
     if ops is not None:
         ops.stop()
     scp.stop()
     completion.stop()
+    if shared_metrics is not None:
+        from acwi_node.observability.multiproc import disable_multiprocess
+
+        disable_multiprocess(shared_metrics)
+    return 0
+
+
+def _run_scp_listener(settings: Settings, sock: socket.socket) -> int:
+    """One of several SCP processes accepting on the socket their parent listens on."""
+    from acwi_node.ingest.mpps import CompletionSignals
+    from acwi_node.ingest.scp import StorageSCP
+    from acwi_node.ingest.spool import Spool
+    from acwi_node.ledger import Ledger
+
+    ledger = Ledger(settings.database_url)
+    spool = Spool(settings.spool_dir, fsync=settings.ingest.fsync)
+    scp = StorageSCP(settings, ledger, spool, signals=CompletionSignals(ledger))
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    parent = os.getppid()
+    scp.start(listen_socket=sock)
+    while not stop.wait(1.0):
+        if os.getppid() != parent:  # the scp process is gone: so is its socket's owner
+            log.error("scp listener: the parent process exited; stopping")
+            break
+    scp.stop()
+    ledger.dispose()
     return 0
 
 
@@ -428,8 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_status(settings, args.json)
     if args.command == "serve":
         return run_serve(settings, config)
-    runner = {
-        "scp": run_scp,
+    runner: Callable[[Settings], int] = {
+        "scp": lambda s: run_scp(s, config),
         "worker": run_worker,
         "exporter": run_exporter,
         "web": run_web,

@@ -8,8 +8,9 @@ Every target starts fresh (empty storage) for every measurement and receives the
 from DCMTK ``storescu`` (``TCP_NODELAY=1``, explicit VR little endian), over one association and
 then split over ``--parallel`` concurrent associations. The node runs as ``acwi-node scp`` with
 its defaults (SQLite ledger, fsync of every instance and its directory before answering); the
-run checks afterwards that every instance is in the node's ledger and spool. storescp and
-Orthanc do not fsync what they receive.
+run checks afterwards that every instance is in the node's ledger and spool. Orthanc (1.7.4 and
+later) fsyncs every file it stores (``SyncStorageArea``, on by default); storescp fsyncs nothing.
+The ``node-processes`` target runs one SCP listener process per core (``ingest.processes = 0``).
 """
 
 from __future__ import annotations
@@ -128,6 +129,8 @@ TARGETS: dict[str, Target] = {
     "node-nofsync": lambda workdir: node_target(workdir, fsync=False),
     # pynetdicom's own polling loops instead of the event-driven reactor (ingest/reactor.py).
     "node-polling": lambda workdir: node_target(workdir, reactor="polling"),
+    # One listener process per core sharing the port (ingest/listeners.py).
+    "node-processes": lambda workdir: node_target(workdir, processes=0),
 }
 
 
@@ -154,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--targets",
         default="storescp,orthanc,node",
-        help="also: node-nofsync (not durable), node-polling (pynetdicom's polling loops)",
+        help="also: node-processes (a listener process per core), node-nofsync (not durable),"
+        " node-polling (pynetdicom's polling loops)",
     )
     parser.add_argument("--json", type=Path, help="write the figures as JSON")
     args = parser.parse_args(argv)
@@ -181,16 +185,18 @@ def main(argv: list[str] | None = None) -> int:
                     measure(TARGETS[target], files, assocs, work) for _ in range(args.repeat)
                 )
                 results[row][target] = best
-                print(f"{row:<32} {target:<9} {best:8.1f} inst/s", flush=True)
+                print(f"{row:<32} {target:<14} {best:8.1f} inst/s", flush=True)
 
+    # Each node variant's ratio to each reference (storescp, Orthanc) measured in this run.
+    pairs = [
+        (n, r) for n in targets if n.startswith("node") for r in targets if not r.startswith("node")
+    ]
     header = ["instances, associations", *[f"{t} inst/s" for t in targets]]
-    if "node" in targets:
-        header += [f"node / {t}" for t in targets if t != "node"]
+    header += [f"{n} / {r}" for n, r in pairs]
     rows = []
     for row, figures in results.items():
         cells: list[Any] = [row, *[round(figures[t], 1) for t in targets]]
-        if "node" in targets:
-            cells += [ratio(figures["node"], figures[t]) for t in targets if t != "node"]
+        cells += [ratio(figures[n], figures[r]) for n, r in pairs]
         rows.append(cells)
     print()
     print(markdown_table(header, rows))

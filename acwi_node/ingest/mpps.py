@@ -12,30 +12,40 @@ completion loop need not wait for the quiet period.
 Orthanc with ``orthanc/route_to_node.lua``) that ends with an A-RELEASE completes the studies it
 sent at once, as long as no other association is still sending them.
 
-Both are hints held in memory by the process that runs the SCP and the completion loop. They only
-ever make a study complete *earlier*; if the process restarts, the quiet period and ``max_wait_s``
-still complete every study, so nothing is lost. Completion itself stays the ledger's conditional
-update, so a signal never routes a study twice.
+Steps and signals are kept in the ledger (tables ``mpps_steps`` and ``completion_signals``, UIDs
+only), so that several SCP processes sharing the DICOM port (``ingest.processes``) and the process
+running the completion loop see the same ones: a modality may send the N-CREATE and the N-SET on
+different associations, which different processes accept. Signals only ever make a study complete
+*earlier*; the quiet period and ``max_wait_s`` still complete every study. Completion itself stays
+the ledger's conditional update, so a signal never routes a study twice.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
-from collections import OrderedDict
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import N_CREATE, N_SET
-from sqlalchemy import select
+from sqlalchemy import CursorResult, delete, select, update
+from sqlalchemy.exc import IntegrityError
 
 from acwi_node.ingest.spool import is_safe_uid
 from acwi_node.ledger import Ledger
-from acwi_node.ledger.models import Instance, Study, StudyState
+from acwi_node.ledger.models import (
+    CompletionSignal,
+    Instance,
+    MppsStep,
+    Study,
+    StudyState,
+    utcnow,
+)
 
 log = logging.getLogger("acwi_node.mpps")
 
@@ -49,23 +59,17 @@ MPPS_INVALID_VALUE = 0x0106  # a status value other than the allowed ones, an un
 MPPS_DUPLICATE = 0x0111  # N-CREATE of an existing SOP instance
 MPPS_NO_SUCH_INSTANCE = 0x0112  # N-SET of an unknown SOP instance
 MPPS_MISSING_ATTRIBUTE = 0x0120  # no Performed Procedure Step Status
-MPPS_RESOURCE_LIMITATION = 0x0213  # too many steps in progress
+MPPS_PROCESSING_FAILURE = 0x0110  # (the general meaning of 0110) the ledger is unreachable
 
 IN_PROGRESS = "IN PROGRESS"
 COMPLETED = "COMPLETED"
 DISCONTINUED = "DISCONTINUED"
 
-#: Steps held in memory at most (the oldest finished ones are forgotten first).
-MAX_STEPS = 10_000
+#: Steps, and signals whose instances never came, are forgotten after this long.
+RETENTION = dt.timedelta(days=7)
+#: Longest time between two clean-ups of old steps and signals (seconds).
+_PRUNE_EVERY_S = 600.0
 _CHUNK = 500
-
-
-@dataclass
-class _Expectation:
-    """A completed step: its studies are complete once all of ``sop_uids`` are in the ledger."""
-
-    study_uids: set[str]
-    sop_uids: set[str]
 
 
 def referenced_instances(ds: Dataset) -> set[str]:
@@ -96,40 +100,45 @@ def step_studies(ds: Dataset) -> set[str]:
 class CompletionSignals:
     """Studies that a signal (MPPS COMPLETED, a trusted release) says are complete.
 
-    The SCP feeds it; :class:`acwi_node.ingest.completion.CompletionService` asks :meth:`due` on
-    every pass. ``wake`` (the completion loop's ``poke``) is called whenever a study may be due.
+    The SCP (in any process) records signals in the ledger;
+    :class:`acwi_node.ingest.completion.CompletionService` asks :meth:`due` on every pass.
+    ``wake`` (the completion loop's ``poke``, when it runs in the same process) is called
+    whenever a study may be due; a completion loop in another process finds the signal on its
+    next pass (``completion.poll_interval_s``).
     """
 
     def __init__(self, ledger: Ledger, *, wake: Callable[[], None] | None = None) -> None:
         self.ledger = ledger
         self.wake = wake
         self._lock = threading.Lock()
-        self._expected: dict[str, _Expectation] = {}  # by MPPS SOP Instance UID
-        self._expected_studies: set[str] = set()
-        self._released: set[int] = set()
+        #: Studies awaited by a completed step, as of the last :meth:`due` (this process only).
+        self._awaited_studies: frozenset[str] = frozenset()
+        self._last_prune = 0.0
 
     # ----------------------------------------------------------------- inputs
     def expect(self, step_uid: str, study_uids: Iterable[str], sop_uids: Iterable[str]) -> None:
         """A procedure step completed and listed these instances of these studies."""
-        studies, sops = set(study_uids), set(sop_uids)
+        studies, sops = sorted(set(study_uids)), sorted(set(sop_uids))
         if not sops:
             return
-        with self._lock:
-            while len(self._expected) >= MAX_STEPS:  # steps whose instances never came
-                self._expected.pop(next(iter(self._expected)))
-            self._expected[step_uid] = _Expectation(studies, sops)
-            self._expected_studies |= studies
+        with self.ledger.session() as s:
+            s.add(
+                CompletionSignal(kind="mpps", step_uid=step_uid, study_uids=studies, sop_uids=sops)
+            )
         self._poke()
 
     def released(self, study_ids: Iterable[int]) -> None:
         """A release-complete sender ended its association after sending these studies."""
-        with self._lock:
-            self._released.update(study_ids)
+        ids = sorted(set(study_ids))
+        if not ids:
+            return
+        with self.ledger.session() as s:
+            s.add_all(CompletionSignal(kind="release", study_id=i) for i in ids)
         self._poke()
 
     def instance_arrived(self, study_uid: str) -> None:
         """Called by the SCP per stored instance; wakes completion for an awaited study."""
-        if study_uid in self._expected_studies:
+        if study_uid in self._awaited_studies:
             self._poke()
 
     def _poke(self) -> None:
@@ -138,83 +147,106 @@ class CompletionSignals:
 
     @property
     def pending(self) -> int:
-        with self._lock:
-            return len(self._expected) + len(self._released)
+        """Signals not yet spent."""
+        with self.ledger.session() as s:
+            return len(s.scalars(select(CompletionSignal.id)).all())
 
     # ----------------------------------------------------------------- output
     def due(self) -> list[tuple[int, int]]:
-        """(study id, generation) of receiving studies a signal completes now."""
-        with self._lock:
-            expected = list(self._expected.items())
-            released = sorted(self._released)
-        if not expected and not released:
-            return []
+        """(study id, generation) of receiving studies a signal completes now.
+
+        Spent signals (their studies completed, or no longer receiving) are deleted, so that
+        whichever process runs this deletes each signal once.
+        """
+        self._prune()
         due: dict[int, int] = {}
-        finished_steps: list[str] = []
-        finished_released: list[int] = []
+        spent: list[int] = []
+        awaited: set[str] = set()
         with self.ledger.session() as s:
-            if released:
-                rows = s.execute(
+            signals = s.execute(
+                select(
+                    CompletionSignal.id,
+                    CompletionSignal.kind,
+                    CompletionSignal.study_id,
+                    CompletionSignal.study_uids,
+                    CompletionSignal.sop_uids,
+                ).order_by(CompletionSignal.id)
+            ).all()
+            if not signals:
+                self._awaited_studies = frozenset()
+                return []
+            released = sorted({r.study_id for r in signals if r.kind == "release"} - {None})
+            studies_by_id = {
+                r.id: r
+                for r in s.execute(
                     select(Study.id, Study.generation, Study.state, Study.open_associations).where(
                         Study.id.in_(released)
                     )
                 ).all()
-                for study_id, generation, state, open_assocs in rows:
-                    if state != StudyState.RECEIVING:
-                        finished_released.append(study_id)
-                    elif open_assocs <= 0:
-                        due[study_id] = generation
-                        finished_released.append(study_id)
-                finished_released += [i for i in released if i not in {r[0] for r in rows}]
-            for step_uid, exp in expected:
-                found: dict[str, int] = {}
-                wanted = sorted(exp.sop_uids)
+            }
+            for row in signals:
+                if row.kind != "release":
+                    continue
+                study = studies_by_id.get(row.study_id)
+                if study is None or study.state != StudyState.RECEIVING:
+                    spent.append(row.id)  # gone, or completed some other way
+                elif study.open_associations <= 0:
+                    due[study.id] = study.generation
+                    spent.append(row.id)
+            for row in signals:
+                if row.kind != "mpps":
+                    continue
+                wanted = sorted(row.sop_uids)
+                studies_of: dict[str, int] = {}
                 for i in range(0, len(wanted), _CHUNK):
                     hits = s.execute(
                         select(Instance.sop_instance_uid, Instance.study_id).where(
                             Instance.sop_instance_uid.in_(wanted[i : i + _CHUNK])
                         )
                     ).all()
-                    found.update({uid: study_id for uid, study_id in hits})
-                if len(found) < len(exp.sop_uids):
+                    studies_of.update({uid: study_id for uid, study_id in hits})
+                if len(studies_of) < len(wanted):
+                    awaited.update(row.study_uids)
                     continue  # still waiting for instances
                 studies = s.execute(
                     select(Study.id, Study.generation).where(
-                        Study.id.in_(sorted(set(found.values()))),
+                        Study.id.in_(sorted(set(studies_of.values()))),
                         Study.state == StudyState.RECEIVING,
                     )
                 ).all()
                 due.update({study_id: generation for study_id, generation in studies})
-                finished_steps.append(step_uid)
-        with self._lock:
-            for step_uid in finished_steps:
-                self._expected.pop(step_uid, None)
-            self._expected_studies = {u for e in self._expected.values() for u in e.study_uids}
-            self._released.difference_update(finished_released)
+                spent.append(row.id)
+            if spent:
+                s.execute(delete(CompletionSignal).where(CompletionSignal.id.in_(spent)))
+        self._awaited_studies = frozenset(awaited)
         return sorted(due.items())
 
-
-@dataclass
-class _Step:
-    status: str
-    attributes: Dataset
+    def _prune(self) -> None:
+        """Forget steps and signals older than :data:`RETENTION` (at most every 10 minutes)."""
+        now = time.monotonic()
+        with self._lock:
+            if self._last_prune and now - self._last_prune < _PRUNE_EVERY_S:
+                return
+            self._last_prune = now
+        cut = utcnow() - RETENTION
+        with self.ledger.session() as s:
+            s.execute(delete(CompletionSignal).where(CompletionSignal.created_at < cut))
+            s.execute(delete(MppsStep).where(MppsStep.updated_at < cut))
 
 
 class MppsSCP:
     """N-CREATE / N-SET handlers of the Modality Performed Procedure Step SOP Class."""
 
-    def __init__(self, signals: CompletionSignals | None) -> None:
+    def __init__(self, ledger: Ledger, signals: CompletionSignals | None) -> None:
+        self.ledger = ledger
         self.signals = signals
-        self._steps: OrderedDict[str, _Step] = OrderedDict()
-        self._lock = threading.Lock()
 
     def handlers(self) -> list[tuple[evt.EventType, Callable[[evt.Event], object]]]:
         return [(evt.EVT_N_CREATE, self.handle_n_create), (evt.EVT_N_SET, self.handle_n_set)]
 
     def status_of(self, step_uid: str) -> str | None:
-        with self._lock:
-            step = self._steps.get(step_uid)
-            return step.status if step else None
+        with self.ledger.session() as s:
+            return s.scalar(select(MppsStep.status).where(MppsStep.step_uid == step_uid))
 
     def handle_n_create(self, event: evt.Event) -> tuple[int, Dataset | None]:
         request = cast(N_CREATE, event.request)
@@ -235,26 +267,28 @@ class MppsSCP:
         step_uid = given or generate_uid()
         if not is_safe_uid(step_uid):
             return MPPS_INVALID_VALUE, None
-        with self._lock:
-            if step_uid in self._steps:
-                return MPPS_DUPLICATE, None
-            if len(self._steps) >= MAX_STEPS and not self._forget_finished():
-                log.error("MPPS N-CREATE refused: %d steps in progress", len(self._steps))
-                return MPPS_RESOURCE_LIMITATION, None
-            self._steps[step_uid] = _Step(IN_PROGRESS, attrs)
-        log.info("MPPS step in progress (%d studies)", len(step_studies(attrs)))
+        studies = sorted(u for u in step_studies(attrs) if is_safe_uid(u))
+        try:
+            with self.ledger.session() as s:
+                s.add(
+                    MppsStep(
+                        step_uid=step_uid,
+                        status=IN_PROGRESS,
+                        study_uids=studies,
+                        sop_uids=sorted(referenced_instances(attrs)),
+                    )
+                )
+        except IntegrityError:
+            return MPPS_DUPLICATE, None
+        except Exception:
+            log.exception("MPPS N-CREATE: the ledger could not record the step")
+            return MPPS_PROCESSING_FAILURE, None
+        log.info("MPPS step in progress (%d studies)", len(studies))
         reply = Dataset()
         if not given:
             reply.AffectedSOPInstanceUID = step_uid
         reply.PerformedProcedureStepStatus = IN_PROGRESS
         return MPPS_SUCCESS, reply
-
-    def _forget_finished(self) -> bool:
-        for uid, step in self._steps.items():
-            if step.status != IN_PROGRESS:
-                del self._steps[uid]
-                return True
-        return False
 
     def handle_n_set(self, event: evt.Event) -> tuple[int, Dataset | None]:
         request = cast(N_SET, event.request)
@@ -267,21 +301,15 @@ class MppsSCP:
         new_status = str(mods.get("PerformedProcedureStepStatus", "") or "").strip()
         if new_status and new_status not in (IN_PROGRESS, COMPLETED, DISCONTINUED):
             return MPPS_INVALID_VALUE, None
-        with self._lock:
-            step = self._steps.get(step_uid)
-            if step is None:
-                return MPPS_NO_SUCH_INSTANCE, None
-            if step.status != IN_PROGRESS:
-                return MPPS_NO_LONGER_UPDATABLE, None
-            for elem in mods:
-                step.attributes[elem.tag] = elem
-            if new_status:
-                step.status = new_status
-            self._steps.move_to_end(step_uid)
-            attrs = step.attributes
+        try:
+            outcome = self._apply_n_set(step_uid, mods, new_status)
+        except Exception:
+            log.exception("MPPS N-SET: the ledger could not update the step")
+            return MPPS_PROCESSING_FAILURE, None
+        if isinstance(outcome, int):
+            return outcome, None
+        studies, sops = outcome
         if new_status == COMPLETED:
-            studies = step_studies(attrs)
-            sops = referenced_instances(attrs)
             log.info("MPPS step completed: %d studies, %d instances", len(studies), len(sops))
             if self.signals is not None:
                 self.signals.expect(step_uid, studies, sops)
@@ -290,3 +318,44 @@ class MppsSCP:
         reply = Dataset()
         reply.PerformedProcedureStepStatus = new_status or IN_PROGRESS
         return MPPS_SUCCESS, reply
+
+    def _apply_n_set(
+        self, step_uid: str, mods: Dataset, new_status: str
+    ) -> int | tuple[list[str], list[str]]:
+        """Update the step (a conditional update: a concurrent N-SET makes this one retry).
+
+        Returns an MPPS status on refusal, else the step's studies and listed instances. An
+        N-SET replaces the attributes it carries whole (PS3.4 F.7.2.2), so a Performed Series
+        Sequence in it replaces the instances listed before.
+        """
+        for _ in range(5):
+            with self.ledger.session() as s:
+                step = s.execute(
+                    select(
+                        MppsStep.status, MppsStep.study_uids, MppsStep.sop_uids, MppsStep.version
+                    ).where(MppsStep.step_uid == step_uid)
+                ).first()
+                if step is None:
+                    return MPPS_NO_SUCH_INSTANCE
+                if step.status != IN_PROGRESS:
+                    return MPPS_NO_LONGER_UPDATABLE
+                studies = list(step.study_uids)
+                sops = list(step.sop_uids)
+                if "ScheduledStepAttributesSequence" in mods:
+                    studies = sorted(u for u in step_studies(mods) if is_safe_uid(u))
+                if "PerformedSeriesSequence" in mods:
+                    sops = sorted(referenced_instances(mods))
+                result = s.execute(
+                    update(MppsStep)
+                    .where(MppsStep.step_uid == step_uid, MppsStep.version == step.version)
+                    .values(
+                        status=new_status or IN_PROGRESS,
+                        study_uids=studies,
+                        sop_uids=sops,
+                        version=step.version + 1,
+                        updated_at=utcnow(),
+                    )
+                )
+                if cast("CursorResult[Any]", result).rowcount == 1:
+                    return studies, sops
+        raise RuntimeError("the step kept changing under concurrent N-SETs")

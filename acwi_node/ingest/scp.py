@@ -141,6 +141,25 @@ class _AssociationServer(ThreadedAssociationServer):
 
     handshake_timeout_s: float = 10.0
     on_handshake_failed: Callable[[tuple[str, int], str], None] | None = None
+    #: A listening socket made by a parent process and shared by several SCP processes
+    #: (``ingest.processes``); None: bind and listen here.
+    inherited_socket: socket.socket | None = None
+
+    def server_bind(self) -> None:
+        if self.inherited_socket is None:
+            super().server_bind()
+            return
+        assert self.socket is not None
+        self.socket.close()  # the one socketserver made; the inherited one is listening
+        self.socket = self.inherited_socket
+        # Every process waits for connections on this socket and all wake for each one: the
+        # first accepts it, the others' accept fails at once (socketserver ignores that).
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self.inherited_socket is None:
+            super().server_activate()
 
     def use_event_driven_reactors(self) -> None:
         """Serve connections with :mod:`acwi_node.ingest.reactor`'s associations."""
@@ -149,6 +168,8 @@ class _AssociationServer(ThreadedAssociationServer):
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
         client_socket, address = self.socket.accept()
+        if self.inherited_socket is not None:
+            client_socket.setblocking(True)  # not the shared socket's non-blocking mode
         if self.ssl_context is not None:
             client_socket = self.ssl_context.wrap_socket(
                 client_socket, server_side=True, do_handshake_on_connect=False
@@ -198,7 +219,7 @@ class StorageSCP:
         self.spool = spool
         self.on_instance = on_instance
         self.signals = signals
-        self.mpps = MppsSCP(signals) if settings.ingest.mpps else None
+        self.mpps = MppsSCP(ledger, signals) if settings.ingest.mpps else None
         self._release_complete = {a.strip() for a in settings.completion.release_complete_aes}
         self._audit_patient_id = settings.audit.patient_id
         self._assocs: dict[int, _AssociationState] = {}
@@ -241,8 +262,12 @@ class StorageSCP:
         if sock is not None:
             sock.settimeout(self.settings.ingest.network_timeout_s)
 
-    def start(self, *, block: bool = False) -> None:
-        """Listen on the configured host and port (DICOM TLS there when ``[ingest.tls]``)."""
+    def start(self, *, block: bool = False, listen_socket: socket.socket | None = None) -> None:
+        """Listen on the configured host and port (DICOM TLS there when ``[ingest.tls]``).
+
+        ``listen_socket``: accept on this already listening socket instead (one that several
+        SCP processes share, see :mod:`acwi_node.ingest.listeners`).
+        """
         node = self.settings.node
         tls = self.settings.ingest.tls
         handlers: list[Any] = [
@@ -262,7 +287,15 @@ class StorageSCP:
                 address,
                 evt_handlers=handlers,
                 ssl_context=tls.context() if tls.enabled else None,
-                server_class=_AssociationServer,
+                server_class=(
+                    _AssociationServer
+                    if listen_socket is None
+                    else type(
+                        "_SharedSocketServer",
+                        (_AssociationServer,),
+                        {"inherited_socket": listen_socket},
+                    )
+                ),
             ),
         )
         server.handshake_timeout_s = tls.handshake_timeout_s

@@ -336,6 +336,48 @@ class Verdict(Base):
     sr_sop_instance_uid: Mapped[str] = mapped_column(String(64), default="")
 
 
+class MppsStep(Base):
+    """A Modality Performed Procedure Step received by the MPPS SCP.
+
+    Only UIDs are kept (the studies of the step, the instances it lists when completed), never
+    the patient attributes a step also carries. In the ledger, not in a process's memory, so
+    that several SCP processes sharing the DICOM port see the same steps: a modality may send
+    the N-CREATE and the N-SET on different associations.
+    """
+
+    __tablename__ = "mpps_steps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    step_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    status: Mapped[str] = mapped_column(String(16))
+    study_uids: Mapped[list[Any]] = mapped_column(default=list)
+    sop_uids: Mapped[list[Any]] = mapped_column(default=list)
+    #: Bumped by every update: concurrent N-SETs of one step cannot both apply.
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
+class CompletionSignal(Base):
+    """A hint that studies are complete before their quiet period (MPPS, a trusted release).
+
+    ``kind`` "mpps": a step completed listing ``sop_uids`` of ``study_uids``; due once every
+    listed instance is in the ledger. ``kind`` "release": a release-complete sender ended its
+    association after sending study ``study_id``; due once no association sends it. The
+    completion loop deletes a signal once it is spent.
+    """
+
+    __tablename__ = "completion_signals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), nullable=True)
+    step_uid: Mapped[str] = mapped_column(String(64), default="")
+    study_uids: Mapped[list[Any]] = mapped_column(default=list)
+    sop_uids: Mapped[list[Any]] = mapped_column(default=list)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
 class AuditEvent(Base):
     """Who signed in, viewed and decided what (no patient data: UIDs only)."""
 
@@ -352,6 +394,7 @@ class AuditEvent(Base):
 __all__ = [
     "AuditEvent",
     "Base",
+    "CompletionSignal",
     "Delivery",
     "DeliveryState",
     "FINAL_JOB_STATES",
@@ -361,6 +404,7 @@ __all__ = [
     "Instance",
     "Job",
     "JobState",
+    "MppsStep",
     "Result",
     "ReviewItem",
     "ReviewState",

@@ -271,3 +271,31 @@ def test_mpps_can_be_turned_off(tmp_path: Path) -> None:
         assert accepted == {SC}
     finally:
         node.close()
+
+
+def test_a_step_spans_scp_processes_that_share_the_ledger(tmp_path: Path) -> None:
+    """With ``ingest.processes`` > 1 a step's N-CREATE and N-SET may reach different processes.
+
+    Two SCPs (each with its own signals, as separate processes have) share one ledger.
+    """
+    first, second = Node(tmp_path), Node(tmp_path)
+    try:
+        study = generate_uid()
+        ds = make_sc(study)
+        step = generate_uid()
+        assoc = associate(first)
+        assert n_create(assoc, step_created(study), step) == 0
+        release(first, assoc)
+        assoc = associate(second)
+        assert n_create(assoc, step_created(study), step) == MPPS_DUPLICATE
+        assert int(assoc.send_c_store(ds).Status) == 0
+        assert n_set(assoc, step_completed(study, [str(ds.SOPInstanceUID)]), step) == 0
+        # Still open: only the step can complete the study, and only the first process's
+        # completion loop runs.
+        first.completion.tick()
+        assert first.state(study) == "not_routed"
+        assert first.scp.mpps is not None and first.scp.mpps.status_of(step) == "COMPLETED"
+        release(second, assoc)
+    finally:
+        second.close()
+        first.close()

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import datetime as dt
+from typing import Any
+
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from sqlalchemy import select, update
 
-from acwi_node.ingest.mpps import CompletionSignals, referenced_instances, step_studies
+from acwi_node.ingest.mpps import (
+    RETENTION,
+    CompletionSignals,
+    referenced_instances,
+    step_studies,
+)
 from acwi_node.ledger import InstanceRecord, Ledger
+from acwi_node.ledger.models import CompletionSignal, MppsStep, utcnow
 
 
 def record(ledger: Ledger, study: str, sop: str, *, first: bool = True) -> int:
@@ -74,3 +84,35 @@ def test_released_study_waits_for_other_open_associations(ledger: Ledger) -> Non
     ledger.association_released([study_id])
     assert signals.due() == [(study_id, 1)]
     assert signals.pending == 0
+
+
+def test_signals_recorded_by_one_process_are_due_in_another(ledger: Ledger, settings: Any) -> None:
+    """Several SCP processes record signals; the completion loop's process spends them once."""
+    scp_side = CompletionSignals(ledger)
+    completion_side = CompletionSignals(Ledger(settings.database_url))  # its own connections
+    study = generate_uid()
+    sop = generate_uid()
+    study_id = record(ledger, study, sop)
+    ledger.association_released([study_id])
+    scp_side.expect("1.2.97", [study], [sop])
+    scp_side.released([study_id])
+    assert completion_side.pending == 2
+    assert completion_side.due() == [(study_id, 1)]
+    assert scp_side.pending == 0 and scp_side.due() == []
+
+
+def test_old_signals_and_steps_are_forgotten(ledger: Ledger) -> None:
+    signals = CompletionSignals(ledger)
+    signals.expect("1.2.96", [generate_uid()], [generate_uid()])  # its instance never comes
+    with ledger.session() as s:
+        s.add(MppsStep(step_uid="1.2.96", status="COMPLETED"))
+        s.add(MppsStep(step_uid="1.2.95", status="IN PROGRESS"))
+    assert signals.due() == [] and signals.pending == 1
+    old = utcnow() - RETENTION - dt.timedelta(minutes=1)
+    with ledger.session() as s:
+        s.execute(update(CompletionSignal).values(created_at=old))
+        s.execute(update(MppsStep).where(MppsStep.step_uid == "1.2.96").values(updated_at=old))
+    assert CompletionSignals(ledger).due() == []  # a fresh loop cleans up on its first pass
+    assert signals.pending == 0
+    with ledger.session() as s:
+        assert s.scalars(select(MppsStep.step_uid)).all() == ["1.2.95"]

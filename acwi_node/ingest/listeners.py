@@ -1,0 +1,130 @@
+"""Several storage SCP processes sharing the DICOM port (``ingest.processes``).
+
+One Python process serves all its associations on one core at a time (the interpreter lock). To
+use more cores, the ``scp`` process binds the DICOM port once and starts listener processes that
+inherit the listening socket: each new connection goes to whichever listener accepts it first,
+and every association then stays in the process that accepted it.
+
+The parent process runs the completion loop, the reconciler and the health endpoint, and starts
+a listener again when one dies (with a growing delay, like ``acwi-node serve``). Listeners keep
+nothing in memory that another process needs: instances, MPPS steps and completion signals are
+in the ledger (:mod:`acwi_node.ingest.mpps`), which is why a modality's N-CREATE and N-SET may
+reach different listeners.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+
+from acwi_node.config import Settings
+
+log = logging.getLogger("acwi_node.ingest")
+
+#: Tells an ``acwi-node scp`` process that it is a listener, and which inherited file descriptor
+#: is the listening socket.
+LISTEN_FD_ENV = "ACWI_SCP_LISTEN_FD"
+
+#: Connections the kernel queues before a listener accepts them.
+BACKLOG = 128
+
+
+def listener_count(settings: Settings) -> int:
+    """Listener processes to run: ``ingest.processes``, or one per core when it is 0."""
+    return settings.ingest.processes or (os.cpu_count() or 1)
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The listening socket the listener processes share (inheritable)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=BACKLOG)
+    sock.set_inheritable(True)
+    return sock
+
+
+def inherited_listener() -> socket.socket | None:
+    """In a listener process, the socket its parent passed; None elsewhere."""
+    fd = os.environ.get(LISTEN_FD_ENV)
+    if not fd:
+        return None
+    return socket.socket(fileno=int(fd))
+
+
+class ListenerProcesses:
+    """Starts ``count`` listener processes on ``sock`` and keeps them running."""
+
+    def __init__(self, sock: socket.socket, count: int, env: Mapping[str, str]) -> None:
+        self.sock = sock
+        self.count = count
+        self.env = {**env, LISTEN_FD_ENV: str(sock.fileno())}
+        self._procs: list[subprocess.Popen[bytes] | None] = [None] * count
+        self._restarts = [0] * count
+        self._due = [0.0] * count  # monotonic time a dead listener may start again
+        self._lock = threading.Lock()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "acwi_node.cli", "scp"],
+            env=self.env,
+            pass_fds=(self.sock.fileno(),),
+        )
+
+    def start(self) -> None:
+        with self._lock:
+            for i in range(self.count):
+                self._procs[i] = self._spawn()
+        log.info("%d listener processes share DICOM port %d", self.count, self.port)
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    @property
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [p.pid for p in self._procs if p is not None and p.poll() is None]
+
+    @property
+    def listening(self) -> bool:
+        """True while every listener runs (readiness)."""
+        return len(self.pids) == self.count
+
+    def supervise(self) -> None:
+        """Start again, after a growing delay, every listener that exited."""
+        now = time.monotonic()
+        with self._lock:
+            for i, proc in enumerate(self._procs):
+                if proc is None:
+                    if now >= self._due[i]:
+                        self._procs[i] = self._spawn()
+                    continue
+                code = proc.poll()
+                if code is None:
+                    continue
+                self._restarts[i] += 1
+                delay = min(30.0, 0.5 * 2 ** min(self._restarts[i], 6))
+                log.error("scp listener exited with %s; starting it again in %.1f s", code, delay)
+                self._procs[i] = None
+                self._due[i] = now + delay
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        with self._lock:
+            procs = [p for p in self._procs if p is not None]
+            self._procs = [None] * self.count
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + timeout_s
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.sock.close()

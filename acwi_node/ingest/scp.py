@@ -9,12 +9,14 @@ partial file.
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import logging
 import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -22,6 +24,7 @@ from typing import Any, cast
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -129,6 +132,11 @@ class _NodeAE(AE):
         AE.require_calling_aet.fset(self, ae_titles)  # type: ignore[attr-defined]
 
 
+#: How long a listener sharing the DICOM port waits, per association it serves, before it
+#: accepts a new connection (another, idler listener takes it meanwhile).
+SHARED_ACCEPT_DELAY_S = 0.005
+
+
 class _AssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, with the TLS handshake moved off the accept loop.
 
@@ -144,8 +152,13 @@ class _AssociationServer(ThreadedAssociationServer):
     #: A listening socket made by a parent process and shared by several SCP processes
     #: (``ingest.processes``); None: bind and listen here.
     inherited_socket: socket.socket | None = None
+    _recent_accepts: collections.deque[float]
 
     def server_bind(self) -> None:
+        self._recent_accepts = collections.deque()
+        self._bind()
+
+    def _bind(self) -> None:
         if self.inherited_socket is None:
             super().server_bind()
             return
@@ -167,8 +180,21 @@ class _AssociationServer(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
+        if self.inherited_socket is not None:
+            # Least-busy listener first: a listener already serving associations lets an
+            # idler one take the connection (as nginx's workers do), else one process could
+            # take every association of a burst while the others idle.
+            # A connection accepted a moment ago counts before its association thread runs.
+            now = time.monotonic()
+            recent = self._recent_accepts
+            while recent and now - recent[0] > 10 * SHARED_ACCEPT_DELAY_S:
+                recent.popleft()
+            busy = len(self.active_associations) + len(recent)
+            if busy:
+                time.sleep(min(SHARED_ACCEPT_DELAY_S * busy, 10 * SHARED_ACCEPT_DELAY_S))
         client_socket, address = self.socket.accept()
         if self.inherited_socket is not None:
+            self._recent_accepts.append(time.monotonic())
             client_socket.setblocking(True)  # not the shared socket's non-blocking mode
         if self.ssl_context is not None:
             client_socket = self.ssl_context.wrap_socket(
@@ -280,6 +306,9 @@ class StorageSCP:
         ]
         if self.mpps is not None:
             handlers += self.mpps.handlers()
+        # pynetdicom logs every PDU and DIMSE message through event handlers that cost time per
+        # message even when DEBUG is off; the node logs what matters itself. At DEBUG they stay.
+        pynetdicom_config.LOG_HANDLER_LEVEL = "standard" if node.log_level == "DEBUG" else "none"
         address = (node.dicom_host, node.dicom_port)
         server = cast(
             _AssociationServer,

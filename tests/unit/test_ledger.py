@@ -264,3 +264,10 @@ def test_processes_starting_at_once_create_the_sqlite_schema_once(tmp_path: Path
         engine = create_engine(url)
         assert set(Base.metadata.tables) <= set(inspect(engine).get_table_names())
         engine.dispose()
+
+
+def test_sqlite_commits_survive_a_power_loss(ledger: Ledger) -> None:
+    """WAL with synchronous=FULL: every commit is fsynced (NORMAL may lose the last ones)."""
+    with ledger.connection() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL

@@ -33,7 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import N_CREATE, N_SET
-from sqlalchemy import CursorResult, delete, select, update
+from sqlalchemy import CursorResult, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from acwi_node.ingest.spool import is_safe_uid
@@ -149,7 +149,7 @@ class CompletionSignals:
     def pending(self) -> int:
         """Signals not yet spent."""
         with self.ledger.session() as s:
-            return len(s.scalars(select(CompletionSignal.id)).all())
+            return s.scalar(select(func.count(CompletionSignal.id))) or 0
 
     # ----------------------------------------------------------------- output
     def due(self) -> list[tuple[int, int]]:

@@ -156,9 +156,6 @@ class _AssociationServer(ThreadedAssociationServer):
 
     def server_bind(self) -> None:
         self._recent_accepts = collections.deque()
-        self._bind()
-
-    def _bind(self) -> None:
         if self.inherited_socket is None:
             super().server_bind()
             return

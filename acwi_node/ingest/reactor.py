@@ -186,11 +186,14 @@ class EventDrivenAssociation(Association):
                     break
                 self._serve_request(msg, int(context_id))  # type: ignore[arg-type]
             if self.is_established and self.acse.is_release_requested():
-                self.acse.send_release(is_response=True)
-                log.debug("association released")
+                # Record the release before answering it: once the A-RELEASE-RP is out, the
+                # peer closes the connection and EVT_CONN_CLOSE (DUL thread) could otherwise
+                # run before EVT_RELEASED, so the association would look aborted.
                 self.is_released = True
                 self.is_established = False
                 evt.trigger(self, evt.EVT_RELEASED, {})
+                self.acse.send_release(is_response=True)
+                log.debug("association released")
                 self.kill()
                 return
             if self.acse.is_aborted():

@@ -257,6 +257,29 @@ def test_release_complete_sender(tmp_path: Path) -> None:
         node.close()
 
 
+def test_release_is_recorded_before_the_sender_is_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sender closes the connection as soon as it has the A-RELEASE-RP; the node must have
+    marked the association as released by then, or the close looks like an abort and the
+    release-complete signal is lost. A slow release handler makes the old race certain."""
+    on_released = StorageSCP._on_released
+
+    def slow_on_released(self: StorageSCP, event: Any) -> None:
+        time.sleep(0.3)
+        on_released(self, event)
+
+    monkeypatch.setattr(StorageSCP, "_on_released", slow_on_released)
+    node = Node(tmp_path, completion={"release_complete_aes": ["PACS"]})
+    try:
+        study = generate_uid()
+        store(node, [make_sc(study)], calling="PACS")
+        node.completion.tick()
+        assert node.state(study) == "not_routed"
+    finally:
+        node.close()
+
+
 def test_mpps_can_be_turned_off(tmp_path: Path) -> None:
     node = Node(tmp_path, ingest={"mpps": False})
     try:

@@ -40,7 +40,7 @@ def make_sc(
     ds.SOPClassUID = SC
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = study_uid + ".1"
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study_uid, "series"])
     ds.PatientName = patient
     ds.PatientID = "P1"
     ds.Modality = "OT"

@@ -70,7 +70,7 @@ def sc_dataset(study_uid: str, sop_uid: str | None = None) -> Dataset:
     ds.SOPClassUID = SC
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = study_uid + ".1"
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study_uid, "series"])
     ds.PatientName = CANARY_NAME
     ds.PatientID = CANARY_ID
     ds.Modality = "OT"

@@ -30,22 +30,42 @@ import os
 import queue
 import select
 import ssl
+import struct
 import threading
 from copy import deepcopy
 from datetime import datetime
+from io import BytesIO
 from typing import Any, cast
 
+from pydicom.uid import UID
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, RequestHandler
+
+from acwi_node.ingest.fastpath import (
+    C_STORE_RQ,
+    PassThrough,
+    PDataRouter,
+    StoreRequest,
+    store_response_pdu,
+    ui_value,
+    us_value,
+)
 
 log = logging.getLogger("acwi_node.ingest")
 
 #: Longest a loop sleeps before it checks its timers again (seconds).
 MAX_WAIT_S = 0.05
+#: Longest the DUL waits, at the first P-DATA-TF PDU, for the association thread to finish
+#: negotiating before it leaves the PDU to pynetdicom's path instead (seconds).
+SERVING_WAIT_S = 5.0
 
 
 def compatible() -> bool:
@@ -55,6 +75,8 @@ def compatible() -> bool:
             hasattr(cls, name)
             for cls, name in (
                 (DULServiceProvider, "_process_recv_primitive"),
+                (DULServiceProvider, "_decode_pdu"),
+                (DULServiceProvider, "_read_pdu_data"),
                 (DULServiceProvider, "_is_transport_event"),
                 (DULServiceProvider, "send_pdu"),
                 (DULServiceProvider, "kill_dul"),
@@ -77,6 +99,12 @@ class EventDrivenDUL(DULServiceProvider):
         os.set_blocking(self._wake_w, False)
         #: Set after every state-machine action: the association thread has something to see.
         self.activity = threading.Event()
+        #: Set when the association thread starts serving (negotiation done, EVT_ACCEPTED
+        #: handled): only then may this thread serve C-STOREs itself.
+        self.serving = threading.Event()
+        self._router = PDataRouter(self._accept_store)
+        self._fast: bool | None = None  # decided at the first P-DATA-TF PDU
+        self._storage_classes: dict[str, bool] = {}
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):  # a full pipe is already awake; a closed one is done
@@ -90,6 +118,164 @@ class EventDrivenDUL(DULServiceProvider):
         super().kill_dul()
         self._wake()
         self.activity.set()
+
+    # ------------------------------------------------------- the C-STORE fast path
+    def _fast_path_on(self) -> bool:
+        """Whether this association's C-STORE requests may take the fast path.
+
+        Not when anything listens to the PDU or DIMSE traffic (pynetdicom's debug logging
+        handlers, a bound EVT_PDU_RECV ...): those see every message only on pynetdicom's path.
+        """
+        if self._fast is None:
+            assoc = self.assoc
+            watched = (
+                evt.EVT_DATA_RECV,
+                evt.EVT_DATA_SENT,
+                evt.EVT_PDU_RECV,
+                evt.EVT_PDU_SENT,
+                evt.EVT_DIMSE_RECV,
+                evt.EVT_DIMSE_SENT,
+            )
+            self._fast = (
+                not pynetdicom_config.STORE_RECV_CHUNKED_DATASET
+                and not pynetdicom_config.UNRESTRICTED_STORAGE_SERVICE
+                and not any(assoc.get_handlers(event) for event in watched)
+            )
+        return self._fast
+
+    def _is_storage_class(self, uid: str) -> bool:
+        known = self._storage_classes.get(uid)
+        if known is None:
+            known = uid_to_service_class(uid) is StorageServiceClass
+            self._storage_classes[uid] = known
+        return known
+
+    def _accept_store(self, context_id: int, elements: dict[int, bytes]) -> StoreRequest | None:
+        """A StoreRequest for a C-STORE request the fast path serves; None to pass it on."""
+        assoc = self.assoc
+        if (
+            us_value(elements, 0x0100) != C_STORE_RQ
+            or not assoc.is_established
+            or assoc._sent_release
+        ):
+            return None
+        context = assoc._accepted_cx.get(context_id)
+        sop_class = ui_value(elements, 0x0002)
+        sop_instance = ui_value(elements, 0x1000)
+        message_id = us_value(elements, 0x0110)
+        priority = us_value(elements, 0x0700)
+        if (
+            context is None
+            or not sop_class
+            or not sop_instance
+            or message_id is None
+            or priority is None
+        ):
+            return None
+        extended = assoc.acceptor.accepted_common_extended.get(UID(sop_class))
+        service_uid = str(extended[0]) if extended else sop_class
+        if not self._is_storage_class(service_uid):
+            return None
+        request = C_STORE()
+        try:  # pynetdicom's checks of these values; anything it dislikes goes its own way
+            request.MessageID = message_id
+            request.AffectedSOPClassUID = sop_class
+            request.AffectedSOPInstanceUID = sop_instance
+            request.Priority = priority
+            if 0x1030 in elements:
+                request.MoveOriginatorApplicationEntityTitle = ui_value(elements, 0x1030)
+            if 0x1031 in elements:
+                request.MoveOriginatorMessageID = us_value(elements, 0x1031)
+        except (ValueError, TypeError):
+            return None
+        if request.AffectedSOPClassUID is None or request.AffectedSOPInstanceUID is None:
+            return None
+        return StoreRequest(context_id, sop_class, sop_instance, message_id, (request, context))
+
+    def _serve_store(self, taken: StoreRequest) -> None:
+        """Run the EVT_C_STORE handler on this thread and answer, as pynetdicom's Storage
+        service class does (a handler that raises: 0xC211)."""
+        assoc = self.assoc
+        request, context = taken.payload
+        request.DataSet = BytesIO(taken.data_set)
+        taken.data_set = b""
+        try:
+            status = evt.trigger(
+                assoc, evt.EVT_C_STORE, {"request": request, "context": context.as_tuple}
+            )
+        except Exception as exc:
+            log.error("the C-STORE handler failed: %s", exc)
+            status = 0xC211
+        if not assoc.is_established:  # the handler aborted or released
+            return
+        if isinstance(status, int) and not isinstance(status, bool) and 0 <= status <= 0xFFFF:
+            assert self.socket is not None
+            self.socket.send(store_response_pdu(taken, status))
+            return
+        # A status data set, or something odd: pynetdicom's validation and encoder.
+        response = C_STORE()
+        response.MessageIDBeingRespondedTo = request.MessageID
+        response.AffectedSOPClassUID = request.AffectedSOPClassUID
+        response.AffectedSOPInstanceUID = request.AffectedSOPInstanceUID
+        response = StorageServiceClass(assoc).validate_status(cast(Any, status), response)
+        assoc.dimse.send_msg(response, taken.context_id)
+
+    def _read_pdu_data(self) -> None:
+        """pynetdicom 3.0's ``_read_pdu_data``, with P-DATA-TF PDUs of an established
+        association routed through the C-STORE fast path (:mod:`.fastpath`)."""
+        assert self.socket is not None
+        try:
+            header = self.socket.recv(6)
+        except (OSError, TimeoutError) as exc:
+            log.debug("connection closed before the entire PDU was received: %s", exc)
+            self.event_queue.put("Evt17")
+            return
+        try:
+            pdu_type, _, pdu_length = struct.unpack(">BBL", header)
+        except struct.error:
+            self.event_queue.put("Evt17")  # the connection closed
+            return
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            log.warning("unknown PDU type 0x%02X received", pdu_type)
+            self.event_queue.put("Evt19")
+            return
+        try:
+            body = self.socket.recv(pdu_length)
+        except (OSError, TimeoutError) as exc:
+            log.debug("connection closed before the entire PDU was received: %s", exc)
+            self.event_queue.put("Evt17")
+            return
+        if len(body) != pdu_length:
+            log.warning(
+                "the received PDU is shorter than it says (%d of %d bytes)",
+                len(body),
+                pdu_length,
+            )
+            self.event_queue.put("Evt17")
+            return
+        if (
+            pdu_type == 0x04
+            and self.state_machine.current_state == "Sta6"
+            and self._fast_path_on()
+            and self.serving.wait(SERVING_WAIT_S)
+        ):
+            for action in self._router.feed(body):  # ProtocolError: the reactor aborts
+                if isinstance(action, PassThrough):
+                    self._decode_and_queue(bytearray(action.pdu()))
+                else:
+                    self._serve_store(action)
+            return
+        self._decode_and_queue(header + body)
+
+    def _decode_and_queue(self, pdu_bytes: bytearray) -> None:
+        try:
+            pdu, event = self._decode_pdu(pdu_bytes)
+        except Exception as exc:
+            log.warning("unable to decode a received PDU: %s", exc)
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
 
     def _wait(self) -> None:
         """Sleep until the socket is readable, something is to be sent, or MAX_WAIT_S."""
@@ -172,6 +358,7 @@ class EventDrivenAssociation(Association):
         """pynetdicom 3.0's acceptor loop, waiting for the DUL instead of sleeping 1 ms."""
         dul = self.dul
         assert isinstance(dul, EventDrivenDUL)
+        dul.serving.set()
         self._is_paused = False
         while not self._kill:
             if dul.activity.wait(MAX_WAIT_S):

@@ -135,22 +135,30 @@ def queue_oru(
     cfg = settings.hl7
     if cfg.ris is None:
         return None
-    study = oru_study(settings, ledger, job_id)
     kind = "result" if verdict is None else f"verdict-{review_id}" if review_id else "verdict"
-    control_id = f"ACWI{job_id}{kind[0].upper()}{review_id or ''}T{dt.datetime.now():%y%m%d%H%M%S}"
+    promised = ledger.unbuilt_hl7_outbound(job_id, kind)
+    control_id = promised[1] if promised else control_id_for(job_id, kind, review_id)
     message = build_oru(
-        study,
+        oru_study(settings, ledger, job_id),
         verdict,
-        control_id=control_id[:64],
+        control_id=control_id,
         sending=(cfg.sending_application, cfg.sending_facility),
         receiving=(cfg.ris.receiving_application, cfg.ris.receiving_facility),
     )
-    row = ledger.add_hl7_outbound(
-        job_id=job_id, kind=kind, control_id=control_id[:64], message=message
-    )
+    if promised is not None:
+        row: int | None = promised[0] if ledger.fill_hl7_outbound(promised[0], message) else None
+    else:
+        row = ledger.add_hl7_outbound(
+            job_id=job_id, kind=kind, control_id=control_id, message=message
+        )
     if row is not None:
         log.info("job %d: ORU^R01 (%s) queued for the RIS", job_id, kind)
     return row
+
+
+def control_id_for(job_id: int, kind: str = "result", review_id: int | None = None) -> str:
+    """The MSH-10 of a job's ORU: unique per job, kind and second."""
+    return f"ACWI{job_id}{kind[0].upper()}{review_id or ''}T{dt.datetime.now():%y%m%d%H%M%S}"[:64]
 
 
 def queue_result_safely(settings: Settings, ledger: Ledger, job_id: int) -> None:
@@ -178,8 +186,33 @@ class OruSender:
     def backoff_s(self, attempts_so_far: int) -> float:
         return float(min(self.ris.backoff_max_s, self.ris.backoff_initial_s * (2**attempts_so_far)))
 
+    def build_promised(self) -> int:
+        """Build the result ORUs that analyses promised and did not build (the worker died
+        between recording its results and building the message); returns how many."""
+        built = 0
+        for job_id in self.ledger.hl7_outbound_to_build():
+            promised = self.ledger.unbuilt_hl7_outbound(job_id, "result")
+            if promised is None:
+                continue
+            try:
+                if queue_oru(self.settings, self.ledger, job_id) is not None:
+                    built += 1
+            except Exception as exc:
+                log.error("job %d: the promised ORU^R01 cannot be built: %s", job_id, exc)
+                self.ledger.record_hl7_attempt(
+                    promised[0],
+                    delivered=False,
+                    ack_code="",
+                    error=f"cannot build the message: {type(exc).__name__}: {exc}",
+                    max_attempts=self.ris.max_attempts,
+                    backoff_s=0.0,
+                    final=True,
+                )
+        return built
+
     def tick(self) -> int:
         """One pass over the due messages; returns how many were attempted."""
+        self.build_promised()
         due = self.ledger.due_hl7_outbound()
         for item in due:
             if self._stop.is_set():

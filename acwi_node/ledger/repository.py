@@ -603,8 +603,14 @@ class Ledger:
         summary: dict[str, Any],
         needs_review: bool,
         review_reason: str,
+        hl7_result_control_id: str | None = None,
     ) -> bool:
         """Record a job's result objects, its outbox rows and its review item.
+
+        With ``hl7_result_control_id`` (a RIS is configured), the job's result ORU is promised
+        in the same transaction: an outbox row with that MSH-10 and no message yet, which
+        :meth:`fill_hl7_outbound` completes. Should the worker die before it does, the ORU
+        sender builds it (:meth:`hl7_outbound_to_build`), so no analysed job misses its ORU.
 
         Idempotent: re-running replaces the job's earlier result rows. Returns False if the job
         was superseded while it ran (its results are then not delivered).
@@ -614,6 +620,23 @@ class Ledger:
             job = s.get_one(Job, job_id, with_for_update=True)
             if job.state != JobState.ANALYSING:
                 return False
+            if hl7_result_control_id is not None:
+                promised = s.scalar(
+                    select(Hl7Outbound.id).where(
+                        Hl7Outbound.job_id == job_id, Hl7Outbound.kind == "result"
+                    )
+                )
+                if promised is None:
+                    s.add(
+                        Hl7Outbound(
+                            study_id=job.study_id,
+                            job_id=job_id,
+                            kind="result",
+                            control_id=hl7_result_control_id[:64],
+                            message="",
+                            next_attempt_at=now,
+                        )
+                    )
             for old in list(job.results):
                 for d in old.deliveries:
                     s.delete(d)
@@ -1049,6 +1072,44 @@ class Ledger:
         except IntegrityError:
             return None
 
+    def unbuilt_hl7_outbound(self, job_id: int, kind: str) -> tuple[int, str] | None:
+        """(row id, MSH-10) of this job's promised ORU whose message is not built yet."""
+        with self.session() as s:
+            row = s.execute(
+                select(Hl7Outbound.id, Hl7Outbound.control_id).where(
+                    Hl7Outbound.job_id == job_id,
+                    Hl7Outbound.kind == kind,
+                    Hl7Outbound.message == "",
+                    Hl7Outbound.state == DeliveryState.PENDING,
+                )
+            ).first()
+            return None if row is None else (int(row[0]), str(row[1]))
+
+    def fill_hl7_outbound(self, outbound_id: int, message: str) -> bool:
+        """Put the built message into a promised ORU row; False if it already had one."""
+        with self.session() as s:
+            filled = s.execute(
+                update(Hl7Outbound)
+                .where(Hl7Outbound.id == outbound_id, Hl7Outbound.message == "")
+                .values(message=message)
+            )
+            return bool(cast(Any, filled).rowcount)
+
+    def hl7_outbound_to_build(self, *, limit: int = 100) -> list[int]:
+        """Job ids of promised result ORUs still without a message (their worker died)."""
+        with self.session() as s:
+            rows = s.scalars(
+                select(Hl7Outbound.job_id)
+                .where(
+                    Hl7Outbound.state == DeliveryState.PENDING,
+                    Hl7Outbound.message == "",
+                    Hl7Outbound.job_id.is_not(None),
+                )
+                .order_by(Hl7Outbound.id)
+                .limit(limit)
+            ).all()
+            return [int(r) for r in rows if r is not None]
+
     def due_hl7_outbound(self, *, limit: int = 100) -> list[DueHl7]:
         now = utcnow()
         with self.session() as s:
@@ -1057,6 +1118,7 @@ class Ledger:
                 .where(
                     Hl7Outbound.state == DeliveryState.PENDING,
                     Hl7Outbound.next_attempt_at <= now,
+                    Hl7Outbound.message != "",
                 )
                 .order_by(Hl7Outbound.next_attempt_at, Hl7Outbound.id)
                 .limit(limit)

@@ -182,12 +182,20 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
                 if analysis.uncertainty.score > threshold
                 else f"out-of-distribution score {analysis.ood_score:.3f}"
             )
+        result_control_id = None
+        if settings.hl7.ris is not None:
+            from acwi_node.hl7.client import control_id_for
+
+            result_control_id = control_id_for(job_id)
         kept = ledger.finish_analysis(
             job_id,
             results=files,
             summary=summary,
             needs_review=analysis.needs_review,
             review_reason=reason,
+            # The ORU is promised with the results, built just below (or by the ORU sender
+            # should this process die first).
+            hl7_result_control_id=result_control_id,
         )
     except NothingToAnalyse as exc:
         ledger.fail_job(job_id, f"nothing to analyse: {exc}")

@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,8 +94,15 @@ def make_settings(tmp_path: Path, port: int, *, max_attempts: int = 3) -> Settin
     )
 
 
-def analysed_job(settings: Settings, ledger: Ledger) -> int:
-    """A study with one spooled instance whose analysis finished."""
+def analysed_job(
+    settings: Settings,
+    ledger: Ledger,
+    *,
+    promise: str | None = None,
+    summary: dict[str, Any] | None = None,
+) -> int:
+    """A study with one spooled instance whose analysis finished (promising its ORU with the
+    MSH-10 ``promise``, as the worker does when a RIS is configured)."""
     rel = f"{STUDY_UID}/1.dcm"
     write_secondary_capture(
         settings.spool_dir / rel,
@@ -115,7 +123,12 @@ def analysed_job(settings: Settings, ledger: Ledger) -> int:
     assert ledger.claim_job(job_id, lease_s=30) is not None
     sr = ResultFile("sr", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.88.34", "x.dcm")
     assert ledger.finish_analysis(
-        job_id, results=[sr], summary=SUMMARY, needs_review=False, review_reason=""
+        job_id,
+        results=[sr],
+        summary=SUMMARY if summary is None else summary,
+        needs_review=False,
+        review_reason="",
+        hl7_result_control_id=promise,
     )
     return job_id
 
@@ -225,4 +238,51 @@ def test_unreachable_ris_is_retried_until_it_answers(
     sender.ris = settings.hl7.ris.model_copy(update={"port": peer.port})  # type: ignore[union-attr]
     (row,) = drain(sender, ledger, "delivered")
     assert row["last_ack_code"] == "AA" and row["attempts"] >= 2
+    ledger.dispose()
+
+
+def test_a_promised_oru_is_built_by_the_sender_when_the_worker_died_first(
+    tmp_path: Path, make_peer: Callable[[str], Peer]
+) -> None:
+    """The worker recorded its results (and the ORU's promise) and died before building it."""
+    peer = make_peer("AA")
+    settings = make_settings(tmp_path, peer.port)
+    ledger = Ledger(settings.database_url)
+    analysed_job(settings, ledger, promise="ACWI-PROMISED-1")
+    (row,) = ledger.hl7_outbound(STUDY_UID)
+    assert (row["state"], row["control_id"]) == ("pending", "ACWI-PROMISED-1")
+    rows = drain(OruSender(settings, ledger), ledger, "delivered")
+    assert [(r["kind"], r["attempts"]) for r in rows] == [("result", 1)]
+    (message,) = peer.messages()
+    assert message.split("\r")[0].split("|")[9] == "ACWI-PROMISED-1"  # MSH-10
+    assert oru_observations(message)["PROB"] == [("normal", "0.1000"), ("abnormal", "0.9000")]
+    ledger.dispose()
+
+
+def test_the_worker_builds_its_promised_oru_once(
+    tmp_path: Path, make_peer: Callable[[str], Peer]
+) -> None:
+    peer = make_peer("AA")
+    settings = make_settings(tmp_path, peer.port)
+    ledger = Ledger(settings.database_url)
+    job_id = analysed_job(settings, ledger, promise="ACWI-PROMISED-2")
+    assert queue_oru(settings, ledger, job_id) is not None  # fills the promised row
+    assert queue_oru(settings, ledger, job_id) is None
+    sender = OruSender(settings, ledger)
+    assert sender.build_promised() == 0
+    drain(sender, ledger, "delivered")
+    assert len(peer.messages()) == 1
+    ledger.dispose()
+
+
+def test_a_promised_oru_that_cannot_be_built_fails_with_the_reason(
+    tmp_path: Path, make_peer: Callable[[str], Peer]
+) -> None:
+    peer = make_peer("AA")
+    settings = make_settings(tmp_path, peer.port)
+    ledger = Ledger(settings.database_url)
+    analysed_job(settings, ledger, promise="ACWI-PROMISED-3", summary={})
+    (row,) = drain(OruSender(settings, ledger), ledger, "failed")
+    assert "cannot build the message" in row["last_error"]
+    assert peer.messages() == []
     ledger.dispose()

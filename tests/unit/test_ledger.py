@@ -116,6 +116,30 @@ def _analyse(db: Ledger, job_id: int, needs_review: bool = False) -> None:
     assert kept
 
 
+def test_a_result_oru_promised_with_the_results_is_built_once(db: Ledger) -> None:
+    r = db.record_instance(rec(), first_in_association=False)
+    (job_id,) = db.complete_study(r.study_id, 1, route_all)
+    assert db.claim_job(job_id, lease_s=3600) is not None
+    results = [ResultFile("sr", "2.25.1", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.3/2.25.1.dcm")]
+    assert db.finish_analysis(
+        job_id,
+        results=results,
+        summary={"predicted_label": "nodule"},
+        needs_review=False,
+        review_reason="",
+        hl7_result_control_id="ACWI1RT1",
+    )
+    promised = db.unbuilt_hl7_outbound(job_id, "result")
+    assert promised is not None and promised[1] == "ACWI1RT1"
+    assert db.hl7_outbound_to_build() == [job_id]
+    assert db.due_hl7_outbound() == []  # nothing to send until the message is built
+    assert db.fill_hl7_outbound(promised[0], "MSH|...")
+    assert not db.fill_hl7_outbound(promised[0], "MSH|other")  # a second builder loses
+    assert db.hl7_outbound_to_build() == []
+    assert [(d.control_id, d.message) for d in db.due_hl7_outbound()] == [("ACWI1RT1", "MSH|...")]
+    assert db.unbuilt_hl7_outbound(job_id, "result") is None
+
+
 def test_full_lifecycle_to_delivered(db: Ledger) -> None:
     r = db.record_instance(rec(), first_in_association=False)
     (job_id,) = db.complete_study(r.study_id, 1, route_all)

@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ct", type=int, default=400, help="CT slices 512x512 16-bit")
     parser.add_argument("--small", type=int, default=2000, help="small instances (16x16 SC)")
     parser.add_argument("--parallel", type=int, default=4, help="associations (0: skip)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per cell (best is kept)")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds, in alternating order (best is kept)"
+    )
     parser.add_argument(
         "--targets",
         default="storescp,orthanc,node",
@@ -166,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TCP_NODELAY"] = "1"
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, float]] = {}  # the best run per target and row
+    runs: dict[str, dict[str, list[float]]] = {}  # every run
     with tempfile.TemporaryDirectory(prefix="acwi-bench-ingest-") as tmp:
         work = Path(tmp)
         sets: dict[str, list[Path]] = {}
@@ -179,13 +182,15 @@ def main(argv: list[str] | None = None) -> int:
             scenarios += [(name, files, args.parallel) for name, files in sets.items()]
         for name, files, assocs in scenarios:
             row = f"{name}, {assocs} assoc."
-            results[row] = {}
-            for target in targets:
-                best = max(
-                    measure(TARGETS[target], files, assocs, work) for _ in range(args.repeat)
-                )
-                results[row][target] = best
-                print(f"{row:<32} {target:<14} {best:8.1f} inst/s", flush=True)
+            runs[row] = {t: [] for t in targets}
+            # Rounds alternate the targets' order (A B C, C B A, ...), so that a machine getting
+            # busier or quieter during a row favours none of them.
+            for round_no in range(args.repeat):
+                for target in targets if round_no % 2 == 0 else targets[::-1]:
+                    figure = measure(TARGETS[target], files, assocs, work)
+                    runs[row][target].append(figure)
+                    print(f"{row:<32} {target:<14} {figure:8.1f} inst/s", flush=True)
+            results[row] = {t: max(figures) for t, figures in runs[row].items()}
 
     # Each node variant's ratio to each reference (storescp, Orthanc) measured in this run.
     pairs = [
@@ -201,7 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(markdown_table(header, rows))
     write_json(
-        args.json, {"benchmark": "ingest", "args": vars(args) | {"json": None}, "results": results}
+        args.json,
+        {
+            "benchmark": "ingest",
+            "args": vars(args) | {"json": None},
+            "results": results,
+            "runs": runs,
+        },
     )
     return 0
 

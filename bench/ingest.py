@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sqlite3
+import statistics
 import subprocess
 import tempfile
 import time
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", type=int, default=2000, help="small instances (16x16 SC)")
     parser.add_argument("--parallel", type=int, default=4, help="associations (0: skip)")
     parser.add_argument(
-        "--repeat", type=int, default=1, help="rounds, in alternating order (best is kept)"
+        "--repeat", type=int, default=1, help="rounds, in alternating order (medians are kept)"
     )
     parser.add_argument(
         "--targets",
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TCP_NODELAY"] = "1"
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    results: dict[str, dict[str, float]] = {}  # the best run per target and row
+    results: dict[str, dict[str, float]] = {}  # the median run per target and row
     runs: dict[str, dict[str, list[float]]] = {}  # every run
     with tempfile.TemporaryDirectory(prefix="acwi-bench-ingest-") as tmp:
         work = Path(tmp)
@@ -190,9 +191,10 @@ def main(argv: list[str] | None = None) -> int:
                     figure = measure(TARGETS[target], files, assocs, work)
                     runs[row][target].append(figure)
                     print(f"{row:<32} {target:<14} {figure:8.1f} inst/s", flush=True)
-            results[row] = {t: max(figures) for t, figures in runs[row].items()}
+            results[row] = {t: statistics.median(figures) for t, figures in runs[row].items()}
 
-    # Each node variant's ratio to each reference (storescp, Orthanc) measured in this run.
+    # Each node variant's ratio to each reference (storescp, Orthanc): the median over the
+    # rounds of the ratio within a round (the two ran minutes apart at most).
     pairs = [
         (n, r) for n in targets if n.startswith("node") for r in targets if not r.startswith("node")
     ]
@@ -201,7 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for row, figures in results.items():
         cells: list[Any] = [row, *[round(figures[t], 1) for t in targets]]
-        cells += [ratio(figures[n], figures[r]) for n, r in pairs]
+        cells += [
+            round(
+                statistics.median(
+                    ratio(a, b) for a, b in zip(runs[row][n], runs[row][r], strict=True)
+                ),
+                2,
+            )
+            for n, r in pairs
+        ]
         rows.append(cells)
     print()
     print(markdown_table(header, rows))

@@ -187,18 +187,40 @@ class OruSender:
         return float(min(self.ris.backoff_max_s, self.ris.backoff_initial_s * (2**attempts_so_far)))
 
     def build_promised(self) -> int:
-        """Build the result ORUs that analyses promised and did not build (the worker died
-        between recording its results and building the message); returns how many."""
+        """Build the ORUs that were promised and not built: the worker (a result) or the web
+        process (a verdict) died between recording and building; returns how many."""
         built = 0
-        for job_id in self.ledger.hl7_outbound_to_build():
-            promised = self.ledger.unbuilt_hl7_outbound(job_id, "result")
+        for job_id, kind in self.ledger.hl7_outbound_to_build():
+            promised = self.ledger.unbuilt_hl7_outbound(job_id, kind)
             if promised is None:
                 continue
             try:
-                if queue_oru(self.settings, self.ledger, job_id) is not None:
+                if kind == "result":
+                    row = queue_oru(self.settings, self.ledger, job_id)
+                else:  # "verdict-<review item id>"
+                    item_id = int(kind.removeprefix("verdict-"))
+                    verdict = self.ledger.review_verdict(item_id)
+                    if verdict is None:
+                        raise ValueError(f"review item {item_id} has no verdict")
+                    row = queue_oru(
+                        self.settings,
+                        self.ledger,
+                        job_id,
+                        Verdict(
+                            agrees=verdict["action"] == "confirm",
+                            label=verdict["label"],
+                            reviewer=verdict["user_name"],
+                            comment=verdict["reason"],
+                            reviewed_at=verdict["created_at"],
+                        ),
+                        review_id=item_id,
+                    )
+                if row is not None:
                     built += 1
             except Exception as exc:
-                log.error("job %d: the promised ORU^R01 cannot be built: %s", job_id, exc)
+                log.error(
+                    "job %d: the promised ORU^R01 (%s) cannot be built: %s", job_id, kind, exc
+                )
                 self.ledger.record_hl7_attempt(
                     promised[0],
                     delivered=False,

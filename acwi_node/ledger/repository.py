@@ -15,7 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, create_engine, event, func, insert, select, text, update
+from sqlalchemy import (
+    Table,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -36,6 +46,7 @@ from acwi_node.ledger.models import (
     ReviewState,
     Study,
     StudyState,
+    Verdict,
     utcnow,
 )
 
@@ -621,22 +632,10 @@ class Ledger:
             if job.state != JobState.ANALYSING:
                 return False
             if hl7_result_control_id is not None:
-                promised = s.scalar(
-                    select(Hl7Outbound.id).where(
-                        Hl7Outbound.job_id == job_id, Hl7Outbound.kind == "result"
-                    )
-                )
-                if promised is None:
-                    s.add(
-                        Hl7Outbound(
-                            study_id=job.study_id,
-                            job_id=job_id,
-                            kind="result",
-                            control_id=hl7_result_control_id[:64],
-                            message="",
-                            next_attempt_at=now,
-                        )
-                    )
+                promise_hl7_outbound(
+                    s, study_id=job.study_id, job_id=job_id, kind="result",
+                    control_id=hl7_result_control_id,
+                )  # fmt: skip
             for old in list(job.results):
                 for d in old.deliveries:
                     s.delete(d)
@@ -1095,11 +1094,12 @@ class Ledger:
             )
             return bool(cast(Any, filled).rowcount)
 
-    def hl7_outbound_to_build(self, *, limit: int = 100) -> list[int]:
-        """Job ids of promised result ORUs still without a message (their worker died)."""
+    def hl7_outbound_to_build(self, *, limit: int = 100) -> list[tuple[int, str]]:
+        """(job id, kind) of promised ORUs still without a message (whoever promised them
+        died before building them)."""
         with self.session() as s:
-            rows = s.scalars(
-                select(Hl7Outbound.job_id)
+            rows = s.execute(
+                select(Hl7Outbound.job_id, Hl7Outbound.kind)
                 .where(
                     Hl7Outbound.state == DeliveryState.PENDING,
                     Hl7Outbound.message == "",
@@ -1108,7 +1108,29 @@ class Ledger:
                 .order_by(Hl7Outbound.id)
                 .limit(limit)
             ).all()
-            return [int(r) for r in rows if r is not None]
+            return [(int(r[0]), str(r[1])) for r in rows if r[0] is not None]
+
+    def review_verdict(self, review_item_id: int) -> dict[str, Any] | None:
+        """The confirm or override that closed a review item (None when there is none)."""
+        with self.session() as s:
+            v = s.scalars(
+                select(Verdict)
+                .where(
+                    Verdict.review_item_id == review_item_id,
+                    Verdict.action.in_(("confirm", "override")),
+                )
+                .order_by(Verdict.id.desc())
+                .limit(1)
+            ).first()
+            if v is None:
+                return None
+            return {
+                "action": v.action,
+                "label": v.label,
+                "user_name": v.user_name,
+                "reason": v.reason,
+                "created_at": v.created_at,
+            }
 
     def due_hl7_outbound(self, *, limit: int = 100) -> list[DueHl7]:
         now = utcnow()
@@ -1190,3 +1212,25 @@ def _order_view(row: Hl7Order) -> dict[str, Any]:
 
 def _iso(value: dt.datetime | None) -> str | None:
     return None if value is None else value.isoformat() + "Z"
+
+
+def promise_hl7_outbound(
+    s: Session, *, study_id: int, job_id: int, kind: str, control_id: str
+) -> None:
+    """In the caller's transaction: an ORU outbox row with its MSH-10 and no message yet, unless
+    the job already has one of this kind. Whoever promised it builds the message
+    (:meth:`Ledger.fill_hl7_outbound`); should it die first, the ORU sender does."""
+    exists = s.scalar(
+        select(Hl7Outbound.id).where(Hl7Outbound.job_id == job_id, Hl7Outbound.kind == kind)
+    )
+    if exists is None:
+        s.add(
+            Hl7Outbound(
+                study_id=study_id,
+                job_id=job_id,
+                kind=kind,
+                control_id=control_id[:64],
+                message="",
+                next_attempt_at=utcnow(),
+            )
+        )

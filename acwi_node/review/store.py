@@ -21,6 +21,7 @@ from acwi_node.ledger.models import (
     AuditEvent,
     Delivery,
     DeliveryState,
+    Hl7Outbound,
     Instance,
     Job,
     JobState,
@@ -33,6 +34,7 @@ from acwi_node.ledger.models import (
     WebSession,
     utcnow,
 )
+from acwi_node.ledger.repository import promise_hl7_outbound
 
 ROLES = ("radiologist", "admin")
 #: Verdict actions: the first two verify the result and close the item; escalate keeps it open.
@@ -388,8 +390,12 @@ class ReviewStore:
         model_label: str,
         reason: str,
         sr_sop_instance_uid: str = "",
+        hl7_control_id: str | None = None,
     ) -> int:
         """Record a verdict on an open item; confirm/override close it. Returns the verdict id.
+
+        With ``hl7_control_id`` (a RIS is configured) a confirm or override also promises its
+        ORU^R01 in the same transaction (see :func:`promise_hl7_outbound`).
 
         Raises :class:`ItemClosed` when the item is not open (someone else decided first).
         """
@@ -424,6 +430,11 @@ class ReviewStore:
                 sr_sop_instance_uid=sr_sop_instance_uid,
             )
             s.add(verdict)
+            if hl7_control_id is not None and action != "escalate":
+                promise_hl7_outbound(
+                    s, study_id=it.study_id, job_id=it.job_id, kind=f"verdict-{item_id}",
+                    control_id=hl7_control_id,
+                )  # fmt: skip
             s.add(
                 AuditEvent(
                     at=now,
@@ -457,6 +468,13 @@ class ReviewStore:
             )
             s.delete(v)
             user_name, item_id = v.user_name, v.review_item_id
+            s.execute(
+                delete(Hl7Outbound).where(
+                    Hl7Outbound.job_id == v.job_id,
+                    Hl7Outbound.kind == f"verdict-{item_id}",
+                    Hl7Outbound.message == "",
+                )
+            )
         trail.audit(
             trail.AuditEvent.VERDICT_RECORDED,
             outcome=trail.Outcome.MINOR_FAILURE,

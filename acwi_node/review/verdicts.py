@@ -178,6 +178,11 @@ def submit_verdict(
         raise ReviewError(f"the verified SR cannot be written: {exc}") from exc
     data = _encode(document)
     uid = str(document.SOPInstanceUID)
+    ris_control_id = None
+    if settings.hl7.ris is not None:
+        from acwi_node.hl7.client import control_id_for
+
+        ris_control_id = control_id_for(case["job_id"], f"verdict-{item_id}", item_id)
     vid = store.claim_verdict(
         item_id,
         user=user,
@@ -186,6 +191,7 @@ def submit_verdict(
         model_label=model_label,
         reason=reason,
         sr_sop_instance_uid=uid,
+        hl7_control_id=ris_control_id,  # the RIS's ORU, promised with the verdict
     )
     try:
         out = Spool(settings.results_dir, fsync=settings.ingest.fsync)

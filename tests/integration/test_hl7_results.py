@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from acwi_node.config import Settings, load_settings
 from acwi_node.hl7.client import OruSender, queue_oru
 from acwi_node.hl7.messages import Verdict, oru_observations
 from acwi_node.hl7.orders import OrderIntake
 from acwi_node.ledger import InstanceRecord, Ledger, ResultFile, RoutedJob, StudyFacts
+from acwi_node.ledger.models import ReviewItem, utcnow
+from acwi_node.review.store import ReviewStore, SessionInfo
 from tests.support import write_secondary_capture
 from tests.support.ports import free_port
 
@@ -122,12 +125,14 @@ def analysed_job(
     (job_id,) = ledger.complete_study(r.study_id, 1, route)
     assert ledger.claim_job(job_id, lease_s=30) is not None
     sr = ResultFile("sr", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.88.34", "x.dcm")
+    summary = SUMMARY if summary is None else summary
+    review = bool(summary.get("needs_review"))
     assert ledger.finish_analysis(
         job_id,
         results=[sr],
-        summary=SUMMARY if summary is None else summary,
-        needs_review=False,
-        review_reason="",
+        summary=summary,
+        needs_review=review,
+        review_reason="uncertain" if review else "",
         hl7_result_control_id=promise,
     )
     return job_id
@@ -285,4 +290,48 @@ def test_a_promised_oru_that_cannot_be_built_fails_with_the_reason(
     (row,) = drain(OruSender(settings, ledger), ledger, "failed")
     assert "cannot build the message" in row["last_error"]
     assert peer.messages() == []
+    ledger.dispose()
+
+
+def test_a_verdicts_promised_oru_survives_the_web_process(
+    tmp_path: Path, make_peer: Callable[[str], Peer]
+) -> None:
+    """The verdict was recorded (with its ORU's promise) and the web process died before it
+    built the message: the ORU sender builds it from the stored verdict."""
+    peer = make_peer("AA")
+    settings = make_settings(tmp_path, peer.port)
+    ledger = Ledger(settings.database_url)
+    analysed_job(settings, ledger, summary=SUMMARY | {"needs_review": True})
+    store = ReviewStore(ledger)
+    user = store.add_user("jane", "x", "radiologist")
+    with ledger.session() as s:
+        item_id = s.scalars(select(ReviewItem.id)).one()
+    session = SessionInfo(user.id, user.name, user.role, "t", utcnow())
+    store.claim_verdict(
+        item_id, user=session, action="confirm", label="abnormal", model_label="abnormal",
+        reason="", hl7_control_id="ACWI-V-1",
+    )  # fmt: skip
+    (row,) = drain(OruSender(settings, ledger), ledger, "delivered")
+    assert (row["kind"], row["control_id"]) == (f"verdict-{item_id}", "ACWI-V-1")
+    (message,) = peer.messages()
+    assert oru_observations(message)["VERDICT"][0][1].startswith("AGREE^")
+    ledger.dispose()
+
+
+def test_an_undone_verdict_withdraws_its_promised_oru(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, free_port())
+    ledger = Ledger(settings.database_url)
+    analysed_job(settings, ledger, summary=SUMMARY | {"needs_review": True})
+    store = ReviewStore(ledger)
+    user = store.add_user("jane", "x", "radiologist")
+    with ledger.session() as s:
+        item_id = s.scalars(select(ReviewItem.id)).one()
+    session = SessionInfo(user.id, user.name, user.role, "t", utcnow())
+    verdict_id = store.claim_verdict(
+        item_id, user=session, action="confirm", label="abnormal", model_label="abnormal",
+        reason="", hl7_control_id="ACWI-V-2",
+    )  # fmt: skip
+    assert [r["kind"] for r in ledger.hl7_outbound(STUDY_UID)] == [f"verdict-{item_id}"]
+    store.undo_verdict(verdict_id)  # its verified SR could not be stored
+    assert ledger.hl7_outbound(STUDY_UID) == []
     ledger.dispose()

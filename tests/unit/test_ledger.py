@@ -131,7 +131,7 @@ def test_a_result_oru_promised_with_the_results_is_built_once(db: Ledger) -> Non
     )
     promised = db.unbuilt_hl7_outbound(job_id, "result")
     assert promised is not None and promised[1] == "ACWI1RT1"
-    assert db.hl7_outbound_to_build() == [job_id]
+    assert db.hl7_outbound_to_build() == [(job_id, "result")]
     assert db.due_hl7_outbound() == []  # nothing to send until the message is built
     assert db.fill_hl7_outbound(promised[0], "MSH|...")
     assert not db.fill_hl7_outbound(promised[0], "MSH|other")  # a second builder loses

@@ -642,25 +642,7 @@ class Ledger:
                 s.delete(old)
             s.flush()
             for rf in results:
-                res = Result(
-                    job_id=job_id,
-                    kind=rf.kind,
-                    sop_instance_uid=rf.sop_instance_uid,
-                    sop_class_uid=rf.sop_class_uid,
-                    path=rf.path,
-                )
-                s.add(res)
-                s.flush()
-                for dest in job.destinations:
-                    s.add(
-                        Delivery(
-                            result_id=res.id,
-                            job_id=job_id,
-                            destination=dest,
-                            state=DeliveryState.PENDING,
-                            next_attempt_at=now,
-                        )
-                    )
+                _queue_deliveries(s, job, _add_result(s, job_id, rf).id, now)
             job.summary = summary
             job.error = ""
             job.state = JobState.EXPORTING if job.destinations else JobState.DELIVERED
@@ -680,6 +662,36 @@ class Ledger:
                     )
             self._sync_study(s, job.study_id)
             return True
+
+    def attach_result(self, job_id: int, result: ResultFile) -> int:
+        """Add a result object to a finished job (a verified SR), with one outbox row per
+        destination; a result with the same SOP Instance UID is replaced and its pending
+        deliveries superseded. A delivered job goes back to exporting until the new deliveries
+        are answered. Returns how many deliveries were queued.
+        """
+        now = utcnow()
+        with self.session() as s:
+            job = s.get_one(Job, job_id, with_for_update=True)
+            res = s.scalars(
+                select(Result).where(
+                    Result.job_id == job_id, Result.sop_instance_uid == result.sop_instance_uid
+                )
+            ).first()
+            if res is None:
+                res = _add_result(s, job_id, result)
+            else:
+                res.path = result.path
+                s.execute(
+                    update(Delivery)
+                    .where(Delivery.result_id == res.id, Delivery.state == DeliveryState.PENDING)
+                    .values(state=DeliveryState.SUPERSEDED)
+                )
+            _queue_deliveries(s, job, res.id, now)
+            if job.destinations and job.state == JobState.DELIVERED:
+                job.state = JobState.EXPORTING
+                job.finished_at = None
+                self._sync_study(s, job.study_id)
+            return len(job.destinations)
 
     def fail_job(self, job_id: int, error: str) -> None:
         with self.session() as s:
@@ -1234,3 +1246,31 @@ def promise_hl7_outbound(
                 next_attempt_at=utcnow(),
             )
         )
+
+
+def _queue_deliveries(s: Session, job: Job, result_id: int, now: dt.datetime) -> None:
+    """One pending outbox row per destination of the job for this result."""
+    for destination in job.destinations:
+        s.add(
+            Delivery(
+                result_id=result_id,
+                job_id=job.id,
+                destination=destination,
+                state=DeliveryState.PENDING,
+                next_attempt_at=now,
+            )
+        )
+
+
+def _add_result(s: Session, job_id: int, result: ResultFile) -> Result:
+    """A new result row of the job (flushed: it has its id)."""
+    row = Result(
+        job_id=job_id,
+        kind=result.kind,
+        sop_instance_uid=result.sop_instance_uid,
+        sop_class_uid=result.sop_class_uid,
+        path=result.path,
+    )
+    s.add(row)
+    s.flush()
+    return row

@@ -25,7 +25,6 @@ from acwi_node.ledger.models import (
     Instance,
     Job,
     JobState,
-    Result,
     ReviewItem,
     ReviewState,
     Study,
@@ -483,51 +482,9 @@ class ReviewStore:
         )
 
     def attach_verified_sr(self, job_id: int, result: ResultFile) -> int:
-        """Record the verified SR as a result of the job with one outbox row per destination.
-
-        A delivered job goes back to exporting until the new deliveries are answered. Returns
-        how many deliveries were queued.
-        """
-        now = utcnow()
-        with self.ledger.session() as s:
-            job = s.get_one(Job, job_id, with_for_update=True)
-            res = s.scalars(
-                select(Result).where(
-                    Result.job_id == job_id, Result.sop_instance_uid == result.sop_instance_uid
-                )
-            ).first()
-            if res is None:
-                res = Result(
-                    job_id=job_id,
-                    kind=result.kind,
-                    sop_instance_uid=result.sop_instance_uid,
-                    sop_class_uid=result.sop_class_uid,
-                    path=result.path,
-                )
-                s.add(res)
-                s.flush()
-            else:
-                res.path = result.path
-                s.execute(
-                    update(Delivery)
-                    .where(Delivery.result_id == res.id, Delivery.state == DeliveryState.PENDING)
-                    .values(state=DeliveryState.SUPERSEDED)
-                )
-            for dest in job.destinations:
-                s.add(
-                    Delivery(
-                        result_id=res.id,
-                        job_id=job_id,
-                        destination=dest,
-                        state=DeliveryState.PENDING,
-                        next_attempt_at=now,
-                    )
-                )
-            if job.destinations and job.state == JobState.DELIVERED:
-                job.state = JobState.EXPORTING
-                job.finished_at = None
-                self.ledger._sync_study(s, job.study_id)
-            return len(job.destinations)
+        """Record the verified SR as a result of the job (see :meth:`Ledger.attach_result`);
+        returns how many deliveries were queued."""
+        return self.ledger.attach_result(job_id, result)
 
     # -------------------------------------------------------------- dashboard
     def dashboard(self, *, days: int = 14, now: dt.datetime | None = None) -> dict[str, Any]:

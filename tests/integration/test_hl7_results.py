@@ -293,6 +293,16 @@ def test_a_promised_oru_that_cannot_be_built_fails_with_the_reason(
     ledger.dispose()
 
 
+def review_case(settings: Settings, ledger: Ledger) -> tuple[ReviewStore, int, SessionInfo]:
+    """An analysed job that needs review, and a signed-in radiologist."""
+    analysed_job(settings, ledger, summary=SUMMARY | {"needs_review": True})
+    store = ReviewStore(ledger)
+    user = store.add_user("jane", "x", "radiologist")
+    with ledger.session() as s:
+        item_id = s.scalars(select(ReviewItem.id)).one()
+    return store, item_id, SessionInfo(user.id, user.name, user.role, "t", utcnow())
+
+
 def test_a_verdicts_promised_oru_survives_the_web_process(
     tmp_path: Path, make_peer: Callable[[str], Peer]
 ) -> None:
@@ -301,12 +311,7 @@ def test_a_verdicts_promised_oru_survives_the_web_process(
     peer = make_peer("AA")
     settings = make_settings(tmp_path, peer.port)
     ledger = Ledger(settings.database_url)
-    analysed_job(settings, ledger, summary=SUMMARY | {"needs_review": True})
-    store = ReviewStore(ledger)
-    user = store.add_user("jane", "x", "radiologist")
-    with ledger.session() as s:
-        item_id = s.scalars(select(ReviewItem.id)).one()
-    session = SessionInfo(user.id, user.name, user.role, "t", utcnow())
+    store, item_id, session = review_case(settings, ledger)
     store.claim_verdict(
         item_id, user=session, action="confirm", label="abnormal", model_label="abnormal",
         reason="", hl7_control_id="ACWI-V-1",
@@ -321,12 +326,7 @@ def test_a_verdicts_promised_oru_survives_the_web_process(
 def test_an_undone_verdict_withdraws_its_promised_oru(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, free_port())
     ledger = Ledger(settings.database_url)
-    analysed_job(settings, ledger, summary=SUMMARY | {"needs_review": True})
-    store = ReviewStore(ledger)
-    user = store.add_user("jane", "x", "radiologist")
-    with ledger.session() as s:
-        item_id = s.scalars(select(ReviewItem.id)).one()
-    session = SessionInfo(user.id, user.name, user.role, "t", utcnow())
+    store, item_id, session = review_case(settings, ledger)
     verdict_id = store.claim_verdict(
         item_id, user=session, action="confirm", label="abnormal", model_label="abnormal",
         reason="", hl7_control_id="ACWI-V-2",

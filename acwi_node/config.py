@@ -139,8 +139,20 @@ class IngestSettings(_Strict):
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
-    #: fsync each instance before answering success (durability); turn off only for tests.
+    #: Flush each instance to disk before answering success (durability); turn off only for
+    #: tests.
     fsync: bool = True
+    #: Make instances durable through the ingest journal (one flush per instance, shared by
+    #: the associations flushing at that moment) rather than by flushing each spool file, its
+    #: directory and its ledger row (three). Either way nothing is answered before it is on
+    #: disk; see "Durability" in the README.
+    journal: bool = True
+    #: Instances larger than this (bytes) skip the journal and are flushed on their own: for
+    #: them, writing the data twice costs more than the two extra flushes saved.
+    journal_max_bytes: int = Field(64 * 1024, ge=0)
+    #: Seconds between journal checkpoints, which flush the spool and the ledger and delete
+    #: the journal behind them (what a restart after a power loss replays).
+    journal_checkpoint_s: float = Field(2.0, gt=0, le=300)
     #: Also act as Modality Performed Procedure Step SCP (N-CREATE/N-SET): a COMPLETED step
     #: completes its studies as soon as every instance it lists has arrived.
     mpps: bool = True

@@ -126,6 +126,8 @@ TARGETS: dict[str, Target] = {
     "storescp": storescp_target,
     "orthanc": orthanc_target,
     "node": node_target,
+    # Durable without the ingest journal: each spool file, directory and ledger row flushed.
+    "node-perfile": lambda workdir: node_target(workdir, journal=False),
     # Not durable: shows what fsync costs; never a production setting.
     "node-nofsync": lambda workdir: node_target(workdir, fsync=False),
     # pynetdicom's own polling loops instead of the event-driven reactor (ingest/reactor.py).
@@ -160,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--targets",
         default="storescp,orthanc,node",
-        help="also: node-processes (a listener process per core), node-nofsync (not durable),"
+        help="also: node-processes (a listener process per core), node-perfile (no ingest"
+        " journal: three flushes per instance), node-nofsync (not durable),"
         " node-polling (pynetdicom's polling loops)",
     )
     parser.add_argument("--json", type=Path, help="write the figures as JSON")

@@ -2,9 +2,11 @@
 
 The C-STORE handler keeps the hot path short: it takes the encoded bytes as received (file meta
 plus ``event.encoded_dataset()``, no full decode), reads only the few header attributes it needs
-(stopping before pixel data), writes the file atomically to the spool, records it in the ledger,
-and only then answers success. Anything that fails answers a DIMSE failure status and leaves no
-partial file.
+(stopping before pixel data), appends the instance to the ingest journal (:mod:`.journal`),
+writes the file atomically to the spool while the journal is flushed, records it in the ledger
+once the journal record is on disk, and only then answers success. An instance too large for
+the journal is flushed in the spool and the ledger instead. Anything that fails answers a DIMSE
+failure status and leaves no partial file.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
@@ -32,12 +34,19 @@ from pynetdicom.transport import ThreadedAssociationServer
 from acwi_node.audit import AuditEvent, Outcome, audit, remote_ae
 from acwi_node.config import Settings
 from acwi_node.ingest.header import pydicom_header, scan_header
+from acwi_node.ingest.journal import (
+    IngestJournal,
+    JournalError,
+    JournalRecord,
+    replay_orphans,
+    sync_filesystem,
+)
 from acwi_node.ingest.mpps import MPPS_SOP_CLASS, CompletionSignals, MppsSCP
 from acwi_node.ingest.part10 import file_meta_prefix
 from acwi_node.ingest.reactor import EventDrivenRequestHandler
 from acwi_node.ingest.reactor import compatible as reactor_compatible
 from acwi_node.ingest.spool import Spool, SpoolError, is_safe_uid
-from acwi_node.ledger import InstanceRecord, Ledger
+from acwi_node.ledger import InstanceRecord, Ledger, Recorded
 from acwi_node.observability import metrics
 from acwi_node.observability.logging import note_identifiers
 from acwi_node.tls import peer_subject
@@ -245,12 +254,16 @@ class StorageSCP:
         self.mpps = MppsSCP(ledger, signals) if settings.ingest.mpps else None
         self._release_complete = {a.strip() for a in settings.completion.release_complete_aes}
         self._audit_patient_id = settings.audit.patient_id
+        self._journal_max_bytes = settings.ingest.journal_max_bytes
         self._assocs: dict[int, _AssociationState] = {}
         #: Associations whose end is being recorded (ledger, completion signals).
         self._closing = 0
         self._lock = threading.Lock()
         self.ae = self._make_ae()
         self._server: Any = None
+        #: Where instances become durable first (``ingest.journal``); None: each spool file
+        #: and ledger row is flushed on its own.
+        self.journal: IngestJournal | None = None
 
     def _make_ae(self) -> AE:
         cfg = self.settings.ingest
@@ -285,12 +298,44 @@ class StorageSCP:
         if sock is not None:
             sock.settimeout(self.settings.ingest.network_timeout_s)
 
+    # ----------------------------------------------------------------- journal
+    def _flush_spool_and_ledger(self) -> None:
+        sync_filesystem(self.spool.root)
+        self.ledger.flush()
+
+    def _replay(self, record: JournalRecord) -> bool:
+        """Write a journaled instance's spool file again; add its ledger row if missing."""
+        rec = InstanceRecord(**record.meta)
+        self.spool.store(rec.study_uid, rec.sop_instance_uid, record.payload, sync=False)
+        if self.ledger.instance_path(rec.sop_instance_uid) == rec.path:
+            return False
+        self.ledger.record_instance(rec, first_in_association=False, flushed=False)
+        return True
+
+    def open_journal(self) -> None:
+        """Replay the journals of stopped processes, then open this process's journal."""
+        cfg = self.settings.ingest
+        if not cfg.journal or self.journal is not None:
+            return
+        root = self.spool.root / ".journal"
+        replay_orphans(root, self._replay, self._flush_spool_and_ledger, fsync=cfg.fsync)
+        journal = IngestJournal(
+            root,
+            self.spool.root,
+            self.ledger.flush,
+            checkpoint_s=cfg.journal_checkpoint_s,
+            fsync=cfg.fsync,
+        )
+        journal.open()
+        self.journal = journal
+
     def start(self, *, block: bool = False, listen_socket: socket.socket | None = None) -> None:
         """Listen on the configured host and port (DICOM TLS there when ``[ingest.tls]``).
 
         ``listen_socket``: accept on this already listening socket instead (one that several
         SCP processes share, see :mod:`acwi_node.ingest.listeners`).
         """
+        self.open_journal()
         node = self.settings.node
         tls = self.settings.ingest.tls
         handlers: list[Any] = [
@@ -363,6 +408,9 @@ class StorageSCP:
             self._server.shutdown()
             self._server = None
         self.ae.shutdown()
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
 
     # ---------------------------------------------------------------- handlers
     def _on_handshake_failed(self, address: tuple[str, int], reason: str) -> None:
@@ -511,13 +559,8 @@ class StorageSCP:
         series_uid = _text(header, "SeriesInstanceUID")
         if series_uid and not is_safe_uid(series_uid):
             series_uid = ""
-        existed = self.spool.path_for(study_uid, sop_uid).exists()
-        try:
-            path = self.spool.store(study_uid, sop_uid, data)
-        except SpoolError as exc:
-            log.error("C-STORE from %s: %s", calling_ae, exc)
-            metrics.INSTANCES_REJECTED.labels("spool_error").inc()
-            return STATUS_OUT_OF_RESOURCES
+        final = self.spool.path_for(study_uid, sop_uid)
+        existed = final.exists()
         record = InstanceRecord(
             study_uid=study_uid,
             sop_instance_uid=sop_uid,
@@ -526,19 +569,37 @@ class StorageSCP:
             transfer_syntax_uid=str(event.context.transfer_syntax),
             modality=_text(header, "Modality")[:16],
             body_part=_text(header, "BodyPartExamined")[:64],
-            path=self.spool.relative(path),
+            path=self.spool.relative(final),
             size=len(data),
             calling_ae=calling_ae,
         )
         first = state is not None and study_uid not in state.study_uids
-        try:
-            recorded = self.ledger.record_instance(record, first_in_association=first)
-        except Exception:
-            log.exception("C-STORE from %s: the ledger could not record the instance", calling_ae)
-            if not existed:
-                self.spool.discard(path)
-            metrics.INSTANCES_REJECTED.labels("ledger_unavailable").inc()
-            return STATUS_LEDGER_UNAVAILABLE
+        journal = self.journal
+        if journal is None or len(data) > self._journal_max_bytes:
+            outcome = self._persist(record, data, first, existed, journaled=False)
+        else:
+            try:
+                ticket = journal.write(asdict(record), data)  # flushed while the file is written
+            except JournalError as exc:
+                log.error("C-STORE from %s: %s", calling_ae, exc)
+                metrics.INSTANCES_REJECTED.labels("spool_error").inc()
+                return STATUS_OUT_OF_RESOURCES
+            try:
+                outcome = self._persist(
+                    record,
+                    data,
+                    first,
+                    existed,
+                    journaled=True,
+                    before_ledger=lambda: journal.wait_durable(ticket),
+                )
+                if isinstance(outcome, int):
+                    journal.withdraw(ticket)
+            finally:
+                journal.done(ticket)
+        if isinstance(outcome, int):
+            return outcome
+        recorded = outcome
         if state is not None:
             with self._lock:
                 state.study_uids.add(study_uid)
@@ -559,3 +620,49 @@ class StorageSCP:
         if self.signals is not None:
             self.signals.instance_arrived(study_uid)
         return STATUS_SUCCESS
+
+    def _persist(
+        self,
+        record: InstanceRecord,
+        data: bytes,
+        first: bool,
+        existed: bool,
+        *,
+        journaled: bool,
+        before_ledger: Callable[[], None] | None = None,
+    ) -> Recorded | int:
+        """Write the spool file, then the ledger row; a failure status if either fails.
+
+        ``journaled``: the instance is in the journal, so neither is flushed here (the
+        journal's checkpoint does it); ``before_ledger`` waits until the journal record is on
+        disk, which must come before the ledger row exists (see :mod:`.journal`).
+        """
+        try:
+            path = self.spool.store(
+                record.study_uid, record.sop_instance_uid, data, sync=False if journaled else None
+            )
+        except SpoolError as exc:
+            log.error("C-STORE from %s: %s", record.calling_ae, exc)
+            metrics.INSTANCES_REJECTED.labels("spool_error").inc()
+            return STATUS_OUT_OF_RESOURCES
+        if before_ledger is not None:
+            try:
+                before_ledger()
+            except JournalError as exc:
+                log.error("C-STORE from %s: %s", record.calling_ae, exc)
+                if not existed:
+                    self.spool.discard(path)
+                metrics.INSTANCES_REJECTED.labels("spool_error").inc()
+                return STATUS_OUT_OF_RESOURCES
+        try:
+            return self.ledger.record_instance(
+                record, first_in_association=first, flushed=not journaled
+            )
+        except Exception:
+            log.exception(
+                "C-STORE from %s: the ledger could not record the instance", record.calling_ae
+            )
+            if not existed:
+                self.spool.discard(path)
+            metrics.INSTANCES_REJECTED.labels("ledger_unavailable").inc()
+            return STATUS_LEDGER_UNAVAILABLE

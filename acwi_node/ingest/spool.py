@@ -1,7 +1,9 @@
 """The spool: received instances as Part-10 files, written atomically and durably.
 
 A file is written to ``<spool>/.tmp/`` (same file system), fsynced, renamed to
-``<spool>/<study uid>/<sop instance uid>.dcm`` and its directory fsynced. Names come only from UIDs
+``<spool>/<study uid>/<sop instance uid>.dcm`` and its directory fsynced; or, for an instance
+already in the ingest journal (``<spool>/.journal/``, see :mod:`.journal`), written and renamed
+without flushing, which the journal's checkpoint does later. Names come only from UIDs
 that passed :func:`is_safe_uid` (digits and dots, at most 64 characters); nothing else from a
 dataset ever names a path. On any failure the temporary file is removed: no partial file remains.
 """
@@ -59,8 +61,20 @@ class Spool:
             raise ValueError("spool path escapes the spool directory")
         return path
 
-    def store(self, study_uid: str, sop_instance_uid: str, data: bytes | memoryview) -> Path:
-        """Write ``data`` atomically to the instance's place; returns the final path."""
+    def store(
+        self,
+        study_uid: str,
+        sop_instance_uid: str,
+        data: bytes | memoryview,
+        *,
+        sync: bool | None = None,
+    ) -> Path:
+        """Write ``data`` atomically to the instance's place; returns the final path.
+
+        ``sync``: flush the file and its directory entry before returning (default: the
+        spool's ``fsync``). False for an instance the ingest journal already holds.
+        """
+        sync = self.fsync if sync is None else sync
         final = self.path_for(study_uid, sop_instance_uid)
         tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
         fd = -1
@@ -70,14 +84,14 @@ class Spool:
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            if self.fsync:
+            if sync:
                 os.fsync(fd)
             os.close(fd)
             fd = -1
             new_dir = not final.parent.exists()
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
-            if self.fsync:
+            if sync:
                 _fsync_dir(final.parent)
                 if new_dir:
                     _fsync_dir(self.root)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import functools
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,12 +18,9 @@ from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import (
-    Table,
-    bindparam,
     create_engine,
     event,
     func,
-    insert,
     select,
     text,
     update,
@@ -142,18 +141,19 @@ class DueHl7:
     attempts: int
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any, *, synchronous: str = "FULL") -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     # FULL: a commit survives a power loss or an OS crash too (NORMAL may roll the last ones
-    # back), so an instance acknowledged to a sender is in the ledger after any crash.
-    cur.execute("PRAGMA synchronous=FULL")
+    # back). Only the ingest journal's instance rows use NORMAL: the journal is durable first
+    # and its checkpoint flushes the ledger (see Ledger.flush).
+    cur.execute(f"PRAGMA synchronous={synchronous}")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
     """An engine for the ledger URL; SQLite gets WAL and a busy timeout, PostgreSQL psycopg 3."""
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
@@ -162,7 +162,11 @@ def make_engine(url: str) -> Engine:
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(
+            engine,
+            "connect",
+            functools.partial(_sqlite_pragmas, synchronous=sqlite_synchronous),
+        )
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
@@ -176,64 +180,61 @@ def _lease_time() -> Any:
     return func.coalesce(Job.heartbeat_at, Job.started_at)
 
 
-class _IngestStatements:
-    """The statements of :meth:`Ledger.record_instance`, built once for every call."""
+class _IngestSql:
+    """The SQL of :meth:`Ledger.record_instance`, for the DB-API connection of one dialect.
 
-    def __init__(self) -> None:
-        studies = cast(Table, Study.__table__)
-        instances = cast(Table, Instance.__table__)
-        self.select_study = (
-            select(
-                studies.c.id,
-                studies.c.generation,
-                studies.c.state,
-                studies.c.modality,
-                studies.c.body_part,
-            )
-            .where(studies.c.study_uid == bindparam("b_uid"))
-            .with_for_update()
+    Written as SQLAlchemy would write it for the models (the same columns and defaults; dates
+    as SQLAlchemy stores them in SQLite), so the ORM reads these rows like its own;
+    ``tests/unit/test_ledger.py`` checks that.
+    """
+
+    def __init__(self, dialect: str, dbapi: Any) -> None:
+        self.postgresql = dialect == "postgresql"
+        self.integrity_error: type[Exception] = dbapi.IntegrityError
+        q = self._style
+        lock = " FOR UPDATE" if self.postgresql else ""
+        self.select_study = q(
+            "SELECT id, generation, state, modality, body_part FROM studies"
+            f" WHERE study_uid = :uid{lock}"
         )
-        self.insert_study = insert(studies)
-        self.select_instance = select(instances.c.id).where(
-            instances.c.sop_instance_uid == bindparam("b_sop")
+        self.insert_study = q(
+            "INSERT INTO studies (study_uid, state, generation, calling_ae, modality, body_part,"
+            " instance_count, open_associations, first_received_at, last_received_at,"
+            " updated_at, needs_review, reason)"
+            " VALUES (:uid, :state, 1, :ae, :modality, :body_part, 0, 0, :now, :now, :now,"
+            " FALSE, '') RETURNING id"
         )
-        self.insert_instance = insert(instances)
-        self.update_instance = (
-            update(instances)
-            .where(instances.c.id == bindparam("b_id"))
-            .values(
-                path=bindparam("b_path"),
-                size=bindparam("b_size"),
-                transfer_syntax_uid=bindparam("b_ts"),
-                generation=bindparam("b_generation"),
-                received_at=bindparam("b_now"),
-            )
+        self.select_instance = q("SELECT id FROM instances WHERE sop_instance_uid = :sop")
+        self.insert_instance = q(
+            "INSERT INTO instances (study_id, sop_instance_uid, sop_class_uid, series_uid,"
+            " transfer_syntax_uid, modality, path, size, calling_ae, generation, received_at)"
+            " VALUES (:study_id, :sop, :sop_class, :series, :ts, :modality, :path, :size, :ae,"
+            " :generation, :now)"
         )
-        received = {
-            "last_received_at": bindparam("b_now"),
-            "modality": bindparam("b_modality"),
-            "body_part": bindparam("b_body_part"),
-            "open_associations": studies.c.open_associations + bindparam("b_open"),
-            "instance_count": studies.c.instance_count + bindparam("b_count"),
-        }
+        self.update_instance = q(
+            "UPDATE instances SET path = :path, size = :size, transfer_syntax_uid = :ts,"
+            " generation = :generation, received_at = :now WHERE id = :id"
+        )
+        received = (
+            "last_received_at = :now, modality = :modality, body_part = :body_part,"
+            " open_associations = open_associations + :open,"
+            " instance_count = instance_count + :count, updated_at = :now"
+        )
         #: A study still receiving: its state and generation are left as they are.
-        self.update_study = (
-            update(studies).where(studies.c.id == bindparam("b_id")).values(**received)
-        )
+        self.update_study = q(f"UPDATE studies SET {received} WHERE id = :id")
         #: An instance re-opens a study that had completed: a new generation.
-        self.reopen_study = (
-            update(studies)
-            .where(studies.c.id == bindparam("b_id"))
-            .values(
-                **received,
-                generation=bindparam("b_generation"),
-                state=bindparam("b_state"),
-                reason=bindparam("b_reason"),
-            )
+        self.reopen_study = q(
+            f"UPDATE studies SET {received}, generation = :generation, state = :state,"
+            " reason = '' WHERE id = :id"
         )
 
+    def _style(self, sql: str) -> str:
+        """``:name`` (sqlite3) or ``%(name)s`` (psycopg) parameters."""
+        return re.sub(r":(\w+)", r"%(\1)s", sql) if self.postgresql else sql
 
-_INGEST = _IngestStatements()
+    def time(self, value: dt.datetime) -> Any:
+        """A timestamp as SQLAlchemy stores it: text in SQLite, a timestamp in PostgreSQL."""
+        return value if self.postgresql else value.strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 class Ledger:
@@ -244,6 +245,9 @@ class Ledger:
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._pid = os.getpid()
+        #: SQLite connections whose commits are not flushed (rows the ingest journal protects).
+        self._unflushed_engine: Engine | None = None
+        self._ingest_sql = _IngestSql(self.engine.dialect.name, self.engine.dialect.loaded_dbapi)
         if create:
             self._create_schema()
 
@@ -267,6 +271,8 @@ class Ledger:
     def _after_fork(self) -> None:
         if os.getpid() != self._pid:  # after fork: never share pooled connections
             self.engine.dispose(close=False)
+            if self._unflushed_engine is not None:
+                self._unflushed_engine.dispose(close=False)
             self._pid = os.getpid()
 
     @contextmanager
@@ -283,101 +289,164 @@ class Ledger:
         with self.engine.begin() as conn:
             yield conn
 
+    def flush(self) -> None:
+        """Make every commit so far durable, the unflushed ones included.
+
+        PostgreSQL: a synchronous commit of a transaction with an ID flushes the write-ahead
+        log up to it, and with it every asynchronous commit before. SQLite (WAL mode): the
+        unflushed commits are in the ``-wal`` file (or, checkpointed, in the database file,
+        which SQLite flushed then); flushing both files keeps them.
+        """
+        self._after_fork()
+        if self.engine.dialect.name == "postgresql":
+            with self.engine.begin() as conn:
+                conn.execute(text("SELECT txid_current()"))
+            return
+        database = self.engine.url.database
+        if not database or database == ":memory:":
+            return
+        for path in (f"{database}-wal", database):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._unflushed_engine is not None:
+            self._unflushed_engine.dispose()
 
     # ------------------------------------------------------------------ ingest
-    def record_instance(self, rec: InstanceRecord, *, first_in_association: bool) -> Recorded:
-        """Record a stored instance; creates or re-opens its study. Safe under concurrency."""
+    def record_instance(
+        self, rec: InstanceRecord, *, first_in_association: bool, flushed: bool = True
+    ) -> Recorded:
+        """Record a stored instance; creates or re-opens its study. Safe under concurrency.
+
+        ``flushed=False``: the commit is not waited for on disk; only for an instance the
+        ingest journal holds, whose checkpoint calls :meth:`flush`.
+        """
         for attempt in range(3):
             try:
-                return self._record_instance(rec, first_in_association)
+                return self._record_instance(rec, first_in_association, flushed)
             except IntegrityError:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
-    def _record_instance(self, rec: InstanceRecord, first_in_association: bool) -> Recorded:
-        # SQLAlchemy Core with statements built once (see _IngestStatements): this runs once
-        # per C-STORE, before the answer, and building statements cost more than running them.
-        now = utcnow()
-        sql = _INGEST
-        with self.connection() as conn:
-            row = conn.execute(sql.select_study, {"b_uid": rec.study_uid}).first()
+    def _record_instance(
+        self, rec: InstanceRecord, first_in_association: bool, flushed: bool
+    ) -> Recorded:
+        # On the DB-API connection with SQL written once (see _IngestSql): this runs once per
+        # C-STORE, before the answer, and SQLAlchemy's execution machinery cost more than the
+        # database's own work.
+        self._after_fork()
+        sql = self._ingest_sql
+        engine = self.engine
+        if not flushed and sql.postgresql is False:
+            if self._unflushed_engine is None:
+                self._unflushed_engine = make_engine(self.url, sqlite_synchronous="NORMAL")
+            engine = self._unflushed_engine
+        now = sql.time(utcnow())
+        raw = engine.raw_connection()
+        try:
+            cur = raw.cursor()
+            if not flushed and sql.postgresql:
+                cur.execute("SET LOCAL synchronous_commit TO OFF")
+            cur.execute(sql.select_study, {"uid": rec.study_uid})
+            row = cur.fetchone()
             reopened = False
             if row is None:
-                created = conn.execute(
+                cur.execute(
                     sql.insert_study,
                     {
-                        "study_uid": rec.study_uid,
-                        "calling_ae": rec.calling_ae,
+                        "uid": rec.study_uid,
+                        "state": StudyState.RECEIVING.value,
+                        "ae": rec.calling_ae,
                         "modality": rec.modality[:16],
                         "body_part": rec.body_part[:64],
-                        "first_received_at": now,
-                        "last_received_at": now,
-                        "generation": 1,
-                        "state": StudyState.RECEIVING,
-                        "instance_count": 0,
-                        "open_associations": 0,
-                        "reason": "",
+                        "now": now,
                     },
                 )
-                assert created.inserted_primary_key is not None
-                study_id = created.inserted_primary_key[0]
-                generation, state = 1, StudyState.RECEIVING
+                created = cur.fetchone()
+                assert created is not None
+                study_id = int(created[0])
+                generation, state = 1, StudyState.RECEIVING.value
                 modality, body_part = rec.modality[:16], rec.body_part[:64]
             else:
-                study_id, generation, state = row.id, row.generation, row.state
-                if state != StudyState.RECEIVING:
+                study_id, generation, state, modality, body_part = row
+                if state != StudyState.RECEIVING.value:
                     generation += 1
                     reopened = True
-                    state = StudyState.RECEIVING
-                modality = row.modality or ""
+                    state = StudyState.RECEIVING.value
+                modality = modality or ""
                 if rec.modality and rec.modality not in modality.split("\\"):
                     modality = (f"{modality}\\{rec.modality}" if modality else rec.modality)[:16]
-                body_part = row.body_part or rec.body_part[:64]
-            existing = conn.execute(sql.select_instance, {"b_sop": rec.sop_instance_uid}).first()
+                body_part = body_part or rec.body_part[:64]
+            cur.execute(sql.select_instance, {"sop": rec.sop_instance_uid})
+            existing = cur.fetchone()
             if existing is None:
-                conn.execute(
+                cur.execute(
                     sql.insert_instance,
                     {
                         "study_id": study_id,
-                        "sop_instance_uid": rec.sop_instance_uid,
-                        "sop_class_uid": rec.sop_class_uid,
-                        "series_uid": rec.series_uid,
-                        "transfer_syntax_uid": rec.transfer_syntax_uid,
+                        "sop": rec.sop_instance_uid,
+                        "sop_class": rec.sop_class_uid,
+                        "series": rec.series_uid,
+                        "ts": rec.transfer_syntax_uid,
                         "modality": rec.modality,
                         "path": rec.path,
                         "size": rec.size,
-                        "calling_ae": rec.calling_ae,
+                        "ae": rec.calling_ae,
                         "generation": generation,
-                        "received_at": now,
+                        "now": now,
                     },
                 )
             else:
-                conn.execute(
+                cur.execute(
                     sql.update_instance,
                     {
-                        "b_id": existing.id,
-                        "b_path": rec.path,
-                        "b_size": rec.size,
-                        "b_ts": rec.transfer_syntax_uid,
-                        "b_generation": generation,
-                        "b_now": now,
+                        "id": existing[0],
+                        "path": rec.path,
+                        "size": rec.size,
+                        "ts": rec.transfer_syntax_uid,
+                        "generation": generation,
+                        "now": now,
                     },
                 )
             params: dict[str, Any] = {
-                "b_id": study_id,
-                "b_now": now,
-                "b_modality": modality,
-                "b_body_part": body_part,
-                "b_open": 1 if first_in_association else 0,
-                "b_count": 1 if existing is None else 0,
+                "id": study_id,
+                "now": now,
+                "modality": modality,
+                "body_part": body_part,
+                "open": 1 if first_in_association else 0,
+                "count": 1 if existing is None else 0,
             }
             if reopened:
-                params.update(b_generation=generation, b_state=state, b_reason="")
-            conn.execute(sql.reopen_study if reopened else sql.update_study, params)
-            return Recorded(int(study_id), generation, reopened, existing is not None)
+                params.update(generation=generation, state=state)
+            cur.execute(sql.reopen_study if reopened else sql.update_study, params)
+            cur.close()
+            raw.commit()
+        except sql.integrity_error as exc:
+            raw.rollback()
+            raise IntegrityError(sql.insert_instance, None, exc) from exc
+        except BaseException:
+            raw.rollback()
+            raise
+        finally:
+            raw.close()  # back to the pool
+        return Recorded(int(study_id), int(generation), reopened, existing is not None)
+
+    def instance_path(self, sop_instance_uid: str) -> str | None:
+        """The spool path recorded for an instance; None when the ledger has no such row."""
+        with self.session() as s:
+            path = s.scalar(
+                select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid)
+            )
+        return None if path is None else str(path)
 
     def association_released(self, study_ids: Sequence[int]) -> None:
         """An association that sent instances of these studies ended (released or aborted)."""

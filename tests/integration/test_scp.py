@@ -16,6 +16,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from acwi_node.config import Settings, load_settings
+from acwi_node.ingest.journal import read_journal
 from acwi_node.ingest.scp import TRANSFER_SYNTAXES, StorageSCP
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger
@@ -192,7 +193,7 @@ def test_truncated_association_keeps_serving(node: tuple[Settings, Ledger, Stora
 def test_ledger_failure_answers_out_of_resources_and_leaves_no_file(
     node: tuple[Settings, Ledger, StorageSCP], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings, ledger, _ = node
+    settings, ledger, scp = node
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("database is locked")
@@ -203,6 +204,38 @@ def test_ledger_failure_answers_out_of_resources_and_leaves_no_file(
     assert not (settings.spool_dir / study).exists() or not any(
         (settings.spool_dir / study).iterdir()
     )
+    # Journaled before the ledger failed, then withdrawn: a replay would not store it either.
+    assert scp.journal is not None and read_journal(scp.journal.directory) == []
+
+
+def test_small_instances_wait_in_the_journal_until_its_checkpoint(tmp_path: Path) -> None:
+    settings = load_settings(
+        None,
+        node={"data_dir": tmp_path / "data", "dicom_host": "127.0.0.1", "dicom_port": free_port()},
+        ingest={"fsync": True, "journal_checkpoint_s": 300, "journal_max_bytes": 2000},
+    )
+    ledger = Ledger(settings.database_url)
+    scp = StorageSCP(settings, ledger, Spool(settings.spool_dir))
+    scp.start(block=False)
+    try:
+        study = generate_uid()
+        small = make_sc(study)
+        large = make_sc(study)
+        large.Rows = large.Columns = 64  # 4 KB of pixels: flushed on its own, not journaled
+        large.PixelData = bytes(64 * 64)
+        assert send(settings, [small, large]) == [0, 0]
+        assert scp.journal is not None
+        journaled = read_journal(scp.journal.directory)
+        assert [r.meta["sop_instance_uid"] for r in journaled] == [small.SOPInstanceUID]
+        spooled = settings.spool_dir / study / f"{small.SOPInstanceUID}.dcm"
+        assert journaled[0].payload == spooled.read_bytes()
+        assert journaled[0].meta["path"] == f"{study}/{small.SOPInstanceUID}.dcm"
+        assert scp.journal.checkpoint() == 1
+        assert read_journal(scp.journal.directory) == []
+    finally:
+        scp.stop()
+        ledger.dispose()
+    assert [p for p in (settings.spool_dir / ".journal").iterdir()] == []
 
 
 def test_dcmtk_storescu_sends_a_directory(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from acwi_node.ledger import (
     InstanceRecord,
@@ -15,6 +18,7 @@ from acwi_node.ledger import (
     RoutedJob,
     StudyFacts,
 )
+from acwi_node.ledger.models import Instance, Study, StudyState, utcnow
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 
@@ -43,6 +47,63 @@ def rec(study: str = "1.2.3", sop: str = "1.2.3.1", ae: str = "MOD") -> Instance
         size=100,
         calling_ae=ae,
     )
+
+
+def test_unflushed_instance_rows_are_seen_at_once_and_flush_keeps_them(db: Ledger) -> None:
+    recorded = db.record_instance(rec(sop="1.2.3.7"), first_in_association=True, flushed=False)
+    other = Ledger(db.url, create=False)  # another process's view
+    try:
+        view = other.get_study("1.2.3")
+        assert view is not None and view["instances"] == 1
+        assert other.instance_path("1.2.3.7") == "1.2.3/1.2.3.7.dcm"
+        assert other.instance_path("1.2.3.8") is None
+    finally:
+        other.dispose()
+    db.flush()
+    again = db.record_instance(rec(sop="1.2.3.7"), first_in_association=False, flushed=False)
+    assert again.study_id == recorded.study_id and again.duplicate
+
+
+def test_ingest_rows_read_back_through_the_orm_like_its_own(db: Ledger) -> None:
+    """record_instance writes its rows with its own SQL: the models must read them unchanged."""
+    db.record_instance(rec(sop="1.2.3.1"), first_in_association=True)
+    db.record_instance(
+        replace(rec(sop="1.2.3.2"), modality="CR", body_part="HAND"), first_in_association=False
+    )
+    with db.session() as s:
+        study = s.scalars(select(Study).where(Study.study_uid == "1.2.3")).one()
+        instances = s.scalars(select(Instance).order_by(Instance.sop_instance_uid)).all()
+        assert study.state is StudyState.RECEIVING
+        assert (study.generation, study.instance_count, study.open_associations) == (1, 2, 1)
+        assert (study.modality, study.body_part, study.calling_ae) == ("DX\\CR", "CHEST", "MOD")
+        assert study.needs_review is False and study.reason == ""
+        assert study.last_released_at is None and study.completed_at is None
+        for when in (study.first_received_at, study.last_received_at, study.updated_at):
+            assert isinstance(when, dt.datetime)
+            assert abs(when - utcnow()) < dt.timedelta(minutes=1)
+        assert study.first_received_at <= study.last_received_at
+        assert [i.sop_instance_uid for i in instances] == ["1.2.3.1", "1.2.3.2"]
+        assert [(i.modality, i.size, i.generation) for i in instances] == [
+            ("DX", 100, 1),
+            ("CR", 100, 1),
+        ]
+        assert all(isinstance(i.received_at, dt.datetime) for i in instances)
+    # Compared in SQL with times SQLAlchemy writes: the same text format in SQLite.
+    due = db.studies_due(quiet_period_s=0, max_wait_s=0)
+    assert [sid for sid, _ in due] == [study.id]
+
+
+def test_only_the_journaled_rows_skip_sqlites_flush(tmp_path: Path) -> None:
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    try:
+        ledger.record_instance(rec(), first_in_association=True, flushed=False)
+        with ledger.connection() as conn:
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        assert ledger._unflushed_engine is not None
+        with ledger._unflushed_engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    finally:
+        ledger.dispose()
 
 
 def route_all(facts: StudyFacts) -> list[RoutedJob]:

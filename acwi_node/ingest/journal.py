@@ -1,0 +1,479 @@
+"""The ingest journal: an instance is durable once it is here, before its spool file is.
+
+Answering a C-STORE with success promises that the instance survives a crash, power loss
+included. Making the spool file, its directory entry and the ledger row durable one by one costs
+three flushes to disk per instance, and on small instances those flushes are nearly all of the
+node's time. The journal needs one, shared by every association of the process:
+
+1. The SCP appends a record (what the ledger needs to know, then the Part 10 bytes) to the
+   journal's current segment. The journal's flusher thread flushes the segment (``fdatasync``)
+   at once; records written while a flush runs are covered by the next one (a group commit).
+2. Meanwhile the SCP writes the spool file without flushing it; it waits until its record is
+   on disk, writes the ledger row without flushing it either, then answers success.
+3. A checkpointer thread starts a new segment every ``checkpoint_s``, waits until every
+   instance of the old ones is in the spool and the ledger, flushes the spool's file system
+   (``syncfs``) and the ledger, and only then deletes those segments.
+4. When a process starts, it replays the journals of processes that are gone (a journal
+   directory whose lock nobody holds): every record's spool file is written again and its
+   ledger row added where it is missing. What a crash took from the page cache comes back.
+
+This is the write-ahead rule databases follow: the journal is flushed before the ledger row
+exists, so no durable ledger row can point at a spool file that a power loss took away.
+
+Layout: ``<spool>/.journal/<process id>-<random>/`` holds ``lock`` (``flock``-ed by its owner
+for its whole life) and segments ``<seq>.wal``. A record is a fixed header (magic, kind, record
+number, meta length, payload length, CRC-32 of the rest), the JSON meta, then the payload. A
+record cut short by a crash, or with a wrong CRC, ends the replay of its segment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import fcntl
+import json
+import logging
+import os
+import shutil
+import struct
+import threading
+import uuid
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("acwi_node.ingest")
+
+MAGIC = b"AJR1"
+KIND_INSTANCE = 1
+#: Withdraws an instance record: the SCP answered a failure for it after journaling it.
+KIND_WITHDRAWN = 2
+#: magic, kind, record number, meta length, payload length, CRC-32 of (the fields before it,
+#: meta and payload).
+_HEADER = struct.Struct("<4sBQIQI")
+
+#: A segment this large gets a successor at once, without waiting for the checkpoint.
+SEGMENT_BYTES = 64 << 20
+
+
+class JournalError(OSError):
+    """The journal could not take a record; ``out_of_space`` as for the spool."""
+
+    def __init__(self, message: str, *, out_of_space: bool) -> None:
+        super().__init__(message)
+        self.out_of_space = out_of_space
+
+
+@dataclass
+class _Segment:
+    seq: int
+    path: Path
+    fd: int
+    size: int = 0
+    synced: int = 0
+    #: Instances appended here whose spool file and ledger row are not written yet.
+    in_flight: int = 0
+    records: int = 0
+    #: True while the flusher flushes this segment (it must stay open meanwhile).
+    flushing: bool = False
+    #: Set when a flush failed: no record after ``synced`` can be promised durable.
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """One journaled instance, until the SCP is done with it."""
+
+    segment: _Segment
+    number: int
+    end: int
+
+
+@dataclass(frozen=True)
+class JournalRecord:
+    kind: int
+    number: int
+    meta: dict[str, Any]
+    payload: bytes
+
+
+def sync_filesystem(path: Path) -> None:
+    """Flush every dirty page and directory entry of the file system holding ``path``."""
+    libc_name = ctypes.util.find_library("c")
+    syncfs = getattr(ctypes.CDLL(libc_name, use_errno=True), "syncfs", None) if libc_name else None
+    if syncfs is None:  # not Linux: the whole machine
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+
+
+class IngestJournal:
+    """One process's journal. ``flush_ledger`` makes every ledger write so far durable.
+
+    ``fsync=False`` (tests only) keeps the records but never flushes anything.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        spool_root: Path,
+        flush_ledger: Callable[[], None],
+        *,
+        checkpoint_s: float = 2.0,
+        fsync: bool = True,
+        segment_bytes: int = SEGMENT_BYTES,
+    ) -> None:
+        self.root = root
+        self.spool_root = spool_root
+        self.flush_ledger = flush_ledger
+        self.checkpoint_s = checkpoint_s
+        self.fsync = fsync
+        self.segment_bytes = segment_bytes
+        self.directory = root / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
+        #: Records were written (the flusher waits on this) / a flush ended (writers wait).
+        self._dirty = threading.Condition(self._lock)
+        self._flushed = threading.Condition(self._lock)
+        self._flusher: threading.Thread | None = None
+        self._stop_flusher = False
+        self._segments: list[_Segment] = []
+        self._next_seq = 1
+        self._next_number = 1
+        self._lock_fd = -1
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.checkpoints = 0
+
+    # ---------------------------------------------------------------- life
+    def open(self) -> None:
+        """Create this process's journal directory and start the checkpointer."""
+        # Made under a hidden name and locked before it gets its real one: a process replaying
+        # orphans never takes a journal that is being created for its owner.
+        staging = self.root / f".{self.directory.name}"
+        staging.mkdir(parents=True)
+        self._lock_fd = os.open(staging / "lock", os.O_WRONLY | os.O_CREAT, 0o640)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        staging.rename(self.directory)
+        with self._lock:
+            self._segments.append(self._new_segment())
+        if self.fsync:
+            _fsync_dir(self.root)
+        self._thread = threading.Thread(
+            target=self._checkpoint_loop, name="acwi-journal-checkpoint", daemon=True
+        )
+        self._thread.start()
+        if self.fsync:
+            self._flusher = threading.Thread(
+                target=self._flush_loop, name="acwi-journal-flush", daemon=True
+            )
+            self._flusher.start()
+
+    def close(self) -> None:
+        """Checkpoint everything and remove this journal (a clean stop leaves none)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._flusher is not None:
+            with self._lock:
+                self._stop_flusher = True
+                self._dirty.notify_all()
+            self._flusher.join()
+            self._flusher = None
+        if self._lock_fd < 0:
+            return
+        try:
+            self.checkpoint(final=True)
+        except OSError:
+            log.exception("ingest journal: the last checkpoint failed; it is replayed at start")
+            return
+        shutil.rmtree(self.directory, ignore_errors=True)
+        os.close(self._lock_fd)
+        self._lock_fd = -1
+
+    def _new_segment(self) -> _Segment:
+        seq = self._next_seq
+        self._next_seq += 1
+        path = self.directory / f"{seq:012d}.wal"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
+        if self.fsync:
+            _fsync_dir(self.directory)  # the segment's name must survive a crash too
+        return _Segment(seq=seq, path=path, fd=fd)
+
+    # ------------------------------------------------------------- records
+    def append(self, meta: dict[str, Any], payload: bytes | memoryview) -> Ticket:
+        """Journal one instance and wait until it is on disk. Call :meth:`done` afterwards."""
+        ticket = self.write(meta, payload)
+        try:
+            self.wait_durable(ticket)
+        except BaseException:
+            self.done(ticket)
+            raise
+        return ticket
+
+    def write(self, meta: dict[str, Any], payload: bytes | memoryview) -> Ticket:
+        """Journal one instance; the flusher starts flushing it at once. Before answering for
+        it, :meth:`wait_durable`; in any case :meth:`done` afterwards."""
+        return self._write(KIND_INSTANCE, meta, payload)
+
+    def wait_durable(self, ticket: Ticket) -> None:
+        """Return once the record is on disk; raises :class:`JournalError` if it cannot be."""
+        seg = ticket.segment
+        if not self.fsync:
+            return
+        with self._lock:
+            while seg.synced < ticket.end:
+                if seg.error:
+                    raise JournalError(
+                        f"cannot flush the ingest journal: {seg.error}", out_of_space=False
+                    )
+                self._flushed.wait()
+
+    def withdraw(self, ticket: Ticket) -> None:
+        """The instance was refused after all: a replay must not store it (best effort)."""
+        try:
+            self.done(self._write(KIND_WITHDRAWN, {"withdraws": ticket.number}, b""))
+        except JournalError:
+            log.warning("ingest journal: could not withdraw a refused instance")
+
+    def done(self, ticket: Ticket) -> None:
+        """The instance's spool file and ledger row are written (or it was refused)."""
+        with self._lock:
+            ticket.segment.in_flight -= 1
+            if ticket.segment.in_flight == 0:
+                self._done.notify_all()
+
+    def _write(self, kind: int, meta: dict[str, Any], payload: bytes | memoryview) -> Ticket:
+        meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
+        with self._lock:
+            seg = self._segments[-1]
+            number = self._next_number
+            head = _HEADER.pack(MAGIC, kind, number, len(meta_bytes), len(payload), 0)[:-4]
+            crc = zlib.crc32(payload, zlib.crc32(meta_bytes, zlib.crc32(head)))
+            parts = [head + struct.pack("<I", crc), meta_bytes, payload]
+            total = sum(len(p) for p in parts)
+            try:
+                written = os.writev(seg.fd, parts)
+                while written < total:  # a short write: finish it
+                    rest = b"".join(bytes(p) for p in parts)[written:]
+                    written += os.write(seg.fd, rest)
+            except OSError as exc:
+                # Whatever part was written ends the segment's replay there (bad CRC or short):
+                # start a new segment so that later records stay readable.
+                with contextlib.suppress(OSError):
+                    self._segments.append(self._new_segment())
+                full = exc.errno in (28, 122)  # ENOSPC, EDQUOT
+                raise JournalError(
+                    f"cannot write to the ingest journal: {exc.strerror or exc}", out_of_space=full
+                ) from exc
+            self._next_number += 1
+            seg.size += total
+            seg.records += 1
+            seg.in_flight += 1
+            ticket = Ticket(seg, number, seg.size)
+            self._dirty.notify()
+            if seg.size >= self.segment_bytes:
+                self._segments.append(self._new_segment())
+                self._wake.set()
+        return ticket
+
+    def _flush_loop(self) -> None:
+        """Group commit: each ``fdatasync`` covers every record written before it started;
+        records written while it runs wait for the next one."""
+        while True:
+            with self._lock:
+                while True:
+                    dirty = [s for s in self._segments if s.size > s.synced and not s.error]
+                    if dirty or self._stop_flusher:
+                        break
+                    self._dirty.wait()
+                if not dirty:
+                    return
+                work = [(seg, seg.size) for seg in dirty]
+                for seg, _ in work:
+                    seg.flushing = True
+            for seg, target in work:
+                error = ""
+                try:
+                    os.fdatasync(seg.fd)
+                except OSError as exc:
+                    error = exc.strerror or str(exc)
+                with self._lock:
+                    seg.flushing = False
+                    if error:
+                        # What the file holds after a failed flush is unknown: the records not
+                        # flushed yet fail, and later ones go to a new segment.
+                        seg.error = error
+                        log.error("ingest journal: flush failed: %s", error)
+                        if seg is self._segments[-1]:
+                            with contextlib.suppress(OSError):
+                                self._segments.append(self._new_segment())
+                    else:
+                        seg.synced = max(seg.synced, target)
+                    self._flushed.notify_all()
+                    self._done.notify_all()
+
+    # ---------------------------------------------------------- checkpoint
+    def _checkpoint_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.checkpoint_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.checkpoint()
+            except Exception:
+                log.exception("ingest journal: checkpoint failed; trying again")
+
+    def checkpoint(self, *, final: bool = False) -> int:
+        """Make the instances of every finished segment durable in the spool and the ledger,
+        then delete those segments; returns how many records that retired. ``final``: the
+        current segment too (the SCP has stopped)."""
+        with self._lock:
+            if not final and self._segments[-1].records:
+                self._segments.append(self._new_segment())
+            old = list(self._segments) if final else self._segments[:-1]
+            if not old:
+                return 0
+            # Wait until the SCP has written every journaled instance of these segments, and
+            # the flusher has let go of them.
+            while any(s.in_flight or s.flushing for s in old):
+                self._done.wait(1.0)
+        if self.fsync and any(s.records for s in old):
+            sync_filesystem(self.spool_root)
+            self.flush_ledger()
+        retired = 0
+        with self._lock:
+            for seg in old:
+                os.close(seg.fd)
+                seg.path.unlink(missing_ok=True)
+                self._segments.remove(seg)
+                retired += seg.records
+        self.checkpoints += 1
+        return retired
+
+    @property
+    def pending_records(self) -> int:
+        """Records not yet checkpointed (health and tests)."""
+        with self._lock:
+            return sum(s.records for s in self._segments)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------- replay
+def read_segment(path: Path) -> Iterator[JournalRecord]:
+    """The whole records of one segment, in order; stops at a torn or corrupt one."""
+    data = path.read_bytes()
+    offset = 0
+    while offset + _HEADER.size <= len(data):
+        magic, kind, number, meta_len, payload_len, crc = _HEADER.unpack_from(data, offset)
+        start = offset + _HEADER.size
+        end = start + meta_len + payload_len
+        if magic != MAGIC or end > len(data):
+            if magic != MAGIC or offset + _HEADER.size < len(data):
+                log.warning("ingest journal %s: a cut-short record ends it", path.name)
+            return
+        head = data[offset : offset + _HEADER.size - 4]
+        meta_bytes = data[start : start + meta_len]
+        payload = data[start + meta_len : end]
+        if zlib.crc32(payload, zlib.crc32(meta_bytes, zlib.crc32(head))) != crc:
+            log.warning("ingest journal %s: a record with a wrong checksum ends it", path.name)
+            return
+        yield JournalRecord(kind, number, json.loads(meta_bytes), payload)
+        offset = end
+
+
+def read_journal(directory: Path) -> list[JournalRecord]:
+    """The instance records of one journal directory that were not withdrawn, in order."""
+    records: list[JournalRecord] = []
+    for path in sorted(directory.glob("*.wal")):
+        records.extend(read_segment(path))
+    withdrawn = {r.meta.get("withdraws") for r in records if r.kind == KIND_WITHDRAWN}
+    return [r for r in records if r.kind == KIND_INSTANCE and r.number not in withdrawn]
+
+
+@dataclass
+class ReplayReport:
+    journals: int = 0
+    instances: int = 0
+    #: Instances whose ledger row was missing and is back.
+    recorded: int = 0
+    failed: list[str] = field(default_factory=list)
+
+
+def replay_orphans(
+    root: Path,
+    replay: Callable[[JournalRecord], bool],
+    flush: Callable[[], None],
+    *,
+    fsync: bool = True,
+) -> ReplayReport:
+    """Replay and remove every journal under ``root`` whose owner is gone.
+
+    ``replay`` writes one record's spool file and ledger row (True when the row was missing);
+    ``flush`` makes the spool and the ledger durable. A journal whose replay fails stays for
+    the next start and the others go on.
+    """
+    report = ReplayReport()
+    if not root.is_dir():
+        return report
+    for directory in sorted(p for p in root.iterdir() if p.is_dir()):
+        if directory.name.startswith("."):
+            continue  # being created (see IngestJournal.open)
+        lock_path = directory / "lock"
+        try:
+            lock_fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT, 0o640)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its owner runs
+            if not directory.exists():
+                continue  # its owner removed it on a clean stop meanwhile
+            report.journals += 1
+            try:
+                records = read_journal(directory)
+                for record in records:
+                    report.instances += 1
+                    if replay(record):
+                        report.recorded += 1
+                if fsync:
+                    flush()
+            except Exception as exc:
+                log.exception(
+                    "ingest journal %s: replay failed; kept for the next start", directory.name
+                )
+                report.failed.append(f"{directory.name}: {exc}")
+                continue
+            shutil.rmtree(directory, ignore_errors=True)
+        finally:
+            os.close(lock_fd)
+    if report.journals:
+        log.info(
+            "ingest journal: replayed %d journal(s), %d instance(s), %d ledger row(s) restored",
+            report.journals,
+            report.instances,
+            report.recorded,
+        )
+    return report

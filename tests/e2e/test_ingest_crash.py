@@ -1,0 +1,101 @@
+"""The SCP killed after acknowledging instances: what a power loss could take comes back.
+
+The node answers a C-STORE once the instance is in the ingest journal; its spool file and
+ledger row are flushed later, at the journal's checkpoint. A kill -9 keeps the page cache, so
+this test also removes what an operating-system crash or a power loss could have taken before
+that checkpoint (spool files, one cut short, and their ledger rows, as a rolled-back
+transaction leaves them), then starts the node again.
+"""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from tests.conftest import REDIS_URL
+from tests.support.dcmtk import require_dcmtk_tool, storescu
+from tests.support.dx import make_dx
+from tests.support.node import NodeProcesses, wait_port, write_config
+from tests.support.ports import free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+
+def ledger_rows(db: Path, study_uid: str) -> tuple[int, int]:
+    """(instance rows, the study's instance_count)."""
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "select count(*) from instances join studies on studies.id = instances.study_id"
+            " where studies.study_uid = ?",
+            (study_uid,),
+        ).fetchone()[0]
+        count = conn.execute(
+            "select instance_count from studies where study_uid = ?", (study_uid,)
+        ).fetchone()[0]
+    return int(rows), int(count)
+
+
+def test_acknowledged_instances_survive_a_crash_before_the_checkpoint(tmp_path: Path) -> None:
+    require_dcmtk_tool("storescu")
+    port = free_port()
+    config = write_config(
+        tmp_path / "acwi.toml",
+        {
+            "node": {
+                "ae_title": "ACWI",
+                "dicom_host": "127.0.0.1",
+                "dicom_port": port,
+                "http_port": free_port(),
+                "data_dir": str(tmp_path / "data"),
+                "broker_url": f"{REDIS_URL}/9",
+            },
+            # No checkpoint during the test: everything sent stays in the journal.
+            "ingest": {"fsync": True, "journal_checkpoint_s": 300},
+        },
+    )
+    study_uid = generate_uid()
+    outbox = tmp_path / "send"
+    outbox.mkdir()
+    for i in range(6):
+        make_dx(study_uid, number=i + 1).save_as(outbox / f"{i}.dcm", enforce_file_format=True)
+    spool = tmp_path / "data" / "spool"
+    db = tmp_path / "data" / "ledger.sqlite"
+
+    with NodeProcesses(config, ["scp"], tmp_path) as node:
+        wait_port("127.0.0.1", port)
+        sent = storescu("127.0.0.1", port, "ACWI", outbox)
+        assert sent.returncode == 0, sent.stderr
+        node.stop("scp", signal.SIGKILL)
+        (journal,) = [p for p in (spool / ".journal").iterdir() if not p.name.startswith(".")]
+        assert list(journal.glob("*.wal")), "the instances should still be in the journal"
+        stored = {p: p.read_bytes() for p in (spool / study_uid).glob("*.dcm")}
+        assert len(stored) == 6 and ledger_rows(db, study_uid) == (6, 6)
+
+        # What a power loss before the checkpoint could have taken.
+        victims = sorted(stored)[:3]
+        for path in victims[:2]:
+            path.unlink()
+        victims[2].write_bytes(stored[victims[2]][:100])
+        with sqlite3.connect(db) as conn:
+            for path in victims[:2]:
+                conn.execute("delete from instances where path like ?", (f"%/{path.name}",))
+            conn.execute(
+                "update studies set instance_count = instance_count - 2 where study_uid = ?",
+                (study_uid,),
+            )
+        assert ledger_rows(db, study_uid) == (4, 4)
+
+        node.start("scp")
+        wait_port("127.0.0.1", port)  # the replay runs before the port opens
+        node.assert_alive()
+        assert {p: p.read_bytes() for p in (spool / study_uid).glob("*.dcm")} == stored
+        assert ledger_rows(db, study_uid) == (6, 6)
+        assert not journal.exists()
+        assert "2 ledger row(s) restored" in node.log_text()
+
+        node.stop("scp")  # a clean stop checkpoints and leaves no journal behind
+        assert [p for p in (spool / ".journal").iterdir() if not p.name.startswith(".")] == []

@@ -1,0 +1,275 @@
+"""The ingest journal: records, group commit, checkpoints, and replay after a crash."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from acwi_node.ingest import journal as journal_module
+from acwi_node.ingest.journal import (
+    IngestJournal,
+    JournalError,
+    JournalRecord,
+    read_journal,
+    read_segment,
+    replay_orphans,
+)
+
+
+@pytest.fixture
+def flushes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What the journal flushed, in order: 'fs' (the spool's file system), 'ledger'."""
+    seen: list[str] = []
+    monkeypatch.setattr(journal_module, "sync_filesystem", lambda path: seen.append("fs"))
+    return seen
+
+
+def make_journal(tmp_path: Path, flushes: list[str], **kwargs: object) -> IngestJournal:
+    journal = IngestJournal(
+        tmp_path / ".journal",
+        tmp_path,
+        lambda: flushes.append("ledger"),
+        checkpoint_s=kwargs.pop("checkpoint_s", 3600.0),  # type: ignore[arg-type]
+        **kwargs,  # type: ignore[arg-type]
+    )
+    journal.open()
+    return journal
+
+
+def segments(journal: IngestJournal) -> list[Path]:
+    return sorted(journal.directory.glob("*.wal"))
+
+
+def test_records_read_back_whole_and_in_order(tmp_path: Path, flushes: list[str]) -> None:
+    journal = make_journal(tmp_path, flushes)
+    payloads = [os.urandom(n) for n in (0, 1, 700, 70_000)]
+    for i, payload in enumerate(payloads):
+        journal.done(journal.append({"i": i, "uid": f"1.2.{i}"}, payload))
+    records = read_journal(journal.directory)
+    assert [r.meta for r in records] == [{"i": i, "uid": f"1.2.{i}"} for i in range(4)]
+    assert [r.payload for r in records] == payloads
+    assert [r.number for r in records] == [1, 2, 3, 4]
+    journal.close()
+
+
+def test_a_withdrawn_instance_is_not_replayed(tmp_path: Path, flushes: list[str]) -> None:
+    journal = make_journal(tmp_path, flushes)
+    kept = journal.append({"uid": "1"}, b"a")
+    refused = journal.append({"uid": "2"}, b"b")
+    journal.withdraw(refused)
+    journal.done(refused)
+    journal.done(kept)
+    assert [r.meta["uid"] for r in read_journal(journal.directory)] == ["1"]
+    journal.close()
+
+
+@pytest.mark.parametrize("cut", [1, 10, 30, 45])
+def test_a_record_cut_short_ends_the_segment(tmp_path: Path, flushes: list[str], cut: int) -> None:
+    journal = make_journal(tmp_path, flushes)
+    journal.done(journal.append({"uid": "1"}, b"x" * 20))
+    journal.done(journal.append({"uid": "2"}, b"y" * 20))
+    (segment,) = segments(journal)
+    data = segment.read_bytes()
+    segment.write_bytes(data[: len(data) - cut])  # the second record, torn by a crash
+    assert [r.meta["uid"] for r in read_segment(segment)] == ["1"]
+    journal.close()
+
+
+def test_a_record_with_a_wrong_checksum_ends_the_segment(
+    tmp_path: Path, flushes: list[str]
+) -> None:
+    journal = make_journal(tmp_path, flushes)
+    journal.done(journal.append({"uid": "1"}, b"x" * 20))
+    journal.done(journal.append({"uid": "2"}, b"y" * 20))
+    journal.done(journal.append({"uid": "3"}, b"z" * 20))
+    (segment,) = segments(journal)
+    data = bytearray(segment.read_bytes())
+    data[data.index(b"y" * 20) + 5] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    assert [r.meta["uid"] for r in read_segment(segment)] == ["1"]
+    journal.close()
+
+
+def test_one_flush_covers_the_appends_that_wait_for_it(
+    tmp_path: Path, flushes: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = make_journal(tmp_path, flushes)
+    syncs: list[int] = []
+    real = os.fdatasync
+
+    def slow_fdatasync(fd: int) -> None:
+        syncs.append(fd)
+        time.sleep(0.02)  # a slow disk: appends pile up behind the running flush
+        real(fd)
+
+    monkeypatch.setattr(journal_module.os, "fdatasync", slow_fdatasync)
+    covered: list[bool] = []
+
+    def sender(n: int) -> None:
+        for i in range(10):
+            ticket = journal.append({"sender": n, "i": i}, b"p" * 100)
+            covered.append(ticket.segment.synced >= ticket.end)
+            journal.done(ticket)
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(covered) == 80 and all(covered)  # nobody returned before its record was flushed
+    assert len(syncs) < 80 / 2  # ...and most shared a flush with others
+    journal.close()
+
+
+def test_checkpoint_flushes_spool_and_ledger_then_deletes_the_segments(
+    tmp_path: Path, flushes: list[str]
+) -> None:
+    journal = make_journal(tmp_path, flushes)
+    for i in range(3):
+        journal.done(journal.append({"i": i}, b"data"))
+    first = segments(journal)
+    assert journal.checkpoint() == 3
+    assert flushes == ["fs", "ledger"]
+    assert not any(p.exists() for p in first)
+    assert journal.pending_records == 0
+    assert journal.checkpoint() == 0  # nothing new: nothing flushed
+    assert flushes == ["fs", "ledger"]
+    journal.close()
+
+
+def test_checkpoint_waits_for_instances_still_being_written(
+    tmp_path: Path, flushes: list[str]
+) -> None:
+    journal = make_journal(tmp_path, flushes)
+    ticket = journal.append({"i": 0}, b"data")  # its spool file and ledger row: not yet
+    worker = threading.Thread(target=journal.checkpoint)
+    worker.start()
+    time.sleep(0.2)
+    assert flushes == []  # a flush now would miss the instance still being written
+    assert worker.is_alive()
+    journal.done(ticket)
+    worker.join(5)
+    assert flushes == ["fs", "ledger"]
+    journal.close()
+
+
+def test_the_checkpointer_runs_on_its_own(tmp_path: Path, flushes: list[str]) -> None:
+    journal = make_journal(tmp_path, flushes, checkpoint_s=0.05)
+    journal.done(journal.append({"i": 0}, b"data"))
+    deadline = time.monotonic() + 5
+    while journal.pending_records and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert journal.pending_records == 0
+    assert flushes[:2] == ["fs", "ledger"]
+    journal.close()
+
+
+def test_a_full_segment_gets_a_successor_and_is_checkpointed_at_once(
+    tmp_path: Path, flushes: list[str]
+) -> None:
+    journal = make_journal(tmp_path, flushes, segment_bytes=1000)  # checkpoint_s: an hour
+    first = journal.append({"i": 0}, b"x" * 1500)
+    assert len(segments(journal)) == 2  # the next record goes to a new segment
+    journal.done(first)
+    deadline = time.monotonic() + 5
+    while journal.checkpoints == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert flushes == ["fs", "ledger"]
+    assert len(segments(journal)) == 1 and read_journal(journal.directory) == []
+    journal.close()
+
+
+def test_a_clean_close_leaves_no_journal(tmp_path: Path, flushes: list[str]) -> None:
+    journal = make_journal(tmp_path, flushes)
+    journal.done(journal.append({"i": 0}, b"data"))
+    journal.close()
+    assert flushes == ["fs", "ledger"]
+    assert list((tmp_path / ".journal").iterdir()) == []
+
+
+_CRASHING_WRITER = """
+import os, sys
+from pathlib import Path
+from acwi_node.ingest.journal import IngestJournal
+journal = IngestJournal(Path(sys.argv[1]), Path(sys.argv[2]), lambda: None, checkpoint_s=3600)
+journal.open()
+for i in range(5):
+    journal.done(journal.append({"uid": f"1.2.{i}"}, bytes([i]) * 1000))
+print(journal.directory, flush=True)
+os._exit(1)  # a crash: no checkpoint, no clean close
+"""
+
+
+def crashed_journal(tmp_path: Path) -> Path:
+    out = subprocess.run(
+        [sys.executable, "-c", _CRASHING_WRITER, str(tmp_path / ".journal"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 1, out.stderr
+    return Path(out.stdout.strip())
+
+
+def test_the_journal_of_a_crashed_process_is_replayed_and_removed(
+    tmp_path: Path, flushes: list[str]
+) -> None:
+    directory = crashed_journal(tmp_path)
+    live = make_journal(tmp_path, flushes)  # this process's own: its owner runs, never replayed
+    live.done(live.append({"uid": "live"}, b"l"))
+    replayed: list[JournalRecord] = []
+
+    def replay(record: JournalRecord) -> bool:
+        replayed.append(record)
+        return record.meta["uid"] != "1.2.0"  # pretend that one's ledger row had survived
+
+    report = replay_orphans(tmp_path / ".journal", replay, lambda: flushes.append("flush"))
+    assert [r.meta["uid"] for r in replayed] == [f"1.2.{i}" for i in range(5)]
+    assert [r.payload for r in replayed] == [bytes([i]) * 1000 for i in range(5)]
+    assert (report.journals, report.instances, report.recorded) == (1, 5, 4)
+    assert flushes == ["flush"]
+    assert not directory.exists()
+    assert live.directory.exists()
+    live.close()
+
+
+def test_a_journal_whose_replay_fails_is_kept_for_the_next_start(
+    tmp_path: Path, flushes: list[str]
+) -> None:
+    directory = crashed_journal(tmp_path)
+
+    def replay(record: JournalRecord) -> bool:
+        raise OSError(28, "No space left on device")
+
+    report = replay_orphans(tmp_path / ".journal", replay, lambda: flushes.append("flush"))
+    assert report.failed and "No space left" in report.failed[0]
+    assert directory.exists() and flushes == []
+    again = replay_orphans(tmp_path / ".journal", lambda r: True, lambda: None)
+    assert again.instances == 5 and not directory.exists()
+
+
+def test_a_failed_flush_fails_its_records_and_the_next_go_to_a_new_segment(
+    tmp_path: Path, flushes: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = make_journal(tmp_path, flushes)
+    real = os.fdatasync
+    failing = [True]
+
+    def fdatasync(fd: int) -> None:
+        if failing[0]:
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(journal_module.os, "fdatasync", fdatasync)
+    with pytest.raises(JournalError, match="Input/output error"):
+        journal.append({"i": 0}, b"lost")
+    failing[0] = False
+    journal.done(journal.append({"i": 1}, b"kept"))
+    assert len(segments(journal)) == 2
+    journal.close()

@@ -47,7 +47,8 @@ STATUS_MEANINGS: dict[str, tuple[str, str, str]] = {
     "STATUS_SUCCESS": (
         "Success",
         "Success",
-        "The instance is on disk (in the ingest journal, or its spool file flushed) and recorded in the ledger.",
+        "The instance is on disk (in the ingest journal, or its spool file flushed) and"
+        " recorded in the ledger.",
     ),
     "STATUS_OUT_OF_RESOURCES": (
         "Failure",

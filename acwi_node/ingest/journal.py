@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from acwi_node.observability import metrics
+
 log = logging.getLogger("acwi_node.ingest")
 
 MAGIC = b"AJR1"
@@ -335,6 +337,7 @@ class IngestJournal:
             try:
                 self.checkpoint()
             except Exception:
+                metrics.JOURNAL_CHECKPOINT_FAILURES.inc()
                 log.exception("ingest journal: checkpoint failed; trying again")
 
     def checkpoint(self, *, final: bool = False) -> int:

@@ -62,6 +62,10 @@ ASSOCIATIONS_REJECTED = Counter(
     "acwi_scp_associations_rejected",
     "Associations this scp process rejected (calling AE not allowed, too many associations)",
 )
+JOURNAL_CHECKPOINT_FAILURES = Counter(
+    "acwi_scp_journal_checkpoint_failures",
+    "Ingest journal checkpoints that failed (the journal is kept and grows until one succeeds)",
+)
 RECONCILER_REQUEUED = Counter(
     "acwi_reconciler_requeued",
     "Jobs the reconciler sent to the broker again, by trigger (startup or periodic)",

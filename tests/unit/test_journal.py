@@ -20,6 +20,7 @@ from acwi_node.ingest.journal import (
     read_segment,
     replay_orphans,
 )
+from acwi_node.observability import metrics
 
 
 @pytest.fixture
@@ -272,4 +273,31 @@ def test_a_failed_flush_fails_its_records_and_the_next_go_to_a_new_segment(
     failing[0] = False
     journal.done(journal.append({"i": 1}, b"kept"))
     assert len(segments(journal)) == 2
+    journal.close()
+
+
+def test_a_failed_checkpoint_keeps_the_journal_and_counts(
+    tmp_path: Path, flushes: list[str]
+) -> None:
+    failures = metrics.JOURNAL_CHECKPOINT_FAILURES._value.get()
+    broken = [True]
+
+    def flush_ledger() -> None:
+        if broken[0]:
+            raise OSError(5, "Input/output error")
+        flushes.append("ledger")
+
+    journal = IngestJournal(tmp_path / ".journal", tmp_path, flush_ledger, checkpoint_s=0.05)
+    journal.open()
+    journal.done(journal.append({"i": 0}, b"data"))
+    deadline = time.monotonic() + 5
+    while metrics.JOURNAL_CHECKPOINT_FAILURES._value.get() == failures:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert [r.meta for r in read_journal(journal.directory)] == [{"i": 0}]
+    broken[0] = False
+    while journal.pending_records:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert "ledger" in flushes
     journal.close()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import json
 import logging
@@ -38,6 +39,7 @@ import os
 import shutil
 import struct
 import threading
+import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
@@ -53,9 +55,9 @@ MAGIC = b"AJR1"
 KIND_INSTANCE = 1
 #: Withdraws an instance record: the SCP answered a failure for it after journaling it.
 KIND_WITHDRAWN = 2
-#: magic, kind, record number, meta length, payload length, CRC-32 of (the fields before it,
-#: meta and payload).
-_HEADER = struct.Struct("<4sBQIQI")
+#: magic, kind, record number, time written (ns since the epoch), meta length, payload length,
+#: CRC-32 of (the fields before it, meta and payload).
+_HEADER = struct.Struct("<4sBQQIQI")
 
 #: A segment this large gets a successor at once, without waiting for the checkpoint.
 SEGMENT_BYTES = 64 << 20
@@ -98,6 +100,7 @@ class Ticket:
 class JournalRecord:
     kind: int
     number: int
+    time_ns: int
     meta: dict[str, Any]
     payload: bytes
 
@@ -260,9 +263,13 @@ class IngestJournal:
     def _write(self, kind: int, meta: dict[str, Any], payload: bytes | memoryview) -> Ticket:
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
         with self._lock:
+            if not self._segments:
+                raise JournalError("the ingest journal is closed", out_of_space=False)
             seg = self._segments[-1]
             number = self._next_number
-            head = _HEADER.pack(MAGIC, kind, number, len(meta_bytes), len(payload), 0)[:-4]
+            head = _HEADER.pack(
+                MAGIC, kind, number, time.time_ns(), len(meta_bytes), len(payload), 0
+            )[:-4]
             crc = zlib.crc32(payload, zlib.crc32(meta_bytes, zlib.crc32(head)))
             parts = [head + struct.pack("<I", crc), meta_bytes, payload]
             total = sum(len(p) for p in parts)
@@ -276,7 +283,7 @@ class IngestJournal:
                 # start a new segment so that later records stay readable.
                 with contextlib.suppress(OSError):
                     self._segments.append(self._new_segment())
-                full = exc.errno in (28, 122)  # ENOSPC, EDQUOT
+                full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
                 raise JournalError(
                     f"cannot write to the ingest journal: {exc.strerror or exc}", out_of_space=full
                 ) from exc
@@ -388,7 +395,7 @@ def read_segment(path: Path) -> Iterator[JournalRecord]:
     data = path.read_bytes()
     offset = 0
     while offset + _HEADER.size <= len(data):
-        magic, kind, number, meta_len, payload_len, crc = _HEADER.unpack_from(data, offset)
+        magic, kind, number, time_ns, meta_len, payload_len, crc = _HEADER.unpack_from(data, offset)
         start = offset + _HEADER.size
         end = start + meta_len + payload_len
         if magic != MAGIC or end > len(data):
@@ -401,7 +408,7 @@ def read_segment(path: Path) -> Iterator[JournalRecord]:
         if zlib.crc32(payload, zlib.crc32(meta_bytes, zlib.crc32(head))) != crc:
             log.warning("ingest journal %s: a record with a wrong checksum ends it", path.name)
             return
-        yield JournalRecord(kind, number, json.loads(meta_bytes), payload)
+        yield JournalRecord(kind, number, time_ns, json.loads(meta_bytes), payload)
         offset = end
 
 
@@ -432,51 +439,67 @@ def replay_orphans(
 ) -> ReplayReport:
     """Replay and remove every journal under ``root`` whose owner is gone.
 
-    ``replay`` writes one record's spool file and ledger row (True when the row was missing);
-    ``flush`` makes the spool and the ledger durable. A journal whose replay fails stays for
-    the next start and the others go on.
+    The records of all those journals are replayed in the order they were written (an instance
+    sent again to another SCP process later must end up as sent last). ``replay`` writes one
+    record's spool file and ledger row (True when the row was missing); ``flush`` makes the
+    spool and the ledger durable. If the replay fails the journals stay for the next start.
     """
     report = ReplayReport()
     if not root.is_dir():
         return report
-    for directory in sorted(p for p in root.iterdir() if p.is_dir()):
-        if directory.name.startswith("."):
-            continue  # being created (see IngestJournal.open)
-        lock_path = directory / "lock"
-        try:
-            lock_fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT, 0o640)
-        except OSError:
-            continue
-        try:
+    locked: list[tuple[Path, int]] = []
+    try:
+        for directory in sorted(p for p in root.iterdir() if p.is_dir()):
+            if directory.name.startswith("."):
+                continue  # being created (see IngestJournal.open)
+            try:
+                lock_fd = os.open(directory / "lock", os.O_WRONLY | os.O_CREAT, 0o640)
+            except OSError:
+                continue
             try:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                continue  # its owner runs
+                os.close(lock_fd)  # its owner runs
+                continue
             if not directory.exists():
-                continue  # its owner removed it on a clean stop meanwhile
-            report.journals += 1
+                os.close(lock_fd)  # its owner removed it on a clean stop meanwhile
+                continue
+            locked.append((directory, lock_fd))
+        report.journals = len(locked)
+        if not locked:
+            return report
+        readable: list[Path] = []
+        records: list[tuple[int, int, int, JournalRecord]] = []
+        for index, (directory, _) in enumerate(locked):
             try:
-                records = read_journal(directory)
-                for record in records:
-                    report.instances += 1
-                    if replay(record):
-                        report.recorded += 1
-                if fsync:
-                    flush()
-            except Exception as exc:
-                log.exception(
-                    "ingest journal %s: replay failed; kept for the next start", directory.name
-                )
+                found = read_journal(directory)
+            except OSError as exc:
+                log.error("ingest journal %s: cannot read it (%s); kept", directory.name, exc)
                 report.failed.append(f"{directory.name}: {exc}")
                 continue
+            readable.append(directory)
+            records.extend((r.time_ns, index, r.number, r) for r in found)
+        records.sort(key=lambda item: item[:3])
+        try:
+            for *_, record in records:
+                report.instances += 1
+                if replay(record):
+                    report.recorded += 1
+            if fsync:
+                flush()
+        except Exception as exc:
+            log.exception("ingest journal: replay failed; the journals are kept for the next start")
+            report.failed.append(str(exc))
+            return report
+        for directory in readable:
             shutil.rmtree(directory, ignore_errors=True)
-        finally:
+    finally:
+        for _, lock_fd in locked:
             os.close(lock_fd)
-    if report.journals:
-        log.info(
-            "ingest journal: replayed %d journal(s), %d instance(s), %d ledger row(s) restored",
-            report.journals,
-            report.instances,
-            report.recorded,
-        )
+    log.info(
+        "ingest journal: replayed %d journal(s), %d instance(s), %d ledger row(s) restored",
+        report.journals,
+        report.instances,
+        report.recorded,
+    )
     return report

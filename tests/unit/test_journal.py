@@ -201,7 +201,7 @@ from acwi_node.ingest.journal import IngestJournal
 journal = IngestJournal(Path(sys.argv[1]), Path(sys.argv[2]), lambda: None, checkpoint_s=3600)
 journal.open()
 for i in range(5):
-    journal.done(journal.append({"uid": f"1.2.{i}"}, bytes([i]) * 1000))
+    journal.done(journal.append({"uid": f"1.2.{i}", "pid": os.getpid()}, bytes([i]) * 1000))
 print(journal.directory, flush=True)
 os._exit(1)  # a crash: no checkpoint, no clean close
 """
@@ -238,6 +238,28 @@ def test_the_journal_of_a_crashed_process_is_replayed_and_removed(
     assert not directory.exists()
     assert live.directory.exists()
     live.close()
+
+
+def test_journals_of_several_processes_replay_in_the_order_written(
+    tmp_path: Path, flushes: list[str]
+) -> None:
+    first = crashed_journal(tmp_path)
+    second = crashed_journal(tmp_path)  # the same UIDs, sent again later to another process
+    pids = [int(first.name.split("-")[0]), int(second.name.split("-")[0])]
+    # Directory names do not tell the order: make the later journal sort first.
+    first = first.rename(first.with_name("9-earlier"))
+    second = second.rename(second.with_name("0-later"))
+    replayed: list[JournalRecord] = []
+
+    def replay(record: JournalRecord) -> bool:
+        replayed.append(record)
+        return True
+
+    report = replay_orphans(tmp_path / ".journal", replay, lambda: None)
+    assert (report.journals, report.instances) == (2, 10)
+    assert [r.meta["pid"] for r in replayed] == [pids[0]] * 5 + [pids[1]] * 5
+    assert [r.time_ns for r in replayed] == sorted(r.time_ns for r in replayed)
+    assert not first.exists() and not second.exists()
 
 
 def test_a_journal_whose_replay_fails_is_kept_for_the_next_start(

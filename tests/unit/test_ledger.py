@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -91,6 +92,28 @@ def test_ingest_rows_read_back_through_the_orm_like_its_own(db: Ledger) -> None:
     # Compared in SQL with times SQLAlchemy writes: the same text format in SQLite.
     due = db.studies_due(quiet_period_s=0, max_wait_s=0)
     assert [sid for sid, _ in due] == [study.id]
+
+
+def test_first_instances_of_a_new_study_arriving_at_once(db: Ledger) -> None:
+    """Two associations start the same study together: one creates it, the other retries."""
+    errors: list[BaseException] = []
+
+    def send(study: str, sop: str) -> None:
+        try:
+            db.record_instance(rec(study=study, sop=sop), first_in_association=True)
+        except BaseException as exc:  # pragma: no cover - what the test looks for
+            errors.append(exc)
+
+    for n in range(10):
+        study = f"1.2.9.{n}"
+        threads = [threading.Thread(target=send, args=(study, f"{study}.{i}")) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        view = db.get_study(study)
+        assert view is not None and view["instances"] == 2
+    assert errors == []
 
 
 def test_only_the_journaled_rows_skip_sqlites_flush(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ dataset ever names a path. On any failure the temporary file is removed: no part
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import re
 import uuid
@@ -44,6 +45,12 @@ class Spool:
         self.fsync = fsync
         self.tmp_dir = root / ".tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        #: Study directories known to exist (saves a stat and a mkdir per instance).
+        self._dirs: set[str] = set()
+        #: Temporary names: this spool object's random prefix and a counter (no random number,
+        #: and no system call, per file).
+        self._prefix = uuid.uuid4().hex[:16]
+        self._names = itertools.count()
 
     def path_for(self, study_uid: str, sop_instance_uid: str) -> Path:
         """Where an instance lives; both UIDs must be safe."""
@@ -76,7 +83,7 @@ class Spool:
         """
         sync = self.fsync if sync is None else sync
         final = self.path_for(study_uid, sop_instance_uid)
-        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        tmp = self.tmp_dir / f"{self._prefix}-{next(self._names)}.part"
         fd = -1
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -88,9 +95,16 @@ class Spool:
                 os.fsync(fd)
             os.close(fd)
             fd = -1
-            new_dir = not final.parent.exists()
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, final)
+            new_dir = study_uid not in self._dirs and not final.parent.exists()
+            if new_dir:
+                final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(tmp, final)
+            except FileNotFoundError:  # the study directory was removed meanwhile
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, final)
+                new_dir = True
+            self._dirs.add(study_uid)
             if sync:
                 _fsync_dir(final.parent)
                 if new_dir:

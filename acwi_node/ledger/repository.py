@@ -234,7 +234,7 @@ class _IngestSql:
 
     def time(self, value: dt.datetime) -> Any:
         """A timestamp as SQLAlchemy stores it: text in SQLite, a timestamp in PostgreSQL."""
-        return value if self.postgresql else value.strftime("%Y-%m-%d %H:%M:%S.%f")
+        return value if self.postgresql else value.isoformat(" ", "microseconds")
 
 
 class Ledger:

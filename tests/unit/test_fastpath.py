@@ -7,6 +7,7 @@ from io import BytesIO
 
 import pytest
 from pydicom.uid import generate_uid
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.pdu import P_DATA_TF
@@ -22,6 +23,7 @@ from acwi_node.ingest.fastpath import (
     ui_value,
     us_value,
 )
+from acwi_node.ingest.reactor import conformant_uid
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -224,3 +226,33 @@ def test_a_pdv_out_of_place_in_a_taken_request_is_a_protocol_error(intruder: byt
 def test_pdv_items_that_do_not_fit_are_protocol_errors(body: bytes) -> None:
     with pytest.raises(ProtocolError):
         PDataRouter(accept_all).feed(body)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "1.2.840.10008.5.1.4.1.1.7",
+        "0.1.2",
+        "2.25.339818947364282957383923934894984892893",
+        "1." + "1" * 62,  # 64 characters
+    ],
+)
+def test_a_conformant_uid_is_what_pynetdicoms_setter_stores(value: str) -> None:
+    by_setter = C_STORE()
+    by_setter.AffectedSOPInstanceUID = value
+    uid = conformant_uid(value)
+    assert uid is not None and type(uid) is type(by_setter.AffectedSOPInstanceUID)
+    assert uid == by_setter.AffectedSOPInstanceUID and uid.is_valid
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["1.02.3", "1..2", "1.2.", "1.2.3a", "1.2/../3", "1." + "1" * 63, " 1.2", ""],
+)
+def test_any_other_uid_is_left_to_pynetdicoms_checks(value: str) -> None:
+    assert conformant_uid(value) is None
+
+
+def test_replaced_uid_validators_are_always_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(pynetdicom_config.VALIDATORS, "UI", lambda v: (False, "no"))
+    assert conformant_uid("1.2.3") is None

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -68,4 +69,13 @@ def test_clean_tmp_removes_crash_leftovers(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     (spool.tmp_dir / "abc.part").write_bytes(b"half")
     assert spool.clean_tmp() == 1
+    assert list(spool.tmp_dir.iterdir()) == []
+
+
+def test_a_study_directory_removed_meanwhile_is_made_again(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", fsync=False)
+    first = spool.store("1.2.3", "1.2.3.1", b"one")
+    shutil.rmtree(first.parent)  # an administrator cleaned up while the node ran
+    second = spool.store("1.2.3", "1.2.3.2", b"two")
+    assert second.read_bytes() == b"two" and not first.exists()
     assert list(spool.tmp_dir.iterdir()) == []

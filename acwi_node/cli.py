@@ -115,6 +115,8 @@ def run_scp(settings: Settings, config: Path | None = None) -> int:
     else:
         scp = StorageSCP(settings, ledger, spool, signals=signals)
     scp.start()
+    if listeners > 1 and not scp.wait_ready():
+        log.warning("not every scp listener accepts connections yet; going on")
     from acwi_node.observability.health import scp_readiness, start_ops_server_safely
 
     ops = start_ops_server_safely(settings, scp_readiness(settings, ledger, scp, completion))
@@ -147,6 +149,9 @@ def _run_scp_listener(settings: Settings, sock: socket.socket) -> int:
     _stop_on_signals(stop)
     parent = os.getppid()
     scp.start(listen_socket=sock)
+    from acwi_node.ingest.listeners import announce_ready
+
+    announce_ready()
     while not stop.wait(1.0):
         if os.getppid() != parent:  # the scp process is gone: so is its socket's owner
             log.error("scp listener: the parent process exited; stopping")

@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -75,7 +76,7 @@ def orthanc_target(workdir: Path) -> Iterator[tuple[int, str, Callable[[], int]]
         yield orthanc.dicom_port, orthanc.aet, count
 
 
-def node_config(workdir: Path, port: int, **ingest: Any) -> Path:
+def node_config(workdir: Path, port: int, ops_port: int, **ingest: Any) -> Path:
     """The node's config: defaults (fsync on, SQLite ledger) unless ``ingest`` says otherwise."""
     return write_config(
         workdir / "acwi-node.toml",
@@ -89,8 +90,23 @@ def node_config(workdir: Path, port: int, **ingest: Any) -> Path:
                 "log_level": "WARNING",
             },
             "ingest": ingest,
+            "observability": {"scp_port": ops_port},
         },
     )
+
+
+def wait_node_ready(ops_port: int, timeout_s: float = 60.0) -> None:
+    """Until the scp's readiness check passes: every listener process accepts connections
+    (the port itself is open as soon as the parent process binds it)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ops_port}/readyz", timeout=5):
+                return
+        except OSError:  # refused while starting, 503 while not ready
+            if time.monotonic() > deadline:
+                raise RuntimeError("the node did not become ready") from None
+            time.sleep(0.1)
 
 
 def ledger_instances(db: Path) -> int:
@@ -103,10 +119,12 @@ def node_target(workdir: Path, **ingest: Any) -> Iterator[tuple[int, str, Callab
     port = free_port()
     root = workdir / "node"
     root.mkdir()
-    config = node_config(root, port, **ingest)
+    ops_port = free_port()
+    config = node_config(root, port, ops_port, **ingest)
     proc = start_node(config, "scp", root / "scp.log")
     try:
         wait_port(port)
+        wait_node_ready(ops_port)
 
         def count() -> int:
             spooled = sum(1 for _ in (root / "data" / "spool").glob("*/*.dcm"))

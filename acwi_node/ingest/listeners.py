@@ -31,6 +31,9 @@ log = logging.getLogger("acwi_node.ingest")
 #: is the listening socket.
 LISTEN_FD_ENV = "ACWI_SCP_LISTEN_FD"
 
+#: In a listener process, the inherited pipe on which it tells its parent that it accepts.
+READY_FD_ENV = "ACWI_SCP_READY_FD"
+
 #: Connections the kernel queues before a listener accepts them.
 BACKLOG = 128
 
@@ -48,6 +51,18 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
+def announce_ready() -> None:
+    """In a listener process: tell the parent that this listener accepts connections."""
+    fd = os.environ.get(READY_FD_ENV)
+    if not fd:
+        return
+    try:
+        os.write(int(fd), b"1")
+        os.close(int(fd))
+    except OSError:  # the parent is gone: the listener notices and stops on its own
+        pass
+
+
 def inherited_listener() -> socket.socket | None:
     """In a listener process, the socket its parent passed; None elsewhere."""
     fd = os.environ.get(LISTEN_FD_ENV)
@@ -59,27 +74,75 @@ def inherited_listener() -> socket.socket | None:
 class ListenerProcesses:
     """Starts ``count`` listener processes on ``sock`` and keeps them running."""
 
+    #: What a listener process runs (its environment tells it that it is one).
+    command: tuple[str, ...] = (sys.executable, "-m", "acwi_node.cli", "scp")
+
     def __init__(self, sock: socket.socket, count: int, env: Mapping[str, str]) -> None:
         self.sock = sock
         self.count = count
         self.env = {**env, LISTEN_FD_ENV: str(sock.fileno())}
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * count
+        #: Per listener: the read end of its ready pipe until it said it accepts, else None.
+        self._ready_pipes: list[int | None] = [None] * count
+        self._ready = [False] * count
         self._restarts = [0] * count
         self._due = [0.0] * count  # monotonic time a dead listener may start again
         self._lock = threading.Lock()
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "acwi_node.cli", "scp"],
-            env=self.env,
-            pass_fds=(self.sock.fileno(),),
-        )
+    def _spawn(self, i: int) -> None:
+        """Start listener ``i`` (under ``self._lock``)."""
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        try:
+            self._procs[i] = subprocess.Popen(
+                list(self.command),
+                env={**self.env, READY_FD_ENV: str(write_end)},
+                pass_fds=(self.sock.fileno(), write_end),
+            )
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        self._close_ready_pipe(i)
+        self._ready_pipes[i] = read_end
+        self._ready[i] = False
+
+    def _close_ready_pipe(self, i: int) -> None:
+        fd = self._ready_pipes[i]
+        if fd is not None:
+            os.close(fd)
+            self._ready_pipes[i] = None
+
+    def _poll_ready(self) -> None:
+        """Note the listeners that said they accept (under ``self._lock``)."""
+        for i, fd in enumerate(self._ready_pipes):
+            if fd is None:
+                continue
+            try:
+                said = os.read(fd, 1)
+            except BlockingIOError:
+                continue
+            self._ready[i] = said == b"1"
+            self._close_ready_pipe(i)  # said it, or exited without saying it (EOF)
 
     def start(self) -> None:
         with self._lock:
             for i in range(self.count):
-                self._procs[i] = self._spawn()
+                self._spawn(i)
         log.info("%d listener processes share DICOM port %d", self.count, self.port)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> bool:
+        """Wait until every listener accepts connections (connections made before wait in the
+        kernel's queue, not refused); False if that took longer than ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while not self.listening:
+            with self._lock:
+                exited = any(p is None or p.poll() is not None for p in self._procs)
+            if exited or time.monotonic() > deadline:
+                return False  # supervise() starts the exited ones again
+            time.sleep(0.05)
+        return True
 
     @property
     def port(self) -> int:
@@ -92,8 +155,13 @@ class ListenerProcesses:
 
     @property
     def listening(self) -> bool:
-        """True while every listener runs (readiness)."""
-        return len(self.pids) == self.count
+        """True while every listener runs and accepts connections (readiness)."""
+        with self._lock:
+            self._poll_ready()
+            return all(
+                p is not None and p.poll() is None and ready
+                for p, ready in zip(self._procs, self._ready, strict=True)
+            )
 
     def supervise(self) -> None:
         """Start again, after a growing delay, every listener that exited."""
@@ -102,7 +170,7 @@ class ListenerProcesses:
             for i, proc in enumerate(self._procs):
                 if proc is None:
                     if now >= self._due[i]:
-                        self._procs[i] = self._spawn()
+                        self._spawn(i)
                     continue
                 code = proc.poll()
                 if code is None:
@@ -117,6 +185,8 @@ class ListenerProcesses:
         with self._lock:
             procs = [p for p in self._procs if p is not None]
             self._procs = [None] * self.count
+            for i in range(self.count):
+                self._close_ready_pipe(i)
         for proc in procs:
             if proc.poll() is None:
                 proc.terminate()

@@ -64,6 +64,14 @@ def metric(port: int, name: str) -> float:
     )
 
 
+def listening_ok(ops_port: int) -> bool:
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{ops_port}/readyz", timeout=10).read()
+    except urllib.error.HTTPError as exc:  # 503 while not ready
+        body = exc.read()
+    return bool(json.loads(body)["checks"]["listening"]["ok"])
+
+
 def test_listener_processes_share_the_port(tmp_path: Path) -> None:
     dicom_port, ops_port = free_port(), free_port()
     config = write_config(
@@ -126,6 +134,11 @@ def test_listener_processes_share_the_port(tmp_path: Path) -> None:
             )
             replaced = wait_children(scp.pid, 2, other_than=frozenset({listeners[0]}))
             assert listeners[1] in replaced
+            # Ready again only once the new listener said it accepts connections.
+            deadline = time.monotonic() + 30
+            while not listening_ok(ops_port):
+                assert time.monotonic() < deadline, "the new listener never became ready"
+                time.sleep(0.2)
             nodes.assert_alive()
         finally:
             ledger.dispose()

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from acwi_node.ingest.spool import fsync_dir
 from acwi_node.observability import metrics
 
 log = logging.getLogger("acwi_node.ingest")
@@ -173,7 +174,7 @@ class IngestJournal:
         with self._lock:
             self._segments.append(self._new_segment())
         if self.fsync:
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         self._thread = threading.Thread(
             target=self._checkpoint_loop, name="acwi-journal-checkpoint", daemon=True
         )
@@ -214,7 +215,7 @@ class IngestJournal:
         path = self.directory / f"{seq:012d}.wal"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
         if self.fsync:
-            _fsync_dir(self.directory)  # the segment's name must survive a crash too
+            fsync_dir(self.directory)  # the segment's name must survive a crash too
         return _Segment(seq=seq, path=path, fd=fd)
 
     # ------------------------------------------------------------- records
@@ -244,7 +245,20 @@ class IngestJournal:
                     raise JournalError(
                         f"cannot flush the ingest journal: {seg.error}", out_of_space=False
                     )
+                if self._flusher is None or self._stop_flusher:
+                    break  # closing: flush here
                 self._flushed.wait()
+            else:
+                return
+            target = seg.size
+        try:
+            os.fdatasync(seg.fd)
+        except OSError as exc:
+            raise JournalError(
+                f"cannot flush the ingest journal: {exc.strerror or exc}", out_of_space=False
+            ) from exc
+        with self._lock:
+            seg.synced = max(seg.synced, target)
 
     def withdraw(self, ticket: Ticket) -> None:
         """The instance was refused after all: a replay must not store it (best effort)."""
@@ -379,14 +393,6 @@ class IngestJournal:
         """Records not yet checkpointed (health and tests)."""
         with self._lock:
             return sum(s.records for s in self._segments)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------- replay

@@ -106,9 +106,9 @@ class Spool:
                 new_dir = True
             self._dirs.add(study_uid)
             if sync:
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
                 if new_dir:
-                    _fsync_dir(self.root)
+                    fsync_dir(self.root)
             return final
         except OSError as exc:
             if fd >= 0:
@@ -132,7 +132,8 @@ class Spool:
         return n
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a file created, renamed or removed in it) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -323,3 +323,24 @@ def test_a_failed_checkpoint_keeps_the_journal_and_counts(
         time.sleep(0.01)
     assert "ledger" in flushes
     journal.close()
+
+
+def test_a_record_written_while_the_journal_closes_is_still_flushed(
+    tmp_path: Path, flushes: list[str]
+) -> None:
+    journal = make_journal(tmp_path, flushes)
+    flusher = journal._flusher
+    assert flusher is not None
+    with journal._lock:  # closing: the flusher stops first
+        journal._stop_flusher = True
+        journal._dirty.notify_all()
+    flusher.join(5)
+    ticket = journal.write({"i": 0}, b"late")  # an association still sending at shutdown
+    waiter = threading.Thread(target=journal.wait_durable, args=(ticket,), daemon=True)
+    waiter.start()
+    waiter.join(5)
+    assert not waiter.is_alive(), "nobody flushed the record"
+    assert ticket.segment.synced >= ticket.end
+    journal.done(ticket)
+    journal.close()
+    assert list((tmp_path / ".journal").iterdir()) == []

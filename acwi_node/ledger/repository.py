@@ -25,7 +25,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -281,13 +281,6 @@ class Ledger:
         self._after_fork()
         with self._sessions() as s, s.begin():
             yield s
-
-    @contextmanager
-    def connection(self) -> Iterator[Connection]:
-        """A Core connection inside one transaction, committed on success (hot paths)."""
-        self._after_fork()
-        with self.engine.begin() as conn:
-            yield conn
 
     def flush(self) -> None:
         """Make every commit so far durable, the unflushed ones included.

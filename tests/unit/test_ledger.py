@@ -120,7 +120,7 @@ def test_only_the_journaled_rows_skip_sqlites_flush(tmp_path: Path) -> None:
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
     try:
         ledger.record_instance(rec(), first_in_association=True, flushed=False)
-        with ledger.connection() as conn:
+        with ledger.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
         assert ledger._unflushed_engine is not None
         with ledger._unflushed_engine.connect() as conn:
@@ -376,6 +376,6 @@ def test_processes_starting_at_once_create_the_sqlite_schema_once(tmp_path: Path
 
 def test_sqlite_commits_survive_a_power_loss(ledger: Ledger) -> None:
     """WAL with synchronous=FULL: every commit is fsynced (NORMAL may lose the last ones)."""
-    with ledger.connection() as conn:
+    with ledger.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL

@@ -147,8 +147,8 @@ class IngestSettings(_Strict):
     #: directory and its ledger row (three). Either way nothing is answered before it is on
     #: disk; see "Durability" in the README.
     journal: bool = True
-    #: Instances larger than this (bytes) skip the journal and are flushed on their own: for
-    #: them, writing the data twice costs more than the two extra flushes saved.
+    #: Instances larger than this (bytes) are flushed in the spool, and the journal gets only
+    #: their CRC-32: for them, writing the data twice costs more than a flush of the file.
     journal_max_bytes: int = Field(64 * 1024, ge=0)
     #: Seconds between journal checkpoints, which flush the spool and the ledger and delete
     #: the journal behind them (what a restart after a power loss replays).

@@ -20,6 +20,14 @@ node's time. The journal needs one, shared by every association of the process:
 This is the write-ahead rule databases follow: the journal is flushed before the ledger row
 exists, so no durable ledger row can point at a spool file that a power loss took away.
 
+A large instance (a CT slice) would cost more to write twice than to flush once in the spool.
+Its bytes go only to the spool file, flushed there (file, then directory entry), and the journal
+gets a *spooled* record instead: the ledger's facts, the file's size and CRC-32, no payload.
+That record is flushed while the file is (the two flushes overlap), and the ledger row is again
+written without a flush of its own once both are on disk. A replay keeps a spooled record only
+if the file holds exactly what it names: if a crash came between the two flushes, the instance
+was never acknowledged, and the replay falls back on the previous record for that file, if any.
+
 Layout: ``<spool>/.journal/<process id>-<random>/`` holds ``lock`` (``flock``-ed by its owner
 for its whole life) and segments ``<seq>.wal``. A record is a fixed header (magic, kind, record
 number, meta length, payload length, CRC-32 of the rest), the JSON meta, then the payload. A
@@ -56,6 +64,10 @@ MAGIC = b"AJR1"
 KIND_INSTANCE = 1
 #: Withdraws an instance record: the SCP answered a failure for it after journaling it.
 KIND_WITHDRAWN = 2
+#: An instance whose bytes are in its spool file, flushed there: the meta holds their CRC-32.
+KIND_SPOOLED = 3
+#: The meta key holding a spooled record's CRC-32.
+SPOOLED_CRC = "spooled_crc32"
 #: magic, kind, record number, time written (ns since the epoch), meta length, payload length,
 #: CRC-32 of (the fields before it, meta and payload).
 _HEADER = struct.Struct("<4sBQQIQI")
@@ -104,6 +116,16 @@ class JournalRecord:
     time_ns: int
     meta: dict[str, Any]
     payload: bytes
+
+    @property
+    def spooled(self) -> bool:
+        """The instance's bytes are in its spool file, not here (see :meth:`matches`)."""
+        return self.kind == KIND_SPOOLED
+
+    def matches(self, data: bytes) -> bool:
+        """Whether ``data`` (the spool file's bytes) is what this spooled record was written
+        for: a crash may have taken the file, or cut it, before it was flushed."""
+        return zlib.crc32(data) == self.meta.get(SPOOLED_CRC)
 
 
 def sync_filesystem(path: Path) -> None:
@@ -233,6 +255,12 @@ class IngestJournal:
         """Journal one instance; the flusher starts flushing it at once. Before answering for
         it, :meth:`wait_durable`; in any case :meth:`done` afterwards."""
         return self._write(KIND_INSTANCE, meta, payload)
+
+    def write_spooled(self, meta: dict[str, Any], data: bytes | memoryview) -> Ticket:
+        """Journal an instance whose ``data`` the caller flushes in the spool itself: only
+        ``meta`` and the CRC-32 of ``data`` are written. As for :meth:`write`, then."""
+        crc = zlib.crc32(data)  # outside the lock (zlib lets other threads run meanwhile)
+        return self._write(KIND_SPOOLED, {**meta, SPOOLED_CRC: crc}, b"")
 
     def wait_durable(self, ticket: Ticket) -> None:
         """Return once the record is on disk; raises :class:`JournalError` if it cannot be."""
@@ -424,7 +452,9 @@ def read_journal(directory: Path) -> list[JournalRecord]:
     for path in sorted(directory.glob("*.wal")):
         records.extend(read_segment(path))
     withdrawn = {r.meta.get("withdraws") for r in records if r.kind == KIND_WITHDRAWN}
-    return [r for r in records if r.kind == KIND_INSTANCE and r.number not in withdrawn]
+    return [
+        r for r in records if r.kind in (KIND_INSTANCE, KIND_SPOOLED) and r.number not in withdrawn
+    ]
 
 
 @dataclass
@@ -433,22 +463,28 @@ class ReplayReport:
     instances: int = 0
     #: Instances whose ledger row was missing and is back.
     recorded: int = 0
+    #: Spooled records whose file a crash took or cut before it was flushed (never answered).
+    unusable: int = 0
     failed: list[str] = field(default_factory=list)
 
 
 def replay_orphans(
     root: Path,
-    replay: Callable[[JournalRecord], bool],
+    replay: Callable[[JournalRecord], bool | None],
     flush: Callable[[], None],
     *,
     fsync: bool = True,
 ) -> ReplayReport:
     """Replay and remove every journal under ``root`` whose owner is gone.
 
-    The records of all those journals are replayed in the order they were written (an instance
-    sent again to another SCP process later must end up as sent last). ``replay`` writes one
-    record's spool file and ledger row (True when the row was missing); ``flush`` makes the
-    spool and the ledger durable. If the replay fails the journals stay for the next start.
+    The records of all those journals are replayed in the order they were written. Of the
+    records for one spool file (meta ``path``), the last one written decides it (an instance
+    sent again, to this process or another, must end up as sent last); the earlier ones are
+    replayed only if it cannot be. ``replay`` writes one record's spool file and ledger row and
+    says whether the row was missing (True) or there (False); None: the record cannot be
+    replayed (a spooled record whose file a crash took or cut, so never acknowledged).
+    ``flush`` makes the spool and the ledger durable. If the replay fails the journals stay for
+    the next start.
     """
     report = ReplayReport()
     if not root.is_dir():
@@ -486,11 +522,26 @@ def replay_orphans(
             readable.append(directory)
             records.extend((r.time_ns, index, r.number, r) for r in found)
         records.sort(key=lambda item: item[:3])
+        keyed = [
+            (record.meta.get("path") or ("record", i), record)
+            for i, (*_, record) in enumerate(records)
+        ]
+        versions: dict[object, list[JournalRecord]] = {}
+        for key, record in keyed:
+            versions.setdefault(key, []).append(record)
         try:
-            for *_, record in records:
-                report.instances += 1
-                if replay(record):
-                    report.recorded += 1
+            for key, record in keyed:
+                if versions[key][-1] is not record:
+                    continue  # a later record for the same file decides it
+                for candidate in reversed(versions[key]):
+                    outcome = replay(candidate)
+                    if outcome is None:
+                        report.unusable += 1
+                        continue
+                    report.instances += 1
+                    if outcome:
+                        report.recorded += 1
+                    break
             if fsync:
                 flush()
         except Exception as exc:
@@ -503,9 +554,11 @@ def replay_orphans(
         for _, lock_fd in locked:
             os.close(lock_fd)
     log.info(
-        "ingest journal: replayed %d journal(s), %d instance(s), %d ledger row(s) restored",
+        "ingest journal: replayed %d journal(s), %d instance(s), %d ledger row(s) restored, "
+        "%d unacknowledged instance(s) skipped",
         report.journals,
         report.instances,
         report.recorded,
+        report.unusable,
     )
     return report

@@ -5,8 +5,9 @@ plus ``event.encoded_dataset()``, no full decode), reads only the few header att
 (stopping before pixel data), appends the instance to the ingest journal (:mod:`.journal`),
 writes the file atomically to the spool while the journal is flushed, records it in the ledger
 once the journal record is on disk, and only then answers success. An instance too large for
-the journal is flushed in the spool and the ledger instead. Anything that fails answers a DIMSE
-failure status and leaves no partial file.
+the journal (``ingest.journal_max_bytes``) is flushed in the spool instead, and the journal gets
+a small record of it, flushed meanwhile. Anything that fails answers a DIMSE failure status and
+leaves no partial file.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from acwi_node.audit import AuditEvent, Outcome, audit, remote_ae
 from acwi_node.config import Settings
 from acwi_node.ingest.header import pydicom_header, scan_header
 from acwi_node.ingest.journal import (
+    SPOOLED_CRC,
     IngestJournal,
     JournalError,
     JournalRecord,
@@ -303,10 +305,21 @@ class StorageSCP:
         sync_filesystem(self.spool.root)
         self.ledger.flush()
 
-    def _replay(self, record: JournalRecord) -> bool:
-        """Write a journaled instance's spool file again; add its ledger row if missing."""
-        rec = InstanceRecord(**record.meta)
-        self.spool.store(rec.study_uid, rec.sop_instance_uid, record.payload, sync=False)
+    def _replay(self, record: JournalRecord) -> bool | None:
+        """Write a journaled instance's spool file again (or, for a spooled record, check that
+        the file is the one recorded); add its ledger row if missing. See
+        :func:`~acwi_node.ingest.journal.replay_orphans`."""
+        meta = {k: v for k, v in record.meta.items() if k != SPOOLED_CRC}
+        rec = InstanceRecord(**meta)
+        if record.spooled:
+            try:
+                data = self.spool.path_for(rec.study_uid, rec.sop_instance_uid).read_bytes()
+            except FileNotFoundError:
+                return None
+            if not record.matches(data):
+                return None
+        else:
+            self.spool.store(rec.study_uid, rec.sop_instance_uid, record.payload, sync=False)
         if self.ledger.instance_path(rec.sop_instance_uid) == rec.path:
             return False
         self.ledger.record_instance(rec, first_in_association=False, flushed=False)
@@ -575,11 +588,16 @@ class StorageSCP:
         )
         first = state is not None and study_uid not in state.study_uids
         journal = self.journal
-        if journal is None or len(data) > self._journal_max_bytes:
-            outcome = self._persist(record, data, first, existed, journaled=False)
+        if journal is None:
+            outcome = self._persist(record, data, first, existed, sync_file=True, journaled=False)
         else:
-            try:
-                ticket = journal.write(asdict(record), data)  # flushed while the file is written
+            # A large instance's bytes are flushed in the spool only; the journal gets its CRC.
+            spooled = len(data) > self._journal_max_bytes
+            try:  # the record is flushed while the spool file is written
+                if spooled:
+                    ticket = journal.write_spooled(asdict(record), data)
+                else:
+                    ticket = journal.write(asdict(record), data)
             except JournalError as exc:
                 log.error("C-STORE from %s: %s", calling_ae, exc)
                 metrics.INSTANCES_REJECTED.labels("spool_error").inc()
@@ -590,6 +608,7 @@ class StorageSCP:
                     data,
                     first,
                     existed,
+                    sync_file=spooled,
                     journaled=True,
                     before_ledger=lambda: journal.wait_durable(ticket),
                 )
@@ -628,18 +647,21 @@ class StorageSCP:
         first: bool,
         existed: bool,
         *,
+        sync_file: bool,
         journaled: bool,
         before_ledger: Callable[[], None] | None = None,
     ) -> Recorded | int:
         """Write the spool file, then the ledger row; a failure status if either fails.
 
-        ``journaled``: the instance is in the journal, so neither is flushed here (the
-        journal's checkpoint does it); ``before_ledger`` waits until the journal record is on
-        disk, which must come before the ledger row exists (see :mod:`.journal`).
+        ``sync_file``: flush the spool file and its directory entry (the spool's ``fsync``
+        setting permitting); not for an instance whose bytes the journal holds.
+        ``journaled``: the instance is in the journal, so the ledger row is not flushed here
+        (the journal's checkpoint does it); ``before_ledger`` waits until the journal record is
+        on disk, which must come before the ledger row exists (see :mod:`.journal`).
         """
         try:
             path = self.spool.store(
-                record.study_uid, record.sop_instance_uid, data, sync=False if journaled else None
+                record.study_uid, record.sop_instance_uid, data, sync=None if sync_file else False
             )
         except SpoolError as exc:
             log.error("C-STORE from %s: %s", record.calling_ae, exc)

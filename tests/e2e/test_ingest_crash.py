@@ -39,10 +39,8 @@ def ledger_rows(db: Path, study_uid: str) -> tuple[int, int]:
     return int(rows), int(count)
 
 
-def test_acknowledged_instances_survive_a_crash_before_the_checkpoint(tmp_path: Path) -> None:
-    require_dcmtk_tool("storescu")
-    port = free_port()
-    config = write_config(
+def node_config(tmp_path: Path, port: int, journal_max_bytes: int) -> Path:
+    return write_config(
         tmp_path / "acwi.toml",
         {
             "node": {
@@ -54,21 +52,46 @@ def test_acknowledged_instances_survive_a_crash_before_the_checkpoint(tmp_path: 
                 "broker_url": f"{REDIS_URL}/9",
             },
             # No checkpoint during the test: everything sent stays in the journal.
-            "ingest": {"fsync": True, "journal_checkpoint_s": 300},
+            "ingest": {
+                "fsync": True,
+                "journal_checkpoint_s": 300,
+                "journal_max_bytes": journal_max_bytes,
+            },
         },
     )
-    study_uid = generate_uid()
+
+
+def send_study(tmp_path: Path, port: int, study_uid: str, n: int) -> None:
     outbox = tmp_path / "send"
     outbox.mkdir()
-    for i in range(6):
+    for i in range(n):  # 15 KB each
         make_dx(study_uid, number=i + 1).save_as(outbox / f"{i}.dcm", enforce_file_format=True)
+    sent = storescu("127.0.0.1", port, "ACWI", outbox)
+    assert sent.returncode == 0, sent.stderr
+
+
+def forget_rows(db: Path, study_uid: str, paths: list[Path]) -> None:
+    """Delete ledger rows, as a rolled-back (unflushed) transaction leaves them."""
+    with sqlite3.connect(db) as conn:
+        for path in paths:
+            conn.execute("delete from instances where path like ?", (f"%/{path.name}",))
+        conn.execute(
+            "update studies set instance_count = instance_count - ? where study_uid = ?",
+            (len(paths), study_uid),
+        )
+
+
+def test_acknowledged_instances_survive_a_crash_before_the_checkpoint(tmp_path: Path) -> None:
+    require_dcmtk_tool("storescu")
+    port = free_port()
+    config = node_config(tmp_path, port, journal_max_bytes=65536)  # the bytes are journaled
+    study_uid = generate_uid()
     spool = tmp_path / "data" / "spool"
     db = tmp_path / "data" / "ledger.sqlite"
 
     with NodeProcesses(config, ["scp"], tmp_path) as node:
         wait_port("127.0.0.1", port)
-        sent = storescu("127.0.0.1", port, "ACWI", outbox)
-        assert sent.returncode == 0, sent.stderr
+        send_study(tmp_path, port, study_uid, 6)
         node.stop("scp", signal.SIGKILL)
         (journal,) = [p for p in (spool / ".journal").iterdir() if not p.name.startswith(".")]
         assert list(journal.glob("*.wal")), "the instances should still be in the journal"
@@ -80,13 +103,7 @@ def test_acknowledged_instances_survive_a_crash_before_the_checkpoint(tmp_path: 
         for path in victims[:2]:
             path.unlink()
         victims[2].write_bytes(stored[victims[2]][:100])
-        with sqlite3.connect(db) as conn:
-            for path in victims[:2]:
-                conn.execute("delete from instances where path like ?", (f"%/{path.name}",))
-            conn.execute(
-                "update studies set instance_count = instance_count - 2 where study_uid = ?",
-                (study_uid,),
-            )
+        forget_rows(db, study_uid, victims[:2])
         assert ledger_rows(db, study_uid) == (4, 4)
 
         node.start("scp")
@@ -99,3 +116,46 @@ def test_acknowledged_instances_survive_a_crash_before_the_checkpoint(tmp_path: 
 
         node.stop("scp")  # a clean stop checkpoints and leaves no journal behind
         assert [p for p in (spool / ".journal").iterdir() if not p.name.startswith(".")] == []
+
+
+def test_large_instances_flushed_in_the_spool_survive_a_crash_before_the_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """Instances over ``ingest.journal_max_bytes``: their files were flushed before the answer,
+    their ledger rows were not; the journal's spooled records bring the rows back, and only for
+    files that hold what the record says."""
+    require_dcmtk_tool("storescu")
+    port = free_port()
+    config = node_config(tmp_path, port, journal_max_bytes=1000)  # every DX is "large"
+    study_uid = generate_uid()
+    spool = tmp_path / "data" / "spool"
+    db = tmp_path / "data" / "ledger.sqlite"
+
+    with NodeProcesses(config, ["scp"], tmp_path) as node:
+        wait_port("127.0.0.1", port)
+        send_study(tmp_path, port, study_uid, 4)
+        node.stop("scp", signal.SIGKILL)
+        (journal,) = [p for p in (spool / ".journal").iterdir() if not p.name.startswith(".")]
+        assert sum(p.stat().st_size for p in journal.glob("*.wal")) < 4 * 1000, (
+            "the journal should hold records, not the instances' bytes"
+        )
+        stored = {p: p.read_bytes() for p in (spool / study_uid).glob("*.dcm")}
+        assert len(stored) == 4 and ledger_rows(db, study_uid) == (4, 4)
+
+        # Two ledger rows lost with the page cache; one of their files cut, as a crash between
+        # the journal's flush and the file's would leave it (its instance was never answered).
+        lost, cut = sorted(stored)[:2]
+        forget_rows(db, study_uid, [lost, cut])
+        cut.write_bytes(stored[cut][:-10])
+
+        node.start("scp")
+        wait_port("127.0.0.1", port)
+        node.assert_alive()
+        assert ledger_rows(db, study_uid) == (3, 3)  # the cut file gets no row
+        with sqlite3.connect(db) as conn:
+            paths = {row[0] for row in conn.execute("select path from instances")}
+        assert f"{study_uid}/{lost.name}" in paths and f"{study_uid}/{cut.name}" not in paths
+        assert lost.read_bytes() == stored[lost]
+        assert not journal.exists()
+        log = node.log_text()
+        assert "1 ledger row(s) restored" in log and "1 unacknowledged instance(s) skipped" in log

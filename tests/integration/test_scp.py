@@ -208,7 +208,7 @@ def test_ledger_failure_answers_out_of_resources_and_leaves_no_file(
     assert scp.journal is not None and read_journal(scp.journal.directory) == []
 
 
-def test_small_instances_wait_in_the_journal_until_its_checkpoint(tmp_path: Path) -> None:
+def test_instances_wait_in_the_journal_until_its_checkpoint(tmp_path: Path) -> None:
     settings = load_settings(
         None,
         node={"data_dir": tmp_path / "data", "dicom_host": "127.0.0.1", "dicom_port": free_port()},
@@ -221,16 +221,25 @@ def test_small_instances_wait_in_the_journal_until_its_checkpoint(tmp_path: Path
         study = generate_uid()
         small = make_sc(study)
         large = make_sc(study)
-        large.Rows = large.Columns = 64  # 4 KB of pixels: flushed on its own, not journaled
+        large.Rows = large.Columns = 64  # 4 KB of pixels: flushed in the spool, not journaled
         large.PixelData = bytes(64 * 64)
         assert send(settings, [small, large]) == [0, 0]
         assert scp.journal is not None
         journaled = read_journal(scp.journal.directory)
-        assert [r.meta["sop_instance_uid"] for r in journaled] == [small.SOPInstanceUID]
-        spooled = settings.spool_dir / study / f"{small.SOPInstanceUID}.dcm"
-        assert journaled[0].payload == spooled.read_bytes()
-        assert journaled[0].meta["path"] == f"{study}/{small.SOPInstanceUID}.dcm"
-        assert scp.journal.checkpoint() == 1
+        assert [r.meta["sop_instance_uid"] for r in journaled] == [
+            small.SOPInstanceUID,
+            large.SOPInstanceUID,
+        ]
+        kept, spooled = journaled
+        small_file = settings.spool_dir / study / f"{small.SOPInstanceUID}.dcm"
+        assert not kept.spooled and kept.payload == small_file.read_bytes()
+        assert kept.meta["path"] == f"{study}/{small.SOPInstanceUID}.dcm"
+        # The large one's bytes are only in its spool file; the journal holds their CRC.
+        large_file = settings.spool_dir / study / f"{large.SOPInstanceUID}.dcm"
+        assert spooled.spooled and spooled.payload == b""
+        assert spooled.matches(large_file.read_bytes())
+        assert not spooled.matches(large_file.read_bytes()[:-1])
+        assert scp.journal.checkpoint() == 2
         assert read_journal(scp.journal.directory) == []
     finally:
         scp.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -260,6 +261,100 @@ def test_journals_of_several_processes_replay_in_the_order_written(
     assert [r.meta["pid"] for r in replayed] == [pids[0]] * 5 + [pids[1]] * 5
     assert [r.time_ns for r in replayed] == sorted(r.time_ns for r in replayed)
     assert not first.exists() and not second.exists()
+
+
+_CRASHING_MIXED_WRITER = """
+import json, os, sys
+from pathlib import Path
+from acwi_node.ingest.journal import IngestJournal
+journal = IngestJournal(Path(sys.argv[1]), Path(sys.argv[2]), lambda: None, checkpoint_s=3600)
+journal.open()
+for kind, meta, data in json.loads(sys.argv[3]):
+    write = journal.write_spooled if kind == "spooled" else journal.write
+    ticket = write(meta, bytes.fromhex(data))
+    journal.wait_durable(ticket)
+    journal.done(ticket)
+print(journal.directory, flush=True)
+os._exit(1)
+"""
+
+
+def crashed_mixed_journal(tmp_path: Path, records: list[tuple[str, dict[str, str], bytes]]) -> Path:
+    """A crashed process's journal holding ``records``: (``payload`` or ``spooled``, meta,
+    the instance's bytes)."""
+    todo = json.dumps([(kind, meta, data.hex()) for kind, meta, data in records])
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _CRASHING_MIXED_WRITER,
+            str(tmp_path / ".journal"),
+            str(tmp_path),
+            todo,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 1, out.stderr
+    return Path(out.stdout.strip())
+
+
+def test_a_spooled_record_holds_the_crc_of_the_bytes_not_the_bytes(
+    tmp_path: Path, flushes: list[str]
+) -> None:
+    journal = make_journal(tmp_path, flushes)
+    data = os.urandom(100_000)
+    journal.done(journal.append({"path": "a"}, b"small"))
+    ticket = journal.write_spooled({"path": "b"}, data)
+    journal.wait_durable(ticket)
+    journal.done(ticket)
+    assert sum(p.stat().st_size for p in segments(journal)) < 1000
+    small, large = read_journal(journal.directory)
+    assert not small.spooled and small.payload == b"small" and small.meta == {"path": "a"}
+    assert large.spooled and large.payload == b""
+    assert large.matches(data)
+    assert not large.matches(data[:-1]) and not large.matches(b"")
+    journal.close()
+
+
+def test_the_last_usable_record_of_each_spool_file_is_replayed(
+    tmp_path: Path, flushes: list[str]
+) -> None:
+    """Of several records for one file, the last decides; a spooled record whose file does not
+    hold its bytes (a crash came before the file was flushed: never answered) gives way to the
+    record before it."""
+    old, new, other = b"old" * 100, b"new" * 100, b"other" * 100
+    crashed_mixed_journal(
+        tmp_path,
+        [
+            ("payload", {"path": "a"}, old),
+            ("payload", {"path": "b"}, b"b1"),
+            ("spooled", {"path": "a"}, new),  # its file never made it: "a" still holds old
+            ("spooled", {"path": "c"}, other),
+            ("payload", {"path": "b"}, b"b2"),
+            ("spooled", {"path": "d"}, b"lost"),  # nothing before it: skipped
+        ],
+    )
+    files = {"a": old, "c": other}
+    replayed: list[tuple[str, bytes]] = []
+
+    def replay(record: JournalRecord) -> bool | None:
+        path = record.meta["path"]
+        if record.spooled:
+            if path not in files or not record.matches(files[path]):
+                return None
+            replayed.append((path, files[path]))
+        else:
+            files[path] = record.payload
+            replayed.append((path, record.payload))
+        return True
+
+    report = replay_orphans(tmp_path / ".journal", replay, lambda: None)
+    # In the order of each file's last record; "b" once, as sent last.
+    assert replayed == [("a", old), ("c", other), ("b", b"b2")]
+    assert (report.instances, report.recorded, report.unusable) == (3, 3, 2)
+    assert list((tmp_path / ".journal").iterdir()) == []
 
 
 def test_a_journal_whose_replay_fails_is_kept_for_the_next_start(

@@ -131,8 +131,8 @@ class IngestSettings(_Strict):
     calling_ae_hosts: dict[str, list[IPvAnyNetwork]] = Field(default_factory=dict)
     #: Associations served at once (per listener process when ``processes`` > 1).
     max_associations: int = Field(16, ge=1, le=1024)
-    #: Storage SCP processes sharing the DICOM port (0: one per core). One process serves its
-    #: associations on one core; more use more cores for parallel associations.
+    #: Storage SCP processes sharing the DICOM port (0: one per core, at most 8). One process
+    #: serves its associations on one core; more use more cores for parallel associations.
     processes: int = Field(1, ge=0, le=64)
     #: Largest PDU the node receives (bytes); 0 means no limit.
     max_pdu_size: int = Field(0, ge=0)

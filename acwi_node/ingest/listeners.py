@@ -38,9 +38,17 @@ READY_FD_ENV = "ACWI_SCP_READY_FD"
 BACKLOG = 128
 
 
-def listener_count(settings: Settings) -> int:
-    """Listener processes to run: ``ingest.processes``, or one per core when it is 0."""
-    return settings.ingest.processes or (os.cpu_count() or 1)
+#: Most listener processes ``ingest.processes = 0`` starts (each is a process of about 100 MiB;
+#: a PACS rarely opens more associations at once than this).
+MAX_AUTO_LISTENERS = 8
+
+
+def listener_count(settings: Settings, cores: int | None = None) -> int:
+    """Listener processes to run: ``ingest.processes``, or when it is 0 one per core (``cores``:
+    the machine's), at most :data:`MAX_AUTO_LISTENERS`."""
+    if settings.ingest.processes:
+        return settings.ingest.processes
+    return max(1, min(cores or os.cpu_count() or 1, MAX_AUTO_LISTENERS))
 
 
 def bind_listener(host: str, port: int) -> socket.socket:

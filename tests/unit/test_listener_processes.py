@@ -1,4 +1,4 @@
-"""Listener processes count as ready only once each says it accepts connections."""
+"""Listener processes: how many, and ready only once each says it accepts connections."""
 
 from __future__ import annotations
 
@@ -41,3 +41,15 @@ def test_a_listener_that_exits_is_not_waited_for(listeners: ListenerProcesses) -
     assert not listeners.wait_ready(timeout_s=20)
     assert time.monotonic() - started < 10
     assert not listeners.listening
+
+
+def test_processes_zero_means_one_per_core_up_to_a_cap() -> None:
+    from acwi_node.config import load_settings
+    from acwi_node.ingest.listeners import MAX_AUTO_LISTENERS, listener_count
+
+    auto = load_settings(None, ingest={"processes": 0})
+    assert listener_count(auto, cores=2) == 2
+    assert listener_count(auto, cores=1) == 1
+    assert listener_count(auto, cores=64) == MAX_AUTO_LISTENERS == 8
+    assert listener_count(load_settings(None, ingest={"processes": 3}), cores=64) == 3
+    assert listener_count(load_settings(None), cores=64) == 1  # the embedded default

@@ -14,19 +14,18 @@ other result. The SR is built before the item is claimed, so a case that cannot 
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.filewriter import dcmwrite
 
 from acwi_node.config import Settings
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import ResultFile
 from acwi_node.ledger.models import utcnow
+from acwi_node.results.encoding import encode_part10
 from acwi_node.results.sr import Verification, build_verified_sr
 from acwi_node.review.store import ACTIONS, ItemClosed, ReviewError, ReviewStore, SessionInfo
 
@@ -43,12 +42,6 @@ class VerdictOutcome:
     label: str
     sr_sop_instance_uid: str
     deliveries: int
-
-
-def _encode(ds: Dataset) -> bytes:
-    buf = io.BytesIO()
-    dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def _unverified_sr(settings: Settings, case: dict[str, Any]) -> Dataset:
@@ -176,7 +169,7 @@ def submit_verdict(
         document = build_verified_sr(unverified, sources, verification)
     except ValueError as exc:
         raise ReviewError(f"the verified SR cannot be written: {exc}") from exc
-    data = _encode(document)
+    data = encode_part10(document)
     uid = str(document.SOPInstanceUID)
     ris_control_id = None
     if settings.hl7.ris is not None:

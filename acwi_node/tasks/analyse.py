@@ -8,7 +8,6 @@ per destination. A re-run replaces the same files and rows; it never duplicates.
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import time
@@ -17,7 +16,6 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.filewriter import dcmwrite
 
 from acwi_node.config import Settings, load_settings
 from acwi_node.inference.analyser import Analyser, NothingToAnalyse
@@ -27,6 +25,7 @@ from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger, ResultFile
 from acwi_node.observability import metrics
 from acwi_node.observability.logging import bind_study, log_context, note_identifiers
+from acwi_node.results.encoding import encode_part10
 from acwi_node.results.heatmap import build_heatmap_sc
 from acwi_node.results.sr import build_sr
 from acwi_node.tasks.app import ANALYSE_TASK, app
@@ -86,12 +85,6 @@ def get_analyser(settings: Settings, model: str) -> Analyser:
                 heatmaps=worker.heatmaps,
             )
         return _analysers[key]
-
-
-def _encode(ds: Dataset) -> bytes:
-    buf = io.BytesIO()
-    dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def summarise(analysis: StudyAnalysis, threshold: float) -> dict[str, Any]:
@@ -168,7 +161,7 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
         out = Spool(settings.results_dir, fsync=settings.ingest.fsync)
         files: list[ResultFile] = []
         for kind, ds in objects:
-            path = out.store(study_uid, str(ds.SOPInstanceUID), _encode(ds))
+            path = out.store(study_uid, str(ds.SOPInstanceUID), encode_part10(ds))
             files.append(
                 ResultFile(kind, str(ds.SOPInstanceUID), str(ds.SOPClassUID), out.relative(path))
             )

@@ -13,6 +13,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from acwi_node.inference.types import ImageResult, ModelIdentity, StudyAnalysis, Uncertainty
+from acwi_node.results.encoding import encode_part10
 from acwi_node.results.heatmap import MAX_DIMENSION, build_heatmap_sc, render_grey
 from acwi_node.results.uids import result_uids
 from tests.support.dx import DX_FOR_PRESENTATION, make_dx
@@ -103,6 +104,7 @@ def test_pixels_survive_file_roundtrip(pair: tuple[list[Dataset], StudyAnalysis]
     buffer.seek(0)
     read = pydicom.dcmread(buffer)
     np.testing.assert_array_equal(read.pixel_array, sc.pixel_array)
+    assert encode_part10(sc) == buffer.getvalue()  # what the worker writes
 
 
 def test_same_study_and_patient(pair: tuple[list[Dataset], StudyAnalysis]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import shutil
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 
 from acwi_node.inference.types import ImageResult, ModelIdentity, StudyAnalysis, Uncertainty
+from acwi_node.results.encoding import encode_part10
 from acwi_node.results.sr import PRIVATE_SCHEME, build_sr, finding_code, summarise_sr
 from acwi_node.results.uids import device_uid, result_uids
 from tests.support.dx import make_dx
@@ -229,6 +231,41 @@ def test_needs_review_false_is_read_back() -> None:
     sources, analysis = make_study()
     analysis = replace(analysis, needs_review=False)
     assert summarise_sr(build_sr(sources, analysis))["needs_review"] is False
+
+
+def _encoded(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_per_image_groups_appended_after_the_check_make_the_same_document(built: Built) -> None:
+    """build_sr hands highdicom's document check the study-level groups only and appends the
+    per-image ones afterwards; the document is the one highdicom builds from them all."""
+    sources, analysis, fast = built
+    checked = build_sr(sources, analysis, institution_name="Example Hospital", check_all=True)
+    # Only the times of creation may differ.
+    for keyword in ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime"):
+        setattr(checked, keyword, getattr(fast, keyword))
+    for ours, theirs in zip(
+        checked.ContributingEquipmentSequence, fast.ContributingEquipmentSequence, strict=True
+    ):
+        if "ContributionDateTime" in theirs:
+            ours.ContributionDateTime = theirs.ContributionDateTime
+    groups = list(_walk(fast))
+    assert sum(1 for item in groups if item.get("RelationshipType") == "CONTAINS") > 8
+    assert _encoded(fast) == _encoded(checked)
+
+
+def test_encoded_as_dcmwrite_encodes_it(built: Built) -> None:
+    """encode_part10 skips dcmwrite's repeated ambiguous-VR passes, not a byte of its output."""
+    sources, analysis, _ = built
+    document = build_sr(sources, analysis)
+    reference = copy.deepcopy(document)
+    assert encode_part10(document) == _encoded(reference)
+    assert pydicom.dcmread(io.BytesIO(encode_part10(document))).SOPInstanceUID == (
+        document.SOPInstanceUID
+    )
 
 
 def test_same_inputs_same_uids(built: Built) -> None:

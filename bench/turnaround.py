@@ -17,8 +17,10 @@ sent one at a time after one warm-up study, so each figure is one study's latenc
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import sqlite3
+import statistics
 import subprocess
 import tempfile
 import time
@@ -96,6 +98,34 @@ def study_state(db: Path, study_uid: str) -> str | None:
     return str(row[0]) if row else None
 
 
+#: Where a study's turnaround goes, from the ledger's timestamps (seconds).
+STAGES = {
+    "complete": "last instance stored -> study complete",
+    "queue": "complete -> analysis started",
+    "analysis": "analysis (read, model, SR, heatmaps, results written and queued)",
+    "delivery": "results queued -> the last one accepted by the PACS",
+}
+
+
+def stage_seconds(db: Path, study_uid: str) -> dict[str, float]:
+    """:data:`STAGES` of a delivered study (its latest job). The results were queued when its
+    deliveries were first due (a delivery retried is due later; none is, in this benchmark)."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+        row = conn.execute(
+            "select s.last_received_at, s.completed_at, j.started_at,"
+            " (select min(d.next_attempt_at) from deliveries d where d.job_id = j.id),"
+            " (select max(d.delivered_at) from deliveries d where d.job_id = j.id)"
+            " from studies s join jobs j on j.study_id = s.id"
+            " where s.study_uid = ? order by j.id desc limit 1",
+            (study_uid,),
+        ).fetchone()
+    times = [dt.datetime.fromisoformat(str(t)) for t in row]
+    return {
+        stage: (later - earlier).total_seconds()
+        for stage, earlier, later in zip(STAGES, times[:-1], times[1:], strict=True)
+    }
+
+
 def send_and_wait(
     port: int, files: list[Path], study_uid: str, db: Path, orthanc: OrthancServer, timeout_s: float
 ) -> float:
@@ -167,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TCP_NODELAY"] = "1"
 
     results: dict[str, dict[str, float]] = {}
+    breakdown: dict[str, dict[str, float]] = {}  # median seconds per stage
     with tempfile.TemporaryDirectory(prefix="acwi-bench-turnaround-") as tmp:
         work = Path(tmp)
         node_port = free_port()
@@ -182,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                 kinds_run = [("DX 1 image", args.dx), (f"CT {args.ct_slices} slices", args.ct)]
                 for name, count in kinds_run:
                     times: list[float] = []
+                    stages: dict[str, list[float]] = {stage: [] for stage in STAGES}
                     for i in range(count):
                         out = work / "studies" / f"{name[:2]}{i}"
                         if name.startswith("DX"):
@@ -191,9 +223,14 @@ def main(argv: list[str] | None = None) -> int:
                         times.append(
                             send_and_wait(node_port, files, uid, db, orthanc, args.timeout)
                         )
+                        for stage, seconds in stage_seconds(db, uid).items():
+                            stages[stage].append(seconds)
                         print(f"{name:<16} {i + 1:3d}/{count}  {times[-1]:6.2f} s", flush=True)
                     if times:
                         results[name] = summarize(times)
+                        breakdown[name] = {
+                            stage: statistics.median(values) for stage, values in stages.items()
+                        }
             finally:
                 for proc in procs:
                     stop_process(proc)
@@ -205,9 +242,24 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"mode={args.mode} quiet_period_s={args.quiet_period} poll={args.poll_interval}")
     print(markdown_table(header, rows))
+    print()
+    print("Median seconds per stage, from the ledger's timestamps:")
+    for stage, meaning in STAGES.items():
+        print(f"  {stage}: {meaning}")
+    print(
+        markdown_table(
+            ["study", *STAGES],
+            [[name, *(round(s[stage], 2) for stage in STAGES)] for name, s in breakdown.items()],
+        )
+    )
     write_json(
         args.json,
-        {"benchmark": "turnaround", "args": vars(args) | {"json": None}, "results": results},
+        {
+            "benchmark": "turnaround",
+            "args": vars(args) | {"json": None},
+            "results": results,
+            "stages": breakdown,
+        },
     )
     return 0
 

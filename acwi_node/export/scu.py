@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import (
     UID,
     ExplicitVRBigEndian,
@@ -28,8 +29,11 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
+
+from acwi_node.ingest.reactor import EventDrivenRequestorAE
 
 __all__ = [
     "DELIVERED_WARNING_STATUSES",
@@ -115,7 +119,19 @@ def _sop_class_name(uid: UID | str) -> str:
 
 
 def _read_file_info(path: Path) -> _FileInfo:
-    """Read the SOP Class and Transfer Syntax of a Part-10 file (no pixel data)."""
+    """Read the SOP Class and Transfer Syntax of a Part-10 file: from its file meta information
+    when that names the SOP Class and Instance and the Transfer Syntax (reading no further:
+    a 100-slice CT's SR has some 9,400 content items), else from its data set (no pixel data).
+    """
+    file_meta: Dataset
+    try:
+        file_meta = read_file_meta_info(path)
+    except Exception:  # noqa: BLE001 - not a Part 10 file: the full read below says why
+        file_meta = Dataset()
+    sop_class = file_meta.get("MediaStorageSOPClassUID")
+    syntax = file_meta.get("TransferSyntaxUID")
+    if sop_class and syntax and file_meta.get("MediaStorageSOPInstanceUID"):
+        return _FileInfo(sop_class=UID(str(sop_class)), transfer_syntax=UID(str(syntax)))
     ds = dcmread(path, stop_before_pixels=True)
     meta = getattr(ds, "file_meta", None)
     transfer_syntax = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
@@ -180,7 +196,7 @@ def _plan_contexts(
 
 
 def _make_ae(calling_ae: str, timeout_s: float, max_pdu: int) -> AE:
-    ae = AE(ae_title=calling_ae)
+    ae = EventDrivenRequestorAE(ae_title=calling_ae)
     ae.connection_timeout = timeout_s
     ae.acse_timeout = timeout_s
     ae.dimse_timeout = timeout_s
@@ -433,7 +449,10 @@ def send_files(
                 )
                 logger.warning("file %d: SOP Class %s not accepted by the peer", index, class_name)
                 continue
-            outcome, association_lost = _store_one(assoc, path, index, class_name, info, timeout_s)
+            as_stored = (info.sop_class, info.transfer_syntax) in accepted_pairs
+            outcome, association_lost = _store_one(
+                assoc, path, index, class_name, timeout_s, as_stored=as_stored
+            )
             pending[path] = outcome
             if association_lost:
                 # pynetdicom may still report the association as established for
@@ -460,20 +479,34 @@ def _store_one(
     path: Path,
     index: int,
     class_name: str,
-    info: _FileInfo,
     timeout_s: float,
+    *,
+    as_stored: bool,
 ) -> tuple[FileOutcome, bool]:
     """C-STORE one file over an established association.
 
+    ``as_stored``: the peer accepted the file's own transfer syntax, so its data set is sent
+    as the file holds it, read in chunks, never decoded (pynetdicom's chunked sending); else
+    it is decoded and pynetdicom encodes it in an accepted transfer syntax. Decoding and
+    encoding a 100-slice CT's SR (1.7 MB, some 9,400 content items) took about 3 s.
+
     Returns the outcome and whether the association was lost on the way.
     """
-    try:
-        dataset = dcmread(path)
-    except Exception as exc:  # noqa: BLE001 - the file changed or became unreadable
-        return FileOutcome(None, False, f"cannot read file: {type(exc).__name__}: {exc}"), False
+    payload: Path | Dataset
+    if as_stored:
+        # A process-wide pynetdicom setting; it only changes how a C-STORE given a file path
+        # is sent, and this module is the node's only sender of those.
+        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+        payload = path
+    else:
+        try:
+            payload = dcmread(path)
+        except Exception as exc:  # noqa: BLE001 - the file changed or became unreadable
+            detail = f"cannot read file: {type(exc).__name__}: {exc}"
+            return FileOutcome(None, False, detail), False
     started = time.monotonic()
     try:
-        status_ds = assoc.send_c_store(dataset, msg_id=(index % 65535) + 1)
+        status_ds = assoc.send_c_store(payload, msg_id=(index % 65535) + 1)
     except ValueError as exc:
         # No accepted presentation context for the file's class/syntax, or
         # the data set cannot be encoded in the accepted transfer syntax.

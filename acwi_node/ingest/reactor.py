@@ -30,6 +30,7 @@ import os
 import queue
 import re
 import select
+import socket
 import ssl
 import struct
 import threading
@@ -40,8 +41,8 @@ from typing import Any, cast
 
 from pydicom import config as pydicom_config
 from pydicom.uid import UID
+from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
-from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
@@ -85,6 +86,7 @@ def compatible() -> bool:
                 (Association, "_serve_request"),
                 (Association, "_run_reactor"),
                 (RequestHandler, "_create_association"),
+                (AE, "_create_socket"),
             )
         )
     except Exception:  # pragma: no cover - anything unexpected: use pynetdicom's own
@@ -150,6 +152,9 @@ class EventDrivenDUL(DULServiceProvider):
         """
         if self._fast is None:
             assoc = self.assoc
+            if not assoc.is_acceptor:  # a requestor's P-DATA are answers: pynetdicom's path
+                self._fast = False
+                return False
             watched = (
                 evt.EVT_DATA_RECV,
                 evt.EVT_DATA_SENT,
@@ -485,3 +490,39 @@ class EventDrivenRequestHandler(RequestHandler):
                 for handler in handlers:
                     assoc.bind(event, handler[0], handler[1])
         return assoc
+
+
+class EventDrivenRequestorAE(AE):
+    """An AE whose requested associations' DUL sleeps in ``select`` instead of polling.
+
+    pynetdicom's DUL takes one queued PDU per turn of its loop and sleeps 1 ms each turn, so a
+    requestor sends at most about 1,000 PDUs a second: a 790 KB heatmap to a peer that takes
+    16 KiB PDUs (Orthanc's default) cost about 50 ms, and a 100-slice CT's results 5 s. The
+    association is pynetdicom's own; only its DUL, not started yet when the socket is made, is
+    replaced by :class:`EventDrivenDUL` (whose C-STORE fast path serves acceptors only).
+    """
+
+    def _create_socket(
+        self,
+        assoc: Association,
+        address: Any,
+        tls_args: Any,
+    ) -> AssociationSocket:
+        if compatible():
+            assoc.dul = EventDrivenDUL(assoc)
+            # pynetdicom applies these to the DUL when they are set; apply them to the new one.
+            assoc.acse_timeout = assoc.acse_timeout
+            assoc.network_timeout = assoc.network_timeout
+        sock = super()._create_socket(assoc, address, tls_args)
+        no_delay(sock.socket)
+        return sock
+
+
+def no_delay(sock: socket.socket | None) -> None:
+    """Send each PDU at once (``TCP_NODELAY``). With Nagle's algorithm a PDU smaller than a
+    segment waits for the peer to acknowledge the one before, and the peer delays that
+    acknowledgement (up to 40 ms on Linux): a heatmap sent in 16 KiB PDUs took 70 ms to
+    Orthanc instead of a few."""
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

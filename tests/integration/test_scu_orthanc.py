@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import io
+import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
+from pydicom.filereader import read_dataset
 from pydicom.uid import (
     UID,
     ExplicitVRLittleEndian,
@@ -21,10 +24,12 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, evt
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
-from acwi_node.export import FileOutcome, SendReport, echo, send_files
+from acwi_node.export import FileOutcome, SendReport, echo, scu, send_files
 from acwi_node.export.scu import MAX_PRESENTATION_CONTEXTS, _FileInfo, _plan_contexts
+from acwi_node.ingest.reactor import EventDrivenDUL
 from tests.support import SECONDARY_CAPTURE_IMAGE_STORAGE, write_secondary_capture
 from tests.support.dcmtk import echoscu, find_dcmtk_tool, require_dcmtk_tool, storescu
 from tests.support.orthanc import OrthancServer, require_orthanc
@@ -284,12 +289,14 @@ class _ScriptedScp:
     """A pynetdicom storage SCP whose C-STORE answers are chosen by the test."""
 
     def __init__(
-        self, answer: Callable[[int, Dataset, evt.Event], int], *, require_called_aet: bool = False
+        self,
+        answer: Callable[[int, Dataset, evt.Event], int],
+        *,
+        require_called_aet: bool = False,
+        syntaxes: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian),
     ) -> None:
         self.ae = AE(ae_title="SCRIPTED")
-        self.ae.add_supported_context(
-            SECONDARY_CAPTURE_IMAGE_STORAGE, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-        )
+        self.ae.add_supported_context(SECONDARY_CAPTURE_IMAGE_STORAGE, list(syntaxes))
         self.ae.require_called_aet = require_called_aet
         self.port = free_port()
         self.calls = 0
@@ -322,6 +329,73 @@ def _three_files(tmp_path: Path) -> list[Path]:
         write_secondary_capture(tmp_path / f"f{i}.dcm", study_uid=study_uid, instance_number=i + 1)
         for i in range(3)
     ]
+
+
+def _recorder(received: list[tuple[UID, bytes]]) -> Callable[[int, Dataset, evt.Event], int]:
+    """An answer that keeps the transfer syntax and the bytes of each data set received."""
+
+    def answer(_index: int, _ds: Dataset, event: evt.Event) -> int:
+        request = cast(C_STORE, event.request)
+        assert request.DataSet is not None
+        received.append((UID(str(event.context.transfer_syntax)), request.DataSet.getvalue()))
+        return 0
+
+    return answer
+
+
+def test_a_file_in_an_accepted_syntax_is_sent_as_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (path,) = _three_files(tmp_path)[:1]
+
+    def no_decoding(*_args: object, **_kwargs: object) -> Dataset:
+        raise AssertionError("the file should be sent without decoding it")
+
+    monkeypatch.setattr(scu, "dcmread", no_decoding)
+    received: list[tuple[UID, bytes]] = []
+    with _ScriptedScp(_recorder(received)) as scp:
+        report = send_files(
+            [path], called_ae="SCRIPTED", host="127.0.0.1", port=scp.port, calling_ae=NODE_AE
+        )
+    assert report.outcomes[path].delivered
+    ((syntax, data),) = received
+    assert syntax == ExplicitVRLittleEndian
+    assert path.read_bytes().endswith(data)  # the file's data set, byte for byte
+
+
+def test_a_file_in_a_syntax_the_peer_refuses_is_converted(tmp_path: Path) -> None:
+    (path,) = _three_files(tmp_path)[:1]
+    assert dcmread(path).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    received: list[tuple[UID, bytes]] = []
+    with _ScriptedScp(_recorder(received), syntaxes=(ImplicitVRLittleEndian,)) as scp:
+        report = send_files(
+            [path], called_ae="SCRIPTED", host="127.0.0.1", port=scp.port, calling_ae=NODE_AE
+        )
+    assert report.outcomes[path].delivered
+    ((syntax, data),) = received
+    assert syntax == ImplicitVRLittleEndian
+    original = dcmread(path)
+    converted = read_dataset(io.BytesIO(data), is_implicit_VR=True, is_little_endian=True)
+    assert converted.SOPInstanceUID == original.SOPInstanceUID
+    assert converted.PixelData == original.PixelData
+
+
+def test_requested_associations_are_event_driven_and_send_at_once() -> None:
+    """The node's requestor DUL waits in select, not in 1 ms sleeps, and its socket sends each
+    PDU at once (no Nagle delay)."""
+    with _ScriptedScp(lambda *_: 0) as scp:
+        ae = scu._make_ae(NODE_AE, 5.0, 0)
+        ae.add_requested_context(SECONDARY_CAPTURE_IMAGE_STORAGE, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="SCRIPTED")
+        try:
+            assert assoc.is_established
+            assert isinstance(assoc.dul, EventDrivenDUL)
+            raw = cast(AssociationSocket, assoc.dul.socket).socket
+            assert raw is not None
+            assert raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        finally:
+            assoc.release()
+    assert assoc.is_released
 
 
 def test_warning_statuses_count_as_delivered(tmp_path: Path) -> None:

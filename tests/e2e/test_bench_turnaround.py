@@ -1,0 +1,33 @@
+"""bench.turnaround runs end to end on one study of each kind: the JSON holds the figures and
+where the time went, stage by stage (no speed is asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.turnaround import STAGES, main
+from tests.support.dcmtk import require_dcmtk_tool
+from tests.support.orthanc import require_orthanc
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+
+def test_the_turnaround_bench_reports_each_stage(tmp_path: Path) -> None:
+    require_dcmtk_tool("storescu")
+    require_orthanc()
+    out = tmp_path / "turnaround.json"
+    assert main(["--dx", "1", "--ct", "1", "--ct-slices", "3", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["results"]) == ["DX 1 image", "CT 3 slices"]
+    assert list(report["stages"]) == ["DX 1 image", "CT 3 slices"]
+    for name, figures in report["results"].items():
+        assert figures["n"] == 1 and figures["p50"] > 0
+        stages = report["stages"][name]
+        assert list(stages) == list(STAGES)
+        assert all(seconds >= 0 for seconds in stages.values()), stages
+        assert stages["analysis"] > 0
+        # The stages run from the last instance stored, a moment before the sender's exit.
+        assert sum(stages.values()) == pytest.approx(figures["p50"], abs=2.0)

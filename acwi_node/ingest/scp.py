@@ -45,7 +45,7 @@ from acwi_node.ingest.journal import (
 )
 from acwi_node.ingest.mpps import MPPS_SOP_CLASS, CompletionSignals, MppsSCP
 from acwi_node.ingest.part10 import file_meta_prefix
-from acwi_node.ingest.reactor import EventDrivenRequestHandler
+from acwi_node.ingest.reactor import EventDrivenRequestHandler, no_delay
 from acwi_node.ingest.reactor import compatible as reactor_compatible
 from acwi_node.ingest.spool import Spool, SpoolError, is_safe_uid
 from acwi_node.ledger import InstanceRecord, Ledger, Recorded
@@ -290,7 +290,8 @@ class StorageSCP:
 
     # ------------------------------------------------------------------ server
     def _on_connection(self, event: evt.Event) -> None:
-        """Give the accepted socket a read timeout before its association thread starts.
+        """Give the accepted socket a read timeout before its association thread starts, and
+        send its PDUs at once (:func:`~acwi_node.ingest.reactor.no_delay`).
 
         pynetdicom's accepted sockets block forever: a peer that stops in the middle of a PDU
         (half a PDU, a huge declared length) would hold an association slot for good. With a
@@ -299,6 +300,7 @@ class StorageSCP:
         sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
         if sock is not None:
             sock.settimeout(self.settings.ingest.network_timeout_s)
+            no_delay(sock)
 
     # ----------------------------------------------------------------- journal
     def _flush_spool_and_ledger(self) -> None:

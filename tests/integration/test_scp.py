@@ -93,12 +93,17 @@ def send(
 
 
 def test_echo(node: tuple[Settings, Ledger, StorageSCP]) -> None:
-    settings, _, _ = node
+    settings, _, scp = node
     ae = AE(ae_title="SENDER")
     ae.add_requested_context("1.2.840.10008.1.1")
     assoc = ae.associate("127.0.0.1", settings.node.dicom_port, ae_title="ACWI")
     assert assoc.is_established
     assert int(assoc.send_c_echo().Status) == 0
+    # The accepted socket times out a stalled peer and sends each PDU at once.
+    (accepted,) = scp.ae.active_associations
+    raw = accepted.dul.socket.socket  # type: ignore[union-attr]
+    assert raw is not None and raw.gettimeout() == settings.ingest.network_timeout_s
+    assert raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     assoc.release()
 
 

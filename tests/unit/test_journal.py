@@ -196,21 +196,32 @@ def test_a_clean_close_leaves_no_journal(tmp_path: Path, flushes: list[str]) -> 
 
 
 _CRASHING_WRITER = """
-import os, sys
+import json, os, sys
 from pathlib import Path
 from acwi_node.ingest.journal import IngestJournal
 journal = IngestJournal(Path(sys.argv[1]), Path(sys.argv[2]), lambda: None, checkpoint_s=3600)
 journal.open()
-for i in range(5):
-    journal.done(journal.append({"uid": f"1.2.{i}", "pid": os.getpid()}, bytes([i]) * 1000))
+for kind, meta, data in json.loads(sys.argv[3]):
+    write = journal.write_spooled if kind == "spooled" else journal.write
+    ticket = write({**meta, "pid": os.getpid()}, bytes.fromhex(data))
+    journal.wait_durable(ticket)
+    journal.done(ticket)
 print(journal.directory, flush=True)
 os._exit(1)  # a crash: no checkpoint, no clean close
 """
 
 
-def crashed_journal(tmp_path: Path) -> Path:
+def crashed_journal(
+    tmp_path: Path, records: list[tuple[str, dict[str, str], bytes]] | None = None
+) -> Path:
+    """The journal of a process that crashed after writing ``records`` (``payload`` or
+    ``spooled``, meta, the instance's bytes; each meta gets the process's ``pid``); by default
+    five instances with payloads."""
+    if records is None:
+        records = [("payload", {"uid": f"1.2.{i}"}, bytes([i]) * 1000) for i in range(5)]
+    todo = json.dumps([(kind, meta, data.hex()) for kind, meta, data in records])
     out = subprocess.run(
-        [sys.executable, "-c", _CRASHING_WRITER, str(tmp_path / ".journal"), str(tmp_path)],
+        [sys.executable, "-c", _CRASHING_WRITER, str(tmp_path / ".journal"), str(tmp_path), todo],
         capture_output=True,
         text=True,
         check=False,
@@ -263,43 +274,6 @@ def test_journals_of_several_processes_replay_in_the_order_written(
     assert not first.exists() and not second.exists()
 
 
-_CRASHING_MIXED_WRITER = """
-import json, os, sys
-from pathlib import Path
-from acwi_node.ingest.journal import IngestJournal
-journal = IngestJournal(Path(sys.argv[1]), Path(sys.argv[2]), lambda: None, checkpoint_s=3600)
-journal.open()
-for kind, meta, data in json.loads(sys.argv[3]):
-    write = journal.write_spooled if kind == "spooled" else journal.write
-    ticket = write(meta, bytes.fromhex(data))
-    journal.wait_durable(ticket)
-    journal.done(ticket)
-print(journal.directory, flush=True)
-os._exit(1)
-"""
-
-
-def crashed_mixed_journal(tmp_path: Path, records: list[tuple[str, dict[str, str], bytes]]) -> Path:
-    """A crashed process's journal holding ``records``: (``payload`` or ``spooled``, meta,
-    the instance's bytes)."""
-    todo = json.dumps([(kind, meta, data.hex()) for kind, meta, data in records])
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _CRASHING_MIXED_WRITER,
-            str(tmp_path / ".journal"),
-            str(tmp_path),
-            todo,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert out.returncode == 1, out.stderr
-    return Path(out.stdout.strip())
-
-
 def test_a_spooled_record_holds_the_crc_of_the_bytes_not_the_bytes(
     tmp_path: Path, flushes: list[str]
 ) -> None:
@@ -325,7 +299,7 @@ def test_the_last_usable_record_of_each_spool_file_is_replayed(
     hold its bytes (a crash came before the file was flushed: never answered) gives way to the
     record before it."""
     old, new, other = b"old" * 100, b"new" * 100, b"other" * 100
-    crashed_mixed_journal(
+    crashed_journal(
         tmp_path,
         [
             ("payload", {"path": "a"}, old),

@@ -322,8 +322,9 @@ class StorageSCP:
                 return None
         else:
             self.spool.store(rec.study_uid, rec.sop_instance_uid, record.payload, sync=False)
-        if self.ledger.instance_path(rec.sop_instance_uid) == rec.path:
-            return False
+        recorded = (rec.path, rec.size, rec.transfer_syntax_uid)
+        if self.ledger.instance_file(rec.sop_instance_uid) == recorded:
+            return False  # the row survived (an older version's row is brought up to date)
         self.ledger.record_instance(rec, first_in_association=False, flushed=False)
         return True
 

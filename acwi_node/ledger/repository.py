@@ -433,13 +433,16 @@ class Ledger:
             raw.close()  # back to the pool
         return Recorded(int(study_id), int(generation), reopened, existing is not None)
 
-    def instance_path(self, sop_instance_uid: str) -> str | None:
-        """The spool path recorded for an instance; None when the ledger has no such row."""
+    def instance_file(self, sop_instance_uid: str) -> tuple[str, int, str] | None:
+        """The spool path, size and transfer syntax recorded for an instance; None when the
+        ledger has no such row."""
         with self.session() as s:
-            path = s.scalar(
-                select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid)
-            )
-        return None if path is None else str(path)
+            row = s.execute(
+                select(Instance.path, Instance.size, Instance.transfer_syntax_uid).where(
+                    Instance.sop_instance_uid == sop_instance_uid
+                )
+            ).first()
+        return None if row is None else (str(row[0]), int(row[1]), str(row[2]))
 
     def association_released(self, study_ids: Sequence[int]) -> None:
         """An association that sent instances of these studies ended (released or aborted)."""

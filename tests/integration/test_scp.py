@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
+import zlib
 from collections.abc import Iterator
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +18,16 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from acwi_node.config import Settings, load_settings
-from acwi_node.ingest.journal import read_journal
+from acwi_node.ingest.journal import (
+    KIND_INSTANCE,
+    KIND_SPOOLED,
+    SPOOLED_CRC,
+    JournalRecord,
+    read_journal,
+)
 from acwi_node.ingest.scp import TRANSFER_SYNTAXES, StorageSCP
 from acwi_node.ingest.spool import Spool
-from acwi_node.ledger import Ledger
+from acwi_node.ledger import InstanceRecord, Ledger
 from tests.support.dcmtk import storescu
 from tests.support.ports import free_port
 
@@ -250,6 +258,41 @@ def test_instances_wait_in_the_journal_until_its_checkpoint(tmp_path: Path) -> N
         scp.stop()
         ledger.dispose()
     assert [p for p in (settings.spool_dir / ".journal").iterdir()] == []
+
+
+def test_replay_writes_the_file_and_brings_the_row_up_to_date(
+    node: tuple[Settings, Ledger, StorageSCP],
+) -> None:
+    """What a restart does with one journal record: the spool file written again, the ledger
+    row added or brought up to the recorded version; a spooled record only if its file is
+    the one recorded."""
+    settings, ledger, scp = node
+    study, sop = generate_uid(), generate_uid()
+    payload = b"DICM-bytes-of-the-second-version"
+    record = InstanceRecord(
+        study_uid=study,
+        sop_instance_uid=sop,
+        sop_class_uid=SC,
+        series_uid="",
+        transfer_syntax_uid=str(ExplicitVRLittleEndian),
+        modality="OT",
+        body_part="",
+        path=f"{study}/{sop}.dcm",
+        size=len(payload),
+        calling_ae="SENDER",
+    )
+    # The first version's row survived; the second's update was lost with the page cache.
+    ledger.record_instance(replace(record, size=10), first_in_association=True)
+    journaled = JournalRecord(KIND_INSTANCE, 1, time.time_ns(), asdict(record), payload)
+    assert scp._replay(journaled) is True
+    assert (settings.spool_dir / record.path).read_bytes() == payload
+    assert ledger.instance_file(sop) == (record.path, len(payload), record.transfer_syntax_uid)
+    assert scp._replay(journaled) is False  # nothing left to restore
+
+    meta = {**asdict(record), SPOOLED_CRC: zlib.crc32(payload)}
+    assert scp._replay(JournalRecord(KIND_SPOOLED, 2, time.time_ns(), meta, b"")) is False
+    (settings.spool_dir / record.path).write_bytes(payload[:-1])  # cut by a crash
+    assert scp._replay(JournalRecord(KIND_SPOOLED, 3, time.time_ns(), meta, b"")) is None
 
 
 def test_dcmtk_storescu_sends_a_directory(

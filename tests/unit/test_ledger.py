@@ -56,8 +56,8 @@ def test_unflushed_instance_rows_are_seen_at_once_and_flush_keeps_them(db: Ledge
     try:
         view = other.get_study("1.2.3")
         assert view is not None and view["instances"] == 1
-        assert other.instance_path("1.2.3.7") == "1.2.3/1.2.3.7.dcm"
-        assert other.instance_path("1.2.3.8") is None
+        assert other.instance_file("1.2.3.7") == ("1.2.3/1.2.3.7.dcm", 100, "1.2.840.10008.1.2.1")
+        assert other.instance_file("1.2.3.8") is None
     finally:
         other.dispose()
     db.flush()

@@ -16,7 +16,7 @@ from pathlib import Path
 from acwi_node.audit import AuditEvent, Outcome, audit, remote_ae
 from acwi_node.config import Destination, Settings
 from acwi_node.export.scu import SendReport, TlsArgs, send_files
-from acwi_node.ledger import DueDelivery, Ledger
+from acwi_node.ledger import DeliveryAttempt, DueDelivery, Ledger
 from acwi_node.observability import metrics
 from acwi_node.tls import TlsConfigError
 
@@ -61,15 +61,19 @@ class Exporter:
 
     def _fail_all(self, items: list[DueDelivery], error: str, *, final: bool) -> None:
         """Record a failed attempt for every item (``final``: no further attempts)."""
-        for d in items:
-            self.ledger.record_delivery(
-                d.id,
-                delivered=False,
-                status=None,
-                error=error,
-                max_attempts=1 if final else self.settings.exporter.max_attempts,
-                backoff_s=0 if final else backoff_s(self.settings, d.attempts),
-            )
+        self.ledger.record_deliveries(
+            [
+                DeliveryAttempt(
+                    d.id,
+                    delivered=False,
+                    status=None,
+                    error=error,
+                    max_attempts=1 if final else self.settings.exporter.max_attempts,
+                    backoff_s=0 if final else backoff_s(self.settings, d.attempts),
+                )
+                for d in items
+            ]
+        )
 
     def _send(self, dest_name: str, items: list[DueDelivery]) -> None:
         cfg = self.settings.exporter
@@ -96,6 +100,7 @@ class Exporter:
             tls=tls,
         )
         delivered = 0
+        attempts: list[DeliveryAttempt] = []
         for d in items:
             path: Path = paths[d.id]
             outcome = report.outcomes.get(path)
@@ -107,14 +112,17 @@ class Exporter:
                     detail = report.error
             delivered += ok
             metrics.DELIVERY_ATTEMPTS.labels(dest_name, "delivered" if ok else "refused").inc()
-            self.ledger.record_delivery(
-                d.id,
-                delivered=ok,
-                status=status,
-                error="" if ok else detail,
-                max_attempts=cfg.max_attempts,
-                backoff_s=backoff_s(self.settings, d.attempts),
+            attempts.append(
+                DeliveryAttempt(
+                    d.id,
+                    delivered=ok,
+                    status=status,
+                    error="" if ok else detail,
+                    max_attempts=cfg.max_attempts,
+                    backoff_s=backoff_s(self.settings, d.attempts),
+                )
             )
+        self.ledger.record_deliveries(attempts)
         self._audit_sent(dest, items, paths, report)
         if delivered == len(items):
             log.info("sent %d object(s) to %s", delivered, dest_name)

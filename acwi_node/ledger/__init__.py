@@ -7,6 +7,7 @@ from acwi_node.ledger.models import (
     StudyState,
 )
 from acwi_node.ledger.repository import (
+    DeliveryAttempt,
     DueDelivery,
     InstanceRecord,
     Ledger,
@@ -18,6 +19,7 @@ from acwi_node.ledger.repository import (
 
 __all__ = [
     "DeliveryState",
+    "DeliveryAttempt",
     "DueDelivery",
     "InstanceRecord",
     "JobState",

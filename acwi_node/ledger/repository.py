@@ -113,6 +113,20 @@ class DueDelivery:
     study_uid: str = ""
 
 
+@dataclass(frozen=True)
+class DeliveryAttempt:
+    """One attempt to deliver one result, as the exporter saw it."""
+
+    delivery_id: int
+    delivered: bool
+    status: int | None
+    error: str
+    #: The delivery fails for good once it has had this many attempts.
+    max_attempts: int
+    #: Seconds until the next attempt, if there is one.
+    backoff_s: float
+
+
 #: Job priority given to the jobs of a study whose order is STAT; jobs at or above it go to the
 #: high-priority analysis queue.
 STAT_PRIORITY = 1000
@@ -826,23 +840,35 @@ class Ledger:
         backoff_s: float,
     ) -> None:
         """Record one attempt; a delivery fails for good after ``max_attempts``."""
+        self.record_deliveries(
+            [DeliveryAttempt(delivery_id, delivered, status, error, max_attempts, backoff_s)]
+        )
+
+    def record_deliveries(self, attempts: Sequence[DeliveryAttempt]) -> None:
+        """Record attempts in one transaction; each job's state follows its deliveries once
+        (one association's objects, a job's SR and heatmaps, are recorded together: looking
+        at every delivery of the job after each one cost O(n²))."""
         now = utcnow()
         with self.session() as s:
-            d = s.get_one(Delivery, delivery_id, with_for_update=True)
-            if d.state != DeliveryState.PENDING:
-                return
-            d.attempts += 1
-            d.last_status = status
-            d.last_error = error[:2000]
-            if delivered:
-                d.state = DeliveryState.DELIVERED
-                d.delivered_at = now
-            elif d.attempts >= max_attempts:
-                d.state = DeliveryState.FAILED
-            else:
-                d.next_attempt_at = now + dt.timedelta(seconds=backoff_s)
+            jobs: set[int] = set()
+            for attempt in attempts:
+                d = s.get_one(Delivery, attempt.delivery_id, with_for_update=True)
+                if d.state != DeliveryState.PENDING:
+                    continue
+                d.attempts += 1
+                d.last_status = attempt.status
+                d.last_error = attempt.error[:2000]
+                if attempt.delivered:
+                    d.state = DeliveryState.DELIVERED
+                    d.delivered_at = now
+                elif d.attempts >= attempt.max_attempts:
+                    d.state = DeliveryState.FAILED
+                else:
+                    d.next_attempt_at = now + dt.timedelta(seconds=attempt.backoff_s)
+                jobs.add(d.job_id)
             s.flush()
-            self._sync_job_delivery(s, d.job_id)
+            for job_id in sorted(jobs):
+                self._sync_job_delivery(s, job_id)
 
     def _sync_job_delivery(self, s: Session, job_id: int) -> None:
         job = s.get_one(Job, job_id)

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from acwi_node.ledger import (
+    DeliveryAttempt,
     InstanceRecord,
     Ledger,
     ResultFile,
@@ -267,6 +268,34 @@ def test_failed_delivery_backs_off_then_fails_visibly(db: Ledger) -> None:
     st = db.get_study("1.2.3")
     assert st is not None and st["state"] == "failed"
     assert "0xA700" in st["reason"] and "pacs" in st["reason"]
+
+
+def test_a_batch_of_attempts_is_recorded_together_and_the_job_follows(db: Ledger) -> None:
+    r = db.record_instance(rec(), first_in_association=False)
+    (job_id,) = db.complete_study(r.study_id, 1, route_all)
+    _analyse(db, job_id)
+    first, second = sorted(db.due_deliveries(), key=lambda d: d.path)
+    db.record_deliveries(
+        [
+            DeliveryAttempt(first.id, True, 0, "", max_attempts=3, backoff_s=1),
+            DeliveryAttempt(second.id, False, None, "refused", max_attempts=3, backoff_s=60),
+        ]
+    )
+    st = db.get_study("1.2.3")
+    assert st is not None and st["state"] == "exporting"  # one is still to be delivered
+    assert db.due_deliveries() == []  # backing off
+    db.record_deliveries(
+        [
+            DeliveryAttempt(first.id, False, 0xA700, "late", max_attempts=1, backoff_s=0),
+            DeliveryAttempt(second.id, False, 0xA700, "full", max_attempts=2, backoff_s=60),
+        ]
+    )
+    st = db.get_study("1.2.3")
+    assert st is not None and st["state"] == "failed" and "0xA700" in st["reason"]
+    states = {
+        d["last_error"]: d["state"] for res in st["jobs"][0]["results"] for d in res["deliveries"]
+    }
+    assert states == {"": "delivered", "full": "failed"}  # a final delivery stays as it was
 
 
 def test_needs_review_creates_a_work_item(db: Ledger) -> None:

@@ -70,6 +70,23 @@ def send_study(tmp_path: Path, port: int, study_uid: str, n: int) -> None:
     assert sent.returncode == 0, sent.stderr
 
 
+def journals(spool: Path) -> list[Path]:
+    """The SCP processes' journal directories (not one being created)."""
+    return [p for p in (spool / ".journal").iterdir() if not p.name.startswith(".")]
+
+
+def send_then_crash(
+    node: NodeProcesses, tmp_path: Path, port: int, study_uid: str, n: int
+) -> tuple[Path, dict[Path, bytes]]:
+    """Send ``n`` instances, kill -9 the SCP; its journal and the spool files, by path."""
+    wait_port("127.0.0.1", port)
+    send_study(tmp_path, port, study_uid, n)
+    node.stop("scp", signal.SIGKILL)
+    spool = tmp_path / "data" / "spool"
+    (journal,) = journals(spool)
+    return journal, {p: p.read_bytes() for p in (spool / study_uid).glob("*.dcm")}
+
+
 def forget_rows(db: Path, study_uid: str, paths: list[Path]) -> None:
     """Delete ledger rows, as a rolled-back (unflushed) transaction leaves them."""
     with sqlite3.connect(db) as conn:
@@ -90,12 +107,8 @@ def test_acknowledged_instances_survive_a_crash_before_the_checkpoint(tmp_path: 
     db = tmp_path / "data" / "ledger.sqlite"
 
     with NodeProcesses(config, ["scp"], tmp_path) as node:
-        wait_port("127.0.0.1", port)
-        send_study(tmp_path, port, study_uid, 6)
-        node.stop("scp", signal.SIGKILL)
-        (journal,) = [p for p in (spool / ".journal").iterdir() if not p.name.startswith(".")]
+        journal, stored = send_then_crash(node, tmp_path, port, study_uid, 6)
         assert list(journal.glob("*.wal")), "the instances should still be in the journal"
-        stored = {p: p.read_bytes() for p in (spool / study_uid).glob("*.dcm")}
         assert len(stored) == 6 and ledger_rows(db, study_uid) == (6, 6)
 
         # What a power loss before the checkpoint could have taken.
@@ -115,7 +128,7 @@ def test_acknowledged_instances_survive_a_crash_before_the_checkpoint(tmp_path: 
         assert "2 ledger row(s) restored" in node.log_text()
 
         node.stop("scp")  # a clean stop checkpoints and leaves no journal behind
-        assert [p for p in (spool / ".journal").iterdir() if not p.name.startswith(".")] == []
+        assert journals(spool) == []
 
 
 def test_large_instances_flushed_in_the_spool_survive_a_crash_before_the_checkpoint(
@@ -128,18 +141,13 @@ def test_large_instances_flushed_in_the_spool_survive_a_crash_before_the_checkpo
     port = free_port()
     config = node_config(tmp_path, port, journal_max_bytes=1000)  # every DX is "large"
     study_uid = generate_uid()
-    spool = tmp_path / "data" / "spool"
     db = tmp_path / "data" / "ledger.sqlite"
 
     with NodeProcesses(config, ["scp"], tmp_path) as node:
-        wait_port("127.0.0.1", port)
-        send_study(tmp_path, port, study_uid, 4)
-        node.stop("scp", signal.SIGKILL)
-        (journal,) = [p for p in (spool / ".journal").iterdir() if not p.name.startswith(".")]
+        journal, stored = send_then_crash(node, tmp_path, port, study_uid, 4)
         assert sum(p.stat().st_size for p in journal.glob("*.wal")) < 4 * 1000, (
             "the journal should hold records, not the instances' bytes"
         )
-        stored = {p: p.read_bytes() for p in (spool / study_uid).glob("*.dcm")}
         assert len(stored) == 4 and ledger_rows(db, study_uid) == (4, 4)
 
         # Two ledger rows lost with the page cache; one of their files cut, as a crash between

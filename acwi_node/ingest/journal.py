@@ -9,7 +9,8 @@ node's time. The journal needs one, shared by every association of the process:
    journal's current segment. The journal's flusher thread flushes the segment (``fdatasync``)
    at once; records written while a flush runs are covered by the next one (a group commit).
 2. Meanwhile the SCP writes the spool file without flushing it; it waits until its record is
-   on disk, writes the ledger row without flushing it either, then answers success.
+   on disk, answers success, then writes the ledger row without flushing it either. Should
+   that row fail, :meth:`IngestJournal.unrecorded` has the checkpoint replay the record.
 3. A checkpointer thread starts a new segment every ``checkpoint_s``, waits until every
    instance of the old ones is in the spool and the ledger, flushes the spool's file system
    (``syncfs``) and the ledger, and only then deletes those segments.
@@ -98,6 +99,8 @@ class _Segment:
     flushing: bool = False
     #: Set when a flush failed: no record after ``synced`` can be promised durable.
     error: str = ""
+    #: Numbers of records acknowledged without a ledger row (see ``IngestJournal.unrecorded``).
+    unrecorded: set[int] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -159,10 +162,13 @@ class IngestJournal:
         checkpoint_s: float = 2.0,
         fsync: bool = True,
         segment_bytes: int = SEGMENT_BYTES,
+        replay: Callable[[JournalRecord], object] | None = None,
     ) -> None:
         self.root = root
         self.spool_root = spool_root
         self.flush_ledger = flush_ledger
+        #: Writes one record's spool file and ledger row (see :meth:`unrecorded`).
+        self.replay = replay
         self.checkpoint_s = checkpoint_s
         self.fsync = fsync
         self.segment_bytes = segment_bytes
@@ -295,6 +301,13 @@ class IngestJournal:
         except JournalError:
             log.warning("ingest journal: could not withdraw a refused instance")
 
+    def unrecorded(self, ticket: Ticket) -> None:
+        """The instance was acknowledged, but its ledger row could not be written: before its
+        segment is retired, the checkpoint replays the record (``replay``), and until that
+        succeeds the segment stays. Call :meth:`done` as usual."""
+        with self._lock:
+            ticket.segment.unrecorded.add(ticket.number)
+
     def done(self, ticket: Ticket) -> None:
         """The instance's spool file and ledger row are written (or it was refused)."""
         with self._lock:
@@ -403,6 +416,9 @@ class IngestJournal:
             # the flusher has let go of them.
             while any(s.in_flight or s.flushing for s in old):
                 self._done.wait(1.0)
+            unrecorded = [(seg, set(seg.unrecorded)) for seg in old if seg.unrecorded]
+        for seg, numbers in unrecorded:
+            self._record_again(seg, numbers)
         if self.fsync and any(s.records for s in old):
             sync_filesystem(self.spool_root)
             self.flush_ledger()
@@ -415,6 +431,24 @@ class IngestJournal:
                 retired += seg.records
         self.checkpoints += 1
         return retired
+
+    def _record_again(self, seg: _Segment, numbers: set[int]) -> None:
+        """Replay the records ``numbers`` of ``seg`` (acknowledged instances without a ledger
+        row); raises, keeping the segment, while that fails."""
+        if self.replay is None:
+            raise JournalError(
+                f"{len(numbers)} acknowledged instance(s) lack a ledger row and this journal"
+                " cannot replay them",
+                out_of_space=False,
+            )
+        replayed = 0
+        for record in read_segment(seg.path):
+            if record.number in numbers:
+                self.replay(record)  # raises while the ledger still fails: the segment stays
+                replayed += 1
+        with self._lock:
+            seg.unrecorded -= numbers
+        log.info("ingest journal: %d acknowledged instance(s) recorded in the ledger", replayed)
 
     @property
     def pending_records(self) -> int:

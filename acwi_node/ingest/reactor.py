@@ -34,6 +34,7 @@ import socket
 import ssl
 import struct
 import threading
+from collections.abc import Callable
 from copy import deepcopy
 from datetime import datetime
 from io import BytesIO
@@ -69,6 +70,22 @@ MAX_WAIT_S = 0.05
 #: Longest the DUL waits, at the first P-DATA-TF PDU, for the association thread to finish
 #: negotiating before it leaves the PDU to pynetdicom's path instead (seconds).
 SERVING_WAIT_S = 5.0
+
+
+#: The fast path's C-STORE handler may leave work for after its response (see
+#: :func:`after_response`); per DUL thread.
+_serving = threading.local()
+
+
+def after_response(work: Callable[[], object]) -> bool:
+    """Have ``work`` run once the C-STORE response now being prepared has been sent, on the
+    association's own thread before it reads the next PDU; False when the handler does not
+    run on the fast path (the caller must do the work before it returns)."""
+    pending: list[Callable[[], object]] | None = getattr(_serving, "after", None)
+    if pending is None:
+        return False
+    pending.append(work)
+    return True
 
 
 def compatible() -> bool:
@@ -228,11 +245,25 @@ class EventDrivenDUL(DULServiceProvider):
 
     def _serve_store(self, taken: StoreRequest) -> None:
         """Run the EVT_C_STORE handler on this thread and answer, as pynetdicom's Storage
-        service class does (a handler that raises: 0xC211)."""
-        assoc = self.assoc
+        service class does (a handler that raises: 0xC211); then the work the handler left
+        for after the response (:func:`after_response`)."""
         request, context = taken.payload
         request.DataSet = BytesIO(taken.data_set)
         taken.data_set = b""
+        after: list[Callable[[], object]] = []
+        _serving.after = after
+        try:
+            self._answer_store(taken, request, context)
+        finally:
+            _serving.after = None
+            for work in after:
+                try:
+                    work()
+                except Exception:
+                    log.exception("the work left for after a C-STORE response failed")
+
+    def _answer_store(self, taken: StoreRequest, request: C_STORE, context: Any) -> None:
+        assoc = self.assoc
         try:
             status = evt.trigger(
                 assoc, evt.EVT_C_STORE, {"request": request, "context": context.as_tuple}

@@ -3,16 +3,25 @@
 The C-STORE handler keeps the hot path short: it takes the encoded bytes as received (file meta
 plus ``event.encoded_dataset()``, no full decode), reads only the few header attributes it needs
 (stopping before pixel data), appends the instance to the ingest journal (:mod:`.journal`),
-writes the file atomically to the spool while the journal is flushed, records it in the ledger
-once the journal record is on disk, and only then answers success. An instance too large for
-the journal (``ingest.journal_max_bytes``) is flushed in the spool instead, and the journal gets
-a small record of it, flushed meanwhile. Anything that fails answers a DIMSE failure status and
-leaves no partial file.
+writes the file atomically to the spool while the journal is flushed, and answers success once
+the journal record is on disk. An instance too large for the journal
+(``ingest.journal_max_bytes``) is flushed in the spool instead, and the journal gets a small
+record of it, flushed meanwhile. Anything that fails answers a DIMSE failure status and leaves
+no partial file.
+
+The ledger row comes after the answer, on the fast path (:func:`.reactor.after_response`): the
+association's thread writes it while the response travels and the sender reads its next file,
+before it reads the next PDU, so the association's later messages (its release above all) find
+the row there. The instance is durable before that, in the journal; if the row cannot be
+written, the journal's checkpoint writes it later (it replays the record), and until a row can
+be written again the SCP writes each row before it answers, and a ledger failure is answered as
+one (0xA701). Without the journal, or off the fast path, the row is written before the answer.
 """
 
 from __future__ import annotations
 
 import collections
+import datetime as dt
 import ipaddress
 import logging
 import socket
@@ -22,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
@@ -40,15 +50,16 @@ from acwi_node.ingest.journal import (
     IngestJournal,
     JournalError,
     JournalRecord,
+    Ticket,
     replay_orphans,
     sync_filesystem,
 )
 from acwi_node.ingest.mpps import MPPS_SOP_CLASS, CompletionSignals, MppsSCP
 from acwi_node.ingest.part10 import file_meta_prefix
-from acwi_node.ingest.reactor import EventDrivenRequestHandler, no_delay
+from acwi_node.ingest.reactor import EventDrivenRequestHandler, after_response, no_delay
 from acwi_node.ingest.reactor import compatible as reactor_compatible
 from acwi_node.ingest.spool import Spool, SpoolError, is_safe_uid
-from acwi_node.ledger import InstanceRecord, Ledger, Recorded
+from acwi_node.ledger import InstanceRecord, Ledger
 from acwi_node.observability import metrics
 from acwi_node.observability.logging import note_identifiers
 from acwi_node.tls import peer_subject
@@ -266,6 +277,9 @@ class StorageSCP:
         #: Where instances become durable first (``ingest.journal``); None: each spool file
         #: and ledger row is flushed on its own.
         self.journal: IngestJournal | None = None
+        #: Whether the last ledger row could be written: only then is an instance answered
+        #: before its row is written (see :meth:`_record`).
+        self._ledger_works = True
 
     def _make_ae(self) -> AE:
         cfg = self.settings.ingest
@@ -328,6 +342,15 @@ class StorageSCP:
         self.ledger.record_instance(rec, first_in_association=False, flushed=False)
         return True
 
+    def _record_acknowledged(self, record: JournalRecord) -> None:
+        """For the journal's checkpoint: the ledger row of an instance answered while the
+        ledger failed, unless a later version of the instance has been recorded since."""
+        written = dt.datetime.fromtimestamp(record.time_ns / 1e9, dt.timezone.utc)
+        recorded_at = self.ledger.instance_received_at(str(record.meta["sop_instance_uid"]))
+        if recorded_at is not None and recorded_at > written.replace(tzinfo=None):
+            return
+        self._replay(record)
+
     def open_journal(self) -> None:
         """Replay the journals of stopped processes, then open this process's journal."""
         cfg = self.settings.ingest
@@ -341,6 +364,7 @@ class StorageSCP:
             self.ledger.flush,
             checkpoint_s=cfg.journal_checkpoint_s,
             fsync=cfg.fsync,
+            replay=self._record_acknowledged,
         )
         journal.open()
         self.journal = journal
@@ -590,77 +614,77 @@ class StorageSCP:
             calling_ae=calling_ae,
         )
         first = state is not None and study_uid not in state.study_uids
+        patient_id = _text(header, "PatientID") if self._audit_patient_id else ""
         journal = self.journal
         if journal is None:
-            outcome = self._persist(record, data, first, existed, sync_file=True, journaled=False)
-        else:
-            # A large instance's bytes are flushed in the spool only; the journal gets its CRC.
-            spooled = len(data) > self._journal_max_bytes
-            try:  # the record is flushed while the spool file is written
-                if spooled:
-                    ticket = journal.write_spooled(asdict(record), data)
-                else:
-                    ticket = journal.write(asdict(record), data)
-            except JournalError as exc:
-                log.error("C-STORE from %s: %s", calling_ae, exc)
-                metrics.INSTANCES_REJECTED.labels("spool_error").inc()
-                return STATUS_OUT_OF_RESOURCES
+            stored = self._store_file(record, data, existed, sync_file=True)
+            if isinstance(stored, int):
+                return stored
+            return self._record(record, stored, existed, first, state, patient_id)
+        # A large instance's bytes are flushed in the spool only; the journal gets its CRC.
+        spooled = len(data) > self._journal_max_bytes
+        try:  # the record is flushed while the spool file is written
+            if spooled:
+                ticket = journal.write_spooled(asdict(record), data)
+            else:
+                ticket = journal.write(asdict(record), data)
+        except JournalError as exc:
+            log.error("C-STORE from %s: %s", calling_ae, exc)
+            metrics.INSTANCES_REJECTED.labels("spool_error").inc()
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            stored = self._store_file(
+                record,
+                data,
+                existed,
+                sync_file=spooled,
+                before_ledger=lambda: journal.wait_durable(ticket),
+            )
+        except BaseException:
+            journal.done(ticket)
+            raise
+        if isinstance(stored, int):
+            journal.withdraw(ticket)
+            journal.done(ticket)
+            return stored
+
+        # The instance is durable (journal, or spool for a spooled record): once the ledger is
+        # known to work, answer first and write its row while the response travels.
+        def record_row(acknowledged: bool) -> int:
             try:
-                outcome = self._persist(
+                return self._record(
                     record,
-                    data,
-                    first,
+                    stored,
                     existed,
-                    sync_file=spooled,
-                    journaled=True,
-                    before_ledger=lambda: journal.wait_durable(ticket),
+                    first,
+                    state,
+                    patient_id,
+                    journal,
+                    ticket,
+                    acknowledged=acknowledged,
                 )
-                if isinstance(outcome, int):
-                    journal.withdraw(ticket)
             finally:
                 journal.done(ticket)
-        if isinstance(outcome, int):
-            return outcome
-        recorded = outcome
-        if state is not None:
-            with self._lock:
-                state.study_uids.add(study_uid)
-                state.study_ids.add(recorded.study_id)
-                state.stored[study_uid] = state.stored.get(study_uid, 0) + 1
-                if self._audit_patient_id:
-                    state.patient_ids.add(_text(header, "PatientID"))
-        log.debug(
-            "stored study_id=%d sop_class=%s size=%d%s",
-            recorded.study_id,
-            sop_class,
-            len(data),
-            " (re-opened study)" if recorded.reopened else "",
-        )
-        metrics.INSTANCES_RECEIVED.labels(calling_ae).inc()
-        if self.on_instance is not None:
-            self.on_instance(recorded.study_id)
-        if self.signals is not None:
-            self.signals.instance_arrived(study_uid)
-        return STATUS_SUCCESS
 
-    def _persist(
+        if self._ledger_works and after_response(lambda: record_row(True)):
+            return STATUS_SUCCESS
+        return record_row(False)
+
+    def _store_file(
         self,
         record: InstanceRecord,
         data: bytes,
-        first: bool,
         existed: bool,
         *,
         sync_file: bool,
-        journaled: bool,
         before_ledger: Callable[[], None] | None = None,
-    ) -> Recorded | int:
-        """Write the spool file, then the ledger row; a failure status if either fails.
+    ) -> Path | int:
+        """Write the spool file; its path, or a failure status if that fails.
 
         ``sync_file``: flush the spool file and its directory entry (the spool's ``fsync``
         setting permitting); not for an instance whose bytes the journal holds.
-        ``journaled``: the instance is in the journal, so the ledger row is not flushed here
-        (the journal's checkpoint does it); ``before_ledger`` waits until the journal record is
-        on disk, which must come before the ledger row exists (see :mod:`.journal`).
+        ``before_ledger`` waits until the journal record is on disk, which must come before
+        the ledger row exists (see :mod:`.journal`).
         """
         try:
             path = self.spool.store(
@@ -679,15 +703,73 @@ class StorageSCP:
                     self.spool.discard(path)
                 metrics.INSTANCES_REJECTED.labels("spool_error").inc()
                 return STATUS_OUT_OF_RESOURCES
+        return path
+
+    def _record(
+        self,
+        record: InstanceRecord,
+        path: Path,
+        existed: bool,
+        first: bool,
+        state: _AssociationState | None,
+        patient_id: str,
+        journal: IngestJournal | None = None,
+        ticket: Ticket | None = None,
+        *,
+        acknowledged: bool = False,
+    ) -> int:
+        """Write the instance's ledger row (flushed unless the journal holds the instance) and
+        note it for its association; the status to answer.
+
+        ``acknowledged``: success was answered already (the instance is durable in the
+        journal). If the row cannot be written then, the journal's checkpoint writes it
+        (:meth:`IngestJournal.unrecorded`), and until a row can be written again the SCP
+        answers only once it is. Otherwise a failure here is answered, and the file and the
+        journal record withdrawn.
+        """
         try:
-            return self.ledger.record_instance(
-                record, first_in_association=first, flushed=not journaled
+            recorded = self.ledger.record_instance(
+                record, first_in_association=first, flushed=journal is None
             )
         except Exception:
+            self._ledger_works = False
+            if acknowledged:
+                assert journal is not None and ticket is not None
+                journal.unrecorded(ticket)
+                log.exception(
+                    "C-STORE from %s: the ledger could not record an acknowledged instance;"
+                    " the journal's checkpoint records it",
+                    record.calling_ae,
+                )
+                return STATUS_SUCCESS
             log.exception(
                 "C-STORE from %s: the ledger could not record the instance", record.calling_ae
             )
             if not existed:
                 self.spool.discard(path)
+            if journal is not None and ticket is not None:
+                journal.withdraw(ticket)
             metrics.INSTANCES_REJECTED.labels("ledger_unavailable").inc()
             return STATUS_LEDGER_UNAVAILABLE
+        self._ledger_works = True
+        study_uid = record.study_uid
+        if state is not None:
+            with self._lock:
+                state.study_uids.add(study_uid)
+                state.study_ids.add(recorded.study_id)
+                state.stored[study_uid] = state.stored.get(study_uid, 0) + 1
+                if self._audit_patient_id:
+                    state.patient_ids.add(patient_id)
+        log.debug(
+            "stored study_id=%d sop_class=%s size=%d%s",
+            recorded.study_id,
+            record.sop_class_uid,
+            record.size,
+            " (re-opened study)" if recorded.reopened else "",
+        )
+        metrics.INSTANCES_RECEIVED.labels(record.calling_ae).inc()
+        if self.on_instance is not None:
+            self.on_instance(recorded.study_id)
+        if self.signals is not None:
+            self.signals.instance_arrived(study_uid)
+        return STATUS_SUCCESS

@@ -447,6 +447,13 @@ class Ledger:
             raw.close()  # back to the pool
         return Recorded(int(study_id), int(generation), reopened, existing is not None)
 
+    def instance_received_at(self, sop_instance_uid: str) -> dt.datetime | None:
+        """When the ledger's row of an instance was last written (UTC); None: no such row."""
+        with self.session() as s:
+            return s.execute(
+                select(Instance.received_at).where(Instance.sop_instance_uid == sop_instance_uid)
+            ).scalar_one_or_none()
+
     def instance_file(self, sop_instance_uid: str) -> tuple[str, int, str] | None:
         """The spool path, size and transfer syntax recorded for an instance; None when the
         ledger has no such row."""

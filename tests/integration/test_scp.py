@@ -203,22 +203,90 @@ def test_truncated_association_keeps_serving(node: tuple[Settings, Ledger, Stora
     assert send(settings, [make_sc(generate_uid())]) == [0]
 
 
-def test_ledger_failure_answers_out_of_resources_and_leaves_no_file(
-    node: tuple[Settings, Ledger, StorageSCP], monkeypatch: pytest.MonkeyPatch
+@pytest.fixture
+def slow_checkpoints(tmp_path: Path) -> Iterator[tuple[Settings, Ledger, StorageSCP]]:
+    """An SCP whose journal is checkpointed only when a test says so."""
+    settings = load_settings(
+        None,
+        node={"data_dir": tmp_path / "data", "dicom_host": "127.0.0.1", "dicom_port": free_port()},
+        ingest={"fsync": False, "journal_checkpoint_s": 300},
+    )
+    ledger = Ledger(settings.database_url)
+    scp = StorageSCP(settings, ledger, Spool(settings.spool_dir, fsync=False))
+    scp.start(block=False)
+    yield settings, ledger, scp
+    scp.stop()
+    ledger.dispose()
+
+
+def test_ledger_failure_after_the_answer_is_recorded_by_the_checkpoint(
+    slow_checkpoints: tuple[Settings, Ledger, StorageSCP], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings, ledger, scp = node
+    """An instance is answered once it is durable in the journal, and its ledger row written
+    while the answer travels. If that row fails, the instance is safe all the same: the
+    journal's checkpoint records it once the ledger works again, and keeps it until then.
+    Meanwhile the SCP answers only after the row, so a failing ledger refuses (0xA701) and
+    leaves no file."""
+    settings, ledger, scp = slow_checkpoints
+    assert scp.journal is not None
+    working = ledger.record_instance
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("database is locked")
 
     monkeypatch.setattr(ledger, "record_instance", broken)
     study = generate_uid()
-    assert send(settings, [make_sc(study)]) == [0xA701]
-    assert not (settings.spool_dir / study).exists() or not any(
-        (settings.spool_dir / study).iterdir()
+    answered, refused = make_sc(study), make_sc(study)
+    assert send(settings, [answered, refused]) == [0, 0xA701]
+    answered_file = settings.spool_dir / study / f"{answered.SOPInstanceUID}.dcm"
+    assert answered_file.exists()
+    assert not (settings.spool_dir / study / f"{refused.SOPInstanceUID}.dcm").exists()
+    assert ledger.get_study(study) is None
+    # The refused instance's record is withdrawn; the answered one waits in the journal.
+    with pytest.raises(RuntimeError, match="database is locked"):
+        scp.journal.checkpoint()
+    kinds = [(r.kind, r.meta.get("sop_instance_uid")) for r in read_journal(scp.journal.directory)]
+    assert (KIND_INSTANCE, answered.SOPInstanceUID) in kinds
+    assert scp.journal.pending_records > 0
+
+    monkeypatch.setattr(ledger, "record_instance", working)
+    assert scp.journal.checkpoint() > 0
+    assert ledger.instance_file(answered.SOPInstanceUID) is not None
+    assert scp.journal.pending_records == 0
+    later = make_sc(study)
+    assert send(settings, [later]) == [0]
+    st = ledger.get_study(study)
+    assert st is not None and st["instances"] == 2
+
+
+def test_the_checkpoint_keeps_a_later_version_of_an_unrecorded_instance(
+    slow_checkpoints: tuple[Settings, Ledger, StorageSCP], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An instance answered while the ledger failed, then sent again and recorded: the
+    checkpoint must not bring back the first version."""
+    settings, ledger, scp = slow_checkpoints
+    assert scp.journal is not None
+    working = ledger.record_instance
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("database is locked")
+
+    study, sop = generate_uid(), generate_uid()
+    first, second = make_sc(study, sop), make_sc(study, sop, patient="SCP^SECOND")
+    monkeypatch.setattr(ledger, "record_instance", broken)
+    assert send(settings, [first]) == [0]
+    monkeypatch.setattr(ledger, "record_instance", working)
+    assert send(settings, [second]) == [0]
+    path = settings.spool_dir / study / f"{sop}.dcm"
+    sent_last = path.read_bytes()
+    assert dcmread(path).PatientName == "SCP^SECOND"
+    assert scp.journal.checkpoint() > 0
+    assert path.read_bytes() == sent_last
+    assert ledger.instance_file(sop) == (
+        f"{study}/{sop}.dcm",
+        len(sent_last),
+        ExplicitVRLittleEndian,
     )
-    # Journaled before the ledger failed, then withdrawn: a replay would not store it either.
-    assert scp.journal is not None and read_journal(scp.journal.directory) == []
 
 
 def test_instances_wait_in_the_journal_until_its_checkpoint(tmp_path: Path) -> None:

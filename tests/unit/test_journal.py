@@ -145,6 +145,49 @@ def test_checkpoint_flushes_spool_and_ledger_then_deletes_the_segments(
     journal.close()
 
 
+def test_an_unrecorded_instance_is_replayed_before_its_segment_is_retired(
+    tmp_path: Path, flushes: list[str]
+) -> None:
+    """An instance answered without a ledger row: the checkpoint replays its record (and only
+    its), before anything is flushed; while that fails the segment stays."""
+    replayed: list[str] = []
+    failing = [True]
+
+    def replay(record: JournalRecord) -> None:
+        if failing[0]:
+            raise RuntimeError("the ledger is down")
+        replayed.append(record.meta["uid"])
+
+    journal = make_journal(tmp_path, flushes, replay=replay)
+    recorded = journal.append({"uid": "1"}, b"a")
+    unrecorded = journal.append({"uid": "2"}, b"b")
+    journal.unrecorded(unrecorded)
+    journal.done(unrecorded)
+    journal.done(recorded)
+    with pytest.raises(RuntimeError, match="the ledger is down"):
+        journal.checkpoint()
+    assert flushes == [] and journal.pending_records == 2
+    failing[0] = False
+    assert journal.checkpoint() == 2
+    assert replayed == ["2"] and flushes == ["fs", "ledger"]
+    assert journal.pending_records == 0
+    journal.close()
+
+
+def test_an_unrecorded_instance_without_a_replay_keeps_its_segment(
+    tmp_path: Path, flushes: list[str]
+) -> None:
+    journal = make_journal(tmp_path, flushes)
+    ticket = journal.append({"uid": "1"}, b"a")
+    journal.unrecorded(ticket)
+    journal.done(ticket)
+    with pytest.raises(JournalError, match="lack a ledger row"):
+        journal.checkpoint()
+    assert journal.pending_records == 1
+    journal.close()  # the last checkpoint fails too: the journal stays for the next start
+    assert segments(journal) != []
+
+
 def test_checkpoint_waits_for_instances_still_being_written(
     tmp_path: Path, flushes: list[str]
 ) -> None:

@@ -30,9 +30,18 @@ if the file holds exactly what it names: if a crash came between the two flushes
 was never acknowledged, and the replay falls back on the previous record for that file, if any.
 
 Layout: ``<spool>/.journal/<process id>-<random>/`` holds ``lock`` (``flock``-ed by its owner
-for its whole life) and segments ``<seq>.wal``. A record is a fixed header (magic, kind, record
-number, meta length, payload length, CRC-32 of the rest), the JSON meta, then the payload. A
-record cut short by a crash, or with a wrong CRC, ends the replay of its segment.
+for its whole life), segments ``<seq>.wal`` and spare segments ``<n>.spare``. A record is a
+fixed header (magic, kind, record number, meta length, payload length, CRC-32 of the rest), the
+JSON meta, then the payload. A record cut short by a crash, or with a wrong CRC, ends the replay
+of its segment.
+
+Segments are written in place, not appended to: a new segment starts as
+:data:`PREALLOCATE_BYTES` of zeros, and a retired one becomes a spare and, renamed, the next
+segment. Flushing a record then writes its blocks and nothing else (no new file size, no new
+blocks to map), which takes about a third less time per flush. A reused segment still holds
+records of its earlier use after the new ones; each record's CRC-32 starts from its segment's
+number (never reused in one journal), so such a record fails its check and ends the segment,
+as does a record number not above the one before it.
 """
 
 from __future__ import annotations
@@ -61,7 +70,10 @@ from acwi_node.observability import metrics
 
 log = logging.getLogger("acwi_node.ingest")
 
-MAGIC = b"AJR1"
+#: Records written by this version: the CRC-32 starts from the segment's number (see below).
+MAGIC = b"AJR2"
+#: Records of earlier versions (CRC-32 from zero), still replayed.
+MAGIC_V1 = b"AJR1"
 KIND_INSTANCE = 1
 #: Withdraws an instance record: the SCP answered a failure for it after journaling it.
 KIND_WITHDRAWN = 2
@@ -75,6 +87,30 @@ _HEADER = struct.Struct("<4sBQQIQI")
 
 #: A segment this large gets a successor at once, without waiting for the checkpoint.
 SEGMENT_BYTES = 64 << 20
+#: Bytes of zeros written into a new segment before it takes records: a flush that only
+#: overwrites blocks the file already has needs no change to its size or block map, one write
+#: to the disk instead of two.
+PREALLOCATE_BYTES = 16 << 20
+#: Retired segments kept for reuse (renamed, their space already allocated).
+SPARE_SEGMENTS = 2
+
+
+#: zlib.crc32's start values are 32-bit.
+_CRC_MASK = 0xFFFFFFFF
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """``size`` bytes of zeros at the start of ``fd``, flushed; without room for them, none
+    (the file grows as it is written instead)."""
+    chunk = bytes(min(size, 1 << 20))
+    offset = 0
+    try:
+        while offset < size:
+            offset += os.pwrite(fd, chunk[: size - offset], offset)
+        if size:
+            os.fdatasync(fd)
+    except OSError:
+        os.ftruncate(fd, 0)
 
 
 class JournalError(OSError):
@@ -162,6 +198,7 @@ class IngestJournal:
         checkpoint_s: float = 2.0,
         fsync: bool = True,
         segment_bytes: int = SEGMENT_BYTES,
+        preallocate_bytes: int = PREALLOCATE_BYTES,
         replay: Callable[[JournalRecord], object] | None = None,
     ) -> None:
         self.root = root
@@ -172,6 +209,11 @@ class IngestJournal:
         self.checkpoint_s = checkpoint_s
         self.fsync = fsync
         self.segment_bytes = segment_bytes
+        #: Zeros written into a new segment (none without flushes: nothing to gain).
+        self.preallocate_bytes = preallocate_bytes if fsync else 0
+        #: Retired segments to reuse, oldest first.
+        self._spares: list[Path] = []
+        self._next_spare = 1
         self.directory = root / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
@@ -200,7 +242,7 @@ class IngestJournal:
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         staging.rename(self.directory)
         with self._lock:
-            self._segments.append(self._new_segment())
+            self._segments.append(self._new_segment(zeros=True))
         if self.fsync:
             fsync_dir(self.root)
         self._thread = threading.Thread(
@@ -237,14 +279,52 @@ class IngestJournal:
         os.close(self._lock_fd)
         self._lock_fd = -1
 
-    def _new_segment(self) -> _Segment:
+    def _new_segment(self, *, zeros: bool = False) -> _Segment:
+        """The next segment: a spare renamed, else a new file (``zeros``: preallocated, else
+        it grows as it is written; the checkpointer prepares spares meanwhile)."""
         seq = self._next_seq
         self._next_seq += 1
         path = self.directory / f"{seq:012d}.wal"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
+        if self._spares:
+            os.rename(self._spares.pop(0), path)
+            fd = os.open(path, os.O_RDWR)
+        else:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+            if zeros:
+                _preallocate(fd, self.preallocate_bytes)
         if self.fsync:
             fsync_dir(self.directory)  # the segment's name must survive a crash too
         return _Segment(seq=seq, path=path, fd=fd)
+
+    def _prepare_spare(self) -> None:
+        """Without a spare segment, write one (outside the lock: writers go on meanwhile)."""
+        with self._lock:
+            if self._spares or not self.preallocate_bytes or not self._segments:
+                return
+            spare = self.directory / f"{self._next_spare:012d}.spare"
+            self._next_spare += 1
+        fd = os.open(spare, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            _preallocate(fd, self.preallocate_bytes)
+        finally:
+            os.close(fd)
+        with self._lock:
+            self._spares.append(spare)
+
+    def _retire(self, seg: _Segment) -> None:
+        """Close a checkpointed segment; keep it as a spare, or delete it."""
+        os.close(seg.fd)
+        if self.preallocate_bytes and not seg.error and len(self._spares) < SPARE_SEGMENTS:
+            spare = self.directory / f"{self._next_spare:012d}.spare"
+            self._next_spare += 1
+            try:
+                os.rename(seg.path, spare)
+            except OSError:
+                seg.path.unlink(missing_ok=True)
+            else:
+                self._spares.append(spare)
+                return
+        seg.path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------- records
     def append(self, meta: dict[str, Any], payload: bytes | memoryview) -> Ticket:
@@ -325,14 +405,14 @@ class IngestJournal:
             head = _HEADER.pack(
                 MAGIC, kind, number, time.time_ns(), len(meta_bytes), len(payload), 0
             )[:-4]
-            crc = zlib.crc32(payload, zlib.crc32(meta_bytes, zlib.crc32(head)))
+            crc = zlib.crc32(payload, zlib.crc32(meta_bytes, zlib.crc32(head, seg.seq & _CRC_MASK)))
             parts = [head + struct.pack("<I", crc), meta_bytes, payload]
             total = sum(len(p) for p in parts)
             try:
-                written = os.writev(seg.fd, parts)
+                written = os.pwritev(seg.fd, parts, seg.size)
                 while written < total:  # a short write: finish it
                     rest = b"".join(bytes(p) for p in parts)[written:]
-                    written += os.write(seg.fd, rest)
+                    written += os.pwrite(seg.fd, rest, seg.size + written)
             except OSError as exc:
                 # Whatever part was written ends the segment's replay there (bad CRC or short):
                 # start a new segment so that later records stay readable.
@@ -392,6 +472,10 @@ class IngestJournal:
     # ---------------------------------------------------------- checkpoint
     def _checkpoint_loop(self) -> None:
         while not self._stop.is_set():
+            try:
+                self._prepare_spare()
+            except OSError as exc:
+                log.warning("ingest journal: cannot prepare a spare segment: %s", exc)
             self._wake.wait(self.checkpoint_s)
             self._wake.clear()
             if self._stop.is_set():
@@ -425,8 +509,7 @@ class IngestJournal:
         retired = 0
         with self._lock:
             for seg in old:
-                os.close(seg.fd)
-                seg.path.unlink(missing_ok=True)
+                self._retire(seg)
                 self._segments.remove(seg)
                 retired += seg.records
         self.checkpoints += 1
@@ -451,6 +534,17 @@ class IngestJournal:
         log.info("ingest journal: %d acknowledged instance(s) recorded in the ledger", replayed)
 
     @property
+    def written_bytes(self) -> int:
+        """Bytes of records in the segments not yet checkpointed (their files are longer)."""
+        with self._lock:
+            return sum(s.size for s in self._segments)
+
+    @property
+    def spare_segments(self) -> int:
+        with self._lock:
+            return len(self._spares)
+
+    @property
     def pending_records(self) -> int:
         """Records not yet checkpointed (health and tests)."""
         with self._lock:
@@ -459,24 +553,40 @@ class IngestJournal:
 
 # ------------------------------------------------------------------------- replay
 def read_segment(path: Path) -> Iterator[JournalRecord]:
-    """The whole records of one segment, in order; stops at a torn or corrupt one."""
+    """The whole records of one segment, in order; stops at the first record that is torn,
+    corrupt, or left from the segment's earlier use (or at the zeros after the last one)."""
     data = path.read_bytes()
+    try:
+        seed = int(path.stem) & _CRC_MASK
+    except ValueError:
+        seed = -1  # not a segment's name: only records of the first version can be read
     offset = 0
+    previous = 0
     while offset + _HEADER.size <= len(data):
         magic, kind, number, time_ns, meta_len, payload_len, crc = _HEADER.unpack_from(data, offset)
+        if magic == MAGIC and seed >= 0:
+            start_crc = seed
+        elif magic == MAGIC_V1:
+            start_crc = 0
+        else:
+            return  # zeros after the last record, or a record torn at its first bytes
         start = offset + _HEADER.size
         end = start + meta_len + payload_len
-        if magic != MAGIC or end > len(data):
-            if magic != MAGIC or offset + _HEADER.size < len(data):
-                log.warning("ingest journal %s: a cut-short record ends it", path.name)
+        if end > len(data):
+            log.warning("ingest journal %s: a cut-short record ends it", path.name)
             return
         head = data[offset : offset + _HEADER.size - 4]
         meta_bytes = data[start : start + meta_len]
         payload = data[start + meta_len : end]
-        if zlib.crc32(payload, zlib.crc32(meta_bytes, zlib.crc32(head))) != crc:
-            log.warning("ingest journal %s: a record with a wrong checksum ends it", path.name)
+        if (
+            zlib.crc32(payload, zlib.crc32(meta_bytes, zlib.crc32(head, start_crc))) != crc
+            or number <= previous
+        ):
+            # A record torn by a crash, or one of the segment's earlier use.
+            log.debug("ingest journal %s: ends after record %d", path.name, previous)
             return
         yield JournalRecord(kind, number, time_ns, json.loads(meta_bytes), payload)
+        previous = number
         offset = end
 
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
 
 from acwi_node.ingest import journal as journal_module
 from acwi_node.ingest.journal import (
+    KIND_INSTANCE,
     IngestJournal,
     JournalError,
     JournalRecord,
@@ -77,7 +80,7 @@ def test_a_record_cut_short_ends_the_segment(tmp_path: Path, flushes: list[str],
     journal.done(journal.append({"uid": "1"}, b"x" * 20))
     journal.done(journal.append({"uid": "2"}, b"y" * 20))
     (segment,) = segments(journal)
-    data = segment.read_bytes()
+    data = segment.read_bytes()[: journal.written_bytes]
     segment.write_bytes(data[: len(data) - cut])  # the second record, torn by a crash
     assert [r.meta["uid"] for r in read_segment(segment)] == ["1"]
     journal.close()
@@ -96,6 +99,47 @@ def test_a_record_with_a_wrong_checksum_ends_the_segment(
     segment.write_bytes(bytes(data))
     assert [r.meta["uid"] for r in read_segment(segment)] == ["1"]
     journal.close()
+
+
+def test_a_new_segment_is_preallocated_and_a_retired_one_reused(
+    tmp_path: Path, flushes: list[str]
+) -> None:
+    """Segments are written in place: the first one starts as zeros, a retired one becomes
+    the next. Its records from before end its replay, even before a new record is written
+    (their CRC-32 starts from another segment number)."""
+    journal = make_journal(tmp_path, flushes, preallocate_bytes=64 << 10)
+    (first,) = segments(journal)
+    assert first.stat().st_size == 64 << 10
+    deadline = time.monotonic() + 10
+    while journal.spare_segments == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the checkpointer writes a spare of zeros
+    assert journal.spare_segments == 1
+    for i in range(3):
+        journal.done(journal.append({"uid": f"old-{i}"}, b"old" * 100))
+    assert journal.checkpoint() == 3  # the next segment is the spare; the first, retired
+    journal.done(journal.append({"uid": "between"}, b"x"))
+    assert journal.checkpoint() == 1  # the next segment is the first one's file again
+    (reused,) = segments(journal)
+    assert b"old" * 100 in reused.read_bytes()
+    assert read_journal(journal.directory) == []
+    journal.done(journal.append({"uid": "new"}, b"new"))
+    assert [r.meta["uid"] for r in read_journal(journal.directory)] == ["new"]
+    assert journal.spare_segments == 1  # the segment in between
+    journal.close()
+
+
+def test_records_of_the_first_format_are_still_read(tmp_path: Path) -> None:
+    """A journal left by a version whose CRC-32 started from zero (magic AJR1)."""
+    meta = json.dumps({"uid": "1.2.3"}).encode()
+    payload = b"instance"
+    head = journal_module._HEADER.pack(
+        journal_module.MAGIC_V1, KIND_INSTANCE, 1, 7, len(meta), len(payload), 0
+    )[:-4]
+    crc = zlib.crc32(payload, zlib.crc32(meta, zlib.crc32(head)))
+    segment = tmp_path / "000000000001.wal"
+    segment.write_bytes(head + struct.pack("<I", crc) + meta + payload)
+    (record,) = read_segment(segment)
+    assert record.meta == {"uid": "1.2.3"} and record.payload == payload
 
 
 def test_one_flush_covers_the_appends_that_wait_for_it(
@@ -326,7 +370,7 @@ def test_a_spooled_record_holds_the_crc_of_the_bytes_not_the_bytes(
     ticket = journal.write_spooled({"path": "b"}, data)
     journal.wait_durable(ticket)
     journal.done(ticket)
-    assert sum(p.stat().st_size for p in segments(journal)) < 1000
+    assert journal.written_bytes < 1000
     small, large = read_journal(journal.directory)
     assert not small.spooled and small.payload == b"small" and small.meta == {"path": "a"}
     assert large.spooled and large.payload == b""

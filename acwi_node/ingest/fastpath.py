@@ -161,7 +161,7 @@ class PDataRouter:
         self._mode = _IDLE
         self._command = bytearray()  # command fragments of a passed-through message
         self._taken: StoreRequest | None = None
-        self._chunks: list[bytes] = []
+        self._chunks: list[memoryview] = []
 
     @property
     def between_messages(self) -> bool:
@@ -201,7 +201,7 @@ class PDataRouter:
                         "a command fragment or another presentation context inside a "
                         "C-STORE request's data set"
                     )
-                self._chunks.append(bytes(fragment))
+                self._chunks.append(fragment)  # a view of the PDU: joined once, at the end
                 if last:
                     taken.data_set = b"".join(self._chunks)
                     out.append(taken)

@@ -39,9 +39,9 @@ Segments are written in place, not appended to: a new segment starts as
 :data:`PREALLOCATE_BYTES` of zeros, and a retired one becomes a spare and, renamed, the next
 segment. Flushing a record then writes its blocks and nothing else (no new file size, no new
 blocks to map), which takes about a third less time per flush. A reused segment still holds
-records of its earlier use after the new ones; each record's CRC-32 starts from its segment's
-number (never reused in one journal), so such a record fails its check and ends the segment,
-as does a record number not above the one before it.
+records of its earlier use after the new ones; each record's CRC-32 is XOR-ed with its
+segment's number (never reused in one journal), so such a record fails its check and ends the
+segment, as does a record number not above the one before it.
 """
 
 from __future__ import annotations
@@ -65,12 +65,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from acwi_node.ingest.spool import fsync_dir
+from acwi_node.ingest.spool import Buffers, buffers, fsync_dir, write_all
 from acwi_node.observability import metrics
 
 log = logging.getLogger("acwi_node.ingest")
 
-#: Records written by this version: the CRC-32 starts from the segment's number (see below).
+#: Records written by this version: the CRC-32 (of payload, meta, then header) XOR the
+#: segment's number (see the module's docstring).
 MAGIC = b"AJR2"
 #: Records of earlier versions (CRC-32 from zero), still replayed.
 MAGIC_V1 = b"AJR1"
@@ -95,8 +96,15 @@ PREALLOCATE_BYTES = 16 << 20
 SPARE_SEGMENTS = 2
 
 
-#: zlib.crc32's start values are 32-bit.
+#: A CRC-32 is 32 bits.
 _CRC_MASK = 0xFFFFFFFF
+
+
+def _crc32(data: Buffers) -> int:
+    crc = 0
+    for part in buffers(data):
+        crc = zlib.crc32(part, crc)
+    return crc
 
 
 def _preallocate(fd: int, size: int) -> None:
@@ -327,7 +335,7 @@ class IngestJournal:
         seg.path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------- records
-    def append(self, meta: dict[str, Any], payload: bytes | memoryview) -> Ticket:
+    def append(self, meta: dict[str, Any], payload: Buffers) -> Ticket:
         """Journal one instance and wait until it is on disk. Call :meth:`done` afterwards."""
         ticket = self.write(meta, payload)
         try:
@@ -337,16 +345,15 @@ class IngestJournal:
             raise
         return ticket
 
-    def write(self, meta: dict[str, Any], payload: bytes | memoryview) -> Ticket:
+    def write(self, meta: dict[str, Any], payload: Buffers) -> Ticket:
         """Journal one instance; the flusher starts flushing it at once. Before answering for
         it, :meth:`wait_durable`; in any case :meth:`done` afterwards."""
         return self._write(KIND_INSTANCE, meta, payload)
 
-    def write_spooled(self, meta: dict[str, Any], data: bytes | memoryview) -> Ticket:
+    def write_spooled(self, meta: dict[str, Any], data: Buffers) -> Ticket:
         """Journal an instance whose ``data`` the caller flushes in the spool itself: only
         ``meta`` and the CRC-32 of ``data`` are written. As for :meth:`write`, then."""
-        crc = zlib.crc32(data)  # outside the lock (zlib lets other threads run meanwhile)
-        return self._write(KIND_SPOOLED, {**meta, SPOOLED_CRC: crc}, b"")
+        return self._write(KIND_SPOOLED, {**meta, SPOOLED_CRC: _crc32(data)}, b"")
 
     def wait_durable(self, ticket: Ticket) -> None:
         """Return once the record is on disk; raises :class:`JournalError` if it cannot be."""
@@ -395,24 +402,25 @@ class IngestJournal:
             if ticket.segment.in_flight == 0:
                 self._done.notify_all()
 
-    def _write(self, kind: int, meta: dict[str, Any], payload: bytes | memoryview) -> Ticket:
+    def _write(self, kind: int, meta: dict[str, Any], payload: Buffers) -> Ticket:
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
+        payload_parts = buffers(payload)
+        payload_size = sum(len(p) for p in payload_parts)
+        # Outside the lock (zlib lets other threads run meanwhile): all but the header's CRC.
+        body_crc = zlib.crc32(meta_bytes, _crc32(payload_parts))
         with self._lock:
             if not self._segments:
                 raise JournalError("the ingest journal is closed", out_of_space=False)
             seg = self._segments[-1]
             number = self._next_number
             head = _HEADER.pack(
-                MAGIC, kind, number, time.time_ns(), len(meta_bytes), len(payload), 0
+                MAGIC, kind, number, time.time_ns(), len(meta_bytes), payload_size, 0
             )[:-4]
-            crc = zlib.crc32(payload, zlib.crc32(meta_bytes, zlib.crc32(head, seg.seq & _CRC_MASK)))
-            parts = [head + struct.pack("<I", crc), meta_bytes, payload]
-            total = sum(len(p) for p in parts)
+            crc = zlib.crc32(head, body_crc) ^ (seg.seq & _CRC_MASK)
+            parts = [head + struct.pack("<I", crc), meta_bytes, *payload_parts]
+            total = len(head) + 4 + len(meta_bytes) + payload_size
             try:
-                written = os.pwritev(seg.fd, parts, seg.size)
-                while written < total:  # a short write: finish it
-                    rest = b"".join(bytes(p) for p in parts)[written:]
-                    written += os.pwrite(seg.fd, rest, seg.size + written)
+                write_all(seg.fd, parts, seg.size)
             except OSError as exc:
                 # Whatever part was written ends the segment's replay there (bad CRC or short):
                 # start a new segment so that later records stay readable.
@@ -557,18 +565,14 @@ def read_segment(path: Path) -> Iterator[JournalRecord]:
     corrupt, or left from the segment's earlier use (or at the zeros after the last one)."""
     data = path.read_bytes()
     try:
-        seed = int(path.stem) & _CRC_MASK
+        segment_number = int(path.stem) & _CRC_MASK
     except ValueError:
-        seed = -1  # not a segment's name: only records of the first version can be read
+        segment_number = -1  # not a segment's name: only records of the first version can be read
     offset = 0
     previous = 0
     while offset + _HEADER.size <= len(data):
         magic, kind, number, time_ns, meta_len, payload_len, crc = _HEADER.unpack_from(data, offset)
-        if magic == MAGIC and seed >= 0:
-            start_crc = seed
-        elif magic == MAGIC_V1:
-            start_crc = 0
-        else:
+        if not (magic == MAGIC_V1 or (magic == MAGIC and segment_number >= 0)):
             return  # zeros after the last record, or a record torn at its first bytes
         start = offset + _HEADER.size
         end = start + meta_len + payload_len
@@ -578,10 +582,13 @@ def read_segment(path: Path) -> Iterator[JournalRecord]:
         head = data[offset : offset + _HEADER.size - 4]
         meta_bytes = data[start : start + meta_len]
         payload = data[start + meta_len : end]
-        if (
-            zlib.crc32(payload, zlib.crc32(meta_bytes, zlib.crc32(head, start_crc))) != crc
-            or number <= previous
-        ):
+        if magic == MAGIC_V1:
+            computed = zlib.crc32(payload, zlib.crc32(meta_bytes, zlib.crc32(head)))
+        else:
+            computed = (
+                zlib.crc32(head, zlib.crc32(meta_bytes, zlib.crc32(payload))) ^ segment_number
+            )
+        if computed != crc or number <= previous:
             # A record torn by a crash, or one of the segment's earlier use.
             log.debug("ingest journal %s: ends after record %d", path.name, previous)
             return

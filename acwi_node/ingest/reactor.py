@@ -486,12 +486,20 @@ class BulkReadSocket(AssociationSocket):
     def recv(self, nr_bytes: int) -> bytearray:
         sock = self.socket
         assert sock is not None
-        data = bytearray()
-        while len(data) < nr_bytes:
-            chunk = sock.recv(min(nr_bytes - len(data), RECV_CHUNK))
-            if not chunk:  # the connection broke: return what there is, as pynetdicom does
+        # Read straight into the PDU's buffer (no copy); the buffer grows with what arrives,
+        # never to a declared length that the data does not back.
+        data = bytearray(min(nr_bytes, RECV_CHUNK))
+        got = 0
+        while got < nr_bytes:
+            if got == len(data):
+                data += bytes(min(len(data), nr_bytes - got))
+            with memoryview(data) as view:
+                count = sock.recv_into(view[got:], min(len(data) - got, RECV_CHUNK))
+            if not count:  # the connection broke: return what there is, as pynetdicom does
                 break
-            data += chunk
+            got += count
+        if got < len(data):
+            del data[got:]
         return data
 
 

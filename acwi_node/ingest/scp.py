@@ -58,7 +58,7 @@ from acwi_node.ingest.mpps import MPPS_SOP_CLASS, CompletionSignals, MppsSCP
 from acwi_node.ingest.part10 import file_meta_prefix
 from acwi_node.ingest.reactor import EventDrivenRequestHandler, after_response, no_delay
 from acwi_node.ingest.reactor import compatible as reactor_compatible
-from acwi_node.ingest.spool import Spool, SpoolError, is_safe_uid
+from acwi_node.ingest.spool import Buffers, Spool, SpoolError, is_safe_uid
 from acwi_node.ledger import InstanceRecord, Ledger
 from acwi_node.observability import metrics
 from acwi_node.observability.logging import note_identifiers
@@ -95,9 +95,10 @@ STATUS_BAD_UID = 0xC001  # cannot understand: a UID unsafe to store (path-like, 
 STATUS_MISSING_UID = 0xC002  # cannot understand: no Study/SOP Instance UID
 
 
-def _received(event: evt.Event) -> tuple[bytes, bytes]:
+def _received(event: evt.Event) -> tuple[bytes, tuple[bytes, bytes]]:
     """(data set as received, the instance as a Part 10 file): the File Meta Information from
-    :mod:`.part10`, or from pynetdicom's encoder for values that one cannot take."""
+    :mod:`.part10`, or from pynetdicom's encoder for values that one cannot take, then the data
+    set (two buffers, written one after the other: a CT slice is not copied to join them)."""
     request = cast(C_STORE, event.request)
     dataset = event.encoded_dataset(include_meta=False)
     try:
@@ -107,8 +108,8 @@ def _received(event: evt.Event) -> tuple[bytes, bytes]:
             str(event.context.transfer_syntax),
         )
     except (UnicodeEncodeError, struct.error):  # odd values: pynetdicom's encoder decides
-        return dataset, event.encoded_dataset(include_meta=True)
-    return dataset, prefix + dataset
+        return dataset, (event.encoded_dataset(include_meta=True), b"")
+    return dataset, (prefix, dataset)
 
 
 def _text(header: Mapping[str, str], keyword: str) -> str:
@@ -572,7 +573,7 @@ class StorageSCP:
             return STATUS_CANNOT_UNDERSTAND
         try:
             header = scan_header(dataset, str(event.context.transfer_syntax)) or pydicom_header(
-                data
+                b"".join(data)
             )
         except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OSError) as exc:
             log.warning("C-STORE from %s: cannot parse the dataset header: %s", calling_ae, exc)
@@ -610,7 +611,7 @@ class StorageSCP:
             modality=_text(header, "Modality")[:16],
             body_part=_text(header, "BodyPartExamined")[:64],
             path=self.spool.relative(final),
-            size=len(data),
+            size=len(data[0]) + len(data[1]),
             calling_ae=calling_ae,
         )
         first = state is not None and study_uid not in state.study_uids
@@ -622,7 +623,7 @@ class StorageSCP:
                 return stored
             return self._record(record, stored, existed, first, state, patient_id)
         # A large instance's bytes are flushed in the spool only; the journal gets its CRC.
-        spooled = len(data) > self._journal_max_bytes
+        spooled = record.size > self._journal_max_bytes
         try:  # the record is flushed while the spool file is written
             if spooled:
                 ticket = journal.write_spooled(asdict(record), data)
@@ -673,7 +674,7 @@ class StorageSCP:
     def _store_file(
         self,
         record: InstanceRecord,
-        data: bytes,
+        data: Buffers,
         existed: bool,
         *,
         sync_file: bool,

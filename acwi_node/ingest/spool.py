@@ -15,9 +15,41 @@ import itertools
 import os
 import re
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeAlias
+
+#: One buffer, or several written one after the other (an instance's file meta and data set,
+#: written without joining them first).
+Buffers: TypeAlias = bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def buffers(data: Buffers) -> list[bytes | bytearray | memoryview]:
+    """``data`` as a list of buffers."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        return [data]
+    return list(data)
+
+
+def total_size(data: Buffers) -> int:
+    return sum(len(b) for b in buffers(data))
+
+
+def write_all(fd: int, data: Buffers, offset: int | None = None) -> int:
+    """Write every byte of ``data`` (at ``offset``, else at the file position); the count."""
+    views = [memoryview(b).cast("B") for b in buffers(data) if len(b)]
+    total = 0
+    while views:
+        count = os.writev(fd, views) if offset is None else os.pwritev(fd, views, offset + total)
+        total += count
+        while views and count >= len(views[0]):
+            count -= len(views[0])
+            views.pop(0)
+        if count:
+            views[0] = views[0][count:]
+    return total
 
 
 def is_safe_uid(value: str) -> bool:
@@ -72,7 +104,7 @@ class Spool:
         self,
         study_uid: str,
         sop_instance_uid: str,
-        data: bytes | memoryview,
+        data: Buffers,
         *,
         sync: bool | None = None,
     ) -> Path:
@@ -87,10 +119,7 @@ class Spool:
         fd = -1
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            write_all(fd, data)
             if sync:
                 os.fsync(fd)
             os.close(fd)

@@ -63,6 +63,21 @@ def test_records_read_back_whole_and_in_order(tmp_path: Path, flushes: list[str]
     journal.close()
 
 
+def test_a_payload_in_several_buffers_reads_back_as_one(tmp_path: Path, flushes: list[str]) -> None:
+    """The SCP hands over an instance as its file meta and its data set, never joined."""
+    journal = make_journal(tmp_path, flushes)
+    meta, dataset = b"file-meta", memoryview(bytearray(os.urandom(5000)))
+    parts: tuple[bytes, memoryview] = (meta, dataset)
+    journal.done(journal.append({"uid": "1"}, parts))
+    ticket = journal.write_spooled({"uid": "2"}, parts)
+    journal.wait_durable(ticket)
+    journal.done(ticket)
+    whole, spooled = read_journal(journal.directory)
+    assert whole.payload == meta + bytes(dataset)
+    assert spooled.matches(meta + bytes(dataset)) and not spooled.matches(bytes(dataset))
+    journal.close()
+
+
 def test_a_withdrawn_instance_is_not_replayed(tmp_path: Path, flushes: list[str]) -> None:
     journal = make_journal(tmp_path, flushes)
     kept = journal.append({"uid": "1"}, b"a")
@@ -106,7 +121,7 @@ def test_a_new_segment_is_preallocated_and_a_retired_one_reused(
 ) -> None:
     """Segments are written in place: the first one starts as zeros, a retired one becomes
     the next. Its records from before end its replay, even before a new record is written
-    (their CRC-32 starts from another segment number)."""
+    (their CRC-32 is XOR-ed with another segment number)."""
     journal = make_journal(tmp_path, flushes, preallocate_bytes=64 << 10)
     (first,) = segments(journal)
     assert first.stat().st_size == 64 << 10

@@ -19,9 +19,9 @@ class _Recorder:
         self.sock = sock
         self.calls = 0
 
-    def recv(self, n: int) -> bytes:
+    def recv_into(self, buffer: memoryview, n: int) -> int:
         self.calls += 1
-        return self.sock.recv(n)
+        return self.sock.recv_into(buffer, n)
 
 
 @pytest.fixture
@@ -54,16 +54,29 @@ def test_a_broken_connection_returns_what_arrived(pair: Any) -> None:
     assert bytes(bulk.recv(0xFFFFFFFF)) == b"abc"
 
 
+def test_the_buffer_grows_with_what_arrives(pair: Any) -> None:
+    """A PDU longer than one read's buffer: the buffer grows as its bytes come, to exactly
+    the PDU."""
+    bulk, _, peer = pair
+    body = bytes(range(251)) * (3 * RECV_CHUNK // 251 + 7)
+    sender = threading.Thread(target=peer.sendall, args=(body + b"!",))
+    sender.start()
+    got = bulk.recv(len(body))
+    sender.join()
+    assert len(got) == len(body) and bytes(got) == body
+    assert bytes(bulk.recv(1)) == b"!"
+
+
 def test_no_single_read_asks_for_more_than_the_chunk(pair: Any) -> None:
     bulk, recorder, peer = pair
     asked: list[int] = []
-    real = recorder.recv
+    real = recorder.recv_into
 
-    def spy(n: int) -> bytes:
+    def spy(buffer: memoryview, n: int) -> int:
         asked.append(n)
-        return real(n)
+        return real(buffer, n)
 
-    recorder.recv = spy
+    recorder.recv_into = spy
     peer.sendall(b"x" * 10)
     peer.close()
     bulk.recv(0xFFFFFFFF)

@@ -51,18 +51,38 @@ def test_unsafe_uid_never_names_a_path(tmp_path: Path) -> None:
 
 def test_disk_full_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spool = Spool(tmp_path / "spool", fsync=False)
-    real_write = os.write
+    real_writev = os.writev
 
-    def full(fd: int, data: bytes | memoryview) -> int:
-        real_write(fd, bytes(data)[:3])
+    def full(fd: int, buffers: list[memoryview]) -> int:
+        real_writev(fd, [bytes(buffers[0])[:3]])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(os, "writev", full)
     with pytest.raises(SpoolError) as err:
         spool.store("1.2", "1.2.9", b"0123456789")
     assert err.value.out_of_space
     assert list(spool.tmp_dir.iterdir()) == []
     assert not (tmp_path / "spool" / "1.2" / "1.2.9.dcm").exists()
+
+
+def test_buffers_are_written_whole_across_short_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An instance's file meta and data set go to the file one after the other, whatever
+    number of bytes each write takes."""
+    real_writev = os.writev
+    calls: list[int] = []
+
+    def short(fd: int, buffers: list[memoryview]) -> int:
+        calls.append(len(buffers))
+        return real_writev(fd, [bytes(buffers[0])[:3]])  # at most 3 bytes a time
+
+    monkeypatch.setattr(os, "writev", short)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    parts = (b"DICM-meta", memoryview(bytearray(b"0123456789")), b"", b"end")
+    path = spool.store("1.2", "1.2.9", parts)
+    assert path.read_bytes() == b"DICM-meta0123456789end"
+    assert len(calls) == 8 and calls[0] == 3  # the empty buffer is skipped
 
 
 def test_clean_tmp_removes_crash_leftovers(tmp_path: Path) -> None:

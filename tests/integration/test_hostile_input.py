@@ -132,18 +132,18 @@ def test_disk_full_answers_out_of_resources_and_leaves_no_file(
     settings, ledger, _ = node
     import acwi_node.ingest.spool as spool_module
 
-    real_write = os.write
+    real_writev = os.writev
 
-    def full(fd: int, data: bytes | memoryview) -> int:
-        real_write(fd, bytes(data)[:10])  # part of the file reaches the disk, then ENOSPC
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def full(fd: int, buffers: list[memoryview]) -> int:
+        real_writev(fd, [bytes(buffers[0])[:10]])  # part of the file reaches the disk, then
+        raise OSError(errno.ENOSPC, "No space left on device")  # ENOSPC
 
-    monkeypatch.setattr(spool_module.os, "write", full)
+    monkeypatch.setattr(spool_module.os, "writev", full)
     study = generate_uid()
     assert send(settings, [make_sc(study)]) == [0xA700]
     no_partial_files(settings)
     assert ledger.get_study(study) is None
-    monkeypatch.setattr(spool_module.os, "write", real_write)
+    monkeypatch.setattr(spool_module.os, "writev", real_writev)
     next_association_works(settings, ledger)
 
 

@@ -47,8 +47,9 @@ STATUS_MEANINGS: dict[str, tuple[str, str, str]] = {
     "STATUS_SUCCESS": (
         "Success",
         "Success",
-        "The instance is on disk (in the ingest journal, or its spool file flushed) and"
-        " recorded in the ledger.",
+        "The instance is on disk (in the ingest journal, or its spool file flushed). Its"
+        " ledger row is written right after the answer, before the association's next message"
+        " is read (by the journal's next checkpoint if the ledger fails just then).",
     ),
     "STATUS_OUT_OF_RESOURCES": (
         "Failure",
@@ -59,8 +60,9 @@ STATUS_MEANINGS: dict[str, tuple[str, str, str]] = {
     "STATUS_LEDGER_UNAVAILABLE": (
         "Failure",
         "Refused: Out of Resources",
-        "The ledger could not record the instance (database unavailable); a file written "
-        "for it is removed again. The SCU may retry later.",
+        "The ledger could not record the instance (database unavailable; once a row has"
+        " failed, rows are written before the answer until one succeeds); a file written for it"
+        " is removed again. The SCU may retry later.",
     ),
     "STATUS_CANNOT_UNDERSTAND": (
         "Failure",

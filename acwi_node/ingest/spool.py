@@ -1,10 +1,9 @@
 """The spool: received instances as Part-10 files, written atomically and durably.
 
 A file is written to ``<spool>/.tmp/`` (same file system), fsynced, renamed to
-``<spool>/<study uid>/<sop instance uid>.dcm`` and its directory fsynced (a file of 64 KB to
-16 MB goes to the disk directly, ``O_DIRECT``, where the file system allows it); or, for an
-instance already in the ingest journal (``<spool>/.journal/``, see :mod:`.journal`), written
-and renamed without flushing, which the journal's checkpoint does later. Names come only from UIDs
+``<spool>/<study uid>/<sop instance uid>.dcm`` and its directory fsynced; or, for an instance
+already in the ingest journal (``<spool>/.journal/``, see :mod:`.journal`), written and renamed
+without flushing, which the journal's checkpoint does later. Names come only from UIDs
 that passed :func:`is_safe_uid` (digits and dots, at most 64 characters); nothing else from a
 dataset ever names a path. On any failure the temporary file is removed: no partial file remains.
 """
@@ -13,11 +12,8 @@ from __future__ import annotations
 
 import errno
 import itertools
-import logging
-import mmap
 import os
 import re
-import threading
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,16 +22,6 @@ from typing import TypeAlias
 #: One buffer, or several written one after the other (an instance's file meta and data set,
 #: written without joining them first).
 Buffers: TypeAlias = bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
-
-log = logging.getLogger("acwi_node.ingest")
-
-#: Files flushed as soon as they are written go to the disk directly (``O_DIRECT``) when their
-#: size is in this range: below it the page cache costs little, above it the buffer would be
-#: large.
-DIRECT_MIN_BYTES = 64 << 10
-DIRECT_MAX_BYTES = 16 << 20
-#: Direct I/O writes whole blocks from block-aligned memory (4096 covers 512-byte devices).
-DIRECT_ALIGN = 4096
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -97,10 +83,6 @@ class Spool:
         #: and no system call, per file).
         self._prefix = uuid.uuid4().hex[:16]
         self._names = itertools.count()
-        #: Whether flushed files are written with O_DIRECT (until the file system refuses).
-        self._direct = hasattr(os, "O_DIRECT")
-        #: Each thread's aligned buffer for direct I/O.
-        self._buffers = threading.local()
 
     def path_for(self, study_uid: str, sop_instance_uid: str) -> Path:
         """Where an instance lives; both UIDs must be safe."""
@@ -136,14 +118,10 @@ class Spool:
         tmp = self.tmp_dir / f"{self._prefix}-{next(self._names)}.part"
         fd = -1
         try:
-            size = total_size(data)
-            if sync and self._direct and DIRECT_MIN_BYTES <= size <= DIRECT_MAX_BYTES:
-                fd = self._write_direct(tmp, data, size)
-            if fd < 0:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-                write_all(fd, data)
-                if sync:
-                    os.fsync(fd)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            write_all(fd, data)
+            if sync:
+                os.fsync(fd)
             os.close(fd)
             fd = -1
             new_dir = study_uid not in self._dirs and not final.parent.exists()
@@ -169,58 +147,6 @@ class Spool:
             raise SpoolError(
                 f"cannot write to spool: {exc.strerror or exc}", out_of_space=full
             ) from exc
-
-    def _write_direct(self, tmp: Path, data: Buffers, size: int) -> int:
-        """Write and flush ``data`` to ``tmp`` with ``O_DIRECT``; the open descriptor, or -1
-        where the file system refuses direct I/O (then never tried again).
-
-        A file flushed as soon as it is written gains nothing from the page cache: copying it
-        there first, then flushing it, took about three times as long as writing it to the disk
-        from a reused, aligned buffer (1.7 ms against 0.6 ms for a 512 KB CT slice). The buffer
-        is padded to whole blocks, and the file cut back to its size before it is flushed.
-        """
-        padded = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
-        buffer = getattr(self._buffers, "direct", None)
-        if buffer is None or len(buffer) < padded:
-            if buffer is not None:
-                buffer.close()
-            buffer = mmap.mmap(-1, max(padded, 1 << 20))  # page-aligned
-            self._buffers.direct = buffer
-        offset = 0
-        for part in buffers(data):
-            buffer[offset : offset + len(part)] = part
-            offset += len(part)
-        buffer[size:padded] = bytes(padded - size)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o640)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            self._no_direct(exc)
-            return -1
-        try:
-            with memoryview(buffer) as view:
-                done = 0
-                while done < padded:
-                    done += os.pwrite(fd, view[done:padded], done)
-            os.ftruncate(fd, size)
-            os.fdatasync(fd)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno != errno.EINVAL:
-                raise
-            self._no_direct(exc)
-            tmp.unlink(missing_ok=True)
-            return -1
-        return fd
-
-    def _no_direct(self, exc: OSError) -> None:
-        self._direct = False
-        log.info(
-            "spool %s: no direct I/O here (%s); files are written through the page cache",
-            self.root,
-            exc.strerror or exc,
-        )
 
     def discard(self, path: Path) -> None:
         """Remove a stored file (used when recording it in the ledger failed)."""

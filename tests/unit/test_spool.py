@@ -4,7 +4,6 @@ import errno
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -84,67 +83,6 @@ def test_buffers_are_written_whole_across_short_writes(
     path = spool.store("1.2", "1.2.9", parts)
     assert path.read_bytes() == b"DICM-meta0123456789end"
     assert len(calls) == 8 and calls[0] == 3  # the empty buffer is skipped
-
-
-def _open_flags(monkeypatch: pytest.MonkeyPatch, *, refuse_direct: bool = False) -> list[int]:
-    """The flags of every os.open; ``refuse_direct``: O_DIRECT fails as on tmpfs."""
-    flags: list[int] = []
-    real_open = os.open
-
-    def spy(path: Any, how: int, *args: Any, **kwargs: Any) -> int:
-        flags.append(how)
-        if refuse_direct and how & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, how, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", spy)
-    return flags
-
-
-@pytest.mark.parametrize("size", [64 << 10, 100_001, (1 << 20) + 4096])
-def test_a_flushed_file_of_a_ct_slice_goes_to_the_disk_directly(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
-) -> None:
-    """Padded to whole blocks for O_DIRECT, then cut back: the file is exactly the instance."""
-    flags = _open_flags(monkeypatch)
-    spool = Spool(tmp_path / "spool")
-    head, body = b"DICM" * 33, os.urandom(size - 132)
-    path = spool.store("1.2", "1.2.9", (head, body))
-    assert path.read_bytes() == head + body
-    assert any(f & os.O_DIRECT for f in flags)
-    flags.clear()
-    spool.store("1.2", "1.2.10", os.urandom(1000))  # small: through the page cache
-    spool.store("1.2", "1.2.11", os.urandom(size), sync=False)  # not flushed: the same
-    assert not any(f & os.O_DIRECT for f in flags)
-    assert list(spool.tmp_dir.iterdir()) == []
-
-
-def test_a_full_disk_during_a_direct_write_leaves_no_partial_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def full(fd: int, data: memoryview, offset: int) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "pwrite", full)
-    spool = Spool(tmp_path / "spool")
-    with pytest.raises(SpoolError) as err:
-        spool.store("1.2", "1.2.9", os.urandom(200_000))
-    assert err.value.out_of_space
-    assert list(spool.tmp_dir.iterdir()) == []
-    assert not (tmp_path / "spool" / "1.2" / "1.2.9.dcm").exists()
-
-
-def test_without_direct_io_files_go_through_the_page_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    flags = _open_flags(monkeypatch, refuse_direct=True)
-    spool = Spool(tmp_path / "spool")
-    data = os.urandom(200_000)
-    assert spool.store("1.2", "1.2.9", data).read_bytes() == data
-    assert spool.store("1.2", "1.2.10", data).read_bytes() == data
-    direct = [f for f in flags if f & os.O_DIRECT]
-    assert len(direct) == 1  # refused once, then not tried again
-    assert list(spool.tmp_dir.iterdir()) == []
 
 
 def test_clean_tmp_removes_crash_leftovers(tmp_path: Path) -> None:

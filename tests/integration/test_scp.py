@@ -64,24 +64,33 @@ def make_sc(
     return ds
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[tuple[Settings, Ledger, StorageSCP]]:
+@contextlib.contextmanager
+def running_scp(tmp_path: Path, **ingest: object) -> Iterator[tuple[Settings, Ledger, StorageSCP]]:
+    """An in-process SCP on a free port, without fsync, with ``ingest`` settings."""
     settings = load_settings(
         None,
         node={"data_dir": tmp_path / "data", "dicom_host": "127.0.0.1", "dicom_port": free_port()},
-        ingest={
-            "fsync": False,
-            "allowed_calling_aes": ["SENDER", "STORESCU"],
-            "network_timeout_s": 2,
-            "acse_timeout_s": 2,
-        },
+        ingest={"fsync": False, **ingest},
     )
     ledger = Ledger(settings.database_url)
     scp = StorageSCP(settings, ledger, Spool(settings.spool_dir, fsync=False))
     scp.start(block=False)
-    yield settings, ledger, scp
-    scp.stop()
-    ledger.dispose()
+    try:
+        yield settings, ledger, scp
+    finally:
+        scp.stop()
+        ledger.dispose()
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[tuple[Settings, Ledger, StorageSCP]]:
+    with running_scp(
+        tmp_path,
+        allowed_calling_aes=["SENDER", "STORESCU"],
+        network_timeout_s=2,
+        acse_timeout_s=2,
+    ) as running:
+        yield running
 
 
 def send(
@@ -206,17 +215,8 @@ def test_truncated_association_keeps_serving(node: tuple[Settings, Ledger, Stora
 @pytest.fixture
 def slow_checkpoints(tmp_path: Path) -> Iterator[tuple[Settings, Ledger, StorageSCP]]:
     """An SCP whose journal is checkpointed only when a test says so."""
-    settings = load_settings(
-        None,
-        node={"data_dir": tmp_path / "data", "dicom_host": "127.0.0.1", "dicom_port": free_port()},
-        ingest={"fsync": False, "journal_checkpoint_s": 300},
-    )
-    ledger = Ledger(settings.database_url)
-    scp = StorageSCP(settings, ledger, Spool(settings.spool_dir, fsync=False))
-    scp.start(block=False)
-    yield settings, ledger, scp
-    scp.stop()
-    ledger.dispose()
+    with running_scp(tmp_path, journal_checkpoint_s=300) as running:
+        yield running
 
 
 def test_ledger_failure_after_the_answer_is_recorded_by_the_checkpoint(

@@ -639,7 +639,7 @@ class StorageSCP:
                 data,
                 existed,
                 sync_file=spooled,
-                before_ledger=lambda: journal.wait_durable(ticket),
+                wait_durable=lambda: journal.wait_durable(ticket),
             )
         except BaseException:
             journal.done(ticket)
@@ -678,14 +678,14 @@ class StorageSCP:
         existed: bool,
         *,
         sync_file: bool,
-        before_ledger: Callable[[], None] | None = None,
+        wait_durable: Callable[[], None] | None = None,
     ) -> Path | int:
         """Write the spool file; its path, or a failure status if that fails.
 
         ``sync_file``: flush the spool file and its directory entry (the spool's ``fsync``
         setting permitting); not for an instance whose bytes the journal holds.
-        ``before_ledger`` waits until the journal record is on disk, which must come before
-        the ledger row exists (see :mod:`.journal`).
+        ``wait_durable`` waits until the journal record is on disk, which must come before the
+        answer and the ledger row (see :mod:`.journal`); if it fails, so does the store.
         """
         try:
             path = self.spool.store(
@@ -695,9 +695,9 @@ class StorageSCP:
             log.error("C-STORE from %s: %s", record.calling_ae, exc)
             metrics.INSTANCES_REJECTED.labels("spool_error").inc()
             return STATUS_OUT_OF_RESOURCES
-        if before_ledger is not None:
+        if wait_durable is not None:
             try:
-                before_ledger()
+                wait_durable()
             except JournalError as exc:
                 log.error("C-STORE from %s: %s", record.calling_ae, exc)
                 if not existed:

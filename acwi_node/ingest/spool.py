@@ -33,10 +33,6 @@ def buffers(data: Buffers) -> list[bytes | bytearray | memoryview]:
     return list(data)
 
 
-def total_size(data: Buffers) -> int:
-    return sum(len(b) for b in buffers(data))
-
-
 def write_all(fd: int, data: Buffers, offset: int | None = None) -> int:
     """Write every byte of ``data`` (at ``offset``, else at the file position); the count."""
     views = [memoryview(b).cast("B") for b in buffers(data) if len(b)]

@@ -198,6 +198,51 @@ def write_small_instances(out_dir: Path, n: int, *, per_study: int = 50) -> list
     return paths
 
 
+# ------------------------------------------------------------------------- CPU time
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as handle:
+                out += [int(c) for c in handle.read().split()]
+        except OSError:
+            continue
+    return out
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and its live descendants
+    (Linux ``/proc``; 0.0 where that cannot be read)."""
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            with open(f"/proc/{current}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # Fields after the command name, from "state" (field 3): utime is 14, stime 15.
+        total += (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+        pending += _children(current)
+    return total
+
+
+def children_cpu_s() -> float:
+    """CPU seconds used by this process's ended and waited-for children (the senders)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 # ------------------------------------------------------------------------- DCMTK
 def dcmtk_env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}

@@ -25,12 +25,15 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
     STORESCP,
+    children_cpu_s,
     markdown_table,
+    process_tree_cpu_s,
     rate,
     ratio,
     start_node,
@@ -44,11 +47,33 @@ from tests.support.node import write_config
 from tests.support.orthanc import OrthancServer
 from tests.support.ports import free_port
 
-Target = Callable[[Path], AbstractContextManager[tuple[int, str, Callable[[], int]]]]
+
+@dataclass(frozen=True)
+class Receiver:
+    """A started target: where to send, how many instances it holds, and its process (whose
+    CPU time, children included, is the receiver's)."""
+
+    port: int
+    aet: str
+    count: Callable[[], int]
+    pid: int
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One target's run: instances per second, and CPU milliseconds per instance spent by the
+    receiver (its processes) and by the senders (the storescu processes)."""
+
+    rate: float
+    receiver_cpu_ms: float
+    sender_cpu_ms: float
+
+
+Target = Callable[[Path], AbstractContextManager[Receiver]]
 
 
 @contextmanager
-def storescp_target(workdir: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
+def storescp_target(workdir: Path) -> Iterator[Receiver]:
     port = free_port()
     out = workdir / "storescp"
     out.mkdir()
@@ -60,20 +85,21 @@ def storescp_target(workdir: Path) -> Iterator[tuple[int, str, Callable[[], int]
     )
     try:
         wait_port(port)
-        yield port, "STORESCP", lambda: sum(1 for _ in out.iterdir())
+        yield Receiver(port, "STORESCP", lambda: sum(1 for _ in out.iterdir()), proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
 
 
 @contextmanager
-def orthanc_target(workdir: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
+def orthanc_target(workdir: Path) -> Iterator[Receiver]:
     with OrthancServer(node_port=free_port(), workdir=workdir / "orthanc") as orthanc:
 
         def count() -> int:
             return int(orthanc.get_json("/statistics")["CountInstances"])
 
-        yield orthanc.dicom_port, orthanc.aet, count
+        assert orthanc.pid is not None
+        yield Receiver(orthanc.dicom_port, orthanc.aet, count, orthanc.pid)
 
 
 def node_config(workdir: Path, port: int, ops_port: int, **ingest: Any) -> Path:
@@ -115,7 +141,7 @@ def ledger_instances(db: Path) -> int:
 
 
 @contextmanager
-def node_target(workdir: Path, **ingest: Any) -> Iterator[tuple[int, str, Callable[[], int]]]:
+def node_target(workdir: Path, **ingest: Any) -> Iterator[Receiver]:
     port = free_port()
     root = workdir / "node"
     root.mkdir()
@@ -133,7 +159,7 @@ def node_target(workdir: Path, **ingest: Any) -> Iterator[tuple[int, str, Callab
                 raise RuntimeError(f"node: {spooled} files in the spool, {recorded} in the ledger")
             return recorded
 
-        yield port, "ACWI", count
+        yield Receiver(port, "ACWI", count, proc.pid)
     finally:
         stop_process(proc)
         if proc.returncode not in (0, -15):
@@ -155,8 +181,9 @@ TARGETS: dict[str, Target] = {
 }
 
 
-def measure(target: Target, files: list[Path], associations: int, workdir: Path) -> float:
-    """Instances per second into a fresh ``target``; checks that every instance arrived."""
+def measure(target: Target, files: list[Path], associations: int, workdir: Path) -> Measurement:
+    """Instances per second into a fresh ``target``, and the CPU time spent per instance;
+    checks that every instance arrived."""
     from bench.common import send_parallel
 
     # Each run's storage stays until the benchmark ends: on ext4 without a journal, creating a
@@ -165,17 +192,29 @@ def measure(target: Target, files: list[Path], associations: int, workdir: Path)
     received = workdir / "received"
     received.mkdir(exist_ok=True)
     tmp = tempfile.mkdtemp(dir=received)
-    with target(Path(tmp)) as (port, aet, count):
-        seconds = send_parallel(port, files, called=aet, associations=associations)
+    with target(Path(tmp)) as receiver:
+        receiver_before = process_tree_cpu_s(receiver.pid)
+        sender_before = children_cpu_s()
+        seconds = send_parallel(
+            receiver.port, files, called=receiver.aet, associations=associations
+        )
+        # Taken when the last answer is in: what the receiver does afterwards (a checkpoint,
+        # a completion timer) is not part of receiving.
+        receiver_cpu = process_tree_cpu_s(receiver.pid) - receiver_before
+        sender_cpu = children_cpu_s() - sender_before
         deadline = time.monotonic() + 30
-        while (got := count()) < len(files) and time.monotonic() < deadline:
+        while (got := receiver.count()) < len(files) and time.monotonic() < deadline:
             time.sleep(0.2)
         if got != len(files):
-            raise RuntimeError(f"{aet}: {got} of {len(files)} instances stored")
+            raise RuntimeError(f"{receiver.aet}: {got} of {len(files)} instances stored")
     # What a target left unflushed (storescp: everything) would otherwise be written back to
     # disk while the next target runs, and count against it.
     os.sync()
-    return rate(len(files), seconds)
+    return Measurement(
+        rate(len(files), seconds),
+        1000 * receiver_cpu / len(files),
+        1000 * sender_cpu / len(files),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     results: dict[str, dict[str, float]] = {}  # the median run per target and row
     runs: dict[str, dict[str, list[float]]] = {}  # every run
+    # CPU milliseconds per instance of every run: {"receiver": [...], "sender": [...]}
+    cpu_runs: dict[str, dict[str, dict[str, list[float]]]] = {}
     with tempfile.TemporaryDirectory(prefix="acwi-bench-ingest-") as tmp:
         work = Path(tmp)
         sets: dict[str, list[Path]] = {}
@@ -214,13 +255,20 @@ def main(argv: list[str] | None = None) -> int:
         for name, files, assocs in scenarios:
             row = f"{name}, {assocs} assoc."
             runs[row] = {t: [] for t in targets}
+            cpu_runs[row] = {t: {"receiver": [], "sender": []} for t in targets}
             # Rounds alternate the targets' order (A B C, C B A, ...), so that a machine getting
             # busier or quieter during a row favours none of them.
             for round_no in range(args.repeat):
                 for target in targets if round_no % 2 == 0 else targets[::-1]:
-                    figure = measure(TARGETS[target], files, assocs, work)
-                    runs[row][target].append(figure)
-                    print(f"{row:<32} {target:<14} {figure:8.1f} inst/s", flush=True)
+                    run = measure(TARGETS[target], files, assocs, work)
+                    runs[row][target].append(run.rate)
+                    cpu_runs[row][target]["receiver"].append(run.receiver_cpu_ms)
+                    cpu_runs[row][target]["sender"].append(run.sender_cpu_ms)
+                    print(
+                        f"{row:<32} {target:<14} {run.rate:8.1f} inst/s   CPU ms per instance:"
+                        f" receiver {run.receiver_cpu_ms:.3f}, sender {run.sender_cpu_ms:.3f}",
+                        flush=True,
+                    )
             results[row] = {t: statistics.median(figures) for t, figures in runs[row].items()}
 
     # Each node variant's ratio to each reference (storescp, Orthanc): the median over the
@@ -243,8 +291,30 @@ def main(argv: list[str] | None = None) -> int:
             for n, r in pairs
         ]
         rows.append(cells)
+    # CPU time per instance: steadier than rates on a machine whose speed drifts, and it says
+    # what each receiver spends beside the sender's share.
+    cpu = {
+        row: {
+            t: {side: statistics.median(values) for side, values in sides.items()}
+            for t, sides in per_target.items()
+        }
+        for row, per_target in cpu_runs.items()
+    }
+    cpu_header = ["instances, associations"]
+    cpu_header += [f"{t} CPU ms/inst" for t in targets]
+    cpu_header += ["sender CPU ms/inst"]
+    cpu_rows = [
+        [
+            row,
+            *[round(cpu[row][t]["receiver"], 3) for t in targets],
+            round(statistics.median(cpu[row][t]["sender"] for t in targets), 3),
+        ]
+        for row in cpu
+    ]
     print()
     print(markdown_table(header, rows))
+    print()
+    print(markdown_table(cpu_header, cpu_rows))
     write_json(
         args.json,
         {
@@ -252,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             "args": vars(args) | {"json": None},
             "results": results,
             "runs": runs,
+            "cpu_ms_per_instance": cpu,
+            "cpu_runs": cpu_runs,
         },
     )
     return 0

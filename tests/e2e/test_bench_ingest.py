@@ -1,5 +1,6 @@
 """bench.ingest runs end to end on a few instances: every target stores them all, the rounds
-alternate, and the JSON holds every run and the median of each (no speed is asserted)."""
+alternate, and the JSON holds every run, the median of each and the CPU time per instance of
+receivers and senders (no speed is asserted)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,16 @@ def test_the_ingest_bench_runs_and_writes_every_round(tmp_path: Path) -> None:
             figures = report["runs"][row][target]
             assert len(figures) == 2 and all(f > 0 for f in figures)
             assert report["results"][row][target] == statistics.median(figures)
+            cpu = report["cpu_runs"][row][target]
+            assert len(cpu["receiver"]) == len(cpu["sender"]) == 2
+            # Each storescu spends CPU time reading and sending; the receivers' accounting
+            # must find their processes (0.0 for every run would mean it found none).
+            assert all(ms > 0 for ms in cpu["sender"])
+            assert report["cpu_ms_per_instance"][row][target]["receiver"] == statistics.median(
+                cpu["receiver"]
+            )
+        assert any(
+            ms > 0
+            for target in ("storescp", "node")
+            for ms in report["cpu_runs"][row][target]["receiver"]
+        )

@@ -331,6 +331,11 @@ class OrthancServer:
         """True while the Orthanc process is alive."""
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The Orthanc process's ID while it runs."""
+        return self._process.pid if self.running and self._process is not None else None
+
     def log_text(self) -> str:
         """The whole Orthanc log so far."""
         try:

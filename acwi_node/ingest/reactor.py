@@ -350,14 +350,19 @@ class EventDrivenDUL(DULServiceProvider):
             return
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return
+        if isinstance(self.socket, BulkReadSocket) and self.socket.buffered:
+            return
         try:
-            select.select([sock, self._wake_r], [], [], MAX_WAIT_S)
+            readable, _, _ = select.select([sock, self._wake_r], [], [], MAX_WAIT_S)
         except (OSError, ValueError):  # the socket is closed: the next turn notices
             threading.Event().wait(self._run_loop_delay)
             return
-        with contextlib.suppress(OSError):
-            while os.read(self._wake_r, 4096):
-                pass
+        if sock in readable and isinstance(self.socket, BulkReadSocket):
+            self.socket.readable = True  # spares the zero-timeout select that would follow
+        if self._wake_r in readable:
+            with contextlib.suppress(OSError):
+                while os.read(self._wake_r, 4096):
+                    pass
 
     def run_reactor(self) -> None:
         """pynetdicom 3.0's DUL loop, with ``time.sleep`` replaced by :meth:`_wait`."""
@@ -474,33 +479,112 @@ class EventDrivenAssociation(Association):
 #: Largest single read of a PDU's body: enough for any common PDU in one call, while a PDU
 #: that declares gigabytes and sends little never makes the node allocate more than this.
 RECV_CHUNK = 1 << 18
+#: A read for less than this (a PDU's 6-byte header, a small PDU's body) asks for up to this
+#: many bytes more: what the peer sent next (the PDU's body, the next PDU, a small instance's
+#: data set PDU) is then taken from memory instead of by further system calls.
+READ_AHEAD = 1 << 16
 
 
 class BulkReadSocket(AssociationSocket):
-    """pynetdicom's association socket, reading a PDU's body in as few calls as it arrives in.
+    """pynetdicom's association socket, reading in as few system calls as the data arrives in.
 
-    pynetdicom reads in 4096-byte pieces: a 512 KB CT slice takes about 130 ``recv`` calls (and
-    as many ``poll`` calls, the socket having a timeout), each with Python's overhead around it.
+    pynetdicom reads in 4096-byte pieces: a 512 KB CT slice takes about 130 ``recv`` calls, each
+    with Python's overhead around it, and a socket with a timeout (the node's have one) makes
+    each of them two system calls, a ``poll`` and the ``recv``. Here:
+
+    * a PDU's body is read straight into its buffer, in pieces of up to :data:`RECV_CHUNK`,
+      the buffer growing only as the data arrives;
+    * a short read (a PDU's header) reads ahead up to :data:`READ_AHEAD` bytes, kept for the
+      next reads: a small instance's two PDUs, headers included, usually come in one call;
+    * a plain TCP socket is read and written with ``readv``/``write`` on its descriptor, which
+      the timeout leaves non-blocking: no ``poll`` first while there is data to read (the
+      reactor's ``select`` said so) or room to send; only when there is none does the read or
+      write wait, through the socket and its timeout, as before;
+    * :attr:`ready` is true while read-ahead data waits, which ``select`` cannot see, and
+      right after the reactor's ``select`` found the socket readable.
     """
 
-    def recv(self, nr_bytes: int) -> bytearray:
+    _ahead: bytearray | None = None
+    #: Set by the DUL when its ``select`` found the socket readable; the next :attr:`ready`
+    #: takes it instead of asking ``select`` again.
+    readable = False
+
+    @property
+    def ready(self) -> bool:
+        if self._ahead or self.readable:
+            self.readable = False
+            return True
+        return bool(super().ready)
+
+    @property
+    def buffered(self) -> bool:
+        """Whether data read ahead waits to be taken."""
+        return bool(self._ahead)
+
+    def _raw_fd(self) -> int:
+        """The descriptor to use directly (-1: go through the socket object: TLS, a stand-in)."""
+        sock = self.socket
+        if type(sock) is socket.socket:
+            return sock.fileno()
+        return -1
+
+    def _read_into(self, view: memoryview) -> int:
+        fd = self._raw_fd()
+        if fd >= 0:
+            with contextlib.suppress(BlockingIOError):  # nothing yet: wait, with the timeout
+                return os.readv(fd, [view])
         sock = self.socket
         assert sock is not None
+        return sock.recv_into(view, len(view))
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        ahead = self._ahead
+        if ahead is None:
+            ahead = self._ahead = bytearray()
+        if len(ahead) >= nr_bytes:
+            data = ahead[:nr_bytes]
+            del ahead[:nr_bytes]
+            return data
+        got = len(ahead)
+        extra = READ_AHEAD if nr_bytes < READ_AHEAD else 0
         # Read straight into the PDU's buffer (no copy); the buffer grows with what arrives,
         # never to a declared length that the data does not back.
-        data = bytearray(min(nr_bytes, RECV_CHUNK))
-        got = 0
+        data = bytearray(got + min(nr_bytes - got, RECV_CHUNK) + extra)
+        data[:got] = ahead
+        ahead.clear()
         while got < nr_bytes:
             if got == len(data):
                 data += bytes(min(len(data), nr_bytes - got))
             with memoryview(data) as view:
-                count = sock.recv_into(view[got:], min(len(data) - got, RECV_CHUNK))
+                count = self._read_into(view[got : got + min(len(data) - got, RECV_CHUNK)])
             if not count:  # the connection broke: return what there is, as pynetdicom does
                 break
             got += count
-        if got < len(data):
+        if got > nr_bytes:
+            with memoryview(data) as view:
+                ahead += view[nr_bytes:got]
+            del data[nr_bytes:]
+        elif got < len(data):
             del data[got:]
         return data
+
+    def send(self, bytestream: bytes) -> None:
+        """pynetdicom's ``send``: every byte sent, then EVT_DATA_SENT; a failure is Evt17."""
+        try:
+            sent = 0
+            fd = self._raw_fd()
+            if fd >= 0:
+                with contextlib.suppress(BlockingIOError):  # no room: wait, with the timeout
+                    sent = os.write(fd, bytestream)
+            if sent < len(bytestream):
+                sock = self.socket
+                assert sock is not None
+                with memoryview(bytestream) as view:
+                    while sent < len(view):
+                        sent += sock.send(view[sent:])
+            evt.trigger(self.assoc, evt.EVT_DATA_SENT, {"data": bytestream})
+        except Exception:
+            self.event_queue.put("Evt17")
 
 
 class EventDrivenRequestHandler(RequestHandler):

@@ -1,15 +1,19 @@
-"""BulkReadSocket: a PDU's body read in few calls, with pynetdicom's contract kept."""
+"""BulkReadSocket: PDUs read in few calls (read-ahead, straight on the descriptor), sends on
+the descriptor, with pynetdicom's contract kept."""
 
 from __future__ import annotations
 
+import queue
 import socket
+import struct
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from acwi_node.ingest.reactor import RECV_CHUNK, BulkReadSocket
+from acwi_node.ingest.reactor import READ_AHEAD, RECV_CHUNK, BulkReadSocket
 
 
 class _Recorder:
@@ -81,3 +85,121 @@ def test_no_single_read_asks_for_more_than_the_chunk(pair: Any) -> None:
     peer.close()
     bulk.recv(0xFFFFFFFF)
     assert asked and max(asked) <= RECV_CHUNK
+
+
+def _pdu(body: bytes) -> bytes:
+    return struct.pack(">BBI", 0x04, 0, len(body)) + body
+
+
+def test_small_pdus_that_came_together_take_one_read(pair: Any) -> None:
+    """A small instance's command and data set PDUs, sent at once: the first header's read
+    takes both, and the other three reads come from memory."""
+    bulk, recorder, peer = pair
+    command, data_set = b"c" * 180, b"d" * 1200
+    peer.sendall(_pdu(command) + _pdu(data_set))
+    time.sleep(0.05)  # both PDUs are in the socket before the first read
+    for body in (command, data_set):
+        header = bulk.recv(6)
+        assert struct.unpack(">BBI", header)[2] == len(body)
+        assert bytes(bulk.recv(len(body))) == body
+    assert recorder.calls == 1
+
+
+def test_read_ahead_data_counts_as_ready(pair: Any) -> None:
+    """``select`` cannot see data already read ahead: ``ready`` must, or the DUL would wait
+    for the peer while a PDU sits in memory."""
+    bulk, _, peer = pair
+    peer.sendall(_pdu(b"x" * 10) + _pdu(b"y" * 10))
+    time.sleep(0.05)
+    assert bytes(bulk.recv(6 + 10))[6:] == b"x" * 10
+    assert bulk.buffered and bulk.ready
+    assert bytes(bulk.recv(16))[6:] == b"y" * 10
+    assert not bulk.buffered
+
+
+def test_a_large_body_is_not_read_past(pair: Any) -> None:
+    """Bodies of READ_AHEAD bytes or more are read to their end only: no copy of what
+    follows them."""
+    bulk, _, peer = pair
+    body = b"z" * READ_AHEAD
+    sender = threading.Thread(target=peer.sendall, args=(body + b"after",))
+    sender.start()
+    assert bytes(bulk.recv(len(body))) == body
+    sender.join()
+    assert not bulk.buffered
+    assert bytes(bulk.recv(5)) == b"after"
+
+
+class _Association:
+    """What BulkReadSocket.send needs of an association: handlers and the DUL's queue."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.dul = type("Dul", (), {"event_queue": queue.Queue()})()
+
+    def get_handlers(self, event: Any) -> list[Any]:
+        return [(lambda e: self.sent.append(bytes(e.data)), None)]
+
+    def _abort_nonblocking(self) -> None:  # what pynetdicom's trigger sets aside
+        pass
+
+    _abort_blocking = _abort_nonblocking
+
+
+@pytest.fixture
+def real_pair() -> Iterator[tuple[BulkReadSocket, _Association, socket.socket]]:
+    """A BulkReadSocket on a real socket with a timeout (non-blocking underneath), as the
+    SCP's accepted sockets are."""
+    ours, theirs = socket.socketpair()
+    ours.settimeout(5)
+    bulk = BulkReadSocket.__new__(BulkReadSocket)
+    assoc = _Association()
+    bulk._assoc = assoc  # type: ignore[assignment]
+    bulk.socket = ours
+    yield bulk, assoc, theirs
+    ours.close()
+    theirs.close()
+
+
+def test_reading_the_descriptor_waits_for_data_not_there_yet(real_pair: Any) -> None:
+    """Nothing to read yet: the direct read finds the descriptor empty and the socket's own
+    read waits (with its timeout) for the peer."""
+    bulk, _, peer = real_pair
+    timer = threading.Timer(0.2, peer.sendall, args=(_pdu(b"late"),))
+    timer.start()
+    assert bytes(bulk.recv(10)) == _pdu(b"late")
+    timer.join()
+
+
+def test_the_timeout_still_applies(real_pair: Any) -> None:
+    bulk, _, _ = real_pair
+    bulk.socket.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        bulk.recv(6)
+
+
+def test_a_send_larger_than_the_socket_buffer_arrives_whole(real_pair: Any) -> None:
+    """The direct write takes what fits; the rest waits for room through the socket."""
+    bulk, assoc, peer = real_pair
+    payload = bytes(range(256)) * (16 * 4096)  # 16 MiB, far over a socket buffer
+    received = bytearray()
+
+    def drain() -> None:
+        while len(received) < len(payload):
+            received.extend(peer.recv(1 << 20))
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    bulk.send(payload)
+    reader.join(timeout=30)
+    assert bytes(received) == payload
+    assert assoc.sent == [payload]  # EVT_DATA_SENT, once, with every byte
+    assert assoc.dul.event_queue.empty()
+
+
+def test_a_send_to_a_closed_peer_is_a_transport_event(real_pair: Any) -> None:
+    bulk, assoc, peer = real_pair
+    peer.close()
+    bulk.send(b"x" * (4 << 20))
+    assert assoc.dul.event_queue.get_nowait() == "Evt17"
+    assert assoc.sent == []

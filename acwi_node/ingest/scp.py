@@ -30,7 +30,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -600,8 +600,6 @@ class StorageSCP:
         series_uid = _text(header, "SeriesInstanceUID")
         if series_uid and not is_safe_uid(series_uid):
             series_uid = ""
-        final = self.spool.path_for(study_uid, sop_uid)
-        existed = final.exists()
         record = InstanceRecord(
             study_uid=study_uid,
             sop_instance_uid=sop_uid,
@@ -610,7 +608,7 @@ class StorageSCP:
             transfer_syntax_uid=str(event.context.transfer_syntax),
             modality=_text(header, "Modality")[:16],
             body_part=_text(header, "BodyPartExamined")[:64],
-            path=self.spool.relative(final),
+            path=self.spool.relative_for(study_uid, sop_uid),
             size=len(data[0]) + len(data[1]),
             calling_ae=calling_ae,
         )
@@ -618,6 +616,7 @@ class StorageSCP:
         patient_id = _text(header, "PatientID") if self._audit_patient_id else ""
         journal = self.journal
         if journal is None:
+            existed = self.spool.holds(study_uid, sop_uid)
             stored = self._store_file(record, data, existed, sync_file=True)
             if isinstance(stored, int):
                 return stored
@@ -626,14 +625,17 @@ class StorageSCP:
         spooled = record.size > self._journal_max_bytes
         try:  # the record is flushed while the spool file is written
             if spooled:
-                ticket = journal.write_spooled(asdict(record), data)
+                ticket = journal.write_spooled(dict(vars(record)), data)
             else:
-                ticket = journal.write(asdict(record), data)
+                ticket = journal.write(dict(vars(record)), data)
         except JournalError as exc:
             log.error("C-STORE from %s: %s", calling_ae, exc)
             metrics.INSTANCES_REJECTED.labels("spool_error").inc()
             return STATUS_OUT_OF_RESOURCES
         try:
+            # While the record is flushed: whether an earlier version is in the spool (kept
+            # if this one fails).
+            existed = self.spool.holds(study_uid, sop_uid)
             stored = self._store_file(
                 record,
                 data,

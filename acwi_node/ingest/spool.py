@@ -10,6 +10,7 @@ dataset ever names a path. On any failure the temporary file is removed: no part
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -73,6 +74,9 @@ class Spool:
         self.fsync = fsync
         self.tmp_dir = root / ".tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        # The same as strings: the ingest path joins them per instance, without pathlib.
+        self._root = str(root)
+        self._tmp = str(self.tmp_dir)
         #: Study directories known to exist (saves a stat and a mkdir per instance).
         self._dirs: set[str] = set()
         #: Temporary names: this spool object's random prefix and a counter (no random number,
@@ -88,6 +92,17 @@ class Spool:
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
+
+    def relative_for(self, study_uid: str, sop_instance_uid: str) -> str:
+        """``relative(path_for(...))``, without building the path; both UIDs must be safe."""
+        if not (is_safe_uid(study_uid) and is_safe_uid(sop_instance_uid)):
+            raise ValueError("refusing to build a spool path from an unsafe UID")
+        return f"{study_uid}/{sop_instance_uid}.dcm"
+
+    def holds(self, study_uid: str, sop_instance_uid: str) -> bool:
+        """Whether the instance has a file in the spool; both UIDs must be safe."""
+        relative = self.relative_for(study_uid, sop_instance_uid)
+        return os.path.exists(os.path.join(self._root, relative))
 
     def resolve(self, relative: str) -> Path:
         """The absolute path of a ledger-recorded relative path, refusing anything outside."""
@@ -110,8 +125,12 @@ class Spool:
         spool's ``fsync``). False for an instance the ingest journal already holds.
         """
         sync = self.fsync if sync is None else sync
-        final = self.path_for(study_uid, sop_instance_uid)
-        tmp = self.tmp_dir / f"{self._prefix}-{next(self._names)}.part"
+        # Strings, not Paths, up to the return: this runs for every instance received.
+        if not (is_safe_uid(study_uid) and is_safe_uid(sop_instance_uid)):
+            raise ValueError("refusing to build a spool path from an unsafe UID")
+        directory = os.path.join(self._root, study_uid)
+        final = os.path.join(directory, f"{sop_instance_uid}.dcm")
+        tmp = os.path.join(self._tmp, f"{self._prefix}-{next(self._names)}.part")
         fd = -1
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -120,25 +139,26 @@ class Spool:
                 os.fsync(fd)
             os.close(fd)
             fd = -1
-            new_dir = study_uid not in self._dirs and not final.parent.exists()
+            new_dir = study_uid not in self._dirs and not os.path.isdir(directory)
             if new_dir:
-                final.parent.mkdir(parents=True, exist_ok=True)
+                os.makedirs(directory, exist_ok=True)
             try:
                 os.replace(tmp, final)
             except FileNotFoundError:  # the study directory was removed meanwhile
-                final.parent.mkdir(parents=True, exist_ok=True)
+                os.makedirs(directory, exist_ok=True)
                 os.replace(tmp, final)
                 new_dir = True
             self._dirs.add(study_uid)
             if sync:
-                fsync_dir(final.parent)
+                fsync_dir(Path(directory))
                 if new_dir:
                     fsync_dir(self.root)
-            return final
+            return Path(final)
         except OSError as exc:
             if fd >= 0:
                 os.close(fd)
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             raise SpoolError(
                 f"cannot write to spool: {exc.strerror or exc}", out_of_space=full

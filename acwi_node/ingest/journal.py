@@ -6,11 +6,20 @@ three flushes to disk per instance, and on small instances those flushes are nea
 node's time. The journal needs one, shared by every association of the process:
 
 1. The SCP appends a record (what the ledger needs to know, then the Part 10 bytes) to the
-   journal's current segment. The journal's flusher thread flushes the segment (``fdatasync``)
-   at once; records written while a flush runs are covered by the next one (a group commit).
-2. Meanwhile the SCP writes the spool file without flushing it; it waits until its record is
-   on disk, answers success, then writes the ledger row without flushing it either. Should
-   that row fail, :meth:`IngestJournal.unrecorded` has the checkpoint replay the record.
+   journal's current segment.
+2. It writes the spool file without flushing it, then flushes the segment itself
+   (``fdatasync``, :meth:`IngestJournal.wait_durable`) and answers success once its record is
+   on disk; then it writes the ledger row without flushing it either. Should that row fail,
+   :meth:`IngestJournal.unrecorded` has the checkpoint replay the record. One flush covers
+   every record written before it started, from every association of the process: an
+   association that finds a flush running waits for it, and flushes itself only what that
+   flush did not cover (a group commit whose leader is whoever needs a flush next). No thread
+   is woken for it, and none has to hand it back; writing the record starts its writeback
+   (``sync_file_range``), so the record's blocks travel to the disk while the spool file is
+   written, and the flush mostly waits for the disk's cache flush. A dedicated flusher thread
+   (the design before this one) overlapped the whole flush with the spool file, but the two
+   hand-overs between threads cost more: small instances on one association, side by side,
+   484 -> 640 per second (medians of ten rounds), CPU time per instance 1.55 -> 1.10 ms.
 3. A checkpointer thread starts a new segment every ``checkpoint_s``, waits until every
    instance of the old ones is in the spool and the ledger, flushes the spool's file system
    (``syncfs``) and the ledger, and only then deletes those segments.
@@ -24,7 +33,8 @@ exists, so no durable ledger row can point at a spool file that a power loss too
 A large instance (a CT slice) would cost more to write twice than to flush once in the spool.
 Its bytes go only to the spool file, flushed there (file, then directory entry), and the journal
 gets a *spooled* record instead: the ledger's facts, the file's size and CRC-32, no payload.
-That record is flushed while the file is (the two flushes overlap), and the ledger row is again
+That record is flushed while the file is, by the journal's flusher thread (the two flushes
+overlap: here the overlap is worth the hand-over), and the ledger row is again
 written without a flush of its own once both are on disk. A replay keeps a spooled record only
 if the file holds exactly what it names: if a crash came between the two flushes, the instance
 was never acknowledged, and the replay falls back on the previous record for that file, if any.
@@ -63,7 +73,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from acwi_node.ingest.spool import Buffers, buffers, fsync_dir, write_all
 from acwi_node.observability import metrics
@@ -139,8 +149,10 @@ class _Segment:
     #: Instances appended here whose spool file and ledger row are not written yet.
     in_flight: int = 0
     records: int = 0
-    #: True while the flusher flushes this segment (it must stay open meanwhile).
+    #: True while a flush of this segment runs (it must stay open meanwhile).
     flushing: bool = False
+    #: Flush up to here in the background (the flusher thread): spooled records.
+    wanted: int = 0
     #: Set when a flush failed: no record after ``synced`` can be promised durable.
     error: str = ""
     #: Numbers of records acknowledged without a ledger row (see ``IngestJournal.unrecorded``).
@@ -173,6 +185,28 @@ class JournalRecord:
         """Whether ``data`` (the spool file's bytes) is what this spooled record was written
         for: a crash may have taken the file, or cut it, before it was flushed."""
         return zlib.crc32(data) == self.meta.get(SPOOLED_CRC)
+
+
+def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    libc_name = ctypes.util.find_library("c")
+    function = getattr(ctypes.CDLL(libc_name), "sync_file_range", None) if libc_name else None
+    if function is None:
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], function)
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Have the kernel start writing a file's range to disk, without waiting (Linux's
+    ``sync_file_range(..., SYNC_FILE_RANGE_WRITE)``; elsewhere nothing). Only a head start
+    for the ``fdatasync`` that follows, which alone makes the data durable."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def sync_filesystem(path: Path) -> None:
@@ -346,40 +380,62 @@ class IngestJournal:
         return ticket
 
     def write(self, meta: dict[str, Any], payload: Buffers) -> Ticket:
-        """Journal one instance; the flusher starts flushing it at once. Before answering for
-        it, :meth:`wait_durable`; in any case :meth:`done` afterwards."""
+        """Journal one instance (written, not flushed). Before answering for it,
+        :meth:`wait_durable`; in any case :meth:`done` afterwards."""
         return self._write(KIND_INSTANCE, meta, payload)
 
     def write_spooled(self, meta: dict[str, Any], data: Buffers) -> Ticket:
         """Journal an instance whose ``data`` the caller flushes in the spool itself: only
-        ``meta`` and the CRC-32 of ``data`` are written. As for :meth:`write`, then."""
-        return self._write(KIND_SPOOLED, {**meta, SPOOLED_CRC: _crc32(data)}, b"")
+        ``meta`` and the CRC-32 of ``data`` are written, and the flusher thread flushes the
+        record at once, while the caller flushes the file. As for :meth:`write`, then."""
+        return self._write(KIND_SPOOLED, {**meta, SPOOLED_CRC: _crc32(data)}, b"", background=True)
 
     def wait_durable(self, ticket: Ticket) -> None:
-        """Return once the record is on disk; raises :class:`JournalError` if it cannot be."""
-        seg = ticket.segment
+        """Return once the record is on disk, flushing the segment here unless a flush that
+        covers the record runs already; raises :class:`JournalError` if it cannot be."""
         if not self.fsync:
             return
+        seg = ticket.segment
         with self._lock:
             while seg.synced < ticket.end:
                 if seg.error:
                     raise JournalError(
                         f"cannot flush the ingest journal: {seg.error}", out_of_space=False
                     )
-                if self._flusher is None or self._stop_flusher:
-                    break  # closing: flush here
+                if not seg.flushing:
+                    seg.flushing = True  # this thread flushes, for everyone waiting
+                    target = seg.size
+                    break
                 self._flushed.wait()
             else:
                 return
-            target = seg.size
+        self._flush(seg, target)
+
+    def _flush(self, seg: _Segment, target: int) -> None:
+        """Flush ``seg``, whose ``flushing`` the caller set, and record that every byte up to
+        ``target`` is on disk; raises :class:`JournalError` if the flush fails."""
+        error = ""
         try:
             os.fdatasync(seg.fd)
         except OSError as exc:
-            raise JournalError(
-                f"cannot flush the ingest journal: {exc.strerror or exc}", out_of_space=False
-            ) from exc
+            error = exc.strerror or str(exc)
         with self._lock:
-            seg.synced = max(seg.synced, target)
+            seg.flushing = False
+            if error:
+                # What the file holds after a failed flush is unknown: the records not flushed
+                # yet fail, and later ones go to a new segment.
+                seg.error = error
+                log.error("ingest journal: flush failed: %s", error)
+                if seg is self._segments[-1]:
+                    with contextlib.suppress(OSError):
+                        self._segments.append(self._new_segment())
+            else:
+                seg.synced = max(seg.synced, target)
+            self._flushed.notify_all()
+            self._done.notify_all()
+            self._dirty.notify_all()
+        if error:
+            raise JournalError(f"cannot flush the ingest journal: {error}", out_of_space=False)
 
     def withdraw(self, ticket: Ticket) -> None:
         """The instance was refused after all: a replay must not store it (best effort)."""
@@ -402,7 +458,9 @@ class IngestJournal:
             if ticket.segment.in_flight == 0:
                 self._done.notify_all()
 
-    def _write(self, kind: int, meta: dict[str, Any], payload: Buffers) -> Ticket:
+    def _write(
+        self, kind: int, meta: dict[str, Any], payload: Buffers, *, background: bool = False
+    ) -> Ticket:
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
         payload_parts = buffers(payload)
         payload_size = sum(len(p) for p in payload_parts)
@@ -435,47 +493,40 @@ class IngestJournal:
             seg.records += 1
             seg.in_flight += 1
             ticket = Ticket(seg, number, seg.size)
-            self._dirty.notify()
+            if background and self.fsync:
+                seg.wanted = seg.size
+                self._dirty.notify()
             if seg.size >= self.segment_bytes:
                 self._segments.append(self._new_segment())
                 self._wake.set()
+        if self.fsync and not background:
+            # The record's blocks go to the disk while the caller writes the spool file; the
+            # flush that its wait_durable makes then has less left to wait for.
+            start_writeback(seg.fd, ticket.end - total, total)
         return ticket
 
     def _flush_loop(self) -> None:
-        """Group commit: each ``fdatasync`` covers every record written before it started;
-        records written while it runs wait for the next one."""
+        """Flush what :meth:`write_spooled` asked to be flushed in the background, at once;
+        a segment that an association is flushing meanwhile is left to it."""
         while True:
             with self._lock:
                 while True:
-                    dirty = [s for s in self._segments if s.size > s.synced and not s.error]
-                    if dirty or self._stop_flusher:
+                    work = [
+                        s
+                        for s in self._segments
+                        if s.wanted > s.synced and not s.flushing and not s.error
+                    ]
+                    if work or self._stop_flusher:
                         break
                     self._dirty.wait()
-                if not dirty:
+                if not work:
                     return
-                work = [(seg, seg.size) for seg in dirty]
-                for seg, _ in work:
+                targets = [(seg, seg.size) for seg in work]
+                for seg in work:
                     seg.flushing = True
-            for seg, target in work:
-                error = ""
-                try:
-                    os.fdatasync(seg.fd)
-                except OSError as exc:
-                    error = exc.strerror or str(exc)
-                with self._lock:
-                    seg.flushing = False
-                    if error:
-                        # What the file holds after a failed flush is unknown: the records not
-                        # flushed yet fail, and later ones go to a new segment.
-                        seg.error = error
-                        log.error("ingest journal: flush failed: %s", error)
-                        if seg is self._segments[-1]:
-                            with contextlib.suppress(OSError):
-                                self._segments.append(self._new_segment())
-                    else:
-                        seg.synced = max(seg.synced, target)
-                    self._flushed.notify_all()
-                    self._done.notify_all()
+            for seg, target in targets:
+                with contextlib.suppress(JournalError):  # logged; its waiters raise
+                    self._flush(seg, target)
 
     # ---------------------------------------------------------- checkpoint
     def _checkpoint_loop(self) -> None:

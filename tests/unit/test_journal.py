@@ -188,6 +188,130 @@ def test_one_flush_covers_the_appends_that_wait_for_it(
     journal.close()
 
 
+def test_a_record_is_flushed_by_the_thread_that_waits_for_it(
+    tmp_path: Path, flushes: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No thread is woken to flush an instance's record: the association that waits for it
+    flushes (after writing the spool file, with no hand-over to another thread and back)."""
+    journal = make_journal(tmp_path, flushes)
+    flushes_by: list[tuple[int, str]] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        flushes_by.append((fd, threading.current_thread().name))
+        real(fd)
+
+    monkeypatch.setattr(journal_module.os, "fdatasync", fdatasync)
+    ticket = journal.write({"i": 0}, b"data")
+
+    def flushed_by() -> list[str]:  # of the segment (the checkpointer flushes spares)
+        return [name for fd, name in flushes_by if fd == ticket.segment.fd]
+
+    time.sleep(0.1)
+    assert ticket.segment.synced < ticket.end and flushed_by() == []
+    journal.wait_durable(ticket)
+    assert ticket.segment.synced >= ticket.end
+    assert flushed_by() == [threading.current_thread().name]
+    journal.done(ticket)
+    journal.close()
+
+
+def test_writing_a_record_starts_its_writeback(
+    tmp_path: Path, flushes: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record's own bytes, and only those, are sent on their way to the disk at once (the
+    flush that follows waits for less); a spooled record is left to the flusher thread."""
+    journal = make_journal(tmp_path, flushes)
+    started: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(
+        journal_module, "start_writeback", lambda fd, off, n: started.append((fd, off, n))
+    )
+    first = journal.write({"i": 0}, b"a" * 100)
+    second = journal.write({"i": 1}, b"b" * 300)
+    spooled = journal.write_spooled({"i": 2}, b"c" * 1000)
+    fd = first.segment.fd
+    assert started == [(fd, 0, first.end), (fd, first.end, second.end - first.end)]
+    for ticket in (first, second, spooled):
+        journal.wait_durable(ticket)
+        journal.done(ticket)
+    monkeypatch.undo()
+    journal.close()
+
+
+def test_start_writeback_takes_a_real_file(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 8192)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        journal_module.start_writeback(fd, 0, 8192)  # no error, no change
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"x" * 8192
+
+
+def test_a_spooled_record_is_flushed_at_once_in_the_background(
+    tmp_path: Path, flushes: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spooled record's flush overlaps the caller's own flushes of the spool file: the
+    flusher thread starts it as soon as the record is written, and the caller's wait finds it
+    done (or running) instead of flushing again."""
+    journal = make_journal(tmp_path, flushes)
+    flushes_by: list[tuple[int, str]] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        flushes_by.append((fd, threading.current_thread().name))
+        real(fd)
+
+    monkeypatch.setattr(journal_module.os, "fdatasync", fdatasync)
+    ticket = journal.write_spooled({"i": 0}, b"x" * 1000)
+    deadline = time.monotonic() + 5
+    while ticket.segment.synced < ticket.end:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    journal.wait_durable(ticket)
+    assert [name for fd, name in flushes_by if fd == ticket.segment.fd] == ["acwi-journal-flush"]
+    journal.done(ticket)
+    journal.close()
+
+
+def test_a_failed_flush_fails_every_record_waiting_for_it(
+    tmp_path: Path, flushes: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Associations waiting behind a flush that fails are not answered as if it had worked."""
+    journal = make_journal(tmp_path, flushes)
+    started = threading.Event()
+
+    def fdatasync(fd: int) -> None:
+        started.set()
+        time.sleep(0.1)  # the others arrive and wait for this flush
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(journal_module.os, "fdatasync", fdatasync)
+    tickets = [journal.write({"i": i}, b"data") for i in range(3)]
+    errors: list[str] = []
+
+    def wait(ticket: object) -> None:
+        try:
+            journal.wait_durable(ticket)  # type: ignore[arg-type]
+        except JournalError as exc:
+            errors.append(str(exc))
+
+    leader = threading.Thread(target=wait, args=(tickets[0],))
+    leader.start()
+    started.wait(5)
+    followers = [threading.Thread(target=wait, args=(t,)) for t in tickets[1:]]
+    for thread in followers:
+        thread.start()
+    for thread in [leader, *followers]:
+        thread.join(10)
+    assert len(errors) == 3 and all("Input/output error" in e for e in errors)
+    for ticket in tickets:
+        journal.done(ticket)
+    monkeypatch.undo()
+    journal.close()
+
+
 def test_checkpoint_flushes_spool_and_ledger_then_deletes_the_segments(
     tmp_path: Path, flushes: list[str]
 ) -> None:

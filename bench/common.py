@@ -293,6 +293,25 @@ def send_parallel(port: int, files: Sequence[Path], *, called: str, associations
     return elapsed
 
 
+def send_each(port: int, files: Sequence[Path], *, called: str) -> float:
+    """Send each file in its own association (one storescu after another), as a modality
+    sending each image as it is made does; seconds taken."""
+    start = time.perf_counter()
+    for path in files:
+        proc = subprocess.run(
+            storescu_cmd(port, [path], called=called),
+            env=dcmtk_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=120,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"storescu failed ({proc.returncode}): {proc.stdout.decode()[-2000:]}"
+            )
+    return time.perf_counter() - start
+
+
 def wait_port(port: int, timeout_s: float = 60.0) -> None:
     from tests.support.node import wait_port as _wait
 

@@ -6,11 +6,14 @@
 
 Every target starts fresh (empty storage) for every measurement and receives the same files
 from DCMTK ``storescu`` (``TCP_NODELAY=1``, explicit VR little endian), over one association and
-then split over ``--parallel`` concurrent associations. The node runs as ``acwi-node scp`` with
-its defaults (SQLite ledger, fsync of every instance and its directory before answering); the
-run checks afterwards that every instance is in the node's ledger and spool. Orthanc (1.7.4 and
-later) fsyncs every file it stores (``SyncStorageArea``, on by default); storescp fsyncs nothing.
-The ``node-processes`` target runs one SCP listener process per core (``ingest.processes = 0``).
+then split over ``--parallel`` concurrent associations; then ``--each`` of the small instances
+are sent one association each (one storescu after another: what each association costs, start-up
+of storescu included). The node runs as ``acwi-node scp`` with its defaults (SQLite ledger, the
+ingest journal, fsync on); the run checks afterwards that every instance is in the node's ledger
+and spool. Orthanc (1.7.4 and later) fsyncs every file it stores (``SyncStorageArea``, on by
+default); storescp fsyncs nothing. The ``node-processes`` target runs one SCP listener process
+per core (``ingest.processes = 0``). Besides rates, the run reports the CPU time each receiver
+(its processes, children included) and the senders spent per instance.
 """
 
 from __future__ import annotations
@@ -181,10 +184,15 @@ TARGETS: dict[str, Target] = {
 }
 
 
+#: ``associations`` for one association per instance.
+EACH = 0
+
+
 def measure(target: Target, files: list[Path], associations: int, workdir: Path) -> Measurement:
-    """Instances per second into a fresh ``target``, and the CPU time spent per instance;
+    """Instances per second into a fresh ``target`` (over ``associations`` concurrent
+    associations, or :data:`EACH` instance in its own), and the CPU time spent per instance;
     checks that every instance arrived."""
-    from bench.common import send_parallel
+    from bench.common import send_each, send_parallel
 
     # Each run's storage stays until the benchmark ends: on ext4 without a journal, creating a
     # file skips every inode freed in the last 30 s or so, one by one, so deleting a run's
@@ -195,9 +203,12 @@ def measure(target: Target, files: list[Path], associations: int, workdir: Path)
     with target(Path(tmp)) as receiver:
         receiver_before = process_tree_cpu_s(receiver.pid)
         sender_before = children_cpu_s()
-        seconds = send_parallel(
-            receiver.port, files, called=receiver.aet, associations=associations
-        )
+        if associations == EACH:
+            seconds = send_each(receiver.port, files, called=receiver.aet)
+        else:
+            seconds = send_parallel(
+                receiver.port, files, called=receiver.aet, associations=associations
+            )
         # Taken when the last answer is in: what the receiver does afterwards (a checkpoint,
         # a completion timer) is not part of receiving.
         receiver_cpu = process_tree_cpu_s(receiver.pid) - receiver_before
@@ -222,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ct", type=int, default=400, help="CT slices 512x512 16-bit")
     parser.add_argument("--small", type=int, default=2000, help="small instances (16x16 SC)")
     parser.add_argument("--parallel", type=int, default=4, help="associations (0: skip)")
+    parser.add_argument(
+        "--each",
+        type=int,
+        default=100,
+        help="of the small instances, this many sent one association each (0: skip)",
+    )
     parser.add_argument(
         "--repeat", type=int, default=1, help="rounds, in alternating order (medians are kept)"
     )
@@ -252,8 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         scenarios = [(name, files, 1) for name, files in sets.items()]
         if args.parallel > 1:
             scenarios += [(name, files, args.parallel) for name, files in sets.items()]
+        if args.small and args.each:
+            small = sets[f"{args.small} small"][: args.each]
+            scenarios.append((f"{len(small)} small", small, EACH))
         for name, files, assocs in scenarios:
-            row = f"{name}, {assocs} assoc."
+            row = f"{name}, " + ("one assoc. each" if assocs == EACH else f"{assocs} assoc.")
             runs[row] = {t: [] for t in targets}
             cpu_runs[row] = {t: {"receiver": [], "sender": []} for t in targets}
             # Rounds alternate the targets' order (A B C, C B A, ...), so that a machine getting

@@ -15,12 +15,12 @@ def test_the_ingest_bench_runs_and_writes_every_round(tmp_path: Path) -> None:
     out = tmp_path / "ingest.json"
     code = main(
         ["--ct", "2", "--small", "6", "--parallel", "2", "--repeat", "2",
-         "--targets", "storescp,node", "--json", str(out)]
+         "--each", "3", "--targets", "storescp,node", "--json", str(out)]
     )  # fmt: skip
     assert code == 0
     report = json.loads(out.read_text())
     rows = ["2 CT 512x512x16, 1 assoc.", "6 small, 1 assoc.", "2 CT 512x512x16, 2 assoc.",
-            "6 small, 2 assoc."]  # fmt: skip
+            "6 small, 2 assoc.", "3 small, one assoc. each"]  # fmt: skip
     assert list(report["runs"]) == rows
     for row in rows:
         for target in ("storescp", "node"):

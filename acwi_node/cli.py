@@ -77,12 +77,13 @@ def run_scp(settings: Settings, config: Path | None = None) -> int:
         shared_metrics = enable_multiprocess(settings, "scp")
     from acwi_node.ingest.completion import CompletionService
     from acwi_node.ingest.mpps import CompletionSignals
-    from acwi_node.ingest.scp import StorageSCP
+    from acwi_node.ingest.scp import StorageSCP, skip_pydicom_value_checks
     from acwi_node.ingest.spool import Spool
     from acwi_node.ledger import Ledger
     from acwi_node.tasks.app import configure
     from acwi_node.tasks.queue import reconcile
 
+    skip_pydicom_value_checks()
     ledger = Ledger(settings.database_url)
     spool = Spool(settings.spool_dir, fsync=settings.ingest.fsync)
     removed = spool.clean_tmp()  # before any listener writes there
@@ -138,10 +139,11 @@ def run_scp(settings: Settings, config: Path | None = None) -> int:
 def _run_scp_listener(settings: Settings, sock: socket.socket) -> int:
     """One of several SCP processes accepting on the socket their parent listens on."""
     from acwi_node.ingest.mpps import CompletionSignals
-    from acwi_node.ingest.scp import StorageSCP
+    from acwi_node.ingest.scp import StorageSCP, skip_pydicom_value_checks
     from acwi_node.ingest.spool import Spool
     from acwi_node.ledger import Ledger
 
+    skip_pydicom_value_checks()
     ledger = Ledger(settings.database_url)
     spool = Spool(settings.spool_dir, fsync=settings.ingest.fsync)
     scp = StorageSCP(settings, ledger, spool, signals=CompletionSignals(ledger))

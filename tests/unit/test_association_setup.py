@@ -1,5 +1,6 @@
-"""copy_contexts: each association gets the server's presentation contexts as deepcopy would
-give them, without the cost of copying (and validating) every UID."""
+"""What accepting an association costs: copy_contexts gives each association the server's
+presentation contexts as deepcopy would, without copying (and validating) every UID, and an SCP
+process makes pydicom skip its value check of every UID it reads."""
 
 from __future__ import annotations
 
@@ -38,3 +39,25 @@ def test_an_association_cannot_change_the_servers_contexts() -> None:
         context.scp_role = True
     assert [(c.abstract_syntax, list(c.transfer_syntax), c.context_id) for c in contexts] == before
     assert all(c.scp_role is None for c in contexts)
+
+
+def test_an_scp_process_makes_no_value_checks_on_uids() -> None:
+    """The UIDs of an A-ASSOCIATE-RQ become pydicom UIDs without a regular expression each;
+    a non-conformant one is still refused where the SCP uses it (is_safe_uid)."""
+    import warnings
+
+    from pydicom import config as pydicom_config
+    from pydicom.uid import UID
+
+    from acwi_node.ingest.scp import skip_pydicom_value_checks
+    from acwi_node.ingest.spool import is_safe_uid
+
+    before = pydicom_config.settings.reading_validation_mode
+    try:
+        skip_pydicom_value_checks()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # pydicom's check would warn about this one
+            uid = UID("1.2.3." + "4" * 70)
+        assert not is_safe_uid(uid)
+    finally:
+        pydicom_config.settings.reading_validation_mode = before

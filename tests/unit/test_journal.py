@@ -20,6 +20,7 @@ from acwi_node.ingest.journal import (
     IngestJournal,
     JournalError,
     JournalRecord,
+    Ticket,
     read_journal,
     read_segment,
     replay_orphans,
@@ -188,30 +189,38 @@ def test_one_flush_covers_the_appends_that_wait_for_it(
     journal.close()
 
 
+@pytest.fixture
+def flushing_threads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]:
+    """Every ``fdatasync`` the journal makes: (file descriptor, the calling thread's name)."""
+    calls: list[tuple[int, str]] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        calls.append((fd, threading.current_thread().name))
+        real(fd)
+
+    monkeypatch.setattr(journal_module.os, "fdatasync", fdatasync)
+    return calls
+
+
+def _flushed_by(calls: list[tuple[int, str]], ticket: Ticket) -> list[str]:
+    """The threads that flushed the ticket's segment (the checkpointer flushes spares too)."""
+    return [name for fd, name in calls if fd == ticket.segment.fd]
+
+
 def test_a_record_is_flushed_by_the_thread_that_waits_for_it(
-    tmp_path: Path, flushes: list[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, flushes: list[str], flushing_threads: list[tuple[int, str]]
 ) -> None:
     """No thread is woken to flush an instance's record: the association that waits for it
     flushes (after writing the spool file, with no hand-over to another thread and back)."""
     journal = make_journal(tmp_path, flushes)
-    flushes_by: list[tuple[int, str]] = []
-    real = os.fdatasync
-
-    def fdatasync(fd: int) -> None:
-        flushes_by.append((fd, threading.current_thread().name))
-        real(fd)
-
-    monkeypatch.setattr(journal_module.os, "fdatasync", fdatasync)
+    flushing_threads.clear()  # the new segment's preallocation
     ticket = journal.write({"i": 0}, b"data")
-
-    def flushed_by() -> list[str]:  # of the segment (the checkpointer flushes spares)
-        return [name for fd, name in flushes_by if fd == ticket.segment.fd]
-
     time.sleep(0.1)
-    assert ticket.segment.synced < ticket.end and flushed_by() == []
+    assert ticket.segment.synced < ticket.end and _flushed_by(flushing_threads, ticket) == []
     journal.wait_durable(ticket)
     assert ticket.segment.synced >= ticket.end
-    assert flushed_by() == [threading.current_thread().name]
+    assert _flushed_by(flushing_threads, ticket) == [threading.current_thread().name]
     journal.done(ticket)
     journal.close()
 
@@ -250,27 +259,20 @@ def test_start_writeback_takes_a_real_file(tmp_path: Path) -> None:
 
 
 def test_a_spooled_record_is_flushed_at_once_in_the_background(
-    tmp_path: Path, flushes: list[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, flushes: list[str], flushing_threads: list[tuple[int, str]]
 ) -> None:
     """A spooled record's flush overlaps the caller's own flushes of the spool file: the
     flusher thread starts it as soon as the record is written, and the caller's wait finds it
     done (or running) instead of flushing again."""
     journal = make_journal(tmp_path, flushes)
-    flushes_by: list[tuple[int, str]] = []
-    real = os.fdatasync
-
-    def fdatasync(fd: int) -> None:
-        flushes_by.append((fd, threading.current_thread().name))
-        real(fd)
-
-    monkeypatch.setattr(journal_module.os, "fdatasync", fdatasync)
+    flushing_threads.clear()  # the new segment's preallocation
     ticket = journal.write_spooled({"i": 0}, b"x" * 1000)
     deadline = time.monotonic() + 5
     while ticket.segment.synced < ticket.end:
         assert time.monotonic() < deadline
         time.sleep(0.005)
     journal.wait_durable(ticket)
-    assert [name for fd, name in flushes_by if fd == ticket.segment.fd] == ["acwi-journal-flush"]
+    assert _flushed_by(flushing_threads, ticket) == ["acwi-journal-flush"]
     journal.done(ticket)
     journal.close()
 

@@ -630,7 +630,7 @@ class StorageSCP:
         patient_id = _text(header, "PatientID") if self._audit_patient_id else ""
         journal = self.journal
         if journal is None:
-            existed = self.spool.holds(study_uid, sop_uid)
+            existed = self.spool.holds(record.path)
             stored = self._store_file(record, data, existed, sync_file=True)
             if isinstance(stored, int):
                 return stored
@@ -649,7 +649,7 @@ class StorageSCP:
         try:
             # While the record is flushed: whether an earlier version is in the spool (kept
             # if this one fails).
-            existed = self.spool.holds(study_uid, sop_uid)
+            existed = self.spool.holds(record.path)
             stored = self._store_file(
                 record,
                 data,

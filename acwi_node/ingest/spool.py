@@ -86,22 +86,20 @@ class Spool:
 
     def path_for(self, study_uid: str, sop_instance_uid: str) -> Path:
         """Where an instance lives; both UIDs must be safe."""
-        if not (is_safe_uid(study_uid) and is_safe_uid(sop_instance_uid)):
-            raise ValueError("refusing to build a spool path from an unsafe UID")
-        return self.root / study_uid / f"{sop_instance_uid}.dcm"
+        return self.root / self.relative_for(study_uid, sop_instance_uid)
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 
     def relative_for(self, study_uid: str, sop_instance_uid: str) -> str:
-        """``relative(path_for(...))``, without building the path; both UIDs must be safe."""
+        """``relative(path_for(...))``, without building the path; both UIDs must be safe (the
+        one place that checks them before a spool path is made of them)."""
         if not (is_safe_uid(study_uid) and is_safe_uid(sop_instance_uid)):
             raise ValueError("refusing to build a spool path from an unsafe UID")
         return f"{study_uid}/{sop_instance_uid}.dcm"
 
-    def holds(self, study_uid: str, sop_instance_uid: str) -> bool:
-        """Whether the instance has a file in the spool; both UIDs must be safe."""
-        relative = self.relative_for(study_uid, sop_instance_uid)
+    def holds(self, relative: str) -> bool:
+        """Whether the spool has a file at ``relative`` (from :meth:`relative_for`)."""
         return os.path.exists(os.path.join(self._root, relative))
 
     def resolve(self, relative: str) -> Path:
@@ -126,10 +124,8 @@ class Spool:
         """
         sync = self.fsync if sync is None else sync
         # Strings, not Paths, up to the return: this runs for every instance received.
-        if not (is_safe_uid(study_uid) and is_safe_uid(sop_instance_uid)):
-            raise ValueError("refusing to build a spool path from an unsafe UID")
-        directory = os.path.join(self._root, study_uid)
-        final = os.path.join(directory, f"{sop_instance_uid}.dcm")
+        final = os.path.join(self._root, self.relative_for(study_uid, sop_instance_uid))
+        directory = os.path.dirname(final)
         tmp = os.path.join(self._tmp, f"{self._prefix}-{next(self._names)}.part")
         fd = -1
         try:

@@ -40,6 +40,7 @@ from datetime import datetime
 from io import BytesIO
 from typing import Any, cast
 
+import pynetdicom.acse
 from pydicom import config as pydicom_config
 from pydicom.uid import UID
 from pynetdicom import AE, evt
@@ -48,7 +49,9 @@ from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.fsm import StateMachine
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
@@ -63,6 +66,7 @@ from acwi_node.ingest.fastpath import (
     ui_value,
     us_value,
 )
+from acwi_node.ingest.negotiation import REQUESTS, accept_pdu_bytes
 
 log = logging.getLogger("acwi_node.ingest")
 
@@ -105,6 +109,8 @@ def compatible() -> bool:
                 (Association, "_run_reactor"),
                 (RequestHandler, "_create_association"),
                 (AE, "_create_socket"),
+                (StateMachine, "transition"),
+                (pynetdicom.acse, "negotiate_as_acceptor"),
             )
         )
     except Exception:  # pragma: no cover - anything unexpected: use pynetdicom's own
@@ -331,7 +337,30 @@ class EventDrivenDUL(DULServiceProvider):
                 else:
                     self._serve_store(action)
             return
+        if pdu_type == 0x01 and self._remember_requests():
+            self._queue_request(bytes(header + body))
+            return
         self._decode_and_queue(header + body)
+
+    def _remember_requests(self) -> bool:
+        """Whether an A-ASSOCIATE-RQ may come from :data:`~.negotiation.REQUESTS`: on an
+        acceptor whose received PDUs nothing watches (those see pynetdicom's decoding)."""
+        assoc = self.assoc
+        return assoc.is_acceptor and not any(
+            assoc.get_handlers(event) for event in (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV)
+        )
+
+    def _queue_request(self, pdu_bytes: bytes) -> None:
+        """An A-ASSOCIATE-RQ, decoded or remembered (:mod:`.negotiation`), to the state
+        machine, as :meth:`_decode_and_queue` would queue it."""
+        try:
+            pdu = REQUESTS.request(pdu_bytes)
+        except Exception as exc:
+            log.warning("unable to decode a received PDU: %s", exc)
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put("Evt6")
+        self._recv_pdu.put(pdu)  # type: ignore[arg-type]
 
     def _decode_and_queue(self, pdu_bytes: bytearray) -> None:
         try:
@@ -410,9 +439,29 @@ class EventDrivenDUL(DULServiceProvider):
             except queue.Empty:
                 idle = True
                 continue
-            self.state_machine.do_action(event)
+            if not (
+                event == "Evt7"
+                and self.state_machine.current_state == "Sta3"
+                and self._send_accept()
+            ):
+                self.state_machine.do_action(event)
             self.activity.set()
             idle = False
+
+    def _send_accept(self) -> bool:
+        """State machine action AE-7 (send the A-ASSOCIATE-AC, go to Sta6), with the PDU's
+        bytes from :func:`~.negotiation.accept_pdu_bytes`; False, having done nothing, where
+        handlers watch the PDUs sent or the state machine (they see pynetdicom's own AE-7)."""
+        assoc = self.assoc
+        if not assoc.is_acceptor or any(
+            assoc.get_handlers(event) for event in (evt.EVT_PDU_SENT, evt.EVT_FSM_TRANSITION)
+        ):
+            return False
+        assert self.socket is not None
+        primitive = cast(A_ASSOCIATE, self.to_provider_queue.get(False))
+        self.socket.send(accept_pdu_bytes(primitive))
+        self.state_machine.transition("Sta6")
+        return True
 
 
 class EventDrivenAssociation(Association):
@@ -601,14 +650,21 @@ def copy_contexts(contexts: list[PresentationContext]) -> list[PresentationConte
     """
     copies: list[PresentationContext] = []
     for context in contexts:
-        duplicate = copy.copy(context)
-        for name, value in vars(context).items():
-            if isinstance(value, list | dict | set):
-                setattr(duplicate, name, copy.copy(value))
-            elif not isinstance(value, str | int | float | bool | type(None)):
-                setattr(duplicate, name, copy.deepcopy(value))
+        fields = dict(vars(context))
+        for name, value in fields.items():
+            if isinstance(value, _IMMUTABLE):
+                continue
+            fields[name] = (
+                copy.copy(value) if isinstance(value, list | dict | set) else copy.deepcopy(value)
+            )
+        duplicate = object.__new__(type(context))
+        duplicate.__dict__.update(fields)
         copies.append(duplicate)
     return copies
+
+
+#: Values an association's copy of a presentation context shares with the server's.
+_IMMUTABLE = (str, int, float, type(None))  # bool is an int, a UID a str
 
 
 class EventDrivenRequestHandler(RequestHandler):

@@ -56,6 +56,7 @@ from acwi_node.ingest.journal import (
     sync_filesystem,
 )
 from acwi_node.ingest.mpps import MPPS_SOP_CLASS, CompletionSignals, MppsSCP
+from acwi_node.ingest.negotiation import install as remember_negotiations
 from acwi_node.ingest.part10 import file_meta_prefix
 from acwi_node.ingest.reactor import EventDrivenRequestHandler, after_response, no_delay
 from acwi_node.ingest.reactor import compatible as reactor_compatible
@@ -209,8 +210,10 @@ class _AssociationServer(ThreadedAssociationServer):
             super().server_activate()
 
     def use_event_driven_reactors(self) -> None:
-        """Serve connections with :mod:`acwi_node.ingest.reactor`'s associations."""
+        """Serve connections with :mod:`acwi_node.ingest.reactor`'s associations, which accept
+        a request seen before from memory (:mod:`acwi_node.ingest.negotiation`)."""
         self.RequestHandlerClass = EventDrivenRequestHandler
+        remember_negotiations()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None

@@ -401,3 +401,43 @@ def test_both_association_reactors_serve(tmp_path: Path, reactor: str) -> None:
     finally:
         scp.stop()
         ledger.dispose()
+
+
+def test_a_request_sent_again_is_accepted_from_memory_and_still_checked(
+    node: tuple[Settings, Ledger, StorageSCP], tmp_path: Path
+) -> None:
+    """A modality's identical A-ASSOCIATE-RQs: the second and later are decoded, negotiated and
+    answered from memory (acwi_node.ingest.negotiation); the calling AE title is still checked
+    for each one."""
+    from acwi_node.ingest import negotiation
+
+    settings, ledger, scp = node
+    study = generate_uid()
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"{i}.dcm")
+        make_sc(study).save_as(files[-1], enforce_file_format=True)
+    memos = (negotiation.REQUESTS, negotiation.NEGOTIATIONS, negotiation.ACCEPTS)
+
+    def seen() -> list[tuple[int, int]]:
+        return [(memo.hits, memo.misses) for memo in memos]
+
+    before = seen()
+    for path in files:  # one association each, as a modality sending images as it makes them
+        done = storescu(
+            "127.0.0.1", settings.node.dicom_port, "ACWI", [path], calling_ae="STORESCU"
+        )
+        assert done.returncode == 0, done.stderr
+    after = seen()
+    for (hits, misses), (hits_before, misses_before) in zip(after, before, strict=True):
+        assert hits + misses - hits_before - misses_before == 3  # every step went through one
+        assert hits - hits_before >= 2  # the first may have been seen by an earlier test
+    st = ledger.get_study(study)
+    assert st is not None and st["instances"] == 3
+
+    scp.ae.require_calling_aet = ["SENDER"]  # STORESCU is no longer allowed
+    refused = storescu(
+        "127.0.0.1", settings.node.dicom_port, "ACWI", [files[0]], calling_ae="STORESCU"
+    )
+    assert refused.returncode != 0
+    assert negotiation.REQUESTS.hits == after[0][0] + 1  # the same request, remembered: refused

@@ -160,15 +160,18 @@ def freeze(value: Any) -> Any:
         return value if type(value) is str else (type(value), value)
     if isinstance(value, list | tuple):
         return tuple(freeze(item) for item in value)
-    if type(value) is PresentationContext:  # the bulk of every key: no recursion per field
-        fields = vars(value)
+    if type(value) is PresentationContext and vars(value).keys() == _CONTEXT_FIELDS:
+        # The bulk of every key (hundreds per association): its fields read directly.
         return (
             PresentationContext,
-            tuple(fields),
-            tuple(
-                tuple(field) if type(field) is list else field  # transfer syntaxes: UIDs
-                for field in fields.values()
-            ),
+            value._context_id,
+            value._abstract_syntax,
+            tuple(value._transfer_syntax),
+            value.result,
+            value._scu_role,
+            value._scp_role,
+            value._as_scu,
+            value._as_scp,
         )
     attributes = getattr(value, "__dict__", None)
     if attributes is None:
@@ -176,9 +179,14 @@ def freeze(value: Any) -> Any:
     return (type(value), tuple(attributes), tuple(freeze(a) for a in attributes.values()))
 
 
+#: What a presentation context holds (pynetdicom 3.0): :func:`freeze` reads these directly.
+_CONTEXT_FIELDS = frozenset(vars(PresentationContext()))
+
+
 def copy_context(context: PresentationContext) -> PresentationContext:
     """A context of its own for one association (its transfer syntax list not shared)."""
-    duplicate = copy.copy(context)
+    duplicate = object.__new__(type(context))
+    duplicate.__dict__.update(vars(context))
     duplicate._transfer_syntax = list(context._transfer_syntax)
     return duplicate
 

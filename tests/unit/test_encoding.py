@@ -11,7 +11,7 @@ import pytest
 from pydicom import Dataset, dcmwrite
 from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DSfloat
 
 from acwi_node.results import encoding
@@ -57,11 +57,11 @@ def _item(depth: int = 0) -> Dataset:
     return item
 
 
-def _document(syntax: str = ExplicitVRLittleEndian, charset: str | None = None) -> Dataset:
+def _document(syntax: UID = ExplicitVRLittleEndian, charset: str | None = None) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = syntax
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.34"
+    ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.88.34")
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -78,7 +78,7 @@ def _document(syntax: str = ExplicitVRLittleEndian, charset: str | None = None) 
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
 @pytest.mark.parametrize("charset", [None, "ISO_IR 192"])
 def test_every_kind_of_element_is_written_as_dcmwrite_writes_it(
-    syntax: str, charset: str | None
+    syntax: UID, charset: str | None
 ) -> None:
     ds = _document(syntax, charset)
     if charset:  # text outside ASCII, in the character set of the dataset

@@ -274,3 +274,20 @@ def test_dciodvfy_reports_no_errors(pair: tuple[list[Dataset], StudyAnalysis], i
     report = run_dciodvfy(_build(sources[index], analysis, index))
     assert report.iod == "SCImage"
     assert report.errors == [], report.output
+
+
+def test_blend_is_the_whole_image_formula_byte_for_byte() -> None:
+    """blend_heatmap works channel by channel in place; its bytes are those of
+    grey * (1 - alpha) + colour * alpha over the whole image, rounded and clipped."""
+    from acwi_node.results.heatmap import MAX_ALPHA, blend_heatmap, colour_map
+
+    rng = np.random.default_rng(7)
+    for shape in [(512, 512), (7, 13)]:
+        grey = rng.random(shape)
+        heat = rng.random(shape) * 1.4 - 0.2  # outside [0, 1] too
+        heat[0, 0] = np.nan
+        clipped = np.clip(np.nan_to_num(heat, nan=0.0), 0.0, 1.0)
+        alpha = (MAX_ALPHA * clipped)[..., None]
+        rgb = grey[..., None] * (1.0 - alpha) + colour_map(clipped) * alpha
+        expected = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+        assert np.array_equal(blend_heatmap(grey, heat), expected)

@@ -160,7 +160,7 @@ def blend_heatmap(grey: FloatImage, heat: FloatImage, max_alpha: float = MAX_ALP
     kept = grey * (1.0 - alpha)
     # grey * (1 - alpha) + colour * alpha, channel by channel in place: the same operations on
     # the same values as the whole-image formula (so the same bytes), without its (rows,
-    # columns, 3) temporaries (a 512 x 512 slice: 13 -> 6 ms).
+    # columns, 3) temporaries (a 512 x 512 slice: 18.9 -> 15.3 ms).
     rgb = np.empty((*grey.shape, 3), dtype=np.uint8)
     channel = np.empty_like(kept)
     for c in range(3):

@@ -59,7 +59,7 @@ from torch import Tensor
 
 from acwi_node.inference.engines import Engine, EngineOptions, PyTorchEngine, create_engine
 from acwi_node.inference.manifest import ModelManifest, load_manifest
-from acwi_node.inference.preprocess import UnsupportedImage, preprocess
+from acwi_node.inference.preprocess import UnsupportedImage, preprocess_many
 from acwi_node.inference.types import (
     ImageResult,
     ModelIdentity,
@@ -278,12 +278,13 @@ class Analyser:
         """Analyse the images of one study (see the module docstring for every number)."""
         skipped: dict[str, str] = {}
         prepared: list[_Prepared] = []
-        for i, ds in enumerate(datasets):
-            key = str(ds.get("SOPInstanceUID", "") or f"#{i}")
-            try:
-                prepared.append(_Prepared(i, ds, preprocess(ds, self.spec)))
-            except UnsupportedImage as exc:
-                skipped[key] = str(exc)
+        for i, (ds, x) in enumerate(
+            zip(datasets, preprocess_many(datasets, self.spec), strict=True)
+        ):
+            if isinstance(x, UnsupportedImage):
+                skipped[str(ds.get("SOPInstanceUID", "") or f"#{i}")] = str(x)
+            else:
+                prepared.append(_Prepared(i, ds, x))
         if not prepared:
             reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "no datasets given"
             raise NothingToAnalyse(f"no image could be analysed ({reasons})")

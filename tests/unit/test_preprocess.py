@@ -14,6 +14,7 @@ from acwi_node.inference.preprocess import (
     UnsupportedImage,
     modality_pixels,
     preprocess,
+    preprocess_many,
     to_unit_range,
 )
 from models.data.synth import make_dataset, make_image
@@ -120,3 +121,47 @@ def test_undecodable_compressed_pixel_data() -> None:
     ds.PixelData = b"\xff\xd8\xff\xe0 definitely not a jpeg"
     with pytest.raises(UnsupportedImage, match="could not be decoded"):
         preprocess(ds, SPEC)
+
+
+def test_many_at_once_gives_each_ones_values_and_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
+    """preprocess_many resizes images of one size together; every input is what preprocess
+    makes of it alone, bit for bit, and every refusal is preprocess's, in order."""
+    from acwi_node.inference import preprocess as module
+
+    monkeypatch.setattr(module, "RESIZE_BATCH", 4)  # batches that split sizes and refusals
+    base = _dataset(size=128)
+    flat = _with_pixels(base, np.full((96, 96), 700, dtype=np.uint16))
+    no_pixels = copy.deepcopy(base)
+    del no_pixels.PixelData
+    datasets = [
+        _dataset(seed=1),
+        _dataset(seed=2, size=128),
+        flat,
+        _dataset(seed=3),
+        no_pixels,
+        _with_pixels(base, base.pixel_array[:, 16:112].copy()),  # not square
+        _dataset(seed=4, size=128),
+        _dataset(seed=5),
+        _dataset(seed=6, site=1),
+    ]
+    got = preprocess_many(datasets, SPEC)
+    assert len(got) == len(datasets)
+    for ds, result in zip(datasets, got, strict=True):
+        try:
+            expected = preprocess(ds, SPEC)
+        except UnsupportedImage as exc:
+            assert isinstance(result, UnsupportedImage) and str(result) == str(exc)
+        else:
+            assert isinstance(result, np.ndarray)
+            assert result.dtype == expected.dtype and np.array_equal(result, expected)
+    assert [isinstance(r, UnsupportedImage) for r in got] == [
+        False,
+        False,
+        True,
+        False,
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]

@@ -70,53 +70,9 @@ class RememberedRequest:
         return primitive
 
 
-class RequestMemo:
-    """The A-ASSOCIATE primitives of the last :data:`CAPACITY` distinct requests decoded."""
-
-    def __init__(self, capacity: int = CAPACITY) -> None:
-        self.capacity = capacity
-        self._entries: OrderedDict[bytes, A_ASSOCIATE] = OrderedDict()
-        self._lock = threading.Lock()
-        #: Requests answered from memory, and decoded (for tests and metrics).
-        self.hits = 0
-        self.misses = 0
-
-    def request(self, pdu: bytes) -> RememberedRequest | A_ASSOCIATE_RQ:
-        """The request in ``pdu`` (the whole PDU, header included), decoded or remembered.
-
-        Raises what pynetdicom's decoder raises for a malformed PDU. A request with a protocol
-        version other than 1 is returned decoded and not remembered: the state machine
-        rejects it from the PDU itself.
-        """
-        with self._lock:
-            template = self._entries.get(pdu)
-            if template is not None:
-                self._entries.move_to_end(pdu)
-                self.hits += 1
-        if template is None:
-            decoded = A_ASSOCIATE_RQ()
-            decoded.decode(pdu)
-            if decoded.protocol_version != 0x0001:
-                return decoded
-            template = decoded.to_primitive()
-            with self._lock:
-                self.misses += 1
-                self._entries[pdu] = template
-                while len(self._entries) > self.capacity:
-                    self._entries.popitem(last=False)
-        return RememberedRequest(template)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
-
-#: The memo the node's acceptor associations share (one per process).
-REQUESTS = RequestMemo()
-
-
 class _Memo(Generic[_K, _V]):
-    """A small least-recently-used map, safe between threads."""
+    """A small least-recently-used map, safe between threads. ``hits`` counts the lookups
+    that found their key, ``misses`` the values put (each after a lookup that did not)."""
 
     def __init__(self, capacity: int = CAPACITY) -> None:
         self.capacity = capacity
@@ -143,6 +99,31 @@ class _Memo(Generic[_K, _V]):
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
+
+
+class RequestMemo(_Memo[bytes, A_ASSOCIATE]):
+    """The A-ASSOCIATE primitives of the last :data:`CAPACITY` distinct requests decoded."""
+
+    def request(self, pdu: bytes) -> RememberedRequest | A_ASSOCIATE_RQ:
+        """The request in ``pdu`` (the whole PDU, header included), decoded or remembered.
+
+        Raises what pynetdicom's decoder raises for a malformed PDU. A request with a protocol
+        version other than 1 is returned decoded and not remembered: the state machine
+        rejects it from the PDU itself.
+        """
+        template = self.get(pdu)
+        if template is None:
+            decoded = A_ASSOCIATE_RQ()
+            decoded.decode(pdu)
+            if decoded.protocol_version != 0x0001:
+                return decoded
+            template = decoded.to_primitive()
+            self.put(pdu, template)
+        return RememberedRequest(template)
+
+
+#: The memo the node's acceptor associations share (one per process).
+REQUESTS = RequestMemo()
 
 
 class Unfreezable(Exception):

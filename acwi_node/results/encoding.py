@@ -129,36 +129,26 @@ def _encode_element(element: DataElement, encodings: Any) -> bytes | None:
         if element.is_undefined_length:
             return _header(element.tag, vr, _UNDEFINED) + body + _SEQUENCE_END
         return _header(element.tag, vr, len(body)) + body
-    if isinstance(value, str) and value:
-        if vr in _STRING_VRS or vr in _TEXT_VRS:
-            if not value.isascii():
-                return None
-            raw = value.encode("ascii")
-            if len(raw) % 2:
-                raw += b"\0" if vr == "UI" else b" "
-        elif vr in ("DS", "IS"):
-            text = value.original_string if hasattr(value, "original_string") else str(value)
-            if not isinstance(text, str) or not text.isascii():
-                return None
-            raw = text.encode("ascii")
-            if len(raw) % 2:
-                raw += b" "
-        else:
+    if vr in _NUMBERS:
+        if not isinstance(value, int | float) or isinstance(value, bool):
             return None
-    elif vr in ("DS", "IS") and isinstance(value, int | float) and not isinstance(value, bool):
-        text = value.original_string if hasattr(value, "original_string") else str(value)
-        if not isinstance(text, str) or not text.isascii():
-            return None
-        raw = text.encode("ascii")
-        if len(raw) % 2:
-            raw += b" "
-    elif vr in _NUMBERS and isinstance(value, int | float) and not isinstance(value, bool):
         try:
             raw = struct.pack(_NUMBERS[vr], value)
         except struct.error:
             return None  # out of range: pydicom's writer says so
     else:
-        return None
+        if vr in ("DS", "IS") and isinstance(value, int | float) and not isinstance(value, bool):
+            # pydicom's write_number_string: the string the value was made from, if any.
+            text = value.original_string if hasattr(value, "original_string") else str(value)
+        elif vr in _STRING_VRS or vr in _TEXT_VRS or vr in ("DS", "IS"):
+            text = value
+        else:
+            return None
+        if not isinstance(text, str) or not text or not text.isascii():
+            return None
+        raw = text.encode("ascii")
+        if len(raw) % 2:
+            raw += b"\0" if vr == "UI" else b" "
     if vr not in _LONG_VRS and len(raw) > 0xFFFF:
         return None  # pydicom writes it as UN, with a warning
     return _header(element.tag, vr, len(raw)) + raw

@@ -25,7 +25,6 @@ reactors when it does not.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 import queue
@@ -52,7 +51,6 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import StateMachine
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, RequestHandler
@@ -66,7 +64,7 @@ from acwi_node.ingest.fastpath import (
     ui_value,
     us_value,
 )
-from acwi_node.ingest.negotiation import REQUESTS, accept_pdu_bytes
+from acwi_node.ingest.negotiation import REQUESTS, accept_pdu_bytes, copy_contexts
 
 log = logging.getLogger("acwi_node.ingest")
 
@@ -635,36 +633,6 @@ class BulkReadSocket(AssociationSocket):
             evt.trigger(self.assoc, evt.EVT_DATA_SENT, {"data": bytestream})
         except Exception:
             self.event_queue.put("Evt17")
-
-
-def copy_contexts(contexts: list[PresentationContext]) -> list[PresentationContext]:
-    """Copies of ``contexts`` for one association, as ``deepcopy`` makes them, without copying
-    their UIDs.
-
-    pynetdicom deep-copies the server's presentation contexts for every association it accepts.
-    The SCP supports every storage SOP class with 16 transfer syntaxes, about 2,700 UIDs, and
-    pydicom validates each UID it copies against a regular expression: 25 ms per association,
-    more than receiving 20 small instances. A UID is an immutable string; only the containers
-    around it (a context's list of transfer syntaxes) need copying to keep the server's own
-    contexts out of reach of what negotiation does to an association's.
-    """
-    copies: list[PresentationContext] = []
-    for context in contexts:
-        fields = dict(vars(context))
-        for name, value in fields.items():
-            if isinstance(value, _IMMUTABLE):
-                continue
-            fields[name] = (
-                copy.copy(value) if isinstance(value, list | dict | set) else copy.deepcopy(value)
-            )
-        duplicate = object.__new__(type(context))
-        duplicate.__dict__.update(fields)
-        copies.append(duplicate)
-    return copies
-
-
-#: Values an association's copy of a presentation context shares with the server's.
-_IMMUTABLE = (str, int, float, type(None))  # bool is an int, a UID a str
 
 
 class EventDrivenRequestHandler(RequestHandler):

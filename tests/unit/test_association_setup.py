@@ -10,7 +10,7 @@ from pynetdicom import AE
 from pynetdicom.presentation import PresentationContext
 
 from acwi_node.config import Settings
-from acwi_node.ingest.reactor import copy_contexts
+from acwi_node.ingest.negotiation import copy_contexts
 from acwi_node.ingest.scp import StorageSCP
 
 

@@ -246,7 +246,3 @@ def install() -> None:
     """Have pynetdicom's ACSE negotiate presentation contexts through
     :func:`negotiate_as_acceptor` (idempotent; the results are pynetdicom's own)."""
     pynetdicom.acse.negotiate_as_acceptor = negotiate_as_acceptor
-
-
-def installed() -> bool:
-    return pynetdicom.acse.negotiate_as_acceptor is negotiate_as_acceptor

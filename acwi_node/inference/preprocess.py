@@ -82,11 +82,7 @@ def modality_pixels(ds: Dataset) -> np.ndarray:
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
     """Antialiased bilinear resize of a 2-D float image to ``size x size``."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-    out = F.interpolate(
-        tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-    )
-    return out[0, 0].numpy()
+    return _resize_stack(np.asarray(image)[None], size)[0]
 
 
 def window(image: np.ndarray, lower_percentile: float, upper_percentile: float) -> np.ndarray:
@@ -155,7 +151,8 @@ def preprocess_many(
 
 
 def _resize_stack(images: np.ndarray, size: int) -> np.ndarray:
-    """:func:`resize` of each image of an ``(N, rows, columns)`` stack, in one call."""
+    """The antialiased bilinear resize of each image of an ``(N, rows, columns)`` stack to
+    ``size x size``, in one call (each image's values do not depend on the others)."""
     tensor = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None]
     out = F.interpolate(
         tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False

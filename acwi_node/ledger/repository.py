@@ -336,20 +336,26 @@ class Ledger:
         ``flushed=False``: the commit is not waited for on disk; only for an instance the
         ingest journal holds, whose checkpoint calls :meth:`flush`.
         """
+        return self.record_instances([(rec, first_in_association)], flushed=flushed)[0]
+
+    def record_instances(
+        self, batch: Sequence[tuple[InstanceRecord, bool]], *, flushed: bool = True
+    ) -> list[Recorded]:
+        """:meth:`record_instance` for each (record, first in its association) of ``batch``,
+        in order, in one transaction: all are recorded, or (raising) none."""
         for attempt in range(3):
             try:
-                return self._record_instance(rec, first_in_association, flushed)
+                return self._record_instances(batch, flushed)
             except IntegrityError:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
-    def _record_instance(
-        self, rec: InstanceRecord, first_in_association: bool, flushed: bool
-    ) -> Recorded:
-        # On the DB-API connection with SQL written once (see _IngestSql): this runs once per
-        # C-STORE, before the answer, and SQLAlchemy's execution machinery cost more than the
-        # database's own work.
+    def _record_instances(
+        self, batch: Sequence[tuple[InstanceRecord, bool]], flushed: bool
+    ) -> list[Recorded]:
+        # On the DB-API connection with SQL written once (see _IngestSql): this runs for every
+        # C-STORE, and SQLAlchemy's execution machinery cost more than the database's own work.
         self._after_fork()
         sql = self._ingest_sql
         engine = self.engine
@@ -363,78 +369,7 @@ class Ledger:
             cur = raw.cursor()
             if not flushed and sql.postgresql:
                 cur.execute("SET LOCAL synchronous_commit TO OFF")
-            cur.execute(sql.select_study, {"uid": rec.study_uid})
-            row = cur.fetchone()
-            reopened = False
-            if row is None:
-                cur.execute(
-                    sql.insert_study,
-                    {
-                        "uid": rec.study_uid,
-                        "state": StudyState.RECEIVING.value,
-                        "ae": rec.calling_ae,
-                        "modality": rec.modality[:16],
-                        "body_part": rec.body_part[:64],
-                        "now": now,
-                    },
-                )
-                created = cur.fetchone()
-                assert created is not None
-                study_id = int(created[0])
-                generation, state = 1, StudyState.RECEIVING.value
-                modality, body_part = rec.modality[:16], rec.body_part[:64]
-            else:
-                study_id, generation, state, modality, body_part = row
-                if state != StudyState.RECEIVING.value:
-                    generation += 1
-                    reopened = True
-                    state = StudyState.RECEIVING.value
-                modality = modality or ""
-                if rec.modality and rec.modality not in modality.split("\\"):
-                    modality = (f"{modality}\\{rec.modality}" if modality else rec.modality)[:16]
-                body_part = body_part or rec.body_part[:64]
-            cur.execute(sql.select_instance, {"sop": rec.sop_instance_uid})
-            existing = cur.fetchone()
-            if existing is None:
-                cur.execute(
-                    sql.insert_instance,
-                    {
-                        "study_id": study_id,
-                        "sop": rec.sop_instance_uid,
-                        "sop_class": rec.sop_class_uid,
-                        "series": rec.series_uid,
-                        "ts": rec.transfer_syntax_uid,
-                        "modality": rec.modality,
-                        "path": rec.path,
-                        "size": rec.size,
-                        "ae": rec.calling_ae,
-                        "generation": generation,
-                        "now": now,
-                    },
-                )
-            else:
-                cur.execute(
-                    sql.update_instance,
-                    {
-                        "id": existing[0],
-                        "path": rec.path,
-                        "size": rec.size,
-                        "ts": rec.transfer_syntax_uid,
-                        "generation": generation,
-                        "now": now,
-                    },
-                )
-            params: dict[str, Any] = {
-                "id": study_id,
-                "now": now,
-                "modality": modality,
-                "body_part": body_part,
-                "open": 1 if first_in_association else 0,
-                "count": 1 if existing is None else 0,
-            }
-            if reopened:
-                params.update(generation=generation, state=state)
-            cur.execute(sql.reopen_study if reopened else sql.update_study, params)
+            recorded = [self._write_instance(cur, rec, first, now) for rec, first in batch]
             cur.close()
             raw.commit()
         except sql.integrity_error as exc:
@@ -445,6 +380,85 @@ class Ledger:
             raise
         finally:
             raw.close()  # back to the pool
+        return recorded
+
+    def _write_instance(
+        self, cur: Any, rec: InstanceRecord, first_in_association: bool, now: Any
+    ) -> Recorded:
+        """One instance's rows, on ``cur``, inside the caller's transaction."""
+        sql = self._ingest_sql
+        cur.execute(sql.select_study, {"uid": rec.study_uid})
+        row = cur.fetchone()
+        reopened = False
+        if row is None:
+            cur.execute(
+                sql.insert_study,
+                {
+                    "uid": rec.study_uid,
+                    "state": StudyState.RECEIVING.value,
+                    "ae": rec.calling_ae,
+                    "modality": rec.modality[:16],
+                    "body_part": rec.body_part[:64],
+                    "now": now,
+                },
+            )
+            created = cur.fetchone()
+            assert created is not None
+            study_id = int(created[0])
+            generation, state = 1, StudyState.RECEIVING.value
+            modality, body_part = rec.modality[:16], rec.body_part[:64]
+        else:
+            study_id, generation, state, modality, body_part = row
+            if state != StudyState.RECEIVING.value:
+                generation += 1
+                reopened = True
+                state = StudyState.RECEIVING.value
+            modality = modality or ""
+            if rec.modality and rec.modality not in modality.split("\\"):
+                modality = (f"{modality}\\{rec.modality}" if modality else rec.modality)[:16]
+            body_part = body_part or rec.body_part[:64]
+        cur.execute(sql.select_instance, {"sop": rec.sop_instance_uid})
+        existing = cur.fetchone()
+        if existing is None:
+            cur.execute(
+                sql.insert_instance,
+                {
+                    "study_id": study_id,
+                    "sop": rec.sop_instance_uid,
+                    "sop_class": rec.sop_class_uid,
+                    "series": rec.series_uid,
+                    "ts": rec.transfer_syntax_uid,
+                    "modality": rec.modality,
+                    "path": rec.path,
+                    "size": rec.size,
+                    "ae": rec.calling_ae,
+                    "generation": generation,
+                    "now": now,
+                },
+            )
+        else:
+            cur.execute(
+                sql.update_instance,
+                {
+                    "id": existing[0],
+                    "path": rec.path,
+                    "size": rec.size,
+                    "ts": rec.transfer_syntax_uid,
+                    "generation": generation,
+                    "now": now,
+                },
+            )
+        params: dict[str, Any] = {
+            "id": study_id,
+            "now": now,
+            "modality": modality,
+            "body_part": body_part,
+            "open": 1 if first_in_association else 0,
+            "count": 1 if existing is None else 0,
+        }
+        if reopened:
+            params.update(generation=generation, state=state)
+        cur.execute(sql.reopen_study if reopened else sql.update_study, params)
         return Recorded(int(study_id), int(generation), reopened, existing is not None)
 
     def instance_received_at(self, sop_instance_uid: str) -> dt.datetime | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from acwi_node.ledger import (
     DeliveryAttempt,
@@ -93,6 +94,36 @@ def test_ingest_rows_read_back_through_the_orm_like_its_own(db: Ledger) -> None:
     # Compared in SQL with times SQLAlchemy writes: the same text format in SQLite.
     due = db.studies_due(quiet_period_s=0, max_wait_s=0)
     assert [sid for sid, _ in due] == [study.id]
+
+
+def test_a_batch_of_instances_is_recorded_together_or_not_at_all(db: Ledger) -> None:
+    """record_instances: the rows of several instances (of several studies, the same instance
+    twice) in one transaction, as record_instance would write them one by one; a batch whose
+    last row fails leaves none of its rows."""
+    other = replace(rec(study="1.2.4", sop="1.2.4.1"), modality="CR")
+    batch = [
+        (rec(sop="1.2.3.1"), True),
+        (other, True),
+        (rec(sop="1.2.3.2"), False),
+        (replace(rec(sop="1.2.3.1"), size=200), False),  # sent again: the later version
+    ]
+    recorded = db.record_instances(batch, flushed=False)
+    assert [r.duplicate for r in recorded] == [False, False, False, True]
+    assert recorded[0].study_id == recorded[2].study_id != recorded[1].study_id
+    with db.session() as s:
+        studies = {
+            st.study_uid: (st.instance_count, st.open_associations, st.modality)
+            for st in s.scalars(select(Study))
+        }
+    assert studies == {"1.2.3": (2, 1, "DX"), "1.2.4": (1, 1, "CR")}
+    assert db.instance_file("1.2.3.1") == ("1.2.3/1.2.3.1.dcm", 200, "1.2.840.10008.1.2.1")
+
+    broken = replace(rec(sop="1.2.3.4"), size=None)  # type: ignore[arg-type]
+    with pytest.raises(IntegrityError):
+        db.record_instances([(rec(sop="1.2.3.3"), False), (broken, False)])
+    assert db.instance_file("1.2.3.3") is None
+    view = db.get_study("1.2.3")
+    assert view is not None and view["instances"] == 2
 
 
 def test_first_instances_of_a_new_study_arriving_at_once(db: Ledger) -> None:

@@ -7,19 +7,19 @@ node's time. The journal needs one, shared by every association of the process:
 
 1. The SCP appends a record (what the ledger needs to know, then the Part 10 bytes) to the
    journal's current segment.
-2. It writes the spool file without flushing it, then flushes the segment itself
-   (``fdatasync``, :meth:`IngestJournal.wait_durable`) and answers success once its record is
-   on disk; then it writes the ledger row without flushing it either. Should that row fail,
-   :meth:`IngestJournal.unrecorded` has the checkpoint replay the record. One flush covers
-   every record written before it started, from every association of the process: an
-   association that finds a flush running waits for it, and flushes itself only what that
-   flush did not cover (a group commit whose leader is whoever needs a flush next). No thread
-   is woken for it, and none has to hand it back; writing the record starts its writeback
-   (``sync_file_range``), so the record's blocks travel to the disk while the spool file is
-   written, and the flush mostly waits for the disk's cache flush. A dedicated flusher thread
-   (the design before this one) overlapped the whole flush with the spool file, but the two
-   hand-overs between threads cost more: small instances on one association, side by side,
-   484 -> 640 per second (medians of ten rounds), CPU time per instance 1.55 -> 1.10 ms.
+2. It flushes the segment itself (``fdatasync``, :meth:`IngestJournal.wait_durable`) and
+   answers success once its record is on disk; then (on the fast path; before the flush
+   otherwise) it writes the spool file and the ledger row without flushing them. Should
+   either fail, :meth:`IngestJournal.unrecorded` has the checkpoint replay the record. One
+   flush covers every record written before it started, from every association of the
+   process: an association that finds a flush running waits for it, and flushes itself only
+   what that flush did not cover (a group commit whose leader is whoever needs a flush next).
+   No thread is woken for it, and none has to hand it back; a caller with other work to do
+   before it waits has the record's writeback started (``sync_file_range``), so its blocks
+   travel to the disk meanwhile. A dedicated flusher thread (the design before this one)
+   overlapped the whole flush with the spool file, but the two hand-overs between threads
+   cost more: small instances on one association, side by side, 484 -> 640 per second
+   (medians of ten rounds), CPU time per instance 1.55 -> 1.10 ms.
 3. A checkpointer thread starts a new segment every ``checkpoint_s``, waits until every
    instance of the old ones is in the spool and the ledger, flushes the spool's file system
    (``syncfs``) and the ledger, and only then deletes those segments.
@@ -379,10 +379,14 @@ class IngestJournal:
             raise
         return ticket
 
-    def write(self, meta: dict[str, Any], payload: Buffers) -> Ticket:
+    def write(self, meta: dict[str, Any], payload: Buffers, *, head_start: bool = True) -> Ticket:
         """Journal one instance (written, not flushed). Before answering for it,
-        :meth:`wait_durable`; in any case :meth:`done` afterwards."""
-        return self._write(KIND_INSTANCE, meta, payload)
+        :meth:`wait_durable`; in any case :meth:`done` afterwards.
+
+        ``head_start``: start the record's writeback now (:func:`start_writeback`), for a
+        caller that does other work before it waits; not for one that waits at once (starting
+        the writeback is a system call that the flush would make anyway)."""
+        return self._write(KIND_INSTANCE, meta, payload, head_start=head_start)
 
     def write_spooled(self, meta: dict[str, Any], data: Buffers) -> Ticket:
         """Journal an instance whose ``data`` the caller flushes in the spool itself: only
@@ -445,9 +449,9 @@ class IngestJournal:
             log.warning("ingest journal: could not withdraw a refused instance")
 
     def unrecorded(self, ticket: Ticket) -> None:
-        """The instance was acknowledged, but its ledger row could not be written: before its
-        segment is retired, the checkpoint replays the record (``replay``), and until that
-        succeeds the segment stays. Call :meth:`done` as usual."""
+        """The instance was acknowledged, but its spool file or ledger row could not be
+        written: before its segment is retired, the checkpoint replays the record (``replay``),
+        and until that succeeds the segment stays. Call :meth:`done` as usual."""
         with self._lock:
             ticket.segment.unrecorded.add(ticket.number)
 
@@ -459,7 +463,13 @@ class IngestJournal:
                 self._done.notify_all()
 
     def _write(
-        self, kind: int, meta: dict[str, Any], payload: Buffers, *, background: bool = False
+        self,
+        kind: int,
+        meta: dict[str, Any],
+        payload: Buffers,
+        *,
+        background: bool = False,
+        head_start: bool = True,
     ) -> Ticket:
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
         payload_parts = buffers(payload)
@@ -499,7 +509,7 @@ class IngestJournal:
             if seg.size >= self.segment_bytes:
                 self._segments.append(self._new_segment())
                 self._wake.set()
-        if self.fsync and not background:
+        if self.fsync and head_start and not background:
             # The record's blocks go to the disk while the caller writes the spool file; the
             # flush that its wait_durable makes then has less left to wait for.
             start_writeback(seg.fd, ticket.end - total, total)

@@ -75,9 +75,22 @@ MAX_WAIT_S = 0.05
 SERVING_WAIT_S = 5.0
 
 
+#: How long the peer must have sent nothing before the DUL runs the work left for when the
+#: association is idle (:func:`when_idle`), in seconds: longer than a sender takes between two
+#: instances it streams, short beside anything that waits for that work.
+IDLE_S = 0.005
+
+
 #: The fast path's C-STORE handler may leave work for after its response (see
-#: :func:`after_response`); per DUL thread.
+#: :func:`after_response`) and for when the association is idle (:func:`when_idle`); per DUL
+#: thread.
 _serving = threading.local()
+
+
+def on_fast_path() -> bool:
+    """Whether the caller is the EVT_C_STORE handler of a request the fast path serves: only
+    there do :func:`after_response` and :func:`when_idle` take work."""
+    return getattr(_serving, "after", None) is not None
 
 
 def after_response(work: Callable[[], object]) -> bool:
@@ -88,6 +101,19 @@ def after_response(work: Callable[[], object]) -> bool:
     if pending is None:
         return False
     pending.append(work)
+    return True
+
+
+def when_idle(work: Callable[[], object]) -> bool:
+    """Have ``work`` run on this association's DUL thread, once, at the first of: the peer has
+    sent nothing for :data:`IDLE_S`; a received PDU is about to reach pynetdicom's path (a
+    release or abort request, a C-ECHO, an MPPS message, a closed connection: anything but a
+    C-STORE the fast path serves); the DUL stops. False (nothing registered) when not called
+    on an event-driven DUL's thread."""
+    dul: EventDrivenDUL | None = getattr(_serving, "dul", None)
+    if dul is None:
+        return False
+    dul.idle_work.append(work)
     return True
 
 
@@ -151,6 +177,18 @@ class EventDrivenDUL(DULServiceProvider):
         self._router = PDataRouter(self._accept_store)
         self._fast: bool | None = None  # decided at the first P-DATA-TF PDU
         self._storage_classes: dict[str, bool] = {}
+        #: Work for when the association is idle (:func:`when_idle`); this thread's only.
+        self.idle_work: list[Callable[[], object]] = []
+
+    def _run_idle_work(self) -> None:
+        """Run the work left for when the association is idle, in the order it was left."""
+        while self.idle_work:
+            work, self.idle_work = self.idle_work, []
+            for item in work:
+                try:
+                    item()
+                except Exception:
+                    log.exception("the work left for an idle association failed")
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):  # a full pipe is already awake; a closed one is done
@@ -298,22 +336,22 @@ class EventDrivenDUL(DULServiceProvider):
             header = self.socket.recv(6)
         except (OSError, TimeoutError) as exc:
             log.debug("connection closed before the entire PDU was received: %s", exc)
-            self.event_queue.put("Evt17")
+            self._queue_event("Evt17")
             return
         try:
             pdu_type, _, pdu_length = struct.unpack(">BBL", header)
         except struct.error:
-            self.event_queue.put("Evt17")  # the connection closed
+            self._queue_event("Evt17")  # the connection closed
             return
         if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
             log.warning("unknown PDU type 0x%02X received", pdu_type)
-            self.event_queue.put("Evt19")
+            self._queue_event("Evt19")
             return
         try:
             body = self.socket.recv(pdu_length)
         except (OSError, TimeoutError) as exc:
             log.debug("connection closed before the entire PDU was received: %s", exc)
-            self.event_queue.put("Evt17")
+            self._queue_event("Evt17")
             return
         if len(body) != pdu_length:
             log.warning(
@@ -321,7 +359,7 @@ class EventDrivenDUL(DULServiceProvider):
                 len(body),
                 pdu_length,
             )
-            self.event_queue.put("Evt17")
+            self._queue_event("Evt17")
             return
         if (
             pdu_type == 0x04
@@ -340,6 +378,12 @@ class EventDrivenDUL(DULServiceProvider):
             return
         self._decode_and_queue(header + body)
 
+    def _queue_event(self, event: str) -> None:
+        """Hand a state-machine event to pynetdicom, after the work left for an idle
+        association (:func:`when_idle`)."""
+        self._run_idle_work()
+        self.event_queue.put(event)
+
     def _remember_requests(self) -> bool:
         """Whether an A-ASSOCIATE-RQ may come from :data:`~.negotiation.REQUESTS`: on an
         acceptor whose received PDUs nothing watches (those see pynetdicom's decoding)."""
@@ -351,6 +395,7 @@ class EventDrivenDUL(DULServiceProvider):
     def _queue_request(self, pdu_bytes: bytes) -> None:
         """An A-ASSOCIATE-RQ, decoded or remembered (:mod:`.negotiation`), to the state
         machine, as :meth:`_decode_and_queue` would queue it."""
+        self._run_idle_work()
         try:
             pdu = REQUESTS.request(pdu_bytes)
         except Exception as exc:
@@ -361,6 +406,7 @@ class EventDrivenDUL(DULServiceProvider):
         self._recv_pdu.put(pdu)  # type: ignore[arg-type]
 
     def _decode_and_queue(self, pdu_bytes: bytearray) -> None:
+        self._run_idle_work()  # before pynetdicom sees the PDU (see when_idle)
         try:
             pdu, event = self._decode_pdu(pdu_bytes)
         except Exception as exc:
@@ -380,10 +426,16 @@ class EventDrivenDUL(DULServiceProvider):
             return
         if isinstance(self.socket, BulkReadSocket) and self.socket.buffered:
             return
+        idle_work = bool(self.idle_work)
         try:
-            readable, _, _ = select.select([sock, self._wake_r], [], [], MAX_WAIT_S)
+            readable, _, _ = select.select(
+                [sock, self._wake_r], [], [], IDLE_S if idle_work else MAX_WAIT_S
+            )
         except (OSError, ValueError):  # the socket is closed: the next turn notices
             threading.Event().wait(self._run_loop_delay)
+            return
+        if idle_work and not readable:
+            self._run_idle_work()
             return
         if sock in readable and isinstance(self.socket, BulkReadSocket):
             self.socket.readable = True  # spares the zero-timeout select that would follow
@@ -394,9 +446,12 @@ class EventDrivenDUL(DULServiceProvider):
 
     def run_reactor(self) -> None:
         """pynetdicom 3.0's DUL loop, with ``time.sleep`` replaced by :meth:`_wait`."""
+        _serving.dul = self
         try:
             self._reactor()
         finally:
+            _serving.dul = None
+            self._run_idle_work()
             self.activity.set()
             for fd in (self._wake_r, self._wake_w):
                 with contextlib.suppress(OSError):

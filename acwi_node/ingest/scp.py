@@ -2,20 +2,25 @@
 
 The C-STORE handler keeps the hot path short: it takes the encoded bytes as received (file meta
 plus ``event.encoded_dataset()``, no full decode), reads only the few header attributes it needs
-(stopping before pixel data), appends the instance to the ingest journal (:mod:`.journal`),
-writes the file atomically to the spool while the journal is flushed, and answers success once
-the journal record is on disk. An instance too large for the journal
-(``ingest.journal_max_bytes``) is flushed in the spool instead, and the journal gets a small
-record of it, flushed meanwhile. Anything that fails answers a DIMSE failure status and leaves
-no partial file.
+(stopping before pixel data), appends the instance to the ingest journal (:mod:`.journal`) and
+answers success once the journal record is on disk. Anything that fails before the answer is
+answered with a DIMSE failure status and leaves no partial file.
 
-The ledger row comes after the answer, on the fast path (:func:`.reactor.after_response`): the
-association's thread writes it while the response travels and the sender reads its next file,
-before it reads the next PDU, so the association's later messages (its release above all) find
-the row there. The instance is durable before that, in the journal; if the row cannot be
-written, the journal's checkpoint writes it later (it replays the record), and until a row can
-be written again the SCP writes each row before it answers, and a ledger failure is answered as
-one (0xA701). Without the journal, or off the fast path, the row is written before the answer.
+On the fast path (:mod:`.reactor`) a small instance's spool file and ledger row come after the
+answer (:func:`.reactor.after_response`): the association's thread writes the file while the
+response travels and the sender reads its next file, and queues the row; an association's rows
+are written together, in one transaction (:class:`_PendingRows`), at the latest when the
+association goes quiet for a few milliseconds and always before anything else of it is served
+(its release above all), so completion never sees a study without them. The instance is
+durable before all that, in the journal; if its file or row cannot be written then, the
+journal's checkpoint writes it later (it replays the record), and until a file, or a row, can
+be written again the SCP writes each before it answers, answering a failure as one (0xA700 for
+the spool, 0xA701 for the ledger).
+
+An instance too large for the journal (``ingest.journal_max_bytes``) is flushed in the spool
+before the answer instead, and the journal gets a small record of it, flushed meanwhile; its row
+follows the answer. Without the journal, or off the fast path, the spool file and the row are
+written before the answer.
 """
 
 from __future__ import annotations
@@ -58,10 +63,16 @@ from acwi_node.ingest.journal import (
 from acwi_node.ingest.mpps import MPPS_SOP_CLASS, CompletionSignals, MppsSCP
 from acwi_node.ingest.negotiation import install as remember_negotiations
 from acwi_node.ingest.part10 import file_meta_prefix
-from acwi_node.ingest.reactor import EventDrivenRequestHandler, after_response, no_delay
+from acwi_node.ingest.reactor import (
+    EventDrivenRequestHandler,
+    after_response,
+    no_delay,
+    on_fast_path,
+    when_idle,
+)
 from acwi_node.ingest.reactor import compatible as reactor_compatible
 from acwi_node.ingest.spool import Buffers, Spool, SpoolError, is_safe_uid
-from acwi_node.ledger import InstanceRecord, Ledger
+from acwi_node.ledger import InstanceRecord, Ledger, Recorded
 from acwi_node.observability import metrics
 from acwi_node.observability.logging import note_identifiers
 from acwi_node.tls import peer_subject
@@ -87,6 +98,12 @@ TRANSFER_SYNTAXES: list[str] = [
     "1.2.840.10008.1.2.4.203",  # High-Throughput JPEG 2000
     "1.2.840.10008.1.2.5",  # RLE Lossless
 ]
+
+#: Ledger rows of an association written together at most (see :class:`_PendingRows`).
+ROW_BATCH = 32
+#: Longest a ledger row waits after its instance's answer while the association keeps
+#: sending (seconds; an idle association's rows are written after ``reactor.IDLE_S``).
+ROW_MAX_DELAY_S = 0.05
 
 # DIMSE status codes the handler answers (PS3.4 Annex B.2.3).
 STATUS_SUCCESS = 0x0000
@@ -253,6 +270,38 @@ class _AssociationServer(ThreadedAssociationServer):
 
 
 @dataclass
+class _PendingRow:
+    """An instance answered and spooled whose ledger row waits (see :class:`_PendingRows`)."""
+
+    record: InstanceRecord
+    ticket: Ticket
+    patient_id: str
+
+
+@dataclass
+class _PendingRows:
+    """An association's ledger rows waiting to be written together, in one transaction.
+
+    On the fast path a small instance is answered once its journal record is on disk; its
+    spool file and row come after the answer. Writing each row in its own transaction cost
+    the association more than the sender's time between two instances, so the rows wait
+    here: they are written when :data:`ROW_BATCH` wait, when the oldest has waited
+    :data:`ROW_MAX_DELAY_S`, when the association is idle (:func:`.reactor.when_idle`),
+    before anything else of the association reaches pynetdicom or the ledger (its release
+    above all), and when it ends.
+    """
+
+    rows: list[_PendingRow] = field(default_factory=list)
+    #: ``time.monotonic()`` when the oldest row was added.
+    since: float = 0.0
+    #: Whether a write is registered with the DUL for when the association is idle.
+    on_idle: bool = False
+    #: Held while the rows are written: whoever writes next (or records the association's
+    #: end) finds them in the ledger.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
 class _AssociationState:
     calling_ae: str
     address: str = ""
@@ -263,6 +312,7 @@ class _AssociationState:
     stored: dict[str, int] = field(default_factory=dict)
     refused: int = 0
     patient_ids: set[str] = field(default_factory=set)
+    pending: _PendingRows = field(default_factory=_PendingRows)
 
 
 class StorageSCP:
@@ -298,6 +348,9 @@ class StorageSCP:
         #: Whether the last ledger row could be written: only then is an instance answered
         #: before its row is written (see :meth:`_record`).
         self._ledger_works = True
+        #: Whether the last spool file could be written: only then is a small instance
+        #: answered before its spool file is written (see :meth:`_store_journaled`).
+        self._spool_works = True
 
     def _make_ae(self) -> AE:
         cfg = self.settings.ingest
@@ -521,6 +574,8 @@ class StorageSCP:
             state = self._assocs.get(id(event.assoc))
             if state is not None:
                 state.released = True
+        if state is not None:
+            self._write_rows(state)  # before the release is answered
 
     def _audit_received(self, state: _AssociationState) -> None:
         if not state.stored and not state.refused:
@@ -547,6 +602,8 @@ class StorageSCP:
             if state is not None:
                 self._closing += 1
         try:
+            if state is not None:
+                self._write_rows(state)  # before the association's end is recorded
             self._record_end(state)
         finally:
             if state is not None:
@@ -629,9 +686,20 @@ class StorageSCP:
             size=len(data[0]) + len(data[1]),
             calling_ae=calling_ae,
         )
-        first = state is not None and study_uid not in state.study_uids
         patient_id = _text(header, "PatientID") if self._audit_patient_id else ""
         journal = self.journal
+        if (
+            journal is not None
+            and state is not None
+            and record.size <= self._journal_max_bytes
+            and self._ledger_works
+            and self._spool_works
+            and on_fast_path()
+        ):
+            return self._store_journaled(record, data, state, patient_id, journal)
+        if state is not None and state.pending.rows:
+            self._write_rows(state)  # an earlier instance's row before this one's
+        first = state is not None and study_uid not in state.study_uids
         if journal is None:
             existed = self.spool.holds(record.path)
             stored = self._store_file(record, data, existed, sync_file=True)
@@ -690,6 +758,113 @@ class StorageSCP:
             return STATUS_SUCCESS
         return record_row(False)
 
+    def _store_journaled(
+        self,
+        record: InstanceRecord,
+        data: Buffers,
+        state: _AssociationState,
+        patient_id: str,
+        journal: IngestJournal,
+    ) -> int:
+        """A small instance on the fast path: answered once its journal record is on disk;
+        the spool file is written after the answer, and the ledger row queued
+        (:class:`_PendingRows`). Should the file fail then (a full disk), the instance is safe
+        in the journal all the same, and the journal's checkpoint writes it; until a spool
+        file can be written again, the SCP writes each before it answers (and refuses with
+        0xA700 while it cannot)."""
+        try:
+            ticket = journal.write(dict(vars(record)), data, head_start=False)
+        except JournalError as exc:
+            log.error("C-STORE from %s: %s", record.calling_ae, exc)
+            metrics.INSTANCES_REJECTED.labels("spool_error").inc()
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            journal.wait_durable(ticket)
+        except JournalError as exc:
+            log.error("C-STORE from %s: %s", record.calling_ae, exc)
+            journal.withdraw(ticket)
+            journal.done(ticket)
+            metrics.INSTANCES_REJECTED.labels("spool_error").inc()
+            return STATUS_OUT_OF_RESOURCES
+
+        def spool_and_queue() -> None:
+            try:
+                self.spool.store(record.study_uid, record.sop_instance_uid, data, sync=False)
+            except SpoolError as exc:
+                self._spool_works = False
+                log.error(
+                    "C-STORE from %s: an acknowledged instance could not be written to the"
+                    " spool (%s); the journal's checkpoint writes it",
+                    record.calling_ae,
+                    exc,
+                )
+                journal.unrecorded(ticket)
+                journal.done(ticket)
+                return
+            self._queue_row(state, _PendingRow(record, ticket, patient_id))
+
+        if not after_response(spool_and_queue):  # on_fast_path() said it would
+            spool_and_queue()
+            self._write_rows(state)
+        return STATUS_SUCCESS
+
+    def _queue_row(self, state: _AssociationState, row: _PendingRow) -> None:
+        """Add an answered instance's row to its association's pending rows; write them if
+        they are due, else make sure an idle association writes them."""
+        pending = state.pending
+        now = time.monotonic()
+        with pending.lock:
+            if not pending.rows:
+                pending.since = now
+            pending.rows.append(row)
+            due = len(pending.rows) >= ROW_BATCH or now - pending.since >= ROW_MAX_DELAY_S
+            register = not due and not pending.on_idle
+            pending.on_idle = pending.on_idle or register
+        if register and not when_idle(lambda: self._write_rows(state, idle=True)):
+            due = True
+        if due:
+            self._write_rows(state)
+
+    def _write_rows(self, state: _AssociationState, *, idle: bool = False) -> None:
+        """Write an association's pending rows in one transaction (``idle``: the write that
+        the DUL ran for an idle association). If that fails, the instances are safe in the
+        journal (they were answered), its checkpoint records them, and until a row can be
+        written again the SCP answers only after the row."""
+        pending = state.pending
+        journal = self.journal
+        with pending.lock:
+            if idle:
+                pending.on_idle = False
+            rows, pending.rows = pending.rows, []
+            if not rows or journal is None:
+                return
+            with self._lock:
+                known = set(state.study_uids)
+            batch: list[tuple[InstanceRecord, bool]] = []
+            for row in rows:
+                study_uid = row.record.study_uid
+                batch.append((row.record, study_uid not in known))
+                known.add(study_uid)
+            try:
+                recorded = self.ledger.record_instances(batch, flushed=False)
+            except Exception:
+                self._ledger_works = False
+                for row in rows:
+                    journal.unrecorded(row.ticket)
+                log.exception(
+                    "C-STORE from %s: the ledger could not record %d acknowledged instance(s);"
+                    " the journal's checkpoint records them",
+                    state.calling_ae,
+                    len(rows),
+                )
+                return
+            finally:
+                for row in rows:
+                    journal.done(row.ticket)
+            self._ledger_works = True
+            for row, result in zip(rows, recorded, strict=True):
+                self._note_recorded(row.record, result, state, row.patient_id)
+
     def _store_file(
         self,
         record: InstanceRecord,
@@ -714,6 +889,7 @@ class StorageSCP:
             log.error("C-STORE from %s: %s", record.calling_ae, exc)
             metrics.INSTANCES_REJECTED.labels("spool_error").inc()
             return STATUS_OUT_OF_RESOURCES
+        self._spool_works = True
         if wait_durable is not None:
             try:
                 wait_durable()
@@ -772,6 +948,18 @@ class StorageSCP:
             metrics.INSTANCES_REJECTED.labels("ledger_unavailable").inc()
             return STATUS_LEDGER_UNAVAILABLE
         self._ledger_works = True
+        self._note_recorded(record, recorded, state, patient_id)
+        return STATUS_SUCCESS
+
+    def _note_recorded(
+        self,
+        record: InstanceRecord,
+        recorded: Recorded,
+        state: _AssociationState | None,
+        patient_id: str,
+    ) -> None:
+        """An instance's row is written: note it for its association (the audit record and
+        completion at its end), in the metrics and for completion."""
         study_uid = record.study_uid
         if state is not None:
             with self._lock:
@@ -792,4 +980,3 @@ class StorageSCP:
             self.on_instance(recorded.study_id)
         if self.signals is not None:
             self.signals.instance_arrived(study_uid)
-        return STATUS_SUCCESS

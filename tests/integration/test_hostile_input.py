@@ -140,11 +140,22 @@ def test_disk_full_answers_out_of_resources_and_leaves_no_file(
 
     monkeypatch.setattr(spool_module.os, "writev", full)
     study = generate_uid()
-    assert send(settings, [make_sc(study)]) == [0xA700]
+    kept, refused = make_sc(study), make_sc(study)
+    # The first instance is durable in the ingest journal before its spool file is written,
+    # so it is answered; its file fails after the answer, and from then on each file is
+    # written before the answer: the next instance is refused.
+    assert send(settings, [kept, refused]) == [0x0000, 0xA700]
     no_partial_files(settings)
     assert ledger.get_study(study) is None
     monkeypatch.setattr(spool_module.os, "writev", real_writev)
     next_association_works(settings, ledger)
+    # The journal's checkpoint (every 2 s) writes the answered instance once it can.
+    deadline = time.monotonic() + 30
+    while ledger.instance_file(kept.SOPInstanceUID) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ledger.instance_file(kept.SOPInstanceUID) is not None
+    assert (settings.spool_dir / study / f"{kept.SOPInstanceUID}.dcm").exists()
+    assert ledger.instance_file(refused.SOPInstanceUID) is None
 
 
 def _closed_within(sock: socket.socket, seconds: float) -> bool:

@@ -198,7 +198,12 @@ def test_mpps_completed_before_the_last_instance_waits_for_it(node: Node) -> Non
     node.completion.tick()
     assert node.state(study) == "receiving"  # one listed instance is missing
     assert int(assoc.send_c_store(datasets[2]).Status) == 0
-    node.completion.tick()  # the association is still open: only MPPS can complete it
+    # The association is still open: only MPPS can complete it, once the instance's row is
+    # written (at the latest when the association has been quiet for reactor.IDLE_S).
+    deadline = time.monotonic() + 5
+    while node.state(study) == "receiving" and time.monotonic() < deadline:
+        node.completion.tick()
+        time.sleep(0.01)
     assert node.state(study) == "not_routed"
     assoc.release()
 

@@ -9,15 +9,19 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from sqlalchemy import select
 
 from acwi_node.config import Settings, load_settings
+from acwi_node.ingest import reactor
+from acwi_node.ingest import scp as scp_module
 from acwi_node.ingest.journal import (
     KIND_INSTANCE,
     KIND_SPOOLED,
@@ -25,9 +29,10 @@ from acwi_node.ingest.journal import (
     JournalRecord,
     read_journal,
 )
-from acwi_node.ingest.scp import TRANSFER_SYNTAXES, StorageSCP
-from acwi_node.ingest.spool import Spool
+from acwi_node.ingest.scp import ROW_BATCH, TRANSFER_SYNTAXES, StorageSCP
+from acwi_node.ingest.spool import Spool, SpoolError
 from acwi_node.ledger import InstanceRecord, Ledger
+from acwi_node.ledger.models import Study
 from tests.support.dcmtk import storescu
 from tests.support.ports import free_port
 
@@ -222,22 +227,24 @@ def slow_checkpoints(tmp_path: Path) -> Iterator[tuple[Settings, Ledger, Storage
 def test_ledger_failure_after_the_answer_is_recorded_by_the_checkpoint(
     slow_checkpoints: tuple[Settings, Ledger, StorageSCP], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An instance is answered once it is durable in the journal, and its ledger row written
-    while the answer travels. If that row fails, the instance is safe all the same: the
-    journal's checkpoint records it once the ledger works again, and keeps it until then.
-    Meanwhile the SCP answers only after the row, so a failing ledger refuses (0xA701) and
-    leaves no file."""
+    """An instance is answered once it is durable in the journal; its spool file and ledger
+    row are written after the answer. If the row fails, the instance is safe all the same:
+    the journal's checkpoint records it once the ledger works again, and keeps it until then.
+    Once the failure is known the SCP answers only after the row, so a failing ledger refuses
+    (0xA701) and leaves no file."""
     settings, ledger, scp = slow_checkpoints
     assert scp.journal is not None
-    working = ledger.record_instance
+    working = ledger.record_instances
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("database is locked")
 
-    monkeypatch.setattr(ledger, "record_instance", broken)
+    monkeypatch.setattr(ledger, "record_instances", broken)
     study = generate_uid()
     answered, refused = make_sc(study), make_sc(study)
-    assert send(settings, [answered, refused]) == [0, 0xA701]
+    # The row is written after the answer (at the latest before the release is answered).
+    assert send(settings, [answered]) == [0]
+    assert send(settings, [refused]) == [0xA701]
     answered_file = settings.spool_dir / study / f"{answered.SOPInstanceUID}.dcm"
     assert answered_file.exists()
     assert not (settings.spool_dir / study / f"{refused.SOPInstanceUID}.dcm").exists()
@@ -249,7 +256,7 @@ def test_ledger_failure_after_the_answer_is_recorded_by_the_checkpoint(
     assert (KIND_INSTANCE, answered.SOPInstanceUID) in kinds
     assert scp.journal.pending_records > 0
 
-    monkeypatch.setattr(ledger, "record_instance", working)
+    monkeypatch.setattr(ledger, "record_instances", working)
     assert scp.journal.checkpoint() > 0
     assert ledger.instance_file(answered.SOPInstanceUID) is not None
     assert scp.journal.pending_records == 0
@@ -259,6 +266,148 @@ def test_ledger_failure_after_the_answer_is_recorded_by_the_checkpoint(
     assert st is not None and st["instances"] == 2
 
 
+def associate(settings: Settings) -> Any:
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(SC, ExplicitVRLittleEndian)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", settings.node.dicom_port, ae_title=settings.node.ae_title)
+    assert assoc.is_established
+    return assoc
+
+
+def test_an_idle_association_has_its_rows_written(
+    node: tuple[Settings, Ledger, StorageSCP],
+) -> None:
+    """A small instance's ledger row is written after the answer, with the rows of the
+    instances after it; once the sender goes quiet, it is written while the association
+    stays open."""
+    settings, ledger, _ = node
+    ds = make_sc(generate_uid())
+    assoc = associate(settings)
+    try:
+        assert int(assoc.send_c_store(ds).Status) == 0
+        deadline = time.monotonic() + 5
+        while ledger.instance_file(ds.SOPInstanceUID) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ledger.instance_file(ds.SOPInstanceUID) is not None
+        assert assoc.is_established
+    finally:
+        assoc.release()
+
+
+def test_rows_are_written_before_anything_else_of_the_association_is_served(
+    node: tuple[Settings, Ledger, StorageSCP], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the association never idle long enough (``reactor.IDLE_S`` made long), the rows
+    still come first: a C-ECHO after a C-STORE finds the instance's row, and so does the
+    association's release."""
+    settings, ledger, scp = node
+    monkeypatch.setattr(reactor, "IDLE_S", 60.0)
+    study = generate_uid()
+    first, second = make_sc(study), make_sc(study)
+    found: list[bool] = []
+
+    def on_echo(event: evt.Event) -> int:
+        found.append(ledger.instance_file(first.SOPInstanceUID) is not None)
+        return 0x0000
+
+    scp._server.bind(evt.EVT_C_ECHO, on_echo)
+    assoc = associate(settings)
+    assert int(assoc.send_c_store(first).Status) == 0
+    assert int(assoc.send_c_echo().Status) == 0
+    assert int(assoc.send_c_store(second).Status) == 0
+    assoc.release()
+    assert found == [True]
+    assert ledger.instance_file(second.SOPInstanceUID) is not None
+
+
+def test_the_rows_of_a_streaming_association_are_written_together(
+    node: tuple[Settings, Ledger, StorageSCP], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """storescu sends 70 instances of two studies back to back: with no idle time and no age
+    limit in the way, their rows are written ROW_BATCH at a time and the rest at the release,
+    and each study counts the association once (open while it sends, closed at its end)."""
+    settings, ledger, _ = node
+    monkeypatch.setattr(reactor, "IDLE_S", 60.0)
+    monkeypatch.setattr(scp_module, "ROW_MAX_DELAY_S", 60.0)
+    batches: list[int] = []
+    record_instances = ledger.record_instances
+
+    def spy(batch: Any, **kwargs: Any) -> Any:
+        batches.append(len(batch))
+        return record_instances(batch, **kwargs)
+
+    monkeypatch.setattr(ledger, "record_instances", spy)
+    study, other = generate_uid(), generate_uid()
+    files = []
+    for i in range(70):
+        files.append(tmp_path / f"{i}.dcm")
+        make_sc(study if i < 60 else other).save_as(files[-1], enforce_file_format=True)
+    done = storescu("127.0.0.1", settings.node.dicom_port, "ACWI", files, calling_ae="STORESCU")
+    assert done.returncode == 0, done.stderr
+    assert batches == [ROW_BATCH, ROW_BATCH, 70 - 2 * ROW_BATCH]
+    with ledger.session() as s:
+        counts = {
+            uid: (count, open_associations)
+            for uid, count, open_associations in s.execute(
+                select(Study.study_uid, Study.instance_count, Study.open_associations)
+            )
+        }
+    assert counts[study] == (60, 0) and counts[other] == (10, 0)
+
+
+def test_a_row_waits_no_longer_than_its_limit_while_the_association_sends(
+    node: tuple[Settings, Ledger, StorageSCP], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sender that never pauses long enough for the idle write: a row older than
+    ROW_MAX_DELAY_S is written with the next instance's."""
+    settings, ledger, _ = node
+    monkeypatch.setattr(reactor, "IDLE_S", 60.0)
+    monkeypatch.setattr(scp_module, "ROW_MAX_DELAY_S", 0.3)
+    study = generate_uid()
+    first, second = make_sc(study), make_sc(study)
+    assoc = associate(settings)
+    try:
+        assert int(assoc.send_c_store(first).Status) == 0
+        time.sleep(0.5)
+        assert ledger.instance_file(first.SOPInstanceUID) is None  # waiting for company
+        assert int(assoc.send_c_store(second).Status) == 0
+        deadline = time.monotonic() + 5
+        while ledger.instance_file(second.SOPInstanceUID) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ledger.instance_file(first.SOPInstanceUID) is not None
+        assert ledger.instance_file(second.SOPInstanceUID) is not None
+    finally:
+        assoc.release()
+
+
+def test_a_spool_file_that_fails_after_the_answer_is_written_by_the_checkpoint(
+    slow_checkpoints: tuple[Settings, Ledger, StorageSCP], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spool file of a small instance is written after the answer: if that fails, the
+    instance is safe in the journal, and the journal's checkpoint writes the file and the row."""
+    settings, ledger, scp = slow_checkpoints
+    assert scp.journal is not None
+    store = scp.spool.store
+    failures: list[str] = []
+
+    def full_once(*args: Any, **kwargs: Any) -> Path:
+        if not failures:
+            failures.append("no space")
+            raise SpoolError("cannot write to spool: No space left on device", out_of_space=True)
+        return store(*args, **kwargs)
+
+    monkeypatch.setattr(scp.spool, "store", full_once)
+    ds = make_sc(generate_uid())
+    assert send(settings, [ds]) == [0]
+    path = settings.spool_dir / ds.StudyInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    assert failures and not path.exists()
+    assert ledger.instance_file(ds.SOPInstanceUID) is None
+    assert scp.journal.checkpoint() > 0
+    assert dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
+    assert ledger.instance_file(ds.SOPInstanceUID) is not None
+
+
 def test_the_checkpoint_keeps_a_later_version_of_an_unrecorded_instance(
     slow_checkpoints: tuple[Settings, Ledger, StorageSCP], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -266,16 +415,16 @@ def test_the_checkpoint_keeps_a_later_version_of_an_unrecorded_instance(
     checkpoint must not bring back the first version."""
     settings, ledger, scp = slow_checkpoints
     assert scp.journal is not None
-    working = ledger.record_instance
+    working = ledger.record_instances
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("database is locked")
 
     study, sop = generate_uid(), generate_uid()
     first, second = make_sc(study, sop), make_sc(study, sop, patient="SCP^SECOND")
-    monkeypatch.setattr(ledger, "record_instance", broken)
+    monkeypatch.setattr(ledger, "record_instances", broken)
     assert send(settings, [first]) == [0]
-    monkeypatch.setattr(ledger, "record_instance", working)
+    monkeypatch.setattr(ledger, "record_instances", working)
     assert send(settings, [second]) == [0]
     path = settings.spool_dir / study / f"{sop}.dcm"
     sent_last = path.read_bytes()

@@ -737,26 +737,19 @@ class StorageSCP:
             return stored
 
         # The instance is durable (journal, or spool for a spooled record): once the ledger is
-        # known to work, answer first and write its row while the response travels.
-        def record_row(acknowledged: bool) -> int:
-            try:
-                return self._record(
-                    record,
-                    stored,
-                    existed,
-                    first,
-                    state,
-                    patient_id,
-                    journal,
-                    ticket,
-                    acknowledged=acknowledged,
-                )
-            finally:
-                journal.done(ticket)
-
-        if self._ledger_works and after_response(lambda: record_row(True)):
+        # known to work, answer first; the row is written with the association's next ones.
+        if (
+            self._ledger_works
+            and state is not None
+            and after_response(
+                lambda: self._queue_row(state, _PendingRow(record, ticket, patient_id))
+            )
+        ):
             return STATUS_SUCCESS
-        return record_row(False)
+        try:
+            return self._record(record, stored, existed, first, state, patient_id, journal, ticket)
+        finally:
+            journal.done(ticket)
 
     def _store_journaled(
         self,
@@ -911,33 +904,17 @@ class StorageSCP:
         patient_id: str,
         journal: IngestJournal | None = None,
         ticket: Ticket | None = None,
-        *,
-        acknowledged: bool = False,
     ) -> int:
-        """Write the instance's ledger row (flushed unless the journal holds the instance) and
-        note it for its association; the status to answer.
-
-        ``acknowledged``: success was answered already (the instance is durable in the
-        journal). If the row cannot be written then, the journal's checkpoint writes it
-        (:meth:`IngestJournal.unrecorded`), and until a row can be written again the SCP
-        answers only once it is. Otherwise a failure here is answered, and the file and the
-        journal record withdrawn.
-        """
+        """Write the instance's ledger row before the answer (flushed unless the journal holds
+        the instance) and note it for its association; the status to answer. A failure is
+        answered, and the file and the journal record withdrawn (rows written after the
+        answer: :meth:`_write_rows`)."""
         try:
             recorded = self.ledger.record_instance(
                 record, first_in_association=first, flushed=journal is None
             )
         except Exception:
             self._ledger_works = False
-            if acknowledged:
-                assert journal is not None and ticket is not None
-                journal.unrecorded(ticket)
-                log.exception(
-                    "C-STORE from %s: the ledger could not record an acknowledged instance;"
-                    " the journal's checkpoint records it",
-                    record.calling_ae,
-                )
-                return STATUS_SUCCESS
             log.exception(
                 "C-STORE from %s: the ledger could not record the instance", record.calling_ae
             )

@@ -217,10 +217,15 @@ def test_truncated_association_keeps_serving(node: tuple[Settings, Ledger, Stora
     assert send(settings, [make_sc(generate_uid())]) == [0]
 
 
-@pytest.fixture
-def slow_checkpoints(tmp_path: Path) -> Iterator[tuple[Settings, Ledger, StorageSCP]]:
-    """An SCP whose journal is checkpointed only when a test says so."""
-    with running_scp(tmp_path, journal_checkpoint_s=300) as running:
+@pytest.fixture(params=[65536, 0], ids=["journaled", "spooled"])
+def slow_checkpoints(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[Settings, Ledger, StorageSCP]]:
+    """An SCP whose journal is checkpointed only when a test says so; instances journaled
+    whole, or (``journal_max_bytes = 0``) all flushed in the spool, as CT slices are."""
+    with running_scp(
+        tmp_path, journal_checkpoint_s=300, journal_max_bytes=request.param
+    ) as running:
         yield running
 
 
@@ -253,7 +258,8 @@ def test_ledger_failure_after_the_answer_is_recorded_by_the_checkpoint(
     with pytest.raises(RuntimeError, match="database is locked"):
         scp.journal.checkpoint()
     kinds = [(r.kind, r.meta.get("sop_instance_uid")) for r in read_journal(scp.journal.directory)]
-    assert (KIND_INSTANCE, answered.SOPInstanceUID) in kinds
+    kind = KIND_INSTANCE if settings.ingest.journal_max_bytes else KIND_SPOOLED
+    assert (kind, answered.SOPInstanceUID) in kinds
     assert scp.journal.pending_records > 0
 
     monkeypatch.setattr(ledger, "record_instances", working)
@@ -327,7 +333,7 @@ def test_the_rows_of_a_streaming_association_are_written_together(
     """storescu sends 70 instances of two studies back to back: with no idle time and no age
     limit in the way, their rows are written ROW_BATCH at a time and the rest at the release,
     and each study counts the association once (open while it sends, closed at its end)."""
-    settings, ledger, _ = node
+    settings, ledger, scp = node
     monkeypatch.setattr(reactor, "IDLE_S", 60.0)
     monkeypatch.setattr(scp_module, "ROW_MAX_DELAY_S", 60.0)
     batches: list[int] = []
@@ -346,6 +352,9 @@ def test_the_rows_of_a_streaming_association_are_written_together(
     done = storescu("127.0.0.1", settings.node.dicom_port, "ACWI", files, calling_ae="STORESCU")
     assert done.returncode == 0, done.stderr
     assert batches == [ROW_BATCH, ROW_BATCH, 70 - 2 * ROW_BATCH]
+    deadline = time.monotonic() + 10  # the association's end is recorded once it has closed
+    while scp.open_associations and time.monotonic() < deadline:
+        time.sleep(0.01)
     with ledger.session() as s:
         counts = {
             uid: (count, open_associations)
@@ -382,30 +391,32 @@ def test_a_row_waits_no_longer_than_its_limit_while_the_association_sends(
 
 
 def test_a_spool_file_that_fails_after_the_answer_is_written_by_the_checkpoint(
-    slow_checkpoints: tuple[Settings, Ledger, StorageSCP], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The spool file of a small instance is written after the answer: if that fails, the
     instance is safe in the journal, and the journal's checkpoint writes the file and the row."""
-    settings, ledger, scp = slow_checkpoints
-    assert scp.journal is not None
-    store = scp.spool.store
-    failures: list[str] = []
+    with running_scp(tmp_path, journal_checkpoint_s=300) as (settings, ledger, scp):
+        assert scp.journal is not None
+        store = scp.spool.store
+        failures: list[str] = []
 
-    def full_once(*args: Any, **kwargs: Any) -> Path:
-        if not failures:
-            failures.append("no space")
-            raise SpoolError("cannot write to spool: No space left on device", out_of_space=True)
-        return store(*args, **kwargs)
+        def full_once(*args: Any, **kwargs: Any) -> Path:
+            if not failures:
+                failures.append("no space")
+                raise SpoolError(
+                    "cannot write to spool: No space left on device", out_of_space=True
+                )
+            return store(*args, **kwargs)
 
-    monkeypatch.setattr(scp.spool, "store", full_once)
-    ds = make_sc(generate_uid())
-    assert send(settings, [ds]) == [0]
-    path = settings.spool_dir / ds.StudyInstanceUID / f"{ds.SOPInstanceUID}.dcm"
-    assert failures and not path.exists()
-    assert ledger.instance_file(ds.SOPInstanceUID) is None
-    assert scp.journal.checkpoint() > 0
-    assert dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
-    assert ledger.instance_file(ds.SOPInstanceUID) is not None
+        monkeypatch.setattr(scp.spool, "store", full_once)
+        ds = make_sc(generate_uid())
+        assert send(settings, [ds]) == [0]
+        path = settings.spool_dir / ds.StudyInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+        assert failures and not path.exists()
+        assert ledger.instance_file(ds.SOPInstanceUID) is None
+        assert scp.journal.checkpoint() > 0
+        assert dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
+        assert ledger.instance_file(ds.SOPInstanceUID) is not None
 
 
 def test_the_checkpoint_keeps_a_later_version_of_an_unrecorded_instance(

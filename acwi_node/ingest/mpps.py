@@ -97,6 +97,16 @@ def step_studies(ds: Dataset) -> set[str]:
     return found
 
 
+#: Every unspent signal, oldest first (asked on every completion pass: built once).
+_SIGNALS = select(
+    CompletionSignal.id,
+    CompletionSignal.kind,
+    CompletionSignal.study_id,
+    CompletionSignal.study_uids,
+    CompletionSignal.sop_uids,
+).order_by(CompletionSignal.id)
+
+
 class CompletionSignals:
     """Studies that a signal (MPPS COMPLETED, a trusted release) says are complete.
 
@@ -163,15 +173,7 @@ class CompletionSignals:
         spent: list[int] = []
         awaited: set[str] = set()
         with self.ledger.session() as s:
-            signals = s.execute(
-                select(
-                    CompletionSignal.id,
-                    CompletionSignal.kind,
-                    CompletionSignal.study_id,
-                    CompletionSignal.study_uids,
-                    CompletionSignal.sop_uids,
-                ).order_by(CompletionSignal.id)
-            ).all()
+            signals = s.execute(_SIGNALS).all()
             if not signals:
                 self._awaited_studies = frozenset()
                 return []

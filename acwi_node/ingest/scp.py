@@ -101,8 +101,8 @@ TRANSFER_SYNTAXES: list[str] = [
 
 #: Ledger rows of an association written together at most (see :class:`_PendingRows`).
 ROW_BATCH = 32
-#: Longest a ledger row waits after its instance's answer while the association keeps
-#: sending (seconds; an idle association's rows are written after ``reactor.IDLE_S``).
+#: A pending ledger row this old (seconds) is written with the next one to join it (an idle
+#: association's rows are written after ``reactor.IDLE_S``).
 ROW_MAX_DELAY_S = 0.05
 
 # DIMSE status codes the handler answers (PS3.4 Annex B.2.3).
@@ -285,10 +285,10 @@ class _PendingRows:
     On the fast path a small instance is answered once its journal record is on disk; its
     spool file and row come after the answer. Writing each row in its own transaction cost
     the association more than the sender's time between two instances, so the rows wait
-    here: they are written when :data:`ROW_BATCH` wait, when the oldest has waited
-    :data:`ROW_MAX_DELAY_S`, when the association is idle (:func:`.reactor.when_idle`),
-    before anything else of the association reaches pynetdicom or the ledger (its release
-    above all), and when it ends.
+    here: they are written when :data:`ROW_BATCH` wait, when a row joins them
+    :data:`ROW_MAX_DELAY_S` or more after the oldest, when the association is idle
+    (:func:`.reactor.when_idle`), before anything else of the association reaches pynetdicom
+    or the ledger (its release above all), and when it ends.
     """
 
     rows: list[_PendingRow] = field(default_factory=list)

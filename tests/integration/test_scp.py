@@ -98,6 +98,18 @@ def node(tmp_path: Path) -> Iterator[tuple[Settings, Ledger, StorageSCP]]:
         yield running
 
 
+def associate(
+    settings: Settings, *, calling: str = "SENDER", ts: str = ExplicitVRLittleEndian
+) -> Any:
+    """An established association for secondary captures (in ``ts``) and C-ECHO."""
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(SC, ts)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", settings.node.dicom_port, ae_title=settings.node.ae_title)
+    assert assoc.is_established
+    return assoc
+
+
 def send(
     settings: Settings,
     datasets: list[Dataset],
@@ -105,10 +117,7 @@ def send(
     calling: str = "SENDER",
     ts: str = ExplicitVRLittleEndian,
 ) -> list[int]:
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(SC, ts)
-    assoc = ae.associate("127.0.0.1", settings.node.dicom_port, ae_title=settings.node.ae_title)
-    assert assoc.is_established
+    assoc = associate(settings, calling=calling, ts=ts)
     statuses = [int(assoc.send_c_store(ds).Status) for ds in datasets]
     assoc.release()
     return statuses
@@ -270,15 +279,6 @@ def test_ledger_failure_after_the_answer_is_recorded_by_the_checkpoint(
     assert send(settings, [later]) == [0]
     st = ledger.get_study(study)
     assert st is not None and st["instances"] == 2
-
-
-def associate(settings: Settings) -> Any:
-    ae = AE(ae_title="SENDER")
-    ae.add_requested_context(SC, ExplicitVRLittleEndian)
-    ae.add_requested_context("1.2.840.10008.1.1")
-    assoc = ae.associate("127.0.0.1", settings.node.dicom_port, ae_title=settings.node.ae_title)
-    assert assoc.is_established
-    return assoc
 
 
 def test_an_idle_association_has_its_rows_written(

@@ -19,8 +19,9 @@ the spool, 0xA701 for the ledger).
 
 An instance too large for the journal (``ingest.journal_max_bytes``) is flushed in the spool
 before the answer instead, and the journal gets a small record of it, flushed meanwhile; its row
-follows the answer. Without the journal, or off the fast path, the spool file and the row are
-written before the answer.
+follows the answer and joins the association's pending rows like any other. Without the
+journal, or off the fast path, the spool file and the row are written before the answer (after
+the association's pending rows: rows are written in the order the instances came).
 """
 
 from __future__ import annotations
@@ -697,15 +698,12 @@ class StorageSCP:
             and on_fast_path()
         ):
             return self._store_journaled(record, data, state, patient_id, journal)
-        if state is not None and state.pending.rows:
-            self._write_rows(state)  # an earlier instance's row before this one's
-        first = state is not None and study_uid not in state.study_uids
         if journal is None:
             existed = self.spool.holds(record.path)
             stored = self._store_file(record, data, existed, sync_file=True)
             if isinstance(stored, int):
                 return stored
-            return self._record(record, stored, existed, first, state, patient_id)
+            return self._record(record, stored, existed, state, patient_id)
         # A large instance's bytes are flushed in the spool only; the journal gets its CRC.
         spooled = record.size > self._journal_max_bytes
         try:  # the record is flushed while the spool file is written
@@ -747,7 +745,7 @@ class StorageSCP:
         ):
             return STATUS_SUCCESS
         try:
-            return self._record(record, stored, existed, first, state, patient_id, journal, ticket)
+            return self._record(record, stored, existed, state, patient_id, journal, ticket)
         finally:
             journal.done(ticket)
 
@@ -899,7 +897,6 @@ class StorageSCP:
         record: InstanceRecord,
         path: Path,
         existed: bool,
-        first: bool,
         state: _AssociationState | None,
         patient_id: str,
         journal: IngestJournal | None = None,
@@ -908,7 +905,11 @@ class StorageSCP:
         """Write the instance's ledger row before the answer (flushed unless the journal holds
         the instance) and note it for its association; the status to answer. A failure is
         answered, and the file and the journal record withdrawn (rows written after the
-        answer: :meth:`_write_rows`)."""
+        answer: :meth:`_write_rows`); the association's pending rows are written first, so
+        that rows are written in the order the instances came."""
+        if state is not None and state.pending.rows:
+            self._write_rows(state)
+        first = state is not None and record.study_uid not in state.study_uids
         try:
             recorded = self.ledger.record_instance(
                 record, first_in_association=first, flushed=journal is None

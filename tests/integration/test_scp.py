@@ -327,13 +327,21 @@ def test_rows_are_written_before_anything_else_of_the_association_is_served(
     assert ledger.instance_file(second.SOPInstanceUID) is not None
 
 
+@pytest.mark.parametrize("kind", ["journaled", "spooled"])
 def test_the_rows_of_a_streaming_association_are_written_together(
-    node: tuple[Settings, Ledger, StorageSCP], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    node: tuple[Settings, Ledger, StorageSCP],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
 ) -> None:
     """storescu sends 70 instances of two studies back to back: with no idle time and no age
     limit in the way, their rows are written ROW_BATCH at a time and the rest at the release,
-    and each study counts the association once (open while it sends, closed at its end)."""
+    and each study counts the association once (open while it sends, closed at its end). So
+    are those of instances too large for the journal (flushed in the spool, each answered
+    before its row)."""
     settings, ledger, scp = node
+    if kind == "spooled":
+        monkeypatch.setattr(scp, "_journal_max_bytes", 0)
     monkeypatch.setattr(reactor, "IDLE_S", 60.0)
     monkeypatch.setattr(scp_module, "ROW_MAX_DELAY_S", 60.0)
     batches: list[int] = []

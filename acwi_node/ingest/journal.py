@@ -69,12 +69,12 @@ import struct
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from acwi_node.ingest.checksum import crc32, crc32_of
 from acwi_node.ingest.spool import Buffers, buffers, fsync_dir, write_all
 from acwi_node.observability import metrics
 
@@ -108,13 +108,6 @@ SPARE_SEGMENTS = 2
 
 #: A CRC-32 is 32 bits.
 _CRC_MASK = 0xFFFFFFFF
-
-
-def _crc32(data: Buffers) -> int:
-    crc = 0
-    for part in buffers(data):
-        crc = zlib.crc32(part, crc)
-    return crc
 
 
 def _preallocate(fd: int, size: int) -> None:
@@ -184,7 +177,7 @@ class JournalRecord:
     def matches(self, data: bytes) -> bool:
         """Whether ``data`` (the spool file's bytes) is what this spooled record was written
         for: a crash may have taken the file, or cut it, before it was flushed."""
-        return zlib.crc32(data) == self.meta.get(SPOOLED_CRC)
+        return crc32(data) == self.meta.get(SPOOLED_CRC)
 
 
 def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -392,7 +385,9 @@ class IngestJournal:
         """Journal an instance whose ``data`` the caller flushes in the spool itself: only
         ``meta`` and the CRC-32 of ``data`` are written, and the flusher thread flushes the
         record at once, while the caller flushes the file. As for :meth:`write`, then."""
-        return self._write(KIND_SPOOLED, {**meta, SPOOLED_CRC: _crc32(data)}, b"", background=True)
+        return self._write(
+            KIND_SPOOLED, {**meta, SPOOLED_CRC: crc32_of(buffers(data))}, b"", background=True
+        )
 
     def wait_durable(self, ticket: Ticket) -> None:
         """Return once the record is on disk, flushing the segment here unless a flush that
@@ -474,8 +469,8 @@ class IngestJournal:
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
         payload_parts = buffers(payload)
         payload_size = sum(len(p) for p in payload_parts)
-        # Outside the lock (zlib lets other threads run meanwhile): all but the header's CRC.
-        body_crc = zlib.crc32(meta_bytes, _crc32(payload_parts))
+        # Outside the lock (the CRC lets other threads run meanwhile): all but the header's CRC.
+        body_crc = crc32(meta_bytes, crc32_of(payload_parts))
         with self._lock:
             if not self._segments:
                 raise JournalError("the ingest journal is closed", out_of_space=False)
@@ -484,7 +479,7 @@ class IngestJournal:
             head = _HEADER.pack(
                 MAGIC, kind, number, time.time_ns(), len(meta_bytes), payload_size, 0
             )[:-4]
-            crc = zlib.crc32(head, body_crc) ^ (seg.seq & _CRC_MASK)
+            crc = crc32(head, body_crc) ^ (seg.seq & _CRC_MASK)
             parts = [head + struct.pack("<I", crc), meta_bytes, *payload_parts]
             total = len(head) + 4 + len(meta_bytes) + payload_size
             try:
@@ -644,11 +639,9 @@ def read_segment(path: Path) -> Iterator[JournalRecord]:
         meta_bytes = data[start : start + meta_len]
         payload = data[start + meta_len : end]
         if magic == MAGIC_V1:
-            computed = zlib.crc32(payload, zlib.crc32(meta_bytes, zlib.crc32(head)))
+            computed = crc32(payload, crc32(meta_bytes, crc32(head)))
         else:
-            computed = (
-                zlib.crc32(head, zlib.crc32(meta_bytes, zlib.crc32(payload))) ^ segment_number
-            )
+            computed = crc32(head, crc32(meta_bytes, crc32(payload))) ^ segment_number
         if computed != crc or number <= previous:
             # A record torn by a crash, or one of the segment's earlier use.
             log.debug("ingest journal %s: ends after record %d", path.name, previous)

@@ -13,7 +13,8 @@ ingest journal, fsync on); the run checks afterwards that every instance is in t
 and spool. Orthanc (1.7.4 and later) fsyncs every file it stores (``SyncStorageArea``, on by
 default); storescp fsyncs nothing. The ``node-processes`` target runs one SCP listener process
 per core (``ingest.processes = 0``). Besides rates, the run reports the CPU time each receiver
-(its processes, children included) and the senders spent per instance.
+(its processes, children included) and the senders spent per instance. Before each measurement
+the page cache is flushed and, as root, dropped (:func:`settle_memory`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +189,32 @@ TARGETS: dict[str, Target] = {
 EACH = 0
 
 
+#: Where the page cache is dropped (root only; see :func:`settle_memory`).
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def settle_memory(files: Sequence[Path]) -> bool:
+    """Start a measurement from the same state as every other: what earlier runs left
+    unflushed (storescp: everything) is written back now, not while the next target runs; the
+    page cache is dropped where that is permitted (as root; True then), and the files to send
+    are read back in, so that the sender reads them from memory.
+
+    Dropping the cache matters on a virtual machine whose memory the host backs only when the
+    guest first touches it: with a page cache that only grows, every run writes into pages
+    never touched before, each costing the host a fault (about 18 us per 4 KB page here, 2 ms
+    per CT slice), and CT rates fell run after run, by half over a few runs, whatever the
+    target. A dropped cache's pages are reused at once."""
+    os.sync()
+    try:
+        DROP_CACHES.write_text("3")
+        dropped = True
+    except OSError:  # not root, or not Linux: the cache stays
+        dropped = False
+    for path in files:
+        path.read_bytes()
+    return dropped
+
+
 def measure(target: Target, files: list[Path], associations: int, workdir: Path) -> Measurement:
     """Instances per second into a fresh ``target`` (over ``associations`` concurrent
     associations, or :data:`EACH` instance in its own), and the CPU time spent per instance;
@@ -199,6 +226,7 @@ def measure(target: Target, files: list[Path], associations: int, workdir: Path)
     # thousands of files would slow down the next target's file creation.
     received = workdir / "received"
     received.mkdir(exist_ok=True)
+    settle_memory(files)
     tmp = tempfile.mkdtemp(dir=received)
     with target(Path(tmp)) as receiver:
         receiver_before = process_tree_cpu_s(receiver.pid)
@@ -218,9 +246,6 @@ def measure(target: Target, files: list[Path], associations: int, workdir: Path)
             time.sleep(0.2)
         if got != len(files):
             raise RuntimeError(f"{receiver.aet}: {got} of {len(files)} instances stored")
-    # What a target left unflushed (storescp: everything) would otherwise be written back to
-    # disk while the next target runs, and count against it.
-    os.sync()
     return Measurement(
         rate(len(files), seconds),
         1000 * receiver_cpu / len(files),
@@ -254,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     # Every DCMTK process (storescu, storescp, Orthanc's network layer) sends small PDUs at once.
     os.environ["TCP_NODELAY"] = "1"
 
+    page_cache_dropped = settle_memory([])
+    if not page_cache_dropped:
+        print("note: the page cache cannot be dropped (not root): rates may drift run by run")
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     results: dict[str, dict[str, float]] = {}  # the median run per target and row
     runs: dict[str, dict[str, list[float]]] = {}  # every run
@@ -344,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs": runs,
             "cpu_ms_per_instance": cpu,
             "cpu_runs": cpu_runs,
+            "page_cache_dropped": page_cache_dropped,
         },
     )
     return 0

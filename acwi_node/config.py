@@ -147,9 +147,13 @@ class IngestSettings(_Strict):
     #: directory and its ledger row (three). Either way nothing is answered before it is on
     #: disk; see "Durability" in the README.
     journal: bool = True
-    #: Instances larger than this (bytes) are flushed in the spool, and the journal gets only
-    #: their CRC-32: for them, writing the data twice costs more than a flush of the file.
-    journal_max_bytes: int = Field(64 * 1024, ge=0)
+    #: Instances larger than this (bytes) are flushed in the spool before the answer, and the
+    #: journal gets only their CRC-32 (their bytes are written once); smaller ones, CT and MR
+    #: slices included, are written to the journal whole and answered once it is flushed, their
+    #: spool file written after the answer (their bytes are written twice, the second time
+    #: without a flush of its own). Flushing a preallocated journal costs less than a new
+    #: file's data, inode and directory entries: CT slices about 1.2x faster on one association.
+    journal_max_bytes: int = Field(1 << 20, ge=0)
     #: Seconds between journal checkpoints, which flush the spool and the ledger and delete
     #: the journal behind them (what a restart after a power loss replays).
     journal_checkpoint_s: float = Field(2.0, gt=0, le=300)

@@ -231,7 +231,7 @@ def slow_checkpoints(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[tuple[Settings, Ledger, StorageSCP]]:
     """An SCP whose journal is checkpointed only when a test says so; instances journaled
-    whole, or (``journal_max_bytes = 0``) all flushed in the spool, as CT slices are."""
+    whole, or (``journal_max_bytes = 0``) all flushed in the spool, as those over 1 MiB are."""
     with running_scp(
         tmp_path, journal_checkpoint_s=300, journal_max_bytes=request.param
     ) as running:

@@ -238,6 +238,47 @@ def slow_checkpoints(
         yield running
 
 
+def sized_sc(study_uid: str, side: int) -> Dataset:
+    """A secondary capture of ``side`` x ``side`` 16-bit pixels (512: a CT slice's 512 KB)."""
+    ds = make_sc(study_uid)
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelData = np.arange(side * side, dtype=np.uint16).tobytes()
+    return ds
+
+
+def test_slices_are_journaled_whole_and_larger_instances_flushed_in_the_spool(
+    tmp_path: Path,
+) -> None:
+    """With the default ``journal_max_bytes`` (1 MiB), a CT-sized instance (512 KB) is written
+    to the journal whole, its spool file after the answer; a 2 MB one is flushed in the spool
+    and the journal holds only its CRC-32. Both files are the instances as sent."""
+    with running_scp(tmp_path, journal_checkpoint_s=300) as (settings, ledger, scp):
+        assert settings.ingest.journal_max_bytes == 1 << 20
+        assert scp.journal is not None
+        study = generate_uid()
+        ct_slice, radiograph = sized_sc(study, 512), sized_sc(study, 1024)
+        assert send(settings, [ct_slice, radiograph]) == [0, 0]
+        records = {r.meta["sop_instance_uid"]: r for r in read_journal(scp.journal.directory)}
+        journaled = records[ct_slice.SOPInstanceUID]
+        spooled = records[radiograph.SOPInstanceUID]
+        assert journaled.kind == KIND_INSTANCE and len(journaled.payload) > 512 * 512 * 2
+        assert spooled.kind == KIND_SPOOLED and spooled.payload == b""
+        for ds in (ct_slice, radiograph):
+            path = settings.spool_dir / study / f"{ds.SOPInstanceUID}.dcm"
+            assert dcmread(path).PixelData == ds.PixelData
+            assert ledger.instance_file(ds.SOPInstanceUID) is not None
+        slice_file = settings.spool_dir / study / f"{ct_slice.SOPInstanceUID}.dcm"
+        assert slice_file.read_bytes() == journaled.payload
+        assert (
+            zlib.crc32(
+                (settings.spool_dir / study / f"{radiograph.SOPInstanceUID}.dcm").read_bytes()
+            )
+            == (spooled.meta[SPOOLED_CRC])
+        )
+
+
 def test_ledger_failure_after_the_answer_is_recorded_by_the_checkpoint(
     slow_checkpoints: tuple[Settings, Ledger, StorageSCP], monkeypatch: pytest.MonkeyPatch
 ) -> None:

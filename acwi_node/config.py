@@ -152,7 +152,7 @@ class IngestSettings(_Strict):
     #: slices included, are written to the journal whole and answered once it is flushed, their
     #: spool file written after the answer (their bytes are written twice, the second time
     #: without a flush of its own). Flushing a preallocated journal costs less than a new
-    #: file's data, inode and directory entries: CT slices about 1.2x faster on one association.
+    #: file's data, inode and directory entries: CT slices 1.1-1.2x faster on one association.
     journal_max_bytes: int = Field(1 << 20, ge=0)
     #: Seconds between journal checkpoints, which flush the spool and the ledger and delete
     #: the journal behind them (what a restart after a power loss replays).

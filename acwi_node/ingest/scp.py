@@ -6,8 +6,8 @@ plus ``event.encoded_dataset()``, no full decode), reads only the few header att
 answers success once the journal record is on disk. Anything that fails before the answer is
 answered with a DIMSE failure status and leaves no partial file.
 
-On the fast path (:mod:`.reactor`) a small instance's spool file and ledger row come after the
-answer (:func:`.reactor.after_response`): the association's thread writes the file while the
+On the fast path (:mod:`.reactor`) a journaled instance's spool file and ledger row come after
+the answer (:func:`.reactor.after_response`): the association's thread writes the file while the
 response travels and the sender reads its next file, and queues the row; an association's rows
 are written together, in one transaction (:class:`_PendingRows`), at the latest when the
 association goes quiet for a few milliseconds and always before anything else of it is served
@@ -283,7 +283,7 @@ class _PendingRow:
 class _PendingRows:
     """An association's ledger rows waiting to be written together, in one transaction.
 
-    On the fast path a small instance is answered once its journal record is on disk; its
+    On the fast path a journaled instance is answered once its journal record is on disk; its
     spool file and row come after the answer. Writing each row in its own transaction cost
     the association more than the sender's time between two instances, so the rows wait
     here: they are written when :data:`ROW_BATCH` wait, when a row joins them
@@ -349,7 +349,7 @@ class StorageSCP:
         #: Whether the last ledger row could be written: only then is an instance answered
         #: before its row is written (see :meth:`_record`).
         self._ledger_works = True
-        #: Whether the last spool file could be written: only then is a small instance
+        #: Whether the last spool file could be written: only then is a journaled instance
         #: answered before its spool file is written (see :meth:`_store_journaled`).
         self._spool_works = True
 
@@ -757,12 +757,12 @@ class StorageSCP:
         patient_id: str,
         journal: IngestJournal,
     ) -> int:
-        """A small instance on the fast path: answered once its journal record is on disk;
-        the spool file is written after the answer, and the ledger row queued
-        (:class:`_PendingRows`). Should the file fail then (a full disk), the instance is safe
-        in the journal all the same, and the journal's checkpoint writes it; until a spool
-        file can be written again, the SCP writes each before it answers (and refuses with
-        0xA700 while it cannot)."""
+        """An instance up to ``journal_max_bytes`` (CT slices included) on the fast path:
+        answered once its journal record is on disk; the spool file is written after the
+        answer, and the ledger row queued (:class:`_PendingRows`). Should the file fail then
+        (a full disk), the instance is safe in the journal all the same, and the journal's
+        checkpoint writes it; until a spool file can be written again, the SCP writes each
+        before it answers (and refuses with 0xA700 while it cannot)."""
         try:
             ticket = journal.write(dict(vars(record)), data, head_start=False)
         except JournalError as exc:

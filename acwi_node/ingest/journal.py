@@ -440,7 +440,8 @@ class IngestJournal:
                 seg.synced = max(seg.synced, target)
             self._flushed.notify_all()
             self._done.notify_all()
-            self._dirty.notify_all()
+            if seg.wanted > seg.synced:  # left to this flush by the flusher thread
+                self._dirty.notify_all()
         if error:
             raise JournalError(f"cannot flush the ingest journal: {error}", out_of_space=False)
 

@@ -277,6 +277,59 @@ def test_a_spooled_record_is_flushed_at_once_in_the_background(
     journal.close()
 
 
+def test_a_flush_wakes_the_flusher_thread_only_for_a_record_it_left_behind(
+    tmp_path: Path, flushes: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An association's flush does not wake the flusher thread (a wake-up, and a turn of the
+    interpreter lock, for every instance) unless a spooled record written while it ran still
+    waits for a flush: that one the flusher then flushes, with nobody waiting for it."""
+    journal = make_journal(tmp_path, flushes)
+    wakes: list[int] = []
+    notify_all = journal._dirty.notify_all
+
+    def counted_notify_all() -> None:
+        wakes.append(1)
+        notify_all()
+
+    monkeypatch.setattr(journal._dirty, "notify_all", counted_notify_all)
+    for i in range(20):
+        ticket = journal.append({"i": i}, b"p" * 100)
+        journal.done(ticket)
+    assert wakes == []
+
+    gate, entered = threading.Event(), threading.Event()
+    flushed_by: list[str] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        if fd == journal._segments[0].fd:  # not a spare the checkpointer prepares
+            flushed_by.append(threading.current_thread().name)
+        if threading.current_thread().name == "association":
+            entered.set()
+            gate.wait(5)
+        real(fd)
+
+    monkeypatch.setattr(journal_module.os, "fdatasync", fdatasync)
+    first = journal.write({"i": "first"}, b"a" * 100)
+    waiter = threading.Thread(target=journal.wait_durable, args=(first,), name="association")
+    waiter.start()
+    assert entered.wait(5)  # the association's flush runs, covering `first` only
+    spooled = journal.write_spooled({"i": "spooled"}, b"b" * 100)
+    time.sleep(0.1)  # the flusher saw the running flush and left the record to it
+    assert spooled.segment.synced < spooled.end and flushed_by == ["association"]
+    gate.set()
+    waiter.join(5)
+    deadline = time.monotonic() + 5
+    while spooled.segment.synced < spooled.end:
+        assert time.monotonic() < deadline, "the record left behind was never flushed"
+        time.sleep(0.005)
+    assert flushed_by == ["association", "acwi-journal-flush"] and len(wakes) == 1
+    for ticket in (first, spooled):
+        journal.done(ticket)
+    monkeypatch.undo()
+    journal.close()
+
+
 def test_a_failed_flush_fails_every_record_waiting_for_it(
     tmp_path: Path, flushes: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -15,6 +15,7 @@ acwi-node feedback    export reviewed cases as a labelled dataset
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -56,6 +57,25 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+def freeze_startup_heap() -> int:
+    """Collect the garbage, then move every object the process holds into the permanent
+    generation (``gc.freeze``); returns how many.
+
+    A storage SCP process holds about 120,000 objects once started (pydicom's data dictionary,
+    pynetdicom, SQLAlchemy, the settings), and a full collection walks all of them: about 55
+    ms with the interpreter lock held, during which no association is served. pynetdicom's
+    server makes one every 60 turns of its accept loop (every 30 s when idle, and after every
+    60 associations). Frozen, those objects are skipped, and a full collection walks only
+    what the process made since (under 1 ms after 2,000 instances). They are still freed by
+    reference counting; only a cycle among them, should one become garbage, is never
+    collected."""
+    gc.collect()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    log.info("start-up heap frozen: %d objects that garbage collections skip", frozen)
+    return frozen
 
 
 # ---------------------------------------------------------------------- process kinds
@@ -115,6 +135,7 @@ def run_scp(settings: Settings, config: Path | None = None) -> int:
         )
     else:
         scp = StorageSCP(settings, ledger, spool, signals=signals)
+    freeze_startup_heap()  # before the first association: it pauses the process once
     scp.start()
     if listeners > 1 and not scp.wait_ready():
         log.warning("not every scp listener accepts connections yet; going on")
@@ -150,6 +171,7 @@ def _run_scp_listener(settings: Settings, sock: socket.socket) -> int:
     stop = threading.Event()
     _stop_on_signals(stop)
     parent = os.getppid()
+    freeze_startup_heap()
     scp.start(listen_socket=sock)
     from acwi_node.ingest.listeners import announce_ready
 

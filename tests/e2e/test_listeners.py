@@ -145,3 +145,5 @@ def test_listener_processes_share_the_port(tmp_path: Path) -> None:
         nodes.stop("scp")
         assert children(scp.pid) == []
         assert "Traceback" not in nodes.log_text()
+        # The scp process and each listener (the replacement too) froze its start-up heap.
+        assert nodes.log_text().count("start-up heap frozen") >= 4

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import functools
+import json
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -244,7 +245,13 @@ class _IngestSql:
             " VALUES (:uid, :state, 1, :ae, :modality, :body_part, 0, 0, :now, :now, :now,"
             " FALSE, '') RETURNING id"
         )
-        self.select_instance = q("SELECT id FROM instances WHERE sop_instance_uid = :sop")
+        #: The ids of those of a batch's instances already recorded (one query per batch).
+        self.select_instances = (
+            "SELECT sop_instance_uid, id FROM instances WHERE sop_instance_uid = ANY(%(sops)s)"
+            if self.postgresql
+            else "SELECT sop_instance_uid, id FROM instances"
+            " WHERE sop_instance_uid IN (SELECT value FROM json_each(:sops))"
+        )
         self.insert_instance = q(
             "INSERT INTO instances (study_id, sop_instance_uid, sop_class_uid, series_uid,"
             " transfer_syntax_uid, modality, path, size, calling_ae, generation, received_at)"
@@ -272,9 +279,29 @@ class _IngestSql:
         """``:name`` (sqlite3) or ``%(name)s`` (psycopg) parameters."""
         return re.sub(r":(\w+)", r"%(\1)s", sql) if self.postgresql else sql
 
+    def uid_list(self, values: Sequence[str]) -> Any:
+        """``values`` as :attr:`select_instances` takes them: an array (PostgreSQL), a JSON
+        array (SQLite's ``json_each``)."""
+        return list(values) if self.postgresql else json.dumps(list(values))
+
     def time(self, value: dt.datetime) -> Any:
         """A timestamp as SQLAlchemy stores it: text in SQLite, a timestamp in PostgreSQL."""
         return value if self.postgresql else value.isoformat(" ", "microseconds")
+
+
+@dataclass
+class _StudyRows:
+    """A study's row while a batch of its instances is written (:meth:`Ledger.record_instances`)."""
+
+    id: int
+    generation: int
+    state: str
+    modality: str
+    body_part: str
+    #: Instances of the batch that are new to the ledger; of those, first in their association.
+    added: int = 0
+    opened: int = 0
+    reopened: bool = False
 
 
 class Ledger:
@@ -395,7 +422,7 @@ class Ledger:
             cur = raw.cursor()
             if not flushed and sql.postgresql:
                 cur.execute("SET LOCAL synchronous_commit TO OFF")
-            recorded = [self._write_instance(cur, rec, first, now) for rec, first in batch]
+            recorded = self._write_instances(cur, batch, now)
             cur.close()
             raw.commit()
         except sql.integrity_error as exc:
@@ -408,84 +435,104 @@ class Ledger:
             raw.close()  # back to the pool
         return recorded
 
-    def _write_instance(
-        self, cur: Any, rec: InstanceRecord, first_in_association: bool, now: Any
-    ) -> Recorded:
-        """One instance's rows, on ``cur``, inside the caller's transaction."""
+    def _write_instances(
+        self, cur: Any, batch: Sequence[tuple[InstanceRecord, bool]], now: Any
+    ) -> list[Recorded]:
+        """A batch's rows, on ``cur``, inside the caller's transaction: what writing them one
+        after the other would leave, in a few statements (one query for the instances already
+        recorded; per study, one query and one update; the new instances in one
+        ``executemany``) rather than four per instance."""
+        sql = self._ingest_sql
+        sops = list(dict.fromkeys(rec.sop_instance_uid for rec, _ in batch))
+        cur.execute(sql.select_instances, {"sops": sql.uid_list(sops)})
+        known: dict[str, int] = {str(sop): int(id_) for sop, id_ in cur.fetchall()}
+        studies: dict[str, _StudyRows] = {}
+        inserts: dict[str, dict[str, Any]] = {}  # by SOP Instance UID, in order
+        updates: list[dict[str, Any]] = []
+        recorded: list[Recorded] = []
+        for rec, first_in_association in batch:
+            study = studies.get(rec.study_uid)
+            if study is None:
+                study = studies[rec.study_uid] = self._study_rows(cur, rec, now)
+            reopened = study.state != StudyState.RECEIVING.value
+            if reopened:  # an instance re-opens a study that had completed: a new generation
+                study.generation += 1
+                study.state = StudyState.RECEIVING.value
+                study.reopened = True
+            if rec.modality and rec.modality not in study.modality.split("\\"):
+                study.modality = (
+                    f"{study.modality}\\{rec.modality}" if study.modality else rec.modality
+                )[:16]
+            study.body_part = study.body_part or rec.body_part[:64]
+            study.opened += 1 if first_in_association else 0
+            sop = rec.sop_instance_uid
+            version = {
+                "path": rec.path,
+                "size": rec.size,
+                "ts": rec.transfer_syntax_uid,
+                "generation": study.generation,
+                "now": now,
+            }
+            duplicate = sop in known or sop in inserts
+            if sop in known:
+                updates.append({"id": known[sop], **version})
+            elif sop in inserts:  # twice in the batch: the row takes the later version
+                inserts[sop].update(version)
+            else:
+                inserts[sop] = {
+                    "study_id": study.id,
+                    "sop": sop,
+                    "sop_class": rec.sop_class_uid,
+                    "series": rec.series_uid,
+                    "modality": rec.modality,
+                    "ae": rec.calling_ae,
+                    **version,
+                }
+                study.added += 1
+            recorded.append(Recorded(study.id, study.generation, reopened, duplicate))
+        if inserts:
+            cur.executemany(sql.insert_instance, list(inserts.values()))
+        if updates:
+            cur.executemany(sql.update_instance, updates)
+        for study in studies.values():
+            params: dict[str, Any] = {
+                "id": study.id,
+                "now": now,
+                "modality": study.modality,
+                "body_part": study.body_part,
+                "open": study.opened,
+                "count": study.added,
+            }
+            if study.reopened:
+                params.update(generation=study.generation, state=study.state)
+            cur.execute(sql.reopen_study if study.reopened else sql.update_study, params)
+        return recorded
+
+    def _study_rows(self, cur: Any, rec: InstanceRecord, now: Any) -> _StudyRows:
+        """The study of ``rec`` as the batch finds it (locked on PostgreSQL), created as
+        receiving if the ledger has none."""
         sql = self._ingest_sql
         cur.execute(sql.select_study, {"uid": rec.study_uid})
         row = cur.fetchone()
-        reopened = False
-        if row is None:
-            cur.execute(
-                sql.insert_study,
-                {
-                    "uid": rec.study_uid,
-                    "state": StudyState.RECEIVING.value,
-                    "ae": rec.calling_ae,
-                    "modality": rec.modality[:16],
-                    "body_part": rec.body_part[:64],
-                    "now": now,
-                },
-            )
-            created = cur.fetchone()
-            assert created is not None
-            study_id = int(created[0])
-            generation, state = 1, StudyState.RECEIVING.value
-            modality, body_part = rec.modality[:16], rec.body_part[:64]
-        else:
+        if row is not None:
             study_id, generation, state, modality, body_part = row
-            if state != StudyState.RECEIVING.value:
-                generation += 1
-                reopened = True
-                state = StudyState.RECEIVING.value
-            modality = modality or ""
-            if rec.modality and rec.modality not in modality.split("\\"):
-                modality = (f"{modality}\\{rec.modality}" if modality else rec.modality)[:16]
-            body_part = body_part or rec.body_part[:64]
-        cur.execute(sql.select_instance, {"sop": rec.sop_instance_uid})
-        existing = cur.fetchone()
-        if existing is None:
-            cur.execute(
-                sql.insert_instance,
-                {
-                    "study_id": study_id,
-                    "sop": rec.sop_instance_uid,
-                    "sop_class": rec.sop_class_uid,
-                    "series": rec.series_uid,
-                    "ts": rec.transfer_syntax_uid,
-                    "modality": rec.modality,
-                    "path": rec.path,
-                    "size": rec.size,
-                    "ae": rec.calling_ae,
-                    "generation": generation,
-                    "now": now,
-                },
-            )
-        else:
-            cur.execute(
-                sql.update_instance,
-                {
-                    "id": existing[0],
-                    "path": rec.path,
-                    "size": rec.size,
-                    "ts": rec.transfer_syntax_uid,
-                    "generation": generation,
-                    "now": now,
-                },
-            )
-        params: dict[str, Any] = {
-            "id": study_id,
-            "now": now,
-            "modality": modality,
-            "body_part": body_part,
-            "open": 1 if first_in_association else 0,
-            "count": 1 if existing is None else 0,
-        }
-        if reopened:
-            params.update(generation=generation, state=state)
-        cur.execute(sql.reopen_study if reopened else sql.update_study, params)
-        return Recorded(int(study_id), int(generation), reopened, existing is not None)
+            return _StudyRows(int(study_id), int(generation), state, modality or "", body_part)
+        cur.execute(
+            sql.insert_study,
+            {
+                "uid": rec.study_uid,
+                "state": StudyState.RECEIVING.value,
+                "ae": rec.calling_ae,
+                "modality": rec.modality[:16],
+                "body_part": rec.body_part[:64],
+                "now": now,
+            },
+        )
+        created = cur.fetchone()
+        assert created is not None
+        return _StudyRows(
+            int(created[0]), 1, StudyState.RECEIVING.value, rec.modality[:16], rec.body_part[:64]
+        )
 
     def instance_received_at(self, sop_instance_uid: str) -> dt.datetime | None:
         """When the ledger's row of an instance was last written (UTC); None: no such row."""

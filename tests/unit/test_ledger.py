@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -124,6 +125,132 @@ def test_a_batch_of_instances_is_recorded_together_or_not_at_all(db: Ledger) -> 
     assert db.instance_file("1.2.3.3") is None
     view = db.get_study("1.2.3")
     assert view is not None and view["instances"] == 2
+
+
+def _rows(db: Ledger, prefix: str) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """The studies and instances under a UID prefix, without ids and times, prefix removed."""
+    studies: list[tuple[Any, ...]]
+    instances: list[tuple[Any, ...]]
+    with db.session() as s:
+        studies = [
+            (
+                st.study_uid.removeprefix(prefix),
+                st.state.value,
+                st.generation,
+                st.modality,
+                st.body_part,
+                st.instance_count,
+                st.open_associations,
+            )
+            for st in s.scalars(
+                select(Study).where(Study.study_uid.startswith(prefix)).order_by(Study.study_uid)
+            )
+        ]
+        uids = {st.id: st.study_uid.removeprefix(prefix) for st in s.scalars(select(Study))}
+        instances = [
+            (
+                i.sop_instance_uid.removeprefix(prefix),
+                uids[i.study_id],
+                i.path.replace(prefix, ""),
+                i.size,
+                i.modality,
+                i.generation,
+            )
+            for i in s.scalars(
+                select(Instance)
+                .where(Instance.sop_instance_uid.startswith(prefix))
+                .order_by(Instance.sop_instance_uid)
+            )
+        ]
+    return studies, instances
+
+
+def test_a_batch_leaves_the_rows_that_its_instances_one_by_one_leave(db: Ledger) -> None:
+    """record_instances writes a batch in a few statements: the studies and instances it leaves
+    (a new study, a completed one re-opened, modalities gathered, an instance sent again, one
+    twice in the batch) and what it returns are those of writing the rows one at a time."""
+
+    def batch(prefix: str) -> list[tuple[InstanceRecord, bool]]:
+        def r(study: str, sop: str, **changes: object) -> InstanceRecord:
+            return replace(rec(study=prefix + study, sop=prefix + sop), **changes)  # type: ignore[arg-type]
+
+        return [
+            (r("1", "1.1"), True),
+            (r("2", "2.5", modality="CT", body_part="HEAD"), True),
+            (r("1", "1.2", modality="CR"), False),
+            (r("2", "2.1", size=300), False),  # recorded before: a new version
+            (r("1", "1.1", size=200), False),  # twice in the batch: the later version
+            (r("3", "3.1", modality="", body_part=""), True),
+            (r("3", "3.2", modality="MR", body_part="KNEE"), False),
+        ]
+
+    outcomes: dict[str, list[tuple[int, bool, bool]]] = {}
+    for prefix, at_once in (("9.1.", True), ("9.2.", False)):
+        earlier = db.record_instance(
+            rec(study=prefix + "2", sop=prefix + "2.1"), first_in_association=True
+        )
+        db.complete_study(earlier.study_id, earlier.generation, route_none)
+        rows = batch(prefix)
+        if at_once:
+            recorded = db.record_instances(rows, flushed=False)
+        else:
+            recorded = [db.record_instance(r, first_in_association=f) for r, f in rows]
+        outcomes[prefix] = [(r.generation, r.reopened, r.duplicate) for r in recorded]
+    assert outcomes["9.1."] == outcomes["9.2."]
+    assert [o[1] for o in outcomes["9.1."]] == [False, True, False, False, False, False, False]
+    assert _rows(db, "9.1.") == _rows(db, "9.2.")
+    studies, _ = _rows(db, "9.1.")
+    assert studies == [
+        ("1", "receiving", 1, "DX\\CR", "CHEST", 2, 1),
+        ("2", "receiving", 2, "DX\\CT", "CHEST", 2, 2),
+        ("3", "receiving", 1, "MR", "KNEE", 2, 1),
+    ]
+
+
+def test_a_batch_takes_a_few_statements_not_four_per_instance(
+    db: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """32 instances of one study: one query for the instances already recorded, one for the
+    study, one insert of all the instances, one update of the study."""
+    calls: list[tuple[str, int]] = []
+    raw_connection = db.engine.raw_connection
+
+    class Cursor:
+        def __init__(self, cur: Any) -> None:
+            self._cur = cur
+
+        def execute(self, sql: str, params: Any = None) -> Any:
+            calls.append(("execute", 1))
+            return self._cur.execute(sql, params)
+
+        def executemany(self, sql: str, params: Any) -> Any:
+            calls.append(("executemany", len(params)))
+            return self._cur.executemany(sql, params)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._cur, name)
+
+    class Connection:
+        def __init__(self, conn: Any) -> None:
+            self._conn = conn
+
+        def cursor(self) -> Cursor:
+            return Cursor(self._conn.cursor())
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._conn, name)
+
+    monkeypatch.setattr(db.engine, "raw_connection", lambda: Connection(raw_connection()))
+    db.record_instances([(rec(sop=f"1.2.3.{i}"), i == 0) for i in range(32)])
+    assert calls == [
+        ("execute", 1),
+        ("execute", 1),
+        ("execute", 1),
+        ("executemany", 32),
+        ("execute", 1),
+    ]
+    view = db.get_study("1.2.3")
+    assert view is not None and view["instances"] == 32
 
 
 def test_first_instances_of_a_new_study_arriving_at_once(db: Ledger) -> None:

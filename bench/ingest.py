@@ -12,7 +12,9 @@ of storescu included). The node runs as ``acwi-node scp`` with its defaults (SQL
 ingest journal, fsync on); the run checks afterwards that every instance is in the node's ledger
 and spool. Orthanc (1.7.4 and later) fsyncs every file it stores (``SyncStorageArea``, on by
 default); storescp fsyncs nothing. The ``node-processes`` target runs one SCP listener process
-per core (``ingest.processes = 0``). Besides rates, the run reports the CPU time each receiver
+per core (``ingest.processes = 0``), ``node-postgres`` keeps the ledger on PostgreSQL (a
+database made for each run on ``ACWI_BENCH_POSTGRES``, by default the server on 127.0.0.1:5432,
+and dropped after it). Besides rates, the run reports the CPU time each receiver
 (its processes, children included) and the senders spent per instance. Before each measurement
 the page cache is flushed and, as root, dropped (:func:`settle_memory`).
 """
@@ -21,17 +23,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import sqlite3
 import statistics
 import subprocess
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy import create_engine, make_url, text
 
 from bench.common import (
     STORESCP,
@@ -106,22 +110,24 @@ def orthanc_target(workdir: Path) -> Iterator[Receiver]:
         yield Receiver(orthanc.dicom_port, orthanc.aet, count, orthanc.pid)
 
 
-def node_config(workdir: Path, port: int, ops_port: int, **ingest: Any) -> Path:
-    """The node's config: defaults (fsync on, SQLite ledger) unless ``ingest`` says otherwise."""
+def node_config(
+    workdir: Path, port: int, ops_port: int, database_url: str | None = None, **ingest: Any
+) -> Path:
+    """The node's config: defaults (fsync on, SQLite ledger) unless ``ingest`` (or
+    ``database_url``, the ledger's database) says otherwise."""
+    node: dict[str, Any] = {
+        "ae_title": "ACWI",
+        "dicom_host": "127.0.0.1",
+        "dicom_port": port,
+        "http_port": free_port(),
+        "data_dir": str(workdir / "data"),
+        "log_level": "WARNING",
+    }
+    if database_url:
+        node["database_url"] = database_url
     return write_config(
         workdir / "acwi-node.toml",
-        {
-            "node": {
-                "ae_title": "ACWI",
-                "dicom_host": "127.0.0.1",
-                "dicom_port": port,
-                "http_port": free_port(),
-                "data_dir": str(workdir / "data"),
-                "log_level": "WARNING",
-            },
-            "ingest": ingest,
-            "observability": {"scp_port": ops_port},
-        },
+        {"node": node, "ingest": ingest, "observability": {"scp_port": ops_port}},
     )
 
 
@@ -139,18 +145,28 @@ def wait_node_ready(ops_port: int, timeout_s: float = 60.0) -> None:
             time.sleep(0.1)
 
 
-def ledger_instances(db: Path) -> int:
-    with sqlite3.connect(db) as conn:
-        return int(conn.execute("select count(*) from instances").fetchone()[0])
+def ledger_instances(url: str) -> int:
+    """Instances in the node's ledger (an SQLAlchemy URL: SQLite or PostgreSQL)."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(text("select count(*) from instances")).scalar_one())
+    finally:
+        engine.dispose()
 
 
 @contextmanager
-def node_target(workdir: Path, **ingest: Any) -> Iterator[Receiver]:
+def node_target(
+    workdir: Path, database_url: str | None = None, **ingest: Any
+) -> Iterator[Receiver]:
     port = free_port()
     root = workdir / "node"
     root.mkdir()
     ops_port = free_port()
-    config = node_config(root, port, ops_port, **ingest)
+    config = node_config(root, port, ops_port, database_url, **ingest)
+    ledger_url = (database_url or f"sqlite:///{root / 'data' / 'ledger.sqlite'}").replace(
+        "postgresql://", "postgresql+psycopg://", 1
+    )
     proc = start_node(config, "scp", root / "scp.log")
     try:
         wait_port(port)
@@ -158,7 +174,7 @@ def node_target(workdir: Path, **ingest: Any) -> Iterator[Receiver]:
 
         def count() -> int:
             spooled = sum(1 for _ in (root / "data" / "spool").glob("*/*.dcm"))
-            recorded = ledger_instances(root / "data" / "ledger.sqlite")
+            recorded = ledger_instances(ledger_url)
             if spooled != recorded:
                 raise RuntimeError(f"node: {spooled} files in the spool, {recorded} in the ledger")
             return recorded
@@ -168,6 +184,39 @@ def node_target(workdir: Path, **ingest: Any) -> Iterator[Receiver]:
         stop_process(proc)
         if proc.returncode not in (0, -15):
             print((root / "scp.log").read_text()[-3000:])
+
+
+#: The PostgreSQL server on which ``node-postgres`` creates a database for each run.
+POSTGRES_ADMIN_URL = os.environ.get(
+    "ACWI_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+@contextmanager
+def postgres_node_target(workdir: Path) -> Iterator[Receiver]:
+    """The node with its ledger on PostgreSQL (the server deployment's), in a database made
+    for this run and dropped after it."""
+    admin = create_engine(
+        POSTGRES_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://", 1),
+        isolation_level="AUTOCOMMIT",
+    )
+    name = f"acwi_bench_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            with node_target(
+                workdir,
+                database_url=make_url(POSTGRES_ADMIN_URL)
+                .set(database=name)
+                .render_as_string(hide_password=False),
+            ) as receiver:
+                yield receiver
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
 
 
 TARGETS: dict[str, Target] = {
@@ -182,6 +231,8 @@ TARGETS: dict[str, Target] = {
     "node-polling": lambda workdir: node_target(workdir, reactor="polling"),
     # One listener process per core sharing the port (ingest/listeners.py).
     "node-processes": lambda workdir: node_target(workdir, processes=0),
+    # The ledger on PostgreSQL (ACWI_BENCH_POSTGRES: the server to use).
+    "node-postgres": postgres_node_target,
 }
 
 
@@ -272,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         default="storescp,orthanc,node",
         help="also: node-processes (a listener process per core), node-perfile (no ingest"
         " journal: three flushes per instance), node-nofsync (not durable),"
-        " node-polling (pynetdicom's polling loops)",
+        " node-polling (pynetdicom's polling loops), node-postgres (the ledger on"
+        " PostgreSQL, ACWI_BENCH_POSTGRES or postgres@127.0.0.1:5432)",
     )
     parser.add_argument("--json", type=Path, help="write the figures as JSON")
     args = parser.parse_args(argv)

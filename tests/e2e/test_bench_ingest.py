@@ -8,7 +8,9 @@ import json
 import statistics
 from pathlib import Path
 
-from bench.ingest import main
+from sqlalchemy import create_engine, text
+
+from bench.ingest import POSTGRES_ADMIN_URL, main
 
 
 def test_the_ingest_bench_runs_and_writes_every_round(tmp_path: Path) -> None:
@@ -40,3 +42,30 @@ def test_the_ingest_bench_runs_and_writes_every_round(tmp_path: Path) -> None:
             for target in ("storescp", "node")
             for ms in report["cpu_runs"][row][target]["receiver"]
         )
+
+
+def test_the_node_with_its_ledger_on_postgresql_is_a_target(tmp_path: Path) -> None:
+    """``node-postgres``: every instance is counted in a PostgreSQL ledger made for the run,
+    and the database is gone afterwards."""
+    out = tmp_path / "ingest.json"
+    before = _bench_databases()
+    code = main(
+        ["--ct", "0", "--small", "6", "--parallel", "0", "--each", "0",
+         "--targets", "node-postgres", "--json", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["results"]["6 small, 1 assoc."]["node-postgres"] > 0
+    assert _bench_databases() == before
+
+
+def _bench_databases() -> set[str]:
+    engine = create_engine(POSTGRES_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT datname FROM pg_database WHERE datname LIKE 'acwi_bench_%'")
+            )
+            return {str(row[0]) for row in rows}
+    finally:
+        engine.dispose()

@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, make_url, text
+from sqlalchemy import make_url, text
 
+from acwi_node.ledger.repository import make_engine
 from bench.common import (
     STORESCP,
     children_cpu_s,
@@ -146,8 +147,8 @@ def wait_node_ready(ops_port: int, timeout_s: float = 60.0) -> None:
 
 
 def ledger_instances(url: str) -> int:
-    """Instances in the node's ledger (an SQLAlchemy URL: SQLite or PostgreSQL)."""
-    engine = create_engine(url)
+    """Instances in the node's ledger (its ``database_url``: SQLite or PostgreSQL)."""
+    engine = make_engine(url)
     try:
         with engine.connect() as conn:
             return int(conn.execute(text("select count(*) from instances")).scalar_one())
@@ -164,9 +165,7 @@ def node_target(
     root.mkdir()
     ops_port = free_port()
     config = node_config(root, port, ops_port, database_url, **ingest)
-    ledger_url = (database_url or f"sqlite:///{root / 'data' / 'ledger.sqlite'}").replace(
-        "postgresql://", "postgresql+psycopg://", 1
-    )
+    ledger_url = database_url or f"sqlite:///{root / 'data' / 'ledger.sqlite'}"
     proc = start_node(config, "scp", root / "scp.log")
     try:
         wait_port(port)
@@ -196,10 +195,7 @@ POSTGRES_ADMIN_URL = os.environ.get(
 def postgres_node_target(workdir: Path) -> Iterator[Receiver]:
     """The node with its ledger on PostgreSQL (the server deployment's), in a database made
     for this run and dropped after it."""
-    admin = create_engine(
-        POSTGRES_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://", 1),
-        isolation_level="AUTOCOMMIT",
-    )
+    admin = make_engine(POSTGRES_ADMIN_URL).execution_options(isolation_level="AUTOCOMMIT")
     name = f"acwi_bench_{uuid.uuid4().hex[:12]}"
     try:
         with admin.connect() as conn:

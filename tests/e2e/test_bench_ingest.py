@@ -8,8 +8,9 @@ import json
 import statistics
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
+from acwi_node.ledger.repository import make_engine
 from bench.ingest import POSTGRES_ADMIN_URL, main
 
 
@@ -60,7 +61,7 @@ def test_the_node_with_its_ledger_on_postgresql_is_a_target(tmp_path: Path) -> N
 
 
 def _bench_databases() -> set[str]:
-    engine = create_engine(POSTGRES_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://"))
+    engine = make_engine(POSTGRES_ADMIN_URL)
     try:
         with engine.connect() as conn:
             rows = conn.execute(

@@ -47,6 +47,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "queue_order_strategy": "priority",
     }
     if settings.broker_url.startswith("filesystem://"):
+        from acwi_node.tasks.embedded_broker import install
+
+        install()  # messages written whole (kombu's own transport can lose them)
         folder = settings.embedded_broker_dir
         for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)

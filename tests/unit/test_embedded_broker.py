@@ -22,12 +22,11 @@ from acwi_node.tasks.app import celery_config
 MESSAGES = 1500
 
 
-def race(folder: Path) -> tuple[list[int], list[str]]:
-    """Put MESSAGES messages while another thread takes them as fast as it can; what it got,
-    and the errors it met."""
+def transport_options(folder: Path) -> dict[str, Any]:
+    """A filesystem transport's folders under ``folder`` (made here), polled without pause."""
     for sub in ("queue", "processed", "control"):
         (folder / sub).mkdir()
-    options = {
+    return {
         "data_folder_in": str(folder / "queue"),
         "data_folder_out": str(folder / "queue"),
         "processed_folder": str(folder / "processed"),
@@ -35,6 +34,12 @@ def race(folder: Path) -> tuple[list[int], list[str]]:
         "store_processed": False,
         "polling_interval": 0,
     }
+
+
+def race(folder: Path) -> tuple[list[int], list[str]]:
+    """Put MESSAGES messages while another thread takes them as fast as it can; what it got,
+    and the errors it met."""
+    options = transport_options(folder)
     # A queue of its own: kombu remembers, per process, which exchanges were declared.
     name = f"race-{uuid.uuid4().hex[:8]}"
     got: list[int] = []
@@ -88,8 +93,7 @@ def queue_files_while_written(
 ) -> list[list[str]]:
     """Put one message; the message files in the queue folder at the moment the message is
     being encoded (``module.dumps``, called between creating the file and writing it)."""
-    for sub in ("queue", "processed", "control"):
-        (folder / sub).mkdir()
+    options = transport_options(folder)
     seen: list[list[str]] = []
     encode = module.dumps
 
@@ -98,13 +102,6 @@ def queue_files_while_written(
         return encode(obj)
 
     monkeypatch.setattr(module, "dumps", dumps)
-    options = {
-        "data_folder_in": str(folder / "queue"),
-        "data_folder_out": str(folder / "queue"),
-        "processed_folder": str(folder / "processed"),
-        "control_folder": str(folder / "control"),
-        "store_processed": False,
-    }
     with Connection("filesystem://", transport_options=options) as conn:
         queue = conn.SimpleQueue(f"one-{uuid.uuid4().hex[:8]}")
         queue.put({"job": 7})

@@ -587,18 +587,22 @@ class Ledger:
         return [(r[0], r[1]) for r in rows]
 
     def study_facts(self, study_id: int) -> StudyFacts:
+        """What routing decides on: the study's modalities and SOP classes come from its
+        instances as distinct pairs, computed by the database (a study of thousands of
+        instances loaded as objects held the completion loop, and the interpreter lock, for
+        tens of milliseconds)."""
         with self.session() as s:
             study = s.get_one(Study, study_id)
-            insts = s.scalars(
-                select(Instance).where(
-                    Instance.study_id == study_id, Instance.generation <= study.generation
-                )
+            pairs = s.execute(
+                select(Instance.modality, Instance.sop_class_uid)
+                .where(Instance.study_id == study_id, Instance.generation <= study.generation)
+                .distinct()
             ).all()
             return StudyFacts(
                 study_uid=study.study_uid,
                 calling_ae=study.calling_ae,
-                modalities={i.modality for i in insts if i.modality},
-                sop_classes={i.sop_class_uid for i in insts},
+                modalities={modality for modality, _ in pairs if modality},
+                sop_classes={sop_class for _, sop_class in pairs},
                 body_parts={p for p in study.body_part.split("\\") if p},
             )
 

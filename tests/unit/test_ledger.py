@@ -322,6 +322,33 @@ def test_upper_bound_completes_while_association_stays_open(db: Ledger) -> None:
     assert db.studies_due(quiet_period_s=0, max_wait_s=0.01) == [(r.study_id, 1)]
 
 
+def test_routing_sees_every_modality_and_sop_class_of_the_study(db: Ledger) -> None:
+    ct, sr = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.88.33"
+    first = db.record_instance(rec(sop="1.2.3.1"), first_in_association=False)
+    db.record_instance(rec(sop="1.2.3.2"), first_in_association=False)
+    db.record_instance(
+        replace(rec(sop="1.2.3.3"), sop_class_uid=ct, modality="CT"), first_in_association=False
+    )
+    seen: list[StudyFacts] = []
+
+    def remember(facts: StudyFacts) -> list[RoutedJob]:
+        seen.append(facts)
+        return []
+
+    db.complete_study(first.study_id, 1, remember)
+    # A late instance (no modality) re-opens the study: the next decision sees both generations.
+    late = db.record_instance(
+        replace(rec(sop="1.2.3.4"), sop_class_uid=sr, modality=""), first_in_association=False
+    )
+    db.complete_study(first.study_id, late.generation, remember)
+    assert [(f.modalities, f.sop_classes) for f in seen] == [
+        ({"DX", "CT"}, {DX, ct}),
+        ({"DX", "CT"}, {DX, ct, sr}),
+    ]
+    assert seen[0].study_uid == "1.2.3" and seen[0].calling_ae == "MOD"
+    assert seen[0].body_parts == {"CHEST"}
+
+
 def test_study_no_rule_matches_is_not_routed(db: Ledger) -> None:
     r = db.record_instance(rec(), first_in_association=False)
     assert db.complete_study(r.study_id, 1, route_none) == []

@@ -10,13 +10,23 @@ Here a message is written under a name no queue reads (a dot-file ending in ``.p
 the consumer's name match and the queue-depth metric both skip) and renamed into place, so a
 consumer sees either no file or the whole message. :func:`install` makes this the transport of
 every ``filesystem://`` broker URL in the process.
+
+An exchange's table (which queues it routes to) had the same flaw where it is created: kombu
+creates the file, then locks and writes it, and a publish reading it in between fails to decode
+it (the job then waits for the reconciler). Here a new table is written aside and linked into
+place whole; once it exists, kombu's own locked update in place applies. A table left empty by
+a process that died while creating it (kombu's transport) reads as no bindings and is written
+again by the next binding. Message files that a killed process left half-written (its
+``.part``) are removed when a channel opens, once they are :data:`STALE_PART_S` old.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
+from pathlib import Path
 from time import monotonic
 from typing import Any
 
@@ -26,8 +36,53 @@ from kombu.transport import TRANSPORT_ALIASES, filesystem
 from kombu.utils.encoding import str_to_bytes
 from kombu.utils.json import dumps
 
+#: A message's ``.part`` file this old belongs to no put still running (a put takes
+#: milliseconds): its writer was killed, and the file is removed.
+STALE_PART_S = 600.0
+
 
 class Channel(filesystem.Channel):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        remove_stale_parts(Path(self.data_folder_out))
+
+    def get_table(self, exchange: Any) -> Any:
+        """The exchange's bindings; none while its table file is empty (see the module)."""
+        file = self._exchange_file(exchange)
+        with contextlib.suppress(OSError):
+            if file.stat().st_size == 0:
+                return []
+        return super().get_table(exchange)
+
+    def _queue_bind(self, exchange: Any, routing_key: Any, pattern: Any, queue: Any) -> None:
+        """Bind ``queue``: a missing (or empty) exchange table is created whole, an existing
+        one updated by kombu under its lock."""
+        file = self._exchange_file(exchange)
+        self.control_folder.mkdir(exist_ok=True)
+        try:
+            empty = file.stat().st_size == 0
+        except FileNotFoundError:
+            empty = None  # no table yet
+        if empty is not False:
+            table = [filesystem.exchange_queue_t(routing_key or "", pattern or "", queue or "")]
+            partial = file.with_name(f".{file.name}.{uuid.uuid4().hex}.part")
+            try:
+                partial.write_bytes(str_to_bytes(dumps(table)))
+                if empty:  # a leftover: replaced
+                    os.replace(partial, file)
+                    return
+                try:
+                    os.link(partial, file)  # fails if another process created it meanwhile
+                    return
+                except FileExistsError:
+                    pass
+            except OSError as exc:
+                raise ChannelError(f"Cannot create {file}") from exc
+            finally:
+                with contextlib.suppress(OSError):
+                    partial.unlink()
+        super()._queue_bind(exchange, routing_key, pattern, queue)
+
     # kombu names the parameter `payload` here and `message` in the base class.
     def _put(self, queue: Any, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
         """Put ``payload`` onto ``queue``: written aside, then renamed into the queue folder
@@ -44,6 +99,21 @@ class Channel(filesystem.Channel):
             with contextlib.suppress(OSError):
                 os.unlink(partial)
             raise ChannelError(f"Cannot add file {final!r} to directory") from exc
+
+
+def remove_stale_parts(folder: Path, older_than_s: float = STALE_PART_S) -> int:
+    """Remove the ``.part`` files in ``folder`` older than ``older_than_s``; how many."""
+    removed = 0
+    cut = time.time() - older_than_s
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            if not (entry.name.startswith(".") and entry.name.endswith(".part")):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.stat().st_mtime < cut:
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
 
 
 class Transport(filesystem.Transport):

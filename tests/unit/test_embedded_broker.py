@@ -1,8 +1,10 @@
 """The embedded broker's transport (``acwi_node.tasks.embedded_broker``): a consumer polling
-the queue folder while messages are put never takes one before it is whole."""
+the queue folder while messages are put never takes one before it is whole, and a publish
+never reads an exchange table before it is whole."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -91,14 +93,30 @@ def transports(monkeypatch: pytest.MonkeyPatch) -> None:
 def queue_files_while_written(
     folder: Path, monkeypatch: pytest.MonkeyPatch, module: Any
 ) -> list[list[str]]:
-    """Put one message; the message files in the queue folder at the moment the message is
-    being encoded (``module.dumps``, called between creating the file and writing it)."""
+    """Put one message; at each call of ``module.dumps`` (which encodes the exchange table
+    when the queue is bound, then the message, in both transports between creating their file
+    and writing it), the message files in the queue folder."""
+    return [queue for queue, _ in files_while_written(folder, monkeypatch, module)]
+
+
+def tables_while_written(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, module: Any
+) -> list[dict[str, int]]:
+    """As :func:`queue_files_while_written`, the exchange tables (name: size) instead."""
+    return [tables for _, tables in files_while_written(folder, monkeypatch, module)]
+
+
+def files_while_written(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, module: Any
+) -> list[tuple[list[str], dict[str, int]]]:
     options = transport_options(folder)
-    seen: list[list[str]] = []
+    seen: list[tuple[list[str], dict[str, int]]] = []
     encode = module.dumps
 
     def dumps(obj: Any) -> Any:
-        seen.append(sorted(p.name for p in (folder / "queue").iterdir() if p.suffix == ".msg"))
+        queue = sorted(p.name for p in (folder / "queue").iterdir() if p.suffix == ".msg")
+        tables = {p.name: p.stat().st_size for p in (folder / "control").glob("*.exchange")}
+        seen.append((queue, tables))
         return encode(obj)
 
     monkeypatch.setattr(module, "dumps", dumps)
@@ -130,7 +148,100 @@ def test_a_message_shows_in_the_queue_only_once_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     embedded_broker.install()
-    assert queue_files_while_written(tmp_path, monkeypatch, embedded_broker) == [[]]
+    # Encoded twice: the new queue's exchange table, then the message.
+    assert queue_files_while_written(tmp_path, monkeypatch, embedded_broker) == [[], []]
+
+
+@pytest.mark.usefixtures("transports")
+def test_kombus_own_transport_shows_an_exchange_table_before_writing_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publish reading the table then cannot decode it (if kombu fixes it, this says so)."""
+    tables = tables_while_written(tmp_path, monkeypatch, kombu_filesystem)
+    assert any(0 in sizes.values() for sizes in tables)
+
+
+@pytest.mark.usefixtures("transports")
+def test_an_exchange_table_shows_only_once_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    embedded_broker.install()
+    tables = tables_while_written(tmp_path, monkeypatch, embedded_broker)
+    assert tables[0] == {}  # the new table was encoded before any file of it existed
+    assert all(0 not in sizes.values() for sizes in tables)
+    assert not [p for p in (tmp_path / "control").iterdir() if p.suffix != ".exchange"]
+
+
+def bound_queues(channel: Any, exchange: str) -> set[str]:
+    return {binding.queue for binding in channel.get_table(exchange)}
+
+
+@pytest.mark.usefixtures("transports")
+def test_bindings_made_at_once_by_many_connections_are_all_kept(tmp_path: Path) -> None:
+    """Connections (processes, in the node) binding queues to a new exchange at the same
+    moment: one creates the table, the others add to it; none is lost, none is read torn."""
+    embedded_broker.install()
+    options = transport_options(tmp_path)
+    exchanges = [f"jobs-{uuid.uuid4().hex[:8]}" for _ in range(20)]
+    binders = 6
+    start = threading.Barrier(binders)
+    errors: list[str] = []
+
+    def bind(index: int) -> None:
+        with Connection("filesystem://", transport_options=options) as conn:
+            channel: Any = conn.default_channel
+            for exchange in exchanges:
+                start.wait(10)
+                try:
+                    channel.get_table(exchange)  # a publish reading the table meanwhile
+                    channel._queue_bind(exchange, f"q{index}", None, f"q{index}")
+                    channel.get_table(exchange)
+                except Exception as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=bind, args=(i,)) for i in range(binders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    with Connection("filesystem://", transport_options=options) as conn:
+        channel = conn.default_channel
+        for exchange in exchanges:
+            assert bound_queues(channel, exchange) == {f"q{i}" for i in range(binders)}
+    assert sorted(p.suffix for p in (tmp_path / "control").iterdir()) == [".exchange"] * 20
+
+
+@pytest.mark.usefixtures("transports")
+def test_a_table_left_empty_reads_as_no_bindings_and_is_written_again(tmp_path: Path) -> None:
+    """What kombu's transport leaves when its process dies between creating a table and
+    writing it."""
+    embedded_broker.install()
+    options = transport_options(tmp_path)
+    (tmp_path / "control" / "jobs.exchange").touch()
+    with Connection("filesystem://", transport_options=options) as conn:
+        channel: Any = conn.default_channel
+        assert channel.get_table("jobs") == []
+        channel._queue_bind("jobs", "analyse", None, "analyse")
+        channel._queue_bind("jobs", "high", None, "high")
+        assert bound_queues(channel, "jobs") == {"analyse", "high"}
+
+
+@pytest.mark.usefixtures("transports")
+def test_a_killed_puts_leftover_is_removed_when_old(tmp_path: Path) -> None:
+    embedded_broker.install()
+    options = transport_options(tmp_path)
+    queue = tmp_path / "queue"
+    old, recent = queue / ".1_a.jobs.msg.part", queue / ".2_b.jobs.msg.part"
+    message = queue / "3_c.jobs.msg"
+    for path in (old, recent, message):
+        path.write_bytes(b"{")
+    long_ago = time.time() - embedded_broker.STALE_PART_S - 60
+    os.utime(old, (long_ago, long_ago))
+    os.utime(message, (long_ago, long_ago))
+    with Connection("filesystem://", transport_options=options) as conn:
+        conn.default_channel  # noqa: B018 - opening the channel is what is tested
+    assert sorted(p.name for p in queue.iterdir()) == sorted([recent.name, message.name])
 
 
 @pytest.mark.usefixtures("transports")

@@ -446,14 +446,18 @@ class Ledger:
         sops = list(dict.fromkeys(rec.sop_instance_uid for rec, _ in batch))
         cur.execute(sql.select_instances, {"sops": sql.uid_list(sops)})
         known: dict[str, int] = {str(sop): int(id_) for sop, id_ in cur.fetchall()}
-        studies: dict[str, _StudyRows] = {}
+        # The batch's studies are read (locked, on PostgreSQL) in one order, their UIDs', not in
+        # the order their instances came: two batches sharing studies (associations sending
+        # the same studies in different orders) then never wait for each other's locks.
+        first_of: dict[str, InstanceRecord] = {}
+        for rec, _ in batch:
+            first_of.setdefault(rec.study_uid, rec)
+        studies = {uid: self._study_rows(cur, first_of[uid], now) for uid in sorted(first_of)}
         inserts: dict[str, dict[str, Any]] = {}  # by SOP Instance UID, in order
         updates: list[dict[str, Any]] = []
         recorded: list[Recorded] = []
         for rec, first_in_association in batch:
-            study = studies.get(rec.study_uid)
-            if study is None:
-                study = studies[rec.study_uid] = self._study_rows(cur, rec, now)
+            study = studies[rec.study_uid]
             reopened = study.state != StudyState.RECEIVING.value
             if reopened:  # an instance re-opens a study that had completed: a new generation
                 study.generation += 1

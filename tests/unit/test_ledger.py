@@ -207,12 +207,10 @@ def test_a_batch_leaves_the_rows_that_its_instances_one_by_one_leave(db: Ledger)
     ]
 
 
-def test_a_batch_takes_a_few_statements_not_four_per_instance(
-    db: Ledger, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """32 instances of one study: one query for the instances already recorded, one for the
-    study, one insert of all the instances, one update of the study."""
-    calls: list[tuple[str, int]] = []
+def watch_statements(db: Ledger, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, Any]]:
+    """Every statement run on the ledger's raw connections from now on (the ingest path's):
+    ``execute`` or ``executemany``, the SQL and its parameters."""
+    seen: list[tuple[str, str, Any]] = []
     raw_connection = db.engine.raw_connection
 
     class Cursor:
@@ -220,11 +218,11 @@ def test_a_batch_takes_a_few_statements_not_four_per_instance(
             self._cur = cur
 
         def execute(self, sql: str, params: Any = None) -> Any:
-            calls.append(("execute", 1))
+            seen.append(("execute", sql, params))
             return self._cur.execute(sql, params)
 
         def executemany(self, sql: str, params: Any) -> Any:
-            calls.append(("executemany", len(params)))
+            seen.append(("executemany", sql, params))
             return self._cur.executemany(sql, params)
 
         def __getattr__(self, name: str) -> Any:
@@ -241,7 +239,17 @@ def test_a_batch_takes_a_few_statements_not_four_per_instance(
             return getattr(self._conn, name)
 
     monkeypatch.setattr(db.engine, "raw_connection", lambda: Connection(raw_connection()))
+    return seen
+
+
+def test_a_batch_takes_a_few_statements_not_four_per_instance(
+    db: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """32 instances of one study: one query for the instances already recorded, one for the
+    study, one insert of all the instances, one update of the study."""
+    statements = watch_statements(db, monkeypatch)
     db.record_instances([(rec(sop=f"1.2.3.{i}"), i == 0) for i in range(32)])
+    calls = [(kind, len(params) if kind == "executemany" else 1) for kind, _, params in statements]
     assert calls == [
         ("execute", 1),
         ("execute", 1),
@@ -251,6 +259,28 @@ def test_a_batch_takes_a_few_statements_not_four_per_instance(
     ]
     view = db.get_study("1.2.3")
     assert view is not None and view["instances"] == 32
+
+
+def test_a_batch_locks_its_studies_in_uid_order_whatever_order_they_came_in(
+    db: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL the study query locks the row: in one order for every batch, two batches
+    sharing studies cannot deadlock."""
+    db.record_instance(rec(study="1.2.7", sop="1.2.7.1"), first_in_association=True)
+    statements = watch_statements(db, monkeypatch)
+    arrivals = ["1.2.9", "1.2.7", "1.2.9", "1.2.8", "1.2.7"]
+    recorded = db.record_instances(
+        [(rec(study=s, sop=f"{s}.{i + 2}"), i < 3) for i, s in enumerate(arrivals)]
+    )
+    select_study = db._ingest_sql.select_study
+    looked_up = [params["uid"] for _, sql, params in statements if sql == select_study]
+    assert looked_up == ["1.2.7", "1.2.8", "1.2.9"]
+    ids = {(s, r.study_id) for s, r in zip(arrivals, recorded, strict=True)}
+    assert len(ids) == len({s for s, _ in ids}) == 3  # each study one id, each its own
+    counts = {
+        uid: view["instances"] for uid in ("1.2.7", "1.2.8", "1.2.9") if (view := db.get_study(uid))
+    }
+    assert counts == {"1.2.7": 3, "1.2.8": 1, "1.2.9": 2}
 
 
 def test_first_instances_of_a_new_study_arriving_at_once(db: Ledger) -> None:

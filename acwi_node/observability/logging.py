@@ -69,9 +69,18 @@ class _Identifiers:
         self._values: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
         self._pattern: re.Pattern[str] | None = None
+        #: The patient (name and ID as received) whose values were added last: the instances
+        #: of a study come one after another, and each would add the same values again.
+        self._last_patient: tuple[str, ...] | None = None
 
-    def add(self, values: Iterable[str]) -> None:
+    def added_last(self, patient: tuple[str, ...]) -> bool:
+        """Whether ``patient``'s values were the last added (nothing to add again)."""
+        return patient == self._last_patient
+
+    def add(self, values: Iterable[str], *, patient: tuple[str, ...] | None = None) -> None:
+        """Remember ``values``; ``patient``: the name and ID they were made of."""
         with self._lock:
+            self._last_patient = patient
             changed = False
             for raw in values:
                 value = raw.strip()
@@ -109,6 +118,7 @@ class _Identifiers:
         with self._lock:
             self._values.clear()
             self._pattern = None
+            self._last_patient = None
 
 
 _IDENTIFIERS = _Identifiers()
@@ -116,23 +126,27 @@ _IDENTIFIERS = _Identifiers()
 
 def note_identifiers(ds: Any) -> None:
     """Remember a dataset's Patient Name and Patient ID so that no log line can show them."""
-    values: list[str] = []
+    patient: list[str] = []
     for keyword in ("PatientName", "PatientID"):
         try:
             value = ds.get(keyword)
         except Exception:  # an undecodable value: nothing to remember
-            continue
-        if value is None or value == "":
-            continue
-        text = str(value)
-        values.append(text)
-        if keyword == "PatientName":
-            parts = [p for p in re.split(r"[\^=]", text) if p.strip()]
-            values.extend(parts)
-            values.append(" ".join(p.strip() for p in parts))
-            # pydicom formats a person name as "Given Family" in some places
-            values.append(" ".join(p.strip() for p in reversed(parts[:2])))
-    _IDENTIFIERS.add(values)
+            value = None
+        patient.append("" if value is None else str(value))
+    name, patient_id = patient
+    if _IDENTIFIERS.added_last((name, patient_id)):  # the instance before's patient
+        return
+    values: list[str] = []
+    if name:
+        values.append(name)
+        parts = [p for p in re.split(r"[\^=]", name) if p.strip()]
+        values.extend(parts)
+        values.append(" ".join(p.strip() for p in parts))
+        # pydicom formats a person name as "Given Family" in some places
+        values.append(" ".join(p.strip() for p in reversed(parts[:2])))
+    if patient_id:
+        values.append(patient_id)
+    _IDENTIFIERS.add(values, patient=(name, patient_id))
 
 
 @contextmanager

@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -259,6 +260,40 @@ def test_identifiers_are_redacted_as_whole_words_only() -> None:
     finally:
         _IDENTIFIERS.clear()
         _IDENTIFIERS.add(remembered)
+
+
+def test_a_patient_noted_again_at_once_is_not_added_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The instances of a study come one after another: each would add the same values."""
+    from acwi_node.observability.logging import _IDENTIFIERS
+
+    remembered = list(_IDENTIFIERS._values)  # other tests' identifiers, restored below
+    _IDENTIFIERS.clear()
+    added: list[list[str]] = []
+    add = _IDENTIFIERS.add
+
+    def counting_add(values: Any, **kwargs: Any) -> None:
+        added.append(list(values))
+        add(values, **kwargs)
+
+    monkeypatch.setattr(_IDENTIFIERS, "add", counting_add)
+    one = {"PatientName": "PHANTOM^ONE", "PatientID": "PH0001"}
+    two = {"PatientName": "PHANTOM^TWO", "PatientID": "PH0002"}
+    try:
+        for header in (one, one, two, one, one):
+            note_identifiers(header)
+        assert [values[0] for values in added] == ["PHANTOM^ONE", "PHANTOM^TWO", "PHANTOM^ONE"]
+        assert (
+            _IDENTIFIERS.redact("PH0001 PH0002 Phantom One") == "[redacted] [redacted] [redacted]"
+        )
+        _IDENTIFIERS.clear()  # forgets everything, the last patient too
+        note_identifiers(one)
+        assert len(added) == 4
+        assert _IDENTIFIERS.redact("id PH0001") == "id [redacted]"
+    finally:
+        _IDENTIFIERS.clear()
+        add(remembered)
 
 
 def test_a_remembered_common_word_does_not_hide_a_keyword() -> None:

@@ -27,7 +27,6 @@ import os
 import time
 import uuid
 from pathlib import Path
-from time import monotonic
 from typing import Any
 
 import kombu.transport
@@ -87,7 +86,7 @@ class Channel(filesystem.Channel):
     def _put(self, queue: Any, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
         """Put ``payload`` onto ``queue``: written aside, then renamed into the queue folder
         (kombu's own name, so messages are still taken oldest first)."""
-        name = f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+        name = f"{int(round(time.monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
         folder = self.data_folder_out
         final = os.path.join(folder, name)
         partial = os.path.join(folder, f".{name}.part")

@@ -236,64 +236,57 @@ def test_bind_study_is_scoped_to_its_log_context(tmp_path: Path) -> None:
     assert out[1]["study_uid"] == "1.2.10" and out[1]["job_id"] == 3
 
 
-def test_identifiers_are_redacted_as_whole_words_only() -> None:
-    from pydicom.dataset import Dataset
-
+@pytest.fixture
+def identifiers() -> Iterator[Any]:
+    """The process's remembered patient identifiers, emptied for the test; other tests'
+    identifiers are restored after it."""
     from acwi_node.observability.logging import _IDENTIFIERS
 
-    remembered = list(_IDENTIFIERS._values)  # other tests' identifiers, restored below
+    remembered = list(_IDENTIFIERS._values)
     _IDENTIFIERS.clear()
+    yield _IDENTIFIERS
+    _IDENTIFIERS.clear()
+    _IDENTIFIERS.add(remembered)
+
+
+def test_identifiers_are_redacted_as_whole_words_only(identifiers: Any) -> None:
+    from pydicom.dataset import Dataset
+
     ds = Dataset()
     ds.PatientName = "PHANTOM^ONE"
     ds.PatientID = "PH0001"
     note_identifiers(ds)
-    try:
-        assert _IDENTIFIERS.redact("ConnectionError: the task is gone") == (
-            "ConnectionError: the task is gone"
-        )
-        assert (
-            _IDENTIFIERS.redact("patient one, id PH0001.") == "patient [redacted], id [redacted]."
-        )
-        assert _IDENTIFIERS.redact("file PH0001_scan.dcm; Phantom One") == (
-            "file [redacted]_scan.dcm; [redacted]"
-        )
-    finally:
-        _IDENTIFIERS.clear()
-        _IDENTIFIERS.add(remembered)
+    assert identifiers.redact("ConnectionError: the task is gone") == (
+        "ConnectionError: the task is gone"
+    )
+    assert identifiers.redact("patient one, id PH0001.") == "patient [redacted], id [redacted]."
+    assert identifiers.redact("file PH0001_scan.dcm; Phantom One") == (
+        "file [redacted]_scan.dcm; [redacted]"
+    )
 
 
 def test_a_patient_noted_again_at_once_is_not_added_again(
-    monkeypatch: pytest.MonkeyPatch,
+    identifiers: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The instances of a study come one after another: each would add the same values."""
-    from acwi_node.observability.logging import _IDENTIFIERS
-
-    remembered = list(_IDENTIFIERS._values)  # other tests' identifiers, restored below
-    _IDENTIFIERS.clear()
     added: list[list[str]] = []
-    add = _IDENTIFIERS.add
+    add = identifiers.add
 
     def counting_add(values: Any, **kwargs: Any) -> None:
         added.append(list(values))
         add(values, **kwargs)
 
-    monkeypatch.setattr(_IDENTIFIERS, "add", counting_add)
+    monkeypatch.setattr(identifiers, "add", counting_add)
     one = {"PatientName": "PHANTOM^ONE", "PatientID": "PH0001"}
     two = {"PatientName": "PHANTOM^TWO", "PatientID": "PH0002"}
-    try:
-        for header in (one, one, two, one, one):
-            note_identifiers(header)
-        assert [values[0] for values in added] == ["PHANTOM^ONE", "PHANTOM^TWO", "PHANTOM^ONE"]
-        assert (
-            _IDENTIFIERS.redact("PH0001 PH0002 Phantom One") == "[redacted] [redacted] [redacted]"
-        )
-        _IDENTIFIERS.clear()  # forgets everything, the last patient too
-        note_identifiers(one)
-        assert len(added) == 4
-        assert _IDENTIFIERS.redact("id PH0001") == "id [redacted]"
-    finally:
-        _IDENTIFIERS.clear()
-        add(remembered)
+    for header in (one, one, two, one, one):
+        note_identifiers(header)
+    assert [values[0] for values in added] == ["PHANTOM^ONE", "PHANTOM^TWO", "PHANTOM^ONE"]
+    assert identifiers.redact("PH0001 PH0002 Phantom One") == "[redacted] [redacted] [redacted]"
+    identifiers.clear()  # forgets everything, the last patient too
+    note_identifiers(one)
+    assert len(added) == 4
+    assert identifiers.redact("id PH0001") == "id [redacted]"
 
 
 def test_a_remembered_common_word_does_not_hide_a_keyword() -> None:

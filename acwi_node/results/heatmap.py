@@ -36,7 +36,9 @@ __all__ = [
     "blend_heatmap",
     "build_heatmap_sc",
     "colour_map",
+    "copy_anatomy",
     "render_grey",
+    "source_header",
 ]
 
 HEATMAP_SERIES_NUMBER = 9902
@@ -189,7 +191,97 @@ def _output_shape(rows: int, columns: int) -> tuple[int, int]:
     return max(1, round(rows * scale)), max(1, round(columns * scale))
 
 
-def _header(source: Dataset) -> Dataset:
+#: Body Part Examined values of unpaired structures (PS3.16 CID 4031), for which the General
+#: Series module's Laterality (2C) must be absent; for any other body part, or none, it is
+#: required (empty when the side is unknown). The set is dciodvfy's verdict on each value, so
+#: that what the node writes validates.
+UNPAIRED_BODY_PARTS = frozenset(
+    [
+        "ABDOMEN",
+        "ABDOMENPELVIS",
+        "AORTA",
+        "BACK",
+        "BLADDER",
+        "BRAIN",
+        "CEREBELLUM",
+        "CERVIX",
+        "CHEST",
+        "CHESTABDOMEN",
+        "CHESTABDPELVIS",
+        "CIRCLEOFWILLIS",
+        "COCCYX",
+        "COLON",
+        "CORONARYARTERY",
+        "CSPINE",
+        "CTSPINE",
+        "DUODENUM",
+        "ESOPHAGUS",
+        "FACE",
+        "GALLBLADDER",
+        "HEAD",
+        "HEADNECK",
+        "HEART",
+        "ILEUM",
+        "ILIUM",
+        "JAW",
+        "JEJUNUM",
+        "LARYNX",
+        "LIVER",
+        "LSPINE",
+        "LSSPINE",
+        "MAXILLA",
+        "MEDIASTINUM",
+        "MOUTH",
+        "NECK",
+        "NECKCHEST",
+        "NECKCHESTABDOMEN",
+        "NECKCHESTABDPELV",
+        "NOSE",
+        "PANCREAS",
+        "PELVIS",
+        "PENIS",
+        "PHARYNX",
+        "PROSTATE",
+        "RECTUM",
+        "SKULL",
+        "SPINE",
+        "SPLEEN",
+        "STERNUM",
+        "STOMACH",
+        "THYMUS",
+        "THYROID",
+        "TLSPINE",
+        "TONGUE",
+        "TRACHEA",
+        "TSPINE",
+        "URETER",
+        "URETHRA",
+        "UTERUS",
+        "VAGINA",
+        "VULVA",
+        "WHOLEBODY",
+    ]
+)
+
+
+def copy_anatomy(source: Dataset, result: Dataset) -> None:
+    """The source's Body Part Examined onto ``result``, and the General Series module's
+    Laterality (2C): the source's side (Laterality, else Image Laterality) when it is R or L;
+    absent for an unpaired body part; else empty (unknown)."""
+    body_part = str(source.get("BodyPartExamined", "") or "")
+    if body_part:
+        result.BodyPartExamined = body_part
+    laterality = str(source.get("Laterality", "") or source.get("ImageLaterality", "") or "")
+    if laterality in {"R", "L"}:
+        result.Laterality = laterality
+    elif body_part.upper() in UNPAIRED_BODY_PARTS:
+        if "Laterality" in result:
+            del result.Laterality
+    else:
+        result.Laterality = ""
+
+
+def source_header(source: Dataset) -> Dataset:
     """Deep copy of ``source`` without its pixel data."""
     header = Dataset()
     for element in source:
@@ -261,18 +353,10 @@ def build_heatmap_sc(
         specific_character_set=source.get("SpecificCharacterSet"),
     )
     # Copy from a detached header so the new object shares no data elements with the source.
-    sc.copy_patient_and_study_information(_header(source))
+    sc.copy_patient_and_study_information(source_header(source))
 
-    # General Series: same anatomy as the source. Laterality (2C) is required unless the body
-    # part is known to be unpaired; it is written empty when the side is unknown.
-    body_part = str(source.get("BodyPartExamined", "") or "")
-    if body_part:
-        sc.BodyPartExamined = body_part
-    laterality = str(source.get("Laterality", "") or source.get("ImageLaterality", "") or "")
-    if laterality in {"R", "L"}:
-        sc.Laterality = laterality
-    elif not (body_part and laterality == "U"):
-        sc.Laterality = ""
+    # General Series: same anatomy as the source.
+    copy_anatomy(source, sc)
 
     # SC Equipment
     sc.ConversionType = "WSD"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -16,6 +17,7 @@ from acwi_node.inference.types import ImageResult, ModelIdentity, StudyAnalysis,
 from acwi_node.results.encoding import encode_part10
 from acwi_node.results.heatmap import MAX_DIMENSION, build_heatmap_sc, render_grey
 from acwi_node.results.uids import result_uids
+from models.data.synth import write_ct_series
 from tests.support.dx import DX_FOR_PRESENTATION, make_dx
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -291,3 +293,42 @@ def test_blend_is_the_whole_image_formula_byte_for_byte() -> None:
         rgb = grey[..., None] * (1.0 - alpha) + colour_map(clipped) * alpha
         expected = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
         assert np.array_equal(blend_heatmap(grey, heat), expected)
+
+
+@pytest.mark.parametrize(
+    ("body_part", "side", "laterality"),
+    [
+        ("CHEST", None, None),  # unpaired: absent
+        ("HEAD", "", None),
+        ("KNEE", "R", "R"),
+        ("KNEE", None, ""),  # paired, side unknown: empty
+        ("", None, ""),  # no body part: required, unknown
+        ("BREAST", "L", "L"),
+        ("chest", "U", None),  # the side "unpaired", as a radiograph's Image Laterality says
+    ],
+)
+def test_laterality_follows_the_body_part(
+    body_part: str, side: str | None, laterality: str | None
+) -> None:
+    source = make_dx(generate_uid())
+    for keyword in ("BodyPartExamined", "Laterality", "ImageLaterality"):
+        if keyword in source:
+            delattr(source, keyword)
+    if body_part:
+        source.BodyPartExamined = body_part
+    if side is not None:
+        source.ImageLaterality = side
+    sc = _build(source, _analysis([source]))
+    assert sc.get("Laterality") == laterality
+
+
+@needs_dciodvfy
+def test_a_heatmap_of_a_chest_ct_slice_validates(tmp_path: Path) -> None:
+    """A CT slice of the chest carries no laterality: the heatmap's must be absent, not
+    empty (dciodvfy: present when its condition is unsatisfied)."""
+    from acwi_node.results.validate import run_dciodvfy
+
+    source = pydicom.dcmread(write_ct_series(tmp_path, slices=1, size=64)[0])
+    assert source.BodyPartExamined == "CHEST" and "Laterality" not in source
+    report = run_dciodvfy(_build(source, _analysis([source])))
+    assert report.errors == [], report.output

@@ -212,6 +212,9 @@ class WorkerSettings(_Strict):
     calibration_dir: Path | None = None
     #: Which heatmap objects are written: all, or only positive or uncertain images.
     heatmaps: Literal["all", "positive_or_uncertain"] = "all"
+    #: Also write each analysed series' heatmaps as one Parametric Map (values 0-1, for viewers
+    #: that overlay it themselves); only images with a frame of reference (CT, MR, PET).
+    parametric_maps: bool = False
 
     @model_validator(mode="after")
     def _engine_combination(self) -> WorkerSettings:

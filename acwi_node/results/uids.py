@@ -87,10 +87,16 @@ class ResultUIDs:
     sr_series_uid: str
     sr_instance_uid: str
     heatmap_series_uid: str
+    parametric_map_series_uid: str
 
     def heatmap_instance_uid(self, source_sop_instance_uid: str) -> str:
         """SOP Instance UID of the heatmap secondary capture made from one source image."""
         return self._derive("heatmap-instance", source_sop_instance_uid)
+
+    def parametric_map_instance_uid(self, source_series_uid: str, rows: int, columns: int) -> str:
+        """SOP Instance UID of the parametric map made from one source series (of images
+        ``rows`` x ``columns``)."""
+        return self._derive("parametric-map-instance", source_series_uid, f"{rows}x{columns}")
 
     def tracking_uid(self, label: str, scope: str) -> str:
         """Tracking Unique Identifier of an SR measurement group.
@@ -130,4 +136,5 @@ def result_uids(study_uid: str, model_name: str, model_version: str) -> ResultUI
         sr_series_uid=derive("sr-series"),
         sr_instance_uid=derive("sr-instance"),
         heatmap_series_uid=derive("heatmap-series"),
+        parametric_map_series_uid=derive("parametric-map-series"),
     )

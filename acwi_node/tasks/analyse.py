@@ -27,6 +27,7 @@ from acwi_node.observability import metrics
 from acwi_node.observability.logging import bind_study, log_context, note_identifiers
 from acwi_node.results.encoding import encode_part10
 from acwi_node.results.heatmap import build_heatmap_sc
+from acwi_node.results.parametric_map import build_parametric_maps
 from acwi_node.results.sr import build_sr
 from acwi_node.tasks.app import ANALYSE_TASK, app
 from acwi_node.tasks.lease import LeaseKeeper
@@ -158,6 +159,8 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
                     build_heatmap_sc(source, image.heatmap, analysis, image, instance_number=n),
                 )
             )
+        if settings.worker.parametric_maps:  # every analysed image of a mappable series
+            objects += [("parametric_map", pm) for pm in build_parametric_maps(used, analysis)]
         out = Spool(settings.results_dir, fsync=settings.ingest.fsync)
         files: list[ResultFile] = []
         for kind, ds in objects:

@@ -21,7 +21,7 @@ from pydicom.uid import generate_uid
 
 from acwi_node.ledger import Ledger
 from acwi_node.results.sr import summarise_sr
-from models.data.synth import write_study
+from models.data.synth import write_ct_series, write_study
 from tests.conftest import REDIS_URL
 from tests.support.dciodvfy import dciodvfy_errors
 from tests.support.dcmtk import storescu
@@ -40,6 +40,7 @@ pytestmark = pytest.mark.e2e
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+PARAMETRIC_MAP_CLASS = "1.2.840.10008.5.1.4.1.1.30"
 E2E_REDIS_DB = 11
 
 
@@ -297,4 +298,43 @@ def test_orthanc_pushes_a_stored_study(tmp_path: Path, orthanc: OrthancServer) -
             message="sources + SR + 2 heatmaps",
         )
         check_results(orthanc, ledger, study_uid, files, tmp_path)
+        ledger.dispose()
+
+
+def test_a_ct_series_comes_back_with_a_parametric_map(
+    tmp_path: Path, orthanc: OrthancServer
+) -> None:
+    """``worker.parametric_maps``: besides the SR and a heatmap per slice, the series' heat
+    as one Parametric Map, a frame per slice in the slices' frame of reference."""
+    cfg = node_config(tmp_path, orthanc)
+    cfg["routes"][0]["match"] = {"modality": ["CT"]}
+    cfg["worker"]["parametric_maps"] = True
+    config = write_config(tmp_path / "acwi.toml", cfg)
+    files = write_ct_series(tmp_path / "ct", slices=4, size=128)
+    sources = [dcmread(p, stop_before_pixels=True) for p in files]
+    study_uid = str(sources[0].StudyInstanceUID)
+    with NodeProcesses(config, ["serve"], tmp_path) as nodes:
+        wait_port("127.0.0.1", orthanc.node_port)
+        send_study(orthanc.node_port, files)
+        ledger = Ledger(f"sqlite:///{tmp_path / 'data' / 'ledger.sqlite'}")
+        wait_study_state(ledger, study_uid, {"delivered", "failed"}, nodes, timeout_s=240)
+        check_results(orthanc, ledger, study_uid, files, tmp_path)
+        maps = [
+            i
+            for i in orthanc.study_instances(study_uid)
+            if _sop_class(orthanc, i) == PARAMETRIC_MAP_CLASS
+        ]
+        assert len(maps) == 1
+        path = tmp_path / "parametric-map.dcm"
+        path.write_bytes(orthanc.instance_file(maps[0]["ID"]))
+        assert dciodvfy_errors(path) == []
+        pmap = dcmread(path)
+        assert int(pmap.NumberOfFrames) == len(files)
+        assert pmap.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+        referenced = {
+            str(g.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+            for g in pmap.PerFrameFunctionalGroupsSequence
+        }
+        assert referenced == {str(s.SOPInstanceUID) for s in sources}
+        assert pmap.pixel_array.max() > 0  # the model's heat, not an empty map
         ledger.dispose()

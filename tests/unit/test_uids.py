@@ -26,6 +26,9 @@ def _all_uids(uids: ResultUIDs) -> list[str]:
         uids.sr_instance_uid,
         uids.heatmap_series_uid,
         *(uids.heatmap_instance_uid(source) for source in SOURCES),
+        uids.parametric_map_series_uid,
+        *(uids.parametric_map_instance_uid(source, 512, 512) for source in SOURCES),
+        uids.parametric_map_instance_uid(SOURCES[0], 256, 256),
     ]
 
 

@@ -1,0 +1,143 @@
+"""Heatmaps as Parametric Maps (PS3.3 A.75), for viewers that overlay them on the source.
+
+The RGB secondary captures (:mod:`.heatmap`) are what every PACS viewer shows. A viewer that
+overlays a Parametric Map on its source series (OHIF, 3D Slicer and others) lets the reader pick
+the colour map and opacity and read the value under the cursor. Written when
+``worker.parametric_maps`` is on: one multi-frame Parametric Map per analysed series, a frame per
+image in the source images' geometry (same rows and columns, the images' plane positions and
+orientation, in their frame of reference), each pixel the model's heat for that image (0 to 1,
+relative to the image's peak, as in the secondary captures) stored as a 16-bit integer with a
+real-world value mapping (value = stored / 65535).
+
+The IOD has a frame of reference, so only images with one get a map: cross-sectional images
+(CT, MR, PET) do; projection radiographs and secondary captures do not, and keep their
+secondary captures only. Images of one series that differ in size go to one map per size;
+multi-frame source images are left out. Built by ``highdicom.pm.ParametricMap``; the UIDs are
+derived from the source series, so a re-run replaces the map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from highdicom.pm import ParametricMap, RealWorldValueMapping
+from pydicom import Dataset
+
+from acwi_node.inference.types import ImageResult, StudyAnalysis
+from acwi_node.results.heatmap import NOTICE, copy_anatomy, source_header
+from acwi_node.results.sr import MANUFACTURER
+from acwi_node.results.uids import result_uids
+
+__all__ = ["PARAMETRIC_MAP_SERIES_NUMBER", "STORED_MAX", "build_parametric_maps", "mappable"]
+
+PARAMETRIC_MAP_SERIES_NUMBER = 9903
+#: The stored value of heat 1.0 (heat = stored / STORED_MAX).
+STORED_MAX = 65535
+
+#: Patient and study attributes of type 2 that highdicom reads from the first source image; a
+#: source without one (non-conformant, but stored all the same) gets it empty in the map.
+_TYPE_2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+_GEOMETRY = (
+    "FrameOfReferenceUID",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+)
+
+
+def mappable(source: Dataset) -> bool:
+    """Whether a parametric map can carry ``source``'s heatmap: a single-frame image in a
+    frame of reference, with its position, orientation and pixel spacing."""
+    if any(source.get(keyword) in (None, "") for keyword in _GEOMETRY):
+        return False
+    try:
+        return int(source.get("NumberOfFrames") or 1) == 1
+    except (TypeError, ValueError):
+        return False
+
+
+def build_parametric_maps(sources: Sequence[Dataset], analysis: StudyAnalysis) -> list[Dataset]:
+    """One parametric map per series (and image size) of the analysed images that
+    :func:`mappable` accepts; none for the others."""
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    groups: dict[tuple[str, int, int], list[tuple[Dataset, ImageResult]]] = {}
+    for image in analysis.images:
+        source = by_uid.get(image.sop_instance_uid)
+        if source is None or not mappable(source):
+            continue
+        key = (str(source.SeriesInstanceUID), int(source.Rows), int(source.Columns))
+        groups.setdefault(key, []).append((source, image))
+    return [
+        _build(series_uid, rows, columns, members, analysis, number)
+        for number, ((series_uid, rows, columns), members) in enumerate(groups.items(), start=1)
+    ]
+
+
+def _build(
+    series_uid: str,
+    rows: int,
+    columns: int,
+    members: list[tuple[Dataset, ImageResult]],
+    analysis: StudyAnalysis,
+    instance_number: int,
+) -> Dataset:
+    members = sorted(
+        members, key=lambda m: (int(m[0].get("InstanceNumber") or 0), m[1].sop_instance_uid)
+    )
+    frames = np.empty((len(members), rows, columns), dtype=np.uint16)
+    for k, (_, image) in enumerate(members):
+        heat = np.asarray(image.heatmap, dtype=np.float64)
+        if heat.shape != (rows, columns):
+            raise ValueError(
+                f"heatmap of {image.sop_instance_uid} is {heat.shape}, its image {rows}x{columns}"
+            )
+        heat = np.clip(np.nan_to_num(heat, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+        frames[k] = np.rint(heat * STORED_MAX).astype(np.uint16)
+    headers = [source_header(source) for source, _ in members]
+    for keyword in _TYPE_2:
+        if keyword not in headers[0]:
+            setattr(headers[0], keyword, "")
+    model = analysis.model
+    uids = result_uids(str(headers[0].StudyInstanceUID), model.name, model.version)
+    mapping = RealWorldValueMapping(
+        lut_label="HEAT",
+        lut_explanation=f"{model.name} {model.version} relative heat"[:64],
+        unit=hd.sr.CodedConcept("1", "UCUM", "no units"),
+        value_range=(0, STORED_MAX),
+        slope=1.0 / STORED_MAX,
+        intercept=0.0,
+    )
+    pmap = ParametricMap(
+        source_images=headers,
+        pixel_array=frames,
+        series_instance_uid=uids.parametric_map_series_uid,
+        series_number=PARAMETRIC_MAP_SERIES_NUMBER,
+        sop_instance_uid=uids.parametric_map_instance_uid(series_uid, rows, columns),
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=model.name[:64],
+        software_versions=model.version[:64],
+        device_serial_number=(model.weights_sha256 or "unknown")[:64],
+        contains_recognizable_visual_features=False,
+        real_world_value_mappings=[mapping],
+        voi_lut_transformations=[
+            hd.VOILUTTransformation(window_center=STORED_MAX / 2, window_width=STORED_MAX)
+        ],
+        content_label="HEATMAP",
+        content_description=NOTICE,
+        series_description=f"ACWI {model.name} {model.version} AI heatmap map"[:64],
+    )
+    copy_anatomy(headers[0], pmap)  # General Series: the source's anatomy
+    return pmap

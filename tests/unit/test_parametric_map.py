@@ -1,0 +1,146 @@
+"""Heatmaps written as Parametric Maps, for cross-sectional series (worker.parametric_maps)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import Dataset, dcmread
+
+from acwi_node.inference.types import ImageResult, ModelIdentity, StudyAnalysis, Uncertainty
+from acwi_node.results.encoding import encode_part10
+from acwi_node.results.parametric_map import (
+    PARAMETRIC_MAP_SERIES_NUMBER,
+    STORED_MAX,
+    build_parametric_maps,
+    mappable,
+)
+from acwi_node.results.uids import result_uids
+from models.data.synth import write_ct_series
+from tests.support.dciodvfy import require_dciodvfy
+from tests.support.dx import make_dx
+
+PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
+MODEL = ModelIdentity(name="dianet", version="1.4.0", weights_sha256="9f2c4e1ab37d")
+UNCERTAINTY = Uncertainty(entropy=0.6, epistemic=0.1, aleatoric=0.5, score=0.3)
+
+
+def analysis_of(sources: list[Dataset], model: ModelIdentity = MODEL) -> StudyAnalysis:
+    """Each image's heat a different random field, so that frames can be told apart."""
+    rng = np.random.default_rng(3)
+    images = [
+        ImageResult(
+            sop_instance_uid=str(s.SOPInstanceUID),
+            sop_class_uid=str(s.SOPClassUID),
+            series_instance_uid=str(s.SeriesInstanceUID),
+            probabilities={"normal": 0.3, "nodule": 0.7},
+            uncertainty=UNCERTAINTY,
+            heatmap=rng.random((s.Rows, s.Columns)).astype(np.float32),
+        )
+        for s in sources
+    ]
+    return StudyAnalysis(
+        model=model,
+        labels=["normal", "nodule"],
+        images=images,
+        probabilities={"normal": 0.3, "nodule": 0.7},
+        predicted_label="nodule",
+        uncertainty=UNCERTAINTY,
+        ood_score=0.1,
+        needs_review=False,
+        finding_labels=["nodule"],
+    )
+
+
+@pytest.fixture(scope="module")
+def ct(tmp_path_factory: pytest.TempPathFactory) -> list[Dataset]:
+    folder = tmp_path_factory.mktemp("ct")
+    return [dcmread(p) for p in write_ct_series(folder, slices=6, size=64)]
+
+
+def frames_by_source(pmap: Dataset) -> dict[str, np.ndarray]:
+    """Each frame's heat (stored value through the real-world value mapping), by the SOP
+    Instance UID of the image it was derived from."""
+    mapping = pmap.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    pixels = pmap.pixel_array.reshape(int(pmap.NumberOfFrames), pmap.Rows, pmap.Columns)
+    out = {}
+    for k, group in enumerate(pmap.PerFrameFunctionalGroupsSequence):
+        source = group.DerivationImageSequence[0].SourceImageSequence[0]
+        out[str(source.ReferencedSOPInstanceUID)] = pixels[k] * float(
+            mapping.RealWorldValueSlope
+        ) + float(mapping.RealWorldValueIntercept)
+    return out
+
+
+def test_a_ct_series_gets_one_map_with_a_frame_per_image(ct: list[Dataset]) -> None:
+    analysis = analysis_of(ct)
+    (pmap,) = build_parametric_maps(ct, analysis)
+    back = dcmread(io.BytesIO(encode_part10(pmap)))
+    assert back.SOPClassUID == PARAMETRIC_MAP
+    assert back.StudyInstanceUID == ct[0].StudyInstanceUID
+    assert back.PatientID == ct[0].PatientID
+    assert back.FrameOfReferenceUID == ct[0].FrameOfReferenceUID
+    assert back.SeriesNumber == PARAMETRIC_MAP_SERIES_NUMBER
+    assert int(back.NumberOfFrames) == len(ct) and (back.Rows, back.Columns) == (64, 64)
+    heat = {im.sop_instance_uid: im.heatmap for im in analysis.images}
+    frames = frames_by_source(back)
+    assert frames.keys() == heat.keys()
+    for uid, frame in frames.items():
+        assert np.abs(frame - heat[uid]).max() <= 0.5 / STORED_MAX + 1e-9
+    positions = {
+        tuple(float(v) for v in g.PlanePositionSequence[0].ImagePositionPatient)
+        for g in back.PerFrameFunctionalGroupsSequence
+    }
+    assert positions == {tuple(float(v) for v in s.ImagePositionPatient) for s in ct}
+
+
+def test_its_uids_are_derived_so_a_rerun_replaces_it(ct: list[Dataset]) -> None:
+    (first,) = build_parametric_maps(ct, analysis_of(ct))
+    (again,) = build_parametric_maps(ct, analysis_of(ct))
+    (other,) = build_parametric_maps(ct, analysis_of(ct, replace(MODEL, version="1.5.0")))
+    uids = result_uids(str(ct[0].StudyInstanceUID), MODEL.name, MODEL.version)
+    assert first.SeriesInstanceUID == again.SeriesInstanceUID == uids.parametric_map_series_uid
+    assert first.SOPInstanceUID == again.SOPInstanceUID
+    assert other.SOPInstanceUID != first.SOPInstanceUID
+    assert other.SeriesInstanceUID != first.SeriesInstanceUID
+
+
+def test_radiographs_get_none_and_a_mixed_study_only_for_its_ct(ct: list[Dataset]) -> None:
+    dx = make_dx(str(ct[0].StudyInstanceUID))
+    assert not mappable(dx) and all(mappable(s) for s in ct)
+    assert build_parametric_maps([dx], analysis_of([dx])) == []
+    (pmap,) = build_parametric_maps([dx, *ct], analysis_of([dx, *ct]))
+    assert int(pmap.NumberOfFrames) == len(ct)
+
+
+def test_images_of_two_sizes_get_a_map_each(tmp_path: Path, ct: list[Dataset]) -> None:
+    larger = [
+        dcmread(p)
+        for p in write_ct_series(tmp_path, slices=2, size=128, accession_number="ACC0002")
+    ]
+    for source in larger:  # the same series, another size
+        source.SeriesInstanceUID = ct[0].SeriesInstanceUID
+        source.StudyInstanceUID = ct[0].StudyInstanceUID
+    maps = build_parametric_maps([*ct, *larger], analysis_of([*ct, *larger]))
+    assert sorted((int(m.NumberOfFrames), m.Rows) for m in maps) == [(2, 128), (len(ct), 64)]
+    assert len({m.SOPInstanceUID for m in maps}) == 2
+
+
+def test_a_heatmap_of_the_wrong_size_is_an_error(ct: list[Dataset]) -> None:
+    analysis = analysis_of(ct)
+    analysis.images[0].heatmap = np.zeros((8, 8), dtype=np.float32)
+    with pytest.raises(ValueError, match="heatmap of"):
+        build_parametric_maps(ct, analysis)
+
+
+def test_dciodvfy_reports_no_errors(ct: list[Dataset]) -> None:
+    require_dciodvfy()
+    from acwi_node.results.validate import run_dciodvfy
+
+    (pmap,) = build_parametric_maps(ct, analysis_of(ct))
+    report = run_dciodvfy(pmap)
+    assert report.errors == [], report.output
+    assert "ParametricMap" in report.iod

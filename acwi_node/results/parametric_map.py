@@ -18,6 +18,7 @@ derived from the source series, so a re-run replaces the map.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -31,6 +32,8 @@ from acwi_node.results.sr import MANUFACTURER
 from acwi_node.results.uids import result_uids
 
 __all__ = ["PARAMETRIC_MAP_SERIES_NUMBER", "STORED_MAX", "build_parametric_maps", "mappable"]
+
+log = logging.getLogger("acwi_node.results")
 
 PARAMETRIC_MAP_SERIES_NUMBER = 9903
 #: The stored value of heat 1.0 (heat = stored / STORED_MAX).
@@ -70,7 +73,9 @@ def mappable(source: Dataset) -> bool:
 
 def build_parametric_maps(sources: Sequence[Dataset], analysis: StudyAnalysis) -> list[Dataset]:
     """One parametric map per series (and image size) of the analysed images that
-    :func:`mappable` accepts; none for the others."""
+    :func:`mappable` accepts; none for the others. A map is an extra: a series whose map
+    cannot be built (planes highdicom refuses, a heatmap of the wrong size) is logged and
+    gets none, and the study's other results stand."""
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     groups: dict[tuple[str, int, int], list[tuple[Dataset, ImageResult]]] = {}
     for image in analysis.images:
@@ -79,10 +84,20 @@ def build_parametric_maps(sources: Sequence[Dataset], analysis: StudyAnalysis) -
             continue
         key = (str(source.SeriesInstanceUID), int(source.Rows), int(source.Columns))
         groups.setdefault(key, []).append((source, image))
-    return [
-        _build(series_uid, rows, columns, members, analysis, number)
-        for number, ((series_uid, rows, columns), members) in enumerate(groups.items(), start=1)
-    ]
+    maps: list[Dataset] = []
+    for (series_uid, rows, columns), members in groups.items():
+        try:
+            maps.append(_build(series_uid, rows, columns, members, analysis, len(maps) + 1))
+        except Exception as exc:
+            log.warning(
+                "no parametric map for series %s (%dx%d): %s: %s",
+                series_uid,
+                rows,
+                columns,
+                type(exc).__name__,
+                exc,
+            )
+    return maps
 
 
 def _build(

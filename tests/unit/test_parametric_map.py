@@ -129,11 +129,20 @@ def test_images_of_two_sizes_get_a_map_each(tmp_path: Path, ct: list[Dataset]) -
     assert len({m.SOPInstanceUID for m in maps}) == 2
 
 
-def test_a_heatmap_of_the_wrong_size_is_an_error(ct: list[Dataset]) -> None:
-    analysis = analysis_of(ct)
-    analysis.images[0].heatmap = np.zeros((8, 8), dtype=np.float32)
-    with pytest.raises(ValueError, match="heatmap of"):
-        build_parametric_maps(ct, analysis)
+def test_a_series_whose_map_fails_is_logged_and_the_others_stand(
+    tmp_path: Path, ct: list[Dataset], caplog: pytest.LogCaptureFixture
+) -> None:
+    other = [
+        dcmread(p) for p in write_ct_series(tmp_path, slices=2, size=64, accession_number="ACC0003")
+    ]
+    analysis = analysis_of([*ct, *other])
+    analysis.images[0].heatmap = np.zeros((8, 8), dtype=np.float32)  # the first series' fails
+    with caplog.at_level("WARNING", logger="acwi_node.results"):
+        (pmap,) = build_parametric_maps([*ct, *other], analysis)
+    assert pmap.SOPInstanceUID != build_parametric_maps(ct, analysis_of(ct))[0].SOPInstanceUID
+    assert int(pmap.NumberOfFrames) == len(other)
+    assert f"no parametric map for series {ct[0].SeriesInstanceUID}" in caplog.text
+    assert "heatmap of" in caplog.text
 
 
 def test_dciodvfy_reports_no_errors(ct: list[Dataset]) -> None:

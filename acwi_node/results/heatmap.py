@@ -14,8 +14,6 @@ unchanged.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 from highdicom import SOPClass
 from numpy.typing import NDArray
@@ -26,6 +24,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from acwi_node.inference.types import ImageResult, StudyAnalysis
+from acwi_node.results.headers import source_header
 from acwi_node.results.sr import MANUFACTURER
 from acwi_node.results.uids import result_uids
 
@@ -38,7 +37,6 @@ __all__ = [
     "colour_map",
     "copy_anatomy",
     "render_grey",
-    "source_header",
 ]
 
 HEATMAP_SERIES_NUMBER = 9902
@@ -279,15 +277,6 @@ def copy_anatomy(source: Dataset, result: Dataset) -> None:
             del result.Laterality
     else:
         result.Laterality = ""
-
-
-def source_header(source: Dataset) -> Dataset:
-    """Deep copy of ``source`` without its pixel data."""
-    header = Dataset()
-    for element in source:
-        if element.keyword not in {"PixelData", "FloatPixelData", "DoubleFloatPixelData"}:
-            header.add(copy.deepcopy(element))
-    return header
 
 
 def _lo(text: str) -> str:

@@ -27,7 +27,8 @@ from highdicom.pm import ParametricMap, RealWorldValueMapping
 from pydicom import Dataset
 
 from acwi_node.inference.types import ImageResult, StudyAnalysis
-from acwi_node.results.heatmap import NOTICE, copy_anatomy, source_header
+from acwi_node.results.headers import patient_study_header, source_header
+from acwi_node.results.heatmap import NOTICE, copy_anatomy
 from acwi_node.results.sr import MANUFACTURER
 from acwi_node.results.uids import result_uids
 
@@ -39,19 +40,6 @@ PARAMETRIC_MAP_SERIES_NUMBER = 9903
 #: The stored value of heat 1.0 (heat = stored / STORED_MAX).
 STORED_MAX = 65535
 
-#: Patient and study attributes of type 2 that highdicom reads from the first source image; a
-#: source without one (non-conformant, but stored all the same) gets it empty in the map.
-_TYPE_2 = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
 _GEOMETRY = (
     "FrameOfReferenceUID",
     "ImagePositionPatient",
@@ -120,10 +108,8 @@ def _build(
             )
         heat = np.clip(np.nan_to_num(heat, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
         frames[k] = np.rint(heat * STORED_MAX).astype(np.uint16)
-    headers = [source_header(source) for source, _ in members]
-    for keyword in _TYPE_2:
-        if keyword not in headers[0]:
-            setattr(headers[0], keyword, "")
+    # highdicom copies patient and study from the first source image.
+    headers = [patient_study_header(members[0][0]), *(source_header(s) for s, _ in members[1:])]
     model = analysis.model
     uids = result_uids(str(headers[0].StudyInstanceUID), model.name, model.version)
     mapping = RealWorldValueMapping(

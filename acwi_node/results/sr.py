@@ -52,6 +52,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from acwi_node.inference.types import ImageResult, StudyAnalysis, Uncertainty
+from acwi_node.results.headers import patient_study_header
 from acwi_node.results.uids import UID_NAMESPACE, ResultUIDs, derive_uid, device_uid, result_uids
 
 __all__ = [
@@ -231,39 +232,6 @@ def _check_sources(
     if unknown:
         raise ValueError(f"no study-level probability for labels: {unknown}")
     return study_uids.pop(), by_uid
-
-
-_PATIENT_STUDY_TYPE2 = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
-_PATIENT_SEX_VALUES = {"M", "F", "O"}
-
-
-def _reference(source: Dataset) -> Dataset:
-    """Header of ``source`` (no pixel data) with absent Type 2 patient/study attributes empty.
-
-    The SR copies patient and study from its first evidence item; Type 2 attributes missing
-    from the source are written empty, as the IOD allows, and a Patient's Sex outside the
-    enumerated values is written empty (unknown).
-    """
-    reference = Dataset()
-    for element in source:
-        if element.keyword not in {"PixelData", "FloatPixelData", "DoubleFloatPixelData"}:
-            reference.add(copy.deepcopy(element))
-    for keyword in _PATIENT_STUDY_TYPE2:
-        if keyword not in reference or reference[keyword].value is None:
-            setattr(reference, keyword, "")
-    sex = str(reference.PatientSex or "").strip().upper()
-    reference.PatientSex = sex if sex in _PATIENT_SEX_VALUES else ""
-    return reference
 
 
 def _algorithm(analysis: StudyAnalysis) -> AlgorithmIdentification:
@@ -458,7 +426,7 @@ def build_sr(
         )
     )
     document = Comprehensive3DSR(
-        evidence=[_reference(sources[0]), *sources[1:]],
+        evidence=[patient_study_header(sources[0]), *sources[1:]],
         content=checked,
         series_instance_uid=uids.sr_series_uid,
         series_number=SR_SERIES_NUMBER,
@@ -665,7 +633,7 @@ def build_verified_sr(
     measurements[0].ContentSequence.append(group[0])
 
     document = Comprehensive3DSR(
-        evidence=[_reference(sources[0]), *sources[1:]],
+        evidence=[patient_study_header(sources[0]), *sources[1:]],
         content=root,
         series_instance_uid=str(unverified.SeriesInstanceUID),
         series_number=int(unverified.get("SeriesNumber", SR_SERIES_NUMBER) or SR_SERIES_NUMBER),

@@ -24,7 +24,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from acwi_node.inference.types import ImageResult, StudyAnalysis
-from acwi_node.results.headers import source_header
+from acwi_node.results.headers import copy_anatomy, source_header
 from acwi_node.results.sr import MANUFACTURER
 from acwi_node.results.uids import result_uids
 
@@ -35,7 +35,6 @@ __all__ = [
     "blend_heatmap",
     "build_heatmap_sc",
     "colour_map",
-    "copy_anatomy",
     "render_grey",
 ]
 
@@ -187,96 +186,6 @@ def _output_shape(rows: int, columns: int) -> tuple[int, int]:
         return rows, columns
     scale = MAX_DIMENSION / largest
     return max(1, round(rows * scale)), max(1, round(columns * scale))
-
-
-#: Body Part Examined values of unpaired structures (PS3.16 CID 4031), for which the General
-#: Series module's Laterality (2C) must be absent; for any other body part, or none, it is
-#: required (empty when the side is unknown). The set is dciodvfy's verdict on each value, so
-#: that what the node writes validates.
-UNPAIRED_BODY_PARTS = frozenset(
-    [
-        "ABDOMEN",
-        "ABDOMENPELVIS",
-        "AORTA",
-        "BACK",
-        "BLADDER",
-        "BRAIN",
-        "CEREBELLUM",
-        "CERVIX",
-        "CHEST",
-        "CHESTABDOMEN",
-        "CHESTABDPELVIS",
-        "CIRCLEOFWILLIS",
-        "COCCYX",
-        "COLON",
-        "CORONARYARTERY",
-        "CSPINE",
-        "CTSPINE",
-        "DUODENUM",
-        "ESOPHAGUS",
-        "FACE",
-        "GALLBLADDER",
-        "HEAD",
-        "HEADNECK",
-        "HEART",
-        "ILEUM",
-        "ILIUM",
-        "JAW",
-        "JEJUNUM",
-        "LARYNX",
-        "LIVER",
-        "LSPINE",
-        "LSSPINE",
-        "MAXILLA",
-        "MEDIASTINUM",
-        "MOUTH",
-        "NECK",
-        "NECKCHEST",
-        "NECKCHESTABDOMEN",
-        "NECKCHESTABDPELV",
-        "NOSE",
-        "PANCREAS",
-        "PELVIS",
-        "PENIS",
-        "PHARYNX",
-        "PROSTATE",
-        "RECTUM",
-        "SKULL",
-        "SPINE",
-        "SPLEEN",
-        "STERNUM",
-        "STOMACH",
-        "THYMUS",
-        "THYROID",
-        "TLSPINE",
-        "TONGUE",
-        "TRACHEA",
-        "TSPINE",
-        "URETER",
-        "URETHRA",
-        "UTERUS",
-        "VAGINA",
-        "VULVA",
-        "WHOLEBODY",
-    ]
-)
-
-
-def copy_anatomy(source: Dataset, result: Dataset) -> None:
-    """The source's Body Part Examined onto ``result``, and the General Series module's
-    Laterality (2C): the source's side (Laterality, else Image Laterality) when it is R or L;
-    absent for an unpaired body part; else empty (unknown)."""
-    body_part = str(source.get("BodyPartExamined", "") or "")
-    if body_part:
-        result.BodyPartExamined = body_part
-    laterality = str(source.get("Laterality", "") or source.get("ImageLaterality", "") or "")
-    if laterality in {"R", "L"}:
-        result.Laterality = laterality
-    elif body_part.upper() in UNPAIRED_BODY_PARTS:
-        if "Laterality" in result:
-            del result.Laterality
-    else:
-        result.Laterality = ""
 
 
 def _lo(text: str) -> str:

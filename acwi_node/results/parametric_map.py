@@ -27,8 +27,8 @@ from highdicom.pm import ParametricMap, RealWorldValueMapping
 from pydicom import Dataset
 
 from acwi_node.inference.types import ImageResult, StudyAnalysis
-from acwi_node.results.headers import patient_study_header, source_header
-from acwi_node.results.heatmap import NOTICE, copy_anatomy
+from acwi_node.results.headers import copy_anatomy, patient_study_header, source_header
+from acwi_node.results.heatmap import NOTICE
 from acwi_node.results.sr import MANUFACTURER
 from acwi_node.results.uids import result_uids
 

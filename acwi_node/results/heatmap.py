@@ -36,6 +36,7 @@ __all__ = [
     "build_heatmap_sc",
     "colour_map",
     "render_grey",
+    "unit_heat",
 ]
 
 HEATMAP_SERIES_NUMBER = 9902
@@ -188,6 +189,12 @@ def _output_shape(rows: int, columns: int) -> tuple[int, int]:
     return max(1, round(rows * scale)), max(1, round(columns * scale))
 
 
+def unit_heat(heatmap: np.ndarray) -> FloatImage:
+    """A model's heatmap as float64 in [0, 1]: NaN and -inf as 0, +inf as 1."""
+    heat = np.asarray(heatmap, dtype=np.float64)
+    return np.clip(np.nan_to_num(heat, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+
+
 def _lo(text: str) -> str:
     """A Long String value: no backslash (the value separator), at most 64 characters."""
     return text.replace("\\", "/")[:64]
@@ -219,10 +226,9 @@ def build_heatmap_sc(
         raise ValueError(
             f"image result is for {image.sop_instance_uid}, source image is {source_uid}"
         )
-    heat = np.asarray(heatmap, dtype=np.float64)
+    heat = unit_heat(heatmap)
     if heat.ndim != 2:
         raise ValueError(f"heatmap must be 2-D, got shape {heat.shape}")
-    heat = np.clip(np.nan_to_num(heat, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
 
     model = analysis.model
     study_uid = str(source.StudyInstanceUID)

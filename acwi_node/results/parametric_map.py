@@ -28,7 +28,7 @@ from pydicom import Dataset
 
 from acwi_node.inference.types import ImageResult, StudyAnalysis
 from acwi_node.results.headers import copy_anatomy, patient_study_header, source_header
-from acwi_node.results.heatmap import NOTICE
+from acwi_node.results.heatmap import NOTICE, unit_heat
 from acwi_node.results.sr import MANUFACTURER
 from acwi_node.results.uids import result_uids
 
@@ -101,12 +101,11 @@ def _build(
     )
     frames = np.empty((len(members), rows, columns), dtype=np.uint16)
     for k, (_, image) in enumerate(members):
-        heat = np.asarray(image.heatmap, dtype=np.float64)
+        heat = unit_heat(image.heatmap)
         if heat.shape != (rows, columns):
             raise ValueError(
                 f"heatmap of {image.sop_instance_uid} is {heat.shape}, its image {rows}x{columns}"
             )
-        heat = np.clip(np.nan_to_num(heat, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
         frames[k] = np.rint(heat * STORED_MAX).astype(np.uint16)
     # highdicom copies patient and study from the first source image.
     headers = [patient_study_header(members[0][0]), *(source_header(s) for s, _ in members[1:])]

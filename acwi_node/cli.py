@@ -230,6 +230,7 @@ def run_exporter(settings: Settings) -> int:
     from acwi_node.export.outbox import Exporter
     from acwi_node.ledger import Ledger
     from acwi_node.observability.health import exporter_readiness, start_ops_server_safely
+    from acwi_node.retention import Retention
 
     ledger = Ledger(settings.database_url)
     exporter = Exporter(settings, ledger)
@@ -237,13 +238,71 @@ def run_exporter(settings: Settings) -> int:
     _stop_on_signals(stop)
     thread = threading.Thread(target=exporter.run, name="exporter", daemon=True)
     thread.start()
+    # Storage retention runs beside the outbox: both keep the data directory in order.
+    retention = Retention(settings, ledger)
+    retention_thread = threading.Thread(target=retention.run, name="retention", daemon=True)
+    retention_thread.start()
     ops = start_ops_server_safely(settings, exporter_readiness(settings, ledger, exporter))
     log.info("exporter ready")
     stop.wait()
     if ops is not None:
         ops.stop()
     exporter.stop()
+    retention.stop()
     thread.join(timeout=30)
+    retention_thread.join(timeout=30)
+    return 0
+
+
+def run_retention(settings: Settings, *, dry_run: bool, as_json: bool) -> int:
+    """One storage retention sweep now (``acwi-node retention``)."""
+    from acwi_node.ledger import Ledger
+    from acwi_node.retention import Retention
+
+    ledger = Ledger(settings.database_url)
+    try:
+        report = Retention(settings, ledger).sweep(dry_run=dry_run)
+    finally:
+        ledger.dispose()
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "dry_run": dry_run,
+                    "studies": report.studies,
+                    "by_reason": dict(report.by_reason),
+                    "files": report.files,
+                    "bytes": report.bytes,
+                    "planned": [{"study_uid": u, "reason": r} for u, r in report.planned],
+                    "free_percent": report.free_percent,
+                    "short_of_space": report.short_of_space,
+                },
+                indent=2,
+            )
+        )
+        return 0
+    reasons = ", ".join(f"{n} by {r}" for r, n in sorted(report.by_reason.items()))
+    if dry_run:
+        print(
+            f"would delete the files of {report.studies} studies"
+            + (f" ({reasons})" if reasons else "")
+        )
+        for uid, reason in report.planned:
+            print(f"  {uid}  {reason}")
+    else:
+        print(
+            f"deleted the files of {report.studies} studies"
+            + (f" ({reasons})" if reasons else "")
+            + f": {report.files} files, {report.bytes / 1e6:.1f} MB"
+        )
+    if report.free_percent is not None:
+        print(f"free space: {report.free_percent:.1f}%")
+    if report.short_of_space:
+        print(
+            "free space is below retention.min_free_percent and no finished study is left"
+            " to delete",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -453,6 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show every study's state")
     status.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("config", help="validate the configuration and print it")
+    retention = sub.add_parser(
+        "retention", help="delete finished studies' files now, as the [retention] policy says"
+    )
+    retention.add_argument(
+        "--dry-run", action="store_true", help="list the studies, delete nothing"
+    )
+    retention.add_argument("--json", action="store_true", help="print JSON")
     health = sub.add_parser(
         "health", help="query a process kind's health endpoint (exit 0 when ready)"
     )
@@ -512,6 +578,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "status":
         return run_status(settings, args.json)
+    if args.command == "retention":
+        return run_retention(settings, dry_run=args.dry_run, as_json=args.json)
     if args.command == "serve":
         return run_serve(settings, config)
     runner: Callable[[Settings], int] = {

@@ -242,6 +242,24 @@ class ExporterSettings(_Strict):
     timeout_s: float = Field(30.0, gt=0)
 
 
+class RetentionSettings(_Strict):
+    """How long received images and result files stay on the node's disk (README "Storage
+    retention"). The PACS keeps the study; the node keeps its copy only while it needs it."""
+
+    #: A finished study's images and result files are deleted this many hours after its last
+    #: activity (0: kept until space runs short).
+    keep_hours: float = Field(168.0, ge=0)
+    #: The same for a study that went through the review worklist: its images are the feedback
+    #: for the next training round (``acwi-node feedback export``).
+    reviewed_keep_hours: float = Field(2160.0, ge=0)
+    #: When the data directory's file system has less free space than this (percent), finished
+    #: studies are deleted oldest first, whatever their age, until it has this much again
+    #: (0: never).
+    min_free_percent: float = Field(10.0, ge=0, lt=100)
+    #: How often the exporter process looks for studies to delete.
+    interval_s: float = Field(300.0, gt=0)
+
+
 class DestinationTls(_Strict):
     """DICOM TLS to a destination (``[destinations.tls]``)."""
 
@@ -454,6 +472,7 @@ class Settings(BaseSettings):
     completion: CompletionSettings = CompletionSettings()
     worker: WorkerSettings = WorkerSettings()
     exporter: ExporterSettings = ExporterSettings()
+    retention: RetentionSettings = RetentionSettings()
     hl7: Hl7Settings = Hl7Settings()
     destinations: list[Destination] = Field(default_factory=list)
     routes: list[Route] = Field(default_factory=list)

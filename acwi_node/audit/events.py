@@ -28,6 +28,7 @@ class Code:
 APPLICATION_ACTIVITY = Code("110100", "DCM", "Application Activity")
 INSTANCES_ACCESSED = Code("110103", "DCM", "DICOM Instances Accessed")
 INSTANCES_TRANSFERRED = Code("110104", "DCM", "DICOM Instances Transferred")
+STUDY_DELETED = Code("110105", "DCM", "DICOM Study Deleted")
 EXPORT = Code("110106", "DCM", "Export")
 SECURITY_ALERT = Code("110113", "DCM", "Security Alert")
 USER_AUTHENTICATION = Code("110114", "DCM", "User Authentication")
@@ -54,6 +55,7 @@ class AuditEvent(str, enum.Enum):
     CASE_VIEWED = "case_viewed"
     VERDICT_RECORDED = "verdict_recorded"
     FEEDBACK_EXPORTED = "feedback_exported"
+    STUDY_DELETED = "study_deleted"
     CONFIGURATION_CHANGED = "configuration_changed"
     USERS_CHANGED = "users_changed"
 
@@ -71,6 +73,7 @@ DICOM_CODES: dict[AuditEvent, tuple[Code, Code | None, str]] = {
     AuditEvent.CASE_VIEWED: (INSTANCES_ACCESSED, None, "R"),
     AuditEvent.VERDICT_RECORDED: (INSTANCES_ACCESSED, None, "U"),
     AuditEvent.FEEDBACK_EXPORTED: (EXPORT, None, "R"),
+    AuditEvent.STUDY_DELETED: (STUDY_DELETED, None, "D"),
     AuditEvent.CONFIGURATION_CHANGED: (SECURITY_ALERT, SOFTWARE_CONFIGURATION, "E"),
     AuditEvent.USERS_CHANGED: (SECURITY_ALERT, SECURITY_ROLES_CHANGED, "E"),
 }

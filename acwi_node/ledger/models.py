@@ -378,6 +378,33 @@ class CompletionSignal(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
 
+class Purge(Base):
+    """One generation of a study whose images and result files storage retention deleted.
+
+    Claimed in one transaction (the instances' paths emptied, this row written), then the files
+    are deleted and ``finished_at`` set: a purge left unfinished (the process stopped) is
+    finished by the next sweep. Files newer than ``received_before`` (spool) and
+    ``started_at`` (results) are never deleted: they belong to a later generation.
+    """
+
+    __tablename__ = "purges"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    #: "age" (keep_hours passed) or "space" (free space below min_free_percent).
+    reason: Mapped[str] = mapped_column(String(8))
+    #: The study's last_received_at when it was claimed.
+    received_before: Mapped[dt.datetime] = mapped_column(DateTime)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True, index=True)
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    files: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    __table_args__ = (UniqueConstraint("study_id", "generation", name="uq_purge_generation"),)
+
+
 class AuditEvent(Base):
     """Who signed in, viewed and decided what (no patient data: UIDs only)."""
 
@@ -402,6 +429,7 @@ __all__ = [
     "Hl7Order",
     "Hl7Outbound",
     "Instance",
+    "Purge",
     "Job",
     "JobState",
     "MppsStep",

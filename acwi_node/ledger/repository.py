@@ -42,6 +42,7 @@ from acwi_node.ledger.models import (
     Instance,
     Job,
     JobState,
+    Purge,
     Result,
     ReviewItem,
     ReviewState,
@@ -771,7 +772,11 @@ class Ledger:
             study = s.get_one(Study, job.study_id)
             paths = s.scalars(
                 select(Instance.path)
-                .where(Instance.study_id == job.study_id, Instance.generation <= job.generation)
+                .where(
+                    Instance.study_id == job.study_id,
+                    Instance.generation <= job.generation,
+                    Instance.path != "",  # storage retention deleted its file
+                )
                 .order_by(Instance.series_uid, Instance.id)
             ).all()
             return study.study_uid, list(paths)
@@ -1014,6 +1019,14 @@ class Ledger:
             "first_received_at": _iso(st.first_received_at),
             "last_received_at": _iso(st.last_received_at),
             "completed_at": _iso(st.completed_at),
+            # When storage retention deleted this generation's images and result files.
+            "images_deleted_at": _iso(
+                s.scalar(
+                    select(Purge.started_at).where(
+                        Purge.study_id == st.id, Purge.generation == st.generation
+                    )
+                )
+            ),
             "jobs": [],
         }
         for j in jobs:

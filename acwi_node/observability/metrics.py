@@ -89,6 +89,15 @@ DELIVERY_ATTEMPTS = Counter(
     "Result objects this exporter process sent, by destination and outcome (delivered, refused)",
     ["destination", "outcome"],
 )
+RETENTION_STUDIES_DELETED = Counter(
+    "acwi_retention_studies_deleted",
+    "Studies whose images and result files storage retention deleted, by reason (age, space)",
+    ["reason"],
+)
+RETENTION_BYTES_DELETED = Counter(
+    "acwi_retention_bytes_deleted",
+    "Bytes of images and result files storage retention deleted",
+)
 
 #: Reasons of :data:`INSTANCES_REJECTED` (label values).
 REJECT_REASONS = (
@@ -178,6 +187,21 @@ class LedgerCollector(Collector):
             if depth is not None:
                 broker.add_metric([queue], depth)
         yield broker
+        try:
+            disk = os.statvfs(self.settings.data_dir)
+        except OSError:
+            return
+        for name, doc, blocks in (
+            (
+                "acwi_data_free_bytes",
+                "Free bytes of the data directory's file system",
+                disk.f_bavail,
+            ),
+            ("acwi_data_size_bytes", "Size of the data directory's file system", disk.f_blocks),
+        ):
+            family = GaugeMetricFamily(name, doc)
+            family.add_metric([], blocks * disk.f_frsize)
+            yield family
 
     def _from_ledger(self) -> list[Metric]:
         with self.ledger.session() as s:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ import redis
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from acwi_node.inference.manifest import default_model_dir
 from acwi_node.ledger import Ledger
 from acwi_node.results.sr import summarise_sr
 from models.data.synth import write_ct_series, write_study
@@ -265,6 +267,51 @@ def test_not_routed_study_is_recorded(tmp_path: Path, orthanc: OrthancServer) ->
         ledger = Ledger(f"sqlite:///{tmp_path / 'data' / 'ledger.sqlite'}")
         st = wait_study_state(ledger, study_uid, {"not_routed"}, nodes, timeout_s=60)
         assert "no routing rule" in st["reason"]
+        ledger.dispose()
+
+
+def test_a_delivered_study_leaves_the_node_disk_after_keep_hours(
+    tmp_path: Path, orthanc: OrthancServer
+) -> None:
+    """Storage retention in ``acwi-node serve``: once the results are in the PACS and
+    ``retention.keep_hours`` has passed, the study's images and result files leave the data
+    directory; the PACS keeps everything, the ledger says when, the audit trail records it."""
+    cfg = node_config(tmp_path, orthanc)
+    cfg["retention"] = {"keep_hours": 3 / 3600, "interval_s": 0.5}
+    # A model whose thresholds keep every study off the review worklist (an open item keeps
+    # its study's files).
+    model = tmp_path / "confident-model"
+    shutil.copytree(default_model_dir(), model)
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["uncertainty_threshold"] = 1.0
+    manifest["ood"]["threshold"] = 1e9
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    cfg["models"] = [{"name": "confident", "manifest": str(model / "manifest.json")}]
+    cfg["routes"][0]["model"] = "confident"
+    config = write_config(tmp_path / "acwi.toml", cfg)
+    study_uid = generate_uid()
+    files = write_study(
+        tmp_path / "study", n_images=1, label="nodule", site=1, seed=5, study_instance_uid=study_uid
+    )
+    data = tmp_path / "data"
+    with NodeProcesses(config, ["serve"], tmp_path) as nodes:
+        wait_port("127.0.0.1", orthanc.node_port)
+        send_study(orthanc.node_port, files)
+        ledger = Ledger(f"sqlite:///{data / 'ledger.sqlite'}")
+        wait_study_state(ledger, study_uid, {"delivered", "failed"}, nodes, timeout_s=240)
+        check_results(orthanc, ledger, study_uid, files, tmp_path)
+        folders = [data / "spool" / study_uid, data / "results" / study_uid]
+        deadline = time.monotonic() + 60
+        while any(f.exists() for f in folders) and time.monotonic() < deadline:
+            nodes.assert_alive()
+            time.sleep(0.25)
+        assert not any(f.exists() for f in folders), [list(f.iterdir()) for f in folders]
+        st = ledger.get_study(study_uid)
+        assert st is not None and st["state"] == "delivered" and st["images_deleted_at"]
+        assert results_in_orthanc(orthanc, study_uid, 1)  # the PACS keeps the results
+        audit_lines = (data / "audit" / "audit.jsonl").read_text().splitlines()
+        deleted = [json.loads(x) for x in audit_lines if '"study_deleted"' in x]
+        assert [r["study_uids"] for r in deleted] == [[study_uid]]
         ledger.dispose()
 
 

@@ -132,6 +132,9 @@ def test_metrics_reflect_ledger_events(settings: Settings, ledger: Ledger) -> No
     assert m[("acwi_review_rate", ())] == pytest.approx(0.5)
     assert m[("acwi_review_items_open", ())] == 1
     assert waiting  # job 4 stays queued: the queue depth above
+    disk = os.statvfs(settings.data_dir)
+    assert m[("acwi_data_size_bytes", ())] == disk.f_blocks * disk.f_frsize
+    assert 0 < m[("acwi_data_free_bytes", ())] <= m[("acwi_data_size_bytes", ())]
 
 
 def test_broker_queue_length_of_the_embedded_broker(settings: Settings, ledger: Ledger) -> None:

@@ -1,0 +1,219 @@
+"""Storage retention's reads and writes on the ledger: which studies may lose their files, and
+the record of each purge.
+
+A study may be purged when nothing will read its files again: it is finished (delivered,
+not routed or failed), no association sends it, no job of it waits or runs, no delivery of it
+is pending and no item of it is open on the review worklist. :meth:`RetentionStore.claim`
+checks that again inside the transaction that empties its instances' paths and writes the
+:class:`~acwi_node.ledger.models.Purge` row; the files go after it commits.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from sqlalchemy import ColumnElement, and_, exists, func, not_, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from acwi_node.ledger import Ledger
+from acwi_node.ledger.models import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Purge,
+    ReviewItem,
+    ReviewState,
+    Study,
+    StudyState,
+    utcnow,
+)
+
+FINISHED_STATES = (StudyState.DELIVERED, StudyState.NOT_ROUTED, StudyState.FAILED)
+_BUSY_JOB_STATES = (JobState.QUEUED, JobState.ANALYSING, JobState.EXPORTING)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A finished study whose current generation still has its files."""
+
+    study_id: int
+    study_uid: str
+    generation: int
+    #: Its last activity: the later of the study row's last update and its last closed
+    #: review item.
+    last_activity: dt.datetime
+    reviewed: bool
+
+
+@dataclass(frozen=True)
+class PurgeClaim:
+    """A purge whose ledger part is done; its files are left to delete."""
+
+    id: int
+    study_uid: str
+    generation: int
+    reason: str
+    #: Spool files modified after this belong to a later generation: kept.
+    received_before: dt.datetime
+    #: Result files modified after this belong to a later job: kept.
+    started_at: dt.datetime
+    instances: int
+
+
+def _may_purge() -> ColumnElement[bool]:
+    """The study (``Study``) is finished and nothing will read its files again."""
+    busy_job = exists().where(Job.study_id == Study.id, Job.state.in_(_BUSY_JOB_STATES))
+    pending_delivery = exists().where(
+        Delivery.job_id == Job.id, Job.study_id == Study.id, Delivery.state == DeliveryState.PENDING
+    )
+    open_review = exists().where(
+        ReviewItem.study_id == Study.id, ReviewItem.state == ReviewState.OPEN
+    )
+    return and_(
+        Study.state.in_(FINISHED_STATES),
+        Study.open_associations <= 0,
+        not_(busy_job),
+        not_(pending_delivery),
+        not_(open_review),
+    )
+
+
+class RetentionStore:
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def candidates(
+        self,
+        *,
+        unreviewed_before: dt.datetime | None,
+        reviewed_before: dt.datetime | None,
+        any_age: bool = False,
+        limit: int = 1000,
+    ) -> list[Candidate]:
+        """Finished studies not purged in their current generation: those last active before
+        ``unreviewed_before`` (never on the review worklist) or ``reviewed_before`` (on it; the
+        later of the study's last update and its last closed review item counts), or with
+        ``any_age`` all of them. Studies never reviewed come first, then the least recently
+        active; None for a time leaves those studies out (unless ``any_age``)."""
+        purged = exists().where(Purge.study_id == Study.id, Purge.generation == Study.generation)
+        last_closed = (
+            select(func.max(ReviewItem.closed_at))
+            .where(ReviewItem.study_id == Study.id)
+            .scalar_subquery()
+        )
+        reviewed = exists().where(ReviewItem.study_id == Study.id)
+        query = (
+            select(Study.id, Study.study_uid, Study.generation, Study.updated_at, last_closed)
+            .add_columns(reviewed)
+            .where(_may_purge(), not_(purged))
+            .order_by(reviewed, Study.updated_at, Study.id)
+            .limit(limit)
+        )
+        if not any_age:
+            old_enough: list[ColumnElement[bool]] = []
+            if unreviewed_before is not None:
+                old_enough.append(and_(not_(reviewed), Study.updated_at < unreviewed_before))
+            if reviewed_before is not None:
+                closed_since = exists().where(
+                    ReviewItem.study_id == Study.id, ReviewItem.closed_at >= reviewed_before
+                )
+                old_enough.append(
+                    and_(reviewed, Study.updated_at < reviewed_before, not_(closed_since))
+                )
+            if not old_enough:
+                return []
+            query = query.where(or_(*old_enough))
+        with self.ledger.session() as s:
+            rows = s.execute(query).all()
+        return [
+            Candidate(
+                study_id=row[0],
+                study_uid=row[1],
+                generation=row[2],
+                last_activity=max(row[3], row[4]) if row[4] is not None else row[3],
+                reviewed=bool(row[5]),
+            )
+            for row in rows
+        ]
+
+    def claim(self, candidate: Candidate, reason: str) -> PurgeClaim | None:
+        """Take ``candidate``'s current generation for deletion: its instances' paths are
+        emptied (a job of a later generation analyses only what arrives from then on) and the
+        purge recorded. None if the study changed meanwhile (re-opened, a new job, a review
+        item) or another process claimed it."""
+        now = utcnow()
+        try:
+            with self.ledger.session() as s:
+                study = s.get(Study, candidate.study_id, with_for_update=True)
+                if study is None or study.generation != candidate.generation:
+                    return None
+                still = s.scalar(select(exists().where(Study.id == study.id, _may_purge())))
+                if not still:
+                    return None
+                received_before = study.last_received_at
+                emptied = s.execute(
+                    update(Instance)
+                    .where(
+                        Instance.study_id == study.id,
+                        Instance.generation <= study.generation,
+                        Instance.path != "",
+                        # A version received after the claim's read keeps its path.
+                        Instance.received_at <= received_before,
+                    )
+                    .values(path="")
+                    .execution_options(synchronize_session=False)
+                )
+                purge = Purge(
+                    study_id=study.id,
+                    generation=study.generation,
+                    reason=reason,
+                    received_before=received_before,
+                    started_at=now,
+                    instances=int(getattr(emptied, "rowcount", 0) or 0),
+                )
+                s.add(purge)
+                s.flush()
+                return PurgeClaim(
+                    id=purge.id,
+                    study_uid=study.study_uid,
+                    generation=study.generation,
+                    reason=reason,
+                    received_before=received_before,
+                    started_at=now,
+                    instances=purge.instances,
+                )
+        except IntegrityError:  # another process claimed this generation first
+            return None
+
+    def unfinished(self, *, started_before: dt.datetime) -> list[PurgeClaim]:
+        """Purges whose files a stopped process left undeleted."""
+        with self.ledger.session() as s:
+            rows = s.execute(
+                select(Purge, Study.study_uid)
+                .join(Study, Study.id == Purge.study_id)
+                .where(Purge.finished_at.is_(None), Purge.started_at < started_before)
+                .order_by(Purge.id)
+            ).all()
+        return [
+            PurgeClaim(
+                id=p.id,
+                study_uid=uid,
+                generation=p.generation,
+                reason=p.reason,
+                received_before=p.received_before,
+                started_at=p.started_at,
+                instances=p.instances,
+            )
+            for p, uid in rows
+        ]
+
+    def finish(self, claim: PurgeClaim, *, files: int, size: int) -> None:
+        with self.ledger.session() as s:
+            s.execute(
+                update(Purge)
+                .where(Purge.id == claim.id)
+                .values(finished_at=utcnow(), files=Purge.files + files, bytes=Purge.bytes + size)
+            )

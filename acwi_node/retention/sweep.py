@@ -1,0 +1,277 @@
+"""Storage retention: deletes finished studies' images and result files from the node's disk.
+
+The PACS keeps every study; the node keeps its copy while it may need it (analysis, delivery,
+the review worklist, feedback for training) and then for ``retention.keep_hours`` (studies
+that went through the review worklist: ``retention.reviewed_keep_hours``). When the data
+directory's file system has less than ``retention.min_free_percent`` free, finished studies
+go oldest first, never-reviewed ones before reviewed ones, whatever their age. A study still
+receiving, analysing, delivering or open on the worklist is never touched.
+
+Each purge: the ledger part first (:meth:`RetentionStore.claim`: the instances' paths
+emptied, a ``purges`` row), then the files of ``spool/<study>/`` and ``results/<study>/``.
+A file newer than the claim's limits is a later generation's (the study was re-opened
+meanwhile) and stays. The ledger keeps the study, its jobs, results and verdicts.
+"""
+
+from __future__ import annotations
+
+import calendar
+import contextlib
+import datetime as dt
+import itertools
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from acwi_node.audit import AuditEvent, audit
+from acwi_node.config import Settings
+from acwi_node.ingest.spool import is_safe_uid
+from acwi_node.ledger import Ledger
+from acwi_node.ledger.models import utcnow
+from acwi_node.observability import metrics
+from acwi_node.retention.store import Candidate, PurgeClaim, RetentionStore
+
+log = logging.getLogger("acwi_node.retention")
+
+#: Studies read per query while free space is short (it is measured again after each purge).
+_SPACE_BATCH = 50
+#: An unfinished purge older than this was left by a process that stopped: finished again.
+_LEFTOVER_AFTER = dt.timedelta(seconds=60)
+_trash_names = itertools.count()
+
+
+@dataclass(frozen=True)
+class DiskSpace:
+    free_bytes: int
+    total_bytes: int
+
+    @property
+    def free_percent(self) -> float:
+        return 100.0 * self.free_bytes / self.total_bytes if self.total_bytes else 100.0
+
+
+def disk_space(path: Path) -> DiskSpace:
+    """Free (for unprivileged users) and total bytes of the file system holding ``path``."""
+    st = os.statvfs(path)
+    return DiskSpace(st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize)
+
+
+@dataclass
+class SweepReport:
+    studies: int = 0
+    files: int = 0
+    bytes: int = 0
+    by_reason: Counter[str] = field(default_factory=Counter)
+    #: Dry run: the studies that would be deleted, with their reason.
+    planned: list[tuple[str, str]] = field(default_factory=list)
+    free_percent: float | None = None
+    #: Free space is still below ``min_free_percent`` and no finished study is left to delete.
+    short_of_space: bool = False
+
+
+def _epoch_ns(value: dt.datetime) -> int:
+    """A naive UTC ledger time as nanoseconds since the epoch (file times' scale)."""
+    return calendar.timegm(value.utctimetuple()) * 1_000_000_000 + value.microsecond * 1000
+
+
+def delete_study_files(root: Path, study_uid: str, modified_before: dt.datetime) -> tuple[int, int]:
+    """Delete the files of ``root/<study_uid>/`` last modified at or before
+    ``modified_before``, then the folder if it is empty; returns (files, bytes).
+
+    Each file is first renamed aside and the renamed file examined, so that a newer version
+    renamed into place meanwhile (the instance sent again) is never the one deleted: it is
+    linked back unless an even newer one took its place."""
+    if not is_safe_uid(study_uid):
+        return 0, 0
+    folder = os.path.join(root, study_uid)
+    limit = _epoch_ns(modified_before)
+    files = size = 0
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0, 0
+    for entry in entries:
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if entry.stat(follow_symlinks=False).st_mtime_ns > limit:
+                continue
+            trash = os.path.join(folder, f".purge-{os.getpid()}-{next(_trash_names)}")
+            os.rename(entry.path, trash)
+            taken = os.stat(trash)
+            if taken.st_mtime_ns > limit:
+                try:  # a newer version arrived between the look and the rename: put it back
+                    os.link(trash, entry.path)
+                except FileExistsError:
+                    pass  # an even newer one is in place; this one is superseded
+                else:
+                    os.unlink(trash)
+                    continue
+            os.unlink(trash)
+            files += 1
+            size += taken.st_size
+        except FileNotFoundError:
+            continue
+    with contextlib.suppress(OSError):  # not empty (a later generation's files), or gone
+        os.rmdir(folder)
+    return files, size
+
+
+class Retention:
+    """Runs storage retention sweeps (in the exporter process, and ``acwi-node retention``)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        *,
+        space: Callable[[], DiskSpace] | None = None,
+        clock: Callable[[], dt.datetime] = utcnow,
+    ) -> None:
+        self.settings = settings
+        self.store = RetentionStore(ledger)
+        self._space = space or (lambda: disk_space(settings.data_dir))
+        self._clock = clock
+        self._stop = threading.Event()
+        #: ``time.monotonic()`` of the last finished sweep.
+        self.last_sweep: float | None = None
+
+    # ----------------------------------------------------------------- sweeps
+    def sweep(self, *, dry_run: bool = False) -> SweepReport:
+        """Delete what the policy says should go now; with ``dry_run``, only list it."""
+        cfg = self.settings.retention
+        report = SweepReport()
+        now = self._clock()
+        if not dry_run:
+            for claim in self.store.unfinished(started_before=now - _LEFTOVER_AFTER):
+                log.info("storage retention: finishing an interrupted purge")
+                self._delete_files(claim, report)
+        hours = dt.timedelta(hours=1)
+        for candidate in self.store.candidates(
+            unreviewed_before=now - cfg.keep_hours * hours if cfg.keep_hours else None,
+            reviewed_before=now - cfg.reviewed_keep_hours * hours
+            if cfg.reviewed_keep_hours
+            else None,
+        ):
+            self._purge(candidate, "age", report, dry_run=dry_run)
+        if cfg.min_free_percent:
+            self._make_space(report, dry_run=dry_run)
+        return report
+
+    def _make_space(self, report: SweepReport, *, dry_run: bool) -> None:
+        cfg = self.settings.retention
+        space = self._space()
+        report.free_percent = space.free_percent
+        if space.free_percent >= cfg.min_free_percent:
+            return
+        needed = int(cfg.min_free_percent / 100 * space.total_bytes) - space.free_bytes
+        seen: set[int] = set()
+        while needed > 0:
+            batch = [
+                c
+                for c in self.store.candidates(
+                    unreviewed_before=None, reviewed_before=None, any_age=True, limit=_SPACE_BATCH
+                )
+                if c.study_id not in seen
+            ]
+            if not batch:
+                break
+            for candidate in batch:
+                seen.add(candidate.study_id)
+                freed = self._purge(candidate, "space", report, dry_run=dry_run)
+                if dry_run:
+                    needed -= freed
+                else:
+                    space = self._space()
+                    report.free_percent = space.free_percent
+                    needed = int(cfg.min_free_percent / 100 * space.total_bytes) - space.free_bytes
+                if needed <= 0:
+                    break
+        if needed > 0:
+            report.short_of_space = True
+            log.warning(
+                "storage retention: %.1f%% free, below retention.min_free_percent (%.1f%%), and"
+                " no finished study is left to delete",
+                report.free_percent or 0.0,
+                cfg.min_free_percent,
+            )
+
+    def _purge(
+        self, candidate: Candidate, reason: str, report: SweepReport, *, dry_run: bool
+    ) -> int:
+        """Purge one study; returns the bytes freed (a dry run: the bytes its folders hold)."""
+        if dry_run:
+            report.planned.append((candidate.study_uid, reason))
+            report.studies += 1
+            report.by_reason[reason] += 1
+            return sum(self._folder_bytes(root, candidate.study_uid) for root in self._roots())
+        claim = self.store.claim(candidate, reason)
+        if claim is None:
+            return 0
+        before = report.bytes
+        self._delete_files(claim, report)
+        report.studies += 1
+        report.by_reason[reason] += 1
+        metrics.RETENTION_STUDIES_DELETED.labels(reason).inc()
+        audit(
+            AuditEvent.STUDY_DELETED,
+            study_uids=[claim.study_uid],
+            instances={claim.study_uid: claim.instances},
+            detail=f"storage retention ({reason})",
+        )
+        return report.bytes - before
+
+    def _delete_files(self, claim: PurgeClaim, report: SweepReport) -> None:
+        files = size = 0
+        for root, before in (
+            (self.settings.spool_dir, claim.received_before),
+            (self.settings.results_dir, claim.started_at),
+        ):
+            n, b = delete_study_files(root, claim.study_uid, before)
+            files, size = files + n, size + b
+        self.store.finish(claim, files=files, size=size)
+        report.files += files
+        report.bytes += size
+        metrics.RETENTION_BYTES_DELETED.inc(size)
+
+    def _roots(self) -> tuple[Path, Path]:
+        return self.settings.spool_dir, self.settings.results_dir
+
+    @staticmethod
+    def _folder_bytes(root: Path, study_uid: str) -> int:
+        if not is_safe_uid(study_uid):
+            return 0
+        try:
+            with os.scandir(os.path.join(root, study_uid)) as entries:
+                return sum(e.stat().st_size for e in entries if e.is_file(follow_symlinks=False))
+        except FileNotFoundError:
+            return 0
+
+    # ----------------------------------------------------------------- the loop
+    def run(self) -> None:
+        """Sweep every ``retention.interval_s`` until :meth:`stop`."""
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                report = self.sweep()
+            except Exception:
+                log.exception("storage retention sweep failed; retrying")
+            else:
+                self.last_sweep = time.monotonic()
+                if report.studies:
+                    log.info(
+                        "storage retention: deleted the files of %d studies (%d files, %.1f MB)",
+                        report.studies,
+                        report.files,
+                        report.bytes / 1e6,
+                    )
+            elapsed = time.monotonic() - started
+            self._stop.wait(max(0.0, self.settings.retention.interval_s - elapsed))
+
+    def stop(self) -> None:
+        self._stop.set()

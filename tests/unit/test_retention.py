@@ -1,0 +1,330 @@
+"""Storage retention: which studies lose their files, when, in what order, and what stays."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+
+from acwi_node.audit import audit_file, close_audit
+from acwi_node.cli import main
+from acwi_node.config import ConfigError, Settings, load_settings
+from acwi_node.ingest.spool import Spool
+from acwi_node.ledger import InstanceRecord, Ledger, ResultFile, RoutedJob, StudyFacts
+from acwi_node.ledger.models import Purge, ReviewItem, ReviewState, Study, utcnow
+from acwi_node.retention import DiskSpace, Retention
+from acwi_node.retention import sweep as sweep_module
+from acwi_node.retention.store import RetentionStore
+
+DX = "1.2.840.10008.5.1.4.1.1.1.1"
+SR = "1.2.840.10008.5.1.4.1.1.88.34"
+HOUR = dt.timedelta(hours=1)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Settings, Ledger]]:
+    extra = (
+        {}
+        if request.param == "sqlite"
+        else {"database_url": request.getfixturevalue("postgres_url")}
+    )
+    settings = load_settings(
+        None, node={"data_dir": tmp_path / "data", **extra}, ingest={"fsync": False}
+    )
+    ledger = Ledger(settings.database_url)
+    yield settings, ledger
+    ledger.dispose()
+
+
+def route_all(facts: StudyFacts) -> list[RoutedJob]:
+    return [RoutedJob(route="chest", model="default", destinations=["pacs"], priority=0)]
+
+
+def receive(settings: Settings, ledger: Ledger, study: str, sop: str, size: int = 1000) -> None:
+    """An instance as the SCP leaves it: its spool file, then its ledger row."""
+    spool = Spool(settings.spool_dir, fsync=False)
+    spool.store(study, sop, b"\0" * size)
+    ledger.record_instance(
+        InstanceRecord(
+            study_uid=study,
+            sop_instance_uid=sop,
+            sop_class_uid=DX,
+            series_uid=study + ".9",
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            modality="DX",
+            body_part="CHEST",
+            path=spool.relative_for(study, sop),
+            size=size,
+            calling_ae="MOD",
+        ),
+        first_in_association=False,
+    )
+
+
+def study_id(ledger: Ledger, study: str) -> int:
+    with ledger.session() as s:
+        return s.scalars(select(Study.id).where(Study.study_uid == study)).one()
+
+
+def analyse(settings: Settings, ledger: Ledger, study: str, *, needs_review: bool = False) -> int:
+    """Complete the study and analyse it: an SR in the results folder, delivery pending."""
+    with ledger.session() as s:
+        st = s.scalars(select(Study).where(Study.study_uid == study)).one()
+        sid, generation = st.id, st.generation
+    (job_id,) = ledger.complete_study(sid, generation, route_all)
+    assert ledger.claim_job(job_id, lease_s=3600) is not None
+    sr_uid = f"{study}.{generation}.77"
+    out = Spool(settings.results_dir, fsync=False)
+    path = out.store(study, sr_uid, b"\1" * 500)
+    assert ledger.finish_analysis(
+        job_id,
+        results=[ResultFile("sr", sr_uid, SR, out.relative(path))],
+        summary={"predicted_label": "nodule"},
+        needs_review=needs_review,
+        review_reason="uncertain" if needs_review else "",
+    )
+    return job_id
+
+
+def deliver(ledger: Ledger) -> None:
+    for d in ledger.due_deliveries():
+        ledger.record_delivery(
+            d.id, delivered=True, status=0, error="", max_attempts=3, backoff_s=1
+        )
+
+
+def delivered_study(settings: Settings, ledger: Ledger, study: str, n: int = 2) -> None:
+    for k in range(1, n + 1):
+        receive(settings, ledger, study, f"{study}.{k}")
+    analyse(settings, ledger, study)
+    deliver(ledger)
+    assert ledger.get_study(study)["state"] == "delivered"  # type: ignore[index]
+
+
+def files_of(settings: Settings, study: str) -> list[str]:
+    found = []
+    for root in (settings.spool_dir, settings.results_dir):
+        folder = root / study
+        if folder.is_dir():
+            found += sorted(p.name for p in folder.iterdir())
+    return found
+
+
+def later(hours: float) -> Callable[[], dt.datetime]:
+    return lambda: utcnow() + hours * HOUR
+
+
+def plenty() -> DiskSpace:
+    return DiskSpace(free_bytes=900, total_bytes=1000)
+
+
+def test_a_finished_study_loses_its_files_after_keep_hours_and_the_ledger_keeps_it(
+    node: tuple[Settings, Ledger],
+) -> None:
+    settings, ledger = node
+    delivered_study(settings, ledger, "1.2.3")
+    assert files_of(settings, "1.2.3") == ["1.2.3.1.dcm", "1.2.3.2.dcm", "1.2.3.1.77.dcm"]
+
+    young = Retention(settings, ledger, space=plenty, clock=later(167)).sweep()
+    assert young.studies == 0 and len(files_of(settings, "1.2.3")) == 3
+
+    report = Retention(settings, ledger, space=plenty, clock=later(169)).sweep()
+    assert (report.studies, report.files, report.bytes) == (1, 3, 2 * 1000 + 500)
+    assert dict(report.by_reason) == {"age": 1}
+    assert not (settings.spool_dir / "1.2.3").exists()
+    assert not (settings.results_dir / "1.2.3").exists()
+    st = ledger.get_study("1.2.3")
+    assert st is not None and st["state"] == "delivered" and st["images_deleted_at"]
+    assert [j["state"] for j in st["jobs"]] == ["delivered"]
+    with ledger.session() as s:
+        purge = s.scalars(select(Purge)).one()
+        assert (purge.reason, purge.instances, purge.files, purge.bytes) == ("age", 2, 3, 2500)
+        assert purge.finished_at is not None
+    assert ledger.instance_file("1.2.3.1") == ("", 1000, "1.2.840.10008.1.2.1")
+    # Done once: the next sweep finds nothing.
+    assert Retention(settings, ledger, space=plenty, clock=later(169)).sweep().studies == 0
+
+
+def test_studies_in_use_are_never_deleted_even_when_space_runs_short(
+    node: tuple[Settings, Ledger],
+) -> None:
+    settings, ledger = node
+    receive(settings, ledger, "1.2.1", "1.2.1.1")  # still receiving
+    receive(settings, ledger, "1.2.2", "1.2.2.1")
+    ledger.complete_study(study_id(ledger, "1.2.2"), 1, route_all)  # queued
+    receive(settings, ledger, "1.2.3", "1.2.3.1")
+    analyse(settings, ledger, "1.2.3")  # analysed, delivery pending
+    receive(settings, ledger, "1.2.4", "1.2.4.1")
+    analyse(settings, ledger, "1.2.4", needs_review=True)
+    deliver(ledger)  # 1.2.3 and 1.2.4 delivered; 1.2.4 is open on the worklist
+    assert ledger.get_study("1.2.3")["state"] == "delivered"  # type: ignore[index]
+
+    def full() -> DiskSpace:
+        return DiskSpace(free_bytes=10, total_bytes=1000)
+
+    deleted = Retention(settings, ledger, space=full, clock=later(100_000)).sweep()
+    assert deleted.by_reason == {"age": 1}  # 1.2.3, delivered and not on the worklist
+    assert deleted.short_of_space
+    for study in ("1.2.1", "1.2.2", "1.2.4"):
+        assert files_of(settings, study), study
+
+    # Once the radiologist closes the item, the study is kept for reviewed_keep_hours.
+    with ledger.session() as s:
+        s.execute(
+            update(ReviewItem).values(state=ReviewState.CLOSED, closed_at=utcnow() + 10 * HOUR)
+        )
+    assert Retention(settings, ledger, space=plenty, clock=later(2000)).sweep().studies == 0
+    report = Retention(settings, ledger, space=plenty, clock=later(2171)).sweep()
+    assert report.studies == 1 and not files_of(settings, "1.2.4")
+
+
+def test_short_of_space_deletes_oldest_first_reviewed_last_until_enough_is_free(
+    node: tuple[Settings, Ledger],
+) -> None:
+    settings, ledger = node
+    for study in ("1.2.1", "1.2.2", "1.2.3"):
+        delivered_study(settings, ledger, study, n=1)
+    receive(settings, ledger, "1.2.9", "1.2.9.1")
+    analyse(settings, ledger, "1.2.9", needs_review=True)
+    deliver(ledger)
+    now = utcnow()
+    with ledger.session() as s:
+        s.execute(update(ReviewItem).values(state=ReviewState.CLOSED, closed_at=now - 50 * HOUR))
+        for age, study in ((30, "1.2.1"), (10, "1.2.2"), (20, "1.2.3"), (40, "1.2.9")):
+            s.execute(
+                update(Study).where(Study.study_uid == study).values(updated_at=now - age * HOUR)
+            )
+
+    def used() -> int:
+        return sum(p.stat().st_size for p in settings.data_dir.rglob("*.dcm"))
+
+    # 1,500 bytes per study: 60 bytes free of 6,060 (1 %); one study gone gives 26 %.
+    capacity, other = used() + 60, 0
+
+    def space() -> DiskSpace:
+        return DiskSpace(free_bytes=capacity - other - used(), total_bytes=capacity)
+
+    report = Retention(settings, ledger, space=space, clock=utcnow).sweep()
+    assert dict(report.by_reason) == {"space": 1}
+    assert not files_of(settings, "1.2.1")  # the oldest never-reviewed study
+    assert files_of(settings, "1.2.2") and files_of(settings, "1.2.3")
+    assert files_of(settings, "1.2.9")  # older, but reviewed: last
+    assert report.free_percent is not None and report.free_percent >= 10
+    assert not report.short_of_space
+
+    other = 100_000  # something else fills the disk: deleting all three is not enough
+    capacity = used() + other + 10
+    report = Retention(settings, ledger, space=space, clock=utcnow).sweep()
+    assert report.studies == 3 and report.short_of_space
+    assert not any(files_of(settings, s) for s in ("1.2.2", "1.2.3", "1.2.9"))
+
+
+def test_a_file_written_after_the_claim_belongs_to_a_later_generation_and_stays(
+    node: tuple[Settings, Ledger],
+) -> None:
+    settings, ledger = node
+    delivered_study(settings, ledger, "1.2.3")
+    # The instance sent again: its new version is in the spool, its row not yet written.
+    resent = settings.spool_dir / "1.2.3" / "1.2.3.2.dcm"
+    resent.write_bytes(b"\2" * 1000)
+    later_ns = int((dt.datetime.now(dt.timezone.utc).timestamp() + 1) * 1e9)
+    os.utime(resent, ns=(later_ns, later_ns))
+    report = Retention(settings, ledger, space=plenty, clock=later(200)).sweep()
+    assert report.studies == 1 and report.files == 2  # one source image and the SR
+    assert files_of(settings, "1.2.3") == ["1.2.3.2.dcm"]
+    # Its row arrives: the study re-opens, and its next job analyses what arrived since.
+    receive(settings, ledger, "1.2.3", "1.2.3.2")
+    receive(settings, ledger, "1.2.3", "1.2.3.3")
+    st = ledger.get_study("1.2.3")
+    assert st is not None and st["generation"] == 2 and st["images_deleted_at"] is None
+    job_id = analyse(settings, ledger, "1.2.3")
+    assert ledger.job_inputs(job_id) == ("1.2.3", ["1.2.3/1.2.3.2.dcm", "1.2.3/1.2.3.3.dcm"])
+    deliver(ledger)
+    # The new generation is purged in its turn.
+    assert Retention(settings, ledger, space=plenty, clock=later(400)).sweep().studies == 1
+    assert files_of(settings, "1.2.3") == []
+    with ledger.session() as s:
+        assert sorted(s.scalars(select(Purge.generation))) == [1, 2]
+
+
+def test_a_version_renamed_into_place_while_files_are_deleted_is_put_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "1.2.3"
+    folder.mkdir()
+    old = folder / "1.2.3.1.dcm"
+    old.write_bytes(b"old")
+    cutoff = utcnow() + dt.timedelta(seconds=1)
+    real_rename = os.rename
+
+    def rename_after_a_new_version(src: str, dst: str) -> None:
+        if src == str(old):  # the sender's new version lands between the look and the rename
+            new = folder / "incoming"
+            new.write_bytes(b"new version")
+            stamp = int((cutoff.replace(tzinfo=dt.timezone.utc).timestamp() + 5) * 1e9)
+            os.utime(new, ns=(stamp, stamp))
+            real_rename(new, src)
+        real_rename(src, dst)
+
+    monkeypatch.setattr(sweep_module.os, "rename", rename_after_a_new_version)
+    assert sweep_module.delete_study_files(tmp_path, "1.2.3", cutoff) == (0, 0)
+    assert old.read_bytes() == b"new version"
+    assert sorted(p.name for p in folder.iterdir()) == ["1.2.3.1.dcm"]
+
+
+def test_an_interrupted_purge_is_finished_by_the_next_sweep(
+    node: tuple[Settings, Ledger],
+) -> None:
+    settings, ledger = node
+    delivered_study(settings, ledger, "1.2.3")
+    store = RetentionStore(ledger)
+    (candidate,) = store.candidates(unreviewed_before=utcnow() + HOUR, reviewed_before=None)
+    claim = store.claim(candidate, "age")
+    assert claim is not None and claim.instances == 2
+    assert store.claim(candidate, "age") is None  # claimed once
+    assert len(files_of(settings, "1.2.3")) == 3  # the process stopped here
+    # A sweep right away leaves it (another process may be deleting them); later, it finishes.
+    assert Retention(settings, ledger, space=plenty, clock=utcnow).sweep().files == 0
+    report = Retention(settings, ledger, space=plenty, clock=later(0.1)).sweep()
+    assert (report.studies, report.files) == (0, 3)
+    assert files_of(settings, "1.2.3") == []
+    with ledger.session() as s:
+        assert s.scalars(select(Purge.finished_at)).one() is not None
+
+
+def test_a_dry_run_lists_and_deletes_nothing_and_the_deletion_is_audited(
+    node: tuple[Settings, Ledger], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, ledger = node
+    delivered_study(settings, ledger, "1.2.3")
+    config = settings.data_dir.parent / "acwi.toml"
+    config.write_text(
+        f'[node]\ndata_dir = "{settings.data_dir}"\ndatabase_url = "{settings.database_url}"\n'
+        "[retention]\nkeep_hours = 0.0001\nmin_free_percent = 0\n"
+    )
+    with ledger.session() as s:
+        s.execute(update(Study).values(updated_at=utcnow() - HOUR))
+    assert main(["--config", str(config), "retention", "--dry-run", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["planned"] == [{"study_uid": "1.2.3", "reason": "age"}]
+    assert len(files_of(settings, "1.2.3")) == 3
+    assert main(["--config", str(config), "retention"]) == 0
+    close_audit()
+    assert "deleted the files of 1 studies (1 by age): 3 files" in capsys.readouterr().out
+    assert files_of(settings, "1.2.3") == []
+    records = [json.loads(line) for line in audit_file(settings).read_text().splitlines()]
+    deleted = [r for r in records if r["event"] == "study_deleted"]
+    assert len(deleted) == 1 and deleted[0]["study_uids"] == ["1.2.3"]
+    assert deleted[0]["event_id"]["code"] == "110105"
+
+
+def test_retention_settings_are_validated() -> None:
+    assert load_settings(None).retention.keep_hours == 168
+    for bad in ({"keep_hours": -1}, {"min_free_percent": 100}, {"interval_s": 0}):
+        with pytest.raises(ConfigError):
+            load_settings(None, retention=bad)

@@ -254,6 +254,29 @@ def run_exporter(settings: Settings) -> int:
     return 0
 
 
+def run_studies(settings: Settings, action: str, study_uids: Sequence[str]) -> int:
+    """``acwi-node studies resend|reprocess UID...``: exit 1 if any study refused."""
+    from acwi_node.ledger import Ledger, StudyActionRefused
+
+    ledger = Ledger(settings.database_url)
+    refused = 0
+    try:
+        for uid in study_uids:
+            try:
+                if action == "resend":
+                    n = ledger.resend_results(uid)
+                    print(f"{uid}: {n} result deliveries back in the outbox")
+                else:
+                    generation = ledger.reprocess_study(uid)
+                    print(f"{uid}: reprocessing as generation {generation}")
+            except StudyActionRefused as exc:
+                refused += 1
+                print(f"{uid}: {exc}", file=sys.stderr)
+    finally:
+        ledger.dispose()
+    return 1 if refused else 0
+
+
 def run_retention(settings: Settings, *, dry_run: bool, as_json: bool) -> int:
     """One storage retention sweep now (``acwi-node retention``)."""
     from acwi_node.ledger import Ledger
@@ -512,6 +535,16 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show every study's state")
     status.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("config", help="validate the configuration and print it")
+    studies = sub.add_parser("studies", help="operator actions on studies: resend, reprocess")
+    studies_sub = studies.add_subparsers(dest="studies_command", required=True)
+    resend = studies_sub.add_parser(
+        "resend", help="send the studies' results to their destinations again"
+    )
+    resend.add_argument("study_uids", nargs="+", metavar="STUDY_UID")
+    reprocess = studies_sub.add_parser(
+        "reprocess", help="route and analyse the studies again (a new generation)"
+    )
+    reprocess.add_argument("study_uids", nargs="+", metavar="STUDY_UID")
     retention = sub.add_parser(
         "retention", help="delete finished studies' files now, as the [retention] policy says"
     )
@@ -578,6 +611,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "status":
         return run_status(settings, args.json)
+    if args.command == "studies":
+        return run_studies(settings, args.studies_command, args.study_uids)
     if args.command == "retention":
         return run_retention(settings, dry_run=args.dry_run, as_json=args.json)
     if args.command == "serve":

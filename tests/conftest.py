@@ -66,3 +66,22 @@ def postgres_url() -> Iterator[str]:
         )
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
     admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def ledger_node(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[Settings, Ledger]]:
+    """Settings in a temporary data directory and their ledger: once on SQLite, once (an
+    integration test) on a fresh PostgreSQL database."""
+    extra = (
+        {}
+        if request.param == "sqlite"
+        else {"database_url": request.getfixturevalue("postgres_url")}
+    )
+    settings = load_settings(
+        None, node={"data_dir": tmp_path / "data", **extra}, ingest={"fsync": False}
+    )
+    ledger = Ledger(settings.database_url)
+    yield settings, ledger
+    ledger.dispose()

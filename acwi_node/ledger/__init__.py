@@ -14,6 +14,7 @@ from acwi_node.ledger.repository import (
     Recorded,
     ResultFile,
     RoutedJob,
+    StudyActionRefused,
     StudyFacts,
 )
 
@@ -28,6 +29,7 @@ __all__ = [
     "ResultFile",
     "ReviewState",
     "RoutedJob",
+    "StudyActionRefused",
     "StudyFacts",
     "StudyState",
 ]

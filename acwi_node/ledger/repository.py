@@ -305,6 +305,11 @@ class _StudyRows:
     reopened: bool = False
 
 
+class StudyActionRefused(Exception):
+    """An operator's action on a study (resend, reprocess) that its state does not allow; the
+    message says why and what to do instead."""
+
+
 class Ledger:
     """Repository over the ledger database."""
 
@@ -906,6 +911,91 @@ class Ledger:
         else:
             study.state = StudyState.DELIVERED
             study.reason = ""
+
+    # ------------------------------------------------------- operator actions
+    def _study_for_action(self, s: Session, study_uid: str, allowed: set[StudyState]) -> Study:
+        study = s.scalars(
+            select(Study).where(Study.study_uid == study_uid).with_for_update()
+        ).one_or_none()
+        if study is None:
+            raise StudyActionRefused("no such study")
+        if study.state not in allowed:
+            raise StudyActionRefused(
+                f"the study is {study.state.value}: wait until it is "
+                + " or ".join(sorted(st.value for st in allowed))
+            )
+        purged = s.scalar(
+            select(Purge.id).where(Purge.study_id == study.id, Purge.generation == study.generation)
+        )
+        if purged is not None:
+            raise StudyActionRefused(
+                "storage retention deleted this study's images and results: send it again"
+                " from the PACS"
+            )
+        return study
+
+    def resend_results(self, study_uid: str) -> int:
+        """Send the results of the study's current generation again: every delivery of its
+        finished jobs, failed for good or delivered, goes back to the outbox with its attempts
+        counted from zero (the PACS was down longer than ``exporter.max_attempts`` allowed, or
+        lost the objects). Returns how many; raises :class:`StudyActionRefused`."""
+        now = utcnow()
+        with self.session() as s:
+            study = self._study_for_action(s, study_uid, {StudyState.DELIVERED, StudyState.FAILED})
+            jobs = s.scalars(
+                select(Job).where(
+                    Job.study_id == study.id,
+                    Job.generation == study.generation,
+                    Job.state.in_([JobState.DELIVERED, JobState.FAILED]),
+                )
+            ).all()
+            deliveries = s.scalars(
+                select(Delivery).where(
+                    Delivery.job_id.in_([j.id for j in jobs]),
+                    Delivery.state.in_([DeliveryState.FAILED, DeliveryState.DELIVERED]),
+                )
+            ).all()
+            if not deliveries:
+                raise StudyActionRefused(
+                    "the study has no results to send (its analysis failed, or no rule routed"
+                    " it): reprocess it instead"
+                )
+            for d in deliveries:
+                d.state = DeliveryState.PENDING
+                d.attempts = 0
+                d.next_attempt_at = now
+            for job in jobs:
+                if any(d.job_id == job.id for d in deliveries):
+                    job.state = JobState.EXPORTING
+                    job.finished_at = None
+                    job.error = ""
+            self._sync_study(s, study.id)
+            study.reason = ""  # the failure it gave is being retried
+            return len(deliveries)
+
+    def reprocess_study(self, study_uid: str) -> int:
+        """Take a finished study through completion, routing and analysis again, as a new
+        generation (after a failed analysis, a routing rule or model changed); its results
+        replace the earlier ones in the PACS. Returns the new generation; raises
+        :class:`StudyActionRefused`."""
+        with self.session() as s:
+            study = self._study_for_action(
+                s,
+                study_uid,
+                {StudyState.DELIVERED, StudyState.FAILED, StudyState.NOT_ROUTED},
+            )
+            has_images = s.scalar(
+                select(Instance.id).where(Instance.study_id == study.id, Instance.path != "")
+            )
+            if has_images is None:
+                raise StudyActionRefused("the study has no images left on the node")
+            # The completion loop finds it due at once (nothing sends it, its quiet period has
+            # passed) and routes it like a study just received.
+            study.generation += 1
+            study.state = StudyState.RECEIVING
+            study.reason = ""
+            study.completed_at = None
+            return study.generation
 
     # --------------------------------------------------------------- delivery
     def due_deliveries(self, *, limit: int = 500) -> list[DueDelivery]:

@@ -1,23 +1,28 @@
 """The node's HTTP API.
 
 ``GET /api/studies`` and ``GET /api/studies/{study_uid}`` show each study's state;
-``GET /api/worklist`` lists the open review items; ``/healthz``, ``/readyz`` and ``/metrics``
-(:mod:`acwi_node.web.ops`) serve probes and Prometheus. The review web app
-(:mod:`acwi_node.review.views`) adds its pages; every other path needs a signed-in user (the
-JSON API also accepts HTTP Basic credentials of a local account).
+``POST /api/studies/{study_uid}/resend`` and ``.../reprocess`` (administrators) send a study's
+results again or analyse it again; ``GET /api/worklist`` lists the open review items;
+``/healthz``, ``/readyz`` and ``/metrics`` (:mod:`acwi_node.web.ops`) serve probes and
+Prometheus. The review web app (:mod:`acwi_node.review.views`) adds its pages; every other path
+needs a signed-in user (the JSON API also accepts HTTP Basic credentials of a local account).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Query
+from fastapi import FastAPI, HTTPException, Query, Request
 
 from acwi_node import __version__
 from acwi_node.config import Settings
-from acwi_node.ledger import Ledger
+from acwi_node.ledger import Ledger, StudyActionRefused
+from acwi_node.review.store import SessionInfo
 from acwi_node.review.views import install_review
 from acwi_node.web.ops import ops_router
+
+log = logging.getLogger("acwi_node.api")
 
 
 def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
@@ -39,6 +44,40 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
         if found is None:
             raise HTTPException(status_code=404, detail="no such study")
         return found
+
+    def _admin_action(request: Request) -> str:
+        """An administrator's POST with a JSON body: the content type keeps cross-site forms
+        (which cannot send it without a CORS preflight the node never grants) out."""
+        user: SessionInfo | None = getattr(request.state, "user", None)
+        if user is None or user.role != "admin":
+            raise HTTPException(status_code=403, detail="administrators only")
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise HTTPException(status_code=415, detail="send Content-Type: application/json")
+        return user.user_name
+
+    @app.post("/api/studies/{study_uid}/resend")
+    def resend(study_uid: str, request: Request) -> dict[str, Any]:
+        """The study's results go to their destinations again (after a PACS outage longer
+        than ``exporter.max_attempts`` allowed, or objects the PACS lost)."""
+        name = _admin_action(request)
+        try:
+            count = db.resend_results(study_uid)
+        except StudyActionRefused as exc:
+            raise HTTPException(status_code=409, detail=str(exc)) from exc
+        log.info("%s: %d result deliveries back in the outbox (by %s)", study_uid, count, name)
+        return {"deliveries": count, "study": db.get_study(study_uid)}
+
+    @app.post("/api/studies/{study_uid}/reprocess")
+    def reprocess(study_uid: str, request: Request) -> dict[str, Any]:
+        """The study goes through routing and analysis again, as a new generation."""
+        name = _admin_action(request)
+        try:
+            generation = db.reprocess_study(study_uid)
+        except StudyActionRefused as exc:
+            raise HTTPException(status_code=409, detail=str(exc)) from exc
+        log.info("%s: reprocessing as generation %d (by %s)", study_uid, generation, name)
+        return {"generation": generation, "study": db.get_study(study_uid)}
 
     @app.get("/api/worklist")
     def worklist() -> dict[str, Any]:

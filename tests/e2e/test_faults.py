@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,9 @@ def test_destination_down_then_back_gets_each_result_once(
 
 
 def test_destination_down_for_good_fails_visibly(tmp_path: Path, orthanc: OrthancServer) -> None:
-    """After the configured attempts the failure is visible in the API, with the reason."""
+    """After the configured attempts the failure is visible in the API, with the reason; once
+    the PACS is back, an administrator sends the results again, and can have the study analysed
+    again."""
     cfg = node_config(tmp_path, orthanc)
     cfg["exporter"] = {"backoff_initial_s": 0.2, "backoff_max_s": 0.5, "max_attempts": 3}
     config = write_config(tmp_path / "acwi.toml", cfg)
@@ -150,8 +153,9 @@ def test_destination_down_for_good_fails_visibly(tmp_path: Path, orthanc: Orthan
         wait_study_state(ledger, uid, {"failed"}, nodes, timeout_s=120)
         port = cfg["node"]["http_port"]
         wait_port("127.0.0.1", port)
+        api_user = add_api_user(config)
         view = httpx.get(
-            f"http://127.0.0.1:{port}/api/studies/{uid}", timeout=10, auth=add_api_user(config)
+            f"http://127.0.0.1:{port}/api/studies/{uid}", timeout=10, auth=api_user
         ).json()
         assert view["state"] == "failed"
         assert "pacs" in view["reason"]
@@ -159,6 +163,37 @@ def test_destination_down_for_good_fails_visibly(tmp_path: Path, orthanc: Orthan
         assert deliveries and all(
             d["state"] == "failed" and d["attempts"] == 3 and d["last_error"] for d in deliveries
         )
+        # The PACS is back: an administrator sends the results again, once.
+        orthanc.resume()
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/api/studies/{uid}/resend",
+            json={},
+            timeout=10,
+            auth=api_user,
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["deliveries"] == len(deliveries)
+        wait_study_state(ledger, uid, {"delivered"}, nodes, timeout_s=120)
+        assert result_counts(orthanc, uid) == (1, len(files))
+        # Analysed again from the command line: a new generation, whose results replace the
+        # earlier ones in the PACS (same UIDs).
+        done = subprocess.run(
+            [sys.executable, "-m", "acwi_node.cli", "--config", str(config)]
+            + ["studies", "reprocess", uid],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            st = ledger.get_study(uid)
+            if st and st["generation"] == 2 and st["state"] in ("delivered", "failed"):
+                break
+            time.sleep(0.25)
+        st = ledger.get_study(uid)
+        assert st is not None and (st["generation"], st["state"]) == (2, "delivered"), st
+        assert result_counts(orthanc, uid) == (1, len(files))
     ledger.dispose()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,96 +14,14 @@ from sqlalchemy import select, update
 from acwi_node.audit import audit_file, close_audit
 from acwi_node.cli import main
 from acwi_node.config import ConfigError, Settings, load_settings
-from acwi_node.ingest.spool import Spool
-from acwi_node.ledger import InstanceRecord, Ledger, ResultFile, RoutedJob, StudyFacts
+from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import Purge, ReviewItem, ReviewState, Study, utcnow
 from acwi_node.retention import DiskSpace, Retention
 from acwi_node.retention import sweep as sweep_module
 from acwi_node.retention.store import RetentionStore
+from tests.support.study_flow import analyse, deliver, delivered_study, receive, route_all, study_id
 
-DX = "1.2.840.10008.5.1.4.1.1.1.1"
-SR = "1.2.840.10008.5.1.4.1.1.88.34"
 HOUR = dt.timedelta(hours=1)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
-def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Settings, Ledger]]:
-    extra = (
-        {}
-        if request.param == "sqlite"
-        else {"database_url": request.getfixturevalue("postgres_url")}
-    )
-    settings = load_settings(
-        None, node={"data_dir": tmp_path / "data", **extra}, ingest={"fsync": False}
-    )
-    ledger = Ledger(settings.database_url)
-    yield settings, ledger
-    ledger.dispose()
-
-
-def route_all(facts: StudyFacts) -> list[RoutedJob]:
-    return [RoutedJob(route="chest", model="default", destinations=["pacs"], priority=0)]
-
-
-def receive(settings: Settings, ledger: Ledger, study: str, sop: str, size: int = 1000) -> None:
-    """An instance as the SCP leaves it: its spool file, then its ledger row."""
-    spool = Spool(settings.spool_dir, fsync=False)
-    spool.store(study, sop, b"\0" * size)
-    ledger.record_instance(
-        InstanceRecord(
-            study_uid=study,
-            sop_instance_uid=sop,
-            sop_class_uid=DX,
-            series_uid=study + ".9",
-            transfer_syntax_uid="1.2.840.10008.1.2.1",
-            modality="DX",
-            body_part="CHEST",
-            path=spool.relative_for(study, sop),
-            size=size,
-            calling_ae="MOD",
-        ),
-        first_in_association=False,
-    )
-
-
-def study_id(ledger: Ledger, study: str) -> int:
-    with ledger.session() as s:
-        return s.scalars(select(Study.id).where(Study.study_uid == study)).one()
-
-
-def analyse(settings: Settings, ledger: Ledger, study: str, *, needs_review: bool = False) -> int:
-    """Complete the study and analyse it: an SR in the results folder, delivery pending."""
-    with ledger.session() as s:
-        st = s.scalars(select(Study).where(Study.study_uid == study)).one()
-        sid, generation = st.id, st.generation
-    (job_id,) = ledger.complete_study(sid, generation, route_all)
-    assert ledger.claim_job(job_id, lease_s=3600) is not None
-    sr_uid = f"{study}.{generation}.77"
-    out = Spool(settings.results_dir, fsync=False)
-    path = out.store(study, sr_uid, b"\1" * 500)
-    assert ledger.finish_analysis(
-        job_id,
-        results=[ResultFile("sr", sr_uid, SR, out.relative(path))],
-        summary={"predicted_label": "nodule"},
-        needs_review=needs_review,
-        review_reason="uncertain" if needs_review else "",
-    )
-    return job_id
-
-
-def deliver(ledger: Ledger) -> None:
-    for d in ledger.due_deliveries():
-        ledger.record_delivery(
-            d.id, delivered=True, status=0, error="", max_attempts=3, backoff_s=1
-        )
-
-
-def delivered_study(settings: Settings, ledger: Ledger, study: str, n: int = 2) -> None:
-    for k in range(1, n + 1):
-        receive(settings, ledger, study, f"{study}.{k}")
-    analyse(settings, ledger, study)
-    deliver(ledger)
-    assert ledger.get_study(study)["state"] == "delivered"  # type: ignore[index]
 
 
 def files_of(settings: Settings, study: str) -> list[str]:
@@ -124,9 +42,9 @@ def plenty() -> DiskSpace:
 
 
 def test_a_finished_study_loses_its_files_after_keep_hours_and_the_ledger_keeps_it(
-    node: tuple[Settings, Ledger],
+    ledger_node: tuple[Settings, Ledger],
 ) -> None:
-    settings, ledger = node
+    settings, ledger = ledger_node
     delivered_study(settings, ledger, "1.2.3")
     assert files_of(settings, "1.2.3") == ["1.2.3.1.dcm", "1.2.3.2.dcm", "1.2.3.1.77.dcm"]
 
@@ -151,9 +69,9 @@ def test_a_finished_study_loses_its_files_after_keep_hours_and_the_ledger_keeps_
 
 
 def test_studies_in_use_are_never_deleted_even_when_space_runs_short(
-    node: tuple[Settings, Ledger],
+    ledger_node: tuple[Settings, Ledger],
 ) -> None:
-    settings, ledger = node
+    settings, ledger = ledger_node
     receive(settings, ledger, "1.2.1", "1.2.1.1")  # still receiving
     receive(settings, ledger, "1.2.2", "1.2.2.1")
     ledger.complete_study(study_id(ledger, "1.2.2"), 1, route_all)  # queued
@@ -184,9 +102,9 @@ def test_studies_in_use_are_never_deleted_even_when_space_runs_short(
 
 
 def test_short_of_space_deletes_oldest_first_reviewed_last_until_enough_is_free(
-    node: tuple[Settings, Ledger],
+    ledger_node: tuple[Settings, Ledger],
 ) -> None:
-    settings, ledger = node
+    settings, ledger = ledger_node
     for study in ("1.2.1", "1.2.2", "1.2.3"):
         delivered_study(settings, ledger, study, n=1)
     receive(settings, ledger, "1.2.9", "1.2.9.1")
@@ -225,9 +143,9 @@ def test_short_of_space_deletes_oldest_first_reviewed_last_until_enough_is_free(
 
 
 def test_a_file_written_after_the_claim_belongs_to_a_later_generation_and_stays(
-    node: tuple[Settings, Ledger],
+    ledger_node: tuple[Settings, Ledger],
 ) -> None:
-    settings, ledger = node
+    settings, ledger = ledger_node
     delivered_study(settings, ledger, "1.2.3")
     # The instance sent again: its new version is in the spool, its row not yet written.
     resent = settings.spool_dir / "1.2.3" / "1.2.3.2.dcm"
@@ -278,9 +196,9 @@ def test_a_version_renamed_into_place_while_files_are_deleted_is_put_back(
 
 
 def test_an_interrupted_purge_is_finished_by_the_next_sweep(
-    node: tuple[Settings, Ledger],
+    ledger_node: tuple[Settings, Ledger],
 ) -> None:
-    settings, ledger = node
+    settings, ledger = ledger_node
     delivered_study(settings, ledger, "1.2.3")
     store = RetentionStore(ledger)
     (candidate,) = store.candidates(unreviewed_before=utcnow() + HOUR, reviewed_before=None)
@@ -298,9 +216,9 @@ def test_an_interrupted_purge_is_finished_by_the_next_sweep(
 
 
 def test_a_dry_run_lists_and_deletes_nothing_and_the_deletion_is_audited(
-    node: tuple[Settings, Ledger], capsys: pytest.CaptureFixture[str]
+    ledger_node: tuple[Settings, Ledger], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    settings, ledger = node
+    settings, ledger = ledger_node
     delivered_study(settings, ledger, "1.2.3")
     config = settings.data_dir.parent / "acwi.toml"
     config.write_text(

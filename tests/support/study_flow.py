@@ -1,0 +1,79 @@
+"""A study's life in the ledger for tests: instances received (spool file, then row), completed,
+analysed (an SR in the results folder) and delivered, without the processes that do it."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from acwi_node.config import Settings
+from acwi_node.ingest.spool import Spool
+from acwi_node.ledger import InstanceRecord, Ledger, ResultFile, RoutedJob, StudyFacts
+from acwi_node.ledger.models import Study
+
+DX = "1.2.840.10008.5.1.4.1.1.1.1"
+SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def route_all(facts: StudyFacts) -> list[RoutedJob]:
+    return [RoutedJob(route="chest", model="default", destinations=["pacs"], priority=0)]
+
+
+def receive(settings: Settings, ledger: Ledger, study: str, sop: str, size: int = 1000) -> None:
+    """An instance as the SCP leaves it: its spool file, then its ledger row."""
+    spool = Spool(settings.spool_dir, fsync=False)
+    spool.store(study, sop, b"\0" * size)
+    ledger.record_instance(
+        InstanceRecord(
+            study_uid=study,
+            sop_instance_uid=sop,
+            sop_class_uid=DX,
+            series_uid=study + ".9",
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            modality="DX",
+            body_part="CHEST",
+            path=spool.relative_for(study, sop),
+            size=size,
+            calling_ae="MOD",
+        ),
+        first_in_association=False,
+    )
+
+
+def study_id(ledger: Ledger, study: str) -> int:
+    with ledger.session() as s:
+        return s.scalars(select(Study.id).where(Study.study_uid == study)).one()
+
+
+def analyse(settings: Settings, ledger: Ledger, study: str, *, needs_review: bool = False) -> int:
+    """Complete the study and analyse it: an SR in the results folder, delivery pending."""
+    with ledger.session() as s:
+        st = s.scalars(select(Study).where(Study.study_uid == study)).one()
+        sid, generation = st.id, st.generation
+    (job_id,) = ledger.complete_study(sid, generation, route_all)
+    assert ledger.claim_job(job_id, lease_s=3600) is not None
+    sr_uid = f"{study}.{generation}.77"
+    out = Spool(settings.results_dir, fsync=False)
+    path = out.store(study, sr_uid, b"\1" * 500)
+    assert ledger.finish_analysis(
+        job_id,
+        results=[ResultFile("sr", sr_uid, SR, out.relative(path))],
+        summary={"predicted_label": "nodule"},
+        needs_review=needs_review,
+        review_reason="uncertain" if needs_review else "",
+    )
+    return job_id
+
+
+def deliver(ledger: Ledger) -> None:
+    for d in ledger.due_deliveries():
+        ledger.record_delivery(
+            d.id, delivered=True, status=0, error="", max_attempts=3, backoff_s=1
+        )
+
+
+def delivered_study(settings: Settings, ledger: Ledger, study: str, n: int = 2) -> None:
+    for k in range(1, n + 1):
+        receive(settings, ledger, study, f"{study}.{k}")
+    analyse(settings, ledger, study)
+    deliver(ledger)
+    assert ledger.get_study(study)["state"] == "delivered"  # type: ignore[index]

@@ -1,0 +1,162 @@
+"""Operator actions on a study: its results sent again, the study routed and analysed again.
+In the ledger (SQLite and PostgreSQL), from the command line and over the HTTP API."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from acwi_node.cli import main
+from acwi_node.config import Settings
+from acwi_node.ledger import Ledger, StudyActionRefused
+from acwi_node.ledger.models import ReviewItem
+from acwi_node.retention import DiskSpace, Retention
+from acwi_node.web.api import create_app
+from tests.support.review_case import PASSWORD, add_user
+from tests.support.study_flow import analyse, deliver, receive, route_all, study_id
+from tests.unit.test_retention import later
+
+
+def fail_deliveries(ledger: Ledger) -> None:
+    for d in ledger.due_deliveries():
+        ledger.record_delivery(
+            d.id, delivered=False, status=None, error="refused", max_attempts=1, backoff_s=1
+        )
+
+
+def deliveries(ledger: Ledger, study: str) -> list[tuple[str, int]]:
+    view = ledger.get_study(study)
+    assert view is not None
+    return [
+        (d["state"], d["attempts"])
+        for j in view["jobs"]
+        for r in j["results"]
+        for d in r["deliveries"]
+    ]
+
+
+def test_results_that_failed_for_good_go_out_again(ledger_node: tuple[Settings, Ledger]) -> None:
+    settings, ledger = ledger_node
+    receive(settings, ledger, "1.2.3", "1.2.3.1")
+    analyse(settings, ledger, "1.2.3")
+    fail_deliveries(ledger)
+    view = ledger.get_study("1.2.3")
+    assert view is not None and view["state"] == "failed" and "refused" in view["reason"]
+    assert deliveries(ledger, "1.2.3") == [("failed", 1)]
+
+    assert ledger.resend_results("1.2.3") == 1
+    view = ledger.get_study("1.2.3")
+    assert view is not None and view["state"] == "exporting" and view["reason"] == ""
+    assert deliveries(ledger, "1.2.3") == [("pending", 0)]
+    assert [d.study_uid for d in ledger.due_deliveries()] == ["1.2.3"]
+    deliver(ledger)
+    assert ledger.get_study("1.2.3")["state"] == "delivered"  # type: ignore[index]
+    # Delivered results can be sent again too (the PACS lost them).
+    assert ledger.resend_results("1.2.3") == 1
+    assert deliveries(ledger, "1.2.3") == [("pending", 0)]
+
+
+def test_resend_refuses_what_it_cannot_do(ledger_node: tuple[Settings, Ledger]) -> None:
+    settings, ledger = ledger_node
+    with pytest.raises(StudyActionRefused, match="no such study"):
+        ledger.resend_results("9.9.9")
+    receive(settings, ledger, "1.2.3", "1.2.3.1")
+    with pytest.raises(StudyActionRefused, match="the study is receiving"):
+        ledger.resend_results("1.2.3")
+    (job_id,) = ledger.complete_study(study_id(ledger, "1.2.3"), 1, route_all)
+    ledger.fail_job(job_id, "analysis failed: nothing analysable")
+    with pytest.raises(StudyActionRefused, match="reprocess it instead"):
+        ledger.resend_results("1.2.3")
+    # Files deleted by storage retention: neither action can work.
+    Retention(settings, ledger, space=lambda: DiskSpace(900, 1000), clock=later(200)).sweep()
+    for action in (ledger.resend_results, ledger.reprocess_study):
+        with pytest.raises(StudyActionRefused, match="send it again from the PACS"):
+            action("1.2.3")
+
+
+def test_a_reprocessed_study_is_routed_and_analysed_again_as_a_new_generation(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    settings, ledger = ledger_node
+    receive(settings, ledger, "1.2.3", "1.2.3.1")
+    receive(settings, ledger, "1.2.3", "1.2.3.2")
+    analyse(settings, ledger, "1.2.3", needs_review=True)
+    deliver(ledger)
+    receive(settings, ledger, "1.2.4", "1.2.4.1")
+    with pytest.raises(StudyActionRefused, match="the study is receiving"):
+        ledger.reprocess_study("1.2.4")
+
+    assert ledger.reprocess_study("1.2.3") == 2
+    view = ledger.get_study("1.2.3")
+    assert view is not None and (view["state"], view["generation"]) == ("receiving", 2)
+    sid = study_id(ledger, "1.2.3")
+    assert (sid, 2) in ledger.studies_due(quiet_period_s=0, max_wait_s=3600)
+    (job_id,) = ledger.complete_study(sid, 2, route_all)
+    assert ledger.job_inputs(job_id) == ("1.2.3", ["1.2.3/1.2.3.1.dcm", "1.2.3/1.2.3.2.dcm"])
+    with ledger.session() as s:  # the old job's worklist item gave way to the new analysis
+        assert [(r.state.value, r.reason) for r in s.scalars(select(ReviewItem))] == [
+            ("closed", "superseded")
+        ]
+    with pytest.raises(StudyActionRefused, match="the study is queued"):
+        ledger.reprocess_study("1.2.3")
+
+
+def test_a_study_no_rule_routed_is_reprocessed_after_the_rules_change(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    settings, ledger = ledger_node
+    receive(settings, ledger, "1.2.3", "1.2.3.1")
+    assert ledger.complete_study(study_id(ledger, "1.2.3"), 1, lambda facts: []) == []
+    assert ledger.get_study("1.2.3")["state"] == "not_routed"  # type: ignore[index]
+    assert ledger.reprocess_study("1.2.3") == 2
+    assert len(ledger.complete_study(study_id(ledger, "1.2.3"), 2, route_all)) == 1
+
+
+def test_the_command_line_reports_each_study(
+    ledger_node: tuple[Settings, Ledger], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, ledger = ledger_node
+    receive(settings, ledger, "1.2.3", "1.2.3.1")
+    analyse(settings, ledger, "1.2.3")
+    fail_deliveries(ledger)
+    config = settings.data_dir.parent / "acwi.toml"
+    config.write_text(
+        f'[node]\ndata_dir = "{settings.data_dir}"\ndatabase_url = "{settings.database_url}"\n'
+    )
+    assert main(["--config", str(config), "studies", "resend", "1.2.3", "9.9.9"]) == 1
+    captured = capsys.readouterr()
+    assert "1.2.3: 1 result deliveries back in the outbox" in captured.out
+    assert "9.9.9: no such study" in captured.err
+    deliver(ledger)
+    assert main(["--config", str(config), "studies", "reprocess", "1.2.3"]) == 0
+    assert "1.2.3: reprocessing as generation 2" in capsys.readouterr().out
+
+
+def test_the_api_lets_administrators_act_on_json_requests_only(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    settings, ledger = ledger_node
+    receive(settings, ledger, "1.2.3", "1.2.3.1")
+    analyse(settings, ledger, "1.2.3")
+    fail_deliveries(ledger)
+    add_user(ledger, "ada.admin", role="admin")
+    add_user(ledger, "jane.doe")
+    admin, radiologist = ("ada.admin", PASSWORD), ("jane.doe", PASSWORD)
+    with TestClient(create_app(settings, ledger)) as client:
+        url = "/api/studies/1.2.3/resend"
+        assert client.post(url, json={}).status_code == 401
+        assert client.post(url, json={}, auth=radiologist).status_code == 403
+        # A form post (what a cross-site page can send without a preflight) is refused.
+        assert client.post(url, data={"x": "1"}, auth=admin).status_code == 415
+        answer = client.post(url, json={}, auth=admin)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["deliveries"] == 1
+        assert answer.json()["study"]["state"] == "exporting"
+        refused = client.post("/api/studies/1.2.3/reprocess", json={}, auth=admin)
+        assert refused.status_code == 409 and "exporting" in refused.json()["detail"]
+        deliver(ledger)
+        answer = client.post("/api/studies/1.2.3/reprocess", json={}, auth=admin)
+        assert answer.status_code == 200 and answer.json()["generation"] == 2
+        missing = client.post("/api/studies/9.9.9/resend", json={}, auth=admin)
+        assert missing.status_code == 409 and missing.json()["detail"] == "no such study"

@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, exists, select, update
 from sqlalchemy.exc import IntegrityError
 
 from acwi_node import audit as trail
@@ -25,9 +25,11 @@ from acwi_node.ledger.models import (
     Instance,
     Job,
     JobState,
+    Purge,
     ReviewItem,
     ReviewState,
     Study,
+    StudyState,
     User,
     Verdict,
     WebSession,
@@ -555,6 +557,44 @@ class ReviewStore:
                 }
             )
         return {"days": days, "rows": table, "queue": queue, "verdicts": reviewed}
+
+    def failed_studies(self, *, limit: int = 50) -> list[dict[str, Any]]:
+        """The most recently failed studies, for the administrators' part of the dashboard:
+        each with its reason and whether storage retention deleted its files."""
+        failed_delivery = (
+            exists()
+            .where(
+                Delivery.job_id == Job.id,
+                Job.study_id == Study.id,
+                Job.generation == Study.generation,
+                Delivery.state == DeliveryState.FAILED,
+            )
+            .correlate(Study)
+        )
+        with self.ledger.session() as s:
+            rows = s.execute(
+                select(Study, Purge.id, failed_delivery)
+                .outerjoin(
+                    Purge,
+                    (Purge.study_id == Study.id) & (Purge.generation == Study.generation),
+                )
+                .where(Study.state == StudyState.FAILED)
+                .order_by(Study.updated_at.desc(), Study.id.desc())
+                .limit(limit)
+            ).all()
+            return [
+                {
+                    "study_uid": st.study_uid,
+                    "calling_ae": st.calling_ae,
+                    "modality": st.modality,
+                    "reason": st.reason,
+                    "updated_at": _iso(st.updated_at),
+                    "images_deleted": purge_id is not None,
+                    # Its results exist and only their delivery failed: resend, not reprocess.
+                    "resendable": bool(resendable),
+                }
+                for st, purge_id, resendable in rows
+            ]
 
     # --------------------------------------------------------------- feedback
     def reviewed_cases(self) -> list[dict[str, Any]]:

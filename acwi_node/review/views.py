@@ -40,7 +40,7 @@ from starlette.concurrency import run_in_threadpool
 from acwi_node import __version__
 from acwi_node.config import Settings
 from acwi_node.ingest.spool import Spool, is_safe_uid
-from acwi_node.ledger import Ledger
+from acwi_node.ledger import Ledger, StudyActionRefused
 from acwi_node.ledger.models import utcnow
 from acwi_node.results.heatmap import render_grey
 from acwi_node.results.sr import summarise_sr
@@ -374,10 +374,46 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             filter_names=FILTER_NAMES,
         )
 
-    @app.get("/review/dashboard", include_in_schema=False)
-    def dashboard_page(request: Request, days: int = 14) -> HTMLResponse:
+    def _dashboard(
+        request: Request, days: int = 14, *, notice: str = "", error: str = "", status: int = 200
+    ) -> HTMLResponse:
         days = max(1, min(days, 365))
-        return review.page("dashboard.html", request, d=review.store.dashboard(days=days))
+        user: SessionInfo = request.state.user
+        return review.page(
+            "dashboard.html",
+            request,
+            status_code=status,
+            d=review.store.dashboard(days=days),
+            failed=review.store.failed_studies() if user.role == "admin" else None,
+            notice=notice,
+            error=error,
+        )
+
+    @app.get("/review/dashboard", include_in_schema=False)
+    def dashboard_page(request: Request, days: int = 14, done: str = "") -> HTMLResponse:
+        return _dashboard(request, days, notice=STUDY_ACTION_NOTICES.get(done, ""))
+
+    @app.post("/review/studies/{study_uid}/{action}", include_in_schema=False)
+    async def study_action(request: Request, study_uid: str, action: str) -> Response:
+        """An administrator resends a failed study's results or reprocesses it (the same
+        actions as ``POST /api/studies/{uid}/resend|reprocess``, from a form)."""
+        user: SessionInfo = request.state.user
+        if action not in STUDY_ACTION_NOTICES or not is_safe_uid(study_uid):
+            raise HTTPException(status_code=404, detail="no such action")
+        if user.role != "admin":
+            return _forbidden("administrators only")
+        form = _form(await request.body())
+        if not auth.csrf_ok(review.key, "session", user.token_hash, form.get("csrf_token")):
+            return _forbidden("invalid form token: reload the page")
+        act = ledger.resend_results if action == "resend" else ledger.reprocess_study
+        try:
+            await run_in_threadpool(act, study_uid)
+        except StudyActionRefused as exc:
+            return await run_in_threadpool(
+                partial(_dashboard, request, error=f"{study_uid}: {exc}", status=409)
+            )
+        log.info("%s: %s by %s", study_uid, action, user.user_name)
+        return RedirectResponse(f"/review/dashboard?done={action}", status_code=303)
 
     # -------------------------------------------------------------------- case
     def _case_or_404(item_id: int) -> dict[str, Any]:
@@ -524,6 +560,13 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         return RedirectResponse("/review/worklist", status_code=303)
 
     return review
+
+
+#: The dashboard's message after an administrator's action on a study.
+STUDY_ACTION_NOTICES = {
+    "resend": "The study's results are back in the outbox.",
+    "reprocess": "The study is being routed and analysed again.",
+}
 
 
 def _forbidden(message: str) -> Response:

@@ -33,31 +33,18 @@ from acwi_node.web.api import create_app
 from models.data.dicom_dataset import scan_folder
 from tests.support.orthanc import OrthancServer, require_orthanc
 from tests.support.ports import free_port
-from tests.support.review_case import PASSWORD, add_user, make_review_case, review_settings
+from tests.support.review_case import (
+    CSRF,
+    PASSWORD,
+    add_user,
+    make_review_case,
+    review_settings,
+    sign_in,
+)
 
 pytestmark = pytest.mark.integration
 
 CANARY = "<script>alert('acwi')</script>^Evil"
-CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
-
-
-def sign_in(client: TestClient, name: str = "jane.doe", password: str = PASSWORD) -> str:
-    """Sign in through the form; returns the session's CSRF token."""
-    page = client.get("/login")
-    assert page.status_code == 200
-    token = CSRF.search(page.text)
-    assert token is not None
-    answer = client.post(
-        "/login",
-        data={"csrf_token": token.group(1), "username": name, "password": password, "next": "/"},
-        follow_redirects=False,
-    )
-    assert answer.status_code == 303, answer.text
-    worklist = client.get("/review/worklist")
-    assert worklist.status_code == 200
-    found = CSRF.search(worklist.text)
-    assert found is not None
-    return found.group(1)
 
 
 def _predicted_and_other(ledger: Ledger, item_id: int) -> tuple[str, str]:

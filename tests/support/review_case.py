@@ -9,11 +9,13 @@ job routed to one destination and runs the real analyse task (SR and heatmaps wr
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pydicom
+from fastapi.testclient import TestClient
 
 from acwi_node.config import Settings, load_settings
 from acwi_node.inference.manifest import default_model_dir
@@ -128,3 +130,26 @@ def make_review_case(
 
 def add_user(ledger: Ledger, name: str = "jane.doe", role: str = "radiologist") -> None:
     ReviewStore(ledger).add_user(name, auth.hash_password(PASSWORD), role)
+
+
+#: The CSRF token in a page's forms.
+CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+def sign_in(client: TestClient, name: str = "jane.doe", password: str = PASSWORD) -> str:
+    """Sign in through the form; returns the session's CSRF token."""
+    page = client.get("/login")
+    assert page.status_code == 200
+    token = CSRF.search(page.text)
+    assert token is not None
+    answer = client.post(
+        "/login",
+        data={"csrf_token": token.group(1), "username": name, "password": password, "next": "/"},
+        follow_redirects=False,
+    )
+    assert answer.status_code == 303, answer.text
+    worklist = client.get("/review/worklist")
+    assert worklist.status_code == 200
+    found = CSRF.search(worklist.text)
+    assert found is not None
+    return found.group(1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,11 +17,11 @@ from acwi_node.review import auth
 from acwi_node.review.store import ReviewStore
 from acwi_node.web.api import create_app
 from tests.support.dx import make_dx
+from tests.support.review_case import CSRF, sign_in
 
 CANARY_NAME = "<script>document.title='pwned'</script>^Canary"
 CANARY_DESC = '"><img src=x onerror=alert(1)>'
 PASSWORD = "correct horse battery"
-CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 
 def _case(settings: Settings, ledger: Ledger) -> int:
@@ -87,20 +86,6 @@ def client(tmp_path: Path) -> Iterator[tuple[TestClient, Ledger, int]]:
     ledger.dispose()
 
 
-def _sign_in(client: TestClient) -> str:
-    token = CSRF.search(client.get("/login").text)
-    assert token is not None
-    done = client.post(
-        "/login",
-        data={"csrf_token": token.group(1), "username": "jane", "password": PASSWORD},
-        follow_redirects=False,
-    )
-    assert done.status_code == 303
-    found = CSRF.search(client.get("/review/worklist").text)
-    assert found is not None
-    return found.group(1)
-
-
 def _assert_escaped(html: str) -> None:
     for raw in ("<script>document", "<img src=x", "<svg onload", "<b>AE</b>", "<u>uncertain"):
         assert raw not in html
@@ -109,7 +94,7 @@ def _assert_escaped(html: str) -> None:
 
 def test_worklist_and_case_escape_dicom_text(client: tuple[TestClient, Ledger, int]) -> None:
     c, _ledger, item = client
-    _sign_in(c)
+    sign_in(c, "jane")
     worklist = c.get("/review/worklist")
     _assert_escaped(worklist.text)
     assert "&lt;b&gt;AE&lt;/b&gt;" in worklist.text
@@ -131,7 +116,7 @@ def test_posts_without_csrf_token_are_rejected(client: tuple[TestClient, Ledger,
         "/login", data={"username": "jane", "password": PASSWORD}, follow_redirects=False
     )
     assert refused.status_code == 403
-    csrf = _sign_in(c)
+    csrf = sign_in(c, "jane")
     for data in ({}, {"csrf_token": "0" * 64}, {"csrf_token": csrf[:-1] + "x"}):
         answer = c.post(
             f"/review/cases/{item}/verdict",

@@ -13,7 +13,7 @@ from acwi_node.ledger import Ledger, StudyActionRefused
 from acwi_node.ledger.models import ReviewItem
 from acwi_node.retention import DiskSpace, Retention
 from acwi_node.web.api import create_app
-from tests.support.review_case import PASSWORD, add_user
+from tests.support.review_case import CSRF, PASSWORD, add_user, sign_in
 from tests.support.study_flow import analyse, deliver, receive, route_all, study_id
 from tests.unit.test_retention import later
 
@@ -160,3 +160,57 @@ def test_the_api_lets_administrators_act_on_json_requests_only(
         assert answer.status_code == 200 and answer.json()["generation"] == 2
         missing = client.post("/api/studies/9.9.9/resend", json={}, auth=admin)
         assert missing.status_code == 409 and missing.json()["detail"] == "no such study"
+
+
+def test_administrators_resend_and_reprocess_failed_studies_from_the_dashboard(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    settings, ledger = ledger_node
+    receive(settings, ledger, "1.2.3", "1.2.3.1")
+    analyse(settings, ledger, "1.2.3")
+    fail_deliveries(ledger)  # delivery failed: resend and reprocess offered
+    receive(settings, ledger, "1.2.4", "1.2.4.1")
+    (job_id,) = ledger.complete_study(study_id(ledger, "1.2.4"), 1, route_all)
+    ledger.fail_job(job_id, "analysis failed: nothing analysable")  # reprocess only
+    add_user(ledger, "ada.admin", role="admin")
+    add_user(ledger, "jane.doe")
+    with TestClient(create_app(settings, ledger), base_url="https://testserver") as client:
+        sign_in(client, "jane.doe")
+        page = client.get("/review/dashboard")
+        assert page.status_code == 200 and "Failed studies" not in page.text
+        csrf = CSRF.search(page.text)
+        assert csrf is not None
+        refused = client.post("/review/studies/1.2.3/resend", data={"csrf_token": csrf.group(1)})
+        assert refused.status_code == 403
+
+    with TestClient(create_app(settings, ledger), base_url="https://testserver") as client:
+        csrf_token = sign_in(client, "ada.admin")
+        page = client.get("/review/dashboard").text
+        assert "Failed studies" in page and "nothing analysable" in page
+        assert 'action="/review/studies/1.2.3/resend"' in page
+        assert 'action="/review/studies/1.2.4/resend"' not in page
+        assert 'action="/review/studies/1.2.4/reprocess"' in page
+        forged = client.post("/review/studies/1.2.3/resend", data={"csrf_token": "x"})
+        assert forged.status_code == 403
+        assert deliveries(ledger, "1.2.3") == [("failed", 1)]
+        done = client.post(
+            "/review/studies/1.2.3/resend",
+            data={"csrf_token": csrf_token},
+            follow_redirects=False,
+        )
+        assert done.status_code == 303 and done.headers["location"].endswith("done=resend")
+        assert deliveries(ledger, "1.2.3") == [("pending", 0)]
+        assert "back in the outbox" in client.get(done.headers["location"]).text
+        again = client.post("/review/studies/1.2.3/resend", data={"csrf_token": csrf_token})
+        assert again.status_code == 409 and "the study is exporting" in again.text
+        done = client.post(
+            "/review/studies/1.2.4/reprocess",
+            data={"csrf_token": csrf_token},
+            follow_redirects=False,
+        )
+        assert done.status_code == 303
+        assert ledger.get_study("1.2.4")["generation"] == 2  # type: ignore[index]
+        assert (
+            client.post("/review/studies/1.2.4/delete", data={"csrf_token": csrf_token}).status_code
+            == 404
+        )

@@ -452,6 +452,8 @@ def run_status(settings: Settings, as_json: bool) -> int:
                     f"p={max(summary.get('probabilities', {0: 0}).values()):.2f} "
                     f"u={summary.get('uncertainty', {}).get('score', 0):.2f}"
                 )
+        if st.get("images_deleted_at"):
+            detail = f"{detail} (files deleted {st['images_deleted_at'][:16]})".strip()
         print(
             f"{st['study_uid']:<64}  {st['state']:<10} {'yes' if st['needs_review'] else '-':<6} "
             f"{st['instances']:>4}  "

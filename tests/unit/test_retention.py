@@ -239,6 +239,8 @@ def test_a_dry_run_lists_and_deletes_nothing_and_the_deletion_is_audited(
     deleted = [r for r in records if r["event"] == "study_deleted"]
     assert len(deleted) == 1 and deleted[0]["study_uids"] == ["1.2.3"]
     assert deleted[0]["event_id"]["code"] == "110105"
+    assert main(["--config", str(config), "status"]) == 0
+    assert "(files deleted 20" in capsys.readouterr().out
 
 
 def test_retention_settings_are_validated() -> None:

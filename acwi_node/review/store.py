@@ -542,6 +542,7 @@ class ReviewStore:
                 "open_reviews": _count(s, ReviewItem, ReviewItem.state == ReviewState.OPEN),
             }
             reviewed = _count(s, Verdict, Verdict.created_at >= since)
+            purged = _count(s, Purge, Purge.started_at >= since)
         table = []
         for (day, ae), row in sorted(rows.items(), reverse=True):
             values = row.pop("_uncertainty")
@@ -556,7 +557,13 @@ class ReviewStore:
                     "mean_uncertainty": sum(values) / len(values) if values else None,
                 }
             )
-        return {"days": days, "rows": table, "queue": queue, "verdicts": reviewed}
+        return {
+            "days": days,
+            "rows": table,
+            "queue": queue,
+            "verdicts": reviewed,
+            "files_deleted": purged,
+        }
 
     def failed_studies(self, *, limit: int = 50) -> list[dict[str, Any]]:
         """The most recently failed studies, for the administrators' part of the dashboard:

@@ -45,6 +45,7 @@ from acwi_node.ledger.models import utcnow
 from acwi_node.results.heatmap import render_grey
 from acwi_node.results.sr import summarise_sr
 from acwi_node.results.uids import result_uids
+from acwi_node.retention import disk_space
 from acwi_node.review import auth
 from acwi_node.review.store import (
     ItemClosed,
@@ -384,6 +385,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             request,
             status_code=status,
             d=review.store.dashboard(days=days),
+            disk=_disk_free_percent(settings.data_dir),
             failed=review.store.failed_studies() if user.role == "admin" else None,
             notice=notice,
             error=error,
@@ -560,6 +562,14 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         return RedirectResponse("/review/worklist", status_code=303)
 
     return review
+
+
+def _disk_free_percent(path: Path) -> float | None:
+    """Free space of the data directory's file system, in percent (None if unknown)."""
+    try:
+        return disk_space(path).free_percent
+    except OSError:
+        return None
 
 
 #: The dashboard's message after an administrator's action on a study.

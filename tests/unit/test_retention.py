@@ -19,6 +19,7 @@ from acwi_node.ledger.models import Purge, ReviewItem, ReviewState, Study, utcno
 from acwi_node.retention import DiskSpace, Retention
 from acwi_node.retention import sweep as sweep_module
 from acwi_node.retention.store import RetentionStore
+from acwi_node.review.store import ReviewStore
 from tests.support.study_flow import analyse, deliver, delivered_study, receive, route_all, study_id
 
 HOUR = dt.timedelta(hours=1)
@@ -64,6 +65,7 @@ def test_a_finished_study_loses_its_files_after_keep_hours_and_the_ledger_keeps_
         assert (purge.reason, purge.instances, purge.files, purge.bytes) == ("age", 2, 3, 2500)
         assert purge.finished_at is not None
     assert ledger.instance_file("1.2.3.1") == ("", 1000, "1.2.840.10008.1.2.1")
+    assert ReviewStore(ledger).dashboard()["files_deleted"] == 1
     # Done once: the next sweep finds nothing.
     assert Retention(settings, ledger, space=plenty, clock=later(169)).sweep().studies == 0
 

@@ -3,6 +3,8 @@ In the ledger (SQLite and PostgreSQL), from the command line and over the HTTP A
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -187,6 +189,8 @@ def test_administrators_resend_and_reprocess_failed_studies_from_the_dashboard(
         csrf_token = sign_in(client, "ada.admin")
         page = client.get("/review/dashboard").text
         assert "Failed studies" in page and "nothing analysable" in page
+        assert '<td id="q-deleted">0</td>' in page
+        assert re.search(r'<td id="q-disk">\d+%</td>', page)
         assert 'action="/review/studies/1.2.3/resend"' in page
         assert 'action="/review/studies/1.2.4/resend"' not in page
         assert 'action="/review/studies/1.2.4/reprocess"' in page

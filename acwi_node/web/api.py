@@ -11,6 +11,7 @@ needs a signed-in user (the JSON API also accepts HTTP Basic credentials of a lo
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -56,27 +57,26 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
             raise HTTPException(status_code=415, detail="send Content-Type: application/json")
         return user.user_name
 
+    def _study_action(request: Request, study_uid: str, act: Callable[[str], int]) -> int:
+        name = _admin_action(request)
+        try:
+            value = act(study_uid)
+        except StudyActionRefused as exc:
+            raise HTTPException(status_code=409, detail=str(exc)) from exc
+        log.info("%s: %s (%d) by %s", study_uid, request.url.path.rsplit("/", 1)[-1], value, name)
+        return value
+
     @app.post("/api/studies/{study_uid}/resend")
     def resend(study_uid: str, request: Request) -> dict[str, Any]:
         """The study's results go to their destinations again (after a PACS outage longer
         than ``exporter.max_attempts`` allowed, or objects the PACS lost)."""
-        name = _admin_action(request)
-        try:
-            count = db.resend_results(study_uid)
-        except StudyActionRefused as exc:
-            raise HTTPException(status_code=409, detail=str(exc)) from exc
-        log.info("%s: %d result deliveries back in the outbox (by %s)", study_uid, count, name)
+        count = _study_action(request, study_uid, db.resend_results)
         return {"deliveries": count, "study": db.get_study(study_uid)}
 
     @app.post("/api/studies/{study_uid}/reprocess")
     def reprocess(study_uid: str, request: Request) -> dict[str, Any]:
         """The study goes through routing and analysis again, as a new generation."""
-        name = _admin_action(request)
-        try:
-            generation = db.reprocess_study(study_uid)
-        except StudyActionRefused as exc:
-            raise HTTPException(status_code=409, detail=str(exc)) from exc
-        log.info("%s: reprocessing as generation %d (by %s)", study_uid, generation, name)
+        generation = _study_action(request, study_uid, db.reprocess_study)
         return {"generation": generation, "study": db.get_study(study_uid)}
 
     @app.get("/api/worklist")

@@ -185,14 +185,10 @@ def test_destination_down_for_good_fails_visibly(tmp_path: Path, orthanc: Orthan
             timeout=120,
         )
         assert done.returncode == 0, done.stdout + done.stderr
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            st = ledger.get_study(uid)
-            if st and st["generation"] == 2 and st["state"] in ("delivered", "failed"):
-                break
-            time.sleep(0.25)
-        st = ledger.get_study(uid)
-        assert st is not None and (st["generation"], st["state"]) == (2, "delivered"), st
+        st = wait_study_state(
+            ledger, uid, {"delivered", "failed"}, nodes, timeout_s=180, generation=2
+        )
+        assert st["state"] == "delivered", st
         assert result_counts(orthanc, uid) == (1, len(files))
     ledger.dispose()
 

@@ -237,12 +237,9 @@ def test_serve_on_embedded_defaults_and_reopen(tmp_path: Path, orthanc: OrthancS
         first = check_results(orthanc, ledger, study_uid, files[:1], tmp_path)
         # A late instance: the study re-opens, the new SR (same UID) supersedes the old one.
         send_study(orthanc.node_port, files[1:])
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            st = ledger.get_study(study_uid)
-            if st and st["generation"] == 2 and st["state"] in ("delivered", "failed"):
-                break
-            time.sleep(0.25)
+        wait_study_state(
+            ledger, study_uid, {"delivered", "failed"}, nodes, timeout_s=240, generation=2
+        )
         second = check_results(orthanc, ledger, study_uid, files, tmp_path)
         assert second["sr_sop_instance_uid"] == first["sr_sop_instance_uid"]
         st = ledger.get_study(study_uid)

@@ -130,14 +130,25 @@ class NodeProcesses:
 
 
 def wait_study_state(
-    ledger: Ledger, study_uid: str, states: set[str], nodes: NodeProcesses, timeout_s: float = 120.0
+    ledger: Ledger,
+    study_uid: str,
+    states: set[str],
+    nodes: NodeProcesses,
+    timeout_s: float = 120.0,
+    *,
+    generation: int | None = None,
 ) -> dict[str, Any]:
+    """The study's view once it is in one of ``states`` (and, if given, ``generation``)."""
     deadline = time.monotonic() + timeout_s
     last: dict[str, Any] | None = None
     while time.monotonic() < deadline:
         nodes.assert_alive()
         last = ledger.get_study(study_uid)
-        if last is not None and last["state"] in states:
+        if (
+            last is not None
+            and last["state"] in states
+            and generation in (None, last["generation"])
+        ):
             return last
         time.sleep(0.25)
     raise AssertionError(f"study never reached {states}; last view: {last}\n{nodes.log_text()}")

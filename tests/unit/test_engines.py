@@ -379,9 +379,9 @@ def test_tensorrt_int8_with_calibration(cache_dir: Path, study: list[Dataset]) -
 def test_batched_heatmaps_equal_the_single_image_reference() -> None:
     from acwi_node.inference.analyser import _heatmap, _heatmaps
 
-    cams = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(3))
+    cams = torch.randn(5, 8, 8, generator=torch.Generator().manual_seed(3))
     cams[2] = -cams[2].abs()  # all negative: an all-zero heatmap
-    sizes = [(256, 256), (300, 200), (256, 256), (64, 96)]
+    sizes = [(256, 256), (300, 200), (256, 256), (64, 96), (5, 3)]  # the last: smaller
     for cam, size, got in zip(cams, sizes, _heatmaps(cams, sizes), strict=True):
         want = _heatmap(cam, *size)
         assert got.shape == size and got.dtype == np.float32

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -274,3 +275,35 @@ def test_prefork_pool_metrics_add_up_across_processes(tmp_path: Path) -> None:
     assert values[("acwi_worker_jobs_total", (("outcome", "failed"),))] == 1
     assert values[("acwi_inference_seconds_count", (("model", "m"), ("version", "1")))] == 3
     assert list((tmp_path / "metrics").iterdir())  # the pool's own folder under data_dir
+
+
+ALERT_RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "acwi-alerts.yml"
+
+
+def _exported_names(settings: Settings, ledger: Ledger) -> set[str]:
+    """Every sample name a scrape of the node's processes can show (families whose labelled
+    children do not exist yet included)."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    names = {"up"}  # Prometheus' own per-target series
+    for family in REGISTRY.collect():
+        if family.name.startswith("acwi_"):
+            names |= {family.name + s for s in suffixes.get(family.type, ("",))}
+    for family in metrics.LedgerCollector(settings, ledger).collect():
+        names.add(family.name)
+    return names
+
+
+def test_alert_rules_name_only_metrics_the_node_exports(settings: Settings, ledger: Ledger) -> None:
+    yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (it is in the dev extras)")
+    rules = [r for g in yaml.safe_load(ALERT_RULES.read_text())["groups"] for r in g["rules"]]
+    assert len(rules) >= 8
+    exported = _exported_names(settings, ledger)
+    for rule in rules:
+        assert rule["alert"].startswith("Acwi") and rule["annotations"]["summary"]
+        assert rule["labels"]["severity"] in {"critical", "warning", "info"}
+        used = set(re.findall(r"\b(acwi_[a-z0-9_]+|up)\b(?=\s*[{\[=<>/)]|\s*$)", rule["expr"]))
+        assert used, rule["expr"]
+        assert used <= exported, f"{rule['alert']}: {used - exported} is not exported"
+    # The rules watch what matters most: the ledger, the disk, and failures.
+    alerts = {r["alert"] for r in rules}
+    assert {"AcwiLedgerDown", "AcwiDataDiskLow", "AcwiStudiesFailing"} <= alerts

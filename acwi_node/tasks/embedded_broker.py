@@ -15,9 +15,11 @@ An exchange's table (which queues it routes to) had the same flaw where it is cr
 creates the file, then locks and writes it, and a publish reading it in between fails to decode
 it (the job then waits for the reconciler). Here a new table is written aside and linked into
 place whole; once it exists, kombu's own locked update in place applies. A table left empty by
-a process that died while creating it (kombu's transport) reads as no bindings and is written
-again by the next binding. Message files that a killed process left half-written (its
-``.part``) are removed when a channel opens, once they are :data:`STALE_PART_S` old.
+a process that died while creating it (kombu's transport) reads as no bindings and is replaced
+by the next binding, under kombu's lock on it: processes repairing it at once take turns, and
+those after the first add their bindings to the new table. Message files that a killed process
+left half-written (its ``.part``) are removed when a channel opens, once they are
+:data:`STALE_PART_S` old.
 """
 
 from __future__ import annotations
@@ -67,8 +69,7 @@ class Channel(filesystem.Channel):
             partial = file.with_name(f".{file.name}.{uuid.uuid4().hex}.part")
             try:
                 partial.write_bytes(str_to_bytes(dumps(table)))
-                if empty:  # a leftover: replaced
-                    os.replace(partial, file)
+                if empty and _replace_leftover(file, partial):
                     return
                 try:
                     os.link(partial, file)  # fails if another process created it meanwhile
@@ -98,6 +99,27 @@ class Channel(filesystem.Channel):
             with contextlib.suppress(OSError):
                 os.unlink(partial)
             raise ChannelError(f"Cannot add file {final!r} to directory") from exc
+
+
+def _replace_leftover(file: Path, partial: Path) -> bool:
+    """Replace the empty leftover table ``file`` by ``partial``, holding kombu's lock on the
+    leftover so that processes repairing it at once take turns. False when another process
+    replaced or filled it first: the caller then adds its binding to that table (kombu's
+    locked update), so no binding is lost."""
+    try:
+        with open(file, "rb") as leftover:
+            filesystem.lock(leftover, filesystem.LOCK_EX)
+            try:
+                held = os.fstat(leftover.fileno())
+                now = os.stat(file)
+                if held.st_size or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+                    return False
+                os.replace(partial, file)
+                return True
+            finally:
+                filesystem.unlock(leftover)
+    except FileNotFoundError:
+        return False
 
 
 def remove_stale_parts(folder: Path, older_than_s: float = STALE_PART_S) -> int:

@@ -177,12 +177,21 @@ def bound_queues(channel: Any, exchange: str) -> set[str]:
 
 
 @pytest.mark.usefixtures("transports")
-def test_bindings_made_at_once_by_many_connections_are_all_kept(tmp_path: Path) -> None:
+@pytest.mark.parametrize("leftover", [False, True], ids=["new", "empty-leftover"])
+def test_bindings_made_at_once_by_many_connections_are_all_kept(
+    tmp_path: Path, leftover: bool
+) -> None:
     """Connections (processes, in the node) binding queues to a new exchange at the same
-    moment: one creates the table, the others add to it; none is lost, none is read torn."""
+    moment: one creates the table, the others add to it; none is lost, none is read torn.
+    The same where each table is an empty leftover of a killed process: one replaces it,
+    the others add to the new table."""
     embedded_broker.install()
     options = transport_options(tmp_path)
     exchanges = [f"jobs-{uuid.uuid4().hex[:8]}" for _ in range(20)]
+    if leftover:
+        (tmp_path / "control").mkdir(exist_ok=True)
+        for exchange in exchanges:
+            (tmp_path / "control" / f"{exchange}.exchange").touch()
     binders = 6
     start = threading.Barrier(binders)
     errors: list[str] = []

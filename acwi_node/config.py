@@ -248,10 +248,10 @@ class RetentionSettings(_Strict):
 
     #: A finished study's images and result files are deleted this many hours after its last
     #: activity (0: kept until space runs short).
-    keep_hours: float = Field(168.0, ge=0)
+    keep_hours: float = Field(168.0, ge=0, le=876_000)
     #: The same for a study that went through the review worklist: its images are the feedback
     #: for the next training round (``acwi-node feedback export``).
-    reviewed_keep_hours: float = Field(2160.0, ge=0)
+    reviewed_keep_hours: float = Field(2160.0, ge=0, le=876_000)
     #: When the data directory's file system has less free space than this (percent), finished
     #: studies are deleted oldest first, whatever their age, until it has this much again
     #: (0: never).

@@ -247,6 +247,11 @@ def test_a_dry_run_lists_and_deletes_nothing_and_the_deletion_is_audited(
 
 def test_retention_settings_are_validated() -> None:
     assert load_settings(None).retention.keep_hours == 168
-    for bad in ({"keep_hours": -1}, {"min_free_percent": 100}, {"interval_s": 0}):
+    for bad in (
+        {"keep_hours": -1},
+        {"keep_hours": 1e9},
+        {"min_free_percent": 100},
+        {"interval_s": 0},
+    ):
         with pytest.raises(ConfigError):
             load_settings(None, retention=bad)

@@ -329,8 +329,15 @@ class ReviewStore:
             verdicts = s.scalars(
                 select(Verdict).where(Verdict.review_item_id == item_id).order_by(Verdict.id)
             ).all()
+            # The job's generation lost its files to storage retention (a closed case only).
+            deleted = s.scalar(
+                select(Purge.started_at).where(
+                    Purge.study_id == st.id, Purge.generation >= job.generation
+                )
+            )
             return {
                 "id": it.id,
+                "images_deleted_at": _iso(deleted),
                 "state": it.state.value,
                 "reason": it.reason,
                 "priority": it.priority,

@@ -57,7 +57,14 @@ def analyse(settings: Settings, ledger: Ledger, study: str, *, needs_review: boo
     assert ledger.finish_analysis(
         job_id,
         results=[ResultFile("sr", sr_uid, SR, out.relative(path))],
-        summary={"predicted_label": "nodule"},
+        summary={
+            "model": {"name": "acwi-dianet-chest", "version": "1.0.0"},
+            "labels": ["normal", "nodule"],
+            "probabilities": {"normal": 0.3, "nodule": 0.7},
+            "predicted_label": "nodule",
+            "uncertainty": {"score": 0.4, "entropy": 0.6, "epistemic": 0.02, "aleatoric": 0.6},
+            "images": [],
+        },
         needs_review=needs_review,
         review_reason="uncertain" if needs_review else "",
     )

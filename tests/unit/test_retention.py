@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from acwi_node.audit import audit_file, close_audit
@@ -20,6 +21,8 @@ from acwi_node.retention import DiskSpace, Retention
 from acwi_node.retention import sweep as sweep_module
 from acwi_node.retention.store import RetentionStore
 from acwi_node.review.store import ReviewStore
+from acwi_node.web.api import create_app
+from tests.support.review_case import add_user, sign_in
 from tests.support.study_flow import analyse, deliver, delivered_study, receive, route_all, study_id
 
 HOUR = dt.timedelta(hours=1)
@@ -101,6 +104,16 @@ def test_studies_in_use_are_never_deleted_even_when_space_runs_short(
     assert Retention(settings, ledger, space=plenty, clock=later(2000)).sweep().studies == 0
     report = Retention(settings, ledger, space=plenty, clock=later(2171)).sweep()
     assert report.studies == 1 and not files_of(settings, "1.2.4")
+    # The closed case's page says where its images went.
+    with ledger.session() as s:
+        item_id = s.scalars(select(ReviewItem.id)).one()
+    assert ReviewStore(ledger).case(item_id)["images_deleted_at"]  # type: ignore[index]
+    add_user(ledger, "jane.doe")
+    with TestClient(create_app(settings, ledger), base_url="https://testserver") as client:
+        sign_in(client, "jane.doe")
+        page = client.get(f"/review/cases/{item_id}")
+        assert page.status_code == 200
+        assert "Storage retention deleted this case's images" in page.text
 
 
 def test_short_of_space_deletes_oldest_first_reviewed_last_until_enough_is_free(

@@ -18,25 +18,26 @@ def route_all(facts: StudyFacts) -> list[RoutedJob]:
     return [RoutedJob(route="chest", model="default", destinations=["pacs"], priority=0)]
 
 
+def dx_record(study: str, sop: str, *, ae: str = "MOD", size: int = 100) -> InstanceRecord:
+    """What the SCP records of a chest radiograph ``sop`` of ``study`` (spool path included)."""
+    return InstanceRecord(
+        study_uid=study,
+        sop_instance_uid=sop,
+        sop_class_uid=DX,
+        series_uid=study + ".9",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        modality="DX",
+        body_part="CHEST",
+        path=f"{study}/{sop}.dcm",
+        size=size,
+        calling_ae=ae,
+    )
+
+
 def receive(settings: Settings, ledger: Ledger, study: str, sop: str, size: int = 1000) -> None:
     """An instance as the SCP leaves it: its spool file, then its ledger row."""
-    spool = Spool(settings.spool_dir, fsync=False)
-    spool.store(study, sop, b"\0" * size)
-    ledger.record_instance(
-        InstanceRecord(
-            study_uid=study,
-            sop_instance_uid=sop,
-            sop_class_uid=DX,
-            series_uid=study + ".9",
-            transfer_syntax_uid="1.2.840.10008.1.2.1",
-            modality="DX",
-            body_part="CHEST",
-            path=spool.relative_for(study, sop),
-            size=size,
-            calling_ae="MOD",
-        ),
-        first_in_association=False,
-    )
+    Spool(settings.spool_dir, fsync=False).store(study, sop, b"\0" * size)
+    ledger.record_instance(dx_record(study, sop, size=size), first_in_association=False)
 
 
 def study_id(ledger: Ledger, study: str) -> int:

@@ -23,6 +23,7 @@ from acwi_node.ledger import (
     StudyFacts,
 )
 from acwi_node.ledger.models import Instance, Study, StudyState, utcnow
+from tests.support.study_flow import dx_record
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 
@@ -39,18 +40,7 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
 
 
 def rec(study: str = "1.2.3", sop: str = "1.2.3.1", ae: str = "MOD") -> InstanceRecord:
-    return InstanceRecord(
-        study_uid=study,
-        sop_instance_uid=sop,
-        sop_class_uid=DX,
-        series_uid=study + ".9",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        modality="DX",
-        body_part="CHEST",
-        path=f"{study}/{sop}.dcm",
-        size=100,
-        calling_ae=ae,
-    )
+    return dx_record(study, sop, ae=ae)
 
 
 def test_unflushed_instance_rows_are_seen_at_once_and_flush_keeps_them(db: Ledger) -> None:

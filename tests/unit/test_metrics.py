@@ -25,23 +25,11 @@ from acwi_node.tasks.app import configure
 from acwi_node.tasks.queue import reconcile
 from acwi_node.web.api import create_app
 from tests.support.ports import free_port
-
-DX = "1.2.840.10008.5.1.4.1.1.1.1"
+from tests.support.study_flow import dx_record
 
 
 def rec(study: str, sop: str, ae: str) -> InstanceRecord:
-    return InstanceRecord(
-        study_uid=study,
-        sop_instance_uid=sop,
-        sop_class_uid=DX,
-        series_uid=study + ".9",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        modality="DX",
-        body_part="CHEST",
-        path=f"{study}/{sop}.dcm",
-        size=100,
-        calling_ae=ae,
-    )
+    return dx_record(study, sop, ae=ae)
 
 
 def to_pacs(facts: StudyFacts) -> list[RoutedJob]:

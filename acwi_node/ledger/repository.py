@@ -924,10 +924,7 @@ class Ledger:
                 f"the study is {study.state.value}: wait until it is "
                 + " or ".join(sorted(st.value for st in allowed))
             )
-        purged = s.scalar(
-            select(Purge.id).where(Purge.study_id == study.id, Purge.generation == study.generation)
-        )
-        if purged is not None:
+        if files_deleted_at(s, study.id, study.generation) is not None:
             raise StudyActionRefused(
                 "storage retention deleted this study's images and results: send it again"
                 " from the PACS"
@@ -1110,13 +1107,7 @@ class Ledger:
             "last_received_at": _iso(st.last_received_at),
             "completed_at": _iso(st.completed_at),
             # When storage retention deleted this generation's images and result files.
-            "images_deleted_at": _iso(
-                s.scalar(
-                    select(Purge.started_at).where(
-                        Purge.study_id == st.id, Purge.generation == st.generation
-                    )
-                )
-            ),
+            "images_deleted_at": _iso(files_deleted_at(s, st.id, st.generation)),
             "jobs": [],
         }
         for j in jobs:
@@ -1497,6 +1488,17 @@ def _order_view(row: Hl7Order) -> dict[str, Any]:
 
 def _iso(value: dt.datetime | None) -> str | None:
     return None if value is None else value.isoformat() + "Z"
+
+
+def files_deleted_at(s: Session, study_id: int, generation: int) -> dt.datetime | None:
+    """When storage retention deleted the files generation ``generation`` of a study analyses
+    (its purge, or a later generation's, which takes every earlier file too); None if it did
+    not."""
+    return s.scalar(
+        select(func.min(Purge.started_at)).where(
+            Purge.study_id == study_id, Purge.generation >= generation
+        )
+    )
 
 
 def promise_hl7_outbound(

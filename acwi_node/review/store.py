@@ -35,7 +35,7 @@ from acwi_node.ledger.models import (
     WebSession,
     utcnow,
 )
-from acwi_node.ledger.repository import promise_hl7_outbound
+from acwi_node.ledger.repository import files_deleted_at, promise_hl7_outbound
 
 ROLES = ("radiologist", "admin")
 #: Verdict actions: the first two verify the result and close the item; escalate keeps it open.
@@ -329,12 +329,8 @@ class ReviewStore:
             verdicts = s.scalars(
                 select(Verdict).where(Verdict.review_item_id == item_id).order_by(Verdict.id)
             ).all()
-            # The job's generation lost its files to storage retention (a closed case only).
-            deleted = s.scalar(
-                select(Purge.started_at).where(
-                    Purge.study_id == st.id, Purge.generation >= job.generation
-                )
-            )
+            # A closed case's files may be gone (storage retention).
+            deleted = files_deleted_at(s, st.id, job.generation)
             return {
                 "id": it.id,
                 "images_deleted_at": _iso(deleted),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, and_, exists, func, not_, or_, select, update
+from sqlalchemy import ColumnElement, and_, exists, not_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from acwi_node.ledger import Ledger
@@ -42,10 +42,6 @@ class Candidate:
     study_id: int
     study_uid: str
     generation: int
-    #: Its last activity: the later of the study row's last update and its last closed
-    #: review item.
-    last_activity: dt.datetime
-    reviewed: bool
 
 
 @dataclass(frozen=True)
@@ -99,15 +95,9 @@ class RetentionStore:
         ``any_age`` all of them. Studies never reviewed come first, then the least recently
         active; None for a time leaves those studies out (unless ``any_age``)."""
         purged = exists().where(Purge.study_id == Study.id, Purge.generation == Study.generation)
-        last_closed = (
-            select(func.max(ReviewItem.closed_at))
-            .where(ReviewItem.study_id == Study.id)
-            .scalar_subquery()
-        )
         reviewed = exists().where(ReviewItem.study_id == Study.id)
         query = (
-            select(Study.id, Study.study_uid, Study.generation, Study.updated_at, last_closed)
-            .add_columns(reviewed)
+            select(Study.id, Study.study_uid, Study.generation)
             .where(_may_purge(), not_(purged))
             .order_by(reviewed, Study.updated_at, Study.id)
             .limit(limit)
@@ -128,16 +118,7 @@ class RetentionStore:
             query = query.where(or_(*old_enough))
         with self.ledger.session() as s:
             rows = s.execute(query).all()
-        return [
-            Candidate(
-                study_id=row[0],
-                study_uid=row[1],
-                generation=row[2],
-                last_activity=max(row[3], row[4]) if row[4] is not None else row[3],
-                reviewed=bool(row[5]),
-            )
-            for row in rows
-        ]
+        return [Candidate(study_id=r[0], study_uid=r[1], generation=r[2]) for r in rows]
 
     def claim(self, candidate: Candidate, reason: str) -> PurgeClaim | None:
         """Take ``candidate``'s current generation for deletion: its instances' paths are

@@ -309,6 +309,7 @@ def run_retention(settings: Settings, *, dry_run: bool, as_json: bool) -> int:
         print(
             f"would delete the files of {report.studies} studies"
             + (f" ({reasons})" if reasons else "")
+            + f": {report.bytes / 1e6:.1f} MB"
         )
         for uid, reason in report.planned:
             print(f"  {uid}  {reason}")

@@ -67,7 +67,8 @@ class SweepReport:
     files: int = 0
     bytes: int = 0
     by_reason: Counter[str] = field(default_factory=Counter)
-    #: Dry run: the studies that would be deleted, with their reason.
+    #: Dry run: the studies that would be deleted, with their reason (``bytes``: what their
+    #: folders hold now).
     planned: list[tuple[str, str]] = field(default_factory=list)
     free_percent: float | None = None
     #: Free space is still below ``min_free_percent`` and no finished study is left to delete.
@@ -169,27 +170,29 @@ class Retention:
         report.free_percent = space.free_percent
         if space.free_percent >= cfg.min_free_percent:
             return
-        needed = int(cfg.min_free_percent / 100 * space.total_bytes) - space.free_bytes
-        seen: set[int] = set()
+        # A dry run has deleted nothing: what it planned so far (by age) counts as freed.
+        needed = self._shortfall(space) - (report.bytes if dry_run else 0)
+        # Studies tried already (a dry run's age-planned ones included: nothing was claimed).
+        seen = {uid for uid, _ in report.planned}
         while needed > 0:
             batch = [
                 c
                 for c in self.store.candidates(
                     unreviewed_before=None, reviewed_before=None, any_age=True, limit=_SPACE_BATCH
                 )
-                if c.study_id not in seen
+                if c.study_uid not in seen
             ]
             if not batch:
                 break
             for candidate in batch:
-                seen.add(candidate.study_id)
+                seen.add(candidate.study_uid)
                 freed = self._purge(candidate, "space", report, dry_run=dry_run)
                 if dry_run:
                     needed -= freed
                 else:
                     space = self._space()
                     report.free_percent = space.free_percent
-                    needed = int(cfg.min_free_percent / 100 * space.total_bytes) - space.free_bytes
+                    needed = self._shortfall(space)
                 if needed <= 0:
                     break
         if needed > 0:
@@ -201,15 +204,25 @@ class Retention:
                 cfg.min_free_percent,
             )
 
+    def _shortfall(self, space: DiskSpace) -> int:
+        """Bytes to free before ``min_free_percent`` of the file system is free."""
+        return int(self.settings.retention.min_free_percent / 100 * space.total_bytes) - (
+            space.free_bytes
+        )
+
     def _purge(
         self, candidate: Candidate, reason: str, report: SweepReport, *, dry_run: bool
     ) -> int:
         """Purge one study; returns the bytes freed (a dry run: the bytes its folders hold)."""
         if dry_run:
+            would_free = sum(
+                self._folder_bytes(root, candidate.study_uid) for root in self._roots()
+            )
             report.planned.append((candidate.study_uid, reason))
             report.studies += 1
             report.by_reason[reason] += 1
-            return sum(self._folder_bytes(root, candidate.study_uid) for root in self._roots())
+            report.bytes += would_free
+            return would_free
         claim = self.store.claim(candidate, reason)
         if claim is None:
             return 0

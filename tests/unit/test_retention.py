@@ -142,6 +142,14 @@ def test_short_of_space_deletes_oldest_first_reviewed_last_until_enough_is_free(
     def space() -> DiskSpace:
         return DiskSpace(free_bytes=capacity - other - used(), total_bytes=capacity)
 
+    # A dry run lists the study that would go, and deletes nothing; once more with every
+    # unreviewed study old enough to go by age, it lists each once, and no study for space
+    # (the age deletions free enough).
+    dry = Retention(settings, ledger, space=space, clock=utcnow).sweep(dry_run=True)
+    assert dry.planned == [("1.2.1", "space")] and dry.bytes == 1500
+    dry = Retention(settings, ledger, space=space, clock=later(200)).sweep(dry_run=True)
+    assert sorted(dry.planned) == [("1.2.1", "age"), ("1.2.2", "age"), ("1.2.3", "age")]
+    assert all(files_of(settings, s) for s in ("1.2.1", "1.2.2", "1.2.3", "1.2.9"))
     report = Retention(settings, ledger, space=space, clock=utcnow).sweep()
     assert dict(report.by_reason) == {"space": 1}
     assert not files_of(settings, "1.2.1")  # the oldest never-reviewed study

@@ -58,6 +58,18 @@ class PurgeClaim:
     started_at: dt.datetime
     instances: int
 
+    @classmethod
+    def of(cls, purge: Purge, study_uid: str) -> PurgeClaim:
+        return cls(
+            id=purge.id,
+            study_uid=study_uid,
+            generation=purge.generation,
+            reason=purge.reason,
+            received_before=purge.received_before,
+            started_at=purge.started_at,
+            instances=purge.instances,
+        )
+
 
 def _may_purge() -> ColumnElement[bool]:
     """The study (``Study``) is finished and nothing will read its files again."""
@@ -157,15 +169,7 @@ class RetentionStore:
                 )
                 s.add(purge)
                 s.flush()
-                return PurgeClaim(
-                    id=purge.id,
-                    study_uid=study.study_uid,
-                    generation=study.generation,
-                    reason=reason,
-                    received_before=received_before,
-                    started_at=now,
-                    instances=purge.instances,
-                )
+                return PurgeClaim.of(purge, study.study_uid)
         except IntegrityError:  # another process claimed this generation first
             return None
 
@@ -178,18 +182,7 @@ class RetentionStore:
                 .where(Purge.finished_at.is_(None), Purge.started_at < started_before)
                 .order_by(Purge.id)
             ).all()
-        return [
-            PurgeClaim(
-                id=p.id,
-                study_uid=uid,
-                generation=p.generation,
-                reason=p.reason,
-                received_before=p.received_before,
-                started_at=p.started_at,
-                instances=p.instances,
-            )
-            for p, uid in rows
-        ]
+        return [PurgeClaim.of(p, uid) for p, uid in rows]
 
     def finish(self, claim: PurgeClaim, *, files: int, size: int) -> None:
         with self.ledger.session() as s:

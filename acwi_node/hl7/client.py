@@ -142,6 +142,7 @@ def queue_oru(
         oru_study(settings, ledger, job_id),
         verdict,
         control_id=control_id,
+        correction=ledger.study_has_final_oru(job_id, before_id=promised[0] if promised else None),
         sending=(cfg.sending_application, cfg.sending_facility),
         receiving=(cfg.ris.receiving_application, cfg.ris.receiving_facility),
     )

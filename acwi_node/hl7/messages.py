@@ -524,16 +524,20 @@ def build_oru(
     verdict: Verdict | None = None,
     *,
     control_id: str,
+    correction: bool = False,
     sending: tuple[str, str] = ("ACWI", "ACWI"),
     receiving: tuple[str, str] = ("RIS", ""),
     when: dt.datetime | None = None,
 ) -> str:
     """An ``ORU^R01`` with the AI result of ``study`` (and the radiologist's ``verdict``).
 
-    Result status is ``P`` (preliminary: an unverified AI result) without a verdict, ``F`` with
-    one. PID carries the patient identifiers as received (order, else DICOM header).
+    Result status (OBR-25, OBX-11) is ``P`` (preliminary: an unverified AI result) without a
+    verdict, ``F`` with one, and ``C`` for a ``correction``: any result for a study whose final
+    result the RIS already has (a second verdict, or a reprocessed study's new analysis), which
+    a RIS takes as replacing the final one rather than refusing a preliminary after it. PID
+    carries the patient identifiers as received (order, else DICOM header).
     """
-    status = "F" if verdict is not None else "P"
+    status = "C" if correction else "F" if verdict is not None else "P"
     msg = Message("ORU_R01", version=HL7_VERSION)
     _msh(
         msg,

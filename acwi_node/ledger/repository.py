@@ -22,6 +22,7 @@ from sqlalchemy import (
     bindparam,
     create_engine,
     event,
+    exists,
     func,
     select,
     text,
@@ -29,7 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from acwi_node.ledger.models import (
     FINAL_JOB_STATES,
@@ -1360,6 +1361,22 @@ class Ledger:
             ).first()
             return None if row is None else (int(row[0]), str(row[1]))
 
+    def study_has_final_oru(self, job_id: int, *, before_id: int | None = None) -> bool:
+        """Whether an ORU with a radiologist's verdict (a final result) is already queued or
+        delivered for this job's study, in any generation: then a new message for the study is a
+        correction. ``before_id`` counts only rows queued before that one (a promised row being
+        built late); messages that failed for good never reached the RIS and do not count."""
+        with self.session() as s:
+            study_id = s.get_one(Job, job_id).study_id
+            query = select(Hl7Outbound.id).where(
+                Hl7Outbound.study_id == study_id,
+                Hl7Outbound.kind.like("verdict%"),
+                Hl7Outbound.state != DeliveryState.FAILED,
+            )
+            if before_id is not None:
+                query = query.where(Hl7Outbound.id < before_id)
+            return s.scalar(query.limit(1)) is not None
+
     def fill_hl7_outbound(self, outbound_id: int, message: str) -> bool:
         """Put the built message into a promised ORU row; False if it already had one."""
         with self.session() as s:
@@ -1410,6 +1427,7 @@ class Ledger:
 
     def due_hl7_outbound(self, *, limit: int = 100) -> list[DueHl7]:
         now = utcnow()
+        earlier = aliased(Hl7Outbound)
         with self.session() as s:
             rows = s.scalars(
                 select(Hl7Outbound)
@@ -1417,6 +1435,13 @@ class Ledger:
                     Hl7Outbound.state == DeliveryState.PENDING,
                     Hl7Outbound.next_attempt_at <= now,
                     Hl7Outbound.message != "",
+                    # One study's messages reach the RIS in the order they were queued: a
+                    # verdict (F) never overtakes its study's result (P) in back-off.
+                    ~exists().where(
+                        earlier.study_id == Hl7Outbound.study_id,
+                        earlier.id < Hl7Outbound.id,
+                        earlier.state == DeliveryState.PENDING,
+                    ),
                 )
                 .order_by(Hl7Outbound.next_attempt_at, Hl7Outbound.id)
                 .limit(limit)

@@ -75,10 +75,19 @@ def make_peer(tmp_path: Path) -> Iterator[Callable[[str], Peer]]:
         p.stop()
 
 
-def make_settings(tmp_path: Path, port: int, *, max_attempts: int = 3) -> Settings:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """The ledger's URL: the embedded default (None), or a fresh PostgreSQL database."""
+    return None if request.param == "sqlite" else str(request.getfixturevalue("postgres_url"))
+
+
+def make_settings(
+    tmp_path: Path, port: int, *, max_attempts: int = 3, database_url: str | None = None
+) -> Settings:
     return load_settings(
         None,
-        node={"data_dir": tmp_path / "data"},
+        node={"data_dir": tmp_path / "data"}
+        | ({} if database_url is None else {"database_url": database_url}),
         ingest={"fsync": False},
         hl7={
             "sending_application": "ACWI",
@@ -118,11 +127,30 @@ def analysed_job(
                        "1.2.840.10008.1.2.1", "OT", "", rel, 1, "MOD"),
         first_in_association=False,
     )  # fmt: skip
+    return analyse(ledger, r.study_id, 1, promise=promise, summary=summary)
+
+
+def reanalysed_job(ledger: Ledger, job_id: int) -> int:
+    """The study of the analysed ``job_id`` reprocessed (``acwi-node studies reprocess``) and
+    analysed again as its next generation."""
+    generation = ledger.reprocess_study(STUDY_UID)
+    return analyse(ledger, ledger.job_report_inputs(job_id)["study_id"], generation)
+
+
+def analyse(
+    ledger: Ledger,
+    study_id: int,
+    generation: int,
+    *,
+    promise: str | None = None,
+    summary: dict[str, Any] | None = None,
+) -> int:
+    """Complete, route and finish the analysis of one generation of a study."""
 
     def route(_: StudyFacts) -> list[RoutedJob]:
         return [RoutedJob("all", "default", [], 0)]
 
-    (job_id,) = ledger.complete_study(r.study_id, 1, route)
+    (job_id,) = ledger.complete_study(study_id, generation, route)
     assert ledger.claim_job(job_id, lease_s=30) is not None
     sr = ResultFile("sr", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.88.34", "x.dcm")
     summary = SUMMARY if summary is None else summary
@@ -172,6 +200,70 @@ def test_result_delivered_with_patient_from_dicom(
     assert queue_oru(settings, ledger, job_id, verdict, review_id=1) is not None
     drain(OruSender(settings, ledger), ledger, "delivered")
     assert oru_observations(peer.messages()[-1])["VERDICT"][0][1].startswith("AGREE^")
+    ledger.dispose()
+
+
+def obr_status(message: str) -> str:
+    return next(seg for seg in message.split("\r") if seg.startswith("OBR")).split("|")[25]
+
+
+def test_after_a_final_result_the_study_s_next_messages_are_corrections(
+    tmp_path: Path, make_peer: Callable[[str], Peer], database_url: str | None
+) -> None:
+    """A RIS that holds a radiologist's final result refuses a preliminary one after it: a
+    reprocessed study's new result, and its new verdict, replace the final one (C)."""
+    peer = make_peer("AA")
+    settings = make_settings(tmp_path, peer.port, database_url=database_url)
+    ledger = Ledger(settings.database_url)
+    first = analysed_job(settings, ledger)
+    queue_oru(settings, ledger, first)
+    queue_oru(settings, ledger, first, Verdict(agrees=True, label="abnormal"), review_id=1)
+    drain(OruSender(settings, ledger), ledger, "delivered")
+    second = reanalysed_job(ledger, first)
+    assert second != first
+    queue_oru(settings, ledger, second)
+    queue_oru(settings, ledger, second, Verdict(agrees=False, label="normal"), review_id=2)
+    drain(OruSender(settings, ledger), ledger, "delivered")
+    assert [obr_status(m) for m in peer.messages()] == ["P", "F", "C", "C"]
+    ledger.dispose()
+
+
+def test_a_reprocessed_study_without_a_verdict_stays_preliminary(
+    tmp_path: Path, make_peer: Callable[[str], Peer]
+) -> None:
+    peer = make_peer("AA")
+    settings = make_settings(tmp_path, peer.port)
+    ledger = Ledger(settings.database_url)
+    first = analysed_job(settings, ledger)
+    queue_oru(settings, ledger, first)
+    drain(OruSender(settings, ledger), ledger, "delivered")
+    queue_oru(settings, ledger, reanalysed_job(ledger, first))
+    drain(OruSender(settings, ledger), ledger, "delivered")
+    assert [obr_status(m) for m in peer.messages()] == ["P", "P"]
+    ledger.dispose()
+
+
+def test_a_verdict_waits_for_its_study_s_result_in_back_off(
+    tmp_path: Path, make_peer: Callable[[str], Peer], database_url: str | None
+) -> None:
+    """The result (P) is in back-off when the verdict (F) is queued: the RIS gets them in that
+    order once it answers, never F before P."""
+    port = free_port()
+    settings = make_settings(tmp_path, port, max_attempts=50, database_url=database_url)
+    ledger = Ledger(settings.database_url)
+    job_id = analysed_job(settings, ledger)
+    queue_oru(settings, ledger, job_id)
+    sender = OruSender(settings, ledger)
+    ris = settings.hl7.ris
+    assert ris is not None
+    sender.ris = ris.model_copy(update={"backoff_initial_s": 1.0, "backoff_max_s": 1.0})
+    assert sender.tick() == 1  # the RIS is down: the result waits a second for its next try
+    queue_oru(settings, ledger, job_id, Verdict(agrees=True, label="abnormal"), review_id=1)
+    assert ledger.due_hl7_outbound() == []  # the verdict, due now, may not overtake it
+    peer = make_peer("AA")
+    sender.ris = sender.ris.model_copy(update={"port": peer.port})
+    drain(sender, ledger, "delivered")
+    assert [obr_status(m) for m in peer.messages()] == ["P", "F"]
     ledger.dispose()
 
 

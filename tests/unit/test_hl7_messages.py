@@ -199,3 +199,14 @@ def test_oru_with_verdict_is_final() -> None:
     obr = text.split("\r")[3].split("|")
     assert obr[25] == "F"
     assert all(seg.split("|")[11] == "F" for seg in text.split("\r") if seg.startswith("OBX"))
+
+
+def test_oru_after_a_final_result_is_a_correction() -> None:
+    verdict = Verdict(agrees=True, label="abnormal", reviewer="R1^Smith^Ann")
+    for text in (
+        build_oru(_study(), control_id="ORU3", correction=True),
+        build_oru(_study(), verdict, control_id="ORU4", correction=True),
+    ):
+        segs = text.split("\r")
+        assert segs[3].split("|")[25] == "C"
+        assert {seg.split("|")[11] for seg in segs if seg.startswith("OBX")} == {"C"}

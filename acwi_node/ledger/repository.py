@@ -1081,15 +1081,42 @@ class Ledger:
     def list_studies(self, *, limit: int = 200) -> list[dict[str, Any]]:
         with self.session() as s:
             studies = s.scalars(select(Study).order_by(Study.id.desc()).limit(limit)).all()
-            return [self._study_view(s, st) for st in studies]
+            ids = [st.id for st in studies]
+            # Three queries for the whole list, not two more per study.
+            jobs: dict[int, list[Job]] = {}
+            for job in s.scalars(select(Job).where(Job.study_id.in_(ids)).order_by(Job.id)):
+                jobs.setdefault(job.study_id, []).append(job)
+            deleted = dict(
+                s.execute(
+                    select(Purge.study_id, func.min(Purge.started_at))
+                    .join(Study, Study.id == Purge.study_id)
+                    .where(Purge.study_id.in_(ids), Purge.generation >= Study.generation)
+                    .group_by(Purge.study_id)
+                )
+                .tuples()
+                .all()
+            )
+            return [self._study_view(st, jobs.get(st.id, []), deleted.get(st.id)) for st in studies]
 
     def get_study(self, study_uid: str) -> dict[str, Any] | None:
         with self.session() as s:
             st = s.scalars(select(Study).where(Study.study_uid == study_uid)).one_or_none()
-            return None if st is None else self._study_view(s, st, detail=True)
+            if st is None:
+                return None
+            jobs = s.scalars(select(Job).where(Job.study_id == st.id).order_by(Job.id)).all()
+            deleted = files_deleted_at(s, st.id, st.generation)
+            return self._study_view(st, jobs, deleted, detail=True)
 
-    def _study_view(self, s: Session, st: Study, *, detail: bool = False) -> dict[str, Any]:
-        jobs = s.scalars(select(Job).where(Job.study_id == st.id).order_by(Job.id)).all()
+    @staticmethod
+    def _study_view(
+        st: Study,
+        jobs: Sequence[Job],
+        images_deleted_at: dt.datetime | None,
+        *,
+        detail: bool = False,
+    ) -> dict[str, Any]:
+        """A study as the API and ``status`` show it, from its row, its jobs and when retention
+        deleted its current generation's files (:func:`files_deleted_at`)."""
         status = st.state.value
         if st.needs_review and st.state in (StudyState.EXPORTING, StudyState.DELIVERED):
             status = "needs_review"
@@ -1108,7 +1135,7 @@ class Ledger:
             "last_received_at": _iso(st.last_received_at),
             "completed_at": _iso(st.completed_at),
             # When storage retention deleted this generation's images and result files.
-            "images_deleted_at": _iso(files_deleted_at(s, st.id, st.generation)),
+            "images_deleted_at": _iso(images_deleted_at),
             "jobs": [],
         }
         for j in jobs:
@@ -1532,10 +1559,10 @@ def promise_hl7_outbound(
     """In the caller's transaction: an ORU outbox row with its MSH-10 and no message yet, unless
     the job already has one of this kind. Whoever promised it builds the message
     (:meth:`Ledger.fill_hl7_outbound`); should it die first, the ORU sender does."""
-    exists = s.scalar(
+    already = s.scalar(
         select(Hl7Outbound.id).where(Hl7Outbound.job_id == job_id, Hl7Outbound.kind == kind)
     )
-    if exists is None:
+    if already is None:
         s.add(
             Hl7Outbound(
                 study_id=study_id,

@@ -63,6 +63,9 @@ def test_a_finished_study_loses_its_files_after_keep_hours_and_the_ledger_keeps_
     st = ledger.get_study("1.2.3")
     assert st is not None and st["state"] == "delivered" and st["images_deleted_at"]
     assert [j["state"] for j in st["jobs"]] == ["delivered"]
+    (listed,) = ledger.list_studies()
+    assert listed["images_deleted_at"] == st["images_deleted_at"]
+    assert [j["id"] for j in listed["jobs"]] == [j["id"] for j in st["jobs"]]
     with ledger.session() as s:
         purge = s.scalars(select(Purge)).one()
         assert (purge.reason, purge.instances, purge.files, purge.bytes) == ("age", 2, 3, 2500)
@@ -183,6 +186,7 @@ def test_a_file_written_after_the_claim_belongs_to_a_later_generation_and_stays(
     receive(settings, ledger, "1.2.3", "1.2.3.3")
     st = ledger.get_study("1.2.3")
     assert st is not None and st["generation"] == 2 and st["images_deleted_at"] is None
+    assert [v["images_deleted_at"] for v in ledger.list_studies()] == [None]
     job_id = analyse(settings, ledger, "1.2.3")
     assert ledger.job_inputs(job_id) == ("1.2.3", ["1.2.3/1.2.3.2.dcm", "1.2.3/1.2.3.3.dcm"])
     deliver(ledger)

@@ -435,6 +435,8 @@ class StorageSCP:
             self.spool.root,
             self.ledger.flush,
             checkpoint_s=cfg.journal_checkpoint_s,
+            checkpoint_idle_s=cfg.journal_checkpoint_idle_s,
+            checkpoint_bytes=cfg.journal_checkpoint_bytes,
             fsync=cfg.fsync,
             replay=self._record_acknowledged,
         )

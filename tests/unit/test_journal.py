@@ -42,6 +42,7 @@ def make_journal(tmp_path: Path, flushes: list[str], **kwargs: object) -> Ingest
         tmp_path,
         lambda: flushes.append("ledger"),
         checkpoint_s=kwargs.pop("checkpoint_s", 3600.0),  # type: ignore[arg-type]
+        checkpoint_idle_s=kwargs.pop("checkpoint_idle_s", 3600.0),  # type: ignore[arg-type]
         **kwargs,  # type: ignore[arg-type]
     )
     journal.open()
@@ -453,18 +454,66 @@ def test_the_checkpointer_runs_on_its_own(tmp_path: Path, flushes: list[str]) ->
     journal.close()
 
 
-def test_a_full_segment_gets_a_successor_and_is_checkpointed_at_once(
+def wait_for_checkpoints(journal: IngestJournal, n: int, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while journal.checkpoints < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert journal.checkpoints >= n
+
+
+def test_a_full_segment_gets_a_successor_without_a_checkpoint(
     tmp_path: Path, flushes: list[str]
 ) -> None:
-    journal = make_journal(tmp_path, flushes, segment_bytes=1000)  # checkpoint_s: an hour
-    first = journal.append({"i": 0}, b"x" * 1500)
-    assert len(segments(journal)) == 2  # the next record goes to a new segment
-    journal.done(first)
-    deadline = time.monotonic() + 5
-    while journal.checkpoints == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    """A burst fills segment after segment; the checkpoint waits (here: an hour)."""
+    journal = make_journal(tmp_path, flushes, segment_bytes=1000)
+    journal.done(journal.append({"i": 0}, b"x" * 1500))
+    journal.done(journal.append({"i": 1}, b"x" * 1500))
+    assert len(segments(journal)) == 3  # each record filled its segment
+    time.sleep(0.3)
+    assert journal.checkpoints == 0 and flushes == []
+    assert len(read_journal(journal.directory)) == 2
+    journal.close()
+
+
+def test_a_journal_holding_checkpoint_bytes_is_checkpointed_at_once(
+    tmp_path: Path, flushes: list[str]
+) -> None:
+    journal = make_journal(tmp_path, flushes, segment_bytes=1000, checkpoint_bytes=2500)
+    journal.done(journal.append({"i": 0}, b"x" * 1500))
+    time.sleep(0.2)
+    assert journal.checkpoints == 0  # one full segment: under checkpoint_bytes
+    journal.done(journal.append({"i": 1}, b"x" * 1500))
+    wait_for_checkpoints(journal, 1)
     assert flushes == ["fs", "ledger"]
     assert len(segments(journal)) == 1 and read_journal(journal.directory) == []
+    journal.close()
+
+
+def test_the_checkpoint_waits_for_the_journal_to_be_idle(
+    tmp_path: Path, flushes: list[str]
+) -> None:
+    """While records keep coming (every 50 ms, for 0.6 s) no checkpoint runs; 0.3 s after the
+    last one, it does."""
+    journal = make_journal(tmp_path, flushes, checkpoint_idle_s=0.3)
+    for i in range(12):
+        journal.done(journal.append({"i": i}, b"data"))
+        time.sleep(0.05)
+    assert journal.checkpoints == 0
+    wait_for_checkpoints(journal, 1)
+    assert journal.pending_records == 0 and flushes == ["fs", "ledger"]
+    journal.close()
+
+
+def test_a_journal_never_idle_is_checkpointed_when_its_oldest_record_is_checkpoint_s_old(
+    tmp_path: Path, flushes: list[str]
+) -> None:
+    journal = make_journal(tmp_path, flushes, checkpoint_s=0.3)
+    start = time.monotonic()
+    while journal.checkpoints == 0:
+        journal.done(journal.append({"i": 0}, b"data"))
+        assert time.monotonic() - start < 5
+        time.sleep(0.02)
+    assert time.monotonic() - start >= 0.3
     journal.close()
 
 

@@ -172,11 +172,10 @@ def node_target(
         wait_node_ready(ops_port)
 
         def count() -> int:
+            """Instances both in the spool and in the ledger: a row is written just after its
+            file (an association's last rows once it ends), so the two may differ briefly."""
             spooled = sum(1 for _ in (root / "data" / "spool").glob("*/*.dcm"))
-            recorded = ledger_instances(ledger_url)
-            if spooled != recorded:
-                raise RuntimeError(f"node: {spooled} files in the spool, {recorded} in the ledger")
-            return recorded
+            return min(spooled, ledger_instances(ledger_url))
 
         yield Receiver(port, "ACWI", count, proc.pid)
     finally:

@@ -41,7 +41,7 @@ log = logging.getLogger("acwi_node")
 PROCESS_KINDS = ("scp", "worker", "exporter", "web")
 #: Commands that write no audit records: they change nothing (``serve``'s processes audit
 #: on their own).
-UNAUDITED_COMMANDS = ("health", "status", "config", "serve")
+UNAUDITED_COMMANDS = ("health", "status", "config", "serve", "destinations")
 
 
 def setup_logging(settings: Settings, kind: str = "cli") -> None:
@@ -275,6 +275,55 @@ def run_studies(settings: Settings, action: str, study_uids: Sequence[str]) -> i
     finally:
         ledger.dispose()
     return 1 if refused else 0
+
+
+def run_destinations_check(settings: Settings, names: Sequence[str], *, as_json: bool) -> int:
+    """``acwi-node destinations check [NAME...]``: C-ECHO each destination (every one without
+    names) with its TLS settings, as the exporter would connect; exit 1 if any fails, 2 for a
+    name that is not configured."""
+    from acwi_node.export.outbox import tls_args
+    from acwi_node.export.scu import verify
+
+    known = {d.name: d for d in settings.destinations}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        print(
+            f"acwi-node: no destination named {', '.join(unknown)}"
+            f" (configured: {', '.join(known) or 'none'})",
+            file=sys.stderr,
+        )
+        return 2
+    rows: list[dict[str, Any]] = []
+    for dest in [known[n] for n in names] if names else settings.destinations:
+        result = verify(
+            dest.ae_title,
+            dest.host,
+            dest.port,
+            settings.node.ae_title,
+            timeout_s=settings.exporter.timeout_s,
+            tls=tls_args(dest),
+        )
+        rows.append(
+            {
+                "name": dest.name,
+                "ae_title": dest.ae_title,
+                "host": dest.host,
+                "port": dest.port,
+                "tls": dest.tls is not None,
+                "ok": result.ok,
+                "elapsed_ms": round(result.elapsed_ms, 1),
+                "error": result.error,
+            }
+        )
+        if not as_json:
+            where = f"{dest.ae_title}@{dest.host}:{dest.port}" + (" (TLS)" if dest.tls else "")
+            verdict = f"ok, {result.elapsed_ms:.0f} ms" if result.ok else f"FAILED: {result.error}"
+            print(f"{dest.name}  {where}  C-ECHO {verdict}")
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("no destinations configured ([[destinations]])")
+    return 0 if all(r["ok"] for r in rows) else 1
 
 
 def run_retention(settings: Settings, *, dry_run: bool, as_json: bool) -> int:
@@ -548,6 +597,13 @@ def build_parser() -> argparse.ArgumentParser:
         "reprocess", help="route and analyse the studies again (a new generation)"
     )
     reprocess.add_argument("study_uids", nargs="+", metavar="STUDY_UID")
+    destinations = sub.add_parser("destinations", help="the DICOM destinations of results")
+    destinations_sub = destinations.add_subparsers(dest="destinations_command", required=True)
+    check = destinations_sub.add_parser(
+        "check", help="C-ECHO the destinations (all, or those named); exit 1 if any fails"
+    )
+    check.add_argument("names", nargs="*", metavar="NAME")
+    check.add_argument("--json", action="store_true", help="print JSON")
     retention = sub.add_parser(
         "retention", help="delete finished studies' files now, as the [retention] policy says"
     )
@@ -618,6 +674,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_studies(settings, args.studies_command, args.study_uids)
     if args.command == "retention":
         return run_retention(settings, dry_run=args.dry_run, as_json=args.json)
+    if args.command == "destinations":
+        return run_destinations_check(settings, args.names, as_json=args.json)
     if args.command == "serve":
         return run_serve(settings, config)
     runner: Callable[[Settings], int] = {

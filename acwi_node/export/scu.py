@@ -38,11 +38,13 @@ from acwi_node.ingest.reactor import EventDrivenRequestorAE
 __all__ = [
     "DELIVERED_WARNING_STATUSES",
     "MAX_PRESENTATION_CONTEXTS",
+    "EchoResult",
     "FileOutcome",
     "SendReport",
     "TlsArgs",
     "echo",
     "send_files",
+    "verify",
 ]
 
 logger = logging.getLogger(__name__)
@@ -530,6 +532,77 @@ def _store_one(
     return outcome, False
 
 
+@dataclass(frozen=True)
+class EchoResult:
+    """What a C-ECHO to a peer found: success, the round trip, or why not."""
+
+    ok: bool
+    #: From the connection request to the C-ECHO response (milliseconds); 0 when it failed.
+    elapsed_ms: float = 0.0
+    #: Why it failed (refused, rejected with the peer's reason, TLS, timed out), or "".
+    error: str = ""
+
+
+def verify(
+    called_ae: str,
+    host: str,
+    port: int,
+    calling_ae: str,
+    timeout_s: float = 10.0,
+    tls: TlsArgs | None = None,
+) -> EchoResult:
+    """C-ECHO the peer (the Verification SOP Class) and say what happened; never raises."""
+    connected = False
+
+    def on_open(event: evt.Event) -> None:
+        nonlocal connected
+        connected = True
+
+    started = time.monotonic()
+    try:
+        ae = _make_ae(calling_ae, timeout_s, 0)
+        ae.add_requested_context(_VERIFICATION)
+        assoc = ae.associate(
+            host,
+            port,
+            ae_title=called_ae,
+            evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+            tls_args=tls,
+        )
+    except socket.gaierror as exc:
+        return EchoResult(False, error=f"cannot resolve host {host!r}: {exc.strerror or exc}")
+    except Exception as exc:  # noqa: BLE001 - invalid AE title or address
+        return EchoResult(False, error=f"cannot request association: {exc}")
+    if not assoc.is_established:
+        return EchoResult(
+            False,
+            error=_association_error(
+                assoc,
+                connected=connected,
+                elapsed_s=time.monotonic() - started,
+                host=host,
+                port=port,
+                called_ae=called_ae,
+                timeout_s=timeout_s,
+                tls=tls,
+            ),
+        )
+    try:
+        status = assoc.send_c_echo()
+        if "Status" not in status:
+            return EchoResult(False, error=f"no C-ECHO response within {timeout_s:g} s")
+        if int(status.Status) != 0x0000:
+            return EchoResult(False, error=f"C-ECHO status 0x{int(status.Status):04X}")
+        return EchoResult(True, elapsed_ms=1000 * (time.monotonic() - started))
+    except Exception as exc:  # noqa: BLE001 - association lost mid-way
+        return EchoResult(False, error=f"association lost: {type(exc).__name__}: {exc}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        elif assoc.is_alive():
+            assoc.abort()
+
+
 def echo(
     called_ae: str,
     host: str,
@@ -539,26 +612,9 @@ def echo(
     tls: TlsArgs | None = None,
 ) -> bool:
     """Return True when the peer answers a C-ECHO with success; never raises."""
-    try:
-        ae = _make_ae(calling_ae, timeout_s, 0)
-        ae.add_requested_context(_VERIFICATION)
-        assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls)
-    except Exception as exc:  # noqa: BLE001 - invalid AE title or address
-        logger.warning("C-ECHO to %s@%s:%d failed: %s", called_ae, host, port, exc)
-        return False
-    if not assoc.is_established:
-        logger.warning("C-ECHO to %s@%s:%d: no association", called_ae, host, port)
-        return False
-    try:
-        status = assoc.send_c_echo()
-        ok = "Status" in status and int(status.Status) == 0x0000
-    except Exception as exc:  # noqa: BLE001 - association lost mid-way
-        logger.warning("C-ECHO to %s@%s:%d failed: %s", called_ae, host, port, exc)
-        ok = False
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        elif assoc.is_alive():
-            assoc.abort()
-    logger.info("C-ECHO to %s@%s:%d: %s", called_ae, host, port, "ok" if ok else "failed")
-    return ok
+    result = verify(called_ae, host, port, calling_ae, timeout_s, tls)
+    if result.ok:
+        logger.info("C-ECHO to %s@%s:%d: ok", called_ae, host, port)
+    else:
+        logger.warning("C-ECHO to %s@%s:%d failed: %s", called_ae, host, port, result.error)
+    return result.ok

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import socket
 import sys
 import threading
@@ -27,15 +28,18 @@ from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
+from acwi_node.cli import main as cli_main
 from acwi_node.export import FileOutcome, SendReport, echo, scu, send_files
 from acwi_node.export.scu import MAX_PRESENTATION_CONTEXTS, _FileInfo, _plan_contexts
 from acwi_node.ingest.reactor import EventDrivenDUL
 from tests.support import SECONDARY_CAPTURE_IMAGE_STORAGE, write_secondary_capture
 from tests.support.dcmtk import echoscu, find_dcmtk_tool, require_dcmtk_tool, storescu
+from tests.support.node import write_config
 from tests.support.orthanc import OrthancServer, require_orthanc
 from tests.support.ports import free_port
 
 NODE_AE = "ACWI"
+VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 DX_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
 CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
 BASIC_TEXT_SR = UID("1.2.840.10008.5.1.4.1.1.88.11")
@@ -506,3 +510,46 @@ def test_dcmtk_storescu_single_file(orthanc: OrthancServer, tmp_path: Path) -> N
     completed = storescu("127.0.0.1", orthanc.dicom_port, orthanc.aet, [path])
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert orthanc.find_study(study_uid) is not None
+
+
+def test_destinations_check_says_which_answer_and_why_the_others_do_not(
+    orthanc: OrthancServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``acwi-node destinations check``: Orthanc answers; a port with nobody listening, and a
+    peer that does not know the called AE title, each fail with the reason."""
+    strict = AE(ae_title="STRICT")
+    strict.require_called_aet = True
+    strict.add_supported_context(VERIFICATION_SOP_CLASS)
+    strict_port = free_port()
+    server = strict.start_server(("127.0.0.1", strict_port), block=False)
+    assert server is not None
+    config = write_config(
+        tmp_path / "acwi.toml",
+        {
+            "node": {"ae_title": NODE_AE, "data_dir": str(tmp_path / "data")},
+            "exporter": {"timeout_s": 5},
+            "destinations": [
+                {"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1",
+                 "port": orthanc.dicom_port},
+                {"name": "down", "ae_title": "DOWN", "host": "127.0.0.1", "port": free_port()},
+                {"name": "wrong-ae", "ae_title": "OTHER", "host": "127.0.0.1",
+                 "port": strict_port},
+            ],
+        },
+    )  # fmt: skip
+    try:
+        assert cli_main(["--config", str(config), "destinations", "check", "--json"]) == 1
+        rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+        assert rows["pacs"]["ok"] is True and rows["pacs"]["elapsed_ms"] > 0
+        assert rows["down"]["ok"] is False
+        assert "connection refused" in rows["down"]["error"]
+        assert rows["wrong-ae"]["ok"] is False
+        assert "association rejected" in rows["wrong-ae"]["error"]
+        assert "Called AE title not recognised" in rows["wrong-ae"]["error"]
+        assert cli_main(["--config", str(config), "destinations", "check", "pacs"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"pacs  {orthanc.aet}@127.0.0.1:{orthanc.dicom_port}  C-ECHO ok, ")
+        assert cli_main(["--config", str(config), "destinations", "check", "nope"]) == 2
+        assert "no destination named nope" in capsys.readouterr().err
+    finally:
+        server.shutdown()

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import delete, exists, select, update
+from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from acwi_node import audit as trail
@@ -567,6 +568,83 @@ class ReviewStore:
             "verdicts": reviewed,
             "files_deleted": purged,
         }
+
+    def delivery_status(
+        self, destinations: Sequence[str], *, ris: bool = False
+    ) -> list[dict[str, Any]]:
+        """Each result destination's outbox, for the administrators' part of the dashboard: the
+        configured ``destinations`` in order, then any other the outbox still names, and (with
+        ``ris``) the RIS's ORU^R01 outbox as ``"RIS (HL7)"``. Per row: results waiting (retried
+        with back-off), results failed for good and not resent, when the last one was
+        delivered, and the error of the latest one waiting or failed."""
+        unsettled = (DeliveryState.PENDING, DeliveryState.FAILED)
+        out: list[dict[str, Any]] = []
+        with self.ledger.session() as s:
+            counts: dict[str, Counter[str]] = defaultdict(Counter)
+            for name, state, n in s.execute(
+                select(Delivery.destination, Delivery.state, func.count())
+                .where(Delivery.state.in_(unsettled))
+                .group_by(Delivery.destination, Delivery.state)
+            ):
+                counts[name][state.value] += n
+            for name in list(dict.fromkeys([*destinations, *sorted(counts)])):
+                delivered_at = s.scalar(
+                    select(Delivery.delivered_at)
+                    .where(Delivery.destination == name, Delivery.state == DeliveryState.DELIVERED)
+                    .order_by(Delivery.id.desc())
+                    .limit(1)
+                )
+                error = s.scalar(
+                    select(Delivery.last_error)
+                    .where(
+                        Delivery.destination == name,
+                        Delivery.state.in_(unsettled),
+                        Delivery.last_error != "",
+                    )
+                    .order_by(Delivery.id.desc())
+                    .limit(1)
+                )
+                out.append(
+                    {
+                        "name": name,
+                        "configured": name in destinations,
+                        "pending": counts[name]["pending"],
+                        "failed": counts[name]["failed"],
+                        "last_delivered_at": _iso(delivered_at),
+                        "last_error": error or "",
+                    }
+                )
+            if ris:
+                hl7: Counter[str] = Counter()
+                for state, n in s.execute(
+                    select(Hl7Outbound.state, func.count())
+                    .where(Hl7Outbound.state.in_(unsettled))
+                    .group_by(Hl7Outbound.state)
+                ):
+                    hl7[state.value] += n
+                delivered_at = s.scalar(
+                    select(Hl7Outbound.delivered_at)
+                    .where(Hl7Outbound.state == DeliveryState.DELIVERED)
+                    .order_by(Hl7Outbound.id.desc())
+                    .limit(1)
+                )
+                error = s.scalar(
+                    select(Hl7Outbound.last_error)
+                    .where(Hl7Outbound.state.in_(unsettled), Hl7Outbound.last_error != "")
+                    .order_by(Hl7Outbound.id.desc())
+                    .limit(1)
+                )
+                out.append(
+                    {
+                        "name": "RIS (HL7)",
+                        "configured": True,
+                        "pending": hl7["pending"],
+                        "failed": hl7["failed"],
+                        "last_delivered_at": _iso(delivered_at),
+                        "last_error": error or "",
+                    }
+                )
+        return out
 
     def failed_studies(self, *, limit: int = 50) -> list[dict[str, Any]]:
         """The most recently failed studies, for the administrators' part of the dashboard:

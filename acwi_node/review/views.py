@@ -387,6 +387,11 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             d=review.store.dashboard(days=days),
             disk=_disk_free_percent(settings.data_dir),
             failed=review.store.failed_studies() if user.role == "admin" else None,
+            outboxes=review.store.delivery_status(
+                [d.name for d in settings.destinations], ris=settings.hl7.ris is not None
+            )
+            if user.role == "admin"
+            else None,
             notice=notice,
             error=error,
         )

@@ -14,6 +14,7 @@ from acwi_node.config import Settings
 from acwi_node.ledger import Ledger, StudyActionRefused
 from acwi_node.ledger.models import ReviewItem
 from acwi_node.retention import DiskSpace, Retention
+from acwi_node.review.store import ReviewStore
 from acwi_node.web.api import create_app
 from tests.support.review_case import CSRF, PASSWORD, add_user, sign_in
 from tests.support.study_flow import analyse, deliver, receive, route_all, study_id
@@ -218,3 +219,41 @@ def test_administrators_resend_and_reprocess_failed_studies_from_the_dashboard(
             client.post("/review/studies/1.2.4/delete", data={"csrf_token": csrf_token}).status_code
             == 404
         )
+
+
+def test_administrators_see_each_destination_s_outbox_on_the_dashboard(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    settings, ledger = ledger_node
+    receive(settings, ledger, "1.2.3", "1.2.3.1")
+    analyse(settings, ledger, "1.2.3")
+    fail_deliveries(ledger)  # failed for good: "refused"
+    receive(settings, ledger, "1.2.4", "1.2.4.1")
+    analyse(settings, ledger, "1.2.4")
+    deliver(ledger)
+    receive(settings, ledger, "1.2.5", "1.2.5.1")
+    analyse(settings, ledger, "1.2.5")  # waiting
+    rows = ReviewStore(ledger).delivery_status(["archive", "pacs"])
+    assert [(r["name"], r["configured"], r["pending"], r["failed"]) for r in rows] == [
+        ("archive", True, 0, 0),
+        ("pacs", True, 1, 1),
+    ]
+    assert rows[0]["last_delivered_at"] is None and rows[0]["last_error"] == ""
+    assert rows[1]["last_delivered_at"] is not None and rows[1]["last_error"] == "refused"
+    # A destination removed from the configuration still shows while its outbox holds results.
+    (gone,) = ReviewStore(ledger).delivery_status([])
+    assert (gone["name"], gone["configured"], gone["failed"]) == ("pacs", False, 1)
+    assert ledger.resend_results("1.2.3") == 1
+    assert ReviewStore(ledger).delivery_status(["pacs"])[0]["failed"] == 0
+
+    add_user(ledger, "ada.admin", role="admin")
+    add_user(ledger, "jane.doe")
+    with TestClient(create_app(settings, ledger), base_url="https://testserver") as client:
+        sign_in(client, "jane.doe")
+        assert "<h2>Destinations</h2>" not in client.get("/review/dashboard").text
+    with TestClient(create_app(settings, ledger), base_url="https://testserver") as client:
+        sign_in(client, "ada.admin")
+        page = client.get("/review/dashboard").text
+        assert "<h2>Destinations</h2>" in page
+        assert '<tr id="outbox-pacs"><td>pacs (no longer configured)</td>' in page
+        assert "<td>2</td><td>0</td>" in page  # two waiting (one resent), none failed

@@ -2,7 +2,8 @@
 
 ``GET /api/studies`` and ``GET /api/studies/{study_uid}`` show each study's state;
 ``POST /api/studies/{study_uid}/resend`` and ``.../reprocess`` (administrators) send a study's
-results again or analyse it again; ``GET /api/worklist`` lists the open review items;
+results again or analyse it again; ``GET /api/destinations`` (administrators) shows each
+destination's outbox; ``GET /api/worklist`` lists the open review items;
 ``/healthz``, ``/readyz`` and ``/metrics`` (:mod:`acwi_node.web.ops`) serve probes and
 Prometheus. The review web app (:mod:`acwi_node.review.views`) adds its pages; every other path
 needs a signed-in user (the JSON API also accepts HTTP Basic credentials of a local account).
@@ -19,7 +20,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from acwi_node import __version__
 from acwi_node.config import Settings
 from acwi_node.ledger import Ledger, StudyActionRefused
-from acwi_node.review.store import SessionInfo
+from acwi_node.review.store import ReviewStore, SessionInfo
 from acwi_node.review.views import install_review
 from acwi_node.web.ops import ops_router
 
@@ -78,6 +79,18 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
         """The study goes through routing and analysis again, as a new generation."""
         generation = _study_action(request, study_uid, db.reprocess_study)
         return {"generation": generation, "study": db.get_study(study_uid)}
+
+    @app.get("/api/destinations")
+    def destinations(request: Request) -> dict[str, Any]:
+        """Administrators: each result destination's outbox, and the RIS's (as on the
+        dashboard): results waiting, failed for good, the last delivered, the latest error."""
+        user: SessionInfo | None = getattr(request.state, "user", None)
+        if user is None or user.role != "admin":
+            raise HTTPException(status_code=403, detail="administrators only")
+        rows = ReviewStore(db).delivery_status(
+            [d.name for d in settings.destinations], ris=settings.hl7.ris is not None
+        )
+        return {"destinations": rows}
 
     @app.get("/api/worklist")
     def worklist() -> dict[str, Any]:

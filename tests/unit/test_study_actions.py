@@ -257,3 +257,10 @@ def test_administrators_see_each_destination_s_outbox_on_the_dashboard(
         assert "<h2>Destinations</h2>" in page
         assert '<tr id="outbox-pacs"><td>pacs (no longer configured)</td>' in page
         assert "<td>2</td><td>0</td>" in page  # two waiting (one resent), none failed
+    with TestClient(create_app(settings, ledger)) as client:
+        assert client.get("/api/destinations").status_code == 401
+        assert client.get("/api/destinations", auth=("jane.doe", PASSWORD)).status_code == 403
+        answer = client.get("/api/destinations", auth=("ada.admin", PASSWORD))
+        assert answer.status_code == 200
+        ((name, waiting),) = [(r["name"], r["pending"]) for r in answer.json()["destinations"]]
+        assert (name, waiting) == ("pacs", 2)

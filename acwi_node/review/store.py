@@ -608,6 +608,8 @@ class ReviewStore:
                     {
                         "name": name,
                         "configured": name in destinations,
+                        # A configured DICOM destination: the dashboard offers a C-ECHO.
+                        "checkable": name in destinations,
                         "pending": counts[name]["pending"],
                         "failed": counts[name]["failed"],
                         "last_delivered_at": _iso(delivered_at),
@@ -638,6 +640,7 @@ class ReviewStore:
                     {
                         "name": "RIS (HL7)",
                         "configured": True,
+                        "checkable": False,
                         "pending": hl7["pending"],
                         "failed": hl7["failed"],
                         "last_delivered_at": _iso(delivered_at),

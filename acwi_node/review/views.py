@@ -39,6 +39,8 @@ from starlette.concurrency import run_in_threadpool
 
 from acwi_node import __version__
 from acwi_node.config import Settings
+from acwi_node.export.outbox import tls_args
+from acwi_node.export.scu import verify
 from acwi_node.ingest.spool import Spool, is_safe_uid
 from acwi_node.ledger import Ledger, StudyActionRefused
 from acwi_node.ledger.models import utcnow
@@ -421,6 +423,35 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             )
         log.info("%s: %s by %s", study_uid, action, user.user_name)
         return RedirectResponse(f"/review/dashboard?done={action}", status_code=303)
+
+    @app.post("/review/destinations/{name}/check", include_in_schema=False)
+    async def check_destination(request: Request, name: str) -> Response:
+        """An administrator C-ECHOes a destination from the dashboard (as ``acwi-node
+        destinations check NAME``); the answer, or why there was none, shows on the page."""
+        user: SessionInfo = request.state.user
+        dest = next((d for d in settings.destinations if d.name == name), None)
+        if dest is None:
+            raise HTTPException(status_code=404, detail="no such destination")
+        if user.role != "admin":
+            return _forbidden("administrators only")
+        form = _form(await request.body())
+        if not auth.csrf_ok(review.key, "session", user.token_hash, form.get("csrf_token")):
+            return _forbidden("invalid form token: reload the page")
+        result = await run_in_threadpool(
+            verify,
+            dest.ae_title,
+            dest.host,
+            dest.port,
+            settings.node.ae_title,
+            settings.exporter.timeout_s,
+            tls_args(dest),
+        )
+        where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port})"
+        if result.ok:
+            notice = f"{where}: C-ECHO ok, {result.elapsed_ms:.0f} ms"
+            return await run_in_threadpool(partial(_dashboard, request, notice=notice))
+        error = f"{where}: C-ECHO failed: {result.error}"
+        return await run_in_threadpool(partial(_dashboard, request, error=error, status=502))
 
     # -------------------------------------------------------------------- case
     def _case_or_404(item_id: int) -> dict[str, Any]:

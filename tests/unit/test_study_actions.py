@@ -7,15 +7,17 @@ import re
 
 import pytest
 from fastapi.testclient import TestClient
+from pynetdicom import AE
 from sqlalchemy import select
 
 from acwi_node.cli import main
-from acwi_node.config import Settings
+from acwi_node.config import Destination, Settings
 from acwi_node.ledger import Ledger, StudyActionRefused
 from acwi_node.ledger.models import ReviewItem
 from acwi_node.retention import DiskSpace, Retention
 from acwi_node.review.store import ReviewStore
 from acwi_node.web.api import create_app
+from tests.support.ports import free_port
 from tests.support.review_case import CSRF, PASSWORD, add_user, sign_in
 from tests.support.study_flow import analyse, deliver, receive, route_all, study_id
 from tests.unit.test_retention import later
@@ -264,3 +266,47 @@ def test_administrators_see_each_destination_s_outbox_on_the_dashboard(
         assert answer.status_code == 200
         ((name, waiting),) = [(r["name"], r["pending"]) for r in answer.json()["destinations"]]
         assert (name, waiting) == ("pacs", 2)
+
+
+def test_administrators_check_a_destination_from_the_dashboard(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    """The dashboard's Check button C-ECHOes a destination: a Verification SCP answers; a port
+    nobody listens on gives the reason."""
+    settings, ledger = ledger_node
+    peer = AE(ae_title="ECHOSCP")
+    peer.add_supported_context("1.2.840.10008.1.1")
+    port = free_port()
+    server = peer.start_server(("127.0.0.1", port), block=False)
+    assert server is not None
+    settings = settings.model_copy(
+        update={
+            "destinations": [
+                Destination(name="pacs", ae_title="ECHOSCP", host="127.0.0.1", port=port),
+                Destination(name="down", ae_title="DOWN", host="127.0.0.1", port=free_port()),
+            ]
+        }
+    )
+    add_user(ledger, "ada.admin", role="admin")
+    add_user(ledger, "jane.doe")
+    try:
+        with TestClient(create_app(settings, ledger), base_url="https://testserver") as client:
+            csrf = sign_in(client, "jane.doe")
+            refused = client.post("/review/destinations/pacs/check", data={"csrf_token": csrf})
+            assert refused.status_code == 403
+        with TestClient(create_app(settings, ledger), base_url="https://testserver") as client:
+            csrf = sign_in(client, "ada.admin")
+            page = client.get("/review/dashboard").text
+            assert 'action="/review/destinations/pacs/check"' in page
+            assert 'action="/review/destinations/down/check"' in page
+            ok = client.post("/review/destinations/pacs/check", data={"csrf_token": csrf})
+            assert ok.status_code == 200
+            assert f"pacs (ECHOSCP@127.0.0.1:{port}): C-ECHO ok, " in ok.text
+            down = client.post("/review/destinations/down/check", data={"csrf_token": csrf})
+            assert down.status_code == 502 and "connection refused" in down.text
+            forged = client.post("/review/destinations/pacs/check", data={"csrf_token": "x"})
+            assert forged.status_code == 403
+            missing = client.post("/review/destinations/nope/check", data={"csrf_token": csrf})
+            assert missing.status_code == 404
+    finally:
+        server.shutdown()

@@ -442,6 +442,18 @@ def run_serve(settings: Settings, config: Path | None) -> int:
     def spawn(kind: str) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-m", "acwi_node.cli", kind], env=env)
 
+    # A ledger this version cannot upgrade stops everything now, rather than every child in
+    # turn, restarted forever; a database not up yet is left to the children, which retry.
+    from acwi_node.ledger import Ledger
+    from acwi_node.ledger.repository import LedgerSchemaError
+
+    try:
+        Ledger(settings.database_url).dispose()
+    except LedgerSchemaError:
+        raise
+    except Exception as exc:
+        log.warning("the ledger is not reachable yet (%s); starting anyway", type(exc).__name__)
+
     kinds = [*PROCESS_KINDS, "hl7"] if settings.hl7.enabled else list(PROCESS_KINDS)
     children = {kind: spawn(kind) for kind in kinds}
     restarts = dict.fromkeys(kinds, 0)
@@ -653,6 +665,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"acwi-node: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings, args.command)
+    from acwi_node.ledger.repository import LedgerSchemaError
+
+    try:
+        return _dispatch(settings, config, args)
+    except LedgerSchemaError as exc:
+        print(f"acwi-node: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(settings: Settings, config: Path | None, args: argparse.Namespace) -> int:
+    """Run the command ``args`` names."""
     if args.command not in UNAUDITED_COMMANDS:
         from acwi_node.audit import configure_audit
 

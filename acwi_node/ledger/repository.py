@@ -7,9 +7,11 @@ exporter processes can share one database (SQLite in WAL mode, or PostgreSQL) sa
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import fcntl
 import functools
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -24,11 +26,12 @@ from sqlalchemy import (
     event,
     exists,
     func,
+    inspect,
     select,
     text,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
@@ -52,6 +55,8 @@ from acwi_node.ledger.models import (
     Verdict,
     utcnow,
 )
+
+log = logging.getLogger("acwi_node.ledger")
 
 
 @dataclass(frozen=True)
@@ -306,6 +311,67 @@ class _StudyRows:
     reopened: bool = False
 
 
+class LedgerSchemaError(RuntimeError):
+    """The ledger's database lacks a column this version needs and cannot add by itself."""
+
+
+def upgrade_schema(conn: Connection) -> list[str]:
+    """Bring a ledger made by an earlier version up to this one's tables, in ``conn``'s
+    transaction: add each column a model has and its table lacks (nullable, or with a constant
+    default its existing rows take), and each missing index. Returns what was added, as
+    ``table.column`` and ``index name``; raises :class:`LedgerSchemaError` for a column it
+    cannot add (one whose default is computed, or unique). Tables themselves are created by
+    ``create_all`` before this runs."""
+    inspector = inspect(conn)
+    added: list[str] = []
+    for table in Base.metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            default = _constant_default(column, conn.dialect)
+            if column.unique or column.primary_key or (default is None and not column.nullable):
+                raise LedgerSchemaError(
+                    f"the ledger's table {table.name} lacks the column {column.name}, which this"
+                    " version cannot add to existing rows: restore the ledger of the version that"
+                    " made it, or start a new ledger (database_url)"
+                )
+            ddl = (
+                f"ALTER TABLE {table.name} ADD COLUMN {column.name} "
+                f"{column.type.compile(dialect=conn.dialect)}"
+            )
+            if default is not None:
+                ddl += f" DEFAULT {default}"
+            if not column.nullable:
+                ddl += " NOT NULL"
+            conn.execute(text(ddl))
+            added.append(f"{table.name}.{column.name}")
+        indexes = {ix["name"] for ix in inspector.get_indexes(table.name)}
+        for index in sorted(table.indexes, key=lambda ix: str(ix.name)):
+            if index.name not in indexes:
+                index.create(conn)
+                added.append(str(index.name))
+    return added
+
+
+def _constant_default(column: Any, dialect: Any) -> str | None:
+    """The SQL literal of a column's constant Python default (an enum as its value); None
+    for no default or a computed one."""
+    default = column.default
+    if default is None or not getattr(default, "is_scalar", False):
+        return None
+    value = default.arg
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return None
+
+
 class StudyActionRefused(Exception):
     """An operator's action on a study (resend, reprocess) that its state does not allow; the
     message says why and what to do instead."""
@@ -337,10 +403,18 @@ class Ledger:
             with open(f"{database}.schema-lock", "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 Base.metadata.create_all(self.engine)
+                with self.engine.begin() as conn:
+                    self._log_upgrade(upgrade_schema(conn))
             return
         with self.engine.begin() as conn:
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
             Base.metadata.create_all(conn)
+            self._log_upgrade(upgrade_schema(conn))
+
+    @staticmethod
+    def _log_upgrade(added: list[str]) -> None:
+        if added:
+            log.warning("ledger: upgraded to this version's schema: added %s", ", ".join(added))
 
     def _after_fork(self) -> None:
         if os.getpid() != self._pid:  # after fork: never share pooled connections

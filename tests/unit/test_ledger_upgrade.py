@@ -1,0 +1,90 @@
+"""A ledger made by an earlier version: the columns and indexes it lacks are added at start-up,
+or start-up stops with what is missing. On SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect, text
+
+from acwi_node.cli import main
+from acwi_node.config import load_settings
+from acwi_node.ledger import Ledger
+from acwi_node.ledger.repository import LedgerSchemaError
+from tests.support.study_flow import analyse, receive
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path_factory.mktemp('ledger') / 'ledger.sqlite'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def ledger(database_url: str) -> Iterator[Ledger]:
+    db = Ledger(database_url)
+    yield db
+    db.dispose()
+
+
+def columns(ledger: Ledger, table: str) -> set[str]:
+    return {c["name"] for c in inspect(ledger.engine).get_columns(table)}
+
+
+def test_an_earlier_ledger_gets_the_columns_and_indexes_it_lacks(
+    ledger: Ledger, database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = load_settings(
+        None, node={"data_dir": tmp_path / "data", "database_url": database_url}
+    )
+    receive(settings, ledger, "1.2.3", "1.2.3.1")
+    analyse(settings, ledger, "1.2.3")
+    # What a version without these columns and this index left.
+    with ledger.engine.begin() as conn:
+        conn.execute(text("DROP INDEX ix_deliveries_due"))
+        conn.execute(text("ALTER TABLE deliveries DROP COLUMN last_error"))
+        conn.execute(text("ALTER TABLE deliveries DROP COLUMN delivered_at"))
+    assert "last_error" not in columns(ledger, "deliveries")
+    ledger.dispose()
+
+    with caplog.at_level(logging.WARNING, logger="acwi_node.ledger"):
+        upgraded = Ledger(database_url)
+    try:
+        assert {"last_error", "delivered_at"} <= columns(upgraded, "deliveries")
+        indexes = {ix["name"] for ix in inspect(upgraded.engine).get_indexes("deliveries")}
+        assert "ix_deliveries_due" in indexes
+        assert "deliveries.delivered_at" in caplog.text and "ix_deliveries_due" in caplog.text
+        # The existing row took the column's default, and the outbox works on it.
+        (due,) = upgraded.due_deliveries()
+        upgraded.record_delivery(
+            due.id, delivered=False, status=None, error="refused", max_attempts=1, backoff_s=1
+        )
+        view = upgraded.get_study("1.2.3")
+        assert view is not None and view["state"] == "failed" and "refused" in view["reason"]
+        caplog.clear()
+        Ledger(database_url).dispose()  # nothing left to add: nothing logged
+        assert "upgraded" not in caplog.text
+    finally:
+        upgraded.dispose()
+
+
+def test_a_column_that_cannot_be_added_stops_start_up_with_its_name(
+    ledger: Ledger, database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with ledger.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE purges DROP COLUMN started_at"))  # computed default
+    ledger.dispose()
+    with pytest.raises(LedgerSchemaError, match="table purges lacks the column started_at"):
+        Ledger(database_url)
+    config = tmp_path / "acwi.toml"
+    config.write_text(
+        f'[node]\ndata_dir = "{tmp_path / "data"}"\ndatabase_url = "{database_url}"\n'
+    )
+    assert main(["--config", str(config), "status"]) == 2
+    assert "acwi-node: the ledger's table purges lacks the column started_at" in (
+        capsys.readouterr().err
+    )

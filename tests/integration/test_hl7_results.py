@@ -130,11 +130,12 @@ def analysed_job(
     return analyse(ledger, r.study_id, 1, promise=promise, summary=summary)
 
 
-def reanalysed_job(ledger: Ledger, job_id: int) -> int:
+def reanalysed_job(ledger: Ledger, job_id: int, *, promise: str | None = None) -> int:
     """The study of the analysed ``job_id`` reprocessed (``acwi-node studies reprocess``) and
-    analysed again as its next generation."""
+    analysed again as its next generation (promising its ORU as :func:`analysed_job` does)."""
     generation = ledger.reprocess_study(STUDY_UID)
-    return analyse(ledger, ledger.job_report_inputs(job_id)["study_id"], generation)
+    study_id = ledger.job_report_inputs(job_id)["study_id"]
+    return analyse(ledger, study_id, generation, promise=promise)
 
 
 def analyse(
@@ -219,9 +220,9 @@ def test_after_a_final_result_the_study_s_next_messages_are_corrections(
     queue_oru(settings, ledger, first)
     queue_oru(settings, ledger, first, Verdict(agrees=True, label="abnormal"), review_id=1)
     drain(OruSender(settings, ledger), ledger, "delivered")
-    second = reanalysed_job(ledger, first)
+    # The worker promised the new result's ORU and died: the sender builds it, as a correction.
+    second = reanalysed_job(ledger, first, promise="ACWI-PROMISED-C")
     assert second != first
-    queue_oru(settings, ledger, second)
     queue_oru(settings, ledger, second, Verdict(agrees=False, label="normal"), review_id=2)
     drain(OruSender(settings, ledger), ledger, "delivered")
     assert [obr_status(m) for m in peer.messages()] == ["P", "F", "C", "C"]

@@ -504,7 +504,8 @@ def collect(
 
 
 def with_pixels(ds: pydicom.Dataset, pixels: np.ndarray) -> pydicom.Dataset:
-    """A copy of ``ds`` whose stored pixel values are ``pixels`` (rounded, clipped to range)."""
+    """A copy of ``ds`` whose stored pixel values are ``pixels`` (rounded, clipped to range),
+    with the same SOP Instance UID."""
     original = ds.pixel_array
     if original.ndim != 2:
         raise ValueError("only single-frame greyscale images can be perturbed")
@@ -520,6 +521,10 @@ def with_pixels(ds: pydicom.Dataset, pixels: np.ndarray) -> pydicom.Dataset:
         values.astype(original.dtype),
         photometric_interpretation=str(ds.PhotometricInterpretation),
         bits_stored=bits,
+        # The copy keeps its source's SOP Instance UID, which seeds the analyser's dropout
+        # masks: pydicom's default, a new random UID, made every perturbed copy's probabilities
+        # (deletion curves) differ from run to run by up to 0.08.
+        generate_instance_uid=False,
     )
     return new
 

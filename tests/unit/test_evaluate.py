@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
 from models.cli import main as cli_main
@@ -34,6 +35,7 @@ from models.evaluate import (
     training_sites,
     triage_curve,
     uncertainty_error_auroc,
+    with_pixels,
 )
 from models.train import config_from_dict, train
 
@@ -223,6 +225,16 @@ def test_deletion_images_and_curve_area() -> None:
     assert curve_area([1.0, 0.0, 0.0]) == pytest.approx(0.25)
 
 
+def test_a_perturbed_copy_keeps_its_source_s_uids(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "data", 1, seed=3, sites=[0], size=64)
+    (path,) = sorted((tmp_path / "data").rglob("*.dcm"))
+    ds = pydicom.dcmread(path)
+    copy = with_pixels(ds, np.zeros(ds.pixel_array.shape))
+    assert copy.SOPInstanceUID == ds.SOPInstanceUID
+    assert copy.file_meta.MediaStorageSOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID
+    assert not copy.pixel_array.any() and ds.pixel_array.any()
+
+
 BUNDLED = Path(__file__).resolve().parents[2] / "models" / "registry" / "default"
 
 
@@ -258,6 +270,10 @@ def test_evaluate_bundled_model_headline_metrics(tmp_path: Path) -> None:
     assert 0.0 <= test["deletion_auc"] <= 1.0 and 0.0 <= test["deletion_auc_random"] <= 1.0
     assert test["domain_gap_auc"] is not None
     assert sum(b["n"]["stability_deletion_images"] for b in loso["sites"].values()) == 6
+    # The same model on the same images gives the same figures, deletion curves included (the
+    # perturbed copies keep their source's UID, which seeds the dropout masks).
+    assert metrics["comparison"]["test"] == test
+    assert metrics["comparison"]["leave_one_site_out"] == loso
     theirs = metrics["comparison"]["test"]  # the same model on the same data
     for key in HEADLINE_KEYS:
         if key.startswith("deletion_auc"):  # heavily deleted images vary slightly per run

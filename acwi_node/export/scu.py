@@ -307,6 +307,57 @@ def _status_outcome(status_ds: Dataset) -> FileOutcome:
     )
 
 
+def _open_association(
+    calling_ae: str,
+    called_ae: str,
+    host: str,
+    port: int,
+    *,
+    timeout_s: float,
+    max_pdu: int,
+    tls: TlsArgs | None,
+    contexts: list[PresentationContext] | None = None,
+) -> tuple[Association | None, str]:
+    """Request an association proposing ``contexts`` (None: Verification only); returns it
+    established, or None and why not in clear text (never raises)."""
+    connected = False
+
+    def on_open(event: evt.Event) -> None:
+        nonlocal connected
+        connected = True
+
+    started = time.monotonic()
+    try:
+        ae = _make_ae(calling_ae, timeout_s, max_pdu)
+        if contexts is None:
+            ae.add_requested_context(_VERIFICATION)
+        assoc = ae.associate(
+            host,
+            port,
+            contexts=contexts,
+            ae_title=called_ae,
+            max_pdu=max_pdu,
+            evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+            tls_args=tls,
+        )
+    except socket.gaierror as exc:
+        return None, f"cannot resolve host {host!r}: {exc.strerror or exc}"
+    except Exception as exc:  # noqa: BLE001 - e.g. invalid AE title or address
+        return None, f"cannot request association: {type(exc).__name__}: {exc}"
+    if not assoc.is_established:
+        return None, _association_error(
+            assoc,
+            connected=connected,
+            elapsed_s=time.monotonic() - started,
+            host=host,
+            port=port,
+            called_ae=called_ae,
+            timeout_s=timeout_s,
+            tls=tls,
+        )
+    return assoc, ""
+
+
 def send_files(
     paths: Sequence[Path],
     *,
@@ -370,45 +421,13 @@ def send_files(
         return finish({})
 
     contexts, covered = _plan_contexts(infos)
-    connected = False
-
-    def on_open(event: evt.Event) -> None:
-        nonlocal connected
-        connected = True
-
-    started = time.monotonic()
-    try:
-        ae = _make_ae(calling_ae, timeout_s, max_pdu)
-        assoc = ae.associate(
-            host,
-            port,
-            contexts=contexts,
-            ae_title=called_ae,
-            max_pdu=max_pdu,
-            evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
-            tls_args=tls,
-        )
-    except socket.gaierror as exc:
-        report.error = f"cannot resolve host {host!r}: {exc.strerror or exc}"
+    assoc, error = _open_association(
+        calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=max_pdu, tls=tls,
+        contexts=contexts,
+    )  # fmt: skip
+    if assoc is None:
+        report.error = error
         logger.error("C-STORE to %s@%s:%d: %s", called_ae, host, port, report.error)
-        return finish({p: FileOutcome(None, False, f"not sent: {report.error}") for p in infos})
-    except Exception as exc:  # noqa: BLE001 - e.g. invalid AE title or address
-        report.error = f"cannot request association: {type(exc).__name__}: {exc}"
-        logger.error("C-STORE to %s@%s:%d: %s", called_ae, host, port, report.error)
-        return finish({p: FileOutcome(None, False, f"not sent: {report.error}") for p in infos})
-
-    if not assoc.is_established:
-        report.error = _association_error(
-            assoc,
-            connected=connected,
-            elapsed_s=time.monotonic() - started,
-            host=host,
-            port=port,
-            called_ae=called_ae,
-            timeout_s=timeout_s,
-            tls=tls,
-        )
-        logger.error("C-STORE association failed: %s", report.error)
         return finish({p: FileOutcome(None, False, f"not sent: {report.error}") for p in infos})
 
     report.association_ok = True
@@ -552,41 +571,12 @@ def verify(
     tls: TlsArgs | None = None,
 ) -> EchoResult:
     """C-ECHO the peer (the Verification SOP Class) and say what happened; never raises."""
-    connected = False
-
-    def on_open(event: evt.Event) -> None:
-        nonlocal connected
-        connected = True
-
     started = time.monotonic()
-    try:
-        ae = _make_ae(calling_ae, timeout_s, 0)
-        ae.add_requested_context(_VERIFICATION)
-        assoc = ae.associate(
-            host,
-            port,
-            ae_title=called_ae,
-            evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
-            tls_args=tls,
-        )
-    except socket.gaierror as exc:
-        return EchoResult(False, error=f"cannot resolve host {host!r}: {exc.strerror or exc}")
-    except Exception as exc:  # noqa: BLE001 - invalid AE title or address
-        return EchoResult(False, error=f"cannot request association: {exc}")
-    if not assoc.is_established:
-        return EchoResult(
-            False,
-            error=_association_error(
-                assoc,
-                connected=connected,
-                elapsed_s=time.monotonic() - started,
-                host=host,
-                port=port,
-                called_ae=called_ae,
-                timeout_s=timeout_s,
-                tls=tls,
-            ),
-        )
+    assoc, error = _open_association(
+        calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=0, tls=tls
+    )
+    if assoc is None:
+        return EchoResult(False, error=error)
     try:
         status = assoc.send_c_echo()
         if "Status" not in status:

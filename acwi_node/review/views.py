@@ -402,6 +402,16 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
     def dashboard_page(request: Request, days: int = 14, done: str = "") -> HTMLResponse:
         return _dashboard(request, days, notice=STUDY_ACTION_NOTICES.get(done, ""))
 
+    async def _admin_form_refused(request: Request) -> Response | None:
+        """403 unless an administrator posted the form with a valid CSRF token; else None."""
+        user: SessionInfo = request.state.user
+        if user.role != "admin":
+            return _forbidden("administrators only")
+        form = _form(await request.body())
+        if not auth.csrf_ok(review.key, "session", user.token_hash, form.get("csrf_token")):
+            return _forbidden("invalid form token: reload the page")
+        return None
+
     @app.post("/review/studies/{study_uid}/{action}", include_in_schema=False)
     async def study_action(request: Request, study_uid: str, action: str) -> Response:
         """An administrator resends a failed study's results or reprocesses it (the same
@@ -409,11 +419,9 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         user: SessionInfo = request.state.user
         if action not in STUDY_ACTION_NOTICES or not is_safe_uid(study_uid):
             raise HTTPException(status_code=404, detail="no such action")
-        if user.role != "admin":
-            return _forbidden("administrators only")
-        form = _form(await request.body())
-        if not auth.csrf_ok(review.key, "session", user.token_hash, form.get("csrf_token")):
-            return _forbidden("invalid form token: reload the page")
+        refused = await _admin_form_refused(request)
+        if refused is not None:
+            return refused
         act = ledger.resend_results if action == "resend" else ledger.reprocess_study
         try:
             await run_in_threadpool(act, study_uid)
@@ -432,11 +440,9 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         dest = next((d for d in settings.destinations if d.name == name), None)
         if dest is None:
             raise HTTPException(status_code=404, detail="no such destination")
-        if user.role != "admin":
-            return _forbidden("administrators only")
-        form = _form(await request.body())
-        if not auth.csrf_ok(review.key, "session", user.token_hash, form.get("csrf_token")):
-            return _forbidden("invalid form token: reload the page")
+        refused = await _admin_form_refused(request)
+        if refused is not None:
+            return refused
         result = await run_in_threadpool(
             verify,
             dest.ae_title,
@@ -446,6 +452,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             settings.exporter.timeout_s,
             tls_args(dest),
         )
+        log.info("destination %s checked by %s: %s", name, user.user_name, result.ok)
         where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port})"
         if result.ok:
             notice = f"{where}: C-ECHO ok, {result.elapsed_ms:.0f} ms"

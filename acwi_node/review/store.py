@@ -600,6 +600,8 @@ class ReviewStore:
                         Delivery.destination == name,
                         Delivery.state.in_(unsettled),
                         Delivery.last_error != "",
+                        # A resent result keeps its earlier error until it is tried again.
+                        Delivery.attempts > 0,
                     )
                     .order_by(Delivery.id.desc())
                     .limit(1)
@@ -632,7 +634,11 @@ class ReviewStore:
                 )
                 error = s.scalar(
                     select(Hl7Outbound.last_error)
-                    .where(Hl7Outbound.state.in_(unsettled), Hl7Outbound.last_error != "")
+                    .where(
+                        Hl7Outbound.state.in_(unsettled),
+                        Hl7Outbound.last_error != "",
+                        Hl7Outbound.attempts > 0,
+                    )
                     .order_by(Hl7Outbound.id.desc())
                     .limit(1)
                 )

@@ -23,10 +23,11 @@ from tests.support.study_flow import analyse, deliver, receive, route_all, study
 from tests.unit.test_retention import later
 
 
-def fail_deliveries(ledger: Ledger) -> None:
+def fail_deliveries(ledger: Ledger, *, error: str = "refused") -> None:
+    """Every due delivery tried once, failed for good with ``error``."""
     for d in ledger.due_deliveries():
         ledger.record_delivery(
-            d.id, delivered=False, status=None, error="refused", max_attempts=1, backoff_s=1
+            d.id, delivered=False, status=None, error=error, max_attempts=1, backoff_s=1
         )
 
 
@@ -246,7 +247,10 @@ def test_administrators_see_each_destination_s_outbox_on_the_dashboard(
     (gone,) = ReviewStore(ledger).delivery_status([])
     assert (gone["name"], gone["configured"], gone["failed"]) == ("pacs", False, 1)
     assert ledger.resend_results("1.2.3") == 1
-    assert ReviewStore(ledger).delivery_status(["pacs"])[0]["failed"] == 0
+    (resent,) = ReviewStore(ledger).delivery_status(["pacs"])
+    assert resent["failed"] == 0 and resent["pending"] == 2
+    # The resent result's error was before the resend: none shows until it is tried again.
+    assert resent["last_error"] == ""
 
     add_user(ledger, "ada.admin", role="admin")
     add_user(ledger, "jane.doe")
@@ -260,9 +264,9 @@ def test_administrators_see_each_destination_s_outbox_on_the_dashboard(
         row = re.search(r'<tr id="outbox-pacs">(.*?)</tr>', page, re.S)
         assert row is not None
         cells = re.findall(r"<td>(.*?)</td>", row.group(1), re.S)
-        # Two waiting (one resent, its last error kept), none failed, delivered once.
+        # Two waiting (one resent, its earlier error not shown), none failed, delivered once.
         assert cells[:3] == ["pacs (no longer configured)", "2", "0"]
-        assert cells[3] != "-" and cells[4] == "refused"
+        assert cells[3] != "-" and cells[4] == "-"
     with TestClient(create_app(settings, ledger)) as client:
         assert client.get("/api/destinations").status_code == 401
         assert client.get("/api/destinations", auth=("jane.doe", PASSWORD)).status_code == 403
@@ -270,6 +274,10 @@ def test_administrators_see_each_destination_s_outbox_on_the_dashboard(
         assert answer.status_code == 200
         ((name, waiting),) = [(r["name"], r["pending"]) for r in answer.json()["destinations"]]
         assert (name, waiting) == ("pacs", 2)
+    fail_deliveries(ledger, error="association rejected")
+    assert ReviewStore(ledger).delivery_status(["pacs"])[0]["last_error"] == (
+        "association rejected"
+    )
 
 
 def test_administrators_check_a_destination_from_the_dashboard(

@@ -10,10 +10,13 @@ import json
 import math
 import os
 import platform
+import statistics
+import struct
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -241,6 +244,57 @@ def children_cpu_s() -> float:
 
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+# ------------------------------------------------------------------------- the machine
+#: The kernel's CPU wake-up latency request (PM QoS): held open, it keeps every CPU out of idle
+#: states slower to leave than the value written (microseconds); closed, the request ends.
+CPU_DMA_LATENCY = Path("/dev/cpu_dma_latency")
+
+
+@contextmanager
+def cpu_wakeup_latency(microseconds: int | None) -> Iterator[None]:
+    """Hold a PM QoS request that CPUs wake within ``microseconds`` (0: never leave the
+    polling idle state) for the block, as a latency tuning profile (``tuned-adm profile
+    latency-performance``) does; ``None``: leave the machine as it is. Needs root."""
+    if microseconds is None:
+        yield
+        return
+    try:
+        fd = os.open(CPU_DMA_LATENCY, os.O_WRONLY)
+    except OSError as exc:
+        message = f"cannot request a CPU wake-up latency ({CPU_DMA_LATENCY}): {exc}"
+        raise SystemExit(message) from None
+    try:
+        os.write(fd, struct.pack("i", microseconds))
+        yield
+    finally:
+        os.close(fd)
+
+
+def flush_latency_us(directory: Path, size: int, *, records: int = 1000) -> float:
+    """Median microseconds of writing ``size`` bytes into a preallocated file in ``directory``
+    and flushing them (``pwrite`` + ``fdatasync``), as the node's ingest journal does for each
+    instance: what a receiver that flushes an instance before it answers adds to it, at least.
+    At most ``records`` writes, fewer where ``size`` is large (64 MiB in all)."""
+    stride = -(-max(size, 1) // 4096) * 4096
+    records = max(1, min(records, (64 << 20) // stride))
+    path = directory / f"flush-probe-{os.getpid()}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, bytes(records * stride))
+        os.fsync(fd)
+        record = os.urandom(size)
+        times = []
+        for i in range(records):
+            start = time.perf_counter()
+            os.pwrite(fd, record, i * stride)
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - start)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return 1e6 * statistics.median(times)
 
 
 # ------------------------------------------------------------------------- DCMTK

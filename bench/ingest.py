@@ -41,6 +41,8 @@ from acwi_node.ledger.repository import make_engine
 from bench.common import (
     STORESCP,
     children_cpu_s,
+    cpu_wakeup_latency,
+    flush_latency_us,
     markdown_table,
     process_tree_cpu_s,
     rate,
@@ -307,6 +309,29 @@ def measure(target: Target, files: list[Path], associations: int, workdir: Path)
     )
 
 
+def flushed_reference(
+    results: dict[str, dict[str, float]], flush_us: dict[str, float], targets: list[str]
+) -> tuple[list[str], list[list[Any]]] | None:
+    """The "storescp + flush" table for the one-association rows: storescp's time per instance
+    plus one flush of an instance's bytes, as a rate, and each node target's ratio to it;
+    None without storescp among the targets."""
+    if "storescp" not in targets:
+        return None
+    nodes = [t for t in targets if t.startswith("node")]
+    header = ["instances, associations", "flush us", "storescp + flush inst/s"]
+    header += [f"{n} / storescp + flush" for n in nodes]
+    rows: list[list[Any]] = []
+    for row, figures in results.items():
+        name, _, assocs = row.rpartition(", ")
+        if assocs != "1 assoc." or name not in flush_us or not figures["storescp"]:
+            continue
+        reference = 1.0 / (1.0 / figures["storescp"] + flush_us[name] / 1e6)
+        cells: list[Any] = [row, round(flush_us[name]), round(reference, 1)]
+        cells += [round(ratio(figures[n], reference), 2) for n in nodes]
+        rows.append(cells)
+    return (header, rows) if rows else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ct", type=int, default=400, help="CT slices 512x512 16-bit")
@@ -330,8 +355,21 @@ def main(argv: list[str] | None = None) -> int:
         " checkpointed every 2 s and at every full segment), node-postgres (the ledger on"
         " PostgreSQL, ACWI_BENCH_POSTGRES or postgres@127.0.0.1:5432)",
     )
+    parser.add_argument(
+        "--cpu-latency-us",
+        type=int,
+        help="hold a CPU wake-up latency request (/dev/cpu_dma_latency, root) of this many"
+        " microseconds for the whole run, every target alike: 0 keeps idle CPUs polling,"
+        " as a latency tuning profile does",
+    )
     parser.add_argument("--json", type=Path, help="write the figures as JSON")
     args = parser.parse_args(argv)
+    with cpu_wakeup_latency(args.cpu_latency_us):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The benchmark ``main`` parsed the arguments for."""
     # Every DCMTK process (storescu, storescp, Orthanc's network layer) sends small PDUs at once.
     os.environ["TCP_NODELAY"] = "1"
 
@@ -343,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[str, list[float]]] = {}  # every run
     # CPU milliseconds per instance of every run: {"receiver": [...], "sender": [...]}
     cpu_runs: dict[str, dict[str, dict[str, list[float]]]] = {}
+    # Per instance set: median microseconds of one flush of an instance's bytes (flush_latency_us)
+    flush_us: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="acwi-bench-ingest-") as tmp:
         work = Path(tmp)
         sets: dict[str, list[Path]] = {}
@@ -358,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
             scenarios.append((f"{len(small)} small", small, EACH))
         for name, files, assocs in scenarios:
             row = f"{name}, " + ("one assoc. each" if assocs == EACH else f"{assocs} assoc.")
+            if assocs == 1:
+                settle_memory([])
+                flush_us[name] = flush_latency_us(work, files[0].stat().st_size)
+                print(f"{name}: one flush of an instance's bytes takes {flush_us[name]:.0f} us")
             runs[row] = {t: [] for t in targets}
             cpu_runs[row] = {t: {"receiver": [], "sender": []} for t in targets}
             # Rounds alternate the targets' order (A B C, C B A, ...), so that a machine getting
@@ -419,6 +463,16 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(header, rows))
     print()
     print(markdown_table(cpu_header, cpu_rows))
+    flushed = flushed_reference(results, flush_us, targets)
+    if flushed:
+        print()
+        print(
+            "storescp + flush: storescp's time per instance plus one flush of the instance's"
+            " bytes (what a receiver as quick as storescp would take if it flushed each"
+            " instance before answering)"
+        )
+        print()
+        print(markdown_table(*flushed))
     write_json(
         args.json,
         {
@@ -429,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_ms_per_instance": cpu,
             "cpu_runs": cpu_runs,
             "page_cache_dropped": page_cache_dropped,
+            "flush_us": flush_us,
         },
     )
     return 0

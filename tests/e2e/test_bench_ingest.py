@@ -25,6 +25,9 @@ def test_the_ingest_bench_runs_and_writes_every_round(tmp_path: Path) -> None:
     rows = ["2 CT 512x512x16, 1 assoc.", "6 small, 1 assoc.", "2 CT 512x512x16, 2 assoc.",
             "6 small, 2 assoc.", "3 small, one assoc. each"]  # fmt: skip
     assert list(report["runs"]) == rows
+    # One flush of an instance's bytes, probed once per set of instances on the targets' disk.
+    assert set(report["flush_us"]) == {"2 CT 512x512x16", "6 small"}
+    assert all(us > 0 for us in report["flush_us"].values())
     for row in rows:
         for target in ("storescp", "node"):
             figures = report["runs"][row][target]

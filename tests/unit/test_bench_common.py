@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
+import os
+import struct
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 
+import bench.common
 from bench.common import (
     CT_STORAGE,
+    cpu_wakeup_latency,
+    flush_latency_us,
     markdown_table,
     percentile,
     rate,
@@ -18,6 +23,7 @@ from bench.common import (
     write_ct_series,
     write_small_instances,
 )
+from bench.ingest import flushed_reference
 
 
 def test_percentile_interpolates_between_closest_ranks() -> None:
@@ -73,3 +79,65 @@ def test_small_instances_are_grouped_in_studies(tmp_path: Path) -> None:
     studies = [str(dcmread(p).StudyInstanceUID) for p in paths]
     assert len(set(studies)) == 3
     assert studies[0] == studies[1] != studies[2]
+
+
+def test_a_cpu_wakeup_latency_request_is_held_for_the_block_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request is the value as a native int, written to a descriptor kept open for the
+    block (the kernel drops the request when it is closed); None leaves the machine alone."""
+    device = tmp_path / "cpu_dma_latency"
+    device.write_bytes(b"")
+    monkeypatch.setattr(bench.common, "CPU_DMA_LATENCY", device)
+    with cpu_wakeup_latency(0):
+        assert device.read_bytes() == struct.pack("i", 0)
+        assert _holds_open(device)
+    assert not _holds_open(device)
+    device.write_bytes(b"")
+    with cpu_wakeup_latency(None):
+        pass
+    assert device.read_bytes() == b""
+
+
+def _holds_open(path: Path) -> bool:
+    """Whether this process has a descriptor open on ``path``."""
+    target = os.path.realpath(path)
+    fds = Path("/proc/self/fd")
+    return any(os.path.realpath(fds / fd) == target for fd in os.listdir(fds))
+
+
+def test_a_cpu_wakeup_latency_that_cannot_be_requested_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bench.common, "CPU_DMA_LATENCY", tmp_path / "missing")
+    with (
+        pytest.raises(SystemExit, match="cannot request a CPU wake-up latency"),
+        cpu_wakeup_latency(0),
+    ):
+        pass
+
+
+def test_the_flush_probe_measures_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    small = flush_latency_us(tmp_path, 1024, records=20)
+    large = flush_latency_us(tmp_path, 525_000, records=20)
+    assert small > 0 and large > 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_storescp_plus_one_flush_is_the_rate_of_both_times_added() -> None:
+    results = {
+        "6 small, 1 assoc.": {"storescp": 4000.0, "node": 1500.0},
+        "6 small, 2 assoc.": {"storescp": 3000.0, "node": 1000.0},
+    }
+    flushed = flushed_reference(results, {"6 small": 250.0}, ["storescp", "node"])
+    assert flushed is not None
+    header, rows = flushed
+    assert header == [
+        "instances, associations",
+        "flush us",
+        "storescp + flush inst/s",
+        "node / storescp + flush",
+    ]
+    # 0.25 ms (storescp) + 0.25 ms (flush) = 0.5 ms an instance: 2,000 per second.
+    assert rows == [["6 small, 1 assoc.", 250, 2000.0, 0.75]]
+    assert flushed_reference(results, {"6 small": 250.0}, ["node"]) is None

@@ -119,7 +119,7 @@ CHECKPOINT_BYTES = 256 << 20
 #: to the disk instead of two. The whole segment: CT slices (512 KB each, journaled whole)
 #: fill one in a second or less, and a flush that also grows the file costs CT ingest about
 #: 15 % (16 MiB preallocated against 64 MiB, side by side). Writing the first one takes about
-#: 70 ms when the SCP starts; the checkpointer writes spares meanwhile.
+#: 70 ms when the SCP starts; the checkpointer writes spares while the process is idle.
 PREALLOCATE_BYTES = SEGMENT_BYTES
 #: Retired segments kept for reuse (renamed, their space already allocated), at least; as
 #: many as a journal of ``checkpoint_bytes`` needs, so that a burst that long never grows
@@ -143,6 +143,19 @@ def _preallocate(fd: int, size: int) -> None:
             os.fdatasync(fd)
     except OSError:
         os.ftruncate(fd, 0)
+
+
+#: What a spare segment is written with, a MiB at a time.
+_ZEROS = bytes(1 << 20)
+
+
+@dataclass(slots=True)
+class _PartialSpare:
+    """A spare segment being written: its first ``written`` bytes are zeros."""
+
+    path: Path
+    fd: int
+    written: int = 0
 
 
 class JournalError(OSError):
@@ -282,6 +295,8 @@ class IngestJournal:
         #: Retired segments to reuse, oldest first.
         self._spares: list[Path] = []
         self._next_spare = 1
+        #: A spare being written, between idle moments (only the checkpointer touches it).
+        self._partial_spare: _PartialSpare | None = None
         self.directory = root / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
@@ -336,6 +351,7 @@ class IngestJournal:
                 self._dirty.notify_all()
             self._flusher.join()
             self._flusher = None
+        self._discard_partial_spare()
         if self._lock_fd < 0:
             return
         try:
@@ -365,19 +381,48 @@ class IngestJournal:
         return _Segment(seq=seq, path=path, fd=fd)
 
     def _prepare_spare(self) -> None:
-        """Without a spare segment, write one (outside the lock: writers go on meanwhile)."""
+        """Without a spare segment, write one (outside the lock: writers go on meanwhile), a
+        MiB at a time while the process stays idle (:meth:`_idle`): once a record comes, the
+        rest waits for the next idle moment, so that an association's flushes never wait
+        behind 64 MiB of zeros (as the first burst after a start did)."""
         with self._lock:
             if self._spares or not self.preallocate_bytes or not self._segments:
                 return
-            spare = self.directory / f"{self._next_spare:012d}.spare"
-            self._next_spare += 1
-        fd = os.open(spare, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+            if self._partial_spare is None:
+                spare = self.directory / f"{self._next_spare:012d}.spare"
+                self._next_spare += 1
+                fd = os.open(spare, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+                self._partial_spare = _PartialSpare(spare, fd)
+            partial = self._partial_spare
+        size = self.preallocate_bytes
         try:
-            _preallocate(fd, self.preallocate_bytes)
-        finally:
-            os.close(fd)
+            while partial.written < size:
+                if not self._idle() or self._stop.is_set():
+                    return  # the rest when idle again
+                end = min(size, partial.written + len(_ZEROS))
+                partial.written += os.pwrite(
+                    partial.fd, _ZEROS[: end - partial.written], partial.written
+                )
+            if not self._idle() or self._stop.is_set():
+                return  # its flush, too, waits for an idle moment
+            os.fdatasync(partial.fd)
+        except OSError:
+            # No room for the zeros: an empty spare, which grows as it is written (as
+            # ``_preallocate`` leaves a segment).
+            with contextlib.suppress(OSError):
+                os.ftruncate(partial.fd, 0)
+        os.close(partial.fd)
         with self._lock:
-            self._spares.append(spare)
+            self._partial_spare = None
+            self._spares.append(partial.path)
+
+    def _discard_partial_spare(self) -> None:
+        """Remove a spare segment not fully written (on an error, or when the journal closes)."""
+        partial, self._partial_spare = self._partial_spare, None
+        if partial is not None:
+            with contextlib.suppress(OSError):
+                os.close(partial.fd)
+            partial.path.unlink(missing_ok=True)
 
     def _retire(self, seg: _Segment) -> None:
         """Close a checkpointed segment; keep it as a spare, or delete it."""

@@ -145,6 +145,42 @@ def test_a_new_segment_is_preallocated_and_a_retired_one_reused(
     journal.close()
 
 
+def test_a_spare_segment_is_written_only_while_the_process_is_idle(
+    tmp_path: Path, flushes: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spare zeros are written a MiB at a time; once a record comes (the process is no longer
+    idle), the rest and the spare's flush wait for the next idle moment, so that no
+    association's flush waits behind them; a journal closed meanwhile removes the part."""
+    monkeypatch.setattr(IngestJournal, "_checkpoint_loop", lambda self: None)  # driven here
+    journal = make_journal(tmp_path, flushes, preallocate_bytes=4 << 20)
+    idle = [True, True, False]  # two MiB, then a record comes
+    monkeypatch.setattr(journal, "_idle", lambda: idle.pop(0) if idle else True)
+    synced: list[int] = []
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        synced.append(fd)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    journal._prepare_spare()
+    (spare,) = journal.directory.glob("*.spare")
+    assert spare.stat().st_size == 2 << 20 and journal.spare_segments == 0 and synced == []
+    journal._prepare_spare()  # idle again: the rest, then its flush
+    assert spare.stat().st_size == 4 << 20 and journal.spare_segments == 1 and len(synced) == 1
+
+    journal._spares.clear()  # taken by a new segment, say: the next spare is started
+    idle[:] = [True, False]
+    journal._prepare_spare()
+    assert len(list(journal.directory.glob("*.spare"))) == 2
+    partial = journal._partial_spare
+    assert partial is not None and partial.written == 1 << 20
+    journal.close()
+    assert not journal.directory.exists()
+    with pytest.raises(OSError):
+        os.fstat(partial.fd)  # closed, not leaked
+
+
 def test_records_of_the_first_format_are_still_read(tmp_path: Path) -> None:
     """A journal left by a version whose CRC-32 started from zero (magic AJR1)."""
     meta = json.dumps({"uid": "1.2.3"}).encode()

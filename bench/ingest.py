@@ -282,9 +282,11 @@ def measure(target: Target, files: list[Path], associations: int, workdir: Path)
     # thousands of files would slow down the next target's file creation.
     received = workdir / "received"
     received.mkdir(exist_ok=True)
-    settle_memory(files)
     tmp = tempfile.mkdtemp(dir=received)
     with target(Path(tmp)) as receiver:
+        # Settled once the target has started: what its start-up wrote (Orthanc's index, the
+        # node's journal segments) is on disk, and its memory as every other target's.
+        settle_memory(files)
         receiver_before = process_tree_cpu_s(receiver.pid)
         sender_before = children_cpu_s()
         if associations == EACH:

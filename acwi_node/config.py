@@ -168,6 +168,12 @@ class IngestSettings(_Strict):
     #: ``event``: associations sleep until data or work arrives (see ingest/reactor.py);
     #: ``polling``: pynetdicom's own loops, which poll every millisecond.
     reactor: Literal["event", "polling"] = "event"
+    #: While an SCP process has associations open, ask the kernel to keep every CPU able to
+    #: wake within this many microseconds (PM QoS, ``/dev/cpu_dma_latency``; 0: idle CPUs
+    #: poll instead of sleeping). None: never. Faster answers on one association (CPUs that
+    #: sleep while a flush runs wake slowly), for idle CPUs that spin while studies arrive;
+    #: needs write access to the device (see deploy/README.md, "Latency tuning").
+    cpu_wakeup_latency_us: int | None = Field(None, ge=0, le=2_000_000_000)
     #: DICOM TLS on the DICOM port (``[ingest.tls]``).
     tls: IngestTlsSettings = IngestTlsSettings()
 

@@ -238,6 +238,9 @@ TARGETS: dict[str, Target] = {
     "node-processes": lambda workdir: node_target(workdir, processes=0),
     # The ledger on PostgreSQL (ACWI_BENCH_POSTGRES: the server to use).
     "node-postgres": postgres_node_target,
+    # Holding a CPU wake-up latency request of 0 us while associations are open (as root):
+    # every CPU polls when idle, the sender's too, so its ratio to storescp is not like for like.
+    "node-cpu-latency": lambda workdir: node_target(workdir, cpu_wakeup_latency_us=0),
 }
 
 
@@ -355,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         " journal: three flushes per instance), node-nofsync (not durable),"
         " node-polling (pynetdicom's polling loops), node-eager-checkpoint (the journal"
         " checkpointed every 2 s and at every full segment), node-postgres (the ledger on"
-        " PostgreSQL, ACWI_BENCH_POSTGRES or postgres@127.0.0.1:5432)",
+        " PostgreSQL, ACWI_BENCH_POSTGRES or postgres@127.0.0.1:5432), node-cpu-latency"
+        " (ingest.cpu_wakeup_latency_us = 0, as root)",
     )
     parser.add_argument(
         "--cpu-latency-us",

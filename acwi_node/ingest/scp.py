@@ -51,6 +51,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from acwi_node.audit import AuditEvent, Outcome, audit, remote_ae
 from acwi_node.config import Settings
+from acwi_node.ingest.cpu_latency import CpuLatencyRequest
 from acwi_node.ingest.header import pydicom_header, scan_header
 from acwi_node.ingest.journal import (
     SPOOLED_CRC,
@@ -352,6 +353,8 @@ class StorageSCP:
         #: Whether the last spool file could be written: only then is a journaled instance
         #: answered before its spool file is written (see :meth:`_store_journaled`).
         self._spool_works = True
+        #: Held from the first association accepted to the end of the last one.
+        self.cpu_latency = CpuLatencyRequest(settings.ingest.cpu_wakeup_latency_us)
 
     def _make_ae(self) -> AE:
         cfg = self.settings.ingest
@@ -450,6 +453,7 @@ class StorageSCP:
         SCP processes share, see :mod:`acwi_node.ingest.listeners`).
         """
         self.open_journal()
+        self.cpu_latency.check()
         node = self.settings.node
         tls = self.settings.ingest.tls
         handlers: list[Any] = [
@@ -522,6 +526,7 @@ class StorageSCP:
             self._server.shutdown()
             self._server = None
         self.ae.shutdown()
+        self.cpu_latency.close()
         if self.journal is not None:
             self.journal.close()
             self.journal = None
@@ -543,6 +548,7 @@ class StorageSCP:
         subject = peer_subject(getattr(event.assoc.dul.socket, "socket", None))
         with self._lock:
             self._assocs[id(event.assoc)] = _AssociationState(calling_ae=calling, address=address)
+        self.cpu_latency.acquire()
         log.info("association accepted from %s (%s)", calling, address)
         audit(
             AuditEvent.ASSOCIATION_ACCEPTED,
@@ -610,6 +616,7 @@ class StorageSCP:
             self._record_end(state)
         finally:
             if state is not None:
+                self.cpu_latency.release()
                 with self._lock:
                     self._closing -= 1
 

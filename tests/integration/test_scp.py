@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import time
 import zlib
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from pynetdicom import AE, evt
 from sqlalchemy import select
 
 from acwi_node.config import Settings, load_settings
-from acwi_node.ingest import reactor
+from acwi_node.ingest import cpu_latency, reactor
 from acwi_node.ingest import scp as scp_module
 from acwi_node.ingest.journal import (
     KIND_INSTANCE,
@@ -650,3 +651,46 @@ def test_a_request_sent_again_is_accepted_from_memory_and_still_checked(
     )
     assert refused.returncode != 0
     assert negotiation.REQUESTS.hits == after[0][0] + 1  # the same request, remembered: refused
+
+
+def _until(condition: Any, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return bool(condition())
+
+
+def test_a_cpu_wakeup_latency_is_requested_while_associations_are_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ingest.cpu_wakeup_latency_us``: the request is made when the first association is
+    accepted and withdrawn when the last one ends, not while the SCP waits for senders."""
+    device = tmp_path / "cpu_dma_latency"
+    device.write_bytes(b"")
+    monkeypatch.setattr(cpu_latency, "DEVICE", device)
+    with running_scp(tmp_path, cpu_wakeup_latency_us=0) as (settings, _, scp):
+        assert not scp.cpu_latency.held
+        first = associate(settings)
+        second = associate(settings)
+        assert _until(lambda: scp.cpu_latency.held)
+        assert device.read_bytes().endswith(struct.pack("=i", 0))
+        first.release()
+        assert _until(lambda: scp.open_associations == 1)
+        assert scp.cpu_latency.held
+        assert int(second.send_c_store(make_sc(generate_uid())).Status) == 0
+        second.release()
+        assert _until(lambda: not scp.cpu_latency.held)
+
+
+def test_an_scp_that_may_not_request_a_cpu_wakeup_latency_serves_without(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(cpu_latency, "DEVICE", tmp_path / "not-permitted")
+    with running_scp(tmp_path, cpu_wakeup_latency_us=0) as (settings, ledger, scp):
+        assert not scp.cpu_latency.usable
+        assert "cannot request a CPU wake-up latency" in caplog.text
+        study = generate_uid()
+        assert send(settings, [make_sc(study)]) == [0]
+        assert not scp.cpu_latency.held
+        st = ledger.get_study(study)
+        assert st is not None and st["instances"] == 1

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import delete, exists, func, select, update
+from sqlalchemy import ColumnElement, delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from acwi_node import audit as trail
 from acwi_node.ledger import Ledger, ResultFile
@@ -104,6 +105,32 @@ class WorklistFilters:
 
 def _iso(value: dt.datetime | None) -> str | None:
     return None if value is None else value.isoformat(timespec="seconds") + "Z"
+
+
+def _outbox_latest(
+    s: Session, outbox: type[Delivery] | type[Hl7Outbound], *where: ColumnElement[bool]
+) -> tuple[dt.datetime | None, str]:
+    """An outbox's (results to a destination, ``where``, or ORU^R01 messages to the RIS) last
+    delivery time, and the error of its latest entry waiting or failed; a resent entry keeps
+    its earlier error until it is tried again, and shows none till then."""
+    delivered_at = s.scalar(
+        select(outbox.delivered_at)
+        .where(*where, outbox.state == DeliveryState.DELIVERED)
+        .order_by(outbox.id.desc())
+        .limit(1)
+    )
+    error = s.scalar(
+        select(outbox.last_error)
+        .where(
+            *where,
+            outbox.state.in_((DeliveryState.PENDING, DeliveryState.FAILED)),
+            outbox.last_error != "",
+            outbox.attempts > 0,
+        )
+        .order_by(outbox.id.desc())
+        .limit(1)
+    )
+    return delivered_at, error or ""
 
 
 def _user(u: User) -> UserInfo:
@@ -588,24 +615,7 @@ class ReviewStore:
             ):
                 counts[name][state.value] += n
             for name in list(dict.fromkeys([*destinations, *sorted(counts)])):
-                delivered_at = s.scalar(
-                    select(Delivery.delivered_at)
-                    .where(Delivery.destination == name, Delivery.state == DeliveryState.DELIVERED)
-                    .order_by(Delivery.id.desc())
-                    .limit(1)
-                )
-                error = s.scalar(
-                    select(Delivery.last_error)
-                    .where(
-                        Delivery.destination == name,
-                        Delivery.state.in_(unsettled),
-                        Delivery.last_error != "",
-                        # A resent result keeps its earlier error until it is tried again.
-                        Delivery.attempts > 0,
-                    )
-                    .order_by(Delivery.id.desc())
-                    .limit(1)
-                )
+                delivered_at, error = _outbox_latest(s, Delivery, Delivery.destination == name)
                 out.append(
                     {
                         "name": name,
@@ -615,7 +625,7 @@ class ReviewStore:
                         "pending": counts[name]["pending"],
                         "failed": counts[name]["failed"],
                         "last_delivered_at": _iso(delivered_at),
-                        "last_error": error or "",
+                        "last_error": error,
                     }
                 )
             if ris:
@@ -626,22 +636,7 @@ class ReviewStore:
                     .group_by(Hl7Outbound.state)
                 ):
                     hl7[state.value] += n
-                delivered_at = s.scalar(
-                    select(Hl7Outbound.delivered_at)
-                    .where(Hl7Outbound.state == DeliveryState.DELIVERED)
-                    .order_by(Hl7Outbound.id.desc())
-                    .limit(1)
-                )
-                error = s.scalar(
-                    select(Hl7Outbound.last_error)
-                    .where(
-                        Hl7Outbound.state.in_(unsettled),
-                        Hl7Outbound.last_error != "",
-                        Hl7Outbound.attempts > 0,
-                    )
-                    .order_by(Hl7Outbound.id.desc())
-                    .limit(1)
-                )
+                delivered_at, error = _outbox_latest(s, Hl7Outbound)
                 out.append(
                     {
                         "name": "RIS (HL7)",
@@ -650,7 +645,7 @@ class ReviewStore:
                         "pending": hl7["pending"],
                         "failed": hl7["failed"],
                         "last_delivered_at": _iso(delivered_at),
-                        "last_error": error or "",
+                        "last_error": error,
                     }
                 )
         return out

@@ -11,7 +11,6 @@ import math
 import os
 import platform
 import statistics
-import struct
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+from acwi_node.ingest.cpu_latency import CpuLatencyRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -247,29 +248,23 @@ def children_cpu_s() -> float:
 
 
 # ------------------------------------------------------------------------- the machine
-#: The kernel's CPU wake-up latency request (PM QoS): held open, it keeps every CPU out of idle
-#: states slower to leave than the value written (microseconds); closed, the request ends.
-CPU_DMA_LATENCY = Path("/dev/cpu_dma_latency")
-
-
 @contextmanager
 def cpu_wakeup_latency(microseconds: int | None) -> Iterator[None]:
     """Hold a PM QoS request that CPUs wake within ``microseconds`` (0: never leave the
     polling idle state) for the block, as a latency tuning profile (``tuned-adm profile
-    latency-performance``) does; ``None``: leave the machine as it is. Needs root."""
+    latency-performance``) does, and as the node's ``ingest.cpu_wakeup_latency_us`` does
+    while associations are open; ``None``: leave the machine as it is. Needs root."""
     if microseconds is None:
         yield
         return
+    request = CpuLatencyRequest(microseconds)
+    request.acquire()
+    if not request.held:
+        raise SystemExit(f"cannot request a CPU wake-up latency ({request.device})")
     try:
-        fd = os.open(CPU_DMA_LATENCY, os.O_WRONLY)
-    except OSError as exc:
-        message = f"cannot request a CPU wake-up latency ({CPU_DMA_LATENCY}): {exc}"
-        raise SystemExit(message) from None
-    try:
-        os.write(fd, struct.pack("i", microseconds))
         yield
     finally:
-        os.close(fd)
+        request.close()
 
 
 def flush_latency_us(directory: Path, size: int, *, records: int = 1000) -> float:

@@ -417,7 +417,7 @@ class IngestJournal:
             self._spares.append(partial.path)
 
     def _discard_partial_spare(self) -> None:
-        """Remove a spare segment not fully written (on an error, or when the journal closes)."""
+        """Remove a spare segment not fully written (the journal closes)."""
         partial, self._partial_spare = self._partial_spare, None
         if partial is not None:
             with contextlib.suppress(OSError):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-import bench.common
+from acwi_node.ingest import cpu_latency
 from bench.common import (
     CT_STORAGE,
     cpu_wakeup_latency,
@@ -88,9 +88,9 @@ def test_a_cpu_wakeup_latency_request_is_held_for_the_block_only(
     block (the kernel drops the request when it is closed); None leaves the machine alone."""
     device = tmp_path / "cpu_dma_latency"
     device.write_bytes(b"")
-    monkeypatch.setattr(bench.common, "CPU_DMA_LATENCY", device)
+    monkeypatch.setattr(cpu_latency, "DEVICE", device)
     with cpu_wakeup_latency(0):
-        assert device.read_bytes() == struct.pack("i", 0)
+        assert device.read_bytes() == struct.pack("=i", 0)
         assert _holds_open(device)
     assert not _holds_open(device)
     device.write_bytes(b"")
@@ -109,7 +109,7 @@ def _holds_open(path: Path) -> bool:
 def test_a_cpu_wakeup_latency_that_cannot_be_requested_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(bench.common, "CPU_DMA_LATENCY", tmp_path / "missing")
+    monkeypatch.setattr(cpu_latency, "DEVICE", tmp_path / "missing")
     with (
         pytest.raises(SystemExit, match="cannot request a CPU wake-up latency"),
         cpu_wakeup_latency(0),

@@ -192,6 +192,9 @@ class _NodeAE(AE):
 #: How long a listener sharing the DICOM port waits, per association it serves, before it
 #: accepts a new connection (another, idler listener takes it meanwhile).
 SHARED_ACCEPT_DELAY_S = 0.005
+#: How long a connection a listener accepted counts as an association it serves, until its
+#: association is under way (its thread started: well under this on a loaded machine).
+RECENT_ACCEPT_S = 2 * SHARED_ACCEPT_DELAY_S
 
 
 class _AssociationServer(ThreadedAssociationServer):
@@ -237,17 +240,9 @@ class _AssociationServer(ThreadedAssociationServer):
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
         if self.inherited_socket is not None:
-            # Least-busy listener first: a listener already serving associations lets an
-            # idler one take the connection (as nginx's workers do), else one process could
-            # take every association of a burst while the others idle.
-            # A connection accepted a moment ago counts before its association thread runs.
-            now = time.monotonic()
-            recent = self._recent_accepts
-            while recent and now - recent[0] > 10 * SHARED_ACCEPT_DELAY_S:
-                recent.popleft()
-            busy = len(self.active_associations) + len(recent)
-            if busy:
-                time.sleep(min(SHARED_ACCEPT_DELAY_S * busy, 10 * SHARED_ACCEPT_DELAY_S))
+            delay = self.accept_delay(time.monotonic())
+            if delay:
+                time.sleep(delay)
         client_socket, address = self.socket.accept()
         if self.inherited_socket is not None:
             self._recent_accepts.append(time.monotonic())
@@ -257,6 +252,19 @@ class _AssociationServer(ThreadedAssociationServer):
                 client_socket, server_side=True, do_handshake_on_connect=False
             )
         return client_socket, address
+
+    def accept_delay(self, now: float) -> float:
+        """Seconds a listener sharing the port waits before it accepts a connection: the
+        least busy listener first (as nginx's workers do), else one process could take every
+        association of a burst while the others idle. A connection accepted in the last
+        :data:`RECENT_ACCEPT_S` counts before its association thread runs; one accepted
+        earlier, whose association has ended, no longer does (a modality sending one image
+        per association would otherwise wait at every listener)."""
+        recent = self._recent_accepts
+        while recent and now - recent[0] > RECENT_ACCEPT_S:
+            recent.popleft()
+        busy = len(self.active_associations) + len(recent)
+        return min(SHARED_ACCEPT_DELAY_S * busy, 10 * SHARED_ACCEPT_DELAY_S)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         if isinstance(request, ssl.SSLSocket):

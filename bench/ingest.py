@@ -16,7 +16,8 @@ per core (``ingest.processes = 0``), ``node-postgres`` keeps the ledger on Postg
 database made for each run on ``ACWI_BENCH_POSTGRES``, by default the server on 127.0.0.1:5432,
 and dropped after it). Besides rates, the run reports the CPU time each receiver
 (its processes, children included) and the senders spent per instance. Before each measurement
-the page cache is flushed and, as root, dropped (:func:`settle_memory`).
+the page cache is flushed and, as root, dropped, and as much memory as the target may write is
+touched once (:func:`settle_memory`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from bench.common import (
     cpu_wakeup_latency,
     flush_latency_us,
     markdown_table,
+    prefault_memory,
     process_tree_cpu_s,
     rate,
     ratio,
@@ -252,17 +254,23 @@ EACH = 0
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
 
-def settle_memory(files: Sequence[Path]) -> bool:
+def settle_memory(files: Sequence[Path], *, touch: int = 0) -> bool:
     """Start a measurement from the same state as every other: what earlier runs left
     unflushed (storescp: everything) is written back now, not while the next target runs; the
-    page cache is dropped where that is permitted (as root; True then), and the files to send
-    are read back in, so that the sender reads them from memory.
+    page cache is dropped where that is permitted (as root; True then), the files to send
+    are read back in, so that the sender reads them from memory, and ``touch`` bytes of
+    memory are touched and given back (:func:`prefault_memory`).
 
     Dropping the cache matters on a virtual machine whose memory the host backs only when the
     guest first touches it: with a page cache that only grows, every run writes into pages
     never touched before, each costing the host a fault (about 18 us per 4 KB page here, 2 ms
     per CT slice), and CT rates fell run after run, by half over a few runs, whatever the
-    target. A dropped cache's pages are reused at once."""
+    target. The pages a dropped cache frees are handed back to the host where the guest
+    reports free memory (at once, on this machine), hence the touch. 400 CT slices, five
+    targets in a row, twice each way: with nothing touched the node took 399-764 slices per
+    second and storescp 558-937; with 2 GB touched 734-960 and 758-1,220. 664 MiB (three
+    times what the node writes) was not enough (271-555): the kernel does not hand out just
+    the pages given back, so the touch takes several times what a target writes."""
     os.sync()
     try:
         DROP_CACHES.write_text("3")
@@ -271,6 +279,8 @@ def settle_memory(files: Sequence[Path]) -> bool:
         dropped = False
     for path in files:
         path.read_bytes()
+    if dropped and touch:
+        prefault_memory(touch)
     return dropped
 
 
@@ -289,7 +299,10 @@ def measure(target: Target, files: list[Path], associations: int, workdir: Path)
     with target(Path(tmp)) as receiver:
         # Settled once the target has started: what its start-up wrote (Orthanc's index, the
         # node's journal segments) is on disk, and its memory as every other target's.
-        settle_memory(files)
+        # A receiver writes each instance once or twice (the node: journal and spool file),
+        # and a database or an index beside it: memory several times that is touched, since
+        # the kernel does not hand out just the pages given back (see settle_memory).
+        settle_memory(files, touch=12 * sum(f.stat().st_size for f in files) + (256 << 20))
         receiver_before = process_tree_cpu_s(receiver.pid)
         sender_before = children_cpu_s()
         if associations == EACH:

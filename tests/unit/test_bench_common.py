@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import mmap
 import os
+import resource
 import struct
 from pathlib import Path
 
@@ -11,12 +13,14 @@ import pytest
 from pydicom import dcmread
 
 from acwi_node.ingest import cpu_latency
+from bench import common
 from bench.common import (
     CT_STORAGE,
     cpu_wakeup_latency,
     flush_latency_us,
     markdown_table,
     percentile,
+    prefault_memory,
     rate,
     ratio,
     summarize,
@@ -141,3 +145,22 @@ def test_storescp_plus_one_flush_is_the_rate_of_both_times_added() -> None:
     # 0.25 ms (storescp) + 0.25 ms (flush) = 0.5 ms an instance: 2,000 per second.
     assert rows == [["6 small, 1 assoc.", 250, 2000.0, 0.75]]
     assert flushed_reference(results, {"6 small": 250.0}, ["node"]) is None
+
+
+def test_prefaulting_touches_every_page_and_leaves_half_of_what_is_available(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every page of the memory is faulted in (the host backs it again), none kept; never more
+    than half of the memory available, and none where that is unknown."""
+    size = 8 << 20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    assert prefault_memory(size + 123) == size
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before >= size // mmap.PAGESIZE
+    monkeypatch.setattr(common, "available_memory_bytes", lambda: 4 << 20)
+    assert prefault_memory(size) == 2 << 20
+    monkeypatch.setattr(common, "available_memory_bytes", lambda: 0)
+    assert prefault_memory(size) == 0
+
+
+def test_available_memory_is_read_from_the_kernel() -> None:
+    assert common.available_memory_bytes() > 16 << 20

@@ -266,6 +266,26 @@ class _AssociationServer(ThreadedAssociationServer):
         busy = len(self.active_associations) + len(recent)
         return min(SHARED_ACCEPT_DELAY_S * busy, 10 * SHARED_ACCEPT_DELAY_S)
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start a plain TCP connection's association from the accepting thread; a TLS
+        connection gets a thread of its own for its handshake first, as every connection does
+        in pynetdicom.
+
+        Making the association (its objects and its copy of the server's presentation
+        contexts) takes no waiting on the network, so a thread made only to make it and start
+        the association's own, then end, cost every association a thread's start-up and the
+        hand-over to it before its A-ASSOCIATE-RQ was even read."""
+        if isinstance(request, ssl.SSLSocket) or self.RequestHandlerClass is not (
+            EventDrivenRequestHandler
+        ):
+            super().process_request(request, client_address)
+            return
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+
     def finish_request(self, request: Any, client_address: Any) -> None:
         if isinstance(request, ssl.SSLSocket):
             try:

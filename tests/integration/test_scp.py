@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -611,6 +612,29 @@ def test_both_association_reactors_serve(tmp_path: Path, reactor: str) -> None:
     finally:
         scp.stop()
         ledger.dispose()
+
+
+@pytest.mark.parametrize("reactor", ["event", "polling"])
+def test_a_plain_connection_s_association_is_made_by_the_accepting_thread(
+    tmp_path: Path, reactor: str
+) -> None:
+    """With the event-driven reactor no thread is started only to make each association and
+    start the association's own: the accepting thread does (pynetdicom's polling reactor keeps
+    its thread per connection; TLS connections, whose handshake needs a thread, are in
+    test_dicom_tls)."""
+    with running_scp(tmp_path, reactor=reactor) as (settings, _, scp):
+        made_by: list[str] = []
+
+        def connected(event: evt.Event) -> None:
+            made_by.append(threading.current_thread().name)
+
+        scp._server.bind(evt.EVT_CONN_OPEN, connected)
+        assert send(settings, [make_sc(generate_uid())]) == [0]
+        assert send(settings, [make_sc(generate_uid())]) == [0]
+        if reactor == "event":
+            assert made_by == ["acwi-scp-acceptor"] * 2
+        else:
+            assert len(made_by) == 2 and "acwi-scp-acceptor" not in made_by
 
 
 def test_a_request_sent_again_is_accepted_from_memory_and_still_checked(

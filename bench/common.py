@@ -285,14 +285,14 @@ def prefault_memory(size: int) -> int:
     then give them back; the bytes touched.
 
     On a virtual machine whose free memory the guest reports to the host (virtio-balloon free
-    page reporting, blocks of 128 KiB and more after about 2 s), memory freed a while ago is no
-    longer backed: the next program to use it pays a fault in the host for every page, about
-    18 us per 4 KiB page here. Dropping the page cache before a measurement frees hundreds of
-    MiB, and the next target to write its instances took those faults (a node writing each CT
-    slice twice, into its journal and its spool file, took twice as many as storescp): 400 CT
-    slices into the node 271-764 per second from round to round, up to 1.6 ms of system time
-    a slice, most of it copying into fresh page cache pages. Touched here, a pool of memory is
-    backed again for the next pages the kernel hands out."""
+    page reporting: blocks of 128 KiB and more, here as soon as they are free), memory once
+    freed is no longer backed: the next program to use it pays a fault in the host for every
+    page, 11-18 us per 4 KiB page here. Dropping the page cache before a measurement frees
+    hundreds of MiB, and the next target to write its instances took those faults (a node
+    writing each CT slice twice, into its journal and its spool file, took twice as many as
+    storescp): 400 CT slices into the node 271-764 per second from round to round, up to 1.6
+    ms of system time a slice, most of it copying into fresh page cache pages. Touched here, a
+    pool of memory is backed again for the next pages the kernel hands out."""
     size = min(size, available_memory_bytes() // 2)
     page = mmap.PAGESIZE
     size -= size % page

@@ -16,8 +16,8 @@ per core (``ingest.processes = 0``), ``node-postgres`` keeps the ledger on Postg
 database made for each run on ``ACWI_BENCH_POSTGRES``, by default the server on 127.0.0.1:5432,
 and dropped after it). Besides rates, the run reports the CPU time each receiver
 (its processes, children included) and the senders spent per instance. Before each measurement
-the page cache is flushed and, as root, dropped, and as much memory as the target may write is
-touched once (:func:`settle_memory`).
+the page cache is flushed and, as root, dropped, and then memory several times what the target
+may write is touched once, so that the host backs it again (:func:`settle_memory`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import struct
 import subprocess
@@ -293,6 +295,87 @@ def test_start_writeback_takes_a_real_file(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert path.read_bytes() == b"x" * 8192
+
+
+def test_small_records_read_the_segment_ahead_of_them(
+    tmp_path: Path, flushes: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first small record reads a step ahead; the next step is read once half of the
+    one before is written; a large record moves the mark without reading (it fills its
+    pages whole, and reading them would only double its disk traffic)."""
+    monkeypatch.setattr(journal_module, "READ_AHEAD_BYTES", 8192)
+    monkeypatch.setattr(journal_module, "READ_AHEAD_RECORD_MAX", 1024)
+    journal = make_journal(tmp_path, flushes)
+    asked: list[tuple[int, int]] = []
+    monkeypatch.setattr(journal_module, "read_ahead", lambda fd, off, n: asked.append((off, n)))
+    tickets = [journal.write({"i": 0}, b"a" * 900, head_start=False)]
+    assert asked == [(0, 8192)]
+    while tickets[-1].end + 1000 + 4096 <= 8192:  # records up to half a step from the mark
+        tickets.append(journal.write({"i": len(tickets)}, b"a" * 900, head_start=False))
+    assert asked == [(0, 8192)]
+    tickets.append(journal.write({"i": len(tickets)}, b"a" * 900, head_start=False))
+    assert asked == [(0, 8192), (8192, 8192)]
+    tickets.append(journal.write({"i": -1}, b"L" * 20000, head_start=False))  # large
+    large_end = tickets[-1].end
+    assert asked == [(0, 8192), (8192, 8192)]
+    tickets.append(journal.write({"i": -2}, b"a" * 900, head_start=False))
+    assert asked == [(0, 8192), (8192, 8192), (large_end, 8192)]
+    for ticket in tickets:
+        journal.done(ticket)
+    monkeypatch.undo()
+    journal.close()
+
+
+def _resident_pages(path: Path) -> int:
+    """How many of the file's pages are in the page cache (``mincore`` over a mapping)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value)
+        try:
+            vec = ctypes.create_string_buffer(pages)
+            assert libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+            return sum(byte & 1 for byte in vec.raw[:pages])
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
+def test_read_ahead_brings_a_file_s_pages_back_into_memory(tmp_path: Path) -> None:
+    """A segment whose pages left the page cache gets them back before records reach them,
+    without the writer waiting for the disk."""
+    path = tmp_path / "segment"
+    pages = (1 << 20) // mmap.PAGESIZE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(fd, bytes(1 << 20), 0)
+        os.fdatasync(fd)  # clean pages can be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if _resident_pages(path) == pages:
+            pytest.skip("this file system keeps every page in memory")
+        journal_module.read_ahead(fd, 0, 1 << 20)
+        deadline = time.monotonic() + 10
+        while _resident_pages(path) < pages and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _resident_pages(path) == pages
+    finally:
+        os.close(fd)
 
 
 def test_a_spooled_record_is_flushed_at_once_in_the_background(

@@ -130,8 +130,12 @@ SPARE_SEGMENTS = 2
 #: How far ahead of the write position a segment's pages are read into the page cache, and in
 #: steps of how much (see :func:`read_ahead`).
 READ_AHEAD_BYTES = 1 << 20
-#: Records up to this size are read ahead for; a larger one covers most of its pages whole.
+#: Records up to this size are read ahead for; a larger one covers most of its pages whole,
+#: and only the page its successor would end in, were it as large, is read ahead (the slices
+#: of a series are all one size; the record's last page is the one written in part).
 READ_AHEAD_RECORD_MAX = 64 << 10
+#: The window read ahead around that page.
+READ_AHEAD_PAGE = 4096
 
 #: A CRC-32 is 32 bits.
 _CRC_MASK = 0xFFFFFFFF
@@ -586,6 +590,7 @@ class IngestJournal:
             total = len(head) + 4 + len(meta_bytes) + payload_size
             if total > READ_AHEAD_RECORD_MAX:
                 seg.read_ahead = max(seg.read_ahead, seg.size + total)
+                read_ahead(seg.fd, seg.size + 2 * total - READ_AHEAD_PAGE, 2 * READ_AHEAD_PAGE)
             elif seg.size + total + READ_AHEAD_BYTES // 2 > seg.read_ahead:
                 # Half the read-ahead left: the next step (a system call a MiB, not a wait).
                 start = max(seg.read_ahead, seg.size)

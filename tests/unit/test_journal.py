@@ -301,8 +301,9 @@ def test_small_records_read_the_segment_ahead_of_them(
     tmp_path: Path, flushes: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The first small record reads a step ahead; the next step is read once half of the
-    one before is written; a large record moves the mark without reading (it fills its
-    pages whole, and reading them would only double its disk traffic)."""
+    one before is written; a large record moves the mark, and reads ahead only around where
+    a successor of its size would end (it fills its other pages whole: reading them would
+    only double its disk traffic)."""
     monkeypatch.setattr(journal_module, "READ_AHEAD_BYTES", 8192)
     monkeypatch.setattr(journal_module, "READ_AHEAD_RECORD_MAX", 1024)
     journal = make_journal(tmp_path, flushes)
@@ -315,11 +316,14 @@ def test_small_records_read_the_segment_ahead_of_them(
     assert asked == [(0, 8192)]
     tickets.append(journal.write({"i": len(tickets)}, b"a" * 900, head_start=False))
     assert asked == [(0, 8192), (8192, 8192)]
+    before = tickets[-1].end
     tickets.append(journal.write({"i": -1}, b"L" * 20000, head_start=False))  # large
     large_end = tickets[-1].end
-    assert asked == [(0, 8192), (8192, 8192)]
+    successor_end = large_end + (large_end - before)
+    assert asked == [(0, 8192), (8192, 8192), (successor_end - 4096, 8192)]
     tickets.append(journal.write({"i": -2}, b"a" * 900, head_start=False))
-    assert asked == [(0, 8192), (8192, 8192), (large_end, 8192)]
+    assert asked[-1] == (large_end, 8192)
+    assert len(asked) == 4
     for ticket in tickets:
         journal.done(ticket)
     monkeypatch.undo()

@@ -297,7 +297,7 @@ def test_start_writeback_takes_a_real_file(tmp_path: Path) -> None:
     assert path.read_bytes() == b"x" * 8192
 
 
-def test_small_records_read_the_segment_ahead_of_them(
+def test_records_read_their_segment_ahead_of_them(
     tmp_path: Path, flushes: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The first small record reads a step ahead; the next step is read once half of the

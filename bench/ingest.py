@@ -331,13 +331,16 @@ def flushed_reference(
     results: dict[str, dict[str, float]], flush_us: dict[str, float], targets: list[str]
 ) -> tuple[list[str], list[list[Any]]] | None:
     """The "storescp + flush" table for the one-association rows: storescp's time per instance
-    plus one flush of an instance's bytes, as a rate, and each node target's ratio to it;
-    None without storescp among the targets."""
+    plus one flush of an instance's bytes, as a rate, and each node target's ratio to it; what
+    the 0.5x storescp goal leaves a receiver per instance beyond storescp's time and the flush
+    (storescp's time less the flush: negative where no receiver that flushes could meet it),
+    and what each node target takes beyond them; None without storescp among the targets."""
     if "storescp" not in targets:
         return None
     nodes = [t for t in targets if t.startswith("node")]
     header = ["instances, associations", "flush us", "storescp + flush inst/s"]
     header += [f"{n} / storescp + flush" for n in nodes]
+    header += ["0.5x storescp leaves us"] + [f"{n} takes us" for n in nodes]
     rows: list[list[Any]] = []
     for row, figures in results.items():
         name, _, assocs = row.rpartition(", ")
@@ -346,6 +349,8 @@ def flushed_reference(
         reference = 1.0 / (1.0 / figures["storescp"] + flush_us[name] / 1e6)
         cells: list[Any] = [row, round(flush_us[name]), round(reference, 1)]
         cells += [round(ratio(figures[n], reference), 2) for n in nodes]
+        cells.append(round(1e6 / figures["storescp"] - flush_us[name]))
+        cells += [round(1e6 / figures[n] - 1e6 / reference) if figures[n] else None for n in nodes]
         rows.append(cells)
     return (header, rows) if rows else None
 
@@ -488,7 +493,9 @@ def run(args: argparse.Namespace) -> int:
         print(
             "storescp + flush: storescp's time per instance plus one flush of the instance's"
             " bytes (what a receiver as quick as storescp would take if it flushed each"
-            " instance before answering)"
+            " instance before answering); 'leaves': the time per instance that 0.5x storescp"
+            " leaves beyond storescp's and the flush; 'takes': what each node target takes"
+            " beyond them"
         )
         print()
         print(markdown_table(*flushed))

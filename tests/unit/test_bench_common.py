@@ -141,9 +141,15 @@ def test_storescp_plus_one_flush_is_the_rate_of_both_times_added() -> None:
         "flush us",
         "storescp + flush inst/s",
         "node / storescp + flush",
+        "0.5x storescp leaves us",
+        "node takes us",
     ]
-    # 0.25 ms (storescp) + 0.25 ms (flush) = 0.5 ms an instance: 2,000 per second.
-    assert rows == [["6 small, 1 assoc.", 250, 2000.0, 0.75]]
+    # 0.25 ms (storescp) + 0.25 ms (flush) = 0.5 ms an instance: 2,000 per second. 0.5x
+    # storescp is 0.5 ms: nothing left beyond them; the node (1,500 per second) takes 0.167 ms.
+    assert rows == [["6 small, 1 assoc.", 250, 2000.0, 0.75, 0, 167]]
+    fast_disk = flushed_reference(results, {"6 small": 100.0}, ["storescp", "node"])
+    assert fast_disk is not None
+    assert fast_disk[1][0][-2:] == [150, 317]  # 0.25 - 0.1 left; 0.667 - 0.35 taken
     assert flushed_reference(results, {"6 small": 250.0}, ["node"]) is None
 
 

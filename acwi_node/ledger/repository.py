@@ -1160,16 +1160,15 @@ class Ledger:
             jobs: dict[int, list[Job]] = {}
             for job in s.scalars(select(Job).where(Job.study_id.in_(ids)).order_by(Job.id)):
                 jobs.setdefault(job.study_id, []).append(job)
-            deleted = dict(
-                s.execute(
+            deleted = {
+                study_id: started
+                for study_id, started in s.execute(
                     select(Purge.study_id, func.min(Purge.started_at))
                     .join(Study, Study.id == Purge.study_id)
                     .where(Purge.study_id.in_(ids), Purge.generation >= Study.generation)
                     .group_by(Purge.study_id)
                 )
-                .tuples()
-                .all()
-            )
+            }
             return [self._study_view(st, jobs.get(st.id, []), deleted.get(st.id)) for st in studies]
 
     def get_study(self, study_uid: str) -> dict[str, Any] | None:

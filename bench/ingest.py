@@ -346,11 +346,13 @@ def flushed_reference(
         name, _, assocs = row.rpartition(", ")
         if assocs != "1 assoc." or name not in flush_us or not figures["storescp"]:
             continue
-        reference = 1.0 / (1.0 / figures["storescp"] + flush_us[name] / 1e6)
+        storescp_us = 1e6 / figures["storescp"]
+        reference_us = storescp_us + flush_us[name]
+        reference = 1e6 / reference_us
         cells: list[Any] = [row, round(flush_us[name]), round(reference, 1)]
         cells += [round(ratio(figures[n], reference), 2) for n in nodes]
-        cells.append(round(1e6 / figures["storescp"] - flush_us[name]))
-        cells += [round(1e6 / figures[n] - 1e6 / reference) if figures[n] else None for n in nodes]
+        cells.append(round(storescp_us - flush_us[name]))
+        cells += [round(1e6 / figures[n] - reference_us) if figures[n] else None for n in nodes]
         rows.append(cells)
     return (header, rows) if rows else None
 

@@ -27,14 +27,24 @@ those values (:func:`freeze`: every attribute of every object involved, recursiv
 
 A value that cannot be pictured that way (an attribute holding something unhashable) is
 simply not remembered: pynetdicom does the work, as it would without this module.
+
+Picturing the two lists of presentation contexts (128 proposed by ``storescu``, 172 supported
+by the node, every one with its UIDs) and hashing the picture cost more than the negotiation
+it saves, so the lists associations share carry their picture with them (:class:`SharedContexts`):
+the contexts proposed in a remembered request, and the acceptor's (:func:`acceptor_contexts`:
+one copy of the server's, made once, where pynetdicom deep-copies them for every association).
+Their contexts are shared the way a remembered request's are: pynetdicom's acceptor only reads
+them. A shared list that no longer holds the very contexts it was pictured with (an
+``EVT_REQUESTED`` handler replaced one, say) is pictured anew.
 """
 
 from __future__ import annotations
 
 import copy
+import operator
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 import pynetdicom.acse
@@ -63,8 +73,9 @@ class RememberedRequest:
         """A new A-ASSOCIATE primitive equal to the one decoded from the request's bytes."""
         primitive = copy.copy(self._template)
         primitive._user_information = list(self._template.user_information)
-        primitive._presentation_context_definition_list = list(
-            self._template.presentation_context_definition_list
+        proposed = self._template.presentation_context_definition_list
+        primitive._presentation_context_definition_list = (
+            proposed.copy() if isinstance(proposed, SharedContexts) else list(proposed)
         )
         primitive._presentation_context_definition_results_list = []
         return primitive
@@ -118,6 +129,9 @@ class RequestMemo(_Memo[bytes, A_ASSOCIATE]):
             if decoded.protocol_version != 0x0001:
                 return decoded
             template = decoded.to_primitive()
+            template._presentation_context_definition_list = SharedContexts(
+                template.presentation_context_definition_list
+            )
             self.put(pdu, template)
         return RememberedRequest(template)
 
@@ -141,27 +155,205 @@ def freeze(value: Any) -> Any:
         return value if type(value) is str else (type(value), value)
     if isinstance(value, list | tuple):
         return tuple(freeze(item) for item in value)
+    if type(value) is SharedResult:
+        return value._picture
     if type(value) is PresentationContext and vars(value).keys() == _CONTEXT_FIELDS:
-        # The bulk of every key (hundreds per association): its fields read directly.
-        return (
-            PresentationContext,
-            value._context_id,
-            value._abstract_syntax,
-            tuple(value._transfer_syntax),
-            value.result,
-            value._scu_role,
-            value._scp_role,
-            value._as_scu,
-            value._as_scp,
-        )
+        return _context_picture(value)  # the bulk of every key: its fields read directly
     attributes = getattr(value, "__dict__", None)
     if attributes is None:
         raise Unfreezable(type(value).__name__)
     return (type(value), tuple(attributes), tuple(freeze(a) for a in attributes.values()))
 
 
+def _context_picture(value: PresentationContext) -> tuple[Any, ...]:
+    return (
+        PresentationContext,
+        value._context_id,
+        value._abstract_syntax,
+        tuple(value._transfer_syntax),
+        value.result,
+        value._scu_role,
+        value._scp_role,
+        value._as_scu,
+        value._as_scp,
+    )
+
+
 #: What a presentation context holds (pynetdicom 3.0): :func:`freeze` reads these directly.
 _CONTEXT_FIELDS = frozenset(vars(PresentationContext()))
+
+
+class ReadOnlyList(list[Any]):
+    """A list that refuses every change (a shared result's transfer syntaxes); its copies are
+    plain lists."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            "this list belongs to a presentation context that associations share: copy it"
+            " to change it"
+        )
+
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+
+    def __copy__(self) -> list[Any]:
+        return list(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        return copy.deepcopy(list(self), memo)
+
+
+class SharedResult(PresentationContext):
+    """A result of a remembered negotiation (:func:`negotiate_as_acceptor`): one object for
+    every association that negotiates the same way, so it refuses to be changed (pynetdicom
+    only reads an association's accepted and rejected contexts). A copy is a plain
+    :class:`PresentationContext`, free to change. Its :func:`freeze` picture is made once,
+    equal to that of a plain context with the same values."""
+
+    __slots__ = ("_picture",)  # beside the context's fields, not among them (``__eq__``)
+    _picture: tuple[Any, ...]
+
+    @classmethod
+    def of(cls, context: PresentationContext) -> SharedResult:
+        """The shared, unchangeable twin of ``context`` (a plain presentation context)."""
+        fields = dict(vars(context))
+        fields["_transfer_syntax"] = ReadOnlyList(context._transfer_syntax)
+        shared = object.__new__(cls)
+        shared.__dict__.update(fields)
+        object.__setattr__(shared, "_picture", _context_picture(context))
+        return shared
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(
+            f"a remembered negotiation's presentation context is shared between associations"
+            f" and cannot be changed (setting {name}): copy it to change it"
+        )
+
+    def __delattr__(self, name: str) -> None:
+        self.__setattr__(name, None)
+
+    def __copy__(self) -> PresentationContext:
+        plain = object.__new__(PresentationContext)
+        plain.__dict__.update(vars(self), _transfer_syntax=list(self._transfer_syntax))
+        return plain
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PresentationContext:
+        return self.__copy__()
+
+
+class Picture:
+    """A memo key: a value's :func:`freeze` picture with its hash, computed once (a tuple
+    computes its hash anew each time it is asked, over every item, recursively)."""
+
+    __slots__ = ("_hash", "value")
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self._hash = hash(value)  # TypeError: something unhashable
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (
+            isinstance(other, Picture) and self._hash == other._hash and self.value == other.value
+        )
+
+
+class _Pictured:
+    """The contexts a family of :class:`SharedContexts` lists was made with, and their
+    picture once it is first asked for."""
+
+    __slots__ = ("contexts", "lock", "picture")
+
+    def __init__(self, contexts: tuple[PresentationContext, ...]) -> None:
+        self.contexts = contexts
+        self.picture: Picture | None = None
+        self.lock = threading.Lock()
+
+
+class SharedContexts(list[PresentationContext]):
+    """A list of presentation contexts whose contexts associations share and only read, which
+    pictures them (:func:`freeze`) once for every list copied from it (:meth:`copy`)."""
+
+    _pictured: _Pictured
+
+    def __init__(self, contexts: Iterable[PresentationContext] = ()) -> None:
+        super().__init__(contexts)
+        self._pictured = _Pictured(tuple(self))
+
+    def copy(self) -> SharedContexts:
+        """A list of its own, with the same contexts and the same picture."""
+        duplicate = SharedContexts.__new__(SharedContexts)
+        list.__init__(duplicate, self)
+        duplicate._pictured = self._pictured
+        return duplicate
+
+    def picture(self) -> Picture:
+        """The picture of the contexts in this list; made anew (and not kept) when the list
+        no longer holds exactly the contexts it was made with. Raises :class:`Unfreezable`
+        (or ``TypeError``) for a context that cannot be pictured."""
+        pictured = self._pictured
+        if len(self) != len(pictured.contexts) or not all(
+            map(operator.is_, self, pictured.contexts)
+        ):
+            return Picture(freeze(self))
+        picture = pictured.picture
+        if picture is None:
+            with pictured.lock:
+                if pictured.picture is None:
+                    pictured.picture = Picture(freeze(pictured.contexts))
+                picture = pictured.picture
+        return picture
+
+
+def picture(contexts: list[PresentationContext]) -> Picture:
+    """The memo key of a list of presentation contexts: a :class:`SharedContexts`'s own,
+    otherwise pictured now."""
+    if isinstance(contexts, SharedContexts):
+        return contexts.picture()
+    return Picture(freeze(contexts))
+
+
+#: The acceptor contexts made for the last few servers' lists: the server's list, the contexts
+#: it held then, and the shared copy (a process runs one server; tests run many).
+_ACCEPTOR_CONTEXTS: OrderedDict[
+    int, tuple[list[PresentationContext], tuple[PresentationContext, ...], SharedContexts]
+] = OrderedDict()
+_ACCEPTOR_LOCK = threading.Lock()
+_ACCEPTOR_SERVERS = 4
+
+
+def acceptor_contexts(server_contexts: list[PresentationContext]) -> SharedContexts:
+    """The presentation contexts an acceptor association supports: one copy of the server's
+    (:func:`copy_contexts`), made at its first association and shared by every association
+    after it, pictured once for the negotiation memo.
+
+    pynetdicom deep-copies the server's contexts for each association it accepts, so that
+    nothing one association does reaches the server's; pynetdicom's acceptor only reads them
+    (negotiation makes new contexts for its results), and copying 172 contexts took a fifth of
+    the CPU time an association costs. The copy is made anew when the server's list is
+    another list or holds other contexts; a server's contexts are its AE's, fixed when the
+    node starts it."""
+    with _ACCEPTOR_LOCK:
+        known = _ACCEPTOR_CONTEXTS.get(id(server_contexts))
+        if (
+            known is not None
+            and known[0] is server_contexts
+            and len(known[1]) == len(server_contexts)
+            and all(map(operator.is_, known[1], server_contexts))
+        ):
+            return known[2]
+        shared = SharedContexts(copy_contexts(server_contexts))
+        _ACCEPTOR_CONTEXTS[id(server_contexts)] = (
+            server_contexts,
+            tuple(server_contexts),
+            shared,
+        )
+        _ACCEPTOR_CONTEXTS.move_to_end(id(server_contexts))
+        while len(_ACCEPTOR_CONTEXTS) > _ACCEPTOR_SERVERS:
+            _ACCEPTOR_CONTEXTS.popitem(last=False)
+        return shared
 
 
 #: Values an association's copy of a presentation context shares with the server's.
@@ -208,11 +400,14 @@ def negotiate_as_acceptor(
     ac_contexts: list[PresentationContext],
     roles: dict[Any, tuple[bool | None, bool | None]] | None = None,
 ) -> _Negotiated:
-    """pynetdicom's ``negotiate_as_acceptor``, remembered by its arguments' values."""
+    """pynetdicom's ``negotiate_as_acceptor``, remembered by its arguments' values. The result
+    contexts of a remembered negotiation are :class:`SharedResult` objects, the same for every
+    association that negotiates the same way (in a list of its own); the role replies are
+    copies."""
     try:
         key = (
-            freeze(rq_contexts),
-            freeze(ac_contexts),
+            picture(rq_contexts),
+            picture(ac_contexts),
             tuple(sorted((str(uid), role) for uid, role in (roles or {}).items())),
         )
         hash(key)
@@ -221,10 +416,12 @@ def negotiate_as_acceptor(
     remembered = NEGOTIATIONS.get(key)
     if remembered is None:
         contexts, replies = _pynetdicom_negotiate(rq_contexts, ac_contexts, roles)
-        NEGOTIATIONS.put(key, (copy_contexts(contexts), [copy.copy(r) for r in replies]))
-        return contexts, replies
+        if any(vars(c).keys() != _CONTEXT_FIELDS for c in contexts):
+            return contexts, replies  # not pynetdicom 3.0's contexts: not shared
+        remembered = ([SharedResult.of(c) for c in contexts], [copy.copy(r) for r in replies])
+        NEGOTIATIONS.put(key, remembered)
     contexts, replies = remembered
-    return copy_contexts(contexts), [copy.copy(r) for r in replies]
+    return list(contexts), [copy.copy(r) for r in replies]
 
 
 def accept_pdu_bytes(primitive: A_ASSOCIATE) -> bytes:

@@ -64,7 +64,7 @@ from acwi_node.ingest.fastpath import (
     ui_value,
     us_value,
 )
-from acwi_node.ingest.negotiation import REQUESTS, accept_pdu_bytes, copy_contexts
+from acwi_node.ingest.negotiation import REQUESTS, accept_pdu_bytes, acceptor_contexts
 
 log = logging.getLogger("acwi_node.ingest")
 
@@ -707,7 +707,7 @@ class EventDrivenRequestHandler(RequestHandler):
         assoc.acceptor.address_info = self.local
         assoc.acceptor.implementation_class_uid = ae.implementation_class_uid
         assoc.acceptor.implementation_version_name = ae.implementation_version_name
-        assoc.acceptor.supported_contexts = copy_contexts(server.contexts)
+        assoc.acceptor.supported_contexts = acceptor_contexts(server.contexts)
         assoc.requestor.address_info = self.remote
         for event, handlers in server._handlers.items():
             if event.is_intervention and handlers:

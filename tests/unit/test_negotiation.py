@@ -5,6 +5,7 @@ association does to its copies reaches the next."""
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Any
 
 import pytest
@@ -24,8 +25,11 @@ from acwi_node.ingest import negotiation
 from acwi_node.ingest.negotiation import (
     RememberedRequest,
     RequestMemo,
+    SharedContexts,
+    SharedResult,
     Unfreezable,
     accept_pdu_bytes,
+    acceptor_contexts,
     freeze,
     negotiate_as_acceptor,
 )
@@ -112,6 +116,17 @@ def test_each_association_gets_lists_of_its_own() -> None:
     )
 
 
+def test_the_proposed_contexts_of_a_remembered_request_are_pictured_once() -> None:
+    memo = RequestMemo()
+    pdu = _request_pdu()
+    mine = memo.request(pdu).to_primitive().presentation_context_definition_list
+    theirs = memo.request(pdu).to_primitive().presentation_context_definition_list
+    assert isinstance(mine, SharedContexts) and isinstance(theirs, SharedContexts)
+    assert mine is not theirs
+    assert mine.picture() is theirs.picture()
+    assert mine.picture().value == freeze(_decoded(pdu).presentation_context_definition_list)
+
+
 def test_another_protocol_version_is_decoded_for_pynetdicom_to_reject() -> None:
     memo = RequestMemo()
     answer = memo.request(_request_pdu(protocol=2))
@@ -144,6 +159,35 @@ def test_the_least_recently_used_request_goes_first() -> None:
     assert memo.misses == 4
 
 
+# ------------------------------------------------------------- shared contexts
+def test_the_acceptor_s_contexts_are_copied_once_per_server_list() -> None:
+    server = _server_contexts()
+    first, second = acceptor_contexts(server), acceptor_contexts(server)
+    assert first is second and first is not server
+    assert all(a is not b for a, b in zip(first, server, strict=True))
+    assert [vars(c) for c in first] == [vars(c) for c in copy.deepcopy(server)]
+    assert first.picture() is second.picture()
+    assert first.picture().value == freeze(server)
+    server[0] = copy.deepcopy(server[0])  # the server's list now holds another context
+    third = acceptor_contexts(server)
+    assert third is not first and third[0] is not first[0]
+    assert acceptor_contexts(list(server)) is not third  # another list
+
+
+def test_a_shared_list_is_pictured_anew_once_it_holds_other_contexts() -> None:
+    shared = SharedContexts(_server_contexts())
+    duplicate = shared.copy()
+    assert duplicate is not shared and duplicate.picture() is shared.picture()
+    changed = copy.deepcopy(duplicate[0])
+    changed.context_id = 99
+    duplicate[0] = changed
+    assert duplicate.picture() != shared.picture()
+    assert duplicate.picture().value == freeze(list(duplicate))
+    duplicate.pop()
+    assert duplicate.picture().value == freeze(list(duplicate))
+    assert shared.copy().picture() is shared.picture()  # the others keep theirs
+
+
 # ------------------------------------------------------------------ negotiation
 @pytest.fixture
 def fresh_memos(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -170,19 +214,34 @@ def test_a_remembered_negotiation_equals_pynetdicoms(with_roles: bool) -> None:
     assert len(reference[1]) == (1 if with_roles else 0)
     accepted = [c for c in second[0] if c.result == 0]
     assert len(accepted) == len(proposed) > 100
+    assert all(type(c) is SharedResult for c in first[0] + second[0])
+    assert first[0] is not second[0] and all(map(operator.is_, first[0], second[0]))
+    assert first[0] == reference[0]  # pynetdicom's equality: the same values
 
 
 @pytest.mark.usefixtures("fresh_memos")
 def test_what_one_association_does_to_its_results_does_not_reach_the_next() -> None:
+    """Remembered results are shared: changing one is refused, a copy is free to change."""
     proposed = _request().presentation_context_definition_list
     server = _server_contexts()
     reference = freeze(pynetdicom_negotiate(proposed, server, None))
     for _ in range(2):
         contexts, _roles = negotiate_as_acceptor(proposed, server, None)
-        for context in contexts:
-            context.context_id = 255
-            context.transfer_syntax.clear()
+        contexts.clear()  # each association's list is its own
+    contexts, _roles = negotiate_as_acceptor(proposed, server, None)
+    shared = contexts[0]
+    with pytest.raises(AttributeError, match="shared between associations"):
+        shared.context_id = 255
+    with pytest.raises(AttributeError, match="shared between associations"):
+        shared.transfer_syntax = [ImplicitVRLittleEndian]
+    with pytest.raises(TypeError, match="copy it"):
+        shared.transfer_syntax.clear()
+    for duplicate in (copy.copy(shared), copy.deepcopy(shared)):
+        assert type(duplicate) is PresentationContext and duplicate == shared
+        duplicate.context_id = 255
+        duplicate.transfer_syntax.clear()
     assert freeze(negotiate_as_acceptor(proposed, server, None)) == reference
+    assert negotiation.NEGOTIATIONS.hits == 3
 
 
 @pytest.mark.usefixtures("fresh_memos")

@@ -677,6 +677,35 @@ def test_a_request_sent_again_is_accepted_from_memory_and_still_checked(
     assert negotiation.REQUESTS.hits == after[0][0] + 1  # the same request, remembered: refused
 
 
+@pytest.mark.parametrize("watched", [False, True], ids=["unwatched", "fsm-watched"])
+def test_the_association_s_thread_answers_its_association_and_release_requests(
+    node: tuple[Settings, Ledger, StorageSCP], monkeypatch: pytest.MonkeyPatch, watched: bool
+) -> None:
+    """The A-ASSOCIATE-AC and the A-RELEASE-RP leave from the association's thread, which
+    decided them, not from the DUL thread after a hand-over; where a handler watches the
+    state machine, pynetdicom's own actions on the DUL thread send them. Either way the
+    association serves."""
+    settings, ledger, scp = node
+    sent: list[tuple[int, str]] = []
+    original = reactor.BulkReadSocket.send
+
+    def recording(self: reactor.BulkReadSocket, data: bytes) -> None:
+        if data[:1] in (b"\x02", b"\x06"):  # A-ASSOCIATE-AC, A-RELEASE-RP
+            sent.append((data[0], type(threading.current_thread()).__name__))
+        original(self, data)
+
+    monkeypatch.setattr(reactor.BulkReadSocket, "send", recording)
+    if watched:
+        scp._server.bind(evt.EVT_FSM_TRANSITION, lambda event: None)
+    study = generate_uid()
+    assert send(settings, [make_sc(study), make_sc(study)]) == [0, 0]
+    assert _until(lambda: len(sent) == 2)
+    thread = "EventDrivenDUL" if watched else "EventDrivenAssociation"
+    assert sent == [(0x02, thread), (0x06, thread)]
+    record = ledger.get_study(study)
+    assert record is not None and record["instances"] == 2
+
+
 def _until(condition: Any, timeout_s: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while not condition() and time.monotonic() < deadline:

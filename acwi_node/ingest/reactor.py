@@ -211,9 +211,11 @@ class EventDrivenDUL(DULServiceProvider):
         then for the interpreter lock while the association thread recorded the acceptance or
         the release: 0.3 ms of the 1.5 an A-ASSOCIATE-AC took.
 
-        False, having done nothing, for any other primitive, where handlers watch the PDUs
-        sent or the state machine (they see pynetdicom's own actions), or when the state
-        machine is not waiting for exactly this answer (Sta3 or Sta8, nothing else queued)."""
+        False, having done nothing, for any other primitive, on a TLS connection (an SSL
+        connection is not to be written by one thread while another reads it: the DUL thread
+        does all of its I/O), where handlers watch the PDUs sent or the state machine (they see
+        pynetdicom's own actions), or when the state machine is not waiting for exactly this
+        answer (Sta3 or Sta8, nothing else queued)."""
         if isinstance(primitive, A_ASSOCIATE) and primitive.result == 0x00:
             waiting, then = "Sta3", "Sta6"
         elif isinstance(primitive, A_RELEASE) and primitive.result == "affirmative":
@@ -221,8 +223,13 @@ class EventDrivenDUL(DULServiceProvider):
         else:
             return False
         assoc = self.assoc
-        if not assoc.is_acceptor or any(
-            assoc.get_handlers(event) for event in (evt.EVT_PDU_SENT, evt.EVT_FSM_TRANSITION)
+        if (
+            not assoc.is_acceptor
+            or not isinstance(self.socket, BulkReadSocket)
+            or self.socket._raw_fd() < 0
+            or any(
+                assoc.get_handlers(event) for event in (evt.EVT_PDU_SENT, evt.EVT_FSM_TRANSITION)
+            )
         ):
             return False
         with self.fsm_lock:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -21,6 +23,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from acwi_node.config import ConfigError, Settings, load_settings
 from acwi_node.export import send_files
 from acwi_node.export.scu import echo
+from acwi_node.ingest import reactor
 from acwi_node.ingest.scp import StorageSCP
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger
@@ -117,6 +120,31 @@ def test_trusted_client_certificate_is_let_in(
     settings, ledger = tls_node()
     path, study = _image(tmp_path)
     assert _store(settings, _client(pki, pki.client), path) == 0
+    record = ledger.get_study(study)
+    assert record is not None and record["instances"] == 1
+
+
+def test_a_tls_association_is_answered_by_its_dul_thread(
+    tls_node: NodeFactory, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over TLS the A-ASSOCIATE-AC and the A-RELEASE-RP leave from the DUL thread, which does
+    all of the connection's I/O (a plain TCP association's thread sends them itself: test_scp)."""
+    sent: list[tuple[int, str]] = []
+    original = reactor.BulkReadSocket.send
+
+    def recording(self: reactor.BulkReadSocket, data: bytes) -> None:
+        if data[:1] in (b"\x02", b"\x06"):  # A-ASSOCIATE-AC, A-RELEASE-RP
+            sent.append((data[0], type(threading.current_thread()).__name__))
+        original(self, data)
+
+    monkeypatch.setattr(reactor.BulkReadSocket, "send", recording)
+    settings, ledger = tls_node()
+    path, study = _image(tmp_path)
+    assert _store(settings, _client(pki, pki.client), path) == 0
+    deadline = time.monotonic() + 5
+    while len(sent) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sent == [(0x02, "EventDrivenDUL"), (0x06, "EventDrivenDUL")]
     record = ledger.get_study(study)
     assert record is not None and record["instances"] == 1
 

@@ -336,6 +336,34 @@ def test_open_association_holds_completion_until_released(db: Ledger) -> None:
     assert db.studies_due(quiet_period_s=60, max_wait_s=3600) == []
 
 
+def test_each_study_of_an_ended_association_counts_one_association_fewer(db: Ledger) -> None:
+    a = db.record_instance(rec(study="1.2.3"), first_in_association=True)
+    db.record_instance(rec(study="1.2.3", sop="1.2.3.2"), first_in_association=True)
+    b = db.record_instance(rec(study="1.2.4", sop="1.2.4.1"), first_in_association=True)
+    db.association_released([a.study_id, b.study_id])  # the second association stays open
+    assert db.studies_due(quiet_period_s=0, max_wait_s=3600) == [(b.study_id, 1)]
+    db.association_released([a.study_id])
+    db.association_released([a.study_id, b.study_id])  # one end too many: never below zero
+    other = Ledger(db.url, create=False)  # another process sees it, without a flush
+    try:
+        assert sorted(other.studies_due(quiet_period_s=0, max_wait_s=3600)) == [
+            (a.study_id, 1),
+            (b.study_id, 1),
+        ]
+        assert other.studies_due(quiet_period_s=60, max_wait_s=3600) == []
+        with other.session() as s:
+            counts = s.execute(
+                select(Study.open_associations, Study.last_released_at).order_by(Study.id)
+            ).all()
+        assert [count for count, _ in counts] == [0, 0]
+        assert all(isinstance(at, dt.datetime) for _, at in counts)
+    finally:
+        other.dispose()
+    c = db.record_instance(rec(study="1.2.3", sop="1.2.3.3"), first_in_association=True)
+    assert db.studies_due(quiet_period_s=0, max_wait_s=3600) == [(b.study_id, 1)]
+    assert c.study_id == a.study_id
+
+
 def test_upper_bound_completes_while_association_stays_open(db: Ledger) -> None:
     r = db.record_instance(rec(), first_in_association=True)
     time.sleep(0.05)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,12 +22,12 @@ from pynetdicom.dimse_primitives import C_STORE
 from acwi_node.config import ConfigError, Settings, load_settings
 from acwi_node.export import send_files
 from acwi_node.export.scu import echo
-from acwi_node.ingest import reactor
 from acwi_node.ingest.scp import StorageSCP
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger
 from acwi_node.tls import client_context, server_context
 from tests.support import SECONDARY_CAPTURE_IMAGE_STORAGE, write_secondary_capture
+from tests.support.answer_threads import record_answer_threads
 from tests.support.certs import Pair, Pki, make_pki
 from tests.support.dcmtk import require_dcmtk_tool, storescu
 from tests.support.orthanc import OrthancServer, require_orthanc
@@ -129,15 +128,7 @@ def test_a_tls_association_is_answered_by_its_dul_thread(
 ) -> None:
     """Over TLS the A-ASSOCIATE-AC and the A-RELEASE-RP leave from the DUL thread, which does
     all of the connection's I/O (a plain TCP association's thread sends them itself: test_scp)."""
-    sent: list[tuple[int, str]] = []
-    original = reactor.BulkReadSocket.send
-
-    def recording(self: reactor.BulkReadSocket, data: bytes) -> None:
-        if data[:1] in (b"\x02", b"\x06"):  # A-ASSOCIATE-AC, A-RELEASE-RP
-            sent.append((data[0], type(threading.current_thread()).__name__))
-        original(self, data)
-
-    monkeypatch.setattr(reactor.BulkReadSocket, "send", recording)
+    sent = record_answer_threads(monkeypatch)
     settings, ledger = tls_node()
     path, study = _image(tmp_path)
     assert _store(settings, _client(pki, pki.client), path) == 0

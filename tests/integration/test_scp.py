@@ -35,6 +35,7 @@ from acwi_node.ingest.scp import ROW_BATCH, TRANSFER_SYNTAXES, StorageSCP
 from acwi_node.ingest.spool import Spool, SpoolError
 from acwi_node.ledger import InstanceRecord, Ledger
 from acwi_node.ledger.models import Study
+from tests.support.answer_threads import record_answer_threads
 from tests.support.dcmtk import storescu
 from tests.support.ports import free_port
 
@@ -686,15 +687,7 @@ def test_the_association_s_thread_answers_its_association_and_release_requests(
     state machine, pynetdicom's own actions on the DUL thread send them. Either way the
     association serves."""
     settings, ledger, scp = node
-    sent: list[tuple[int, str]] = []
-    original = reactor.BulkReadSocket.send
-
-    def recording(self: reactor.BulkReadSocket, data: bytes) -> None:
-        if data[:1] in (b"\x02", b"\x06"):  # A-ASSOCIATE-AC, A-RELEASE-RP
-            sent.append((data[0], type(threading.current_thread()).__name__))
-        original(self, data)
-
-    monkeypatch.setattr(reactor.BulkReadSocket, "send", recording)
+    sent = record_answer_threads(monkeypatch)
     if watched:
         scp._server.bind(evt.EVT_FSM_TRANSITION, lambda event: None)
     study = generate_uid()

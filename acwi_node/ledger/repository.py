@@ -496,39 +496,42 @@ class Ledger:
     def _record_instances(
         self, batch: Sequence[tuple[InstanceRecord, bool]], flushed: bool
     ) -> list[Recorded]:
-        # On the DB-API connection with SQL written once (see _IngestSql): this runs for every
-        # C-STORE, and SQLAlchemy's execution machinery cost more than the database's own work.
-        self._after_fork()
         sql = self._ingest_sql
-        engine = self._ingest_engine(flushed)
-        now = sql.time(utcnow())
+        try:
+            with self._ingest_transaction(flushed) as cur:
+                return self._write_instances(cur, batch, sql.time(utcnow()))
+        except sql.integrity_error as exc:
+            raise IntegrityError(sql.insert_instance, None, exc) from exc
+
+    @contextmanager
+    def _ingest_transaction(self, flushed: bool) -> Iterator[Any]:
+        """A DB-API cursor in one transaction, committed when the block ends, else rolled
+        back; with ``flushed`` false the commit does not wait for the disk (SQLite:
+        ``synchronous = NORMAL``; PostgreSQL: ``synchronous_commit`` off).
+
+        The ingest's statements (:class:`_IngestSql`) run this way, on the DB-API connection
+        with SQL written once: they run for every C-STORE and every association, and
+        SQLAlchemy's execution machinery cost more than the database's own work."""
+        self._after_fork()
+        postgresql = self._ingest_sql.postgresql
+        engine = self.engine
+        if not flushed and not postgresql:
+            if self._unflushed_engine is None:
+                self._unflushed_engine = make_engine(self.url, sqlite_synchronous="NORMAL")
+            engine = self._unflushed_engine
         raw = engine.raw_connection()
         try:
             cur = raw.cursor()
-            if not flushed and sql.postgresql:
+            if not flushed and postgresql:
                 cur.execute("SET LOCAL synchronous_commit TO OFF")
-            recorded = self._write_instances(cur, batch, now)
+            yield cur
             cur.close()
             raw.commit()
-        except sql.integrity_error as exc:
-            raw.rollback()
-            raise IntegrityError(sql.insert_instance, None, exc) from exc
         except BaseException:
             raw.rollback()
             raise
         finally:
             raw.close()  # back to the pool
-        return recorded
-
-    def _ingest_engine(self, flushed: bool) -> Engine:
-        """The engine whose commits flush (``flushed``), or, on SQLite, one whose commits do
-        not (``synchronous = NORMAL``; PostgreSQL turns ``synchronous_commit`` off per
-        transaction instead)."""
-        if flushed or self._ingest_sql.postgresql:
-            return self.engine
-        if self._unflushed_engine is None:
-            self._unflushed_engine = make_engine(self.url, sqlite_synchronous="NORMAL")
-        return self._unflushed_engine
 
     def _write_instances(
         self, cur: Any, batch: Sequence[tuple[InstanceRecord, bool]], now: Any
@@ -661,22 +664,10 @@ class Ledger:
         flushes it with the rest (:meth:`flush`)."""
         if not study_ids:
             return
-        self._after_fork()
         sql = self._ingest_sql
         params = {"now": sql.time(utcnow()), "ids": sql.uid_list(sorted(set(study_ids)))}
-        raw = self._ingest_engine(False).raw_connection()
-        try:
-            cur = raw.cursor()
-            if sql.postgresql:
-                cur.execute("SET LOCAL synchronous_commit TO OFF")
+        with self._ingest_transaction(flushed=False) as cur:
             cur.execute(sql.release_studies, params)
-            cur.close()
-            raw.commit()
-        except BaseException:
-            raw.rollback()
-            raise
-        finally:
-            raw.close()
 
     # -------------------------------------------------------------- completion
     def studies_due(self, *, quiet_period_s: float, max_wait_s: float) -> list[tuple[int, int]]:

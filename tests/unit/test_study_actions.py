@@ -191,13 +191,13 @@ def test_administrators_resend_and_reprocess_failed_studies_from_the_dashboard(
 
     with TestClient(create_app(settings, ledger), base_url="https://testserver") as client:
         csrf_token = sign_in(client, "ada.admin")
-        page = client.get("/review/dashboard").text
-        assert "Failed studies" in page and "nothing analysable" in page
-        assert '<td id="q-deleted">0</td>' in page
-        assert re.search(r'<td id="q-disk">\d+%</td>', page)
-        assert 'action="/review/studies/1.2.3/resend"' in page
-        assert 'action="/review/studies/1.2.4/resend"' not in page
-        assert 'action="/review/studies/1.2.4/reprocess"' in page
+        html = client.get("/review/dashboard").text
+        assert "Failed studies" in html and "nothing analysable" in html
+        assert '<td id="q-deleted">0</td>' in html
+        assert re.search(r'<td id="q-disk">\d+%</td>', html)
+        assert 'action="/review/studies/1.2.3/resend"' in html
+        assert 'action="/review/studies/1.2.4/resend"' not in html
+        assert 'action="/review/studies/1.2.4/reprocess"' in html
         forged = client.post("/review/studies/1.2.3/resend", data={"csrf_token": "x"})
         assert forged.status_code == 403
         assert deliveries(ledger, "1.2.3") == [("failed", 1)]

@@ -14,8 +14,9 @@ and spool. Orthanc (1.7.4 and later) fsyncs every file it stores (``SyncStorageA
 default); storescp fsyncs nothing. The ``node-processes`` target runs one SCP listener process
 per core (``ingest.processes = 0``), ``node-postgres`` keeps the ledger on PostgreSQL (a
 database made for each run on ``ACWI_BENCH_POSTGRES``, by default the server on 127.0.0.1:5432,
-and dropped after it). Besides rates, the run reports the CPU time each receiver
-(its processes, children included) and the senders spent per instance. Before each measurement
+and dropped after it), ``node-server`` both, as the server deployment runs it. Besides rates,
+the run reports the CPU time each receiver (its processes, children included) and the senders
+spent per instance. Before each measurement
 the page cache is flushed and, as root, dropped, and then memory several times what the target
 may write is touched once, so that the host backs it again (:func:`settle_memory`).
 """
@@ -195,9 +196,9 @@ POSTGRES_ADMIN_URL = os.environ.get(
 
 
 @contextmanager
-def postgres_node_target(workdir: Path) -> Iterator[Receiver]:
+def postgres_node_target(workdir: Path, **ingest: Any) -> Iterator[Receiver]:
     """The node with its ledger on PostgreSQL (the server deployment's), in a database made
-    for this run and dropped after it."""
+    for this run and dropped after it; ``ingest``: settings of its ``[ingest]`` table."""
     admin = make_engine(POSTGRES_ADMIN_URL).execution_options(isolation_level="AUTOCOMMIT")
     name = f"acwi_bench_{uuid.uuid4().hex[:12]}"
     try:
@@ -209,6 +210,7 @@ def postgres_node_target(workdir: Path) -> Iterator[Receiver]:
                 database_url=make_url(POSTGRES_ADMIN_URL)
                 .set(database=name)
                 .render_as_string(hide_password=False),
+                **ingest,
             ) as receiver:
                 yield receiver
         finally:
@@ -240,6 +242,8 @@ TARGETS: dict[str, Target] = {
     "node-processes": lambda workdir: node_target(workdir, processes=0),
     # The ledger on PostgreSQL (ACWI_BENCH_POSTGRES: the server to use).
     "node-postgres": postgres_node_target,
+    # The server deployment's settings (deploy/acwi-node.toml): both of the above.
+    "node-server": lambda workdir: postgres_node_target(workdir, processes=0),
     # Holding a CPU wake-up latency request of 0 us while associations are open (as root):
     # every CPU polls when idle, the sender's too, so its ratio to storescp is not like for like.
     "node-cpu-latency": lambda workdir: node_target(workdir, cpu_wakeup_latency_us=0),
@@ -378,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         " journal: three flushes per instance), node-nofsync (not durable),"
         " node-polling (pynetdicom's polling loops), node-eager-checkpoint (the journal"
         " checkpointed every 2 s and at every full segment), node-postgres (the ledger on"
-        " PostgreSQL, ACWI_BENCH_POSTGRES or postgres@127.0.0.1:5432), node-cpu-latency"
+        " PostgreSQL, ACWI_BENCH_POSTGRES or postgres@127.0.0.1:5432), node-server (both: the"
+        " server deployment's settings), node-cpu-latency"
         " (ingest.cpu_wakeup_latency_us = 0, as root)",
     )
     parser.add_argument(

@@ -8,6 +8,7 @@ import json
 import statistics
 from pathlib import Path
 
+import pytest
 from sqlalchemy import text
 
 from acwi_node.ledger.repository import make_engine
@@ -48,18 +49,21 @@ def test_the_ingest_bench_runs_and_writes_every_round(tmp_path: Path) -> None:
         )
 
 
-def test_the_node_with_its_ledger_on_postgresql_is_a_target(tmp_path: Path) -> None:
-    """``node-postgres``: every instance is counted in a PostgreSQL ledger made for the run,
-    and the database is gone afterwards."""
+@pytest.mark.parametrize("target", ["node-postgres", "node-server"])
+def test_the_node_with_its_ledger_on_postgresql_is_a_target(tmp_path: Path, target: str) -> None:
+    """``node-postgres`` (and ``node-server``, with a listener process per core): every
+    instance is counted in a PostgreSQL ledger made for the run, and the database is gone
+    afterwards."""
     out = tmp_path / "ingest.json"
     before = _bench_databases()
     code = main(
-        ["--ct", "0", "--small", "6", "--parallel", "0", "--each", "0",
-         "--targets", "node-postgres", "--json", str(out)]
+        ["--ct", "0", "--small", "6", "--parallel", "2", "--each", "0",
+         "--targets", target, "--json", str(out)]
     )  # fmt: skip
     assert code == 0
     report = json.loads(out.read_text())
-    assert report["results"]["6 small, 1 assoc."]["node-postgres"] > 0
+    assert report["results"]["6 small, 1 assoc."][target] > 0
+    assert report["results"]["6 small, 2 assoc."][target] > 0
     assert _bench_databases() == before
 
 

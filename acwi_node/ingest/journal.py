@@ -109,6 +109,9 @@ SPOOLED_CRC = "spooled_crc32"
 #: magic, kind, record number, time written (ns since the epoch), meta length, payload length,
 #: CRC-32 of (the fields before it, meta and payload).
 _HEADER = struct.Struct("<4sBQQIQI")
+#: A record's meta as compact JSON (one encoder for every record: ``json.dumps`` with
+#: separators makes a new one per call).
+_META_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 #: A segment this large gets a successor (the checkpoint retires whole segments).
 SEGMENT_BYTES = 64 << 20
@@ -572,7 +575,7 @@ class IngestJournal:
         background: bool = False,
         head_start: bool = True,
     ) -> Ticket:
-        meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
+        meta_bytes = _META_ENCODER.encode(meta).encode()
         payload_parts = buffers(payload)
         payload_size = sum(len(p) for p in payload_parts)
         # Outside the lock (the CRC lets other threads run meanwhile): all but the header's CRC.

@@ -101,8 +101,10 @@ TRANSFER_SYNTAXES: list[str] = [
     "1.2.840.10008.1.2.5",  # RLE Lossless
 ]
 
-#: Ledger rows of an association written together at most (see :class:`_PendingRows`).
-ROW_BATCH = 32
+#: Ledger rows of an association written together at most (see :class:`_PendingRows`): a
+#: sender streaming small instances fills a batch within :data:`ROW_MAX_DELAY_S` (128 rows
+#: cost a third less per row than 32 on SQLite, and on PostgreSQL a quarter of the commits).
+ROW_BATCH = 128
 #: A pending ledger row this old (seconds) is written with the next one to join it (an idle
 #: association's rows are written after ``reactor.IDLE_S``).
 ROW_MAX_DELAY_S = 0.05

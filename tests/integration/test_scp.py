@@ -31,7 +31,7 @@ from acwi_node.ingest.journal import (
     JournalRecord,
     read_journal,
 )
-from acwi_node.ingest.scp import ROW_BATCH, TRANSFER_SYNTAXES, StorageSCP
+from acwi_node.ingest.scp import TRANSFER_SYNTAXES, StorageSCP
 from acwi_node.ingest.spool import Spool, SpoolError
 from acwi_node.ledger import InstanceRecord, Ledger
 from acwi_node.ledger.models import Study
@@ -379,15 +379,16 @@ def test_the_rows_of_a_streaming_association_are_written_together(
     kind: str,
 ) -> None:
     """storescu sends 70 instances of two studies back to back: with no idle time and no age
-    limit in the way, their rows are written ROW_BATCH at a time and the rest at the release,
-    and each study counts the association once (open while it sends, closed at its end). So
-    are those of instances too large for the journal (flushed in the spool, each answered
-    before its row)."""
+    limit in the way, their rows are written a batch (32 here) at a time and the rest at the
+    release, and each study counts the association once (open while it sends, closed at its
+    end). So are those of instances too large for the journal (flushed in the spool, each
+    answered before its row)."""
     settings, ledger, scp = node
     if kind == "spooled":
         monkeypatch.setattr(scp, "_journal_max_bytes", 0)
     monkeypatch.setattr(reactor, "IDLE_S", 60.0)
     monkeypatch.setattr(scp_module, "ROW_MAX_DELAY_S", 60.0)
+    monkeypatch.setattr(scp_module, "ROW_BATCH", 32)
     batches: list[int] = []
     record_instances = ledger.record_instances
 
@@ -403,7 +404,7 @@ def test_the_rows_of_a_streaming_association_are_written_together(
         make_sc(study if i < 60 else other).save_as(files[-1], enforce_file_format=True)
     done = storescu("127.0.0.1", settings.node.dicom_port, "ACWI", files, calling_ae="STORESCU")
     assert done.returncode == 0, done.stderr
-    assert batches == [ROW_BATCH, ROW_BATCH, 70 - 2 * ROW_BATCH]
+    assert batches == [32, 32, 6]
     deadline = time.monotonic() + 10  # the association's end is recorded once it has closed
     while scp.open_associations and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -63,6 +63,8 @@ _HEADER_TAGS = [Tag(t >> 16, t & 0xFFFF) for t in WANTED]
 _U16U16 = struct.Struct("<HH")
 _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
+_IMPLICIT_HEADER = struct.Struct("<HHI")
+_EXPLICIT_HEADER = struct.Struct("<HH2sH")
 
 
 class _Unsupported(Exception):
@@ -123,29 +125,44 @@ def scan_header(dataset: bytes, transfer_syntax: str) -> dict[str, str] | None:
     found: dict[str, bytes] = {}
     encoding = "latin-1"
     pos, end = 0, len(dataset)
+    # The element headers are read inline (this runs for every instance received): the tag
+    # and length of an implicit VR element, or the tag, VR and short length of an explicit one.
+    implicit_header = _IMPLICIT_HEADER.unpack_from
+    explicit_header = _EXPLICIT_HEADER.unpack_from
+    u32 = _U32.unpack_from
     try:
         while pos + 8 <= end:
-            tag, _vr, start, length, _ = _element_header(dataset, pos, implicit)
+            if implicit:
+                group, element, length = implicit_header(dataset, pos)
+                start = pos + 8
+            else:
+                group, element, vr, length = explicit_header(dataset, pos)
+                if vr in _LONG_VRS:
+                    length = u32(dataset, pos + 8)[0]
+                    start = pos + 12
+                else:
+                    start = pos + 8
+            tag = group << 16 | element
             if tag > _LAST:
                 break
             if length == _UNDEFINED:
                 pos = _skip_undefined_sequence(dataset, start, implicit)
                 continue
-            if start + length > end:
+            pos = start + length
+            if pos > end:
                 raise _Unsupported("truncated")
             if tag == _SPECIFIC_CHARACTER_SET:
-                charset = dataset[start : start + length].decode("ascii").strip(" \x00")
+                charset = dataset[start:pos].decode("ascii").strip(" \x00")
                 if charset not in _CHARSETS:
                     raise _Unsupported("character set with code extensions")
                 encoding = _CHARSETS[charset]
             keyword = WANTED.get(tag)
             if keyword is not None:
-                found[keyword] = dataset[start : start + length]
-            pos = start + length
+                found[keyword] = dataset[start:pos]
         values: dict[str, str] = {}
         for keyword in WANTED.values():
-            raw = found.get(keyword, b"")
-            text = raw.decode(encoding).strip(" \x00")
+            raw = found.get(keyword)
+            text = raw.decode(encoding).strip(" \x00") if raw else ""
             if "\\" in text:
                 raise _Unsupported("more than one value")
             values[keyword] = text

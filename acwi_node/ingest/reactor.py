@@ -177,6 +177,9 @@ class EventDrivenDUL(DULServiceProvider):
         self._router = PDataRouter(self._accept_store)
         self._fast: bool | None = None  # decided at the first P-DATA-TF PDU
         self._storage_classes: dict[str, bool] = {}
+        #: The accepted SOP Class Common Extended Negotiation, read once the association is
+        #: established (it does not change afterwards).
+        self._extended: dict[Any, Any] | None = None
         #: Work for when the association is idle (:func:`when_idle`); this thread's only.
         self.idle_work: list[Callable[[], object]] = []
         #: Held around every state machine action (:meth:`_accept_at_once` takes one on the
@@ -311,7 +314,9 @@ class EventDrivenDUL(DULServiceProvider):
             return None
         class_uid = conformant_uid(sop_class)
         instance_uid = conformant_uid(sop_instance)
-        extended = assoc.acceptor.accepted_common_extended.get(class_uid or UID(sop_class))
+        if self._extended is None:
+            self._extended = assoc.acceptor.accepted_common_extended
+        extended = self._extended.get(class_uid or UID(sop_class)) if self._extended else None
         service_uid = str(extended[0]) if extended else sop_class
         if not self._is_storage_class(service_uid):
             return None
@@ -415,7 +420,7 @@ class EventDrivenDUL(DULServiceProvider):
             pdu_type == 0x04
             and self.state_machine.current_state == "Sta6"
             and self._fast_path_on()
-            and self.serving.wait(SERVING_WAIT_S)
+            and (self.serving.is_set() or self.serving.wait(SERVING_WAIT_S))
         ):
             for action in self._router.feed(body):  # ProtocolError: the reactor aborts
                 if isinstance(action, PassThrough):

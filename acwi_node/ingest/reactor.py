@@ -383,6 +383,13 @@ class EventDrivenDUL(DULServiceProvider):
         response = StorageServiceClass(assoc).validate_status(cast(Any, status), response)
         assoc.dimse.send_msg(response, taken.context_id)
 
+    def _process_recv_primitive(self) -> bool:
+        """pynetdicom's, without the exception it raises and catches when nothing was sent to
+        the DUL (on every turn of the loop)."""
+        if not self.to_provider_queue.queue:
+            return False
+        return bool(super()._process_recv_primitive())
+
     def _read_pdu_data(self) -> None:
         """pynetdicom 3.0's ``_read_pdu_data``, with P-DATA-TF PDUs of an established
         association routed through the C-STORE fast path (:mod:`.fastpath`)."""
@@ -542,6 +549,12 @@ class EventDrivenDUL(DULServiceProvider):
                 self.assoc._kill = True
                 self._kill_thread = True
                 return
+            # Nothing queued: looked at without the queue's lock and without the exception that
+            # get() raises (twice per C-STORE on the fast path); what another thread queues
+            # meanwhile is seen on a later turn, as it would be after get() had found nothing.
+            if not self.event_queue.queue:
+                idle = True
+                continue
             try:
                 event = self.event_queue.get(block=False)
             except queue.Empty:

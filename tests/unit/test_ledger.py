@@ -584,16 +584,18 @@ def test_reconciler_views(db: Ledger) -> None:
 def test_a_renewed_lease_keeps_the_job_and_a_lapsed_one_frees_it(db: Ledger) -> None:
     r = db.record_instance(rec(), first_in_association=False)
     (job_id,) = db.complete_study(r.study_id, 1, route_all)
-    assert db.claim_job(job_id, lease_s=0.2) is not None
-    assert db.claim_job(job_id, lease_s=0.2) is None  # another worker must wait
+    # A lease four times the renewal interval: a flushed commit that stalls on a busy disk
+    # must not make a renewed lease look lapsed.
+    assert db.claim_job(job_id, lease_s=1.0) is not None
+    assert db.claim_job(job_id, lease_s=1.0) is None  # another worker must wait
     for _ in range(3):
-        time.sleep(0.1)
+        time.sleep(0.25)
         assert db.renew_lease(job_id)
-        assert db.claim_job(job_id, lease_s=0.2) is None  # renewed in time: still held
-        assert db.jobs_to_requeue(older_than_s=3600, lease_s=0.2) == []
-    time.sleep(0.3)  # the holder died: no renewal
-    assert db.jobs_to_requeue(older_than_s=3600, lease_s=0.2) == [job_id]
-    taken = db.claim_job(job_id, lease_s=0.2)
+        assert db.claim_job(job_id, lease_s=1.0) is None  # renewed in time: still held
+        assert db.jobs_to_requeue(older_than_s=3600, lease_s=1.0) == []
+    time.sleep(1.1)  # the holder died: no renewal
+    assert db.jobs_to_requeue(older_than_s=3600, lease_s=1.0) == [job_id]
+    taken = db.claim_job(job_id, lease_s=1.0)
     assert taken is not None and taken.attempts == 2
     db.fail_job(job_id, "analysis failed: test")
     assert not db.renew_lease(job_id)  # a final job has no lease to renew

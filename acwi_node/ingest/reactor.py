@@ -180,6 +180,12 @@ class EventDrivenDUL(DULServiceProvider):
         #: The accepted SOP Class Common Extended Negotiation, read once the association is
         #: established (it does not change afterwards).
         self._extended: dict[Any, Any] | None = None
+        #: Per accepted presentation context ID, the tuple EVT_C_STORE handlers get as
+        #: ``event.context`` (the accepted contexts do not change once established).
+        self._context_tuples: dict[int, Any] = {}
+        #: SOP Class UIDs already made into UIDs (:func:`conformant_uid`); a few per
+        #: association, bounded all the same.
+        self._class_uids: dict[str, UID] = {}
         #: Work for when the association is idle (:func:`when_idle`); this thread's only.
         self.idle_work: list[Callable[[], object]] = []
         #: Held around every state machine action (:meth:`_accept_at_once` takes one on the
@@ -312,7 +318,11 @@ class EventDrivenDUL(DULServiceProvider):
             or priority is None
         ):
             return None
-        class_uid = conformant_uid(sop_class)
+        class_uid = self._class_uids.get(sop_class)
+        if class_uid is None or pynetdicom_config.VALIDATORS["UI"] is not _DEFAULT_UI_VALIDATOR:
+            class_uid = conformant_uid(sop_class)
+            if class_uid is not None and len(self._class_uids) < 64:
+                self._class_uids[sop_class] = class_uid
         instance_uid = conformant_uid(sop_instance)
         if self._extended is None:
             self._extended = assoc.acceptor.accepted_common_extended
@@ -339,7 +349,12 @@ class EventDrivenDUL(DULServiceProvider):
             return None
         if request.AffectedSOPClassUID is None or request.AffectedSOPInstanceUID is None:
             return None
-        return StoreRequest(context_id, sop_class, sop_instance, message_id, (request, context))
+        context_tuple = self._context_tuples.get(context_id)
+        if context_tuple is None:
+            context_tuple = self._context_tuples[context_id] = context.as_tuple
+        return StoreRequest(
+            context_id, sop_class, sop_instance, message_id, (request, context_tuple)
+        )
 
     def _serve_store(self, taken: StoreRequest) -> None:
         """Run the EVT_C_STORE handler on this thread and answer, as pynetdicom's Storage
@@ -361,11 +376,10 @@ class EventDrivenDUL(DULServiceProvider):
                     log.exception("the work left for after a C-STORE response failed")
 
     def _answer_store(self, taken: StoreRequest, request: C_STORE, context: Any) -> None:
+        """``context``: the presentation context as handlers see it (``as_tuple``)."""
         assoc = self.assoc
         try:
-            status = evt.trigger(
-                assoc, evt.EVT_C_STORE, {"request": request, "context": context.as_tuple}
-            )
+            status = evt.trigger(assoc, evt.EVT_C_STORE, {"request": request, "context": context})
         except Exception as exc:
             log.error("the C-STORE handler failed: %s", exc)
             status = 0xC211

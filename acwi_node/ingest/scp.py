@@ -819,7 +819,7 @@ class StorageSCP:
 
         def spool_and_queue() -> None:
             try:
-                self.spool.store(record.study_uid, record.sop_instance_uid, data, sync=False)
+                self.spool.write(record.study_uid, record.sop_instance_uid, data, sync=False)
             except SpoolError as exc:
                 self._spool_works = False
                 log.error(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import os
 import re
@@ -36,24 +37,35 @@ def buffers(data: Buffers) -> list[bytes | bytearray | memoryview]:
 
 def write_all(fd: int, data: Buffers, offset: int | None = None) -> int:
     """Write every byte of ``data`` (at ``offset``, else at the file position); the count."""
-    views = [memoryview(b).cast("B") for b in buffers(data) if len(b)]
-    total = 0
-    while views:
-        count = os.writev(fd, views) if offset is None else os.pwritev(fd, views, offset + total)
-        total += count
+    parts = [b for b in buffers(data) if len(b)]
+    if not parts:
+        return 0
+    size = sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in parts)
+    total = os.writev(fd, parts) if offset is None else os.pwritev(fd, parts, offset)
+    if total == size:  # the usual case: one system call took every byte
+        return total
+    views = [memoryview(b).cast("B") for b in parts]
+    count = total
+    while True:
         while views and count >= len(views[0]):
             count -= len(views[0])
             views.pop(0)
+        if not views:
+            return total
         if count:
             views[0] = views[0][count:]
-    return total
+        count = os.writev(fd, views) if offset is None else os.pwritev(fd, views, offset + total)
+        total += count
 
 
+@functools.lru_cache(maxsize=1024)
 def is_safe_uid(value: str) -> bool:
     """True for a UID that may name a file: digits and dots, no empty component, <= 64 chars.
 
     Leading zeros in a component (invalid in strict DICOM, seen from old scanners) are tolerated;
-    they cannot form a path.
+    they cannot form a path. Remembered for the last UIDs asked about: an instance's UIDs are
+    checked where they arrive and again where they name its file, and a study's UID for each of
+    its instances.
     """
     return 0 < len(value) <= 64 and _UID_RE.match(value) is not None
 
@@ -122,6 +134,18 @@ class Spool:
         ``sync``: flush the file and its directory entry before returning (default: the
         spool's ``fsync``). False for an instance the ingest journal already holds.
         """
+        return Path(self.write(study_uid, sop_instance_uid, data, sync=sync))
+
+    def write(
+        self,
+        study_uid: str,
+        sop_instance_uid: str,
+        data: Buffers,
+        *,
+        sync: bool | None = None,
+    ) -> str:
+        """:meth:`store`, returning the final path as a string (no ``Path`` made: this runs
+        for every instance received)."""
         sync = self.fsync if sync is None else sync
         # Strings, not Paths, up to the return: this runs for every instance received.
         final = os.path.join(self._root, self.relative_for(study_uid, sop_instance_uid))
@@ -149,7 +173,7 @@ class Spool:
                 fsync_dir(Path(directory))
                 if new_dir:
                     fsync_dir(self.root)
-            return Path(final)
+            return final
         except OSError as exc:
             if fd >= 0:
                 os.close(fd)

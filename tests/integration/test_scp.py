@@ -450,18 +450,18 @@ def test_a_spool_file_that_fails_after_the_answer_is_written_by_the_checkpoint(
     instance is safe in the journal, and the journal's checkpoint writes the file and the row."""
     with running_scp(tmp_path, journal_checkpoint_s=300) as (settings, ledger, scp):
         assert scp.journal is not None
-        store = scp.spool.store
+        write = scp.spool.write
         failures: list[str] = []
 
-        def full_once(*args: Any, **kwargs: Any) -> Path:
+        def full_once(*args: Any, **kwargs: Any) -> str:
             if not failures:
                 failures.append("no space")
                 raise SpoolError(
                     "cannot write to spool: No space left on device", out_of_space=True
                 )
-            return store(*args, **kwargs)
+            return write(*args, **kwargs)
 
-        monkeypatch.setattr(scp.spool, "store", full_once)
+        monkeypatch.setattr(scp.spool, "write", full_once)
         ds = make_sc(generate_uid())
         assert send(settings, [ds]) == [0]
         path = settings.spool_dir / ds.StudyInstanceUID / f"{ds.SOPInstanceUID}.dcm"

@@ -9,6 +9,7 @@ bytes are identical to pynetdicom's (``tests/unit/test_part10.py`` compares them
 
 from __future__ import annotations
 
+import functools
 import struct
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
@@ -28,18 +29,22 @@ _IMPLEMENTATION = _element(
 ) + _element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii"), b" ")
 
 
+@functools.lru_cache(maxsize=64)
+def _class_and_syntax(sop_class_uid: str, transfer_syntax: str) -> tuple[bytes, bytes]:
+    """The elements before and after the SOP Instance UID's, which an association's
+    instances share (a few SOP classes, one transfer syntax each)."""
+    before = _VERSION + _element(0x0002, b"UI", sop_class_uid.encode("ascii"), b"\x00")
+    after = _element(0x0010, b"UI", transfer_syntax.encode("ascii"), b"\x00") + _IMPLEMENTATION
+    return before, after
+
+
 def file_meta_prefix(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
     """Preamble, ``DICM`` prefix and File Meta Information for one instance.
 
     Raises ``ValueError`` for a value that is not ASCII or too long for its element (the caller
     then falls back to pynetdicom's encoder, which handles such values its own way).
     """
-    body = (
-        _VERSION
-        + _element(0x0002, b"UI", sop_class_uid.encode("ascii"), b"\x00")
-        + _element(0x0003, b"UI", sop_instance_uid.encode("ascii"), b"\x00")
-        + _element(0x0010, b"UI", transfer_syntax.encode("ascii"), b"\x00")
-        + _IMPLEMENTATION
-    )
+    before, after = _class_and_syntax(sop_class_uid, transfer_syntax)
+    body = before + _element(0x0003, b"UI", sop_instance_uid.encode("ascii"), b"\x00") + after
     group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
     return _PREAMBLE + group_length + body

@@ -281,10 +281,17 @@ class _IngestSql:
             f"UPDATE studies SET {received}, generation = :generation, state = :state,"
             " reason = '' WHERE id = :id"
         )
-        #: An association that sent instances of these studies ended (never below zero).
+        #: An association that sent instances of these studies ended (never below zero). On
+        #: PostgreSQL the rows are locked first in the order a batch of instance rows locks
+        #: them (their UIDs', byte by byte): two associations ending together, or one ending
+        #: while another's rows are written, each updating the same studies in whatever order
+        #: the scan met them, deadlocked (the server aborts one after its deadlock_timeout,
+        #: leaving a study counted as open until completion's upper bound on waiting).
         self.release_studies = (
-            "UPDATE studies SET open_associations = GREATEST(open_associations - 1, 0),"
-            " last_released_at = %(now)s WHERE id = ANY(%(ids)s)"
+            "WITH locked AS (SELECT id FROM studies WHERE id = ANY(%(ids)s)"
+            ' ORDER BY study_uid COLLATE "C" FOR UPDATE)'
+            " UPDATE studies SET open_associations = GREATEST(open_associations - 1, 0),"
+            " last_released_at = %(now)s FROM locked WHERE studies.id = locked.id"
             if self.postgresql
             else "UPDATE studies SET open_associations = max(open_associations - 1, 0),"
             " last_released_at = :now WHERE id IN (SELECT value FROM json_each(:ids))"

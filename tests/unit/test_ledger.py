@@ -364,6 +364,52 @@ def test_each_study_of_an_ended_association_counts_one_association_fewer(db: Led
     assert c.study_id == a.study_id
 
 
+def test_an_ended_association_locks_its_studies_in_the_order_instance_batches_do(
+    postgres_url: str,
+) -> None:
+    """PostgreSQL: the end of an association locks its studies by UID (byte order), as a batch
+    of instance rows does, whatever order their rows are stored in: two associations ending
+    together, each updating the same studies in the order its scan met them, deadlocked.
+    Here "1.9" is stored first and "1.10" sorts first; while another transaction holds "1.9",
+    the end of an association of both must already hold "1.10"."""
+    import psycopg
+
+    db = Ledger(postgres_url)
+    try:
+        later = db.record_instance(rec(study="1.9", sop="1.9.1"), first_in_association=True)
+        first = db.record_instance(rec(study="1.10", sop="1.10.1"), first_in_association=True)
+        dsn = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(dsn) as holder:
+            holder.execute("SELECT id FROM studies WHERE study_uid = '1.9' FOR UPDATE")
+            ended = threading.Thread(
+                target=db.association_released, args=([later.study_id, first.study_id],)
+            )
+            ended.start()
+            try:
+                with psycopg.connect(dsn) as probe:
+                    deadline = time.monotonic() + 10
+                    while True:  # until the release holds "1.10" (it then waits for "1.9")
+                        try:
+                            probe.execute(
+                                "SELECT id FROM studies WHERE study_uid = '1.10' FOR UPDATE NOWAIT"
+                            )
+                            probe.rollback()
+                        except psycopg.errors.LockNotAvailable:
+                            probe.rollback()
+                            break
+                        assert time.monotonic() < deadline, "the release never locked 1.10"
+                        time.sleep(0.02)
+            finally:
+                holder.rollback()  # lets the release finish
+                ended.join(timeout=10)
+        assert not ended.is_alive()
+        assert db.studies_due(quiet_period_s=0, max_wait_s=3600) == sorted(
+            [(first.study_id, 1), (later.study_id, 1)]
+        )
+    finally:
+        db.dispose()
+
+
 def test_upper_bound_completes_while_association_stays_open(db: Ledger) -> None:
     r = db.record_instance(rec(), first_in_association=True)
     time.sleep(0.05)

@@ -378,15 +378,14 @@ def test_an_ended_association_locks_its_studies_in_the_order_instance_batches_do
     try:
         later = db.record_instance(rec(study="1.9", sop="1.9.1"), first_in_association=True)
         first = db.record_instance(rec(study="1.10", sop="1.10.1"), first_in_association=True)
-        dsn = postgres_url.replace("postgresql+psycopg://", "postgresql://")
-        with psycopg.connect(dsn) as holder:
+        with psycopg.connect(postgres_url) as holder:
             holder.execute("SELECT id FROM studies WHERE study_uid = '1.9' FOR UPDATE")
             ended = threading.Thread(
                 target=db.association_released, args=([later.study_id, first.study_id],)
             )
             ended.start()
             try:
-                with psycopg.connect(dsn) as probe:
+                with psycopg.connect(postgres_url) as probe:
                     deadline = time.monotonic() + 10
                     while True:  # until the release holds "1.10" (it then waits for "1.9")
                         try:

@@ -221,6 +221,8 @@ class WorkerSettings(_Strict):
     dla_core: int | None = Field(None, ge=0, le=7)
     #: DICOM folder of real images for INT8 calibration; default synthetic phantoms.
     calibration_dir: Path | None = None
+    #: Engine pytorch on device cuda: capture the backbone as CUDA graphs and replay them.
+    cuda_graphs: bool = True
     #: Which heatmap objects are written: all, or only positive or uncertain images.
     heatmaps: Literal["all", "positive_or_uncertain"] = "all"
     #: Also write each analysed series' heatmaps as one Parametric Map (values 0-1, for viewers

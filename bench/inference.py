@@ -3,7 +3,8 @@
     python -m bench.inference [--device cpu|cuda] [--engines pytorch,onnxruntime:fp32,...]
                               [--iters 20] [--threads N] [--mc-samples 20] [--json FILE]
 
-For every engine (``name[:precision]``; default: every engine that can run on the device) it
+For every engine (``name[:precision[:eager]]``, ``eager``: PyTorch on CUDA without CUDA graphs;
+default: every engine that can run on the device) it
 measures the backbone at batch 1 and 32 on real preprocessed images (synthetic phantom studies
 through the node's preprocessing): images/s and p50/p95 latency per batch, each with its ratio to
 eager PyTorch FP32 (plain ``DIANet.encode``, NCHW, no autocast) measured in the same run on the
@@ -53,7 +54,9 @@ SOURCE_SIZE = 256  # Rows x Columns of the phantom images (heatmaps are resized 
 def default_engines(device: torch.device) -> list[str]:
     if device.type == "cuda":
         return [
+            "pytorch:fp32:eager",
             "pytorch:fp32",
+            "pytorch:fp16:eager",
             "pytorch:fp16",
             "pytorch:bf16",
             "onnxruntime:fp32",
@@ -202,8 +205,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     eager = copy.deepcopy(model).eval()
 
     for spec in args.engines:
-        name, _, precision = spec.partition(":")
+        name, _, rest = spec.partition(":")
+        precision, _, mode = rest.partition(":")
         precision = precision or "fp32"
+        if mode not in ("", "eager"):
+            raise SystemExit(f"--engines {spec}: the third field can only be 'eager'")
         reason = engine_support(name, device, precision)
         if reason is not None:
             report["skipped"][spec] = reason
@@ -211,7 +217,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         options = EngineOptions(
-            engine=name, precision=precision, cache_dir=cache_dir, num_threads=args.threads
+            engine=name,
+            precision=precision,
+            cache_dir=cache_dir,
+            num_threads=args.threads,
+            cuda_graphs=mode != "eager",
         )
         started = time.perf_counter()
         try:
@@ -276,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--engines",
         type=lambda text: [e.strip() for e in text.split(",") if e.strip()],
-        help="comma-separated name[:precision] (default: all for the device)",
+        help="comma-separated name[:precision[:eager]] (default: all for the device)",
     )
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--threads", type=int, help="torch and ONNX Runtime threads")

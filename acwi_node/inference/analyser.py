@@ -23,8 +23,9 @@ that of the image with the highest score (so ``study.uncertainty.score`` is the 
 score); ``ood_score`` is the max image OOD score; ``needs_review`` is true when the study
 score exceeds ``uncertainty_threshold`` or the OOD score exceeds ``ood.threshold``.
 
-Dropout masks are drawn from a generator seeded with SHA-256 of the Study and SOP Instance
-UIDs, so re-analysing the same images gives identical numbers.
+Dropout masks are drawn from a CPU generator seeded with SHA-256 of the Study and SOP Instance
+UIDs, so re-analysing the same images gives identical numbers, on a GPU as on the CPU (the masks
+are small and copied to the analyser's device in one transfer).
 
 Engines. The backbone (:meth:`DIANet.encode`) runs once per batch on the configured engine
 (PyTorch, ONNX Runtime or TensorRT, see :mod:`acwi_node.inference.engines`); images are
@@ -104,7 +105,9 @@ def mc_head_batched(
 
     Image ``i``'s dropout masks equal those :func:`mc_head` draws for it alone with the same
     generator state, so the numbers do not depend on how images are batched. ``samples = 0``
-    is one deterministic pass (no dropout). Returns ``(T, N, K)`` logits and log-variances.
+    is one deterministic pass (no dropout). The masks are drawn on each generator's device and
+    moved to ``pooled``'s (the analyser's generators are CPU generators, so the samples are the
+    same on every device). Returns ``(T, N, K)`` logits and log-variances.
     """
     if len(generators) != pooled.shape[0]:
         raise ValueError("one generator per image is needed")
@@ -121,13 +124,13 @@ def mc_head_batched(
     else:
         keep = torch.stack(
             [
-                torch.empty((samples, z.shape[1]), dtype=z.dtype, device=z.device).bernoulli_(
+                torch.empty((samples, z.shape[1]), dtype=z.dtype, device=g.device).bernoulli_(
                     1.0 - p, generator=g
                 )
                 for g in generators
             ],
             dim=1,
-        )
+        ).to(z.device)
         zs = z.unsqueeze(0) * keep / (1.0 - p)
     log_var = model.variance(zs).clamp(*LOGVAR_ALEATORIC_RANGE)
     return model.classifier(zs), log_var
@@ -324,7 +327,7 @@ class Analyser:
         with torch.inference_mode():
             generators = []
             for seed in seeds:
-                generator = torch.Generator(device=self.device)
+                generator = torch.Generator()  # on the CPU: the same masks on every device
                 generator.manual_seed(seed)
                 generators.append(generator)
             logits, log_var = mc_head_batched(self.model, out.pooled, t, generators)

@@ -82,6 +82,7 @@ def get_analyser(settings: Settings, model: str) -> Analyser:
                     dla_core=worker.dla_core,
                     calibration_dir=worker.calibration_dir,
                     num_threads=worker.torch_threads or None,
+                    cuda_graphs=worker.cuda_graphs,
                 ),
                 heatmaps=worker.heatmaps,
             )

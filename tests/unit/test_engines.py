@@ -33,6 +33,7 @@ from acwi_node.inference.engines import (
     create_engine,
 )
 from acwi_node.inference.engines.ort import ort_providers
+from acwi_node.inference.engines.pytorch import GRAPH_MAX_BATCH, graph_bucket
 from acwi_node.inference.manifest import default_model_dir, load_manifest
 from acwi_node.inference.types import StudyAnalysis
 from models.data.synth import write_study
@@ -42,6 +43,8 @@ from models.export import load_model
 FP32_TOL = 1e-4
 #: Reduced precision (fp16/bf16 backbone) vs fp32 on probabilities.
 FP16_TOL = 2e-2
+#: PyTorch fp32 on CUDA (convolutions in IEEE fp32) vs PyTorch on the CPU.
+CUDA_FP32_TOL = 1e-3
 
 CPU = torch.device("cpu")
 
@@ -195,6 +198,30 @@ def test_results_do_not_depend_on_batch_size(cache_dir: Path, study: list[Datase
     _assert_parity(one, many, 1e-6)
 
 
+def test_cuda_graph_buckets_and_the_cpu_engine_without_graphs() -> None:
+    assert [graph_bucket(n) for n in (1, 2, 3, 4, 5, 17, 32, 33, GRAPH_MAX_BATCH)] == [
+        1,
+        2,
+        4,
+        4,
+        8,
+        32,
+        32,
+        64,
+        GRAPH_MAX_BATCH,
+    ]
+    assert graph_bucket(0) is None and graph_bucket(GRAPH_MAX_BATCH + 1) is None
+    manifest = load_manifest(default_model_dir())
+    engine = PyTorchEngine(load_model(manifest), "cpu", "fp32", cuda_graphs=True)
+    assert not engine.cuda_graphs  # graphs are a CUDA feature: ignored on the CPU
+    assert engine.describe() == "pytorch-cpu fp32"
+    engine.run(torch.rand(3, 1, manifest.input.size, manifest.input.size))
+    assert engine.captured_batches == []
+    # the worker's setting reaches the engine
+    assert WorkerSettings().cuda_graphs and not WorkerSettings(cuda_graphs=False).cuda_graphs
+    assert EngineOptions().cuda_graphs
+
+
 def test_bf16_autocast_on_cpu_is_close(cache_dir: Path, study: list[Dataset]) -> None:
     fp32 = _load("pytorch", cache_dir).analyse(study)
     bf16 = _load("pytorch", cache_dir, precision="bf16").analyse(study)
@@ -310,21 +337,52 @@ def _need_tensorrt() -> None:
     _need_cuda()
 
 
-def test_pytorch_cuda_fp32_and_fp16(cache_dir: Path, study: list[Dataset]) -> None:
+def test_pytorch_cuda_fp32_fp16_and_bf16(cache_dir: Path, study: list[Dataset]) -> None:
     _need_cuda()
     cpu = _load("pytorch", cache_dir).analyse(study)
-    fp32 = _load("pytorch", cache_dir, device="cuda").analyse(study)
-    fp16 = _load("pytorch", cache_dir, device="cuda", precision="fp16").analyse(study)
-    # CUDA draws other dropout masks than the CPU: compare predictions, not samples
-    assert cpu.predicted_label == fp32.predicted_label
-    _assert_parity(fp32, fp16, FP16_TOL)
+    fp32 = _load("pytorch", cache_dir, device="cuda")
+    assert fp32.engine.describe() == "pytorch-cuda fp32 cuda-graphs"
+    # the dropout masks come from CPU generators: the same samples as on the CPU, so the
+    # numbers agree to fp32 rounding (cuDNN kept off TF32 for fp32)
+    _assert_parity(cpu, fp32.analyse(study), CUDA_FP32_TOL)
+    for precision in ("fp16", "bf16"):
+        reduced = _load("pytorch", cache_dir, device="cuda", precision=precision)
+        _assert_parity(cpu, reduced.analyse(study), FP16_TOL)
+
+
+def test_cuda_graphs_replay_what_eager_pytorch_computes() -> None:
+    _need_cuda()
+    manifest = load_manifest(default_model_dir())
+    size = manifest.input.size
+    graphs = PyTorchEngine(load_model(manifest), "cuda", "fp32")
+    eager = PyTorchEngine(load_model(manifest), "cuda", "fp32", cuda_graphs=False)
+    assert graphs.cuda_graphs and not eager.cuda_graphs
+    generator = torch.Generator().manual_seed(7)
+    kept = []
+    for batch in (1, 3, 32, 40, 3, GRAPH_MAX_BATCH + 1):
+        x = torch.rand(batch, 1, size, size, generator=generator)
+        got, want = graphs.run(x), eager.run(x)
+        for a, b in zip(got, want, strict=True):
+            assert a.shape == b.shape and a.dtype == torch.float32 and a.is_contiguous()
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        kept.append((got, want))
+    # buckets 1, 4, 32, 64 were captured; the batch over GRAPH_MAX_BATCH ran eagerly
+    assert graphs.captured_batches == [1, 4, 32, 64]
+    # outputs handed out earlier are copies: later replays did not overwrite them
+    for got, want in kept:
+        torch.testing.assert_close(got.pooled, want.pooled, rtol=1e-4, atol=1e-5)
+    # fp16 graphs agree with fp16 eager
+    half = PyTorchEngine(load_model(manifest), "cuda", "fp16")
+    half_eager = PyTorchEngine(load_model(manifest), "cuda", "fp16", cuda_graphs=False)
+    x = torch.rand(5, 1, size, size, generator=generator)
+    torch.testing.assert_close(half.run(x).pooled, half_eager.run(x).pooled, rtol=0, atol=2e-3)
 
 
 def test_onnxruntime_cuda_parity(cache_dir: Path, study: list[Dataset]) -> None:
     _need_cuda()
     if "CUDAExecutionProvider" not in ort_providers():
         pytest.skip("onnxruntime-gpu (CUDA execution provider) not installed")
-    reference = _load("pytorch", cache_dir, device="cuda").analyse(study)
+    reference = _load("pytorch", cache_dir).analyse(study)
     analyser = _load("onnxruntime", cache_dir, device="cuda")
     assert "cuda" in analyser.engine.describe()
     _assert_parity(reference, analyser.analyse(study), 1e-3)

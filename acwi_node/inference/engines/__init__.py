@@ -84,6 +84,8 @@ class EngineOptions:
     #: DICOM folder of real images for INT8 calibration; default synthetic phantoms.
     calibration_dir: Path | None = None
     num_threads: int | None = None
+    #: PyTorch on CUDA: replay captured CUDA graphs of the backbone (see engines.pytorch).
+    cuda_graphs: bool = True
 
 
 def default_cache_dir() -> Path:
@@ -221,7 +223,9 @@ def _start(
 ) -> Engine:
     cache_dir = Path(options.cache_dir) if options.cache_dir else default_cache_dir()
     if name == "pytorch":
-        engine: Engine = PyTorchEngine(model, device, options.precision)
+        engine: Engine = PyTorchEngine(
+            model, device, options.precision, cuda_graphs=options.cuda_graphs
+        )
     else:
         onnx = cached_onnx(manifest, model, cache_dir)
         if name == "onnxruntime":

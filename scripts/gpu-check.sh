@@ -5,6 +5,7 @@
 #   * the engine and analyser tests, the CUDA ones included (PyTorch CUDA fp32/fp16/bf16 parity
 #     with the CPU, CUDA graphs against eager PyTorch, ONNX Runtime CUDA and TensorRT where
 #     installed; each absent one skips with its reason);
+#   * python -m bench.parity --device cuda (each engine's largest differences from the CPU);
 #   * python -m bench.inference --device cuda, with its JSON.
 # usage: scripts/gpu-check.sh [OUT_DIR]   (default ./gpu-check; PYTHON overrides python3)
 set -u
@@ -38,6 +39,9 @@ cat "$out/machine.txt"
   --deselect tests/unit/test_engines.py::test_worker_writes_heatmaps_only_for_selected_images \
   >"$out/pytest.txt" 2>&1 || status=1
 tail -n 25 "$out/pytest.txt"
+
+"$py" -m bench.parity --device cuda --json "$out/parity-cuda.json" >"$out/parity-cuda.txt" 2>&1 || status=1
+cat "$out/parity-cuda.txt"
 
 "$py" -m bench.inference --device cuda --iters "${ITERS:-50}" --json "$out/inference-cuda.json" \
   >"$out/inference-cuda.txt" 2>&1 || status=1

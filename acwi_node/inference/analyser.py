@@ -436,6 +436,12 @@ def _bilinear_matrix(size_in: int, size_out: int) -> Tensor:
     return matrix
 
 
+@functools.lru_cache(maxsize=64)
+def _bilinear_matrix_on(size_in: int, size_out: int, device: torch.device) -> Tensor:
+    """:func:`_bilinear_matrix` on ``device`` (kept there: no copy per batch on a GPU)."""
+    return _bilinear_matrix(size_in, size_out).to(device)
+
+
 def _heatmaps(cams: Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
     """:func:`_heatmap` of each ``(h, w)`` map in ``cams``; one resize per distinct size.
 
@@ -447,8 +453,8 @@ def _heatmaps(cams: Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
     h, w = int(cams.shape[-2]), int(cams.shape[-1])
     for size in dict.fromkeys(sizes):
         idx = [i for i, s in enumerate(sizes) if s == size]
-        rows = _bilinear_matrix(h, size[0]).to(cams.device)
-        cols = _bilinear_matrix(w, size[1]).to(cams.device)
+        rows = _bilinear_matrix_on(h, size[0], cams.device)
+        cols = _bilinear_matrix_on(w, size[1], cams.device)
         up = torch.matmul(torch.matmul(rows, cams[idx].float().clamp_min(0.0)), cols.T)
         # Divided (not multiplied by the reciprocal): x <= peak gives x / peak <= 1 exactly,
         # so no clamp is needed; an all-zero map stays zero.

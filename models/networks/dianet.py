@@ -243,6 +243,17 @@ class PyramidFusion(nn.Module):
         return fused, maps
 
 
+def max_pool_to(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """``F.adaptive_max_pool2d(x, size)``, as a plain max pooling (kernel = stride = the ratio)
+    when the sizes divide: the same values, and an operator every ONNX exporter translates
+    (PyTorch 2.11's has no translation of the adaptive one)."""
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    if h % size[0] == 0 and w % size[1] == 0:
+        kernel = (h // size[0], w // size[1])
+        return F.max_pool2d(x, kernel_size=kernel, stride=kernel)
+    return F.adaptive_max_pool2d(x, size)
+
+
 class DIANet(nn.Module):
     """Multi-scale encoder, pyramid fusion with attention, Gaussian latent, MC-dropout head."""
 
@@ -325,7 +336,7 @@ class DIANet(nn.Module):
         """One backbone pass: features, pooled vector and latent statistics."""
         stem, levels = self._stem_and_levels(x)
         fused, maps = self.fusion(levels[-self.config.pyramid_levels :])
-        detail = self.detail(F.adaptive_max_pool2d(stem, fused.shape[-2:]))
+        detail = self.detail(max_pool_to(stem, (int(fused.shape[-2]), int(fused.shape[-1]))))
         features = self.feature_conv(fused + detail)
         pooled = features.mean(dim=(2, 3))
         mu = self.to_mu(pooled)

@@ -357,3 +357,13 @@ def test_tiny_training_records_and_reloads_the_backbone(
     assert isinstance(analyser.model, DIANet)
     assert analyser.model.config.backbone == backbone
     assert hasattr(analyser.model, "prototypes") == (codebook > 0)
+
+
+def test_max_pool_to_is_adaptive_max_pooling() -> None:
+    from models.networks.dianet import max_pool_to
+
+    x = torch.randn(2, 3, 32, 24, generator=torch.Generator().manual_seed(0))
+    for size in ((8, 8), (8, 6), (32, 24), (5, 7)):  # the last does not divide: adaptive
+        torch.testing.assert_close(
+            max_pool_to(x, size), torch.nn.functional.adaptive_max_pool2d(x, size), rtol=0, atol=0
+        )

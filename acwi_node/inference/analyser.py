@@ -23,17 +23,17 @@ that of the image with the highest score (so ``study.uncertainty.score`` is the 
 score); ``ood_score`` is the max image OOD score; ``needs_review`` is true when the study
 score exceeds ``uncertainty_threshold`` or the OOD score exceeds ``ood.threshold``.
 
-Dropout masks are drawn from a CPU generator seeded with SHA-256 of the Study and SOP Instance
-UIDs, so re-analysing the same images gives identical numbers, on a GPU as on the CPU (the masks
-are small and copied to the analyser's device in one transfer).
+Dropout masks are a counter-based function of a seed taken from SHA-256 of the Study and SOP
+Instance UIDs (:mod:`acwi_node.inference.dropout`), so re-analysing the same images gives
+identical numbers, in any batch, on a GPU as on the CPU.
 
 Engines. The backbone (:meth:`DIANet.encode`) runs once per batch on the configured engine
 (PyTorch, ONNX Runtime or TensorRT, see :mod:`acwi_node.inference.engines`); images are
 batched per series, ``batch_size`` at a time. The head sampling, the uncertainty numbers, the
 OOD score and the CAM are the same torch code on the engine's outputs for every engine, so
 engines differ only by the backbone's numerical precision. The ``T`` head samples of all images
-of a batch run as one batched pass; each image's dropout masks still come from its own seeded
-generator, exactly as :func:`mc_head` draws them.
+of a batch run as one batched pass; each image's dropout masks are a function of its own seed
+(:mod:`acwi_node.inference.dropout`).
 
 Heatmaps. ``heatmaps = "all"`` selects every image's heatmap for writing;
 ``"positive_or_uncertain"`` selects only images whose most probable label is a finding, whose
@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from pydicom.dataset import Dataset
 from torch import Tensor
 
+from acwi_node.inference.dropout import keep_masks
 from acwi_node.inference.engines import Engine, EngineOptions, PyTorchEngine, create_engine
 from acwi_node.inference.manifest import ModelManifest, load_manifest
 from acwi_node.inference.preprocess import UnsupportedImage, preprocess_many
@@ -99,18 +100,18 @@ def mc_head(
 
 
 def mc_head_batched(
-    model: DIANet, pooled: Tensor, samples: int, generators: Sequence[torch.Generator]
+    model: DIANet, pooled: Tensor, samples: int, seeds: Sequence[int]
 ) -> tuple[Tensor, Tensor]:
-    """:func:`mc_head` for ``N`` images at once, image ``i`` drawing from ``generators[i]``.
+    """``samples`` dropout passes of the head for ``N`` images at once, image ``i``'s masks
+    drawn from ``seeds[i]`` (:func:`acwi_node.inference.dropout.keep_masks`).
 
-    Image ``i``'s dropout masks equal those :func:`mc_head` draws for it alone with the same
-    generator state, so the numbers do not depend on how images are batched. ``samples = 0``
-    is one deterministic pass (no dropout). The masks are drawn on each generator's device and
-    moved to ``pooled``'s (the analyser's generators are CPU generators, so the samples are the
-    same on every device). Returns ``(T, N, K)`` logits and log-variances.
+    An image's masks depend on its seed alone, so the numbers do not depend on how images are
+    batched, nor on the device (the masks are drawn on the CPU and copied in one transfer).
+    ``samples = 0`` is one deterministic pass (no dropout). Returns ``(T, N, K)`` logits and
+    log-variances.
     """
-    if len(generators) != pooled.shape[0]:
-        raise ValueError("one generator per image is needed")
+    if len(seeds) != pooled.shape[0]:
+        raise ValueError("one seed per image is needed")
     if model.training:
         raise ValueError("mc_head_batched needs the model in evaluation mode")
     z = model.to_mu(pooled)  # evaluation mode: z = mu, as in DIANet.head
@@ -122,16 +123,9 @@ def mc_head_batched(
     if samples == 0 or p <= 0:
         zs = z.unsqueeze(0).repeat(max(samples, 1), 1, 1)
     else:
-        keep = torch.stack(
-            [
-                torch.empty((samples, z.shape[1]), dtype=z.dtype, device=g.device).bernoulli_(
-                    1.0 - p, generator=g
-                )
-                for g in generators
-            ],
-            dim=1,
-        ).to(z.device)
-        zs = z.unsqueeze(0) * keep / (1.0 - p)
+        masks = keep_masks(seeds, samples, int(z.shape[1]), 1.0 - p)  # (N, T, D) on the CPU
+        keep = torch.from_numpy(masks).to(z.device).transpose(0, 1)
+        zs = z.unsqueeze(0) * keep.to(z.dtype) / (1.0 - p)
     log_var = model.variance(zs).clamp(*LOGVAR_ALEATORIC_RANGE)
     return model.classifier(zs), log_var
 
@@ -325,12 +319,7 @@ class Analyser:
         out = self.engine.run(batch)
         t = self.mc_samples if samples is None else samples
         with torch.inference_mode():
-            generators = []
-            for seed in seeds:
-                generator = torch.Generator()  # on the CPU: the same masks on every device
-                generator.manual_seed(seed)
-                generators.append(generator)
-            logits, log_var = mc_head_batched(self.model, out.pooled, t, generators)
+            logits, log_var = mc_head_batched(self.model, out.pooled, t, seeds)
             mc = summarise_mc(logits.cpu(), log_var.cpu(), self.manifest.temperature)
             ood = mahalanobis(out.mu.double().cpu().numpy(), self._ood_mean, self._ood_precision)
             heatmaps: list[np.ndarray] | None = None
@@ -459,10 +448,21 @@ def _heatmaps(cams: Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
         # Divided (not multiplied by the reciprocal): x <= peak gives x / peak <= 1 exactly,
         # so no clamp is needed; an all-zero map stays zero.
         peak = up.amax(dim=(1, 2), keepdim=True).clamp_min(1e-30)
-        arrays = up.div_(peak).cpu().numpy().astype(np.float32, copy=False)
+        arrays = _to_host(up.div_(peak)).numpy()
         for k, i in enumerate(idx):
             out[i] = arrays[k]
     return [m for m in out if m is not None]
+
+
+def _to_host(t: Tensor) -> Tensor:
+    """``t`` on the CPU; from a GPU through page-locked memory (PyTorch's caching host
+    allocator), which copies several times faster than into ordinary memory."""
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(t.device).synchronize()
+    return host
 
 
 def _heatmap(cam: Tensor, rows: int, cols: int) -> np.ndarray:

@@ -17,7 +17,8 @@ import torch
 from pydicom.dataset import Dataset
 
 from acwi_node.config import WorkerSettings
-from acwi_node.inference.analyser import Analyser, mc_head, mc_head_batched, uid_seed
+from acwi_node.inference.analyser import Analyser, mc_head_batched, uid_seed
+from acwi_node.inference.dropout import keep_masks
 from acwi_node.inference.engines import (
     MAX_BATCH,
     EngineKey,
@@ -167,25 +168,31 @@ def test_worker_settings_validate_engine_combinations() -> None:
 # ------------------------------------------------------------------------- head sampling
 
 
-def test_batched_head_matches_per_image_sampling() -> None:
+def test_batched_head_samples_each_image_from_its_own_seed() -> None:
     model = load_model(load_manifest(default_model_dir()))
     pooled = torch.randn(
         4, model.config.feature_channels, generator=torch.Generator().manual_seed(1)
     )
     seeds = [uid_seed("1.2.3", str(i)) for i in range(4)]
+    p = model.config.dropout
+    assert p > 0 and model.config.codebook_size == 0  # the reference below has no codebook
     with torch.inference_mode():
-        batched = mc_head_batched(
-            model, pooled, 20, [torch.Generator().manual_seed(s) for s in seeds]
-        )
+        batched = mc_head_batched(model, pooled, 20, seeds)
+        masks = torch.from_numpy(keep_masks(seeds, 20, model.config.latent_dim, 1.0 - p))
         for i, seed in enumerate(seeds):
-            alone = mc_head(model, pooled[i : i + 1], 20, torch.Generator().manual_seed(seed))
+            alone = mc_head_batched(model, pooled[i : i + 1], 20, [seed])
             torch.testing.assert_close(batched[0][:, i], alone[0][:, 0], rtol=0, atol=1e-6)
             torch.testing.assert_close(batched[1][:, i], alone[1][:, 0], rtol=0, atol=1e-6)
+            # sample t is the head on mu with image i's mask t, scaled as inverted dropout
+            z = model.to_mu(pooled[i : i + 1]) * masks[i].float() / (1.0 - p)
+            torch.testing.assert_close(batched[0][:, i], model.classifier(z), rtol=0, atol=1e-5)
         # samples differ from each other (dropout is active) ...
         assert float(batched[0].std(dim=0).max()) > 0
         # ... and 0 samples is the deterministic head
-        det = mc_head_batched(model, pooled, 0, [torch.Generator() for _ in seeds])
+        det = mc_head_batched(model, pooled, 0, seeds)
         torch.testing.assert_close(det[0][0], model.head(pooled).logits, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="one seed per image"):
+        mc_head_batched(model, pooled, 20, seeds[:3])
 
 
 # ------------------------------------------------------------------------- parity on CPU

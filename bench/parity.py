@@ -37,7 +37,7 @@ LABELS = ("normal", "nodule", "effusion")
 
 
 def studies(folder: Path, count: int) -> list[list[pydicom.Dataset]]:
-    out = []
+    out: list[list[pydicom.Dataset]] = []
     for i in range(count):
         paths = write_study(
             folder / str(i), n_images=4, label=LABELS[i % 3], site=i % 4, seed=100 + i

@@ -535,11 +535,27 @@ def run_status(settings: Settings, as_json: bool) -> int:
     return 0
 
 
+def run_engines(settings: Settings, args: argparse.Namespace) -> int:
+    """``acwi-node models engines``: which engines and precisions can run here, and what the
+    worker's settings pick; exit 1 when they cannot run."""
+    from acwi_node.inference.engines.availability import availability, render
+
+    worker = settings.worker
+    report = availability(args.device or worker.device, worker.engine, worker.precision)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(render(report, worker.cuda_graphs))
+    return 0 if report.chosen is not None else 1
+
+
 def run_models(settings: Settings, args: argparse.Namespace) -> int:
     """``acwi-node models list|install|activate``: the model registry in ``<data_dir>/models``."""
     from acwi_node.audit import AuditEvent, audit
     from acwi_node.model_registry import ModelRegistry, RegistryError
 
+    if args.models_command == "engines":
+        return run_engines(settings, args)
     registry = ModelRegistry(settings.models_dir)
     try:
         if args.models_command == "install":
@@ -642,7 +658,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     health.add_argument("--live", action="store_true", help="liveness (/healthz) only")
     health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
-    models = sub.add_parser("models", help="installed models: list, install, activate")
+    models = sub.add_parser(
+        "models", help="installed models: list, install, activate; engines that can run them"
+    )
     models_sub = models.add_subparsers(dest="models_command", required=True)
     models_list = models_sub.add_parser("list", help="installed models and the active versions")
     models_list.add_argument("--json", action="store_true", help="print JSON")
@@ -661,6 +679,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models_activate.add_argument("name")
     models_activate.add_argument("version")
+    models_engines = models_sub.add_parser(
+        "engines",
+        help="inference engines and precisions that can run here, and what the worker picks",
+    )
+    models_engines.add_argument(
+        "--device", default=None, help="cpu or cuda[:N] (default: worker.device)"
+    )
+    models_engines.add_argument("--json", action="store_true", help="print JSON")
     add_review_commands(sub)  # users, feedback (acwi_node/review/commands.py)
     return parser
 

@@ -546,3 +546,40 @@ def test_worker_writes_heatmaps_only_for_selected_images(tmp_path: Path) -> None
     assert written["normal"][0] < 2 and written["nodule"][0] > 0
     for heatmaps, positives in written.values():
         assert heatmaps == positives
+
+
+def test_models_engines_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``acwi-node models engines``: the table, the reasons, the worker's pick, the exit code."""
+    import json
+
+    from acwi_node.cli import main
+    from tests.support.node import write_config
+
+    data = str(tmp_path / "data")
+    cpu = write_config(tmp_path / "cpu.toml", {"node": {"data_dir": data}})
+    assert main(["--config", str(cpu), "models", "engines"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("device cpu: cpu, ")
+    assert "pytorch      yes   -     yes   -" in out  # fp32, bf16 on the CPU; fp16, int8 not
+    assert "precision fp16 needs a CUDA device" in out
+    expected = choose_engine("auto", CPU, "fp32")
+    assert out.splitlines()[-1] == f"worker settings (engine auto, precision fp32): {expected}"
+
+    assert main(["--config", str(cpu), "models", "engines", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["chosen"] == expected and report["problem"] is None
+    assert report["engines"]["pytorch"]["fp32"] is None
+    assert "int8" in report["engines"]["pytorch"]["int8"]
+
+    gpu = write_config(
+        tmp_path / "gpu.toml",
+        {"node": {"data_dir": data}, "worker": {"device": "cuda", "engine": "pytorch"}},
+    )
+    code = main(["--config", str(gpu), "models", "engines"])
+    last = capsys.readouterr().out.splitlines()[-1]
+    if torch.cuda.is_available():
+        assert code == 0
+        assert last == "worker settings (engine pytorch, precision fp32): pytorch with CUDA graphs"
+    else:  # the worker could not run: say why, exit 1
+        assert code == 1
+        assert "cannot run" in last and "needs a CUDA GPU" in last

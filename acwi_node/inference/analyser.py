@@ -324,12 +324,13 @@ class Analyser:
             ood = mahalanobis(out.mu.double().cpu().numpy(), self._ood_mean, self._ood_precision)
             heatmaps: list[np.ndarray] | None = None
             if sizes is not None:
-                cams = self.model.cam(out.features)
-                index = torch.arange(cams.shape[0], device=cams.device)
-                classes = [self._heatmap_class(p) for p in mc.probabilities]
-                selected = cams[index, torch.tensor(classes, device=cams.device)]
+                # only the map each image shows: cam_k - cam_ref = (w_k - w_ref) . features
+                weights, _ = self.model.cam_weights()
+                classes = torch.from_numpy(self._heatmap_classes(mc.probabilities))
+                rows = weights[classes.to(weights.device)]
                 if self._reference_index is not None:
-                    selected = selected - cams[:, self._reference_index]
+                    rows = rows - weights[self._reference_index]
+                selected = torch.einsum("nc,nchw->nhw", rows, out.features)
                 heatmaps = _heatmaps(selected, list(sizes))
         return BatchInference(mc=mc, ood=ood, heatmaps=heatmaps)
 
@@ -374,10 +375,13 @@ class Analyser:
         uncertain = score > self.manifest.uncertainty_threshold or ood > self.manifest.ood.threshold
         return bool(positive or uncertain)
 
-    def _heatmap_class(self, probs: np.ndarray) -> int:
+    def _heatmap_classes(self, probs: np.ndarray) -> np.ndarray:
+        """Per image (row of ``probs``), the label its heatmap shows: the most probable
+        finding (the first of equals), else the most probable label."""
         if self._finding_indices:
-            return max(self._finding_indices, key=lambda k: float(probs[k]))
-        return int(np.argmax(probs))
+            findings = np.asarray(self._finding_indices, dtype=np.int64)
+            return findings[np.argmax(probs[:, findings], axis=1)]
+        return np.argmax(probs, axis=1).astype(np.int64)
 
     def _summarise(self, images: list[ImageResult], skipped: dict[str, str]) -> StudyAnalysis:
         probs = np.mean(
@@ -442,9 +446,10 @@ def _heatmaps(cams: Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
     h, w = int(cams.shape[-2]), int(cams.shape[-1])
     for size in dict.fromkeys(sizes):
         idx = [i for i, s in enumerate(sizes) if s == size]
+        group = cams if len(idx) == len(sizes) else cams[idx]  # one size: no gather
         rows = _bilinear_matrix_on(h, size[0], cams.device)
         cols = _bilinear_matrix_on(w, size[1], cams.device)
-        up = torch.matmul(torch.matmul(rows, cams[idx].float().clamp_min(0.0)), cols.T)
+        up = torch.matmul(torch.matmul(rows, group.float().clamp_min(0.0)), cols.T)
         # Divided (not multiplied by the reciprocal): x <= peak gives x / peak <= 1 exactly,
         # so no clamp is needed; an all-zero map stays zero.
         peak = up.amax(dim=(1, 2), keepdim=True).clamp_min(1e-30)

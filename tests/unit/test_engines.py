@@ -465,6 +465,44 @@ def test_batched_heatmaps_equal_the_single_image_reference() -> None:
     assert float(_heatmaps(cams, sizes)[2].max()) == 0.0
 
 
+def test_each_heatmap_maps_the_most_probable_finding_against_the_reference_label(
+    cache_dir: Path, study: list[Dataset], tmp_path: Path
+) -> None:
+    """infer's heatmaps are, per image, the CAM of its most probable finding minus the CAM of
+    the reference label (``normal``), resized to its own size and divided by the maximum."""
+    from acwi_node.inference.analyser import _heatmap
+    from acwi_node.inference.preprocess import preprocess
+
+    labels = load_manifest(default_model_dir()).labels
+
+    def labels_of(probs: np.ndarray) -> list[str]:
+        return [labels[int(np.argmax(p))] for p in probs]
+
+    analyser = _load("pytorch", cache_dir)
+    spec = analyser.manifest.preprocess_spec()
+    normals = [
+        pydicom.dcmread(p) for p in write_study(tmp_path, n_images=2, label="normal", seed=8)
+    ]
+    images = [*study, *normals]  # nodules, effusions, normals (mapped by their top finding)
+    x = torch.from_numpy(np.stack([preprocess(ds, spec) for ds in images]))
+    sizes = [(256, 256), (300, 200), (256, 256), (64, 96), (256, 256), (256, 256), (40, 50)]
+    result = analyser.infer(x, list(range(len(images))), sizes)
+    assert labels_of(result.mc.probabilities[-2:]) == ["normal", "normal"]
+    assert result.heatmaps is not None
+    findings = [labels.index(name) for name in analyser.manifest.finding_labels]
+    normal = labels.index("normal")
+    with torch.inference_mode():
+        cams = analyser.model.cam(analyser.engine.run(x).features)
+    shown = set()
+    for i, (probs, got) in enumerate(zip(result.mc.probabilities, result.heatmaps, strict=True)):
+        k = max(findings, key=lambda j: float(probs[j]))
+        shown.add(k)
+        want = _heatmap(cams[i, k] - cams[i, normal], *sizes[i])
+        assert got.shape == sizes[i]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    assert len(shown) == 2  # both findings are mapped somewhere in this batch
+
+
 def test_jetson_preset_is_a_valid_configuration() -> None:
     from acwi_node.config import load_settings
 

@@ -66,6 +66,15 @@ def default_engines(device: torch.device) -> list[str]:
     return ["pytorch:fp32", "onnxruntime:fp32"]
 
 
+def parse_engine_spec(spec: str) -> tuple[str, str, bool]:
+    """``name[:precision[:eager]]`` -> (name, precision, CUDA graphs on)."""
+    name, _, rest = spec.partition(":")
+    precision, _, mode = rest.partition(":")
+    if mode not in ("", "eager"):
+        raise SystemExit(f"--engines {spec}: the third field can only be 'eager'")
+    return name, precision or "fp32", mode != "eager"
+
+
 def real_inputs(manifest: ModelManifest, count: int) -> np.ndarray:
     """``count`` preprocessed phantom images of every label and site."""
     spec = manifest.preprocess_spec()
@@ -205,11 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     eager = copy.deepcopy(model).eval()
 
     for spec in args.engines:
-        name, _, rest = spec.partition(":")
-        precision, _, mode = rest.partition(":")
-        precision = precision or "fp32"
-        if mode not in ("", "eager"):
-            raise SystemExit(f"--engines {spec}: the third field can only be 'eager'")
+        name, precision, graphs = parse_engine_spec(spec)
         reason = engine_support(name, device, precision)
         if reason is not None:
             report["skipped"][spec] = reason
@@ -221,7 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             precision=precision,
             cache_dir=cache_dir,
             num_threads=args.threads,
-            cuda_graphs=mode != "eager",
+            cuda_graphs=graphs,
         )
         started = time.perf_counter()
         try:

@@ -30,7 +30,7 @@ from acwi_node.inference.analyser import Analyser
 from acwi_node.inference.engines import EngineOptions, EngineUnavailable, engine_support
 from acwi_node.inference.manifest import default_model_dir
 from acwi_node.inference.types import StudyAnalysis
-from bench.inference import default_engines
+from bench.inference import default_engines, parse_engine_spec
 from models.data.synth import write_study
 
 LABELS = ("normal", "nodule", "effusion")
@@ -87,13 +87,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         data = studies(Path(tmp), args.studies)
         reference = [load("cpu", "pytorch", "fp32", False).analyse(s) for s in data]
         for spec in args.engines:
-            name, _, rest = spec.partition(":")
-            precision, _, mode = rest.partition(":")
-            precision = precision or "fp32"
+            name, precision, graphs = parse_engine_spec(spec)
             reason = engine_support(name, device, precision)
             if reason is None:
                 try:
-                    analyser = load(str(device), name, precision, mode != "eager")
+                    analyser = load(str(device), name, precision, graphs)
                 except EngineUnavailable as exc:
                     reason = str(exc)
             if reason is not None:

@@ -148,7 +148,8 @@ class PyTorchEngine(Engine):
         """Batch sizes captured as CUDA graphs so far (ascending)."""
         return sorted(shape[0] for shape in self._graphs)
 
-    def _autocast(self, cache: bool = True) -> contextlib.AbstractContextManager[object]:
+    def _precision(self, cache: bool = True) -> contextlib.AbstractContextManager[object]:
+        """Autocast for fp16/bf16; IEEE fp32 convolutions for fp32 on CUDA."""
         dtype = _AUTOCAST.get(self.precision)
         if dtype is None:
             if self.device.type == "cuda":
@@ -158,7 +159,7 @@ class PyTorchEngine(Engine):
         return torch.autocast(device_type=self.device.type, dtype=dtype, cache_enabled=cache)
 
     def _encode(self, x: Tensor, cache: bool = True) -> BackboneOutput:
-        with torch.inference_mode(), self._autocast(cache):
+        with torch.inference_mode(), self._precision(cache):
             enc = self.model.encode(x)
         return BackboneOutput(enc.features, enc.pooled, enc.mu)
 

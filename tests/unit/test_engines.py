@@ -512,8 +512,12 @@ def test_jetson_preset_is_a_valid_configuration() -> None:
     assert worker.trt_workspace_mb == 512 and worker.heatmaps == "positive_or_uncertain"
 
 
-def test_worker_writes_heatmaps_only_for_selected_images(tmp_path: Path) -> None:
-    """run_job with heatmaps = "positive_or_uncertain": one heatmap object per selected image."""
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_worker_writes_heatmaps_only_for_selected_images(tmp_path: Path, device: str) -> None:
+    """run_job with heatmaps = "positive_or_uncertain": one heatmap object per selected image;
+    on a GPU too, where the worker's predictions equal the CPU analyser's (the same masks)."""
+    if device == "cuda":
+        _need_cuda()
     import json
     import shutil
 
@@ -532,7 +536,12 @@ def test_worker_writes_heatmaps_only_for_selected_images(tmp_path: Path) -> None
         None,
         node={"data_dir": tmp_path / "data"},
         ingest={"fsync": False},
-        worker={"engine": "pytorch", "mc_samples": 4, "heatmaps": "positive_or_uncertain"},
+        worker={
+            "engine": "pytorch",
+            "device": device,
+            "mc_samples": 4,
+            "heatmaps": "positive_or_uncertain",
+        },
         models=[{"name": "m", "manifest": model_dir / "manifest.json"}],
     )
     ledger = Ledger(settings.database_url)

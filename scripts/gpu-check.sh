@@ -3,8 +3,8 @@
 # with its Python dependencies importable (an installed virtualenv, or PYTHONPATH):
 #   * what the machine has (GPU, driver, PyTorch/CUDA/cuDNN, TensorRT, ONNX Runtime providers);
 #   * the engine and analyser tests, the CUDA ones included (PyTorch CUDA fp32/fp16/bf16 parity
-#     with the CPU, CUDA graphs against eager PyTorch, ONNX Runtime CUDA and TensorRT where
-#     installed; each absent one skips with its reason);
+#     with the CPU, CUDA graphs against eager PyTorch, the worker's task on CUDA, ONNX Runtime
+#     CUDA and TensorRT where installed; each absent one skips with its reason);
 #   * python -m bench.parity --device cuda (each engine's largest differences from the CPU);
 #   * python -m bench.inference --device cuda, with its JSON.
 # usage: scripts/gpu-check.sh [OUT_DIR]   (default ./gpu-check; PYTHON overrides python3)
@@ -36,7 +36,6 @@ PY
 cat "$out/machine.txt"
 
 "$py" -m pytest -q -p no:cacheprovider -rs tests/unit/test_engines.py tests/unit/test_analyser.py \
-  --deselect tests/unit/test_engines.py::test_worker_writes_heatmaps_only_for_selected_images \
   >"$out/pytest.txt" 2>&1 || status=1
 tail -n 25 "$out/pytest.txt"
 

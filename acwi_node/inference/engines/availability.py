@@ -7,6 +7,7 @@ installed, no CUDA device, a precision an engine lacks).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -55,8 +56,6 @@ def _hardware(device: torch.device) -> str:
         index = device.index or 0
         major, minor = torch.cuda.get_device_capability(index)
         return f"{torch.cuda.get_device_name(index)}, compute capability {major}.{minor}"
-    import os
-
     return f"cpu, {os.cpu_count()} cores"
 
 

@@ -223,8 +223,9 @@ def _children(pid: int) -> list[int]:
 
 
 def process_tree_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) used so far by process ``pid`` and its live descendants
-    (Linux ``/proc``; 0.0 where that cannot be read)."""
+    """CPU seconds (user + system) used so far by process ``pid`` and its live descendants,
+    and by the descendants that ended and were waited for (``storescp --fork``'s children, one
+    per association; Linux ``/proc``; 0.0 where that cannot be read)."""
     total = 0.0
     pending = [pid]
     while pending:
@@ -234,8 +235,10 @@ def process_tree_cpu_s(pid: int) -> float:
                 fields = handle.read().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        # Fields after the command name, from "state" (field 3): utime is 14, stime 15.
-        total += (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+        # Fields after the command name, from "state" (field 3): utime is 14, stime 15, and
+        # the waited-for children's cutime 16, cstime 17. A live child is not in its parent's
+        # cutime until it is waited for, and then it is no longer live: nothing counts twice.
+        total += sum(int(f) for f in fields[11:15]) / _CLOCK_TICKS
         pending += _children(current)
     return total
 

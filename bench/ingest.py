@@ -3,10 +3,13 @@
     python -m bench.ingest                       # 400 CT slices + 2,000 small instances
     python -m bench.ingest --ct 100 --small 500  # a quick run (< 2 min)
     python -m bench.ingest --parallel 4 --json ingest.json
+    python -m bench.ingest --parallel 2,4,8 --targets storescp,node-processes  # scaling
 
 Every target starts fresh (empty storage) for every measurement and receives the same files
 from DCMTK ``storescu`` (``TCP_NODELAY=1``, explicit VR little endian), over one association and
-then split over ``--parallel`` concurrent associations; then ``--each`` of the small instances
+then split over ``--parallel`` concurrent associations (one row per count given, and a table of
+each target's rate over N associations against its own over one: how it scales with the
+cores); then ``--each`` of the small instances
 are sent one association each (one storescu after another: what each association costs, start-up
 of storescu included). The node runs as ``acwi-node scp`` with its defaults (SQLite ledger, the
 ingest journal, fsync on); the run checks afterwards that every instance is in the node's ledger
@@ -87,12 +90,14 @@ Target = Callable[[Path], AbstractContextManager[Receiver]]
 
 
 @contextmanager
-def storescp_target(workdir: Path) -> Iterator[Receiver]:
+def storescp_target(workdir: Path, *options: str) -> Iterator[Receiver]:
+    """DCMTK storescp: one association at a time (the others wait in the listen queue), or with
+    ``--fork`` a child process per association."""
     port = free_port()
     out = workdir / "storescp"
     out.mkdir()
     proc = subprocess.Popen(
-        [str(STORESCP), "-aet", "STORESCP", "-od", str(out), str(port)],
+        [str(STORESCP), *options, "-aet", "STORESCP", "-od", str(out), str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -222,6 +227,8 @@ def postgres_node_target(workdir: Path, **ingest: Any) -> Iterator[Receiver]:
 
 TARGETS: dict[str, Target] = {
     "storescp": storescp_target,
+    # A storescp child process per association: the reference for parallel associations.
+    "storescp-fork": lambda workdir: storescp_target(workdir, "--fork"),
     "orthanc": orthanc_target,
     "node": node_target,
     # Durable without the ingest journal: each spool file, directory and ledger row flushed.
@@ -361,11 +368,44 @@ def flushed_reference(
     return (header, rows) if rows else None
 
 
+def association_counts(text: str) -> tuple[int, ...]:
+    """``--parallel``: "4" or "2,4,8", in the order given, without repeats; 0 (or 1, which the
+    one-association rows cover already) adds no row."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of counts: {text!r}") from None
+    if any(n < 0 for n in counts):
+        raise argparse.ArgumentTypeError(f"a negative count of associations: {text!r}")
+    return tuple(dict.fromkeys(n for n in counts if n > 1))
+
+
+def scaling(
+    results: dict[str, dict[str, float]], targets: list[str]
+) -> tuple[list[str], list[list[Any]]] | None:
+    """Each target's rate over N concurrent associations divided by its rate over one, for
+    every set of instances with a parallel row; None without any."""
+    header = ["instances, associations", *[f"{t} x one assoc." for t in targets]]
+    rows: list[list[Any]] = []
+    for row, figures in results.items():
+        name, _, assocs = row.rpartition(", ")
+        single = results.get(f"{name}, 1 assoc.")
+        if assocs in ("1 assoc.", "one assoc. each") or single is None:
+            continue
+        rows.append([row, *[round(ratio(figures[t], single[t]), 2) for t in targets]])
+    return (header, rows) if rows else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ct", type=int, default=400, help="CT slices 512x512 16-bit")
     parser.add_argument("--small", type=int, default=2000, help="small instances (16x16 SC)")
-    parser.add_argument("--parallel", type=int, default=4, help="associations (0: skip)")
+    parser.add_argument(
+        "--parallel",
+        type=association_counts,
+        default=(4,),
+        help="concurrent associations of the parallel rows, one count or several (2,4,8); 0: none",
+    )
     parser.add_argument(
         "--each",
         type=int,
@@ -378,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--targets",
         default="storescp,orthanc,node",
-        help="also: node-processes (a listener process per core), node-perfile (no ingest"
+        help="also: storescp-fork (a storescp process per association), node-processes (a"
+        " listener process per core), node-perfile (no ingest"
         " journal: three flushes per instance), node-nofsync (not durable),"
         " node-polling (pynetdicom's polling loops), node-eager-checkpoint (the journal"
         " checkpointed every 2 s and at every full segment), node-postgres (the ledger on"
@@ -422,8 +463,8 @@ def run(args: argparse.Namespace) -> int:
         if args.small:
             sets[f"{args.small} small"] = write_small_instances(work / "small", args.small)
         scenarios = [(name, files, 1) for name, files in sets.items()]
-        if args.parallel > 1:
-            scenarios += [(name, files, args.parallel) for name, files in sets.items()]
+        for associations in args.parallel:
+            scenarios += [(name, files, associations) for name, files in sets.items()]
         if args.small and args.each:
             small = sets[f"{args.small} small"][: args.each]
             scenarios.append((f"{len(small)} small", small, EACH))
@@ -506,6 +547,15 @@ def run(args: argparse.Namespace) -> int:
         )
         print()
         print(markdown_table(*flushed))
+    scaled = scaling(results, targets)
+    if scaled:
+        print()
+        print(
+            f"Scaling ({os.cpu_count()} CPUs): each target's rate over N associations against"
+            " its own over one"
+        )
+        print()
+        print(markdown_table(*scaled))
     write_json(
         args.json,
         {
@@ -517,6 +567,10 @@ def run(args: argparse.Namespace) -> int:
             "cpu_runs": cpu_runs,
             "page_cache_dropped": page_cache_dropped,
             "flush_us": flush_us,
+            "cpus": os.cpu_count(),
+            "scaling": {r[0]: dict(zip(targets, r[1:], strict=True)) for r in scaled[1]}
+            if scaled
+            else {},
         },
     )
     return 0

@@ -18,14 +18,22 @@ from bench.ingest import POSTGRES_ADMIN_URL, main
 def test_the_ingest_bench_runs_and_writes_every_round(tmp_path: Path) -> None:
     out = tmp_path / "ingest.json"
     code = main(
-        ["--ct", "2", "--small", "6", "--parallel", "2", "--repeat", "2",
+        ["--ct", "2", "--small", "6", "--parallel", "2,3", "--repeat", "2",
          "--each", "3", "--targets", "storescp,node", "--json", str(out)]
     )  # fmt: skip
     assert code == 0
     report = json.loads(out.read_text())
     rows = ["2 CT 512x512x16, 1 assoc.", "6 small, 1 assoc.", "2 CT 512x512x16, 2 assoc.",
-            "6 small, 2 assoc.", "3 small, one assoc. each"]  # fmt: skip
+            "6 small, 2 assoc.", "2 CT 512x512x16, 3 assoc.", "6 small, 3 assoc.",
+            "3 small, one assoc. each"]  # fmt: skip
     assert list(report["runs"]) == rows
+    # Each parallel row's rate against the same target's over one association.
+    assert list(report["scaling"]) == rows[2:6]
+    for row in rows[2:6]:
+        single = row.rpartition(", ")[0] + ", 1 assoc."
+        for target in ("storescp", "node"):
+            expected = report["results"][row][target] / report["results"][single][target]
+            assert report["scaling"][row][target] == round(expected, 2)
     # One flush of an instance's bytes, probed once per set of instances on the targets' disk.
     assert set(report["flush_us"]) == {"2 CT 512x512x16", "6 small"}
     assert all(us > 0 for us in report["flush_us"].values())

@@ -33,6 +33,24 @@ def test_a_process_tree_counts_its_live_children() -> None:
         parent.wait()
 
 
+def test_a_process_tree_counts_the_children_it_waited_for() -> None:
+    """A parent whose child burned CPU and ended (as ``storescp --fork``'s do after each
+    association): the child's time stays in the tree's once the parent has waited for it."""
+    script = (
+        "import subprocess, sys, time\n"
+        f"subprocess.run([sys.executable, '-c', {_BURN!r}], check=True)\n"
+        "print('waited', flush=True)\n"
+        "time.sleep(5)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None and parent.stdout.readline().strip() == "waited"
+        assert process_tree_cpu_s(parent.pid) >= 0.25
+    finally:
+        parent.kill()
+        parent.wait()
+
+
 def test_an_ended_process_counts_nothing() -> None:
     assert process_tree_cpu_s(2**22 + 1) == 0.0  # above Linux's largest PID
 

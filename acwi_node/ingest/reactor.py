@@ -575,14 +575,23 @@ class EventDrivenDUL(DULServiceProvider):
                 idle = True
                 continue
             with self.fsm_lock:
-                if not (
-                    event == "Evt7"
-                    and self.state_machine.current_state == "Sta3"
-                    and self._send_accept()
-                ):
+                before = self.state_machine.current_state
+                if not (event == "Evt7" and before == "Sta3" and self._send_accept()):
                     self.state_machine.do_action(event)
+                if before == "Sta2" and self.state_machine.current_state == "Sta1":
+                    self._no_request_came()
             self.activity.set()
             idle = False
+
+    def _no_request_came(self) -> None:
+        """The connection ended (or the ARTIM timer ran out) before an A-ASSOCIATE-RQ came: a
+        port probe, a health check, a peer that gave up. pynetdicom's acceptor waits for the
+        request for ``acse_timeout`` all the same, its thread counted among the associations
+        that ``ingest.max_associations`` limits: three probes held both slots of a node allowing
+        two for 30 s, and it rejected the next modality. An empty primitive ends that wait now
+        (as its timeout would), and the association closes."""
+        if self.assoc.is_acceptor and not self.to_user_queue.queue:
+            self.to_user_queue.put(None)
 
     def _send_accept(self) -> bool:
         """State machine action AE-7 (send the A-ASSOCIATE-AC, go to Sta6), with the PDU's

@@ -7,6 +7,7 @@ import errno
 import os
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from pynetdicom import AE
 from acwi_node.config import Settings
 from acwi_node.ingest.scp import StorageSCP
 from acwi_node.ledger import Ledger
-from tests.integration.test_scp import SC, make_sc, node, send
+from tests.integration.test_scp import SC, make_sc, node, running_scp, send
 from tests.support.dcmtk import storescu
 
 __all__ = ["node"]  # the fixture, shared with test_scp
@@ -177,6 +178,30 @@ def test_silent_connection_is_closed_after_the_artim_timeout(node: Node) -> None
     with socket.create_connection(("127.0.0.1", settings.node.dicom_port)) as sock:
         assert _closed_within(sock, 15), "a connection that sends nothing must be closed"
     next_association_works(settings, ledger)
+
+
+def test_connections_closed_before_a_request_free_their_slot_at_once(tmp_path: Path) -> None:
+    """Port probes and health checks (connect, close, no PDU) hold no association slot: with
+    two slots and three probes, the next modality is accepted at once. pynetdicom's acceptor
+    waited ``acse_timeout`` (30 s here) for the request that never came, its thread counted
+    against ``ingest.max_associations``, and the node rejected the modality."""
+    with running_scp(tmp_path, max_associations=2, allowed_calling_aes=["SENDER"]) as (
+        settings,
+        ledger,
+        _,
+    ):
+        for _ in range(3):
+            socket.create_connection(("127.0.0.1", settings.node.dicom_port)).close()
+        deadline = time.monotonic() + 5
+        while acceptor_threads() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert acceptor_threads() == []
+        next_association_works(settings, ledger)
+
+
+def acceptor_threads() -> list[str]:
+    """The in-process SCP's association threads still running (pynetdicom names them)."""
+    return [t.name for t in threading.enumerate() if t.name.startswith("AcceptorThread")]
 
 
 def test_pdu_declaring_a_huge_length(node: Node) -> None:

@@ -191,6 +191,9 @@ class EventDrivenDUL(DULServiceProvider):
         #: Held around every state machine action (:meth:`_accept_at_once` takes one on the
         #: association's thread).
         self.fsm_lock = threading.Lock()
+        #: Whether an A-ASSOCIATE-RQ PDU came (Evt6), or the association's wait for one was
+        #: ended (:meth:`_no_request_came`).
+        self._request_settled = False
 
     def _run_idle_work(self) -> None:
         """Run the work left for when the association is idle, in the order it was left."""
@@ -575,22 +578,28 @@ class EventDrivenDUL(DULServiceProvider):
                 idle = True
                 continue
             with self.fsm_lock:
-                before = self.state_machine.current_state
-                if not (event == "Evt7" and before == "Sta3" and self._send_accept()):
+                if event == "Evt6":  # an A-ASSOCIATE-RQ PDU came
+                    self._request_settled = True
+                if not (
+                    event == "Evt7"
+                    and self.state_machine.current_state == "Sta3"
+                    and self._send_accept()
+                ):
                     self.state_machine.do_action(event)
-                if before == "Sta2" and self.state_machine.current_state == "Sta1":
+                if not self._request_settled and self.state_machine.current_state == "Sta1":
                     self._no_request_came()
             self.activity.set()
             idle = False
 
     def _no_request_came(self) -> None:
-        """The connection ended (or the ARTIM timer ran out) before an A-ASSOCIATE-RQ came: a
-        port probe, a health check, a peer that gave up. pynetdicom's acceptor waits for the
-        request for ``acse_timeout`` all the same, its thread counted among the associations
-        that ``ingest.max_associations`` limits: three probes held both slots of a node allowing
-        two for 30 s, and it rejected the next modality. An empty primitive ends that wait now
-        (as its timeout would), and the association closes."""
-        if self.assoc.is_acceptor and not self.to_user_queue.queue:
+        """The connection ended, or was aborted, before an A-ASSOCIATE-RQ came: a port probe,
+        a health check, HTTP on the DICOM port, a peer that gave up. pynetdicom's acceptor
+        waits for the request for ``acse_timeout`` all the same, its thread counted among the
+        associations that ``ingest.max_associations`` limits: three probes held both slots of
+        a node allowing two for 30 s, and it rejected the next modality. An empty primitive
+        ends that wait now (as its timeout would), and the association closes."""
+        self._request_settled = True
+        if self.assoc.is_acceptor:
             self.to_user_queue.put(None)
 
     def _send_accept(self) -> bool:

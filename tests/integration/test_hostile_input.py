@@ -180,18 +180,27 @@ def test_silent_connection_is_closed_after_the_artim_timeout(node: Node) -> None
     next_association_works(settings, ledger)
 
 
-def test_connections_closed_before_a_request_free_their_slot_at_once(tmp_path: Path) -> None:
-    """Port probes and health checks (connect, close, no PDU) hold no association slot: with
-    two slots and three probes, the next modality is accepted at once. pynetdicom's acceptor
-    waited ``acse_timeout`` (30 s here) for the request that never came, its thread counted
-    against ``ingest.max_associations``, and the node rejected the modality."""
+@pytest.mark.parametrize(
+    "sent", [b"", b"GET / HTTP/1.1\r\nHost: node\r\n\r\n"], ids=["nothing", "http"]
+)
+def test_connections_closed_before_a_request_free_their_slot_at_once(
+    tmp_path: Path, sent: bytes
+) -> None:
+    """Port probes and health checks (connect, close, no PDU) and HTTP on the DICOM port hold
+    no association slot: with two slots and three such connections, the next modality is
+    accepted at once. pynetdicom's acceptor waited ``acse_timeout`` (30 s here) for the
+    request that never came, its thread counted against ``ingest.max_associations``, and the
+    node rejected the modality."""
     with running_scp(tmp_path, max_associations=2, allowed_calling_aes=["SENDER"]) as (
         settings,
         ledger,
         _,
     ):
         for _ in range(3):
-            socket.create_connection(("127.0.0.1", settings.node.dicom_port)).close()
+            with socket.create_connection(("127.0.0.1", settings.node.dicom_port)) as sock:
+                if sent:
+                    sock.sendall(sent)
+                    assert _closed_within(sock, 15)
         deadline = time.monotonic() + 5
         while acceptor_threads() and time.monotonic() < deadline:
             time.sleep(0.02)

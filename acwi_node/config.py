@@ -302,6 +302,10 @@ class DestinationTls(_Strict):
         )
 
 
+#: Associations results are sent to a destination over at once, unless it says otherwise.
+DEFAULT_DESTINATION_ASSOCIATIONS = 2
+
+
 class Destination(_Strict):
     """A DICOM node results are sent to."""
 
@@ -311,6 +315,10 @@ class Destination(_Strict):
     port: int = Field(ge=1, le=65535)
     #: Send over DICOM TLS (PS3.15 Annex B); plain TCP when absent.
     tls: DestinationTls | None = None
+    #: Associations a study's results are sent over at once (the first, then up to this many
+    #: more at the same time, each taking the next file). An extra association the
+    #: destination refuses costs only itself: its files go over the others.
+    associations: int = Field(DEFAULT_DESTINATION_ASSOCIATIONS, ge=1, le=16)
 
 
 class RouteMatch(_Strict):

@@ -71,9 +71,15 @@ def node_config(work: Path, orthanc: OrthancServer, args: argparse.Namespace) ->
     if completion:
         config["completion"] = completion
     config["worker"] = {"torch_threads": args.torch_threads} if args.torch_threads else {}
-    config["destinations"] = [
-        {"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
-    ]
+    pacs: dict[str, Any] = {
+        "name": "pacs",
+        "ae_title": orthanc.aet,
+        "host": "127.0.0.1",
+        "port": orthanc.dicom_port,
+    }
+    if args.associations:
+        pacs["associations"] = args.associations
+    config["destinations"] = [pacs]
     config["routes"] = [
         {
             "name": "radiographs",
@@ -192,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet-period", type=float, help="completion.quiet_period_s")
     parser.add_argument("--poll-interval", type=float, help="completion.poll_interval_s")
     parser.add_argument("--torch-threads", type=int, default=0, help="worker.torch_threads")
+    parser.add_argument(
+        "--associations",
+        type=int,
+        help="the PACS destination's associations (results sent over this many at once;"
+        " default: the node's)",
+    )
     parser.add_argument("--timeout", type=float, default=600, help="per study, seconds")
     parser.add_argument(
         "--cpu-latency-us",

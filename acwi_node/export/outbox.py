@@ -98,6 +98,7 @@ class Exporter:
             calling_ae=self.settings.node.ae_title,
             timeout_s=cfg.timeout_s,
             tls=tls,
+            associations=dest.associations,
         )
         delivered = 0
         attempts: list[DeliveryAttempt] = []

@@ -11,9 +11,11 @@ or accession numbers).
 
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -97,6 +99,8 @@ class SendReport:
     association_ok: bool
     error: str | None = None
     outcomes: dict[Path, FileOutcome] = field(default_factory=dict)
+    #: Associations the files went over (0 when none was established).
+    associations: int = 0
 
     @property
     def all_delivered(self) -> bool:
@@ -368,14 +372,23 @@ def send_files(
     timeout_s: float = 30.0,
     max_pdu: int = 0,
     tls: TlsArgs | None = None,
+    associations: int = 1,
 ) -> SendReport:
-    """Send DICOM Part-10 files to a storage SCP over one association.
+    """Send DICOM Part-10 files to a storage SCP over one association, or several at once.
 
     Presentation contexts are proposed for exactly the SOP Classes present,
     each with explicit and implicit VR little endian, plus a context in the
     file's own transfer syntax when it is neither (at most 128 contexts; files
     that do not fit are reported as not sent).  Each file is sent with one
     C-STORE; its DIMSE status is recorded in the returned report.
+
+    With ``associations`` > 1, once the first association is established up to that many
+    more are requested at the same time, and every association takes the next file still to
+    be sent, in the order given, until none is left: a storage SCP that stores in several
+    threads (Orthanc) takes a CT's 100 heatmaps in a third of the time over four. An extra
+    association that is refused, or lost, costs nothing but itself: its files go over the
+    others (the report's ``associations`` says how many served), and the call never waits
+    for one still being requested once every file has an outcome.
 
     Args:
         paths: Part-10 files to send.  Duplicates are sent once.
@@ -388,6 +401,7 @@ def send_files(
         max_pdu: Maximum PDU size we accept (0 = unlimited).
         tls: DICOM TLS: the client SSL context and the host name its certificate must
             carry; plain TCP when None.
+        associations: Associations to send over at most (1: one, as before).
 
     Returns:
         A :class:`SendReport`; this function does not raise for network or
@@ -410,7 +424,9 @@ def send_files(
         logger.warning("%d of %d file(s) could not be read", len(read_failures), len(unique_paths))
 
     def finish(pending: dict[Path, FileOutcome]) -> SendReport:
-        not_sent = FileOutcome(None, False, "not sent")
+        not_sent = FileOutcome(
+            None, False, f"not sent: {report.error}" if report.error else "not sent"
+        )
         report.outcomes = {
             p: read_failures.get(p) or pending.get(p, not_sent) for p in unique_paths
         }
@@ -421,10 +437,14 @@ def send_files(
         return finish({})
 
     contexts, covered = _plan_contexts(infos)
-    assoc, error = _open_association(
-        calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=max_pdu, tls=tls,
-        contexts=contexts,
-    )  # fmt: skip
+
+    def open_association() -> tuple[Association | None, str]:
+        return _open_association(
+            calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=max_pdu, tls=tls,
+            contexts=contexts,
+        )  # fmt: skip
+
+    assoc, error = open_association()
     if assoc is None:
         report.error = error
         logger.error("C-STORE to %s@%s:%d: %s", called_ae, host, port, report.error)
@@ -439,60 +459,142 @@ def send_files(
         len(infos),
         len(assoc.accepted_contexts),
     )
-    pending: dict[Path, FileOutcome] = {}
-    accepted_pairs = {
-        (UID(str(cx.abstract_syntax)), UID(str(ts)))
-        for cx in assoc.accepted_contexts
-        for ts in cx.transfer_syntax
-    }
-    accepted_classes = {sop_class for sop_class, _ in accepted_pairs}
-    try:
-        paths_to_send = list(infos)
-        for index, path in enumerate(paths_to_send):
-            if not assoc.is_established:
-                report.error = "association aborted by the peer or connection lost"
-                for rest in paths_to_send[index:]:
-                    pending[rest] = FileOutcome(None, False, f"not sent: {report.error}")
-                break
-            info = infos[path]
-            class_name = _sop_class_name(info.sop_class)
-            if (info.sop_class, info.transfer_syntax) not in covered:
-                pending[path] = FileOutcome(
-                    None,
-                    False,
-                    "not sent: more than "
-                    f"{MAX_PRESENTATION_CONTEXTS} presentation contexts would be needed",
-                )
-                continue
-            if info.sop_class not in accepted_classes:
-                pending[path] = FileOutcome(
-                    None, False, f"not sent: the peer did not accept SOP Class {class_name}"
-                )
-                logger.warning("file %d: SOP Class %s not accepted by the peer", index, class_name)
-                continue
-            as_stored = (info.sop_class, info.transfer_syntax) in accepted_pairs
-            outcome, association_lost = _store_one(
-                assoc, path, index, class_name, timeout_s, as_stored=as_stored
-            )
-            pending[path] = outcome
-            if association_lost:
-                # pynetdicom may still report the association as established for
-                # a moment after an A-ABORT; it is unusable either way.
-                report.error = outcome.detail
-                if assoc.is_established:
-                    assoc.abort()
-                for rest in paths_to_send[index + 1 :]:
-                    pending[rest] = FileOutcome(None, False, f"not sent: {outcome.detail}")
-                break
-        if assoc.is_established:
-            assoc.release()
-    finally:
-        if assoc.is_established:
-            assoc.abort()
+    queue = _SendQueue(list(infos), infos, covered, timeout_s)
+    extra = max(0, min(associations, len(infos)) - 1)
+    queue.serving = 1 + extra
 
+    def serve_extra() -> None:
+        extra_assoc, why = open_association()
+        if extra_assoc is None:
+            logger.info("an extra association with %s@%s:%d: %s", called_ae, host, port, why)
+            queue.stopped()
+            return
+        queue.serve(extra_assoc)
+
+    for _ in range(extra):
+        threading.Thread(target=serve_extra, name="acwi-scu-extra", daemon=True).start()
+    queue.serve(assoc)
+    pending = queue.wait()
+    report.associations = queue.served
+    report.error = queue.error
     delivered = sum(1 for o in pending.values() if o.delivered)
-    logger.info("C-STORE finished: %d of %d file(s) delivered", delivered, len(unique_paths))
+    logger.info(
+        "C-STORE finished: %d of %d file(s) delivered over %d association(s)",
+        delivered,
+        len(unique_paths),
+        queue.served,
+    )
     return finish(pending)
+
+
+class _SendQueue:
+    """The files of one :func:`send_files` call, taken in order by every association serving
+    it, and what happened to each."""
+
+    def __init__(
+        self,
+        paths: list[Path],
+        infos: dict[Path, _FileInfo],
+        covered: set[tuple[UID, UID]],
+        timeout_s: float,
+    ) -> None:
+        self._todo = collections.deque(enumerate(paths))
+        self._total = len(paths)
+        self._infos = infos
+        self._covered = covered
+        self._timeout_s = timeout_s
+        self._cond = threading.Condition()
+        self.pending: dict[Path, FileOutcome] = {}
+        #: Associations that may still take files (serving, or being requested).
+        self.serving = 0
+        #: Associations that took at least one file.
+        self.served = 0
+        #: The first association-level problem (an association lost), or None.
+        self.error: str | None = None
+
+    def _next(self) -> tuple[int, Path] | None:
+        with self._cond:
+            return self._todo.popleft() if self._todo else None
+
+    def _record(self, path: Path, outcome: FileOutcome) -> None:
+        with self._cond:
+            self.pending[path] = outcome
+            self._cond.notify_all()
+
+    def stopped(self) -> None:
+        """An association (or the request for one) is done; its files are sent or remain."""
+        with self._cond:
+            self.serving -= 1
+            self._cond.notify_all()
+
+    def wait(self) -> dict[Path, FileOutcome]:
+        """Until every file has an outcome, or no association is left to send the rest."""
+        with self._cond:
+            self._cond.wait_for(lambda: len(self.pending) == self._total or self.serving == 0)
+            return dict(self.pending)
+
+    def serve(self, assoc: Association) -> None:
+        """Send files over ``assoc`` until none is left or it is lost; then release it."""
+        took_part = False
+        accepted_pairs = {
+            (UID(str(cx.abstract_syntax)), UID(str(ts)))
+            for cx in assoc.accepted_contexts
+            for ts in cx.transfer_syntax
+        }
+        accepted_classes = {sop_class for sop_class, _ in accepted_pairs}
+        try:
+            while (item := self._next()) is not None:
+                index, path = item
+                if not took_part:
+                    took_part = True
+                    with self._cond:
+                        self.served += 1
+                if not assoc.is_established:
+                    with self._cond:
+                        self._todo.appendleft(item)  # another association may send it
+                        self.error = self.error or (
+                            "association aborted by the peer or connection lost"
+                        )
+                    break
+                info = self._infos[path]
+                class_name = _sop_class_name(info.sop_class)
+                if (info.sop_class, info.transfer_syntax) not in self._covered:
+                    self._record(
+                        path,
+                        FileOutcome(
+                            None,
+                            False,
+                            "not sent: more than "
+                            f"{MAX_PRESENTATION_CONTEXTS} presentation contexts would be needed",
+                        ),
+                    )
+                    continue
+                if info.sop_class not in accepted_classes:
+                    detail = f"not sent: the peer did not accept SOP Class {class_name}"
+                    self._record(path, FileOutcome(None, False, detail))
+                    logger.warning(
+                        "file %d: SOP Class %s not accepted by the peer", index, class_name
+                    )
+                    continue
+                as_stored = (info.sop_class, info.transfer_syntax) in accepted_pairs
+                outcome, association_lost = _store_one(
+                    assoc, path, index, class_name, self._timeout_s, as_stored=as_stored
+                )
+                self._record(path, outcome)
+                if association_lost:
+                    # pynetdicom may still report the association as established for
+                    # a moment after an A-ABORT; it is unusable either way.
+                    with self._cond:
+                        self.error = self.error or outcome.detail
+                    if assoc.is_established:
+                        assoc.abort()
+                    break
+            if assoc.is_established:
+                assoc.release()
+        finally:
+            if assoc.is_established:
+                assoc.abort()
+            self.stopped()
 
 
 def _store_one(

@@ -32,6 +32,7 @@ from acwi_node.cli import main as cli_main
 from acwi_node.export import FileOutcome, SendReport, echo, scu, send_files
 from acwi_node.export.scu import MAX_PRESENTATION_CONTEXTS, _FileInfo, _plan_contexts
 from acwi_node.ingest.reactor import EventDrivenDUL
+from tests.integration.test_scp import running_scp
 from tests.support import SECONDARY_CAPTURE_IMAGE_STORAGE, write_secondary_capture
 from tests.support.dcmtk import echoscu, find_dcmtk_tool, require_dcmtk_tool, storescu
 from tests.support.node import write_config
@@ -145,6 +146,59 @@ def test_send_files_delivers_every_file(orthanc: OrthancServer, tmp_path: Path) 
         stored = _pixels_of(orthanc.instance_file(instance["ID"]))
         assert stored == expected[instance["MainDicomTags"]["SOPInstanceUID"]]
         assert orthanc.instance_metadata(instance["ID"])["RemoteAET"] == NODE_AE
+
+
+def test_send_files_over_several_associations(orthanc: OrthancServer, tmp_path: Path) -> None:
+    """Files taken in turn by three associations at once: every one stored, once, and the
+    outcomes in the order given. (Enough of them that the first association is still
+    sending when the others are established.)"""
+    study_uid = generate_uid()
+    paths = [
+        write_secondary_capture(
+            tmp_path / f"sc{i}.dcm",
+            study_uid=study_uid,
+            instance_number=i + 1,
+            pixel_value=i,
+            rows=256,
+            columns=256,
+        )
+        for i in range(40)
+    ]
+    report = _send(orthanc, paths, associations=3)
+
+    assert report.error is None
+    assert report.associations == 3
+    assert list(report.outcomes) == paths
+    assert report.all_delivered and report.delivered_count == 40
+    expected = {str(dcmread(p).SOPInstanceUID) for p in paths}
+    instances = orthanc.study_instances(study_uid)
+    assert sorted(i["MainDicomTags"]["SOPInstanceUID"] for i in instances) == sorted(expected)
+
+
+def test_extra_associations_refused_send_over_the_first(tmp_path: Path) -> None:
+    """A destination that takes one association at a time (here the node's own SCP with
+    ``ingest.max_associations = 1``) refuses the extra ones: every file goes over the first,
+    and the refusals are not an error of the delivery."""
+    study_uid = generate_uid()
+    paths = [
+        write_secondary_capture(tmp_path / f"sc{i}.dcm", study_uid=study_uid, instance_number=i + 1)
+        for i in range(4)
+    ]
+    with running_scp(tmp_path / "node", max_associations=1) as (settings, ledger, _):
+        report = send_files(
+            paths,
+            called_ae="ACWI",
+            host="127.0.0.1",
+            port=settings.node.dicom_port,
+            calling_ae=NODE_AE,
+            timeout_s=20.0,
+            associations=4,
+        )
+        assert report.error is None
+        assert report.associations == 1
+        assert report.all_delivered and report.delivered_count == 4
+        study = ledger.get_study(study_uid)
+        assert study is not None and study["instances"] == 4
 
 
 def test_send_files_to_closed_port_reports_refusal(tmp_path: Path) -> None:

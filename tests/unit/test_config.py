@@ -46,6 +46,7 @@ def test_defaults_without_a_file() -> None:
 def test_issue_example_shape_is_accepted(tmp_path: Path) -> None:
     s = load_settings(write(tmp_path, EXAMPLE))
     assert s.destination("pacs").ae_title == "ORTHANC"
+    assert s.destination("pacs").associations == 2  # results over two associations at once
     assert s.routes[0].match.modality == ["CR", "DX"]
     assert s.routes[0].destinations == ["pacs"]
     assert s.model_manifest("default").name == "manifest.json"
@@ -72,6 +73,8 @@ def test_acwi_config_env_names_the_file(tmp_path: Path, monkeypatch: pytest.Monk
         (EXAMPLE.replace("dicom_port = 11112", "dicom_port = 99999"), "node.dicom_port"),
         (EXAMPLE.replace('ae_title = "ORTHANC"', 'ae_title = "WAY_TOO_LONG_AE_TITLE"'), "ae_title"),
         (EXAMPLE.replace('destinations = ["pacs"]', 'destinations = ["nowhere"]'), "'nowhere'"),
+        (EXAMPLE.replace("port = 4242", "port = 4242\nassociations = 0"), "associations"),
+        (EXAMPLE.replace("port = 4242", "port = 4242\nassociations = 17"), "associations"),
         (EXAMPLE.replace('model = "default"', 'model = "missing"'), "'missing'"),
         (EXAMPLE + "\n[node2]\nx = 1\n", "node2"),
         (EXAMPLE.replace("http_port = 8080", "http_prot = 8080"), "http_prot"),

@@ -545,10 +545,6 @@ class _SendQueue:
         try:
             while (item := self._next()) is not None:
                 index, path = item
-                if not took_part:
-                    took_part = True
-                    with self._cond:
-                        self.served += 1
                 if not assoc.is_established:
                     with self._cond:
                         self._todo.appendleft(item)  # another association may send it
@@ -556,6 +552,10 @@ class _SendQueue:
                             "association aborted by the peer or connection lost"
                         )
                     break
+                if not took_part:
+                    took_part = True
+                    with self._cond:
+                        self.served += 1
                 info = self._infos[path]
                 class_name = _sop_class_name(info.sop_class)
                 if (info.sop_class, info.transfer_syntax) not in self._covered:

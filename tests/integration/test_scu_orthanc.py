@@ -498,6 +498,38 @@ def test_abort_half_way_leaves_remaining_files_unsent(tmp_path: Path) -> None:
     assert third.detail.startswith("not sent")
 
 
+def test_a_lost_association_leaves_its_remaining_files_to_the_other(tmp_path: Path) -> None:
+    """Two associations; the peer aborts the one that receives the second C-STORE: that file
+    is not delivered (no answer), every other one goes over the association left."""
+
+    def answer(index: int, _ds: Dataset, event: evt.Event) -> int:
+        if index == 2:
+            threading.Timer(0.05, event.assoc.abort).start()
+            time.sleep(1.0)
+        return 0x0000
+
+    study_uid = generate_uid()
+    paths = [
+        write_secondary_capture(tmp_path / f"f{i}.dcm", study_uid=study_uid, instance_number=i + 1)
+        for i in range(6)
+    ]
+    with _ScriptedScp(answer) as scp:
+        report = send_files(
+            paths,
+            called_ae="SCRIPTED",
+            host="127.0.0.1",
+            port=scp.port,
+            calling_ae=NODE_AE,
+            timeout_s=10,
+            associations=2,
+        )
+    assert report.associations == 2
+    assert report.error is not None and "abort" in report.error
+    lost = [p for p in paths if not report.outcomes[p].delivered]
+    assert len(lost) == 1 and report.outcomes[lost[0]].status is None
+    assert report.delivered_count == 5
+
+
 def test_rejected_association_is_explained(tmp_path: Path) -> None:
     path = write_secondary_capture(tmp_path / "sc.dcm", study_uid=generate_uid())
     with _ScriptedScp(lambda *_: 0, require_called_aet=True) as scp:

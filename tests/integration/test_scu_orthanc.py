@@ -472,23 +472,30 @@ def test_warning_statuses_count_as_delivered(tmp_path: Path) -> None:
     assert "0xA700" in third.detail
 
 
-def test_abort_half_way_leaves_remaining_files_unsent(tmp_path: Path) -> None:
-    def answer(index: int, _ds: Dataset, event: evt.Event) -> int:
-        if index == 2:
-            threading.Timer(0.05, event.assoc.abort).start()
-            time.sleep(1.0)
-        return 0x0000
+def _abort_second_store(index: int, _ds: Dataset, event: evt.Event) -> int:
+    """An answer that aborts the association of the second C-STORE before answering it."""
+    if index == 2:
+        threading.Timer(0.05, event.assoc.abort).start()
+        time.sleep(1.0)
+    return 0x0000
 
+
+def _send_to_scripted(scp: _ScriptedScp, paths: list[Path], associations: int = 1) -> SendReport:
+    return send_files(
+        paths,
+        called_ae="SCRIPTED",
+        host="127.0.0.1",
+        port=scp.port,
+        calling_ae=NODE_AE,
+        timeout_s=10,
+        associations=associations,
+    )
+
+
+def test_abort_half_way_leaves_remaining_files_unsent(tmp_path: Path) -> None:
     paths = _three_files(tmp_path)
-    with _ScriptedScp(answer) as scp:
-        report = send_files(
-            paths,
-            called_ae="SCRIPTED",
-            host="127.0.0.1",
-            port=scp.port,
-            calling_ae=NODE_AE,
-            timeout_s=10,
-        )
+    with _ScriptedScp(_abort_second_store) as scp:
+        report = _send_to_scripted(scp, paths)
     assert report.association_ok
     assert report.error is not None and "abort" in report.error
     first, second, third = (report.outcomes[p] for p in paths)
@@ -501,28 +508,13 @@ def test_abort_half_way_leaves_remaining_files_unsent(tmp_path: Path) -> None:
 def test_a_lost_association_leaves_its_remaining_files_to_the_other(tmp_path: Path) -> None:
     """Two associations; the peer aborts the one that receives the second C-STORE: that file
     is not delivered (no answer), every other one goes over the association left."""
-
-    def answer(index: int, _ds: Dataset, event: evt.Event) -> int:
-        if index == 2:
-            threading.Timer(0.05, event.assoc.abort).start()
-            time.sleep(1.0)
-        return 0x0000
-
     study_uid = generate_uid()
     paths = [
         write_secondary_capture(tmp_path / f"f{i}.dcm", study_uid=study_uid, instance_number=i + 1)
         for i in range(6)
     ]
-    with _ScriptedScp(answer) as scp:
-        report = send_files(
-            paths,
-            called_ae="SCRIPTED",
-            host="127.0.0.1",
-            port=scp.port,
-            calling_ae=NODE_AE,
-            timeout_s=10,
-            associations=2,
-        )
+    with _ScriptedScp(_abort_second_store) as scp:
+        report = _send_to_scripted(scp, paths, associations=2)
     assert report.associations == 2
     assert report.error is not None and "abort" in report.error
     lost = [p for p in paths if not report.outcomes[p].delivered]

@@ -10,17 +10,50 @@ from typing import Any
 from pydicom import Dataset, dcmwrite
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import correct_ambiguous_vr, write_data_element
+from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag
+from pydicom.valuerep import AMBIGUOUS_VR
 
 
-def _datasets(ds: Dataset) -> Iterator[Dataset]:
+def _as_it_is(element: DataElement | RawDataElement, implicit: bool, little: bool) -> bool:
+    """Whether ``element`` is a sequence still in the bytes it was read or encoded in, in the
+    encoding being written: such bytes are written as they are, never parsed (pydicom's
+    ``correct_ambiguous_vr`` would parse them; an SR's per-image groups are such bytes, see
+    :mod:`.image_groups`)."""
+    return (
+        isinstance(element, RawDataElement)
+        and element.VR == "SQ"
+        and element.is_implicit_VR == implicit
+        and element.is_little_endian == little
+    )
+
+
+def _datasets(ds: Dataset, implicit: bool, little: bool) -> Iterator[Dataset]:
     yield ds
-    for element in ds:
+    for tag in list(ds.keys()):
+        if _as_it_is(ds.get_item(tag), implicit, little):
+            continue
+        element = ds[tag]  # converted, as iterating the dataset converts every element
         if element.VR == "SQ":
             for item in element.value:
-                yield from _datasets(item)
+                yield from _datasets(item, implicit, little)
+
+
+def _correct_ambiguous_vr(
+    ds: Dataset, implicit: bool, little: bool, ancestors: list[Dataset]
+) -> None:
+    """pydicom's ``correct_ambiguous_vr``, leaving sequences written as they are unparsed."""
+    for element in ds.elements():
+        if element.VR == "SQ":
+            if _as_it_is(element, implicit, little):
+                continue
+            for item in ds[element.tag].value:
+                ancestors.insert(0, item)
+                _correct_ambiguous_vr(item, implicit, little, ancestors)
+        elif element.VR in AMBIGUOUS_VR:
+            correct_ambiguous_vr_element(element, ds, little, ancestors)
+    del ancestors[0]
 
 
 def encode_part10(ds: Dataset) -> bytes:
@@ -41,8 +74,8 @@ def encode_part10(ds: Dataset) -> bytes:
     """
     syntax = ds.file_meta.TransferSyntaxUID
     implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
-    correct_ambiguous_vr(ds, little)
-    for item in _datasets(ds):
+    _correct_ambiguous_vr(ds, implicit, little, [ds])
+    for item in _datasets(ds, implicit, little):
         item.set_original_encoding(implicit, little, item._character_set)
     replaced: dict[BaseTag, Any] = {}
     if not implicit and little:
@@ -108,7 +141,7 @@ def _encode_dataset(ds: Dataset, parent_encodings: Any) -> bytes:
         if tag.element == 0 and tag.group > 6:  # retired group lengths: never written
             continue
         element = ds.get_item(tag)
-        encoded = _encode_element(element, encodings) if type(element) is DataElement else None
+        encoded = encode_element(element, encodings) if type(element) is DataElement else None
         if encoded is None:  # anything unusual: pydicom's own writer
             fallback = DicomBytesIO()
             fallback.is_little_endian, fallback.is_implicit_VR = True, False
@@ -118,7 +151,7 @@ def _encode_dataset(ds: Dataset, parent_encodings: Any) -> bytes:
     return b"".join(out)
 
 
-def _encode_element(element: DataElement, encodings: Any) -> bytes | None:
+def encode_element(element: DataElement, encodings: Any) -> bytes | None:
     """One element as pydicom writes it, or None for a case left to pydicom."""
     vr = element.VR
     value = element.value

@@ -19,7 +19,7 @@ from pydicom.uid import UID, generate_uid
 
 from acwi_node.inference.types import ImageResult, StudyAnalysis, Uncertainty
 from acwi_node.results import image_groups
-from acwi_node.results.encoding import encode_part10
+from acwi_node.results.encoding import encode_items, encode_part10
 from acwi_node.results.sr import _image_groups, _label_codes, build_sr, summarise_sr
 from acwi_node.results.uids import result_uids
 from tests.support.dx import make_dx
@@ -203,9 +203,17 @@ def test_template_groups_are_the_builders_groups() -> None:
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     encoded = image_groups.encode_image_groups(analysis, uids, build, by_uid, None)
     expected = b"".join(
-        image_groups.encode_items(
-            [group[0] for group in build(n, image, by_uid[image.sop_instance_uid])], None
-        )
+        encode_items([group[0] for group in build(n, image, by_uid[image.sop_instance_uid])], None)
         for n, image in enumerate(analysis.images, start=1)
     )
     assert encoded == expected
+
+
+def test_a_single_image_is_built_by_highdicom() -> None:
+    """One image: its groups would be their own template; highdicom builds them directly."""
+    sources, analysis = _study(1)
+    document = build_sr(sources, analysis)
+    assert not _from_template(document)
+    reference = build_sr(sources, analysis, check_all=True)
+    _same_times(document, reference)
+    assert encode_part10(document) == encode_part10(reference)

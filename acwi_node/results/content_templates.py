@@ -1,0 +1,198 @@
+"""Per-image SR content encoded from a template: highdicom builds it once, for a stand-in whose
+variable values are sentinels, and every image's is the template's bytes with its own values.
+
+An SR holds, for every analysed image, content items that differ between images in a few
+values only: its measurement groups (:mod:`.image_groups`) and its Image Library entry
+(:mod:`.image_library`). highdicom builds each image's items one pydicom data set at a time
+(10-20 ms an image). Here the stand-in's items are encoded (:func:`~.encoding.encode_items`,
+explicit VR little endian, as the SR is written), the sentinels' elements are found in the
+bytes (:func:`template`), and :meth:`Template.render` writes an image's items as the
+template's bytes with that image's elements in place of the sentinels' and the lengths of the
+items and sequences around them adjusted. What a template does not replace (codes, units,
+methods, relationship types) is highdicom's, built and checked by it.
+
+A *role* names a variable value: a kind (the element it is written in, :data:`KINDS`) and a
+name. The callers give the stand-in's value of every role; a role whose value is not found in
+the bytes makes :func:`template` return None, and the caller leaves that content to highdicom.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.dataelem import DataElement
+
+from acwi_node.results.encoding import encode_element, encode_items
+
+#: A variable value: (kind, name); the kind says where it is written (:data:`KINDS`).
+Role = tuple[str, str]
+
+#: Each kind of role: the tag and VR of the element holding its value.
+KINDS: dict[str, tuple[int, str]] = {
+    "instance": (0x00081155, "UI"),  # Referenced SOP Instance UID
+    "class": (0x00081150, "UI"),  # Referenced SOP Class UID
+    "uid": (0x0040A124, "UI"),  # UID (a UIDREF item's value)
+    "text": (0x0040A160, "UT"),  # Text Value
+    "ds": (0x0040A30A, "DS"),  # Numeric Value
+    "fd": (0x0040A161, "FD"),  # Floating Point Value
+}
+
+_ITEM = 0xFFFEE000
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OW", b"OV", b"SQ", b"SV", b"UC", b"UN"})
+_LONG_VRS |= {b"UR", b"UT", b"UV"}
+_UNDEFINED = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """A variable element of the template: the bytes it spans and what goes there."""
+
+    start: int
+    end: int
+    tag: int
+    vr: str
+    role: Role
+
+
+@dataclass(frozen=True)
+class _Length:
+    """A length field of an item or a sequence around slots: where, its size, its value."""
+
+    at: int
+    size: int
+    value: int
+    #: Indexes (in the template's slots) of the slots inside it.
+    slots: tuple[int, ...]
+
+
+class Template:
+    """One image's groups for one set of labels, as bytes with their variable parts marked."""
+
+    def __init__(self, data: bytes, slots: list[_Slot], lengths: list[_Length]) -> None:
+        self.data = data
+        self.slots = slots
+        self.lengths = lengths
+        # The bytes between the changes, in order: (start, end, what follows: a slot index, a
+        # length index, or None at the end).
+        cuts: list[tuple[int, int, str, int]] = [
+            (s.start, s.end, "slot", i) for i, s in enumerate(slots)
+        ]
+        cuts += [(n.at, n.at + n.size, "length", i) for i, n in enumerate(lengths)]
+        cuts.sort()
+        self._cuts = cuts
+
+    def render(self, values: Mapping[Role, Any], encodings: Any) -> bytes | None:
+        """The groups with ``values`` (by role); None where an element cannot be encoded."""
+        encoded: list[bytes] = []
+        for slot in self.slots:
+            element = encode_element(DataElement(slot.tag, slot.vr, values[slot.role]), encodings)
+            if element is None:
+                return None
+            encoded.append(element)
+        deltas = [len(e) - (s.end - s.start) for e, s in zip(encoded, self.slots, strict=True)]
+        out: list[bytes] = []
+        pos = 0
+        data = self.data
+        for start, end, kind, index in self._cuts:
+            out.append(data[pos:start])
+            if kind == "slot":
+                out.append(encoded[index])
+            else:
+                field = self.lengths[index]
+                value = field.value + sum(deltas[i] for i in field.slots)
+                out.append(struct.pack("<L" if field.size == 4 else "<H", value))
+            pos = end
+        out.append(data[pos:])
+        return b"".join(out)
+
+
+def template(
+    items: Sequence[Dataset], sentinels: Mapping[Role, Any], encodings: Any
+) -> Template | None:
+    """The template of content ``items`` built for a stand-in whose values are ``sentinels``
+    (by role); None if one of them is not found in the encoded items (a value may be found
+    several times: an image's UIDs are referenced by each of its groups)."""
+    data = encode_items(list(items), encodings)
+    wanted: dict[tuple[int, bytes], Role] = {}
+    for role, value in sentinels.items():
+        tag, vr = KINDS[role[0]]
+        element = encode_element(DataElement(tag, vr, value), encodings)
+        if element is None:
+            return None
+        wanted[(tag, element)] = role
+    parsed = _parse(data)
+    if parsed is None:
+        return None
+    elements, lengths = parsed
+    slots: list[_Slot] = []
+    inside: list[list[int]] = [[] for _ in lengths]
+    for start, end, tag, vr, enclosing in elements:
+        found = wanted.get((tag, data[start:end]))
+        if found is None:
+            continue
+        for index in enclosing:
+            inside[index].append(len(slots))
+        slots.append(_Slot(start, end, tag, vr, found))
+    if {slot.role for slot in slots} != set(wanted.values()):  # a sentinel not found
+        return None
+    return Template(
+        data,
+        slots,
+        [
+            _Length(at, size, value, tuple(inside[i]))
+            for i, (at, size, value) in enumerate(lengths)
+            if inside[i]
+        ],
+    )
+
+
+_Element = tuple[int, int, int, str, tuple[int, ...]]
+
+
+def _parse(data: bytes) -> tuple[list[_Element], list[tuple[int, int, int]]] | None:
+    """The elements of encoded items (explicit VR little endian): each element's (start, end,
+    tag, VR, indexes of the length fields around it), and every length field (where, size,
+    value). None for anything but defined lengths."""
+    elements: list[_Element] = []
+    lengths: list[tuple[int, int, int]] = []
+
+    def items(pos: int, end: int, enclosing: tuple[int, ...]) -> bool:
+        while pos < end:
+            group, number, length = struct.unpack_from("<HHL", data, pos)
+            if (group << 16 | number) != _ITEM or length == _UNDEFINED:
+                return False
+            lengths.append((pos + 4, 4, length))
+            if not elements_of(pos + 8, pos + 8 + length, (*enclosing, len(lengths) - 1)):
+                return False
+            pos += 8 + length
+        return pos == end
+
+    def elements_of(pos: int, end: int, enclosing: tuple[int, ...]) -> bool:
+        while pos < end:
+            group, number = struct.unpack_from("<HH", data, pos)
+            vr = data[pos + 4 : pos + 6]
+            if vr in _LONG_VRS:
+                at, size = pos + 8, 4
+                (length,) = struct.unpack_from("<L", data, at)
+            else:
+                at, size = pos + 6, 2
+                (length,) = struct.unpack_from("<H", data, at)
+            if length == _UNDEFINED:
+                return False
+            value = at + size
+            if vr == b"SQ":
+                lengths.append((at, size, length))
+                if not items(value, value + length, (*enclosing, len(lengths) - 1)):
+                    return False
+            else:
+                elements.append(
+                    (pos, value + length, group << 16 | number, vr.decode("ascii"), enclosing)
+                )
+            pos = value + length
+        return pos == end
+
+    return (elements, lengths) if items(0, len(data), ()) else None

@@ -107,9 +107,16 @@ def _file_meta(sop_class: str, sop_uid: str) -> FileMetaDataset:
 
 
 def ct_slice(
-    study_uid: str, series_uid: str, index: int, *, size: int = 512, seed: int = 0
+    study_uid: str,
+    series_uid: str,
+    index: int,
+    *,
+    size: int = 512,
+    seed: int = 0,
+    frame_of_reference_uid: str | None = None,
 ) -> Dataset:
-    """One CT-like axial slice: 16-bit signed HU phantom (a body ellipse, lungs, noise)."""
+    """One CT-like axial slice: 16-bit signed HU phantom (a body ellipse, lungs, noise), in
+    ``frame_of_reference_uid`` (the series'; a new one if not given)."""
     sop_uid = generate_uid()
     ds = Dataset()
     ds.file_meta = _file_meta(CT_STORAGE, sop_uid)
@@ -117,7 +124,7 @@ def ct_slice(
     ds.SOPInstanceUID = sop_uid
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
-    ds.FrameOfReferenceUID = generate_uid()
+    ds.FrameOfReferenceUID = frame_of_reference_uid or generate_uid()
     ds.PatientName = "BENCH^CT"
     ds.PatientID = "BENCH0001"
     ds.AccessionNumber = "BENCHCT"
@@ -156,15 +163,16 @@ def ct_slice(
 
 
 def write_ct_series(out_dir: Path, n_slices: int, *, size: int = 512, seed: int = 0) -> list[Path]:
-    """A CT-like series of ``n_slices`` slices (one new study); returns the file paths."""
+    """A CT-like series of ``n_slices`` slices (one new study, one frame of reference, as a
+    scanner's axial series has); returns the file paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    study_uid, series_uid = generate_uid(), generate_uid()
+    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
     paths = []
     for i in range(n_slices):
         path = out_dir / f"CT{i + 1:05d}.dcm"
-        ct_slice(study_uid, series_uid, i, size=size, seed=seed).save_as(
-            path, enforce_file_format=True
-        )
+        ct_slice(
+            study_uid, series_uid, i, size=size, seed=seed, frame_of_reference_uid=frame_uid
+        ).save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
 

@@ -69,7 +69,7 @@ def _parse(output: str) -> tuple[str, list[str], list[str]]:
             current = warnings
         elif current is not None and raw[:1].isspace():
             current[-1] = f"{current[-1]} {line.strip()}"
-        elif not iod and current is None:
+        elif not iod and not raw[:1].isspace():  # the IOD's name, before or after warnings
             iod = line.strip()
     return iod, errors, warnings
 

@@ -18,7 +18,7 @@ from acwi_node.results.image_library import plan_image_library
 from acwi_node.results.sr import build_sr
 from bench.common import ct_slice
 from tests.support.dx import make_dx
-from tests.unit.test_sr import LABELS, MODEL
+from tests.unit.test_sr import LABELS, MODEL, needs_dciodvfy
 from tests.unit.test_sr_image_groups import _same_times
 
 
@@ -116,3 +116,15 @@ def test_an_image_highdicom_cannot_describe_leaves_the_library_to_highdicom(
     reference = build_sr(sources, analysis, check_all=True)
     _same_times(document, reference)
     assert encode_part10(document) == encode_part10(reference)
+
+
+@needs_dciodvfy
+def test_dciodvfy_reports_no_errors_for_templated_content() -> None:
+    from acwi_node.results.validate import run_dciodvfy
+
+    sources = _sources()
+    document = build_sr(sources, _analysis(sources))
+    assert all(_templated(group) for group in _library_groups(document))
+    report = run_dciodvfy(document)
+    assert report.iod == "Comprehensive3DSR"
+    assert report.errors == [], report.output

@@ -70,14 +70,13 @@ class _Length:
 
 
 class Template:
-    """One image's groups for one set of labels, as bytes with their variable parts marked."""
+    """One image's content items, encoded, with their variable parts marked."""
 
     def __init__(self, data: bytes, slots: list[_Slot], lengths: list[_Length]) -> None:
         self.data = data
         self.slots = slots
         self.lengths = lengths
-        # The bytes between the changes, in order: (start, end, what follows: a slot index, a
-        # length index, or None at the end).
+        # What replaces which bytes, in order: (start, end, "slot" or "length", its index).
         cuts: list[tuple[int, int, str, int]] = [
             (s.start, s.end, "slot", i) for i, s in enumerate(slots)
         ]
@@ -86,7 +85,7 @@ class Template:
         self._cuts = cuts
 
     def render(self, values: Mapping[Role, Any], encodings: Any) -> bytes | None:
-        """The groups with ``values`` (by role); None where an element cannot be encoded."""
+        """The items with ``values`` (by role); None where an element cannot be encoded."""
         encoded: list[bytes] = []
         for slot in self.slots:
             element = encode_element(DataElement(slot.tag, slot.vr, values[slot.role]), encodings)
@@ -124,6 +123,8 @@ def template(
         if element is None:
             return None
         wanted[(tag, element)] = role
+    if len(wanted) != len(sentinels):  # two roles written alike: neither could be told apart
+        return None
     parsed = _parse(data)
     if parsed is None:
         return None

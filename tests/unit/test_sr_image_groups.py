@@ -62,10 +62,15 @@ def _study(images: int, *, seed: int = 7) -> tuple[list[Dataset], StudyAnalysis]
                 ood_score=rng.random() * 1e-7 if n == 2 else rng.random() * 40,
             )
         )
-    analysis = StudyAnalysis(
+    return sources, study_analysis(results)
+
+
+def study_analysis(images: list[ImageResult]) -> StudyAnalysis:
+    """A study-level result over ``images`` (its own values do not matter here)."""
+    return StudyAnalysis(
         model=MODEL,
         labels=list(LABELS),
-        images=results,
+        images=images,
         probabilities={label: 0.25 for label in LABELS},
         predicted_label="effusion",
         uncertainty=Uncertainty(entropy=0.9, epistemic=0.1, aleatoric=0.8, score=0.4),
@@ -74,7 +79,6 @@ def _study(images: int, *, seed: int = 7) -> tuple[list[Dataset], StudyAnalysis]
         finding_labels=["effusion"],
         skipped={},
     )
-    return sources, analysis
 
 
 def _same_times(document: Dataset, reference: Dataset) -> None:

@@ -18,8 +18,8 @@ from acwi_node.results.image_library import plan_image_library
 from acwi_node.results.sr import build_sr
 from bench.common import ct_slice
 from tests.support.dx import make_dx
-from tests.unit.test_sr import LABELS, MODEL, needs_dciodvfy
-from tests.unit.test_sr_image_groups import _same_times
+from tests.unit.test_sr import LABELS, needs_dciodvfy
+from tests.unit.test_sr_image_groups import _same_times, study_analysis
 
 
 def _sources() -> list[Dataset]:
@@ -51,18 +51,7 @@ def _analysis(sources: Sequence[Dataset]) -> StudyAnalysis:
         )
         for ds in sources
     ]
-    return StudyAnalysis(
-        model=MODEL,
-        labels=list(LABELS),
-        images=images,
-        probabilities={label: 0.25 for label in LABELS},
-        predicted_label="normal",
-        uncertainty=Uncertainty(entropy=0.5, epistemic=0.1, aleatoric=0.4, score=0.3),
-        ood_score=0.2,
-        needs_review=False,
-        finding_labels=[],
-        skipped={},
-    )
+    return study_analysis(images)
 
 
 def _library_groups(document: Dataset) -> list[Dataset]:

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom import Dataset
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.tag import Tag
 
 from acwi_node.results.encoding import encode_element, encode_items
 
@@ -41,6 +42,8 @@ KINDS: dict[str, tuple[int, str]] = {
     "fd": (0x0040A161, "FD"),  # Floating Point Value
 }
 
+#: Content Sequence (0040,A730).
+CONTENT_SEQUENCE = Tag(0x0040, 0xA730)
 _ITEM = 0xFFFEE000
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OW", b"OV", b"SQ", b"SV", b"UC", b"UN"})
 _LONG_VRS |= {b"UR", b"UT", b"UV"}
@@ -107,6 +110,16 @@ class Template:
             pos = end
         out.append(data[pos:])
         return b"".join(out)
+
+
+def append_encoded(container: Dataset, encoded: bytes, encodings: Any) -> None:
+    """Append encoded items (explicit VR little endian) to ``container``'s Content Sequence,
+    which becomes raw bytes: written as they are (:func:`~.encoding.encode_part10`), read back
+    by pydicom when something looks inside."""
+    value = encode_items(container.ContentSequence, encodings) + encoded
+    container[CONTENT_SEQUENCE] = RawDataElement(
+        CONTENT_SEQUENCE, "SQ", len(value), value, 0, False, True, True, False
+    )
 
 
 def template(

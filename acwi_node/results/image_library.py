@@ -27,13 +27,10 @@ from typing import Any
 
 from highdicom.sr import ImageLibrary, MeasurementReport
 from pydicom import Dataset
-from pydicom.dataelem import RawDataElement
 from pydicom.multival import MultiValue
-from pydicom.tag import Tag
 from pydicom.valuerep import DS, DSfloat
 
-from acwi_node.results.content_templates import Role, Template, template
-from acwi_node.results.encoding import encode_items
+from acwi_node.results.content_templates import Role, Template, append_encoded, template
 
 #: What highdicom's entry reads from an image besides its SOP Class UID, Modality and Frame of
 #: Reference UID: numbers (Numeric Value, and Floating Point Value for a decimal) and text.
@@ -54,7 +51,6 @@ _SENTINEL_BASE = 0.613917
 _SENTINEL_STEP = 0.010203
 _IMAGE_LIBRARY = ("DCM", "111028")
 _MODALITY = ("DCM", "121139")
-_CONTENT_SEQUENCE = Tag(0x0040, 0xA730)
 
 #: An attribute's shape: None (absent), or whether it is multi-valued and each value's kind
 #: ("i" an integer, "f" a decimal, "s" text).
@@ -218,12 +214,8 @@ class LibraryPlan:
         if len(groups) != len(rendered):
             return False
         for group, extra in zip(groups, rendered, strict=True):
-            if not extra:
-                continue
-            value = encode_items(group.ContentSequence, encodings) + extra
-            group[_CONTENT_SEQUENCE] = RawDataElement(
-                _CONTENT_SEQUENCE, "SQ", len(value), value, 0, False, True, True, False
-            )
+            if extra:
+                append_encoded(group, extra, encodings)
         return True
 
 

@@ -49,12 +49,10 @@ from highdicom.sr import (
     TrackingIdentifier,
 )
 from pydicom import Dataset
-from pydicom.dataelem import RawDataElement
 from pydicom.sr.codedict import codes
-from pydicom.tag import Tag
 
 from acwi_node.inference.types import ImageResult, StudyAnalysis, Uncertainty
-from acwi_node.results.encoding import encode_items
+from acwi_node.results.content_templates import append_encoded
 from acwi_node.results.headers import patient_study_header
 from acwi_node.results.image_groups import encode_image_groups
 from acwi_node.results.image_library import plan_image_library
@@ -106,8 +104,6 @@ _TRACKING_UID = ("DCM", "112040")
 _FINDING = ("DCM", "121071")
 _MEASUREMENT_GROUP = ("DCM", "125007")
 _IMAGING_MEASUREMENTS = ("DCM", "126010")
-#: Content Sequence (0040,A730).
-_CONTENT_SEQUENCE = Tag(0x0040, 0xA730)
 _MEASUREMENT_METHOD = ("SCT", "370129005")
 _ALGORITHM_NAME = ("DCM", "111001")
 _ALGORITHM_VERSION = ("DCM", "111003")
@@ -478,19 +474,13 @@ def build_sr(
 
 
 def _append_encoded_groups(report: MeasurementReport, encoded: bytes, encodings: Any) -> None:
-    """Append encoded measurement groups (items, explicit VR little endian) to the Imaging
-    Measurements container of ``report``: its Content Sequence becomes raw bytes, written as
-    they are (:func:`~acwi_node.results.encoding.encode_part10`) and read back by pydicom when
-    something looks inside."""
+    """Append encoded measurement groups to the Imaging Measurements container of ``report``."""
     container = next(
         item
         for item in report[0].ContentSequence
         if item.ValueType == "CONTAINER" and _concept(item) == _IMAGING_MEASUREMENTS
     )
-    value = encode_items(container.ContentSequence, encodings) + encoded
-    container[_CONTENT_SEQUENCE] = RawDataElement(
-        _CONTENT_SEQUENCE, "SQ", len(value), value, 0, False, True, True, False
-    )
+    append_encoded(container, encoded, encodings)
 
 
 def _report(

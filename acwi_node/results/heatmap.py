@@ -48,6 +48,7 @@ MAX_ALPHA = 0.6
 NOTICE = "AI heatmap, not for primary diagnosis"
 
 # Jet-like colour map: dark blue -> blue -> cyan -> yellow -> red, ending in full red.
+# _colour_channels writes its segments out; a change here must change them too (a test compares).
 _CMAP_POSITIONS = np.array([0.0, 0.125, 0.375, 0.625, 0.875, 1.0])
 _CMAP_RGB = np.array(
     [
@@ -151,26 +152,64 @@ def colour_map(heat: FloatImage) -> FloatImage:
     return np.stack(channels, axis=-1)
 
 
+def _colour_channels(heat: FloatImage) -> tuple[FloatImage, FloatImage, FloatImage]:
+    """:func:`colour_map`'s three channels for heat in [0, 1], bit for bit, without
+    ``np.interp`` (2 ms per channel of a 512 x 512 slice).
+
+    On each segment of the colour map ``np.interp`` computes ``slope * (x - x0) + y0``; every
+    slope is 0 or +-4 and every break point a multiple of 1/8, so with ``q = 4 * x`` (exact) the
+    rising segments are ``q - b`` and the falling ones ``1 - (q - b)``, the same operations on
+    the same values. Where two segments meet on a plateau both exceed 1 and are clipped to it.
+    ``tests/unit/test_heatmap.py`` compares them with :func:`colour_map` at and between every
+    break point.
+    """
+    q = heat * 4.0
+    red_rise = q - 1.5  # 0.375 -> 0.625: 0 -> 1
+    red = np.clip(red_rise, 0.0, 1.0)
+    green_fall = q - 2.5  # 0.625 -> 0.875: 1 -> 0
+    np.subtract(1.0, green_fall, out=green_fall)
+    green = np.minimum(np.subtract(q, 0.5), green_fall)  # 0.125 -> 0.375: 0 -> 1
+    np.clip(green, 0.0, 1.0, out=green)
+    blue_fall = np.subtract(1.0, red_rise, out=red_rise)  # 0.375 -> 0.625: 1 -> 0
+    np.add(q, 0.5, out=q)  # 0 -> 0.125: 0.5 -> 1
+    blue = np.minimum(q, blue_fall, out=q)
+    np.clip(blue, 0.0, 1.0, out=blue)
+    return red, green, blue
+
+
+#: Rows blended at a time: a block's temporaries stay in the CPU's cache (a whole 512 x 512
+#: slice's are 2 MB each, and the blend was bound by memory, not arithmetic).
+_BLEND_ROWS = 32
+
+
 def blend_heatmap(grey: FloatImage, heat: FloatImage, max_alpha: float = MAX_ALPHA) -> np.ndarray:
     """Blend grey [0, 1] and heat [0, 1] (same shape) into an 8-bit RGB image."""
     if grey.shape != heat.shape:
         raise ValueError(f"grey {grey.shape} and heat {heat.shape} differ in shape")
+    rgb = np.empty((*grey.shape, 3), dtype=np.uint8)
+    if grey.ndim != 2:
+        _blend_block(grey, heat, max_alpha, rgb)
+        return rgb
+    for start in range(0, grey.shape[0], _BLEND_ROWS):
+        rows = slice(start, start + _BLEND_ROWS)
+        _blend_block(grey[rows], heat[rows], max_alpha, rgb[rows])
+    return rgb
+
+
+def _blend_block(grey: FloatImage, heat: FloatImage, max_alpha: float, rgb: np.ndarray) -> None:
+    """:func:`blend_heatmap` of a block of rows into ``rgb``: grey * (1 - alpha) + colour *
+    alpha, channel by channel in place, the same operations on the same values as the
+    whole-image formula (so the same bytes) without its (rows, columns, 3) temporaries."""
     clipped = np.clip(np.nan_to_num(heat, nan=0.0), 0.0, 1.0)
     alpha = max_alpha * clipped
     kept = grey * (1.0 - alpha)
-    # grey * (1 - alpha) + colour * alpha, channel by channel in place: the same operations on
-    # the same values as the whole-image formula (so the same bytes), without its (rows,
-    # columns, 3) temporaries (a 512 x 512 slice: 18.9 -> 15.3 ms).
-    rgb = np.empty((*grey.shape, 3), dtype=np.uint8)
-    channel = np.empty_like(kept)
-    for c in range(3):
-        np.multiply(np.interp(clipped, _CMAP_POSITIONS, _CMAP_RGB[:, c]), alpha, out=channel)
+    for c, channel in enumerate(_colour_channels(clipped)):
+        np.multiply(channel, alpha, out=channel)
         np.add(kept, channel, out=channel)
         np.multiply(channel, 255.0, out=channel)
         np.rint(channel, out=channel)
         np.clip(channel, 0, 255, out=channel)
         rgb[..., c] = channel
-    return rgb
 
 
 def _resize(values: FloatImage, rows: int, columns: int) -> FloatImage:

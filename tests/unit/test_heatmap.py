@@ -295,6 +295,39 @@ def test_blend_is_the_whole_image_formula_byte_for_byte() -> None:
         assert np.array_equal(blend_heatmap(grey, heat), expected)
 
 
+def test_colour_channels_are_the_colour_map_bit_for_bit() -> None:
+    """The closed forms of the colour map's segments give np.interp's values exactly: at every
+    break point, a hair either side of each, and between them."""
+    from acwi_node.results.heatmap import _CMAP_POSITIONS, _colour_channels, colour_map
+
+    rng = np.random.default_rng(11)
+    points = [0.0, 1.0, *_CMAP_POSITIONS]
+    near = [np.nextafter(p, side) for p in _CMAP_POSITIONS for side in (-1.0, 2.0)]
+    heat = np.concatenate([points, np.clip(near, 0.0, 1.0), rng.random(100_000)])
+    heat = np.concatenate([heat, np.linspace(0.0, 1.0, 8 * 1024 + 1)])
+    expected = colour_map(heat)
+    channels = _colour_channels(heat.copy())
+    for c in range(3):
+        assert np.array_equal(channels[c], expected[..., c]), f"channel {c}"
+
+
+def test_blend_in_blocks_of_rows_is_the_blend_of_the_whole_image() -> None:
+    """Blocks of rows (any height, the last one short) give the bytes of one block."""
+    from acwi_node.results import heatmap
+
+    rng = np.random.default_rng(5)
+    grey, heat = rng.random((77, 40)), rng.random((77, 40))
+    original = heatmap._BLEND_ROWS
+    try:
+        heatmap._BLEND_ROWS = 77
+        whole = heatmap.blend_heatmap(grey, heat)
+        for rows in (1, 5, 32, 76):
+            heatmap._BLEND_ROWS = rows
+            assert np.array_equal(heatmap.blend_heatmap(grey, heat), whole)
+    finally:
+        heatmap._BLEND_ROWS = original
+
+
 @pytest.mark.parametrize(
     ("body_part", "side", "laterality"),
     [

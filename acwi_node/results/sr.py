@@ -357,8 +357,10 @@ def build_sr(
     highdicom's document constructor copies the whole content tree and walks it, item by item,
     to check every image reference against the evidence: for a 100-slice CT (about 9,400
     content items) that took 5-10 s, most of the result's time. So the constructor is given a
-    stand-in to copy and check: the report with the study-level measurement groups only (they
-    reference every analysed image), and the document then gets the whole report's content.
+    stand-in to copy and check, a report with one empty group and no image reference (it was
+    the study-level groups, which reference every analysed image: a radiograph's SR 58 -> 33
+    ms, a 100-slice CT's 0.39 -> 0.21 s), and the document then gets the whole report's
+    content; the evidence, every source, is the same either way.
     The per-image groups (about 80 content items per image, alike but for a dozen values) and
     Image Library entries are not built by highdicom one by one either: highdicom builds them
     once, for a stand-in image, and every image's are encoded from that template
@@ -429,17 +431,12 @@ def build_sr(
     )
     context = ObservationContext(observer_device_context=observer)
     report = _report(context, [*groups, *all_image_groups()], analysed) if check_all else None
-    # What highdicom's document constructor copies and checks (see above): the report with
-    # the study-level groups only, which reference every analysed image.
-    checked = (
-        report
-        if report is not None
-        else MeasurementReport(
-            observation_context=context,
-            procedure_reported=IMAGING_PROCEDURE,
-            imaging_measurements=groups,
-        )
-    )
+    # What highdicom's document constructor copies and checks (see above): a stand-in report
+    # that references no image, so that the copy and the walk cost the same for any study.
+    # The check it skips (every image the content references is in the evidence) holds by
+    # construction: every group and Image Library entry is for an analysed image, which
+    # _check_sources found among the sources, and every source is evidence.
+    checked = report if report is not None else _stand_in_report(context)
     document = Comprehensive3DSR(
         evidence=[patient_study_header(sources[0]), *sources[1:]],
         content=checked,
@@ -471,6 +468,26 @@ def build_sr(
     # copy, ``document.content``, keeps the checked one: the node never reads it.)
     document.ContentSequence = report[0].ContentSequence
     return document
+
+
+#: The stand-in group's tracking UID: it is in no document (its report is only checked).
+_STAND_IN_TRACKING_UID = derive_uid("sr-constructor-stand-in")
+
+
+def _stand_in_report(context: ObservationContext) -> MeasurementReport:
+    """A TID 1500 report with the root item's attributes of every report built here, one
+    group and no image reference: what the document constructor copies and walks."""
+    return MeasurementReport(
+        observation_context=context,
+        procedure_reported=IMAGING_PROCEDURE,
+        imaging_measurements=[
+            MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=TrackingIdentifier(
+                    uid=_STAND_IN_TRACKING_UID, identifier="stand-in"
+                )
+            )
+        ],
+    )
 
 
 def _append_encoded_groups(report: MeasurementReport, encoded: bytes, encodings: Any) -> None:

@@ -12,17 +12,27 @@ variable values are the tracking UIDs, the summary group's tracking identifier (
 summary"), each measurement's numeric value (Numeric Value, DS, and Floating Point Value, FD,
 as highdicom writes them) and the source image's SOP Class and Instance UIDs.
 
+A template holds nothing of the study it was made for: the values that differ between studies
+(the tracking UIDs, derived from the study, and the source image's UIDs) are its variable
+values. So templates are kept for the process's next studies, keyed by what their bytes depend
+on (the model's name, version and manufacturer, its labels, the labels an image has, the
+character set): a radiograph's groups are then rendered too (its SR 42 -> 30 ms to build and
+encode), where building the template for one image would cost what highdicom's groups cost.
+
 Whatever a template cannot describe is left to highdicom: an image with a value that is not
 finite is built by highdicom (and fails there as it always did); a template in which a
 sentinel is not found, or a label that is not ASCII, makes :func:`encode_image_groups` return
-None and the caller builds every group with highdicom, as it does for a single image. The
-tests compare the bytes with highdicom's for studies of many images, values and SOP classes.
+None and the caller builds every group with highdicom. The tests compare the bytes with
+highdicom's for studies of one and many images, values and SOP classes, and for a study whose
+groups come from a template made for another.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -111,6 +121,39 @@ def _template(
     )
 
 
+#: Templates kept for later studies (see the module's docstring), the least recently used
+#: dropped first: a few models, each with its labels, in a character set or two.
+_KEPT_TEMPLATES = 64
+_templates: OrderedDict[Hashable, Template | None] = OrderedDict()
+_templates_lock = threading.Lock()
+
+
+def _encodings_key(encodings: Any) -> Hashable:
+    if encodings is None or isinstance(encodings, str):
+        return encodings
+    return tuple(str(e) for e in encodings)
+
+
+def _kept_template(key: Hashable, make: Callable[[], Template | None]) -> Template | None:
+    """The template kept under ``key``, made now if there is none (None: cannot be made)."""
+    with _templates_lock:
+        if key in _templates:
+            _templates.move_to_end(key)
+            return _templates[key]
+    made = make()  # outside the lock: highdicom's build is the slow part
+    with _templates_lock:
+        _templates[key] = made
+        while len(_templates) > _KEPT_TEMPLATES:
+            _templates.popitem(last=False)
+    return made
+
+
+def forget_templates() -> None:
+    """Drop every kept template (tests; nothing else needs to)."""
+    with _templates_lock:
+        _templates.clear()
+
+
 def encode_image_groups(
     analysis: StudyAnalysis,
     uids: ResultUIDs,
@@ -120,18 +163,29 @@ def encode_image_groups(
 ) -> bytes | None:
     """Every analysed image's groups, encoded as items of the Imaging Measurements container's
     Content Sequence, in the document's order; None: build them all with highdicom."""
-    if len(analysis.images) < 2 or not all(label.isascii() for label in analysis.labels):
-        return None  # one image: its groups are the template, nothing to spare
-    templates: dict[tuple[str, ...], Template | None] = {}
+    if not analysis.images or not all(label.isascii() for label in analysis.labels):
+        return None
+    model = analysis.model
+    # Everything the templates' bytes depend on but their variable values (module docstring):
+    # the builder's code (the node has one; the tests try others) and what it reads.
+    study_key = (
+        getattr(build, "__code__", build),
+        model.name,
+        model.version,
+        model.manufacturer,
+        tuple(analysis.labels),
+        _encodings_key(encodings),
+    )
     out: list[bytes] = []
     for number, image in enumerate(analysis.images, start=1):
         labels = tuple(label for label in analysis.labels if label in image.probabilities)
         source = sources[image.sop_instance_uid]
         rendered: bytes | None = None
         if _finite(image):
-            if labels not in templates:
-                templates[labels] = _template(labels, image, build, uids, encodings)
-            found = templates[labels]
+            found = _kept_template(
+                (study_key, labels),
+                lambda: _template(labels, image, build, uids, encodings),  # noqa: B023
+            )
             if found is None:
                 return None
             rendered = found.render(_roles(image, source, number, uids), encodings)

@@ -213,11 +213,54 @@ def test_template_groups_are_the_builders_groups() -> None:
     assert encoded == expected
 
 
-def test_a_single_image_is_built_by_highdicom() -> None:
-    """One image: its groups would be their own template; highdicom builds them directly."""
+def test_a_single_image_is_rendered_from_a_template() -> None:
+    """One image: its groups come from a template too (kept for the next studies)."""
     sources, analysis = _study(1)
     document = build_sr(sources, analysis)
-    assert not _from_template(document)
+    assert _from_template(document)
     reference = build_sr(sources, analysis, check_all=True)
     _same_times(document, reference)
     assert encode_part10(document) == encode_part10(reference)
+
+
+@pytest.mark.parametrize("images", [1, 5])
+def test_a_template_made_for_another_study_makes_the_document_highdicom_builds(
+    images: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Templates are kept across studies: a later study (another study UID, so other tracking
+    UIDs; other values, images and SOP classes) is rendered from the earlier one's templates
+    without building any, and its document is byte for byte highdicom's."""
+    image_groups.forget_templates()
+    first_sources, first = _study(6, seed=21)
+    build_sr(first_sources, first)
+    made: list[tuple[str, ...]] = []
+    original = image_groups._template
+
+    def counted(labels: Sequence[str], *args: Any) -> Any:
+        made.append(tuple(labels))
+        return original(labels, *args)
+
+    monkeypatch.setattr(image_groups, "_template", counted)
+    sources, analysis = _study(images, seed=22)
+    document = build_sr(sources, analysis)
+    assert _from_template(document)
+    assert made == []
+    reference = build_sr(sources, analysis, check_all=True)
+    _same_times(document, reference)
+    assert encode_part10(document) == encode_part10(reference)
+    # Another model version: its own templates.
+    other = replace(analysis, model=replace(analysis.model, version="9.9.9"))
+    document = build_sr(sources, other)
+    assert made and len(set(made)) == len(made)
+    reference = build_sr(sources, other, check_all=True)
+    _same_times(document, reference)
+    assert encode_part10(document) == encode_part10(reference)
+
+
+def test_kept_templates_are_bounded() -> None:
+    image_groups.forget_templates()
+    for n in range(image_groups._KEPT_TEMPLATES + 5):
+        image_groups._kept_template(("key", n), lambda: None)
+    assert len(image_groups._templates) == image_groups._KEPT_TEMPLATES
+    assert ("key", 0) not in image_groups._templates
+    image_groups.forget_templates()

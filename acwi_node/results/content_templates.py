@@ -19,7 +19,9 @@ the bytes makes :func:`template` return None, and the caller leaves that content
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,10 +118,56 @@ def append_encoded(container: Dataset, encoded: bytes, encodings: Any) -> None:
     """Append encoded items (explicit VR little endian) to ``container``'s Content Sequence,
     which becomes raw bytes: written as they are (:func:`~.encoding.encode_part10`), read back
     by pydicom when something looks inside."""
-    value = encode_items(container.ContentSequence, encodings) + encoded
+    set_encoded(container, encode_items(container.ContentSequence, encodings) + encoded)
+
+
+def set_encoded(container: Dataset, encoded: bytes) -> None:
+    """Make encoded items (explicit VR little endian) ``container``'s Content Sequence."""
     container[CONTENT_SEQUENCE] = RawDataElement(
-        CONTENT_SEQUENCE, "SQ", len(value), value, 0, False, True, True, False
+        CONTENT_SEQUENCE, "SQ", len(encoded), encoded, 0, False, True, True, False
     )
+
+
+#: Templates kept for later documents, the least recently used dropped first.
+KEPT_TEMPLATES = 128
+_kept: OrderedDict[Hashable, Template | None] = OrderedDict()
+_kept_lock = threading.Lock()
+
+
+def kept_template(key: Hashable, make: Callable[[], Template | None]) -> Template | None:
+    """The template kept under ``key``, made (by ``make``) and kept now if there is none; None:
+    no template can be made for that key. A template holds nothing of the document it was made
+    for but what its roles replace, so the key is what its other bytes depend on (the callers
+    say what that is)."""
+    with _kept_lock:
+        if key in _kept:
+            _kept.move_to_end(key)
+            return _kept[key]
+    made = make()  # outside the lock: highdicom's build is the slow part
+    with _kept_lock:
+        _kept[key] = made
+        while len(_kept) > KEPT_TEMPLATES:
+            _kept.popitem(last=False)
+    return made
+
+
+def kept_templates() -> int:
+    """How many templates are kept."""
+    with _kept_lock:
+        return len(_kept)
+
+
+def forget_templates() -> None:
+    """Drop every kept template (tests; nothing else needs to)."""
+    with _kept_lock:
+        _kept.clear()
+
+
+def encodings_key(encodings: Any) -> Hashable:
+    """A character set (a Specific Character Set value) as part of a key."""
+    if encodings is None or isinstance(encodings, str):
+        return encodings
+    return tuple(str(e) for e in encodings)
 
 
 def template(

@@ -30,9 +30,7 @@ groups come from a template made for another.
 from __future__ import annotations
 
 import math
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -40,7 +38,13 @@ from pydicom import Dataset
 from pydicom.valuerep import DS
 
 from acwi_node.inference.types import ImageResult, StudyAnalysis, Uncertainty
-from acwi_node.results.content_templates import Role, Template, template
+from acwi_node.results.content_templates import (
+    Role,
+    Template,
+    encodings_key,
+    kept_template,
+    template,
+)
 from acwi_node.results.encoding import encode_items
 from acwi_node.results.uids import ResultUIDs
 
@@ -56,48 +60,73 @@ _SENTINEL_BASE = 0.713917
 _SENTINEL_STEP = 0.010203
 #: The uncertainty fields of an image's summary group, in the order of :mod:`.sr`'s
 #: ``_UNCERTAINTY_FIELDS`` (the order does not matter here: values are found by sentinel).
-_UNCERTAINTY = ("entropy", "epistemic", "aleatoric", "score")
+UNCERTAINTY_FIELDS = ("entropy", "epistemic", "aleatoric", "score")
+
+
+def sentinel_values(labels: Sequence[str]) -> tuple[dict[str, float], Uncertainty, float]:
+    """Sentinel probabilities (by label), uncertainty and out-of-distribution score: all
+    distinct, with six significant digits (each written alike as DS and FD)."""
+    values = iter(_SENTINEL_BASE + _SENTINEL_STEP * k for k in range(len(labels) + 8))
+    probabilities = {label: round(next(values), 6) for label in labels}
+    uncertainty = Uncertainty(**{name: round(next(values), 6) for name in UNCERTAINTY_FIELDS})
+    return probabilities, uncertainty, round(next(values), 6)
 
 
 def _sentinel_image(labels: Sequence[str], example: ImageResult) -> ImageResult:
     """The stand-in image: ``example`` with every variable value a sentinel."""
-    values = iter(_SENTINEL_BASE + _SENTINEL_STEP * k for k in range(len(labels) + 8))
+    probabilities, uncertainty, ood_score = sentinel_values(labels)
     return replace(
         example,
         sop_instance_uid=_SENTINEL_INSTANCE,
         sop_class_uid=_SENTINEL_CLASS,
-        probabilities={label: round(next(values), 6) for label in labels},
-        uncertainty=Uncertainty(**{name: round(next(values), 6) for name in _UNCERTAINTY}),
-        ood_score=round(next(values), 6),
+        probabilities=probabilities,
+        uncertainty=uncertainty,
+        ood_score=ood_score,
     )
 
 
-def _roles(image: ImageResult, source: Dataset, number: int, uids: ResultUIDs) -> dict[Role, Any]:
-    """Each role's value for ``image`` (read from ``source``, number ``number``)."""
-    scope = image.sop_instance_uid
+def measurement_roles(
+    probabilities: Mapping[str, float],
+    uncertainty: Uncertainty,
+    ood_score: float,
+    scope: str,
+    uids: ResultUIDs,
+) -> dict[Role, Any]:
+    """The roles of a set of groups for ``scope`` (an image's SOP Instance UID, or "study"):
+    each label group's tracking UID and probability, the summary group's tracking UID, its
+    uncertainty values and out-of-distribution score."""
     roles: dict[Role, Any] = {
-        ("instance", ""): str(source.SOPInstanceUID),
-        ("class", ""): str(source.SOPClassUID),
-        ("text", "summary"): f"Image {number} summary",
         ("uid", "summary"): uids.summary_tracking_uid(scope),
-        ("ds", "ood"): DS(float(image.ood_score), auto_format=True),
-        ("fd", "ood"): float(image.ood_score),
+        ("ds", "ood"): DS(float(ood_score), auto_format=True),
+        ("fd", "ood"): float(ood_score),
     }
-    for label, probability in image.probabilities.items():
+    for label, probability in probabilities.items():
         roles[("uid", "p:" + label)] = uids.tracking_uid(label, scope)
         roles[("ds", "p:" + label)] = DS(float(probability), auto_format=True)
         roles[("fd", "p:" + label)] = float(probability)
-    for name in _UNCERTAINTY:
-        value = float(getattr(image.uncertainty, name))
+    for name in UNCERTAINTY_FIELDS:
+        value = float(getattr(uncertainty, name))
         roles[("ds", "u:" + name)] = DS(value, auto_format=True)
         roles[("fd", "u:" + name)] = value
     return roles
 
 
-def _finite(image: ImageResult) -> bool:
-    values = [*image.probabilities.values(), image.ood_score]
-    values += [getattr(image.uncertainty, name) for name in _UNCERTAINTY]
+def finite(probabilities: Mapping[str, float], uncertainty: Uncertainty, ood_score: float) -> bool:
+    """Whether every value is finite (highdicom refuses the others, and so do templates)."""
+    values = [*probabilities.values(), ood_score]
+    values += [getattr(uncertainty, name) for name in UNCERTAINTY_FIELDS]
     return all(math.isfinite(float(v)) for v in values)
+
+
+def _roles(image: ImageResult, source: Dataset, number: int, uids: ResultUIDs) -> dict[Role, Any]:
+    """Each role's value for ``image`` (read from ``source``, number ``number``)."""
+    roles = measurement_roles(
+        image.probabilities, image.uncertainty, image.ood_score, image.sop_instance_uid, uids
+    )
+    roles[("instance", "")] = str(source.SOPInstanceUID)
+    roles[("class", "")] = str(source.SOPClassUID)
+    roles[("text", "summary")] = f"Image {number} summary"
+    return roles
 
 
 def _template(
@@ -121,39 +150,6 @@ def _template(
     )
 
 
-#: Templates kept for later studies (see the module's docstring), the least recently used
-#: dropped first: a few models, each with its labels, in a character set or two.
-_KEPT_TEMPLATES = 64
-_templates: OrderedDict[Hashable, Template | None] = OrderedDict()
-_templates_lock = threading.Lock()
-
-
-def _encodings_key(encodings: Any) -> Hashable:
-    if encodings is None or isinstance(encodings, str):
-        return encodings
-    return tuple(str(e) for e in encodings)
-
-
-def _kept_template(key: Hashable, make: Callable[[], Template | None]) -> Template | None:
-    """The template kept under ``key``, made now if there is none (None: cannot be made)."""
-    with _templates_lock:
-        if key in _templates:
-            _templates.move_to_end(key)
-            return _templates[key]
-    made = make()  # outside the lock: highdicom's build is the slow part
-    with _templates_lock:
-        _templates[key] = made
-        while len(_templates) > _KEPT_TEMPLATES:
-            _templates.popitem(last=False)
-    return made
-
-
-def forget_templates() -> None:
-    """Drop every kept template (tests; nothing else needs to)."""
-    with _templates_lock:
-        _templates.clear()
-
-
 def encode_image_groups(
     analysis: StudyAnalysis,
     uids: ResultUIDs,
@@ -174,15 +170,15 @@ def encode_image_groups(
         model.version,
         model.manufacturer,
         tuple(analysis.labels),
-        _encodings_key(encodings),
+        encodings_key(encodings),
     )
     out: list[bytes] = []
     for number, image in enumerate(analysis.images, start=1):
         labels = tuple(label for label in analysis.labels if label in image.probabilities)
         source = sources[image.sop_instance_uid]
         rendered: bytes | None = None
-        if _finite(image):
-            found = _kept_template(
+        if finite(image.probabilities, image.uncertainty, image.ood_score):
+            found = kept_template(
                 (study_key, labels),
                 lambda: _template(labels, image, build, uids, encodings),  # noqa: B023
             )

@@ -18,7 +18,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.uid import UID, generate_uid
 
 from acwi_node.inference.types import ImageResult, StudyAnalysis, Uncertainty
-from acwi_node.results import image_groups
+from acwi_node.results import content_templates, image_groups
 from acwi_node.results.encoding import encode_items, encode_part10
 from acwi_node.results.sr import _image_groups, _label_codes, build_sr, summarise_sr
 from acwi_node.results.uids import result_uids
@@ -230,7 +230,7 @@ def test_a_template_made_for_another_study_makes_the_document_highdicom_builds(
     """Templates are kept across studies: a later study (another study UID, so other tracking
     UIDs; other values, images and SOP classes) is rendered from the earlier one's templates
     without building any, and its document is byte for byte highdicom's."""
-    image_groups.forget_templates()
+    content_templates.forget_templates()
     first_sources, first = _study(6, seed=21)
     build_sr(first_sources, first)
     made: list[tuple[str, ...]] = []
@@ -258,9 +258,13 @@ def test_a_template_made_for_another_study_makes_the_document_highdicom_builds(
 
 
 def test_kept_templates_are_bounded() -> None:
-    image_groups.forget_templates()
-    for n in range(image_groups._KEPT_TEMPLATES + 5):
-        image_groups._kept_template(("key", n), lambda: None)
-    assert len(image_groups._templates) == image_groups._KEPT_TEMPLATES
-    assert ("key", 0) not in image_groups._templates
-    image_groups.forget_templates()
+    content_templates.forget_templates()
+    for n in range(content_templates.KEPT_TEMPLATES + 5):
+        content_templates.kept_template(("key", n), lambda: None)
+    assert content_templates.kept_templates() == content_templates.KEPT_TEMPLATES
+    made: list[int] = []
+    content_templates.kept_template(("key", 0), lambda: made.append(0))  # dropped: made again
+    content_templates.kept_template(("key", 9), lambda: made.append(9))  # kept
+    assert made == [0]
+    content_templates.forget_templates()
+    assert content_templates.kept_templates() == 0

@@ -22,10 +22,16 @@ class _Recorder:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.calls = 0
+        #: What happened, in order: "read", or the socket option set.
+        self.log: list[object] = []
 
     def recv_into(self, buffer: memoryview, n: int) -> int:
         self.calls += 1
+        self.log.append("read")
         return self.sock.recv_into(buffer, n)
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        self.log.append((level, option, value))
 
 
 @pytest.fixture
@@ -203,3 +209,67 @@ def test_a_send_to_a_closed_peer_is_a_transport_event(real_pair: Any) -> None:
     bulk.send(b"x" * (4 << 20))
     assert assoc.dul.event_queue.get_nowait() == "Evt17"
     assert assoc.sent == []
+
+
+QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+needs_quickack = pytest.mark.skipif(QUICKACK is None, reason="TCP_QUICKACK is Linux's")
+
+
+@needs_quickack
+def test_a_quick_ack_is_asked_for_before_every_read(pair: Any) -> None:
+    """Senders with Nagle's algorithm on hold a C-STORE's data PDU until its command PDU is
+    acknowledged: every read first asks the kernel to acknowledge at once."""
+    bulk, recorder, peer = pair
+    body = bytes(range(256)) * 1024
+    sender = threading.Thread(target=peer.sendall, args=(body,))
+    sender.start()
+    assert bytes(bulk.recv(len(body))) == body
+    sender.join()
+    reads = recorder.log.count("read")
+    assert reads >= 1
+    for at, entry in enumerate(recorder.log):
+        if entry == "read":
+            assert recorder.log[at - 1] == (socket.IPPROTO_TCP, QUICKACK, 1), recorder.log
+
+
+@needs_quickack
+def test_quick_ack_on_tcp_and_other_sockets() -> None:
+    from acwi_node.ingest.reactor import quick_ack
+
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    assert QUICKACK is not None
+    with server, client, accepted:
+        quick_ack(accepted)
+        assert accepted.getsockopt(socket.IPPROTO_TCP, QUICKACK) == 1
+    unix, other = socket.socketpair()
+    with unix, other:
+        quick_ack(unix)  # not TCP: nothing, no error
+    quick_ack(None)
+    quick_ack(accepted)  # closed: nothing, no error
+
+
+@needs_quickack
+def test_the_requestors_socket_asks_for_a_quick_ack_before_reading(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The exporter's associations read the PACS's answers the same way."""
+    from pynetdicom.transport import AssociationSocket
+
+    from acwi_node.ingest.reactor import QuickAckSocket
+
+    log: list[object] = []
+
+    def read(self: AssociationSocket, nr_bytes: int) -> bytearray:
+        log.append("read")
+        return bytearray()
+
+    monkeypatch.setattr(AssociationSocket, "recv", read)
+    sock = QuickAckSocket.__new__(QuickAckSocket)
+    recorder = _Recorder(socket.socket())
+    recorder.log = log
+    sock.socket = recorder  # type: ignore[assignment]
+    sock.recv(6)
+    assert log == [(socket.IPPROTO_TCP, QUICKACK, 1), "read"]
+    recorder.sock.close()

@@ -350,8 +350,16 @@ def flush_latency_us(directory: Path, size: int, *, records: int = 1000) -> floa
 
 
 # ------------------------------------------------------------------------- DCMTK
+#: Whether DCMTK's tools get ``TCP_NODELAY=1`` (``bench.ingest --nagle`` turns it off).
+SENDERS_NODELAY = True
+
+
 def dcmtk_env() -> dict[str, str]:
-    return {**os.environ, "TCP_NODELAY": "1"}
+    """The environment of a DCMTK tool: ``TCP_NODELAY=1`` (each PDU sent at once), unless
+    :data:`SENDERS_NODELAY` is off (Nagle's algorithm, as DCMTK is installed)."""
+    if SENDERS_NODELAY:
+        return {**os.environ, "TCP_NODELAY": "1"}
+    return {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
 
 
 def storescu_cmd(

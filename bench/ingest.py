@@ -6,7 +6,8 @@
     python -m bench.ingest --parallel 2,4,8 --targets storescp,node-processes  # scaling
 
 Every target starts fresh (empty storage) for every measurement and receives the same files
-from DCMTK ``storescu`` (``TCP_NODELAY=1``, explicit VR little endian), over one association and
+from DCMTK ``storescu`` (``TCP_NODELAY=1``, or with ``--nagle`` as installed, without it; explicit
+VR little endian), over one association and
 then split over ``--parallel`` concurrent associations (one row per count given, and a table of
 each target's rate over N associations against its own over one: how it scales with the
 cores); then ``--each`` of the small instances
@@ -42,6 +43,7 @@ from typing import Any
 
 from sqlalchemy import make_url, text
 
+import bench.common as bench_common
 from acwi_node.ledger.repository import make_engine
 from bench.common import (
     STORESCP,
@@ -434,6 +436,13 @@ def main(argv: list[str] | None = None) -> int:
         " microseconds for the whole run, every target alike: 0 keeps idle CPUs polling,"
         " as a latency tuning profile does",
     )
+    parser.add_argument(
+        "--nagle",
+        action="store_true",
+        help="run storescu, storescp and Orthanc without TCP_NODELAY, as they are installed:"
+        " Nagle's algorithm on, as many modalities and PACS send (the default run sets it, so"
+        " that the figures measure the receivers, not the sender's delays)",
+    )
     parser.add_argument("--json", type=Path, help="write the figures as JSON")
     args = parser.parse_args(argv)
     with cpu_wakeup_latency(args.cpu_latency_us):
@@ -442,8 +451,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """The benchmark ``main`` parsed the arguments for."""
-    # Every DCMTK process (storescu, storescp, Orthanc's network layer) sends small PDUs at once.
-    os.environ["TCP_NODELAY"] = "1"
+    # Every DCMTK process (storescu, storescp, Orthanc's network layer) sends small PDUs at once,
+    # unless --nagle asks for them as installed.
+    bench_common.SENDERS_NODELAY = not args.nagle
+    if args.nagle:
+        os.environ.pop("TCP_NODELAY", None)
+        print("note: --nagle: storescu, storescp and Orthanc run without TCP_NODELAY")
+    else:
+        os.environ["TCP_NODELAY"] = "1"
 
     page_cache_dropped = settle_memory([])
     if not page_cache_dropped:

@@ -170,3 +170,14 @@ def test_prefaulting_touches_every_page_and_leaves_half_of_what_is_available(
 
 def test_available_memory_is_read_from_the_kernel() -> None:
     assert common.available_memory_bytes() > 16 << 20
+
+
+def test_dcmtk_tools_get_tcp_nodelay_unless_the_run_asks_for_nagle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import bench.common as common
+
+    monkeypatch.setenv("TCP_NODELAY", "1")
+    assert common.dcmtk_env()["TCP_NODELAY"] == "1"
+    monkeypatch.setattr(common, "SENDERS_NODELAY", False)
+    assert "TCP_NODELAY" not in common.dcmtk_env()

@@ -221,6 +221,8 @@ def test_orthanc_routes_to_the_scp_and_is_allowed_to(
     assert "../orthanc/route_to_node.lua" in lua
     assert (DEPLOY / "../orthanc/route_to_node.lua").is_file()
     assert json.loads(env["ORTHANC__USER_METADATA"]) == {"AcwiForwarded": 1024}
+    # DCMTK, inside Orthanc, sends each PDU at once only when told so.
+    assert env["TCP_NODELAY"] == "1"
 
 
 def test_images_are_pinned(services: dict[str, dict[str, Any]]) -> None:

@@ -4,6 +4,7 @@
     python -m bench.turnaround --dx 10 --ct 0        # a quick run
     python -m bench.turnaround --mode separate       # scp/worker/exporter processes, Redis db 9
     python -m bench.turnaround --quiet-period 0.5 --json turnaround.json
+    python -m bench.turnaround --nagle               # storescu and Orthanc without TCP_NODELAY
 
 Orthanc (the PACS) and the node run on loopback; the node is ``acwi-node serve`` on its embedded
 defaults (SQLite ledger, embedded broker) or, with ``--mode separate``, ``acwi-node scp``,
@@ -29,6 +30,7 @@ from typing import Any
 
 from pydicom.uid import generate_uid
 
+import bench.common as bench_common
 from bench.common import (
     cpu_wakeup_latency,
     dcmtk_env,
@@ -211,9 +213,19 @@ def main(argv: list[str] | None = None) -> int:
         help="hold a CPU wake-up latency request (/dev/cpu_dma_latency, root) of this many"
         " microseconds for the run: 0 keeps idle CPUs polling, as a latency tuning profile does",
     )
+    parser.add_argument(
+        "--nagle",
+        action="store_true",
+        help="run storescu and Orthanc without TCP_NODELAY, as they are installed (Nagle's"
+        " algorithm on: each small PDU waits for the peer's acknowledgement)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    os.environ["TCP_NODELAY"] = "1"
+    bench_common.SENDERS_NODELAY = not args.nagle
+    if args.nagle:
+        os.environ.pop("TCP_NODELAY", None)
+    else:
+        os.environ["TCP_NODELAY"] = "1"
     with cpu_wakeup_latency(args.cpu_latency_us):
         return run(args)
 
@@ -265,7 +277,10 @@ def run(args: argparse.Namespace) -> int:
         [name, int(s["n"]), s["p50"], s["p95"], s["mean"], s["max"]] for name, s in results.items()
     ]
     print()
-    print(f"mode={args.mode} quiet_period_s={args.quiet_period} poll={args.poll_interval}")
+    print(
+        f"mode={args.mode} quiet_period_s={args.quiet_period} poll={args.poll_interval}"
+        f" nagle={args.nagle}"
+    )
     print(markdown_table(header, rows))
     print()
     print("Median seconds per stage, from the ledger's timestamps:")

@@ -16,6 +16,7 @@ from pathlib import Path
 from acwi_node.audit import AuditEvent, Outcome, audit, remote_ae
 from acwi_node.config import Destination, Settings
 from acwi_node.export.scu import SendReport, TlsArgs, send_files
+from acwi_node.export.wakeup import WakeUpListener, wake_exporter
 from acwi_node.ledger import DeliveryAttempt, DueDelivery, Ledger
 from acwi_node.observability import metrics
 from acwi_node.tls import TlsConfigError
@@ -46,6 +47,7 @@ class Exporter:
         self.settings = settings
         self.ledger = ledger
         self._stop = threading.Event()
+        self._listener: WakeUpListener | None = None
         #: ``time.monotonic()`` of the last finished pass (readiness: the loop is alive).
         self.last_pass: float | None = None
 
@@ -164,16 +166,29 @@ class Exporter:
             )
 
     def run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                busy = self.tick()
-            except Exception:
-                log.exception("exporter pass failed; retrying")
-                busy = 0
-            else:
-                self.last_pass = time.monotonic()
-            if not busy:
-                self._stop.wait(self.settings.exporter.poll_interval_s)
+        """Pass over the outbox until stopped; between passes with nothing to send, wait for
+        ``poll_interval_s`` or a worker's wake-up (:mod:`.wakeup`), whichever comes first."""
+        listener = WakeUpListener(self.settings.data_dir)
+        self._listener = listener
+        try:
+            while not self._stop.is_set():
+                try:
+                    busy = self.tick()
+                except Exception:
+                    log.exception("exporter pass failed; retrying")
+                    busy = 0
+                else:
+                    self.last_pass = time.monotonic()
+                if not busy and not self._stop.is_set():
+                    if listener.listening:
+                        listener.wait(self.settings.exporter.poll_interval_s)
+                    else:
+                        self._stop.wait(self.settings.exporter.poll_interval_s)
+        finally:
+            self._listener = None
+            listener.close()
 
     def stop(self) -> None:
         self._stop.set()
+        if self._listener is not None:
+            wake_exporter(self.settings.data_dir)  # out of its wait now

@@ -18,6 +18,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from acwi_node.config import Settings, load_settings
+from acwi_node.export.wakeup import wake_exporter
 from acwi_node.inference.analyser import Analyser, NothingToAnalyse
 from acwi_node.inference.engines import EngineOptions
 from acwi_node.inference.types import StudyAnalysis
@@ -207,6 +208,8 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
     if not kept:
         log.info("job %d: superseded while it ran; results not sent", job_id)
         return "superseded"
+    if files:
+        wake_exporter(settings.data_dir)  # the results are due: sent now, not at its next poll
     log.info(
         "job %d: analysed %d image(s), predicted=%s review=%s",
         job_id,

@@ -150,6 +150,23 @@ def _template(
     )
 
 
+def template_key(
+    build: Callable[..., Any], analysis: StudyAnalysis, encodings: Any
+) -> tuple[Any, ...]:
+    """What a measurement group template's bytes depend on besides its variable values (module
+    docstring): the builder's code (the node has one; the tests try others), the model's
+    identity, its labels and the character set. Callers add what else theirs depend on."""
+    model = analysis.model
+    return (
+        getattr(build, "__code__", build),
+        model.name,
+        model.version,
+        model.manufacturer,
+        tuple(analysis.labels),
+        encodings_key(encodings),
+    )
+
+
 def encode_image_groups(
     analysis: StudyAnalysis,
     uids: ResultUIDs,
@@ -161,17 +178,7 @@ def encode_image_groups(
     Content Sequence, in the document's order; None: build them all with highdicom."""
     if not analysis.images or not all(label.isascii() for label in analysis.labels):
         return None
-    model = analysis.model
-    # Everything the templates' bytes depend on but their variable values (module docstring):
-    # the builder's code (the node has one; the tests try others) and what it reads.
-    study_key = (
-        getattr(build, "__code__", build),
-        model.name,
-        model.version,
-        model.manufacturer,
-        tuple(analysis.labels),
-        encodings_key(encodings),
-    )
+    study_key = template_key(build, analysis, encodings)
     out: list[bytes] = []
     for number, image in enumerate(analysis.images, start=1):
         labels = tuple(label for label in analysis.labels if label in image.probabilities)

@@ -30,11 +30,15 @@ from acwi_node.inference.types import StudyAnalysis
 from acwi_node.results.content_templates import (
     Role,
     Template,
-    encodings_key,
     kept_template,
     template,
 )
-from acwi_node.results.image_groups import finite, measurement_roles, sentinel_values
+from acwi_node.results.image_groups import (
+    finite,
+    measurement_roles,
+    sentinel_values,
+    template_key,
+)
 from acwi_node.results.uids import ResultUIDs
 
 #: Builds the study-level groups (highdicom content items) of an analysis over its images.
@@ -98,14 +102,8 @@ def encode_study_groups(
     probabilities = {label: analysis.probabilities[label] for label in labels}
     if not finite(probabilities, analysis.uncertainty, analysis.ood_score):
         return None
-    model = analysis.model
     key = (
-        getattr(build, "__code__", build),  # the builder's code (the node has one)
-        model.name,
-        model.version,
-        model.manufacturer,
-        labels,
-        encodings_key(encodings),
+        *template_key(build, analysis, encodings),
         len(images),
         bool(analysis.needs_review),
         analysis.predicted_label,

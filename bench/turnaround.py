@@ -5,6 +5,8 @@
     python -m bench.turnaround --mode separate       # scp/worker/exporter processes, Redis db 9
     python -m bench.turnaround --quiet-period 0.5 --json turnaround.json
     python -m bench.turnaround --nagle               # storescu and Orthanc without TCP_NODELAY
+    python -m bench.turnaround --signal mpps         # the modality reports MPPS COMPLETED
+    python -m bench.turnaround --signal release      # the sender is a release-complete AE
 
 Orthanc (the PACS) and the node run on loopback; the node is ``acwi-node serve`` on its embedded
 defaults (SQLite ledger, embedded broker) or, with ``--mode separate``, ``acwi-node scp``,
@@ -13,6 +15,15 @@ defaults (SQLite ledger, embedded broker) or, with ``--mode separate``, ``acwi-n
 acknowledged) and stops when the node's ledger shows the study ``delivered`` (every result
 confirmed by Orthanc with 0x0000); the run then checks that Orthanc holds the SR. Studies are
 sent one at a time after one warm-up study, so each figure is one study's latency.
+
+``--signal`` chooses what tells the node a study is complete (README, "Completion signals"):
+``quiet`` (the default) leaves it to the association's release and the quiet period;
+``mpps`` makes the bench a modality that reports its procedure step, N-CREATE (IN PROGRESS)
+before sending and N-SET (COMPLETED, listing every instance) after storescu exits, on
+associations of their own; ``release`` names storescu's calling AE title in
+``completion.release_complete_aes``. With a signal the quiet period is set to an hour unless
+``--quiet-period`` says otherwise, so that every study in the run is completed by the signal and
+nothing else; the N-SET's time is inside the measured turnaround.
 """
 
 from __future__ import annotations
@@ -51,6 +62,12 @@ from tests.support.ports import free_port
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 FINAL = ("delivered", "failed", "not_routed")
 REDIS_DB9 = "redis://127.0.0.1:6379/9"
+#: storescu's calling AE title, and the modality's for MPPS.
+MODALITY_AE = "MODALITY"
+SIGNALS = ("quiet", "mpps", "release")
+#: The quiet period of a run with a completion signal, so that only the signal completes.
+SIGNAL_QUIET_PERIOD_S = 3600.0
+MPPS_SOP_CLASS = "1.2.840.10008.3.1.2.3.3"
 
 
 def node_config(work: Path, orthanc: OrthancServer, args: argparse.Namespace) -> Path:
@@ -67,6 +84,11 @@ def node_config(work: Path, orthanc: OrthancServer, args: argparse.Namespace) ->
     completion: dict[str, Any] = {}
     if args.quiet_period is not None:
         completion["quiet_period_s"] = args.quiet_period
+    elif args.signal != "quiet":
+        completion["quiet_period_s"] = SIGNAL_QUIET_PERIOD_S
+        completion["max_wait_s"] = SIGNAL_QUIET_PERIOD_S
+    if args.signal == "release":
+        completion["release_complete_aes"] = [MODALITY_AE]
     if args.poll_interval is not None:
         completion["poll_interval_s"] = args.poll_interval
     config: dict[str, Any] = {"node": node}
@@ -135,12 +157,93 @@ def stage_seconds(db: Path, study_uid: str) -> dict[str, float]:
     }
 
 
+class Modality:
+    """The modality's side of MPPS (pynetdicom): a procedure step per study, each message on an
+    association of its own, as a modality sends them (the step begins before the first image
+    and is completed after the last)."""
+
+    def __init__(self, port: int, called: str = "ACWI") -> None:
+        from pynetdicom import AE
+
+        self.port = port
+        self.called = called
+        self.ae = AE(ae_title=MODALITY_AE)
+        self.ae.add_requested_context(MPPS_SOP_CLASS)
+
+    def _send(self, kind: str, attrs: Any, step_uid: str) -> None:
+        assoc = self.ae.associate("127.0.0.1", self.port, ae_title=self.called)
+        if not assoc.is_established:
+            raise RuntimeError("MPPS: the node did not accept the association")
+        try:
+            if kind == "create":
+                status, _ = assoc.send_n_create(attrs, MPPS_SOP_CLASS, step_uid)
+            else:
+                status, _ = assoc.send_n_set(attrs, MPPS_SOP_CLASS, step_uid)
+        finally:
+            assoc.release()
+        if not status or int(status.Status) != 0:
+            raise RuntimeError(f"MPPS N-{kind.upper()} answered {status!r}")
+
+    def begin(self, study_uid: str, modality: str) -> str:
+        """N-CREATE an IN PROGRESS step for ``study_uid``; its SOP Instance UID."""
+        from pydicom.dataset import Dataset
+
+        step_uid = str(generate_uid())
+        item = Dataset()
+        item.StudyInstanceUID = study_uid
+        ds = Dataset()
+        ds.ScheduledStepAttributesSequence = [item]
+        ds.Modality = modality
+        ds.PerformedProcedureStepID = step_uid[-16:]
+        ds.PerformedProcedureStepStatus = "IN PROGRESS"
+        ds.PerformedSeriesSequence = []
+        self._send("create", ds, step_uid)
+        return step_uid
+
+    def complete(self, step_uid: str, files: list[Path]) -> None:
+        """N-SET the step COMPLETED, listing every instance in ``files`` by series."""
+        from pydicom import dcmread
+        from pydicom.dataset import Dataset
+
+        series: dict[str, list[Dataset]] = {}
+        for f in files:
+            ds = dcmread(f, stop_before_pixels=True)
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = ds.SOPClassUID
+            ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+            series.setdefault(str(ds.SeriesInstanceUID), []).append(ref)
+        performed = []
+        for series_uid, refs in series.items():
+            item = Dataset()
+            item.SeriesInstanceUID = series_uid
+            item.ReferencedImageSequence = refs
+            performed.append(item)
+        mods = Dataset()
+        mods.PerformedSeriesSequence = performed
+        mods.PerformedProcedureStepStatus = "COMPLETED"
+        self._send("set", mods, step_uid)
+
+
 def send_and_wait(
-    port: int, files: list[Path], study_uid: str, db: Path, orthanc: OrthancServer, timeout_s: float
+    port: int,
+    files: list[Path],
+    study_uid: str,
+    db: Path,
+    orthanc: OrthancServer,
+    timeout_s: float,
+    modality: Modality | None = None,
 ) -> float:
-    """Seconds from storescu's exit to the study delivered."""
+    """Seconds from storescu's exit to the study delivered; with ``modality``, the study's
+    procedure step is created before storescu starts and completed after it exits (inside the
+    measured time)."""
+    step_uid = None
+    if modality is not None:
+        from pydicom import dcmread
+
+        first = dcmread(files[0], stop_before_pixels=True)
+        step_uid = modality.begin(study_uid, str(first.Modality))
     done = subprocess.run(
-        storescu_cmd(port, files, called="ACWI", calling="MODALITY"),
+        storescu_cmd(port, files, called="ACWI", calling=MODALITY_AE),
         env=dcmtk_env(),
         capture_output=True,
         timeout=600,
@@ -149,6 +252,8 @@ def send_and_wait(
     t0 = time.perf_counter()
     if done.returncode != 0:
         raise RuntimeError(f"storescu failed: {done.stdout.decode()[-2000:]}")
+    if modality is not None and step_uid is not None:
+        modality.complete(step_uid, files)
     deadline = t0 + timeout_s
     state = None
     while time.perf_counter() < deadline:
@@ -208,6 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=600, help="per study, seconds")
     parser.add_argument(
+        "--signal",
+        choices=SIGNALS,
+        default="quiet",
+        help="what completes a study: the quiet period after the release (default), the"
+        " modality's MPPS COMPLETED, or a release-complete sender (with a signal, the quiet"
+        " period is an hour unless --quiet-period is given)",
+    )
+    parser.add_argument(
         "--cpu-latency-us",
         type=int,
         help="hold a CPU wake-up latency request (/dev/cpu_dma_latency, root) of this many"
@@ -245,8 +358,9 @@ def run(args: argparse.Namespace) -> int:
             db = work / "data" / "ledger.sqlite"
             try:
                 wait_port(node_port, 120)
+                modality = Modality(node_port) if args.signal == "mpps" else None
                 warm, warm_uid = make_dx(work / "warm", 999)
-                send_and_wait(node_port, warm, warm_uid, db, orthanc, args.timeout)
+                send_and_wait(node_port, warm, warm_uid, db, orthanc, args.timeout, modality)
                 kinds_run = [("DX 1 image", args.dx), (f"CT {args.ct_slices} slices", args.ct)]
                 for name, count in kinds_run:
                     times: list[float] = []
@@ -258,7 +372,9 @@ def run(args: argparse.Namespace) -> int:
                         else:
                             files, uid = make_ct(out, args.ct_slices, i)
                         times.append(
-                            send_and_wait(node_port, files, uid, db, orthanc, args.timeout)
+                            send_and_wait(
+                                node_port, files, uid, db, orthanc, args.timeout, modality
+                            )
                         )
                         for stage, seconds in stage_seconds(db, uid).items():
                             stages[stage].append(seconds)
@@ -278,8 +394,8 @@ def run(args: argparse.Namespace) -> int:
     ]
     print()
     print(
-        f"mode={args.mode} quiet_period_s={args.quiet_period} poll={args.poll_interval}"
-        f" nagle={args.nagle}"
+        f"mode={args.mode} signal={args.signal} quiet_period_s={args.quiet_period}"
+        f" poll={args.poll_interval} nagle={args.nagle}"
     )
     print(markdown_table(header, rows))
     print()

@@ -31,3 +31,22 @@ def test_the_turnaround_bench_reports_each_stage(tmp_path: Path) -> None:
         assert stages["analysis"] > 0
         # The stages run from the last instance stored, a moment before the sender's exit.
         assert sum(stages.values()) == pytest.approx(figures["p50"], abs=2.0)
+
+
+@pytest.mark.parametrize("signal", ["mpps", "release"])
+def test_the_turnaround_bench_completes_studies_by_the_signal_asked_for(
+    tmp_path: Path, signal: str
+) -> None:
+    """With ``--signal`` the quiet period is an hour: a study delivered within the bench's
+    timeout was completed by the modality's MPPS COMPLETED or the sender's release, nothing
+    else (the completion stage is checked against the hour, not timed)."""
+    require_dcmtk_tool("storescu")
+    require_orthanc()
+    out = tmp_path / "turnaround.json"
+    argv = ["--dx", "1", "--ct", "1", "--ct-slices", "3", "--signal", signal]
+    assert main([*argv, "--timeout", "120", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["args"]["signal"] == signal
+    assert list(report["results"]) == ["DX 1 image", "CT 3 slices"]
+    for stages in report["stages"].values():
+        assert stages["complete"] < 120  # not the quiet period (an hour)

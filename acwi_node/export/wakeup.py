@@ -12,15 +12,9 @@ exporter polling as before, which also stays the fallback for every delivery ret
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-import select
-import socket
-import time
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from acwi_node.wakeup import DatagramListener, send_wake
 
 #: The wake-up socket, under the data directory.
 WAKE_PATH = Path("run") / "exporter.wake"
@@ -34,66 +28,11 @@ def wake_path(data_dir: Path) -> Path:
 def wake_exporter(data_dir: Path) -> bool:
     """Tell the exporter of ``data_dir`` that results are due (best effort, never blocks);
     whether a listening exporter got the datagram."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.setblocking(False)
-        try:
-            sock.sendto(b"\x01", os.fsencode(wake_path(data_dir)))
-        except OSError:  # no exporter listening (or its queue is full: it is awake already)
-            return False
-    return True
+    return send_wake(wake_path(data_dir))
 
 
-class WakeUpListener:
-    """The exporter's end: :meth:`wait` returns when woken, or after the timeout."""
+class WakeUpListener(DatagramListener):
+    """The exporter's end (:class:`acwi_node.wakeup.DatagramListener` at :func:`wake_path`)."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.path = wake_path(data_dir)
-        self._sock: socket.socket | None = None
-        self._inode = -1
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()  # an earlier exporter's; it is gone or polls from now on
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            try:
-                sock.bind(os.fsencode(self.path))
-            except OSError:
-                sock.close()
-                raise
-            sock.setblocking(False)
-            self._inode = self.path.stat().st_ino
-            self._sock = sock
-        except OSError as exc:
-            log.info("exporter wake-ups unavailable (%s); polling only", exc)
-
-    @property
-    def listening(self) -> bool:
-        return self._sock is not None
-
-    def wait(self, timeout_s: float) -> bool:
-        """Wait until woken (True) or ``timeout_s`` has passed (False); wake-ups that came
-        meanwhile are all taken."""
-        sock = self._sock
-        if sock is None:
-            time.sleep(timeout_s)
-            return False
-        try:
-            readable, _, _ = select.select([sock], [], [], timeout_s)
-        except (OSError, ValueError):  # closed by close() meanwhile
-            return False
-        woken = False
-        while readable:
-            try:
-                sock.recv(16)
-            except (BlockingIOError, OSError):
-                break
-            woken = True
-        return woken
-
-    def close(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close()
-            with contextlib.suppress(OSError):
-                if self.path.stat().st_ino == self._inode:  # not a successor's socket
-                    self.path.unlink()
+        super().__init__(wake_path(data_dir), what="exporter wake-ups")

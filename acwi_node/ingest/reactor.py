@@ -601,8 +601,8 @@ class EventDrivenDUL(DULServiceProvider):
         self._request_settled = True
         if self.assoc.is_acceptor:
             # pynetdicom types the queue as holding primitives; its acceptor reads None as
-            # "none came" (what its own timeout gives it).
-            self.to_user_queue.put(None)  # type: ignore[arg-type]
+            # "none came" (what its own timeout gives it). Not every release types it so.
+            self.to_user_queue.put(None)  # type: ignore[arg-type, unused-ignore]
 
     def _send_accept(self) -> bool:
         """State machine action AE-7 (send the A-ASSOCIATE-AC, go to Sta6), with the PDU's

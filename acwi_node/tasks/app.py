@@ -51,7 +51,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
         install()  # messages written whole (kombu's own transport can lose them)
         folder = settings.embedded_broker_dir
-        for sub in ("queue", "processed", "control"):
+        for sub in ("queue", "processed", "control", "wake"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         transport = {
             # Broadcast (control) messages too; kombu's default is ./control in the cwd.
@@ -61,6 +61,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "processed_folder": str(folder / "processed"),
             "store_processed": False,
             "polling_interval": 0.2,
+            # Consumers listen here; a message put wakes them (the polling is the fallback).
+            "wake_folder": str(folder / "wake"),
         }
     conf["broker_transport_options"] = transport
     return conf

@@ -20,6 +20,14 @@ by the next binding, under kombu's lock on it: processes repairing it at once ta
 those after the first add their bindings to the new table. Message files that a killed process
 left half-written (its ``.part``) are removed when a channel opens, once they are
 :data:`STALE_PART_S` old.
+
+kombu's consumer finds a message by listing the queue folder every ``polling_interval`` (0.2
+s): a job waited 0.1 s on average before a worker took it, as long as a radiograph's analysis.
+Here a consuming process also listens on a Unix datagram socket in the broker's ``wake``
+folder (the transport option :data:`WAKE_OPTION`), and every message put wakes the consumers
+listening there (:mod:`acwi_node.wakeup`): the worker takes a job as soon as it is queued.
+Polling stays the fallback (no sockets on the file system, a path too long for one); the
+socket of a consumer that was killed is removed by the next put.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import os
 import time
 import uuid
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import kombu.transport
@@ -37,9 +46,13 @@ from kombu.transport import TRANSPORT_ALIASES, filesystem
 from kombu.utils.encoding import str_to_bytes
 from kombu.utils.json import dumps
 
+from acwi_node.wakeup import DatagramListener, send_wake
+
 #: A message's ``.part`` file this old belongs to no put still running (a put takes
 #: milliseconds): its writer was killed, and the file is removed.
 STALE_PART_S = 600.0
+#: Transport option: the folder where consuming processes listen for "a message was put".
+WAKE_OPTION = "wake_folder"
 
 
 class Channel(filesystem.Channel):
@@ -99,6 +112,20 @@ class Channel(filesystem.Channel):
             with contextlib.suppress(OSError):
                 os.unlink(partial)
             raise ChannelError(f"Cannot add file {final!r} to directory") from exc
+        wake_folder = self.transport_options.get(WAKE_OPTION)
+        if wake_folder:
+            wake_consumers(Path(wake_folder))
+
+
+def wake_consumers(folder: Path) -> int:
+    """Wake every consumer listening in ``folder`` (a message was put); how many were woken.
+    The sockets of consumers that are gone are removed."""
+    woken = 0
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            if not entry.name.startswith(".") and send_wake(Path(entry.path), remove_dead=True):
+                woken += 1
+    return woken
 
 
 def _replace_leftover(file: Path, partial: Path) -> bool:
@@ -139,6 +166,55 @@ def remove_stale_parts(folder: Path, older_than_s: float = STALE_PART_S) -> int:
 
 class Transport(filesystem.Transport):
     Channel = Channel
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        self._wake: DatagramListener | None = None
+        self._wake_pid = 0
+
+    def _wake_listener(self) -> DatagramListener | None:
+        """This process's socket in the wake folder, made when it first waits for messages
+        (a process forked from a consumer makes its own); None where there is none."""
+        client = self.client
+        folder = client.transport_options.get(WAKE_OPTION) if client is not None else None
+        if not folder:
+            return None
+        if self._wake_pid != os.getpid():
+            self._wake_pid = os.getpid()
+            name = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            self._wake = DatagramListener(Path(folder) / name, what="broker wake-ups")
+        return self._wake if self._wake is not None and self._wake.listening else None
+
+    def drain_events(self, connection: Any, timeout: float | None = None, **kwargs: Any) -> None:
+        """kombu's loop (take a message, or wait ``polling_interval`` and look again), waiting
+        on this process's wake-up socket instead of sleeping: a message put meanwhile ends the
+        wait at once."""
+        listener = self._wake_listener()
+        if listener is None:
+            super().drain_events(connection, timeout)
+            return
+        cycle = self.cycle
+        assert cycle is not None  # made with the transport
+        start = time.monotonic()
+        while True:
+            try:
+                cycle.get(self._deliver, timeout=timeout)
+                return
+            except Empty:
+                wait = self.polling_interval or 0.0
+                if timeout is not None:
+                    left = timeout - (time.monotonic() - start)
+                    if left <= 0:
+                        raise TimeoutError() from None  # socket.timeout, as kombu raises
+                    wait = min(wait, left)
+                listener.wait(wait)
+
+    def close_connection(self, connection: Any) -> None:
+        super().close_connection(connection)
+        if self._wake is not None and self._wake_pid == os.getpid():
+            self._wake.close()
+        self._wake = None
+        self._wake_pid = 0
 
 
 def install() -> None:

@@ -1,13 +1,17 @@
 """The embedded broker's transport (``acwi_node.tasks.embedded_broker``): a consumer polling
-the queue folder while messages are put never takes one before it is whole, and a publish
-never reads an exchange table before it is whole."""
+the queue folder while messages are put never takes one before it is whole, a publish never
+reads an exchange table before it is whole, and a put wakes the consumers waiting for it."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,7 @@ from kombu.transport import filesystem as kombu_filesystem
 from acwi_node.config import Settings
 from acwi_node.tasks import embedded_broker
 from acwi_node.tasks.app import celery_config
+from acwi_node.wakeup import DatagramListener
 
 MESSAGES = 1500
 
@@ -269,3 +274,97 @@ def test_the_node_configures_celery_with_this_transport(settings: Settings) -> N
     assert settings.broker_url.startswith("filesystem://")
     celery_config(settings)
     assert type(Connection("filesystem://").transport) is embedded_broker.Transport
+
+
+@pytest.fixture
+def short_folder() -> Iterator[Path]:
+    """A folder whose sockets' paths fit a Unix socket's address (pytest's are long)."""
+    folder = Path(tempfile.mkdtemp(prefix="acwi-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def waking_options(folder: Path, polling_interval: float) -> dict[str, Any]:
+    options = transport_options(folder)
+    (folder / "wake").mkdir()
+    return options | {"polling_interval": polling_interval, "wake_folder": str(folder / "wake")}
+
+
+def take_one(options: dict[str, Any], name: str, timeout_s: float, got: list[Any]) -> None:
+    with Connection("filesystem://", transport_options=options) as conn:
+        queue = conn.SimpleQueue(name)
+        try:
+            message: Any = queue.get(block=True, timeout=timeout_s)
+        except queue.Empty:
+            return
+        got.append(message.payload)
+        message.ack()
+
+
+@pytest.mark.usefixtures("transports")
+def test_a_waiting_consumer_takes_a_message_as_soon_as_it_is_put(short_folder: Path) -> None:
+    """A consumer polling once a minute, waiting up to 30 s, has the message put while it
+    waits well before its wait ends: the put woke it (left to its polling, it would look
+    again only when its 30 s were up)."""
+    embedded_broker.install()
+    options = waking_options(short_folder, polling_interval=60.0)
+    name = f"wake-{uuid.uuid4().hex[:8]}"
+    with Connection("filesystem://", transport_options=options) as conn:
+        conn.SimpleQueue(name)  # declared (and bound) before the consumer waits
+    got: list[Any] = []
+    consumer = threading.Thread(target=take_one, args=(options, name, 30.0, got))
+    consumer.start()
+    deadline = time.monotonic() + 30
+    while not list((short_folder / "wake").iterdir()):  # the consumer listens
+        assert time.monotonic() < deadline, "the consumer never made its wake-up socket"
+        time.sleep(0.01)
+    time.sleep(0.05)  # and has looked once and found nothing
+    with Connection("filesystem://", transport_options=options) as conn:
+        conn.SimpleQueue(name).put({"job": 7})
+    consumer.join(15)
+    woken = not consumer.is_alive()
+    consumer.join(40)
+    assert woken, "the put did not wake the waiting consumer"
+    assert got == [{"job": 7}]
+    assert not list((short_folder / "wake").iterdir())  # its socket went with its connection
+
+
+@pytest.mark.usefixtures("transports")
+def test_without_a_socket_the_consumer_polls(tmp_path: Path) -> None:
+    """A wake folder whose path is too long for a socket: the consumer falls back to polling
+    and still gets the message."""
+    embedded_broker.install()
+    deep = tmp_path / ("d" * 110)
+    deep.mkdir()
+    options = waking_options(deep, polling_interval=0.05)
+    name = f"poll-{uuid.uuid4().hex[:8]}"
+    with Connection("filesystem://", transport_options=options) as conn:
+        conn.SimpleQueue(name).put({"job": 1})
+    got: list[Any] = []
+    take_one(options, name, 30.0, got)
+    assert got == [{"job": 1}]
+    assert not list((deep / "wake").iterdir())
+
+
+def test_a_put_wakes_every_listener_and_removes_the_dead_ones(short_folder: Path) -> None:
+    wake = short_folder / "wake"
+    listeners = [DatagramListener(wake / f"{i}.live") for i in range(2)]
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    dead.bind(str(wake / "9.dead"))
+    dead.close()  # its process was killed: the file stays, nobody listens
+    (wake / ".hidden").touch()  # not a listener's name: left alone
+    try:
+        assert embedded_broker.wake_consumers(wake) == 2
+        assert all(listener.wait(30) for listener in listeners)
+        assert sorted(p.name for p in wake.iterdir()) == [".hidden", "0.live", "1.live"]
+    finally:
+        for listener in listeners:
+            listener.close()
+    assert embedded_broker.wake_consumers(short_folder / "missing") == 0
+
+
+@pytest.mark.usefixtures("transports")
+def test_the_node_gives_its_consumers_a_wake_folder(settings: Settings) -> None:
+    options = celery_config(settings)["broker_transport_options"]
+    assert options[embedded_broker.WAKE_OPTION] == str(settings.embedded_broker_dir / "wake")
+    assert (settings.embedded_broker_dir / "wake").is_dir()

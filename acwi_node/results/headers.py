@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import copy
+import functools
 
+from highdicom import SOPClass
 from pydicom import Dataset
+from pydicom.tag import BaseTag
 
 __all__ = [
     "PATIENT_STUDY_TYPE2",
     "UNPAIRED_BODY_PARTS",
     "copy_anatomy",
+    "copy_patient_and_study",
     "patient_study_header",
     "source_header",
 ]
@@ -38,6 +42,38 @@ def source_header(source: Dataset) -> Dataset:
         if element.keyword not in _PIXEL_DATA:
             header.add(copy.deepcopy(element))
     return header
+
+
+class _CopyProbe(SOPClass):
+    """An empty highdicom SOP instance, only to see what highdicom copies from a source."""
+
+    def __init__(self) -> None:
+        Dataset.__init__(self)
+
+
+@functools.lru_cache(maxsize=64)
+def _patient_study_tags(sop_class_uid: str, present: frozenset[BaseTag]) -> tuple[BaseTag, ...]:
+    """The tags that highdicom's ``copy_patient_and_study_information`` copies from a source
+    of ``sop_class_uid`` holding the tags ``present``: the root attributes of its IOD's
+    Patient and Study modules that it has. Found by letting highdicom copy into an empty
+    probe from a source of that shape (element values do not change the choice)."""
+    shape = Dataset()
+    for tag in present:
+        shape.add_new(tag, "UN", None)
+    shape.SOPClassUID = sop_class_uid
+    probe = _CopyProbe()
+    probe.copy_patient_and_study_information(shape)
+    return tuple(sorted(probe.keys()))
+
+
+def copy_patient_and_study(source: Dataset, result: Dataset) -> None:
+    """What highdicom's ``SOPClass.copy_patient_and_study_information`` copies from
+    ``source`` onto ``result``, as copies (``result`` shares no element with ``source``):
+    without copying the whole header first and walking highdicom's module tables for every
+    object (2-3 ms of each of a CT's heatmaps)."""
+    tags = _patient_study_tags(str(source.SOPClassUID), frozenset(source.keys()))
+    for tag in tags:
+        result.add(copy.deepcopy(source[tag]))
 
 
 def patient_study_header(source: Dataset) -> Dataset:

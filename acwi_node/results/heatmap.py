@@ -24,7 +24,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from acwi_node.inference.types import ImageResult, StudyAnalysis
-from acwi_node.results.headers import copy_anatomy, source_header
+from acwi_node.results.headers import copy_anatomy, copy_patient_and_study
 from acwi_node.results.sr import MANUFACTURER
 from acwi_node.results.uids import result_uids
 
@@ -183,9 +183,15 @@ _BLEND_ROWS = 32
 
 
 def blend_heatmap(grey: FloatImage, heat: FloatImage, max_alpha: float = MAX_ALPHA) -> np.ndarray:
-    """Blend grey [0, 1] and heat [0, 1] (same shape) into an 8-bit RGB image."""
+    """Blend grey [0, 1] and heat [0, 1] (same shape) into an 8-bit RGB image; NaN heat
+    counts as 0, heat outside [0, 1] is clipped."""
     if grey.shape != heat.shape:
         raise ValueError(f"grey {grey.shape} and heat {heat.shape} differ in shape")
+    return _blend_unit(grey, np.clip(np.nan_to_num(heat, nan=0.0), 0.0, 1.0), max_alpha)
+
+
+def _blend_unit(grey: FloatImage, heat: FloatImage, max_alpha: float = MAX_ALPHA) -> np.ndarray:
+    """:func:`blend_heatmap` of heat already in [0, 1] without NaN (:func:`unit_heat`'s)."""
     rgb = np.empty((*grey.shape, 3), dtype=np.uint8)
     if grey.ndim != 2:
         _blend_block(grey, heat, max_alpha, rgb)
@@ -196,11 +202,10 @@ def blend_heatmap(grey: FloatImage, heat: FloatImage, max_alpha: float = MAX_ALP
     return rgb
 
 
-def _blend_block(grey: FloatImage, heat: FloatImage, max_alpha: float, rgb: np.ndarray) -> None:
-    """:func:`blend_heatmap` of a block of rows into ``rgb``: grey * (1 - alpha) + colour *
+def _blend_block(grey: FloatImage, clipped: FloatImage, max_alpha: float, rgb: np.ndarray) -> None:
+    """:func:`_blend_unit` of a block of rows into ``rgb``: grey * (1 - alpha) + colour *
     alpha, channel by channel in place, the same operations on the same values as the
     whole-image formula (so the same bytes) without its (rows, columns, 3) temporaries."""
-    clipped = np.clip(np.nan_to_num(heat, nan=0.0), 0.0, 1.0)
     alpha = max_alpha * clipped
     kept = grey * (1.0 - alpha)
     for c, channel in enumerate(_colour_channels(clipped)):
@@ -230,8 +235,9 @@ def _output_shape(rows: int, columns: int) -> tuple[int, int]:
 
 def unit_heat(heatmap: np.ndarray) -> FloatImage:
     """A model's heatmap as float64 in [0, 1]: NaN and -inf as 0, +inf as 1."""
-    heat = np.asarray(heatmap, dtype=np.float64)
-    return np.clip(np.nan_to_num(heat, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+    heat = np.array(heatmap, dtype=np.float64)  # a copy: changed in place below
+    np.nan_to_num(heat, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
+    return np.clip(heat, 0.0, 1.0, out=heat)
 
 
 def _lo(text: str) -> str:
@@ -277,8 +283,9 @@ def build_heatmap_sc(
     source_rows, source_columns = grey.shape
     rows, columns = _output_shape(source_rows, source_columns)
     grey = np.clip(_resize(grey, rows, columns), 0.0, 1.0)
-    heat = np.clip(_resize(heat, rows, columns), 0.0, 1.0)
-    rgb = np.ascontiguousarray(blend_heatmap(grey, heat))
+    if heat.shape != (rows, columns):  # unit_heat's values are in [0, 1] already
+        heat = np.clip(_resize(heat, rows, columns), 0.0, 1.0)
+    rgb = np.ascontiguousarray(_blend_unit(grey, heat))
 
     sc = SOPClass(
         study_instance_uid=study_uid,
@@ -295,8 +302,8 @@ def build_heatmap_sc(
         software_versions=_lo(model.version),
         specific_character_set=source.get("SpecificCharacterSet"),
     )
-    # Copy from a detached header so the new object shares no data elements with the source.
-    sc.copy_patient_and_study_information(source_header(source))
+    # Copies: the new object shares no data elements with the source.
+    copy_patient_and_study(source, sc)
 
     # General Series: same anatomy as the source.
     copy_anatomy(source, sc)

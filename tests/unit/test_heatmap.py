@@ -365,3 +365,22 @@ def test_a_heatmap_of_a_chest_ct_slice_validates(tmp_path: Path) -> None:
     assert source.BodyPartExamined == "CHEST" and "Laterality" not in source
     report = run_dciodvfy(_build(source, _analysis([source])))
     assert report.errors == [], report.output
+
+
+def test_a_raw_heatmap_is_blended_as_blend_heatmap_blends_it(
+    pair: tuple[list[Dataset], StudyAnalysis],
+) -> None:
+    """NaN, infinities and heat outside [0, 1] in a model's heatmap: the overlay's pixels are
+    blend_heatmap's of the rendered source and the raw heat (NaN as 0, clipped), although
+    build_heatmap_sc normalises the heat once and blends it without normalising again."""
+    from acwi_node.results.heatmap import blend_heatmap
+
+    sources, analysis = pair
+    source, image = sources[0], analysis.images[0]
+    rng = np.random.default_rng(3)
+    raw = rng.normal(0.5, 0.8, size=(source.Rows, source.Columns))
+    raw[0, :4] = [np.nan, np.inf, -np.inf, 7.0]
+    raw[5:9, 5:9] = np.nan
+    sc = build_heatmap_sc(source, raw, analysis, image, instance_number=1)
+    expected = blend_heatmap(render_grey(source), raw)
+    assert sc.PixelData[: expected.size] == expected.tobytes()

@@ -18,6 +18,7 @@ from acwi_node.config import Settings
 from acwi_node.hl7.mllp import FramingError, frame, read_frame, stream_limit
 from acwi_node.hl7.orders import OrderIntake
 from acwi_node.ledger import Ledger
+from acwi_node.tcp import quick_ack
 
 log = logging.getLogger("acwi_node.hl7")
 
@@ -53,8 +54,12 @@ class MllpListener:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
+        sock = writer.get_extra_info("socket")
         try:
             while True:
+                # A sender with Nagle's algorithm on holds a frame's later parts until the
+                # earlier ones are acknowledged: acknowledge each message's first part at once.
+                quick_ack(sock)
                 try:
                     payload = await read_frame(
                         reader,

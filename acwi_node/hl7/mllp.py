@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
+from acwi_node.tcp import quick_ack
+
 START = b"\x0b"
 END = b"\x1c\x0d"
 
@@ -79,6 +81,7 @@ def stream_limit(max_bytes: int) -> int:
 def read_frame_sync(sock: socket.socket, *, max_bytes: int, timeout_s: float) -> bytes:
     """Blocking counterpart of :func:`read_frame` for one reply (the client reads one ACK)."""
     sock.settimeout(timeout_s)
+    quick_ack(sock)  # a peer with Nagle's algorithm on sends its reply's parts at once
     first = sock.recv(1)
     if not first:
         raise Truncated("connection closed before a reply")
@@ -86,6 +89,7 @@ def read_frame_sync(sock: socket.socket, *, max_bytes: int, timeout_s: float) ->
         raise NoStartByte(f"expected 0x0b, got 0x{first[0]:02x}")
     buf = bytearray()
     while True:
+        quick_ack(sock)
         chunk = sock.recv(65536)
         if not chunk:
             raise Truncated("connection closed before the end of the reply")

@@ -65,6 +65,7 @@ from acwi_node.ingest.fastpath import (
     us_value,
 )
 from acwi_node.ingest.negotiation import REQUESTS, accept_pdu_bytes, acceptor_contexts
+from acwi_node.tcp import no_delay, quick_ack
 
 log = logging.getLogger("acwi_node.ingest")
 
@@ -860,34 +861,3 @@ class QuickAckSocket(AssociationSocket):
     def recv(self, nr_bytes: int) -> bytearray:
         quick_ack(self.socket)
         return super().recv(nr_bytes)
-
-
-#: ``TCP_QUICKACK`` where the platform has it (Linux), else None.
-_TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
-
-
-def quick_ack(sock: socket.socket | None) -> None:
-    """Acknowledge the next data that arrives at once rather than after the delayed-ACK timer
-    (``TCP_QUICKACK``; Linux only: elsewhere nothing). The node sends each PDU at once
-    (:func:`no_delay`), but many senders leave Nagle's algorithm on (DCMTK's tools and the
-    SCPs built on them do unless ``TCP_NODELAY=1`` is in their environment): they hold a
-    C-STORE's small data PDU back until the command PDU before it is acknowledged, and Linux
-    delays that acknowledgement up to 40 ms, so such a sender's small instances came at about
-    20 per second (storescp and Orthanc: 11). The kernel leaves quick-ack mode by itself, so
-    this is asked again before every read (one system call, a microsecond)."""
-    if _TCP_QUICKACK is None or sock is None:
-        return
-    try:  # noqa: SIM105 (a read's hot path: no context manager made for it)
-        sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-    except OSError:  # not TCP (a Unix socket), or closed: nothing to acknowledge
-        pass
-
-
-def no_delay(sock: socket.socket | None) -> None:
-    """Send each PDU at once (``TCP_NODELAY``). With Nagle's algorithm a PDU smaller than a
-    segment waits until the peer acknowledges what was sent before, and the peer may delay
-    that acknowledgement (up to 40 ms on Linux): the results of a 100-slice CT took 5.2-5.7 s
-    to reach Orthanc, 3.8 s with this."""
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

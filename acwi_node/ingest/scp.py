@@ -68,7 +68,6 @@ from acwi_node.ingest.part10 import file_meta_prefix
 from acwi_node.ingest.reactor import (
     EventDrivenRequestHandler,
     after_response,
-    no_delay,
     on_fast_path,
     when_idle,
 )
@@ -77,6 +76,7 @@ from acwi_node.ingest.spool import Buffers, Spool, SpoolError, is_safe_uid
 from acwi_node.ledger import InstanceRecord, Ledger, Recorded
 from acwi_node.observability import metrics
 from acwi_node.observability.logging import note_identifiers
+from acwi_node.tcp import no_delay
 from acwi_node.tls import peer_subject
 
 log = logging.getLogger("acwi_node.ingest")
@@ -410,7 +410,7 @@ class StorageSCP:
     # ------------------------------------------------------------------ server
     def _on_connection(self, event: evt.Event) -> None:
         """Give the accepted socket a read timeout before its association thread starts, and
-        send its PDUs at once (:func:`~acwi_node.ingest.reactor.no_delay`).
+        send its PDUs at once (:func:`~acwi_node.tcp.no_delay`).
 
         pynetdicom's accepted sockets block forever: a peer that stops in the middle of a PDU
         (half a PDU, a huge declared length) would hold an association slot for good. With a

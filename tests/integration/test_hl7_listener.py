@@ -109,6 +109,33 @@ def test_several_messages_on_one_connection(node: tuple[MllpListener, Ledger]) -
     assert all(ledger.hl7_order(f"ACC-K{n}") for n in range(3))
 
 
+def test_a_quick_ack_is_asked_for_before_each_message(
+    hl7_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A RIS with Nagle's algorithm on holds a message's later parts until the first is
+    acknowledged: before reading each message the listener asks to acknowledge at once."""
+    asked: list[int] = []
+    monkeypatch.setattr(
+        "acwi_node.hl7.listener.quick_ack", lambda sock: asked.append(sock.getsockname()[1])
+    )
+    ledger = Ledger(hl7_settings.database_url)
+    listener = MllpListener(hl7_settings, ledger).start()
+    try:
+        with connect(listener) as sock:
+            for n in range(3):
+                sock.sendall(frame(orm(f"Q{n}", f"ACC-Q{n}")))
+                ack = parse_ack(read_frame_sync(sock, max_bytes=65536, timeout_s=5).decode())
+                assert ack.code == "AA"
+                assert len(asked) >= n + 1  # before this one (and perhaps the next already)
+            deadline = time.monotonic() + 10
+            while len(asked) < 4 and time.monotonic() < deadline:  # waiting for a fourth
+                time.sleep(0.01)
+        assert asked == [listener.port] * 4
+    finally:
+        listener.stop()
+        ledger.dispose()
+
+
 def test_duplicate_control_id_gets_stored_ack(node: tuple[MllpListener, Ledger]) -> None:
     listener, ledger = node
     with connect(listener) as sock:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
+import time
+from typing import cast
 
 import pytest
 
@@ -103,3 +106,51 @@ def test_sync_reader() -> None:
         a.close()
         with pytest.raises(FramingError):
             read_frame_sync(b, max_bytes=100, timeout_s=1)
+
+
+QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+class _Recorder:
+    """A socket stand-in for read_frame_sync that logs reads and the options set, in order."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.log: list[object] = []
+
+    def settimeout(self, timeout: float) -> None:
+        self.sock.settimeout(timeout)
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        self.log.append((level, option, value))
+        self.sock.setsockopt(level, option, value)
+
+    def recv(self, n: int) -> bytes:
+        self.log.append("read")
+        return self.sock.recv(n)
+
+
+@pytest.mark.skipif(QUICKACK is None, reason="TCP_QUICKACK is Linux's")
+def test_the_client_asks_for_a_quick_ack_before_every_read() -> None:
+    """A RIS with Nagle's algorithm on that writes its reply in parts holds each part until
+    the one before is acknowledged: every read of the reply asks to acknowledge at once."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        peer = socket.create_connection(server.getsockname())
+        ours, _ = server.accept()
+        with peer, ours:
+            recorder = _Recorder(ours)
+
+            def send_in_parts() -> None:
+                for part in (START, b"MSA|AA|1", END):
+                    peer.sendall(part)
+                    time.sleep(0.05)
+
+            sender = threading.Thread(target=send_in_parts)
+            sender.start()
+            reply = read_frame_sync(cast(socket.socket, recorder), max_bytes=100, timeout_s=5)
+            sender.join()
+    assert reply == b"MSA|AA|1"
+    reads = [at for at, entry in enumerate(recorder.log) if entry == "read"]
+    assert len(reads) >= 2
+    for at in reads:
+        assert recorder.log[at - 1] == (socket.IPPROTO_TCP, QUICKACK, 1), recorder.log

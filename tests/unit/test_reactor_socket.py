@@ -234,7 +234,7 @@ def test_a_quick_ack_is_asked_for_before_every_read(pair: Any) -> None:
 
 @needs_quickack
 def test_quick_ack_on_tcp_and_other_sockets() -> None:
-    from acwi_node.ingest.reactor import quick_ack
+    from acwi_node.tcp import quick_ack
 
     server = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(server.getsockname())

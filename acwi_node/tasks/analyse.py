@@ -87,6 +87,12 @@ def get_analyser(settings: Settings, model: str) -> Analyser:
                 ),
                 heatmaps=worker.heatmaps,
             )
+            try:
+                seconds = _analysers[key].warm_up()
+            except Exception as exc:  # the first study will show what is wrong, if anything
+                log.warning("model %s loaded; its warm-up failed: %s", model, exc)
+            else:
+                log.info("model %s loaded and warmed up (%.2f s)", model, seconds)
         return _analysers[key]
 
 

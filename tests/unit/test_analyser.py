@@ -160,3 +160,45 @@ def test_batched_head_matches_dianet_head_with_a_codebook(backbone: str) -> None
         logits, _ = mc_head_batched(model, enc.pooled, 0, [0, 1])
     assert torch.allclose(logits[0], reference, atol=1e-6)
     assert len(early_modules(model, 2)) == 2  # MixStyle finds every backbone's early stages
+
+
+def test_a_warm_up_leaves_every_number_as_it_was(tmp_path: Path) -> None:
+    """The warm-up runs the analysis's steps on a synthetic image; a study analysed after it
+    gets exactly the numbers and heatmaps that a freshly loaded model gives it."""
+    datasets = _study(tmp_path, n_images=2, label="effusion", site=1, seed=4)
+    fresh = Analyser.load(default_model_dir(), mc_samples=8, num_threads=2, batch_size=2)
+    warmed = Analyser.load(default_model_dir(), mc_samples=8, num_threads=2, batch_size=2)
+    assert warmed.warm_up((64, 48)) > 0
+    expected, got = fresh.analyse(datasets), warmed.analyse(datasets)
+    assert got.probabilities == expected.probabilities
+    assert got.uncertainty == expected.uncertainty
+    for a, b in zip(got.images, expected.images, strict=True):
+        assert a.probabilities == b.probabilities and a.uncertainty == b.uncertainty
+        assert np.array_equal(a.heatmap, b.heatmap)
+
+
+def test_the_worker_warms_up_each_model_it_loads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from acwi_node.config import load_settings
+    from acwi_node.tasks import analyse
+
+    calls: list[Analyser] = []
+
+    def warm_up(self: Analyser, image_size: tuple[int, int] = (512, 512)) -> float:
+        calls.append(self)
+        if len(calls) == 2:
+            raise RuntimeError("warm-up failed")
+        return 0.01
+
+    monkeypatch.setattr(Analyser, "warm_up", warm_up)
+    monkeypatch.setattr(analyse, "_analysers", {})
+    settings = load_settings(None, node={"data_dir": tmp_path / "data"})
+    first = analyse.get_analyser(settings, "default")
+    assert calls == [first]
+    assert analyse.get_analyser(settings, "default") is first  # cached: not again
+    assert calls == [first]
+    monkeypatch.setattr(analyse, "_analysers", {})
+    second = analyse.get_analyser(settings, "default")  # its warm-up fails: still served
+    assert calls == [first, second]
+    assert analyse.get_analyser(settings, "default") is second

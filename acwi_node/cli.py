@@ -282,8 +282,7 @@ def run_destinations_check(settings: Settings, names: Sequence[str], *, as_json:
     """``acwi-node destinations check [NAME...]``: C-ECHO each destination (every one without
     names) with its TLS settings, as the exporter would connect; exit 1 if any fails, 2 for a
     name that is not configured."""
-    from acwi_node.export.outbox import tls_args
-    from acwi_node.export.scu import verify
+    from acwi_node.export.outbox import verify_destination, what_it_checks
 
     known = {d.name: d for d in settings.destinations}
     unknown = [n for n in names if n not in known]
@@ -299,27 +298,17 @@ def run_destinations_check(settings: Settings, names: Sequence[str], *, as_json:
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     # Together: a destination that never answers costs exporter.timeout_s, once, not per row.
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(chosen)))) as pool:
-        results = list(
-            pool.map(
-                lambda dest: verify(
-                    dest.ae_title,
-                    dest.host,
-                    dest.port,
-                    settings.node.ae_title,
-                    timeout_s=settings.exporter.timeout_s,
-                    tls=tls_args(dest),
-                ),
-                chosen,
-            )
-        )
+        results = list(pool.map(lambda dest: verify_destination(settings, dest), chosen))
     rows: list[dict[str, Any]] = []
     for dest, result in zip(chosen, results, strict=True):
         rows.append(
             {
                 "name": dest.name,
+                "kind": dest.kind,
                 "ae_title": dest.ae_title,
                 "host": dest.host,
                 "port": dest.port,
+                "url": dest.url,
                 "tls": dest.tls is not None,
                 "ok": result.ok,
                 "elapsed_ms": round(result.elapsed_ms, 1),
@@ -327,9 +316,8 @@ def run_destinations_check(settings: Settings, names: Sequence[str], *, as_json:
             }
         )
         if not as_json:
-            where = f"{dest.ae_title}@{dest.host}:{dest.port}" + (" (TLS)" if dest.tls else "")
             verdict = f"ok, {result.elapsed_ms:.0f} ms" if result.ok else f"FAILED: {result.error}"
-            print(f"{dest.name}  {where}  C-ECHO {verdict}")
+            print(f"{dest.name}  {dest.where}  {what_it_checks(dest)} {verdict}")
     if as_json:
         print(json.dumps(rows, indent=2))
     elif not rows:

@@ -306,19 +306,94 @@ class DestinationTls(_Strict):
 DEFAULT_DESTINATION_ASSOCIATIONS = 2
 
 
+#: The most DICOM bytes in one STOW-RS request, unless a destination says otherwise.
+DEFAULT_STOW_REQUEST_BYTES = 64 * 1024 * 1024
+
+
 class Destination(_Strict):
-    """A DICOM node results are sent to."""
+    """Where results are sent: a DICOM node by C-STORE (``ae_title``, ``host``, ``port``), or
+    a DICOMweb service by STOW-RS (``url``)."""
 
     name: str
-    ae_title: AETitle
-    host: str
-    port: int = Field(ge=1, le=65535)
-    #: Send over DICOM TLS (PS3.15 Annex B); plain TCP when absent.
+    ae_title: AETitle | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    #: DIMSE: DICOM TLS (PS3.15 Annex B), plain TCP when absent. DICOMweb: the CAs and client
+    #: certificate of an ``https`` URL (the system trust store when absent).
     tls: DestinationTls | None = None
     #: Associations a study's results are sent over at once (the first, then up to this many
     #: more at the same time, each taking the next file). An extra association the
     #: destination refuses costs only itself: its files go over the others.
     associations: int = Field(DEFAULT_DESTINATION_ASSOCIATIONS, ge=1, le=16)
+    #: DICOMweb instead of DIMSE: the service's base URL (``http://`` or ``https://``, no
+    #: user name or password in it); results are stored by STOW-RS, ``POST {url}/studies``.
+    url: str | None = None
+    #: DICOMweb HTTP Basic authentication: the user name and a file holding the password.
+    username: str | None = None
+    password_file: Path | None = None
+    #: DICOMweb bearer token (OAuth 2.0 and the like): a file holding it, read for every
+    #: request, so that a token renewed by another program is used at once.
+    token_file: Path | None = None
+    #: DICOMweb: the most DICOM bytes in one STOW-RS request (a study's results take several
+    #: requests beyond it; an object larger than it goes alone).
+    request_max_bytes: int = Field(DEFAULT_STOW_REQUEST_BYTES, ge=1024 * 1024)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Destination:
+        dimse = [k for k in ("ae_title", "host", "port") if getattr(self, k) is not None]
+        if self.url is None:
+            missing = sorted({"ae_title", "host", "port"} - set(dimse))
+            if missing:
+                raise ValueError(
+                    f"destination {self.name!r}: {', '.join(missing)} missing (a DICOM node"
+                    " needs ae_title, host and port; a DICOMweb service, url)"
+                )
+            auth = [k for k in ("username", "password_file", "token_file") if getattr(self, k)]
+            if auth:
+                raise ValueError(
+                    f"destination {self.name!r}: {', '.join(auth)} apply to DICOMweb (url) only"
+                )
+            return self
+        if dimse:
+            raise ValueError(
+                f"destination {self.name!r}: url (DICOMweb) or ae_title/host/port (DIMSE),"
+                f" not both ({', '.join(dimse)} given)"
+            )
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"destination {self.name!r}: url must be http:// or https://")
+        if parts.username or parts.password:
+            raise ValueError(
+                f"destination {self.name!r}: no credentials in url (username and"
+                " password_file, or token_file)"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError(f"destination {self.name!r}: url takes no query or fragment")
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError(f"destination {self.name!r}: username and password_file go together")
+        if self.username is not None and self.token_file is not None:
+            raise ValueError(f"destination {self.name!r}: Basic (username) or token_file, not both")
+        for key in ("password_file", "token_file"):
+            path = getattr(self, key)
+            if path is not None and not path.expanduser().is_file():
+                raise ValueError(f"destination {self.name!r}: {key} {path} is not a file")
+        if self.tls is not None and parts.scheme != "https":
+            raise ValueError(f"destination {self.name!r}: tls needs an https:// url")
+        return self
+
+    @property
+    def kind(self) -> Literal["dimse", "dicomweb"]:
+        """How results reach it: C-STORE, or STOW-RS."""
+        return "dicomweb" if self.url is not None else "dimse"
+
+    @property
+    def where(self) -> str:
+        """Where it is, for people: ``AE@host:port`` or the URL."""
+        if self.url is not None:
+            return self.url
+        return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
 
 
 class RouteMatch(_Strict):

@@ -2,7 +2,8 @@
 
 A result is delivered only when the destination answered success (or an accepted warning);
 otherwise it stays in the outbox with exponential back-off, and fails visibly after
-``max_attempts``. Deliveries due for one destination go over one association.
+``max_attempts``. Deliveries due for one destination go over its associations (DIMSE,
+:mod:`.scu`) or its STOW-RS requests (DICOMweb, :mod:`.dicomweb`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 
 from acwi_node.audit import AuditEvent, Outcome, audit, remote_ae
 from acwi_node.config import Destination, Settings
-from acwi_node.export.scu import SendReport, TlsArgs, send_files
+from acwi_node.export import dicomweb
+from acwi_node.export.scu import EchoResult, SendReport, TlsArgs, send_files, verify
 from acwi_node.export.wakeup import WakeUpListener, wake_exporter
 from acwi_node.ledger import DeliveryAttempt, DueDelivery, Ledger
 from acwi_node.observability import metrics
@@ -25,13 +27,39 @@ log = logging.getLogger("acwi_node.exporter")
 
 
 def tls_args(dest: Destination) -> TlsArgs | None:
-    """The TLS context and host name for a destination; None for plain TCP.
+    """The TLS context and host name for a DIMSE destination; None for plain TCP.
 
     Built for every association, so renewed certificate files are used without a restart.
     """
     if dest.tls is None:
         return None
-    return dest.tls.context(), dest.tls.server_name or dest.host
+    return dest.tls.context(), dest.tls.server_name or dest.host or ""
+
+
+def verify_destination(settings: Settings, dest: Destination) -> EchoResult:
+    """Whether ``dest`` answers: a C-ECHO (DIMSE) or a QIDO-RS query (DICOMweb); never
+    raises (``acwi-node destinations check``, the dashboard's check button)."""
+    timeout_s = settings.exporter.timeout_s
+    if dest.kind == "dicomweb":
+        return dicomweb.check(dest, timeout_s=timeout_s)
+    assert dest.ae_title is not None and dest.host is not None and dest.port is not None
+    try:
+        tls = tls_args(dest)
+    except TlsConfigError as exc:
+        return EchoResult(False, error=f"TLS configuration: {exc}")
+    return verify(
+        dest.ae_title,
+        dest.host,
+        dest.port,
+        settings.node.ae_title,
+        timeout_s=timeout_s,
+        tls=tls,
+    )
+
+
+def what_it_checks(dest: Destination) -> str:
+    """The check :func:`verify_destination` makes, for people."""
+    return "QIDO-RS" if dest.kind == "dicomweb" else "C-ECHO"
 
 
 def backoff_s(settings: Settings, attempts_so_far: int) -> float:
@@ -84,24 +112,15 @@ class Exporter:
         except KeyError:
             self._fail_all(items, f"destination {dest_name!r} is no longer configured", final=True)
             return
+        root = self.settings.results_dir
+        paths = {d.id: root / d.path for d in items}
+        files = list(dict.fromkeys(paths.values()))
         try:
-            tls = tls_args(dest)
+            report = self._send_files(dest, files)
         except TlsConfigError as exc:  # a certificate file went missing since start-up
             self._fail_all(items, f"TLS configuration of {dest_name!r}: {exc}", final=False)
             log.error("cannot send to %s: %s", dest_name, exc)
             return
-        root = self.settings.results_dir
-        paths = {d.id: root / d.path for d in items}
-        report = send_files(
-            list(dict.fromkeys(paths.values())),
-            called_ae=dest.ae_title,
-            host=dest.host,
-            port=dest.port,
-            calling_ae=self.settings.node.ae_title,
-            timeout_s=cfg.timeout_s,
-            tls=tls,
-            associations=dest.associations,
-        )
         delivered = 0
         attempts: list[DeliveryAttempt] = []
         for d in items:
@@ -138,6 +157,25 @@ class Exporter:
                 report.error or "some were refused",
             )
 
+    def _send_files(self, dest: Destination, files: list[Path]) -> SendReport:
+        """C-STORE or STOW-RS, as ``dest`` takes them (raises TlsConfigError)."""
+        timeout_s = self.settings.exporter.timeout_s
+        if dest.kind == "dicomweb":
+            if dest.tls is not None:
+                dest.tls.context()  # a certificate file went missing: raises as for DIMSE
+            return dicomweb.stow_files(files, dest, timeout_s=timeout_s)
+        assert dest.ae_title is not None and dest.host is not None and dest.port is not None
+        return send_files(
+            files,
+            called_ae=dest.ae_title,
+            host=dest.host,
+            port=dest.port,
+            calling_ae=self.settings.node.ae_title,
+            timeout_s=timeout_s,
+            tls=tls_args(dest),
+            associations=dest.associations,
+        )
+
     @staticmethod
     def _audit_sent(
         dest: Destination, items: list[DueDelivery], paths: dict[int, Path], report: SendReport
@@ -151,7 +189,10 @@ class Exporter:
                 sent[d.study_uid] += 1
             else:
                 failed[d.study_uid] += 1
-        peer = remote_ae(dest.ae_title, dest.host, requestor=False)
+        if dest.kind == "dicomweb":
+            peer = remote_ae(dest.name, dest.url or "", requestor=False)
+        else:
+            peer = remote_ae(dest.ae_title or dest.name, dest.host or "", requestor=False)
         for study_uid in sorted(set(sent) | set(failed)):
             detail = f"{sent[study_uid]} object(s) stored by {dest.name}"
             if failed[study_uid]:

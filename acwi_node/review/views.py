@@ -39,8 +39,7 @@ from starlette.concurrency import run_in_threadpool
 
 from acwi_node import __version__
 from acwi_node.config import Settings
-from acwi_node.export.outbox import tls_args
-from acwi_node.export.scu import verify
+from acwi_node.export.outbox import verify_destination, what_it_checks
 from acwi_node.ingest.spool import Spool, is_safe_uid
 from acwi_node.ledger import Ledger, StudyActionRefused
 from acwi_node.ledger.models import utcnow
@@ -443,21 +442,14 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         refused = await _admin_form_refused(request)
         if refused is not None:
             return refused
-        result = await run_in_threadpool(
-            verify,
-            dest.ae_title,
-            dest.host,
-            dest.port,
-            settings.node.ae_title,
-            settings.exporter.timeout_s,
-            tls_args(dest),
-        )
+        result = await run_in_threadpool(verify_destination, settings, dest)
         log.info("destination %s checked by %s: %s", name, user.user_name, result.ok)
-        where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port})"
+        where = f"{dest.name} ({dest.where})"
+        check = what_it_checks(dest)
         if result.ok:
-            notice = f"{where}: C-ECHO ok, {result.elapsed_ms:.0f} ms"
+            notice = f"{where}: {check} ok, {result.elapsed_ms:.0f} ms"
             return await run_in_threadpool(partial(_dashboard, request, notice=notice))
-        error = f"{where}: C-ECHO failed: {result.error}"
+        error = f"{where}: {check} failed: {result.error}"
         return await run_in_threadpool(partial(_dashboard, request, error=error, status=502))
 
     # -------------------------------------------------------------------- case

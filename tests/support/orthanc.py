@@ -139,6 +139,7 @@ class OrthancServer:
         start_timeout_s: float = 90.0,
         workdir: Path | None = None,
         overrides: Mapping[str, Any] | None = None,
+        http_user: tuple[str, str] | None = None,
     ) -> None:
         self.node_ae = node_ae
         self.node_host = node_host
@@ -149,6 +150,11 @@ class OrthancServer:
         self.start_timeout_s = start_timeout_s
         self._requested_aet = aet
         self.overrides = dict(overrides or {})
+        #: HTTP Basic for the REST API and DICOMweb: Orthanc then refuses requests without it.
+        self.http_user = http_user
+        if http_user is not None:
+            self.overrides["AuthenticationEnabled"] = True
+            self.overrides["RegisteredUsers"] = {http_user[0]: http_user[1]}
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="acwi-orthanc-"))
         self.config_dir = self.workdir / "config"
@@ -256,7 +262,9 @@ class OrthancServer:
                 cwd=self.workdir,
                 start_new_session=True,
             )
-        self._client = httpx.Client(base_url=self.url, timeout=60.0, trust_env=False)
+        self._client = httpx.Client(
+            base_url=self.url, timeout=60.0, trust_env=False, auth=self.http_user
+        )
         deadline = time.monotonic() + self.start_timeout_s
         while True:
             if self._process.poll() is not None:

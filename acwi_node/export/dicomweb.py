@@ -1,0 +1,303 @@
+"""Results to a DICOMweb service: STOW-RS (PS3.18 10.5), and a QIDO-RS query as its check.
+
+A destination with a ``url`` gets a study's result objects by ``POST {url}/studies``, a
+``multipart/related; type="application/dicom"`` body of up to ``request_max_bytes`` (more
+objects take more requests, over one persistent connection). Each object's outcome comes from
+the response (PS3.18 Table 10.5.3-1 and 10.5.3-2):
+
+* ``200 OK``: every object stored (the body, when there is one, is not needed);
+* ``202 Accepted``, ``409 Conflict``: the Referenced SOP Sequence lists the objects stored (a
+  Warning Reason with a warning), the Failed SOP Sequence those not stored, with a Failure
+  Reason (a DIMSE status: 0xA700 out of resources, 0xC000 cannot understand, ...);
+* any other status (``400``, ``401``, ``403``, ``413``, ``415``, ``5xx``): no object stored,
+  the status and the server's reason in the error.
+
+Nothing here raises: :func:`stow_files` returns the same :class:`~acwi_node.export.scu.SendReport`
+as the DIMSE sender, so the outbox records, retries and audits both alike. Credentials (HTTP
+Basic from ``username`` and ``password_file``, or a bearer token from ``token_file``) are read
+for every call, so a renewed password or token is used without a restart, and they never reach
+a log line.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import secrets
+import ssl
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydicom import dcmread
+
+from acwi_node.config import Destination
+from acwi_node.export.scu import DELIVERED_WARNING_STATUSES, EchoResult, FileOutcome, SendReport
+
+__all__ = ["CheckResult", "check", "parse_stow_response", "stow_files"]
+
+DICOM_JSON = "application/dicom+json"
+#: Tags of the STOW-RS response (PS3.18 Table 10.5.3-2).
+_REFERENCED_SOP_SEQUENCE = "00081199"
+_FAILED_SOP_SEQUENCE = "00081198"
+_SOP_INSTANCE_UID = "00081155"
+_FAILURE_REASON = "00081197"
+_WARNING_REASON = "00081196"
+
+CheckResult = EchoResult
+
+
+class _Failed(Exception):
+    """A request that got no usable answer (connection, TLS, timeout, unreadable reply)."""
+
+
+@dataclass(frozen=True)
+class _Target:
+    scheme: str
+    host: str
+    port: int
+    path: str  # the base path, without a trailing slash
+
+
+def _target(url: str) -> _Target:
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    port = parts.port or (443 if scheme == "https" else 80)
+    return _Target(scheme, parts.hostname or "", port, parts.path.rstrip("/"))
+
+
+def _connection(dest: Destination, target: _Target, timeout_s: float) -> http.client.HTTPConnection:
+    if target.scheme == "https":
+        context = dest.tls.context() if dest.tls is not None else ssl.create_default_context()
+        return http.client.HTTPSConnection(
+            target.host, target.port, timeout=timeout_s, context=context
+        )
+    return http.client.HTTPConnection(target.host, target.port, timeout=timeout_s)
+
+
+def _auth_header(dest: Destination) -> dict[str, str]:
+    """The Authorization header for ``dest``, read from its files now (raises OSError)."""
+    if dest.token_file is not None:
+        token = dest.token_file.expanduser().read_text(encoding="utf-8").strip()
+        return {"Authorization": f"Bearer {token}"}
+    if dest.username is not None and dest.password_file is not None:
+        password = dest.password_file.expanduser().read_text(encoding="utf-8").rstrip("\r\n")
+        pair = f"{dest.username}:{password}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
+    return {}
+
+
+def _sop_instance_uid(path: Path) -> str:
+    ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+    return str(ds.SOPInstanceUID)
+
+
+def _batches(files: Sequence[tuple[Path, int]], max_bytes: int) -> Iterator[list[Path]]:
+    """Consecutive runs of ``files`` of at most ``max_bytes`` (an object larger goes alone)."""
+    batch: list[Path] = []
+    size = 0
+    for path, length in files:
+        if batch and size + length > max_bytes:
+            yield batch
+            batch, size = [], 0
+        batch.append(path)
+        size += length
+    if batch:
+        yield batch
+
+
+def _multipart(parts: Sequence[bytes], boundary: str) -> tuple[list[bytes], int]:
+    """The body's pieces (the objects themselves are not copied) and its length."""
+    head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii")
+    pieces: list[bytes] = []
+    for data in parts:
+        pieces += [head, data, b"\r\n"]
+    pieces.append(f"--{boundary}--\r\n".encode("ascii"))
+    return pieces, sum(len(p) for p in pieces)
+
+
+def _values(item: dict[str, Any], tag: str) -> list[Any]:
+    element = item.get(tag)
+    if not isinstance(element, dict):
+        return []
+    value = element.get("Value")
+    return value if isinstance(value, list) else []
+
+
+def parse_stow_response(body: bytes) -> tuple[dict[str, int | None], dict[str, int | None]]:
+    """(stored, failed) from a STOW-RS response body (``application/dicom+json``): SOP Instance
+    UID -> Warning Reason (None: none) for the stored objects, -> Failure Reason (None: not
+    given) for those not stored. Raises ValueError when the body is not such a response."""
+    data = json.loads(body.decode("utf-8"))
+    if isinstance(data, list):  # some servers wrap the data set in an array
+        data = data[0] if data else {}
+    if not isinstance(data, dict):
+        raise ValueError("not a DICOM JSON data set")
+    found: list[dict[str, int | None]] = []
+    for sequence, reason in (
+        (_REFERENCED_SOP_SEQUENCE, _WARNING_REASON),
+        (_FAILED_SOP_SEQUENCE, _FAILURE_REASON),
+    ):
+        out: dict[str, int | None] = {}
+        for item in _values(data, sequence):
+            if not isinstance(item, dict):
+                continue
+            uids = _values(item, _SOP_INSTANCE_UID)
+            if not uids:
+                continue
+            reasons = _values(item, reason)
+            out[str(uids[0])] = int(reasons[0]) if reasons else None
+        found.append(out)
+    return found[0], found[1]
+
+
+def _reason(response: http.client.HTTPResponse, body: bytes) -> str:
+    text = body[:300].decode("utf-8", "replace").strip().replace("\n", " ")
+    detail = f": {text}" if text and not text.startswith("{") else ""
+    return f"HTTP {response.status} {response.reason}{detail}"
+
+
+def _post(
+    conn: http.client.HTTPConnection,
+    target: _Target,
+    headers: dict[str, str],
+    data: Sequence[bytes],
+) -> tuple[http.client.HTTPResponse, bytes]:
+    boundary = secrets.token_hex(16)
+    pieces, length = _multipart(data, boundary)
+    request_headers = {
+        **headers,
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Content-Length": str(length),
+        "Accept": DICOM_JSON,
+    }
+    try:
+        conn.request("POST", f"{target.path}/studies", body=iter(pieces), headers=request_headers)
+        response = conn.getresponse()
+        body = response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        conn.close()
+        raise _Failed(f"{type(exc).__name__}: {exc}") from None
+    return response, body
+
+
+def _outcomes(
+    response: http.client.HTTPResponse, body: bytes, uids: dict[Path, str]
+) -> tuple[dict[Path, FileOutcome], str | None]:
+    """Each object's outcome from one response, and the request's error (if it had one)."""
+    status = response.status
+    if status == 200:
+        return {p: FileOutcome(0x0000, True, "stored (STOW-RS 200)") for p in uids}, None
+    if status not in (202, 409):
+        error = _reason(response, body)
+        return {p: FileOutcome(None, False, error) for p in uids}, error
+    try:
+        stored, failed = parse_stow_response(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        error = f"HTTP {status}: unreadable STOW-RS response ({exc})"
+        return {p: FileOutcome(None, False, error) for p in uids}, error
+    outcomes: dict[Path, FileOutcome] = {}
+    for path, uid in uids.items():
+        if uid in stored:
+            warning = stored[uid]
+            if warning is None:
+                outcomes[path] = FileOutcome(0x0000, True, f"stored (STOW-RS {status})")
+            else:
+                meaning = DELIVERED_WARNING_STATUSES.get(warning, "warning")
+                outcomes[path] = FileOutcome(
+                    warning, True, f"stored with warning 0x{warning:04X} ({meaning})"
+                )
+        elif uid in failed:
+            reason = failed[uid]
+            text = f"0x{reason:04X}" if reason is not None else "no reason given"
+            outcomes[path] = FileOutcome(reason, False, f"not stored (STOW-RS {status}): {text}")
+        else:
+            outcomes[path] = FileOutcome(
+                None, False, f"STOW-RS {status}: the response does not name this object"
+            )
+    return outcomes, None
+
+
+def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) -> SendReport:
+    """Store ``paths`` (Part 10 files) at the DICOMweb destination ``dest``; never raises."""
+    assert dest.url is not None, "stow_files needs a DICOMweb destination"
+    report = SendReport(association_ok=False)
+    unique = list(dict.fromkeys(paths))
+    readable: list[tuple[Path, int]] = []
+    uids: dict[Path, str] = {}
+    for path in unique:
+        try:
+            length = path.stat().st_size
+            uids[path] = _sop_instance_uid(path)
+        except Exception as exc:  # noqa: BLE001 - one unreadable file never blocks the rest
+            report.outcomes[path] = FileOutcome(None, False, f"unreadable: {exc}")
+            continue
+        readable.append((path, length))
+    errors: list[str] = []
+    try:
+        headers = _auth_header(dest)
+    except OSError as exc:
+        report.error = f"cannot read the destination's credentials: {exc.strerror or exc}"
+        readable = []  # nothing is sent; every object waits for the next attempt
+    target = _target(dest.url)
+    conn = _connection(dest, target, timeout_s)
+    try:
+        for batch in _batches(readable, dest.request_max_bytes):
+            try:
+                data = [p.read_bytes() for p in batch]
+            except OSError as exc:
+                for p in batch:
+                    report.outcomes[p] = FileOutcome(None, False, f"unreadable: {exc}")
+                continue
+            try:
+                response, body = _post(conn, target, headers, data)
+            except _Failed as exc:
+                report.error = str(exc)
+                break  # the service is unreachable: the rest waits for the next attempt
+            report.association_ok = True
+            report.associations = 1
+            outcomes, error = _outcomes(response, body, {p: uids[p] for p in batch})
+            report.outcomes.update(outcomes)
+            if error:
+                errors.append(error)
+    finally:
+        conn.close()
+    if report.error is None and errors:
+        report.error = errors[0]
+    for path in unique:  # in input order, as the DIMSE sender gives them
+        report.outcomes.setdefault(path, FileOutcome(None, False, report.error or "not sent"))
+    report.outcomes = {p: report.outcomes[p] for p in unique}
+    return report
+
+
+def check(dest: Destination, *, timeout_s: float) -> CheckResult:
+    """Ask the DICOMweb service for one study (QIDO-RS, ``GET {url}/studies?limit=1``): it is
+    reachable and takes the node's credentials when it answers 200 or 204. Never raises."""
+    assert dest.url is not None, "check needs a DICOMweb destination"
+    started = time.monotonic()
+    try:
+        headers = _auth_header(dest)
+    except OSError as exc:
+        return CheckResult(False, error=f"cannot read the credentials: {exc.strerror or exc}")
+    target = _target(dest.url)
+    try:
+        conn = _connection(dest, target, timeout_s)
+    except (OSError, ssl.SSLError) as exc:
+        return CheckResult(False, error=f"TLS configuration: {exc}")
+    try:
+        conn.request(
+            "GET", f"{target.path}/studies?limit=1", headers={**headers, "Accept": DICOM_JSON}
+        )
+        response = conn.getresponse()
+        body = response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        return CheckResult(False, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        conn.close()
+    if response.status in (200, 204):
+        return CheckResult(True, elapsed_ms=1000 * (time.monotonic() - started))
+    return CheckResult(False, error=_reason(response, body))

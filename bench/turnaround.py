@@ -7,6 +7,7 @@
     python -m bench.turnaround --nagle               # storescu and Orthanc without TCP_NODELAY
     python -m bench.turnaround --signal mpps         # the modality reports MPPS COMPLETED
     python -m bench.turnaround --signal release      # the sender is a release-complete AE
+    python -m bench.turnaround --dicomweb            # results to Orthanc by STOW-RS, not C-STORE
 
 Orthanc (the PACS) and the node run on loopback; the node is ``acwi-node serve`` on its embedded
 defaults (SQLite ledger, embedded broker) or, with ``--mode separate``, ``acwi-node scp``,
@@ -95,12 +96,11 @@ def node_config(work: Path, orthanc: OrthancServer, args: argparse.Namespace) ->
     if completion:
         config["completion"] = completion
     config["worker"] = {"torch_threads": args.torch_threads} if args.torch_threads else {}
-    pacs: dict[str, Any] = {
-        "name": "pacs",
-        "ae_title": orthanc.aet,
-        "host": "127.0.0.1",
-        "port": orthanc.dicom_port,
-    }
+    pacs: dict[str, Any] = {"name": "pacs"}
+    if args.dicomweb:
+        pacs["url"] = f"{orthanc.url}/dicom-web"
+    else:
+        pacs |= {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
     if args.associations:
         pacs["associations"] = args.associations
     config["destinations"] = [pacs]
@@ -332,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         help="run storescu and Orthanc without TCP_NODELAY, as they are installed (Nagle's"
         " algorithm on: each small PDU waits for the peer's acknowledgement)",
     )
+    parser.add_argument(
+        "--dicomweb",
+        action="store_true",
+        help="send the results to Orthanc's DICOMweb plugin by STOW-RS instead of C-STORE",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     bench_common.SENDERS_NODELAY = not args.nagle
@@ -395,7 +400,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(
         f"mode={args.mode} signal={args.signal} quiet_period_s={args.quiet_period}"
-        f" poll={args.poll_interval} nagle={args.nagle}"
+        f" poll={args.poll_interval} nagle={args.nagle} dicomweb={args.dicomweb}"
     )
     print(markdown_table(header, rows))
     print()

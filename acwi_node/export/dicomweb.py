@@ -24,8 +24,10 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import queue
 import secrets
 import ssl
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -96,12 +98,17 @@ def _sop_instance_uid(path: Path) -> str:
     return str(ds.SOPInstanceUID)
 
 
-def _batches(files: Sequence[tuple[Path, int]], max_bytes: int) -> Iterator[list[Path]]:
-    """Consecutive runs of ``files`` of at most ``max_bytes`` (an object larger goes alone)."""
+def _batches(
+    files: Sequence[tuple[Path, int]], max_bytes: int, parts: int = 1
+) -> Iterator[list[Path]]:
+    """Consecutive runs of ``files`` of at most ``max_bytes`` (an object larger goes alone),
+    and of about an equal share each when ``parts`` requests are to go at once."""
+    total = sum(length for _, length in files)
+    limit = min(max_bytes, max(1, -(-total // max(1, parts))))
     batch: list[Path] = []
     size = 0
     for path, length in files:
-        if batch and size + length > max_bytes:
+        if batch and size + length > limit:
             yield batch
             batch, size = [], 0
         batch.append(path)
@@ -244,28 +251,60 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
         report.error = f"cannot read the destination's credentials: {exc.strerror or exc}"
         readable = []  # nothing is sent; every object waits for the next attempt
     target = _target(dest.url)
-    conn = _connection(dest, target, timeout_s)
-    try:
-        for batch in _batches(readable, dest.request_max_bytes):
-            try:
-                data = [p.read_bytes() for p in batch]
-            except OSError as exc:
-                for p in batch:
-                    report.outcomes[p] = FileOutcome(None, False, f"unreadable: {exc}")
-                continue
-            try:
-                response, body = _post(conn, target, headers, data)
-            except _Failed as exc:
-                report.error = str(exc)
-                break  # the service is unreachable: the rest waits for the next attempt
-            report.association_ok = True
-            report.associations = 1
-            outcomes, error = _outcomes(response, body, {p: uids[p] for p in batch})
-            report.outcomes.update(outcomes)
-            if error:
-                errors.append(error)
-    finally:
-        conn.close()
+    batches = queue.SimpleQueue[list[Path]]()
+    for batch in _batches(readable, dest.request_max_bytes, dest.associations):
+        batches.put(batch)
+    lock = threading.Lock()
+    used = [0]
+
+    def send_batches() -> None:
+        """One connection's share: batches until none is left, or the service is gone."""
+        conn = _connection(dest, target, timeout_s)
+        answered = False
+        try:
+            while True:
+                try:
+                    batch = batches.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    data = [p.read_bytes() for p in batch]
+                except OSError as exc:
+                    with lock:
+                        for p in batch:
+                            report.outcomes[p] = FileOutcome(None, False, f"unreadable: {exc}")
+                    continue
+                try:
+                    response, body = _post(conn, target, headers, data)
+                except _Failed as exc:
+                    with lock:
+                        report.error = report.error or str(exc)
+                    return  # unreachable: what is left waits for the next attempt
+                outcomes, error = _outcomes(response, body, {p: uids[p] for p in batch})
+                with lock:
+                    report.association_ok = True
+                    report.outcomes.update(outcomes)
+                    if error:
+                        errors.append(error)
+                    if not answered:
+                        answered = True
+                        used[0] += 1
+        finally:
+            conn.close()
+
+    workers = min(dest.associations, batches.qsize())
+    if workers <= 1:
+        send_batches()
+    else:  # several requests at once, each connection taking the next batch
+        threads = [
+            threading.Thread(target=send_batches, name=f"stow-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    report.associations = used[0]
     if report.error is None and errors:
         report.error = errors[0]
     for path in unique:  # in input order, as the DIMSE sender gives them

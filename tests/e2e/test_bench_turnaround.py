@@ -50,3 +50,13 @@ def test_the_turnaround_bench_completes_studies_by_the_signal_asked_for(
     assert list(report["results"]) == ["DX 1 image", "CT 3 slices"]
     for stages in report["stages"].values():
         assert stages["complete"] < 120  # not the quiet period (an hour)
+
+
+def test_the_turnaround_bench_can_send_the_results_by_stow_rs(tmp_path: Path) -> None:
+    require_dcmtk_tool("storescu")
+    require_orthanc()
+    out = tmp_path / "turnaround.json"
+    assert main(["--dx", "1", "--ct", "0", "--dicomweb", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["args"]["dicomweb"] is True
+    assert report["results"]["DX 1 image"]["n"] == 1

@@ -192,7 +192,7 @@ def test_every_object_goes_in_one_multipart_request_and_200_stores_them_all(
 ) -> None:
     paths, _ = objects(tmp_path, 3)
     fake = service(lambda seen: (200, None))
-    report = stow_files(paths, web(fake.url), timeout_s=10)
+    report = stow_files(paths, web(fake.url, associations=1), timeout_s=10)
     assert report.error is None and report.association_ok
     assert [o.delivered for o in report.outcomes.values()] == [True, True, True]
     assert list(report.outcomes) == paths
@@ -202,6 +202,28 @@ def test_every_object_goes_in_one_multipart_request_and_200_stores_them_all(
     assert request.headers["accept"] == "application/dicom+json"
     assert "authorization" not in request.headers
     assert request.parts == [p.read_bytes() for p in paths]
+
+
+def test_results_go_over_several_connections_at_once(
+    tmp_path: Path, service: Callable[..., FakeService]
+) -> None:
+    """``associations`` requests at once, the results split evenly between them: the service
+    answers neither request until both have arrived (a barrier), so sent one after the other
+    they would fail."""
+    paths, _ = objects(tmp_path, 4)
+    both = threading.Barrier(2, timeout=10)
+
+    def answer(seen: Seen) -> tuple[int, None]:
+        both.wait()
+        return 200, None
+
+    fake = service(answer)
+    report = stow_files(paths, web(fake.url, associations=2), timeout_s=20)
+    assert report.error is None and report.associations == 2
+    assert all(o.delivered for o in report.outcomes.values())
+    assert sorted(len(s.parts) for s in fake.seen) == [2, 2]
+    sent = sorted(part for s in fake.seen for part in s.parts)
+    assert sent == sorted(p.read_bytes() for p in paths)
 
 
 def test_a_partial_answer_gives_each_object_its_own_outcome(
@@ -269,7 +291,7 @@ def test_large_results_take_several_requests_and_unreadable_files_stay_behind(
     broken.write_bytes(b"not DICOM")
     fake = service(lambda seen: (200, None))
     report = stow_files([*paths, broken], web(fake.url, request_max_bytes=1 << 20), timeout_s=10)
-    assert [len(s.parts) for s in fake.seen] == [2, 2, 1]
+    assert sorted(len(s.parts) for s in fake.seen) == [1, 2, 2]
     assert [o.delivered for o in report.outcomes.values()] == [True] * 5 + [False]
     assert "unreadable" in report.outcomes[broken].detail
 

@@ -259,7 +259,12 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
 
     def send_batches() -> None:
         """One connection's share: batches until none is left, or the service is gone."""
-        conn = _connection(dest, target, timeout_s)
+        try:
+            conn = _connection(dest, target, timeout_s)
+        except (OSError, ValueError) as exc:  # the TLS files went missing since start-up
+            with lock:
+                report.error = report.error or f"TLS configuration: {exc}"
+            return
         answered = False
         try:
             while True:

@@ -1,9 +1,10 @@
 """Results to a DICOMweb service: STOW-RS (PS3.18 10.5), and a QIDO-RS query as its check.
 
-A destination with a ``url`` gets a study's result objects by ``POST {url}/studies``, a
-``multipart/related; type="application/dicom"`` body of up to ``request_max_bytes`` (more
-objects take more requests, over one persistent connection). Each object's outcome comes from
-the response (PS3.18 Table 10.5.3-1 and 10.5.3-2):
+A destination with a ``url`` gets a study's result objects by ``POST {url}/studies``,
+``multipart/related; type="application/dicom"`` bodies streamed from the result files: split
+evenly over ``associations`` requests at once (each on its own connection), and into more
+requests where a share would exceed ``request_max_bytes``. Each object's outcome comes from the
+response (PS3.18 Table 10.5.3-1 and 10.5.3-2):
 
 * ``200 OK``: every object stored (the body, when there is one, is not needed);
 * ``202 Accepted``, ``409 Conflict``: the Referenced SOP Sequence lists the objects stored (a
@@ -22,8 +23,10 @@ a log line.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
+import os
 import queue
 import secrets
 import ssl
@@ -32,7 +35,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 from pydicom import dcmread
@@ -101,30 +104,56 @@ def _sop_instance_uid(path: Path) -> str:
 def _batches(
     files: Sequence[tuple[Path, int]], max_bytes: int, parts: int = 1
 ) -> Iterator[list[Path]]:
-    """Consecutive runs of ``files`` of at most ``max_bytes`` (an object larger goes alone),
-    and of about an equal share each when ``parts`` requests are to go at once."""
+    """``files`` in ``parts`` consecutive shares of about equal bytes (each file goes to the
+    share its middle byte falls in), each share in runs of at most ``max_bytes`` (an object
+    larger goes alone)."""
+    parts = max(1, parts)
     total = sum(length for _, length in files)
-    limit = min(max_bytes, max(1, -(-total // max(1, parts))))
-    batch: list[Path] = []
-    size = 0
+    shares: list[list[tuple[Path, int]]] = [[] for _ in range(parts)]
+    offset = 0
     for path, length in files:
-        if batch and size + length > limit:
+        share = int((offset + length / 2) * parts / total) if total else 0
+        shares[min(parts - 1, share)].append((path, length))
+        offset += length
+    for share_files in shares:
+        batch: list[Path] = []
+        size = 0
+        for path, length in share_files:
+            if batch and size + length > max_bytes:
+                yield batch
+                batch, size = [], 0
+            batch.append(path)
+            size += length
+        if batch:
             yield batch
-            batch, size = [], 0
-        batch.append(path)
-        size += length
-    if batch:
-        yield batch
 
 
-def _multipart(parts: Sequence[bytes], boundary: str) -> tuple[list[bytes], int]:
-    """The body's pieces (the objects themselves are not copied) and its length."""
+#: Bytes of an object read at a time while a request is sent (objects are streamed from their
+#: files, not held in memory).
+_CHUNK = 1 << 20
+
+
+def _multipart(files: Sequence[BinaryIO], boundary: str) -> tuple[Iterator[bytes], int]:
+    """The body, streamed from the open ``files``, and its length."""
     head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii")
-    pieces: list[bytes] = []
-    for data in parts:
-        pieces += [head, data, b"\r\n"]
-    pieces.append(f"--{boundary}--\r\n".encode("ascii"))
-    return pieces, sum(len(p) for p in pieces)
+    tail = f"--{boundary}--\r\n".encode("ascii")
+    sizes = [os.fstat(f.fileno()).st_size for f in files]
+    length = sum(len(head) + size + 2 for size in sizes) + len(tail)
+
+    def pieces() -> Iterator[bytes]:
+        for f, size in zip(files, sizes, strict=True):
+            yield head
+            left = size
+            while left > 0:
+                chunk = f.read(min(_CHUNK, left))
+                if not chunk:
+                    raise OSError(f"{f.name}: shorter than its size when the request began")
+                left -= len(chunk)
+                yield chunk
+            yield b"\r\n"
+        yield tail
+
+    return pieces(), length
 
 
 def _values(item: dict[str, Any], tag: str) -> list[Any]:
@@ -172,10 +201,10 @@ def _post(
     conn: http.client.HTTPConnection,
     target: _Target,
     headers: dict[str, str],
-    data: Sequence[bytes],
+    files: Sequence[BinaryIO],
 ) -> tuple[http.client.HTTPResponse, bytes]:
     boundary = secrets.token_hex(16)
-    pieces, length = _multipart(data, boundary)
+    pieces, length = _multipart(files, boundary)
     request_headers = {
         **headers,
         "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
@@ -183,7 +212,7 @@ def _post(
         "Accept": DICOM_JSON,
     }
     try:
-        conn.request("POST", f"{target.path}/studies", body=iter(pieces), headers=request_headers)
+        conn.request("POST", f"{target.path}/studies", body=pieces, headers=request_headers)
         response = conn.getresponse()
         body = response.read()
     except (OSError, http.client.HTTPException) as exc:
@@ -272,20 +301,28 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
                     batch = batches.get_nowait()
                 except queue.Empty:
                     return
-                try:
-                    data = [p.read_bytes() for p in batch]
-                except OSError as exc:
-                    with lock:
-                        for p in batch:
-                            report.outcomes[p] = FileOutcome(None, False, f"unreadable: {exc}")
-                    continue
-                try:
-                    response, body = _post(conn, target, headers, data)
-                except _Failed as exc:
-                    with lock:
-                        report.error = report.error or str(exc)
-                    return  # unreachable: what is left waits for the next attempt
-                outcomes, error = _outcomes(response, body, {p: uids[p] for p in batch})
+                with contextlib.ExitStack() as opened:
+                    files: list[BinaryIO] = []
+                    sent: list[Path] = []
+                    for path in batch:  # open now: a file removed meanwhile is still read
+                        try:
+                            files.append(opened.enter_context(path.open("rb")))
+                        except OSError as exc:
+                            with lock:
+                                report.outcomes[path] = FileOutcome(
+                                    None, False, f"unreadable: {exc}"
+                                )
+                            continue
+                        sent.append(path)
+                    if not sent:
+                        continue
+                    try:
+                        response, body = _post(conn, target, headers, files)
+                    except _Failed as exc:
+                        with lock:
+                            report.error = report.error or str(exc)
+                        return  # unreachable: what is left waits for the next attempt
+                outcomes, error = _outcomes(response, body, {p: uids[p] for p in sent})
                 with lock:
                     report.association_ok = True
                     report.outcomes.update(outcomes)

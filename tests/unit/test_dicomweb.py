@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from pydicom.uid import generate_uid
 
 from acwi_node.config import Destination
+from acwi_node.export import dicomweb
 from acwi_node.export.dicomweb import check, parse_stow_response, stow_files
 from tests.support import write_secondary_capture
 from tests.support.certs import make_pki
@@ -281,7 +282,7 @@ def test_a_service_that_is_down_is_an_error_and_nothing_is_lost(tmp_path: Path) 
 
 
 def test_large_results_take_several_requests_and_unreadable_files_stay_behind(
-    tmp_path: Path, service: Callable[..., FakeService]
+    tmp_path: Path, service: Callable[..., FakeService], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Objects of about 0.45 MB with at most 1 MiB a request: two a request; a file that
     cannot be read is reported, the others are sent."""
@@ -290,8 +291,11 @@ def test_large_results_take_several_requests_and_unreadable_files_stay_behind(
     broken = tmp_path / "broken.dcm"
     broken.write_bytes(b"not DICOM")
     fake = service(lambda seen: (200, None))
+    monkeypatch.setattr(dicomweb, "_CHUNK", 4096)  # each object streamed in many pieces
     report = stow_files([*paths, broken], web(fake.url, request_max_bytes=1 << 20), timeout_s=10)
     assert sorted(len(s.parts) for s in fake.seen) == [1, 2, 2]
+    sent = sorted(part for s in fake.seen for part in s.parts)
+    assert sent == sorted(p.read_bytes() for p in paths)
     assert [o.delivered for o in report.outcomes.values()] == [True] * 5 + [False]
     assert "unreadable" in report.outcomes[broken].detail
 
@@ -360,3 +364,23 @@ def test_https_checks_the_services_certificate_and_can_present_the_nodes(
     anonymous = stow_files(paths, web(fake.url, tls={"ca_file": pki.ca}), timeout_s=10)
     assert anonymous.error is not None and not anonymous.outcomes[paths[0]].delivered
     assert len(fake.seen) == 2  # the refused connections never got a request through
+
+
+@pytest.mark.parametrize(
+    ("sizes", "parts", "max_bytes", "expected"),
+    [
+        ([100, 103, 98, 101], 2, 10_000, [2, 2]),  # sizes differ a little: still two halves
+        ([1_700, *[786] * 100], 2, 64_000_000, [50, 51]),  # a CT: the SR and its heatmaps
+        ([100] * 5, 1, 250, [2, 2, 1]),  # one at a time, split by size
+        ([100, 5_000, 100], 2, 1_000, [1, 1, 1]),  # the large one alone
+        ([100] * 3, 4, 10_000, [1, 1, 1]),  # fewer objects than requests
+        ([], 2, 1_000, []),
+    ],
+)
+def test_results_are_shared_evenly_between_requests(
+    sizes: list[int], parts: int, max_bytes: int, expected: list[int]
+) -> None:
+    files = [(Path(f"f{i}"), size) for i, size in enumerate(sizes)]
+    batches = list(dicomweb._batches(files, max_bytes, parts))
+    assert [len(b) for b in batches] == expected
+    assert [p for b in batches for p in b] == [p for p, _ in files]  # every one, in order

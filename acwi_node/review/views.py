@@ -243,6 +243,21 @@ def _safe_next(value: str) -> str:
     return "/review/worklist"
 
 
+def destination_outboxes(store: ReviewStore, settings: Settings) -> list[dict[str, Any]]:
+    """:meth:`ReviewStore.delivery_status` of the configured destinations, each configured one
+    with where it is (``AE@host:port`` or its URL) and the check the dashboard offers for it
+    (C-ECHO, or QIDO-RS for a DICOMweb service)."""
+    rows = store.delivery_status(
+        [d.name for d in settings.destinations], ris=settings.hl7.ris is not None
+    )
+    known = {d.name: d for d in settings.destinations}
+    for row in rows:
+        dest = known.get(row["name"])
+        row["where"] = dest.where if dest is not None else ""
+        row["check"] = what_it_checks(dest) if dest is not None else ""
+    return rows
+
+
 def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewApp:
     """Add the review pages and the authentication middleware to ``app``."""
     review = ReviewApp(settings, ledger)
@@ -388,11 +403,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             d=review.store.dashboard(days=days),
             disk=_disk_free_percent(settings.data_dir),
             failed=review.store.failed_studies() if user.role == "admin" else None,
-            outboxes=review.store.delivery_status(
-                [d.name for d in settings.destinations], ris=settings.hl7.ris is not None
-            )
-            if user.role == "admin"
-            else None,
+            outboxes=destination_outboxes(review.store, settings) if user.role == "admin" else None,
             notice=notice,
             error=error,
         )

@@ -21,7 +21,7 @@ from acwi_node import __version__
 from acwi_node.config import Settings
 from acwi_node.ledger import Ledger, StudyActionRefused
 from acwi_node.review.store import ReviewStore, SessionInfo
-from acwi_node.review.views import install_review
+from acwi_node.review.views import destination_outboxes, install_review
 from acwi_node.web.ops import ops_router
 
 log = logging.getLogger("acwi_node.api")
@@ -87,10 +87,7 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
         user: SessionInfo | None = getattr(request.state, "user", None)
         if user is None or user.role != "admin":
             raise HTTPException(status_code=403, detail="administrators only")
-        rows = ReviewStore(db).delivery_status(
-            [d.name for d in settings.destinations], ris=settings.hl7.ris is not None
-        )
-        return {"destinations": rows}
+        return {"destinations": destination_outboxes(ReviewStore(db), settings)}
 
     @app.get("/api/worklist")
     def worklist() -> dict[str, Any]:

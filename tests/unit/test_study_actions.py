@@ -296,6 +296,7 @@ def test_administrators_check_a_destination_from_the_dashboard(
             "destinations": [
                 Destination(name="pacs", ae_title="ECHOSCP", host="127.0.0.1", port=port),
                 Destination(name="down", ae_title="DOWN", host="127.0.0.1", port=free_port()),
+                Destination(name="web", url=f"http://127.0.0.1:{free_port()}/dicom-web"),
             ]
         }
     )
@@ -311,6 +312,14 @@ def test_administrators_check_a_destination_from_the_dashboard(
             page = client.get("/review/dashboard").text
             assert 'action="/review/destinations/pacs/check"' in page
             assert 'action="/review/destinations/down/check"' in page
+            rows = dict(re.findall(r'<tr id="outbox-(\w+)">(.*?)</tr>', page, re.S))
+            assert f"ECHOSCP@127.0.0.1:{port}" in rows["pacs"] and "Check (C-ECHO)" in rows["pacs"]
+            assert "/dicom-web" in rows["web"] and "Check (QIDO-RS)" in rows["web"]
+            api = {r["name"]: r for r in client.get("/api/destinations").json()["destinations"]}
+            assert (api["web"]["check"], api["pacs"]["check"]) == ("QIDO-RS", "C-ECHO")
+            assert api["pacs"]["where"] == f"ECHOSCP@127.0.0.1:{port}"
+            web = client.post("/review/destinations/web/check", data={"csrf_token": csrf})
+            assert web.status_code == 502 and "QIDO-RS failed: ConnectionRefused" in web.text
             ok = client.post("/review/destinations/pacs/check", data={"csrf_token": csrf})
             assert ok.status_code == 200
             assert f"pacs (ECHOSCP@127.0.0.1:{port}): C-ECHO ok, " in ok.text

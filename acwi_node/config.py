@@ -337,6 +337,9 @@ class Destination(_Strict):
     #: DICOMweb: the most DICOM bytes in one STOW-RS request (a study's results take several
     #: requests beyond it; an object larger than it goes alone).
     request_max_bytes: int = Field(DEFAULT_STOW_REQUEST_BYTES, ge=1024 * 1024)
+    #: DICOMweb through an HTTP proxy (``http://proxy:3128``): ``https`` URLs by a CONNECT
+    #: tunnel, ``http`` URLs by requests in absolute form. None: straight to the service.
+    proxy: str | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> Destination:
@@ -348,7 +351,9 @@ class Destination(_Strict):
                     f"destination {self.name!r}: {', '.join(missing)} missing (a DICOM node"
                     " needs ae_title, host and port; a DICOMweb service, url)"
                 )
-            auth = [k for k in ("username", "password_file", "token_file") if getattr(self, k)]
+            auth = [
+                k for k in ("username", "password_file", "token_file", "proxy") if getattr(self, k)
+            ]
             if auth:
                 raise ValueError(
                     f"destination {self.name!r}: {', '.join(auth)} apply to DICOMweb (url) only"
@@ -381,6 +386,14 @@ class Destination(_Strict):
                 raise ValueError(f"destination {self.name!r}: {key} {path} is not a file")
         if self.tls is not None and parts.scheme != "https":
             raise ValueError(f"destination {self.name!r}: tls needs an https:// url")
+        if self.proxy is not None:
+            proxy = urlsplit(self.proxy)
+            if proxy.scheme != "http" or not proxy.hostname or proxy.path not in ("", "/"):
+                raise ValueError(
+                    f"destination {self.name!r}: proxy must be http://host:port, not {self.proxy!r}"
+                )
+            if proxy.username or proxy.password:
+                raise ValueError(f"destination {self.name!r}: no credentials in proxy")
         return self
 
     @property

@@ -76,12 +76,30 @@ def _target(url: str) -> _Target:
 
 
 def _connection(dest: Destination, target: _Target, timeout_s: float) -> http.client.HTTPConnection:
+    """A connection to the service, or to its proxy: a CONNECT tunnel for ``https``; for
+    ``http`` the requests then name the whole URL (:func:`_request_target`)."""
+    host, port = target.host, target.port
+    if dest.proxy is not None:
+        proxy = urlsplit(dest.proxy)
+        host, port = proxy.hostname or "", proxy.port or 80
     if target.scheme == "https":
         context = dest.tls.context() if dest.tls is not None else ssl.create_default_context()
-        return http.client.HTTPSConnection(
-            target.host, target.port, timeout=timeout_s, context=context
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            host, port, timeout=timeout_s, context=context
         )
-    return http.client.HTTPConnection(target.host, target.port, timeout=timeout_s)
+        if dest.proxy is not None:
+            conn.set_tunnel(target.host, target.port)
+        return conn
+    return http.client.HTTPConnection(host, port, timeout=timeout_s)
+
+
+def _request_target(dest: Destination, target: _Target, path: str) -> str:
+    """The request line's target for ``path`` under the service's base path: absolute (the
+    whole URL) for plain ``http`` through a proxy, else the path alone."""
+    full = f"{target.path}{path}"
+    if dest.proxy is not None and target.scheme == "http":
+        return f"http://{target.host}:{target.port}{full}"
+    return full
 
 
 def _auth_header(dest: Destination) -> dict[str, str]:
@@ -199,7 +217,7 @@ def _reason(response: http.client.HTTPResponse, body: bytes) -> str:
 
 def _post(
     conn: http.client.HTTPConnection,
-    target: _Target,
+    url: str,
     headers: dict[str, str],
     files: Sequence[BinaryIO],
 ) -> tuple[http.client.HTTPResponse, bytes]:
@@ -212,7 +230,7 @@ def _post(
         "Accept": DICOM_JSON,
     }
     try:
-        conn.request("POST", f"{target.path}/studies", body=pieces, headers=request_headers)
+        conn.request("POST", url, body=pieces, headers=request_headers)
         response = conn.getresponse()
         body = response.read()
     except (OSError, http.client.HTTPException) as exc:
@@ -280,6 +298,7 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
         report.error = f"cannot read the destination's credentials: {exc.strerror or exc}"
         readable = []  # nothing is sent; every object waits for the next attempt
     target = _target(dest.url)
+    studies_url = _request_target(dest, target, "/studies")
     batches = queue.SimpleQueue[list[Path]]()
     for batch in _batches(readable, dest.request_max_bytes, dest.associations):
         batches.put(batch)
@@ -317,7 +336,7 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
                     if not sent:
                         continue
                     try:
-                        response, body = _post(conn, target, headers, files)
+                        response, body = _post(conn, studies_url, headers, files)
                     except _Failed as exc:
                         with lock:
                             report.error = report.error or str(exc)
@@ -371,7 +390,9 @@ def check(dest: Destination, *, timeout_s: float) -> CheckResult:
         return CheckResult(False, error=f"TLS configuration: {exc}")
     try:
         conn.request(
-            "GET", f"{target.path}/studies?limit=1", headers={**headers, "Accept": DICOM_JSON}
+            "GET",
+            _request_target(dest, target, "/studies?limit=1"),
+            headers={**headers, "Accept": DICOM_JSON},
         )
         response = conn.getresponse()
         body = response.read()

@@ -5,7 +5,9 @@ as a test tells it to (Orthanc's own STOW-RS is in tests/integration/test_dicomw
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from pydantic import ValidationError
@@ -384,3 +387,106 @@ def test_results_are_shared_evenly_between_requests(
     batches = list(dicomweb._batches(files, max_bytes, parts))
     assert [len(b) for b in batches] == expected
     assert [p for b in batches for p in b] == [p for p, _ in files]  # every one, in order
+
+
+class FakeProxy:
+    """An HTTP proxy on loopback: CONNECT tunnels, and requests in absolute form passed on in
+    origin form; it records each request line it got."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = client.recv(65536)
+            if not chunk:
+                client.close()
+                return
+            head += chunk
+        line, _, rest = head.partition(b"\r\n")
+        method, target, version = line.decode().split(" ")
+        self.seen.append((method, target))
+        if method == "CONNECT":
+            host, port = target.rsplit(":", 1)
+            upstream = socket.create_connection((host, int(port)))
+            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:
+            parts = urlsplit(target)
+            upstream = socket.create_connection((parts.hostname, parts.port))
+            origin = f"{method} {parts.path}{'?' + parts.query if parts.query else ''} {version}"
+            upstream.sendall(origin.encode() + b"\r\n" + rest)
+
+        def pipe(a: socket.socket, b: socket.socket) -> None:
+            try:
+                while data := a.recv(65536):
+                    b.sendall(data)
+            except OSError:
+                pass
+            finally:
+                with contextlib.suppress(OSError):
+                    b.shutdown(socket.SHUT_WR)
+
+        threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+        pipe(client, upstream)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_results_go_through_an_http_proxy(
+    tmp_path: Path, service: Callable[..., FakeService]
+) -> None:
+    """``proxy``: an ``http`` service is asked in absolute form through the proxy, an ``https``
+    one through a CONNECT tunnel (its certificate still checked end to end)."""
+    paths, _ = objects(tmp_path, 1)
+    proxy = FakeProxy()
+    try:
+        plain = service(lambda seen: (200, None))
+        report = stow_files(paths, web(plain.url, proxy=proxy.url), timeout_s=10)
+        assert report.error is None and report.outcomes[paths[0]].delivered
+        assert check(web(plain.url, proxy=proxy.url), timeout_s=10).ok
+        port = urlsplit(plain.url).port
+        assert proxy.seen == [
+            ("POST", f"http://127.0.0.1:{port}/dicom-web/studies"),
+            ("GET", f"http://127.0.0.1:{port}/dicom-web/studies?limit=1"),
+        ]
+        assert [s.path for s in plain.seen] == ["/dicom-web/studies", "/dicom-web/studies?limit=1"]
+
+        pki = make_pki(tmp_path / "pki")
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.load_cert_chain(pki.server.cert, pki.server.key)
+        secure = service(lambda seen: (200, None), server)
+        dest = web(secure.url, proxy=proxy.url, tls={"ca_file": pki.ca})
+        report = stow_files(paths, dest, timeout_s=10)
+        assert report.error is None and report.outcomes[paths[0]].delivered
+        assert proxy.seen[-1] == ("CONNECT", f"127.0.0.1:{urlsplit(secure.url).port}")
+        assert [s.parts for s in secure.seen] == [[paths[0].read_bytes()]]
+    finally:
+        proxy.close()
+    down = stow_files(paths, web(plain.url, proxy=f"http://127.0.0.1:{free_port()}"), timeout_s=5)
+    assert down.error is not None and "ConnectionRefused" in down.error
+
+
+def test_a_proxy_is_an_http_url_without_credentials() -> None:
+    for proxy in ("https://proxy:3128", "http://user:pw@proxy:3128", "proxy:3128", "http://p/x"):
+        with pytest.raises(ValidationError):
+            web("https://x/dicom-web", proxy=proxy)
+    with pytest.raises(ValidationError):  # DIMSE destinations take no proxy
+        Destination(name="d", ae_title="PACS", host="h", port=104, proxy="http://proxy:3128")
+    assert web("https://x/dicom-web", proxy="http://proxy:3128").proxy == "http://proxy:3128"

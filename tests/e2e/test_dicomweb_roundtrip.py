@@ -28,8 +28,7 @@ USER = ("acwi", "web-s3cret")
 @pytest.fixture
 def orthanc() -> Iterator[OrthancServer]:
     with OrthancServer(node_ae="ACWI", node_port=free_port(), http_user=USER) as server:
-        if "dicom-web" not in str(server.get_json("/plugins")):
-            pytest.skip("Orthanc's DICOMweb plugin is not installed")
+        server.require_dicomweb()
         yield server
 
 

@@ -24,8 +24,7 @@ USER = ("acwi", "stow-s3cret")
 def orthanc() -> Iterator[OrthancServer]:
     require_orthanc()
     with OrthancServer(http_user=USER) as server:
-        if "dicom-web" not in str(server.get_json("/plugins")):
-            pytest.skip("Orthanc's DICOMweb plugin is not installed")
+        server.require_dicomweb()
         yield server
 
 

@@ -366,6 +366,12 @@ class OrthancServer:
             )
         return response
 
+    def require_dicomweb(self) -> None:
+        """Skip the calling test where Orthanc's DICOMweb plugin (Debian's ``orthanc-dicomweb``,
+        which ``scripts/setup.sh --test`` installs) is not loaded."""
+        if "dicom-web" not in str(self.get_json("/plugins")):
+            pytest.skip("Orthanc's DICOMweb plugin (Debian package orthanc-dicomweb) is absent")
+
     def get_json(self, path: str) -> Any:
         """GET ``path`` and return the decoded JSON answer."""
         return self._check(self.client.get(path)).json()

@@ -22,6 +22,7 @@ from acwi_node.hl7.mllp import (
     read_frame_sync,
     stream_limit,
 )
+from acwi_node.tcp import TCP_QUICKACK as QUICKACK
 
 
 def _read(data: bytes, *, max_bytes: int = 100, eof: bool = True) -> bytes | None:
@@ -108,9 +109,6 @@ def test_sync_reader() -> None:
             read_frame_sync(b, max_bytes=100, timeout_s=1)
 
 
-QUICKACK = getattr(socket, "TCP_QUICKACK", None)
-
-
 class _Recorder:
     """A socket stand-in for read_frame_sync that logs reads and the options set, in order."""
 
@@ -130,7 +128,7 @@ class _Recorder:
         return self.sock.recv(n)
 
 
-@pytest.mark.skipif(QUICKACK is None, reason="TCP_QUICKACK is Linux's")
+@pytest.mark.skipif(QUICKACK is None, reason="no TCP_QUICKACK on this platform (it is Linux's)")
 def test_the_client_asks_for_a_quick_ack_before_every_read() -> None:
     """A RIS with Nagle's algorithm on that writes its reply in parts holds each part until
     the one before is acknowledged: every read of the reply asks to acknowledge at once."""

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from acwi_node.ingest.reactor import READ_AHEAD, RECV_CHUNK, BulkReadSocket
+from acwi_node.tcp import TCP_QUICKACK as QUICKACK
 
 
 class _Recorder:
@@ -211,8 +212,9 @@ def test_a_send_to_a_closed_peer_is_a_transport_event(real_pair: Any) -> None:
     assert assoc.sent == []
 
 
-QUICKACK = getattr(socket, "TCP_QUICKACK", None)
-needs_quickack = pytest.mark.skipif(QUICKACK is None, reason="TCP_QUICKACK is Linux's")
+needs_quickack = pytest.mark.skipif(
+    QUICKACK is None, reason="no TCP_QUICKACK on this platform (it is Linux's)"
+)
 
 
 @needs_quickack

@@ -340,6 +340,11 @@ class Destination(_Strict):
     #: DICOMweb through an HTTP proxy (``http://proxy:3128``): ``https`` URLs by a CONNECT
     #: tunnel, ``http`` URLs by requests in absolute form. None: straight to the service.
     proxy: str | None = None
+    #: DICOMweb: a proxy that asks for authentication (HTTP 407): the user name and a file
+    #: holding the password, sent as ``Proxy-Authorization: Basic`` to the proxy alone (on the
+    #: CONNECT of an ``https`` URL, on each request of an ``http`` one), read for every call.
+    proxy_username: str | None = None
+    proxy_password_file: Path | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> Destination:
@@ -352,7 +357,16 @@ class Destination(_Strict):
                     " needs ae_title, host and port; a DICOMweb service, url)"
                 )
             auth = [
-                k for k in ("username", "password_file", "token_file", "proxy") if getattr(self, k)
+                k
+                for k in (
+                    "username",
+                    "password_file",
+                    "token_file",
+                    "proxy",
+                    "proxy_username",
+                    "proxy_password_file",
+                )
+                if getattr(self, k)
             ]
             if auth:
                 raise ValueError(
@@ -380,7 +394,13 @@ class Destination(_Strict):
             raise ValueError(f"destination {self.name!r}: username and password_file go together")
         if self.username is not None and self.token_file is not None:
             raise ValueError(f"destination {self.name!r}: Basic (username) or token_file, not both")
-        for key in ("password_file", "token_file"):
+        if (self.proxy_username is None) != (self.proxy_password_file is None):
+            raise ValueError(
+                f"destination {self.name!r}: proxy_username and proxy_password_file go together"
+            )
+        if self.proxy_username is not None and self.proxy is None:
+            raise ValueError(f"destination {self.name!r}: proxy_username needs a proxy")
+        for key in ("password_file", "token_file", "proxy_password_file"):
             path = getattr(self, key)
             if path is not None and not path.expanduser().is_file():
                 raise ValueError(f"destination {self.name!r}: {key} {path} is not a file")
@@ -393,7 +413,10 @@ class Destination(_Strict):
                     f"destination {self.name!r}: proxy must be http://host:port, not {self.proxy!r}"
                 )
             if proxy.username or proxy.password:
-                raise ValueError(f"destination {self.name!r}: no credentials in proxy")
+                raise ValueError(
+                    f"destination {self.name!r}: no credentials in proxy (proxy_username and"
+                    " proxy_password_file)"
+                )
         return self
 
     @property

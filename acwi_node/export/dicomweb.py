@@ -15,9 +15,9 @@ response (PS3.18 Table 10.5.3-1 and 10.5.3-2):
 
 Nothing here raises: :func:`stow_files` returns the same :class:`~acwi_node.export.scu.SendReport`
 as the DIMSE sender, so the outbox records, retries and audits both alike. Credentials (HTTP
-Basic from ``username`` and ``password_file``, or a bearer token from ``token_file``) are read
-for every call, so a renewed password or token is used without a restart, and they never reach
-a log line.
+Basic from ``username`` and ``password_file``, or a bearer token from ``token_file``; a proxy's
+Basic from ``proxy_username`` and ``proxy_password_file``) are read for every call, so a renewed
+password or token is used without a restart, and they never reach a log line.
 """
 
 from __future__ import annotations
@@ -75,9 +75,12 @@ def _target(url: str) -> _Target:
     return _Target(scheme, parts.hostname or "", port, parts.path.rstrip("/"))
 
 
-def _connection(dest: Destination, target: _Target, timeout_s: float) -> http.client.HTTPConnection:
-    """A connection to the service, or to its proxy: a CONNECT tunnel for ``https``; for
-    ``http`` the requests then name the whole URL (:func:`_request_target`)."""
+def _connection(
+    dest: Destination, target: _Target, timeout_s: float, tunnel_headers: dict[str, str]
+) -> http.client.HTTPConnection:
+    """A connection to the service, or to its proxy: a CONNECT tunnel for ``https`` (with
+    ``tunnel_headers``, the proxy's credentials); for ``http`` the requests then name the whole
+    URL (:func:`_request_target`)."""
     host, port = target.host, target.port
     if dest.proxy is not None:
         proxy = urlsplit(dest.proxy)
@@ -88,7 +91,7 @@ def _connection(dest: Destination, target: _Target, timeout_s: float) -> http.cl
             host, port, timeout=timeout_s, context=context
         )
         if dest.proxy is not None:
-            conn.set_tunnel(target.host, target.port)
+            conn.set_tunnel(target.host, target.port, headers=tunnel_headers)
         return conn
     return http.client.HTTPConnection(host, port, timeout=timeout_s)
 
@@ -102,16 +105,32 @@ def _request_target(dest: Destination, target: _Target, path: str) -> str:
     return full
 
 
-def _auth_header(dest: Destination) -> dict[str, str]:
-    """The Authorization header for ``dest``, read from its files now (raises OSError)."""
+def _basic(username: str, password_file: Path) -> str:
+    password = password_file.expanduser().read_text(encoding="utf-8").rstrip("\r\n")
+    pair = f"{username}:{password}".encode()
+    return "Basic " + base64.b64encode(pair).decode("ascii")
+
+
+def _credentials(dest: Destination) -> tuple[dict[str, str], dict[str, str]]:
+    """The headers of each request and those of a proxy's CONNECT, read from ``dest``'s
+    files now (raises OSError): the service's ``Authorization``; the proxy's
+    ``Proxy-Authorization`` on the CONNECT of an ``https`` URL, or on each request of an
+    ``http`` one (which the proxy itself receives), never inside a tunnel to the service."""
+    request: dict[str, str] = {}
+    tunnel: dict[str, str] = {}
     if dest.token_file is not None:
         token = dest.token_file.expanduser().read_text(encoding="utf-8").strip()
-        return {"Authorization": f"Bearer {token}"}
-    if dest.username is not None and dest.password_file is not None:
-        password = dest.password_file.expanduser().read_text(encoding="utf-8").rstrip("\r\n")
-        pair = f"{dest.username}:{password}".encode()
-        return {"Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
-    return {}
+        request["Authorization"] = f"Bearer {token}"
+    elif dest.username is not None and dest.password_file is not None:
+        request["Authorization"] = _basic(dest.username, dest.password_file)
+    if dest.proxy_username is not None and dest.proxy_password_file is not None:
+        proxy_auth = _basic(dest.proxy_username, dest.proxy_password_file)
+        assert dest.url is not None
+        if urlsplit(dest.url).scheme == "https":
+            tunnel["Proxy-Authorization"] = proxy_auth
+        else:
+            request["Proxy-Authorization"] = proxy_auth
+    return request, tunnel
 
 
 def _sop_instance_uid(path: Path) -> str:
@@ -292,8 +311,10 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
             continue
         readable.append((path, length))
     errors: list[str] = []
+    headers: dict[str, str] = {}
+    tunnel_headers: dict[str, str] = {}
     try:
-        headers = _auth_header(dest)
+        headers, tunnel_headers = _credentials(dest)
     except OSError as exc:
         report.error = f"cannot read the destination's credentials: {exc.strerror or exc}"
         readable = []  # nothing is sent; every object waits for the next attempt
@@ -308,7 +329,7 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
     def send_batches() -> None:
         """One connection's share: batches until none is left, or the service is gone."""
         try:
-            conn = _connection(dest, target, timeout_s)
+            conn = _connection(dest, target, timeout_s, tunnel_headers)
         except (OSError, ValueError) as exc:  # the TLS files went missing since start-up
             with lock:
                 report.error = report.error or f"TLS configuration: {exc}"
@@ -380,12 +401,12 @@ def check(dest: Destination, *, timeout_s: float) -> CheckResult:
     assert dest.url is not None, "check needs a DICOMweb destination"
     started = time.monotonic()
     try:
-        headers = _auth_header(dest)
+        headers, tunnel_headers = _credentials(dest)
     except OSError as exc:
         return CheckResult(False, error=f"cannot read the credentials: {exc.strerror or exc}")
     target = _target(dest.url)
     try:
-        conn = _connection(dest, target, timeout_s)
+        conn = _connection(dest, target, timeout_s, tunnel_headers)
     except (OSError, ssl.SSLError) as exc:
         return CheckResult(False, error=f"TLS configuration: {exc}")
     try:

@@ -391,10 +391,17 @@ def test_results_are_shared_evenly_between_requests(
 
 class FakeProxy:
     """An HTTP proxy on loopback: CONNECT tunnels, and requests in absolute form passed on in
-    origin form; it records each request line it got."""
+    origin form (without ``Proxy-Authorization``); it records each request line it got. With
+    ``credentials`` (user, password) it answers 407 to a request without them."""
 
-    def __init__(self) -> None:
+    def __init__(self, credentials: tuple[str, str] | None = None) -> None:
         self.seen: list[tuple[str, str]] = []
+        self.refused = 0
+        self.expected = (
+            None
+            if credentials is None
+            else "Basic " + base64.b64encode(":".join(credentials).encode()).decode()
+        )
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -422,6 +429,23 @@ class FakeProxy:
         line, _, rest = head.partition(b"\r\n")
         method, target, version = line.decode().split(" ")
         self.seen.append((method, target))
+        fields, _, body = rest.partition(b"\r\n\r\n")
+        kept = [f for f in fields.split(b"\r\n") if not f.lower().startswith(b"proxy-auth")]
+        given = [
+            f.split(b":", 1)[1].strip().decode()
+            for f in fields.split(b"\r\n")
+            if f.lower().startswith(b"proxy-authorization:")
+        ]
+        if self.expected is not None and given != [self.expected]:
+            self.refused += 1
+            client.sendall(
+                b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                b'Proxy-Authenticate: Basic realm="proxy"\r\nContent-Length: 0\r\n'
+                b"Connection: close\r\n\r\n"
+            )
+            client.close()
+            return
+        rest = b"\r\n".join(kept) + b"\r\n\r\n" + body
         if method == "CONNECT":
             host, port = target.rsplit(":", 1)
             upstream = socket.create_connection((host, int(port)))
@@ -481,6 +505,80 @@ def test_results_go_through_an_http_proxy(
         proxy.close()
     down = stow_files(paths, web(plain.url, proxy=f"http://127.0.0.1:{free_port()}"), timeout_s=5)
     assert down.error is not None and "ConnectionRefused" in down.error
+
+
+def test_a_proxy_that_asks_for_credentials(
+    tmp_path: Path, service: Callable[..., FakeService]
+) -> None:
+    """``proxy_username`` and ``proxy_password_file``: the proxy gets them (on the CONNECT of an
+    ``https`` service, on each request of an ``http`` one), the service never does; without
+    them, or with a wrong password, the proxy's 407 is the error and nothing is delivered."""
+    paths, _ = objects(tmp_path, 1)
+    secret = tmp_path / "proxy-password"
+    secret.write_text("proxy-secret-1\n")
+    proxy = FakeProxy(("node", "proxy-secret-1"))
+    creds = {"proxy_username": "node", "proxy_password_file": secret}
+    pki = make_pki(tmp_path / "pki")
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(pki.server.cert, pki.server.key)
+    try:
+        plain = service(lambda seen: (200, None))
+        secure = service(lambda seen: (200, None), server)
+        tls = {"tls": {"ca_file": pki.ca}}
+        for url, extra in ((plain.url, {}), (secure.url, tls)):
+            report = stow_files(paths, web(url, proxy=proxy.url, **creds, **extra), timeout_s=10)
+            assert report.error is None and report.outcomes[paths[0]].delivered, report.error
+            assert check(web(url, proxy=proxy.url, **creds, **extra), timeout_s=10).ok
+        assert proxy.refused == 0
+        assert [s.method for s in plain.seen + secure.seen] == ["POST", "GET"] * 2
+        # Through the tunnel the service sees no proxy credentials at all.
+        assert not any("Proxy-Authorization" in s.headers for s in secure.seen)
+
+        for extra in ({}, tls):
+            url = secure.url if extra else plain.url
+            anonymous = stow_files(paths, web(url, proxy=proxy.url, **extra), timeout_s=10)
+            assert not anonymous.outcomes[paths[0]].delivered
+            assert anonymous.error is not None and "407" in anonymous.error, anonymous.error
+            refused = check(web(url, proxy=proxy.url, **extra), timeout_s=10)
+            assert not refused.ok and "407" in (refused.error or "")
+        assert proxy.refused == 4
+        secret.write_text("wrong-password\n")  # read for every call: a new password counts
+        wrong = stow_files(paths, web(plain.url, proxy=proxy.url, **creds), timeout_s=10)
+        assert wrong.error is not None and "407" in wrong.error
+        assert "wrong-password" not in wrong.error and "proxy-secret" not in wrong.error
+        assert len(plain.seen) == 2 and len(secure.seen) == 2  # nothing more got through
+    finally:
+        proxy.close()
+
+
+def test_proxy_credentials_go_with_a_proxy(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("x")
+    ok = web(
+        "https://x/dicom-web",
+        proxy="http://p:3128",
+        proxy_username="u",
+        **{"proxy_password_file": secret},
+    )
+    assert ok.proxy_username == "u"
+    for extra in (
+        {"proxy_username": "u"},  # no password file
+        {"proxy_password_file": secret},  # no user name
+        {"proxy_username": "u", "proxy_password_file": tmp_path / "missing"},
+    ):
+        with pytest.raises(ValidationError):
+            web("https://x/dicom-web", proxy="http://p:3128", **extra)
+    with pytest.raises(ValidationError, match="needs a proxy"):
+        web("https://x/dicom-web", proxy_username="u", proxy_password_file=secret)
+    with pytest.raises(ValidationError):
+        Destination(
+            name="d",
+            ae_title="PACS",
+            host="h",
+            port=104,
+            proxy_username="u",
+            proxy_password_file=secret,
+        )
 
 
 def test_a_proxy_is_an_http_url_without_credentials() -> None:

@@ -249,7 +249,20 @@ def _post(
         "Accept": DICOM_JSON,
     }
     try:
-        conn.request("POST", url, body=pieces, headers=request_headers)
+        try:
+            conn.request("POST", url, body=pieces, headers=request_headers)
+        except OSError as sending:
+            # A server or proxy may answer before it has read the body (401, 407, 413) and
+            # close the connection: that answer, if it came, says more than the broken pipe.
+            if conn.sock is None:  # never connected
+                raise
+            try:
+                response = conn.getresponse()
+                body = response.read()
+            except (OSError, http.client.HTTPException):
+                raise sending from None
+            conn.close()
+            return response, body
         response = conn.getresponse()
         body = response.read()
     except (OSError, http.client.HTTPException) as exc:

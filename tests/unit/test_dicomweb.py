@@ -10,6 +10,7 @@ import json
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -549,6 +550,37 @@ def test_a_proxy_that_asks_for_credentials(
         assert len(plain.seen) == 2 and len(secure.seen) == 2  # nothing more got through
     finally:
         proxy.close()
+
+
+def test_an_answer_before_the_body_is_read_is_the_error(tmp_path: Path) -> None:
+    """A service that answers (413 here; 401 or a proxy's 407 alike) as soon as it has the
+    headers, and closes the connection while the body is still being sent: its answer is the
+    error, not the broken pipe."""
+    paths, _ = objects(tmp_path, 1, rows=2048)  # 8 MiB: more than the socket buffers hold
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer_early() -> None:
+        client, _ = listener.accept()
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += client.recv(65536)
+        client.sendall(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n"
+            b"\r\ntoo large"
+        )
+        time.sleep(0.2)  # the client is still sending
+        client.close()
+
+    thread = threading.Thread(target=answer_early, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/dicom-web"
+    try:
+        report = stow_files(paths, web(url), timeout_s=10)
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+    assert report.error == "HTTP 413 Payload Too Large: too large", report.error
+    assert not report.outcomes[paths[0]].delivered
 
 
 def test_proxy_credentials_go_with_a_proxy(tmp_path: Path) -> None:

@@ -521,6 +521,17 @@ class Hl7Settings(_Strict):
         return self.listen_port > 0 or self.ris is not None
 
 
+class DicomwebSettings(_Strict):
+    """Studies received by DICOMweb: STOW-RS at ``/dicomweb/studies`` of the web process, for
+    accounts with the ``sender`` (or ``admin``) role (see README, "Receiving by DICOMweb")."""
+
+    #: Accept STOW-RS requests at all.
+    stow_enabled: bool = True
+    #: The largest request body taken (bytes); a larger one is refused with 413 before any of
+    #: it is stored. The body waits on disk beside the spool while its objects are stored.
+    max_request_bytes: int = Field(4 << 30, ge=1 << 20)
+
+
 class ReviewSettings(_Strict):
     """The radiologist review web app (see README, "For radiologists")."""
 
@@ -611,6 +622,7 @@ class Settings(BaseSettings):
     models: list[ModelSpec] = Field(default_factory=list)
     observability: ObservabilitySettings = ObservabilitySettings()
     review: ReviewSettings = ReviewSettings()
+    dicomweb: DicomwebSettings = DicomwebSettings()
     audit: AuditSettings = AuditSettings()
 
     @classmethod

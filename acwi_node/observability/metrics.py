@@ -50,12 +50,12 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # ------------------------------------------------------------------ process-local (scp)
 INSTANCES_RECEIVED = Counter(
     "acwi_scp_instances_received",
-    "Instances stored and recorded by this scp process, by calling AE title",
+    "Instances stored and recorded by this process (C-STORE or STOW-RS), by calling AE title",
     ["calling_ae"],
 )
 INSTANCES_REJECTED = Counter(
     "acwi_scp_instances_rejected",
-    "C-STORE requests this scp process answered with a failure status, by reason",
+    "C-STORE requests answered with a failure status, or STOW-RS objects refused, by reason",
     ["reason"],
 )
 ASSOCIATIONS_REJECTED = Counter(
@@ -107,6 +107,7 @@ REJECT_REASONS = (
     "invalid_uid",
     "spool_error",
     "ledger_unavailable",
+    "other_study",
 )
 
 

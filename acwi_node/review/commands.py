@@ -19,7 +19,7 @@ def add_parsers(sub: Any) -> None:
     users_sub = users.add_subparsers(dest="users_command", required=True)
     add = users_sub.add_parser("add", help="create an account (password from a prompt)")
     add.add_argument("name", help="user name (letters, digits, . _ - ^)")
-    add.add_argument("--role", choices=("radiologist", "admin"), default="radiologist")
+    add.add_argument("--role", choices=("radiologist", "admin", "sender"), default="radiologist")
     add.add_argument(
         "--password-stdin", action="store_true", help="read the password from standard input"
     )

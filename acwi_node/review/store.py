@@ -39,7 +39,8 @@ from acwi_node.ledger.models import (
 )
 from acwi_node.ledger.repository import files_deleted_at, promise_hl7_outbound
 
-ROLES = ("radiologist", "admin")
+#: ``sender``: a PACS or archive that stores studies by STOW-RS (``/dicomweb/``) and nothing else.
+ROLES = ("radiologist", "admin", "sender")
 #: Verdict actions: the first two verify the result and close the item; escalate keeps it open.
 ACTIONS = ("confirm", "override", "escalate")
 

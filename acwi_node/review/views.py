@@ -62,6 +62,10 @@ log = logging.getLogger("acwi_node.review")
 HERE = Path(__file__).parent
 PUBLIC_PATHS = {"/login", "/healthz", "/readyz", "/metrics", "/favicon.ico"}
 PUBLIC_PREFIXES = ("/static/",)
+#: Paths that take HTTP Basic credentials of a local account as well as a session.
+BASIC_PREFIXES = ("/api/", "/dicomweb/")
+#: The only paths a ``sender`` account (a PACS storing by STOW-RS) may use.
+SENDER_PREFIXES = ("/dicomweb/",)
 MAX_FORM_BYTES = 64 * 1024
 #: Largest side of a rendered image (pixels).
 DISPLAY_MAX = 1024
@@ -185,7 +189,7 @@ class ReviewApp:
             )
             if found is not None:
                 return found
-        if request.url.path.startswith("/api/"):
+        if request.url.path.startswith(BASIC_PREFIXES):
             return self._basic(request.headers.get("authorization", ""))
         return None
 
@@ -274,7 +278,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             return await call_next(request)
         user = await run_in_threadpool(review.authenticate, request)
         if user is None:
-            if path.startswith("/api/") or request.method != "GET":
+            if path.startswith(BASIC_PREFIXES) or request.method != "GET":
                 return JSONResponse(
                     {"detail": "sign in required"},
                     status_code=401,
@@ -282,6 +286,8 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
                 )
             target = path + (f"?{request.url.query}" if request.url.query else "")
             return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
+        if user.role == "sender" and not path.startswith(SENDER_PREFIXES) and path != "/logout":
+            return JSONResponse({"detail": "a sender account may only store studies"}, 403)
         request.state.user = user
         return await call_next(request)
 

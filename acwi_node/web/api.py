@@ -5,7 +5,8 @@
 results again or analyse it again; ``GET /api/destinations`` (administrators) shows each
 destination's outbox; ``GET /api/worklist`` lists the open review items;
 ``/healthz``, ``/readyz`` and ``/metrics`` (:mod:`acwi_node.web.ops`) serve probes and
-Prometheus. The review web app (:mod:`acwi_node.review.views`) adds its pages; every other path
+Prometheus; ``POST /dicomweb/studies`` (:mod:`acwi_node.web.stow`) stores studies sent by
+DICOMweb. The review web app (:mod:`acwi_node.review.views`) adds its pages; every other path
 needs a signed-in user (the JSON API also accepts HTTP Basic credentials of a local account).
 """
 
@@ -23,6 +24,7 @@ from acwi_node.ledger import Ledger, StudyActionRefused
 from acwi_node.review.store import ReviewStore, SessionInfo
 from acwi_node.review.views import destination_outboxes, install_review
 from acwi_node.web.ops import ops_router
+from acwi_node.web.stow import stow_router
 
 log = logging.getLogger("acwi_node.api")
 
@@ -35,6 +37,7 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
     install_review(app, settings, db)
 
     app.include_router(ops_router(settings, db))  # /healthz, /readyz, /metrics
+    app.include_router(stow_router(settings, db))  # STOW-RS: POST /dicomweb/studies
 
     @app.get("/api/studies")
     def studies(limit: int = Query(200, ge=1, le=5000)) -> dict[str, Any]:

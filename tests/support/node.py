@@ -164,15 +164,18 @@ def http_json(url: str, auth: tuple[str, str] | None = None) -> Any:
 API_USER = ("e2e-api", "e2e-api-password")
 
 
-def add_api_user(config: Path) -> tuple[str, str]:
-    """Create :data:`API_USER` with ``acwi-node users add``; returns the Basic credentials."""
+def add_api_user(
+    config: Path, user: tuple[str, str] = API_USER, role: str = "admin"
+) -> tuple[str, str]:
+    """Create ``user`` (:data:`API_USER`, an administrator, by default) with ``acwi-node users
+    add``; returns the Basic credentials."""
     done = subprocess.run(
         [sys.executable, "-m", "acwi_node.cli", "--config", str(config), "users", "add"]
-        + [API_USER[0], "--role", "admin", "--password-stdin"],
-        input=API_USER[1] + "\n",
+        + [user[0], "--role", role, "--password-stdin"],
+        input=user[1] + "\n",
         text=True,
         capture_output=True,
         timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    return API_USER
+    return user

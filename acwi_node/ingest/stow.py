@@ -1,0 +1,304 @@
+"""Studies received by DICOMweb: the STOW-RS origin server (PS3.18 10.5, Store Transaction).
+
+A PACS, a VNA or a cloud archive that sends by DICOMweb instead of DIMSE posts
+``multipart/related; type="application/dicom"`` bodies to ``/dicomweb/studies`` (or
+``/dicomweb/studies/{study}``, which every instance must belong to). Each part is one Part 10
+object. What the C-STORE SCP promises holds here too: an object is answered as stored only once
+its spool file (flushed, with its directory entry) and its ledger row (flushed) are on disk;
+nothing from a data set names a path but UIDs that pass :func:`~.spool.is_safe_uid`; a part
+that cannot be stored is refused alone, with a failure reason, and the rest are stored.
+
+A request plays the part of an association: its studies are marked as being received while it
+runs (the quiet period counts from its end, as from a release) and as released when it ends.
+The sending account's name (its first 16 characters) stands for the calling AE title, in the
+ledger, in routing rules (``calling_ae``) and in the audit trail.
+
+The response (PS3.18 Table 10.5.3-1 and 10.5.3-2) is DICOM JSON: ``200`` when every object was
+stored, ``202`` when some were (Referenced SOP Sequence and Failed SOP Sequence), ``409`` when
+none was; Failure Reasons are C-STORE statuses (0xA700 out of resources, 0xC000 cannot
+understand, 0xA900 a Study Instance UID other than the request's, 0xC211 the ledger is
+unavailable).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import mmap
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from acwi_node.audit import AuditEvent, Outcome, audit, remote_ae
+from acwi_node.ingest.header import pydicom_header
+from acwi_node.ingest.spool import Spool, SpoolError, is_safe_uid
+from acwi_node.ledger import InstanceRecord, Ledger
+from acwi_node.observability import metrics
+from acwi_node.observability.logging import note_identifiers
+
+log = logging.getLogger("acwi_node.ingest")
+
+#: Failure Reasons (0008,1197) of the response: the C-STORE statuses the SCP answers with.
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+LEDGER_UNAVAILABLE = 0xC211
+
+_REFERENCED_SOP_CLASS = "00081150"
+_REFERENCED_SOP_INSTANCE = "00081155"
+_FAILURE_REASON = "00081197"
+_RETRIEVE_URL = "00081190"
+_FAILED_SOP_SEQUENCE = "00081198"
+_REFERENCED_SOP_SEQUENCE = "00081199"
+
+
+class MultipartError(ValueError):
+    """A request body that is not a ``multipart/related`` body of DICOM objects."""
+
+
+def boundary_of(content_type: str) -> str:
+    """The boundary of a ``multipart/related; type="application/dicom"`` content type;
+    raises :class:`MultipartError` for any other content type."""
+    kind, _, rest = content_type.partition(";")
+    if kind.strip().lower() != "multipart/related":
+        raise MultipartError("the body must be multipart/related")
+    params: dict[str, str] = {}
+    for item in rest.split(";"):
+        name, _, value = item.partition("=")
+        if name.strip():
+            params[name.strip().lower()] = value.strip().strip('"')
+    part_type = params.get("type", "application/dicom").lower()
+    if part_type != "application/dicom":
+        raise MultipartError(f"multipart/related of {part_type!r}: only application/dicom")
+    boundary = params.get("boundary", "")
+    if not 1 <= len(boundary) <= 200:
+        raise MultipartError("multipart/related without a boundary")
+    return boundary
+
+
+def split_parts(raw: bytes | mmap.mmap, boundary: str) -> list[memoryview]:
+    """The bodies of the parts of a multipart body (RFC 2046), as views into ``raw`` (bytes,
+    or a request body mapped from its file). A part whose own Content-Type is given must be
+    ``application/dicom``."""
+    data = memoryview(raw)
+    parts: list[memoryview] = []
+    try:
+        _split(raw, data, boundary, parts)
+    except BaseException:  # no view left behind: the caller may close a mapping
+        for part in parts:
+            part.release()
+        raise
+    finally:
+        data.release()
+    return parts
+
+
+def _split(
+    raw: bytes | mmap.mmap, data: memoryview, boundary: str, parts: list[memoryview]
+) -> None:
+    delimiter = b"--" + boundary.encode("latin-1")
+    start = raw.find(delimiter)
+    if start < 0:
+        raise MultipartError("the body holds no part (boundary not found)")
+    position = start + len(delimiter)
+    while True:
+        if raw[position : position + 2] == b"--":
+            return  # the close delimiter
+        line_end = raw.find(b"\r\n", position)
+        if line_end < 0:
+            raise MultipartError("the body ends inside a part")
+        headers_end = raw.find(b"\r\n\r\n", line_end)
+        if headers_end < 0:
+            raise MultipartError("a part without the blank line after its headers")
+        headers = raw[line_end + 2 : headers_end].decode("latin-1")
+        for line in headers.split("\r\n"):
+            name, _, value = line.partition(":")
+            part_type = value.split(";")[0].strip().lower()
+            if name.strip().lower() == "content-type" and part_type != "application/dicom":
+                raise MultipartError(f"a part of type {value.strip()!r}, not application/dicom")
+        content_start = headers_end + 4
+        next_delimiter = raw.find(b"\r\n" + delimiter, content_start)
+        if next_delimiter < 0:
+            raise MultipartError("the body ends inside a part (no closing boundary)")
+        parts.append(data[content_start:next_delimiter])
+        position = next_delimiter + 2 + len(delimiter)
+
+
+@dataclass
+class StowResult:
+    """What became of each object of one request."""
+
+    #: (SOP Class UID, SOP Instance UID) of each object stored.
+    stored: list[tuple[str, str]] = field(default_factory=list)
+    #: (SOP Class UID, SOP Instance UID, Failure Reason) of each refused; UIDs "" if unknown.
+    failed: list[tuple[str, str, int]] = field(default_factory=list)
+
+    @property
+    def status(self) -> int:
+        """The HTTP status: 200 all stored, 202 some, 409 none."""
+        if not self.failed:
+            return 200
+        return 202 if self.stored else 409
+
+    def response(self, base_url: str) -> dict[str, Any]:
+        """The DICOM JSON response (PS3.18 Table 10.5.3-2)."""
+        body: dict[str, Any] = {}
+        if self.stored:
+            body[_REFERENCED_SOP_SEQUENCE] = {
+                "vr": "SQ",
+                "Value": [
+                    {
+                        _REFERENCED_SOP_CLASS: {"vr": "UI", "Value": [sop_class]},
+                        _REFERENCED_SOP_INSTANCE: {"vr": "UI", "Value": [sop_uid]},
+                    }
+                    for sop_class, sop_uid in self.stored
+                ],
+            }
+        if self.failed:
+            items = []
+            for sop_class, sop_uid, reason in self.failed:
+                item: dict[str, Any] = {_FAILURE_REASON: {"vr": "US", "Value": [reason]}}
+                if sop_class:
+                    item[_REFERENCED_SOP_CLASS] = {"vr": "UI", "Value": [sop_class]}
+                if sop_uid:
+                    item[_REFERENCED_SOP_INSTANCE] = {"vr": "UI", "Value": [sop_uid]}
+                items.append(item)
+            body[_FAILED_SOP_SEQUENCE] = {"vr": "SQ", "Value": items}
+        body[_RETRIEVE_URL] = {"vr": "UR", "Value": [base_url]}
+        return body
+
+
+class StowReceiver:
+    """Stores the objects of STOW-RS requests in the spool and the ledger."""
+
+    def __init__(self, ledger: Ledger, spool: Spool, *, audit_patient_id: bool = False) -> None:
+        self.ledger = ledger
+        self.spool = spool
+        #: Name the patients' IDs in the audit record (``[audit] patient_id``).
+        self.audit_patient_id = audit_patient_id
+
+    def receive(
+        self,
+        parts: Sequence[memoryview],
+        *,
+        sender: str,
+        address: str,
+        study_uid: str | None = None,
+    ) -> StowResult:
+        """Store each part; ``sender`` is the account that sent them (the calling AE title
+        in the ledger: its first 16 characters), ``study_uid`` the request's study, if any."""
+        calling = sender[:16]
+        result = StowResult()
+        studies: dict[str, int] = {}
+        study_ids: set[int] = set()
+        patient_ids: set[str] = set()
+        try:
+            for part in parts:
+                patient_id = self._store(part, calling, study_uid, result, studies, study_ids)
+                if patient_id is not None and self.audit_patient_id:
+                    patient_ids.add(patient_id)
+        finally:
+            if study_ids:
+                try:
+                    self.ledger.association_released(sorted(study_ids))
+                except Exception:  # the upper bound on waiting still completes these studies
+                    log.exception("STOW-RS from %s: could not record the request's end", calling)
+            if result.stored or result.failed:
+                audit(
+                    AuditEvent.INSTANCES_RECEIVED,
+                    outcome=Outcome.MINOR_FAILURE if result.failed else Outcome.SUCCESS,
+                    participants=[remote_ae(calling, address, requestor=True)],
+                    study_uids=sorted(studies),
+                    instances=dict(studies),
+                    patient_ids=sorted(patient_ids),
+                    detail=f"{len(result.stored)} instance(s) stored by STOW-RS"
+                    + (f", {len(result.failed)} refused" if result.failed else ""),
+                )
+        return result
+
+    def _store(
+        self,
+        part: memoryview,
+        calling: str,
+        expected_study: str | None,
+        result: StowResult,
+        studies: dict[str, int],
+        study_ids: set[int],
+    ) -> str | None:
+        """Store one part, noting the outcome in ``result``; the patient's ID if stored."""
+        data = bytes(part)
+        try:
+            meta = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=[]).file_meta
+            transfer_syntax = str(meta.get("TransferSyntaxUID", "") or "")
+            header = pydicom_header(data)
+        except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OSError) as exc:
+            log.warning("STOW-RS from %s: a part is not a DICOM file: %s", calling, exc)
+            metrics.INSTANCES_REJECTED.labels("unparseable_header").inc()
+            result.failed.append(("", "", CANNOT_UNDERSTAND))
+            return None
+        note_identifiers(header)  # from here on, no log line can show this patient's name/ID
+        sop_class = header.get("SOPClassUID", "")
+        sop_uid = header.get("SOPInstanceUID", "")
+        study_uid = header.get("StudyInstanceUID", "")
+        if not transfer_syntax or not sop_uid or not study_uid:
+            log.warning(
+                "STOW-RS from %s: missing transfer syntax, Study or SOP Instance UID", calling
+            )
+            metrics.INSTANCES_REJECTED.labels("missing_uid").inc()
+            result.failed.append((sop_class, sop_uid, CANNOT_UNDERSTAND))
+            return None
+        if not (is_safe_uid(sop_uid) and is_safe_uid(study_uid)):
+            log.warning(
+                "STOW-RS from %s: refused an instance with an invalid UID (%d/%d chars)",
+                calling,
+                len(study_uid),
+                len(sop_uid),
+            )
+            metrics.INSTANCES_REJECTED.labels("invalid_uid").inc()
+            result.failed.append((sop_class, "", CANNOT_UNDERSTAND))
+            return None
+        if expected_study is not None and study_uid != expected_study:
+            log.warning("STOW-RS from %s: an instance of another study than the request's", calling)
+            metrics.INSTANCES_REJECTED.labels("other_study").inc()
+            result.failed.append((sop_class, sop_uid, DOES_NOT_MATCH))
+            return None
+        series_uid = header.get("SeriesInstanceUID", "")
+        record = InstanceRecord(
+            study_uid=study_uid,
+            sop_instance_uid=sop_uid,
+            sop_class_uid=sop_class,
+            series_uid=series_uid if is_safe_uid(series_uid) else "",
+            transfer_syntax_uid=transfer_syntax,
+            modality=header.get("Modality", "")[:16],
+            body_part=header.get("BodyPartExamined", "")[:64],
+            path=self.spool.relative_for(study_uid, sop_uid),
+            size=len(data),
+            calling_ae=calling,
+        )
+        existed = self.spool.holds(record.path)
+        try:
+            path = self.spool.store(study_uid, sop_uid, data)  # flushed, directory entry too
+        except SpoolError as exc:
+            log.error("STOW-RS from %s: %s", calling, exc)
+            metrics.INSTANCES_REJECTED.labels("spool_error").inc()
+            result.failed.append((sop_class, sop_uid, OUT_OF_RESOURCES))
+            return None
+        try:
+            recorded = self.ledger.record_instance(
+                record, first_in_association=study_uid not in studies, flushed=True
+            )
+        except Exception:
+            log.exception("STOW-RS from %s: the ledger could not record the instance", calling)
+            if not existed:
+                self.spool.discard(path)
+            metrics.INSTANCES_REJECTED.labels("ledger_unavailable").inc()
+            result.failed.append((sop_class, sop_uid, LEDGER_UNAVAILABLE))
+            return None
+        studies[study_uid] = studies.get(study_uid, 0) + 1
+        study_ids.add(recorded.study_id)
+        metrics.INSTANCES_RECEIVED.labels(calling).inc()
+        result.stored.append((sop_class, sop_uid))
+        return header.get("PatientID", "")

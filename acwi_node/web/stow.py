@@ -1,0 +1,127 @@
+"""``POST /dicomweb/studies[/{study}]``: the STOW-RS origin server (:mod:`acwi_node.ingest.stow`).
+
+The body is streamed into a file beside the spool (``<spool>/.tmp/``, never held in memory
+whole, refused with 413 past ``[dicomweb] max_request_bytes``), then its parts are stored from
+that file, mapped into memory, in a worker thread; the file is removed afterwards whatever
+happened. Only accounts with the ``sender`` or ``admin`` role may post (HTTP Basic, as for the
+JSON API); the response is ``application/dicom+json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from acwi_node.config import Settings
+from acwi_node.ingest.spool import Spool, is_safe_uid
+from acwi_node.ingest.stow import MultipartError, StowReceiver, StowResult, boundary_of, split_parts
+from acwi_node.ledger import Ledger
+from acwi_node.review.store import SessionInfo
+
+log = logging.getLogger("acwi_node.ingest")
+
+#: Roles that may store studies by STOW-RS.
+SENDER_ROLES = ("sender", "admin")
+DICOM_JSON = "application/dicom+json"
+
+
+def _refused(status: int, detail: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+def stow_router(settings: Settings, ledger: Ledger) -> APIRouter:
+    """The STOW-RS routes."""
+    router = APIRouter()
+    spool = Spool(settings.spool_dir, fsync=settings.ingest.fsync)
+    receiver = StowReceiver(ledger, spool, audit_patient_id=settings.audit.patient_id)
+    limit = settings.dicomweb.max_request_bytes
+
+    def store_body(
+        path: str, boundary: str, sender: str, address: str, study_uid: str | None
+    ) -> StowResult:
+        with open(path, "rb") as handle:
+            if os.fstat(handle.fileno()).st_size == 0:
+                raise MultipartError("an empty body")
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                parts = split_parts(mapped, boundary)
+                try:
+                    if not parts:
+                        raise MultipartError("the body holds no part")
+                    return receiver.receive(
+                        parts, sender=sender, address=address, study_uid=study_uid
+                    )
+                finally:
+                    for part in parts:
+                        part.release()
+
+    async def store(request: Request, study_uid: str | None) -> Response:
+        user: SessionInfo | None = getattr(request.state, "user", None)
+        if user is None or user.role not in SENDER_ROLES:
+            return _refused(403, "storing studies needs an account with the sender role")
+        if not settings.dicomweb.stow_enabled:
+            return _refused(403, "STOW-RS is turned off ([dicomweb] stow_enabled)")
+        if study_uid is not None and not is_safe_uid(study_uid):
+            return _refused(400, "the study in the URL is not a valid UID")
+        try:
+            boundary = boundary_of(request.headers.get("content-type", ""))
+        except MultipartError as exc:
+            return _refused(415, str(exc))
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return _refused(413, f"the body is larger than {limit} bytes")
+        path = os.path.join(spool.tmp_dir, f"stow-{uuid.uuid4().hex}.body")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            received = 0
+            try:
+                async for chunk in request.stream():
+                    received += len(chunk)
+                    if received > limit:
+                        return _refused(413, f"the body is larger than {limit} bytes")
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            address = request.client.host if request.client is not None else ""
+            try:
+                result = await run_in_threadpool(
+                    store_body, path, boundary, user.user_name, address, study_uid
+                )
+            except MultipartError as exc:
+                log.warning("STOW-RS from %s: %s", user.user_name[:16], exc)
+                return _refused(400, f"not a multipart body of DICOM objects: {exc}")
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        base = str(request.base_url).rstrip("/") + "/dicomweb/studies"
+        log.info(
+            "STOW-RS from %s: %d stored, %d refused",
+            user.user_name[:16],
+            len(result.stored),
+            len(result.failed),
+        )
+        return JSONResponse(
+            result.response(base if study_uid is None else f"{base}/{study_uid}"),
+            status_code=result.status,
+            media_type=DICOM_JSON,
+        )
+
+    @router.post("/dicomweb/studies")
+    async def store_studies(request: Request) -> Response:
+        """Store the DICOM objects of a ``multipart/related`` body (STOW-RS)."""
+        return await store(request, None)
+
+    @router.post("/dicomweb/studies/{study_uid}")
+    async def store_study(request: Request, study_uid: str) -> Response:
+        """Store the objects of one study; an object of another study is refused (0xA900)."""
+        return await store(request, study_uid)
+
+    return router

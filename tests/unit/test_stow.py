@@ -1,0 +1,236 @@
+"""Studies received by DICOMweb: ``POST /dicomweb/studies`` (STOW-RS) into the spool and the
+ledger (SQLite and PostgreSQL), what each part's outcome is, and who may post."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from acwi_node.config import Settings, load_settings
+from acwi_node.ingest.stow import MultipartError, boundary_of, split_parts
+from acwi_node.ledger import Ledger
+from acwi_node.ledger.models import Instance, Study
+from acwi_node.web.api import create_app
+from models.data.synth import write_study
+from tests.support.review_case import CSRF, PASSWORD, add_user
+
+BOUNDARY = "acwi-test-boundary"
+MULTIPART = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+
+
+def multipart(*parts: bytes, part_type: str = "application/dicom") -> bytes:
+    body = b""
+    for part in parts:
+        body += f"--{BOUNDARY}\r\nContent-Type: {part_type}\r\n\r\n".encode() + part + b"\r\n"
+    return body + f"--{BOUNDARY}--\r\n".encode()
+
+
+def basic(name: str, password: str = PASSWORD) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode()}
+
+
+def post(
+    client: TestClient,
+    body: bytes,
+    *,
+    user: str = "pacs",
+    path: str = "/dicomweb/studies",
+    content_type: str = MULTIPART,
+) -> Any:
+    return client.post(
+        path,
+        content=body,
+        headers={"Content-Type": content_type, "Accept": "application/dicom+json", **basic(user)},
+    )
+
+
+def values(item: dict[str, Any], tag: str) -> list[Any]:
+    return list(item.get(tag, {}).get("Value", []))
+
+
+def spool_files(settings: Settings) -> list[Path]:
+    return sorted(p for p in settings.spool_dir.rglob("*") if p.is_file())
+
+
+def studies(ledger: Ledger) -> list[tuple[str, int, int, str]]:
+    """(study UID, instances, open associations, calling AE of the first instance) each."""
+    with ledger.session() as s:
+        rows = []
+        for study in s.scalars(select(Study)).all():
+            instances = s.scalars(select(Instance).where(Instance.study_id == study.id)).all()
+            rows.append(
+                (study.study_uid, len(instances), study.open_associations, study.calling_ae)
+            )
+        return rows
+
+
+@pytest.fixture
+def client(ledger_node: tuple[Settings, Ledger]) -> TestClient:
+    settings, ledger = ledger_node
+    add_user(ledger, "pacs", role="sender")
+    add_user(ledger, "jane.doe", role="radiologist")
+    add_user(ledger, "root", role="admin")
+    return TestClient(create_app(settings, ledger), base_url="https://node.example")
+
+
+def test_a_study_stored_by_stow_rs(
+    tmp_path: Path, ledger_node: tuple[Settings, Ledger], client: TestClient
+) -> None:
+    settings, ledger = ledger_node
+    study_uid = generate_uid()
+    files = write_study(tmp_path / "study", n_images=2, seed=3, study_instance_uid=study_uid)
+    answer = post(client, multipart(*(f.read_bytes() for f in files)))
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "application/dicom+json"
+    body = answer.json()
+    sent = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    assert [
+        (values(i, "00081150")[0], values(i, "00081155")[0]) for i in values(body, "00081199")
+    ] == [(str(d.SOPClassUID), str(d.SOPInstanceUID)) for d in sent]
+    assert "00081198" not in body
+    assert values(body, "00081190") == ["https://node.example/dicomweb/studies"]
+    # Byte for byte in the spool, one row each, the request over: the study waits only for
+    # its quiet period, as after an association's release.
+    for f, d in zip(files, sent, strict=True):
+        stored = settings.spool_dir / study_uid / f"{d.SOPInstanceUID}.dcm"
+        assert stored.read_bytes() == f.read_bytes()
+    assert studies(ledger) == [(study_uid, 2, 0, "pacs")]
+    assert [uid for uid, _ in ledger.studies_due(quiet_period_s=0, max_wait_s=3600)]
+    # Sent again to the study's own URL: stored again (the same files), still one study.
+    again = post(client, multipart(files[0].read_bytes()), path=f"/dicomweb/studies/{study_uid}")
+    assert again.status_code == 200
+    assert values(again.json(), "00081190") == [
+        f"https://node.example/dicomweb/studies/{study_uid}"
+    ]
+    assert len(spool_files(settings)) == 2
+    assert [s[:2] for s in studies(ledger)] == [(study_uid, 2)]
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_parts_that_cannot_be_stored_are_refused_alone(
+    tmp_path: Path, ledger_node: tuple[Settings, Ledger], client: TestClient
+) -> None:
+    """A part that is not DICOM, an instance whose UID could name a path, an instance of
+    another study than the URL's: each refused with its reason; the others stored."""
+    settings, ledger = ledger_node
+    study_uid = generate_uid()
+    good, evil = write_study(tmp_path / "s", n_images=2, seed=4, study_instance_uid=study_uid)
+    ds = pydicom.dcmread(evil)
+    ds.SOPInstanceUID = "../../../etc/passwd"
+    ds.save_as(evil)
+    answer = post(client, multipart(good.read_bytes(), b"not a DICOM file", evil.read_bytes()))
+    assert answer.status_code == 202, answer.text
+    body = answer.json()
+    (stored,) = values(body, "00081199")
+    assert values(stored, "00081155") == [str(pydicom.dcmread(good).SOPInstanceUID)]
+    failed = values(body, "00081198")
+    assert [values(i, "00081197") for i in failed] == [[0xC000], [0xC000]]
+    assert all("../" not in str(i) for i in failed)
+    assert [p.name for p in spool_files(settings)] == [f"{stored['00081155']['Value'][0]}.dcm"]
+
+    other = write_study(tmp_path / "o", n_images=1, seed=5, study_instance_uid=generate_uid())
+    refused = post(client, multipart(other[0].read_bytes()), path=f"/dicomweb/studies/{study_uid}")
+    assert refused.status_code == 409
+    (item,) = values(refused.json(), "00081198")
+    assert values(item, "00081197") == [0xA900]
+    assert "00081199" not in refused.json()
+    assert [s[:2] for s in studies(ledger)] == [(study_uid, 1)]
+
+
+def test_who_may_store(tmp_path: Path, client: TestClient) -> None:
+    files = write_study(tmp_path / "s", n_images=1, seed=6)
+    body = multipart(files[0].read_bytes())
+    anonymous = client.post("/dicomweb/studies", content=body, headers={"Content-Type": MULTIPART})
+    assert anonymous.status_code == 401
+    assert anonymous.headers["www-authenticate"].startswith("Basic")
+    wrong = client.post(
+        "/dicomweb/studies",
+        content=body,
+        headers={"Content-Type": MULTIPART, **basic("pacs", "not the password")},
+    )
+    assert wrong.status_code == 401
+    assert post(client, body, user="jane.doe").status_code == 403  # a radiologist
+    # A sender account stores studies and does nothing else, signed in or not.
+    for path in ("/api/studies", "/api/worklist", "/api/destinations"):
+        assert client.get(path, headers=basic("pacs")).status_code == 403, path
+    token = CSRF.search(client.get("/login").text)
+    assert token is not None
+    form = {"csrf_token": token.group(1), "username": "pacs", "password": PASSWORD, "next": "/"}
+    assert client.post("/login", data=form, follow_redirects=False).status_code == 303
+    for path in ("/review/worklist", "/review/dashboard", "/api/studies"):
+        assert client.get(path, follow_redirects=False).status_code == 403, path
+    client.cookies.clear()
+    assert post(client, body, user="root").status_code == 200  # an administrator may
+
+
+def test_requests_that_are_not_stow_rs(
+    tmp_path: Path, ledger_node: tuple[Settings, Ledger], client: TestClient
+) -> None:
+    settings, _ = ledger_node
+    files = write_study(tmp_path / "s", n_images=1, seed=7)
+    whole = multipart(files[0].read_bytes())
+    for content_type in (
+        "application/dicom",
+        "application/json",
+        f'multipart/related; type="application/dicom+json"; boundary={BOUNDARY}',
+        'multipart/related; type="application/dicom"',
+    ):
+        answer = post(client, whole, content_type=content_type)
+        assert answer.status_code == 415, (content_type, answer.text)
+    cut = post(client, whole[: len(whole) // 2])  # the connection dropped halfway
+    assert cut.status_code == 400 and "closing boundary" in cut.json()["detail"]
+    assert post(client, b"").status_code == 400
+    typed = post(client, multipart(files[0].read_bytes(), part_type="image/jpeg"))
+    assert typed.status_code == 400
+    assert post(client, whole, path="/dicomweb/studies/..%2Fetc").status_code in (400, 404)
+    assert spool_files(settings) == []  # nothing stored, no body left behind
+
+
+def test_a_body_over_the_limit_is_refused(tmp_path: Path, ledger_node: Any) -> None:
+    _, ledger = ledger_node
+    settings = load_settings(
+        None,
+        node={"data_dir": tmp_path / "data"},
+        ingest={"fsync": False},
+        dicomweb={"max_request_bytes": 1 << 20},
+    )
+    limited = Ledger(settings.database_url)
+    add_user(limited, "pacs", role="sender")
+    client = TestClient(create_app(settings, limited))
+    body = multipart(b"\0" * (1 << 20))
+    answer = post(client, body)
+    assert answer.status_code == 413
+    assert spool_files(settings) == []
+    limited.dispose()
+
+
+def test_stow_rs_can_be_turned_off(tmp_path: Path) -> None:
+    settings = load_settings(
+        None, node={"data_dir": tmp_path / "data"}, dicomweb={"stow_enabled": False}
+    )
+    ledger = Ledger(settings.database_url)
+    add_user(ledger, "pacs", role="sender")
+    files = write_study(tmp_path / "s", n_images=1, seed=8)
+    answer = post(TestClient(create_app(settings, ledger)), multipart(files[0].read_bytes()))
+    assert answer.status_code == 403 and "stow_enabled" in answer.json()["detail"]
+    ledger.dispose()
+
+
+def test_multipart_bodies() -> None:
+    assert boundary_of('Multipart/Related; type="application/dicom"; boundary="b 1"') == "b 1"
+    assert boundary_of("multipart/related; boundary=x") == "x"  # type defaults to DICOM
+    body = (
+        b"preamble\r\n--x\r\n\r\nfirst\r\n--x\r\nContent-Type: application/dicom\r\n"
+        b"Content-Length: 6\r\n\r\nsec\r\nond\r\n--x--\r\nepilogue"
+    )
+    assert [bytes(p) for p in split_parts(body, "x")] == [b"first", b"sec\r\nond"]
+    for broken in (b"no boundary at all", b"--x\r\n\r\nunfinished", b"--x\r\nContent-Type"):
+        with pytest.raises(MultipartError):
+            split_parts(broken, "x")

@@ -323,7 +323,8 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             password,
             user.password_hash if user is not None and not user.disabled else auth.DUMMY_HASH,
         )
-        if user is None or user.disabled or not ok:
+        sender = user is not None and user.role == "sender"
+        if user is None or user.disabled or not ok or sender:
             await run_in_threadpool(
                 review.store.audit, name[:64], "login_failed", address=_client_address(request)
             )
@@ -331,8 +332,12 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             failed = review.page(
                 "login.html",
                 request,
-                status_code=401,
-                error="Unknown user name or wrong password.",
+                status_code=403 if ok and sender else 401,
+                error=(
+                    "This account stores studies by DICOMweb; it cannot sign in."
+                    if ok and sender
+                    else "Unknown user name or wrong password."
+                ),
                 login_csrf=auth.csrf_token(review.key, "login", new_nonce),
                 next=next_path,
             )

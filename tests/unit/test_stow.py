@@ -17,6 +17,8 @@ from acwi_node.config import Settings, load_settings
 from acwi_node.ingest.stow import MultipartError, boundary_of, split_parts
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import Instance, Study
+from acwi_node.review.auth import SESSION_COOKIE, new_token, token_hash
+from acwi_node.review.store import ReviewStore
 from acwi_node.web.api import create_app
 from models.data.synth import write_study
 from tests.support.review_case import CSRF, PASSWORD, add_user
@@ -144,7 +146,10 @@ def test_parts_that_cannot_be_stored_are_refused_alone(
     assert [s[:2] for s in studies(ledger)] == [(study_uid, 1)]
 
 
-def test_who_may_store(tmp_path: Path, client: TestClient) -> None:
+def test_who_may_store(
+    tmp_path: Path, ledger_node: tuple[Settings, Ledger], client: TestClient
+) -> None:
+    _, ledger = ledger_node
     files = write_study(tmp_path / "s", n_images=1, seed=6)
     body = multipart(files[0].read_bytes())
     anonymous = client.post("/dicomweb/studies", content=body, headers={"Content-Type": MULTIPART})
@@ -163,7 +168,16 @@ def test_who_may_store(tmp_path: Path, client: TestClient) -> None:
     token = CSRF.search(client.get("/login").text)
     assert token is not None
     form = {"csrf_token": token.group(1), "username": "pacs", "password": PASSWORD, "next": "/"}
-    assert client.post("/login", data=form, follow_redirects=False).status_code == 303
+    signing_in = client.post("/login", data=form, follow_redirects=False)
+    assert signing_in.status_code == 403 and "cannot sign in" in signing_in.text
+    assert SESSION_COOKIE not in client.cookies
+    # A session it somehow holds opens nothing either.
+    token_value = new_token()
+    store = ReviewStore(ledger)
+    user = store.get_user("pacs")
+    assert user is not None
+    store.create_session(user.id, token_hash(token_value), 3600)
+    client.cookies.set(SESSION_COOKIE, token_value)
     for path in ("/review/worklist", "/review/dashboard", "/api/studies"):
         assert client.get(path, follow_redirects=False).status_code == 403, path
     client.cookies.clear()

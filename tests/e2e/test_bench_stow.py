@@ -1,0 +1,28 @@
+"""bench.stow runs end to end on a few instances: Orthanc's DICOMweb plugin and the node's
+STOW-RS take them all, in rounds of alternating order, and the JSON holds every round (no speed
+is asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.stow import main
+
+pytestmark = pytest.mark.e2e
+
+
+def test_the_stow_bench_runs_and_writes_every_round(tmp_path: Path) -> None:
+    out = tmp_path / "stow.json"
+    code = main(["--ct", "2", "--small", "7", "--per-request", "3", "--repeat", "2",
+                 "--json", str(out)])  # fmt: skip
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [r["set"] for r in report["results"]] == ["2 CT 512x512x16", "7 small"]
+    for result in report["results"]:
+        assert len(result["rounds"]) == 2
+        for measured in result["rounds"]:
+            assert set(measured) == {"orthanc", "node"}
+            assert all(v > 0 for v in measured.values())

@@ -25,15 +25,18 @@ from __future__ import annotations
 import io
 import logging
 import mmap
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from acwi_node.audit import AuditEvent, Outcome, audit, remote_ae
-from acwi_node.ingest.header import pydicom_header
+from acwi_node.ingest.header import pydicom_header, scan_header
+from acwi_node.ingest.journal import sync_filesystem
 from acwi_node.ingest.spool import Spool, SpoolError, is_safe_uid
 from acwi_node.ledger import InstanceRecord, Ledger
 from acwi_node.observability import metrics
@@ -53,6 +56,64 @@ _FAILURE_REASON = "00081197"
 _RETRIEVE_URL = "00081190"
 _FAILED_SOP_SEQUENCE = "00081198"
 _REFERENCED_SOP_SEQUENCE = "00081199"
+
+
+_LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
+
+
+def file_meta(data: bytes) -> tuple[str, int] | None:
+    """The transfer syntax of a Part 10 file and where its data set starts, read from its File
+    Meta Information (explicit VR little endian, defined lengths, as PS3.10 requires); None for
+    anything else (pydicom then reads the file, or refuses it)."""
+    if len(data) < 132 or data[128:132] != b"DICM":
+        return None
+    position, syntax = 132, ""
+    while position + 8 <= len(data):
+        group, element = struct.unpack_from("<HH", data, position)
+        if group != 0x0002:
+            return (syntax, position) if syntax else None
+        if data[position + 4 : position + 6] in _LONG_VRS:
+            if position + 12 > len(data):
+                return None
+            (length,) = struct.unpack_from("<I", data, position + 8)
+            value = position + 12
+        else:
+            (length,) = struct.unpack_from("<H", data, position + 6)
+            value = position + 8
+        if length == 0xFFFFFFFF or value + length > len(data):
+            return None
+        if element == 0x0010:
+            syntax = data[value : value + length].rstrip(b"\0 ").decode("ascii", "replace")
+        position = value + length
+    return None
+
+
+def read_header(data: bytes) -> tuple[str, dict[str, str]]:
+    """A Part 10 file's transfer syntax and the header attributes the node needs: read with
+    :func:`file_meta` and :func:`~.header.scan_header` where they can, else by pydicom (which
+    raises for what is not a DICOM file)."""
+    found = file_meta(data)
+    if found is not None:
+        syntax, start = found
+        header = scan_header(data[start:], syntax)
+        if header is not None:
+            return syntax, header
+    meta = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=[]).file_meta
+    return str(meta.get("TransferSyntaxUID", "") or ""), pydicom_header(data)
 
 
 class MultipartError(ValueError):
@@ -189,17 +250,30 @@ class StowReceiver:
         study_uid: str | None = None,
     ) -> StowResult:
         """Store each part; ``sender`` is the account that sent them (the calling AE title
-        in the ledger: its first 16 characters), ``study_uid`` the request's study, if any."""
+        in the ledger: its first 16 characters), ``study_uid`` the request's study, if any.
+
+        The request is answered once, for all its objects, so they are flushed together: every
+        spool file written, then one flush of the spool's file system (files and directory
+        entries), then every ledger row in one transaction, flushed once."""
         calling = sender[:16]
         result = StowResult()
         studies: dict[str, int] = {}
         study_ids: set[int] = set()
         patient_ids: set[str] = set()
+        written: dict[str, _Written] = {}
         try:
             for part in parts:
-                patient_id = self._store(part, calling, study_uid, result, studies, study_ids)
-                if patient_id is not None and self.audit_patient_id:
-                    patient_ids.add(patient_id)
+                done = self._write(part, calling, study_uid, result)
+                if done is not None:
+                    earlier = written.pop(done.record.sop_instance_uid, None)
+                    if earlier is not None:  # sent twice: the later bytes are in the file
+                        done.existed = earlier.existed
+                        done.order = earlier.order + done.order
+                    written[done.record.sop_instance_uid] = done
+            if written:
+                self._commit(list(written.values()), calling, result, studies, study_ids)
+                if self.audit_patient_id:
+                    patient_ids.update(w.patient_id for w in written.values())
         finally:
             if study_ids:
                 try:
@@ -219,22 +293,23 @@ class StowReceiver:
                 )
         return result
 
-    def _store(
-        self,
-        part: memoryview,
-        calling: str,
-        expected_study: str | None,
-        result: StowResult,
-        studies: dict[str, int],
-        study_ids: set[int],
-    ) -> str | None:
-        """Store one part, noting the outcome in ``result``; the patient's ID if stored."""
+    def _write(
+        self, part: memoryview, calling: str, expected_study: str | None, result: StowResult
+    ) -> _Written | None:
+        """Check one part and write its spool file (not flushed yet); None, with the outcome
+        noted in ``result``, if it cannot be stored."""
         data = bytes(part)
         try:
-            meta = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=[]).file_meta
-            transfer_syntax = str(meta.get("TransferSyntaxUID", "") or "")
-            header = pydicom_header(data)
-        except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OSError) as exc:
+            transfer_syntax, header = read_header(data)
+        except (
+            InvalidDicomError,
+            ValueError,
+            EOFError,
+            KeyError,
+            TypeError,
+            OSError,
+            struct.error,
+        ) as exc:
             log.warning("STOW-RS from %s: a part is not a DICOM file: %s", calling, exc)
             metrics.INSTANCES_REJECTED.labels("unparseable_header").inc()
             result.failed.append(("", "", CANNOT_UNDERSTAND))
@@ -280,25 +355,68 @@ class StowReceiver:
         )
         existed = self.spool.holds(record.path)
         try:
-            path = self.spool.store(study_uid, sop_uid, data)  # flushed, directory entry too
+            path = self.spool.store(study_uid, sop_uid, data, sync=False)  # flushed in _commit
         except SpoolError as exc:
             log.error("STOW-RS from %s: %s", calling, exc)
             metrics.INSTANCES_REJECTED.labels("spool_error").inc()
             result.failed.append((sop_class, sop_uid, OUT_OF_RESOURCES))
             return None
+        return _Written(record, path, existed, header.get("PatientID", ""), [sop_class])
+
+    def _commit(
+        self,
+        written: list[_Written],
+        calling: str,
+        result: StowResult,
+        studies: dict[str, int],
+        study_ids: set[int],
+    ) -> None:
+        """Flush the written files, then record their rows (flushed), in one go each; a
+        failure of either refuses every object of the batch and removes its new files."""
+        reason = 0
         try:
-            recorded = self.ledger.record_instance(
-                record, first_in_association=study_uid not in studies, flushed=True
-            )
-        except Exception:
-            log.exception("STOW-RS from %s: the ledger could not record the instance", calling)
-            if not existed:
-                self.spool.discard(path)
-            metrics.INSTANCES_REJECTED.labels("ledger_unavailable").inc()
-            result.failed.append((sop_class, sop_uid, LEDGER_UNAVAILABLE))
-            return None
-        studies[study_uid] = studies.get(study_uid, 0) + 1
-        study_ids.add(recorded.study_id)
-        metrics.INSTANCES_RECEIVED.labels(calling).inc()
-        result.stored.append((sop_class, sop_uid))
-        return header.get("PatientID", "")
+            if self.spool.fsync:
+                sync_filesystem(self.spool.root)
+        except OSError as exc:
+            log.error("STOW-RS from %s: cannot flush the spool: %s", calling, exc.strerror or exc)
+            metrics.INSTANCES_REJECTED.labels("spool_error").inc(len(written))
+            reason = OUT_OF_RESOURCES
+        recorded = []
+        if not reason:
+            seen: set[str] = set()
+            batch = []
+            for w in written:
+                batch.append((w.record, w.record.study_uid not in seen))
+                seen.add(w.record.study_uid)
+            try:
+                recorded = self.ledger.record_instances(batch, flushed=True)
+            except Exception:
+                log.exception("STOW-RS from %s: the ledger could not record the instances", calling)
+                metrics.INSTANCES_REJECTED.labels("ledger_unavailable").inc(len(written))
+                reason = LEDGER_UNAVAILABLE
+        if reason:
+            for w in written:
+                if not w.existed:
+                    self.spool.discard(w.path)
+                uid = w.record.sop_instance_uid
+                result.failed.extend((sop_class, uid, reason) for sop_class in w.order)
+            return
+        for w, row in zip(written, recorded, strict=True):
+            study = w.record.study_uid
+            studies[study] = studies.get(study, 0) + 1
+            study_ids.add(row.study_id)
+            metrics.INSTANCES_RECEIVED.labels(calling).inc()
+            uid = w.record.sop_instance_uid
+            result.stored.extend((sop_class, uid) for sop_class in w.order)
+
+
+@dataclass
+class _Written:
+    """A part's spool file, written and not yet flushed, and what its ledger row needs."""
+
+    record: InstanceRecord
+    path: Path
+    existed: bool
+    patient_id: str
+    #: The SOP Class UID each time this instance came in the request (usually once).
+    order: list[str]

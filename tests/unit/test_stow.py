@@ -10,16 +10,20 @@ from typing import Any
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
-from pydicom.uid import generate_uid
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
 from acwi_node.config import Settings, load_settings
+from acwi_node.ingest import stow
+from acwi_node.ingest.header import pydicom_header
 from acwi_node.ingest.stow import MultipartError, boundary_of, split_parts
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import Instance, Study
 from acwi_node.review.auth import SESSION_COOKIE, new_token, token_hash
 from acwi_node.review.store import ReviewStore
 from acwi_node.web.api import create_app
+from bench.common import write_ct_series, write_small_instances
 from models.data.synth import write_study
 from tests.support.review_case import CSRF, PASSWORD, add_user
 
@@ -146,6 +150,64 @@ def test_parts_that_cannot_be_stored_are_refused_alone(
     assert [s[:2] for s in studies(ledger)] == [(study_uid, 1)]
 
 
+def test_an_instance_sent_twice_in_one_request(
+    tmp_path: Path, ledger_node: tuple[Settings, Ledger], client: TestClient
+) -> None:
+    """Stored twice, the later bytes kept (as two C-STOREs would), one row."""
+    settings, ledger = ledger_node
+    study_uid = generate_uid()
+    (first,) = write_study(tmp_path / "a", n_images=1, seed=10, study_instance_uid=study_uid)
+    ds = pydicom.dcmread(first)
+    ds.SeriesDescription = "second version"
+    second = tmp_path / "second.dcm"
+    ds.save_as(second)
+    answer = post(client, multipart(first.read_bytes(), second.read_bytes()))
+    assert answer.status_code == 200, answer.text
+    assert len(values(answer.json(), "00081199")) == 2
+    (stored,) = spool_files(settings)
+    assert stored.read_bytes() == second.read_bytes()
+    assert [s[:2] for s in studies(ledger)] == [(study_uid, 1)]
+
+
+def test_one_flush_for_a_request_and_what_a_failure_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spool's file system is flushed once per request, before any row; if that flush or
+    the ledger fails, every object of the request is refused and its new files removed."""
+    settings = load_settings(None, node={"data_dir": tmp_path / "data"})  # fsync on
+    ledger = Ledger(settings.database_url)
+    add_user(ledger, "pacs", role="sender")
+    client = TestClient(create_app(settings, ledger))
+    flushes: list[Path] = []
+    monkeypatch.setattr(stow, "sync_filesystem", flushes.append)
+    files = write_study(tmp_path / "s", n_images=3, seed=11)
+    assert post(client, multipart(*(f.read_bytes() for f in files))).status_code == 200
+    assert flushes == [settings.spool_dir]
+    assert len(spool_files(settings)) == 3
+
+    def flush_fails(path: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(stow, "sync_filesystem", flush_fails)
+    others = write_study(tmp_path / "o", n_images=2, seed=12, study_instance_uid=generate_uid())
+    refused = post(client, multipart(*(f.read_bytes() for f in others)))
+    assert refused.status_code == 409
+    assert [values(i, "00081197") for i in values(refused.json(), "00081198")] == [[0xA700]] * 2
+    assert len(spool_files(settings)) == 3
+
+    monkeypatch.setattr(stow, "sync_filesystem", flushes.append)
+
+    def ledger_fails(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("database is gone")
+
+    monkeypatch.setattr(ledger, "record_instances", ledger_fails)
+    refused = post(client, multipart(*(f.read_bytes() for f in others)))
+    assert refused.status_code == 409
+    assert [values(i, "00081197") for i in values(refused.json(), "00081198")] == [[0xC211]] * 2
+    assert len(spool_files(settings)) == 3  # the earlier study's files stay, no new ones
+    ledger.dispose()
+
+
 def test_who_may_store(
     tmp_path: Path, ledger_node: tuple[Settings, Ledger], client: TestClient
 ) -> None:
@@ -235,6 +297,31 @@ def test_stow_rs_can_be_turned_off(tmp_path: Path) -> None:
     answer = post(TestClient(create_app(settings, ledger)), multipart(files[0].read_bytes()))
     assert answer.status_code == 403 and "stow_enabled" in answer.json()["detail"]
     ledger.dispose()
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_headers_read_as_pydicom_reads_them(tmp_path: Path) -> None:
+    """read_header's fast path gives pydicom's transfer syntax and attributes, for radiographs,
+    CT slices, small instances and implicit VR; what is not Part 10 is refused by pydicom."""
+    files = write_study(tmp_path / "dx", n_images=1, seed=13)
+    files += write_ct_series(tmp_path / "ct", 2, size=64)
+    files += write_small_instances(tmp_path / "small", 2)
+    implicit = pydicom.dcmread(files[0])
+    implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    implicit.save_as(tmp_path / "implicit.dcm", enforce_file_format=True)
+    files.append(tmp_path / "implicit.dcm")
+    for f in files:
+        data = f.read_bytes()
+        assert stow.file_meta(data) is not None, f
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        syntax, header = stow.read_header(data)
+        assert syntax == ds.file_meta.TransferSyntaxUID
+        assert header == pydicom_header(data), f
+    raw = files[0].read_bytes()
+    for broken in (raw[132:], raw[:140], b"\0" * 128 + b"DICM"):
+        assert stow.file_meta(broken) is None
+    with pytest.raises(InvalidDicomError):
+        stow.read_header(raw[132:])  # no preamble: not a Part 10 file
 
 
 def test_multipart_bodies() -> None:

@@ -38,7 +38,8 @@ _NOT_LITTLE_ENDIAN_EXPLICIT = {
     "1.2.840.10008.1.2.1.99",  # deflated
     "1.2.840.10008.1.2.2",  # big endian
 }
-_LONG_VRS = {
+#: Explicit VRs whose length is 4 bytes, after 2 reserved ones (PS3.5 7.1.2).
+LONG_VRS = {
     b"OB",
     b"OD",
     b"OF",
@@ -109,7 +110,7 @@ def _element_header(data: bytes, pos: int, implicit: bool) -> tuple[int, bytes, 
         length = _U32.unpack_from(data, pos + 4)[0]
         return tag, b"", pos + 8, length, pos + 8
     vr = data[pos + 4 : pos + 6]
-    if vr in _LONG_VRS:
+    if vr in LONG_VRS:
         length = _U32.unpack_from(data, pos + 8)[0]
         return tag, vr, pos + 12, length, pos + 12
     length = _U16.unpack_from(data, pos + 6)[0]
@@ -137,7 +138,7 @@ def scan_header(dataset: bytes, transfer_syntax: str) -> dict[str, str] | None:
                 start = pos + 8
             else:
                 group, element, vr, length = explicit_header(dataset, pos)
-                if vr in _LONG_VRS:
+                if vr in LONG_VRS:
                     length = u32(dataset, pos + 8)[0]
                     start = pos + 12
                 else:

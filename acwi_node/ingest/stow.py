@@ -35,7 +35,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from acwi_node.audit import AuditEvent, Outcome, audit, remote_ae
-from acwi_node.ingest.header import pydicom_header, scan_header
+from acwi_node.ingest.header import LONG_VRS, pydicom_header, scan_header
 from acwi_node.ingest.journal import sync_filesystem
 from acwi_node.ingest.spool import Spool, SpoolError, is_safe_uid
 from acwi_node.ledger import InstanceRecord, Ledger
@@ -58,23 +58,6 @@ _FAILED_SOP_SEQUENCE = "00081198"
 _REFERENCED_SOP_SEQUENCE = "00081199"
 
 
-_LONG_VRS = {
-    b"OB",
-    b"OD",
-    b"OF",
-    b"OL",
-    b"OV",
-    b"OW",
-    b"SQ",
-    b"SV",
-    b"UC",
-    b"UN",
-    b"UR",
-    b"UT",
-    b"UV",
-}
-
-
 def file_meta(data: bytes) -> tuple[str, int] | None:
     """The transfer syntax of a Part 10 file and where its data set starts, read from its File
     Meta Information (explicit VR little endian, defined lengths, as PS3.10 requires); None for
@@ -86,7 +69,7 @@ def file_meta(data: bytes) -> tuple[str, int] | None:
         group, element = struct.unpack_from("<HH", data, position)
         if group != 0x0002:
             return (syntax, position) if syntax else None
-        if data[position + 4 : position + 6] in _LONG_VRS:
+        if data[position + 4 : position + 6] in LONG_VRS:
             if position + 12 > len(data):
                 return None
             (length,) = struct.unpack_from("<I", data, position + 8)

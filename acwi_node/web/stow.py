@@ -44,22 +44,19 @@ def stow_router(settings: Settings, ledger: Ledger) -> APIRouter:
     limit = settings.dicomweb.max_request_bytes
 
     def store_body(
-        path: str, boundary: str, sender: str, address: str, study_uid: str | None
+        fd: int, boundary: str, sender: str, address: str, study_uid: str | None
     ) -> StowResult:
-        with open(path, "rb") as handle:
-            if os.fstat(handle.fileno()).st_size == 0:
-                raise MultipartError("an empty body")
-            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                parts = split_parts(mapped, boundary)
-                try:
-                    if not parts:
-                        raise MultipartError("the body holds no part")
-                    return receiver.receive(
-                        parts, sender=sender, address=address, study_uid=study_uid
-                    )
-                finally:
-                    for part in parts:
-                        part.release()
+        if os.fstat(fd).st_size == 0:
+            raise MultipartError("an empty body")
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
+            parts = split_parts(mapped, boundary)
+            try:
+                if not parts:
+                    raise MultipartError("the body holds no part")
+                return receiver.receive(parts, sender=sender, address=address, study_uid=study_uid)
+            finally:
+                for part in parts:
+                    part.release()
 
     async def store(request: Request, study_uid: str | None) -> Response:
         user: SessionInfo | None = getattr(request.state, "user", None)
@@ -76,29 +73,37 @@ def stow_router(settings: Settings, ledger: Ledger) -> APIRouter:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return _refused(413, f"the body is larger than {limit} bytes")
-        path = os.path.join(spool.tmp_dir, f"stow-{uuid.uuid4().hex}.body")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # ".part": what a crash leaves, the next start of the scp removes (Spool.clean_tmp).
+        path = os.path.join(spool.tmp_dir, f"stow-{uuid.uuid4().hex}.part")
+        # Read back through the same descriptor: the name may be gone meanwhile (clean_tmp).
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            log.error("STOW-RS: cannot keep a request's body: %s", exc.strerror or exc)
+            return _refused(503, f"cannot store now: {exc.strerror or exc}")
         try:
             received = 0
-            try:
-                async for chunk in request.stream():
-                    received += len(chunk)
-                    if received > limit:
-                        return _refused(413, f"the body is larger than {limit} bytes")
-                    view = memoryview(chunk)
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > limit:
+                    return _refused(413, f"the body is larger than {limit} bytes")
+                view = memoryview(chunk)
+                try:
                     while view:
                         view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
+                except OSError as exc:  # a full disk: nothing of the request is stored
+                    log.error("STOW-RS: cannot keep a request's body: %s", exc.strerror or exc)
+                    return _refused(503, f"cannot store now: {exc.strerror or exc}")
             address = request.client.host if request.client is not None else ""
             try:
                 result = await run_in_threadpool(
-                    store_body, path, boundary, user.user_name, address, study_uid
+                    store_body, fd, boundary, user.user_name, address, study_uid
                 )
             except MultipartError as exc:
                 log.warning("STOW-RS from %s: %s", user.user_name[:16], exc)
                 return _refused(400, f"not a multipart body of DICOM objects: {exc}")
         finally:
+            os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         base = str(request.base_url).rstrip("/") + "/dicomweb/studies"

@@ -287,6 +287,23 @@ def test_a_body_over_the_limit_is_refused(tmp_path: Path, ledger_node: Any) -> N
     limited.dispose()
 
 
+def test_a_body_that_cannot_be_kept_is_refused(
+    tmp_path: Path, ledger_node: tuple[Settings, Ledger], client: TestClient
+) -> None:
+    """Where the body cannot be written beside the spool (here: its folder is gone and a
+    file stands in its place), 503 with the reason, and the node keeps serving."""
+    settings, _ = ledger_node
+    files = write_study(tmp_path / "s", n_images=1, seed=14)
+    tmp_dir = settings.spool_dir / ".tmp"
+    tmp_dir.rmdir()
+    tmp_dir.write_text("not a folder")
+    answer = post(client, multipart(files[0].read_bytes()))
+    assert answer.status_code == 503 and "cannot store now" in answer.json()["detail"]
+    tmp_dir.unlink()
+    tmp_dir.mkdir()
+    assert post(client, multipart(files[0].read_bytes())).status_code == 200
+
+
 def test_stow_rs_can_be_turned_off(tmp_path: Path) -> None:
     settings = load_settings(
         None, node={"data_dir": tmp_path / "data"}, dicomweb={"stow_enabled": False}

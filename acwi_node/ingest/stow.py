@@ -13,7 +13,8 @@ runs (the quiet period counts from its end, as from a release) and as released w
 The sending account's name (its first 16 characters) stands for the calling AE title, in the
 ledger, in routing rules (``calling_ae``) and in the audit trail.
 
-The response (PS3.18 Table 10.5.3-1 and 10.5.3-2) is DICOM JSON: ``200`` when every object was
+The response (PS3.18 Table 10.5.3-1 and 10.5.3-2) is DICOM JSON, or the Native DICOM Model
+(XML) for a client that asks for it: ``200`` when every object was
 stored, ``202`` when some were (Referenced SOP Sequence and Failed SOP Sequence), ``409`` when
 none was; Failure Reasons are C-STORE statuses (0xA700 out of resources, 0xC000 cannot
 understand, 0xA900 a Study Instance UID other than the request's, 0xC211 the ledger is
@@ -30,8 +31,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 from pydicom import dcmread
+from pydicom.datadict import keyword_for_tag
 from pydicom.errors import InvalidDicomError
 
 from acwi_node.audit import AuditEvent, Outcome, audit, remote_ae
@@ -213,6 +216,40 @@ class StowResult:
             body[_FAILED_SOP_SEQUENCE] = {"vr": "SQ", "Value": items}
         body[_RETRIEVE_URL] = {"vr": "UR", "Value": [base_url]}
         return body
+
+    def response_xml(self, base_url: str) -> bytes:
+        """The same response in the Native DICOM Model (PS3.19 A.1), for a client that asks
+        for ``application/dicom+xml``."""
+        return native_dicom_model(self.response(base_url))
+
+
+_NATIVE_DICOM_NAMESPACE = "http://dicom.nema.org/PS3.19/models/NativeDICOM"
+
+
+def native_dicom_model(dataset: dict[str, Any]) -> bytes:
+    """A DICOM JSON data set (PS3.18 F.2; string, number and sequence values) written in the
+    Native DICOM Model (PS3.19 A.1): attributes in tag order, each with its keyword."""
+    root = ElementTree.Element("NativeDicomModel", xmlns=_NATIVE_DICOM_NAMESPACE)
+    root.set("xml:space", "preserve")
+    _add_attributes(root, dataset)
+    return ElementTree.tostring(root, encoding="UTF-8", xml_declaration=True)
+
+
+def _add_attributes(parent: ElementTree.Element, dataset: dict[str, Any]) -> None:
+    for tag in sorted(dataset):
+        attribute = dataset[tag]
+        element = ElementTree.SubElement(
+            parent, "DicomAttribute", {"tag": tag, "vr": attribute["vr"]}
+        )
+        keyword = keyword_for_tag(int(tag, 16))
+        if keyword:
+            element.set("keyword", keyword)
+        for number, value in enumerate(attribute.get("Value", []), start=1):
+            if attribute["vr"] == "SQ":
+                item = ElementTree.SubElement(element, "Item", number=str(number))
+                _add_attributes(item, value)
+            else:
+                ElementTree.SubElement(element, "Value", number=str(number)).text = str(value)
 
 
 class StowReceiver:

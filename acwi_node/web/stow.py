@@ -4,7 +4,9 @@ The body is streamed into a file beside the spool (``<spool>/.tmp/``, never held
 whole, refused with 413 past ``[dicomweb] max_request_bytes``), then its parts are stored from
 that file, mapped into memory, in a worker thread; the file is removed afterwards whatever
 happened. Only accounts with the ``sender`` or ``admin`` role may post (HTTP Basic, as for the
-JSON API); the response is ``application/dicom+json``.
+JSON API); the response is ``application/dicom+json``, or ``application/dicom+xml`` for a
+client whose ``Accept`` header prefers it (406, before anything is read, for one that accepts
+neither).
 """
 
 from __future__ import annotations
@@ -30,6 +32,39 @@ log = logging.getLogger("acwi_node.ingest")
 #: Roles that may store studies by STOW-RS.
 SENDER_ROLES = ("sender", "admin")
 DICOM_JSON = "application/dicom+json"
+DICOM_XML = "application/dicom+xml"
+#: The media ranges that name each response type, the most specific first.
+_MEDIA_RANGES = {
+    DICOM_JSON: (DICOM_JSON, "application/json", "application/*", "*/*"),
+    DICOM_XML: (DICOM_XML, "application/*", "*/*"),
+}
+
+
+def response_type(accept: str | None) -> str | None:
+    """The response's media type for a request's ``Accept`` header (RFC 9110 12.5.1): DICOM
+    JSON unless the client prefers DICOM XML; None when it accepts neither. Each type takes
+    the quality of the most specific range that names it (``application/dicom+json;q=0,
+    */*`` excludes JSON); ties go to JSON."""
+    if accept is None or not accept.strip():
+        return DICOM_JSON
+    qualities: dict[str, float] = {}
+    for item in accept.split(","):
+        media_range, *params = (piece.strip() for piece in item.split(";"))
+        quality = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = min(max(float(value), 0.0), 1.0)
+                except ValueError:
+                    quality = 0.0
+        qualities.setdefault(media_range.lower(), quality)
+    best, best_quality = None, 0.0
+    for media_type, ranges in _MEDIA_RANGES.items():
+        quality = next((qualities[r] for r in ranges if r in qualities), 0.0)
+        if quality > best_quality:
+            best, best_quality = media_type, quality
+    return best
 
 
 def _refused(status: int, detail: str) -> JSONResponse:
@@ -66,6 +101,9 @@ def stow_router(settings: Settings, ledger: Ledger) -> APIRouter:
             return _refused(403, "STOW-RS is turned off ([dicomweb] stow_enabled)")
         if study_uid is not None and not is_safe_uid(study_uid):
             return _refused(400, "the study in the URL is not a valid UID")
+        media_type = response_type(request.headers.get("accept"))
+        if media_type is None:
+            return _refused(406, f"the response is {DICOM_JSON} or {DICOM_XML}")
         try:
             boundary = boundary_of(request.headers.get("content-type", ""))
         except MultipartError as exc:
@@ -113,11 +151,10 @@ def stow_router(settings: Settings, ledger: Ledger) -> APIRouter:
             len(result.stored),
             len(result.failed),
         )
-        return JSONResponse(
-            result.response(base if study_uid is None else f"{base}/{study_uid}"),
-            status_code=result.status,
-            media_type=DICOM_JSON,
-        )
+        url = base if study_uid is None else f"{base}/{study_uid}"
+        if media_type == DICOM_XML:
+            return Response(result.response_xml(url), result.status, media_type=DICOM_XML)
+        return JSONResponse(result.response(url), result.status, media_type=DICOM_JSON)
 
     @router.post("/dicomweb/studies")
     async def store_studies(request: Request) -> Response:

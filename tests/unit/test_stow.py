@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import pydicom
 import pytest
@@ -23,10 +24,12 @@ from acwi_node.ledger.models import Instance, Study
 from acwi_node.review.auth import SESSION_COOKIE, new_token, token_hash
 from acwi_node.review.store import ReviewStore
 from acwi_node.web.api import create_app
+from acwi_node.web.stow import response_type
 from bench.common import write_ct_series, write_small_instances
 from models.data.synth import write_study
 from tests.support.review_case import CSRF, PASSWORD, add_user
 
+NATIVE = "{http://dicom.nema.org/PS3.19/models/NativeDICOM}"
 BOUNDARY = "acwi-test-boundary"
 MULTIPART = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
 
@@ -49,11 +52,12 @@ def post(
     user: str = "pacs",
     path: str = "/dicomweb/studies",
     content_type: str = MULTIPART,
+    accept: str = "application/dicom+json",
 ) -> Any:
     return client.post(
         path,
         content=body,
-        headers={"Content-Type": content_type, "Accept": "application/dicom+json", **basic(user)},
+        headers={"Content-Type": content_type, "Accept": accept, **basic(user)},
     )
 
 
@@ -148,6 +152,72 @@ def test_parts_that_cannot_be_stored_are_refused_alone(
     assert values(item, "00081197") == [0xA900]
     assert "00081199" not in refused.json()
     assert [s[:2] for s in studies(ledger)] == [(study_uid, 1)]
+
+
+def xml_items(root: ElementTree.Element, keyword: str) -> list[dict[str, list[str]]]:
+    """The items of a sequence of a Native DICOM Model response: each as {keyword: values}."""
+    (sequence,) = root.findall(f"{NATIVE}DicomAttribute[@keyword='{keyword}']")
+    return [
+        {
+            a.attrib["keyword"]: [v.text or "" for v in a.findall(f"{NATIVE}Value")]
+            for a in item.findall(f"{NATIVE}DicomAttribute")
+        }
+        for item in sequence.findall(f"{NATIVE}Item")
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_a_client_that_asks_for_xml(
+    tmp_path: Path, ledger_node: tuple[Settings, Ledger], client: TestClient
+) -> None:
+    """``Accept: application/dicom+xml``: the same answer in the Native DICOM Model (PS3.19);
+    a client that accepts neither JSON nor XML gets 406, and nothing is stored."""
+    settings, _ = ledger_node
+    good, evil = write_study(tmp_path / "s", n_images=2, seed=15)
+    ds = pydicom.dcmread(evil)
+    ds.SOPInstanceUID = "../../x"
+    ds.save_as(evil)
+    body = multipart(good.read_bytes(), evil.read_bytes())
+    refused = post(client, body, accept="text/html")
+    assert refused.status_code == 406
+    assert spool_files(settings) == []
+
+    answer = post(client, body, accept="application/dicom+json;q=0.5, application/dicom+xml")
+    assert answer.status_code == 202, answer.text
+    assert answer.headers["content-type"] == "application/dicom+xml"
+    root = ElementTree.fromstring(answer.content)
+    assert root.tag == f"{NATIVE}NativeDicomModel"
+    sent = pydicom.dcmread(good)
+    assert xml_items(root, "ReferencedSOPSequence") == [
+        {
+            "ReferencedSOPClassUID": [str(sent.SOPClassUID)],
+            "ReferencedSOPInstanceUID": [str(sent.SOPInstanceUID)],
+        }
+    ]
+    (failed,) = xml_items(root, "FailedSOPSequence")
+    assert failed["FailureReason"] == [str(0xC000)]
+    tags = [a.attrib["tag"] for a in root.findall(f"{NATIVE}DicomAttribute")]
+    assert tags == ["00081190", "00081198", "00081199"]  # in tag order, as PS3.19 asks
+    assert len(spool_files(settings)) == 1
+
+
+@pytest.mark.parametrize(
+    ("accept", "chosen"),
+    [
+        (None, "application/dicom+json"),
+        ("*/*", "application/dicom+json"),
+        ("application/json", "application/dicom+json"),
+        ("application/dicom+json, application/dicom+xml", "application/dicom+json"),
+        ("application/dicom+xml", "application/dicom+xml"),
+        ("application/dicom+xml, application/dicom+json;q=0.9", "application/dicom+xml"),
+        ("application/dicom+json;q=0, */*", "application/dicom+xml"),
+        ("application/dicom+xml;q=0, */*;q=0.1", "application/dicom+json"),
+        ("text/html, application/xml", None),
+        ("application/dicom+json;q=0", None),
+    ],
+)
+def test_the_response_type_follows_accept(accept: str | None, chosen: str | None) -> None:
+    assert response_type(accept) == chosen
 
 
 def test_an_instance_sent_twice_in_one_request(

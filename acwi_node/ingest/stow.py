@@ -290,10 +290,12 @@ class StowReceiver:
                         done.existed = earlier.existed
                         done.order = earlier.order + done.order
                     written[done.record.sop_instance_uid] = done
-            if written:
-                self._commit(list(written.values()), calling, result, studies, study_ids)
-                if self.audit_patient_id:
-                    patient_ids.update(w.patient_id for w in written.values())
+            if (
+                written
+                and self._commit(list(written.values()), calling, result, studies, study_ids)
+                and self.audit_patient_id
+            ):  # the stored instances' patients only, as the SCP's record names
+                patient_ids.update(w.patient_id for w in written.values())
         finally:
             if study_ids:
                 try:
@@ -390,9 +392,10 @@ class StowReceiver:
         result: StowResult,
         studies: dict[str, int],
         study_ids: set[int],
-    ) -> None:
+    ) -> bool:
         """Flush the written files, then record their rows (flushed), in one go each; a
-        failure of either refuses every object of the batch and removes its new files."""
+        failure of either refuses every object of the batch and removes its new files.
+        Whether they were stored."""
         reason = 0
         try:
             if self.spool.fsync:
@@ -420,7 +423,7 @@ class StowReceiver:
                     self.spool.discard(w.path)
                 uid = w.record.sop_instance_uid
                 result.failed.extend((sop_class, uid, reason) for sop_class in w.order)
-            return
+            return False
         for w, row in zip(written, recorded, strict=True):
             study = w.record.study_uid
             studies[study] = studies.get(study, 0) + 1
@@ -428,6 +431,7 @@ class StowReceiver:
             metrics.INSTANCES_RECEIVED.labels(calling).inc()
             uid = w.record.sop_instance_uid
             result.stored.extend((sop_class, uid) for sop_class in w.order)
+        return True
 
 
 @dataclass

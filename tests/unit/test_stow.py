@@ -244,16 +244,21 @@ def test_one_flush_for_a_request_and_what_a_failure_refuses(
 ) -> None:
     """The spool's file system is flushed once per request, before any row; if that flush or
     the ledger fails, every object of the request is refused and its new files removed."""
-    settings = load_settings(None, node={"data_dir": tmp_path / "data"})  # fsync on
+    settings = load_settings(  # fsync on, patients' IDs in the audit trail
+        None, node={"data_dir": tmp_path / "data"}, audit={"patient_id": True}
+    )
     ledger = Ledger(settings.database_url)
     add_user(ledger, "pacs", role="sender")
     client = TestClient(create_app(settings, ledger))
     flushes: list[Path] = []
     monkeypatch.setattr(stow, "sync_filesystem", flushes.append)
+    audited: list[dict[str, Any]] = []
+    monkeypatch.setattr(stow, "audit", lambda event, **record: audited.append(record))
     files = write_study(tmp_path / "s", n_images=3, seed=11)
     assert post(client, multipart(*(f.read_bytes() for f in files))).status_code == 200
     assert flushes == [settings.spool_dir]
     assert len(spool_files(settings)) == 3
+    assert audited[-1]["patient_ids"] == [str(pydicom.dcmread(files[0]).PatientID)]
 
     def flush_fails(path: Path) -> None:
         raise OSError(5, "Input/output error")
@@ -264,6 +269,8 @@ def test_one_flush_for_a_request_and_what_a_failure_refuses(
     assert refused.status_code == 409
     assert [values(i, "00081197") for i in values(refused.json(), "00081198")] == [[0xA700]] * 2
     assert len(spool_files(settings)) == 3
+    # The audit record names no patient of an instance that was refused (as the SCP's).
+    assert (audited[-1]["patient_ids"], audited[-1]["study_uids"]) == ([], [])
 
     monkeypatch.setattr(stow, "sync_filesystem", flushes.append)
 
@@ -274,6 +281,7 @@ def test_one_flush_for_a_request_and_what_a_failure_refuses(
     refused = post(client, multipart(*(f.read_bytes() for f in others)))
     assert refused.status_code == 409
     assert [values(i, "00081197") for i in values(refused.json(), "00081198")] == [[0xC211]] * 2
+    assert audited[-1]["patient_ids"] == []
     assert len(spool_files(settings)) == 3  # the earlier study's files stay, no new ones
     ledger.dispose()
 

@@ -8,7 +8,7 @@ acwi-node web         the HTTP API
 acwi-node hl7         HL7 v2 with the RIS: MLLP order listener and ORU^R01 results sender
 acwi-node status      the ledger's view of every study
 acwi-node config      validate the configuration and print it as JSON
-acwi-node users       review web app accounts: add, list, disable, enable
+acwi-node users       web app accounts: add, passwd, list, disable, enable
 acwi-node feedback    export reviewed cases as a labelled dataset
 """
 

@@ -546,6 +546,9 @@ class ReviewSettings(_Strict):
     secret_key_file: Path | None = None
     #: Verifying Organization (0040,A027) written into verified SRs.
     organization: str = Field("ACWI Node", min_length=1, max_length=64)
+    #: HTTP Basic credentials (JSON API, STOW-RS) that verified are remembered in memory this
+    #: long, so that a client's next requests skip the scrypt verification; 0: verify each.
+    basic_auth_cache_s: int = Field(300, ge=0, le=3600)
 
 
 class AuditSettings(_Strict):

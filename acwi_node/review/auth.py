@@ -5,6 +5,9 @@
 * A session is a random 256-bit token in an HttpOnly, SameSite=Strict cookie; the ledger keeps
   only its SHA-256. It ends after ``[review] session_lifetime_s``, after ``idle_timeout_s``
   without a request, on sign-out, or when the user is disabled.
+* HTTP Basic credentials (the JSON API, STOW-RS) verified once are remembered for
+  ``[review] basic_auth_cache_s`` (:class:`VerifiedCredentials`), so that a client sending many
+  requests pays the scrypt verification (some 35 ms of CPU) once, not per request.
 * Every POST carries a CSRF token: an HMAC (key from ``[review] secret_key_file``) of the
   session token, or of a random pre-sign-in cookie for the sign-in form itself.
 """
@@ -16,6 +19,10 @@ import hashlib
 import hmac
 import os
 import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 SESSION_COOKIE = "acwi_session"
@@ -84,6 +91,59 @@ def verify_password(password: str, stored: str) -> bool:
 
 #: Checked against when the user does not exist, so timing does not reveal valid names.
 DUMMY_HASH = hash_password("not-a-real-password", salt=b"\0" * 16)
+
+
+class VerifiedCredentials:
+    """HTTP Basic credentials that verified recently, each for ``ttl_s`` seconds.
+
+    An entry is keyed by an HMAC of the user name and password under a key made at random for
+    this process (the password is never kept, nor anything that could be checked against it
+    elsewhere) and holds the stored hash it verified against: it counts only while the
+    account's hash is still that one, so a changed password ends it at once; the caller still
+    looks the account up for every request (disabled, role). Failures are never remembered:
+    every wrong guess costs a full verification. At most ``max_entries``, the oldest evicted
+    first; ``ttl_s`` 0 remembers nothing."""
+
+    def __init__(
+        self,
+        ttl_s: float,
+        *,
+        max_entries: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._clock = clock
+        self._key = os.urandom(32)
+        self._entries: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _digest(self, name: str, password: str) -> bytes:
+        message = name.encode("utf-8") + b"\0" + password.encode("utf-8")
+        return hmac.new(self._key, message, hashlib.sha256).digest()
+
+    def verify(self, name: str, password: str, stored: str) -> bool:
+        """:func:`verify_password`, answered from memory for credentials that verified
+        against ``stored`` less than ``ttl_s`` ago."""
+        if self.ttl_s <= 0:
+            return verify_password(password, stored)
+        digest = self._digest(name, password)
+        now = self._clock()
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is not None and entry[1] > now and hmac.compare_digest(entry[0], stored):
+                return True
+        if not verify_password(password, stored):
+            return False
+        with self._lock:
+            self._entries[digest] = (stored, now + self.ttl_s)
+            self._entries.move_to_end(digest)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def new_token() -> str:

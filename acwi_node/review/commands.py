@@ -1,4 +1,4 @@
-"""``acwi-node users add|list|disable|enable`` and ``acwi-node feedback export DIR``."""
+"""``acwi-node users add|passwd|list|disable|enable`` and ``acwi-node feedback export DIR``."""
 
 from __future__ import annotations
 
@@ -15,12 +15,19 @@ COMMANDS = ("users", "feedback")
 
 def add_parsers(sub: Any) -> None:
     """Add the review app's sub-commands to the ``acwi-node`` parser."""
-    users = sub.add_parser("users", help="review web app accounts: add, list, disable, enable")
+    users = sub.add_parser("users", help="web app accounts: add, passwd, list, disable, enable")
     users_sub = users.add_subparsers(dest="users_command", required=True)
     add = users_sub.add_parser("add", help="create an account (password from a prompt)")
     add.add_argument("name", help="user name (letters, digits, . _ - ^)")
     add.add_argument("--role", choices=("radiologist", "admin", "sender"), default="radiologist")
     add.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input"
+    )
+    passwd = users_sub.add_parser(
+        "passwd", help="set an account's password (from a prompt) and end its sessions"
+    )
+    passwd.add_argument("name")
+    passwd.add_argument(
         "--password-stdin", action="store_true", help="read the password from standard input"
     )
     users_sub.add_parser("list", help="list accounts")
@@ -88,6 +95,18 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
                 return 1
             store.audit(_operator(), "user_added", detail=f"{name} ({args.role})")
             print(f"added {name} ({args.role})")
+            return 0
+        if args.users_command == "passwd":
+            try:
+                password = auth.check_password(_read_password(args.password_stdin))
+            except (ValueError, EOFError) as exc:
+                print(f"acwi-node users passwd: {exc}", file=sys.stderr)
+                return 1
+            if not store.set_password(args.name, auth.hash_password(password)):
+                print(f"acwi-node users passwd: no user {args.name!r}", file=sys.stderr)
+                return 1
+            store.audit(_operator(), "user_password_set", detail=args.name)
+            print(f"set the password of {args.name}; its sessions ended")
             return 0
         if args.users_command == "list":
             users = store.list_users()

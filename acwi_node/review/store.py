@@ -54,6 +54,7 @@ _TRAIL_EVENTS: dict[str, tuple[trail.AuditEvent, trail.Outcome | None]] = {
     "user_added": (trail.AuditEvent.USERS_CHANGED, None),
     "user_disabled": (trail.AuditEvent.USERS_CHANGED, None),
     "user_enabled": (trail.AuditEvent.USERS_CHANGED, None),
+    "user_password_set": (trail.AuditEvent.USERS_CHANGED, None),
 }
 
 
@@ -177,6 +178,17 @@ class ReviewStore:
             user.disabled = disabled
             if disabled:
                 s.execute(delete(WebSession).where(WebSession.user_id == user.id))
+            return True
+
+    def set_password(self, name: str, password_hash: str) -> bool:
+        """Replace a user's password; ends the user's sessions (a password changed because it
+        leaked should sign out whoever used it). False if unknown."""
+        with self.ledger.session() as s:
+            user = s.scalars(select(User).where(User.name == name)).first()
+            if user is None:
+                return False
+            user.password_hash = password_hash
+            s.execute(delete(WebSession).where(WebSession.user_id == user.id))
             return True
 
     # --------------------------------------------------------------- sessions

@@ -160,6 +160,7 @@ class ReviewApp:
         self.store = ReviewStore(ledger)
         self.templates = make_templates()
         self.key = auth.load_secret_key(settings.review_secret_key_file)
+        self.credentials = auth.VerifiedCredentials(settings.review.basic_auth_cache_s)
 
     # ------------------------------------------------------------- helpers
     def csrf_for(self, user: SessionInfo) -> str:
@@ -205,7 +206,7 @@ class ReviewApp:
         if user is None or user.disabled:
             auth.verify_password(password, auth.DUMMY_HASH)
             return None
-        if not auth.verify_password(password, user.password_hash):
+        if not self.credentials.verify(name, password, user.password_hash):
             return None
         return SessionInfo(user.id, user.name, user.role, "", utcnow())
 

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import io
 import stat
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
+from acwi_node import cli
+from acwi_node.config import Settings, load_settings
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import utcnow
 from acwi_node.review import auth
 from acwi_node.review.store import ReviewError, ReviewStore, UserExists
+from acwi_node.web.api import create_app
+from tests.support.review_case import PASSWORD, add_user
+
+
+def basic(name: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode()}
 
 
 def test_hash_round_trip_and_salt() -> None:
@@ -114,3 +125,112 @@ def test_session_lifetime_idle_timeout_and_disable(ledger: Ledger) -> None:
     assert store.session_user(other, idle_timeout_s=idle_s) is None
 
     assert store.session_user("unknown", idle_timeout_s=idle_s) is None
+
+
+def test_verified_credentials_are_remembered_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A verified password is answered from memory until its time is up or the stored hash
+    changes; a wrong one is verified every time; the oldest entries go first."""
+    stored = auth.hash_password("correct horse battery")
+    verified: list[str] = []
+    real = auth.verify_password
+
+    def counting(password: str, against: str) -> bool:
+        verified.append(password)
+        return real(password, against)
+
+    monkeypatch.setattr(auth, "verify_password", counting)
+    now = [1000.0]
+    cache = auth.VerifiedCredentials(300, max_entries=2, clock=lambda: now[0])
+    assert cache.verify("jane", "correct horse battery", stored)
+    assert cache.verify("jane", "correct horse battery", stored)
+    assert len(verified) == 1
+    for _ in range(2):  # failures are never remembered
+        assert not cache.verify("jane", "wrong password 123", stored)
+    assert len(verified) == 3
+    assert cache.verify("bob", "correct horse battery", stored)  # another name: verified
+    assert len(verified) == 4
+    # A changed password: the remembered verification no longer counts.
+    changed = auth.hash_password("a new password 456")
+    assert not cache.verify("jane", "correct horse battery", changed)
+    assert cache.verify("jane", "a new password 456", changed)
+    verified.clear()
+    now[0] += 299
+    assert cache.verify("jane", "a new password 456", changed) and verified == []
+    now[0] += 2  # past its time: verified again
+    assert cache.verify("jane", "a new password 456", changed) and len(verified) == 1
+    # Bounded: a third account's entry evicts the oldest.
+    other = auth.hash_password("third password 789")
+    assert cache.verify("ann", "third password 789", other)
+    assert cache.verify("eve", "third password 789", other)
+    assert len(cache) == 2
+    verified.clear()
+    assert cache.verify("jane", "a new password 456", changed) and len(verified) == 1
+    # No password is kept in memory, only keyed digests and the stored hashes.
+    assert "a new password 456" not in repr(cache._entries)
+    # Off: every request verifies.
+    off = auth.VerifiedCredentials(0)
+    verified.clear()
+    assert off.verify("jane", "a new password 456", changed)
+    assert off.verify("jane", "a new password 456", changed)
+    assert len(verified) == 2 and len(off) == 0
+
+
+def test_basic_credentials_verified_once(
+    monkeypatch: pytest.MonkeyPatch, ledger_node: tuple[Settings, Ledger]
+) -> None:
+    """The API with HTTP Basic: one scrypt verification for a client's requests; a password
+    set with ``users passwd`` (store.set_password) refuses the old one at once, and a disabled
+    account is refused even though its credentials were remembered."""
+    settings, ledger = ledger_node
+    add_user(ledger, "script", role="admin")
+    client = TestClient(create_app(settings, ledger), base_url="https://node.example")
+    calls: list[str] = []
+    real = auth.verify_password
+
+    def counting(password: str, stored: str) -> bool:
+        calls.append(password)
+        return real(password, stored)
+
+    monkeypatch.setattr(auth, "verify_password", counting)
+
+    def get(password: str) -> int:
+        return client.get("/api/studies", headers=basic("script", password)).status_code
+
+    assert [get(PASSWORD) for _ in range(5)] == [200] * 5
+    assert len(calls) == 1
+    store = ReviewStore(ledger)
+    assert store.set_password("script", auth.hash_password("the new password 1"))
+    assert get(PASSWORD) == 401
+    assert get("the new password 1") == 200
+    assert store.set_disabled("script")
+    assert get("the new password 1") == 401
+
+
+def test_users_passwd_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "acwi-node.toml"
+    config.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n')
+    monkeypatch.setattr("sys.stdin", io.StringIO("first password 1\n"))
+    assert cli.main(["--config", str(config), "users", "add", "jane", "--password-stdin"]) == 0
+    ledger = Ledger(load_settings(config).database_url)
+    store = ReviewStore(ledger)
+    user = store.get_user("jane")
+    assert user is not None
+    session = auth.token_hash(auth.new_token())
+    store.create_session(user.id, session, 3600)
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert cli.main(["--config", str(config), "users", "passwd", "jane", "--password-stdin"]) == 1
+    assert "at least" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO("second password 2\n"))
+    assert cli.main(["--config", str(config), "users", "passwd", "jane", "--password-stdin"]) == 0
+    changed = store.get_user("jane")
+    assert changed is not None
+    assert auth.verify_password("second password 2", changed.password_hash)
+    assert not auth.verify_password("first password 1", changed.password_hash)
+    assert store.session_user(session, idle_timeout_s=600) is None  # signed out
+    assert "user_password_set" in [e["action"] for e in store.audit_events()]
+    monkeypatch.setattr("sys.stdin", io.StringIO("second password 2\n"))
+    assert cli.main(["--config", str(config), "users", "passwd", "nobody", "--password-stdin"]) == 1
+    ledger.dispose()

@@ -8,11 +8,15 @@
     python -m bench.turnaround --signal mpps         # the modality reports MPPS COMPLETED
     python -m bench.turnaround --signal release      # the sender is a release-complete AE
     python -m bench.turnaround --dicomweb            # results to Orthanc by STOW-RS, not C-STORE
+    python -m bench.turnaround --sender stow         # studies sent to the node by STOW-RS
 
 Orthanc (the PACS) and the node run on loopback; the node is ``acwi-node serve`` on its embedded
 defaults (SQLite ledger, embedded broker) or, with ``--mode separate``, ``acwi-node scp``,
 ``worker`` and ``exporter`` with Redis (database 9) as the broker. Each study is sent by DCMTK
-``storescu`` over one association; the clock starts when storescu exits (every instance
+``storescu`` over one association, or with ``--sender stow`` by STOW-RS to the node's web
+process (``POST /dicomweb/studies``, requests of :data:`STOW_PER_REQUEST` objects on one
+connection, as a PACS that sends by DICOMweb does; HTTP Basic as a ``sender`` account); the
+clock starts when storescu exits (or the last request is answered: every instance
 acknowledged) and stops when the node's ledger shows the study ``delivered`` (every result
 confirmed by Orthanc with 0x0000); the run then checks that Orthanc holds the SR. Studies are
 sent one at a time after one warm-up study, so each figure is one study's latency.
@@ -22,7 +26,8 @@ sent one at a time after one warm-up study, so each figure is one study's latenc
 ``mpps`` makes the bench a modality that reports its procedure step, N-CREATE (IN PROGRESS)
 before sending and N-SET (COMPLETED, listing every instance) after storescu exits, on
 associations of their own; ``release`` names storescu's calling AE title in
-``completion.release_complete_aes``. With a signal the quiet period is set to an hour unless
+``completion.release_complete_aes`` (not with ``--sender stow``: the node does not take a
+STOW-RS request for a whole study). With a signal the quiet period is set to an hour unless
 ``--quiet-period`` says otherwise, so that every study in the run is completed by the signal and
 nothing else; the N-SET's time is inside the measured turnaround.
 """
@@ -37,6 +42,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +61,10 @@ from bench.common import (
     write_ct_series,
     write_json,
 )
+from bench.stow import USER as STOW_USER
+from bench.stow import Service, post_all
 from models.data.synth import write_study
-from tests.support.node import write_config
+from tests.support.node import add_api_user, write_config
 from tests.support.orthanc import OrthancServer
 from tests.support.ports import free_port
 
@@ -69,14 +77,19 @@ SIGNALS = ("quiet", "mpps", "release")
 #: The quiet period of a run with a completion signal, so that only the signal completes.
 SIGNAL_QUIET_PERIOD_S = 3600.0
 MPPS_SOP_CLASS = "1.2.840.10008.3.1.2.3.3"
+SENDERS = ("storescu", "stow")
+#: Objects per STOW-RS request of ``--sender stow``.
+STOW_PER_REQUEST = 50
 
 
-def node_config(work: Path, orthanc: OrthancServer, args: argparse.Namespace) -> Path:
+def node_config(
+    work: Path, orthanc: OrthancServer, args: argparse.Namespace, http_port: int
+) -> Path:
     node: dict[str, Any] = {
         "ae_title": "ACWI",
         "dicom_host": "127.0.0.1",
         "dicom_port": orthanc.node_port,
-        "http_port": free_port(),
+        "http_port": http_port,
         "data_dir": str(work / "data"),
         "log_level": "WARNING",
     }
@@ -224,8 +237,36 @@ class Modality:
         self._send("set", mods, step_uid)
 
 
+def storescu_sender(port: int) -> Callable[[list[Path]], None]:
+    """Sends a study with DCMTK storescu over one association, to the node's DICOM port."""
+
+    def send(files: list[Path]) -> None:
+        done = subprocess.run(
+            storescu_cmd(port, files, called="ACWI", calling=MODALITY_AE),
+            env=dcmtk_env(),
+            capture_output=True,
+            timeout=600,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"storescu failed: {done.stdout.decode()[-2000:]}")
+
+    return send
+
+
+def stow_sender(http_port: int) -> Callable[[list[Path]], None]:
+    """Sends a study by STOW-RS to the node's web process, :data:`STOW_PER_REQUEST` objects a
+    request on one connection (raises unless every request is answered 200)."""
+    service = Service(http_port, "/dicomweb", lambda: 0)
+
+    def send(files: list[Path]) -> None:
+        post_all(service, files, STOW_PER_REQUEST)
+
+    return send
+
+
 def send_and_wait(
-    port: int,
+    send: Callable[[list[Path]], None],
     files: list[Path],
     study_uid: str,
     db: Path,
@@ -233,25 +274,17 @@ def send_and_wait(
     timeout_s: float,
     modality: Modality | None = None,
 ) -> float:
-    """Seconds from storescu's exit to the study delivered; with ``modality``, the study's
-    procedure step is created before storescu starts and completed after it exits (inside the
-    measured time)."""
+    """Seconds from the study sent (``send`` returned: every instance acknowledged) to the
+    study delivered; with ``modality``, the study's procedure step is created before the
+    sending starts and completed after it ends (inside the measured time)."""
     step_uid = None
     if modality is not None:
         from pydicom import dcmread
 
         first = dcmread(files[0], stop_before_pixels=True)
         step_uid = modality.begin(study_uid, str(first.Modality))
-    done = subprocess.run(
-        storescu_cmd(port, files, called="ACWI", calling=MODALITY_AE),
-        env=dcmtk_env(),
-        capture_output=True,
-        timeout=600,
-        check=False,
-    )
+    send(files)
     t0 = time.perf_counter()
-    if done.returncode != 0:
-        raise RuntimeError(f"storescu failed: {done.stdout.decode()[-2000:]}")
     if modality is not None and step_uid is not None:
         modality.complete(step_uid, files)
     deadline = t0 + timeout_s
@@ -337,8 +370,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="send the results to Orthanc's DICOMweb plugin by STOW-RS instead of C-STORE",
     )
+    parser.add_argument(
+        "--sender",
+        choices=SENDERS,
+        default="storescu",
+        help="how studies reach the node: DCMTK storescu (C-STORE, one association a study) or"
+        f" STOW-RS to its web process ({STOW_PER_REQUEST} objects a request)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if args.sender == "stow" and args.signal == "release":
+        parser.error("--signal release needs --sender storescu (an association a study)")
     bench_common.SENDERS_NODELAY = not args.nagle
     if args.nagle:
         os.environ.pop("TCP_NODELAY", None)
@@ -357,15 +399,25 @@ def run(args: argparse.Namespace) -> int:
         work = Path(tmp)
         node_port = free_port()
         with OrthancServer(node_port=node_port, workdir=work / "orthanc") as orthanc:
-            config = node_config(work, orthanc, args)
+            http_port = free_port()
+            config = node_config(work, orthanc, args, http_port)
             kinds = ["serve"] if args.mode == "serve" else ["scp", "worker", "exporter"]
+            if args.sender == "stow":
+                add_api_user(config, STOW_USER, role="sender")
+                if args.mode == "separate":
+                    kinds.append("web")
             procs = [start_node(config, kind, work / f"{kind}.log") for kind in kinds]
             db = work / "data" / "ledger.sqlite"
             try:
                 wait_port(node_port, 120)
+                if args.sender == "stow":
+                    wait_port(http_port, 120)
+                    send = stow_sender(http_port)
+                else:
+                    send = storescu_sender(node_port)
                 modality = Modality(node_port) if args.signal == "mpps" else None
                 warm, warm_uid = make_dx(work / "warm", 999)
-                send_and_wait(node_port, warm, warm_uid, db, orthanc, args.timeout, modality)
+                send_and_wait(send, warm, warm_uid, db, orthanc, args.timeout, modality)
                 kinds_run = [("DX 1 image", args.dx), (f"CT {args.ct_slices} slices", args.ct)]
                 for name, count in kinds_run:
                     times: list[float] = []
@@ -377,9 +429,7 @@ def run(args: argparse.Namespace) -> int:
                         else:
                             files, uid = make_ct(out, args.ct_slices, i)
                         times.append(
-                            send_and_wait(
-                                node_port, files, uid, db, orthanc, args.timeout, modality
-                            )
+                            send_and_wait(send, files, uid, db, orthanc, args.timeout, modality)
                         )
                         for stage, seconds in stage_seconds(db, uid).items():
                             stages[stage].append(seconds)
@@ -399,7 +449,8 @@ def run(args: argparse.Namespace) -> int:
     ]
     print()
     print(
-        f"mode={args.mode} signal={args.signal} quiet_period_s={args.quiet_period}"
+        f"mode={args.mode} sender={args.sender} signal={args.signal}"
+        f" quiet_period_s={args.quiet_period}"
         f" poll={args.poll_interval} nagle={args.nagle} dicomweb={args.dicomweb}"
     )
     print(markdown_table(header, rows))

@@ -60,3 +60,19 @@ def test_the_turnaround_bench_can_send_the_results_by_stow_rs(tmp_path: Path) ->
     report = json.loads(out.read_text())
     assert report["args"]["dicomweb"] is True
     assert report["results"]["DX 1 image"]["n"] == 1
+
+
+def test_the_turnaround_bench_can_send_the_studies_by_stow_rs(tmp_path: Path) -> None:
+    """``--sender stow``: each study goes to the node's web process by STOW-RS; with the
+    quiet period an hour, the modality's MPPS COMPLETED completes what STOW-RS stored."""
+    require_orthanc()
+    out = tmp_path / "turnaround.json"
+    argv = ["--dx", "1", "--ct", "1", "--ct-slices", "3", "--sender", "stow", "--signal", "mpps"]
+    assert main([*argv, "--timeout", "120", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["args"]["sender"] == "stow"
+    assert list(report["results"]) == ["DX 1 image", "CT 3 slices"]
+    for stages in report["stages"].values():
+        assert stages["complete"] < 120
+    with pytest.raises(SystemExit):  # a STOW-RS request is no association that ends a study
+        main(["--sender", "stow", "--signal", "release"])

@@ -20,6 +20,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from acwi_node.config import Settings
 from acwi_node.ingest.spool import Spool, is_safe_uid
@@ -121,17 +122,26 @@ def stow_router(settings: Settings, ledger: Ledger) -> APIRouter:
             return _refused(503, f"cannot store now: {exc.strerror or exc}")
         try:
             received = 0
-            async for chunk in request.stream():
-                received += len(chunk)
-                if received > limit:
-                    return _refused(413, f"the body is larger than {limit} bytes")
-                view = memoryview(chunk)
-                try:
-                    while view:
-                        view = view[os.write(fd, view) :]
-                except OSError as exc:  # a full disk: nothing of the request is stored
-                    log.error("STOW-RS: cannot keep a request's body: %s", exc.strerror or exc)
-                    return _refused(503, f"cannot store now: {exc.strerror or exc}")
+            try:
+                async for chunk in request.stream():
+                    received += len(chunk)
+                    if received > limit:
+                        return _refused(413, f"the body is larger than {limit} bytes")
+                    view = memoryview(chunk)
+                    try:
+                        while view:
+                            view = view[os.write(fd, view) :]
+                    except OSError as exc:  # a full disk: nothing of the request is stored
+                        log.error("STOW-RS: cannot keep a request's body: %s", exc.strerror or exc)
+                        return _refused(503, f"cannot store now: {exc.strerror or exc}")
+            except ClientDisconnect:  # nobody to answer; nothing of the request is stored
+                log.warning(
+                    "STOW-RS from %s: the connection closed after %d bytes, before the body"
+                    " ended; nothing stored",
+                    user.user_name[:16],
+                    received,
+                )
+                return _refused(400, "the connection closed before the body ended")
             address = request.client.host if request.client is not None else ""
             try:
                 result = await run_in_threadpool(

@@ -3,7 +3,9 @@ ledger (SQLite and PostgreSQL), what each part's outcome is, and who may post.""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import logging
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
@@ -345,6 +347,54 @@ def test_requests_that_are_not_stow_rs(
     assert typed.status_code == 400
     assert post(client, whole, path="/dicomweb/studies/..%2Fetc").status_code in (400, 404)
     assert spool_files(settings) == []  # nothing stored, no body left behind
+
+
+def test_a_sender_that_hangs_up_halfway(
+    tmp_path: Path,
+    ledger_node: tuple[Settings, Ledger],
+    client: TestClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The connection closes in the middle of the body: a warning saying so (no traceback),
+    nothing stored, no body left beside the spool, and the node stores the next request."""
+    settings, _ = ledger_node
+    files = write_study(tmp_path / "s", n_images=1, seed=16)
+    body = multipart(files[0].read_bytes())
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": body[:500], "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = {"Content-Type": MULTIPART, "Content-Length": str(len(body)), **basic("pacs")}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "https",
+        "path": "/dicomweb/studies",
+        "raw_path": b"/dicomweb/studies",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("node.example", 443),
+    }
+    with caplog.at_level(logging.WARNING, logger="acwi_node.ingest"):
+        asyncio.run(client.app(scope, receive, send))  # type: ignore[arg-type]
+    (start,) = [m for m in sent if m["type"] == "http.response.start"]
+    assert start["status"] == 400
+    assert "closed after 500 bytes" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert spool_files(settings) == []
+    assert post(client, body).status_code == 200
 
 
 def test_a_body_over_the_limit_is_refused(tmp_path: Path, ledger_node: Any) -> None:

@@ -27,7 +27,7 @@ import io
 import logging
 import mmap
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,13 +268,16 @@ class StowReceiver:
         sender: str,
         address: str,
         study_uid: str | None = None,
+        written_out: Callable[[], None] | None = None,
     ) -> StowResult:
         """Store each part; ``sender`` is the account that sent them (the calling AE title
         in the ledger: its first 16 characters), ``study_uid`` the request's study, if any.
 
         The request is answered once, for all its objects, so they are flushed together: every
         spool file written, then one flush of the spool's file system (files and directory
-        entries), then every ledger row in one transaction, flushed once."""
+        entries), then every ledger row in one transaction, flushed once. ``written_out`` is
+        called between the two, when no part is read any more: the caller lets the body go
+        there (a body kept in a file would otherwise be written to disk by that flush too)."""
         calling = sender[:16]
         result = StowResult()
         studies: dict[str, int] = {}
@@ -290,6 +293,8 @@ class StowReceiver:
                         done.existed = earlier.existed
                         done.order = earlier.order + done.order
                     written[done.record.sop_instance_uid] = done
+            if written_out is not None:
+                written_out()
             if (
                 written
                 and self._commit(list(written.values()), calling, result, studies, study_ids)

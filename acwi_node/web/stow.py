@@ -68,6 +68,28 @@ def response_type(accept: str | None) -> str | None:
     return best
 
 
+class _BodyFile:
+    """A request's body, kept in a file beside the spool while its objects are stored.
+
+    ``.part``: what a crash leaves, the next start of the scp removes (``Spool.clean_tmp``).
+    The body is read back through the descriptor it was written with: the name may be gone
+    meanwhile (``clean_tmp``)."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.path = os.path.join(spool.tmp_dir, f"stow-{uuid.uuid4().hex}.part")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+
+    def discard(self) -> None:
+        """Remove the file (its name first: its pages are then dropped, never written) and
+        close it; once, whoever calls it first."""
+        if self.fd < 0:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = -1
+
+
 def _refused(status: int, detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
 
@@ -80,16 +102,28 @@ def stow_router(settings: Settings, ledger: Ledger) -> APIRouter:
     limit = settings.dicomweb.max_request_bytes
 
     def store_body(
-        fd: int, boundary: str, sender: str, address: str, study_uid: str | None
+        body: _BodyFile, boundary: str, sender: str, address: str, study_uid: str | None
     ) -> StowResult:
-        if os.fstat(fd).st_size == 0:
+        if os.fstat(body.fd).st_size == 0:
             raise MultipartError("an empty body")
-        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
+        with mmap.mmap(body.fd, 0, access=mmap.ACCESS_READ) as mapped:
             parts = split_parts(mapped, boundary)
+
+            def let_go() -> None:
+                """Every part is in its spool file: the body's file goes before the flush (an
+                unlinked file's pages are dropped, not written), so the flush writes each
+                object once, not twice."""
+                for part in parts:
+                    part.release()
+                mapped.close()
+                body.discard()
+
             try:
                 if not parts:
                     raise MultipartError("the body holds no part")
-                return receiver.receive(parts, sender=sender, address=address, study_uid=study_uid)
+                return receiver.receive(
+                    parts, sender=sender, address=address, study_uid=study_uid, written_out=let_go
+                )
             finally:
                 for part in parts:
                     part.release()
@@ -112,11 +146,8 @@ def stow_router(settings: Settings, ledger: Ledger) -> APIRouter:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return _refused(413, f"the body is larger than {limit} bytes")
-        # ".part": what a crash leaves, the next start of the scp removes (Spool.clean_tmp).
-        path = os.path.join(spool.tmp_dir, f"stow-{uuid.uuid4().hex}.part")
-        # Read back through the same descriptor: the name may be gone meanwhile (clean_tmp).
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            body = _BodyFile(spool)
         except OSError as exc:
             log.error("STOW-RS: cannot keep a request's body: %s", exc.strerror or exc)
             return _refused(503, f"cannot store now: {exc.strerror or exc}")
@@ -130,7 +161,7 @@ def stow_router(settings: Settings, ledger: Ledger) -> APIRouter:
                     view = memoryview(chunk)
                     try:
                         while view:
-                            view = view[os.write(fd, view) :]
+                            view = view[os.write(body.fd, view) :]
                     except OSError as exc:  # a full disk: nothing of the request is stored
                         log.error("STOW-RS: cannot keep a request's body: %s", exc.strerror or exc)
                         return _refused(503, f"cannot store now: {exc.strerror or exc}")
@@ -145,15 +176,13 @@ def stow_router(settings: Settings, ledger: Ledger) -> APIRouter:
             address = request.client.host if request.client is not None else ""
             try:
                 result = await run_in_threadpool(
-                    store_body, fd, boundary, user.user_name, address, study_uid
+                    store_body, body, boundary, user.user_name, address, study_uid
                 )
             except MultipartError as exc:
                 log.warning("STOW-RS from %s: %s", user.user_name[:16], exc)
                 return _refused(400, f"not a multipart body of DICOM objects: {exc}")
         finally:
-            os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            body.discard()
         base = str(request.base_url).rstrip("/") + "/dicomweb/studies"
         log.info(
             "STOW-RS from %s: %d stored, %d refused",

@@ -288,6 +288,26 @@ def test_one_flush_for_a_request_and_what_a_failure_refuses(
     ledger.dispose()
 
 
+def test_the_body_is_gone_before_the_flush(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The request's body file is removed once its objects are in their spool files, before
+    the file system is flushed: the flush writes each object once, not the body as well."""
+    settings = load_settings(None, node={"data_dir": tmp_path / "data"})  # fsync on
+    ledger = Ledger(settings.database_url)
+    add_user(ledger, "pacs", role="sender")
+    client = TestClient(create_app(settings, ledger))
+    at_flush: list[list[str]] = []
+    monkeypatch.setattr(
+        stow,
+        "sync_filesystem",
+        lambda path: at_flush.append([p.name for p in (path / ".tmp").iterdir()]),
+    )
+    files = write_study(tmp_path / "s", n_images=2, seed=17)
+    assert post(client, multipart(*(f.read_bytes() for f in files))).status_code == 200
+    assert at_flush == [[]]
+    assert len(spool_files(settings)) == 2
+    ledger.dispose()
+
+
 def test_who_may_store(
     tmp_path: Path, ledger_node: tuple[Settings, Ledger], client: TestClient
 ) -> None:

@@ -4,10 +4,10 @@ The body is streamed into a file beside the spool (``<spool>/.tmp/``, never held
 whole, refused with 413 past ``[dicomweb] max_request_bytes``), then its parts are stored from
 that file, mapped into memory, in a worker thread; the file is removed as soon as its objects
 are in their spool files (before the flush, which would otherwise write it to disk too), or
-afterwards whatever happened. Only accounts with the ``sender`` or ``admin`` role may post (HTTP Basic, as for the
-JSON API); the response is ``application/dicom+json``, or ``application/dicom+xml`` for a
-client whose ``Accept`` header prefers it (406, before anything is read, for one that accepts
-neither).
+afterwards whatever happened. Only accounts with the ``sender`` or ``admin`` role may post
+(HTTP Basic, as for the JSON API); the response is ``application/dicom+json``, or
+``application/dicom+xml`` for a client whose ``Accept`` header prefers it (406, before anything
+is read, for one that accepts neither).
 """
 
 from __future__ import annotations

@@ -549,6 +549,11 @@ class ReviewSettings(_Strict):
     #: HTTP Basic credentials (JSON API, STOW-RS) that verified are remembered in memory this
     #: long, so that a client's next requests skip the scrypt verification; 0: verify each.
     basic_auth_cache_s: int = Field(300, ge=0, le=3600)
+    #: Failed sign-ins in a row (form or HTTP Basic) before the next attempts for that user
+    #: name must wait: 1 s, then twice as long after each further failure, at most
+    #: ``sign_in_max_delay_s`` (0: never wait).
+    sign_in_free_failures: int = Field(5, ge=1, le=1000)
+    sign_in_max_delay_s: int = Field(60, ge=0, le=3600)
 
 
 class AuditSettings(_Strict):

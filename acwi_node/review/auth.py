@@ -8,6 +8,10 @@
 * HTTP Basic credentials (the JSON API, STOW-RS) verified once are remembered for
   ``[review] basic_auth_cache_s`` (:class:`VerifiedCredentials`), so that a client sending many
   requests pays the scrypt verification (some 35 ms of CPU) once, not per request.
+* Failed sign-ins (form or HTTP Basic) slow the next attempts for the same user name down
+  (:class:`SignInThrottle`): after ``[review] sign_in_free_failures`` in a row, each further
+  attempt waits twice as long as the one before, up to ``sign_in_max_delay_s``, and one made
+  sooner is refused unchecked (429).
 * Every POST carries a CSRF token: an HMAC (key from ``[review] secret_key_file``) of the
   session token, or of a random pre-sign-in cookie for the sign-in form itself.
 """
@@ -122,21 +126,31 @@ class VerifiedCredentials:
         message = name.encode("utf-8") + b"\0" + password.encode("utf-8")
         return hmac.new(self._key, message, hashlib.sha256).digest()
 
+    def known(self, name: str, password: str, stored: str) -> bool:
+        """Whether these credentials verified against ``stored`` less than ``ttl_s`` ago."""
+        if self.ttl_s <= 0:
+            return False
+        digest = self._digest(name, password)
+        with self._lock:
+            entry = self._entries.get(digest)
+            return (
+                entry is not None
+                and entry[1] > self._clock()
+                and hmac.compare_digest(entry[0], stored)
+            )
+
     def verify(self, name: str, password: str, stored: str) -> bool:
         """:func:`verify_password`, answered from memory for credentials that verified
         against ``stored`` less than ``ttl_s`` ago."""
-        if self.ttl_s <= 0:
-            return verify_password(password, stored)
-        digest = self._digest(name, password)
-        now = self._clock()
-        with self._lock:
-            entry = self._entries.get(digest)
-            if entry is not None and entry[1] > now and hmac.compare_digest(entry[0], stored):
-                return True
+        if self.known(name, password, stored):
+            return True
         if not verify_password(password, stored):
             return False
+        if self.ttl_s <= 0:
+            return True
+        digest = self._digest(name, password)
         with self._lock:
-            self._entries[digest] = (stored, now + self.ttl_s)
+            self._entries[digest] = (stored, self._clock() + self.ttl_s)
             self._entries.move_to_end(digest)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
@@ -144,6 +158,72 @@ class VerifiedCredentials:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+class SignInThrottle:
+    """Failed sign-ins slow down the next attempts for the same user name.
+
+    The first ``free_failures`` failures in a row cost nothing; after them, an attempt must
+    wait ``2 ** (failures - free_failures)`` seconds from the last failure, at most
+    ``max_delay_s`` (0: no throttling); :meth:`wait_s` says how long is left, and an attempt
+    made sooner is refused without checking its password, so that guessing is held to about
+    one password per ``max_delay_s``. A success clears the name. Unknown names are counted as
+    known ones are (the throttle does not tell which exist). A delay, not a lockout: the
+    account opens again ``max_delay_s`` after its last failure, and sessions already open are
+    not touched. In memory, per web process, for at most ``max_names`` names (the longest
+    quiet first out)."""
+
+    def __init__(
+        self,
+        free_failures: int,
+        max_delay_s: float,
+        *,
+        max_names: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.free_failures = free_failures
+        self.max_delay_s = max_delay_s
+        self.max_names = max_names
+        self.clock = clock
+        #: name -> (failures in a row, time of the last one)
+        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _delay_s(self, failures: int) -> float:
+        if self.max_delay_s <= 0 or failures < self.free_failures:
+            return 0.0
+        return float(min(2 ** min(failures - self.free_failures, 30), self.max_delay_s))
+
+    def wait_s(self, name: str) -> float:
+        """Seconds before ``name`` may try again (0: now)."""
+        with self._lock:
+            found = self._failures.get(name)
+        if found is None:
+            return 0.0
+        failures, last = found
+        return max(0.0, last + self._delay_s(failures) - self.clock())
+
+    def failed(self, name: str) -> int:
+        """Count a failure for ``name``; the failures in a row so far."""
+        with self._lock:
+            failures = self._failures.get(name, (0, 0.0))[0] + 1
+            self._failures[name] = (failures, self.clock())
+            self._failures.move_to_end(name)
+            while len(self._failures) > self.max_names:
+                self._failures.popitem(last=False)
+        return failures
+
+    def succeeded(self, name: str) -> None:
+        with self._lock:
+            self._failures.pop(name, None)
+
+
+class SignInThrottled(Exception):
+    """An attempt to sign in that came before its user name's delay was over."""
+
+    def __init__(self, wait_s: float) -> None:
+        super().__init__(f"too many failed sign-ins: try again in {wait_s:.0f} s")
+        self.wait_s = wait_s
 
 
 def new_token() -> str:

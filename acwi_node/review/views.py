@@ -22,6 +22,7 @@ import base64
 import binascii
 import io
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from functools import lru_cache, partial
 from pathlib import Path
@@ -161,6 +162,9 @@ class ReviewApp:
         self.templates = make_templates()
         self.key = auth.load_secret_key(settings.review_secret_key_file)
         self.credentials = auth.VerifiedCredentials(settings.review.basic_auth_cache_s)
+        self.throttle = auth.SignInThrottle(
+            settings.review.sign_in_free_failures, settings.review.sign_in_max_delay_s
+        )
 
     # ------------------------------------------------------------- helpers
     def csrf_for(self, user: SessionInfo) -> str:
@@ -203,12 +207,41 @@ class ReviewApp:
             return None
         name, _, password = decoded.partition(":")
         user = self.store.get_user(name)
+        # Credentials that verified a moment ago pass even while the name is throttled: they
+        # hold the password already (a PACS storing by STOW-RS keeps working while someone
+        # guesses at its account).
+        if (
+            user is not None
+            and not user.disabled
+            and self.credentials.known(name, password, user.password_hash)
+        ):
+            return SessionInfo(user.id, user.name, user.role, "", utcnow())
+        self.check_throttle(name)
         if user is None or user.disabled:
             auth.verify_password(password, auth.DUMMY_HASH)
+            self.sign_in_failed(name)
             return None
         if not self.credentials.verify(name, password, user.password_hash):
+            self.sign_in_failed(name)
             return None
+        self.throttle.succeeded(name)
         return SessionInfo(user.id, user.name, user.role, "", utcnow())
+
+    def check_throttle(self, name: str) -> None:
+        """Raise :class:`~.auth.SignInThrottled` if ``name`` must wait before trying again."""
+        wait = self.throttle.wait_s(name)
+        if wait > 0:
+            raise auth.SignInThrottled(wait)
+
+    def sign_in_failed(self, name: str) -> None:
+        failures = self.throttle.failed(name)
+        if failures == self.settings.review.sign_in_free_failures:
+            log.warning(
+                "%d failed sign-ins in a row for user name %r: its next attempts wait (up to %d s)",
+                failures,
+                name[:64],
+                self.settings.review.sign_in_max_delay_s,
+            )
 
     def case_header(self, case: dict[str, Any]) -> dict[str, str]:
         spool = Spool(self.settings.spool_dir, fsync=False)
@@ -277,7 +310,14 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         path = request.url.path
         if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
             return await call_next(request)
-        user = await run_in_threadpool(review.authenticate, request)
+        try:
+            user = await run_in_threadpool(review.authenticate, request)
+        except auth.SignInThrottled as exc:
+            return JSONResponse(
+                {"detail": str(exc)},
+                status_code=429,
+                headers={"Retry-After": str(math.ceil(exc.wait_s))},
+            )
         if user is None:
             if path.startswith(BASIC_PREFIXES) or request.method != "GET":
                 return JSONResponse(
@@ -318,6 +358,35 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             return _forbidden("the sign-in form expired: reload the page and try again")
         name = form.get("username", "").strip()
         password = form.get("password", "")
+
+        def refused(status_code: int, error: str) -> Response:
+            new_nonce = auth.new_token()
+            failed = review.page(
+                "login.html",
+                request,
+                status_code=status_code,
+                error=error,
+                login_csrf=auth.csrf_token(review.key, "login", new_nonce),
+                next=next_path,
+            )
+            _set_cookie(failed, auth.LOGIN_COOKIE, new_nonce, 3600, cookie_secure)
+            return failed
+
+        wait = review.throttle.wait_s(name)
+        if wait > 0:  # refused before the password is looked at
+            await run_in_threadpool(
+                review.store.audit,
+                name[:64],
+                "login_failed",
+                detail="throttled",
+                address=_client_address(request),
+            )
+            response = refused(
+                429,
+                f"Too many failed sign-ins for this user name: try again in {math.ceil(wait)} s.",
+            )
+            response.headers["Retry-After"] = str(math.ceil(wait))
+            return response
         user = await run_in_threadpool(review.store.get_user, name)
         ok = await run_in_threadpool(
             auth.verify_password,
@@ -329,21 +398,15 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             await run_in_threadpool(
                 review.store.audit, name[:64], "login_failed", address=_client_address(request)
             )
-            new_nonce = auth.new_token()
-            failed = review.page(
-                "login.html",
-                request,
-                status_code=403 if ok and sender else 401,
-                error=(
-                    "This account stores studies by DICOMweb; it cannot sign in."
-                    if ok and sender
-                    else "Unknown user name or wrong password."
-                ),
-                login_csrf=auth.csrf_token(review.key, "login", new_nonce),
-                next=next_path,
+            if not ok or user is None or user.disabled:
+                review.sign_in_failed(name)
+            return refused(
+                403 if ok and sender else 401,
+                "This account stores studies by DICOMweb; it cannot sign in."
+                if ok and sender
+                else "Unknown user name or wrong password.",
             )
-            _set_cookie(failed, auth.LOGIN_COOKIE, new_nonce, 3600, cookie_secure)
-            return failed
+        review.throttle.succeeded(name)
         token = auth.new_token()
         lifetime = settings.review.session_lifetime_s
         await run_in_threadpool(

@@ -7,6 +7,7 @@ import datetime as dt
 import io
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -18,7 +19,7 @@ from acwi_node.ledger.models import utcnow
 from acwi_node.review import auth
 from acwi_node.review.store import ReviewError, ReviewStore, UserExists
 from acwi_node.web.api import create_app
-from tests.support.review_case import PASSWORD, add_user
+from tests.support.review_case import CSRF, PASSWORD, add_user
 
 
 def basic(name: str, password: str) -> dict[str, str]:
@@ -234,3 +235,88 @@ def test_users_passwd_command(
     monkeypatch.setattr("sys.stdin", io.StringIO("second password 2\n"))
     assert cli.main(["--config", str(config), "users", "passwd", "nobody", "--password-stdin"]) == 1
     ledger.dispose()
+
+
+def test_sign_in_throttle_delays_grow_and_clear() -> None:
+    now = [0.0]
+    throttle = auth.SignInThrottle(3, 8, max_names=2, clock=lambda: now[0])
+    for failures in (1, 2):
+        assert throttle.failed("jane") == failures
+        assert throttle.wait_s("jane") == 0  # the first failures cost nothing
+    waits = []
+    for _ in range(6):
+        throttle.failed("jane")
+        waits.append(throttle.wait_s("jane"))
+        now[0] += waits[-1]  # the next attempt comes when it may, and fails again
+        assert throttle.wait_s("jane") == 0
+    assert waits == [1, 2, 4, 8, 8, 8]  # doubling, up to the most
+    throttle.failed("jane")
+    now[0] += 3
+    assert throttle.wait_s("jane") == 5
+    assert throttle.wait_s("bob") == 0  # per user name
+    throttle.succeeded("jane")
+    assert throttle.wait_s("jane") == 0
+    for name in ("a", "b", "c"):  # bounded: the longest quiet name goes first
+        throttle.failed(name)
+    assert len(throttle._failures) == 2 and "a" not in throttle._failures
+    off = auth.SignInThrottle(3, 0, clock=lambda: now[0])
+    for _ in range(10):
+        off.failed("jane")
+    assert off.wait_s("jane") == 0
+
+
+def test_failed_sign_ins_slow_the_next_down(
+    ledger_node: tuple[Settings, Ledger], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sign-in form and HTTP Basic: after five failures for a user name, an attempt before
+    its delay is over gets 429 with Retry-After and its password is not looked at (not even
+    the right one); once the delay is over the right password signs in and clears the count.
+    A client whose credentials verified a moment ago keeps working meanwhile."""
+    settings, ledger = ledger_node
+    add_user(ledger, "jane.doe", role="radiologist")
+    add_user(ledger, "pacs", role="sender")
+    app = create_app(settings, ledger)
+    now = [1000.0]
+    app.state.review.throttle.clock = lambda: now[0]
+    client = TestClient(app, base_url="https://node.example")
+
+    def form(password: str) -> Any:
+        page = client.get("/login")
+        token = CSRF.search(page.text)
+        assert token is not None
+        return client.post(
+            "/login",
+            data={"csrf_token": token.group(1), "username": "jane.doe", "password": password},
+            follow_redirects=False,
+        )
+
+    assert [form(f"wrong password {i}").status_code for i in range(5)] == [401] * 5
+    assert "5 failed sign-ins in a row for user name 'jane.doe'" in caplog.text
+    throttled = form(PASSWORD)
+    assert throttled.status_code == 429
+    assert throttled.headers["retry-after"] == "1"
+    assert "try again in 1 s" in throttled.text
+    actions = [(e["action"], e["detail"]) for e in ReviewStore(ledger).audit_events()]
+    assert actions[0] == ("login_failed", "throttled")
+    now[0] += 1
+    assert form(PASSWORD).status_code == 303  # the delay is over: signed in, count cleared
+    assert app.state.review.throttle.wait_s("jane.doe") == 0
+
+    # HTTP Basic: the PACS's client has verified; then someone guesses at its account.
+    pacs = TestClient(app, base_url="https://node.example")
+    guesser = TestClient(app, base_url="https://node.example")
+    body = b"--b--\r\n"
+    headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'}
+    stored = pacs.post("/dicomweb/studies", content=body, headers=headers | basic("pacs", PASSWORD))
+    assert stored.status_code == 400  # authenticated (an empty body)
+    statuses = [
+        guesser.get("/api/studies", headers=basic("pacs", f"guess number {i}")).status_code
+        for i in range(7)
+    ]
+    assert statuses == [401] * 5 + [429] * 2
+    again = pacs.post("/dicomweb/studies", content=body, headers=headers | basic("pacs", PASSWORD))
+    assert again.status_code == 400  # remembered credentials pass while the name waits
+    late = TestClient(app, base_url="https://node.example")
+    app.state.review.credentials = auth.VerifiedCredentials(300)  # as after a restart
+    answer = late.get("/api/studies", headers=basic("pacs", PASSWORD))
+    assert answer.status_code == 429 and int(answer.headers["retry-after"]) >= 1

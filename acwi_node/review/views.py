@@ -195,10 +195,12 @@ class ReviewApp:
             if found is not None:
                 return found
         if request.url.path.startswith(BASIC_PREFIXES):
-            return self._basic(request.headers.get("authorization", ""))
+            return self._basic(request.headers.get("authorization", ""), _client_address(request))
         return None
 
-    def _basic(self, header: str) -> SessionInfo | None:
+    def _basic(self, header: str, address: str) -> SessionInfo | None:
+        """The account of HTTP Basic credentials; a failure is counted by the throttle and
+        recorded in the audit trail (``login_failed``, "HTTP Basic")."""
         if not header.lower().startswith("basic "):
             return None
         try:
@@ -217,12 +219,15 @@ class ReviewApp:
         ):
             return SessionInfo(user.id, user.name, user.role, "", utcnow())
         self.check_throttle(name)
-        if user is None or user.disabled:
-            auth.verify_password(password, auth.DUMMY_HASH)
+        if (
+            user is None
+            or user.disabled
+            or not self.credentials.verify(name, password, user.password_hash)
+        ):
+            if user is None or user.disabled:
+                auth.verify_password(password, auth.DUMMY_HASH)  # the same time either way
             self.sign_in_failed(name)
-            return None
-        if not self.credentials.verify(name, password, user.password_hash):
-            self.sign_in_failed(name)
+            self.store.audit(name[:64], "login_failed", detail="HTTP Basic", address=address)
             return None
         self.throttle.succeeded(name)
         return SessionInfo(user.id, user.name, user.role, "", utcnow())

@@ -314,6 +314,8 @@ def test_failed_sign_ins_slow_the_next_down(
         for i in range(7)
     ]
     assert statuses == [401] * 5 + [429] * 2
+    failures = [e for e in ReviewStore(ledger).audit_events() if e["detail"] == "HTTP Basic"]
+    assert [(e["action"], e["user"]) for e in failures] == [("login_failed", "pacs")] * 5
     again = pacs.post("/dicomweb/studies", content=body, headers=headers | basic("pacs", PASSWORD))
     assert again.status_code == 400  # remembered credentials pass while the name waits
     late = TestClient(app, base_url="https://node.example")

@@ -128,18 +128,25 @@ def test_session_lifetime_idle_timeout_and_disable(ledger: Ledger) -> None:
     assert store.session_user("unknown", idle_timeout_s=idle_s) is None
 
 
-def test_verified_credentials_are_remembered_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def verifications(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The passwords :func:`auth.verify_password` checks (by scrypt) from now on."""
+    checked: list[str] = []
+    real = auth.verify_password
+
+    def counting(password: str, stored: str) -> bool:
+        checked.append(password)
+        return real(password, stored)
+
+    monkeypatch.setattr(auth, "verify_password", counting)
+    return checked
+
+
+def test_verified_credentials_are_remembered_for_a_while(verifications: list[str]) -> None:
     """A verified password is answered from memory until its time is up or the stored hash
     changes; a wrong one is verified every time; the oldest entries go first."""
     stored = auth.hash_password("correct horse battery")
-    verified: list[str] = []
-    real = auth.verify_password
-
-    def counting(password: str, against: str) -> bool:
-        verified.append(password)
-        return real(password, against)
-
-    monkeypatch.setattr(auth, "verify_password", counting)
+    verified = verifications
     now = [1000.0]
     cache = auth.VerifiedCredentials(300, max_entries=2, clock=lambda: now[0])
     assert cache.verify("jane", "correct horse battery", stored)
@@ -177,7 +184,7 @@ def test_verified_credentials_are_remembered_for_a_while(monkeypatch: pytest.Mon
 
 
 def test_basic_credentials_verified_once(
-    monkeypatch: pytest.MonkeyPatch, ledger_node: tuple[Settings, Ledger]
+    verifications: list[str], ledger_node: tuple[Settings, Ledger]
 ) -> None:
     """The API with HTTP Basic: one scrypt verification for a client's requests; a password
     set with ``users passwd`` (store.set_password) refuses the old one at once, and a disabled
@@ -185,14 +192,7 @@ def test_basic_credentials_verified_once(
     settings, ledger = ledger_node
     add_user(ledger, "script", role="admin")
     client = TestClient(create_app(settings, ledger), base_url="https://node.example")
-    calls: list[str] = []
-    real = auth.verify_password
-
-    def counting(password: str, stored: str) -> bool:
-        calls.append(password)
-        return real(password, stored)
-
-    monkeypatch.setattr(auth, "verify_password", counting)
+    calls = verifications
 
     def get(password: str) -> int:
         return client.get("/api/studies", headers=basic("script", password)).status_code

@@ -72,12 +72,12 @@ class _Unsupported(Exception):
     """The data set needs pydicom (undecodable character set, multiple values, odd layout)."""
 
 
-def _tag_at(data: bytes, pos: int) -> int:
+def _tag_at(data: bytes | memoryview, pos: int) -> int:
     group, element = _U16U16.unpack_from(data, pos)
     return int(group << 16 | element)
 
 
-def _skip_undefined_sequence(data: bytes, pos: int, implicit: bool) -> int:
+def _skip_undefined_sequence(data: bytes | memoryview, pos: int, implicit: bool) -> int:
     """Skip the items of an undefined-length sequence starting at ``pos``; returns the offset
     after its sequence delimiter."""
     while True:
@@ -96,20 +96,22 @@ def _skip_undefined_sequence(data: bytes, pos: int, implicit: bool) -> int:
         pos += 8
 
 
-def _skip_element(data: bytes, pos: int, implicit: bool) -> int:
+def _skip_element(data: bytes | memoryview, pos: int, implicit: bool) -> int:
     _tag, _vr, _start, length, pos = _element_header(data, pos, implicit)
     if length == _UNDEFINED:
         return _skip_undefined_sequence(data, pos, implicit)
     return pos + length
 
 
-def _element_header(data: bytes, pos: int, implicit: bool) -> tuple[int, bytes, int, int, int]:
+def _element_header(
+    data: bytes | memoryview, pos: int, implicit: bool
+) -> tuple[int, bytes, int, int, int]:
     """(tag, VR or b"", value offset, length, value offset)."""
     tag = _tag_at(data, pos)
     if implicit:
         length = _U32.unpack_from(data, pos + 4)[0]
         return tag, b"", pos + 8, length, pos + 8
-    vr = data[pos + 4 : pos + 6]
+    vr = bytes(data[pos + 4 : pos + 6])
     if vr in LONG_VRS:
         length = _U32.unpack_from(data, pos + 8)[0]
         return tag, vr, pos + 12, length, pos + 12
@@ -117,9 +119,10 @@ def _element_header(data: bytes, pos: int, implicit: bool) -> tuple[int, bytes, 
     return tag, vr, pos + 8, length, pos + 8
 
 
-def scan_header(dataset: bytes, transfer_syntax: str) -> dict[str, str] | None:
+def scan_header(dataset: bytes | memoryview, transfer_syntax: str) -> dict[str, str] | None:
     """The wanted attributes (stripped text, "" when absent) of an encoded data set (no file
-    meta), or None when only pydicom can read them."""
+    meta; bytes, or a view into a larger buffer, which is not copied), or None when only
+    pydicom can read them."""
     if transfer_syntax in _NOT_LITTLE_ENDIAN_EXPLICIT:
         return None
     implicit = transfer_syntax == _IMPLICIT_LE
@@ -153,13 +156,13 @@ def scan_header(dataset: bytes, transfer_syntax: str) -> dict[str, str] | None:
             if pos > end:
                 raise _Unsupported("truncated")
             if tag == _SPECIFIC_CHARACTER_SET:
-                charset = dataset[start:pos].decode("ascii").strip(" \x00")
+                charset = bytes(dataset[start:pos]).decode("ascii").strip(" \x00")
                 if charset not in _CHARSETS:
                     raise _Unsupported("character set with code extensions")
                 encoding = _CHARSETS[charset]
             keyword = WANTED.get(tag)
             if keyword is not None:
-                found[keyword] = dataset[start:pos]
+                found[keyword] = bytes(dataset[start:pos])  # of a bytes slice: no copy
         values: dict[str, str] = {}
         for keyword in WANTED.values():
             raw = found.get(keyword)

@@ -61,7 +61,7 @@ _FAILED_SOP_SEQUENCE = "00081198"
 _REFERENCED_SOP_SEQUENCE = "00081199"
 
 
-def file_meta(data: bytes) -> tuple[str, int] | None:
+def file_meta(data: bytes | memoryview) -> tuple[str, int] | None:
     """The transfer syntax of a Part 10 file and where its data set starts, read from its File
     Meta Information (explicit VR little endian, defined lengths, as PS3.10 requires); None for
     anything else (pydicom then reads the file, or refuses it)."""
@@ -72,7 +72,7 @@ def file_meta(data: bytes) -> tuple[str, int] | None:
         group, element = struct.unpack_from("<HH", data, position)
         if group != 0x0002:
             return (syntax, position) if syntax else None
-        if data[position + 4 : position + 6] in LONG_VRS:
+        if bytes(data[position + 4 : position + 6]) in LONG_VRS:
             if position + 12 > len(data):
                 return None
             (length,) = struct.unpack_from("<I", data, position + 8)
@@ -83,23 +83,24 @@ def file_meta(data: bytes) -> tuple[str, int] | None:
         if length == 0xFFFFFFFF or value + length > len(data):
             return None
         if element == 0x0010:
-            syntax = data[value : value + length].rstrip(b"\0 ").decode("ascii", "replace")
+            syntax = bytes(data[value : value + length]).rstrip(b"\0 ").decode("ascii", "replace")
         position = value + length
     return None
 
 
-def read_header(data: bytes) -> tuple[str, dict[str, str]]:
+def read_header(data: bytes | memoryview) -> tuple[str, dict[str, str]]:
     """A Part 10 file's transfer syntax and the header attributes the node needs: read with
-    :func:`file_meta` and :func:`~.header.scan_header` where they can, else by pydicom (which
-    raises for what is not a DICOM file)."""
+    :func:`file_meta` and :func:`~.header.scan_header` where they can (a view is not copied),
+    else by pydicom (which raises for what is not a DICOM file)."""
     found = file_meta(data)
     if found is not None:
         syntax, start = found
         header = scan_header(data[start:], syntax)
         if header is not None:
             return syntax, header
-    meta = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=[]).file_meta
-    return str(meta.get("TransferSyntaxUID", "") or ""), pydicom_header(data)
+    whole = bytes(data)
+    meta = dcmread(io.BytesIO(whole), stop_before_pixels=True, specific_tags=[]).file_meta
+    return str(meta.get("TransferSyntaxUID", "") or ""), pydicom_header(whole)
 
 
 class MultipartError(ValueError):
@@ -324,8 +325,9 @@ class StowReceiver:
         self, part: memoryview, calling: str, expected_study: str | None, result: StowResult
     ) -> _Written | None:
         """Check one part and write its spool file (not flushed yet); None, with the outcome
-        noted in ``result``, if it cannot be stored."""
-        data = bytes(part)
+        noted in ``result``, if it cannot be stored. The part is read and written where it
+        lies (the mapped body), never copied whole: an object of gigabytes costs no memory."""
+        data = part
         try:
             transfer_syntax, header = read_header(data)
         except (

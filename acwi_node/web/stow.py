@@ -91,6 +91,16 @@ class _BodyFile:
         self.fd = -1
 
 
+def close_mapping(mapped: mmap.mmap) -> None:
+    """Unmap a request's body. The parts are read where they lie, so a view of one may still
+    be alive (held by the traceback of an error that refused the part): then the mapping goes
+    when that view does."""
+    try:
+        mapped.close()
+    except BufferError:
+        log.debug("STOW-RS: a view of the body outlives the request; unmapped with it")
+
+
 def _refused(status: int, detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
 
@@ -107,27 +117,28 @@ def stow_router(settings: Settings, ledger: Ledger) -> APIRouter:
     ) -> StowResult:
         if os.fstat(body.fd).st_size == 0:
             raise MultipartError("an empty body")
-        with mmap.mmap(body.fd, 0, access=mmap.ACCESS_READ) as mapped:
-            parts = split_parts(mapped, boundary)
+        mapped = mmap.mmap(body.fd, 0, access=mmap.ACCESS_READ)
+        parts = split_parts(mapped, boundary)
 
-            def let_go() -> None:
-                """Every part is in its spool file: the body's file goes before the flush (an
-                unlinked file's pages are dropped, not written), so the flush writes each
-                object once, not twice."""
-                for part in parts:
-                    part.release()
-                mapped.close()
-                body.discard()
+        def let_go() -> None:
+            """Every part is in its spool file: the body's file goes before the flush (an
+            unlinked file's pages are dropped, not written), so the flush writes each object
+            once, not twice."""
+            for part in parts:
+                part.release()
+            close_mapping(mapped)
+            body.discard()
 
-            try:
-                if not parts:
-                    raise MultipartError("the body holds no part")
-                return receiver.receive(
-                    parts, sender=sender, address=address, study_uid=study_uid, written_out=let_go
-                )
-            finally:
-                for part in parts:
-                    part.release()
+        try:
+            if not parts:
+                raise MultipartError("the body holds no part")
+            return receiver.receive(
+                parts, sender=sender, address=address, study_uid=study_uid, written_out=let_go
+            )
+        finally:
+            for part in parts:
+                part.release()
+            close_mapping(mapped)
 
     async def store(request: Request, study_uid: str | None) -> Response:
         user: SessionInfo | None = getattr(request.state, "user", None)

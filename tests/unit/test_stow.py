@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import mmap
+import tracemalloc
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
@@ -18,15 +20,17 @@ from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
 from acwi_node.config import Settings, load_settings
+from acwi_node.ingest import spool as spool_module
 from acwi_node.ingest import stow
 from acwi_node.ingest.header import pydicom_header
+from acwi_node.ingest.spool import Spool
 from acwi_node.ingest.stow import MultipartError, boundary_of, split_parts
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import Instance, Study
 from acwi_node.review.auth import SESSION_COOKIE, new_token, token_hash
 from acwi_node.review.store import ReviewStore
 from acwi_node.web.api import create_app
-from acwi_node.web.stow import response_type
+from acwi_node.web.stow import close_mapping, response_type
 from bench.common import write_ct_series, write_small_instances
 from models.data.synth import write_study
 from tests.support.review_case import CSRF, PASSWORD, add_user
@@ -306,6 +310,69 @@ def test_the_body_is_gone_before_the_flush(tmp_path: Path, monkeypatch: pytest.M
     assert at_flush == [[]]
     assert len(spool_files(settings)) == 2
     ledger.dispose()
+
+
+def test_a_full_disk_refuses_the_parts(
+    tmp_path: Path,
+    ledger_node: tuple[Settings, Ledger],
+    client: TestClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Spool files that cannot be written (a full disk): each part refused with 0xA700, the
+    request answered (the parts' views, held by the errors, do not stop the body from being
+    unmapped and removed), nothing left behind; once there is room again, stored."""
+    settings, _ = ledger_node
+    files = write_study(tmp_path / "s", n_images=2, seed=18)
+    body = multipart(*(f.read_bytes() for f in files))
+
+    def disk_full(*args: Any, **kwargs: Any) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool_module, "write_all", disk_full)
+    refused = post(client, body)
+    assert refused.status_code == 409, refused.text
+    assert [values(i, "00081197") for i in values(refused.json(), "00081198")] == [[0xA700]] * 2
+    assert spool_files(settings) == []
+    monkeypatch.undo()
+    assert post(client, body).status_code == 200
+    assert len(spool_files(settings)) == 2
+
+
+def test_parts_are_not_copied(tmp_path: Path, ledger_node: tuple[Settings, Ledger]) -> None:
+    """A part is read and written where it lies in the mapped body: storing a 32 MB object
+    allocates nothing near its size."""
+    settings, ledger = ledger_node
+    files = write_ct_series(tmp_path / "ct", 1, size=4096)  # one 32 MB slice
+    (tmp_path / "body").write_bytes(multipart(files[0].read_bytes()))
+    receiver = stow.StowReceiver(ledger, Spool(settings.spool_dir, fsync=False))
+    with open(tmp_path / "body", "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        parts = split_parts(m, BOUNDARY)
+        tracemalloc.start()
+        try:
+            result = receiver.receive(parts, sender="pacs", address="127.0.0.1")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+            for part in parts:
+                part.release()
+    assert len(result.stored) == 1 and not result.failed
+    assert files[0].stat().st_size > 32 << 20
+    assert peak < 4 << 20, peak
+    assert spool_files(settings)[0].read_bytes() == files[0].read_bytes()
+
+
+def test_a_mapping_with_a_view_alive_goes_with_the_view(tmp_path: Path) -> None:
+    """Unmapping a body while a view of it is alive (an error's traceback holding a part)
+    does not fail the request: the mapping stays until the view goes."""
+    (tmp_path / "body").write_bytes(b"x" * 4096)
+    with open(tmp_path / "body", "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    view = memoryview(mapped)[:10]
+    close_mapping(mapped)  # no BufferError
+    assert not mapped.closed and bytes(view) == b"x" * 10
+    view.release()
+    close_mapping(mapped)
+    assert mapped.closed
 
 
 def test_who_may_store(

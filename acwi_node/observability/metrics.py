@@ -99,6 +99,30 @@ RETENTION_BYTES_DELETED = Counter(
     "Bytes of images and result files storage retention deleted",
 )
 
+# ------------------------------------------------------------------ process-local (web)
+SIGN_IN_FAILURES = Counter(
+    "acwi_web_sign_in_failures",
+    "Failed sign-ins (unknown name, wrong password, disabled account), by method: the sign-in"
+    " form (form) or HTTP Basic credentials of the API and STOW-RS (basic)",
+    ["method"],
+)
+SIGN_INS_THROTTLED = Counter(
+    "acwi_web_sign_ins_throttled",
+    "Sign-in attempts refused unchecked (429) because their user name must wait after failed"
+    " ones, by method (form, basic)",
+    ["method"],
+)
+STOW_REQUESTS = Counter(
+    "acwi_web_stow_requests",
+    "STOW-RS requests answered by the web process, by HTTP status",
+    ["status"],
+)
+STOW_REQUEST_SECONDS = Histogram(
+    "acwi_web_stow_request_seconds",
+    "Seconds from a STOW-RS request's start to its answer (body received, objects stored)",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+
 #: Reasons of :data:`INSTANCES_REJECTED` (label values).
 REJECT_REASONS = (
     "unencodable",

@@ -44,6 +44,7 @@ from acwi_node.export.outbox import verify_destination, what_it_checks
 from acwi_node.ingest.spool import Spool, is_safe_uid
 from acwi_node.ledger import Ledger, StudyActionRefused
 from acwi_node.ledger.models import utcnow
+from acwi_node.observability import metrics
 from acwi_node.results.heatmap import render_grey
 from acwi_node.results.sr import summarise_sr
 from acwi_node.results.uids import result_uids
@@ -226,7 +227,7 @@ class ReviewApp:
         ):
             if user is None or user.disabled:
                 auth.verify_password(password, auth.DUMMY_HASH)  # the same time either way
-            self.sign_in_failed(name)
+            self.sign_in_failed(name, "basic")
             self.store.audit(name[:64], "login_failed", detail="HTTP Basic", address=address)
             return None
         self.throttle.succeeded(name)
@@ -238,7 +239,9 @@ class ReviewApp:
         if wait > 0:
             raise auth.SignInThrottled(wait)
 
-    def sign_in_failed(self, name: str) -> None:
+    def sign_in_failed(self, name: str, method: str) -> None:
+        """Count a failed sign-in (``method``: form or basic) for the throttle and metrics."""
+        metrics.SIGN_IN_FAILURES.labels(method).inc()
         failures = self.throttle.failed(name)
         if failures == self.settings.review.sign_in_free_failures:
             log.warning(
@@ -318,6 +321,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         try:
             user = await run_in_threadpool(review.authenticate, request)
         except auth.SignInThrottled as exc:
+            metrics.SIGN_INS_THROTTLED.labels("basic").inc()
             return JSONResponse(
                 {"detail": str(exc)},
                 status_code=429,
@@ -379,6 +383,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
 
         wait = review.throttle.wait_s(name)
         if wait > 0:  # refused before the password is looked at
+            metrics.SIGN_INS_THROTTLED.labels("form").inc()
             await run_in_threadpool(
                 review.store.audit,
                 name[:64],
@@ -404,7 +409,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
                 review.store.audit, name[:64], "login_failed", address=_client_address(request)
             )
             if not ok or user is None or user.disabled:
-                review.sign_in_failed(name)
+                review.sign_in_failed(name, "form")
             return refused(
                 403 if ok and sender else 401,
                 "This account stores studies by DICOMweb; it cannot sign in."

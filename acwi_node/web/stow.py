@@ -16,6 +16,7 @@ import contextlib
 import logging
 import mmap
 import os
+import time
 import uuid
 
 from fastapi import APIRouter, Request
@@ -27,6 +28,7 @@ from acwi_node.config import Settings
 from acwi_node.ingest.spool import Spool, is_safe_uid
 from acwi_node.ingest.stow import MultipartError, StowReceiver, StowResult, boundary_of, split_parts
 from acwi_node.ledger import Ledger
+from acwi_node.observability import metrics
 from acwi_node.review.store import SessionInfo
 
 log = logging.getLogger("acwi_node.ingest")
@@ -207,14 +209,21 @@ def stow_router(settings: Settings, ledger: Ledger) -> APIRouter:
             return Response(result.response_xml(url), result.status, media_type=DICOM_XML)
         return JSONResponse(result.response(url), result.status, media_type=DICOM_JSON)
 
+    async def counted(request: Request, study_uid: str | None) -> Response:
+        began = time.monotonic()
+        response = await store(request, study_uid)
+        metrics.STOW_REQUESTS.labels(str(response.status_code)).inc()
+        metrics.STOW_REQUEST_SECONDS.observe(time.monotonic() - began)
+        return response
+
     @router.post("/dicomweb/studies")
     async def store_studies(request: Request) -> Response:
         """Store the DICOM objects of a ``multipart/related`` body (STOW-RS)."""
-        return await store(request, None)
+        return await counted(request, None)
 
     @router.post("/dicomweb/studies/{study_uid}")
     async def store_study(request: Request, study_uid: str) -> Response:
         """Store the objects of one study; an object of another study is refused (0xA900)."""
-        return await store(request, study_uid)
+        return await counted(request, study_uid)
 
     return router

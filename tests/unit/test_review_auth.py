@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 
 from acwi_node import cli
 from acwi_node.config import Settings, load_settings
@@ -290,7 +291,13 @@ def test_failed_sign_ins_slow_the_next_down(
             follow_redirects=False,
         )
 
+    def counted(name: str, method: str) -> float:
+        return REGISTRY.get_sample_value(f"acwi_web_{name}_total", {"method": method}) or 0.0
+
+    failed_before = counted("sign_in_failures", "form")
+    throttled_before = counted("sign_ins_throttled", "basic")
     assert [form(f"wrong password {i}").status_code for i in range(5)] == [401] * 5
+    assert counted("sign_in_failures", "form") == failed_before + 5
     assert "5 failed sign-ins in a row for user name 'jane.doe'" in caplog.text
     throttled = form(PASSWORD)
     assert throttled.status_code == 429
@@ -314,6 +321,7 @@ def test_failed_sign_ins_slow_the_next_down(
         for i in range(7)
     ]
     assert statuses == [401] * 5 + [429] * 2
+    assert counted("sign_ins_throttled", "basic") == throttled_before + 2
     failures = [e for e in ReviewStore(ledger).audit_events() if e["detail"] == "HTTP Basic"]
     assert [(e["action"], e["user"]) for e in failures] == [("login_failed", "pacs")] * 5
     again = pacs.post("/dicomweb/studies", content=body, headers=headers | basic("pacs", PASSWORD))

@@ -15,6 +15,7 @@ from xml.etree import ElementTree
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
@@ -419,6 +420,12 @@ def test_requests_that_are_not_stow_rs(
     settings, _ = ledger_node
     files = write_study(tmp_path / "s", n_images=1, seed=7)
     whole = multipart(files[0].read_bytes())
+
+    def answered(status: str) -> float:
+        value = REGISTRY.get_sample_value("acwi_web_stow_requests_total", {"status": status})
+        return value or 0.0
+
+    before_400, before_415 = answered("400"), answered("415")
     for content_type in (
         "application/dicom",
         "application/json",
@@ -430,6 +437,9 @@ def test_requests_that_are_not_stow_rs(
     cut = post(client, whole[: len(whole) // 2])  # the connection dropped halfway
     assert cut.status_code == 400 and "closing boundary" in cut.json()["detail"]
     assert post(client, b"").status_code == 400
+    # Counted by status, each request's time observed.
+    assert answered("400") == before_400 + 2 and answered("415") == before_415 + 4
+    assert (REGISTRY.get_sample_value("acwi_web_stow_request_seconds_count") or 0) >= 7
     typed = post(client, multipart(files[0].read_bytes(), part_type="image/jpeg"))
     assert typed.status_code == 400
     assert post(client, whole, path="/dicomweb/studies/..%2Fetc").status_code in (400, 404)

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from acwi_node import __version__
 from acwi_node.config import Settings
@@ -37,6 +39,14 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
     install_review(app, settings, db)
 
     app.include_router(ops_router(settings, db))  # /healthz, /readyz, /metrics
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        """A client that closed its connection before its request's body ended: a line, not
+        a traceback; nobody is left to read the answer."""
+        log.info("%s %s: the client closed the connection", request.method, request.url.path)
+        return JSONResponse({"detail": "the connection closed"}, status_code=400)
+
     app.include_router(stow_router(settings, db))  # STOW-RS: POST /dicomweb/studies
 
     @app.get("/api/studies")

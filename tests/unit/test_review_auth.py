@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import io
+import logging
 import stat
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from acwi_node.ledger.models import utcnow
 from acwi_node.review import auth
 from acwi_node.review.store import ReviewError, ReviewStore, UserExists
 from acwi_node.web.api import create_app
+from tests.support.asgi import post_then_hang_up
 from tests.support.review_case import CSRF, PASSWORD, add_user
 
 
@@ -330,3 +332,22 @@ def test_failed_sign_ins_slow_the_next_down(
     app.state.review.credentials = auth.VerifiedCredentials(300)  # as after a restart
     answer = late.get("/api/studies", headers=basic("pacs", PASSWORD))
     assert answer.status_code == 429 and int(answer.headers["retry-after"]) >= 1
+
+
+def test_a_form_cut_short_is_a_line_not_a_traceback(
+    ledger_node: tuple[Settings, Ledger], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A browser that closes the connection in the middle of a form: one line in the log, no
+    traceback, and the node answers the next request."""
+    settings, ledger = ledger_node
+    app = create_app(settings, ledger)
+    body = b"username=jane.doe&password=" + b"x" * 100
+    headers = {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "Content-Length": str(len(body)),
+    }
+    with caplog.at_level(logging.INFO):
+        assert post_then_hang_up(app, "/login", headers, body[:20]) == 400
+    assert "POST /login: the client closed the connection" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert TestClient(app).get("/login").status_code == 200

@@ -3,7 +3,6 @@ ledger (SQLite and PostgreSQL), what each part's outcome is, and who may post.""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import mmap
@@ -34,6 +33,7 @@ from acwi_node.web.api import create_app
 from acwi_node.web.stow import close_mapping, response_type
 from bench.common import write_ct_series, write_small_instances
 from models.data.synth import write_study
+from tests.support.asgi import post_then_hang_up
 from tests.support.review_case import CSRF, PASSWORD, add_user
 
 NATIVE = "{http://dicom.nema.org/PS3.19/models/NativeDICOM}"
@@ -457,37 +457,10 @@ def test_a_sender_that_hangs_up_halfway(
     settings, _ = ledger_node
     files = write_study(tmp_path / "s", n_images=1, seed=16)
     body = multipart(files[0].read_bytes())
-    messages: list[dict[str, Any]] = [
-        {"type": "http.request", "body": body[:500], "more_body": True},
-        {"type": "http.disconnect"},
-    ]
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
     headers = {"Content-Type": MULTIPART, "Content-Length": str(len(body)), **basic("pacs")}
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "https",
-        "path": "/dicomweb/studies",
-        "raw_path": b"/dicomweb/studies",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-        "client": ("127.0.0.1", 50000),
-        "server": ("node.example", 443),
-    }
     with caplog.at_level(logging.WARNING, logger="acwi_node.ingest"):
-        asyncio.run(client.app(scope, receive, send))  # type: ignore[arg-type]
-    (start,) = [m for m in sent if m["type"] == "http.response.start"]
-    assert start["status"] == 400
+        status = post_then_hang_up(client.app, "/dicomweb/studies", headers, body[:500])
+    assert status == 400
     assert "closed after 500 bytes" in caplog.text
     assert "Traceback" not in caplog.text
     assert spool_files(settings) == []

@@ -4,10 +4,12 @@ instances, side by side.
     python -m bench.stow                         # 200 CT slices + 1,000 small instances
     python -m bench.stow --ct 50 --small 200     # a quick run
     python -m bench.stow --per-request 50 --repeat 3 --json stow.json
+    python -m bench.stow --connections 4         # four connections sending at once
 
 The same Part 10 files go to each target in ``multipart/related; type="application/dicom"``
 requests of ``--per-request`` objects, one request at a time on one keep-alive connection (as a
-PACS's DICOMweb client sends a study), with HTTP Basic credentials. Orthanc (1.7.4 and later)
+PACS's DICOMweb client sends a study; ``--connections N``: N such connections at once, each an
+even share of the objects), with HTTP Basic credentials. Orthanc (1.7.4 and later)
 fsyncs each file it stores; the node flushes each object's spool file and ledger row before
 its answer (:mod:`acwi_node.ingest.stow`). With ``--repeat N`` the targets run in N rounds of
 alternating order; the table gives medians and the node's ratio to Orthanc (median of the
@@ -23,6 +25,7 @@ import http.client
 import secrets
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -56,10 +59,8 @@ class Service:
     count: Callable[[], int]
 
 
-def post_all(service: Service, files: Sequence[Path], per_request: int) -> float:
-    """Seconds to store ``files`` in requests of ``per_request`` objects on one connection."""
-    auth = base64.b64encode(":".join(USER).encode()).decode()
-    conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=600)
+def request_bodies(files: Sequence[Path], per_request: int) -> list[tuple[str, bytes]]:
+    """(boundary, body) of each request of ``per_request`` objects."""
     bodies = []
     for start in range(0, len(files), per_request):
         boundary = secrets.token_hex(16)
@@ -70,6 +71,49 @@ def post_all(service: Service, files: Sequence[Path], per_request: int) -> float
             for f in files[start : start + per_request]
         )
         bodies.append((boundary, body + f"--{boundary}--\r\n".encode()))
+    return bodies
+
+
+def post_all(service: Service, files: Sequence[Path], per_request: int) -> float:
+    """Seconds to store ``files`` in requests of ``per_request`` objects on one connection."""
+    return post_bodies(service, request_bodies(files, per_request))
+
+
+def post_parallel(
+    service: Service, files: Sequence[Path], per_request: int, connections: int
+) -> float:
+    """Seconds to store ``files`` split evenly over ``connections`` connections at once, each
+    sending its share in requests of ``per_request`` objects, one after another."""
+    if connections <= 1:
+        return post_all(service, files, per_request)
+    share = -(-len(files) // connections)
+    bodies = [
+        request_bodies(files[i : i + share], per_request) for i in range(0, len(files), share)
+    ]
+    errors: list[BaseException] = []
+
+    def send(these: list[tuple[str, bytes]]) -> None:
+        try:
+            post_bodies(service, these)
+        except BaseException as exc:  # reported by the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(b,)) for b in bodies]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - began
+    if errors:
+        raise errors[0]
+    return seconds
+
+
+def post_bodies(service: Service, bodies: Sequence[tuple[str, bytes]]) -> float:
+    """Seconds to post ``bodies`` one after another on one keep-alive connection."""
+    auth = base64.b64encode(":".join(USER).encode()).decode()
+    conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=600)
     began = time.perf_counter()
     for boundary, body in bodies:
         conn.request(
@@ -138,11 +182,13 @@ TARGETS: dict[str, Callable[[Path], AbstractContextManager[Service]]] = {
 }
 
 
-def measure(name: str, files: list[Path], per_request: int, workdir: Path) -> float:
+def measure(
+    name: str, files: list[Path], per_request: int, workdir: Path, connections: int = 1
+) -> float:
     """Instances per second into a fresh target; checks every one arrived."""
     run_dir = Path(tempfile.mkdtemp(dir=workdir))  # kept until the end (see bench.ingest)
     with TARGETS[name](run_dir) as service:
-        seconds = post_all(service, files, per_request)
+        seconds = post_parallel(service, files, per_request, connections)
         stored = service.count()
         if stored != len(files):
             raise RuntimeError(f"{name}: {stored} of {len(files)} instances stored")
@@ -154,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ct", type=int, default=200, help="CT slices (512x512)")
     parser.add_argument("--small", type=int, default=1000, help="small instances")
     parser.add_argument("--per-request", type=int, default=50, help="objects per request")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="connections sending at once, each an even share of the objects (default 1)",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="rounds of alternating order")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -172,13 +224,14 @@ def main(argv: list[str] | None = None) -> int:
                 order = list(TARGETS) if r % 2 == 0 else list(reversed(TARGETS))
                 measured = {}
                 for name in order:
-                    measured[name] = measure(name, files, args.per_request, work)
+                    measured[name] = measure(name, files, args.per_request, work, args.connections)
                     print(f"{label:24s} {name:8s} {measured[name]:8.1f} inst/s", flush=True)
                 rounds.append(measured)
             orthanc = statistics.median(m["orthanc"] for m in rounds)
             node = statistics.median(m["node"] for m in rounds)
             node_ratio = statistics.median(ratio(m["node"], m["orthanc"]) for m in rounds)
-            rows.append([label, orthanc, node, node_ratio])
+            shown = label if args.connections == 1 else f"{label}, {args.connections} connections"
+            rows.append([shown, orthanc, node, node_ratio])
             results.append({"set": label, "rounds": rounds})
     print()
     print(

@@ -75,6 +75,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -268,10 +269,22 @@ def read_ahead(fd: int, offset: int, length: int) -> None:
             advise(fd, offset, length, os.POSIX_FADV_WILLNEED)
 
 
+@functools.cache
+def _syncfs() -> Callable[[int], int] | None:
+    """libc's ``syncfs``, looked up once (``find_library`` runs ``ldconfig``: a millisecond,
+    every STOW-RS request and journal checkpoint paid it); None where there is none."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return None
+    return cast(
+        "Callable[[int], int] | None",
+        getattr(ctypes.CDLL(libc_name, use_errno=True), "syncfs", None),
+    )
+
+
 def sync_filesystem(path: Path) -> None:
     """Flush every dirty page and directory entry of the file system holding ``path``."""
-    libc_name = ctypes.util.find_library("c")
-    syncfs = getattr(ctypes.CDLL(libc_name, use_errno=True), "syncfs", None) if libc_name else None
+    syncfs = _syncfs()
     if syncfs is None:  # not Linux: the whole machine
         os.sync()
         return

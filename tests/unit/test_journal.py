@@ -26,6 +26,7 @@ from acwi_node.ingest.journal import (
     read_journal,
     read_segment,
     replay_orphans,
+    sync_filesystem,
 )
 from acwi_node.observability import metrics
 
@@ -865,3 +866,25 @@ def test_a_record_written_while_the_journal_closes_is_still_flushed(
     journal.done(ticket)
     journal.close()
     assert list((tmp_path / ".journal").iterdir()) == []
+
+
+def test_syncfs_is_looked_up_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """libc's syncfs is found once per process, not on every flush (``find_library`` runs
+    ``ldconfig``, a millisecond each time)."""
+    import ctypes.util
+
+    looked_up: list[str] = []
+    real = ctypes.util.find_library
+
+    def counting(name: str) -> str | None:
+        looked_up.append(name)
+        return real(name)
+
+    monkeypatch.setattr(ctypes.util, "find_library", counting)
+    journal_module._syncfs.cache_clear()
+    try:
+        for _ in range(3):
+            sync_filesystem(tmp_path)
+    finally:
+        journal_module._syncfs.cache_clear()
+    assert looked_up == ["c"]

@@ -378,23 +378,40 @@ def run_retention(settings: Settings, *, dry_run: bool, as_json: bool) -> int:
     return 0
 
 
-def run_web(settings: Settings) -> int:
+def run_web(settings: Settings, config: Path | None = None) -> int:
+    """The web app, in this process or, with ``node.http_workers`` > 1 (0: one per core), in
+    that many processes sharing the port (uvicorn's workers), whose metrics ``/metrics`` adds
+    up (prometheus_client's multiprocess mode)."""
     import uvicorn
 
-    from acwi_node.web.api import create_app
-
-    app = create_app(settings)
+    workers = settings.node.http_workers or (os.cpu_count() or 1)
+    options: dict[str, Any] = {
+        "host": settings.node.http_host,
+        "port": settings.node.http_port,
+        "log_level": settings.node.log_level.lower(),
+        "access_log": False,
+    }
     # uvicorn handles SIGTERM/SIGINT itself and, once shut down, raises the signal again for
     # the handler it found: with this one in place the process returns here (and writes its
     # stop record) instead of being killed by the default handler.
     _stop_on_signals(threading.Event())
-    uvicorn.run(
-        app,
-        host=settings.node.http_host,
-        port=settings.node.http_port,
-        log_level=settings.node.log_level.lower(),
-        access_log=False,
-    )
+    if workers <= 1:
+        from acwi_node.web.api import create_app
+
+        uvicorn.run(create_app(settings), **options)
+        return 0
+    from acwi_node.observability.multiproc import disable_multiprocess, enable_multiprocess
+
+    # Before anything loads prometheus_client; the workers inherit the folder, and the file
+    # and data folder this process was started with (the command line's --config).
+    shared_metrics = enable_multiprocess(settings, "web")
+    if config is not None:
+        os.environ["ACWI_CONFIG"] = str(config.resolve())
+    os.environ["ACWI_NODE__DATA_DIR"] = str(settings.data_dir.resolve())
+    try:
+        uvicorn.run("acwi_node.web.api:app_in_worker", factory=True, workers=workers, **options)
+    finally:
+        disable_multiprocess(shared_metrics)
     return 0
 
 
@@ -730,7 +747,7 @@ def _dispatch(settings: Settings, config: Path | None, args: argparse.Namespace)
         "scp": lambda s: run_scp(s, config),
         "worker": run_worker,
         "exporter": run_exporter,
-        "web": run_web,
+        "web": lambda s: run_web(s, config),
         "hl7": run_hl7,
     }[args.command]
     return _run_audited(settings, args.command, runner)

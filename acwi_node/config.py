@@ -61,6 +61,9 @@ class NodeSettings(_Strict):
     dicom_port: int = Field(11112, ge=1, le=65535)
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)
+    #: Processes of ``acwi-node web`` serving ``http_port`` (review app, API, STOW-RS), for
+    #: requests on several connections at once to use several cores; 0: one per core.
+    http_workers: int = Field(1, ge=0, le=64)
     data_dir: Path = Path("acwi-data")
     #: SQLAlchemy URL of the ledger; default ``sqlite:///<data_dir>/ledger.sqlite``.
     database_url: str | None = None

@@ -5,6 +5,7 @@ instances, side by side.
     python -m bench.stow --ct 50 --small 200     # a quick run
     python -m bench.stow --per-request 50 --repeat 3 --json stow.json
     python -m bench.stow --connections 4         # four connections sending at once
+    python -m bench.stow --connections 4 --web-workers 2   # the node's web in two processes
 
 The same Part 10 files go to each target in ``multipart/related; type="application/dicom"``
 requests of ``--per-request`` objects, one request at a time on one keep-alive connection (as a
@@ -144,6 +145,10 @@ def orthanc_target(workdir: Path) -> Iterator[Service]:
         )
 
 
+#: ``node.http_workers`` of the node target (``--web-workers``).
+NODE_HTTP_WORKERS = 1
+
+
 @contextmanager
 def node_target(workdir: Path) -> Iterator[Service]:
     root = workdir / "node"
@@ -156,6 +161,7 @@ def node_target(workdir: Path) -> Iterator[Service]:
                 "ae_title": "ACWI",
                 "dicom_port": free_port(),
                 "http_port": port,
+                "http_workers": NODE_HTTP_WORKERS,
                 "data_dir": str(root / "data"),
                 "log_level": "WARNING",
             }
@@ -206,9 +212,17 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="connections sending at once, each an even share of the objects (default 1)",
     )
+    parser.add_argument(
+        "--web-workers",
+        type=int,
+        default=1,
+        help="the node's web processes (node.http_workers; 0: one per core); default 1",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="rounds of alternating order")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    global NODE_HTTP_WORKERS
+    NODE_HTTP_WORKERS = args.web_workers
     results: list[dict[str, Any]] = []
     rows = []
     with tempfile.TemporaryDirectory(prefix="acwi-bench-stow-") as tmp:

@@ -31,6 +31,19 @@ from acwi_node.web.stow import stow_router
 log = logging.getLogger("acwi_node.api")
 
 
+def app_in_worker() -> FastAPI:
+    """The app of one of several web processes (``node.http_workers``): the settings, logging
+    and audit trail of ``acwi-node web``, from the environment it handed down."""
+    from acwi_node.audit import configure_audit
+    from acwi_node.config import load_settings
+    from acwi_node.observability.logging import setup_logging
+
+    settings = load_settings()
+    setup_logging(settings, "web")
+    configure_audit(settings, "web")
+    return create_app(settings)
+
+
 def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
     """The FastAPI application over the ledger."""
     db = ledger or Ledger(settings.database_url)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import REGISTRY, generate_latest
+from prometheus_client import generate_latest
 
 from acwi_node.config import Settings
 from acwi_node.ledger import Ledger
 from acwi_node.observability.health import Readiness, broker_check, ledger_check
-from acwi_node.observability.metrics import CONTENT_TYPE, ledger_registry
+from acwi_node.observability.metrics import CONTENT_TYPE, ledger_registry, process_metrics
 
 
 def web_readiness(settings: Settings, ledger: Ledger) -> Readiness:
@@ -41,7 +41,7 @@ def ops_router(settings: Settings, ledger: Ledger) -> APIRouter:
 
     @router.get("/metrics")
     def metrics() -> Response:
-        payload = generate_latest(registry) + generate_latest(REGISTRY)
+        payload = generate_latest(registry) + process_metrics()  # every web process's
         return Response(payload, media_type=CONTENT_TYPE)
 
     return router

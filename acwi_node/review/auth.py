@@ -165,13 +165,16 @@ class SignInThrottle:
 
     The first ``free_failures`` failures in a row cost nothing; after them, an attempt must
     wait ``2 ** (failures - free_failures)`` seconds from the last failure, at most
-    ``max_delay_s`` (0: no throttling); :meth:`wait_s` says how long is left, and an attempt
-    made sooner is refused without checking its password, so that guessing is held to about
-    one password per ``max_delay_s``. A success clears the name. Unknown names are counted as
-    known ones are (the throttle does not tell which exist). A delay, not a lockout: the
-    account opens again ``max_delay_s`` after its last failure, and sessions already open are
-    not touched. In memory, per web process, for at most ``max_names`` names (the longest
-    quiet first out)."""
+    ``max_delay_s`` (0: no throttling); an attempt made sooner is refused without checking its
+    password, so that guessing is held to about one password per ``max_delay_s``. A success
+    clears the name. A delay, not a lockout: the account opens again ``max_delay_s`` after its
+    last failure, and sessions already open are not touched.
+
+    An account's failures are kept in the ledger (shared by every web process, kept across
+    restarts: the review app calls :meth:`wait_after` with them); names that are no account
+    are counted here, in memory, per process, for at most ``max_names`` of them (the longest
+    quiet first out), and delayed alike, so the answers do not tell which names exist.
+    ``clock``: seconds since the epoch (the ledger keeps when a failure was)."""
 
     def __init__(
         self,
@@ -179,7 +182,7 @@ class SignInThrottle:
         max_delay_s: float,
         *,
         max_names: int = 10_000,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.free_failures = free_failures
         self.max_delay_s = max_delay_s
@@ -189,19 +192,21 @@ class SignInThrottle:
         self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _delay_s(self, failures: int) -> float:
+    def delay_s(self, failures: int) -> float:
+        """How long after the last of ``failures`` failures in a row the next attempt waits."""
         if self.max_delay_s <= 0 or failures < self.free_failures:
             return 0.0
         return float(min(2 ** min(failures - self.free_failures, 30), self.max_delay_s))
 
+    def wait_after(self, failures: int, last: float) -> float:
+        """Seconds left to wait after ``failures`` in a row, the last at ``last`` (0: none)."""
+        return max(0.0, last + self.delay_s(failures) - self.clock()) if failures else 0.0
+
     def wait_s(self, name: str) -> float:
-        """Seconds before ``name`` may try again (0: now)."""
+        """Seconds before ``name`` (counted here) may try again (0: now)."""
         with self._lock:
             found = self._failures.get(name)
-        if found is None:
-            return 0.0
-        failures, last = found
-        return max(0.0, last + self._delay_s(failures) - self.clock())
+        return 0.0 if found is None else self.wait_after(*found)
 
     def failed(self, name: str) -> int:
         """Count a failure for ``name``; the failures in a row so far."""

@@ -77,6 +77,9 @@ class UserInfo:
     role: str
     disabled: bool
     password_hash: str = field(repr=False)
+    #: Failed sign-ins in a row and when the last was (UTC), for the sign-in throttle.
+    failed_sign_ins: int = 0
+    last_failed_sign_in_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,15 @@ def _outbox_latest(
 
 
 def _user(u: User) -> UserInfo:
-    return UserInfo(u.id, u.name, u.role, u.disabled, u.password_hash)
+    return UserInfo(
+        u.id,
+        u.name,
+        u.role,
+        u.disabled,
+        u.password_hash,
+        u.failed_sign_ins or 0,
+        u.last_failed_sign_in_at,
+    )
 
 
 class ReviewStore:
@@ -188,8 +199,33 @@ class ReviewStore:
             if user is None:
                 return False
             user.password_hash = password_hash
+            user.failed_sign_ins = 0  # a new password starts without failures
+            user.last_failed_sign_in_at = None
             s.execute(delete(WebSession).where(WebSession.user_id == user.id))
             return True
+
+    def sign_in_failed(self, user_id: int, at: dt.datetime) -> int:
+        """Count a failed sign-in of an account (at ``at``, UTC); the failures in a row so far.
+        One statement, so that web processes failing at once each count theirs."""
+        with self.ledger.session() as s:
+            s.execute(
+                update(User)
+                .where(User.id == user_id)
+                .values(
+                    failed_sign_ins=func.coalesce(User.failed_sign_ins, 0) + 1,
+                    last_failed_sign_in_at=at,
+                )
+            )
+            return int(s.scalar(select(User.failed_sign_ins).where(User.id == user_id)) or 0)
+
+    def sign_in_succeeded(self, user_id: int) -> None:
+        """Clear an account's failed sign-ins."""
+        with self.ledger.session() as s:
+            s.execute(
+                update(User)
+                .where(User.id == user_id)
+                .values(failed_sign_ins=0, last_failed_sign_in_at=None)
+            )
 
     # --------------------------------------------------------------- sessions
     def create_session(self, user_id: int, token_hash: str, lifetime_s: float) -> None:

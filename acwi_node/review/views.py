@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import io
 import logging
 import math
@@ -55,6 +56,7 @@ from acwi_node.review.store import (
     ReviewError,
     ReviewStore,
     SessionInfo,
+    UserInfo,
     WorklistFilters,
 )
 from acwi_node.review.verdicts import VERIFIED_SR_KIND, submit_verdict
@@ -219,7 +221,9 @@ class ReviewApp:
             and self.credentials.known(name, password, user.password_hash)
         ):
             return SessionInfo(user.id, user.name, user.role, "", utcnow())
-        self.check_throttle(name)
+        wait = self.wait_s(name, user)
+        if wait > 0:
+            raise auth.SignInThrottled(wait)
         if (
             user is None
             or user.disabled
@@ -227,22 +231,30 @@ class ReviewApp:
         ):
             if user is None or user.disabled:
                 auth.verify_password(password, auth.DUMMY_HASH)  # the same time either way
-            self.sign_in_failed(name, "basic")
+            self.sign_in_failed(name, "basic", user)
             self.store.audit(name[:64], "login_failed", detail="HTTP Basic", address=address)
             return None
-        self.throttle.succeeded(name)
+        self.sign_in_succeeded(user)
         return SessionInfo(user.id, user.name, user.role, "", utcnow())
 
-    def check_throttle(self, name: str) -> None:
-        """Raise :class:`~.auth.SignInThrottled` if ``name`` must wait before trying again."""
-        wait = self.throttle.wait_s(name)
-        if wait > 0:
-            raise auth.SignInThrottled(wait)
+    def wait_s(self, name: str, user: UserInfo | None) -> float:
+        """Seconds before ``name`` may try to sign in again (0: now): an account's failures
+        are in the ledger (every web process sees them), other names' in this process."""
+        if user is None:
+            return self.throttle.wait_s(name)
+        if user.last_failed_sign_in_at is None:
+            return 0.0
+        last = user.last_failed_sign_in_at.replace(tzinfo=dt.timezone.utc).timestamp()
+        return self.throttle.wait_after(user.failed_sign_ins, last)
 
-    def sign_in_failed(self, name: str, method: str) -> None:
+    def sign_in_failed(self, name: str, method: str, user: UserInfo | None) -> None:
         """Count a failed sign-in (``method``: form or basic) for the throttle and metrics."""
         metrics.SIGN_IN_FAILURES.labels(method).inc()
-        failures = self.throttle.failed(name)
+        if user is None:
+            failures = self.throttle.failed(name)
+        else:
+            at = dt.datetime.fromtimestamp(self.throttle.clock(), dt.timezone.utc)
+            failures = self.store.sign_in_failed(user.id, at.replace(tzinfo=None))
         if failures == self.settings.review.sign_in_free_failures:
             log.warning(
                 "%d failed sign-ins in a row for user name %r: its next attempts wait (up to %d s)",
@@ -250,6 +262,11 @@ class ReviewApp:
                 name[:64],
                 self.settings.review.sign_in_max_delay_s,
             )
+
+    def sign_in_succeeded(self, user: UserInfo) -> None:
+        """Clear an account's failed sign-ins (a write only when there were some)."""
+        if user.failed_sign_ins:
+            self.store.sign_in_succeeded(user.id)
 
     def case_header(self, case: dict[str, Any]) -> dict[str, str]:
         spool = Spool(self.settings.spool_dir, fsync=False)
@@ -381,7 +398,8 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             _set_cookie(failed, auth.LOGIN_COOKIE, new_nonce, 3600, cookie_secure)
             return failed
 
-        wait = review.throttle.wait_s(name)
+        user = await run_in_threadpool(review.store.get_user, name)
+        wait = review.wait_s(name, user)
         if wait > 0:  # refused before the password is looked at
             metrics.SIGN_INS_THROTTLED.labels("form").inc()
             await run_in_threadpool(
@@ -397,7 +415,6 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             )
             response.headers["Retry-After"] = str(math.ceil(wait))
             return response
-        user = await run_in_threadpool(review.store.get_user, name)
         ok = await run_in_threadpool(
             auth.verify_password,
             password,
@@ -409,14 +426,14 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
                 review.store.audit, name[:64], "login_failed", address=_client_address(request)
             )
             if not ok or user is None or user.disabled:
-                review.sign_in_failed(name, "form")
+                await run_in_threadpool(review.sign_in_failed, name, "form", user)
             return refused(
                 403 if ok and sender else 401,
                 "This account stores studies by DICOMweb; it cannot sign in."
                 if ok and sender
                 else "Unknown user name or wrong password.",
             )
-        review.throttle.succeeded(name)
+        await run_in_threadpool(review.sign_in_succeeded, user)
         token = auth.new_token()
         lifetime = settings.review.session_lifetime_s
         await run_in_threadpool(

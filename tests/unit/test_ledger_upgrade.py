@@ -88,3 +88,28 @@ def test_a_column_that_cannot_be_added_stops_start_up_with_its_name(
     assert "acwi-node: the ledger's table purges lacks the column started_at" in (
         capsys.readouterr().err
     )
+
+
+def test_an_earlier_ledgers_accounts_get_the_sign_in_throttle(
+    ledger: Ledger, database_url: str
+) -> None:
+    """Accounts made before the throttle's columns existed: the columns are added, the
+    existing accounts start with no failures, and failures are counted from there."""
+    from acwi_node.ledger.models import utcnow
+    from acwi_node.review.auth import hash_password
+    from acwi_node.review.store import ReviewStore
+
+    ReviewStore(ledger).add_user("jane", hash_password("correct horse battery"), "radiologist")
+    with ledger.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE users DROP COLUMN failed_sign_ins"))
+        conn.execute(text("ALTER TABLE users DROP COLUMN last_failed_sign_in_at"))
+    ledger.dispose()
+    upgraded = Ledger(database_url)
+    try:
+        store = ReviewStore(upgraded)
+        jane = store.get_user("jane")
+        assert jane is not None and (jane.failed_sign_ins, jane.last_failed_sign_in_at) == (0, None)
+        assert store.sign_in_failed(jane.id, utcnow()) == 1
+        assert store.sign_in_failed(jane.id, utcnow()) == 2
+    finally:
+        upgraded.dispose()

@@ -309,7 +309,8 @@ def test_failed_sign_ins_slow_the_next_down(
     assert actions[0] == ("login_failed", "throttled")
     now[0] += 1
     assert form(PASSWORD).status_code == 303  # the delay is over: signed in, count cleared
-    assert app.state.review.throttle.wait_s("jane.doe") == 0
+    jane = ReviewStore(ledger).get_user("jane.doe")
+    assert jane is not None and (jane.failed_sign_ins, jane.last_failed_sign_in_at) == (0, None)
 
     # HTTP Basic: the PACS's client has verified; then someone guesses at its account.
     pacs = TestClient(app, base_url="https://node.example")
@@ -351,3 +352,33 @@ def test_a_form_cut_short_is_a_line_not_a_traceback(
     assert "POST /login: the client closed the connection" in caplog.text
     assert "Traceback" not in caplog.text
     assert TestClient(app).get("/login").status_code == 200
+
+
+def test_every_web_process_sees_an_accounts_failures(ledger_node: tuple[Settings, Ledger]) -> None:
+    """An account's failed sign-ins are kept in the ledger: a second web process (or the same
+    after a restart) makes the next attempt wait as the first would; ``users passwd`` clears
+    them. Names that are no account are counted by each process."""
+    settings, ledger = ledger_node
+    add_user(ledger, "pacs", role="admin")
+    now = [5000.0]
+    apps = [create_app(settings, ledger) for _ in range(2)]
+    for app in apps:
+        app.state.review.throttle.clock = lambda: now[0]
+    first, second = (TestClient(app, base_url="https://node.example") for app in apps)
+
+    def get(client: TestClient, name: str, password: str) -> int:
+        return client.get("/api/studies", headers=basic(name, password)).status_code
+
+    assert [get(first, "pacs", f"guess number {i}") for i in range(5)] == [401] * 5
+    assert get(second, "pacs", PASSWORD) == 429  # the other process knows
+    pacs = ReviewStore(ledger).get_user("pacs")
+    assert pacs is not None and pacs.failed_sign_ins == 5
+    now[0] += 1
+    assert get(second, "pacs", "guess number 6") == 401  # after the delay, checked again
+    assert get(first, "pacs", PASSWORD) == 429  # and the delay doubled, for both
+    assert ReviewStore(ledger).set_password("pacs", auth.hash_password("a new password 2"))
+    assert get(first, "pacs", "a new password 2") == 200  # a new password starts afresh
+    for _ in range(5):
+        assert get(first, "nobody", "a guess of no use") == 401
+    assert get(first, "nobody", "a guess of no use") == 429
+    assert get(second, "nobody", "a guess of no use") == 401  # counted per process

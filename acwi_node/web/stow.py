@@ -120,7 +120,7 @@ def stow_router(settings: Settings, ledger: Ledger) -> APIRouter:
         if os.fstat(body.fd).st_size == 0:
             raise MultipartError("an empty body")
         mapped = mmap.mmap(body.fd, 0, access=mmap.ACCESS_READ)
-        parts = split_parts(mapped, boundary)
+        parts: list[memoryview] = []
 
         def let_go() -> None:
             """Every part is in its spool file: the body's file goes before the flush (an
@@ -132,6 +132,7 @@ def stow_router(settings: Settings, ledger: Ledger) -> APIRouter:
             body.discard()
 
         try:
+            parts = split_parts(mapped, boundary)  # a body that is not multipart: unmapped too
             if not parts:
                 raise MultipartError("the body holds no part")
             return receiver.receive(

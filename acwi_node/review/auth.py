@@ -167,8 +167,8 @@ class SignInThrottle:
     wait ``2 ** (failures - free_failures)`` seconds from the last failure, at most
     ``max_delay_s`` (0: no throttling); an attempt made sooner is refused without checking its
     password, so that guessing is held to about one password per ``max_delay_s``. A success
-    clears the name. A delay, not a lockout: the account opens again ``max_delay_s`` after its
-    last failure, and sessions already open are not touched.
+    clears an account's count (in the ledger). A delay, not a lockout: the account opens
+    again ``max_delay_s`` after its last failure, and sessions already open are not touched.
 
     An account's failures are kept in the ledger (shared by every web process, kept across
     restarts: the review app calls :meth:`wait_after` with them); names that are no account
@@ -217,10 +217,6 @@ class SignInThrottle:
             while len(self._failures) > self.max_names:
                 self._failures.popitem(last=False)
         return failures
-
-    def succeeded(self, name: str) -> None:
-        with self._lock:
-            self._failures.pop(name, None)
 
 
 class SignInThrottled(Exception):

@@ -49,7 +49,9 @@ STATUS_MEANINGS: dict[str, tuple[str, str, str]] = {
         "Success",
         "The instance is on disk (in the ingest journal, or its spool file flushed). Its"
         " ledger row is written right after the answer, before the association's next message"
-        " is read (by the journal's next checkpoint if the ledger fails just then).",
+        " is read (by the journal's next checkpoint if the ledger fails just then). Also the"
+        " answer to one of the node's own results sent back (Manufacturer `ACWI Node`), which"
+        " is discarded.",
     ),
     "STATUS_OUT_OF_RESOURCES": (
         "Failure",

@@ -64,6 +64,7 @@ from acwi_node.ingest.journal import (
 )
 from acwi_node.ingest.mpps import MPPS_SOP_CLASS, CompletionSignals, MppsSCP
 from acwi_node.ingest.negotiation import install as remember_negotiations
+from acwi_node.ingest.own_results import is_own_result
 from acwi_node.ingest.part10 import file_meta_prefix
 from acwi_node.ingest.reactor import (
     EventDrivenRequestHandler,
@@ -343,6 +344,8 @@ class _AssociationState:
     #: Instances stored per Study Instance UID, and refused (for the audit trail).
     stored: dict[str, int] = field(default_factory=dict)
     refused: int = 0
+    #: The node's own results that came back: answered as stored, not stored (own_results).
+    dropped: int = 0
     patient_ids: set[str] = field(default_factory=set)
     pending: _PendingRows = field(default_factory=_PendingRows)
 
@@ -617,12 +620,20 @@ class StorageSCP:
             self._write_rows(state)  # before the release is answered
 
     def _audit_received(self, state: _AssociationState) -> None:
-        if not state.stored and not state.refused:
+        if not state.stored and not state.refused and not state.dropped:
             return
         total = sum(state.stored.values())
         detail = f"{total} instance(s) stored"
         if state.refused:
             detail += f", {state.refused} refused"
+        if state.dropped:
+            detail += f", {state.dropped} of the node's own results not stored"
+            log.info(
+                "association from %s: %d object(s) written by ACWI Node (its results) came"
+                " back; answered as stored, not stored",
+                state.calling_ae,
+                state.dropped,
+            )
         if not state.released:
             detail += "; the association ended without a release"
         audit(
@@ -711,6 +722,12 @@ class StorageSCP:
             )
             metrics.INSTANCES_REJECTED.labels("invalid_uid").inc()
             return STATUS_BAD_UID
+        if is_own_result(header):  # the node holds its results already: nothing to store
+            metrics.OWN_RESULTS_DROPPED.labels(calling_ae).inc()
+            if state is not None:
+                with self._lock:
+                    state.dropped += 1
+            return STATUS_SUCCESS
         series_uid = _text(header, "SeriesInstanceUID")
         if series_uid and not is_safe_uid(series_uid):
             series_uid = ""

@@ -6,7 +6,8 @@ A PACS, a VNA or a cloud archive that sends by DICOMweb instead of DIMSE posts
 object. What the C-STORE SCP promises holds here too: an object is answered as stored only once
 its spool file (flushed, with its directory entry) and its ledger row (flushed) are on disk;
 nothing from a data set names a path but UIDs that pass :func:`~.spool.is_safe_uid`; a part
-that cannot be stored is refused alone, with a failure reason, and the rest are stored.
+that cannot be stored is refused alone, with a failure reason, and the rest are stored. The
+node's own results coming back are answered as stored and not stored (:mod:`.own_results`).
 
 A request plays the part of an association: its studies are marked as being received while it
 runs (the quiet period counts from its end, as from a release) and as released when it ends.
@@ -40,6 +41,7 @@ from pydicom.errors import InvalidDicomError
 from acwi_node.audit import AuditEvent, Outcome, audit, remote_ae
 from acwi_node.ingest.header import LONG_VRS, pydicom_header, scan_header
 from acwi_node.ingest.journal import sync_filesystem
+from acwi_node.ingest.own_results import is_own_result
 from acwi_node.ingest.spool import Spool, SpoolError, is_safe_uid
 from acwi_node.ledger import InstanceRecord, Ledger
 from acwi_node.observability import metrics
@@ -183,6 +185,9 @@ class StowResult:
     stored: list[tuple[str, str]] = field(default_factory=list)
     #: (SOP Class UID, SOP Instance UID, Failure Reason) of each refused; UIDs "" if unknown.
     failed: list[tuple[str, str, int]] = field(default_factory=list)
+    #: Of ``stored``, the node's own results that came back: answered as stored, not stored
+    #: (:mod:`.own_results`).
+    dropped: int = 0
 
     @property
     def status(self) -> int:
@@ -316,8 +321,13 @@ class StowReceiver:
                     study_uids=sorted(studies),
                     instances=dict(studies),
                     patient_ids=sorted(patient_ids),
-                    detail=f"{len(result.stored)} instance(s) stored by STOW-RS"
-                    + (f", {len(result.failed)} refused" if result.failed else ""),
+                    detail=f"{len(result.stored) - result.dropped} instance(s) stored by STOW-RS"
+                    + (f", {len(result.failed)} refused" if result.failed else "")
+                    + (
+                        f", {result.dropped} of the node's own results not stored"
+                        if result.dropped
+                        else ""
+                    ),
                 )
         return result
 
@@ -368,6 +378,11 @@ class StowReceiver:
             log.warning("STOW-RS from %s: an instance of another study than the request's", calling)
             metrics.INSTANCES_REJECTED.labels("other_study").inc()
             result.failed.append((sop_class, sop_uid, DOES_NOT_MATCH))
+            return None
+        if is_own_result(header):  # the node holds its results already: nothing to store
+            metrics.OWN_RESULTS_DROPPED.labels(calling).inc()
+            result.stored.append((sop_class, sop_uid))
+            result.dropped += 1
             return None
         series_uid = header.get("SeriesInstanceUID", "")
         record = InstanceRecord(

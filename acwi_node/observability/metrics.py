@@ -58,6 +58,12 @@ INSTANCES_REJECTED = Counter(
     "C-STORE requests answered with a failure status, or STOW-RS objects refused, by reason",
     ["reason"],
 )
+OWN_RESULTS_DROPPED = Counter(
+    "acwi_scp_own_results_dropped",
+    "Objects an ACWI Node wrote (its results) that came back by C-STORE or STOW-RS: answered"
+    " as stored, not stored (acwi_node.ingest.own_results), by calling AE title",
+    ["calling_ae"],
+)
 ASSOCIATIONS_REJECTED = Counter(
     "acwi_scp_associations_rejected",
     "Associations this scp process rejected (calling AE not allowed, too many associations)",

@@ -51,6 +51,7 @@ from highdicom.sr import (
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
+from acwi_node import MANUFACTURER
 from acwi_node.inference.types import ImageResult, StudyAnalysis, Uncertainty
 from acwi_node.results.content_templates import append_encoded, set_encoded
 from acwi_node.results.headers import patient_study_header
@@ -72,8 +73,6 @@ __all__ = [
     "verified_sr_uid",
 ]
 
-#: Manufacturer (0008,0070) of every object the node writes.
-MANUFACTURER = "ACWI Node"
 SR_SERIES_NUMBER = 9901
 
 # ---------------------------------------------------------------------------------------------

@@ -200,10 +200,13 @@ def stow_router(settings: Settings, ledger: Ledger) -> APIRouter:
             body.discard()
         base = str(request.base_url).rstrip("/") + "/dicomweb/studies"
         log.info(
-            "STOW-RS from %s: %d stored, %d refused",
+            "STOW-RS from %s: %d stored, %d refused%s",
             user.user_name[:16],
-            len(result.stored),
+            len(result.stored) - result.dropped,
             len(result.failed),
+            f", {result.dropped} written by ACWI Node (its results) answered as stored, not stored"
+            if result.dropped
+            else "",
         )
         url = base if study_uid is None else f"{base}/{study_uid}"
         if media_type == DICOM_XML:

@@ -342,6 +342,22 @@ def test_orthanc_pushes_a_stored_study(tmp_path: Path, orthanc: OrthancServer) -
             message="sources + SR + 2 heatmaps",
         )
         check_results(orthanc, ledger, study_uid, files, tmp_path)
+        # Orthanc forwards the study's new instances, the node's results, back to the node:
+        # accepted (the job succeeds) and dropped; the study is not analysed again.
+        results = [
+            i["ID"]
+            for i in orthanc.study_instances(study_uid)
+            if _sop_class(orthanc, i) in (SR_CLASS, SC_CLASS)
+        ]
+        assert len(results) == 3
+        pushed = orthanc.store_to_modality("acwi", results)
+        assert pushed.get("FailedInstancesCount", 0) == 0, pushed
+        assert pushed.get("InstancesCount") == 3, pushed
+        time.sleep(1.5)  # past the quiet period: a re-opened study would complete again
+        st = ledger.get_study(study_uid)
+        assert st is not None
+        assert (st["state"], st["generation"], st["instances"]) == ("delivered", 1, 2), st
+        assert len(st["jobs"]) == 1
         ledger.dispose()
 
 

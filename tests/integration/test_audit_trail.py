@@ -151,6 +151,33 @@ def test_association_and_instances_are_audited(
     assert stat.S_IMODE(audit_file(settings).stat().st_mode) == 0o600
 
 
+def test_the_node_s_own_results_coming_back_are_audited_as_not_stored(
+    tmp_path: Path, running: Any
+) -> None:
+    settings = running(node_settings(tmp_path))
+    study = generate_uid()
+    image = write_secondary_capture(tmp_path / "image.dcm", study_uid=study)
+    results = [
+        write_secondary_capture(
+            tmp_path / f"result{i}.dcm",
+            study_uid=study,
+            manufacturer="ACWI Node",
+            series_number=9902,
+        )
+        for i in range(2)
+    ]
+    assert _send(settings, "SENDER", [image, *results]) == [0, 0, 0]
+    received = _wait_for(settings, "instances_received")[0]
+    assert received["instances"] == {study: 1}
+    assert received["outcome"] == "success"
+    assert received["detail"] == "1 instance(s) stored, 2 of the node's own results not stored"
+    # An association that brought nothing but results is on the record too.
+    assert _send(settings, "SENDER", results[:1]) == [0]
+    second = _wait_for(settings, "instances_received", 2)[1]
+    assert "instances" not in second and "study_uids" not in second
+    assert second["detail"] == "0 instance(s) stored, 1 of the node's own results not stored"
+
+
 def test_failed_tls_handshake_is_audited(tmp_path: Path, running: Any) -> None:
     pki = make_pki(tmp_path / "pki")
     settings = running(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import struct
 import threading
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
@@ -227,6 +229,60 @@ def test_truncated_association_keeps_serving(node: tuple[Settings, Ledger, Stora
         with contextlib.suppress(TimeoutError, ConnectionResetError):
             sock.recv(100)
     assert send(settings, [make_sc(generate_uid())]) == [0]
+
+
+def test_the_node_s_own_results_coming_back_are_answered_and_not_stored(
+    node: tuple[Settings, Ledger, StorageSCP], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PACS that forwards a study's new instances sends the node its own results: each is
+    answered with success and dropped, so the completed study is not re-opened (a second
+    analysis, a second review item); an image of the study still re-opens it."""
+    settings, ledger, _ = node
+    study = generate_uid()
+    image = make_sc(study)
+    assert send(settings, [image]) == [0]
+    deadline = time.monotonic() + 5
+    while not (due := ledger.studies_due(quiet_period_s=0, max_wait_s=3600)):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    ((study_id, generation),) = due
+    ledger.complete_study(study_id, generation, lambda facts: [])
+    completed = ledger.get_study(study)
+    assert completed is not None and completed["state"] == "not_routed"
+
+    results = [make_sc(study), make_sc(study)]
+    results[0].Manufacturer = "ACWI Node"
+    results[1].Manufacturer = "acwi node "
+    dropped = REGISTRY.get_sample_value(
+        "acwi_scp_own_results_dropped_total", {"calling_ae": "SENDER"}
+    )
+    caplog.set_level(logging.INFO, logger="acwi_node.ingest")
+    assert send(settings, results) == [0, 0]
+    after = ledger.get_study(study)
+    assert after is not None
+    assert (after["state"], after["generation"], after["instances"]) == ("not_routed", 1, 1)
+    assert sorted(p.name for p in (settings.spool_dir / study).iterdir()) == [
+        f"{image.SOPInstanceUID}.dcm"
+    ]
+    assert (
+        REGISTRY.get_sample_value("acwi_scp_own_results_dropped_total", {"calling_ae": "SENDER"})
+        == (dropped or 0) + 2
+    )
+    # One line for the association, once it has ended (after the sender's release).
+    deadline = time.monotonic() + 5
+    while "2 object(s) written by ACWI Node (its results) came back" not in caplog.text:
+        assert time.monotonic() < deadline, caplog.text
+        time.sleep(0.05)
+
+    # The same study's late image is new: it re-opens the study.
+    assert send(settings, [make_sc(study)]) == [0]
+    reopened = ledger.get_study(study)
+    assert reopened is not None
+    assert (reopened["state"], reopened["generation"], reopened["instances"]) == (
+        "receiving",
+        2,
+        2,
+    )
 
 
 @pytest.fixture(params=[65536, 0], ids=["journaled", "spooled"])

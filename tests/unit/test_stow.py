@@ -161,6 +161,47 @@ def test_parts_that_cannot_be_stored_are_refused_alone(
     assert [s[:2] for s in studies(ledger)] == [(study_uid, 1)]
 
 
+def test_the_node_s_own_results_are_answered_as_stored_and_not_stored(
+    tmp_path: Path,
+    ledger_node: tuple[Settings, Ledger],
+    client: TestClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A DICOMweb PACS sending a study back with the node's results in it: each result is in
+    the Referenced SOP Sequence (nothing to retry) but neither in the spool nor the ledger, so
+    the study is not re-opened for them; another study's result is still refused."""
+    settings, ledger = ledger_node
+    study_uid = generate_uid()
+    image, result = write_study(tmp_path / "s", n_images=2, seed=6, study_instance_uid=study_uid)
+    ds = pydicom.dcmread(result)
+    ds.Manufacturer = "ACWI Node"
+    ds.save_as(result)
+    dropped = REGISTRY.get_sample_value(
+        "acwi_scp_own_results_dropped_total", {"calling_ae": "pacs"}
+    )
+    caplog.set_level(logging.INFO, logger="acwi_node.ingest")
+    answer = post(client, multipart(image.read_bytes(), result.read_bytes()))
+    assert answer.status_code == 200, answer.text
+    assert sorted(values(i, "00081155")[0] for i in values(answer.json(), "00081199")) == sorted(
+        [str(pydicom.dcmread(image).SOPInstanceUID), str(ds.SOPInstanceUID)]
+    )
+    assert spool_files(settings) == [
+        settings.spool_dir / study_uid / f"{pydicom.dcmread(image).SOPInstanceUID}.dcm"
+    ]
+    assert studies(ledger) == [(study_uid, 1, 0, "pacs")]
+    assert (
+        REGISTRY.get_sample_value("acwi_scp_own_results_dropped_total", {"calling_ae": "pacs"})
+        == (dropped or 0) + 1
+    )
+    assert "1 stored, 0 refused, 1 written by ACWI Node" in caplog.text
+
+    refused = post(
+        client, multipart(result.read_bytes()), path=f"/dicomweb/studies/{generate_uid()}"
+    )
+    assert refused.status_code == 409
+    assert studies(ledger) == [(study_uid, 1, 0, "pacs")]
+
+
 def xml_items(root: ElementTree.Element, keyword: str) -> list[dict[str, list[str]]]:
     """The items of a sequence of a Native DICOM Model response: each as {keyword: values}."""
     (sequence,) = root.findall(f"{NATIVE}DicomAttribute[@keyword='{keyword}']")

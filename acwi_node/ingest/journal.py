@@ -493,22 +493,34 @@ class IngestJournal:
             raise
         return ticket
 
-    def write(self, meta: dict[str, Any], payload: Buffers, *, head_start: bool = True) -> Ticket:
+    def write(
+        self,
+        meta: dict[str, Any],
+        payload: Buffers,
+        *,
+        head_start: bool = True,
+        payload_crc: int | None = None,
+    ) -> Ticket:
         """Journal one instance (written, not flushed). Before answering for it,
         :meth:`wait_durable`; in any case :meth:`done` afterwards.
 
         ``head_start``: start the record's writeback now (:func:`start_writeback`), for a
         caller that does other work before it waits; not for one that waits at once (starting
-        the writeback is a system call that the flush would make anyway)."""
-        return self._write(KIND_INSTANCE, meta, payload, head_start=head_start)
-
-    def write_spooled(self, meta: dict[str, Any], data: Buffers) -> Ticket:
-        """Journal an instance whose ``data`` the caller flushes in the spool itself: only
-        ``meta`` and the CRC-32 of ``data`` are written, and the flusher thread flushes the
-        record at once, while the caller flushes the file. As for :meth:`write`, then."""
+        the writeback is a system call that the flush would make anyway). ``payload_crc``: the
+        CRC-32 of ``payload``, where the caller has it already (not computed twice)."""
         return self._write(
-            KIND_SPOOLED, {**meta, SPOOLED_CRC: crc32_of(buffers(data))}, b"", background=True
+            KIND_INSTANCE, meta, payload, head_start=head_start, payload_crc=payload_crc
         )
+
+    def write_spooled(
+        self, meta: dict[str, Any], data: Buffers, *, data_crc: int | None = None
+    ) -> Ticket:
+        """Journal an instance whose ``data`` the caller flushes in the spool itself: only
+        ``meta`` and the CRC-32 of ``data`` (``data_crc``, or computed here) are written, and
+        the flusher thread flushes the record at once, while the caller flushes the file. As
+        for :meth:`write`, then."""
+        crc = crc32_of(buffers(data)) if data_crc is None else data_crc
+        return self._write(KIND_SPOOLED, {**meta, SPOOLED_CRC: crc}, b"", background=True)
 
     def wait_durable(self, ticket: Ticket) -> None:
         """Return once the record is on disk, flushing the segment here unless a flush that
@@ -587,12 +599,15 @@ class IngestJournal:
         *,
         background: bool = False,
         head_start: bool = True,
+        payload_crc: int | None = None,
     ) -> Ticket:
         meta_bytes = _META_ENCODER.encode(meta).encode()
         payload_parts = buffers(payload)
         payload_size = sum(len(p) for p in payload_parts)
+        if payload_crc is None:
+            payload_crc = crc32_of(payload_parts)
         # Outside the lock (the CRC lets other threads run meanwhile): all but the header's CRC.
-        body_crc = crc32(meta_bytes, crc32_of(payload_parts))
+        body_crc = crc32(meta_bytes, payload_crc)
         with self._lock:
             if not self._segments:
                 raise JournalError("the ingest journal is closed", out_of_space=False)

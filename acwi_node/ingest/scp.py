@@ -51,6 +51,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from acwi_node.audit import AuditEvent, Outcome, audit, remote_ae
 from acwi_node.config import Settings
+from acwi_node.ingest.checksum import crc32_of
 from acwi_node.ingest.cpu_latency import CpuLatencyRequest
 from acwi_node.ingest.header import pydicom_header, scan_header
 from acwi_node.ingest.journal import (
@@ -346,6 +347,8 @@ class _AssociationState:
     refused: int = 0
     #: The node's own results that came back: answered as stored, not stored (own_results).
     dropped: int = 0
+    #: Instances sent again unchanged to a study that keeps its results (not re-opened).
+    unchanged: int = 0
     patient_ids: set[str] = field(default_factory=set)
     pending: _PendingRows = field(default_factory=_PendingRows)
 
@@ -626,6 +629,13 @@ class StorageSCP:
         detail = f"{total} instance(s) stored"
         if state.refused:
             detail += f", {state.refused} refused"
+        if state.unchanged:
+            log.info(
+                "association from %s: %d instance(s) sent again unchanged; their studies keep"
+                " their results (not re-opened)",
+                state.calling_ae,
+                state.unchanged,
+            )
         if state.dropped:
             detail += f", {state.dropped} of the node's own results not stored"
             log.info(
@@ -742,6 +752,7 @@ class StorageSCP:
             path=self.spool.relative_for(study_uid, sop_uid),
             size=len(data[0]) + len(data[1]),
             calling_ae=calling_ae,
+            crc32=crc32_of(data),  # the journal's record takes it as it is
         )
         patient_id = _text(header, "PatientID") if self._audit_patient_id else ""
         journal = self.journal
@@ -764,9 +775,9 @@ class StorageSCP:
         spooled = record.size > self._journal_max_bytes
         try:  # the record is flushed while the spool file is written
             if spooled:
-                ticket = journal.write_spooled(dict(vars(record)), data)
+                ticket = journal.write_spooled(dict(vars(record)), data, data_crc=record.crc32)
             else:
-                ticket = journal.write(dict(vars(record)), data)
+                ticket = journal.write(dict(vars(record)), data, payload_crc=record.crc32)
         except JournalError as exc:
             log.error("C-STORE from %s: %s", calling_ae, exc)
             metrics.INSTANCES_REJECTED.labels("spool_error").inc()
@@ -820,7 +831,9 @@ class StorageSCP:
         checkpoint writes it; until a spool file can be written again, the SCP writes each
         before it answers (and refuses with 0xA700 while it cannot)."""
         try:
-            ticket = journal.write(dict(vars(record)), data, head_start=False)
+            ticket = journal.write(
+                dict(vars(record)), data, head_start=False, payload_crc=record.crc32
+            )
         except JournalError as exc:
             log.error("C-STORE from %s: %s", record.calling_ae, exc)
             metrics.INSTANCES_REJECTED.labels("spool_error").inc()
@@ -1000,6 +1013,7 @@ class StorageSCP:
                 state.study_uids.add(study_uid)
                 state.study_ids.add(recorded.study_id)
                 state.stored[study_uid] = state.stored.get(study_uid, 0) + 1
+                state.unchanged += recorded.unchanged
                 if self._audit_patient_id:
                     state.patient_ids.add(patient_id)
         log.debug(

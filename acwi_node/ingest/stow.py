@@ -39,6 +39,7 @@ from pydicom.datadict import keyword_for_tag
 from pydicom.errors import InvalidDicomError
 
 from acwi_node.audit import AuditEvent, Outcome, audit, remote_ae
+from acwi_node.ingest.checksum import crc32
 from acwi_node.ingest.header import LONG_VRS, pydicom_header, scan_header
 from acwi_node.ingest.journal import sync_filesystem
 from acwi_node.ingest.own_results import is_own_result
@@ -188,6 +189,9 @@ class StowResult:
     #: Of ``stored``, the node's own results that came back: answered as stored, not stored
     #: (:mod:`.own_results`).
     dropped: int = 0
+    #: Of ``stored``, instances sent again unchanged to a study that keeps its results (it
+    #: was not re-opened: :data:`~acwi_node.ledger.repository.KEEPS_RESULTS`).
+    unchanged: int = 0
 
     @property
     def status(self) -> int:
@@ -396,6 +400,7 @@ class StowReceiver:
             path=self.spool.relative_for(study_uid, sop_uid),
             size=len(data),
             calling_ae=calling,
+            crc32=crc32(data),
         )
         existed = self.spool.holds(record.path)
         try:
@@ -450,6 +455,7 @@ class StowReceiver:
             study = w.record.study_uid
             studies[study] = studies.get(study, 0) + 1
             study_ids.add(row.study_id)
+            result.unchanged += row.unchanged
             metrics.INSTANCES_RECEIVED.labels(calling).inc()
             uid = w.record.sop_instance_uid
             result.stored.extend((sop_class, uid) for sop_class in w.order)

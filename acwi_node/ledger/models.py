@@ -113,6 +113,9 @@ class Instance(Base):
     #: Path relative to the spool directory.
     path: Mapped[str] = mapped_column(String(512))
     size: Mapped[int] = mapped_column(BigInteger)
+    #: CRC-32 of the file's bytes (unsigned), with the size and transfer syntax what tells an
+    #: instance sent again unchanged; NULL where not known (recorded by an earlier version).
+    crc32: Mapped[int | None] = mapped_column(BigInteger, nullable=True, default=None)
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     generation: Mapped[int] = mapped_column(Integer, default=1)
     received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)

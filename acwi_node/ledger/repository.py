@@ -73,6 +73,11 @@ class InstanceRecord:
     path: str
     size: int
     calling_ae: str
+    #: CRC-32 of the stored file's bytes (the spool file: the node's Part 10 header and the
+    #: data set as received, or a STOW-RS part as sent); None where not known (an instance
+    #: journaled by an earlier version). With the size and transfer syntax, it tells an
+    #: instance sent again unchanged from a new version of it (:data:`KEEPS_RESULTS`).
+    crc32: int | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,25 @@ class Recorded:
     generation: int
     reopened: bool
     duplicate: bool
+    #: The instance was recorded before with the same bytes, and its study kept its results
+    #: (:data:`KEEPS_RESULTS`): it did not re-open the study.
+    unchanged: bool = False
+
+
+#: The states of a study that an instance sent again unchanged does not re-open: it has its
+#: results, or is on its way to them. Re-opening would analyse the same images again and put a
+#: case a radiologist may have decided back on the worklist. A study that failed or was not
+#: routed re-opens on any instance (the sender may be trying again), and so does one whose files
+#: storage retention deleted.
+KEEPS_RESULTS = frozenset(
+    {
+        StudyState.COMPLETE.value,
+        StudyState.QUEUED.value,
+        StudyState.ANALYSING.value,
+        StudyState.EXPORTING.value,
+        StudyState.DELIVERED.value,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -252,22 +276,25 @@ class _IngestSql:
             " VALUES (:uid, :state, 1, :ae, :modality, :body_part, 0, 0, :now, :now, :now,"
             " FALSE, '') RETURNING id"
         )
-        #: The ids of those of a batch's instances already recorded (one query per batch).
+        #: Those of a batch's instances already recorded, with what tells whether one came
+        #: again unchanged (one query per batch).
+        known = "SELECT sop_instance_uid, id, size, transfer_syntax_uid, path, crc32 FROM instances"
         self.select_instances = (
-            "SELECT sop_instance_uid, id FROM instances WHERE sop_instance_uid = ANY(%(sops)s)"
+            f"{known} WHERE sop_instance_uid = ANY(%(sops)s)"
             if self.postgresql
-            else "SELECT sop_instance_uid, id FROM instances"
-            " WHERE sop_instance_uid IN (SELECT value FROM json_each(:sops))"
+            else f"{known} WHERE sop_instance_uid IN (SELECT value FROM json_each(:sops))"
         )
         self.insert_instance = q(
             "INSERT INTO instances (study_id, sop_instance_uid, sop_class_uid, series_uid,"
-            " transfer_syntax_uid, modality, path, size, calling_ae, generation, received_at)"
-            " VALUES (:study_id, :sop, :sop_class, :series, :ts, :modality, :path, :size, :ae,"
-            " :generation, :now)"
+            " transfer_syntax_uid, modality, path, size, crc32, calling_ae, generation,"
+            " received_at)"
+            " VALUES (:study_id, :sop, :sop_class, :series, :ts, :modality, :path, :size, :crc32,"
+            " :ae, :generation, :now)"
         )
         self.update_instance = q(
-            "UPDATE instances SET path = :path, size = :size, transfer_syntax_uid = :ts,"
-            " generation = :generation, received_at = :now WHERE id = :id"
+            "UPDATE instances SET path = :path, size = :size, crc32 = :crc32,"
+            " transfer_syntax_uid = :ts, generation = :generation, received_at = :now"
+            " WHERE id = :id"
         )
         received = (
             "last_received_at = :now, modality = :modality, body_part = :body_part,"
@@ -550,7 +577,13 @@ class Ledger:
         sql = self._ingest_sql
         sops = list(dict.fromkeys(rec.sop_instance_uid for rec, _ in batch))
         cur.execute(sql.select_instances, {"sops": sql.uid_list(sops)})
-        known: dict[str, int] = {str(sop): int(id_) for sop, id_ in cur.fetchall()}
+        known: dict[str, int] = {}
+        #: (size, transfer syntax, CRC-32) of each known instance whose file the spool holds.
+        known_bytes: dict[str, tuple[int, str, int | None]] = {}
+        for sop, id_, size, ts, path, crc in cur.fetchall():
+            known[str(sop)] = int(id_)
+            if path:  # "": storage retention deleted its file
+                known_bytes[str(sop)] = (int(size), str(ts), None if crc is None else int(crc))
         # The batch's studies are read (locked, on PostgreSQL) in one order, their UIDs', not in
         # the order their instances came: two batches sharing studies (associations sending
         # the same studies in different orders) then never wait for each other's locks.
@@ -564,6 +597,15 @@ class Ledger:
         for rec, first_in_association in batch:
             study = studies[rec.study_uid]
             reopened = study.state != StudyState.RECEIVING.value
+            unchanged = (
+                reopened
+                and study.state in KEEPS_RESULTS
+                and rec.crc32 is not None
+                and known_bytes.get(rec.sop_instance_uid)
+                == (rec.size, rec.transfer_syntax_uid, rec.crc32)
+            )
+            if unchanged:  # sent again as it was: the study keeps its results
+                reopened = False
             if reopened:  # an instance re-opens a study that had completed: a new generation
                 study.generation += 1
                 study.state = StudyState.RECEIVING.value
@@ -578,6 +620,7 @@ class Ledger:
             version = {
                 "path": rec.path,
                 "size": rec.size,
+                "crc32": rec.crc32,
                 "ts": rec.transfer_syntax_uid,
                 "generation": study.generation,
                 "now": now,
@@ -598,7 +641,7 @@ class Ledger:
                     **version,
                 }
                 study.added += 1
-            recorded.append(Recorded(study.id, study.generation, reopened, duplicate))
+            recorded.append(Recorded(study.id, study.generation, reopened, duplicate, unchanged))
         if inserts:
             cur.executemany(sql.insert_instance, list(inserts.values()))
         if updates:

@@ -199,14 +199,17 @@ def stow_router(settings: Settings, ledger: Ledger) -> APIRouter:
         finally:
             body.discard()
         base = str(request.base_url).rstrip("/") + "/dicomweb/studies"
+        notes = ""
+        if result.unchanged:
+            notes += f", {result.unchanged} sent again unchanged (their studies not re-opened)"
+        if result.dropped:
+            notes += f", {result.dropped} written by ACWI Node (its results) not stored"
         log.info(
             "STOW-RS from %s: %d stored, %d refused%s",
             user.user_name[:16],
             len(result.stored) - result.dropped,
             len(result.failed),
-            f", {result.dropped} written by ACWI Node (its results) answered as stored, not stored"
-            if result.dropped
-            else "",
+            notes,
         )
         url = base if study_uid is None else f"{base}/{study_uid}"
         if media_type == DICOM_XML:

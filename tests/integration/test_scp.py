@@ -35,7 +35,7 @@ from acwi_node.ingest.journal import (
 )
 from acwi_node.ingest.scp import TRANSFER_SYNTAXES, StorageSCP
 from acwi_node.ingest.spool import Spool, SpoolError
-from acwi_node.ledger import InstanceRecord, Ledger
+from acwi_node.ledger import InstanceRecord, Ledger, RoutedJob
 from acwi_node.ledger.models import Study
 from tests.support.answer_threads import record_answer_threads
 from tests.support.dcmtk import storescu
@@ -126,6 +126,17 @@ def send(
     statuses = [int(assoc.send_c_store(ds).Status) for ds in datasets]
     assoc.release()
     return statuses
+
+
+def due_study(ledger: Ledger) -> tuple[int, int]:
+    """(study id, generation) of the one study due for completion, once the association that
+    sent it has been recorded as ended (just after the sender's release returns)."""
+    deadline = time.monotonic() + 5
+    while not (due := ledger.studies_due(quiet_period_s=0, max_wait_s=3600)):
+        assert time.monotonic() < deadline, "no study became due"
+        time.sleep(0.05)
+    ((study_id, generation),) = due
+    return study_id, generation
 
 
 def test_echo(node: tuple[Settings, Ledger, StorageSCP]) -> None:
@@ -241,11 +252,7 @@ def test_the_node_s_own_results_coming_back_are_answered_and_not_stored(
     study = generate_uid()
     image = make_sc(study)
     assert send(settings, [image]) == [0]
-    deadline = time.monotonic() + 5
-    while not (due := ledger.studies_due(quiet_period_s=0, max_wait_s=3600)):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    ((study_id, generation),) = due
+    study_id, generation = due_study(ledger)
     ledger.complete_study(study_id, generation, lambda facts: [])
     completed = ledger.get_study(study)
     assert completed is not None and completed["state"] == "not_routed"
@@ -283,6 +290,42 @@ def test_the_node_s_own_results_coming_back_are_answered_and_not_stored(
         2,
         2,
     )
+
+
+@pytest.mark.parametrize("journal_max_bytes", [65536, 0], ids=["journaled", "spooled"])
+def test_a_study_sent_again_unchanged_keeps_its_results(
+    tmp_path: Path, journal_max_bytes: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PACS that forwards the whole study again: the instances, byte for byte as before,
+    are stored (answered 0x0000) without re-opening the study on its way to its results; a
+    changed version of one re-opens it."""
+    caplog.set_level(logging.INFO, logger="acwi_node.ingest")
+    with running_scp(
+        tmp_path, allowed_calling_aes=["SENDER"], journal_max_bytes=journal_max_bytes
+    ) as (settings, ledger, _):
+        study = generate_uid()
+        images = [make_sc(study) for _ in range(3)]
+        assert send(settings, images) == [0, 0, 0]
+        study_id, generation = due_study(ledger)
+        route = RoutedJob(route="any", model="default", destinations=["pacs"], priority=0)
+        (job,) = ledger.complete_study(study_id, generation, lambda facts: [route])
+
+        assert send(settings, images) == [0, 0, 0]
+        st = ledger.get_study(study)
+        assert st is not None
+        assert (st["state"], st["generation"], st["instances"]) == ("queued", 1, 3)
+        assert [j["id"] for j in st["jobs"]] == [job]
+        deadline = time.monotonic() + 5
+        while "3 instance(s) sent again unchanged" not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.05)
+
+        images[1].PatientName = "SCP^CORRECTED"  # the same instance, other bytes
+        assert send(settings, images[1:2]) == [0]
+        st = ledger.get_study(study)
+        assert st is not None and (st["state"], st["generation"]) == ("receiving", 2)
+        path = settings.spool_dir / study / f"{images[1].SOPInstanceUID}.dcm"
+        assert dcmread(path).PatientName == "SCP^CORRECTED"
 
 
 @pytest.fixture(params=[65536, 0], ids=["journaled", "spooled"])

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from acwi_node.ledger import (
@@ -23,7 +23,7 @@ from acwi_node.ledger import (
     StudyFacts,
 )
 from acwi_node.ledger.models import Instance, Study, StudyState, utcnow
-from tests.support.study_flow import dx_record
+from tests.support.study_flow import deliver, dx_record
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 
@@ -602,6 +602,64 @@ def test_late_instance_reopens_and_supersedes(db: Ledger) -> None:
     assert db.worklist() == []  # the old review item is closed
     study_uid, paths = db.job_inputs(new_job)
     assert study_uid == "1.2.3" and len(paths) == 2
+
+
+def test_an_instance_sent_again_unchanged_leaves_a_study_its_results(db: Ledger) -> None:
+    """A PACS that forwards a whole study again (its results came in, a rule fires twice):
+    instances with the bytes recorded before re-open nothing while the study has, or is
+    getting, its results; a changed one, or one whose bytes are unknown, re-opens it."""
+    first = replace(rec(sop="1.2.3.1"), crc32=0xFFFFFFFF)  # unsigned: above a 32-bit int
+    second = replace(rec(sop="1.2.3.2"), crc32=7)
+    r = db.record_instance(first, first_in_association=True)
+    db.record_instance(second, first_in_association=False)
+    (job,) = db.complete_study(r.study_id, 1, route_all)
+    for step in ("queued", "delivered"):
+        if step == "delivered":
+            _analyse(db, job, needs_review=True)
+            deliver(db)
+        again = db.record_instances([(first, True), (second, False)], flushed=False)
+        assert [(a.reopened, a.duplicate, a.unchanged) for a in again] == [(False, True, True)] * 2
+        st = db.get_study("1.2.3")
+        assert st is not None and (st["state"], st["generation"]) == (step, 1)
+        assert [j["state"] for j in st["jobs"]] == [step]
+    assert [i["study_uid"] for i in db.worklist()] == ["1.2.3"]  # the review item stays
+
+    for changed in (
+        replace(first, crc32=1),  # other bytes
+        replace(first, size=101),
+        replace(first, transfer_syntax_uid="1.2.840.10008.1.2"),
+        replace(first, crc32=None),  # journaled by an earlier version: not known
+    ):
+        assert db.record_instance(changed, first_in_association=False).reopened, changed
+        st = db.get_study("1.2.3")
+        assert st is not None
+        (job,) = db.complete_study(r.study_id, st["generation"], route_all)
+        _analyse(db, job)
+        deliver(db)
+        # From now on this version is the one an instance sent again is compared with.
+        resent = db.record_instance(changed, first_in_association=False)
+        known = changed.crc32 is not None
+        assert (resent.unchanged, resent.reopened) == (known, not known), changed
+
+
+def test_a_study_without_results_re_opens_on_any_instance(db: Ledger) -> None:
+    """Not routed, failed or purged by storage retention: the same instance sent again is
+    the sender trying again, and re-opens the study as a late one does."""
+    instance = replace(rec(sop="1.2.3.1"), crc32=5)
+    r = db.record_instance(instance, first_in_association=True)
+    db.complete_study(r.study_id, 1, route_none)
+    assert db.get_study("1.2.3")["state"] == "not_routed"  # type: ignore[index]
+    assert db.record_instance(instance, first_in_association=False).reopened
+    (job,) = db.complete_study(r.study_id, 2, route_all)
+    assert db.claim_job(job, lease_s=3600) is not None
+    db.fail_job(job, "analysis failed: no luck")
+    assert db.record_instance(instance, first_in_association=False).reopened
+    (job,) = db.complete_study(r.study_id, 3, route_all)
+    _analyse(db, job)
+    deliver(db)
+    with db.session() as s:  # storage retention deleted its file (a purge empties the path)
+        s.execute(update(Instance).values(path=""))
+    assert db.record_instance(instance, first_in_association=False).reopened
 
 
 def test_failed_job_shows_reason(db: Ledger) -> None:

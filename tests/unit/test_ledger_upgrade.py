@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from acwi_node.cli import main
 from acwi_node.config import load_settings
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.repository import LedgerSchemaError
-from tests.support.study_flow import analyse, receive
+from tests.support.study_flow import analyse, deliver, delivered_study, dx_record, receive
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
@@ -111,5 +112,29 @@ def test_an_earlier_ledgers_accounts_get_the_sign_in_throttle(
         assert jane is not None and (jane.failed_sign_ins, jane.last_failed_sign_in_at) == (0, None)
         assert store.sign_in_failed(jane.id, utcnow()) == 1
         assert store.sign_in_failed(jane.id, utcnow()) == 2
+    finally:
+        upgraded.dispose()
+
+
+def test_instances_recorded_before_their_bytes_were_kept(
+    ledger: Ledger, database_url: str, tmp_path: Path
+) -> None:
+    """A ledger from before ``instances.crc32``: the column is added; an instance it recorded,
+    sent again, re-opens its study (its bytes are not known), and from then on is known."""
+    settings = load_settings(
+        None, node={"data_dir": tmp_path / "data", "database_url": database_url}
+    )
+    delivered_study(settings, ledger, "1.2.3", n=1)
+    with ledger.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE instances DROP COLUMN crc32"))
+    ledger.dispose()
+    upgraded = Ledger(database_url)
+    try:
+        assert "crc32" in columns(upgraded, "instances")
+        again = replace(dx_record("1.2.3", "1.2.3.1", size=1000), crc32=42)
+        assert upgraded.record_instance(again, first_in_association=True).reopened
+        analyse(settings, upgraded, "1.2.3")
+        deliver(upgraded)
+        assert upgraded.record_instance(again, first_in_association=True).unchanged
     finally:
         upgraded.dispose()

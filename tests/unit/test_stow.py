@@ -25,7 +25,7 @@ from acwi_node.ingest import stow
 from acwi_node.ingest.header import pydicom_header
 from acwi_node.ingest.spool import Spool
 from acwi_node.ingest.stow import MultipartError, boundary_of, split_parts
-from acwi_node.ledger import Ledger
+from acwi_node.ledger import Ledger, RoutedJob
 from acwi_node.ledger.models import Instance, Study
 from acwi_node.review.auth import SESSION_COOKIE, new_token, token_hash
 from acwi_node.review.store import ReviewStore
@@ -193,13 +193,42 @@ def test_the_node_s_own_results_are_answered_as_stored_and_not_stored(
         REGISTRY.get_sample_value("acwi_scp_own_results_dropped_total", {"calling_ae": "pacs"})
         == (dropped or 0) + 1
     )
-    assert "1 stored, 0 refused, 1 written by ACWI Node" in caplog.text
+    assert "1 stored, 0 refused, 1 written by ACWI Node (its results) not stored" in caplog.text
 
     refused = post(
         client, multipart(result.read_bytes()), path=f"/dicomweb/studies/{generate_uid()}"
     )
     assert refused.status_code == 409
     assert studies(ledger) == [(study_uid, 1, 0, "pacs")]
+
+
+def test_a_study_sent_again_unchanged_keeps_its_results(
+    tmp_path: Path,
+    ledger_node: tuple[Settings, Ledger],
+    client: TestClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings, ledger = ledger_node
+    study_uid = generate_uid()
+    files = write_study(tmp_path / "s", n_images=2, seed=7, study_instance_uid=study_uid)
+    body = multipart(*(f.read_bytes() for f in files))
+    assert post(client, body).status_code == 200
+    ((study_id, generation),) = ledger.studies_due(quiet_period_s=0, max_wait_s=3600)
+    route = RoutedJob(route="any", model="default", destinations=["pacs"], priority=0)
+    ledger.complete_study(study_id, generation, lambda facts: [route])
+    caplog.set_level(logging.INFO, logger="acwi_node.ingest")
+    assert post(client, body).status_code == 200
+    st = ledger.get_study(study_uid)
+    assert st is not None and (st["state"], st["generation"]) == ("queued", 1)
+    assert "2 stored, 0 refused, 2 sent again unchanged (their studies not re-opened)" in (
+        caplog.text
+    )
+    ds = pydicom.dcmread(files[0])
+    ds.PatientName = "STOW^CORRECTED"  # the same instance, other bytes
+    ds.save_as(files[0])
+    assert post(client, multipart(files[0].read_bytes())).status_code == 200
+    st = ledger.get_study(study_uid)
+    assert st is not None and (st["state"], st["generation"]) == ("receiving", 2)
 
 
 def xml_items(root: ElementTree.Element, keyword: str) -> list[dict[str, list[str]]]:

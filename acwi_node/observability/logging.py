@@ -283,11 +283,40 @@ class TextFormatter(logging.Formatter):
         return f"{head} ({' '.join(extra)}){sep}{tail}"
 
 
+#: What pynetdicom logs at ERROR when an association the node requests (export/scu.py: results
+#: to a destination, ``destinations check``) cannot be made or is cut off. The node's own line
+#: names the destination and the reason; these would repeat it, three or four lines an attempt
+#: while a PACS is down. Kept at ``node.log_level = "DEBUG"``.
+_REQUESTOR_ERRORS: dict[str, tuple[str, ...]] = {
+    "pynetdicom.transport": ("Association request failed", "TCP Initialisation Error"),
+    "pynetdicom.acse": (
+        "Association Rejected",
+        "Result: ",
+        "Reason: ",
+        "ACSE timeout reached",
+        "Association Aborted",
+    ),
+}
+
+
+class RepeatedRequestorErrors(logging.Filter):
+    """Drops pynetdicom's :data:`_REQUESTOR_ERRORS` lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        prefixes = _REQUESTOR_ERRORS.get(record.name)
+        if prefixes is None or record.levelno < logging.ERROR:
+            return True
+        return not str(record.msg).startswith(prefixes)
+
+
 def make_handler(settings: Settings, stream: IO[str] | None = None) -> logging.Handler:
-    """A stream handler with the configured format, the context filter and (by default) the
-    patient-identifier filter."""
+    """A stream handler with the configured format, the context filter, (by default) the
+    patient-identifier filter, and (but at DEBUG) the filter of pynetdicom's lines that repeat
+    the node's own about a destination."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(ContextFilter())
+    if settings.node.log_level != "DEBUG":
+        handler.addFilter(RepeatedRequestorErrors())
     if not settings.node.log_phi:
         handler.addFilter(PhiFilter())
     if settings.observability.log_format == "json":

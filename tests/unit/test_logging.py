@@ -16,6 +16,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 
 from acwi_node.config import Settings, load_settings
+from acwi_node.export.scu import verify
 from acwi_node.ingest.scp import StorageSCP
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger
@@ -26,6 +27,7 @@ from acwi_node.observability.logging import (
     redact_text,
     setup_logging,
 )
+from tests.integration.test_scp import running_scp
 from tests.support.ports import free_port
 
 CANARY_NAME = "Canarybird^Zelda"
@@ -298,3 +300,34 @@ def test_a_remembered_common_word_does_not_hide_a_keyword() -> None:
     note_identifiers(ds)
     redacted = redact_text(f"patient's name: '{CANARY_NAME}'")
     assert CANARY_NAME not in redacted
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+def test_pynetdicom_does_not_repeat_what_the_node_says_of_a_destination(
+    tmp_path: Path, level: str
+) -> None:
+    """A destination that refuses connections or rejects the association: pynetdicom's own
+    error lines (two or three each time) repeat the reason the node gives; they are kept only
+    at DEBUG."""
+    settings = load_settings(
+        None, node={"data_dir": str(tmp_path), "log_level": level}, ingest={"fsync": False}
+    )
+    stream = io.StringIO()
+    setup_logging(settings, "exporter", stream)
+    refused = verify("PACS", "127.0.0.1", free_port(), "ACWI", timeout_s=5)
+    assert not refused.ok and "connection refused" in refused.error
+
+    with running_scp(tmp_path / "pacs", allowed_calling_aes=["SOMEONE"]) as (scp_settings, *_):
+        rejected = verify("ACWI", "127.0.0.1", scp_settings.node.dicom_port, "STRANGER")
+    assert not rejected.ok and "Calling AE title not recognised" in rejected.error
+    logging.getLogger("pynetdicom.association").error("DIMSE timeout reached")  # another error
+    out = stream.getvalue()
+    assert "DIMSE timeout reached" in out
+    for repeated in (
+        "Association request failed",
+        "TCP Initialisation Error",
+        "Association Rejected",
+        "Reason: Calling AE title not recognised",
+    ):
+        assert (repeated in out) is (level == "DEBUG"), repeated

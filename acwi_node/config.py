@@ -210,6 +210,10 @@ class WorkerSettings(_Strict):
     #: A worker renews its claim on a job every lease_s / 3 seconds while it analyses; a job
     #: whose claim was not renewed for lease_s (the worker was killed or hangs) is taken again.
     lease_s: float = Field(30.0, ge=3.0, le=3600.0)
+    #: A job whose lease ran out this many times (every worker that took it was killed or
+    #: hung: a study too large for the worker's memory, a decoder that crashes) fails, with
+    #: that as its reason, instead of being taken again and again.
+    max_attempts: int = Field(3, ge=1, le=100)
     #: Backbone engine: auto | pytorch | onnxruntime | tensorrt (see inference/engines).
     engine: Literal["auto", "pytorch", "onnxruntime", "tensorrt"] = "auto"
     #: Backbone precision: fp32 | fp16 | bf16 | int8 (fp16 and int8 need device cuda).

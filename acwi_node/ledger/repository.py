@@ -865,22 +865,23 @@ class Ledger:
             ).all()
         return [r[0] for r in rows]
 
-    def claim_job(self, job_id: int, *, lease_s: float) -> Job | None:
+    def claim_job(self, job_id: int, *, lease_s: float, max_attempts: int = 0) -> Job | None:
         """Take a job for analysis. None if it is gone, final, or being analysed elsewhere.
 
         A job another worker analyses is taken over only when that worker's lease ran out: no
-        :meth:`renew_lease` for ``lease_s`` seconds (it was killed, or hangs).
+        :meth:`renew_lease` for ``lease_s`` seconds (it was killed, or hangs). With
+        ``max_attempts``, a job whose lease ran out that many times (a study that kills or
+        hangs every worker that takes it: out of memory, a decoder that crashes) fails instead,
+        with that as its error, rather than taking workers down for ever.
         """
         now = utcnow()
         stale_cut = now - dt.timedelta(seconds=lease_s)
+        stale = (Job.state == JobState.ANALYSING) & (_lease_time() <= stale_cut)
+        may_retry = stale if not max_attempts else stale & (Job.attempts < max_attempts)
         with self.session() as s:
             result = s.execute(
                 update(Job)
-                .where(
-                    Job.id == job_id,
-                    (Job.state == JobState.QUEUED)
-                    | ((Job.state == JobState.ANALYSING) & (_lease_time() <= stale_cut)),
-                )
+                .where(Job.id == job_id, (Job.state == JobState.QUEUED) | may_retry)
                 .values(
                     state=JobState.ANALYSING,
                     started_at=now,
@@ -890,6 +891,8 @@ class Ledger:
             )
             won: int = getattr(result, "rowcount", 0)
             if not won:
+                if max_attempts:
+                    self._fail_exhausted(s, job_id, stale, max_attempts, lease_s, now)
                 return None
             job = s.get_one(Job, job_id)
             study = s.get_one(Study, job.study_id)
@@ -899,6 +902,33 @@ class Ledger:
             ):
                 study.state = StudyState.ANALYSING
             return job
+
+    def _fail_exhausted(
+        self,
+        s: Session,
+        job_id: int,
+        stale: Any,
+        max_attempts: int,
+        lease_s: float,
+        now: dt.datetime,
+    ) -> None:
+        """In :meth:`claim_job`'s session: fail ``job_id`` if its lease ran out after its last
+        allowed attempt (a conditional update: one claimer fails it)."""
+        error = (
+            f"analysis did not finish in {max_attempts} attempt(s): each time, the worker"
+            f" stopped renewing its lease ({lease_s:g} s) mid-analysis (killed, out of memory,"
+            " or hung); reprocess the study to try again"
+        )
+        result = s.execute(
+            update(Job)
+            .where(Job.id == job_id, stale, Job.attempts >= max_attempts)
+            .values(state=JobState.FAILED, error=error, finished_at=now)
+        )
+        if getattr(result, "rowcount", 0):
+            study_id = s.scalar(select(Job.study_id).where(Job.id == job_id))
+            if study_id is not None:
+                self._sync_study(s, study_id)
+            log.error("job %d: %s", job_id, error)
 
     def renew_lease(self, job_id: int) -> bool:
         """The worker analysing ``job_id`` is alive. False when the job is no longer analysing."""

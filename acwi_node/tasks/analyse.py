@@ -128,7 +128,8 @@ def summarise(analysis: StudyAnalysis, threshold: float) -> dict[str, Any]:
 
 def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
     """Analyse one job. Returns what happened: analysed, skipped, superseded or failed."""
-    job = ledger.claim_job(job_id, lease_s=settings.worker.lease_s)
+    worker = settings.worker
+    job = ledger.claim_job(job_id, lease_s=worker.lease_s, max_attempts=worker.max_attempts)
     if job is None:
         log.info("job %d: nothing to do (final, or running elsewhere)", job_id)
         return "skipped"

@@ -76,6 +76,8 @@ def test_worker_killed_mid_analysis_again_and_again(
     redis.Redis.from_url(broker).flushdb()
     cfg = node_config(tmp_path, orthanc, database_url=postgres_url, broker_url=broker)
     cfg["worker"]["lease_s"] = 3
+    # Three kills may all land on one job: more attempts than that (the limit has its own test).
+    cfg["worker"]["max_attempts"] = 10
     cfg["completion"]["requeue_after_s"] = 4
     config = write_config(tmp_path / "acwi.toml", cfg)
     studies: dict[str, list[Path]] = {}
@@ -111,6 +113,54 @@ def test_worker_killed_mid_analysis_again_and_again(
         for uid, files in studies.items():
             assert ledger.get_study(uid)["state"] == "delivered"  # type: ignore[index]
             assert result_counts(orthanc, uid) == (1, len(files)), uid
+    ledger.dispose()
+
+
+@pytest.mark.integration
+def test_a_study_that_stops_every_worker_fails_with_the_reason(
+    tmp_path: Path, orthanc: OrthancServer, postgres_url: str
+) -> None:
+    """A study whose analysis kills the worker each time (here kill -9, as the kernel's
+    out-of-memory killer would): after ``worker.max_attempts`` the study fails, with the reason
+    in the API, and the worker is free for the next study."""
+    broker = f"{REDIS_URL}/{FAULTS_REDIS_DB}"
+    redis.Redis.from_url(broker).flushdb()
+    cfg = node_config(tmp_path, orthanc, database_url=postgres_url, broker_url=broker)
+    cfg["worker"]["lease_s"] = 3
+    cfg["worker"]["max_attempts"] = 2
+    cfg["completion"]["requeue_after_s"] = 4
+    config = write_config(tmp_path / "acwi.toml", cfg)
+    poison = generate_uid()
+    files = write_study(
+        tmp_path / "poison", n_images=12, size=384, seed=7, study_instance_uid=poison
+    )
+    ledger = Ledger(postgres_url)
+    killed = 0  # the attempts killed: each a new claim of the job, by a live worker
+    with NodeProcesses(config, ["scp", "worker", "exporter"], tmp_path) as nodes:
+        wait_port("127.0.0.1", orthanc.node_port)
+        send_study(orthanc.node_port, files)
+        deadline = time.monotonic() + 180
+        while killed < 2 and time.monotonic() < deadline:
+            view = ledger.get_study(poison)
+            jobs = view["jobs"] if view else []
+            if jobs and jobs[0]["state"] == "analysing" and jobs[0]["attempts"] > killed:
+                nodes.stop("worker", signal.SIGKILL)
+                killed = jobs[0]["attempts"]
+                nodes.start("worker")
+            time.sleep(0.01)
+        assert killed == 2, "the worker was not caught analysing the study twice"
+        st = wait_study_state(ledger, poison, {"delivered", "failed"}, nodes, timeout_s=120)
+        assert st["state"] == "failed", st
+        assert "did not finish in 2 attempt(s)" in st["reason"]
+        assert [j["attempts"] for j in st["jobs"]] == [2]
+        # The next study is analysed as usual.
+        other = generate_uid()
+        later = write_study(tmp_path / "next", n_images=1, seed=8, study_instance_uid=other)
+        send_study(orthanc.node_port, later)
+        assert (
+            wait_study_state(ledger, other, {"delivered", "failed"}, nodes, timeout_s=120)["state"]
+            == "delivered"
+        )
     ledger.dispose()
 
 

@@ -662,6 +662,38 @@ def test_a_study_without_results_re_opens_on_any_instance(db: Ledger) -> None:
     assert db.record_instance(instance, first_in_association=False).reopened
 
 
+def test_a_job_whose_worker_dies_every_time_fails_after_its_attempts(db: Ledger) -> None:
+    """A study that kills (or hangs) every worker that takes it: each time the lease runs out
+    the job is taken again, until ``max_attempts`` claims; then it fails with that reason,
+    and the queue is rid of it. A lease still renewed is never taken, nor failed."""
+    r = db.record_instance(rec(), first_in_association=False)
+    (job,) = db.complete_study(r.study_id, 1, route_all)
+    assert db.claim_job(job, lease_s=3600, max_attempts=3) is not None  # attempt 1
+    assert db.claim_job(job, lease_s=3600, max_attempts=3) is None  # its worker is alive
+    assert db.get_study("1.2.3")["state"] == "analysing"  # type: ignore[index]
+    # Its worker dies, and then the next one (lease_s=0: every lease has run out).
+    assert db.claim_job(job, lease_s=0, max_attempts=3) is not None  # attempt 2
+    assert db.claim_job(job, lease_s=0, max_attempts=3) is not None  # attempt 3
+    assert db.claim_job(job, lease_s=0, max_attempts=3) is None
+    st = db.get_study("1.2.3")
+    assert st is not None and st["state"] == "failed"
+    assert "did not finish in 3 attempt(s)" in st["reason"]
+    assert [j["state"] for j in st["jobs"]] == ["failed"]
+    assert db.unfinished_jobs() == []
+    assert db.claim_job(job, lease_s=0, max_attempts=3) is None  # final: nothing to take
+    # An operator's reprocess gives the study a new job, with attempts of its own.
+    db.reprocess_study("1.2.3")
+    (new_job,) = db.complete_study(r.study_id, 2, route_all)
+    assert db.claim_job(new_job, lease_s=0, max_attempts=1) is not None
+
+
+def test_without_a_limit_a_job_is_taken_again_and_again(db: Ledger) -> None:
+    r = db.record_instance(rec(), first_in_association=False)
+    (job,) = db.complete_study(r.study_id, 1, route_all)
+    for _ in range(5):
+        assert db.claim_job(job, lease_s=0) is not None
+
+
 def test_failed_job_shows_reason(db: Ledger) -> None:
     r = db.record_instance(rec(), first_in_association=False)
     (job_id,) = db.complete_study(r.study_id, 1, route_all)

@@ -66,7 +66,7 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
     def studies(limit: int = Query(200, ge=1, le=5000)) -> dict[str, Any]:
         return {"studies": db.list_studies(limit=limit), "counts": db.counts()}
 
-    @app.get("/api/studies/{study_uid}")
+    @app.get("/api/studies/{study_uid}", responses={404: {"description": "No such study"}})
     def study(study_uid: str) -> dict[str, Any]:
         found = db.get_study(study_uid)
         if found is None:
@@ -93,20 +93,37 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
         log.info("%s: %s (%d) by %s", study_uid, request.url.path.rsplit("/", 1)[-1], value, name)
         return value
 
-    @app.post("/api/studies/{study_uid}/resend")
+    #: What the OpenAPI document says of an administrator's action (the handler reads no body
+    #: but insists on its media type: FastAPI cannot infer either).
+    admin_action: dict[str, Any] = {
+        "openapi_extra": {
+            "requestBody": {
+                "required": True,
+                "description": "An empty JSON object: the media type keeps cross-site forms out",
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            }
+        },
+        "responses": {
+            403: {"description": "Not an administrator"},
+            409: {"description": "No such study, or its state does not allow it (detail)"},
+            415: {"description": "Not sent as application/json"},
+        },
+    }
+
+    @app.post("/api/studies/{study_uid}/resend", **admin_action)
     def resend(study_uid: str, request: Request) -> dict[str, Any]:
         """The study's results go to their destinations again (after a PACS outage longer
         than ``exporter.max_attempts`` allowed, or objects the PACS lost)."""
         count = _study_action(request, study_uid, db.resend_results)
         return {"deliveries": count, "study": db.get_study(study_uid)}
 
-    @app.post("/api/studies/{study_uid}/reprocess")
+    @app.post("/api/studies/{study_uid}/reprocess", **admin_action)
     def reprocess(study_uid: str, request: Request) -> dict[str, Any]:
         """The study goes through routing and analysis again, as a new generation."""
         generation = _study_action(request, study_uid, db.reprocess_study)
         return {"generation": generation, "study": db.get_study(study_uid)}
 
-    @app.get("/api/destinations")
+    @app.get("/api/destinations", responses={403: {"description": "Not an administrator"}})
     def destinations(request: Request) -> dict[str, Any]:
         """Administrators: each result destination's outbox, and the RIS's (as on the
         dashboard): results waiting, failed for good, the last delivered, the latest error."""

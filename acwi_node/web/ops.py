@@ -34,12 +34,24 @@ def ops_router(settings: Settings, ledger: Ledger) -> APIRouter:
     def healthz() -> dict[str, str]:
         return {"status": "ok", "kind": "web"}
 
-    @router.get("/readyz")
+    @router.get(
+        "/readyz",
+        responses={503: {"description": "Not ready: the checks that failed, as for 200"}},
+    )
     def readyz() -> JSONResponse:
         ready, body = readiness.evaluate()
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    @router.get("/metrics")
+    @router.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus text exposition format",
+                "content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
+            }
+        },
+    )
     def metrics() -> Response:
         payload = generate_latest(registry) + process_metrics()  # every web process's
         return Response(payload, media_type=CONTENT_TYPE)

@@ -18,6 +18,7 @@ import mmap
 import os
 import time
 import uuid
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -105,6 +106,64 @@ def close_mapping(mapped: mmap.mmap) -> None:
 
 def _refused(status: int, detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
+
+
+def _stored_doc(outcome: str) -> dict[str, Any]:
+    return {
+        "description": outcome + " DICOM JSON (PS3.18 Table 10.5.3-2): Referenced SOP Sequence"
+        " (0008,1199) of the objects stored, Failed SOP Sequence (0008,1198) with a Failure"
+        " Reason (0008,1197) each for those refused, Retrieve URL (0008,1190); or the same in"
+        " the Native DICOM Model (application/dicom+xml) where the Accept header prefers it",
+        "content": {
+            DICOM_JSON: {"schema": {"type": "object"}},
+            DICOM_XML: {"schema": {"type": "string"}},
+        },
+    }
+
+
+def _refusal_doc(outcome: str) -> dict[str, Any]:
+    return {
+        "description": outcome + "; nothing stored",
+        "content": {
+            "application/json": {
+                "schema": {"type": "object", "properties": {"detail": {"type": "string"}}}
+            }
+        },
+    }
+
+
+#: What the OpenAPI document (``/api/docs``) says of the two STOW-RS paths: the handler reads
+#: the body itself (streamed to a file), so FastAPI cannot infer it, nor the answers.
+OPENAPI: dict[str, Any] = {
+    "tags": ["DICOMweb"],
+    "response_class": Response,  # no application/json of FastAPI's own beside DICOM JSON
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "description": "Part 10 DICOM objects, one per part (PS3.18 10.5.1)",
+            "content": {
+                'multipart/related; type="application/dicom"': {
+                    "schema": {"type": "string", "format": "binary"}
+                }
+            },
+        }
+    },
+    "responses": {
+        200: _stored_doc("Every object stored."),
+        202: _stored_doc("Some objects stored."),
+        409: _stored_doc("No object stored."),
+        400: _refusal_doc(
+            "Not a multipart body, one cut short, or a study in the URL that is no UID"
+        ),
+        401: _refusal_doc("No or wrong credentials (HTTP Basic, or a session)"),
+        403: _refusal_doc("An account without the sender or admin role, or STOW-RS turned off"),
+        406: _refusal_doc("An Accept header that takes neither DICOM JSON nor DICOM XML"),
+        413: _refusal_doc("A body larger than dicomweb.max_request_bytes"),
+        415: _refusal_doc("A media type other than multipart/related of application/dicom"),
+        429: _refusal_doc("Sign-in attempts throttled (Retry-After says when to try again)"),
+        503: _refusal_doc("The body cannot be kept while it is stored (disk full)"),
+    },
+}
 
 
 def stow_router(settings: Settings, ledger: Ledger) -> APIRouter:
@@ -223,12 +282,12 @@ def stow_router(settings: Settings, ledger: Ledger) -> APIRouter:
         metrics.STOW_REQUEST_SECONDS.observe(time.monotonic() - began)
         return response
 
-    @router.post("/dicomweb/studies")
+    @router.post("/dicomweb/studies", **OPENAPI)
     async def store_studies(request: Request) -> Response:
         """Store the DICOM objects of a ``multipart/related`` body (STOW-RS)."""
         return await counted(request, None)
 
-    @router.post("/dicomweb/studies/{study_uid}")
+    @router.post("/dicomweb/studies/{study_uid}", **OPENAPI)
     async def store_study(request: Request, study_uid: str) -> Response:
         """Store the objects of one study; an object of another study is refused (0xA900)."""
         return await counted(request, study_uid)

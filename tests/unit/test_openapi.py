@@ -1,0 +1,51 @@
+"""The OpenAPI document (``/api/docs``) describes what each API path takes and answers, where
+FastAPI cannot infer it: bodies the handlers read themselves, statuses they return by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from acwi_node.config import load_settings
+from acwi_node.web.api import create_app
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    data = Path(tmp_path_factory.mktemp("openapi")) / "data"
+    app = create_app(load_settings(None, node={"data_dir": data}))
+    return dict(app.openapi()["paths"])
+
+
+@pytest.mark.parametrize("path", ["/dicomweb/studies", "/dicomweb/studies/{study_uid}"])
+def test_stow_rs_takes_dicom_objects_and_says_what_became_of_them(
+    paths: dict[str, Any], path: str
+) -> None:
+    post = paths[path]["post"]
+    assert list(post["requestBody"]["content"]) == ['multipart/related; type="application/dicom"']
+    responses = post["responses"]
+    for stored in ("200", "202", "409"):
+        assert set(responses[stored]["content"]) == {
+            "application/dicom+json",
+            "application/dicom+xml",
+        }
+    assert {"400", "401", "403", "406", "413", "415", "429", "503"} <= set(responses)
+
+
+@pytest.mark.parametrize("action", ["resend", "reprocess"])
+def test_an_administrator_s_action_takes_json_and_may_be_refused(
+    paths: dict[str, Any], action: str
+) -> None:
+    post = paths[f"/api/studies/{{study_uid}}/{action}"]["post"]
+    assert list(post["requestBody"]["content"]) == ["application/json"]
+    assert {"200", "403", "409", "415"} <= set(post["responses"])
+
+
+def test_the_other_answers_given_by_hand(paths: dict[str, Any]) -> None:
+    assert "404" in paths["/api/studies/{study_uid}"]["get"]["responses"]
+    assert "403" in paths["/api/destinations"]["get"]["responses"]
+    assert "503" in paths["/readyz"]["get"]["responses"]
+    metrics = paths["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(metrics) == ["text/plain; version=0.0.4; charset=utf-8"]

@@ -59,12 +59,18 @@ def result_counts(orthanc: OrthancServer, study_uid: str) -> tuple[int, int]:
     return classes.count(SR_CLASS), classes.count(SC_CLASS)
 
 
-def analysing_job(ledger: Ledger, study_uids: list[str]) -> bool:
+def analysing_attempt(
+    ledger: Ledger, study_uids: list[str], killed: dict[int, int]
+) -> tuple[int, int] | None:
+    """(job id, attempt) of a job a live worker analyses: one in ``analysing`` whose attempt
+    was not killed already (a killed worker's job stays ``analysing`` until it is taken
+    again), else None."""
     for uid in study_uids:
         view = ledger.get_study(uid)
-        if view and any(j["state"] == "analysing" for j in view["jobs"]):
-            return True
-    return False
+        for job in view["jobs"] if view else []:
+            if job["state"] == "analysing" and job["attempts"] > killed.get(job["id"], 0):
+                return int(job["id"]), int(job["attempts"])
+    return None
 
 
 @pytest.mark.integration
@@ -99,9 +105,12 @@ def test_worker_killed_mid_analysis_again_and_again(
             send_study(orthanc.node_port, files)
         uids = list(studies)
         deadline = time.monotonic() + 120
+        killed: dict[int, int] = {}  # job id -> the attempt killed (a job stays "analysing" after)
         while kills < 3 and time.monotonic() < deadline:
-            if analysing_job(ledger, uids):
+            taken = analysing_attempt(ledger, uids, killed)
+            if taken is not None:
                 nodes.stop("worker", signal.SIGKILL)
+                killed[taken[0]] = taken[1]
                 kills += 1
                 nodes.start("worker")
             time.sleep(0.01)
@@ -369,9 +378,11 @@ def test_redis_restarted_while_studies_are_queued_and_analysed(
             for files in studies.values():
                 send_study(orthanc.node_port, files)
             deadline = time.monotonic() + 120
-            while not analysing_job(ledger, list(studies)) and time.monotonic() < deadline:
+            while (
+                analysing_attempt(ledger, list(studies), {}) is None and time.monotonic() < deadline
+            ):
                 time.sleep(0.01)
-            assert analysing_job(ledger, list(studies)), "no study was being analysed"
+            assert analysing_attempt(ledger, list(studies), {}), "no study was being analysed"
             queued = redis.Redis.from_url(broker.url).dbsize()
             broker.kill()
             time.sleep(2)

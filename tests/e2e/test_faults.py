@@ -73,19 +73,27 @@ def analysing_attempt(
     return None
 
 
+def killable_worker_config(
+    tmp_path: Path, orthanc: OrthancServer, postgres_url: str, *, max_attempts: int
+) -> Path:
+    """Separate processes on PostgreSQL and this test module's Redis database (emptied), with
+    a short lease: a killed worker's job is taken again within seconds."""
+    broker = f"{REDIS_URL}/{FAULTS_REDIS_DB}"
+    redis.Redis.from_url(broker).flushdb()
+    cfg = node_config(tmp_path, orthanc, database_url=postgres_url, broker_url=broker)
+    cfg["worker"]["lease_s"] = 3
+    cfg["worker"]["max_attempts"] = max_attempts
+    cfg["completion"]["requeue_after_s"] = 4
+    return write_config(tmp_path / "acwi.toml", cfg)
+
+
 @pytest.mark.integration
 def test_worker_killed_mid_analysis_again_and_again(
     tmp_path: Path, orthanc: OrthancServer, postgres_url: str
 ) -> None:
     """kill -9 of the worker while it analyses, three times: every study still gets one result."""
-    broker = f"{REDIS_URL}/{FAULTS_REDIS_DB}"
-    redis.Redis.from_url(broker).flushdb()
-    cfg = node_config(tmp_path, orthanc, database_url=postgres_url, broker_url=broker)
-    cfg["worker"]["lease_s"] = 3
     # Three kills may all land on one job: more attempts than that (the limit has its own test).
-    cfg["worker"]["max_attempts"] = 10
-    cfg["completion"]["requeue_after_s"] = 4
-    config = write_config(tmp_path / "acwi.toml", cfg)
+    config = killable_worker_config(tmp_path, orthanc, postgres_url, max_attempts=10)
     studies: dict[str, list[Path]] = {}
     for n in range(3):
         uid: str = generate_uid()
@@ -132,13 +140,7 @@ def test_a_study_that_stops_every_worker_fails_with_the_reason(
     """A study whose analysis kills the worker each time (here kill -9, as the kernel's
     out-of-memory killer would): after ``worker.max_attempts`` the study fails, with the reason
     in the API, and the worker is free for the next study."""
-    broker = f"{REDIS_URL}/{FAULTS_REDIS_DB}"
-    redis.Redis.from_url(broker).flushdb()
-    cfg = node_config(tmp_path, orthanc, database_url=postgres_url, broker_url=broker)
-    cfg["worker"]["lease_s"] = 3
-    cfg["worker"]["max_attempts"] = 2
-    cfg["completion"]["requeue_after_s"] = 4
-    config = write_config(tmp_path / "acwi.toml", cfg)
+    config = killable_worker_config(tmp_path, orthanc, postgres_url, max_attempts=2)
     poison = generate_uid()
     files = write_study(
         tmp_path / "poison", n_images=12, size=384, seed=7, study_instance_uid=poison

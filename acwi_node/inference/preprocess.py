@@ -3,9 +3,11 @@
 Steps, in order:
 
 1. checks: single-frame (``NumberOfFrames`` absent or 1), one sample per pixel,
-   MONOCHROME1/MONOCHROME2, ``PixelData`` present and decodable, at least 32 x 32 pixels;
-   anything else raises :class:`UnsupportedImage`. Multi-frame images are refused rather
-   than reduced to one frame: the model reads single projection radiographs;
+   MONOCHROME1/MONOCHROME2, ``PixelData`` present and decodable, at least 32 x 32 pixels, not
+   a localizer (``LOCALIZER`` in Image Type: a CT or MR scout, which plans the acquisition and
+   would otherwise count as one more image of the study); anything else raises
+   :class:`UnsupportedImage`. Multi-frame images are refused rather than reduced to one frame:
+   the model reads single projection radiographs;
 2. modality LUT (Rescale Slope/Intercept or a Modality LUT Sequence);
 3. MONOCHROME1 inversion (negation), so that higher always means brighter/denser;
 4. plain resize (no padding, aspect ratio not kept) to ``size x size`` with antialiased
@@ -49,6 +51,15 @@ def _sop(ds: Dataset) -> str:
     return str(ds.get("SOPInstanceUID", "<no SOPInstanceUID>"))
 
 
+def _is_localizer(ds: Dataset) -> bool:
+    """``LOCALIZER`` is one of the Image Type's values (PS3.3 C.8.2.1.1.1, CT; MR alike)."""
+    image_type = ds.get("ImageType")
+    if image_type is None:
+        return False
+    values = [image_type] if isinstance(image_type, str) else list(image_type)
+    return any(str(v).strip().upper() == "LOCALIZER" for v in values)
+
+
 def modality_pixels(ds: Dataset) -> np.ndarray:
     """Checked float32 pixels after the modality LUT and MONOCHROME1 inversion (steps 1-3)."""
     if "PixelData" not in ds:
@@ -66,6 +77,8 @@ def modality_pixels(ds: Dataset) -> np.ndarray:
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows < MIN_SIZE or cols < MIN_SIZE:
         raise UnsupportedImage(f"{_sop(ds)}: image too small ({rows} x {cols})")
+    if _is_localizer(ds):
+        raise UnsupportedImage(f"{_sop(ds)}: a localizer (scout) image, not analysed")
     try:
         stored = ds.pixel_array
     except Exception as exc:  # decoders raise many types; all mean the same to us

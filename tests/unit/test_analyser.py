@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 
 from acwi_node.inference.analyser import Analyser, NothingToAnalyse
 from acwi_node.inference.manifest import ManifestError, default_model_dir, load_manifest
-from models.data.synth import write_study
+from models.data.synth import write_ct_series, write_study
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +125,23 @@ def test_unusable_dataset_is_skipped(analyser: Analyser, tmp_path: Path) -> None
         analyser.analyse([broken])
     with pytest.raises(NothingToAnalyse):
         analyser.analyse([])
+
+
+def test_a_ct_scout_is_not_one_of_the_study_s_images(analyser: Analyser, tmp_path: Path) -> None:
+    """A CT study as scanners send it: the localizer that planned the series, then the axial
+    slices. The scout is skipped, with the reason; the study's figures are the slices' alone."""
+    slices = [pydicom.dcmread(p) for p in write_ct_series(tmp_path, slices=3, size=64)]
+    scout = copy.deepcopy(slices[0])
+    scout.SOPInstanceUID = pydicom.uid.generate_uid()
+    scout.SeriesInstanceUID = pydicom.uid.generate_uid()
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    with_scout = analyser.analyse([scout, *slices])
+    assert [im.sop_instance_uid for im in with_scout.images] == [
+        str(ds.SOPInstanceUID) for ds in slices
+    ]
+    assert "localizer" in with_scout.skipped[str(scout.SOPInstanceUID)]
+    alone = analyser.analyse(slices)
+    assert with_scout.probabilities == alone.probabilities
 
 
 def test_non_square_image(analyser: Analyser, tmp_path: Path) -> None:

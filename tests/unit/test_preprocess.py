@@ -112,6 +112,33 @@ def test_multi_frame_colour_small_and_flat_are_refused() -> None:
         preprocess(flat, SPEC)
 
 
+@pytest.mark.parametrize(
+    ("image_type", "refused"),
+    [
+        (["ORIGINAL", "PRIMARY", "LOCALIZER"], True),  # a CT scout
+        (["ORIGINAL", "PRIMARY", "localizer "], True),
+        ("LOCALIZER", True),  # one value
+        (["ORIGINAL", "PRIMARY", "AXIAL"], False),
+        (["DERIVED", "SECONDARY", "REFORMATTED"], False),
+        (None, False),  # no Image Type
+    ],
+)
+def test_a_localizer_is_refused(image_type: list[str] | str | None, refused: bool) -> None:
+    """A CT or MR scout plans the acquisition: analysed, it would count as one more image of
+    the study (its probabilities in the study's mean, a heatmap of its own)."""
+    ds = _dataset()
+    if image_type is None:
+        if "ImageType" in ds:
+            del ds.ImageType
+    else:
+        ds.ImageType = image_type
+    if refused:
+        with pytest.raises(UnsupportedImage, match="localizer"):
+            preprocess(ds, SPEC)
+    else:
+        assert preprocess(ds, SPEC).shape == (1, 64, 64)
+
+
 def test_undecodable_compressed_pixel_data() -> None:
     ds = _dataset()
     ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit

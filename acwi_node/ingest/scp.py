@@ -632,7 +632,7 @@ class StorageSCP:
         if state.unchanged:
             log.info(
                 "association from %s: %d instance(s) sent again unchanged; their studies keep"
-                " their results (not re-opened)",
+                " their results (not re-opened; `acwi-node studies reprocess` analyses one again)",
                 state.calling_ae,
                 state.unchanged,
             )

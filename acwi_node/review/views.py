@@ -631,6 +631,9 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             u=summary.get("uncertainty") or {},
             probabilities=probabilities,
             images=images,
+            # What the model could not read (a localizer, a colour or multi-frame image, ...),
+            # with the reason: the case's figures are the other images' alone.
+            skipped=sorted((summary.get("skipped") or {}).values()),
             results=results,
             error=error,
             notice=notice,

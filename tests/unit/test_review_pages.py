@@ -63,6 +63,10 @@ def _case(settings: Settings, ledger: Ledger) -> int:
         "ood_score": 1.2,
         "needs_review": True,
         "images": [],
+        "skipped": {
+            "2.25.9": "2.25.9: a localizer (scout) image, not analysed",
+            "2.25.8": "2.25.8: pixel data could not be decoded: <b>bad</b>",
+        },
     }
     assert ledger.finish_analysis(
         job, results=[], summary=summary, needs_review=True, review_reason="<u>uncertain</u>"
@@ -104,6 +108,10 @@ def test_worklist_and_case_escape_dicom_text(client: tuple[TestClient, Ledger, i
     assert "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;" in page.text
     assert "&lt;i&gt;ACC&lt;/i&gt;" in page.text
     assert "&lt;svg onload=alert(1)&gt;" in page.text
+    # The images the model could not read, with the reasons (escaped too).
+    assert "2 images of the study not analysed" in page.text
+    assert "2.25.9: a localizer (scout) image, not analysed" in page.text
+    assert "could not be decoded: &lt;b&gt;bad&lt;/b&gt;" in page.text
     assert page.headers["x-frame-options"] == "DENY"
     assert "script-src 'self'" in page.headers["content-security-policy"]
 

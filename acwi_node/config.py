@@ -446,6 +446,10 @@ class RouteMatch(_Strict):
     sop_class_uid: list[str] | None = None
     body_part: list[str] | None = None
     calling_ae: list[str] | None = None
+    #: Only studies whose Study Date is at most this many days before the day they complete
+    #: (the node's local date): a PACS that sends a patient's priors along with the new study
+    #: does not get them analysed. A study without a Study Date matches.
+    max_age_days: int | None = Field(None, ge=0)
 
 
 class Route(_Strict):

@@ -53,7 +53,7 @@ from acwi_node.audit import AuditEvent, Outcome, audit, remote_ae
 from acwi_node.config import Settings
 from acwi_node.ingest.checksum import crc32_of
 from acwi_node.ingest.cpu_latency import CpuLatencyRequest
-from acwi_node.ingest.header import pydicom_header, scan_header
+from acwi_node.ingest.header import pydicom_header, scan_header, study_date
 from acwi_node.ingest.journal import (
     SPOOLED_CRC,
     IngestJournal,
@@ -753,6 +753,7 @@ class StorageSCP:
             size=len(data[0]) + len(data[1]),
             calling_ae=calling_ae,
             crc32=crc32_of(data),  # the journal's record takes it as it is
+            study_date=study_date(header),
         )
         patient_id = _text(header, "PatientID") if self._audit_patient_id else ""
         journal = self.journal

@@ -40,7 +40,7 @@ from pydicom.errors import InvalidDicomError
 
 from acwi_node.audit import AuditEvent, Outcome, audit, remote_ae
 from acwi_node.ingest.checksum import crc32
-from acwi_node.ingest.header import LONG_VRS, pydicom_header, scan_header
+from acwi_node.ingest.header import LONG_VRS, pydicom_header, scan_header, study_date
 from acwi_node.ingest.journal import sync_filesystem
 from acwi_node.ingest.own_results import is_own_result
 from acwi_node.ingest.spool import Spool, SpoolError, is_safe_uid
@@ -401,6 +401,7 @@ class StowReceiver:
             size=len(data),
             calling_ae=calling,
             crc32=crc32(data),
+            study_date=study_date(header),
         )
         existed = self.spool.holds(record.path)
         try:

@@ -83,6 +83,9 @@ class Study(Base):
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     modality: Mapped[str] = mapped_column(String(16), default="")
     body_part: Mapped[str] = mapped_column(String(64), default="")
+    #: Study Date (0008,0020), ``YYYYMMDD``, of the first instance that had one; "" if none
+    #: did (routing: ``match.max_age_days``).
+    study_date: Mapped[str] = mapped_column(String(8), default="")
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     #: Associations currently sending instances of this study.
     open_associations: Mapped[int] = mapped_column(Integer, default=0)

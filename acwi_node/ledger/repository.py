@@ -78,6 +78,8 @@ class InstanceRecord:
     #: journaled by an earlier version). With the size and transfer syntax, it tells an
     #: instance sent again unchanged from a new version of it (:data:`KEEPS_RESULTS`).
     crc32: int | None = None
+    #: Study Date (0008,0020) as ``YYYYMMDD``, "" when absent or not a date.
+    study_date: str = ""
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,8 @@ class StudyFacts:
     modalities: set[str]
     sop_classes: set[str]
     body_parts: set[str]
+    #: Study Date (0008,0020) as ``YYYYMMDD`` (the first instance's that had one), or "".
+    study_date: str = ""
 
 
 @dataclass(frozen=True)
@@ -266,15 +270,15 @@ class _IngestSql:
         q = self._style
         lock = " FOR UPDATE" if self.postgresql else ""
         self.select_study = q(
-            "SELECT id, generation, state, modality, body_part FROM studies"
+            "SELECT id, generation, state, modality, body_part, study_date FROM studies"
             f" WHERE study_uid = :uid{lock}"
         )
         self.insert_study = q(
             "INSERT INTO studies (study_uid, state, generation, calling_ae, modality, body_part,"
-            " instance_count, open_associations, first_received_at, last_received_at,"
-            " updated_at, needs_review, reason)"
-            " VALUES (:uid, :state, 1, :ae, :modality, :body_part, 0, 0, :now, :now, :now,"
-            " FALSE, '') RETURNING id"
+            " study_date, instance_count, open_associations, first_received_at,"
+            " last_received_at, updated_at, needs_review, reason)"
+            " VALUES (:uid, :state, 1, :ae, :modality, :body_part, :study_date, 0, 0, :now,"
+            " :now, :now, FALSE, '') RETURNING id"
         )
         #: Those of a batch's instances already recorded, with what tells whether one came
         #: again unchanged (one query per batch).
@@ -298,6 +302,7 @@ class _IngestSql:
         )
         received = (
             "last_received_at = :now, modality = :modality, body_part = :body_part,"
+            " study_date = :study_date,"
             " open_associations = open_associations + :open,"
             " instance_count = instance_count + :count, updated_at = :now"
         )
@@ -347,6 +352,7 @@ class _StudyRows:
     state: str
     modality: str
     body_part: str
+    study_date: str
     #: Instances of the batch that are new to the ledger; of those, first in their association.
     added: int = 0
     opened: int = 0
@@ -615,6 +621,7 @@ class Ledger:
                     f"{study.modality}\\{rec.modality}" if study.modality else rec.modality
                 )[:16]
             study.body_part = study.body_part or rec.body_part[:64]
+            study.study_date = study.study_date or rec.study_date
             study.opened += 1 if first_in_association else 0
             sop = rec.sop_instance_uid
             version = {
@@ -652,6 +659,7 @@ class Ledger:
                 "now": now,
                 "modality": study.modality,
                 "body_part": study.body_part,
+                "study_date": study.study_date,
                 "open": study.opened,
                 "count": study.added,
             }
@@ -667,8 +675,10 @@ class Ledger:
         cur.execute(sql.select_study, {"uid": rec.study_uid})
         row = cur.fetchone()
         if row is not None:
-            study_id, generation, state, modality, body_part = row
-            return _StudyRows(int(study_id), int(generation), state, modality or "", body_part)
+            study_id, generation, state, modality, body_part, study_date = row
+            return _StudyRows(
+                int(study_id), int(generation), state, modality or "", body_part, study_date or ""
+            )
         cur.execute(
             sql.insert_study,
             {
@@ -677,13 +687,19 @@ class Ledger:
                 "ae": rec.calling_ae,
                 "modality": rec.modality[:16],
                 "body_part": rec.body_part[:64],
+                "study_date": rec.study_date,
                 "now": now,
             },
         )
         created = cur.fetchone()
         assert created is not None
         return _StudyRows(
-            int(created[0]), 1, StudyState.RECEIVING.value, rec.modality[:16], rec.body_part[:64]
+            int(created[0]),
+            1,
+            StudyState.RECEIVING.value,
+            rec.modality[:16],
+            rec.body_part[:64],
+            rec.study_date,
         )
 
     def instance_received_at(self, sop_instance_uid: str) -> dt.datetime | None:
@@ -754,6 +770,7 @@ class Ledger:
                 modalities={modality for modality, _ in pairs if modality},
                 sop_classes={sop_class for _, sop_class in pairs},
                 body_parts={p for p in study.body_part.split("\\") if p},
+                study_date=study.study_date,
             )
 
     def complete_study(

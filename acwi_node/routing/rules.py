@@ -2,12 +2,14 @@
 
 A route matches when every condition it states holds: for each given list (modality, SOP class,
 body part, calling AE) at least one of the study's values is in the list. Comparison is
-case-insensitive and ignores surrounding blanks (scanners differ). Routes are returned highest
-priority first, then in configuration order.
+case-insensitive and ignores surrounding blanks (scanners differ). ``max_age_days`` holds when
+the study's Study Date is at most that many days before ``today`` (the node's local date), or
+the study has none. Routes are returned highest priority first, then in configuration order.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable, Sequence
 
 from acwi_node.config import Route
@@ -18,8 +20,20 @@ def _norm(values: Iterable[str]) -> set[str]:
     return {v.strip().upper() for v in values if v and v.strip()}
 
 
-def route_matches(route: Route, facts: StudyFacts) -> bool:
+def study_age_days(study_date: str, today: dt.date) -> int | None:
+    """Days from a ``YYYYMMDD`` Study Date to ``today``; None when it is no date."""
+    try:
+        return (today - dt.datetime.strptime(study_date, "%Y%m%d").date()).days
+    except ValueError:
+        return None
+
+
+def route_matches(route: Route, facts: StudyFacts, today: dt.date | None = None) -> bool:
     m = route.match
+    if m.max_age_days is not None:
+        age = study_age_days(facts.study_date, today or dt.date.today())
+        if age is not None and age > m.max_age_days:
+            return False
     checks: list[tuple[list[str] | None, set[str]]] = [
         (m.modality, facts.modalities),
         (m.sop_class_uid, facts.sop_classes),
@@ -34,13 +48,15 @@ def route_matches(route: Route, facts: StudyFacts) -> bool:
     return True
 
 
-def decide_routes(routes: Sequence[Route], facts: StudyFacts) -> list[RoutedJob]:
-    """The jobs a study gets: one per matching route."""
+def decide_routes(
+    routes: Sequence[Route], facts: StudyFacts, today: dt.date | None = None
+) -> list[RoutedJob]:
+    """The jobs a study gets: one per matching route (``today``: the node's local date)."""
     ordered = sorted(enumerate(routes), key=lambda ir: (-ir[1].priority, ir[0]))
     return [
         RoutedJob(
             route=r.name, model=r.model, destinations=list(r.destinations), priority=r.priority
         )
         for _, r in ordered
-        if route_matches(r, facts)
+        if route_matches(r, facts, today)
     ]

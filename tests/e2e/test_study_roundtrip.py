@@ -267,6 +267,34 @@ def test_not_routed_study_is_recorded(tmp_path: Path, orthanc: OrthancServer) ->
         ledger.dispose()
 
 
+def test_a_prior_sent_with_the_new_study_is_not_analysed(
+    tmp_path: Path, orthanc: OrthancServer
+) -> None:
+    """A PACS pushes a patient's prior along with today's study, in one association; the route
+    takes studies up to 30 days old (``match.max_age_days``): today's is analysed and comes
+    back, the prior is recorded as not routed."""
+    cfg = node_config(tmp_path, orthanc)
+    cfg["routes"][0]["match"]["max_age_days"] = 30
+    config = write_config(tmp_path / "acwi.toml", cfg)
+    prior_uid, current_uid = generate_uid(), generate_uid()
+    prior = write_study(tmp_path / "prior", n_images=1, seed=21, study_instance_uid=prior_uid)
+    current = write_study(tmp_path / "today", n_images=1, seed=22, study_instance_uid=current_uid)
+    for path in prior + current:
+        ds = dcmread(path)
+        ds.StudyDate = "20190301" if path in prior else time.strftime("%Y%m%d")
+        ds.save_as(path)
+    with NodeProcesses(config, ["serve"], tmp_path) as nodes:
+        wait_port("127.0.0.1", orthanc.node_port)
+        send_study(orthanc.node_port, prior + current)
+        ledger = Ledger(f"sqlite:///{tmp_path / 'data' / 'ledger.sqlite'}")
+        wait_study_state(ledger, current_uid, {"delivered", "failed"}, nodes, timeout_s=240)
+        check_results(orthanc, ledger, current_uid, current, tmp_path)
+        st = wait_study_state(ledger, prior_uid, {"not_routed"}, nodes, timeout_s=60)
+        assert "no routing rule" in st["reason"]
+        assert not results_in_orthanc(orthanc, prior_uid, 1)
+        ledger.dispose()
+
+
 def test_a_delivered_study_leaves_the_node_disk_after_keep_hours(
     tmp_path: Path, orthanc: OrthancServer
 ) -> None:

@@ -694,6 +694,24 @@ def test_without_a_limit_a_job_is_taken_again_and_again(db: Ledger) -> None:
         assert db.claim_job(job, lease_s=0) is not None
 
 
+def test_routing_sees_the_first_study_date_an_instance_had(db: Ledger) -> None:
+    """The study's date comes from its first instance that has one (a scanner's secondary
+    capture may carry none), as routing's ``max_age_days`` reads it."""
+    dates = ["", "20261201", "20200101"]
+    for n, date in enumerate(dates):
+        r = db.record_instances(
+            [(replace(rec(sop=f"1.2.3.{n}"), study_date=date), n == 0)], flushed=True
+        )[0]
+    seen: list[StudyFacts] = []
+
+    def decide(facts: StudyFacts) -> list[RoutedJob]:
+        seen.append(facts)
+        return []
+
+    db.complete_study(r.study_id, 1, decide)
+    assert [f.study_date for f in seen] == ["20261201"]
+
+
 def test_failed_job_shows_reason(db: Ledger) -> None:
     r = db.record_instance(rec(), first_in_association=False)
     (job_id,) = db.complete_study(r.study_id, 1, route_all)

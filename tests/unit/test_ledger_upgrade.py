@@ -138,3 +138,27 @@ def test_instances_recorded_before_their_bytes_were_kept(
         assert upgraded.record_instance(again, first_in_association=True).unchanged
     finally:
         upgraded.dispose()
+
+
+def test_studies_recorded_before_their_date_was_kept(
+    ledger: Ledger, database_url: str, tmp_path: Path
+) -> None:
+    """A ledger from before ``studies.study_date``: the column is added, empty for the studies
+    it holds (routing's ``max_age_days`` lets them through); later instances fill it."""
+    settings = load_settings(
+        None, node={"data_dir": tmp_path / "data", "database_url": database_url}
+    )
+    receive(settings, ledger, "1.2.3", "1.2.3.1")
+    with ledger.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE studies DROP COLUMN study_date"))
+    ledger.dispose()
+    upgraded = Ledger(database_url)
+    try:
+        assert "study_date" in columns(upgraded, "studies")
+        later = replace(dx_record("1.2.3", "1.2.3.2"), study_date="20261201")
+        upgraded.record_instance(later, first_in_association=False)
+        with upgraded.engine.connect() as conn:
+            dates = conn.execute(text("SELECT study_date FROM studies")).scalars().all()
+        assert dates == ["20261201"]
+    finally:
+        upgraded.dispose()

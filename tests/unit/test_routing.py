@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import datetime as dt
+
+import pytest
+from pydantic import ValidationError
+
 from acwi_node.config import Route, RouteMatch
 from acwi_node.ledger import StudyFacts
-from acwi_node.routing.rules import decide_routes, route_matches
+from acwi_node.routing.rules import decide_routes, route_matches, study_age_days
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -59,3 +64,25 @@ def test_decide_orders_by_priority_and_skips_non_matching() -> None:
 
 def test_no_rule_matches_gives_no_job() -> None:
     assert decide_routes([Route(name="ct", match=RouteMatch(modality=["CT"]))], facts()) == []
+
+
+def test_max_age_days_leaves_priors_out() -> None:
+    """A PACS that sends a patient's priors with the new study: a route with ``max_age_days``
+    takes the new study only. Today's and the limit's own day match; a day more does not; a
+    study without a (valid) Study Date matches, its age unknown."""
+    r = Route(name="recent", match=RouteMatch(max_age_days=30))
+    today = dt.date(2026, 12, 5)
+    assert route_matches(r, facts(study_date="20261205"), today)
+    assert route_matches(r, facts(study_date="20261105"), today)  # 30 days
+    assert not route_matches(r, facts(study_date="20261104"), today)  # 31 days
+    assert not route_matches(r, facts(study_date="20190101"), today)
+    assert route_matches(r, facts(study_date=""), today)
+    assert route_matches(r, facts(study_date="20261399"), today)  # not a date
+    assert route_matches(Route(name="any"), facts(study_date="19990101"), today)
+    assert decide_routes([r], facts(study_date="20190101"), today) == []
+    assert study_age_days("20261204", today) == 1 and study_age_days("", today) is None
+
+
+def test_max_age_days_is_not_negative() -> None:
+    with pytest.raises(ValidationError):
+        RouteMatch(max_age_days=-1)

@@ -123,6 +123,7 @@ def test_multi_frame_colour_small_and_flat_are_refused() -> None:
         (None, False),  # no Image Type
     ],
 )
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS")  # lower case, as some scanners
 def test_a_localizer_is_refused(image_type: list[str] | str | None, refused: bool) -> None:
     """A CT or MR scout plans the acquisition: analysed, it would count as one more image of
     the study (its probabilities in the study's mean, a heatmap of its own)."""

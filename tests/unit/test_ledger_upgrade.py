@@ -116,6 +116,17 @@ def test_an_earlier_ledgers_accounts_get_the_sign_in_throttle(
         upgraded.dispose()
 
 
+def reopened_without(ledger: Ledger, database_url: str, table: str, column: str) -> Ledger:
+    """``ledger`` as a version without ``table.column`` left it, opened again by this one
+    (which adds the column)."""
+    with ledger.engine.begin() as conn:
+        conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+    ledger.dispose()
+    upgraded = Ledger(database_url)
+    assert column in columns(upgraded, table)
+    return upgraded
+
+
 def test_instances_recorded_before_their_bytes_were_kept(
     ledger: Ledger, database_url: str, tmp_path: Path
 ) -> None:
@@ -125,12 +136,8 @@ def test_instances_recorded_before_their_bytes_were_kept(
         None, node={"data_dir": tmp_path / "data", "database_url": database_url}
     )
     delivered_study(settings, ledger, "1.2.3", n=1)
-    with ledger.engine.begin() as conn:
-        conn.execute(text("ALTER TABLE instances DROP COLUMN crc32"))
-    ledger.dispose()
-    upgraded = Ledger(database_url)
+    upgraded = reopened_without(ledger, database_url, "instances", "crc32")
     try:
-        assert "crc32" in columns(upgraded, "instances")
         again = replace(dx_record("1.2.3", "1.2.3.1", size=1000), crc32=42)
         assert upgraded.record_instance(again, first_in_association=True).reopened
         analyse(settings, upgraded, "1.2.3")
@@ -149,12 +156,8 @@ def test_studies_recorded_before_their_date_was_kept(
         None, node={"data_dir": tmp_path / "data", "database_url": database_url}
     )
     receive(settings, ledger, "1.2.3", "1.2.3.1")
-    with ledger.engine.begin() as conn:
-        conn.execute(text("ALTER TABLE studies DROP COLUMN study_date"))
-    ledger.dispose()
-    upgraded = Ledger(database_url)
+    upgraded = reopened_without(ledger, database_url, "studies", "study_date")
     try:
-        assert "study_date" in columns(upgraded, "studies")
         later = replace(dx_record("1.2.3", "1.2.3.2"), study_date="20261201")
         upgraded.record_instance(later, first_in_association=False)
         with upgraded.engine.connect() as conn:

@@ -452,11 +452,44 @@ class RouteMatch(_Strict):
     max_age_days: int | None = Field(None, ge=0)
 
 
+class RouteSelect(_Strict):
+    """Which instances of a study the route matched its model reads (the others are listed
+    among the job's skipped images, with the reason). Every given condition must hold."""
+
+    #: The instance's Modality must be one of these. Not given: the route's
+    #: ``match.modality`` (a route for CT does not read the PET images of a PET/CT study);
+    #: ``[]``: any modality.
+    modality: list[str] | None = None
+    #: The instance's SOP Class UID must be one of these. Not given: the route's
+    #: ``match.sop_class_uid``; ``[]``: any SOP class.
+    sop_class_uid: list[str] | None = None
+    #: An instance with any of these among its Image Type values is left out, e.g.
+    #: ``["SECONDARY", "REFORMATTED", "MPR", "MIP"]`` keeps a CT's reformats and projections
+    #: out of its figures (localizers are never analysed).
+    image_type_exclude: list[str] = Field(default_factory=list)
+    #: Only series whose Series Description matches one of these regular expressions
+    #: (searched, case-insensitive); not given: any series.
+    series_description: list[str] | None = None
+
+    @field_validator("series_description")
+    @classmethod
+    def _patterns_compile(cls, value: list[str] | None) -> list[str] | None:
+        for pattern in value or []:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(
+                    f"series_description {pattern!r} is not a regular expression: {exc}"
+                ) from exc
+        return value
+
+
 class Route(_Strict):
     """Which model analyses which studies and where its results go."""
 
     name: str
     match: RouteMatch = Field(default_factory=RouteMatch)
+    select: RouteSelect = Field(default_factory=RouteSelect)
     model: str = "default"
     destinations: list[str] = Field(default_factory=list)
     #: Higher runs first.

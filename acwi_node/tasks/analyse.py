@@ -30,6 +30,7 @@ from acwi_node.results.encoding import encode_part10
 from acwi_node.results.heatmap import build_heatmap_sc
 from acwi_node.results.parametric_map import build_parametric_maps
 from acwi_node.results.sr import build_sr
+from acwi_node.routing.selection import select_instances
 from acwi_node.tasks.app import ANALYSE_TASK, app
 from acwi_node.tasks.lease import LeaseKeeper
 
@@ -147,12 +148,21 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
                 unreadable[Path(rel).stem] = f"unreadable: {exc}"
         for ds in datasets:
             note_identifiers(ds)  # keep this patient's name and ID out of every log line
+        route = next((r for r in settings.routes if r.name == job.route), None)
+        selected = select_instances(route, datasets)
+        if not selected.datasets:  # the analyser would not see why
+            reasons = {**selected.left_out, **unreadable}
+            shown = "; ".join(f"{k}: {v}" for k, v in list(reasons.items())[:3])
+            more = f"; and {len(reasons) - 3} more" if len(reasons) > 3 else ""
+            raise NothingToAnalyse(f"no image could be analysed ({shown or 'none'}{more})")
+        datasets = selected.datasets
         analyser = get_analyser(settings, job.model)
         started = time.perf_counter()
         analysis = analyser.analyse(datasets)
         metrics.INFERENCE_SECONDS.labels(analyser.manifest.name, analyser.manifest.version).observe(
             time.perf_counter() - started
         )
+        analysis.skipped.update(selected.left_out)
         analysis.skipped.update(unreadable)
         by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
         used = [by_uid[im.sop_instance_uid] for im in analysis.images]

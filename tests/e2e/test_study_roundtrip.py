@@ -295,6 +295,51 @@ def test_a_prior_sent_with_the_new_study_is_not_analysed(
         ledger.dispose()
 
 
+def test_a_ct_studys_reformats_are_left_out_by_its_route(
+    tmp_path: Path, orthanc: OrthancServer
+) -> None:
+    """A scanner sends a CT's axial slices with a coronal reformat series; the route leaves
+    reformats out (``select.image_type_exclude``): the SR references, and the heatmaps cover,
+    the axial slices only, and the job lists the reformats with the reason."""
+    cfg = node_config(tmp_path, orthanc)
+    cfg["routes"][0]["match"] = {"modality": ["CT"]}
+    cfg["routes"][0]["select"] = {"image_type_exclude": ["REFORMATTED"]}
+    config = write_config(tmp_path / "acwi.toml", cfg)
+    axial = write_ct_series(tmp_path / "ct", slices=4, size=128)
+    reformat_series = generate_uid()
+    reformats: list[Path] = []
+    for n, source in enumerate(axial[:2]):
+        ds = dcmread(source)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = reformat_series
+        ds.SeriesNumber = 2
+        ds.SeriesDescription = "COR MPR"
+        ds.ImageType = ["DERIVED", "SECONDARY", "REFORMATTED"]
+        path = tmp_path / f"reformat-{n}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        reformats.append(path)
+    study_uid = str(dcmread(axial[0], stop_before_pixels=True).StudyInstanceUID)
+    reformat_uids = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in reformats}
+    with NodeProcesses(config, ["serve"], tmp_path) as nodes:
+        wait_port("127.0.0.1", orthanc.node_port)
+        send_study(orthanc.node_port, axial + reformats)
+        ledger = Ledger(f"sqlite:///{tmp_path / 'data' / 'ledger.sqlite'}")
+        wait_study_state(ledger, study_uid, {"delivered", "failed"}, nodes, timeout_s=240)
+        summary = check_results(orthanc, ledger, study_uid, axial, tmp_path)
+        assert len(summary["images"]) == len(axial)
+        assert set(summary["skipped"]) == reformat_uids
+        assert all(
+            "Image Type DERIVED\\SECONDARY\\REFORMATTED" in r for r in summary["skipped"].values()
+        )
+        (sr,) = [
+            dcmread(io.BytesIO(orthanc.instance_file(i["ID"])))
+            for i in orthanc.study_instances(study_uid)
+            if _sop_class(orthanc, i) == SR_CLASS
+        ]
+        assert not reformat_uids & set(summarise_sr(sr)["referenced_sop_instance_uids"])
+        ledger.dispose()
+
+
 def test_a_delivered_study_leaves_the_node_disk_after_keep_hours(
     tmp_path: Path, orthanc: OrthancServer
 ) -> None:

@@ -27,6 +27,7 @@ from acwi_node.tasks.analyse import run_job
 from models.data.synth import write_study
 
 MODEL = "review-model"
+ROUTE = "review-route"
 DESTINATION = "pacs"
 PASSWORD = "correct horse battery"
 
@@ -68,28 +69,16 @@ def review_settings(
     )
 
 
-def make_review_case(
+def store_and_route(
     settings: Settings,
     ledger: Ledger,
-    work_dir: Path,
+    files: list[Path],
     *,
-    patient_name: str = "PHANTOM^ONE",
     calling_ae: str = "SITEA",
-    label: str = "nodule",
-    seed: int = 0,
     priority: int = 0,
-    accession: str = "ACC0001",
 ) -> tuple[int, str]:
-    """Store, complete and analyse one synthetic study; returns (review item id, study UID)."""
-    files = write_study(
-        work_dir / f"src-{seed}-{calling_ae}",
-        n_images=2,
-        label=label,
-        seed=seed,
-        size=128,
-        patient_name=patient_name,
-        accession_number=accession,
-    )
+    """Spool and record a study's files as the SCP would, complete it, and route it to
+    ``review-route`` (the review model, one destination); returns (job id, study UID)."""
     spool = Spool(settings.spool_dir, fsync=False)
     study_id = generation = 0
     study_uid = ""
@@ -118,10 +107,38 @@ def make_review_case(
     jobs = ledger.complete_study(
         study_id,
         generation,
-        lambda _facts: [RoutedJob("review-route", MODEL, [DESTINATION], priority)],
+        lambda _facts: [RoutedJob(ROUTE, MODEL, [DESTINATION], priority)],
     )
     assert len(jobs) == 1
-    outcome = run_job(settings, ledger, jobs[0])
+    return jobs[0], study_uid
+
+
+def make_review_case(
+    settings: Settings,
+    ledger: Ledger,
+    work_dir: Path,
+    *,
+    patient_name: str = "PHANTOM^ONE",
+    calling_ae: str = "SITEA",
+    label: str = "nodule",
+    seed: int = 0,
+    priority: int = 0,
+    accession: str = "ACC0001",
+) -> tuple[int, str]:
+    """Store, complete and analyse one synthetic study; returns (review item id, study UID)."""
+    files = write_study(
+        work_dir / f"src-{seed}-{calling_ae}",
+        n_images=2,
+        label=label,
+        seed=seed,
+        size=128,
+        patient_name=patient_name,
+        accession_number=accession,
+    )
+    job_id, study_uid = store_and_route(
+        settings, ledger, files, calling_ae=calling_ae, priority=priority
+    )
+    outcome = run_job(settings, ledger, job_id)
     assert outcome == "analysed", outcome
     items = [i for i in ledger.worklist() if i["study_uid"] == study_uid]
     assert len(items) == 1, "the analysed study did not land on the worklist"

@@ -9,13 +9,22 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from sqlalchemy import select, update
 
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import Job, Study, utcnow
 from acwi_node.tasks import analyse
-from tests.support.review_case import make_review_case, review_settings
+from models.data.synth import write_study
+from tests.support.review_case import (
+    DESTINATION,
+    MODEL,
+    ROUTE,
+    make_review_case,
+    review_settings,
+    store_and_route,
+)
 from tests.support.study_flow import receive, route_all
 
 
@@ -72,5 +81,76 @@ def test_a_job_that_stopped_its_workers_too_often_fails_when_taken_again(
         assert st is not None and st["state"] == "failed"
         assert "did not finish in 2 attempt(s)" in st["reason"]
         assert "did not finish in 2 attempt(s)" in caplog.text
+    finally:
+        ledger.dispose()
+
+
+def _dx_study_with_a_screen_capture(tmp_path: Path) -> list[Path]:
+    """Two radiographs and a greyscale screen capture (Modality OT) of them, one study: the
+    capture is an image the model could read, and must not."""
+    files = write_study(tmp_path / "src", n_images=3, size=128, seed=3)
+    capture = pydicom.dcmread(files[2])
+    capture.Modality = "OT"
+    capture.save_as(files[2])
+    return files
+
+
+def _route(select: dict[str, Any] | None = None) -> dict[str, Any]:
+    route: dict[str, Any] = {
+        "name": ROUTE,
+        "match": {"modality": ["DX"]},
+        "model": MODEL,
+        "destinations": [DESTINATION],
+    }
+    if select is not None:
+        route["select"] = select
+    return route
+
+
+def test_the_route_selects_the_instances_its_model_reads(tmp_path: Path) -> None:
+    """``[routes.select]`` (here its default, the route's own modality): the capture is left out
+    with the reason; the figures, the SR's references and the heatmaps are the radiographs'."""
+    settings = review_settings(tmp_path, routes=[_route()])
+    files = _dx_study_with_a_screen_capture(tmp_path)
+    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    ledger = Ledger(settings.database_url)
+    try:
+        job_id, study_uid = store_and_route(settings, ledger, files)
+        assert analyse.run_job(settings, ledger, job_id) == "analysed"
+        (job,) = ledger.get_study(study_uid)["jobs"]  # type: ignore[index]
+        summary = job["summary"]
+        assert [im["sop_instance_uid"] for im in summary["images"]] == uids[:2]
+        assert summary["skipped"] == {uids[2]: f"not selected by route {ROUTE!r}: Modality OT"}
+        results = sorted((settings.results_dir / study_uid).iterdir())
+        objects = [pydicom.dcmread(p) for p in results]
+        (sr,) = [ds for ds in objects if ds.Modality == "SR"]
+        referenced = {
+            str(item.ReferencedSOPInstanceUID)
+            for series in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+            for item in series.ReferencedSOPSequence
+        }
+        assert referenced == set(uids[:2])
+        heatmap_sources = {
+            str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)
+            for ds in objects
+            if ds.Modality != "SR"
+        }
+        assert heatmap_sources == set(uids[:2])
+    finally:
+        ledger.dispose()
+
+
+def test_a_study_the_route_selects_nothing_of_fails_with_the_reason(tmp_path: Path) -> None:
+    settings = review_settings(tmp_path, routes=[_route({"modality": ["CT"]})])
+    files = _dx_study_with_a_screen_capture(tmp_path)
+    ledger = Ledger(settings.database_url)
+    try:
+        job_id, study_uid = store_and_route(settings, ledger, files)
+        assert analyse.run_job(settings, ledger, job_id) == "failed"
+        st = ledger.get_study(study_uid)
+        assert st is not None and st["state"] == "failed"
+        assert "no image could be analysed" in st["reason"]
+        assert f"not selected by route {ROUTE!r}: Modality DX" in st["reason"]
+        assert not (settings.results_dir / study_uid).exists()
     finally:
         ledger.dispose()

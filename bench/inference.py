@@ -10,7 +10,8 @@ through the node's preprocessing): images/s and p50/p95 latency per batch, each 
 eager PyTorch FP32 (plain ``DIANet.encode``, NCHW, no autocast) measured in the same run on the
 same device. At batch 32 it measures the whole per-batch analysis (backbone + head + OOD +
 heatmaps) to give the cost of uncertainty (T Monte-Carlo head samples vs one deterministic head
-pass) and of the heatmaps (CAM and resize to the source size vs none). Peak RSS of the process
+pass) and of the heatmaps (CAM, and each map read at the source's size as the worker reads
+it to write it, vs none). Peak RSS of the process
 and, on CUDA, the peak allocated CUDA memory per engine are reported. ``--json FILE`` writes
 the same figures.
 """
@@ -34,7 +35,7 @@ import numpy as np
 import pydicom
 import torch
 
-from acwi_node.inference.analyser import Analyser, uid_seed
+from acwi_node.inference.analyser import Analyser, BatchInference, uid_seed
 from acwi_node.inference.engines import (
     EngineOptions,
     EngineUnavailable,
@@ -125,6 +126,14 @@ def summary(times: Sequence[float], batch: int) -> dict[str, float]:
     }
 
 
+def _with_heatmaps_read(result: BatchInference) -> BatchInference:
+    """Each heatmap read at full size, as the worker does when it writes the heatmap object
+    (the analyser keeps them at the feature map's resolution until then)."""
+    for heatmap in result.heatmaps or []:
+        np.asarray(heatmap)
+    return result
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process (MiB)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -166,7 +175,7 @@ def measure(
         {
             "deterministic": lambda: analyser.infer(x, seeds, None, samples=0),
             "sampled": lambda: analyser.infer(x, seeds, None),
-            "heatmaps": lambda: analyser.infer(x, seeds, sizes),
+            "heatmaps": lambda: _with_heatmaps_read(analyser.infer(x, seeds, sizes)),
         },
         device,
         args.iters,

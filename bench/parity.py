@@ -63,8 +63,9 @@ def gaps(reference: list[StudyAnalysis], other: list[StudyAnalysis]) -> dict[str
                 gap = abs(getattr(x.uncertainty, name) - getattr(y.uncertainty, name))
                 largest[name] = max(largest[name], gap)
             largest["ood"] = max(largest["ood"], abs(x.ood_score - y.ood_score))
-            largest["heatmap"] = max(largest["heatmap"], float(np.abs(x.heatmap - y.heatmap).max()))
-            peaks += np.argmax(x.heatmap) == np.argmax(y.heatmap)
+            heat_x, heat_y = x.heatmap_array(), y.heatmap_array()
+            largest["heatmap"] = max(largest["heatmap"], float(np.abs(heat_x - heat_y).max()))
+            peaks += np.argmax(heat_x) == np.argmax(heat_y)
     return {
         "largest": largest,
         "same_heatmap_peak": f"{peaks}/{images}",

@@ -466,17 +466,18 @@ def collect(
             study_of.append(study)
             sop_uids.append(img.sop_instance_uid)
             if member.box is not None:
-                rows, cols = img.heatmap.shape
+                heat = img.heatmap_array()
+                rows, cols = heat.shape
                 tolerance = 0.5 * max(rows, cols) / grid
                 pointing.append(
                     {
                         "image": len(truth) - 1,
                         "label": member.item.label,
                         "site": sites[-1],
-                        "hit": pointing_hit(img.heatmap, member.box),
-                        "hit_tolerant": pointing_hit(img.heatmap, member.box, tolerance),
-                        "centre_value": centre_value(img.heatmap, member.box),
-                        "iou": heatmap_iou(img.heatmap, box_mask(img.heatmap.shape, member.box)),
+                        "hit": pointing_hit(heat, member.box),
+                        "hit_tolerant": pointing_hit(heat, member.box, tolerance),
+                        "centre_value": centre_value(heat, member.box),
+                        "iou": heatmap_iou(heat, box_mask(heat.shape, member.box)),
                     }
                 )
         if (n + 1) % 50 == 0:
@@ -618,13 +619,13 @@ def costly_cases(
         if len(result.images) != len(variants):
             continue
         base = result.images[0]
-        hm = base.heatmap
+        hm = base.heatmap_array()
         inner = (slice(2 * m, -2 * m), slice(2 * m, -2 * m))
         shift_scores = [
-            ssim(hm[inner], shift_array(r.heatmap, -dy, -dx)[inner])
+            ssim(hm[inner], shift_array(r.heatmap_array(), -dy, -dx)[inner])
             for r, (dy, dx) in zip(result.images[1:5], shifts, strict=True)
         ]
-        noise_score = ssim(hm, result.images[5].heatmap)
+        noise_score = ssim(hm, result.images[5].heatmap_array())
         cls = max(base.probabilities, key=lambda name: base.probabilities[name])
         order = salience_order(hm, rng)
         random_order = rng.permutation(pixels.size)

@@ -38,8 +38,11 @@ of a batch run as one batched pass; each image's dropout masks are a function of
 Heatmaps. ``heatmaps = "all"`` selects every image's heatmap for writing;
 ``"positive_or_uncertain"`` selects only images whose most probable label is a finding, whose
 uncertainty score exceeds the threshold, or whose OOD score exceeds the OOD threshold. The
-heatmap array is computed for every image either way (it is cheap); an image not selected has
-``ImageResult.heatmap_selected = False`` and the worker writes no heatmap object for it.
+map is computed for every image either way (it is cheap); an image not selected has
+``ImageResult.heatmap_selected = False`` and the worker writes no heatmap object for it. Each
+map is kept at the feature map's resolution and resized to Rows x Columns when it is read
+(:class:`~acwi_node.inference.types.DeferredHeatmap`): a study's results hold a few hundred
+bytes per image rather than a full-size float32 map until the worker has written them.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ from acwi_node.inference.preprocess import (
     window,
 )
 from acwi_node.inference.types import (
+    DeferredHeatmap,
     ImageResult,
     ModelIdentity,
     StudyAnalysis,
@@ -187,7 +191,7 @@ class BatchInference:
 
     mc: MCSummary
     ood: np.ndarray  # (N,)
-    heatmaps: list[np.ndarray] | None
+    heatmaps: list[DeferredHeatmap] | None
 
 
 @dataclass
@@ -345,7 +349,7 @@ class Analyser:
             logits, log_var = mc_head_batched(self.model, out.pooled, t, seeds)
             mc = summarise_mc(logits.cpu(), log_var.cpu(), self.manifest.temperature)
             ood = mahalanobis(out.mu.double().cpu().numpy(), self._ood_mean, self._ood_precision)
-            heatmaps: list[np.ndarray] | None = None
+            heatmaps: list[DeferredHeatmap] | None = None
             if sizes is not None:
                 # only the map each image shows: cam_k - cam_ref = (w_k - w_ref) . features
                 weights, _ = self.model.cam_weights()
@@ -354,7 +358,11 @@ class Analyser:
                 if self._reference_index is not None:
                     rows = rows - weights[self._reference_index]
                 selected = torch.einsum("nc,nchw->nhw", rows, out.features)
-                heatmaps = _heatmaps(selected, list(sizes))
+                cams = _to_host(selected.float()).numpy()
+                heatmaps = [
+                    DeferredHeatmap(cams[i].copy(), size, upsample_heatmap)
+                    for i, size in enumerate(sizes)
+                ]
         return BatchInference(mc=mc, ood=ood, heatmaps=heatmaps)
 
     def _analyse_batch(self, batch: list[_Prepared], study_uid: str) -> list[ImageResult]:
@@ -480,6 +488,12 @@ def _heatmaps(cams: Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
         for k, i in enumerate(idx):
             out[i] = arrays[k]
     return [m for m in out if m is not None]
+
+
+def upsample_heatmap(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """One map at the network's resolution to ``size``: :func:`_heatmaps` of it alone (the
+    same values as resized with its batch: the tests compare them)."""
+    return _heatmaps(torch.from_numpy(cam)[None], [size])[0]
 
 
 def _to_host(t: Tensor) -> Tensor:

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
+from acwi_node.dicom_pixels import stored_pixels
+
 MIN_SIZE = 32
 
 
@@ -80,7 +82,7 @@ def modality_pixels(ds: Dataset) -> np.ndarray:
     if _is_localizer(ds):
         raise UnsupportedImage(f"{_sop(ds)}: a localizer (scout) image, not analysed")
     try:
-        stored = ds.pixel_array
+        stored = stored_pixels(ds)
     except Exception as exc:  # decoders raise many types; all mean the same to us
         raise UnsupportedImage(f"{_sop(ds)}: pixel data could not be decoded: {exc}") from exc
     if stored.ndim != 2:

@@ -23,6 +23,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
+from acwi_node.dicom_pixels import stored_pixels
 from acwi_node.inference.types import ImageResult, StudyAnalysis
 from acwi_node.results.headers import copy_anatomy, copy_patient_and_study
 from acwi_node.results.sr import MANUFACTURER
@@ -119,7 +120,7 @@ def _voi_lut(values: FloatImage, source: Dataset) -> FloatImage | None:
 
 def render_grey(source: Dataset) -> FloatImage:
     """The source image as display grey levels in [0, 1] (first frame of a multi-frame)."""
-    pixels = np.asarray(source.pixel_array)
+    pixels = np.asarray(stored_pixels(source))
     frames = int(source.get("NumberOfFrames", 1) or 1)
     samples = int(source.get("SamplesPerPixel", 1) or 1)
     if frames > 1:

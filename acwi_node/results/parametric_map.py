@@ -101,7 +101,7 @@ def _build(
     )
     frames = np.empty((len(members), rows, columns), dtype=np.uint16)
     for k, (_, image) in enumerate(members):
-        heat = unit_heat(image.heatmap)
+        heat = unit_heat(image.heatmap_array())
         if heat.shape != (rows, columns):
             raise ValueError(
                 f"heatmap of {image.sop_instance_uid} is {heat.shape}, its image {rows}x{columns}"

@@ -185,7 +185,7 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
             source = by_uid[image.sop_instance_uid]
             write(
                 "heatmap",
-                build_heatmap_sc(source, image.heatmap, analysis, image, instance_number=n),
+                build_heatmap_sc(source, image.heatmap_array(), analysis, image, instance_number=n),
             )
         if settings.worker.parametric_maps:  # every analysed image of a mappable series
             for pm in build_parametric_maps(used, analysis):

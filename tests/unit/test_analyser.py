@@ -61,9 +61,10 @@ def test_study_result_structure(analyser: Analyser, tmp_path: Path) -> None:
         assert image.series_instance_uid == ds.SeriesInstanceUID
         assert image.sop_class_uid == ds.SOPClassUID
         assert sum(image.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
-        assert image.heatmap.shape == (ds.Rows, ds.Columns)
-        assert image.heatmap.dtype == np.float32
-        assert float(image.heatmap.min()) >= 0.0 and float(image.heatmap.max()) <= 1.0
+        heat = image.heatmap_array()
+        assert heat.shape == (ds.Rows, ds.Columns)
+        assert heat.dtype == np.float32
+        assert float(heat.min()) >= 0.0 and float(heat.max()) <= 1.0
         u = image.uncertainty
         assert u.entropy >= 0 and u.epistemic >= 0 and u.aleatoric >= 0
         assert 0.0 <= u.score <= 1.0
@@ -80,7 +81,7 @@ def test_repeated_analysis_is_identical(analyser: Analyser, tmp_path: Path) -> N
     b = analyser.analyse(datasets)
     assert a.probabilities == b.probabilities
     assert a.uncertainty == b.uncertainty
-    np.testing.assert_array_equal(a.images[0].heatmap, b.images[0].heatmap)
+    np.testing.assert_array_equal(a.images[0].heatmap_array(), b.images[0].heatmap_array())
     assert a.images[0].ood_score == b.images[0].ood_score
 
 
@@ -106,7 +107,7 @@ def test_heatmap_peak_near_nodule(analyser: Analyser, tmp_path: Path) -> None:
     for k in range(8):
         paths = write_study(tmp_path / str(k), n_images=1, label="nodule", site=k % 4, seed=700 + k)
         box = json.loads(paths[0].with_suffix(".truth.json").read_text())["box"]
-        heat = analyser.analyse([pydicom.dcmread(paths[0])]).images[0].heatmap
+        heat = analyser.analyse([pydicom.dcmread(paths[0])]).images[0].heatmap_array()
         y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
         x0, y0, x1, y1 = box
         near += int(x0 - margin <= x <= x1 + margin and y0 - margin <= y <= y1 + margin)
@@ -150,7 +151,52 @@ def test_non_square_image(analyser: Analyser, tmp_path: Path) -> None:
     ds.Columns = pixels.shape[1]
     ds.PixelData = pixels.tobytes()
     result = analyser.analyse([ds])
-    assert result.images[0].heatmap.shape == (256, 200)
+    assert result.images[0].heatmap_array().shape == (256, 200)
+
+
+def test_a_studys_heatmaps_are_kept_small_and_read_at_full_size(
+    analyser: Analyser, tmp_path: Path
+) -> None:
+    """The results of a study hold each heatmap at the feature map's resolution (a CT's
+    hundreds of full-size float32 maps would stay in the worker until all are written);
+    read, a map has the source's size and the values of resizing it with its batch."""
+    import torch
+
+    from acwi_node.inference.analyser import _heatmaps
+    from acwi_node.inference.types import DeferredHeatmap
+
+    datasets = [pydicom.dcmread(p) for p in write_ct_series(tmp_path, slices=3, size=512)]
+    result = analyser.analyse(datasets)
+    deferred = [im.heatmap for im in result.images]
+    assert all(isinstance(h, DeferredHeatmap) for h in deferred)
+    kept = sum(h.cam.nbytes for h in deferred if isinstance(h, DeferredHeatmap))
+    assert kept * 100 < 3 * 512 * 512 * 4  # under 1 % of the full-size maps
+    cams = torch.stack(
+        [torch.from_numpy(h.cam) for h in deferred if isinstance(h, DeferredHeatmap)]
+    )
+    batch = _heatmaps(cams, [(512, 512)] * 3)
+    for image, expected in zip(result.images, batch, strict=True):
+        heat = image.heatmap_array()
+        assert heat.shape == (512, 512) and heat.dtype == np.float32
+        assert np.array_equal(heat, expected)
+        assert float(heat.max()) == pytest.approx(1.0)
+
+
+def test_native_images_do_not_keep_their_decoded_pixels(analyser: Analyser, tmp_path: Path) -> None:
+    """After the analysis, a slice in a native transfer syntax holds its Pixel Data only, not
+    pydicom's decoded copy beside it (0.5 MiB per 512 x 512 slice until the results are
+    written); a compressed one keeps the copy (decoding it again for its heatmap costs more)."""
+    from pydicom.uid import RLELossless
+
+    paths = write_ct_series(tmp_path, slices=3, size=64)
+    native = [pydicom.dcmread(p) for p in paths[:2]]
+    compressed = pydicom.dcmread(paths[2])
+    compressed.compress(RLELossless)
+    result = analyser.analyse([*native, compressed])
+    assert len(result.images) == 3
+    # pydicom's cache of what Dataset.pixel_array decoded
+    assert [ds._pixel_array is None for ds in native] == [True, True]
+    assert compressed._pixel_array is not None
 
 
 @pytest.mark.parametrize("backbone", ["small", "resnet50", "mobilenetv3"])
@@ -191,7 +237,7 @@ def test_a_warm_up_leaves_every_number_as_it_was(tmp_path: Path) -> None:
     assert got.uncertainty == expected.uncertainty
     for a, b in zip(got.images, expected.images, strict=True):
         assert a.probabilities == b.probabilities and a.uncertainty == b.uncertainty
-        assert np.array_equal(a.heatmap, b.heatmap)
+        assert np.array_equal(a.heatmap_array(), b.heatmap_array())
 
 
 def test_the_worker_warms_up_each_model_it_loads(

@@ -65,7 +65,9 @@ def _analysis(sources: list[Dataset], *, needs_review: bool = False) -> StudyAna
 
 def _build(source: Dataset, analysis: StudyAnalysis, index: int = 0) -> Dataset:
     image = analysis.images[index]
-    return build_heatmap_sc(source, image.heatmap, analysis, image, instance_number=index + 1)
+    return build_heatmap_sc(
+        source, image.heatmap_array(), analysis, image, instance_number=index + 1
+    )
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +258,7 @@ def test_rejects_mismatched_image_result(pair: tuple[list[Dataset], StudyAnalysi
     sources, analysis = pair
     image = analysis.images[1]
     with pytest.raises(ValueError, match="image result is for"):
-        build_heatmap_sc(sources[0], image.heatmap, analysis, image, instance_number=1)
+        build_heatmap_sc(sources[0], image.heatmap_array(), analysis, image, instance_number=1)
 
 
 def test_burned_in_source_is_flagged(pair: tuple[list[Dataset], StudyAnalysis]) -> None:

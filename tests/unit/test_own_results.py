@@ -38,7 +38,9 @@ def results_and_sources(
     sources, analysis = make_study()
     sr = build_sr(sources, analysis)
     image = analysis.images[0]
-    heatmap = build_heatmap_sc(sources[0], image.heatmap, analysis, image, instance_number=1)
+    heatmap = build_heatmap_sc(
+        sources[0], image.heatmap_array(), analysis, image, instance_number=1
+    )
     verdict = Verification(
         "Doe^Jane", "Example Hospital", "confirm", analysis.predicted_label, "", dt.datetime.now()
     )

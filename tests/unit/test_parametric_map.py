@@ -85,7 +85,7 @@ def test_a_ct_series_gets_one_map_with_a_frame_per_image(ct: list[Dataset]) -> N
     assert back.FrameOfReferenceUID == ct[0].FrameOfReferenceUID
     assert back.SeriesNumber == PARAMETRIC_MAP_SERIES_NUMBER
     assert int(back.NumberOfFrames) == len(ct) and (back.Rows, back.Columns) == (64, 64)
-    heat = {im.sop_instance_uid: im.heatmap for im in analysis.images}
+    heat = {im.sop_instance_uid: im.heatmap_array() for im in analysis.images}
     frames = frames_by_source(back)
     assert frames.keys() == heat.keys()
     for uid, frame in frames.items():

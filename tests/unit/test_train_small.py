@@ -48,7 +48,7 @@ def test_tiny_training_writes_a_loadable_model(tmp_path: Path) -> None:
     analyser = Analyser.load(result.manifest_path, mc_samples=3)
     datasets = [pydicom.dcmread(p) for p in write_study(tmp_path / "s", n_images=1, size=96)]
     study = analyser.analyse(datasets)
-    assert study.images[0].heatmap.shape == (96, 96)
+    assert study.images[0].heatmap_array().shape == (96, 96)
     assert sum(study.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
 
 

@@ -24,6 +24,7 @@ import datetime as dt
 import io
 import logging
 import math
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from functools import lru_cache, partial
 from pathlib import Path
@@ -631,9 +632,12 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             u=summary.get("uncertainty") or {},
             probabilities=probabilities,
             images=images,
-            # What the model could not read (a localizer, a colour or multi-frame image, ...),
-            # with the reason: the case's figures are the other images' alone.
-            skipped=sorted((summary.get("skipped") or {}).values()),
+            # What the model did not read (a localizer, a colour or multi-frame image, the
+            # images the route leaves out, ...), with the reason: the case's figures are the
+            # other images' alone. Reasons several images share (a PET/CT's PET series left
+            # out by a CT route: hundreds) are one line with their count.
+            skipped=sorted(Counter((summary.get("skipped") or {}).values()).items()),
+            skipped_count=len(summary.get("skipped") or {}),
             results=results,
             error=error,
             notice=notice,

@@ -66,6 +66,9 @@ def _case(settings: Settings, ledger: Ledger) -> int:
         "skipped": {
             "2.25.9": "2.25.9: a localizer (scout) image, not analysed",
             "2.25.8": "2.25.8: pixel data could not be decoded: <b>bad</b>",
+            "2.25.7": "not selected by route 'ct': Modality PT",
+            "2.25.6": "not selected by route 'ct': Modality PT",
+            "2.25.5": "not selected by route 'ct': Modality PT",
         },
     }
     assert ledger.finish_analysis(
@@ -109,8 +112,11 @@ def test_worklist_and_case_escape_dicom_text(client: tuple[TestClient, Ledger, i
     assert "&lt;i&gt;ACC&lt;/i&gt;" in page.text
     assert "&lt;svg onload=alert(1)&gt;" in page.text
     # The images the model could not read, with the reasons (escaped too).
-    assert "2 images of the study not analysed" in page.text
-    assert "2.25.9: a localizer (scout) image, not analysed" in page.text
+    assert "5 images of the study not analysed" in page.text
+    assert "2.25.9: a localizer (scout) image, not analysed</li>" in page.text
+    # A reason several images share: one line, with their count.
+    assert page.text.count("Modality PT") == 1
+    assert "not selected by route &#39;ct&#39;: Modality PT (3 images)" in page.text
     assert "could not be decoded: &lt;b&gt;bad&lt;/b&gt;" in page.text
     assert page.headers["x-frame-options"] == "DENY"
     assert "script-src 'self'" in page.headers["content-security-policy"]

@@ -15,6 +15,7 @@ acwi-node feedback    export reviewed cases as a labelled dataset
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import gc
 import json
 import logging
@@ -42,7 +43,7 @@ log = logging.getLogger("acwi_node")
 PROCESS_KINDS = ("scp", "worker", "exporter", "web")
 #: Commands that write no audit records: they change nothing (``serve``'s processes audit
 #: on their own).
-UNAUDITED_COMMANDS = ("health", "status", "config", "serve", "destinations")
+UNAUDITED_COMMANDS = ("health", "status", "config", "serve", "destinations", "routes")
 
 
 def setup_logging(settings: Settings, kind: str = "cli") -> None:
@@ -614,6 +615,21 @@ def run_models(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_routes_check(settings: Settings, args: argparse.Namespace) -> int:
+    """``acwi-node routes check PATH...``: 0 when every study found would be analysed."""
+    from acwi_node.routing.check import check, format_report
+
+    report = check(
+        settings, args.paths, calling_ae=args.calling_ae, today=args.date or dt.date.today()
+    )
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(format_report(report), end="")
+    studies = [s for s in report.studies if s.instances]
+    return 0 if studies and all(s.analysed for s in studies) else 1
+
+
 # ---------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="acwi-node", description="ACWI Node")
@@ -641,6 +657,25 @@ def build_parser() -> argparse.ArgumentParser:
         "reprocess", help="route and analyse the studies again (a new generation)"
     )
     reprocess.add_argument("study_uids", nargs="+", metavar="STUDY_UID")
+    routes = sub.add_parser("routes", help="what the routes would do with studies on disk")
+    routes_sub = routes.add_subparsers(dest="routes_command", required=True)
+    routes_check = routes_sub.add_parser(
+        "check",
+        help="read DICOM files (or folders) and show, per study, which routes match, why the"
+        " others do not, and which images each route's model reads; exit 1 if a study would"
+        " not be analysed",
+    )
+    routes_check.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    routes_check.add_argument(
+        "--calling-ae", default="", help="the sender's AE title (routes' match.calling_ae)"
+    )
+    routes_check.add_argument(
+        "--date",
+        type=dt.date.fromisoformat,
+        default=None,
+        help="the day the study completes, YYYY-MM-DD (match.max_age_days; default today)",
+    )
+    routes_check.add_argument("--json", action="store_true", help="print JSON")
     destinations = sub.add_parser("destinations", help="the DICOM destinations of results")
     destinations_sub = destinations.add_subparsers(dest="destinations_command", required=True)
     check = destinations_sub.add_parser(
@@ -741,6 +776,8 @@ def _dispatch(settings: Settings, config: Path | None, args: argparse.Namespace)
         return run_retention(settings, dry_run=args.dry_run, as_json=args.json)
     if args.command == "destinations":
         return run_destinations_check(settings, args.names, as_json=args.json)
+    if args.command == "routes":
+        return run_routes_check(settings, args)
     if args.command == "serve":
         return run_serve(settings, config)
     runner: Callable[[Settings], int] = {

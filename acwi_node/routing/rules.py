@@ -28,24 +28,35 @@ def study_age_days(study_date: str, today: dt.date) -> int | None:
         return None
 
 
-def route_matches(route: Route, facts: StudyFacts, today: dt.date | None = None) -> bool:
+def _shown(values: Iterable[str]) -> str:
+    return ", ".join(sorted(_norm(values))) or "none"
+
+
+def why_not(route: Route, facts: StudyFacts, today: dt.date | None = None) -> str | None:
+    """The first of the route's conditions the study fails, in words; None when it matches."""
     m = route.match
     if m.max_age_days is not None:
         age = study_age_days(facts.study_date, today or dt.date.today())
         if age is not None and age > m.max_age_days:
-            return False
-    checks: list[tuple[list[str] | None, set[str]]] = [
-        (m.modality, facts.modalities),
-        (m.sop_class_uid, facts.sop_classes),
-        (m.body_part, facts.body_parts),
-        (m.calling_ae, {facts.calling_ae}),
+            return (
+                f"Study Date {facts.study_date} is {age} days old (max_age_days {m.max_age_days})"
+            )
+    checks: list[tuple[str, list[str] | None, set[str]]] = [
+        ("modality", m.modality, facts.modalities),
+        ("sop_class_uid", m.sop_class_uid, facts.sop_classes),
+        ("body_part", m.body_part, facts.body_parts),
+        ("calling_ae", m.calling_ae, {facts.calling_ae}),
     ]
-    for wanted, have in checks:
+    for key, wanted, have in checks:
         if wanted is None:
             continue
         if not _norm(wanted) & _norm(have):
-            return False
-    return True
+            return f"{key}: the study has {_shown(have)}, the route wants {_shown(wanted)}"
+    return None
+
+
+def route_matches(route: Route, facts: StudyFacts, today: dt.date | None = None) -> bool:
+    return why_not(route, facts, today) is None
 
 
 def decide_routes(

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from acwi_node.config import Route, RouteMatch
 from acwi_node.ledger import StudyFacts
-from acwi_node.routing.rules import decide_routes, route_matches, study_age_days
+from acwi_node.routing.rules import decide_routes, route_matches, study_age_days, why_not
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -86,3 +86,16 @@ def test_max_age_days_leaves_priors_out() -> None:
 def test_max_age_days_is_not_negative() -> None:
     with pytest.raises(ValidationError):
         RouteMatch(max_age_days=-1)
+
+
+def test_why_not_names_the_first_condition_the_study_fails() -> None:
+    r = Route(
+        name="chest",
+        match=RouteMatch(modality=["DX"], sop_class_uid=[CT], body_part=["chest"]),
+    )
+    assert why_not(r, facts()) == (f"sop_class_uid: the study has {DX}, the route wants {CT}")
+    r = Route(name="chest", match=RouteMatch(body_part=["Abdomen "]))
+    assert why_not(r, facts(body_parts=set())) == (
+        "body_part: the study has none, the route wants ABDOMEN"
+    )
+    assert why_not(Route(name="all"), facts()) is None

@@ -1,0 +1,259 @@
+"""``acwi-node routes check``: what the configured routes would do with studies on disk.
+
+A PACS administrator setting up routes wants to know, before a modality sends anything, which
+route takes a study, which of its images the route's model reads, and why a route does not
+match. This reads DICOM files (headers only), groups them by study as the SCP would, and
+applies the same rules the node applies (:mod:`acwi_node.routing.rules`,
+:mod:`acwi_node.routing.selection`). The calling AE title is not in the files: it is given on
+the command line, as is the day the study would complete (routes' ``max_age_days``).
+Nothing is written and nothing is sent. Only UIDs and coded values are printed, no names.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from acwi_node.config import Settings
+from acwi_node.ingest.own_results import is_own_result
+from acwi_node.ledger import StudyFacts
+from acwi_node.routing.rules import decide_routes, why_not
+from acwi_node.routing.selection import select_instances
+
+#: Unreadable files the text report names (the JSON names them all).
+UNREADABLE_SHOWN = 5
+
+
+@dataclass
+class RouteOutcome:
+    """One configured route against one study."""
+
+    route: str
+    priority: int
+    model: str
+    destinations: list[str]
+    #: Why the route does not match the study; "" when it does.
+    no_match: str = ""
+    #: Of a matching route: how many instances its model reads, and the others' reasons.
+    selected: int = 0
+    left_out: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def matches(self) -> bool:
+        return not self.no_match
+
+
+@dataclass
+class StudyCheck:
+    """One study found in the files, and what each route does with it."""
+
+    study_uid: str
+    instances: int
+    modalities: list[str]
+    study_date: str
+    #: The node's own results among the files: dropped on receipt, never routed.
+    own_results: int
+    routes: list[RouteOutcome]
+
+    @property
+    def jobs(self) -> list[str]:
+        """The routes that would give the study a job, highest priority first."""
+        return [r.route for r in self.routes if r.matches]
+
+    @property
+    def analysed(self) -> bool:
+        """A job of the study's would have images to analyse."""
+        return any(r.matches and r.selected for r in self.routes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "study_uid": self.study_uid,
+            "instances": self.instances,
+            "modalities": self.modalities,
+            "study_date": self.study_date,
+            "own_results": self.own_results,
+            "jobs": self.jobs,
+            "analysed": self.analysed,
+            "routes": [
+                {
+                    "route": r.route,
+                    "priority": r.priority,
+                    "model": r.model,
+                    "destinations": r.destinations,
+                    "matches": r.matches,
+                    "no_match": r.no_match,
+                    "selected": r.selected,
+                    "left_out": r.left_out,
+                }
+                for r in self.routes
+            ],
+        }
+
+
+@dataclass
+class CheckReport:
+    studies: list[StudyCheck]
+    #: Files that are not DICOM Part 10 (or not readable), with the reason.
+    unreadable: dict[str, str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "studies": [s.as_dict() for s in self.studies],
+            "unreadable": self.unreadable,
+        }
+
+
+def _files(paths: Iterable[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        else:
+            yield path
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    return str(ds.get(keyword, "") or "").strip()
+
+
+def read_studies(paths: Iterable[Path]) -> tuple[dict[str, list[Dataset]], dict[str, str]]:
+    """Headers of the DICOM files under ``paths``, by Study Instance UID; and the files that
+    could not be read, with the reason."""
+    studies: dict[str, list[Dataset]] = {}
+    unreadable: dict[str, str] = {}
+    for path in _files(paths):
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            unreadable[str(path)] = f"not a readable DICOM file: {type(exc).__name__}"
+            continue
+        study_uid = _text(ds, "StudyInstanceUID")
+        if not study_uid:
+            unreadable[str(path)] = "no Study Instance UID"
+            continue
+        studies.setdefault(study_uid, []).append(ds)
+    return studies, unreadable
+
+
+def facts_of(study_uid: str, datasets: list[Dataset], calling_ae: str) -> StudyFacts:
+    """What routing decides on, as the ledger would hold it once these instances arrived."""
+    dates = [_text(ds, "StudyDate") for ds in datasets if _text(ds, "StudyDate")]
+    return StudyFacts(
+        study_uid=study_uid,
+        calling_ae=calling_ae,
+        modalities={_text(ds, "Modality") for ds in datasets if _text(ds, "Modality")},
+        sop_classes={_text(ds, "SOPClassUID") for ds in datasets},
+        body_parts={
+            part for ds in datasets for part in _text(ds, "BodyPartExamined").split("\\") if part
+        },
+        study_date=dates[0] if dates else "",
+    )
+
+
+def check_study(
+    settings: Settings,
+    study_uid: str,
+    datasets: list[Dataset],
+    *,
+    calling_ae: str,
+    today: dt.date,
+) -> StudyCheck:
+    own = [ds for ds in datasets if is_own_result({"Manufacturer": _text(ds, "Manufacturer")})]
+    received = [ds for ds in datasets if ds not in own]
+    facts = facts_of(study_uid, received, calling_ae)
+    routed = {job.route for job in decide_routes(settings.routes, facts, today)}
+    ordered = sorted(enumerate(settings.routes), key=lambda ir: (-ir[1].priority, ir[0]))
+    outcomes: list[RouteOutcome] = []
+    for _, route in ordered:
+        outcome = RouteOutcome(
+            route=route.name,
+            priority=route.priority,
+            model=route.model,
+            destinations=list(route.destinations),
+        )
+        if route.name not in routed:
+            outcome.no_match = why_not(route, facts, today) or "does not match"
+        else:
+            picked = select_instances(route, received)
+            outcome.selected = len(picked.datasets)
+            prefix = f"not selected by route {route.name!r}: "
+            outcome.left_out = dict(
+                Counter(r.removeprefix(prefix) for r in picked.left_out.values()).most_common()
+            )
+        outcomes.append(outcome)
+    return StudyCheck(
+        study_uid=study_uid,
+        instances=len(received),
+        modalities=sorted(facts.modalities),
+        study_date=facts.study_date,
+        own_results=len(own),
+        routes=outcomes,
+    )
+
+
+def check(
+    settings: Settings, paths: Iterable[Path], *, calling_ae: str = "", today: dt.date
+) -> CheckReport:
+    studies, unreadable = read_studies(paths)
+    return CheckReport(
+        studies=[
+            check_study(settings, uid, datasets, calling_ae=calling_ae, today=today)
+            for uid, datasets in studies.items()
+        ],
+        unreadable=unreadable,
+    )
+
+
+def format_report(report: CheckReport) -> str:
+    """The report as text, one block per study."""
+    lines: list[str] = []
+    for study in report.studies:
+        lines.append(
+            f"study {study.study_uid}: {study.instances} instance(s), "
+            f"modalities {'/'.join(study.modalities) or 'none'}, "
+            f"Study Date {study.study_date or 'none'}"
+        )
+        if study.own_results:
+            lines.append(
+                f"  {study.own_results} object(s) written by ACWI Node (its results):"
+                " dropped on receipt"
+            )
+        if not study.routes:
+            lines.append("  no routes configured")
+        for r in study.routes:
+            head = f"  route {r.route} (priority {r.priority})"
+            if not r.matches:
+                lines.append(f"{head}: no match: {r.no_match}")
+                continue
+            lines.append(
+                f"{head}: matches; model {r.model} reads {r.selected} of {study.instances}"
+                f" instance(s); results to {', '.join(r.destinations) or 'no destination'}"
+            )
+            for reason, count in r.left_out.items():
+                lines.append(f"    left out: {count} x {reason}")
+            if not r.selected:
+                lines.append("    its job would fail: nothing to analyse")
+        if not study.instances:
+            lines.append("  => nothing the node would record")
+        elif not study.jobs:
+            lines.append("  => no route matches: the study would be recorded as not_routed")
+        else:
+            lines.append(f"  => job(s): {', '.join(study.jobs)}")
+        lines.append("")
+    shown = list(report.unreadable.items())[:UNREADABLE_SHOWN]
+    if report.unreadable:
+        lines.append(f"{len(report.unreadable)} file(s) skipped:")
+    for path, reason in shown:
+        lines.append(f"  {path}: {reason}")
+    if len(report.unreadable) > len(shown):
+        lines.append(f"  and {len(report.unreadable) - len(shown)} more (--json lists them all)")
+    if not report.studies and not report.unreadable:
+        lines.append("no files found")
+    return "\n".join(lines).rstrip() + "\n"

@@ -20,7 +20,7 @@ from celery import Celery
 from acwi_node.config import Settings
 from acwi_node.ingest.mpps import CompletionSignals
 from acwi_node.ledger import Ledger, RoutedJob, StudyFacts
-from acwi_node.routing.rules import decide_routes
+from acwi_node.routing.rules import decide_routes, explain_no_route
 from acwi_node.tasks.queue import enqueue, reconcile
 
 log = logging.getLogger("acwi_node.completion")
@@ -54,6 +54,9 @@ class CompletionService:
     def decide(self, facts: StudyFacts) -> list[RoutedJob]:
         return decide_routes(self.settings.routes, facts)
 
+    def explain(self, facts: StudyFacts) -> str:
+        return explain_no_route(self.settings.routes, facts)
+
     def tick(self) -> list[int]:
         """One pass: complete due studies and queue their jobs. Returns the new job ids."""
         cfg = self.settings.completion
@@ -64,7 +67,7 @@ class CompletionService:
         # An HL7 order announced this study: complete once it arrived, without the quiet period.
         due += [d for d in self.ledger.expected_studies_due() if d not in due]
         for study_id, generation in due:
-            job_ids = self.ledger.complete_study(study_id, generation, self.decide)
+            job_ids = self.ledger.complete_study(study_id, generation, self.decide, self.explain)
             if job_ids:
                 self.ledger.apply_order_priority(study_id, job_ids)  # STAT order: high queue
                 log.info("study_id=%d complete: %d job(s) queued", study_id, len(job_ids))

@@ -774,12 +774,18 @@ class Ledger:
             )
 
     def complete_study(
-        self, study_id: int, generation: int, decide: Callable[[StudyFacts], list[RoutedJob]]
+        self,
+        study_id: int,
+        generation: int,
+        decide: Callable[[StudyFacts], list[RoutedJob]],
+        explain: Callable[[StudyFacts], str] | None = None,
     ) -> list[int]:
         """Mark a receiving study complete and create its jobs; returns the new job ids.
 
         Only the caller whose conditional update wins creates jobs, so several processes may
-        run completion concurrently. Older unfinished jobs of the study are superseded.
+        run completion concurrently. Older unfinished jobs of the study are superseded. A study
+        no route takes is ``not_routed``, its reason saying why (``explain``: each route's
+        failing condition).
         """
         facts = self.study_facts(study_id)
         routed = decide(facts)
@@ -802,6 +808,8 @@ class Ledger:
             if not routed:
                 study.state = StudyState.NOT_ROUTED
                 study.reason = "no routing rule matches this study"
+                if explain is not None:
+                    study.reason = f"{study.reason}: {explain(facts)}"[:2000]
                 return []
             jobs = [
                 Job(

@@ -71,3 +71,12 @@ def decide_routes(
         for _, r in ordered
         if route_matches(r, facts, today)
     ]
+
+
+def explain_no_route(
+    routes: Sequence[Route], facts: StudyFacts, today: dt.date | None = None
+) -> str:
+    """Why no route takes the study: each route's first failing condition."""
+    if not routes:
+        return "no routes are configured"
+    return "; ".join(f"{r.name}: {why_not(r, facts, today) or 'matches'}" for r in routes)

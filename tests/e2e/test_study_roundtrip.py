@@ -263,7 +263,10 @@ def test_not_routed_study_is_recorded(tmp_path: Path, orthanc: OrthancServer) ->
         send_study(orthanc.node_port, files)
         ledger = Ledger(f"sqlite:///{tmp_path / 'data' / 'ledger.sqlite'}")
         st = wait_study_state(ledger, study_uid, {"not_routed"}, nodes, timeout_s=60)
-        assert "no routing rule" in st["reason"]
+        assert st["reason"] == (
+            "no routing rule matches this study:"
+            " chest: modality: the study has DX, the route wants CT"
+        )
         ledger.dispose()
 
 
@@ -290,7 +293,8 @@ def test_a_prior_sent_with_the_new_study_is_not_analysed(
         wait_study_state(ledger, current_uid, {"delivered", "failed"}, nodes, timeout_s=240)
         check_results(orthanc, ledger, current_uid, current, tmp_path)
         st = wait_study_state(ledger, prior_uid, {"not_routed"}, nodes, timeout_s=60)
-        assert "no routing rule" in st["reason"]
+        assert "chest: Study Date 20190301 is" in st["reason"]
+        assert "days old (max_age_days 30)" in st["reason"]
         assert not results_in_orthanc(orthanc, prior_uid, 1)
         ledger.dispose()
 

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
+from acwi_node.config import Route, RouteMatch
 from acwi_node.ledger import (
     DeliveryAttempt,
     InstanceRecord,
@@ -23,6 +25,7 @@ from acwi_node.ledger import (
     StudyFacts,
 )
 from acwi_node.ledger.models import Instance, Study, StudyState, utcnow
+from acwi_node.routing.rules import explain_no_route
 from tests.support.study_flow import deliver, dx_record
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -447,7 +450,24 @@ def test_study_no_rule_matches_is_not_routed(db: Ledger) -> None:
     assert db.complete_study(r.study_id, 1, route_none) == []
     st = db.get_study("1.2.3")
     assert st is not None and st["state"] == "not_routed"
-    assert "no routing rule" in st["reason"]
+    assert st["reason"] == "no routing rule matches this study"
+
+
+def test_a_not_routed_studys_reason_says_why_each_route_does_not_match(db: Ledger) -> None:
+    """What the completion loop passes as ``explain``: each route's failing condition."""
+    routes = [
+        Route(name="ct", match=RouteMatch(modality=["CT"])),
+        Route(name="site-b", match=RouteMatch(calling_ae=["SITEB"])),
+    ]
+    r = db.record_instance(rec(), first_in_association=False)
+    explain = partial(explain_no_route, routes)
+    assert db.complete_study(r.study_id, 1, route_none, explain) == []
+    st = db.get_study("1.2.3")
+    assert st is not None and st["state"] == "not_routed"
+    assert st["reason"] == (
+        "no routing rule matches this study: ct: modality: the study has DX, the route wants"
+        " CT; site-b: calling_ae: the study has MOD, the route wants SITEB"
+    )
 
 
 def test_completion_happens_once(db: Ledger) -> None:

@@ -87,7 +87,12 @@ HEATMAP_POLICIES: tuple[str, ...] = ("all", "positive_or_uncertain")
 
 
 class NothingToAnalyse(ValueError):
-    """None of the given datasets could be analysed (the message lists why)."""
+    """None of the given datasets could be analysed (the message lists why; ``skipped`` holds
+    each image's reason by SOP Instance UID)."""
+
+    def __init__(self, message: str, skipped: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.skipped: dict[str, str] = dict(skipped or {})
 
 
 @dataclass(frozen=True)
@@ -296,7 +301,7 @@ class Analyser:
                 prepared.append(_Prepared(i, ds, x))
         if not prepared:
             reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "no datasets given"
-            raise NothingToAnalyse(f"no image could be analysed ({reasons})")
+            raise NothingToAnalyse(f"no image could be analysed ({reasons})", skipped)
 
         study_uid = str(prepared[0].ds.get("StudyInstanceUID", ""))
         by_series: dict[str, list[_Prepared]] = {}

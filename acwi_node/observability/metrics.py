@@ -89,6 +89,12 @@ JOBS_PROCESSED = Counter(
     "Jobs this worker process handled, by outcome (analysed, failed, skipped, superseded)",
     ["outcome"],
 )
+IMAGES_NOT_ANALYSED = Counter(
+    "acwi_worker_images_not_analysed",
+    "Images of analysed studies the model did not read, by model and reason (not_selected,"
+    " localizer, undecodable, unreadable, unsupported)",
+    ["model", "reason"],
+)
 # ------------------------------------------------------------- process-local (exporter)
 DELIVERY_ATTEMPTS = Counter(
     "acwi_exporter_delivery_attempts",

@@ -127,6 +127,24 @@ def summarise(analysis: StudyAnalysis, threshold: float) -> dict[str, Any]:
     }
 
 
+def not_analysed_kind(reason: str) -> str:
+    """The metric label of why an image was not analysed (the reason's text is free)."""
+    if reason.startswith("not selected by route"):
+        return "not_selected"
+    if reason.startswith("unreadable:"):
+        return "unreadable"
+    if "a localizer (scout) image" in reason:
+        return "localizer"
+    if "could not be decoded" in reason:
+        return "undecodable"
+    return "unsupported"
+
+
+def count_not_analysed(model: str, skipped: dict[str, str]) -> None:
+    for reason in skipped.values():
+        metrics.IMAGES_NOT_ANALYSED.labels(model, not_analysed_kind(reason)).inc()
+
+
 def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
     """Analyse one job. Returns what happened: analysed, skipped, superseded or failed."""
     worker = settings.worker
@@ -154,16 +172,21 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
             reasons = {**selected.left_out, **unreadable}
             shown = "; ".join(f"{k}: {v}" for k, v in list(reasons.items())[:3])
             more = f"; and {len(reasons) - 3} more" if len(reasons) > 3 else ""
-            raise NothingToAnalyse(f"no image could be analysed ({shown or 'none'}{more})")
+            raise NothingToAnalyse(f"no image could be analysed ({shown or 'none'}{more})", reasons)
         datasets = selected.datasets
         analyser = get_analyser(settings, job.model)
         started = time.perf_counter()
-        analysis = analyser.analyse(datasets)
+        try:
+            analysis = analyser.analyse(datasets)
+        except NothingToAnalyse as exc:
+            exc.skipped.update({**selected.left_out, **unreadable})
+            raise
         metrics.INFERENCE_SECONDS.labels(analyser.manifest.name, analyser.manifest.version).observe(
             time.perf_counter() - started
         )
         analysis.skipped.update(selected.left_out)
         analysis.skipped.update(unreadable)
+        count_not_analysed(job.model, analysis.skipped)
         by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
         used = [by_uid[im.sop_instance_uid] for im in analysis.images]
         out = Spool(settings.results_dir, fsync=settings.ingest.fsync)
@@ -216,6 +239,7 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
             hl7_result_control_id=result_control_id,
         )
     except NothingToAnalyse as exc:
+        count_not_analysed(job.model, exc.skipped)
         ledger.fail_job(job_id, f"nothing to analyse: {exc}")
         log.warning("job %d: nothing to analyse: %s", job_id, exc)
         return "failed"

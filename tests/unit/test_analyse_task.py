@@ -11,6 +11,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import select, update
 
 from acwi_node.ledger import Ledger
@@ -107,6 +108,13 @@ def _route(select: dict[str, Any] | None = None) -> dict[str, Any]:
     return route
 
 
+def _not_analysed(reason: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "acwi_worker_images_not_analysed_total", {"model": MODEL, "reason": reason}
+    )
+    return value or 0.0
+
+
 def test_the_route_selects_the_instances_its_model_reads(tmp_path: Path) -> None:
     """``[routes.select]`` (here its default, the route's own modality): the capture is left out
     with the reason; the figures, the SR's references and the heatmaps are the radiographs'."""
@@ -116,7 +124,9 @@ def test_the_route_selects_the_instances_its_model_reads(tmp_path: Path) -> None
     ledger = Ledger(settings.database_url)
     try:
         job_id, study_uid = store_and_route(settings, ledger, files)
+        before = _not_analysed("not_selected")
         assert analyse.run_job(settings, ledger, job_id) == "analysed"
+        assert _not_analysed("not_selected") == before + 1
         (job,) = ledger.get_study(study_uid)["jobs"]  # type: ignore[index]
         summary = job["summary"]
         assert [im["sop_instance_uid"] for im in summary["images"]] == uids[:2]
@@ -146,11 +156,49 @@ def test_a_study_the_route_selects_nothing_of_fails_with_the_reason(tmp_path: Pa
     ledger = Ledger(settings.database_url)
     try:
         job_id, study_uid = store_and_route(settings, ledger, files)
+        before = _not_analysed("not_selected")
         assert analyse.run_job(settings, ledger, job_id) == "failed"
+        assert _not_analysed("not_selected") == before + 3
         st = ledger.get_study(study_uid)
         assert st is not None and st["state"] == "failed"
         assert "no image could be analysed" in st["reason"]
         assert f"not selected by route {ROUTE!r}: Modality DX" in st["reason"]
         assert not (settings.results_dir / study_uid).exists()
+    finally:
+        ledger.dispose()
+
+
+@pytest.mark.parametrize(
+    ("reason", "kind"),
+    [
+        ("not selected by route 'ct': Modality PT", "not_selected"),
+        ("unreadable: File is missing DICOM File Meta Information header", "unreadable"),
+        ("1.2.3: a localizer (scout) image, not analysed", "localizer"),
+        ("1.2.3: pixel data could not be decoded: no plugin", "undecodable"),
+        ("1.2.3: multi-frame image (40 frames)", "unsupported"),
+        ("1.2.3: not a greyscale image (SamplesPerPixel 3, ...)", "unsupported"),
+    ],
+)
+def test_each_reason_an_image_is_not_analysed_has_its_metric_label(reason: str, kind: str) -> None:
+    assert analyse.not_analysed_kind(reason) == kind
+
+
+def test_images_of_a_study_with_nothing_to_analyse_are_counted(tmp_path: Path) -> None:
+    """A study whose every image the model refuses (here two localizers): the job fails, and
+    the metric counts each image with its reason."""
+    settings = review_settings(tmp_path, routes=[_route()])
+    files = write_study(tmp_path / "src", n_images=2, size=64, seed=5)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.save_as(path)
+    ledger = Ledger(settings.database_url)
+    try:
+        job_id, study_uid = store_and_route(settings, ledger, files)
+        before = _not_analysed("localizer")
+        assert analyse.run_job(settings, ledger, job_id) == "failed"
+        assert _not_analysed("localizer") == before + 2
+        st = ledger.get_study(study_uid)
+        assert st is not None and "localizer" in st["reason"]
     finally:
         ledger.dispose()

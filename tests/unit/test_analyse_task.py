@@ -14,6 +14,7 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import select, update
 
+from acwi_node.config import Settings
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import Job, Study, utcnow
 from acwi_node.tasks import analyse
@@ -150,22 +151,28 @@ def test_the_route_selects_the_instances_its_model_reads(tmp_path: Path) -> None
         ledger.dispose()
 
 
-def test_a_study_the_route_selects_nothing_of_fails_with_the_reason(tmp_path: Path) -> None:
-    settings = review_settings(tmp_path, routes=[_route({"modality": ["CT"]})])
-    files = _dx_study_with_a_screen_capture(tmp_path)
+def _failing_job(settings: Settings, files: list[Path], kind: str) -> tuple[dict[str, Any], float]:
+    """Route the study and run its job, which must fail: the study, and how many of its
+    images the metric counted as not analysed for ``kind``."""
     ledger = Ledger(settings.database_url)
     try:
         job_id, study_uid = store_and_route(settings, ledger, files)
-        before = _not_analysed("not_selected")
+        before = _not_analysed(kind)
         assert analyse.run_job(settings, ledger, job_id) == "failed"
-        assert _not_analysed("not_selected") == before + 3
         st = ledger.get_study(study_uid)
         assert st is not None and st["state"] == "failed"
-        assert "no image could be analysed" in st["reason"]
-        assert f"not selected by route {ROUTE!r}: Modality DX" in st["reason"]
-        assert not (settings.results_dir / study_uid).exists()
+        return st, _not_analysed(kind) - before
     finally:
         ledger.dispose()
+
+
+def test_a_study_the_route_selects_nothing_of_fails_with_the_reason(tmp_path: Path) -> None:
+    settings = review_settings(tmp_path, routes=[_route({"modality": ["CT"]})])
+    st, counted = _failing_job(settings, _dx_study_with_a_screen_capture(tmp_path), "not_selected")
+    assert counted == 3
+    assert "no image could be analysed" in st["reason"]
+    assert f"not selected by route {ROUTE!r}: Modality DX" in st["reason"]
+    assert not (settings.results_dir / st["study_uid"]).exists()
 
 
 @pytest.mark.parametrize(
@@ -192,13 +199,6 @@ def test_images_of_a_study_with_nothing_to_analyse_are_counted(tmp_path: Path) -
         ds = pydicom.dcmread(path)
         ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
         ds.save_as(path)
-    ledger = Ledger(settings.database_url)
-    try:
-        job_id, study_uid = store_and_route(settings, ledger, files)
-        before = _not_analysed("localizer")
-        assert analyse.run_job(settings, ledger, job_id) == "failed"
-        assert _not_analysed("localizer") == before + 2
-        st = ledger.get_study(study_uid)
-        assert st is not None and "localizer" in st["reason"]
-    finally:
-        ledger.dispose()
+    st, counted = _failing_job(settings, files, "localizer")
+    assert counted == 2
+    assert "localizer" in st["reason"]

@@ -30,7 +30,7 @@ from acwi_node.results.encoding import encode_part10
 from acwi_node.results.heatmap import build_heatmap_sc
 from acwi_node.results.parametric_map import build_parametric_maps
 from acwi_node.results.sr import build_sr
-from acwi_node.routing.selection import select_instances
+from acwi_node.routing.selection import InstanceSelection
 from acwi_node.tasks.app import ANALYSE_TASK, app
 from acwi_node.tasks.lease import LeaseKeeper
 
@@ -145,6 +145,31 @@ def count_not_analysed(model: str, skipped: dict[str, str]) -> None:
         metrics.IMAGES_NOT_ANALYSED.labels(model, not_analysed_kind(reason)).inc()
 
 
+def read_inputs(
+    spool: Spool, rel_paths: list[str], selection: InstanceSelection | None
+) -> tuple[list[Dataset], dict[str, str], dict[str, str]]:
+    """The job's instances the selection takes (all without one); those it leaves out and
+    the files that could not be read, each with the reason. An instance left out is dropped
+    as soon as it is read: a series the route does not want is never held whole."""
+    datasets: list[Dataset] = []
+    left_out: dict[str, str] = {}
+    unreadable: dict[str, str] = {}
+    for rel in rel_paths:
+        try:
+            ds = dcmread(spool.resolve(rel))
+        except Exception as exc:  # a file the model cannot use never blocks the queue
+            unreadable[Path(rel).stem] = f"unreadable: {exc}"
+            continue
+        note_identifiers(ds)  # keep this patient's name and ID out of every log line
+        reason = selection.reason_to_leave_out(ds) if selection is not None else None
+        if reason is None:
+            datasets.append(ds)
+        else:
+            left_out[str(ds.get("SOPInstanceUID", "") or Path(rel).stem)] = reason
+            del ds  # not even while the next file is read
+    return datasets, left_out, unreadable
+
+
 def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
     """Analyse one job. Returns what happened: analysed, skipped, superseded or failed."""
     worker = settings.worker
@@ -156,35 +181,27 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
     try:
         study_uid, rel_paths = ledger.job_inputs(job_id)
         bind_study(study_uid)
-        spool = Spool(settings.spool_dir, fsync=settings.ingest.fsync)
-        datasets: list[Dataset] = []
-        unreadable: dict[str, str] = {}
-        for rel in rel_paths:
-            try:
-                datasets.append(dcmread(spool.resolve(rel)))
-            except Exception as exc:  # a file the model cannot use never blocks the queue
-                unreadable[Path(rel).stem] = f"unreadable: {exc}"
-        for ds in datasets:
-            note_identifiers(ds)  # keep this patient's name and ID out of every log line
+        # The route's [routes.select]: a route removed since the study was routed reads all.
         route = next((r for r in settings.routes if r.name == job.route), None)
-        selected = select_instances(route, datasets)
-        if not selected.datasets:  # the analyser would not see why
-            reasons = {**selected.left_out, **unreadable}
+        selection = InstanceSelection.for_route(route) if route is not None else None
+        spool = Spool(settings.spool_dir, fsync=settings.ingest.fsync)
+        datasets, left_out, unreadable = read_inputs(spool, rel_paths, selection)
+        if not datasets:  # the analyser would not see why
+            reasons = {**left_out, **unreadable}
             shown = "; ".join(f"{k}: {v}" for k, v in list(reasons.items())[:3])
             more = f"; and {len(reasons) - 3} more" if len(reasons) > 3 else ""
             raise NothingToAnalyse(f"no image could be analysed ({shown or 'none'}{more})", reasons)
-        datasets = selected.datasets
         analyser = get_analyser(settings, job.model)
         started = time.perf_counter()
         try:
             analysis = analyser.analyse(datasets)
         except NothingToAnalyse as exc:
-            exc.skipped.update({**selected.left_out, **unreadable})
+            exc.skipped.update({**left_out, **unreadable})
             raise
         metrics.INFERENCE_SECONDS.labels(analyser.manifest.name, analyser.manifest.version).observe(
             time.perf_counter() - started
         )
-        analysis.skipped.update(selected.left_out)
+        analysis.skipped.update(left_out)
         analysis.skipped.update(unreadable)
         count_not_analysed(job.model, analysis.skipped)
         by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}

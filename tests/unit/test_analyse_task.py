@@ -202,3 +202,47 @@ def test_images_of_a_study_with_nothing_to_analyse_are_counted(tmp_path: Path) -
     st, counted = _failing_job(settings, files, "localizer")
     assert counted == 2
     assert "localizer" in st["reason"]
+
+
+def test_images_the_route_leaves_out_are_not_held_while_the_study_is_analysed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A series the route leaves out (a PET/CT's PET, a CT's reformats: hundreds of images)
+    is dropped as it is read: no image left out is alive when the next file is read, nor
+    when the model runs."""
+    read: list[weakref.ref[Any]] = []
+    left_out_alive: list[int] = []
+    real_read = analyse.dcmread
+    real_analyse = analyse.Analyser.analyse
+
+    def count_left_out_alive() -> None:
+        gc.collect()
+        alive = [ref() for ref in read]
+        left_out_alive.append(sum(ds is not None and ds.Modality == "OT" for ds in alive))
+
+    def dcmread(*args: Any, **kwargs: Any) -> Any:
+        count_left_out_alive()
+        ds = real_read(*args, **kwargs)
+        read.append(weakref.ref(ds))
+        return ds
+
+    def analyse_study(self: Any, datasets: Any) -> Any:
+        count_left_out_alive()
+        return real_analyse(self, datasets)
+
+    monkeypatch.setattr(analyse, "dcmread", dcmread)
+    monkeypatch.setattr(analyse.Analyser, "analyse", analyse_study)
+    settings = review_settings(tmp_path, routes=[_route()])
+    files = write_study(tmp_path / "src", n_images=4, size=64, seed=6)
+    for path in files[:2]:  # two screen captures, read first
+        capture = pydicom.dcmread(path)
+        capture.Modality = "OT"
+        capture.save_as(path)
+    ledger = Ledger(settings.database_url)
+    try:
+        job_id, _ = store_and_route(settings, ledger, files)
+        assert analyse.run_job(settings, ledger, job_id) == "analysed"
+    finally:
+        ledger.dispose()
+    assert len(read) == 4
+    assert left_out_alive == [0, 0, 0, 0, 0]  # before each of the four reads, and the model

@@ -230,8 +230,8 @@ class WorkerSettings(_Strict):
     calibration_dir: Path | None = None
     #: Engine pytorch on device cuda: capture the backbone as CUDA graphs and replay them.
     cuda_graphs: bool = True
-    #: Which heatmap objects are written: all, or only positive or uncertain images.
-    heatmaps: Literal["all", "positive_or_uncertain"] = "all"
+    #: Which heatmap objects are written: all, only positive or uncertain images, or none.
+    heatmaps: Literal["all", "positive_or_uncertain", "none"] = "all"
     #: Also write each analysed series' heatmaps as one Parametric Map (values 0-1, for viewers
     #: that overlay it themselves); only images with a frame of reference (CT, MR, PET).
     parametric_maps: bool = False
@@ -484,12 +484,22 @@ class RouteSelect(_Strict):
         return value
 
 
+class RouteResults(_Strict):
+    """Which result objects a route's jobs write beside the SR; not given: the worker's."""
+
+    #: ``all``, ``positive_or_uncertain`` or ``none`` (``worker.heatmaps``'s values).
+    heatmaps: Literal["all", "positive_or_uncertain", "none"] | None = None
+    #: Also each analysed series' heatmaps as one Parametric Map (``worker.parametric_maps``).
+    parametric_maps: bool | None = None
+
+
 class Route(_Strict):
     """Which model analyses which studies and where its results go."""
 
     name: str
     match: RouteMatch = Field(default_factory=RouteMatch)
     select: RouteSelect = Field(default_factory=RouteSelect)
+    results: RouteResults = Field(default_factory=RouteResults)
     model: str = "default"
     destinations: list[str] = Field(default_factory=list)
     #: Higher runs first.

@@ -82,8 +82,8 @@ from acwi_node.inference.types import (
 )
 from models.networks.dianet import LOGVAR_ALEATORIC_RANGE, DIANet, DIANetConfig
 
-HeatmapPolicy = Literal["all", "positive_or_uncertain"]
-HEATMAP_POLICIES: tuple[str, ...] = ("all", "positive_or_uncertain")
+HeatmapPolicy = Literal["all", "positive_or_uncertain", "none"]
+HEATMAP_POLICIES: tuple[str, ...] = ("all", "positive_or_uncertain", "none")
 
 
 class NothingToAnalyse(ValueError):
@@ -403,13 +403,24 @@ class Analyser:
             )
         return out
 
-    def heatmap_selected(self, probs: np.ndarray, score: float, ood: float) -> bool:
-        """Whether an image's heatmap is to be written under the ``heatmaps`` policy."""
-        if self.heatmaps == "all":
+    def heatmap_selected(
+        self, probs: np.ndarray, score: float, ood: float, policy: HeatmapPolicy | None = None
+    ) -> bool:
+        """Whether an image's heatmap is to be written under ``policy`` (default: the
+        analyser's ``heatmaps``)."""
+        policy = policy or self.heatmaps
+        if policy == "all":
             return True
+        if policy == "none":
+            return False
         positive = int(np.argmax(probs)) in self._finding_indices
         uncertain = score > self.manifest.uncertainty_threshold or ood > self.manifest.ood.threshold
         return bool(positive or uncertain)
+
+    def wants_heatmap(self, image: ImageResult, policy: HeatmapPolicy) -> bool:
+        """:meth:`heatmap_selected` of an analysed image under another policy (a route's)."""
+        probs = np.asarray([image.probabilities[name] for name in self.labels])
+        return self.heatmap_selected(probs, image.uncertainty.score, image.ood_score, policy)
 
     def _heatmap_classes(self, probs: np.ndarray) -> np.ndarray:
         """Per image (row of ``probs``), the label its heatmap shows: the most probable

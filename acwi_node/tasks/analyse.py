@@ -219,15 +219,25 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
 
         sr = build_sr(used, analysis)
         write("sr", sr)
+        # The route's [routes.results], else the worker's settings.
+        heatmap_policy = route.results.heatmaps if route is not None else None
+        parametric_maps = settings.worker.parametric_maps
+        if route is not None and route.results.parametric_maps is not None:
+            parametric_maps = route.results.parametric_maps
         for n, image in enumerate(analysis.images, start=1):
-            if not image.heatmap_selected:  # [worker] heatmaps = "positive_or_uncertain"
+            wanted = (
+                image.heatmap_selected
+                if heatmap_policy is None
+                else analyser.wants_heatmap(image, heatmap_policy)
+            )
+            if not wanted:  # heatmaps = "positive_or_uncertain" or "none"
                 continue
             source = by_uid[image.sop_instance_uid]
             write(
                 "heatmap",
                 build_heatmap_sc(source, image.heatmap_array(), analysis, image, instance_number=n),
             )
-        if settings.worker.parametric_maps:  # every analysed image of a mappable series
+        if parametric_maps:  # every analysed image of a mappable series
             for pm in build_parametric_maps(used, analysis):
                 write("parametric_map", pm)
         threshold = analyser.manifest.uncertainty_threshold

@@ -18,7 +18,7 @@ from acwi_node.config import Settings
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import Job, Study, utcnow
 from acwi_node.tasks import analyse
-from models.data.synth import write_study
+from models.data.synth import write_ct_series, write_study
 from tests.support.review_case import (
     DESTINATION,
     MODEL,
@@ -246,3 +246,58 @@ def test_images_the_route_leaves_out_are_not_held_while_the_study_is_analysed(
         ledger.dispose()
     assert len(read) == 4
     assert left_out_alive == [0, 0, 0, 0, 0]  # before each of the four reads, and the model
+
+
+def _result_classes(settings: Settings, study_uid: str) -> list[str]:
+    folder = settings.results_dir / study_uid
+    return sorted(
+        str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in folder.iterdir()
+    )
+
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+PM_CLASS = "1.2.840.10008.5.1.4.1.1.30"
+
+
+@pytest.mark.parametrize(
+    ("worker_policy", "route_policy", "heatmaps"),
+    [
+        ("all", "none", 0),  # a route whose PACS wants the SR alone
+        ("none", "positive_or_uncertain", 2),  # every image of the review model is uncertain
+        ("none", None, 0),  # the route says nothing: the worker's policy
+        ("all", None, 2),
+    ],
+)
+def test_a_routes_heatmap_policy_overrides_the_workers(
+    tmp_path: Path, worker_policy: str, route_policy: str | None, heatmaps: int
+) -> None:
+    route = _route()
+    if route_policy is not None:
+        route["results"] = {"heatmaps": route_policy}
+    settings = review_settings(tmp_path, routes=[route])
+    settings.worker.heatmaps = worker_policy  # type: ignore[assignment]
+    files = write_study(tmp_path / "src", n_images=2, size=64, seed=7)
+    ledger = Ledger(settings.database_url)
+    try:
+        job_id, study_uid = store_and_route(settings, ledger, files)
+        assert analyse.run_job(settings, ledger, job_id) == "analysed"
+    finally:
+        ledger.dispose()
+    assert _result_classes(settings, study_uid) == [SC_CLASS] * heatmaps + [SR_CLASS]
+
+
+def test_a_route_asks_for_parametric_maps_the_worker_does_not_write(tmp_path: Path) -> None:
+    route = _route()
+    route["match"] = {"modality": ["CT"]}
+    route["results"] = {"heatmaps": "none", "parametric_maps": True}
+    settings = review_settings(tmp_path, routes=[route])
+    assert settings.worker.parametric_maps is False
+    files = write_ct_series(tmp_path / "ct", slices=3, size=64)
+    ledger = Ledger(settings.database_url)
+    try:
+        job_id, study_uid = store_and_route(settings, ledger, files)
+        assert analyse.run_job(settings, ledger, job_id) == "analysed"
+    finally:
+        ledger.dispose()
+    assert _result_classes(settings, study_uid) == [PM_CLASS, SR_CLASS]

@@ -274,8 +274,13 @@ def test_heatmap_policy(cache_dir: Path) -> None:
     assert analyser.heatmap_selected(normal, 0.0, ood_threshold + 1.0)
     everything = _load("pytorch", cache_dir)
     assert everything.heatmap_selected(normal, 0.0, 0.0)
+    nothing = _load("pytorch", cache_dir, heatmaps="none")
+    assert not nothing.heatmap_selected(nodule, threshold + 0.01, ood_threshold + 1.0)
+    # Another policy than the analyser's (a route's).
+    assert analyser.heatmap_selected(normal, 0.0, 0.0, "all")
+    assert not everything.heatmap_selected(nodule, 0.0, 0.0, "none")
     with pytest.raises(ValueError, match="heatmaps"):
-        Analyser(analyser.model, analyser.manifest, heatmaps="none")  # type: ignore[arg-type]
+        Analyser(analyser.model, analyser.manifest, heatmaps="some")  # type: ignore[arg-type]
 
 
 def test_policy_marks_images_in_an_analysis(cache_dir: Path, study: list[Dataset]) -> None:

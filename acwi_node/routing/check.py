@@ -45,6 +45,9 @@ class RouteOutcome:
     #: Of a matching route: how many instances its model reads, and the others' reasons.
     selected: int = 0
     left_out: dict[str, int] = field(default_factory=dict)
+    #: What its jobs write beside the SR (the route's ``results``, else the worker's).
+    heatmaps: str = "all"
+    parametric_maps: bool = False
 
     @property
     def matches(self) -> bool:
@@ -92,6 +95,8 @@ class StudyCheck:
                     "no_match": r.no_match,
                     "selected": r.selected,
                     "left_out": r.left_out,
+                    "heatmaps": r.heatmaps,
+                    "parametric_maps": r.parametric_maps,
                 }
                 for r in self.routes
             ],
@@ -177,6 +182,12 @@ def check_study(
             priority=route.priority,
             model=route.model,
             destinations=list(route.destinations),
+            heatmaps=route.results.heatmaps or settings.worker.heatmaps,
+            parametric_maps=(
+                settings.worker.parametric_maps
+                if route.results.parametric_maps is None
+                else route.results.parametric_maps
+            ),
         )
         if route.name not in routed:
             outcome.no_match = why_not(route, facts, today) or "does not match"
@@ -232,9 +243,13 @@ def format_report(report: CheckReport) -> str:
             if not r.matches:
                 lines.append(f"{head}: no match: {r.no_match}")
                 continue
+            written = ["SR", f"heatmaps: {r.heatmaps}"]
+            if r.parametric_maps:
+                written.append("parametric maps")
             lines.append(
                 f"{head}: matches; model {r.model} reads {r.selected} of {study.instances}"
-                f" instance(s); results to {', '.join(r.destinations) or 'no destination'}"
+                f" instance(s); results ({', '.join(written)}) to"
+                f" {', '.join(r.destinations) or 'no destination'}"
             )
             for reason, count in r.left_out.items():
                 lines.append(f"    left out: {count} x {reason}")

@@ -29,6 +29,7 @@ destinations = ["pacs"]
 name = "ct"
 match = {{ modality = ["CT"], max_age_days = 30 }}
 select = {{ image_type_exclude = ["REFORMATTED"] }}
+results = {{ heatmaps = "positive_or_uncertain", parametric_maps = true }}
 destinations = ["pacs"]
 priority = 5
 """
@@ -91,7 +92,8 @@ def test_each_study_shows_its_routes_and_what_each_reads(
     assert ct_block.splitlines() == [
         f"study {ct_uid}: 6 instance(s), modalities CT/PT, Study Date 20240916",
         "  1 object(s) written by ACWI Node (its results): dropped on receipt",
-        "  route ct (priority 5): matches; model default reads 4 of 6 instance(s); results to pacs",
+        "  route ct (priority 5): matches; model default reads 4 of 6 instance(s);"
+        " results (SR, heatmaps: positive_or_uncertain, parametric maps) to pacs",
         "    left out: 1 x Image Type DERIVED\\SECONDARY\\REFORMATTED",
         "    left out: 1 x Modality PT",
         "  route chest (priority 0): no match: modality: the study has CT, PT,"
@@ -99,7 +101,10 @@ def test_each_study_shows_its_routes_and_what_each_reads(
         "  => job(s): ct",
     ]
     assert f"study {dx_uid}: 2 instance(s), modalities DX" in dx_block
-    assert "route chest (priority 0): matches; model default reads 2 of 2" in dx_block
+    assert (
+        "route chest (priority 0): matches; model default reads 2 of 2 instance(s);"
+        " results (SR, heatmaps: all) to pacs"
+    ) in dx_block
     assert "=> job(s): chest" in dx_block
     assert "file(s) skipped:" in out and "more (--json lists them all)" in out
 

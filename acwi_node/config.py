@@ -317,6 +317,10 @@ DEFAULT_DESTINATION_ASSOCIATIONS = 2
 DEFAULT_STOW_REQUEST_BYTES = 64 * 1024 * 1024
 
 
+#: Ledger result kinds that a destination's ``results`` names otherwise: a verified SR is an SR.
+RESULT_KIND_GROUPS = {"sr-verified": "sr"}
+
+
 class Destination(_Strict):
     """Where results are sent: a DICOM node by C-STORE (``ae_title``, ``host``, ``port``), or
     a DICOMweb service by STOW-RS (``url``)."""
@@ -352,6 +356,17 @@ class Destination(_Strict):
     #: CONNECT of an ``https`` URL, on each request of an ``http`` one), read for every call.
     proxy_username: str | None = None
     proxy_password_file: Path | None = None
+    #: The kinds of result object sent here (``sr``: the SR and a radiologist's verified SR;
+    #: ``heatmap``: the secondary captures; ``parametric_map``); not given: every kind. For a
+    #: PACS that refuses one (an older PACS and Parametric Maps), or results split between
+    #: systems (the SR to an AI results archive, the heatmaps to the PACS).
+    results: list[Literal["sr", "heatmap", "parametric_map"]] | None = Field(None, min_length=1)
+
+    def takes(self, kind: str) -> bool:
+        """Whether result objects of ``kind`` (a ledger result kind) are sent here."""
+        if self.results is None:
+            return True
+        return RESULT_KIND_GROUPS.get(kind, kind) in self.results
 
     @model_validator(mode="after")
     def _one_kind(self) -> Destination:
@@ -728,6 +743,12 @@ class Settings(BaseSettings):
         return self
 
     # ----------------------------------------------------------------- derived values
+    def destination_takes(self, destination: str, kind: str) -> bool:
+        """Whether results of ``kind`` go to the destination named (one no longer configured
+        takes everything: the exporter reports it)."""
+        found = next((d for d in self.destinations if d.name == destination), None)
+        return found is None or found.takes(kind)
+
     @property
     def data_dir(self) -> Path:
         return self.node.data_dir.expanduser().resolve()

@@ -990,8 +990,10 @@ class Ledger:
         needs_review: bool,
         review_reason: str,
         hl7_result_control_id: str | None = None,
+        takes: DeliveryFilter | None = None,
     ) -> bool:
-        """Record a job's result objects, its outbox rows and its review item.
+        """Record a job's result objects, its outbox rows (one per destination that ``takes``
+        the object's kind; all without it) and its review item.
 
         With ``hl7_result_control_id`` (a RIS is configured), the job's result ORU is promised
         in the same transaction: an outbox row with that MSH-10 and no message yet, which
@@ -1016,12 +1018,13 @@ class Ledger:
                     s.delete(d)
                 s.delete(old)
             s.flush()
-            for rf in results:
-                _queue_deliveries(s, job, _add_result(s, job_id, rf).id, now)
+            queued = sum(
+                _queue_deliveries(s, job, _add_result(s, job_id, rf), now, takes) for rf in results
+            )
             job.summary = summary
             job.error = ""
-            job.state = JobState.EXPORTING if job.destinations else JobState.DELIVERED
-            if not job.destinations:
+            job.state = JobState.EXPORTING if queued else JobState.DELIVERED
+            if not queued:
                 job.finished_at = now
             if needs_review:
                 item = s.scalars(select(ReviewItem).where(ReviewItem.job_id == job_id)).first()
@@ -1038,11 +1041,13 @@ class Ledger:
             self._sync_study(s, job.study_id)
             return True
 
-    def attach_result(self, job_id: int, result: ResultFile) -> int:
+    def attach_result(
+        self, job_id: int, result: ResultFile, takes: DeliveryFilter | None = None
+    ) -> int:
         """Add a result object to a finished job (a verified SR), with one outbox row per
-        destination; a result with the same SOP Instance UID is replaced and its pending
-        deliveries superseded. A delivered job goes back to exporting until the new deliveries
-        are answered. Returns how many deliveries were queued.
+        destination (that ``takes`` it); a result with the same SOP Instance UID is replaced
+        and its pending deliveries superseded. A delivered job goes back to exporting until
+        the new deliveries are answered. Returns how many deliveries were queued.
         """
         now = utcnow()
         with self.session() as s:
@@ -1061,12 +1066,15 @@ class Ledger:
                     .where(Delivery.result_id == res.id, Delivery.state == DeliveryState.PENDING)
                     .values(state=DeliveryState.SUPERSEDED)
                 )
-            _queue_deliveries(s, job, res.id, now)
-            if job.destinations and job.state == JobState.DELIVERED:
+            queued = _queue_deliveries(s, job, res, now, takes)
+            if queued and job.state == JobState.DELIVERED:
                 job.state = JobState.EXPORTING
                 job.finished_at = None
                 self._sync_study(s, job.study_id)
-            return len(job.destinations)
+            elif not queued:  # what it superseded may have been all the job waited for
+                s.flush()
+                self._sync_job_delivery(s, job.id)
+            return queued
 
     def fail_job(self, job_id: int, error: str) -> None:
         with self.session() as s:
@@ -1768,18 +1776,34 @@ def promise_hl7_outbound(
         )
 
 
-def _queue_deliveries(s: Session, job: Job, result_id: int, now: dt.datetime) -> None:
-    """One pending outbox row per destination of the job for this result."""
+#: Whether a destination (by name) takes result objects of a kind (``sr``, ``heatmap``, ...).
+DeliveryFilter = Callable[[str, str], bool]
+
+
+def _queue_deliveries(
+    s: Session,
+    job: Job,
+    result: Result,
+    now: dt.datetime,
+    takes: DeliveryFilter | None = None,
+) -> int:
+    """One pending outbox row per destination of the job that takes this result's kind;
+    returns how many."""
+    queued = 0
     for destination in job.destinations:
+        if takes is not None and not takes(destination, result.kind):
+            continue
         s.add(
             Delivery(
-                result_id=result_id,
+                result_id=result.id,
                 job_id=job.id,
                 destination=destination,
                 state=DeliveryState.PENDING,
                 next_attempt_at=now,
             )
         )
+        queued += 1
+    return queued
 
 
 def _add_result(s: Session, job_id: int, result: ResultFile) -> Result:

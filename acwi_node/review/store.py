@@ -37,7 +37,7 @@ from acwi_node.ledger.models import (
     WebSession,
     utcnow,
 )
-from acwi_node.ledger.repository import files_deleted_at, promise_hl7_outbound
+from acwi_node.ledger.repository import DeliveryFilter, files_deleted_at, promise_hl7_outbound
 
 #: ``sender``: a PACS or archive that stores studies by STOW-RS (``/dicomweb/``) and nothing else.
 ROLES = ("radiologist", "admin", "sender")
@@ -563,10 +563,12 @@ class ReviewStore:
             detail=f"verdict on item {item_id} withdrawn: its verified SR could not be stored",
         )
 
-    def attach_verified_sr(self, job_id: int, result: ResultFile) -> int:
+    def attach_verified_sr(
+        self, job_id: int, result: ResultFile, takes: DeliveryFilter | None = None
+    ) -> int:
         """Record the verified SR as a result of the job (see :meth:`Ledger.attach_result`);
         returns how many deliveries were queued."""
-        return self.ledger.attach_result(job_id, result)
+        return self.ledger.attach_result(job_id, result, takes)
 
     # -------------------------------------------------------------- dashboard
     def dashboard(self, *, days: int = 14, now: dt.datetime | None = None) -> dict[str, Any]:

@@ -192,6 +192,7 @@ def submit_verdict(
         deliveries = store.attach_verified_sr(
             case["job_id"],
             ResultFile(VERIFIED_SR_KIND, uid, str(document.SOPClassUID), out.relative(path)),
+            settings.destination_takes,
         )
     except Exception:
         log.exception("review item %d: the verified SR could not be stored", item_id)

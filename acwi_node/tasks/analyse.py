@@ -264,6 +264,7 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
             # The ORU is promised with the results, built just below (or by the ORU sender
             # should this process die first).
             hl7_result_control_id=result_control_id,
+            takes=settings.destination_takes,  # [[destinations]] results
         )
     except NothingToAnalyse as exc:
         count_not_analysed(job.model, exc.skipped)

@@ -301,3 +301,23 @@ def test_a_route_asks_for_parametric_maps_the_worker_does_not_write(tmp_path: Pa
     finally:
         ledger.dispose()
     assert _result_classes(settings, study_uid) == [PM_CLASS, SR_CLASS]
+
+
+def test_the_worker_queues_each_destination_only_the_kinds_it_takes(tmp_path: Path) -> None:
+    """``[[destinations]] results = ["sr"]``: the SR is queued for that destination, the
+    heatmaps are written (the review page shows them) but not sent there."""
+    settings = review_settings(tmp_path, routes=[_route()])
+    settings.destinations[0].results = ["sr"]
+    files = write_study(tmp_path / "src", n_images=2, size=64, seed=8)
+    ledger = Ledger(settings.database_url)
+    try:
+        job_id, study_uid = store_and_route(settings, ledger, files)
+        assert analyse.run_job(settings, ledger, job_id) == "analysed"
+        queued = [(d.destination, d.path) for d in ledger.due_deliveries()]
+        st = ledger.get_study(study_uid)
+        assert st is not None
+        (job,) = st["jobs"]
+    finally:
+        ledger.dispose()
+    assert queued == [(DESTINATION, f"{study_uid}/{job['summary']['sr_sop_instance_uid']}.dcm")]
+    assert _result_classes(settings, study_uid) == [SC_CLASS, SC_CLASS, SR_CLASS]

@@ -79,6 +79,8 @@ def test_acwi_config_env_names_the_file(tmp_path: Path, monkeypatch: pytest.Monk
         (EXAMPLE + "\n[node2]\nx = 1\n", "node2"),
         (EXAMPLE.replace("http_port = 8080", "http_prot = 8080"), "http_prot"),
         ("[node\n", "cannot read"),
+        (EXAMPLE.replace("port = 4242", "port = 4242\nresults = []"), "results"),
+        (EXAMPLE.replace("port = 4242", 'port = 4242\nresults = ["pdf"]'), "results"),
     ],
 )
 def test_invalid_configuration_is_reported_clearly(tmp_path: Path, text: str, message: str) -> None:
@@ -90,3 +92,16 @@ def test_invalid_configuration_is_reported_clearly(tmp_path: Path, text: str, me
 def test_missing_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_a_destination_takes_the_result_kinds_it_lists(tmp_path: Path) -> None:
+    settings = load_settings(
+        write(tmp_path, EXAMPLE.replace("port = 4242", 'port = 4242\nresults = ["sr"]'))
+    )
+    assert settings.destination_takes("pacs", "sr")
+    assert settings.destination_takes("pacs", "sr-verified")  # a radiologist's verified SR
+    assert not settings.destination_takes("pacs", "heatmap")
+    assert not settings.destination_takes("pacs", "parametric_map")
+    assert settings.destination_takes("gone", "heatmap")  # no longer configured: unfiltered
+    everything = load_settings(write(tmp_path, EXAMPLE))
+    assert everything.destination_takes("pacs", "parametric_map")

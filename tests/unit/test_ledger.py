@@ -538,6 +538,63 @@ def test_full_lifecycle_to_delivered(db: Ledger) -> None:
     assert all(d["state"] == "delivered" and d["last_status"] == 0 for d in deliveries)
 
 
+def test_each_destination_gets_the_result_kinds_it_takes(db: Ledger) -> None:
+    """``[[destinations]] results``: the SR to an archive, everything to the PACS; a
+    destination that takes none of a job's objects gets no outbox row, and a job nothing is
+    sent for is delivered at once. A verified SR counts as an SR."""
+    takes = {"archive": {"sr", "sr-verified"}, "pacs": {"sr", "heatmap"}, "viewer": {"heatmap"}}
+    r = db.record_instance(rec(), first_in_association=False)
+    (job_id,) = db.complete_study(
+        r.study_id,
+        1,
+        lambda _facts: [RoutedJob("chest", "default", ["archive", "pacs"], 0)],
+    )
+    assert db.claim_job(job_id, lease_s=3600) is not None
+    sr = ResultFile("sr", "2.25.1", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.3/2.25.1.dcm")
+    heat = ResultFile("heatmap", "2.25.2", "1.2.840.10008.5.1.4.1.1.7", "1.2.3/2.25.2.dcm")
+    assert db.finish_analysis(
+        job_id,
+        results=[sr, heat],
+        summary={},
+        needs_review=False,
+        review_reason="",
+        takes=lambda dest, kind: kind in takes[dest],
+    )
+    sent = sorted((d.destination, d.path) for d in db.due_deliveries())
+    assert sent == [
+        ("archive", "1.2.3/2.25.1.dcm"),
+        ("pacs", "1.2.3/2.25.1.dcm"),
+        ("pacs", "1.2.3/2.25.2.dcm"),
+    ]
+    for d in db.due_deliveries():
+        db.record_delivery(d.id, delivered=True, status=0, error="", max_attempts=3, backoff_s=1)
+    assert db.get_study("1.2.3")["state"] == "delivered"  # type: ignore[index]
+    verified = ResultFile("sr-verified", "2.25.3", sr.sop_class_uid, "1.2.3/2.25.3.dcm")
+    assert db.attach_result(job_id, verified, lambda dest, kind: dest == "pacs") == 1
+    assert [d.destination for d in db.due_deliveries()] == ["pacs"]
+    assert db.attach_result(job_id, verified, lambda dest, kind: False) == 0
+    assert db.due_deliveries() == []  # the pending one superseded, none queued
+    st = db.get_study("1.2.3")
+    assert st is not None and st["state"] == "delivered"  # nothing left to wait for
+
+
+def test_a_job_no_destination_takes_anything_of_is_delivered_at_once(db: Ledger) -> None:
+    r = db.record_instance(rec(), first_in_association=False)
+    (job_id,) = db.complete_study(r.study_id, 1, route_all)
+    assert db.claim_job(job_id, lease_s=3600) is not None
+    sr = ResultFile("sr", "2.25.1", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.3/2.25.1.dcm")
+    assert db.finish_analysis(
+        job_id,
+        results=[sr],
+        summary={},
+        needs_review=False,
+        review_reason="",
+        takes=lambda dest, kind: kind == "heatmap",
+    )
+    assert db.due_deliveries() == []
+    assert db.get_study("1.2.3")["state"] == "delivered"  # type: ignore[index]
+
+
 def test_failed_delivery_backs_off_then_fails_visibly(db: Ledger) -> None:
     r = db.record_instance(rec(), first_in_association=False)
     (job_id,) = db.complete_study(r.study_id, 1, route_all)

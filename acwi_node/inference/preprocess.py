@@ -30,8 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
 from acwi_node.dicom_pixels import stored_pixels
-
-MIN_SIZE = 32
+from acwi_node.inference.image_checks import header_refusal
 
 
 class UnsupportedImage(ValueError):
@@ -53,34 +52,14 @@ def _sop(ds: Dataset) -> str:
     return str(ds.get("SOPInstanceUID", "<no SOPInstanceUID>"))
 
 
-def _is_localizer(ds: Dataset) -> bool:
-    """``LOCALIZER`` is one of the Image Type's values (PS3.3 C.8.2.1.1.1, CT; MR alike)."""
-    image_type = ds.get("ImageType")
-    if image_type is None:
-        return False
-    values = [image_type] if isinstance(image_type, str) else list(image_type)
-    return any(str(v).strip().upper() == "LOCALIZER" for v in values)
-
-
 def modality_pixels(ds: Dataset) -> np.ndarray:
     """Checked float32 pixels after the modality LUT and MONOCHROME1 inversion (steps 1-3)."""
     if "PixelData" not in ds:
         raise UnsupportedImage(f"{_sop(ds)}: no PixelData (not an integer-pixel image)")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise UnsupportedImage(f"{_sop(ds)}: multi-frame image ({frames} frames)")
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    refusal = header_refusal(ds)
+    if refusal is not None:
+        raise UnsupportedImage(f"{_sop(ds)}: {refusal}")
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
-    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise UnsupportedImage(
-            f"{_sop(ds)}: not a greyscale image (SamplesPerPixel {samples}, "
-            f"PhotometricInterpretation {photometric or 'missing'})"
-        )
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    if rows < MIN_SIZE or cols < MIN_SIZE:
-        raise UnsupportedImage(f"{_sop(ds)}: image too small ({rows} x {cols})")
-    if _is_localizer(ds):
-        raise UnsupportedImage(f"{_sop(ds)}: a localizer (scout) image, not analysed")
     try:
         stored = stored_pixels(ds)
     except Exception as exc:  # decoders raise many types; all mean the same to us

@@ -4,7 +4,8 @@ A PACS administrator setting up routes wants to know, before a modality sends an
 route takes a study, which of its images the route's model reads, and why a route does not
 match. This reads DICOM files (headers only), groups them by study as the SCP would, and
 applies the same rules the node applies (:mod:`acwi_node.routing.rules`,
-:mod:`acwi_node.routing.selection`). The calling AE title is not in the files: it is given on
+:mod:`acwi_node.routing.selection`), and the checks of preprocessing that a header answers
+(:mod:`acwi_node.inference.image_checks`). The calling AE title is not in the files: it is given on
 the command line, as is the day the study would complete (routes' ``max_age_days``).
 Nothing is written and nothing is sent. Only UIDs and coded values are printed, no names.
 """
@@ -23,6 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from acwi_node.config import Settings
+from acwi_node.inference.image_checks import header_refusal
 from acwi_node.ingest.own_results import is_own_result
 from acwi_node.ledger import StudyFacts
 from acwi_node.routing.rules import decide_routes, why_not
@@ -45,6 +47,9 @@ class RouteOutcome:
     #: Of a matching route: how many instances its model reads, and the others' reasons.
     selected: int = 0
     left_out: dict[str, int] = field(default_factory=dict)
+    #: Of the selected instances, those the model cannot read (from their headers: a
+    #: localizer, a colour or multi-frame image, no image at all), by reason.
+    unreadable_by_model: dict[str, int] = field(default_factory=dict)
     #: What its jobs write beside the SR (the route's ``results``, else the worker's).
     heatmaps: str = "all"
     parametric_maps: bool = False
@@ -73,8 +78,10 @@ class StudyCheck:
 
     @property
     def analysed(self) -> bool:
-        """A job of the study's would have images to analyse."""
-        return any(r.matches and r.selected for r in self.routes)
+        """A job of the study's would have images its model can read."""
+        return any(
+            r.matches and r.selected > sum(r.unreadable_by_model.values()) for r in self.routes
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +102,7 @@ class StudyCheck:
                     "no_match": r.no_match,
                     "selected": r.selected,
                     "left_out": r.left_out,
+                    "unreadable_by_model": r.unreadable_by_model,
                     "heatmaps": r.heatmaps,
                     "parametric_maps": r.parametric_maps,
                 }
@@ -147,6 +155,14 @@ def read_studies(paths: Iterable[Path]) -> tuple[dict[str, list[Dataset]], dict[
     return studies, unreadable
 
 
+def _model_cannot_read(ds: Dataset) -> str | None:
+    """Preprocessing's refusal told from the header (the files are read without their pixel
+    data: whether it decodes is found when the study is analysed)."""
+    if "Rows" not in ds and "PhotometricInterpretation" not in ds:
+        return "no pixel data (not an image)"
+    return header_refusal(ds)
+
+
 def facts_of(study_uid: str, datasets: list[Dataset], calling_ae: str) -> StudyFacts:
     """What routing decides on, as the ledger would hold it once these instances arrived."""
     dates = [_text(ds, "StudyDate") for ds in datasets if _text(ds, "StudyDate")]
@@ -197,6 +213,13 @@ def check_study(
             prefix = f"not selected by route {route.name!r}: "
             outcome.left_out = dict(
                 Counter(r.removeprefix(prefix) for r in picked.left_out.values()).most_common()
+            )
+            outcome.unreadable_by_model = dict(
+                Counter(
+                    reason
+                    for ds in picked.datasets
+                    if (reason := _model_cannot_read(ds)) is not None
+                ).most_common()
             )
         outcomes.append(outcome)
     return StudyCheck(
@@ -253,7 +276,9 @@ def format_report(report: CheckReport) -> str:
             )
             for reason, count in r.left_out.items():
                 lines.append(f"    left out: {count} x {reason}")
-            if not r.selected:
+            for reason, count in r.unreadable_by_model.items():
+                lines.append(f"    the model cannot read: {count} x {reason}")
+            if r.selected <= sum(r.unreadable_by_model.values()):
                 lines.append("    its job would fail: nothing to analyse")
         if not study.instances:
             lines.append("  => nothing the node would record")

@@ -156,3 +156,27 @@ def test_nothing_readable_is_said_so_and_exits_1(
     assert (code, out) == (1, "no files found\n")
     code, out = _run(capsys, config, str(tmp_path / "missing.dcm"))
     assert code == 1 and "missing.dcm: not a readable DICOM file" in out
+
+
+def test_images_the_model_cannot_read_are_named_from_their_headers(
+    tmp_path: Path, studies: tuple[Path, str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A scout and a dose report among the CT's files: the route selects them (CT), the
+    model will not read them, and the check says so before anything is sent."""
+    config, ct_uid, _ = studies
+    slices = sorted((tmp_path / "ct").glob("ACC*.dcm"))
+    _copy_as(
+        slices[3], tmp_path / "ct" / "scout.dcm", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    )
+    code, out = _run(capsys, config, str(tmp_path / "ct"), "--date", "2024-09-20")
+    assert code == 0
+    assert "reads 5 of 7 instance(s)" in out
+    assert "    the model cannot read: 1 x a localizer (scout) image, not analysed" in out
+    # A study of a scout alone: the route selects it, the model cannot read it, the job
+    # would fail; the check exits 1.
+    alone = tmp_path / "scout-alone"
+    alone.mkdir()
+    _copy_as(slices[0], alone / "scout.dcm", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    code, out = _run(capsys, config, str(alone), "--date", "2024-09-20")
+    assert code == 1
+    assert "    its job would fail: nothing to analyse" in out

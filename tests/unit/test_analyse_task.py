@@ -255,6 +255,23 @@ def _result_classes(settings: Settings, study_uid: str) -> list[str]:
     )
 
 
+def _analysed(
+    settings: Settings, files: list[Path]
+) -> tuple[str, list[tuple[str, str]], dict[str, Any]]:
+    """Route the study and run its job, which must analyse it: the study UID, the deliveries
+    queued (destination, path) and the study as the ledger shows it."""
+    ledger = Ledger(settings.database_url)
+    try:
+        job_id, study_uid = store_and_route(settings, ledger, files)
+        assert analyse.run_job(settings, ledger, job_id) == "analysed"
+        queued = [(d.destination, d.path) for d in ledger.due_deliveries()]
+        st = ledger.get_study(study_uid)
+        assert st is not None
+        return study_uid, queued, st
+    finally:
+        ledger.dispose()
+
+
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 PM_CLASS = "1.2.840.10008.5.1.4.1.1.30"
@@ -277,13 +294,9 @@ def test_a_routes_heatmap_policy_overrides_the_workers(
         route["results"] = {"heatmaps": route_policy}
     settings = review_settings(tmp_path, routes=[route])
     settings.worker.heatmaps = worker_policy  # type: ignore[assignment]
-    files = write_study(tmp_path / "src", n_images=2, size=64, seed=7)
-    ledger = Ledger(settings.database_url)
-    try:
-        job_id, study_uid = store_and_route(settings, ledger, files)
-        assert analyse.run_job(settings, ledger, job_id) == "analysed"
-    finally:
-        ledger.dispose()
+    study_uid, _, _ = _analysed(
+        settings, write_study(tmp_path / "src", n_images=2, size=64, seed=7)
+    )
     assert _result_classes(settings, study_uid) == [SC_CLASS] * heatmaps + [SR_CLASS]
 
 
@@ -293,13 +306,7 @@ def test_a_route_asks_for_parametric_maps_the_worker_does_not_write(tmp_path: Pa
     route["results"] = {"heatmaps": "none", "parametric_maps": True}
     settings = review_settings(tmp_path, routes=[route])
     assert settings.worker.parametric_maps is False
-    files = write_ct_series(tmp_path / "ct", slices=3, size=64)
-    ledger = Ledger(settings.database_url)
-    try:
-        job_id, study_uid = store_and_route(settings, ledger, files)
-        assert analyse.run_job(settings, ledger, job_id) == "analysed"
-    finally:
-        ledger.dispose()
+    study_uid, _, _ = _analysed(settings, write_ct_series(tmp_path / "ct", slices=3, size=64))
     assert _result_classes(settings, study_uid) == [PM_CLASS, SR_CLASS]
 
 
@@ -309,15 +316,7 @@ def test_the_worker_queues_each_destination_only_the_kinds_it_takes(tmp_path: Pa
     settings = review_settings(tmp_path, routes=[_route()])
     settings.destinations[0].results = ["sr"]
     files = write_study(tmp_path / "src", n_images=2, size=64, seed=8)
-    ledger = Ledger(settings.database_url)
-    try:
-        job_id, study_uid = store_and_route(settings, ledger, files)
-        assert analyse.run_job(settings, ledger, job_id) == "analysed"
-        queued = [(d.destination, d.path) for d in ledger.due_deliveries()]
-        st = ledger.get_study(study_uid)
-        assert st is not None
-        (job,) = st["jobs"]
-    finally:
-        ledger.dispose()
+    study_uid, queued, st = _analysed(settings, files)
+    (job,) = st["jobs"]
     assert queued == [(DESTINATION, f"{study_uid}/{job['summary']['sr_sop_instance_uid']}.dcm")]
     assert _result_classes(settings, study_uid) == [SC_CLASS, SC_CLASS, SR_CLASS]

@@ -186,8 +186,13 @@ def check_study(
     calling_ae: str,
     today: dt.date,
 ) -> StudyCheck:
-    own = [ds for ds in datasets if is_own_result({"Manufacturer": _text(ds, "Manufacturer")})]
-    received = [ds for ds in datasets if ds not in own]
+    received: list[Dataset] = []
+    own = 0
+    for ds in datasets:
+        if is_own_result({"Manufacturer": _text(ds, "Manufacturer")}):
+            own += 1
+        else:
+            received.append(ds)
     facts = facts_of(study_uid, received, calling_ae)
     routed = {job.route for job in decide_routes(settings.routes, facts, today)}
     ordered = sorted(enumerate(settings.routes), key=lambda ir: (-ir[1].priority, ir[0]))
@@ -227,7 +232,7 @@ def check_study(
         instances=len(received),
         modalities=sorted(facts.modalities),
         study_date=facts.study_date,
-        own_results=len(own),
+        own_results=own,
         routes=outcomes,
     )
 

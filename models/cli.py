@@ -3,7 +3,7 @@
 Commands::
 
     acwi-models synth --out DIR --studies N --seed S [--sites 0,1,2,3] [--images-per-study 1]
-                      [--size 256] [--modality DX|CR|CT] [--slices 16]
+                      [--size 256] [--modality DX|CR|CT] [--slices 16] [--enhanced]
     acwi-models train --preset default --out models/registry/default [--config FILE]
                       [--data DIR] [--epochs N] [--threads N] [--resume]
                       [--init-from MODEL --ewc-lambda X [--ewc-data OLD_DIR]]
@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     synth.add_argument(
         "--slices", type=int, default=16, help="axial slices per CT series (--modality CT)"
+    )
+    synth.add_argument(
+        "--enhanced",
+        action="store_true",
+        help="each CT series as one multi-frame Enhanced CT image (--modality CT)",
     )
 
     train = sub.add_parser("train", help="train and calibrate a model")
@@ -120,11 +125,14 @@ def _synth(args: argparse.Namespace) -> int:
             images_per_study=args.slices if ct else args.images_per_study,
             size=args.size or (512 if ct else 256),
             modality=args.modality,
+            enhanced=args.enhanced,
         )
     except ValueError as exc:
         print(f"synth failed: {exc}", file=sys.stderr)
         return 1
     what = f"CT series of {args.slices} slices" if ct else "studies"
+    if args.enhanced:
+        what = f"CT images of {args.slices} frames"
     print(f"wrote {args.studies} {what} and {csv_path}")
     return 0
 

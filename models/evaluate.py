@@ -41,7 +41,7 @@ import numpy as np
 import pydicom
 
 from acwi_node.inference.analyser import Analyser, NothingToAnalyse
-from acwi_node.inference.types import StudyAnalysis
+from acwi_node.inference.types import StudyAnalysis, unit_name
 from models.data.dicom_dataset import LABELS_CSV, LabelledImage, scan_folder
 from models.model_io import load_analyser
 from models.networks import feature_stride
@@ -351,7 +351,9 @@ def _parse_box(text: str | None) -> Box | None:
 
 
 def read_boxes(root: Path, items: Sequence[LabelledImage]) -> dict[str, Box]:
-    """Lesion boxes by SOP Instance UID from ``labels.csv``'s ``box`` column, else side-cars."""
+    """Lesion boxes by image (:attr:`LabelledImage.name`: the SOP Instance UID, with the frame
+    number for a frame) from ``labels.csv``'s ``box`` column, else side-cars (a multi-frame
+    image's lists its frames')."""
     boxes: dict[str, Box] = {}
     csv_path = Path(root) / LABELS_CSV
     if csv_path.is_file():
@@ -361,16 +363,20 @@ def read_boxes(root: Path, items: Sequence[LabelledImage]) -> dict[str, Box]:
             for row in csv.DictReader(fh):
                 box = _parse_box(row.get("box"))
                 sop = (row.get("sop_instance_uid") or "").strip()
+                frame = (row.get("frame_number") or "").strip()
                 if box is not None and sop:
-                    boxes[sop] = box
+                    boxes[unit_name(sop, int(frame) if frame else None)] = box
     for item in items:
-        if item.sop_instance_uid in boxes:
+        if item.name in boxes:
             continue
         side_car = item.path.with_suffix(".truth.json")
         if side_car.is_file():
             truth = json.loads(side_car.read_text())
+            if item.frame_number is not None:  # a multi-frame image: its frames' truths
+                frames = {f.get("frame_number"): f for f in truth.get("frames") or []}
+                truth = frames.get(item.frame_number) or {}
             if truth.get("box"):
-                boxes[item.sop_instance_uid] = tuple(int(v) for v in truth["box"])  # type: ignore[assignment]
+                boxes[item.name] = tuple(int(v) for v in truth["box"])  # type: ignore[assignment]
     return boxes
 
 
@@ -407,7 +413,8 @@ class Collected:
     study_needs_review: dict[str, bool]
     pointing: list[dict[str, Any]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
-    sop_uids: list[str] = field(default_factory=list)  # (N,)
+    #: (N,) each image's SOP Instance UID ("<uid> frame <n>" for a frame)
+    sop_uids: list[str] = field(default_factory=list)
 
 
 def collect(
@@ -443,7 +450,8 @@ def collect(
     skipped: dict[str, str] = {}
     sop_uids: list[str] = []
     for n, (study, members) in enumerate(by_study.items()):
-        datasets = [pydicom.dcmread(m.item.path) for m in members]
+        # each file once: a multi-frame image's frames are members of their own
+        datasets = [pydicom.dcmread(path) for path in dict.fromkeys(m.item.path for m in members)]
         try:
             result: StudyAnalysis = analyser.analyse(datasets)
             uncal = raw.analyse(datasets)
@@ -452,19 +460,21 @@ def collect(
             continue
         skipped.update(result.skipped)
         study_review[study] = result.needs_review
-        by_sop = {m.item.sop_instance_uid: m for m in members}
-        raw_by_sop = {img.sop_instance_uid: img for img in uncal.images}
+        by_name = {m.item.name: m for m in members}
+        raw_by_name = {img.name: img for img in uncal.images}
         for img in result.images:
-            member = by_sop[img.sop_instance_uid]
+            member = by_name.get(img.name)
+            if member is None:  # a frame without a label of its own
+                continue
             truth.append(index[member.item.label])
             sites.append(-1 if member.item.site is None else member.item.site)
             probs.append([img.probabilities[name] for name in analyser.labels])
-            raw_img = raw_by_sop[img.sop_instance_uid]
+            raw_img = raw_by_name[img.name]
             raw_probs.append([raw_img.probabilities[name] for name in analyser.labels])
             scores.append(img.uncertainty.score)
             oods.append(img.ood_score)
             study_of.append(study)
-            sop_uids.append(img.sop_instance_uid)
+            sop_uids.append(img.name)
             if member.box is not None:
                 heat = img.heatmap_array()
                 rows, cols = heat.shape
@@ -561,11 +571,12 @@ class CostlyCase:
 
 
 def select_costly(images: Sequence[EvalImage], n: int, seed: int) -> list[int]:
-    """Up to ``n`` lesion images (with a box), drawn round-robin over sites, seeded."""
+    """Up to ``n`` lesion images (with a box), drawn round-robin over sites, seeded. Frames of
+    multi-frame images are not drawn: the costly checks perturb a single-frame image."""
     rng = np.random.default_rng(seed)
     by_site: dict[int, list[int]] = {}
     for i, image in enumerate(images):
-        if image.box is not None:
+        if image.box is not None and image.item.frame_number is None:
             site = -1 if image.item.site is None else image.item.site
             by_site.setdefault(site, []).append(i)
     queues = {site: list(rng.permutation(idx)) for site, idx in sorted(by_site.items())}
@@ -603,7 +614,7 @@ def costly_cases(
     cases: list[CostlyCase] = []
     for done, i in enumerate(chosen):
         image = images[i]
-        if image.item.sop_instance_uid not in position or image.box is None:
+        if image.item.name not in position or image.box is None:
             continue
         ds = pydicom.dcmread(image.item.path)
         try:
@@ -642,7 +653,7 @@ def costly_cases(
             probs[i] = img.probabilities[cls]
         cases.append(
             CostlyCase(
-                image=position[image.item.sop_instance_uid],
+                image=position[image.item.name],
                 site=-1 if image.item.site is None else image.item.site,
                 label=image.item.label,
                 ssim_shift=float(np.mean(shift_scores)),
@@ -1212,7 +1223,7 @@ def evaluate_model(
     if not items:
         raise ValueError(f"no labelled DICOM images found under {data}")
     boxes = read_boxes(Path(data), items)
-    images = [EvalImage(item, boxes.get(item.sop_instance_uid)) for item in items]
+    images = [EvalImage(item, boxes.get(item.name)) for item in items]
     if train_sites is None:
         train_sites = training_sites(manifest.training.dataset)
     chosen = select_costly(images, costly_images, seed)

@@ -24,8 +24,13 @@ score); ``ood_score`` is the max image OOD score; ``needs_review`` is true when 
 score exceeds ``uncertainty_threshold`` or the OOD score exceeds ``ood.threshold``.
 
 Dropout masks are a counter-based function of a seed taken from SHA-256 of the Study and SOP
-Instance UIDs (:mod:`acwi_node.inference.dropout`), so re-analysing the same images gives
-identical numbers, in any batch, on a GPU as on the CPU.
+Instance UIDs (and the frame number, for a frame of a multi-frame image)
+(:mod:`acwi_node.inference.dropout`), so re-analysing the same images gives identical numbers,
+in any batch, on a GPU as on the CPU.
+
+Multi-frame images (Enhanced CT or MR, tomosynthesis) are read frame by frame: each frame is
+one image of the study above, with its own result (``ImageResult.frame_number``), uncertainty
+and heatmap (:func:`acwi_node.inference.preprocess.image_units`).
 
 Engines. The backbone (:meth:`DIANet.encode`) runs once per batch on the configured engine
 (PyTorch, ONNX Runtime or TensorRT, see :mod:`acwi_node.inference.engines`); images are
@@ -67,7 +72,9 @@ from acwi_node.inference.dropout import keep_masks
 from acwi_node.inference.engines import Engine, EngineOptions, PyTorchEngine, create_engine
 from acwi_node.inference.manifest import ModelManifest, load_manifest
 from acwi_node.inference.preprocess import (
+    ImageUnit,
     UnsupportedImage,
+    image_units,
     normalise,
     preprocess_many,
     resize,
@@ -202,8 +209,20 @@ class BatchInference:
 @dataclass
 class _Prepared:
     index: int
-    ds: Dataset
+    unit: ImageUnit
     x: np.ndarray
+
+    @property
+    def ds(self) -> Dataset:
+        return self.unit.ds
+
+
+def image_seed(study_uid: str, sop_instance_uid: str, frame_number: int | None = None) -> int:
+    """The dropout seed of one image: of its Study and SOP Instance UIDs, and its frame number
+    for a frame of a multi-frame image (each frame draws its own masks)."""
+    if frame_number is None:
+        return uid_seed(study_uid, sop_instance_uid)
+    return uid_seed(study_uid, sop_instance_uid, f"frame {frame_number}")
 
 
 class Analyser:
@@ -292,13 +311,13 @@ class Analyser:
         """Analyse the images of one study (see the module docstring for every number)."""
         skipped: dict[str, str] = {}
         prepared: list[_Prepared] = []
-        for i, (ds, x) in enumerate(
-            zip(datasets, preprocess_many(datasets, self.spec), strict=True)
-        ):
+        units = image_units(datasets)
+        for i, (unit, x) in enumerate(zip(units, preprocess_many(units, self.spec), strict=True)):
             if isinstance(x, UnsupportedImage):
-                skipped[str(ds.get("SOPInstanceUID", "") or f"#{i}")] = str(x)
+                key = unit.name if unit.sop_instance_uid else f"#{i}"
+                skipped[key] = str(x)
             else:
-                prepared.append(_Prepared(i, ds, x))
+                prepared.append(_Prepared(i, unit, x))
         if not prepared:
             reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "no datasets given"
             raise NothingToAnalyse(f"no image could be analysed ({reasons})", skipped)
@@ -371,11 +390,14 @@ class Analyser:
         return BatchInference(mc=mc, ood=ood, heatmaps=heatmaps)
 
     def _analyse_batch(self, batch: list[_Prepared], study_uid: str) -> list[ImageResult]:
-        sops = [str(item.ds.get("SOPInstanceUID", "")) for item in batch]
+        sops = [item.unit.sop_instance_uid for item in batch]
         result = self.infer(
             np.stack([item.x for item in batch]),
-            [uid_seed(study_uid, sop) for sop in sops],
-            [(int(item.ds.Rows), int(item.ds.Columns)) for item in batch],
+            [
+                image_seed(study_uid, sop, item.unit.frame_number)
+                for sop, item in zip(sops, batch, strict=True)
+            ],
+            [item.unit.shape for item in batch],
         )
         assert result.heatmaps is not None
         mc = result.mc
@@ -399,6 +421,7 @@ class Analyser:
                     heatmap=result.heatmaps[j],
                     ood_score=ood,
                     heatmap_selected=self.heatmap_selected(probs, score, ood),
+                    frame_number=item.unit.frame_number,
                 )
             )
         return out

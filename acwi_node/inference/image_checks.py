@@ -23,10 +23,9 @@ def is_localizer(ds: Dataset) -> bool:
 
 def header_refusal(ds: Dataset) -> str | None:
     """Why the model cannot read this image, from its header; None when it may (its pixel
-    data may still be missing or undecodable)."""
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        return f"multi-frame image ({frames} frames)"
+    data may still be missing or undecodable). A multi-frame image is read frame by frame,
+    so its number of frames is no reason; a frame's own header
+    (:func:`acwi_node.dicom_frames.frame_view`) may still give one (a localizer frame)."""
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):

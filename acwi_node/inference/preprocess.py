@@ -2,13 +2,15 @@
 
 Steps, in order:
 
-1. checks: single-frame (``NumberOfFrames`` absent or 1), one sample per pixel,
-   MONOCHROME1/MONOCHROME2, ``PixelData`` present and decodable, at least 32 x 32 pixels, not
-   a localizer (``LOCALIZER`` in Image Type: a CT or MR scout, which plans the acquisition and
-   would otherwise count as one more image of the study); anything else raises
-   :class:`UnsupportedImage`. Multi-frame images are refused rather than reduced to one frame:
-   the model reads single projection radiographs;
-2. modality LUT (Rescale Slope/Intercept or a Modality LUT Sequence);
+1. checks: one sample per pixel, MONOCHROME1/MONOCHROME2, ``PixelData`` present and
+   decodable, at least 32 x 32 pixels, not a localizer (``LOCALIZER`` in Image Type: a CT or
+   MR scout, which plans the acquisition and would otherwise count as one more image of the
+   study); anything else raises :class:`UnsupportedImage`. A multi-frame image (Enhanced CT
+   or MR, tomosynthesis, a multi-frame secondary capture) is read frame by frame: each frame
+   is one model input (:class:`ImageUnit`), decoded alone, with the frame's own functional
+   groups (its rescale, its Frame Type) read as a single-frame image's attributes
+   (:mod:`acwi_node.dicom_frames`);
+2. modality LUT (Rescale Slope/Intercept or a Modality LUT Sequence; a frame's own);
 3. MONOCHROME1 inversion (negation), so that higher always means brighter/denser;
 4. plain resize (no padding, aspect ratio not kept) to ``size x size`` with antialiased
    bilinear interpolation; the heatmap goes back to Rows x Columns by the inverse resize;
@@ -20,7 +22,7 @@ Steps, in order:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,8 +31,10 @@ import torch.nn.functional as F
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
+from acwi_node.dicom_frames import frame_count, frame_pixels, frame_view
 from acwi_node.dicom_pixels import stored_pixels
 from acwi_node.inference.image_checks import header_refusal
+from acwi_node.inference.types import unit_name
 
 
 class UnsupportedImage(ValueError):
@@ -52,25 +56,75 @@ def _sop(ds: Dataset) -> str:
     return str(ds.get("SOPInstanceUID", "<no SOPInstanceUID>"))
 
 
-def modality_pixels(ds: Dataset) -> np.ndarray:
-    """Checked float32 pixels after the modality LUT and MONOCHROME1 inversion (steps 1-3)."""
+@dataclass(frozen=True)
+class ImageUnit:
+    """One image the model reads: a single-frame image (``frame_number`` None) or one frame
+    (1-based) of a multi-frame image."""
+
+    ds: Dataset
+    frame_number: int | None = None
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.ds.get("SOPInstanceUID", ""))
+
+    @property
+    def name(self) -> str:
+        return unit_name(_sop(self.ds), self.frame_number)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(Rows, Columns): every frame of an image has its image's."""
+        return int(self.ds.Rows), int(self.ds.Columns)
+
+
+def image_units(datasets: Iterable[Dataset]) -> list[ImageUnit]:
+    """The images the model reads in ``datasets``, in order: a single-frame image as itself,
+    a multi-frame image as each of its frames in frame order. A multi-frame image its header
+    refuses as a whole (colour, too small, a localizer) stays one unit, refused once."""
+    units: list[ImageUnit] = []
+    for ds in datasets:
+        frames = frame_count(ds)
+        if frames == 1 or "PixelData" not in ds or header_refusal(ds) is not None:
+            units.append(ImageUnit(ds))
+        else:
+            units.extend(ImageUnit(ds, n) for n in range(1, frames + 1))
+    return units
+
+
+def modality_pixels(ds: Dataset, frame_number: int | None = None) -> np.ndarray:
+    """Checked float32 pixels after the modality LUT and MONOCHROME1 inversion (steps 1-3),
+    of the image or, for a multi-frame image, of frame ``frame_number`` (1-based)."""
+    name = unit_name(_sop(ds), frame_number)
     if "PixelData" not in ds:
-        raise UnsupportedImage(f"{_sop(ds)}: no PixelData (not an integer-pixel image)")
+        raise UnsupportedImage(f"{name}: no PixelData (not an integer-pixel image)")
     refusal = header_refusal(ds)
     if refusal is not None:
-        raise UnsupportedImage(f"{_sop(ds)}: {refusal}")
+        raise UnsupportedImage(f"{name}: {refusal}")
+    frames = frame_count(ds)
+    header: Dataset = ds
+    if frame_number is None and frames > 1:
+        raise UnsupportedImage(f"{name}: multi-frame image ({frames} frames) read as one image")
+    if frame_number is not None:
+        try:
+            header = frame_view(ds, frame_number)
+        except ValueError as exc:
+            raise UnsupportedImage(f"{name}: {exc}") from exc
+        refusal = header_refusal(header)  # the frame's own Frame Type: a localizer frame
+        if refusal is not None:
+            raise UnsupportedImage(f"{name}: {refusal}")
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     try:
-        stored = stored_pixels(ds)
+        stored = stored_pixels(ds) if frame_number is None else frame_pixels(ds, frame_number)
     except Exception as exc:  # decoders raise many types; all mean the same to us
-        raise UnsupportedImage(f"{_sop(ds)}: pixel data could not be decoded: {exc}") from exc
+        raise UnsupportedImage(f"{name}: pixel data could not be decoded: {exc}") from exc
     if stored.ndim != 2:
-        raise UnsupportedImage(f"{_sop(ds)}: unexpected pixel array shape {stored.shape}")
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+        raise UnsupportedImage(f"{name}: unexpected pixel array shape {stored.shape}")
+    values = np.asarray(apply_modality_lut(stored, header), dtype=np.float32)
     if photometric == "MONOCHROME1":
         values = -values
     if not np.isfinite(values).all():
-        raise UnsupportedImage(f"{_sop(ds)}: non-finite pixel values after the modality LUT")
+        raise UnsupportedImage(f"{name}: non-finite pixel values after the modality LUT")
     return values
 
 
@@ -87,13 +141,14 @@ def window(image: np.ndarray, lower_percentile: float, upper_percentile: float) 
     return np.clip((image - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
-def to_unit_range(ds: Dataset, spec: PreprocessSpec) -> np.ndarray:
-    """Steps 1-5: a ``(size, size)`` float32 image in [0, 1]."""
-    pixels = modality_pixels(ds)
+def to_unit_range(ds: Dataset, spec: PreprocessSpec, frame_number: int | None = None) -> np.ndarray:
+    """Steps 1-5: a ``(size, size)`` float32 image in [0, 1] (of frame ``frame_number`` of a
+    multi-frame image)."""
+    pixels = modality_pixels(ds, frame_number)
     try:
         return window(resize(pixels, spec.size), spec.lower_percentile, spec.upper_percentile)
     except UnsupportedImage as exc:
-        raise UnsupportedImage(f"{_sop(ds)}: {exc}") from exc
+        raise UnsupportedImage(f"{unit_name(_sop(ds), frame_number)}: {exc}") from exc
 
 
 def normalise(unit: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -101,9 +156,10 @@ def normalise(unit: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return ((unit - spec.mean) / spec.std).astype(np.float32)[None]
 
 
-def preprocess(ds: Dataset, spec: PreprocessSpec) -> np.ndarray:
-    """The model input ``(1, size, size)`` float32 for one dataset (all six steps)."""
-    return normalise(to_unit_range(ds, spec), spec)
+def preprocess(ds: Dataset, spec: PreprocessSpec, frame_number: int | None = None) -> np.ndarray:
+    """The model input ``(1, size, size)`` float32 for one dataset (all six steps), or for
+    frame ``frame_number`` of a multi-frame one."""
+    return normalise(to_unit_range(ds, spec, frame_number), spec)
 
 
 #: Images resized in one call by :func:`preprocess_many` (their pixels are held together).
@@ -111,21 +167,25 @@ RESIZE_BATCH = 32
 
 
 def preprocess_many(
-    datasets: Sequence[Dataset], spec: PreprocessSpec
+    units: Sequence[ImageUnit | Dataset], spec: PreprocessSpec
 ) -> list[np.ndarray | UnsupportedImage]:
-    """:func:`preprocess` for each dataset, in order: its model input, or the
-    :class:`UnsupportedImage` that ``preprocess`` raises for it. The same values (the tests
-    compare them), faster: images of one size are resized together, :data:`RESIZE_BATCH`
-    at a time. torch's antialiased resize of one 512 x 512 image to 128 x 128 takes about
-    8 ms, of 32 stacked about 0.7 ms each; a 100-slice CT: 0.8 -> 0.07 s."""
+    """:func:`preprocess` for each unit (a dataset: a single-frame image), in order: its
+    model input, or the :class:`UnsupportedImage` that ``preprocess`` raises for it. The
+    same values (the tests compare them), faster: images of one size are resized together,
+    :data:`RESIZE_BATCH` at a time. torch's antialiased resize of one 512 x 512 image to
+    128 x 128 takes about 8 ms, of 32 stacked about 0.7 ms each; a 100-slice CT: 0.8 ->
+    0.07 s. A multi-frame image's frames are decoded one at a time, as they are needed."""
     out: list[np.ndarray | UnsupportedImage] = []
-    for start in range(0, len(datasets), RESIZE_BATCH):
-        chunk = datasets[start : start + RESIZE_BATCH]
+    for start in range(0, len(units), RESIZE_BATCH):
+        chunk = [
+            u if isinstance(u, ImageUnit) else ImageUnit(u)
+            for u in units[start : start + RESIZE_BATCH]
+        ]
         results: list[np.ndarray | UnsupportedImage | None] = [None] * len(chunk)
         by_shape: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
-        for i, ds in enumerate(chunk):
+        for i, unit in enumerate(chunk):
             try:
-                pixels = modality_pixels(ds)
+                pixels = modality_pixels(unit.ds, unit.frame_number)
             except UnsupportedImage as exc:
                 results[i] = exc
                 continue
@@ -135,11 +195,11 @@ def preprocess_many(
             resized = _resize_stack(stacked, spec.size)
             for (i, _), image in zip(group, resized, strict=True):
                 try:
-                    unit = window(image, spec.lower_percentile, spec.upper_percentile)
+                    in_range = window(image, spec.lower_percentile, spec.upper_percentile)
                 except UnsupportedImage as exc:
-                    results[i] = UnsupportedImage(f"{_sop(chunk[i])}: {exc}")
+                    results[i] = UnsupportedImage(f"{chunk[i].name}: {exc}")
                     continue
-                results[i] = normalise(unit, spec)
+                results[i] = normalise(in_range, spec)
         out.extend(r for r in results if r is not None)
     return out
 

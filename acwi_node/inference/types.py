@@ -52,6 +52,14 @@ class DeferredHeatmap:
         return f"DeferredHeatmap({self._cam.shape} -> {self._shape})"
 
 
+def unit_name(sop_instance_uid: str, frame_number: int | None) -> str:
+    """How an image the model reads is named in reasons and lists: its SOP Instance UID, and
+    for a frame of a multi-frame image ``"<uid> frame <n>"``."""
+    if frame_number is None:
+        return sop_instance_uid
+    return f"{sop_instance_uid} frame {frame_number}"
+
+
 @dataclass(frozen=True)
 class ModelIdentity:
     """Who produced a result: written into the SR's device observer and algorithm items."""
@@ -79,7 +87,7 @@ class Uncertainty:
 
 @dataclass
 class ImageResult:
-    """The model's output for one source image."""
+    """The model's output for one source image, or for one frame of a multi-frame image."""
 
     sop_instance_uid: str
     sop_class_uid: str
@@ -95,6 +103,15 @@ class ImageResult:
     #: False when the worker's ``heatmaps`` policy skips this image's heatmap object (the array
     #: is still computed); writers must not write a heatmap for such an image.
     heatmap_selected: bool = True
+    #: The frame (1-based) of a multi-frame source image this result is for; None for a
+    #: single-frame image.
+    frame_number: int | None = None
+
+    @property
+    def name(self) -> str:
+        """The image as reasons and lists name it: its SOP Instance UID, and for a frame
+        ``"<uid> frame <n>"``."""
+        return unit_name(self.sop_instance_uid, self.frame_number)
 
     def heatmap_array(self) -> np.ndarray:
         """The heatmap as a float32 array at the source image's Rows x Columns (computed anew

@@ -38,6 +38,7 @@ Role = tuple[str, str]
 KINDS: dict[str, tuple[int, str]] = {
     "instance": (0x00081155, "UI"),  # Referenced SOP Instance UID
     "class": (0x00081150, "UI"),  # Referenced SOP Class UID
+    "frame": (0x00081160, "IS"),  # Referenced Frame Number
     "uid": (0x0040A124, "UI"),  # UID (a UIDREF item's value)
     "text": (0x0040A160, "UT"),  # Text Value
     "ds": (0x0040A30A, "DS"),  # Numeric Value

@@ -23,6 +23,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
+from acwi_node.dicom_frames import frame_count, frame_pixels, frame_view
 from acwi_node.dicom_pixels import stored_pixels
 from acwi_node.inference.types import ImageResult, StudyAnalysis
 from acwi_node.results.headers import copy_anatomy, copy_patient_and_study
@@ -118,13 +119,18 @@ def _voi_lut(values: FloatImage, source: Dataset) -> FloatImage | None:
     return np.clip((mapped - low) / (high - low), 0.0, 1.0)
 
 
-def render_grey(source: Dataset) -> FloatImage:
-    """The source image as display grey levels in [0, 1] (first frame of a multi-frame)."""
-    pixels = np.asarray(stored_pixels(source))
-    frames = int(source.get("NumberOfFrames", 1) or 1)
+def render_grey(source: Dataset, frame_number: int | None = None) -> FloatImage:
+    """The source image as display grey levels in [0, 1]; of a multi-frame image, frame
+    ``frame_number`` (default the first) with its own rescale and window."""
     samples = int(source.get("SamplesPerPixel", 1) or 1)
-    if frames > 1:
-        pixels = pixels[0]
+    if frame_number not in (None, 1) and frame_count(source) == 1:
+        raise ValueError(f"frame {frame_number} of a single-frame image")
+    if frame_count(source) > 1:
+        frame_number = frame_number or 1
+        pixels = np.asarray(frame_pixels(source, frame_number))
+        source = frame_view(source, frame_number)  # the frame's rescale and window
+    else:
+        pixels = np.asarray(stored_pixels(source))
     if samples == 3:
         rgb = pixels.astype(np.float64)
         luminance = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
@@ -265,9 +271,12 @@ def build_heatmap_sc(
     """Build the RGB Secondary Capture overlaying ``heatmap`` on ``source``.
 
     The result is in the source's study, in the model version's heatmap series, with a SOP
-    Instance UID derived from the source's, so a re-run replaces it.
+    Instance UID derived from the source's, so a re-run replaces it. For a frame of a
+    multi-frame image (``image.frame_number``) it shows that frame, references it (Referenced
+    Frame Number) and has a UID of its own.
     """
     source_uid = str(source.SOPInstanceUID)
+    frame_number = image.frame_number
     if image.sop_instance_uid != source_uid:
         raise ValueError(
             f"image result is for {image.sop_instance_uid}, source image is {source_uid}"
@@ -280,7 +289,7 @@ def build_heatmap_sc(
     study_uid = str(source.StudyInstanceUID)
     uids = result_uids(study_uid, model.name, model.version)
 
-    grey = render_grey(source)
+    grey = render_grey(source, frame_number)
     source_rows, source_columns = grey.shape
     rows, columns = _output_shape(source_rows, source_columns)
     grey = np.clip(_resize(grey, rows, columns), 0.0, 1.0)
@@ -292,7 +301,7 @@ def build_heatmap_sc(
         study_instance_uid=study_uid,
         series_instance_uid=uids.heatmap_series_uid,
         series_number=HEATMAP_SERIES_NUMBER,
-        sop_instance_uid=uids.heatmap_instance_uid(source_uid),
+        sop_instance_uid=uids.heatmap_instance_uid(source_uid, frame_number),
         sop_class_uid=SecondaryCaptureImageStorage,
         instance_number=instance_number,
         modality="OT",
@@ -324,7 +333,10 @@ def build_heatmap_sc(
     label, probability = _predicted(analysis, image)
     shown = f"{label} (p={probability:.3f})" if probability is not None else label
     review = "; flagged for human review" if analysis.needs_review else ""
-    sc.ImageComments = f"ACWI {model.name} {model.version}: predicted {shown}{review}. {NOTICE}."
+    of_frame = f" Frame {frame_number} of the source image." if frame_number is not None else ""
+    sc.ImageComments = (
+        f"ACWI {model.name} {model.version}: predicted {shown}{review}.{of_frame} {NOTICE}."
+    )
     sc.DerivationDescription = (
         f"Source image windowed to 8-bit grey and blended with the {model.name} "
         f"{model.version} heatmap (jet-like colour map, opacity proportional to heat). "
@@ -333,6 +345,8 @@ def build_heatmap_sc(
     reference = Dataset()
     reference.ReferencedSOPClassUID = str(source.SOPClassUID)
     reference.ReferencedSOPInstanceUID = source_uid
+    if frame_number is not None:
+        reference.ReferencedFrameNumber = frame_number
     purpose = Dataset()
     purpose.CodeValue = "121322"
     purpose.CodingSchemeDesignator = "DCM"
@@ -355,7 +369,8 @@ def build_heatmap_sc(
         sc.DateOfSecondaryCapture = sc.ContentDate
     if "ContentTime" in sc:
         sc.TimeOfSecondaryCapture = sc.ContentTime
-    spacing = source.get("PixelSpacing")
+    geometry = frame_view(source, frame_number) if frame_number is not None else source
+    spacing = geometry.get("PixelSpacing")
     if isinstance(spacing, MultiValue) and len(spacing) == 2:
         row_factor = source_rows / rows
         column_factor = source_columns / columns

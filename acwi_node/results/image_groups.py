@@ -10,7 +10,8 @@ Here highdicom builds one image's groups, for a stand-in image whose every varia
 sentinel, and each image's groups are rendered from them (:mod:`.content_templates`). The
 variable values are the tracking UIDs, the summary group's tracking identifier ("Image N
 summary"), each measurement's numeric value (Numeric Value, DS, and Floating Point Value, FD,
-as highdicom writes them) and the source image's SOP Class and Instance UIDs.
+as highdicom writes them), the source image's SOP Class and Instance UIDs and, for a frame of
+a multi-frame image, its Referenced Frame Number (such images have templates of their own).
 
 A template holds nothing of the study it was made for: the values that differ between studies
 (the tracking UIDs, derived from the study, and the source image's UIDs) are its variable
@@ -55,6 +56,7 @@ GroupBuilder = Callable[[int, ImageResult, Dataset], Sequence[Any]]
 _SENTINEL_INSTANCE = "1.2.826.0.1.3680043.10.1137.97531.1"
 _SENTINEL_CLASS = "1.2.826.0.1.3680043.10.1137.97531.2"
 _SENTINEL_NUMBER = 975319753
+_SENTINEL_FRAME = 97531
 #: Sentinel measurement values: distinct, with six significant digits (DS and FD unique).
 _SENTINEL_BASE = 0.713917
 _SENTINEL_STEP = 0.010203
@@ -82,6 +84,7 @@ def _sentinel_image(labels: Sequence[str], example: ImageResult) -> ImageResult:
         probabilities=probabilities,
         uncertainty=uncertainty,
         ood_score=ood_score,
+        frame_number=None if example.frame_number is None else _SENTINEL_FRAME,
     )
 
 
@@ -121,10 +124,12 @@ def finite(probabilities: Mapping[str, float], uncertainty: Uncertainty, ood_sco
 def _roles(image: ImageResult, source: Dataset, number: int, uids: ResultUIDs) -> dict[Role, Any]:
     """Each role's value for ``image`` (read from ``source``, number ``number``)."""
     roles = measurement_roles(
-        image.probabilities, image.uncertainty, image.ood_score, image.sop_instance_uid, uids
+        image.probabilities, image.uncertainty, image.ood_score, image.name, uids
     )
     roles[("instance", "")] = str(source.SOPInstanceUID)
     roles[("class", "")] = str(source.SOPClassUID)
+    if image.frame_number is not None:
+        roles[("frame", "")] = image.frame_number
     roles[("text", "summary")] = f"Image {number} summary"
     return roles
 
@@ -185,8 +190,9 @@ def encode_image_groups(
         source = sources[image.sop_instance_uid]
         rendered: bytes | None = None
         if finite(image.probabilities, image.uncertainty, image.ood_score):
+            framed = image.frame_number is not None
             found = kept_template(
-                (study_key, labels),
+                (study_key, labels, framed),
                 lambda: _template(labels, image, build, uids, encodings),  # noqa: B023
             )
             if found is None:

@@ -49,10 +49,11 @@ from highdicom.sr import (
     TrackingIdentifier,
 )
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 
 from acwi_node import MANUFACTURER
-from acwi_node.inference.types import ImageResult, StudyAnalysis, Uncertainty
+from acwi_node.inference.types import ImageResult, StudyAnalysis, Uncertainty, unit_name
 from acwi_node.results.content_templates import append_encoded, set_encoded
 from acwi_node.results.headers import patient_study_header
 from acwi_node.results.image_groups import encode_image_groups
@@ -250,11 +251,17 @@ def _algorithm_items(name: str, version: str, manufacturer: str | None) -> Algor
     return AlgorithmIdentification(name=name, version=version, manufacturer=manufacturer)
 
 
-def _source_refs(images: Sequence[Dataset]) -> list[SourceImageForMeasurementGroup]:
+def _source_refs(
+    images: Sequence[Dataset], frame_number: int | None = None
+) -> list[SourceImageForMeasurementGroup]:
+    """The group's source images; ``frame_number``: the one frame of a multi-frame image an
+    image's group is for."""
+    frames = [frame_number] if frame_number is not None else None
     return [
         SourceImageForMeasurementGroup(
             referenced_sop_class_uid=str(ds.SOPClassUID),
             referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+            referenced_frame_numbers=frames,
         )
         for ds in images
     ]
@@ -285,6 +292,7 @@ def _label_group(
     images: Sequence[Dataset],
     analysis: StudyAnalysis,
     uids: ResultUIDs,
+    frame_number: int | None = None,
 ) -> MeasurementsAndQualitativeEvaluations:
     return MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
@@ -293,7 +301,7 @@ def _label_group(
         finding_type=code,
         algorithm_id=_algorithm(analysis),
         measurements=[_number(PROBABILITY, probability, NO_UNITS, method, analysis)],
-        source_images=_source_refs(images),
+        source_images=_source_refs(images, frame_number),
     )
 
 
@@ -307,6 +315,7 @@ def _summary_group(
     analysis: StudyAnalysis,
     uids: ResultUIDs,
     evaluations: Sequence[QualitativeEvaluation] = (),
+    frame_number: int | None = None,
 ) -> MeasurementsAndQualitativeEvaluations:
     measurements = [
         _number(concept, getattr(uncertainty, field), unit, method, analysis)
@@ -320,7 +329,7 @@ def _summary_group(
         algorithm_id=_algorithm(analysis),
         measurements=measurements,
         qualitative_evaluations=list(evaluations) or None,
-        source_images=_source_refs(images),
+        source_images=_source_refs(images, frame_number),
     )
 
 
@@ -374,7 +383,10 @@ def build_sr(
     study_uid, by_uid = _check_sources(sources, analysis)
     model = analysis.model
     uids = result_uids(study_uid, model.name, model.version)
-    analysed = [by_uid[img.sop_instance_uid] for img in analysis.images]
+    # Each analysed image once: a multi-frame image has a result per frame.
+    analysed = [
+        by_uid[uid] for uid in dict.fromkeys(img.sop_instance_uid for img in analysis.images)
+    ]
     codes_by_label = _label_codes(analysis.labels)
 
     def build_study_groups(
@@ -591,7 +603,7 @@ def _image_groups(
     uids: ResultUIDs,
     codes_by_label: Mapping[str, CodedConcept],
 ) -> list[MeasurementsAndQualitativeEvaluations]:
-    scope = image.sop_instance_uid
+    scope = image.name  # its SOP Instance UID, and its frame number for a frame
     groups = [
         _label_group(
             label,
@@ -602,6 +614,7 @@ def _image_groups(
             [source],
             analysis,
             uids,
+            image.frame_number,
         )
         for label in analysis.labels
         if label in image.probabilities
@@ -616,6 +629,7 @@ def _image_groups(
             [source],
             analysis,
             uids,
+            frame_number=image.frame_number,
         )
     )
     return groups
@@ -818,6 +832,19 @@ def _image_uid(item: Dataset) -> str | None:
     return str(seq[0].ReferencedSOPInstanceUID)
 
 
+def _image_name(item: Dataset) -> str | None:
+    """The referenced image as :attr:`ImageResult.name` names it: its SOP Instance UID, with
+    the frame number of a reference to one frame."""
+    uid = _image_uid(item)
+    if uid is None:
+        return None
+    frames = item.ReferencedSOPSequence[0].get("ReferencedFrameNumber")
+    if frames is None or frames == "":
+        return uid
+    values = list(frames) if isinstance(frames, MultiValue | list) else [frames]
+    return unit_name(uid, int(values[0])) if len(values) == 1 else uid
+
+
 def _measurement_groups(ds: Dataset) -> Iterator[Dataset]:
     for container in _children(ds):
         if _concept(container) != _IMAGING_MEASUREMENTS:
@@ -846,9 +873,10 @@ def summarise_sr(ds: Dataset) -> dict[str, Any]:
     Only the dataset's content tree and evidence sequences are used. Returns a dict with:
     ``study_instance_uid``, ``series_instance_uid``, ``sop_instance_uid``; ``model_name`` and
     ``model_version`` (from the algorithm identification); ``probabilities`` (label ->
-    study-level probability); ``image_probabilities`` (SOP Instance UID -> label ->
-    probability); ``uncertainty`` (entropy, epistemic, aleatoric, score) and ``ood_score`` for
-    the study; ``image_uncertainty`` (SOP Instance UID -> the same five numbers);
+    study-level probability); ``image_probabilities`` (SOP Instance UID, ``"<uid> frame
+    <n>"`` for a frame of a multi-frame image, -> label -> probability); ``uncertainty``
+    (entropy, epistemic, aleatoric, score) and ``ood_score`` for the study;
+    ``image_uncertainty`` (the same keys -> the same five numbers);
     ``needs_review`` (bool or None); ``predicted_label`` (str or None);
     ``evidence_sop_instance_uids`` (the evidence sequences) and
     ``referenced_sop_instance_uids`` (evidence plus every image referenced in the content),
@@ -889,9 +917,9 @@ def summarise_sr(ds: Dataset) -> dict[str, Any]:
             elif concept == _FINDING and value_type == "CODE":
                 finding = _code_value(item)
             elif concept in _SOURCE_IMAGE_CONCEPTS and value_type == "IMAGE":
-                uid = _image_uid(item)
-                if uid is not None:
-                    sources.append(uid)
+                name = _image_name(item)
+                if name is not None:
+                    sources.append(name)
             elif concept == _key(NEEDS_REVIEW) and value_type == "CODE":
                 needs_review = _code_value(item) == _key(YES)
             elif concept == _key(PREDICTED_CLASS) and value_type == "CODE":

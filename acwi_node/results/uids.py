@@ -89,9 +89,14 @@ class ResultUIDs:
     heatmap_series_uid: str
     parametric_map_series_uid: str
 
-    def heatmap_instance_uid(self, source_sop_instance_uid: str) -> str:
-        """SOP Instance UID of the heatmap secondary capture made from one source image."""
-        return self._derive("heatmap-instance", source_sop_instance_uid)
+    def heatmap_instance_uid(
+        self, source_sop_instance_uid: str, frame_number: int | None = None
+    ) -> str:
+        """SOP Instance UID of the heatmap secondary capture made from one source image (or
+        from frame ``frame_number`` of a multi-frame one)."""
+        if frame_number is None:
+            return self._derive("heatmap-instance", source_sop_instance_uid)
+        return self._derive("heatmap-instance", source_sop_instance_uid, f"frame {frame_number}")
 
     def parametric_map_instance_uid(self, source_series_uid: str, rows: int, columns: int) -> str:
         """SOP Instance UID of the parametric map made from one source series (of images
@@ -102,7 +107,7 @@ class ResultUIDs:
         """Tracking Unique Identifier of an SR measurement group.
 
         ``scope`` names what the group covers: ``"study"``, or a source SOP Instance UID for a
-        per-image group.
+        per-image group (``"<uid> frame <n>"`` for a frame of a multi-frame image).
         """
         return self._derive("tracking", label, scope)
 

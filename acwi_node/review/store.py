@@ -755,8 +755,10 @@ class ReviewStore:
             for v in latest.values():
                 st = s.get_one(Study, v.study_id)
                 job = s.get_one(Job, v.job_id)
+                # (SOP Instance UID, frame number or None): a multi-frame image's frames
                 images = [
-                    im.get("sop_instance_uid") for im in (job.summary or {}).get("images", [])
+                    (im.get("sop_instance_uid"), frame_number_of(im))
+                    for im in (job.summary or {}).get("images", [])
                 ]
                 out.append(
                     {
@@ -766,10 +768,18 @@ class ReviewStore:
                         "label": v.label,
                         "model_label": v.model_label,
                         "action": v.action,
-                        "images": [uid for uid in images if uid],
+                        "images": [(uid, frame) for uid, frame in images if uid],
                     }
                 )
             return out
+
+
+def frame_number_of(image: dict[str, Any]) -> int | None:
+    """The frame number of a job summary's image (a frame of a multi-frame image), or None."""
+    value = image.get("frame_number")
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
 
 
 def _count(s: Any, model: Any, *where: Any) -> int:

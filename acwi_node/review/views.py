@@ -13,7 +13,8 @@ Images: the source instance is rendered as the heatmap writer renders it
 present else a percentile window, MONOCHROME1 inverted). The overlay is the heatmap secondary
 capture the node sent (source grey blended with the colour map, opacity proportional to heat),
 drawn over the same rendering: its opacity slider therefore fades the colour map in and out
-exactly; no separate heatmap file is stored.
+exactly; no separate heatmap file is stored. A frame of a multi-frame image is asked for by
+number (``images/<uid>.png?frame=N``, ``heatmaps/<uid>.png?frame=N``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader
@@ -59,6 +60,7 @@ from acwi_node.review.store import (
     SessionInfo,
     UserInfo,
     WorklistFilters,
+    frame_number_of,
 )
 from acwi_node.review.verdicts import VERIFIED_SR_KIND, submit_verdict
 
@@ -135,10 +137,11 @@ def display_size(rows: int, columns: int) -> tuple[int, int]:
     return max(1, round(columns * scale)), max(1, round(rows * scale))
 
 
-def render_source_png(path: Path) -> bytes:
-    """The source image windowed for display, as an 8-bit greyscale PNG."""
+def render_source_png(path: Path, frame_number: int | None = None) -> bytes:
+    """The source image (frame ``frame_number`` of a multi-frame one) windowed for display,
+    as an 8-bit greyscale PNG."""
     ds = dcmread(path)
-    grey = render_grey(ds)
+    grey = render_grey(ds, frame_number)
     image = Image.fromarray(np.clip(np.rint(grey * 255.0), 0, 255).astype(np.uint8))
     size = display_size(*grey.shape)
     if image.size != size:
@@ -599,10 +602,15 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             sop = str(im.get("sop_instance_uid", ""))
             if not is_safe_uid(sop):
                 continue
+            frame = frame_number_of(im)
             images.append(
                 {
                     "sop": sop,
-                    "heatmap": uids is not None and uids.heatmap_instance_uid(sop) in heatmaps,
+                    # a frame of a multi-frame image: its pictures are asked for by number
+                    "frame": frame,
+                    "query": f"?frame={frame}" if frame is not None else "",
+                    "heatmap": uids is not None
+                    and uids.heatmap_instance_uid(sop, frame) in heatmaps,
                     "probability": float((im.get("probabilities") or {}).get(predicted, 0.0)),
                     "uncertainty": float(im.get("uncertainty_score", 0.0)),
                     "ood": float(im.get("ood_score", 0.0)),
@@ -648,26 +656,26 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         return _case_page(request, item_id)
 
     @app.get("/review/cases/{item_id}/images/{sop}.png", include_in_schema=False)
-    def case_image(item_id: int, sop: str) -> Response:
+    def case_image(item_id: int, sop: str, frame: int | None = Query(None, ge=1)) -> Response:
         case = _case_or_404(item_id)
         rel = review.store.instance_path(case["study_uid"], sop) if is_safe_uid(sop) else None
         if rel is None:
             raise HTTPException(status_code=404, detail="no such image in this case")
         try:
             path = Spool(settings.spool_dir, fsync=False).resolve(rel)
-            data = render_source_png(path)
+            data = render_source_png(path, frame)
         except (OSError, ValueError) as exc:
             raise HTTPException(status_code=404, detail="image cannot be rendered") from exc
         return Response(data, media_type="image/png", headers={"Cache-Control": "private"})
 
     @app.get("/review/cases/{item_id}/heatmaps/{sop}.png", include_in_schema=False)
-    def case_heatmap(item_id: int, sop: str) -> Response:
+    def case_heatmap(item_id: int, sop: str, frame: int | None = Query(None, ge=1)) -> Response:
         case = _case_or_404(item_id)
         model = case["summary"].get("model") or {}
         if not is_safe_uid(sop) or not model.get("name"):
             raise HTTPException(status_code=404, detail="no heatmap")
         wanted = result_uids(case["study_uid"], model["name"], model["version"])
-        hm_uid = wanted.heatmap_instance_uid(sop)
+        hm_uid = wanted.heatmap_instance_uid(sop, frame)
         paths = [
             r["path"]
             for r in case["results"]

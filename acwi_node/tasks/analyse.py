@@ -117,6 +117,8 @@ def summarise(analysis: StudyAnalysis, threshold: float) -> dict[str, Any]:
         "images": [
             {
                 "sop_instance_uid": im.sop_instance_uid,
+                # a frame of a multi-frame image (Enhanced CT, tomosynthesis): its number
+                **({"frame_number": im.frame_number} if im.frame_number is not None else {}),
                 "probabilities": {k: float(v) for k, v in im.probabilities.items()},
                 "uncertainty_score": im.uncertainty.score,
                 "ood_score": float(im.ood_score),
@@ -205,7 +207,8 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
         analysis.skipped.update(unreadable)
         count_not_analysed(job.model, analysis.skipped)
         by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
-        used = [by_uid[im.sop_instance_uid] for im in analysis.images]
+        # each analysed instance once (a multi-frame image has a result per frame)
+        used = [by_uid[uid] for uid in dict.fromkeys(im.sop_instance_uid for im in analysis.images)]
         out = Spool(settings.results_dir, fsync=settings.ingest.fsync)
         files: list[ResultFile] = []
 

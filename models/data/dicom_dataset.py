@@ -4,6 +4,10 @@ The CSV needs a ``label`` column and at least one of ``sop_instance_uid`` (per i
 ``study_instance_uid`` (every image of the study); an optional ``site`` column is kept.
 A per-image row wins over a per-study row. Files that are not DICOM, or that have no label,
 are ignored; images the preprocessing refuses are reported, not loaded.
+
+A multi-frame image (Enhanced CT or MR, tomosynthesis) is one labelled image per frame, as
+the node analyses it. An optional ``frame_number`` column labels one frame; a row without
+one labels every frame of its instance (a frame's own row wins).
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import torch
 from pydicom.errors import InvalidDicomError
 from torch.utils.data import Dataset as TorchDataset
 
+from acwi_node.dicom_frames import frame_count
 from acwi_node.inference.preprocess import (
     PreprocessSpec,
     UnsupportedImage,
     normalise,
     to_unit_range,
 )
+from acwi_node.inference.types import unit_name
 
 LABELS_CSV = "labels.csv"
 
@@ -38,6 +44,13 @@ class LabelledImage:
     sop_instance_uid: str
     label: str
     site: int | None
+    #: The frame (1-based) of a multi-frame image; None for a single-frame image.
+    frame_number: int | None = None
+
+    @property
+    def name(self) -> str:
+        """The image as the analyser's results name it (``"<uid> frame <n>"`` for a frame)."""
+        return unit_name(self.sop_instance_uid, self.frame_number)
 
 
 @dataclass(frozen=True)
@@ -47,7 +60,8 @@ class _Row:
 
 
 def read_labels_csv(path: Path) -> tuple[dict[str, _Row], dict[str, _Row]]:
-    """Rows keyed by SOP Instance UID and by Study Instance UID."""
+    """Rows keyed by image (SOP Instance UID, ``"<uid> frame <n>"`` for a row with a frame
+    number) and by Study Instance UID."""
     by_sop: dict[str, _Row] = {}
     by_study: dict[str, _Row] = {}
     with Path(path).open(newline="") as fh:
@@ -62,8 +76,9 @@ def read_labels_csv(path: Path) -> tuple[dict[str, _Row], dict[str, _Row]]:
             row = _Row(line["label"].strip(), int(site_text) if site_text else None)
             sop = (line.get("sop_instance_uid") or "").strip()
             study = (line.get("study_instance_uid") or "").strip()
+            frame_text = (line.get("frame_number") or "").strip()
             if sop:
-                by_sop[sop] = row
+                by_sop[unit_name(sop, int(frame_text) if frame_text else None)] = row
             elif study:
                 by_study[study] = row
     return by_sop, by_study
@@ -89,12 +104,14 @@ def scan_folder(
             continue
         sop = str(ds.get("SOPInstanceUID", ""))
         study = str(ds.get("StudyInstanceUID", ""))
-        row = by_sop.get(sop) or by_study.get(study)
-        if row is None:
-            continue
-        if labels is not None and row.label not in labels:
-            raise ValueError(f"{path}: label {row.label!r} is not one of {list(labels)}")
-        items.append(LabelledImage(path, study, sop, row.label, row.site))
+        frames = frame_count(ds)
+        for frame in [None] if frames == 1 else range(1, frames + 1):
+            row = by_sop.get(unit_name(sop, frame)) or by_sop.get(sop) or by_study.get(study)
+            if row is None:
+                continue
+            if labels is not None and row.label not in labels:
+                raise ValueError(f"{path}: label {row.label!r} is not one of {list(labels)}")
+            items.append(LabelledImage(path, study, sop, row.label, row.site, frame))
     return items
 
 
@@ -108,10 +125,10 @@ def load_unit_images(
     refused: dict[str, str] = {}
     for i, item in enumerate(items):
         try:
-            images.append(to_unit_range(pydicom.dcmread(item.path), spec))
+            images.append(to_unit_range(pydicom.dcmread(item.path), spec, item.frame_number))
             kept.append(i)
         except UnsupportedImage as exc:
-            refused[str(item.path)] = str(exc)
+            refused[unit_name(str(item.path), item.frame_number)] = str(exc)
     stack = np.stack(images) if images else np.zeros((0, spec.size, spec.size), np.float32)
     return stack.astype(np.float32), kept, refused
 
@@ -131,5 +148,5 @@ class DicomFolderDataset(TorchDataset[tuple[torch.Tensor, int]]):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         item = self.items[i]
-        unit = to_unit_range(pydicom.dcmread(item.path), self.spec)
+        unit = to_unit_range(pydicom.dcmread(item.path), self.spec, item.frame_number)
         return torch.from_numpy(normalise(unit, self.spec)), self.index[item.label]

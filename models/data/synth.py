@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
@@ -686,6 +687,7 @@ def write_dataset(
     size: int = 256,
     class_fractions: dict[str, float] | None = None,
     modality: str | None = None,
+    enhanced: bool = False,
 ) -> Path:
     """Write a multi-study, multi-site benchmark and its ``labels.csv``; returns the CSV path.
 
@@ -696,9 +698,15 @@ def write_dataset(
     ``modality="CT"`` makes every study an axial CT series of ``images_per_study`` slices
     (labels ``normal`` and ``nodule`` only; a row's label is the slice's: ``nodule`` only on
     the slices the nodule crosses). Other modalities override the sites' own.
+
+    ``enhanced`` (CT only) writes each series as one multi-frame image
+    (:func:`write_enhanced_ct`); ``labels.csv`` then has a ``frame_number`` column and a row
+    per frame.
     """
     if not sites:
         raise ValueError("sites must not be empty")
+    if enhanced and modality != "CT":
+        raise ValueError("enhanced (multi-frame) images are written for modality CT only")
     if modality is not None and modality not in (*SOP_CLASS_FOR_MODALITY, "CT"):
         raise ValueError(f"unsupported modality {modality!r}; expected DX, CR or CT")
     if modality == "CT":
@@ -716,6 +724,31 @@ def write_dataset(
         site = int(sites[int(rng.integers(len(sites)))])
         study_seed = int(np.random.SeedSequence([seed, j, 41]).generate_state(1)[0])
         accession = f"BM{seed % 10000:04d}{j:06d}"
+        if enhanced:
+            image = write_enhanced_ct(
+                out_dir / accession,
+                slices=images_per_study,
+                label=label,
+                site=site,
+                seed=study_seed,
+                size=size,
+                patient_name=f"PHANTOM^S{j:06d}",
+                patient_id=f"PH{seed % 10000:04d}{j:06d}",
+                accession_number=accession,
+            )
+            for frame in json.loads(image.with_suffix(".truth.json").read_text())["frames"]:
+                box = frame["box"]
+                rows.append(
+                    {
+                        "study_instance_uid": frame["study_instance_uid"],
+                        "sop_instance_uid": frame["sop_instance_uid"],
+                        "frame_number": str(frame["frame_number"]),
+                        "label": frame["label"],
+                        "site": str(site),
+                        "box": format_box(tuple(box) if box else None),
+                    }
+                )
+            continue
         paths = write_study(
             out_dir / accession,
             n_images=images_per_study,
@@ -742,9 +775,10 @@ def write_dataset(
             )
     csv_path = out_dir / "labels.csv"
     with csv_path.open("w", newline="") as fh:
-        writer = csv.DictWriter(
-            fh, fieldnames=["study_instance_uid", "sop_instance_uid", "label", "site", "box"]
-        )
+        fields = ["study_instance_uid", "sop_instance_uid", "label", "site", "box"]
+        if enhanced:
+            fields.insert(2, "frame_number")
+        writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     return csv_path
@@ -1166,3 +1200,81 @@ def write_ct_series(
         path.with_suffix(".truth.json").write_text(json.dumps(truth, indent=2) + "\n")
         paths.append(path)
     return paths
+
+
+def write_enhanced_ct(
+    out_dir: Path,
+    *,
+    slices: int = 16,
+    label: str = "nodule",
+    site: int = 0,
+    seed: int = 0,
+    size: int = 512,
+    patient_name: str = "PHANTOM^ONE",
+    patient_id: str = "PH0001",
+    study_instance_uid: str | None = None,
+    accession_number: str = "ACC0001",
+) -> Path:
+    """Write the CT series of :func:`write_ct_series` as one multi-frame image, as a scanner
+    that sends enhanced objects would: a Legacy Converted Enhanced CT Image (highdicom), one
+    frame per slice, each frame's position and rescale in its functional groups.
+
+    The file is ``<accession>_enhanced.dcm``; its ``.truth.json`` side-car lists, in frame
+    order, each frame's slice truth (that of :func:`write_ct_series`, with ``frame_number``).
+    """
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage
+
+    out_dir = Path(out_dir)
+    with_slices = out_dir / ".slices"
+    paths = write_ct_series(
+        with_slices,
+        slices=slices,
+        label=label,
+        site=site,
+        seed=seed,
+        size=size,
+        patient_name=patient_name,
+        patient_id=patient_id,
+        study_instance_uid=study_instance_uid,
+        accession_number=accession_number,
+    )
+    sources = [dcmread(p) for p in paths]
+    truths = {
+        json.loads(p.with_suffix(".truth.json").read_text())["sop_instance_uid"]: p for p in paths
+    }
+    study_uid = str(sources[0].StudyInstanceUID)
+    series_uid = _uid("series", study_uid, site, "CT", "enhanced")
+    image = LegacyConvertedEnhancedCTImage(
+        sources,
+        series_instance_uid=series_uid,
+        series_number=3,
+        sop_instance_uid=_uid("sop", series_uid, seed, "enhanced"),
+        instance_number=1,
+    )
+    # The converter keeps the slices' series as referenced; the image stands alone here.
+    if "ReferencedSeriesSequence" in image:
+        del image.ReferencedSeriesSequence
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{accession_number}_enhanced.dcm"
+    image.save_as(path, enforce_file_format=True)
+    frames = []
+    for number, item in enumerate(image.PerFrameFunctionalGroupsSequence, start=1):
+        source_sop = str(item.ConversionSourceAttributesSequence[0].ReferencedSOPInstanceUID)
+        source_path = truths[source_sop]
+        truth = json.loads(source_path.with_suffix(".truth.json").read_text())
+        mask = read_mask(source_path.with_suffix(".truth.json"))
+        truth.update(
+            frame_number=number,
+            source_sop_instance_uid=source_sop,
+            sop_instance_uid=str(image.SOPInstanceUID),
+            series_instance_uid=series_uid,
+            mask=None,
+        )
+        if mask is not None:
+            truth["mask"] = write_mask(path.with_name(f"{path.stem}_{number:04d}.dcm"), mask)
+        frames.append(truth)
+    path.with_suffix(".truth.json").write_text(json.dumps({"frames": frames}, indent=2) + "\n")
+    for p in with_slices.iterdir():
+        p.unlink()
+    with_slices.rmdir()
+    return path

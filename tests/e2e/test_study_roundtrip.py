@@ -23,7 +23,7 @@ from pydicom.uid import generate_uid
 from acwi_node.inference.manifest import default_model_dir
 from acwi_node.ledger import Ledger
 from acwi_node.results.sr import summarise_sr
-from models.data.synth import write_ct_series, write_study
+from models.data.synth import write_ct_series, write_enhanced_ct, write_study
 from tests.conftest import REDIS_URL
 from tests.support.dciodvfy import dciodvfy_errors
 from tests.support.dcmtk import storescu
@@ -108,14 +108,22 @@ def _sop_class(orthanc: OrthancServer, instance: dict[str, Any]) -> str:
 
 
 def check_results(
-    orthanc: OrthancServer, ledger: Ledger, study_uid: str, sources: list[Path], tmp_path: Path
+    orthanc: OrthancServer,
+    ledger: Ledger,
+    study_uid: str,
+    sources: list[Path],
+    tmp_path: Path,
+    *,
+    heatmaps: int | None = None,
 ) -> dict[str, Any]:
-    """The SR references every source image; its numbers equal the ledger's; dciodvfy is clean."""
+    """The SR references every source image; its numbers equal the ledger's; dciodvfy is clean.
+    ``heatmaps``: how many are expected (default one per source)."""
     source_uids = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in sources}
+    expected = len(sources) if heatmaps is None else heatmaps
     seen: list[str] = []
     try:
         instances = orthanc.wait_for(
-            lambda: results_in_orthanc(orthanc, study_uid, len(sources), seen),
+            lambda: results_in_orthanc(orthanc, study_uid, expected, seen),
             timeout_s=180,
             message="SR and heatmaps in Orthanc",
         )
@@ -341,6 +349,52 @@ def test_a_ct_studys_reformats_are_left_out_by_its_route(
             if _sop_class(orthanc, i) == SR_CLASS
         ]
         assert not reformat_uids & set(summarise_sr(sr)["referenced_sop_instance_uids"])
+        ledger.dispose()
+
+
+def test_an_enhanced_ct_is_analysed_frame_by_frame(tmp_path: Path, orthanc: OrthancServer) -> None:
+    """A scanner that sends enhanced objects: the CT is one multi-frame image. Each frame is
+    analysed; the SR's groups and the heatmaps in the PACS name their frame."""
+    cfg = node_config(tmp_path, orthanc)
+    cfg["routes"][0]["match"] = {"modality": ["CT"]}
+    config = write_config(tmp_path / "acwi.toml", cfg)
+    image = write_enhanced_ct(tmp_path / "ct", slices=3, size=128)
+    header = dcmread(image, stop_before_pixels=True)
+    study_uid, sop = str(header.StudyInstanceUID), str(header.SOPInstanceUID)
+    with NodeProcesses(config, ["serve"], tmp_path) as nodes:
+        wait_port("127.0.0.1", orthanc.node_port)
+        # as the scanner would: proposing the image's own SOP class (storescu's default list
+        # of 128 lacks the enhanced ones)
+        done = storescu(
+            "127.0.0.1",
+            orthanc.node_port,
+            "ACWI",
+            [image],
+            calling_ae="MODALITY1",
+            extra_args=["-R"],
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        ledger = Ledger(f"sqlite:///{tmp_path / 'data' / 'ledger.sqlite'}")
+        wait_study_state(ledger, study_uid, {"delivered", "failed"}, nodes, timeout_s=240)
+        summary = check_results(orthanc, ledger, study_uid, [image], tmp_path, heatmaps=3)
+        assert [(im["sop_instance_uid"], im["frame_number"]) for im in summary["images"]] == [
+            (sop, n) for n in (1, 2, 3)
+        ]
+        results = [
+            dcmread(io.BytesIO(orthanc.instance_file(i["ID"])))
+            for i in orthanc.study_instances(study_uid)
+        ]
+        frames = sorted(
+            int(ref.ReferencedFrameNumber)
+            for ds in results
+            if ds.SOPClassUID == SC_CLASS
+            for ref in ds.SourceImageSequence
+        )
+        assert frames == [1, 2, 3]
+        (sr,) = [ds for ds in results if ds.SOPClassUID == SR_CLASS]
+        assert sorted(summarise_sr(sr)["image_probabilities"]) == [
+            f"{sop} frame {n}" for n in (1, 2, 3)
+        ]
         ledger.dispose()
 
 

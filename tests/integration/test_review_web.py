@@ -31,6 +31,7 @@ from acwi_node.review.feedback import export_feedback
 from acwi_node.review.store import ReviewStore
 from acwi_node.web.api import create_app
 from models.data.dicom_dataset import scan_folder
+from models.data.synth import write_enhanced_ct
 from tests.support.orthanc import OrthancServer, require_orthanc
 from tests.support.ports import free_port
 from tests.support.review_case import (
@@ -396,3 +397,51 @@ def test_verdict_is_queued_for_the_ris(tmp_path: Path) -> None:
         assert other in rows[f"verdict-{item}"]
     finally:
         ledger.dispose()
+
+
+def test_a_multi_frame_case_shows_each_frame_and_exports_a_row_per_frame(
+    env: tuple[Settings, Ledger, TestClient], tmp_path: Path
+) -> None:
+    """An Enhanced CT of three frames: the case page shows each frame with its heatmap, the
+    pictures are asked for by frame number, and the feedback export copies the image once
+    with a labelled row per frame, which the training loader reads as three images."""
+    settings, ledger, client = env
+    path = write_enhanced_ct(tmp_path / "ct", slices=3, size=64)
+    sop = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    item, _ = make_review_case(settings, ledger, tmp_path, files=[path])
+    csrf = sign_in(client)
+    page = client.get(f"/review/cases/{item}")
+    assert page.status_code == 200
+    for n in (1, 2, 3):
+        assert f"/images/{sop}.png?frame={n}" in page.text
+        assert f"/heatmaps/{sop}.png?frame={n}" in page.text
+        assert f"(frame {n})" in page.text
+    first = client.get(f"/review/cases/{item}/images/{sop}.png?frame=1")
+    third = client.get(f"/review/cases/{item}/images/{sop}.png?frame=3")
+    assert first.status_code == third.status_code == 200
+    assert first.content != third.content  # two slices of the chest
+    assert Image.open(io.BytesIO(first.content)).size == (64, 64)
+    assert client.get(f"/review/cases/{item}/images/{sop}.png?frame=4").status_code == 404
+    assert client.get(f"/review/cases/{item}/images/{sop}.png?frame=0").status_code == 422
+    heat = client.get(f"/review/cases/{item}/heatmaps/{sop}.png?frame=2")
+    assert heat.status_code == 200 and heat.headers["content-type"] == "image/png"
+    assert client.get(f"/review/cases/{item}/heatmaps/{sop}.png").status_code == 404
+
+    verdict = client.post(
+        f"/review/cases/{item}/verdict",
+        data={"csrf_token": csrf, "action": "confirm"},
+        follow_redirects=False,
+    )
+    assert verdict.status_code == 303, verdict.text
+    export = export_feedback(settings, ledger, tmp_path / "feedback")
+    assert (export.cases, export.images, export.missing) == (1, 3, 0)
+    assert [p.name for p in (tmp_path / "feedback" / "images").iterdir()] == [f"{sop}.dcm"]
+    with (tmp_path / "feedback" / "labels.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["sop_instance_uid"], r["frame_number"]) for r in rows] == [
+        (sop, "1"),
+        (sop, "2"),
+        (sop, "3"),
+    ]
+    items = scan_folder(tmp_path / "feedback")
+    assert [(i.sop_instance_uid, i.frame_number) for i in items] == [(sop, n) for n in (1, 2, 3)]

@@ -124,9 +124,11 @@ def make_review_case(
     seed: int = 0,
     priority: int = 0,
     accession: str = "ACC0001",
+    files: list[Path] | None = None,
 ) -> tuple[int, str]:
-    """Store, complete and analyse one synthetic study; returns (review item id, study UID)."""
-    files = write_study(
+    """Store, complete and analyse one synthetic study (two radiographs, or ``files``);
+    returns (review item id, study UID)."""
+    files = files or write_study(
         work_dir / f"src-{seed}-{calling_ae}",
         n_images=2,
         label=label,

@@ -17,8 +17,9 @@ from sqlalchemy import select, update
 from acwi_node.config import Settings
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import Job, Study, utcnow
+from acwi_node.results.uids import result_uids
 from acwi_node.tasks import analyse
-from models.data.synth import write_ct_series, write_study
+from models.data.synth import write_ct_series, write_enhanced_ct, write_study
 from tests.support.review_case import (
     DESTINATION,
     MODEL,
@@ -320,3 +321,34 @@ def test_the_worker_queues_each_destination_only_the_kinds_it_takes(tmp_path: Pa
     (job,) = st["jobs"]
     assert queued == [(DESTINATION, f"{study_uid}/{job['summary']['sr_sop_instance_uid']}.dcm")]
     assert _result_classes(settings, study_uid) == [SC_CLASS, SC_CLASS, SR_CLASS]
+
+
+def test_an_enhanced_ct_is_analysed_frame_by_frame(tmp_path: Path) -> None:
+    """One multi-frame image of four frames: a result per frame in the job summary, an SR
+    whose evidence is the image once, a heatmap per frame (its own UID), and a parametric
+    map left out (its frames are not single-frame images)."""
+    route = _route()
+    route["match"] = {"modality": ["CT"]}
+    route["results"] = {"parametric_maps": True}
+    settings = review_settings(tmp_path, routes=[route])
+    path = write_enhanced_ct(tmp_path / "ct", slices=4, size=64)
+    study_uid, queued, st = _analysed(settings, [path])
+    (job,) = st["jobs"]
+    summary = job["summary"]
+    sop = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    assert [(im["sop_instance_uid"], im["frame_number"]) for im in summary["images"]] == [
+        (sop, n) for n in range(1, 5)
+    ]
+    assert summary["skipped"] == {}
+    assert _result_classes(settings, study_uid) == [SC_CLASS] * 4 + [SR_CLASS]
+    sr = pydicom.dcmread(settings.results_dir / study_uid / f"{summary['sr_sop_instance_uid']}.dcm")
+    evidence = [
+        item.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    ]
+    assert evidence == [sop]
+    uids = result_uids(study_uid, summary["model"]["name"], summary["model"]["version"])
+    heatmaps = {Path(p).stem for _, p in queued} - {summary["sr_sop_instance_uid"]}
+    assert heatmaps == {uids.heatmap_instance_uid(sop, n) for n in range(1, 5)}

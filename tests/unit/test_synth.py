@@ -424,3 +424,32 @@ def test_write_ct_series_masks_only_on_nodule_slices(tmp_path: Path) -> None:
     normal = write_ct_series(tmp_path / "n", slices=4, label="normal", size=64)
     assert not list((tmp_path / "n").glob("*.mask.png"))
     assert all(json.loads(p.with_suffix(".truth.json").read_text())["mask"] is None for p in normal)
+
+
+def test_an_enhanced_ct_benchmark_labels_each_frame(tmp_path: Path) -> None:
+    """``acwi-models synth --modality CT --enhanced``: one multi-frame image per study, a
+    labelled row per frame (the frame's slice label and box), which the loader reads back."""
+    from models.cli import main
+    from models.data.dicom_dataset import scan_folder
+
+    assert (
+        main(
+            ["synth", "--out", str(tmp_path), "--studies", "3", "--modality", "CT"]
+            + ["--slices", "3", "--size", "64", "--enhanced", "--seed", "2"]
+        )
+        == 0
+    )
+    with (tmp_path / "labels.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    files = sorted(tmp_path.rglob("*.dcm"))
+    assert len(files) == 3 and len(rows) == 9
+    assert [r["frame_number"] for r in rows] == ["1", "2", "3"] * 3
+    for row in rows:
+        assert (row["box"] == "") == (row["label"] == "normal")
+    items = scan_folder(tmp_path)
+    assert sorted((i.sop_instance_uid, i.frame_number, i.label) for i in items) == sorted(
+        (r["sop_instance_uid"], int(r["frame_number"]), r["label"]) for r in rows
+    )
+    assert dciodvfy_errors(files[0]) == []
+    with pytest.raises(ValueError, match="modality CT only"):
+        write_dataset(tmp_path / "dx", 1, seed=0, enhanced=True)

@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from acwi_node.config import Settings
+from acwi_node.dicom_frames import frame_count
 from acwi_node.inference.image_checks import header_refusal
 from acwi_node.ingest.own_results import is_own_result
 from acwi_node.ledger import StudyFacts
@@ -48,8 +49,12 @@ class RouteOutcome:
     selected: int = 0
     left_out: dict[str, int] = field(default_factory=dict)
     #: Of the selected instances, those the model cannot read (from their headers: a
-    #: localizer, a colour or multi-frame image, no image at all), by reason.
+    #: localizer, a colour image, no image at all), by reason.
     unreadable_by_model: dict[str, int] = field(default_factory=dict)
+    #: Of the selected instances the model can read, the multi-frame ones and their frames
+    #: (each frame is one image to the model: a result and a heatmap of its own).
+    multi_frame: int = 0
+    frames: int = 0
     #: What its jobs write beside the SR (the route's ``results``, else the worker's).
     heatmaps: str = "all"
     parametric_maps: bool = False
@@ -103,6 +108,8 @@ class StudyCheck:
                     "selected": r.selected,
                     "left_out": r.left_out,
                     "unreadable_by_model": r.unreadable_by_model,
+                    "multi_frame": r.multi_frame,
+                    "frames": r.frames,
                     "heatmaps": r.heatmaps,
                     "parametric_maps": r.parametric_maps,
                 }
@@ -219,13 +226,17 @@ def check_study(
             outcome.left_out = dict(
                 Counter(r.removeprefix(prefix) for r in picked.left_out.values()).most_common()
             )
-            outcome.unreadable_by_model = dict(
-                Counter(
-                    reason
-                    for ds in picked.datasets
-                    if (reason := _model_cannot_read(ds)) is not None
-                ).most_common()
-            )
+            readable: list[Dataset] = []
+            refused: Counter[str] = Counter()
+            for ds in picked.datasets:
+                reason = _model_cannot_read(ds)
+                if reason is None:
+                    readable.append(ds)
+                else:
+                    refused[reason] += 1
+            outcome.unreadable_by_model = dict(refused.most_common())
+            multi = [frame_count(ds) for ds in readable if frame_count(ds) > 1]
+            outcome.multi_frame, outcome.frames = len(multi), sum(multi)
         outcomes.append(outcome)
     return StudyCheck(
         study_uid=study_uid,
@@ -279,6 +290,11 @@ def format_report(report: CheckReport) -> str:
                 f" instance(s); results ({', '.join(written)}) to"
                 f" {', '.join(r.destinations) or 'no destination'}"
             )
+            if r.multi_frame:
+                lines.append(
+                    f"    {r.multi_frame} multi-frame image(s): read frame by frame"
+                    f" ({r.frames} frames, each with its result and heatmap)"
+                )
             for reason, count in r.left_out.items():
                 lines.append(f"    left out: {count} x {reason}")
             for reason, count in r.unreadable_by_model.items():

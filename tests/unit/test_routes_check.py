@@ -11,7 +11,7 @@ from pydicom.uid import generate_uid
 
 from acwi_node import MANUFACTURER
 from acwi_node.cli import main
-from models.data.synth import write_ct_series, write_study
+from models.data.synth import write_ct_series, write_enhanced_ct, write_study
 
 CONFIG = """
 [node]
@@ -180,3 +180,23 @@ def test_images_the_model_cannot_read_are_named_from_their_headers(
     code, out = _run(capsys, config, str(alone), "--date", "2024-09-20")
     assert code == 1
     assert "    its job would fail: nothing to analyse" in out
+
+
+def test_a_multi_frame_image_is_said_to_be_read_frame_by_frame(
+    tmp_path: Path, studies: tuple[Path, str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An Enhanced CT of three frames: the CT route reads it, one image per frame."""
+    config, _, _ = studies
+    path = write_enhanced_ct(tmp_path / "enhanced", slices=3, size=64)
+    ds = pydicom.dcmread(path)
+    ds.StudyDate = "20240916"
+    ds.save_as(path)
+    code, out = _run(capsys, config, str(tmp_path / "enhanced"), "--date", "2024-09-20")
+    assert code == 0
+    assert "reads 1 of 1 instance(s)" in out
+    assert "    1 multi-frame image(s): read frame by frame (3 frames," in out
+    assert "cannot read" not in out
+    code, out = _run(capsys, config, str(tmp_path / "enhanced"), "--date", "2024-09-20", "--json")
+    (study,) = json.loads(out)["studies"]
+    ct = next(r for r in study["routes"] if r["route"] == "ct")
+    assert (ct["multi_frame"], ct["frames"]) == (1, 3)

@@ -11,9 +11,12 @@ real-world value mapping (value = stored / 65535).
 
 The IOD has a frame of reference, so only images with one get a map: cross-sectional images
 (CT, MR, PET) do; projection radiographs and secondary captures do not, and keep their
-secondary captures only. Images of one series that differ in size go to one map per size;
-multi-frame source images are left out. Built by ``highdicom.pm.ParametricMap``; the UIDs are
-derived from the source series, so a re-run replaces the map.
+secondary captures only. Images of one series that differ in size go to one map per size. A
+multi-frame image in a frame of reference (an Enhanced CT or MR) gets a map of its own, a frame
+per frame in that frame's plane (from the image's functional groups), when every one of its
+frames was analysed (a frame skipped, a localizer frame say, would leave a hole: no map, and the
+secondary captures stand). Built by ``highdicom.pm.ParametricMap``; the UIDs are derived from
+the source series (the source image, for a multi-frame one), so a re-run replaces the map.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 from highdicom.pm import ParametricMap, RealWorldValueMapping
 from pydicom import Dataset
 
+from acwi_node.dicom_frames import frame_count, frame_view
 from acwi_node.inference.types import ImageResult, StudyAnalysis
 from acwi_node.results.headers import copy_anatomy, patient_study_header, source_header
 from acwi_node.results.heatmap import NOTICE, unit_heat
@@ -49,14 +53,11 @@ _GEOMETRY = (
 
 
 def mappable(source: Dataset) -> bool:
-    """Whether a parametric map can carry ``source``'s heatmap: a single-frame image in a
-    frame of reference, with its position, orientation and pixel spacing."""
-    if any(source.get(keyword) in (None, "") for keyword in _GEOMETRY):
-        return False
-    try:
-        return int(source.get("NumberOfFrames") or 1) == 1
-    except (TypeError, ValueError):
-        return False
+    """Whether a parametric map can carry ``source``'s heatmaps: an image in a frame of
+    reference, with its position, orientation and pixel spacing (a multi-frame image's, from
+    its first frame's functional groups)."""
+    geometry = frame_view(source, 1) if frame_count(source) > 1 else source
+    return all(geometry.get(keyword) not in (None, "") for keyword in _GEOMETRY)
 
 
 def build_parametric_maps(sources: Sequence[Dataset], analysis: StudyAnalysis) -> list[Dataset]:
@@ -70,16 +71,27 @@ def build_parametric_maps(sources: Sequence[Dataset], analysis: StudyAnalysis) -
         source = by_uid.get(image.sop_instance_uid)
         if source is None or not mappable(source):
             continue
-        key = (str(source.SeriesInstanceUID), int(source.Rows), int(source.Columns))
+        # a multi-frame image is a map of its own (its frames are its planes)
+        framed = image.frame_number is not None
+        group = image.sop_instance_uid if framed else str(source.SeriesInstanceUID)
+        key = (group, int(source.Rows), int(source.Columns))
         groups.setdefault(key, []).append((source, image))
     maps: list[Dataset] = []
-    for (series_uid, rows, columns), members in groups.items():
+    for (group_uid, rows, columns), members in groups.items():
+        frames = frame_count(members[0][0])
+        if frames > 1 and len(members) != frames:
+            log.info(
+                "no parametric map for a multi-frame image: %d of its %d frames analysed",
+                len(members),
+                frames,
+            )
+            continue
         try:
-            maps.append(_build(series_uid, rows, columns, members, analysis, len(maps) + 1))
+            maps.append(_build(group_uid, rows, columns, members, analysis, len(maps) + 1))
         except Exception as exc:
             log.warning(
-                "no parametric map for series %s (%dx%d): %s: %s",
-                series_uid,
+                "no parametric map for %s (%dx%d): %s: %s",
+                group_uid,
                 rows,
                 columns,
                 type(exc).__name__,
@@ -89,7 +101,7 @@ def build_parametric_maps(sources: Sequence[Dataset], analysis: StudyAnalysis) -
 
 
 def _build(
-    series_uid: str,
+    source_uid: str,
     rows: int,
     columns: int,
     members: list[tuple[Dataset, ImageResult]],
@@ -97,7 +109,12 @@ def _build(
     instance_number: int,
 ) -> Dataset:
     members = sorted(
-        members, key=lambda m: (int(m[0].get("InstanceNumber") or 0), m[1].sop_instance_uid)
+        members,
+        key=lambda m: (
+            int(m[0].get("InstanceNumber") or 0),
+            m[1].sop_instance_uid,
+            m[1].frame_number or 0,
+        ),
     )
     frames = np.empty((len(members), rows, columns), dtype=np.uint16)
     for k, (_, image) in enumerate(members):
@@ -107,8 +124,15 @@ def _build(
                 f"heatmap of {image.sop_instance_uid} is {heat.shape}, its image {rows}x{columns}"
             )
         frames[k] = np.rint(heat * STORED_MAX).astype(np.uint16)
-    # highdicom copies patient and study from the first source image.
-    headers = [patient_study_header(members[0][0]), *(source_header(s) for s, _ in members[1:])]
+    # highdicom copies patient and study from the first source image; a multi-frame image is
+    # the one source of its map, whose frames are the image's, in order.
+    if members[0][1].frame_number is not None:
+        headers = [patient_study_header(members[0][0])]
+    else:
+        headers = [
+            patient_study_header(members[0][0]),
+            *(source_header(s) for s, _ in members[1:]),
+        ]
     model = analysis.model
     uids = result_uids(str(headers[0].StudyInstanceUID), model.name, model.version)
     mapping = RealWorldValueMapping(
@@ -124,7 +148,7 @@ def _build(
         pixel_array=frames,
         series_instance_uid=uids.parametric_map_series_uid,
         series_number=PARAMETRIC_MAP_SERIES_NUMBER,
-        sop_instance_uid=uids.parametric_map_instance_uid(series_uid, rows, columns),
+        sop_instance_uid=uids.parametric_map_instance_uid(source_uid, rows, columns),
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=model.name[:64],

@@ -98,10 +98,11 @@ class ResultUIDs:
             return self._derive("heatmap-instance", source_sop_instance_uid)
         return self._derive("heatmap-instance", source_sop_instance_uid, f"frame {frame_number}")
 
-    def parametric_map_instance_uid(self, source_series_uid: str, rows: int, columns: int) -> str:
+    def parametric_map_instance_uid(self, source_uid: str, rows: int, columns: int) -> str:
         """SOP Instance UID of the parametric map made from one source series (of images
-        ``rows`` x ``columns``)."""
-        return self._derive("parametric-map-instance", source_series_uid, f"{rows}x{columns}")
+        ``rows`` x ``columns``), or from one multi-frame image (``source_uid`` its SOP Instance
+        UID)."""
+        return self._derive("parametric-map-instance", source_uid, f"{rows}x{columns}")
 
     def tracking_uid(self, label: str, scope: str) -> str:
         """Tracking Unique Identifier of an SR measurement group.

@@ -325,8 +325,8 @@ def test_the_worker_queues_each_destination_only_the_kinds_it_takes(tmp_path: Pa
 
 def test_an_enhanced_ct_is_analysed_frame_by_frame(tmp_path: Path) -> None:
     """One multi-frame image of four frames: a result per frame in the job summary, an SR
-    whose evidence is the image once, a heatmap per frame (its own UID), and a parametric
-    map left out (its frames are not single-frame images)."""
+    whose evidence is the image once, a heatmap per frame (its own UID), and the route's
+    parametric map with a frame per frame."""
     route = _route()
     route["match"] = {"modality": ["CT"]}
     route["results"] = {"parametric_maps": True}
@@ -340,7 +340,7 @@ def test_an_enhanced_ct_is_analysed_frame_by_frame(tmp_path: Path) -> None:
         (sop, n) for n in range(1, 5)
     ]
     assert summary["skipped"] == {}
-    assert _result_classes(settings, study_uid) == [SC_CLASS] * 4 + [SR_CLASS]
+    assert _result_classes(settings, study_uid) == [PM_CLASS] + [SC_CLASS] * 4 + [SR_CLASS]
     sr = pydicom.dcmread(settings.results_dir / study_uid / f"{summary['sr_sop_instance_uid']}.dcm")
     evidence = [
         item.ReferencedSOPInstanceUID
@@ -350,5 +350,9 @@ def test_an_enhanced_ct_is_analysed_frame_by_frame(tmp_path: Path) -> None:
     ]
     assert evidence == [sop]
     uids = result_uids(study_uid, summary["model"]["name"], summary["model"]["version"])
-    heatmaps = {Path(p).stem for _, p in queued} - {summary["sr_sop_instance_uid"]}
+    pmap = uids.parametric_map_instance_uid(sop, 64, 64)
+    heatmaps = {Path(p).stem for _, p in queued} - {summary["sr_sop_instance_uid"], pmap}
     assert heatmaps == {uids.heatmap_instance_uid(sop, n) for n in range(1, 5)}
+    assert (
+        int(pydicom.dcmread(settings.results_dir / study_uid / f"{pmap}.dcm").NumberOfFrames) == 4
+    )

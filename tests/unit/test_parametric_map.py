@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
 
+from acwi_node.dicom_frames import frame_view
 from acwi_node.inference.types import ImageResult, ModelIdentity, StudyAnalysis, Uncertainty
 from acwi_node.results.encoding import encode_part10
 from acwi_node.results.parametric_map import (
@@ -19,7 +20,7 @@ from acwi_node.results.parametric_map import (
     mappable,
 )
 from acwi_node.results.uids import result_uids
-from models.data.synth import write_ct_series
+from models.data.synth import write_ct_series, write_enhanced_ct
 from tests.support.dciodvfy import require_dciodvfy
 from tests.support.dx import make_dx
 
@@ -141,7 +142,7 @@ def test_a_series_whose_map_fails_is_logged_and_the_others_stand(
         (pmap,) = build_parametric_maps([*ct, *other], analysis)
     assert pmap.SOPInstanceUID != build_parametric_maps(ct, analysis_of(ct))[0].SOPInstanceUID
     assert int(pmap.NumberOfFrames) == len(other)
-    assert f"no parametric map for series {ct[0].SeriesInstanceUID}" in caplog.text
+    assert f"no parametric map for {ct[0].SeriesInstanceUID}" in caplog.text
     assert "heatmap of" in caplog.text
 
 
@@ -153,3 +154,62 @@ def test_dciodvfy_reports_no_errors(ct: list[Dataset]) -> None:
     report = run_dciodvfy(pmap)
     assert report.errors == [], report.output
     assert "ParametricMap" in report.iod
+
+
+@pytest.fixture(scope="module")
+def enhanced(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    return dcmread(write_enhanced_ct(tmp_path_factory.mktemp("enhanced"), slices=4, size=64))
+
+
+def frame_analysis(image: Dataset, frames: list[int]) -> StudyAnalysis:
+    """A result per frame of ``frames``, each heat a different random field."""
+    rng = np.random.default_rng(5)
+    one = analysis_of([image])
+    return replace(
+        one,
+        images=[
+            replace(
+                one.images[0],
+                frame_number=n,
+                heatmap=rng.random((image.Rows, image.Columns)).astype(np.float32),
+            )
+            for n in frames
+        ],
+    )
+
+
+def test_an_enhanced_ct_gets_a_map_whose_frames_are_its_frames(enhanced: Dataset) -> None:
+    analysis = frame_analysis(enhanced, [1, 2, 3, 4])
+    assert mappable(enhanced)
+    (pmap,) = build_parametric_maps([enhanced], analysis)
+    assert int(pmap.NumberOfFrames) == 4
+    uids = result_uids(str(enhanced.StudyInstanceUID), MODEL.name, MODEL.version)
+    assert pmap.SOPInstanceUID == uids.parametric_map_instance_uid(
+        str(enhanced.SOPInstanceUID), 64, 64
+    )
+    mapping = pmap.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    pixels = pmap.pixel_array.reshape(4, 64, 64) * float(mapping.RealWorldValueSlope)
+    for k, (group, image) in enumerate(
+        zip(pmap.PerFrameFunctionalGroupsSequence, analysis.images, strict=True)
+    ):
+        assert np.abs(pixels[k] - image.heatmap_array()).max() <= 0.5 / STORED_MAX + 1e-9
+        n = k + 1
+        plane = group.PlanePositionSequence[0].ImagePositionPatient
+        own = frame_view(enhanced, n).ImagePositionPatient
+        assert [float(v) for v in plane] == pytest.approx([float(v) for v in own])
+        source = group.DerivationImageSequence[0].SourceImageSequence[0]
+        assert source.ReferencedSOPInstanceUID == enhanced.SOPInstanceUID
+        assert int(source.ReferencedFrameNumber) == n
+    require_dciodvfy()
+    from acwi_node.results.validate import run_dciodvfy
+
+    report = run_dciodvfy(pmap)
+    assert report.errors == [], report.output
+
+
+def test_an_enhanced_ct_with_a_frame_not_analysed_gets_no_map(
+    enhanced: Dataset, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="acwi_node.results"):
+        assert build_parametric_maps([enhanced], frame_analysis(enhanced, [1, 2, 4])) == []
+    assert "3 of its 4 frames analysed" in caplog.text

@@ -22,8 +22,9 @@ from __future__ import annotations
 import numpy as np
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.pixels import pixel_array
 from pydicom.sequence import Sequence
+
+from acwi_node.dicom_pixels import stored_pixels
 
 __all__ = ["frame_count", "frame_pixels", "frame_view", "is_multi_frame"]
 
@@ -144,8 +145,9 @@ def frame_view(ds: Dataset, frame_number: int) -> Dataset:
 
 def frame_pixels(ds: Dataset, frame_number: int) -> np.ndarray:
     """The stored values of frame ``frame_number`` (1-based), decoded alone (nothing is kept
-    on ``ds``): ``(Rows, Columns)``, or ``(Rows, Columns, Samples)`` for colour."""
+    on ``ds``; :func:`acwi_node.dicom_pixels.stored_pixels`): ``(Rows, Columns)``, or
+    ``(Rows, Columns, Samples)`` for colour."""
     frames = frame_count(ds)
     if not 1 <= frame_number <= frames:
         raise ValueError(f"frame {frame_number} of an image of {frames} frame(s)")
-    return pixel_array(ds, index=frame_number - 1)
+    return stored_pixels(ds, frame_number)

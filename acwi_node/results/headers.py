@@ -32,15 +32,18 @@ PATIENT_STUDY_TYPE2 = (
     "ReferringPhysicianName",
 )
 _PATIENT_SEX_VALUES = {"M", "F", "O"}
-_PIXEL_DATA = {"PixelData", "FloatPixelData", "DoubleFloatPixelData"}
+#: Pixel Data, Float Pixel Data, Double Float Pixel Data.
+_PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 
 
 def source_header(source: Dataset) -> Dataset:
-    """Deep copy of ``source`` without its pixel data."""
+    """Deep copy of ``source`` without its pixel data (which is not read either, where the
+    source was read with it left in the file)."""
     header = Dataset()
-    for element in source:
-        if element.keyword not in _PIXEL_DATA:
-            header.add(copy.deepcopy(element))
+    for tag in source.keys():  # noqa: SIM118 (iterating a Dataset reads every value)
+        if tag in _PIXEL_DATA_TAGS:
+            continue
+        header.add(copy.deepcopy(source[tag]))
     return header
 
 

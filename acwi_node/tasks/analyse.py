@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from acwi_node.config import Settings, load_settings
+from acwi_node.dicom_pixels import read_deferred
 from acwi_node.export.wakeup import wake_exporter
 from acwi_node.inference.analyser import Analyser, NothingToAnalyse
 from acwi_node.inference.engines import EngineOptions
@@ -158,7 +158,7 @@ def read_inputs(
     unreadable: dict[str, str] = {}
     for rel in rel_paths:
         try:
-            ds = dcmread(spool.resolve(rel))
+            ds = read_deferred(spool.resolve(rel))  # its Pixel Data read when used
         except Exception as exc:  # a file the model cannot use never blocks the queue
             unreadable[Path(rel).stem] = f"unreadable: {exc}"
             continue

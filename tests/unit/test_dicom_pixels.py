@@ -1,0 +1,65 @@
+"""A study's images read with their Pixel Data left in the spool file, decoded when used and
+let go again (acwi_node/dicom_pixels.py), so a worker holding a large CT holds its headers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import RLELossless
+
+from acwi_node.dicom_frames import frame_pixels
+from acwi_node.dicom_pixels import PIXEL_DATA, read_deferred, stored_pixels
+from acwi_node.results.headers import source_header
+from models.data.synth import write_ct_series, write_enhanced_ct
+
+
+def _in_file(ds: pydicom.Dataset) -> bool:
+    """The Pixel Data is still in the file (not read into the data set)."""
+    return ds.get_item(PIXEL_DATA, keep_deferred=True).value is None
+
+
+@pytest.fixture
+def slice_path(tmp_path: Path) -> Path:
+    return write_ct_series(tmp_path, slices=1, size=512)[0]
+
+
+def test_pixels_are_read_when_used_and_let_go_again(slice_path: Path) -> None:
+    ds = read_deferred(slice_path)
+    assert _in_file(ds)
+    expected = pydicom.dcmread(slice_path).pixel_array
+    for _ in range(2):  # the analysis, then the heatmap
+        assert np.array_equal(stored_pixels(ds), expected)
+        assert _in_file(ds) and getattr(ds, "_pixel_array", None) is None
+    header = source_header(ds)
+    assert "PixelData" not in header and header.SOPInstanceUID == ds.SOPInstanceUID
+    assert _in_file(ds)  # copying the header read nothing of the pixels
+
+
+def test_a_multi_frame_images_frames_are_read_one_at_a_time(tmp_path: Path) -> None:
+    path = write_enhanced_ct(tmp_path, slices=3, size=128)  # over DEFER_SIZE
+    ds = read_deferred(path)
+    assert _in_file(ds)
+    whole = pydicom.dcmread(path).pixel_array
+    for n in (1, 2, 3):
+        assert np.array_equal(frame_pixels(ds, n), whole[n - 1])
+        assert _in_file(ds)
+
+
+def test_a_compressed_image_keeps_what_it_decoded(slice_path: Path, tmp_path: Path) -> None:
+    """Decoding RLE or JPEG 2000 again costs more than its copy: it is kept."""
+    ds = pydicom.dcmread(slice_path)
+    ds.compress(RLELossless)
+    path = tmp_path / "rle.dcm"
+    ds.save_as(path)
+    compressed = read_deferred(path)
+    assert np.array_equal(stored_pixels(compressed), pydicom.dcmread(slice_path).pixel_array)
+    assert getattr(compressed, "_pixel_array", None) is not None
+
+
+def test_a_dataset_read_whole_is_decoded_without_a_cached_copy(slice_path: Path) -> None:
+    ds = pydicom.dcmread(slice_path)
+    stored_pixels(ds)
+    assert "PixelData" in ds and getattr(ds, "_pixel_array", None) is None

@@ -37,7 +37,7 @@ from acwi_node.inference.engines.ort import ort_providers
 from acwi_node.inference.engines.pytorch import GRAPH_MAX_BATCH, graph_bucket
 from acwi_node.inference.manifest import default_model_dir, load_manifest
 from acwi_node.inference.types import StudyAnalysis
-from models.data.synth import write_study
+from models.data.synth import write_enhanced_ct, write_study
 from models.export import load_model
 
 #: PyTorch CPU vs ONNX Runtime CPU (both fp32): largest absolute difference allowed.
@@ -342,6 +342,17 @@ def test_calibration_set_identity(tmp_path: Path) -> None:
     write_study(tmp_path / "cal" / "more", n_images=1, label="nodule", site=1, seed=2)
     assert calibration_set(manifest, tmp_path / "cal").sha256() != folder.sha256()
     assert calibration_set(manifest, None).sha256() != folder.sha256()
+
+
+def test_a_multi_frame_calibration_image_gives_an_input_per_frame(tmp_path: Path) -> None:
+    manifest = load_manifest(default_model_dir())
+    write_study(tmp_path / "cal", n_images=1, label="normal", site=0, seed=1)
+    write_enhanced_ct(tmp_path / "cal", slices=3, size=64)
+    (tmp_path / "cal" / "notes.txt").write_text("not DICOM")
+    size = manifest.input.size
+    assert calibration_set(manifest, tmp_path / "cal").load().shape == (4, 1, size, size)
+    # three files (a radiograph, its side-car, the CT): four images, three kept
+    assert calibration_set(manifest, tmp_path / "cal", limit=3).load().shape[0] == 3
 
 
 # ------------------------------------------------------------------------- GPU engines

@@ -140,10 +140,12 @@ def calibration_set(
     """INT8 calibration images, preprocessed exactly as the analyser does.
 
     From ``folder`` (DICOM files, searched recursively; unreadable or unsupported files are
-    skipped), else from :data:`SYNTHETIC_CALIBRATION_IMAGES` synthetic phantom images of every
-    label and site, written as DICOM and read back through the same preprocessing.
+    skipped; each frame of a multi-frame image is an image, as the analyser reads it; at most
+    ``limit`` files and images), else from :data:`SYNTHETIC_CALIBRATION_IMAGES` synthetic
+    phantom images of every label and site, written as DICOM and read back through the same
+    preprocessing.
     """
-    from acwi_node.inference.preprocess import UnsupportedImage, preprocess
+    from acwi_node.inference.preprocess import image_units, preprocess, preprocess_many
 
     spec = manifest.preprocess_spec()
     if folder is not None:
@@ -158,9 +160,14 @@ def calibration_set(
             arrays: list[np.ndarray] = []
             for path in files:
                 try:
-                    arrays.append(preprocess(pydicom.dcmread(path), spec))
-                except (InvalidDicomError, UnsupportedImage, OSError):
+                    ds = pydicom.dcmread(path)
+                except (InvalidDicomError, OSError):
                     continue
+                inputs = preprocess_many(image_units([ds]), spec)
+                arrays.extend(x for x in inputs if isinstance(x, np.ndarray))
+                if len(arrays) >= limit:
+                    del arrays[limit:]
+                    break
             if not arrays:
                 raise EngineUnavailable(f"no usable calibration image in {folder}")
             return np.stack(arrays).astype(np.float32)

@@ -149,6 +149,25 @@ def render_source_png(path: Path, frame_number: int | None = None) -> bytes:
     return _png(np.asarray(image))
 
 
+#: Images named at the top of a case page of more images than this (a CT's hundreds).
+LEADING_IMAGES = 3
+
+
+def leading_images(images: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """For a case of more than :data:`LEADING_IMAGES` images, the numbers (1-based, as the page
+    numbers them) of those with the highest probability of the predicted label and of the
+    most uncertain, each with its value: where a reader of a CT's hundreds of slices looks
+    first. Empty for fewer images (the page shows them all at once)."""
+    if len(images) <= LEADING_IMAGES:
+        return {}
+
+    def top(key: str) -> list[tuple[int, float]]:
+        order = sorted(range(len(images)), key=lambda i: (-images[i][key], i))
+        return [(i + 1, float(images[i][key])) for i in order[:LEADING_IMAGES]]
+
+    return {"probability": top("probability"), "uncertainty": top("uncertainty")}
+
+
 def render_heatmap_png(heatmap_path: Path, rows: int, columns: int) -> bytes:
     """The heatmap secondary capture at the display size of a ``rows`` x ``columns`` source."""
     ds = dcmread(heatmap_path)
@@ -640,6 +659,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             u=summary.get("uncertainty") or {},
             probabilities=probabilities,
             images=images,
+            leading=leading_images(images),
             # What the model did not read (a localizer, a colour or multi-frame image, the
             # images the route leaves out, ...), with the reason: the case's figures are the
             # other images' alone. Reasons several images share (a PET/CT's PET series left

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -24,7 +25,7 @@ CANARY_DESC = '"><img src=x onerror=alert(1)>'
 PASSWORD = "correct horse battery"
 
 
-def _case(settings: Settings, ledger: Ledger) -> int:
+def _case(settings: Settings, ledger: Ledger, images: list[dict[str, Any]] | None = None) -> int:
     ds = make_dx("1.2.826.0.1.3680043.10.1.1", "1.2.826.0.1.3680043.10.1.2", 1)
     ds.PatientName = CANARY_NAME
     ds.StudyDescription = CANARY_DESC
@@ -62,7 +63,7 @@ def _case(settings: Settings, ledger: Ledger) -> int:
         "uncertainty_threshold": 0.1,
         "ood_score": 1.2,
         "needs_review": True,
-        "images": [],
+        "images": images or [],
         "skipped": {
             "2.25.9": "2.25.9: a localizer (scout) image, not analysed",
             "2.25.8": "2.25.8: pixel data could not be decoded: <b>bad</b>",
@@ -172,3 +173,49 @@ def test_login_redirect_stays_local(client: tuple[TestClient, Ledger, int]) -> N
         follow_redirects=False,
     )
     assert done.headers["location"] == "/review/worklist"
+
+
+def test_a_case_of_many_images_names_where_to_look_first(tmp_path: Path) -> None:
+    """A CT's hundreds of slices: the page names the images with the highest probability of
+    the predicted label and the most uncertain ones, linked to their figures, and loads each
+    picture only when it is scrolled to."""
+    settings = load_settings(
+        None,
+        node={"data_dir": tmp_path / "data"},
+        ingest={"fsync": False},
+        review={"cookie_secure": False},
+    )
+    ledger = Ledger(settings.database_url)
+    ReviewStore(ledger).add_user("jane", auth.hash_password(PASSWORD), "radiologist")
+    label = "<svg onload=alert(1)>"
+    p = [0.2, 0.9, 0.5, 0.95, 0.1]
+    u = [0.01, 0.3, 0.2, 0.02, 0.25]
+    images = [
+        {
+            "sop_instance_uid": "2.25.100",
+            "frame_number": n + 1,
+            "probabilities": {"normal": 1 - p[n], label: p[n]},
+            "uncertainty_score": u[n],
+            "ood_score": 0.5,
+        }
+        for n in range(5)
+    ]
+    item = _case(settings, ledger, images)
+    try:
+        with TestClient(create_app(settings, ledger)) as c:
+            sign_in(c, "jane")
+            page = c.get(f"/review/cases/{item}").text
+    finally:
+        ledger.dispose()
+    leading = page[page.index('id="leading-images"') : page.index("</p>", page.index("leading"))]
+    assert leading.index('href="#image-4"') < leading.index('href="#image-2"')
+    assert leading.index('href="#image-2"') < leading.index('href="#image-3"')
+    assert "most uncertain:" in leading and "(0.9500)" not in leading
+    uncertain = leading[leading.index("most uncertain:") :]
+    assert [uncertain.index(f'href="#image-{n}"') for n in (2, 5, 3)] == sorted(
+        uncertain.index(f'href="#image-{n}"') for n in (2, 5, 3)
+    )
+    for n in range(1, 6):
+        assert f'id="image-{n}"' in page
+        assert f"/images/2.25.100.png?frame={n}" in page
+    assert page.count('loading="lazy"') == 5  # no heatmap objects in this case

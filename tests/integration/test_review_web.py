@@ -32,6 +32,7 @@ from acwi_node.review.store import ReviewStore
 from acwi_node.web.api import create_app
 from models.data.dicom_dataset import scan_folder
 from models.data.synth import write_enhanced_ct
+from tests.support.dciodvfy import dciodvfy_errors
 from tests.support.orthanc import OrthancServer, require_orthanc
 from tests.support.ports import free_port
 from tests.support.review_case import (
@@ -433,6 +434,14 @@ def test_a_multi_frame_case_shows_each_frame_and_exports_a_row_per_frame(
         follow_redirects=False,
     )
     assert verdict.status_code == 303, verdict.text
+    with ledger.session() as s:
+        verified = s.scalars(select(Result).where(Result.kind == "sr-verified")).one()
+    verified_path = settings.results_dir / verified.path
+    read = summarise_sr(pydicom.dcmread(verified_path))
+    assert read["verified"] and sorted(read["image_probabilities"]) == [
+        f"{sop} frame {n}" for n in (1, 2, 3)
+    ]
+    assert dciodvfy_errors(verified_path) == []
     export = export_feedback(settings, ledger, tmp_path / "feedback")
     assert (export.cases, export.images, export.missing) == (1, 3, 0)
     assert [p.name for p in (tmp_path / "feedback" / "images").iterdir()] == [f"{sop}.dcm"]

@@ -24,9 +24,9 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from acwi_node.dicom_pixels import stored_pixels
+from acwi_node.dicom_pixels import PIXEL_DATA, is_native, stored_pixels
 
-__all__ = ["frame_count", "frame_pixels", "frame_view", "is_multi_frame"]
+__all__ = ["frame_count", "frame_pixels", "frame_view", "is_multi_frame", "short_pixel_data"]
 
 #: The top-level attributes a frame's view copies from its image: what decoding, the modality
 #: LUT, the window and the result writers read.
@@ -151,3 +151,33 @@ def frame_pixels(ds: Dataset, frame_number: int) -> np.ndarray:
     if not 1 <= frame_number <= frames:
         raise ValueError(f"frame {frame_number} of an image of {frames} frame(s)")
     return stored_pixels(ds, frame_number)
+
+
+def short_pixel_data(ds: Dataset) -> str | None:
+    """Why a native multi-frame image's frames cannot all be read: its Pixel Data is shorter
+    than its Number of Frames says (a truncated or inconsistent object); None otherwise, or
+    when that cannot be told from the header (compressed, one bit per pixel). Found from the
+    element's length alone: Pixel Data left in the file is not read."""
+    frames = frame_count(ds)
+    if frames == 1 or not is_native(ds) or PIXEL_DATA not in ds:
+        return None
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if bits % 8:
+        return None
+    frame_bytes = rows * columns * samples * bits // 8
+    element = ds.get_item(PIXEL_DATA, keep_deferred=True)
+    length = getattr(element, "length", None)
+    if length is None:  # a converted element: its value is there
+        value = getattr(element, "value", None)
+        length = len(value) if isinstance(value, bytes | bytearray) else None
+    if length is None or frame_bytes == 0 or length >= frames * frame_bytes:
+        return None
+    return (
+        f"pixel data could not be decoded: {frames} frames declared, "
+        f"the pixel data holds {length // frame_bytes}"
+    )

@@ -318,8 +318,8 @@ class Analyser:
                 skipped[key] = str(x)
             else:
                 prepared.append(_Prepared(i, unit, x))
-        if not prepared:
-            reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "no datasets given"
+        if not prepared:  # each reason names its image
+            reasons = "; ".join(skipped.values()) or "no datasets given"
             raise NothingToAnalyse(f"no image could be analysed ({reasons})", skipped)
 
         study_uid = str(prepared[0].ds.get("StudyInstanceUID", ""))

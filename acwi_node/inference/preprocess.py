@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
-from acwi_node.dicom_frames import frame_count, frame_pixels, frame_view
+from acwi_node.dicom_frames import frame_count, frame_pixels, frame_view, short_pixel_data
 from acwi_node.dicom_pixels import stored_pixels
 from acwi_node.inference.image_checks import header_refusal
 from acwi_node.inference.types import unit_name
@@ -63,6 +63,9 @@ class ImageUnit:
 
     ds: Dataset
     frame_number: int | None = None
+    #: Why the image is refused as a whole before any frame is read (its frames cannot all be
+    #: there); None to read it.
+    refusal: str | None = None
 
     @property
     def sop_instance_uid(self) -> str:
@@ -81,12 +84,15 @@ class ImageUnit:
 def image_units(datasets: Iterable[Dataset]) -> list[ImageUnit]:
     """The images the model reads in ``datasets``, in order: a single-frame image as itself,
     a multi-frame image as each of its frames in frame order. A multi-frame image its header
-    refuses as a whole (colour, too small, a localizer) stays one unit, refused once."""
+    refuses as a whole (colour, too small, a localizer), or whose Pixel Data is shorter than
+    its frames, stays one unit, refused once."""
     units: list[ImageUnit] = []
     for ds in datasets:
         frames = frame_count(ds)
         if frames == 1 or "PixelData" not in ds or header_refusal(ds) is not None:
             units.append(ImageUnit(ds))
+        elif (short := short_pixel_data(ds)) is not None:  # one reason, not one per frame
+            units.append(ImageUnit(ds, refusal=short))
         else:
             units.extend(ImageUnit(ds, n) for n in range(1, frames + 1))
     return units
@@ -184,6 +190,9 @@ def preprocess_many(
         results: list[np.ndarray | UnsupportedImage | None] = [None] * len(chunk)
         by_shape: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
         for i, unit in enumerate(chunk):
+            if unit.refusal is not None:
+                results[i] = UnsupportedImage(f"{unit.name}: {unit.refusal}")
+                continue
             try:
                 pixels = modality_pixels(unit.ds, unit.frame_number)
             except UnsupportedImage as exc:

@@ -17,8 +17,9 @@ from pydicom import Dataset
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import RLELossless
 
-from acwi_node.dicom_frames import frame_count, frame_pixels, frame_view
-from acwi_node.inference.analyser import Analyser, image_seed
+from acwi_node.dicom_frames import frame_count, frame_pixels, frame_view, short_pixel_data
+from acwi_node.dicom_pixels import read_deferred
+from acwi_node.inference.analyser import Analyser, NothingToAnalyse, image_seed
 from acwi_node.inference.manifest import default_model_dir, load_manifest
 from acwi_node.inference.preprocess import (
     ImageUnit,
@@ -299,3 +300,22 @@ def test_a_labelled_folder_reads_a_multi_frame_image_as_one_image_per_frame(
     boxes = read_boxes(tmp_path, items)
     assert boxes == {f"{sop} frame {f['frame_number']}": tuple(f["box"]) for f in truth if f["box"]}
     assert boxes  # the nodule is in at least one frame
+
+
+def test_an_image_with_fewer_frames_than_it_declares_is_refused_once(
+    analyser: Analyser, enhanced: tuple[Dataset, list[Dataset]], tmp_path: Path
+) -> None:
+    """A truncated or inconsistent multi-frame image: one reason for the image, not one per
+    frame, told from the Pixel Data's length (read whole or left in the file alike)."""
+    bad = copy.deepcopy(enhanced[0])
+    bad.NumberOfFrames = 6
+    path = tmp_path / "bad.dcm"
+    bad.save_as(path)
+    uid = str(bad.SOPInstanceUID)
+    reason = f"{uid}: pixel data could not be decoded: 6 frames declared, the pixel data holds 4"
+    for ds in (bad, read_deferred(path)):
+        with pytest.raises(NothingToAnalyse) as refused:
+            analyser.analyse([ds])
+        assert refused.value.skipped == {uid: reason}
+        assert str(refused.value) == f"no image could be analysed ({reason})"
+    assert short_pixel_data(enhanced[0]) is None

@@ -206,7 +206,10 @@ def test_a_study_the_route_selects_nothing_of_fails_with_the_reason(tmp_path: Pa
         ("unreadable: File is missing DICOM File Meta Information header", "unreadable"),
         ("1.2.3: a localizer (scout) image, not analysed", "localizer"),
         ("1.2.3: pixel data could not be decoded: no plugin", "undecodable"),
-        ("1.2.3: multi-frame image (40 frames)", "unsupported"),
+        (
+            "1.2.3: pixel data could not be decoded: 40 frames declared, the pixel data holds 2",
+            "undecodable",
+        ),
         ("1.2.3: not a greyscale image (SamplesPerPixel 3, ...)", "unsupported"),
     ],
 )

@@ -23,3 +23,10 @@ def test_the_worker_memory_bench_reports_each_series(tmp_path: Path) -> None:
         assert r["peak_above_baseline_mib"] >= 0 and r["seconds"] > 0
     assert report["marginal_mib_per_slice"] is not None
     assert report["machine"]["cpus"] >= 1
+
+
+def test_the_bench_sends_a_series_as_one_multi_frame_image(tmp_path: Path) -> None:
+    out = tmp_path / "memory.json"
+    assert main(["--slices", "3", "--size", "64", "--enhanced", "--json", str(out)]) == 0
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["enhanced"] is True and result["slices"] == 3

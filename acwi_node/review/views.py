@@ -43,6 +43,7 @@ from starlette.concurrency import run_in_threadpool
 
 from acwi_node import __version__
 from acwi_node.config import Settings
+from acwi_node.dicom_pixels import read_deferred
 from acwi_node.export.outbox import verify_destination, what_it_checks
 from acwi_node.ingest.spool import Spool, is_safe_uid
 from acwi_node.ledger import Ledger, StudyActionRefused
@@ -139,8 +140,9 @@ def display_size(rows: int, columns: int) -> tuple[int, int]:
 
 def render_source_png(path: Path, frame_number: int | None = None) -> bytes:
     """The source image (frame ``frame_number`` of a multi-frame one) windowed for display,
-    as an 8-bit greyscale PNG."""
-    ds = dcmread(path)
+    as an 8-bit greyscale PNG. The Pixel Data is read when used: a frame's picture reads that
+    frame's bytes of the file, not the whole image's."""
+    ds = read_deferred(path)
     grey = render_grey(ds, frame_number)
     image = Image.fromarray(np.clip(np.rint(grey * 255.0), 0, 255).astype(np.uint8))
     size = display_size(*grey.shape)

@@ -1076,15 +1076,25 @@ class Ledger:
                 self._sync_job_delivery(s, job.id)
             return queued
 
-    def fail_job(self, job_id: int, error: str) -> None:
+    def fail_job(self, job_id: int, error: str) -> bool:
+        """Mark a job failed with ``error``; False when it was not: it was final already, or
+        its study re-opened while it ran (a newer generation of it is receiving or complete:
+        the job is superseded, with the error kept, and the study's state is the newer
+        generation's). A failure of a study's outdated version is not the study's."""
         with self.session() as s:
             job = s.get_one(Job, job_id)
             if job.state in FINAL_JOB_STATES:
-                return
+                return False
+            if job.generation < s.get_one(Study, job.study_id).generation:
+                job.state = JobState.SUPERSEDED
+                job.error = error[:2000]
+                job.finished_at = utcnow()
+                return False
             job.state = JobState.FAILED
             job.error = error[:2000]
             job.finished_at = utcnow()
             self._sync_study(s, job.study_id)
+            return True
 
     def _sync_study(self, s: Session, study_id: int) -> None:
         """Derive the study's state from the jobs of its current generation."""

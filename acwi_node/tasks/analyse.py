@@ -271,12 +271,16 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
         )
     except NothingToAnalyse as exc:
         count_not_analysed(job.model, exc.skipped)
-        ledger.fail_job(job_id, f"nothing to analyse: {exc}")
+        if not ledger.fail_job(job_id, f"nothing to analyse: {exc}"):
+            return _superseded_meanwhile(job_id, exc)
         log.warning("job %d: nothing to analyse: %s", job_id, exc)
         return "failed"
     except Exception as exc:
+        # A study re-opened while its job ran may have had a file replaced under it (its
+        # Pixel Data is read when used): the job is superseded, its failure no news.
+        if not ledger.fail_job(job_id, f"analysis failed: {type(exc).__name__}: {exc}"):
+            return _superseded_meanwhile(job_id, exc)
         log.exception("job %d: analysis failed", job_id)
-        ledger.fail_job(job_id, f"analysis failed: {type(exc).__name__}: {exc}")
         return "failed"
     finally:
         lease.stop()
@@ -297,6 +301,15 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
 
         queue_result_safely(settings, ledger, job_id)
     return "analysed"
+
+
+def _superseded_meanwhile(job_id: int, exc: Exception) -> str:
+    log.info(
+        "job %d: superseded while it ran (its study re-opened); it stopped on %s",
+        job_id,
+        type(exc).__name__,
+    )
+    return "superseded"
 
 
 @app.task(name=ANALYSE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)

@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 
 from acwi_node.config import Settings
 from acwi_node.dicom_pixels import PIXEL_DATA
-from acwi_node.ledger import Ledger
+from acwi_node.ledger import InstanceRecord, Ledger
 from acwi_node.ledger.models import Job, Study, utcnow
 from acwi_node.results.uids import result_uids
 from acwi_node.tasks import analyse
@@ -382,3 +382,48 @@ def test_an_enhanced_ct_is_analysed_frame_by_frame(tmp_path: Path) -> None:
     assert (
         int(pydicom.dcmread(settings.results_dir / study_uid / f"{pmap}.dcm").NumberOfFrames) == 4
     )
+
+
+def test_a_job_whose_study_re_opened_while_it_ran_is_superseded_not_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """More of the study arrives while its job runs, and the job then stops on an error (a
+    file replaced under it, its Pixel Data read when used): the job of the outdated version
+    is superseded, with the error kept, not failed; no error is logged, and the study is
+    the newer version's (receiving)."""
+    settings = review_settings(tmp_path)
+    ledger = Ledger(settings.database_url)
+    files = write_study(tmp_path / "src", n_images=1, size=64, seed=3)
+    try:
+        job_id, study_uid = store_and_route(settings, ledger, files)
+
+        def more_arrives_then_fails(*args: Any, **kwargs: Any) -> Any:
+            ledger.record_instance(
+                InstanceRecord(
+                    study_uid=study_uid,
+                    sop_instance_uid="2.25.42",
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+                    series_uid="2.25.43",
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    modality="DX",
+                    body_part="CHEST",
+                    path=f"{study_uid}/2.25.42.dcm",
+                    size=1,
+                    calling_ae="SITEA",
+                ),
+                first_in_association=True,
+            )
+            raise ValueError("Deferred read -- original element not found")
+
+        monkeypatch.setattr(analyse, "build_sr", more_arrives_then_fails)
+        with caplog.at_level(logging.INFO, logger="acwi_node"):
+            assert analyse.run_job(settings, ledger, job_id) == "superseded"
+        with ledger.session() as s:
+            job = s.get_one(Job, job_id)
+            assert job.state.value == "superseded" and "ValueError" in job.error
+        st = ledger.get_study(study_uid)
+        assert st is not None and st["state"] == "receiving"
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert "superseded while it ran" in caplog.text
+    finally:
+        ledger.dispose()

@@ -9,11 +9,12 @@ copy (``Dataset.pixel_array`` keeps it on the dataset) as much again. So:
 * :func:`stored_pixels` decodes an image in a native (uncompressed) transfer syntax from the
   file and then lets the bytes go again: the image holds neither its Pixel Data nor a decoded
   copy between the analysis and the drawing of its heatmap, each of which reads it once (from
-  the page cache, as a copy costs). A multi-frame image's frame is read from the file alone,
-  its bytes only (reading the whole element for each frame of a 100-frame CT made its
+  the page cache, as a copy costs);
+* a multi-frame image's frame, native or compressed, is read from the file alone, its bytes
+  or its fragments only (reading the whole element for each frame of a 100-frame CT made its
   analysis ten times slower), and decoded by pydicom's decoder for the transfer syntax;
-* an image in a compressed transfer syntax keeps what it decoded (decoding JPEG 2000 or
-  JPEG-LS again would cost more time than the memory is worth).
+* a single-frame image in a compressed transfer syntax keeps what it decoded (decoding JPEG
+  2000 or JPEG-LS again would cost more time than the memory is worth).
 """
 
 from __future__ import annotations
@@ -69,12 +70,12 @@ def _element_header(raw: RawDataElement) -> tuple[int, bytes]:
 
 
 def _frame_from_file(ds: Dataset, raw: RawDataElement, index: int) -> np.ndarray | None:
-    """Frame ``index`` (0-based) of a native multi-frame image whose Pixel Data is still in
-    its file, read from there alone (its bytes only: a 300-frame CT's element is 150 MiB);
+    """Frame ``index`` (0-based) of a multi-frame image whose Pixel Data is still in its file,
+    read from there alone (its bytes, or its fragments: a 300-frame CT's element is 150 MiB);
     None where that cannot be done (no file name, the file no longer holds the element where
     it was), and the caller reads the element whole as pydicom would."""
     filename = getattr(ds, "filename", None)
-    if not isinstance(filename, str) or raw.length in (None, 0xFFFFFFFF):
+    if not isinstance(filename, str) or raw.length is None:
         return None
     start, expected = _element_header(raw)
     options = as_pixel_options(ds, pixel_keyword="PixelData")
@@ -93,13 +94,13 @@ def stored_pixels(ds: Dataset, frame_number: int | None = None) -> np.ndarray:
     without keeping it, or the Pixel Data it was decoded from, on ``ds`` when decoding again
     is a copy (module docstring)."""
     index = None if frame_number is None else frame_number - 1
-    if not is_native(ds):
-        return ds.pixel_array if index is None else pixel_array(ds, index=index)
     deferred = _deferred_pixel_data(ds)
     if deferred is not None and index is not None:
         frame = _frame_from_file(ds, deferred, index)
         if frame is not None:
             return frame
+    if not is_native(ds):
+        return ds.pixel_array if index is None else pixel_array(ds, index=index)
     try:
         return pixel_array(ds, index=index)
     finally:

@@ -52,6 +52,22 @@ def test_a_multi_frame_images_frames_are_read_from_the_file_one_at_a_time(
         assert _in_file(ds) and getattr(ds, "_pixel_array", None) is None
 
 
+def test_a_compressed_multi_frame_images_frames_are_read_from_their_fragments(
+    tmp_path: Path,
+) -> None:
+    path = write_enhanced_ct(tmp_path, slices=3, size=256)  # compressed: over DEFER_SIZE
+    whole = pydicom.dcmread(path).pixel_array
+    ds = pydicom.dcmread(path)
+    ds.compress(RLELossless)
+    rle = tmp_path / "rle.dcm"
+    ds.save_as(rle)
+    compressed = read_deferred(rle)
+    assert _in_file(compressed)
+    for n in (2, 3, 1):
+        assert np.array_equal(frame_pixels(compressed, n), whole[n - 1])
+        assert _in_file(compressed) and getattr(compressed, "_pixel_array", None) is None
+
+
 @pytest.mark.filterwarnings("ignore:Deferred read warning")
 def test_a_multi_frame_file_replaced_since_it_was_read_is_not_read_blindly(
     tmp_path: Path,

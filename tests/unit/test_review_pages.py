@@ -78,8 +78,8 @@ def _case(settings: Settings, ledger: Ledger, images: list[dict[str, Any]] | Non
     return int(ledger.worklist()[0]["id"])
 
 
-@pytest.fixture
-def client(tmp_path: Path) -> Iterator[tuple[TestClient, Ledger, int]]:
+def _node(tmp_path: Path) -> tuple[Settings, Ledger]:
+    """Settings and a ledger with one radiologist, ``jane``."""
     settings = load_settings(
         None,
         node={"data_dir": tmp_path / "data"},
@@ -88,6 +88,12 @@ def client(tmp_path: Path) -> Iterator[tuple[TestClient, Ledger, int]]:
     )
     ledger = Ledger(settings.database_url)
     ReviewStore(ledger).add_user("jane", auth.hash_password(PASSWORD), "radiologist")
+    return settings, ledger
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[tuple[TestClient, Ledger, int]]:
+    settings, ledger = _node(tmp_path)
     item = _case(settings, ledger)
     with TestClient(create_app(settings, ledger)) as c:
         yield c, ledger, item
@@ -179,14 +185,7 @@ def test_a_case_of_many_images_names_where_to_look_first(tmp_path: Path) -> None
     """A CT's hundreds of slices: the page names the images with the highest probability of
     the predicted label and the most uncertain ones, linked to their figures, and loads each
     picture only when it is scrolled to."""
-    settings = load_settings(
-        None,
-        node={"data_dir": tmp_path / "data"},
-        ingest={"fsync": False},
-        review={"cookie_secure": False},
-    )
-    ledger = Ledger(settings.database_url)
-    ReviewStore(ledger).add_user("jane", auth.hash_password(PASSWORD), "radiologist")
+    settings, ledger = _node(tmp_path)
     label = "<svg onload=alert(1)>"
     p = [0.2, 0.9, 0.5, 0.95, 0.1]
     u = [0.01, 0.3, 0.2, 0.02, 0.25]

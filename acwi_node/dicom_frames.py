@@ -26,7 +26,7 @@ from pydicom.sequence import Sequence
 
 from acwi_node.dicom_pixels import PIXEL_DATA, is_native, stored_pixels
 
-__all__ = ["frame_count", "frame_pixels", "frame_view", "is_multi_frame", "short_pixel_data"]
+__all__ = ["frame_count", "frame_pixels", "frame_view", "short_pixel_data"]
 
 #: The top-level attributes a frame's view copies from its image: what decoding, the modality
 #: LUT, the window and the result writers read.
@@ -96,11 +96,6 @@ def frame_count(ds: Dataset) -> int:
     except (TypeError, ValueError):
         return 1
     return max(frames, 1)
-
-
-def is_multi_frame(ds: Dataset) -> bool:
-    """The image holds more than one frame."""
-    return frame_count(ds) > 1
 
 
 def _groups(ds: Dataset, frame_number: int) -> list[Dataset]:

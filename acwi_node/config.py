@@ -261,6 +261,12 @@ class ExporterSettings(_Strict):
     poll_interval_s: float = Field(0.25, gt=0)
     timeout_s: float = Field(30.0, gt=0)
 
+    def backoff_s(self, attempts_so_far: int) -> float:
+        """Seconds to wait before the next attempt after ``attempts_so_far + 1`` failures."""
+        return float(
+            min(self.backoff_max_s, self.backoff_initial_s * (2 ** max(0, attempts_so_far)))
+        )
+
 
 class RetentionSettings(_Strict):
     """How long received images and result files stay on the node's disk (README "Storage
@@ -361,6 +367,14 @@ class Destination(_Strict):
     #: PACS that refuses one (an older PACS and Parametric Maps), or results split between
     #: systems (the SR to an AI results archive, the heatmaps to the PACS).
     results: list[Literal["sr", "heatmap", "parametric_map"]] | None = Field(None, min_length=1)
+    #: DIMSE: ask the destination for storage commitment (PS3.4 Annex J, Push Model) after it
+    #: stored results: a result counts as delivered only once the destination's report (an
+    #: N-EVENT-REPORT to the node's DICOM port, or on the request's association) commits it,
+    #: and one the report refuses is sent again.
+    storage_commitment: bool = False
+    #: How long to wait for the storage commitment report before asking again; after
+    #: ``exporter.max_attempts`` requests without a report the delivery fails.
+    commitment_wait_s: float = Field(300.0, gt=0, le=86_400)
 
     def takes(self, kind: str) -> bool:
         """Whether result objects of ``kind`` (a ledger result kind) are sent here."""
@@ -399,6 +413,11 @@ class Destination(_Strict):
             raise ValueError(
                 f"destination {self.name!r}: url (DICOMweb) or ae_title/host/port (DIMSE),"
                 f" not both ({', '.join(dimse)} given)"
+            )
+        if self.storage_commitment:
+            raise ValueError(
+                f"destination {self.name!r}: storage_commitment applies to DIMSE destinations"
+                " (ae_title, host, port) only"
             )
         from urllib.parse import urlsplit
 

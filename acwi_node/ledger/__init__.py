@@ -7,6 +7,8 @@ from acwi_node.ledger.models import (
     StudyState,
 )
 from acwi_node.ledger.repository import (
+    AwaitedCommitment,
+    CommitmentOutcome,
     DeliveryAttempt,
     DueDelivery,
     InstanceRecord,
@@ -19,6 +21,8 @@ from acwi_node.ledger.repository import (
 )
 
 __all__ = [
+    "AwaitedCommitment",
+    "CommitmentOutcome",
     "DeliveryState",
     "DeliveryAttempt",
     "DueDelivery",

@@ -58,9 +58,16 @@ FINAL_JOB_STATES = {JobState.DELIVERED, JobState.FAILED, JobState.SUPERSEDED}
 
 class DeliveryState(str, enum.Enum):
     PENDING = "pending"
+    #: Stored by the destination, whose storage commitment report is awaited (a destination
+    #: with ``storage_commitment``): delivered once the report says it is committed.
+    COMMITTING = "committing"
     DELIVERED = "delivered"
     FAILED = "failed"
     SUPERSEDED = "superseded"
+
+
+#: Delivery states that are not final: to be sent, or stored and awaiting commitment.
+UNSETTLED_DELIVERY_STATES = (DeliveryState.PENDING, DeliveryState.COMMITTING)
 
 
 class ReviewState(str, enum.Enum):
@@ -190,10 +197,18 @@ class Delivery(Base):
     last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     last_error: Mapped[str] = mapped_column(Text, default="")
     delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    #: Storage commitment (state ``committing``): the Transaction UID of the latest request
+    #: that the destination accepted, when the latest request was made, and how many were.
+    commitment_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    commitment_requested_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    commitment_requests: Mapped[int] = mapped_column(Integer, default=0)
 
     result: Mapped[Result] = relationship(back_populates="deliveries")
 
-    __table_args__ = (Index("ix_deliveries_due", "state", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_deliveries_due", "state", "next_attempt_at"),
+        Index("ix_deliveries_commitment", "commitment_uid"),
+    )
 
 
 class ReviewItem(Base):
@@ -434,6 +449,7 @@ __all__ = [
     "CompletionSignal",
     "Delivery",
     "DeliveryState",
+    "UNSETTLED_DELIVERY_STATES",
     "FINAL_JOB_STATES",
     "Hl7Inbound",
     "Hl7Order",

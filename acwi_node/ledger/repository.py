@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from acwi_node.ledger.models import (
     FINAL_JOB_STATES,
+    UNSETTLED_DELIVERY_STATES,
     Base,
     Delivery,
     DeliveryState,
@@ -162,6 +163,31 @@ class DeliveryAttempt:
     max_attempts: int
     #: Seconds until the next attempt, if there is one.
     backoff_s: float
+    #: Delivered, and the destination's storage commitment is to be asked for: the delivery
+    #: waits (``committing``) for its report (:meth:`Ledger.record_commitment`).
+    awaits_commitment: bool = False
+
+
+@dataclass(frozen=True)
+class AwaitedCommitment:
+    """A result a destination stored and whose storage commitment is to be requested."""
+
+    delivery_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+
+
+@dataclass(frozen=True)
+class CommitmentOutcome:
+    """What a storage commitment report changed in the outbox."""
+
+    #: Deliveries the report committed (now delivered).
+    committed: int = 0
+    #: Deliveries it refused: sent again (or failed for good after the last attempt).
+    refused: int = 0
+    #: Whether the transaction was one of this ledger's (a request still awaited).
+    known: bool = False
 
 
 #: Job priority given to the jobs of a study whose order is STAT; jobs at or above it go to the
@@ -850,7 +876,7 @@ class Ledger:
         if old_ids:
             s.execute(
                 update(Delivery)
-                .where(Delivery.job_id.in_(old_ids), Delivery.state == DeliveryState.PENDING)
+                .where(Delivery.job_id.in_(old_ids), Delivery.state.in_(UNSETTLED_DELIVERY_STATES))
                 .values(state=DeliveryState.SUPERSEDED)
             )
             s.execute(
@@ -1063,7 +1089,10 @@ class Ledger:
                 res.path = result.path
                 s.execute(
                     update(Delivery)
-                    .where(Delivery.result_id == res.id, Delivery.state == DeliveryState.PENDING)
+                    .where(
+                        Delivery.result_id == res.id,
+                        Delivery.state.in_(UNSETTLED_DELIVERY_STATES),
+                    )
                     .values(state=DeliveryState.SUPERSEDED)
                 )
             queued = _queue_deliveries(s, job, res, now, takes)
@@ -1254,7 +1283,12 @@ class Ledger:
                 d.attempts += 1
                 d.last_status = attempt.status
                 d.last_error = attempt.error[:2000]
-                if attempt.delivered:
+                if attempt.delivered and attempt.awaits_commitment:
+                    d.state = DeliveryState.COMMITTING
+                    d.commitment_uid = None
+                    d.commitment_requested_at = None
+                    d.commitment_requests = 0
+                elif attempt.delivered:
                     d.state = DeliveryState.DELIVERED
                     d.delivered_at = now
                 elif d.attempts >= attempt.max_attempts:
@@ -1266,6 +1300,162 @@ class Ledger:
             for job_id in sorted(jobs):
                 self._sync_job_delivery(s, job_id)
 
+    # ------------------------------------------------------- storage commitment
+    def commitments_due(
+        self, destination: str, *, wait_s: float, max_requests: int, limit: int = 1000
+    ) -> list[AwaitedCommitment]:
+        """Results ``destination`` stored whose storage commitment is to be requested now:
+        never requested, or requested ``wait_s`` ago or more with no report since. One
+        requested ``max_requests`` times already fails for good instead (the destination
+        never reported), and its job with it."""
+        now = utcnow()
+        with self.session() as s:
+            rows = s.execute(
+                select(Delivery, Result.sop_class_uid, Result.sop_instance_uid, Study.study_uid)
+                .join(Result, Delivery.result_id == Result.id)
+                .join(Job, Delivery.job_id == Job.id)
+                .join(Study, Job.study_id == Study.id)
+                .where(
+                    Delivery.destination == destination,
+                    Delivery.state == DeliveryState.COMMITTING,
+                    (Delivery.commitment_requested_at.is_(None))
+                    | (Delivery.commitment_requested_at <= now - dt.timedelta(seconds=wait_s)),
+                )
+                .order_by(Delivery.id)
+                .limit(limit)
+                .with_for_update(of=Delivery)
+            ).all()
+            due: list[AwaitedCommitment] = []
+            exhausted: set[int] = set()
+            for d, sop_class, sop_instance, study_uid in rows:
+                if d.commitment_requests >= max_requests:
+                    d.state = DeliveryState.FAILED
+                    d.last_status = None
+                    why = d.last_error or f"no report within {wait_s:g} s"
+                    d.last_error = (
+                        f"storage commitment: {destination} did not report after"
+                        f" {d.commitment_requests} request(s) ({why})"
+                    )[:2000]
+                    exhausted.add(d.job_id)
+                else:
+                    due.append(AwaitedCommitment(d.id, sop_class, sop_instance, study_uid))
+            s.flush()
+            for job_id in sorted(exhausted):
+                self._sync_job_delivery(s, job_id)
+            return due
+
+    def commitment_requested(self, delivery_ids: Sequence[int], transaction_uid: str) -> None:
+        """Record, before it is sent, a storage commitment request for ``delivery_ids`` under
+        ``transaction_uid`` (the destination may report before the request's answer is
+        back)."""
+        if not delivery_ids:
+            return
+        now = utcnow()
+        with self.session() as s:
+            s.execute(
+                update(Delivery)
+                .where(Delivery.id.in_(delivery_ids), Delivery.state == DeliveryState.COMMITTING)
+                .values(
+                    commitment_uid=transaction_uid,
+                    commitment_requested_at=now,
+                    commitment_requests=Delivery.commitment_requests + 1,
+                    last_error="",
+                )
+            )
+
+    def commitment_request_failed(self, delivery_ids: Sequence[int], error: str) -> None:
+        """Record why a storage commitment request failed (it is made again after the
+        destination's ``commitment_wait_s``)."""
+        if not delivery_ids:
+            return
+        with self.session() as s:
+            s.execute(
+                update(Delivery)
+                .where(Delivery.id.in_(delivery_ids), Delivery.state == DeliveryState.COMMITTING)
+                .values(last_error=error[:2000])
+            )
+
+    def end_commitments(self, destinations: Sequence[str]) -> int:
+        """Deliver the results awaiting storage commitment from any destination but
+        ``destinations`` (the ones that still ask for it): they were stored, and no longer
+        wait for a report. Returns how many."""
+        now = utcnow()
+        with self.session() as s:
+            rows = s.scalars(
+                select(Delivery).where(
+                    Delivery.state == DeliveryState.COMMITTING,
+                    Delivery.destination.not_in(list(destinations)),
+                )
+            ).all()
+            jobs: set[int] = set()
+            for d in rows:
+                d.state = DeliveryState.DELIVERED
+                d.delivered_at = now
+                d.commitment_uid = None
+                jobs.add(d.job_id)
+            s.flush()
+            for job_id in sorted(jobs):
+                self._sync_job_delivery(s, job_id)
+            return len(rows)
+
+    def record_commitment(
+        self,
+        transaction_uid: str,
+        committed: Sequence[str],
+        refused: dict[str, int],
+        *,
+        max_attempts: int,
+        backoff_s: Callable[[int], float],
+        describe: Callable[[int], str],
+    ) -> CommitmentOutcome:
+        """Apply a storage commitment report: the deliveries requested in
+        ``transaction_uid`` whose SOP Instance UID the report commits are delivered; those it
+        refuses (``refused``: SOP Instance UID -> Failure Reason) are sent again after
+        ``backoff_s(attempts)`` seconds, or fail for good once they have had ``max_attempts``
+        (``describe`` words a Failure Reason). Deliveries the report does not name keep
+        waiting (asked again after the wait)."""
+        now = utcnow()
+        committed_uids = set(committed)
+        with self.session() as s:
+            rows = s.execute(
+                select(Delivery, Result.sop_instance_uid)
+                .join(Result, Delivery.result_id == Result.id)
+                .where(Delivery.commitment_uid == transaction_uid)
+                .with_for_update(of=Delivery)
+            ).all()
+            if not rows:
+                return CommitmentOutcome()
+            n_committed = n_refused = 0
+            jobs: set[int] = set()
+            for d, sop_instance in rows:
+                if d.state != DeliveryState.COMMITTING:
+                    continue
+                if sop_instance in committed_uids:
+                    d.state = DeliveryState.DELIVERED
+                    d.delivered_at = now
+                    d.last_error = ""
+                    n_committed += 1
+                elif sop_instance in refused:
+                    reason = refused[sop_instance]
+                    d.last_status = reason
+                    d.last_error = (
+                        f"storage commitment refused by {d.destination}: {describe(reason)}"
+                    )
+                    if d.attempts >= max_attempts:
+                        d.state = DeliveryState.FAILED
+                    else:
+                        d.state = DeliveryState.PENDING
+                        d.next_attempt_at = now + dt.timedelta(seconds=backoff_s(d.attempts - 1))
+                    n_refused += 1
+                else:
+                    continue
+                d.commitment_uid = None
+                jobs.add(d.job_id)
+            s.flush()
+            for job_id in sorted(jobs):
+                self._sync_job_delivery(s, job_id)
+            return CommitmentOutcome(n_committed, n_refused, known=True)
+
     def _sync_job_delivery(self, s: Session, job_id: int) -> None:
         job = s.get_one(Job, job_id)
         if job.state != JobState.EXPORTING:
@@ -1274,7 +1464,7 @@ class Ledger:
             (d.state, d.destination, d.last_status, d.last_error)
             for d in s.scalars(select(Delivery).where(Delivery.job_id == job_id)).all()
         ]
-        if any(st == DeliveryState.PENDING for st, *_ in states):
+        if any(st in UNSETTLED_DELIVERY_STATES for st, *_ in states):
             return
         failed = [
             (dest, status, err) for st, dest, status, err in states if st == DeliveryState.FAILED

@@ -18,8 +18,8 @@ from sqlalchemy.exc import IntegrityError
 
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import (
+    UNSETTLED_DELIVERY_STATES,
     Delivery,
-    DeliveryState,
     Instance,
     Job,
     JobState,
@@ -74,8 +74,11 @@ class PurgeClaim:
 def _may_purge() -> ColumnElement[bool]:
     """The study (``Study``) is finished and nothing will read its files again."""
     busy_job = exists().where(Job.study_id == Study.id, Job.state.in_(_BUSY_JOB_STATES))
+    # A result awaiting storage commitment is sent again if the destination refuses it.
     pending_delivery = exists().where(
-        Delivery.job_id == Job.id, Job.study_id == Study.id, Delivery.state == DeliveryState.PENDING
+        Delivery.job_id == Job.id,
+        Job.study_id == Study.id,
+        Delivery.state.in_(UNSETTLED_DELIVERY_STATES),
     )
     open_review = exists().where(
         ReviewItem.study_id == Study.id, ReviewItem.state == ReviewState.OPEN

@@ -3,7 +3,9 @@
 A result is delivered only when the destination answered success (or an accepted warning);
 otherwise it stays in the outbox with exponential back-off, and fails visibly after
 ``max_attempts``. Deliveries due for one destination go over its associations (DIMSE,
-:mod:`.scu`) or its STOW-RS requests (DICOMweb, :mod:`.dicomweb`).
+:mod:`.scu`) or its STOW-RS requests (DICOMweb, :mod:`.dicomweb`). For a destination with
+``storage_commitment``, a stored result is delivered once the destination commits it
+(:mod:`.commitment`): the exporter asks, and asks again when no report came.
 """
 
 from __future__ import annotations
@@ -17,9 +19,21 @@ from pathlib import Path
 from acwi_node.audit import AuditEvent, Outcome, audit, remote_ae
 from acwi_node.config import Destination, Settings
 from acwi_node.export import dicomweb
-from acwi_node.export.scu import EchoResult, SendReport, TlsArgs, send_files, verify
+from acwi_node.export.commitment import (
+    MAX_REFERENCES,
+    commitment_request,
+    new_transaction_uid,
+)
+from acwi_node.export.scu import (
+    EchoResult,
+    SendReport,
+    TlsArgs,
+    request_commitment,
+    send_files,
+    verify,
+)
 from acwi_node.export.wakeup import WakeUpListener, wake_exporter
-from acwi_node.ledger import DeliveryAttempt, DueDelivery, Ledger
+from acwi_node.ledger import AwaitedCommitment, DeliveryAttempt, DueDelivery, Ledger
 from acwi_node.observability import metrics
 from acwi_node.tls import TlsConfigError
 
@@ -64,8 +78,7 @@ def what_it_checks(dest: Destination) -> str:
 
 def backoff_s(settings: Settings, attempts_so_far: int) -> float:
     """Seconds to wait before the next attempt after ``attempts_so_far + 1`` failures."""
-    cfg = settings.exporter
-    return float(min(cfg.backoff_max_s, cfg.backoff_initial_s * (2**attempts_so_far)))
+    return settings.exporter.backoff_s(attempts_so_far)
 
 
 class Exporter:
@@ -76,18 +89,82 @@ class Exporter:
         self.ledger = ledger
         self._stop = threading.Event()
         self._listener: WakeUpListener | None = None
+        self._committing = [
+            d for d in settings.destinations if d.kind == "dimse" and d.storage_commitment
+        ]
+        # Results still waiting for a destination that no longer asks for commitment.
+        ended = ledger.end_commitments([d.name for d in self._committing])
+        if ended:
+            log.warning(
+                "%d stored result(s) no longer wait for storage commitment (the destination"
+                " does not ask for it any more): delivered",
+                ended,
+            )
         #: ``time.monotonic()`` of the last finished pass (readiness: the loop is alive).
         self.last_pass: float | None = None
 
     def tick(self) -> int:
-        """One pass over the due deliveries; returns how many were attempted."""
+        """One pass over the due deliveries, then the storage commitments to request; returns
+        how many deliveries were attempted and commitments requested."""
         due = self.ledger.due_deliveries()
         by_dest: dict[str, list[DueDelivery]] = defaultdict(list)
         for d in due:
             by_dest[d.destination].append(d)
         for dest_name, items in by_dest.items():
             self._send(dest_name, items)
-        return len(due)
+        return len(due) + self._request_commitments()
+
+    def _request_commitments(self) -> int:
+        """Ask each destination with ``storage_commitment`` to commit what it stored and has
+        not reported on (never asked, or asked ``commitment_wait_s`` ago)."""
+        asked = 0
+        for dest in self._committing:
+            due = self.ledger.commitments_due(
+                dest.name,
+                wait_s=dest.commitment_wait_s,
+                max_requests=self.settings.exporter.max_attempts,
+            )
+            for start in range(0, len(due), MAX_REFERENCES):
+                self._request_commitment(dest, due[start : start + MAX_REFERENCES])
+            asked += len(due)
+        return asked
+
+    def _request_commitment(self, dest: Destination, items: list[AwaitedCommitment]) -> None:
+        assert dest.ae_title is not None and dest.host is not None and dest.port is not None
+        ids = [i.delivery_id for i in items]
+        transaction_uid = new_transaction_uid()
+        # Recorded first: the report may come back before the request's answer does.
+        self.ledger.commitment_requested(ids, transaction_uid)
+        try:
+            tls = tls_args(dest)
+        except TlsConfigError as exc:
+            result_error = f"TLS configuration of {dest.name!r}: {exc}"
+            self.ledger.commitment_request_failed(ids, result_error)
+            log.error("cannot ask %s for storage commitment: %s", dest.name, result_error)
+            metrics.COMMITMENT_REQUESTS.labels(dest.name, "failed").inc()
+            return
+        result = request_commitment(
+            commitment_request(transaction_uid, items),
+            called_ae=dest.ae_title,
+            host=dest.host,
+            port=dest.port,
+            calling_ae=self.settings.node.ae_title,
+            timeout_s=self.settings.exporter.timeout_s,
+            tls=tls,
+        )
+        if result.accepted:
+            metrics.COMMITMENT_REQUESTS.labels(dest.name, "accepted").inc()
+            log.info("asked %s to commit %d stored result(s)", dest.name, len(items))
+            return
+        metrics.COMMITMENT_REQUESTS.labels(dest.name, "failed").inc()
+        self.ledger.commitment_request_failed(ids, result.error)
+        log.warning(
+            "storage commitment request to %s for %d result(s) failed: %s (asked again in %g s)",
+            dest.name,
+            len(items),
+            result.error,
+            dest.commitment_wait_s,
+        )
 
     def _fail_all(self, items: list[DueDelivery], error: str, *, final: bool) -> None:
         """Record a failed attempt for every item (``final``: no further attempts)."""
@@ -122,6 +199,7 @@ class Exporter:
             log.error("cannot send to %s: %s", dest_name, exc)
             return
         delivered = 0
+        commit = dest.kind == "dimse" and dest.storage_commitment
         attempts: list[DeliveryAttempt] = []
         for d in items:
             path: Path = paths[d.id]
@@ -142,12 +220,18 @@ class Exporter:
                     error="" if ok else detail,
                     max_attempts=cfg.max_attempts,
                     backoff_s=backoff_s(self.settings, d.attempts),
+                    awaits_commitment=commit,
                 )
             )
         self.ledger.record_deliveries(attempts)
         self._audit_sent(dest, items, paths, report)
         if delivered == len(items):
-            log.info("sent %d object(s) to %s", delivered, dest_name)
+            log.info(
+                "sent %d object(s) to %s%s",
+                delivered,
+                dest_name,
+                ", awaiting its storage commitment" if commit else "",
+            )
         else:
             log.warning(
                 "sent %d of %d object(s) to %s: %s",

@@ -40,11 +40,15 @@ from acwi_node.ingest.reactor import EventDrivenRequestorAE
 __all__ = [
     "DELIVERED_WARNING_STATUSES",
     "MAX_PRESENTATION_CONTEXTS",
+    "STORAGE_COMMITMENT_INSTANCE",
+    "STORAGE_COMMITMENT_PUSH_MODEL",
+    "CommitmentRequestResult",
     "EchoResult",
     "FileOutcome",
     "SendReport",
     "TlsArgs",
     "echo",
+    "request_commitment",
     "send_files",
     "verify",
 ]
@@ -65,6 +69,11 @@ DELIVERED_WARNING_STATUSES: dict[int, str] = {
 }
 
 _VERIFICATION = UID("1.2.840.10008.1.1")
+#: Storage Commitment Push Model SOP Class and its well-known SOP Instance (PS3.4 J.3).
+STORAGE_COMMITMENT_PUSH_MODEL = UID("1.2.840.10008.1.20.1")
+STORAGE_COMMITMENT_INSTANCE = UID("1.2.840.10008.1.20.1.1")
+#: N-ACTION Action Type ID: Request Storage Commitment (PS3.4 J.3.2.1).
+REQUEST_STORAGE_COMMITMENT = 1
 _UNCOMPRESSED: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _NATIVE_SYNTAXES = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian})
 
@@ -710,3 +719,80 @@ def echo(
     else:
         logger.warning("C-ECHO to %s@%s:%d failed: %s", called_ae, host, port, result.error)
     return result.ok
+
+
+@dataclass(frozen=True)
+class CommitmentRequestResult:
+    """What a storage commitment request (N-ACTION) got: accepted, or why not."""
+
+    accepted: bool
+    #: The N-ACTION status, when one came.
+    status: int | None = None
+    #: Why it was not accepted (refused, rejected, unreachable), or "".
+    error: str = ""
+
+
+def request_commitment(
+    action_information: Dataset,
+    *,
+    called_ae: str,
+    host: str,
+    port: int,
+    calling_ae: str,
+    timeout_s: float = 30.0,
+    tls: TlsArgs | None = None,
+) -> CommitmentRequestResult:
+    """Ask a destination for storage commitment: one N-ACTION (Request Storage Commitment)
+    of the Storage Commitment Push Model with ``action_information`` (its Transaction UID
+    and Referenced SOP Sequence). The association is released once the request is answered:
+    the destination reports on an association of its own, to the node's storage SCP
+    (PS3.4 J.3.3). Never raises."""
+    # Verification too: a destination without storage commitment still accepts an
+    # association, and is told apart from one that refuses the node.
+    contexts = [
+        build_context(STORAGE_COMMITMENT_PUSH_MODEL, list(_UNCOMPRESSED)),
+        build_context(_VERIFICATION),
+    ]
+    assoc, error = _open_association(
+        calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=0, tls=tls,
+        contexts=contexts,
+    )  # fmt: skip
+    if assoc is None:
+        return CommitmentRequestResult(False, error=error)
+    try:
+        if not any(
+            cx.abstract_syntax == STORAGE_COMMITMENT_PUSH_MODEL for cx in assoc.accepted_contexts
+        ):
+            return CommitmentRequestResult(
+                False,
+                error=f"{called_ae}@{host}:{port} does not accept storage commitment (Push Model)",
+            )
+        status, _reply = assoc.send_n_action(
+            action_information,
+            REQUEST_STORAGE_COMMITMENT,
+            STORAGE_COMMITMENT_PUSH_MODEL,
+            STORAGE_COMMITMENT_INSTANCE,
+        )
+        if "Status" not in status:
+            return CommitmentRequestResult(
+                False, error=f"no N-ACTION response within {timeout_s:g} s"
+            )
+        code = int(status.Status)
+        if code != 0x0000:
+            comment = status.get("ErrorComment")
+            return CommitmentRequestResult(
+                False,
+                status=code,
+                error=f"storage commitment request refused with status 0x{code:04X}"
+                + (f" ({comment})" if comment else ""),
+            )
+        return CommitmentRequestResult(True, status=code)
+    except Exception as exc:  # noqa: BLE001 - association lost mid-way
+        return CommitmentRequestResult(
+            False, error=f"association lost: {type(exc).__name__}: {exc}"
+        )
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        elif assoc.is_alive():
+            assoc.abort()

@@ -51,6 +51,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from acwi_node.audit import AuditEvent, Outcome, audit, remote_ae
 from acwi_node.config import Settings
+from acwi_node.export.commitment import CommitmentReports
+from acwi_node.export.scu import STORAGE_COMMITMENT_PUSH_MODEL
 from acwi_node.ingest.checksum import crc32_of
 from acwi_node.ingest.cpu_latency import CpuLatencyRequest
 from acwi_node.ingest.header import pydicom_header, scan_header, study_date
@@ -371,6 +373,12 @@ class StorageSCP:
         self.on_instance = on_instance
         self.signals = signals
         self.mpps = MppsSCP(ledger, signals) if settings.ingest.mpps else None
+        #: Storage commitment reports of the destinations that are asked for commitment.
+        self.commitment = (
+            CommitmentReports(settings, ledger)
+            if any(d.kind == "dimse" and d.storage_commitment for d in settings.destinations)
+            else None
+        )
         self._release_complete = {a.strip() for a in settings.completion.release_complete_aes}
         self._audit_patient_id = settings.audit.patient_id
         self._journal_max_bytes = settings.ingest.journal_max_bytes
@@ -411,6 +419,12 @@ class StorageSCP:
             ae.add_supported_context(ctx.abstract_syntax, TRANSFER_SYNTAXES)
         if cfg.mpps:
             ae.add_supported_context(MPPS_SOP_CLASS, TRANSFER_SYNTAXES[:4])
+        if self.commitment is not None:
+            # The destination, the Storage Commitment SCP, requests the association to send
+            # its report (PS3.4 J.3.3): it may take the SCP role by role selection.
+            ae.add_supported_context(
+                STORAGE_COMMITMENT_PUSH_MODEL, TRANSFER_SYNTAXES[:4], scu_role=False, scp_role=True
+            )
         return ae
 
     # ------------------------------------------------------------------ server
@@ -502,6 +516,8 @@ class StorageSCP:
         ]
         if self.mpps is not None:
             handlers += self.mpps.handlers()
+        if self.commitment is not None:
+            handlers += self.commitment.handlers()
         # pynetdicom logs every PDU and DIMSE message through event handlers that cost time per
         # message even when DEBUG is off; the node logs what matters itself. At DEBUG they stay.
         pynetdicom_config.LOG_HANDLER_LEVEL = "standard" if node.log_level == "DEBUG" else "none"

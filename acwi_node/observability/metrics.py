@@ -72,6 +72,17 @@ JOURNAL_CHECKPOINT_FAILURES = Counter(
     "acwi_scp_journal_checkpoint_failures",
     "Ingest journal checkpoints that failed (the journal is kept and grows until one succeeds)",
 )
+COMMITMENT_REPORTS = Counter(
+    "acwi_scp_commitment_reports",
+    "Storage commitment reports (N-EVENT-REPORT) this process received, by outcome (applied;"
+    " unknown: a transaction the node does not wait for; invalid: refused with a failure status)",
+    ["outcome"],
+)
+COMMITTED_RESULTS = Counter(
+    "acwi_scp_commitment_results",
+    "Result objects storage commitment reports named, by outcome (committed; refused: sent again)",
+    ["outcome"],
+)
 RECONCILER_REQUEUED = Counter(
     "acwi_reconciler_requeued",
     "Jobs the reconciler sent to the broker again, by trigger (startup or periodic)",
@@ -99,6 +110,12 @@ IMAGES_NOT_ANALYSED = Counter(
 DELIVERY_ATTEMPTS = Counter(
     "acwi_exporter_delivery_attempts",
     "Result objects this exporter process sent, by destination and outcome (delivered, refused)",
+    ["destination", "outcome"],
+)
+COMMITMENT_REQUESTS = Counter(
+    "acwi_exporter_commitment_requests",
+    "Storage commitment requests (N-ACTION) this exporter process made, by destination and"
+    " outcome (accepted, failed)",
     ["destination", "outcome"],
 )
 RETENTION_STUDIES_DELETED = Counter(

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from acwi_node import audit as trail
 from acwi_node.ledger import Ledger, ResultFile
 from acwi_node.ledger.models import (
+    UNSETTLED_DELIVERY_STATES,
     AuditEvent,
     Delivery,
     DeliveryState,
@@ -128,7 +129,7 @@ def _outbox_latest(
         select(outbox.last_error)
         .where(
             *where,
-            outbox.state.in_((DeliveryState.PENDING, DeliveryState.FAILED)),
+            outbox.state.in_((*UNSETTLED_DELIVERY_STATES, DeliveryState.FAILED)),
             outbox.last_error != "",
             outbox.attempts > 0,
         )
@@ -653,9 +654,10 @@ class ReviewStore:
         """Each result destination's outbox, for the administrators' part of the dashboard: the
         configured ``destinations`` in order, then any other the outbox still names, and (with
         ``ris``) the RIS's ORU^R01 outbox as ``"RIS (HL7)"``. Per row: results waiting (retried
-        with back-off), results failed for good and not resent, when the last one was
-        delivered, and the error of the latest one waiting or failed."""
-        unsettled = (DeliveryState.PENDING, DeliveryState.FAILED)
+        with back-off), results stored and awaiting the destination's storage commitment,
+        results failed for good and not resent, when the last one was delivered, and the
+        error of the latest one waiting or failed."""
+        unsettled = (*UNSETTLED_DELIVERY_STATES, DeliveryState.FAILED)
         out: list[dict[str, Any]] = []
         with self.ledger.session() as s:
             counts: dict[str, Counter[str]] = defaultdict(Counter)
@@ -674,6 +676,7 @@ class ReviewStore:
                         # A configured DICOM destination: the dashboard offers a C-ECHO.
                         "checkable": name in destinations,
                         "pending": counts[name]["pending"],
+                        "committing": counts[name]["committing"],
                         "failed": counts[name]["failed"],
                         "last_delivered_at": _iso(delivered_at),
                         "last_error": error,
@@ -694,6 +697,7 @@ class ReviewStore:
                         "configured": True,
                         "checkable": False,
                         "pending": hl7["pending"],
+                        "committing": 0,
                         "failed": hl7["failed"],
                         "last_delivered_at": _iso(delivered_at),
                         "last_error": error,

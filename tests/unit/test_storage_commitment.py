@@ -1,0 +1,301 @@
+"""Storage commitment (export/commitment.py): reading reports, and the outbox's states while a
+destination is asked to commit what it stored, on SQLite and on the real PostgreSQL server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from acwi_node.config import ConfigError, load_settings
+from acwi_node.export.commitment import (
+    EVENT_ALL_COMMITTED,
+    EVENT_SOME_FAILED,
+    STATUS_INVALID_ARGUMENT,
+    STATUS_MISSING_ATTRIBUTE,
+    STATUS_NO_SUCH_EVENT_TYPE,
+    ReportError,
+    commitment_request,
+    describe_failure,
+    parse_report,
+)
+from acwi_node.ledger import AwaitedCommitment, DeliveryAttempt, DueDelivery, Ledger
+from acwi_node.review.store import ReviewStore
+from tests.unit.test_ledger import _analyse, rec, route_all
+
+SR = "1.2.840.10008.5.1.4.1.1.88.34"
+SC = "1.2.840.10008.5.1.4.1.1.7"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    ledger = Ledger(url)
+    yield ledger
+    ledger.dispose()
+
+
+def _report(
+    transaction_uid: str, committed: list[str], failed: dict[str, int] | None = None
+) -> Dataset:
+    ds = Dataset()
+    ds.TransactionUID = transaction_uid
+    ds.ReferencedSOPSequence = [_ref(uid) for uid in committed]
+    if failed:
+        items = []
+        for uid, reason in failed.items():
+            item = _ref(uid)
+            item.FailureReason = reason
+            items.append(item)
+        ds.FailedSOPSequence = items
+    return ds
+
+
+def _ref(uid: str) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = SC
+    item.ReferencedSOPInstanceUID = uid
+    return item
+
+
+# ---------------------------------------------------------------------- the messages
+def test_a_request_lists_each_result_under_one_transaction() -> None:
+    items = [
+        AwaitedCommitment(1, SR, "2.25.1", "1.2.3"),
+        AwaitedCommitment(2, SC, "2.25.2", "1.2.3"),
+    ]
+    ds = commitment_request("2.25.99", items)
+    assert ds.TransactionUID == "2.25.99"
+    assert [
+        (r.ReferencedSOPClassUID, r.ReferencedSOPInstanceUID) for r in ds.ReferencedSOPSequence
+    ] == [
+        (SR, "2.25.1"),
+        (SC, "2.25.2"),
+    ]
+
+
+def test_a_report_says_what_was_committed_and_what_was_not() -> None:
+    report = parse_report(EVENT_SOME_FAILED, _report("2.25.9", ["2.25.1"], {"2.25.2": 0x0112}))
+    assert report.transaction_uid == "2.25.9"
+    assert report.committed == ("2.25.1",)
+    assert report.refused == {"2.25.2": 0x0112}
+    assert describe_failure(0x0112) == "no such object instance (0x0112)"
+    assert describe_failure(0xC001) == "failure (0xC001)"
+    everything = parse_report(EVENT_ALL_COMMITTED, _report("2.25.9", ["2.25.1", "2.25.2"]))
+    assert everything.committed == ("2.25.1", "2.25.2") and everything.refused == {}
+
+
+def _path_like() -> Dataset:
+    ds = Dataset()
+    with pytest.warns(UserWarning, match="Invalid value for VR UI"):
+        ds.TransactionUID = "../../etc"
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("event_type", "make", "status", "words"),
+    [
+        (3, lambda: _report("2.25.9", ["2.25.1"]), STATUS_NO_SUCH_EVENT_TYPE, "event type 3"),
+        (EVENT_ALL_COMMITTED, lambda: None, STATUS_MISSING_ATTRIBUTE, "no Transaction UID"),
+        (EVENT_ALL_COMMITTED, Dataset, STATUS_MISSING_ATTRIBUTE, "no Transaction UID"),
+        (EVENT_ALL_COMMITTED, _path_like, STATUS_INVALID_ARGUMENT, "not a UID"),
+        (
+            EVENT_SOME_FAILED,
+            lambda: _report("2.25.9", ["2.25.1"]),
+            STATUS_MISSING_ATTRIBUTE,
+            "Failed",
+        ),
+    ],
+)
+def test_a_report_the_node_cannot_use_gets_its_status(
+    event_type: int, make: Callable[[], Dataset | None], status: int, words: str
+) -> None:
+    ds = make()
+    with pytest.raises(ReportError, match=words) as caught:
+        parse_report(event_type, ds)
+    assert caught.value.status == status
+
+
+def test_storage_commitment_is_for_dimse_destinations(tmp_path: Path) -> None:
+    settings = load_settings(
+        None,
+        node={"data_dir": tmp_path},
+        destinations=[
+            {"name": "pacs", "ae_title": "PACS", "host": "10.0.0.1", "port": 104,
+             "storage_commitment": True, "commitment_wait_s": 60},
+        ],
+    )  # fmt: skip
+    assert settings.destinations[0].storage_commitment
+    with pytest.raises(ConfigError, match="storage_commitment applies to DIMSE"):
+        load_settings(
+            None,
+            node={"data_dir": tmp_path},
+            destinations=[
+                {"name": "web", "url": "http://pacs/dicom-web", "storage_commitment": True}
+            ],
+        )
+    with pytest.raises(ConfigError, match="commitment_wait_s"):
+        load_settings(
+            None,
+            node={"data_dir": tmp_path},
+            destinations=[
+                {"name": "pacs", "ae_title": "PACS", "host": "h", "port": 104,
+                 "commitment_wait_s": 0},
+            ],
+        )  # fmt: skip
+
+
+# ------------------------------------------------------------------------- the outbox
+def _stored(db: Ledger, *, commit: bool = True, max_attempts: int = 3) -> list[DueDelivery]:
+    """A study analysed (an SR and a heatmap for ``pacs``), both stored by the PACS."""
+    r = db.record_instance(rec(), first_in_association=False)
+    (job_id,) = db.complete_study(r.study_id, 1, route_all)
+    _analyse(db, job_id)
+    due = sorted(db.due_deliveries(), key=lambda d: d.path)
+    db.record_deliveries(
+        [DeliveryAttempt(d.id, True, 0, "", max_attempts, 1, awaits_commitment=commit) for d in due]
+    )
+    return due
+
+
+def _state(db: Ledger) -> tuple[str, str, dict[str, str]]:
+    st = db.get_study("1.2.3")
+    assert st is not None
+    deliveries = {
+        res["sop_instance_uid"]: d["state"]
+        for res in st["jobs"][-1]["results"]
+        for d in res["deliveries"]
+    }
+    return st["state"], st["reason"], deliveries
+
+
+def _record(
+    db: Ledger, uid: str, committed: list[str], refused: dict[str, int]
+) -> tuple[int, int, bool]:
+    outcome = db.record_commitment(
+        uid,
+        committed,
+        refused,
+        max_attempts=3,
+        backoff_s=lambda n: 0.0,
+        describe=describe_failure,
+    )
+    return outcome.committed, outcome.refused, outcome.known
+
+
+def test_a_stored_result_is_delivered_once_committed(db: Ledger) -> None:
+    sr, heatmap = _stored(db)
+    assert _state(db) == ("exporting", "", {"2.25.1": "committing", "2.25.2": "committing"})
+    assert db.due_deliveries() == []  # stored: not sent again
+    due = db.commitments_due("pacs", wait_s=300, max_requests=3)
+    assert [(c.delivery_id, c.sop_class_uid, c.sop_instance_uid, c.study_uid) for c in due] == [
+        (sr.id, SR, "2.25.1", "1.2.3"),
+        (heatmap.id, SC, "2.25.2", "1.2.3"),
+    ]
+    assert db.commitments_due("archive", wait_s=300, max_requests=3) == []
+    uid = str(generate_uid())
+    db.commitment_requested([c.delivery_id for c in due], uid)
+    assert db.commitments_due("pacs", wait_s=300, max_requests=3) == []  # waiting for a report
+    assert _record(db, str(generate_uid()), ["2.25.1"], {}) == (0, 0, False)  # not ours
+    assert _record(db, uid, ["2.25.1", "2.25.2"], {}) == (2, 0, True)
+    assert _state(db) == ("delivered", "", {"2.25.1": "delivered", "2.25.2": "delivered"})
+    assert _record(db, uid, ["2.25.1", "2.25.2"], {}) == (0, 0, False)  # again: no longer awaited
+
+
+def test_a_refused_result_is_sent_again_and_then_committed(db: Ledger) -> None:
+    sr, heatmap = _stored(db)
+    uid = str(generate_uid())
+    db.commitment_requested([sr.id, heatmap.id], uid)
+    assert _record(db, uid, ["2.25.1"], {"2.25.2": 0x0112}) == (1, 1, True)
+    state, _, deliveries = _state(db)
+    assert state == "exporting"
+    assert deliveries == {"2.25.1": "delivered", "2.25.2": "pending"}
+    (again,) = db.due_deliveries()
+    assert again.id == heatmap.id and again.attempts == 1
+    st = db.get_study("1.2.3")
+    assert st is not None
+    (heatmap_row,) = [
+        d for res in st["jobs"][0]["results"] for d in res["deliveries"] if d["state"] == "pending"
+    ]
+    assert (
+        "storage commitment refused by pacs: no such object instance (0x0112)"
+        in (heatmap_row["last_error"])
+    )
+    db.record_deliveries([DeliveryAttempt(again.id, True, 0, "", 3, 1, awaits_commitment=True)])
+    (asked,) = db.commitments_due("pacs", wait_s=300, max_requests=3)
+    second = str(generate_uid())
+    db.commitment_requested([asked.delivery_id], second)
+    assert _record(db, uid, [], {"2.25.2": 0x0112}) == (0, 0, False)  # the older request
+    assert _record(db, second, ["2.25.2"], {}) == (1, 0, True)
+    assert _state(db) == ("delivered", "", {"2.25.1": "delivered", "2.25.2": "delivered"})
+
+
+def test_a_result_refused_on_its_last_attempt_fails_the_study(db: Ledger) -> None:
+    due = _stored(db, max_attempts=1)
+    uid = str(generate_uid())
+    db.commitment_requested([d.id for d in due], uid)
+    outcome = db.record_commitment(
+        uid,
+        ["2.25.1"],
+        {"2.25.2": 0x0213},
+        max_attempts=1,
+        backoff_s=lambda n: 0.0,
+        describe=describe_failure,
+    )
+    assert (outcome.committed, outcome.refused) == (1, 1)
+    state, reason, deliveries = _state(db)
+    assert (state, deliveries) == ("failed", {"2.25.1": "delivered", "2.25.2": "failed"})
+    assert "delivery to pacs failed (0x0213)" in reason and "resource limitation" in reason
+
+
+def test_no_report_means_asking_again_then_failing(db: Ledger) -> None:
+    due = _stored(db)
+    ids = [d.id for d in due]
+    for n in range(2):
+        asked = db.commitments_due("pacs", wait_s=0, max_requests=2)
+        assert [a.delivery_id for a in asked] == ids, n
+        db.commitment_requested(ids, str(generate_uid()))
+        if n == 1:
+            db.commitment_request_failed(ids, "connection refused by 10.0.0.1:104")
+    assert db.commitments_due("pacs", wait_s=0, max_requests=2) == []  # the third: failed
+    state, reason, deliveries = _state(db)
+    assert (state, deliveries) == ("failed", {"2.25.1": "failed", "2.25.2": "failed"})
+    assert "storage commitment: pacs did not report after 2 request(s)" in reason
+    assert "connection refused" in reason  # why the last request failed
+
+
+def test_a_new_generation_supersedes_results_awaiting_commitment(db: Ledger) -> None:
+    due = _stored(db)
+    uid = str(generate_uid())
+    db.commitment_requested([d.id for d in due], uid)
+    more = db.record_instance(rec(sop="1.2.3.9"), first_in_association=False)  # re-opens
+    st = db.get_study("1.2.3")
+    assert st is not None and st["generation"] == 2
+    (job_id,) = db.complete_study(more.study_id, 2, route_all)
+    assert job_id != due[0].job_id
+    assert _record(db, uid, ["2.25.1", "2.25.2"], {}) == (0, 0, True)  # superseded meanwhile
+    assert db.commitments_due("pacs", wait_s=0, max_requests=3) == []
+
+
+def test_results_no_longer_awaited_are_delivered(db: Ledger) -> None:
+    _stored(db)
+    assert db.end_commitments(["pacs"]) == 0
+    assert _state(db)[0] == "exporting"
+    assert db.end_commitments([]) == 2
+    assert _state(db) == ("delivered", "", {"2.25.1": "delivered", "2.25.2": "delivered"})
+
+
+def test_the_dashboard_counts_results_awaiting_commitment(db: Ledger) -> None:
+    due = _stored(db)
+    (row,) = ReviewStore(db).delivery_status(["pacs"])
+    assert (row["pending"], row["committing"], row["failed"]) == (0, 2, 0)
+    db.commitment_requested([d.id for d in due], str(generate_uid()))
+    db.commitment_request_failed([due[0].id], "association rejected by PACS")
+    (row,) = ReviewStore(db).delivery_status(["pacs"])
+    assert row["last_error"] == "association rejected by PACS"

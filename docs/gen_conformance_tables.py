@@ -33,7 +33,11 @@ from pynetdicom import AE  # noqa: E402
 from pynetdicom.presentation import PresentationContext  # noqa: E402
 
 from acwi_node.config import Settings  # noqa: E402
-from acwi_node.export.scu import DELIVERED_WARNING_STATUSES  # noqa: E402
+from acwi_node.export import commitment  # noqa: E402
+from acwi_node.export.scu import (  # noqa: E402
+    DELIVERED_WARNING_STATUSES,
+    STORAGE_COMMITMENT_PUSH_MODEL,
+)
 from acwi_node.ingest import mpps, scp  # noqa: E402
 from acwi_node.ingest.spool import Spool  # noqa: E402
 from acwi_node.ledger import Ledger  # noqa: E402
@@ -41,6 +45,20 @@ from acwi_node.ledger import Ledger  # noqa: E402
 DOCUMENT = ROOT / "docs" / "conformance.md"
 VERIFICATION = "1.2.840.10008.1.1"
 MPPS = mpps.MPPS_SOP_CLASS
+COMMITMENT = str(STORAGE_COMMITMENT_PUSH_MODEL)
+
+#: When the storage SCP answers a storage commitment report with each status (PS3.7 C).
+COMMITMENT_STATUS_MEANINGS: dict[str, str] = {
+    "STATUS_SUCCESS": "The report is applied to the outbox, or names a transaction the node no"
+    " longer waits for (logged and ignored).",
+    "STATUS_PROCESSING_FAILURE": "The ledger could not record the report (the destination may"
+    " send it again), or the message is not of the Storage Commitment Push Model.",
+    "STATUS_NO_SUCH_EVENT_TYPE": "An Event Type ID other than 1 or 2.",
+    "STATUS_INVALID_ARGUMENT": "The Event Information cannot be decoded, or its Transaction UID"
+    " is not digits and dots of at most 64 characters.",
+    "STATUS_MISSING_ATTRIBUTE": "No Transaction UID, or Event Type 2 without a Failed SOP"
+    " Sequence.",
+}
 
 #: What each DIMSE status of the storage SCP means (PS3.4 Annex B.2.3 class, then when).
 STATUS_MEANINGS: dict[str, tuple[str, str, str]] = {
@@ -86,6 +104,23 @@ STATUS_MEANINGS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def commitment_acceptor_ae() -> AE:
+    """The storage SCP's application entity where a destination is asked for storage
+    commitment (``destinations.storage_commitment``)."""
+    settings = Settings(
+        destinations=[
+            {
+                "name": "pacs",
+                "ae_title": "PACS",
+                "host": "pacs",
+                "port": 104,
+                "storage_commitment": True,
+            }
+        ]
+    )
+    return scp.StorageSCP(settings, cast(Ledger, None), cast(Spool, None)).ae
+
+
 def acceptor_ae() -> AE:
     """The application entity of the storage SCP, built exactly as the ``scp`` process does."""
     node = scp.StorageSCP(Settings(), cast(Ledger, None), cast(Spool, None))
@@ -111,7 +146,9 @@ def sop_class_name(uid: str) -> str:
 def storage_contexts(ae: AE) -> list[PresentationContext]:
     """The accepted storage contexts, in the order the AE lists them; each must be complete."""
     contexts = [
-        cx for cx in ae.supported_contexts if cx.abstract_syntax not in (VERIFICATION, MPPS)
+        cx
+        for cx in ae.supported_contexts
+        if cx.abstract_syntax not in (VERIFICATION, MPPS, COMMITMENT)
     ]
     for cx in contexts:
         if list(cx.transfer_syntax) != list(scp.TRANSFER_SYNTAXES):
@@ -182,6 +219,52 @@ def mpps_block(ae: AE) -> str:
     return _table(header, rows)
 
 
+def storage_commitment_block(ae: AE) -> str:
+    contexts = [cx for cx in ae.supported_contexts if cx.abstract_syntax == COMMITMENT]
+    rows = [
+        (
+            UID(COMMITMENT).name,
+            COMMITMENT,
+            UID(str(ts)).name,
+            str(ts),
+            "SCU (the destination may take the SCP role)",
+            "SCP/SCU Role Selection",
+        )
+        for cx in contexts
+        for ts in cx.transfer_syntax
+    ]
+    header = ("Abstract Syntax", "SOP Class UID", "Transfer Syntax", "UID", "Role", "Ext. Neg.")
+    return _table(header, rows)
+
+
+def commitment_status_block() -> str:
+    codes = {
+        name: value
+        for name, value in vars(commitment).items()
+        if name.startswith("STATUS_") and isinstance(value, int)
+    }
+    rows = []
+    for name, code in sorted(codes.items(), key=lambda item: item[1]):
+        try:
+            when = COMMITMENT_STATUS_MEANINGS[name]
+        except KeyError:
+            raise ValueError(
+                f"acwi_node/export/commitment.py defines {name} = 0x{code:04X}, which "
+                "docs/gen_conformance_tables.py does not describe (COMMITMENT_STATUS_MEANINGS)"
+            ) from None
+        rows.append(("Success" if code == 0 else "Failure", f"{code:04X}", when))
+    return _table(("Service Status", "Status Code", "When"), rows)
+
+
+def failure_reasons_block() -> str:
+    rows = [
+        (f"{code:04X}", meaning[:1].upper() + meaning[1:])
+        for code, meaning in sorted(commitment.FAILURE_REASONS.items())
+    ]
+    rows.append(("other", "Named as `failure` with its code"))
+    return _table(("Failure Reason", "Logged and recorded as"), rows)
+
+
 def implementation_block(ae: AE) -> str:
     rows = [
         ("Implementation Class UID", str(ae.implementation_class_uid)),
@@ -235,6 +318,9 @@ def blocks() -> dict[str, str]:
     makers: dict[str, Callable[[], str]] = {
         "verification": lambda: verification_block(ae),
         "mpps": lambda: mpps_block(ae),
+        "storage-commitment": lambda: storage_commitment_block(commitment_acceptor_ae()),
+        "commitment-status": commitment_status_block,
+        "commitment-failure-reasons": failure_reasons_block,
         "sop-classes": lambda: sop_classes_block(ae),
         "transfer-syntaxes": transfer_syntaxes_block,
         "implementation": lambda: implementation_block(ae),

@@ -260,6 +260,33 @@ def test_serve_on_embedded_defaults_and_reopen(tmp_path: Path, orthanc: OrthancS
         ledger.dispose()
 
 
+def test_results_are_delivered_once_the_pacs_commits_them(
+    tmp_path: Path, orthanc: OrthancServer
+) -> None:
+    """A destination with ``storage_commitment``: after the C-STOREs the node asks Orthanc to
+    commit the SR and the heatmap, and Orthanc's report (to the node's DICOM port, on an
+    association of its own) makes the study delivered."""
+    cfg = node_config(tmp_path, orthanc)
+    cfg["destinations"][0]["storage_commitment"] = True
+    config = write_config(tmp_path / "acwi.toml", cfg)
+    study_uid = generate_uid()
+    files = write_study(tmp_path / "study", n_images=1, study_instance_uid=study_uid)
+    with NodeProcesses(config, ["serve"], tmp_path) as nodes:
+        wait_port("127.0.0.1", orthanc.node_port)
+        send_study(orthanc.node_port, files)
+        ledger = Ledger(f"sqlite:///{tmp_path / 'data' / 'ledger.sqlite'}")
+        wait_study_state(ledger, study_uid, {"delivered", "failed"}, nodes, timeout_s=240)
+        check_results(orthanc, ledger, study_uid, files, tmp_path)
+        st = ledger.get_study(study_uid)
+        assert st is not None
+        states = [d["state"] for r in st["jobs"][-1]["results"] for d in r["deliveries"]]
+        assert states == ["delivered", "delivered"]
+        log = nodes.log_text()
+        assert "sent 2 object(s) to pacs, awaiting its storage commitment" in log
+        assert f"storage commitment report from {orthanc.aet}: 2 result(s) committed" in log
+        ledger.dispose()
+
+
 def test_not_routed_study_is_recorded(tmp_path: Path, orthanc: OrthancServer) -> None:
     cfg = node_config(tmp_path, orthanc)
     cfg["routes"][0]["match"] = {"modality": ["CT"]}

@@ -19,7 +19,12 @@ from typing import cast
 import pytest
 from pynetdicom import AllStoragePresentationContexts
 
-from acwi_node.export.scu import DELIVERED_WARNING_STATUSES
+from acwi_node.export.commitment import FAILURE_REASONS
+from acwi_node.export.scu import (
+    DELIVERED_WARNING_STATUSES,
+    STORAGE_COMMITMENT_INSTANCE,
+    STORAGE_COMMITMENT_PUSH_MODEL,
+)
 from acwi_node.ingest import scp
 from acwi_node.ingest.mpps import MPPS_SOP_CLASS
 from acwi_node.ingest.scp import TRANSFER_SYNTAXES, StorageSCP
@@ -108,6 +113,7 @@ def test_the_document_claims_nothing_the_code_does_not_do(document: str) -> None
         set(storage_sop_classes())
         | set(TRANSFER_SYNTAXES)
         | {VERIFICATION, APPLICATION_CONTEXT, MPPS_SOP_CLASS}
+        | {STORAGE_COMMITMENT_PUSH_MODEL, STORAGE_COMMITMENT_INSTANCE}
     )
     unknown = sorted(set(DICOM_UID.findall(document)) - known)
     assert not unknown, f"UIDs the node neither accepts nor uses: {unknown}"
@@ -136,6 +142,31 @@ def test_the_real_acceptor_negotiates_what_the_document_says(
     assert MPPS_SOP_CLASS in mpps
     listed = set(DICOM_UID.findall(mpps)) - {MPPS_SOP_CLASS}
     assert listed == {str(ts) for ts in contexts[MPPS_SOP_CLASS]}
+    assert STORAGE_COMMITMENT_PUSH_MODEL not in contexts  # no destination asks for it
+
+
+def test_storage_commitment_reports_are_negotiated_as_the_document_says(
+    generator: ModuleType, document: str
+) -> None:
+    from acwi_node.config import Settings
+
+    settings = Settings(
+        destinations=[
+            {"name": "pacs", "ae_title": "PACS", "host": "pacs", "port": 104,
+             "storage_commitment": True},
+        ]
+    )  # fmt: skip
+    ae = StorageSCP(settings, cast(Ledger, None), cast(Spool, None)).ae
+    (context,) = [
+        cx for cx in ae.supported_contexts if cx.abstract_syntax == STORAGE_COMMITMENT_PUSH_MODEL
+    ]
+    # The destination (the association requestor) may take the SCP role, not the SCU role.
+    assert (context.scu_role, context.scp_role) == (False, True)
+    table = block(generator, document, "storage-commitment")
+    listed = set(DICOM_UID.findall(table)) - {STORAGE_COMMITMENT_PUSH_MODEL}
+    assert listed == {str(ts) for ts in context.transfer_syntax}
+    reasons = STATUS_CELL.findall(block(generator, document, "commitment-failure-reasons"))
+    assert {int(code, 16) for code in reasons} == set(FAILURE_REASONS)
 
 
 def test_scp_status_table_is_exactly_the_statuses_in_scp_py(

@@ -51,8 +51,9 @@ def tls_args(dest: Destination) -> TlsArgs | None:
 
 
 def verify_destination(settings: Settings, dest: Destination) -> EchoResult:
-    """Whether ``dest`` answers: a C-ECHO (DIMSE) or a QIDO-RS query (DICOMweb); never
-    raises (``acwi-node destinations check``, the dashboard's check button)."""
+    """Whether ``dest`` answers: a C-ECHO (DIMSE; with ``storage_commitment``, and whether
+    it offers the Push Model) or a QIDO-RS query (DICOMweb); never raises (``acwi-node
+    destinations check``, the dashboard's check button)."""
     timeout_s = settings.exporter.timeout_s
     if dest.kind == "dicomweb":
         return dicomweb.check(dest, timeout_s=timeout_s)
@@ -68,12 +69,15 @@ def verify_destination(settings: Settings, dest: Destination) -> EchoResult:
         settings.node.ae_title,
         timeout_s=timeout_s,
         tls=tls,
+        storage_commitment=dest.storage_commitment,
     )
 
 
 def what_it_checks(dest: Destination) -> str:
     """The check :func:`verify_destination` makes, for people."""
-    return "QIDO-RS" if dest.kind == "dicomweb" else "C-ECHO"
+    if dest.kind == "dicomweb":
+        return "QIDO-RS"
+    return "C-ECHO + storage commitment" if dest.storage_commitment else "C-ECHO"
 
 
 def backoff_s(settings: Settings, attempts_so_far: int) -> float:

@@ -680,12 +680,22 @@ def verify(
     calling_ae: str,
     timeout_s: float = 10.0,
     tls: TlsArgs | None = None,
+    storage_commitment: bool = False,
 ) -> EchoResult:
-    """C-ECHO the peer (the Verification SOP Class) and say what happened; never raises."""
+    """C-ECHO the peer (the Verification SOP Class) and say what happened; with
+    ``storage_commitment``, also check that it accepts the Storage Commitment Push Model.
+    Never raises."""
     started = time.monotonic()
+    contexts = None
+    if storage_commitment:
+        contexts = [
+            build_context(_VERIFICATION),
+            build_context(STORAGE_COMMITMENT_PUSH_MODEL, list(_UNCOMPRESSED)),
+        ]
     assoc, error = _open_association(
-        calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=0, tls=tls
-    )
+        calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=0, tls=tls,
+        contexts=contexts,
+    )  # fmt: skip
     if assoc is None:
         return EchoResult(False, error=error)
     try:
@@ -694,6 +704,14 @@ def verify(
             return EchoResult(False, error=f"no C-ECHO response within {timeout_s:g} s")
         if int(status.Status) != 0x0000:
             return EchoResult(False, error=f"C-ECHO status 0x{int(status.Status):04X}")
+        if storage_commitment and not any(
+            cx.abstract_syntax == STORAGE_COMMITMENT_PUSH_MODEL for cx in assoc.accepted_contexts
+        ):
+            return EchoResult(
+                False,
+                error=f"C-ECHO ok, but {called_ae}@{host}:{port} does not accept storage"
+                " commitment (Push Model)",
+            )
         return EchoResult(True, elapsed_ms=1000 * (time.monotonic() - started))
     except Exception as exc:  # noqa: BLE001 - association lost mid-way
         return EchoResult(False, error=f"association lost: {type(exc).__name__}: {exc}")

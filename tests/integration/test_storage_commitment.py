@@ -18,7 +18,7 @@ from pynetdicom import AE, build_role, evt
 
 from acwi_node.config import Settings, load_settings
 from acwi_node.export.commitment import STATUS_MISSING_ATTRIBUTE, STATUS_NO_SUCH_EVENT_TYPE
-from acwi_node.export.outbox import Exporter
+from acwi_node.export.outbox import Exporter, verify_destination, what_it_checks
 from acwi_node.export.scu import (
     STORAGE_COMMITMENT_INSTANCE,
     STORAGE_COMMITMENT_PUSH_MODEL,
@@ -309,3 +309,28 @@ def test_a_node_that_asks_no_destination_for_commitment_takes_no_reports(
     finally:
         scp.stop()
         ledger.dispose()
+
+
+def test_the_destination_check_says_whether_storage_commitment_is_offered(
+    tmp_path: Path, orthanc: OrthancServer
+) -> None:
+    def settings_for(port: int, ae_title: str) -> Settings:
+        return load_settings(
+            None,
+            node={"data_dir": tmp_path / "data", "ae_title": NODE_AE},
+            destinations=[
+                {"name": "pacs", "ae_title": ae_title, "host": "127.0.0.1", "port": port,
+                 "storage_commitment": True},
+            ],
+        )  # fmt: skip
+
+    settings = settings_for(orthanc.dicom_port, orthanc.aet)
+    (dest,) = settings.destinations
+    assert what_it_checks(dest) == "C-ECHO + storage commitment"
+    assert verify_destination(settings, dest).ok
+    with fake_pacs(None) as (port, _requests):
+        settings = settings_for(port, "FAKEPACS")
+        result = verify_destination(settings, settings.destinations[0])
+    assert not result.ok
+    assert "C-ECHO ok, but FAKEPACS" in result.error
+    assert "does not accept storage commitment" in result.error

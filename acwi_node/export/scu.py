@@ -662,6 +662,33 @@ def _store_one(
     return outcome, False
 
 
+def _end(assoc: Association) -> None:
+    """Release an association still established, abort one still alive."""
+    if assoc.is_established:
+        assoc.release()
+    elif assoc.is_alive():
+        assoc.abort()
+
+
+def _commitment_contexts() -> list[PresentationContext]:
+    """Verification and the Storage Commitment Push Model: a destination without the latter
+    still accepts the association, and is told apart from one that refuses the node."""
+    return [
+        build_context(_VERIFICATION),
+        build_context(STORAGE_COMMITMENT_PUSH_MODEL, list(_UNCOMPRESSED)),
+    ]
+
+
+def _offers_commitment(assoc: Association) -> bool:
+    return any(
+        cx.abstract_syntax == STORAGE_COMMITMENT_PUSH_MODEL for cx in assoc.accepted_contexts
+    )
+
+
+def _no_commitment(called_ae: str, host: str, port: int) -> str:
+    return f"{called_ae}@{host}:{port} does not accept storage commitment (Push Model)"
+
+
 @dataclass(frozen=True)
 class EchoResult:
     """What a C-ECHO to a peer found: success, the round trip, or why not."""
@@ -686,12 +713,7 @@ def verify(
     ``storage_commitment``, also check that it accepts the Storage Commitment Push Model.
     Never raises."""
     started = time.monotonic()
-    contexts = None
-    if storage_commitment:
-        contexts = [
-            build_context(_VERIFICATION),
-            build_context(STORAGE_COMMITMENT_PUSH_MODEL, list(_UNCOMPRESSED)),
-        ]
+    contexts = _commitment_contexts() if storage_commitment else None
     assoc, error = _open_association(
         calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=0, tls=tls,
         contexts=contexts,
@@ -704,22 +726,15 @@ def verify(
             return EchoResult(False, error=f"no C-ECHO response within {timeout_s:g} s")
         if int(status.Status) != 0x0000:
             return EchoResult(False, error=f"C-ECHO status 0x{int(status.Status):04X}")
-        if storage_commitment and not any(
-            cx.abstract_syntax == STORAGE_COMMITMENT_PUSH_MODEL for cx in assoc.accepted_contexts
-        ):
+        if storage_commitment and not _offers_commitment(assoc):
             return EchoResult(
-                False,
-                error=f"C-ECHO ok, but {called_ae}@{host}:{port} does not accept storage"
-                " commitment (Push Model)",
+                False, error=f"C-ECHO ok, but {_no_commitment(called_ae, host, port)}"
             )
         return EchoResult(True, elapsed_ms=1000 * (time.monotonic() - started))
     except Exception as exc:  # noqa: BLE001 - association lost mid-way
         return EchoResult(False, error=f"association lost: {type(exc).__name__}: {exc}")
     finally:
-        if assoc.is_established:
-            assoc.release()
-        elif assoc.is_alive():
-            assoc.abort()
+        _end(assoc)
 
 
 def echo(
@@ -765,26 +780,15 @@ def request_commitment(
     and Referenced SOP Sequence). The association is released once the request is answered:
     the destination reports on an association of its own, to the node's storage SCP
     (PS3.4 J.3.3). Never raises."""
-    # Verification too: a destination without storage commitment still accepts an
-    # association, and is told apart from one that refuses the node.
-    contexts = [
-        build_context(STORAGE_COMMITMENT_PUSH_MODEL, list(_UNCOMPRESSED)),
-        build_context(_VERIFICATION),
-    ]
     assoc, error = _open_association(
         calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=0, tls=tls,
-        contexts=contexts,
+        contexts=_commitment_contexts(),
     )  # fmt: skip
     if assoc is None:
         return CommitmentRequestResult(False, error=error)
     try:
-        if not any(
-            cx.abstract_syntax == STORAGE_COMMITMENT_PUSH_MODEL for cx in assoc.accepted_contexts
-        ):
-            return CommitmentRequestResult(
-                False,
-                error=f"{called_ae}@{host}:{port} does not accept storage commitment (Push Model)",
-            )
+        if not _offers_commitment(assoc):
+            return CommitmentRequestResult(False, error=_no_commitment(called_ae, host, port))
         status, _reply = assoc.send_n_action(
             action_information,
             REQUEST_STORAGE_COMMITMENT,
@@ -810,7 +814,4 @@ def request_commitment(
             False, error=f"association lost: {type(exc).__name__}: {exc}"
         )
     finally:
-        if assoc.is_established:
-            assoc.release()
-        elif assoc.is_alive():
-            assoc.abort()
+        _end(assoc)

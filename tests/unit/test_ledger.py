@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -29,17 +28,6 @@ from acwi_node.routing.rules import explain_no_route
 from tests.support.study_flow import deliver, dx_record
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    ledger = Ledger(url)
-    yield ledger
-    ledger.dispose()
 
 
 def rec(study: str = "1.2.3", sop: str = "1.2.3.1", ae: str = "MOD") -> InstanceRecord:

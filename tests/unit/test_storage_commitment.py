@@ -3,7 +3,7 @@ destination is asked to commit what it stored, on SQLite and on the real Postgre
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,17 +28,6 @@ from tests.unit.test_ledger import _analyse, rec, route_all
 
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SC = "1.2.840.10008.5.1.4.1.1.7"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    ledger = Ledger(url)
-    yield ledger
-    ledger.dispose()
 
 
 def _report(

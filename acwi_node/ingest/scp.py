@@ -355,6 +355,11 @@ class _AssociationState:
     pending: _PendingRows = field(default_factory=_PendingRows)
 
 
+def _asks_commitment(settings: Settings) -> bool:
+    """Whether some destination is asked for storage commitment: its reports come here."""
+    return any(d.kind == "dimse" and d.storage_commitment for d in settings.destinations)
+
+
 class StorageSCP:
     """The node's DICOM listener: wires pynetdicom's AE to the spool and the ledger."""
 
@@ -375,9 +380,7 @@ class StorageSCP:
         self.mpps = MppsSCP(ledger, signals) if settings.ingest.mpps else None
         #: Storage commitment reports of the destinations that are asked for commitment.
         self.commitment = (
-            CommitmentReports(settings, ledger)
-            if any(d.kind == "dimse" and d.storage_commitment for d in settings.destinations)
-            else None
+            CommitmentReports(settings, ledger) if _asks_commitment(settings) else None
         )
         self._release_complete = {a.strip() for a in settings.completion.release_complete_aes}
         self._audit_patient_id = settings.audit.patient_id
@@ -419,7 +422,7 @@ class StorageSCP:
             ae.add_supported_context(ctx.abstract_syntax, TRANSFER_SYNTAXES)
         if cfg.mpps:
             ae.add_supported_context(MPPS_SOP_CLASS, TRANSFER_SYNTAXES[:4])
-        if self.commitment is not None:
+        if _asks_commitment(self.settings):
             # The destination, the Storage Commitment SCP, requests the association to send
             # its report (PS3.4 J.3.3): it may take the SCP role by role selection.
             ae.add_supported_context(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 from pynetdicom import AE
 from pynetdicom.presentation import PresentationContext
 
@@ -14,15 +15,25 @@ from acwi_node.ingest.negotiation import copy_contexts
 from acwi_node.ingest.scp import StorageSCP
 
 
-def _server_contexts() -> list[PresentationContext]:
+def _server_contexts(settings: Settings | None = None) -> list[PresentationContext]:
     scp = StorageSCP.__new__(StorageSCP)
-    scp.settings = Settings()
+    scp.settings = settings or Settings()
     ae: AE = scp._make_ae()
     return copy.deepcopy(ae.supported_contexts)  # what pynetdicom's server keeps
 
 
-def test_the_copies_equal_deepcopy() -> None:
-    contexts = _server_contexts()
+#: A destination asked for storage commitment: the SCP accepts the Push Model with roles.
+COMMITTING = Settings(
+    destinations=[
+        {"name": "pacs", "ae_title": "PACS", "host": "pacs", "port": 104,
+         "storage_commitment": True},
+    ]
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("settings", [None, COMMITTING], ids=["default", "storage-commitment"])
+def test_the_copies_equal_deepcopy(settings: Settings | None) -> None:
+    contexts = _server_contexts(settings)
     assert len(contexts) > 100  # every storage SOP class
     ours, reference = copy_contexts(contexts), copy.deepcopy(contexts)
     assert [vars(c) for c in ours] == [vars(c) for c in reference]

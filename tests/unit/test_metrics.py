@@ -295,3 +295,45 @@ def test_alert_rules_name_only_metrics_the_node_exports(settings: Settings, ledg
     # The rules watch what matters most: the ledger, the disk, and failures.
     alerts = {r["alert"] for r in rules}
     assert {"AcwiLedgerDown", "AcwiDataDiskLow", "AcwiStudiesFailing"} <= alerts
+
+
+GRAFANA_DASHBOARD = ALERT_RULES.parents[1] / "grafana" / "acwi-node.json"
+
+
+def test_the_grafana_dashboard_names_only_metrics_the_node_exports(
+    settings: Settings, ledger: Ledger
+) -> None:
+    dashboard = json.loads(GRAFANA_DASHBOARD.read_text())
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    exported = _exported_names(settings, ledger)
+    covered: set[str] = set()
+    cells: set[tuple[int, int]] = set()
+    for panel in panels:
+        assert panel["title"], panel
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        area = {
+            (x, y)
+            for x in range(grid["x"], grid["x"] + grid["w"])
+            for y in range(grid["y"], grid["y"] + grid["h"])
+        }
+        assert not area & cells, f"{panel['title']} overlaps another panel"
+        cells |= area
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == "${datasource}"
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            used = set(re.findall(r"\bacwi_[a-z0-9_]+\b", target["expr"]))
+            assert used, target["expr"]
+            assert used <= exported, f"{panel['title']}: {used - exported} is not exported"
+            covered |= used
+    # The panels cover every stage a study goes through.
+    for metric in (
+        "acwi_scp_instances_received_total",
+        "acwi_inference_seconds_bucket",
+        "acwi_deliveries",
+        "acwi_data_free_bytes",
+    ):
+        assert metric in covered, metric

@@ -379,6 +379,10 @@ def run_retention(settings: Settings, *, dry_run: bool, as_json: bool) -> int:
     return 0
 
 
+#: The TLS 1.2 cipher suites the web port offers (no TLS 1.0 or 1.1 suite is among them).
+HTTPS_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
 def run_web(settings: Settings, config: Path | None = None) -> int:
     """The web app, in this process or, with ``node.http_workers`` > 1 (0: one per core), in
     that many processes sharing the port (uvicorn's workers), whose metrics ``/metrics`` adds
@@ -392,6 +396,15 @@ def run_web(settings: Settings, config: Path | None = None) -> int:
         "log_level": settings.node.log_level.lower(),
         "access_log": False,
     }
+    tls = settings.node.http_tls
+    if tls.enabled:
+        assert tls.cert_file is not None and tls.key_file is not None
+        options |= {
+            "ssl_certfile": str(tls.cert_file.expanduser()),
+            "ssl_keyfile": str(tls.key_file.expanduser()),
+            # Forward-secret AEAD suites only: TLS 1.2 and 1.3 (1.3's suites are not set here).
+            "ssl_ciphers": HTTPS_CIPHERS,
+        }
     # uvicorn handles SIGTERM/SIGINT itself and, once shut down, raises the signal again for
     # the handler it found: with this one in place the process returns here (and writes its
     # stop record) instead of being killed by the default handler.

@@ -53,6 +53,32 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class HttpTlsSettings(_Strict):
+    """HTTPS on the web port (``[node.http_tls]``): the review app, the API and STOW-RS."""
+
+    enabled: bool = False
+    #: The web server's certificate (PEM, leaf first, then intermediates) and private key.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _usable(self) -> HttpTlsSettings:
+        if not self.enabled:
+            return self
+        if self.cert_file is None or self.key_file is None:
+            raise ValueError("enabled HTTPS needs cert_file and key_file")
+        from acwi_node.tls import server_context
+
+        # A missing file, or a key that is not the certificate's, fails at start-up.
+        server_context(
+            cert_file=self.cert_file.expanduser(),
+            key_file=self.key_file.expanduser(),
+            ca_file=None,
+            require_client_cert=False,
+        )
+        return self
+
+
 class NodeSettings(_Strict):
     """Identity, ports and storage of this node."""
 
@@ -64,6 +90,9 @@ class NodeSettings(_Strict):
     #: Processes of ``acwi-node web`` serving ``http_port`` (review app, API, STOW-RS), for
     #: requests on several connections at once to use several cores; 0: one per core.
     http_workers: int = Field(1, ge=0, le=64)
+    #: HTTPS on ``http_port`` (TLS 1.2 or newer), for a web port reached from other hosts
+    #: without a reverse proxy in front.
+    http_tls: HttpTlsSettings = Field(default_factory=HttpTlsSettings)
     data_dir: Path = Path("acwi-data")
     #: SQLAlchemy URL of the ledger; default ``sqlite:///<data_dir>/ledger.sqlite``.
     database_url: str | None = None

@@ -96,20 +96,24 @@ class Exporter:
         self._committing = [
             d for d in settings.destinations if d.kind == "dimse" and d.storage_commitment
         ]
-        # Results still waiting for a destination that no longer asks for commitment.
-        ended = ledger.end_commitments([d.name for d in self._committing])
-        if ended:
-            log.warning(
-                "%d stored result(s) no longer wait for storage commitment (the destination"
-                " does not ask for it any more): delivered",
-                ended,
-            )
+        #: Whether the results awaiting commitment from a destination that no longer asks for
+        #: it have been delivered (on the first pass: the ledger may not answer yet here).
+        self._settled = False
         #: ``time.monotonic()`` of the last finished pass (readiness: the loop is alive).
         self.last_pass: float | None = None
 
     def tick(self) -> int:
         """One pass over the due deliveries, then the storage commitments to request; returns
         how many deliveries were attempted and commitments requested."""
+        if not self._settled:
+            ended = self.ledger.end_commitments([d.name for d in self._committing])
+            if ended:
+                log.warning(
+                    "%d stored result(s) no longer wait for storage commitment (the destination"
+                    " does not ask for it any more): delivered",
+                    ended,
+                )
+            self._settled = True
         due = self.ledger.due_deliveries()
         by_dest: dict[str, list[DueDelivery]] = defaultdict(list)
         for d in due:

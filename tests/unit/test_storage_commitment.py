@@ -22,6 +22,7 @@ from acwi_node.export.commitment import (
     describe_failure,
     parse_report,
 )
+from acwi_node.export.outbox import Exporter
 from acwi_node.ledger import AwaitedCommitment, DeliveryAttempt, DueDelivery, Ledger
 from acwi_node.review.store import ReviewStore
 from tests.unit.test_ledger import _analyse, rec, route_all
@@ -288,3 +289,18 @@ def test_the_dashboard_counts_results_awaiting_commitment(db: Ledger) -> None:
     db.commitment_request_failed([due[0].id], "association rejected by PACS")
     (row,) = ReviewStore(db).delivery_status(["pacs"])
     assert row["last_error"] == "association rejected by PACS"
+
+
+def test_an_exporter_whose_destination_no_longer_asks_delivers_what_waited(
+    db: Ledger, tmp_path: Path
+) -> None:
+    _stored(db)
+    settings = load_settings(
+        None,
+        node={"data_dir": tmp_path / "data", "database_url": db.url},
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}],
+    )
+    exporter = Exporter(settings, db)
+    assert _state(db)[0] == "exporting"  # nothing is done before the first pass
+    assert exporter.tick() == 0
+    assert _state(db) == ("delivered", "", {"2.25.1": "delivered", "2.25.2": "delivered"})

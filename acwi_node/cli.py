@@ -488,11 +488,12 @@ def run_serve(settings: Settings, config: Path | None) -> int:
     children = {kind: spawn(kind) for kind in kinds}
     restarts = dict.fromkeys(kinds, 0)
     log.info(
-        "ACWI Node %s serving: DICOM %s@%s:%d, HTTP http://%s:%d, data %s",
+        "ACWI Node %s serving: DICOM %s@%s:%d, HTTP %s://%s:%d, data %s",
         __version__,
         settings.node.ae_title,
         settings.node.dicom_host,
         settings.node.dicom_port,
+        "https" if settings.node.http_tls.enabled else "http",
         settings.node.http_host,
         settings.node.http_port,
         settings.data_dir,

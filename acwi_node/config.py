@@ -364,6 +364,9 @@ class Destination(_Strict):
     ae_title: AETitle | None = None
     host: str | None = None
     port: int | None = Field(None, ge=1, le=65535)
+    #: DIMSE: the calling AE title the node uses towards this destination (default
+    #: ``node.ae_title``), for a PACS that knows the node under another name.
+    calling_ae_title: AETitle | None = None
     #: DIMSE: DICOM TLS (PS3.15 Annex B), plain TCP when absent. DICOMweb: the CAs and client
     #: certificate of an ``https`` URL (the system trust store when absent).
     tls: DestinationTls | None = None
@@ -405,6 +408,10 @@ class Destination(_Strict):
     #: ``exporter.max_attempts`` requests without a report the delivery fails.
     commitment_wait_s: float = Field(300.0, gt=0, le=86_400)
 
+    def calling_ae(self, node_ae_title: str) -> str:
+        """The calling AE title of the node's associations to this destination."""
+        return self.calling_ae_title or node_ae_title
+
     def takes(self, kind: str) -> bool:
         """Whether result objects of ``kind`` (a ledger result kind) are sent here."""
         if self.results is None:
@@ -443,11 +450,12 @@ class Destination(_Strict):
                 f"destination {self.name!r}: url (DICOMweb) or ae_title/host/port (DIMSE),"
                 f" not both ({', '.join(dimse)} given)"
             )
-        if self.storage_commitment:
-            raise ValueError(
-                f"destination {self.name!r}: storage_commitment applies to DIMSE destinations"
-                " (ae_title, host, port) only"
-            )
+        for key in ("storage_commitment", "calling_ae_title"):
+            if getattr(self, key):
+                raise ValueError(
+                    f"destination {self.name!r}: {key} applies to DIMSE destinations"
+                    " (ae_title, host, port) only"
+                )
         from urllib.parse import urlsplit
 
         parts = urlsplit(self.url)

@@ -334,3 +334,44 @@ def test_the_destination_check_says_whether_storage_commitment_is_offered(
     assert not result.ok
     assert "C-ECHO ok, but FAKEPACS" in result.error
     assert "does not accept storage commitment" in result.error
+
+
+def test_a_destination_is_called_with_its_own_calling_ae_title(tmp_path: Path) -> None:
+    """``calling_ae_title``: a PACS that knows the node under another name gets the C-STOREs,
+    the storage commitment request and the check's C-ECHO from that title."""
+    callers: list[tuple[str, str]] = []
+
+    def seen(kind: str, answer: Any) -> Callable[[evt.Event], Any]:
+        def handle(event: evt.Event) -> Any:
+            callers.append((kind, str(event.assoc.requestor.ae_title).strip()))
+            return answer
+
+        return handle
+
+    ae = AE(ae_title="FAKEPACS")
+    ae.add_supported_context(SECONDARY_CAPTURE_IMAGE_STORAGE, ExplicitVRLittleEndian)
+    ae.add_supported_context("1.2.840.10008.1.1")
+    ae.add_supported_context(STORAGE_COMMITMENT_PUSH_MODEL)
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[
+            (evt.EVT_C_STORE, seen("store", 0x0000)),
+            (evt.EVT_C_ECHO, seen("echo", 0x0000)),
+            (evt.EVT_N_ACTION, seen("commit", (0x0000, None))),
+        ],
+    )
+    assert server is not None
+    try:
+        with node_with_pacs(tmp_path, "127.0.0.1", port, "FAKEPACS") as node:
+            (dest,) = node.settings.destinations
+            named = dest.model_copy(update={"calling_ae_title": "AI_NODE_7"})
+            node.settings.destinations[0] = named
+            node.exporter = Exporter(node.settings, node.ledger)
+            node.wait_for(lambda: {k for k, _ in callers} >= {"store", "commit"})
+            assert verify_destination(node.settings, named).ok
+    finally:
+        server.shutdown()
+    assert {kind for kind, _ in callers} == {"store", "commit", "echo"}
+    assert {title for _, title in callers} == {"AI_NODE_7"}

@@ -105,3 +105,29 @@ def test_a_destination_takes_the_result_kinds_it_lists(tmp_path: Path) -> None:
     assert settings.destination_takes("gone", "heatmap")  # no longer configured: unfiltered
     everything = load_settings(write(tmp_path, EXAMPLE))
     assert everything.destination_takes("pacs", "parametric_map")
+
+
+def test_a_destination_may_be_called_from_another_ae_title(tmp_path: Path) -> None:
+    def destination(**extra: object) -> dict[str, object]:
+        return {"name": "pacs", "ae_title": "PACS", "host": "pacs", "port": 104, **extra}
+
+    settings = load_settings(
+        None,
+        node={"data_dir": tmp_path, "ae_title": "ACWI"},
+        destinations=[destination(calling_ae_title="AI_NODE_7"), destination(name="other")],
+    )
+    named, default = settings.destinations
+    assert named.calling_ae(settings.node.ae_title) == "AI_NODE_7"
+    assert default.calling_ae(settings.node.ae_title) == "ACWI"
+    with pytest.raises(ConfigError, match="calling_ae_title"):
+        load_settings(
+            None,
+            node={"data_dir": tmp_path},
+            destinations=[destination(calling_ae_title="A" * 17)],
+        )
+    with pytest.raises(ConfigError, match="calling_ae_title applies to DIMSE"):
+        load_settings(
+            None,
+            node={"data_dir": tmp_path},
+            destinations=[{"name": "web", "url": "http://pacs/dicom-web", "calling_ae_title": "X"}],
+        )

@@ -80,6 +80,7 @@ from acwi_node.inference.preprocess import (
     resize,
     window,
 )
+from acwi_node.inference.resample import bilinear_matrix
 from acwi_node.inference.types import (
     DeferredHeatmap,
     ImageResult,
@@ -482,21 +483,10 @@ def _as_dict(labels: list[str], probs: np.ndarray) -> dict[str, float]:
     return {name: float(p) for name, p in zip(labels, probs, strict=True)}
 
 
-@functools.lru_cache(maxsize=64)
 def _bilinear_matrix(size_in: int, size_out: int) -> Tensor:
-    """``(size_out, size_in)`` weights of PyTorch's 1-D bilinear resize (``align_corners`` off,
-    no antialiasing): row ``i`` takes source position ``(i + 0.5) * size_in / size_out - 0.5``,
-    clamped at 0, between its two neighbours."""
-    matrix = torch.zeros((size_out, size_in), dtype=torch.float32)
-    scale = size_in / size_out
-    for i in range(size_out):
-        src = max((i + 0.5) * scale - 0.5, 0.0)
-        lo = min(int(src), size_in - 1)
-        hi = min(lo + 1, size_in - 1)
-        frac = src - lo
-        matrix[i, lo] += 1.0 - frac
-        matrix[i, hi] += frac
-    return matrix
+    """:func:`~acwi_node.inference.resample.bilinear_matrix` as a tensor (a copy: the cached
+    array is read-only)."""
+    return torch.tensor(bilinear_matrix(size_in, size_out))
 
 
 @functools.lru_cache(maxsize=64)

@@ -14,6 +14,8 @@ unchanged.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 from highdicom import SOPClass
 from numpy.typing import NDArray
@@ -34,6 +36,7 @@ __all__ = [
     "HEATMAP_SERIES_NUMBER",
     "MAX_ALPHA",
     "MAX_DIMENSION",
+    "Window",
     "blend_heatmap",
     "build_heatmap_sc",
     "colour_map",
@@ -119,9 +122,17 @@ def _voi_lut(values: FloatImage, source: Dataset) -> FloatImage | None:
     return np.clip((mapped - low) / (high - low), 0.0, 1.0)
 
 
-def render_grey(source: Dataset, frame_number: int | None = None) -> FloatImage:
+#: A window chosen instead of the file's: ``(centre, width)`` in the values after the modality
+#: LUT (a CT's Hounsfield units), or ``"auto"``, the 0.5th to 99.5th percentile of the image.
+Window = tuple[float, float] | Literal["auto"]
+
+
+def render_grey(
+    source: Dataset, frame_number: int | None = None, *, window: Window | None = None
+) -> FloatImage:
     """The source image as display grey levels in [0, 1]; of a multi-frame image, frame
-    ``frame_number`` (default the first) with its own rescale and window."""
+    ``frame_number`` (default the first) with its own rescale and window; with ``window``,
+    in that window instead of the file's (a linear one)."""
     samples = int(source.get("SamplesPerPixel", 1) or 1)
     if frame_number not in (None, 1) and frame_count(source) == 1:
         raise ValueError(f"frame {frame_number} of a single-frame image")
@@ -140,7 +151,11 @@ def render_grey(source: Dataset, frame_number: int | None = None) -> FloatImage:
     centre = _first(source.get("WindowCenter"))
     width = _first(source.get("WindowWidth"))
     grey: FloatImage | None = None
-    if centre is not None and width is not None and width > 0:
+    if window == "auto":
+        grey = _percentile_window(values)
+    elif window is not None:
+        grey = _window(values, window[0], window[1], "LINEAR")
+    elif centre is not None and width is not None and width > 0:
         function = str(source.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
         grey = _window(values, centre, width, function)
     if grey is None:

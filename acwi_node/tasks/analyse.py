@@ -21,13 +21,14 @@ from acwi_node.dicom_pixels import read_deferred
 from acwi_node.export.wakeup import wake_exporter
 from acwi_node.inference.analyser import Analyser, NothingToAnalyse
 from acwi_node.inference.engines import EngineOptions
-from acwi_node.inference.types import StudyAnalysis
+from acwi_node.inference.types import DeferredHeatmap, StudyAnalysis
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger, ResultFile
 from acwi_node.observability import metrics
 from acwi_node.observability.logging import bind_study, log_context, note_identifiers
 from acwi_node.results.encoding import encode_part10
 from acwi_node.results.heatmap import build_heatmap_sc
+from acwi_node.results.overlay import write_cam
 from acwi_node.results.parametric_map import build_parametric_maps
 from acwi_node.results.sr import build_sr
 from acwi_node.routing.selection import InstanceSelection
@@ -212,13 +213,14 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
         out = Spool(settings.results_dir, fsync=settings.ingest.fsync)
         files: list[ResultFile] = []
 
-        def write(kind: str, ds: Dataset) -> None:
+        def write(kind: str, ds: Dataset) -> Path:
             """Each object to its file as soon as it is built: a CT's hundreds of heatmaps
             are never all in memory at once (0.75 MiB each for a 512 x 512 slice)."""
             path = out.store(study_uid, str(ds.SOPInstanceUID), encode_part10(ds))
             files.append(
                 ResultFile(kind, str(ds.SOPInstanceUID), str(ds.SOPClassUID), out.relative(path))
             )
+            return path
 
         sr = build_sr(used, analysis)
         write("sr", sr)
@@ -236,10 +238,12 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
             if not wanted:  # heatmaps = "positive_or_uncertain" or "none"
                 continue
             source = by_uid[image.sop_instance_uid]
-            write(
+            path = write(
                 "heatmap",
                 build_heatmap_sc(source, image.heatmap_array(), analysis, image, instance_number=n),
             )
+            if isinstance(image.heatmap, DeferredHeatmap):  # the review page's overlay
+                write_cam(path, image.heatmap.cam)
         if parametric_maps:  # every analysed image of a mappable series
             for pm in build_parametric_maps(used, analysis):
                 write("parametric_map", pm)

@@ -78,8 +78,10 @@ def test_each_result_object_is_written_before_the_next_is_built(
     finally:
         ledger.dispose()
     assert alive_at_build == [0, 0]  # two images: two heatmaps, the first gone before the second
-    files = sorted(p.name for p in (settings.results_dir / study_uid).iterdir())
+    files = sorted(p.name for p in (settings.results_dir / study_uid).glob("*.dcm"))
     assert len(files) == 3  # the SR and both heatmaps
+    # each heatmap's map beside it, for the review page's overlay
+    assert len(list((settings.results_dir / study_uid).glob("*.heat.npy"))) == 2
 
 
 def test_a_job_that_stopped_its_workers_too_often_fails_when_taken_again(
@@ -156,7 +158,7 @@ def test_the_route_selects_the_instances_its_model_reads(tmp_path: Path) -> None
         summary = job["summary"]
         assert [im["sop_instance_uid"] for im in summary["images"]] == uids[:2]
         assert summary["skipped"] == {uids[2]: f"not selected by route {ROUTE!r}: Modality OT"}
-        results = sorted((settings.results_dir / study_uid).iterdir())
+        results = sorted((settings.results_dir / study_uid).glob("*.dcm"))
         objects = [pydicom.dcmread(p) for p in results]
         (sr,) = [ds for ds in objects if ds.Modality == "SR"]
         referenced = {
@@ -278,7 +280,7 @@ def test_images_the_route_leaves_out_are_not_held_while_the_study_is_analysed(
 def _result_classes(settings: Settings, study_uid: str) -> list[str]:
     folder = settings.results_dir / study_uid
     return sorted(
-        str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in folder.iterdir()
+        str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in folder.glob("*.dcm")
     )
 
 

@@ -595,7 +595,7 @@ def test_worker_writes_heatmaps_only_for_selected_images(tmp_path: Path, device:
                 study_id, generation, lambda _facts: [RoutedJob("r", "m", [], 0)]
             )
             assert run_job(settings, ledger, job) == "analysed"
-            objects = [pydicom.dcmread(p) for p in (settings.results_dir / study_uid).glob("*")]
+            objects = [pydicom.dcmread(p) for p in (settings.results_dir / study_uid).glob("*.dcm")]
             heatmaps = sum(1 for ds in objects if ds.Modality != "SR")
             # the same model, samples and seeds as the worker: the same per-image predictions
             same = Analyser.load(model_dir, mc_samples=4, num_threads=2)

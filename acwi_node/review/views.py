@@ -10,11 +10,13 @@ allows no inline script: DICOM and HL7 text is always rendered as text.
 
 Images: the source instance is rendered as the heatmap writer renders it
 (:func:`acwi_node.results.heatmap.render_grey`: modality LUT / rescale, the file's VOI window if
-present else a percentile window, MONOCHROME1 inverted). The overlay is the heatmap secondary
-capture the node sent (source grey blended with the colour map, opacity proportional to heat),
-drawn over the same rendering: its opacity slider therefore fades the colour map in and out
-exactly; no separate heatmap file is stored. A frame of a multi-frame image is asked for by
-number (``images/<uid>.png?frame=N``, ``heatmaps/<uid>.png?frame=N``).
+present else a percentile window, MONOCHROME1 inverted), or in a window the reader chooses
+(``images/<uid>.png?window=lung``: :data:`CT_WINDOWS`, ``auto``). The heatmap is a transparent
+layer (``overlays/<uid>.png``): the secondary capture's colour map and opacity, made from the
+map the worker kept beside the object (:mod:`acwi_node.results.overlay`), so that it lies over
+the image in any window and its opacity slider fades it in and out exactly; where no map was
+kept, the secondary capture itself (``heatmaps/<uid>.png``). A frame of a multi-frame image is
+asked for by number (``?frame=N`` on each).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, quote
 
 import numpy as np
@@ -49,7 +51,8 @@ from acwi_node.ingest.spool import Spool, is_safe_uid
 from acwi_node.ledger import Ledger, StudyActionRefused
 from acwi_node.ledger.models import utcnow
 from acwi_node.observability import metrics
-from acwi_node.results.heatmap import render_grey
+from acwi_node.results.heatmap import Window, render_grey
+from acwi_node.results.overlay import heat_path, overlay_rgba, read_cam
 from acwi_node.results.sr import summarise_sr
 from acwi_node.results.uids import result_uids
 from acwi_node.retention import disk_space
@@ -138,12 +141,44 @@ def display_size(rows: int, columns: int) -> tuple[int, int]:
     return max(1, round(columns * scale)), max(1, round(rows * scale))
 
 
-def render_source_png(path: Path, frame_number: int | None = None) -> bytes:
-    """The source image (frame ``frame_number`` of a multi-frame one) windowed for display,
-    as an 8-bit greyscale PNG. The Pixel Data is read when used: a frame's picture reads that
-    frame's bytes of the file, not the whole image's."""
+#: Windows a reader may choose instead of the file's, for a CT (centre, width in HU), in the
+#: order the case page offers them; every image may also be shown ``auto`` (percentiles).
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (40.0, 400.0),
+    "abdomen": (50.0, 400.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+}
+AUTO_WINDOW: Literal["auto"] = "auto"
+
+
+def window_choices(modality: str) -> list[str]:
+    """The windows the case page offers for a study of ``modality`` (``CT\\PT`` and the
+    like: any CT among them), besides the file's own."""
+    return [*CT_WINDOWS, AUTO_WINDOW] if "CT" in modality.split("\\") else [AUTO_WINDOW]
+
+
+def parse_window(name: str | None) -> Window | None:
+    """A window named in a request (None: the file's); raises ValueError for another name."""
+    if name is None or name == "":
+        return None
+    if name == AUTO_WINDOW:
+        return AUTO_WINDOW
+    if name in CT_WINDOWS:
+        return CT_WINDOWS[name]
+    raise ValueError(f"window must be one of {', '.join([*CT_WINDOWS, AUTO_WINDOW])}")
+
+
+def render_source_png(
+    path: Path, frame_number: int | None = None, window: Window | None = None
+) -> bytes:
+    """The source image (frame ``frame_number`` of a multi-frame one) windowed for display
+    (the file's window, or ``window``), as an 8-bit greyscale PNG. The Pixel Data is read
+    when used: a frame's picture reads that frame's bytes of the file, not the whole
+    image's."""
     ds = read_deferred(path)
-    grey = render_grey(ds, frame_number)
+    grey = render_grey(ds, frame_number, window=window)
     image = Image.fromarray(np.clip(np.rint(grey * 255.0), 0, 255).astype(np.uint8))
     size = display_size(*grey.shape)
     if image.size != size:
@@ -170,6 +205,13 @@ def leading_images(images: list[dict[str, Any]]) -> dict[str, list[tuple[int, fl
     return {"probability": top("probability"), "uncertainty": top("uncertainty")}
 
 
+def render_overlay_png(cam: np.ndarray, rows: int, columns: int) -> bytes:
+    """The heatmap's colour map as a transparent layer (RGBA) at the display size of a
+    ``rows`` x ``columns`` source (:func:`acwi_node.results.overlay.overlay_rgba`)."""
+    width, height = display_size(rows, columns)
+    return _png(overlay_rgba(cam, height, width))
+
+
 def render_heatmap_png(heatmap_path: Path, rows: int, columns: int) -> bytes:
     """The heatmap secondary capture at the display size of a ``rows`` x ``columns`` source."""
     ds = dcmread(heatmap_path)
@@ -179,6 +221,14 @@ def render_heatmap_png(heatmap_path: Path, rows: int, columns: int) -> bytes:
     if image.size != size:
         image = image.resize(size, Image.Resampling.BILINEAR)
     return _png(np.asarray(image))
+
+
+def _has_cam(results: Spool, relative: str) -> bool:
+    """Whether the heatmap object at ``relative`` in the results folder has its map kept."""
+    try:
+        return heat_path(results.resolve(relative)).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 class ReviewApp:
@@ -611,7 +661,10 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         )
         summary = case["summary"]
         predicted = summary.get("predicted_label")
-        heatmaps = {r["sop_instance_uid"] for r in case["results"] if r["kind"] == "heatmap"}
+        heatmaps = {
+            r["sop_instance_uid"]: r["path"] for r in case["results"] if r["kind"] == "heatmap"
+        }
+        results_root = Spool(settings.results_dir, fsync=False)
         model = summary.get("model") or {}
         uids = (
             result_uids(case["study_uid"], model["name"], model["version"])
@@ -624,14 +677,16 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             if not is_safe_uid(sop):
                 continue
             frame = frame_number_of(im)
+            heatmap = heatmaps.get(uids.heatmap_instance_uid(sop, frame)) if uids else None
             images.append(
                 {
                     "sop": sop,
                     # a frame of a multi-frame image: its pictures are asked for by number
                     "frame": frame,
                     "query": f"?frame={frame}" if frame is not None else "",
-                    "heatmap": uids is not None
-                    and uids.heatmap_instance_uid(sop, frame) in heatmaps,
+                    "heatmap": heatmap is not None,
+                    # its map kept (the colour map over any window), else the object itself
+                    "overlay": heatmap is not None and _has_cam(results_root, heatmap),
                     "probability": float((im.get("probabilities") or {}).get(predicted, 0.0)),
                     "uncertainty": float(im.get("uncertainty_score", 0.0)),
                     "ood": float(im.get("ood_score", 0.0)),
@@ -669,6 +724,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             skipped=sorted(Counter((summary.get("skipped") or {}).values()).items()),
             skipped_count=len(summary.get("skipped") or {}),
             results=results,
+            windows=window_choices(str(case.get("modality") or "")),
             error=error,
             notice=notice,
         )
@@ -678,21 +734,30 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         return _case_page(request, item_id)
 
     @app.get("/review/cases/{item_id}/images/{sop}.png", include_in_schema=False)
-    def case_image(item_id: int, sop: str, frame: int | None = Query(None, ge=1)) -> Response:
+    def case_image(
+        item_id: int,
+        sop: str,
+        frame: int | None = Query(None, ge=1),
+        window: str | None = Query(None, max_length=16),
+    ) -> Response:
         case = _case_or_404(item_id)
+        try:
+            chosen = parse_window(window)
+        except ValueError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from exc
         rel = review.store.instance_path(case["study_uid"], sop) if is_safe_uid(sop) else None
         if rel is None:
             raise HTTPException(status_code=404, detail="no such image in this case")
         try:
             path = Spool(settings.spool_dir, fsync=False).resolve(rel)
-            data = render_source_png(path, frame)
+            data = render_source_png(path, frame, chosen)
         except (OSError, ValueError) as exc:
             raise HTTPException(status_code=404, detail="image cannot be rendered") from exc
         return Response(data, media_type="image/png", headers={"Cache-Control": "private"})
 
-    @app.get("/review/cases/{item_id}/heatmaps/{sop}.png", include_in_schema=False)
-    def case_heatmap(item_id: int, sop: str, frame: int | None = Query(None, ge=1)) -> Response:
-        case = _case_or_404(item_id)
+    def _heatmap_of(case: dict[str, Any], sop: str, frame: int | None) -> tuple[Path, int, int]:
+        """The heatmap object of image ``sop`` (frame ``frame``) of ``case``, and the source
+        image's Rows and Columns; 404 when there is none."""
         model = case["summary"].get("model") or {}
         if not is_safe_uid(sop) or not model.get("name"):
             raise HTTPException(status_code=404, detail="no heatmap")
@@ -710,13 +775,29 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             source = dcmread(
                 Spool(settings.spool_dir, fsync=False).resolve(rel), stop_before_pixels=True
             )
-            data = render_heatmap_png(
-                Spool(settings.results_dir, fsync=False).resolve(paths[0]),
-                int(source.Rows),
-                int(source.Columns),
-            )
+            heatmap = Spool(settings.results_dir, fsync=False).resolve(paths[0])
+            return heatmap, int(source.Rows), int(source.Columns)
         except (OSError, ValueError, AttributeError) as exc:
             raise HTTPException(status_code=404, detail="heatmap cannot be rendered") from exc
+
+    @app.get("/review/cases/{item_id}/heatmaps/{sop}.png", include_in_schema=False)
+    def case_heatmap(item_id: int, sop: str, frame: int | None = Query(None, ge=1)) -> Response:
+        heatmap, rows, columns = _heatmap_of(_case_or_404(item_id), sop, frame)
+        try:
+            data = render_heatmap_png(heatmap, rows, columns)
+        except (OSError, ValueError, AttributeError) as exc:
+            raise HTTPException(status_code=404, detail="heatmap cannot be rendered") from exc
+        return Response(data, media_type="image/png", headers={"Cache-Control": "private"})
+
+    @app.get("/review/cases/{item_id}/overlays/{sop}.png", include_in_schema=False)
+    def case_overlay(item_id: int, sop: str, frame: int | None = Query(None, ge=1)) -> Response:
+        """The heatmap's colour map alone, transparent elsewhere: drawn over the image in
+        whatever window the reader chose."""
+        heatmap, rows, columns = _heatmap_of(_case_or_404(item_id), sop, frame)
+        cam = read_cam(heatmap)
+        if cam is None:
+            raise HTTPException(status_code=404, detail="no map kept for this heatmap")
+        data = render_overlay_png(cam, rows, columns)
         return Response(data, media_type="image/png", headers={"Cache-Control": "private"})
 
     @app.post("/review/cases/{item_id}/verdict", include_in_schema=False)

@@ -120,6 +120,19 @@ def test_sign_in_open_case_override(tmp_path: Path) -> None:
             expect(overlay).to_be_hidden()
             page.locator("input.heatmap-toggle").first.check()
             expect(overlay).to_be_visible()
+            # Another window for every image: each picture is asked for again in it, and
+            # the heatmap layer stays over it.
+            source = page.locator("img.source").first
+            before = source.get_attribute("src")
+            page.select_option("#window-preset", "auto")
+            expect(source).to_have_attribute("src", f"{before}?window=auto")
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('img.source')]"
+                ".every(i => i.complete && i.naturalWidth > 0 && i.src.endsWith('window=auto'))"
+            )
+            expect(overlay).to_be_visible()
+            page.select_option("#window-preset", "")
+            expect(source).to_have_attribute("src", before or "")
             expect(page.locator("section.model")).to_contain_text("Epistemic")
             expect(page.locator("section.sr")).to_contain_text("UNVERIFIED")
             ARTIFACTS.mkdir(exist_ok=True)

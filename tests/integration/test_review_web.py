@@ -26,12 +26,13 @@ from acwi_node.config import Settings
 from acwi_node.export.outbox import Exporter
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import AuditEvent, Delivery, Result, Verdict
+from acwi_node.results.heatmap import MAX_ALPHA
 from acwi_node.results.sr import summarise_sr
 from acwi_node.review.feedback import export_feedback
 from acwi_node.review.store import ReviewStore
 from acwi_node.web.api import create_app
 from models.data.dicom_dataset import scan_folder
-from models.data.synth import write_enhanced_ct
+from models.data.synth import write_ct_series, write_enhanced_ct
 from tests.support.dciodvfy import dciodvfy_errors
 from tests.support.orthanc import OrthancServer, require_orthanc
 from tests.support.ports import free_port
@@ -153,7 +154,9 @@ def test_worklist_case_and_override(
     assert "script-src 'self'" in case.headers["content-security-policy"]
     for word in ("Epistemic", "Aleatoric", "Out-of-distribution score", "UNVERIFIED"):
         assert word in case.text
-    sops = re.findall(rf"/review/cases/{routine}/images/([0-9.]+)\.png", case.text)
+    sops = list(
+        dict.fromkeys(re.findall(rf"/review/cases/{routine}/images/([0-9.]+)\.png", case.text))
+    )
     assert len(sops) == 2
     image = client.get(f"/review/cases/{routine}/images/{sops[0]}.png")
     assert image.headers["content-type"] == "image/png"
@@ -415,7 +418,7 @@ def test_a_multi_frame_case_shows_each_frame_and_exports_a_row_per_frame(
     assert page.status_code == 200
     for n in (1, 2, 3):
         assert f"/images/{sop}.png?frame={n}" in page.text
-        assert f"/heatmaps/{sop}.png?frame={n}" in page.text
+        assert f"/overlays/{sop}.png?frame={n}" in page.text
         assert f"(frame {n})" in page.text
     first = client.get(f"/review/cases/{item}/images/{sop}.png?frame=1")
     third = client.get(f"/review/cases/{item}/images/{sop}.png?frame=3")
@@ -454,3 +457,74 @@ def test_a_multi_frame_case_shows_each_frame_and_exports_a_row_per_frame(
     ]
     items = scan_folder(tmp_path / "feedback")
     assert [(i.sop_instance_uid, i.frame_number) for i in items] == [(sop, n) for n in (1, 2, 3)]
+
+
+def _windows(page: str) -> list[str]:
+    """The windows a case page offers (its window choice's option values)."""
+    found = re.search(r'<select id="window-preset">(.*?)</select>', page, re.S)
+    assert found is not None
+    return re.findall(r'<option value="([a-z]*)"', found.group(1))
+
+
+def test_a_ct_case_is_shown_in_the_window_the_reader_chooses(
+    env: tuple[Settings, Ledger, TestClient], tmp_path: Path
+) -> None:
+    """The case page offers a CT's windows; an image drawn in each differs; the heatmap is a
+    transparent layer drawn over any of them, which over the file's window looks as the
+    heatmap object does; without its map kept, the page shows the object itself."""
+    settings, ledger, client = env
+    files = write_ct_series(tmp_path / "ct", slices=2, size=64)
+    item, study_uid = make_review_case(settings, ledger, tmp_path, files=files)
+    sop = str(pydicom.dcmread(files[0], stop_before_pixels=True).SOPInstanceUID)
+    sign_in(client)
+    page = client.get(f"/review/cases/{item}")
+    assert page.status_code == 200
+    assert _windows(page.text) == ["", "lung", "mediastinum", "abdomen", "bone", "brain", "auto"]
+    assert f"/overlays/{sop}.png" in page.text and f"/heatmaps/{sop}.png" not in page.text
+
+    def grey(window: str | None) -> np.ndarray:
+        query = f"?window={window}" if window else ""
+        answer = client.get(f"/review/cases/{item}/images/{sop}.png{query}")
+        assert answer.status_code == 200, answer.text
+        return np.asarray(Image.open(io.BytesIO(answer.content)), dtype=np.float64)
+
+    pictures = {w: grey(w) for w in (None, "lung", "mediastinum", "bone", "auto")}
+    # The synthetic CT's own window is the lung window (its first of two): the same picture.
+    assert np.array_equal(pictures[None], pictures["lung"])
+    for a in ("lung", "mediastinum", "bone", "auto"):
+        for b in ("lung", "mediastinum", "bone", "auto"):
+            if a != b:
+                assert not np.array_equal(pictures[a], pictures[b]), (a, b)
+    refused = client.get(f"/review/cases/{item}/images/{sop}.png?window=liver")
+    assert refused.status_code == 422 and "lung" in refused.text
+
+    answer = client.get(f"/review/cases/{item}/overlays/{sop}.png")
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    layer = Image.open(io.BytesIO(answer.content))
+    assert layer.mode == "RGBA" and layer.size == (64, 64)
+    rgba = np.asarray(layer, dtype=np.float64)
+    alpha = rgba[..., 3:] / 255.0
+    assert alpha.max() == pytest.approx(MAX_ALPHA, abs=1 / 255)  # where the heat is 1
+    drawn = pictures[None][..., None] * (1.0 - alpha) + rgba[..., :3] * alpha
+    burned = np.asarray(
+        Image.open(io.BytesIO(client.get(f"/review/cases/{item}/heatmaps/{sop}.png").content)),
+        dtype=np.float64,
+    )
+    assert np.abs(drawn - burned).mean() < 1.5  # the same picture, within rounding
+
+    # Results written without the maps (an earlier version): the heatmap object is shown.
+    for kept in (settings.results_dir / study_uid).glob("*.heat.npy"):
+        kept.unlink()
+    page = client.get(f"/review/cases/{item}")
+    assert f"/heatmaps/{sop}.png" in page.text and f"/overlays/{sop}.png" not in page.text
+    assert client.get(f"/review/cases/{item}/overlays/{sop}.png").status_code == 404
+
+
+def test_a_radiograph_case_offers_the_automatic_window_alone(
+    env: tuple[Settings, Ledger, TestClient], tmp_path: Path
+) -> None:
+    settings, ledger, client = env
+    item, _ = make_review_case(settings, ledger, tmp_path)
+    sign_in(client)
+    page = client.get(f"/review/cases/{item}")
+    assert _windows(page.text) == ["", "auto"]

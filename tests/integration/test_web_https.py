@@ -7,14 +7,13 @@ import http.client
 import re
 import socket
 import ssl
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
 from acwi_node.config import ConfigError, load_settings
+from tests.integration.test_health import health_cli
 from tests.support.certs import Pki, make_pki
 from tests.support.node import NodeProcesses, add_api_user, wait_port, write_config
 from tests.support.ports import free_port
@@ -77,21 +76,7 @@ def test_the_web_port_speaks_https_only(tmp_path: Path, pki: Pki) -> None:
         ):
             old.wrap_socket(raw, server_hostname="127.0.0.1").close()
         # The container's health check speaks HTTPS to it.
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "acwi_node.cli",
-                "--config",
-                str(config),
-                "health",
-                "--kind",
-                "web",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        done = health_cli(config, "web")
         assert done.returncode == 0, done.stdout + done.stderr + nodes.log_text()
         nodes.assert_alive()
 

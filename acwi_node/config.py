@@ -407,6 +407,9 @@ class Destination(_Strict):
     #: How long to wait for the storage commitment report before asking again; after
     #: ``exporter.max_attempts`` requests without a report the delivery fails.
     commitment_wait_s: float = Field(300.0, gt=0, le=86_400)
+    #: Keep the request's association open this long for the report, for a destination that
+    #: sends it only on that association (0: released at once; the destination opens one).
+    commitment_linger_s: float = Field(0.0, ge=0, le=30)
 
     def calling_ae(self, node_ae_title: str) -> str:
         """The calling AE title of the node's associations to this destination."""

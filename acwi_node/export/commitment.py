@@ -7,7 +7,9 @@ objects were stored, with one N-ACTION (Action Type 1, Request Storage Commitmen
 them under a new Transaction UID (:func:`commitment_request`). The exporter releases the
 request's association once it is answered, so the destination reports later, with an
 N-EVENT-REPORT (Event Type 1: all committed; 2: some failed) on an association it opens to the
-node's DICOM port, where the storage SCP hands it to :class:`CommitmentReports`. The report
+node's DICOM port, where the storage SCP hands it to :class:`CommitmentReports`; for a
+destination that reports only on the request's association (``commitment_linger_s``), the
+exporter keeps it open that long and hands the report over itself. The report
 lists what it committed (Referenced SOP Sequence) and what it did not (Failed SOP Sequence, each
 with a Failure Reason): the ledger delivers the former, and sends the latter again.
 """

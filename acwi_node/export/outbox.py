@@ -21,6 +21,7 @@ from acwi_node.config import Destination, Settings
 from acwi_node.export import dicomweb
 from acwi_node.export.commitment import (
     MAX_REFERENCES,
+    CommitmentReports,
     commitment_request,
     new_transaction_uid,
 )
@@ -96,6 +97,8 @@ class Exporter:
         self._committing = [
             d for d in settings.destinations if d.kind == "dimse" and d.storage_commitment
         ]
+        #: Reports a destination sends on the request's own association (``commitment_linger_s``).
+        self._reports = CommitmentReports(settings, ledger)
         #: Whether the results awaiting commitment from a destination that no longer asks for
         #: it have been delivered (on the first pass: the ledger may not answer yet here).
         self._settled = False
@@ -159,6 +162,8 @@ class Exporter:
             calling_ae=dest.calling_ae(self.settings.node.ae_title),
             timeout_s=self.settings.exporter.timeout_s,
             tls=tls,
+            linger_s=dest.commitment_linger_s,
+            on_report=self._reports.handle_n_event_report,
         )
         if result.accepted:
             metrics.COMMITMENT_REQUESTS.labels(dest.name, "accepted").inc()

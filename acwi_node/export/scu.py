@@ -17,9 +17,10 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -330,9 +331,11 @@ def _open_association(
     max_pdu: int,
     tls: TlsArgs | None,
     contexts: list[PresentationContext] | None = None,
+    handlers: list[tuple[evt.EventType, Callable[[evt.Event], Any]]] | None = None,
 ) -> tuple[Association | None, str]:
-    """Request an association proposing ``contexts`` (None: Verification only); returns it
-    established, or None and why not in clear text (never raises)."""
+    """Request an association proposing ``contexts`` (None: Verification only), with
+    ``handlers`` bound; returns it established, or None and why not in clear text (never
+    raises)."""
     connected = False
 
     def on_open(event: evt.Event) -> None:
@@ -350,7 +353,7 @@ def _open_association(
             contexts=contexts,
             ae_title=called_ae,
             max_pdu=max_pdu,
-            evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+            evt_handlers=[(evt.EVT_CONN_OPEN, on_open), *(handlers or [])],
             tls_args=tls,
         )
     except socket.gaierror as exc:
@@ -763,6 +766,8 @@ class CommitmentRequestResult:
     status: int | None = None
     #: Why it was not accepted (refused, rejected, unreachable), or "".
     error: str = ""
+    #: The destination reported on the request's own association.
+    reported: bool = False
 
 
 def request_commitment(
@@ -774,15 +779,31 @@ def request_commitment(
     calling_ae: str,
     timeout_s: float = 30.0,
     tls: TlsArgs | None = None,
+    linger_s: float = 0.0,
+    on_report: Callable[[evt.Event], tuple[int, Dataset | None]] | None = None,
 ) -> CommitmentRequestResult:
     """Ask a destination for storage commitment: one N-ACTION (Request Storage Commitment)
     of the Storage Commitment Push Model with ``action_information`` (its Transaction UID
-    and Referenced SOP Sequence). The association is released once the request is answered:
-    the destination reports on an association of its own, to the node's storage SCP
-    (PS3.4 J.3.3). Never raises."""
+    and Referenced SOP Sequence). The association is released once the request is answered
+    (the destination reports on an association of its own, to the node's storage SCP, PS3.4
+    J.3.3), or, with ``linger_s``, once a report came on it and ``on_report`` took it, or
+    ``linger_s`` passed (a destination that reports only on the request's association).
+    Never raises."""
+    reported = threading.Event()
+    handlers: list[tuple[evt.EventType, Callable[[evt.Event], Any]]] = []
+    if on_report is not None:
+        handle = on_report
+
+        def take_report(event: evt.Event) -> tuple[int, Dataset | None]:
+            try:
+                return handle(event)
+            finally:
+                reported.set()
+
+        handlers.append((evt.EVT_N_EVENT_REPORT, take_report))
     assoc, error = _open_association(
         calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=0, tls=tls,
-        contexts=_commitment_contexts(),
+        contexts=_commitment_contexts(), handlers=handlers,
     )  # fmt: skip
     if assoc is None:
         return CommitmentRequestResult(False, error=error)
@@ -808,7 +829,9 @@ def request_commitment(
                 error=f"storage commitment request refused with status 0x{code:04X}"
                 + (f" ({comment})" if comment else ""),
             )
-        return CommitmentRequestResult(True, status=code)
+        if linger_s > 0 and on_report is not None:
+            reported.wait(linger_s)
+        return CommitmentRequestResult(True, status=code, reported=reported.is_set())
     except Exception as exc:  # noqa: BLE001 - association lost mid-way
         return CommitmentRequestResult(
             False, error=f"association lost: {type(exc).__name__}: {exc}"

@@ -4,6 +4,7 @@ association of its own, and the outbox follows; and the ways a request or a repo
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -375,3 +376,49 @@ def test_a_destination_is_called_with_its_own_calling_ae_title(tmp_path: Path) -
         server.shutdown()
     assert {kind for kind, _ in callers} == {"store", "commit", "echo"}
     assert {title for _, title in callers} == {"AI_NODE_7"}
+
+
+def _reporting_on_the_request(
+    delay_s: float,
+) -> Callable[[evt.Event], tuple[int, Dataset | None]]:
+    """An N-ACTION handler that answers success, then (``delay_s`` later) reports every
+    listed instance committed on the same association, as some PACS do."""
+
+    def on_action(event: evt.Event) -> tuple[int, Dataset | None]:
+        info = event.action_information
+        assoc = event.assoc
+
+        def report() -> None:
+            time.sleep(delay_s)
+            if not assoc.is_established:
+                return  # released already: nothing to report on
+            ds = Dataset()
+            ds.TransactionUID = info.TransactionUID
+            ds.ReferencedSOPSequence = info.ReferencedSOPSequence
+            assoc.send_n_event_report(
+                ds, 1, STORAGE_COMMITMENT_PUSH_MODEL, STORAGE_COMMITMENT_INSTANCE
+            )
+
+        threading.Thread(target=report, daemon=True).start()
+        return 0x0000, None
+
+    return on_action
+
+
+def test_a_report_on_the_requests_association_is_taken_when_the_node_lingers(
+    tmp_path: Path,
+) -> None:
+    with fake_pacs(_reporting_on_the_request(0.3)) as (port, requests):
+        with node_with_pacs(tmp_path / "lingering", "127.0.0.1", port, "FAKEPACS") as node:
+            node.settings.destinations[0] = node.settings.destinations[0].model_copy(
+                update={"commitment_linger_s": 10.0}
+            )
+            node.exporter = Exporter(node.settings, node.ledger)
+            node.exporter.tick()  # C-STORE, the request, its report on the same association
+            assert node.study_state() == "delivered", node.deliveries()
+            assert len(requests) == 1
+        # Released at once (the default): the report finds no association, and the results
+        # wait for one on an association of the PACS's own.
+        with node_with_pacs(tmp_path / "prompt", "127.0.0.1", port, "FAKEPACS") as node:
+            node.exporter.tick()
+            assert {state for state, _ in node.deliveries().values()} == {"committing"}

@@ -190,7 +190,11 @@ class CommitmentReports:
         node cannot read, or cannot record now, gets a failure status (the destination may
         send it again)."""
         request = cast(N_EVENT_REPORT, event.request)
-        sender = str(getattr(event.assoc.requestor, "ae_title", "") or "?").strip()
+        # The peer: the association's requestor on the SCP, its acceptor on the exporter's
+        # own request (a report that came on it).
+        assoc = event.assoc
+        peer = assoc.acceptor if assoc.is_requestor else assoc.requestor
+        sender = str(getattr(peer, "ae_title", "") or "?").strip()
         if str(getattr(request, "AffectedSOPClassUID", "")) != STORAGE_COMMITMENT_PUSH_MODEL:
             return STATUS_PROCESSING_FAILURE, None
         try:

@@ -4,6 +4,7 @@ association of its own, and the outbox follows; and the ways a request or a repo
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -406,7 +407,7 @@ def _reporting_on_the_request(
 
 
 def test_a_report_on_the_requests_association_is_taken_when_the_node_lingers(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with fake_pacs(_reporting_on_the_request(0.3)) as (port, requests):
         with node_with_pacs(tmp_path / "lingering", "127.0.0.1", port, "FAKEPACS") as node:
@@ -414,8 +415,10 @@ def test_a_report_on_the_requests_association_is_taken_when_the_node_lingers(
                 update={"commitment_linger_s": 10.0}
             )
             node.exporter = Exporter(node.settings, node.ledger)
-            node.exporter.tick()  # C-STORE, the request, its report on the same association
+            with caplog.at_level(logging.INFO, logger="acwi_node.commitment"):
+                node.exporter.tick()  # C-STORE, the request, its report on its association
             assert node.study_state() == "delivered", node.deliveries()
+            assert "storage commitment report from FAKEPACS: 2 result(s) committed" in (caplog.text)
             assert len(requests) == 1
         # Released at once (the default): the report finds no association, and the results
         # wait for one on an association of the PACS's own.

@@ -34,6 +34,7 @@ from typing import Any
 
 from acwi_node import __version__
 from acwi_node.config import ConfigError, Settings, load_settings
+from acwi_node.ingest.retrieval_commands import add_parsers as add_retrieval_commands
 from acwi_node.review.commands import COMMANDS as REVIEW_COMMANDS
 from acwi_node.review.commands import add_parsers as add_review_commands
 from acwi_node.review.commands import run as run_review_command
@@ -99,6 +100,7 @@ def run_scp(settings: Settings, config: Path | None = None) -> int:
         shared_metrics = enable_multiprocess(settings, "scp")
     from acwi_node.ingest.completion import CompletionService
     from acwi_node.ingest.mpps import CompletionSignals
+    from acwi_node.ingest.retrieval import RetrievalService
     from acwi_node.ingest.scp import StorageSCP, skip_pydicom_value_checks
     from acwi_node.ingest.spool import Spool
     from acwi_node.ledger import Ledger
@@ -124,6 +126,9 @@ def run_scp(settings: Settings, config: Path | None = None) -> int:
     stop = threading.Event()
     _stop_on_signals(stop)
     completion.start()
+    # Retrievals from a source PACS: C-MOVEs to this process's own storage SCP.
+    retrieval = RetrievalService(settings, ledger, signals)
+    retrieval.start()
     scp: Any
     if listeners > 1:
         from acwi_node.ingest.listeners import ListenerProcesses, bind_listener
@@ -150,6 +155,7 @@ def run_scp(settings: Settings, config: Path | None = None) -> int:
             scp.supervise()
     if ops is not None:
         ops.stop()
+    retrieval.stop()
     scp.stop()
     completion.stop()
     if shared_metrics is not None:
@@ -661,7 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show every study's state")
     status.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("config", help="validate the configuration and print it")
-    studies = sub.add_parser("studies", help="operator actions on studies: resend, reprocess")
+    studies = sub.add_parser(
+        "studies", help="operator actions on studies: resend, reprocess, retrieve from a PACS"
+    )
     studies_sub = studies.add_subparsers(dest="studies_command", required=True)
     resend = studies_sub.add_parser(
         "resend", help="send the studies' results to their destinations again"
@@ -671,6 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reprocess", help="route and analyse the studies again (a new generation)"
     )
     reprocess.add_argument("study_uids", nargs="+", metavar="STUDY_UID")
+    add_retrieval_commands(studies_sub)
     routes = sub.add_parser("routes", help="what the routes would do with studies on disk")
     routes_sub = routes.add_subparsers(dest="routes_command", required=True)
     routes_check = routes_sub.add_parser(
@@ -784,6 +793,10 @@ def _dispatch(settings: Settings, config: Path | None, args: argparse.Namespace)
         return 0
     if args.command == "status":
         return run_status(settings, args.json)
+    if args.command == "studies" and args.studies_command in ("retrieve", "retrievals"):
+        from acwi_node.ingest.retrieval_commands import run as run_retrieval_command
+
+        return run_retrieval_command(settings, args)
     if args.command == "studies":
         return run_studies(settings, args.studies_command, args.study_uids)
     if args.command == "retention":

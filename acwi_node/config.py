@@ -513,6 +513,52 @@ class Destination(_Strict):
         return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
 
 
+class RetrieveSettings(_Strict):
+    """Studies the node retrieves from a ``[[sources]]`` PACS by C-FIND and C-MOVE
+    (README "Retrieving studies from the PACS"), run by the ``scp`` process."""
+
+    #: Attempts of a retrieval whose PACS could not be reached or refused the move; each
+    #: retries only the studies not yet retrieved.
+    max_attempts: int = Field(3, ge=1, le=20)
+    #: Seconds before the next attempt (doubled each time).
+    backoff_s: float = Field(30.0, gt=0, le=86_400)
+    #: DIMSE timeout towards the source: the longest wait for the next C-FIND or C-MOVE
+    #: response (a C-MOVE reports after each instance, or only at the end).
+    timeout_s: float = Field(600.0, gt=0, le=86_400)
+    #: The most studies one request may retrieve (a query by date and modality matching more
+    #: is refused, so that a typo does not pull a year of the archive).
+    max_studies: int = Field(200, ge=1, le=100_000)
+    #: How often the ``scp`` process looks for retrievals to run.
+    poll_interval_s: float = Field(1.0, gt=0, le=3600)
+
+
+class Source(_Strict):
+    """A PACS the node may query (C-FIND, Study Root) and retrieve studies from (C-MOVE to the
+    node's own storage SCP): ``acwi-node studies retrieve``, ``POST /api/retrievals``."""
+
+    name: str
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+    #: The calling AE title of the node's associations to it (default ``node.ae_title``).
+    calling_ae_title: AETitle | None = None
+    #: The move destination: the AE title under which the source knows the node's storage
+    #: SCP (its host and port are configured on the source); default ``node.ae_title``.
+    move_destination: AETitle | None = None
+    #: DICOM TLS towards it (PS3.15 Annex B); plain TCP when absent.
+    tls: DestinationTls | None = None
+
+    def calling_ae(self, node_ae_title: str) -> str:
+        return self.calling_ae_title or node_ae_title
+
+    def destination_ae(self, node_ae_title: str) -> str:
+        return self.move_destination or node_ae_title
+
+    @property
+    def where(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
+
+
 class RouteMatch(_Strict):
     """Conditions of a route; each given list must contain the study's value (AND across keys)."""
 
@@ -754,6 +800,8 @@ class Settings(BaseSettings):
     retention: RetentionSettings = RetentionSettings()
     hl7: Hl7Settings = Hl7Settings()
     destinations: list[Destination] = Field(default_factory=list)
+    sources: list[Source] = Field(default_factory=list)
+    retrieve: RetrieveSettings = RetrieveSettings()
     routes: list[Route] = Field(default_factory=list)
     models: list[ModelSpec] = Field(default_factory=list)
     observability: ObservabilitySettings = ObservabilitySettings()
@@ -782,6 +830,9 @@ class Settings(BaseSettings):
         dest_names = [d.name for d in self.destinations]
         for dup in {n for n in dest_names if dest_names.count(n) > 1}:
             problems.append(f"destinations: name {dup!r} is used twice")
+        source_names = [src.name for src in self.sources]
+        for dup in {n for n in source_names if source_names.count(n) > 1}:
+            problems.append(f"sources: name {dup!r} is used twice")
         route_names = [r.name for r in self.routes]
         for dup in {n for n in route_names if route_names.count(n) > 1}:
             problems.append(f"routes: name {dup!r} is used twice")
@@ -837,6 +888,12 @@ class Settings(BaseSettings):
     @property
     def embedded_broker_dir(self) -> Path:
         return self.data_dir / "broker"
+
+    def source(self, name: str) -> Source:
+        for src in self.sources:
+            if src.name == name:
+                return src
+        raise KeyError(name)
 
     def destination(self, name: str) -> Destination:
         for dest in self.destinations:

@@ -30,6 +30,7 @@ INSTANCES_ACCESSED = Code("110103", "DCM", "DICOM Instances Accessed")
 INSTANCES_TRANSFERRED = Code("110104", "DCM", "DICOM Instances Transferred")
 STUDY_DELETED = Code("110105", "DCM", "DICOM Study Deleted")
 EXPORT = Code("110106", "DCM", "Export")
+QUERY = Code("110112", "DCM", "Query")
 SECURITY_ALERT = Code("110113", "DCM", "Security Alert")
 USER_AUTHENTICATION = Code("110114", "DCM", "User Authentication")
 APPLICATION_START = Code("110120", "DCM", "Application Start")
@@ -58,6 +59,7 @@ class AuditEvent(str, enum.Enum):
     STUDY_DELETED = "study_deleted"
     CONFIGURATION_CHANGED = "configuration_changed"
     USERS_CHANGED = "users_changed"
+    STUDIES_QUERIED = "studies_queried"
 
 
 #: Event -> (Event ID, Event Type Code or None, Event Action Code).
@@ -76,6 +78,7 @@ DICOM_CODES: dict[AuditEvent, tuple[Code, Code | None, str]] = {
     AuditEvent.STUDY_DELETED: (STUDY_DELETED, None, "D"),
     AuditEvent.CONFIGURATION_CHANGED: (SECURITY_ALERT, SOFTWARE_CONFIGURATION, "E"),
     AuditEvent.USERS_CHANGED: (SECURITY_ALERT, SECURITY_ROLES_CHANGED, "E"),
+    AuditEvent.STUDIES_QUERIED: (QUERY, None, "E"),
 }
 
 

@@ -49,6 +49,8 @@ __all__ = [
     "SendReport",
     "TlsArgs",
     "echo",
+    "end_association",
+    "open_association",
     "request_commitment",
     "send_files",
     "verify",
@@ -321,7 +323,7 @@ def _status_outcome(status_ds: Dataset) -> FileOutcome:
     )
 
 
-def _open_association(
+def open_association(
     calling_ae: str,
     called_ae: str,
     host: str,
@@ -450,13 +452,13 @@ def send_files(
 
     contexts, covered = _plan_contexts(infos)
 
-    def open_association() -> tuple[Association | None, str]:
-        return _open_association(
+    def associate() -> tuple[Association | None, str]:
+        return open_association(
             calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=max_pdu, tls=tls,
             contexts=contexts,
         )  # fmt: skip
 
-    assoc, error = open_association()
+    assoc, error = associate()
     if assoc is None:
         report.error = error
         logger.error("C-STORE to %s@%s:%d: %s", called_ae, host, port, report.error)
@@ -476,7 +478,7 @@ def send_files(
     queue.serving = 1 + extra
 
     def serve_extra() -> None:
-        extra_assoc, why = open_association()
+        extra_assoc, why = associate()
         if extra_assoc is None:
             logger.info("an extra association with %s@%s:%d: %s", called_ae, host, port, why)
             queue.stopped()
@@ -665,7 +667,7 @@ def _store_one(
     return outcome, False
 
 
-def _end(assoc: Association) -> None:
+def end_association(assoc: Association) -> None:
     """Release an association still established, abort one still alive."""
     if assoc.is_established:
         assoc.release()
@@ -717,7 +719,7 @@ def verify(
     Never raises."""
     started = time.monotonic()
     contexts = _commitment_contexts() if storage_commitment else None
-    assoc, error = _open_association(
+    assoc, error = open_association(
         calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=0, tls=tls,
         contexts=contexts,
     )  # fmt: skip
@@ -737,7 +739,7 @@ def verify(
     except Exception as exc:  # noqa: BLE001 - association lost mid-way
         return EchoResult(False, error=f"association lost: {type(exc).__name__}: {exc}")
     finally:
-        _end(assoc)
+        end_association(assoc)
 
 
 def echo(
@@ -801,7 +803,7 @@ def request_commitment(
                 reported.set()
 
         handlers.append((evt.EVT_N_EVENT_REPORT, take_report))
-    assoc, error = _open_association(
+    assoc, error = open_association(
         calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=0, tls=tls,
         contexts=_commitment_contexts(), handlers=handlers,
     )  # fmt: skip
@@ -837,4 +839,4 @@ def request_commitment(
             False, error=f"association lost: {type(exc).__name__}: {exc}"
         )
     finally:
-        _end(assoc)
+        end_association(assoc)

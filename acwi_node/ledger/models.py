@@ -430,6 +430,51 @@ class Purge(Base):
     __table_args__ = (UniqueConstraint("study_id", "generation", name="uq_purge_generation"),)
 
 
+class RetrievalState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Retrieval(Base):
+    """A request to retrieve studies from a ``[[sources]]`` PACS (C-FIND, then C-MOVE to the
+    node's own SCP), and how far it got.
+
+    ``query`` holds the matching keys (``study_uid``, ``accession_number``, ``study_date``,
+    ``modality``): no patient identifiers. ``study_uids`` are the studies the C-FIND found,
+    ``retrieved_uids`` those moved so far (a later attempt moves only the rest). A running
+    retrieval holds a lease (``lease_until``, renewed on every C-MOVE response): one whose
+    process stopped is taken up again once it runs out.
+    """
+
+    __tablename__ = "retrievals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(64))
+    query: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[RetrievalState] = mapped_column(
+        _enum(RetrievalState), default=RetrievalState.QUEUED
+    )
+    requested_by: Mapped[str] = mapped_column(String(64), default="")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    study_uids: Mapped[list[Any]] = mapped_column(default=list)
+    retrieved_uids: Mapped[list[Any]] = mapped_column(default=list)
+    #: C-MOVE sub-operations over every attempt: instances the source sent (completed),
+    #: could not send (failed) and sent with a warning.
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    warnings: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str] = mapped_column(Text, default="")
+    note: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+    __table_args__ = (Index("ix_retrievals_due", "state", "next_attempt_at"),)
+
+
 class AuditEvent(Base):
     """Who signed in, viewed and decided what (no patient data: UIDs only)."""
 
@@ -460,6 +505,8 @@ __all__ = [
     "JobState",
     "MppsStep",
     "Result",
+    "Retrieval",
+    "RetrievalState",
     "ReviewItem",
     "ReviewState",
     "Study",

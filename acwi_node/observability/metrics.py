@@ -83,6 +83,18 @@ COMMITTED_RESULTS = Counter(
     "Result objects storage commitment reports named, by outcome (committed; refused: sent again)",
     ["outcome"],
 )
+RETRIEVALS = Counter(
+    "acwi_scp_retrievals",
+    "Retrievals from a source PACS this process ran, by outcome (done; failed: for good;"
+    " retry: failed this attempt, queued again)",
+    ["outcome"],
+)
+RETRIEVED_INSTANCES = Counter(
+    "acwi_scp_retrieved_instances",
+    "Instances source PACSs reported sending to the node by C-MOVE, by outcome (completed,"
+    " failed, warning)",
+    ["outcome"],
+)
 RECONCILER_REQUEUED = Counter(
     "acwi_reconciler_requeued",
     "Jobs the reconciler sent to the broker again, by trigger (startup or periodic)",

@@ -1,0 +1,228 @@
+"""Query/Retrieve SCU: find studies on a PACS (C-FIND) and have it send them to the node
+(C-MOVE), both in the Study Root information model (PS3.4 Annex C).
+
+A C-MOVE makes the PACS open an association of its own to the move destination (the node's
+storage SCP, known to the PACS by its AE title), so every retrieved instance goes through the
+same path as any other: spooled, recorded, acknowledged. These functions never raise: they
+return what happened, with the reason in clear text.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom.presentation import build_context
+
+from acwi_node.export.scu import TlsArgs, end_association, open_association
+from acwi_node.ingest.spool import is_safe_uid
+
+logger = logging.getLogger(__name__)
+
+STUDY_ROOT_FIND = UID("1.2.840.10008.5.1.4.1.2.2.1")
+STUDY_ROOT_MOVE = UID("1.2.840.10008.5.1.4.1.2.2.2")
+
+#: C-MOVE failure statuses (PS3.4 C.4.2.1.5) and what they mean for whoever reads the error.
+MOVE_FAILURES = {
+    0xA701: "out of resources: unable to calculate number of matches",
+    0xA702: "out of resources: unable to perform sub-operations",
+    0xA801: "move destination unknown",
+    0xA900: "identifier does not match SOP class",
+    0xFE00: "sub-operations cancelled",
+}
+
+#: Matching keys the node sends, by the names of a retrieval's query.
+_KEYWORDS = {
+    "study_uid": "StudyInstanceUID",
+    "accession_number": "AccessionNumber",
+    "study_date": "StudyDate",
+    "modality": "ModalitiesInStudy",
+}
+
+
+@dataclass(frozen=True)
+class FoundStudy:
+    study_uid: str
+    #: Number of Study Related Instances, when the PACS returned it.
+    instances: int | None = None
+
+
+@dataclass(frozen=True)
+class FindResult:
+    ok: bool
+    studies: list[FoundStudy] = field(default_factory=list)
+    #: Why not, in clear text ("" when ok).
+    error: str = ""
+    #: Matches whose Study Instance UID was missing or not a UID (left out).
+    unusable: int = 0
+
+
+@dataclass(frozen=True)
+class MoveResult:
+    ok: bool
+    #: The final C-MOVE status, when one came.
+    status: int | None = None
+    completed: int = 0
+    failed: int = 0
+    warnings: int = 0
+    error: str = ""
+
+
+def _status_text(status: int) -> str:
+    if status in MOVE_FAILURES:
+        return MOVE_FAILURES[status]
+    if 0xC000 <= status <= 0xCFFF:
+        return "unable to process"
+    return "failed"
+
+
+def _comment(status: Dataset) -> str:
+    comment = status.get("ErrorComment")
+    return f" ({comment})" if comment else ""
+
+
+def find_studies(
+    query: dict[str, str],
+    *,
+    called_ae: str,
+    host: str,
+    port: int,
+    calling_ae: str,
+    timeout_s: float = 30.0,
+    tls: TlsArgs | None = None,
+    limit: int = 200,
+) -> FindResult:
+    """C-FIND at the STUDY level with the query's keys; at most ``limit`` studies (more is
+    an error: the association is aborted rather than read to the end)."""
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = ""
+    identifier.NumberOfStudyRelatedInstances = ""
+    for key, value in query.items():
+        setattr(identifier, _KEYWORDS[key], value)
+    assoc, error = open_association(
+        calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=0, tls=tls,
+        contexts=[build_context(STUDY_ROOT_FIND)],
+    )  # fmt: skip
+    if assoc is None:
+        return FindResult(False, error=error)
+    where = f"{called_ae}@{host}:{port}"
+    studies: dict[str, FoundStudy] = {}
+    unusable = 0
+    try:
+        if not assoc.accepted_contexts:
+            return FindResult(False, error=f"{where} does not accept Study Root C-FIND")
+        for status, found in assoc.send_c_find(identifier, STUDY_ROOT_FIND):
+            if "Status" not in status:
+                return FindResult(False, error=f"no C-FIND response within {timeout_s:g} s")
+            code = int(status.Status)
+            if code in (0xFF00, 0xFF01):
+                uid = str(found.get("StudyInstanceUID", "") or "") if found is not None else ""
+                if not is_safe_uid(uid):
+                    unusable += 1
+                    continue
+                count = found.get("NumberOfStudyRelatedInstances") if found is not None else None
+                try:
+                    instances = int(count) if count not in (None, "") else None
+                except (TypeError, ValueError):
+                    instances = None
+                studies[uid] = FoundStudy(uid, instances)
+                if len(studies) > limit:
+                    assoc.abort()
+                    return FindResult(
+                        False,
+                        error=f"more than {limit} studies match (retrieve.max_studies):"
+                        " narrow the query",
+                    )
+            elif code == 0x0000:
+                break
+            else:
+                return FindResult(
+                    False,
+                    error=f"C-FIND refused by {where} with status 0x{code:04X}{_comment(status)}",
+                )
+        return FindResult(True, studies=list(studies.values()), unusable=unusable)
+    except Exception as exc:  # noqa: BLE001 - association lost mid-way
+        return FindResult(False, error=f"association lost: {type(exc).__name__}: {exc}")
+    finally:
+        end_association(assoc)
+
+
+def move_study(
+    study_uid: str,
+    *,
+    called_ae: str,
+    host: str,
+    port: int,
+    calling_ae: str,
+    move_destination: str,
+    timeout_s: float = 600.0,
+    tls: TlsArgs | None = None,
+    on_response: Callable[[], None] | None = None,
+) -> MoveResult:
+    """C-MOVE one study to ``move_destination``; ``on_response`` is called on every response
+    (a pending one says the PACS is still sending)."""
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study_uid
+    assoc, error = open_association(
+        calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=0, tls=tls,
+        contexts=[build_context(STUDY_ROOT_MOVE)],
+    )  # fmt: skip
+    if assoc is None:
+        return MoveResult(False, error=error)
+    where = f"{called_ae}@{host}:{port}"
+    counts = {"completed": 0, "failed": 0, "warnings": 0}
+
+    def result(ok: bool, status: int | None = None, error: str = "") -> MoveResult:
+        return MoveResult(
+            ok, status, counts["completed"], counts["failed"], counts["warnings"], error
+        )
+
+    try:
+        if not assoc.accepted_contexts:
+            return result(False, error=f"{where} does not accept Study Root C-MOVE")
+        for status, _identifier in assoc.send_c_move(identifier, move_destination, STUDY_ROOT_MOVE):
+            if "Status" not in status:
+                return result(False, error=f"no C-MOVE response within {timeout_s:g} s")
+            if on_response is not None:
+                on_response()
+            for key, keyword in (
+                ("completed", "NumberOfCompletedSuboperations"),
+                ("failed", "NumberOfFailedSuboperations"),
+                ("warnings", "NumberOfWarningSuboperations"),
+            ):
+                value = status.get(keyword)
+                if value is not None:
+                    counts[key] = int(value)
+            code = int(status.Status)
+            if code == 0xFF00:
+                continue
+            if code == 0x0000 or code == 0xB000:
+                return result(True, status=code)
+            text = _status_text(code)
+            if code == 0xA801:
+                text += (
+                    f": {where} does not know the AE title {move_destination!r};"
+                    " add the node's storage SCP to its modalities"
+                )
+            elif 0xC000 <= code <= 0xCFFF and not counts["completed"]:
+                # Orthanc, for one, answers so for a move destination it does not know.
+                text += (
+                    f"; check that {where} knows the move destination {move_destination!r}"
+                    " with the node's host and port"
+                )
+            return result(
+                False,
+                status=code,
+                error=f"C-MOVE refused by {where} with status 0x{code:04X}: {text}"
+                + _comment(status),
+            )
+        return result(False, error=f"{where} ended the C-MOVE without a final status")
+    except Exception as exc:  # noqa: BLE001 - association lost mid-way
+        return result(False, error=f"association lost: {type(exc).__name__}: {exc}")
+    finally:
+        end_association(assoc)

@@ -1,0 +1,307 @@
+"""Retrieving studies from a PACS: the ``scp`` process runs the queued requests.
+
+A request names a ``[[sources]]`` PACS and Study-level matching keys. The service finds the
+studies (C-FIND), then has the PACS send each one to the node's own storage SCP (C-MOVE), where
+it is spooled, recorded and acknowledged like any study. The end of a study's C-MOVE is a
+completion signal (every instance the PACS had is here): the study is complete and routed once
+the PACS's sending association is released, without waiting for the quiet period. A PACS that
+cannot be reached, or refuses, is tried again (``retrieve.max_attempts``, with back-off); a later
+attempt moves only the studies not yet moved.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import threading
+import time
+
+from acwi_node.audit import AuditEvent, Outcome, Participant, audit
+from acwi_node.config import Settings, Source
+from acwi_node.export.scu import TlsArgs
+from acwi_node.ingest.mpps import CompletionSignals
+from acwi_node.ingest.qr_scu import FindResult, MoveResult, find_studies, move_study
+from acwi_node.ingest.spool import is_safe_uid
+from acwi_node.ledger import Ledger, StudyState
+from acwi_node.ledger.repository import KEEPS_RESULTS
+from acwi_node.ledger.retrievals import QUERY_KEYS, Retrievals, RetrievalTask
+from acwi_node.observability.metrics import RETRIEVALS, RETRIEVED_INSTANCES
+from acwi_node.tls import TlsConfigError
+
+log = logging.getLogger("acwi_node.retrieval")
+
+_DATE = re.compile(r"\d{8}")
+_MODALITY = re.compile(r"[A-Z0-9_]{1,16}")
+#: Seconds between lease renewals while a C-MOVE reports progress.
+_RENEW_EVERY_S = 5.0
+
+
+class QueryError(ValueError):
+    """A retrieval query the node will not send (the message says why)."""
+
+
+def _check_date(value: str) -> None:
+    try:
+        dt.datetime.strptime(value, "%Y%m%d")
+    except ValueError:
+        raise QueryError(f"study_date: {value!r} is not a date (YYYYMMDD)") from None
+
+
+def check_query(query: dict[str, str | None]) -> dict[str, str]:
+    """The query with empty keys dropped, or :class:`QueryError`: known keys only, and a
+    Study Instance UID, an accession number or a study date among them (a query by modality
+    alone would match the whole archive)."""
+    unknown = sorted(set(query) - set(QUERY_KEYS))
+    if unknown:
+        raise QueryError(
+            f"unknown query key(s) {', '.join(unknown)} (known: {', '.join(QUERY_KEYS)})"
+        )
+    clean = {k: v.strip() for k, v in query.items() if v is not None and v.strip()}
+    if not {"study_uid", "accession_number", "study_date"} & set(clean):
+        raise QueryError("give a study_uid, an accession_number or a study_date")
+    uid = clean.get("study_uid")
+    if uid is not None and not is_safe_uid(uid):
+        raise QueryError(f"study_uid: {uid!r} is not a UID (digits and dots, at most 64)")
+    accession = clean.get("accession_number")
+    if accession is not None and (
+        len(accession) > 16 or any(c in accession for c in "\\*?") or not accession.isprintable()
+    ):
+        raise QueryError("accession_number: at most 16 printable characters, no \\ * or ?")
+    date = clean.get("study_date")
+    if date is not None:
+        low, sep, high = date.partition("-")
+        ends = [d for d in (low, high) if d]
+        if not ends or any(_DATE.fullmatch(d) is None for d in ends):
+            raise QueryError(f"study_date: {date!r} is not YYYYMMDD or a range YYYYMMDD-YYYYMMDD")
+        for d in ends:
+            _check_date(d)
+        if sep and low and high and low > high:
+            raise QueryError(f"study_date: {date!r} ends before it starts")
+    modality = clean.get("modality")
+    if modality is not None:
+        clean["modality"] = modality = modality.upper()
+        if _MODALITY.fullmatch(modality) is None:
+            raise QueryError(f"modality: {modality!r} is not a modality code (CT, DX, MR, ...)")
+    return clean
+
+
+def describe_query(query: dict[str, str]) -> str:
+    """The query for people (the dashboard, errors): ``accession_number=A123, modality=CT``."""
+    return ", ".join(f"{k}={query[k]}" for k in QUERY_KEYS if k in query)
+
+
+def source_tls(source: Source) -> TlsArgs | None:
+    if source.tls is None:
+        return None
+    return source.tls.context(), source.tls.server_name or source.host
+
+
+class RetrievalService:
+    """Background loop of the ``scp`` process: runs queued retrievals one at a time."""
+
+    def __init__(
+        self, settings: Settings, ledger: Ledger, signals: CompletionSignals | None = None
+    ) -> None:
+        self.settings = settings
+        self.retrievals = Retrievals(ledger)
+        self.signals = signals
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def lease_s(self) -> float:
+        # Renewed on every C-MOVE response: a PACS silent for longer than the DIMSE timeout
+        # has ended the C-MOVE anyway.
+        return self.settings.retrieve.timeout_s + 60.0
+
+    # ----------------------------------------------------------------- one retrieval
+    def tick(self) -> bool:
+        """Run the next due retrieval, if any; returns whether one ran."""
+        task = self.retrievals.claim(self.lease_s)
+        if task is None:
+            return False
+        try:
+            self._run(task)
+        except Exception as exc:  # noqa: BLE001 - the loop keeps serving the others
+            log.exception("retrieval %d failed", task.id)
+            self._failed(task, f"internal error: {type(exc).__name__}: {exc}")
+        return True
+
+    def _run(self, task: RetrievalTask) -> None:
+        try:
+            source = self.settings.source(task.source)
+        except KeyError:
+            self._finish(task, error=f"no source named {task.source!r} in the configuration")
+            return
+        try:
+            tls = source_tls(source)
+        except TlsConfigError as exc:
+            self._failed(task, f"TLS: {exc}")
+            return
+        node_ae = self.settings.node.ae_title
+        study_uids = task.study_uids
+        if not study_uids:
+            found = self._find(source, tls, task.query)
+            audit(
+                AuditEvent.STUDIES_QUERIED,
+                outcome=Outcome.SUCCESS if found.ok else Outcome.MINOR_FAILURE,
+                participants=[
+                    Participant("ae", source.ae_title, source.host, requestor=False),
+                    *([Participant("user", task.requested_by)] if task.requested_by else []),
+                ],
+                study_uids=[s.study_uid for s in found.studies],
+                detail=f"retrieval {task.id}: C-FIND {describe_query(task.query)}: "
+                + (f"{len(found.studies)} study(ies)" if found.ok else found.error),
+            )
+            if not found.ok:
+                self._failed(task, found.error)
+                return
+            if not found.studies:
+                self._finish(
+                    task,
+                    error=f"no study on {source.name} matches {describe_query(task.query)}",
+                )
+                return
+            study_uids = [s.study_uid for s in found.studies]
+            self.retrievals.found(task.id, study_uids)
+            log.info(
+                "retrieval %d: %d study(ies) found on %s", task.id, len(study_uids), source.name
+            )
+        retrieved = set(task.retrieved_uids)
+        already: list[str] = []
+        for uid in study_uids:
+            if uid in retrieved:
+                continue
+            before = self.retrievals.study_states([uid]).get(uid)
+            if before is not None and before[1] in KEEPS_RESULTS:
+                already.append(uid)  # instances sent again unchanged do not re-open it
+            moved = self._move(task, source, tls, uid, node_ae)
+            RETRIEVED_INSTANCES.labels("completed").inc(moved.completed)
+            RETRIEVED_INSTANCES.labels("failed").inc(moved.failed)
+            RETRIEVED_INSTANCES.labels("warning").inc(moved.warnings)
+            if not moved.ok:
+                self.retrievals.progress(
+                    task.id, lease_s=self.lease_s, completed=moved.completed,
+                    failed=moved.failed, warnings=moved.warnings,
+                )  # fmt: skip
+                self._failed(task, moved.error)
+                return
+            self.retrievals.progress(
+                task.id, lease_s=self.lease_s, retrieved_uid=uid, completed=moved.completed,
+                failed=moved.failed, warnings=moved.warnings,
+            )  # fmt: skip
+            retrieved.add(uid)
+            problem = self._signal_complete(uid, moved, source)
+            if problem:
+                self._finish(task, error=problem)
+                return
+        self._finish(task, note=self._summary(study_uids, already))
+
+    def _find(self, source: Source, tls: TlsArgs | None, query: dict[str, str]) -> FindResult:
+        return find_studies(
+            query,
+            called_ae=source.ae_title,
+            host=source.host,
+            port=source.port,
+            calling_ae=source.calling_ae(self.settings.node.ae_title),
+            timeout_s=self.settings.retrieve.timeout_s,
+            tls=tls,
+            limit=self.settings.retrieve.max_studies,
+        )
+
+    def _move(
+        self, task: RetrievalTask, source: Source, tls: TlsArgs | None, uid: str, node_ae: str
+    ) -> MoveResult:
+        last = time.monotonic()
+
+        def renew() -> None:
+            nonlocal last
+            if time.monotonic() - last >= _RENEW_EVERY_S:
+                last = time.monotonic()
+                self.retrievals.progress(task.id, lease_s=self.lease_s)
+
+        return move_study(
+            uid,
+            called_ae=source.ae_title,
+            host=source.host,
+            port=source.port,
+            calling_ae=source.calling_ae(node_ae),
+            move_destination=source.destination_ae(node_ae),
+            timeout_s=self.settings.retrieve.timeout_s,
+            tls=tls,
+            on_response=renew,
+        )
+
+    def _signal_complete(self, uid: str, moved: MoveResult, source: Source) -> str:
+        """The study's C-MOVE ended: complete it once its sending association is released.
+        Returns why the retrieval failed for good, or ""."""
+        held = self.retrievals.study_states([uid])
+        if uid not in held:
+            if moved.completed:
+                destination = source.destination_ae(self.settings.node.ae_title)
+                return (
+                    f"{source.name} reported sending {moved.completed} instance(s) of a study"
+                    f" to {destination!r} but none reached this node: check the host and port"
+                    f" {source.name} has for {destination!r}"
+                )
+            return ""
+        study_id, state = held[uid]
+        if state == StudyState.RECEIVING.value and self.signals is not None:
+            self.signals.released([study_id])
+        return ""
+
+    def _summary(self, study_uids: list[str], already: list[str]) -> str:
+        held = self.retrievals.study_states(study_uids)
+        parts = [f"{len(held)} of {len(study_uids)} study(ies) retrieved"]
+        missing = len(study_uids) - len(held)
+        if missing:
+            parts.append(f"{missing} with no instances sent")
+        if already:
+            parts.append(
+                f"{len(already)} the node had analysed already, not analysed again"
+                " (acwi-node studies reprocess does)"
+            )
+        return "; ".join(parts)
+
+    # ----------------------------------------------------------------- outcomes
+    def _finish(self, task: RetrievalTask, *, error: str = "", note: str = "") -> None:
+        self.retrievals.finish(task.id, error=error, note=note)
+        RETRIEVALS.labels("failed" if error else "done").inc()
+        if error:
+            log.warning("retrieval %d failed: %s", task.id, error)
+        else:
+            log.info("retrieval %d done: %s", task.id, note)
+
+    def _failed(self, task: RetrievalTask, error: str) -> None:
+        cfg = self.settings.retrieve
+        if task.attempt >= cfg.max_attempts:
+            self._finish(task, error=f"{error} (after {task.attempt} attempt(s))")
+            return
+        after_s = cfg.backoff_s * 2 ** (task.attempt - 1)
+        self.retrievals.retry(task.id, error=error, after_s=after_s)
+        RETRIEVALS.labels("retry").inc()
+        log.warning(
+            "retrieval %d: attempt %d failed, again in %g s: %s",
+            task.id, task.attempt, after_s, error,
+        )  # fmt: skip
+
+    # ----------------------------------------------------------------- the loop
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                ran = self.tick()
+            except Exception:
+                log.exception("retrieval pass failed; retrying")
+                ran = False
+            if not ran:
+                self._stop.wait(self.settings.retrieve.poll_interval_s)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="retrieval", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)

@@ -1,0 +1,139 @@
+"""``acwi-node studies retrieve`` and ``acwi-node studies retrievals``: queue a retrieval from
+a ``[[sources]]`` PACS, and list them. The ``scp`` process (or ``serve``) runs them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+# The CLI parses its arguments before it loads the node: these load when a command runs.
+if TYPE_CHECKING:
+    from acwi_node.config import Settings
+    from acwi_node.ledger.retrievals import RetrievalView
+
+#: Retrieval states that are final.
+FINAL = ("done", "failed")
+
+
+def add_parsers(studies_sub: Any) -> None:
+    """Add ``retrieve`` and ``retrievals`` to the ``studies`` subcommands."""
+    retrieve = studies_sub.add_parser(
+        "retrieve",
+        help="retrieve studies from a [[sources]] PACS (C-FIND, then C-MOVE to the node) and"
+        " analyse them like any study received; the scp process runs it",
+    )
+    retrieve.add_argument("source", metavar="SOURCE", help="the [[sources]] name")
+    retrieve.add_argument("--study-uid", help="Study Instance UID")
+    retrieve.add_argument("--accession", help="Accession Number")
+    retrieve.add_argument("--study-date", help="Study Date, YYYYMMDD or a range YYYYMMDD-YYYYMMDD")
+    retrieve.add_argument("--modality", help="with the others: only studies of this modality")
+    retrieve.add_argument(
+        "--wait",
+        type=float,
+        nargs="?",
+        const=600.0,
+        default=None,
+        metavar="SECONDS",
+        help="wait until the retrieval ends (default up to 600 s); exit 1 if it failed",
+    )
+    listing = studies_sub.add_parser("retrievals", help="the latest retrievals and their state")
+    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _line(view: RetrievalView) -> str:
+    from acwi_node.ingest.retrieval import describe_query
+
+    what = describe_query(view.query)
+    text = (
+        f"#{view.id} {view.state:<7} {view.source}: {what}: "
+        f"{view.studies_retrieved}/{view.studies_found} study(ies), "
+        f"{view.completed} instance(s)"
+    )
+    if view.failed:
+        text += f", {view.failed} not sent"
+    if view.error:
+        text += f" - {view.error}"
+    elif view.note:
+        text += f" - {view.note}"
+    return text
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    if args.studies_command == "retrievals":
+        return _list(settings, args.limit, as_json=args.json)
+    return _retrieve(settings, args)
+
+
+def _retrieve(settings: Settings, args: argparse.Namespace) -> int:
+    from acwi_node.ingest.retrieval import QueryError, check_query, describe_query
+    from acwi_node.ledger import Ledger
+    from acwi_node.ledger.retrievals import Retrievals
+
+    names = [s.name for s in settings.sources]
+    if args.source not in names:
+        print(
+            f"acwi-node: no source named {args.source!r}"
+            f" (configured: {', '.join(names) or 'none'}; see [[sources]])",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        query = check_query(
+            {
+                "study_uid": args.study_uid,
+                "accession_number": args.accession,
+                "study_date": args.study_date,
+                "modality": args.modality,
+            }
+        )
+    except QueryError as exc:
+        print(f"acwi-node: {exc}", file=sys.stderr)
+        return 2
+    ledger = Ledger(settings.database_url)
+    try:
+        retrievals = Retrievals(ledger)
+        rid = retrievals.request(args.source, query, requested_by="cli")
+        print(f"retrieval #{rid} queued: {args.source}: {describe_query(query)}")
+        if args.wait is None:
+            return 0
+        deadline = time.monotonic() + args.wait
+        while True:
+            view = retrievals.get(rid)
+            assert view is not None
+            if view.state in FINAL or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+        print(_line(view))
+        if view.state not in FINAL:
+            print(
+                f"acwi-node: retrieval #{rid} still {view.state} after {args.wait:g} s"
+                " (is the scp process running?)",
+                file=sys.stderr,
+            )
+            return 1
+        return 0 if view.state == "done" else 1
+    finally:
+        ledger.dispose()
+
+
+def _list(settings: Settings, limit: int, *, as_json: bool) -> int:
+    from acwi_node.ledger import Ledger
+    from acwi_node.ledger.retrievals import Retrievals
+
+    ledger = Ledger(settings.database_url)
+    try:
+        views = Retrievals(ledger).recent(limit)
+    finally:
+        ledger.dispose()
+    if as_json:
+        print(json.dumps([v.as_json() for v in views], indent=2))
+        return 0
+    if not views:
+        print("no retrievals")
+    for view in views:
+        print(_line(view))
+    return 0

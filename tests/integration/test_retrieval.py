@@ -1,0 +1,287 @@
+"""Retrieving studies from a PACS over real associations: a real Orthanc answers the node's
+C-FIND and C-MOVEs the studies to the node's storage SCP; and the ways it goes wrong (no match,
+a move destination the PACS does not know, a PACS that is down, one answering path-like UIDs or
+too many studies).
+
+The quiet period is an hour, so a retrieved study completes only by the end of its C-MOVE; the
+completion pass is called directly and the study's state read from the ledger.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
+
+from acwi_node.config import Settings, load_settings
+from acwi_node.ingest.completion import CompletionService
+from acwi_node.ingest.mpps import CompletionSignals
+from acwi_node.ingest.qr_scu import STUDY_ROOT_FIND, STUDY_ROOT_MOVE
+from acwi_node.ingest.retrieval import RetrievalService
+from acwi_node.ingest.scp import StorageSCP
+from acwi_node.ingest.spool import Spool
+from acwi_node.ledger import Ledger
+from acwi_node.ledger.retrievals import Retrievals, RetrievalView
+from tests.integration.test_scp import make_sc
+from tests.support.orthanc import OrthancServer, require_orthanc
+from tests.support.ports import free_port
+from tests.support.study_flow import route_all, study_id
+
+NODE_AE = "ACWI"
+HOUR = 3600.0
+
+
+def put_study(
+    orthanc: OrthancServer, n: int, *, accession: str, date: str = "20261201", modality: str = "OT"
+) -> str:
+    """Store a study of ``n`` small images in Orthanc (REST); returns its UID."""
+    study = generate_uid()
+    for _ in range(n):
+        ds = make_sc(study)
+        ds.AccessionNumber = accession
+        ds.StudyDate = date
+        ds.Modality = modality
+        buf = io.BytesIO()
+        dcmwrite(buf, ds, enforce_file_format=True)
+        orthanc.client.post("/instances", content=buf.getvalue()).raise_for_status()
+    return study
+
+
+@dataclass
+class Node:
+    settings: Settings
+    ledger: Ledger
+    service: RetrievalService
+    completion: CompletionService
+
+    def request(self, **query: str) -> int:
+        return Retrievals(self.ledger).request("pacs", query, requested_by="test")
+
+    def run(self, rid: int) -> RetrievalView:
+        assert self.service.tick()
+        view = Retrievals(self.ledger).get(rid)
+        assert view is not None
+        return view
+
+    def state(self, study_uid: str) -> str | None:
+        st = self.ledger.get_study(study_uid)
+        return None if st is None else str(st["state"])
+
+    def complete(self, study_uid: str, timeout_s: float = 30.0) -> str:
+        """Completion passes until the study is no longer receiving (its sender released)."""
+        deadline = time.monotonic() + timeout_s
+        while self.state(study_uid) == "receiving":
+            assert time.monotonic() < deadline, "the retrieved study never completed"
+            self.completion.tick()
+            time.sleep(0.05)
+        return str(self.state(study_uid))
+
+
+@pytest.fixture
+def make_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    started: list[tuple[StorageSCP, Ledger]] = []
+
+    def make(
+        host: str, port: int, ae_title: str, *, retrieve: dict[str, Any] | None = None,
+        **source: Any,
+    ) -> Node:  # fmt: skip
+        settings = load_settings(
+            None,
+            node={"data_dir": tmp_path / "data", "ae_title": NODE_AE,
+                  "dicom_host": "127.0.0.1", "dicom_port": free_port()},
+            ingest={"fsync": False, "network_timeout_s": 5, "acse_timeout_s": 5},
+            completion={"quiet_period_s": HOUR, "max_wait_s": HOUR, "poll_interval_s": HOUR},
+            retrieve={"timeout_s": 30, "backoff_s": 0.01, **(retrieve or {})},
+            sources=[{"name": "pacs", "ae_title": ae_title, "host": host, "port": port,
+                      **source}],
+        )  # fmt: skip
+        ledger = Ledger(settings.database_url)
+        signals = CompletionSignals(ledger)
+        scp = StorageSCP(settings, ledger, Spool(settings.spool_dir, fsync=False), signals=signals)
+        scp.start(block=False)
+        started.append((scp, ledger))
+        celery = Celery("acwi-test-retrieval", broker="redis://127.0.0.1:6379/9")
+        completion = CompletionService(settings, ledger, celery, signals=signals)
+        return Node(settings, ledger, RetrievalService(settings, ledger, signals), completion)
+
+    yield make
+    for scp, ledger in started:
+        scp.stop()
+        ledger.dispose()
+
+
+@pytest.fixture(scope="module")
+def orthanc() -> Iterator[OrthancServer]:
+    require_orthanc()
+    with OrthancServer(node_ae=NODE_AE, node_port=free_port()) as server:
+        yield server
+
+
+@pytest.fixture
+def node(orthanc: OrthancServer, make_node: Callable[..., Node]) -> Node:
+    n = make_node("127.0.0.1", orthanc.dicom_port, orthanc.aet)
+    # Orthanc sends a C-MOVE to the modality of that AE title: this node, on its port.
+    orthanc.client.put(
+        "/modalities/acwi",
+        json={"AET": NODE_AE, "Host": "127.0.0.1", "Port": n.settings.node.dicom_port},
+    ).raise_for_status()
+    return n
+
+
+# ------------------------------------------------------------------ a real Orthanc
+def test_a_study_found_by_accession_is_retrieved_and_completes_at_the_end_of_the_move(
+    node: Node, orthanc: OrthancServer
+) -> None:
+    study = put_study(orthanc, 3, accession="RQ1001")
+    put_study(orthanc, 1, accession="RQ1002")  # another study: left alone
+    rid = node.request(accession_number="RQ1001")
+    view = node.run(rid)
+    assert (view.state, view.error) == ("done", "")
+    assert (view.studies_found, view.studies_retrieved, view.completed) == (1, 1, 3)
+    assert view.study_uids == [study]
+    st = node.ledger.get_study(study)
+    assert st is not None and st["instances"] == 3
+    # An hour's quiet period, yet complete (here: no route) as soon as Orthanc released.
+    assert node.complete(study) == "not_routed"
+
+
+def test_a_query_by_date_and_modality_retrieves_each_matching_study(
+    node: Node, orthanc: OrthancServer
+) -> None:
+    ct = [put_study(orthanc, 1, accession=f"RQ20{i}", date="20261103", modality="CT")
+          for i in range(2)]  # fmt: skip
+    mr = put_study(orthanc, 1, accession="RQ209", date="20261103", modality="MR")
+    view = node.run(node.request(study_date="20261103", modality="CT"))
+    assert view.state == "done", view.error
+    assert sorted(view.study_uids) == sorted(ct)
+    assert all(node.state(uid) == "receiving" for uid in ct)
+    assert node.state(mr) is None
+
+
+def test_no_matching_study_fails_at_once_with_the_query(node: Node) -> None:
+    view = node.run(node.request(accession_number="NOSUCH"))
+    assert view.state == "failed"
+    assert view.attempts == 1  # nothing to try again
+    assert view.error == "no study on pacs matches accession_number=NOSUCH"
+
+
+def test_a_study_the_node_analysed_already_is_not_analysed_again(
+    node: Node, orthanc: OrthancServer
+) -> None:
+    study = put_study(orthanc, 2, accession="RQ3001")
+    node.run(node.request(study_uid=study))
+    st = node.ledger.get_study(study)
+    assert st is not None
+    assert node.ledger.complete_study(study_id(node.ledger, study), st["generation"], route_all)
+    view = node.run(node.request(study_uid=study))
+    assert view.state == "done"
+    assert "1 the node had analysed already" in view.note
+    again = node.ledger.get_study(study)
+    assert again is not None
+    assert (again["state"], again["generation"]) == ("queued", st["generation"])
+
+
+def test_a_move_destination_orthanc_does_not_know_fails_with_the_reason(
+    orthanc: OrthancServer, make_node: Callable[..., Node]
+) -> None:
+    study = put_study(orthanc, 1, accession="RQ4001")
+    n = make_node(
+        "127.0.0.1", orthanc.dicom_port, orthanc.aet, move_destination="NOBODY",
+        retrieve={"max_attempts": 1},
+    )  # fmt: skip
+    orthanc.client.put(
+        "/modalities/acwi",
+        json={"AET": NODE_AE, "Host": "127.0.0.1", "Port": n.settings.node.dicom_port},
+    ).raise_for_status()
+    view = n.run(n.request(study_uid=study))
+    assert view.state == "failed"
+    assert "C-MOVE refused by" in view.error and "(after 1 attempt(s))" in view.error
+    assert "knows the move destination 'NOBODY'" in view.error
+    assert n.state(study) is None
+
+
+def test_a_source_that_is_down_is_tried_again_then_fails(
+    make_node: Callable[..., Node],
+) -> None:
+    n = make_node("127.0.0.1", free_port(), "DOWN", retrieve={"max_attempts": 2})
+    rid = n.request(study_uid="1.2.3.4")
+    first = n.run(rid)
+    assert first.state == "queued"
+    assert "connection refused" in first.error
+    time.sleep(0.05)  # the back-off
+    second = n.run(rid)
+    assert second.state == "failed"
+    assert second.attempts == 2 and second.error.endswith("(after 2 attempt(s))")
+    assert not n.service.tick()  # nothing left to run
+
+
+# ------------------------------------------------------------------ a PACS of pynetdicom's
+@pytest.fixture
+def fake_qr() -> Iterator[tuple[int, list[str], list[Dataset]]]:
+    """A Q/R SCP answering each C-FIND with the UIDs in its list (appended to by the test),
+    and every C-MOVE with success and no sub-operations; yields (port, uids, moves)."""
+    ae = AE(ae_title="FAKEQR")
+    ae.add_supported_context(STUDY_ROOT_FIND)
+    ae.add_supported_context(STUDY_ROOT_MOVE)
+    uids: list[str] = []
+    moves: list[Dataset] = []
+
+    def on_find(event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        for uid in uids:
+            ds = Dataset()
+            ds.QueryRetrieveLevel = "STUDY"
+            ds.StudyInstanceUID = uid
+            yield 0xFF00, ds
+
+    def on_move(event: evt.Event) -> Iterator[Any]:
+        moves.append(event.identifier)
+        yield "127.0.0.1", free_port()  # never connected to: nothing to send
+        yield 0  # sub-operations
+        yield 0x0000, None
+
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False,
+        evt_handlers=[(evt.EVT_C_FIND, on_find), (evt.EVT_C_MOVE, on_move)],
+    )  # fmt: skip
+    assert server is not None
+    try:
+        yield port, uids, moves
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_path_like_study_uids_from_the_pacs_are_left_out(
+    make_node: Callable[..., Node], fake_qr: tuple[int, list[str], list[Dataset]]
+) -> None:
+    port, uids, moves = fake_qr
+    uids += ["../../etc/passwd", "1.2.826.0.1.3680043.10.1511.77"]
+    n = make_node("127.0.0.1", port, "FAKEQR")
+    view = n.run(n.request(study_date="20261101-20261130"))
+    assert view.state == "done", view.error
+    assert view.study_uids == ["1.2.826.0.1.3680043.10.1511.77"]
+    assert [str(m.StudyInstanceUID) for m in moves] == ["1.2.826.0.1.3680043.10.1511.77"]
+    assert view.note == "0 of 1 study(ies) retrieved; 1 with no instances sent"
+
+
+def test_a_query_matching_more_studies_than_allowed_is_refused(
+    make_node: Callable[..., Node], fake_qr: tuple[int, list[str], list[Dataset]]
+) -> None:
+    port, uids, moves = fake_qr
+    uids += [f"1.2.826.0.1.3680043.10.1511.8{i}" for i in range(4)]
+    n = make_node("127.0.0.1", port, "FAKEQR", retrieve={"max_studies": 3, "max_attempts": 1})
+    view = n.run(n.request(study_date="20260101-"))
+    assert view.state == "failed"
+    assert "more than 3 studies match (retrieve.max_studies)" in view.error
+    assert moves == []

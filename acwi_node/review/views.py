@@ -47,9 +47,11 @@ from acwi_node import __version__
 from acwi_node.config import Settings
 from acwi_node.dicom_pixels import read_deferred
 from acwi_node.export.outbox import verify_destination, what_it_checks
+from acwi_node.ingest.retrieval import QueryError, check_query
 from acwi_node.ingest.spool import Spool, is_safe_uid
 from acwi_node.ledger import Ledger, StudyActionRefused
 from acwi_node.ledger.models import utcnow
+from acwi_node.ledger.retrievals import QUERY_KEYS, Retrievals
 from acwi_node.observability import metrics
 from acwi_node.results.heatmap import Window, render_grey
 from acwi_node.results.overlay import heat_path, overlay_rgba, read_cam
@@ -581,6 +583,8 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             disk=_disk_free_percent(settings.data_dir),
             failed=review.store.failed_studies() if user.role == "admin" else None,
             outboxes=destination_outboxes(review.store, settings) if user.role == "admin" else None,
+            sources=[src.name for src in settings.sources],
+            retrievals=Retrievals(ledger).recent(10) if user.role == "admin" else None,
             notice=notice,
             error=error,
         )
@@ -618,6 +622,28 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             )
         log.info("%s: %s by %s", study_uid, action, user.user_name)
         return RedirectResponse(f"/review/dashboard?done={action}", status_code=303)
+
+    @app.post("/review/retrievals", include_in_schema=False)
+    async def retrieve(request: Request) -> Response:
+        """An administrator retrieves studies from a source PACS (as ``POST
+        /api/retrievals``, from a form: a study UID, an accession number or a study date)."""
+        user: SessionInfo = request.state.user
+        refused = await _admin_form_refused(request)
+        if refused is not None:
+            return refused
+        form = _form(await request.body())
+        source = form.get("source", "")
+        if source not in {src.name for src in settings.sources}:
+            error = f"no source named {source!r}"
+            return await run_in_threadpool(partial(_dashboard, request, error=error, status=422))
+        try:
+            query = check_query({k: form.get(k) for k in QUERY_KEYS})
+        except QueryError as exc:
+            error = f"retrieve from {source}: {exc}"
+            return await run_in_threadpool(partial(_dashboard, request, error=error, status=422))
+        rid = await run_in_threadpool(Retrievals(ledger).request, source, query, user.user_name)
+        log.info("retrieval %d from %s queued by %s", rid, source, user.user_name)
+        return RedirectResponse("/review/dashboard?done=retrieve", status_code=303)
 
     @app.post("/review/destinations/{name}/check", include_in_schema=False)
     async def check_destination(request: Request, name: str) -> Response:
@@ -842,6 +868,7 @@ def _disk_free_percent(path: Path) -> float | None:
 STUDY_ACTION_NOTICES = {
     "resend": "The study's results are back in the outbox.",
     "reprocess": "The study is being routed and analysed again.",
+    "retrieve": "The retrieval is queued: the study comes from the PACS and is analysed.",
 }
 
 

@@ -3,7 +3,9 @@
 ``GET /api/studies`` and ``GET /api/studies/{study_uid}`` show each study's state;
 ``POST /api/studies/{study_uid}/resend`` and ``.../reprocess`` (administrators) send a study's
 results again or analyse it again; ``GET /api/destinations`` (administrators) shows each
-destination's outbox; ``GET /api/worklist`` lists the open review items;
+destination's outbox; ``POST /api/retrievals`` (administrators) retrieves studies from a
+source PACS and ``GET /api/retrievals`` shows how far each got
+(:mod:`acwi_node.web.retrievals`); ``GET /api/worklist`` lists the open review items;
 ``/healthz``, ``/readyz`` and ``/metrics`` (:mod:`acwi_node.web.ops`) serve probes and
 Prometheus; ``POST /dicomweb/studies`` (:mod:`acwi_node.web.stow`) stores studies sent by
 DICOMweb. The review web app (:mod:`acwi_node.review.views`) adds its pages; every other path
@@ -23,9 +25,11 @@ from starlette.requests import ClientDisconnect
 from acwi_node import __version__
 from acwi_node.config import Settings
 from acwi_node.ledger import Ledger, StudyActionRefused
-from acwi_node.review.store import ReviewStore, SessionInfo
+from acwi_node.review.store import ReviewStore
 from acwi_node.review.views import destination_outboxes, install_review
+from acwi_node.web.guards import admin_json_request, admin_user
 from acwi_node.web.ops import ops_router
+from acwi_node.web.retrievals import retrievals_router
 from acwi_node.web.stow import stow_router
 
 log = logging.getLogger("acwi_node.api")
@@ -61,6 +65,7 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
         return JSONResponse({"detail": "the connection closed"}, status_code=400)
 
     app.include_router(stow_router(settings, db))  # STOW-RS: POST /dicomweb/studies
+    app.include_router(retrievals_router(settings, db))  # /api/retrievals
 
     @app.get("/api/studies")
     def studies(limit: int = Query(200, ge=1, le=5000)) -> dict[str, Any]:
@@ -73,19 +78,8 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
             raise HTTPException(status_code=404, detail="no such study")
         return found
 
-    def _admin_action(request: Request) -> str:
-        """An administrator's POST with a JSON body: the content type keeps cross-site forms
-        (which cannot send it without a CORS preflight the node never grants) out."""
-        user: SessionInfo | None = getattr(request.state, "user", None)
-        if user is None or user.role != "admin":
-            raise HTTPException(status_code=403, detail="administrators only")
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type != "application/json":
-            raise HTTPException(status_code=415, detail="send Content-Type: application/json")
-        return user.user_name
-
     def _study_action(request: Request, study_uid: str, act: Callable[[str], int]) -> int:
-        name = _admin_action(request)
+        name = admin_json_request(request)
         try:
             value = act(study_uid)
         except StudyActionRefused as exc:
@@ -127,9 +121,7 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
     def destinations(request: Request) -> dict[str, Any]:
         """Administrators: each result destination's outbox, and the RIS's (as on the
         dashboard): results waiting, failed for good, the last delivered, the latest error."""
-        user: SessionInfo | None = getattr(request.state, "user", None)
-        if user is None or user.role != "admin":
-            raise HTTPException(status_code=403, detail="administrators only")
+        admin_user(request)
         return {"destinations": destination_outboxes(ReviewStore(db), settings)}
 
     @app.get("/api/worklist")

@@ -213,7 +213,8 @@ def move_study(
                 # Orthanc, for one, answers so for a move destination it does not know.
                 text += (
                     f"; check that {where} knows the move destination {move_destination!r}"
-                    " with the node's host and port"
+                    " with the node's host and port, and that the node admits its calling AE"
+                    " title (ingest.allowed_calling_aes)"
                 )
             return result(
                 False,

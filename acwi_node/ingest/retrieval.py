@@ -16,6 +16,7 @@ import logging
 import re
 import threading
 import time
+from dataclasses import replace
 
 from acwi_node.audit import AuditEvent, Outcome, Participant, audit
 from acwi_node.config import Settings, Source
@@ -170,6 +171,7 @@ class RetrievalService:
             )
         retrieved = set(task.retrieved_uids)
         already: list[str] = []
+        not_sent = 0
         for uid in study_uids:
             if uid in retrieved:
                 continue
@@ -180,6 +182,18 @@ class RetrievalService:
             RETRIEVED_INSTANCES.labels("completed").inc(moved.completed)
             RETRIEVED_INSTANCES.labels("failed").inc(moved.failed)
             RETRIEVED_INSTANCES.labels("warning").inc(moved.warnings)
+            if moved.failed and not moved.completed:
+                dest = source.destination_ae(node_ae)
+                hint = (
+                    f"{source.name} could not send any of the study's {moved.failed}"
+                    f" instance(s) to {dest!r}: check the host and port it has for {dest!r},"
+                    " and that the node admits its calling AE title"
+                    " (ingest.allowed_calling_aes) and its instances (the node's log says why"
+                    " it refused one)"
+                )
+                moved = replace(
+                    moved, ok=False, error=f"{moved.error}; {hint}" if moved.error else hint
+                )
             if not moved.ok:
                 self.retrievals.progress(
                     task.id, lease_s=self.lease_s, completed=moved.completed,
@@ -192,11 +206,12 @@ class RetrievalService:
                 failed=moved.failed, warnings=moved.warnings,
             )  # fmt: skip
             retrieved.add(uid)
+            not_sent += moved.failed
             problem = self._signal_complete(uid, moved, source)
             if problem:
                 self._finish(task, error=problem)
                 return
-        self._finish(task, note=self._summary(study_uids, already))
+        self._finish(task, note=self._summary(study_uids, already, not_sent))
 
     def _find(self, source: Source, tls: TlsArgs | None, query: dict[str, str]) -> FindResult:
         return find_studies(
@@ -251,12 +266,14 @@ class RetrievalService:
             self.signals.released([study_id])
         return ""
 
-    def _summary(self, study_uids: list[str], already: list[str]) -> str:
+    def _summary(self, study_uids: list[str], already: list[str], not_sent: int) -> str:
         held = self.retrievals.study_states(study_uids)
         parts = [f"{len(held)} of {len(study_uids)} study(ies) retrieved"]
         missing = len(study_uids) - len(held)
         if missing:
             parts.append(f"{missing} with no instances sent")
+        if not_sent:
+            parts.append(f"{not_sent} instance(s) the PACS could not send")
         if already:
             parts.append(
                 f"{len(already)} the node had analysed already, not analysed again"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import pytest
 from celery import Celery
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 
 from acwi_node.config import Settings, load_settings
@@ -32,7 +33,7 @@ from acwi_node.ingest.scp import StorageSCP
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.retrievals import Retrievals, RetrievalView
-from tests.integration.test_scp import make_sc
+from tests.integration.test_scp import SC, make_sc
 from tests.support.orthanc import OrthancServer, require_orthanc
 from tests.support.ports import free_port
 from tests.support.study_flow import route_all, study_id
@@ -93,13 +94,14 @@ def make_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
 
     def make(
         host: str, port: int, ae_title: str, *, retrieve: dict[str, Any] | None = None,
-        **source: Any,
+        ingest: dict[str, Any] | None = None, dicom_port: int | None = None, **source: Any,
     ) -> Node:  # fmt: skip
         settings = load_settings(
             None,
             node={"data_dir": tmp_path / "data", "ae_title": NODE_AE,
-                  "dicom_host": "127.0.0.1", "dicom_port": free_port()},
-            ingest={"fsync": False, "network_timeout_s": 5, "acse_timeout_s": 5},
+                  "dicom_host": "127.0.0.1", "dicom_port": dicom_port or free_port()},
+            ingest={"fsync": False, "network_timeout_s": 5, "acse_timeout_s": 5,
+                    **(ingest or {})},
             completion={"quiet_period_s": HOUR, "max_wait_s": HOUR, "poll_interval_s": HOUR},
             retrieve={"timeout_s": 30, "backoff_s": 0.01, **(retrieve or {})},
             sources=[{"name": "pacs", "ae_title": ae_title, "host": host, "port": port,
@@ -285,3 +287,96 @@ def test_a_query_matching_more_studies_than_allowed_is_refused(
     assert view.state == "failed"
     assert "more than 3 studies match (retrieve.max_studies)" in view.error
     assert moves == []
+
+
+def test_a_study_the_pacs_could_not_send_to_the_node_fails_with_the_reason(
+    orthanc: OrthancServer, make_node: Callable[..., Node]
+) -> None:
+    study = put_study(orthanc, 2, accession="RQ5001")
+    # The node admits only MODALITY1: Orthanc's association with the study is rejected.
+    n = make_node(
+        "127.0.0.1", orthanc.dicom_port, orthanc.aet, retrieve={"max_attempts": 1},
+        ingest={"allowed_calling_aes": ["MODALITY1"]},
+    )  # fmt: skip
+    orthanc.client.put(
+        "/modalities/acwi",
+        json={"AET": NODE_AE, "Host": "127.0.0.1", "Port": n.settings.node.dicom_port},
+    ).raise_for_status()
+    view = n.run(n.request(study_uid=study))
+    assert view.state == "failed"
+    # Orthanc says only "unable to process" (0xC000); the node says what to check.
+    assert "knows the move destination 'ACWI'" in view.error
+    assert "admits its calling AE title (ingest.allowed_calling_aes)" in view.error
+    assert n.state(study) is None
+
+
+@contextmanager
+def pacs_moving(study: str, instances: list[Dataset], node_port: int) -> Iterator[int]:
+    """A Q/R SCP of pynetdicom's that finds ``study`` and moves ``instances`` to the node's
+    port by C-STORE sub-operations (whatever the move destination); yields its port."""
+    ae = AE(ae_title="FAKEQR")
+    ae.add_supported_context(STUDY_ROOT_FIND)
+    ae.add_supported_context(STUDY_ROOT_MOVE)
+    ae.add_requested_context(SC, ExplicitVRLittleEndian)
+
+    def on_find(event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "STUDY"
+        ds.StudyInstanceUID = study
+        yield 0xFF00, ds
+
+    def on_move(event: evt.Event) -> Iterator[Any]:
+        yield "127.0.0.1", node_port
+        yield len(instances)
+        for ds in instances:
+            yield 0xFF00, ds
+
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False,
+        evt_handlers=[(evt.EVT_C_FIND, on_find), (evt.EVT_C_MOVE, on_move)],
+    )  # fmt: skip
+    assert server is not None
+    try:
+        yield port
+    finally:
+        server.shutdown()
+
+
+def path_like(study: str) -> Dataset:
+    """An instance the node refuses: its SOP Instance UID is a path."""
+    ds = make_sc(study)
+    ds.SOPInstanceUID = "../../evil"
+    return ds
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_a_study_whose_every_instance_the_node_refused_fails(
+    make_node: Callable[..., Node],
+) -> None:
+    study = "1.2.826.0.1.3680043.10.1511.91"
+    node_port = free_port()
+    with pacs_moving(study, [path_like(study)], node_port) as port:
+        n = make_node(
+            "127.0.0.1", port, "FAKEQR", retrieve={"max_attempts": 1}, dicom_port=node_port
+        )
+        view = n.run(n.request(study_uid=study))
+    assert view.state == "failed"
+    assert (view.completed, view.failed) == (0, 1)
+    assert "with status 0xA702: out of resources: unable to perform sub-operations" in view.error
+    assert "pacs could not send any of the study's 1 instance(s) to 'ACWI'" in view.error
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_a_study_partly_refused_is_retrieved_and_says_so(
+    make_node: Callable[..., Node],
+) -> None:
+    study = "1.2.826.0.1.3680043.10.1511.92"
+    node_port = free_port()
+    with pacs_moving(study, [make_sc(study), path_like(study)], node_port) as port:
+        n = make_node("127.0.0.1", port, "FAKEQR", dicom_port=node_port)
+        view = n.run(n.request(study_uid=study))
+    assert view.state == "done", view.error
+    assert (view.completed, view.failed) == (1, 1)
+    assert view.note == "1 of 1 study(ies) retrieved; 1 instance(s) the PACS could not send"
+    assert n.state(study) == "receiving"

@@ -2,8 +2,9 @@
 
 The SOP classes must be exactly pynetdicom's ``AllStoragePresentationContexts``, the transfer
 syntaxes exactly ``acwi_node.ingest.scp.TRANSFER_SYNTAXES``, the C-STORE statuses exactly the
-``STATUS_*`` constants of ``acwi_node/ingest/scp.py``, and the generated tables must be what
-``docs/gen_conformance_tables.py`` prints today.
+``STATUS_*`` constants of ``acwi_node/ingest/scp.py``, the Query/Retrieve SCU's contexts and
+C-MOVE failures exactly what ``acwi_node.ingest.qr_scu`` proposes and knows, and the generated
+tables must be what ``docs/gen_conformance_tables.py`` prints today.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from acwi_node.export.scu import (
 )
 from acwi_node.ingest import scp
 from acwi_node.ingest.mpps import MPPS_SOP_CLASS
+from acwi_node.ingest.qr_scu import MOVE_FAILURES, STUDY_ROOT_FIND, STUDY_ROOT_MOVE
 from acwi_node.ingest.scp import TRANSFER_SYNTAXES, StorageSCP
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger
@@ -114,6 +116,7 @@ def test_the_document_claims_nothing_the_code_does_not_do(document: str) -> None
         | set(TRANSFER_SYNTAXES)
         | {VERIFICATION, APPLICATION_CONTEXT, MPPS_SOP_CLASS}
         | {STORAGE_COMMITMENT_PUSH_MODEL, STORAGE_COMMITMENT_INSTANCE}
+        | {STUDY_ROOT_FIND, STUDY_ROOT_MOVE}
     )
     unknown = sorted(set(DICOM_UID.findall(document)) - known)
     assert not unknown, f"UIDs the node neither accepts nor uses: {unknown}"
@@ -186,6 +189,24 @@ def test_scu_section_lists_what_the_exporter_sends_and_accepts(
     assert {int(code, 16) for code in listed} == {0x0000, *DELIVERED_WARNING_STATUSES}
 
 
+def test_qr_scu_section_lists_what_the_retrieval_proposes_and_handles(
+    generator: ModuleType, document: str
+) -> None:
+    proposed = generator.qr_proposed_contexts()
+    assert [str(cx.abstract_syntax) for cx in proposed] == [STUDY_ROOT_FIND, STUDY_ROOT_MOVE]
+    table = block(generator, document, "qr-scu")
+    for cx in proposed:
+        rows = [line for line in table.splitlines() if str(cx.abstract_syntax) in line]
+        listed = [uid for row in rows for uid in DICOM_UID.findall(row)[1:]]
+        assert listed == [str(ts) for ts in cx.transfer_syntax]
+        assert all("| SCU |" in row for row in rows)
+    listed = STATUS_CELL.findall(block(generator, document, "move-status"))
+    assert {int(code, 16) for code in listed} == {0x0000, 0xB000, 0xFF00, *MOVE_FAILURES}
+    qr = document[document.index("#### 4.2.4 QUERY-RETRIEVE-SCU AE") :]
+    for keyword in ("max_studies", "max_attempts", "backoff_s", "timeout_s", "move_destination"):
+        assert keyword in qr, keyword
+
+
 def test_the_statement_has_the_ps3_2_structure(document: str) -> None:
     for heading in (
         "## 1 Conformance Statement Overview",
@@ -194,6 +215,7 @@ def test_the_statement_has_the_ps3_2_structure(document: str) -> None:
         "##### 4.2.1.2 Association policies",
         "##### 4.2.1.4 Association acceptance policy",
         "#### 4.2.2 STORAGE-SCU AE",
+        "#### 4.2.4 QUERY-RETRIEVE-SCU AE",
         "### 4.4 Configuration",
         "## 6 Support of Character Sets",
         "## 7 Security",

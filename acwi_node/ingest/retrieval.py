@@ -176,8 +176,6 @@ class RetrievalService:
             if uid in retrieved:
                 continue
             before = self.retrievals.study_states([uid]).get(uid)
-            if before is not None and before[1] in KEEPS_RESULTS:
-                already.append(uid)  # instances sent again unchanged do not re-open it
             moved = self._move(task, source, tls, uid, node_ae)
             RETRIEVED_INSTANCES.labels("completed").inc(moved.completed)
             RETRIEVED_INSTANCES.labels("failed").inc(moved.failed)
@@ -207,6 +205,14 @@ class RetrievalService:
             )  # fmt: skip
             retrieved.add(uid)
             not_sent += moved.failed
+            after = self.retrievals.study_states([uid]).get(uid)
+            if (
+                before is not None
+                and after is not None
+                and after.generation == before.generation
+                and after.state in KEEPS_RESULTS
+            ):
+                already.append(uid)  # its instances came back unchanged: it keeps its results
             problem = self._signal_complete(uid, moved, source)
             if problem:
                 self._finish(task, error=problem)
@@ -261,9 +267,9 @@ class RetrievalService:
                     f" {source.name} has for {destination!r}"
                 )
             return ""
-        study_id, state = held[uid]
-        if state == StudyState.RECEIVING.value and self.signals is not None:
-            self.signals.released([study_id])
+        study = held[uid]
+        if study.state == StudyState.RECEIVING.value and self.signals is not None:
+            self.signals.released([study.id])
         return ""
 
     def _summary(self, study_uids: list[str], already: list[str], not_sent: int) -> str:

@@ -34,6 +34,15 @@ class RetrievalTask:
 
 
 @dataclass(frozen=True)
+class StudyNow:
+    """A study the node holds: its ledger id, state and generation."""
+
+    id: int
+    state: str
+    generation: int
+
+
+@dataclass(frozen=True)
 class RetrievalView:
     """A retrieval as the CLI, the API and the dashboard show it."""
 
@@ -239,12 +248,12 @@ class Retrievals:
             )
 
     # ----------------------------------------------------------------- the studies
-    def study_states(self, study_uids: list[str]) -> dict[str, tuple[int, str]]:
-        """(study id, state) of those of ``study_uids`` the node holds."""
+    def study_states(self, study_uids: list[str]) -> dict[str, StudyNow]:
+        """Those of ``study_uids`` the node holds, as they are now."""
         with self.ledger.session() as s:
             rows = s.execute(
-                select(Study.study_uid, Study.id, Study.state).where(
+                select(Study.study_uid, Study.id, Study.state, Study.generation).where(
                     Study.study_uid.in_(list(study_uids))
                 )
             ).all()
-        return {uid: (sid, state.value) for uid, sid, state in rows}
+        return {uid: StudyNow(sid, state.value, gen) for uid, sid, state, gen in rows}

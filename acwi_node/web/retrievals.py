@@ -90,5 +90,5 @@ def _study_states(db: Ledger, study_uids: list[str]) -> list[dict[str, Any]]:
     """Each study the retrieval found, and its state on the node now (None: nothing came)."""
     held = Retrievals(db).study_states(study_uids)
     return [
-        {"study_uid": uid, "state": held[uid][1] if uid in held else None} for uid in study_uids
+        {"study_uid": uid, "state": held[uid].state if uid in held else None} for uid in study_uids
     ]

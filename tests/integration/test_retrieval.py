@@ -193,6 +193,18 @@ def test_a_study_the_node_analysed_already_is_not_analysed_again(
     assert (again["state"], again["generation"]) == ("queued", st["generation"])
 
 
+def test_a_study_that_was_not_routed_is_received_again_as_a_new_generation(
+    node: Node, orthanc: OrthancServer
+) -> None:
+    study = put_study(orthanc, 1, accession="RQ3101")
+    node.run(node.request(study_uid=study))
+    assert node.complete(study) == "not_routed"  # no route then; say one was added since
+    view = node.run(node.request(study_uid=study))
+    assert view.note == "1 of 1 study(ies) retrieved"
+    again = node.ledger.get_study(study)
+    assert again is not None and (again["state"], again["generation"]) == ("receiving", 2)
+
+
 def test_a_move_destination_orthanc_does_not_know_fails_with_the_reason(
     orthanc: OrthancServer, make_node: Callable[..., Node]
 ) -> None:

@@ -528,7 +528,13 @@ class RetrieveSettings(_Strict):
     #: The most studies one request may retrieve (a query by date and modality matching more
     #: is refused, so that a typo does not pull a year of the archive).
     max_studies: int = Field(200, ge=1, le=100_000)
-    #: How often the ``scp`` process looks for retrievals to run.
+    #: The most studies of one retrieval on the node at once that wait for their analysis
+    #: (received, complete, queued, analysing); the next is moved once one is analysed. A
+    #: query of a hundred studies then neither fills the disk nor queues a hundred analyses
+    #: ahead of the studies the modalities send; another retrieval runs in the meantime.
+    studies_ahead: int = Field(2, ge=1, le=1000)
+    #: How often the ``scp`` process looks for retrievals to run (and how long a retrieval
+    #: waiting for its studies' analyses lets others go first).
     poll_interval_s: float = Field(1.0, gt=0, le=3600)
 
 

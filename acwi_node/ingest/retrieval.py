@@ -34,6 +34,15 @@ log = logging.getLogger("acwi_node.retrieval")
 
 _DATE = re.compile(r"\d{8}")
 _MODALITY = re.compile(r"[A-Z0-9_]{1,16}")
+#: States of a study still on its way to its analysis.
+_WAITING = frozenset(
+    {
+        StudyState.RECEIVING.value,
+        StudyState.COMPLETE.value,
+        StudyState.QUEUED.value,
+        StudyState.ANALYSING.value,
+    }
+)
 #: Seconds between lease renewals while a C-MOVE reports progress.
 _RENEW_EVERY_S = 5.0
 
@@ -175,6 +184,10 @@ class RetrievalService:
         for uid in study_uids:
             if uid in retrieved:
                 continue
+            if self._waiting(retrieved) >= self.settings.retrieve.studies_ahead:
+                # Its studies on the node wait for their analyses: later, and others first.
+                self.retrievals.defer(task.id, after_s=self.settings.retrieve.poll_interval_s)
+                return
             before = self.retrievals.study_states([uid]).get(uid)
             moved = self._move(task, source, tls, uid, node_ae)
             RETRIEVED_INSTANCES.labels("completed").inc(moved.completed)
@@ -218,6 +231,13 @@ class RetrievalService:
                 self._finish(task, error=problem)
                 return
         self._finish(task, note=self._summary(study_uids, already, not_sent))
+
+    def _waiting(self, retrieved: set[str]) -> int:
+        """Studies this retrieval moved that wait for their analysis on the node."""
+        if not retrieved:
+            return 0
+        held = self.retrievals.study_states(sorted(retrieved))
+        return sum(1 for study in held.values() if study.state in _WAITING)
 
     def _find(self, source: Source, tls: TlsArgs | None, query: dict[str, str]) -> FindResult:
         return find_studies(

@@ -247,6 +247,21 @@ class Retrievals:
                 )
             )
 
+    def defer(self, retrieval_id: int, *, after_s: float) -> None:
+        """Not now, and not an attempt: queued again, due in ``after_s`` (its studies on the
+        node wait for their analyses)."""
+        with self.ledger.session() as s:
+            s.execute(
+                update(Retrieval)
+                .where(Retrieval.id == retrieval_id, Retrieval.state == RetrievalState.RUNNING)
+                .values(
+                    state=RetrievalState.QUEUED,
+                    attempts=Retrieval.attempts - 1,
+                    lease_until=None,
+                    next_attempt_at=utcnow() + dt.timedelta(seconds=after_s),
+                )
+            )
+
     # ----------------------------------------------------------------- the studies
     def study_states(self, study_uids: list[str]) -> dict[str, StudyNow]:
         """Those of ``study_uids`` the node holds, as they are now."""

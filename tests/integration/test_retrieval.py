@@ -170,6 +170,44 @@ def test_a_query_by_date_and_modality_retrieves_each_matching_study(
     assert node.state(mr) is None
 
 
+def test_a_large_retrieval_moves_its_studies_as_the_node_analyses_them_and_lets_others_by(
+    orthanc: OrthancServer, make_node: Callable[..., Node]
+) -> None:
+    studies = sorted(
+        put_study(orthanc, 1, accession=f"RQ60{i}", date="20261005", modality="CR")
+        for i in range(3)
+    )
+    n = make_node(
+        "127.0.0.1", orthanc.dicom_port, orthanc.aet,
+        retrieve={"studies_ahead": 1, "poll_interval_s": 2.0},
+    )  # fmt: skip
+    orthanc.client.put(
+        "/modalities/acwi",
+        json={"AET": NODE_AE, "Host": "127.0.0.1", "Port": n.settings.node.dicom_port},
+    ).raise_for_status()
+    backfill = n.request(study_date="20261005", modality="CR")
+    view = n.run(backfill)  # the first study moved; the next waits for its analysis
+    assert (view.state, view.studies_found, view.studies_retrieved) == ("queued", 3, 1)
+    assert view.attempts == 0 and view.error == ""
+    (first,) = [uid for uid in studies if n.state(uid) is not None]
+    # A retrieval asked for meanwhile does not wait for the large one.
+    urgent_study = put_study(orthanc, 1, accession="RQ6099")
+    urgent = n.request(accession_number="RQ6099")
+    assert n.run(urgent).state == "done"
+    assert n.state(urgent_study) == "receiving"
+    assert n.complete(first) == "not_routed"  # analysed (here: no route): the next may come
+    time.sleep(2.0)
+    view = n.run(backfill)
+    assert (view.state, view.studies_retrieved) == ("queued", 2)
+    for uid in studies:
+        if n.state(uid) == "receiving":
+            n.complete(uid)
+    time.sleep(2.0)
+    view = n.run(backfill)
+    assert (view.state, view.studies_retrieved, view.completed) == ("done", 3, 3)
+    assert sorted(view.study_uids) == studies
+
+
 def test_no_matching_study_fails_at_once_with_the_query(node: Node) -> None:
     view = node.run(node.request(accession_number="NOSUCH"))
     assert view.state == "failed"

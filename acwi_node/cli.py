@@ -35,6 +35,7 @@ from typing import Any
 from acwi_node import __version__
 from acwi_node.config import ConfigError, Settings, load_settings
 from acwi_node.ingest.retrieval_commands import add_parsers as add_retrieval_commands
+from acwi_node.ingest.retrieval_commands import add_sources_parser
 from acwi_node.review.commands import COMMANDS as REVIEW_COMMANDS
 from acwi_node.review.commands import add_parsers as add_review_commands
 from acwi_node.review.commands import run as run_review_command
@@ -680,6 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reprocess.add_argument("study_uids", nargs="+", metavar="STUDY_UID")
     add_retrieval_commands(studies_sub)
+    add_sources_parser(sub)
     routes = sub.add_parser("routes", help="what the routes would do with studies on disk")
     routes_sub = routes.add_subparsers(dest="routes_command", required=True)
     routes_check = routes_sub.add_parser(
@@ -803,6 +805,10 @@ def _dispatch(settings: Settings, config: Path | None, args: argparse.Namespace)
         return run_retention(settings, dry_run=args.dry_run, as_json=args.json)
     if args.command == "destinations":
         return run_destinations_check(settings, args.names, as_json=args.json)
+    if args.command == "sources":
+        from acwi_node.ingest.retrieval_commands import run_sources_check
+
+        return run_sources_check(settings, args.names, as_json=args.json)
     if args.command == "routes":
         return run_routes_check(settings, args)
     if args.command == "serve":

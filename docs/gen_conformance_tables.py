@@ -4,7 +4,9 @@ The storage SCP's presentation contexts are read from the application entity the
 builds (``acwi_node.ingest.scp.StorageSCP``): pynetdicom's ``AllStoragePresentationContexts``,
 each with ``TRANSFER_SYNTAXES``, plus Verification. The DIMSE statuses are the ``STATUS_*``
 constants of ``acwi_node/ingest/scp.py``; the warnings the SCU accepts as delivered are
-``acwi_node.export.scu.DELIVERED_WARNING_STATUSES``.
+``acwi_node.export.scu.DELIVERED_WARNING_STATUSES``. The Query/Retrieve SCU's presentation
+contexts are those ``acwi_node.ingest.qr_scu`` really proposes (caught before it connects), and
+its C-MOVE failure statuses are ``acwi_node.ingest.qr_scu.MOVE_FAILURES``.
 
     python docs/gen_conformance_tables.py            # print every generated block
     python docs/gen_conformance_tables.py --check    # exit 1 if docs/conformance.md is stale
@@ -21,7 +23,8 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -38,7 +41,7 @@ from acwi_node.export.scu import (  # noqa: E402
     DELIVERED_WARNING_STATUSES,
     STORAGE_COMMITMENT_PUSH_MODEL,
 )
-from acwi_node.ingest import mpps, scp  # noqa: E402
+from acwi_node.ingest import mpps, qr_scu, scp  # noqa: E402
 from acwi_node.ingest.spool import Spool  # noqa: E402
 from acwi_node.ledger import Ledger  # noqa: E402
 
@@ -312,6 +315,95 @@ def scu_status_block() -> str:
     return _table(("Service Status", "Further Meaning", "Status Code", "Behaviour"), rows)
 
 
+def qr_proposed_contexts() -> list[PresentationContext]:
+    """The presentation contexts the Query/Retrieve SCU proposes: what ``find_studies`` and
+    ``move_study`` hand to ``open_association``, caught there, before any connection."""
+    proposed: list[PresentationContext] = []
+
+    def record(*args: Any, **kwargs: Any) -> tuple[None, str]:
+        proposed.extend(kwargs.get("contexts") or [])
+        return None, "not connected"
+
+    peer: dict[str, Any] = {"called_ae": "PACS", "host": "pacs", "port": 104, "calling_ae": "ACWI"}
+    with mock.patch.object(qr_scu, "open_association", record):
+        qr_scu.find_studies({"study_uid": "1.2.3"}, **peer)
+        qr_scu.move_study("1.2.3", move_destination="ACWI", **peer)
+    if not proposed:
+        raise ValueError("acwi_node.ingest.qr_scu proposed no presentation context")
+    return proposed
+
+
+def qr_scu_block() -> str:
+    rows = [
+        (sop_class_name(str(cx.abstract_syntax)), str(cx.abstract_syntax), UID(str(ts)).name,
+         str(ts), "SCU", "None")
+        for cx in qr_proposed_contexts()
+        for ts in cx.transfer_syntax
+    ]  # fmt: skip
+    header = ("Abstract Syntax", "SOP Class UID", "Transfer Syntax", "UID", "Role", "Ext. Neg.")
+    return _table(header, rows)
+
+
+#: What a failed attempt of a retrieval leads to (the C-MOVE status table's last column).
+_MOVE_FAILED = "The attempt fails, with the status in the error; tried again (4.2.4.3)."
+
+
+def move_status_block() -> str:
+    rows = [
+        (
+            "Success",
+            "Sub-operations complete, no failures",
+            "0000",
+            "The study is moved: it completes once the source's association that stored it is"
+            " released, without the quiet period.",
+        ),
+        (
+            "Warning",
+            "Sub-operations complete, one or more failures or warnings",
+            "B000",
+            "As 0000 when a sub-operation completed; the failed and warning ones are counted"
+            " with the retrieval. With none completed and some failed, as a failure: none of"
+            " the study reached the node, and the error says what to check.",
+        ),
+    ]
+    for code, meaning in sorted(qr_scu.MOVE_FAILURES.items()):
+        behaviour = _MOVE_FAILED
+        if code == 0xA801:
+            behaviour += " The error says that the source does not know the move destination."
+        if code == 0xA702:
+            behaviour += (
+                " With none completed and some failed, the error adds what to check: the"
+                " source's host and port for the move destination, the node's"
+                " `ingest.allowed_calling_aes`, the node's log."
+            )
+        rows.append(("Failure", meaning[:1].upper() + meaning[1:], f"{code:04X}", behaviour))
+    rows += [
+        (
+            "Failure",
+            "Unable to process",
+            "Cxxx",
+            _MOVE_FAILED + " With no sub-operation completed, the error adds that the source may"
+            " not know the move destination with the node's host and port, or that the node"
+            " refused its association (Orthanc answers C000 for either).",
+        ),
+        ("Failure", "Any other status", "other", _MOVE_FAILED),
+        (
+            "Pending",
+            "Sub-operations are continuing",
+            "FF00",
+            "The sub-operation counts are read; the retrieval's lease is renewed.",
+        ),
+        (
+            "-",
+            "No response within `retrieve.timeout_s`, or the association lost",
+            "-",
+            "The attempt fails (`no C-MOVE response within ... s`, `association lost: ...`);"
+            " tried again (4.2.4.3).",
+        ),
+    ]
+    return _table(("Service Status", "Further Meaning", "Status Code", "Behaviour"), rows)
+
+
 def blocks() -> dict[str, str]:
     """Every generated block by name, as it appears between its markers."""
     ae = acceptor_ae()
@@ -326,6 +418,8 @@ def blocks() -> dict[str, str]:
         "implementation": lambda: implementation_block(ae),
         "scp-status": scp_status_block,
         "scu-status": scu_status_block,
+        "qr-scu": qr_scu_block,
+        "move-status": move_status_block,
     }
     return {name: make() for name, make in makers.items()}
 

@@ -10,11 +10,12 @@ return what happened, with the reason in clear text.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.uid import UID, generate_uid
 from pynetdicom.presentation import build_context
 
 from acwi_node.export.scu import TlsArgs, end_association, open_association
@@ -22,6 +23,7 @@ from acwi_node.ingest.spool import is_safe_uid
 
 logger = logging.getLogger(__name__)
 
+VERIFICATION = UID("1.2.840.10008.1.1")
 STUDY_ROOT_FIND = UID("1.2.840.10008.5.1.4.1.2.2.1")
 STUDY_ROOT_MOVE = UID("1.2.840.10008.5.1.4.1.2.2.2")
 
@@ -58,6 +60,8 @@ class FindResult:
     error: str = ""
     #: Matches whose Study Instance UID was missing or not a UID (left out).
     unusable: int = 0
+    #: The failure will not change by asking again (more matches than allowed).
+    final: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,7 @@ def find_studies(
                         False,
                         error=f"more than {limit} studies match (retrieve.max_studies):"
                         " narrow the query",
+                        final=True,
                     )
             elif code == 0x0000:
                 break
@@ -225,5 +230,71 @@ def move_study(
         return result(False, error=f"{where} ended the C-MOVE without a final status")
     except Exception as exc:  # noqa: BLE001 - association lost mid-way
         return result(False, error=f"association lost: {type(exc).__name__}: {exc}")
+    finally:
+        end_association(assoc)
+
+
+@dataclass(frozen=True)
+class SourceCheck:
+    """What a check of a source found: it answers C-ECHO and a C-FIND, and accepts C-MOVE."""
+
+    ok: bool
+    elapsed_ms: float = 0.0
+    error: str = ""
+
+
+def check_source(
+    *,
+    called_ae: str,
+    host: str,
+    port: int,
+    calling_ae: str,
+    timeout_s: float = 30.0,
+    tls: TlsArgs | None = None,
+) -> SourceCheck:
+    """One association proposing Verification and Study Root FIND and MOVE: a C-ECHO, then a
+    C-FIND for a Study Instance UID nobody has (it must answer, with no match). Whether the
+    source knows the node as a move destination shows only on a real C-MOVE."""
+    started = time.monotonic()
+    assoc, error = open_association(
+        calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=0, tls=tls,
+        contexts=[build_context(VERIFICATION), build_context(STUDY_ROOT_FIND),
+                  build_context(STUDY_ROOT_MOVE)],
+    )  # fmt: skip
+    if assoc is None:
+        return SourceCheck(False, error=error)
+    where = f"{called_ae}@{host}:{port}"
+    try:
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        missing = [
+            name
+            for uid, name in ((STUDY_ROOT_FIND, "C-FIND"), (STUDY_ROOT_MOVE, "C-MOVE"))
+            if uid not in accepted
+        ]
+        if missing:
+            return SourceCheck(
+                False, error=f"{where} does not accept Study Root {' or '.join(missing)}"
+            )
+        if VERIFICATION in accepted:
+            status = assoc.send_c_echo()
+            if "Status" not in status or int(status.Status) != 0x0000:
+                return SourceCheck(False, error=f"{where} did not answer the C-ECHO")
+        probe = Dataset()
+        probe.QueryRetrieveLevel = "STUDY"
+        probe.StudyInstanceUID = generate_uid()
+        for status, _found in assoc.send_c_find(probe, STUDY_ROOT_FIND):
+            if "Status" not in status:
+                return SourceCheck(False, error=f"no C-FIND response within {timeout_s:g} s")
+            code = int(status.Status)
+            if code in (0xFF00, 0xFF01):
+                continue
+            if code != 0x0000:
+                return SourceCheck(
+                    False,
+                    error=f"C-FIND refused by {where} with status 0x{code:04X}{_comment(status)}",
+                )
+        return SourceCheck(True, elapsed_ms=1000 * (time.monotonic() - started))
+    except Exception as exc:  # noqa: BLE001 - association lost mid-way
+        return SourceCheck(False, error=f"association lost: {type(exc).__name__}: {exc}")
     finally:
         end_association(assoc)

@@ -43,6 +43,8 @@ _WAITING = frozenset(
         StudyState.ANALYSING.value,
     }
 )
+#: How long the ledger rows of instances the SCP acknowledged may take to appear.
+_ROWS_WAIT_S = 10.0
 #: Seconds between lease renewals while a C-MOVE reports progress.
 _RENEW_EVERY_S = 5.0
 
@@ -165,12 +167,17 @@ class RetrievalService:
                 + (f"{len(found.studies)} study(ies)" if found.ok else found.error),
             )
             if not found.ok:
-                self._failed(task, found.error)
+                if found.final:
+                    self._finish(task, error=found.error)
+                else:
+                    self._failed(task, found.error)
                 return
             if not found.studies:
                 self._finish(
                     task,
                     error=f"no study on {source.name} matches {describe_query(task.query)}",
+                    # The query may hold an accession number: not in the log.
+                    log_error=f"no study on {source.name} matches the query",
                 )
                 return
             study_uids = [s.study_uid for s in found.studies]
@@ -190,9 +197,6 @@ class RetrievalService:
                 return
             before = self.retrievals.study_states([uid]).get(uid)
             moved = self._move(task, source, tls, uid, node_ae)
-            RETRIEVED_INSTANCES.labels("completed").inc(moved.completed)
-            RETRIEVED_INSTANCES.labels("failed").inc(moved.failed)
-            RETRIEVED_INSTANCES.labels("warning").inc(moved.warnings)
             if moved.failed and not moved.completed:
                 dest = source.destination_ae(node_ae)
                 hint = (
@@ -206,12 +210,12 @@ class RetrievalService:
                     moved, ok=False, error=f"{moved.error}; {hint}" if moved.error else hint
                 )
             if not moved.ok:
-                self.retrievals.progress(
-                    task.id, lease_s=self.lease_s, completed=moved.completed,
-                    failed=moved.failed, warnings=moved.warnings,
-                )  # fmt: skip
+                # Its counts are not kept: the next attempt moves the whole study again.
                 self._failed(task, moved.error)
                 return
+            RETRIEVED_INSTANCES.labels("completed").inc(moved.completed)
+            RETRIEVED_INSTANCES.labels("failed").inc(moved.failed)
+            RETRIEVED_INSTANCES.labels("warning").inc(moved.warnings)
             self.retrievals.progress(
                 task.id, lease_s=self.lease_s, retrieved_uid=uid, completed=moved.completed,
                 failed=moved.failed, warnings=moved.warnings,
@@ -278,6 +282,12 @@ class RetrievalService:
         """The study's C-MOVE ended: complete it once its sending association is released.
         Returns why the retrieval failed for good, or ""."""
         held = self.retrievals.study_states([uid])
+        deadline = time.monotonic() + _ROWS_WAIT_S
+        while uid not in held and moved.completed and time.monotonic() < deadline:
+            # The SCP answered each C-STORE once the instance was safe in its journal; its
+            # ledger rows follow a moment later.
+            time.sleep(0.05)
+            held = self.retrievals.study_states([uid])
         if uid not in held:
             if moved.completed:
                 destination = source.destination_ae(self.settings.node.ae_title)
@@ -308,11 +318,13 @@ class RetrievalService:
         return "; ".join(parts)
 
     # ----------------------------------------------------------------- outcomes
-    def _finish(self, task: RetrievalTask, *, error: str = "", note: str = "") -> None:
+    def _finish(
+        self, task: RetrievalTask, *, error: str = "", note: str = "", log_error: str = ""
+    ) -> None:
         self.retrievals.finish(task.id, error=error, note=note)
         RETRIEVALS.labels("failed" if error else "done").inc()
         if error:
-            log.warning("retrieval %d failed: %s", task.id, error)
+            log.warning("retrieval %d failed: %s", task.id, log_error or error)
         else:
             log.info("retrieval %d done: %s", task.id, note)
 

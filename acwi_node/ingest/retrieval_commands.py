@@ -1,5 +1,6 @@
 """``acwi-node studies retrieve`` and ``acwi-node studies retrievals``: queue a retrieval from
-a ``[[sources]]`` PACS, and list them. The ``scp`` process (or ``serve``) runs them."""
+a ``[[sources]]`` PACS, and list them (the ``scp`` process, or ``serve``, runs them);
+``acwi-node sources check``: whether each source answers as a retrieval needs."""
 
 from __future__ import annotations
 
@@ -42,6 +43,70 @@ def add_parsers(studies_sub: Any) -> None:
     listing = studies_sub.add_parser("retrievals", help="the latest retrievals and their state")
     listing.add_argument("--limit", type=int, default=20)
     listing.add_argument("--json", action="store_true", help="print JSON")
+
+
+def add_sources_parser(sub: Any) -> None:
+    """Add ``sources check`` to the top-level commands."""
+    sources = sub.add_parser("sources", help="the PACSs studies may be retrieved from")
+    sources_sub = sources.add_subparsers(dest="sources_command", required=True)
+    check = sources_sub.add_parser(
+        "check",
+        help="C-ECHO each source and send it a C-FIND (Study Root) that matches nothing, as a"
+        " retrieval would connect; exit 1 if any fails",
+    )
+    check.add_argument("names", nargs="*", metavar="NAME", help="default: every source")
+    check.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run_sources_check(settings: Settings, names: list[str], *, as_json: bool) -> int:
+    """``acwi-node sources check [NAME...]``: exit 1 if any fails, 2 for an unknown name."""
+    import logging
+
+    from acwi_node.ingest.qr_scu import check_source
+    from acwi_node.ingest.retrieval import source_tls
+    from acwi_node.tls import TlsConfigError
+
+    known = {src.name: src for src in settings.sources}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        print(
+            f"acwi-node: no source named {', '.join(unknown)}"
+            f" (configured: {', '.join(known) or 'none'})",
+            file=sys.stderr,
+        )
+        return 2
+    # Each failure is printed with its reason below: pynetdicom's own lines would repeat it.
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    rows: list[dict[str, Any]] = []
+    for src in [known[n] for n in names] if names else settings.sources:
+        try:
+            result = check_source(
+                called_ae=src.ae_title,
+                host=src.host,
+                port=src.port,
+                calling_ae=src.calling_ae(settings.node.ae_title),
+                timeout_s=min(settings.retrieve.timeout_s, 30.0),
+                tls=source_tls(src),
+            )
+            ok, elapsed, error = result.ok, result.elapsed_ms, result.error
+        except TlsConfigError as exc:
+            ok, elapsed, error = False, 0.0, f"TLS: {exc}"
+        rows.append(
+            {"name": src.name, "where": src.where, "ok": ok, "elapsed_ms": round(elapsed, 1),
+             "error": error}
+        )  # fmt: skip
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("no sources configured ([[sources]])")
+    for row in [] if as_json else rows:
+        if row["ok"]:
+            print(
+                f"{row['name']} ({row['where']}): C-ECHO and C-FIND ok, {row['elapsed_ms']:.0f} ms"
+            )
+        else:
+            print(f"{row['name']} ({row['where']}): FAILED: {row['error']}")
+    return 0 if all(r["ok"] for r in rows) else 1
 
 
 def _line(view: RetrievalView) -> str:

@@ -10,6 +10,7 @@ completion pass is called directly and the study's state read from the ledger.
 from __future__ import annotations
 
 import io
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 
+from acwi_node.cli import main
 from acwi_node.config import Settings, load_settings
 from acwi_node.ingest.completion import CompletionService
 from acwi_node.ingest.mpps import CompletionSignals
@@ -208,11 +210,15 @@ def test_a_large_retrieval_moves_its_studies_as_the_node_analyses_them_and_lets_
     assert sorted(view.study_uids) == studies
 
 
-def test_no_matching_study_fails_at_once_with_the_query(node: Node) -> None:
+def test_no_matching_study_fails_at_once_with_the_query(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
     view = node.run(node.request(accession_number="NOSUCH"))
     assert view.state == "failed"
     assert view.attempts == 1  # nothing to try again
     assert view.error == "no study on pacs matches accession_number=NOSUCH"
+    assert "NOSUCH" not in caplog.text  # an accession number is not for the log
+    assert "no study on pacs matches the query" in caplog.text
 
 
 def test_a_study_the_node_analysed_already_is_not_analysed_again(
@@ -332,10 +338,10 @@ def test_a_query_matching_more_studies_than_allowed_is_refused(
 ) -> None:
     port, uids, moves = fake_qr
     uids += [f"1.2.826.0.1.3680043.10.1511.8{i}" for i in range(4)]
-    n = make_node("127.0.0.1", port, "FAKEQR", retrieve={"max_studies": 3, "max_attempts": 1})
+    n = make_node("127.0.0.1", port, "FAKEQR", retrieve={"max_studies": 3})
     view = n.run(n.request(study_date="20260101-"))
-    assert view.state == "failed"
-    assert "more than 3 studies match (retrieve.max_studies)" in view.error
+    assert (view.state, view.attempts) == ("failed", 1)  # asking again changes nothing
+    assert view.error == "more than 3 studies match (retrieve.max_studies): narrow the query"
     assert moves == []
 
 
@@ -412,7 +418,7 @@ def test_a_study_whose_every_instance_the_node_refused_fails(
         )
         view = n.run(n.request(study_uid=study))
     assert view.state == "failed"
-    assert (view.completed, view.failed) == (0, 1)
+    assert (view.completed, view.failed) == (0, 0)  # a failed move's counts are not kept
     assert "with status 0xA702: out of resources: unable to perform sub-operations" in view.error
     assert "pacs could not send any of the study's 1 instance(s) to 'ACWI'" in view.error
 
@@ -430,3 +436,45 @@ def test_a_study_partly_refused_is_retrieved_and_says_so(
     assert (view.completed, view.failed) == (1, 1)
     assert view.note == "1 of 1 study(ies) retrieved; 1 instance(s) the PACS could not send"
     assert n.state(study) == "receiving"
+
+
+# ------------------------------------------------------------------ acwi-node sources check
+def test_sources_check_says_which_source_answers_a_retrieval(
+    orthanc: OrthancServer,
+    fake_qr: tuple[int, list[str], list[Dataset]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    find_only = AE(ae_title="FINDONLY")
+    find_only.add_supported_context(STUDY_ROOT_FIND)
+    find_only_port = free_port()
+    server = find_only.start_server(("127.0.0.1", find_only_port), block=False)
+    assert server is not None
+    config = tmp_path / "acwi-node.toml"
+    entries = [
+        ("orthanc", orthanc.aet, orthanc.dicom_port),
+        ("fake", "FAKEQR", fake_qr[0]),
+        ("findonly", "FINDONLY", find_only_port),
+        ("down", "DOWN", free_port()),
+    ]
+    config.write_text(
+        f'[node]\ndata_dir = "{tmp_path / "data"}"\nae_title = "{NODE_AE}"\n'
+        + "".join(
+            f'\n[[sources]]\nname = "{name}"\nae_title = "{ae}"\nhost = "127.0.0.1"\n'
+            f"port = {port}\n"
+            for name, ae, port in entries
+        )
+    )
+    try:
+        assert main(["--config", str(config), "sources", "check", "orthanc", "fake"]) == 0
+        out = capsys.readouterr().out
+        assert f"orthanc (ORTHANC@127.0.0.1:{orthanc.dicom_port}): C-ECHO and C-FIND ok" in out
+        assert "fake (FAKEQR@" in out
+        assert main(["--config", str(config), "sources", "check", "--json"]) == 1
+        rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+        assert rows["orthanc"]["ok"] and rows["fake"]["ok"]
+        assert rows["findonly"]["error"].endswith("does not accept Study Root C-MOVE")
+        assert "connection refused" in rows["down"]["error"]
+        assert main(["--config", str(config), "sources", "check", "nope"]) == 2
+    finally:
+        server.shutdown()

@@ -284,18 +284,21 @@ def test_a_source_that_is_down_is_tried_again_then_fails(
 
 
 # ------------------------------------------------------------------ a PACS of pynetdicom's
-@pytest.fixture
-def fake_qr() -> Iterator[tuple[int, list[str], list[Dataset]]]:
-    """A Q/R SCP answering each C-FIND with the UIDs in its list (appended to by the test),
-    and every C-MOVE with success and no sub-operations; yields (port, uids, moves)."""
+@contextmanager
+def qr_scp(
+    study_uids: list[str], instances: list[Dataset] | None = None, node_port: int = 0
+) -> Iterator[tuple[int, list[Dataset]]]:
+    """A Q/R SCP answering each C-FIND with ``study_uids`` (as they are when it is asked),
+    and each C-MOVE by storing ``instances`` on ``node_port`` (none: success at once, nothing
+    sent); yields its port and the C-MOVE identifiers it got."""
     ae = AE(ae_title="FAKEQR")
     ae.add_supported_context(STUDY_ROOT_FIND)
     ae.add_supported_context(STUDY_ROOT_MOVE)
-    uids: list[str] = []
+    ae.add_requested_context(SC, ExplicitVRLittleEndian)
     moves: list[Dataset] = []
 
     def on_find(event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
-        for uid in uids:
+        for uid in study_uids:
             ds = Dataset()
             ds.QueryRetrieveLevel = "STUDY"
             ds.StudyInstanceUID = uid
@@ -303,9 +306,12 @@ def fake_qr() -> Iterator[tuple[int, list[str], list[Dataset]]]:
 
     def on_move(event: evt.Event) -> Iterator[Any]:
         moves.append(event.identifier)
-        yield "127.0.0.1", free_port()  # never connected to: nothing to send
-        yield 0  # sub-operations
-        yield 0x0000, None
+        yield "127.0.0.1", node_port or free_port()
+        yield len(instances or [])
+        for ds in instances or []:
+            yield 0xFF00, ds
+        if not instances:
+            yield 0x0000, None
 
     port = free_port()
     server = ae.start_server(
@@ -314,9 +320,17 @@ def fake_qr() -> Iterator[tuple[int, list[str], list[Dataset]]]:
     )  # fmt: skip
     assert server is not None
     try:
-        yield port, uids, moves
+        yield port, moves
     finally:
         server.shutdown()
+
+
+@pytest.fixture
+def fake_qr() -> Iterator[tuple[int, list[str], list[Dataset]]]:
+    """:func:`qr_scp` finding the UIDs the test puts in its list; (port, uids, moves)."""
+    uids: list[str] = []
+    with qr_scp(uids) as (port, moves):
+        yield port, uids, moves
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
@@ -366,39 +380,6 @@ def test_a_study_the_pacs_could_not_send_to_the_node_fails_with_the_reason(
     assert n.state(study) is None
 
 
-@contextmanager
-def pacs_moving(study: str, instances: list[Dataset], node_port: int) -> Iterator[int]:
-    """A Q/R SCP of pynetdicom's that finds ``study`` and moves ``instances`` to the node's
-    port by C-STORE sub-operations (whatever the move destination); yields its port."""
-    ae = AE(ae_title="FAKEQR")
-    ae.add_supported_context(STUDY_ROOT_FIND)
-    ae.add_supported_context(STUDY_ROOT_MOVE)
-    ae.add_requested_context(SC, ExplicitVRLittleEndian)
-
-    def on_find(event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
-        ds = Dataset()
-        ds.QueryRetrieveLevel = "STUDY"
-        ds.StudyInstanceUID = study
-        yield 0xFF00, ds
-
-    def on_move(event: evt.Event) -> Iterator[Any]:
-        yield "127.0.0.1", node_port
-        yield len(instances)
-        for ds in instances:
-            yield 0xFF00, ds
-
-    port = free_port()
-    server = ae.start_server(
-        ("127.0.0.1", port), block=False,
-        evt_handlers=[(evt.EVT_C_FIND, on_find), (evt.EVT_C_MOVE, on_move)],
-    )  # fmt: skip
-    assert server is not None
-    try:
-        yield port
-    finally:
-        server.shutdown()
-
-
 def path_like(study: str) -> Dataset:
     """An instance the node refuses: its SOP Instance UID is a path."""
     ds = make_sc(study)
@@ -412,7 +393,7 @@ def test_a_study_whose_every_instance_the_node_refused_fails(
 ) -> None:
     study = "1.2.826.0.1.3680043.10.1511.91"
     node_port = free_port()
-    with pacs_moving(study, [path_like(study)], node_port) as port:
+    with qr_scp([study], [path_like(study)], node_port) as (port, _moves):
         n = make_node(
             "127.0.0.1", port, "FAKEQR", retrieve={"max_attempts": 1}, dicom_port=node_port
         )
@@ -429,7 +410,7 @@ def test_a_study_partly_refused_is_retrieved_and_says_so(
 ) -> None:
     study = "1.2.826.0.1.3680043.10.1511.92"
     node_port = free_port()
-    with pacs_moving(study, [make_sc(study), path_like(study)], node_port) as port:
+    with qr_scp([study], [make_sc(study), path_like(study)], node_port) as (port, _moves):
         n = make_node("127.0.0.1", port, "FAKEQR", dicom_port=node_port)
         view = n.run(n.request(study_uid=study))
     assert view.state == "done", view.error

@@ -131,14 +131,18 @@ def orthanc() -> Iterator[OrthancServer]:
         yield server
 
 
-@pytest.fixture
-def node(orthanc: OrthancServer, make_node: Callable[..., Node]) -> Node:
-    n = make_node("127.0.0.1", orthanc.dicom_port, orthanc.aet)
-    # Orthanc sends a C-MOVE to the modality of that AE title: this node, on its port.
+def orthanc_sends_to(orthanc: OrthancServer, n: Node) -> None:
+    """Orthanc sends a C-MOVE to the modality of the move destination: this node's port."""
     orthanc.client.put(
         "/modalities/acwi",
         json={"AET": NODE_AE, "Host": "127.0.0.1", "Port": n.settings.node.dicom_port},
     ).raise_for_status()
+
+
+@pytest.fixture
+def node(orthanc: OrthancServer, make_node: Callable[..., Node]) -> Node:
+    n = make_node("127.0.0.1", orthanc.dicom_port, orthanc.aet)
+    orthanc_sends_to(orthanc, n)
     return n
 
 
@@ -183,10 +187,7 @@ def test_a_large_retrieval_moves_its_studies_as_the_node_analyses_them_and_lets_
         "127.0.0.1", orthanc.dicom_port, orthanc.aet,
         retrieve={"studies_ahead": 1, "poll_interval_s": 2.0},
     )  # fmt: skip
-    orthanc.client.put(
-        "/modalities/acwi",
-        json={"AET": NODE_AE, "Host": "127.0.0.1", "Port": n.settings.node.dicom_port},
-    ).raise_for_status()
+    orthanc_sends_to(orthanc, n)
     backfill = n.request(study_date="20261005", modality="CR")
     view = n.run(backfill)  # the first study moved; the next waits for its analysis
     assert (view.state, view.studies_found, view.studies_retrieved) == ("queued", 3, 1)
@@ -257,10 +258,7 @@ def test_a_move_destination_orthanc_does_not_know_fails_with_the_reason(
         "127.0.0.1", orthanc.dicom_port, orthanc.aet, move_destination="NOBODY",
         retrieve={"max_attempts": 1},
     )  # fmt: skip
-    orthanc.client.put(
-        "/modalities/acwi",
-        json={"AET": NODE_AE, "Host": "127.0.0.1", "Port": n.settings.node.dicom_port},
-    ).raise_for_status()
+    orthanc_sends_to(orthanc, n)
     view = n.run(n.request(study_uid=study))
     assert view.state == "failed"
     assert "C-MOVE refused by" in view.error and "(after 1 attempt(s))" in view.error
@@ -368,10 +366,7 @@ def test_a_study_the_pacs_could_not_send_to_the_node_fails_with_the_reason(
         "127.0.0.1", orthanc.dicom_port, orthanc.aet, retrieve={"max_attempts": 1},
         ingest={"allowed_calling_aes": ["MODALITY1"]},
     )  # fmt: skip
-    orthanc.client.put(
-        "/modalities/acwi",
-        json={"AET": NODE_AE, "Host": "127.0.0.1", "Port": n.settings.node.dicom_port},
-    ).raise_for_status()
+    orthanc_sends_to(orthanc, n)
     view = n.run(n.request(study_uid=study))
     assert view.state == "failed"
     # Orthanc says only "unable to process" (0xC000); the node says what to check.

@@ -356,6 +356,86 @@ DEFAULT_STOW_REQUEST_BYTES = 64 * 1024 * 1024
 RESULT_KIND_GROUPS = {"sr-verified": "sr"}
 
 
+def _check_peer(peer: Any, what: str, dimse_only: tuple[str, ...]) -> None:
+    """A destination's or source's fields name one kind of peer: a DICOM node (``ae_title``,
+    ``host``, ``port``) or a DICOMweb service (``url``, with its credentials and proxy); raises
+    ``ValueError`` saying what is wrong. ``dimse_only``: further fields of DICOM nodes only."""
+    dimse = [k for k in ("ae_title", "host", "port") if getattr(peer, k) is not None]
+    if peer.url is None:
+        missing = sorted({"ae_title", "host", "port"} - set(dimse))
+        if missing:
+            raise ValueError(
+                f"{what} {peer.name!r}: {', '.join(missing)} missing (a DICOM node"
+                " needs ae_title, host and port; a DICOMweb service, url)"
+            )
+        auth = [
+            k
+            for k in (
+                "username",
+                "password_file",
+                "token_file",
+                "proxy",
+                "proxy_username",
+                "proxy_password_file",
+            )
+            if getattr(peer, k)
+        ]
+        if auth:
+            raise ValueError(
+                f"{what} {peer.name!r}: {', '.join(auth)} apply to DICOMweb (url) only"
+            )
+        return
+    if dimse:
+        raise ValueError(
+            f"{what} {peer.name!r}: url (DICOMweb) or ae_title/host/port (DIMSE),"
+            f" not both ({', '.join(dimse)} given)"
+        )
+    for key in dimse_only:
+        if getattr(peer, key):
+            raise ValueError(
+                f"{what} {peer.name!r}: {key} applies to DIMSE {what}s (ae_title, host, port) only"
+            )
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(peer.url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{what} {peer.name!r}: url must be http:// or https://")
+    if parts.username or parts.password:
+        raise ValueError(
+            f"{what} {peer.name!r}: no credentials in url (username and"
+            " password_file, or token_file)"
+        )
+    if parts.query or parts.fragment:
+        raise ValueError(f"{what} {peer.name!r}: url takes no query or fragment")
+    if (peer.username is None) != (peer.password_file is None):
+        raise ValueError(f"{what} {peer.name!r}: username and password_file go together")
+    if peer.username is not None and peer.token_file is not None:
+        raise ValueError(f"{what} {peer.name!r}: Basic (username) or token_file, not both")
+    if (peer.proxy_username is None) != (peer.proxy_password_file is None):
+        raise ValueError(
+            f"{what} {peer.name!r}: proxy_username and proxy_password_file go together"
+        )
+    if peer.proxy_username is not None and peer.proxy is None:
+        raise ValueError(f"{what} {peer.name!r}: proxy_username needs a proxy")
+    for key in ("password_file", "token_file", "proxy_password_file"):
+        path = getattr(peer, key)
+        if path is not None and not path.expanduser().is_file():
+            raise ValueError(f"{what} {peer.name!r}: {key} {path} is not a file")
+    if peer.tls is not None and parts.scheme != "https":
+        raise ValueError(f"{what} {peer.name!r}: tls needs an https:// url")
+    if peer.proxy is not None:
+        proxy = urlsplit(peer.proxy)
+        if proxy.scheme != "http" or not proxy.hostname or proxy.path not in ("", "/"):
+            raise ValueError(
+                f"{what} {peer.name!r}: proxy must be http://host:port, not {peer.proxy!r}"
+            )
+        if proxy.username or proxy.password:
+            raise ValueError(
+                f"{what} {peer.name!r}: no credentials in proxy (proxy_username and"
+                " proxy_password_file)"
+            )
+
+
 class Destination(_Strict):
     """Where results are sent: a DICOM node by C-STORE (``ae_title``, ``host``, ``port``), or
     a DICOMweb service by STOW-RS (``url``)."""
@@ -423,81 +503,7 @@ class Destination(_Strict):
 
     @model_validator(mode="after")
     def _one_kind(self) -> Destination:
-        dimse = [k for k in ("ae_title", "host", "port") if getattr(self, k) is not None]
-        if self.url is None:
-            missing = sorted({"ae_title", "host", "port"} - set(dimse))
-            if missing:
-                raise ValueError(
-                    f"destination {self.name!r}: {', '.join(missing)} missing (a DICOM node"
-                    " needs ae_title, host and port; a DICOMweb service, url)"
-                )
-            auth = [
-                k
-                for k in (
-                    "username",
-                    "password_file",
-                    "token_file",
-                    "proxy",
-                    "proxy_username",
-                    "proxy_password_file",
-                )
-                if getattr(self, k)
-            ]
-            if auth:
-                raise ValueError(
-                    f"destination {self.name!r}: {', '.join(auth)} apply to DICOMweb (url) only"
-                )
-            return self
-        if dimse:
-            raise ValueError(
-                f"destination {self.name!r}: url (DICOMweb) or ae_title/host/port (DIMSE),"
-                f" not both ({', '.join(dimse)} given)"
-            )
-        for key in ("storage_commitment", "calling_ae_title"):
-            if getattr(self, key):
-                raise ValueError(
-                    f"destination {self.name!r}: {key} applies to DIMSE destinations"
-                    " (ae_title, host, port) only"
-                )
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"destination {self.name!r}: url must be http:// or https://")
-        if parts.username or parts.password:
-            raise ValueError(
-                f"destination {self.name!r}: no credentials in url (username and"
-                " password_file, or token_file)"
-            )
-        if parts.query or parts.fragment:
-            raise ValueError(f"destination {self.name!r}: url takes no query or fragment")
-        if (self.username is None) != (self.password_file is None):
-            raise ValueError(f"destination {self.name!r}: username and password_file go together")
-        if self.username is not None and self.token_file is not None:
-            raise ValueError(f"destination {self.name!r}: Basic (username) or token_file, not both")
-        if (self.proxy_username is None) != (self.proxy_password_file is None):
-            raise ValueError(
-                f"destination {self.name!r}: proxy_username and proxy_password_file go together"
-            )
-        if self.proxy_username is not None and self.proxy is None:
-            raise ValueError(f"destination {self.name!r}: proxy_username needs a proxy")
-        for key in ("password_file", "token_file", "proxy_password_file"):
-            path = getattr(self, key)
-            if path is not None and not path.expanduser().is_file():
-                raise ValueError(f"destination {self.name!r}: {key} {path} is not a file")
-        if self.tls is not None and parts.scheme != "https":
-            raise ValueError(f"destination {self.name!r}: tls needs an https:// url")
-        if self.proxy is not None:
-            proxy = urlsplit(self.proxy)
-            if proxy.scheme != "http" or not proxy.hostname or proxy.path not in ("", "/"):
-                raise ValueError(
-                    f"destination {self.name!r}: proxy must be http://host:port, not {self.proxy!r}"
-                )
-            if proxy.username or proxy.password:
-                raise ValueError(
-                    f"destination {self.name!r}: no credentials in proxy (proxy_username and"
-                    " proxy_password_file)"
-                )
+        _check_peer(self, "destination", ("storage_commitment", "calling_ae_title"))
         return self
 
     @property
@@ -528,6 +534,8 @@ class RetrieveSettings(_Strict):
     #: The most studies one request may retrieve (a query by date and modality matching more
     #: is refused, so that a typo does not pull a year of the archive).
     max_studies: int = Field(200, ge=1, le=100_000)
+    #: DICOMweb sources: the largest WADO-RS response (one study) the node reads.
+    max_study_bytes: int = Field(8 * 1024**3, ge=1024 * 1024)
     #: The most studies of one retrieval on the node at once that wait for their analysis
     #: (received, complete, queued, analysing); the next is moved once one is analysed. A
     #: query of a hundred studies then neither fills the disk nor queues a hundred analyses
@@ -539,20 +547,42 @@ class RetrieveSettings(_Strict):
 
 
 class Source(_Strict):
-    """A PACS the node may query (C-FIND, Study Root) and retrieve studies from (C-MOVE to the
-    node's own storage SCP): ``acwi-node studies retrieve``, ``POST /api/retrievals``."""
+    """A PACS the node may retrieve studies from (``acwi-node studies retrieve``,
+    ``POST /api/retrievals``): a DICOM node (``ae_title``, ``host``, ``port``), queried by
+    C-FIND and asked for studies by C-MOVE to the node's own storage SCP; or a DICOMweb service
+    (``url``), queried by QIDO-RS and read by WADO-RS."""
 
     name: str
-    ae_title: AETitle
-    host: str
-    port: int = Field(ge=1, le=65535)
-    #: The calling AE title of the node's associations to it (default ``node.ae_title``).
+    ae_title: AETitle | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    #: DIMSE: the calling AE title of the node's associations to it (default ``node.ae_title``).
     calling_ae_title: AETitle | None = None
-    #: The move destination: the AE title under which the source knows the node's storage
-    #: SCP (its host and port are configured on the source); default ``node.ae_title``.
+    #: DIMSE: the move destination, the AE title under which the source knows the node's
+    #: storage SCP (its host and port are configured on the source); default ``node.ae_title``.
     move_destination: AETitle | None = None
-    #: DICOM TLS towards it (PS3.15 Annex B); plain TCP when absent.
+    #: DIMSE: DICOM TLS (PS3.15 Annex B), plain TCP when absent. DICOMweb: the CAs and client
+    #: certificate of an ``https`` URL (the system trust store when absent).
     tls: DestinationTls | None = None
+    #: DICOMweb: the service's base URL (``http://`` or ``https://``, no credentials in it);
+    #: studies are searched at ``{url}/studies`` and read from ``{url}/studies/{uid}``.
+    url: str | None = None
+    #: DICOMweb credentials and proxy, as for a destination (``[[destinations]]``).
+    username: str | None = None
+    password_file: Path | None = None
+    token_file: Path | None = None
+    proxy: str | None = None
+    proxy_username: str | None = None
+    proxy_password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Source:
+        _check_peer(self, "source", ("calling_ae_title", "move_destination"))
+        return self
+
+    @property
+    def kind(self) -> Literal["dimse", "dicomweb"]:
+        return "dicomweb" if self.url is not None else "dimse"
 
     def calling_ae(self, node_ae_title: str) -> str:
         return self.calling_ae_title or node_ae_title
@@ -562,6 +592,8 @@ class Source(_Strict):
 
     @property
     def where(self) -> str:
+        if self.url is not None:
+            return self.url
         return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
 
 

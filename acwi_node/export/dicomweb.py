@@ -32,7 +32,7 @@ import secrets
 import ssl
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -40,10 +40,13 @@ from urllib.parse import urlsplit
 
 from pydicom import dcmread
 
-from acwi_node.config import Destination
+from acwi_node.config import Destination, Source
 from acwi_node.export.scu import DELIVERED_WARNING_STATUSES, EchoResult, FileOutcome, SendReport
 
-__all__ = ["CheckResult", "check", "parse_stow_response", "stow_files"]
+__all__ = ["CheckResult", "DicomwebError", "check", "get", "parse_stow_response", "stow_files"]
+
+#: A DICOMweb peer: a destination the node stores results on, or a source it reads studies from.
+Service = Destination | Source
 
 DICOM_JSON = "application/dicom+json"
 #: Tags of the STOW-RS response (PS3.18 Table 10.5.3-2).
@@ -76,7 +79,7 @@ def _target(url: str) -> _Target:
 
 
 def _connection(
-    dest: Destination, target: _Target, timeout_s: float, tunnel_headers: dict[str, str]
+    dest: Service, target: _Target, timeout_s: float, tunnel_headers: dict[str, str]
 ) -> http.client.HTTPConnection:
     """A connection to the service, or to its proxy: a CONNECT tunnel for ``https`` (with
     ``tunnel_headers``, the proxy's credentials); for ``http`` the requests then name the whole
@@ -96,7 +99,7 @@ def _connection(
     return http.client.HTTPConnection(host, port, timeout=timeout_s)
 
 
-def _request_target(dest: Destination, target: _Target, path: str) -> str:
+def _request_target(dest: Service, target: _Target, path: str) -> str:
     """The request line's target for ``path`` under the service's base path: absolute (the
     whole URL) for plain ``http`` through a proxy, else the path alone."""
     full = f"{target.path}{path}"
@@ -111,7 +114,7 @@ def _basic(username: str, password_file: Path) -> str:
     return "Basic " + base64.b64encode(pair).decode("ascii")
 
 
-def _credentials(dest: Destination) -> tuple[dict[str, str], dict[str, str]]:
+def _credentials(dest: Service) -> tuple[dict[str, str], dict[str, str]]:
     """The headers of each request and those of a proxy's CONNECT, read from ``dest``'s
     files now (raises OSError): the service's ``Authorization``; the proxy's
     ``Proxy-Authorization`` on the CONNECT of an ``https`` URL, or on each request of an
@@ -408,10 +411,10 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
     return report
 
 
-def check(dest: Destination, *, timeout_s: float) -> CheckResult:
+def check(dest: Service, *, timeout_s: float) -> CheckResult:
     """Ask the DICOMweb service for one study (QIDO-RS, ``GET {url}/studies?limit=1``): it is
     reachable and takes the node's credentials when it answers 200 or 204. Never raises."""
-    assert dest.url is not None, "check needs a DICOMweb destination"
+    assert dest.url is not None, "check needs a DICOMweb service"
     started = time.monotonic()
     try:
         headers, tunnel_headers = _credentials(dest)
@@ -437,3 +440,69 @@ def check(dest: Destination, *, timeout_s: float) -> CheckResult:
     if response.status in (200, 204):
         return CheckResult(True, elapsed_ms=1000 * (time.monotonic() - started))
     return CheckResult(False, error=_reason(response, body))
+
+
+class DicomwebError(Exception):
+    """A request that got no answer: the credentials unreadable, the TLS configuration, the
+    connection, a timeout (the message says which)."""
+
+
+def get(
+    service: Service,
+    path: str,
+    *,
+    accept: str,
+    timeout_s: float,
+    sink: BinaryIO | int | None = None,
+    max_bytes: int | None = None,
+    on_chunk: Callable[[], None] | None = None,
+) -> tuple[int, str, bytes]:
+    """``GET {url}{path}`` with the service's credentials, proxy and TLS: the status, the
+    Content-Type and the body. With ``sink`` (a binary file or a file descriptor) the body of a
+    ``200`` is streamed there instead (``b""`` returned), ``on_chunk`` called for each MiB;
+    past ``max_bytes`` it raises :class:`DicomwebError`. Raises :class:`DicomwebError` when no
+    answer came."""
+    assert service.url is not None, "get needs a DICOMweb service"
+    try:
+        headers, tunnel_headers = _credentials(service)
+    except OSError as exc:
+        raise DicomwebError(f"cannot read the credentials: {exc.strerror or exc}") from None
+    target = _target(service.url)
+    try:
+        conn = _connection(service, target, timeout_s, tunnel_headers)
+    except (OSError, ssl.SSLError) as exc:
+        raise DicomwebError(f"TLS configuration: {exc}") from None
+    try:
+        conn.request(
+            "GET", _request_target(service, target, path), headers={**headers, "Accept": accept}
+        )
+        response = conn.getresponse()
+        content_type = response.getheader("Content-Type", "") or ""
+        if sink is None or response.status != 200:
+            return response.status, content_type, response.read()
+        received = 0
+        while chunk := response.read(1 << 20):
+            received += len(chunk)
+            if max_bytes is not None and received > max_bytes:
+                raise DicomwebError(f"the response is larger than {max_bytes} bytes")
+            if on_chunk is not None:
+                on_chunk()
+            if isinstance(sink, int):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(sink, view) :]
+            else:
+                sink.write(chunk)
+        return response.status, content_type, b""
+    except (OSError, http.client.HTTPException) as exc:
+        raise DicomwebError(f"{type(exc).__name__}: {exc}") from None
+    finally:
+        conn.close()
+
+
+def reason(status: int, body: bytes) -> str:
+    """An HTTP status and the start of a plain-text body, for an error message."""
+    text = body[:300].decode("utf-8", "replace").strip().replace("\n", " ")
+    detail = f": {text}" if text and not text.startswith("{") else ""
+    phrase = http.client.responses.get(status, "")
+    return f"HTTP {status} {phrase}".rstrip() + detail

@@ -21,9 +21,11 @@ from dataclasses import replace
 from acwi_node.audit import AuditEvent, Outcome, Participant, audit
 from acwi_node.config import Settings, Source
 from acwi_node.export.scu import TlsArgs
+from acwi_node.ingest.dicomweb_source import retrieve_study, search_studies
 from acwi_node.ingest.mpps import CompletionSignals
 from acwi_node.ingest.qr_scu import FindResult, MoveResult, find_studies, move_study
-from acwi_node.ingest.spool import is_safe_uid
+from acwi_node.ingest.spool import Spool, is_safe_uid
+from acwi_node.ingest.stow import StowReceiver
 from acwi_node.ledger import Ledger, StudyState
 from acwi_node.ledger.repository import KEEPS_RESULTS
 from acwi_node.ledger.retrievals import QUERY_KEYS, Retrievals, RetrievalTask
@@ -43,6 +45,8 @@ _WAITING = frozenset(
         StudyState.ANALYSING.value,
     }
 )
+#: What the audit record calls a retrieval's search, by the source's kind.
+_SEARCH = {"dimse": "C-FIND", "dicomweb": "QIDO-RS"}
 #: How long the ledger rows of instances the SCP acknowledged may take to appear.
 _ROWS_WAIT_S = 10.0
 #: Seconds between lease renewals while a C-MOVE reports progress.
@@ -106,7 +110,7 @@ def describe_query(query: dict[str, str]) -> str:
 def source_tls(source: Source) -> TlsArgs | None:
     if source.tls is None:
         return None
-    return source.tls.context(), source.tls.server_name or source.host
+    return source.tls.context(), source.tls.server_name or source.host or ""
 
 
 class RetrievalService:
@@ -118,6 +122,9 @@ class RetrievalService:
         self.settings = settings
         self.retrievals = Retrievals(ledger)
         self.signals = signals
+        # DICOMweb sources: a study's WADO-RS response is stored as a STOW-RS request's.
+        self.spool = Spool(settings.spool_dir, fsync=settings.ingest.fsync)
+        self.receiver = StowReceiver(ledger, self.spool, audit_patient_id=settings.audit.patient_id)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -147,7 +154,7 @@ class RetrievalService:
             self._finish(task, error=f"no source named {task.source!r} in the configuration")
             return
         try:
-            tls = source_tls(source)
+            tls = source_tls(source) if source.kind == "dimse" else None
         except TlsConfigError as exc:
             self._failed(task, f"TLS: {exc}")
             return
@@ -159,11 +166,16 @@ class RetrievalService:
                 AuditEvent.STUDIES_QUERIED,
                 outcome=Outcome.SUCCESS if found.ok else Outcome.MINOR_FAILURE,
                 participants=[
-                    Participant("ae", source.ae_title, source.host, requestor=False),
+                    Participant(
+                        "ae",
+                        source.ae_title or source.name,
+                        source.host or source.where,
+                        requestor=False,
+                    ),
                     *([Participant("user", task.requested_by)] if task.requested_by else []),
                 ],
                 study_uids=[s.study_uid for s in found.studies],
-                detail=f"retrieval {task.id}: C-FIND {describe_query(task.query)}: "
+                detail=f"retrieval {task.id}: {_SEARCH[source.kind]} {describe_query(task.query)}: "
                 + (f"{len(found.studies)} study(ies)" if found.ok else found.error),
             )
             if not found.ok:
@@ -205,6 +217,9 @@ class RetrievalService:
                     " and that the node admits its calling AE title"
                     " (ingest.allowed_calling_aes) and its instances (the node's log says why"
                     " it refused one)"
+                    if source.kind == "dimse"
+                    else f"the node refused each of the study's {moved.failed} instance(s)"
+                    f" {source.name} sent (the node's log says why)"
                 )
                 moved = replace(
                     moved, ok=False, error=f"{moved.error}; {hint}" if moved.error else hint
@@ -244,6 +259,14 @@ class RetrievalService:
         return sum(1 for study in held.values() if study.state in _WAITING)
 
     def _find(self, source: Source, tls: TlsArgs | None, query: dict[str, str]) -> FindResult:
+        if source.kind == "dicomweb":
+            return search_studies(
+                source,
+                query,
+                timeout_s=self.settings.retrieve.timeout_s,
+                limit=self.settings.retrieve.max_studies,
+            )
+        assert source.ae_title is not None and source.host is not None and source.port
         return find_studies(
             query,
             called_ae=source.ae_title,
@@ -266,6 +289,17 @@ class RetrievalService:
                 last = time.monotonic()
                 self.retrievals.progress(task.id, lease_s=self.lease_s)
 
+        if source.kind == "dicomweb":
+            return retrieve_study(
+                source,
+                uid,
+                spool=self.spool,
+                receiver=self.receiver,
+                timeout_s=self.settings.retrieve.timeout_s,
+                max_bytes=self.settings.retrieve.max_study_bytes,
+                on_chunk=renew,
+            )
+        assert source.ae_title is not None and source.host is not None and source.port
         return move_study(
             uid,
             called_ae=source.ae_title,

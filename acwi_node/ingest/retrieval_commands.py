@@ -62,6 +62,7 @@ def run_sources_check(settings: Settings, names: list[str], *, as_json: bool) ->
     """``acwi-node sources check [NAME...]``: exit 1 if any fails, 2 for an unknown name."""
     import logging
 
+    from acwi_node.export import dicomweb
     from acwi_node.ingest.qr_scu import check_source
     from acwi_node.ingest.retrieval import source_tls
     from acwi_node.tls import TlsConfigError
@@ -79,16 +80,22 @@ def run_sources_check(settings: Settings, names: list[str], *, as_json: bool) ->
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     rows: list[dict[str, Any]] = []
     for src in [known[n] for n in names] if names else settings.sources:
+        timeout_s = min(settings.retrieve.timeout_s, 30.0)
         try:
-            result = check_source(
-                called_ae=src.ae_title,
-                host=src.host,
-                port=src.port,
-                calling_ae=src.calling_ae(settings.node.ae_title),
-                timeout_s=min(settings.retrieve.timeout_s, 30.0),
-                tls=source_tls(src),
-            )
-            ok, elapsed, error = result.ok, result.elapsed_ms, result.error
+            if src.kind == "dicomweb":  # a QIDO-RS query, as for a DICOMweb destination
+                found = dicomweb.check(src, timeout_s=timeout_s)
+                ok, elapsed, error = found.ok, found.elapsed_ms, found.error
+            else:
+                assert src.ae_title is not None and src.host is not None and src.port
+                result = check_source(
+                    called_ae=src.ae_title,
+                    host=src.host,
+                    port=src.port,
+                    calling_ae=src.calling_ae(settings.node.ae_title),
+                    timeout_s=timeout_s,
+                    tls=source_tls(src),
+                )
+                ok, elapsed, error = result.ok, result.elapsed_ms, result.error
         except TlsConfigError as exc:
             ok, elapsed, error = False, 0.0, f"TLS: {exc}"
         rows.append(

@@ -24,10 +24,13 @@ unavailable).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import mmap
+import os
 import struct
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,6 +265,39 @@ def _add_attributes(parent: ElementTree.Element, dataset: dict[str, Any]) -> Non
                 ElementTree.SubElement(element, "Value", number=str(number)).text = str(value)
 
 
+class BodyFile:
+    """A multipart body (a STOW-RS request's, a WADO-RS response's), kept in a file beside the
+    spool while its objects are stored.
+
+    ``.part``: what a crash leaves, the next start of the scp removes (``Spool.clean_tmp``).
+    The body is read back through the descriptor it was written with: the name may be gone
+    meanwhile (``clean_tmp``)."""
+
+    def __init__(self, spool: Spool, prefix: str = "stow") -> None:
+        self.path = os.path.join(spool.tmp_dir, f"{prefix}-{uuid.uuid4().hex}.part")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+
+    def discard(self) -> None:
+        """Remove the file (its name first: its pages are then dropped, never written) and
+        close it; once, whoever calls it first."""
+        if self.fd < 0:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = -1
+
+
+def close_mapping(mapped: mmap.mmap) -> None:
+    """Unmap a request's body. The parts are read where they lie, so a view of one may still
+    be alive (held by the traceback of an error that refused the part): then the mapping goes
+    when that view does."""
+    try:
+        mapped.close()
+    except BufferError:
+        log.debug("a view of a multipart body outlives it; unmapped with it")
+
+
 class StowReceiver:
     """Stores the objects of STOW-RS requests in the spool and the ledger."""
 
@@ -334,6 +370,38 @@ class StowReceiver:
                     ),
                 )
         return result
+
+    def receive_file(
+        self, body: BodyFile, boundary: str, sender: str, address: str, study_uid: str | None
+    ) -> StowResult:
+        """:meth:`receive` the parts of a multipart body kept in ``body`` (mapped, never read
+        whole into memory); the body's file is discarded as soon as every part is in its spool
+        file. Raises :class:`MultipartError` for a body that holds no part."""
+        if os.fstat(body.fd).st_size == 0:
+            raise MultipartError("an empty body")
+        mapped = mmap.mmap(body.fd, 0, access=mmap.ACCESS_READ)
+        parts: list[memoryview] = []
+
+        def let_go() -> None:
+            """Every part is in its spool file: the body's file goes before the flush (an
+            unlinked file's pages are dropped, not written), so the flush writes each object
+            once, not twice."""
+            for part in parts:
+                part.release()
+            close_mapping(mapped)
+            body.discard()
+
+        try:
+            parts = split_parts(mapped, boundary)  # a body that is not multipart: unmapped too
+            if not parts:
+                raise MultipartError("the body holds no part")
+            return self.receive(
+                parts, sender=sender, address=address, study_uid=study_uid, written_out=let_go
+            )
+        finally:
+            for part in parts:
+                part.release()
+            close_mapping(mapped)
 
     def _write(
         self, part: memoryview, calling: str, expected_study: str | None, result: StowResult

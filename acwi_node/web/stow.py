@@ -12,12 +12,9 @@ is read, for one that accepts neither).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import mmap
 import os
 import time
-import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -27,7 +24,7 @@ from starlette.requests import ClientDisconnect
 
 from acwi_node.config import Settings
 from acwi_node.ingest.spool import Spool, is_safe_uid
-from acwi_node.ingest.stow import MultipartError, StowReceiver, StowResult, boundary_of, split_parts
+from acwi_node.ingest.stow import BodyFile, MultipartError, StowReceiver, boundary_of
 from acwi_node.ledger import Ledger
 from acwi_node.observability import metrics
 from acwi_node.review.store import SessionInfo
@@ -70,38 +67,6 @@ def response_type(accept: str | None) -> str | None:
         if quality > best_quality:
             best, best_quality = media_type, quality
     return best
-
-
-class _BodyFile:
-    """A request's body, kept in a file beside the spool while its objects are stored.
-
-    ``.part``: what a crash leaves, the next start of the scp removes (``Spool.clean_tmp``).
-    The body is read back through the descriptor it was written with: the name may be gone
-    meanwhile (``clean_tmp``)."""
-
-    def __init__(self, spool: Spool) -> None:
-        self.path = os.path.join(spool.tmp_dir, f"stow-{uuid.uuid4().hex}.part")
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-
-    def discard(self) -> None:
-        """Remove the file (its name first: its pages are then dropped, never written) and
-        close it; once, whoever calls it first."""
-        if self.fd < 0:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        os.close(self.fd)
-        self.fd = -1
-
-
-def close_mapping(mapped: mmap.mmap) -> None:
-    """Unmap a request's body. The parts are read where they lie, so a view of one may still
-    be alive (held by the traceback of an error that refused the part): then the mapping goes
-    when that view does."""
-    try:
-        mapped.close()
-    except BufferError:
-        log.debug("STOW-RS: a view of the body outlives the request; unmapped with it")
 
 
 def _refused(status: int, detail: str) -> JSONResponse:
@@ -173,35 +138,6 @@ def stow_router(settings: Settings, ledger: Ledger) -> APIRouter:
     receiver = StowReceiver(ledger, spool, audit_patient_id=settings.audit.patient_id)
     limit = settings.dicomweb.max_request_bytes
 
-    def store_body(
-        body: _BodyFile, boundary: str, sender: str, address: str, study_uid: str | None
-    ) -> StowResult:
-        if os.fstat(body.fd).st_size == 0:
-            raise MultipartError("an empty body")
-        mapped = mmap.mmap(body.fd, 0, access=mmap.ACCESS_READ)
-        parts: list[memoryview] = []
-
-        def let_go() -> None:
-            """Every part is in its spool file: the body's file goes before the flush (an
-            unlinked file's pages are dropped, not written), so the flush writes each object
-            once, not twice."""
-            for part in parts:
-                part.release()
-            close_mapping(mapped)
-            body.discard()
-
-        try:
-            parts = split_parts(mapped, boundary)  # a body that is not multipart: unmapped too
-            if not parts:
-                raise MultipartError("the body holds no part")
-            return receiver.receive(
-                parts, sender=sender, address=address, study_uid=study_uid, written_out=let_go
-            )
-        finally:
-            for part in parts:
-                part.release()
-            close_mapping(mapped)
-
     async def store(request: Request, study_uid: str | None) -> Response:
         user: SessionInfo | None = getattr(request.state, "user", None)
         if user is None or user.role not in SENDER_ROLES:
@@ -221,7 +157,7 @@ def stow_router(settings: Settings, ledger: Ledger) -> APIRouter:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return _refused(413, f"the body is larger than {limit} bytes")
         try:
-            body = _BodyFile(spool)
+            body = BodyFile(spool)
         except OSError as exc:
             log.error("STOW-RS: cannot keep a request's body: %s", exc.strerror or exc)
             return _refused(503, f"cannot store now: {exc.strerror or exc}")
@@ -250,7 +186,7 @@ def stow_router(settings: Settings, ledger: Ledger) -> APIRouter:
             address = request.client.host if request.client is not None else ""
             try:
                 result = await run_in_threadpool(
-                    store_body, body, boundary, user.user_name, address, study_uid
+                    receiver.receive_file, body, boundary, user.user_name, address, study_uid
                 )
             except MultipartError as exc:
                 log.warning("STOW-RS from %s: %s", user.user_name[:16], exc)

@@ -5,6 +5,7 @@ attempts), the command line, the HTTP API and the dashboard's form. Over real as
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -89,6 +90,28 @@ def test_a_source_defaults_to_the_node_ae_title_and_names_are_unique(tmp_path: P
         load_settings(None, node={"data_dir": tmp_path}, sources=[{**SOURCE, "ae_title": "A\\B"}])
     with pytest.raises(ConfigError, match="retrieve.max_attempts"):
         load_settings(None, node={"data_dir": tmp_path}, retrieve={"max_attempts": 0})
+
+
+def test_a_source_is_a_dicom_node_or_a_dicomweb_service(tmp_path: Path) -> None:
+    def source(**fields: object) -> Settings:
+        return load_settings(None, node={"data_dir": tmp_path}, sources=[{"name": "s", **fields}])
+
+    web = source(url="https://vna.example/dicom-web").source("s")
+    assert (web.kind, web.where) == ("dicomweb", "https://vna.example/dicom-web")
+    assert source(**{k: v for k, v in SOURCE.items() if k != "name"}).sources[0].kind == "dimse"
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"ae_title": "PACS", "host": "h"}, "port missing"),
+        ({**SOURCE, "url": "https://vna.example"}, "not both"),
+        ({"url": "https://vna.example", "move_destination": "ACWI"},
+         "move_destination applies to DIMSE sources"),
+        ({**SOURCE, "token_file": "/run/token"}, "apply to DICOMweb (url) only"),
+        ({"url": "ftp://vna.example"}, "url must be http:// or https://"),
+        ({"url": "https://vna.example", "username": "u"}, "username and password_file go"),
+    ]  # fmt: skip
+    for fields, message in cases:
+        fields.pop("name", None)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            source(**fields)
 
 
 # ------------------------------------------------------------------ the ledger

@@ -24,13 +24,13 @@ from acwi_node.ingest import spool as spool_module
 from acwi_node.ingest import stow
 from acwi_node.ingest.header import pydicom_header
 from acwi_node.ingest.spool import Spool
-from acwi_node.ingest.stow import MultipartError, boundary_of, split_parts
+from acwi_node.ingest.stow import MultipartError, boundary_of, close_mapping, split_parts
 from acwi_node.ledger import Ledger, RoutedJob
 from acwi_node.ledger.models import Instance, Study
 from acwi_node.review.auth import SESSION_COOKIE, new_token, token_hash
 from acwi_node.review.store import ReviewStore
 from acwi_node.web.api import create_app
-from acwi_node.web.stow import close_mapping, response_type
+from acwi_node.web.stow import response_type
 from bench.common import write_ct_series, write_small_instances
 from models.data.synth import write_study
 from tests.support.asgi import post_then_hang_up

@@ -1,0 +1,136 @@
+"""Retrieving studies from a DICOMweb source: QIDO-RS to find them (PS3.18 10.6, Search
+Transaction), WADO-RS to read each one (PS3.18 10.4, Retrieve Transaction, the study's instances
+as ``multipart/related; type="application/dicom"``).
+
+A retrieved study's response is streamed into a file beside the spool and its parts stored as a
+STOW-RS request's are (:class:`~acwi_node.ingest.stow.StowReceiver`): spool file and ledger row
+flushed, the node's own results left out, the source's name standing for the calling AE title.
+The counterparts of :mod:`.qr_scu`'s C-FIND and C-MOVE; nothing here raises.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from acwi_node.config import Source
+from acwi_node.export.dicomweb import DicomwebError, get, reason
+from acwi_node.ingest.qr_scu import FindResult, FoundStudy, MoveResult
+from acwi_node.ingest.spool import Spool, is_safe_uid
+from acwi_node.ingest.stow import BodyFile, MultipartError, StowReceiver, boundary_of
+
+log = logging.getLogger(__name__)
+
+DICOM_JSON = "application/dicom+json"
+#: The study's instances as stored (no transcoding), PS3.18 8.7.3.5.
+DICOM_MULTIPART = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+#: QIDO-RS query parameters (attribute keywords), by the names of a retrieval's query.
+_PARAMETERS = {
+    "study_uid": "StudyInstanceUID",
+    "accession_number": "AccessionNumber",
+    "study_date": "StudyDate",
+    "modality": "ModalitiesInStudy",
+}
+_STUDY_INSTANCE_UID = "0020000D"
+_NUMBER_OF_STUDY_RELATED_INSTANCES = "00201208"
+
+
+def _first(item: Any, tag: str) -> Any:
+    if not isinstance(item, dict):
+        return None
+    element = item.get(tag)
+    values = element.get("Value") if isinstance(element, dict) else None
+    return values[0] if isinstance(values, list) and values else None
+
+
+def search_studies(
+    source: Source, query: dict[str, str], *, timeout_s: float, limit: int
+) -> FindResult:
+    """``GET {url}/studies?...`` with the query's keys; at most ``limit`` studies (more is a
+    final error, as for C-FIND)."""
+    params = [(_PARAMETERS[k], v) for k, v in query.items()]
+    params += [("includefield", _NUMBER_OF_STUDY_RELATED_INSTANCES), ("limit", str(limit + 1))]
+    try:
+        status, _type, body = get(
+            source, f"/studies?{urlencode(params)}", accept=DICOM_JSON, timeout_s=timeout_s
+        )
+    except DicomwebError as exc:
+        return FindResult(False, error=f"QIDO-RS to {source.where}: {exc}")
+    if status == 204:
+        return FindResult(True)
+    if status != 200:
+        return FindResult(False, error=f"QIDO-RS to {source.where}: {reason(status, body)}")
+    try:
+        matches = json.loads(body) if body.strip() else []
+    except ValueError:
+        return FindResult(False, error=f"QIDO-RS to {source.where}: the answer is not JSON")
+    if not isinstance(matches, list):
+        return FindResult(False, error=f"QIDO-RS to {source.where}: the answer is not a list")
+    studies: dict[str, FoundStudy] = {}
+    unusable = 0
+    for item in matches:
+        uid = _first(item, _STUDY_INSTANCE_UID)
+        if not isinstance(uid, str) or not is_safe_uid(uid):
+            unusable += 1
+            continue
+        count = _first(item, _NUMBER_OF_STUDY_RELATED_INSTANCES)
+        studies[uid] = FoundStudy(uid, count if isinstance(count, int) else None)
+    if len(studies) > limit:
+        return FindResult(
+            False,
+            error=f"more than {limit} studies match (retrieve.max_studies): narrow the query",
+            final=True,
+        )
+    return FindResult(True, studies=list(studies.values()), unusable=unusable)
+
+
+def retrieve_study(
+    source: Source,
+    study_uid: str,
+    *,
+    spool: Spool,
+    receiver: StowReceiver,
+    timeout_s: float,
+    max_bytes: int,
+    on_chunk: Callable[[], None] | None = None,
+) -> MoveResult:
+    """``GET {url}/studies/{uid}``: every instance of the study, stored on the node. The
+    counts are those of a C-MOVE: completed (stored), failed (refused by the node)."""
+    try:
+        body = BodyFile(spool, prefix="wado")
+    except OSError as exc:
+        return MoveResult(False, error=f"cannot keep the response: {exc.strerror or exc}")
+    try:
+        try:
+            status, content_type, answer = get(
+                source,
+                f"/studies/{quote(study_uid)}",
+                accept=DICOM_MULTIPART,
+                timeout_s=timeout_s,
+                sink=body.fd,
+                max_bytes=max_bytes,
+                on_chunk=on_chunk,
+            )
+        except DicomwebError as exc:
+            return MoveResult(False, error=f"WADO-RS from {source.where}: {exc}")
+        if status != 200:
+            return MoveResult(
+                False, status=status, error=f"WADO-RS from {source.where}: {reason(status, answer)}"
+            )
+        try:
+            boundary = boundary_of(content_type)
+            result = receiver.receive_file(body, boundary, source.name, source.url or "", study_uid)
+        except MultipartError as exc:
+            return MoveResult(
+                False,
+                status=status,
+                error=f"WADO-RS from {source.where}: not a multipart body of DICOM objects: {exc}",
+            )
+        stored = len(result.stored) - result.dropped
+        return MoveResult(True, status=status, completed=stored, failed=len(result.failed))
+    finally:
+        body.discard()

@@ -199,7 +199,6 @@ class RetrievalService:
             )
         retrieved = set(task.retrieved_uids)
         already: list[str] = []
-        not_sent = 0
         for uid in study_uids:
             if uid in retrieved:
                 continue
@@ -236,7 +235,6 @@ class RetrievalService:
                 failed=moved.failed, warnings=moved.warnings,
             )  # fmt: skip
             retrieved.add(uid)
-            not_sent += moved.failed
             after = self.retrievals.study_states([uid]).get(uid)
             if (
                 before is not None
@@ -249,6 +247,8 @@ class RetrievalService:
             if problem:
                 self._finish(task, error=problem)
                 return
+        view = self.retrievals.get(task.id)  # the counts of every attempt and step
+        not_sent = view.failed if view is not None else 0
         self._finish(task, note=self._summary(study_uids, already, not_sent))
 
     def _waiting(self, retrieved: set[str]) -> int:

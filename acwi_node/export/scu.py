@@ -603,8 +603,7 @@ class _SendQueue:
                     if assoc.is_established:
                         assoc.abort()
                     break
-            if assoc.is_established:
-                assoc.release()
+            end_association(assoc)
         finally:
             if assoc.is_established:
                 assoc.abort()
@@ -667,10 +666,34 @@ def _store_one(
     return outcome, False
 
 
-def end_association(assoc: Association) -> None:
-    """Release an association still established, abort one still alive."""
+#: The longest an A-RELEASE may take before the association is aborted instead.
+RELEASE_TIMEOUT_S = 30.0
+
+
+def end_association(assoc: Association, timeout_s: float = RELEASE_TIMEOUT_S) -> None:
+    """Release an association still established (aborted if the release has not ended within
+    ``timeout_s``), abort one still alive.
+
+    pynetdicom's ``release()`` first waits, without a limit, for the association's reactor to
+    pause; a reactor that has just served a request of the peer's on the association (a
+    storage commitment report) was once seen never to, which would hang the exporter. The
+    release runs in a thread of its own here; aborting the association stops the reactor,
+    and with it the wait."""
     if assoc.is_established:
-        assoc.release()
+        ended = threading.Event()
+
+        def release() -> None:
+            try:
+                assoc.release()
+            except Exception:  # noqa: BLE001 - the peer went away mid-release
+                logger.debug("association release failed", exc_info=True)
+            finally:
+                ended.set()
+
+        threading.Thread(target=release, name="acwi-release", daemon=True).start()
+        if not ended.wait(timeout_s):
+            logger.warning("association release did not end within %g s: aborted", timeout_s)
+            assoc.abort()
     elif assoc.is_alive():
         assoc.abort()
 

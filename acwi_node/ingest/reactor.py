@@ -195,6 +195,8 @@ class EventDrivenDUL(DULServiceProvider):
         #: Whether an A-ASSOCIATE-RQ PDU came (Evt6), or the association's wait for one was
         #: ended (:meth:`_no_request_came`).
         self._request_settled = False
+        #: Whether an A-ASSOCIATE-RQ PDU came (:func:`holds_association_slot`).
+        self.request_came = False
 
     def _run_idle_work(self) -> None:
         """Run the work left for when the association is idle, in the order it was left."""
@@ -581,6 +583,7 @@ class EventDrivenDUL(DULServiceProvider):
             with self.fsm_lock:
                 if event == "Evt6":  # an A-ASSOCIATE-RQ PDU came
                     self._request_settled = True
+                    self.request_came = True
                 if not (
                     event == "Evt7"
                     and self.state_machine.current_state == "Sta3"
@@ -619,6 +622,16 @@ class EventDrivenDUL(DULServiceProvider):
         self.socket.send(accept_pdu_bytes(primitive))
         self.state_machine.transition("Sta6")
         return True
+
+
+def holds_association_slot(assoc: Association) -> bool:
+    """Whether an acceptor counts against ``ingest.max_associations``: once its peer's
+    A-ASSOCIATE-RQ came. A connection that has sent no request yet (a port probe, a health
+    check, a peer still connecting) holds none, even for the moment between its connection
+    closing and its thread ending: under load a few such threads outlived their connection
+    long enough for the next modality, negotiating meanwhile, to be rejected. Associations
+    served by pynetdicom's own loops (``ingest.reactor = "polling"``) always count."""
+    return bool(getattr(assoc.dul, "request_came", True))
 
 
 class EventDrivenAssociation(Association):

@@ -45,6 +45,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom import _config as pynetdicom_config
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -72,6 +73,7 @@ from acwi_node.ingest.part10 import file_meta_prefix
 from acwi_node.ingest.reactor import (
     EventDrivenRequestHandler,
     after_response,
+    holds_association_slot,
     on_fast_path,
     when_idle,
 )
@@ -193,6 +195,23 @@ class _NodeAE(AE):
     @require_calling_aet.setter
     def require_calling_aet(self, ae_titles: list[str]) -> None:
         AE.require_calling_aet.fset(self, ae_titles)  # type: ignore[attr-defined]
+
+    @property
+    def active_associations(self) -> list[Association]:
+        """pynetdicom's list of the AE's association threads; read by an acceptor that is
+        negotiating (pynetdicom's ``ingest.max_associations`` check, in the association's own
+        thread), only those holding a slot (:func:`.reactor.holds_association_slot`). Every
+        other reader (shutdown aborts them all) gets every thread."""
+        assocs: list[Association] = AE.active_associations.fget(self)  # type: ignore[attr-defined]
+        current = threading.current_thread()
+        if not (
+            isinstance(current, Association)
+            and current.ae is self
+            and current.is_acceptor
+            and not current.is_established
+        ):
+            return assocs
+        return [a for a in assocs if a is current or holds_association_slot(a)]
 
 
 #: How long a listener sharing the DICOM port waits, per association it serves, before it

@@ -208,6 +208,42 @@ def test_connections_closed_before_a_request_free_their_slot_at_once(
         next_association_works(settings, ledger)
 
 
+def test_silent_connections_hold_no_association_slot(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection that has sent no A-ASSOCIATE-RQ is not an association yet: with two slots,
+    three open silent connections leave both to modalities. Under load the threads of probes
+    already closed outlived their connections the same way, and the next modality, negotiating
+    meanwhile, was rejected. The limit still counts the associations that asked."""
+    with running_scp(tmp_path, max_associations=2, allowed_calling_aes=["SENDER"]) as (
+        settings,
+        ledger,
+        _,
+    ):
+        address = ("127.0.0.1", settings.node.dicom_port)
+        silent = [socket.create_connection(address) for _ in range(3)]
+        held = []
+        try:
+            deadline = time.monotonic() + 10
+            while len(acceptor_threads()) < 3 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert len(acceptor_threads()) == 3  # each has its thread, waiting for a request
+            next_association_works(settings, ledger)
+
+            ae = AE(ae_title="SENDER")
+            ae.add_requested_context(SC, ExplicitVRLittleEndian)
+            held = [ae.associate(*address, ae_title="ACWI") for _ in range(2)]
+            assert all(assoc.is_established for assoc in held)
+            third = ae.associate(*address, ae_title="ACWI")
+            assert third.is_rejected
+            assert "no association slot free" in caplog.text
+        finally:
+            for sock in silent:
+                sock.close()
+            for assoc in held:
+                assoc.release()
+
+
 def acceptor_threads() -> list[str]:
     """The in-process SCP's association threads still running (pynetdicom names them)."""
     return [t.name for t in threading.enumerate() if t.name.startswith("AcceptorThread")]

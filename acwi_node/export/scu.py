@@ -34,6 +34,7 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, build_context
 
 from acwi_node.ingest.reactor import EventDrivenRequestorAE
@@ -262,6 +263,19 @@ def _probe_tls(host: str, port: int, tls: TlsArgs, timeout_s: float) -> str | No
         return None
 
 
+def _unread_answer(assoc: Association) -> A_ASSOCIATE | None:
+    """The peer's answer to the association request that the association's DUL received and
+    its thread did not read. pynetdicom's requestor waits for the connection to be made, then
+    takes a connection already closed for one never made and aborts; the DUL, meanwhile, may
+    have sent the request, received the peer's A-ASSOCIATE-RJ and closed the connection, as
+    the rejection requires. Under load one rejection in a few hundred was reported as an
+    abort ("peer closed the connection"): the peer's reasons are in this answer."""
+    for item in list(assoc.dul.to_user_queue.queue):
+        if isinstance(item, A_ASSOCIATE) and item.result is not None:
+            return item
+    return None
+
+
 def _association_error(
     assoc: Association,
     *,
@@ -281,8 +295,8 @@ def _association_error(
         if elapsed_s >= 0.95 * timeout_s:
             return f"connection to {host}:{port} timed out after {timeout_s:g} s"
         return _probe_connection(host, port, timeout_s)
-    primitive = assoc.acceptor.primitive
-    if assoc.is_rejected and primitive is not None:
+    primitive = assoc.acceptor.primitive or _unread_answer(assoc)
+    if primitive is not None and primitive.result in (0x01, 0x02):
         return (
             f"association rejected by {called_ae}@{host}:{port}: "
             f"result={primitive.result_str} ({primitive.result}), "

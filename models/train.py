@@ -47,7 +47,7 @@ from models.continual import (
     save_fisher,
 )
 from models.data import synth
-from models.data.dicom_dataset import load_unit_images, scan_folder
+from models.data.dicom_dataset import LabelledImage, load_unit_images, scan_folder
 from models.model_io import read_manifest, write_model_manifest
 from models.networks import Network, build, feature_stride
 from models.networks.amrinet import AMRINetConfig
@@ -436,12 +436,27 @@ def synthetic_split(
     )
 
 
+def validation_mask(items: Sequence[LabelledImage], val_fraction: float, seed: int) -> np.ndarray:
+    """Which of ``items`` are held out for validation: whole patients (their pseudonym) where
+    known, else whole studies, ``val_fraction`` of them (at least one of two or more), drawn
+    with ``seed``."""
+    group_of = [item.patient or f"study:{item.study_instance_uid}" for item in items]
+    groups = sorted(set(group_of))
+    rng = np.random.default_rng([seed, 3])
+    n_val = max(1, round(len(groups) * val_fraction)) if len(groups) > 1 else 0
+    val_groups = set(rng.permutation(groups)[:n_val].tolist())
+    return np.asarray([group in val_groups for group in group_of], dtype=bool)
+
+
 def folder_splits(
     config: TrainingConfig, root: Path, spec: PreprocessSpec
 ) -> tuple[ImageSet, ImageSet, dict[str, str]]:
-    """Train/validation sets from a labelled DICOM folder, split by study (seeded).
+    """Train/validation sets from a labelled DICOM folder, split by patient where
+    ``labels.csv`` names them (its ``patient`` column: the feedback export's pseudonyms), else
+    by study (seeded): a patient's studies all land on one side, so validation never scores
+    the model on a patient it trained on.
 
-    With a single study there is nothing to hold out and validation reuses the training set.
+    With a single group there is nothing to hold out and validation reuses the training set.
     Also returns the files the preprocessing refused, with their reasons.
     """
     d = config.data
@@ -449,12 +464,8 @@ def folder_splits(
     if not items:
         raise ValueError(f"no labelled DICOM images found under {root}")
     images, kept, refused = load_unit_images(items, spec)
-    studies = sorted({items[i].study_instance_uid for i in kept})
-    rng = np.random.default_rng([d.seed, 3])
-    n_val = max(1, round(len(studies) * d.val_fraction)) if len(studies) > 1 else 0
-    val_studies = set(rng.permutation(studies)[:n_val].tolist())
+    is_val = validation_mask([items[i] for i in kept], d.val_fraction, d.seed)
     index = {name: i for i, name in enumerate(d.labels)}
-    is_val = np.asarray([items[i].study_instance_uid in val_studies for i in kept])
     targets = np.asarray([index[items[i].label] for i in kept], dtype=np.int64)
     sites = np.asarray(
         [-1 if items[i].site is None else items[i].site for i in kept], dtype=np.int64

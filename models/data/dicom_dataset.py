@@ -46,6 +46,8 @@ class LabelledImage:
     site: int | None
     #: The frame (1-based) of a multi-frame image; None for a single-frame image.
     frame_number: int | None = None
+    #: The patient (a pseudonym: ``labels.csv``'s optional ``patient`` column), "" if unknown.
+    patient: str = ""
 
     @property
     def name(self) -> str:
@@ -57,6 +59,7 @@ class LabelledImage:
 class _Row:
     label: str
     site: int | None
+    patient: str = ""
 
 
 def read_labels_csv(path: Path) -> tuple[dict[str, _Row], dict[str, _Row]]:
@@ -73,7 +76,11 @@ def read_labels_csv(path: Path) -> tuple[dict[str, _Row], dict[str, _Row]]:
             )
         for line in reader:
             site_text = (line.get("site") or "").strip()
-            row = _Row(line["label"].strip(), int(site_text) if site_text else None)
+            row = _Row(
+                line["label"].strip(),
+                int(site_text) if site_text else None,
+                (line.get("patient") or "").strip(),
+            )
             sop = (line.get("sop_instance_uid") or "").strip()
             study = (line.get("study_instance_uid") or "").strip()
             frame_text = (line.get("frame_number") or "").strip()
@@ -111,7 +118,7 @@ def scan_folder(
                 continue
             if labels is not None and row.label not in labels:
                 raise ValueError(f"{path}: label {row.label!r} is not one of {list(labels)}")
-            items.append(LabelledImage(path, study, sop, row.label, row.site, frame))
+            items.append(LabelledImage(path, study, sop, row.label, row.site, frame, row.patient))
     return items
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,7 +17,14 @@ from acwi_node.inference.preprocess import PreprocessSpec
 from models.cli import main as cli_main
 from models.data.dicom_dataset import DicomFolderDataset, scan_folder
 from models.data.synth import write_dataset, write_study
-from models.train import config_from_dict, fit_ood, fit_temperature, load_config, train
+from models.train import (
+    config_from_dict,
+    fit_ood,
+    fit_temperature,
+    load_config,
+    train,
+    validation_mask,
+)
 
 TINY = {
     "data": {"train_images": 24, "val_images": 12, "workers": 1},
@@ -123,3 +131,24 @@ def test_fit_ood_whitens_training_data() -> None:
     np.testing.assert_allclose(mean, 1.0, atol=0.1)
     white = (data - mean) @ np.linalg.cholesky(precision)
     np.testing.assert_allclose(np.cov(white, rowvar=False), np.eye(4), atol=0.1)
+
+
+def test_validation_holds_out_whole_patients(tmp_path: Path) -> None:
+    """With the feedback export's ``patient`` column, a patient's studies all land on one side
+    of the split; without it, the split is by study."""
+    write_dataset(tmp_path, 12, seed=4, size=96)
+    labels = tmp_path / "labels.csv"
+    lines = labels.read_text().splitlines()
+    header, rows = lines[0], lines[1:]
+    with_patients = [header + ",patient"] + [f"{row},ANON-{n % 3}" for n, row in enumerate(rows)]
+    labels.write_text("\n".join(with_patients) + "\n")
+    items = scan_folder(tmp_path)
+    assert {item.patient for item in items} == {"ANON-0", "ANON-1", "ANON-2"}
+    for seed in range(6):
+        is_val = validation_mask(items, 0.34, seed)
+        held = {item.patient for item, val in zip(items, is_val, strict=True) if val}
+        kept = {item.patient for item, val in zip(items, is_val, strict=True) if not val}
+        assert len(held) == 1 and not held & kept
+    anonymous = [dataclasses.replace(item, patient="") for item in items]
+    is_val = validation_mask(anonymous, 0.25, 0)
+    assert int(is_val.sum()) == 3  # 3 of the 12 studies

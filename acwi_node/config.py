@@ -768,6 +768,22 @@ class ReviewSettings(_Strict):
     sign_in_max_delay_s: int = Field(60, ge=0, le=3600)
 
 
+class FeedbackSettings(_Strict):
+    """``acwi-node feedback export``: the reviewed cases as a labelled dataset (README
+    "For radiologists")."""
+
+    #: De-identify the exported images (DICOM PS3.15 Annex E, Basic Application Level
+    #: Confidentiality Profile); off, or ``--identified`` on the command line: exact copies.
+    deidentify: bool = True
+    #: Keep the patient's age, sex, size and weight (the profile's Retain Patient
+    #: Characteristics Option): what a model's subgroup evaluation needs.
+    retain_patient_characteristics: bool = True
+    #: The key that makes replaced UIDs and patient pseudonyms the same in every export (an
+    #: HMAC key: without it nobody can tell which original a pseudonym stands for); default
+    #: ``<data_dir>/feedback-deid.key``, created with mode 0600 when missing.
+    key_file: Path | None = None
+
+
 class AuditSettings(_Strict):
     """The audit trail (README "Audit trail"): JSON lines, optionally syslog (IHE ATNA)."""
 
@@ -844,6 +860,7 @@ class Settings(BaseSettings):
     models: list[ModelSpec] = Field(default_factory=list)
     observability: ObservabilitySettings = ObservabilitySettings()
     review: ReviewSettings = ReviewSettings()
+    feedback: FeedbackSettings = FeedbackSettings()
     dicomweb: DicomwebSettings = DicomwebSettings()
     audit: AuditSettings = AuditSettings()
 
@@ -912,6 +929,10 @@ class Settings(BaseSettings):
     @property
     def review_secret_key_file(self) -> Path:
         return self.review.secret_key_file or self.data_dir / "review-secret.key"
+
+    @property
+    def feedback_key_file(self) -> Path:
+        return self.feedback.key_file or self.data_dir / "feedback-deid.key"
 
     @property
     def database_url(self) -> str:

@@ -235,8 +235,9 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("ascii", "replace")).hexdigest()
 
 
-def load_secret_key(path: Path) -> bytes:
-    """The CSRF signing key, created (0600, 32 random bytes) when the file does not exist."""
+def load_secret_key(path: Path, what: str = "the review secret key") -> bytes:
+    """A secret key (the CSRF signing key, the feedback export's de-identification key),
+    created (0600, 32 random bytes) when the file does not exist."""
     path = Path(path)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -252,7 +253,7 @@ def load_secret_key(path: Path) -> bytes:
             tmp.unlink()
     key = path.read_bytes()
     if len(key) < 16:
-        raise ValueError(f"{path}: the review secret key must hold at least 16 bytes")
+        raise ValueError(f"{path}: {what} must hold at least 16 bytes")
     return key
 
 

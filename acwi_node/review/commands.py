@@ -42,6 +42,11 @@ def add_parsers(sub: Any) -> None:
         "export", help="write DIR/images/*.dcm and DIR/labels.csv (acwi-models train reads it)"
     )
     export.add_argument("dir", type=Path)
+    export.add_argument(
+        "--identified",
+        action="store_true",
+        help="exact copies of the images, identifiers and all (default: feedback.deidentify)",
+    )
 
 
 def _operator() -> str:
@@ -70,18 +75,32 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     ledger = Ledger(settings.database_url)
     try:
         if args.command == "feedback":
-            from acwi_node.review.feedback import export_feedback
+            from acwi_node.review.feedback import ExportError, export_feedback
 
-            report = export_feedback(settings, ledger, args.dir)
+            try:
+                report = export_feedback(
+                    settings, ledger, args.dir, deidentify=False if args.identified else None
+                )
+            except (ExportError, OSError) as exc:
+                print(f"acwi-node feedback export: {exc}", file=sys.stderr)
+                return 1
+            how = "de-identified" if report.deidentified else "with identifiers"
             audit(
                 AuditEvent.FEEDBACK_EXPORTED,
                 participants=[user(_operator())],
-                detail=f"{report.images} image(s) of {report.cases} reviewed case(s) exported",
+                detail=f"{report.images} image(s) of {report.cases} reviewed case(s) exported,"
+                f" {how}" + (f"; {report.withheld} withheld" if report.withheld else ""),
             )
+            notes = []
+            if report.missing:
+                notes.append(f"{report.missing} no longer in the spool or unreadable")
+            if report.withheld:
+                notes.append(
+                    f"{report.withheld} withheld (burned-in annotation: not de-identified)"
+                )
             print(
                 f"exported {report.images} image(s) of {report.cases} reviewed case(s) "
-                f"to {args.dir}"
-                + (f"; {report.missing} no longer in the spool" if report.missing else "")
+                f"to {args.dir}, {how}" + "".join(f"; {n}" for n in notes)
             )
             return 0
         store = ReviewStore(ledger)

@@ -2,31 +2,55 @@
 
 ``export_feedback(settings, ledger, out_dir)`` writes::
 
-    out_dir/images/<SOP Instance UID>.dcm   copies of the analysed source instances (spool)
+    out_dir/images/<SOP Instance UID>.dcm   the analysed source instances, de-identified
+                                            (:mod:`.deidentify`) or exact copies (spool)
     out_dir/labels.csv                      sop_instance_uid, frame_number,
                                             study_instance_uid, label, site, calling_ae,
-                                            verdict, model_label
+                                            verdict, model_label, patient
+    out_dir/deidentification.json           how the images were de-identified (when they were)
 
 ``labels.csv`` is the format ``models/data/dicom_dataset.py`` reads: one row per image the
 model read (a frame of a multi-frame image is one, with its ``frame_number``; empty for a
 single-frame image; the file is copied once), the label the radiologist stood by (confirm:
 the model's label; override: the corrected one);
-``site`` numbers the calling AE titles in sorted order. Escalated cases without a final verdict
-are left out. Running it again into the same folder rewrites the CSV and adds new images.
+``site`` numbers the calling AE titles in sorted order; ``patient`` is the patient's
+pseudonym, the same in every export made with the node's key, so that a training split can
+keep each patient's images on one side. De-identified, the UIDs are the replaced ones (the
+file names too) and ``calling_ae`` is empty (it names a device of the hospital). Escalated
+cases without a final verdict are left out. Running it again into the same folder rewrites
+the CSV and adds new images; a folder holds either de-identified images or exact copies,
+never both.
 """
 
 from __future__ import annotations
 
 import csv
+import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
+from pydicom.errors import InvalidDicomError
+
 from acwi_node.config import Settings
 from acwi_node.ingest.spool import Spool, is_safe_uid
 from acwi_node.ledger import Ledger
+from acwi_node.review.auth import load_secret_key
+from acwi_node.review.deidentify import (
+    PROFILE_EDITION,
+    DeidentificationRefused,
+    Deidentifier,
+    method_description,
+)
 from acwi_node.review.store import ReviewStore
+
+log = logging.getLogger("acwi_node.review")
+
+#: Beside the images of a de-identified export: how they were de-identified.
+METHOD_FILE = "deidentification.json"
 
 COLUMNS = (
     "sop_instance_uid",
@@ -37,45 +61,91 @@ COLUMNS = (
     "calling_ae",
     "verdict",
     "model_label",
+    "patient",
 )
+
+
+class ExportError(ValueError):
+    """The export cannot be written into that folder (the reason says why)."""
 
 
 @dataclass(frozen=True)
 class ExportReport:
     cases: int
     images: int
+    #: Images whose file was gone (storage retention) or unreadable.
     missing: int
+    deidentified: bool = False
+    #: Images not exported because de-identification could not make them safe.
+    withheld: int = 0
 
 
-def export_feedback(settings: Settings, ledger: Ledger, out_dir: Path) -> ExportReport:
-    """Write the reviewed cases into ``out_dir`` (created if needed)."""
+@dataclass
+class _Copied:
+    """One instance in the export: its UIDs there (replaced when de-identified), its
+    patient's pseudonym; ``ok`` False when it is not there."""
+
+    ok: bool
+    sop: str = ""
+    study: str = ""
+    patient: str = ""
+    withheld: bool = False
+
+
+def export_feedback(
+    settings: Settings, ledger: Ledger, out_dir: Path, *, deidentify: bool | None = None
+) -> ExportReport:
+    """Write the reviewed cases into ``out_dir`` (created if needed), de-identified unless
+    ``deidentify`` is False (None: ``feedback.deidentify``)."""
+    if deidentify is None:
+        deidentify = settings.feedback.deidentify
+    out_dir = Path(out_dir)
+    _check_folder(out_dir, deidentify)
+    key = load_secret_key(settings.feedback_key_file, "the de-identification key")
+    deidentifier = Deidentifier(
+        key, retain_patient_characteristics=settings.feedback.retain_patient_characteristics
+    )
     store = ReviewStore(ledger)
     cases = store.reviewed_cases()
-    out_dir = Path(out_dir)
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
+    if deidentify:
+        _write_method(out_dir, settings)
     spool = Spool(settings.spool_dir, fsync=False)
     sites = {ae: n for n, ae in enumerate(sorted({c["calling_ae"] for c in cases}))}
     rows: list[dict[str, str]] = []
-    missing = 0
+    missing = withheld = 0
     for case in cases:
-        copied: dict[str, bool] = {}  # by SOP Instance UID: whether its file is there
+        copied: dict[str, _Copied] = {}  # by SOP Instance UID
         for sop, frame in case["images"]:
             if sop not in copied:
-                copied[sop] = _copy_instance(spool, store, case["study_uid"], sop, images_dir)
-            if not copied[sop]:
-                missing += 1
+                copied[sop] = _export_instance(
+                    spool,
+                    store,
+                    case["study_uid"],
+                    sop,
+                    images_dir,
+                    deidentifier,
+                    deidentify=deidentify,
+                )
+            done = copied[sop]
+            if not done.ok:
+                if done.withheld:
+                    withheld += 1
+                else:
+                    missing += 1
                 continue
             rows.append(
                 {
-                    "sop_instance_uid": sop,
+                    "sop_instance_uid": done.sop,
                     "frame_number": "" if frame is None else str(frame),
-                    "study_instance_uid": case["study_uid"],
+                    "study_instance_uid": done.study,
                     "label": case["label"],
                     "site": str(sites[case["calling_ae"]]),
-                    "calling_ae": case["calling_ae"],
+                    "calling_ae": "" if deidentify else case["calling_ae"],
                     "verdict": case["action"],
                     "model_label": case["model_label"],
+                    "patient": done.patient,
                 }
             )
     tmp_csv = out_dir / "labels.csv.tmp"
@@ -84,22 +154,89 @@ def export_feedback(settings: Settings, ledger: Ledger, out_dir: Path) -> Export
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp_csv, out_dir / "labels.csv")
-    return ExportReport(cases=len(cases), images=len(rows), missing=missing)
+    return ExportReport(
+        cases=len(cases),
+        images=len(rows),
+        missing=missing,
+        deidentified=deidentify,
+        withheld=withheld,
+    )
 
 
-def _copy_instance(
-    spool: Spool, store: ReviewStore, study_uid: str, sop: str, images_dir: Path
-) -> bool:
-    """Copy one analysed instance from the spool into ``images_dir``; False when it is gone
-    (or its UID could name a path)."""
+def _check_folder(out_dir: Path, deidentify: bool) -> None:
+    """One folder, one kind of export: de-identified images never beside exact copies."""
+    if not (out_dir / "labels.csv").exists():
+        return
+    was_deidentified = (out_dir / METHOD_FILE).exists()
+    if was_deidentified and not deidentify:
+        raise ExportError(
+            f"{out_dir} holds a de-identified export: export the identified images into"
+            " another folder"
+        )
+    if deidentify and not was_deidentified:
+        raise ExportError(
+            f"{out_dir} holds an export with identifiers (no {METHOD_FILE}): export the"
+            " de-identified images into another folder"
+        )
+
+
+def _write_method(out_dir: Path, settings: Settings) -> None:
+    option = settings.feedback.retain_patient_characteristics
+    method = {
+        "method": method_description(option),
+        "profile": "DICOM PS3.15 Annex E, Basic Application Level Confidentiality Profile",
+        "table_edition": PROFILE_EDITION,
+        "options": ["Retain Patient Characteristics Option"] if option else [],
+        "uids": "replaced: 2.25. and an HMAC-SHA256 of the original with the node's key",
+        "patients": "pseudonyms: ANON- and an HMAC-SHA256 of issuer and patient ID",
+        "pixel_data": "not cleaned; images with Burned In Annotation YES are not exported",
+    }
+    tmp = out_dir / (METHOD_FILE + ".tmp")
+    tmp.write_text(json.dumps(method, indent=2) + "\n")
+    os.replace(tmp, out_dir / METHOD_FILE)
+
+
+def _export_instance(
+    spool: Spool,
+    store: ReviewStore,
+    study_uid: str,
+    sop: str,
+    images_dir: Path,
+    deidentifier: Deidentifier,
+    *,
+    deidentify: bool,
+) -> _Copied:
+    """Write one analysed instance from the spool into ``images_dir``, de-identified or an
+    exact copy; not ``ok`` when it is gone, unreadable, or refused by de-identification (or
+    its UID could name a path). ``deidentifier`` gives the patient's pseudonym either way."""
     if not is_safe_uid(sop):
-        return False
+        return _Copied(False)
     rel = store.instance_path(study_uid, sop)
     source = spool.resolve(rel) if rel else None
     if source is None or not source.is_file():
-        return False
-    target = images_dir / f"{sop}.dcm"
+        return _Copied(False)
+    try:
+        ds = pydicom.dcmread(source, force=True)
+        patient = deidentifier.pseudonym(
+            str(ds.get("PatientID", "") or ""), str(ds.get("IssuerOfPatientID", "") or "")
+        )
+    except (InvalidDicomError, OSError, ValueError) as exc:
+        log.warning("feedback export: an instance of a reviewed case is unreadable: %s", exc)
+        return _Copied(False)
+    if not deidentify:
+        target = images_dir / f"{sop}.dcm"
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+        return _Copied(True, sop, study_uid, patient)
+    try:
+        deidentifier.apply(ds)
+    except DeidentificationRefused as exc:
+        log.warning("feedback export: an image of a reviewed case is withheld: %s", exc)
+        return _Copied(False, withheld=True)
+    new_sop = str(ds.SOPInstanceUID)
+    target = images_dir / f"{new_sop}.dcm"
     tmp = target.with_name(target.name + ".tmp")
-    shutil.copyfile(source, tmp)
+    ds.save_as(tmp, enforce_file_format=True)
     os.replace(tmp, target)
-    return True
+    return _Copied(True, new_sop, str(ds.StudyInstanceUID), patient)

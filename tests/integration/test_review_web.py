@@ -22,17 +22,19 @@ from PIL import Image
 from sqlalchemy import select
 
 from acwi_node.audit import audit_file, close_audit, configure_audit
+from acwi_node.cli import build_parser
 from acwi_node.config import Settings
 from acwi_node.export.outbox import Exporter
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import AuditEvent, Delivery, Result, Verdict
 from acwi_node.results.heatmap import MAX_ALPHA
 from acwi_node.results.sr import summarise_sr
-from acwi_node.review.feedback import export_feedback
+from acwi_node.review.commands import run as run_review_command
+from acwi_node.review.feedback import ExportError, export_feedback
 from acwi_node.review.store import ReviewStore
 from acwi_node.web.api import create_app
 from models.data.dicom_dataset import scan_folder
-from models.data.synth import write_ct_series, write_enhanced_ct
+from models.data.synth import write_ct_series, write_enhanced_ct, write_study
 from tests.support.dciodvfy import dciodvfy_errors
 from tests.support.orthanc import OrthancServer, require_orthanc
 from tests.support.ports import free_port
@@ -253,7 +255,7 @@ def test_worklist_case_and_override(
     assert "Verified SR" in closed.text and "This case is closed." in closed.text
     assert "&lt;b&gt;rib&lt;/b&gt; overlap" in closed.text
 
-    export = export_feedback(settings, ledger, tmp_path / "feedback")
+    export = export_feedback(settings, ledger, tmp_path / "feedback", deidentify=False)
     assert (export.cases, export.images, export.missing) == (1, 2, 0)
     items = scan_folder(tmp_path / "feedback")
     assert {i.label for i in items} == {other}
@@ -445,7 +447,7 @@ def test_a_multi_frame_case_shows_each_frame_and_exports_a_row_per_frame(
         f"{sop} frame {n}" for n in (1, 2, 3)
     ]
     assert dciodvfy_errors(verified_path) == []
-    export = export_feedback(settings, ledger, tmp_path / "feedback")
+    export = export_feedback(settings, ledger, tmp_path / "feedback", deidentify=False)
     assert (export.cases, export.images, export.missing) == (1, 3, 0)
     assert [p.name for p in (tmp_path / "feedback" / "images").iterdir()] == [f"{sop}.dcm"]
     with (tmp_path / "feedback" / "labels.csv").open() as fh:
@@ -528,3 +530,103 @@ def test_a_radiograph_case_offers_the_automatic_window_alone(
     sign_in(client)
     page = client.get(f"/review/cases/{item}")
     assert _windows(page.text) == ["", "auto"]
+
+
+def test_the_feedback_export_is_de_identified(
+    env: tuple[Settings, Ledger, TestClient],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """By default the exported images are de-identified: none of the source's identifiers (a
+    name, an ID, an accession number, an institution, a private attribute, the study's UID,
+    the sender's AE title) in any byte of the images or of labels.csv; the rows name the
+    replaced UIDs, the files' own, and the training loader reads them; another export gives
+    the same names; exact copies are refused in that folder."""
+    settings, ledger, client = env
+    files = write_study(
+        tmp_path / "src",
+        n_images=2,
+        label="nodule",
+        seed=7,
+        size=128,
+        patient_name="CANARYNAME^CANARYGIVEN",
+        accession_number="CANARYACC",
+    )
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.PatientID = "CANARYID"
+        ds.InstitutionName = "CANARYHOSP"
+        ds.add_new(0x00090010, "LO", "VENDOR")
+        ds.add_new(0x00091010, "LO", "CANARYPRIV")
+        ds.save_as(path)
+    item, study_uid = make_review_case(settings, ledger, tmp_path, files=files)
+    csrf = sign_in(client)
+    verdict = client.post(
+        f"/review/cases/{item}/verdict",
+        data={"csrf_token": csrf, "action": "confirm"},
+        follow_redirects=False,
+    )
+    assert verdict.status_code == 303, verdict.text
+
+    out = tmp_path / "feedback"
+    args = build_parser().parse_args(["feedback", "export", str(out)])
+    assert run_review_command(settings, args) == 0
+    printed = capsys.readouterr().out
+    assert "exported 2 image(s) of 1 reviewed case(s)" in printed and "de-identified" in printed
+    exported = sorted((out / "images").iterdir())
+    with (out / "labels.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    canaries = ("CANARYNAME", "CANARYID", "CANARYACC", "CANARYHOSP", "CANARYPRIV", "SITEA")
+    for path in [*exported, out / "labels.csv"]:
+        data = path.read_bytes()
+        for canary in (*canaries, study_uid):
+            assert canary.encode() not in data, (canary, path.name)
+    assert {f"{r['sop_instance_uid']}.dcm" for r in rows} == {p.name for p in exported}
+    assert {r["calling_ae"] for r in rows} == {""}
+    assert {r["site"] for r in rows} == {"0"}
+    pseudonyms = {r["patient"] for r in rows}
+    assert len(pseudonyms) == 1 and next(iter(pseudonyms)).startswith("ANON-")
+    for path in exported:
+        ds = pydicom.dcmread(path)
+        assert ds.PatientIdentityRemoved == "YES"
+        assert ds.StudyInstanceUID == rows[0]["study_instance_uid"]
+        assert ds.PatientID == rows[0]["patient"]
+    items = scan_folder(out)
+    assert {i.sop_instance_uid for i in items} == {r["sop_instance_uid"] for r in rows}
+    method = json.loads((out / "deidentification.json").read_text())
+    assert method["options"] == ["Retain Patient Characteristics Option"]
+    trail = [r for r in trail_records(settings) if r["event"] == "feedback_exported"]
+    assert trail and "de-identified" in trail[-1]["detail"]
+
+    again = export_feedback(settings, ledger, out)
+    assert (again.images, again.deidentified) == (2, True)
+    assert sorted(p.name for p in (out / "images").iterdir()) == [p.name for p in exported]
+    with pytest.raises(ExportError, match="de-identified export"):
+        export_feedback(settings, ledger, out, deidentify=False)
+    identified = build_parser().parse_args(["feedback", "export", "--identified", str(out)])
+    assert run_review_command(settings, identified) == 1
+    assert "another folder" in capsys.readouterr().err
+    plain = export_feedback(settings, ledger, tmp_path / "identified", deidentify=False)
+    assert plain.images == 2 and not plain.deidentified
+    with pytest.raises(ExportError, match="with identifiers"):
+        export_feedback(settings, ledger, tmp_path / "identified")
+
+
+def test_an_image_with_burned_in_text_is_withheld_from_the_de_identified_export(
+    env: tuple[Settings, Ledger, TestClient], tmp_path: Path
+) -> None:
+    settings, ledger, client = env
+    files = write_study(tmp_path / "src", n_images=2, label="nodule", seed=8, size=128)
+    marked = pydicom.dcmread(files[0])
+    marked.BurnedInAnnotation = "YES"
+    marked.save_as(files[0])
+    item, _ = make_review_case(settings, ledger, tmp_path, files=files)
+    csrf = sign_in(client)
+    client.post(
+        f"/review/cases/{item}/verdict",
+        data={"csrf_token": csrf, "action": "confirm"},
+        follow_redirects=False,
+    )
+    export = export_feedback(settings, ledger, tmp_path / "feedback")
+    assert (export.images, export.withheld, export.missing) == (1, 1, 0)
+    assert len(list((tmp_path / "feedback" / "images").iterdir())) == 1

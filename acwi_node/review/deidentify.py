@@ -1,0 +1,257 @@
+"""De-identifying an image before it leaves the node as training data.
+
+DICOM PS3.15 Annex E, the Basic Application Level Confidentiality Profile, with the Retain
+Patient Characteristics Option (optional). The profile's table of attributes and actions
+(Table E.1-1, edition 2026c) comes from the ``dicom-anonymizer`` package's copy of it; the
+actions are the node's:
+
+* **X** removed; **Z** emptied (a sequence: no items); **K** kept.
+* **D** a dummy value of the attribute's VR (``ANONYMIZED``, ``19000101``, ...); a sequence
+  keeps its items, each de-identified in turn.
+* **U** a new UID: ``2.25.`` and a keyed hash (HMAC-SHA256) of the original, so the same
+  original always gets the same replacement, in this export and the next, and the references
+  between images (study, series, frame of reference, source images) still hold.
+* Where the table allows several actions, the one that keeps the object valid whatever its
+  IOD: **X/Z** empties, **X/D**, **Z/D** and **X/Z/D** put a dummy, **X/Z/U*** replaces UIDs.
+* Patient's Name and Patient ID become one pseudonym, a keyed hash of the issuer and the ID:
+  images of one patient stay together (a training split by patient), and without the key
+  nobody can tell whom a pseudonym stands for.
+* Every private attribute, every curve (50xx) and overlay (60xx) group, and every Person Name
+  the table does not list are removed or emptied as well.
+* Patient Identity Removed (0012,0062) ``YES``, De-identification Method (0012,0063) and its
+  code sequence (0012,0064: DCM 113100, and 113108 with the option) and Longitudinal
+  Temporal Information Modified (0028,0303) ``REMOVED`` record what was done.
+
+Pixel data is not cleaned (the profile's Clean Pixel Data Option): an image whose Burned In
+Annotation (0028,0301) is ``YES`` is refused (:class:`DeidentificationRefused`).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import importlib
+from dataclasses import dataclass
+from functools import cache
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import UID
+
+from acwi_node import __version__
+
+#: The edition of PS3.15 Table E.1-1 applied (a module of ``dicom-anonymizer``).
+PROFILE_EDITION = "2026c"
+
+#: The table's action lists, by the action the node takes.
+_ACTIONS = {
+    "X_TAGS": "X",
+    "Z_TAGS": "Z",
+    "D_TAGS": "D",
+    "U_TAGS": "U",
+    "X_Z_TAGS": "Z",
+    "X_D_TAGS": "D",
+    "Z_D_TAGS": "D",
+    "X_Z_D_TAGS": "D",
+    "X_Z_U_STAR_TAGS": "U",
+}
+
+#: Kept with the Retain Patient Characteristics Option (PS3.15 E.3.6; a subset of the
+#: option's list: removing more is always within the profile).
+PATIENT_CHARACTERISTICS = frozenset(
+    Tag(keyword) for keyword in ("PatientAge", "PatientSex", "PatientSize", "PatientWeight")
+)
+
+#: What each action puts in an attribute of a given VR (D).
+_DUMMIES: dict[str, object] = {
+    "AE": "ANONYMIZED",
+    "AS": "000Y",
+    "CS": "ANONYMIZED",
+    "DA": "19000101",
+    "DS": "0",
+    "DT": "19000101000000",
+    "IS": "0",
+    "LO": "ANONYMIZED",
+    "LT": "ANONYMIZED",
+    "PN": "ANONYMIZED",
+    "SH": "ANONYMIZED",
+    "ST": "ANONYMIZED",
+    "TM": "000000",
+    "UC": "ANONYMIZED",
+    "UT": "ANONYMIZED",
+}
+_NUMBERS = frozenset({"FD", "FL", "SL", "SS", "SV", "UL", "US", "UV"})
+
+
+class DeidentificationRefused(ValueError):
+    """An image the profile cannot make safe (burned-in annotation)."""
+
+
+@dataclass(frozen=True)
+class _Table:
+    exact: dict[int, str]
+    #: (group, element, group mask, element mask, action) for the table's ``xx`` entries.
+    masked: tuple[tuple[int, int, int, int, str], ...]
+
+
+@cache
+def _table() -> _Table:
+    module = importlib.import_module(
+        f"dicomanonymizer.dicom_anonymization_databases.dicomfields_{PROFILE_EDITION}"
+    )
+    exact: dict[int, str] = {}
+    masked: list[tuple[int, int, int, int, str]] = []
+    for name, action in _ACTIONS.items():
+        for entry in getattr(module, name):
+            if len(entry) == 2:
+                exact[(entry[0] << 16) | entry[1]] = action
+            else:
+                masked.append((entry[0], entry[1], entry[2], entry[3], action))
+    return _Table(exact, tuple(masked))
+
+
+def method_description(retain_patient_characteristics: bool) -> str:
+    """De-identification Method (0012,0063): what was applied, by whom."""
+    text = f"ACWI Node {__version__}: PS3.15 E.1 Basic Profile ({PROFILE_EDITION})"
+    if retain_patient_characteristics:
+        text += ", Retain Patient Characteristics Option"
+    return text + "; pixel data not cleaned; UIDs replaced by keyed hashes"
+
+
+def method_values(retain_patient_characteristics: bool) -> list[str]:
+    """De-identification Method (0012,0063), one value per part (LO: 64 characters each)."""
+    values = [f"ACWI Node {__version__}", f"PS3.15 E.1 Basic Profile {PROFILE_EDITION}"]
+    if retain_patient_characteristics:
+        values.append("Retain Patient Characteristics Option")
+    return values + ["UIDs replaced by keyed hashes", "pixel data not cleaned"]
+
+
+class Deidentifier:
+    """Applies the profile with one key (the same key: the same UIDs and pseudonyms)."""
+
+    def __init__(self, key: bytes, *, retain_patient_characteristics: bool = True) -> None:
+        if len(key) < 16:
+            raise ValueError("the de-identification key must hold at least 16 bytes")
+        self._key = key
+        self.retain_patient_characteristics = retain_patient_characteristics
+        self._table = _table()
+
+    # ---------------------------------------------------------------- identifiers
+    def _digest(self, purpose: str, value: str) -> bytes:
+        return hmac.new(self._key, f"{purpose}\0{value}".encode(), hashlib.sha256).digest()
+
+    def uid(self, value: str) -> str:
+        """The replacement of a UID: ``2.25.`` and 128 bits of its keyed hash."""
+        number = int.from_bytes(self._digest("uid", value.strip("\0 "))[:16], "big")
+        return f"2.25.{number}"
+
+    def pseudonym(self, patient_id: str, issuer: str = "") -> str:
+        """A patient's pseudonym: ``ANON-`` and 80 bits of the keyed hash of issuer and ID."""
+        digest = self._digest("patient", f"{issuer.strip()}\0{patient_id.strip()}")
+        return "ANON-" + base64.b32encode(digest[:10]).decode("ascii")
+
+    # ---------------------------------------------------------------- the profile
+    def apply(self, ds: Dataset) -> Dataset:
+        """De-identify ``ds`` in place (its file meta included) and return it."""
+        if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
+            raise DeidentificationRefused(
+                "Burned In Annotation (0028,0301) is YES: the text in the pixels is not"
+                " removed (no Clean Pixel Data Option), so the image is not exported"
+            )
+        pseudonym = self.pseudonym(
+            str(ds.get("PatientID", "") or ""), str(ds.get("IssuerOfPatientID", "") or "")
+        )
+        self._clean(ds)
+        ds.PatientName = pseudonym
+        ds.PatientID = pseudonym
+        ds.PatientIdentityRemoved = "YES"
+        ds.DeidentificationMethod = method_values(self.retain_patient_characteristics)
+        codes = [("113100", "Basic Application Confidentiality Profile")]
+        if self.retain_patient_characteristics:
+            codes.append(("113108", "Retain Patient Characteristics Option"))
+        ds.DeidentificationMethodCodeSequence = Sequence([_code(*c) for c in codes])
+        ds.LongitudinalTemporalInformationModified = "REMOVED"
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None:
+            ds.file_meta = _clean_meta(meta, str(ds.get("SOPInstanceUID", "")))
+        return ds
+
+    def _action(self, tag: BaseTag) -> str | None:
+        if self.retain_patient_characteristics and tag in PATIENT_CHARACTERISTICS:
+            return "K"
+        action = self._table.exact.get(int(tag))
+        if action is not None:
+            return action
+        for group, element, group_mask, element_mask, masked_action in self._table.masked:
+            if tag.group & group_mask == group and tag.element & element_mask == element:
+                return masked_action
+        return None
+
+    def _clean(self, ds: Dataset) -> None:
+        for tag in list(ds.keys()):
+            tag = Tag(tag)
+            if tag.is_private or tag.element == 0 or (tag.group & 0xFF00) in (0x5000, 0x6000):
+                del ds[tag]  # private, group lengths, curves and overlays
+                continue
+            action = self._action(tag)
+            elem = ds[tag]
+            vr = elem.VR
+            if action is None:
+                if vr == "SQ":
+                    for item in elem.value or ():
+                        self._clean(item)
+                elif vr == "PN":
+                    elem.value = ""  # a person's name the table does not list
+                continue
+            if action == "K":
+                continue
+            if action == "X":
+                del ds[tag]
+            elif action == "Z" or elem.is_empty:
+                elem.value = [] if vr == "SQ" else _empty(vr)
+            elif vr == "SQ":  # D or U: the items stay, each de-identified
+                for item in elem.value or ():
+                    self._clean(item)
+            elif vr == "UI":
+                values = elem.value if elem.VM > 1 else [elem.value]
+                replaced = [self.uid(str(v)) for v in values]
+                elem.value = replaced if elem.VM > 1 else replaced[0]
+            else:
+                elem.value = _dummy(vr)
+
+
+def _empty(vr: str) -> object:
+    if vr in _NUMBERS:
+        return None
+    if vr in ("OB", "OD", "OF", "OL", "OV", "OW", "UN"):
+        return b""
+    return ""
+
+
+def _dummy(vr: str) -> object:
+    if vr in _DUMMIES:
+        return _DUMMIES[vr]
+    if vr in _NUMBERS:
+        return 0
+    return _empty(vr)
+
+
+def _code(value: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = "DCM"
+    item.CodeMeaning = meaning
+    return item
+
+
+def _clean_meta(meta: FileMetaDataset, sop_instance_uid: str) -> FileMetaDataset:
+    """The file meta of the de-identified object: its class, its (new) instance UID and its
+    transfer syntax; the sender's AE titles and implementation are left out."""
+    clean = FileMetaDataset()
+    clean.MediaStorageSOPClassUID = meta.get("MediaStorageSOPClassUID", "")
+    clean.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    if "TransferSyntaxUID" in meta:
+        clean.TransferSyntaxUID = meta.TransferSyntaxUID
+    return clean

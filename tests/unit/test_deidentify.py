@@ -1,0 +1,199 @@
+"""De-identifying exported images (PS3.15 Basic Profile): no identifier left anywhere in the
+written file, the same replacements with the same key, references between images kept, the
+image the model reads unchanged, and no new dciodvfy error."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import generate_uid
+
+from acwi_node.inference.preprocess import PreprocessSpec, to_unit_range
+from acwi_node.review.deidentify import (
+    DeidentificationRefused,
+    Deidentifier,
+)
+from models.data.synth import write_enhanced_ct
+from tests.support.dciodvfy import dciodvfy_errors, require_dciodvfy
+from tests.support.dx import make_dx
+
+KEY = b"k" * 32
+#: Identifying text put in every attribute below; none of it may survive.
+CANARIES = (
+    "CANARYNAME",
+    "CANARYID",
+    "19450203",
+    "CANARYACC",
+    "CANARYHOSP",
+    "CANARYSTREET",
+    "CANARYDOC",
+    "CANARYOPER",
+    "CANARYPRIV",
+    "CANARYOTHER",
+    "CANARYNESTED",
+    "CANARYOVERLAY",
+    "CANARYCOMMENT",
+    "CANARYSTATION",
+    "CANARYREQ",
+)
+UID_PATTERN = re.compile(r"^2\.25\.[1-9][0-9]{0,38}$")
+
+
+def identified_dx(study_uid: str | None = None) -> Dataset:
+    """A real DX header with identifiers in the places a modality puts them."""
+    ds = make_dx(study_uid or generate_uid())
+    ds.PatientName = "CANARYNAME^CANARYGIVEN"
+    ds.PatientID = "CANARYID"
+    ds.IssuerOfPatientID = "HOSPITAL"
+    ds.PatientBirthDate = "19450203"
+    ds.PatientAge = "079Y"
+    ds.PatientSex = "F"
+    ds.PatientWeight = "61"
+    ds.PatientAddress = "1 CANARYSTREET"
+    ds.AccessionNumber = "CANARYACC"
+    ds.InstitutionName = "CANARYHOSP"
+    ds.InstitutionAddress = "2 CANARYSTREET"
+    ds.ReferringPhysicianName = "CANARYDOC^Who"
+    ds.PerformingPhysicianName = "CANARYDOC^Other"
+    ds.OperatorsName = "CANARYOPER"
+    ds.StationName = "CANARYSTATION"
+    ds.ImageComments = "CANARYCOMMENT seen by Dr X"
+    other = Dataset()
+    other.PatientID = "CANARYOTHER"
+    other.TypeOfPatientID = "TEXT"
+    ds.OtherPatientIDsSequence = Sequence([other])
+    request = Dataset()
+    request.RequestedProcedureID = "CANARYREQ"
+    request.ScheduledProcedureStepID = "CANARYREQ2"
+    ds.RequestAttributesSequence = Sequence([request])
+    source = Dataset()
+    source.ReferencedSOPClassUID = ds.SOPClassUID
+    source.ReferencedSOPInstanceUID = "1.2.3.4.5.6"
+    ds.SourceImageSequence = Sequence([source])
+    # A Person Name the profile's table does not list, inside a sequence it does not list.
+    ds.AnatomicRegionSequence[0].EvaluatorName = "CANARYNESTED^Person"
+    ds.add_new(0x00091010, "LO", "CANARYPRIV")
+    ds.add_new(0x00090010, "LO", "VENDOR")  # its private creator
+    ds.add_new(0x60000022, "LO", "CANARYOVERLAY")  # Overlay Description
+    ds.FrameOfReferenceUID = "1.2.3.4.5.7"
+    return ds
+
+
+def written(ds: Dataset, path: Path) -> bytes:
+    ds.save_as(path, enforce_file_format=True)
+    return path.read_bytes()
+
+
+def test_no_identifier_is_left_in_the_written_file(tmp_path: Path) -> None:
+    ds = identified_dx()
+    original = written(ds, tmp_path / "before.dcm")
+    assert all(c.encode() in original for c in CANARIES if c != "CANARYREQ"), "a canary unset"
+    Deidentifier(KEY).apply(ds)
+    data = written(ds, tmp_path / "after.dcm")
+    left = [c for c in CANARIES if c.encode() in data]
+    assert left == []
+    for private in (0x00091010, 0x00090010):
+        assert private not in ds
+    assert not any(elem.tag.group == 0x6000 for elem in ds)
+    assert ds.PatientIdentityRemoved == "YES"
+    assert "Basic Profile" in " ".join(ds.DeidentificationMethod)
+    codes = [item.CodeValue for item in ds.DeidentificationMethodCodeSequence]
+    assert codes == ["113100", "113108"]
+    assert ds.LongitudinalTemporalInformationModified == "REMOVED"
+    assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_uids_are_replaced_the_same_way_every_time_and_references_hold() -> None:
+    study = generate_uid()
+    first, second = identified_dx(study), identified_dx(study)
+    originals = {
+        "study": first.StudyInstanceUID,
+        "series": first.SeriesInstanceUID,
+        "sop": first.SOPInstanceUID,
+    }
+    deid = Deidentifier(KEY)
+    deid.apply(first)
+    Deidentifier(KEY).apply(second)  # another export, the same key
+    assert first.StudyInstanceUID == second.StudyInstanceUID == deid.uid(originals["study"])
+    assert first.SeriesInstanceUID == deid.uid(originals["series"])
+    assert first.SOPInstanceUID == deid.uid(originals["sop"])
+    assert first.SOPInstanceUID != second.SOPInstanceUID  # two images stay two
+    reference = first.SourceImageSequence[0].ReferencedSOPInstanceUID
+    assert reference == deid.uid("1.2.3.4.5.6")
+    assert first.FrameOfReferenceUID == deid.uid("1.2.3.4.5.7")
+    for uid in (first.StudyInstanceUID, first.SOPInstanceUID, reference):
+        assert UID_PATTERN.match(uid) and len(uid) <= 64
+    assert first.SOPClassUID == second.SOPClassUID  # the class is not an identifier
+    other = identified_dx(study)
+    Deidentifier(b"x" * 32).apply(other)
+    assert other.StudyInstanceUID != first.StudyInstanceUID  # another key, other UIDs
+
+
+def test_a_patient_keeps_one_pseudonym_that_depends_on_the_key_and_issuer() -> None:
+    deid = Deidentifier(KEY)
+    ds = identified_dx()
+    deid.apply(ds)
+    assert ds.PatientID == str(ds.PatientName) == deid.pseudonym("CANARYID", "HOSPITAL")
+    assert ds.PatientID.startswith("ANON-") and len(ds.PatientID) <= 64
+    assert deid.pseudonym("CANARYID", "HOSPITAL") != deid.pseudonym("CANARYID", "OTHER")
+    assert deid.pseudonym("CANARYID") != Deidentifier(b"x" * 32).pseudonym("CANARYID")
+    with pytest.raises(ValueError, match="16 bytes"):
+        Deidentifier(b"short")
+
+
+@pytest.mark.parametrize("retain", [True, False])
+def test_patient_characteristics_are_kept_only_with_the_option(retain: bool) -> None:
+    ds = identified_dx()
+    Deidentifier(KEY, retain_patient_characteristics=retain).apply(ds)
+    assert ("PatientAge" in ds) is retain
+    assert ("PatientWeight" in ds) is retain
+    if retain:
+        assert (ds.PatientAge, ds.PatientSex) == ("079Y", "F")
+    else:
+        assert ds.get("PatientSex", "") == ""  # Type 2: present and empty
+    codes = [item.CodeValue for item in ds.DeidentificationMethodCodeSequence]
+    assert ("113108" in codes) is retain
+
+
+def test_an_image_with_burned_in_annotation_is_refused() -> None:
+    ds = identified_dx()
+    ds.BurnedInAnnotation = "YES"
+    with pytest.raises(DeidentificationRefused, match="Burned In Annotation"):
+        Deidentifier(KEY).apply(ds)
+
+
+def test_the_image_the_model_reads_is_unchanged(tmp_path: Path) -> None:
+    path = write_enhanced_ct(tmp_path / "ct", slices=3, size=64)
+    spec = PreprocessSpec(size=64)
+    before = [to_unit_range(pydicom.dcmread(path), spec, n) for n in (1, 2, 3)]
+    ds = pydicom.dcmread(path)
+    Deidentifier(KEY).apply(ds)
+    out = tmp_path / "deid.dcm"
+    ds.save_as(out, enforce_file_format=True)
+    after = [to_unit_range(pydicom.dcmread(out), spec, n) for n in (1, 2, 3)]
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a, b)
+    frame = pydicom.dcmread(out).PerFrameFunctionalGroupsSequence[0].FrameContentSequence[0]
+    assert frame.get("FrameAcquisitionDateTime", "19000101000000") == "19000101000000"
+
+
+@pytest.mark.parametrize("kind", ["dx", "enhanced-ct"])
+def test_no_new_dciodvfy_error(tmp_path: Path, kind: str) -> None:
+    require_dciodvfy()
+    if kind == "dx":
+        source = tmp_path / "dx.dcm"
+        identified_dx().save_as(source, enforce_file_format=True)
+    else:
+        source = write_enhanced_ct(tmp_path / "ct", slices=2, size=64)
+    ds = pydicom.dcmread(source)
+    Deidentifier(KEY).apply(ds)
+    out = tmp_path / "deid.dcm"
+    ds.save_as(out, enforce_file_format=True)
+    before = set(dciodvfy_errors(source))
+    assert [e for e in dciodvfy_errors(out) if e not in before] == []

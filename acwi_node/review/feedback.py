@@ -223,20 +223,33 @@ def _export_instance(
     except (InvalidDicomError, OSError, ValueError) as exc:
         log.warning("feedback export: an instance of a reviewed case is unreadable: %s", exc)
         return _Copied(False)
+    except Exception as exc:  # noqa: BLE001 - a damaged file: counted, the export goes on
+        log.warning(
+            "feedback export: an instance of a reviewed case is unreadable: %s",
+            type(exc).__name__,
+        )
+        return _Copied(False)
     if not deidentify:
-        target = images_dir / f"{sop}.dcm"
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+        copy = images_dir / f"{sop}.dcm.tmp"
+        shutil.copyfile(source, copy)
+        os.replace(copy, images_dir / f"{sop}.dcm")
         return _Copied(True, sop, study_uid, patient)
+    tmp: Path | None = None
     try:
         deidentifier.apply(ds)
+        new_sop = str(ds.SOPInstanceUID)
+        tmp = images_dir / f"{new_sop}.dcm.tmp"
+        ds.save_as(tmp, enforce_file_format=True)
+        os.replace(tmp, images_dir / f"{new_sop}.dcm")
     except DeidentificationRefused as exc:
         log.warning("feedback export: an image of a reviewed case is withheld: %s", exc)
         return _Copied(False, withheld=True)
-    new_sop = str(ds.SOPInstanceUID)
-    target = images_dir / f"{new_sop}.dcm"
-    tmp = target.with_name(target.name + ".tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, target)
+    except Exception as exc:  # noqa: BLE001 - a damaged file: counted, the export goes on
+        log.warning(
+            "feedback export: an instance of a reviewed case could not be de-identified: %s",
+            type(exc).__name__,
+        )
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        return _Copied(False)
     return _Copied(True, new_sop, str(ds.StudyInstanceUID), patient)

@@ -612,21 +612,28 @@ def test_the_feedback_export_is_de_identified(
         export_feedback(settings, ledger, tmp_path / "identified")
 
 
-def test_an_image_with_burned_in_text_is_withheld_from_the_de_identified_export(
+def test_burned_in_text_and_damaged_files_are_left_out_of_the_de_identified_export(
     env: tuple[Settings, Ledger, TestClient], tmp_path: Path
 ) -> None:
+    """An image marked as having burned-in annotation is withheld and a spool file damaged
+    since the analysis is counted as missing; the other images are exported."""
     settings, ledger, client = env
-    files = write_study(tmp_path / "src", n_images=2, label="nodule", seed=8, size=128)
+    files = write_study(tmp_path / "src", n_images=3, label="nodule", seed=8, size=128)
     marked = pydicom.dcmread(files[0])
     marked.BurnedInAnnotation = "YES"
     marked.save_as(files[0])
-    item, _ = make_review_case(settings, ledger, tmp_path, files=files)
+    item, study_uid = make_review_case(settings, ledger, tmp_path, files=files)
     csrf = sign_in(client)
     client.post(
         f"/review/cases/{item}/verdict",
         data={"csrf_token": csrf, "action": "confirm"},
         follow_redirects=False,
     )
+    damaged_sop = str(pydicom.dcmread(files[1], stop_before_pixels=True).SOPInstanceUID)
+    relative = ReviewStore(ledger).instance_path(study_uid, damaged_sop)
+    assert relative is not None
+    damaged = settings.spool_dir / relative
+    damaged.write_bytes(damaged.read_bytes()[:300])
     export = export_feedback(settings, ledger, tmp_path / "feedback")
-    assert (export.images, export.withheld, export.missing) == (1, 1, 0)
+    assert (export.images, export.withheld, export.missing) == (1, 1, 1)
     assert len(list((tmp_path / "feedback" / "images").iterdir())) == 1

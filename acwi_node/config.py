@@ -558,6 +558,10 @@ class Source(_Strict):
     port: int | None = Field(None, ge=1, le=65535)
     #: DIMSE: the calling AE title of the node's associations to it (default ``node.ae_title``).
     calling_ae_title: AETitle | None = None
+    #: DIMSE: how the source sends a study: ``move`` (default), a C-MOVE to the node's storage
+    #: SCP, which the source connects to; ``get``, a C-GET, the instances coming back over the
+    #: node's own association (a source that cannot connect to the node: a firewall, NAT).
+    retrieve_with: Literal["move", "get"] | None = None
     #: DIMSE: the move destination, the AE title under which the source knows the node's
     #: storage SCP (its host and port are configured on the source); default ``node.ae_title``.
     move_destination: AETitle | None = None
@@ -577,8 +581,18 @@ class Source(_Strict):
 
     @model_validator(mode="after")
     def _one_kind(self) -> Source:
-        _check_peer(self, "source", ("calling_ae_title", "move_destination"))
+        _check_peer(self, "source", ("calling_ae_title", "move_destination", "retrieve_with"))
+        if self.retrieve_with == "get" and self.move_destination:
+            raise ValueError(
+                f"source {self.name!r}: move_destination applies to retrieve_with = 'move'"
+                " only (with 'get' the instances come back over the node's association)"
+            )
         return self
+
+    @property
+    def uses_get(self) -> bool:
+        """Whether studies come by C-GET (else C-MOVE, or WADO-RS for DICOMweb)."""
+        return self.kind == "dimse" and self.retrieve_with == "get"
 
     @property
     def kind(self) -> Literal["dimse", "dicomweb"]:

@@ -316,8 +316,9 @@ def scu_status_block() -> str:
 
 
 def qr_proposed_contexts() -> list[PresentationContext]:
-    """The presentation contexts the Query/Retrieve SCU proposes: what ``find_studies`` and
-    ``move_study`` hand to ``open_association``, caught there, before any connection."""
+    """The presentation contexts the Query/Retrieve SCU proposes: what ``find_studies``,
+    ``move_study`` and ``get_study`` hand to ``open_association``, caught there, before any
+    connection."""
     proposed: list[PresentationContext] = []
 
     def record(*args: Any, **kwargs: Any) -> tuple[None, str]:
@@ -328,20 +329,41 @@ def qr_proposed_contexts() -> list[PresentationContext]:
     with mock.patch.object(qr_scu, "open_association", record):
         qr_scu.find_studies({"study_uid": "1.2.3"}, **peer)
         qr_scu.move_study("1.2.3", move_destination="ACWI", **peer)
+        qr_scu.get_study("1.2.3", store=lambda _event: 0, **peer)
     if not proposed:
         raise ValueError("acwi_node.ingest.qr_scu proposed no presentation context")
     return proposed
 
 
+_QR_MODELS = {str(qr_scu.STUDY_ROOT_FIND), str(qr_scu.STUDY_ROOT_MOVE), str(qr_scu.STUDY_ROOT_GET)}
+
+
 def qr_scu_block() -> str:
+    """The Query/Retrieve contexts (the storage contexts of a C-GET: ``get-storage``)."""
     rows = [
         (sop_class_name(str(cx.abstract_syntax)), str(cx.abstract_syntax), UID(str(ts)).name,
          str(ts), "SCU", "None")
         for cx in qr_proposed_contexts()
+        if str(cx.abstract_syntax) in _QR_MODELS
         for ts in cx.transfer_syntax
     ]  # fmt: skip
     header = ("Abstract Syntax", "SOP Class UID", "Transfer Syntax", "UID", "Role", "Ext. Neg.")
     return _table(header, rows)
+
+
+def get_storage_block() -> str:
+    """The storage contexts a C-GET association proposes, in the SCP role: one row per SOP
+    class, then the transfer syntaxes proposed for each (the same for all)."""
+    storage = [cx for cx in qr_proposed_contexts() if str(cx.abstract_syntax) not in _QR_MODELS]
+    syntaxes = {tuple(str(ts) for ts in cx.transfer_syntax) for cx in storage}
+    if len(syntaxes) != 1:
+        raise ValueError("the C-GET storage contexts propose different transfer syntaxes")
+    rows = [(sop_class_name(str(cx.abstract_syntax)), str(cx.abstract_syntax)) for cx in storage]
+    listed = ", ".join(f"{UID(ts).name} ({ts})" for ts in next(iter(syntaxes)))
+    return (
+        _table(("SOP Class Name", "SOP Class UID"), rows)
+        + f"\n\nTransfer syntaxes proposed for each, in this order: {listed}."
+    )
 
 
 #: What a failed attempt of a retrieval leads to (the C-MOVE status table's last column).
@@ -419,6 +441,7 @@ def blocks() -> dict[str, str]:
         "scp-status": scp_status_block,
         "scu-status": scu_status_block,
         "qr-scu": qr_scu_block,
+        "get-storage": get_storage_block,
         "move-status": move_status_block,
     }
     return {name: make() for name, make in makers.items()}

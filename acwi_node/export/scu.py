@@ -348,10 +348,11 @@ def open_association(
     tls: TlsArgs | None,
     contexts: list[PresentationContext] | None = None,
     handlers: list[tuple[evt.EventType, Callable[[evt.Event], Any]]] | None = None,
+    ext_neg: list[Any] | None = None,
 ) -> tuple[Association | None, str]:
     """Request an association proposing ``contexts`` (None: Verification only), with
-    ``handlers`` bound; returns it established, or None and why not in clear text (never
-    raises)."""
+    ``handlers`` bound and the extended negotiation items ``ext_neg`` (SCP/SCU role
+    selection); returns it established, or None and why not in clear text (never raises)."""
     connected = False
 
     def on_open(event: evt.Event) -> None:
@@ -371,6 +372,7 @@ def open_association(
             max_pdu=max_pdu,
             evt_handlers=[(evt.EVT_CONN_OPEN, on_open), *(handlers or [])],
             tls_args=tls,
+            ext_neg=ext_neg,
         )
     except socket.gaierror as exc:
         return None, f"cannot resolve host {host!r}: {exc.strerror or exc}"

@@ -1,22 +1,25 @@
 """Query/Retrieve SCU: find studies on a PACS (C-FIND) and have it send them to the node
-(C-MOVE), both in the Study Root information model (PS3.4 Annex C).
+(C-MOVE or C-GET), in the Study Root information model (PS3.4 Annex C).
 
 A C-MOVE makes the PACS open an association of its own to the move destination (the node's
 storage SCP, known to the PACS by its AE title), so every retrieved instance goes through the
-same path as any other: spooled, recorded, acknowledged. These functions never raise: they
-return what happened, with the reason in clear text.
+same path as any other: spooled, recorded, acknowledged. A C-GET has the PACS send the
+instances back over the node's own association (PS3.4 C.4.3), for a PACS that cannot connect
+to the node; the caller stores each. These functions never raise: they return what happened,
+with the reason in clear text.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
-from pynetdicom.presentation import build_context
+from pynetdicom import AllStoragePresentationContexts, StoragePresentationContexts, evt
+from pynetdicom.presentation import build_context, build_role
 
 from acwi_node.export.scu import TlsArgs, end_association, open_association
 from acwi_node.ingest.spool import is_safe_uid
@@ -26,6 +29,36 @@ logger = logging.getLogger(__name__)
 VERIFICATION = UID("1.2.840.10008.1.1")
 STUDY_ROOT_FIND = UID("1.2.840.10008.5.1.4.1.2.2.1")
 STUDY_ROOT_MOVE = UID("1.2.840.10008.5.1.4.1.2.2.2")
+STUDY_ROOT_GET = UID("1.2.840.10008.5.1.4.1.2.2.3")
+
+#: Presentation contexts one association may propose (PS3.8 9.3.2.2: IDs 1 to 255, odd).
+MAX_CONTEXTS = 128
+
+
+def _get_storage_classes() -> list[str]:
+    """The storage SOP classes a C-GET offers to receive (the SCP role, by role selection):
+    those the node's storage SCP accepts, pynetdicom's most used first, as many as fit beside
+    the GET context in :data:`MAX_CONTEXTS`. A study holding another class comes by C-MOVE."""
+    accepted = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
+    common = [str(cx.abstract_syntax) for cx in StoragePresentationContexts]
+    ordered = [uid for uid in common if uid in accepted]
+    ordered += [uid for uid in accepted if uid not in ordered]
+    return ordered[: MAX_CONTEXTS - 1]
+
+
+GET_STORAGE_CLASSES: list[str] = _get_storage_classes()
+#: The transfer syntaxes a C-GET proposes for each: the uncompressed ones and the lossless
+#: and lossy compressions modalities use, which the node stores as received.
+GET_TRANSFER_SYNTAXES: list[str] = [
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 (Lossless Only)
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+]
 
 #: C-MOVE failure statuses (PS3.4 C.4.2.1.5) and what they mean for whoever reads the error.
 MOVE_FAILURES = {
@@ -170,9 +203,6 @@ def move_study(
 ) -> MoveResult:
     """C-MOVE one study to ``move_destination``; ``on_response`` is called on every response
     (a pending one says the PACS is still sending)."""
-    identifier = Dataset()
-    identifier.QueryRetrieveLevel = "STUDY"
-    identifier.StudyInstanceUID = study_uid
     assoc, error = open_association(
         calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=0, tls=tls,
         contexts=[build_context(STUDY_ROOT_MOVE)],
@@ -180,6 +210,96 @@ def move_study(
     if assoc is None:
         return MoveResult(False, error=error)
     where = f"{called_ae}@{host}:{port}"
+
+    def hint(code: int, completed: int) -> str:
+        if code == 0xA801:
+            return (
+                f": {where} does not know the AE title {move_destination!r};"
+                " add the node's storage SCP to its modalities"
+            )
+        if 0xC000 <= code <= 0xCFFF and not completed:
+            # Orthanc, for one, answers so for a move destination it does not know.
+            return (
+                f"; check that {where} knows the move destination {move_destination!r}"
+                " with the node's host and port, and that the node admits its calling AE"
+                " title (ingest.allowed_calling_aes)"
+            )
+        return ""
+
+    try:
+        if not assoc.accepted_contexts:
+            return MoveResult(False, error=f"{where} does not accept Study Root C-MOVE")
+        responses = assoc.send_c_move(
+            _study_identifier(study_uid), move_destination, STUDY_ROOT_MOVE
+        )
+        return _follow(responses, "C-MOVE", where, timeout_s, on_response, hint)
+    finally:
+        end_association(assoc)
+
+
+def get_study(
+    study_uid: str,
+    *,
+    called_ae: str,
+    host: str,
+    port: int,
+    calling_ae: str,
+    store: Callable[[evt.Event], int],
+    timeout_s: float = 600.0,
+    tls: TlsArgs | None = None,
+    on_response: Callable[[], None] | None = None,
+) -> MoveResult:
+    """C-GET one study: the PACS sends its instances back over the node's association, each
+    C-STORE handed to ``store`` (it returns the C-STORE status). The node proposes to take
+    the SCP role for :data:`GET_STORAGE_CLASSES` in :data:`GET_TRANSFER_SYNTAXES`."""
+    contexts = [build_context(STUDY_ROOT_GET)] + [
+        build_context(uid, GET_TRANSFER_SYNTAXES) for uid in GET_STORAGE_CLASSES
+    ]
+    roles = [build_role(uid, scp_role=True) for uid in GET_STORAGE_CLASSES]
+    assoc, error = open_association(
+        calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=0, tls=tls,
+        contexts=contexts, handlers=[(evt.EVT_C_STORE, store)], ext_neg=roles,
+    )  # fmt: skip
+    if assoc is None:
+        return MoveResult(False, error=error)
+    where = f"{called_ae}@{host}:{port}"
+
+    def hint(code: int, completed: int) -> str:
+        if code in (0xA702, 0xB000) or (0xC000 <= code <= 0xCFFF and not completed):
+            return (
+                f"; {where} could send none or only some of the instances over the node's"
+                " association: a SOP class or transfer syntax the node did not propose"
+                " (retrieve_with = 'move' takes any)"
+            )
+        return ""
+
+    try:
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        if STUDY_ROOT_GET not in accepted:
+            return MoveResult(False, error=f"{where} does not accept Study Root C-GET")
+        responses = assoc.send_c_get(_study_identifier(study_uid), STUDY_ROOT_GET)
+        return _follow(responses, "C-GET", where, timeout_s, on_response, hint)
+    finally:
+        end_association(assoc)
+
+
+def _study_identifier(study_uid: str) -> Dataset:
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study_uid
+    return identifier
+
+
+def _follow(
+    responses: Iterator[tuple[Dataset, Dataset | None]],
+    what: str,
+    where: str,
+    timeout_s: float,
+    on_response: Callable[[], None] | None,
+    hint: Callable[[int, int], str],
+) -> MoveResult:
+    """Read a C-MOVE's or C-GET's responses to the final one: the sub-operation counts, and
+    for a failure the status, its meaning and ``hint(status, completed)``."""
     counts = {"completed": 0, "failed": 0, "warnings": 0}
 
     def result(ok: bool, status: int | None = None, error: str = "") -> MoveResult:
@@ -188,11 +308,9 @@ def move_study(
         )
 
     try:
-        if not assoc.accepted_contexts:
-            return result(False, error=f"{where} does not accept Study Root C-MOVE")
-        for status, _identifier in assoc.send_c_move(identifier, move_destination, STUDY_ROOT_MOVE):
+        for status, _identifier in responses:
             if "Status" not in status:
-                return result(False, error=f"no C-MOVE response within {timeout_s:g} s")
+                return result(False, error=f"no {what} response within {timeout_s:g} s")
             if on_response is not None:
                 on_response()
             for key, keyword in (
@@ -208,35 +326,22 @@ def move_study(
                 continue
             if code == 0x0000 or code == 0xB000:
                 return result(True, status=code)
-            text = _status_text(code)
-            if code == 0xA801:
-                text += (
-                    f": {where} does not know the AE title {move_destination!r};"
-                    " add the node's storage SCP to its modalities"
-                )
-            elif 0xC000 <= code <= 0xCFFF and not counts["completed"]:
-                # Orthanc, for one, answers so for a move destination it does not know.
-                text += (
-                    f"; check that {where} knows the move destination {move_destination!r}"
-                    " with the node's host and port, and that the node admits its calling AE"
-                    " title (ingest.allowed_calling_aes)"
-                )
             return result(
                 False,
                 status=code,
-                error=f"C-MOVE refused by {where} with status 0x{code:04X}: {text}"
+                error=f"{what} refused by {where} with status 0x{code:04X}: {_status_text(code)}"
+                + hint(code, counts["completed"])
                 + _comment(status),
             )
-        return result(False, error=f"{where} ended the C-MOVE without a final status")
+        return result(False, error=f"{where} ended the {what} without a final status")
     except Exception as exc:  # noqa: BLE001 - association lost mid-way
         return result(False, error=f"association lost: {type(exc).__name__}: {exc}")
-    finally:
-        end_association(assoc)
 
 
 @dataclass(frozen=True)
 class SourceCheck:
-    """What a check of a source found: it answers C-ECHO and a C-FIND, and accepts C-MOVE."""
+    """What a check of a source found: it answers C-ECHO and a C-FIND, and accepts C-MOVE
+    (or C-GET)."""
 
     ok: bool
     elapsed_ms: float = 0.0
@@ -251,15 +356,17 @@ def check_source(
     calling_ae: str,
     timeout_s: float = 30.0,
     tls: TlsArgs | None = None,
+    get: bool = False,
 ) -> SourceCheck:
-    """One association proposing Verification and Study Root FIND and MOVE: a C-ECHO, then a
-    C-FIND for a Study Instance UID nobody has (it must answer, with no match). Whether the
-    source knows the node as a move destination shows only on a real C-MOVE."""
+    """One association proposing Verification and Study Root FIND and MOVE (``get``: GET): a
+    C-ECHO, then a C-FIND for a Study Instance UID nobody has (it must answer, with no match).
+    Whether the source knows the node as a move destination shows only on a real C-MOVE."""
     started = time.monotonic()
+    retrieve = STUDY_ROOT_GET if get else STUDY_ROOT_MOVE
     assoc, error = open_association(
         calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=0, tls=tls,
         contexts=[build_context(VERIFICATION), build_context(STUDY_ROOT_FIND),
-                  build_context(STUDY_ROOT_MOVE)],
+                  build_context(retrieve)],
     )  # fmt: skip
     if assoc is None:
         return SourceCheck(False, error=error)
@@ -268,7 +375,10 @@ def check_source(
         accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
         missing = [
             name
-            for uid, name in ((STUDY_ROOT_FIND, "C-FIND"), (STUDY_ROOT_MOVE, "C-MOVE"))
+            for uid, name in (
+                (STUDY_ROOT_FIND, "C-FIND"),
+                (retrieve, "C-GET" if get else "C-MOVE"),
+            )
             if uid not in accepted
         ]
         if missing:

@@ -16,16 +16,23 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
+from io import BytesIO
+from typing import cast
+
+from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
 
 from acwi_node.audit import AuditEvent, Outcome, Participant, audit
 from acwi_node.config import Settings, Source
 from acwi_node.export.scu import TlsArgs
 from acwi_node.ingest.dicomweb_source import retrieve_study, search_studies
 from acwi_node.ingest.mpps import CompletionSignals
-from acwi_node.ingest.qr_scu import FindResult, MoveResult, find_studies, move_study
+from acwi_node.ingest.part10 import file_meta_prefix
+from acwi_node.ingest.qr_scu import FindResult, MoveResult, find_studies, get_study, move_study
 from acwi_node.ingest.spool import Spool, is_safe_uid
-from acwi_node.ingest.stow import StowReceiver
+from acwi_node.ingest.stow import CANNOT_UNDERSTAND, StowReceiver, StowResult
 from acwi_node.ledger import Ledger, StudyState
 from acwi_node.ledger.repository import KEEPS_RESULTS
 from acwi_node.ledger.retrievals import QUERY_KEYS, Retrievals, RetrievalTask
@@ -122,7 +129,7 @@ class RetrievalService:
         self.settings = settings
         self.retrievals = Retrievals(ledger)
         self.signals = signals
-        # DICOMweb sources: a study's WADO-RS response is stored as a STOW-RS request's.
+        # DICOMweb and C-GET sources: what comes is stored as a STOW-RS request is.
         self.spool = Spool(settings.spool_dir, fsync=settings.ingest.fsync)
         self.receiver = StowReceiver(ledger, self.spool, audit_patient_id=settings.audit.patient_id)
         self._stop = threading.Event()
@@ -210,16 +217,26 @@ class RetrievalService:
             moved = self._move(task, source, tls, uid, node_ae)
             if moved.failed and not moved.completed:
                 dest = source.destination_ae(node_ae)
-                hint = (
-                    f"{source.name} could not send any of the study's {moved.failed}"
-                    f" instance(s) to {dest!r}: check the host and port it has for {dest!r},"
-                    " and that the node admits its calling AE title"
-                    " (ingest.allowed_calling_aes) and its instances (the node's log says why"
-                    " it refused one)"
-                    if source.kind == "dimse"
-                    else f"the node refused each of the study's {moved.failed} instance(s)"
-                    f" {source.name} sent (the node's log says why)"
-                )
+                if source.uses_get:
+                    hint = (
+                        f"{source.name} could send none of the study's {moved.failed}"
+                        " instance(s) over the node's C-GET association: the node refused"
+                        " them (its log says why), or their SOP class or transfer syntax is"
+                        " not among those it proposes (retrieve_with = 'move' takes any)"
+                    )
+                elif source.kind == "dimse":
+                    hint = (
+                        f"{source.name} could not send any of the study's {moved.failed}"
+                        f" instance(s) to {dest!r}: check the host and port it has for"
+                        f" {dest!r}, and that the node admits its calling AE title"
+                        " (ingest.allowed_calling_aes) and its instances (the node's log says"
+                        " why it refused one)"
+                    )
+                else:
+                    hint = (
+                        f"the node refused each of the study's {moved.failed} instance(s)"
+                        f" {source.name} sent (the node's log says why)"
+                    )
                 moved = replace(
                     moved, ok=False, error=f"{moved.error}; {hint}" if moved.error else hint
                 )
@@ -300,6 +317,8 @@ class RetrievalService:
                 on_chunk=renew,
             )
         assert source.ae_title is not None and source.host is not None and source.port
+        if source.uses_get:
+            return self._get(source, tls, uid, renew)
         return move_study(
             uid,
             called_ae=source.ae_title,
@@ -311,6 +330,73 @@ class RetrievalService:
             tls=tls,
             on_response=renew,
         )
+
+    def _get(
+        self, source: Source, tls: TlsArgs | None, uid: str, renew: Callable[[], None]
+    ) -> MoveResult:
+        """C-GET one study: each instance the source sends back is stored as a STOW-RS part
+        is (spooled, flushed, recorded) before its C-STORE is answered; one audit record for
+        the whole study."""
+        assert source.ae_title is not None and source.host is not None and source.port
+        sender, address = source.ae_title, source.host
+        received = StowResult()
+        studies: dict[str, int] = {}
+        opened: set[str] = set()  # the studies this C-GET sent instances of
+
+        def store(event: evt.Event) -> int:
+            renew()
+            try:
+                request = cast(C_STORE, event.request)
+                data = (
+                    file_meta_prefix(
+                        str(request.AffectedSOPClassUID),
+                        str(request.AffectedSOPInstanceUID),
+                        str(event.context.transfer_syntax),
+                    )
+                    + cast(BytesIO, request.DataSet).getvalue()
+                )
+            except (AttributeError, TypeError, ValueError) as exc:
+                log.warning("C-GET from %s: an instance the node cannot read: %s", sender, exc)
+                return CANNOT_UNDERSTAND
+            result = self.receiver.receive(
+                [memoryview(data)],
+                sender=sender,
+                address=address,
+                study_uid=uid,
+                end_of_request=False,
+                opened=opened,
+            )
+            received.stored += result.stored
+            received.failed += result.failed
+            received.dropped += result.dropped
+            received.patient_ids |= result.patient_ids
+            received.study_ids |= result.study_ids
+            if result.failed:
+                return result.failed[0][2]
+            studies[uid] = studies.get(uid, 0) + len(result.stored) - result.dropped
+            return 0x0000
+
+        try:
+            return get_study(
+                uid,
+                called_ae=source.ae_title,
+                host=source.host,
+                port=source.port,
+                calling_ae=source.calling_ae(self.settings.node.ae_title),
+                store=store,
+                timeout_s=self.settings.retrieve.timeout_s,
+                tls=tls,
+                on_response=renew,
+            )
+        finally:
+            if received.study_ids:  # the sending association's end, as the SCP records it
+                try:
+                    self.receiver.ledger.association_released(sorted(received.study_ids))
+                except Exception:  # the upper bound on waiting still completes the study
+                    log.exception("C-GET from %s: could not record the association's end", sender)
+            StowReceiver.audit_received(
+                received, studies, sender=sender, address=address, how="C-GET"
+            )
 
     def _signal_complete(self, uid: str, moved: MoveResult, source: Source) -> str:
         """The study's C-MOVE ended: complete it once its sending association is released.

@@ -94,6 +94,7 @@ def run_sources_check(settings: Settings, names: list[str], *, as_json: bool) ->
                     calling_ae=src.calling_ae(settings.node.ae_title),
                     timeout_s=timeout_s,
                     tls=source_tls(src),
+                    get=src.uses_get,
                 )
                 ok, elapsed, error = result.ok, result.elapsed_ms, result.error
         except TlsConfigError as exc:

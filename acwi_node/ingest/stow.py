@@ -195,6 +195,11 @@ class StowResult:
     #: Of ``stored``, instances sent again unchanged to a study that keeps its results (it
     #: was not re-opened: :data:`~acwi_node.ledger.repository.KEEPS_RESULTS`).
     unchanged: int = 0
+    #: The stored instances' Patient IDs, where the audit trail names them
+    #: (``StowReceiver.audit_patient_id``).
+    patient_ids: set[str] = field(default_factory=set)
+    #: The ledger ids of the studies the stored instances belong to.
+    study_ids: set[int] = field(default_factory=set)
 
     @property
     def status(self) -> int:
@@ -315,9 +320,16 @@ class StowReceiver:
         address: str,
         study_uid: str | None = None,
         written_out: Callable[[], None] | None = None,
+        end_of_request: bool = True,
+        opened: set[str] | None = None,
     ) -> StowResult:
         """Store each part; ``sender`` is the account that sent them (the calling AE title
         in the ledger: its first 16 characters), ``study_uid`` the request's study, if any.
+        With ``end_of_request`` False the parts are one of several calls of one request (a
+        C-GET's C-STOREs): ``opened`` (shared by the calls) holds the studies the request has
+        sent instances of so far, and the caller records its end
+        (``Ledger.association_released`` of the result's ``study_ids``) and audits it
+        (:meth:`audit_received`).
 
         The request is answered once, for all its objects, so they are flushed together: every
         spool file written, then one flush of the spool's file system (files and directory
@@ -327,8 +339,8 @@ class StowReceiver:
         calling = sender[:16]
         result = StowResult()
         studies: dict[str, int] = {}
-        study_ids: set[int] = set()
-        patient_ids: set[str] = set()
+        study_ids = result.study_ids
+        patient_ids = result.patient_ids
         written: dict[str, _Written] = {}
         try:
             for part in parts:
@@ -343,33 +355,53 @@ class StowReceiver:
                 written_out()
             if (
                 written
-                and self._commit(list(written.values()), calling, result, studies, study_ids)
+                and self._commit(
+                    list(written.values()),
+                    calling,
+                    result,
+                    studies,
+                    study_ids,
+                    set() if opened is None else opened,
+                )
                 and self.audit_patient_id
             ):  # the stored instances' patients only, as the SCP's record names
                 patient_ids.update(w.patient_id for w in written.values())
         finally:
-            if study_ids:
+            if study_ids and end_of_request:
                 try:
                     self.ledger.association_released(sorted(study_ids))
                 except Exception:  # the upper bound on waiting still completes these studies
                     log.exception("STOW-RS from %s: could not record the request's end", calling)
-            if result.stored or result.failed:
-                audit(
-                    AuditEvent.INSTANCES_RECEIVED,
-                    outcome=Outcome.MINOR_FAILURE if result.failed else Outcome.SUCCESS,
-                    participants=[remote_ae(calling, address, requestor=True)],
-                    study_uids=sorted(studies),
-                    instances=dict(studies),
-                    patient_ids=sorted(patient_ids),
-                    detail=f"{len(result.stored) - result.dropped} instance(s) stored by STOW-RS"
-                    + (f", {len(result.failed)} refused" if result.failed else "")
-                    + (
-                        f", {result.dropped} of the node's own results not stored"
-                        if result.dropped
-                        else ""
-                    ),
-                )
+            if end_of_request:
+                self.audit_received(result, studies, sender=calling, address=address)
         return result
+
+    @staticmethod
+    def audit_received(
+        result: StowResult,
+        studies: dict[str, int],
+        *,
+        sender: str,
+        address: str,
+        how: str = "STOW-RS",
+    ) -> None:
+        """The audit record of a request's instances (none when nothing came): ``studies``
+        counts the instances stored of each study."""
+        if not result.stored and not result.failed:
+            return
+        audit(
+            AuditEvent.INSTANCES_RECEIVED,
+            outcome=Outcome.MINOR_FAILURE if result.failed else Outcome.SUCCESS,
+            participants=[remote_ae(sender[:16], address, requestor=True)],
+            study_uids=sorted(studies),
+            instances=dict(studies),
+            patient_ids=sorted(result.patient_ids),
+            detail=f"{len(result.stored) - result.dropped} instance(s) stored by {how}"
+            + (f", {len(result.failed)} refused" if result.failed else "")
+            + (
+                f", {result.dropped} of the node's own results not stored" if result.dropped else ""
+            ),
+        )
 
     def receive_file(
         self, body: BodyFile, boundary: str, sender: str, address: str, study_uid: str | None
@@ -488,10 +520,12 @@ class StowReceiver:
         result: StowResult,
         studies: dict[str, int],
         study_ids: set[int],
+        opened: set[str],
     ) -> bool:
         """Flush the written files, then record their rows (flushed), in one go each; a
         failure of either refuses every object of the batch and removes its new files.
-        Whether they were stored."""
+        ``opened``: the studies the request sent instances of before (each study's first
+        opens it: ``Ledger.association_released`` closes it). Whether they were stored."""
         reason = 0
         try:
             if self.spool.fsync:
@@ -502,7 +536,7 @@ class StowReceiver:
             reason = OUT_OF_RESOURCES
         recorded = []
         if not reason:
-            seen: set[str] = set()
+            seen = set(opened)
             batch = []
             for w in written:
                 batch.append((w.record, w.record.study_uid not in seen))
@@ -520,6 +554,7 @@ class StowReceiver:
                 uid = w.record.sop_instance_uid
                 result.failed.extend((sop_class, uid, reason) for sop_class in w.order)
             return False
+        opened |= seen
         for w, row in zip(written, recorded, strict=True):
             study = w.record.study_uid
             studies[study] = studies.get(study, 0) + 1

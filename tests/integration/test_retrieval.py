@@ -18,18 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from celery import Celery
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, evt
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from acwi_node.cli import main
 from acwi_node.config import Settings, load_settings
 from acwi_node.ingest.completion import CompletionService
 from acwi_node.ingest.mpps import CompletionSignals
-from acwi_node.ingest.qr_scu import STUDY_ROOT_FIND, STUDY_ROOT_MOVE
+from acwi_node.ingest.qr_scu import GET_STORAGE_CLASSES, STUDY_ROOT_FIND, STUDY_ROOT_MOVE
 from acwi_node.ingest.retrieval import RetrievalService
 from acwi_node.ingest.scp import StorageSCP
 from acwi_node.ingest.spool import Spool
@@ -281,6 +282,73 @@ def test_a_source_that_is_down_is_tried_again_then_fails(
     assert not n.service.tick()  # nothing left to run
 
 
+def orthanc_cannot_reach(orthanc: OrthancServer) -> None:
+    """Orthanc's entry for the node points at a port nobody listens on: only a C-GET, whose
+    instances come back over the node's own association, can retrieve anything."""
+    orthanc.client.put(
+        "/modalities/acwi", json={"AET": NODE_AE, "Host": "127.0.0.1", "Port": free_port()}
+    ).raise_for_status()
+
+
+def test_a_get_source_retrieves_over_the_nodes_own_association(
+    orthanc: OrthancServer, make_node: Callable[..., Node]
+) -> None:
+    """``retrieve_with = "get"``: a PACS that cannot connect to the node (here: Orthanc knows
+    it at a closed port) sends the study back over the node's C-GET association; each instance
+    is spooled and recorded before its C-STORE is answered, and the study completes at the end
+    of the C-GET like one moved."""
+    study = put_study(orthanc, 3, accession="RQ7001")
+    n = make_node("127.0.0.1", orthanc.dicom_port, orthanc.aet, retrieve_with="get")
+    orthanc_cannot_reach(orthanc)
+    view = n.run(n.request(accession_number="RQ7001"))
+    assert (view.state, view.error) == ("done", "")
+    assert (view.studies_retrieved, view.completed, view.failed) == (1, 3, 0)
+    st = n.ledger.get_study(study)
+    assert st is not None and st["instances"] == 3
+    assert n.complete(study) == "not_routed"
+    for path in n.settings.spool_dir.rglob("*.dcm"):
+        assert pydicom.dcmread(path).StudyInstanceUID == study  # readable Part-10 files
+
+
+def test_a_move_source_cannot_retrieve_from_a_pacs_that_cannot_reach_the_node(
+    orthanc: OrthancServer, make_node: Callable[..., Node]
+) -> None:
+    """The counterpart: the same PACS, asked for a C-MOVE, fails, and says where to look."""
+    study = put_study(orthanc, 1, accession="RQ7002")
+    n = make_node(
+        "127.0.0.1", orthanc.dicom_port, orthanc.aet, retrieve={"max_attempts": 1}
+    )  # fmt: skip
+    orthanc_cannot_reach(orthanc)
+    view = n.run(n.request(study_uid=study))
+    assert view.state == "failed"
+    assert "C-MOVE refused by" in view.error or "could not send" in view.error
+    assert n.state(study) is None
+
+
+def test_a_get_of_a_class_the_node_does_not_propose_fails_with_the_reason(
+    orthanc: OrthancServer, make_node: Callable[..., Node]
+) -> None:
+    study = generate_uid()
+    ds = make_sc(study)
+    not_proposed = next(
+        str(cx.abstract_syntax)
+        for cx in AllStoragePresentationContexts
+        if str(cx.abstract_syntax) not in GET_STORAGE_CLASSES
+    )
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(not_proposed)
+    buf = io.BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    orthanc.client.post("/instances", content=buf.getvalue()).raise_for_status()
+    n = make_node(
+        "127.0.0.1", orthanc.dicom_port, orthanc.aet, retrieve_with="get",
+        retrieve={"max_attempts": 1},
+    )  # fmt: skip
+    view = n.run(n.request(study_uid=study))
+    assert view.state == "failed"
+    assert "C-GET" in view.error and "retrieve_with = 'move'" in view.error
+    assert n.state(study) is None
+
+
 # ------------------------------------------------------------------ a PACS of pynetdicom's
 @contextmanager
 def qr_scp(
@@ -452,5 +520,35 @@ def test_sources_check_says_which_source_answers_a_retrieval(
         assert rows["findonly"]["error"].endswith("does not accept Study Root C-MOVE")
         assert "connection refused" in rows["down"]["error"]
         assert main(["--config", str(config), "sources", "check", "nope"]) == 2
+    finally:
+        server.shutdown()
+
+
+def test_sources_check_of_a_get_source_asks_for_c_get(
+    orthanc: OrthancServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    move_only = AE(ae_title="MOVEONLY")
+    move_only.add_supported_context(STUDY_ROOT_FIND)
+    move_only.add_supported_context(STUDY_ROOT_MOVE)
+    move_only_port = free_port()
+    server = move_only.start_server(("127.0.0.1", move_only_port), block=False)
+    assert server is not None
+    config = tmp_path / "acwi-node.toml"
+    config.write_text(
+        f'[node]\ndata_dir = "{tmp_path / "data"}"\nae_title = "{NODE_AE}"\n'
+        + "".join(
+            f'\n[[sources]]\nname = "{name}"\nae_title = "{ae}"\nhost = "127.0.0.1"\n'
+            f'port = {port}\nretrieve_with = "get"\n'
+            for name, ae, port in (
+                ("orthanc", orthanc.aet, orthanc.dicom_port),
+                ("moveonly", "MOVEONLY", move_only_port),
+            )
+        )
+    )
+    try:
+        assert main(["--config", str(config), "sources", "check", "--json"]) == 1
+        rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+        assert rows["orthanc"]["ok"], rows["orthanc"]["error"]
+        assert "does not accept Study Root C-GET" in rows["moveonly"]["error"]
     finally:
         server.shutdown()

@@ -28,7 +28,15 @@ from acwi_node.export.scu import (
 )
 from acwi_node.ingest import scp
 from acwi_node.ingest.mpps import MPPS_SOP_CLASS
-from acwi_node.ingest.qr_scu import MOVE_FAILURES, STUDY_ROOT_FIND, STUDY_ROOT_MOVE
+from acwi_node.ingest.qr_scu import (
+    GET_STORAGE_CLASSES,
+    GET_TRANSFER_SYNTAXES,
+    MAX_CONTEXTS,
+    MOVE_FAILURES,
+    STUDY_ROOT_FIND,
+    STUDY_ROOT_GET,
+    STUDY_ROOT_MOVE,
+)
 from acwi_node.ingest.scp import TRANSFER_SYNTAXES, StorageSCP
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger
@@ -116,7 +124,7 @@ def test_the_document_claims_nothing_the_code_does_not_do(document: str) -> None
         | set(TRANSFER_SYNTAXES)
         | {VERIFICATION, APPLICATION_CONTEXT, MPPS_SOP_CLASS}
         | {STORAGE_COMMITMENT_PUSH_MODEL, STORAGE_COMMITMENT_INSTANCE}
-        | {STUDY_ROOT_FIND, STUDY_ROOT_MOVE}
+        | {STUDY_ROOT_FIND, STUDY_ROOT_MOVE, STUDY_ROOT_GET}
     )
     unknown = sorted(set(DICOM_UID.findall(document)) - known)
     assert not unknown, f"UIDs the node neither accepts nor uses: {unknown}"
@@ -193,9 +201,19 @@ def test_qr_scu_section_lists_what_the_retrieval_proposes_and_handles(
     generator: ModuleType, document: str
 ) -> None:
     proposed = generator.qr_proposed_contexts()
-    assert [str(cx.abstract_syntax) for cx in proposed] == [STUDY_ROOT_FIND, STUDY_ROOT_MOVE]
+    models = [STUDY_ROOT_FIND, STUDY_ROOT_MOVE, STUDY_ROOT_GET]
+    assert [str(cx.abstract_syntax) for cx in proposed[:3]] == models
+    # The C-GET association: its storage contexts, the classes the storage SCP accepts,
+    # within the limit of one association.
+    get_storage = proposed[3:]
+    assert [str(cx.abstract_syntax) for cx in get_storage] == GET_STORAGE_CLASSES
+    assert len(get_storage) + 1 == MAX_CONTEXTS
+    assert set(GET_STORAGE_CLASSES) <= set(storage_sop_classes())
+    assert set(GET_TRANSFER_SYNTAXES) <= set(TRANSFER_SYNTAXES)
+    listed_classes = DICOM_UID.findall(block(generator, document, "get-storage"))
+    assert listed_classes == GET_STORAGE_CLASSES + GET_TRANSFER_SYNTAXES
     table = block(generator, document, "qr-scu")
-    for cx in proposed:
+    for cx in proposed[:3]:
         rows = [line for line in table.splitlines() if str(cx.abstract_syntax) in line]
         listed = [uid for row in rows for uid in DICOM_UID.findall(row)[1:]]
         assert listed == [str(ts) for ts in cx.transfer_syntax]

@@ -98,7 +98,11 @@ def test_a_source_is_a_dicom_node_or_a_dicomweb_service(tmp_path: Path) -> None:
 
     web = source(url="https://vna.example/dicom-web").source("s")
     assert (web.kind, web.where) == ("dicomweb", "https://vna.example/dicom-web")
-    assert source(**{k: v for k, v in SOURCE.items() if k != "name"}).sources[0].kind == "dimse"
+    dimse = source(**{k: v for k, v in SOURCE.items() if k != "name"}).sources[0]
+    assert (dimse.kind, dimse.uses_get) == ("dimse", False)
+    fields = {k: v for k, v in SOURCE.items() if k != "name"}
+    assert source(**fields, retrieve_with="get").sources[0].uses_get
+    assert not web.uses_get
     cases: list[tuple[dict[str, object], str]] = [
         ({"ae_title": "PACS", "host": "h"}, "port missing"),
         ({**SOURCE, "url": "https://vna.example"}, "not both"),
@@ -107,6 +111,11 @@ def test_a_source_is_a_dicom_node_or_a_dicomweb_service(tmp_path: Path) -> None:
         ({**SOURCE, "token_file": "/run/token"}, "apply to DICOMweb (url) only"),
         ({"url": "ftp://vna.example"}, "url must be http:// or https://"),
         ({"url": "https://vna.example", "username": "u"}, "username and password_file go"),
+        ({"url": "https://vna.example", "retrieve_with": "get"},
+         "retrieve_with applies to DIMSE sources"),
+        ({**SOURCE, "retrieve_with": "get", "move_destination": "ACWI"},
+         "move_destination applies to retrieve_with = 'move' only"),
+        ({**SOURCE, "retrieve_with": "fetch"}, "retrieve_with"),
     ]  # fmt: skip
     for fields, message in cases:
         fields.pop("name", None)

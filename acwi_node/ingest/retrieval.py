@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from io import BytesIO
-from typing import cast
+from typing import TypedDict, cast
 
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
@@ -58,6 +58,17 @@ _SEARCH = {"dimse": "C-FIND", "dicomweb": "QIDO-RS"}
 _ROWS_WAIT_S = 10.0
 #: Seconds between lease renewals while a C-MOVE reports progress.
 _RENEW_EVERY_S = 5.0
+
+
+class _Peer(TypedDict):
+    """The association parameters of a DIMSE source, as the Q/R SCU functions take them."""
+
+    called_ae: str
+    host: str
+    port: int
+    calling_ae: str
+    timeout_s: float
+    tls: TlsArgs | None
 
 
 class QueryError(ValueError):
@@ -283,17 +294,21 @@ class RetrievalService:
                 timeout_s=self.settings.retrieve.timeout_s,
                 limit=self.settings.retrieve.max_studies,
             )
-        assert source.ae_title is not None and source.host is not None and source.port
         return find_studies(
-            query,
-            called_ae=source.ae_title,
-            host=source.host,
-            port=source.port,
-            calling_ae=source.calling_ae(self.settings.node.ae_title),
-            timeout_s=self.settings.retrieve.timeout_s,
-            tls=tls,
-            limit=self.settings.retrieve.max_studies,
+            query, **self._peer(source, tls), limit=self.settings.retrieve.max_studies
         )
+
+    def _peer(self, source: Source, tls: TlsArgs | None) -> _Peer:
+        """The association parameters of a DIMSE source."""
+        assert source.ae_title is not None and source.host is not None and source.port
+        return {
+            "called_ae": source.ae_title,
+            "host": source.host,
+            "port": source.port,
+            "calling_ae": source.calling_ae(self.settings.node.ae_title),
+            "timeout_s": self.settings.retrieve.timeout_s,
+            "tls": tls,
+        }
 
     def _move(
         self, task: RetrievalTask, source: Source, tls: TlsArgs | None, uid: str, node_ae: str
@@ -316,18 +331,12 @@ class RetrievalService:
                 max_bytes=self.settings.retrieve.max_study_bytes,
                 on_chunk=renew,
             )
-        assert source.ae_title is not None and source.host is not None and source.port
         if source.uses_get:
             return self._get(source, tls, uid, renew)
         return move_study(
             uid,
-            called_ae=source.ae_title,
-            host=source.host,
-            port=source.port,
-            calling_ae=source.calling_ae(node_ae),
+            **self._peer(source, tls),
             move_destination=source.destination_ae(node_ae),
-            timeout_s=self.settings.retrieve.timeout_s,
-            tls=tls,
             on_response=renew,
         )
 
@@ -377,17 +386,7 @@ class RetrievalService:
             return 0x0000
 
         try:
-            return get_study(
-                uid,
-                called_ae=source.ae_title,
-                host=source.host,
-                port=source.port,
-                calling_ae=source.calling_ae(self.settings.node.ae_title),
-                store=store,
-                timeout_s=self.settings.retrieve.timeout_s,
-                tls=tls,
-                on_response=renew,
-            )
+            return get_study(uid, **self._peer(source, tls), store=store, on_response=renew)
         finally:
             if received.study_ids:  # the sending association's end, as the SCP records it
                 try:

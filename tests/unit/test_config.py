@@ -131,3 +131,48 @@ def test_a_destination_may_be_called_from_another_ae_title(tmp_path: Path) -> No
             node={"data_dir": tmp_path},
             destinations=[{"name": "web", "url": "http://pacs/dicom-web", "calling_ae_title": "X"}],
         )
+
+
+def documented_settings(readme: str) -> set[str]:
+    """``section.key`` names the README documents: in the configuration table (a row may
+    group keys of one section: `` `ingest.acse_timeout_s`, `dimse_timeout_s` ``) and in its
+    TOML examples (keys under a ``[section]`` header, commented out or not)."""
+    import re
+
+    names: set[str] = set()
+    for line in readme.splitlines():
+        row = re.match(r"\| `\[?([a-z0-9_]+)\.[a-z0-9_]+\]?`", line)
+        if row:  # the row's keys, its first cell's and those its description names
+            names.update(
+                f"{row.group(1)}.{k}"
+                for k in re.findall(r"`\[?(?:[a-z0-9_]+\.)?([a-z0-9_]+)\]?`", line)
+            )
+    for block in re.findall(r"```toml\n(.*?)```", readme, re.DOTALL):
+        section = ""
+        for line in block.splitlines():
+            header = re.match(r"\s*#?\s*\[+([a-z0-9_.]+)\]+", line)
+            if header:
+                section = header.group(1)
+                continue
+            key = re.match(r"\s*#?\s*([a-z_]+)\s*=", line)
+            if key and section:
+                names.add(f"{section}.{key.group(1)}")
+    return names
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    """Each key of each configuration section is named in the README (the lists,
+    ``[[destinations]]``, ``[[routes]]`` and the like, are documented with examples)."""
+    from pydantic import BaseModel
+
+    from acwi_node.config import Settings
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    documented = documented_settings(readme)
+    missing = []
+    for section, field in Settings.model_fields.items():
+        model = field.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        missing += [f"{section}.{key}" for key in model.model_fields]
+    assert sorted(set(missing) - documented) == []

@@ -229,6 +229,8 @@ def test_silent_connections_hold_no_association_slot(
                 time.sleep(0.02)
             assert len(acceptor_threads()) == 3  # each has its thread, waiting for a request
             next_association_works(settings, ledger)
+            while len(acceptor_threads()) > 3 and time.monotonic() < deadline + 10:
+                time.sleep(0.02)  # that association's thread ends after its release
 
             ae = AE(ae_title="SENDER")
             ae.add_requested_context(SC, ExplicitVRLittleEndian)

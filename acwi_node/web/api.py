@@ -5,7 +5,9 @@
 results again or analyse it again; ``GET /api/destinations`` (administrators) shows each
 destination's outbox; ``POST /api/retrievals`` (administrators) retrieves studies from a
 source PACS and ``GET /api/retrievals`` shows how far each got
-(:mod:`acwi_node.web.retrievals`); ``GET /api/worklist`` lists the open review items;
+(:mod:`acwi_node.web.retrievals`); ``GET /api/feedback/export.zip`` (administrators) downloads
+the reviewed cases, de-identified (:mod:`acwi_node.web.feedback`); ``GET /api/worklist`` lists
+the open review items;
 ``/healthz``, ``/readyz`` and ``/metrics`` (:mod:`acwi_node.web.ops`) serve probes and
 Prometheus; ``POST /dicomweb/studies`` (:mod:`acwi_node.web.stow`) stores studies sent by
 DICOMweb. The review web app (:mod:`acwi_node.review.views`) adds its pages; every other path
@@ -27,6 +29,7 @@ from acwi_node.config import Settings
 from acwi_node.ledger import Ledger, StudyActionRefused
 from acwi_node.review.store import ReviewStore
 from acwi_node.review.views import destination_outboxes, install_review
+from acwi_node.web.feedback import feedback_router
 from acwi_node.web.guards import admin_json_request, admin_user
 from acwi_node.web.ops import ops_router
 from acwi_node.web.retrievals import retrievals_router
@@ -66,6 +69,7 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
 
     app.include_router(stow_router(settings, db))  # STOW-RS: POST /dicomweb/studies
     app.include_router(retrievals_router(settings, db))  # /api/retrievals
+    app.include_router(feedback_router(settings, db))  # /api/feedback/export.zip
 
     @app.get("/api/studies")
     def studies(limit: int = Query(200, ge=1, le=5000)) -> dict[str, Any]:

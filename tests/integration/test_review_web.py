@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import re
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -637,3 +638,50 @@ def test_burned_in_text_and_damaged_files_are_left_out_of_the_de_identified_expo
     export = export_feedback(settings, ledger, tmp_path / "feedback")
     assert (export.images, export.withheld, export.missing) == (1, 1, 1)
     assert len(list((tmp_path / "feedback" / "images").iterdir())) == 1
+
+
+def test_an_administrator_downloads_the_de_identified_feedback_as_a_zip(
+    env: tuple[Settings, Ledger, TestClient], tmp_path: Path
+) -> None:
+    """``GET /api/feedback/export.zip``: administrators only; the archive holds the export as
+    the command line writes it, de-identified even where ``feedback.deidentify`` is off, and
+    nothing is left behind in the data folder."""
+    settings, ledger, client = env
+    settings = settings.model_copy(
+        update={"feedback": settings.feedback.model_copy(update={"deidentify": False})}
+    )
+    files = write_study(
+        tmp_path / "src", n_images=2, label="nodule", seed=9, size=128,
+        patient_name="CANARYNAME^CANARYGIVEN", accession_number="CANARYACC",
+    )  # fmt: skip
+    item, study_uid = make_review_case(settings, ledger, tmp_path, files=files)
+    csrf = sign_in(client)
+    client.post(
+        f"/review/cases/{item}/verdict",
+        data={"csrf_token": csrf, "action": "confirm"},
+        follow_redirects=False,
+    )
+    add_user(ledger, "ada.admin", role="admin")
+    with TestClient(create_app(settings, ledger)) as api:  # feedback.deidentify off
+        assert api.get("/api/feedback/export.zip", auth=("jane.doe", PASSWORD)).status_code == 403
+        assert 'id="feedback-export"' not in client.get("/review/dashboard").text
+        sign_in(api, "ada.admin")  # the dashboard's link, with the session's cookie
+        assert 'href="/api/feedback/export.zip"' in api.get("/review/dashboard").text
+        answer = api.get("/api/feedback/export.zip")
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "application/zip"
+    assert answer.headers["x-images"] == "2" and answer.headers["x-cases"] == "1"
+    assert "attachment" in answer.headers["content-disposition"]
+    with zipfile.ZipFile(io.BytesIO(answer.content)) as zf:
+        names = sorted(zf.namelist())
+        images = [n for n in names if n.startswith("images/") and n.endswith(".dcm")]
+        assert names == ["deidentification.json", *images, "labels.csv"] and len(images) == 2
+        for name in names:
+            data = zf.read(name)
+            for canary in ("CANARYNAME", "CANARYACC", study_uid):
+                assert canary.encode() not in data, (canary, name)
+        assert pydicom.dcmread(io.BytesIO(zf.read(images[0]))).PatientIdentityRemoved == "YES"
+    assert list((settings.data_dir / "tmp").iterdir()) == []
+    trail = [r for r in trail_records(settings) if r["event"] == "feedback_exported"]
+    assert trail and "over HTTP" in trail[-1]["detail"]
+    assert trail[-1]["participants"][0]["id"] == "ada.admin"

@@ -49,3 +49,9 @@ def test_the_other_answers_given_by_hand(paths: dict[str, Any]) -> None:
     assert "503" in paths["/readyz"]["get"]["responses"]
     metrics = paths["/metrics"]["get"]["responses"]["200"]["content"]
     assert list(metrics) == ["text/plain; version=0.0.4; charset=utf-8"]
+
+
+def test_the_feedback_archive_is_a_zip_for_administrators(paths: dict[str, Any]) -> None:
+    get = paths["/api/feedback/export.zip"]["get"]
+    assert list(get["responses"]["200"]["content"]) == ["application/zip"]
+    assert {"403", "503"} <= set(get["responses"])

@@ -533,6 +533,17 @@ def test_a_radiograph_case_offers_the_automatic_window_alone(
     assert _windows(page.text) == ["", "auto"]
 
 
+def confirm(client: TestClient, item: int) -> None:
+    """Sign in as the radiologist and confirm the case's finding."""
+    csrf = sign_in(client)
+    verdict = client.post(
+        f"/review/cases/{item}/verdict",
+        data={"csrf_token": csrf, "action": "confirm"},
+        follow_redirects=False,
+    )
+    assert verdict.status_code == 303, verdict.text
+
+
 def test_the_feedback_export_is_de_identified(
     env: tuple[Settings, Ledger, TestClient],
     tmp_path: Path,
@@ -561,13 +572,7 @@ def test_the_feedback_export_is_de_identified(
         ds.add_new(0x00091010, "LO", "CANARYPRIV")
         ds.save_as(path)
     item, study_uid = make_review_case(settings, ledger, tmp_path, files=files)
-    csrf = sign_in(client)
-    verdict = client.post(
-        f"/review/cases/{item}/verdict",
-        data={"csrf_token": csrf, "action": "confirm"},
-        follow_redirects=False,
-    )
-    assert verdict.status_code == 303, verdict.text
+    confirm(client, item)
 
     out = tmp_path / "feedback"
     args = build_parser().parse_args(["feedback", "export", str(out)])
@@ -624,12 +629,7 @@ def test_burned_in_text_and_damaged_files_are_left_out_of_the_de_identified_expo
     marked.BurnedInAnnotation = "YES"
     marked.save_as(files[0])
     item, study_uid = make_review_case(settings, ledger, tmp_path, files=files)
-    csrf = sign_in(client)
-    client.post(
-        f"/review/cases/{item}/verdict",
-        data={"csrf_token": csrf, "action": "confirm"},
-        follow_redirects=False,
-    )
+    confirm(client, item)
     damaged_sop = str(pydicom.dcmread(files[1], stop_before_pixels=True).SOPInstanceUID)
     relative = ReviewStore(ledger).instance_path(study_uid, damaged_sop)
     assert relative is not None
@@ -655,12 +655,7 @@ def test_an_administrator_downloads_the_de_identified_feedback_as_a_zip(
         patient_name="CANARYNAME^CANARYGIVEN", accession_number="CANARYACC",
     )  # fmt: skip
     item, study_uid = make_review_case(settings, ledger, tmp_path, files=files)
-    csrf = sign_in(client)
-    client.post(
-        f"/review/cases/{item}/verdict",
-        data={"csrf_token": csrf, "action": "confirm"},
-        follow_redirects=False,
-    )
+    confirm(client, item)
     add_user(ledger, "ada.admin", role="admin")
     with TestClient(create_app(settings, ledger)) as api:  # feedback.deidentify off
         assert api.get("/api/feedback/export.zip", auth=("jane.doe", PASSWORD)).status_code == 403

@@ -263,7 +263,7 @@ def _probe_tls(host: str, port: int, tls: TlsArgs, timeout_s: float) -> str | No
         return None
 
 
-def _unread_answer(assoc: Association) -> A_ASSOCIATE | None:
+def unread_answer(assoc: Association) -> A_ASSOCIATE | None:
     """The peer's answer to the association request that the association's DUL received and
     its thread did not read. pynetdicom's requestor waits for the connection to be made, then
     takes a connection already closed for one never made and aborts; the DUL, meanwhile, may
@@ -295,7 +295,7 @@ def _association_error(
         if elapsed_s >= 0.95 * timeout_s:
             return f"connection to {host}:{port} timed out after {timeout_s:g} s"
         return _probe_connection(host, port, timeout_s)
-    primitive = assoc.acceptor.primitive or _unread_answer(assoc)
+    primitive = assoc.acceptor.primitive or unread_answer(assoc)
     if primitive is not None and primitive.result in (0x01, 0x02):
         return (
             f"association rejected by {called_ae}@{host}:{port}: "

@@ -21,6 +21,7 @@ from acwi_node.config import Settings
 from acwi_node.ingest.scp import StorageSCP
 from acwi_node.ledger import Ledger
 from tests.integration.test_scp import SC, make_sc, node, running_scp, send
+from tests.support.association import rejected
 from tests.support.dcmtk import storescu
 
 __all__ = ["node"]  # the fixture, shared with test_scp
@@ -237,7 +238,7 @@ def test_silent_connections_hold_no_association_slot(
             held = [ae.associate(*address, ae_title="ACWI") for _ in range(2)]
             assert all(assoc.is_established for assoc in held)
             third = ae.associate(*address, ae_title="ACWI")
-            assert third.is_rejected
+            assert rejected(third)
             assert "no association slot free" in caplog.text
         finally:
             for sock in silent:
@@ -304,7 +305,7 @@ def test_host_check_binds_a_calling_ae_to_its_hosts(
                 assert assoc.send_c_store(make_sc(generate_uid())).Status == 0x0000
                 assoc.release()
             else:
-                assert assoc.is_rejected, calling
+                assert rejected(assoc), calling
     finally:
         scp.stop()
         ledger.dispose()

@@ -38,6 +38,7 @@ from acwi_node.ingest.spool import Spool, SpoolError
 from acwi_node.ledger import InstanceRecord, Ledger, RoutedJob
 from acwi_node.ledger.models import Study
 from tests.support.answer_threads import record_answer_threads
+from tests.support.association import rejected
 from tests.support.dcmtk import storescu
 from tests.support.ports import free_port
 
@@ -226,7 +227,7 @@ def test_unknown_calling_ae_is_rejected(node: tuple[Settings, Ledger, StorageSCP
     ae = AE(ae_title="INTRUDER")
     ae.add_requested_context(SC)
     assoc = ae.associate("127.0.0.1", settings.node.dicom_port, ae_title="ACWI")
-    assert assoc.is_rejected
+    assert rejected(assoc)
     assert send(settings, [make_sc(generate_uid())]) == [0]
 
 

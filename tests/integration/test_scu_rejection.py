@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pynetdicom import AE
+from pynetdicom.transport import AssociationSocket
 
 from acwi_node.export.scu import verify
-from acwi_node.ingest.reactor import QuickAckSocket
-from tests.integration.test_scp import running_scp
+from tests.integration.test_scp import SC, running_scp
+from tests.support.association import rejected
 
 
 class ReadyOnceClosed(threading.Event):
@@ -22,7 +24,7 @@ class ReadyOnceClosed(threading.Event):
     thread) goes on only once the connection has closed again: the order that a loaded
     machine gave about once in 300 rejections."""
 
-    def __init__(self, sock: QuickAckSocket) -> None:
+    def __init__(self, sock: AssociationSocket) -> None:
         super().__init__()
         self.sock = sock
 
@@ -36,13 +38,16 @@ class ReadyOnceClosed(threading.Event):
 
 @pytest.fixture
 def late_association_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    init = QuickAckSocket.__init__
+    """Every requestor's association thread (the node's and pynetdicom's own AE's) looks
+    only once its connection has closed."""
+    init = AssociationSocket.__init__
 
-    def init_late(self: QuickAckSocket, *args: Any, **kwargs: Any) -> None:
+    def init_late(self: AssociationSocket, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
-        self._ready = ReadyOnceClosed(self)
+        if self.assoc.is_requestor:
+            self._ready = ReadyOnceClosed(self)
 
-    monkeypatch.setattr(QuickAckSocket, "__init__", init_late)
+    monkeypatch.setattr(AssociationSocket, "__init__", init_late)
 
 
 @pytest.mark.usefixtures("late_association_thread")
@@ -70,3 +75,15 @@ def test_a_peer_that_closes_without_answering_is_still_an_abort(tmp_path: Path) 
         thread.join(5)
     assert not result.ok
     assert "during negotiation" in result.error, result.error
+
+
+@pytest.mark.usefixtures("late_association_thread")
+def test_the_tests_see_such_a_rejection_of_pynetdicom_s_own_requestor(tmp_path: Path) -> None:
+    """The tests' requestors are pynetdicom's own AE: it reports the rejection as an abort
+    (``is_rejected`` False), which :func:`tests.support.association.rejected` sees through."""
+    with running_scp(tmp_path, allowed_calling_aes=["SOMEONE"]) as (settings, *_):
+        ae = AE(ae_title="STRANGER")
+        ae.add_requested_context(SC)
+        assoc = ae.associate("127.0.0.1", settings.node.dicom_port, ae_title="ACWI")
+    assert not assoc.is_established and not assoc.is_rejected
+    assert rejected(assoc)

@@ -216,7 +216,7 @@ def _export_instance(
     if source is None or not source.is_file():
         return _Copied(False)
     try:
-        ds = pydicom.dcmread(source, force=True)
+        ds = pydicom.dcmread(source, force=True, stop_before_pixels=not deidentify)
         patient = deidentifier.pseudonym(
             str(ds.get("PatientID", "") or ""), str(ds.get("IssuerOfPatientID", "") or "")
         )

@@ -387,13 +387,8 @@ class RetrievalService:
 
         try:
             return get_study(uid, **self._peer(source, tls), store=store, on_response=renew)
-        finally:
-            if received.study_ids:  # the sending association's end, as the SCP records it
-                try:
-                    self.receiver.ledger.association_released(sorted(received.study_ids))
-                except Exception:  # the upper bound on waiting still completes the study
-                    log.exception("C-GET from %s: could not record the association's end", sender)
-            StowReceiver.audit_received(
+        finally:  # the sending association's end, as the SCP records it, and the audit
+            self.receiver.end_request(
                 received, studies, sender=sender, address=address, how="C-GET"
             )
 

@@ -328,8 +328,7 @@ class StowReceiver:
         With ``end_of_request`` False the parts are one of several calls of one request (a
         C-GET's C-STOREs): ``opened`` (shared by the calls) holds the studies the request has
         sent instances of so far, and the caller records its end
-        (``Ledger.association_released`` of the result's ``study_ids``) and audits it
-        (:meth:`audit_received`).
+        and audits it (:meth:`end_request`).
 
         The request is answered once, for all its objects, so they are flushed together: every
         spool file written, then one flush of the spool's file system (files and directory
@@ -367,17 +366,12 @@ class StowReceiver:
             ):  # the stored instances' patients only, as the SCP's record names
                 patient_ids.update(w.patient_id for w in written.values())
         finally:
-            if study_ids and end_of_request:
-                try:
-                    self.ledger.association_released(sorted(study_ids))
-                except Exception:  # the upper bound on waiting still completes these studies
-                    log.exception("STOW-RS from %s: could not record the request's end", calling)
             if end_of_request:
-                self.audit_received(result, studies, sender=calling, address=address)
+                self.end_request(result, studies, sender=calling, address=address)
         return result
 
-    @staticmethod
-    def audit_received(
+    def end_request(
+        self,
         result: StowResult,
         studies: dict[str, int],
         *,
@@ -385,8 +379,14 @@ class StowReceiver:
         address: str,
         how: str = "STOW-RS",
     ) -> None:
-        """The audit record of a request's instances (none when nothing came): ``studies``
-        counts the instances stored of each study."""
+        """A request has ended: its studies' sending association is closed in the ledger (a
+        completion signal), and its instances are audited (none when nothing came):
+        ``studies`` counts the instances stored of each study."""
+        if result.study_ids:
+            try:
+                self.ledger.association_released(sorted(result.study_ids))
+            except Exception:  # the upper bound on waiting still completes these studies
+                log.exception("%s from %s: could not record the request's end", how, sender)
         if not result.stored and not result.failed:
             return
         audit(

@@ -66,6 +66,7 @@ from models.networks.heads import (
     dice_score,
     segmentation_loss,
 )
+from models.networks.localisation import cam_localisation_loss, peak_in_lesion
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -224,6 +225,19 @@ class HeadsConfig:
 
 
 @dataclass
+class LocalisationConfig:
+    """Supervision of the CAM heatmap by lesion masks (see :mod:`models.networks.localisation`)."""
+
+    #: Weight of the CAM localisation loss (0 = off). Needs lesion masks: the synthetic
+    #: phantoms have them; a run on a DICOM folder (``--data``) trains without the term.
+    cam_weight: float = 0.0
+    #: Temperature of the map's spatial softmax in the loss.
+    temperature: float = 1.0
+    #: Weight of the share of the map's positive part outside the lesion (a sharper map).
+    outside_weight: float = 0.0
+
+
+@dataclass
 class TrainingConfig:
     """A whole training run (a preset, optionally overridden by ``--config``)."""
 
@@ -238,6 +252,7 @@ class TrainingConfig:
     domain: DomainConfig = field(default_factory=DomainConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
+    localisation: LocalisationConfig = field(default_factory=LocalisationConfig)
 
     def network(self) -> tuple[str, dict[str, Any]]:
         """Architecture name and ``architecture_config`` of the network this run trains."""
@@ -301,6 +316,7 @@ def config_from_dict(data: dict[str, Any]) -> TrainingConfig:
         "domain": DomainConfig,
         "continual": ContinualConfig,
         "heads": HeadsConfig,
+        "localisation": LocalisationConfig,
     }
     top: dict[str, Any] = {}
     for key, value in data.items():
@@ -873,9 +889,12 @@ def train(
     if ewc_lambda > 0 and initial is None:
         raise ValueError("continual.ewc_lambda needs a model to start from (--init-from)")
 
-    want_masks = config.heads.segmentation_weight > 0
-    if want_masks and data_dir is not None:
+    if config.heads.segmentation_weight > 0 and data_dir is not None:
         raise ValueError("heads.segmentation_weight needs lesion masks: synthetic data only")
+    cam_weight = config.localisation.cam_weight if data_dir is None else 0.0
+    if config.localisation.cam_weight > 0 and data_dir is not None:
+        log("localisation: a DICOM folder has no lesion masks; the CAM localisation loss is off")
+    want_masks = config.heads.segmentation_weight > 0 or cam_weight > 0
     if data_dir is None:
         train_set = synthetic_split(
             config, "train", config.data.train_images, unit_spec, masks=want_masks
@@ -926,12 +945,8 @@ def train(
                 fisher_state = _old_task_fisher(config, model, initial, ewc_data, unit_spec, log)
             log(f"EWC: lambda {ewc_lambda:g}, Fisher from {fisher_state.images} images")
     stride = feature_stride(arch_name, arch_config)
-    dense = _DenseHeads(
-        config.heads,
-        int(arch_config["feature_channels"]),
-        stride,
-        labels.index(config.data.normal_label),
-    )
+    normal_index = labels.index(config.data.normal_label)
+    dense = _DenseHeads(config.heads, int(arch_config["feature_channels"]), stride, normal_index)
     domain = config.domain
     losses = _DomainLosses(domain, train_set.sites, int(arch_config["latent_dim"]))
     if (domain.mmd_weight > 0 or domain.adversarial_weight > 0) and not losses.usable:
@@ -978,7 +993,7 @@ def train(
         history = list(state["history"])
         log(f"resumed from {checkpoint} after epoch {first_epoch}")
 
-    names = ("loss", "ce", "het", "kl", "mmd", "adv", "ewc", "seg", "rec")
+    names = ("loss", "ce", "het", "kl", "mmd", "adv", "ewc", "seg", "rec", "loc")
     step = first_epoch * steps_per_epoch
     for epoch in range(first_epoch, opt.epochs):
         t0 = time.perf_counter()
@@ -1019,6 +1034,19 @@ def train(
                 ewc_penalty(model, fisher_state) if fisher_state is not None else mmd.new_zeros(())
             )
             seg, rec = dense(out.features, x, y, mask)
+            loc = (
+                cam_localisation_loss(
+                    model.cam_weights()[0],
+                    out.features,
+                    y,
+                    mask,
+                    normal_index,
+                    config.localisation.temperature,
+                    config.localisation.outside_weight,
+                )
+                if cam_weight > 0 and mask is not None
+                else seg.new_zeros(())
+            )
             total = (
                 terms.total
                 + domain.mmd_weight * mmd
@@ -1026,13 +1054,14 @@ def train(
                 + ewc_lambda * ewc
                 + config.heads.segmentation_weight * seg
                 + config.heads.reconstruction_weight * rec
+                + cam_weight * loc
             )
             optimiser.zero_grad(set_to_none=True)
             total.backward()
             optimiser.step()
             schedule.step()
             step += 1
-            parts = (total, terms.ce, terms.het, terms.kl, mmd, adv, ewc, seg, rec)
+            parts = (total, terms.ce, terms.het, terms.kl, mmd, adv, ewc, seg, rec, loc)
             sums += np.asarray([float(t.detach()) for t in parts]) * len(idx)
             correct += int((out.logits.argmax(1) == y).sum())
         sums /= len(train_set)
@@ -1057,6 +1086,7 @@ def train(
                 ("ewc", fisher_state is not None),
                 ("seg", dense.segmentation is not None),
                 ("rec", dense.reconstruction is not None),
+                ("loc", cam_weight > 0),
             )
             if on
         )
@@ -1144,6 +1174,9 @@ def train(
             f"wrote {out_dir / HEADS_NAME} (dense heads)"
             + "".join(f", {k} {v:.3f}" for k, v in head_metrics.items())
         )
+    cam_pointing = _cam_pointing(model, x_val, val_set.targets, val_set.masks, normal_index)
+    if cam_pointing is not None:
+        log(f"heatmap: peak in a lesion cell for {cam_pointing:.3f} of validation lesions")
     if initial is not None:
         dataset_name += f"; fine-tuned from {initial.description}"
         if ewc_lambda > 0:
@@ -1187,6 +1220,7 @@ def train(
             seconds=round(seconds, 1),
             seed=opt.seed,
             preset=config.preset,
+            val_cam_pointing=cam_pointing,
         ),
     )
     manifest_path = write_model_manifest(manifest, arch_name, out_dir)
@@ -1204,6 +1238,25 @@ def train(
         Evaluation(val_accuracy, val_balanced, val_nll),
         history,
     )
+
+
+@torch.no_grad()
+def _cam_pointing(
+    model: Network, x: Tensor, targets: np.ndarray, masks: np.ndarray | None, normal_index: int
+) -> float | None:
+    """Share of the lesion images whose shown CAM peaks in a feature cell holding some of the
+    lesion (None without masks or lesions)."""
+    if masks is None:
+        return None
+    weights = model.cam_weights()[0]
+    hits: list[Tensor] = []
+    for start in range(0, x.shape[0], 64):
+        features = model.encode(x[start : start + 64]).features
+        y = torch.from_numpy(targets[start : start + 64])
+        m = torch.from_numpy(masks[start : start + 64]).unsqueeze(1)
+        hits.append(peak_in_lesion(weights, features, y, m, normal_index))
+    found = torch.cat(hits)
+    return float(found.float().mean()) if found.numel() else None
 
 
 def _old_task_fisher(

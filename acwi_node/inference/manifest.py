@@ -75,6 +75,9 @@ class TrainingSummary(_Strict):
     seconds: float = Field(ge=0.0)
     seed: int
     preset: str
+    #: Share of the validation lesions whose heatmap peaks in a feature cell of the lesion
+    #: (training with lesion masks only).
+    val_cam_pointing: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 class OnnxRecord(_Strict):

@@ -1,0 +1,136 @@
+"""The CAM localisation loss and training with it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from acwi_node.inference.analyser import Analyser
+from acwi_node.inference.manifest import load_manifest
+from models.data.synth import write_dataset
+from models.networks.dianet import DIANet
+from models.networks.localisation import cam_localisation_loss, peak_in_lesion
+from models.train import config_from_dict, train
+from tests.unit.test_train_heads import TINY
+
+NORMAL = 0
+
+
+def _one_hot_features(cells: list[tuple[int, int]], size: int = 4) -> torch.Tensor:
+    """Features ``(B, 2, size, size)``: channel 0 is 5 at the image's cell, channel 1 is 1."""
+    features = torch.zeros(len(cells), 2, size, size)
+    features[:, 1] = 1.0
+    for i, (y, x) in enumerate(cells):
+        features[i, 0, y, x] = 5.0
+    return features
+
+
+def _mask(y: int, x: int, size: int = 16, cell: int = 4) -> torch.Tensor:
+    """A lesion filling cell ``(y, x)`` of a ``size // cell`` grid, ``(1, 1, size, size)``."""
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., y * cell : (y + 1) * cell, x * cell : (x + 1) * cell] = 1.0
+    return mask
+
+
+#: Class 1 reads channel 0 (the peak), the normal class channel 1 (flat).
+WEIGHTS = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.5, 0.0]])
+
+
+def test_the_loss_is_low_when_the_shown_map_peaks_in_the_lesion() -> None:
+    targets = torch.tensor([1])
+    on = cam_localisation_loss(WEIGHTS, _one_hot_features([(2, 1)]), targets, _mask(2, 1), NORMAL)
+    off = cam_localisation_loss(WEIGHTS, _one_hot_features([(0, 3)]), targets, _mask(2, 1), NORMAL)
+    assert float(on) < float(off)
+    # a map peaking in the lesion's cell: the cross-entropy of a softmax of (5, 0, ..., 0)
+    expected = -torch.log_softmax(torch.tensor([5.0] + [0.0] * 15), 0)[0]
+    assert float(on) == pytest.approx(float(expected))
+    # a sharper softmax (lower temperature) rewards the right peak more
+    sharp = cam_localisation_loss(
+        WEIGHTS, _one_hot_features([(2, 1)]), targets, _mask(2, 1), NORMAL, temperature=0.5
+    )
+    assert float(sharp) < float(on)
+    with pytest.raises(ValueError, match="temperature"):
+        cam_localisation_loss(
+            WEIGHTS, _one_hot_features([(2, 1)]), targets, _mask(2, 1), NORMAL, temperature=0
+        )
+
+
+def test_the_outside_term_is_the_share_of_the_map_outside_the_lesion() -> None:
+    """A map highest on the lesion but warm everywhere reads, divided by its peak, as hot
+    everywhere: the outside term is the share of its positive part outside the lesion."""
+    broad = _one_hot_features([(2, 1)])
+    broad[:, 0] += 4.0
+    broad[:, 0, 2, 1] -= 4.0  # shown map (channel 0 - channel 1): 4 on the lesion, 3 elsewhere
+    targets = torch.tensor([1])
+    plain = cam_localisation_loss(WEIGHTS, broad, targets, _mask(2, 1), NORMAL)
+    both = cam_localisation_loss(WEIGHTS, broad, targets, _mask(2, 1), NORMAL, outside_weight=2)
+    assert float(both - plain) == pytest.approx(2 * 45 / 49)
+    sharp = _one_hot_features([(2, 1)])
+    assert float(
+        cam_localisation_loss(WEIGHTS, sharp, targets, _mask(2, 1), NORMAL, outside_weight=2)
+        - cam_localisation_loss(WEIGHTS, sharp, targets, _mask(2, 1), NORMAL)
+    ) == pytest.approx(0.0)
+
+
+def test_the_map_is_the_finding_class_against_the_normal_class() -> None:
+    """The supervised map is cam_k - cam_ref, what the node draws: a feature both classes
+    read alike does not move it."""
+    features = _one_hot_features([(2, 1)])
+    shared = WEIGHTS.clone()
+    shared[NORMAL, 0] = 1.0  # the normal class reads the peak too: the shown map is flat
+    flat = cam_localisation_loss(shared, features, torch.tensor([1]), _mask(2, 1), NORMAL)
+    assert float(flat) == pytest.approx(float(torch.log(torch.tensor(16.0))), rel=1e-5)
+
+
+def test_normal_images_and_empty_masks_add_nothing_and_gradients_reach_the_map() -> None:
+    features = _one_hot_features([(2, 1), (0, 0), (1, 1)]).requires_grad_()
+    weights = WEIGHTS.clone().requires_grad_()
+    masks = torch.cat([_mask(2, 1), _mask(0, 0), torch.zeros(1, 1, 16, 16)])
+    targets = torch.tensor([1, NORMAL, 2])  # a lesion; a normal image; a lesion shifted out
+    alone = cam_localisation_loss(WEIGHTS, features[:1].detach(), targets[:1], masks[:1], NORMAL)
+    loss = cam_localisation_loss(weights, features, targets, masks, NORMAL)
+    assert float(loss.detach()) == pytest.approx(float(alone))
+    loss.backward()
+    assert features.grad is not None and weights.grad is not None
+    assert features.grad[1:].abs().sum() == 0 and features.grad[0].abs().sum() > 0
+    none = cam_localisation_loss(weights, features[1:], targets[1:], masks[1:], NORMAL)
+    assert float(none.detach()) == 0.0 and none.requires_grad
+    found = peak_in_lesion(
+        WEIGHTS, _one_hot_features([(2, 1), (0, 3)]), torch.tensor([1, 2]),
+        torch.cat([_mask(2, 1), _mask(2, 1)]), NORMAL,
+    )  # fmt: skip
+    assert found.tolist() == [True, False]
+
+
+def test_a_tiny_run_with_the_loss_records_it_and_keeps_the_network_as_it_is(
+    tmp_path: Path,
+) -> None:
+    config = config_from_dict({**TINY, "localisation": {"cam_weight": 1.0}})
+    lines: list[str] = []
+    result = train(config, tmp_path / "m", log=lines.append)
+    assert all(r["loc"] > 0 for r in result.history)
+    assert any(" loc " in line for line in lines)
+    pointing = load_manifest(result.manifest_path).training.val_cam_pointing
+    assert pointing is not None and 0.0 <= pointing <= 1.0
+    weights = torch.load(result.weights_path, weights_only=True)
+    assert set(weights) == set(DIANet(config.architecture()).state_dict())
+    Analyser.load(result.manifest_path, mc_samples=2)
+    # Off by default: no term, and no figure in the manifest.
+    plain = train(config_from_dict(TINY), tmp_path / "plain", log=lambda _: None)
+    assert all(r["loc"] == 0 for r in plain.history)
+    manifest = json.loads(plain.manifest_path.read_text())
+    assert manifest["training"].get("val_cam_pointing") is None
+
+
+def test_a_dicom_folder_trains_without_the_loss(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "data", 12, seed=5, sites=[0, 1], size=64)
+    config = config_from_dict(
+        {**TINY, "train": {**TINY["train"], "epochs": 1}, "localisation": {"cam_weight": 1.0}}
+    )
+    lines: list[str] = []
+    result = train(config, tmp_path / "m", data_dir=tmp_path / "data", log=lines.append)
+    assert any("no lesion masks" in line for line in lines)
+    assert all(r["loc"] == 0 for r in result.history)

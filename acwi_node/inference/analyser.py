@@ -15,8 +15,9 @@ pass, temperature ``tau`` from the manifest, ``p_t = softmax(logits_t / tau)``):
   the reference (non-finding, e.g. ``normal``) label, ``cam_k - cam_ref`` (plain ``cam_k``
   without a reference label); ReLU, resized to Rows x Columns by the inverse of the
   preprocessing resize (bilinear) and divided by its maximum (all zeros if <= 0). Its
-  resolution is that of the feature map (8 x 8 for a 128-pixel input), so the peak locates a
-  lesion to within about one feature cell.
+  resolution is that of the feature map (16 x 16 for the bundled model's 128-pixel input,
+  a cell of 8 input pixels), so the peak locates a lesion to within about one feature cell;
+  the bundled model was trained to put it there (``models/networks/localisation.py``).
 
 Per study: probabilities are the mean over analysed images; the study ``uncertainty`` is
 that of the image with the highest score (so ``study.uncertainty.score`` is the max image

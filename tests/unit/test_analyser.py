@@ -96,22 +96,27 @@ def test_clear_cases_are_classified(
     assert result.predicted_label == label
 
 
-def test_heatmap_peak_near_nodule(analyser: Analyser, tmp_path: Path) -> None:
-    """The peak lies within about one feature cell (32 px of a 256-px image) of the box.
-
-    The CAM has the feature map's resolution (8 x 8 for a 128-px input), so "near" is the
-    claim; a faint nodule may be missed, hence 6 of 8 rather than all.
-    """
-    margin = 40
-    near = 0
+@pytest.mark.parametrize("label", ["nodule", "effusion"])
+def test_heatmap_points_at_the_lesion_and_little_else(
+    analyser: Analyser, tmp_path: Path, label: str
+) -> None:
+    """The heatmap's peak lies inside the lesion's box, and its hot region (at least half the
+    peak, what a reader sees as marked) overlaps the box (IoU >= 0.25), on 7 of 8 phantoms
+    of four sites. A faint lesion may be missed, hence 7 rather than all. (The bundled
+    model before lesion-mask training, an 8 x 8 CAM, hit the box for 12 % of nodules, with
+    an IoU of 0.12.)"""
+    inside = overlapping = 0
     for k in range(8):
-        paths = write_study(tmp_path / str(k), n_images=1, label="nodule", site=k % 4, seed=700 + k)
-        box = json.loads(paths[0].with_suffix(".truth.json").read_text())["box"]
+        paths = write_study(tmp_path / str(k), n_images=1, label=label, site=k % 4, seed=700 + k)
+        x0, y0, x1, y1 = json.loads(paths[0].with_suffix(".truth.json").read_text())["box"]
         heat = analyser.analyse([pydicom.dcmread(paths[0])]).images[0].heatmap_array()
         y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
-        x0, y0, x1, y1 = box
-        near += int(x0 - margin <= x <= x1 + margin and y0 - margin <= y <= y1 + margin)
-    assert near >= 6
+        inside += int(x0 <= x <= x1 and y0 <= y <= y1)
+        box = np.zeros(heat.shape, dtype=bool)
+        box[y0 : y1 + 1, x0 : x1 + 1] = True
+        hot = heat >= 0.5
+        overlapping += int((hot & box).sum() / (hot | box).sum() >= 0.25)
+    assert inside >= 7 and overlapping >= 7, (inside, overlapping)
 
 
 def test_unusable_dataset_is_skipped(analyser: Analyser, tmp_path: Path) -> None:

@@ -150,17 +150,17 @@ REGISTRY_DEFAULT = Path(__file__).resolve().parents[2] / "models" / "registry" /
 #: SHA-256 of the bundled model's sorted state-dict keys (newline-joined) and their count.
 BUNDLED_KEYS_SHA256 = "c3bea3e3d7483db06ab010785e83fae9335d6eb93b259ff6fbee9345847e91da"
 BUNDLED_KEY_COUNT = 117
-#: Bundled model outputs (evaluation mode) on :func:`_fixed_input`, recorded before the
-#: backbone and codebook options existed.
+#: Bundled model outputs (evaluation mode) on :func:`_fixed_input`, recorded when the
+#: model was trained (version 1.1.0): loading and the forward pass must not change them.
 BUNDLED_LOGITS = [
-    [-6.013314247131348, -8.61668586730957, 25.35373878479004],
-    [-7.11638879776001, -11.217840194702148, 31.78919219970703],
+    [-0.7935826182365417, -2.055227279663086, 3.72871732711792],
+    [-0.830019474029541, -2.2584171295166016, 4.010615348815918],
 ]
 BUNDLED_LOG_VAR = [
-    [2.045316696166992, 1.397038221359253, -2.1892776489257812],
-    [3.281963348388672, 2.555847406387329, -1.9212560653686523],
+    [-3.6596100330352783, -2.5465335845947266, -4.283358097076416],
+    [-3.6659433841705322, -2.485727071762085, -4.34013557434082],
 ]
-BUNDLED_FEATURE_SUM = 10120.7412109375
+BUNDLED_FEATURE_SUM = 8785.9375
 
 TINY = DIANetConfig(fpn_channels=16, feature_channels=16, latent_dim=8)
 TINY_WIDTH = {"resnet50": 0.125, "mobilenetv3": 0.25}

@@ -31,6 +31,7 @@ from models.export import (
     load_model,
     parity_inputs,
 )
+from models.networks import feature_stride
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
 
@@ -168,7 +169,7 @@ def test_full_onnx_outputs_and_shapes(exported: Path) -> None:
     x = parity_inputs(manifest)
     model = load_model(manifest)
     w_eff, b_eff = (t.detach().numpy() for t in model.cam_weights())
-    side = manifest.input.size // 16  # the features' stride
+    side = manifest.input.size // feature_stride("dianet", manifest.architecture_config)
     for batch in (1, len(x)):
         probs, logits, features, mu, logvar = session.run(None, {"image": x[:batch]})
         assert probs.shape == logits.shape == (batch, k)

@@ -41,8 +41,15 @@ import numpy as np
 import pydicom
 
 from acwi_node.inference.analyser import Analyser, NothingToAnalyse
-from acwi_node.inference.types import StudyAnalysis, unit_name
-from models.data.dicom_dataset import LABELS_CSV, LabelledImage, scan_folder
+from acwi_node.inference.types import StudyAnalysis
+from models.data.dicom_dataset import (
+    LABELS_CSV,
+    Box,
+    LabelledImage,
+    box_mask,
+    read_boxes,
+    scan_folder,
+)
 from models.model_io import load_analyser
 from models.networks import feature_stride
 
@@ -55,7 +62,6 @@ STABILITY_SHIFT = 2  # pixels, each of +x, -x, +y, -y
 STABILITY_NOISE = 0.02  # Gaussian noise sigma as a fraction of the image's value range
 DELETION_STEPS = 10
 COSTLY_IMAGES = 60  # lesion images for the stability and deletion metrics
-Box = tuple[int, int, int, int]
 
 
 # --------------------------------------------------------------------------- metrics
@@ -247,14 +253,6 @@ def auto_accept_accuracy(
     return float(np.asarray(correct, dtype=float)[order[:accepted]].mean())
 
 
-def box_mask(shape: tuple[int, int], box: Box) -> np.ndarray:
-    """Boolean ``rows x cols`` mask of an inclusive ``(x0, y0, x1, y1)`` box (clipped)."""
-    mask = np.zeros(shape, dtype=bool)
-    x0, y0, x1, y1 = box
-    mask[max(y0, 0) : max(y1 + 1, 0), max(x0, 0) : max(x1 + 1, 0)] = True
-    return mask
-
-
 def heatmap_iou(
     heatmap: np.ndarray, region: np.ndarray, threshold: float = HEATMAP_IOU_THRESHOLD
 ) -> float:
@@ -340,44 +338,6 @@ class EvalImage:
 
     item: LabelledImage
     box: Box | None
-
-
-def _parse_box(text: str | None) -> Box | None:
-    parts = (text or "").split()
-    if len(parts) != 4:
-        return None
-    x0, y0, x1, y1 = (int(float(p)) for p in parts)
-    return (x0, y0, x1, y1)
-
-
-def read_boxes(root: Path, items: Sequence[LabelledImage]) -> dict[str, Box]:
-    """Lesion boxes by image (:attr:`LabelledImage.name`: the SOP Instance UID, with the frame
-    number for a frame) from ``labels.csv``'s ``box`` column, else side-cars (a multi-frame
-    image's lists its frames')."""
-    boxes: dict[str, Box] = {}
-    csv_path = Path(root) / LABELS_CSV
-    if csv_path.is_file():
-        import csv
-
-        with csv_path.open(newline="") as fh:
-            for row in csv.DictReader(fh):
-                box = _parse_box(row.get("box"))
-                sop = (row.get("sop_instance_uid") or "").strip()
-                frame = (row.get("frame_number") or "").strip()
-                if box is not None and sop:
-                    boxes[unit_name(sop, int(frame) if frame else None)] = box
-    for item in items:
-        if item.name in boxes:
-            continue
-        side_car = item.path.with_suffix(".truth.json")
-        if side_car.is_file():
-            truth = json.loads(side_car.read_text())
-            if item.frame_number is not None:  # a multi-frame image: its frames' truths
-                frames = {f.get("frame_number"): f for f in truth.get("frames") or []}
-                truth = frames.get(item.frame_number) or {}
-            if truth.get("box"):
-                boxes[item.name] = tuple(int(v) for v in truth["box"])  # type: ignore[assignment]
-    return boxes
 
 
 def heatmap_grid(architecture_config: dict[str, Any], input_size: int) -> int:

@@ -47,7 +47,13 @@ from models.continual import (
     save_fisher,
 )
 from models.data import synth
-from models.data.dicom_dataset import LabelledImage, load_unit_images, scan_folder
+from models.data.dicom_dataset import (
+    LabelledImage,
+    lesion_masks,
+    load_unit_images,
+    read_boxes,
+    scan_folder,
+)
 from models.model_io import read_manifest, write_model_manifest
 from models.networks import Network, build, feature_stride
 from models.networks.amrinet import AMRINetConfig
@@ -229,7 +235,8 @@ class LocalisationConfig:
     """Supervision of the CAM heatmap by lesion masks (see :mod:`models.networks.localisation`)."""
 
     #: Weight of the CAM localisation loss (0 = off). Needs lesion masks: the synthetic
-    #: phantoms have them; a run on a DICOM folder (``--data``) trains without the term.
+    #: phantoms have them; a DICOM folder (``--data``) gives its ``labels.csv`` boxes, and
+    #: without any the term is off.
     cam_weight: float = 0.0
     #: Temperature of the map's spatial softmax in the loss.
     temperature: float = 1.0
@@ -360,7 +367,8 @@ class ImageSet:
     images: np.ndarray
     targets: np.ndarray
     sites: np.ndarray
-    #: Lesion masks ``(N, S, S)`` in {0, 1} at the model input size (synthetic data only).
+    #: Lesion masks ``(N, S, S)`` in {0, 1} at the model input size (the synthetic phantoms',
+    #: or a DICOM folder's lesion boxes); None when there are none.
     masks: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -465,7 +473,7 @@ def validation_mask(items: Sequence[LabelledImage], val_fraction: float, seed: i
 
 
 def folder_splits(
-    config: TrainingConfig, root: Path, spec: PreprocessSpec
+    config: TrainingConfig, root: Path, spec: PreprocessSpec, masks: bool = False
 ) -> tuple[ImageSet, ImageSet, dict[str, str]]:
     """Train/validation sets from a labelled DICOM folder, split by patient where
     ``labels.csv`` names them (its ``patient`` column: the feedback export's pseudonyms), else
@@ -473,7 +481,9 @@ def folder_splits(
     the model on a patient it trained on.
 
     With a single group there is nothing to hold out and validation reuses the training set.
-    Also returns the files the preprocessing refused, with their reasons.
+    Also returns the files the preprocessing refused, with their reasons. With ``masks``, the
+    lesion boxes (``labels.csv``'s ``box`` column, or side-cars) come along as masks at the
+    input size (:func:`~models.data.dicom_dataset.lesion_masks`), when any image has one.
     """
     d = config.data
     items = scan_folder(root, labels=d.labels)
@@ -486,11 +496,34 @@ def folder_splits(
     sites = np.asarray(
         [-1 if items[i].site is None else items[i].site for i in kept], dtype=np.int64
     )
-    train = ImageSet(images[~is_val], targets[~is_val], sites[~is_val])
-    val = ImageSet(images[is_val], targets[is_val], sites[is_val])
+    mask_set: np.ndarray | None = None
+    if masks:
+        loaded = [items[i] for i in kept]
+        boxes = read_boxes(root, loaded)
+        if any(item.name in boxes for item in loaded):
+            mask_set = lesion_masks(loaded, boxes, spec)
+    train = ImageSet(
+        images[~is_val],
+        targets[~is_val],
+        sites[~is_val],
+        None if mask_set is None else mask_set[~is_val],
+    )
+    val = ImageSet(
+        images[is_val],
+        targets[is_val],
+        sites[is_val],
+        None if mask_set is None else mask_set[is_val],
+    )
     if len(val) == 0:
         val = train
     return train, val, refused
+
+
+def _masked(images: ImageSet) -> int:
+    """How many of a set's images have a non-empty lesion mask."""
+    if images.masks is None:
+        return 0
+    return int((images.masks.reshape(len(images.masks), -1).max(axis=1) > 0).sum())
 
 
 # --------------------------------------------------------------------------- losses
@@ -891,11 +924,9 @@ def train(
 
     if config.heads.segmentation_weight > 0 and data_dir is not None:
         raise ValueError("heads.segmentation_weight needs lesion masks: synthetic data only")
-    cam_weight = config.localisation.cam_weight if data_dir is None else 0.0
-    if config.localisation.cam_weight > 0 and data_dir is not None:
-        log("localisation: a DICOM folder has no lesion masks; the CAM localisation loss is off")
-    want_masks = config.heads.segmentation_weight > 0 or cam_weight > 0
+    cam_wanted = config.localisation.cam_weight > 0
     if data_dir is None:
+        want_masks = config.heads.segmentation_weight > 0 or cam_wanted
         train_set = synthetic_split(
             config, "train", config.data.train_images, unit_spec, masks=want_masks
         )
@@ -904,10 +935,19 @@ def train(
         )
         dataset_name = f"synthetic phantoms, sites {config.data.sites}, seed {config.data.seed}"
     else:
-        train_set, val_set, refused = folder_splits(config, data_dir, unit_spec)
+        train_set, val_set, refused = folder_splits(config, data_dir, unit_spec, cam_wanted)
         for path, reason in refused.items():
             log(f"skipped {path}: {reason}")
         dataset_name = f"DICOM folder {Path(data_dir).name}"
+    cam_weight = config.localisation.cam_weight if train_set.masks is not None else 0.0
+    if cam_wanted and data_dir is not None:
+        if cam_weight > 0:
+            log(f"localisation: lesion boxes for {_masked(train_set)} training images")
+        else:
+            log(
+                "localisation: no lesion boxes (labels.csv's box column) for the training"
+                " images; the CAM localisation loss is off"
+            )
     log(
         f"data: {len(train_set)} train / {len(val_set)} val images "
         f"({time.perf_counter() - started:.1f}s)"

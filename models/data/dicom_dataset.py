@@ -8,11 +8,17 @@ are ignored; images the preprocessing refuses are reported, not loaded.
 A multi-frame image (Enhanced CT or MR, tomosynthesis) is one labelled image per frame, as
 the node analyses it. An optional ``frame_number`` column labels one frame; a row without
 one labels every frame of its instance (a frame's own row wins).
+
+An optional ``box`` column, ``"x0 y0 x1 y1"`` in the image's pixels (inclusive), or the
+synthetic set's ``<file>.truth.json`` side-cars, give lesion boxes: the evaluation scores the
+heatmaps against them and training turns them into lesion masks for the heatmap (see
+:func:`lesion_masks`).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +34,14 @@ from acwi_node.inference.preprocess import (
     PreprocessSpec,
     UnsupportedImage,
     normalise,
+    resize,
     to_unit_range,
 )
 from acwi_node.inference.types import unit_name
 
 LABELS_CSV = "labels.csv"
+#: A lesion box ``(x0, y0, x1, y1)`` in pixels (columns, rows), inclusive.
+Box = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -157,3 +166,64 @@ class DicomFolderDataset(TorchDataset[tuple[torch.Tensor, int]]):
         item = self.items[i]
         unit = to_unit_range(pydicom.dcmread(item.path), self.spec, item.frame_number)
         return torch.from_numpy(normalise(unit, self.spec)), self.index[item.label]
+
+
+def box_mask(shape: tuple[int, int], box: Box) -> np.ndarray:
+    """Boolean ``rows x cols`` mask of an inclusive ``(x0, y0, x1, y1)`` box (clipped)."""
+    mask = np.zeros(shape, dtype=bool)
+    x0, y0, x1, y1 = box
+    mask[max(y0, 0) : max(y1 + 1, 0), max(x0, 0) : max(x1 + 1, 0)] = True
+    return mask
+
+
+def _parse_box(text: str | None) -> Box | None:
+    parts = (text or "").split()
+    if len(parts) != 4:
+        return None
+    x0, y0, x1, y1 = (int(float(p)) for p in parts)
+    return (x0, y0, x1, y1)
+
+
+def read_boxes(root: Path, items: Sequence[LabelledImage]) -> dict[str, Box]:
+    """Lesion boxes by image (:attr:`LabelledImage.name`: the SOP Instance UID, with the frame
+    number for a frame) from ``labels.csv``'s ``box`` column, else side-cars (a multi-frame
+    image's lists its frames')."""
+    boxes: dict[str, Box] = {}
+    csv_path = Path(root) / LABELS_CSV
+    if csv_path.is_file():
+        with csv_path.open(newline="") as fh:
+            for row in csv.DictReader(fh):
+                box = _parse_box(row.get("box"))
+                sop = (row.get("sop_instance_uid") or "").strip()
+                frame = (row.get("frame_number") or "").strip()
+                if box is not None and sop:
+                    boxes[unit_name(sop, int(frame) if frame else None)] = box
+    for item in items:
+        if item.name in boxes:
+            continue
+        side_car = item.path.with_suffix(".truth.json")
+        if side_car.is_file():
+            truth = json.loads(side_car.read_text())
+            if item.frame_number is not None:  # a multi-frame image: its frames' truths
+                frames = {f.get("frame_number"): f for f in truth.get("frames") or []}
+                truth = frames.get(item.frame_number) or {}
+            if truth.get("box"):
+                boxes[item.name] = tuple(int(v) for v in truth["box"])  # type: ignore[assignment]
+    return boxes
+
+
+def lesion_masks(
+    items: Sequence[LabelledImage], boxes: dict[str, Box], spec: PreprocessSpec
+) -> np.ndarray:
+    """Lesion masks ``(N, size, size)`` in {0, 1} at the model's input, one per item: its box
+    filled in the image's own Rows x Columns and resized as the preprocessing resizes the
+    image (so mask and input stay aligned whatever the aspect ratio), all zeros without one."""
+    masks = np.zeros((len(items), spec.size, spec.size), dtype=np.float32)
+    for i, item in enumerate(items):
+        box = boxes.get(item.name)
+        if box is None:
+            continue
+        ds = pydicom.dcmread(item.path, stop_before_pixels=True)
+        filled = box_mask((int(ds.Rows), int(ds.Columns)), box).astype(np.float32)
+        masks[i] = resize(filled, spec.size) > 0.5
+    return masks

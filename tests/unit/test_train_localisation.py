@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
+import numpy as np
+import pydicom
 import pytest
 import torch
 
 from acwi_node.inference.analyser import Analyser
 from acwi_node.inference.manifest import load_manifest
-from models.data.synth import write_dataset
+from acwi_node.inference.preprocess import PreprocessSpec, resize
+from models.data.dicom_dataset import LabelledImage, lesion_masks, read_boxes, scan_folder
+from models.data.synth import read_mask, write_dataset
 from models.networks.dianet import DIANet
 from models.networks.localisation import cam_localisation_loss, peak_in_lesion
 from models.train import config_from_dict, train
@@ -125,12 +130,64 @@ def test_a_tiny_run_with_the_loss_records_it_and_keeps_the_network_as_it_is(
     assert manifest["training"].get("val_cam_pointing") is None
 
 
-def test_a_dicom_folder_trains_without_the_loss(tmp_path: Path) -> None:
-    write_dataset(tmp_path / "data", 12, seed=5, sites=[0, 1], size=64)
+def _folder(root: Path, *, boxes: bool) -> Path:
+    """A small labelled synthetic folder; without ``boxes`` its labels.csv has no box column
+    and the side-cars are gone, as in a folder of real images labelled per study."""
+    write_dataset(root, 12, seed=5, sites=[0, 1], size=64)
+    if not boxes:
+        with (root / "labels.csv").open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        with (root / "labels.csv").open("w", newline="") as fh:
+            fields = [f for f in rows[0] if f != "box"]
+            writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        for side_car in root.rglob("*.truth.json"):
+            side_car.unlink()
+    return root
+
+
+@pytest.mark.parametrize("boxes", [True, False])
+def test_a_dicom_folder_trains_the_heatmap_on_its_lesion_boxes(tmp_path: Path, boxes: bool) -> None:
+    data = _folder(tmp_path / "data", boxes=boxes)
     config = config_from_dict(
         {**TINY, "train": {**TINY["train"], "epochs": 1}, "localisation": {"cam_weight": 1.0}}
     )
     lines: list[str] = []
-    result = train(config, tmp_path / "m", data_dir=tmp_path / "data", log=lines.append)
-    assert any("no lesion masks" in line for line in lines)
-    assert all(r["loc"] == 0 for r in result.history)
+    result = train(config, tmp_path / "m", data_dir=data, log=lines.append)
+    if boxes:
+        assert any("lesion boxes for" in line for line in lines), lines
+        assert all(r["loc"] > 0 for r in result.history)
+        assert load_manifest(result.manifest_path).training.val_cam_pointing is not None
+    else:
+        assert any("no lesion boxes" in line for line in lines), lines
+        assert all(r["loc"] == 0 for r in result.history)
+
+
+def test_lesion_masks_follow_the_box_through_the_preprocessing(tmp_path: Path) -> None:
+    data = _folder(tmp_path / "data", boxes=True)
+    items = scan_folder(data)
+    boxes = read_boxes(data, items)
+    spec = PreprocessSpec(64, 0.5, 99.5)
+    masks = lesion_masks(items, boxes, spec)
+    assert masks.shape == (len(items), 64, 64) and set(np.unique(masks)) <= {0.0, 1.0}
+    checked = 0
+    for item, mask in zip(items, masks, strict=True):
+        truth = read_mask(item.path.with_suffix(".truth.json"))
+        if item.name not in boxes:
+            assert item.label == "normal" and not mask.any()
+            continue
+        # the phantom's own lesion pixels, resized as the image is, lie in the box's mask
+        assert truth is not None
+        lesion = resize(truth.astype(np.float32), 64) > 0.5
+        assert lesion.any() and (mask[lesion] == 1).mean() >= 0.9
+        checked += 1
+    assert checked > 0
+    # A non-square image: the box in its right half stays in the input's right half.
+    wide = tmp_path / "wide.dcm"
+    ds = pydicom.dcmread(items[0].path)
+    ds.Rows, ds.Columns = 100, 200
+    ds.save_as(wide)
+    item = LabelledImage(wide, "1.2.3", "1.2.3.4", "nodule", None)
+    (right,) = lesion_masks([item], {item.name: (100, 0, 199, 99)}, spec)
+    assert right[:, 33:].all() and not right[:, :31].any()

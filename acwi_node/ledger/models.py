@@ -359,6 +359,9 @@ class Verdict(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     #: The verified SR this verdict produced ("" for an escalation).
     sr_sop_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    #: Lesion boxes the radiologist marked, by image (its SOP Instance UID, ``"<uid> frame
+    #: <n>"`` for a frame): ``[x0, y0, x1, y1]`` in the image's pixels, inclusive. None: none.
+    boxes: Mapped[dict[str, Any] | None] = mapped_column(nullable=True, default=None)
 
 
 class MppsStep(Base):

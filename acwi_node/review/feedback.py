@@ -6,7 +6,7 @@
                                             (:mod:`.deidentify`) or exact copies (spool)
     out_dir/labels.csv                      sop_instance_uid, frame_number,
                                             study_instance_uid, label, site, calling_ae,
-                                            verdict, model_label, patient
+                                            verdict, model_label, patient, box
     out_dir/deidentification.json           how the images were de-identified (when they were)
 
 ``labels.csv`` is the format ``models/data/dicom_dataset.py`` reads: one row per image the
@@ -15,7 +15,9 @@ single-frame image; the file is copied once), the label the radiologist stood by
 the model's label; override: the corrected one);
 ``site`` numbers the calling AE titles in sorted order; ``patient`` is the patient's
 pseudonym, the same in every export made with the node's key, so that a training split can
-keep each patient's images on one side. De-identified, the UIDs are the replaced ones (the
+keep each patient's images on one side; ``box`` is the lesion box the radiologist marked on
+that image with the verdict, ``x0 y0 x1 y1`` in its pixels (empty when none), which training
+turns into a lesion mask for the heatmap. De-identified, the UIDs are the replaced ones (the
 file names too) and ``calling_ae`` is empty (it names a device of the hospital). Escalated
 cases without a final verdict are left out. Running it again into the same folder rewrites
 the CSV and adds new images; a folder holds either de-identified images or exact copies,
@@ -36,6 +38,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from acwi_node.config import Settings
+from acwi_node.inference.types import unit_name
 from acwi_node.ingest.spool import Spool, is_safe_uid
 from acwi_node.ledger import Ledger
 from acwi_node.review.auth import load_secret_key
@@ -62,6 +65,7 @@ COLUMNS = (
     "verdict",
     "model_label",
     "patient",
+    "box",
 )
 
 
@@ -146,6 +150,7 @@ def export_feedback(
                     "verdict": case["action"],
                     "model_label": case["model_label"],
                     "patient": done.patient,
+                    "box": " ".join(str(v) for v in case["boxes"].get(unit_name(sop, frame), [])),
                 }
             )
     tmp_csv = out_dir / "labels.csv.tmp"

@@ -443,6 +443,7 @@ class ReviewStore:
                         "reason": v.reason,
                         "at": _iso(v.created_at),
                         "sr_sop_instance_uid": v.sr_sop_instance_uid,
+                        "boxes": dict(v.boxes or {}),
                     }
                     for v in verdicts
                 ],
@@ -473,8 +474,11 @@ class ReviewStore:
         reason: str,
         sr_sop_instance_uid: str = "",
         hl7_control_id: str | None = None,
+        boxes: dict[str, list[int]] | None = None,
     ) -> int:
         """Record a verdict on an open item; confirm/override close it. Returns the verdict id.
+
+        ``boxes`` are the lesion boxes the reader marked (see :mod:`.lesion_boxes`).
 
         With ``hl7_control_id`` (a RIS is configured) a confirm or override also promises its
         ORU^R01 in the same transaction (see :func:`promise_hl7_outbound`).
@@ -484,6 +488,7 @@ class ReviewStore:
         if action not in ACTIONS:
             raise ReviewError(f"verdict must be one of {', '.join(ACTIONS)}")
         now = utcnow()
+        marked = f", {len(boxes)} lesion box(es)" if boxes else ""
         with self.ledger.session() as s:
             if action == "escalate":
                 it = s.get(ReviewItem, item_id, with_for_update=True)
@@ -510,6 +515,7 @@ class ReviewStore:
                 reason=reason[:2000],
                 created_at=now,
                 sr_sop_instance_uid=sr_sop_instance_uid,
+                boxes=boxes or None,
             )
             s.add(verdict)
             if hl7_control_id is not None and action != "escalate":
@@ -523,7 +529,7 @@ class ReviewStore:
                     user_name=user.user_name,
                     action=f"verdict:{action}",
                     study_uid=it.study.study_uid,
-                    detail=f"item {item_id}, label {label or '-'}",
+                    detail=f"item {item_id}, label {label or '-'}{marked}",
                 )
             )
             s.flush()
@@ -533,7 +539,7 @@ class ReviewStore:
             trail.AuditEvent.VERDICT_RECORDED,
             participants=[trail.user(user.user_name)],
             study_uids=[study_uid],
-            detail=f"{action}, item {item_id}, label {label or '-'}",
+            detail=f"{action}, item {item_id}, label {label or '-'}{marked}",
         )
         return verdict_id
 
@@ -773,6 +779,7 @@ class ReviewStore:
                         "model_label": v.model_label,
                         "action": v.action,
                         "images": [(uid, frame) for uid, frame in images if uid],
+                        "boxes": dict(v.boxes or {}),
                     }
                 )
             return out

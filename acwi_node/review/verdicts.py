@@ -5,6 +5,9 @@
 * ``escalate``: a second opinion is needed; a reason is required. The item stays on the
   worklist (at the top) and no SR is written.
 
+With a confirmed or corrected finding the reader may mark the lesion on the images, a box per
+image (:mod:`.lesion_boxes`): kept with the verdict, exported with the feedback.
+
 Confirm and override close the item, write a VERIFIED Comprehensive 3D SR (verifying observer =
 the radiologist) that supersedes the unverified one, store it in the results directory and queue
 it in the outbox for every destination of the job: the exporter sends it by C-STORE like any
@@ -15,6 +18,7 @@ other result. The SR is built before the item is claimed, so a case that cannot 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,12 +26,21 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from acwi_node.config import Settings
+from acwi_node.inference.types import unit_name
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import ResultFile
 from acwi_node.ledger.models import utcnow
 from acwi_node.results.encoding import encode_part10
 from acwi_node.results.sr import Verification, build_verified_sr
-from acwi_node.review.store import ACTIONS, ItemClosed, ReviewError, ReviewStore, SessionInfo
+from acwi_node.review.lesion_boxes import BoxError, place_boxes
+from acwi_node.review.store import (
+    ACTIONS,
+    ItemClosed,
+    ReviewError,
+    ReviewStore,
+    SessionInfo,
+    frame_number_of,
+)
 
 log = logging.getLogger("acwi_node.review")
 
@@ -129,6 +142,51 @@ def _queue_ris_verdict(
         log.exception("review item %d: the verdict could not be queued for the RIS", item_id)
 
 
+def _boxes(
+    settings: Settings,
+    store: ReviewStore,
+    case: dict[str, Any],
+    marks: Mapping[str, str],
+    label: str,
+) -> dict[str, list[int]]:
+    """The reader's lesion boxes in the images' pixels (each image's Rows and Columns read
+    from its spooled file)."""
+    summary = case["summary"]
+    sops = {
+        unit_name(str(im.get("sop_instance_uid", "")), frame_number_of(im)): str(
+            im.get("sop_instance_uid", "")
+        )
+        for im in summary.get("images") or []
+    }
+    spool = Spool(settings.spool_dir, fsync=False)
+
+    def image_size(name: str) -> tuple[int, int] | None:
+        rel = store.instance_path(case["study_uid"], sops[name])
+        if rel is None:
+            return None
+        try:
+            ds = dcmread(spool.resolve(rel), stop_before_pixels=True)
+            return int(ds.Rows), int(ds.Columns)
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    return place_boxes(
+        marks,
+        images=set(sops),
+        label=label,
+        finding_labels=_finding_labels(summary),
+        image_size=image_size,
+    )
+
+
+def _finding_labels(summary: dict[str, Any]) -> list[str]:
+    """The labels of a job's model that name a finding; for a job analysed before summaries
+    carried them, every label but one named "normal"."""
+    if "finding_labels" in summary:
+        return [str(label) for label in summary["finding_labels"]]
+    return [str(label) for label in summary.get("labels") or [] if str(label).lower() != "normal"]
+
+
 def submit_verdict(
     settings: Settings,
     store: ReviewStore,
@@ -138,8 +196,12 @@ def submit_verdict(
     action: str,
     label: str = "",
     reason: str = "",
+    marks: Mapping[str, str] | None = None,
 ) -> VerdictOutcome:
-    """Record a verdict; for confirm/override also write and queue the verified SR."""
+    """Record a verdict; for confirm/override also write and queue the verified SR.
+
+    ``marks`` are the lesion boxes drawn on the page, by image name (see
+    :func:`~acwi_node.review.lesion_boxes.place_boxes`)."""
     case = store.case(item_id)
     if case is None:
         raise ReviewError("no such case")
@@ -148,6 +210,9 @@ def submit_verdict(
     reason = reason.strip()
     chosen = decide_label(case, action, label.strip(), reason)
     model_label = str(case["summary"].get("predicted_label") or "")
+    if marks and action == "escalate":
+        raise BoxError("a lesion box goes with a confirmed or corrected finding, not an escalation")
+    boxes = _boxes(settings, store, case, marks or {}, chosen)
     if action == "escalate":
         vid = store.claim_verdict(
             item_id, user=user, action=action, label="", model_label=model_label, reason=reason
@@ -185,6 +250,7 @@ def submit_verdict(
         reason=reason,
         sr_sop_instance_uid=uid,
         hl7_control_id=ris_control_id,  # the RIS's ORU, promised with the verdict
+        boxes=boxes,
     )
     try:
         out = Spool(settings.results_dir, fsync=settings.ingest.fsync)

@@ -47,6 +47,7 @@ from acwi_node import __version__
 from acwi_node.config import Settings
 from acwi_node.dicom_pixels import read_deferred
 from acwi_node.export.outbox import verify_destination, what_it_checks
+from acwi_node.inference.types import unit_name
 from acwi_node.ingest.retrieval import QueryError, check_query
 from acwi_node.ingest.spool import Spool, is_safe_uid
 from acwi_node.ledger import Ledger, StudyActionRefused
@@ -707,6 +708,8 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             images.append(
                 {
                     "sop": sop,
+                    # how a verdict's lesion box names the image (see lesion_boxes)
+                    "name": unit_name(sop, frame),
                     # a frame of a multi-frame image: its pictures are asked for by number
                     "frame": frame,
                     "query": f"?frame={frame}" if frame is not None else "",
@@ -842,6 +845,8 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
                 action=form.get("action", ""),
                 label=form.get("label", ""),
                 reason=form.get("reason", ""),
+                # "box:<image name>" fields: the lesion boxes drawn on the images
+                marks={k[4:]: v for k, v in form.items() if k.startswith("box:") and v.strip()},
             )
         except ReviewError as exc:
             message = str(exc)

@@ -104,6 +104,8 @@ def summarise(analysis: StudyAnalysis, threshold: float) -> dict[str, Any]:
     return {
         "model": {"name": analysis.model.name, "version": analysis.model.version},
         "labels": list(analysis.labels),
+        # the labels that name a finding (the others: no finding), as the manifest says
+        "finding_labels": list(analysis.finding_labels),
         "probabilities": {k: float(v) for k, v in analysis.probabilities.items()},
         "predicted_label": analysis.predicted_label,
         "uncertainty": {

@@ -3,7 +3,9 @@
 The node's ``web`` process runs as in production (``acwi-node web``, account created with
 ``acwi-node users add``); two review cases are real analyses of synthetic studies. The test signs
 in, opens a case, checks the images and the heatmap controls, overrides the result and sees the
-worklist and the ledger change. A screenshot of the case page is kept in ``test-artifacts/``.
+worklist and the ledger change; on the other case it marks the lesion by dragging a box over an
+image, clears and redraws it, and confirms the finding with it. A screenshot of the case page is
+kept in ``test-artifacts/``.
 """
 
 from __future__ import annotations
@@ -157,6 +159,46 @@ def test_sign_in_open_case_override(tmp_path: Path) -> None:
                 f"{USER} override as {new_label}: rib overlap <not> a finding"
             )
             expect(page.locator("section.sr")).to_contain_text("VERIFIED by")
+
+            # The other case: mark the lesion on its second image by dragging over it, clear
+            # it, mark it again, and confirm the finding with it.
+            page.goto(f"{base}/review/cases/{other_item}")
+            page.wait_for_function(
+                "() => [...document.images].every(i => i.complete && i.naturalWidth > 0)"
+            )
+            status = page.locator("#lesion-boxes")
+            expect(status).to_contain_text("No lesion marked")
+            figure = page.locator("figure.viewer").nth(1)
+            marked_image = figure.get_attribute("data-image")
+            stack = figure.locator(".stack")
+
+            def drag(x0: float, y0: float, x1: float, y1: float) -> None:
+                figure.locator("button.mark-lesion").click()
+                expect(stack).to_have_class("stack marking")
+                area = stack.bounding_box()
+                assert area is not None
+                page.mouse.move(area["x"] + x0 * area["width"], area["y"] + y0 * area["height"])
+                page.mouse.down()
+                page.mouse.move(
+                    area["x"] + x1 * area["width"], area["y"] + y1 * area["height"], steps=5
+                )
+                page.mouse.up()
+
+            drag(0.1, 0.1, 0.3, 0.3)
+            expect(status).to_have_text(
+                "1 lesion box marked: sent with a confirmed or corrected finding."
+            )
+            expect(figure.locator(".lesion-box")).to_be_visible()
+            figure.locator("button.clear-lesion").click()
+            expect(status).to_contain_text("No lesion marked")
+            expect(figure.locator(".lesion-box")).to_be_hidden()
+            drag(0.75, 0.5, 0.25, 0.25)  # dragged from the bottom right: the same box
+            expect(status).to_contain_text("1 lesion box marked")
+            page.check("input[name=action][value=confirm]")
+            page.click(".verdict-form button[type=submit]")
+            expect(page).to_have_url(f"{base}/review/worklist")
+            page.goto(f"{base}/review/cases/{other_item}")
+            expect(page.locator("#verdicts")).to_contain_text("1 lesion box marked")
             assert page.title() != "pwned"
             assert dialogs == []
         finally:
@@ -164,11 +206,23 @@ def test_sign_in_open_case_override(tmp_path: Path) -> None:
         nodes.assert_alive()
 
     with ledger.session() as s:
-        verdict = s.scalars(select(Verdict)).one()
+        verdict, marked = s.scalars(select(Verdict).order_by(Verdict.id)).all()
         assert (verdict.user_name, verdict.action, verdict.label) == (USER, "override", new_label)
+        assert verdict.boxes is None
+        # the box in the image's 128 x 128 pixels: about x 32-95, y 32-63 (the pointer lands
+        # on whole CSS pixels of a picture drawn 512 pixels wide)
+        assert marked.action == "confirm" and marked.boxes is not None
+        ((name, box),) = marked.boxes.items()
+        assert name == marked_image
+        assert abs(box[0] - 32) <= 1 and abs(box[1] - 32) <= 1, box
+        assert abs(box[2] - 95) <= 1 and abs(box[3] - 63) <= 1, box
         assert verdict.model_label == predicted
-        verified = s.scalars(select(Result).where(Result.kind == "sr-verified")).one()
-        assert verified.sop_instance_uid == verdict.sr_sop_instance_uid
+        verified = s.scalars(
+            select(Result).where(
+                Result.kind == "sr-verified",
+                Result.sop_instance_uid == verdict.sr_sop_instance_uid,
+            )
+        ).one()
         states = [
             d.state.value
             for d in s.scalars(select(Delivery).where(Delivery.result_id == verified.id)).all()
@@ -176,5 +230,5 @@ def test_sign_in_open_case_override(tmp_path: Path) -> None:
         assert states == ["pending"]
     study = ledger.get_study(canary_uid)
     assert study is not None and study["state"] == "exporting"
-    assert [i["id"] for i in ledger.worklist()] == [other_item]
+    assert ledger.worklist() == []  # both cases decided
     ledger.dispose()

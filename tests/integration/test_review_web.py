@@ -34,8 +34,9 @@ from acwi_node.review.commands import run as run_review_command
 from acwi_node.review.feedback import ExportError, export_feedback
 from acwi_node.review.store import ReviewStore
 from acwi_node.web.api import create_app
-from models.data.dicom_dataset import scan_folder
+from models.data.dicom_dataset import read_boxes, scan_folder
 from models.data.synth import write_ct_series, write_enhanced_ct, write_study
+from models.train import config_from_dict, train
 from tests.support.dciodvfy import dciodvfy_errors
 from tests.support.orthanc import OrthancServer, require_orthanc
 from tests.support.ports import free_port
@@ -542,6 +543,80 @@ def confirm(client: TestClient, item: int) -> None:
         follow_redirects=False,
     )
     assert verdict.status_code == 303, verdict.text
+
+
+def test_a_radiologist_marks_the_lesion_and_training_learns_from_the_box(
+    env: tuple[Settings, Ledger, TestClient], tmp_path: Path
+) -> None:
+    """A box drawn on an image goes with the confirmed finding: refused with a normal
+    verdict, an escalation, an image the case did not analyse or corners outside the image
+    (the case stays open, the reason shown); kept in the image's pixels with the verdict,
+    shown in its history and audited; written in the de-identified export's box column
+    for that image alone, under its new UID; and a training run on the export turns it into
+    a lesion mask for the heatmap."""
+    settings, ledger, client = env
+    files = write_study(tmp_path / "src", n_images=2, label="nodule", seed=7, size=128)
+    item, _ = make_review_case(settings, ledger, tmp_path, files=files)
+    sops = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files]
+    predicted, _ = _predicted_and_other(ledger, item)
+    assert predicted == "nodule"
+    csrf = sign_in(client)
+    page = client.get(f"/review/cases/{item}").text
+    assert all(f'data-image="{sop}"' in page for sop in sops) and "Mark lesion" in page
+
+    def verdict(**fields: str) -> Any:
+        return client.post(
+            f"/review/cases/{item}/verdict",
+            data={"csrf_token": csrf, **fields},
+            follow_redirects=False,
+        )
+
+    for fields, said in [
+        ({"action": "override", "label": "normal", "reason": "no nodule"}, "goes with a finding"),
+        ({"action": "escalate", "reason": "unsure"}, "not an escalation"),
+        ({"action": "confirm", "box:1.2.3.4": "0.1 0.1 0.2 0.2"}, "did not analyse"),
+        ({"action": "confirm", f"box:{sops[0]}": "0.5 0.5 1.5 0.9"}, "within its image"),
+    ]:
+        marks = {k: v for k, v in fields.items() if k.startswith("box:")}
+        refused = verdict(**fields, **({} if marks else {f"box:{sops[0]}": "0.1 0.1 0.2 0.2"}))
+        alert = re.search(r'role="alert">([^<]*)<', refused.text)
+        assert refused.status_code == 400 and alert and said in alert.group(1), (fields, alert)
+    assert ReviewStore(ledger).case(item)["state"] == "open"  # type: ignore[index]
+
+    accepted = verdict(action="confirm", **{f"box:{sops[0]}": "0.25 0.5 0.5 0.75"})
+    assert accepted.status_code == 303, accepted.text
+    with ledger.session() as s:
+        (kept,) = s.scalars(select(Verdict).where(Verdict.review_item_id == item)).all()
+        assert kept.boxes == {sops[0]: [32, 64, 63, 95]}
+    assert "1 lesion box marked" in client.get(f"/review/cases/{item}").text
+    recorded = [r for r in trail_records(settings) if r["event"] == "verdict_recorded"]
+    assert "1 lesion box(es)" in recorded[-1]["detail"]
+
+    out = tmp_path / "feedback"
+    assert export_feedback(settings, ledger, out).images == 2
+    with (out / "labels.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    boxed = [r for r in rows if r["box"]]
+    assert [r["box"] for r in boxed] == ["32 64 63 95"]
+    assert boxed[0]["sop_instance_uid"] not in sops  # the replaced UID
+    items = scan_folder(out)
+    assert read_boxes(out, items) == {boxed[0]["sop_instance_uid"]: (32, 64, 63, 95)}
+    config = config_from_dict(
+        {
+            "data": {"workers": 1, "sizes": [64]},
+            "preprocessing": {"input_size": 64},
+            "model": {"widths": [8, 8, 16, 16, 32], "fpn_channels": 16,
+                      "feature_channels": 16, "latent_dim": 8},
+            "train": {"epochs": 1, "batch_size": 2, "threads": 1},
+            "calibration": {"mc_samples": 2},
+            "continual": {"fisher_images": 0},
+            "localisation": {"cam_weight": 1.0},
+        }
+    )  # fmt: skip
+    lines: list[str] = []
+    trained = train(config, tmp_path / "model", data_dir=out, log=lines.append)
+    assert "localisation: lesion boxes for 1 training images" in lines
+    assert trained.history[0]["loc"] > 0
 
 
 def test_the_feedback_export_is_de_identified(

@@ -49,6 +49,7 @@ def test_an_earlier_ledger_gets_the_columns_and_indexes_it_lacks(
         conn.execute(text("DROP INDEX ix_deliveries_due"))
         conn.execute(text("ALTER TABLE deliveries DROP COLUMN last_error"))
         conn.execute(text("ALTER TABLE deliveries DROP COLUMN delivered_at"))
+        conn.execute(text("ALTER TABLE verdicts DROP COLUMN boxes"))  # a JSON column
     assert "last_error" not in columns(ledger, "deliveries")
     ledger.dispose()
 
@@ -56,6 +57,7 @@ def test_an_earlier_ledger_gets_the_columns_and_indexes_it_lacks(
         upgraded = Ledger(database_url)
     try:
         assert {"last_error", "delivered_at"} <= columns(upgraded, "deliveries")
+        assert "boxes" in columns(upgraded, "verdicts") and "verdicts.boxes" in caplog.text
         indexes = {ix["name"] for ix in inspect(upgraded.engine).get_indexes("deliveries")}
         assert "ix_deliveries_due" in indexes
         assert "deliveries.delivered_at" in caplog.text and "ix_deliveries_due" in caplog.text

@@ -1,0 +1,87 @@
+"""Lesion boxes a radiologist marks on a case's images with a verdict.
+
+The case page lets a reader drag a box over the lesion on any analysed image before confirming
+or correcting a finding. The browser sends each box as fractions of the picture it was drawn
+on, ``"x0 y0 x1 y1"`` in [0, 1] (the picture may be scaled for display); :func:`place_boxes`
+checks them and turns them into the image's own pixels, ``[x0, y0, x1, y1]`` inclusive, the
+form of ``labels.csv``'s ``box`` column. They are kept with the verdict and written by the
+feedback export, where training turns them into lesion masks for the heatmap
+(``models/networks/localisation.py``): the reader's correction of where the model looked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+from acwi_node.review.store import ReviewError
+
+#: Most boxes one verdict may carry (the form's field limit leaves room for the others).
+MAX_BOXES = 20
+
+
+class BoxError(ReviewError):
+    """A lesion box that cannot be kept; the message says why, for the reader."""
+
+
+def parse_fractions(text: str) -> tuple[float, float, float, float]:
+    """``"x0 y0 x1 y1"`` as fractions of the picture's width and height, each in [0, 1],
+    with ``x0 < x1`` and ``y0 < y1``."""
+    parts = text.split()
+    if len(parts) != 4:
+        raise BoxError("a lesion box needs four numbers: x0 y0 x1 y1")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError as exc:
+        raise BoxError("a lesion box's corners must be numbers") from exc
+    if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values):
+        raise BoxError("a lesion box must lie within its image")
+    x0, y0, x1, y1 = values
+    if not (x0 < x1 and y0 < y1):
+        raise BoxError("a lesion box needs a width and a height")
+    return x0, y0, x1, y1
+
+
+def to_pixels(fractions: tuple[float, float, float, float], rows: int, columns: int) -> list[int]:
+    """The box in the image's pixels, ``[x0, y0, x1, y1]`` inclusive: every pixel the drawn
+    box touches, at least one."""
+    fx0, fy0, fx1, fy1 = fractions
+    x0 = min(int(math.floor(fx0 * columns)), columns - 1)
+    y0 = min(int(math.floor(fy0 * rows)), rows - 1)
+    x1 = max(x0, min(int(math.ceil(fx1 * columns)) - 1, columns - 1))
+    y1 = max(y0, min(int(math.ceil(fy1 * rows)) - 1, rows - 1))
+    return [x0, y0, x1, y1]
+
+
+def place_boxes(
+    marks: Mapping[str, str],
+    *,
+    images: set[str],
+    label: str,
+    finding_labels: list[str],
+    image_size: Callable[[str], tuple[int, int] | None],
+) -> dict[str, list[int]]:
+    """The boxes of ``marks`` (image name -> fractions) in pixels, by image name.
+
+    ``images`` are the names of the case's analysed images (a SOP Instance UID, or
+    ``"<uid> frame <n>"``); ``label`` is the label the verdict stands by, which must be one of
+    ``finding_labels`` (a box marks a lesion); ``image_size`` gives an image's ``(Rows,
+    Columns)``, None when its file is gone. Raises :class:`BoxError`.
+    """
+    if not marks:
+        return {}
+    if label not in finding_labels:
+        raise BoxError(
+            f"a lesion box goes with a finding ({', '.join(finding_labels)}), not with {label!r}"
+        )
+    if len(marks) > MAX_BOXES:
+        raise BoxError(f"at most {MAX_BOXES} lesion boxes per verdict")
+    placed: dict[str, list[int]] = {}
+    for name, text in marks.items():
+        if name not in images:
+            raise BoxError("a lesion box names an image this case did not analyse")
+        size = image_size(name)
+        if size is None:
+            raise BoxError("an image with a lesion box is no longer on the node")
+        placed[name] = to_pixels(parse_fractions(text), *size)
+    return placed

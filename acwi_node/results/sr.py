@@ -30,21 +30,26 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
     AlgorithmIdentification,
     CodedConcept,
     Comprehensive3DSR,
     DeviceObserverIdentifyingAttributes,
+    GraphicTypeValues,
     ImageLibraryEntryDescriptors,
+    ImageRegion,
     Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
     ObservationContext,
     ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     RelationshipTypeValues,
     SourceImageForMeasurementGroup,
+    SourceImageForRegion,
     TextContentItem,
     TrackingIdentifier,
 )
@@ -641,6 +646,18 @@ def _image_groups(
 
 
 @dataclass(frozen=True)
+class LesionRegion:
+    """A lesion box a radiologist marked on one analysed image with the verdict."""
+
+    #: The image's SOP Instance UID.
+    sop_instance_uid: str
+    #: The frame of a multi-frame image (1-based); None for a single-frame image.
+    frame_number: int | None
+    #: ``(x0, y0, x1, y1)``: the first and last column and row it covers, inclusive.
+    box: tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
 class Verification:
     """A radiologist's verdict that verifies an AI result."""
 
@@ -656,6 +673,8 @@ class Verification:
     reason: str
     #: When the verdict was given (UTC).
     verified_at: dt.datetime
+    #: The lesion boxes the radiologist marked (a confirmed or corrected finding only).
+    regions: tuple[LesionRegion, ...] = ()
 
 
 def verified_sr_uid(study_uid: str, model_name: str, model_version: str) -> str:
@@ -702,13 +721,53 @@ def _verdict_group(
     return group
 
 
+def _region_groups(
+    regions: Sequence[LesionRegion],
+    sources: Sequence[Dataset],
+    label_code: CodedConcept,
+    uids: ResultUIDs,
+) -> list[Dataset]:
+    """One TID 1410 Planar ROI group per marked box: tracking identifier "Radiologist lesion
+    box <n>", finding = the verified label, and the box as a closed polyline in the image's
+    pixel coordinates (SCOORD: 0,0 is the top left corner of the top left pixel, so a box
+    covering columns x0..x1 spans x0 to x1 + 1), selected from the image (and frame)."""
+    classes = {str(ds.SOPInstanceUID): str(ds.SOPClassUID) for ds in sources}
+    groups: list[Dataset] = []
+    for n, region in enumerate(regions, start=1):
+        sop_class = classes.get(region.sop_instance_uid)
+        if sop_class is None:
+            raise ValueError("a lesion box names an image that is not among the sources")
+        x0, y0, x1, y1 = region.box
+        corners = [(x0, y0), (x1 + 1, y0), (x1 + 1, y1 + 1), (x0, y1 + 1), (x0, y0)]
+        image = SourceImageForRegion(
+            sop_class,
+            region.sop_instance_uid,
+            [region.frame_number] if region.frame_number is not None else None,
+        )
+        name = unit_name(region.sop_instance_uid, region.frame_number)
+        group = PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(
+                uid=uids._derive("verdict-region", name), identifier=f"Radiologist lesion box {n}"
+            ),
+            referenced_region=ImageRegion(
+                graphic_type=GraphicTypeValues.POLYLINE,
+                graphic_data=np.asarray(corners, dtype=np.float32),
+                source_image=image,
+            ),
+            finding_type=label_code,
+        )
+        groups.append(group[0])
+    return groups
+
+
 def build_verified_sr(
     unverified: Dataset, sources: Sequence[Dataset], verification: Verification
 ) -> Dataset:
     """The VERIFIED successor of an SR written by :func:`build_sr`.
 
     The content tree is the unverified document's, plus one "Radiologist verdict" measurement
-    group (verdict, verified class, reason). The document is complete, final and verified by
+    group (verdict, verified class, reason) and one planar ROI group per lesion box the
+    radiologist marked (``verification.regions``). The document is complete, final and verified by
     ``verification.observer_name``; it lists the unverified SR in the Predecessor Documents
     Sequence, lives in the same series and has its own deterministic SOP Instance UID
     (:func:`verified_sr_uid`), so re-sending it replaces, never duplicates.
@@ -754,6 +813,10 @@ def build_verified_sr(
     codes_by_label = _label_codes(labels)
     group = _verdict_group(verification, codes_by_label[verification.label], uids)
     measurements[0].ContentSequence.append(group[0])
+    for region_group in _region_groups(
+        verification.regions, sources, codes_by_label[verification.label], uids
+    ):
+        measurements[0].ContentSequence.append(region_group)
 
     document = Comprehensive3DSR(
         evidence=[patient_study_header(sources[0]), *sources[1:]],
@@ -845,6 +908,18 @@ def _image_name(item: Dataset) -> str | None:
     return unit_name(uid, int(values[0])) if len(values) == 1 else uid
 
 
+def _region(item: Dataset) -> dict[str, Any] | None:
+    """A lesion box read back from its SCOORD item: ``{"image": name, "box": [x0, y0, x1,
+    y1]}`` (the columns and rows it covers, inclusive), None without an image or points."""
+    images = [_image_name(child) for child in _children(item) if child.get("ValueType") == "IMAGE"]
+    points = [float(v) for v in item.get("GraphicData") or []]
+    if not images or images[0] is None or len(points) < 4:
+        return None
+    xs, ys = points[0::2], points[1::2]
+    box = [int(min(xs)), int(min(ys)), int(max(xs)) - 1, int(max(ys)) - 1]
+    return {"image": images[0], "box": box}
+
+
 def _measurement_groups(ds: Dataset) -> Iterator[Dataset]:
     for container in _children(ds):
         if _concept(container) != _IMAGING_MEASUREMENTS:
@@ -881,7 +956,8 @@ def summarise_sr(ds: Dataset) -> dict[str, Any]:
     ``evidence_sop_instance_uids`` (the evidence sequences) and
     ``referenced_sop_instance_uids`` (evidence plus every image referenced in the content),
     both sorted; ``verified`` (VerificationFlag is VERIFIED), ``verifying_observer`` (name or
-    None) and ``verdict`` (``action``, ``label``, ``reason`` of a verified SR, else None).
+    None) and ``verdict`` (``action``, ``label``, ``reason`` and ``regions``, the
+    radiologist's lesion boxes as ``{"image", "box"}``, of a verified SR, else None).
     """
     probabilities: dict[str, float] = {}
     image_probabilities: dict[str, dict[str, float]] = {}
@@ -897,6 +973,7 @@ def summarise_sr(ds: Dataset) -> dict[str, Any]:
     verdict_action: tuple[str, str] | None = None
     verdict_label: tuple[str, str] | None = None
     verdict_reason = ""
+    regions: list[dict[str, Any]] = []
 
     for item in _walk(ds):
         if item.get("ValueType") == "IMAGE":
@@ -930,6 +1007,10 @@ def summarise_sr(ds: Dataset) -> dict[str, Any]:
                 verdict_label = _code_value(item)
             elif concept == _key(VERDICT_REASON) and value_type == "TEXT":
                 verdict_reason = str(item.TextValue)
+            elif value_type == "SCOORD":
+                region = _region(item)
+                if region is not None:
+                    regions.append(region)
             elif value_type == "NUM" and concept is not None:
                 value = _num_value(item)
                 if value is None:
@@ -971,13 +1052,14 @@ def summarise_sr(ds: Dataset) -> dict[str, Any]:
                 uncertainty[field] = value
 
     evidence = _evidence_uids(ds)
-    verdict: dict[str, str | None] | None = None
+    verdict: dict[str, Any] | None = None
     if verdict_action is not None:
         actions = {_key(code): name for name, code in VERDICT_ACTIONS.items()}
         verdict = {
             "action": actions.get(verdict_action),
             "label": label_by_code.get(verdict_label) if verdict_label else None,
             "reason": verdict_reason,
+            "regions": regions,
         }
     observers = ds.get("VerifyingObserverSequence") or []
     return {

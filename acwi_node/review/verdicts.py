@@ -6,7 +6,8 @@
   worklist (at the top) and no SR is written.
 
 With a confirmed or corrected finding the reader may mark the lesion on the images, a box per
-image (:mod:`.lesion_boxes`): kept with the verdict, exported with the feedback.
+image (:mod:`.lesion_boxes`): kept with the verdict, written into the verified SR as a planar
+region of its image, exported with the feedback.
 
 Confirm and override close the item, write a VERIFIED Comprehensive 3D SR (verifying observer =
 the radiologist) that supersedes the unverified one, store it in the results directory and queue
@@ -31,7 +32,7 @@ from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import ResultFile
 from acwi_node.ledger.models import utcnow
 from acwi_node.results.encoding import encode_part10
-from acwi_node.results.sr import Verification, build_verified_sr
+from acwi_node.results.sr import LesionRegion, Verification, build_verified_sr
 from acwi_node.review.lesion_boxes import BoxError, place_boxes
 from acwi_node.review.store import (
     ACTIONS,
@@ -152,16 +153,11 @@ def _boxes(
     """The reader's lesion boxes in the images' pixels (each image's Rows and Columns read
     from its spooled file)."""
     summary = case["summary"]
-    sops = {
-        unit_name(str(im.get("sop_instance_uid", "")), frame_number_of(im)): str(
-            im.get("sop_instance_uid", "")
-        )
-        for im in summary.get("images") or []
-    }
+    images = _case_images(summary)
     spool = Spool(settings.spool_dir, fsync=False)
 
     def image_size(name: str) -> tuple[int, int] | None:
-        rel = store.instance_path(case["study_uid"], sops[name])
+        rel = store.instance_path(case["study_uid"], images[name][0])
         if rel is None:
             return None
         try:
@@ -172,11 +168,20 @@ def _boxes(
 
     return place_boxes(
         marks,
-        images=set(sops),
+        images=set(images),
         label=label,
         finding_labels=_finding_labels(summary),
         image_size=image_size,
     )
+
+
+def _case_images(summary: dict[str, Any]) -> dict[str, tuple[str, int | None]]:
+    """A job's analysed images by name (see :func:`unit_name`): SOP Instance UID and frame."""
+    out: dict[str, tuple[str, int | None]] = {}
+    for im in summary.get("images") or []:
+        sop, frame = str(im.get("sop_instance_uid", "")), frame_number_of(im)
+        out[unit_name(sop, frame)] = (sop, frame)
+    return out
 
 
 def _finding_labels(summary: dict[str, Any]) -> list[str]:
@@ -229,6 +234,10 @@ def submit_verdict(
         label=chosen,
         reason=reason,
         verified_at=utcnow(),
+        regions=tuple(
+            LesionRegion(*_case_images(case["summary"])[name], (box[0], box[1], box[2], box[3]))
+            for name, box in boxes.items()
+        ),
     )
     try:
         document = build_verified_sr(unverified, sources, verification)

@@ -250,7 +250,12 @@ def test_worklist_case_and_override(
     )
     assert ds.SOPInstanceUID != original.sop_instance_uid
     read = summarise_sr(ds)
-    assert read["verdict"] == {"action": "override", "label": other, "reason": "<b>rib</b> overlap"}
+    assert read["verdict"] == {
+        "action": "override",
+        "label": other,
+        "reason": "<b>rib</b> overlap",
+        "regions": [],
+    }
     assert read["verified"] and read["verifying_observer"] == "jane.doe^"
 
     closed = client.get(f"/review/cases/{routine}")
@@ -551,7 +556,8 @@ def test_a_radiologist_marks_the_lesion_and_training_learns_from_the_box(
     """A box drawn on an image goes with the confirmed finding: refused with a normal
     verdict, an escalation, an image the case did not analyse or corners outside the image
     (the case stays open, the reason shown); kept in the image's pixels with the verdict,
-    shown in its history and audited; written in the de-identified export's box column
+    written into the verified SR as a planar region (no dciodvfy error), shown in the
+    case's history and audited; written in the de-identified export's box column
     for that image alone, under its new UID; and a training run on the export turns it into
     a lesion mask for the heatmap."""
     settings, ledger, client = env
@@ -588,6 +594,14 @@ def test_a_radiologist_marks_the_lesion_and_training_learns_from_the_box(
     with ledger.session() as s:
         (kept,) = s.scalars(select(Verdict).where(Verdict.review_item_id == item)).all()
         assert kept.boxes == {sops[0]: [32, 64, 63, 95]}
+        verified = s.scalars(
+            select(Result).where(Result.sop_instance_uid == kept.sr_sop_instance_uid)
+        ).one()
+    # the verified SR carries the box as a planar region of its image, for the PACS's viewers
+    verified_path = settings.results_dir / verified.path
+    read = summarise_sr(pydicom.dcmread(verified_path))
+    assert read["verdict"]["regions"] == [{"image": sops[0], "box": [32, 64, 63, 95]}]
+    assert dciodvfy_errors(verified_path) == []
     assert "1 lesion box marked" in client.get(f"/review/cases/{item}").text
     recorded = [r for r in trail_records(settings) if r["event"] == "verdict_recorded"]
     assert "1 lesion box(es)" in recorded[-1]["detail"]

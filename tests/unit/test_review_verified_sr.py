@@ -12,7 +12,9 @@ import pytest
 from pydicom import Dataset
 
 from acwi_node.results.sr import (
+    LesionRegion,
     Verification,
+    _walk,
     build_sr,
     build_verified_sr,
     summarise_sr,
@@ -61,11 +63,21 @@ def test_content_keeps_the_ai_result_and_adds_the_verdict() -> None:
     after = summarise_sr(build_verified_sr(sr, sources, _verdict(reason="<b>rib</b>")))
     for key in ("probabilities", "uncertainty", "ood_score", "predicted_label", "model_name"):
         assert after[key] == before[key]
-    assert after["verdict"] == {"action": "override", "label": "nodule", "reason": "<b>rib</b>"}
+    assert after["verdict"] == {
+        "action": "override",
+        "label": "nodule",
+        "reason": "<b>rib</b>",
+        "regions": [],
+    }
     assert after["verified"] and not before["verified"]
     assert before["verdict"] is None
     confirmed = summarise_sr(build_verified_sr(sr, sources, _verdict("confirm", "effusion", "")))
-    assert confirmed["verdict"] == {"action": "confirm", "label": "effusion", "reason": ""}
+    assert confirmed["verdict"] == {
+        "action": "confirm",
+        "label": "effusion",
+        "reason": "",
+        "regions": [],
+    }
 
 
 def test_same_verdict_inputs_same_uid_single_name_gets_caret() -> None:
@@ -104,6 +116,44 @@ def test_dciodvfy_reports_no_errors(tmp_path: Path) -> None:
     sources, sr = _unverified()
     path = tmp_path / "verified.dcm"
     build_verified_sr(sr, sources, _verdict()).save_as(path, enforce_file_format=True)
+    done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if "Error" in line]
+    assert not errors, "\n".join(errors)
+
+
+def _with_regions(sources: list[Dataset]) -> Verification:
+    regions = (
+        LesionRegion(str(sources[0].SOPInstanceUID), None, (10, 20, 29, 39)),
+        LesionRegion(str(sources[-1].SOPInstanceUID), None, (0, 0, 0, 0)),
+    )
+    return Verification("Doe^Jane", "Example Hospital", "confirm", "nodule", "", AT, regions)
+
+
+def test_the_radiologists_lesion_boxes_are_planar_regions_of_their_images() -> None:
+    """Each box is a TID 1410 group with the verified finding and a closed polyline over the
+    pixels it covers, selected from its image; read back as the same box."""
+    sources, sr = _unverified()
+    doc = build_verified_sr(sr, sources, _with_regions(sources))
+    read = summarise_sr(doc)
+    assert read["verdict"]["regions"] == [
+        {"image": str(sources[0].SOPInstanceUID), "box": [10, 20, 29, 39]},
+        {"image": str(sources[-1].SOPInstanceUID), "box": [0, 0, 0, 0]},
+    ]
+    scoords = [item for item in _walk(doc) if item.get("ValueType") == "SCOORD"]
+    assert [s.GraphicType for s in scoords] == ["POLYLINE", "POLYLINE"]
+    assert [float(v) for v in scoords[0].GraphicData] == [10, 20, 30, 20, 30, 40, 10, 40, 10, 20]
+    stranger = Verification(
+        "Doe^Jane", "X", "confirm", "nodule", "", AT, (LesionRegion("1.2.3.4", None, (0, 0, 1, 1)),)
+    )
+    with pytest.raises(ValueError, match="not among the sources"):
+        build_verified_sr(sr, sources, stranger)
+
+
+@needs_dciodvfy
+def test_dciodvfy_reports_no_errors_with_lesion_regions(tmp_path: Path) -> None:
+    sources, sr = _unverified()
+    path = tmp_path / "verified.dcm"
+    build_verified_sr(sr, sources, _with_regions(sources)).save_as(path, enforce_file_format=True)
     done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
     errors = [line for line in (done.stdout + done.stderr).splitlines() if "Error" in line]
     assert not errors, "\n".join(errors)

@@ -143,36 +143,31 @@ def _queue_ris_verdict(
         log.exception("review item %d: the verdict could not be queued for the RIS", item_id)
 
 
-def _boxes(
-    settings: Settings,
-    store: ReviewStore,
-    case: dict[str, Any],
-    marks: Mapping[str, str],
-    label: str,
-) -> dict[str, list[int]]:
-    """The reader's lesion boxes in the images' pixels (each image's Rows and Columns read
-    from its spooled file)."""
-    summary = case["summary"]
-    images = _case_images(summary)
-    spool = Spool(settings.spool_dir, fsync=False)
+def _regions(
+    case: dict[str, Any], sources: list[Dataset], marks: Mapping[str, str], label: str
+) -> tuple[dict[str, list[int]], tuple[LesionRegion, ...]]:
+    """The reader's lesion boxes in the images' pixels, by image name, and as the verified
+    SR's regions; each image's Rows and Columns from its header among ``sources``."""
+    images = _case_images(case["summary"])
+    headers = {str(ds.SOPInstanceUID): ds for ds in sources}
 
     def image_size(name: str) -> tuple[int, int] | None:
-        rel = store.instance_path(case["study_uid"], images[name][0])
-        if rel is None:
+        ds = headers.get(images[name][0])
+        if ds is None or "Rows" not in ds or "Columns" not in ds:
             return None
-        try:
-            ds = dcmread(spool.resolve(rel), stop_before_pixels=True)
-            return int(ds.Rows), int(ds.Columns)
-        except (OSError, ValueError, AttributeError):
-            return None
+        return int(ds.Rows), int(ds.Columns)
 
-    return place_boxes(
+    boxes = place_boxes(
         marks,
         images=set(images),
         label=label,
-        finding_labels=_finding_labels(summary),
+        finding_labels=_finding_labels(case["summary"]),
         image_size=image_size,
     )
+    regions = tuple(
+        LesionRegion(*images[name], (box[0], box[1], box[2], box[3])) for name, box in boxes.items()
+    )
+    return boxes, regions
 
 
 def _case_images(summary: dict[str, Any]) -> dict[str, tuple[str, int | None]]:
@@ -215,10 +210,11 @@ def submit_verdict(
     reason = reason.strip()
     chosen = decide_label(case, action, label.strip(), reason)
     model_label = str(case["summary"].get("predicted_label") or "")
-    if marks and action == "escalate":
-        raise BoxError("a lesion box goes with a confirmed or corrected finding, not an escalation")
-    boxes = _boxes(settings, store, case, marks or {}, chosen)
     if action == "escalate":
+        if marks:
+            raise BoxError(
+                "a lesion box goes with a confirmed or corrected finding, not an escalation"
+            )
         vid = store.claim_verdict(
             item_id, user=user, action=action, label="", model_label=model_label, reason=reason
         )
@@ -227,6 +223,7 @@ def submit_verdict(
 
     unverified = _unverified_sr(settings, case)
     sources = _sources(settings, store, case["job_id"])
+    boxes, regions = _regions(case, sources, marks or {}, chosen)
     verification = Verification(
         observer_name=user.user_name,
         organization=settings.review.organization,
@@ -234,10 +231,7 @@ def submit_verdict(
         label=chosen,
         reason=reason,
         verified_at=utcnow(),
-        regions=tuple(
-            LesionRegion(*_case_images(case["summary"])[name], (box[0], box[1], box[2], box[3]))
-            for name, box in boxes.items()
-        ),
+        regions=regions,
     )
     try:
         document = build_verified_sr(unverified, sources, verification)

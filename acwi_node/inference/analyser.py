@@ -54,7 +54,6 @@ bytes per image rather than a full-size float32 map until the worker has written
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import math
 import time
@@ -65,7 +64,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydicom.dataset import Dataset
 from torch import Tensor
 
@@ -81,7 +79,7 @@ from acwi_node.inference.preprocess import (
     resize,
     window,
 )
-from acwi_node.inference.resample import bilinear_matrix
+from acwi_node.inference.resample import upsample_cam
 from acwi_node.inference.types import (
     DeferredHeatmap,
     ImageResult,
@@ -386,7 +384,7 @@ class Analyser:
                 selected = torch.einsum("nc,nchw->nhw", rows, out.features)
                 cams = _to_host(selected.float()).numpy()
                 heatmaps = [
-                    DeferredHeatmap(cams[i].copy(), size, upsample_heatmap)
+                    DeferredHeatmap(cams[i].copy(), size, upsample_cam)
                     for i, size in enumerate(sizes)
                 ]
         return BatchInference(mc=mc, ood=ood, heatmaps=heatmaps)
@@ -484,48 +482,6 @@ def _as_dict(labels: list[str], probs: np.ndarray) -> dict[str, float]:
     return {name: float(p) for name, p in zip(labels, probs, strict=True)}
 
 
-def _bilinear_matrix(size_in: int, size_out: int) -> Tensor:
-    """:func:`~acwi_node.inference.resample.bilinear_matrix` as a tensor (a copy: the cached
-    array is read-only)."""
-    return torch.tensor(bilinear_matrix(size_in, size_out))
-
-
-@functools.lru_cache(maxsize=64)
-def _bilinear_matrix_on(size_in: int, size_out: int, device: torch.device) -> Tensor:
-    """:func:`_bilinear_matrix` on ``device`` (kept there: no copy per batch on a GPU)."""
-    return _bilinear_matrix(size_in, size_out).to(device)
-
-
-def _heatmaps(cams: Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
-    """:func:`_heatmap` of each ``(h, w)`` map in ``cams``; one resize per distinct size.
-
-    Bilinear resizing is separable and linear: ``rows x h`` weights, the map, and ``w x cols``
-    weights, two matrix products, which BLAS does several times faster than
-    ``F.interpolate``'s per-pixel loop on the CPU (the same values within float rounding).
-    """
-    out: list[np.ndarray | None] = [None] * len(sizes)
-    h, w = int(cams.shape[-2]), int(cams.shape[-1])
-    for size in dict.fromkeys(sizes):
-        idx = [i for i, s in enumerate(sizes) if s == size]
-        group = cams if len(idx) == len(sizes) else cams[idx]  # one size: no gather
-        rows = _bilinear_matrix_on(h, size[0], cams.device)
-        cols = _bilinear_matrix_on(w, size[1], cams.device)
-        up = torch.matmul(torch.matmul(rows, group.float().clamp_min(0.0)), cols.T)
-        # Divided (not multiplied by the reciprocal): x <= peak gives x / peak <= 1 exactly,
-        # so no clamp is needed; an all-zero map stays zero.
-        peak = up.amax(dim=(1, 2), keepdim=True).clamp_min(1e-30)
-        arrays = _to_host(up.div_(peak)).numpy()
-        for k, i in enumerate(idx):
-            out[i] = arrays[k]
-    return [m for m in out if m is not None]
-
-
-def upsample_heatmap(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """One map at the network's resolution to ``size``: :func:`_heatmaps` of it alone (the
-    same values as resized with its batch: the tests compare them)."""
-    return _heatmaps(torch.from_numpy(cam)[None], [size])[0]
-
-
 def _to_host(t: Tensor) -> Tensor:
     """``t`` on the CPU; from a GPU through page-locked memory (PyTorch's caching host
     allocator), which copies several times faster than into ordinary memory."""
@@ -535,17 +491,3 @@ def _to_host(t: Tensor) -> Tensor:
     host.copy_(t, non_blocking=True)
     torch.cuda.current_stream(t.device).synchronize()
     return host
-
-
-def _heatmap(cam: Tensor, rows: int, cols: int) -> np.ndarray:
-    """ReLU, bilinear resize to ``rows x cols``, divide by the maximum."""
-    up = F.interpolate(
-        cam.float().clamp_min(0.0)[None, None],
-        size=(rows, cols),
-        mode="bilinear",
-        align_corners=False,
-    )[0, 0]
-    peak = float(up.max())
-    if peak <= 0.0:
-        return np.zeros((rows, cols), dtype=np.float32)
-    return (up / peak).clamp(0.0, 1.0).cpu().numpy().astype(np.float32)

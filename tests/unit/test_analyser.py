@@ -164,11 +164,9 @@ def test_a_studys_heatmaps_are_kept_small_and_read_at_full_size(
 ) -> None:
     """The results of a study hold each heatmap at the feature map's resolution (a CT's
     hundreds of full-size float32 maps would stay in the worker until all are written);
-    read, a map has the source's size and the values of resizing it with its batch."""
-    import torch
-
-    from acwi_node.inference.analyser import _heatmaps
+    read, a map has the source's size and PyTorch's bilinear resize of it."""
     from acwi_node.inference.types import DeferredHeatmap
+    from tests.support.heatmap_reference import reference_heatmap
 
     datasets = [pydicom.dcmread(p) for p in write_ct_series(tmp_path, slices=3, size=512)]
     result = analyser.analyse(datasets)
@@ -176,15 +174,14 @@ def test_a_studys_heatmaps_are_kept_small_and_read_at_full_size(
     assert all(isinstance(h, DeferredHeatmap) for h in deferred)
     kept = sum(h.cam.nbytes for h in deferred if isinstance(h, DeferredHeatmap))
     assert kept * 100 < 3 * 512 * 512 * 4  # under 1 % of the full-size maps
-    cams = torch.stack(
-        [torch.from_numpy(h.cam) for h in deferred if isinstance(h, DeferredHeatmap)]
-    )
-    batch = _heatmaps(cams, [(512, 512)] * 3)
-    for image, expected in zip(result.images, batch, strict=True):
+    for image, kept_map in zip(result.images, deferred, strict=True):
+        assert isinstance(kept_map, DeferredHeatmap)
         heat = image.heatmap_array()
         assert heat.shape == (512, 512) and heat.dtype == np.float32
-        assert np.array_equal(heat, expected)
-        assert float(heat.max()) == pytest.approx(1.0)
+        expected = reference_heatmap(kept_map.cam, (512, 512))
+        np.testing.assert_allclose(heat, expected, rtol=0, atol=1e-6)
+        assert np.array_equal(np.asarray(kept_map), heat)  # each read gives the same map
+        assert float(heat.max()) == 1.0
 
 
 def test_native_images_do_not_keep_their_decoded_pixels(analyser: Analyser, tmp_path: Path) -> None:

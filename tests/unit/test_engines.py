@@ -39,6 +39,7 @@ from acwi_node.inference.manifest import default_model_dir, load_manifest
 from acwi_node.inference.types import StudyAnalysis
 from models.data.synth import write_enhanced_ct, write_study
 from models.export import load_model
+from tests.support.heatmap_reference import reference_heatmap
 
 #: PyTorch CPU vs ONNX Runtime CPU (both fp32): largest absolute difference allowed.
 FP32_TOL = 1e-4
@@ -469,25 +470,11 @@ def test_tensorrt_int8_with_calibration(cache_dir: Path, study: list[Dataset]) -
             assert abs(x.probabilities[label] - y.probabilities[label]) <= 0.1
 
 
-def test_batched_heatmaps_equal_the_single_image_reference() -> None:
-    from acwi_node.inference.analyser import _heatmap, _heatmaps
-
-    cams = torch.randn(5, 8, 8, generator=torch.Generator().manual_seed(3))
-    cams[2] = -cams[2].abs()  # all negative: an all-zero heatmap
-    sizes = [(256, 256), (300, 200), (256, 256), (64, 96), (5, 3)]  # the last: smaller
-    for cam, size, got in zip(cams, sizes, _heatmaps(cams, sizes), strict=True):
-        want = _heatmap(cam, *size)
-        assert got.shape == size and got.dtype == np.float32
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
-    assert float(_heatmaps(cams, sizes)[2].max()) == 0.0
-
-
 def test_each_heatmap_maps_the_most_probable_finding_against_the_reference_label(
     cache_dir: Path, study: list[Dataset], tmp_path: Path
 ) -> None:
     """infer's heatmaps are, per image, the CAM of its most probable finding minus the CAM of
     the reference label (``normal``), resized to its own size and divided by the maximum."""
-    from acwi_node.inference.analyser import _heatmap
     from acwi_node.inference.preprocess import preprocess
 
     labels = load_manifest(default_model_dir()).labels
@@ -514,7 +501,7 @@ def test_each_heatmap_maps_the_most_probable_finding_against_the_reference_label
     for i, (probs, got) in enumerate(zip(result.mc.probabilities, result.heatmaps, strict=True)):
         k = max(findings, key=lambda j: float(probs[j]))
         shown.add(k)
-        want = _heatmap(cams[i, k] - cams[i, normal], *sizes[i])
+        want = reference_heatmap(cams[i, k] - cams[i, normal], sizes[i])
         assert got.shape == sizes[i]
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     assert len(shown) == 2  # both findings are mapped somewhere in this batch

@@ -7,12 +7,16 @@ checks them and turns them into the image's own pixels, ``[x0, y0, x1, y1]`` inc
 form of ``labels.csv``'s ``box`` column. They are kept with the verdict and written by the
 feedback export, where training turns them into lesion masks for the heatmap
 (``models/networks/localisation.py``): the reader's correction of where the model looked.
+
+The page draws the kept boxes over their images again (:func:`to_fractions`), and a verdict
+the node refuses comes back with the boxes that were drawn (:func:`drafted_boxes`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from acwi_node.review.store import ReviewError
 
@@ -51,6 +55,57 @@ def to_pixels(fractions: tuple[float, float, float, float], rows: int, columns: 
     x1 = max(x0, min(int(math.ceil(fx1 * columns)) - 1, columns - 1))
     y1 = max(y0, min(int(math.ceil(fy1 * rows)) - 1, rows - 1))
     return [x0, y0, x1, y1]
+
+
+def to_fractions(box: list[int], rows: int, columns: int) -> str:
+    """A kept box (pixels, inclusive) as the page draws it: ``"x0 y0 x1 y1"``, fractions of
+    the picture from the first pixel's left edge to the last pixel's right edge."""
+    x0, y0, x1, y1 = box
+    values = (x0 / columns, y0 / rows, (x1 + 1) / columns, (y1 + 1) / rows)
+    return " ".join(f"{min(max(v, 0.0), 1.0):.4f}" for v in values)
+
+
+def marked_boxes(
+    verdicts: list[dict[str, Any]],
+    images: set[str],
+    image_size: Callable[[str], tuple[int, int] | None],
+) -> dict[str, list[dict[str, Any]]]:
+    """The boxes the case's ``verdicts`` kept, by image name (those of ``images``): for each,
+    who marked it, the verdict's label, the box in pixels and, where ``image_size`` still
+    knows the image's ``(Rows, Columns)``, the fractions the page draws it at (else "")."""
+    sizes: dict[str, tuple[int, int] | None] = {}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for verdict in verdicts:
+        for name, box in (verdict.get("boxes") or {}).items():
+            if name not in images:
+                continue
+            if name not in sizes:
+                sizes[name] = image_size(name)
+            size = sizes[name]
+            out.setdefault(name, []).append(
+                {
+                    "user": verdict.get("user", ""),
+                    "label": verdict.get("label") or "",
+                    "box": list(box),
+                    "fractions": to_fractions(list(box), *size) if size else "",
+                }
+            )
+    return out
+
+
+def drafted_boxes(marks: Mapping[str, str], images: set[str]) -> dict[str, str]:
+    """The boxes of a refused verdict's form that the page can draw again (so the reader need
+    not drag them anew): those on one of ``images`` whose corners parse, at most
+    :data:`MAX_BOXES`, normalised to ``"x0 y0 x1 y1"``."""
+    kept: dict[str, str] = {}
+    for name, text in marks.items():
+        if name not in images or len(kept) == MAX_BOXES:
+            continue
+        try:
+            kept[name] = " ".join(f"{v:.4f}" for v in parse_fractions(text))
+        except BoxError:
+            continue
+    return kept
 
 
 def place_boxes(

@@ -41,6 +41,7 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader
 from PIL import Image
 from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 from starlette.concurrency import run_in_threadpool
 
 from acwi_node import __version__
@@ -60,6 +61,7 @@ from acwi_node.results.sr import summarise_sr
 from acwi_node.results.uids import result_uids
 from acwi_node.retention import disk_space
 from acwi_node.review import auth
+from acwi_node.review.lesion_boxes import drafted_boxes, marked_boxes
 from acwi_node.review.store import (
     ItemClosed,
     ReviewError,
@@ -674,9 +676,29 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             raise HTTPException(status_code=404, detail="no such case")
         return case
 
+    def _image_size(study_uid: str, sop: str) -> tuple[int, int] | None:
+        """An instance's Rows and Columns from its header in the spool; None once gone."""
+        rel = review.store.instance_path(study_uid, sop)
+        if rel is None:
+            return None
+        try:
+            path = Spool(settings.spool_dir, fsync=False).resolve(rel)
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
+            return int(ds.Rows), int(ds.Columns)
+        except (OSError, ValueError, AttributeError, InvalidDicomError):
+            return None
+
     def _case_page(
-        request: Request, item_id: int, *, error: str = "", notice: str = "", status: int = 200
+        request: Request,
+        item_id: int,
+        *,
+        error: str = "",
+        notice: str = "",
+        status: int = 200,
+        submitted: dict[str, str] | None = None,
     ) -> HTMLResponse:
+        """The case page; ``submitted`` is the verdict form the node just refused, whose
+        choices, reason and lesion boxes the page shows again."""
         case = _case_or_404(item_id)
         user: SessionInfo = request.state.user
         review.store.audit(
@@ -698,7 +720,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             if model.get("name") and model.get("version")
             else None
         )
-        images = []
+        images: list[dict[str, Any]] = []
         for im in summary.get("images") or []:
             sop = str(im.get("sop_instance_uid", ""))
             if not is_safe_uid(sop):
@@ -721,6 +743,17 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
                     "ood": float(im.get("ood_score", 0.0)),
                 }
             )
+        by_name = {im["name"]: im["sop"] for im in images}
+        # the boxes kept with verdicts, drawn over their images; a refused form's, again
+        marked = marked_boxes(
+            case["verdicts"],
+            set(by_name),
+            lambda name: _image_size(case["study_uid"], by_name[name]),
+        )
+        draft = _verdict_draft(submitted or {}, set(by_name))
+        for im in images:
+            im["marked"] = marked.get(im["name"], [])
+            im["drafted_box"] = draft["boxes"].get(im["name"], "")
         results = []
         for r in case["results"]:
             if r["kind"] not in ("sr", VERIFIED_SR_KIND):
@@ -754,6 +787,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             skipped_count=len(summary.get("skipped") or {}),
             results=results,
             windows=window_choices(str(case.get("modality") or "")),
+            draft=draft,
             error=error,
             notice=notice,
         )
@@ -852,7 +886,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             message = str(exc)
             status = 409 if isinstance(exc, ItemClosed) else 400
             return await run_in_threadpool(
-                partial(_case_page, request, item_id, error=message, status=status)
+                partial(_case_page, request, item_id, error=message, status=status, submitted=form)
             )
         if outcome.action == "escalate":
             return RedirectResponse(f"/review/cases/{item_id}", status_code=303)
@@ -875,6 +909,19 @@ STUDY_ACTION_NOTICES = {
     "reprocess": "The study is being routed and analysed again.",
     "retrieve": "The retrieval is queued: the study comes from the PACS and is analysed.",
 }
+
+
+def _verdict_draft(form: dict[str, str], images: set[str]) -> dict[str, Any]:
+    """What a refused verdict form said, for the page to show again: the action, the label,
+    the reason and the lesion boxes it can draw (see
+    :func:`~acwi_node.review.lesion_boxes.drafted_boxes`); empty values for a fresh page."""
+    marks = {k[4:]: v for k, v in form.items() if k.startswith("box:") and v.strip()}
+    return {
+        "action": form.get("action", ""),
+        "label": form.get("label", ""),
+        "reason": form.get("reason", ""),
+        "boxes": drafted_boxes(marks, images),
+    }
 
 
 def _forbidden(message: str) -> Response:

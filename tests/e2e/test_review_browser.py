@@ -4,8 +4,9 @@ The node's ``web`` process runs as in production (``acwi-node web``, account cre
 ``acwi-node users add``); two review cases are real analyses of synthetic studies. The test signs
 in, opens a case, checks the images and the heatmap controls, overrides the result and sees the
 worklist and the ledger change; on the other case it marks the lesion by dragging a box over an
-image, clears and redraws it, and confirms the finding with it. A screenshot of the case page is
-kept in ``test-artifacts/``.
+image, clears and redraws it, sees an escalation with it refused and the page come back with the
+box and its choices, confirms the finding with it, and sees the kept box drawn over the image.
+A screenshot of the case page is kept in ``test-artifacts/``.
 """
 
 from __future__ import annotations
@@ -194,11 +195,35 @@ def test_sign_in_open_case_override(tmp_path: Path) -> None:
             expect(figure.locator(".lesion-box")).to_be_hidden()
             drag(0.75, 0.5, 0.25, 0.25)  # dragged from the bottom right: the same box
             expect(status).to_contain_text("1 lesion box marked")
+            # an escalation does not take a box: the page comes back with the box drawn again
+            # and the reader's choice and reason, to confirm instead
+            page.check("input[name=action][value=escalate]")
+            page.fill("textarea[name=reason]", "second look")
+            page.click(".verdict-form button[type=submit]")
+            expect(page.locator("[role=alert]")).to_contain_text("not an escalation")
+            figure = page.locator(f'figure.viewer[data-image="{marked_image}"]')
+            expect(figure.locator(".lesion-box")).to_be_visible()
+            expect(page.locator("#lesion-boxes")).to_contain_text("1 lesion box marked")
+            expect(page.locator("input[name=action][value=escalate]")).to_be_checked()
+            expect(page.locator("textarea[name=reason]")).to_have_value("second look")
             page.check("input[name=action][value=confirm]")
             page.click(".verdict-form button[type=submit]")
             expect(page).to_have_url(f"{base}/review/worklist")
             page.goto(f"{base}/review/cases/{other_item}")
             expect(page.locator("#verdicts")).to_contain_text("1 lesion box marked")
+            # the kept box is drawn over its image where it was marked
+            kept = figure.locator(".lesion-box.marked")
+            expect(kept).to_be_visible()
+            expect(figure).to_contain_text(f"Lesion marked by {USER} (")
+            area, drawn = figure.locator(".stack").bounding_box(), kept.bounding_box()
+            assert area is not None and drawn is not None
+            for got, want in [
+                ((drawn["x"] - area["x"]) / area["width"], 0.25),
+                ((drawn["y"] - area["y"]) / area["height"], 0.25),
+                (drawn["width"] / area["width"], 0.5),
+                (drawn["height"] / area["height"], 0.25),
+            ]:
+                assert abs(got - want) < 0.02, (drawn, area)
             assert page.title() != "pwned"
             assert dialogs == []
         finally:

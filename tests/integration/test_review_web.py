@@ -555,11 +555,12 @@ def test_a_radiologist_marks_the_lesion_and_training_learns_from_the_box(
 ) -> None:
     """A box drawn on an image goes with the confirmed finding: refused with a normal
     verdict, an escalation, an image the case did not analyse or corners outside the image
-    (the case stays open, the reason shown); kept in the image's pixels with the verdict,
-    written into the verified SR as a planar region (no dciodvfy error), shown in the
-    case's history and audited; written in the de-identified export's box column
-    for that image alone, under its new UID; and a training run on the export turns it into
-    a lesion mask for the heatmap."""
+    (the case stays open, the reason shown, the page back with the reader's choices and the
+    boxes it can draw); kept in the image's pixels with the verdict, written into the verified
+    SR as a planar region (no dciodvfy error), drawn over its image and named on the closed
+    case's page, shown in the case's history and audited; written in the de-identified
+    export's box column for that image alone, under its new UID; and a training run on the
+    export turns it into a lesion mask for the heatmap."""
     settings, ledger, client = env
     files = write_study(tmp_path / "src", n_images=2, label="nodule", seed=7, size=128)
     item, _ = make_review_case(settings, ledger, tmp_path, files=files)
@@ -577,16 +578,29 @@ def test_a_radiologist_marks_the_lesion_and_training_learns_from_the_box(
             follow_redirects=False,
         )
 
-    for fields, said in [
-        ({"action": "override", "label": "normal", "reason": "no nodule"}, "goes with a finding"),
-        ({"action": "escalate", "reason": "unsure"}, "not an escalation"),
-        ({"action": "confirm", "box:1.2.3.4": "0.1 0.1 0.2 0.2"}, "did not analyse"),
-        ({"action": "confirm", f"box:{sops[0]}": "0.5 0.5 1.5 0.9"}, "within its image"),
-    ]:
+    drafted = f'data-image="{sops[0]}" data-drafted-box="0.1000 0.1000 0.2000 0.2000"'
+    for fields, said, drawn_again in [
+        ({"action": "override", "label": "normal", "reason": "none"}, "goes with a finding", True),
+        ({"action": "escalate", "reason": "unsure"}, "not an escalation", True),
+        ({"action": "confirm", "box:1.2.3.4": "0.1 0.1 0.2 0.2"}, "did not analyse", False),
+        ({"action": "confirm", f"box:{sops[0]}": "0.5 0.5 1.5 0.9"}, "within its image", False),
+    ]:  # fmt: skip
         marks = {k: v for k, v in fields.items() if k.startswith("box:")}
         refused = verdict(**fields, **({} if marks else {f"box:{sops[0]}": "0.1 0.1 0.2 0.2"}))
         alert = re.search(r'role="alert">([^<]*)<', refused.text)
         assert refused.status_code == 400 and alert and said in alert.group(1), (fields, alert)
+        # the page comes back with the box drawn again where it can be, and the choices made
+        assert (drafted in refused.text) is drawn_again, fields
+        assert f'value="{fields["action"]}" checked' in refused.text
+    assert '<option value="normal" selected>' not in page
+    first = verdict(
+        action="override",
+        label="normal",
+        reason="no <nodule>",
+        **{f"box:{sops[0]}": "0.1 0.1 0.2 0.2"},
+    )
+    assert '<option value="normal" selected>' in first.text
+    assert ">no &lt;nodule&gt;</textarea>" in first.text  # the reason as typed, as text
     assert ReviewStore(ledger).case(item)["state"] == "open"  # type: ignore[index]
 
     accepted = verdict(action="confirm", **{f"box:{sops[0]}": "0.25 0.5 0.5 0.75"})
@@ -602,7 +616,12 @@ def test_a_radiologist_marks_the_lesion_and_training_learns_from_the_box(
     read = summarise_sr(pydicom.dcmread(verified_path))
     assert read["verdict"]["regions"] == [{"image": sops[0], "box": [32, 64, 63, 95]}]
     assert dciodvfy_errors(verified_path) == []
-    assert "1 lesion box marked" in client.get(f"/review/cases/{item}").text
+    closed = client.get(f"/review/cases/{item}").text
+    assert "1 lesion box marked" in closed
+    # drawn back over its image (the picture's fractions of 128 x 128 pixels) and named
+    assert closed.count('class="lesion-box marked" data-box="0.2500 0.5000 0.5000 0.7500"') == 1
+    assert "Lesion marked by jane.doe (nodule): columns 32-63, rows 64-95" in closed
+    assert "data-drafted-box" not in closed
     recorded = [r for r in trail_records(settings) if r["event"] == "verdict_recorded"]
     assert "1 lesion box(es)" in recorded[-1]["detail"]
 

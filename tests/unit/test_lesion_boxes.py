@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from acwi_node.review.lesion_boxes import (
     MAX_BOXES,
     BoxError,
+    drafted_boxes,
+    marked_boxes,
     parse_fractions,
     place_boxes,
+    to_fractions,
     to_pixels,
 )
 from acwi_node.review.store import ReviewError
@@ -67,3 +72,61 @@ def test_a_verdict_carries_boxes_of_its_own_images_with_a_finding() -> None:
         _place({"1.2.5": "0 0 0.5 0.5"})
     with pytest.raises(BoxError, match=f"at most {MAX_BOXES}"):
         _place({f"1.2.{n}": "0 0 1 1" for n in range(MAX_BOXES + 1)})
+
+
+def test_a_kept_box_is_drawn_from_its_first_pixels_edge_to_its_last_pixels_edge() -> None:
+    assert to_fractions([32, 64, 63, 95], 128, 128) == "0.2500 0.5000 0.5000 0.7500"
+    assert to_fractions([0, 0, 199, 99], 100, 200) == "0.0000 0.0000 1.0000 1.0000"
+    assert to_fractions([5, 5, 5, 5], 10, 10) == "0.5000 0.5000 0.6000 0.6000"  # one pixel
+    # drawn again and placed, it is the same box
+    assert place_boxes(
+        {"a": to_fractions([32, 64, 63, 95], 128, 128)},
+        images={"a"},
+        label="nodule",
+        finding_labels=FINDINGS,
+        image_size=lambda name: (128, 128),
+    ) == {"a": [32, 64, 63, 95]}
+
+
+def test_the_boxes_of_a_cases_verdicts_are_listed_by_image() -> None:
+    asked: list[str] = []
+
+    def size(name: str) -> tuple[int, int] | None:
+        asked.append(name)
+        return None if name == "gone" else (100, 200)
+
+    verdicts: list[dict[str, Any]] = [
+        {"user": "a.reader", "action": "escalate", "label": None, "boxes": {}},
+        {
+            "user": "b.reader",
+            "action": "confirm",
+            "label": "nodule",
+            "boxes": {"img": [0, 0, 99, 49], "gone": [1, 2, 3, 4], "other case": [0, 0, 1, 1]},
+        },
+        {"user": "c.reader", "action": "override", "label": "effusion",
+         "boxes": {"img": [100, 50, 199, 99]}},
+    ]  # fmt: skip
+    marked = marked_boxes(verdicts, {"img", "gone"}, size)
+    assert marked == {
+        "img": [
+            {"user": "b.reader", "label": "nodule", "box": [0, 0, 99, 49],
+             "fractions": "0.0000 0.0000 0.5000 0.5000"},
+            {"user": "c.reader", "label": "effusion", "box": [100, 50, 199, 99],
+             "fractions": "0.5000 0.5000 1.0000 1.0000"},
+        ],
+        "gone": [{"user": "b.reader", "label": "nodule", "box": [1, 2, 3, 4], "fractions": ""}],
+    }  # fmt: skip
+    assert sorted(asked) == ["gone", "img"]  # each image's header read once
+    assert marked_boxes([], {"img"}, size) == {}
+
+
+def test_a_refused_forms_boxes_come_back_where_they_can_be_drawn() -> None:
+    marks = {
+        "a": " 0.1 0.2  0.3 0.4",
+        "b": "0.5 0.5 1.5 0.9",  # outside the picture
+        "elsewhere": "0.1 0.1 0.2 0.2",  # not an image of the page
+        "c": "x y z w",
+    }
+    assert drafted_boxes(marks, {"a", "b", "c"}) == {"a": "0.1000 0.2000 0.3000 0.4000"}
+    many = {f"i{n}": "0.1 0.1 0.2 0.2" for n in range(MAX_BOXES + 5)}
+    assert len(drafted_boxes(many, set(many))) == MAX_BOXES

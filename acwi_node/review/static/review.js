@@ -27,6 +27,25 @@ document.addEventListener("DOMContentLoaded", function () {
     apply();
   });
 
+  // Boxes kept with a verdict ("x0 y0 x1 y1", fractions of the picture) drawn over their image.
+  function place(element, corners) {
+    element.style.left = (corners[0] * 100) + "%";
+    element.style.top = (corners[1] * 100) + "%";
+    element.style.width = ((corners[2] - corners[0]) * 100) + "%";
+    element.style.height = ((corners[3] - corners[1]) * 100) + "%";
+  }
+  function corners(text) {
+    var values = (text || "").trim().split(/\s+/).map(Number);
+    if (values.length !== 4 || values.some(function (v) { return !isFinite(v); })) {
+      return null;
+    }
+    return values;
+  }
+  document.querySelectorAll(".lesion-box[data-box]").forEach(function (element) {
+    var c = corners(element.getAttribute("data-box"));
+    if (c) { place(element, c); } else { element.classList.add("hidden"); }
+  });
+
   // Lesion boxes: "Mark lesion" under an image, then drag over the lesion. The box goes into
   // the verdict form as "box:<image>" = "x0 y0 x1 y1", fractions of the picture (the server
   // turns them into the image's pixels), and is shown over the image until cleared.
@@ -73,12 +92,19 @@ document.addEventListener("DOMContentLoaded", function () {
     function draw(a, b) {
       var x0 = Math.min(a.x, b.x), y0 = Math.min(a.y, b.y);
       var x1 = Math.max(a.x, b.x), y1 = Math.max(a.y, b.y);
-      box.style.left = (x0 * 100) + "%";
-      box.style.top = (y0 * 100) + "%";
-      box.style.width = ((x1 - x0) * 100) + "%";
-      box.style.height = ((y1 - y0) * 100) + "%";
+      place(box, [x0, y0, x1, y1]);
       box.classList.remove("hidden");
       return [x0, y0, x1, y1];
+    }
+    function keep(c) {
+      field().value = c.map(function (v) { return v.toFixed(4); }).join(" ");
+      clear.hidden = false;
+      describe();
+    }
+    // a verdict the node refused comes back with the boxes that were drawn
+    var drafted = corners(figure.getAttribute("data-drafted-box"));
+    if (drafted) {
+      keep(draw({x: drafted[0], y: drafted[1]}, {x: drafted[2], y: drafted[3]}));
     }
     mark.addEventListener("click", function () {
       var on = !stack.classList.contains("marking");
@@ -96,17 +122,15 @@ document.addEventListener("DOMContentLoaded", function () {
     });
     stack.addEventListener("pointerup", function (event) {
       if (!start) { return; }
-      var corners = draw(start, at(event));
+      var drawn = draw(start, at(event));
       start = null;
       stack.classList.remove("marking");
       mark.textContent = "Mark lesion";
-      if (corners[2] - corners[0] < 0.002 || corners[3] - corners[1] < 0.002) {
+      if (drawn[2] - drawn[0] < 0.002 || drawn[3] - drawn[1] < 0.002) {
         box.classList.add("hidden");  // a click, not a box
         return;
       }
-      field().value = corners.map(function (v) { return v.toFixed(4); }).join(" ");
-      clear.hidden = false;
-      describe();
+      keep(drawn);
     });
     clear.addEventListener("click", function () {
       var input = form.querySelector("input[name='" + CSS.escape(name) + "']");

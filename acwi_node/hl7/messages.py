@@ -411,6 +411,15 @@ def parse_ack(text: str) -> AckInfo:
 
 # ----------------------------------------------------------------------------------- ORU
 @dataclass(frozen=True)
+class Lesion:
+    """A lesion box the radiologist marked with the verdict, on one image."""
+
+    sop_instance_uid: str
+    frame_number: int | None  # a multi-frame image's frame (1-based); None for one frame
+    box: tuple[int, int, int, int]  # first and last column and row it covers, inclusive
+
+
+@dataclass(frozen=True)
 class Verdict:
     """A radiologist's review of an AI result."""
 
@@ -419,6 +428,7 @@ class Verdict:
     reviewer: str = ""  # XCN text (id^family^given), escaped by the builder per component
     comment: str = ""
     reviewed_at: dt.datetime | None = None
+    lesions: tuple[Lesion, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -516,6 +526,38 @@ def observations(study: OruStudy, verdict: Verdict | None) -> list[tuple[str, st
         )
         if verdict.comment:
             rows.append(("TX", "COMMENT", "Radiologist comment", "", escape(verdict.comment)))
+        # each lesion box, its observations grouped by sub-id (1, 2, ...): the image, its
+        # frame, and the box as a numeric array x0^y0^x1^y1 (pixels, inclusive)
+        for n, lesion in enumerate(verdict.lesions, start=1):
+            sub = str(n)
+            rows.append(
+                (
+                    "ST",
+                    "LESION_IMAGE",
+                    "Radiologist lesion image",
+                    sub,
+                    escape(lesion.sop_instance_uid),
+                )
+            )
+            if lesion.frame_number is not None:
+                rows.append(
+                    (
+                        "NM",
+                        "LESION_FRAME",
+                        "Radiologist lesion frame",
+                        sub,
+                        str(lesion.frame_number),
+                    )
+                )
+            rows.append(
+                (
+                    "NA",
+                    "LESION_BOX",
+                    "Radiologist lesion box (x0, y0, x1, y1 pixels)",
+                    sub,
+                    "^".join(str(int(v)) for v in lesion.box),
+                )
+            )
     return rows
 
 

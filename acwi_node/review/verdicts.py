@@ -124,6 +124,7 @@ def _queue_ris_verdict(
         return
     try:
         from acwi_node.hl7.client import queue_oru
+        from acwi_node.hl7.messages import Lesion
         from acwi_node.hl7.messages import Verdict as Hl7Verdict
 
         queue_oru(
@@ -136,6 +137,9 @@ def _queue_ris_verdict(
                 reviewer=user.user_name,
                 comment=verification.reason,
                 reviewed_at=verification.verified_at,
+                lesions=tuple(
+                    Lesion(r.sop_instance_uid, r.frame_number, r.box) for r in verification.regions
+                ),
             ),
             review_id=item_id,
         )

@@ -386,7 +386,9 @@ def test_verified_sr_reaches_orthanc(tmp_path: Path) -> None:
 
 
 def test_verdict_is_queued_for_the_ris(tmp_path: Path) -> None:
-    """With ``[hl7.ris]`` set, a verdict also queues an ORU^R01 carrying it."""
+    """With ``[hl7.ris]`` set, a verdict also queues an ORU^R01 carrying it, with the lesion
+    box the radiologist marked (its image and its pixels)."""
+    from acwi_node.hl7.messages import oru_observations
     from acwi_node.ledger.models import Hl7Outbound
 
     settings = review_settings(tmp_path, hl7={"ris": {"host": "127.0.0.1", "port": 2575}})
@@ -394,20 +396,33 @@ def test_verdict_is_queued_for_the_ris(tmp_path: Path) -> None:
     try:
         add_user(ledger)
         item, _ = make_review_case(settings, ledger, tmp_path, seed=10)
-        _, other = _predicted_and_other(ledger, item)
+        summary = ReviewStore(ledger).case(item)["summary"]  # type: ignore[index]
+        predicted = summary["predicted_label"]
+        other = next(label for label in summary["finding_labels"] if label != predicted)
+        sop = summary["images"][0]["sop_instance_uid"]
         with TestClient(create_app(settings, ledger)) as client:
             csrf = sign_in(client)
             done = client.post(
                 f"/review/cases/{item}/verdict",
-                data={"csrf_token": csrf, "action": "override", "label": other, "reason": "rib"},
+                data={
+                    "csrf_token": csrf,
+                    "action": "override",
+                    "label": other,
+                    "reason": "rib",
+                    f"box:{sop}": "0 0 0.5 0.5",
+                },
                 follow_redirects=False,
             )
             assert done.status_code == 303
         with ledger.session() as s:
             rows = {o.kind: o.message for o in s.scalars(select(Hl7Outbound)).all()}
+            (kept,) = s.scalars(select(Verdict).where(Verdict.review_item_id == item)).all()
         assert f"verdict-{item}" in rows
-        assert "DISAGREE" in rows[f"verdict-{item}"]
-        assert other in rows[f"verdict-{item}"]
+        obs = oru_observations(rows[f"verdict-{item}"])
+        assert obs["VERDICT"][0][1].startswith("DISAGREE^")
+        assert obs["FINAL_FINDING"][0][1].startswith(f"{other}^")
+        assert kept.boxes is not None and obs["LESION_IMAGE"] == [("1", sop)]
+        assert obs["LESION_BOX"] == [("1", "^".join(str(v) for v in kept.boxes[sop]))]
     finally:
         ledger.dispose()
 

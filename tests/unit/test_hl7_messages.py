@@ -6,6 +6,7 @@ import pytest
 
 from acwi_node.hl7.messages import (
     ApplicationError,
+    Lesion,
     OruStudy,
     Rejected,
     Verdict,
@@ -199,6 +200,34 @@ def test_oru_with_verdict_is_final() -> None:
     obr = text.split("\r")[3].split("|")
     assert obr[25] == "F"
     assert all(seg.split("|")[11] == "F" for seg in text.split("\r") if seg.startswith("OBX"))
+
+
+def test_oru_with_verdict_carries_the_lesion_boxes_marked() -> None:
+    """Each box the radiologist marked is a group of observations under its own sub-id: the
+    image's SOP Instance UID, its frame (multi-frame images only), and the box as a numeric
+    array x0^y0^x1^y1 in the image's pixels; none without boxes."""
+    verdict = Verdict(
+        agrees=True,
+        label="abnormal",
+        reviewer="R1^Smith^Ann",
+        lesions=(
+            Lesion("1.2.3.4", None, (32, 64, 63, 95)),
+            Lesion("1.2.3.5", 7, (0, 1, 2, 3)),
+        ),
+    )
+    text = build_oru(_study(), verdict, control_id="ORU5")
+    obs = oru_observations(text)
+    assert obs["LESION_IMAGE"] == [("1", "1.2.3.4"), ("2", "1.2.3.5")]
+    assert obs["LESION_FRAME"] == [("2", "7")]
+    assert obs["LESION_BOX"] == [("1", "32^64^63^95"), ("2", "0^1^2^3")]
+    boxes = [seg.split("|") for seg in text.split("\r") if "|LESION_BOX^" in seg]
+    assert [(f[2], f[4], f[5], f[11]) for f in boxes] == [
+        ("NA", "1", "32^64^63^95", "F"),
+        ("NA", "2", "0^1^2^3", "F"),
+    ]
+    parse(text)  # still a well-formed message
+    plain = oru_observations(build_oru(_study(), Verdict(agrees=True, label="x"), control_id="O"))
+    assert not {"LESION_IMAGE", "LESION_FRAME", "LESION_BOX"} & set(plain)
 
 
 def test_oru_after_a_final_result_is_a_correction() -> None:

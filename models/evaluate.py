@@ -1,10 +1,10 @@
 """Evaluate a trained model through the node's own analyser and write a report.
 
 ``evaluate_model`` reads a labelled DICOM folder (``labels.csv`` as in
-:mod:`models.data.dicom_dataset`; an optional ``box`` column ``"x0 y0 x1 y1"`` or the synthetic
-``<file>.truth.json`` side-cars give lesion boxes), analyses every study with
-:class:`acwi_node.inference.analyser.Analyser` exactly as the node does, and computes per
-image (``K`` labels):
+:mod:`models.data.dicom_dataset`; an optional ``box`` column ``"x0 y0 x1 y1"``, several boxes
+separated by ``;``, or the synthetic ``<file>.truth.json`` side-cars give lesion boxes),
+analyses every study with :class:`acwi_node.inference.analyser.Analyser` exactly as the node
+does, and computes per image (``K`` labels):
 
 * accuracy, balanced accuracy, confusion matrix;
 * per-class one-vs-rest ROC curve and AUC (probability of the class as the score);
@@ -16,8 +16,9 @@ image (``K`` labels):
   threshold sweeps the review rate from 0 to 1, and the review rate at the manifest's
   threshold (uncertainty alone, and uncertainty or OOD as the node decides);
 * a per-site breakdown;
-* heatmap faithfulness by the pointing game: the heatmap's peak lies inside the lesion box
-  (strictly, and with a tolerance of half a feature cell, the heatmap's resolution);
+* heatmap faithfulness by the pointing game: the heatmap's peak lies inside one of the
+  image's lesion boxes (strictly, and with a tolerance of half a feature cell, the heatmap's
+  resolution), and the IoU of its hot region with the union of the boxes;
 * OOD AUROC: the OOD score separating images of sites the model was not trained on from
   images of its training sites, when both are present.
 
@@ -45,8 +46,9 @@ from acwi_node.inference.types import StudyAnalysis
 from models.data.dicom_dataset import (
     LABELS_CSV,
     Box,
+    Boxes,
     LabelledImage,
-    box_mask,
+    boxes_mask,
     read_boxes,
     scan_folder,
 )
@@ -183,6 +185,25 @@ def centre_value(heatmap: np.ndarray, box: Box) -> float:
     y = min(max((y0 + y1) // 2, 0), rows - 1)
     x = min(max((x0 + x1) // 2, 0), cols - 1)
     return float(heatmap[y, x])
+
+
+def localisation_scores(
+    heatmap: np.ndarray, boxes: Boxes, tolerance: float = 0.0
+) -> dict[str, bool | float]:
+    """Pointing-game scores of a heatmap against an image's lesion boxes (at least one).
+
+    ``hit``: the peak lies in any box; ``hit_tolerant``: in any box grown by ``tolerance`` px;
+    ``centre_value``: the highest of the values at the boxes' centres; ``iou``: the hot region
+    against the union of the boxes (:func:`heatmap_iou`).
+    """
+    if not boxes:
+        raise ValueError("localisation scores need at least one lesion box")
+    return {
+        "hit": any(pointing_hit(heatmap, box) for box in boxes),
+        "hit_tolerant": any(pointing_hit(heatmap, box, tolerance) for box in boxes),
+        "centre_value": max(centre_value(heatmap, box) for box in boxes),
+        "iou": heatmap_iou(heatmap, boxes_mask(heatmap.shape, boxes)),
+    }
 
 
 def macro_auc(probabilities: np.ndarray, truth: np.ndarray) -> float | None:
@@ -334,10 +355,10 @@ def curve_area(values: Sequence[float]) -> float:
 
 @dataclass(frozen=True)
 class EvalImage:
-    """One labelled image with its optional lesion box (pixel coordinates, inclusive)."""
+    """One labelled image with its lesion boxes (pixel coordinates, inclusive; empty: none)."""
 
     item: LabelledImage
-    box: Box | None
+    boxes: Boxes
 
 
 def heatmap_grid(architecture_config: dict[str, Any], input_size: int) -> int:
@@ -435,7 +456,7 @@ def collect(
             oods.append(img.ood_score)
             study_of.append(study)
             sop_uids.append(img.name)
-            if member.box is not None:
+            if member.boxes:
                 heat = img.heatmap_array()
                 rows, cols = heat.shape
                 tolerance = 0.5 * max(rows, cols) / grid
@@ -444,10 +465,7 @@ def collect(
                         "image": len(truth) - 1,
                         "label": member.item.label,
                         "site": sites[-1],
-                        "hit": pointing_hit(heat, member.box),
-                        "hit_tolerant": pointing_hit(heat, member.box, tolerance),
-                        "centre_value": centre_value(heat, member.box),
-                        "iou": heatmap_iou(heat, box_mask(heat.shape, member.box)),
+                        **localisation_scores(heat, member.boxes, tolerance),
                     }
                 )
         if (n + 1) % 50 == 0:
@@ -511,10 +529,10 @@ class CostlyCase:
     ssim_noise: float
     deletion_curve: list[float]
     deletion_curve_random: list[float]
-    #: Display copies for the example-heatmap figure (stored values, heatmap, box).
+    #: Display copies for the example-heatmap figure (stored values, heatmap, boxes).
     pixels: np.ndarray = field(repr=False)
     heatmap: np.ndarray = field(repr=False)
-    box: Box = (0, 0, 0, 0)
+    boxes: Boxes = ()
     monochrome1: bool = False
 
     @property
@@ -531,12 +549,13 @@ class CostlyCase:
 
 
 def select_costly(images: Sequence[EvalImage], n: int, seed: int) -> list[int]:
-    """Up to ``n`` lesion images (with a box), drawn round-robin over sites, seeded. Frames of
-    multi-frame images are not drawn: the costly checks perturb a single-frame image."""
+    """Up to ``n`` lesion images (with at least one box), drawn round-robin over sites, seeded.
+    Frames of multi-frame images are not drawn: the costly checks perturb a single-frame
+    image."""
     rng = np.random.default_rng(seed)
     by_site: dict[int, list[int]] = {}
     for i, image in enumerate(images):
-        if image.box is not None and image.item.frame_number is None:
+        if image.boxes and image.item.frame_number is None:
             site = -1 if image.item.site is None else image.item.site
             by_site.setdefault(site, []).append(i)
     queues = {site: list(rng.permutation(idx)) for site, idx in sorted(by_site.items())}
@@ -574,7 +593,7 @@ def costly_cases(
     cases: list[CostlyCase] = []
     for done, i in enumerate(chosen):
         image = images[i]
-        if image.item.name not in position or image.box is None:
+        if image.item.name not in position or not image.boxes:
             continue
         ds = pydicom.dcmread(image.item.path)
         try:
@@ -622,7 +641,7 @@ def costly_cases(
                 deletion_curve_random=probs[DELETION_STEPS + 1 :],
                 pixels=pixels.astype(np.float32),
                 heatmap=hm,
-                box=image.box,
+                boxes=image.boxes,
                 monochrome1=str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1",
             )
         )
@@ -1118,10 +1137,10 @@ def _markdown(metrics: dict[str, Any], files: dict[str, str]) -> str:
     lines += ["", "## Heatmap faithfulness (pointing game)", ""]
     if m["pointing_game"]:
         lines += [
-            "Hit: the heatmap's peak lies inside the ground-truth lesion box; tolerant: within "
-            "half a feature cell of it (the CAM has the feature map's resolution, "
-            f"{m['heatmap_grid']} x {m['heatmap_grid']} cells); centre value: the heatmap "
-            "(1 = its peak) at the box centre.",
+            "Hit: the heatmap's peak lies inside a ground-truth lesion box (any of the image's); "
+            "tolerant: within half a feature cell of one (the CAM has the feature map's "
+            f"resolution, {m['heatmap_grid']} x {m['heatmap_grid']} cells); centre value: the "
+            "heatmap (1 = its peak) at the box centre (the highest over the image's boxes).",
             "",
             "| label | cases | hit rate | tolerant hit rate | mean centre value |",
             "|---|---|---|---|---|",
@@ -1183,7 +1202,7 @@ def evaluate_model(
     if not items:
         raise ValueError(f"no labelled DICOM images found under {data}")
     boxes = read_boxes(Path(data), items)
-    images = [EvalImage(item, boxes.get(item.name)) for item in items]
+    images = [EvalImage(item, boxes.get(item.name, ())) for item in items]
     if train_sites is None:
         train_sites = training_sites(manifest.training.dataset)
     chosen = select_costly(images, costly_images, seed)
@@ -1284,7 +1303,7 @@ def write_report(
 
 
 def _example_heatmaps(cases: Sequence[CostlyCase], out: Path, count: int = 6) -> str:
-    """A grid of source images with the heatmap overlaid and the ground-truth box drawn."""
+    """A grid of source images with the heatmap overlaid and the ground-truth boxes drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1307,13 +1326,12 @@ def _example_heatmaps(cases: Sequence[CostlyCase], out: Path, count: int = 6) ->
             shown = 1.0 - shown
         ax.imshow(shown, cmap="gray")
         ax.imshow(case.heatmap, cmap="jet", alpha=0.35, vmin=0.0, vmax=1.0)
-        x0, y0, x1, y1 = case.box
-        ax.add_patch(
-            Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False, color="lime")
-        )
-        iou = heatmap_iou(case.heatmap, box_mask(case.heatmap.shape, case.box))
+        for x0, y0, x1, y1 in case.boxes:
+            corner = (x0 - 0.5, y0 - 0.5)
+            ax.add_patch(Rectangle(corner, x1 - x0 + 1, y1 - y0 + 1, fill=False, color="lime"))
+        iou = heatmap_iou(case.heatmap, boxes_mask(case.heatmap.shape, case.boxes))
         ax.set_title(f"{case.label}, site {case.site}: IoU {iou:.2f}", fontsize=9)
-    fig.suptitle("Heatmap (overlay) and ground-truth lesion box (green)", fontsize=10)
+    fig.suptitle("Heatmap (overlay) and ground-truth lesion boxes (green)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "example_heatmaps.png", dpi=100)
     plt.close(fig)

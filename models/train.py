@@ -48,6 +48,7 @@ from models.continual import (
 )
 from models.data import synth
 from models.data.dicom_dataset import (
+    Boxes,
     LabelledImage,
     lesion_masks,
     load_unit_images,
@@ -482,8 +483,9 @@ def folder_splits(
 
     With a single group there is nothing to hold out and validation reuses the training set.
     Also returns the files the preprocessing refused, with their reasons. With ``masks``, the
-    lesion boxes (``labels.csv``'s ``box`` column, or side-cars) come along as masks at the
-    input size (:func:`~models.data.dicom_dataset.lesion_masks`), when any image has one.
+    lesion boxes (``labels.csv``'s ``box`` column, one or several per image, or side-cars) come
+    along as masks at the input size, each image's the union of its boxes
+    (:func:`~models.data.dicom_dataset.lesion_masks`), when any image has one.
     """
     d = config.data
     items = scan_folder(root, labels=d.labels)
@@ -499,8 +501,8 @@ def folder_splits(
     mask_set: np.ndarray | None = None
     if masks:
         loaded = [items[i] for i in kept]
-        boxes = read_boxes(root, loaded)
-        if any(item.name in boxes for item in loaded):
+        boxes: dict[str, Boxes] = read_boxes(root, loaded)
+        if any(boxes.get(item.name) for item in loaded):
             mask_set = lesion_masks(loaded, boxes, spec)
     train = ImageSet(
         images[~is_val],

@@ -15,13 +15,13 @@ single-frame image; the file is copied once), the label the radiologist stood by
 the model's label; override: the corrected one);
 ``site`` numbers the calling AE titles in sorted order; ``patient`` is the patient's
 pseudonym, the same in every export made with the node's key, so that a training split can
-keep each patient's images on one side; ``box`` is the lesion box the radiologist marked on
-that image with the verdict, ``x0 y0 x1 y1`` in its pixels (empty when none), which training
-turns into a lesion mask for the heatmap. De-identified, the UIDs are the replaced ones (the
-file names too) and ``calling_ae`` is empty (it names a device of the hospital). Escalated
-cases without a final verdict are left out. Running it again into the same folder rewrites
-the CSV and adds new images; a folder holds either de-identified images or exact copies,
-never both.
+keep each patient's images on one side; ``box`` holds the lesion boxes the radiologist
+marked on that image with the verdict, each ``x0 y0 x1 y1`` in its pixels, several separated
+by ``; `` (empty when none), which training turns into a lesion mask for the heatmap.
+De-identified, the UIDs are the replaced ones (the file names too) and ``calling_ae`` is
+empty (it names a device of the hospital). Escalated cases without a final verdict are left
+out. Running it again into the same folder rewrites the CSV and adds new images; a folder
+holds either de-identified images or exact copies, never both.
 """
 
 from __future__ import annotations
@@ -150,7 +150,11 @@ def export_feedback(
                     "verdict": case["action"],
                     "model_label": case["model_label"],
                     "patient": done.patient,
-                    "box": " ".join(str(v) for v in case["boxes"].get(unit_name(sop, frame), [])),
+                    # each box "x0 y0 x1 y1", several separated by "; "
+                    "box": "; ".join(
+                        " ".join(str(v) for v in box)
+                        for box in case["boxes"].get(unit_name(sop, frame), [])
+                    ),
                 }
             )
     tmp_csv = out_dir / "labels.csv.tmp"

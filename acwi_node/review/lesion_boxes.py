@@ -1,12 +1,15 @@
 """Lesion boxes a radiologist marks on a case's images with a verdict.
 
-The case page lets a reader drag a box over the lesion on any analysed image before confirming
-or correcting a finding. The browser sends each box as fractions of the picture it was drawn
-on, ``"x0 y0 x1 y1"`` in [0, 1] (the picture may be scaled for display); :func:`place_boxes`
-checks them and turns them into the image's own pixels, ``[x0, y0, x1, y1]`` inclusive, the
-form of ``labels.csv``'s ``box`` column. They are kept with the verdict and written by the
-feedback export, where training turns them into lesion masks for the heatmap
-(``models/networks/localisation.py``): the reader's correction of where the model looked.
+The case page lets a reader drag boxes over the lesions on any analysed image before
+confirming or correcting a finding (several on one image: two nodules are two boxes). The
+browser sends an image's boxes as fractions of the picture they were drawn on, ``"x0 y0 x1
+y1"`` in [0, 1] (the picture may be scaled for display), several separated by ``;``;
+:func:`place_boxes` checks them and turns each into the image's own pixels, ``[x0, y0, x1,
+y1]`` inclusive, the form of ``labels.csv``'s ``box`` column. They are kept with the verdict
+and written by the feedback export, where training turns them into lesion masks for the
+heatmap (``models/networks/localisation.py``): the reader's correction of where the model
+looked. Every lesion on an image wants its box: the training loss counts heat outside the
+boxes against the model.
 
 The page draws the kept boxes over their images again (:func:`to_fractions`), and a verdict
 the node refuses comes back with the boxes that were drawn (:func:`drafted_boxes`).
@@ -46,6 +49,15 @@ def parse_fractions(text: str) -> tuple[float, float, float, float]:
     return x0, y0, x1, y1
 
 
+def parse_marks(text: str) -> list[tuple[float, float, float, float]]:
+    """An image's boxes from the form: :func:`parse_fractions` of each ``;``-separated part
+    (empty parts, as from a trailing ``;``, are skipped)."""
+    boxes = [parse_fractions(part) for part in text.split(";") if part.strip()]
+    if not boxes:
+        raise BoxError("a lesion box needs four numbers: x0 y0 x1 y1")
+    return boxes
+
+
 def to_pixels(fractions: tuple[float, float, float, float], rows: int, columns: int) -> list[int]:
     """The box in the image's pixels, ``[x0, y0, x1, y1]`` inclusive: every pixel the drawn
     box touches, at least one."""
@@ -70,41 +82,51 @@ def marked_boxes(
     images: set[str],
     image_size: Callable[[str], tuple[int, int] | None],
 ) -> dict[str, list[dict[str, Any]]]:
-    """The boxes the case's ``verdicts`` kept, by image name (those of ``images``): for each,
-    who marked it, the verdict's label, the box in pixels and, where ``image_size`` still
-    knows the image's ``(Rows, Columns)``, the fractions the page draws it at (else "")."""
+    """The boxes the case's ``verdicts`` kept (each image's a list, as the store reads them),
+    by image name (those of ``images``): for each box, who marked it, the verdict's label,
+    the box in pixels and, where ``image_size`` still knows the image's ``(Rows, Columns)``,
+    the fractions the page draws it at (else "")."""
     sizes: dict[str, tuple[int, int] | None] = {}
     out: dict[str, list[dict[str, Any]]] = {}
     for verdict in verdicts:
-        for name, box in (verdict.get("boxes") or {}).items():
+        for name, boxes in (verdict.get("boxes") or {}).items():
             if name not in images:
                 continue
             if name not in sizes:
                 sizes[name] = image_size(name)
             size = sizes[name]
-            out.setdefault(name, []).append(
-                {
-                    "user": verdict.get("user", ""),
-                    "label": verdict.get("label") or "",
-                    "box": list(box),
-                    "fractions": to_fractions(list(box), *size) if size else "",
-                }
-            )
+            for box in boxes:
+                out.setdefault(name, []).append(
+                    {
+                        "user": verdict.get("user", ""),
+                        "label": verdict.get("label") or "",
+                        "box": list(box),
+                        "fractions": to_fractions(list(box), *size) if size else "",
+                    }
+                )
     return out
 
 
 def drafted_boxes(marks: Mapping[str, str], images: set[str]) -> dict[str, str]:
     """The boxes of a refused verdict's form that the page can draw again (so the reader need
     not drag them anew): those on one of ``images`` whose corners parse, at most
-    :data:`MAX_BOXES`, normalised to ``"x0 y0 x1 y1"``."""
+    :data:`MAX_BOXES` in all, each image's normalised to ``"x0 y0 x1 y1;..."``."""
     kept: dict[str, str] = {}
+    room = MAX_BOXES
     for name, text in marks.items():
-        if name not in images or len(kept) == MAX_BOXES:
+        if name not in images:
             continue
-        try:
-            kept[name] = " ".join(f"{v:.4f}" for v in parse_fractions(text))
-        except BoxError:
-            continue
+        boxes: list[str] = []
+        for part in text.split(";"):
+            if room == 0:
+                break
+            try:
+                boxes.append(" ".join(f"{v:.4f}" for v in parse_fractions(part)))
+            except BoxError:
+                continue
+            room -= 1
+        if boxes:
+            kept[name] = ";".join(boxes)
     return kept
 
 
@@ -115,13 +137,15 @@ def place_boxes(
     label: str,
     finding_labels: list[str],
     image_size: Callable[[str], tuple[int, int] | None],
-) -> dict[str, list[int]]:
-    """The boxes of ``marks`` (image name -> fractions) in pixels, by image name.
+) -> dict[str, list[list[int]]]:
+    """The boxes of ``marks`` (image name -> its boxes' fractions, see :func:`parse_marks`)
+    in pixels, by image name: a list of ``[x0, y0, x1, y1]`` per image.
 
     ``images`` are the names of the case's analysed images (a SOP Instance UID, or
     ``"<uid> frame <n>"``); ``label`` is the label the verdict stands by, which must be one of
     ``finding_labels`` (a box marks a lesion); ``image_size`` gives an image's ``(Rows,
-    Columns)``, None when its file is gone. Raises :class:`BoxError`.
+    Columns)``, None when its file is gone. At most :data:`MAX_BOXES` boxes in all. Raises
+    :class:`BoxError`.
     """
     if not marks:
         return {}
@@ -129,14 +153,17 @@ def place_boxes(
         raise BoxError(
             f"a lesion box goes with a finding ({', '.join(finding_labels)}), not with {label!r}"
         )
-    if len(marks) > MAX_BOXES:
-        raise BoxError(f"at most {MAX_BOXES} lesion boxes per verdict")
-    placed: dict[str, list[int]] = {}
+    parsed: dict[str, list[tuple[float, float, float, float]]] = {}
     for name, text in marks.items():
         if name not in images:
             raise BoxError("a lesion box names an image this case did not analyse")
+        parsed[name] = parse_marks(text)
+    if sum(len(boxes) for boxes in parsed.values()) > MAX_BOXES:
+        raise BoxError(f"at most {MAX_BOXES} lesion boxes per verdict")
+    placed: dict[str, list[list[int]]] = {}
+    for name, boxes in parsed.items():
         size = image_size(name)
         if size is None:
             raise BoxError("an image with a lesion box is no longer on the node")
-        placed[name] = to_pixels(parse_fractions(text), *size)
+        placed[name] = [to_pixels(box, *size) for box in boxes]
     return placed

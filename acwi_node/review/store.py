@@ -443,7 +443,7 @@ class ReviewStore:
                         "reason": v.reason,
                         "at": _iso(v.created_at),
                         "sr_sop_instance_uid": v.sr_sop_instance_uid,
-                        "boxes": dict(v.boxes or {}),
+                        "boxes": kept_boxes(v.boxes),
                     }
                     for v in verdicts
                 ],
@@ -474,7 +474,7 @@ class ReviewStore:
         reason: str,
         sr_sop_instance_uid: str = "",
         hl7_control_id: str | None = None,
-        boxes: dict[str, list[int]] | None = None,
+        boxes: dict[str, list[list[int]]] | None = None,
     ) -> int:
         """Record a verdict on an open item; confirm/override close it. Returns the verdict id.
 
@@ -488,7 +488,8 @@ class ReviewStore:
         if action not in ACTIONS:
             raise ReviewError(f"verdict must be one of {', '.join(ACTIONS)}")
         now = utcnow()
-        marked = f", {len(boxes)} lesion box(es)" if boxes else ""
+        count = sum(len(kept) for kept in (boxes or {}).values())
+        marked = f", {count} lesion box(es)" if count else ""
         with self.ledger.session() as s:
             if action == "escalate":
                 it = s.get(ReviewItem, item_id, with_for_update=True)
@@ -779,10 +780,22 @@ class ReviewStore:
                         "model_label": v.model_label,
                         "action": v.action,
                         "images": [(uid, frame) for uid, frame in images if uid],
-                        "boxes": dict(v.boxes or {}),
+                        "boxes": kept_boxes(v.boxes),
                     }
                 )
             return out
+
+
+def kept_boxes(value: Any) -> dict[str, list[list[int]]]:
+    """A verdict's kept lesion boxes, by image name, each image's as a list of ``[x0, y0, x1,
+    y1]``; a verdict recorded when an image took one box (``name -> [x0, y0, x1, y1]``) reads
+    as a list of that one."""
+    out: dict[str, list[list[int]]] = {}
+    for name, boxes in dict(value or {}).items():
+        if boxes and all(isinstance(v, int) for v in boxes):
+            boxes = [boxes]
+        out[str(name)] = [[int(v) for v in box] for box in boxes or []]
+    return out
 
 
 def frame_number_of(image: dict[str, Any]) -> int | None:

@@ -149,7 +149,7 @@ def _queue_ris_verdict(
 
 def _regions(
     case: dict[str, Any], sources: list[Dataset], marks: Mapping[str, str], label: str
-) -> tuple[dict[str, list[int]], tuple[LesionRegion, ...]]:
+) -> tuple[dict[str, list[list[int]]], tuple[LesionRegion, ...]]:
     """The reader's lesion boxes in the images' pixels, by image name, and as the verified
     SR's regions; each image's Rows and Columns from its header among ``sources``."""
     images = _case_images(case["summary"])
@@ -169,7 +169,9 @@ def _regions(
         image_size=image_size,
     )
     regions = tuple(
-        LesionRegion(*images[name], (box[0], box[1], box[2], box[3])) for name, box in boxes.items()
+        LesionRegion(*images[name], (box[0], box[1], box[2], box[3]))
+        for name, kept in boxes.items()
+        for box in kept
     )
     return boxes, regions
 

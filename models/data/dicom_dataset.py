@@ -9,16 +9,18 @@ A multi-frame image (Enhanced CT or MR, tomosynthesis) is one labelled image per
 the node analyses it. An optional ``frame_number`` column labels one frame; a row without
 one labels every frame of its instance (a frame's own row wins).
 
-An optional ``box`` column, ``"x0 y0 x1 y1"`` in the image's pixels (inclusive), or the
-synthetic set's ``<file>.truth.json`` side-cars, give lesion boxes: the evaluation scores the
-heatmaps against them and training turns them into lesion masks for the heatmap (see
-:func:`lesion_masks`).
+An optional ``box`` column, or the synthetic set's ``<file>.truth.json`` side-cars, give
+lesion boxes: one or several per image, each ``"x0 y0 x1 y1"`` in the image's pixels
+(inclusive), several separated by ``;`` (``"32 64 63 95; 140 30 170 60"``, see
+:func:`parse_boxes`). The evaluation scores the heatmaps against them and training fills them
+all into the image's lesion mask for the heatmap (see :func:`lesion_masks`).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,8 @@ from acwi_node.inference.types import unit_name
 LABELS_CSV = "labels.csv"
 #: A lesion box ``(x0, y0, x1, y1)`` in pixels (columns, rows), inclusive.
 Box = tuple[int, int, int, int]
+#: An image's lesion boxes (empty: none).
+Boxes = tuple[Box, ...]
 
 
 @dataclass(frozen=True)
@@ -176,54 +180,133 @@ def box_mask(shape: tuple[int, int], box: Box) -> np.ndarray:
     return mask
 
 
-def _parse_box(text: str | None) -> Box | None:
-    parts = (text or "").split()
-    if len(parts) != 4:
-        return None
-    x0, y0, x1, y1 = (int(float(p)) for p in parts)
+def boxes_mask(shape: tuple[int, int], boxes: Boxes) -> np.ndarray:
+    """Boolean ``rows x cols`` mask of the union of ``boxes`` (all False without one)."""
+    mask = np.zeros(shape, dtype=bool)
+    for box in boxes:
+        mask |= box_mask(shape, box)
+    return mask
+
+
+def _box(values: Sequence[object], source: str) -> Box:
+    """A box from four numbers (floats truncated to int), checked; ``source`` names the input
+    in the error."""
+    if len(values) != 4:
+        raise ValueError(f"{source}: a box is 4 numbers x0 y0 x1 y1, got {len(values)}")
+    numbers: list[int] = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"{source}: {value!r} is not a number")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{source}: {value!r} is not a number") from None
+        if not math.isfinite(number):
+            raise ValueError(f"{source}: {value!r} is not a finite number")
+        numbers.append(int(number))
+    x0, y0, x1, y1 = numbers
+    if x1 < x0 or y1 < y0:
+        raise ValueError(f"{source}: a box needs x0 <= x1 and y0 <= y1")
     return (x0, y0, x1, y1)
 
 
-def read_boxes(root: Path, items: Sequence[LabelledImage]) -> dict[str, Box]:
+def parse_boxes(text: str | None) -> Boxes:
+    """Lesion boxes from a ``box`` cell: ``"x0 y0 x1 y1"``, several separated by ``;``
+    (``"32 64 63 95; 10 10 20 20"``, a trailing ``;`` tolerated); ``()`` for an empty cell.
+
+    Numbers may be written as floats (truncated to int). Raises ValueError, quoting ``text``,
+    for a part that is not four numbers or a box with ``x1 < x0`` or ``y1 < y0``.
+    """
+    if text is None or not text.strip():
+        return ()
+    parts = text.split(";")
+    if not parts[-1].strip():
+        parts.pop()
+    source = f"box {text!r}"
+    boxes: list[Box] = []
+    for part in parts:
+        if not part.strip():
+            raise ValueError(f"{source}: an empty box between ';'")
+        boxes.append(_box(part.split(), source))
+    return tuple(boxes)
+
+
+def _side_car_boxes(truth: dict[str, object], source: str) -> Boxes:
+    """A side-car's (or a side-car frame's) ``"box"`` and ``"boxes"``, checked."""
+    boxes: list[Box] = []
+    one = truth.get("box")
+    if one:
+        if not isinstance(one, list):
+            raise ValueError(f"{source}: 'box' must be a list [x0, y0, x1, y1], not {one!r}")
+        boxes.append(_box(one, f"{source}: box {one!r}"))
+    several = truth.get("boxes")
+    if several:
+        if not isinstance(several, list):
+            raise ValueError(f"{source}: 'boxes' must be a list of [x0, y0, x1, y1]")
+        for values in several:
+            if not isinstance(values, list):
+                raise ValueError(f"{source}: 'boxes' entry {values!r} is not [x0, y0, x1, y1]")
+            box = _box(values, f"{source}: box {values!r}")
+            if box not in boxes:
+                boxes.append(box)
+    return tuple(boxes)
+
+
+def read_boxes(root: Path, items: Sequence[LabelledImage]) -> dict[str, Boxes]:
     """Lesion boxes by image (:attr:`LabelledImage.name`: the SOP Instance UID, with the frame
-    number for a frame) from ``labels.csv``'s ``box`` column, else side-cars (a multi-frame
-    image's lists its frames')."""
-    boxes: dict[str, Box] = {}
+    number for a frame), each image's non-empty, from ``labels.csv``'s ``box`` column (see
+    :func:`parse_boxes`), else side-cars (``"box": [x0, y0, x1, y1]`` and/or ``"boxes": [[...],
+    ...]``; a multi-frame image's lists its frames', each with its own).
+
+    A malformed box raises ValueError naming the CSV line and SOP Instance UID, or the
+    side-car.
+    """
+    boxes: dict[str, Boxes] = {}
     csv_path = Path(root) / LABELS_CSV
     if csv_path.is_file():
         with csv_path.open(newline="") as fh:
-            for row in csv.DictReader(fh):
-                box = _parse_box(row.get("box"))
+            reader = csv.DictReader(fh)
+            for row in reader:
                 sop = (row.get("sop_instance_uid") or "").strip()
+                try:
+                    found = parse_boxes(row.get("box"))
+                except ValueError as exc:
+                    raise ValueError(
+                        f"{csv_path}, line {reader.line_num} (sop_instance_uid {sop!r}): {exc}"
+                    ) from None
                 frame = (row.get("frame_number") or "").strip()
-                if box is not None and sop:
-                    boxes[unit_name(sop, int(frame) if frame else None)] = box
+                if found and sop:
+                    boxes[unit_name(sop, int(frame) if frame else None)] = found
     for item in items:
         if item.name in boxes:
             continue
         side_car = item.path.with_suffix(".truth.json")
         if side_car.is_file():
             truth = json.loads(side_car.read_text())
+            source = str(side_car)
             if item.frame_number is not None:  # a multi-frame image: its frames' truths
                 frames = {f.get("frame_number"): f for f in truth.get("frames") or []}
                 truth = frames.get(item.frame_number) or {}
-            if truth.get("box"):
-                boxes[item.name] = tuple(int(v) for v in truth["box"])  # type: ignore[assignment]
+                source = f"{side_car}, frame {item.frame_number}"
+            found = _side_car_boxes(truth, source)
+            if found:
+                boxes[item.name] = found
     return boxes
 
 
 def lesion_masks(
-    items: Sequence[LabelledImage], boxes: dict[str, Box], spec: PreprocessSpec
+    items: Sequence[LabelledImage], boxes: dict[str, Boxes], spec: PreprocessSpec
 ) -> np.ndarray:
-    """Lesion masks ``(N, size, size)`` in {0, 1} at the model's input, one per item: its box
-    filled in the image's own Rows x Columns and resized as the preprocessing resizes the
-    image (so mask and input stay aligned whatever the aspect ratio), all zeros without one."""
+    """Lesion masks ``(N, size, size)`` in {0, 1} at the model's input, one per item: the union
+    of its boxes filled in the image's own Rows x Columns and resized as the preprocessing
+    resizes the image (so mask and input stay aligned whatever the aspect ratio), all zeros
+    without one."""
     masks = np.zeros((len(items), spec.size, spec.size), dtype=np.float32)
     for i, item in enumerate(items):
-        box = boxes.get(item.name)
-        if box is None:
+        found = boxes.get(item.name)
+        if not found:
             continue
         ds = pydicom.dcmread(item.path, stop_before_pixels=True)
-        filled = box_mask((int(ds.Rows), int(ds.Columns)), box).astype(np.float32)
+        filled = boxes_mask((int(ds.Rows), int(ds.Columns)), found).astype(np.float32)
         masks[i] = resize(filled, spec.size) > 0.5
     return masks

@@ -5,7 +5,8 @@ The node's ``web`` process runs as in production (``acwi-node web``, account cre
 in, opens a case, checks the images and the heatmap controls, overrides the result and sees the
 worklist and the ledger change; on the other case it marks the lesion by dragging a box over an
 image, clears and redraws it, sees an escalation with it refused and the page come back with the
-box and its choices, confirms the finding with it, and sees the kept box drawn over the image.
+box and its choices, marks a second lesion on the same image, confirms the finding with both,
+and sees the kept boxes drawn over the image.
 A screenshot of the case page is kept in ``test-artifacts/``.
 """
 
@@ -206,24 +207,34 @@ def test_sign_in_open_case_override(tmp_path: Path) -> None:
             expect(page.locator("#lesion-boxes")).to_contain_text("1 lesion box marked")
             expect(page.locator("input[name=action][value=escalate]")).to_be_checked()
             expect(page.locator("textarea[name=reason]")).to_have_value("second look")
+            # a second lesion on the same image: a second box beside the first
+            drag(0.6, 0.7, 0.9, 0.9)
+            expect(figure.locator(".lesion-box")).to_have_count(2)
+            expect(status).to_contain_text("2 lesion boxes marked")
+            expect(figure.locator("button.clear-lesion")).to_have_text("Clear boxes")
             page.check("input[name=action][value=confirm]")
             page.click(".verdict-form button[type=submit]")
             expect(page).to_have_url(f"{base}/review/worklist")
             page.goto(f"{base}/review/cases/{other_item}")
-            expect(page.locator("#verdicts")).to_contain_text("1 lesion box marked")
-            # the kept box is drawn over its image where it was marked
+            expect(page.locator("#verdicts")).to_contain_text("2 lesion boxes marked")
+            # the kept boxes are drawn over their image where they were marked
             kept = figure.locator(".lesion-box.marked")
-            expect(kept).to_be_visible()
+            expect(kept).to_have_count(2)
             expect(figure).to_contain_text(f"Lesion marked by {USER} (")
-            area, drawn = figure.locator(".stack").bounding_box(), kept.bounding_box()
-            assert area is not None and drawn is not None
-            for got, want in [
-                ((drawn["x"] - area["x"]) / area["width"], 0.25),
-                ((drawn["y"] - area["y"]) / area["height"], 0.25),
-                (drawn["width"] / area["width"], 0.5),
-                (drawn["height"] / area["height"], 0.25),
-            ]:
-                assert abs(got - want) < 0.02, (drawn, area)
+            area = figure.locator(".stack").bounding_box()
+            assert area is not None
+            for n, want_box in enumerate([(0.25, 0.25, 0.75, 0.5), (0.6, 0.7, 0.9, 0.9)]):
+                expect(kept.nth(n)).to_be_visible()
+                drawn = kept.nth(n).bounding_box()
+                assert drawn is not None
+                got_box = (
+                    (drawn["x"] - area["x"]) / area["width"],
+                    (drawn["y"] - area["y"]) / area["height"],
+                    (drawn["x"] + drawn["width"] - area["x"]) / area["width"],
+                    (drawn["y"] + drawn["height"] - area["y"]) / area["height"],
+                )
+                near = [abs(g - w) < 0.02 for g, w in zip(got_box, want_box, strict=True)]
+                assert all(near), (drawn, area)
             assert page.title() != "pwned"
             assert dialogs == []
         finally:
@@ -234,13 +245,13 @@ def test_sign_in_open_case_override(tmp_path: Path) -> None:
         verdict, marked = s.scalars(select(Verdict).order_by(Verdict.id)).all()
         assert (verdict.user_name, verdict.action, verdict.label) == (USER, "override", new_label)
         assert verdict.boxes is None
-        # the box in the image's 128 x 128 pixels: about x 32-95, y 32-63 (the pointer lands
-        # on whole CSS pixels of a picture drawn 512 pixels wide)
+        # the boxes in the image's 128 x 128 pixels: about x 32-95, y 32-63 and x 77-115,
+        # y 90-115 (the pointer lands on whole CSS pixels of a picture drawn 512 pixels wide)
         assert marked.action == "confirm" and marked.boxes is not None
-        ((name, box),) = marked.boxes.items()
-        assert name == marked_image
-        assert abs(box[0] - 32) <= 1 and abs(box[1] - 32) <= 1, box
-        assert abs(box[2] - 95) <= 1 and abs(box[3] - 63) <= 1, box
+        ((name, boxes),) = marked.boxes.items()
+        assert name == marked_image and len(boxes) == 2, boxes
+        for box, want in zip(boxes, [(32, 32, 95, 63), (77, 90, 115, 115)], strict=True):
+            assert all(abs(b - w) <= 1 for b, w in zip(box, want, strict=True)), (box, want)
         assert verdict.model_label == predicted
         verified = s.scalars(
             select(Result).where(

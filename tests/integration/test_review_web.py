@@ -422,7 +422,8 @@ def test_verdict_is_queued_for_the_ris(tmp_path: Path) -> None:
         assert obs["VERDICT"][0][1].startswith("DISAGREE^")
         assert obs["FINAL_FINDING"][0][1].startswith(f"{other}^")
         assert kept.boxes is not None and obs["LESION_IMAGE"] == [("1", sop)]
-        assert obs["LESION_BOX"] == [("1", "^".join(str(v) for v in kept.boxes[sop]))]
+        ((box,),) = kept.boxes.values()
+        assert obs["LESION_BOX"] == [("1", "^".join(str(v) for v in box))]
     finally:
         ledger.dispose()
 
@@ -568,14 +569,14 @@ def confirm(client: TestClient, item: int) -> None:
 def test_a_radiologist_marks_the_lesion_and_training_learns_from_the_box(
     env: tuple[Settings, Ledger, TestClient], tmp_path: Path
 ) -> None:
-    """A box drawn on an image goes with the confirmed finding: refused with a normal
-    verdict, an escalation, an image the case did not analyse or corners outside the image
-    (the case stays open, the reason shown, the page back with the reader's choices and the
-    boxes it can draw); kept in the image's pixels with the verdict, written into the verified
-    SR as a planar region (no dciodvfy error), drawn over its image and named on the closed
-    case's page, shown in the case's history and audited; written in the de-identified
-    export's box column for that image alone, under its new UID; and a training run on the
-    export turns it into a lesion mask for the heatmap."""
+    """Boxes drawn on an image (two lesions, two boxes) go with the confirmed finding:
+    refused with a normal verdict, an escalation, an image the case did not analyse or
+    corners outside the image (the case stays open, the reason shown, the page back with the
+    reader's choices and the boxes it can draw); kept in the image's pixels with the verdict,
+    written into the verified SR as planar regions (no dciodvfy error), drawn over their image
+    and named on the closed case's page, counted in the case's history and the audit; written
+    in the de-identified export's box column for that image alone, under its new UID; and a
+    training run on the export turns them into a lesion mask for the heatmap."""
     settings, ledger, client = env
     files = write_study(tmp_path / "src", n_images=2, label="nodule", seed=7, size=128)
     item, _ = make_review_case(settings, ledger, tmp_path, files=files)
@@ -618,37 +619,45 @@ def test_a_radiologist_marks_the_lesion_and_training_learns_from_the_box(
     assert ">no &lt;nodule&gt;</textarea>" in first.text  # the reason as typed, as text
     assert ReviewStore(ledger).case(item)["state"] == "open"  # type: ignore[index]
 
-    accepted = verdict(action="confirm", **{f"box:{sops[0]}": "0.25 0.5 0.5 0.75"})
+    # two lesions on the first image: two boxes
+    accepted = verdict(action="confirm", **{f"box:{sops[0]}": "0.25 0.5 0.5 0.75;0 0 0.125 0.125"})
     assert accepted.status_code == 303, accepted.text
     with ledger.session() as s:
         (kept,) = s.scalars(select(Verdict).where(Verdict.review_item_id == item)).all()
-        assert kept.boxes == {sops[0]: [32, 64, 63, 95]}
+        assert kept.boxes == {sops[0]: [[32, 64, 63, 95], [0, 0, 15, 15]]}
         verified = s.scalars(
             select(Result).where(Result.sop_instance_uid == kept.sr_sop_instance_uid)
         ).one()
-    # the verified SR carries the box as a planar region of its image, for the PACS's viewers
+    # the verified SR carries each box as a planar region of its image, for the PACS's viewers
     verified_path = settings.results_dir / verified.path
     read = summarise_sr(pydicom.dcmread(verified_path))
-    assert read["verdict"]["regions"] == [{"image": sops[0], "box": [32, 64, 63, 95]}]
+    assert read["verdict"]["regions"] == [
+        {"image": sops[0], "box": [32, 64, 63, 95]},
+        {"image": sops[0], "box": [0, 0, 15, 15]},
+    ]
     assert dciodvfy_errors(verified_path) == []
     closed = client.get(f"/review/cases/{item}").text
-    assert "1 lesion box marked" in closed
+    assert "2 lesion boxes marked" in closed
     # drawn back over its image (the picture's fractions of 128 x 128 pixels) and named
     assert closed.count('class="lesion-box marked" data-box="0.2500 0.5000 0.5000 0.7500"') == 1
+    assert closed.count('class="lesion-box marked" data-box="0.0000 0.0000 0.1250 0.1250"') == 1
     assert "Lesion marked by jane.doe (nodule): columns 32-63, rows 64-95" in closed
+    assert "Lesion marked by jane.doe (nodule): columns 0-15, rows 0-15" in closed
     assert "data-drafted-box" not in closed
     recorded = [r for r in trail_records(settings) if r["event"] == "verdict_recorded"]
-    assert "1 lesion box(es)" in recorded[-1]["detail"]
+    assert "2 lesion box(es)" in recorded[-1]["detail"]
 
     out = tmp_path / "feedback"
     assert export_feedback(settings, ledger, out).images == 2
     with (out / "labels.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     boxed = [r for r in rows if r["box"]]
-    assert [r["box"] for r in boxed] == ["32 64 63 95"]
+    assert [r["box"] for r in boxed] == ["32 64 63 95; 0 0 15 15"]
     assert boxed[0]["sop_instance_uid"] not in sops  # the replaced UID
     items = scan_folder(out)
-    assert read_boxes(out, items) == {boxed[0]["sop_instance_uid"]: (32, 64, 63, 95)}
+    assert read_boxes(out, items) == {
+        boxed[0]["sop_instance_uid"]: ((32, 64, 63, 95), (0, 0, 15, 15))
+    }
     config = config_from_dict(
         {
             "data": {"workers": 1, "sizes": [64]},

@@ -11,25 +11,28 @@ import pydicom
 import pytest
 
 from models.cli import main as cli_main
+from models.data.dicom_dataset import LabelledImage, box_mask, boxes_mask
 from models.data.synth import write_dataset
 from models.evaluate import (
     HEADLINE_KEYS,
+    EvalImage,
     auc,
     auto_accept_accuracy,
     bootstrap_ci,
-    box_mask,
     centre_value,
     curve_area,
     deletion_images,
     evaluate_model,
     f1_macro,
     heatmap_iou,
+    localisation_scores,
     macro_auc,
     pointing_hit,
     reliability,
     roc_auc,
     roc_curve,
     salience_order,
+    select_costly,
     shift_array,
     ssim,
     training_sites,
@@ -96,6 +99,41 @@ def test_pointing_game() -> None:
     assert pointing_hit(heatmap, (23, 8, 25, 12), tolerance=3)
     assert not pointing_hit(np.zeros((8, 8)), (0, 0, 7, 7))
     assert centre_value(heatmap, (18, 8, 22, 12)) == 1.0
+
+
+def test_localisation_scores_of_an_image_with_two_boxes() -> None:
+    """A peak in either box is a hit; the centre value is the best box's; the IoU is against
+    the union of the boxes."""
+    heatmap = np.zeros((32, 32), dtype=np.float32)
+    heatmap[0:4, 0:4] = 0.8  # the first lesion: warm
+    heatmap[8:12, 16:20] = 1.0  # the second: the peak (argmax at row 8, column 16)
+    first, second = (0, 0, 3, 3), (16, 8, 19, 11)
+    both = localisation_scores(heatmap, (first, second), tolerance=2)
+    assert both == {"hit": True, "hit_tolerant": True, "centre_value": 1.0, "iou": 1.0}
+    assert localisation_scores(heatmap, (second, first), tolerance=2) == both
+    alone = localisation_scores(heatmap, (first,), tolerance=2)
+    assert alone["hit"] is False and alone["hit_tolerant"] is False
+    assert alone["centre_value"] == pytest.approx(0.8)
+    assert alone["iou"] == pytest.approx(0.5)  # the hot region is both squares
+    assert heatmap_iou(heatmap, boxes_mask((32, 32), (first, second))) == 1.0
+    # a box two columns right of the peak: only the tolerant game counts it
+    near = localisation_scores(heatmap, (first, (18, 8, 20, 11)), tolerance=2)
+    assert near["hit"] is False and near["hit_tolerant"] is True
+    with pytest.raises(ValueError, match="at least one"):
+        localisation_scores(heatmap, ())
+
+
+def test_select_costly_draws_only_images_with_a_box() -> None:
+    def image(n: int, boxes: tuple[tuple[int, int, int, int], ...]) -> EvalImage:
+        return EvalImage(LabelledImage(Path(f"{n}.dcm"), "1", f"1.{n}", "nodule", 0), boxes)
+
+    images = [
+        image(0, ()),
+        image(1, ((0, 0, 3, 3),)),
+        image(2, ((0, 0, 3, 3), (8, 8, 9, 9))),
+        image(3, ()),
+    ]
+    assert select_costly(images, 10, seed=0) == [1, 2]
 
 
 def test_training_sites_from_the_manifest_summary() -> None:

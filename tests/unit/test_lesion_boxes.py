@@ -16,7 +16,7 @@ from acwi_node.review.lesion_boxes import (
     to_fractions,
     to_pixels,
 )
-from acwi_node.review.store import ReviewError
+from acwi_node.review.store import ReviewError, kept_boxes
 
 FINDINGS = ["nodule", "effusion"]
 
@@ -47,7 +47,7 @@ def test_pixels_cover_every_pixel_the_box_touches() -> None:
     assert to_pixels((0.5, 0.0, 1.0, 0.5), 100, 300) == [150, 0, 299, 49]
 
 
-def _place(marks: dict[str, str], label: str = "nodule") -> dict[str, list[int]]:
+def _place(marks: dict[str, str], label: str = "nodule") -> dict[str, list[list[int]]]:
     sizes = {"1.2.3": (128, 128), "1.2.4 frame 2": (64, 32), "1.2.5": None}
     return place_boxes(
         marks,
@@ -61,17 +61,28 @@ def _place(marks: dict[str, str], label: str = "nodule") -> dict[str, list[int]]
 def test_a_verdict_carries_boxes_of_its_own_images_with_a_finding() -> None:
     assert _place({}) == {} and _place({}, label="normal") == {}
     assert _place({"1.2.3": "0 0 0.5 0.5", "1.2.4 frame 2": "0.5 0.5 1 1"}) == {
-        "1.2.3": [0, 0, 63, 63],
-        "1.2.4 frame 2": [16, 32, 31, 63],
+        "1.2.3": [[0, 0, 63, 63]],
+        "1.2.4 frame 2": [[16, 32, 31, 63]],
     }
+    # two lesions on one image: two boxes, in the order drawn (a trailing ";" is no box)
+    assert _place({"1.2.3": "0.5 0.5 1 1; 0 0 0.25 0.25;"}) == {
+        "1.2.3": [[64, 64, 127, 127], [0, 0, 31, 31]]
+    }
+    with pytest.raises(BoxError, match="four numbers"):
+        _place({"1.2.3": "0 0 0.5 0.5;0 0 0.5"})  # one bad box refuses the verdict
+    with pytest.raises(BoxError, match="four numbers"):
+        _place({"1.2.3": " ; "})
     with pytest.raises(BoxError, match="goes with a finding"):
         _place({"1.2.3": "0 0 0.5 0.5"}, label="normal")
     with pytest.raises(BoxError, match="did not analyse"):
         _place({"9.9.9": "0 0 0.5 0.5"})
     with pytest.raises(BoxError, match="no longer on the node"):
         _place({"1.2.5": "0 0 0.5 0.5"})
+    # at most MAX_BOXES in all, however they are spread over the images
+    many = ";".join(["0 0 1 1"] * MAX_BOXES)
+    assert len(_place({"1.2.3": many})["1.2.3"]) == MAX_BOXES
     with pytest.raises(BoxError, match=f"at most {MAX_BOXES}"):
-        _place({f"1.2.{n}": "0 0 1 1" for n in range(MAX_BOXES + 1)})
+        _place({"1.2.3": many, "1.2.4 frame 2": "0 0 1 1"})
 
 
 def test_a_kept_box_is_drawn_from_its_first_pixels_edge_to_its_last_pixels_edge() -> None:
@@ -85,7 +96,7 @@ def test_a_kept_box_is_drawn_from_its_first_pixels_edge_to_its_last_pixels_edge(
         label="nodule",
         finding_labels=FINDINGS,
         image_size=lambda name: (128, 128),
-    ) == {"a": [32, 64, 63, 95]}
+    ) == {"a": [[32, 64, 63, 95]]}
 
 
 def test_the_boxes_of_a_cases_verdicts_are_listed_by_image() -> None:
@@ -101,10 +112,10 @@ def test_the_boxes_of_a_cases_verdicts_are_listed_by_image() -> None:
             "user": "b.reader",
             "action": "confirm",
             "label": "nodule",
-            "boxes": {"img": [0, 0, 99, 49], "gone": [1, 2, 3, 4], "other case": [0, 0, 1, 1]},
+            "boxes": {"img": [[0, 0, 99, 49]], "gone": [[1, 2, 3, 4]], "elsewhere": [[0, 0, 1, 1]]},
         },
         {"user": "c.reader", "action": "override", "label": "effusion",
-         "boxes": {"img": [100, 50, 199, 99]}},
+         "boxes": {"img": [[100, 50, 199, 99], [0, 50, 9, 59]]}},
     ]  # fmt: skip
     marked = marked_boxes(verdicts, {"img", "gone"}, size)
     assert marked == {
@@ -113,6 +124,8 @@ def test_the_boxes_of_a_cases_verdicts_are_listed_by_image() -> None:
              "fractions": "0.0000 0.0000 0.5000 0.5000"},
             {"user": "c.reader", "label": "effusion", "box": [100, 50, 199, 99],
              "fractions": "0.5000 0.5000 1.0000 1.0000"},
+            {"user": "c.reader", "label": "effusion", "box": [0, 50, 9, 59],
+             "fractions": "0.0000 0.5000 0.0500 0.6000"},
         ],
         "gone": [{"user": "b.reader", "label": "nodule", "box": [1, 2, 3, 4], "fractions": ""}],
     }  # fmt: skip
@@ -128,5 +141,17 @@ def test_a_refused_forms_boxes_come_back_where_they_can_be_drawn() -> None:
         "c": "x y z w",
     }
     assert drafted_boxes(marks, {"a", "b", "c"}) == {"a": "0.1000 0.2000 0.3000 0.4000"}
-    many = {f"i{n}": "0.1 0.1 0.2 0.2" for n in range(MAX_BOXES + 5)}
-    assert len(drafted_boxes(many, set(many))) == MAX_BOXES
+    # an image's several boxes, the bad one among them left out
+    two = {"a": "0.1 0.2 0.3 0.4; 0.5 0.5 1.5 0.9; 0.6 0.6 0.7 0.7"}
+    assert drafted_boxes(two, {"a"}) == {
+        "a": "0.1000 0.2000 0.3000 0.4000;0.6000 0.6000 0.7000 0.7000"
+    }
+    many = {f"i{n}": "0.1 0.1 0.2 0.2;0.3 0.3 0.4 0.4" for n in range(MAX_BOXES)}
+    drafted = drafted_boxes(many, set(many))
+    assert sum(len(text.split(";")) for text in drafted.values()) == MAX_BOXES
+
+
+def test_a_verdict_kept_when_an_image_took_one_box_reads_as_a_list_of_it() -> None:
+    assert kept_boxes({"a": [1, 2, 3, 4]}) == {"a": [[1, 2, 3, 4]]}
+    assert kept_boxes({"a": [[1, 2, 3, 4], [5, 6, 7, 8]]}) == {"a": [[1, 2, 3, 4], [5, 6, 7, 8]]}
+    assert kept_boxes(None) == {} and kept_boxes({}) == {}

@@ -298,7 +298,9 @@ def test_a_labelled_folder_reads_a_multi_frame_image_as_one_image_per_frame(
         assert np.array_equal(units[n - 1], to_unit_range(image, spec, n))
     truth = json.loads(path.with_suffix(".truth.json").read_text())["frames"]
     boxes = read_boxes(tmp_path, items)
-    assert boxes == {f"{sop} frame {f['frame_number']}": tuple(f["box"]) for f in truth if f["box"]}
+    assert boxes == {
+        f"{sop} frame {f['frame_number']}": (tuple(f["box"]),) for f in truth if f["box"]
+    }
     assert boxes  # the nodule is in at least one frame
 
 

@@ -14,7 +14,14 @@ import torch
 from acwi_node.inference.analyser import Analyser
 from acwi_node.inference.manifest import load_manifest
 from acwi_node.inference.preprocess import PreprocessSpec, resize
-from models.data.dicom_dataset import LabelledImage, lesion_masks, read_boxes, scan_folder
+from models.data.dicom_dataset import (
+    LabelledImage,
+    boxes_mask,
+    lesion_masks,
+    parse_boxes,
+    read_boxes,
+    scan_folder,
+)
 from models.data.synth import read_mask, write_dataset
 from models.networks.dianet import DIANet
 from models.networks.localisation import cam_localisation_loss, peak_in_lesion
@@ -189,5 +196,108 @@ def test_lesion_masks_follow_the_box_through_the_preprocessing(tmp_path: Path) -
     ds.Rows, ds.Columns = 100, 200
     ds.save_as(wide)
     item = LabelledImage(wide, "1.2.3", "1.2.3.4", "nodule", None)
-    (right,) = lesion_masks([item], {item.name: (100, 0, 199, 99)}, spec)
+    (right,) = lesion_masks([item], {item.name: ((100, 0, 199, 99),)}, spec)
     assert right[:, 33:].all() and not right[:, :31].any()
+
+
+def test_parse_boxes_reads_one_or_several_boxes() -> None:
+    assert parse_boxes("32 64 63 95") == ((32, 64, 63, 95),)
+    assert parse_boxes("32 64 63 95; 10 10 20 20") == ((32, 64, 63, 95), (10, 10, 20, 20))
+    assert parse_boxes(" 32 64 63 95 ;10 10 20 20;") == ((32, 64, 63, 95), (10, 10, 20, 20))
+    assert parse_boxes("32 64 63 95;10 10 20 20 ; ") == ((32, 64, 63, 95), (10, 10, 20, 20))
+    assert parse_boxes("32.0 64.7 63 95.0") == ((32, 64, 63, 95),)
+    assert parse_boxes("5 5 5 5") == ((5, 5, 5, 5),)  # one pixel
+    assert parse_boxes("") == parse_boxes("   ") == parse_boxes(None) == ()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "32 64 63",
+        "32 64 63 95 7",
+        "32 64 63 95, 10 10 20 20",
+        "32 64 x 95",
+        "32 64 nan 95",
+        "63 64 32 95",
+        "32 95 63 64",
+        "32 64 63 95;; 10 10 20 20",
+        "; 32 64 63 95",
+        ";",
+    ],
+)
+def test_parse_boxes_refuses_a_malformed_box(text: str) -> None:
+    with pytest.raises(ValueError, match="box") as refused:
+        parse_boxes(text)
+    assert repr(text) in str(refused.value)
+
+
+def _set_box(root: Path, row: int, text: str) -> str:
+    """Write ``text`` into ``labels.csv``'s ``box`` cell of data row ``row`` (0-based; CSV line
+    ``row + 2``); the row's SOP Instance UID."""
+    with (root / "labels.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    rows[row]["box"] = text
+    with (root / "labels.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows[row]["sop_instance_uid"]
+
+
+def test_read_boxes_reads_several_boxes_of_a_labels_csv_row(tmp_path: Path) -> None:
+    data = _folder(tmp_path / "data", boxes=True)
+    sop = _set_box(data, 0, "0 0 15 15; 48 48 63 63")
+    items = scan_folder(data)
+    boxes = read_boxes(data, items)
+    assert boxes[sop] == ((0, 0, 15, 15), (48, 48, 63, 63))
+    # the other rows keep their single box; normal images have none
+    assert all(len(found) == 1 for name, found in boxes.items() if name != sop)
+    labelled = {item.name: item.label for item in items}
+    assert {name for name in labelled if labelled[name] != "normal"} | {sop} == set(boxes)
+
+
+def test_read_boxes_names_the_row_of_a_malformed_box(tmp_path: Path) -> None:
+    data = _folder(tmp_path / "data", boxes=True)
+    sop = _set_box(data, 3, "0 0 15 15; 48 48 40 63")
+    items = scan_folder(data)
+    with pytest.raises(ValueError, match="line 5") as refused:
+        read_boxes(data, items)
+    assert sop in str(refused.value) and "48 48 40 63" in str(refused.value)
+
+
+def test_read_boxes_reads_side_cars_with_one_or_several_boxes(tmp_path: Path) -> None:
+    data = _folder(tmp_path / "data", boxes=False)
+    items = scan_folder(data)
+    first, second, third = items[:3]
+    first.path.with_suffix(".truth.json").write_text(
+        json.dumps({"box": None, "boxes": [[0, 0, 15, 15], [48, 48, 63, 63]]})
+    )
+    second.path.with_suffix(".truth.json").write_text(json.dumps({"box": [1, 2, 3, 4]}))
+    assert read_boxes(data, items) == {
+        first.name: ((0, 0, 15, 15), (48, 48, 63, 63)),
+        second.name: ((1, 2, 3, 4),),
+    }
+    third.path.with_suffix(".truth.json").write_text(json.dumps({"boxes": [[0, 0, 15]]}))
+    with pytest.raises(ValueError, match="4 numbers") as refused:
+        read_boxes(data, items)
+    assert third.path.with_suffix(".truth.json").name in str(refused.value)
+
+
+def test_lesion_masks_fill_every_box_of_an_image(tmp_path: Path) -> None:
+    """Two lesions in opposite corners: the mask covers both, and not the image between."""
+    data = _folder(tmp_path / "data", boxes=True)
+    sop = _set_box(data, 0, "0 0 15 15; 48 48 63 63")
+    items = scan_folder(data)
+    boxes = read_boxes(data, items)
+    (item,) = [item for item in items if item.name == sop]
+    spec = PreprocessSpec(32, 0.5, 99.5)
+    (mask,) = lesion_masks([item], boxes, spec)
+    assert mask[:8, :8].all() and mask[24:, 24:].all()
+    assert mask.sum() == 2 * 8 * 8
+    assert not mask[8:24, :].any() and not mask[:8, 8:].any() and not mask[24:, :24].any()
+    assert np.array_equal(
+        mask, resize(boxes_mask((64, 64), boxes[sop]).astype(np.float32), 32) > 0.5
+    )
+    # each box alone covers only its own corner
+    (top_left,) = lesion_masks([item], {item.name: boxes[sop][:1]}, spec)
+    assert top_left[:8, :8].all() and not top_left[24:, 24:].any()

@@ -46,14 +46,18 @@ document.addEventListener("DOMContentLoaded", function () {
     if (c) { place(element, c); } else { element.classList.add("hidden"); }
   });
 
-  // Lesion boxes: "Mark lesion" under an image, then drag over the lesion. The box goes into
-  // the verdict form as "box:<image>" = "x0 y0 x1 y1", fractions of the picture (the server
-  // turns them into the image's pixels), and is shown over the image until cleared.
+  // Lesion boxes: "Mark lesion" under an image, then drag over the lesion; again for each
+  // other lesion on it. An image's boxes go into the verdict form as "box:<image>" =
+  // "x0 y0 x1 y1;x0 y0 x1 y1", fractions of the picture (the server turns them into the
+  // image's pixels), and are shown over the image until cleared.
   var form = document.querySelector("form.verdict-form");
   var status = document.getElementById("lesion-boxes");
   function describe() {
     if (!form || !status) { return; }
-    var n = form.querySelectorAll("input[name^='box:']").length;
+    var n = 0;
+    form.querySelectorAll("input[name^='box:']").forEach(function (input) {
+      n += input.value.split(";").length;
+    });
     status.textContent = n === 0
       ? "No lesion marked (optional: \"Mark lesion\" under an image)."
       : n + (n === 1 ? " lesion box" : " lesion boxes") +
@@ -65,22 +69,35 @@ document.addEventListener("DOMContentLoaded", function () {
     var clear = figure.querySelector("button.clear-lesion");
     if (!form || !stack || !mark || !clear) { return; }
     var name = "box:" + figure.getAttribute("data-image");
-    var box = document.createElement("div");
-    box.className = "lesion-box hidden";
-    stack.appendChild(box);
+    var boxes = [];  // [{corners: [x0, y0, x1, y1], element: div}]
     stack.querySelectorAll("img").forEach(function (img) {
       img.setAttribute("draggable", "false");
     });
-    var start = null;
-    function field() {
+    var start = null, dragged = null;
+    function store() {
       var input = form.querySelector("input[name='" + CSS.escape(name) + "']");
-      if (!input) {
-        input = document.createElement("input");
-        input.type = "hidden";
-        input.name = name;
-        form.appendChild(input);
+      if (boxes.length === 0) {
+        if (input) { input.remove(); }
+      } else {
+        if (!input) {
+          input = document.createElement("input");
+          input.type = "hidden";
+          input.name = name;
+          form.appendChild(input);
+        }
+        input.value = boxes.map(function (b) {
+          return b.corners.map(function (v) { return v.toFixed(4); }).join(" ");
+        }).join(";");
       }
-      return input;
+      clear.hidden = boxes.length === 0;
+      clear.textContent = boxes.length > 1 ? "Clear boxes" : "Clear box";
+      describe();
+    }
+    function outline() {
+      var element = document.createElement("div");
+      element.className = "lesion-box drawn";
+      stack.appendChild(element);
+      return element;
     }
     function at(event) {
       var rect = stack.getBoundingClientRect();
@@ -89,23 +106,19 @@ document.addEventListener("DOMContentLoaded", function () {
         y: Math.min(Math.max((event.clientY - rect.top) / rect.height, 0), 1)
       };
     }
-    function draw(a, b) {
-      var x0 = Math.min(a.x, b.x), y0 = Math.min(a.y, b.y);
-      var x1 = Math.max(a.x, b.x), y1 = Math.max(a.y, b.y);
-      place(box, [x0, y0, x1, y1]);
-      box.classList.remove("hidden");
-      return [x0, y0, x1, y1];
-    }
-    function keep(c) {
-      field().value = c.map(function (v) { return v.toFixed(4); }).join(" ");
-      clear.hidden = false;
-      describe();
+    function spanned(a, b) {
+      return [Math.min(a.x, b.x), Math.min(a.y, b.y), Math.max(a.x, b.x), Math.max(a.y, b.y)];
     }
     // a verdict the node refused comes back with the boxes that were drawn
-    var drafted = corners(figure.getAttribute("data-drafted-box"));
-    if (drafted) {
-      keep(draw({x: drafted[0], y: drafted[1]}, {x: drafted[2], y: drafted[3]}));
-    }
+    (figure.getAttribute("data-drafted-box") || "").split(";").forEach(function (text) {
+      var c = corners(text);
+      if (c) {
+        var element = outline();
+        place(element, c);
+        boxes.push({corners: c, element: element});
+      }
+    });
+    if (boxes.length) { store(); }
     mark.addEventListener("click", function () {
       var on = !stack.classList.contains("marking");
       stack.classList.toggle("marking", on);
@@ -115,29 +128,33 @@ document.addEventListener("DOMContentLoaded", function () {
       if (!stack.classList.contains("marking")) { return; }
       event.preventDefault();
       start = at(event);
+      dragged = outline();
+      place(dragged, spanned(start, start));
       stack.setPointerCapture(event.pointerId);
     });
     stack.addEventListener("pointermove", function (event) {
-      if (start) { draw(start, at(event)); }
+      if (start && dragged) { place(dragged, spanned(start, at(event))); }
     });
     stack.addEventListener("pointerup", function (event) {
-      if (!start) { return; }
-      var drawn = draw(start, at(event));
+      if (!start || !dragged) { return; }
+      var c = spanned(start, at(event));
+      var element = dragged;
       start = null;
+      dragged = null;
       stack.classList.remove("marking");
       mark.textContent = "Mark lesion";
-      if (drawn[2] - drawn[0] < 0.002 || drawn[3] - drawn[1] < 0.002) {
-        box.classList.add("hidden");  // a click, not a box
+      if (c[2] - c[0] < 0.002 || c[3] - c[1] < 0.002) {
+        element.remove();  // a click, not a box
         return;
       }
-      keep(drawn);
+      place(element, c);
+      boxes.push({corners: c, element: element});
+      store();
     });
     clear.addEventListener("click", function () {
-      var input = form.querySelector("input[name='" + CSS.escape(name) + "']");
-      if (input) { input.remove(); }
-      box.classList.add("hidden");
-      clear.hidden = true;
-      describe();
+      boxes.forEach(function (b) { b.element.remove(); });
+      boxes = [];
+      store();
     });
   });
 });

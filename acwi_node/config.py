@@ -780,6 +780,10 @@ class ReviewSettings(_Strict):
     #: ``sign_in_max_delay_s`` (0: never wait).
     sign_in_free_failures: int = Field(5, ge=1, le=1000)
     sign_in_max_delay_s: int = Field(60, ge=0, le=3600)
+    #: Percentage of the studies the model was sure of that also go to the worklist as
+    #: quality-control samples (chosen by a hash of the Study Instance UID): their verdicts
+    #: estimate the accuracy of the results the PACS receives unreviewed. 0: none.
+    quality_sample_percent: float = Field(0.0, ge=0.0, le=100.0)
 
 
 class FeedbackSettings(_Strict):

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Enum,
     ForeignKey,
@@ -212,7 +213,8 @@ class Delivery(Base):
 
 
 class ReviewItem(Base):
-    """A study a radiologist must look at: uncertain or out of distribution."""
+    """A study a radiologist must look at: uncertain or out of distribution, or a
+    quality-control sample of the studies the model was sure of."""
 
     __tablename__ = "review_items"
 
@@ -224,6 +226,8 @@ class ReviewItem(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     closed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    #: A quality-control sample (``review.quality_sample_percent``): the model was sure.
+    sampled: Mapped[bool] = mapped_column(Boolean, default=False)
 
     study: Mapped[Study] = relationship()
     job: Mapped[Job] = relationship()
@@ -360,7 +364,9 @@ class Verdict(Base):
     #: The verified SR this verdict produced ("" for an escalation).
     sr_sop_instance_uid: Mapped[str] = mapped_column(String(64), default="")
     #: Lesion boxes the radiologist marked, by image (its SOP Instance UID, ``"<uid> frame
-    #: <n>"`` for a frame): ``[x0, y0, x1, y1]`` in the image's pixels, inclusive. None: none.
+    #: <n>"`` for a frame): a list of ``[x0, y0, x1, y1]`` in the image's pixels, inclusive (a
+    #: verdict kept when an image took one box has that box alone; the review store reads it
+    #: as a list of one). None: none.
     boxes: Mapped[dict[str, Any] | None] = mapped_column(nullable=True, default=None)
 
 

@@ -1017,9 +1017,12 @@ class Ledger:
         review_reason: str,
         hl7_result_control_id: str | None = None,
         takes: DeliveryFilter | None = None,
+        quality_sample: bool = False,
     ) -> bool:
         """Record a job's result objects, its outbox rows (one per destination that ``takes``
-        the object's kind; all without it) and its review item.
+        the object's kind; all without it) and its review item: for a job that
+        ``needs_review``, or (``quality_sample``) a quality-control sample of the confident
+        ones, marked as such.
 
         With ``hl7_result_control_id`` (a RIS is configured), the job's result ORU is promised
         in the same transaction: an outbox row with that MSH-10 and no message yet, which
@@ -1052,7 +1055,7 @@ class Ledger:
             job.state = JobState.EXPORTING if queued else JobState.DELIVERED
             if not queued:
                 job.finished_at = now
-            if needs_review:
+            if needs_review or quality_sample:
                 item = s.scalars(select(ReviewItem).where(ReviewItem.job_id == job_id)).first()
                 if item is None:
                     s.add(
@@ -1062,6 +1065,7 @@ class Ledger:
                             reason=review_reason,
                             priority=job.priority,
                             created_at=now,
+                            sampled=not needs_review,
                         )
                     )
             self._sync_study(s, job.study_id)

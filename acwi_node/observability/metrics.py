@@ -41,6 +41,7 @@ from acwi_node.ledger.models import (
     ReviewState,
     Study,
     StudyState,
+    Verdict,
 )
 
 log = logging.getLogger("acwi_node.metrics")
@@ -290,7 +291,8 @@ class LedgerCollector(Collector):
             reviewed = (
                 s.scalar(
                     select(func.count(distinct(ReviewItem.job_id))).where(
-                        ReviewItem.job_id.in_(select(Result.job_id))
+                        ReviewItem.job_id.in_(select(Result.job_id)),
+                        ReviewItem.sampled.is_(False),  # quality-control samples: sure
                     )
                 )
                 or 0
@@ -300,6 +302,12 @@ class LedgerCollector(Collector):
                 .select_from(ReviewItem)
                 .where(ReviewItem.state == ReviewState.OPEN)
             )
+            verdicts = s.execute(
+                select(Job.model, ReviewItem.sampled, Verdict.action, func.count())
+                .join(ReviewItem, Verdict.review_item_id == ReviewItem.id)
+                .join(Job, Verdict.job_id == Job.id)
+                .group_by(Job.model, ReviewItem.sampled, Verdict.action)
+            ).all()
 
         out: list[Metric] = []
         g = GaugeMetricFamily("acwi_studies", "Studies in the ledger by state", labels=["state"])
@@ -353,6 +361,15 @@ class LedgerCollector(Collector):
         out.append(g)
         g = GaugeMetricFamily("acwi_review_items_open", "Open items on the review worklist")
         g.add_metric([], open_review or 0)
+        out.append(g)
+        g = GaugeMetricFamily(
+            "acwi_review_verdicts",
+            "Radiologists' verdicts by model, kind of case (flagged: the model asked for review;"
+            " sample: a quality-control sample of the confident ones) and action",
+            labels=["model", "kind", "action"],
+        )
+        for model, sampled, action, n in verdicts:
+            g.add_metric([model, "sample" if sampled else "flagged", action], n)
         out.append(g)
         return out
 

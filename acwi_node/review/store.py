@@ -655,6 +655,37 @@ class ReviewStore:
             "files_deleted": purged,
         }
 
+    def agreement(self, *, days: int = 90, now: dt.datetime | None = None) -> list[dict[str, Any]]:
+        """The radiologists' final verdicts (confirm, override) of the last ``days`` days as
+        agreement rows per model version and kind of case
+        (:func:`acwi_node.review.quality.agreement`)."""
+        from acwi_node.review.quality import FLAGGED, SAMPLE, FinalVerdict, agreement
+
+        since = (now or utcnow()) - dt.timedelta(days=days)
+        with self.ledger.session() as s:
+            rows = s.execute(
+                select(
+                    func.coalesce(Job.summary[("model", "name")].as_string(), Job.model),
+                    func.coalesce(Job.summary[("model", "version")].as_string(), ""),
+                    ReviewItem.sampled,
+                    Verdict.model_label,
+                    Verdict.label,
+                )
+                .join(ReviewItem, Verdict.review_item_id == ReviewItem.id)
+                .join(Job, Verdict.job_id == Job.id)
+                .where(Verdict.action.in_(("confirm", "override")), Verdict.created_at >= since)
+            ).all()
+        return agreement(
+            FinalVerdict(
+                model=str(model),
+                version=str(version),
+                kind=SAMPLE if sampled else FLAGGED,
+                model_label=str(model_label),
+                label=str(label),
+            )
+            for model, version, sampled, model_label, label in rows
+        )
+
     def delivery_status(
         self, destinations: Sequence[str], *, ris: bool = False
     ) -> list[dict[str, Any]]:

@@ -583,6 +583,8 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             request,
             status_code=status,
             d=review.store.dashboard(days=days),
+            agreement=review.store.agreement(days=days),
+            sample_percent=settings.review.quality_sample_percent,
             disk=_disk_free_percent(settings.data_dir),
             failed=review.store.failed_studies() if user.role == "admin" else None,
             outboxes=destination_outboxes(review.store, settings) if user.role == "admin" else None,

@@ -31,6 +31,7 @@ from acwi_node.results.heatmap import build_heatmap_sc
 from acwi_node.results.overlay import write_cam
 from acwi_node.results.parametric_map import build_parametric_maps
 from acwi_node.results.sr import build_sr
+from acwi_node.review.quality import quality_sampled, sample_reason
 from acwi_node.routing.selection import InstanceSelection
 from acwi_node.tasks.app import ANALYSE_TASK, app
 from acwi_node.tasks.lease import LeaseKeeper
@@ -259,6 +260,11 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
                 if analysis.uncertainty.score > threshold
                 else f"out-of-distribution score {analysis.ood_score:.3f}"
             )
+        # a share of the confident studies goes to the worklist too (review.quality)
+        sample_percent = settings.review.quality_sample_percent
+        sampled = not analysis.needs_review and quality_sampled(study_uid, sample_percent)
+        if sampled:
+            reason = sample_reason(sample_percent)
         result_control_id = None
         if settings.hl7.ris is not None:
             from acwi_node.hl7.client import control_id_for
@@ -270,6 +276,7 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
             summary=summary,
             needs_review=analysis.needs_review,
             review_reason=reason,
+            quality_sample=sampled,
             # The ORU is promised with the results, built just below (or by the ORU sender
             # should this process die first).
             hl7_result_control_id=result_control_id,

@@ -7,7 +7,8 @@ destination's outbox; ``POST /api/retrievals`` (administrators) retrieves studie
 source PACS and ``GET /api/retrievals`` shows how far each got
 (:mod:`acwi_node.web.retrievals`); ``GET /api/feedback/export.zip`` (administrators) downloads
 the reviewed cases, de-identified (:mod:`acwi_node.web.feedback`); ``GET /api/worklist`` lists
-the open review items;
+the open review items and ``GET /api/review/agreement`` how often the radiologists agreed with
+the model (:mod:`acwi_node.review.quality`);
 ``/healthz``, ``/readyz`` and ``/metrics`` (:mod:`acwi_node.web.ops`) serve probes and
 Prometheus; ``POST /dicomweb/studies`` (:mod:`acwi_node.web.stow`) stores studies sent by
 DICOMweb. The review web app (:mod:`acwi_node.review.views`) adds its pages; every other path
@@ -132,5 +133,17 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
     def worklist() -> dict[str, Any]:
         items = db.worklist()
         return {"items": items, "count": len(items)}
+
+    @app.get("/api/review/agreement")
+    def review_agreement(days: int = Query(90, ge=1, le=3650)) -> dict[str, Any]:
+        """The radiologists' final verdicts of the last ``days`` days per model version and
+        kind of case (``flagged``: the model asked for review; ``sample``: a quality-control
+        sample of the studies it was sure of): verdicts, agreements, the agreement rate with
+        its 95 % Wilson interval and the commonest corrections."""
+        return {
+            "days": days,
+            "quality_sample_percent": settings.review.quality_sample_percent,
+            "rows": ReviewStore(db).agreement(days=days),
+        }
 
     return app

@@ -50,8 +50,12 @@ def review_settings(
     database_url: str | None = None,
     pacs_ae: str = "PACS",
     pacs_port: int = 11199,
+    model_manifest: Path | None = None,
+    review: dict[str, Any] | None = None,
     **extra: Any,
 ) -> Settings:
+    """Settings of a node in ``tmp_path`` whose route runs :func:`review_model` (or
+    ``model_manifest``) and sends to one destination; ``review`` adds ``[review]`` keys."""
     node: dict[str, Any] = {"data_dir": tmp_path / "data"}
     if database_url:
         node["database_url"] = database_url
@@ -60,11 +64,11 @@ def review_settings(
         node=node,
         ingest={"fsync": False},
         worker={"mc_samples": 4, "torch_threads": 2, "engine": "pytorch"},
-        models=[{"name": MODEL, "manifest": review_model(tmp_path)}],
+        models=[{"name": MODEL, "manifest": model_manifest or review_model(tmp_path)}],
         destinations=[
             {"name": DESTINATION, "ae_title": pacs_ae, "host": "127.0.0.1", "port": pacs_port}
         ],
-        review={"cookie_secure": False},
+        review={"cookie_secure": False, **(review or {})},
         **extra,
     )
 

@@ -50,6 +50,7 @@ def test_an_earlier_ledger_gets_the_columns_and_indexes_it_lacks(
         conn.execute(text("ALTER TABLE deliveries DROP COLUMN last_error"))
         conn.execute(text("ALTER TABLE deliveries DROP COLUMN delivered_at"))
         conn.execute(text("ALTER TABLE verdicts DROP COLUMN boxes"))  # a JSON column
+        conn.execute(text("ALTER TABLE review_items DROP COLUMN sampled"))  # a boolean
     assert "last_error" not in columns(ledger, "deliveries")
     ledger.dispose()
 
@@ -58,6 +59,9 @@ def test_an_earlier_ledger_gets_the_columns_and_indexes_it_lacks(
     try:
         assert {"last_error", "delivered_at"} <= columns(upgraded, "deliveries")
         assert "boxes" in columns(upgraded, "verdicts") and "verdicts.boxes" in caplog.text
+        assert "sampled" in columns(upgraded, "review_items")
+        assert "review_items.sampled" in caplog.text
+        assert upgraded.worklist() == []  # the query reads the new column
         indexes = {ix["name"] for ix in inspect(upgraded.engine).get_indexes("deliveries")}
         assert "ix_deliveries_due" in indexes
         assert "deliveries.delivered_at" in caplog.text and "ix_deliveries_due" in caplog.text

@@ -1594,6 +1594,8 @@ class Ledger:
                         "route": job.route,
                         "model": job.model,
                         "reason": it.reason,
+                        # a quality-control sample of the studies the model was sure of
+                        "sampled": bool(it.sampled),
                         "priority": it.priority,
                         "created_at": _iso(it.created_at),
                         "modality": it.study.modality,

@@ -57,6 +57,8 @@ def test_sure_studies_are_sampled_and_the_verdicts_measure_agreement(tmp_path: P
         with ledger.session() as s:
             kinds = {item.id: item.sampled for item in s.scalars(select(ReviewItem)).all()}
         assert kinds == {sample_item: True, flagged_item: False}
+        listed = {item["id"]: item["sampled"] for item in ledger.worklist()}
+        assert listed == {sample_item: True, flagged_item: False}  # GET /api/worklist too
 
         predicted = str(sample["summary"]["predicted_label"])
         other = next(label for label in sample["summary"]["labels"] if label != predicted)

@@ -1,14 +1,19 @@
-"""``acwi-node users add|passwd|list|disable|enable`` and ``acwi-node feedback export DIR``."""
+"""``acwi-node users add|passwd|list|disable|enable``, ``acwi-node feedback export DIR`` and
+``acwi-node feedback agreement``."""
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from acwi_node.config import Settings
+
+if TYPE_CHECKING:
+    from acwi_node.review.store import ReviewStore
 
 COMMANDS = ("users", "feedback")
 
@@ -47,6 +52,13 @@ def add_parsers(sub: Any) -> None:
         action="store_true",
         help="exact copies of the images, identifiers and all (default: feedback.deidentify)",
     )
+    agreement = feedback_sub.add_parser(
+        "agreement",
+        help="how often the radiologists' verdicts agreed with the model, per model version and"
+        " kind of case (flagged, quality-control sample)",
+    )
+    agreement.add_argument("--days", type=int, default=90, help="verdicts of the last N days")
+    agreement.add_argument("--json", action="store_true", help="print the rows as JSON")
 
 
 def _operator() -> str:
@@ -66,6 +78,45 @@ def _read_password(from_stdin: bool) -> str:
     return first
 
 
+def _print_agreement(store: ReviewStore, days: int, *, as_json: bool) -> int:
+    """``acwi-node feedback agreement``: a table (or JSON) of
+    :meth:`~acwi_node.review.store.ReviewStore.agreement`."""
+    if not 1 <= days <= 3650:
+        print("acwi-node feedback agreement: --days must be 1 to 3650", file=sys.stderr)
+        return 2
+    rows = store.agreement(days=days)
+    if as_json:
+        print(json.dumps({"days": days, "rows": rows}, indent=2))
+        return 0
+    if not rows:
+        print(f"no final verdicts in the last {days} days")
+        return 0
+    print(f"final verdicts of the last {days} days (agreement with its 95 % Wilson interval)")
+    header = ("model", "version", "cases", "verdicts", "agreed", "agreement", "corrections")
+    lines = [header]
+    for r in rows:
+        corrections = ", ".join(f"{was} to {now} ({n})" for was, now, n in r["corrections"])
+        lines.append(
+            (
+                r["model"],
+                r["version"],
+                r["kind"],
+                str(r["verdicts"]),
+                str(r["agreed"]),
+                f"{100 * r['agreement']:.0f} % ({100 * r['ci_low']:.0f}-{100 * r['ci_high']:.0f})",
+                corrections or "-",
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    for line in lines:
+        print(
+            "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False))
+            + "  "
+            + line[-1]
+        )
+    return 0
+
+
 def run(settings: Settings, args: argparse.Namespace) -> int:
     from acwi_node.audit import AuditEvent, audit, user
     from acwi_node.ledger import Ledger
@@ -74,6 +125,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
     ledger = Ledger(settings.database_url)
     try:
+        if args.command == "feedback" and args.feedback_command == "agreement":
+            return _print_agreement(ReviewStore(ledger), args.days, as_json=args.json)
         if args.command == "feedback":
             from acwi_node.review.feedback import ExportError, export_feedback
 

@@ -3,19 +3,24 @@
 A share of the studies the model was sure of goes to the worklist as quality-control samples
 (``review.quality_sample_percent``), marked as such; the final verdicts on them and on the
 flagged studies come back as agreement rows per model version and kind of case on the
-dashboard, in ``GET /api/review/agreement`` and in the Prometheus metrics.
+dashboard, in ``GET /api/review/agreement``, from ``acwi-node feedback agreement`` and in
+the Prometheus metrics.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from acwi_node.cli import build_parser
 from acwi_node.inference.manifest import default_model_dir
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import Job, ReviewItem
+from acwi_node.review.commands import run as run_review_command
 from acwi_node.review.store import ReviewStore
 from acwi_node.tasks.analyse import run_job
 from acwi_node.web.api import create_app
@@ -29,7 +34,9 @@ from tests.support.review_case import (
 )
 
 
-def test_sure_studies_are_sampled_and_the_verdicts_measure_agreement(tmp_path: Path) -> None:
+def test_sure_studies_are_sampled_and_the_verdicts_measure_agreement(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bundled = default_model_dir() / "manifest.json"  # sure of clear phantoms
     sure = review_settings(tmp_path, model_manifest=bundled, review={"quality_sample_percent": 100})
     ledger = Ledger(sure.database_url)
@@ -107,5 +114,20 @@ def test_sure_studies_are_sampled_and_the_verdicts_measure_agreement(tmp_path: P
                 assert line in metrics, line
             # the review rate counts the studies the model asked about, not the samples
             assert "\nacwi_review_jobs 1.0\n" in metrics
+
+        # the same rows on the command line
+        args = build_parser().parse_args(["feedback", "agreement", "--days", "30", "--json"])
+        assert run_review_command(flagged, args) == 0
+        assert json.loads(capsys.readouterr().out)["rows"] == body["rows"]
+        args = build_parser().parse_args(["feedback", "agreement"])
+        assert run_review_command(flagged, args) == 0
+        table = capsys.readouterr().out.splitlines()
+        assert table[0].startswith("final verdicts of the last 90 days")
+        sample_line = next(line for line in table if " sample " in line)
+        assert "0 % (0-" in sample_line and f"{predicted} to {other} (1)" in sample_line
+        assert any(" flagged " in line and "100 % (" in line for line in table)
+        args = build_parser().parse_args(["feedback", "agreement", "--days", "0"])
+        assert run_review_command(flagged, args) == 2
+        assert "--days must be 1 to 3650" in capsys.readouterr().err
     finally:
         ledger.dispose()

@@ -1576,12 +1576,13 @@ class Ledger:
         return view
 
     def worklist(self) -> list[dict[str, Any]]:
-        """Open review items, highest priority first, then oldest."""
+        """Open review items, highest priority first, then those the model asked about before
+        quality-control samples, then oldest."""
         with self.session() as s:
             items = s.scalars(
                 select(ReviewItem)
                 .where(ReviewItem.state == ReviewState.OPEN)
-                .order_by(ReviewItem.priority.desc(), ReviewItem.created_at)
+                .order_by(ReviewItem.priority.desc(), ReviewItem.sampled, ReviewItem.created_at)
             ).all()
             out = []
             for it in items:

@@ -310,7 +310,8 @@ class ReviewStore:
 
     # --------------------------------------------------------------- worklist
     def worklist(self, filters: WorklistFilters | None = None) -> dict[str, Any]:
-        """Open review items: escalated first, then by priority (highest first), then oldest.
+        """Open review items: escalated first, then by priority (highest first), then the
+        studies the model asked about before quality-control samples, then oldest.
 
         Returns ``items`` (after the filters), ``total`` (before) and ``counts`` per modality,
         calling AE, model and study state over every open item (for the filter menus).
@@ -344,6 +345,7 @@ class ReviewStore:
                         "model": job.model,
                         "model_version": (summary.get("model") or {}).get("version", ""),
                         "reason": it.reason,
+                        "sampled": bool(it.sampled),
                         "priority": it.priority,
                         "escalated": it.id in escalated,
                         "state": st.state.value,
@@ -358,7 +360,15 @@ class ReviewStore:
                         "ood_score": summary.get("ood_score"),
                     }
                 )
-        items.sort(key=lambda i: (not i["escalated"], -i["priority"], i["_received"], i["id"]))
+        items.sort(
+            key=lambda i: (
+                not i["escalated"],
+                -i["priority"],
+                i["sampled"],
+                i["_received"],
+                i["id"],
+            )
+        )
         for i in items:
             del i["_received"]
         counts: dict[str, Counter[str]] = {

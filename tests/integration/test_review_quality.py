@@ -66,6 +66,10 @@ def test_sure_studies_are_sampled_and_the_verdicts_measure_agreement(
         assert kinds == {sample_item: True, flagged_item: False}
         listed = {item["id"]: item["sampled"] for item in ledger.worklist()}
         assert listed == {sample_item: True, flagged_item: False}  # GET /api/worklist too
+        # the flagged study comes first though the sample is older (the same priority)
+        assert [item["id"] for item in ledger.worklist()] == [flagged_item, sample_item]
+        page_items = store.worklist()["items"]
+        assert [item["id"] for item in page_items] == [flagged_item, sample_item]
 
         predicted = str(sample["summary"]["predicted_label"])
         other = next(label for label in sample["summary"]["labels"] if label != predicted)

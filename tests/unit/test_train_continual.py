@@ -140,7 +140,10 @@ def test_fine_tuning_with_ewc_forgets_less(tmp_path: Path) -> None:
     scores = {}
     for lam in (0.0, 10000.0):
         config = config_from_dict(
-            {**NEW_TASK, "continual": {"fisher_images": 0, "ewc_lambda": lam}}
+            {
+                **NEW_TASK,
+                "continual": {"fisher_images": 0, "ewc_lambda": lam, "freeze_batchnorm": True},
+            }
         )
         lines: list[str] = []
         result = train(
@@ -163,6 +166,19 @@ def test_fine_tuning_with_ewc_forgets_less(tmp_path: Path) -> None:
     # Accuracy on 24 images moves in steps of 1/24 and, on this tiny network, sits near chance
     # after either fine-tuning (it varies with library versions); it may trail by one image.
     assert ewc_acc >= plain_acc - 1 / 24 - 1e-9
+
+
+def test_fine_tuning_re_estimates_the_batchnorm_statistics_by_default(tmp_path: Path) -> None:
+    """Without ``continual.freeze_batchnorm`` the running statistics follow the new data (the
+    parameters' training is the same); frozen, they stay (the test above)."""
+    old = train(config_from_dict(OLD_TASK), tmp_path / "old", log=lambda _: None)
+    config = config_from_dict({**NEW_TASK, "continual": {"fisher_images": 0}})
+    assert config.continual.freeze_batchnorm is False
+    result = train(config, tmp_path / "new", init_from=old.manifest_path, log=lambda _: None)
+    old_w = torch.load(old.weights_path, weights_only=True)
+    new_w = torch.load(result.weights_path, weights_only=True)
+    assert not torch.equal(old_w["stem.bn.running_mean"], new_w["stem.bn.running_mean"])
+    assert int(new_w["stem.bn.num_batches_tracked"]) > int(old_w["stem.bn.num_batches_tracked"])
 
 
 def test_cli_fine_tunes_on_a_feedback_folder_estimating_a_missing_fisher(

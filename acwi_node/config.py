@@ -796,6 +796,10 @@ class FeedbackSettings(_Strict):
     #: Keep the patient's age, sex, size and weight (the profile's Retain Patient
     #: Characteristics Option): what a model's subgroup evaluation needs.
     retain_patient_characteristics: bool = True
+    #: Move every date of a patient's images back by the same 365 to 3,649 days (a keyed
+    #: hash of the patient) instead of removing them: the profile's Retain Longitudinal
+    #: Temporal Information with Modified Dates Option, for studies of intervals and follow-up.
+    shift_dates: bool = False
     #: The key that makes replaced UIDs and patient pseudonyms the same in every export (an
     #: HMAC key: without it nobody can tell which original a pseudonym stands for); default
     #: ``<data_dir>/feedback-deid.key``, created with mode 0600 when missing.

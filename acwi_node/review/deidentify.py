@@ -19,8 +19,17 @@ actions are the node's:
 * Every private attribute, every curve (50xx) and overlay (60xx) group, and every Person Name
   the table does not list are removed or emptied as well.
 * Patient Identity Removed (0012,0062) ``YES``, De-identification Method (0012,0063) and its
-  code sequence (0012,0064: DCM 113100, and 113108 with the option) and Longitudinal
-  Temporal Information Modified (0028,0303) ``REMOVED`` record what was done.
+  code sequence (0012,0064: DCM 113100, 113108 with the Retain Patient Characteristics
+  Option, 113107 with the Modified Dates Option) and Longitudinal Temporal Information
+  Modified (0028,0303) ``REMOVED`` (``MODIFIED`` with the dates option) record what was done.
+
+With the Retain Longitudinal Temporal Information with Modified Dates Option (optional,
+``shift_dates``) every date (DA, and the date of a DT) but the patient's birth date is moved
+back by the same whole number of days for all of a patient's images, 365 to 3,649 days, a
+keyed hash of the patient (as the pseudonym), and times of day (TM, and the time of a DT) are
+kept: the intervals between a patient's studies stay as they were (what a study of disease
+progression or follow-up needs), while the calendar dates are gone. A date that cannot be
+read as one becomes the dummy date.
 
 Pixel data is not cleaned (the profile's Clean Pixel Data Option): an image whose Burned In
 Annotation (0028,0301) is ``YES`` is refused (:class:`DeidentificationRefused`).
@@ -29,6 +38,7 @@ Annotation (0028,0301) is ``YES`` is refused (:class:`DeidentificationRefused`).
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import hmac
 import importlib
@@ -112,30 +122,43 @@ def _table() -> _Table:
     return _Table(exact, tuple(masked))
 
 
-def method_description(retain_patient_characteristics: bool) -> str:
+#: The Modified Dates Option's name, as De-identification Method and its code say it.
+MODIFIED_DATES_OPTION = "Retain Longitudinal Temporal Information Modified Dates Option"
+#: How far back a patient's dates move: at least a year, under ten.
+SHIFT_DAYS_MIN, SHIFT_DAYS_SPAN = 365, 3285
+
+
+def method_description(retain_patient_characteristics: bool, shift_dates: bool = False) -> str:
     """De-identification Method (0012,0063): what was applied, by whom."""
     text = f"ACWI Node {__version__}: PS3.15 E.1 Basic Profile ({PROFILE_EDITION})"
     if retain_patient_characteristics:
         text += ", Retain Patient Characteristics Option"
+    if shift_dates:
+        text += f", {MODIFIED_DATES_OPTION} (dates shifted per patient)"
     return text + "; pixel data not cleaned; UIDs replaced by keyed hashes"
 
 
-def method_values(retain_patient_characteristics: bool) -> list[str]:
+def method_values(retain_patient_characteristics: bool, shift_dates: bool = False) -> list[str]:
     """De-identification Method (0012,0063), one value per part (LO: 64 characters each)."""
     values = [f"ACWI Node {__version__}", f"PS3.15 E.1 Basic Profile {PROFILE_EDITION}"]
     if retain_patient_characteristics:
         values.append("Retain Patient Characteristics Option")
+    if shift_dates:
+        values.append(MODIFIED_DATES_OPTION)
     return values + ["UIDs replaced by keyed hashes", "pixel data not cleaned"]
 
 
 class Deidentifier:
     """Applies the profile with one key (the same key: the same UIDs and pseudonyms)."""
 
-    def __init__(self, key: bytes, *, retain_patient_characteristics: bool = True) -> None:
+    def __init__(
+        self, key: bytes, *, retain_patient_characteristics: bool = True, shift_dates: bool = False
+    ) -> None:
         if len(key) < 16:
             raise ValueError("the de-identification key must hold at least 16 bytes")
         self._key = key
         self.retain_patient_characteristics = retain_patient_characteristics
+        self.shift_dates = shift_dates
         self._table = _table()
 
     # ---------------------------------------------------------------- identifiers
@@ -152,6 +175,13 @@ class Deidentifier:
         digest = self._digest("patient", f"{issuer.strip()}\0{patient_id.strip()}")
         return "ANON-" + base64.b32encode(digest[:10]).decode("ascii")
 
+    def date_shift(self, patient_id: str, issuer: str = "") -> dt.timedelta:
+        """How far back a patient's dates move with the Modified Dates Option: the same for
+        every image of the patient, 365 to 3,649 days, a keyed hash of issuer and ID."""
+        digest = self._digest("date-shift", f"{issuer.strip()}\0{patient_id.strip()}")
+        days = SHIFT_DAYS_MIN + int.from_bytes(digest[:8], "big") % SHIFT_DAYS_SPAN
+        return dt.timedelta(days=-days)
+
     # ---------------------------------------------------------------- the profile
     def apply(self, ds: Dataset) -> Dataset:
         """De-identify ``ds`` in place (its file meta included) and return it."""
@@ -160,19 +190,23 @@ class Deidentifier:
                 "Burned In Annotation (0028,0301) is YES: the text in the pixels is not"
                 " removed (no Clean Pixel Data Option), so the image is not exported"
             )
-        pseudonym = self.pseudonym(
-            str(ds.get("PatientID", "") or ""), str(ds.get("IssuerOfPatientID", "") or "")
-        )
-        self._clean(ds)
+        patient = str(ds.get("PatientID", "") or ""), str(ds.get("IssuerOfPatientID", "") or "")
+        pseudonym = self.pseudonym(*patient)
+        shift = self.date_shift(*patient) if self.shift_dates else None
+        self._clean(ds, shift)
         ds.PatientName = pseudonym
         ds.PatientID = pseudonym
         ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = method_values(self.retain_patient_characteristics)
+        ds.DeidentificationMethod = method_values(
+            self.retain_patient_characteristics, self.shift_dates
+        )
         codes = [("113100", "Basic Application Confidentiality Profile")]
+        if self.shift_dates:
+            codes.append(("113107", MODIFIED_DATES_OPTION))
         if self.retain_patient_characteristics:
             codes.append(("113108", "Retain Patient Characteristics Option"))
         ds.DeidentificationMethodCodeSequence = Sequence([_code(*c) for c in codes])
-        ds.LongitudinalTemporalInformationModified = "REMOVED"
+        ds.LongitudinalTemporalInformationModified = "MODIFIED" if shift else "REMOVED"
         meta = getattr(ds, "file_meta", None)
         if meta is not None:
             ds.file_meta = _clean_meta(meta, str(ds.get("SOPInstanceUID", "")))
@@ -189,7 +223,9 @@ class Deidentifier:
                 return masked_action
         return None
 
-    def _clean(self, ds: Dataset) -> None:
+    def _clean(self, ds: Dataset, shift: dt.timedelta | None = None) -> None:
+        """Apply the profile to ``ds`` and its items; with ``shift`` (the Modified Dates
+        Option), every date but the birth date moves by it instead."""
         for tag in list(ds.keys()):
             tag = Tag(tag)
             if tag.is_private or tag.element == 0 or (tag.group & 0xFF00) in (0x5000, 0x6000):
@@ -198,10 +234,17 @@ class Deidentifier:
             action = self._action(tag)
             elem = ds[tag]
             vr = elem.VR
+            if shift is not None and tag not in _BIRTH:
+                if vr in ("DA", "DT"):
+                    if not elem.is_empty:  # listed or not: every date moves alike
+                        elem.value = _shifted(elem.value, elem.VM, vr, shift)
+                    continue
+                if vr == "TM":  # a time of day: the days moved, the hours stay
+                    continue
             if action is None:
                 if vr == "SQ":
                     for item in elem.value or ():
-                        self._clean(item)
+                        self._clean(item, shift)
                 elif vr == "PN":
                     elem.value = ""  # a person's name the table does not list
                 continue
@@ -213,13 +256,32 @@ class Deidentifier:
                 elem.value = [] if vr == "SQ" else _empty(vr)
             elif vr == "SQ":  # D or U: the items stay, each de-identified
                 for item in elem.value or ():
-                    self._clean(item)
+                    self._clean(item, shift)
             elif vr == "UI":
                 values = elem.value if elem.VM > 1 else [elem.value]
                 replaced = [self.uid(str(v)) for v in values]
                 elem.value = replaced if elem.VM > 1 else replaced[0]
             else:
                 elem.value = _dummy(vr)
+
+
+#: The patient's birth date and time: the profile's action, with the dates option too.
+_BIRTH = frozenset({Tag("PatientBirthDate"), Tag("PatientBirthTime")})
+
+
+def _shifted(value: object, vm: int, vr: str, shift: dt.timedelta) -> object:
+    """A DA or DT value (one or several) moved by ``shift`` days; the time of a DT, its
+    fraction and offset kept. A value that is not a readable date becomes the dummy."""
+    values = [str(v) for v in value] if vm > 1 else [str(value)]  # type: ignore[attr-defined]
+    out = []
+    for text in values:
+        try:
+            day = dt.datetime.strptime(text[:8], "%Y%m%d").date()
+        except ValueError:
+            out.append(str(_DUMMIES[vr]))
+            continue
+        out.append((day + shift).strftime("%Y%m%d") + text[8:])
+    return out if vm > 1 else out[0]
 
 
 def _empty(vr: str) -> object:

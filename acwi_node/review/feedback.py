@@ -43,6 +43,7 @@ from acwi_node.ingest.spool import Spool, is_safe_uid
 from acwi_node.ledger import Ledger
 from acwi_node.review.auth import load_secret_key
 from acwi_node.review.deidentify import (
+    MODIFIED_DATES_OPTION,
     PROFILE_EDITION,
     DeidentificationRefused,
     Deidentifier,
@@ -107,7 +108,9 @@ def export_feedback(
     _check_folder(out_dir, deidentify)
     key = load_secret_key(settings.feedback_key_file, "the de-identification key")
     deidentifier = Deidentifier(
-        key, retain_patient_characteristics=settings.feedback.retain_patient_characteristics
+        key,
+        retain_patient_characteristics=settings.feedback.retain_patient_characteristics,
+        shift_dates=settings.feedback.shift_dates,
     )
     store = ReviewStore(ledger)
     cases = store.reviewed_cases()
@@ -191,11 +194,18 @@ def _check_folder(out_dir: Path, deidentify: bool) -> None:
 
 def _write_method(out_dir: Path, settings: Settings) -> None:
     option = settings.feedback.retain_patient_characteristics
+    shift = settings.feedback.shift_dates
+    options = ["Retain Patient Characteristics Option"] if option else []
+    if shift:
+        options.append(MODIFIED_DATES_OPTION)
     method = {
-        "method": method_description(option),
+        "method": method_description(option, shift),
         "profile": "DICOM PS3.15 Annex E, Basic Application Level Confidentiality Profile",
         "table_edition": PROFILE_EDITION,
-        "options": ["Retain Patient Characteristics Option"] if option else [],
+        "options": options,
+        "dates": "shifted back 365-3649 days per patient (HMAC-SHA256 with the node's key)"
+        if shift
+        else "removed or replaced by dummies (birth date emptied)",
         "uids": "replaced: 2.25. and an HMAC-SHA256 of the original with the node's key",
         "patients": "pseudonyms: ANON- and an HMAC-SHA256 of issuer and patient ID",
         "pixel_data": "not cleaned; images with Burned In Annotation YES are not exported",

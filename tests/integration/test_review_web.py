@@ -749,6 +749,24 @@ def test_the_feedback_export_is_de_identified(
     with pytest.raises(ExportError, match="with identifiers"):
         export_feedback(settings, ledger, tmp_path / "identified")
 
+    # feedback.shift_dates: the dates move back, the same for the patient's images
+    shifting = settings.model_copy(
+        update={"feedback": settings.feedback.model_copy(update={"shift_dates": True})}
+    )
+    dated = export_feedback(shifting, ledger, tmp_path / "dated")
+    assert dated.images == 2
+    method = json.loads((tmp_path / "dated" / "deidentification.json").read_text())
+    assert method["options"] == [
+        "Retain Patient Characteristics Option",
+        "Retain Longitudinal Temporal Information Modified Dates Option",
+    ]
+    source_date = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyDate)
+    shifted = {
+        str(pydicom.dcmread(path, stop_before_pixels=True).StudyDate)
+        for path in (tmp_path / "dated" / "images").iterdir()
+    }
+    assert len(shifted) == 1 and source_date not in shifted and shifted != {""}
+
 
 def test_burned_in_text_and_damaged_files_are_left_out_of_the_de_identified_export(
     env: tuple[Settings, Ledger, TestClient], tmp_path: Path

@@ -4,6 +4,7 @@ image the model reads unchanged, and no new dciodvfy error."""
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from pathlib import Path
 
@@ -183,8 +184,67 @@ def test_the_image_the_model_reads_is_unchanged(tmp_path: Path) -> None:
     assert frame.get("FrameAcquisitionDateTime", "19000101000000") == "19000101000000"
 
 
+def _dated(patient_id: str, study_date: str, time: str = "101500") -> Dataset:
+    ds = identified_dx()
+    ds.PatientID = patient_id
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = study_date
+    ds.StudyTime = time
+    ds.AcquisitionDateTime = f"{study_date}{time}.123456+0100"
+    ds.DateOfLastCalibration = [study_date, "20231231"]  # several values
+    ds.InstanceCreationDate = "2024"  # not a readable date: the dummy
+    ds.AnatomicRegionSequence[0].add_new(0x00400244, "DA", study_date)  # an item's date
+    return ds
+
+
+def test_dates_move_back_by_one_shift_per_patient_with_the_modified_dates_option(
+    tmp_path: Path,
+) -> None:
+    """With ``shift_dates`` every date of a patient's images moves back by the same 365 to
+    3,649 days (another patient's by another), times of day and intervals kept; the birth
+    date is emptied as without the option; the method says so."""
+    deid = Deidentifier(KEY, shift_dates=True)
+    first, later = _dated("CANARYID", "20240115"), _dated("CANARYID", "20240301", "080000")
+    other = _dated("PATIENT2", "20240115")
+    for ds in (first, later, other):
+        deid.apply(ds)
+
+    def day(text: str) -> dt.date:
+        return dt.datetime.strptime(text[:8], "%Y%m%d").date()
+
+    shift = dt.date(2024, 1, 15) - day(first.StudyDate)
+    assert 365 <= shift.days <= 3649
+    assert dt.date(2024, 3, 1) - day(later.StudyDate) == shift  # one shift per patient
+    assert day(later.StudyDate) - day(first.StudyDate) == dt.timedelta(days=46)  # the interval
+    assert dt.date(2024, 1, 15) - day(other.StudyDate) != shift  # another patient's
+    for ds in (first, later):
+        moved = (day(ds.StudyDate) + shift).strftime("%Y%m%d")
+        assert moved in ("20240115", "20240301")
+        assert {ds.SeriesDate, ds.ContentDate, ds.AcquisitionDate} == {ds.StudyDate}
+        assert ds.AnatomicRegionSequence[0][0x00400244].value == ds.StudyDate
+    assert first.AcquisitionDateTime == f"{first.StudyDate}101500.123456+0100"  # time kept
+    assert first.StudyTime == "101500" and later.StudyTime == "080000"
+    assert list(first.DateOfLastCalibration) == [
+        first.StudyDate,
+        (dt.date(2023, 12, 31) - shift).strftime("%Y%m%d"),
+    ]
+    assert first.InstanceCreationDate == "19000101"
+    assert first.get("PatientBirthDate", "") == ""
+    assert first.LongitudinalTemporalInformationModified == "MODIFIED"
+    codes = [item.CodeValue for item in first.DeidentificationMethodCodeSequence]
+    assert codes == ["113100", "113107", "113108"]
+    assert "Modified Dates Option" in " ".join(first.DeidentificationMethod)
+    data = written(first, tmp_path / "shifted.dcm")
+    assert b"20240115" not in data and b"19450203" not in data
+    # without the option the dates are emptied or dummies, as the profile's table says
+    plain = _dated("CANARYID", "20240115")
+    Deidentifier(KEY).apply(plain)
+    assert plain.StudyDate == "" and plain.get("AcquisitionDateTime", "") in ("", "19000101000000")
+    assert plain.LongitudinalTemporalInformationModified == "REMOVED"
+
+
+@pytest.mark.parametrize("shift_dates", [False, True])
 @pytest.mark.parametrize("kind", ["dx", "enhanced-ct"])
-def test_no_new_dciodvfy_error(tmp_path: Path, kind: str) -> None:
+def test_no_new_dciodvfy_error(tmp_path: Path, kind: str, shift_dates: bool) -> None:
     require_dciodvfy()
     if kind == "dx":
         source = tmp_path / "dx.dcm"
@@ -192,7 +252,7 @@ def test_no_new_dciodvfy_error(tmp_path: Path, kind: str) -> None:
     else:
         source = write_enhanced_ct(tmp_path / "ct", slices=2, size=64)
     ds = pydicom.dcmread(source)
-    Deidentifier(KEY).apply(ds)
+    Deidentifier(KEY, shift_dates=shift_dates).apply(ds)
     out = tmp_path / "deid.dcm"
     ds.save_as(out, enforce_file_format=True)
     before = set(dciodvfy_errors(source))

@@ -92,7 +92,9 @@ def _print_agreement(store: ReviewStore, days: int, *, as_json: bool) -> int:
         print(f"no final verdicts in the last {days} days")
         return 0
     print(f"final verdicts of the last {days} days (agreement with its 95 % Wilson interval)")
-    header = ("model", "version", "cases", "verdicts", "agreed", "agreement", "corrections")
+    header = (
+        "model", "version", "cases", "verdicts", "agreed", "agreement", "by site", "corrections"
+    )  # fmt: skip
     lines = [header]
     for r in rows:
         corrections = ", ".join(f"{was} to {now} ({n})" for was, now, n in r["corrections"])
@@ -104,6 +106,7 @@ def _print_agreement(store: ReviewStore, days: int, *, as_json: bool) -> int:
                 str(r["verdicts"]),
                 str(r["agreed"]),
                 f"{100 * r['agreement']:.0f} % ({100 * r['ci_low']:.0f}-{100 * r['ci_high']:.0f})",
+                ", ".join(f"{site or '-'} {k}/{n}" for site, n, k in r["sites"]),
                 corrections or "-",
             )
         )

@@ -71,6 +71,7 @@ class FinalVerdict:
     kind: str  # FLAGGED or SAMPLE
     model_label: str
     label: str  # the radiologist's
+    site: str = ""  # the study's calling AE title
 
     @property
     def agrees(self) -> bool:
@@ -79,8 +80,10 @@ class FinalVerdict:
 
 def agreement(verdicts: Iterable[FinalVerdict]) -> list[dict[str, Any]]:
     """Rows per (model, version, kind), sorted: ``verdicts``, ``agreed``, ``agreement``,
-    ``ci_low``, ``ci_high`` (95 % Wilson) and ``corrections``, ``[(model label, radiologist's
-    label, count)]``, the commonest :data:`TOP_CORRECTIONS`."""
+    ``ci_low``, ``ci_high`` (95 % Wilson), ``corrections``, ``[(model label, radiologist's
+    label, count)]``, the commonest :data:`TOP_CORRECTIONS`, and ``sites``, ``[(calling AE,
+    verdicts, agreed)]`` by site: where one site's agreement falls while the others' hold,
+    something changed there (a scanner, a protocol)."""
     groups: dict[tuple[str, str, str], list[FinalVerdict]] = {}
     for verdict in verdicts:
         groups.setdefault((verdict.model, verdict.version, verdict.kind), []).append(verdict)
@@ -89,6 +92,11 @@ def agreement(verdicts: Iterable[FinalVerdict]) -> list[dict[str, Any]]:
         agreed = sum(v.agrees for v in group)
         low, high = wilson_interval(agreed, len(group))
         corrections = Counter((v.model_label, v.label) for v in group if not v.agrees)
+        by_site: dict[str, list[int]] = {}
+        for v in group:
+            counts = by_site.setdefault(v.site, [0, 0])
+            counts[0] += 1
+            counts[1] += int(v.agrees)
         rows.append(
             {
                 "model": model,
@@ -105,6 +113,7 @@ def agreement(verdicts: Iterable[FinalVerdict]) -> list[dict[str, Any]]:
                         corrections.items(), key=lambda kv: (-kv[1], kv[0])
                     )[:TOP_CORRECTIONS]
                 ],
+                "sites": [[site, n, k] for site, (n, k) in sorted(by_site.items())],
             }
         )
     return rows

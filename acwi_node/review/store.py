@@ -98,6 +98,8 @@ class WorklistFilters:
     calling_ae: str = ""
     model: str = ""
     state: str = ""
+    #: ``flagged`` (the model asked for review) or ``sample`` (quality control)
+    kind: str = ""
 
     def matches(self, item: dict[str, Any]) -> bool:
         if self.modality and self.modality not in str(item["modality"]).split("\\"):
@@ -105,6 +107,8 @@ class WorklistFilters:
         if self.calling_ae and item["calling_ae"] != self.calling_ae:
             return False
         if self.model and item["model"] != self.model:
+            return False
+        if self.kind and item["kind"] != self.kind:
             return False
         return not (self.state and item["state"] != self.state)
 
@@ -346,6 +350,7 @@ class ReviewStore:
                         "model_version": (summary.get("model") or {}).get("version", ""),
                         "reason": it.reason,
                         "sampled": bool(it.sampled),
+                        "kind": "sample" if it.sampled else "flagged",
                         "priority": it.priority,
                         "escalated": it.id in escalated,
                         "state": st.state.value,
@@ -376,11 +381,12 @@ class ReviewStore:
             "calling_ae": Counter(),
             "model": Counter(),
             "state": Counter(),
+            "kind": Counter(),
         }
         for i in items:
             for m in str(i["modality"]).split("\\"):
                 counts["modality"][m] += 1
-            for key in ("calling_ae", "model", "state"):
+            for key in ("calling_ae", "model", "state", "kind"):
                 counts[key][str(i[key])] += 1
         shown = [i for i in items if filters.matches(i)]
         return {
@@ -680,9 +686,11 @@ class ReviewStore:
                     ReviewItem.sampled,
                     Verdict.model_label,
                     Verdict.label,
+                    Study.calling_ae,
                 )
                 .join(ReviewItem, Verdict.review_item_id == ReviewItem.id)
                 .join(Job, Verdict.job_id == Job.id)
+                .join(Study, Verdict.study_id == Study.id)
                 .where(Verdict.action.in_(("confirm", "override")), Verdict.created_at >= since)
             ).all()
         return agreement(
@@ -692,8 +700,9 @@ class ReviewStore:
                 kind=SAMPLE if sampled else FLAGGED,
                 model_label=str(model_label),
                 label=str(label),
+                site=str(site or ""),
             )
-            for model, version, sampled, model_label, label in rows
+            for model, version, sampled, model_label, label, site in rows
         )
 
     def delivery_status(

@@ -100,6 +100,7 @@ FILTER_NAMES = [
     ("calling_ae", "Site (calling AE)"),
     ("model", "Model"),
     ("state", "Study state"),
+    ("kind", "Why (flagged, quality-control sample)"),
 ]
 
 
@@ -550,8 +551,9 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         calling_ae: str = "",
         model: str = "",
         state: str = "",
+        kind: str = "",
     ) -> HTMLResponse:
-        filters = WorklistFilters(modality, calling_ae, model, state)
+        filters = WorklistFilters(modality, calling_ae, model, state, kind)
         found = review.store.worklist(filters)
         for it in found["items"]:
             header = review.item_header(it["study_uid"], it["job_id"])
@@ -569,6 +571,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
                 "calling_ae": calling_ae,
                 "model": model,
                 "state": state,
+                "kind": kind,
             },
             filter_names=FILTER_NAMES,
         )

@@ -75,6 +75,13 @@ def test_sure_studies_are_sampled_and_the_verdicts_measure_agreement(
         other = next(label for label in sample["summary"]["labels"] if label != predicted)
         with TestClient(create_app(flagged, ledger)) as client:
             csrf = sign_in(client)
+            # the worklist marks the sample and filters by kind
+            page = client.get("/review/worklist").text
+            assert page.count('<span class="badge">QC sample</span>') == 1
+            assert '<option value="sample" >sample (1)</option>' in page
+            only = client.get("/review/worklist", params={"kind": "sample"}).text
+            assert f'href="/review/cases/{sample_item}"' in only
+            assert f'href="/review/cases/{flagged_item}"' not in only
             for item, fields in [
                 (sample_item, {"action": "override", "label": other, "reason": "missed"}),
                 (flagged_item, {"action": "escalate", "reason": "second look"}),  # not final
@@ -99,11 +106,12 @@ def test_sure_studies_are_sampled_and_the_verdicts_measure_agreement(
             assert rows["sample"]["ci_high"] < 1.0 and rows["sample"]["ci_low"] == 0.0
             assert (rows["flagged"]["verdicts"], rows["flagged"]["agreed"]) == (1, 1)
             assert rows["flagged"]["agreement"] == 1.0
+            assert rows["sample"]["sites"] == [["SITEA", 1, 0]]
 
             dashboard = client.get("/review/dashboard").text
             assert 'class="agreement-sample"' in dashboard
             assert f"{predicted} to {other} (1)" in dashboard
-            assert "(100 % of them" in dashboard
+            assert "(100 % of them" in dashboard and "SITEA 0/1" in dashboard
 
             metrics = client.get("/metrics").text
             for kind, action, n in [

@@ -39,8 +39,10 @@ def test_the_wilson_interval() -> None:
     assert high == 1.0 and low == pytest.approx(0.5655, abs=1e-4)
 
 
-def _v(kind: str, model_label: str, label: str, version: str = "1.1.0") -> FinalVerdict:
-    return FinalVerdict("dianet", version, kind, model_label, label)
+def _v(
+    kind: str, model_label: str, label: str, version: str = "1.1.0", site: str = "SITEA"
+) -> FinalVerdict:
+    return FinalVerdict("dianet", version, kind, model_label, label, site)
 
 
 def test_agreement_rows_per_model_version_and_kind_with_the_commonest_corrections() -> None:
@@ -49,8 +51,8 @@ def test_agreement_rows_per_model_version_and_kind_with_the_commonest_correction
         _v(FLAGGED, "nodule", "normal"),
         _v(FLAGGED, "effusion", "normal"),
         _v(FLAGGED, "nodule", "normal"),
-        _v(FLAGGED, "normal", "effusion"),
-        _v(FLAGGED, "normal", "nodule"),
+        _v(FLAGGED, "normal", "effusion", site="SITEB"),
+        _v(FLAGGED, "normal", "nodule", site="SITEB"),
         _v(SAMPLE, "normal", "normal"),
         _v(SAMPLE, "normal", "normal", version="1.0.0"),
     ]
@@ -70,3 +72,6 @@ def test_agreement_rows_per_model_version_and_kind_with_the_commonest_correction
         ["normal", "effusion", 1],
     ]
     assert rows[2]["corrections"] == [] and agreement([]) == []
+    # by site: (calling AE, verdicts, agreed)
+    assert flagged["sites"] == [["SITEA", 4, 1], ["SITEB", 2, 0]]
+    assert rows[0]["sites"] == [["SITEA", 1, 1]]

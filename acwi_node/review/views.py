@@ -884,8 +884,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
                 action=form.get("action", ""),
                 label=form.get("label", ""),
                 reason=form.get("reason", ""),
-                # "box:<image name>" fields: the lesion boxes drawn on the images
-                marks={k[4:]: v for k, v in form.items() if k.startswith("box:") and v.strip()},
+                marks=_marks(form),
             )
         except ReviewError as exc:
             message = str(exc)
@@ -916,16 +915,20 @@ STUDY_ACTION_NOTICES = {
 }
 
 
+def _marks(form: dict[str, str]) -> dict[str, str]:
+    """The verdict form's ``box:<image name>`` fields: the lesion boxes drawn on each image."""
+    return {k[4:]: v for k, v in form.items() if k.startswith("box:") and v.strip()}
+
+
 def _verdict_draft(form: dict[str, str], images: set[str]) -> dict[str, Any]:
     """What a refused verdict form said, for the page to show again: the action, the label,
     the reason and the lesion boxes it can draw (see
     :func:`~acwi_node.review.lesion_boxes.drafted_boxes`); empty values for a fresh page."""
-    marks = {k[4:]: v for k, v in form.items() if k.startswith("box:") and v.strip()}
     return {
         "action": form.get("action", ""),
         "label": form.get("label", ""),
         "reason": form.get("reason", ""),
-        "boxes": drafted_boxes(marks, images),
+        "boxes": drafted_boxes(_marks(form), images),
     }
 
 

@@ -340,6 +340,12 @@ def test_postgresql_confirm(postgres_url: str, tmp_path: Path) -> None:
             )
             assert done.status_code == 303
             assert client.get("/api/worklist").json()["count"] == 0
+            # the agreement rows read the model's version from the job summary (JSON path)
+            (row,) = client.get("/api/review/agreement").json()["rows"]
+            assert (row["model"], row["version"], row["kind"]) == (
+                "acwi-dianet-chest", "1.1.0", "flagged"
+            )  # fmt: skip
+            assert (row["verdicts"], row["agreed"], row["sites"]) == (1, 1, [["SITEA", 1, 1]])
         with ledger.session() as s:
             verdict = s.scalars(select(Verdict)).one()
             assert (verdict.action, verdict.label) == ("confirm", predicted)

@@ -212,6 +212,12 @@ def test_sign_in_open_case_override(tmp_path: Path) -> None:
             expect(figure.locator(".lesion-box")).to_have_count(2)
             expect(status).to_contain_text("2 lesion boxes marked")
             expect(figure.locator("button.clear-lesion")).to_have_text("Clear boxes")
+            # one box removed by its own button, the other kept; then drawn again
+            figure.locator(".lesion-box").nth(1).locator("button.remove-box").click()
+            expect(figure.locator(".lesion-box")).to_have_count(1)
+            expect(status).to_contain_text("1 lesion box marked")
+            drag(0.6, 0.7, 0.9, 0.9)
+            expect(figure.locator(".lesion-box")).to_have_count(2)
             page.check("input[name=action][value=confirm]")
             page.click(".verdict-form button[type=submit]")
             expect(page).to_have_url(f"{base}/review/worklist")

@@ -96,6 +96,19 @@ document.addEventListener("DOMContentLoaded", function () {
     function outline() {
       var element = document.createElement("div");
       element.className = "lesion-box drawn";
+      var remove = document.createElement("button");
+      remove.type = "button";
+      remove.className = "remove-box";
+      remove.textContent = "\u00d7";
+      remove.title = "Remove this box";
+      remove.setAttribute("aria-label", "Remove this lesion box");
+      remove.addEventListener("pointerdown", function (event) { event.stopPropagation(); });
+      remove.addEventListener("click", function () {
+        boxes = boxes.filter(function (b) { return b.element !== element; });
+        element.remove();
+        store();
+      });
+      element.appendChild(remove);
       stack.appendChild(element);
       return element;
     }

@@ -43,6 +43,7 @@ from acwi_node.ledger.models import (
     StudyState,
     Verdict,
 )
+from acwi_node.review.quality import FLAGGED, SAMPLE
 
 log = logging.getLogger("acwi_node.metrics")
 
@@ -369,7 +370,7 @@ class LedgerCollector(Collector):
             labels=["model", "kind", "action"],
         )
         for model, sampled, action, n in verdicts:
-            g.add_metric([model, "sample" if sampled else "flagged", action], n)
+            g.add_metric([model, SAMPLE if sampled else FLAGGED, action], n)
         out.append(g)
         return out
 

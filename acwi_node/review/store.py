@@ -39,6 +39,7 @@ from acwi_node.ledger.models import (
     utcnow,
 )
 from acwi_node.ledger.repository import DeliveryFilter, files_deleted_at, promise_hl7_outbound
+from acwi_node.review.quality import FLAGGED, SAMPLE
 
 #: ``sender``: a PACS or archive that stores studies by STOW-RS (``/dicomweb/``) and nothing else.
 ROLES = ("radiologist", "admin", "sender")
@@ -318,7 +319,8 @@ class ReviewStore:
         studies the model asked about before quality-control samples, then oldest.
 
         Returns ``items`` (after the filters), ``total`` (before) and ``counts`` per modality,
-        calling AE, model and study state over every open item (for the filter menus).
+        calling AE, model, study state and kind (flagged, sample) over every open item (for
+        the filter menus).
         """
         filters = filters or WorklistFilters()
         with self.ledger.session() as s:
@@ -350,7 +352,7 @@ class ReviewStore:
                         "model_version": (summary.get("model") or {}).get("version", ""),
                         "reason": it.reason,
                         "sampled": bool(it.sampled),
-                        "kind": "sample" if it.sampled else "flagged",
+                        "kind": SAMPLE if it.sampled else FLAGGED,
                         "priority": it.priority,
                         "escalated": it.id in escalated,
                         "state": st.state.value,
@@ -675,7 +677,7 @@ class ReviewStore:
         """The radiologists' final verdicts (confirm, override) of the last ``days`` days as
         agreement rows per model version and kind of case
         (:func:`acwi_node.review.quality.agreement`)."""
-        from acwi_node.review.quality import FLAGGED, SAMPLE, FinalVerdict, agreement
+        from acwi_node.review.quality import FinalVerdict, agreement
 
         since = (now or utcnow()) - dt.timedelta(days=days)
         with self.ledger.session() as s:

@@ -6,7 +6,7 @@
                                             (:mod:`.deidentify`) or exact copies (spool)
     out_dir/labels.csv                      sop_instance_uid, frame_number,
                                             study_instance_uid, label, site, calling_ae,
-                                            verdict, model_label, patient, box
+                                            verdict, model_label, patient, box, kind
     out_dir/deidentification.json           how the images were de-identified (when they were)
 
 ``labels.csv`` is the format ``models/data/dicom_dataset.py`` reads: one row per image the
@@ -17,7 +17,10 @@ the model's label; override: the corrected one);
 pseudonym, the same in every export made with the node's key, so that a training split can
 keep each patient's images on one side; ``box`` holds the lesion boxes the radiologist
 marked on that image with the verdict, each ``x0 y0 x1 y1`` in its pixels, several separated
-by ``; `` (empty when none), which training turns into a lesion mask for the heatmap.
+by ``; `` (empty when none), which training turns into a lesion mask for the heatmap;
+``kind`` is ``sample`` for a quality-control sample of the studies the model was sure of
+(their images, taken by a hash of the study's UID, are an unbiased test set of what the PACS
+receives unreviewed) and ``flagged`` for a study the model asked about.
 De-identified, the UIDs are the replaced ones (the file names too) and ``calling_ae`` is
 empty (it names a device of the hospital). Escalated cases without a final verdict are left
 out. Running it again into the same folder rewrites the CSV and adds new images; a folder
@@ -67,6 +70,7 @@ COLUMNS = (
     "model_label",
     "patient",
     "box",
+    "kind",
 )
 
 
@@ -158,6 +162,7 @@ def export_feedback(
                         " ".join(str(v) for v in box)
                         for box in case["boxes"].get(unit_name(sop, frame), [])
                     ),
+                    "kind": case["kind"],
                 }
             )
     tmp_csv = out_dir / "labels.csv.tmp"

@@ -818,6 +818,7 @@ class ReviewStore:
             for v in latest.values():
                 st = s.get_one(Study, v.study_id)
                 job = s.get_one(Job, v.job_id)
+                item = s.get_one(ReviewItem, v.review_item_id)
                 # (SOP Instance UID, frame number or None): a multi-frame image's frames
                 images = [
                     (im.get("sop_instance_uid"), frame_number_of(im))
@@ -831,6 +832,8 @@ class ReviewStore:
                         "label": v.label,
                         "model_label": v.model_label,
                         "action": v.action,
+                        # a quality-control sample, or a case the model asked about
+                        "kind": SAMPLE if item.sampled else FLAGGED,
                         "images": [(uid, frame) for uid, frame in images if uid],
                         "boxes": kept_boxes(v.boxes),
                     }

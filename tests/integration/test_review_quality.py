@@ -9,6 +9,7 @@ the Prometheus metrics.
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from acwi_node.inference.manifest import default_model_dir
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import Job, ReviewItem
 from acwi_node.review.commands import run as run_review_command
+from acwi_node.review.feedback import export_feedback
 from acwi_node.review.store import ReviewStore
 from acwi_node.tasks.analyse import run_job
 from acwi_node.web.api import create_app
@@ -126,6 +128,13 @@ def test_sure_studies_are_sampled_and_the_verdicts_measure_agreement(
                 assert line in metrics, line
             # the review rate counts the studies the model asked about, not the samples
             assert "\nacwi_review_jobs 1.0\n" in metrics
+
+        # the feedback export says which rows are quality-control samples
+        out = tmp_path / "feedback"
+        assert export_feedback(flagged, ledger, out).images == 4
+        with (out / "labels.csv").open() as fh:
+            kinds_exported = {(row["verdict"], row["kind"]) for row in csv.DictReader(fh)}
+        assert kinds_exported == {("override", "sample"), ("confirm", "flagged")}
 
         # the same rows on the command line
         args = build_parser().parse_args(["feedback", "agreement", "--days", "30", "--json"])

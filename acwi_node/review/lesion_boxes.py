@@ -58,14 +58,28 @@ def parse_marks(text: str) -> list[tuple[float, float, float, float]]:
     return boxes
 
 
+#: A corner this close to a pixel's edge (a fraction of the picture) is on it: a kept box the
+#: page draws again (:func:`to_fractions`, four decimals) comes back as the same pixels.
+EDGE_TOLERANCE = 1e-4
+
+
+def _on_edge(fraction: float, size: int) -> float:
+    """``fraction`` of ``size`` pixels, snapped to the nearest pixel edge when within
+    :data:`EDGE_TOLERANCE`."""
+    at = fraction * size
+    edge = round(at)
+    return float(edge) if abs(at - edge) <= EDGE_TOLERANCE * size else at
+
+
 def to_pixels(fractions: tuple[float, float, float, float], rows: int, columns: int) -> list[int]:
     """The box in the image's pixels, ``[x0, y0, x1, y1]`` inclusive: every pixel the drawn
-    box touches, at least one."""
+    box touches, at least one (a corner within :data:`EDGE_TOLERANCE` of a pixel's edge is on
+    it, so that :func:`to_fractions` and back gives the same box)."""
     fx0, fy0, fx1, fy1 = fractions
-    x0 = min(int(math.floor(fx0 * columns)), columns - 1)
-    y0 = min(int(math.floor(fy0 * rows)), rows - 1)
-    x1 = max(x0, min(int(math.ceil(fx1 * columns)) - 1, columns - 1))
-    y1 = max(y0, min(int(math.ceil(fy1 * rows)) - 1, rows - 1))
+    x0 = min(int(math.floor(_on_edge(fx0, columns))), columns - 1)
+    y0 = min(int(math.floor(_on_edge(fy0, rows))), rows - 1)
+    x1 = max(x0, min(int(math.ceil(_on_edge(fx1, columns))) - 1, columns - 1))
+    y1 = max(y0, min(int(math.ceil(_on_edge(fy1, rows))) - 1, rows - 1))
     return [x0, y0, x1, y1]
 
 

@@ -47,6 +47,24 @@ def test_pixels_cover_every_pixel_the_box_touches() -> None:
     assert to_pixels((0.5, 0.0, 1.0, 0.5), 100, 300) == [150, 0, 299, 49]
 
 
+def test_a_kept_box_drawn_again_comes_back_as_the_same_pixels() -> None:
+    """The page draws a kept box at four decimals (an amendment starts from the standing
+    verdict's boxes, and the browser sends them back so): placed again it is the same box,
+    whatever the image's size, where rounding alone would move an edge by a pixel."""
+    import random
+
+    rng = random.Random(5)
+    for rows, columns in [(128, 128), (512, 512), (2500, 3000), (4096, 4096), (10, 7)]:
+        for _ in range(500):
+            x0, x1 = sorted(rng.sample(range(columns), 2)) if columns > 1 else (0, 0)
+            y0, y1 = sorted(rng.sample(range(rows), 2))
+            box = [x0, y0, x1, y1]
+            again = to_pixels(parse_fractions(to_fractions(box, rows, columns)), rows, columns)
+            assert again == box, (rows, columns, box)
+    # e.g. column 33 of 128 is at 0.2578125, drawn as 0.2578: still column 33
+    assert to_pixels((0.2578, 0.0, 0.5, 0.5), 128, 128)[0] == 33
+
+
 def _place(marks: dict[str, str], label: str = "nodule") -> dict[str, list[list[int]]]:
     sizes = {"1.2.3": (128, 128), "1.2.4 frame 2": (64, 32), "1.2.5": None}
     return place_boxes(

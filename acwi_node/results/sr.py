@@ -26,6 +26,7 @@ import datetime as dt
 import functools
 import hashlib
 import re
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -733,6 +734,7 @@ def _region_groups(
     covering columns x0..x1 spans x0 to x1 + 1), selected from the image (and frame)."""
     classes = {str(ds.SOPInstanceUID): str(ds.SOPClassUID) for ds in sources}
     groups: list[Dataset] = []
+    on_image: Counter[str] = Counter()  # boxes so far per image: each its own tracking UID
     for n, region in enumerate(regions, start=1):
         sop_class = classes.get(region.sop_instance_uid)
         if sop_class is None:
@@ -745,9 +747,13 @@ def _region_groups(
             [region.frame_number] if region.frame_number is not None else None,
         )
         name = unit_name(region.sop_instance_uid, region.frame_number)
+        earlier = on_image[name]
+        on_image[name] += 1
+        tracking = (name,) if earlier == 0 else (name, str(earlier))
         group = PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=TrackingIdentifier(
-                uid=uids._derive("verdict-region", name), identifier=f"Radiologist lesion box {n}"
+                uid=uids._derive("verdict-region", *tracking),
+                identifier=f"Radiologist lesion box {n}",
             ),
             referenced_region=ImageRegion(
                 graphic_type=GraphicTypeValues.POLYLINE,

@@ -157,3 +157,35 @@ def test_dciodvfy_reports_no_errors_with_lesion_regions(tmp_path: Path) -> None:
     done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
     errors = [line for line in (done.stdout + done.stderr).splitlines() if "Error" in line]
     assert not errors, "\n".join(errors)
+
+
+def test_two_boxes_on_one_image_are_tracked_apart() -> None:
+    """Each lesion box is its own tracked region: two on one image have their own Tracking
+    Unique Identifiers (the first keeps the one an image's single box always had)."""
+    sources, sr = _unverified()
+    sop = str(sources[0].SOPInstanceUID)
+    one = Verification(
+        "Doe^Jane", "X", "confirm", "nodule", "", AT, (LesionRegion(sop, None, (1, 1, 4, 4)),)
+    )
+    two = Verification(
+        "Doe^Jane",
+        "X",
+        "confirm",
+        "nodule",
+        "",
+        AT,
+        (LesionRegion(sop, None, (1, 1, 4, 4)), LesionRegion(sop, None, (8, 8, 12, 12))),
+    )
+
+    def tracking(doc: Dataset) -> list[str]:
+        return [
+            str(item.UID)
+            for item in _walk(doc)
+            if item.get("ValueType") == "UIDREF"
+            and item.ConceptNameCodeSequence[0].CodeValue == "112040"  # Tracking Unique Id
+        ]
+
+    single = set(tracking(build_verified_sr(sr, sources, one)))
+    double = tracking(build_verified_sr(sr, sources, two))
+    assert len(double) == len(set(double))
+    assert single <= set(double) and len(set(double) - single) == 1

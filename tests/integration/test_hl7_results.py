@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +18,7 @@ from acwi_node.ledger import InstanceRecord, Ledger, ResultFile, RoutedJob, Stud
 from acwi_node.ledger.models import ReviewItem, utcnow
 from acwi_node.review.store import ReviewStore, SessionInfo
 from tests.support import write_secondary_capture
+from tests.support.mllp_peer import Peer
 from tests.support.ports import free_port
 
 pytestmark = pytest.mark.integration
@@ -35,31 +33,6 @@ SUMMARY = {
     "ood_score": 0.2,
     "needs_review": False,
 }
-
-
-class Peer:
-    def __init__(self, tmp: Path, ack: str) -> None:
-        self.port = free_port()
-        self.record = tmp / f"peer-{self.port}.jsonl"
-        ready = tmp / f"ready-{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.mllp_peer", "--port", str(self.port),
-             "--record", str(self.record), "--ack", ack, "--ready", str(ready)],
-        )  # fmt: skip
-        deadline = time.monotonic() + 20
-        while not ready.exists():
-            assert self.proc.poll() is None, "MLLP peer exited"
-            assert time.monotonic() < deadline, "MLLP peer did not start"
-            time.sleep(0.05)
-
-    def messages(self) -> list[str]:
-        if not self.record.exists():
-            return []
-        return [json.loads(line)["message"] for line in self.record.read_text().splitlines()]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 @pytest.fixture

@@ -4,7 +4,8 @@
 
 It records every message it receives (one JSON line {"message": ...} per message, appended and
 flushed before answering) and answers each with an ACK carrying the configured code and the
-message's MSH-10 in MSA-2. It writes ``--ready`` once it listens.
+message's MSH-10 in MSA-2. It writes ``--ready`` once it listens. :class:`Peer` starts one for a
+test and reads what it received.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 START, END = b"\x0b", b"\x1c\x0d"
@@ -74,6 +77,35 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(
             target=_serve, args=(conn, args.record, args.ack, lock), daemon=True
         ).start()
+
+
+class Peer:
+    """This peer in a subprocess on a free loopback port, answering ``ack``."""
+
+    def __init__(self, tmp: Path, ack: str) -> None:
+        from tests.support.ports import free_port
+
+        self.port = free_port()
+        self.record = tmp / f"peer-{self.port}.jsonl"
+        ready = tmp / f"ready-{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.mllp_peer", "--port", str(self.port),
+             "--record", str(self.record), "--ack", ack, "--ready", str(ready)],
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while not ready.exists():
+            assert self.proc.poll() is None, "MLLP peer exited"
+            assert time.monotonic() < deadline, "MLLP peer did not start"
+            time.sleep(0.05)
+
+    def messages(self) -> list[str]:
+        if not self.record.exists():
+            return []
+        return [json.loads(line)["message"] for line in self.record.read_text().splitlines()]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
 
 
 if __name__ == "__main__":

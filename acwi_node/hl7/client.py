@@ -25,6 +25,7 @@ from acwi_node.config import Settings
 from acwi_node.hl7.messages import (
     AckInfo,
     HL7Error,
+    Lesion,
     OruStudy,
     Verdict,
     build_oru,
@@ -125,19 +126,31 @@ def queue_oru(
     verdict: Verdict | None = None,
     *,
     review_id: int | None = None,
+    amendment: int | None = None,
 ) -> int | None:
     """Queue the ORU^R01 of an analysed job for the RIS; returns the outbound row id.
 
     None when no RIS is configured or the job already has this message (idempotent: a re-run of
     the analysis does not send twice). A verdict is sent as its own message (kind
-    ``verdict-<review_id>``, or ``verdict`` when no id is given).
+    ``verdict-<review_id>``, or ``verdict`` when no id is given); an amended verdict (its id
+    ``amendment``) as another (:func:`verdict_kind`), a correction (``C``) of the first.
     """
     cfg = settings.hl7
     if cfg.ris is None:
         return None
-    kind = "result" if verdict is None else f"verdict-{review_id}" if review_id else "verdict"
+    if verdict is None:
+        kind = "result"
+    elif review_id:
+        kind = verdict_kind(review_id, amendment)
+    else:
+        kind = "verdict"
     promised = ledger.unbuilt_hl7_outbound(job_id, kind)
-    control_id = promised[1] if promised else control_id_for(job_id, kind, review_id)
+    if promised:
+        control_id = promised[1]
+    elif amendment is not None:
+        control_id = control_id_for(job_id, "amendment", amendment)
+    else:
+        control_id = control_id_for(job_id, kind, review_id)
     message = build_oru(
         oru_study(settings, ledger, job_id),
         verdict,
@@ -158,8 +171,38 @@ def queue_oru(
 
 
 def control_id_for(job_id: int, kind: str = "result", review_id: int | None = None) -> str:
-    """The MSH-10 of a job's ORU: unique per job, kind and second."""
+    """The MSH-10 of a job's ORU: unique per job, kind and second (an amendment's: per
+    job and amending verdict, ``kind="amendment"`` and that verdict's id as ``review_id``)."""
     return f"ACWI{job_id}{kind[0].upper()}{review_id or ''}T{dt.datetime.now():%y%m%d%H%M%S}"[:64]
+
+
+def verdict_kind(review_id: int, amendment: int | None = None) -> str:
+    """The outbound kind of a verdict's ORU: ``verdict-<review item id>`` for the verdict that
+    closed the case, ``verdict-<review item id>-<verdict id>`` for an amendment. Every kind
+    starting ``verdict`` is a final result (see :meth:`Ledger.study_has_final_oru`)."""
+    return f"verdict-{review_id}" if amendment is None else f"verdict-{review_id}-{amendment}"
+
+
+def parse_verdict_kind(kind: str) -> tuple[int, int | None]:
+    """The review item id and amending verdict id (None) of a :func:`verdict_kind`."""
+    parts = kind.removeprefix("verdict-").split("-")
+    if not kind.startswith("verdict-") or len(parts) > 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"not a verdict's ORU kind: {kind!r}")
+    return int(parts[0]), int(parts[1]) if len(parts) == 2 else None
+
+
+def lesions_of(boxes: dict[str, Any]) -> tuple[Lesion, ...]:
+    """A kept verdict's lesion boxes (by image name: a SOP Instance UID, or ``"<uid> frame
+    <n>"``; each image's a list of ``[x0, y0, x1, y1]``) as the ORU's lesions."""
+    out: list[Lesion] = []
+    for name, kept in boxes.items():
+        sop, _, frame = str(name).partition(" frame ")
+        if kept and all(isinstance(v, int) for v in kept):
+            kept = [kept]  # kept when an image took one box
+        for box in kept or []:
+            x0, y0, x1, y1 = (int(v) for v in box)
+            out.append(Lesion(sop, int(frame) if frame else None, (x0, y0, x1, y1)))
+    return tuple(out)
 
 
 def queue_result_safely(settings: Settings, ledger: Ledger, job_id: int) -> None:
@@ -198,11 +241,11 @@ class OruSender:
             try:
                 if kind == "result":
                     row = queue_oru(self.settings, self.ledger, job_id)
-                else:  # "verdict-<review item id>"
-                    item_id = int(kind.removeprefix("verdict-"))
-                    verdict = self.ledger.review_verdict(item_id)
+                else:  # "verdict-<review item id>[-<amending verdict id>]"
+                    item_id, amendment = parse_verdict_kind(kind)
+                    verdict = self.ledger.review_verdict(item_id, amendment)
                     if verdict is None:
-                        raise ValueError(f"review item {item_id} has no verdict")
+                        raise ValueError(f"review item {item_id} has no such verdict")
                     row = queue_oru(
                         self.settings,
                         self.ledger,
@@ -213,8 +256,10 @@ class OruSender:
                             reviewer=verdict["user_name"],
                             comment=verdict["reason"],
                             reviewed_at=verdict["created_at"],
+                            lesions=lesions_of(verdict["boxes"]),
                         ),
                         review_id=item_id,
+                        amendment=amendment,
                     )
                 if row is not None:
                     built += 1

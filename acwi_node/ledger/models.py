@@ -368,6 +368,14 @@ class Verdict(Base):
     #: verdict kept when an image took one box has that box alone; the review store reads it
     #: as a list of one). None: none.
     boxes: Mapped[dict[str, Any] | None] = mapped_column(nullable=True, default=None)
+    #: The confirm or override this one amends (a radiologist changed a closed case's
+    #: verdict): None for the verdict that closed the item, and for an escalation.
+    amends_id: Mapped[int | None] = mapped_column(
+        ForeignKey("verdicts.id"), nullable=True, default=None
+    )
+    #: When an amendment replaced this verdict; None while it stands. A case's current verdict
+    #: is its confirm or override with none.
+    superseded_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True, default=None)
 
 
 class MppsStep(Base):

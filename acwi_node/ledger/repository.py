@@ -1838,18 +1838,22 @@ class Ledger:
             ).all()
             return [(int(r[0]), str(r[1])) for r in rows if r[0] is not None]
 
-    def review_verdict(self, review_item_id: int) -> dict[str, Any] | None:
-        """The confirm or override that closed a review item (None when there is none)."""
+    def review_verdict(
+        self, review_item_id: int, verdict_id: int | None = None
+    ) -> dict[str, Any] | None:
+        """A confirm or override on a review item: the one that closed it, or with
+        ``verdict_id`` that verdict (an amendment); None when there is none. Its lesion
+        ``boxes`` are as kept (by image name, see :class:`Verdict`)."""
         with self.session() as s:
-            v = s.scalars(
-                select(Verdict)
-                .where(
-                    Verdict.review_item_id == review_item_id,
-                    Verdict.action.in_(("confirm", "override")),
-                )
-                .order_by(Verdict.id.desc())
-                .limit(1)
-            ).first()
+            query = select(Verdict).where(
+                Verdict.review_item_id == review_item_id,
+                Verdict.action.in_(("confirm", "override")),
+            )
+            if verdict_id is None:
+                query = query.where(Verdict.amends_id.is_(None))
+            else:
+                query = query.where(Verdict.id == verdict_id)
+            v = s.scalars(query.order_by(Verdict.id).limit(1)).first()
             if v is None:
                 return None
             return {
@@ -1858,6 +1862,7 @@ class Ledger:
                 "user_name": v.user_name,
                 "reason": v.reason,
                 "created_at": v.created_at,
+                "boxes": dict(v.boxes or {}),
             }
 
     def due_hl7_outbound(self, *, limit: int = 100) -> list[DueHl7]:

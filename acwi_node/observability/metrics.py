@@ -307,7 +307,15 @@ class LedgerCollector(Collector):
                 select(Job.model, ReviewItem.sampled, Verdict.action, func.count())
                 .join(ReviewItem, Verdict.review_item_id == ReviewItem.id)
                 .join(Job, Verdict.job_id == Job.id)
+                .where(Verdict.superseded_at.is_(None))  # an amended case: as amended, once
                 .group_by(Job.model, ReviewItem.sampled, Verdict.action)
+            ).all()
+            amendments = s.execute(
+                select(Job.model, func.count())
+                .select_from(Verdict)
+                .join(Job, Verdict.job_id == Job.id)
+                .where(Verdict.amends_id.is_not(None))
+                .group_by(Job.model)
             ).all()
 
         out: list[Metric] = []
@@ -366,11 +374,20 @@ class LedgerCollector(Collector):
         g = GaugeMetricFamily(
             "acwi_review_verdicts",
             "Radiologists' verdicts by model, kind of case (flagged: the model asked for review;"
-            " sample: a quality-control sample of the confident ones) and action",
+            " sample: a quality-control sample of the confident ones) and action; an amended"
+            " case's verdict counts once, as amended",
             labels=["model", "kind", "action"],
         )
         for model, sampled, action, n in verdicts:
             g.add_metric([model, SAMPLE if sampled else FLAGGED, action], n)
+        out.append(g)
+        g = GaugeMetricFamily(
+            "acwi_review_amendments",
+            "Verdicts radiologists amended on closed cases, by model",
+            labels=["model"],
+        )
+        for model, n in amendments:
+            g.add_metric([model], n)
         out.append(g)
         return out
 

@@ -57,6 +57,7 @@ from highdicom.sr import (
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
+from pydicom.uid import Comprehensive3DSRStorage
 
 from acwi_node import MANUFACTURER
 from acwi_node.inference.types import ImageResult, StudyAnalysis, Uncertainty, unit_name
@@ -676,11 +677,23 @@ class Verification:
     verified_at: dt.datetime
     #: The lesion boxes the radiologist marked (a confirmed or corrected finding only).
     regions: tuple[LesionRegion, ...] = ()
+    #: An amendment: the SOP Instance UID of the verified SR it replaces ("" for the verdict
+    #: that first verified the result).
+    amends: str = ""
+    #: How many verified SRs of the case came before this one (0 for the first).
+    revision: int = 0
 
 
 def verified_sr_uid(study_uid: str, model_name: str, model_version: str) -> str:
     """SOP Instance UID of the verified SR for one model version's result on one study."""
     return derive_uid(UID_NAMESPACE, "sr-verified-instance", study_uid, model_name, model_version)
+
+
+def amended_sr_uid(predecessor_uid: str) -> str:
+    """SOP Instance UID of the verified SR that amends the verified SR ``predecessor_uid``: a
+    new instance (its content differs), derived from the one it replaces, so re-sending it
+    replaces, never duplicates."""
+    return derive_uid(UID_NAMESPACE, "sr-verified-amendment", predecessor_uid)
 
 
 def _person_name(name: str) -> str:
@@ -777,6 +790,10 @@ def build_verified_sr(
     ``verification.observer_name``; it lists the unverified SR in the Predecessor Documents
     Sequence, lives in the same series and has its own deterministic SOP Instance UID
     (:func:`verified_sr_uid`), so re-sending it replaces, never duplicates.
+
+    An amendment (``verification.amends``: the verified SR it replaces) has its own UID
+    (:func:`amended_sr_uid`), instance number 2 + ``verification.revision``, and lists the
+    verified SR it replaces after the unverified one in the Predecessor Documents Sequence.
     """
     if verification.action not in VERDICT_ACTIONS:
         raise ValueError(
@@ -824,13 +841,24 @@ def build_verified_sr(
     ):
         measurements[0].ContentSequence.append(region_group)
 
+    previous = [unverified]
+    sop_instance_uid = verified_sr_uid(study_uid, model_name, model_version)
+    if verification.amends:
+        # the verified SR it replaces: in the same series, of the same class
+        replaced = Dataset()
+        replaced.StudyInstanceUID = study_uid
+        replaced.SeriesInstanceUID = unverified.SeriesInstanceUID
+        replaced.SOPClassUID = Comprehensive3DSRStorage
+        replaced.SOPInstanceUID = verification.amends
+        previous.append(replaced)
+        sop_instance_uid = amended_sr_uid(verification.amends)
     document = Comprehensive3DSR(
         evidence=[patient_study_header(sources[0]), *sources[1:]],
         content=root,
         series_instance_uid=str(unverified.SeriesInstanceUID),
         series_number=int(unverified.get("SeriesNumber", SR_SERIES_NUMBER) or SR_SERIES_NUMBER),
-        sop_instance_uid=verified_sr_uid(study_uid, model_name, model_version),
-        instance_number=VERIFIED_SR_INSTANCE_NUMBER,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=VERIFIED_SR_INSTANCE_NUMBER + max(0, verification.revision),
         manufacturer=MANUFACTURER,
         is_complete=True,
         is_final=True,
@@ -838,7 +866,7 @@ def build_verified_sr(
         institution_name=unverified.get("InstitutionName") or None,
         verifying_observer_name=_person_name(verification.observer_name),
         verifying_organization=_lo(verification.organization),
-        previous_versions=[unverified],
+        previous_versions=previous,
         series_description=_lo(f"ACWI {model_name} {model_version} verified result"),
         manufacturer_model_name=_lo(model_name),
         software_versions=_lo(model_version),

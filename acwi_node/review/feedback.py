@@ -12,7 +12,7 @@
 ``labels.csv`` is the format ``models/data/dicom_dataset.py`` reads: one row per image the
 model read (a frame of a multi-frame image is one, with its ``frame_number``; empty for a
 single-frame image; the file is copied once), the label the radiologist stood by (confirm:
-the model's label; override: the corrected one);
+the model's label; override: the corrected one; an amended verdict's, the amendment's);
 ``site`` numbers the calling AE titles in sorted order; ``patient`` is the patient's
 pseudonym, the same in every export made with the node's key, so that a training split can
 keep each patient's images on one side; ``box`` holds the lesion boxes the radiologist

@@ -2,7 +2,8 @@
 
 Everything goes through :meth:`Ledger.session`, so the same code runs on SQLite and PostgreSQL.
 Verdicts close review items with a conditional update: two radiologists deciding the same case
-at once cannot both win.
+at once cannot both win. An amendment replaces a closed case's verdict the same way (it marks the
+verdict it replaces superseded only if nothing else did first).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from acwi_node.review.quality import FLAGGED, SAMPLE
 ROLES = ("radiologist", "admin", "sender")
 #: Verdict actions: the first two verify the result and close the item; escalate keeps it open.
 ACTIONS = ("confirm", "override", "escalate")
+#: The actions that verify the result (and that an amendment may take).
+FINAL_ACTIONS = ("confirm", "override")
 
 
 #: Review actions -> audit trail event (and outcome when not success).
@@ -66,6 +69,10 @@ class ReviewError(ValueError):
 
 class UserExists(ReviewError):
     pass
+
+
+class VerdictAmended(ReviewError):
+    """The verdict an amendment was written against is no longer the case's current one."""
 
 
 class ItemClosed(ReviewError):
@@ -427,6 +434,9 @@ class ReviewStore:
             ).all()
             # A closed case's files may be gone (storage retention).
             deleted = files_deleted_at(s, st.id, job.generation)
+            current = [
+                v.id for v in verdicts if v.action in FINAL_ACTIONS and v.superseded_at is None
+            ]
             return {
                 "id": it.id,
                 "images_deleted_at": _iso(deleted),
@@ -462,9 +472,14 @@ class ReviewStore:
                         "at": _iso(v.created_at),
                         "sr_sop_instance_uid": v.sr_sop_instance_uid,
                         "boxes": kept_boxes(v.boxes),
+                        # the verdict it amends, and whether a later one amended it
+                        "amends": v.amends_id,
+                        "superseded_at": _iso(v.superseded_at),
                     }
                     for v in verdicts
                 ],
+                # the confirm or override that stands (None while none was given)
+                "current_verdict": current[-1] if current else None,
             }
 
     def instance_path(self, study_uid: str, sop_instance_uid: str) -> str | None:
@@ -562,23 +577,121 @@ class ReviewStore:
         )
         return verdict_id
 
+    def claim_amendment(
+        self,
+        item_id: int,
+        amends: int,
+        *,
+        user: SessionInfo,
+        action: str,
+        label: str,
+        model_label: str,
+        reason: str,
+        sr_sop_instance_uid: str,
+        ris: bool = False,
+        boxes: dict[str, list[list[int]]] | None = None,
+    ) -> int:
+        """Record an amendment of a closed item's current verdict ``amends`` (a confirm or
+        override that replaces it); returns the new verdict's id.
+
+        With ``ris`` (a RIS is configured) it also promises the amendment's ORU^R01 in the same
+        transaction (kind ``verdict-<item>-<verdict id>``, see
+        :func:`acwi_node.hl7.client.verdict_kind`).
+
+        Raises :class:`VerdictAmended` when ``amends`` is not the item's current verdict any
+        more (someone amended it first).
+        """
+        if action not in FINAL_ACTIONS:
+            raise ReviewError(f"an amendment must be one of {', '.join(FINAL_ACTIONS)}")
+        now = utcnow()
+        count = sum(len(kept) for kept in (boxes or {}).values())
+        marked = f", {count} lesion box(es)" if count else ""
+        with self.ledger.session() as s:
+            result = s.execute(
+                update(Verdict)
+                .where(
+                    Verdict.id == amends,
+                    Verdict.review_item_id == item_id,
+                    Verdict.action.in_(FINAL_ACTIONS),
+                    Verdict.superseded_at.is_(None),
+                )
+                .values(superseded_at=now)
+            )
+            it = s.get(ReviewItem, item_id)
+            if not getattr(result, "rowcount", 0) or it is None:
+                raise VerdictAmended(
+                    "this case's verdict changed since the page was loaded: reload it"
+                )
+            verdict = Verdict(
+                review_item_id=item_id,
+                study_id=it.study_id,
+                job_id=it.job_id,
+                user_id=user.user_id,
+                user_name=user.user_name,
+                action=action,
+                label=label[:64],
+                model_label=model_label[:64],
+                reason=reason[:2000],
+                created_at=now,
+                sr_sop_instance_uid=sr_sop_instance_uid,
+                boxes=boxes or None,
+                amends_id=amends,
+            )
+            s.add(verdict)
+            s.flush()
+            verdict_id = verdict.id
+            if ris:
+                from acwi_node.hl7.client import control_id_for, verdict_kind
+
+                promise_hl7_outbound(
+                    s, study_id=it.study_id, job_id=it.job_id,
+                    kind=verdict_kind(item_id, verdict_id),
+                    control_id=control_id_for(it.job_id, "amendment", verdict_id),
+                )  # fmt: skip
+            study_uid = it.study.study_uid
+            detail = f"item {item_id}, verdict {amends} amended, label {label or '-'}{marked}"
+            s.add(
+                AuditEvent(
+                    at=now,
+                    user_name=user.user_name,
+                    action=f"verdict:amend:{action}",
+                    study_uid=study_uid,
+                    detail=detail,
+                )
+            )
+        trail.audit(
+            trail.AuditEvent.VERDICT_RECORDED,
+            participants=[trail.user(user.user_name)],
+            study_uids=[study_uid],
+            detail=f"{action}, {detail}",
+        )
+        return verdict_id
+
     def undo_verdict(self, verdict_id: int) -> None:
-        """Remove a verdict whose verified SR could not be stored, and re-open its item."""
+        """Remove a verdict whose verified SR could not be stored, and re-open its item; for an
+        amendment, the verdict it amended stands again."""
         with self.ledger.session() as s:
             v = s.get(Verdict, verdict_id)
             if v is None:
                 return
-            s.execute(
-                update(ReviewItem)
-                .where(ReviewItem.id == v.review_item_id)
-                .values(state=ReviewState.OPEN, closed_at=None)
-            )
+            if v.amends_id is None:
+                s.execute(
+                    update(ReviewItem)
+                    .where(ReviewItem.id == v.review_item_id)
+                    .values(state=ReviewState.OPEN, closed_at=None)
+                )
+                kind = f"verdict-{v.review_item_id}"
+            else:
+                s.execute(
+                    update(Verdict).where(Verdict.id == v.amends_id).values(superseded_at=None)
+                )
+                kind = f"verdict-{v.review_item_id}-{v.id}"
             s.delete(v)
             user_name, item_id = v.user_name, v.review_item_id
             s.execute(
                 delete(Hl7Outbound).where(
                     Hl7Outbound.job_id == v.job_id,
-                    Hl7Outbound.kind == f"verdict-{item_id}",
+                    Hl7Outbound.kind == kind,
                     Hl7Outbound.message == "",
                 )
             )
@@ -674,8 +787,8 @@ class ReviewStore:
         }
 
     def agreement(self, *, days: int = 90, now: dt.datetime | None = None) -> list[dict[str, Any]]:
-        """The radiologists' final verdicts (confirm, override) of the last ``days`` days as
-        agreement rows per model version and kind of case
+        """The radiologists' final verdicts (confirm, override; an amended case's amendment)
+        of the last ``days`` days as agreement rows per model version and kind of case
         (:func:`acwi_node.review.quality.agreement`)."""
         from acwi_node.review.quality import FinalVerdict, agreement
 
@@ -693,7 +806,11 @@ class ReviewStore:
                 .join(ReviewItem, Verdict.review_item_id == ReviewItem.id)
                 .join(Job, Verdict.job_id == Job.id)
                 .join(Study, Verdict.study_id == Study.id)
-                .where(Verdict.action.in_(("confirm", "override")), Verdict.created_at >= since)
+                .where(
+                    Verdict.action.in_(FINAL_ACTIONS),
+                    Verdict.superseded_at.is_(None),  # an amended case counts once, as amended
+                    Verdict.created_at >= since,
+                )
             ).all()
         return agreement(
             FinalVerdict(
@@ -804,11 +921,12 @@ class ReviewStore:
 
     # --------------------------------------------------------------- feedback
     def reviewed_cases(self) -> list[dict[str, Any]]:
-        """Closed items with their final confirm/override verdict (latest per item)."""
+        """Closed items with their current confirm/override verdict (an amended case's
+        amendment)."""
         with self.ledger.session() as s:
             verdicts = s.scalars(
                 select(Verdict)
-                .where(Verdict.action.in_(["confirm", "override"]))
+                .where(Verdict.action.in_(FINAL_ACTIONS), Verdict.superseded_at.is_(None))
                 .order_by(Verdict.id)
             ).all()
             latest: dict[int, Verdict] = {}

@@ -14,6 +14,13 @@ the radiologist) that supersedes the unverified one, store it in the results dir
 it in the outbox for every destination of the job: the exporter sends it by C-STORE like any
 other result. The SR is built before the item is claimed, so a case that cannot be verified
 (missing files) stays open; if storing it fails after the claim, the verdict is undone.
+
+A closed case's verdict can be amended (:func:`amend_verdict`): a reader who finds the verdict
+wrong (the finding, or the lesion boxes) gives a confirm or override again, with a reason. The
+amendment replaces the verdict it amends (which stays in the case's history, superseded): a new
+VERIFIED SR, with its own SOP Instance UID, lists the one it replaces among its predecessor
+documents and goes to the same destinations; the RIS gets the amended verdict as a corrected
+result (``C``); the agreement figures and the feedback export take the amendment.
 """
 
 from __future__ import annotations
@@ -36,11 +43,14 @@ from acwi_node.results.sr import LesionRegion, Verification, build_verified_sr
 from acwi_node.review.lesion_boxes import BoxError, place_boxes
 from acwi_node.review.store import (
     ACTIONS,
+    FINAL_ACTIONS,
     ItemClosed,
     ReviewError,
     ReviewStore,
     SessionInfo,
+    VerdictAmended,
     frame_number_of,
+    kept_boxes,
 )
 
 log = logging.getLogger("acwi_node.review")
@@ -115,8 +125,10 @@ def _queue_ris_verdict(
     item_id: int,
     user: SessionInfo,
     verification: Verification,
+    amendment: int | None = None,
 ) -> None:
-    """Also tell the RIS (ORU^R01 with the verdict) when ``[hl7.ris]`` is configured.
+    """Also tell the RIS (ORU^R01 with the verdict; ``amendment``: the id of an amending
+    verdict) when ``[hl7.ris]`` is configured.
 
     The verdict and the verified SR stand even if this fails; the failure is logged.
     """
@@ -142,6 +154,7 @@ def _queue_ris_verdict(
                 ),
             ),
             review_id=item_id,
+            amendment=amendment,
         )
     except Exception:
         log.exception("review item %d: the verdict could not be queued for the RIS", item_id)
@@ -261,18 +274,7 @@ def submit_verdict(
         hl7_control_id=ris_control_id,  # the RIS's ORU, promised with the verdict
         boxes=boxes,
     )
-    try:
-        out = Spool(settings.results_dir, fsync=settings.ingest.fsync)
-        path = out.store(case["study_uid"], uid, data)
-        deliveries = store.attach_verified_sr(
-            case["job_id"],
-            ResultFile(VERIFIED_SR_KIND, uid, str(document.SOPClassUID), out.relative(path)),
-            settings.destination_takes,
-        )
-    except Exception:
-        log.exception("review item %d: the verified SR could not be stored", item_id)
-        store.undo_verdict(vid)
-        raise
+    deliveries = _store_verified_sr(settings, store, case, item_id, vid, document, data)
     _queue_ris_verdict(settings, store, case["job_id"], item_id, user, verification)
     log.info(
         "review item %d: %s, verified SR queued for %d destination(s)",
@@ -281,3 +283,130 @@ def submit_verdict(
         deliveries,
     )
     return VerdictOutcome(vid, action, chosen, uid, deliveries)
+
+
+def _store_verified_sr(
+    settings: Settings,
+    store: ReviewStore,
+    case: dict[str, Any],
+    item_id: int,
+    verdict_id: int,
+    document: Dataset,
+    data: bytes,
+) -> int:
+    """Store a claimed verdict's verified SR and queue it for the job's destinations; returns
+    how many deliveries were queued. On failure the verdict is undone and the error raised."""
+    uid = str(document.SOPInstanceUID)
+    try:
+        out = Spool(settings.results_dir, fsync=settings.ingest.fsync)
+        path = out.store(case["study_uid"], uid, data)
+        return store.attach_verified_sr(
+            case["job_id"],
+            ResultFile(VERIFIED_SR_KIND, uid, str(document.SOPClassUID), out.relative(path)),
+            settings.destination_takes,
+        )
+    except Exception:
+        log.exception("review item %d: the verified SR could not be stored", item_id)
+        store.undo_verdict(verdict_id)
+        raise
+
+
+def current_verdict(case: dict[str, Any]) -> dict[str, Any] | None:
+    """The confirm or override that stands on ``case`` (:meth:`ReviewStore.case`), or None."""
+    wanted = case.get("current_verdict")
+    return next((v for v in case["verdicts"] if v["id"] == wanted), None)
+
+
+def amend_verdict(
+    settings: Settings,
+    store: ReviewStore,
+    item_id: int,
+    user: SessionInfo,
+    *,
+    amends: int,
+    action: str,
+    label: str = "",
+    reason: str = "",
+    marks: Mapping[str, str] | None = None,
+) -> VerdictOutcome:
+    """Amend a closed case's verdict: record a confirm or override that replaces verdict
+    ``amends`` (the case's current one, as the page showed it), write its VERIFIED SR (a new
+    instance that names the one it replaces as a predecessor) and queue it, and the RIS's
+    corrected ORU^R01.
+
+    ``marks`` are all the lesion boxes the amended verdict keeps (the page starts from the
+    current verdict's). A reason is required, and the amendment must change something: the
+    finding or the boxes. Raises :class:`ReviewError` (:class:`VerdictAmended` when ``amends``
+    is no longer the current verdict).
+    """
+    case = store.case(item_id)
+    if case is None:
+        raise ReviewError("no such case")
+    previous = current_verdict(case)
+    if case["state"] != "closed" or previous is None:
+        raise ReviewError("only a closed case's verdict can be amended")
+    if previous["id"] != amends:
+        raise VerdictAmended("this case's verdict changed since the page was loaded: reload it")
+    if case["images_deleted_at"]:
+        raise ReviewError(
+            "storage retention deleted this case's images: its verdict can no longer be amended"
+        )
+    if action not in FINAL_ACTIONS:
+        raise ReviewError("an amendment confirms or overrides the finding")
+    reason = reason.strip()
+    if not reason:
+        raise ReviewError("an amendment needs a reason")
+    chosen = decide_label(case, action, label.strip(), reason)
+    unverified = _unverified_sr(settings, case)
+    sources = _sources(settings, store, case["job_id"])
+    boxes, regions = _regions(case, sources, marks or {}, chosen)
+    if (action, chosen, _same_boxes(boxes)) == (
+        previous["action"],
+        previous["label"],
+        _same_boxes(kept_boxes(previous["boxes"])),
+    ):
+        raise ReviewError("the amendment changes nothing: change the finding or the lesion boxes")
+    verification = Verification(
+        observer_name=user.user_name,
+        organization=settings.review.organization,
+        action=action,
+        label=chosen,
+        reason=reason,
+        verified_at=utcnow(),
+        regions=regions,
+        amends=str(previous["sr_sop_instance_uid"]),
+        revision=sum(1 for v in case["verdicts"] if v["action"] in FINAL_ACTIONS),
+    )
+    try:
+        document = build_verified_sr(unverified, sources, verification)
+    except ValueError as exc:
+        raise ReviewError(f"the verified SR cannot be written: {exc}") from exc
+    data = encode_part10(document)
+    uid = str(document.SOPInstanceUID)
+    vid = store.claim_amendment(
+        item_id,
+        amends,
+        user=user,
+        action=action,
+        label=chosen,
+        model_label=str(case["summary"].get("predicted_label") or ""),
+        reason=reason,
+        sr_sop_instance_uid=uid,
+        ris=settings.hl7.ris is not None,  # the RIS's ORU, promised with the amendment
+        boxes=boxes,
+    )
+    deliveries = _store_verified_sr(settings, store, case, item_id, vid, document, data)
+    _queue_ris_verdict(settings, store, case["job_id"], item_id, user, verification, vid)
+    log.info(
+        "review item %d: verdict %d amended (%s), verified SR queued for %d destination(s)",
+        item_id,
+        amends,
+        action,
+        deliveries,
+    )
+    return VerdictOutcome(vid, action, chosen, uid, deliveries)
+
+
+def _same_boxes(boxes: Mapping[str, list[list[int]]]) -> dict[str, list[list[int]]]:
+    """Boxes by image in an order-free form, to tell whether an amendment moved any."""
+    return {name: sorted(kept) for name, kept in boxes.items() if kept}

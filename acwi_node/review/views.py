@@ -68,10 +68,16 @@ from acwi_node.review.store import (
     ReviewStore,
     SessionInfo,
     UserInfo,
+    VerdictAmended,
     WorklistFilters,
     frame_number_of,
 )
-from acwi_node.review.verdicts import VERIFIED_SR_KIND, submit_verdict
+from acwi_node.review.verdicts import (
+    VERIFIED_SR_KIND,
+    amend_verdict,
+    current_verdict,
+    submit_verdict,
+)
 
 log = logging.getLogger("acwi_node.review")
 
@@ -701,10 +707,15 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         notice: str = "",
         status: int = 200,
         submitted: dict[str, str] | None = None,
+        amend: bool = False,
     ) -> HTMLResponse:
         """The case page; ``submitted`` is the verdict form the node just refused, whose
-        choices, reason and lesion boxes the page shows again."""
+        choices, reason and lesion boxes the page shows again. With ``amend`` a closed case's
+        page offers the form that amends its verdict, starting from that verdict's finding and
+        lesion boxes."""
         case = _case_or_404(item_id)
+        standing = current_verdict(case)
+        amending = amend and case["state"] == "closed" and standing is not None
         user: SessionInfo = request.state.user
         review.store.audit(
             user.user_name,
@@ -749,12 +760,24 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
                 }
             )
         by_name = {im["name"]: im["sop"] for im in images}
-        # the boxes kept with verdicts, drawn over their images; a refused form's, again
+        # the boxes the standing verdict kept, drawn over their images; a refused form's, again
         marked = marked_boxes(
-            case["verdicts"],
+            [standing] if standing is not None else [],
             set(by_name),
             lambda name: _image_size(case["study_uid"], by_name[name]),
         )
+        if amending and submitted is None and standing is not None:
+            # the amendment starts from the standing verdict: its boxes are the form's to edit
+            submitted = {
+                "action": standing["action"],
+                "label": standing["label"],
+                **{
+                    f"box:{name}": ";".join(m["fractions"] for m in kept if m["fractions"])
+                    for name, kept in marked.items()
+                },
+            }
+        if amending:
+            marked = {}
         draft = _verdict_draft(submitted or {}, set(by_name))
         for im in images:
             im["marked"] = marked.get(im["name"], [])
@@ -768,7 +791,12 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
                 sr_summary = summarise_sr(dcmread(settings.results_dir / r["path"]))
             except Exception:
                 sr_summary = None
-            title = "Verified SR" if r["kind"] == VERIFIED_SR_KIND else "AI result SR (unverified)"
+            title = "AI result SR (unverified)"
+            if r["kind"] == VERIFIED_SR_KIND:
+                replaced = (
+                    standing is None or r["sop_instance_uid"] != standing["sr_sop_instance_uid"]
+                )
+                title = "Verified SR, replaced by an amendment" if replaced else "Verified SR"
             results.append({**r, "title": title, "sr": sr_summary})
         probabilities = sorted(
             (summary.get("probabilities") or {}).items(), key=lambda kv: -float(kv[1])
@@ -795,11 +823,18 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             draft=draft,
             error=error,
             notice=notice,
+            standing=standing,
+            amending=amending,
         )
 
     @app.get("/review/cases/{item_id}", include_in_schema=False)
-    def case_page(request: Request, item_id: int) -> HTMLResponse:
-        return _case_page(request, item_id)
+    def case_page(
+        request: Request, item_id: int, amend: bool = False, amended: bool = False
+    ) -> HTMLResponse:
+        notice = ""
+        if amended:
+            notice = AMENDED_NOTICE + (AMENDED_RIS_NOTICE if settings.hl7.ris is not None else "")
+        return _case_page(request, item_id, amend=amend, notice=notice)
 
     @app.get("/review/cases/{item_id}/images/{sop}.png", include_in_schema=False)
     def case_image(
@@ -896,6 +931,45 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             return RedirectResponse(f"/review/cases/{item_id}", status_code=303)
         return RedirectResponse("/review/worklist", status_code=303)
 
+    @app.post("/review/cases/{item_id}/amend", include_in_schema=False)
+    async def amend(request: Request, item_id: int) -> Response:
+        user: SessionInfo = request.state.user
+        form = _form(await request.body())
+        if not auth.csrf_ok(review.key, "session", user.token_hash, form.get("csrf_token")):
+            return _forbidden("invalid form token: reload the page")
+        try:
+            amends = int(form.get("amends", ""))
+        except ValueError:
+            amends = -1  # a form without the verdict it amends: refused below
+        try:
+            await run_in_threadpool(
+                amend_verdict,
+                settings,
+                review.store,
+                item_id,
+                user,
+                amends=amends,
+                action=form.get("action", ""),
+                label=form.get("label", ""),
+                reason=form.get("reason", ""),
+                marks=_marks(form),
+            )
+        except ReviewError as exc:
+            stale = isinstance(exc, VerdictAmended)
+            return await run_in_threadpool(
+                partial(
+                    _case_page,
+                    request,
+                    item_id,
+                    error=str(exc),
+                    status=409 if stale else 400,
+                    # a stale form is not shown again: the page shows the verdict that stands
+                    submitted=None if stale else form,
+                    amend=not stale,
+                )
+            )
+        return RedirectResponse(f"/review/cases/{item_id}?amended=1", status_code=303)
+
     return review
 
 
@@ -906,6 +980,12 @@ def _disk_free_percent(path: Path) -> float | None:
     except OSError:
         return None
 
+
+#: The case page's message after an amendment.
+AMENDED_NOTICE = (
+    "The verdict is amended: its new verified SR is queued for the case's destinations."
+)
+AMENDED_RIS_NOTICE = " The RIS gets the amended verdict as a corrected result."
 
 #: The dashboard's message after an administrator's action on a study.
 STUDY_ACTION_NOTICES = {

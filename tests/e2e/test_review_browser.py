@@ -223,6 +223,10 @@ def test_sign_in_open_case_override(tmp_path: Path) -> None:
             expect(page).to_have_url(f"{base}/review/worklist")
             page.goto(f"{base}/review/cases/{other_item}")
             expect(page.locator("#verdicts")).to_contain_text("2 lesion boxes marked")
+            figure.scroll_into_view_if_needed()  # its pictures load when scrolled to
+            page.wait_for_function(
+                "() => [...document.images].every(i => i.complete && i.naturalWidth > 0)"
+            )
             # the kept boxes are drawn over their image where they were marked
             kept = figure.locator(".lesion-box.marked")
             expect(kept).to_have_count(2)
@@ -241,6 +245,24 @@ def test_sign_in_open_case_override(tmp_path: Path) -> None:
                 )
                 near = [abs(g - w) < 0.02 for g, w in zip(got_box, want_box, strict=True)]
                 assert all(near), (drawn, area)
+            # the second lesion was not one: amend the verdict, the boxes start as they were
+            page.click("#amend-link")
+            expect(page.locator("form.amend-form")).to_be_visible()
+            drafted = figure.locator(".lesion-box.drawn")
+            expect(drafted).to_have_count(2)
+            expect(figure.locator(".lesion-box.marked")).to_have_count(0)
+            expect(page.locator("#lesion-boxes")).to_contain_text("2 lesion boxes marked")
+            drafted.nth(1).locator("button.remove-box").click()
+            expect(page.locator("#lesion-boxes")).to_contain_text("1 lesion box marked")
+            page.fill("textarea[name=reason]", "the second was a vessel")
+            page.click(".amend-form button[type=submit]")
+            expect(page).to_have_url(f"{base}/review/cases/{other_item}?amended=1")
+            expect(page.locator("[role=status]").first).to_contain_text("The verdict is amended")
+            expect(page.locator("#verdicts")).to_contain_text(
+                f"{USER} amended the verdict: confirm"
+            )
+            expect(page.locator("#verdicts li.superseded")).to_have_count(1)
+            expect(figure.locator(".lesion-box.marked")).to_have_count(1)
             assert page.title() != "pwned"
             assert dialogs == []
         finally:
@@ -248,7 +270,10 @@ def test_sign_in_open_case_override(tmp_path: Path) -> None:
         nodes.assert_alive()
 
     with ledger.session() as s:
-        verdict, marked = s.scalars(select(Verdict).order_by(Verdict.id)).all()
+        verdict, marked, amended = s.scalars(select(Verdict).order_by(Verdict.id)).all()
+        assert (amended.amends_id, amended.action) == (marked.id, "confirm")
+        assert marked.superseded_at is not None and amended.boxes is not None
+        assert amended.boxes[marked_image] == marked.boxes[marked_image][:1]  # type: ignore[index]
         assert (verdict.user_name, verdict.action, verdict.label) == (USER, "override", new_label)
         assert verdict.boxes is None
         # the boxes in the image's 128 x 128 pixels: about x 32-95, y 32-63 and x 77-115,

@@ -239,3 +239,34 @@ def test_oru_after_a_final_result_is_a_correction() -> None:
         segs = text.split("\r")
         assert segs[3].split("|")[25] == "C"
         assert {seg.split("|")[11] for seg in segs if seg.startswith("OBX")} == {"C"}
+
+
+def test_a_verdicts_outbound_kind_names_its_case_and_any_amendment() -> None:
+    from acwi_node.hl7.client import parse_verdict_kind, verdict_kind
+
+    assert verdict_kind(7) == "verdict-7"
+    assert verdict_kind(7, 31) == "verdict-7-31"
+    assert parse_verdict_kind("verdict-7") == (7, None)
+    assert parse_verdict_kind(verdict_kind(7, 31)) == (7, 31)
+    for bad in ("verdict", "verdict-", "verdict-x", "verdict-7-", "verdict-7-8-9", "result-7"):
+        with pytest.raises(ValueError, match="not a verdict"):
+            parse_verdict_kind(bad)
+
+
+def test_kept_lesion_boxes_become_the_orus_lesions() -> None:
+    """As the ledger keeps them: by image name (a frame's ``"<uid> frame <n>"``), each image's a
+    list of boxes, or one box (kept when an image took one)."""
+    from acwi_node.hl7.client import lesions_of
+
+    kept = {
+        "1.2.3": [[1, 2, 3, 4], [5, 6, 7, 8]],
+        "1.2.4 frame 2": [[0, 0, 9, 9]],
+        "1.2.5": [10, 11, 12, 13],
+    }
+    assert lesions_of(kept) == (
+        Lesion("1.2.3", None, (1, 2, 3, 4)),
+        Lesion("1.2.3", None, (5, 6, 7, 8)),
+        Lesion("1.2.4", 2, (0, 0, 9, 9)),
+        Lesion("1.2.5", None, (10, 11, 12, 13)),
+    )
+    assert lesions_of({}) == ()

@@ -51,6 +51,9 @@ def test_an_earlier_ledger_gets_the_columns_and_indexes_it_lacks(
         conn.execute(text("ALTER TABLE deliveries DROP COLUMN delivered_at"))
         conn.execute(text("ALTER TABLE verdicts DROP COLUMN boxes"))  # a JSON column
         conn.execute(text("ALTER TABLE review_items DROP COLUMN sampled"))  # a boolean
+        conn.execute(text("ALTER TABLE verdicts DROP COLUMN superseded_at"))  # a date-time
+        if database_url.startswith("postgresql"):  # SQLite drops no column a key names
+            conn.execute(text("ALTER TABLE verdicts DROP COLUMN amends_id"))  # a foreign key
     assert "last_error" not in columns(ledger, "deliveries")
     ledger.dispose()
 
@@ -60,6 +63,9 @@ def test_an_earlier_ledger_gets_the_columns_and_indexes_it_lacks(
         assert {"last_error", "delivered_at"} <= columns(upgraded, "deliveries")
         assert "boxes" in columns(upgraded, "verdicts") and "verdicts.boxes" in caplog.text
         assert "sampled" in columns(upgraded, "review_items")
+        assert "superseded_at" in columns(upgraded, "verdicts")
+        assert "verdicts.superseded_at" in caplog.text
+        assert "amends_id" in columns(upgraded, "verdicts")
         assert "review_items.sampled" in caplog.text
         assert upgraded.worklist() == []  # the query reads the new column
         indexes = {ix["name"] for ix in inspect(upgraded.engine).get_indexes("deliveries")}

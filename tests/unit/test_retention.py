@@ -16,7 +16,15 @@ from acwi_node.audit import audit_file, close_audit
 from acwi_node.cli import main
 from acwi_node.config import ConfigError, Settings, load_settings
 from acwi_node.ledger import Ledger
-from acwi_node.ledger.models import Purge, ReviewItem, ReviewState, Study, utcnow
+from acwi_node.ledger.models import (
+    Purge,
+    ReviewItem,
+    ReviewState,
+    Study,
+    User,
+    Verdict,
+    utcnow,
+)
 from acwi_node.retention import DiskSpace, Retention
 from acwi_node.retention import sweep as sweep_module
 from acwi_node.retention.store import RetentionStore
@@ -112,11 +120,31 @@ def test_studies_in_use_are_never_deleted_even_when_space_runs_short(
         item_id = s.scalars(select(ReviewItem.id)).one()
     assert ReviewStore(ledger).case(item_id)["images_deleted_at"]  # type: ignore[index]
     add_user(ledger, "jane.doe")
+    with ledger.session() as s:  # the verdict that closed it
+        item = s.get_one(ReviewItem, item_id)
+        user_id = s.scalars(select(User.id)).one()
+        s.add(
+            Verdict(
+                review_item_id=item_id, study_id=item.study_id, job_id=item.job_id,
+                user_id=user_id, user_name="jane.doe", action="confirm", label="abnormal",
+                model_label="abnormal", sr_sop_instance_uid="2.25.7",
+            )
+        )  # fmt: skip
+        verdict_id = s.scalars(select(Verdict.id)).one()
     with TestClient(create_app(settings, ledger), base_url="https://testserver") as client:
-        sign_in(client, "jane.doe")
+        csrf = sign_in(client, "jane.doe")
         page = client.get(f"/review/cases/{item_id}")
         assert page.status_code == 200
         assert "Storage retention deleted this case's images" in page.text
+        # its verdict cannot be amended (the verified SR is built from the images): said so
+        assert "can no longer be amended" in page.text and "amend-link" not in page.text
+        refused = client.post(
+            f"/review/cases/{item_id}/amend",
+            data={"csrf_token": csrf, "amends": str(verdict_id), "action": "override",
+                  "label": "normal", "reason": "x"},
+        )  # fmt: skip
+        assert refused.status_code == 400
+        assert "its verdict can no longer be amended</p>" in refused.text
 
 
 def test_short_of_space_deletes_oldest_first_reviewed_last_until_enough_is_free(

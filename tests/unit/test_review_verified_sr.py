@@ -15,6 +15,7 @@ from acwi_node.results.sr import (
     LesionRegion,
     Verification,
     _walk,
+    amended_sr_uid,
     build_sr,
     build_verified_sr,
     summarise_sr,
@@ -189,3 +190,57 @@ def test_two_boxes_on_one_image_are_tracked_apart() -> None:
     double = tracking(build_verified_sr(sr, sources, two))
     assert len(double) == len(set(double))
     assert single <= set(double) and len(set(double) - single) == 1
+
+
+def _amendment(previous: Dataset, revision: int = 1) -> Verification:
+    return Verification(
+        "Roe^Rick",
+        "Example Hospital",
+        "confirm",
+        "effusion",
+        "the nodule was a nipple shadow",
+        AT,
+        amends=str(previous.SOPInstanceUID),
+        revision=revision,
+    )
+
+
+def test_an_amendment_is_a_new_instance_that_names_the_one_it_replaces() -> None:
+    """An amended verdict's SR: its own SOP Instance UID (derived from the one it replaces, so
+    re-sending replaces, never duplicates), the next instance number, the same series, and both
+    the unverified SR and the verified SR it replaces among its predecessor documents."""
+    sources, sr = _unverified()
+    first = build_verified_sr(sr, sources, _verdict())
+    amended = build_verified_sr(sr, sources, _amendment(first))
+    assert amended.SOPInstanceUID == amended_sr_uid(str(first.SOPInstanceUID))
+    assert amended.SOPInstanceUID not in {first.SOPInstanceUID, sr.SOPInstanceUID}
+    assert (first.InstanceNumber, amended.InstanceNumber) == (2, 3)
+    assert amended.SeriesInstanceUID == first.SeriesInstanceUID == sr.SeriesInstanceUID
+    (series,) = amended.PredecessorDocumentsSequence[0].ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == sr.SeriesInstanceUID
+    assert [
+        (str(r.ReferencedSOPClassUID), str(r.ReferencedSOPInstanceUID))
+        for r in series.ReferencedSOPSequence
+    ] == [
+        (str(sr.SOPClassUID), str(sr.SOPInstanceUID)),
+        (str(first.SOPClassUID), str(first.SOPInstanceUID)),
+    ]
+    read = summarise_sr(amended)
+    assert read["verdict"]["label"] == "effusion"
+    assert read["verdict"]["reason"] == "the nodule was a nipple shadow"
+    assert read["verifying_observer"] == "Roe^Rick"
+    # a second amendment chains on the first
+    again = build_verified_sr(sr, sources, _amendment(amended, revision=2))
+    assert again.SOPInstanceUID == amended_sr_uid(str(amended.SOPInstanceUID))
+    assert again.InstanceNumber == 4
+
+
+@needs_dciodvfy
+def test_dciodvfy_reports_no_errors_in_an_amendment(tmp_path: Path) -> None:
+    sources, sr = _unverified()
+    first = build_verified_sr(sr, sources, _verdict())
+    path = tmp_path / "amended.dcm"
+    build_verified_sr(sr, sources, _amendment(first)).save_as(path, enforce_file_format=True)
+    done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if "Error" in line]
+    assert not errors, "\n".join(errors)

@@ -867,7 +867,10 @@ def build_verified_sr(
         verifying_observer_name=_person_name(verification.observer_name),
         verifying_organization=_lo(verification.organization),
         previous_versions=previous,
-        series_description=_lo(f"ACWI {model_name} {model_version} verified result"),
+        # a Series-level attribute: the same for every SR of the series (a PACS shows one)
+        series_description=_lo(
+            str(unverified.get("SeriesDescription") or f"ACWI {model_name} {model_version}")
+        ),
         manufacturer_model_name=_lo(model_name),
         software_versions=_lo(model_version),
         coding_schemes=[_PRIVATE_SCHEME_ITEM],

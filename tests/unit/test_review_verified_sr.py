@@ -52,6 +52,9 @@ def test_flags_observer_and_predecessor() -> None:
     ref = doc.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
     assert ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sr.SOPInstanceUID
     assert doc.SeriesInstanceUID == sr.SeriesInstanceUID
+    # the series' attributes as the unverified SR has them: one series, one description
+    for keyword in ("SeriesDescription", "SeriesNumber", "Modality", "SeriesDate"):
+        assert doc.get(keyword) == sr.get(keyword), keyword
     assert doc.StudyInstanceUID == sr.StudyInstanceUID
     assert doc.PatientID == sr.PatientID
     assert doc.SOPInstanceUID == verified_sr_uid(sr.StudyInstanceUID, MODEL.name, MODEL.version)

@@ -144,6 +144,49 @@ def drafted_boxes(marks: Mapping[str, str], images: set[str]) -> dict[str, str]:
     return kept
 
 
+def marks_from_pixels(
+    boxes: Mapping[str, Any],
+    *,
+    images: set[str],
+    image_size: Callable[[str], tuple[int, int] | None],
+) -> dict[str, str]:
+    """Boxes given in the images' own pixels (the JSON API's form: image name -> a list of
+    ``[x0, y0, x1, y1]``, inclusive, as the ledger and ``labels.csv`` keep them) as the page's
+    marks (:func:`parse_marks`), for :func:`place_boxes` to check and place like any other:
+    the same box comes back (:func:`to_fractions`, :func:`to_pixels`). Raises
+    :class:`BoxError` for a box that is not four whole numbers within its image, first
+    corner first, or an image the case did not analyse."""
+    marks: dict[str, str] = {}
+    for name, kept in boxes.items():
+        if name not in images:
+            raise BoxError("a lesion box names an image this case did not analyse")
+        if not isinstance(kept, list | tuple) or not kept:
+            raise BoxError("an image's lesion boxes are a list of [x0, y0, x1, y1]")
+        size = image_size(name)
+        if size is None:
+            raise BoxError("an image with a lesion box is no longer on the node")
+        rows, columns = size
+        parts: list[str] = []
+        for box in kept:
+            if not (
+                isinstance(box, list | tuple)
+                and len(box) == 4
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in box)
+            ):
+                raise BoxError(
+                    "a lesion box is four whole numbers: [x0, y0, x1, y1] in its image's pixels"
+                )
+            x0, y0, x1, y1 = box
+            if not (0 <= x0 <= x1 < columns and 0 <= y0 <= y1 < rows):
+                raise BoxError(
+                    f"a lesion box must lie within its image ({columns} columns, {rows} rows),"
+                    " its first column and row first"
+                )
+            parts.append(to_fractions([x0, y0, x1, y1], rows, columns))
+        marks[str(name)] = ";".join(parts)
+    return marks
+
+
 def place_boxes(
     marks: Mapping[str, str],
     *,

@@ -441,6 +441,8 @@ class ReviewStore:
                 "id": it.id,
                 "images_deleted_at": _iso(deleted),
                 "state": it.state.value,
+                # a quality-control sample, or a case the model asked about
+                "kind": SAMPLE if it.sampled else FLAGGED,
                 "reason": it.reason,
                 "priority": it.priority,
                 "created_at": _iso(it.created_at),

@@ -40,7 +40,7 @@ from acwi_node.ledger import ResultFile
 from acwi_node.ledger.models import utcnow
 from acwi_node.results.encoding import encode_part10
 from acwi_node.results.sr import LesionRegion, Verification, build_verified_sr
-from acwi_node.review.lesion_boxes import BoxError, place_boxes
+from acwi_node.review.lesion_boxes import BoxError, marks_from_pixels, place_boxes
 from acwi_node.review.store import (
     ACTIONS,
     FINAL_ACTIONS,
@@ -161,10 +161,15 @@ def _queue_ris_verdict(
 
 
 def _regions(
-    case: dict[str, Any], sources: list[Dataset], marks: Mapping[str, str], label: str
+    case: dict[str, Any],
+    sources: list[Dataset],
+    marks: Mapping[str, str],
+    label: str,
+    pixels: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, list[list[int]]], tuple[LesionRegion, ...]]:
     """The reader's lesion boxes in the images' pixels, by image name, and as the verified
-    SR's regions; each image's Rows and Columns from its header among ``sources``."""
+    SR's regions; each image's Rows and Columns from its header among ``sources``. The boxes
+    come as the page's ``marks`` or, from the JSON API, in the images' ``pixels``."""
     images = _case_images(case["summary"])
     headers = {str(ds.SOPInstanceUID): ds for ds in sources}
 
@@ -174,6 +179,10 @@ def _regions(
             return None
         return int(ds.Rows), int(ds.Columns)
 
+    if pixels:
+        if marks:
+            raise BoxError("lesion boxes come as the page's marks or in pixels, not both")
+        marks = marks_from_pixels(pixels, images=set(images), image_size=image_size)
     boxes = place_boxes(
         marks,
         images=set(images),
@@ -216,11 +225,14 @@ def submit_verdict(
     label: str = "",
     reason: str = "",
     marks: Mapping[str, str] | None = None,
+    boxes: Mapping[str, Any] | None = None,
 ) -> VerdictOutcome:
     """Record a verdict; for confirm/override also write and queue the verified SR.
 
     ``marks`` are the lesion boxes drawn on the page, by image name (see
-    :func:`~acwi_node.review.lesion_boxes.place_boxes`)."""
+    :func:`~acwi_node.review.lesion_boxes.place_boxes`); ``boxes`` the same given in the
+    images' pixels (the JSON API, see
+    :func:`~acwi_node.review.lesion_boxes.marks_from_pixels`)."""
     case = store.case(item_id)
     if case is None:
         raise ReviewError("no such case")
@@ -230,7 +242,7 @@ def submit_verdict(
     chosen = decide_label(case, action, label.strip(), reason)
     model_label = str(case["summary"].get("predicted_label") or "")
     if action == "escalate":
-        if marks:
+        if marks or boxes:
             raise BoxError(
                 "a lesion box goes with a confirmed or corrected finding, not an escalation"
             )
@@ -242,7 +254,7 @@ def submit_verdict(
 
     unverified = _unverified_sr(settings, case)
     sources = _sources(settings, store, case["job_id"])
-    boxes, regions = _regions(case, sources, marks or {}, chosen)
+    kept, regions = _regions(case, sources, marks or {}, chosen, boxes)
     verification = Verification(
         observer_name=user.user_name,
         organization=settings.review.organization,
@@ -272,7 +284,7 @@ def submit_verdict(
         reason=reason,
         sr_sop_instance_uid=uid,
         hl7_control_id=ris_control_id,  # the RIS's ORU, promised with the verdict
-        boxes=boxes,
+        boxes=kept,
     )
     deliveries = _store_verified_sr(settings, store, case, item_id, vid, document, data)
     _queue_ris_verdict(settings, store, case["job_id"], item_id, user, verification)
@@ -328,16 +340,18 @@ def amend_verdict(
     label: str = "",
     reason: str = "",
     marks: Mapping[str, str] | None = None,
+    boxes: Mapping[str, Any] | None = None,
 ) -> VerdictOutcome:
     """Amend a closed case's verdict: record a confirm or override that replaces verdict
     ``amends`` (the case's current one, as the page showed it), write its VERIFIED SR (a new
     instance that names the one it replaces as a predecessor) and queue it, and the RIS's
     corrected ORU^R01.
 
-    ``marks`` are all the lesion boxes the amended verdict keeps (the page starts from the
-    current verdict's). A reason is required, and the amendment must change something: the
-    finding or the boxes. Raises :class:`ReviewError` (:class:`VerdictAmended` when ``amends``
-    is no longer the current verdict).
+    ``marks`` (the page's) or ``boxes`` (pixels, the JSON API's) are all the lesion boxes the
+    amended verdict keeps (the page starts from the current verdict's). A reason is required,
+    and the amendment must change something: the finding or the boxes. Raises
+    :class:`ReviewError` (:class:`VerdictAmended` when ``amends`` is no longer the current
+    verdict).
     """
     case = store.case(item_id)
     if case is None:
@@ -359,8 +373,8 @@ def amend_verdict(
     chosen = decide_label(case, action, label.strip(), reason)
     unverified = _unverified_sr(settings, case)
     sources = _sources(settings, store, case["job_id"])
-    boxes, regions = _regions(case, sources, marks or {}, chosen)
-    if (action, chosen, _same_boxes(boxes)) == (
+    kept, regions = _regions(case, sources, marks or {}, chosen, boxes)
+    if (action, chosen, _same_boxes(kept)) == (
         previous["action"],
         previous["label"],
         _same_boxes(kept_boxes(previous["boxes"])),
@@ -393,7 +407,7 @@ def amend_verdict(
         reason=reason,
         sr_sop_instance_uid=uid,
         ris=settings.hl7.ris is not None,  # the RIS's ORU, promised with the amendment
-        boxes=boxes,
+        boxes=kept,
     )
     deliveries = _store_verified_sr(settings, store, case, item_id, vid, document, data)
     _queue_ris_verdict(settings, store, case["job_id"], item_id, user, verification, vid)

@@ -7,8 +7,10 @@ destination's outbox; ``POST /api/retrievals`` (administrators) retrieves studie
 source PACS and ``GET /api/retrievals`` shows how far each got
 (:mod:`acwi_node.web.retrievals`); ``GET /api/feedback/export.zip`` (administrators) downloads
 the reviewed cases, de-identified (:mod:`acwi_node.web.feedback`); ``GET /api/worklist`` lists
-the open review items and ``GET /api/review/agreement`` how often the radiologists agreed with
-the model (:mod:`acwi_node.review.quality`);
+the open review items, ``GET /api/review/cases/{id}`` one case and ``POST .../verdict`` and
+``.../amend`` a radiologist's verdict on it (:mod:`acwi_node.web.review_api`), and
+``GET /api/review/agreement`` how often the radiologists agreed with the model
+(:mod:`acwi_node.review.quality`);
 ``/healthz``, ``/readyz`` and ``/metrics`` (:mod:`acwi_node.web.ops`) serve probes and
 Prometheus; ``POST /dicomweb/studies`` (:mod:`acwi_node.web.stow`) stores studies sent by
 DICOMweb. The review web app (:mod:`acwi_node.review.views`) adds its pages; every other path
@@ -34,6 +36,7 @@ from acwi_node.web.feedback import feedback_router
 from acwi_node.web.guards import admin_json_request, admin_user
 from acwi_node.web.ops import ops_router
 from acwi_node.web.retrievals import retrievals_router
+from acwi_node.web.review_api import review_router
 from acwi_node.web.stow import stow_router
 
 log = logging.getLogger("acwi_node.api")
@@ -71,6 +74,7 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
     app.include_router(stow_router(settings, db))  # STOW-RS: POST /dicomweb/studies
     app.include_router(retrievals_router(settings, db))  # /api/retrievals
     app.include_router(feedback_router(settings, db))  # /api/feedback/export.zip
+    app.include_router(review_router(settings, db))  # /api/review/cases/{id}[/verdict|/amend]
 
     @app.get("/api/studies")
     def studies(limit: int = Query(200, ge=1, le=5000)) -> dict[str, Any]:

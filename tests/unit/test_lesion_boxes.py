@@ -173,3 +173,29 @@ def test_a_verdict_kept_when_an_image_took_one_box_reads_as_a_list_of_it() -> No
     assert kept_boxes({"a": [1, 2, 3, 4]}) == {"a": [[1, 2, 3, 4]]}
     assert kept_boxes({"a": [[1, 2, 3, 4], [5, 6, 7, 8]]}) == {"a": [[1, 2, 3, 4], [5, 6, 7, 8]]}
     assert kept_boxes(None) == {} and kept_boxes({}) == {}
+
+
+def test_boxes_given_in_pixels_become_marks_that_place_as_the_same_pixels() -> None:
+    """The JSON API's boxes (pixels, inclusive) go through the page's checks and come back
+    exactly; anything but four whole numbers inside the image, first corner first, is
+    refused with the reason."""
+    from acwi_node.review.lesion_boxes import marks_from_pixels
+
+    sizes = {"1.2.3": (128, 128), "1.2.4 frame 2": (64, 32), "1.2.5": None}
+    given = {"1.2.3": [[33, 64, 63, 95], [0, 0, 0, 0]], "1.2.4 frame 2": [[31, 63, 31, 63]]}
+    marks = marks_from_pixels(given, images=set(sizes), image_size=sizes.__getitem__)
+    assert _place(marks) == given
+    refusals: list[tuple[dict[str, Any], str]] = [
+        ({"1.2.3": [[0, 0, 128, 1]]}, "within its image"),
+        ({"1.2.3": [[5, 0, 4, 1]]}, "within its image"),
+        ({"1.2.3": [[-1, 0, 4, 1]]}, "within its image"),
+        ({"1.2.3": [[0, 0, 1]]}, "four whole numbers"),
+        ({"1.2.3": [[0, 0, 1.5, 1]]}, "four whole numbers"),
+        ({"1.2.3": [[True, 0, 1, 1]]}, "four whole numbers"),
+        ({"1.2.3": []}, "a list of"),
+        ({"1.2.9": [[0, 0, 1, 1]]}, "did not analyse"),
+        ({"1.2.5": [[0, 0, 1, 1]]}, "no longer on the node"),
+    ]
+    for boxes, said in refusals:
+        with pytest.raises(BoxError, match=said):
+            marks_from_pixels(boxes, images=set(sizes), image_size=sizes.__getitem__)

@@ -55,3 +55,13 @@ def test_the_feedback_archive_is_a_zip_for_administrators(paths: dict[str, Any])
     get = paths["/api/feedback/export.zip"]["get"]
     assert list(get["responses"]["200"]["content"]) == ["application/zip"]
     assert {"403", "503"} <= set(get["responses"])
+
+
+@pytest.mark.parametrize("action", ["verdict", "amend"])
+def test_a_radiologist_s_verdict_takes_json_and_says_why_it_was_refused(
+    paths: dict[str, Any], action: str
+) -> None:
+    post = paths[f"/api/review/cases/{{item_id}}/{action}"]["post"]
+    assert list(post["requestBody"]["content"]) == ["application/json"]
+    assert {"200", "403", "404", "409", "415", "422"} <= set(post["responses"])
+    assert "404" in paths["/api/review/cases/{item_id}"]["get"]["responses"]

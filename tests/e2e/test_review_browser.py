@@ -175,6 +175,14 @@ def test_sign_in_open_case_override(tmp_path: Path) -> None:
             stack = figure.locator(".stack")
 
             def drag(x0: float, y0: float, x1: float, y1: float) -> None:
+                # a page the node just sent back loads its pictures when scrolled to: drag
+                # over the picture as laid out once loaded, not while it still grows
+                figure.scroll_into_view_if_needed()
+                page.wait_for_function(
+                    "f => [...f.querySelectorAll('img')]"
+                    ".every(i => i.complete && i.naturalWidth > 0)",
+                    arg=figure.element_handle(),
+                )
                 figure.locator("button.mark-lesion").click()
                 expect(stack).to_have_class("stack marking")
                 area = stack.bounding_box()

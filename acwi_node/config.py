@@ -784,6 +784,10 @@ class ReviewSettings(_Strict):
     #: quality-control samples (chosen by a hash of the Study Instance UID): their verdicts
     #: estimate the accuracy of the results the PACS receives unreviewed. 0: none.
     quality_sample_percent: float = Field(0.0, ge=0.0, le=100.0)
+    #: Seconds an open case a radiologist opened counts as being read by them: the worklist
+    #: and the case page tell the others, so that two do not read it at once (a hint, not a
+    #: lock: anyone may still decide). 0: not shown.
+    reading_claim_s: int = Field(600, ge=0, le=24 * 3600)
 
 
 class FeedbackSettings(_Strict):

@@ -228,6 +228,10 @@ class ReviewItem(Base):
     closed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     #: A quality-control sample (``review.quality_sample_percent``): the model was sure.
     sampled: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Who opened the open case last, and when (``review.reading_claim_s``): the others are
+    #: told it is being read. None once nobody is.
+    reading_by: Mapped[str | None] = mapped_column(String(64), nullable=True, default=None)
+    reading_since: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True, default=None)
 
     study: Mapped[Study] = relationship()
     job: Mapped[Job] = relationship()

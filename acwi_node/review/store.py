@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, exists, func, select, update
+from sqlalchemy import ColumnElement, delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -321,15 +321,23 @@ class ReviewStore:
             ]
 
     # --------------------------------------------------------------- worklist
-    def worklist(self, filters: WorklistFilters | None = None) -> dict[str, Any]:
+    def worklist(
+        self,
+        filters: WorklistFilters | None = None,
+        *,
+        claim_s: int = 0,
+        now: dt.datetime | None = None,
+    ) -> dict[str, Any]:
         """Open review items: escalated first, then by priority (highest first), then the
         studies the model asked about before quality-control samples, then oldest.
 
         Returns ``items`` (after the filters), ``total`` (before) and ``counts`` per modality,
         calling AE, model, study state and kind (flagged, sample) over every open item (for
-        the filter menus).
+        the filter menus). An item someone opened less than ``claim_s`` seconds ago names
+        them in ``reading`` (see :meth:`open_for_reading`), else None.
         """
         filters = filters or WorklistFilters()
+        now = now or utcnow()
         with self.ledger.session() as s:
             rows = s.execute(
                 select(ReviewItem, Study, Job)
@@ -372,6 +380,7 @@ class ReviewStore:
                         "probabilities": summary.get("probabilities") or {},
                         "uncertainty": summary.get("uncertainty") or {},
                         "ood_score": summary.get("ood_score"),
+                        "reading": reading_of(it, claim_s, now),
                     }
                 )
         items.sort(
@@ -405,8 +414,11 @@ class ReviewStore:
         }
 
     # ------------------------------------------------------------------- case
-    def case(self, item_id: int) -> dict[str, Any] | None:
-        """Everything the case page shows about one review item (open or closed)."""
+    def case(
+        self, item_id: int, *, claim_s: int = 0, now: dt.datetime | None = None
+    ) -> dict[str, Any] | None:
+        """Everything the case page shows about one review item (open or closed); with
+        ``claim_s``, who is reading it (see :meth:`open_for_reading`)."""
         with self.ledger.session() as s:
             it = s.get(ReviewItem, item_id)
             if it is None:
@@ -443,6 +455,8 @@ class ReviewStore:
                 "state": it.state.value,
                 # a quality-control sample, or a case the model asked about
                 "kind": SAMPLE if it.sampled else FLAGGED,
+                # who is reading it (opened it less than claim_s seconds ago), or None
+                "reading": reading_of(it, claim_s, now or utcnow()),
                 "reason": it.reason,
                 "priority": it.priority,
                 "created_at": _iso(it.created_at),
@@ -497,6 +511,48 @@ class ReviewStore:
         _, paths = self.ledger.job_inputs(job_id)
         return paths
 
+    # ---------------------------------------------------------------- reading
+    def open_for_reading(
+        self, item_id: int, user_name: str, *, claim_s: int, now: dt.datetime | None = None
+    ) -> dict[str, str] | None:
+        """``user_name`` opened the open case ``item_id``: they are now reading it, unless
+        someone else opened it less than ``claim_s`` seconds ago. Returns that other reader
+        (``{"user", "since"}``), or None (the case is this user's to read, is closed, or
+        ``claim_s`` is 0). A hint for the others, not a lock: anyone may still decide."""
+        if claim_s <= 0:
+            return None
+        now = now or utcnow()
+        stale = now - dt.timedelta(seconds=claim_s)
+        with self.ledger.session() as s:
+            result = s.execute(
+                update(ReviewItem)
+                .where(
+                    ReviewItem.id == item_id,
+                    ReviewItem.state == ReviewState.OPEN,
+                    or_(
+                        ReviewItem.reading_by.is_(None),
+                        ReviewItem.reading_by == user_name,
+                        ReviewItem.reading_since.is_(None),
+                        ReviewItem.reading_since < stale,
+                    ),
+                )
+                .values(reading_by=user_name[:64], reading_since=now)
+            )
+            if getattr(result, "rowcount", 0):
+                return None
+            it = s.get(ReviewItem, item_id)
+            return reading_of(it, claim_s, now) if it is not None else None
+
+    def stop_reading(self, item_id: int, user_name: str) -> bool:
+        """``user_name`` leaves the case for the others; False when they were not reading it."""
+        with self.ledger.session() as s:
+            result = s.execute(
+                update(ReviewItem)
+                .where(ReviewItem.id == item_id, ReviewItem.reading_by == user_name)
+                .values(reading_by=None, reading_since=None)
+            )
+            return bool(getattr(result, "rowcount", 0))
+
     # --------------------------------------------------------------- verdicts
     def claim_verdict(
         self,
@@ -529,11 +585,18 @@ class ReviewStore:
             if action == "escalate":
                 it = s.get(ReviewItem, item_id, with_for_update=True)
                 won = it is not None and it.state == ReviewState.OPEN
+                if won and it is not None:  # for a second reader: nobody is reading it now
+                    it.reading_by, it.reading_since = None, None
             else:
                 result = s.execute(
                     update(ReviewItem)
                     .where(ReviewItem.id == item_id, ReviewItem.state == ReviewState.OPEN)
-                    .values(state=ReviewState.CLOSED, closed_at=now)
+                    .values(
+                        state=ReviewState.CLOSED,
+                        closed_at=now,
+                        reading_by=None,
+                        reading_since=None,
+                    )
                 )
                 won = bool(getattr(result, "rowcount", 0))
                 it = s.get(ReviewItem, item_id)
@@ -959,6 +1022,21 @@ class ReviewStore:
                     }
                 )
             return out
+
+
+def reading_of(item: ReviewItem, claim_s: int, now: dt.datetime) -> dict[str, str] | None:
+    """Who is reading the open ``item`` (``{"user", "since"}``): whoever opened it less than
+    ``claim_s`` seconds before ``now``; None when nobody did, it is closed or ``claim_s`` is 0."""
+    since = item.reading_since
+    if (
+        claim_s <= 0
+        or item.state != ReviewState.OPEN
+        or not item.reading_by
+        or since is None
+        or since < now - dt.timedelta(seconds=claim_s)
+    ):
+        return None
+    return {"user": item.reading_by, "since": _iso(since) or ""}
 
 
 def kept_boxes(value: Any) -> dict[str, list[list[int]]]:

@@ -560,7 +560,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         kind: str = "",
     ) -> HTMLResponse:
         filters = WorklistFilters(modality, calling_ae, model, state, kind)
-        found = review.store.worklist(filters)
+        found = review.store.worklist(filters, claim_s=settings.review.reading_claim_s)
         for it in found["items"]:
             header = review.item_header(it["study_uid"], it["job_id"])
             it["patient_name"] = header.get("patient_name", "")
@@ -716,6 +716,12 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         case = _case_or_404(item_id)
         standing = current_verdict(case)
         amending = amend and case["state"] == "closed" and standing is not None
+        claim_s = settings.review.reading_claim_s
+        user_opening: SessionInfo = request.state.user
+        # opened by a reader: theirs to read, unless another opened it a moment ago
+        other_reader = review.store.open_for_reading(
+            item_id, user_opening.user_name, claim_s=claim_s
+        )
         user: SessionInfo = request.state.user
         review.store.audit(
             user.user_name,
@@ -825,6 +831,9 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             notice=notice,
             standing=standing,
             amending=amending,
+            other_reader=other_reader,
+            # the reader may leave an open case for the others (it is theirs while open)
+            may_leave=case["state"] == "open" and claim_s > 0 and other_reader is None,
         )
 
     @app.get("/review/cases/{item_id}", include_in_schema=False)
@@ -929,6 +938,16 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             )
         if outcome.action == "escalate":
             return RedirectResponse(f"/review/cases/{item_id}", status_code=303)
+        return RedirectResponse("/review/worklist", status_code=303)
+
+    @app.post("/review/cases/{item_id}/leave", include_in_schema=False)
+    async def leave(request: Request, item_id: int) -> Response:
+        """The reader leaves the open case undecided: the others see nobody reading it."""
+        user: SessionInfo = request.state.user
+        form = _form(await request.body())
+        if not auth.csrf_ok(review.key, "session", user.token_hash, form.get("csrf_token")):
+            return _forbidden("invalid form token: reload the page")
+        await run_in_threadpool(review.store.stop_reading, item_id, user.user_name)
         return RedirectResponse("/review/worklist", status_code=303)
 
     @app.post("/review/cases/{item_id}/amend", include_in_schema=False)

@@ -30,7 +30,7 @@ from starlette.requests import ClientDisconnect
 from acwi_node import __version__
 from acwi_node.config import Settings
 from acwi_node.ledger import Ledger, StudyActionRefused
-from acwi_node.review.store import ReviewStore
+from acwi_node.review.store import ReviewStore, WorklistFilters
 from acwi_node.review.views import destination_outboxes, install_review
 from acwi_node.web.feedback import feedback_router
 from acwi_node.web.guards import admin_json_request, admin_user
@@ -134,9 +134,23 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
         return {"destinations": destination_outboxes(ReviewStore(db), settings)}
 
     @app.get("/api/worklist")
-    def worklist() -> dict[str, Any]:
-        items = db.worklist()
-        return {"items": items, "count": len(items)}
+    def worklist(
+        modality: str = "",
+        calling_ae: str = "",
+        model: str = "",
+        state: str = "",
+        kind: str = "",
+    ) -> dict[str, Any]:
+        """The open review cases in the worklist page's order (escalated, priority, flagged
+        before quality-control samples, oldest), with its filters: each case's figures,
+        ``escalated``, and ``reading`` (who opened it in the last ``review.reading_claim_s``
+        seconds, else null). ``count``: the cases listed; ``total``: before the filters;
+        ``counts``: per filter value, over every open case."""
+        found = ReviewStore(db).worklist(
+            WorklistFilters(modality, calling_ae, model, state, kind),
+            claim_s=settings.review.reading_claim_s,
+        )
+        return {**found, "count": len(found["items"])}
 
     @app.get("/api/review/agreement")
     def review_agreement(days: int = Query(90, ge=1, le=3650)) -> dict[str, Any]:

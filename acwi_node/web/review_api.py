@@ -100,6 +100,8 @@ def case_json(case: dict[str, Any]) -> dict[str, Any]:
         "body_part": case["body_part"],
         "instances": case["instances"],
         "images_deleted_at": case["images_deleted_at"],
+        # who opened it in the last review.reading_claim_s seconds (reading it does not count)
+        "reading": case["reading"],
         "model": summary.get("model") or {},
         "predicted_label": predicted,
         "labels": summary.get("labels") or [],
@@ -144,7 +146,7 @@ def review_router(settings: Settings, db: Ledger) -> APIRouter:
     store = ReviewStore(db)
 
     def _case(item_id: int) -> dict[str, Any]:
-        case = store.case(item_id)
+        case = store.case(item_id, claim_s=settings.review.reading_claim_s)
         if case is None:
             raise HTTPException(status_code=404, detail="no such case")
         return case

@@ -413,6 +413,75 @@ class ReviewStore:
             "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
         }
 
+    # ---------------------------------------------------------------- decided
+    def decided(
+        self,
+        *,
+        days: int = 14,
+        reader: str = "",
+        limit: int = 200,
+        now: dt.datetime | None = None,
+    ) -> list[dict[str, Any]]:
+        """The cases closed in the last ``days`` days, latest first (at most ``limit``), each
+        with the verdict that stands (who gave it, when, the label) and how many amendments it
+        took; with ``reader``, only those whose standing verdict is that user's. Where a
+        radiologist finds a case again to look at its verdict or amend it."""
+        since = (now or utcnow()) - dt.timedelta(days=days)
+        with self.ledger.session() as s:
+            query = (
+                select(ReviewItem, Study, Job, Verdict)
+                .join(Study, ReviewItem.study_id == Study.id)
+                .join(Job, ReviewItem.job_id == Job.id)
+                .join(Verdict, Verdict.review_item_id == ReviewItem.id)
+                .where(
+                    ReviewItem.state == ReviewState.CLOSED,
+                    ReviewItem.closed_at >= since,
+                    Verdict.action.in_(FINAL_ACTIONS),
+                    Verdict.superseded_at.is_(None),
+                )
+                .order_by(ReviewItem.closed_at.desc(), ReviewItem.id.desc())
+                .limit(limit)
+            )
+            if reader:
+                query = query.where(Verdict.user_name == reader)
+            rows = s.execute(query).all()
+            amended = dict(
+                s.execute(
+                    select(Verdict.review_item_id, func.count())
+                    .where(
+                        Verdict.amends_id.is_not(None),
+                        Verdict.review_item_id.in_([it.id for it, *_ in rows] or [-1]),
+                    )
+                    .group_by(Verdict.review_item_id)
+                ).all()
+            )
+            out = []
+            for it, st, job, v in rows:
+                summary = job.summary or {}
+                out.append(
+                    {
+                        "id": it.id,
+                        "study_uid": st.study_uid,
+                        "job_id": job.id,
+                        "kind": SAMPLE if it.sampled else FLAGGED,
+                        "modality": st.modality,
+                        "calling_ae": st.calling_ae,
+                        "model": job.model,
+                        "model_version": (summary.get("model") or {}).get("version", ""),
+                        "predicted_label": summary.get("predicted_label"),
+                        "closed_at": _iso(it.closed_at),
+                        "verdict": {
+                            "id": v.id,
+                            "user": v.user_name,
+                            "action": v.action,
+                            "label": v.label,
+                            "at": _iso(v.created_at),
+                        },
+                        "amendments": int(amended.get(it.id, 0)),
+                    }
+                )
+            return out
+
     # ------------------------------------------------------------------- case
     def case(
         self, item_id: int, *, claim_s: int = 0, now: dt.datetime | None = None

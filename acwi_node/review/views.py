@@ -582,6 +582,19 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             filter_names=FILTER_NAMES,
         )
 
+    @app.get("/review/decided", include_in_schema=False)
+    def decided_page(request: Request, days: int = 14, mine: bool = False) -> HTMLResponse:
+        """The cases decided in the last ``days`` days (``mine``: the reader's own verdicts):
+        where a radiologist finds a closed case again, to look at it or amend its verdict."""
+        days = max(1, min(days, 365))
+        user: SessionInfo = request.state.user
+        items = review.store.decided(days=days, reader=user.user_name if mine else "")
+        for it in items:
+            header = review.item_header(it["study_uid"], it["job_id"])
+            it["patient_name"] = header.get("patient_name", "")
+            it["accession"] = header.get("accession", "")
+        return review.page("decided.html", request, items=items, days=days, mine=mine)
+
     def _dashboard(
         request: Request, days: int = 14, *, notice: str = "", error: str = "", status: int = 200
     ) -> HTMLResponse:

@@ -7,7 +7,8 @@ destination's outbox; ``POST /api/retrievals`` (administrators) retrieves studie
 source PACS and ``GET /api/retrievals`` shows how far each got
 (:mod:`acwi_node.web.retrievals`); ``GET /api/feedback/export.zip`` (administrators) downloads
 the reviewed cases, de-identified (:mod:`acwi_node.web.feedback`); ``GET /api/worklist`` lists
-the open review items, ``GET /api/review/cases/{id}`` one case and ``POST .../verdict`` and
+the open review items, ``GET /api/review/decided`` the closed ones,
+``GET /api/review/cases/{id}`` one case and ``POST .../verdict`` and
 ``.../amend`` a radiologist's verdict on it (:mod:`acwi_node.web.review_api`), and
 ``GET /api/review/agreement`` how often the radiologists agreed with the model
 (:mod:`acwi_node.review.quality`);

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from acwi_node.config import Settings
@@ -162,6 +162,17 @@ def review_router(settings: Settings, db: Ledger) -> APIRouter:
             },
             "case": case_json(_case(item_id)),
         }
+
+    @router.get("/api/review/decided")
+    def review_decided(
+        days: int = Query(14, ge=1, le=3650),
+        reader: str = Query("", max_length=64),
+        limit: int = Query(200, ge=1, le=5000),
+    ) -> dict[str, Any]:
+        """The cases closed in the last ``days`` days, latest first: each with the verdict that
+        stands and how many amendments it took; ``reader``: only that user's verdicts."""
+        items = store.decided(days=days, reader=reader, limit=limit)
+        return {"items": items, "count": len(items)}
 
     @router.get("/api/review/cases/{item_id}", responses={404: {"description": "No such case"}})
     def review_case(item_id: int, request: Request) -> dict[str, Any]:

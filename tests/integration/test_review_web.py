@@ -355,7 +355,8 @@ def test_postgresql_confirm(postgres_url: str, tmp_path: Path) -> None:
 
 
 def test_verified_sr_reaches_orthanc(tmp_path: Path) -> None:
-    """The exporter sends the verified SR by C-STORE to the job's destination."""
+    """The exporter sends the verified SR by C-STORE to the job's destination; an amendment's
+    verified SR joins it in the same series."""
     require_orthanc()
     with OrthancServer(node_ae="ACWI", node_port=free_port()) as orthanc:
         settings = review_settings(tmp_path, pacs_ae=orthanc.aet, pacs_port=orthanc.dicom_port)
@@ -387,6 +388,37 @@ def test_verified_sr_reaches_orthanc(tmp_path: Path) -> None:
             tags = orthanc.client.get(f"/instances/{found[0]['ID']}/simplified-tags").json()
             assert tags["VerificationFlag"] == "VERIFIED"
             assert tags["StudyInstanceUID"] == study_uid
+
+            # the verdict amended: its new verified SR joins the same series in the PACS
+            _, other = _predicted_and_other(ledger, item)
+            with TestClient(create_app(settings, ledger)) as client:
+                csrf = sign_in(client)
+                with ledger.session() as s:
+                    first = s.scalars(select(Verdict)).one()
+                amended = client.post(
+                    f"/review/cases/{item}/amend",
+                    data={"csrf_token": csrf, "amends": str(first.id), "action": "override",
+                          "label": other, "reason": "rib overlap"},
+                    follow_redirects=False,
+                )  # fmt: skip
+                assert amended.status_code == 303
+            assert exporter.tick() == 1
+            assert ledger.get_study(study_uid)["state"] == "delivered"  # type: ignore[index]
+            series = orthanc.client.get(f"/instances/{found[0]['ID']}/series").json()
+            in_series = [
+                orthanc.client.get(f"/instances/{i}/simplified-tags").json()
+                for i in series["Instances"]
+            ]
+            verified_srs = sorted(
+                (int(t["InstanceNumber"]), t["SOPInstanceUID"])
+                for t in in_series
+                if t.get("VerificationFlag") == "VERIFIED"
+            )
+            assert [n for n, _ in verified_srs] == [2, 3]
+            assert verified_srs[0][1] == uid
+            with ledger.session() as s:
+                latest = s.scalars(select(Verdict).order_by(Verdict.id.desc())).first()
+            assert latest is not None and verified_srs[1][1] == latest.sr_sop_instance_uid
         finally:
             ledger.dispose()
 

@@ -45,7 +45,7 @@ log = logging.getLogger("acwi_node")
 PROCESS_KINDS = ("scp", "worker", "exporter", "web")
 #: Commands that write no audit records: they change nothing (``serve``'s processes audit
 #: on their own).
-UNAUDITED_COMMANDS = ("health", "status", "config", "serve", "destinations", "routes")
+UNAUDITED_COMMANDS = ("health", "status", "config", "serve", "destinations", "routes", "notify")
 
 
 def setup_logging(settings: Settings, kind: str = "cli") -> None:
@@ -238,6 +238,7 @@ def run_worker(settings: Settings) -> int:
 def run_exporter(settings: Settings) -> int:
     from acwi_node.export.outbox import Exporter
     from acwi_node.ledger import Ledger
+    from acwi_node.notify import Notifier
     from acwi_node.observability.health import exporter_readiness, start_ops_server_safely
     from acwi_node.retention import Retention
 
@@ -251,6 +252,12 @@ def run_exporter(settings: Settings) -> int:
     retention = Retention(settings, ledger)
     retention_thread = threading.Thread(target=retention.run, name="retention", daemon=True)
     retention_thread.start()
+    # The [[notify]] webhooks: what needs someone soon, found in the ledger.
+    notifier = Notifier(settings, ledger) if settings.notify else None
+    notify_thread = None
+    if notifier is not None:
+        notify_thread = threading.Thread(target=notifier.run, name="notify", daemon=True)
+        notify_thread.start()
     ops = start_ops_server_safely(settings, exporter_readiness(settings, ledger, exporter))
     log.info("exporter ready")
     stop.wait()
@@ -258,6 +265,9 @@ def run_exporter(settings: Settings) -> int:
         ops.stop()
     exporter.stop()
     retention.stop()
+    if notifier is not None and notify_thread is not None:
+        notifier.stop()
+        notify_thread.join(timeout=30)
     thread.join(timeout=30)
     retention_thread.join(timeout=30)
     return 0
@@ -284,6 +294,40 @@ def run_studies(settings: Settings, action: str, study_uids: Sequence[str]) -> i
     finally:
         ledger.dispose()
     return 1 if refused else 0
+
+
+def run_notify_test(settings: Settings, names: Sequence[str]) -> int:
+    """``acwi-node notify test [NAME...]``: POST a test notification (``"event": "test"``) to
+    each ``[[notify]]`` webhook, or those named, as the exporter would; print how each went;
+    exit 1 if any failed, 2 for a name that is not configured."""
+    from acwi_node.notify import post_notification
+
+    known = {t.name: t for t in settings.notify}
+    unknown = [n for n in names if n not in known]
+    if unknown or not known:
+        print(
+            f"acwi-node: no [[notify]] named {', '.join(unknown) or '(any)'}"
+            f" (configured: {', '.join(known) or 'none'})",
+            file=sys.stderr,
+        )
+        return 2
+    failed = 0
+    for name in names or list(known):
+        outcome = post_notification(
+            known[name],
+            {
+                "event": "test",
+                "node": settings.node.ae_title,
+                "sender": f"ACWI Node {__version__}",
+                "text": f"ACWI Node {settings.node.ae_title}: a test notification to {name}",
+            },
+        )
+        if outcome.delivered:
+            print(f"{name}: delivered (HTTP {outcome.status})")
+        else:
+            failed += 1
+            print(f"{name}: FAILED: {outcome.error}")
+    return 1 if failed else 0
 
 
 def run_destinations_check(settings: Settings, names: Sequence[str], *, as_json: bool) -> int:
@@ -708,6 +752,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("names", nargs="*", metavar="NAME")
     check.add_argument("--json", action="store_true", help="print JSON")
+    notify = sub.add_parser("notify", help="the [[notify]] webhooks")
+    notify_sub = notify.add_subparsers(dest="notify_command", required=True)
+    notify_test = notify_sub.add_parser(
+        "test",
+        help="POST a test notification to the webhooks (all, or those named); exit 1 if any fails",
+    )
+    notify_test.add_argument("names", nargs="*", metavar="NAME")
     retention = sub.add_parser(
         "retention", help="delete finished studies' files now, as the [retention] policy says"
     )
@@ -805,6 +856,8 @@ def _dispatch(settings: Settings, config: Path | None, args: argparse.Namespace)
         return run_retention(settings, dry_run=args.dry_run, as_json=args.json)
     if args.command == "destinations":
         return run_destinations_check(settings, args.names, as_json=args.json)
+    if args.command == "notify":
+        return run_notify_test(settings, args.names)
     if args.command == "sources":
         from acwi_node.ingest.retrieval_commands import run_sources_check
 

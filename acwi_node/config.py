@@ -788,6 +788,54 @@ class ReviewSettings(_Strict):
     #: and the case page tell the others, so that two do not read it at once (a hint, not a
     #: lock: anyone may still decide). 0: not shown.
     reading_claim_s: int = Field(600, ge=0, le=24 * 3600)
+    #: The address the radiologists open the review app at (``https://ai-node.hospital``):
+    #: notifications link to the case with it. Unset: they carry no link.
+    public_url: str | None = None
+
+
+#: What a ``[[notify]]`` target may be told of (README "Notifications").
+NotifyEvent = Literal["review", "finding", "failed"]
+
+
+def _review_event() -> list[NotifyEvent]:
+    return ["review"]
+
+
+class NotifyTarget(_Strict):
+    """A webhook told of what needs someone soon (``[[notify]]``): a chat channel's incoming
+    webhook, a pager gateway, an on-call system. The JSON it gets holds no patient data."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    #: ``http://`` or ``https://``; each notification is one POST of a JSON object to it.
+    url: str
+    #: ``review``: a case the model asked about lands on the worklist (of at least
+    #: ``min_priority``); ``finding``: a study analysed with one of ``labels`` at
+    #: ``min_probability`` or more; ``failed``: a study failed (its reason).
+    events: list[NotifyEvent] = Field(default_factory=_review_event, min_length=1)
+    min_priority: int = Field(0, ge=0)
+    labels: list[str] = Field(default_factory=list)
+    min_probability: float = Field(0.5, ge=0.0, le=1.0)
+    #: A bearer token (read at each POST, so it can be rotated): ``Authorization: Bearer``.
+    token_file: Path | None = None
+    #: ``https``: the CAs and client certificate (default the system trust store).
+    tls: DestinationTls | None = None
+    timeout_s: float = Field(10.0, gt=0, le=300)
+    #: Attempts before a notification fails for good (back-off 5 s, doubling, at most 5 min).
+    max_attempts: int = Field(8, ge=1, le=100)
+    #: What happened longer ago than this when the exporter first sees it (it was down) is
+    #: not notified: a notification is for what needs someone now.
+    lookback_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
+
+    @model_validator(mode="after")
+    def _usable(self) -> NotifyTarget:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"notify {self.name}: url must be http:// or https:// with a host")
+        if "finding" in self.events and not self.labels:
+            raise ValueError(f"notify {self.name}: the finding event needs labels")
+        return self
 
 
 class FeedbackSettings(_Strict):
@@ -881,6 +929,7 @@ class Settings(BaseSettings):
     hl7: Hl7Settings = Hl7Settings()
     destinations: list[Destination] = Field(default_factory=list)
     sources: list[Source] = Field(default_factory=list)
+    notify: list[NotifyTarget] = Field(default_factory=list)
     retrieve: RetrieveSettings = RetrieveSettings()
     routes: list[Route] = Field(default_factory=list)
     models: list[ModelSpec] = Field(default_factory=list)
@@ -914,6 +963,9 @@ class Settings(BaseSettings):
         source_names = [src.name for src in self.sources]
         for dup in {n for n in source_names if source_names.count(n) > 1}:
             problems.append(f"sources: name {dup!r} is used twice")
+        notify_names = [n.name for n in self.notify]
+        for dup in {n for n in notify_names if notify_names.count(n) > 1}:
+            problems.append(f"notify: name {dup!r} is used twice")
         route_names = [r.name for r in self.routes]
         for dup in {n for n in route_names if route_names.count(n) > 1}:
             problems.append(f"routes: name {dup!r} is used twice")

@@ -314,6 +314,38 @@ class Hl7Outbound(Base):
     )
 
 
+class Notification(Base):
+    """One POST to a ``[[notify]]`` webhook: what needs someone soon (a case on the worklist,
+    a finding, a failed study). The payload holds no patient data."""
+
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: The ``[[notify]]`` target's name.
+    target: Mapped[str] = mapped_column(String(64))
+    #: ``review``, ``finding`` or ``failed``.
+    event: Mapped[str] = mapped_column(String(16))
+    #: What it is about, once per target: ``review-<item>``, ``finding-<job>``,
+    #: ``failed-<study>-<generation>``.
+    key: Mapped[str] = mapped_column(String(64))
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), nullable=True)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state: Mapped[DeliveryState] = mapped_column(
+        _enum(DeliveryState), default=DeliveryState.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+    __table_args__ = (
+        UniqueConstraint("target", "key"),
+        Index("ix_notifications_due", "state", "next_attempt_at"),
+    )
+
+
 # ------------------------------------------------------------------ review web app
 class User(Base):
     """A local account of the review web app (radiologist or admin)."""
@@ -533,6 +565,7 @@ __all__ = [
     "Study",
     "StudyState",
     "User",
+    "Notification",
     "Verdict",
     "WebSession",
     "utcnow",

@@ -36,6 +36,7 @@ from acwi_node.ledger.models import (
     Instance,
     Job,
     JobState,
+    Notification,
     Result,
     ReviewItem,
     ReviewState,
@@ -310,6 +311,11 @@ class LedgerCollector(Collector):
                 .where(Verdict.superseded_at.is_(None))  # an amended case: as amended, once
                 .group_by(Job.model, ReviewItem.sampled, Verdict.action)
             ).all()
+            notifications = s.execute(
+                select(Notification.target, Notification.state, func.count()).group_by(
+                    Notification.target, Notification.state
+                )
+            ).all()
             amendments = s.execute(
                 select(Job.model, func.count())
                 .select_from(Verdict)
@@ -380,6 +386,14 @@ class LedgerCollector(Collector):
         )
         for model, sampled, action, n in verdicts:
             g.add_metric([model, SAMPLE if sampled else FLAGGED, action], n)
+        out.append(g)
+        g = GaugeMetricFamily(
+            "acwi_notifications",
+            "[[notify]] webhook notifications by target and state (pending, delivered, failed)",
+            labels=["target", "state"],
+        )
+        for target, note_state, n in notifications:
+            g.add_metric([target, DeliveryState(note_state).value], n)
         out.append(g)
         g = GaugeMetricFamily(
             "acwi_review_amendments",

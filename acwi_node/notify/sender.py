@@ -1,0 +1,171 @@
+"""POST queued notifications to their ``[[notify]]`` webhooks, retrying with back-off.
+
+A ``2xx`` answer delivers; ``408``, ``429``, ``5xx``, no answer or no connection is retried (5 s,
+doubling, at most 5 minutes) and fails after the target's ``max_attempts``; any other answer
+(``400``, ``401``, ``404``: the webhook refuses it as it is) fails at once. The state, the last
+HTTP status and error are kept in the ledger; the log names the target and the event, never
+the payload.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import json
+import logging
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import select, update
+
+from acwi_node import __version__
+from acwi_node.config import NotifyTarget, Settings
+from acwi_node.ledger import Ledger
+from acwi_node.ledger.models import DeliveryState, Notification, utcnow
+from acwi_node.notify.events import queue_events
+
+log = logging.getLogger("acwi_node.notify")
+
+BACKOFF_INITIAL_S = 5.0
+BACKOFF_MAX_S = 300.0
+#: Answers worth trying again: the webhook was busy or down, not refusing the message.
+RETRYABLE = {408, 425, 429}
+
+
+@dataclass(frozen=True)
+class PostOutcome:
+    """How one POST went: ``status`` (None without an answer), and whether to try again."""
+
+    delivered: bool
+    status: int | None
+    error: str
+    retry: bool
+
+
+def post_notification(target: NotifyTarget, payload: dict[str, Any]) -> PostOutcome:
+    """POST ``payload`` as JSON to the target's URL."""
+    parts = urlsplit(target.url)
+    host = parts.hostname or ""
+    body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": f"ACWI-Node/{__version__}",
+        "Content-Length": str(len(body)),
+    }
+    if target.token_file is not None:
+        try:
+            token = target.token_file.expanduser().read_text().strip()
+        except OSError as exc:
+            return PostOutcome(False, None, f"token file: {exc.strerror or exc}", True)
+        headers["Authorization"] = f"Bearer {token}"
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    conn: http.client.HTTPConnection
+    try:
+        if parts.scheme == "https":
+            tls = target.tls
+            context = tls.context() if tls is not None else ssl.create_default_context()
+            conn = http.client.HTTPSConnection(
+                host, parts.port or 443, timeout=target.timeout_s, context=context
+            )
+        else:
+            conn = http.client.HTTPConnection(host, parts.port or 80, timeout=target.timeout_s)
+        try:
+            conn.request("POST", path, body=body, headers=headers)
+            response = conn.getresponse()
+            answer = response.read(2048)
+        finally:
+            conn.close()
+    except (OSError, http.client.HTTPException) as exc:
+        return PostOutcome(False, None, f"{type(exc).__name__}: {exc}", True)
+    status = response.status
+    if 200 <= status < 300:
+        return PostOutcome(True, status, "", False)
+    text = answer.decode("utf-8", "replace").strip().splitlines()
+    error = f"HTTP {status} {response.reason}" + (f": {text[0][:200]}" if text else "")
+    return PostOutcome(False, status, error, status in RETRYABLE or status >= 500)
+
+
+def backoff_s(attempts_so_far: int) -> float:
+    """Seconds before the next attempt after ``attempts_so_far + 1`` failures."""
+    return float(min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2**attempts_so_far))
+
+
+class Notifier:
+    """Queues each target's events and sends the due notifications (the exporter runs it)."""
+
+    def __init__(self, settings: Settings, ledger: Ledger, *, interval_s: float = 2.0) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.targets = {t.name: t for t in settings.notify}
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+
+    def tick(self, *, now: dt.datetime | None = None) -> int:
+        """Queue what happened, then POST what is due; returns how many were attempted."""
+        queue_events(self.settings, self.ledger, now=now)
+        now = now or utcnow()
+        with self.ledger.session() as s:
+            due = [
+                (n.id, n.target, n.event, n.key, n.attempts, dict(n.payload))
+                for n in s.scalars(
+                    select(Notification)
+                    .where(
+                        Notification.state == DeliveryState.PENDING,
+                        Notification.next_attempt_at <= now,
+                    )
+                    .order_by(Notification.id)
+                    .limit(100)
+                ).all()
+            ]
+        for row_id, name, event, key, attempts, payload in due:
+            if self._stop.is_set():
+                break
+            target = self.targets.get(name)
+            if target is None:
+                outcome = PostOutcome(False, None, f"no [[notify]] named {name!r} now", False)
+            else:
+                outcome = post_notification(target, payload)
+            tried = attempts + 1
+            final = not outcome.retry or target is None or tried >= target.max_attempts
+            state = (
+                DeliveryState.DELIVERED
+                if outcome.delivered
+                else DeliveryState.FAILED
+                if final
+                else DeliveryState.PENDING
+            )
+            with self.ledger.session() as s:
+                s.execute(
+                    update(Notification)
+                    .where(Notification.id == row_id)
+                    .values(
+                        state=state,
+                        attempts=tried,
+                        last_status=outcome.status,
+                        last_error=outcome.error[:2000],
+                        next_attempt_at=utcnow() + dt.timedelta(seconds=backoff_s(attempts)),
+                        delivered_at=utcnow() if outcome.delivered else None,
+                    )
+                )
+            if outcome.delivered:
+                log.info("notify %s: %s delivered", name, key)
+            elif state == DeliveryState.FAILED:
+                log.error("notify %s: %s (%s) failed: %s", name, key, event, outcome.error)
+            else:
+                log.warning("notify %s: %s: %s; retrying", name, key, outcome.error)
+        return len(due)
+
+    def run(self) -> None:
+        """Tick until :meth:`stop`; an error in one pass is logged and the next goes on."""
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("notify: a pass failed")
+            self._stop.wait(self.interval_s)
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,207 @@
+"""``[[notify]]`` webhooks: what is found in the ledger, the JSON POSTed to a real HTTP server,
+retries, refusals, and the command that tests a webhook. On SQLite and (integration)
+PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from acwi_node.cli import main
+from acwi_node.config import ConfigError, Settings, load_settings
+from acwi_node.ledger import Ledger
+from acwi_node.ledger.models import Job, Notification, ReviewItem, utcnow
+from acwi_node.notify import Notifier, queue_events
+from acwi_node.observability.metrics import ledger_registry
+from tests.support.ports import free_port
+from tests.support.study_flow import analyse, receive
+from tests.support.webhook import WebhookServer
+
+
+def _settings(base: Settings, *targets: dict[str, Any]) -> Settings:
+    """``base`` (a ledger_node's settings) with these ``[[notify]]`` targets."""
+    return load_settings(
+        None,
+        node={"data_dir": base.data_dir, "database_url": base.database_url},
+        ingest={"fsync": False},
+        review={"public_url": "https://ai-node.example.org/"},
+        notify=list(targets),
+    )
+
+
+def _case(settings: Settings, ledger: Ledger, study: str, *, priority: int = 0) -> int:
+    receive(settings, ledger, study, f"{study}.1")
+    analyse(settings, ledger, study, needs_review=True)
+    with ledger.session() as s:
+        item = s.scalars(select(ReviewItem).order_by(ReviewItem.id.desc())).first()
+        assert item is not None
+        item.priority = priority
+        return item.id
+
+
+def _states(ledger: Ledger) -> list[tuple[str, str, str, int]]:
+    with ledger.session() as s:
+        return [
+            (n.target, n.key, n.state.value, n.attempts)
+            for n in s.scalars(select(Notification).order_by(Notification.id)).all()
+        ]
+
+
+def test_a_target_must_be_a_web_address_and_a_finding_needs_labels(tmp_path: Path) -> None:
+    for target, said in [
+        ({"name": "a", "url": "ftp://x/hook"}, "http:// or https://"),
+        ({"name": "a", "url": "https:///hook"}, "http:// or https://"),
+        ({"name": "a", "url": "https://x/", "events": ["finding"]}, "needs labels"),
+        ({"name": "a", "url": "https://x/", "events": []}, "at least 1"),
+        ({"name": "a", "url": "https://x/", "events": ["nonsense"]}, "review"),
+    ]:
+        with pytest.raises(ConfigError, match=said):
+            load_settings(None, node={"data_dir": tmp_path}, notify=[target])
+    with pytest.raises(ConfigError, match="used twice"):
+        load_settings(
+            None,
+            node={"data_dir": tmp_path},
+            notify=[{"name": "a", "url": "https://x/"}, {"name": "a", "url": "https://y/"}],
+        )
+
+
+def test_events_are_posted_once_with_no_patient_data(
+    ledger_node: tuple[Settings, Ledger], tmp_path: Path
+) -> None:
+    """A case on the worklist, a finding and a failed study each reach the targets that watch
+    for them, once however often the ledger is read, as JSON with a link to the case, a
+    ``text`` a chat channel shows, and the bearer token; a STAT-only target hears of none of
+    these routine cases."""
+    base, ledger = ledger_node
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    with WebhookServer() as hook, WebhookServer() as stat:
+        settings = _settings(
+            base,
+            {"name": "pager", "url": hook.url, "events": ["review", "finding", "failed"],
+             "labels": ["nodule"], "min_probability": 0.6, "token_file": str(token)},
+            {"name": "stat", "url": stat.url, "min_priority": 1},
+        )  # fmt: skip
+        item = _case(settings, ledger, "1.2.3")
+        receive(settings, ledger, "1.2.4", "1.2.4.1")
+        job = analyse(settings, ledger, "1.2.4")
+        assert ledger.fail_job(job, "the model cannot read this image")
+        notifier = Notifier(settings, ledger)
+        assert notifier.tick() == 3  # the case, its finding (0.7 >= 0.6), the failure
+        assert notifier.tick() == 0 and queue_events(settings, ledger) == 0
+        # (the failed study's job is no finding: its result never reached the PACS)
+        assert sorted(hook.events()) == [
+            ("failed", "1.2.4"), ("finding", "1.2.3"), ("review", "1.2.3"),
+        ]  # fmt: skip
+        assert stat.received == []
+        review = next(r for r in hook.received if r["json"]["event"] == "review")
+        body = review["json"]
+        assert review["path"] == "/hooks/acwi"
+        assert review["headers"]["Authorization"] == "Bearer s3cret"
+        assert review["headers"]["Content-Type"] == "application/json"
+        assert body["case_id"] == item
+        assert body["case_url"] == f"https://ai-node.example.org/review/cases/{item}"
+        assert body["text"].startswith("ACWI Node: A case needs review")
+        assert body["text"].endswith(body["case_url"])
+        assert (body["predicted_label"], body["priority"]) == ("nodule", 0)
+        assert body["model"] == {"name": "acwi-dianet-chest", "version": "1.0.0"}
+        failed = next(r["json"] for r in hook.received if r["json"]["event"] == "failed")
+        assert failed["reason"] and "cannot read" in failed["text"]
+        finding = next(r["json"] for r in hook.received if r["json"]["event"] == "finding")
+        assert (finding["label"], finding["probability"]) == ("nodule", 0.7)
+        for r in hook.received:  # what the ledger knows, nothing of the patient
+            assert not {"patient_name", "patient_id", "accession_number"} & set(r["json"])
+        assert all(state == "delivered" for _, _, state, _ in _states(ledger))
+        metrics = ledger_registry(settings, ledger)
+        assert (
+            metrics.get_sample_value(
+                "acwi_notifications", {"target": "pager", "state": "delivered"}
+            )
+            == 3
+        )
+
+        # a STAT case: both targets; older than lookback_s when first seen: neither
+        stat_item = _case(settings, ledger, "1.2.5", priority=2)
+        old_item = _case(settings, ledger, "1.2.6", priority=2)
+        sample = _case(settings, ledger, "1.2.7", priority=2)  # a quality-control sample
+        with ledger.session() as s:
+            s.execute(update(ReviewItem).where(ReviewItem.id == sample).values(sampled=True))
+            s.execute(
+                update(ReviewItem)
+                .where(ReviewItem.id == old_item)
+                .values(created_at=utcnow() - dt.timedelta(hours=2))
+            )
+            s.execute(
+                update(Job).values(started_at=utcnow() - dt.timedelta(hours=2))
+            )  # no further findings either
+        notifier.tick()
+        assert stat.events() == [("review", "1.2.5")]
+        assert stat.received[0]["json"]["text"].startswith("ACWI Node: A STAT case")
+        assert ("review", "1.2.5") in hook.events() and ("review", "1.2.6") not in hook.events()
+        assert ("review", "1.2.7") not in hook.events()
+        assert stat.received[0]["json"]["case_id"] == stat_item
+
+
+def test_a_webhook_that_is_down_is_tried_again_and_one_that_refuses_is_not(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    """500 and no connection: tried again after the back-off (5 s, 10 s, ...), failed after
+    max_attempts; 400: failed at once, with the answer kept."""
+    base, ledger = ledger_node
+    dead = f"http://127.0.0.1:{free_port()}/hook"
+    with WebhookServer() as hook, WebhookServer() as strict:
+        settings = _settings(
+            base,
+            {"name": "flaky", "url": hook.url},
+            {"name": "strict", "url": strict.url},
+            {"name": "down", "url": dead, "max_attempts": 2, "timeout_s": 2},
+        )
+        hook.answers.extend([500, 503])
+        strict.answers.append(400)
+        _case(settings, ledger, "1.2.3")
+        notifier = Notifier(settings, ledger)
+        t0 = utcnow()
+        notifier.tick(now=t0)
+        states = {target: (state, n) for target, _, state, n in _states(ledger)}
+        assert states == {
+            "flaky": ("pending", 1),
+            "strict": ("failed", 1),
+            "down": ("pending", 1),
+        }
+        with ledger.session() as s:
+            refused = s.scalars(select(Notification).where(Notification.target == "strict")).one()
+            assert refused.last_status == 400 and "refused" in refused.last_error
+            down = s.scalars(select(Notification).where(Notification.target == "down")).one()
+            assert down.last_status is None and "Connection" in down.last_error
+        assert notifier.tick(now=t0 + dt.timedelta(seconds=1)) == 0  # backing off
+        notifier.tick(now=utcnow() + dt.timedelta(seconds=6))  # flaky: 503 again
+        notifier.tick(now=utcnow() + dt.timedelta(seconds=11))  # flaky: 200
+        states = {target: (state, n) for target, _, state, n in _states(ledger)}
+        assert states == {
+            "flaky": ("delivered", 3),
+            "strict": ("failed", 1),
+            "down": ("failed", 2),
+        }
+        assert len(hook.received) == 3 and len(strict.received) == 1
+
+
+def test_the_notify_test_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with WebhookServer() as hook:
+        hook.answers.append(200)
+        config = tmp_path / "acwi-node.toml"
+        config.write_text(
+            f'[node]\ndata_dir = "{tmp_path / "data"}"\nae_title = "ACWI-TEST"\n\n'
+            f'[[notify]]\nname = "chat"\nurl = "{hook.url}"\n\n'
+            f'[[notify]]\nname = "gone"\nurl = "http://127.0.0.1:{free_port()}/"\ntimeout_s = 2\n'
+        )
+        assert main(["--config", str(config), "notify", "test", "chat"]) == 0
+        assert hook.events() == [("test", "")]
+        assert "ACWI-TEST" in hook.received[0]["json"]["text"]
+        assert "chat: delivered (HTTP 200)" in capsys.readouterr().out
+        assert main(["--config", str(config), "notify", "test"]) == 1  # "gone" is down
+        assert "gone: FAILED" in capsys.readouterr().out
+        assert main(["--config", str(config), "notify", "test", "nobody"]) == 2

@@ -11,6 +11,11 @@ import pytest
 
 from acwi_node.config import Settings, load_settings
 from acwi_node.ledger import Ledger
+from acwi_node.reactor_pause import install as install_reactor_pause
+
+# The tests' own pynetdicom clients and servers pause their reactors safely too, as the node's
+# do (acwi_node.reactor_pause): else a C-STORE response is, now and then, lost to the race.
+install_reactor_pause()
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "ACWI_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"

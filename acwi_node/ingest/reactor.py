@@ -65,9 +65,14 @@ from acwi_node.ingest.fastpath import (
     us_value,
 )
 from acwi_node.ingest.negotiation import REQUESTS, accept_pdu_bytes, acceptor_contexts
+from acwi_node.reactor_pause import install as install_reactor_pause
 from acwi_node.tcp import no_delay, quick_ack
 
 log = logging.getLogger("acwi_node.ingest")
+
+# Every association the node makes or accepts (all come through this module) pauses its
+# reactor safely before a send_* method sends: see acwi_node.reactor_pause.
+install_reactor_pause()
 
 #: Longest a loop sleeps before it checks its timers again (seconds).
 MAX_WAIT_S = 0.05

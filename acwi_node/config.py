@@ -792,6 +792,13 @@ class ReviewSettings(_Strict):
     #: notifications link to the case with it. Unset: they carry no link.
     public_url: str | None = None
 
+    @field_validator("public_url")
+    @classmethod
+    def _web_address(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("review.public_url must be an http:// or https:// address")
+        return value
+
 
 #: What a ``[[notify]]`` target may be told of (README "Notifications").
 NotifyEvent = Literal["review", "finding", "failed"]

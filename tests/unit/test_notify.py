@@ -61,6 +61,8 @@ def test_a_target_must_be_a_web_address_and_a_finding_needs_labels(tmp_path: Pat
     ]:
         with pytest.raises(ConfigError, match=said):
             load_settings(None, node={"data_dir": tmp_path}, notify=[target])
+    with pytest.raises(ConfigError, match="public_url must be"):
+        load_settings(None, node={"data_dir": tmp_path}, review={"public_url": "ai.example"})
     with pytest.raises(ConfigError, match="used twice"):
         load_settings(
             None,

@@ -671,19 +671,8 @@ class ReviewStore:
                 it = s.get(ReviewItem, item_id)
             if not won or it is None:
                 raise ItemClosed("this case is no longer open for review")
-            verdict = Verdict(
-                review_item_id=item_id,
-                study_id=it.study_id,
-                job_id=it.job_id,
-                user_id=user.user_id,
-                user_name=user.user_name,
-                action=action,
-                label=label[:64],
-                model_label=model_label[:64],
-                reason=reason[:2000],
-                created_at=now,
-                sr_sop_instance_uid=sr_sop_instance_uid,
-                boxes=boxes or None,
+            verdict = _verdict_row(
+                it, user, action, label, model_label, reason, now, sr_sop_instance_uid, boxes
             )
             s.add(verdict)
             if hl7_control_id is not None and action != "escalate":
@@ -756,21 +745,10 @@ class ReviewStore:
                 raise VerdictAmended(
                     "this case's verdict changed since the page was loaded: reload it"
                 )
-            verdict = Verdict(
-                review_item_id=item_id,
-                study_id=it.study_id,
-                job_id=it.job_id,
-                user_id=user.user_id,
-                user_name=user.user_name,
-                action=action,
-                label=label[:64],
-                model_label=model_label[:64],
-                reason=reason[:2000],
-                created_at=now,
-                sr_sop_instance_uid=sr_sop_instance_uid,
-                boxes=boxes or None,
-                amends_id=amends,
+            verdict = _verdict_row(
+                it, user, action, label, model_label, reason, now, sr_sop_instance_uid, boxes
             )
+            verdict.amends_id = amends
             s.add(verdict)
             s.flush()
             verdict_id = verdict.id
@@ -1091,6 +1069,34 @@ class ReviewStore:
                     }
                 )
             return out
+
+
+def _verdict_row(
+    item: ReviewItem,
+    user: SessionInfo,
+    action: str,
+    label: str,
+    model_label: str,
+    reason: str,
+    now: dt.datetime,
+    sr_sop_instance_uid: str,
+    boxes: dict[str, list[list[int]]] | None,
+) -> Verdict:
+    """A verdict's ledger row on ``item``, its text cut to the columns' lengths."""
+    return Verdict(
+        review_item_id=item.id,
+        study_id=item.study_id,
+        job_id=item.job_id,
+        user_id=user.user_id,
+        user_name=user.user_name,
+        action=action,
+        label=label[:64],
+        model_label=model_label[:64],
+        reason=reason[:2000],
+        created_at=now,
+        sr_sop_instance_uid=sr_sop_instance_uid,
+        boxes=boxes or None,
+    )
 
 
 def reading_of(item: ReviewItem, claim_s: int, now: dt.datetime) -> dict[str, str] | None:

@@ -252,23 +252,8 @@ def submit_verdict(
         log.info("review item %d escalated", item_id)
         return VerdictOutcome(vid, action, "", "", 0)
 
-    unverified = _unverified_sr(settings, case)
-    sources = _sources(settings, store, case["job_id"])
-    kept, regions = _regions(case, sources, marks or {}, chosen, boxes)
-    verification = Verification(
-        observer_name=user.user_name,
-        organization=settings.review.organization,
-        action=action,
-        label=chosen,
-        reason=reason,
-        verified_at=utcnow(),
-        regions=regions,
-    )
-    try:
-        document = build_verified_sr(unverified, sources, verification)
-    except ValueError as exc:
-        raise ReviewError(f"the verified SR cannot be written: {exc}") from exc
-    data = encode_part10(document)
+    verified = _verified_sr(settings, store, case, user, action, chosen, reason, marks, boxes)
+    kept, verification, document, data = verified
     uid = str(document.SOPInstanceUID)
     ris_control_id = None
     if settings.hl7.ris is not None:
@@ -295,6 +280,45 @@ def submit_verdict(
         deliveries,
     )
     return VerdictOutcome(vid, action, chosen, uid, deliveries)
+
+
+def _verified_sr(
+    settings: Settings,
+    store: ReviewStore,
+    case: dict[str, Any],
+    user: SessionInfo,
+    action: str,
+    label: str,
+    reason: str,
+    marks: Mapping[str, str] | None,
+    boxes: Mapping[str, Any] | None,
+    *,
+    amends: str = "",
+    revision: int = 0,
+) -> tuple[dict[str, list[list[int]]], Verification, Dataset, bytes]:
+    """A confirm's or override's VERIFIED SR (``amends``: the verified SR an amendment
+    replaces), built from the case's unverified SR and source images before anything is
+    recorded: the lesion boxes kept (pixels, by image), the verification, the document and its
+    Part 10 bytes. Raises :class:`ReviewError` when the case cannot be verified."""
+    unverified = _unverified_sr(settings, case)
+    sources = _sources(settings, store, case["job_id"])
+    kept, regions = _regions(case, sources, marks or {}, label, boxes)
+    verification = Verification(
+        observer_name=user.user_name,
+        organization=settings.review.organization,
+        action=action,
+        label=label,
+        reason=reason,
+        verified_at=utcnow(),
+        regions=regions,
+        amends=amends,
+        revision=revision,
+    )
+    try:
+        document = build_verified_sr(unverified, sources, verification)
+    except ValueError as exc:
+        raise ReviewError(f"the verified SR cannot be written: {exc}") from exc
+    return kept, verification, document, encode_part10(document)
 
 
 def _store_verified_sr(
@@ -371,31 +395,17 @@ def amend_verdict(
     if not reason:
         raise ReviewError("an amendment needs a reason")
     chosen = decide_label(case, action, label.strip(), reason)
-    unverified = _unverified_sr(settings, case)
-    sources = _sources(settings, store, case["job_id"])
-    kept, regions = _regions(case, sources, marks or {}, chosen, boxes)
+    kept, verification, document, data = _verified_sr(
+        settings, store, case, user, action, chosen, reason, marks, boxes,
+        amends=str(previous["sr_sop_instance_uid"]),
+        revision=sum(1 for v in case["verdicts"] if v["action"] in FINAL_ACTIONS),
+    )  # fmt: skip
     if (action, chosen, _same_boxes(kept)) == (
         previous["action"],
         previous["label"],
         _same_boxes(kept_boxes(previous["boxes"])),
     ):
         raise ReviewError("the amendment changes nothing: change the finding or the lesion boxes")
-    verification = Verification(
-        observer_name=user.user_name,
-        organization=settings.review.organization,
-        action=action,
-        label=chosen,
-        reason=reason,
-        verified_at=utcnow(),
-        regions=regions,
-        amends=str(previous["sr_sop_instance_uid"]),
-        revision=sum(1 for v in case["verdicts"] if v["action"] in FINAL_ACTIONS),
-    )
-    try:
-        document = build_verified_sr(unverified, sources, verification)
-    except ValueError as exc:
-        raise ReviewError(f"the verified SR cannot be written: {exc}") from exc
-    data = encode_part10(document)
     uid = str(document.SOPInstanceUID)
     vid = store.claim_amendment(
         item_id,

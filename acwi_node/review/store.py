@@ -29,6 +29,7 @@ from acwi_node.ledger.models import (
     Instance,
     Job,
     JobState,
+    Notification,
     Purge,
     ReviewItem,
     ReviewState,
@@ -126,9 +127,12 @@ def _iso(value: dt.datetime | None) -> str | None:
 
 
 def _outbox_latest(
-    s: Session, outbox: type[Delivery] | type[Hl7Outbound], *where: ColumnElement[bool]
+    s: Session,
+    outbox: type[Delivery] | type[Hl7Outbound] | type[Notification],
+    *where: ColumnElement[bool],
 ) -> tuple[dt.datetime | None, str]:
-    """An outbox's (results to a destination, ``where``, or ORU^R01 messages to the RIS) last
+    """An outbox's (results to a destination, ``where``, ORU^R01 messages to the RIS, or
+    notifications to a webhook) last
     delivery time, and the error of its latest entry waiting or failed; a resent entry keeps
     its earlier error until it is tried again, and shows none till then."""
     delivered_at = s.scalar(
@@ -937,11 +941,12 @@ class ReviewStore:
         )
 
     def delivery_status(
-        self, destinations: Sequence[str], *, ris: bool = False
+        self, destinations: Sequence[str], *, ris: bool = False, notify: Sequence[str] = ()
     ) -> list[dict[str, Any]]:
         """Each result destination's outbox, for the administrators' part of the dashboard: the
         configured ``destinations`` in order, then any other the outbox still names, and (with
-        ``ris``) the RIS's ORU^R01 outbox as ``"RIS (HL7)"``. Per row: results waiting (retried
+        ``ris``) the RIS's ORU^R01 outbox as ``"RIS (HL7)"``, and each ``notify`` webhook's
+        notifications as ``"Notify: <name>"``. Per row: results waiting (retried
         with back-off), results stored and awaiting the destination's storage commitment,
         results failed for good and not resent, when the last one was delivered, and the
         error of the latest one waiting or failed."""
@@ -987,6 +992,27 @@ class ReviewStore:
                         "pending": hl7["pending"],
                         "committing": 0,
                         "failed": hl7["failed"],
+                        "last_delivered_at": _iso(delivered_at),
+                        "last_error": error,
+                    }
+                )
+            for target in notify:
+                counted: Counter[str] = Counter()
+                for state, n in s.execute(
+                    select(Notification.state, func.count())
+                    .where(Notification.target == target, Notification.state.in_(unsettled))
+                    .group_by(Notification.state)
+                ):
+                    counted[state.value] += n
+                delivered_at, error = _outbox_latest(s, Notification, Notification.target == target)
+                out.append(
+                    {
+                        "name": f"Notify: {target}",
+                        "configured": True,
+                        "checkable": False,
+                        "pending": counted["pending"],
+                        "committing": 0,
+                        "failed": counted["failed"],
                         "last_delivered_at": _iso(delivered_at),
                         "last_error": error,
                     }

@@ -398,7 +398,9 @@ def destination_outboxes(store: ReviewStore, settings: Settings) -> list[dict[st
     with where it is (``AE@host:port`` or its URL) and the check the dashboard offers for it
     (C-ECHO, or QIDO-RS for a DICOMweb service)."""
     rows = store.delivery_status(
-        [d.name for d in settings.destinations], ris=settings.hl7.ris is not None
+        [d.name for d in settings.destinations],
+        ris=settings.hl7.ris is not None,
+        notify=[t.name for t in settings.notify],
     )
     known = {d.name: d for d in settings.destinations}
     for row in rows:

@@ -17,6 +17,8 @@ from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import Job, Notification, ReviewItem, utcnow
 from acwi_node.notify import Notifier, queue_events
 from acwi_node.observability.metrics import ledger_registry
+from acwi_node.review.store import ReviewStore
+from acwi_node.review.views import destination_outboxes
 from tests.support.ports import free_port
 from tests.support.study_flow import analyse, receive
 from tests.support.webhook import WebhookServer
@@ -189,6 +191,13 @@ def test_a_webhook_that_is_down_is_tried_again_and_one_that_refuses_is_not(
             "down": ("failed", 2),
         }
         assert len(hook.received) == 3 and len(strict.received) == 1
+        # the administrators' outboxes (dashboard, GET /api/destinations) show each webhook
+        rows = {r["name"]: r for r in destination_outboxes(ReviewStore(ledger), settings)}
+        assert (rows["Notify: flaky"]["pending"], rows["Notify: flaky"]["failed"]) == (0, 0)
+        assert rows["Notify: flaky"]["last_delivered_at"] is not None
+        assert rows["Notify: strict"]["failed"] == 1
+        assert "HTTP 400" in rows["Notify: strict"]["last_error"]
+        assert rows["Notify: down"]["failed"] == 1 and rows["Notify: down"]["last_error"]
 
 
 def test_the_notify_test_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

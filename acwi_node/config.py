@@ -788,6 +788,9 @@ class ReviewSettings(_Strict):
     #: and the case page tell the others, so that two do not read it at once (a hint, not a
     #: lock: anyone may still decide). 0: not shown.
     reading_claim_s: int = Field(600, ge=0, le=24 * 3600)
+    #: The worklist page reloads itself this often, so that new cases show without a click.
+    #: 0: never.
+    worklist_refresh_s: int = Field(60, ge=0, le=3600)
     #: The address the radiologists open the review app at (``https://ai-node.hospital``):
     #: notifications link to the case with it. Unset: they carry no link.
     public_url: str | None = None

@@ -582,6 +582,8 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
                 "kind": kind,
             },
             filter_names=FILTER_NAMES,
+            refresh_s=settings.review.worklist_refresh_s,
+            now=utcnow().isoformat(timespec="seconds"),
         )
 
     @app.get("/review/decided", include_in_schema=False)

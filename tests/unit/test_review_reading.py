@@ -8,7 +8,7 @@ import datetime as dt
 
 from fastapi.testclient import TestClient
 
-from acwi_node.config import Settings
+from acwi_node.config import Settings, load_settings
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import utcnow
 from acwi_node.review.store import ReviewStore, SessionInfo
@@ -95,7 +95,10 @@ def test_the_pages_and_the_api_tell_the_others(ledger_node: tuple[Settings, Ledg
         sign_in(rick, "rick.roe")
         page = jane.get(f"/review/cases/{item}").text
         assert "Leave it for the others" in page and "reading-notice" not in page
-        assert "you are reading it" in jane.get("/review/worklist").text
+        worklist = jane.get("/review/worklist").text
+        assert "you are reading it" in worklist
+        # it reloads itself (review.worklist_refresh_s), so new cases show without a click
+        assert '<meta http-equiv="refresh" content="60">' in worklist
         assert "being read by jane.doe" in rick.get("/review/worklist").text
         listed = rick.get("/api/worklist", auth=("rick.roe", PASSWORD)).json()["items"]
         assert [i["reading"]["user"] for i in listed] == ["jane.doe"]
@@ -117,3 +120,17 @@ def test_the_pages_and_the_api_tell_the_others(ledger_node: tuple[Settings, Ledg
         now_his = rick.get(f"/review/cases/{item}").text
         assert "reading-notice" not in now_his and "Leave it for the others" in now_his
         assert "you are reading it" in rick.get("/review/worklist").text
+
+
+def test_a_worklist_that_does_not_reload_itself(ledger_node: tuple[Settings, Ledger]) -> None:
+    base, ledger = ledger_node
+    settings = load_settings(
+        None,
+        node={"data_dir": base.data_dir, "database_url": base.database_url},
+        review={"worklist_refresh_s": 0},
+    )
+    add_user(ledger)
+    with TestClient(create_app(settings, ledger), base_url="https://testserver") as client:
+        sign_in(client)
+        page = client.get("/review/worklist").text
+        assert 'http-equiv="refresh"' not in page and "reloads every" not in page

@@ -848,6 +848,50 @@ class NotifyTarget(_Strict):
         return self
 
 
+class BurnedInRegions(_Strict):
+    """Where one kind of image carries text in its pixels, to blank in the de-identified
+    feedback export (``[[feedback.burned_in]]``: the profile's Clean Pixel Data Option). An
+    image matches when every criterion given matches (text case-insensitively)."""
+
+    manufacturer: str = ""
+    #: Manufacturer's Model Name.
+    model: str = ""
+    modality: str = ""
+    rows: int | None = Field(None, ge=1)
+    columns: int | None = Field(None, ge=1)
+    #: Each ``[x0, y0, x1, y1]``: the first and last column and row blanked, in the image's
+    #: pixels (a region past the image's edge is cut at it).
+    regions: list[list[int]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _usable(self) -> BurnedInRegions:
+        if not (self.manufacturer or self.model or self.modality or self.rows or self.columns):
+            raise ValueError(
+                "feedback.burned_in: name the images (manufacturer, model, modality, rows,"
+                " columns): a region blanked in every image is no signature"
+            )
+        for region in self.regions:
+            if len(region) != 4 or not (
+                0 <= region[0] <= region[2] and 0 <= region[1] <= region[3]
+            ):
+                raise ValueError(
+                    f"feedback.burned_in: region {region} is not [x0, y0, x1, y1] with"
+                    " 0 <= x0 <= x1 and 0 <= y0 <= y1"
+                )
+        return self
+
+    def matches(
+        self, manufacturer: str, model: str, modality: str, rows: int, columns: int
+    ) -> bool:
+        """Whether an image with these attributes is one of this kind."""
+        texts = ((self.manufacturer, manufacturer), (self.model, model), (self.modality, modality))
+        if any(want and want.strip().lower() != got.strip().lower() for want, got in texts):
+            return False
+        return (self.rows is None or self.rows == rows) and (
+            self.columns is None or self.columns == columns
+        )
+
+
 class FeedbackSettings(_Strict):
     """``acwi-node feedback export``: the reviewed cases as a labelled dataset (README
     "For radiologists")."""
@@ -866,6 +910,9 @@ class FeedbackSettings(_Strict):
     #: HMAC key: without it nobody can tell which original a pseudonym stands for); default
     #: ``<data_dir>/feedback-deid.key``, created with mode 0600 when missing.
     key_file: Path | None = None
+    #: Images whose pixels carry text at known places (a device's burned-in patient name):
+    #: those regions are blanked, and such images are exported (README "Feedback").
+    burned_in: list[BurnedInRegions] = Field(default_factory=list)
 
 
 class AuditSettings(_Strict):

@@ -31,8 +31,12 @@ kept: the intervals between a patient's studies stay as they were (what a study 
 progression or follow-up needs), while the calendar dates are gone. A date that cannot be
 read as one becomes the dummy date.
 
-Pixel data is not cleaned (the profile's Clean Pixel Data Option): an image whose Burned In
-Annotation (0028,0301) is ``YES`` is refused (:class:`DeidentificationRefused`).
+With the Clean Pixel Data Option (``[[feedback.burned_in]]``, :mod:`.pixel_cleaning`) an
+image of a kind the configuration names (a device that burns the patient's name into a corner)
+has those regions blanked in every frame, whatever its Burned In Annotation says; it then says
+``NO``, and DCM 113101 is among the method codes. Any other image whose Burned In Annotation
+(0028,0301) is ``YES`` is refused (:class:`DeidentificationRefused`): its text is not found
+without a signature.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import datetime as dt
 import hashlib
 import hmac
 import importlib
+from collections.abc import Sequence as TypingSequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -51,6 +56,8 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
 from acwi_node import __version__
+from acwi_node.config import BurnedInRegions
+from acwi_node.review.pixel_cleaning import blank_regions, matching_signature
 
 #: The edition of PS3.15 Table E.1-1 applied (a module of ``dicom-anonymizer``).
 PROFILE_EDITION = "2026c"
@@ -128,37 +135,61 @@ MODIFIED_DATES_OPTION = "Retain Longitudinal Temporal Information Modified Dates
 SHIFT_DAYS_MIN, SHIFT_DAYS_SPAN = 365, 3285
 
 
-def method_description(retain_patient_characteristics: bool, shift_dates: bool = False) -> str:
-    """De-identification Method (0012,0063): what was applied, by whom."""
+#: The Clean Pixel Data Option's name, as De-identification Method and its code say it.
+CLEAN_PIXEL_DATA_OPTION = "Clean Pixel Data Option"
+
+
+def method_description(
+    retain_patient_characteristics: bool, shift_dates: bool = False, clean_pixels: bool = False
+) -> str:
+    """De-identification Method (0012,0063): what was applied, by whom (``clean_pixels``: the
+    images of the configured kinds have their burned-in regions blanked)."""
     text = f"ACWI Node {__version__}: PS3.15 E.1 Basic Profile ({PROFILE_EDITION})"
     if retain_patient_characteristics:
         text += ", Retain Patient Characteristics Option"
     if shift_dates:
         text += f", {MODIFIED_DATES_OPTION} (dates shifted per patient)"
-    return text + "; pixel data not cleaned; UIDs replaced by keyed hashes"
+    if clean_pixels:
+        text += f", {CLEAN_PIXEL_DATA_OPTION} (configured regions blanked)"
+    else:
+        text += "; pixel data not cleaned"
+    return text + "; UIDs replaced by keyed hashes"
 
 
-def method_values(retain_patient_characteristics: bool, shift_dates: bool = False) -> list[str]:
-    """De-identification Method (0012,0063), one value per part (LO: 64 characters each)."""
+def method_values(
+    retain_patient_characteristics: bool, shift_dates: bool = False, cleaned: bool = False
+) -> list[str]:
+    """De-identification Method (0012,0063), one value per part (LO: 64 characters each);
+    ``cleaned``: this image's burned-in regions were blanked."""
     values = [f"ACWI Node {__version__}", f"PS3.15 E.1 Basic Profile {PROFILE_EDITION}"]
     if retain_patient_characteristics:
         values.append("Retain Patient Characteristics Option")
     if shift_dates:
         values.append(MODIFIED_DATES_OPTION)
-    return values + ["UIDs replaced by keyed hashes", "pixel data not cleaned"]
+    if cleaned:
+        values.append(CLEAN_PIXEL_DATA_OPTION)
+    return (
+        values + ["UIDs replaced by keyed hashes"] + ([] if cleaned else ["pixel data not cleaned"])
+    )
 
 
 class Deidentifier:
     """Applies the profile with one key (the same key: the same UIDs and pseudonyms)."""
 
     def __init__(
-        self, key: bytes, *, retain_patient_characteristics: bool = True, shift_dates: bool = False
+        self,
+        key: bytes,
+        *,
+        retain_patient_characteristics: bool = True,
+        shift_dates: bool = False,
+        burned_in: TypingSequence[BurnedInRegions] = (),
     ) -> None:
         if len(key) < 16:
             raise ValueError("the de-identification key must hold at least 16 bytes")
         self._key = key
         self.retain_patient_characteristics = retain_patient_characteristics
         self.shift_dates = shift_dates
+        self.burned_in = tuple(burned_in)
         self._table = _table()
 
     # ---------------------------------------------------------------- identifiers
@@ -184,11 +215,18 @@ class Deidentifier:
 
     # ---------------------------------------------------------------- the profile
     def apply(self, ds: Dataset) -> Dataset:
-        """De-identify ``ds`` in place (its file meta included) and return it."""
-        if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
+        """De-identify ``ds`` in place (its file meta included) and return it; an image of a
+        kind ``burned_in`` names has its regions blanked (its pixels are read: ``ds`` must
+        hold them)."""
+        signature = matching_signature(ds, self.burned_in) if self.burned_in else None
+        if signature is not None:
+            blank_regions(ds, signature.regions)
+            ds.BurnedInAnnotation = "NO"
+        elif str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
             raise DeidentificationRefused(
-                "Burned In Annotation (0028,0301) is YES: the text in the pixels is not"
-                " removed (no Clean Pixel Data Option), so the image is not exported"
+                "Burned In Annotation (0028,0301) is YES and no [[feedback.burned_in]] names"
+                " this kind of image: the text in the pixels is not removed, so the image is"
+                " not exported"
             )
         patient = str(ds.get("PatientID", "") or ""), str(ds.get("IssuerOfPatientID", "") or "")
         pseudonym = self.pseudonym(*patient)
@@ -198,9 +236,11 @@ class Deidentifier:
         ds.PatientID = pseudonym
         ds.PatientIdentityRemoved = "YES"
         ds.DeidentificationMethod = method_values(
-            self.retain_patient_characteristics, self.shift_dates
+            self.retain_patient_characteristics, self.shift_dates, cleaned=signature is not None
         )
         codes = [("113100", "Basic Application Confidentiality Profile")]
+        if signature is not None:
+            codes.append(("113101", CLEAN_PIXEL_DATA_OPTION))
         if self.shift_dates:
             codes.append(("113107", MODIFIED_DATES_OPTION))
         if self.retain_patient_characteristics:

@@ -46,6 +46,7 @@ from acwi_node.ingest.spool import Spool, is_safe_uid
 from acwi_node.ledger import Ledger
 from acwi_node.review.auth import load_secret_key
 from acwi_node.review.deidentify import (
+    CLEAN_PIXEL_DATA_OPTION,
     MODIFIED_DATES_OPTION,
     PROFILE_EDITION,
     DeidentificationRefused,
@@ -115,6 +116,7 @@ def export_feedback(
         key,
         retain_patient_characteristics=settings.feedback.retain_patient_characteristics,
         shift_dates=settings.feedback.shift_dates,
+        burned_in=settings.feedback.burned_in,
     )
     store = ReviewStore(ledger)
     cases = store.reviewed_cases()
@@ -203,8 +205,11 @@ def _write_method(out_dir: Path, settings: Settings) -> None:
     options = ["Retain Patient Characteristics Option"] if option else []
     if shift:
         options.append(MODIFIED_DATES_OPTION)
+    burned_in = settings.feedback.burned_in
+    if burned_in:
+        options.append(CLEAN_PIXEL_DATA_OPTION)
     method = {
-        "method": method_description(option, shift),
+        "method": method_description(option, shift, bool(burned_in)),
         "profile": "DICOM PS3.15 Annex E, Basic Application Level Confidentiality Profile",
         "table_edition": PROFILE_EDITION,
         "options": options,
@@ -213,7 +218,13 @@ def _write_method(out_dir: Path, settings: Settings) -> None:
         else "removed or replaced by dummies (birth date emptied)",
         "uids": "replaced: 2.25. and an HMAC-SHA256 of the original with the node's key",
         "patients": "pseudonyms: ANON- and an HMAC-SHA256 of issuer and patient ID",
-        "pixel_data": "not cleaned; images with Burned In Annotation YES are not exported",
+        "pixel_data": (
+            "the configured regions blanked in the images of the configured kinds (Burned In"
+            " Annotation NO after); other images with Burned In Annotation YES are not exported"
+            if burned_in
+            else "not cleaned; images with Burned In Annotation YES are not exported"
+        ),
+        "burned_in": [sig.model_dump(exclude_defaults=True) for sig in burned_in],
     }
     tmp = out_dir / (METHOD_FILE + ".tmp")
     tmp.write_text(json.dumps(method, indent=2) + "\n")

@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from acwi_node.audit import audit_file, close_audit, configure_audit
 from acwi_node.cli import build_parser
-from acwi_node.config import Settings
+from acwi_node.config import BurnedInRegions, Settings
 from acwi_node.export.outbox import Exporter
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import AuditEvent, Delivery, Result, Verdict
@@ -826,6 +826,40 @@ def test_burned_in_text_and_damaged_files_are_left_out_of_the_de_identified_expo
     export = export_feedback(settings, ledger, tmp_path / "feedback")
     assert (export.images, export.withheld, export.missing) == (1, 1, 1)
     assert len(list((tmp_path / "feedback" / "images").iterdir())) == 1
+
+    # [[feedback.burned_in]] names the images' kind (one device made them): their corner is
+    # blanked, the marked one's too, which is now exported (the Clean Pixel Data Option)
+    manufacturer = str(marked.get("Manufacturer", "") or "")
+    cleaning = settings.model_copy(
+        update={
+            "feedback": settings.feedback.model_copy(
+                update={
+                    "burned_in": [
+                        BurnedInRegions(
+                            modality=str(marked.Modality),
+                            manufacturer=manufacturer,
+                            rows=int(marked.Rows),
+                            regions=[[0, 0, 31, 15]],
+                        )
+                    ]
+                }
+            )
+        }
+    )
+    out = tmp_path / "feedback-cleaned"
+    export = export_feedback(cleaning, ledger, out)
+    assert (export.images, export.withheld, export.missing) == (2, 0, 1)
+    cleaned = [
+        ds
+        for ds in (pydicom.dcmread(p) for p in (out / "images").iterdir())
+        if "113101" in [c.CodeValue for c in ds.DeidentificationMethodCodeSequence]
+    ]
+    assert len(cleaned) == 2 and {ds.BurnedInAnnotation for ds in cleaned} == {"NO"}
+    for ds in cleaned:
+        assert (ds.pixel_array[:16, :32] == ds.pixel_array.min()).all()
+    method = json.loads((out / "deidentification.json").read_text())
+    assert "Clean Pixel Data Option" in method["options"]
+    assert method["burned_in"][0]["regions"] == [[0, 0, 31, 15]]
 
 
 def test_an_administrator_downloads_the_de_identified_feedback_as_a_zip(

@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
+from acwi_node.config import BurnedInRegions
 from acwi_node.inference.preprocess import PreprocessSpec, to_unit_range
 from acwi_node.review.deidentify import (
     DeidentificationRefused,
@@ -254,6 +255,114 @@ def test_no_new_dciodvfy_error(tmp_path: Path, kind: str, shift_dates: bool) -> 
     ds = pydicom.dcmread(source)
     Deidentifier(KEY, shift_dates=shift_dates).apply(ds)
     out = tmp_path / "deid.dcm"
+    ds.save_as(out, enforce_file_format=True)
+    before = set(dciodvfy_errors(source))
+    assert [e for e in dciodvfy_errors(out) if e not in before] == []
+
+
+# ------------------------------------------------------------- Clean Pixel Data Option
+def _text(monochrome1: bool) -> int:
+    """The burned-in text's value: shown white (the lowest value for MONOCHROME1)."""
+    return 0 if monochrome1 else TEXT
+
+
+#: A device that burns the patient's name into the top left corner of its radiographs.
+CORNER = BurnedInRegions(manufacturer="Acme Imaging", model="XR-9", regions=[[0, 0, 29, 9]])
+TEXT = 4095  # the burned-in text: the brightest value
+
+
+def _burned_dx(*, monochrome1: bool = False, flag: str | None = "YES") -> Dataset:
+    pixels = np.full((96, 80), 1000, dtype=np.uint16)
+    pixels[2:8, 1:28] = _text(monochrome1)  # the name, inside the region
+    pixels[50:60, 40:50] = 3000  # anatomy, outside it
+    ds = make_dx(generate_uid(), pixels=pixels, monochrome1=monochrome1)
+    ds.Manufacturer = "ACME IMAGING"  # matched without regard to case
+    ds.ManufacturerModelName = "XR-9"
+    if flag is not None:
+        ds.BurnedInAnnotation = flag
+    return ds
+
+
+@pytest.mark.parametrize("monochrome1", [False, True])
+def test_the_regions_of_a_named_kind_of_image_are_blanked(monochrome1: bool) -> None:
+    """The region turns black (the lowest value; the highest for MONOCHROME1) and nothing
+    else changes; the image then says Burned In Annotation NO and names the option."""
+    ds = _burned_dx(monochrome1=monochrome1)
+    before = ds.pixel_array.copy()
+    Deidentifier(KEY, burned_in=[CORNER]).apply(ds)
+    after = ds.pixel_array
+    black = before.max() if monochrome1 else before.min()
+    assert (after[0:10, 0:30] == black).all()
+    assert _text(monochrome1) not in after[0:10, 0:30]
+    assert np.array_equal(after[10:, :], before[10:, :])
+    assert np.array_equal(after[:10, 30:], before[:10, 30:])
+    assert ds.BurnedInAnnotation == "NO"
+    codes = [item.CodeValue for item in ds.DeidentificationMethodCodeSequence]
+    assert "113101" in codes
+    assert "Clean Pixel Data Option" in list(ds.DeidentificationMethod)
+    assert "pixel data not cleaned" not in list(ds.DeidentificationMethod)
+
+
+def test_an_image_of_another_kind_is_left_as_it_is_or_refused() -> None:
+    """Another model: its pixels are untouched, and with Burned In Annotation YES the image is
+    refused as before, the message naming the setting."""
+    other = BurnedInRegions(manufacturer="Acme Imaging", model="XR-1", regions=[[0, 0, 9, 9]])
+    plain = _burned_dx(flag=None)
+    before = plain.pixel_array.copy()
+    Deidentifier(KEY, burned_in=[other]).apply(plain)
+    assert np.array_equal(plain.pixel_array, before)
+    assert "113101" not in [i.CodeValue for i in plain.DeidentificationMethodCodeSequence]
+    assert "pixel data not cleaned" in list(plain.DeidentificationMethod)
+    with pytest.raises(DeidentificationRefused, match=r"feedback\.burned_in"):
+        Deidentifier(KEY, burned_in=[other]).apply(_burned_dx())
+    # a named kind is cleaned even when it does not say it carries text
+    unsaid = _burned_dx(flag=None)
+    Deidentifier(KEY, burned_in=[CORNER]).apply(unsaid)
+    assert unsaid.BurnedInAnnotation == "NO" and TEXT not in unsaid.pixel_array[:10, :30]
+
+
+def test_every_frame_is_blanked_and_compressed_pixels_are_stored_plain(tmp_path: Path) -> None:
+    """An Enhanced CT's frames each lose the region; an RLE-compressed image is decoded,
+    blanked and stored uncompressed (Explicit VR Little Endian)."""
+    source = write_enhanced_ct(tmp_path / "ct", slices=3, size=64)
+    ct = pydicom.dcmread(source)
+    band = BurnedInRegions(modality="CT", rows=64, regions=[[0, 60, 63, 70]])  # cut at the edge
+    before = ct.pixel_array.copy()
+    Deidentifier(KEY, burned_in=[band]).apply(ct)
+    after = ct.pixel_array
+    assert after.shape == before.shape == (3, 64, 64)
+    assert (after[:, 60:, :] == before.min()).all()
+    assert np.array_equal(after[:, :60, :], before[:, :60, :])
+
+    from pydicom.uid import RLELossless
+
+    rle = _burned_dx()
+    plain = rle.pixel_array.copy()
+    rle.compress(RLELossless)
+    Deidentifier(KEY, burned_in=[CORNER]).apply(rle)
+    assert rle.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert (rle.pixel_array[:10, :30] == plain.min()).all()
+    assert np.array_equal(rle.pixel_array[10:], plain[10:])
+
+
+def test_a_signature_must_name_its_images_and_give_whole_regions() -> None:
+    with pytest.raises(ValueError, match="name the images"):
+        BurnedInRegions(regions=[[0, 0, 1, 1]])
+    with pytest.raises(ValueError, match="x0 <= x1"):
+        BurnedInRegions(modality="US", regions=[[5, 0, 1, 1]])
+    with pytest.raises(ValueError, match="x0 <= x1"):
+        BurnedInRegions(modality="US", regions=[[0, 0, 1]])
+    with pytest.raises(ValueError):
+        BurnedInRegions(modality="US", regions=[])
+
+
+def test_a_cleaned_image_has_no_new_dciodvfy_error(tmp_path: Path) -> None:
+    require_dciodvfy()
+    source = tmp_path / "burned.dcm"
+    _burned_dx().save_as(source, enforce_file_format=True)
+    ds = pydicom.dcmread(source)
+    Deidentifier(KEY, burned_in=[CORNER]).apply(ds)
+    out = tmp_path / "clean.dcm"
     ds.save_as(out, enforce_file_format=True)
     before = set(dciodvfy_errors(source))
     assert [e for e in dciodvfy_errors(out) if e not in before] == []

@@ -6,8 +6,8 @@ same place on every image it makes (the patient's name in a corner of a radiogra
 ultrasound's header band). ``[[feedback.burned_in]]`` names such devices (manufacturer,
 model, modality, size) and the regions to blank (:class:`~acwi_node.config.BurnedInRegions`,
 as RSNA CTP's pixel anonymizer signatures do). :func:`blank_regions` fills each region, in every
-frame, with the value that shows black (the lowest stored value; the highest for
-MONOCHROME1), and stores the pixels uncompressed.
+frame, with the value that shows black (a grey image's lowest stored value, its highest for
+MONOCHROME1; 0 in every channel of a colour one), and stores the pixels uncompressed.
 """
 
 from __future__ import annotations
@@ -45,7 +45,10 @@ def blank_regions(ds: Dataset, regions: Sequence[Sequence[int]]) -> int:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if samples == 3:
         photometric = "RGB"  # pydicom gives colour pixels as RGB, whatever they were stored as
-    black = pixels.max() if photometric == "MONOCHROME1" else pixels.min()
+    if samples == 3:
+        black = pixels.dtype.type(0)
+    else:
+        black = pixels.max() if photometric == "MONOCHROME1" else pixels.min()
     # the row and column axes: the last two of a grey image, the two before the samples'
     row_axis = pixels.ndim - (3 if samples == 3 else 2)
     mask = np.zeros((rows, columns), dtype=bool)

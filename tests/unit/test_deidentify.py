@@ -345,6 +345,19 @@ def test_every_frame_is_blanked_and_compressed_pixels_are_stored_plain(tmp_path:
     assert np.array_equal(rle.pixel_array[10:], plain[10:])
 
 
+def test_a_colour_image_is_blanked_to_black_in_every_channel() -> None:
+    from acwi_node.review.pixel_cleaning import blank_regions
+
+    ds = Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.set_pixel_data(np.full((20, 30, 3), 200, dtype=np.uint8), "RGB", 8)
+    assert blank_regions(ds, [[0, 0, 9, 4], [25, 15, 99, 99]]) == 50 + 25
+    pixels = ds.pixel_array
+    assert (pixels[:5, :10] == 0).all() and (pixels[15:, 25:] == 0).all()
+    assert (pixels[5:15, :] == 200).all() and ds.PhotometricInterpretation == "RGB"
+
+
 def test_a_signature_must_name_its_images_and_give_whole_regions() -> None:
     with pytest.raises(ValueError, match="name the images"):
         BurnedInRegions(regions=[[0, 0, 1, 1]])

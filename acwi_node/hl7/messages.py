@@ -639,6 +639,14 @@ def build_oru(
             status=status,
             method=method if code not in {"VERDICT", "FINAL_FINDING", "COMMENT"} else "",
         )
+        if code in {"FINDING", "FINAL_FINDING"}:
+            # OBX-8 (HL7 table 0078): A, a finding; N, normal: what a RIS highlights
+            label = (
+                verdict.label
+                if code == "FINAL_FINDING" and verdict
+                else str(study.summary.get("predicted_label", ""))
+            )
+            obs.obx.obx_8 = abnormal_flag(study.summary, label)
         if verdict is not None and code in {"VERDICT", "FINAL_FINDING"} and verdict.reviewer:
             obs.obx.obx_16 = "^".join(escape(p) for p in verdict.reviewer.split("^"))
         if code == "VERDICT" and verdict is not None and verdict.reviewed_at is not None:
@@ -650,6 +658,17 @@ def build_oru(
     obs.obx.obx_5 = escape(study.study_uid)
     obs.obx.obx_11 = status
     return str(msg.to_er7())
+
+
+def abnormal_flag(summary: dict[str, Any], label: str) -> str:
+    """OBX-8 of a finding observation: ``A`` (abnormal) for one of the model's finding labels,
+    ``N`` (normal) for another; for a summary written before it listed its finding labels,
+    every label but one named "normal" is a finding."""
+    if "finding_labels" in summary:
+        findings = {str(x) for x in summary["finding_labels"]}
+    else:
+        findings = {str(x) for x in summary.get("labels") or [] if str(x).lower() != "normal"}
+    return "A" if label in findings else "N"
 
 
 def oru_observations(text: str) -> dict[str, list[tuple[str, str]]]:

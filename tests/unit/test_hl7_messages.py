@@ -270,3 +270,29 @@ def test_kept_lesion_boxes_become_the_orus_lesions() -> None:
         Lesion("1.2.5", None, (10, 11, 12, 13)),
     )
     assert lesions_of({}) == ()
+
+
+def _flags(text: str) -> dict[str, str]:
+    """OBX-3 code -> OBX-8 (abnormal flags) of each OBX that has one."""
+    out = {}
+    for seg in text.split("\r"):
+        fields = seg.split("|")
+        if fields[0] == "OBX" and len(fields) > 8 and fields[8]:
+            out[fields[3].split("^")[0]] = fields[8]
+    return out
+
+
+def test_a_finding_is_flagged_abnormal_for_the_ris() -> None:
+    """OBX-8 of the AI finding and of the radiologist's: A for a finding, N for normal (by
+    the model's finding labels; before summaries listed them, every label but "normal")."""
+    assert _flags(build_oru(_study(), control_id="F1")) == {"FINDING": "A"}
+    corrected = Verdict(agrees=False, label="normal")
+    assert _flags(build_oru(_study(), corrected, control_id="F2")) == {
+        "FINDING": "A",
+        "FINAL_FINDING": "N",
+    }
+    listed = {**SUMMARY, "labels": ["clear", "nodule"], "finding_labels": ["nodule"]}
+    listed["predicted_label"] = "clear"
+    study = OruStudy(summary=listed, study_uid="1.2.3", accession_number="", patient_id="",
+                     patient_name="")  # fmt: skip
+    assert _flags(build_oru(study, control_id="F3")) == {"FINDING": "N"}

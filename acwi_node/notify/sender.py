@@ -124,6 +124,8 @@ class Notifier:
             if self._stop.is_set():
                 break
             target = self.targets.get(name)
+            if not self._claim(row_id, now, target):
+                continue  # another exporter process took it
             if target is None:
                 outcome = PostOutcome(False, None, f"no [[notify]] named {name!r} now", False)
             else:
@@ -157,6 +159,22 @@ class Notifier:
             else:
                 log.warning("notify %s: %s: %s; retrying", name, key, outcome.error)
         return len(due)
+
+    def _claim(self, row_id: int, now: dt.datetime, target: NotifyTarget | None) -> bool:
+        """Take a due notification for one attempt: its next attempt moves past the attempt's
+        longest wait, so that a second exporter process does not POST it too."""
+        lease = (target.timeout_s if target is not None else 0.0) + 60.0
+        with self.ledger.session() as s:
+            result = s.execute(
+                update(Notification)
+                .where(
+                    Notification.id == row_id,
+                    Notification.state == DeliveryState.PENDING,
+                    Notification.next_attempt_at <= now,
+                )
+                .values(next_attempt_at=utcnow() + dt.timedelta(seconds=lease))
+            )
+            return bool(getattr(result, "rowcount", 0))
 
     def run(self) -> None:
         """Tick until :meth:`stop`; an error in one pass is logged and the next goes on."""

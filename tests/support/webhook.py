@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -14,6 +15,8 @@ class WebhookServer:
     def __init__(self) -> None:
         self.received: list[dict[str, Any]] = []
         self.answers: deque[int] = deque()
+        #: Seconds each answer waits (a slow webhook).
+        self.delay_s = 0.0
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -23,6 +26,7 @@ class WebhookServer:
                 owner.received.append(
                     {"path": self.path, "headers": dict(self.headers), "json": json.loads(body)}
                 )
+                time.sleep(owner.delay_s)
                 status = owner.answers.popleft() if owner.answers else 200
                 answer = b'{"ok": true}' if status < 300 else b"refused: try later"
                 self.send_response(status)

@@ -5,6 +5,7 @@ PostgreSQL."""
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,28 @@ def test_a_webhook_that_is_down_is_tried_again_and_one_that_refuses_is_not(
         assert rows["Notify: strict"]["failed"] == 1
         assert "HTTP 400" in rows["Notify: strict"]["last_error"]
         assert rows["Notify: down"]["failed"] == 1 and rows["Notify: down"]["last_error"]
+
+
+def test_two_exporter_processes_post_each_notification_once(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    """Two notifiers (two exporter processes) tick at once against a slow webhook: each case
+    is POSTed once."""
+    base, ledger = ledger_node
+    with WebhookServer() as hook:
+        hook.delay_s = 0.05
+        settings = _settings(base, {"name": "chat", "url": hook.url})
+        for n in range(6):
+            _case(settings, ledger, f"1.2.{n + 1}")
+        queue_events(settings, ledger)
+        notifiers = [Notifier(settings, ledger) for _ in range(2)]
+        threads = [threading.Thread(target=n.tick) for n in notifiers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(hook.events()) == [("review", f"1.2.{n + 1}") for n in range(6)]
+        assert {state for _, _, state, _ in _states(ledger)} == {"delivered"}
 
 
 def test_the_notify_test_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -150,6 +150,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             notes = []
             if report.missing:
                 notes.append(f"{report.missing} no longer in the spool or unreadable")
+            if report.cleaned:
+                notes.append(f"{report.cleaned} with burned-in regions blanked")
             if report.withheld:
                 notes.append(
                     f"{report.withheld} withheld (burned-in annotation: not de-identified)"

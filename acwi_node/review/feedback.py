@@ -88,6 +88,8 @@ class ExportReport:
     deidentified: bool = False
     #: Images not exported because de-identification could not make them safe.
     withheld: int = 0
+    #: Exported images whose burned-in regions were blanked (``[[feedback.burned_in]]``).
+    cleaned: int = 0
 
 
 @dataclass
@@ -100,6 +102,8 @@ class _Copied:
     study: str = ""
     patient: str = ""
     withheld: bool = False
+    #: Its burned-in regions were blanked (the Clean Pixel Data Option).
+    cleaned: bool = False
 
 
 def export_feedback(
@@ -128,6 +132,7 @@ def export_feedback(
     sites = {ae: n for n, ae in enumerate(sorted({c["calling_ae"] for c in cases}))}
     rows: list[dict[str, str]] = []
     missing = withheld = 0
+    cleaned: set[str] = set()  # exported images (their new UIDs) with regions blanked
     for case in cases:
         copied: dict[str, _Copied] = {}  # by SOP Instance UID
         for sop, frame in case["images"]:
@@ -142,6 +147,8 @@ def export_feedback(
                     deidentify=deidentify,
                 )
             done = copied[sop]
+            if done.cleaned:
+                cleaned.add(done.sop)
             if not done.ok:
                 if done.withheld:
                     withheld += 1
@@ -179,6 +186,7 @@ def export_feedback(
         missing=missing,
         deidentified=deidentify,
         withheld=withheld,
+        cleaned=len(cleaned),
     )
 
 
@@ -287,4 +295,8 @@ def _export_instance(
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         return _Copied(False)
-    return _Copied(True, new_sop, str(ds.StudyInstanceUID), patient)
+    cleaned = str(ds.get("BurnedInAnnotation", "")) == "NO" and any(
+        item.get("CodeValue") == "113101"
+        for item in ds.get("DeidentificationMethodCodeSequence", [])
+    )
+    return _Copied(True, new_sop, str(ds.StudyInstanceUID), patient, cleaned=cleaned)

@@ -91,6 +91,7 @@ def feedback_router(settings: Settings, db: Ledger) -> APIRouter:
                 "X-Images": str(report.images),
                 "X-Cases": str(report.cases),
                 "X-Withheld": str(report.withheld),
+                "X-Cleaned": str(report.cleaned),
                 "X-Missing": str(report.missing),
                 "Cache-Control": "no-store",
             },

@@ -848,7 +848,7 @@ def test_burned_in_text_and_damaged_files_are_left_out_of_the_de_identified_expo
     )
     out = tmp_path / "feedback-cleaned"
     export = export_feedback(cleaning, ledger, out)
-    assert (export.images, export.withheld, export.missing) == (2, 0, 1)
+    assert (export.images, export.withheld, export.missing, export.cleaned) == (2, 0, 1, 2)
     cleaned = [
         ds
         for ds in (pydicom.dcmread(p) for p in (out / "images").iterdir())
@@ -888,6 +888,7 @@ def test_an_administrator_downloads_the_de_identified_feedback_as_a_zip(
     assert answer.status_code == 200, answer.text
     assert answer.headers["content-type"] == "application/zip"
     assert answer.headers["x-images"] == "2" and answer.headers["x-cases"] == "1"
+    assert (answer.headers["x-withheld"], answer.headers["x-cleaned"]) == ("0", "0")
     assert "attachment" in answer.headers["content-disposition"]
     with zipfile.ZipFile(io.BytesIO(answer.content)) as zf:
         names = sorted(zf.namelist())

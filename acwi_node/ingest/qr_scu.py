@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
@@ -47,6 +47,17 @@ def _get_storage_classes() -> list[str]:
 
 
 GET_STORAGE_CLASSES: list[str] = _get_storage_classes()
+
+
+def get_classes(study_classes: Sequence[str] = ()) -> list[str]:
+    """The storage SOP classes a C-GET of a study proposes: the study's own, as the PACS
+    listed them (SOP Classes in Study, :func:`study_sop_classes`), then
+    :data:`GET_STORAGE_CLASSES`, as many as fit beside the GET context."""
+    listed = [uid for uid in dict.fromkeys(study_classes) if is_safe_uid(uid)]
+    ordered = listed + [uid for uid in GET_STORAGE_CLASSES if uid not in listed]
+    return ordered[: MAX_CONTEXTS - 1]
+
+
 #: The transfer syntaxes a C-GET proposes for each: the uncompressed ones and the lossless
 #: and lossy compressions modalities use, which the node stores as received.
 GET_TRANSFER_SYNTAXES: list[str] = [
@@ -237,6 +248,47 @@ def move_study(
         end_association(assoc)
 
 
+def study_sop_classes(
+    study_uid: str,
+    *,
+    called_ae: str,
+    host: str,
+    port: int,
+    calling_ae: str,
+    timeout_s: float = 30.0,
+    tls: TlsArgs | None = None,
+) -> list[str]:
+    """The SOP Classes in Study (0008,0062) the PACS reports for one study (a C-FIND at the
+    STUDY level); empty when it does not say (many PACSs leave the key out, Orthanc unless
+    ``AllowFindSopClassesInStudy``) or cannot be asked."""
+    identifier = _study_identifier(study_uid)
+    identifier.SOPClassesInStudy = ""
+    assoc, _ = open_association(
+        calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=0, tls=tls,
+        contexts=[build_context(STUDY_ROOT_FIND)],
+    )  # fmt: skip
+    if assoc is None:
+        return []
+    classes: list[str] = []
+    try:
+        if not assoc.accepted_contexts:
+            return []
+        for status, found in assoc.send_c_find(identifier, STUDY_ROOT_FIND):
+            if "Status" not in status or int(status.Status) not in (0xFF00, 0xFF01):
+                break
+            if found is None or str(found.get("StudyInstanceUID", "")) != study_uid:
+                continue
+            value = found.get("SOPClassesInStudy")
+            values = [value] if isinstance(value, str) else list(value or [])
+            classes += [str(uid).strip() for uid in values if str(uid).strip()]
+    except Exception as exc:  # noqa: BLE001 - only a hint: the C-GET goes on without it
+        logger.info("C-FIND of a study's SOP classes failed: %s", type(exc).__name__)
+        return []
+    finally:
+        end_association(assoc)
+    return list(dict.fromkeys(classes))
+
+
 def get_study(
     study_uid: str,
     *,
@@ -248,14 +300,18 @@ def get_study(
     timeout_s: float = 600.0,
     tls: TlsArgs | None = None,
     on_response: Callable[[], None] | None = None,
+    study_classes: Sequence[str] = (),
 ) -> MoveResult:
     """C-GET one study: the PACS sends its instances back over the node's association, each
     C-STORE handed to ``store`` (it returns the C-STORE status). The node proposes to take
-    the SCP role for :data:`GET_STORAGE_CLASSES` in :data:`GET_TRANSFER_SYNTAXES`."""
+    the SCP role for the study's own SOP classes (``study_classes``, see
+    :func:`study_sop_classes`) and :data:`GET_STORAGE_CLASSES` (:func:`get_classes`) in
+    :data:`GET_TRANSFER_SYNTAXES`."""
+    classes = get_classes(study_classes)
     contexts = [build_context(STUDY_ROOT_GET)] + [
-        build_context(uid, GET_TRANSFER_SYNTAXES) for uid in GET_STORAGE_CLASSES
+        build_context(uid, GET_TRANSFER_SYNTAXES) for uid in classes
     ]
-    roles = [build_role(uid, scp_role=True) for uid in GET_STORAGE_CLASSES]
+    roles = [build_role(uid, scp_role=True) for uid in classes]
     assoc, error = open_association(
         calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=0, tls=tls,
         contexts=contexts, handlers=[(evt.EVT_C_STORE, store)], ext_neg=roles,

@@ -30,7 +30,14 @@ from acwi_node.export.scu import TlsArgs
 from acwi_node.ingest.dicomweb_source import retrieve_study, search_studies
 from acwi_node.ingest.mpps import CompletionSignals
 from acwi_node.ingest.part10 import file_meta_prefix
-from acwi_node.ingest.qr_scu import FindResult, MoveResult, find_studies, get_study, move_study
+from acwi_node.ingest.qr_scu import (
+    FindResult,
+    MoveResult,
+    find_studies,
+    get_study,
+    move_study,
+    study_sop_classes,
+)
 from acwi_node.ingest.spool import Spool, is_safe_uid
 from acwi_node.ingest.stow import CANNOT_UNDERSTAND, StowReceiver, StowResult
 from acwi_node.ledger import Ledger, StudyState
@@ -385,8 +392,14 @@ class RetrievalService:
             studies[uid] = studies.get(uid, 0) + len(result.stored) - result.dropped
             return 0x0000
 
+        # the study's own SOP classes, where the PACS lists them: proposed first, so that a
+        # class beyond the 127 the association has room for still comes
+        classes = study_sop_classes(uid, **self._peer(source, tls))
         try:
-            return get_study(uid, **self._peer(source, tls), store=store, on_response=renew)
+            return get_study(
+                uid, **self._peer(source, tls), store=store, on_response=renew,
+                study_classes=classes,
+            )  # fmt: skip
         finally:  # the sending association's end, as the SCP records it, and the audit
             self.receiver.end_request(
                 received, studies, sender=sender, address=address, how="C-GET"

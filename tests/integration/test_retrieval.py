@@ -26,11 +26,17 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
+import acwi_node.ingest.retrieval as retrieval_module
 from acwi_node.cli import main
 from acwi_node.config import Settings, load_settings
 from acwi_node.ingest.completion import CompletionService
 from acwi_node.ingest.mpps import CompletionSignals
-from acwi_node.ingest.qr_scu import GET_STORAGE_CLASSES, STUDY_ROOT_FIND, STUDY_ROOT_MOVE
+from acwi_node.ingest.qr_scu import (
+    GET_STORAGE_CLASSES,
+    STUDY_ROOT_FIND,
+    STUDY_ROOT_MOVE,
+    study_sop_classes,
+)
 from acwi_node.ingest.retrieval import RetrievalService
 from acwi_node.ingest.scp import StorageSCP
 from acwi_node.ingest.spool import Spool
@@ -326,8 +332,11 @@ def test_a_move_source_cannot_retrieve_from_a_pacs_that_cannot_reach_the_node(
 
 
 def test_a_get_of_a_class_the_node_does_not_propose_fails_with_the_reason(
-    orthanc: OrthancServer, make_node: Callable[..., Node]
+    orthanc: OrthancServer, make_node: Callable[..., Node], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A PACS that does not list SOP Classes in Study (here: the node does not hear it): a
+    class beyond the 127 proposed by default cannot come by C-GET, and the error says why."""
+    monkeypatch.setattr(retrieval_module, "study_sop_classes", lambda *a, **k: [])
     study = generate_uid()
     ds = make_sc(study)
     not_proposed = next(
@@ -347,6 +356,38 @@ def test_a_get_of_a_class_the_node_does_not_propose_fails_with_the_reason(
     assert view.state == "failed"
     assert "C-GET" in view.error and "retrieve_with = 'move'" in view.error
     assert n.state(study) is None
+
+
+def test_a_get_proposes_the_classes_the_pacs_lists_for_the_study(
+    orthanc: OrthancServer, make_node: Callable[..., Node]
+) -> None:
+    """A PACS that answers SOP Classes in Study (Orthanc does): the C-GET proposes the study's
+    own class first, so a class beyond the 127 proposed by default comes too (the test above:
+    without the list, it fails)."""
+    study = generate_uid()
+    ds = make_sc(study)
+    rare = next(
+        str(cx.abstract_syntax)
+        for cx in AllStoragePresentationContexts
+        if str(cx.abstract_syntax) not in GET_STORAGE_CLASSES
+    )
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(rare)
+    buf = io.BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    orthanc.client.post("/instances", content=buf.getvalue()).raise_for_status()
+    n = make_node(
+        "127.0.0.1", orthanc.dicom_port, orthanc.aet, retrieve_with="get",
+        retrieve={"max_attempts": 1},
+    )  # fmt: skip
+    listed = study_sop_classes(
+        study, called_ae=orthanc.aet, host="127.0.0.1", port=orthanc.dicom_port, calling_ae=NODE_AE
+    )
+    assert listed == [rare]
+    orthanc_cannot_reach(orthanc)
+    view = n.run(n.request(study_uid=study))
+    assert (view.state, view.error, view.completed) == ("done", "", 1)
+    st = n.ledger.get_study(study)
+    assert st is not None and st["instances"] == 1
 
 
 # ------------------------------------------------------------------ a PACS of pynetdicom's

@@ -291,3 +291,17 @@ def test_a_failed_study_whose_files_were_deleted_is_offered_for_retrieval(
         assert done.status_code == 303
     (view,) = Retrievals(ledger).recent()
     assert view.query == {"study_uid": "1.2.3"}
+
+
+def test_a_get_proposes_the_studys_own_classes_first() -> None:
+    """The classes the PACS lists for the study come first (once each; a UID that could name a
+    path is dropped), then the most used, 127 in all; none listed: the default 127."""
+    from acwi_node.ingest.qr_scu import GET_STORAGE_CLASSES, MAX_CONTEXTS, get_classes
+
+    rare = "1.2.840.10008.5.1.4.1.1.88.35"  # Extensible SR: beyond the default 127
+    assert rare not in GET_STORAGE_CLASSES
+    common = GET_STORAGE_CLASSES[0]
+    chosen = get_classes([rare, common, rare, "../etc"])
+    assert chosen[:2] == [rare, common] and "../etc" not in chosen
+    assert len(chosen) == len(set(chosen)) == MAX_CONTEXTS - 1
+    assert get_classes() == GET_STORAGE_CLASSES

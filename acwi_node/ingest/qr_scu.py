@@ -259,8 +259,8 @@ def study_sop_classes(
     tls: TlsArgs | None = None,
 ) -> list[str]:
     """The SOP Classes in Study (0008,0062) the PACS reports for one study (a C-FIND at the
-    STUDY level); empty when it does not say (many PACSs leave the key out, Orthanc unless
-    ``AllowFindSopClassesInStudy``) or cannot be asked."""
+    STUDY level); empty when it does not say (many PACSs leave the key out; Orthanc answers
+    it) or cannot be asked."""
     identifier = _study_identifier(study_uid)
     identifier.SOPClassesInStudy = ""
     assoc, _ = open_association(

@@ -331,23 +331,30 @@ def test_a_move_source_cannot_retrieve_from_a_pacs_that_cannot_reach_the_node(
     assert n.state(study) is None
 
 
+def put_rare_class_study(orthanc: OrthancServer) -> tuple[str, str]:
+    """A study of one instance of a storage class beyond the 127 a C-GET proposes by default,
+    stored in Orthanc; its Study Instance UID and the class."""
+    study = generate_uid()
+    ds = make_sc(study)
+    rare = next(
+        str(cx.abstract_syntax)
+        for cx in AllStoragePresentationContexts
+        if str(cx.abstract_syntax) not in GET_STORAGE_CLASSES
+    )
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(rare)
+    buf = io.BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    orthanc.client.post("/instances", content=buf.getvalue()).raise_for_status()
+    return study, rare
+
+
 def test_a_get_of_a_class_the_node_does_not_propose_fails_with_the_reason(
     orthanc: OrthancServer, make_node: Callable[..., Node], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A PACS that does not list SOP Classes in Study (here: the node does not hear it): a
     class beyond the 127 proposed by default cannot come by C-GET, and the error says why."""
     monkeypatch.setattr(retrieval_module, "study_sop_classes", lambda *a, **k: [])
-    study = generate_uid()
-    ds = make_sc(study)
-    not_proposed = next(
-        str(cx.abstract_syntax)
-        for cx in AllStoragePresentationContexts
-        if str(cx.abstract_syntax) not in GET_STORAGE_CLASSES
-    )
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(not_proposed)
-    buf = io.BytesIO()
-    dcmwrite(buf, ds, enforce_file_format=True)
-    orthanc.client.post("/instances", content=buf.getvalue()).raise_for_status()
+    study, _ = put_rare_class_study(orthanc)
     n = make_node(
         "127.0.0.1", orthanc.dicom_port, orthanc.aet, retrieve_with="get",
         retrieve={"max_attempts": 1},
@@ -364,17 +371,7 @@ def test_a_get_proposes_the_classes_the_pacs_lists_for_the_study(
     """A PACS that answers SOP Classes in Study (Orthanc does): the C-GET proposes the study's
     own class first, so a class beyond the 127 proposed by default comes too (the test above:
     without the list, it fails)."""
-    study = generate_uid()
-    ds = make_sc(study)
-    rare = next(
-        str(cx.abstract_syntax)
-        for cx in AllStoragePresentationContexts
-        if str(cx.abstract_syntax) not in GET_STORAGE_CLASSES
-    )
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(rare)
-    buf = io.BytesIO()
-    dcmwrite(buf, ds, enforce_file_format=True)
-    orthanc.client.post("/instances", content=buf.getvalue()).raise_for_status()
+    study, rare = put_rare_class_study(orthanc)
     n = make_node(
         "127.0.0.1", orthanc.dicom_port, orthanc.aet, retrieve_with="get",
         retrieve={"max_attempts": 1},

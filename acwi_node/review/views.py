@@ -733,13 +733,10 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         case = _case_or_404(item_id)
         standing = current_verdict(case)
         amending = amend and case["state"] == "closed" and standing is not None
-        claim_s = settings.review.reading_claim_s
-        user_opening: SessionInfo = request.state.user
-        # opened by a reader: theirs to read, unless another opened it a moment ago
-        other_reader = review.store.open_for_reading(
-            item_id, user_opening.user_name, claim_s=claim_s
-        )
         user: SessionInfo = request.state.user
+        claim_s = settings.review.reading_claim_s
+        # opened by a reader: theirs to read, unless another opened it a moment ago
+        other_reader = review.store.open_for_reading(item_id, user.user_name, claim_s=claim_s)
         review.store.audit(
             user.user_name,
             "view_case",

@@ -33,7 +33,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
@@ -42,6 +41,7 @@ from pydicom import dcmread
 
 from acwi_node.config import Destination, Source
 from acwi_node.export.scu import DELIVERED_WARNING_STATUSES, EchoResult, FileOutcome, SendReport
+from acwi_node.http_client import connect, request_target, target_of
 
 __all__ = ["CheckResult", "DicomwebError", "check", "get", "parse_stow_response", "stow_files"]
 
@@ -61,51 +61,6 @@ CheckResult = EchoResult
 
 class _Failed(Exception):
     """A request that got no usable answer (connection, TLS, timeout, unreadable reply)."""
-
-
-@dataclass(frozen=True)
-class _Target:
-    scheme: str
-    host: str
-    port: int
-    path: str  # the base path, without a trailing slash
-
-
-def _target(url: str) -> _Target:
-    parts = urlsplit(url)
-    scheme = parts.scheme
-    port = parts.port or (443 if scheme == "https" else 80)
-    return _Target(scheme, parts.hostname or "", port, parts.path.rstrip("/"))
-
-
-def _connection(
-    dest: Service, target: _Target, timeout_s: float, tunnel_headers: dict[str, str]
-) -> http.client.HTTPConnection:
-    """A connection to the service, or to its proxy: a CONNECT tunnel for ``https`` (with
-    ``tunnel_headers``, the proxy's credentials); for ``http`` the requests then name the whole
-    URL (:func:`_request_target`)."""
-    host, port = target.host, target.port
-    if dest.proxy is not None:
-        proxy = urlsplit(dest.proxy)
-        host, port = proxy.hostname or "", proxy.port or 80
-    if target.scheme == "https":
-        context = dest.tls.context() if dest.tls is not None else ssl.create_default_context()
-        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-            host, port, timeout=timeout_s, context=context
-        )
-        if dest.proxy is not None:
-            conn.set_tunnel(target.host, target.port, headers=tunnel_headers)
-        return conn
-    return http.client.HTTPConnection(host, port, timeout=timeout_s)
-
-
-def _request_target(dest: Service, target: _Target, path: str) -> str:
-    """The request line's target for ``path`` under the service's base path: absolute (the
-    whole URL) for plain ``http`` through a proxy, else the path alone."""
-    full = f"{target.path}{path}"
-    if dest.proxy is not None and target.scheme == "http":
-        return f"http://{target.host}:{target.port}{full}"
-    return full
 
 
 def _basic(username: str, password_file: Path) -> str:
@@ -334,8 +289,8 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
     except OSError as exc:
         report.error = f"cannot read the destination's credentials: {exc.strerror or exc}"
         readable = []  # nothing is sent; every object waits for the next attempt
-    target = _target(dest.url)
-    studies_url = _request_target(dest, target, "/studies")
+    target = target_of(dest.url)
+    studies_url = request_target(dest, target, "/studies")
     batches = queue.SimpleQueue[list[Path]]()
     for batch in _batches(readable, dest.request_max_bytes, dest.associations):
         batches.put(batch)
@@ -345,7 +300,7 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
     def send_batches() -> None:
         """One connection's share: batches until none is left, or the service is gone."""
         try:
-            conn = _connection(dest, target, timeout_s, tunnel_headers)
+            conn = connect(dest, target, timeout_s, tunnel_headers)
         except (OSError, ValueError) as exc:  # the TLS files went missing since start-up
             with lock:
                 report.error = report.error or f"TLS configuration: {exc}"
@@ -420,15 +375,15 @@ def check(dest: Service, *, timeout_s: float) -> CheckResult:
         headers, tunnel_headers = _credentials(dest)
     except OSError as exc:
         return CheckResult(False, error=f"cannot read the credentials: {exc.strerror or exc}")
-    target = _target(dest.url)
+    target = target_of(dest.url)
     try:
-        conn = _connection(dest, target, timeout_s, tunnel_headers)
+        conn = connect(dest, target, timeout_s, tunnel_headers)
     except (OSError, ssl.SSLError) as exc:
         return CheckResult(False, error=f"TLS configuration: {exc}")
     try:
         conn.request(
             "GET",
-            _request_target(dest, target, "/studies?limit=1"),
+            request_target(dest, target, "/studies?limit=1"),
             headers={**headers, "Accept": DICOM_JSON},
         )
         response = conn.getresponse()
@@ -467,14 +422,14 @@ def get(
         headers, tunnel_headers = _credentials(service)
     except OSError as exc:
         raise DicomwebError(f"cannot read the credentials: {exc.strerror or exc}") from None
-    target = _target(service.url)
+    target = target_of(service.url)
     try:
-        conn = _connection(service, target, timeout_s, tunnel_headers)
+        conn = connect(service, target, timeout_s, tunnel_headers)
     except (OSError, ssl.SSLError) as exc:
         raise DicomwebError(f"TLS configuration: {exc}") from None
     try:
         conn.request(
-            "GET", _request_target(service, target, path), headers={**headers, "Accept": accept}
+            "GET", request_target(service, target, path), headers={**headers, "Accept": accept}
         )
         response = conn.getresponse()
         content_type = response.getheader("Content-Type", "") or ""

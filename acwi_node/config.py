@@ -829,6 +829,12 @@ class NotifyTarget(_Strict):
     token_file: Path | None = None
     #: ``https``: the CAs and client certificate (default the system trust store).
     tls: DestinationTls | None = None
+    #: Through an HTTP proxy (``http://proxy:3128``): ``https`` by a CONNECT tunnel, ``http``
+    #: asking the proxy for the whole URL; a proxy that asks for credentials (HTTP 407) gets
+    #: Basic from ``proxy_username`` and the file ``proxy_password_file``.
+    proxy: str | None = None
+    proxy_username: str | None = None
+    proxy_password_file: Path | None = None
     timeout_s: float = Field(10.0, gt=0, le=300)
     #: Attempts before a notification fails for good (back-off 5 s, doubling, at most 5 min).
     max_attempts: int = Field(8, ge=1, le=100)
@@ -845,6 +851,27 @@ class NotifyTarget(_Strict):
             raise ValueError(f"notify {self.name}: url must be http:// or https:// with a host")
         if "finding" in self.events and not self.labels:
             raise ValueError(f"notify {self.name}: the finding event needs labels")
+        if (self.proxy_username is None) != (self.proxy_password_file is None):
+            raise ValueError(
+                f"notify {self.name}: proxy_username and proxy_password_file go together"
+            )
+        if self.proxy_username is not None and self.proxy is None:
+            raise ValueError(f"notify {self.name}: proxy_username needs a proxy")
+        for key in ("token_file", "proxy_password_file"):
+            path = getattr(self, key)
+            if path is not None and not path.expanduser().is_file():
+                raise ValueError(f"notify {self.name}: {key} {path} is not a file")
+        if self.proxy is not None:
+            proxy = urlsplit(self.proxy)
+            if proxy.scheme != "http" or not proxy.hostname or proxy.path not in ("", "/"):
+                raise ValueError(
+                    f"notify {self.name}: proxy must be http://host:port, not {self.proxy!r}"
+                )
+            if proxy.username or proxy.password:
+                raise ValueError(
+                    f"notify {self.name}: no credentials in proxy (proxy_username and"
+                    " proxy_password_file)"
+                )
         return self
 
 

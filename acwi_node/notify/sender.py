@@ -9,11 +9,11 @@ the payload.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import http.client
 import json
 import logging
-import ssl
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +23,7 @@ from sqlalchemy import select, update
 
 from acwi_node import __version__
 from acwi_node.config import NotifyTarget, Settings
+from acwi_node.http_client import connect, request_target, target_of
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import DeliveryState, Notification, utcnow
 from acwi_node.notify.events import queue_events
@@ -46,34 +47,33 @@ class PostOutcome:
 
 
 def post_notification(target: NotifyTarget, payload: dict[str, Any]) -> PostOutcome:
-    """POST ``payload`` as JSON to the target's URL."""
+    """POST ``payload`` as JSON to the target's URL (through its proxy, if it has one)."""
     parts = urlsplit(target.url)
-    host = parts.hostname or ""
     body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
     headers = {
         "Content-Type": "application/json",
         "User-Agent": f"ACWI-Node/{__version__}",
         "Content-Length": str(len(body)),
     }
-    if target.token_file is not None:
-        try:
-            token = target.token_file.expanduser().read_text().strip()
-        except OSError as exc:
-            return PostOutcome(False, None, f"token file: {exc.strerror or exc}", True)
-        headers["Authorization"] = f"Bearer {token}"
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    conn: http.client.HTTPConnection
+    tunnel: dict[str, str] = {}
     try:
-        if parts.scheme == "https":
-            tls = target.tls
-            context = tls.context() if tls is not None else ssl.create_default_context()
-            conn = http.client.HTTPSConnection(
-                host, parts.port or 443, timeout=target.timeout_s, context=context
-            )
-        else:
-            conn = http.client.HTTPConnection(host, parts.port or 80, timeout=target.timeout_s)
+        if target.token_file is not None:
+            token = target.token_file.expanduser().read_text().strip()
+            headers["Authorization"] = f"Bearer {token}"
+        if target.proxy_username is not None and target.proxy_password_file is not None:
+            password = target.proxy_password_file.expanduser().read_text().rstrip("\r\n")
+            pair = f"{target.proxy_username}:{password}".encode()
+            # on the CONNECT of an https URL, on the request itself of an http one
+            where = tunnel if parts.scheme == "https" else headers
+            where["Proxy-Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+    except OSError as exc:
+        return PostOutcome(False, None, f"credentials file: {exc.strerror or exc}", True)
+    service = target_of(f"{parts.scheme}://{parts.netloc}")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        conn = connect(target, service, target.timeout_s, tunnel)
         try:
-            conn.request("POST", path, body=body, headers=headers)
+            conn.request("POST", request_target(target, service, path), body=body, headers=headers)
             response = conn.getresponse()
             answer = response.read(2048)
         finally:

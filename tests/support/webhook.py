@@ -4,15 +4,20 @@ POST (path, headers, JSON body) and answers with the statuses it is given, then 
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 
 class WebhookServer:
-    def __init__(self) -> None:
+    """``tls``: a folder for a throw-away PKI (:func:`~tests.support.certs.make_pki`): the
+    server then speaks HTTPS as ``localhost``, its CA in :attr:`ca_file`."""
+
+    def __init__(self, tls: Path | None = None) -> None:
         self.received: list[dict[str, Any]] = []
         self.answers: deque[int] = deque()
         #: Seconds each answer waits (a slow webhook).
@@ -40,6 +45,16 @@ class WebhookServer:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = int(self.server.server_address[1])
         self.url = f"http://127.0.0.1:{self.port}/hooks/acwi"
+        self.ca_file: Path | None = None
+        if tls is not None:
+            from tests.support.certs import make_pki
+
+            pki = make_pki(tls)
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(pki.server.cert, pki.server.key)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            self.url = f"https://localhost:{self.port}/hooks/acwi"
+            self.ca_file = pki.ca
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self) -> WebhookServer:

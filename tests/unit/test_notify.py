@@ -20,6 +20,7 @@ from acwi_node.notify import Notifier, queue_events
 from acwi_node.observability.metrics import ledger_registry
 from acwi_node.review.store import ReviewStore
 from acwi_node.review.views import destination_outboxes
+from tests.support.http_proxy import FakeProxy
 from tests.support.ports import free_port
 from tests.support.study_flow import analyse, receive
 from tests.support.webhook import WebhookServer
@@ -239,3 +240,42 @@ def test_the_notify_test_command(tmp_path: Path, capsys: pytest.CaptureFixture[s
         assert main(["--config", str(config), "notify", "test"]) == 1  # "gone" is down
         assert "gone: FAILED" in capsys.readouterr().out
         assert main(["--config", str(config), "notify", "test", "nobody"]) == 2
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_webhook_beyond_an_http_proxy(
+    ledger_node: tuple[Settings, Ledger], tmp_path: Path, scheme: str
+) -> None:
+    """``proxy``: an ``http`` webhook is asked for in absolute form through the proxy, an
+    ``https`` one through a CONNECT tunnel (its certificate checked against ``[notify.tls]``);
+    a proxy that asks for credentials gets them from ``proxy_username`` and the file."""
+    base, ledger = ledger_node
+    secret = tmp_path / "proxy-password"
+    secret.write_text("pr0xy\n")
+    proxy = FakeProxy(credentials=("node", "pr0xy"))
+    try:
+        with WebhookServer(tls=tmp_path / "pki" if scheme == "https" else None) as hook:
+            target: dict[str, Any] = {
+                "name": "chat", "url": hook.url, "proxy": proxy.url,
+                "proxy_username": "node", "proxy_password_file": str(secret),
+            }  # fmt: skip
+            if scheme == "https":
+                target["tls"] = {"ca_file": str(hook.ca_file)}
+            settings = _settings(base, target)
+            _case(settings, ledger, "1.2.3")
+            Notifier(settings, ledger).tick()
+            assert hook.events() == [("review", "1.2.3")]
+            method, where = proxy.seen[-1]
+            if scheme == "https":
+                assert (method, where) == ("CONNECT", f"localhost:{hook.port}")
+            else:
+                assert (method, where) == ("POST", hook.url)
+            assert "Proxy-Authorization" not in hook.received[0]["headers"]
+            assert proxy.refused == 0
+    finally:
+        proxy.close()
+    with pytest.raises(ConfigError, match="proxy must be"):
+        _settings(base, {"name": "x", "url": "https://x/", "proxy": "https://p:1"})
+    with pytest.raises(ConfigError, match="go together"):
+        _settings(base, {"name": "x", "url": "https://x/", "proxy": "http://p:1",
+                         "proxy_username": "u"})  # fmt: skip

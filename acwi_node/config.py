@@ -411,28 +411,33 @@ def _check_peer(peer: Any, what: str, dimse_only: tuple[str, ...]) -> None:
         raise ValueError(f"{what} {peer.name!r}: username and password_file go together")
     if peer.username is not None and peer.token_file is not None:
         raise ValueError(f"{what} {peer.name!r}: Basic (username) or token_file, not both")
-    if (peer.proxy_username is None) != (peer.proxy_password_file is None):
-        raise ValueError(
-            f"{what} {peer.name!r}: proxy_username and proxy_password_file go together"
-        )
-    if peer.proxy_username is not None and peer.proxy is None:
-        raise ValueError(f"{what} {peer.name!r}: proxy_username needs a proxy")
-    for key in ("password_file", "token_file", "proxy_password_file"):
-        path = getattr(peer, key)
-        if path is not None and not path.expanduser().is_file():
-            raise ValueError(f"{what} {peer.name!r}: {key} {path} is not a file")
     if peer.tls is not None and parts.scheme != "https":
         raise ValueError(f"{what} {peer.name!r}: tls needs an https:// url")
+    _check_proxy(f"{what} {peer.name!r}", peer, ("password_file", "token_file"))
+
+
+def _check_proxy(who: str, peer: Any, files: tuple[str, ...] = ()) -> None:
+    """A web peer's ``proxy`` (``http://host:port``, no credentials in it), its
+    ``proxy_username`` and ``proxy_password_file`` (together, and only with a proxy), and the
+    credential files it names (``files`` and ``proxy_password_file``) present; ``who`` names
+    the peer in the messages."""
+    from urllib.parse import urlsplit
+
+    if (peer.proxy_username is None) != (peer.proxy_password_file is None):
+        raise ValueError(f"{who}: proxy_username and proxy_password_file go together")
+    if peer.proxy_username is not None and peer.proxy is None:
+        raise ValueError(f"{who}: proxy_username needs a proxy")
+    for key in (*files, "proxy_password_file"):
+        path = getattr(peer, key)
+        if path is not None and not path.expanduser().is_file():
+            raise ValueError(f"{who}: {key} {path} is not a file")
     if peer.proxy is not None:
         proxy = urlsplit(peer.proxy)
         if proxy.scheme != "http" or not proxy.hostname or proxy.path not in ("", "/"):
-            raise ValueError(
-                f"{what} {peer.name!r}: proxy must be http://host:port, not {peer.proxy!r}"
-            )
+            raise ValueError(f"{who}: proxy must be http://host:port, not {peer.proxy!r}")
         if proxy.username or proxy.password:
             raise ValueError(
-                f"{what} {peer.name!r}: no credentials in proxy (proxy_username and"
-                " proxy_password_file)"
+                f"{who}: no credentials in proxy (proxy_username and proxy_password_file)"
             )
 
 
@@ -851,27 +856,7 @@ class NotifyTarget(_Strict):
             raise ValueError(f"notify {self.name}: url must be http:// or https:// with a host")
         if "finding" in self.events and not self.labels:
             raise ValueError(f"notify {self.name}: the finding event needs labels")
-        if (self.proxy_username is None) != (self.proxy_password_file is None):
-            raise ValueError(
-                f"notify {self.name}: proxy_username and proxy_password_file go together"
-            )
-        if self.proxy_username is not None and self.proxy is None:
-            raise ValueError(f"notify {self.name}: proxy_username needs a proxy")
-        for key in ("token_file", "proxy_password_file"):
-            path = getattr(self, key)
-            if path is not None and not path.expanduser().is_file():
-                raise ValueError(f"notify {self.name}: {key} {path} is not a file")
-        if self.proxy is not None:
-            proxy = urlsplit(self.proxy)
-            if proxy.scheme != "http" or not proxy.hostname or proxy.path not in ("", "/"):
-                raise ValueError(
-                    f"notify {self.name}: proxy must be http://host:port, not {self.proxy!r}"
-                )
-            if proxy.username or proxy.password:
-                raise ValueError(
-                    f"notify {self.name}: no credentials in proxy (proxy_username and"
-                    " proxy_password_file)"
-                )
+        _check_proxy(f"notify {self.name}", self, ("token_file",))
         return self
 
 

@@ -979,6 +979,41 @@ class AuditSettings(_Strict):
         )
 
 
+class MonitoringSettings(_Strict):
+    """Model monitoring (README "Model monitoring"): each model version's recent studies
+    compared with its baseline, to tell a change in what it sees or says."""
+
+    #: The recent window: studies analysed in the last this many days.
+    window_days: int = Field(7, ge=1, le=365)
+    #: A version's baseline, until one is pinned (``acwi-node monitor baseline``): its first
+    #: this many analysed studies on this node.
+    baseline_studies: int = Field(200, ge=10, le=100_000)
+    #: Fewer studies than this in the baseline or the window: not compared ("too few").
+    min_studies: int = Field(30, ge=5, le=100_000)
+    #: Population stability index of a distribution (uncertainty, OOD score, predicted label,
+    #: equipment, site) from which it is to be watched, and from which it has shifted ...
+    psi_watch: float = Field(0.1, gt=0.0)
+    psi_shift: float = Field(0.25, gt=0.0)
+    #: ... and a rate's (finding, review, out-of-distribution) least move that counts ...
+    min_rate_change: float = Field(0.02, ge=0.0, le=1.0)
+    #: ... each provided the change is that unlikely by chance (a chi-square test of the
+    #: distribution, a two-proportion z test of the rate): a small window's noise is no shift.
+    p_watch: float = Field(0.01, gt=0.0, lt=1.0)
+    p_shift: float = Field(0.001, gt=0.0, lt=1.0)
+    #: The metrics endpoint recomputes the comparison at most this often.
+    refresh_s: int = Field(300, ge=0, le=86_400)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> MonitoringSettings:
+        if self.psi_shift < self.psi_watch:
+            raise ValueError("monitoring.psi_shift must be at least monitoring.psi_watch")
+        if self.p_shift > self.p_watch:
+            raise ValueError("monitoring.p_shift must not exceed monitoring.p_watch")
+        if self.min_studies > self.baseline_studies:
+            raise ValueError("monitoring.min_studies must not exceed monitoring.baseline_studies")
+        return self
+
+
 class Settings(BaseSettings):
     """The whole node configuration."""
 
@@ -1007,6 +1042,7 @@ class Settings(BaseSettings):
     feedback: FeedbackSettings = FeedbackSettings()
     dicomweb: DicomwebSettings = DicomwebSettings()
     audit: AuditSettings = AuditSettings()
+    monitoring: MonitoringSettings = MonitoringSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -570,3 +570,23 @@ __all__ = [
     "WebSession",
     "utcnow",
 ]
+
+
+class MonitoringBaseline(Base):
+    """The studies a model version's monitoring compares the recent ones with, as pinned by an
+    ML engineer (``acwi-node monitor baseline``): those analysed between ``since`` and
+    ``until``. A version with no row is compared with its first studies
+    (``monitoring.baseline_studies``)."""
+
+    __tablename__ = "monitoring_baselines"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: The model's manifest name and version, as the results name them.
+    model: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(64))
+    since: Mapped[dt.datetime] = mapped_column(DateTime)
+    until: Mapped[dt.datetime] = mapped_column(DateTime)
+    pinned_by: Mapped[str] = mapped_column(String(64), default="")
+    pinned_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    __table_args__ = (UniqueConstraint("model", "version", name="uq_monitoring_baseline"),)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,27 @@ def get_analyser(settings: Settings, model: str) -> Analyser:
         return _analysers[key]
 
 
-def summarise(analysis: StudyAnalysis, threshold: float) -> dict[str, Any]:
+def equipment_of(datasets: Sequence[Dataset]) -> list[str]:
+    """The equipment that made the analysed images, as "Manufacturer Model" (model
+    monitoring tells a new kind of scanner by it); no station name, no serial number."""
+    found = []
+    for ds in datasets:
+        name = " ".join(
+            str(ds.get(keyword, "") or "").strip()
+            for keyword in ("Manufacturer", "ManufacturerModelName")
+        ).strip()
+        if name:
+            found.append(name[:64])
+    return sorted(set(found))
+
+
+def summarise(
+    analysis: StudyAnalysis,
+    threshold: float,
+    *,
+    ood_threshold: float | None = None,
+    equipment: Sequence[str] = (),
+) -> dict[str, Any]:
     """The JSON summary the ledger keeps for a job (no patient data)."""
     u = analysis.uncertainty
     return {
@@ -117,6 +138,8 @@ def summarise(analysis: StudyAnalysis, threshold: float) -> dict[str, Any]:
         },
         "uncertainty_threshold": threshold,
         "ood_score": float(analysis.ood_score),
+        **({"ood_threshold": float(ood_threshold)} if ood_threshold is not None else {}),
+        "equipment": list(equipment),
         "needs_review": bool(analysis.needs_review),
         "images": [
             {
@@ -251,7 +274,12 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
             for pm in build_parametric_maps(used, analysis):
                 write("parametric_map", pm)
         threshold = analyser.manifest.uncertainty_threshold
-        summary = summarise(analysis, threshold)
+        summary = summarise(
+            analysis,
+            threshold,
+            ood_threshold=analyser.manifest.ood.threshold,
+            equipment=equipment_of(used),
+        )
         summary["sr_sop_instance_uid"] = str(sr.SOPInstanceUID)
         reason = ""
         if analysis.needs_review:

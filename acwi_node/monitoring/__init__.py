@@ -1,0 +1,1 @@
+"""Model monitoring: each model version's recent studies compared with its baseline."""

@@ -1,0 +1,379 @@
+"""Model monitoring: the drift statistics, and each model version's recent studies compared
+with its baseline as the ledger holds them (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from acwi_node.config import MonitoringSettings, Settings
+from acwi_node.ledger import Ledger
+from acwi_node.ledger.models import Job, JobState, Study
+from acwi_node.monitoring.drift import (
+    Status,
+    bin_counts,
+    chi2_sf,
+    psi,
+    psi_p_value,
+    psi_status,
+    quantile_edges,
+    rate_status,
+    two_proportion_z,
+    z_p_value,
+)
+from acwi_node.monitoring.report import BaselineRefused, ModelMonitor, compare, sample_of
+
+NOW = dt.datetime(2026, 12, 1, 12, 0, 0)
+LEVELS = {"p_watch": 0.01, "p_shift": 0.001}
+
+
+# ---------------------------------------------------------------------------- statistics
+def test_psi_is_zero_for_equal_shares_and_grows_with_the_move() -> None:
+    assert psi([10, 20, 30], [20, 40, 60]) == pytest.approx(0.0, abs=1e-4)  # smoothing only
+    # shares 0.5/0.5 against 0.8/0.2 (no smoothing to speak of at these counts)
+    expected = (0.8 - 0.5) * math.log(0.8 / 0.5) + (0.2 - 0.5) * math.log(0.2 / 0.5)
+    assert psi([50_000, 50_000], [80_000, 20_000]) == pytest.approx(expected, rel=1e-4)
+    # a category the baseline never had is a large but finite index
+    assert 1.0 < psi([100, 0], [70, 30]) < 10.0
+    with pytest.raises(ValueError):
+        psi([1, 2], [1])
+
+
+def test_deciles_cut_the_baseline_into_equal_bins() -> None:
+    values = [float(v) for v in range(100)]
+    edges = quantile_edges(values)
+    assert edges == [10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0]
+    assert bin_counts(values, edges) == [10] * 10
+    # many equal scores: the repeated edges merge, and none sits at the minimum
+    assert quantile_edges([0.0] * 80 + [1.0] * 20) == [1.0]
+    assert quantile_edges([]) == []
+
+
+def test_chi_square_tail_matches_the_tables() -> None:
+    # the 5 % and 0.1 % critical values of the usual tables
+    for x, dof, p in ((3.841, 1, 0.05), (5.991, 2, 0.05), (16.919, 9, 0.05), (27.877, 9, 0.001)):
+        assert chi2_sf(x, dof) == pytest.approx(p, rel=2e-3)
+    assert chi2_sf(0.0, 3) == 1.0
+    assert chi2_sf(500.0, 9) < 1e-90
+
+
+def test_two_proportion_z() -> None:
+    # 10 % against 30 % of 100 each: pooled 0.2, standard error sqrt(0.2 * 0.8 * 0.02)
+    assert two_proportion_z(10, 100, 30, 100) == pytest.approx(0.2 / math.sqrt(0.0032))
+    assert two_proportion_z(0, 100, 0, 100) == 0.0
+    assert z_p_value(1.959964) == pytest.approx(0.05, rel=1e-4)
+
+
+def test_a_small_windows_noise_is_no_shift() -> None:
+    """Two samples of 40 studies from one distribution give an index near 0.2 over ten bins
+    (what the usual 0.1/0.25 reading would call a change); the chance test keeps it stable."""
+    rng = random.Random(7)
+    readings = []
+    for _ in range(200):
+        a = [rng.random() for _ in range(40)]
+        b = [rng.random() for _ in range(40)]
+        edges = quantile_edges(a)
+        value = psi(bin_counts(a, edges), bin_counts(b, edges))
+        p = psi_p_value(value, 40, 40, len(edges) + 1)
+        readings.append((value, psi_status(value, p, watch=0.1, shift=0.25, **LEVELS)))
+    assert sum(v for v, _ in readings) / len(readings) > 0.15  # the noise is real ...
+    assert sum(s is Status.SHIFTED for _, s in readings) <= 1  # ... and not read as a shift
+
+
+def test_rate_status_needs_both_a_move_and_significance() -> None:
+    assert rate_status(0.01, 1e-9, min_change=0.02, **LEVELS) is Status.STABLE
+    assert rate_status(0.05, 0.005, min_change=0.02, **LEVELS) is Status.WATCH
+    assert rate_status(-0.05, 0.0001, min_change=0.02, **LEVELS) is Status.SHIFTED
+    assert rate_status(0.30, 0.2, min_change=0.02, **LEVELS) is Status.STABLE
+
+
+# ---------------------------------------------------------------------------- the ledger
+def summary(
+    *,
+    label: str = "normal",
+    review: bool = False,
+    uncertainty: Sequence[float] = (0.1,),
+    ood: float = 0.8,
+    ood_threshold: float | None = 2.0,
+    equipment: Sequence[str] = ("Northwind Imaging NW-DR 500",),
+    version: str = "1.0.0",
+) -> dict[str, Any]:
+    """A job summary as the analyse task writes it (acwi_node.tasks.analyse.summarise)."""
+    out: dict[str, Any] = {
+        "model": {"name": "dianet-cxr", "version": version},
+        "labels": ["normal", "nodule", "opacity"],
+        "finding_labels": ["nodule", "opacity"],
+        "probabilities": {"normal": 0.7, "nodule": 0.2, "opacity": 0.1},
+        "predicted_label": label,
+        "uncertainty": {
+            "entropy": 0.5,
+            "epistemic": 0.1,
+            "aleatoric": 0.4,
+            "score": max(uncertainty),
+        },  # the most uncertain image's
+        "uncertainty_threshold": 0.6,
+        "ood_score": ood,
+        "equipment": list(equipment),
+        "needs_review": review,
+        "images": [
+            {
+                "sop_instance_uid": f"2.25.{i}",
+                "probabilities": {},
+                "uncertainty_score": u,
+                "ood_score": ood,
+            }
+            for i, u in enumerate(uncertainty)
+        ],  # fmt: skip
+        "skipped": {},
+    }
+    if ood_threshold is not None:
+        out["ood_threshold"] = ood_threshold
+    return out
+
+
+class Jobs:
+    """Analysed jobs written straight into the ledger, one study each."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.n = 0
+
+    def add(self, at: dt.datetime, site: str = "SITEA", **kwargs: Any) -> int:
+        self.n += 1
+        with self.ledger.session() as s:
+            study = Study(study_uid=f"1.2.826.0.1.{self.n}", calling_ae=site, state="delivered")
+            s.add(study)
+            s.flush()
+            job = Job(
+                study_id=study.id,
+                generation=1,
+                route="cxr",
+                model="cxr-route-model",
+                state=JobState.DELIVERED,
+                started_at=at,
+                summary=summary(**kwargs),
+            )
+            s.add(job)
+            s.flush()
+            return int(job.id)
+
+    def many(
+        self, n: int, start: dt.datetime, step: dt.timedelta, seed: int, **kwargs: Any
+    ) -> list[int]:
+        """``n`` studies from ``start`` on, ``step`` apart; ``kwargs`` values that are
+        callables are drawn per study from ``random.Random(seed)``."""
+        rng = random.Random(seed)
+        ids = []
+        for i in range(n):
+            drawn = {k: v(rng) if callable(v) else v for k, v in kwargs.items()}
+            ids.append(self.add(start + step * i, **drawn))
+        return ids
+
+
+def usual(rng: random.Random) -> dict[str, Any]:
+    return {}
+
+
+def typical_uncertainty(rng: random.Random) -> tuple[float, float]:
+    return (rng.betavariate(2, 8), rng.betavariate(2, 8))
+
+
+def typical_label(rng: random.Random) -> str:
+    return "nodule" if rng.random() < 0.2 else "normal"
+
+
+def typical_review(rng: random.Random) -> bool:
+    return rng.random() < 0.1
+
+
+def typical_ood(rng: random.Random) -> float:
+    return rng.gauss(1.0, 0.2)
+
+
+TYPICAL = {
+    "uncertainty": typical_uncertainty,
+    "label": typical_label,
+    "review": typical_review,
+    "ood": typical_ood,
+}
+
+
+def cfg(**overrides: Any) -> MonitoringSettings:
+    return MonitoringSettings(**{"baseline_studies": 100, "min_studies": 30, **overrides})
+
+
+def by_signal(report: Any) -> dict[str, Any]:
+    return {r.signal: r for r in report.signals}
+
+
+def test_the_same_population_reads_stable(ledger_node: tuple[Settings, Ledger]) -> None:
+    _settings, ledger = ledger_node
+    jobs = Jobs(ledger)
+    hour = dt.timedelta(hours=1)
+    jobs.many(100, NOW - dt.timedelta(days=30), hour, seed=1, **TYPICAL)  # the first 100
+    jobs.many(120, NOW - dt.timedelta(days=6), hour, seed=2, **TYPICAL)
+    (report,) = ModelMonitor(ledger, cfg()).report(now=NOW)
+    assert (report.model, report.version) == (
+        "dianet-cxr",
+        "1.0.0",
+    )  # the manifest's, not the route's
+    assert report.baseline.kind == "first" and report.baseline.studies == 100
+    assert not report.baseline.forming
+    assert report.studies == 120 and report.images == 240
+    signals = by_signal(report)
+    assert [s.signal for s in report.signals] == [
+        "finding_rate", "review_rate", "ood_rate", "uncertainty", "ood_score",
+        "predicted_label", "equipment", "site",
+    ]  # fmt: skip
+    assert all(s.status is Status.STABLE for s in report.signals), [
+        (s.signal, s.statistic, s.p_value) for s in report.signals
+    ]
+    assert report.status is Status.STABLE
+    assert signals["uncertainty"].baseline_n == 100
+    assert signals["finding_rate"].baseline_text.endswith("%")
+
+
+def test_a_new_scanner_and_its_uncertain_images_read_shifted(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    _settings, ledger = ledger_node
+    jobs = Jobs(ledger)
+    hour = dt.timedelta(hours=1)
+    jobs.many(100, NOW - dt.timedelta(days=30), hour, seed=1, **TYPICAL)
+    jobs.many(60, NOW - dt.timedelta(days=6), hour, seed=2, **TYPICAL)
+    # a third of the recent studies from a scanner the model never saw: more uncertain,
+    # farther from the training set, more often to review
+    jobs.many(
+        30,
+        NOW - dt.timedelta(days=3),
+        hour,
+        seed=3,
+        equipment=("Vantage Diagnostics VD-CR 12",),
+        uncertainty=lambda rng: (rng.betavariate(5, 5), rng.betavariate(5, 5)),
+        ood=lambda rng: rng.gauss(3.0, 0.2),
+        review=lambda rng: rng.random() < 0.9,
+        label=typical_label,
+    )
+    (report,) = ModelMonitor(ledger, cfg()).report(now=NOW)
+    signals = by_signal(report)
+    assert report.status is Status.SHIFTED
+    for name in ("equipment", "uncertainty", "ood_score", "ood_rate", "review_rate"):
+        assert signals[name].status is Status.SHIFTED, (name, signals[name])
+    assert signals["site"].status is Status.STABLE  # the same calling AE sends it
+    assert signals["predicted_label"].status is Status.STABLE
+    assert "Vantage Diagnostics VD-CR 12 33%" in signals["equipment"].recent_text
+    assert signals["ood_rate"].baseline_value == 0.0
+    assert signals["ood_rate"].recent_value == pytest.approx(30 / 90)
+    assert signals["review_rate"].statistic > 0  # z: up
+
+
+def test_too_few_studies_are_not_compared(ledger_node: tuple[Settings, Ledger]) -> None:
+    _settings, ledger = ledger_node
+    jobs = Jobs(ledger)
+    hour = dt.timedelta(hours=1)
+    jobs.many(50, NOW - dt.timedelta(days=5), hour, seed=1, **TYPICAL)
+    (report,) = ModelMonitor(ledger, cfg()).report(now=NOW)
+    # every study is in the baseline, which is still forming: nothing recent to compare
+    assert report.baseline.forming and report.baseline.studies == 50
+    assert report.studies == 0
+    assert report.status is Status.TOO_FEW
+    assert all(s.statistic is None for s in report.signals)
+
+
+def test_summaries_before_this_version_say_nothing_of_equipment_or_ood_rate(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    _settings, ledger = ledger_node
+    jobs = Jobs(ledger)
+    hour = dt.timedelta(hours=1)
+    old = {"equipment": (), "ood_threshold": None}
+    jobs.many(100, NOW - dt.timedelta(days=30), hour, seed=1, **TYPICAL, **old)
+    jobs.many(60, NOW - dt.timedelta(days=6), hour, seed=2, **TYPICAL)
+    (report,) = ModelMonitor(ledger, cfg()).report(now=NOW)
+    signals = by_signal(report)
+    assert signals["equipment"].status is Status.TOO_FEW  # not a shift from nothing
+    assert signals["ood_rate"].status is Status.TOO_FEW
+    assert signals["equipment"].baseline_text == "-"
+    assert report.status is Status.STABLE
+
+
+def test_each_version_has_its_own_baseline_and_a_model_filter(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    _settings, ledger = ledger_node
+    jobs = Jobs(ledger)
+    hour = dt.timedelta(hours=1)
+    jobs.many(100, NOW - dt.timedelta(days=60), hour, seed=1, **TYPICAL)
+    jobs.many(40, NOW - dt.timedelta(days=5), hour, seed=2, **TYPICAL)
+    jobs.many(40, NOW - dt.timedelta(days=4), hour, seed=3, version="1.1.0", **TYPICAL)
+    monitor = ModelMonitor(ledger, cfg())
+    reports = monitor.report(now=NOW)
+    assert [(r.version, r.baseline.studies, r.studies) for r in reports] == [
+        ("1.0.0", 100, 40),
+        ("1.1.0", 40, 0),  # its first 40 are its baseline, forming
+    ]
+    assert monitor.report(model="other", now=NOW) == []
+    # a version with no study in the window is not reported
+    assert [r.version for r in monitor.report(now=NOW - dt.timedelta(days=20))] == []
+
+
+def test_a_pinned_baseline_and_the_trend(ledger_node: tuple[Settings, Ledger]) -> None:
+    _settings, ledger = ledger_node
+    jobs = Jobs(ledger)
+    day = dt.timedelta(days=1)
+    hour = dt.timedelta(hours=1)
+    # the first studies were odd (the installation's test studies); the weeks after typical
+    jobs.many(100, NOW - 60 * day, hour, seed=1, ood=lambda rng: rng.gauss(3.0, 0.2),
+              label="nodule")  # fmt: skip
+    jobs.many(100, NOW - 40 * day, hour, seed=2, **TYPICAL)
+    jobs.many(60, NOW - 13 * day, hour, seed=5, **TYPICAL)
+    jobs.many(60, NOW - 6 * day, hour, seed=4, **TYPICAL)
+    monitor = ModelMonitor(ledger, cfg())
+    assert monitor.report(now=NOW)[0].status is Status.SHIFTED  # against the odd first ones
+    with pytest.raises(BaselineRefused, match="at least 30"):
+        monitor.pin_baseline("dianet-cxr", "1.0.0", NOW - 20 * day, NOW - 19 * day, by="ml")
+    with pytest.raises(BaselineRefused, match="after its start"):
+        monitor.pin_baseline("dianet-cxr", "1.0.0", NOW, NOW - day, by="ml")
+    pinned = monitor.pin_baseline("dianet-cxr", "1.0.0", NOW - 41 * day, NOW - 30 * day, by="ml")
+    assert pinned == 100
+    # pinned again: replaced
+    assert (
+        monitor.pin_baseline("dianet-cxr", "1.0.0", NOW - 41 * day, NOW - 35 * day, by="ml2") == 100
+    )
+    (report,) = monitor.report(now=NOW, weeks=2)
+    assert report.baseline.kind == "pinned" and report.baseline.pinned_by == "ml2"
+    assert report.baseline.studies == 100
+    assert report.status is Status.STABLE
+    assert [w["studies"] for w in report.trend] == [60, 0]
+    assert report.trend[0]["status"] == "stable" and report.trend[1]["status"] == "too_few"
+    as_json = report.as_json()
+    assert as_json["baseline"]["kind"] == "pinned"
+    assert as_json["signals"][0]["signal"] == "finding_rate"
+    assert as_json["window"]["until"] == "2026-12-01T12:00:00Z"
+    assert monitor.clear_baseline("dianet-cxr", "1.0.0")
+    assert not monitor.clear_baseline("dianet-cxr", "1.0.0")
+    assert monitor.report(now=NOW)[0].baseline.kind == "first"
+
+
+def test_sample_of_a_summary() -> None:
+    assert sample_of(1, "m", NOW, {}, "A") is None  # a job that analysed nothing
+    s = sample_of(1, "route-model", NOW, summary(label="nodule", ood=2.5), "")
+    assert s is not None
+    assert s.finding and s.ood is True and s.site == "-"
+    assert s.model == "dianet-cxr" and s.equipment == ("Northwind Imaging NW-DR 500",)
+    bare = {"probabilities": {"a": 1.0}, "predicted_label": "a", "ood_score": 1.0,
+            "uncertainty": {"score": 0.3}}  # fmt: skip
+    s = sample_of(2, "route-model", NOW, bare, "B")
+    assert s is not None
+    assert s.model == "route-model" and s.version == "" and s.ood is None
+    assert s.uncertainty == 0.3 and s.ood_score == 1.0 and s.images == 1
+
+
+def test_compare_without_samples() -> None:
+    results = compare([], [], cfg())
+    assert {r.status for r in results} == {Status.TOO_FEW}

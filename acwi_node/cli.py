@@ -36,6 +36,8 @@ from acwi_node import __version__
 from acwi_node.config import ConfigError, Settings, load_settings
 from acwi_node.ingest.retrieval_commands import add_parsers as add_retrieval_commands
 from acwi_node.ingest.retrieval_commands import add_sources_parser
+from acwi_node.monitoring.commands import COMMAND as MONITOR_COMMAND
+from acwi_node.monitoring.commands import add_parser as add_monitor_command
 from acwi_node.review.commands import COMMANDS as REVIEW_COMMANDS
 from acwi_node.review.commands import add_parsers as add_review_commands
 from acwi_node.review.commands import run as run_review_command
@@ -804,6 +806,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models_engines.add_argument("--json", action="store_true", help="print JSON")
     add_review_commands(sub)  # users, feedback (acwi_node/review/commands.py)
+    add_monitor_command(sub)  # monitor (acwi_node/monitoring/commands.py)
     return parser
 
 
@@ -841,6 +844,10 @@ def _dispatch(settings: Settings, config: Path | None, args: argparse.Namespace)
         return run_models(settings, args)
     if args.command in REVIEW_COMMANDS:
         return run_review_command(settings, args)
+    if args.command == MONITOR_COMMAND:
+        from acwi_node.monitoring.commands import run as run_monitor_command
+
+        return run_monitor_command(settings, args)
     if args.command == "config":
         print(settings.model_dump_json(indent=2))
         return 0

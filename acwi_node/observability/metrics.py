@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -226,8 +227,13 @@ class LedgerCollector(Collector):
     """Gauges read from the ledger (and the broker) on every scrape."""
 
     def __init__(self, settings: Settings, ledger: Ledger) -> None:
+        from acwi_node.monitoring.report import CachedReports, ModelMonitor
+
         self.settings = settings
         self.ledger = ledger
+        self.monitoring = CachedReports(
+            ModelMonitor(ledger, settings.monitoring), clock=time.monotonic
+        )
 
     def describe(self) -> Iterable[Metric]:
         return []  # computed at scrape time: nothing to check at registration
@@ -244,6 +250,10 @@ class LedgerCollector(Collector):
             up.add_metric([], 1)
             yield up
             yield from families
+            try:
+                yield from self._monitoring()
+            except Exception as exc:
+                log.warning("metrics: model monitoring could not be read: %s", exc)
         from acwi_node.tasks.app import ANALYSIS_QUEUE, HIGH_PRIORITY_QUEUE
 
         broker = GaugeMetricFamily(
@@ -404,6 +414,38 @@ class LedgerCollector(Collector):
             g.add_metric([model], n)
         out.append(g)
         return out
+
+    def _monitoring(self) -> list[Metric]:
+        """Each model version's monitoring signals (README "Model monitoring"), recomputed
+        at most every ``monitoring.refresh_s``."""
+        from acwi_node.monitoring.drift import Status
+
+        status = GaugeMetricFamily(
+            "acwi_model_monitoring_status",
+            "Each model version's monitoring signal against its baseline: 0 stable, 1 watch,"
+            " 2 shifted (absent: too few studies to compare)",
+            labels=["model", "version", "signal"],
+        )
+        statistic = GaugeMetricFamily(
+            "acwi_model_monitoring_statistic",
+            "The signal's statistic: z of a rate, population stability index of a distribution",
+            labels=["model", "version", "signal"],
+        )
+        studies = GaugeMetricFamily(
+            "acwi_model_monitoring_recent_studies",
+            "Studies each model version analysed in the recent window (monitoring.window_days)",
+            labels=["model", "version"],
+        )
+        level = {Status.STABLE: 0, Status.WATCH: 1, Status.SHIFTED: 2}
+        for report in self.monitoring.get():
+            studies.add_metric([report.model, report.version], report.studies)
+            for sig in report.signals:
+                if sig.status is Status.TOO_FEW or sig.statistic is None:
+                    continue
+                labels = [report.model, report.version, sig.signal]
+                status.add_metric(labels, level[sig.status])
+                statistic.add_metric(labels, sig.statistic)
+        return [status, statistic, studies]
 
 
 def ledger_registry(settings: Settings, ledger: Ledger) -> CollectorRegistry:

@@ -54,6 +54,8 @@ from acwi_node.ingest.spool import Spool, is_safe_uid
 from acwi_node.ledger import Ledger, StudyActionRefused
 from acwi_node.ledger.models import utcnow
 from acwi_node.ledger.retrievals import QUERY_KEYS, Retrievals
+from acwi_node.monitoring import pinning
+from acwi_node.monitoring.report import BaselineRefused, ModelMonitor
 from acwi_node.observability import metrics
 from acwi_node.results.heatmap import Window, render_grey
 from acwi_node.results.overlay import heat_path, overlay_rgba, read_cam
@@ -623,6 +625,56 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
     @app.get("/review/dashboard", include_in_schema=False)
     def dashboard_page(request: Request, days: int = 14, done: str = "") -> HTMLResponse:
         return _dashboard(request, days, notice=STUDY_ACTION_NOTICES.get(done, ""))
+
+    monitor = ModelMonitor(ledger, settings.monitoring)
+
+    def _monitoring(
+        request: Request, *, notice: str = "", error: str = "", status: int = 200
+    ) -> HTMLResponse:
+        cfg = settings.monitoring
+        return review.page(
+            "monitoring.html",
+            request,
+            status_code=status,
+            reports=monitor.report(weeks=8),
+            cfg=cfg,
+            notice=notice,
+            error=error,
+        )
+
+    @app.get("/review/monitoring", include_in_schema=False)
+    def monitoring_page(request: Request) -> HTMLResponse:
+        """Each model version's recent studies against its baseline, signal by signal, and
+        the eight windows before: whether what the model sees or says has changed."""
+        return _monitoring(request)
+
+    @app.post("/review/monitoring/baseline", include_in_schema=False)
+    async def monitoring_baseline(request: Request) -> Response:
+        """An administrator pins a model version's baseline to a period, or clears it (as
+        ``acwi-node monitor baseline``)."""
+        user: SessionInfo = request.state.user
+        refused = await _admin_form_refused(request)
+        if refused is not None:
+            return refused
+        form = _form(await request.body())
+        name, version = form.get("model", ""), form.get("version", "")
+        if form.get("clear"):
+            notice = await run_in_threadpool(pinning.clear, monitor, name, version, user.user_name)
+            return await run_in_threadpool(partial(_monitoring, request, notice=notice))
+        try:
+            notice = await run_in_threadpool(
+                pinning.pin,
+                monitor,
+                name,
+                version,
+                form.get("since", ""),
+                form.get("until", ""),
+                user.user_name,
+            )
+        except BaselineRefused as exc:
+            error = f"{name} {version}: {exc}"
+            return await run_in_threadpool(partial(_monitoring, request, error=error, status=422))
+        return await run_in_threadpool(partial(_monitoring, request, notice=notice))
 
     async def _admin_form_refused(request: Request) -> Response | None:
         """403 unless an administrator posted the form with a valid CSRF token; else None."""

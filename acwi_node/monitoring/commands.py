@@ -1,0 +1,152 @@
+"""``acwi-node monitor`` (each model version's recent studies against its baseline) and
+``acwi-node monitor baseline MODEL VERSION`` (pin or clear the baseline)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import getpass
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+from acwi_node.config import Settings
+from acwi_node.monitoring.drift import Status
+
+if TYPE_CHECKING:
+    from acwi_node.monitoring.report import ModelReport
+
+COMMAND = "monitor"
+
+
+def add_parser(sub: Any) -> None:
+    """Add ``monitor`` to the ``acwi-node`` parser."""
+    monitor = sub.add_parser(
+        COMMAND,
+        help="each model version's recent studies against its baseline: what the model sees"
+        " and says (exit 1 when a signal has shifted)",
+    )
+    monitor.add_argument("--model", help="only this model (its manifest name)")
+    monitor.add_argument(
+        "--days", type=int, default=None, help="the recent window (default monitoring.window_days)"
+    )
+    monitor.add_argument(
+        "--weeks", type=int, default=0, help="also the figures of this many windows before"
+    )
+    monitor.add_argument("--json", action="store_true", help="print JSON")
+    monitor_sub = monitor.add_subparsers(dest="monitor_command")
+    baseline = monitor_sub.add_parser(
+        "baseline",
+        help="compare a model version with the studies it analysed in a period of your choice"
+        " (default: its first monitoring.baseline_studies)",
+    )
+    baseline.add_argument("name", help="the model's manifest name")
+    baseline.add_argument("version")
+    baseline.add_argument("--since", help="YYYY-MM-DD or YYYY-MM-DDTHH:MM (UTC)")
+    baseline.add_argument("--until", help="YYYY-MM-DD (through that day) or YYYY-MM-DDTHH:MM")
+    baseline.add_argument(
+        "--clear", action="store_true", help="back to the version's first studies"
+    )
+
+
+def _when(t: dt.datetime | None) -> str:
+    return "-" if t is None else f"{t:%Y-%m-%d %H:%M}"
+
+
+def _baseline_line(report: ModelReport, target: int) -> str:
+    b = report.baseline
+    if b.kind == "pinned":
+        return (
+            f"baseline: pinned by {b.pinned_by or '-'}, {b.studies} studies from {_when(b.since)}"
+            f" to {_when(b.until)}"
+        )
+    forming = f" (forming: {b.studies} of {target})" if b.forming else ""
+    return f"baseline: its first {b.studies} studies, {_when(b.since)} to {_when(b.until)}{forming}"
+
+
+def format_reports(reports: list[ModelReport], *, days: int, target: int) -> str:
+    """The reports as the command prints them."""
+    if not reports:
+        return f"no model analysed a study in the last {days} day(s)"
+    out = []
+    for r in reports:
+        out.append(
+            f"{r.model} {r.version}: {r.status.value.upper()}  (last {days} day(s):"
+            f" {r.studies} studies, {r.images} images; {_baseline_line(r, target)})"
+        )
+        rows = [("signal", "baseline", "recent", "statistic", "p", "status")]
+        for s in r.signals:
+            stat = "-"
+            if s.statistic is not None:
+                stat = f"{'z' if s.kind == 'rate' else 'PSI'} {s.statistic:.3f}"
+            p = "-" if s.p_value is None else f"{s.p_value:.2g}"
+            rows.append((s.signal, s.baseline_text, s.recent_text, stat, p, s.status.value))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            out.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+        if r.trend:
+            out.append("  windows before (newest first):")
+            for w in r.trend:
+                rates = ", ".join(
+                    f"{name} {'-' if w[key] is None else f'{100 * w[key]:.1f}%'}"
+                    for name, key in (
+                        ("finding", "finding_rate"),
+                        ("review", "review_rate"),
+                        ("OOD", "ood_rate"),
+                    )
+                )
+                out.append(
+                    f"    {w['since']:%Y-%m-%d} to {w['until']:%Y-%m-%d}: {w['studies']} studies,"
+                    f" {rates}: {w['status']}"
+                )
+    return "\n".join(out)
+
+
+def _operator() -> str:
+    """Who runs the command: the operating-system account, as the audit trail names it."""
+    try:
+        return f"os:{getpass.getuser()}"[:64]
+    except (KeyError, OSError):
+        return "os:unknown"
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    from acwi_node.ledger import Ledger
+    from acwi_node.monitoring import pinning
+    from acwi_node.monitoring.report import BaselineRefused, ModelMonitor
+
+    cfg = settings.monitoring
+    ledger = Ledger(settings.database_url)
+    try:
+        monitor = ModelMonitor(ledger, cfg)
+        if args.monitor_command == "baseline":
+            if args.clear:
+                print(pinning.clear(monitor, args.name, args.version, _operator()))
+                return 0
+            if not args.since or not args.until:
+                print(
+                    "acwi-node monitor baseline: give --since and --until, or --clear",
+                    file=sys.stderr,
+                )
+                return 2
+            try:
+                notice = pinning.pin(
+                    monitor, args.name, args.version, args.since, args.until, _operator()
+                )
+            except BaselineRefused as exc:
+                print(f"acwi-node monitor baseline: {exc}", file=sys.stderr)
+                return 1
+            print(notice)
+            return 0
+        days = args.days or cfg.window_days
+        if not 1 <= days <= 365 or not 0 <= args.weeks <= 52:
+            print("acwi-node monitor: --days must be 1 to 365, --weeks 0 to 52", file=sys.stderr)
+            return 2
+        reports = monitor.report(model=args.model, days=days, weeks=args.weeks)
+        if args.json:
+            print(json.dumps({"days": days, "models": [r.as_json() for r in reports]}, indent=2))
+        else:
+            print(format_reports(reports, days=days, target=cfg.baseline_studies))
+        return 1 if any(r.status is Status.SHIFTED for r in reports) else 0
+    finally:
+        ledger.dispose()

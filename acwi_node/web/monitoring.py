@@ -1,0 +1,75 @@
+"""``/api/monitoring``: each model version's recent studies against its baseline (any
+signed-in account), and its pinned baseline (administrators)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from acwi_node.config import Settings
+from acwi_node.ledger import Ledger
+from acwi_node.monitoring import pinning
+from acwi_node.monitoring.report import BaselineRefused, ModelMonitor
+from acwi_node.web.guards import admin_json_request, admin_user
+
+
+class BaselineRequest(BaseModel):
+    """The period whose studies a model version is compared with: ``YYYY-MM-DD`` (``until``:
+    through that day) or ``YYYY-MM-DDTHH:MM``, UTC."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    since: str = Field(min_length=10, max_length=32)
+    until: str = Field(min_length=10, max_length=32)
+
+
+def monitoring_router(settings: Settings, db: Ledger) -> APIRouter:
+    router = APIRouter()
+    monitor = ModelMonitor(db, settings.monitoring)
+
+    @router.get("/api/monitoring")
+    def monitoring(
+        days: int | None = Query(None, ge=1, le=365),
+        weeks: int = Query(0, ge=0, le=52),
+        model: str | None = Query(None, max_length=64),
+    ) -> dict[str, Any]:
+        """Each model version analysed in the last ``days`` days (default
+        ``monitoring.window_days``): its baseline, its recent studies and every signal (rates
+        of findings, reviews and out-of-distribution studies; the uncertainty and OOD scores,
+        predicted labels, equipment and sites), each with its statistic, p-value and status
+        (``stable``, ``watch``, ``shifted``, ``too_few``); with ``weeks``, the windows before."""
+        days = days or settings.monitoring.window_days
+        reports = monitor.report(model=model, days=days, weeks=weeks)
+        return {"days": days, "models": [r.as_json() for r in reports]}
+
+    @router.put(
+        "/api/monitoring/baselines/{name}/{version}",
+        responses={
+            403: {"description": "Not an administrator"},
+            415: {"description": "Not sent as application/json"},
+            422: {"description": "A period the node cannot use (detail)"},
+        },
+    )
+    def put_baseline(
+        name: str, version: str, body: BaselineRequest, by: str = Depends(admin_json_request)
+    ) -> dict[str, Any]:
+        """Compare the model version with the studies it analysed from ``since`` to
+        ``until`` (at least ``monitoring.min_studies`` of them)."""
+        try:
+            notice = pinning.pin(monitor, name, version, body.since, body.until, by)
+        except BaselineRefused as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from exc
+        baseline, _ = monitor.baseline(name, version)
+        return {"notice": notice, "studies": baseline.studies}
+
+    @router.delete(
+        "/api/monitoring/baselines/{name}/{version}",
+        responses={403: {"description": "Not an administrator"}},
+    )
+    def delete_baseline(name: str, version: str, by: str = Depends(admin_user)) -> dict[str, Any]:
+        """Compare the model version with its first ``monitoring.baseline_studies`` again."""
+        return {"notice": pinning.clear(monitor, name, version, by)}
+
+    return router

@@ -15,6 +15,7 @@ Commands::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,7 +107,58 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--model", type=Path, required=True, help="manifest or its folder")
     export.add_argument("--out", type=Path, help="write ONNX, manifest and weights here instead")
     export.add_argument("--opset", type=int, default=18)
+
+    monitor = sub.add_parser(
+        "monitor-sites",
+        help="what the node's model monitoring would say of each phantom site's studies"
+        " after a baseline site's",
+    )
+    monitor.add_argument("--model", type=Path, required=True, help="manifest or its folder")
+    monitor.add_argument("--baseline-site", type=int, default=0)
+    monitor.add_argument("--sites", type=_sites, help="default: every phantom site")
+    monitor.add_argument("--studies", type=int, default=100, help="studies per site (default 100)")
+    monitor.add_argument("--size", type=int, default=128, help="image matrix (default 128)")
+    monitor.add_argument("--mc-samples", type=int, default=20)
+    monitor.add_argument("--threads", type=int)
+    monitor.add_argument("--json", type=Path, help="also write the readings here")
     return parser
+
+
+def _monitor_sites(args: argparse.Namespace) -> int:
+    from models.data.synth import SITES
+    from models.model_io import load_analyser
+    from models.monitoring_check import format_readings, monitor_sites
+
+    known = range(len(SITES))
+    if args.baseline_site not in known or any(s not in known for s in args.sites or []):
+        print(f"monitor-sites failed: sites are 0 to {len(SITES) - 1}", file=sys.stderr)
+        return 1
+    if args.studies < 5:
+        print("monitor-sites failed: --studies must be at least 5", file=sys.stderr)
+        return 1
+    analyser = load_analyser(args.model, mc_samples=args.mc_samples, threads=args.threads)
+    readings = monitor_sites(
+        analyser,
+        baseline_site=args.baseline_site,
+        sites=args.sites,
+        studies=args.studies,
+        size=args.size,
+    )
+    print(format_readings(readings, args.baseline_site))
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "model": f"{analyser.manifest.name} {analyser.manifest.version}",
+                    "baseline_site": args.baseline_site,
+                    "studies": args.studies,
+                    "sites": [r.as_json() for r in readings],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    return 0
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -215,7 +267,13 @@ def _export(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``acwi-models``."""
     args = _parser().parse_args(argv)
-    handlers = {"synth": _synth, "train": _train, "evaluate": _evaluate, "export": _export}
+    handlers = {
+        "synth": _synth,
+        "train": _train,
+        "evaluate": _evaluate,
+        "export": _export,
+        "monitor-sites": _monitor_sites,
+    }
     return handlers[args.command](args)
 
 

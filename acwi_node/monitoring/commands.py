@@ -83,7 +83,8 @@ def format_reports(reports: list[ModelReport], *, days: int, target: int) -> str
             rows.append((s.signal, s.baseline_text, s.recent_text, stat, p, s.status.value))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
-            out.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+            cells = (c.ljust(w) for c, w in zip(row, widths, strict=True))
+            out.append(("  " + "  ".join(cells)).rstrip())
         if r.trend:
             out.append("  windows before (newest first):")
             for w in r.trend:

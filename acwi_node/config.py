@@ -809,7 +809,7 @@ class ReviewSettings(_Strict):
 
 
 #: What a ``[[notify]]`` target may be told of (README "Notifications").
-NotifyEvent = Literal["review", "finding", "failed"]
+NotifyEvent = Literal["review", "finding", "failed", "shift"]
 
 
 def _review_event() -> list[NotifyEvent]:
@@ -825,7 +825,8 @@ class NotifyTarget(_Strict):
     url: str
     #: ``review``: a case the model asked about lands on the worklist (of at least
     #: ``min_priority``); ``finding``: a study analysed with one of ``labels`` at
-    #: ``min_probability`` or more; ``failed``: a study failed (its reason).
+    #: ``min_probability`` or more; ``failed``: a study failed (its reason); ``shift``: a
+    #: model version's monitoring signal has shifted against its baseline (weekly while so).
     events: list[NotifyEvent] = Field(default_factory=_review_event, min_length=1)
     min_priority: int = Field(0, ge=0)
     labels: list[str] = Field(default_factory=list)

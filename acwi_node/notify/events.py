@@ -6,7 +6,10 @@ Each target's events of the last ``lookback_s`` seconds:
   sample) of at least ``min_priority`` (key ``review-<item id>``);
 * ``finding``: an analysed job whose predicted label is one of ``labels`` with a probability
   of at least ``min_probability`` (key ``finding-<job id>``);
-* ``failed``: a failed study (key ``failed-<study id>-<generation>``).
+* ``failed``: a failed study (key ``failed-<study id>-<generation>``);
+* ``shift``: a model version's monitoring signal that has shifted against its baseline
+  (README "Model monitoring"; key ``shift-`` and a hash of the model, version, signal and
+  ISO week: a signal that stays shifted is told of again each week, not on every pass).
 
 A notification is queued once per target and key (a unique constraint), so reading the ledger
 again, or from two processes, queues nothing twice.
@@ -15,8 +18,9 @@ again, or from two processes, queues nothing twice.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import select
@@ -35,6 +39,8 @@ from acwi_node.ledger.models import (
     StudyState,
     utcnow,
 )
+from acwi_node.monitoring.drift import Status
+from acwi_node.monitoring.report import ModelReport, SignalResult
 
 log = logging.getLogger("acwi_node.notify")
 
@@ -129,6 +135,53 @@ def failed_payload(settings: Settings, study: Study) -> dict[str, Any]:
     }
 
 
+def shift_payload(
+    settings: Settings, report: ModelReport, signal: SignalResult, now: dt.datetime
+) -> dict[str, Any]:
+    """A model version's monitoring signal has shifted against its baseline."""
+    url = _link(settings, "/review/monitoring")
+    what = f"{report.model} {report.version}"
+    text = (
+        f"ACWI Node: {what}: {signal.title} has shifted against its baseline"
+        f" ({signal.baseline_text} then {signal.recent_text}, last"
+        f" {settings.monitoring.window_days} days): a new scanner, protocol or population?"
+    )
+    return {
+        "event": "shift",
+        "node": settings.node.ae_title,
+        "sender": f"ACWI Node {__version__}",
+        "text": text + (f" {url}" if url else ""),
+        "model": {"name": report.model, "version": report.version},
+        "signal": signal.signal,
+        "title": signal.title,
+        "baseline": signal.baseline_text,
+        "recent": signal.recent_text,
+        "statistic": signal.statistic,
+        "p_value": signal.p_value,
+        "studies": report.studies,
+        "at": _iso(now),
+        "monitoring_url": url,
+    }
+
+
+def shift_key(report: ModelReport, signal: SignalResult, now: dt.datetime) -> str:
+    """One key per model version, signal and ISO week (the column holds 64 characters; a
+    model's name and version may hold as many)."""
+    year, week, _ = now.isocalendar()
+    what = f"{report.model}\0{report.version}\0{signal.signal}\0{year}-W{week:02d}"
+    return "shift-" + hashlib.sha256(what.encode()).hexdigest()[:32]
+
+
+def _shift_events(
+    settings: Settings, reports: Sequence[ModelReport], now: dt.datetime
+) -> Iterator[Event]:
+    for report in reports:
+        for signal in report.signals:
+            if signal.status is Status.SHIFTED:
+                payload = shift_payload(settings, report, signal, now)
+                yield shift_key(report, signal, now), None, payload
+
+
 def _events(
     s: Any, settings: Settings, target: NotifyTarget, since: dt.datetime
 ) -> Iterator[Event]:
@@ -171,16 +224,27 @@ def _events(
             )
 
 
-def queue_events(settings: Settings, ledger: Ledger, *, now: dt.datetime | None = None) -> int:
-    """Queue a notification for each target's events not yet queued; returns how many."""
+def queue_events(
+    settings: Settings,
+    ledger: Ledger,
+    *,
+    now: dt.datetime | None = None,
+    monitoring: Callable[[], Sequence[ModelReport]] | None = None,
+) -> int:
+    """Queue a notification for each target's events not yet queued; returns how many.
+    ``monitoring`` gives the model monitoring's reports (read only when a target listens
+    for ``shift``)."""
     now = now or utcnow()
     queued = 0
     for target in settings.notify:
         since = now - dt.timedelta(seconds=target.lookback_s)
         with ledger.session() as s:
             found = list(_events(s, settings, target, since))
-            if not found:
-                continue
+        if "shift" in target.events and monitoring is not None:
+            found += list(_shift_events(settings, monitoring(), now))
+        if not found:
+            continue
+        with ledger.session() as s:
             known = set(
                 s.scalars(
                     select(Notification.key).where(

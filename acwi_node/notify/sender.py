@@ -15,6 +15,7 @@ import http.client
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,6 +27,7 @@ from acwi_node.config import NotifyTarget, Settings
 from acwi_node.http_client import connect, request_target, target_of
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import DeliveryState, Notification, utcnow
+from acwi_node.monitoring.report import CachedReports, ModelMonitor
 from acwi_node.notify.events import queue_events
 
 log = logging.getLogger("acwi_node.notify")
@@ -102,10 +104,14 @@ class Notifier:
         self.targets = {t.name: t for t in settings.notify}
         self.interval_s = interval_s
         self._stop = threading.Event()
+        # model monitoring reads weeks of summaries: at most every monitoring.refresh_s
+        self.monitoring = CachedReports(
+            ModelMonitor(ledger, settings.monitoring), clock=time.monotonic
+        )
 
     def tick(self, *, now: dt.datetime | None = None) -> int:
         """Queue what happened, then POST what is due; returns how many were attempted."""
-        queue_events(self.settings, self.ledger, now=now)
+        queue_events(self.settings, self.ledger, now=now, monitoring=self.monitoring.get)
         now = now or utcnow()
         with self.ledger.session() as s:
             due = [

@@ -279,3 +279,46 @@ def test_a_webhook_beyond_an_http_proxy(
     with pytest.raises(ConfigError, match="go together"):
         _settings(base, {"name": "x", "url": "https://x/", "proxy": "http://p:1",
                          "proxy_username": "u"})  # fmt: skip
+
+
+def test_a_shifted_model_is_told_once_a_week(ledger_node: tuple[Settings, Ledger]) -> None:
+    """A target listening for ``shift`` hears of each monitoring signal that has shifted, once
+    per signal and week however often the exporter looks; a ``review`` target hears nothing
+    of it."""
+    from tests.support.monitoring_jobs import TYPICAL, Jobs
+
+    base, ledger = ledger_node
+    jobs = Jobs(ledger)
+    hour, day = dt.timedelta(hours=1), dt.timedelta(days=1)
+    now = utcnow()
+    jobs.many(200, now - 40 * day, hour, seed=1, **TYPICAL)
+    jobs.many(60, now - 6 * day, hour, seed=2, **TYPICAL)
+    jobs.many(30, now - 3 * day, hour, seed=3, equipment=("Vantage Diagnostics VD-CR 12",),
+              ood=lambda rng: rng.gauss(3.0, 0.2), review=True, label=TYPICAL["label"],
+              uncertainty=TYPICAL["uncertainty"])  # fmt: skip
+    with WebhookServer() as ml, WebhookServer() as pager:
+        settings = _settings(
+            base,
+            {"name": "ml-team", "url": ml.url, "events": ["shift"]},
+            {"name": "pager", "url": pager.url},
+        )
+        notifier = Notifier(settings, ledger)
+        assert notifier.tick() == 4
+        assert notifier.tick() == 0
+        signals = sorted(r["json"]["signal"] for r in ml.received)
+        assert signals == ["equipment", "ood_rate", "ood_score", "review_rate"]
+        assert pager.received == []
+        body = next(r["json"] for r in ml.received if r["json"]["signal"] == "equipment")
+        assert body["event"] == "shift"
+        assert body["model"] == {"name": "dianet-cxr", "version": "1.0.0"}
+        assert body["recent"].endswith("Vantage Diagnostics VD-CR 12 33%")
+        assert body["monitoring_url"] == "https://ai-node.example.org/review/monitoring"
+        assert body["text"].startswith(
+            "ACWI Node: dianet-cxr 1.0.0: Equipment (manufacturer, model) has shifted"
+        )
+        assert body["p_value"] < 0.001 and body["studies"] == 90
+        # still shifted a week on: told again (the reports are those the exporter has)
+        assert queue_events(settings, ledger, now=now + 7 * day,
+                            monitoring=notifier.monitoring.get) == 4  # fmt: skip
+        assert queue_events(settings, ledger, now=now + 7 * day,
+                            monitoring=notifier.monitoring.get) == 0  # fmt: skip

@@ -159,7 +159,11 @@ class Job(Base):
     study: Mapped[Study] = relationship(back_populates="jobs")
     results: Mapped[list[Result]] = relationship(back_populates="job", order_by="Result.id")
 
-    __table_args__ = (Index("ix_jobs_state", "state"),)
+    __table_args__ = (
+        Index("ix_jobs_state", "state"),
+        # the dashboard's and the model monitoring's windows
+        Index("ix_jobs_started_at", "started_at"),
+    )
 
 
 class Result(Base):

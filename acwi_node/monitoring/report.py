@@ -66,6 +66,39 @@ class Sample:
     equipment: tuple[str, ...]
 
 
+def _sample(
+    *,
+    job_id: int,
+    model: str,
+    version: str,
+    at: dt.datetime,
+    label: str,
+    finding_labels: Iterable[str],
+    needs_review: bool,
+    uncertainty: float,
+    ood_score: float,
+    ood_threshold: float | None,
+    equipment: Iterable[str],
+    images: int,
+    site: str,
+) -> Sample:
+    return Sample(
+        job_id=job_id,
+        model=model,
+        version=version,
+        at=at,
+        predicted_label=label,
+        finding=label in set(finding_labels),
+        needs_review=needs_review,
+        ood=None if ood_threshold is None else ood_score > ood_threshold,
+        uncertainty=uncertainty,
+        ood_score=ood_score,
+        images=max(1, images),
+        site=site or "-",
+        equipment=tuple(str(e) for e in equipment),
+    )
+
+
 def sample_of(
     job_id: int, job_model: str, at: dt.datetime, summary: dict[str, Any], site: str
 ) -> Sample | None:
@@ -73,24 +106,21 @@ def sample_of(
     if not summary.get("probabilities"):
         return None
     model = summary.get("model") or {}
-    images = [im for im in summary.get("images") or [] if isinstance(im, dict)]
-    study_ood = float(summary.get("ood_score", 0.0))
     threshold = summary.get("ood_threshold")
-    label = str(summary.get("predicted_label", ""))
-    return Sample(
+    return _sample(
         job_id=job_id,
         model=str(model.get("name") or job_model),
         version=str(model.get("version") or ""),
         at=at,
-        predicted_label=label,
-        finding=label in set(summary.get("finding_labels") or []),
+        label=str(summary.get("predicted_label", "")),
+        finding_labels=summary.get("finding_labels") or [],
         needs_review=bool(summary.get("needs_review")),
-        ood=None if threshold is None else study_ood > float(threshold),
         uncertainty=float((summary.get("uncertainty") or {}).get("score", 0.0)),
-        ood_score=study_ood,
-        images=len(images) or 1,
-        site=site or "-",
-        equipment=tuple(str(e) for e in summary.get("equipment") or []),
+        ood_score=float(summary.get("ood_score", 0.0)),
+        ood_threshold=None if threshold is None else float(threshold),
+        equipment=summary.get("equipment") or [],
+        images=len(summary.get("images") or []),
+        site=site,
     )
 
 
@@ -357,8 +387,30 @@ class ModelMonitor:
 
     # ------------------------------------------------------------------ reading
     def _samples(self, *conditions: ColumnElement[bool], limit: int | None = None) -> list[Sample]:
+        """The samples of the analysed jobs matching ``conditions``, oldest first. The
+        database picks the few fields a sample needs out of each summary: a CT's summary
+        lists hundreds of images, which are never read here."""
+        summary = Job.summary
+        if self.ledger.engine.dialect.name == "postgresql":
+            images = func.json_array_length(summary["images"])
+        else:
+            images = func.json_array_length(summary, "$.images")
         query = (
-            select(Job.id, Job.model, Job.started_at, Job.summary, Study.calling_ae)
+            select(
+                Job.id,
+                _model_name(),
+                _model_version(),
+                Job.started_at,
+                summary["predicted_label"].as_string(),
+                summary["finding_labels"],
+                summary["needs_review"].as_boolean(),
+                summary[("uncertainty", "score")].as_float(),
+                summary["ood_score"].as_float(),
+                summary["ood_threshold"].as_float(),
+                summary["equipment"],
+                images,
+                Study.calling_ae,
+            )
             .join(Study, Job.study_id == Study.id)
             .where(Job.started_at.is_not(None), Job.state != JobState.SUPERSEDED, *conditions)
             .order_by(Job.started_at, Job.id)
@@ -368,10 +420,28 @@ class ModelMonitor:
         with self.ledger.session() as s:
             rows = s.execute(query).all()
         out = []
-        for job_id, job_model, at, summary, site in rows:
-            sample = sample_of(job_id, job_model, at, summary or {}, site or "")
-            if sample is not None:
-                out.append(sample)
+        for row in rows:
+            (job_id, model, version, at, label, findings, review, uncertainty, ood,
+             ood_threshold, equipment, n_images, site) = row  # fmt: skip
+            if not label:
+                continue  # a job that analysed nothing (failed before its summary)
+            out.append(
+                _sample(
+                    job_id=job_id,
+                    model=str(model),
+                    version=str(version),
+                    at=at,
+                    label=str(label),
+                    finding_labels=findings or [],
+                    needs_review=bool(review),
+                    uncertainty=float(uncertainty or 0.0),
+                    ood_score=float(ood or 0.0),
+                    ood_threshold=None if ood_threshold is None else float(ood_threshold),
+                    equipment=equipment or [],
+                    images=int(n_images or 0),
+                    site=site or "",
+                )  # fmt: skip
+            )
         return out
 
     def _version(self, model: str, version: str) -> ColumnElement[bool]:

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
@@ -248,6 +249,66 @@ def move_study(
         end_association(assoc)
 
 
+#: The most series of a study whose instances are asked for their SOP classes (a PACS that
+#: does not list SOP Classes in Study), and the most instance answers read in all.
+MAX_QUERIED_SERIES = 1000
+MAX_QUERIED_INSTANCES = 100_000
+
+
+def _find(assoc: Any, identifier: Dataset) -> Iterator[Dataset]:
+    """The matches of one Study Root C-FIND on ``assoc``, to its end or its first failure."""
+    for status, found in assoc.send_c_find(identifier, STUDY_ROOT_FIND):
+        if "Status" not in status or int(status.Status) not in (0xFF00, 0xFF01):
+            return
+        if found is not None:
+            yield found
+
+
+def _uids(value: Any) -> list[str]:
+    values = [value] if isinstance(value, str) else list(value or [])
+    return [str(uid).strip() for uid in values if str(uid).strip()]
+
+
+def _listed_classes(assoc: Any, study_uid: str) -> list[str]:
+    """SOP Classes in Study (0008,0062), as a STUDY level C-FIND answers it."""
+    identifier = _study_identifier(study_uid)
+    identifier.SOPClassesInStudy = ""
+    classes: list[str] = []
+    for found in _find(assoc, identifier):
+        if str(found.get("StudyInstanceUID", "")) == study_uid:
+            classes += _uids(found.get("SOPClassesInStudy"))
+    return classes
+
+
+def _instance_classes(assoc: Any, study_uid: str) -> list[str]:
+    """The study's SOP classes as its instances say them: a SERIES level C-FIND for its
+    series, then an IMAGE level one per series for SOP Class UID (0008,0016), for a PACS that
+    does not list SOP Classes in Study (hierarchical queries: each level's unique keys)."""
+    identifier = _study_identifier(study_uid)
+    identifier.QueryRetrieveLevel = "SERIES"
+    identifier.SeriesInstanceUID = ""
+    series = [
+        uid
+        for found in _find(assoc, identifier)
+        for uid in _uids(found.get("SeriesInstanceUID"))[:1]
+        if is_safe_uid(uid)
+    ]
+    classes: list[str] = []
+    answers = 0
+    for series_uid in list(dict.fromkeys(series))[:MAX_QUERIED_SERIES]:
+        identifier = _study_identifier(study_uid)
+        identifier.QueryRetrieveLevel = "IMAGE"
+        identifier.SeriesInstanceUID = series_uid
+        identifier.SOPInstanceUID = ""
+        identifier.SOPClassUID = ""
+        for found in _find(assoc, identifier):
+            classes += _uids(found.get("SOPClassUID"))[:1]
+            answers += 1
+            if answers >= MAX_QUERIED_INSTANCES:
+                return classes
+    return classes
+
+
 def study_sop_classes(
     study_uid: str,
     *,
@@ -258,11 +319,10 @@ def study_sop_classes(
     timeout_s: float = 30.0,
     tls: TlsArgs | None = None,
 ) -> list[str]:
-    """The SOP Classes in Study (0008,0062) the PACS reports for one study (a C-FIND at the
-    STUDY level); empty when it does not say (many PACSs leave the key out; Orthanc answers
-    it) or cannot be asked."""
-    identifier = _study_identifier(study_uid)
-    identifier.SOPClassesInStudy = ""
+    """The study's SOP classes on the PACS: SOP Classes in Study (0008,0062) from a C-FIND at
+    the STUDY level (Orthanc and dcm4chee answer it); where the PACS leaves that key out (many
+    do), the SOP Class UID of each instance, from C-FINDs at the SERIES and IMAGE levels.
+    Empty when neither says or the PACS cannot be asked: the C-GET goes on without them."""
     assoc, _ = open_association(
         calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=0, tls=tls,
         contexts=[build_context(STUDY_ROOT_FIND)],
@@ -273,20 +333,19 @@ def study_sop_classes(
     try:
         if not assoc.accepted_contexts:
             return []
-        for status, found in assoc.send_c_find(identifier, STUDY_ROOT_FIND):
-            if "Status" not in status or int(status.Status) not in (0xFF00, 0xFF01):
-                break
-            if found is None or str(found.get("StudyInstanceUID", "")) != study_uid:
-                continue
-            value = found.get("SOPClassesInStudy")
-            values = [value] if isinstance(value, str) else list(value or [])
-            classes += [str(uid).strip() for uid in values if str(uid).strip()]
+        classes = _listed_classes(assoc, study_uid)
+        if not classes and assoc.is_established:
+            classes = _instance_classes(assoc, study_uid)
+            if classes:
+                logger.info(
+                    "the source lists no SOP Classes in Study: %d class(es) from its instances",
+                    len(set(classes)),
+                )
     except Exception as exc:  # noqa: BLE001 - only a hint: the C-GET goes on without it
         logger.info("C-FIND of a study's SOP classes failed: %s", type(exc).__name__)
-        return []
     finally:
         end_association(assoc)
-    return list(dict.fromkeys(classes))
+    return list(dict.fromkeys(uid for uid in classes if is_safe_uid(uid)))
 
 
 def get_study(

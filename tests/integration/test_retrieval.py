@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
+import acwi_node.ingest.qr_scu as qr_scu
 import acwi_node.ingest.retrieval as retrieval_module
 from acwi_node.cli import main
 from acwi_node.config import Settings, load_settings
@@ -385,6 +386,34 @@ def test_a_get_proposes_the_classes_the_pacs_lists_for_the_study(
     assert (view.state, view.error, view.completed) == ("done", "", 1)
     st = n.ledger.get_study(study)
     assert st is not None and st["instances"] == 1
+
+
+def test_a_get_asks_the_instances_classes_where_the_pacs_lists_none(
+    orthanc: OrthancServer, make_node: Callable[..., Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PACS that leaves SOP Classes in Study out of its STUDY level answer (here: the node
+    does not hear it): the node asks the SERIES level for the study's series and the IMAGE
+    level for each instance's SOP Class UID, so the class beyond the 127 proposed by default
+    still comes by C-GET (the test before the one above: without any list, it fails)."""
+    listed: list[str] = []
+
+    def unheard(assoc: Any, study_uid: str) -> list[str]:
+        listed.append(study_uid)
+        return []
+
+    monkeypatch.setattr(qr_scu, "_listed_classes", unheard)
+    study, rare = put_rare_class_study(orthanc)
+    peer = {"called_ae": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
+    assert study_sop_classes(study, **peer, calling_ae=NODE_AE) == [rare]
+    assert listed == [study]  # asked at the STUDY level first
+    assert study_sop_classes(generate_uid(), **peer, calling_ae=NODE_AE) == []  # no such study
+    n = make_node(
+        "127.0.0.1", orthanc.dicom_port, orthanc.aet, retrieve_with="get",
+        retrieve={"max_attempts": 1},
+    )  # fmt: skip
+    orthanc_cannot_reach(orthanc)
+    view = n.run(n.request(study_uid=study))
+    assert (view.state, view.error, view.completed) == ("done", "", 1)
 
 
 # ------------------------------------------------------------------ a PACS of pynetdicom's

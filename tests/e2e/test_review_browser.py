@@ -6,7 +6,7 @@ in, opens a case, checks the images and the heatmap controls, overrides the resu
 worklist and the ledger change; on the other case it marks the lesion by dragging a box over an
 image, clears and redraws it, sees an escalation with it refused and the page come back with the
 box and its choices, marks a second lesion on the same image, confirms the finding with both,
-and sees the kept boxes drawn over the image.
+and sees the kept boxes drawn over the image; then it opens the model monitoring page.
 A screenshot of the case page is kept in ``test-artifacts/``.
 """
 
@@ -271,6 +271,17 @@ def test_sign_in_open_case_override(tmp_path: Path) -> None:
             )
             expect(page.locator("#verdicts li.superseded")).to_have_count(1)
             expect(figure.locator(".lesion-box.marked")).to_have_count(1)
+
+            # Model monitoring, from the navigation: the two studies begin the version's
+            # baseline, nothing recent to compare yet.
+            page.click("header nav a[href='/review/monitoring']")
+            expect(page).to_have_url(f"{base}/review/monitoring")
+            section = page.locator("section.monitor")
+            expect(section).to_have_count(1)
+            expect(section.locator("h2")).to_contain_text("too few studies")
+            expect(section).to_contain_text("forming: 2 of 200")
+            expect(section.locator("tr.signal-equipment td").nth(1)).to_contain_text("100%")
+            expect(page.locator("form.baseline")).to_have_count(0)  # administrators pin
             assert page.title() != "pwned"
             assert dialogs == []
         finally:

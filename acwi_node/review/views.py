@@ -601,6 +601,8 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             it["accession"] = header.get("accession", "")
         return review.page("decided.html", request, items=items, days=days, mine=mine)
 
+    monitor = ModelMonitor(ledger, settings.monitoring)
+
     def _dashboard(
         request: Request, days: int = 14, *, notice: str = "", error: str = "", status: int = 200
     ) -> HTMLResponse:
@@ -614,6 +616,8 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             agreement=review.store.agreement(days=days),
             sample_percent=settings.review.quality_sample_percent,
             disk=_disk_free_percent(settings.data_dir),
+            monitoring=monitor.report(),
+            monitoring_days=settings.monitoring.window_days,
             failed=review.store.failed_studies() if user.role == "admin" else None,
             outboxes=destination_outboxes(review.store, settings) if user.role == "admin" else None,
             sources=[src.name for src in settings.sources],
@@ -625,8 +629,6 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
     @app.get("/review/dashboard", include_in_schema=False)
     def dashboard_page(request: Request, days: int = 14, done: str = "") -> HTMLResponse:
         return _dashboard(request, days, notice=STUDY_ACTION_NOTICES.get(done, ""))
-
-    monitor = ModelMonitor(ledger, settings.monitoring)
 
     def _monitoring(
         request: Request, *, notice: str = "", error: str = "", status: int = 200

@@ -131,6 +131,8 @@ def test_monitoring_api_and_page(ledger_node: tuple[Settings, Ledger]) -> None:
         assert 'class="status status-shifted">shifted</span>' in text
         assert re.search(r'signal-equipment status-shifted">.*VD-CR 12 33%', text)
         assert "Pin the baseline" not in text  # a radiologist reads; administrators pin
+        dashboard = client.get("/review/dashboard").text
+        assert '<td id="q-monitoring">dianet-cxr 1.0.0: shifted</td>' in dashboard
         now = utcnow()
         period = {
             "since": (now - 41 * DAY).strftime("%Y-%m-%d"),

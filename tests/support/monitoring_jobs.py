@@ -117,3 +117,17 @@ TYPICAL = {
     "review": typical_review,
     "ood": typical_ood,
 }
+
+
+def far_ood(rng: random.Random) -> float:
+    return rng.gauss(3.0, 0.2)
+
+
+#: Studies from a scanner the model never met: typical labels and uncertainty, but out of
+#: its distribution (OOD threshold 2.0) and so every one sent to review.
+NEW_SCANNER: dict[str, Any] = {
+    **TYPICAL,
+    "equipment": ("Vantage Diagnostics VD-CR 12",),
+    "ood": far_ood,
+    "review": True,
+}

@@ -17,7 +17,7 @@ from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import utcnow
 from acwi_node.observability.metrics import ledger_registry
 from acwi_node.web.api import create_app
-from tests.support.monitoring_jobs import TYPICAL, Jobs
+from tests.support.monitoring_jobs import NEW_SCANNER, TYPICAL, Jobs
 from tests.support.review_case import add_user, sign_in
 
 HOUR = dt.timedelta(hours=1)
@@ -32,15 +32,7 @@ def _populate(ledger: Ledger, *, shifted: bool) -> None:
     jobs.many(100, now - 40 * DAY, HOUR, seed=1, **TYPICAL)
     jobs.many(60, now - 6 * DAY, HOUR, seed=2, **TYPICAL)
     if shifted:
-        jobs.many(
-            30,
-            now - 3 * DAY,
-            HOUR,
-            seed=3,
-            equipment=("Vantage Diagnostics VD-CR 12",),
-            ood=lambda rng: rng.gauss(3.0, 0.2),
-            review=True,
-        )
+        jobs.many(30, now - 3 * DAY, HOUR, seed=3, **NEW_SCANNER)
 
 
 def _config(tmp_path: Path, settings: Settings) -> Path:

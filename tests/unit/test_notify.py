@@ -285,7 +285,7 @@ def test_a_shifted_model_is_told_once_a_week(ledger_node: tuple[Settings, Ledger
     """A target listening for ``shift`` hears of each monitoring signal that has shifted, once
     per signal and week however often the exporter looks; a ``review`` target hears nothing
     of it."""
-    from tests.support.monitoring_jobs import TYPICAL, Jobs
+    from tests.support.monitoring_jobs import NEW_SCANNER, TYPICAL, Jobs
 
     base, ledger = ledger_node
     jobs = Jobs(ledger)
@@ -293,9 +293,7 @@ def test_a_shifted_model_is_told_once_a_week(ledger_node: tuple[Settings, Ledger
     now = utcnow()
     jobs.many(200, now - 40 * day, hour, seed=1, **TYPICAL)
     jobs.many(60, now - 6 * day, hour, seed=2, **TYPICAL)
-    jobs.many(30, now - 3 * day, hour, seed=3, equipment=("Vantage Diagnostics VD-CR 12",),
-              ood=lambda rng: rng.gauss(3.0, 0.2), review=True, label=TYPICAL["label"],
-              uncertainty=TYPICAL["uncertainty"])  # fmt: skip
+    jobs.many(30, now - 3 * day, hour, seed=3, **NEW_SCANNER)
     with WebhookServer() as ml, WebhookServer() as pager:
         settings = _settings(
             base,

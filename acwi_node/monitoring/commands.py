@@ -64,6 +64,16 @@ def _baseline_line(report: ModelReport, target: int) -> str:
     return f"baseline: its first {b.studies} studies, {_when(b.since)} to {_when(b.until)}{forming}"
 
 
+RATES = (("finding", "finding_rate"), ("review", "review_rate"), ("OOD", "ood_rate"))
+
+
+def _rates(row: dict[str, Any]) -> str:
+    """A group's finding, review and OOD rates, as the command prints them."""
+    return ", ".join(
+        f"{name} {'-' if row[key] is None else f'{100 * row[key]:.1f}%'}" for name, key in RATES
+    )
+
+
 def format_reports(reports: list[ModelReport], *, days: int, target: int) -> str:
     """The reports as the command prints them."""
     if not reports:
@@ -85,20 +95,17 @@ def format_reports(reports: list[ModelReport], *, days: int, target: int) -> str
         for row in rows:
             cells = (c.ljust(w) for c, w in zip(row, widths, strict=True))
             out.append(("  " + "  ".join(cells)).rstrip())
+        if r.by_source:
+            out.append("  where the recent studies came from (site, equipment):")
+            for g in r.by_source:
+                where = f"{g['site']}, {g['equipment']}"
+                out.append(f"    {where}: {g['studies']} studies, {_rates(g)}")
         if r.trend:
             out.append("  windows before (newest first):")
             for w in r.trend:
-                rates = ", ".join(
-                    f"{name} {'-' if w[key] is None else f'{100 * w[key]:.1f}%'}"
-                    for name, key in (
-                        ("finding", "finding_rate"),
-                        ("review", "review_rate"),
-                        ("OOD", "ood_rate"),
-                    )
-                )
                 out.append(
                     f"    {w['since']:%Y-%m-%d} to {w['until']:%Y-%m-%d}: {w['studies']} studies,"
-                    f" {rates}: {w['status']}"
+                    f" {_rates(w)}: {w['status']}"
                 )
     return "\n".join(out)
 

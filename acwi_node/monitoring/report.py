@@ -280,6 +280,42 @@ def compare(
     return out
 
 
+def figures(samples: Sequence[Sample]) -> dict[str, Any]:
+    """A group of studies' own figures: how many, their rates and median scores (None where
+    none says)."""
+
+    def rate(name: str) -> float | None:
+        k, n = _rate(samples, name)
+        return k / n if n else None
+
+    def median(name: str) -> float | None:
+        scores = _scores(samples, name)
+        return statistics.median(scores) if scores else None
+
+    return {
+        "studies": len(samples),
+        "finding_rate": rate("finding_rate"),
+        "review_rate": rate("review_rate"),
+        "ood_rate": rate("ood_rate"),
+        "median_uncertainty": median("uncertainty"),
+        "median_ood_score": median("ood_score"),
+    }
+
+
+def breakdown(samples: Sequence[Sample]) -> list[dict[str, Any]]:
+    """The recent studies by site and equipment, the largest group first: where a shift
+    comes from (a new scanner at one site, one site's studies out of distribution)."""
+    groups: dict[tuple[str, str], list[Sample]] = {}
+    for sample in samples:
+        key = (sample.site, ", ".join(sample.equipment) or "-")
+        groups.setdefault(key, []).append(sample)
+    rows = [
+        {"site": site, "equipment": equipment, **figures(group)}
+        for (site, equipment), group in groups.items()
+    ]
+    return sorted(rows, key=lambda r: (-r["studies"], r["site"], r["equipment"]))
+
+
 def worst(results: Iterable[SignalResult]) -> Status:
     """The most concerning reading; too_few only when no signal was compared."""
     return max((r.status for r in results), key=lambda s: s.rank, default=Status.TOO_FEW)
@@ -315,6 +351,10 @@ class ModelReport:
     images: int
     signals: list[SignalResult]
     trend: list[dict[str, Any]] = field(default_factory=list)
+    #: The baseline's own figures (:func:`figures`) and the recent studies' by site and
+    #: equipment (:func:`breakdown`).
+    baseline_figures: dict[str, Any] = field(default_factory=dict)
+    by_source: list[dict[str, Any]] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         """The report as JSON types (API, ``--json``)."""
@@ -362,6 +402,8 @@ class ModelReport:
             "trend": [
                 {**w, "since": iso(w["since"]), "until": iso(w["until"])} for w in self.trend
             ],
+            "baseline_figures": self.baseline_figures,
+            "by_source": self.by_source,
         }
 
 
@@ -520,6 +562,8 @@ class ModelMonitor:
                     images=sum(s.images for s in recent),
                     signals=signals,
                     trend=trend,
+                    baseline_figures=figures(base_samples),
+                    by_source=breakdown(recent),
                 )
             )
         return reports
@@ -531,19 +575,10 @@ class ModelMonitor:
         start: dt.datetime,
         end: dt.datetime,
     ) -> dict[str, Any]:
-        def rate(name: str) -> float | None:
-            k, n = _rate(samples, name)
-            return k / n if n else None
-
-        scores = _scores(samples, "uncertainty")
         return {
             "since": start,
             "until": end,
-            "studies": len(samples),
-            "finding_rate": rate("finding_rate"),
-            "review_rate": rate("review_rate"),
-            "ood_rate": rate("ood_rate"),
-            "median_uncertainty": statistics.median(scores) if scores else None,
+            **figures(samples),
             "status": worst(compare(base, samples, self.cfg)).value,
         }
 

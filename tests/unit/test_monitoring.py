@@ -159,6 +159,17 @@ def test_a_new_scanner_and_its_uncertain_images_read_shifted(
     assert signals["ood_rate"].baseline_value == 0.0
     assert signals["ood_rate"].recent_value == pytest.approx(30 / 90)
     assert signals["review_rate"].statistic > 0  # z: up
+    # where it comes from: the new scanner's studies, all out of distribution
+    usual, new = report.by_source
+    assert (usual["site"], usual["equipment"], usual["studies"]) == (
+        "SITEA", "Northwind Imaging NW-DR 500", 60,
+    )  # fmt: skip
+    assert (new["equipment"], new["studies"], new["ood_rate"]) == (
+        "Vantage Diagnostics VD-CR 12", 30, 1.0,
+    )  # fmt: skip
+    assert usual["ood_rate"] == 0.0 and new["median_ood_score"] > 2.0 > usual["median_ood_score"]
+    assert report.baseline_figures["studies"] == 100
+    assert report.baseline_figures["ood_rate"] == 0.0
 
 
 def test_too_few_studies_are_not_compared(ledger_node: tuple[Settings, Ledger]) -> None:

@@ -55,6 +55,7 @@ def test_monitor_command_reads_shifted_and_exits_1(
     assert out.startswith("dianet-cxr 1.0.0: SHIFTED")
     assert "baseline: its first 100 studies" in out
     assert re.search(r"equipment\s+Northwind Imaging NW-DR 500 100%\s+.*VD-CR 12 33%.*shifted", out)
+    assert re.search(r"SITEA, Vantage Diagnostics VD-CR 12: 30 studies, .*OOD 100\.0%", out)
     assert main(["--config", str(config), "monitor", "--json", "--weeks", "1"]) == 1
     body = json.loads(capsys.readouterr().out)
     (model,) = body["models"]
@@ -122,6 +123,8 @@ def test_monitoring_api_and_page(ledger_node: tuple[Settings, Ledger]) -> None:
         assert 'href="/review/monitoring"' in text  # in the navigation
         assert 'class="status status-shifted">shifted</span>' in text
         assert re.search(r'signal-equipment status-shifted">.*VD-CR 12 33%', text)
+        assert re.search(r"<td>SITEA</td><td>Vantage Diagnostics VD-CR 12</td><td>30</td>", text)
+        assert [g["studies"] for g in model["by_source"]] == [60, 30]
         assert "Pin the baseline" not in text  # a radiologist reads; administrators pin
         dashboard = client.get("/review/dashboard").text
         assert '<td id="q-monitoring">dianet-cxr 1.0.0: shifted</td>' in dashboard

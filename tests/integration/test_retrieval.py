@@ -403,10 +403,16 @@ def test_a_get_asks_the_instances_classes_where_the_pacs_lists_none(
 
     monkeypatch.setattr(qr_scu, "_listed_classes", unheard)
     study, rare = put_rare_class_study(orthanc)
-    peer = {"called_ae": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
-    assert study_sop_classes(study, **peer, calling_ae=NODE_AE) == [rare]
+
+    def classes(uid: str) -> list[str]:
+        return study_sop_classes(
+            uid, called_ae=orthanc.aet, host="127.0.0.1", port=orthanc.dicom_port,
+            calling_ae=NODE_AE,
+        )  # fmt: skip
+
+    assert classes(study) == [rare]
     assert listed == [study]  # asked at the STUDY level first
-    assert study_sop_classes(generate_uid(), **peer, calling_ae=NODE_AE) == []  # no such study
+    assert classes(generate_uid()) == []  # no such study
     n = make_node(
         "127.0.0.1", orthanc.dicom_port, orthanc.aet, retrieve_with="get",
         retrieve={"max_attempts": 1},

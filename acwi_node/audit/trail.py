@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import getpass
 import hashlib
 import json
 import logging
@@ -271,6 +272,14 @@ def audit(
 
 def user(name: str, address: str = "") -> Participant:
     return Participant("user", name, address, requestor=True)
+
+
+def command_operator() -> str:
+    """Who runs a command: the operating-system account, as the audit trail names it."""
+    try:
+        return f"os:{getpass.getuser()}"[:64]
+    except (KeyError, OSError):
+        return "os:unknown"
 
 
 def remote_ae(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import getpass
 import json
 import sys
 from typing import TYPE_CHECKING, Any
@@ -110,15 +109,8 @@ def format_reports(reports: list[ModelReport], *, days: int, target: int) -> str
     return "\n".join(out)
 
 
-def _operator() -> str:
-    """Who runs the command: the operating-system account, as the audit trail names it."""
-    try:
-        return f"os:{getpass.getuser()}"[:64]
-    except (KeyError, OSError):
-        return "os:unknown"
-
-
 def run(settings: Settings, args: argparse.Namespace) -> int:
+    from acwi_node.audit import command_operator
     from acwi_node.ledger import Ledger
     from acwi_node.monitoring import pinning
     from acwi_node.monitoring.report import BaselineRefused, ModelMonitor
@@ -129,7 +121,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         monitor = ModelMonitor(ledger, cfg)
         if args.monitor_command == "baseline":
             if args.clear:
-                print(pinning.clear(monitor, args.name, args.version, _operator()))
+                print(pinning.clear(monitor, args.name, args.version, command_operator()))
                 return 0
             if not args.since or not args.until:
                 print(
@@ -139,7 +131,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
                 return 2
             try:
                 notice = pinning.pin(
-                    monitor, args.name, args.version, args.since, args.until, _operator()
+                    monitor, args.name, args.version, args.since, args.until, command_operator()
                 )
             except BaselineRefused as exc:
                 print(f"acwi-node monitor baseline: {exc}", file=sys.stderr)

@@ -61,14 +61,6 @@ def add_parsers(sub: Any) -> None:
     agreement.add_argument("--json", action="store_true", help="print the rows as JSON")
 
 
-def _operator() -> str:
-    """Who runs a command: the operating-system account, as the audit trail names it."""
-    try:
-        return f"os:{getpass.getuser()}"[:64]
-    except (KeyError, OSError):
-        return "os:unknown"
-
-
 def _read_password(from_stdin: bool) -> str:
     if from_stdin:
         return sys.stdin.readline().rstrip("\r\n")
@@ -121,7 +113,7 @@ def _print_agreement(store: ReviewStore, days: int, *, as_json: bool) -> int:
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    from acwi_node.audit import AuditEvent, audit, user
+    from acwi_node.audit import AuditEvent, audit, command_operator, user
     from acwi_node.ledger import Ledger
     from acwi_node.review import auth
     from acwi_node.review.store import ReviewError, ReviewStore
@@ -143,7 +135,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             how = "de-identified" if report.deidentified else "with identifiers"
             audit(
                 AuditEvent.FEEDBACK_EXPORTED,
-                participants=[user(_operator())],
+                participants=[user(command_operator())],
                 detail=f"{report.images} image(s) of {report.cases} reviewed case(s) exported,"
                 f" {how}" + (f"; {report.withheld} withheld" if report.withheld else ""),
             )
@@ -170,7 +162,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             except (ValueError, EOFError) as exc:
                 print(f"acwi-node users add: {exc}", file=sys.stderr)
                 return 1
-            store.audit(_operator(), "user_added", detail=f"{name} ({args.role})")
+            store.audit(command_operator(), "user_added", detail=f"{name} ({args.role})")
             print(f"added {name} ({args.role})")
             return 0
         if args.users_command == "passwd":
@@ -182,7 +174,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             if not store.set_password(args.name, auth.hash_password(password)):
                 print(f"acwi-node users passwd: no user {args.name!r}", file=sys.stderr)
                 return 1
-            store.audit(_operator(), "user_password_set", detail=args.name)
+            store.audit(command_operator(), "user_password_set", detail=args.name)
             print(f"set the password of {args.name}; its sessions ended")
             return 0
         if args.users_command == "list":
@@ -196,7 +188,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         if not store.set_disabled(args.name, disabled):
             print(f"acwi-node users {args.users_command}: no user {args.name!r}", file=sys.stderr)
             return 1
-        store.audit(_operator(), "user_disabled" if disabled else "user_enabled", detail=args.name)
+        action = "user_disabled" if disabled else "user_enabled"
+        store.audit(command_operator(), action, detail=args.name)
         print(f"{'disabled' if disabled else 'enabled'} {args.name}")
         return 0
     except ReviewError as exc:

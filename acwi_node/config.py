@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import ssl
+import zoneinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -809,7 +810,7 @@ class ReviewSettings(_Strict):
 
 
 #: What a ``[[notify]]`` target may be told of (README "Notifications").
-NotifyEvent = Literal["review", "finding", "failed", "shift"]
+NotifyEvent = Literal["review", "finding", "failed", "shift", "stopped"]
 
 
 def _review_event() -> list[NotifyEvent]:
@@ -826,7 +827,9 @@ class NotifyTarget(_Strict):
     #: ``review``: a case the model asked about lands on the worklist (of at least
     #: ``min_priority``); ``finding``: a study analysed with one of ``labels`` at
     #: ``min_probability`` or more; ``failed``: a study failed (its reason); ``shift``: a
-    #: model version's monitoring signal has shifted against its baseline (weekly while so).
+    #: model version's monitoring signal has shifted against its baseline (weekly while so);
+    #: ``stopped``: far fewer studies than usual came from a source or reached a route
+    #: (daily while so).
     events: list[NotifyEvent] = Field(default_factory=_review_event, min_length=1)
     min_priority: int = Field(0, ge=0)
     labels: list[str] = Field(default_factory=list)
@@ -1003,6 +1006,21 @@ class MonitoringSettings(_Strict):
     p_shift: float = Field(0.001, gt=0.0, lt=1.0)
     #: The metrics endpoint recomputes the comparison at most this often.
     refresh_s: int = Field(300, ge=0, le=86_400)
+    #: Studies arriving: the studies of the last this many hours (each horizon apart), from
+    #: each source (calling AE) and for each route, against the same hours of the same
+    #: weekday in the ``traffic_weeks`` weeks before. A short horizon tells a busy source
+    #: that stopped within hours; a day tells a quiet one.
+    traffic_hours: list[int] = Field(default_factory=lambda: [2, 24], min_length=1, max_length=4)
+    traffic_weeks: int = Field(4, ge=1, le=26)
+    #: Fewer weeks before than this on this node's ledger: not compared ("too few").
+    traffic_min_weeks: int = Field(2, ge=1, le=26)
+    #: A drop counts from this share of the expected studies (and below every week before,
+    #: and unlikely by chance at ``p_watch`` / ``p_shift``).
+    traffic_min_drop: float = Field(0.5, gt=0.0, le=1.0)
+    #: The hospital's time zone (an IANA name, ``Europe/Berlin``): "the same hours of the
+    #: same weekday" are its wall-clock hours, so that a clock change to or from summer time
+    #: does not compare a morning with the hour before it.
+    timezone: str = "UTC"
 
     @model_validator(mode="after")
     def _ordered(self) -> MonitoringSettings:
@@ -1012,6 +1030,21 @@ class MonitoringSettings(_Strict):
             raise ValueError("monitoring.p_shift must not exceed monitoring.p_watch")
         if self.min_studies > self.baseline_studies:
             raise ValueError("monitoring.min_studies must not exceed monitoring.baseline_studies")
+        if self.traffic_min_weeks > self.traffic_weeks:
+            raise ValueError(
+                "monitoring.traffic_min_weeks must not exceed monitoring.traffic_weeks"
+            )
+        if any(not 1 <= h <= 168 for h in self.traffic_hours):
+            raise ValueError("monitoring.traffic_hours must each be 1 to 168 (a week)")
+        if len(set(self.traffic_hours)) != len(self.traffic_hours):
+            raise ValueError("monitoring.traffic_hours must not repeat a horizon")
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+            raise ValueError(
+                f"monitoring.timezone: unknown time zone {self.timezone!r} (an IANA name such"
+                " as Europe/Berlin)"
+            ) from None
         return self
 
 

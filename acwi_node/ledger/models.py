@@ -108,7 +108,11 @@ class Study(Base):
     instances: Mapped[list[Instance]] = relationship(back_populates="study")
     jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")
 
-    __table_args__ = (Index("ix_studies_state", "state"),)
+    __table_args__ = (
+        Index("ix_studies_state", "state"),
+        # model monitoring's studies arriving: the studies of given hours, by source
+        Index("ix_studies_first_received_at", "first_received_at"),
+    )
 
 
 class Instance(Base):
@@ -163,6 +167,7 @@ class Job(Base):
         Index("ix_jobs_state", "state"),
         # the dashboard's and the model monitoring's windows
         Index("ix_jobs_started_at", "started_at"),
+        Index("ix_jobs_created_at", "created_at"),
     )
 
 

@@ -163,3 +163,43 @@ def rate_status(
     if p < p_watch:
         return Status.WATCH
     return Status.STABLE
+
+
+def poisson_cdf(k: int, mean: float) -> float:
+    """P(X <= k) for X Poisson with ``mean``: how likely as few as ``k`` events are where
+    ``mean`` are expected (summed in log space: a mean of thousands does not underflow)."""
+    if k < 0:
+        return 0.0
+    if mean <= 0.0:
+        return 1.0
+    log_mean = math.log(mean)
+    terms = [i * log_mean - mean - math.lgamma(i + 1) for i in range(k + 1)]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def drop_status(
+    count: int,
+    history: Sequence[int],
+    *,
+    min_weeks: int,
+    min_drop: float,
+    p_watch: float,
+    p_shift: float,
+) -> tuple[float | None, float | None, Status]:
+    """Whether ``count`` studies are a drop against the same hours of the weeks before
+    (``history``): (the mean expected, P(as few by chance), the reading). A drop counts only
+    where it is below every week before, by at least ``min_drop`` of the mean, and unlikely
+    for a Poisson count of that mean: a week that was as quiet (a holiday, a quiet night)
+    makes quiet ordinary. Too few weeks before (``min_weeks``): not compared."""
+    if len(history) < min_weeks:
+        return None, None, Status.TOO_FEW
+    expected = sum(history) / len(history)
+    p = poisson_cdf(count, expected)
+    if count >= min(history) or count > expected * (1.0 - min_drop):
+        return expected, p, Status.STABLE
+    if p < p_shift:
+        return expected, p, Status.SHIFTED
+    if p < p_watch:
+        return expected, p, Status.WATCH
+    return expected, p, Status.STABLE

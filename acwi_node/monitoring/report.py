@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from acwi_node.config import MonitoringSettings
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import Job, JobState, MonitoringBaseline, Study, utcnow
+from acwi_node.monitoring.cache import Refreshed
 from acwi_node.monitoring.drift import (
     Status,
     bin_counts,
@@ -638,21 +639,9 @@ class ModelMonitor:
             return bool(getattr(gone, "rowcount", 0))
 
 
-#: The reports a metrics scrape reuses: (computed at, reports).
-_Cache = tuple[float, list[ModelReport]]
-
-
-class CachedReports:
-    """The monitor's reports, recomputed at most every ``monitoring.refresh_s`` (the
-    metrics endpoint is scraped every few seconds; a report reads weeks of summaries)."""
+class CachedReports(Refreshed[list[ModelReport]]):
+    """The monitor's reports, recomputed at most every ``monitoring.refresh_s``."""
 
     def __init__(self, monitor: ModelMonitor, clock: Callable[[], float]) -> None:
+        super().__init__(monitor.report, monitor.cfg.refresh_s, clock)
         self.monitor = monitor
-        self.clock = clock
-        self._cache: _Cache | None = None
-
-    def get(self) -> list[ModelReport]:
-        now = self.clock()
-        if self._cache is None or now - self._cache[0] >= self.monitor.cfg.refresh_s:
-            self._cache = (now, self.monitor.report())
-        return self._cache[1]

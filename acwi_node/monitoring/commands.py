@@ -1,4 +1,5 @@
-"""``acwi-node monitor`` (each model version's recent studies against its baseline) and
+"""``acwi-node monitor`` (the studies arriving from each source and for each route against
+the weeks before, and each model version's recent studies against its baseline) and
 ``acwi-node monitor baseline MODEL VERSION`` (pin or clear the baseline)."""
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ def add_parser(sub: Any) -> None:
     """Add ``monitor`` to the ``acwi-node`` parser."""
     monitor = sub.add_parser(
         COMMAND,
-        help="each model version's recent studies against its baseline: what the model sees"
-        " and says (exit 1 when a signal has shifted)",
+        help="the studies arriving from each source and for each route against the weeks"
+        " before, and each model version's recent studies against its baseline: what the"
+        " model sees and says (exit 1 when studies dropped or a signal has shifted)",
     )
     monitor.add_argument("--model", help="only this model (its manifest name)")
     monitor.add_argument(
@@ -114,6 +116,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     from acwi_node.ledger import Ledger
     from acwi_node.monitoring import pinning
     from acwi_node.monitoring.report import BaselineRefused, ModelMonitor
+    from acwi_node.monitoring.traffic import format_traffic, traffic_monitor
 
     cfg = settings.monitoring
     ledger = Ledger(settings.database_url)
@@ -143,10 +146,18 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             print("acwi-node monitor: --days must be 1 to 365, --weeks 0 to 52", file=sys.stderr)
             return 2
         reports = monitor.report(model=args.model, days=days, weeks=args.weeks)
+        # studies arriving: of the whole node, so not with --model
+        traffic = None if args.model else traffic_monitor(settings, ledger).report()
         if args.json:
-            print(json.dumps({"days": days, "models": [r.as_json() for r in reports]}, indent=2))
+            out: dict[str, Any] = {"days": days, "models": [r.as_json() for r in reports]}
+            if traffic is not None:
+                out["traffic"] = traffic.as_json()
+            print(json.dumps(out, indent=2))
         else:
             print(format_reports(reports, days=days, target=cfg.baseline_studies))
-        return 1 if any(r.status is Status.SHIFTED for r in reports) else 0
+            if traffic is not None:
+                print(format_traffic(traffic))
+        shifted = any(r.status is Status.SHIFTED for r in reports)
+        return 1 if shifted or (traffic and traffic.status is Status.SHIFTED) else 0
     finally:
         ledger.dispose()

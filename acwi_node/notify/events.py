@@ -9,7 +9,10 @@ Each target's events of the last ``lookback_s`` seconds:
 * ``failed``: a failed study (key ``failed-<study id>-<generation>``);
 * ``shift``: a model version's monitoring signal that has shifted against its baseline
   (README "Model monitoring"; key ``shift-`` and a hash of the model, version, signal and
-  ISO week: a signal that stays shifted is told of again each week, not on every pass).
+  ISO week: a signal that stays shifted is told of again each week, not on every pass);
+* ``stopped``: far fewer studies than usual came from a source, or reached a route, or came
+  at all (README "Model monitoring", "Studies arriving"; key ``stopped-`` and a hash of the
+  flow and the UTC day: told of again each day while so).
 
 A notification is queued once per target and key (a unique constraint), so reading the ledger
 again, or from two processes, queues nothing twice.
@@ -41,6 +44,7 @@ from acwi_node.ledger.models import (
 )
 from acwi_node.monitoring.drift import Status
 from acwi_node.monitoring.report import ModelReport, SignalResult
+from acwi_node.monitoring.traffic import Flow, TrafficReport, describe
 
 log = logging.getLogger("acwi_node.notify")
 
@@ -182,6 +186,46 @@ def _shift_events(
                 yield shift_key(report, signal, now), None, payload
 
 
+def stopped_payload(settings: Settings, flow: Flow, now: dt.datetime) -> dict[str, Any]:
+    """Studies stopped, or dropped, from a source, for a route or on the whole node."""
+    url = _link(settings, "/review/monitoring#traffic")
+    w = flow.telling
+    why = {
+        "node": "is the PACS forwarding to the node, and the network up?",
+        "source": "a forwarding rule, an AE title or a network that changed?",
+        "route": "they arrive, but no longer match it: a changed tag its match reads?",
+        "path": "they arrive, but no longer match the route: a changed tag its match reads?",
+    }[flow.kind]
+    text = f"ACWI Node: {flow.title} dropped: {describe(flow)}: {why}"
+    return {
+        "event": "stopped",
+        "node": settings.node.ae_title,
+        "sender": f"ACWI Node {__version__}",
+        "text": text + (f" {url}" if url else ""),
+        "kind": flow.kind,
+        "name": flow.name,
+        "title": flow.title,
+        "hours": w.hours,
+        "studies": w.studies,
+        "expected": w.expected,
+        "weeks_before": list(w.history),
+        "p_value": w.p_value,
+        "at": _iso(now),
+        "monitoring_url": url,
+    }
+
+
+def stopped_key(flow: Flow, now: dt.datetime) -> str:
+    """One key per flow and UTC day."""
+    what = f"{flow.kind}\0{flow.name}\0{now:%Y-%m-%d}"
+    return "stopped-" + hashlib.sha256(what.encode()).hexdigest()[:32]
+
+
+def _stopped_events(settings: Settings, report: TrafficReport, now: dt.datetime) -> Iterator[Event]:
+    for flow in report.dropped():
+        yield stopped_key(flow, now), None, stopped_payload(settings, flow, now)
+
+
 def _events(
     s: Any, settings: Settings, target: NotifyTarget, since: dt.datetime
 ) -> Iterator[Event]:
@@ -230,10 +274,11 @@ def queue_events(
     *,
     now: dt.datetime | None = None,
     monitoring: Callable[[], Sequence[ModelReport]] | None = None,
+    traffic: Callable[[], TrafficReport] | None = None,
 ) -> int:
     """Queue a notification for each target's events not yet queued; returns how many.
     ``monitoring`` gives the model monitoring's reports (read only when a target listens
-    for ``shift``)."""
+    for ``shift``), ``traffic`` the studies arriving (for ``stopped``)."""
     now = now or utcnow()
     queued = 0
     for target in settings.notify:
@@ -242,6 +287,8 @@ def queue_events(
             found = list(_events(s, settings, target, since))
         if "shift" in target.events and monitoring is not None:
             found += list(_shift_events(settings, monitoring(), now))
+        if "stopped" in target.events and traffic is not None:
+            found += list(_stopped_events(settings, traffic(), now))
         if not found:
             continue
         with ledger.session() as s:

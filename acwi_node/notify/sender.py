@@ -27,7 +27,9 @@ from acwi_node.config import NotifyTarget, Settings
 from acwi_node.http_client import connect, request_target, target_of
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import DeliveryState, Notification, utcnow
+from acwi_node.monitoring.cache import Refreshed
 from acwi_node.monitoring.report import CachedReports, ModelMonitor
+from acwi_node.monitoring.traffic import traffic_monitor
 from acwi_node.notify.events import queue_events
 
 log = logging.getLogger("acwi_node.notify")
@@ -108,10 +110,21 @@ class Notifier:
         self.monitoring = CachedReports(
             ModelMonitor(ledger, settings.monitoring), clock=time.monotonic
         )
+        self.traffic = Refreshed(
+            traffic_monitor(settings, ledger).report,
+            settings.monitoring.refresh_s,
+            clock=time.monotonic,
+        )
 
     def tick(self, *, now: dt.datetime | None = None) -> int:
         """Queue what happened, then POST what is due; returns how many were attempted."""
-        queue_events(self.settings, self.ledger, now=now, monitoring=self.monitoring.get)
+        queue_events(
+            self.settings,
+            self.ledger,
+            now=now,
+            monitoring=self.monitoring.get,
+            traffic=self.traffic.get,
+        )
         now = now or utcnow()
         with self.ledger.session() as s:
             due = [

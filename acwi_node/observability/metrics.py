@@ -227,12 +227,19 @@ class LedgerCollector(Collector):
     """Gauges read from the ledger (and the broker) on every scrape."""
 
     def __init__(self, settings: Settings, ledger: Ledger) -> None:
+        from acwi_node.monitoring.cache import Refreshed
         from acwi_node.monitoring.report import CachedReports, ModelMonitor
+        from acwi_node.monitoring.traffic import traffic_monitor
 
         self.settings = settings
         self.ledger = ledger
         self.monitoring = CachedReports(
             ModelMonitor(ledger, settings.monitoring), clock=time.monotonic
+        )
+        self.traffic = Refreshed(
+            traffic_monitor(settings, ledger).report,
+            settings.monitoring.refresh_s,
+            clock=time.monotonic,
         )
 
     def describe(self) -> Iterable[Metric]:
@@ -254,6 +261,10 @@ class LedgerCollector(Collector):
                 yield from self._monitoring()
             except Exception as exc:
                 log.warning("metrics: model monitoring could not be read: %s", exc)
+            try:
+                yield from self._traffic()
+            except Exception as exc:
+                log.warning("metrics: the studies arriving could not be read: %s", exc)
         from acwi_node.tasks.app import ANALYSIS_QUEUE, HIGH_PRIORITY_QUEUE
 
         broker = GaugeMetricFamily(
@@ -446,6 +457,39 @@ class LedgerCollector(Collector):
                 status.add_metric(labels, level[sig.status])
                 statistic.add_metric(labels, sig.statistic)
         return [status, statistic, studies]
+
+    def _traffic(self) -> list[Metric]:
+        """The studies arriving, of all, from each source and for each route, against the
+        same hours of the weeks before (README "Model monitoring")."""
+        from acwi_node.monitoring.drift import Status
+
+        status = GaugeMetricFamily(
+            "acwi_traffic_status",
+            "Studies arriving against the same hours of the weeks before, the most concerning"
+            " horizon: 0 as usual, 1 watch, 2 dropped (absent: too few weeks to compare)",
+            labels=["kind", "name"],
+        )
+        studies = GaugeMetricFamily(
+            "acwi_traffic_studies",
+            "Studies of the last monitoring.traffic_hours hours: all (kind node), from a"
+            " source (calling AE) or given a job on a route",
+            labels=["kind", "name", "hours"],
+        )
+        expected = GaugeMetricFamily(
+            "acwi_traffic_expected_studies",
+            "The mean of the same hours of the same weekday in the weeks before",
+            labels=["kind", "name", "hours"],
+        )
+        level = {Status.STABLE: 0, Status.WATCH: 1, Status.SHIFTED: 2}
+        for flow in self.traffic.get().flows:
+            if flow.status is not Status.TOO_FEW:
+                status.add_metric([flow.kind, flow.name], level[flow.status])
+            for w in flow.windows:
+                labels = [flow.kind, flow.name, str(w.hours)]
+                studies.add_metric(labels, w.studies)
+                if w.expected is not None:
+                    expected.add_metric(labels, w.expected)
+        return [status, studies, expected]
 
 
 def ledger_registry(settings: Settings, ledger: Ledger) -> CollectorRegistry:

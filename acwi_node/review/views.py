@@ -56,6 +56,7 @@ from acwi_node.ledger.models import utcnow
 from acwi_node.ledger.retrievals import QUERY_KEYS, Retrievals
 from acwi_node.monitoring import pinning
 from acwi_node.monitoring.report import BaselineRefused, ModelMonitor
+from acwi_node.monitoring.traffic import traffic_monitor
 from acwi_node.observability import metrics
 from acwi_node.results.heatmap import Window, render_grey
 from acwi_node.results.overlay import heat_path, overlay_rgba, read_cam
@@ -602,6 +603,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         return review.page("decided.html", request, items=items, days=days, mine=mine)
 
     monitor = ModelMonitor(ledger, settings.monitoring)
+    arrivals = traffic_monitor(settings, ledger)
 
     def _dashboard(
         request: Request, days: int = 14, *, notice: str = "", error: str = "", status: int = 200
@@ -618,6 +620,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             disk=_disk_free_percent(settings.data_dir),
             monitoring=monitor.report(),
             monitoring_days=settings.monitoring.window_days,
+            traffic=arrivals.report(),
             failed=review.store.failed_studies() if user.role == "admin" else None,
             outboxes=destination_outboxes(review.store, settings) if user.role == "admin" else None,
             sources=[src.name for src in settings.sources],
@@ -639,6 +642,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             request,
             status_code=status,
             reports=monitor.report(weeks=8),
+            traffic=arrivals.report(),
             cfg=cfg,
             notice=notice,
             error=error,
@@ -646,8 +650,10 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
 
     @app.get("/review/monitoring", include_in_schema=False)
     def monitoring_page(request: Request) -> HTMLResponse:
-        """Each model version's recent studies against its baseline, signal by signal, and
-        the eight windows before: whether what the model sees or says has changed."""
+        """The studies arriving from each source and for each route against the weeks
+        before, and each model version's recent studies against its baseline, signal by
+        signal, with the eight windows before: whether what the model sees or says has
+        changed."""
         return _monitoring(request)
 
     @app.post("/review/monitoring/baseline", include_in_schema=False)

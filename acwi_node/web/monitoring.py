@@ -1,5 +1,5 @@
-"""``/api/monitoring``: each model version's recent studies against its baseline (any
-signed-in account), and its pinned baseline (administrators)."""
+"""``/api/monitoring``: the studies arriving and each model version's recent studies against
+its baseline (any signed-in account), and its pinned baseline (administrators)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from acwi_node.config import Settings
 from acwi_node.ledger import Ledger
 from acwi_node.monitoring import pinning
 from acwi_node.monitoring.report import BaselineRefused, ModelMonitor
+from acwi_node.monitoring.traffic import traffic_monitor
 from acwi_node.web.guards import admin_json_request, admin_user
 
 
@@ -28,6 +29,7 @@ class BaselineRequest(BaseModel):
 def monitoring_router(settings: Settings, db: Ledger) -> APIRouter:
     router = APIRouter()
     monitor = ModelMonitor(db, settings.monitoring)
+    arrivals = traffic_monitor(settings, db)
 
     @router.get("/api/monitoring")
     def monitoring(
@@ -39,10 +41,16 @@ def monitoring_router(settings: Settings, db: Ledger) -> APIRouter:
         ``monitoring.window_days``): its baseline, its recent studies and every signal (rates
         of findings, reviews and out-of-distribution studies; the uncertainty and OOD scores,
         predicted labels, equipment and sites), each with its statistic, p-value and status
-        (``stable``, ``watch``, ``shifted``, ``too_few``); with ``weeks``, the windows before."""
+        (``stable``, ``watch``, ``shifted``, ``too_few``); with ``weeks``, the windows before.
+        Without ``model``, ``traffic`` too: the studies of the last ``monitoring.traffic_hours``
+        hours, of all, from each source and for each route, against the same hours of the
+        weeks before (``shifted``: they dropped)."""
         days = days or settings.monitoring.window_days
         reports = monitor.report(model=model, days=days, weeks=weeks)
-        return {"days": days, "models": [r.as_json() for r in reports]}
+        out: dict[str, Any] = {"days": days, "models": [r.as_json() for r in reports]}
+        if model is None:  # of the whole node
+            out["traffic"] = arrivals.report().as_json()
+        return out
 
     @router.put(
         "/api/monitoring/baselines/{name}/{version}",

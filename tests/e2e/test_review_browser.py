@@ -282,6 +282,10 @@ def test_sign_in_open_case_override(tmp_path: Path) -> None:
             expect(section).to_contain_text("forming: 2 of 200")
             expect(section.locator("tr.signal-equipment td").nth(1)).to_contain_text("100%")
             expect(page.locator("form.baseline")).to_have_count(0)  # administrators pin
+            # studies arriving: this node's ledger holds today's studies alone
+            arrivals = page.locator("section.arrivals")
+            expect(arrivals.locator("h2")).to_contain_text("too few weeks")
+            expect(arrivals.locator("tr.flow-node td").first).to_have_text("All")
             assert page.title() != "pwned"
             assert dialogs == []
         finally:

@@ -320,3 +320,40 @@ def test_a_shifted_model_is_told_once_a_week(ledger_node: tuple[Settings, Ledger
                             monitoring=notifier.monitoring.get) == 4  # fmt: skip
         assert queue_events(settings, ledger, now=now + 7 * day,
                             monitoring=notifier.monitoring.get) == 0  # fmt: skip
+
+
+def test_a_source_that_stopped_is_told_once_a_day(ledger_node: tuple[Settings, Ledger]) -> None:
+    """A target listening for ``stopped`` hears of each source or route whose studies
+    dropped, once per day however often the exporter looks."""
+    from tests.support.arrivals import WEEK, Arrivals
+
+    base, ledger = ledger_node
+    now = utcnow()
+    arrivals = Arrivals(ledger)
+    arrivals.add(now - 5 * WEEK, "OLDCR")
+    arrivals.weekly(now, "CT1", [0, 10, 9, 11, 10])
+    arrivals.weekly(now, "CR2", [6, 5, 6, 5, 6])
+    with WebhookServer() as ops, WebhookServer() as pager:
+        settings = _settings(
+            base,
+            {"name": "pacs-team", "url": ops.url, "events": ["stopped"]},
+            {"name": "pager", "url": pager.url},
+        )
+        notifier = Notifier(settings, ledger)
+        assert notifier.tick() == 1
+        assert notifier.tick() == 0
+        assert pager.received == []
+        (body,) = (r["json"] for r in ops.received)
+        assert body["event"] == "stopped"
+        assert (body["kind"], body["name"]) == ("source", "CT1")
+        assert (body["hours"], body["studies"]) == (2, 0)
+        assert body["weeks_before"] == [10, 9, 11, 10] and body["expected"] == 10.0
+        assert body["text"] == (
+            "ACWI Node: Studies from CT1 dropped: 0 in the last 2 h, 10.0 expected (10, 9, 11,"
+            " 10 the weeks before): a forwarding rule, an AE title or a network that changed?"
+            " https://ai-node.example.org/review/monitoring#traffic"
+        )
+        # still stopped the next day: told again
+        tomorrow = now + dt.timedelta(days=1)
+        assert queue_events(settings, ledger, now=tomorrow, traffic=notifier.traffic.get) == 1
+        assert queue_events(settings, ledger, now=tomorrow, traffic=notifier.traffic.get) == 0

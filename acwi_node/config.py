@@ -679,6 +679,11 @@ class Route(_Strict):
     select: RouteSelect = Field(default_factory=RouteSelect)
     results: RouteResults = Field(default_factory=RouteResults)
     model: str = "default"
+    #: Models that analyse the route's studies in the shadow of ``model``, after it: their
+    #: results are kept in the ledger and compared with the live model's and with the
+    #: radiologists' verdicts (``acwi-node monitor``), never sent, reviewed or notified.
+    #: A new version proves itself on this hospital's studies before it goes live.
+    shadow_models: list[str] = Field(default_factory=list, max_length=4)
     destinations: list[str] = Field(default_factory=list)
     #: Higher runs first.
     priority: int = 0
@@ -1120,6 +1125,17 @@ class Settings(BaseSettings):
                 problems.append(
                     f"routes.{route.name}: model {route.model!r} is not defined in [[models]]"
                 )
+            for shadow in route.shadow_models:
+                if shadow not in model_names:
+                    problems.append(
+                        f"routes.{route.name}: shadow model {shadow!r} is not defined in [[models]]"
+                    )
+                elif shadow == route.model:
+                    problems.append(
+                        f"routes.{route.name}: shadow model {shadow!r} is the route's own model"
+                    )
+            for dup in {m for m in route.shadow_models if route.shadow_models.count(m) > 1}:
+                problems.append(f"routes.{route.name}: shadow model {dup!r} is listed twice")
         if problems:
             raise ValueError("; ".join(problems))
         return self

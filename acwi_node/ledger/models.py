@@ -599,3 +599,39 @@ class MonitoringBaseline(Base):
     pinned_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
     __table_args__ = (UniqueConstraint("model", "version", name="uq_monitoring_baseline"),)
+
+
+class ShadowState(str, enum.Enum):
+    QUEUED = "queued"
+    ANALYSING = "analysing"
+    DONE = "done"
+    FAILED = "failed"
+    #: Its live job was superseded (the study re-opened) before it ran.
+    SUPERSEDED = "superseded"
+
+
+class ShadowJob(Base):
+    """A shadow model's analysis of a live job's study (``[[routes]] shadow_models``): run
+    after the live job, on the lowest queue; its summary is compared, never sent."""
+
+    __tablename__ = "shadow_jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    #: The shadow model's configured name (a ``[[models]]`` name).
+    model: Mapped[str] = mapped_column(String(64))
+    state: Mapped[ShadowState] = mapped_column(_enum(ShadowState), default=ShadowState.QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    #: The analysis summary, as a live job's (acwi_node.tasks.analyse.summarise).
+    summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    __table_args__ = (
+        UniqueConstraint("job_id", "model", name="uq_shadow_job_model"),
+        Index("ix_shadow_jobs_state", "state"),
+    )

@@ -51,6 +51,7 @@ from acwi_node.ledger.models import (
     Result,
     ReviewItem,
     ReviewState,
+    ShadowJob,
     Study,
     StudyState,
     Verdict,
@@ -1018,11 +1019,13 @@ class Ledger:
         hl7_result_control_id: str | None = None,
         takes: DeliveryFilter | None = None,
         quality_sample: bool = False,
+        shadow_models: Sequence[str] = (),
     ) -> bool:
         """Record a job's result objects, its outbox rows (one per destination that ``takes``
         the object's kind; all without it) and its review item: for a job that
         ``needs_review``, or (``quality_sample``) a quality-control sample of the confident
-        ones, marked as such.
+        ones, marked as such; and a queued shadow job per ``shadow_models`` (the route's
+        shadow models, :class:`acwi_node.ledger.shadow.ShadowJobs`), once.
 
         With ``hl7_result_control_id`` (a RIS is configured), the job's result ORU is promised
         in the same transaction: an outbox row with that MSH-10 and no message yet, which
@@ -1068,6 +1071,12 @@ class Ledger:
                             sampled=not needs_review,
                         )
                     )
+            known = set(s.scalars(select(ShadowJob.model).where(ShadowJob.job_id == job_id)))
+            s.add_all(
+                ShadowJob(job_id=job_id, model=m, created_at=now)
+                for m in shadow_models
+                if m not in known
+            )
             self._sync_study(s, job.study_id)
             return True
 

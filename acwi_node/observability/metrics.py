@@ -265,14 +265,14 @@ class LedgerCollector(Collector):
                 yield from self._traffic()
             except Exception as exc:
                 log.warning("metrics: the studies arriving could not be read: %s", exc)
-        from acwi_node.tasks.app import ANALYSIS_QUEUE, HIGH_PRIORITY_QUEUE
+        from acwi_node.tasks.app import WORKER_QUEUES
 
         broker = GaugeMetricFamily(
             "acwi_broker_queue_length",
             "Messages waiting on the broker's analysis queues",
             labels=["queue"],
         )
-        for queue in (ANALYSIS_QUEUE, HIGH_PRIORITY_QUEUE):
+        for queue in WORKER_QUEUES:
             depth = broker_queue_length(self.settings, queue)
             if depth is not None:
                 broker.add_metric([queue], depth)

@@ -309,6 +309,8 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
             # should this process die first).
             hl7_result_control_id=result_control_id,
             takes=settings.destination_takes,  # [[destinations]] results
+            # the route's shadow models analyse the study next, on the lowest queue
+            shadow_models=route.shadow_models if route is not None else (),
         )
     except NothingToAnalyse as exc:
         count_not_analysed(job.model, exc.skipped)
@@ -330,6 +332,8 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
         return "superseded"
     if files:
         wake_exporter(settings.data_dir)  # the results are due: sent now, not at its next poll
+    if route is not None and route.shadow_models:
+        _enqueue_shadow(ledger, job_id)
     log.info(
         "job %d: analysed %d image(s), predicted=%s review=%s",
         job_id,
@@ -342,6 +346,17 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
 
         queue_result_safely(settings, ledger, job_id)
     return "analysed"
+
+
+def _enqueue_shadow(ledger: Ledger, job_id: int) -> None:
+    """Ring for the job's shadow jobs (the reconciler does should this fail)."""
+    from acwi_node.ledger.shadow import ShadowJobs
+    from acwi_node.tasks.queue import enqueue_shadow
+
+    try:
+        enqueue_shadow(app, ledger, ShadowJobs(ledger).of_job(job_id))
+    except Exception as exc:
+        log.warning("job %d: shadow jobs not enqueued (the reconciler will): %s", job_id, exc)
 
 
 def _superseded_meanwhile(job_id: int, exc: Exception) -> str:

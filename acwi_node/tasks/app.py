@@ -19,6 +19,11 @@ ANALYSE_TASK = "acwi_node.analyse"
 ANALYSIS_QUEUE = "analysis"
 #: STAT work (an HL7 order with priority S); workers consume it before ANALYSIS_QUEUE.
 HIGH_PRIORITY_QUEUE = "analysis.high"
+#: Shadow models' analyses (``[[routes]] shadow_models``): consumed after the other two.
+SHADOW_TASK = "acwi_node.shadow"
+SHADOW_QUEUE = "analysis.shadow"
+#: The queues a worker consumes, in the order it polls them.
+WORKER_QUEUES = (HIGH_PRIORITY_QUEUE, ANALYSIS_QUEUE, SHADOW_QUEUE)
 
 app = Celery("acwi_node")
 
@@ -33,7 +38,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_default_queue": ANALYSIS_QUEUE,
-        "task_routes": {ANALYSE_TASK: {"queue": ANALYSIS_QUEUE}},
+        "task_routes": {
+            ANALYSE_TASK: {"queue": ANALYSIS_QUEUE},
+            SHADOW_TASK: {"queue": SHADOW_QUEUE},
+        },
         "task_serializer": "json",
         "accept_content": ["json"],
         "worker_hijack_root_logger": False,
@@ -83,7 +91,7 @@ def configure(settings: Settings, *, register_tasks: bool = True) -> Celery:
     app.conf.update(celery_config(settings))
     if not register_tasks:
         return app
-    from acwi_node.tasks import analyse  # noqa: F401  (registers the task)
+    from acwi_node.tasks import analyse, shadow  # noqa: F401  (registers the tasks)
 
     analyse.bind_settings(settings)
     return app

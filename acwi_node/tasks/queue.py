@@ -9,8 +9,15 @@ from celery import Celery
 
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.repository import STAT_PRIORITY
+from acwi_node.ledger.shadow import ShadowJobs
 from acwi_node.observability import metrics
-from acwi_node.tasks.app import ANALYSE_TASK, ANALYSIS_QUEUE, HIGH_PRIORITY_QUEUE
+from acwi_node.tasks.app import (
+    ANALYSE_TASK,
+    ANALYSIS_QUEUE,
+    HIGH_PRIORITY_QUEUE,
+    SHADOW_QUEUE,
+    SHADOW_TASK,
+)
 
 log = logging.getLogger("acwi_node.queue")
 
@@ -45,6 +52,21 @@ def enqueue(
     return len(sent)
 
 
+def enqueue_shadow(celery: Celery, ledger: Ledger, shadow_ids: Sequence[int]) -> int:
+    """Send one message per shadow job to the shadow queue; returns how many were sent (a
+    broker that is down is logged: the reconciler sends them later)."""
+    sent: list[int] = []
+    for shadow_id in shadow_ids:
+        try:
+            celery.send_task(SHADOW_TASK, args=[shadow_id], queue=SHADOW_QUEUE)
+            sent.append(shadow_id)
+        except Exception as exc:
+            log.error("shadow job %d: broker unavailable, will retry: %s", shadow_id, exc)
+    if sent:
+        ShadowJobs(ledger).mark_enqueued(sent)
+    return len(sent)
+
+
 def reconcile(
     celery: Celery,
     ledger: Ledger,
@@ -66,5 +88,11 @@ def reconcile(
     if ids:
         log.info("reconciler: re-enqueueing %d job(s)", len(ids))
     sent = enqueue(celery, ledger, ids)
+    shadow_ids = ShadowJobs(ledger).to_requeue(
+        older_than_s=requeue_after_s, lease_s=lease_s, startup=startup
+    )
+    if shadow_ids:
+        log.info("reconciler: re-enqueueing %d shadow job(s)", len(shadow_ids))
+        sent += enqueue_shadow(celery, ledger, shadow_ids)
     metrics.RECONCILER_REQUEUED.labels("startup" if startup else "periodic").inc(sent)
     return sent

@@ -116,6 +116,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     from acwi_node.ledger import Ledger
     from acwi_node.monitoring import pinning
     from acwi_node.monitoring.report import BaselineRefused, ModelMonitor
+    from acwi_node.monitoring.shadow import ShadowComparison, format_shadow
     from acwi_node.monitoring.traffic import format_traffic, traffic_monitor
 
     cfg = settings.monitoring
@@ -146,17 +147,24 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             print("acwi-node monitor: --days must be 1 to 365, --weeks 0 to 52", file=sys.stderr)
             return 2
         reports = monitor.report(model=args.model, days=days, weeks=args.weeks)
-        # studies arriving: of the whole node, so not with --model
+        # studies arriving and shadow models: of the whole node, so not with --model
         traffic = None if args.model else traffic_monitor(settings, ledger).report()
+        comparison = ShadowComparison(ledger)
+        shadows = [] if args.model else comparison.report(days=days)
+        unfinished = [] if args.model else comparison.unfinished(days=days)
         if args.json:
             out: dict[str, Any] = {"days": days, "models": [r.as_json() for r in reports]}
             if traffic is not None:
                 out["traffic"] = traffic.as_json()
+                out["shadow"] = [r.as_json() for r in shadows]
+                out["shadow_unfinished"] = unfinished
             print(json.dumps(out, indent=2))
         else:
             print(format_reports(reports, days=days, target=cfg.baseline_studies))
             if traffic is not None:
                 print(format_traffic(traffic))
+            if shadows or unfinished:
+                print(format_shadow(shadows, unfinished, days=days))
         shifted = any(r.status is Status.SHIFTED for r in reports)
         return 1 if shifted or (traffic and traffic.status is Status.SHIFTED) else 0
     finally:

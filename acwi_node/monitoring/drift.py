@@ -203,3 +203,14 @@ def drop_status(
     if p < p_watch:
         return expected, p, Status.WATCH
     return expected, p, Status.STABLE
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value of paired decisions that differ ``b`` times one way
+    and ``c`` times the other: how likely a split as uneven is between two equally good
+    raters (a binomial test of ``min(b, c)`` in ``b + c`` at one half)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n  # exact integers
+    return min(1.0, 2.0 * tail)

@@ -56,6 +56,7 @@ from acwi_node.ledger.models import utcnow
 from acwi_node.ledger.retrievals import QUERY_KEYS, Retrievals
 from acwi_node.monitoring import pinning
 from acwi_node.monitoring.report import BaselineRefused, ModelMonitor
+from acwi_node.monitoring.shadow import ShadowComparison
 from acwi_node.monitoring.traffic import traffic_monitor
 from acwi_node.observability import metrics
 from acwi_node.results.heatmap import Window, render_grey
@@ -604,6 +605,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
 
     monitor = ModelMonitor(ledger, settings.monitoring)
     arrivals = traffic_monitor(settings, ledger)
+    shadow_comparison = ShadowComparison(ledger)
 
     def _dashboard(
         request: Request, days: int = 14, *, notice: str = "", error: str = "", status: int = 200
@@ -643,6 +645,8 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             status_code=status,
             reports=monitor.report(weeks=8),
             traffic=arrivals.report(),
+            shadows=[r.as_json() for r in shadow_comparison.report(days=cfg.window_days)],
+            shadow_unfinished=shadow_comparison.unfinished(days=cfg.window_days),
             cfg=cfg,
             notice=notice,
             error=error,

@@ -12,6 +12,7 @@ from acwi_node.config import Settings
 from acwi_node.ledger import Ledger
 from acwi_node.monitoring import pinning
 from acwi_node.monitoring.report import BaselineRefused, ModelMonitor
+from acwi_node.monitoring.shadow import ShadowComparison
 from acwi_node.monitoring.traffic import traffic_monitor
 from acwi_node.web.guards import admin_json_request, admin_user
 
@@ -30,6 +31,7 @@ def monitoring_router(settings: Settings, db: Ledger) -> APIRouter:
     router = APIRouter()
     monitor = ModelMonitor(db, settings.monitoring)
     arrivals = traffic_monitor(settings, db)
+    shadows = ShadowComparison(db)
 
     @router.get("/api/monitoring")
     def monitoring(
@@ -44,12 +46,17 @@ def monitoring_router(settings: Settings, db: Ledger) -> APIRouter:
         (``stable``, ``watch``, ``shifted``, ``too_few``); with ``weeks``, the windows before.
         Without ``model``, ``traffic`` too: the studies of the last ``monitoring.traffic_hours``
         hours, of all, from each source and for each route, against the same hours of the
-        weeks before (``shifted``: they dropped)."""
+        weeks before (``shifted``: they dropped); ``shadow``, each route's shadow model
+        versions beside its live one over the ``days`` (agreement, review rates, right
+        answers on the radiologists' verdicts), and ``shadow_unfinished``, the shadow
+        analyses that failed or wait."""
         days = days or settings.monitoring.window_days
         reports = monitor.report(model=model, days=days, weeks=weeks)
         out: dict[str, Any] = {"days": days, "models": [r.as_json() for r in reports]}
         if model is None:  # of the whole node
             out["traffic"] = arrivals.report().as_json()
+            out["shadow"] = [r.as_json() for r in shadows.report(days=days)]
+            out["shadow_unfinished"] = shadows.unfinished(days=days)
         return out
 
     @router.put(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +53,12 @@ def review_settings(
     pacs_port: int = 11199,
     model_manifest: Path | None = None,
     review: dict[str, Any] | None = None,
+    extra_models: Sequence[dict[str, Any]] = (),
     **extra: Any,
 ) -> Settings:
     """Settings of a node in ``tmp_path`` whose route runs :func:`review_model` (or
-    ``model_manifest``) and sends to one destination; ``review`` adds ``[review]`` keys."""
+    ``model_manifest``) and sends to one destination; ``review`` adds ``[review]`` keys,
+    ``extra_models`` more ``[[models]]``."""
     node: dict[str, Any] = {"data_dir": tmp_path / "data"}
     if database_url:
         node["database_url"] = database_url
@@ -64,7 +67,10 @@ def review_settings(
         node=node,
         ingest={"fsync": False},
         worker={"mc_samples": 4, "torch_threads": 2, "engine": "pytorch"},
-        models=[{"name": MODEL, "manifest": model_manifest or review_model(tmp_path)}],
+        models=[
+            {"name": MODEL, "manifest": model_manifest or review_model(tmp_path)},
+            *extra_models,
+        ],
         destinations=[
             {"name": DESTINATION, "ae_title": pacs_ae, "host": "127.0.0.1", "port": pacs_port}
         ],

@@ -41,6 +41,8 @@ from acwi_node.ledger.models import (
     Result,
     ReviewItem,
     ReviewState,
+    ShadowJob,
+    ShadowState,
     Study,
     StudyState,
     Verdict,
@@ -305,6 +307,11 @@ class LedgerCollector(Collector):
             jobs = s.execute(
                 select(Job.state, Job.model, func.count()).group_by(Job.state, Job.model)
             ).all()
+            shadow_jobs = s.execute(
+                select(ShadowJob.state, ShadowJob.model, func.count()).group_by(
+                    ShadowJob.state, ShadowJob.model
+                )
+            ).all()
             deliveries = s.execute(
                 select(Delivery.destination, Delivery.state, func.count()).group_by(
                     Delivery.destination, Delivery.state
@@ -370,6 +377,14 @@ class LedgerCollector(Collector):
         )
         for job_state, model, n in jobs:
             g.add_metric([JobState(job_state).value, model], n)
+        out.append(g)
+        g = GaugeMetricFamily(
+            "acwi_shadow_jobs",
+            "Shadow models' analyses ([[routes]] shadow_models) by state and model",
+            labels=["state", "model"],
+        )
+        for shadow_state, model, n in shadow_jobs:
+            g.add_metric([ShadowState(shadow_state).value, model], n)
         out.append(g)
         g = GaugeMetricFamily(
             "acwi_jobs_queued", "Jobs queued in the ledger and not yet started (all models)"

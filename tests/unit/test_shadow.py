@@ -300,7 +300,7 @@ def _live_job(db: Ledger, uid: str = "2.25.1") -> int:
         return job.id
 
 
-def test_the_ledgers_shadow_jobs_on_sqlite_and_postgresql(db: Ledger) -> None:
+def test_the_ledgers_shadow_jobs_on_sqlite_and_postgresql(db: Ledger, tmp_path: Path) -> None:
     """Queued with the live job's results (once, however often they are recorded), claimed
     once, with a lease that runs out; compared with the live job's summary."""
     from tests.support.monitoring_jobs import summary
@@ -338,6 +338,13 @@ def test_the_ledgers_shadow_jobs_on_sqlite_and_postgresql(db: Ledger) -> None:
     assert (report.live_review_rate, report.shadow_review_rate) == (1.0, 0.0)
     (row,) = ShadowComparison(db).unfinished()
     assert (row["model"], row["failed"], row["pending"]) == ("cxr-other", 1, 0)
+    # the metrics count them by state and model
+    from acwi_node.observability.metrics import ledger_registry
+
+    registry = ledger_registry(load_settings(None, node={"data_dir": tmp_path}), db)
+    for model, state in (("cxr-next", "done"), ("cxr-other", "failed")):
+        labels = {"state": state, "model": model}
+        assert registry.get_sample_value("acwi_shadow_jobs", labels) == 1
 
 
 def test_where_people_read_the_comparison(

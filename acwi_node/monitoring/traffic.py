@@ -184,7 +184,7 @@ class TrafficMonitor:
             return wall.replace(tzinfo=zone).astimezone(dt.timezone.utc).replace(tzinfo=None)
 
         slots: dict[int, list[Counter[tuple[FlowKind, str]]]] = {}
-        for hours in cfg.traffic_hours:
+        for hours in sorted(cfg.traffic_hours):  # the shortest first: it tells soonest
             span = dt.timedelta(hours=hours)
             slots[hours] = []
             for week in range(cfg.traffic_weeks + 1):

@@ -164,7 +164,8 @@ def test_a_quiet_source_is_told_by_the_day_not_the_hours(db: Ledger) -> None:
     for week in range(1, 5):
         for hour in (1, 5, 9, 13, 17, 21, 23):  # seven studies a day, spread out
             arrivals.add(NOW - WEEK * week - dt.timedelta(hours=hour), "US3")
-    report = TrafficMonitor(db, MonitoringSettings()).report(NOW)
+    # the horizons in any order: the shortest first
+    report = TrafficMonitor(db, MonitoringSettings(traffic_hours=[24, 2])).report(NOW)
     us3 = _flow(report.flows, "source", "US3")
     hours2, day = us3.windows
     assert (hours2.hours, hours2.history, hours2.status) == (2, (1, 1, 1, 1), Status.STABLE)

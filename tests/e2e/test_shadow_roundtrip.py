@@ -6,7 +6,6 @@ the two."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -16,11 +15,11 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from acwi_node.inference.manifest import default_model_dir
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import ShadowJob, ShadowState
 from models.data.synth import write_study
 from tests.e2e.test_study_roundtrip import check_results, node_config, orthanc, send_study
+from tests.support.model_variant import model_variant
 from tests.support.node import NodeProcesses, wait_port, wait_study_state, write_config
 from tests.support.orthanc import OrthancServer
 
@@ -30,12 +29,8 @@ __all__ = ["orthanc"]  # the fixture
 
 def test_a_shadow_model_analyses_and_sends_nothing(tmp_path: Path, orthanc: OrthancServer) -> None:
     cfg = node_config(tmp_path, orthanc)
-    challenger = tmp_path / "challenger"
-    shutil.copytree(default_model_dir(), challenger)
-    manifest = json.loads((challenger / "manifest.json").read_text())
-    manifest["version"] = "1.2.0-rc1"
-    (challenger / "manifest.json").write_text(json.dumps(manifest))
-    cfg["models"] = [{"name": "challenger", "manifest": str(challenger / "manifest.json")}]
+    challenger = model_variant(tmp_path / "challenger", version="1.2.0-rc1")
+    cfg["models"] = [{"name": "challenger", "manifest": str(challenger)}]
     cfg["routes"][0]["shadow_models"] = ["challenger"]
     config = write_config(tmp_path / "acwi.toml", cfg)
     study_uid = generate_uid()

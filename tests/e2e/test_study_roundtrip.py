@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -20,13 +19,13 @@ import redis
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from acwi_node.inference.manifest import default_model_dir
 from acwi_node.ledger import Ledger
 from acwi_node.results.sr import summarise_sr
 from models.data.synth import write_ct_series, write_enhanced_ct, write_study
 from tests.conftest import REDIS_URL
 from tests.support.dciodvfy import dciodvfy_errors
 from tests.support.dcmtk import storescu
+from tests.support.model_variant import model_variant
 from tests.support.node import (
     NodeProcesses,
     add_api_user,
@@ -435,13 +434,10 @@ def test_a_delivered_study_leaves_the_node_disk_after_keep_hours(
     cfg["retention"] = {"keep_hours": 3 / 3600, "interval_s": 0.5}
     # A model whose thresholds keep every study off the review worklist (an open item keeps
     # its study's files).
-    model = tmp_path / "confident-model"
-    shutil.copytree(default_model_dir(), model)
-    manifest = json.loads((model / "manifest.json").read_text())
-    manifest["uncertainty_threshold"] = 1.0
-    manifest["ood"]["threshold"] = 1e9
-    (model / "manifest.json").write_text(json.dumps(manifest))
-    cfg["models"] = [{"name": "confident", "manifest": str(model / "manifest.json")}]
+    model = model_variant(
+        tmp_path / "confident-model", uncertainty_threshold=1.0, ood_threshold=1e9
+    )
+    cfg["models"] = [{"name": "confident", "manifest": str(model)}]
     cfg["routes"][0]["model"] = "confident"
     config = write_config(tmp_path / "acwi.toml", cfg)
     study_uid = generate_uid()

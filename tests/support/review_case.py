@@ -8,9 +8,7 @@ job routed to one destination and runs the real analyse task (SR and heatmaps wr
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,13 +17,13 @@ import pydicom
 from fastapi.testclient import TestClient
 
 from acwi_node.config import Settings, load_settings
-from acwi_node.inference.manifest import default_model_dir
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import InstanceRecord, Ledger, RoutedJob
 from acwi_node.review import auth
 from acwi_node.review.store import ReviewStore
 from acwi_node.tasks.analyse import run_job
 from models.data.synth import write_study
+from tests.support.model_variant import model_variant
 
 MODEL = "review-model"
 ROUTE = "review-route"
@@ -37,11 +35,7 @@ def review_model(root: Path) -> Path:
     """A copy of the bundled model that sends every study to review."""
     target = root / "review-model"
     if not target.exists():
-        shutil.copytree(default_model_dir(), target)
-        manifest = json.loads((target / "manifest.json").read_text())
-        manifest["uncertainty_threshold"] = 1e-9
-        manifest["ood"]["threshold"] = 1e-9
-        (target / "manifest.json").write_text(json.dumps(manifest))
+        model_variant(target, uncertainty_threshold=1e-9, ood_threshold=1e-9)
     return target / "manifest.json"
 
 

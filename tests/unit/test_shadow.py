@@ -5,7 +5,6 @@ comparison's statistics."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,6 @@ import pytest
 from sqlalchemy import func, select
 
 from acwi_node.config import load_settings
-from acwi_node.inference.manifest import default_model_dir
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import (
     Delivery,
@@ -38,6 +36,7 @@ from acwi_node.monitoring.shadow import (
 from acwi_node.tasks import analyse, shadow
 from acwi_node.tasks.queue import enqueue_shadow, reconcile
 from models.data.synth import write_study
+from tests.support.model_variant import model_variant
 from tests.support.review_case import (
     DESTINATION,
     MODEL,
@@ -104,14 +103,9 @@ def test_a_comparison_counts_agreement_reviews_and_right_answers() -> None:
 # ---------------------------------------------------------------------------- the node
 def _challenger(root: Path, *, version: str = "1.2.0-rc1") -> Path:
     """The bundled model as a new version that sends nothing to review."""
-    target = root / "challenger"
-    shutil.copytree(default_model_dir(), target)
-    manifest = json.loads((target / "manifest.json").read_text())
-    manifest["version"] = version
-    manifest["uncertainty_threshold"] = 1.0
-    manifest["ood"]["threshold"] = 1e9
-    (target / "manifest.json").write_text(json.dumps(manifest))
-    return target / "manifest.json"
+    return model_variant(
+        root / "challenger", version=version, uncertainty_threshold=1.0, ood_threshold=1e9
+    )
 
 
 def _settings(tmp_path: Path, **extra: Any) -> Any:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from celery import Celery
 
@@ -38,30 +38,34 @@ def enqueue(
     A broker that is down is logged, not raised: the job stays queued in the ledger and the
     reconciler sends it again later.
     """
-    sent: list[int] = []
     priorities = ledger.job_priorities(job_ids) if queue is None and job_ids else {}
-    for job_id in job_ids:
-        target = queue or queue_for(priorities.get(job_id, 0))
-        try:
-            celery.send_task(ANALYSE_TASK, args=[job_id], queue=target)
-            sent.append(job_id)
-        except Exception as exc:
-            log.error("job %d: broker unavailable, will retry from the ledger: %s", job_id, exc)
+    sent = _ring(
+        celery, ANALYSE_TASK, job_ids, lambda i: queue or queue_for(priorities.get(i, 0)), "job"
+    )
     if sent:
         ledger.mark_enqueued(sent)
     return len(sent)
 
 
+def _ring(
+    celery: Celery, task: str, ids: Sequence[int], queue_of: Callable[[int], str], what: str
+) -> list[int]:
+    """Send ``task`` once per id to its queue; returns the ids sent (a broker that is down is
+    logged: the ledger keeps them, the reconciler sends them again)."""
+    sent: list[int] = []
+    for i in ids:
+        try:
+            celery.send_task(task, args=[i], queue=queue_of(i))
+            sent.append(i)
+        except Exception as exc:
+            log.error("%s %d: broker unavailable, will retry from the ledger: %s", what, i, exc)
+    return sent
+
+
 def enqueue_shadow(celery: Celery, ledger: Ledger, shadow_ids: Sequence[int]) -> int:
     """Send one message per shadow job to the shadow queue; returns how many were sent (a
     broker that is down is logged: the reconciler sends them later)."""
-    sent: list[int] = []
-    for shadow_id in shadow_ids:
-        try:
-            celery.send_task(SHADOW_TASK, args=[shadow_id], queue=SHADOW_QUEUE)
-            sent.append(shadow_id)
-        except Exception as exc:
-            log.error("shadow job %d: broker unavailable, will retry: %s", shadow_id, exc)
+    sent = _ring(celery, SHADOW_TASK, shadow_ids, lambda _i: SHADOW_QUEUE, "shadow job")
     if sent:
         ShadowJobs(ledger).mark_enqueued(sent)
     return len(sent)

@@ -100,7 +100,10 @@ def format_reports(reports: list[ModelReport], *, days: int, target: int) -> str
             out.append("  where the recent studies came from (site, equipment):")
             for g in r.by_source:
                 where = f"{g['site']}, {g['equipment']}"
-                out.append(f"    {where}: {g['studies']} studies, {_rates(g)}")
+                reading = g.get("status", "")
+                if g.get("moved"):
+                    reading += f" ({', '.join(g['moved'])})"
+                out.append(f"    {where}: {g['studies']} studies, {_rates(g)}: {reading}")
         if r.trend:
             out.append("  windows before (newest first):")
             for w in r.trend:

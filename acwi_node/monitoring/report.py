@@ -213,14 +213,17 @@ class SignalResult:
 
 
 def compare(
-    baseline: Sequence[Sample], recent: Sequence[Sample], cfg: MonitoringSettings
+    baseline: Sequence[Sample],
+    recent: Sequence[Sample],
+    cfg: MonitoringSettings,
+    signals: Sequence[Signal] = SIGNALS,
 ) -> list[SignalResult]:
-    """Every signal of :data:`SIGNALS`, recent against baseline."""
+    """Every signal of ``signals`` (:data:`SIGNALS`), recent against baseline."""
     out: list[SignalResult] = []
     enough = len(baseline) >= cfg.min_studies and len(recent) >= cfg.min_studies
     levels = {"p_watch": cfg.p_watch, "p_shift": cfg.p_shift}
     psi_levels = {"watch": cfg.psi_watch, "shift": cfg.psi_shift, **levels}
-    for sig in SIGNALS:
+    for sig in signals:
         statistic: float | None = None
         p: float | None = None
         status = Status.TOO_FEW
@@ -303,17 +306,33 @@ def figures(samples: Sequence[Sample]) -> dict[str, Any]:
     }
 
 
-def breakdown(samples: Sequence[Sample]) -> list[dict[str, Any]]:
+#: What a group of one site and one kind of equipment is compared by: what the model sees and
+#: says (its site and equipment are the group's own, so always "shifted" against a baseline
+#: of several).
+GROUP_SIGNALS = tuple(s for s in SIGNALS if s.name not in ("site", "equipment"))
+
+
+def breakdown(
+    samples: Sequence[Sample],
+    baseline: Sequence[Sample] = (),
+    cfg: MonitoringSettings | None = None,
+) -> list[dict[str, Any]]:
     """The recent studies by site and equipment, the largest group first: where a shift
-    comes from (a new scanner at one site, one site's studies out of distribution)."""
+    comes from (a new scanner at one site, one site's studies out of distribution). With
+    ``cfg``, each group's own reading against the whole baseline (:data:`GROUP_SIGNALS`;
+    ``too_few`` under ``min_studies``) and the signals that moved."""
     groups: dict[tuple[str, str], list[Sample]] = {}
     for sample in samples:
         key = (sample.site, ", ".join(sample.equipment) or "-")
         groups.setdefault(key, []).append(sample)
-    rows = [
-        {"site": site, "equipment": equipment, **figures(group)}
-        for (site, equipment), group in groups.items()
-    ]
+    rows = []
+    for (site, equipment), group in groups.items():
+        row: dict[str, Any] = {"site": site, "equipment": equipment, **figures(group)}
+        if cfg is not None:
+            results = compare(baseline, group, cfg, GROUP_SIGNALS)
+            row["status"] = worst(results).value
+            row["moved"] = [r.signal for r in results if r.status in (Status.WATCH, Status.SHIFTED)]
+        rows.append(row)
     return sorted(rows, key=lambda r: (-r["studies"], r["site"], r["equipment"]))
 
 
@@ -564,7 +583,7 @@ class ModelMonitor:
                     signals=signals,
                     trend=trend,
                     baseline_figures=figures(base_samples),
-                    by_source=breakdown(recent),
+                    by_source=breakdown(recent, base_samples, self.cfg),
                 )
             )
         return reports

@@ -168,6 +168,12 @@ def test_a_new_scanner_and_its_uncertain_images_read_shifted(
         "Vantage Diagnostics VD-CR 12", 30, 1.0,
     )  # fmt: skip
     assert usual["ood_rate"] == 0.0 and new["median_ood_score"] > 2.0 > usual["median_ood_score"]
+    # each group read against the baseline: the usual scanner's studies as before, the new
+    # one's shifted on what the model says of them (its site and equipment are not read)
+    assert (usual["status"], usual["moved"]) == ("stable", [])
+    assert new["status"] == "shifted"
+    assert set(new["moved"]) >= {"review_rate", "ood_rate", "ood_score"}
+    assert not {"site", "equipment"} & set(new["moved"])
     assert report.baseline_figures["studies"] == 100
     assert report.baseline_figures["ood_rate"] == 0.0
 

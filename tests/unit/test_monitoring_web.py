@@ -55,7 +55,10 @@ def test_monitor_command_reads_shifted_and_exits_1(
     assert out.startswith("dianet-cxr 1.0.0: SHIFTED")
     assert "baseline: its first 100 studies" in out
     assert re.search(r"equipment\s+Northwind Imaging NW-DR 500 100%\s+.*VD-CR 12 33%.*shifted", out)
-    assert re.search(r"SITEA, Vantage Diagnostics VD-CR 12: 30 studies, .*OOD 100\.0%", out)
+    assert re.search(
+        r"SITEA, Vantage Diagnostics VD-CR 12: 30 studies, .*OOD 100\.0%: shifted \(.*ood_rate", out
+    )
+    assert re.search(r"SITEA, Northwind Imaging NW-DR 500: 60 studies, .*: stable$", out, re.M)
     assert main(["--config", str(config), "monitor", "--json", "--weeks", "1"]) == 1
     body = json.loads(capsys.readouterr().out)
     (model,) = body["models"]
@@ -124,6 +127,7 @@ def test_monitoring_api_and_page(ledger_node: tuple[Settings, Ledger]) -> None:
         assert 'class="status status-shifted">shifted</span>' in text
         assert re.search(r'signal-equipment status-shifted">.*VD-CR 12 33%', text)
         assert re.search(r"<td>SITEA</td><td>Vantage Diagnostics VD-CR 12</td><td>30</td>", text)
+        assert re.search(r'status-shifted">shifted \(review_rate, ood_rate, ', text)
         assert [g["studies"] for g in model["by_source"]] == [60, 30]
         assert "Pin the baseline" not in text  # a radiologist reads; administrators pin
         dashboard = client.get("/review/dashboard").text

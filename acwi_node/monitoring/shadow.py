@@ -21,14 +21,17 @@ from __future__ import annotations
 import datetime as dt
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, select
+from sqlalchemy import and_, func, select
 
 from acwi_node.ledger import Ledger
-from acwi_node.ledger.models import Job, JobState, ShadowJob, ShadowState, Verdict, utcnow
+from acwi_node.ledger.models import Job, JobState, ShadowJob, ShadowState, Study, Verdict, utcnow
 from acwi_node.monitoring.drift import mcnemar_p
+
+#: The latest disagreements a report lists.
+DISAGREEMENTS = 20
 
 #: A radiologist's verdicts that say what the study shows (escalate does not).
 FINAL_ACTIONS = ("confirm", "override")
@@ -49,33 +52,18 @@ class Pair:
     shadow_review: bool
     #: The radiologist's final label of the live job's case; "" when none.
     truth: str
+    study_uid: str = ""
 
 
-def _version(summary: dict[str, Any], fallback: str) -> tuple[str, str]:
-    model = summary.get("model") or {}
-    return str(model.get("name") or fallback), str(model.get("version") or "")
-
-
-def pair_of(
-    route: str, live_model: str, live: dict[str, Any], shadow_model: str, shadow: dict[str, Any],
-    truth: str,
-) -> Pair | None:  # fmt: skip
-    """The pair of two summaries; None where either analysed nothing."""
-    if not live.get("probabilities") or not shadow.get("probabilities"):
-        return None
-    live_label = str(live.get("predicted_label", ""))
-    shadow_label = str(shadow.get("predicted_label", ""))
-    return Pair(
-        route=route,
-        live=_version(live, live_model),
-        shadow=_version(shadow, shadow_model),
-        live_label=live_label,
-        shadow_label=shadow_label,
-        live_finding=live_label in set(live.get("finding_labels") or []),
-        shadow_finding=shadow_label in set(shadow.get("finding_labels") or []),
-        live_review=bool(live.get("needs_review")),
-        shadow_review=bool(shadow.get("needs_review")),
-        truth=truth,
+def _picked(job_model: Any, summary: Any) -> tuple[Any, ...]:
+    """The few fields of a summary a pair needs, picked out by the database (a CT's summary
+    lists hundreds of images, never read here)."""
+    return (
+        func.coalesce(summary[("model", "name")].as_string(), job_model),
+        func.coalesce(summary[("model", "version")].as_string(), ""),
+        summary["predicted_label"].as_string(),
+        summary["finding_labels"],
+        summary["needs_review"].as_boolean(),
     )
 
 
@@ -117,6 +105,9 @@ class ShadowReport:
     shadow_correct: int
     #: McNemar's p of the paired right and wrong answers.
     correct_p: float
+    #: The latest studies the two labelled differently (at most :data:`DISAGREEMENTS`):
+    #: what an ML engineer looks at next.
+    disagreements: list[dict[str, str]] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         def rate(k: int) -> float | None:
@@ -142,6 +133,7 @@ class ShadowReport:
                 "shadow_accuracy": rate(self.shadow_correct),
                 "p_value": float(f"{self.correct_p:.3g}"),
             },
+            "disagreements": self.disagreements,
         }
 
 
@@ -175,6 +167,16 @@ def compare_pairs(pairs: Sequence[Pair]) -> ShadowReport:
         live_correct=sum(p.live_label == p.truth for p in judged),
         shadow_correct=sum(p.shadow_label == p.truth for p in judged),
         correct_p=mcnemar_p(live_only, shadow_only),
+        disagreements=[
+            {
+                "study_uid": p.study_uid,
+                "live": p.live_label,
+                "shadow": p.shadow_label,
+                "verdict": p.truth,
+            }
+            for p in pairs[::-1]
+            if p.live_label != p.shadow_label
+        ][:DISAGREEMENTS],  # fmt: skip
     )
 
 
@@ -192,13 +194,13 @@ class ShadowComparison:
             rows = s.execute(
                 select(
                     Job.route,
-                    Job.model,
-                    Job.summary,
-                    ShadowJob.model,
-                    ShadowJob.summary,
+                    Study.study_uid,
+                    *_picked(Job.model, Job.summary),
+                    *_picked(ShadowJob.model, ShadowJob.summary),
                     Verdict.label,
                 )
                 .join(ShadowJob, ShadowJob.job_id == Job.id)
+                .join(Study, Job.study_id == Study.id)
                 .outerjoin(
                     Verdict,
                     and_(
@@ -215,10 +217,25 @@ class ShadowComparison:
                 .order_by(ShadowJob.id)
             ).all()
         groups: dict[tuple[str, tuple[str, str], tuple[str, str]], list[Pair]] = {}
-        for route, live_model, live, shadow_model, shadow, truth in rows:
-            pair = pair_of(route, live_model, live or {}, shadow_model, shadow or {}, truth or "")
-            if pair is not None:
-                groups.setdefault((pair.route, pair.live, pair.shadow), []).append(pair)
+        for row in rows:
+            (route, uid, l_name, l_version, l_label, l_findings, l_review,
+             s_name, s_version, s_label, s_findings, s_review, truth) = row  # fmt: skip
+            if not l_label or not s_label:
+                continue  # either analysed nothing
+            pair = Pair(
+                route=str(route),
+                live=(str(l_name), str(l_version)),
+                shadow=(str(s_name), str(s_version)),
+                live_label=str(l_label),
+                shadow_label=str(s_label),
+                live_finding=l_label in set(l_findings or []),
+                shadow_finding=s_label in set(s_findings or []),
+                live_review=bool(l_review),
+                shadow_review=bool(s_review),
+                truth=str(truth or ""),
+                study_uid=str(uid),
+            )
+            groups.setdefault((pair.route, pair.live, pair.shadow), []).append(pair)
         return [compare_pairs(pairs) for _key, pairs in sorted(groups.items())]
 
     def unfinished(self, *, days: int = 30, now: dt.datetime | None = None) -> list[dict[str, Any]]:

@@ -378,6 +378,10 @@ def test_where_people_read_the_comparison(
     assert main(["--config", str(config), "monitor", "--json"]) == 0
     (body,) = json.loads(capsys.readouterr().out)["shadow"]
     assert body["studies"] == 3 and body["verdicts"]["live_accuracy"] is None
+    # the studies to look at next
+    assert body["disagreements"] == [
+        {"study_uid": "2.25.11", "live": "normal", "shadow": "nodule", "verdict": ""}
+    ]
 
     add_user(ledger)
     app_settings = settings.model_copy(

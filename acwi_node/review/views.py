@@ -623,6 +623,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             monitoring=monitor.report(),
             monitoring_days=settings.monitoring.window_days,
             traffic=arrivals.report(),
+            shadows=shadow_comparison.report(days=settings.monitoring.window_days),
             failed=review.store.failed_studies() if user.role == "admin" else None,
             outboxes=destination_outboxes(review.store, settings) if user.role == "admin" else None,
             sources=[src.name for src in settings.sources],

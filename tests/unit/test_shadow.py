@@ -395,3 +395,8 @@ def test_where_people_read_the_comparison(
         page = client.get("/review/monitoring").text
         assert 'id="shadow"' in page
         assert "<td>dianet-cxr 2.0.0</td>" in page and "0.0% / 100.0% (0.25)" in page
+        dashboard = client.get("/review/dashboard").text
+        assert (
+            '<td id="q-shadow">dianet-cxr 2.0.0 on chest: 67% same label as dianet-cxr 1.0.0,'
+            " 3 studies</td>"
+        ) in dashboard

@@ -836,6 +836,10 @@ class NotifyTarget(_Strict):
     #: ``stopped``: far fewer studies than usual came from a source or reached a route
     #: (daily while so).
     events: list[NotifyEvent] = Field(default_factory=_review_event, min_length=1)
+    #: The body's shape: ``json`` (the whole object), ``text`` (``{"text": ...}``: Slack,
+    #: Mattermost, Rocket.Chat, Google Chat), ``teams`` (an Adaptive Card message for a
+    #: Microsoft Teams workflow webhook); acwi_node/notify/formats.py.
+    format: Literal["json", "text", "teams"] = "json"
     min_priority: int = Field(0, ge=0)
     labels: list[str] = Field(default_factory=list)
     min_probability: float = Field(0.5, ge=0.0, le=1.0)

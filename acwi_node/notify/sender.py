@@ -31,6 +31,7 @@ from acwi_node.monitoring.cache import Refreshed
 from acwi_node.monitoring.report import CachedReports, ModelMonitor
 from acwi_node.monitoring.traffic import traffic_monitor
 from acwi_node.notify.events import queue_events
+from acwi_node.notify.formats import shape
 
 log = logging.getLogger("acwi_node.notify")
 
@@ -51,9 +52,11 @@ class PostOutcome:
 
 
 def post_notification(target: NotifyTarget, payload: dict[str, Any]) -> PostOutcome:
-    """POST ``payload`` as JSON to the target's URL (through its proxy, if it has one)."""
+    """POST ``payload`` as JSON, in the target's ``format``, to its URL (through its proxy,
+    if it has one)."""
     parts = urlsplit(target.url)
-    body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+    shaped = shape(target.format, payload)
+    body = json.dumps(shaped, separators=(",", ":"), sort_keys=True).encode()
     headers = {
         "Content-Type": "application/json",
         "User-Agent": f"ACWI-Node/{__version__}",

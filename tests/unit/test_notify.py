@@ -357,3 +357,36 @@ def test_a_source_that_stopped_is_told_once_a_day(ledger_node: tuple[Settings, L
         tomorrow = now + dt.timedelta(days=1)
         assert queue_events(settings, ledger, now=tomorrow, traffic=notifier.traffic.get) == 1
         assert queue_events(settings, ledger, now=tomorrow, traffic=notifier.traffic.get) == 0
+
+
+def test_a_chat_channel_gets_the_shape_it_reads(ledger_node: tuple[Settings, Ledger]) -> None:
+    """``format``: the one-line message alone for Slack and its kind, an Adaptive Card with a
+    button to the case for a Teams workflow webhook; the ledger keeps the whole object."""
+    base, ledger = ledger_node
+    with WebhookServer() as slack, WebhookServer() as teams, WebhookServer() as pager:
+        settings = _settings(
+            base,
+            {"name": "slack", "url": slack.url, "format": "text"},
+            {"name": "teams", "url": teams.url, "format": "teams"},
+            {"name": "pager", "url": pager.url},
+        )
+        _case(settings, ledger, "1.2.5")
+        assert Notifier(settings, ledger).tick() == 3
+        whole = pager.received[0]["json"]
+        assert slack.received[0]["json"] == {"text": whole["text"]}
+        body = teams.received[0]["json"]
+        assert body["type"] == "message"
+        (attachment,) = body["attachments"]
+        assert attachment["contentType"] == "application/vnd.microsoft.card.adaptive"
+        card = attachment["content"]
+        assert card["type"] == "AdaptiveCard"
+        assert card["body"] == [{"type": "TextBlock", "text": whole["text"], "wrap": True}]
+        assert card["actions"] == [
+            {"type": "Action.OpenUrl", "title": "Open the case", "url": whole["case_url"]}
+        ]
+        assert whole["case_url"].startswith("https://ai-node.example.org/review/cases/")
+        with ledger.session() as s:
+            kept = s.scalars(select(Notification).where(Notification.target == "slack")).one()
+            assert kept.payload["event"] == "review"  # the whole object, whatever the format
+    with pytest.raises(ConfigError, match="format"):
+        _settings(base, {"name": "x", "url": "https://x/", "format": "html"})

@@ -43,6 +43,8 @@ class RouteOutcome:
     priority: int
     model: str
     destinations: list[str]
+    #: The models that analyse its studies in the shadow of ``model`` (nothing sent).
+    shadow_models: list[str] = field(default_factory=list)
     #: Why the route does not match the study; "" when it does.
     no_match: str = ""
     #: Of a matching route: how many instances its model reads, and the others' reasons.
@@ -102,6 +104,7 @@ class StudyCheck:
                     "route": r.route,
                     "priority": r.priority,
                     "model": r.model,
+                    "shadow_models": r.shadow_models,
                     "destinations": r.destinations,
                     "matches": r.matches,
                     "no_match": r.no_match,
@@ -210,6 +213,7 @@ def check_study(
             priority=route.priority,
             model=route.model,
             destinations=list(route.destinations),
+            shadow_models=list(route.shadow_models),
             heatmaps=route.results.heatmaps or settings.worker.heatmaps,
             parametric_maps=(
                 settings.worker.parametric_maps
@@ -289,6 +293,11 @@ def format_report(report: CheckReport) -> str:
                 f"{head}: matches; model {r.model} reads {r.selected} of {study.instances}"
                 f" instance(s); results ({', '.join(written)}) to"
                 f" {', '.join(r.destinations) or 'no destination'}"
+                + (
+                    f"; in its shadow (kept, not sent): {', '.join(r.shadow_models)}"
+                    if r.shadow_models
+                    else ""
+                )
             )
             if r.multi_frame:
                 lines.append(

@@ -11,6 +11,7 @@ from pydicom.uid import generate_uid
 
 from acwi_node import MANUFACTURER
 from acwi_node.cli import main
+from acwi_node.inference.manifest import default_model_dir
 from models.data.synth import write_ct_series, write_enhanced_ct, write_study
 
 CONFIG = """
@@ -21,9 +22,13 @@ name = "pacs"
 ae_title = "PACS"
 host = "127.0.0.1"
 port = 4242
+[[models]]
+name = "chest-next"
+manifest = "{manifest}"
 [[routes]]
 name = "chest"
 match = {{ modality = ["CR", "DX"], calling_ae = ["XRAY1"] }}
+shadow_models = ["chest-next"]
 destinations = ["pacs"]
 [[routes]]
 name = "ct"
@@ -64,7 +69,8 @@ def studies(tmp_path: Path) -> tuple[Path, str, str]:
         ds.StudyDate = "20240916"
         ds.save_as(path)
     config = tmp_path / "acwi.toml"
-    config.write_text(CONFIG.format(data=tmp_path / "data"))
+    manifest = default_model_dir() / "manifest.json"
+    config.write_text(CONFIG.format(data=tmp_path / "data", manifest=manifest))
     return config, ct_uid, dx_uid
 
 
@@ -103,7 +109,7 @@ def test_each_study_shows_its_routes_and_what_each_reads(
     assert f"study {dx_uid}: 2 instance(s), modalities DX" in dx_block
     assert (
         "route chest (priority 0): matches; model default reads 2 of 2 instance(s);"
-        " results (SR, heatmaps: all) to pacs"
+        " results (SR, heatmaps: all) to pacs; in its shadow (kept, not sent): chest-next"
     ) in dx_block
     assert "=> job(s): chest" in dx_block
     assert "file(s) skipped:" in out and "more (--json lists them all)" in out
@@ -141,6 +147,8 @@ def test_a_route_that_selects_nothing_is_shown_as_a_failing_job(
     assert (ct["matches"], ct["selected"], study["analysed"]) == (True, 0, False)
     assert ct["left_out"] == {"Modality CT": 5, "Modality PT": 1}
     assert study["own_results"] == 1 and study["jobs"] == ["ct"]
+    chest = next(r for r in study["routes"] if r["route"] == "chest")
+    assert (ct["shadow_models"], chest["shadow_models"]) == ([], ["chest-next"])
     assert any(p.endswith("notes.txt") for p in report["unreadable"])
     code, text = _run(capsys, config, str(tmp_path / "ct"), "--date", "2024-09-20")
     assert "its job would fail: nothing to analyse" in text

@@ -77,3 +77,29 @@ def test_broker_down_keeps_the_job_queued_in_the_ledger(tmp_path: Path) -> None:
     assert enqueue(celery, ledger, [job_id]) == 0
     assert ledger.jobs_to_requeue(older_than_s=3600, lease_s=3600) == [job_id]
     ledger.dispose()
+
+
+def test_a_worker_takes_a_live_job_before_a_shadow_job_sent_earlier(tmp_path: Path) -> None:
+    """The worker's queues, in the order it polls them (Redis BRPOP takes from the first
+    non-empty list): STAT, routine, shadow models last."""
+    from acwi_node.tasks.app import SHADOW_QUEUE, WORKER_QUEUES
+    from acwi_node.tasks.queue import enqueue_shadow
+
+    broker = f"{REDIS_URL}/{DB}"
+    client = redis.Redis.from_url(broker)
+    client.flushdb()
+    settings = load_settings(None, node={"data_dir": tmp_path, "broker_url": broker})
+    celery = configure(settings)
+    assert celery.conf.broker_transport_options["queue_order_strategy"] == "priority"
+    ledger = Ledger(settings.database_url)
+    job_id = one_job(ledger)
+    assert enqueue_shadow(celery, ledger, [41]) == 1  # first
+    assert enqueue(celery, ledger, [job_id]) == 1
+    assert client.llen(SHADOW_QUEUE) == 1
+    taken = client.brpop(list(WORKER_QUEUES), timeout=5)
+    assert taken is not None and taken[0].decode() == ANALYSIS_QUEUE
+    taken = client.brpop(list(WORKER_QUEUES), timeout=5)
+    assert taken is not None and taken[0].decode() == SHADOW_QUEUE
+    assert b"acwi_node.shadow" in taken[1]
+    client.flushdb()
+    ledger.dispose()

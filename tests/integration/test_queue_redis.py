@@ -97,9 +97,9 @@ def test_a_worker_takes_a_live_job_before_a_shadow_job_sent_earlier(tmp_path: Pa
     assert enqueue(celery, ledger, [job_id]) == 1
     assert client.llen(SHADOW_QUEUE) == 1
     taken = client.brpop(list(WORKER_QUEUES), timeout=5)
-    assert taken is not None and taken[0].decode() == ANALYSIS_QUEUE
+    assert taken is not None and taken[0] == ANALYSIS_QUEUE.encode()
     taken = client.brpop(list(WORKER_QUEUES), timeout=5)
-    assert taken is not None and taken[0].decode() == SHADOW_QUEUE
+    assert taken is not None and taken[0] == SHADOW_QUEUE.encode()
     assert b"acwi_node.shadow" in taken[1]
     client.flushdb()
     ledger.dispose()

@@ -212,7 +212,7 @@ def run_worker(settings: Settings) -> int:
         if concurrency > 1 and settings.observability.worker_port
         else None
     )
-    from acwi_node.tasks.app import WORKER_QUEUES, configure
+    from acwi_node.tasks.app import configure, worker_queues
 
     celery = configure(settings)
     # solo pool: load the models now; prefork: verify them only (no fork after loading torch).
@@ -224,7 +224,7 @@ def run_worker(settings: Settings) -> int:
         f"--loglevel={settings.node.log_level}",
         f"--concurrency={concurrency}",
         f"--pool={'solo' if concurrency == 1 else 'prefork'}",
-        f"--queues={','.join(WORKER_QUEUES)}",  # STAT first, shadow models last
+        f"--queues={','.join(worker_queues(settings))}",  # STAT first, shadow models last
         f"--hostname=acwi-worker-{os.getpid()}@{socket.gethostname()}",
         "--without-gossip",
         "--without-mingle",

@@ -227,10 +227,23 @@ class CompletionSettings(_Strict):
     release_complete_aes: list[str] = Field(default_factory=list)
 
 
+#: The work a worker takes (``worker.queues``).
+WorkerQueue = Literal["stat", "routine", "shadow"]
+
+
+def _all_queues() -> list[WorkerQueue]:
+    return ["stat", "routine", "shadow"]
+
+
 class WorkerSettings(_Strict):
     """Analysis worker."""
 
     concurrency: int = Field(1, ge=1, le=64)
+    #: The work this worker takes, always in this order of preference: ``stat`` (STAT
+    #: studies), ``routine``, ``shadow`` (the routes' shadow models). A worker given
+    #: ``["shadow"]`` alone runs the shadow models apart (another machine, its own GPU); one
+    #: without ``shadow`` never runs them.
+    queues: list[WorkerQueue] = Field(default_factory=_all_queues, min_length=1, max_length=3)
     mc_samples: int = Field(20, ge=1, le=1000)
     #: Torch intra-op threads; 0 lets torch decide.
     torch_threads: int = Field(0, ge=0)

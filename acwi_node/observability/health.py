@@ -230,16 +230,21 @@ def exporter_readiness(settings: Settings, ledger: Ledger, exporter: Any) -> Rea
 class ModelPreload:
     """The worker's models: loaded (solo pool) or verified (prefork) before it takes tasks.
 
-    The models are those the routes name (``[[routes]] model``), resolved like the analyse task
-    does (:meth:`Settings.model_manifest`). With ``load`` the analysers are put into the task's
-    cache, so the first study does not pay for it; without, each manifest is validated and its
-    weights' SHA-256 checked (a prefork pool must not fork after loading PyTorch models).
+    The models are those the routes name (``[[routes]] model``; a worker that takes only the
+    shadow queue, ``worker.queues = ["shadow"]``: their ``shadow_models``), resolved like the
+    analyse task does (:meth:`Settings.model_manifest`). With ``load`` the analysers are put
+    into the task's cache, so the first study does not pay for it; without, each manifest is
+    validated and its weights' SHA-256 checked (a prefork pool must not fork after loading
+    PyTorch models).
     """
 
     def __init__(self, settings: Settings, *, load: bool) -> None:
         self.settings = settings
         self.load = load
-        self.names = sorted({r.model for r in settings.routes})
+        if list(settings.worker.queues) == ["shadow"]:
+            self.names = sorted({m for r in settings.routes for m in r.shadow_models})
+        else:
+            self.names = sorted({r.model for r in settings.routes})
         self.status: dict[str, str] = {}
         self.failed: dict[str, str] = {}
         self.done = False

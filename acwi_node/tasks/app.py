@@ -24,6 +24,16 @@ SHADOW_TASK = "acwi_node.shadow"
 SHADOW_QUEUE = "analysis.shadow"
 #: The queues a worker consumes, in the order it polls them.
 WORKER_QUEUES = (HIGH_PRIORITY_QUEUE, ANALYSIS_QUEUE, SHADOW_QUEUE)
+#: ``worker.queues``' names of them.
+QUEUE_NAMES = {"stat": HIGH_PRIORITY_QUEUE, "routine": ANALYSIS_QUEUE, "shadow": SHADOW_QUEUE}
+
+
+def worker_queues(settings: Settings) -> list[str]:
+    """The broker queues of ``worker.queues``, in the order a worker polls them (STAT first,
+    shadow models last, whatever order the setting lists them in)."""
+    wanted = {QUEUE_NAMES[name] for name in settings.worker.queues}
+    return [q for q in WORKER_QUEUES if q in wanted]
+
 
 app = Celery("acwi_node")
 

@@ -400,3 +400,28 @@ def test_where_people_read_the_comparison(
             '<td id="q-shadow">dianet-cxr 2.0.0 on chest: 67% same label as dianet-cxr 1.0.0,'
             " 3 studies</td>"
         ) in dashboard
+
+
+def test_a_worker_may_take_the_shadow_models_alone_or_never(tmp_path: Path) -> None:
+    """``worker.queues``: the queues a worker polls, always STAT first and shadow last; a
+    shadow-only worker (another machine) makes ready with the shadow models."""
+    from acwi_node.observability.health import ModelPreload
+    from acwi_node.tasks.app import worker_queues
+
+    settings = _settings(tmp_path)
+    assert worker_queues(settings) == ["analysis.high", "analysis", "analysis.shadow"]
+    assert ModelPreload(settings, load=False).names == [MODEL]
+
+    def taking(*queues: str) -> Any:
+        worker = settings.worker.model_copy(update={"queues": list(queues)})
+        return settings.model_copy(update={"worker": worker})
+
+    apart = taking("shadow")
+    assert worker_queues(apart) == ["analysis.shadow"]
+    assert ModelPreload(apart, load=False).names == [CHALLENGER]
+    assert worker_queues(taking("routine", "stat")) == ["analysis.high", "analysis"]
+    with pytest.raises(Exception, match="queues"):
+        load_settings(None, node={"data_dir": tmp_path}, worker={"queues": ["gpu"]})
+    assert load_settings(
+        None, node={"data_dir": tmp_path}, worker={"queues": ["shadow"]}
+    ).worker.queues == ["shadow"]

@@ -29,12 +29,10 @@ from sqlalchemy import and_, func, select
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import Job, JobState, ShadowJob, ShadowState, Study, Verdict, utcnow
 from acwi_node.monitoring.drift import mcnemar_p
+from acwi_node.review.store import FINAL_ACTIONS  # the verdicts that say what a study shows
 
 #: The latest disagreements a report lists.
 DISAGREEMENTS = 20
-
-#: A radiologist's verdicts that say what the study shows (escalate does not).
-FINAL_ACTIONS = ("confirm", "override")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ comparison's statistics."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,130 +148,132 @@ def _studies(settings: Any, ledger: Ledger, tmp_path: Path, n: int) -> list[int]
     return jobs
 
 
-def test_a_shadow_model_analyses_after_the_live_one_and_nothing_of_it_leaves(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@dataclass
+class Node:
+    """A node whose route has a shadow model, its ledger, and the broker its worker rings."""
+
+    settings: Any
+    ledger: Ledger
+    bell: Bell
+
+
+@pytest.fixture
+def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Node]:
     settings = _settings(tmp_path)
     ledger = Ledger(settings.database_url)
     bell = Bell()
     monkeypatch.setattr(analyse, "app", bell)
-    try:
-        jobs = _studies(settings, ledger, tmp_path, 3)
-        for job_id in jobs:
-            assert analyse.run_job(settings, ledger, job_id) == "analysed"
-        # one shadow job per live job, queued with its results and rung on the shadow queue
-        shadows = ShadowJobs(ledger)
-        ids = [i for job_id in jobs for i in shadows.of_job(job_id)]
-        assert len(ids) == 3
-        assert bell.sent == [("acwi_node.shadow", [i], "analysis.shadow") for i in ids]
-        with ledger.session() as s:
-            live_state = {j.id: j.state for j in s.scalars(select(Job))}
-            deliveries = s.scalar(select(func.count()).select_from(Delivery))
-            items = s.scalar(select(func.count()).select_from(ReviewItem))
-            study_states = sorted(st.state.value for st in s.scalars(select(Study)))
-        for shadow_id in ids:
-            assert shadow.run_shadow(settings, ledger, shadow_id) == "analysed"
-            assert shadow.run_shadow(settings, ledger, shadow_id) == "skipped"  # done
-        with ledger.session() as s:
-            rows = s.scalars(select(ShadowJob)).all()
-            assert {r.state for r in rows} == {ShadowState.DONE}
-            assert {r.summary["model"]["version"] for r in rows} == {"1.2.0-rc1"}
-            assert {j.id: j.state for j in s.scalars(select(Job))} == live_state
-            # no result object, delivery or review item of its own; the studies as they were
-            assert s.scalar(select(func.count()).select_from(Delivery)) == deliveries
-            assert s.scalar(select(func.count()).select_from(ReviewItem)) == items == 3
-            assert sorted(st.state.value for st in s.scalars(select(Study))) == study_states
+    yield Node(settings, ledger, bell)
+    ledger.dispose()
 
-        # a radiologist's verdict on the first case: it was an effusion
-        add_user(ledger)
-        with ledger.session() as s:
-            user = s.scalars(select(User)).one()
-            item = s.scalars(select(ReviewItem).where(ReviewItem.job_id == jobs[0])).one()
-            live_label = s.get_one(Job, jobs[0]).summary["predicted_label"]
-            s.add(
-                Verdict(
-                    review_item_id=item.id,
-                    study_id=item.study_id,
-                    job_id=jobs[0],
-                    user_id=user.id,
-                    user_name=user.name,
-                    action="override",
-                    label="effusion",
-                    model_label=live_label,
-                )  # fmt: skip
-            )
-        (report,) = ShadowComparison(ledger).report()
-        assert report.route == ROUTE
-        assert report.live == ("acwi-dianet-chest", "1.1.0")
-        assert report.shadow == ("acwi-dianet-chest", "1.2.0-rc1")
-        assert report.studies == 3
-        # the same weights: the same labels; the live copy sends all to review, the new none
-        assert report.label_agreement == 1.0
-        assert (report.live_review_rate, report.shadow_review_rate) == (1.0, 0.0)
-        assert report.verdicts == 1
-        assert report.live_correct == report.shadow_correct == int(live_label == "effusion")
-        assert ShadowComparison(ledger).unfinished() == []
-    finally:
-        ledger.dispose()
+
+def test_a_shadow_model_analyses_after_the_live_one_and_nothing_of_it_leaves(
+    tmp_path: Path, node: Node
+) -> None:
+    settings, ledger, bell = node.settings, node.ledger, node.bell
+    jobs = _studies(settings, ledger, tmp_path, 3)
+    for job_id in jobs:
+        assert analyse.run_job(settings, ledger, job_id) == "analysed"
+    # one shadow job per live job, queued with its results and rung on the shadow queue
+    shadows = ShadowJobs(ledger)
+    ids = [i for job_id in jobs for i in shadows.of_job(job_id)]
+    assert len(ids) == 3
+    assert bell.sent == [("acwi_node.shadow", [i], "analysis.shadow") for i in ids]
+    with ledger.session() as s:
+        live_state = {j.id: j.state for j in s.scalars(select(Job))}
+        deliveries = s.scalar(select(func.count()).select_from(Delivery))
+        items = s.scalar(select(func.count()).select_from(ReviewItem))
+        study_states = sorted(st.state.value for st in s.scalars(select(Study)))
+    for shadow_id in ids:
+        assert shadow.run_shadow(settings, ledger, shadow_id) == "analysed"
+        assert shadow.run_shadow(settings, ledger, shadow_id) == "skipped"  # done
+    with ledger.session() as s:
+        rows = s.scalars(select(ShadowJob)).all()
+        assert {r.state for r in rows} == {ShadowState.DONE}
+        assert {r.summary["model"]["version"] for r in rows} == {"1.2.0-rc1"}
+        assert {j.id: j.state for j in s.scalars(select(Job))} == live_state
+        # no result object, delivery or review item of its own; the studies as they were
+        assert s.scalar(select(func.count()).select_from(Delivery)) == deliveries
+        assert s.scalar(select(func.count()).select_from(ReviewItem)) == items == 3
+        assert sorted(st.state.value for st in s.scalars(select(Study))) == study_states
+
+    # a radiologist's verdict on the first case: it was an effusion
+    add_user(ledger)
+    with ledger.session() as s:
+        user = s.scalars(select(User)).one()
+        item = s.scalars(select(ReviewItem).where(ReviewItem.job_id == jobs[0])).one()
+        live_label = s.get_one(Job, jobs[0]).summary["predicted_label"]
+        s.add(
+            Verdict(
+                review_item_id=item.id,
+                study_id=item.study_id,
+                job_id=jobs[0],
+                user_id=user.id,
+                user_name=user.name,
+                action="override",
+                label="effusion",
+                model_label=live_label,
+            )  # fmt: skip
+        )
+    (report,) = ShadowComparison(ledger).report()
+    assert report.route == ROUTE
+    assert report.live == ("acwi-dianet-chest", "1.1.0")
+    assert report.shadow == ("acwi-dianet-chest", "1.2.0-rc1")
+    assert report.studies == 3
+    # the same weights: the same labels; the live copy sends all to review, the new none
+    assert report.label_agreement == 1.0
+    assert (report.live_review_rate, report.shadow_review_rate) == (1.0, 0.0)
+    assert report.verdicts == 1
+    assert report.live_correct == report.shadow_correct == int(live_label == "effusion")
+    assert ShadowComparison(ledger).unfinished() == []
 
 
 def test_a_failing_shadow_model_and_a_superseded_study(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = _settings(tmp_path)
-    ledger = Ledger(settings.database_url)
-    monkeypatch.setattr(analyse, "app", Bell())
-    try:
-        first, second = _studies(settings, ledger, tmp_path, 2)
-        for job_id in (first, second):
-            assert analyse.run_job(settings, ledger, job_id) == "analysed"
-        shadows = ShadowJobs(ledger)
-        (failing,) = shadows.of_job(first)
-        (stale,) = shadows.of_job(second)
-
-        def broken(_settings: Any, name: str) -> Any:
-            raise RuntimeError(f"the manifest of {name} is unreadable")
-
-        monkeypatch.setattr(shadow, "get_analyser", broken)
-        assert shadow.run_shadow(settings, ledger, failing) == "failed"
-        (row,) = ShadowComparison(ledger).unfinished()
-        assert (row["route"], row["model"], row["failed"], row["pending"]) == (
-            ROUTE, CHALLENGER, 1, 1,
-        )  # fmt: skip
-        assert row["last_error"] == "RuntimeError: the manifest of challenger is unreadable"
-        # the second study re-opened: its shadow job is superseded with its live job
-        with ledger.session() as s:
-            s.get_one(Job, second).state = JobState.SUPERSEDED
-        assert shadow.run_shadow(settings, ledger, stale) == "skipped"
-        with ledger.session() as s:
-            assert s.get_one(ShadowJob, stale).state == ShadowState.SUPERSEDED
-        assert ShadowComparison(ledger).report() == []
-        # neither failure touched the live jobs or their studies
-        with ledger.session() as s:
-            assert s.get_one(Job, first).state != JobState.FAILED
-    finally:
-        ledger.dispose()
-
-
-def test_the_reconciler_rings_again_for_shadow_jobs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    settings = _settings(tmp_path)
-    ledger = Ledger(settings.database_url)
-    monkeypatch.setattr(analyse, "app", Bell())  # the worker's own ring is lost
-    try:
-        (job_id,) = _studies(settings, ledger, tmp_path, 1)
+    settings, ledger = node.settings, node.ledger
+    first, second = _studies(settings, ledger, tmp_path, 2)
+    for job_id in (first, second):
         assert analyse.run_job(settings, ledger, job_id) == "analysed"
-        (shadow_id,) = ShadowJobs(ledger).of_job(job_id)
-        bell = Bell()
-        assert reconcile(bell, ledger, startup=True, requeue_after_s=60, lease_s=60) == 1
-        assert bell.sent == [("acwi_node.shadow", [shadow_id], "analysis.shadow")]
-        # enqueued a moment ago: the periodic pass leaves it
-        bell.sent.clear()
-        assert reconcile(bell, ledger, startup=False, requeue_after_s=60, lease_s=60) == 0
-        assert enqueue_shadow(bell, ledger, [shadow_id]) == 1
-    finally:
-        ledger.dispose()
+    shadows = ShadowJobs(ledger)
+    (failing,) = shadows.of_job(first)
+    (stale,) = shadows.of_job(second)
+
+    def broken(_settings: Any, name: str) -> Any:
+        raise RuntimeError(f"the manifest of {name} is unreadable")
+
+    monkeypatch.setattr(shadow, "get_analyser", broken)
+    assert shadow.run_shadow(settings, ledger, failing) == "failed"
+    (row,) = ShadowComparison(ledger).unfinished()
+    assert (row["route"], row["model"], row["failed"], row["pending"]) == (
+        ROUTE, CHALLENGER, 1, 1,
+    )  # fmt: skip
+    assert row["last_error"] == "RuntimeError: the manifest of challenger is unreadable"
+    # the second study re-opened: its shadow job is superseded with its live job
+    with ledger.session() as s:
+        s.get_one(Job, second).state = JobState.SUPERSEDED
+    assert shadow.run_shadow(settings, ledger, stale) == "skipped"
+    with ledger.session() as s:
+        assert s.get_one(ShadowJob, stale).state == ShadowState.SUPERSEDED
+    assert ShadowComparison(ledger).report() == []
+    # neither failure touched the live jobs or their studies
+    with ledger.session() as s:
+        assert s.get_one(Job, first).state != JobState.FAILED
+
+
+def test_the_reconciler_rings_again_for_shadow_jobs(tmp_path: Path, node: Node) -> None:
+    # the worker's own ring is lost: a broker that only records it
+    settings, ledger = node.settings, node.ledger
+    (job_id,) = _studies(settings, ledger, tmp_path, 1)
+    assert analyse.run_job(settings, ledger, job_id) == "analysed"
+    (shadow_id,) = ShadowJobs(ledger).of_job(job_id)
+    bell = Bell()
+    assert reconcile(bell, ledger, startup=True, requeue_after_s=60, lease_s=60) == 1
+    assert bell.sent == [("acwi_node.shadow", [shadow_id], "analysis.shadow")]
+    # enqueued a moment ago: the periodic pass leaves it
+    bell.sent.clear()
+    assert reconcile(bell, ledger, startup=False, requeue_after_s=60, lease_s=60) == 0
+    assert enqueue_shadow(bell, ledger, [shadow_id]) == 1
 
 
 def test_shadow_models_are_checked_at_start_up(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from types import TracebackType
 
 from acwi_node.ledger import Ledger
@@ -17,12 +18,21 @@ log = logging.getLogger("acwi_node.worker")
 
 
 class LeaseKeeper:
-    """Renew the lease on ``job_id`` every ``interval_s`` seconds until stopped."""
+    """Renew the lease on ``job_id`` every ``interval_s`` seconds until stopped; ``renew``
+    (default the ledger's live-job lease) says False once the job is no longer claimed."""
 
-    def __init__(self, ledger: Ledger, job_id: int, interval_s: float) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        job_id: int,
+        interval_s: float,
+        *,
+        renew: Callable[[int], bool] | None = None,
+    ) -> None:
         self.ledger = ledger
         self.job_id = job_id
         self.interval_s = interval_s
+        self.renew = renew or ledger.renew_lease
         self.renewals = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
@@ -30,7 +40,7 @@ class LeaseKeeper:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                if not self.ledger.renew_lease(self.job_id):
+                if not self.renew(self.job_id):
                     return  # finished, failed or superseded meanwhile
                 self.renewals += 1
             except Exception:  # a ledger hiccup must not kill the analysis; try again later

@@ -11,7 +11,6 @@ live or STAT job waits.
 from __future__ import annotations
 
 import logging
-import threading
 
 from acwi_node.config import Settings
 from acwi_node.inference.analyser import NothingToAnalyse
@@ -29,6 +28,7 @@ from acwi_node.tasks.analyse import (
     summarise,
 )
 from acwi_node.tasks.app import SHADOW_TASK, app
+from acwi_node.tasks.lease import LeaseKeeper
 
 log = logging.getLogger("acwi_node.worker")
 
@@ -41,18 +41,8 @@ def run_shadow(settings: Settings, ledger: Ledger, shadow_id: int) -> str:
     if claimed is None:
         log.info("shadow job %d: nothing to do (final, superseded, or elsewhere)", shadow_id)
         return "skipped"
-    stop = threading.Event()
-
-    def keep_lease() -> None:
-        while not stop.wait(worker.lease_s / 3):
-            try:
-                if not shadows.renew(shadow_id):
-                    return
-            except Exception:  # a ledger hiccup must not stop the analysis
-                log.warning("shadow job %d: could not renew its lease; retrying", shadow_id)
-
-    keeper = threading.Thread(target=keep_lease, name=f"shadow-lease-{shadow_id}", daemon=True)
-    keeper.start()
+    # the shadow job's own lease, renewed as a live job's is
+    lease = LeaseKeeper(ledger, shadow_id, worker.lease_s / 3, renew=shadows.renew).start()
     try:
         study_uid, rel_paths = ledger.job_inputs(claimed.job_id)
         bind_study(study_uid)
@@ -81,7 +71,7 @@ def run_shadow(settings: Settings, ledger: Ledger, shadow_id: int) -> str:
         log.warning("shadow job %d (%s): failed: %s", shadow_id, claimed.model, exc)
         return "failed"
     finally:
-        stop.set()
+        lease.stop()
     log.info(
         "shadow job %d (%s): analysed %d image(s), predicted=%s",
         shadow_id,

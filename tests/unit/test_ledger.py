@@ -833,6 +833,25 @@ def test_lease_keeper_renews_until_stopped(db: Ledger) -> None:
     assert db.claim_job(job_id, lease_s=0.3) is not None
 
 
+def test_a_shadow_jobs_lease_is_kept_by_its_own_renewal(db: Ledger) -> None:
+    """The same keeper holds a shadow job's lease (``renew``), and ends when it is refused."""
+    from acwi_node.tasks.lease import LeaseKeeper
+
+    answers = [True, True, False]
+    calls: list[int] = []
+
+    def renew(job_id: int) -> bool:
+        calls.append(job_id)
+        return answers.pop(0) if answers else False
+
+    keeper = LeaseKeeper(db, 41, interval_s=0.02, renew=renew).start()
+    deadline = time.monotonic() + 5
+    while answers and time.monotonic() < deadline:
+        time.sleep(0.02)
+    keeper.stop()
+    assert calls == [41, 41, 41] and keeper.renewals == 2
+
+
 def test_processes_starting_at_once_create_the_sqlite_schema_once(tmp_path: Path) -> None:
     """scp, worker and exporter start together on the embedded ledger: no CREATE TABLE race."""
     import subprocess

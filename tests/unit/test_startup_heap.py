@@ -14,7 +14,9 @@ def test_the_start_up_heap_leaves_the_collected_generations() -> None:
     tracked = len(gc.get_objects())
     try:
         frozen = freeze_startup_heap()
-        assert frozen == gc.get_freeze_count() >= tracked // 2
+        # a frozen object is still freed by reference counting: another thread (a server or a
+        # pool an earlier test left) may free one between the two reads, never add one
+        assert frozen >= gc.get_freeze_count() >= tracked // 2
         made_since = [[i] for i in range(100)]
         assert len(gc.get_objects()) < 1_000  # the lists above and little else
         assert made_since[99] == [99]

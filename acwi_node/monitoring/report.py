@@ -6,8 +6,9 @@ equipment that made the images and the OOD threshold). :class:`ModelMonitor` rea
 summaries of a model version's **baseline** (its first ``monitoring.baseline_studies``
 studies on this node, or the period an ML engineer pinned) and of the **recent window** (the
 last ``monitoring.window_days`` days, less any baseline study), and compares them signal by
-signal (:mod:`acwi_node.monitoring.drift`). No patient data is read: the summaries hold none,
-and the sites are calling AE titles.
+signal (:mod:`acwi_node.monitoring.drift`). A study analysed again counts once per model
+version: its latest analysis (:func:`latest_analysis`). No patient data is read: the summaries
+hold none, and the sites are calling AE titles.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, and_, delete, func, select
+from sqlalchemy import ColumnElement, and_, delete, exists, func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import aliased
+from sqlalchemy.orm.util import AliasedClass
 
 from acwi_node.config import MonitoringSettings
 from acwi_node.ledger import Ledger
@@ -431,12 +434,38 @@ class BaselineRefused(ValueError):
     """A baseline that cannot be pinned (an empty or reversed period), with the reason."""
 
 
-def _model_name() -> ColumnElement[Any]:
-    return func.coalesce(Job.summary[("model", "name")].as_string(), Job.model)
+def _model_name(job: type[Job] | AliasedClass[Job] = Job) -> ColumnElement[Any]:
+    """A job's model name: its summary's (the manifest's), else the route's model."""
+    return func.coalesce(job.summary[("model", "name")].as_string(), job.model)
 
 
-def _model_version() -> ColumnElement[Any]:
-    return func.coalesce(Job.summary[("model", "version")].as_string(), "")
+def _model_version(job: type[Job] | AliasedClass[Job] = Job) -> ColumnElement[Any]:
+    return func.coalesce(job.summary[("model", "version")].as_string(), "")
+
+
+def latest_analysis() -> ColumnElement[bool]:
+    """A condition on :class:`Job`: it is the latest analysis of its study by its route with
+    its model name and version. A study analysed again (reprocessed, or re-opened by late
+    instances: a new generation) keeps its earlier generation's jobs delivered; with this,
+    monitoring counts the study once per model version. A later generation analysed by
+    another version, or one that analysed nothing (failed before its summary, or superseded),
+    leaves the earlier job counted."""
+    later = aliased(Job)
+    label = later.summary["predicted_label"].as_string()
+    return ~(
+        exists()
+        .where(
+            later.study_id == Job.study_id,
+            later.route == Job.route,
+            later.generation > Job.generation,
+            later.state != JobState.SUPERSEDED,
+            label.is_not(None),
+            label != "",
+            _model_name(later) == _model_name(Job),
+            _model_version(later) == _model_version(Job),
+        )
+        .correlate(Job)
+    )
 
 
 class ModelMonitor:
@@ -474,7 +503,12 @@ class ModelMonitor:
                 Study.calling_ae,
             )
             .join(Study, Job.study_id == Study.id)
-            .where(Job.started_at.is_not(None), Job.state != JobState.SUPERSEDED, *conditions)
+            .where(
+                Job.started_at.is_not(None),
+                Job.state != JobState.SUPERSEDED,
+                latest_analysis(),
+                *conditions,
+            )
             .order_by(Job.started_at, Job.id)
         )
         if limit is not None:

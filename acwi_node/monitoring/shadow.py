@@ -29,6 +29,7 @@ from sqlalchemy import and_, func, select
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import Job, JobState, ShadowJob, ShadowState, Study, Verdict, utcnow
 from acwi_node.monitoring.drift import mcnemar_p
+from acwi_node.monitoring.report import latest_analysis
 from acwi_node.review.store import FINAL_ACTIONS  # the verdicts that say what a study shows
 
 #: The latest disagreements a report lists.
@@ -186,7 +187,9 @@ class ShadowComparison:
 
     def report(self, *, days: int = 30, now: dt.datetime | None = None) -> list[ShadowReport]:
         """A report per route, live version and shadow version, of the shadow analyses
-        finished in the last ``days`` days whose live job still stands (not superseded)."""
+        finished in the last ``days`` days whose live job still stands (not superseded) and
+        is its study's latest analysis by that live version (a study analysed again gives
+        one pair, :func:`~acwi_node.monitoring.report.latest_analysis`)."""
         since = (now or utcnow()) - dt.timedelta(days=days)
         with self.ledger.session() as s:
             rows = s.execute(
@@ -211,6 +214,7 @@ class ShadowComparison:
                     ShadowJob.state == ShadowState.DONE,
                     ShadowJob.finished_at >= since,
                     Job.state != JobState.SUPERSEDED,
+                    latest_analysis(),  # a study analysed again: its latest pair
                 )
                 .order_by(ShadowJob.id)
             ).all()

@@ -12,6 +12,7 @@ import pytest
 
 from acwi_node.config import MonitoringSettings, Settings
 from acwi_node.ledger import Ledger
+from acwi_node.ledger.models import Job, JobState, Study
 from acwi_node.monitoring.drift import (
     Status,
     bin_counts,
@@ -264,6 +265,111 @@ def test_a_pinned_baseline_and_the_trend(ledger_node: tuple[Settings, Ledger]) -
     assert monitor.clear_baseline("dianet-cxr", "1.0.0")
     assert not monitor.clear_baseline("dianet-cxr", "1.0.0")
     assert monitor.report(now=NOW)[0].baseline.kind == "first"
+
+
+def analyse_again(
+    ledger: Ledger,
+    job_id: int,
+    at: dt.datetime,
+    *,
+    state: JobState = JobState.DELIVERED,
+    **kwargs: Any,
+) -> int:
+    """The study of ``job_id`` analysed again as a new generation (``acwi-node studies
+    reprocess``, or late instances re-opening it): the earlier job stays delivered. A job
+    in ``state`` FAILED failed before writing its summary (an empty one)."""
+    with ledger.session() as s:
+        earlier = s.get_one(Job, job_id)
+        study = s.get_one(Study, earlier.study_id)
+        study.generation = max(study.generation, earlier.generation) + 1
+        job = Job(
+            study_id=study.id,
+            generation=study.generation,
+            route=earlier.route,
+            model=earlier.model,
+            state=state,
+            started_at=at,
+            summary={} if state == JobState.FAILED else summary(**kwargs),
+        )
+        s.add(job)
+        s.flush()
+        return int(job.id)
+
+
+def test_a_study_analysed_again_counts_once_its_latest_analysis(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    _settings, ledger = ledger_node
+    jobs = Jobs(ledger)
+    day = dt.timedelta(days=1)
+    hour = dt.timedelta(hours=1)
+    jobs.many(100, NOW - 30 * day, hour, seed=1, **TYPICAL)
+    first = jobs.many(40, NOW - 6 * day, hour, seed=2, **{**TYPICAL, "label": "normal"})
+    for job_id in first:  # reprocessed by the same version, which now finds a nodule
+        analyse_again(ledger, job_id, NOW - 2 * day, label="nodule")
+    monitor = ModelMonitor(ledger, cfg())
+    (report,) = monitor.report(now=NOW)
+    assert report.baseline.studies == 100
+    # each study once, as its latest analysis read it (one image, a nodule)
+    assert report.studies == 40 and report.images == 40
+    assert by_signal(report)["finding_rate"].recent_value == 1.0
+    assert sum(row["studies"] for row in report.by_source) == 40
+    # pinning counts the studies as their latest analyses: none left in the first period
+    with pytest.raises(BaselineRefused, match="analysed 0 studies"):
+        monitor.pin_baseline("dianet-cxr", "1.0.0", NOW - 7 * day, NOW - 3 * day, by="ml")
+    assert monitor.pin_baseline("dianet-cxr", "1.0.0", NOW - 3 * day, NOW, by="ml") == 40
+
+
+def test_a_study_analysed_again_by_another_version_counts_once_for_each(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    _settings, ledger = ledger_node
+    jobs = Jobs(ledger)
+    day = dt.timedelta(days=1)
+    hour = dt.timedelta(hours=1)
+    first = jobs.many(40, NOW - 9 * day, hour, seed=1, **TYPICAL)
+    for job_id in first:
+        # reprocessed twice: by the same version, then by the next (another generation)
+        again = analyse_again(ledger, job_id, NOW - 6 * day, label="normal")
+        analyse_again(ledger, again, NOW - 3 * day, label="nodule", version="1.1.0")
+    reports = ModelMonitor(ledger, cfg(baseline_studies=40)).report(now=NOW)
+    # 1.0.0 saw each study once (its second analysis), 1.1.0 once: each its baseline
+    assert [(r.version, r.baseline.studies, r.studies) for r in reports] == [
+        ("1.0.0", 40, 0),
+        ("1.1.0", 40, 0),
+    ]
+    old, new = reports
+    assert old.baseline_figures["finding_rate"] == 0.0  # the second analysis, not the first
+    assert new.baseline_figures["finding_rate"] == 1.0
+
+
+def test_a_later_analysis_that_failed_leaves_the_earlier_counted(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    _settings, ledger = ledger_node
+    jobs = Jobs(ledger)
+    day = dt.timedelta(days=1)
+    hour = dt.timedelta(hours=1)
+    first = jobs.many(40, NOW - 9 * day, hour, seed=1, **{**TYPICAL, "label": "normal"})
+    for n, job_id in enumerate(first):
+        again = analyse_again(ledger, job_id, NOW - 6 * day, label="nodule")
+        # reprocessed once more: half failed before their summary, half were analysed and
+        # then superseded (late instances re-opened the study while its results were sent)
+        if n % 2:
+            analyse_again(ledger, again, NOW - 3 * day, state=JobState.FAILED)
+        else:
+            analyse_again(ledger, again, NOW - 3 * day, state=JobState.SUPERSEDED, label="normal")
+    # summaries of a node before model identity was kept: the route's model, no version
+    # (as a failed job's empty summary reads), analysed once and failed when reprocessed
+    for job_id in jobs.many(30, NOW - 8 * day, hour, seed=2, **TYPICAL):
+        with ledger.session() as s:
+            job = s.get_one(Job, job_id)
+            job.summary = {k: v for k, v in job.summary.items() if k != "model"}
+        analyse_again(ledger, job_id, NOW - 3 * day, state=JobState.FAILED)
+    legacy, report = ModelMonitor(ledger, cfg(baseline_studies=40)).report(now=NOW)
+    assert report.baseline.studies == 40 and not report.baseline.forming
+    assert report.baseline_figures["finding_rate"] == 1.0  # the second analysis, counted
+    assert (legacy.model, legacy.version, legacy.baseline.studies) == ("cxr-route-model", "", 30)
 
 
 def test_sample_of_a_summary() -> None:

@@ -345,6 +345,40 @@ def test_the_ledgers_shadow_jobs_on_sqlite_and_postgresql(db: Ledger, tmp_path: 
         assert registry.get_sample_value("acwi_shadow_jobs", labels) == 1
 
 
+def test_a_study_analysed_again_is_one_pair(db: Ledger) -> None:
+    """A reprocessed study (a new generation; the earlier live job stays delivered) gives
+    one live/shadow pair: its latest live analysis beside its shadow analysis."""
+    from tests.support.monitoring_jobs import summary
+
+    shadows = ShadowJobs(db)
+
+    def analyse(job_id: int, live: str, new: str) -> None:
+        assert db.finish_analysis(
+            job_id, results=[], summary=summary(label=live), needs_review=False,
+            review_reason="", shadow_models=["cxr-next"],
+        )  # fmt: skip
+        (shadow_id,) = shadows.of_job(job_id)
+        assert shadows.claim(shadow_id, lease_s=60, max_attempts=2) is not None
+        assert shadows.finish(shadow_id, summary(label=new, version="2.0.0"))
+
+    first = _live_job(db)
+    analyse(first, "normal", "nodule")
+    with db.session() as s:  # reprocessed: routed again as generation 2
+        earlier = s.get_one(Job, first)
+        assert earlier.state == JobState.DELIVERED
+        s.get_one(Study, earlier.study_id).generation = 2
+        again = Job(study_id=earlier.study_id, generation=2, route="chest", model="cxr",
+                    state=JobState.ANALYSING)  # fmt: skip
+        s.add(again)
+        s.flush()
+        second = again.id
+    analyse(second, "nodule", "nodule")
+    (report,) = ShadowComparison(db).report()
+    assert report.studies == 1
+    assert report.confusion == {"nodule": {"nodule": 1}}  # the latest live analysis
+    assert report.label_agreement == 1.0 and report.disagreements == []
+
+
 def test_where_people_read_the_comparison(
     ledger_node: tuple[Any, Ledger], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

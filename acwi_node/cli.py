@@ -275,6 +275,31 @@ def run_exporter(settings: Settings) -> int:
     return 0
 
 
+def run_show_studies(settings: Settings, study_uids: Sequence[str], *, as_json: bool) -> int:
+    """``acwi-node studies show UID...``: each study's trace; exit 1 if one is unknown."""
+    from acwi_node.ledger import Ledger
+    from acwi_node.ledger.trace import study_trace
+
+    ledger = Ledger(settings.database_url)
+    missing = 0
+    traces: list[dict[str, Any]] = []
+    try:
+        for uid in study_uids:
+            trace = study_trace(ledger, uid)
+            if trace is None:
+                missing += 1
+                print(f"{uid}: not in the ledger (never received here)", file=sys.stderr)
+            elif as_json:
+                traces.append(trace.as_json())
+            else:
+                print(trace.render())
+    finally:
+        ledger.dispose()
+    if as_json:
+        print(json.dumps(traces, indent=2))
+    return 1 if missing else 0
+
+
 def run_studies(settings: Settings, action: str, study_uids: Sequence[str]) -> int:
     """``acwi-node studies resend|reprocess UID...``: exit 1 if any study refused."""
     from acwi_node.ledger import Ledger, StudyActionRefused
@@ -715,9 +740,18 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("config", help="validate the configuration and print it")
     studies = sub.add_parser(
-        "studies", help="operator actions on studies: resend, reprocess, retrieve from a PACS"
+        "studies",
+        help="a study's trace, and operator actions on studies: resend, reprocess, retrieve"
+        " from a PACS",
     )
     studies_sub = studies.add_subparsers(dest="studies_command", required=True)
+    show = studies_sub.add_parser(
+        "show",
+        help="what happened to each study, step by step: received, completed, routed,"
+        " analysed, delivered, reviewed (exit 1 if one is not in the ledger)",
+    )
+    show.add_argument("study_uids", nargs="+", metavar="STUDY_UID")
+    show.add_argument("--json", action="store_true", help="print JSON")
     resend = studies_sub.add_parser(
         "resend", help="send the studies' results to their destinations again"
     )
@@ -857,6 +891,8 @@ def _dispatch(settings: Settings, config: Path | None, args: argparse.Namespace)
         from acwi_node.ingest.retrieval_commands import run as run_retrieval_command
 
         return run_retrieval_command(settings, args)
+    if args.command == "studies" and args.studies_command == "show":
+        return run_show_studies(settings, args.study_uids, as_json=args.json)
     if args.command == "studies":
         return run_studies(settings, args.studies_command, args.study_uids)
     if args.command == "retention":

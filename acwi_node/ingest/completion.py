@@ -61,13 +61,23 @@ class CompletionService:
         """One pass: complete due studies and queue their jobs. Returns the new job ids."""
         cfg = self.settings.completion
         new_jobs: list[int] = []
-        due = self.ledger.studies_due(quiet_period_s=cfg.quiet_period_s, max_wait_s=cfg.max_wait_s)
+        # What completes each study: the first signal found, the strongest first. A quiet
+        # period read while an association stays open is recorded as max_wait by the ledger.
+        due: dict[tuple[int, int], str] = {}
         if self.signals is not None:
-            due += [d for d in self.signals.due() if d not in due]
+            for study_id, generation, kind in self.signals.due_by():
+                due.setdefault((study_id, generation), kind)
         # An HL7 order announced this study: complete once it arrived, without the quiet period.
-        due += [d for d in self.ledger.expected_studies_due() if d not in due]
-        for study_id, generation in due:
-            job_ids = self.ledger.complete_study(study_id, generation, self.decide, self.explain)
+        for key in self.ledger.expected_studies_due():
+            due.setdefault(key, "hl7_order")
+        for key in self.ledger.studies_due(
+            quiet_period_s=cfg.quiet_period_s, max_wait_s=cfg.max_wait_s
+        ):
+            due.setdefault(key, "quiet_period")
+        for (study_id, generation), by in due.items():
+            job_ids = self.ledger.complete_study(
+                study_id, generation, self.decide, self.explain, by=by
+            )
             if job_ids:
                 self.ledger.apply_order_priority(study_id, job_ids)  # STAT order: high queue
                 log.info("study_id=%d complete: %d job(s) queued", study_id, len(job_ids))

@@ -163,13 +163,19 @@ class CompletionSignals:
 
     # ----------------------------------------------------------------- output
     def due(self) -> list[tuple[int, int]]:
-        """(study id, generation) of receiving studies a signal completes now.
+        """(study id, generation) of receiving studies a signal completes now (see
+        :meth:`due_by`)."""
+        return [(study_id, generation) for study_id, generation, _ in self.due_by()]
+
+    def due_by(self) -> list[tuple[int, int, str]]:
+        """(study id, generation, signal kind: "release" or "mpps") of receiving studies a
+        signal completes now.
 
         Spent signals (their studies completed, or no longer receiving) are deleted, so that
         whichever process runs this deletes each signal once.
         """
         self._prune()
-        due: dict[int, int] = {}
+        due: dict[int, tuple[int, str]] = {}
         spent: list[int] = []
         awaited: set[str] = set()
         with self.ledger.session() as s:
@@ -193,7 +199,7 @@ class CompletionSignals:
                 if study is None or study.state != StudyState.RECEIVING:
                     spent.append(row.id)  # gone, or completed some other way
                 elif study.open_associations <= 0:
-                    due[study.id] = study.generation
+                    due[study.id] = (study.generation, "release")
                     spent.append(row.id)
             for row in signals:
                 if row.kind != "mpps":
@@ -216,12 +222,12 @@ class CompletionSignals:
                         Study.state == StudyState.RECEIVING,
                     )
                 ).all()
-                due.update({study_id: generation for study_id, generation in studies})
+                due.update({study_id: (generation, "mpps") for study_id, generation in studies})
                 spent.append(row.id)
             if spent:
                 s.execute(delete(CompletionSignal).where(CompletionSignal.id.in_(spent)))
         self._awaited_studies = frozenset(awaited)
-        return sorted(due.items())
+        return [(study_id, gen, kind) for study_id, (gen, kind) in sorted(due.items())]
 
     def _prune(self) -> None:
         """Forget steps and signals older than :data:`RETENTION` (at most every 10 minutes)."""

@@ -80,6 +80,16 @@ def _enum(cls: type[enum.Enum]) -> Enum:
     return Enum(cls, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
 
 
+#: What may complete a study, as ``Study.completed_by`` records it, and how people read it.
+COMPLETED_BY = {
+    "quiet_period": "no instance and no open association for the quiet period",
+    "max_wait": "no instance for completion.max_wait_s while an association stayed open",
+    "release": "its sender released the association (a release-complete sender)",
+    "mpps": "an MPPS COMPLETED listed its instances, all here",
+    "hl7_order": "the instances its HL7 order announced arrived",
+}
+
+
 class Study(Base):
     __tablename__ = "studies"
 
@@ -101,6 +111,9 @@ class Study(Base):
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     last_released_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    #: What completed the current generation (:data:`COMPLETED_BY`); "" before completion, or
+    #: where an earlier version completed it.
+    completed_by: Mapped[str] = mapped_column(String(16), default="")
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
     needs_review: Mapped[bool] = mapped_column(default=False)
     reason: Mapped[str] = mapped_column(Text, default="")
@@ -154,6 +167,8 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    #: When the analysis finished and its results were recorded (the delivery follows).
+    analysed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     #: Renewed by the worker while it analyses; a job whose lease ran out is taken again.
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)

@@ -303,9 +303,9 @@ class _IngestSql:
         self.insert_study = q(
             "INSERT INTO studies (study_uid, state, generation, calling_ae, modality, body_part,"
             " study_date, instance_count, open_associations, first_received_at,"
-            " last_received_at, updated_at, needs_review, reason)"
+            " last_received_at, updated_at, needs_review, reason, completed_by)"
             " VALUES (:uid, :state, 1, :ae, :modality, :body_part, :study_date, 0, 0, :now,"
-            " :now, :now, FALSE, '') RETURNING id"
+            " :now, :now, FALSE, '', '') RETURNING id"
         )
         #: Those of a batch's instances already recorded, with what tells whether one came
         #: again unchanged (one query per batch).
@@ -806,13 +806,17 @@ class Ledger:
         generation: int,
         decide: Callable[[StudyFacts], list[RoutedJob]],
         explain: Callable[[StudyFacts], str] | None = None,
+        *,
+        by: str = "",
     ) -> list[int]:
         """Mark a receiving study complete and create its jobs; returns the new job ids.
 
         Only the caller whose conditional update wins creates jobs, so several processes may
         run completion concurrently. Older unfinished jobs of the study are superseded. A study
         no route takes is ``not_routed``, its reason saying why (``explain``: each route's
-        failing condition).
+        failing condition). ``by`` is the signal that completed it (a key of
+        :data:`~acwi_node.ledger.models.COMPLETED_BY`): a quiet period read while an
+        association stays open is recorded as ``max_wait``.
         """
         facts = self.study_facts(study_id)
         routed = decide(facts)
@@ -832,6 +836,9 @@ class Ledger:
                 return []
             self._supersede_older(s, study_id, generation)
             study = s.get_one(Study, study_id)
+            if by == "quiet_period" and study.open_associations > 0:
+                by = "max_wait"
+            study.completed_by = by
             if not routed:
                 study.state = StudyState.NOT_ROUTED
                 study.reason = "no routing rule matches this study"
@@ -1055,6 +1062,7 @@ class Ledger:
             )
             job.summary = summary
             job.error = ""
+            job.analysed_at = now
             job.state = JobState.EXPORTING if queued else JobState.DELIVERED
             if not queued:
                 job.finished_at = now
@@ -1247,6 +1255,7 @@ class Ledger:
             study.state = StudyState.RECEIVING
             study.reason = ""
             study.completed_at = None
+            study.completed_by = ""
             return study.generation
 
     # --------------------------------------------------------------- delivery
@@ -1493,9 +1502,20 @@ class Ledger:
         self._sync_study(s, job.study_id)
 
     # ------------------------------------------------------------------ views
-    def list_studies(self, *, limit: int = 200) -> list[dict[str, Any]]:
+    def list_studies(
+        self, *, limit: int = 200, state: str = "", calling_ae: str = "", uid: str = ""
+    ) -> list[dict[str, Any]]:
+        """The latest studies first; only those in ``state`` (a :class:`StudyState` value),
+        from ``calling_ae``, or whose Study Instance UID starts with ``uid``, where given."""
+        query = select(Study).order_by(Study.id.desc()).limit(limit)
+        if state:
+            query = query.where(Study.state == StudyState(state))
+        if calling_ae:
+            query = query.where(Study.calling_ae == calling_ae)
+        if uid:
+            query = query.where(Study.study_uid.startswith(uid, autoescape=True))
         with self.session() as s:
-            studies = s.scalars(select(Study).order_by(Study.id.desc()).limit(limit)).all()
+            studies = s.scalars(query).all()
             ids = [st.id for st in studies]
             # Three queries for the whole list, not two more per study.
             jobs: dict[int, list[Job]] = {}

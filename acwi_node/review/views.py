@@ -54,6 +54,7 @@ from acwi_node.ingest.spool import Spool, is_safe_uid
 from acwi_node.ledger import Ledger, StudyActionRefused
 from acwi_node.ledger.models import utcnow
 from acwi_node.ledger.retrievals import QUERY_KEYS, Retrievals
+from acwi_node.ledger.trace import study_trace
 from acwi_node.monitoring import pinning
 from acwi_node.monitoring.report import BaselineRefused, ModelMonitor
 from acwi_node.monitoring.shadow import ShadowComparison
@@ -699,25 +700,89 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             return _forbidden("invalid form token: reload the page")
         return None
 
+    @app.get("/review/studies", include_in_schema=False)
+    def studies_page(
+        request: Request,
+        uid: str = Query("", max_length=64),
+        calling_ae: str = Query("", max_length=16),
+        state: str = "",
+    ) -> HTMLResponse:
+        """The latest studies, found by UID, sender or state; each opens its trace."""
+        counts = {k: v for k, v in ledger.counts().items() if k != "instances"}
+        if state not in counts:
+            state = ""
+        found = ledger.list_studies(
+            limit=STUDIES_SHOWN, state=state, calling_ae=calling_ae.strip(), uid=uid.strip()
+        )
+        for st in found:
+            st["result"] = _result_line(st)
+        return review.page(
+            "studies.html",
+            request,
+            studies=found,
+            counts=counts,
+            limit=STUDIES_SHOWN,
+            filters={"uid": uid, "calling_ae": calling_ae, "state": state},
+        )
+
+    def _study_page(
+        request: Request, study_uid: str, *, notice: str = "", error: str = "", status: int = 200
+    ) -> HTMLResponse:
+        trace = study_trace(ledger, study_uid)
+        if trace is None:
+            raise HTTPException(status_code=404, detail="no such study")
+        state = trace.study["state"]
+        actions = [
+            (action, title)
+            for action, title, states in STUDY_ACTIONS
+            if state in states and not (action == "reprocess" and trace.study["images_deleted_at"])
+        ]
+        return review.page(
+            "study.html",
+            request,
+            status_code=status,
+            trace=trace.as_json(),
+            actions=actions,
+            notice=notice,
+            error=error,
+        )
+
+    @app.get("/review/studies/{study_uid}", include_in_schema=False)
+    def study_page(request: Request, study_uid: str, done: str = "") -> HTMLResponse:
+        """What happened to one study, step by step (``acwi-node studies show``)."""
+        return _study_page(request, study_uid, notice=STUDY_ACTION_NOTICES.get(done, ""))
+
     @app.post("/review/studies/{study_uid}/{action}", include_in_schema=False)
     async def study_action(request: Request, study_uid: str, action: str) -> Response:
         """An administrator resends a failed study's results or reprocesses it (the same
-        actions as ``POST /api/studies/{uid}/resend|reprocess``, from a form)."""
+        actions as ``POST /api/studies/{uid}/resend|reprocess``, from a form on the dashboard
+        or the study's page, where the answer leads back)."""
         user: SessionInfo = request.state.user
-        if action not in STUDY_ACTION_NOTICES or not is_safe_uid(study_uid):
+        if action not in ("resend", "reprocess") or not is_safe_uid(study_uid):
             raise HTTPException(status_code=404, detail="no such action")
         refused = await _admin_form_refused(request)
         if refused is not None:
             return refused
+        back_to_study = _form(await request.body()).get("next") == "study"
         act = ledger.resend_results if action == "resend" else ledger.reprocess_study
         try:
             await run_in_threadpool(act, study_uid)
         except StudyActionRefused as exc:
+            page = _study_page if back_to_study else _dashboard_of_study
             return await run_in_threadpool(
-                partial(_dashboard, request, error=f"{study_uid}: {exc}", status=409)
+                partial(page, request, study_uid, error=f"{study_uid}: {exc}", status=409)
             )
         log.info("%s: %s by %s", study_uid, action, user.user_name)
+        if back_to_study:
+            return RedirectResponse(
+                f"/review/studies/{quote(study_uid)}?done={action}", status_code=303
+            )
         return RedirectResponse(f"/review/dashboard?done={action}", status_code=303)
+
+    def _dashboard_of_study(
+        request: Request, study_uid: str, *, error: str, status: int
+    ) -> HTMLResponse:
+        return _dashboard(request, error=error, status=status)
 
     @app.post("/review/retrievals", include_in_schema=False)
     async def retrieve(request: Request) -> Response:
@@ -1086,6 +1151,30 @@ AMENDED_NOTICE = (
 AMENDED_RIS_NOTICE = " The RIS gets the amended verdict as a corrected result."
 
 #: The dashboard's message after an administrator's action on a study.
+#: How many studies the studies page lists at most.
+STUDIES_SHOWN = 100
+
+#: An administrator's actions on a study's page, and the states that allow each.
+STUDY_ACTIONS = (
+    ("resend", "Resend its results", {"delivered", "failed"}),
+    ("reprocess", "Reprocess", {"delivered", "failed", "not_routed"}),
+)
+
+
+def _result_line(study: dict[str, Any]) -> str:
+    """What the studies page says of a study's latest analysis (or why there is none)."""
+    if study["reason"]:
+        return str(study["reason"])
+    for job in reversed(study["jobs"]):
+        summary = job.get("summary") or {}
+        label = summary.get("predicted_label")
+        if label:
+            p = (summary.get("probabilities") or {}).get(label)
+            line = f"{job['route']}: {label}" + (f" (p={p:.2f})" if isinstance(p, float) else "")
+            return line + ("; needs review" if summary.get("needs_review") else "")
+    return ""
+
+
 STUDY_ACTION_NOTICES = {
     "resend": "The study's results are back in the outbox.",
     "reprocess": "The study is being routed and analysed again.",

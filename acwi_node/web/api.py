@@ -1,6 +1,7 @@
 """The node's HTTP API.
 
-``GET /api/studies`` and ``GET /api/studies/{study_uid}`` show each study's state;
+``GET /api/studies`` and ``GET /api/studies/{study_uid}`` show each study's state, and
+``GET /api/studies/{study_uid}/trace`` what happened to it, step by step;
 ``POST /api/studies/{study_uid}/resend`` and ``.../reprocess`` (administrators) send a study's
 results again or analyse it again; ``GET /api/destinations`` (administrators) shows each
 destination's outbox; ``POST /api/retrievals`` (administrators) retrieves studies from a
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -30,7 +31,8 @@ from starlette.requests import ClientDisconnect
 
 from acwi_node import __version__
 from acwi_node.config import Settings
-from acwi_node.ledger import Ledger, StudyActionRefused
+from acwi_node.ledger import Ledger, StudyActionRefused, StudyState
+from acwi_node.ledger.trace import study_trace
 from acwi_node.review.store import ReviewStore, WorklistFilters
 from acwi_node.review.views import destination_outboxes, install_review
 from acwi_node.web.feedback import feedback_router
@@ -80,8 +82,19 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
     app.include_router(monitoring_router(settings, db))  # /api/monitoring[/baselines/...]
 
     @app.get("/api/studies")
-    def studies(limit: int = Query(200, ge=1, le=5000)) -> dict[str, Any]:
-        return {"studies": db.list_studies(limit=limit), "counts": db.counts()}
+    def studies(
+        limit: int = Query(200, ge=1, le=5000),
+        state: Annotated[
+            StudyState | None, Query(description="only the studies in this state")
+        ] = None,
+        calling_ae: str = Query("", max_length=16, description="only those this AE sent"),
+        uid: str = Query("", max_length=64, description="a Study Instance UID's beginning"),
+    ) -> dict[str, Any]:
+        """The latest studies first, and how many studies are in each state."""
+        found = db.list_studies(
+            limit=limit, state=state.value if state else "", calling_ae=calling_ae, uid=uid
+        )
+        return {"studies": found, "counts": db.counts()}
 
     @app.get("/api/studies/{study_uid}", responses={404: {"description": "No such study"}})
     def study(study_uid: str) -> dict[str, Any]:
@@ -89,6 +102,16 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
         if found is None:
             raise HTTPException(status_code=404, detail="no such study")
         return found
+
+    @app.get("/api/studies/{study_uid}/trace", responses={404: {"description": "No such study"}})
+    def trace(study_uid: str) -> dict[str, Any]:
+        """What happened to the study, step by step, generation by generation: received,
+        completed (and by what), routed, analysed, delivered to each destination, sent to the
+        RIS, reviewed; and how long each step of its latest analysis took."""
+        found = study_trace(db, study_uid)
+        if found is None:
+            raise HTTPException(status_code=404, detail="no such study")
+        return found.as_json()
 
     def _study_action(request: Request, study_uid: str, act: Callable[[str], int]) -> int:
         name = admin_json_request(request)

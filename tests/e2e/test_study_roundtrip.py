@@ -186,11 +186,26 @@ def test_separate_processes_redis_postgres(
         assert len(summary["images"]) == 3
         # The HTTP API and the status command show the same state.
         wait_port("127.0.0.1", cfg["node"]["http_port"])
+        api_user = add_api_user(config)
         api = http_json(
-            f"http://127.0.0.1:{cfg['node']['http_port']}/api/studies/{study_uid}",
-            auth=add_api_user(config),
+            f"http://127.0.0.1:{cfg['node']['http_port']}/api/studies/{study_uid}", auth=api_user
         )
         assert api["state"] == "delivered"
+        # The study's trace: from MODALITY1's instances to the objects Orthanc stored.
+        trace = http_json(
+            f"http://127.0.0.1:{cfg['node']['http_port']}/api/studies/{study_uid}/trace",
+            auth=api_user,
+        )
+        told = {(e["kind"], e["level"]) for e in trace["events"]}
+        assert {("received", "ok"), ("completed", "ok"), ("analysed", "ok")} <= told
+        assert ("delivery", "ok") in told and not any(
+            e["level"] == "failed" for e in trace["events"]
+        )
+        (received,) = [e["text"] for e in trace["events"] if e["kind"] == "received"]
+        assert received.startswith("3 instance(s) in 1 series (DX) from MODALITY1")
+        assert trace["study"]["completed_by"] in ("quiet_period", "release", "max_wait")
+        assert trace["turnaround"][-1]["step"] == "last instance to results stored"
+        assert trace["turnaround"][-1]["seconds"] is not None
         status = subprocess.run(
             [sys.executable, "-m", "acwi_node.cli", "--config", str(config), "status"],
             capture_output=True,
@@ -251,6 +266,13 @@ def test_serve_on_embedded_defaults_and_reopen(tmp_path: Path, orthanc: OrthancS
         assert second["sr_sop_instance_uid"] == first["sr_sop_instance_uid"]
         st = ledger.get_study(study_uid)
         assert st is not None and [j["state"] for j in st["jobs"]] == ["delivered", "delivered"]
+        shown = subprocess.run(
+            [sys.executable, "-m", "acwi_node.cli", "--config", str(config), "studies", "show",
+             study_uid],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        assert "generation 1\n" in shown.stdout and "generation 2\n" in shown.stdout
+        assert shown.stdout.count("stored by pacs") == 2, shown.stdout
         wait_port("127.0.0.1", cfg["node"]["http_port"])
         listed = http_json(
             f"http://127.0.0.1:{cfg['node']['http_port']}/api/studies", auth=add_api_user(config)

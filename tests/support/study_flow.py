@@ -65,6 +65,7 @@ def analyse(settings: Settings, ledger: Ledger, study: str, *, needs_review: boo
             "predicted_label": "nodule",
             "uncertainty": {"score": 0.4, "entropy": 0.6, "epistemic": 0.02, "aleatoric": 0.6},
             "images": [],
+            "needs_review": needs_review,
         },
         needs_review=needs_review,
         review_reason="uncertain" if needs_review else "",

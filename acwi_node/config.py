@@ -1043,6 +1043,14 @@ class MonitoringSettings(_Strict):
     #: same weekday" are its wall-clock hours, so that a clock change to or from summer time
     #: does not compare a morning with the hour before it.
     timezone: str = "UTC"
+    #: Turnaround: the results stored in the last this many hours, last instance to stored,
+    #: step by step, per route ...
+    turnaround_hours: int = Field(24, ge=1, le=720)
+    #: ... read "slow" when their 95th percentile exceeds this many seconds (over at least
+    #: ``turnaround_min_studies``); a study still on its way this long after its last
+    #: instance is "overdue".
+    turnaround_goal_s: float = Field(300.0, gt=0.0, le=86_400.0)
+    turnaround_min_studies: int = Field(5, ge=1, le=100_000)
 
     @model_validator(mode="after")
     def _ordered(self) -> MonitoringSettings:

@@ -1,5 +1,6 @@
 """``acwi-node monitor`` (the studies arriving from each source and for each route against
-the weeks before, and each model version's recent studies against its baseline) and
+the weeks before, each model version's recent studies against its baseline, the turnaround
+of results) and
 ``acwi-node monitor baseline MODEL VERSION`` (pin or clear the baseline)."""
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ def add_parser(sub: Any) -> None:
     monitor = sub.add_parser(
         COMMAND,
         help="the studies arriving from each source and for each route against the weeks"
-        " before, and each model version's recent studies against its baseline: what the"
-        " model sees and says (exit 1 when studies dropped or a signal has shifted)",
+        " before, each model version's recent studies against its baseline (what the model"
+        " sees and says) and the turnaround of results (exit 1 when studies dropped, a signal"
+        " has shifted or results are slow)",
     )
     monitor.add_argument("--model", help="only this model (its manifest name)")
     monitor.add_argument(
@@ -121,6 +123,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     from acwi_node.monitoring.report import BaselineRefused, ModelMonitor
     from acwi_node.monitoring.shadow import ShadowComparison, format_shadow
     from acwi_node.monitoring.traffic import format_traffic, traffic_monitor
+    from acwi_node.monitoring.turnaround import TurnaroundMonitor, format_turnaround
 
     cfg = settings.monitoring
     ledger = Ledger(settings.database_url)
@@ -155,20 +158,27 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         comparison = ShadowComparison(ledger)
         shadows = [] if args.model else comparison.report(days=days)
         unfinished = [] if args.model else comparison.unfinished(days=days)
+        turnaround = None if args.model else TurnaroundMonitor(ledger, cfg).report()
         if args.json:
             out: dict[str, Any] = {"days": days, "models": [r.as_json() for r in reports]}
             if traffic is not None:
                 out["traffic"] = traffic.as_json()
                 out["shadow"] = [r.as_json() for r in shadows]
                 out["shadow_unfinished"] = unfinished
+            if turnaround is not None:
+                out["turnaround"] = turnaround.as_json()
             print(json.dumps(out, indent=2))
         else:
             print(format_reports(reports, days=days, target=cfg.baseline_studies))
             if traffic is not None:
                 print(format_traffic(traffic))
+            if turnaround is not None:
+                print(format_turnaround(turnaround))
             if shadows or unfinished:
                 print(format_shadow(shadows, unfinished, days=days))
         shifted = any(r.status is Status.SHIFTED for r in reports)
-        return 1 if shifted or (traffic and traffic.status is Status.SHIFTED) else 0
+        shifted |= traffic is not None and traffic.status is Status.SHIFTED
+        shifted |= turnaround is not None and turnaround.status is Status.SHIFTED
+        return 1 if shifted else 0
     finally:
         ledger.dispose()

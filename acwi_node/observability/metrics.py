@@ -232,6 +232,7 @@ class LedgerCollector(Collector):
         from acwi_node.monitoring.cache import Refreshed
         from acwi_node.monitoring.report import CachedReports, ModelMonitor
         from acwi_node.monitoring.traffic import traffic_monitor
+        from acwi_node.monitoring.turnaround import TurnaroundMonitor
 
         self.settings = settings
         self.ledger = ledger
@@ -240,6 +241,11 @@ class LedgerCollector(Collector):
         )
         self.traffic = Refreshed(
             traffic_monitor(settings, ledger).report,
+            settings.monitoring.refresh_s,
+            clock=time.monotonic,
+        )
+        self.turnaround = Refreshed(
+            TurnaroundMonitor(ledger, settings.monitoring).report,
             settings.monitoring.refresh_s,
             clock=time.monotonic,
         )
@@ -267,6 +273,10 @@ class LedgerCollector(Collector):
                 yield from self._traffic()
             except Exception as exc:
                 log.warning("metrics: the studies arriving could not be read: %s", exc)
+            try:
+                yield from self._turnaround()
+            except Exception as exc:
+                log.warning("metrics: the turnaround could not be read: %s", exc)
         from acwi_node.tasks.app import WORKER_QUEUES
 
         broker = GaugeMetricFamily(
@@ -505,6 +515,46 @@ class LedgerCollector(Collector):
                 if w.expected is not None:
                     expected.add_metric(labels, w.expected)
         return [status, studies, expected]
+
+    def _turnaround(self) -> list[Metric]:
+        """Last instance to results stored, per route and step (README "Turnaround")."""
+        from acwi_node.monitoring.drift import Status
+
+        seconds = GaugeMetricFamily(
+            "acwi_turnaround_seconds",
+            "Results stored in the last monitoring.turnaround_hours hours: seconds of each step"
+            " (completion, queue, analysis, delivery, total: last instance to stored), the"
+            " 50th and 95th percentiles and the maximum (quantile 1)",
+            labels=["route", "step", "quantile"],
+        )
+        studies = GaugeMetricFamily(
+            "acwi_turnaround_studies",
+            "Jobs whose results were stored in the last monitoring.turnaround_hours hours",
+            labels=["route"],
+        )
+        overdue = GaugeMetricFamily(
+            "acwi_turnaround_overdue",
+            "Studies still on their way longer than monitoring.turnaround_goal_s after their"
+            " last instance",
+            labels=["route"],
+        )
+        status = GaugeMetricFamily(
+            "acwi_turnaround_status",
+            "0 within goal, 1 studies overdue, 2 slow: the 95th percentile above"
+            " monitoring.turnaround_goal_s (absent: too few studies)",
+            labels=["route"],
+        )
+        level = {Status.STABLE: 0, Status.WATCH: 1, Status.SHIFTED: 2}
+        for route in self.turnaround.get().routes:
+            studies.add_metric([route.route], route.studies)
+            overdue.add_metric([route.route], route.overdue)
+            if route.status is not Status.TOO_FEW:
+                status.add_metric([route.route], level[route.status])
+            for f in route.steps:
+                for quantile, value in (("0.5", f.p50), ("0.95", f.p95), ("1", f.max)):
+                    if value is not None:
+                        seconds.add_metric([route.route, f.step, quantile], value)
+        return [seconds, studies, overdue, status]
 
 
 def ledger_registry(settings: Settings, ledger: Ledger) -> CollectorRegistry:

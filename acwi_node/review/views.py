@@ -59,6 +59,7 @@ from acwi_node.monitoring import pinning
 from acwi_node.monitoring.report import BaselineRefused, ModelMonitor
 from acwi_node.monitoring.shadow import ShadowComparison
 from acwi_node.monitoring.traffic import traffic_monitor
+from acwi_node.monitoring.turnaround import TurnaroundMonitor, duration
 from acwi_node.observability import metrics
 from acwi_node.results.heatmap import Window, render_grey
 from acwi_node.results.overlay import heat_path, overlay_rgba, read_cam
@@ -117,11 +118,13 @@ FILTER_NAMES = [
 
 def make_templates() -> Environment:
     """The page templates; autoescaping is on for every template."""
-    return Environment(
+    env = Environment(
         loader=FileSystemLoader(str(HERE / "templates")),
         autoescape=True,
         auto_reload=False,
     )
+    env.filters["duration"] = duration
+    return env
 
 
 def _text(value: object) -> str:
@@ -607,6 +610,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
     monitor = ModelMonitor(ledger, settings.monitoring)
     arrivals = traffic_monitor(settings, ledger)
     shadow_comparison = ShadowComparison(ledger)
+    turnaround_monitor = TurnaroundMonitor(ledger, settings.monitoring)
 
     def _dashboard(
         request: Request, days: int = 14, *, notice: str = "", error: str = "", status: int = 200
@@ -625,6 +629,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             monitoring_days=settings.monitoring.window_days,
             traffic=arrivals.report(),
             shadows=shadow_comparison.report(days=settings.monitoring.window_days),
+            turnaround=turnaround_monitor.report(),
             failed=review.store.failed_studies() if user.role == "admin" else None,
             outboxes=destination_outboxes(review.store, settings) if user.role == "admin" else None,
             sources=[src.name for src in settings.sources],
@@ -649,6 +654,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             traffic=arrivals.report(),
             shadows=[r.as_json() for r in shadow_comparison.report(days=cfg.window_days)],
             shadow_unfinished=shadow_comparison.unfinished(days=cfg.window_days),
+            turnaround=turnaround_monitor.report(),
             cfg=cfg,
             notice=notice,
             error=error,

@@ -14,6 +14,7 @@ from acwi_node.monitoring import pinning
 from acwi_node.monitoring.report import BaselineRefused, ModelMonitor
 from acwi_node.monitoring.shadow import ShadowComparison
 from acwi_node.monitoring.traffic import traffic_monitor
+from acwi_node.monitoring.turnaround import TurnaroundMonitor
 from acwi_node.web.guards import admin_json_request, admin_user
 
 
@@ -32,6 +33,7 @@ def monitoring_router(settings: Settings, db: Ledger) -> APIRouter:
     monitor = ModelMonitor(db, settings.monitoring)
     arrivals = traffic_monitor(settings, db)
     shadows = ShadowComparison(db)
+    turnaround = TurnaroundMonitor(db, settings.monitoring)
 
     @router.get("/api/monitoring")
     def monitoring(
@@ -48,8 +50,11 @@ def monitoring_router(settings: Settings, db: Ledger) -> APIRouter:
         hours, of all, from each source and for each route, against the same hours of the
         weeks before (``shifted``: they dropped); ``shadow``, each route's shadow model
         versions beside its live one over the ``days`` (agreement, review rates, right
-        answers on the radiologists' verdicts), and ``shadow_unfinished``, the shadow
-        analyses that failed or wait."""
+        answers on the radiologists' verdicts), ``shadow_unfinished``, the shadow
+        analyses that failed or wait, and ``turnaround``: per route, the results stored in
+        the last ``monitoring.turnaround_hours`` hours, last instance to stored, step by step
+        (50th and 95th percentiles, maximum), the studies overdue, and ``slow`` when the 95th
+        percentile exceeds ``monitoring.turnaround_goal_s``."""
         days = days or settings.monitoring.window_days
         reports = monitor.report(model=model, days=days, weeks=weeks)
         out: dict[str, Any] = {"days": days, "models": [r.as_json() for r in reports]}
@@ -57,6 +62,7 @@ def monitoring_router(settings: Settings, db: Ledger) -> APIRouter:
             out["traffic"] = arrivals.report().as_json()
             out["shadow"] = [r.as_json() for r in shadows.report(days=days)]
             out["shadow_unfinished"] = shadows.unfinished(days=days)
+            out["turnaround"] = turnaround.report().as_json()
         return out
 
     @router.put(

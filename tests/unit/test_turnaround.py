@@ -1,0 +1,232 @@
+"""Turnaround: last instance to results stored, per route and step, read from the ledger
+(SQLite and PostgreSQL); and where people read it: ``acwi-node monitor``,
+``GET /api/monitoring``, the Monitoring page, the dashboard and the metrics."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select, update
+
+from acwi_node.cli import main
+from acwi_node.config import MonitoringSettings, Settings
+from acwi_node.ledger import Ledger, ResultFile, RoutedJob
+from acwi_node.ledger.models import Delivery, Instance, Job, Study, utcnow
+from acwi_node.ledger.repository import STAT_PRIORITY
+from acwi_node.monitoring.drift import Status
+from acwi_node.monitoring.turnaround import (
+    ALL,
+    RouteTurnaround,
+    TurnaroundMonitor,
+    duration,
+    percentile,
+)
+from acwi_node.observability.metrics import ledger_registry
+from acwi_node.web.api import create_app
+from tests.support.review_case import add_user, sign_in
+from tests.support.study_flow import deliver, dx_record
+
+SR = "1.2.840.10008.5.1.4.1.1.88.34"
+NOW = dt.datetime(2026, 12, 1, 12, 0, 0)
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 21)]  # 1 .. 20
+    assert percentile(values, 50) == 10.0 and percentile(values, 95) == 19.0
+    assert percentile(values[::-1], 95) == 19.0 and percentile([7.0], 95) == 7.0
+    assert percentile([], 50) is None
+    assert [duration(s) for s in (None, 4.25, 390.0, 9000.0)] == ["-", "4.2 s", "6.5 min", "2.5 h"]
+
+
+def study(
+    ledger: Ledger,
+    uid: str,
+    *,
+    route: str = "chest",
+    at: dt.datetime = NOW - dt.timedelta(hours=1),
+    steps: tuple[float, float, float, float] = (2.0, 0.5, 1.5, 1.0),
+    priority: int = 0,
+    stored: bool = True,
+) -> int:
+    """A study of one instance received at ``at`` and taken by ``route``; its completion,
+    queue, analysis and delivery taking ``steps`` seconds (the delivery left pending unless
+    ``stored``). Returns its job id."""
+    received = ledger.record_instance(dx_record(uid, uid + ".1"), first_in_association=False)
+    routed = RoutedJob(route=route, model="default", destinations=["pacs"], priority=priority)
+    (job_id,) = ledger.complete_study(received.study_id, 1, lambda facts: [routed])
+    assert ledger.claim_job(job_id, lease_s=3600) is not None
+    ledger.finish_analysis(
+        job_id,
+        results=[ResultFile("sr", uid + ".77", SR, f"{uid}/{uid}.77.dcm")],
+        summary={"predicted_label": "normal"},
+        needs_review=False,
+        review_reason="",
+    )
+    if stored:
+        deliver(ledger)
+    completion, queue, analysis, delivery = steps
+    times = [at + dt.timedelta(seconds=s) for s in (0, completion)]
+    times.append(times[-1] + dt.timedelta(seconds=queue))
+    times.append(times[-1] + dt.timedelta(seconds=analysis))
+    times.append(times[-1] + dt.timedelta(seconds=delivery))
+    last, completed, started, analysed, at_pacs = times
+    with ledger.session() as s:
+        s.execute(update(Instance).where(Instance.study_id == received.study_id).values(
+            received_at=last))  # fmt: skip
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                created_at=completed, started_at=started, analysed_at=analysed,
+                finished_at=at_pacs if stored else None,
+            )
+        )  # fmt: skip
+        if stored:
+            s.execute(update(Delivery).where(Delivery.job_id == job_id).values(
+                delivered_at=at_pacs))  # fmt: skip
+    return job_id
+
+
+def monitor(ledger: Ledger, **cfg: float) -> TurnaroundMonitor:
+    return TurnaroundMonitor(ledger, MonitoringSettings.model_validate(cfg))
+
+
+def seconds(route: RouteTurnaround, step: str) -> tuple[float | None, float | None, float | None]:
+    f = route.step(step)
+    return f.p50, f.p95, f.max
+
+
+def test_each_step_is_read_from_the_ledgers_times(ledger_node: tuple[Settings, Ledger]) -> None:
+    _, ledger = ledger_node
+    for n in range(10):  # analyses of 1 to 10 s; the tenth study is STAT
+        study(ledger, f"1.2.{n}", steps=(2.0, 0.5, n + 1.0, 1.0), priority=STAT_PRIORITY * (n == 9))
+    study(ledger, "1.3.1", route="ct", steps=(5.0, 0.0, 60.0, 2.0))
+    report = monitor(ledger).report(now=NOW)
+    assert [r.route for r in report.routes] == [ALL, "chest", "ct"]
+    chest = report.routes[1]
+    assert (chest.studies, chest.stat, chest.overdue) == (10, 1, 0)
+    assert seconds(chest, "completion") == (2.0, 2.0, 2.0)
+    assert seconds(chest, "queue") == (0.5, 0.5, 0.5)
+    assert seconds(chest, "analysis") == (5.0, 10.0, 10.0)
+    assert seconds(chest, "delivery") == (1.0, 1.0, 1.0)
+    assert seconds(chest, "total") == (8.5, 13.5, 13.5)
+    assert chest.status is Status.STABLE
+    ct = report.routes[2]
+    assert (ct.studies, ct.status) == (1, Status.TOO_FEW)  # one study: not read
+    assert seconds(ct, "total") == (67.0, 67.0, 67.0)
+    assert report.overall.studies == 11 and seconds(report.overall, "total")[2] == 67.0
+    assert report.status is Status.STABLE
+
+
+def test_a_route_is_slow_when_its_95th_percentile_passes_the_goal(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    _, ledger = ledger_node
+    for n in range(20):  # one in twenty slow is the 95th percentile's business, two are not
+        study(ledger, f"1.2.{n}", steps=(2.0, 1.0, 1.0, 1.0 if n < 18 else 600.0))
+    report = monitor(ledger, turnaround_goal_s=300).report(now=NOW)
+    assert report.routes[1].status is Status.SHIFTED and report.status is Status.SHIFTED
+    assert seconds(report.routes[1], "delivery")[1] == 600.0
+    assert monitor(ledger, turnaround_goal_s=700).report(now=NOW).status is Status.STABLE
+    # Too few studies to read the percentile: not slow.
+    few = monitor(ledger, turnaround_goal_s=300, turnaround_min_studies=21).report(now=NOW)
+    assert few.status is Status.TOO_FEW
+
+
+def test_studies_still_on_their_way_past_the_goal_are_overdue(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    _, ledger = ledger_node
+    study(ledger, "1.2.1", at=utcnow() - dt.timedelta(minutes=30), stored=False)
+    study(ledger, "1.2.2", at=utcnow() - dt.timedelta(seconds=20), stored=False)
+    waiting = ledger.record_instance(dx_record("1.2.3", "1.2.3.1"), first_in_association=False)
+    routed = RoutedJob(route="ct", model="default", destinations=["pacs"], priority=0)
+    ledger.complete_study(waiting.study_id, 1, lambda facts: [routed])  # queued, never taken
+    with ledger.session() as s:
+        s.execute(update(Instance).where(Instance.study_id == waiting.study_id).values(
+            received_at=utcnow() - dt.timedelta(hours=3)))  # fmt: skip
+    report = monitor(ledger, turnaround_goal_s=300).report()
+    assert [(r.route, r.studies, r.overdue, r.status) for r in report.routes] == [
+        (ALL, 0, 2, Status.WATCH),
+        ("chest", 0, 1, Status.WATCH),
+        ("ct", 0, 1, Status.WATCH),
+    ]
+
+
+def test_the_window_and_reprocessing_leave_studies_out(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    _, ledger = ledger_node
+    study(ledger, "1.2.1")
+    study(ledger, "1.2.2", at=NOW - dt.timedelta(hours=30))  # stored before the last 24 h
+    study(ledger, "1.2.3")
+    # Reprocessed: its new generation has no instance of its own, no PACS waited for it.
+    generation = ledger.reprocess_study("1.2.3")
+    with ledger.session() as s:
+        study_id = s.scalars(select(Study.id).where(Study.study_uid == "1.2.3")).one()
+    (job_id,) = ledger.complete_study(
+        study_id, generation, lambda facts: [RoutedJob("chest", "default", ["pacs"], 0)]
+    )
+    assert ledger.claim_job(job_id, lease_s=3600) is not None
+    ledger.finish_analysis(
+        job_id, results=[], summary={"predicted_label": "normal"}, needs_review=False,
+        review_reason="",
+    )  # fmt: skip
+    # 1.2.1 and 1.2.3's first analysis; not 1.2.2, nor 1.2.3's reprocessing.
+    assert monitor(ledger).report(now=NOW).overall.studies == 2
+
+
+def test_monitor_api_pages_and_metrics_tell_a_slow_route(
+    ledger_node: tuple[Settings, Ledger], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, ledger = ledger_node
+    now = utcnow()
+    for n in range(6):
+        study(ledger, f"1.2.{n}", at=now - dt.timedelta(hours=1), steps=(2.0, 1.0, 1.0, 400.0))
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[node]\ndata_dir = "{settings.data_dir}"\ndatabase_url = "{settings.database_url}"\n'
+    )
+    assert main(["--config", str(config), "monitor"]) == 1
+    out = capsys.readouterr().out
+    assert "turnaround: SLOW  (results stored in the last 24 h, last instance to stored;" in out
+    assert re.search(r"chest +6 +2\.0 s / 2\.0 s .* 6\.7 min / 6\.7 min +0 +slow", out), out
+    assert main(["--config", str(config), "monitor", "--json"]) == 1
+    body = json.loads(capsys.readouterr().out)["turnaround"]
+    assert body["status"] == "shifted" and body["goal_s"] == 300.0
+    assert body["routes"][1]["steps"][-1] == {"step": "total", "p50": 404.0, "p95": 404.0,
+                                               "max": 404.0}  # fmt: skip
+    assert main(["--config", str(config), "monitor", "--model", "x", "--json"]) == 0
+    assert "turnaround" not in json.loads(capsys.readouterr().out)
+
+    settings = settings.model_copy(
+        update={"review": settings.review.model_copy(update={"cookie_secure": False})}
+    )
+    registry = ledger_registry(settings, ledger)
+    assert registry.get_sample_value("acwi_turnaround_status", {"route": "chest"}) == 2
+    assert registry.get_sample_value("acwi_turnaround_studies", {"route": "all"}) == 6
+    assert registry.get_sample_value("acwi_turnaround_overdue", {"route": "chest"}) == 0
+    labels = {"route": "chest", "step": "delivery", "quantile": "0.95"}
+    assert registry.get_sample_value("acwi_turnaround_seconds", labels) == 400.0
+
+    add_user(ledger)
+    with TestClient(create_app(settings, ledger)) as client:
+        sign_in(client)
+        turnaround = client.get("/api/monitoring").json()["turnaround"]
+        assert [(r["route"], r["status"]) for r in turnaround["routes"]] == [
+            ("all", "shifted"),
+            ("chest", "shifted"),
+        ]
+        page = client.get("/review/monitoring").text
+        assert 'id="turnaround"' in page and 'status status-shifted">slow</span>' in page
+        assert '<td class="num">6.7 min / 6.7 min</td>' in page
+        dashboard = client.get("/review/dashboard").text
+        assert (
+            '<td id="q-turnaround">median 6.7 min, 95th percentile 6.7 min over 6 studies'
+            " (goal 5.0 min); slow: chest</td>"
+        ) in dashboard

@@ -828,7 +828,7 @@ class ReviewSettings(_Strict):
 
 
 #: What a ``[[notify]]`` target may be told of (README "Notifications").
-NotifyEvent = Literal["review", "finding", "failed", "shift", "stopped"]
+NotifyEvent = Literal["review", "finding", "failed", "shift", "stopped", "slow"]
 
 
 def _review_event() -> list[NotifyEvent]:

@@ -12,7 +12,10 @@ Each target's events of the last ``lookback_s`` seconds:
   ISO week: a signal that stays shifted is told of again each week, not on every pass);
 * ``stopped``: far fewer studies than usual came from a source, or reached a route, or came
   at all (README "Model monitoring", "Studies arriving"; key ``stopped-`` and a hash of the
-  flow and the UTC day: told of again each day while so).
+  flow and the UTC day: told of again each day while so);
+* ``slow``: a route's results reach the PACS slower than ``monitoring.turnaround_goal_s`` at
+  the 95th percentile (README "Turnaround"; key ``slow-`` and a hash of the route and the UTC
+  day).
 
 A notification is queued once per target and key (a unique constraint), so reading the ledger
 again, or from two processes, queues nothing twice.
@@ -45,6 +48,7 @@ from acwi_node.ledger.models import (
 from acwi_node.monitoring.drift import Status
 from acwi_node.monitoring.report import ModelReport, SignalResult
 from acwi_node.monitoring.traffic import Flow, TrafficReport, describe
+from acwi_node.monitoring.turnaround import ALL, RouteTurnaround, TurnaroundReport, duration
 
 log = logging.getLogger("acwi_node.notify")
 
@@ -226,6 +230,52 @@ def _stopped_events(settings: Settings, report: TrafficReport, now: dt.datetime)
         yield stopped_key(flow, now), None, stopped_payload(settings, flow, now)
 
 
+def slow_payload(
+    settings: Settings, report: TurnaroundReport, route: RouteTurnaround, now: dt.datetime
+) -> dict[str, Any]:
+    """A route's results slower than the goal, with the step that took longest."""
+    url = _link(settings, "/review/monitoring#turnaround")
+    total = route.step("total")
+    steps = [f for f in route.steps if f.step != "total" and f.p95 is not None]
+    worst = max(steps, key=lambda f: f.p95 or 0.0) if steps else None
+    where = "all routes" if route.route == ALL else f"route {route.route}"
+    text = (
+        f"ACWI Node: results of {where} are slow: 95th percentile {duration(total.p95)} from"
+        f" the last instance to stored in the PACS over {route.studies} studies in the last"
+        f" {report.hours} h (goal {duration(report.goal_s)})"
+    )
+    if worst is not None:
+        text += f"; the longest step: {worst.step} ({duration(worst.p95)})"
+    return {
+        "event": "slow",
+        "node": settings.node.ae_title,
+        "sender": f"ACWI Node {__version__}",
+        "text": text + (f" {url}" if url else ""),
+        "route": route.route,
+        "studies": route.studies,
+        "hours": report.hours,
+        "goal_s": report.goal_s,
+        "steps": {f.step: {"p50": f.p50, "p95": f.p95, "max": f.max} for f in route.steps},
+        "overdue": route.overdue,
+        "at": _iso(now),
+        "monitoring_url": url,
+    }
+
+
+def slow_key(route: RouteTurnaround, now: dt.datetime) -> str:
+    """One key per route and UTC day."""
+    return "slow-" + hashlib.sha256(f"{route.route}\0{now:%Y-%m-%d}".encode()).hexdigest()[:32]
+
+
+def _slow_events(settings: Settings, report: TurnaroundReport, now: dt.datetime) -> Iterator[Event]:
+    """Each slow route; all routes together only where no single route reads slow (each has
+    too few studies of its own)."""
+    slow = [r for r in report.routes if r.status is Status.SHIFTED]
+    routes = [r for r in slow if r.route != ALL] or slow
+    for route in routes:
+        yield slow_key(route, now), None, slow_payload(settings, report, route, now)
+
+
 def _events(
     s: Any, settings: Settings, target: NotifyTarget, since: dt.datetime
 ) -> Iterator[Event]:
@@ -275,10 +325,12 @@ def queue_events(
     now: dt.datetime | None = None,
     monitoring: Callable[[], Sequence[ModelReport]] | None = None,
     traffic: Callable[[], TrafficReport] | None = None,
+    turnaround: Callable[[], TurnaroundReport] | None = None,
 ) -> int:
     """Queue a notification for each target's events not yet queued; returns how many.
     ``monitoring`` gives the model monitoring's reports (read only when a target listens
-    for ``shift``), ``traffic`` the studies arriving (for ``stopped``)."""
+    for ``shift``), ``traffic`` the studies arriving (for ``stopped``), ``turnaround`` the
+    results' turnaround (for ``slow``)."""
     now = now or utcnow()
     queued = 0
     for target in settings.notify:
@@ -289,6 +341,8 @@ def queue_events(
             found += list(_shift_events(settings, monitoring(), now))
         if "stopped" in target.events and traffic is not None:
             found += list(_stopped_events(settings, traffic(), now))
+        if "slow" in target.events and turnaround is not None:
+            found += list(_slow_events(settings, turnaround(), now))
         if not found:
             continue
         with ledger.session() as s:

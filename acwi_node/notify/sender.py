@@ -30,6 +30,7 @@ from acwi_node.ledger.models import DeliveryState, Notification, utcnow
 from acwi_node.monitoring.cache import Refreshed
 from acwi_node.monitoring.report import CachedReports, ModelMonitor
 from acwi_node.monitoring.traffic import traffic_monitor
+from acwi_node.monitoring.turnaround import TurnaroundMonitor
 from acwi_node.notify.events import queue_events
 from acwi_node.notify.formats import shape
 
@@ -118,6 +119,11 @@ class Notifier:
             settings.monitoring.refresh_s,
             clock=time.monotonic,
         )
+        self.turnaround = Refreshed(
+            TurnaroundMonitor(ledger, settings.monitoring).report,
+            settings.monitoring.refresh_s,
+            clock=time.monotonic,
+        )
 
     def tick(self, *, now: dt.datetime | None = None) -> int:
         """Queue what happened, then POST what is due; returns how many were attempted."""
@@ -127,6 +133,7 @@ class Notifier:
             now=now,
             monitoring=self.monitoring.get,
             traffic=self.traffic.get,
+            turnaround=self.turnaround.get,
         )
         now = now or utcnow()
         with self.ledger.session() as s:

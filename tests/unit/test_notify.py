@@ -359,6 +359,42 @@ def test_a_source_that_stopped_is_told_once_a_day(ledger_node: tuple[Settings, L
         assert queue_events(settings, ledger, now=tomorrow, traffic=notifier.traffic.get) == 0
 
 
+def test_a_slow_route_is_told_once_a_day(ledger_node: tuple[Settings, Ledger]) -> None:
+    """A target listening for ``slow`` hears of each route whose results reach the PACS slower
+    than the goal, with the step that took longest; once per route and day."""
+    from tests.unit.test_turnaround import study
+
+    base, ledger = ledger_node
+    now = utcnow()
+    for n in range(6):  # chest: the PACS takes 400 s to store each result
+        study(ledger, f"1.2.{n}", at=now - dt.timedelta(hours=1), steps=(2.0, 1.0, 1.0, 400.0))
+        study(ledger, f"1.3.{n}", route="ct", at=now - dt.timedelta(hours=1))
+    with WebhookServer() as ops, WebhookServer() as pager:
+        settings = _settings(
+            base,
+            {"name": "pacs-team", "url": ops.url, "events": ["slow"]},
+            {"name": "pager", "url": pager.url},
+        )
+        notifier = Notifier(settings, ledger)
+        assert notifier.tick() == 1
+        assert notifier.tick() == 0
+        assert pager.received == []
+        (body,) = (r["json"] for r in ops.received)
+        assert (body["event"], body["route"], body["studies"]) == ("slow", "chest", 6)
+        assert body["steps"]["delivery"] == {"p50": 400.0, "p95": 400.0, "max": 400.0}
+        assert body["text"] == (
+            "ACWI Node: results of route chest are slow: 95th percentile 6.7 min from the last"
+            " instance to stored in the PACS over 6 studies in the last 24 h (goal 5.0 min); the"
+            " longest step: delivery (6.7 min)"
+            " https://ai-node.example.org/review/monitoring#turnaround"
+        )
+        # still slow the next day (the exporter's report, read at most every refresh_s)
+        tomorrow = now + dt.timedelta(days=1)
+        queued = queue_events(settings, ledger, now=tomorrow, turnaround=notifier.turnaround.get)
+        assert queued == 1
+        assert queue_events(settings, ledger, now=tomorrow, turnaround=notifier.turnaround.get) == 0
+
+
 def test_a_chat_channel_gets_the_shape_it_reads(ledger_node: tuple[Settings, Ledger]) -> None:
     """``format``: the one-line message alone for Slack and its kind, an Adaptive Card with a
     button to the case for a Teams workflow webhook; the ledger keeps the whole object."""

@@ -1530,7 +1530,7 @@ class Ledger:
                     .group_by(Purge.study_id)
                 )
             }
-            return [self._study_view(st, jobs.get(st.id, []), deleted.get(st.id)) for st in studies]
+            return [self.study_view(st, jobs.get(st.id, []), deleted.get(st.id)) for st in studies]
 
     def get_study(self, study_uid: str) -> dict[str, Any] | None:
         with self.session() as s:
@@ -1539,10 +1539,10 @@ class Ledger:
                 return None
             jobs = s.scalars(select(Job).where(Job.study_id == st.id).order_by(Job.id)).all()
             deleted = files_deleted_at(s, st.id, st.generation)
-            return self._study_view(st, jobs, deleted, detail=True)
+            return self.study_view(st, jobs, deleted, detail=True)
 
     @staticmethod
-    def _study_view(
+    def study_view(
         st: Study,
         jobs: Sequence[Job],
         images_deleted_at: dt.datetime | None,

@@ -177,27 +177,15 @@ _STEP_ORDER = {
 
 # ---------------------------------------------------------------------------- reading
 def _summary(study: Study, deleted: dt.datetime | None) -> dict[str, Any]:
-    status = study.state.value
-    if study.needs_review and study.state in (StudyState.EXPORTING, StudyState.DELIVERED):
-        status = "needs_review"
+    """The study as ``GET /api/studies/{uid}`` shows it (without its jobs, which the events
+    tell), and what completed it."""
+    view = Ledger.study_view(study, [], deleted)
+    del view["jobs"]
     receiving = study.state == StudyState.RECEIVING
-    return {
-        "study_uid": study.study_uid,
-        "state": study.state.value,
-        "status": status,
-        "needs_review": study.needs_review,
-        "reason": study.reason,
-        "generation": study.generation,
-        "calling_ae": study.calling_ae,
-        "modality": study.modality,
-        "body_part": study.body_part,
-        "instances": study.instance_count,
-        "first_received_at": _iso(study.first_received_at),
-        "last_received_at": _iso(study.last_received_at),
-        "completed_at": None if receiving else _iso(study.completed_at),
-        "completed_by": "" if receiving else study.completed_by,
-        "images_deleted_at": _iso(deleted),
-    }
+    if receiving:
+        view["completed_at"] = None  # an earlier generation's
+    view["completed_by"] = "" if receiving else study.completed_by
+    return view
 
 
 @dataclass(frozen=True)

@@ -774,21 +774,18 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         try:
             await run_in_threadpool(act, study_uid)
         except StudyActionRefused as exc:
-            page = _study_page if back_to_study else _dashboard_of_study
-            return await run_in_threadpool(
-                partial(page, request, study_uid, error=f"{study_uid}: {exc}", status=409)
-            )
+            error = f"{study_uid}: {exc}"
+            if back_to_study:
+                page = partial(_study_page, request, study_uid, error=error, status=409)
+            else:
+                page = partial(_dashboard, request, error=error, status=409)
+            return await run_in_threadpool(page)
         log.info("%s: %s by %s", study_uid, action, user.user_name)
         if back_to_study:
             return RedirectResponse(
                 f"/review/studies/{quote(study_uid)}?done={action}", status_code=303
             )
         return RedirectResponse(f"/review/dashboard?done={action}", status_code=303)
-
-    def _dashboard_of_study(
-        request: Request, study_uid: str, *, error: str, status: int
-    ) -> HTMLResponse:
-        return _dashboard(request, error=error, status=status)
 
     @app.post("/review/retrievals", include_in_schema=False)
     async def retrieve(request: Request) -> Response:

@@ -1,14 +1,17 @@
 """A study's life in the ledger for tests: instances received (spool file, then row), completed,
-analysed (an SR in the results folder) and delivered, without the processes that do it."""
+analysed (an SR in the results folder) and delivered, without the processes that do it; and
+(:func:`timed_study`) one whose every step took a given time."""
 
 from __future__ import annotations
 
-from sqlalchemy import select
+import datetime as dt
+
+from sqlalchemy import select, update
 
 from acwi_node.config import Settings
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import InstanceRecord, Ledger, ResultFile, RoutedJob, StudyFacts
-from acwi_node.ledger.models import Study
+from acwi_node.ledger.models import Delivery, Instance, Job, Study
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -86,3 +89,56 @@ def delivered_study(settings: Settings, ledger: Ledger, study: str, n: int = 2) 
     analyse(settings, ledger, study)
     deliver(ledger)
     assert ledger.get_study(study)["state"] == "delivered"  # type: ignore[index]
+
+
+def timed_study(
+    ledger: Ledger,
+    uid: str,
+    *,
+    at: dt.datetime,
+    route: str = "chest",
+    steps: tuple[float, float, float, float] = (2.0, 0.5, 1.5, 1.0),
+    priority: int = 0,
+    stored: bool = True,
+) -> int:
+    """A study of one instance received at ``at`` and taken by ``route``; its completion,
+    queue, analysis and delivery taking ``steps`` seconds (the delivery left pending unless
+    ``stored``). Returns its job id."""
+    received = ledger.record_instance(dx_record(uid, uid + ".1"), first_in_association=False)
+    routed = RoutedJob(route=route, model="default", destinations=["pacs"], priority=priority)
+    (job_id,) = ledger.complete_study(received.study_id, 1, lambda facts: [routed])
+    assert ledger.claim_job(job_id, lease_s=3600) is not None
+    ledger.finish_analysis(
+        job_id,
+        results=[ResultFile("sr", uid + ".77", SR, f"{uid}/{uid}.77.dcm")],
+        summary={"predicted_label": "normal"},
+        needs_review=False,
+        review_reason="",
+    )
+    if stored:
+        for d in ledger.due_deliveries():
+            if d.job_id == job_id:
+                ledger.record_delivery(
+                    d.id, delivered=True, status=0, error="", max_attempts=3, backoff_s=1
+                )
+    completion, queue, analysis, delivery = steps
+    times = [at + dt.timedelta(seconds=s) for s in (0, completion)]
+    times.append(times[-1] + dt.timedelta(seconds=queue))
+    times.append(times[-1] + dt.timedelta(seconds=analysis))
+    times.append(times[-1] + dt.timedelta(seconds=delivery))
+    last, completed, started, analysed, at_pacs = times
+    with ledger.session() as s:
+        s.execute(update(Instance).where(Instance.study_id == received.study_id).values(
+            received_at=last))  # fmt: skip
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                created_at=completed, started_at=started, analysed_at=analysed,
+                finished_at=at_pacs if stored else None,
+            )
+        )  # fmt: skip
+        if stored:
+            s.execute(update(Delivery).where(Delivery.job_id == job_id).values(
+                delivered_at=at_pacs))  # fmt: skip
+    return job_id

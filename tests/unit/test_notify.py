@@ -362,13 +362,15 @@ def test_a_source_that_stopped_is_told_once_a_day(ledger_node: tuple[Settings, L
 def test_a_slow_route_is_told_once_a_day(ledger_node: tuple[Settings, Ledger]) -> None:
     """A target listening for ``slow`` hears of each route whose results reach the PACS slower
     than the goal, with the step that took longest; once per route and day."""
-    from tests.unit.test_turnaround import study
+    from tests.support.study_flow import timed_study
 
     base, ledger = ledger_node
     now = utcnow()
     for n in range(6):  # chest: the PACS takes 400 s to store each result
-        study(ledger, f"1.2.{n}", at=now - dt.timedelta(hours=1), steps=(2.0, 1.0, 1.0, 400.0))
-        study(ledger, f"1.3.{n}", route="ct", at=now - dt.timedelta(hours=1))
+        timed_study(
+            ledger, f"1.2.{n}", at=now - dt.timedelta(hours=1), steps=(2.0, 1.0, 1.0, 400.0)
+        )
+        timed_study(ledger, f"1.3.{n}", route="ct", at=now - dt.timedelta(hours=1))
     with WebhookServer() as ops, WebhookServer() as pager:
         settings = _settings(
             base,

@@ -15,8 +15,8 @@ from sqlalchemy import select, update
 
 from acwi_node.cli import main
 from acwi_node.config import MonitoringSettings, Settings
-from acwi_node.ledger import Ledger, ResultFile, RoutedJob
-from acwi_node.ledger.models import Delivery, Instance, Job, Study, utcnow
+from acwi_node.ledger import Ledger, RoutedJob
+from acwi_node.ledger.models import Instance, Study, utcnow
 from acwi_node.ledger.repository import STAT_PRIORITY
 from acwi_node.monitoring.drift import Status
 from acwi_node.monitoring.turnaround import (
@@ -29,10 +29,10 @@ from acwi_node.monitoring.turnaround import (
 from acwi_node.observability.metrics import ledger_registry
 from acwi_node.web.api import create_app
 from tests.support.review_case import add_user, sign_in
-from tests.support.study_flow import deliver, dx_record
+from tests.support.study_flow import dx_record, timed_study
 
-SR = "1.2.840.10008.5.1.4.1.1.88.34"
 NOW = dt.datetime(2026, 12, 1, 12, 0, 0)
+HOUR_BEFORE = NOW - dt.timedelta(hours=1)
 
 
 def test_percentiles_are_nearest_rank() -> None:
@@ -41,55 +41,6 @@ def test_percentiles_are_nearest_rank() -> None:
     assert percentile(values[::-1], 95) == 19.0 and percentile([7.0], 95) == 7.0
     assert percentile([], 50) is None
     assert [duration(s) for s in (None, 4.25, 390.0, 9000.0)] == ["-", "4.2 s", "6.5 min", "2.5 h"]
-
-
-def study(
-    ledger: Ledger,
-    uid: str,
-    *,
-    route: str = "chest",
-    at: dt.datetime = NOW - dt.timedelta(hours=1),
-    steps: tuple[float, float, float, float] = (2.0, 0.5, 1.5, 1.0),
-    priority: int = 0,
-    stored: bool = True,
-) -> int:
-    """A study of one instance received at ``at`` and taken by ``route``; its completion,
-    queue, analysis and delivery taking ``steps`` seconds (the delivery left pending unless
-    ``stored``). Returns its job id."""
-    received = ledger.record_instance(dx_record(uid, uid + ".1"), first_in_association=False)
-    routed = RoutedJob(route=route, model="default", destinations=["pacs"], priority=priority)
-    (job_id,) = ledger.complete_study(received.study_id, 1, lambda facts: [routed])
-    assert ledger.claim_job(job_id, lease_s=3600) is not None
-    ledger.finish_analysis(
-        job_id,
-        results=[ResultFile("sr", uid + ".77", SR, f"{uid}/{uid}.77.dcm")],
-        summary={"predicted_label": "normal"},
-        needs_review=False,
-        review_reason="",
-    )
-    if stored:
-        deliver(ledger)
-    completion, queue, analysis, delivery = steps
-    times = [at + dt.timedelta(seconds=s) for s in (0, completion)]
-    times.append(times[-1] + dt.timedelta(seconds=queue))
-    times.append(times[-1] + dt.timedelta(seconds=analysis))
-    times.append(times[-1] + dt.timedelta(seconds=delivery))
-    last, completed, started, analysed, at_pacs = times
-    with ledger.session() as s:
-        s.execute(update(Instance).where(Instance.study_id == received.study_id).values(
-            received_at=last))  # fmt: skip
-        s.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(
-                created_at=completed, started_at=started, analysed_at=analysed,
-                finished_at=at_pacs if stored else None,
-            )
-        )  # fmt: skip
-        if stored:
-            s.execute(update(Delivery).where(Delivery.job_id == job_id).values(
-                delivered_at=at_pacs))  # fmt: skip
-    return job_id
 
 
 def monitor(ledger: Ledger, **cfg: float) -> TurnaroundMonitor:
@@ -104,8 +55,14 @@ def seconds(route: RouteTurnaround, step: str) -> tuple[float | None, float | No
 def test_each_step_is_read_from_the_ledgers_times(ledger_node: tuple[Settings, Ledger]) -> None:
     _, ledger = ledger_node
     for n in range(10):  # analyses of 1 to 10 s; the tenth study is STAT
-        study(ledger, f"1.2.{n}", steps=(2.0, 0.5, n + 1.0, 1.0), priority=STAT_PRIORITY * (n == 9))
-    study(ledger, "1.3.1", route="ct", steps=(5.0, 0.0, 60.0, 2.0))
+        timed_study(
+            ledger,
+            f"1.2.{n}",
+            steps=(2.0, 0.5, n + 1.0, 1.0),
+            priority=STAT_PRIORITY * (n == 9),
+            at=HOUR_BEFORE,
+        )
+    timed_study(ledger, "1.3.1", route="ct", steps=(5.0, 0.0, 60.0, 2.0), at=HOUR_BEFORE)
     report = monitor(ledger).report(now=NOW)
     assert [r.route for r in report.routes] == [ALL, "chest", "ct"]
     chest = report.routes[1]
@@ -128,7 +85,9 @@ def test_a_route_is_slow_when_its_95th_percentile_passes_the_goal(
 ) -> None:
     _, ledger = ledger_node
     for n in range(20):  # one in twenty slow is the 95th percentile's business, two are not
-        study(ledger, f"1.2.{n}", steps=(2.0, 1.0, 1.0, 1.0 if n < 18 else 600.0))
+        timed_study(
+            ledger, f"1.2.{n}", steps=(2.0, 1.0, 1.0, 1.0 if n < 18 else 600.0), at=HOUR_BEFORE
+        )
     report = monitor(ledger, turnaround_goal_s=300).report(now=NOW)
     assert report.routes[1].status is Status.SHIFTED and report.status is Status.SHIFTED
     assert seconds(report.routes[1], "delivery")[1] == 600.0
@@ -142,8 +101,8 @@ def test_studies_still_on_their_way_past_the_goal_are_overdue(
     ledger_node: tuple[Settings, Ledger],
 ) -> None:
     _, ledger = ledger_node
-    study(ledger, "1.2.1", at=utcnow() - dt.timedelta(minutes=30), stored=False)
-    study(ledger, "1.2.2", at=utcnow() - dt.timedelta(seconds=20), stored=False)
+    timed_study(ledger, "1.2.1", at=utcnow() - dt.timedelta(minutes=30), stored=False)
+    timed_study(ledger, "1.2.2", at=utcnow() - dt.timedelta(seconds=20), stored=False)
     waiting = ledger.record_instance(dx_record("1.2.3", "1.2.3.1"), first_in_association=False)
     routed = RoutedJob(route="ct", model="default", destinations=["pacs"], priority=0)
     ledger.complete_study(waiting.study_id, 1, lambda facts: [routed])  # queued, never taken
@@ -162,9 +121,9 @@ def test_the_window_and_reprocessing_leave_studies_out(
     ledger_node: tuple[Settings, Ledger],
 ) -> None:
     _, ledger = ledger_node
-    study(ledger, "1.2.1")
-    study(ledger, "1.2.2", at=NOW - dt.timedelta(hours=30))  # stored before the last 24 h
-    study(ledger, "1.2.3")
+    timed_study(ledger, "1.2.1", at=HOUR_BEFORE)
+    timed_study(ledger, "1.2.2", at=NOW - dt.timedelta(hours=30))  # stored before the last 24 h
+    timed_study(ledger, "1.2.3", at=HOUR_BEFORE)
     # Reprocessed: its new generation has no instance of its own, no PACS waited for it.
     generation = ledger.reprocess_study("1.2.3")
     with ledger.session() as s:
@@ -187,7 +146,9 @@ def test_monitor_api_pages_and_metrics_tell_a_slow_route(
     settings, ledger = ledger_node
     now = utcnow()
     for n in range(6):
-        study(ledger, f"1.2.{n}", at=now - dt.timedelta(hours=1), steps=(2.0, 1.0, 1.0, 400.0))
+        timed_study(
+            ledger, f"1.2.{n}", at=now - dt.timedelta(hours=1), steps=(2.0, 1.0, 1.0, 400.0)
+        )
     config = tmp_path / "node.toml"
     config.write_text(
         f'[node]\ndata_dir = "{settings.data_dir}"\ndatabase_url = "{settings.database_url}"\n'

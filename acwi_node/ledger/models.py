@@ -183,6 +183,8 @@ class Job(Base):
         # the dashboard's and the model monitoring's windows
         Index("ix_jobs_started_at", "started_at"),
         Index("ix_jobs_created_at", "created_at"),
+        # the turnaround's window: the jobs whose results were stored in the last hours
+        Index("ix_jobs_finished_at", "finished_at"),
     )
 
 

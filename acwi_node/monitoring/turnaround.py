@@ -154,8 +154,7 @@ class TurnaroundMonitor:
                     Job.analysed_at, stored,
                 ).where(
                     Job.state == JobState.DELIVERED,
-                    # created before it finished: the index on created_at narrows the scan
-                    Job.created_at >= since - dt.timedelta(days=1),
+                    # however long ago it was created: a study whose PACS was down for days
                     Job.finished_at >= since,
                     Job.analysed_at.is_not(None),
                 )

@@ -121,9 +121,12 @@ def test_the_window_and_reprocessing_leave_studies_out(
     ledger_node: tuple[Settings, Ledger],
 ) -> None:
     _, ledger = ledger_node
+    day = dt.timedelta(days=1)
     timed_study(ledger, "1.2.1", at=HOUR_BEFORE)
     timed_study(ledger, "1.2.2", at=NOW - dt.timedelta(hours=30))  # stored before the last 24 h
     timed_study(ledger, "1.2.3", at=HOUR_BEFORE)
+    # Received three days ago, stored an hour ago (the PACS was down): in the window.
+    timed_study(ledger, "1.2.4", at=NOW - 3 * day, steps=(1.0, 1.0, 1.0, 3 * 86400 - 3600.0))
     # Reprocessed: its new generation has no instance of its own, no PACS waited for it.
     generation = ledger.reprocess_study("1.2.3")
     with ledger.session() as s:
@@ -136,8 +139,10 @@ def test_the_window_and_reprocessing_leave_studies_out(
         job_id, results=[], summary={"predicted_label": "normal"}, needs_review=False,
         review_reason="",
     )  # fmt: skip
-    # 1.2.1 and 1.2.3's first analysis; not 1.2.2, nor 1.2.3's reprocessing.
-    assert monitor(ledger).report(now=NOW).overall.studies == 2
+    # 1.2.1, 1.2.3's first analysis and 1.2.4; not 1.2.2, nor 1.2.3's reprocessing.
+    report = monitor(ledger).report(now=NOW)
+    assert report.overall.studies == 3 and report.status is Status.TOO_FEW
+    assert seconds(report.overall, "total")[2] == 3 * 86400 - 3600 + 3.0
 
 
 def test_monitor_api_pages_and_metrics_tell_a_slow_route(

@@ -167,6 +167,9 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    #: What completed its study's generation (:data:`COMPLETED_BY`), kept with the job so
+    #: that a study's trace tells it for every generation.
+    completed_by: Mapped[str] = mapped_column(String(16), default="")
     #: When the analysis finished and its results were recorded (the delivery follows).
     analysed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     #: Renewed by the worker while it analyses; a job whose lease ran out is taken again.

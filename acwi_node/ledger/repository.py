@@ -855,6 +855,7 @@ class Ledger:
                     priority=r.priority,
                     state=JobState.QUEUED,
                     created_at=now,
+                    completed_by=by,
                 )
                 for r in routed
             ]

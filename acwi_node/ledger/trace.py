@@ -260,14 +260,17 @@ def _completions(
     """When each generation completed: the study's row for the current one, its jobs'
     creation (the same transaction) for earlier ones."""
     at: dict[int, dt.datetime] = {}
+    signal: dict[int, str] = {}
     for j in jobs:
         at[j.generation] = min(at.get(j.generation, j.created_at), j.created_at)
+        signal[j.generation] = signal.get(j.generation) or j.completed_by
     if study.state != StudyState.RECEIVING and study.completed_at is not None:
         at[study.generation] = study.completed_at
+        signal[study.generation] = study.completed_by
     for generation in sorted(at):
         when = at[generation]
         current = generation == study.generation
-        by = COMPLETED_BY.get(study.completed_by, "") if current else ""
+        by = COMPLETED_BY.get(signal.get(generation, ""), "")
         text = f"complete: {by}" if by else "complete"
         arrival = received.get(generation)
         if arrival is None and generation > 1:

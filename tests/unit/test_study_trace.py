@@ -241,6 +241,13 @@ def test_the_ledger_records_what_completed_a_study(ledger_node: tuple[Settings, 
     # A re-opened study waits for completion again: nothing is said to have completed it.
     ledger.record_instance(dx_record("1.2.3", "1.2.3.2"), first_in_association=False)
     assert completed_by(ledger, "1.2.4") == "max_wait" and completed_by(ledger, "1.2.3") == ""
+    # Its second generation completes by another signal: each generation tells its own.
+    ledger.association_released([quiet.study_id])
+    ledger.complete_study(quiet.study_id, 2, route_all, by="release")
+    assert [text.split(",")[0] for text in texts(ledger, "1.2.3", "completed")] == [
+        "complete: no instance and no open association for the quiet period",
+        "complete: its sender released the association (a release-complete sender)",
+    ]
 
 
 def test_the_completion_loop_records_the_signal_that_came_first(

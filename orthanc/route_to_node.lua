@@ -27,6 +27,11 @@
 -- forth.  An instance replaced by a new version (OverwriteInstances) loses
 -- the tag and is forwarded again, which is intended: the content changed.
 --
+-- IOCM rejection notes: OnStoredInstance (below) deletes the node's results
+-- that a rejection note of the node lists; see the comment above that
+-- function.  The notes themselves are node results (Manufacturer "ACWI Node"),
+-- so criterion 2 keeps OnStableStudy from ever forwarding them to the node.
+--
 -- Log lines only contain Orthanc identifiers (hashes) and counts, never
 -- patient data.
 
@@ -114,6 +119,188 @@ function OnStableStudy(studyId, tags, metadata)
   end
   print('ACWI routing: study ' .. studyId .. ': forwarded ' .. #toSend .. ' instance(s), skipped '
         .. fromNode .. ' node result(s) and ' .. alreadyForwarded .. ' already forwarded')
+end
+
+-- ------------------------------------------------------------------------
+-- IOCM rejection notes.
+--
+-- Orthanc does not act on IHE IOCM rejection notes by itself.  The node
+-- withdraws results by sending one: a Key Object Selection Document whose
+-- document title (ConceptNameCodeSequence, CID 7011) is a rejection reason
+-- and whose CurrentRequestedProcedureEvidenceSequence lists the rejected
+-- instances.  When such a note is stored here AND its Manufacturer is
+-- "ACWI Node", every instance it lists is deleted, but only when
+--
+--   * its series' Manufacturer and its own Manufacturer are "ACWI Node" (a
+--     note must never delete the patient's source images), and
+--   * it belongs to the same patient as the note (Orthanc's patient
+--     identifier), and
+--   * it is not the note itself.
+--
+-- Instances that are already gone (a note received twice) are counted, not
+-- treated as an error.  The note itself stays stored: it is the record of the
+-- rejection.  References whose UIDs are empty or not made of digits and dots
+-- are ignored (an empty or wildcard value would match every instance in
+-- /tools/find).
+--
+-- Orthanc 1.10 passes the instance's full simplified tags (sequences
+-- included) as `tags`; the script still reads them with
+-- /instances/{id}/tags?simplify when the sequences are missing.
+
+local KOS_SOP_CLASS = '1.2.840.10008.5.1.4.1.1.88.59'
+local REJECTION_TITLES = {
+  ['113001'] = true,  -- Rejected for Quality Reasons
+  ['113037'] = true,  -- Rejected for Patient Safety Reasons
+  ['113038'] = true,  -- Incorrect Modality Worklist Entry
+  ['113039'] = true,  -- Data Retention Policy Expired
+}
+
+-- A table, or an empty one for anything else (a missing or malformed tag).
+local function Items(value)
+  if type(value) == 'table' then
+    return value
+  end
+  return {}
+end
+
+local function IsUid(value)
+  return string.len(value) > 0 and string.len(value) <= 64
+    and string.find(value, '^[0-9][0-9.]*$') ~= nil
+end
+
+-- The code value of the document title when it is one of the rejection
+-- reasons above (coding scheme DCM), otherwise nil.
+local function RejectionReason(tags)
+  local title = Items(tags['ConceptNameCodeSequence'])[1]
+  if type(title) ~= 'table' or Trim(title['CodingSchemeDesignator']) ~= 'DCM' then
+    return nil
+  end
+  local code = Trim(title['CodeValue'])
+  if REJECTION_TITLES[code] then
+    return code
+  end
+  return nil
+end
+
+-- The rejected instances as {study UID, SOP Instance UID} pairs, and the
+-- number of references ignored because a UID is malformed.
+local function RejectedReferences(tags)
+  local references = {}
+  local malformed = 0
+  for _, study in ipairs(Items(tags['CurrentRequestedProcedureEvidenceSequence'])) do
+    local studyUid = Trim(Items(study)['StudyInstanceUID'])
+    for _, series in ipairs(Items(Items(study)['ReferencedSeriesSequence'])) do
+      for _, sop in ipairs(Items(Items(series)['ReferencedSOPSequence'])) do
+        local sopUid = Trim(Items(sop)['ReferencedSOPInstanceUID'])
+        if IsUid(studyUid) and IsUid(sopUid) then
+          table.insert(references, { studyUid, sopUid })
+        else
+          malformed = malformed + 1
+        end
+      end
+    end
+  end
+  return references, malformed
+end
+
+-- Orthanc identifier of the patient of an instance, or nil.
+local function PatientOf(instanceId)
+  local patient = GetJson('/instances/' .. instanceId .. '/patient')
+  if patient == nil then
+    return nil
+  end
+  return patient['ID']
+end
+
+-- Delete what a rejection note of the node lists; returns the counts.
+local function ApplyRejection(noteId, tags)
+  local counts = { deleted = 0, foreign = 0, otherPatient = 0, gone = 0, malformed = 0, failed = 0 }
+  local notePatient = PatientOf(noteId)
+  local references
+  references, counts.malformed = RejectedReferences(tags)
+
+  for _, reference in ipairs(references) do
+    local query = {}
+    query['Level'] = 'Instance'
+    query['Query'] = { StudyInstanceUID = reference[1], SOPInstanceUID = reference[2] }
+    query['Expand'] = true
+    local answer = RestApiPost('/tools/find', DumpJson(query, true))
+    local matches = {}
+    if answer == nil then
+      counts.failed = counts.failed + 1
+    else
+      matches = Items(ParseJson(answer))
+    end
+    if answer ~= nil and #matches == 0 then
+      counts.gone = counts.gone + 1
+    end
+
+    for _, match in ipairs(matches) do
+      local instanceId = match['ID']
+      local series = GetJson('/series/' .. tostring(match['ParentSeries']))
+      local study = nil
+      if series ~= nil then
+        study = GetJson('/studies/' .. tostring(series['ParentStudy']))
+      end
+      if instanceId == noteId then
+        -- A note listing itself: it stays, it is the record of the rejection.
+      elseif series == nil or study == nil then
+        counts.gone = counts.gone + 1
+      elseif Trim(Items(series['MainDicomTags'])['Manufacturer']) ~= NODE_MANUFACTURER then
+        counts.foreign = counts.foreign + 1
+      elseif notePatient == nil or study['ParentPatient'] ~= notePatient then
+        counts.otherPatient = counts.otherPatient + 1
+      else
+        -- The series says "ACWI Node"; the instance itself must say so too.
+        local own = GetJson('/instances/' .. instanceId .. '/tags?simplify')
+        if own == nil then
+          counts.gone = counts.gone + 1
+        elseif Trim(own['Manufacturer']) ~= NODE_MANUFACTURER then
+          counts.foreign = counts.foreign + 1
+        elseif RestApiDelete('/instances/' .. instanceId) then
+          counts.deleted = counts.deleted + 1
+        else
+          counts.failed = counts.failed + 1
+        end
+      end
+    end
+  end
+  return counts
+end
+
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  tags = Items(tags)
+  local sopClass = Trim(tags['SOPClassUID'])
+  if sopClass == '' then
+    sopClass = Trim(Items(metadata)['SopClassUid'])
+  end
+  if sopClass ~= KOS_SOP_CLASS then
+    return
+  end
+
+  if type(tags['ConceptNameCodeSequence']) ~= 'table'
+    or type(tags['CurrentRequestedProcedureEvidenceSequence']) ~= 'table' then
+    tags = Items(GetJson('/instances/' .. instanceId .. '/tags?simplify'))
+  end
+
+  local reason = RejectionReason(tags)
+  if reason == nil then
+    print('ACWI rejection: key object ' .. instanceId
+          .. ' is not a rejection note (title); nothing deleted')
+    return
+  end
+  if Trim(tags['Manufacturer']) ~= NODE_MANUFACTURER then
+    print('ACWI rejection: rejection note ' .. instanceId
+          .. ' is not from the node (Manufacturer); nothing deleted')
+    return
+  end
+
+  local counts = ApplyRejection(instanceId, tags)
+  print('ACWI rejection: note ' .. instanceId .. ' (' .. reason .. '): deleted '
+        .. counts.deleted .. ' node result(s); kept ' .. counts.foreign
+        .. ' of another manufacturer, ' .. counts.otherPatient .. ' of another patient; '
+        .. counts.gone .. ' already gone, ' .. counts.malformed .. ' malformed reference(s), '
+        .. counts.failed .. ' failed')
 end
 
 print('ACWI routing script loaded')

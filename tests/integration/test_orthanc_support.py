@@ -7,8 +7,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import highdicom as hd
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from acwi_node.export import send_files
@@ -299,3 +302,265 @@ def test_lua_leaves_instances_unmarked_when_the_node_is_down(tmp_path: Path) -> 
         (instance,) = a.study_instances(study_uid)
         assert "AcwiForwarded" not in a.instance_metadata(instance["ID"])
         assert [job["State"] for job in _store_jobs(a)] == ["Failure"]
+
+
+# ------------------------------------------------------- IOCM rejection notes
+
+REJECTION_LOG = "ACWI rejection:"
+NODE_MANUFACTURER = "ACWI Node"
+OTHER_MANUFACTURER = "Test Modality"
+
+
+def _comprehensive_sr(path: Path, evidence: Dataset, *, manufacturer: str) -> Path:
+    """A small Comprehensive SR in ``evidence``'s study (a result that is not an image)."""
+    root = hd.sr.ContainerContentItem(name=codes.DCM.Finding, template_id=None)
+    root.ContentSequence = hd.sr.ContentSequence(
+        [hd.sr.TextContentItem(name=codes.DCM.Finding, value="test", relationship_type="CONTAINS")]
+    )
+    sr = hd.sr.ComprehensiveSR(
+        evidence=[evidence],
+        content=root,
+        series_instance_uid=generate_uid(),
+        series_number=9903,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer=manufacturer,
+    )
+    sr.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _key_object_note(
+    path: Path,
+    referenced: list[Path],
+    *,
+    title: Code = codes.DCM.RejectedForQualityReasons,
+    manufacturer: str = NODE_MANUFACTURER,
+) -> Path:
+    """A Key Object Selection document listing ``referenced`` (one study) under ``title``:
+    an IOCM rejection note for the CID 7011 titles, a key-image note for "Of Interest"."""
+    datasets = [dcmread(p) for p in referenced]
+    note = hd.ko.KeyObjectSelectionDocument(
+        evidence=datasets,
+        content=hd.ko.KeyObjectSelection(document_title=title, referenced_objects=datasets),
+        series_instance_uid=generate_uid(),
+        series_number=9904,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer=manufacturer,
+    )
+    note.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _add_evidence_reference(note_path: Path, referenced: Path) -> None:
+    """List ``referenced`` in the note's evidence only (as a note of a careless sender might)."""
+    note = dcmread(note_path)
+    ref = dcmread(referenced)
+    sop = Dataset()
+    sop.ReferencedSOPClassUID = ref.SOPClassUID
+    sop.ReferencedSOPInstanceUID = ref.SOPInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID = ref.SeriesInstanceUID
+    series.ReferencedSOPSequence = [sop]
+    note.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence.append(series)
+    note.save_as(note_path, enforce_file_format=True)
+
+
+def _send(orthanc: OrthancServer, paths: list[Path], calling_ae: str) -> None:
+    report = send_files(
+        paths,
+        called_ae=orthanc.aet,
+        host="127.0.0.1",
+        port=orthanc.dicom_port,
+        calling_ae=calling_ae,
+    )
+    assert report.all_delivered, report
+
+
+def _sop_uid(path: Path) -> str:
+    return str(dcmread(path).SOPInstanceUID)
+
+
+def _orthanc_id(orthanc: OrthancServer, study_uid: str, sop_uid: str) -> str:
+    (item,) = [
+        i
+        for i in orthanc.study_instances(study_uid)
+        if i["MainDicomTags"]["SOPInstanceUID"] == sop_uid
+    ]
+    return str(item["ID"])
+
+
+def _rejection_lines(orthanc: OrthancServer, note_id: str) -> list[str]:
+    return [line for line in orthanc.log_lines_matching(REJECTION_LOG) if note_id in line]
+
+
+def _wait_for_note(orthanc: OrthancServer, note_id: str, count: int = 1) -> list[str]:
+    """Wait until the script has handled the note ``count`` times; return its log lines."""
+
+    def handled() -> list[str]:
+        lines = _rejection_lines(orthanc, note_id)
+        return lines if len(lines) >= count else []
+
+    return orthanc.wait_for(
+        handled, timeout_s=20, message=f"{count} line(s) of the script on key object {note_id}"
+    )
+
+
+def _lua_errors(orthanc: OrthancServer) -> list[str]:
+    return [
+        line
+        for line in orthanc.log_text().splitlines()
+        if "Lua: Error" in line or ("LuaScripting" in line and line.startswith("E"))
+    ]
+
+
+@pytest.fixture
+def iocm_study(
+    routed_pair: tuple[OrthancServer, OrthancServer], tmp_path: Path
+) -> tuple[OrthancServer, OrthancServer, str, Path, Path, Path]:
+    """In Orthanc ``a``: a source image of a modality, and two results of the node in its
+    study (a secondary capture sent by the node, a Comprehensive SR uploaded by REST)."""
+    a, b = routed_pair
+    study_uid = generate_uid()
+    source = write_secondary_capture(tmp_path / "source.dcm", study_uid=study_uid)
+    heatmap = write_secondary_capture(
+        tmp_path / "heatmap.dcm",
+        study_uid=study_uid,
+        manufacturer=NODE_MANUFACTURER,
+        series_number=9901,
+    )
+    report = _comprehensive_sr(tmp_path / "sr.dcm", dcmread(source), manufacturer=NODE_MANUFACTURER)
+    _send(a, [source], "MODALITY")
+    _send(a, [heatmap], b.aet)
+    a.upload(report)
+    assert a.study_sop_instance_uids(study_uid) == {_sop_uid(p) for p in (source, heatmap, report)}
+    return a, b, study_uid, source, heatmap, report
+
+
+def test_lua_rejection_note_deletes_only_the_node_results(
+    iocm_study: tuple[OrthancServer, OrthancServer, str, Path, Path, Path], tmp_path: Path
+) -> None:
+    a, b, study_uid, source, heatmap, report = iocm_study
+    # A result of the node with the same Study Instance UID but another patient.
+    other_patient = write_secondary_capture(
+        tmp_path / "other.dcm",
+        study_uid=study_uid,
+        manufacturer=NODE_MANUFACTURER,
+        series_number=9901,
+        patient_id="TEST-0002",
+    )
+    a.upload(other_patient)
+    # Mixed series, where the series' Manufacturer (its first instance's) and the instance's
+    # own differ: another manufacturer's image in a series of the node, and an object that
+    # says "ACWI Node" in the modality's series (sent by the node, so never routed).
+    foreign_in_result_series = write_secondary_capture(
+        tmp_path / "foreign_in_result_series.dcm",
+        study_uid=study_uid,
+        series_uid=str(dcmread(heatmap).SeriesInstanceUID),
+        instance_number=2,
+    )
+    a.upload(foreign_in_result_series)
+    marked_in_source_series = write_secondary_capture(
+        tmp_path / "marked_in_source_series.dcm",
+        study_uid=study_uid,
+        series_uid=str(dcmread(source).SeriesInstanceUID),
+        manufacturer=NODE_MANUFACTURER,
+        instance_number=2,
+    )
+    _send(a, [marked_in_source_series], b.aet)
+    note = _key_object_note(tmp_path / "note.dcm", [heatmap, report, source])
+    for extra in (other_patient, foreign_in_result_series, marked_in_source_series):
+        _add_evidence_reference(note, extra)
+    # Relayed, not sent by the node's AE title: only its Manufacturer keeps it from being routed.
+    _send(a, [note], "RELAY")
+    note_id = _orthanc_id(a, study_uid, _sop_uid(note))
+
+    (line,) = _wait_for_note(a, note_id)
+    assert "(113001): deleted 2 node result(s)" in line
+    assert "kept 3 of another manufacturer, 1 of another patient" in line
+    assert "0 already gone, 0 malformed reference(s), 0 failed" in line
+    # The Study Instance UID query also finds the other patient's result, which stays.
+    kept = {
+        _sop_uid(p)
+        for p in (source, note, other_patient, foreign_in_result_series, marked_in_source_series)
+    }
+    a.wait_for(
+        lambda: a.study_sop_instance_uids(study_uid) == kept,
+        timeout_s=10,
+        message="only the node's two results gone from the study",
+    )
+
+    # Routing: the note, a result of the node, is never forwarded; the source is.
+    study_id = str(a.get_json(f"/instances/{note_id}/study")["ID"])
+
+    def routed_after_the_note() -> bool:
+        lines = a.log_text().splitlines()
+        note_at = next(i for i, text in enumerate(lines) if REJECTION_LOG in text)
+        return any(ROUTED_LOG in text and study_id in text for text in lines[note_at:])
+
+    a.wait_for(routed_after_the_note, timeout_s=20, message="a stable event after the note")
+    routed = b.study_sop_instance_uids(study_uid)
+    assert _sop_uid(note) not in routed
+    assert routed == {_sop_uid(source)}
+    assert _lua_errors(a) == []
+
+
+def test_lua_key_image_note_deletes_nothing(
+    iocm_study: tuple[OrthancServer, OrthancServer, str, Path, Path, Path], tmp_path: Path
+) -> None:
+    a, b, study_uid, source, heatmap, report = iocm_study
+    note = _key_object_note(
+        tmp_path / "key_images.dcm", [heatmap, report, source], title=codes.DCM.OfInterest
+    )
+    _send(a, [note], b.aet)
+    note_id = _orthanc_id(a, study_uid, _sop_uid(note))
+
+    (line,) = _wait_for_note(a, note_id)
+    assert "is not a rejection note (title); nothing deleted" in line
+    assert a.study_sop_instance_uids(study_uid) == {
+        _sop_uid(p) for p in (source, heatmap, report, note)
+    }
+    assert _lua_errors(a) == []
+
+
+def test_lua_rejection_note_of_another_manufacturer_deletes_nothing(
+    iocm_study: tuple[OrthancServer, OrthancServer, str, Path, Path, Path], tmp_path: Path
+) -> None:
+    a, _b, study_uid, source, heatmap, report = iocm_study
+    note = _key_object_note(
+        tmp_path / "foreign.dcm", [heatmap, report, source], manufacturer=OTHER_MANUFACTURER
+    )
+    _send(a, [note], "MODALITY")
+    note_id = _orthanc_id(a, study_uid, _sop_uid(note))
+
+    (line,) = _wait_for_note(a, note_id)
+    assert "is not from the node (Manufacturer); nothing deleted" in line
+    assert a.study_sop_instance_uids(study_uid) == {
+        _sop_uid(p) for p in (source, heatmap, report, note)
+    }
+    assert _lua_errors(a) == []
+
+
+def test_lua_rejection_note_sent_twice_is_harmless(
+    iocm_study: tuple[OrthancServer, OrthancServer, str, Path, Path, Path], tmp_path: Path
+) -> None:
+    a, b, study_uid, source, heatmap, report = iocm_study
+    note = _key_object_note(
+        tmp_path / "twice.dcm", [heatmap, report], title=codes.DCM.RejectedForPatientSafetyReasons
+    )
+    _send(a, [note], b.aet)
+    note_id = _orthanc_id(a, study_uid, _sop_uid(note))
+    (first,) = _wait_for_note(a, note_id)
+    assert "(113037): deleted 2 node result(s)" in first
+
+    _send(a, [note], b.aet)  # stored again (OverwriteInstances): handled again
+    a.upload(note)
+    lines = _wait_for_note(a, note_id, count=3)
+    for again in lines[1:]:
+        assert "(113037): deleted 0 node result(s)" in again
+        assert "2 already gone, 0 malformed reference(s), 0 failed" in again
+    assert a.running
+    assert a.system()["DicomAet"] == a.aet
+    assert a.study_sop_instance_uids(study_uid) == {_sop_uid(source), _sop_uid(note)}
+    assert _lua_errors(a) == []

@@ -34,6 +34,7 @@ from typing import Any
 
 from acwi_node import __version__
 from acwi_node.config import ConfigError, Settings, load_settings
+from acwi_node.export.withdrawal_commands import add_recall_parser, add_withdraw_parser
 from acwi_node.ingest.retrieval_commands import add_parsers as add_retrieval_commands
 from acwi_node.ingest.retrieval_commands import add_sources_parser
 from acwi_node.monitoring.commands import COMMAND as MONITOR_COMMAND
@@ -654,6 +655,10 @@ def run_models(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.models_command == "engines":
         return run_engines(settings, args)
+    if args.models_command == "recall":
+        from acwi_node.export.withdrawal_commands import run_recall
+
+        return run_recall(settings, args)
     registry = ModelRegistry(settings.models_dir)
     try:
         if args.models_command == "install":
@@ -741,8 +746,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("config", help="validate the configuration and print it")
     studies = sub.add_parser(
         "studies",
-        help="a study's trace, and operator actions on studies: resend, reprocess, retrieve"
-        " from a PACS",
+        help="a study's trace, and operator actions on studies: resend, reprocess, withdraw"
+        " results, retrieve from a PACS",
     )
     studies_sub = studies.add_subparsers(dest="studies_command", required=True)
     show = studies_sub.add_parser(
@@ -760,6 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reprocess", help="route and analyse the studies again (a new generation)"
     )
     reprocess.add_argument("study_uids", nargs="+", metavar="STUDY_UID")
+    add_withdraw_parser(studies_sub)
     add_retrieval_commands(studies_sub)
     add_sources_parser(sub)
     routes = sub.add_parser("routes", help="what the routes would do with studies on disk")
@@ -811,7 +817,9 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--live", action="store_true", help="liveness (/healthz) only")
     health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     models = sub.add_parser(
-        "models", help="installed models: list, install, activate; engines that can run them"
+        "models",
+        help="installed models: list, install, activate, recall a version's results; engines"
+        " that can run them",
     )
     models_sub = models.add_subparsers(dest="models_command", required=True)
     models_list = models_sub.add_parser("list", help="installed models and the active versions")
@@ -839,6 +847,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default=None, help="cpu or cuda[:N] (default: worker.device)"
     )
     models_engines.add_argument("--json", action="store_true", help="print JSON")
+    add_recall_parser(models_sub)
     add_review_commands(sub)  # users, feedback (acwi_node/review/commands.py)
     add_monitor_command(sub)  # monitor (acwi_node/monitoring/commands.py)
     return parser
@@ -891,6 +900,10 @@ def _dispatch(settings: Settings, config: Path | None, args: argparse.Namespace)
         from acwi_node.ingest.retrieval_commands import run as run_retrieval_command
 
         return run_retrieval_command(settings, args)
+    if args.command == "studies" and args.studies_command == "withdraw":
+        from acwi_node.export.withdrawal_commands import run_withdraw
+
+        return run_withdraw(settings, args)
     if args.command == "studies" and args.studies_command == "show":
         return run_show_studies(settings, args.study_uids, as_json=args.json)
     if args.command == "studies":

@@ -60,6 +60,7 @@ class AuditEvent(str, enum.Enum):
     CONFIGURATION_CHANGED = "configuration_changed"
     USERS_CHANGED = "users_changed"
     STUDIES_QUERIED = "studies_queried"
+    RESULTS_WITHDRAWN = "results_withdrawn"
 
 
 #: Event -> (Event ID, Event Type Code or None, Event Action Code).
@@ -79,6 +80,7 @@ DICOM_CODES: dict[AuditEvent, tuple[Code, Code | None, str]] = {
     AuditEvent.CONFIGURATION_CHANGED: (SECURITY_ALERT, SOFTWARE_CONFIGURATION, "E"),
     AuditEvent.USERS_CHANGED: (SECURITY_ALERT, SECURITY_ROLES_CHANGED, "E"),
     AuditEvent.STUDIES_QUERIED: (QUERY, None, "E"),
+    AuditEvent.RESULTS_WITHDRAWN: (INSTANCES_ACCESSED, None, "D"),
 }
 
 

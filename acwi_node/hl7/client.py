@@ -170,6 +170,29 @@ def queue_oru(
     return row
 
 
+def queue_withdrawal_oru(settings: Settings, ledger: Ledger, job_id: int, note: str) -> int | None:
+    """Queue the ORU^R01 that withdraws a job's AI result from the RIS (its results were
+    withdrawn from the PACS): only where a RIS is configured and was sent (or will be sent)
+    an ORU of this job. Returns the outbound row id, or None."""
+    cfg = settings.hl7
+    if cfg.ris is None or not ledger.hl7_outbound_kinds(job_id):
+        return None
+    control_id = control_id_for(job_id, "withdrawal")
+    message = build_oru(
+        oru_study(settings, ledger, job_id),
+        control_id=control_id,
+        sending=(cfg.sending_application, cfg.sending_facility),
+        receiving=(cfg.ris.receiving_application, cfg.ris.receiving_facility),
+        withdrawn=note,
+    )
+    row = ledger.add_hl7_outbound(
+        job_id=job_id, kind="withdrawal", control_id=control_id, message=message
+    )
+    if row is not None:
+        log.info("job %d: ORU^R01 (withdrawal) queued for the RIS", job_id)
+    return row
+
+
 def control_id_for(job_id: int, kind: str = "result", review_id: int | None = None) -> str:
     """The MSH-10 of a job's ORU: unique per job, kind and second (an amendment's: per
     job and amending verdict, ``kind="amendment"`` and that verdict's id as ``review_id``)."""

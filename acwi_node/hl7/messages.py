@@ -570,6 +570,7 @@ def build_oru(
     sending: tuple[str, str] = ("ACWI", "ACWI"),
     receiving: tuple[str, str] = ("RIS", ""),
     when: dt.datetime | None = None,
+    withdrawn: str | None = None,
 ) -> str:
     """An ``ORU^R01`` with the AI result of ``study`` (and the radiologist's ``verdict``).
 
@@ -578,8 +579,14 @@ def build_oru(
     result the RIS already has (a second verdict, or a reprocessed study's new analysis), which
     a RIS takes as replacing the final one rather than refusing a preliminary after it. PID
     carries the patient identifiers as received (order, else DICOM header).
+
+    ``withdrawn`` (the reason, in words) makes it the withdrawal of that AI result (the node
+    sent the PACS a rejection note): OBR-25 ``C`` (a correction of what the RIS has), every
+    OBX-11 ``W`` (the result posted before is wrong), and a ``WITHDRAWN`` observation with the
+    reason.
     """
-    status = "C" if correction else "F" if verdict is not None else "P"
+    status = "C" if correction or withdrawn is not None else "F" if verdict is not None else "P"
+    observation_status = "W" if withdrawn is not None else status
     msg = Message("ORU_R01", version=HL7_VERSION)
     _msh(
         msg,
@@ -626,6 +633,8 @@ def build_oru(
     model = study.summary.get("model", {})
     method = _cwe(str(model.get("name", "")), f"AI model {model.get('version', '')}".strip())
     rows = observations(study, verdict)
+    if withdrawn is not None:
+        rows.insert(0, ("TX", "WITHDRAWN", "AI result withdrawn", "", escape(withdrawn)))
     for n, (vtype, code, text, sub_id, value) in enumerate(rows, start=1):
         obs = order.add_group("ORU_R01_OBSERVATION")
         _obx(
@@ -636,7 +645,7 @@ def build_oru(
             text,
             value,
             sub_id=sub_id,
-            status=status,
+            status=observation_status,
             method=method if code not in {"VERDICT", "FINAL_FINDING", "COMMENT"} else "",
         )
         if code in {"FINDING", "FINAL_FINDING"}:
@@ -656,7 +665,7 @@ def build_oru(
     obs.obx.obx_2 = "ST"
     obs.obx.obx_3 = f"STUDY_UID^Study Instance UID^{CODING_SYSTEM}"
     obs.obx.obx_5 = escape(study.study_uid)
-    obs.obx.obx_11 = status
+    obs.obx.obx_11 = observation_status
     return str(msg.to_er7())
 
 

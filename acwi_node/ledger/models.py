@@ -80,6 +80,18 @@ def _enum(cls: type[enum.Enum]) -> Enum:
     return Enum(cls, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
 
 
+#: ``results.kind`` of a radiologist's verified SR, added to a job once its verdict is given.
+VERIFIED_SR_KIND = "sr-verified"
+#: ``results.kind`` of a rejection note: the object that withdraws a job's results from a PACS.
+REJECTION_NOTE_KIND = "rejection-note"
+#: Results added to a job after its analysis: not what the analysis's turnaround waits for.
+LATER_RESULT_KINDS = (VERIFIED_SR_KIND, REJECTION_NOTE_KIND)
+#: Why results are withdrawn (``Job.withdrawn_reason``), as the rejection note's title says it.
+WITHDRAWAL_REASONS = {
+    "quality": "rejected for quality reasons",
+    "safety": "rejected for patient safety reasons",
+}
+
 #: What may complete a study, as ``Study.completed_by`` records it, and how people read it.
 COMPLETED_BY = {
     "quiet_period": "no instance and no open association for the quiet period",
@@ -177,6 +189,12 @@ class Job(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     #: The analysis summary: model identity, probabilities, uncertainty, review decision.
     summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: Its results withdrawn from the PACS (a rejection note sent): when, by whom, why (the
+    #: note's reason, ``quality`` or ``safety``, and the operator's words).
+    withdrawn_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    withdrawn_by: Mapped[str] = mapped_column(String(64), default="")
+    withdrawn_reason: Mapped[str] = mapped_column(String(16), default="")
+    withdrawn_note: Mapped[str] = mapped_column(Text, default="")
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     results: Mapped[list[Result]] = relationship(back_populates="job", order_by="Result.id")

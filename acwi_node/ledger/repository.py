@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from acwi_node.ledger.models import (
     FINAL_JOB_STATES,
+    REJECTION_NOTE_KIND,
     UNSETTLED_DELIVERY_STATES,
     Base,
     Delivery,
@@ -871,6 +872,8 @@ class Ledger:
                 Job.study_id == study_id,
                 Job.generation < generation,
                 Job.state.not_in([JobState.DELIVERED, JobState.FAILED, JobState.SUPERSEDED]),
+                # sending its rejection notes, which the new generation must not stop
+                Job.withdrawn_at.is_(None),
             )
         ).all()
         for job in old_jobs:
@@ -883,9 +886,16 @@ class Ledger:
             ).all()
         ]
         if old_ids:
+            notes = select(Result.id).where(
+                Result.job_id.in_(old_ids), Result.kind == REJECTION_NOTE_KIND
+            )
             s.execute(
                 update(Delivery)
-                .where(Delivery.job_id.in_(old_ids), Delivery.state.in_(UNSETTLED_DELIVERY_STATES))
+                .where(
+                    Delivery.job_id.in_(old_ids),
+                    Delivery.state.in_(UNSETTLED_DELIVERY_STATES),
+                    Delivery.result_id.not_in(notes),
+                )
                 .values(state=DeliveryState.SUPERSEDED)
             )
             s.execute(
@@ -1095,11 +1105,17 @@ class Ledger:
         """Add a result object to a finished job (a verified SR), with one outbox row per
         destination (that ``takes`` it); a result with the same SOP Instance UID is replaced
         and its pending deliveries superseded. A delivered job goes back to exporting until
-        the new deliveries are answered. Returns how many deliveries were queued.
+        the new deliveries are answered. Returns how many deliveries were queued; raises
+        :class:`StudyActionRefused` for a job whose results were withdrawn.
         """
         now = utcnow()
         with self.session() as s:
             job = s.get_one(Job, job_id, with_for_update=True)
+            if job.withdrawn_at is not None:
+                raise StudyActionRefused(
+                    "the results of this analysis were withdrawn from the PACS: nothing more of"
+                    " it is sent"
+                )
             res = s.scalars(
                 select(Result).where(
                     Result.job_id == job_id, Result.sop_instance_uid == result.sop_instance_uid
@@ -1208,8 +1224,19 @@ class Ledger:
                     Job.study_id == study.id,
                     Job.generation == study.generation,
                     Job.state.in_([JobState.DELIVERED, JobState.FAILED]),
+                    Job.withdrawn_at.is_(None),
                 )
             ).all()
+            if not jobs and s.scalar(
+                select(Job.id).where(
+                    Job.study_id == study.id,
+                    Job.generation == study.generation,
+                    Job.withdrawn_at.is_not(None),
+                )
+            ):
+                raise StudyActionRefused(
+                    "its results were withdrawn from the PACS: reprocess it for new ones"
+                )
             deliveries = s.scalars(
                 select(Delivery).where(
                     Delivery.job_id.in_([j.id for j in jobs]),
@@ -1236,15 +1263,15 @@ class Ledger:
 
     def reprocess_study(self, study_uid: str) -> int:
         """Take a finished study through completion, routing and analysis again, as a new
-        generation (after a failed analysis, a routing rule or model changed); its results
-        replace the earlier ones in the PACS. Returns the new generation; raises
-        :class:`StudyActionRefused`."""
+        generation (after a failed analysis, a routing rule or model changed); run by the same
+        model version, its results replace the earlier ones in the PACS (the same UIDs). A study
+        exporting only the rejection notes of its withdrawn results may be reprocessed too.
+        Returns the new generation; raises :class:`StudyActionRefused`."""
         with self.session() as s:
-            study = self._study_for_action(
-                s,
-                study_uid,
-                {StudyState.DELIVERED, StudyState.FAILED, StudyState.NOT_ROUTED},
-            )
+            allowed = {StudyState.DELIVERED, StudyState.FAILED, StudyState.NOT_ROUTED}
+            if self._sending_notes_only(s, study_uid):
+                allowed.add(StudyState.EXPORTING)  # its withdrawn results' rejection notes
+            study = self._study_for_action(s, study_uid, allowed)
             has_images = s.scalar(
                 select(Instance.id).where(Instance.study_id == study.id, Instance.path != "")
             )
@@ -1258,6 +1285,24 @@ class Ledger:
             study.completed_at = None
             study.completed_by = ""
             return study.generation
+
+    @staticmethod
+    def _sending_notes_only(s: Session, study_uid: str) -> bool:
+        """Whether the study is exporting nothing but rejection notes (its results were
+        withdrawn): a new generation does not stop them (:meth:`_supersede_older`)."""
+        kinds = s.scalars(
+            select(Result.kind)
+            .join(Delivery, Delivery.result_id == Result.id)
+            .join(Job, Delivery.job_id == Job.id)
+            .join(Study, Job.study_id == Study.id)
+            .where(
+                Study.study_uid == study_uid,
+                Study.state == StudyState.EXPORTING,
+                Job.generation == Study.generation,
+                Delivery.state.in_(UNSETTLED_DELIVERY_STATES),
+            )
+        ).all()
+        return bool(kinds) and set(kinds) == {REJECTION_NOTE_KIND}
 
     # --------------------------------------------------------------- delivery
     def due_deliveries(self, *, limit: int = 500) -> list[DueDelivery]:
@@ -1583,6 +1628,17 @@ class Ledger:
                 "attempts": j.attempts,
                 "error": j.error,
                 "summary": j.summary,
+                # its results withdrawn from the PACS (``acwi-node studies withdraw``)
+                "withdrawn": (
+                    {
+                        "at": _iso(j.withdrawn_at),
+                        "by": j.withdrawn_by,
+                        "reason": j.withdrawn_reason,
+                        "note": j.withdrawn_note,
+                    }
+                    if j.withdrawn_at is not None
+                    else None
+                ),
             }
             if detail:
                 jv["results"] = [
@@ -1812,6 +1868,17 @@ class Ledger:
                 return row.id
         except IntegrityError:
             return None
+
+    def hl7_outbound_kinds(self, job_id: int) -> list[str]:
+        """The kinds of ORU queued or sent for this job (``result``, ``verdict-N``, ...)."""
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(Hl7Outbound.kind)
+                    .where(Hl7Outbound.job_id == job_id)
+                    .order_by(Hl7Outbound.id)
+                )
+            )
 
     def unbuilt_hl7_outbound(self, job_id: int, kind: str) -> tuple[int, str] | None:
         """(row id, MSH-10) of this job's promised ORU whose message is not built yet."""

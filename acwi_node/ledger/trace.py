@@ -24,6 +24,10 @@ from sqlalchemy.orm import Session
 
 from acwi_node.ledger.models import (
     COMPLETED_BY,
+    LATER_RESULT_KINDS,
+    REJECTION_NOTE_KIND,
+    UNSETTLED_DELIVERY_STATES,
+    WITHDRAWAL_REASONS,
     Delivery,
     DeliveryState,
     Hl7Order,
@@ -168,6 +172,7 @@ _STEP_ORDER = {
     "verdict": 5,
     "shadow": 6,
     "delivery": 7,
+    "withdrawn": 7,
     "hl7": 8,
     "notify": 8,
     "job": 9,
@@ -325,6 +330,13 @@ def _jobs(jobs: Sequence[Job]) -> Iterable[TraceEvent]:
             yield TraceEvent(
                 j.finished_at, j.generation, "job", f"route {j.route}: delivered", Level.OK
             )
+        if j.withdrawn_at is not None:
+            why = WITHDRAWAL_REASONS.get(j.withdrawn_reason, j.withdrawn_reason)
+            yield TraceEvent(
+                j.withdrawn_at, j.generation, "withdrawn",
+                f"route {j.route}: results withdrawn from the PACS by {j.withdrawn_by} ({why}):"
+                f" {j.withdrawn_note}",
+            )  # fmt: skip
 
 
 def _finding(j: Job) -> str:
@@ -369,10 +381,11 @@ def _deliveries(s: Session, jobs: dict[int, Job]) -> Iterable[TraceEvent]:
         .where(Delivery.job_id.in_(list(jobs)))
         .order_by(Delivery.id)
     ).all()
-    groups: dict[tuple[int, str], list[Any]] = defaultdict(list)
+    # a job's rejection notes apart from the results they withdraw: each has its own time
+    groups: dict[tuple[int, str, bool], list[Any]] = defaultdict(list)
     for row in rows:
-        groups[(row.job_id, row.destination)].append(row)
-    for (job_id, destination), ds in groups.items():
+        groups[(row.job_id, row.destination, row.kind == REJECTION_NOTE_KIND)].append(row)
+    for (job_id, destination, _), ds in groups.items():
         generation = jobs[job_id].generation
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(Counter(d.kind for d in ds).items()))
         by_state = Counter(d.state for d in ds)
@@ -558,11 +571,15 @@ def _turnaround(
     arrival = received.get(job.generation)
     completed = completions.get(job.generation)
     stored = None
-    if job.state == JobState.DELIVERED:
-        stored = (
-            s.scalar(select(func.max(Delivery.delivered_at)).where(Delivery.job_id == job.id))
-            or job.analysed_at
+    if job.state in (JobState.DELIVERED, JobState.EXPORTING):
+        # the analysis's own objects, not a verified SR or a rejection note added later
+        own = select(Delivery.state, Delivery.delivered_at).join(
+            Result, Delivery.result_id == Result.id
         )
+        own = own.where(Delivery.job_id == job.id, Result.kind.not_in(LATER_RESULT_KINDS))
+        rows = s.execute(own).all()
+        if not any(state in UNSETTLED_DELIVERY_STATES for state, _ in rows):
+            stored = max((at for _, at in rows if at is not None), default=job.analysed_at)
 
     def span(a: dt.datetime | None, b: dt.datetime | None) -> float | None:
         return None if a is None or b is None else max(0.0, (b - a).total_seconds())

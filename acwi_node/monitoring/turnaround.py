@@ -30,11 +30,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import exists, func, select
 
 from acwi_node.config import MonitoringSettings
 from acwi_node.ledger import Ledger
-from acwi_node.ledger.models import Delivery, Instance, Job, JobState, utcnow
+from acwi_node.ledger.models import (
+    LATER_RESULT_KINDS,
+    UNSETTLED_DELIVERY_STATES,
+    Delivery,
+    Instance,
+    Job,
+    JobState,
+    Result,
+    utcnow,
+)
 from acwi_node.ledger.repository import STAT_PRIORITY
 from acwi_node.monitoring.drift import Status
 
@@ -141,9 +150,11 @@ class TurnaroundMonitor:
             .correlate(Job)
             .scalar_subquery()
         )
+        # the analysis's own objects: a verified SR or a rejection note comes days later
         stored = (
             select(func.max(Delivery.delivered_at))
-            .where(Delivery.job_id == Job.id)
+            .join(Result, Delivery.result_id == Result.id)
+            .where(Delivery.job_id == Job.id, Result.kind.not_in(LATER_RESULT_KINDS))
             .correlate(Job)
             .scalar_subquery()
         )
@@ -159,8 +170,22 @@ class TurnaroundMonitor:
                     Job.analysed_at.is_not(None),
                 )
             ).all()  # fmt: skip
+            # exporting only a verified SR or a rejection note: its results arrived long ago
+            later_only = ~(
+                exists()
+                .where(
+                    Delivery.job_id == Job.id,
+                    Delivery.result_id == Result.id,
+                    Delivery.state.in_(UNSETTLED_DELIVERY_STATES),
+                    Result.kind.not_in(LATER_RESULT_KINDS),
+                )
+                .correlate(Job)
+            )
             waiting = s.execute(
-                select(Job.route, last_instance).where(Job.state.in_(_ON_THE_WAY))
+                select(Job.route, last_instance).where(
+                    Job.state.in_(_ON_THE_WAY),
+                    ~((Job.state == JobState.EXPORTING) & later_only),
+                )
             ).all()
         spans: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         stat: dict[str, int] = defaultdict(int)
@@ -168,6 +193,8 @@ class TurnaroundMonitor:
             if last is None or started is None or analysed is None:
                 continue  # reprocessed: no instance of its own generation
             at = at or analysed  # a job no destination took anything of
+            if at < since:
+                continue  # stored earlier, finished again since (a verified SR, a withdrawal)
             steps = {
                 "completion": _seconds(last, completed),
                 "queue": _seconds(completed, started),

@@ -36,8 +36,8 @@ from pydicom.dataset import Dataset
 from acwi_node.config import Settings
 from acwi_node.inference.types import unit_name
 from acwi_node.ingest.spool import Spool
-from acwi_node.ledger import ResultFile
-from acwi_node.ledger.models import utcnow
+from acwi_node.ledger import ResultFile, StudyActionRefused
+from acwi_node.ledger.models import VERIFIED_SR_KIND, utcnow
 from acwi_node.results.encoding import encode_part10
 from acwi_node.results.sr import LesionRegion, Verification, build_verified_sr
 from acwi_node.review.lesion_boxes import BoxError, marks_from_pixels, place_boxes
@@ -55,7 +55,6 @@ from acwi_node.review.store import (
 
 log = logging.getLogger("acwi_node.review")
 
-VERIFIED_SR_KIND = "sr-verified"
 MAX_REASON = 1000
 
 
@@ -341,6 +340,9 @@ def _store_verified_sr(
             ResultFile(VERIFIED_SR_KIND, uid, str(document.SOPClassUID), out.relative(path)),
             settings.destination_takes,
         )
+    except StudyActionRefused as exc:  # the results were withdrawn meanwhile
+        store.undo_verdict(verdict_id)
+        raise ReviewError(str(exc)) from exc
     except Exception:
         log.exception("review item %d: the verified SR could not be stored", item_id)
         store.undo_verdict(verdict_id)

@@ -48,13 +48,15 @@ from acwi_node import __version__
 from acwi_node.config import Settings
 from acwi_node.dicom_pixels import read_deferred
 from acwi_node.export.outbox import verify_destination, what_it_checks
+from acwi_node.export.withdrawal import withdraw_results
 from acwi_node.inference.types import unit_name
 from acwi_node.ingest.retrieval import QueryError, check_query
 from acwi_node.ingest.spool import Spool, is_safe_uid
 from acwi_node.ledger import Ledger, StudyActionRefused
-from acwi_node.ledger.models import utcnow
+from acwi_node.ledger.models import VERIFIED_SR_KIND, WITHDRAWAL_REASONS, utcnow
 from acwi_node.ledger.retrievals import QUERY_KEYS, Retrievals
 from acwi_node.ledger.trace import study_trace
+from acwi_node.ledger.withdrawals import Withdrawals
 from acwi_node.monitoring import pinning
 from acwi_node.monitoring.report import BaselineRefused, ModelMonitor
 from acwi_node.monitoring.shadow import ShadowComparison
@@ -79,7 +81,6 @@ from acwi_node.review.store import (
     frame_number_of,
 )
 from acwi_node.review.verdicts import (
-    VERIFIED_SR_KIND,
     amend_verdict,
     current_verdict,
     submit_verdict,
@@ -731,6 +732,17 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             filters={"uid": uid, "calling_ae": calling_ae, "state": state},
         )
 
+    def _withdraw(study_uid: str, *, reason: str, note: str, by: str, address: str) -> None:
+        """Withdraw the study's results (the study page's form); raises ValueError or
+        :class:`StudyActionRefused` with what to tell when nothing was withdrawn."""
+        report = withdraw_results(
+            settings, ledger, reason=reason, note=note, by=by, address=address, study_uid=study_uid
+        )
+        if report.refused:
+            raise StudyActionRefused("; ".join(j.describe() for j in report.refused))
+        if not report.jobs:
+            raise StudyActionRefused("nothing to withdraw")
+
     def _study_page(
         request: Request, study_uid: str, *, notice: str = "", error: str = "", status: int = 200
     ) -> HTMLResponse:
@@ -743,12 +755,18 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             for action, title, states in STUDY_ACTIONS
             if state in states and not (action == "reprocess" and trace.study["images_deleted_at"])
         ]
+        user: SessionInfo = request.state.user
+        withdrawable = user.role == "admin" and bool(
+            Withdrawals(ledger).candidates(study_uid=study_uid).jobs
+        )
         return review.page(
             "study.html",
             request,
             status_code=status,
             trace=trace.as_json(),
             actions=actions,
+            withdrawable=withdrawable,
+            withdrawal_reasons=WITHDRAWAL_REASONS,
             notice=notice,
             error=error,
         )
@@ -764,16 +782,27 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         actions as ``POST /api/studies/{uid}/resend|reprocess``, from a form on the dashboard
         or the study's page, where the answer leads back)."""
         user: SessionInfo = request.state.user
-        if action not in ("resend", "reprocess") or not is_safe_uid(study_uid):
+        if action not in ("resend", "reprocess", "withdraw") or not is_safe_uid(study_uid):
             raise HTTPException(status_code=404, detail="no such action")
         refused = await _admin_form_refused(request)
         if refused is not None:
             return refused
-        back_to_study = _form(await request.body()).get("next") == "study"
-        act = ledger.resend_results if action == "resend" else ledger.reprocess_study
+        form = _form(await request.body())
+        back_to_study = action == "withdraw" or form.get("next") == "study"
+        act: Callable[[str], object]
+        if action == "withdraw":
+            act = partial(
+                _withdraw,
+                reason=form.get("reason", ""),
+                note=form.get("note", ""),
+                by=user.user_name,
+                address=request.client.host if request.client else "",
+            )
+        else:
+            act = ledger.resend_results if action == "resend" else ledger.reprocess_study
         try:
             await run_in_threadpool(act, study_uid)
-        except StudyActionRefused as exc:
+        except (StudyActionRefused, ValueError) as exc:
             error = f"{study_uid}: {exc}"
             if back_to_study:
                 page = partial(_study_page, request, study_uid, error=error, status=409)
@@ -1181,6 +1210,7 @@ def _result_line(study: dict[str, Any]) -> str:
 STUDY_ACTION_NOTICES = {
     "resend": "The study's results are back in the outbox.",
     "reprocess": "The study is being routed and analysed again.",
+    "withdraw": "Its results are withdrawn: the rejection notes are on their way to the PACS.",
     "retrieve": "The retrieval is queued: the study comes from the PACS and is analysed.",
 }
 

@@ -3,9 +3,11 @@
 ``GET /api/studies`` and ``GET /api/studies/{study_uid}`` show each study's state, and
 ``GET /api/studies/{study_uid}/trace`` what happened to it, step by step;
 ``POST /api/studies/{study_uid}/resend`` and ``.../reprocess`` (administrators) send a study's
-results again or analyse it again; ``GET /api/destinations`` (administrators) shows each
-destination's outbox; ``POST /api/retrievals`` (administrators) retrieves studies from a
-source PACS and ``GET /api/retrievals`` shows how far each got
+results again or analyse it again, ``.../withdraw`` takes them back from the PACS
+(:mod:`acwi_node.web.withdrawals`, with ``POST /api/models/{name}/{version}/recall``);
+``GET /api/destinations`` (administrators) shows each destination's outbox;
+``POST /api/retrievals`` (administrators) retrieves studies from a source PACS and
+``GET /api/retrievals`` shows how far each got
 (:mod:`acwi_node.web.retrievals`); ``GET /api/feedback/export.zip`` (administrators) downloads
 the reviewed cases, de-identified (:mod:`acwi_node.web.feedback`); ``GET /api/worklist`` lists
 the open review items, ``GET /api/review/decided`` the closed ones,
@@ -42,6 +44,7 @@ from acwi_node.web.ops import ops_router
 from acwi_node.web.retrievals import retrievals_router
 from acwi_node.web.review_api import review_router
 from acwi_node.web.stow import stow_router
+from acwi_node.web.withdrawals import withdrawals_router
 
 log = logging.getLogger("acwi_node.api")
 
@@ -77,6 +80,8 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
 
     app.include_router(stow_router(settings, db))  # STOW-RS: POST /dicomweb/studies
     app.include_router(retrievals_router(settings, db))  # /api/retrievals
+    # POST /api/studies/{uid}/withdraw, /api/models/{name}/{version}/recall
+    app.include_router(withdrawals_router(settings, db))
     app.include_router(feedback_router(settings, db))  # /api/feedback/export.zip
     app.include_router(review_router(settings, db))  # /api/review/cases/{id}[/verdict|/amend]
     app.include_router(monitoring_router(settings, db))  # /api/monitoring[/baselines/...]

@@ -15,8 +15,8 @@ from sqlalchemy import select, update
 
 from acwi_node.cli import main
 from acwi_node.config import MonitoringSettings, Settings
-from acwi_node.ledger import Ledger, RoutedJob
-from acwi_node.ledger.models import Instance, Study, utcnow
+from acwi_node.ledger import Ledger, ResultFile, RoutedJob
+from acwi_node.ledger.models import Instance, Job, Study, utcnow
 from acwi_node.ledger.repository import STAT_PRIORITY
 from acwi_node.monitoring.drift import Status
 from acwi_node.monitoring.turnaround import (
@@ -29,7 +29,7 @@ from acwi_node.monitoring.turnaround import (
 from acwi_node.observability.metrics import ledger_registry
 from acwi_node.web.api import create_app
 from tests.support.review_case import add_user, sign_in
-from tests.support.study_flow import dx_record, timed_study
+from tests.support.study_flow import SR, dx_record, timed_study
 
 NOW = dt.datetime(2026, 12, 1, 12, 0, 0)
 HOUR_BEFORE = NOW - dt.timedelta(hours=1)
@@ -143,6 +143,28 @@ def test_the_window_and_reprocessing_leave_studies_out(
     report = monitor(ledger).report(now=NOW)
     assert report.overall.studies == 3 and report.status is Status.TOO_FEW
     assert seconds(report.overall, "total")[2] == 3 * 86400 - 3600 + 3.0
+
+
+def test_a_verified_sr_stored_later_neither_counts_nor_moves_a_study(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    """A radiologist's verified SR (or a rejection note) is stored days after the analysis's
+    results: the study keeps its own turnaround, in its own window, and is never overdue."""
+    _, ledger = ledger_node
+    job_id = timed_study(ledger, "1.2.5", at=NOW - dt.timedelta(days=3))
+    timed_study(ledger, "1.2.6", at=HOUR_BEFORE)
+    ledger.attach_result(job_id, ResultFile("sr-verified", "1.2.5.78", SR, "1.2.5/v.dcm"))
+    # waiting in the outbox, three days after its last instance: not overdue
+    assert monitor(ledger).report(now=NOW).overall.overdue == 0
+    for d in ledger.due_deliveries():
+        ledger.record_delivery(d.id, delivered=True, status=0, error="", max_attempts=3,
+                               backoff_s=1)  # fmt: skip
+    with ledger.session() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(finished_at=HOUR_BEFORE))
+    # stored an hour ago, but its results three days ago: not in the last 24 hours
+    report = monitor(ledger).report(now=NOW)
+    assert report.overall.studies == 1
+    assert seconds(report.overall, "total")[2] == 5.0
 
 
 def test_monitor_api_pages_and_metrics_tell_a_slow_route(

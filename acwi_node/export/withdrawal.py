@@ -1,0 +1,284 @@
+"""Withdrawing results from the PACS: a study's, or every one of a model version (a recall).
+
+For each job whose results may be in a destination's hands, a rejection note
+(:mod:`acwi_node.results.rejection`) listing them is written into the results directory and
+queued for that destination; the exporter sends it like any other result. Destinations that
+may hold different objects of the job (a destination that takes only the SR) get each their
+own note. What was still waiting in the outbox is never sent. The job keeps who withdrew it,
+when and why; the study's trace tells it, and the audit trail records it.
+
+Where the RIS was sent the analysis's result, it gets an ORU^R01 withdrawing it (every
+observation ``W``, :func:`acwi_node.hl7.client.queue_withdrawal_oru`).
+
+A note is built from the results' own files (their patient and study headers, their series):
+once storage retention has deleted them, a job's results are withdrawn in the PACS by hand,
+and the withdrawal says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from acwi_node.audit import AuditEvent, Outcome, audit
+from acwi_node.audit.trail import user
+from acwi_node.config import Settings
+from acwi_node.ingest.spool import Spool
+from acwi_node.ledger import Ledger, ResultFile, StudyActionRefused
+from acwi_node.ledger.withdrawals import WithdrawableJob, Withdrawals
+from acwi_node.results.encoding import encode_part10
+from acwi_node.results.rejection import (
+    REJECTION_NOTE_KIND,
+    REJECTION_REASONS,
+    build_rejection_note,
+)
+
+__all__ = ["REASONS", "JobWithdrawal", "WithdrawalReport", "withdraw_results"]
+
+log = logging.getLogger("acwi_node.withdrawal")
+
+#: The reasons a withdrawal may give (the note's title): ``quality``, ``safety``.
+REASONS = tuple(REJECTION_REASONS)
+MAX_NOTE = 1000
+
+
+class WithdrawalError(Exception):
+    """A job's results cannot be withdrawn by the node; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class JobWithdrawal:
+    """What became of one job's results."""
+
+    job_id: int
+    study_uid: str
+    generation: int
+    route: str
+    model: str
+    version: str
+    withdrawn: bool
+    #: Objects the rejection notes name, notes queued (one per destination), deliveries
+    #: that were pending and will not be sent.
+    rejected: int = 0
+    queued: int = 0
+    cancelled: int = 0
+    #: Why it was not withdrawn.
+    error: str = ""
+
+    def describe(self) -> str:
+        what = f"{self.study_uid} #{self.generation} {self.route} ({self.model} {self.version})"
+        if not self.withdrawn:
+            return f"{what}: not withdrawn: {self.error}"
+        text = (
+            f"{what}: {self.rejected} object(s) withdrawn, {self.queued} rejection note(s) queued"
+        )
+        if self.cancelled:
+            text += f", {self.cancelled} pending delivery(ies) cancelled"
+        return text
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "job_id": self.job_id,
+            "study_uid": self.study_uid,
+            "generation": self.generation,
+            "route": self.route,
+            "model": self.model,
+            "version": self.version,
+            "withdrawn": self.withdrawn,
+            "rejected": self.rejected,
+            "notes_queued": self.queued,
+            "cancelled": self.cancelled,
+            "error": self.error,
+        }
+
+
+@dataclass
+class WithdrawalReport:
+    jobs: list[JobWithdrawal] = field(default_factory=list)
+    #: Matching jobs still queued or analysing, and those withdrawn before.
+    unfinished: int = 0
+    withdrawn_before: int = 0
+
+    @property
+    def refused(self) -> list[JobWithdrawal]:
+        return [j for j in self.jobs if not j.withdrawn]
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "jobs": [j.as_json() for j in self.jobs],
+            "withdrawn": sum(1 for j in self.jobs if j.withdrawn),
+            "refused": len(self.refused),
+            "unfinished": self.unfinished,
+            "withdrawn_before": self.withdrawn_before,
+        }
+
+
+def check_request(reason: str, note: str) -> None:
+    """Raise ValueError for a reason not in :data:`REASONS` or a missing or long note."""
+    if reason not in REASONS:
+        raise ValueError(f"reason must be one of {', '.join(REASONS)}")
+    if not note.strip():
+        raise ValueError("say why the results are withdrawn (it is kept, and sent in the note)")
+    if len(note) > MAX_NOTE:
+        raise ValueError(f"the note: at most {MAX_NOTE} characters")
+
+
+def withdraw_results(
+    settings: Settings,
+    ledger: Ledger,
+    *,
+    reason: str,
+    note: str,
+    by: str,
+    address: str = "",
+    study_uid: str | None = None,
+    model_name: str | None = None,
+    model_version: str | None = None,
+) -> WithdrawalReport:
+    """Withdraw the results of study ``study_uid`` and/or of ``model_name``
+    (``model_version``): every job that wrote some and was not withdrawn yet. ``by`` is who
+    asks (an account, or the command's operator), ``note`` their words. Raises ValueError for
+    a bad request and :class:`StudyActionRefused` for a study not in the ledger; a job that
+    cannot be withdrawn is reported, not raised."""
+    check_request(reason, note)
+    if study_uid is None and model_name is None:
+        raise ValueError("name a study or a model")
+    withdrawals = Withdrawals(ledger)
+    found = withdrawals.candidates(
+        study_uid=study_uid, model_name=model_name, model_version=model_version
+    )
+    report = WithdrawalReport(unfinished=found.unfinished, withdrawn_before=found.withdrawn_before)
+    for job in found.jobs:
+        report.jobs.append(_withdraw_job(settings, withdrawals, job, reason, note.strip(), by))
+    done = [j for j in report.jobs if j.withdrawn]
+    refused = report.refused
+    for outcome, jobs in ((Outcome.SUCCESS, done), (Outcome.MINOR_FAILURE, refused)):
+        if not jobs:
+            continue
+        instances: dict[str, int] = defaultdict(int)
+        for j in jobs:
+            instances[j.study_uid] += j.rejected
+        audit(
+            AuditEvent.RESULTS_WITHDRAWN,
+            outcome=outcome,
+            participants=[user(by, address)],
+            study_uids=sorted(instances),
+            instances=dict(instances),
+            detail=(
+                f"{reason}: {note.strip()}"
+                if outcome == Outcome.SUCCESS
+                else "not withdrawn: " + "; ".join(sorted({j.error for j in jobs}))
+            )[:2000],
+        )
+    return report
+
+
+def _withdraw_job(
+    settings: Settings,
+    withdrawals: Withdrawals,
+    job: WithdrawableJob,
+    reason: str,
+    note: str,
+    by: str,
+) -> JobWithdrawal:
+    def outcome(**kwargs: object) -> JobWithdrawal:
+        return JobWithdrawal(
+            job.job_id,
+            job.study_uid,
+            job.generation,
+            job.route,
+            job.model_name,
+            job.model_version,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    try:
+        notes = _write_notes(settings, job, reason, note)
+        recorded = withdrawals.record(job.job_id, reason=reason, note=note, by=by, notes=notes)
+    except (WithdrawalError, StudyActionRefused) as exc:
+        return outcome(withdrawn=False, error=str(exc))
+    _tell_the_ris(settings, withdrawals, job.job_id, note)
+    log.warning(
+        "results withdrawn (%s): job %d, %d rejection note(s) queued, %d pending cancelled",
+        reason,
+        job.job_id,
+        recorded.queued,
+        recorded.cancelled,
+    )
+    return outcome(
+        withdrawn=True,
+        rejected=len(job.results),
+        queued=recorded.queued,
+        cancelled=recorded.cancelled,
+    )
+
+
+def _tell_the_ris(settings: Settings, withdrawals: Withdrawals, job_id: int, note: str) -> None:
+    """Queue the ORU^R01 withdrawing the job's result where the RIS has it; a failure is
+    logged, not raised: the PACS's notes are queued already."""
+    if settings.hl7.ris is None:
+        return
+    from acwi_node.hl7.client import queue_withdrawal_oru
+
+    try:
+        queue_withdrawal_oru(settings, withdrawals.ledger, job_id, note)
+    except Exception as exc:
+        log.error("job %d: the withdrawal's ORU^R01 not queued: %s", job_id, type(exc).__name__)
+
+
+def _write_notes(
+    settings: Settings, job: WithdrawableJob, reason: str, note: str
+) -> list[tuple[ResultFile, Sequence[str]]]:
+    """The rejection notes of ``job``'s results, written into the results directory: one per
+    set of objects that destinations may hold, with the destinations that get it."""
+    held: dict[str, list[int]] = defaultdict(list)
+    for n, result in enumerate(job.results):
+        for destination in result.destinations:
+            held[destination].append(n)
+    groups: dict[tuple[int, ...], list[str]] = defaultdict(list)
+    for destination, held_by_it in sorted(held.items()):
+        groups[tuple(held_by_it)].append(destination)
+    if not groups:
+        return []
+    headers = _headers(settings, job)
+    out = Spool(settings.results_dir, fsync=settings.ingest.fsync)
+    description = f"{job.model_name} {job.model_version} results withdrawn: {note}"
+    files: list[tuple[ResultFile, Sequence[str]]] = []
+    for group, destinations in groups.items():
+        document = build_rejection_note(
+            [headers[n] for n in group], reason=reason, description=description
+        )
+        uid = str(document.SOPInstanceUID)
+        path = out.store(job.study_uid, uid, encode_part10(document))
+        files.append(
+            (
+                ResultFile(REJECTION_NOTE_KIND, uid, str(document.SOPClassUID), out.relative(path)),
+                destinations,
+            )
+        )
+    return files
+
+
+def _headers(settings: Settings, job: WithdrawableJob) -> list[Dataset]:
+    """The headers of the job's results, from their files."""
+    results = Spool(settings.results_dir, fsync=False)
+    headers: list[Dataset] = []
+    for result in job.results:
+        try:
+            headers.append(dcmread(results.resolve(result.path), stop_before_pixels=True))
+        except (OSError, ValueError, InvalidDicomError) as exc:
+            if job.files_deleted:
+                raise WithdrawalError(
+                    "storage retention deleted its result files, which a rejection note is made"
+                    " from: reject them in the PACS by hand"
+                ) from exc
+            raise WithdrawalError(
+                f"its {result.kind} result file cannot be read ({type(exc).__name__})"
+            ) from exc
+    return headers

@@ -1,0 +1,249 @@
+"""The ledger's withdrawals: results taken back from the PACS with a rejection note.
+
+A withdrawal is recorded on the job whose results it takes back (``jobs.withdrawn_*``), in one
+transaction with everything it changes:
+
+* the job's deliveries still pending are superseded (never sent);
+* each rejection note is a result of the job (kind ``rejection-note``) with one pending
+  delivery per destination it goes to, which the exporter sends like any other result;
+* the job's open review items are closed (``withdrawn``): a verdict on a withdrawn result would
+  send a verified SR of it.
+
+A result counts as possibly stored by a destination when its delivery there was delivered, is
+awaiting commitment or is pending: a pending one may be on its way at this moment, and a note
+naming an instance the PACS never received is harmless. A job is withdrawn once.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import defer
+
+from acwi_node.ledger.models import (
+    REJECTION_NOTE_KIND,
+    Delivery,
+    DeliveryState,
+    Job,
+    JobState,
+    Result,
+    ReviewItem,
+    ReviewState,
+    Study,
+    utcnow,
+)
+from acwi_node.ledger.repository import (
+    Ledger,
+    ResultFile,
+    StudyActionRefused,
+    _add_result,
+    files_deleted_at,
+)
+
+__all__ = ["WithdrawableJob", "WithdrawableResult", "Withdrawals", "WithdrawnJob"]
+
+#: Delivery states in which a result may be in the destination's hands.
+_POSSIBLY_STORED = (DeliveryState.DELIVERED, DeliveryState.COMMITTING, DeliveryState.PENDING)
+#: Jobs whose results are still being made: not withdrawable yet.
+_UNFINISHED = (JobState.QUEUED, JobState.ANALYSING)
+
+
+@dataclass(frozen=True)
+class WithdrawableResult:
+    kind: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    #: Relative to the results directory.
+    path: str
+    #: The destinations that may hold it.
+    destinations: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class WithdrawableJob:
+    job_id: int
+    study_uid: str
+    generation: int
+    route: str
+    model_name: str
+    model_version: str
+    #: Its results that some destination may hold (rejection notes never); empty when none
+    #: reached one (withdrawing it still keeps them from being sent again).
+    results: tuple[WithdrawableResult, ...]
+    #: When storage retention deleted the study's files, if it did.
+    files_deleted: bool
+
+
+@dataclass(frozen=True)
+class Candidates:
+    jobs: list[WithdrawableJob]
+    #: Jobs that match but are still queued or analysing (withdraw again once they finish).
+    unfinished: int
+    #: Jobs that match and were withdrawn before.
+    withdrawn_before: int
+
+
+@dataclass(frozen=True)
+class WithdrawnJob:
+    job_id: int
+    #: Deliveries that were pending and will not be sent.
+    cancelled: int
+    #: Rejection note deliveries queued.
+    queued: int
+
+
+class Withdrawals:
+    """Withdrawals in ``ledger``."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def candidates(
+        self,
+        *,
+        study_uid: str | None = None,
+        model_name: str | None = None,
+        model_version: str | None = None,
+    ) -> Candidates:
+        """The jobs whose results may be withdrawn: of study ``study_uid`` (every generation),
+        and/or analysed by ``model_name`` (``model_version``), oldest first. Raises
+        :class:`StudyActionRefused` for a study not in the ledger."""
+        name = func.coalesce(Job.summary[("model", "name")].as_string(), Job.model)
+        version = func.coalesce(Job.summary[("model", "version")].as_string(), "")
+        with self.ledger.session() as s:
+            # the summaries stay in the database: a CT's lists hundreds of images
+            query = (
+                select(Job, Study.study_uid, name, version)
+                .join(Study, Job.study_id == Study.id)
+                .options(defer(Job.summary))
+            )
+            if study_uid is not None:
+                if s.scalar(select(Study.id).where(Study.study_uid == study_uid)) is None:
+                    raise StudyActionRefused("no such study")
+                query = query.where(Study.study_uid == study_uid)
+            if model_name is not None:
+                query = query.where(name == model_name)
+            if model_version is not None:
+                query = query.where(version == model_version)
+            matching = s.execute(query.order_by(Job.id)).all()
+            unfinished = sum(1 for job, *_ in matching if job.state in _UNFINISHED)
+            withdrawn_before = sum(1 for job, *_ in matching if job.withdrawn_at is not None)
+            open_jobs = [
+                row
+                for row in matching
+                if row[0].state not in _UNFINISHED and row[0].withdrawn_at is None
+            ]
+            stored: dict[int, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
+            results: dict[int, list[Result]] = defaultdict(list)
+            ids = [row[0].id for row in open_jobs]
+            for chunk in _chunks(ids):
+                written = select(Result).where(
+                    Result.job_id.in_(chunk), Result.kind != REJECTION_NOTE_KIND
+                )
+                for res in s.scalars(written):
+                    results[res.job_id].append(res)
+                for d in s.scalars(
+                    select(Delivery).where(
+                        Delivery.job_id.in_(chunk), Delivery.state.in_(_POSSIBLY_STORED)
+                    )
+                ):
+                    stored[d.job_id][d.result_id].add(d.destination)
+            jobs = []
+            for job, uid, job_model, job_version in open_jobs:
+                if not results[job.id]:
+                    continue  # it wrote nothing: nothing to withdraw
+                held = tuple(
+                    WithdrawableResult(
+                        r.kind,
+                        r.sop_instance_uid,
+                        r.sop_class_uid,
+                        r.path,
+                        tuple(sorted(stored[job.id][r.id])),
+                    )
+                    for r in sorted(results[job.id], key=lambda r: r.id)
+                    if stored[job.id][r.id]
+                )
+                jobs.append(
+                    WithdrawableJob(
+                        job.id,
+                        uid,
+                        job.generation,
+                        job.route,
+                        str(job_model),
+                        str(job_version or ""),
+                        held,
+                        files_deleted_at(s, job.study_id, job.generation) is not None,
+                    )
+                )
+            return Candidates(jobs, unfinished, withdrawn_before)
+
+    def record(
+        self,
+        job_id: int,
+        *,
+        reason: str,
+        note: str,
+        by: str,
+        notes: Sequence[tuple[ResultFile, Sequence[str]]],
+    ) -> WithdrawnJob:
+        """Record the withdrawal of job ``job_id``'s results: its pending deliveries
+        superseded, each rejection note queued for its destinations, its open review items
+        closed. Raises :class:`StudyActionRefused` for a job withdrawn already or not finished.
+        """
+        now = utcnow()
+        with self.ledger.session() as s:
+            job = s.get_one(Job, job_id, with_for_update=True)
+            if job.withdrawn_at is not None:
+                raise StudyActionRefused(
+                    f"its results were withdrawn already ({job.withdrawn_at:%Y-%m-%d %H:%M} UTC)"
+                )
+            if job.state in _UNFINISHED:
+                raise StudyActionRefused(
+                    f"its analysis is {job.state.value}: withdraw once it has finished"
+                )
+            superseded = s.execute(
+                update(Delivery)
+                .where(Delivery.job_id == job.id, Delivery.state == DeliveryState.PENDING)
+                .values(state=DeliveryState.SUPERSEDED)
+            )
+            cancelled: int = getattr(superseded, "rowcount", 0)
+            queued = 0
+            for file, destinations in notes:
+                res = _add_result(s, job.id, file)
+                for destination in destinations:
+                    s.add(
+                        Delivery(
+                            result_id=res.id,
+                            job_id=job.id,
+                            destination=destination,
+                            state=DeliveryState.PENDING,
+                            next_attempt_at=now,
+                        )
+                    )
+                    queued += 1
+            s.execute(
+                update(ReviewItem)
+                .where(ReviewItem.job_id == job.id, ReviewItem.state == ReviewState.OPEN)
+                .values(state=ReviewState.CLOSED, closed_at=now, reason="withdrawn")
+            )
+            job.withdrawn_at = now
+            job.withdrawn_by = by[:64]
+            job.withdrawn_reason = reason
+            job.withdrawn_note = note[:2000]
+            if queued and job.state in (JobState.DELIVERED, JobState.FAILED):
+                job.state = JobState.EXPORTING
+                job.finished_at = None
+                job.error = ""
+            s.flush()
+            if job.state == JobState.EXPORTING:
+                # a pending delivery superseded may have been all it waited for
+                self.ledger._sync_job_delivery(s, job.id)
+                self.ledger._sync_study(s, job.study_id)
+            return WithdrawnJob(job.id, cancelled, queued)
+
+
+def _chunks(ids: Sequence[int], size: int = 500) -> list[Sequence[int]]:
+    return [ids[i : i + size] for i in range(0, len(ids), size)]

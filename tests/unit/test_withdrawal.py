@@ -1,0 +1,487 @@
+"""Withdrawing results from the PACS: the rejection note (an IHE IOCM Key Object Selection
+document, valid by dciodvfy), what the ledger records and refuses afterwards, the command
+line (``studies withdraw``, ``models recall``), the API and the study page. Real analyses
+(the bundled model's results), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from pydicom import dcmread
+from sqlalchemy import select, update
+
+from acwi_node.cli import main
+from acwi_node.config import Settings
+from acwi_node.export.withdrawal import withdraw_results
+from acwi_node.ledger import Ledger, RoutedJob, StudyActionRefused
+from acwi_node.ledger.models import (
+    Delivery,
+    DeliveryState,
+    Job,
+    ReviewItem,
+    ReviewState,
+    utcnow,
+)
+from acwi_node.ledger.trace import study_trace
+from acwi_node.monitoring.turnaround import TurnaroundMonitor
+from acwi_node.results.rejection import REJECTION_SERIES_NUMBER, build_rejection_note
+from acwi_node.retention import DiskSpace, Retention
+from acwi_node.tasks.analyse import run_job
+from acwi_node.web.api import create_app
+from models.data.synth import write_study
+from tests.support.dciodvfy import dciodvfy_errors, require_dciodvfy
+from tests.support.review_case import (
+    CSRF,
+    MODEL,
+    PASSWORD,
+    ROUTE,
+    add_user,
+    review_settings,
+    sign_in,
+    store_and_route,
+)
+from tests.support.study_flow import deliver, study_id
+from tests.unit.test_retention import later
+
+KOS = "1.2.840.10008.5.1.4.1.1.88.59"
+NOTE = "model 1.3 recalled by its maker: false negatives on small nodules"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Settings, Ledger]]:
+    """A node with two destinations: ``pacs`` takes every result, ``viewer`` the SR alone."""
+    url = None if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    settings = review_settings(tmp_path, database_url=url)
+    dests = [
+        settings.destinations[0].model_dump(),
+        {"name": "viewer", "ae_title": "VIEWER", "host": "127.0.0.1", "port": 11198,
+         "results": ["sr"]},
+    ]  # fmt: skip
+    settings = settings.model_copy(
+        update={"destinations": [type(settings.destinations[0])(**d) for d in dests]}
+    )
+    ledger = Ledger(settings.database_url)
+    yield settings, ledger
+    ledger.dispose()
+
+
+def analysed(
+    settings: Settings, ledger: Ledger, tmp_path: Path, *, seed: int = 0, name: str = "PHANTOM^ONE"
+) -> tuple[int, str]:
+    """A real study analysed by the review model, routed to both destinations; (job, UID)."""
+    files = write_study(
+        tmp_path / f"src-{seed}", n_images=2, label="nodule", seed=seed, size=128,
+        patient_name=name, accession_number=f"ACC{seed}",
+    )  # fmt: skip
+    job_id, uid = store_and_route(settings, ledger, files, destinations=("pacs", "viewer"))
+    assert run_job(settings, ledger, job_id) == "analysed"
+    return job_id, uid
+
+
+def deliveries(ledger: Ledger, job_id: int) -> list[tuple[str, str, str]]:
+    """(destination, result kind, state) of each of the job's deliveries."""
+    view = ledger.session()
+    with view as s:
+        rows = s.scalars(select(Delivery).where(Delivery.job_id == job_id)).all()
+        return sorted((d.destination, d.result.kind, d.state.value) for d in rows)
+
+
+@dataclass(frozen=True)
+class JobView:
+    state: str
+    withdrawn: bool
+
+
+def report_jobs(ledger: Ledger, uid: str) -> list[JobView]:
+    """The study's jobs, oldest first: state, and whether withdrawn."""
+    view = ledger.get_study(uid)
+    assert view is not None
+    return [JobView(j["state"], j["withdrawn"] is not None) for j in view["jobs"]]
+
+
+def all_notes_due(ledger: Ledger, settings: Settings) -> dict[tuple[str, str], Any]:
+    """The rejection notes waiting in the outbox, read: (study UID, destination) -> dataset."""
+    due = [(d, dcmread(settings.results_dir / d.path)) for d in ledger.due_deliveries()]
+    return {(d.study_uid, d.destination): ds for d, ds in due if ds.SOPClassUID == KOS}
+
+
+def notes_due(ledger: Ledger, settings: Settings) -> dict[str, Any]:
+    """The rejection notes waiting in the outbox for one study: destination -> dataset."""
+    found = all_notes_due(ledger, settings)
+    assert len({study for study, _ in found}) <= 1
+    return {destination: ds for (_, destination), ds in found.items()}
+
+
+def referenced(note: Any) -> set[str]:
+    return {
+        sop.ReferencedSOPInstanceUID
+        for study in note.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+    }
+
+
+def test_a_delivered_studys_results_are_withdrawn_with_a_note_per_destination(
+    node: tuple[Settings, Ledger], tmp_path: Path
+) -> None:
+    settings, ledger = node
+    job_id, uid = analysed(settings, ledger, tmp_path)
+    deliver(ledger)
+    assert ledger.get_study(uid)["state"] == "delivered"  # type: ignore[index]
+    with ledger.session() as s:
+        results = {r.kind: r.sop_instance_uid for r in s.get_one(Job, job_id).results}
+        heatmaps = {
+            r.sop_instance_uid for r in s.get_one(Job, job_id).results if r.kind == "heatmap"
+        }
+    assert len(heatmaps) == 2 and "sr" in results
+
+    report = withdraw_results(
+        settings, ledger, reason="safety", note=NOTE, by="admin", study_uid=uid
+    )
+    (job,) = report.jobs
+    assert job.withdrawn and job.rejected == 3 and job.queued == 2 and job.cancelled == 0
+    notes = notes_due(ledger, settings)
+    assert set(notes) == {"pacs", "viewer"}
+    # each destination's note names what it may hold: the SR alone for the viewer
+    assert referenced(notes["pacs"]) == heatmaps | {results["sr"]}
+    assert referenced(notes["viewer"]) == {results["sr"]}
+    pacs = notes["pacs"]
+    title = pacs.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator) == ("113037", "DCM")
+    assert str(pacs.PatientName) == "PHANTOM^ONE" and pacs.StudyInstanceUID == uid
+    assert pacs.Manufacturer == "ACWI Node" and pacs.Modality == "KO"
+    assert pacs.SeriesNumber == REJECTION_SERIES_NUMBER
+    description = [
+        item.TextValue
+        for item in pacs.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == "113012"
+    ]
+    assert description and NOTE in description[0]
+    require_dciodvfy()
+    path = next(settings.results_dir.rglob(f"{pacs.SOPInstanceUID}.dcm"))
+    assert dciodvfy_errors(path) == []
+
+    # the job exports its notes, then is delivered again; the trace tells who and why
+    assert ledger.get_study(uid)["state"] == "exporting"  # type: ignore[index]
+    deliver(ledger)
+    view = ledger.get_study(uid)
+    assert view is not None and view["state"] == "delivered"
+    withdrawn = view["jobs"][0]["withdrawn"]
+    assert withdrawn["by"] == "admin" and withdrawn["reason"] == "safety"
+    assert withdrawn["note"] == NOTE
+    trace = study_trace(ledger, uid)
+    assert trace is not None
+    text = trace.render()
+    assert "results withdrawn from the PACS by admin (rejected for patient safety reasons)" in text
+    assert "(1 rejection-note) stored by pacs" in text
+    # the turnaround is the analysis's own: the note delivered later does not count
+    assert trace.turnaround and trace.turnaround[-1].seconds is not None
+    assert trace.turnaround[-1].seconds < 600
+
+    # nothing of it is sent again: resend is refused, a second withdrawal finds nothing
+    with pytest.raises(StudyActionRefused, match="withdrawn from the PACS: reprocess"):
+        ledger.resend_results(uid)
+    again = withdraw_results(
+        settings, ledger, reason="quality", note="again", by="x", study_uid=uid
+    )
+    assert again.jobs == [] and again.withdrawn_before == 1
+
+
+def test_results_still_in_the_outbox_are_never_sent_and_named_in_the_note(
+    node: tuple[Settings, Ledger], tmp_path: Path
+) -> None:
+    settings, ledger = node
+    job_id, uid = analysed(settings, ledger, tmp_path)
+    assert len(ledger.due_deliveries()) == 4  # 3 objects to the PACS, the SR to the viewer
+
+    report = withdraw_results(settings, ledger, reason="quality", note=NOTE, by="a", study_uid=uid)
+    (job,) = report.jobs
+    assert job.cancelled == 4 and job.queued == 2
+    # a pending object may be on its way while it is withdrawn: the note names it all the same
+    notes = notes_due(ledger, settings)
+    assert len(referenced(notes["pacs"])) == 3
+    assert notes["pacs"].ConceptNameCodeSequence[0].CodeValue == "113001"
+    assert [d.destination for d in ledger.due_deliveries()] == ["pacs", "viewer"]
+    states = deliveries(ledger, job_id)
+    assert states.count(("pacs", "heatmap", "superseded")) == 2
+    assert ("viewer", "sr", "superseded") in states
+    assert ("pacs", "rejection-note", "pending") in states
+    # an attempt that was in flight and answers now changes nothing
+    deliver(ledger)
+    assert deliveries(ledger, job_id).count(("pacs", "heatmap", "superseded")) == 2
+    assert ledger.get_study(uid)["state"] == "delivered"  # type: ignore[index]
+
+
+def test_results_that_reached_no_destination_are_withdrawn_without_a_note(
+    node: tuple[Settings, Ledger], tmp_path: Path
+) -> None:
+    settings, ledger = node
+    job_id, uid = analysed(settings, ledger, tmp_path)
+    for d in ledger.due_deliveries():
+        ledger.record_delivery(
+            d.id, delivered=False, status=0xA700, error="out of resources", max_attempts=1,
+            backoff_s=1,
+        )  # fmt: skip
+    assert ledger.get_study(uid)["state"] == "failed"  # type: ignore[index]
+    (job,) = withdraw_results(
+        settings, ledger, reason="quality", note=NOTE, by="a", study_uid=uid
+    ).jobs
+    assert job.withdrawn and job.rejected == 0 and job.queued == 0
+    assert ledger.due_deliveries() == []
+    # they were never stored, and now never will be
+    with pytest.raises(StudyActionRefused, match="withdrawn"):
+        ledger.resend_results(uid)
+
+
+def test_a_withdrawn_cases_review_closes_and_takes_no_verdict(
+    node: tuple[Settings, Ledger], tmp_path: Path
+) -> None:
+    settings, ledger = node
+    job_id, uid = analysed(settings, ledger, tmp_path)
+    deliver(ledger)
+    with ledger.session() as s:
+        item = s.scalars(select(ReviewItem).where(ReviewItem.job_id == job_id)).one()
+        assert item.state.value == "open"
+    withdraw_results(settings, ledger, reason="quality", note=NOTE, by="a", study_uid=uid)
+    with ledger.session() as s:
+        item = s.scalars(select(ReviewItem).where(ReviewItem.job_id == job_id)).one()
+        assert (item.state.value, item.reason) == ("closed", "withdrawn")
+    # a verified SR of a withdrawn analysis is never queued
+    from acwi_node.ledger import ResultFile
+
+    with pytest.raises(StudyActionRefused, match="withdrawn"):
+        ledger.attach_result(job_id, ResultFile("sr-verified", "1.2.3.4", KOS, "x.dcm"))
+
+
+def test_a_recall_withdraws_one_model_versions_results_and_reprocesses(
+    node: tuple[Settings, Ledger], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, ledger = node
+    first, uid1 = analysed(settings, ledger, tmp_path, seed=1)
+    second, uid2 = analysed(settings, ledger, tmp_path, seed=2)
+    deliver(ledger)
+    with ledger.session() as s:
+        model = s.get_one(Job, first).summary["model"]
+    name, version = model["name"], model["version"]
+    config = tmp_path / "node.toml"
+    config.write_text(_toml(settings), encoding="utf-8")
+
+    # another version's recall touches nothing
+    recall = ["--config", str(config), "models", "recall", name]
+    assert main([*recall, "0.0.0-other", "--note", NOTE]) == 0
+    assert "0 analysis(es) withdrawn, 0 not" in capsys.readouterr().out
+    # a dry run lists, changes nothing
+    args = [*recall, version, "--note", NOTE]
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert uid1 in out and uid2 in out and "2 analysis(es)" in out
+    assert ledger.due_deliveries() == []
+
+    assert main([*args, "--reason", "safety", "--reprocess", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["withdrawn"] == 2 and result["refused"] == 0
+    assert set(result["reprocessed"]) == {uid1, uid2}
+    assert all(v == "generation 2" for v in result["reprocessed"].values())
+    assert set(all_notes_due(ledger, settings)) == {
+        (uid, dest) for uid in (uid1, uid2) for dest in ("pacs", "viewer")
+    }
+    assert len([d for d in ledger.due_deliveries()]) == 4
+    for uid in (uid1, uid2):
+        assert ledger.get_study(uid)["generation"] == 2  # type: ignore[index]
+    # the new generation completes and is routed: the notes of the one it replaces still go
+    route = [RoutedJob(ROUTE, MODEL, ["pacs", "viewer"], 0)]
+    assert ledger.complete_study(study_id(ledger, uid1), 2, lambda _facts: route)
+    assert len(all_notes_due(ledger, settings)) == 4
+    assert [job.withdrawn for job in report_jobs(ledger, uid1)] == [True, False]
+    # the audit trail records the withdrawal
+    audit = (settings.data_dir / "audit" / "audit.jsonl").read_text(encoding="utf-8")
+    records = [json.loads(line) for line in audit.splitlines() if "results_withdrawn" in line]
+    assert records and NOTE in records[-1]["detail"]
+    assert {uid1, uid2} <= set(records[-1]["study_uids"])
+
+
+def test_withdrawal_refuses_what_it_cannot_do(
+    node: tuple[Settings, Ledger], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, ledger = node
+    with pytest.raises(StudyActionRefused, match="no such study"):
+        withdraw_results(settings, ledger, reason="quality", note=NOTE, by="a", study_uid="9.9")
+    with pytest.raises(ValueError, match="reason must be one of quality, safety"):
+        withdraw_results(settings, ledger, reason="bad", note=NOTE, by="a", study_uid="9.9")
+    with pytest.raises(ValueError, match="say why"):
+        withdraw_results(settings, ledger, reason="quality", note=" ", by="a", study_uid="9.9")
+    job_id, uid = analysed(settings, ledger, tmp_path)
+    deliver(ledger)
+    # storage retention deleted the results the note is made of: withdraw by hand
+    with ledger.session() as s:
+        s.execute(update(ReviewItem).values(state=ReviewState.CLOSED, closed_at=utcnow()))
+    days_91 = later(91 * 24)
+    Retention(settings, ledger, space=lambda: DiskSpace(900, 1000), clock=days_91).sweep()
+    assert not list(settings.results_dir.rglob("*.dcm"))
+    report = withdraw_results(settings, ledger, reason="quality", note=NOTE, by="a", study_uid=uid)
+    (job,) = report.jobs
+    assert not job.withdrawn and "storage retention deleted" in job.error
+    with ledger.session() as s:
+        assert s.get_one(Job, job_id).withdrawn_at is None
+    config = tmp_path / "node.toml"
+    config.write_text(_toml(settings), encoding="utf-8")
+    assert main(["--config", str(config), "studies", "withdraw", uid, "--note", NOTE]) == 1
+    assert "reject them in the PACS by hand" in capsys.readouterr().err
+    assert main(["--config", str(config), "studies", "withdraw", "9.9", "--note", NOTE]) == 1
+    assert "9.9: no such study" in capsys.readouterr().err
+
+
+def test_the_note_is_the_same_object_when_built_again(
+    node: tuple[Settings, Ledger], tmp_path: Path
+) -> None:
+    settings, ledger = node
+    _, uid = analysed(settings, ledger, tmp_path)
+    files = sorted((settings.results_dir / uid).glob("*.dcm"))
+    headers = [dcmread(p, stop_before_pixels=True) for p in files]
+    a = build_rejection_note(headers, reason="quality")
+    b = build_rejection_note(list(reversed(headers)), reason="quality")
+    c = build_rejection_note(headers, reason="safety")
+    assert a.SOPInstanceUID == b.SOPInstanceUID != c.SOPInstanceUID
+    assert a.SeriesInstanceUID == c.SeriesInstanceUID
+    source = dcmread(next((tmp_path / "src-0").rglob("*.dcm")), stop_before_pixels=True)
+    with pytest.raises(ValueError, match="not objects the node wrote"):
+        build_rejection_note([*headers, source], reason="quality")
+
+
+def test_withdrawal_over_the_api_and_from_the_study_page(
+    node: tuple[Settings, Ledger], tmp_path: Path
+) -> None:
+    settings, ledger = node
+    _, uid = analysed(settings, ledger, tmp_path, seed=3)
+    _, other = analysed(settings, ledger, tmp_path, seed=4)
+    deliver(ledger)
+    add_user(ledger, "rad", "radiologist")
+    add_user(ledger, "boss", "admin")
+    app = create_app(settings)
+    with TestClient(app) as client:
+        url = f"/api/studies/{uid}/withdraw"
+        assert client.post(url, json={"note": NOTE}, auth=("rad", PASSWORD)).status_code == 403
+        bad = client.post(url, json={"reason": "mood", "note": NOTE}, auth=("boss", PASSWORD))
+        assert bad.status_code == 422
+        assert client.post(url, json={"note": ""}, auth=("boss", PASSWORD)).status_code == 422
+        form = client.post(url, data={"note": NOTE}, auth=("boss", PASSWORD))
+        assert form.status_code == 415
+        answer = client.post(url, json={"note": NOTE}, auth=("boss", PASSWORD))
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["withdrawn"] == 1 and body["jobs"][0]["notes_queued"] == 2
+        assert body["study"]["jobs"][0]["withdrawn"]["by"] == "boss"
+        again = client.post(url, json={"note": NOTE}, auth=("boss", PASSWORD))
+        assert again.status_code == 409 and "withdrawn already" in again.json()["detail"]
+        missing = client.post(
+            "/api/studies/9.9/withdraw", json={"note": NOTE}, auth=("boss", PASSWORD)
+        )
+        assert missing.status_code == 404
+
+        # the study page: administrators see the form, use it, and are led back
+        sign_in(client, "boss")
+        page = client.get(f"/review/studies/{other}")
+        assert "Withdraw its AI results from the PACS" in page.text
+        token = CSRF.search(page.text)
+        assert token is not None
+        done = client.post(
+            f"/review/studies/{other}/withdraw",
+            data={"csrf_token": token.group(1), "reason": "safety", "note": NOTE},
+            follow_redirects=False,
+        )
+        assert done.status_code == 303 and done.headers["location"].endswith("done=withdraw")
+        page = client.get(done.headers["location"])
+        assert "rejection notes are on their way" in page.text
+        assert "rejected for patient safety reasons" in page.text
+        assert "Withdraw its AI results from the PACS" not in page.text  # nothing left
+        client.cookies.clear()
+        sign_in(client, "rad")
+        assert "Withdraw its AI results" not in client.get(f"/review/studies/{uid}").text
+
+
+def test_turnaround_counts_neither_a_late_note_nor_its_wait(
+    node: tuple[Settings, Ledger], tmp_path: Path
+) -> None:
+    settings, ledger = node
+    job_id, uid = analysed(settings, ledger, tmp_path)
+    deliver(ledger)
+    withdraw_results(settings, ledger, reason="quality", note=NOTE, by="a", study_uid=uid)
+    monitor = TurnaroundMonitor(ledger, settings.monitoring)
+    # its note waits in the outbox: the study is not "overdue", its results arrived
+    far = later(2)()
+    assert monitor.report(now=far).routes[0].overdue == 0
+    with ledger.session() as s:
+        for d in s.scalars(select(Delivery).where(Delivery.job_id == job_id)):
+            assert d.state in (DeliveryState.DELIVERED, DeliveryState.PENDING)
+
+
+def _toml(settings: Settings) -> str:
+    """The settings as a configuration file for the command line."""
+    lines = [
+        "[node]",
+        f'data_dir = "{settings.data_dir}"',
+        f'database_url = "{settings.database_url}"',
+        "[ingest]",
+        "fsync = false",
+    ]
+    for m in settings.models:
+        lines += ["[[models]]", f'name = "{m.name}"', f'manifest = "{m.manifest}"']
+    for d in settings.destinations:
+        lines += [
+            "[[destinations]]",
+            f'name = "{d.name}"',
+            f'ae_title = "{d.ae_title}"',
+            f'host = "{d.host}"',
+            f"port = {d.port}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def test_the_ris_is_told_where_it_had_the_result(tmp_path: Path) -> None:
+    from acwi_node.hl7.messages import parse
+    from acwi_node.ledger.models import Hl7Outbound
+
+    settings = review_settings(tmp_path, hl7={"ris": {"host": "127.0.0.1", "port": 2575}})
+    ledger = Ledger(settings.database_url)
+    try:
+        files = write_study(tmp_path / "src", n_images=1, label="nodule", seed=5, size=128)
+        job_id, uid = store_and_route(settings, ledger, files)
+        assert run_job(settings, ledger, job_id) == "analysed"
+        assert ledger.hl7_outbound_kinds(job_id) == ["result"]
+        withdraw_results(settings, ledger, reason="safety", note=NOTE, by="a", study_uid=uid)
+        assert ledger.hl7_outbound_kinds(job_id) == ["result", "withdrawal"]
+        with ledger.session() as s:
+            text = s.scalars(
+                select(Hl7Outbound.message).where(Hl7Outbound.kind == "withdrawal")
+            ).one()
+        assert parse(text) is not None  # hl7apy reads it back
+        lines = text.replace("\n", "\r").split("\r")
+        obr = next(line for line in lines if line.startswith("OBR|")).split("|")
+        assert obr[25] == "C"
+        obx = [line.split("|") for line in lines if line.startswith("OBX|")]
+        assert obx and all(fields[11] == "W" for fields in obx)
+        withdrawn = next(f for f in obx if f[3].startswith("WITHDRAWN^"))
+        assert withdrawn[5] == NOTE
+        assert any(f[3].startswith("FINDING^") for f in obx)
+        assert "PHANTOM" not in NOTE and "|" not in NOTE
+    finally:
+        ledger.dispose()
+
+    # a job the RIS never heard of gets no withdrawal message
+    quiet = review_settings(tmp_path / "quiet", hl7={"ris": {"host": "127.0.0.1", "port": 2575}})
+    other = Ledger(quiet.database_url)
+    try:
+        files = write_study(tmp_path / "src2", n_images=1, label="nodule", seed=6, size=128)
+        job_id, uid = store_and_route(quiet, other, files)
+        assert run_job(review_settings(tmp_path / "quiet"), other, job_id) == "analysed"
+        assert other.hl7_outbound_kinds(job_id) == []
+        withdraw_results(quiet, other, reason="quality", note=NOTE, by="a", study_uid=uid)
+        assert other.hl7_outbound_kinds(job_id) == []
+    finally:
+        other.dispose()

@@ -109,6 +109,18 @@ class WithdrawalReport:
     def refused(self) -> list[JobWithdrawal]:
         return [j for j in self.jobs if not j.withdrawn]
 
+    def why_nothing(self) -> str:
+        """Why nothing was withdrawn, for people; "" when something was."""
+        if any(j.withdrawn for j in self.jobs):
+            return ""
+        if self.refused:
+            return "; ".join(sorted({j.error for j in self.refused}))
+        if self.unfinished:
+            return f"{self.unfinished} analysis(es) not finished: withdraw once they are"
+        if self.withdrawn_before:
+            return f"withdrawn already ({self.withdrawn_before} analysis(es))"
+        return "no analysis of it wrote results"
+
     def as_json(self) -> dict[str, object]:
         return {
             "jobs": [j.as_json() for j in self.jobs],

@@ -112,14 +112,7 @@ def _print(uid: str, report: WithdrawalReport) -> None:
     for job in report.jobs:
         print(job.describe(), file=sys.stdout if job.withdrawn else sys.stderr)
     if not report.jobs:
-        why = "nothing to withdraw"
-        if report.unfinished:
-            why += f": {report.unfinished} analysis(es) not finished, withdraw once they are"
-        elif report.withdrawn_before:
-            why += f": withdrawn before ({report.withdrawn_before} analysis(es))"
-        else:
-            why += ": no analysis of it wrote results"
-        print(f"{uid}: {why}", file=sys.stderr)
+        print(f"{uid}: nothing withdrawn: {report.why_nothing()}", file=sys.stderr)
     elif report.unfinished:
         print(
             f"{uid}: {report.unfinished} analysis(es) not finished: withdraw again once they are",

@@ -17,7 +17,7 @@ naming an instance the PACS never received is harmless. A job is withdrawn once.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import func, select, update
@@ -40,6 +40,7 @@ from acwi_node.ledger.repository import (
     ResultFile,
     StudyActionRefused,
     _add_result,
+    _queue_deliveries,
     files_deleted_at,
 )
 
@@ -213,17 +214,7 @@ class Withdrawals:
             queued = 0
             for file, destinations in notes:
                 res = _add_result(s, job.id, file)
-                for destination in destinations:
-                    s.add(
-                        Delivery(
-                            result_id=res.id,
-                            job_id=job.id,
-                            destination=destination,
-                            state=DeliveryState.PENDING,
-                            next_attempt_at=now,
-                        )
-                    )
-                    queued += 1
+                queued += _queue_deliveries(s, job, res, now, _only(destinations))
             s.execute(
                 update(ReviewItem)
                 .where(ReviewItem.job_id == job.id, ReviewItem.state == ReviewState.OPEN)
@@ -243,6 +234,12 @@ class Withdrawals:
                 self.ledger._sync_job_delivery(s, job.id)
                 self.ledger._sync_study(s, job.study_id)
             return WithdrawnJob(job.id, cancelled, queued)
+
+
+def _only(destinations: Sequence[str]) -> Callable[[str, str], bool]:
+    """A delivery filter taking the results of any kind to ``destinations`` alone."""
+    wanted = set(destinations)
+    return lambda destination, _kind: destination in wanted
 
 
 def _chunks(ids: Sequence[int], size: int = 500) -> list[Sequence[int]]:

@@ -740,8 +740,8 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         )
         if report.refused:
             raise StudyActionRefused("; ".join(j.describe() for j in report.refused))
-        if not report.jobs:
-            raise StudyActionRefused("nothing to withdraw")
+        if report.why_nothing():
+            raise StudyActionRefused(f"nothing withdrawn: {report.why_nothing()}")
 
     def _study_page(
         request: Request, study_uid: str, *, notice: str = "", error: str = "", status: int = 200

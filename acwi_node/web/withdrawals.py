@@ -41,8 +41,23 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 def withdrawals_router(settings: Settings, db: Ledger) -> APIRouter:
     router = APIRouter()
 
-    def client(request: Request) -> str:
-        return request.client.host if request.client else ""
+    async def run(request: Request, body: WithdrawalRequest, user: str, **target: str) -> Any:
+        try:
+            return await run_in_threadpool(
+                lambda: withdraw_results(
+                    settings,
+                    db,
+                    reason=body.reason,
+                    note=body.note,
+                    by=user,
+                    address=request.client.host if request.client else "",
+                    **target,
+                )
+            )
+        except ValueError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from exc
+        except StudyActionRefused as exc:
+            raise HTTPException(status_code=404, detail=str(exc)) from exc
 
     @router.post(
         "/api/studies/{study_uid}/withdraw",
@@ -57,30 +72,9 @@ def withdrawals_router(settings: Settings, db: Ledger) -> APIRouter:
         """Withdraw the study's AI results from every destination that holds them: an IHE
         IOCM rejection note per destination, sent by the exporter; what still waits in the
         outbox is never sent. ``jobs`` tells each analysis's outcome."""
-        try:
-            report = await run_in_threadpool(
-                lambda: withdraw_results(
-                    settings,
-                    db,
-                    reason=body.reason,
-                    note=body.note,
-                    by=user,
-                    address=client(request),
-                    study_uid=study_uid,
-                )
-            )
-        except ValueError as exc:
-            raise HTTPException(status_code=422, detail=str(exc)) from exc
-        except StudyActionRefused as exc:
-            raise HTTPException(status_code=404, detail=str(exc)) from exc
-        if not any(j.withdrawn for j in report.jobs):
-            why = "; ".join(j.error for j in report.refused) or (
-                "its analysis has not finished"
-                if report.unfinished
-                else "withdrawn already"
-                if report.withdrawn_before
-                else "no analysis of it wrote results"
-            )
+        report = await run(request, body, user, study_uid=study_uid)
+        why = report.why_nothing()
+        if why:
             raise HTTPException(status_code=409, detail=f"nothing withdrawn: {why}")
         log.info("%s: results withdrawn (%s) by %s", study_uid, body.reason, user)
         return {**report.as_json(), "study": db.get_study(study_uid)}
@@ -95,21 +89,7 @@ def withdrawals_router(settings: Settings, db: Ledger) -> APIRouter:
     ) -> dict[str, Any]:
         """Withdraw every result model ``name`` ``version`` gave (as ``acwi-node models
         recall``; reprocessing the studies is a separate request per study)."""
-        try:
-            report = await run_in_threadpool(
-                lambda: withdraw_results(
-                    settings,
-                    db,
-                    reason=body.reason,
-                    note=body.note,
-                    by=user,
-                    address=client(request),
-                    model_name=name,
-                    model_version=version,
-                )
-            )
-        except ValueError as exc:
-            raise HTTPException(status_code=422, detail=str(exc)) from exc
+        report = await run(request, body, user, model_name=name, model_version=version)
         log.info("model %s %s recalled by %s", name, version, user)
         return report.as_json()
 

@@ -303,6 +303,10 @@ class ExporterSettings(_Strict):
     backoff_max_s: float = Field(300.0, gt=0)
     poll_interval_s: float = Field(0.25, gt=0)
     timeout_s: float = Field(30.0, gt=0)
+    #: Once a later analysis of a study by another model version is delivered, withdraw the
+    #: earlier version's results from the PACS with a rejection note (README "Withdrawing
+    #: results from the PACS"): the new results have other UIDs and would stand beside them.
+    withdraw_replaced: bool = True
 
     def backoff_s(self, attempts_so_far: int) -> float:
         """Seconds to wait before the next attempt after ``attempts_so_far + 1`` failures."""

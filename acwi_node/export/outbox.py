@@ -10,6 +10,7 @@ otherwise it stays in the outbox with exponential back-off, and fails visibly af
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import time
@@ -35,10 +36,16 @@ from acwi_node.export.scu import (
 )
 from acwi_node.export.wakeup import WakeUpListener, wake_exporter
 from acwi_node.ledger import AwaitedCommitment, DeliveryAttempt, DueDelivery, Ledger
+from acwi_node.ledger.models import utcnow
 from acwi_node.observability import metrics
 from acwi_node.tls import TlsConfigError
 
 log = logging.getLogger("acwi_node.exporter")
+
+#: How often the exporter looks for results a later analysis replaced, and how long ago that
+#: analysis may have been delivered (an exporter stopped meanwhile catches up).
+REPLACED_EVERY_S = 5.0
+REPLACED_WITHIN = dt.timedelta(days=2)
 
 
 def tls_args(dest: Destination) -> TlsArgs | None:
@@ -104,6 +111,10 @@ class Exporter:
         self._settled = False
         #: ``time.monotonic()`` of the last finished pass (readiness: the loop is alive).
         self.last_pass: float | None = None
+        #: When replaced results were last looked for; the jobs whose could not be withdrawn
+        #: (their files deleted), not tried again by this process.
+        self._replaced_at = -REPLACED_EVERY_S
+        self._replaced_refused: set[int] = set()
 
     def tick(self) -> int:
         """One pass over the due deliveries, then the storage commitments to request; returns
@@ -123,7 +134,35 @@ class Exporter:
             by_dest[d.destination].append(d)
         for dest_name, items in by_dest.items():
             self._send(dest_name, items)
-        return len(due) + self._request_commitments()
+        return len(due) + self._request_commitments() + self._withdraw_replaced()
+
+    def _withdraw_replaced(self) -> int:
+        """Every :data:`REPLACED_EVERY_S`: withdraw the results a later analysis by another
+        model version replaced (``exporter.withdraw_replaced``); returns how many rejection
+        notes were queued (sent on the next pass, at once)."""
+        if not self.settings.exporter.withdraw_replaced:
+            return 0
+        now = time.monotonic()
+        if now - self._replaced_at < REPLACED_EVERY_S:
+            return 0
+        self._replaced_at = now
+        from acwi_node.export.withdrawal import withdraw_replaced
+
+        outcomes = withdraw_replaced(
+            self.settings,
+            self.ledger,
+            since=utcnow() - REPLACED_WITHIN,
+            skip=self._replaced_refused,
+        )
+        for outcome in outcomes:
+            if not outcome.withdrawn:
+                self._replaced_refused.add(outcome.job_id)
+                log.warning(
+                    "job %d: its results, replaced by a later analysis, stay in the PACS: %s",
+                    outcome.job_id,
+                    outcome.error,
+                )
+        return sum(o.queued for o in outcomes)
 
     def _request_commitments(self) -> int:
         """Ask each destination with ``storage_commitment`` to commit what it stored and has

@@ -17,9 +17,10 @@ and the withdrawal says so.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from pydicom import dcmread
@@ -39,12 +40,21 @@ from acwi_node.results.rejection import (
     build_rejection_note,
 )
 
-__all__ = ["REASONS", "JobWithdrawal", "WithdrawalReport", "withdraw_results"]
+__all__ = [
+    "REASONS",
+    "JobWithdrawal",
+    "WithdrawalReport",
+    "withdraw_replaced",
+    "withdraw_results",
+]
 
 log = logging.getLogger("acwi_node.withdrawal")
 
-#: The reasons a withdrawal may give (the note's title): ``quality``, ``safety``.
-REASONS = tuple(REJECTION_REASONS)
+#: The reasons an administrator's withdrawal may give (the note's title): ``quality``,
+#: ``safety``; the node's own (:func:`withdraw_replaced`) gives ``replaced``.
+REASONS = ("quality", "safety")
+#: Who withdraws the results a later analysis replaced.
+NODE = "acwi-node"
 MAX_NOTE = 1000
 
 
@@ -131,9 +141,10 @@ class WithdrawalReport:
         }
 
 
-def check_request(reason: str, note: str) -> None:
-    """Raise ValueError for a reason not in :data:`REASONS` or a missing or long note."""
-    if reason not in REASONS:
+def check_request(reason: str, note: str, *, automatic: bool = False) -> None:
+    """Raise ValueError for a reason not in :data:`REASONS` (any of the notes' with
+    ``automatic``) or a missing or long note."""
+    if reason not in (REJECTION_REASONS if automatic else REASONS):
         raise ValueError(f"reason must be one of {', '.join(REASONS)}")
     if not note.strip():
         raise ValueError("say why the results are withdrawn (it is kept, and sent in the note)")
@@ -152,18 +163,20 @@ def withdraw_results(
     study_uid: str | None = None,
     model_name: str | None = None,
     model_version: str | None = None,
+    job_ids: Collection[int] | None = None,
+    automatic: bool = False,
 ) -> WithdrawalReport:
     """Withdraw the results of study ``study_uid`` and/or of ``model_name``
     (``model_version``): every job that wrote some and was not withdrawn yet. ``by`` is who
     asks (an account, or the command's operator), ``note`` their words. Raises ValueError for
     a bad request and :class:`StudyActionRefused` for a study not in the ledger; a job that
     cannot be withdrawn is reported, not raised."""
-    check_request(reason, note)
+    check_request(reason, note, automatic=automatic)
     if study_uid is None and model_name is None:
         raise ValueError("name a study or a model")
     withdrawals = Withdrawals(ledger)
     found = withdrawals.candidates(
-        study_uid=study_uid, model_name=model_name, model_version=model_version
+        study_uid=study_uid, model_name=model_name, model_version=model_version, job_ids=job_ids
     )
     report = WithdrawalReport(unfinished=found.unfinished, withdrawn_before=found.withdrawn_before)
     for job in found.jobs:
@@ -191,6 +204,34 @@ def withdraw_results(
     return report
 
 
+def withdraw_replaced(
+    settings: Settings, ledger: Ledger, *, since: dt.datetime, skip: Collection[int] = ()
+) -> list[JobWithdrawal]:
+    """Withdraw the results that a later analysis of the same study by another model
+    version replaced (``exporter.withdraw_replaced``): the new results have other UIDs, so
+    the PACS would show both. Jobs in ``skip`` (refused before) are left. Returns each job's
+    outcome."""
+    outcomes: list[JobWithdrawal] = []
+    for replaced in Withdrawals(ledger).replaced(since):
+        if replaced.job_id in skip:
+            continue
+        report = withdraw_results(
+            settings,
+            ledger,
+            reason="replaced",
+            note=(
+                f"replaced by {replaced.model_name} {replaced.model_version}"
+                f" (generation {replaced.generation})"
+            ),
+            by=NODE,
+            study_uid=replaced.study_uid,
+            job_ids=[replaced.job_id],
+            automatic=True,
+        )
+        outcomes += report.jobs
+    return outcomes
+
+
 def _withdraw_job(
     settings: Settings,
     withdrawals: Withdrawals,
@@ -215,7 +256,8 @@ def _withdraw_job(
         recorded = withdrawals.record(job.job_id, reason=reason, note=note, by=by, notes=notes)
     except (WithdrawalError, StudyActionRefused) as exc:
         return outcome(withdrawn=False, error=str(exc))
-    _tell_the_ris(settings, withdrawals, job.job_id, note)
+    if reason != "replaced":  # the new analysis's ORU replaces it: a W would hide it too
+        _tell_the_ris(settings, withdrawals, job.job_id, note)
     log.warning(
         "results withdrawn (%s): job %d, %d rejection note(s) queued, %d pending cancelled",
         reason,

@@ -90,6 +90,7 @@ LATER_RESULT_KINDS = (VERIFIED_SR_KIND, REJECTION_NOTE_KIND)
 WITHDRAWAL_REASONS = {
     "quality": "rejected for quality reasons",
     "safety": "rejected for patient safety reasons",
+    "replaced": "replaced by a later analysis by another model version",
 }
 
 #: What may complete a study, as ``Study.completed_by`` records it, and how people read it.

@@ -16,12 +16,14 @@ naming an instance the PACS never received is harmless. A job is withdrawn once.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import func, select, update
-from sqlalchemy.orm import defer
+from sqlalchemy import exists, func, select, update
+from sqlalchemy.orm import aliased, defer
 
 from acwi_node.ledger.models import (
     REJECTION_NOTE_KIND,
@@ -44,7 +46,13 @@ from acwi_node.ledger.repository import (
     files_deleted_at,
 )
 
-__all__ = ["WithdrawableJob", "WithdrawableResult", "Withdrawals", "WithdrawnJob"]
+__all__ = [
+    "Replacement",
+    "WithdrawableJob",
+    "WithdrawableResult",
+    "Withdrawals",
+    "WithdrawnJob",
+]
 
 #: Delivery states in which a result may be in the destination's hands.
 _POSSIBLY_STORED = (DeliveryState.DELIVERED, DeliveryState.COMMITTING, DeliveryState.PENDING)
@@ -88,6 +96,17 @@ class Candidates:
 
 
 @dataclass(frozen=True)
+class Replacement:
+    """An earlier analysis and the later one, by another model version, that replaced it."""
+
+    job_id: int
+    study_uid: str
+    model_name: str
+    model_version: str
+    generation: int
+
+
+@dataclass(frozen=True)
 class WithdrawnJob:
     job_id: int
     #: Deliveries that were pending and will not be sent.
@@ -108,12 +127,12 @@ class Withdrawals:
         study_uid: str | None = None,
         model_name: str | None = None,
         model_version: str | None = None,
+        job_ids: Collection[int] | None = None,
     ) -> Candidates:
         """The jobs whose results may be withdrawn: of study ``study_uid`` (every generation),
-        and/or analysed by ``model_name`` (``model_version``), oldest first. Raises
-        :class:`StudyActionRefused` for a study not in the ledger."""
-        name = func.coalesce(Job.summary[("model", "name")].as_string(), Job.model)
-        version = func.coalesce(Job.summary[("model", "version")].as_string(), "")
+        and/or analysed by ``model_name`` (``model_version``), and/or among ``job_ids``, oldest
+        first. Raises :class:`StudyActionRefused` for a study not in the ledger."""
+        name, version = _model_name(Job), _model_version(Job)
         with self.ledger.session() as s:
             # the summaries stay in the database: a CT's lists hundreds of images
             query = (
@@ -129,6 +148,8 @@ class Withdrawals:
                 query = query.where(name == model_name)
             if model_version is not None:
                 query = query.where(version == model_version)
+            if job_ids is not None:
+                query = query.where(Job.id.in_(list(job_ids)))
             matching = s.execute(query.order_by(Job.id)).all()
             unfinished = sum(1 for job, *_ in matching if job.state in _UNFINISHED)
             withdrawn_before = sum(1 for job, *_ in matching if job.withdrawn_at is not None)
@@ -180,6 +201,40 @@ class Withdrawals:
                     )
                 )
             return Candidates(jobs, unfinished, withdrawn_before)
+
+    def replaced(self, since: dt.datetime) -> list[Replacement]:
+        """The jobs whose results a later analysis by another model version replaced: for
+        every job of a later generation of the same study and route, delivered since
+        ``since`` (and not withdrawn), the earlier jobs of another model name or version that
+        wrote results and were not withdrawn; oldest first, each with its latest replacement.
+        """
+        old, new = aliased(Job), aliased(Job)
+        query = (
+            select(old.id, Study.study_uid, _model_name(new), _model_version(new), new.generation)
+            .join(
+                new,
+                (new.study_id == old.study_id)
+                & (new.route == old.route)
+                & (new.generation > old.generation),
+            )
+            .join(Study, Study.id == old.study_id)
+            .where(
+                new.state == JobState.DELIVERED,
+                new.finished_at >= since,
+                new.withdrawn_at.is_(None),
+                old.withdrawn_at.is_(None),
+                old.state.not_in(_UNFINISHED),
+                (_model_name(old) != _model_name(new))
+                | (_model_version(old) != _model_version(new)),
+                exists().where(Result.job_id == old.id, Result.kind != REJECTION_NOTE_KIND),
+            )
+            .order_by(old.id, new.generation.desc())
+        )
+        with self.ledger.session() as s:
+            found: dict[int, Replacement] = {}
+            for job_id, uid, name, version, generation in s.execute(query):
+                found.setdefault(job_id, Replacement(job_id, uid, name, version, generation))
+            return list(found.values())
 
     def record(
         self,
@@ -234,6 +289,15 @@ class Withdrawals:
                 self.ledger._sync_job_delivery(s, job.id)
                 self.ledger._sync_study(s, job.study_id)
             return WithdrawnJob(job.id, cancelled, queued)
+
+
+def _model_name(job: Any) -> Any:
+    """A job's model name: its summary's (the manifest's), else the route's model."""
+    return func.coalesce(job.summary[("model", "name")].as_string(), job.model)
+
+
+def _model_version(job: Any) -> Any:
+    return func.coalesce(job.summary[("model", "version")].as_string(), "")
 
 
 def _only(destinations: Sequence[str]) -> Callable[[str, str], bool]:

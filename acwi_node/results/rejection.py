@@ -42,6 +42,8 @@ REJECTION_REASONS: dict[str, CodedConcept] = {
     "quality": CodedConcept("113001", "DCM", "Rejected for Quality Reasons"),
     # a result that could harm a patient if read (a recalled model version)
     "safety": CodedConcept("113037", "DCM", "Rejected for Patient Safety Reasons"),
+    # a result a later analysis by another model version replaced (the node's own doing)
+    "replaced": CodedConcept("113001", "DCM", "Rejected for Quality Reasons"),
 }
 #: Key Object Description: at most 1024 characters (UT would allow more, the text item is UT,
 #: but a PACS shows a line).

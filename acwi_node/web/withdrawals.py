@@ -41,7 +41,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 def withdrawals_router(settings: Settings, db: Ledger) -> APIRouter:
     router = APIRouter()
 
-    async def run(request: Request, body: WithdrawalRequest, user: str, **target: str) -> Any:
+    async def run(request: Request, body: WithdrawalRequest, user: str, **target: Any) -> Any:
         try:
             return await run_in_threadpool(
                 lambda: withdraw_results(

@@ -5,6 +5,7 @@ line (``studies withdraw``, ``models recall``), the API and the study page. Real
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from sqlalchemy import select, update
 
 from acwi_node.cli import main
 from acwi_node.config import Settings
-from acwi_node.export.withdrawal import withdraw_results
+from acwi_node.export.outbox import Exporter
+from acwi_node.export.withdrawal import withdraw_replaced, withdraw_results
 from acwi_node.ledger import Ledger, RoutedJob, StudyActionRefused
 from acwi_node.ledger.models import (
     Delivery,
@@ -36,6 +38,7 @@ from acwi_node.tasks.analyse import run_job
 from acwi_node.web.api import create_app
 from models.data.synth import write_study
 from tests.support.dciodvfy import dciodvfy_errors, require_dciodvfy
+from tests.support.model_variant import model_variant
 from tests.support.review_case import (
     CSRF,
     MODEL,
@@ -485,3 +488,96 @@ def test_the_ris_is_told_where_it_had_the_result(tmp_path: Path) -> None:
         assert other.hl7_outbound_kinds(job_id) == []
     finally:
         other.dispose()
+
+
+def test_a_later_analysis_by_another_version_withdraws_the_earlier_results(
+    node: tuple[Settings, Ledger], tmp_path: Path
+) -> None:
+    """The exporter withdraws what a re-analysis by another model version replaced (its UIDs
+    differ: the PACS would show both); a re-analysis by the same version replaces the objects
+    themselves, and a failed one replaces nothing."""
+    settings, ledger = node
+    first, uid = analysed(settings, ledger, tmp_path)
+    same, _ = analysed(settings, ledger, tmp_path, seed=8)
+    deliver(ledger)
+    since = utcnow() - dt.timedelta(hours=1)
+
+    # the same version again: nothing to withdraw
+    generation = ledger.reprocess_study(uid)
+    route = [RoutedJob(ROUTE, MODEL, ["pacs", "viewer"], 0)]
+    (again,) = ledger.complete_study(study_id(ledger, uid), generation, lambda _facts: route)
+    assert run_job(settings, ledger, again) == "analysed"
+    deliver(ledger)
+    assert withdraw_replaced(settings, ledger, since=since) == []
+
+    # another version: its delivery withdraws both earlier analyses' results
+    newer = model_variant(tmp_path / "v2", version="9.9.9", uncertainty_threshold=1e-9)
+    upgraded = settings.model_copy(
+        update={"models": [settings.models[0].model_copy(update={"manifest": newer})]}
+    )
+    generation = ledger.reprocess_study(uid)
+    (third,) = ledger.complete_study(study_id(ledger, uid), generation, lambda _facts: route)
+    assert run_job(upgraded, ledger, third) == "analysed"
+    # not before the new results are stored: the PACS keeps a result all the while
+    assert withdraw_replaced(upgraded, ledger, since=since) == []
+    deliver(ledger)
+    outcomes = withdraw_replaced(upgraded, ledger, since=since)
+    assert sorted(o.job_id for o in outcomes) == [first, again]
+    assert all(o.withdrawn for o in outcomes)
+    # generation 2 wrote the same objects as generation 1: each note names them once a
+    # destination, and the new version's objects never
+    notes = list(all_notes_due(ledger, settings).values())
+    view = ledger.get_study(uid)
+    assert view is not None
+    new_uids = {r["sop_instance_uid"] for r in view["jobs"][2]["results"]}
+    old_uids = {r["sop_instance_uid"] for r in view["jobs"][0]["results"]}
+    assert notes and all(referenced(n) <= old_uids - new_uids for n in notes)
+    assert [j["withdrawn"]["reason"] if j["withdrawn"] else None for j in view["jobs"]] == [
+        "replaced", "replaced", None,
+    ]  # fmt: skip
+    assert view["jobs"][0]["withdrawn"]["by"] == "acwi-node"
+    note = view["jobs"][0]["withdrawn"]["note"]
+    assert note == "replaced by acwi-dianet-chest 9.9.9 (generation 3)"
+    # found once: withdrawn jobs are not looked at again, the other study never was
+    assert withdraw_replaced(upgraded, ledger, since=since) == []
+    assert [j.withdrawn for j in report_jobs(ledger, _study_of(ledger, same))] == [False]
+
+
+def _study_of(ledger: Ledger, job_id: int) -> str:
+    with ledger.session() as s:
+        return s.get_one(Job, job_id).study.study_uid
+
+
+def test_the_exporter_withdraws_replaced_results_unless_told_not_to(
+    node: tuple[Settings, Ledger], tmp_path: Path
+) -> None:
+    settings, ledger = node
+    first, uid = analysed(settings, ledger, tmp_path)
+    deliver(ledger)
+    newer = model_variant(tmp_path / "v2", version="9.9.9", uncertainty_threshold=1e-9)
+    upgraded = settings.model_copy(
+        update={"models": [settings.models[0].model_copy(update={"manifest": newer})]}
+    )
+    generation = ledger.reprocess_study(uid)
+    route = [RoutedJob(ROUTE, MODEL, ["pacs", "viewer"], 0)]
+    (second,) = ledger.complete_study(study_id(ledger, uid), generation, lambda _facts: route)
+    assert run_job(upgraded, ledger, second) == "analysed"
+    # the new results never reached the PACS: the earlier ones stay
+    for d in ledger.due_deliveries():
+        ledger.record_delivery(
+            d.id, delivered=False, status=None, error="down", max_attempts=1, backoff_s=1
+        )
+    assert ledger.get_study(uid)["state"] == "failed"  # type: ignore[index]
+    assert Exporter(upgraded, ledger)._withdraw_replaced() == 0
+    assert ledger.resend_results(uid) == 4
+    deliver(ledger)
+    off = upgraded.model_copy(
+        update={"exporter": upgraded.exporter.model_copy(update={"withdraw_replaced": False})}
+    )
+    Exporter(off, ledger)._withdraw_replaced()
+    assert all_notes_due(ledger, settings) == {}
+    assert Exporter(upgraded, ledger)._withdraw_replaced() == 2  # the PACS's and the viewer's
+    assert set(all_notes_due(ledger, settings)) == {(uid, "pacs"), (uid, "viewer")}
+    with ledger.session() as s:
+        assert s.get_one(Job, first).withdrawn_reason == "replaced"
+        assert s.get_one(Job, second).withdrawn_at is None

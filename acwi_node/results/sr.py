@@ -852,6 +852,12 @@ def build_verified_sr(
         replaced.SOPInstanceUID = verification.amends
         previous.append(replaced)
         sop_instance_uid = amended_sr_uid(verification.amends)
+    # the source's character set, unless the radiologist's words need more: UTF-8 then (a
+    # name or reason in another script would otherwise be written as question marks)
+    words = (verification.observer_name, verification.organization, verification.reason)
+    charset = sources[0].get("SpecificCharacterSet")
+    if not all(w.isascii() for w in words):
+        charset = "ISO_IR 192"
     document = Comprehensive3DSR(
         evidence=[patient_study_header(sources[0]), *sources[1:]],
         content=root,
@@ -874,6 +880,7 @@ def build_verified_sr(
         manufacturer_model_name=_lo(model_name),
         software_versions=_lo(model_version),
         coding_schemes=[_PRIVATE_SCHEME_ITEM],
+        specific_character_set=charset,
     )
     document.VerifyingObserverSequence[0].VerificationDateTime = _dicom_datetime(
         verification.verified_at

@@ -125,6 +125,28 @@ def test_dciodvfy_reports_no_errors(tmp_path: Path) -> None:
     assert not errors, "\n".join(errors)
 
 
+def test_a_radiologists_words_in_any_script_are_kept(tmp_path: Path) -> None:
+    """A name or reason outside the source's character set: the SR is written in UTF-8
+    (not with question marks); plain ASCII keeps the source's."""
+    sources, sr = _unverified()
+    plain = build_verified_sr(sr, sources, _verdict())
+    assert plain.get("SpecificCharacterSet") == sources[0].get("SpecificCharacterSet")
+    verdict = Verification("Wáng^Fāng", "Hôpital Nord", "override", "nodule", "疤痕, Größe", AT)
+    path = tmp_path / "verified.dcm"
+    build_verified_sr(sr, sources, verdict).save_as(path, enforce_file_format=True)
+    back = pydicom.dcmread(path)
+    assert back.SpecificCharacterSet == "ISO_IR 192"
+    observer = back.VerifyingObserverSequence[0]
+    assert str(observer.VerifyingObserverName) == "Wáng^Fāng"
+    assert observer.VerifyingOrganization == "Hôpital Nord"
+    texts = [str(item.get("TextValue", "")) for item in _walk(back)]
+    assert "疤痕, Größe" in texts
+    assert str(back.PatientName) == str(sources[0].PatientName)
+    done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if "Error" in line]
+    assert not errors, "\n".join(errors)
+
+
 def _with_regions(sources: list[Dataset]) -> Verification:
     regions = (
         LesionRegion(str(sources[0].SOPInstanceUID), None, (10, 20, 29, 39)),

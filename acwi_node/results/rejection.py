@@ -94,11 +94,16 @@ def build_rejection_note(
         raise ValueError(f"not objects the node wrote: {foreign}")
     uids = [str(ds.SOPInstanceUID) for ds in rejected]
     series_uid, sop_uid = rejection_note_uids(study_uid, reason, uids)
+    description = description.strip()[:_MAX_DESCRIPTION]
+    # the results' character set, unless the administrator's words need more (UTF-8 then)
+    charset = rejected[0].get("SpecificCharacterSet")
+    if not description.isascii():
+        charset = "ISO_IR 192"
     content = KeyObjectSelection(
         document_title=REJECTION_REASONS[reason],
         referenced_objects=list(rejected),
         observer_device_context=_node_observer(),
-        description=description.strip()[:_MAX_DESCRIPTION] or None,
+        description=description or None,
     )
     return KeyObjectSelectionDocument(
         evidence=[patient_study_header(rejected[0]), *rejected[1:]],
@@ -112,4 +117,5 @@ def build_rejection_note(
         series_description="ACWI withdrawn results",
         manufacturer_model_name=MANUFACTURER,
         software_versions=__version__,
+        specific_character_set=charset,
     )

@@ -6,6 +6,7 @@ line (``studies withdraw``, ``models recall``), the API and the study page. Real
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from acwi_node.ledger.models import (
 )
 from acwi_node.ledger.trace import study_trace
 from acwi_node.monitoring.turnaround import TurnaroundMonitor
+from acwi_node.results.encoding import encode_part10
 from acwi_node.results.rejection import REJECTION_SERIES_NUMBER, build_rejection_note
 from acwi_node.retention import DiskSpace, Retention
 from acwi_node.tasks.analyse import run_job
@@ -352,6 +354,15 @@ def test_the_note_is_the_same_object_when_built_again(
     c = build_rejection_note(headers, reason="safety")
     assert a.SOPInstanceUID == b.SOPInstanceUID != c.SOPInstanceUID
     assert a.SeriesInstanceUID == c.SeriesInstanceUID
+    # the administrator's words in any script: UTF-8 then, else the results' character set
+    assert a.get("SpecificCharacterSet") == headers[0].get("SpecificCharacterSet")
+    words = "Größe falsch, 右肺 nodule"
+    note = build_rejection_note(headers, reason="quality", description=words)
+    written = dcmread(io.BytesIO(encode_part10(note)))
+    assert written.SpecificCharacterSet == "ISO_IR 192"
+    texts = [i.TextValue for i in written.ContentSequence if i.ValueType == "TEXT"]
+    assert words in texts
+    assert str(written.PatientName) == str(headers[0].PatientName)
     source = dcmread(next((tmp_path / "src-0").rglob("*.dcm")), stop_before_pixels=True)
     with pytest.raises(ValueError, match="not objects the node wrote"):
         build_rejection_note([*headers, source], reason="quality")

@@ -544,6 +544,8 @@ class ReviewStore:
                 "received_at": _iso(st.first_received_at),
                 "job_id": job.id,
                 "job_state": job.state.value,
+                # its AI results withdrawn from the PACS: nothing more of it is sent
+                "withdrawn": job.withdrawn_at is not None,
                 "generation": job.generation,
                 "route": job.route,
                 "model": job.model,

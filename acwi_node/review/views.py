@@ -894,7 +894,9 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         lesion boxes."""
         case = _case_or_404(item_id)
         standing = current_verdict(case)
-        amending = amend and case["state"] == "closed" and standing is not None
+        amending = (
+            amend and case["state"] == "closed" and standing is not None and not case["withdrawn"]
+        )
         user: SessionInfo = request.state.user
         claim_s = settings.review.reading_claim_s
         # opened by a reader: theirs to read, unless another opened it a moment ago

@@ -22,7 +22,7 @@ from acwi_node.cli import main
 from acwi_node.config import Settings
 from acwi_node.export.outbox import Exporter
 from acwi_node.export.withdrawal import withdraw_replaced, withdraw_results
-from acwi_node.ledger import Ledger, RoutedJob, StudyActionRefused
+from acwi_node.ledger import Ledger, ResultFile, RoutedJob, StudyActionRefused
 from acwi_node.ledger.models import (
     Delivery,
     DeliveryState,
@@ -36,6 +36,8 @@ from acwi_node.monitoring.turnaround import TurnaroundMonitor
 from acwi_node.results.encoding import encode_part10
 from acwi_node.results.rejection import REJECTION_SERIES_NUMBER, build_rejection_note
 from acwi_node.retention import DiskSpace, Retention
+from acwi_node.review.store import ReviewError, ReviewStore, SessionInfo
+from acwi_node.review.verdicts import amend_verdict, submit_verdict
 from acwi_node.tasks.analyse import run_job
 from acwi_node.web.api import create_app
 from models.data.synth import write_study
@@ -258,10 +260,47 @@ def test_a_withdrawn_cases_review_closes_and_takes_no_verdict(
         item = s.scalars(select(ReviewItem).where(ReviewItem.job_id == job_id)).one()
         assert (item.state.value, item.reason) == ("closed", "withdrawn")
     # a verified SR of a withdrawn analysis is never queued
-    from acwi_node.ledger import ResultFile
-
     with pytest.raises(StudyActionRefused, match="withdrawn"):
         ledger.attach_result(job_id, ResultFile("sr-verified", "1.2.3.4", KOS, "x.dcm"))
+    add_user(ledger, "rad", "radiologist")
+    with TestClient(create_app(settings)) as client:
+        sign_in(client, "rad")
+        page = client.get(f"/review/cases/{item.id}").text
+        assert "its AI results were withdrawn from the PACS" in page
+        assert 'name="action"' not in page  # no verdict form
+
+
+def test_a_decided_case_withdrawn_later_cannot_be_amended(
+    node: tuple[Settings, Ledger], tmp_path: Path
+) -> None:
+    settings, ledger = node
+    job_id, uid = analysed(settings, ledger, tmp_path)
+    with ledger.session() as s:
+        item_id = s.scalars(select(ReviewItem.id).where(ReviewItem.job_id == job_id)).one()
+    add_user(ledger, "rad", "radiologist")
+    store = ReviewStore(ledger)
+    found = store.get_user("rad")
+    assert found is not None
+    rad = SessionInfo(found.id, found.name, found.role, "", utcnow())
+    verdict = submit_verdict(settings, store, item_id, rad, action="confirm")
+    deliver(ledger)
+    withdraw_results(settings, ledger, reason="safety", note=NOTE, by="a", study_uid=uid)
+    with TestClient(create_app(settings)) as client:
+        sign_in(client, "rad")
+        page = client.get(f"/review/cases/{item_id}?amend=1").text
+        assert "its AI results were withdrawn from the PACS" in page
+        assert 'id="amend-link"' not in page and "Amend verdict</button>" not in page
+    with pytest.raises(ReviewError, match="withdrawn from the PACS"):
+        amend_verdict(
+            settings, store, item_id, rad, amends=verdict.verdict_id, action="override",
+            label="normal", reason="scar",
+        )  # fmt: skip
+    # the refused amendment left nothing behind: the verdict stands, nothing queued
+    case = store.case(item_id)
+    assert case is not None and case["current_verdict"] == verdict.verdict_id
+    with ledger.session() as s:
+        kinds = [r.kind for r in s.get_one(Job, job_id).results]
+    assert kinds.count("sr-verified") == 1  # the verdict's, not the amendment's
 
 
 def test_a_recall_withdraws_one_model_versions_results_and_reprocesses(

@@ -15,7 +15,6 @@ import http.client
 import json
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,10 +26,7 @@ from acwi_node.config import NotifyTarget, Settings
 from acwi_node.http_client import connect, request_target, target_of
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import DeliveryState, Notification, utcnow
-from acwi_node.monitoring.cache import Refreshed
-from acwi_node.monitoring.report import CachedReports, ModelMonitor
-from acwi_node.monitoring.traffic import traffic_monitor
-from acwi_node.monitoring.turnaround import TurnaroundMonitor
+from acwi_node.monitoring.cached import MonitoringCaches
 from acwi_node.notify.events import queue_events
 from acwi_node.notify.formats import shape
 
@@ -111,18 +107,11 @@ class Notifier:
         self.interval_s = interval_s
         self._stop = threading.Event()
         # model monitoring reads weeks of summaries: at most every monitoring.refresh_s
-        self.monitoring = CachedReports(
-            ModelMonitor(ledger, settings.monitoring), clock=time.monotonic
-        )
-        self.traffic = Refreshed(
-            traffic_monitor(settings, ledger).report,
-            settings.monitoring.refresh_s,
-            clock=time.monotonic,
-        )
-        self.turnaround = Refreshed(
-            TurnaroundMonitor(ledger, settings.monitoring).report,
-            settings.monitoring.refresh_s,
-            clock=time.monotonic,
+        caches = MonitoringCaches(settings, ledger)
+        self.monitoring, self.traffic, self.turnaround = (
+            caches.monitoring,
+            caches.traffic,
+            caches.turnaround,
         )
 
     def tick(self, *, now: dt.datetime | None = None) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -229,25 +228,15 @@ class LedgerCollector(Collector):
     """Gauges read from the ledger (and the broker) on every scrape."""
 
     def __init__(self, settings: Settings, ledger: Ledger) -> None:
-        from acwi_node.monitoring.cache import Refreshed
-        from acwi_node.monitoring.report import CachedReports, ModelMonitor
-        from acwi_node.monitoring.traffic import traffic_monitor
-        from acwi_node.monitoring.turnaround import TurnaroundMonitor
+        from acwi_node.monitoring.cached import MonitoringCaches
 
         self.settings = settings
         self.ledger = ledger
-        self.monitoring = CachedReports(
-            ModelMonitor(ledger, settings.monitoring), clock=time.monotonic
-        )
-        self.traffic = Refreshed(
-            traffic_monitor(settings, ledger).report,
-            settings.monitoring.refresh_s,
-            clock=time.monotonic,
-        )
-        self.turnaround = Refreshed(
-            TurnaroundMonitor(ledger, settings.monitoring).report,
-            settings.monitoring.refresh_s,
-            clock=time.monotonic,
+        caches = MonitoringCaches(settings, ledger)
+        self.monitoring, self.traffic, self.turnaround = (
+            caches.monitoring,
+            caches.traffic,
+            caches.turnaround,
         )
 
     def describe(self) -> Iterable[Metric]:

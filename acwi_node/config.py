@@ -1055,6 +1055,9 @@ class MonitoringSettings(_Strict):
     #: instance is "overdue".
     turnaround_goal_s: float = Field(300.0, gt=0.0, le=86_400.0)
     turnaround_min_studies: int = Field(5, ge=1, le=100_000)
+    #: The same goal for STAT studies (a STAT order from the RIS, or a route whose priority
+    #: is 1000 or more), whose figures are a row of their own (``stat``).
+    turnaround_stat_goal_s: float = Field(120.0, gt=0.0, le=86_400.0)
 
     @model_validator(mode="after")
     def _ordered(self) -> MonitoringSettings:

@@ -12,7 +12,9 @@ generation to its last result object stored by a destination, and each step in b
 * ``delivery``: results written to stored by every destination (a slow or refusing PACS);
 * ``total``: last instance to stored.
 
-Percentiles (50th, 95th, the maximum) per route and for all routes; a route reads ``slow`` when
+Percentiles (50th, 95th, the maximum) per route, for all routes, and for the STAT studies of
+all routes (the row ``stat``, held to ``monitoring.turnaround_stat_goal_s``); a row reads
+``slow`` when
 the 95th percentile of ``total`` exceeds ``monitoring.turnaround_goal_s`` over at least
 ``monitoring.turnaround_min_studies`` studies. Delivered jobs alone would hide the worst case,
 a study that never arrives: studies still on their way whose last instance is older than the
@@ -51,6 +53,8 @@ from acwi_node.monitoring.drift import Status
 STEPS = ("completion", "queue", "analysis", "delivery", "total")
 #: The figures of every route together.
 ALL = "all"
+#: The figures of every route's STAT studies (priority ``stat``), against their own goal.
+STAT = "stat"
 #: How a route's turnaround reads.
 WORDS = {
     Status.STABLE: "within goal",
@@ -84,6 +88,13 @@ class RouteTurnaround:
     overdue: int
     steps: tuple[StepFigures, ...]
     status: Status
+    #: The 95th percentile of ``total`` it is held to.
+    goal_s: float = 0.0
+
+    @property
+    def label(self) -> str:
+        """How people read the row's name."""
+        return {ALL: "all routes", STAT: "STAT studies, all routes"}.get(self.route, self.route)
 
     def step(self, name: str) -> StepFigures:
         return next(s for s in self.steps if s.step == name)
@@ -95,6 +106,7 @@ class RouteTurnaround:
             "stat": self.stat,
             "overdue": self.overdue,
             "status": self.status.value,
+            "goal_s": self.goal_s,
             "steps": [s.as_json() for s in self.steps],
         }
 
@@ -182,7 +194,7 @@ class TurnaroundMonitor:
                 .correlate(Job)
             )
             waiting = s.execute(
-                select(Job.route, last_instance).where(
+                select(Job.route, Job.priority, last_instance).where(
                     Job.state.in_(_ON_THE_WAY),
                     ~((Job.state == JobState.EXPORTING) & later_only),
                 )
@@ -202,22 +214,36 @@ class TurnaroundMonitor:
                 "delivery": _seconds(analysed, at),
                 "total": _seconds(last, at),
             }
-            for key in (ALL, str(route)):
+            is_stat = priority >= STAT_PRIORITY
+            for key in (ALL, str(route), *((STAT,) if is_stat else ())):
                 for name, value in steps.items():
                     spans[key][name].append(value)
-                stat[key] += int(priority >= STAT_PRIORITY)
+                stat[key] += int(is_stat)
         overdue: dict[str, int] = defaultdict(int)
         cut = now - dt.timedelta(seconds=cfg.turnaround_goal_s)
-        for route, last in waiting:
+        stat_cut = now - dt.timedelta(seconds=cfg.turnaround_stat_goal_s)
+        for route, priority, last in waiting:
             if last is not None and last < cut:
                 overdue[ALL] += 1
                 overdue[str(route)] += 1
-        names = sorted((set(spans) | set(overdue)) - {ALL})
-        routes = [self._route(key, spans[key], stat[key], overdue[key]) for key in [ALL, *names]]
+            if last is not None and last < stat_cut and priority >= STAT_PRIORITY:
+                overdue[STAT] += 1
+        names = sorted((set(spans) | set(overdue)) - {ALL, STAT})
+        keys = [ALL, *([STAT] if STAT in spans or overdue[STAT] else []), *names]
+        routes = [
+            self._route(
+                key,
+                spans[key],
+                stat[key],
+                overdue[key],
+                cfg.turnaround_stat_goal_s if key == STAT else cfg.turnaround_goal_s,
+            )
+            for key in keys
+        ]
         return TurnaroundReport(now, cfg.turnaround_hours, cfg.turnaround_goal_s, routes)
 
     def _route(
-        self, route: str, spans: dict[str, list[float]], stat: int, overdue: int
+        self, route: str, spans: dict[str, list[float]], stat: int, overdue: int, goal_s: float
     ) -> RouteTurnaround:
         cfg = self.cfg
         figures = tuple(
@@ -231,11 +257,7 @@ class TurnaroundMonitor:
         )
         studies = len(spans["total"])
         p95 = figures[-1].p95
-        if (
-            studies >= cfg.turnaround_min_studies
-            and p95 is not None
-            and p95 > cfg.turnaround_goal_s
-        ):
+        if studies >= cfg.turnaround_min_studies and p95 is not None and p95 > goal_s:
             status = Status.SHIFTED
         elif overdue:
             status = Status.WATCH
@@ -243,7 +265,7 @@ class TurnaroundMonitor:
             status = Status.TOO_FEW
         else:
             status = Status.STABLE
-        return RouteTurnaround(route, studies, stat, overdue, figures, status)
+        return RouteTurnaround(route, studies, stat, overdue, figures, status, goal_s)
 
 
 def format_turnaround(report: TurnaroundReport) -> str:
@@ -258,8 +280,8 @@ def format_turnaround(report: TurnaroundReport) -> str:
         cells = [
             f"{duration(f.p50)} / {duration(f.p95)}" if f.p50 is not None else "-" for f in r.steps
         ]
-        name = "all routes" if r.route == ALL else r.route
-        stat = f" ({r.stat} STAT)" if r.stat else ""
+        name = r.label if r.route != STAT else f"{r.label} (goal {duration(r.goal_s)})"
+        stat = f" ({r.stat} STAT)" if r.stat and r.route != STAT else ""
         rows.append((name, f"{r.studies}{stat}", *cells, str(r.overdue), WORDS[r.status]))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:

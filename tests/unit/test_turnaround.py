@@ -21,11 +21,14 @@ from acwi_node.ledger.repository import STAT_PRIORITY
 from acwi_node.monitoring.drift import Status
 from acwi_node.monitoring.turnaround import (
     ALL,
+    STAT,
     RouteTurnaround,
     TurnaroundMonitor,
     duration,
+    format_turnaround,
     percentile,
 )
+from acwi_node.notify.events import slow_payload
 from acwi_node.observability.metrics import ledger_registry
 from acwi_node.web.api import create_app
 from tests.support.review_case import add_user, sign_in
@@ -64,8 +67,11 @@ def test_each_step_is_read_from_the_ledgers_times(ledger_node: tuple[Settings, L
         )
     timed_study(ledger, "1.3.1", route="ct", steps=(5.0, 0.0, 60.0, 2.0), at=HOUR_BEFORE)
     report = monitor(ledger).report(now=NOW)
-    assert [r.route for r in report.routes] == [ALL, "chest", "ct"]
-    chest = report.routes[1]
+    assert [r.route for r in report.routes] == [ALL, STAT, "chest", "ct"]
+    stat = report.routes[1]  # the STAT studies of every route, against their own goal
+    assert (stat.studies, stat.stat, stat.status, stat.goal_s) == (1, 1, Status.TOO_FEW, 120.0)
+    assert seconds(stat, "total") == (13.5, 13.5, 13.5)
+    chest = report.routes[2]
     assert (chest.studies, chest.stat, chest.overdue) == (10, 1, 0)
     assert seconds(chest, "completion") == (2.0, 2.0, 2.0)
     assert seconds(chest, "queue") == (0.5, 0.5, 0.5)
@@ -73,7 +79,7 @@ def test_each_step_is_read_from_the_ledgers_times(ledger_node: tuple[Settings, L
     assert seconds(chest, "delivery") == (1.0, 1.0, 1.0)
     assert seconds(chest, "total") == (8.5, 13.5, 13.5)
     assert chest.status is Status.STABLE
-    ct = report.routes[2]
+    ct = report.routes[3]
     assert (ct.studies, ct.status) == (1, Status.TOO_FEW)  # one study: not read
     assert seconds(ct, "total") == (67.0, 67.0, 67.0)
     assert report.overall.studies == 11 and seconds(report.overall, "total")[2] == 67.0
@@ -95,6 +101,52 @@ def test_a_route_is_slow_when_its_95th_percentile_passes_the_goal(
     # Too few studies to read the percentile: not slow.
     few = monitor(ledger, turnaround_goal_s=300, turnaround_min_studies=21).report(now=NOW)
     assert few.status is Status.TOO_FEW
+
+
+def test_stat_studies_are_held_to_their_own_goal(ledger_node: tuple[Settings, Ledger]) -> None:
+    """Five STAT studies in 3.5 min: within the routine goal (5 min), their route is fine;
+    over the STAT goal (2 min), the ``stat`` row is slow, and so is the report, in every place
+    it is read. A STAT study on its way for 3 min is overdue as STAT, not for its route."""
+    settings, ledger = ledger_node
+    hour_ago = utcnow() - dt.timedelta(hours=1)
+    for n in range(5):
+        timed_study(ledger, f"1.2.{n}", steps=(2.0, 0.5, 1.0, 1.0), at=hour_ago)
+        timed_study(ledger, f"1.3.{n}", steps=(2.0, 200.0, 6.0, 2.0), at=hour_ago,
+                    priority=STAT_PRIORITY)  # fmt: skip
+    report = monitor(ledger).report()
+    stat, chest = report.routes[1], report.routes[2]
+    assert (stat.route, stat.studies, stat.status) == (STAT, 5, Status.SHIFTED)
+    assert seconds(stat, "queue") == (200.0, 200.0, 200.0)
+    assert (chest.route, chest.studies, chest.stat, chest.status) == ("chest", 10, 5, Status.STABLE)
+    assert report.status is Status.SHIFTED
+    assert "STAT studies, all routes (goal 2.0 min)" in format_turnaround(report)
+    assert monitor(ledger, turnaround_stat_goal_s=300).report().status is Status.STABLE
+    text = slow_payload(settings, report, stat, utcnow())["text"]
+    assert "results of STAT studies are slow: 95th percentile 3.5 min" in text
+    assert "(goal 2.0 min); the longest step: queue (3.3 min)" in text
+
+    registry = ledger_registry(settings, ledger)
+    assert registry.get_sample_value("acwi_turnaround_status", {"route": "stat"}) == 2
+    assert registry.get_sample_value("acwi_turnaround_status", {"route": "chest"}) == 0
+    settings = settings.model_copy(
+        update={"review": settings.review.model_copy(update={"cookie_secure": False})}
+    )
+    add_user(ledger)
+    with TestClient(create_app(settings, ledger)) as client:
+        sign_in(client)
+        page = client.get("/review/monitoring").text
+        assert "STAT studies, all routes (goal 2.0 min)" in page
+        assert "slow: STAT studies</td>" in client.get("/review/dashboard").text
+
+    timed_study(ledger, "1.4.1", at=utcnow() - dt.timedelta(minutes=3), stored=False,
+                priority=STAT_PRIORITY)  # fmt: skip
+    timed_study(ledger, "1.4.2", at=utcnow() - dt.timedelta(minutes=3), stored=False)
+    waiting = monitor(ledger, turnaround_hours=1).report(now=utcnow() + dt.timedelta(hours=2))
+    assert [(r.route, r.overdue, r.status) for r in waiting.routes] == [
+        (ALL, 2, Status.WATCH), (STAT, 1, Status.WATCH), ("chest", 2, Status.WATCH),
+    ]  # fmt: skip
+    fresh = monitor(ledger).report()  # 3 minutes: over the STAT goal, not the routine one
+    assert [(r.route, r.overdue) for r in fresh.routes] == [(ALL, 0), (STAT, 1), ("chest", 0)]
 
 
 def test_studies_still_on_their_way_past_the_goal_are_overdue(

@@ -370,6 +370,9 @@ class _AssociationState:
     dropped: int = 0
     #: Instances sent again unchanged to a study that keeps its results (not re-opened).
     unchanged: int = 0
+    #: Objects no model reads (reports, key object notes, ...) added to a study that keeps
+    #: its results (not re-opened).
+    kept: int = 0
     patient_ids: set[str] = field(default_factory=set)
     pending: _PendingRows = field(default_factory=_PendingRows)
 
@@ -673,6 +676,13 @@ class StorageSCP:
                 " their results (not re-opened; `acwi-node studies reprocess` analyses one again)",
                 state.calling_ae,
                 state.unchanged,
+            )
+        if state.kept:
+            log.info(
+                "association from %s: %d object(s) no model reads (reports, key object notes,"
+                " presentation states) added to studies with results; not re-opened",
+                state.calling_ae,
+                state.kept,
             )
         if state.dropped:
             detail += f", {state.dropped} of the node's own results not stored"
@@ -1053,6 +1063,7 @@ class StorageSCP:
                 state.study_ids.add(recorded.study_id)
                 state.stored[study_uid] = state.stored.get(study_uid, 0) + 1
                 state.unchanged += recorded.unchanged
+                state.kept += recorded.kept
                 if self._audit_patient_id:
                     state.patient_ids.add(patient_id)
         log.debug(

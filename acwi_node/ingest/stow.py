@@ -195,6 +195,9 @@ class StowResult:
     #: Of ``stored``, instances sent again unchanged to a study that keeps its results (it
     #: was not re-opened: :data:`~acwi_node.ledger.repository.KEEPS_RESULTS`).
     unchanged: int = 0
+    #: Of ``stored``, objects no model reads added to a study that keeps its results (it is
+    #: not re-opened).
+    kept: int = 0
     #: The stored instances' Patient IDs, where the audit trail names them
     #: (``StowReceiver.audit_patient_id``).
     patient_ids: set[str] = field(default_factory=set)
@@ -560,6 +563,7 @@ class StowReceiver:
             studies[study] = studies.get(study, 0) + 1
             study_ids.add(row.study_id)
             result.unchanged += row.unchanged
+            result.kept += row.kept
             metrics.INSTANCES_RECEIVED.labels(calling).inc()
             uid = w.record.sop_instance_uid
             result.stored.extend((sop_class, uid) for sop_class in w.order)

@@ -35,6 +35,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
+from acwi_node.dicom_classes import reads_nothing
 from acwi_node.ledger.models import (
     FINAL_JOB_STATES,
     REJECTION_NOTE_KIND,
@@ -94,6 +95,10 @@ class Recorded:
     #: The instance was recorded before with the same bytes, and its study kept its results
     #: (:data:`KEEPS_RESULTS`): it did not re-open the study.
     unchanged: bool = False
+    #: An object no model reads (a report, a key object note, a presentation state:
+    #: :func:`acwi_node.dicom_classes.reads_nothing`) added to a study that kept its results:
+    #: it did not re-open the study either.
+    kept: bool = False
 
 
 #: The states of a study that an instance sent again unchanged does not re-open: it has its
@@ -638,7 +643,13 @@ class Ledger:
                 and known_bytes.get(rec.sop_instance_uid)
                 == (rec.size, rec.transfer_syntax_uid, rec.crc32)
             )
-            if unchanged:  # sent again as it was: the study keeps its results
+            kept = (
+                reopened
+                and not unchanged
+                and study.state in KEEPS_RESULTS
+                and reads_nothing(rec.sop_class_uid)
+            )
+            if unchanged or kept:  # sent again as it was, or nothing to read: results kept
                 reopened = False
             if reopened:  # an instance re-opens a study that had completed: a new generation
                 study.generation += 1
@@ -676,7 +687,9 @@ class Ledger:
                     **version,
                 }
                 study.added += 1
-            recorded.append(Recorded(study.id, study.generation, reopened, duplicate, unchanged))
+            recorded.append(
+                Recorded(study.id, study.generation, reopened, duplicate, unchanged, kept)
+            )
         if inserts:
             cur.executemany(sql.insert_instance, list(inserts.values()))
         if updates:

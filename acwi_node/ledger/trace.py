@@ -137,7 +137,7 @@ def study_trace(ledger: Ledger, study_uid: str) -> StudyTrace | None:
         events: list[TraceEvent] = []
         received = _received(s, study, events)
         events += _orders(s, study)
-        completions = _completions(study, jobs, received, events)
+        completions = _completions(s, study, jobs, received, events)
         events += _jobs(jobs)
         events += _deliveries(s, {j.id: j for j in jobs})
         events += _hl7(s, study, {j.id: j.generation for j in jobs})
@@ -260,7 +260,11 @@ def _orders(s: Session, study: Study) -> Iterable[TraceEvent]:
 
 
 def _completions(
-    study: Study, jobs: Sequence[Job], received: dict[int, _Arrival], events: list[TraceEvent]
+    s: Session,
+    study: Study,
+    jobs: Sequence[Job],
+    received: dict[int, _Arrival],
+    events: list[TraceEvent],
 ) -> dict[int, dt.datetime]:
     """When each generation completed: the study's row for the current one, its jobs'
     creation (the same transaction) for earlier ones."""
@@ -281,8 +285,10 @@ def _completions(
         if arrival is None and generation > 1:
             text = "complete: reprocessing asked for (no new instances)"
         elif arrival is not None:
-            text += f", {max(0.0, (when - arrival.last).total_seconds()):.1f} s after the last"
-            text += " instance"
+            last = _last_waited_for(s, study.id, generation, arrival.last, when)
+            if last is not None:
+                text += f", {max(0.0, (when - last).total_seconds()):.1f} s after the last"
+                text += " instance"
         events.append(TraceEvent(when, generation, "completed", text, Level.OK))
         if current and study.state == StudyState.NOT_ROUTED:
             events.append(TraceEvent(when, generation, "routed", study.reason, Level.FAILED))
@@ -585,6 +591,8 @@ def _turnaround(
         return None if a is None or b is None else max(0.0, (b - a).total_seconds())
 
     last = arrival.last if arrival is not None else None
+    if last is not None and completed is not None:
+        last = _last_waited_for(s, job.study_id, job.generation, last, completed)
     return [
         Step("last instance to complete", span(last, completed)),
         Step("complete to analysis started", span(completed, job.started_at)),
@@ -592,6 +600,22 @@ def _turnaround(
         Step("results to stored by every destination", span(job.analysed_at, stored)),
         Step("last instance to results stored", span(last, stored)),
     ]
+
+
+def _last_waited_for(
+    s: Session, study_id: int, generation: int, last: dt.datetime, completed: dt.datetime
+) -> dt.datetime | None:
+    """The last instance of a generation that arrived before it completed: ``last`` unless a
+    report or key object note came after completion (kept in it without re-opening it)."""
+    if last <= completed:
+        return last
+    return s.scalar(
+        select(func.max(Instance.received_at)).where(
+            Instance.study_id == study_id,
+            Instance.generation == generation,
+            Instance.received_at <= completed,
+        )
+    )
 
 
 def _iso(value: dt.datetime | None) -> str | None:

@@ -156,9 +156,15 @@ class TurnaroundMonitor:
         cfg = self.cfg
         now = now or utcnow()
         since = now - dt.timedelta(hours=cfg.turnaround_hours)
+        # up to its completion: a report or key object note the PACS forwards later is kept in
+        # the generation without re-opening it, and is no instance the study waited for
         last_instance = (
             select(func.max(Instance.received_at))
-            .where(Instance.study_id == Job.study_id, Instance.generation == Job.generation)
+            .where(
+                Instance.study_id == Job.study_id,
+                Instance.generation == Job.generation,
+                Instance.received_at <= Job.created_at,
+            )
             .correlate(Job)
             .scalar_subquery()
         )

@@ -197,6 +197,8 @@ def stow_router(settings: Settings, ledger: Ledger) -> APIRouter:
         notes = ""
         if result.unchanged:
             notes += f", {result.unchanged} sent again unchanged (their studies not re-opened)"
+        if result.kept:
+            notes += f", {result.kept} object(s) no model reads (their studies not re-opened)"
         if result.dropped:
             notes += f", {result.dropped} written by ACWI Node (its results) not stored"
         log.info(

@@ -329,6 +329,49 @@ def test_a_study_sent_again_unchanged_keeps_its_results(
         assert dcmread(path).PatientName == "SCP^CORRECTED"
 
 
+def test_a_key_object_note_forwarded_later_keeps_the_study_its_results(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PACS forwards the radiologist's key image note (a KOS) once it is stored in the
+    study: answered 0x0000 and stored, it does not re-open the study (nothing to read); a new
+    image does."""
+    caplog.set_level(logging.INFO, logger="acwi_node.ingest")
+    kos_class = "1.2.840.10008.5.1.4.1.1.88.59"
+    with running_scp(tmp_path, allowed_calling_aes=["SENDER"]) as (settings, ledger, _):
+        study = generate_uid()
+        assert send(settings, [make_sc(study)]) == [0]
+        study_id, generation = due_study(ledger)
+        route = RoutedJob(route="any", model="default", destinations=["pacs"], priority=0)
+        ledger.complete_study(study_id, generation, lambda facts: [route])
+
+        note = make_sc(study)
+        for keyword in ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
+                        "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+                        "PixelData", "ConversionType"):  # fmt: skip
+            if keyword in note:
+                delattr(note, keyword)
+        note.SOPClassUID = note.file_meta.MediaStorageSOPClassUID = UID(kos_class)
+        note.Modality = "KO"
+        ae = AE(ae_title="SENDER")
+        ae.add_requested_context(kos_class, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", settings.node.dicom_port, ae_title="ACWI")
+        assert assoc.is_established
+        assert int(assoc.send_c_store(note).Status) == 0
+        assoc.release()
+        st = ledger.get_study(study)
+        assert st is not None
+        assert (st["state"], st["generation"], st["instances"]) == ("queued", 1, 2)
+        assert (settings.spool_dir / study / f"{note.SOPInstanceUID}.dcm").exists()
+        deadline = time.monotonic() + 5
+        while "1 object(s) no model reads" not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.05)
+
+        assert send(settings, [make_sc(study)]) == [0]
+        st = ledger.get_study(study)
+        assert st is not None and (st["state"], st["generation"]) == ("receiving", 2)
+
+
 @pytest.fixture(params=[65536, 0], ids=["journaled", "spooled"])
 def slow_checkpoints(
     tmp_path: Path, request: pytest.FixtureRequest

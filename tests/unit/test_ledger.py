@@ -707,6 +707,48 @@ def test_an_instance_sent_again_unchanged_leaves_a_study_its_results(db: Ledger)
         assert (resent.unchanged, resent.reopened) == (known, not known), changed
 
 
+KOS = "1.2.840.10008.5.1.4.1.1.88.59"
+GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
+REPORT_SR = "1.2.840.10008.5.1.4.1.1.88.22"
+
+
+def test_an_object_no_model_reads_leaves_a_study_its_results(db: Ledger) -> None:
+    """A PACS forwards what is stored in the study after the images: a key image note, a
+    presentation state, a report. Nothing for a model to read: the study keeps its results
+    and its review case, the object is recorded in it; an image re-opens it as before."""
+    r = db.record_instance(rec(sop="1.2.3.1"), first_in_association=True)
+    (job,) = db.complete_study(r.study_id, 1, route_all)
+    objects = [(KOS, "1.2.3.91"), (GSPS, "1.2.3.92"), (REPORT_SR, "1.2.3.93")]
+    for step, (sop_class, sop) in zip(("queued", "delivered", "delivered"), objects, strict=True):
+        if step == "delivered" and sop_class == GSPS:
+            _analyse(db, job, needs_review=True)
+            deliver(db)
+        kept = db.record_instance(
+            replace(rec(sop=sop), sop_class_uid=sop_class), first_in_association=False
+        )
+        assert (kept.reopened, kept.kept, kept.generation) == (False, True, 1), sop_class
+        st = db.get_study("1.2.3")
+        assert st is not None and (st["state"], st["generation"]) == (step, 1)
+    st = db.get_study("1.2.3")
+    assert (
+        st is not None
+        and st["instances"] == 4
+        and [j["state"] for j in st["jobs"]] == ["delivered"]
+    )
+    assert [i["study_uid"] for i in db.worklist()] == ["1.2.3"]  # the review case stays
+    # an image is something to read: it re-opens the study
+    late = db.record_instance(rec(sop="1.2.3.2"), first_in_association=False)
+    assert (late.reopened, late.kept, late.generation) == (True, False, 2)
+    # and a study without results re-opens on anything (the sender may be trying again)
+    (job,) = db.complete_study(r.study_id, 2, route_all)
+    assert db.claim_job(job, lease_s=3600) is not None
+    db.fail_job(job, "analysis failed: no luck")
+    again = db.record_instance(
+        replace(rec(sop="1.2.3.94"), sop_class_uid=KOS), first_in_association=False
+    )
+    assert (again.reopened, again.kept) == (True, False)
+
+
 def test_a_study_without_results_re_opens_on_any_instance(db: Ledger) -> None:
     """Not routed, failed or purged by storage retention: the same instance sent again is
     the sender trying again, and re-opens the study as a late one does."""

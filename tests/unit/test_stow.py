@@ -4,6 +4,7 @@ ledger (SQLite and PostgreSQL), what each part's outcome is, and who may post.""
 from __future__ import annotations
 
 import base64
+import io
 import logging
 import mmap
 import tracemalloc
@@ -16,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ImplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
 from acwi_node.config import Settings, load_settings
@@ -39,6 +40,9 @@ from tests.support.review_case import CSRF, PASSWORD, add_user
 NATIVE = "{http://dicom.nema.org/PS3.19/models/NativeDICOM}"
 BOUNDARY = "acwi-test-boundary"
 MULTIPART = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+
+
+GSPS = UID("1.2.840.10008.5.1.4.1.1.11.1")
 
 
 def multipart(*parts: bytes, part_type: str = "application/dicom") -> bytes:
@@ -223,6 +227,17 @@ def test_a_study_sent_again_unchanged_keeps_its_results(
     assert "2 stored, 0 refused, 2 sent again unchanged (their studies not re-opened)" in (
         caplog.text
     )
+    # a presentation state stored in the study after its images: nothing to read
+    state = pydicom.dcmread(files[1])
+    state.SOPClassUID = state.file_meta.MediaStorageSOPClassUID = GSPS
+    state.SOPInstanceUID = state.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    del state.PixelData
+    buffer = io.BytesIO()
+    state.save_as(buffer)
+    assert post(client, multipart(buffer.getvalue())).status_code == 200
+    st = ledger.get_study(study_uid)
+    assert st is not None and (st["state"], st["generation"], st["instances"]) == ("queued", 1, 3)
+    assert "1 object(s) no model reads (their studies not re-opened)" in caplog.text
     ds = pydicom.dcmread(files[0])
     ds.PatientName = "STOW^CORRECTED"  # the same instance, other bytes
     ds.save_as(files[0])

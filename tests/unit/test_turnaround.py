@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from acwi_node.config import MonitoringSettings, Settings
 from acwi_node.ledger import Ledger, ResultFile, RoutedJob
 from acwi_node.ledger.models import Instance, Job, Study, utcnow
 from acwi_node.ledger.repository import STAT_PRIORITY
+from acwi_node.ledger.trace import study_trace
 from acwi_node.monitoring.drift import Status
 from acwi_node.monitoring.turnaround import (
     ALL,
@@ -217,6 +219,33 @@ def test_a_verified_sr_stored_later_neither_counts_nor_moves_a_study(
     report = monitor(ledger).report(now=NOW)
     assert report.overall.studies == 1
     assert seconds(report.overall, "total")[2] == 5.0
+
+
+def test_a_report_forwarded_after_completion_is_no_instance_the_study_waited_for(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    """The PACS forwards a key image note an hour later: kept in the study without re-opening
+    it, it moves neither the turnaround nor the study's trace."""
+    _, ledger = ledger_node
+    timed_study(ledger, "1.2.7", at=HOUR_BEFORE)
+    kos = replace(dx_record("1.2.7", "1.2.7.9"), sop_class_uid="1.2.840.10008.5.1.4.1.1.88.59")
+    assert ledger.record_instance(kos, first_in_association=False).kept
+    with ledger.session() as s:
+        s.execute(update(Instance).where(Instance.sop_instance_uid == "1.2.7.9").values(
+            received_at=HOUR_BEFORE + dt.timedelta(minutes=30)))  # fmt: skip
+        s.execute(update(Study).where(Study.study_uid == "1.2.7").values(
+            completed_at=HOUR_BEFORE + dt.timedelta(seconds=2)))  # fmt: skip
+    report = monitor(ledger).report(now=NOW)
+    assert seconds(report.overall, "total") == (5.0, 5.0, 5.0)
+    assert seconds(report.overall, "completion") == (2.0, 2.0, 2.0)
+    trace = study_trace(ledger, "1.2.7")
+    assert trace is not None
+    assert [(st.name, st.seconds) for st in trace.turnaround][0] == (
+        "last instance to complete",
+        2.0,
+    )
+    assert trace.turnaround[-1].seconds == 5.0
+    assert "2.0 s after the last instance" in trace.render()
 
 
 def test_monitor_api_pages_and_metrics_tell_a_slow_route(

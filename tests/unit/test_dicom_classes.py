@@ -1,0 +1,38 @@
+"""Which SOP Classes hold nothing a model reads (they never re-open a study with results)."""
+
+from __future__ import annotations
+
+import pytest
+
+from acwi_node.dicom_classes import reads_nothing
+
+S = "1.2.840.10008.5.1.4.1.1."
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "expected"),
+    [
+        (S + "88.59", True),  # Key Object Selection
+        (S + "88.22", True),  # Enhanced SR
+        (S + "88.34", True),  # Comprehensive 3D SR
+        (S + "11.1", True),  # Grayscale Softcopy Presentation State
+        (S + "104.1", True),  # Encapsulated PDF
+        (S + "9.1.1", True),  # 12-lead ECG
+        (S + "66", True),  # Raw Data
+        (S + "66.4", True),  # Segmentation
+        (S + "481.3", True),  # RT Structure Set
+        (" " + S + "88.59 ", True),  # padded as it may come from a header
+        (S + "1.1", False),  # Digital X-Ray Image
+        (S + "2", False),  # CT Image
+        (S + "2.1", False),  # Enhanced CT Image
+        (S + "4", False),  # MR Image
+        (S + "7", False),  # Secondary Capture Image
+        (S + "481.1", False),  # RT Image
+        (S + "481.2", False),  # RT Dose (a grid of values)
+        (S + "660", False),  # not 66 and its children
+        (S + "6.1", False),  # Ultrasound Image
+        ("", False),
+    ],
+)
+def test_reads_nothing(sop_class: str, expected: bool) -> None:
+    assert reads_nothing(sop_class) is expected

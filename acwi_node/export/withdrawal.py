@@ -256,9 +256,14 @@ def _withdraw_job(
         recorded = withdrawals.record(job.job_id, reason=reason, note=note, by=by, notes=notes)
     except (WithdrawalError, StudyActionRefused) as exc:
         return outcome(withdrawn=False, error=str(exc))
-    if reason != "replaced":  # the new analysis's ORU replaces it: a W would hide it too
+    except (ValueError, OSError) as exc:  # a result that is not one, a full disk
+        log.error("job %d: no rejection note: %s", job.job_id, exc)
+        return outcome(withdrawn=False, error=f"the rejection note cannot be made: {exc}")
+    automatic = reason == "replaced"
+    if not automatic:  # the new analysis's ORU replaces it: a W would hide it too
         _tell_the_ris(settings, withdrawals, job.job_id, note)
-    log.warning(
+    log.log(
+        logging.INFO if automatic else logging.WARNING,
         "results withdrawn (%s): job %d, %d rejection note(s) queued, %d pending cancelled",
         reason,
         job.job_id,

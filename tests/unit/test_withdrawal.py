@@ -381,6 +381,25 @@ def test_withdrawal_refuses_what_it_cannot_do(
     assert "9.9: no such study" in capsys.readouterr().err
 
 
+def test_a_result_file_that_is_not_the_nodes_is_refused_not_raised(
+    node: tuple[Settings, Ledger], tmp_path: Path
+) -> None:
+    settings, ledger = node
+    job_id, uid = analysed(settings, ledger, tmp_path)
+    deliver(ledger)
+    with ledger.session() as s:
+        sr = next(r for r in s.get_one(Job, job_id).results if r.kind == "sr")
+        path = settings.results_dir / sr.path
+    path.write_bytes(next((tmp_path / "src-0").rglob("*.dcm")).read_bytes())  # a source image
+    (job,) = withdraw_results(
+        settings, ledger, reason="quality", note=NOTE, by="a", study_uid=uid
+    ).jobs
+    assert not job.withdrawn and "the rejection note cannot be made: not objects the node" in (
+        job.error
+    )
+    assert ledger.due_deliveries() == []
+
+
 def test_the_note_is_the_same_object_when_built_again(
     node: tuple[Settings, Ledger], tmp_path: Path
 ) -> None:

@@ -48,6 +48,7 @@ from acwi_node import __version__
 from acwi_node.config import Settings
 from acwi_node.dicom_pixels import read_deferred
 from acwi_node.export.outbox import verify_destination, what_it_checks
+from acwi_node.export.withdrawal import REASONS as WITHDRAWAL_REASON_KEYS
 from acwi_node.export.withdrawal import withdraw_results
 from acwi_node.inference.types import unit_name
 from acwi_node.ingest.retrieval import QueryError, check_query
@@ -766,7 +767,8 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             trace=trace.as_json(),
             actions=actions,
             withdrawable=withdrawable,
-            withdrawal_reasons=WITHDRAWAL_REASONS,
+            # what an administrator may give (``replaced`` is the node's own)
+            withdrawal_reasons={key: WITHDRAWAL_REASONS[key] for key in WITHDRAWAL_REASON_KEYS},
             notice=notice,
             error=error,
         )
@@ -778,9 +780,9 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
 
     @app.post("/review/studies/{study_uid}/{action}", include_in_schema=False)
     async def study_action(request: Request, study_uid: str, action: str) -> Response:
-        """An administrator resends a failed study's results or reprocesses it (the same
-        actions as ``POST /api/studies/{uid}/resend|reprocess``, from a form on the dashboard
-        or the study's page, where the answer leads back)."""
+        """An administrator resends a failed study's results, reprocesses it or withdraws its
+        results (the same actions as ``POST /api/studies/{uid}/resend|reprocess|withdraw``,
+        from a form on the dashboard or the study's page, where the answer leads back)."""
         user: SessionInfo = request.state.user
         if action not in ("resend", "reprocess", "withdraw") or not is_safe_uid(study_uid):
             raise HTTPException(status_code=404, detail="no such action")

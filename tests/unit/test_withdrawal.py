@@ -460,6 +460,7 @@ def test_withdrawal_over_the_api_and_from_the_study_page(
         sign_in(client, "boss")
         page = client.get(f"/review/studies/{other}")
         assert "Withdraw its AI results from the PACS" in page.text
+        assert 'value="safety"' in page.text and 'value="replaced"' not in page.text
         token = CSRF.search(page.text)
         assert token is not None
         done = client.post(

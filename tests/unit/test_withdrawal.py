@@ -651,3 +651,10 @@ def test_the_exporter_withdraws_replaced_results_unless_told_not_to(
     with ledger.session() as s:
         assert s.get_one(Job, first).withdrawn_reason == "replaced"
         assert s.get_one(Job, second).withdrawn_at is None
+
+
+def test_the_command_offers_the_reasons_an_administrator_may_give() -> None:
+    from acwi_node.export.withdrawal import REASONS
+    from acwi_node.export.withdrawal_commands import REASON_CHOICES
+
+    assert REASON_CHOICES == REASONS == ("quality", "safety")

@@ -28,6 +28,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 from acwi_node.dicom_frames import frame_count, frame_pixels, frame_view
 from acwi_node.dicom_pixels import stored_pixels
 from acwi_node.inference.types import ImageResult, StudyAnalysis
+from acwi_node.results.charset import result_charset
 from acwi_node.results.headers import copy_anatomy, copy_patient_and_study
 from acwi_node.results.sr import MANUFACTURER
 from acwi_node.results.uids import result_uids
@@ -325,7 +326,11 @@ def build_heatmap_sc(
         series_description=_lo(f"ACWI {model.name} {model.version} AI heatmap"),
         manufacturer_model_name=_lo(model.name),
         software_versions=_lo(model.version),
-        specific_character_set=source.get("SpecificCharacterSet"),
+        # the source's, unless the predicted label or the model's name needs more (UTF-8 then)
+        specific_character_set=result_charset(
+            source.get("SpecificCharacterSet"),
+            [analysis.predicted_label, model.name, model.version],
+        ),
     )
     # Copies: the new object shares no data elements with the source.
     copy_patient_and_study(source, sc)

@@ -31,6 +31,7 @@ from pydicom import Dataset
 
 from acwi_node.dicom_frames import frame_count, frame_view
 from acwi_node.inference.types import ImageResult, StudyAnalysis
+from acwi_node.results.charset import result_charset
 from acwi_node.results.headers import copy_anatomy, patient_study_header, source_header
 from acwi_node.results.heatmap import NOTICE, unit_heat
 from acwi_node.results.sr import MANUFACTURER
@@ -162,6 +163,10 @@ def _build(
         content_label="HEATMAP",
         content_description=NOTICE,
         series_description=f"ACWI {model.name} {model.version} AI heatmap map"[:64],
+        # the source's, unless the model's name needs more (UTF-8 then)
+        specific_character_set=result_charset(
+            headers[0].get("SpecificCharacterSet"), [model.name, model.version]
+        ),
     )
     copy_anatomy(headers[0], pmap)  # General Series: the source's anatomy
     return pmap

@@ -22,6 +22,7 @@ from pydicom.sr.codedict import codes
 
 from acwi_node import MANUFACTURER, __version__
 from acwi_node.ledger.models import REJECTION_NOTE_KIND
+from acwi_node.results.charset import result_charset
 from acwi_node.results.headers import patient_study_header
 from acwi_node.results.uids import UID_NAMESPACE, derive_uid
 
@@ -96,9 +97,7 @@ def build_rejection_note(
     series_uid, sop_uid = rejection_note_uids(study_uid, reason, uids)
     description = description.strip()[:_MAX_DESCRIPTION]
     # the results' character set, unless the administrator's words need more (UTF-8 then)
-    charset = rejected[0].get("SpecificCharacterSet")
-    if not description.isascii():
-        charset = "ISO_IR 192"
+    charset = result_charset(rejected[0].get("SpecificCharacterSet"), [description])
     content = KeyObjectSelection(
         document_title=REJECTION_REASONS[reason],
         referenced_objects=list(rejected),

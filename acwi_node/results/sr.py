@@ -61,6 +61,7 @@ from pydicom.uid import Comprehensive3DSRStorage
 
 from acwi_node import MANUFACTURER
 from acwi_node.inference.types import ImageResult, StudyAnalysis, Uncertainty, unit_name
+from acwi_node.results.charset import result_charset
 from acwi_node.results.content_templates import append_encoded, set_encoded
 from acwi_node.results.headers import patient_study_header
 from acwi_node.results.image_groups import encode_image_groups
@@ -435,9 +436,15 @@ def build_sr(
     # construction: every group and Image Library entry is for an analysed image, which
     # _check_sources found among the sources, and every source is evidence.
     checked = report if report is not None else _stand_in_report(context)
+    # the source's character set, unless the model's words need more (UTF-8 then)
+    charset = result_charset(
+        sources[0].get("SpecificCharacterSet"),
+        [*analysis.labels, model.name, model.version, model.manufacturer, institution_name],
+    )
     document = Comprehensive3DSR(
         evidence=[patient_study_header(sources[0]), *sources[1:]],
         content=checked,
+        specific_character_set=charset,
         series_instance_uid=uids.sr_series_uid,
         series_number=SR_SERIES_NUMBER,
         sop_instance_uid=uids.sr_instance_uid,
@@ -852,12 +859,10 @@ def build_verified_sr(
         replaced.SOPInstanceUID = verification.amends
         previous.append(replaced)
         sop_instance_uid = amended_sr_uid(verification.amends)
-    # the source's character set, unless the radiologist's words need more: UTF-8 then (a
-    # name or reason in another script would otherwise be written as question marks)
+    # the source's character set, unless the radiologist's or the model's words need more:
+    # UTF-8 then (a name or reason in another script would otherwise be question marks)
     words = (verification.observer_name, verification.organization, verification.reason)
-    charset = sources[0].get("SpecificCharacterSet")
-    if not all(w.isascii() for w in words):
-        charset = "ISO_IR 192"
+    charset = result_charset(sources[0].get("SpecificCharacterSet"), [*words, *labels])
     document = Comprehensive3DSR(
         evidence=[patient_study_header(sources[0]), *sources[1:]],
         content=root,

@@ -76,6 +76,19 @@ def frames_by_source(pmap: Dataset) -> dict[str, np.ndarray]:
     return out
 
 
+def test_a_model_name_outside_the_source_character_set_is_written_in_utf8(
+    ct: list[Dataset],
+) -> None:
+    source_charset = ct[0].SpecificCharacterSet
+    assert source_charset == "ISO_IR 100"
+    (plain,) = build_parametric_maps(ct, analysis_of(ct))
+    assert plain.SpecificCharacterSet == source_charset
+    named = ModelIdentity(name="胸部-triage", version="1.4.0", weights_sha256="9f2c4e1ab37d")
+    (pmap,) = build_parametric_maps(ct, analysis_of(ct, named))
+    assert pmap.SpecificCharacterSet == "ISO_IR 192"
+    assert dcmread(io.BytesIO(encode_part10(pmap))).ManufacturerModelName == "胸部-triage"
+
+
 def test_a_ct_series_gets_one_map_with_a_frame_per_image(ct: list[Dataset]) -> None:
     analysis = analysis_of(ct)
     (pmap,) = build_parametric_maps(ct, analysis)

@@ -331,12 +331,15 @@ class LedgerCollector(Collector):
                 .select_from(ReviewItem)
                 .where(ReviewItem.state == ReviewState.OPEN)
             )
+            # the model version that gave the result the radiologist judged (a route's model
+            # is rolled out version by version: agreement is a version's)
+            version = func.coalesce(Job.summary[("model", "version")].as_string(), "")
             verdicts = s.execute(
-                select(Job.model, ReviewItem.sampled, Verdict.action, func.count())
+                select(Job.model, version, ReviewItem.sampled, Verdict.action, func.count())
                 .join(ReviewItem, Verdict.review_item_id == ReviewItem.id)
                 .join(Job, Verdict.job_id == Job.id)
                 .where(Verdict.superseded_at.is_(None))  # an amended case: as amended, once
-                .group_by(Job.model, ReviewItem.sampled, Verdict.action)
+                .group_by(Job.model, version, ReviewItem.sampled, Verdict.action)
             ).all()
             notifications = s.execute(
                 select(Notification.target, Notification.state, func.count()).group_by(
@@ -344,11 +347,11 @@ class LedgerCollector(Collector):
                 )
             ).all()
             amendments = s.execute(
-                select(Job.model, func.count())
+                select(Job.model, version, func.count())
                 .select_from(Verdict)
                 .join(Job, Verdict.job_id == Job.id)
                 .where(Verdict.amends_id.is_not(None))
-                .group_by(Job.model)
+                .group_by(Job.model, version)
             ).all()
 
         out: list[Metric] = []
@@ -414,13 +417,13 @@ class LedgerCollector(Collector):
         out.append(g)
         g = GaugeMetricFamily(
             "acwi_review_verdicts",
-            "Radiologists' verdicts by model, kind of case (flagged: the model asked for review;"
-            " sample: a quality-control sample of the confident ones) and action; an amended"
-            " case's verdict counts once, as amended",
-            labels=["model", "kind", "action"],
+            "Radiologists' verdicts by model, model version, kind of case (flagged: the model"
+            " asked for review; sample: a quality-control sample of the confident ones) and"
+            " action; an amended case's verdict counts once, as amended",
+            labels=["model", "version", "kind", "action"],
         )
-        for model, sampled, action, n in verdicts:
-            g.add_metric([model, SAMPLE if sampled else FLAGGED, action], n)
+        for model, model_version, sampled, action, n in verdicts:
+            g.add_metric([model, model_version, SAMPLE if sampled else FLAGGED, action], n)
         out.append(g)
         g = GaugeMetricFamily(
             "acwi_notifications",
@@ -432,11 +435,11 @@ class LedgerCollector(Collector):
         out.append(g)
         g = GaugeMetricFamily(
             "acwi_review_amendments",
-            "Verdicts radiologists amended on closed cases, by model",
-            labels=["model"],
+            "Verdicts radiologists amended on closed cases, by model and model version",
+            labels=["model", "version"],
         )
-        for model, n in amendments:
-            g.add_metric([model], n)
+        for model, model_version, n in amendments:
+            g.add_metric([model, model_version], n)
         out.append(g)
         return out
 

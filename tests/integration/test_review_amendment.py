@@ -150,13 +150,17 @@ def test_a_radiologist_amends_a_closed_verdict(tmp_path: Path, peer: Peer) -> No
 
             agreement = client.get("/api/review/agreement").json()["rows"]
             assert [(r["verdicts"], r["agreed"]) for r in agreement] == [(1, 0)]
+            version = agreement[0]["version"]
+            assert version
             metrics = client.get("/metrics").text
             assert (
-                'acwi_review_verdicts{action="override",kind="flagged",model="review-model"} 1.0'
-                in metrics
+                f'acwi_review_verdicts{{action="override",kind="flagged",model="review-model",'
+                f'version="{version}"}} 1.0' in metrics
             )
             assert 'action="confirm",kind="flagged"' not in metrics
-            assert 'acwi_review_amendments{model="review-model"} 1.0' in metrics
+            assert (
+                f'acwi_review_amendments{{model="review-model",version="{version}"}} 1.0' in metrics
+            )
 
         with ledger.session() as s:
             verdicts = s.scalars(select(Verdict).order_by(Verdict.id)).all()

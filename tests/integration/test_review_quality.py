@@ -123,7 +123,7 @@ def test_sure_studies_are_sampled_and_the_verdicts_measure_agreement(
             ]:
                 line = (
                     f'acwi_review_verdicts{{action="{action}",kind="{kind}",'
-                    f'model="review-model"}} {n:.1f}'
+                    f'model="review-model",version="{rows[kind]["version"]}"}} {n:.1f}'
                 )
                 assert line in metrics, line
             # the review rate counts the studies the model asked about, not the samples

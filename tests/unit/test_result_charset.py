@@ -125,8 +125,7 @@ def test_a_verified_sr_keeps_the_models_labels_when_the_radiologists_words_chang
 
 def _heatmap(source: pydicom.Dataset, analysis: StudyAnalysis) -> pydicom.Dataset:
     image = analysis.images[0]
-    assert image.heatmap is not None
-    return build_heatmap_sc(source, image.heatmap, analysis, image, instance_number=1)
+    return build_heatmap_sc(source, image.heatmap_array(), analysis, image, instance_number=1)
 
 
 def test_heatmaps_write_the_predicted_label_in_utf8_when_needed() -> None:

@@ -513,6 +513,11 @@ class Destination(_Strict):
     #: Keep the request's association open this long for the report, for a destination that
     #: sends it only on that association (0: released at once; the destination opens one).
     commitment_linger_s: float = Field(0.0, ge=0, le=30)
+    #: The ``[[sources]]`` entry that queries this destination's archive (its Query/Retrieve
+    #: SCP or QIDO-RS service). Withdrawing results whose files storage retention deleted
+    #: asks it for the study's patient and study attributes, which the rejection note needs;
+    #: without it such results are rejected in the PACS by hand.
+    query_source: str | None = None
 
     def calling_ae(self, node_ae_title: str) -> str:
         """The calling AE title of the node's associations to this destination."""
@@ -1139,6 +1144,12 @@ class Settings(BaseSettings):
         source_names = [src.name for src in self.sources]
         for dup in {n for n in source_names if source_names.count(n) > 1}:
             problems.append(f"sources: name {dup!r} is used twice")
+        for queried in self.destinations:
+            if queried.query_source is not None and queried.query_source not in source_names:
+                problems.append(
+                    f"destinations.{queried.name}: query_source {queried.query_source!r} is"
+                    " not defined in [[sources]]"
+                )
         notify_names = [n.name for n in self.notify]
         for dup in {n for n in notify_names if notify_names.count(n) > 1}:
             problems.append(f"notify: name {dup!r} is used twice")

@@ -10,9 +10,11 @@ when and why; the study's trace tells it, and the audit trail records it.
 Where the RIS was sent the analysis's result, it gets an ORU^R01 withdrawing it (every
 observation ``W``, :func:`acwi_node.hl7.client.queue_withdrawal_oru`).
 
-A note is built from the results' own files (their patient and study headers, their series):
-once storage retention has deleted them, a job's results are withdrawn in the PACS by hand,
-and the withdrawal says so.
+A note is built from the results' own files (their patient and study headers, their series).
+Once storage retention has deleted them, it is built from what the ledger keeps of them and
+from the patient and study attributes the destination's archive holds, asked of its
+``query_source`` (:mod:`.withdrawal_headers`); a destination without one has its results
+withdrawn in the PACS by hand, and the withdrawal says so.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ from pydicom.errors import InvalidDicomError
 from acwi_node.audit import AuditEvent, Outcome, audit
 from acwi_node.audit.trail import user
 from acwi_node.config import Settings
+from acwi_node.export.withdrawal_headers import (
+    HeaderUnavailable,
+    query_source_of,
+    stand_ins,
+    study_header,
+)
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger, ResultFile, StudyActionRefused
 from acwi_node.ledger.withdrawals import WithdrawableJob, Withdrawals
@@ -252,7 +260,7 @@ def _withdraw_job(
         )
 
     try:
-        notes = _write_notes(settings, job, reason, note)
+        notes = _write_notes(settings, job, reason, note, by)
         recorded = withdrawals.record(job.job_id, reason=reason, note=note, by=by, notes=notes)
     except (WithdrawalError, StudyActionRefused) as exc:
         return outcome(withdrawn=False, error=str(exc))
@@ -292,7 +300,7 @@ def _tell_the_ris(settings: Settings, withdrawals: Withdrawals, job_id: int, not
 
 
 def _write_notes(
-    settings: Settings, job: WithdrawableJob, reason: str, note: str
+    settings: Settings, job: WithdrawableJob, reason: str, note: str, by: str
 ) -> list[tuple[ResultFile, Sequence[str]]]:
     """The rejection notes of ``job``'s results, written into the results directory: one per
     set of objects that destinations may hold, with the destinations that get it."""
@@ -305,14 +313,17 @@ def _write_notes(
         groups[tuple(held_by_it)].append(destination)
     if not groups:
         return []
-    headers = _headers(settings, job)
+    headers, unreadable = _file_headers(settings, job)
     out = Spool(settings.results_dir, fsync=settings.ingest.fsync)
     description = f"{job.model_name} {job.model_version} results withdrawn: {note}"
     files: list[tuple[ResultFile, Sequence[str]]] = []
+    asked: dict[str, Dataset] = {}  # the study's attributes, by source asked
     for group, destinations in groups.items():
-        document = build_rejection_note(
-            [headers[n] for n in group], reason=reason, description=description
-        )
+        if unreadable is None:
+            rejected = [headers[n] for n in group]
+        else:
+            rejected = _stand_ins(settings, job, group, destinations, unreadable, asked, by)
+        document = build_rejection_note(rejected, reason=reason, description=description)
         uid = str(document.SOPInstanceUID)
         path = out.store(job.study_uid, uid, encode_part10(document))
         files.append(
@@ -324,8 +335,9 @@ def _write_notes(
     return files
 
 
-def _headers(settings: Settings, job: WithdrawableJob) -> list[Dataset]:
-    """The headers of the job's results, from their files."""
+def _file_headers(settings: Settings, job: WithdrawableJob) -> tuple[list[Dataset], str | None]:
+    """The headers of the job's results, from their files; with why not (None when every one
+    was read)."""
     results = Spool(settings.results_dir, fsync=False)
     headers: list[Dataset] = []
     for result in job.results:
@@ -333,11 +345,33 @@ def _headers(settings: Settings, job: WithdrawableJob) -> list[Dataset]:
             headers.append(dcmread(results.resolve(result.path), stop_before_pixels=True))
         except (OSError, ValueError, InvalidDicomError) as exc:
             if job.files_deleted:
-                raise WithdrawalError(
-                    "storage retention deleted its result files, which a rejection note is made"
-                    " from: reject them in the PACS by hand"
-                ) from exc
-            raise WithdrawalError(
-                f"its {result.kind} result file cannot be read ({type(exc).__name__})"
-            ) from exc
-    return headers
+                return [], "storage retention deleted its result files"
+            return [], f"its {result.kind} result file cannot be read ({type(exc).__name__})"
+    return headers, None
+
+
+def _stand_ins(
+    settings: Settings,
+    job: WithdrawableJob,
+    group: Sequence[int],
+    destinations: Sequence[str],
+    unreadable: str,
+    asked: dict[str, Dataset],
+    by: str,
+) -> list[Dataset]:
+    """What the note of ``group`` names, its files unreadable: the UIDs the ledger keeps,
+    the patient and study as the destinations' archive holds them
+    (:mod:`.withdrawal_headers`). Raises :class:`WithdrawalError`."""
+    source = query_source_of(settings, destinations)
+    if source is None:
+        raise WithdrawalError(
+            f"{unreadable}, which a rejection note is made from, and no query_source of"
+            f" {', '.join(destinations)} can tell the study's patient: reject them in the PACS"
+            " by hand"
+        )
+    try:
+        if source.name not in asked:
+            asked[source.name] = study_header(settings, source, job.study_uid, by)
+        return stand_ins(asked[source.name], job, [job.results[n] for n in group])
+    except HeaderUnavailable as exc:
+        raise WithdrawalError(f"{unreadable}; {exc}") from exc

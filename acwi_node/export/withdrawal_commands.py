@@ -152,9 +152,10 @@ def run_recall(settings: Settings, args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps({"jobs": listing, "unfinished": found.unfinished}, indent=2))
                 return 0
-            for item in listing:
-                where = ", ".join(item["destinations"]) or "no destination"  # type: ignore[arg-type]
-                gone = "; its files are deleted: reject by hand" if item["files_deleted"] else ""
+            for candidate, item in zip(found.jobs, listing, strict=True):
+                held = sorted({d for r in candidate.results for d in r.destinations})
+                where = ", ".join(held) or "no destination"
+                gone = _files_deleted(settings, held) if candidate.files_deleted else ""
                 print(
                     f"{item['study_uid']} #{item['generation']} {item['route']}:"
                     f" {item['objects']} object(s) in {where}{gone}"
@@ -199,3 +200,19 @@ def run_recall(settings: Settings, args: argparse.Namespace) -> int:
             summary += f", {report.withdrawn_before} withdrawn before"
         print(summary)
     return 1 if report.refused or not_reprocessed else 0
+
+
+def _files_deleted(settings: Settings, destinations: list[str]) -> str:
+    """What a dry run says of an analysis whose files storage retention deleted: whose
+    archive the note's patient is asked of, and where the results are rejected by hand."""
+    from acwi_node.export.withdrawal_headers import query_source_of
+
+    asked = {d: query_source_of(settings, [d]) for d in destinations}
+    by_hand = [d for d, source in asked.items() if source is None]
+    sources = sorted({source.name for source in asked.values() if source is not None})
+    said = []
+    if sources:
+        said.append(f"the patient asked of {', '.join(sources)}")
+    if by_hand:
+        said.append(f"reject by hand in {', '.join(by_hand)}")
+    return f"; its files are deleted: {'; '.join(said)}"

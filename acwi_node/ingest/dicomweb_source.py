@@ -16,9 +16,18 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from pydicom import Dataset
+
 from acwi_node.config import Source
 from acwi_node.export.dicomweb import DicomwebError, get, reason
-from acwi_node.ingest.qr_scu import FindResult, FoundStudy, MoveResult
+from acwi_node.ingest.qr_scu import (
+    STUDY_HEADER_KEYWORDS,
+    FindResult,
+    FoundStudy,
+    MoveResult,
+    StudyHeader,
+    study_header_of,
+)
 from acwi_node.ingest.spool import Spool, is_safe_uid
 from acwi_node.ingest.stow import BodyFile, MultipartError, StowReceiver, boundary_of
 
@@ -36,6 +45,7 @@ _PARAMETERS = {
     "modality": "ModalitiesInStudy",
 }
 _STUDY_INSTANCE_UID = "0020000D"
+_STUDY_INSTANCE_UID_KEYWORD = "StudyInstanceUID"
 _NUMBER_OF_STUDY_RELATED_INSTANCES = "00201208"
 
 
@@ -86,6 +96,37 @@ def search_studies(
             final=True,
         )
     return FindResult(True, studies=list(studies.values()), unusable=unusable)
+
+
+def search_study_header(source: Source, study_uid: str, *, timeout_s: float) -> StudyHeader:
+    """``GET {url}/studies?StudyInstanceUID=...`` with :data:`STUDY_HEADER_KEYWORDS` as
+    include fields: the counterpart of :func:`~acwi_node.ingest.qr_scu.find_study_header`."""
+    params = [(_STUDY_INSTANCE_UID_KEYWORD, study_uid)]
+    params += [("includefield", keyword) for keyword in STUDY_HEADER_KEYWORDS]
+    try:
+        status, _type, body = get(
+            source, f"/studies?{urlencode(params)}", accept=DICOM_JSON, timeout_s=timeout_s
+        )
+    except DicomwebError as exc:
+        return StudyHeader(False, error=f"QIDO-RS to {source.where}: {exc}")
+    if status == 204:
+        return StudyHeader(True)
+    if status != 200:
+        return StudyHeader(False, error=f"QIDO-RS to {source.where}: {reason(status, body)}")
+    try:
+        matches = json.loads(body) if body.strip() else []
+        if not isinstance(matches, list):
+            raise ValueError("not a list")
+        found = [
+            Dataset.from_json(item)
+            for item in matches
+            if isinstance(item, dict) and _first(item, _STUDY_INSTANCE_UID) == study_uid
+        ]
+    except (ValueError, TypeError, KeyError) as exc:
+        return StudyHeader(
+            False, error=f"QIDO-RS to {source.where}: the answer is not DICOM JSON ({exc})"
+        )
+    return StudyHeader(True, study_header_of(found[0], study_uid) if found else None)
 
 
 def retrieve_study(

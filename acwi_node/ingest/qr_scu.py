@@ -201,6 +201,99 @@ def find_studies(
         end_association(assoc)
 
 
+#: The patient's and the study's attributes a result object copies from its source images,
+#: asked of a PACS at the STUDY level when the node keeps no file of the study any more (a
+#: rejection note of results whose files storage retention deleted).
+STUDY_HEADER_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+@dataclass(frozen=True)
+class StudyHeader:
+    """What a PACS holds of one study's patient and study attributes."""
+
+    ok: bool
+    #: The study's attributes (:data:`STUDY_HEADER_KEYWORDS`, with the Specific Character
+    #: Set the PACS answered in); None with ``ok`` when the PACS does not have the study.
+    dataset: Dataset | None = None
+    #: Why not, in clear text ("" when ok).
+    error: str = ""
+
+
+def find_study_header(
+    study_uid: str,
+    *,
+    called_ae: str,
+    host: str,
+    port: int,
+    calling_ae: str,
+    timeout_s: float = 30.0,
+    tls: TlsArgs | None = None,
+) -> StudyHeader:
+    """A Study Root C-FIND at the STUDY level for ``study_uid``, asking for
+    :data:`STUDY_HEADER_KEYWORDS`."""
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study_uid
+    for keyword in STUDY_HEADER_KEYWORDS:
+        setattr(identifier, keyword, "")
+    assoc, error = open_association(
+        calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=0, tls=tls,
+        contexts=[build_context(STUDY_ROOT_FIND)],
+    )  # fmt: skip
+    if assoc is None:
+        return StudyHeader(False, error=error)
+    where = f"{called_ae}@{host}:{port}"
+    found: Dataset | None = None
+    try:
+        if not assoc.accepted_contexts:
+            return StudyHeader(False, error=f"{where} does not accept Study Root C-FIND")
+        for status, match in assoc.send_c_find(identifier, STUDY_ROOT_FIND):
+            if "Status" not in status:
+                return StudyHeader(False, error=f"no C-FIND response within {timeout_s:g} s")
+            code = int(status.Status)
+            if code in (0xFF00, 0xFF01):
+                uid = str(match.get("StudyInstanceUID", "") or "") if match is not None else ""
+                if found is None and uid == study_uid:
+                    found = match
+            elif code == 0x0000:
+                break
+            else:
+                return StudyHeader(
+                    False,
+                    error=f"C-FIND refused by {where} with status 0x{code:04X}{_comment(status)}",
+                )
+    except Exception as exc:  # noqa: BLE001 - association lost mid-way
+        return StudyHeader(False, error=f"association lost: {type(exc).__name__}: {exc}")
+    finally:
+        end_association(assoc)
+    return StudyHeader(True, study_header_of(found, study_uid) if found is not None else None)
+
+
+def study_header_of(match: Dataset, study_uid: str) -> Dataset:
+    """The header keys of a C-FIND or QIDO-RS match (the keys it left out absent), in the
+    Specific Character Set it was answered in."""
+    header = Dataset()
+    charset = match.get("SpecificCharacterSet")
+    if charset:
+        header.SpecificCharacterSet = charset
+    header.StudyInstanceUID = study_uid
+    for keyword in STUDY_HEADER_KEYWORDS:
+        if keyword in match:
+            header[keyword] = match[keyword]
+    return header
+
+
 def move_study(
     study_uid: str,
     *,

@@ -104,6 +104,17 @@ class ResultUIDs:
         UID)."""
         return self._derive("parametric-map-instance", source_uid, f"{rows}x{columns}")
 
+    def series_uid(self, kind: str) -> str | None:
+        """The Series Instance UID of the result objects of ``kind`` (a ledger result kind:
+        ``sr``, a radiologist's ``sr-verified`` in the SR's series, ``heatmap``,
+        ``parametric_map``); None for a kind with no series of its own here."""
+        return {
+            "sr": self.sr_series_uid,
+            "sr-verified": self.sr_series_uid,
+            "heatmap": self.heatmap_series_uid,
+            "parametric_map": self.parametric_map_series_uid,
+        }.get(kind)
+
     def tracking_uid(self, label: str, scope: str) -> str:
         """Tracking Unique Identifier of an SR measurement group.
 

@@ -81,6 +81,10 @@ def test_acwi_config_env_names_the_file(tmp_path: Path, monkeypatch: pytest.Monk
         ("[node\n", "cannot read"),
         (EXAMPLE.replace("port = 4242", "port = 4242\nresults = []"), "results"),
         (EXAMPLE.replace("port = 4242", 'port = 4242\nresults = ["pdf"]'), "results"),
+        (
+            EXAMPLE.replace("port = 4242", 'port = 4242\nquery_source = "archive"'),
+            "destinations.pacs: query_source 'archive' is not defined in [[sources]]",
+        ),
     ],
 )
 def test_invalid_configuration_is_reported_clearly(tmp_path: Path, text: str, message: str) -> None:

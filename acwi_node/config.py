@@ -837,7 +837,7 @@ class ReviewSettings(_Strict):
 
 
 #: What a ``[[notify]]`` target may be told of (README "Notifications").
-NotifyEvent = Literal["review", "finding", "failed", "shift", "stopped", "slow"]
+NotifyEvent = Literal["review", "finding", "failed", "shift", "stopped", "slow", "withdrawn"]
 
 
 def _review_event() -> list[NotifyEvent]:
@@ -856,7 +856,8 @@ class NotifyTarget(_Strict):
     #: ``min_probability`` or more; ``failed``: a study failed (its reason); ``shift``: a
     #: model version's monitoring signal has shifted against its baseline (weekly while so);
     #: ``stopped``: far fewer studies than usual came from a source or reached a route
-    #: (daily while so).
+    #: (daily while so); ``slow``: a route's results reach the PACS slower than the goal;
+    #: ``withdrawn``: an administrator withdrew AI results from the PACS (one per request).
     events: list[NotifyEvent] = Field(default_factory=_review_event, min_length=1)
     #: The body's shape: ``json`` (the whole object), ``text`` (``{"text": ...}``: Slack,
     #: Mattermost, Rocket.Chat, Google Chat), ``teams`` (an Adaptive Card message for a

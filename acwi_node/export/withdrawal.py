@@ -40,6 +40,7 @@ from acwi_node.export.withdrawal_headers import (
 )
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger, ResultFile, StudyActionRefused
+from acwi_node.ledger.models import utcnow
 from acwi_node.ledger.withdrawals import WithdrawableJob, Withdrawals
 from acwi_node.results.encoding import encode_part10
 from acwi_node.results.rejection import (
@@ -209,7 +210,45 @@ def withdraw_results(
                 else "not withdrawn: " + "; ".join(sorted({j.error for j in jobs}))
             )[:2000],
         )
+    if not automatic and report.jobs:
+        _notify(settings, ledger, report, reason, by, study_uid, model_name, model_version)
     return report
+
+
+def _notify(
+    settings: Settings,
+    ledger: Ledger,
+    report: WithdrawalReport,
+    reason: str,
+    by: str,
+    study_uid: str | None,
+    model_name: str | None,
+    model_version: str | None,
+) -> None:
+    """Tell the ``[[notify]]`` targets listening for ``withdrawn``: once per request."""
+    if not any("withdrawn" in target.events for target in settings.notify):
+        return
+    from acwi_node.notify.events import queue_notice, withdrawn_payload
+
+    done = [j for j in report.jobs if j.withdrawn]
+    payload = withdrawn_payload(
+        settings,
+        reason=reason,
+        by=by,
+        study_uid=study_uid,
+        model_name=model_name,
+        model_version=model_version,
+        studies=sorted({j.study_uid for j in done}),
+        analyses=len(done),
+        objects=sum(j.rejected for j in done),
+        notes=sum(j.queued for j in done),
+        refused=len(report.refused),
+        at=utcnow(),
+    )
+    try:
+        queue_notice(settings, ledger, payload)
+    except Exception as exc:  # the withdrawal stands: the audit trail has it
+        log.error("the withdrawal's notification not queued: %s", type(exc).__name__)
 
 
 def withdraw_replaced(

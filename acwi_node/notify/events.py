@@ -324,6 +324,96 @@ def _events(
             )
 
 
+def withdrawn_payload(
+    settings: Settings,
+    *,
+    reason: str,
+    by: str,
+    study_uid: str | None,
+    model_name: str | None,
+    model_version: str | None,
+    studies: Sequence[str],
+    analyses: int,
+    objects: int,
+    notes: int,
+    refused: int,
+    at: dt.datetime,
+) -> dict[str, Any]:
+    """An administrator withdrew AI results from the PACS: a study's, or a model version's
+    (a recall). One notification per request, however many studies; the administrator's
+    note is not in it (free text may name a patient): the study's page and the audit trail
+    have it."""
+    if study_uid is not None:
+        what = f"of study {study_uid}"
+        url = _link(settings, f"/review/studies/{study_uid}")
+    else:
+        what = f"of {model_name}" + (f" {model_version}" if model_version else "")
+        url = _link(settings, "/review/dashboard")
+    text = (
+        f"ACWI Node: {by} withdrew the AI results {what} from the PACS ({reason}):"
+        f" {analyses} analysis(es) of {len(studies)} study(ies), {objects} object(s),"
+        f" {notes} rejection note(s) queued"
+    )
+    if refused:
+        text += f"; {refused} analysis(es) could not be withdrawn (the node's log says why)"
+    return {
+        "event": "withdrawn",
+        "node": settings.node.ae_title,
+        "sender": f"ACWI Node {__version__}",
+        "text": text + (f": {url}" if url else ""),
+        "reason": reason,
+        "by": by,
+        "study_uid": study_uid,
+        "model": {"name": model_name or "", "version": model_version or ""},
+        "studies": len(studies),
+        "analyses": analyses,
+        "objects": objects,
+        "notes_queued": notes,
+        "refused": refused,
+        "at": _iso(at),
+        "study_url": url if study_uid is not None else None,
+        "dashboard_url": url if study_uid is None else None,
+    }
+
+
+def queue_notice(
+    settings: Settings,
+    ledger: Ledger,
+    payload: dict[str, Any],
+    *,
+    study_id: int | None = None,
+    now: dt.datetime | None = None,
+) -> int:
+    """Queue ``payload`` (an event that happens once, at a request, not found in the ledger
+    later) for every target that listens to its event; returns how many were queued."""
+    now = now or utcnow()
+    event = str(payload["event"])
+    digest = hashlib.sha256(repr(sorted(payload.items())).encode()).hexdigest()[:24]
+    key = f"{event}-{digest}"
+    queued = 0
+    for target in settings.notify:
+        if event not in target.events:
+            continue
+        try:
+            with ledger.session() as s:
+                s.add(
+                    Notification(
+                        target=target.name,
+                        event=event,
+                        key=key,
+                        study_id=study_id,
+                        payload=payload,
+                        created_at=now,
+                        next_attempt_at=now,
+                    )
+                )
+        except IntegrityError:
+            continue  # queued already
+        queued += 1
+        log.info("notify %s: %s queued", target.name, key)
+    return queued
+
+
 def queue_events(
     settings: Settings,
     ledger: Ledger,

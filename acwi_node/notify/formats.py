@@ -18,7 +18,8 @@ from typing import Any, Literal
 NotifyFormat = Literal["json", "text", "teams"]
 
 #: The links a notification may carry, the first found becoming the card's button.
-LINKS = (("case_url", "Open the case"), ("dashboard_url", "Open the dashboard"),
+LINKS = (("case_url", "Open the case"), ("study_url", "Open the study"),
+         ("dashboard_url", "Open the dashboard"),
          ("monitoring_url", "Open the monitoring"))  # fmt: skip
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from pydicom import dcmread
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from acwi_node.cli import main
 from acwi_node.config import Settings
@@ -625,8 +625,16 @@ def test_the_exporter_withdraws_replaced_results_unless_told_not_to(
     first, uid = analysed(settings, ledger, tmp_path)
     deliver(ledger)
     newer = model_variant(tmp_path / "v2", version="9.9.9", uncertainty_threshold=1e-9)
+    from acwi_node.config import NotifyTarget
+    from acwi_node.ledger.models import Notification
+
+    # the node's own withdrawal of replaced results is routine: it tells no one
+    safety = NotifyTarget(name="safety", url="http://127.0.0.1:9/", events=["withdrawn"])
     upgraded = settings.model_copy(
-        update={"models": [settings.models[0].model_copy(update={"manifest": newer})]}
+        update={
+            "models": [settings.models[0].model_copy(update={"manifest": newer})],
+            "notify": [safety],
+        }
     )
     generation = ledger.reprocess_study(uid)
     route = [RoutedJob(ROUTE, MODEL, ["pacs", "viewer"], 0)]
@@ -651,6 +659,7 @@ def test_the_exporter_withdraws_replaced_results_unless_told_not_to(
     with ledger.session() as s:
         assert s.get_one(Job, first).withdrawn_reason == "replaced"
         assert s.get_one(Job, second).withdrawn_at is None
+        assert s.scalar(select(func.count()).select_from(Notification)) == 0
 
 
 def test_the_command_offers_the_reasons_an_administrator_may_give() -> None:
@@ -658,3 +667,60 @@ def test_the_command_offers_the_reasons_an_administrator_may_give() -> None:
     from acwi_node.export.withdrawal_commands import REASON_CHOICES
 
     assert REASON_CHOICES == REASONS == ("quality", "safety")
+
+
+def test_a_withdrawal_is_told_to_the_webhooks_once_per_request(
+    node: tuple[Settings, Ledger], tmp_path: Path
+) -> None:
+    """A study's withdrawal and a recall of two studies: one ``withdrawn`` notification each,
+    with what was taken back and a link, never the administrator's words; the node's own
+    withdrawal of replaced results tells no one."""
+    from acwi_node.config import NotifyTarget
+    from acwi_node.ledger.models import Notification
+    from acwi_node.notify import Notifier
+    from tests.support.webhook import WebhookServer
+
+    base, ledger = node
+    with WebhookServer() as hook, WebhookServer() as other:
+        settings = base.model_copy(
+            update={
+                "notify": [
+                    NotifyTarget(name="safety", url=hook.url, events=["withdrawn", "failed"]),
+                    NotifyTarget(name="reading-room", url=other.url, events=["review"]),
+                ],
+                "review": base.review.model_copy(update={"public_url": "https://ai.example.org"}),
+            }
+        )
+        _, uid = analysed(settings, ledger, tmp_path, seed=1)
+        deliver(ledger)
+        secret = "wrong patient: Smith^John"
+        withdraw_results(settings, ledger, reason="quality", note=secret, by="jane", study_uid=uid)
+        first, uid2 = analysed(settings, ledger, tmp_path, seed=2)
+        _, uid3 = analysed(settings, ledger, tmp_path, seed=3)
+        deliver(ledger)
+        with ledger.session() as s:
+            model = s.get_one(Job, first).summary["model"]
+        report = withdraw_results(
+            settings, ledger, reason="safety", note=NOTE, by="rick",
+            model_name=model["name"], model_version=model["version"],
+        )  # fmt: skip
+        assert len([j for j in report.jobs if j.withdrawn]) == 2
+        # nothing left to withdraw: told nothing
+        withdraw_results(settings, ledger, reason="quality", note=NOTE, by="a", study_uid=uid)
+        Notifier(settings, ledger).tick()
+        bodies = [r["json"] for r in hook.received]
+        assert [b["event"] for b in bodies] == ["withdrawn", "withdrawn"]
+        study, recall = sorted(bodies, key=lambda b: b["by"])
+        assert (study["study_uid"], study["reason"], study["studies"]) == (uid, "quality", 1)
+        assert study["study_url"] == f"https://ai.example.org/review/studies/{uid}"
+        assert study["text"].startswith("ACWI Node: jane withdrew the AI results of study")
+        assert (study["objects"], study["notes_queued"]) == (3, 2)  # SR, 2 heatmaps; 2 notes
+        assert recall["study_uid"] is None and recall["model"] == model
+        assert (recall["studies"], recall["analyses"], recall["reason"]) == (2, 2, "safety")
+        assert f"of {model['name']} {model['version']}" in recall["text"]
+        assert recall["dashboard_url"] == "https://ai.example.org/review/dashboard"
+        assert all(secret not in str(b) and NOTE not in str(b) for b in bodies)
+        assert other.received == []  # a target that does not listen for it
+        with ledger.session() as s:
+            assert s.scalar(select(func.count()).select_from(Notification)) == 2
+        assert uid2 and uid3

@@ -13,6 +13,7 @@ was analysed (a merge): an archive files a note by them.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 from pydicom.dataset import Dataset
@@ -21,7 +22,7 @@ from acwi_node import MANUFACTURER
 from acwi_node.audit import AuditEvent, Outcome, Participant, audit
 from acwi_node.config import Settings, Source
 from acwi_node.ingest.dicomweb_source import search_study_header
-from acwi_node.ingest.qr_scu import StudyHeader, find_study_header
+from acwi_node.ingest.qr_scu import STUDY_HEADER_KEYWORDS, StudyHeader, find_study_header
 from acwi_node.ingest.retrieval import source_tls
 from acwi_node.ledger.withdrawals import WithdrawableJob, WithdrawableResult
 from acwi_node.results.charset import result_charset
@@ -104,10 +105,11 @@ def stand_ins(
     header: Dataset, job: WithdrawableJob, results: Sequence[WithdrawableResult]
 ) -> list[Dataset]:
     """A stand-in for each of ``results`` of ``job``, for
-    :func:`~acwi_node.results.rejection.build_rejection_note`: the study's ``header`` and the
-    result's UIDs. Raises :class:`HeaderUnavailable` for a result whose series is not the
-    node's derivation (its SR's UID says whether the derivation holds)."""
-    uids = result_uids(job.study_uid, job.model_name, job.model_version)
+    :func:`~acwi_node.results.rejection.build_rejection_note`: the patient and study
+    attributes of ``header`` and the result's UIDs. Raises :class:`HeaderUnavailable` for a
+    result whose series is not the node's derivation (its SR's UID says whether the
+    derivation holds)."""
+    uids = result_uids(job.study_uid, job.model_name, job.model_version, job.reissue)
     texts = [str(element.value) for element in header if element.VR in ("PN", "LO", "SH")]
     charset = result_charset(header.get("SpecificCharacterSet"), texts)
     out: list[Dataset] = []
@@ -120,8 +122,10 @@ def stand_ins(
                 f"its {result.kind} result's series cannot be told without its file:"
                 " reject them in the PACS by hand"
             )
-        ds = Dataset()
-        ds.update(header)
+        ds = Dataset()  # the patient and study alone, each stand-in its own elements
+        for keyword in STUDY_HEADER_KEYWORDS:
+            if keyword in header:
+                ds[keyword] = copy.deepcopy(header[keyword])
         if charset:
             ds.SpecificCharacterSet = charset
         ds.StudyInstanceUID = job.study_uid

@@ -138,3 +138,6 @@ class StudyAnalysis:
     finding_labels: list[str] = field(default_factory=list)
     #: Source instances that were received but could not be analysed, with the reason.
     skipped: dict[str, str] = field(default_factory=dict)
+    #: How many of this model version's analyses of the study were withdrawn from the PACS
+    #: before this one: part of its result UIDs (:func:`acwi_node.results.uids.result_uids`).
+    reissue: int = 0

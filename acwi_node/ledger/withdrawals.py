@@ -84,6 +84,8 @@ class WithdrawableJob:
     results: tuple[WithdrawableResult, ...]
     #: When storage retention deleted the study's files, if it did.
     files_deleted: bool
+    #: Its results' reissue (:func:`acwi_node.results.uids.result_uids`).
+    reissue: int = 0
 
 
 @dataclass(frozen=True)
@@ -133,10 +135,11 @@ class Withdrawals:
         and/or analysed by ``model_name`` (``model_version``), and/or among ``job_ids``, oldest
         first. Raises :class:`StudyActionRefused` for a study not in the ledger."""
         name, version = _model_name(Job), _model_version(Job)
+        reissue = func.coalesce(Job.summary[("model", "reissue")].as_integer(), 0)
         with self.ledger.session() as s:
             # the summaries stay in the database: a CT's lists hundreds of images
             query = (
-                select(Job, Study.study_uid, name, version)
+                select(Job, Study.study_uid, name, version, reissue)
                 .join(Study, Job.study_id == Study.id)
                 .options(defer(Job.summary))
             )
@@ -174,7 +177,7 @@ class Withdrawals:
                 ):
                     stored[d.job_id][d.result_id].add(d.destination)
             jobs = []
-            for job, uid, job_model, job_version in open_jobs:
+            for job, uid, job_model, job_version, job_reissue in open_jobs:
                 if not results[job.id]:
                     continue  # it wrote nothing: nothing to withdraw
                 held = tuple(
@@ -198,9 +201,30 @@ class Withdrawals:
                         str(job_version or ""),
                         held,
                         files_deleted_at(s, job.study_id, job.generation) is not None,
+                        int(job_reissue or 0),
                     )
                 )
             return Candidates(jobs, unfinished, withdrawn_before)
+
+    def reissue_of(self, study_uid: str, model_name: str, model_version: str) -> int:
+        """How many analyses of study ``study_uid`` by ``model_name`` ``model_version`` were
+        withdrawn: the next one's results are that reissue
+        (:func:`acwi_node.results.uids.result_uids`), whose UIDs no rejection note named."""
+        with self.ledger.session() as s:
+            return int(
+                s.scalar(
+                    select(func.count())
+                    .select_from(Job)
+                    .join(Study, Job.study_id == Study.id)
+                    .where(
+                        Study.study_uid == study_uid,
+                        Job.withdrawn_at.is_not(None),
+                        _model_name(Job) == model_name,
+                        _model_version(Job) == model_version,
+                    )
+                )
+                or 0
+            )
 
     def replaced(self, since: dt.datetime) -> list[Replacement]:
         """The jobs whose results a later analysis by another model version replaced: for

@@ -303,7 +303,7 @@ def build_heatmap_sc(
 
     model = analysis.model
     study_uid = str(source.StudyInstanceUID)
-    uids = result_uids(study_uid, model.name, model.version)
+    uids = result_uids(study_uid, model.name, model.version, analysis.reissue)
 
     grey = render_grey(source, frame_number)
     source_rows, source_columns = grey.shape

@@ -135,7 +135,9 @@ def _build(
             *(source_header(s) for s, _ in members[1:]),
         ]
     model = analysis.model
-    uids = result_uids(str(headers[0].StudyInstanceUID), model.name, model.version)
+    uids = result_uids(
+        str(headers[0].StudyInstanceUID), model.name, model.version, analysis.reissue
+    )
     mapping = RealWorldValueMapping(
         lut_label="HEAT",
         lut_explanation=f"{model.name} {model.version} relative heat"[:64],

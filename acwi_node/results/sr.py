@@ -67,7 +67,14 @@ from acwi_node.results.headers import patient_study_header
 from acwi_node.results.image_groups import encode_image_groups
 from acwi_node.results.image_library import plan_image_library
 from acwi_node.results.study_groups import STUDY_SCOPE, encode_study_groups
-from acwi_node.results.uids import UID_NAMESPACE, ResultUIDs, derive_uid, device_uid, result_uids
+from acwi_node.results.uids import (
+    UID_NAMESPACE,
+    ResultUIDs,
+    derive_uid,
+    device_uid,
+    reissue_parts,
+    result_uids,
+)
 
 __all__ = [
     "MANUFACTURER",
@@ -390,7 +397,7 @@ def build_sr(
     """
     study_uid, by_uid = _check_sources(sources, analysis)
     model = analysis.model
-    uids = result_uids(study_uid, model.name, model.version)
+    uids = result_uids(study_uid, model.name, model.version, analysis.reissue)
     # Each analysed image once: a multi-frame image has a result per frame.
     analysed = [
         by_uid[uid] for uid in dict.fromkeys(img.sop_instance_uid for img in analysis.images)
@@ -691,9 +698,17 @@ class Verification:
     revision: int = 0
 
 
-def verified_sr_uid(study_uid: str, model_name: str, model_version: str) -> str:
-    """SOP Instance UID of the verified SR for one model version's result on one study."""
-    return derive_uid(UID_NAMESPACE, "sr-verified-instance", study_uid, model_name, model_version)
+def verified_sr_uid(study_uid: str, model_name: str, model_version: str, reissue: int = 0) -> str:
+    """SOP Instance UID of the verified SR for one model version's result on one study (its
+    ``reissue``-th after a withdrawal, :func:`acwi_node.results.uids.result_uids`)."""
+    return derive_uid(
+        UID_NAMESPACE,
+        "sr-verified-instance",
+        study_uid,
+        model_name,
+        model_version,
+        *reissue_parts(reissue),
+    )
 
 
 def amended_sr_uid(predecessor_uid: str) -> str:
@@ -787,7 +802,11 @@ def _region_groups(
 
 
 def build_verified_sr(
-    unverified: Dataset, sources: Sequence[Dataset], verification: Verification
+    unverified: Dataset,
+    sources: Sequence[Dataset],
+    verification: Verification,
+    *,
+    reissue: int = 0,
 ) -> Dataset:
     """The VERIFIED successor of an SR written by :func:`build_sr`.
 
@@ -796,7 +815,8 @@ def build_verified_sr(
     radiologist marked (``verification.regions``). The document is complete, final and verified by
     ``verification.observer_name``; it lists the unverified SR in the Predecessor Documents
     Sequence, lives in the same series and has its own deterministic SOP Instance UID
-    (:func:`verified_sr_uid`), so re-sending it replaces, never duplicates.
+    (:func:`verified_sr_uid`), so re-sending it replaces, never duplicates; ``reissue`` is the
+    unverified SR's (its job summary's ``model.reissue``).
 
     An amendment (``verification.amends``: the verified SR it replaces) has its own UID
     (:func:`amended_sr_uid`), instance number 2 + ``verification.revision``, and lists the
@@ -823,7 +843,7 @@ def build_verified_sr(
     other = {str(ds.StudyInstanceUID) for ds in sources} - {study_uid}
     if other:
         raise ValueError(f"source instances from another study: {sorted(other)}")
-    uids = result_uids(study_uid, model_name, model_version)
+    uids = result_uids(study_uid, model_name, model_version, reissue)
 
     root = Dataset()
     for keyword in (
@@ -849,7 +869,7 @@ def build_verified_sr(
         measurements[0].ContentSequence.append(region_group)
 
     previous = [unverified]
-    sop_instance_uid = verified_sr_uid(study_uid, model_name, model_version)
+    sop_instance_uid = verified_sr_uid(study_uid, model_name, model_version, reissue)
     if verification.amends:
         # the verified SR it replaces: in the same series, of the same class
         replaced = Dataset()

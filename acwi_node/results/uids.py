@@ -4,6 +4,12 @@ Every UID the node creates is derived from its inputs, so re-running the same mo
 the same study produces the same Series and SOP Instance UIDs: the PACS replaces the earlier
 result instead of storing a duplicate.
 
+The one exception is a result withdrawn from the PACS (an IOCM rejection note named its UIDs):
+an archive with IOCM may refuse those UIDs for good, so the next analysis of the study by the
+same model version is a **reissue** (:func:`result_uids`' ``reissue``, the number of that
+version's analyses of the study withdrawn before it), whose UIDs are derived with it. Reissue
+0, every result never withdrawn, has the UIDs it always had.
+
 UIDs live under the ``2.25`` root (ISO/IEC 9834-8): the SHA-256 of the length-prefixed parts is
 cut to 128 bits and stamped as an RFC 9562 version-8 (custom) UUID, whose integer value follows
 the root. The result is at most 44 characters long.
@@ -88,6 +94,8 @@ class ResultUIDs:
     sr_instance_uid: str
     heatmap_series_uid: str
     parametric_map_series_uid: str
+    #: How many of this model version's analyses of the study were withdrawn before (0: none).
+    reissue: int = 0
 
     def heatmap_instance_uid(
         self, source_sop_instance_uid: str, frame_number: int | None = None
@@ -134,17 +142,29 @@ class ResultUIDs:
             self.study_instance_uid,
             self.model_name,
             self.model_version,
+            *reissue_parts(self.reissue),
             *parts,
         )
 
 
-def result_uids(study_uid: str, model_name: str, model_version: str) -> ResultUIDs:
-    """The result UIDs for ``model_name`` ``model_version`` run on study ``study_uid``."""
+def reissue_parts(reissue: int) -> tuple[str, ...]:
+    """The derivation's parts for ``reissue``: none for 0 (the UIDs results always had)."""
+    if reissue < 0:
+        raise ValueError(f"reissue must be 0 or more, got {reissue}")
+    return (f"reissue {reissue}",) if reissue else ()
+
+
+def result_uids(
+    study_uid: str, model_name: str, model_version: str, reissue: int = 0
+) -> ResultUIDs:
+    """The result UIDs for ``model_name`` ``model_version`` run on study ``study_uid``, the
+    ``reissue``-th time after a withdrawal (module docstring)."""
     if not is_valid_uid(study_uid):
         raise ValueError(f"not a valid Study Instance UID: {study_uid!r}")
+    extra = reissue_parts(reissue)
 
     def derive(kind: str) -> str:
-        return derive_uid(UID_NAMESPACE, kind, study_uid, model_name, model_version)
+        return derive_uid(UID_NAMESPACE, kind, study_uid, model_name, model_version, *extra)
 
     return ResultUIDs(
         study_instance_uid=study_uid,
@@ -154,4 +174,5 @@ def result_uids(study_uid: str, model_name: str, model_version: str) -> ResultUI
         sr_instance_uid=derive("sr-instance"),
         heatmap_series_uid=derive("heatmap-series"),
         parametric_map_series_uid=derive("parametric-map-series"),
+        reissue=reissue,
     )

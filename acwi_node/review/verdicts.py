@@ -314,7 +314,10 @@ def _verified_sr(
         revision=revision,
     )
     try:
-        document = build_verified_sr(unverified, sources, verification)
+        model = case["summary"].get("model") or {}
+        document = build_verified_sr(
+            unverified, sources, verification, reissue=int(model.get("reissue", 0))
+        )
     except ValueError as exc:
         raise ReviewError(f"the verified SR cannot be written: {exc}") from exc
     return kept, verification, document, encode_part10(document)

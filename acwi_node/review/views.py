@@ -918,7 +918,9 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         results_root = Spool(settings.results_dir, fsync=False)
         model = summary.get("model") or {}
         uids = (
-            result_uids(case["study_uid"], model["name"], model["version"])
+            result_uids(
+                case["study_uid"], model["name"], model["version"], int(model.get("reissue", 0))
+            )
             if model.get("name") and model.get("version")
             else None
         )
@@ -1053,7 +1055,9 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         model = case["summary"].get("model") or {}
         if not is_safe_uid(sop) or not model.get("name"):
             raise HTTPException(status_code=404, detail="no heatmap")
-        wanted = result_uids(case["study_uid"], model["name"], model["version"])
+        wanted = result_uids(
+            case["study_uid"], model["name"], model["version"], int(model.get("reissue", 0))
+        )
         hm_uid = wanted.heatmap_instance_uid(sop, frame)
         paths = [
             r["path"]

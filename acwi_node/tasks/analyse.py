@@ -25,6 +25,7 @@ from acwi_node.inference.engines import EngineOptions
 from acwi_node.inference.types import DeferredHeatmap, StudyAnalysis
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger, ResultFile
+from acwi_node.ledger.withdrawals import Withdrawals
 from acwi_node.observability import metrics
 from acwi_node.observability.logging import bind_study, log_context, note_identifiers
 from acwi_node.results.encoding import encode_part10
@@ -124,7 +125,12 @@ def summarise(
     """The JSON summary the ledger keeps for a job (no patient data)."""
     u = analysis.uncertainty
     return {
-        "model": {"name": analysis.model.name, "version": analysis.model.version},
+        "model": {
+            "name": analysis.model.name,
+            "version": analysis.model.version,
+            # results reissued after a withdrawal (their UIDs are derived with it)
+            **({"reissue": analysis.reissue} if analysis.reissue else {}),
+        },
         "labels": list(analysis.labels),
         # the labels that name a finding (the others: no finding), as the manifest says
         "finding_labels": list(analysis.finding_labels),
@@ -233,6 +239,11 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
         analysis.skipped.update(left_out)
         analysis.skipped.update(unreadable)
         count_not_analysed(job.model, analysis.skipped)
+        # the same model version's results of this study withdrawn before: new UIDs, which no
+        # rejection note named (an IOCM archive may refuse those for good)
+        analysis.reissue = Withdrawals(ledger).reissue_of(
+            study_uid, analysis.model.name, analysis.model.version
+        )
         by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
         # each analysed instance once (a multi-frame image has a result per frame)
         used = [by_uid[uid] for uid in dict.fromkeys(im.sop_instance_uid for im in analysis.images)]

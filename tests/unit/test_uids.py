@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from acwi_node.results.sr import verified_sr_uid
 from acwi_node.results.uids import (
+    UID_NAMESPACE,
     ResultUIDs,
     derive_uid,
     device_uid,
@@ -98,6 +100,32 @@ def test_result_uids_depend_on_study_model_and_version() -> None:
         result_uids(STUDY + "1", "cxr", "1.0"),
     ):
         assert base.isdisjoint(_all_uids(other))
+
+
+def test_a_reissue_has_uids_of_its_own_and_reissue_zero_keeps_the_old_ones() -> None:
+    """After a withdrawal the same model version's results get new UIDs (reissue 1, 2, ...);
+    reissue 0 is every result never withdrawn, whose UIDs must never change: pinned here as
+    the derivation made them before reissues existed."""
+    original = result_uids(STUDY, "cxr", "1.0")
+    assert result_uids(STUDY, "cxr", "1.0", 0) == original
+    assert original.sr_instance_uid == derive_uid(UID_NAMESPACE, "sr-instance", STUDY, "cxr", "1.0")
+    assert original.heatmap_instance_uid(SOURCES[0]) == derive_uid(
+        UID_NAMESPACE, "heatmap-instance", STUDY, "cxr", "1.0", SOURCES[0]
+    )
+    seen = set(_all_uids(original))
+    for reissue in (1, 2):
+        uids = _all_uids(result_uids(STUDY, "cxr", "1.0", reissue))
+        assert seen.isdisjoint(uids) and len(set(uids)) == len(uids)
+        seen |= set(uids)
+    assert result_uids(STUDY, "cxr", "1.0", 1).tracking_uid("nodule", "study") != (
+        original.tracking_uid("nodule", "study")
+    )
+    assert verified_sr_uid(STUDY, "cxr", "1.0", 1) != verified_sr_uid(STUDY, "cxr", "1.0")
+    assert verified_sr_uid(STUDY, "cxr", "1.0") == derive_uid(
+        UID_NAMESPACE, "sr-verified-instance", STUDY, "cxr", "1.0"
+    )
+    with pytest.raises(ValueError, match="reissue"):
+        result_uids(STUDY, "cxr", "1.0", -1)
 
 
 def test_tracking_uids_distinct() -> None:

@@ -724,3 +724,90 @@ def test_a_withdrawal_is_told_to_the_webhooks_once_per_request(
         with ledger.session() as s:
             assert s.scalar(select(func.count()).select_from(Notification)) == 2
         assert uid2 and uid3
+
+
+def _uids_of(ledger: Ledger, job_id: int) -> dict[str, set[str]]:
+    """The job's result SOP Instance UIDs, by kind."""
+    with ledger.session() as s:
+        out: dict[str, set[str]] = {}
+        for r in s.get_one(Job, job_id).results:
+            out.setdefault(r.kind, set()).add(r.sop_instance_uid)
+        return out
+
+
+def test_the_same_version_analysing_a_withdrawn_study_again_reissues_new_uids(
+    node: tuple[Settings, Ledger], tmp_path: Path
+) -> None:
+    """An archive with IOCM may refuse the UIDs a rejection note named for good: the same
+    model version's next analysis of the study (reprocessed, or late images) writes new ones,
+    its verified SR too; analysed again without a withdrawal, it replaces itself as before; a
+    note made without its files names the reissued objects."""
+    settings, ledger = node
+    first, uid = analysed(settings, ledger, tmp_path)
+    deliver(ledger)
+    withdraw_results(settings, ledger, reason="quality", note=NOTE, by="a", study_uid=uid)
+    route = [RoutedJob(ROUTE, MODEL, ["pacs", "viewer"], 0)]
+
+    def again() -> int:
+        generation = ledger.reprocess_study(uid)
+        (job,) = ledger.complete_study(study_id(ledger, uid), generation, lambda _facts: route)
+        assert run_job(settings, ledger, job) == "analysed"
+        return job
+
+    second = again()
+    before, after = _uids_of(ledger, first), _uids_of(ledger, second)
+    assert set(before) == {"sr", "heatmap", "rejection-note"} and set(after) == {"sr", "heatmap"}
+    assert not before["sr"] & after["sr"] and not before["heatmap"] & after["heatmap"]
+    with ledger.session() as s:
+        summary = s.get_one(Job, second).summary
+        model = summary["model"]
+        assert model["reissue"] == 1
+        assert "reissue" not in s.get_one(Job, first).summary["model"]
+    from acwi_node.results.uids import result_uids
+
+    reissued = result_uids(uid, model["name"], model["version"], 1)
+    assert after["sr"] == {reissued.sr_instance_uid}
+    assert (
+        reissued.sr_instance_uid
+        != result_uids(uid, model["name"], model["version"]).sr_instance_uid
+    )
+    sources = {
+        reissued.heatmap_instance_uid(str(im["sop_instance_uid"])) for im in summary["images"]
+    }
+    assert after["heatmap"] == sources
+    # the radiologist's verified SR of the reissued result is a new object too
+    with ledger.session() as s:
+        item_id = s.scalars(select(ReviewItem.id).where(ReviewItem.job_id == second)).one()
+    add_user(ledger, "rad", "radiologist")
+    store = ReviewStore(ledger)
+    found = store.get_user("rad")
+    assert found is not None
+    rad = SessionInfo(found.id, found.name, found.role, "", utcnow())
+    verdict = submit_verdict(settings, store, item_id, rad, action="confirm")
+    from acwi_node.results.sr import verified_sr_uid
+
+    assert verdict.sr_sop_instance_uid == verified_sr_uid(uid, model["name"], model["version"], 1)
+    assert verdict.sr_sop_instance_uid != verified_sr_uid(uid, model["name"], model["version"])
+    # the review page finds the reissued heatmaps
+    with TestClient(create_app(settings)) as client:
+        sign_in(client, "rad")
+        image = str(summary["images"][0]["sop_instance_uid"])
+        assert client.get(f"/review/cases/{item_id}/heatmaps/{image}.png").status_code == 200
+    # not withdrawn: the next analysis replaces it, same UIDs
+    deliver(ledger)
+    third = again()
+    assert _uids_of(ledger, third)["sr"] == after["sr"]
+    # withdrawn once storage retention deleted its files: the note names the reissued objects
+    from acwi_node.export.withdrawal_headers import stand_ins
+    from acwi_node.ledger.withdrawals import Withdrawals
+
+    deliver(ledger)
+    (candidate,) = Withdrawals(ledger).candidates(job_ids=[third]).jobs
+    assert candidate.reissue == 1
+    header = dcmread(next(settings.spool_dir.rglob("*.dcm")), stop_before_pixels=True)
+    named = stand_ins(header, candidate, candidate.results)
+    assert {ds.SOPInstanceUID for ds in named} == after["sr"] | after["heatmap"]
+    assert {ds.SeriesInstanceUID for ds in named} == {
+        reissued.sr_series_uid,
+        reissued.heatmap_series_uid,
+    }

@@ -58,6 +58,7 @@ from acwi_node.ledger.models import VERIFIED_SR_KIND, WITHDRAWAL_REASONS, utcnow
 from acwi_node.ledger.retrievals import QUERY_KEYS, Retrievals
 from acwi_node.ledger.trace import study_trace
 from acwi_node.ledger.withdrawals import Withdrawals
+from acwi_node.model_overview import models_overview
 from acwi_node.monitoring import pinning
 from acwi_node.monitoring.report import BaselineRefused, ModelMonitor
 from acwi_node.monitoring.shadow import ShadowComparison
@@ -697,6 +698,73 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             error = f"{name} {version}: {exc}"
             return await run_in_threadpool(partial(_monitoring, request, error=error, status=422))
         return await run_in_threadpool(partial(_monitoring, request, notice=notice))
+
+    def _models(
+        request: Request, *, notice: str = "", error: str = "", status: int = 200
+    ) -> HTMLResponse:
+        user: SessionInfo = request.state.user
+        return review.page(
+            "models.html",
+            request,
+            status_code=status,
+            models=[m.as_json() for m in models_overview(settings, ledger)],
+            admin=user.role == "admin",
+            withdrawal_reasons={key: WITHDRAWAL_REASONS[key] for key in WITHDRAWAL_REASON_KEYS},
+            notice=notice,
+            error=error,
+        )
+
+    @app.get("/review/models", include_in_schema=False)
+    def models_page(request: Request) -> HTMLResponse:
+        """The models the routes run, each version's manifest and analyses; an
+        administrator recalls a version's results from here."""
+        return _models(request)
+
+    @app.post("/review/models/recall", include_in_schema=False)
+    async def models_recall(request: Request) -> Response:
+        """An administrator recalls a model version: its results withdrawn from the PACS (as
+        ``acwi-node models recall`` and ``POST /api/models/{name}/{version}/recall``)."""
+        user: SessionInfo = request.state.user
+        refused = await _admin_form_refused(request)
+        if refused is not None:
+            return refused
+        form = _form(await request.body())
+        name, version = form.get("name", ""), form.get("version", "")
+        if not name or not version or not form.get("confirm"):
+            error = "name the model version and tick the box that confirms the recall"
+            return await run_in_threadpool(partial(_models, request, error=error, status=422))
+        try:
+            report = await run_in_threadpool(
+                partial(
+                    withdraw_results,
+                    settings,
+                    ledger,
+                    reason=form.get("reason", ""),
+                    note=form.get("note", ""),
+                    by=user.user_name,
+                    address=request.client.host if request.client else "",
+                    model_name=name,
+                    model_version=version,
+                )
+            )
+        except ValueError as exc:
+            error = f"{name} {version}: {exc}"
+            return await run_in_threadpool(partial(_models, request, error=error, status=422))
+        withdrawn = [j for j in report.jobs if j.withdrawn]
+        log.info("model %s %s recalled by %s", name, version, user.user_name)
+        if not withdrawn:
+            error = f"{name} {version}: nothing withdrawn: {report.why_nothing()}"
+            return await run_in_threadpool(partial(_models, request, error=error, status=409))
+        notice = (
+            f"{name} {version}: the results of {len(withdrawn)} analysis(es) of"
+            f" {len({j.study_uid for j in withdrawn})} study(ies) withdrawn,"
+            f" {sum(j.queued for j in withdrawn)} rejection note(s) on their way to the PACS"
+        )
+        if report.refused:
+            notice += f"; {len(report.refused)} not: " + "; ".join(
+                sorted({j.error for j in report.refused})
+            )
+        return await run_in_threadpool(partial(_models, request, notice=notice))
 
     async def _admin_form_refused(request: Request) -> Response | None:
         """403 unless an administrator posted the form with a valid CSRF token; else None."""

@@ -39,6 +39,7 @@ from acwi_node.review.store import ReviewStore, WorklistFilters
 from acwi_node.review.views import destination_outboxes, install_review
 from acwi_node.web.feedback import feedback_router
 from acwi_node.web.guards import admin_json_request, admin_user
+from acwi_node.web.models import models_router
 from acwi_node.web.monitoring import monitoring_router
 from acwi_node.web.ops import ops_router
 from acwi_node.web.retrievals import retrievals_router
@@ -85,6 +86,7 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
     app.include_router(feedback_router(settings, db))  # /api/feedback/export.zip
     app.include_router(review_router(settings, db))  # /api/review/cases/{id}[/verdict|/amend]
     app.include_router(monitoring_router(settings, db))  # /api/monitoring[/baselines/...]
+    app.include_router(models_router(settings, db))  # GET /api/models
 
     @app.get("/api/studies")
     def studies(

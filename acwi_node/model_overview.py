@@ -1,0 +1,223 @@
+"""What the node runs, model by model: for the Models page and ``GET /api/models``.
+
+For each model name the routes use (``[[models]]``, the model registry, ``default``): the
+version running now and where it comes from, what its manifest says (labels, the findings,
+thresholds, how it was trained), the routes that run it live or as a shadow, the versions
+installed in the registry, and each version's analyses in the ledger (how many, the last one,
+how many withdrawn, how many more a recall would take back). Manifests are read for display
+only, their weights not hashed: the worker checks them before it runs a version.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import func, select
+
+from acwi_node.config import Settings
+from acwi_node.inference.manifest import MANIFEST_NAME, ModelManifest
+from acwi_node.ledger import Ledger
+from acwi_node.ledger.models import Job, JobState
+from acwi_node.model_registry import ModelRegistry
+
+__all__ = ["ModelOverview", "VersionOverview", "models_overview"]
+
+#: Jobs whose analysis has not ended: not counted as analyses yet.
+_UNFINISHED = (JobState.QUEUED, JobState.ANALYSING)
+
+
+@dataclass(frozen=True)
+class VersionOverview:
+    """One version of a model: installed, running, or only found in the ledger."""
+
+    #: The manifest's name (the results' algorithm name; what ``models recall`` takes).
+    name: str
+    version: str
+    #: The version running now for the model name.
+    running: bool = False
+    #: Installed in the model registry (``acwi-node models install``).
+    installed: bool = False
+    #: Analyses in the ledger, the last one's time (ISO, UTC), those withdrawn from the PACS,
+    #: and those a recall would withdraw now (analysed, not withdrawn).
+    analyses: int = 0
+    last_analysed_at: str | None = None
+    withdrawn: int = 0
+    recallable: int = 0
+    #: The manifest, for the running and the installed versions (None where unreadable).
+    manifest: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ModelOverview:
+    """One model name the routes use."""
+
+    #: The name routes use (``[[routes]] model``, ``[[models]] name``, the registry's).
+    model: str
+    #: Where the running version comes from: ``registry``, ``config`` (a ``[[models]]``
+    #: manifest path), ``bundled`` (``default``), or ``missing`` (its manifest is unreadable).
+    source: str
+    #: Why the running version's manifest cannot be read ("" when it can).
+    error: str = ""
+    routes: list[str] = field(default_factory=list)
+    shadow_routes: list[str] = field(default_factory=list)
+    versions: list[VersionOverview] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _manifest(path: Path) -> tuple[ModelManifest | None, str]:
+    """The manifest at ``path`` (a file or its folder), validated, weights not hashed."""
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    try:
+        return ModelManifest.model_validate(json.loads(path.read_text(encoding="utf-8"))), ""
+    except FileNotFoundError:
+        return None, f"no manifest at {path}"
+    except (OSError, ValueError, ValidationError) as exc:
+        return None, f"the manifest {path} cannot be read: {type(exc).__name__}"
+
+
+def _facts(manifest: ModelManifest) -> dict[str, Any]:
+    """What a reader of the page needs of a manifest (not the OOD statistics' matrices)."""
+    training = manifest.training
+    return {
+        "name": manifest.name,
+        "version": manifest.version,
+        "labels": list(manifest.labels),
+        "finding_labels": list(manifest.finding_labels),
+        "uncertainty_threshold": manifest.uncertainty_threshold,
+        "target_review_rate": manifest.target_review_rate,
+        "ood_threshold": manifest.ood.threshold,
+        "mc_samples": manifest.mc_samples,
+        "weights_sha256": manifest.weights_sha256,
+        "created_at": manifest.created_at.isoformat(timespec="seconds"),
+        "onnx": manifest.onnx is not None,
+        "training": {
+            "dataset": training.dataset,
+            "preset": training.preset,
+            "epochs": training.epochs,
+            "train_images": training.train_images,
+            "val_images": training.val_images,
+            "val_accuracy": training.val_accuracy,
+            "val_balanced_accuracy": training.val_balanced_accuracy,
+        },
+    }
+
+
+def _model_names(settings: Settings, registry: ModelRegistry) -> list[str]:
+    names: dict[str, None] = {}
+    for route in settings.routes:
+        names[route.model] = None
+        for shadow in route.shadow_models:
+            names[shadow] = None
+    for spec in settings.models:
+        names[spec.name] = None
+    for installed in registry.installed():
+        names[installed.name] = None
+    return sorted(names) or ["default"]
+
+
+def _ledger_versions(ledger: Ledger) -> dict[str, dict[tuple[str, str], dict[str, Any]]]:
+    """Per route model name: (manifest name, version) -> analyses, last, withdrawn."""
+    name = func.coalesce(Job.summary[("model", "name")].as_string(), Job.model)
+    version = func.coalesce(Job.summary[("model", "version")].as_string(), "")
+    withdrawn = func.count(Job.withdrawn_at)
+    out: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
+    with ledger.session() as s:
+        rows = s.execute(
+            select(Job.model, name, version, func.count(), func.max(Job.analysed_at), withdrawn)
+            .where(Job.analysed_at.is_not(None), Job.state.not_in(_UNFINISHED))
+            .group_by(Job.model, name, version)
+        ).all()
+    for model, manifest_name, model_version, n, last, gone in rows:
+        out.setdefault(str(model), {})[(str(manifest_name), str(model_version or ""))] = {
+            "analyses": int(n),
+            "last_analysed_at": last.isoformat(timespec="seconds") + "Z" if last else None,
+            "withdrawn": int(gone or 0),
+        }
+    return out
+
+
+def models_overview(settings: Settings, ledger: Ledger) -> list[ModelOverview]:
+    """Every model name the node knows, with its versions (newest analysis first, the running
+    and installed ones first of all)."""
+    registry = ModelRegistry(settings.models_dir)
+    installed: dict[str, list[Any]] = {}
+    for entry in registry.installed():
+        installed.setdefault(entry.name, []).append(entry)
+    in_ledger = _ledger_versions(ledger)
+    out: list[ModelOverview] = []
+    for model in _model_names(settings, registry):
+        if registry.active_manifest(model) is not None:
+            source = "registry"
+        elif any(spec.name == model for spec in settings.models):
+            source = "config"
+        else:
+            source = "bundled" if model == "default" else "missing"
+        running: ModelManifest | None = None
+        error = ""
+        try:
+            running, error = _manifest(settings.model_manifest(model))
+        except (KeyError, ValueError, OSError) as exc:
+            error = f"no manifest: {exc}"
+        if running is None:
+            source = "missing"
+        versions: dict[tuple[str, str], dict[str, Any]] = {}
+        if running is not None:
+            versions[(running.name, running.version)] = {
+                "running": True,
+                "manifest": _facts(running),
+            }
+        for entry in installed.get(model, []):
+            manifest, _ = _manifest(entry.manifest_path)
+            key = (manifest.name if manifest else model, entry.version)
+            versions.setdefault(key, {}).update(
+                installed=True,
+                manifest=_facts(manifest) if manifest else versions.get(key, {}).get("manifest"),
+            )
+        for key, counts in in_ledger.get(model, {}).items():
+            versions.setdefault(key, {}).update(counts)
+        out.append(
+            ModelOverview(
+                model=model,
+                source=source,
+                error=error,
+                routes=[r.name for r in settings.routes if r.model == model],
+                shadow_routes=[r.name for r in settings.routes if model in r.shadow_models],
+                versions=_ordered(
+                    VersionOverview(
+                        name=key[0],
+                        version=key[1],
+                        running=bool(facts.get("running")),
+                        installed=bool(facts.get("installed")),
+                        analyses=int(facts.get("analyses", 0)),
+                        last_analysed_at=facts.get("last_analysed_at"),
+                        withdrawn=int(facts.get("withdrawn", 0)),
+                        recallable=int(facts.get("analyses", 0)) - int(facts.get("withdrawn", 0)),
+                        manifest=facts.get("manifest"),
+                    )
+                    for key, facts in versions.items()
+                ),
+            )
+        )
+    return out
+
+
+def _ordered(versions: Iterable[VersionOverview]) -> list[VersionOverview]:
+    return sorted(
+        versions,
+        key=lambda v: (not v.running, not v.installed, -(_stamp(v.last_analysed_at)), v.version),
+    )
+
+
+def _stamp(value: str | None) -> float:
+    if not value:
+        return 0.0
+    return datetime.fromisoformat(value.rstrip("Z")).timestamp()

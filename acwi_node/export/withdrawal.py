@@ -33,10 +33,10 @@ from acwi_node.audit import AuditEvent, Outcome, audit
 from acwi_node.audit.trail import user
 from acwi_node.config import Settings
 from acwi_node.export.withdrawal_headers import (
+    ArchiveQueries,
     HeaderUnavailable,
     query_source_of,
     stand_ins,
-    study_header,
 )
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger, ResultFile, StudyActionRefused
@@ -188,8 +188,11 @@ def withdraw_results(
         study_uid=study_uid, model_name=model_name, model_version=model_version, job_ids=job_ids
     )
     report = WithdrawalReport(unfinished=found.unfinished, withdrawn_before=found.withdrawn_before)
+    archives = ArchiveQueries(settings, by)
     for job in found.jobs:
-        report.jobs.append(_withdraw_job(settings, withdrawals, job, reason, note.strip(), by))
+        report.jobs.append(
+            _withdraw_job(settings, withdrawals, job, reason, note.strip(), by, archives)
+        )
     done = [j for j in report.jobs if j.withdrawn]
     refused = report.refused
     for outcome, jobs in ((Outcome.SUCCESS, done), (Outcome.MINOR_FAILURE, refused)):
@@ -286,6 +289,7 @@ def _withdraw_job(
     reason: str,
     note: str,
     by: str,
+    archives: ArchiveQueries,
 ) -> JobWithdrawal:
     def outcome(**kwargs: object) -> JobWithdrawal:
         return JobWithdrawal(
@@ -299,7 +303,7 @@ def _withdraw_job(
         )
 
     try:
-        notes = _write_notes(settings, job, reason, note, by)
+        notes = _write_notes(settings, job, reason, note, archives)
         recorded = withdrawals.record(job.job_id, reason=reason, note=note, by=by, notes=notes)
     except (WithdrawalError, StudyActionRefused) as exc:
         return outcome(withdrawn=False, error=str(exc))
@@ -339,7 +343,7 @@ def _tell_the_ris(settings: Settings, withdrawals: Withdrawals, job_id: int, not
 
 
 def _write_notes(
-    settings: Settings, job: WithdrawableJob, reason: str, note: str, by: str
+    settings: Settings, job: WithdrawableJob, reason: str, note: str, archives: ArchiveQueries
 ) -> list[tuple[ResultFile, Sequence[str]]]:
     """The rejection notes of ``job``'s results, written into the results directory: one per
     set of objects that destinations may hold, with the destinations that get it."""
@@ -356,12 +360,11 @@ def _write_notes(
     out = Spool(settings.results_dir, fsync=settings.ingest.fsync)
     description = f"{job.model_name} {job.model_version} results withdrawn: {note}"
     files: list[tuple[ResultFile, Sequence[str]]] = []
-    asked: dict[str, Dataset] = {}  # the study's attributes, by source asked
     for group, destinations in groups.items():
         if unreadable is None:
             rejected = [headers[n] for n in group]
         else:
-            rejected = _stand_ins(settings, job, group, destinations, unreadable, asked, by)
+            rejected = _stand_ins(settings, job, group, destinations, unreadable, archives)
         document = build_rejection_note(rejected, reason=reason, description=description)
         uid = str(document.SOPInstanceUID)
         path = out.store(job.study_uid, uid, encode_part10(document))
@@ -395,8 +398,7 @@ def _stand_ins(
     group: Sequence[int],
     destinations: Sequence[str],
     unreadable: str,
-    asked: dict[str, Dataset],
-    by: str,
+    archives: ArchiveQueries,
 ) -> list[Dataset]:
     """What the note of ``group`` names, its files unreadable: the UIDs the ledger keeps,
     the patient and study as the destinations' archive holds them
@@ -409,8 +411,7 @@ def _stand_ins(
             " by hand"
         )
     try:
-        if source.name not in asked:
-            asked[source.name] = study_header(settings, source, job.study_uid, by)
-        return stand_ins(asked[source.name], job, [job.results[n] for n in group])
+        header = archives.header(source, job.study_uid)
+        return stand_ins(header, job, [job.results[n] for n in group])
     except HeaderUnavailable as exc:
         raise WithdrawalError(f"{unreadable}; {exc}") from exc

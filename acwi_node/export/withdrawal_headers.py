@@ -29,7 +29,14 @@ from acwi_node.results.charset import result_charset
 from acwi_node.results.uids import result_uids
 from acwi_node.tls import TlsConfigError
 
-__all__ = ["HeaderUnavailable", "query_source_of", "stand_ins", "study_header"]
+__all__ = [
+    "ArchiveDown",
+    "ArchiveQueries",
+    "HeaderUnavailable",
+    "query_source_of",
+    "stand_ins",
+    "study_header",
+]
 
 #: Result kinds whose objects are images (a rejection note lists them as IMAGE items).
 _IMAGE_KINDS = ("heatmap", "parametric_map")
@@ -37,6 +44,10 @@ _IMAGE_KINDS = ("heatmap", "parametric_map")
 
 class HeaderUnavailable(Exception):
     """The study's patient and study attributes cannot be had; the message says why."""
+
+
+class ArchiveDown(HeaderUnavailable):
+    """The archive did not answer, or refused the query."""
 
 
 def query_source_of(settings: Settings, destinations: Sequence[str]) -> Source | None:
@@ -90,7 +101,7 @@ def study_header(settings: Settings, source: Source, study_uid: str, by: str) ->
         + (("found" if answer.dataset is not None else "not found") if answer.ok else answer.error),
     )
     if not answer.ok:
-        raise HeaderUnavailable(
+        raise ArchiveDown(
             f"asking {source.name} for the study's patient and study attributes failed:"
             f" {answer.error}; withdraw again once it answers"
         )
@@ -99,6 +110,33 @@ def study_header(settings: Settings, source: Source, study_uid: str, by: str) ->
             f"{source.name} does not have the study, so its results are not there either"
         )
     return answer.dataset
+
+
+class ArchiveQueries:
+    """The archives one withdrawal request asks (:func:`study_header`): each study once, and
+    an archive that failed is not asked again in the request, so that a recall of hundreds of
+    studies from an archive that does not answer waits for one timeout, not hundreds."""
+
+    def __init__(self, settings: Settings, by: str) -> None:
+        self.settings = settings
+        self.by = by
+        self._headers: dict[tuple[str, str], Dataset] = {}
+        self._failed: dict[str, str] = {}
+
+    def header(self, source: Source, study_uid: str) -> Dataset:
+        """The study's attributes as ``source`` holds them. Raises :class:`HeaderUnavailable`."""
+        key = (source.name, study_uid)
+        if key in self._headers:
+            return self._headers[key]
+        if source.name in self._failed:
+            raise HeaderUnavailable(self._failed[source.name])
+        try:
+            found = study_header(self.settings, source, study_uid, self.by)
+        except ArchiveDown as exc:
+            self._failed[source.name] = str(exc)
+            raise
+        self._headers[key] = found
+        return found
 
 
 def stand_ins(

@@ -17,7 +17,7 @@ from acwi_node.config import Settings
 from acwi_node.export.outbox import Exporter
 from acwi_node.export.withdrawal import withdraw_results
 from acwi_node.ledger import Ledger
-from acwi_node.ledger.models import Result, ReviewItem, ReviewState, utcnow
+from acwi_node.ledger.models import Job, Result, ReviewItem, ReviewState, utcnow
 from acwi_node.results.rejection import build_rejection_note
 from acwi_node.retention import DiskSpace, Retention
 from acwi_node.tasks.analyse import run_job
@@ -217,32 +217,55 @@ def test_the_patient_is_asked_by_qido_rs_of_a_dicomweb_archive(
 
 
 def test_an_archive_that_cannot_tell_the_patient_refuses_the_withdrawal_with_why(
-    tmp_path: Path, orthanc: OrthancServer
+    tmp_path: Path, orthanc: OrthancServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An archive that does not answer: refused, nothing recorded, and withdrawn once it
-    answers; one that does not have the study: refused (the results are not there either);
-    no query source: by hand. A dry run of a recall says which."""
+    """An archive that does not answer: refused, nothing recorded, asked once for a recall of
+    two studies, and withdrawn once it answers; one that does not have the study: refused
+    (the results are not there either); no query source: by hand. A dry run of a recall says
+    which."""
+    from acwi_node.export import withdrawal_headers
+    from acwi_node.export.withdrawal_commands import _files_deleted
+
+    asked: list[str] = []
+    real_ask = withdrawal_headers._ask  # noqa: SLF001
+
+    def counting_ask(settings: Settings, source: Any, study_uid: str) -> Any:
+        asked.append(study_uid)
+        return real_ask(settings, source, study_uid)
+
+    monkeypatch.setattr(withdrawal_headers, "_ask", counting_ask)
     down = {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": free_port()}
     settings = _settings(tmp_path, orthanc, down)
     ledger = Ledger(settings.database_url)
     try:
-        _job_id, uid, _sources, _held, _ = _in_the_pacs_then_deleted(
+        job_id, uid, _sources, _held, _ = _in_the_pacs_then_deleted(
             settings, ledger, orthanc, tmp_path, seed=33
         )
-        from acwi_node.export.withdrawal_commands import _files_deleted
-
+        _, other, _sources, _held, _ = _in_the_pacs_then_deleted(
+            settings, ledger, orthanc, tmp_path, seed=34
+        )
         assert _files_deleted(settings, ["pacs"]) == (
             "; its files are deleted: the patient asked of archive"
         )
-        (job,) = withdraw_results(
-            settings, ledger, reason="quality", note=NOTE, by="jane", study_uid=uid
-        ).jobs
-        assert not job.withdrawn
-        assert "storage retention deleted its result files; asking archive" in job.error
-        assert "withdraw again once it answers" in job.error
+        with ledger.session() as s:
+            model = s.get_one(Job, job_id).summary["model"]
+        report = withdraw_results(
+            settings, ledger, reason="safety", note=NOTE, by="jane",
+            model_name=model["name"], model_version=model["version"],
+        )  # fmt: skip
+        assert [j.withdrawn for j in report.jobs] == [False, False]
+        for job in report.jobs:
+            assert "storage retention deleted its result files; asking archive" in job.error
+            assert "withdraw again once it answers" in job.error
+        assert len(asked) == 1  # the archive that failed is not asked again in the request
         assert ledger.due_deliveries() == []
 
         answering = _settings(tmp_path, orthanc, _dimse(orthanc))
+        (job,) = withdraw_results(
+            answering, ledger, reason="quality", note=NOTE, by="jane", study_uid=other
+        ).jobs
+        assert job.withdrawn, job.error
+
         orthanc.client.delete(f"/studies/{orthanc.find_study(uid)}").raise_for_status()
         (job,) = withdraw_results(
             answering, ledger, reason="quality", note=NOTE, by="jane", study_uid=uid

@@ -303,6 +303,13 @@ class ExporterSettings(_Strict):
     backoff_max_s: float = Field(300.0, gt=0)
     poll_interval_s: float = Field(0.25, gt=0)
     timeout_s: float = Field(30.0, gt=0)
+    #: A destination that cannot be reached at all (the connection refused or timed out, the
+    #: association rejected; a DICOMweb service that does not answer) is an outage, not a
+    #: refusal: its deliveries are tried again, at most every ``backoff_max_s``, for this long
+    #: before they fail, and those attempts do not count against ``max_attempts`` (a PACS
+    #: restarted or down for maintenance gets its results once it is back). 0: an outage
+    #: counts like any failed attempt.
+    outage_patience_s: float = Field(86_400.0, ge=0, le=30 * 86_400)
     #: Once a later analysis of a study by another model version is delivered, withdraw the
     #: earlier version's results from the PACS with a rejection note (README "Withdrawing
     #: results from the PACS"): the new results have other UIDs and would stand beside them.

@@ -309,7 +309,9 @@ def scu_status_block() -> str:
             "Any other status, or no response",
             "other",
             "Not delivered: retried with exponential back-off; after `exporter.max_attempts` "
-            "the delivery and its study become `failed` with the status.",
+            "the delivery and its study become `failed` with the status (a destination that "
+            "could not be reached at all: after `exporter.outage_patience_s`, the attempts not "
+            "counted).",
         )
     )
     return _table(("Service Status", "Further Meaning", "Status Code", "Behaviour"), rows)

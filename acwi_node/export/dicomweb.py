@@ -278,7 +278,7 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
             length = path.stat().st_size
             uids[path] = _sop_instance_uid(path)
         except Exception as exc:  # noqa: BLE001 - one unreadable file never blocks the rest
-            report.outcomes[path] = FileOutcome(None, False, f"unreadable: {exc}")
+            report.outcomes[path] = FileOutcome(None, False, f"unreadable: {exc}", unreadable=True)
             continue
         readable.append((path, length))
     errors: list[str] = []
@@ -296,6 +296,7 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
         batches.put(batch)
     lock = threading.Lock()
     used = [0]
+    unanswered = [False]  # a request got no HTTP answer at all
 
     def send_batches() -> None:
         """One connection's share: batches until none is left, or the service is gone."""
@@ -321,7 +322,7 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
                         except OSError as exc:
                             with lock:
                                 report.outcomes[path] = FileOutcome(
-                                    None, False, f"unreadable: {exc}"
+                                    None, False, f"unreadable: {exc}", unreadable=True
                                 )
                             continue
                         sent.append(path)
@@ -332,6 +333,7 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
                     except _Failed as exc:
                         with lock:
                             report.error = report.error or str(exc)
+                            unanswered[0] = True
                         return  # unreachable: what is left waits for the next attempt
                 outcomes, error = _outcomes(response, body, {p: uids[p] for p in sent})
                 with lock:
@@ -358,6 +360,8 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
         for thread in threads:
             thread.join()
     report.associations = used[0]
+    # no answer to any request: the service could not be reached (an outage)
+    report.unreachable = unanswered[0] and not report.association_ok
     if report.error is None and errors:
         report.error = errors[0]
     for path in unique:  # in input order, as the DIMSE sender gives them

@@ -256,6 +256,9 @@ class Exporter:
         for d in items:
             path: Path = paths[d.id]
             outcome = report.outcomes.get(path)
+            # nothing answered: the destination could not be reached (an outage); a file
+            # that could not be read is no fault of the destination's
+            unreachable = report.unreachable and not (outcome is not None and outcome.unreadable)
             if outcome is None:
                 ok, status, detail = False, None, report.error or "not sent"
             else:
@@ -263,7 +266,9 @@ class Exporter:
                 if not ok and report.error and not detail:
                     detail = report.error
             delivered += ok
-            metrics.DELIVERY_ATTEMPTS.labels(dest_name, "delivered" if ok else "refused").inc()
+            metrics.DELIVERY_ATTEMPTS.labels(
+                dest_name, "delivered" if ok else ("unreachable" if unreachable else "refused")
+            ).inc()
             attempts.append(
                 DeliveryAttempt(
                     d.id,
@@ -271,8 +276,10 @@ class Exporter:
                     status=status,
                     error="" if ok else detail,
                     max_attempts=cfg.max_attempts,
-                    backoff_s=backoff_s(self.settings, d.attempts),
+                    backoff_s=backoff_s(self.settings, d.attempts + d.outage_attempts),
                     awaits_commitment=commit,
+                    unreachable=unreachable,
+                    outage_patience_s=cfg.outage_patience_s,
                 )
             )
         self.ledger.record_deliveries(attempts)

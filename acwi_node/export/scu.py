@@ -95,6 +95,23 @@ class FileOutcome:
     status: int | None
     delivered: bool
     detail: str
+    #: The file could not be read (nothing the destination did).
+    unreadable: bool = False
+
+
+class AssociationFailure(str):
+    """Why an association was not established (:func:`open_association`'s message), and
+    whether it is an **outage**: the peer could not be reached (no connection, no answer to
+    the request, a name that does not resolve), it closed the connection during negotiation,
+    or it rejected the association as transient. A permanent rejection, no accepted context or
+    a TLS failure is an answer: the configuration, not the peer's availability, is at fault."""
+
+    outage: bool
+
+    def __new__(cls, message: str, *, outage: bool) -> AssociationFailure:
+        failure = super().__new__(cls, message)
+        failure.outage = outage
+        return failure
 
 
 @dataclass
@@ -112,6 +129,9 @@ class SendReport:
     association_ok: bool
     error: str | None = None
     outcomes: dict[Path, FileOutcome] = field(default_factory=dict)
+    #: Nothing was answered because the destination could not be reached (an outage:
+    #: :class:`AssociationFailure`; for DICOMweb, no HTTP answer at all).
+    unreachable: bool = False
     #: Associations the files went over (0 when none was established).
     associations: int = 0
 
@@ -286,36 +306,43 @@ def _association_error(
     called_ae: str,
     timeout_s: float,
     tls: TlsArgs | None = None,
-) -> str:
-    """Describe in clear text why an association was not established."""
+) -> AssociationFailure:
+    """Describe in clear text why an association was not established, and whether it is an
+    outage (:class:`AssociationFailure`)."""
     tls_problem = _probe_tls(host, port, tls, timeout_s) if tls is not None else None
     if tls_problem is not None:
-        return tls_problem
+        return AssociationFailure(tls_problem, outage=not connected)
     if not connected:
         if elapsed_s >= 0.95 * timeout_s:
-            return f"connection to {host}:{port} timed out after {timeout_s:g} s"
-        return _probe_connection(host, port, timeout_s)
+            message = f"connection to {host}:{port} timed out after {timeout_s:g} s"
+        else:
+            message = _probe_connection(host, port, timeout_s)
+        return AssociationFailure(message, outage=True)
     primitive = assoc.acceptor.primitive or unread_answer(assoc)
     if primitive is not None and primitive.result in (0x01, 0x02):
-        return (
+        return AssociationFailure(
             f"association rejected by {called_ae}@{host}:{port}: "
             f"result={primitive.result_str} ({primitive.result}), "
             f"source={primitive.source_str} ({primitive.result_source}), "
-            f"reason={primitive.reason_str} ({primitive.diagnostic})"
+            f"reason={primitive.reason_str} ({primitive.diagnostic})",
+            outage=primitive.result == 0x02,  # rejected (transient): busy, starting up
         )
     if primitive is not None and primitive.result == 0x00 and not assoc.accepted_contexts:
-        return (
+        return AssociationFailure(
             f"association aborted: {called_ae}@{host}:{port} accepted none of the "
-            f"{len(assoc.rejected_contexts)} proposed presentation contexts"
+            f"{len(assoc.rejected_contexts)} proposed presentation contexts",
+            outage=False,
         )
     if primitive is None and elapsed_s >= 0.95 * timeout_s:
-        return (
+        return AssociationFailure(
             f"association request to {called_ae}@{host}:{port} timed out: "
-            f"no response within {timeout_s:g} s"
+            f"no response within {timeout_s:g} s",
+            outage=True,
         )
-    return (
+    return AssociationFailure(
         f"association aborted by {called_ae}@{host}:{port} during negotiation "
-        "(peer closed the connection or is not a DICOM application)"
+        "(peer closed the connection or is not a DICOM application)",
+        outage=True,
     )
 
 
@@ -375,7 +402,8 @@ def open_association(
             ext_neg=ext_neg,
         )
     except socket.gaierror as exc:
-        return None, f"cannot resolve host {host!r}: {exc.strerror or exc}"
+        message = f"cannot resolve host {host!r}: {exc.strerror or exc}"
+        return None, AssociationFailure(message, outage=True)
     except Exception as exc:  # noqa: BLE001 - e.g. invalid AE title or address
         return None, f"cannot request association: {type(exc).__name__}: {exc}"
     if not assoc.is_established:
@@ -449,6 +477,7 @@ def send_files(
                 status=None,
                 delivered=False,
                 detail=f"cannot read file: {type(exc).__name__}: {exc}",
+                unreadable=True,
             )
     if read_failures:
         logger.warning("%d of %d file(s) could not be read", len(read_failures), len(unique_paths))
@@ -477,6 +506,7 @@ def send_files(
     assoc, error = associate()
     if assoc is None:
         report.error = error
+        report.unreachable = isinstance(error, AssociationFailure) and error.outage
         logger.error("C-STORE to %s@%s:%d: %s", called_ae, host, port, report.error)
         return finish({p: FileOutcome(None, False, f"not sent: {report.error}") for p in infos})
 

@@ -251,6 +251,10 @@ class Delivery(Base):
     commitment_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
     commitment_requested_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     commitment_requests: Mapped[int] = mapped_column(Integer, default=0)
+    #: Since when the destination could not be reached at all, and how many such attempts
+    #: (an outage: not counted in ``attempts``, ``exporter.outage_patience_s``).
+    unreachable_since: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    outage_attempts: Mapped[int] = mapped_column(Integer, default=0)
 
     result: Mapped[Result] = relationship(back_populates="deliveries")
 

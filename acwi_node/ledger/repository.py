@@ -156,6 +156,8 @@ class DueDelivery:
     path: str
     attempts: int
     study_uid: str = ""
+    #: Attempts that could not reach the destination (an outage), not counted in ``attempts``.
+    outage_attempts: int = 0
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,11 @@ class DeliveryAttempt:
     #: Delivered, and the destination's storage commitment is to be asked for: the delivery
     #: waits (``committing``) for its report (:meth:`Ledger.record_commitment`).
     awaits_commitment: bool = False
+    #: The destination could not be reached at all (nothing answered). With
+    #: ``outage_patience_s`` > 0 such an attempt is not counted against ``max_attempts``: the
+    #: delivery fails only once the destination has been unreachable that long.
+    unreachable: bool = False
+    outage_patience_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -1264,6 +1271,8 @@ class Ledger:
             for d in deliveries:
                 d.state = DeliveryState.PENDING
                 d.attempts = 0
+                d.unreachable_since = None
+                d.outage_attempts = 0
                 d.next_attempt_at = now
             for job in jobs:
                 if any(d.job_id == job.id for d in deliveries):
@@ -1331,7 +1340,9 @@ class Ledger:
                 .limit(limit)
             ).all()
             return [
-                DueDelivery(d.id, d.job_id, d.destination, path, d.attempts, study_uid)
+                DueDelivery(
+                    d.id, d.job_id, d.destination, path, d.attempts, study_uid, d.outage_attempts
+                )
                 for d, path, study_uid in rows
             ]
 
@@ -1361,9 +1372,15 @@ class Ledger:
                 d = s.get_one(Delivery, attempt.delivery_id, with_for_update=True)
                 if d.state != DeliveryState.PENDING:
                     continue
-                d.attempts += 1
                 d.last_status = attempt.status
                 d.last_error = attempt.error[:2000]
+                jobs.add(d.job_id)
+                if attempt.unreachable and attempt.outage_patience_s > 0:
+                    _outage_attempt(d, attempt, now)
+                    continue
+                d.attempts += 1
+                d.unreachable_since = None
+                d.outage_attempts = 0
                 if attempt.delivered and attempt.awaits_commitment:
                     d.state = DeliveryState.COMMITTING
                     d.commitment_uid = None
@@ -1376,7 +1393,6 @@ class Ledger:
                     d.state = DeliveryState.FAILED
                 else:
                     d.next_attempt_at = now + dt.timedelta(seconds=attempt.backoff_s)
-                jobs.add(d.job_id)
             s.flush()
             for job_id in sorted(jobs):
                 self._sync_job_delivery(s, job_id)
@@ -1665,6 +1681,9 @@ class Ledger:
                                 "attempts": d.attempts,
                                 "last_status": d.last_status,
                                 "last_error": d.last_error,
+                                # an outage: attempts that could not reach the destination
+                                "unreachable_since": _iso(d.unreachable_since),
+                                "outage_attempts": d.outage_attempts,
                             }
                             for d in r.deliveries
                         ],
@@ -2126,6 +2145,23 @@ def _queue_deliveries(
         )
         queued += 1
     return queued
+
+
+def _outage_attempt(d: Delivery, attempt: DeliveryAttempt, now: dt.datetime) -> None:
+    """An attempt that could not reach the destination: tried again after the back-off, not
+    counted against ``max_attempts``, until the destination has been unreachable for
+    ``outage_patience_s``; then the delivery fails, saying since when."""
+    since = d.unreachable_since or now
+    d.unreachable_since = since
+    d.outage_attempts += 1
+    if (now - since).total_seconds() >= attempt.outage_patience_s:
+        d.state = DeliveryState.FAILED
+        d.last_error = (
+            f"unreachable since {since:%Y-%m-%d %H:%M:%S} UTC"
+            f" (exporter.outage_patience_s): {attempt.error}"
+        )[:2000]
+    else:
+        d.next_attempt_at = now + dt.timedelta(seconds=attempt.backoff_s)
 
 
 def _add_result(s: Session, job_id: int, result: ResultFile) -> Result:

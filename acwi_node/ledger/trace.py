@@ -381,6 +381,8 @@ def _deliveries(s: Session, jobs: dict[int, Job]) -> Iterable[TraceEvent]:
             Delivery.last_error,
             Delivery.delivered_at,
             Delivery.next_attempt_at,
+            Delivery.unreachable_since,
+            Delivery.outage_attempts,
             Result.kind,
         )
         .join(Result, Delivery.result_id == Result.id)
@@ -413,14 +415,19 @@ def _deliveries(s: Session, jobs: dict[int, Job]) -> Iterable[TraceEvent]:
                 jobs[job_id].finished_at,
                 generation,
                 "delivery",
-                f"{len(failed)} object(s) to {destination} failed after {d.attempts} "
-                f"attempt(s) ({code}): {d.last_error}",
+                f"{len(failed)} object(s) to {destination} failed after"
+                f" {d.attempts + d.outage_attempts} attempt(s) ({code}): {d.last_error}",
                 Level.FAILED,
             )
         pending = by_state.get(DeliveryState.PENDING, 0)
         if pending:
             d = next(d for d in ds if d.state == DeliveryState.PENDING)
             tried = f", {d.attempts} attempt(s) so far: {d.last_error}" if d.attempts else ""
+            if d.unreachable_since is not None:  # an outage: tried until outage_patience_s
+                tried = (
+                    f", {destination} unreachable since {d.unreachable_since:%Y-%m-%d %H:%M:%S}"
+                    f" ({d.outage_attempts} attempt(s)): {d.last_error}"
+                )
             yield TraceEvent(
                 None,
                 generation,

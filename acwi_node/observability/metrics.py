@@ -126,7 +126,8 @@ IMAGES_NOT_ANALYSED = Counter(
 # ------------------------------------------------------------- process-local (exporter)
 DELIVERY_ATTEMPTS = Counter(
     "acwi_exporter_delivery_attempts",
-    "Result objects this exporter process sent, by destination and outcome (delivered, refused)",
+    "Result objects this exporter process sent, by destination and outcome (delivered,"
+    " refused, unreachable: the destination could not be reached)",
     ["destination", "outcome"],
 )
 COMMITMENT_REQUESTS = Counter(

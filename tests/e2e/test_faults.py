@@ -178,9 +178,10 @@ def test_a_study_that_stops_every_worker_fails_with_the_reason(
 def test_destination_down_then_back_gets_each_result_once(
     tmp_path: Path, orthanc: OrthancServer
 ) -> None:
-    """The PACS is down when results are due; when it is back they arrive, once."""
+    """The PACS is down when results are due; when it is back they arrive, once. The default
+    max_attempts (5): an outage's attempts are not counted (exporter.outage_patience_s)."""
     cfg = node_config(tmp_path, orthanc)
-    cfg["exporter"] = {"backoff_initial_s": 0.5, "backoff_max_s": 2, "max_attempts": 100}
+    cfg["exporter"] = {"backoff_initial_s": 0.5, "backoff_max_s": 2}
     config = write_config(tmp_path / "acwi.toml", cfg)
     uid = generate_uid()
     files = write_study(tmp_path / "study", n_images=2, seed=5, study_instance_uid=uid)
@@ -190,7 +191,9 @@ def test_destination_down_then_back_gets_each_result_once(
         orthanc.halt()
         send_study(orthanc.node_port, files)
         wait_study_state(ledger, uid, {"exporting"}, nodes, timeout_s=120)
-        _wait_deliveries(ledger, uid, lambda d: d["attempts"] >= 2 and d["state"] == "pending")
+        _wait_deliveries(
+            ledger, uid, lambda d: d["outage_attempts"] >= 6 and d["state"] == "pending"
+        )
         orthanc.resume()
         wait_study_state(ledger, uid, {"delivered"}, nodes, timeout_s=120)
         assert result_counts(orthanc, uid) == (1, len(files))
@@ -198,11 +201,11 @@ def test_destination_down_then_back_gets_each_result_once(
 
 
 def test_destination_down_for_good_fails_visibly(tmp_path: Path, orthanc: OrthancServer) -> None:
-    """After the configured attempts the failure is visible in the API, with the reason; once
-    the PACS is back, an administrator sends the results again, and can have the study analysed
-    again."""
+    """Unreachable for longer than exporter.outage_patience_s, the failure is visible in the
+    API, with the reason; once the PACS is back, an administrator sends the results again, and
+    can have the study analysed again."""
     cfg = node_config(tmp_path, orthanc)
-    cfg["exporter"] = {"backoff_initial_s": 0.2, "backoff_max_s": 0.5, "max_attempts": 3}
+    cfg["exporter"] = {"backoff_initial_s": 0.2, "backoff_max_s": 0.5, "outage_patience_s": 2}
     config = write_config(tmp_path / "acwi.toml", cfg)
     uid = generate_uid()
     files = write_study(tmp_path / "study", n_images=1, seed=6, study_instance_uid=uid)
@@ -222,7 +225,10 @@ def test_destination_down_for_good_fails_visibly(tmp_path: Path, orthanc: Orthan
         assert "pacs" in view["reason"]
         deliveries = [d for j in view["jobs"] for r in j["results"] for d in r["deliveries"]]
         assert deliveries and all(
-            d["state"] == "failed" and d["attempts"] == 3 and d["last_error"] for d in deliveries
+            d["state"] == "failed"
+            and d["outage_attempts"] >= 2
+            and "(exporter.outage_patience_s)" in d["last_error"]
+            for d in deliveries
         )
         # The PACS is back: an administrator sends the results again, once.
         orthanc.resume()

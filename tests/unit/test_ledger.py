@@ -613,6 +613,62 @@ def test_failed_delivery_backs_off_then_fails_visibly(db: Ledger) -> None:
     assert "0xA700" in st["reason"] and "pacs" in st["reason"]
 
 
+def test_an_outage_is_waited_out_without_counting_attempts(db: Ledger) -> None:
+    """Attempts that could not reach the destination do not count against max_attempts
+    while it has been unreachable for less than the patience; an answer from it ends the
+    outage; unreachable for longer, the delivery fails saying since when."""
+    from acwi_node.ledger.models import Delivery
+
+    r = db.record_instance(rec(), first_in_association=False)
+    (job_id,) = db.complete_study(r.study_id, 1, route_all)
+    _analyse(db, job_id)
+    first, second = sorted(db.due_deliveries(), key=lambda d: d.path)
+
+    def down(d_id: int, patience: float = 3600) -> DeliveryAttempt:
+        return DeliveryAttempt(
+            d_id, False, None, "connection refused", max_attempts=1, backoff_s=0,
+            unreachable=True, outage_patience_s=patience,
+        )  # fmt: skip
+
+    for _ in range(3):  # max_attempts 1, yet still pending
+        db.record_deliveries([down(first.id), down(second.id)])
+    again = {d.id: d for d in db.due_deliveries()}
+    assert set(again) == {first.id, second.id}
+    assert (again[first.id].attempts, again[first.id].outage_attempts) == (0, 3)
+    view = db.get_study("1.2.3")
+    assert view is not None and view["state"] == "exporting"
+    delivery = view["jobs"][0]["results"][0]["deliveries"][0]
+    assert delivery["unreachable_since"] and delivery["outage_attempts"] == 3
+    # the destination answered (a refusal): the outage is over, that attempt counts
+    db.record_deliveries(
+        [DeliveryAttempt(second.id, False, 0xA700, "full", max_attempts=2, backoff_s=0)]
+    )
+    with db.session() as s:
+        answered = s.get_one(Delivery, second.id)
+        assert (answered.attempts, answered.outage_attempts) == (1, 0)
+        assert answered.unreachable_since is None
+        # the other has been unreachable for two hours: past the patience, it fails
+        s.get_one(Delivery, first.id).unreachable_since = utcnow() - dt.timedelta(hours=2)
+    db.record_deliveries([down(first.id)])
+    view = db.get_study("1.2.3")
+    assert view is not None
+    states = {
+        d["last_error"][:11]: d["state"]
+        for res in view["jobs"][0]["results"]
+        for d in res["deliveries"]
+    }
+    assert states == {"unreachable": "failed", "full": "pending"}
+    failed = next(
+        d for res in view["jobs"][0]["results"] for d in res["deliveries"]
+        if d["state"] == "failed"
+    )  # fmt: skip
+    assert "(exporter.outage_patience_s): connection refused" in failed["last_error"]
+    # patience 0: an unreachable attempt counts like any other
+    db.record_deliveries([down(second.id, patience=0)])
+    view = db.get_study("1.2.3")
+    assert view is not None and view["state"] == "failed"
+
+
 def test_a_batch_of_attempts_is_recorded_together_and_the_job_follows(db: Ledger) -> None:
     r = db.record_instance(rec(), first_in_association=False)
     (job_id,) = db.complete_study(r.study_id, 1, route_all)

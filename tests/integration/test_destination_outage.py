@@ -1,0 +1,121 @@
+"""A PACS that is down for a while (a restart, maintenance): the exporter keeps its results
+pending without counting the attempts (``exporter.outage_patience_s``) and delivers them once
+the real Orthanc is back; with no patience, they fail after ``max_attempts`` as before."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from acwi_node.config import Settings
+from acwi_node.export.outbox import Exporter
+from acwi_node.ledger import Ledger
+from acwi_node.ledger.trace import study_trace
+from acwi_node.tasks.analyse import run_job
+from models.data.synth import write_study
+from tests.support.orthanc import OrthancServer, require_orthanc
+from tests.support.ports import free_port
+from tests.support.review_case import review_settings, store_and_route
+
+pytestmark = pytest.mark.integration
+
+SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+@pytest.fixture
+def orthanc() -> Iterator[OrthancServer]:
+    require_orthanc()
+    with OrthancServer(node_ae="ACWI", node_port=free_port()) as server:
+        yield server
+
+
+def _node(tmp_path: Path, orthanc: OrthancServer, patience: float) -> tuple[Settings, Ledger]:
+    settings = review_settings(
+        tmp_path,
+        pacs_ae=orthanc.aet,
+        pacs_port=orthanc.dicom_port,
+        exporter={
+            "timeout_s": 5,
+            "max_attempts": 1,
+            "backoff_initial_s": 0.05,
+            "backoff_max_s": 0.1,
+            "outage_patience_s": patience,
+        },
+    )
+    return settings, Ledger(settings.database_url)
+
+
+def _analysed(settings: Settings, ledger: Ledger, tmp_path: Path) -> str:
+    files = write_study(tmp_path / "study", n_images=1, label="nodule", seed=5, size=128)
+    job_id, uid = store_and_route(settings, ledger, files)
+    assert run_job(settings, ledger, job_id) == "analysed"
+    return uid
+
+
+def _deliveries(ledger: Ledger, uid: str) -> list[dict[str, object]]:
+    view = ledger.get_study(uid)
+    assert view is not None
+    return [d for j in view["jobs"] for r in j["results"] for d in r["deliveries"]]
+
+
+def _unreachable_count() -> float:
+    labels = {"destination": "pacs", "outcome": "unreachable"}
+    return REGISTRY.get_sample_value("acwi_exporter_delivery_attempts_total", labels) or 0.0
+
+
+def test_results_wait_out_a_pacs_restart_and_are_delivered_once_it_is_back(
+    tmp_path: Path, orthanc: OrthancServer
+) -> None:
+    settings, ledger = _node(tmp_path, orthanc, patience=3600)
+    try:
+        uid = _analysed(settings, ledger, tmp_path)
+        exporter = Exporter(settings, ledger)
+        orthanc.halt()
+        before = _unreachable_count()
+        for _ in range(3):  # max_attempts is 1: without the patience, the first one failed
+            exporter.tick()
+            time.sleep(0.15)
+        deliveries = _deliveries(ledger, uid)
+        assert deliveries and all(d["state"] == "pending" for d in deliveries), deliveries
+        assert all(d["attempts"] == 0 and d["outage_attempts"] == 3 for d in deliveries)
+        assert all(d["unreachable_since"] for d in deliveries)
+        assert _unreachable_count() == before + 3 * len(deliveries)
+        view = ledger.get_study(uid)
+        assert view is not None and view["state"] == "exporting"
+        trace = study_trace(ledger, uid)
+        assert trace is not None
+        assert any("pacs unreachable since" in e.text for e in trace.events), trace.events
+
+        orthanc.resume()
+        time.sleep(0.15)
+        exporter.tick()
+        view = ledger.get_study(uid)
+        assert view is not None and view["state"] == "delivered", _deliveries(ledger, uid)
+        assert all(d["outage_attempts"] == 0 for d in _deliveries(ledger, uid))
+        classes = [
+            str(orthanc.instance_tags(i["ID"]).get("SOPClassUID", ""))
+            for i in orthanc.study_instances(uid)
+        ]
+        assert SR in classes
+    finally:
+        ledger.dispose()
+
+
+def test_without_patience_an_outage_fails_the_delivery_after_max_attempts(
+    tmp_path: Path, orthanc: OrthancServer
+) -> None:
+    settings, ledger = _node(tmp_path, orthanc, patience=0)
+    try:
+        uid = _analysed(settings, ledger, tmp_path)
+        orthanc.halt()
+        Exporter(settings, ledger).tick()
+        view = ledger.get_study(uid)
+        assert view is not None and view["state"] == "failed"
+        assert all(d["attempts"] == 1 for d in _deliveries(ledger, uid))
+    finally:
+        orthanc.resume()
+        ledger.dispose()

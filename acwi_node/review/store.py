@@ -962,6 +962,17 @@ class ReviewStore:
                 .group_by(Delivery.destination, Delivery.state)
             ):
                 counts[name][state.value] += n
+            # an outage: since when the oldest waiting delivery could not reach it
+            outages = dict(
+                s.execute(
+                    select(Delivery.destination, func.min(Delivery.unreachable_since))
+                    .where(
+                        Delivery.state == DeliveryState.PENDING,
+                        Delivery.unreachable_since.is_not(None),
+                    )
+                    .group_by(Delivery.destination)
+                ).all()
+            )
             for name in list(dict.fromkeys([*destinations, *sorted(counts)])):
                 delivered_at, error = _outbox_latest(s, Delivery, Delivery.destination == name)
                 out.append(
@@ -975,6 +986,7 @@ class ReviewStore:
                         "failed": counts[name]["failed"],
                         "last_delivered_at": _iso(delivered_at),
                         "last_error": error,
+                        "unreachable_since": _iso(outages.get(name)),
                     }
                 )
             if ris:

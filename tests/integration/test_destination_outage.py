@@ -9,17 +9,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
 from acwi_node.config import Settings
 from acwi_node.export.outbox import Exporter
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.trace import study_trace
+from acwi_node.review.store import ReviewStore
 from acwi_node.tasks.analyse import run_job
+from acwi_node.web.api import create_app
 from models.data.synth import write_study
 from tests.support.orthanc import OrthancServer, require_orthanc
 from tests.support.ports import free_port
-from tests.support.review_case import review_settings, store_and_route
+from tests.support.review_case import add_user, review_settings, sign_in, store_and_route
 
 pytestmark = pytest.mark.integration
 
@@ -89,6 +92,13 @@ def test_results_wait_out_a_pacs_restart_and_are_delivered_once_it_is_back(
         trace = study_trace(ledger, uid)
         assert trace is not None
         assert any("pacs unreachable since" in e.text for e in trace.events), trace.events
+        (outbox,) = ReviewStore(ledger).delivery_status(["pacs"])  # the dashboard's row
+        assert outbox["unreachable_since"] and outbox["pending"] == len(deliveries)
+        add_user(ledger, "boss", "admin")
+        with TestClient(create_app(settings, ledger)) as client:
+            sign_in(client, "boss")
+            dashboard = client.get("/review/dashboard").text
+            assert '<strong class="outage">unreachable since' in dashboard
 
         orthanc.resume()
         time.sleep(0.15)
@@ -96,6 +106,8 @@ def test_results_wait_out_a_pacs_restart_and_are_delivered_once_it_is_back(
         view = ledger.get_study(uid)
         assert view is not None and view["state"] == "delivered", _deliveries(ledger, uid)
         assert all(d["outage_attempts"] == 0 for d in _deliveries(ledger, uid))
+        (outbox,) = ReviewStore(ledger).delivery_status(["pacs"])
+        assert outbox["unreachable_since"] is None and outbox["pending"] == 0
         classes = [
             str(orthanc.instance_tags(i["ID"]).get("SOPClassUID", ""))
             for i in orthanc.study_instances(uid)

@@ -757,6 +757,9 @@ class RisSettings(_Strict):
     max_attempts: int = Field(5, ge=1)
     backoff_initial_s: float = Field(2.0, gt=0)
     backoff_max_s: float = Field(300.0, gt=0)
+    #: A RIS that cannot be connected to (refused, timed out) is waited for this long, the
+    #: attempts not counted in ``max_attempts``, as ``exporter.outage_patience_s`` (0: off).
+    outage_patience_s: float = Field(86_400.0, ge=0, le=30 * 86_400)
     #: Connect, send and wait for the ACK, each.
     timeout_s: float = Field(30.0, gt=0)
     poll_interval_s: float = Field(0.5, gt=0)

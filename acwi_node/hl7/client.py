@@ -49,13 +49,22 @@ _PATIENT_TAGS = [
 
 
 class SendError(Exception):
-    """No acknowledgement came back (connection, timeout, framing, unreadable reply)."""
+    """No acknowledgement came back (connection, timeout, framing, unreadable reply);
+    ``unreachable`` when no connection could be made at all (an outage of the RIS)."""
+
+    def __init__(self, message: str, *, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 def send_message(host: str, port: int, message: str, *, timeout_s: float) -> AckInfo:
     """Send one message over MLLP and return the acknowledgement. Raises :class:`SendError`."""
     try:
-        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+        sock = socket.create_connection((host, port), timeout=timeout_s)
+    except OSError as exc:
+        raise SendError(f"{type(exc).__name__}: {exc}", unreachable=True) from None
+    try:
+        with sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.sendall(frame(message.encode("utf-8")))
             reply = read_frame_sync(sock, max_bytes=1_048_576, timeout_s=timeout_s)
@@ -309,6 +318,7 @@ class OruSender:
             if self._stop.is_set():
                 break
             delivered, final, code, error = False, False, "", ""
+            unreachable = False
             try:
                 ack = send_message(
                     self.ris.host, self.ris.port, item.message, timeout_s=self.ris.timeout_s
@@ -323,6 +333,7 @@ class OruSender:
                     error = ack.text or f"RIS answered {code}"
             except SendError as exc:
                 error = str(exc)
+                unreachable = exc.unreachable
             state = self.ledger.record_hl7_attempt(
                 item.id,
                 delivered=delivered,
@@ -331,6 +342,8 @@ class OruSender:
                 max_attempts=self.ris.max_attempts,
                 backoff_s=self.backoff_s(item.attempts),
                 final=final,
+                unreachable=unreachable,
+                outage_patience_s=self.ris.outage_patience_s,
             )
             audit(
                 AuditEvent.RESULTS_SENT,

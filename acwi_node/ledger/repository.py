@@ -229,6 +229,7 @@ class DueHl7:
     id: int
     control_id: str
     message: str
+    #: Attempts so far, an outage's included (the back-off grows with them).
     attempts: int
 
 
@@ -2015,7 +2016,9 @@ class Ledger:
                 .order_by(Hl7Outbound.next_attempt_at, Hl7Outbound.id)
                 .limit(limit)
             ).all()
-            return [DueHl7(r.id, r.control_id, r.message, r.attempts) for r in rows]
+            return [
+                DueHl7(r.id, r.control_id, r.message, r.attempts + r.outage_attempts) for r in rows
+            ]
 
     def record_hl7_attempt(
         self,
@@ -2027,16 +2030,35 @@ class Ledger:
         max_attempts: int,
         backoff_s: float,
         final: bool = False,
+        unreachable: bool = False,
+        outage_patience_s: float = 0.0,
     ) -> str:
-        """Record one send; ``final`` (a rejection) fails it at once. Returns the new state."""
+        """Record one send; ``final`` (a rejection) fails it at once; ``unreachable`` (no
+        connection) with ``outage_patience_s`` > 0 is an outage, not counted against
+        ``max_attempts`` until the RIS has been unreachable that long. Returns the new state."""
         now = utcnow()
         with self.session() as s:
             row = s.get_one(Hl7Outbound, outbound_id, with_for_update=True)
             if row.state != DeliveryState.PENDING:
                 return row.state.value
-            row.attempts += 1
             row.last_ack_code = ack_code[:2]
             row.last_error = error[:2000]
+            if unreachable and outage_patience_s > 0:
+                since = row.unreachable_since or now
+                row.unreachable_since = since
+                row.outage_attempts += 1
+                if (now - since).total_seconds() >= outage_patience_s:
+                    row.state = DeliveryState.FAILED
+                    row.last_error = (
+                        f"unreachable since {since:%Y-%m-%d %H:%M:%S} UTC"
+                        f" (hl7.ris.outage_patience_s): {error}"
+                    )[:2000]
+                else:
+                    row.next_attempt_at = now + dt.timedelta(seconds=backoff_s)
+                return row.state.value
+            row.attempts += 1
+            row.unreachable_since = None
+            row.outage_attempts = 0
             if delivered:
                 row.state = DeliveryState.DELIVERED
                 row.delivered_at = now
@@ -2066,6 +2088,9 @@ class Ledger:
                     "last_ack_code": r.last_ack_code,
                     "last_error": r.last_error,
                     "delivered_at": _iso(r.delivered_at),
+                    # an outage of the RIS: not counted in attempts
+                    "unreachable_since": _iso(r.unreachable_since),
+                    "outage_attempts": r.outage_attempts,
                 }
                 for r in rows
             ]

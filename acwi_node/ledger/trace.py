@@ -469,12 +469,18 @@ def _hl7(s: Session, study: Study, generations: dict[int, int]) -> Iterable[Trac
         elif m.state == DeliveryState.FAILED:
             yield TraceEvent(
                 m.created_at, generation, "hl7",
-                f"{what} failed after {m.attempts} attempt(s): {m.last_error}", Level.FAILED,
+                f"{what} failed after {m.attempts + m.outage_attempts} attempt(s):"
+                f" {m.last_error}", Level.FAILED,
             )  # fmt: skip
         elif m.state == DeliveryState.SUPERSEDED:
             yield TraceEvent(m.created_at, generation, "hl7", f"{what} superseded")
         else:
             tried = f", {m.attempts} attempt(s) so far: {m.last_error}" if m.attempts else ""
+            if m.unreachable_since is not None:  # an outage: tried until outage_patience_s
+                tried = (
+                    f", the RIS unreachable since {m.unreachable_since:%Y-%m-%d %H:%M:%S}"
+                    f" ({m.outage_attempts} attempt(s)): {m.last_error}"
+                )
             yield TraceEvent(
                 None, generation, "hl7", f"{what} waiting for the RIS{tried}", Level.WAITING
             )

@@ -55,7 +55,12 @@ def database_url(request: pytest.FixtureRequest) -> str | None:
 
 
 def make_settings(
-    tmp_path: Path, port: int, *, max_attempts: int = 3, database_url: str | None = None
+    tmp_path: Path,
+    port: int,
+    *,
+    max_attempts: int = 3,
+    database_url: str | None = None,
+    outage_patience_s: float = 3600,
 ) -> Settings:
     return load_settings(
         None,
@@ -74,6 +79,7 @@ def make_settings(
                 "backoff_initial_s": 0.01,
                 "backoff_max_s": 0.01,
                 "timeout_s": 5,
+                "outage_patience_s": outage_patience_s,
             },
         },
     )
@@ -296,19 +302,46 @@ def test_rejection_fails_at_once(tmp_path: Path, make_peer: Callable[[str], Peer
 def test_unreachable_ris_is_retried_until_it_answers(
     tmp_path: Path, make_peer: Callable[[str], Peer]
 ) -> None:
+    """A RIS that refuses connections is an outage: retried beyond max_attempts (not
+    counted) until it answers; with no patience, it fails after max_attempts; unreachable
+    longer than the patience, it fails saying since when."""
     port = free_port()
-    settings = make_settings(tmp_path, port, max_attempts=50)
+    settings = make_settings(tmp_path, port, max_attempts=2)
     ledger = Ledger(settings.database_url)
     queue_oru(settings, ledger, analysed_job(settings, ledger))
     sender = OruSender(settings, ledger)
-    sender.tick()
+    for _ in range(4):
+        sender.tick()
+        time.sleep(0.02)
     (row,) = ledger.hl7_outbound(STUDY_UID)
-    assert row["state"] == "pending" and row["attempts"] == 1 and row["last_error"]
+    assert row["state"] == "pending" and row["attempts"] == 0 and row["last_error"]
+    assert row["outage_attempts"] == 4 and row["unreachable_since"]
+    from acwi_node.ledger.trace import study_trace
+
+    trace = study_trace(ledger, STUDY_UID)
+    assert trace is not None
+    assert any("the RIS unreachable since" in e.text for e in trace.events), trace.events
     peer = make_peer("AA")
     assert peer.port != port
     sender.ris = settings.hl7.ris.model_copy(update={"port": peer.port})  # type: ignore[union-attr]
     (row,) = drain(sender, ledger, "delivered")
-    assert row["last_ack_code"] == "AA" and row["attempts"] >= 2
+    assert row["last_ack_code"] == "AA" and row["attempts"] == 1 and row["outage_attempts"] == 0
+    ledger.dispose()
+
+
+def test_an_outage_of_the_ris_fails_once_past_the_patience(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, free_port(), max_attempts=2, outage_patience_s=0.2)
+    ledger = Ledger(settings.database_url)
+    queue_oru(settings, ledger, analysed_job(settings, ledger))
+    (row,) = drain(OruSender(settings, ledger), ledger, "failed")
+    assert row["attempts"] == 0 and row["outage_attempts"] >= 2
+    assert "(hl7.ris.outage_patience_s)" in row["last_error"]
+    ledger.dispose()
+    off = make_settings(tmp_path / "off", free_port(), max_attempts=2, outage_patience_s=0)
+    ledger = Ledger(off.database_url)
+    queue_oru(off, ledger, analysed_job(off, ledger))
+    (row,) = drain(OruSender(off, ledger), ledger, "failed")
+    assert (row["attempts"], row["outage_attempts"]) == (2, 0)
     ledger.dispose()
 
 

@@ -34,6 +34,11 @@ from typing import Any
 
 from acwi_node import __version__
 from acwi_node.config import ConfigError, Settings, load_settings
+from acwi_node.export.destination_commands import (
+    add_destination_parsers,
+    run_destinations_retry,
+    run_destinations_status,
+)
 from acwi_node.export.withdrawal_commands import add_recall_parser, add_withdraw_parser
 from acwi_node.ingest.retrieval_commands import add_parsers as add_retrieval_commands
 from acwi_node.ingest.retrieval_commands import add_sources_parser
@@ -794,6 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("names", nargs="*", metavar="NAME")
     check.add_argument("--json", action="store_true", help="print JSON")
+    add_destination_parsers(destinations_sub)  # status, retry
     notify = sub.add_parser("notify", help="the [[notify]] webhooks")
     notify_sub = notify.add_subparsers(dest="notify_command", required=True)
     notify_test = notify_sub.add_parser(
@@ -875,7 +881,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(settings: Settings, config: Path | None, args: argparse.Namespace) -> int:
     """Run the command ``args`` names."""
-    if args.command not in UNAUDITED_COMMANDS:
+    if args.command not in UNAUDITED_COMMANDS or (
+        args.command == "destinations" and args.destinations_command == "retry"
+    ):
         from acwi_node.audit import configure_audit
 
         configure_audit(settings, args.command)
@@ -910,6 +918,10 @@ def _dispatch(settings: Settings, config: Path | None, args: argparse.Namespace)
         return run_studies(settings, args.studies_command, args.study_uids)
     if args.command == "retention":
         return run_retention(settings, dry_run=args.dry_run, as_json=args.json)
+    if args.command == "destinations" and args.destinations_command == "status":
+        return run_destinations_status(settings, as_json=args.json)
+    if args.command == "destinations" and args.destinations_command == "retry":
+        return run_destinations_retry(settings, args)
     if args.command == "destinations":
         return run_destinations_check(settings, args.names, as_json=args.json)
     if args.command == "notify":

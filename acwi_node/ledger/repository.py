@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import (
+    and_,
     bindparam,
     create_engine,
     event,
     exists,
     func,
     inspect,
+    or_,
     select,
     text,
     update,
@@ -222,6 +224,14 @@ ORDER_FIELDS = (
     "birth_date",
     "sex",
 )
+
+
+@dataclass(frozen=True)
+class RetriedDeliveries:
+    """What :meth:`Ledger.retry_failed` put back in the outbox."""
+
+    deliveries: int
+    study_uids: list[str]
 
 
 @dataclass(frozen=True)
@@ -1284,6 +1294,50 @@ class Ledger:
             study.reason = ""  # the failure it gave is being retried
             return len(deliveries)
 
+    def retry_failed(self, destination: str) -> RetriedDeliveries:
+        """Every delivery to ``destination`` that failed for good goes back to the outbox,
+        its attempts counted from zero (the destination was down longer than its patience, or
+        refused until its configuration was mended): the results of each study's current
+        generation, never those withdrawn from the PACS, and every rejection note (a note of
+        an earlier generation is still owed). Their analyses and studies are exporting again."""
+        now = utcnow()
+        with self.session() as s:
+            rows = s.execute(
+                select(Delivery, Job, Study)
+                .join(Job, Delivery.job_id == Job.id)
+                .join(Study, Job.study_id == Study.id)
+                .join(Result, Delivery.result_id == Result.id)
+                .where(
+                    Delivery.destination == destination,
+                    Delivery.state == DeliveryState.FAILED,
+                    owed_delivery(),
+                )
+                .order_by(Delivery.id)
+            ).all()
+            jobs: dict[int, Job] = {}
+            studies: dict[int, Study] = {}
+            count = 0
+            for d, job, study in rows:
+                d.state = DeliveryState.PENDING
+                d.attempts = 0
+                d.unreachable_since = None
+                d.outage_attempts = 0
+                d.next_attempt_at = now
+                count += 1
+                jobs[job.id] = job
+                studies[study.id] = study
+            for job in jobs.values():
+                if job.state == JobState.FAILED:
+                    job.state = JobState.EXPORTING
+                    job.finished_at = None
+                    job.error = ""
+            s.flush()
+            for study in studies.values():
+                self._sync_study(s, study.id)
+                if study.state != StudyState.FAILED:
+                    study.reason = ""  # the failure it gave is being retried
+            return RetriedDeliveries(count, sorted(st.study_uid for st in studies.values()))
+
     def reprocess_study(self, study_uid: str) -> int:
         """Take a finished study through completion, routing and analysis again, as a new
         generation (after a failed analysis, a routing rule or model changed); run by the same
@@ -2170,6 +2224,17 @@ def _queue_deliveries(
         )
         queued += 1
     return queued
+
+
+def owed_delivery() -> Any:
+    """The SQL condition (over Delivery joined to its Job, Study and Result) of a delivery the
+    node still owes its destination: a result of the study's current generation not withdrawn
+    from the PACS, or a rejection note (owed whatever came after). A failed one is what
+    :meth:`Ledger.retry_failed` sends again; the others failed for good and stay so."""
+    return or_(
+        Result.kind == REJECTION_NOTE_KIND,
+        and_(Job.withdrawn_at.is_(None), Job.generation == Study.generation),
+    )
 
 
 def _outage_attempt(d: Delivery, attempt: DeliveryAttempt, now: dt.datetime) -> None:

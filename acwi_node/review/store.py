@@ -31,6 +31,7 @@ from acwi_node.ledger.models import (
     JobState,
     Notification,
     Purge,
+    Result,
     ReviewItem,
     ReviewState,
     Study,
@@ -40,7 +41,12 @@ from acwi_node.ledger.models import (
     WebSession,
     utcnow,
 )
-from acwi_node.ledger.repository import DeliveryFilter, files_deleted_at, promise_hl7_outbound
+from acwi_node.ledger.repository import (
+    DeliveryFilter,
+    files_deleted_at,
+    owed_delivery,
+    promise_hl7_outbound,
+)
 from acwi_node.review.quality import FLAGGED, SAMPLE
 
 #: ``sender``: a PACS or archive that stores studies by STOW-RS (``/dicomweb/``) and nothing else.
@@ -958,7 +964,15 @@ class ReviewStore:
             counts: dict[str, Counter[str]] = defaultdict(Counter)
             for name, state, n in s.execute(
                 select(Delivery.destination, Delivery.state, func.count())
-                .where(Delivery.state.in_(unsettled))
+                .join(Job, Delivery.job_id == Job.id)
+                .join(Study, Job.study_id == Study.id)
+                .join(Result, Delivery.result_id == Result.id)
+                # failed for good: only what is still owed (what a retry would send again),
+                # not a withdrawn result or one a later generation replaced
+                .where(
+                    Delivery.state.in_(unsettled),
+                    or_(Delivery.state != DeliveryState.FAILED, owed_delivery()),
+                )
                 .group_by(Delivery.destination, Delivery.state)
             ):
                 counts[name][state.value] += n

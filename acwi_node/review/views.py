@@ -929,6 +929,22 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         error = f"{where}: {check} failed: {result.error}"
         return await run_in_threadpool(partial(_dashboard, request, error=error, status=502))
 
+    @app.post("/review/destinations/{name}/retry", include_in_schema=False)
+    async def retry_destination(request: Request, name: str) -> Response:
+        """An administrator sends every failed delivery to a destination again (as
+        ``acwi-node destinations retry NAME`` and ``POST /api/destinations/{name}/retry``)."""
+        user: SessionInfo = request.state.user
+        refused = await _admin_form_refused(request)
+        if refused is not None:
+            return refused
+        retried = await run_in_threadpool(ledger.retry_failed, name)
+        log.info("destination %s: %d retried by %s", name, retried.deliveries, user.user_name)
+        notice = (
+            f"{name}: {retried.deliveries} failed delivery(ies) of"
+            f" {len(retried.study_uids)} study(ies) back in the outbox"
+        )
+        return await run_in_threadpool(partial(_dashboard, request, notice=notice))
+
     # -------------------------------------------------------------------- case
     def _case_or_404(item_id: int) -> dict[str, Any]:
         case = review.store.case(item_id)

@@ -166,6 +166,25 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
         admin_user(request)
         return {"destinations": destination_outboxes(ReviewStore(db), settings)}
 
+    @app.post(
+        "/api/destinations/{name}/retry",
+        **{
+            **admin_action,
+            "responses": {**admin_action["responses"], 404: {"description": "No such destination"}},
+        },
+    )
+    def retry_destination(name: str, request: Request) -> dict[str, Any]:
+        """Every delivery to the destination that failed for good goes back to the outbox,
+        its attempts counted from zero (after an outage longer than
+        ``exporter.outage_patience_s``, or once its configuration is mended): the current
+        results of each study and every rejection note owed, never withdrawn results."""
+        user = admin_json_request(request)
+        retried = db.retry_failed(name)
+        if not retried.deliveries and name not in {d.name for d in settings.destinations}:
+            raise HTTPException(status_code=404, detail=f"no destination named {name}")
+        log.info("%s: %d failed deliveries retried by %s", name, retried.deliveries, user)
+        return {"deliveries": retried.deliveries, "study_uids": retried.study_uids}
+
     @app.get("/api/worklist")
     def worklist(
         modality: str = "",

@@ -811,3 +811,82 @@ def test_the_same_version_analysing_a_withdrawn_study_again_reissues_new_uids(
         reissued.sr_series_uid,
         reissued.heatmap_series_uid,
     }
+
+
+def _fail_all(ledger: Ledger, destination: str | None = None) -> None:
+    for d in ledger.due_deliveries():
+        if destination is None or d.destination == destination:
+            ledger.record_delivery(
+                d.id, delivered=False, status=0xA700, error="out of resources", max_attempts=1,
+                backoff_s=1,
+            )  # fmt: skip
+
+
+def test_a_destinations_failed_deliveries_are_retried_at_once_never_withdrawn_results(
+    node: tuple[Settings, Ledger], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After an outage longer than the patience, or a destination's configuration mended:
+    every failed delivery to it goes back to the outbox (its studies exporting again), and so
+    does a failed rejection note; never the results a withdrawal took back, nor another
+    destination's. From the command line, the API and the dashboard."""
+    settings, ledger = node
+    failed_job, failed = analysed(settings, ledger, tmp_path, seed=1)
+    _fail_all(ledger)
+    _, noted = analysed(settings, ledger, tmp_path, seed=2)
+    deliver(ledger)
+    withdraw_results(settings, ledger, reason="safety", note=NOTE, by="a", study_uid=noted)
+    _fail_all(ledger)  # the notes, to both destinations
+    withdrawn_job, withdrawn = analysed(settings, ledger, tmp_path, seed=3)
+    _fail_all(ledger)
+    withdraw_results(settings, ledger, reason="quality", note=NOTE, by="a", study_uid=withdrawn)
+    assert ledger.due_deliveries() == []
+    assert ledger.get_study(failed)["state"] == "failed"  # type: ignore[index]
+
+    retried = ledger.retry_failed("pacs")
+    # the failed study's SR and 2 heatmaps, and the note owed to the PACS
+    assert retried.deliveries == 4 and retried.study_uids == sorted([failed, noted])
+    due = ledger.due_deliveries()
+    assert sorted((d.study_uid == failed, d.destination) for d in due) == [
+        (False, "pacs"), (True, "pacs"), (True, "pacs"), (True, "pacs"),
+    ]  # fmt: skip
+    assert all(d.attempts == 0 for d in due)
+    assert ledger.get_study(failed)["state"] == "exporting"  # type: ignore[index]
+    assert ("viewer", "sr", "failed") in deliveries(ledger, failed_job)  # another destination
+    assert all(state != "pending" for *_, state in deliveries(ledger, withdrawn_job))
+    assert ledger.retry_failed("pacs").deliveries == 0  # nothing failed any more
+
+    # the command line: status, then the viewer's (the failed study's SR and the note)
+    config = tmp_path / "node.toml"
+    config.write_text(_toml(settings), encoding="utf-8")
+    assert main(["--config", str(config), "destinations", "status"]) == 0
+    out = capsys.readouterr().out
+    assert "pacs  PACS@127.0.0.1:11199: 4 waiting, 0 failed" in out
+    # (the withdrawn study's 3 failed results are no longer owed: not counted, not retried)
+    assert "viewer  VIEWER@127.0.0.1:11198: 0 waiting, 2 failed" in out
+    assert main(["--config", str(config), "destinations", "retry", "viewer"]) == 0
+    assert "viewer: 2 failed delivery(ies) of 2 study(ies) back in the outbox" in (
+        capsys.readouterr().out
+    )
+    assert main(["--config", str(config), "destinations", "retry", "nowhere"]) == 2
+    assert "no destination named nowhere" in capsys.readouterr().err
+
+    # the API and the dashboard, once they failed again
+    _fail_all(ledger)
+    add_user(ledger, "boss", "admin")
+    with TestClient(create_app(settings, ledger)) as client:
+        sign_in(client, "boss")
+        page = client.get("/review/dashboard").text
+        assert 'action="/review/destinations/pacs/retry"' in page
+        assert "Retry the 4 failed" in page
+        token = CSRF.search(page)
+        assert token is not None
+        done = client.post("/review/destinations/pacs/retry", data={"csrf_token": token.group(1)})
+        assert done.status_code == 200
+        assert "pacs: 4 failed delivery(ies) of 2 study(ies) back in the outbox" in done.text
+        answer = client.post("/api/destinations/viewer/retry", json={})
+        assert answer.status_code == 200 and answer.json()["deliveries"] == 2
+        assert client.post("/api/destinations/nowhere/retry", json={}).status_code == 404
+    add_user(ledger, "rad", "radiologist")
+    with TestClient(create_app(settings, ledger)) as client:
+        sign_in(client, "rad")
+        assert client.post("/api/destinations/pacs/retry", json={}).status_code == 403

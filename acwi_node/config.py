@@ -847,7 +847,9 @@ class ReviewSettings(_Strict):
 
 
 #: What a ``[[notify]]`` target may be told of (README "Notifications").
-NotifyEvent = Literal["review", "finding", "failed", "shift", "stopped", "slow", "withdrawn"]
+NotifyEvent = Literal[
+    "review", "finding", "failed", "shift", "stopped", "slow", "withdrawn", "unreachable"
+]
 
 
 def _review_event() -> list[NotifyEvent]:
@@ -867,7 +869,9 @@ class NotifyTarget(_Strict):
     #: model version's monitoring signal has shifted against its baseline (weekly while so);
     #: ``stopped``: far fewer studies than usual came from a source or reached a route
     #: (daily while so); ``slow``: a route's results reach the PACS slower than the goal;
-    #: ``withdrawn``: an administrator withdrew AI results from the PACS (one per request).
+    #: ``withdrawn``: an administrator withdrew AI results from the PACS (one per request);
+    #: ``unreachable``: a destination or the RIS, with results waiting, could not be reached
+    #: for ``min_outage_s`` (once per outage).
     events: list[NotifyEvent] = Field(default_factory=_review_event, min_length=1)
     #: The body's shape: ``json`` (the whole object), ``text`` (``{"text": ...}``: Slack,
     #: Mattermost, Rocket.Chat, Google Chat), ``teams`` (an Adaptive Card message for a
@@ -876,6 +880,8 @@ class NotifyTarget(_Strict):
     min_priority: int = Field(0, ge=0)
     labels: list[str] = Field(default_factory=list)
     min_probability: float = Field(0.5, ge=0.0, le=1.0)
+    #: ``unreachable``: how long a destination must have been unreachable.
+    min_outage_s: float = Field(600.0, ge=0, le=7 * 24 * 3600)
     #: A bearer token (read at each POST, so it can be rotated): ``Authorization: Bearer``.
     token_file: Path | None = None
     #: ``https``: the CAs and client certificate (default the system trust store).

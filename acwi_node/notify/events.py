@@ -15,7 +15,11 @@ Each target's events of the last ``lookback_s`` seconds:
   flow and the UTC day: told of again each day while so);
 * ``slow``: a route's results reach the PACS slower than ``monitoring.turnaround_goal_s`` at
   the 95th percentile (README "Turnaround"; key ``slow-`` and a hash of the route and the UTC
-  day).
+  day);
+* ``unreachable``: a destination or the RIS, with results waiting, has not been reachable for
+  ``min_outage_s`` (key ``unreachable-`` and a hash of it and when the outage began: once per
+  outage);
+* ``withdrawn``: an administrator withdrew AI results (:func:`queue_notice`, at the request).
 
 A notification is queued once per target and key (a unique constraint), so reading the ledger
 again, or from two processes, queues nothing twice.
@@ -29,13 +33,16 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from acwi_node import __version__
 from acwi_node.config import NotifyTarget, Settings
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import (
+    Delivery,
+    DeliveryState,
+    Hl7Outbound,
     Job,
     JobState,
     Notification,
@@ -313,6 +320,8 @@ def _events(
             if label in target.labels and probability >= target.min_probability:
                 payload = finding_payload(settings, job, study, label, probability)
                 yield f"finding-{job.id}", study.id, payload
+    if "unreachable" in target.events:
+        yield from _unreachable_events(s, settings, target)
     if "failed" in target.events:
         for study in s.scalars(
             select(Study).where(Study.state == StudyState.FAILED, Study.updated_at >= since)
@@ -322,6 +331,62 @@ def _events(
                 study.id,
                 failed_payload(settings, study),
             )
+
+
+def unreachable_payload(
+    settings: Settings, destination: str, since: dt.datetime, waiting: int
+) -> dict[str, Any]:
+    """A destination (or the RIS) with results waiting has not been reachable for a while:
+    the node keeps them (``exporter.outage_patience_s``) and sends them once it is back."""
+    url = _link(settings, "/review/dashboard")
+    text = (
+        f"ACWI Node: {destination} cannot be reached since {since:%Y-%m-%d %H:%M} UTC;"
+        f" {waiting} result(s) wait and go as soon as it answers"
+    )
+    return {
+        "event": "unreachable",
+        "node": settings.node.ae_title,
+        "sender": f"ACWI Node {__version__}",
+        "text": text + (f" ({url})" if url else ""),
+        "destination": destination,
+        "since": _iso(since),
+        "waiting": waiting,
+        "at": _iso(utcnow()),
+        "dashboard_url": url,
+    }
+
+
+def _unreachable_events(s: Any, settings: Settings, target: NotifyTarget) -> Iterator[Event]:
+    """Each destination, and the RIS, unreachable for ``target.min_outage_s``: once per
+    outage (its key names when it began), however long it lasts."""
+    cutoff = utcnow() - dt.timedelta(seconds=target.min_outage_s)
+    found = list(
+        s.execute(
+            select(Delivery.destination, func.min(Delivery.unreachable_since), func.count())
+            .where(
+                Delivery.state == DeliveryState.PENDING,
+                Delivery.unreachable_since.is_not(None),
+            )
+            .group_by(Delivery.destination)
+        ).all()
+    )
+    ris = s.execute(
+        select(func.min(Hl7Outbound.unreachable_since), func.count()).where(
+            Hl7Outbound.state == DeliveryState.PENDING,
+            Hl7Outbound.unreachable_since.is_not(None),
+        )
+    ).one()
+    if ris[0] is not None:
+        found.append(("RIS (HL7)", ris[0], ris[1]))
+    for destination, since, waiting in found:
+        if since is None or since > cutoff:
+            continue
+        digest = hashlib.sha256(f"{destination}|{since.isoformat()}".encode()).hexdigest()[:24]
+        yield (
+            f"unreachable-{digest}",
+            None,
+            unreachable_payload(settings, destination, since, int(waiting)),
+        )
 
 
 def withdrawn_payload(

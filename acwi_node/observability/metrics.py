@@ -33,6 +33,7 @@ from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import (
     Delivery,
     DeliveryState,
+    Hl7Outbound,
     Instance,
     Job,
     JobState,
@@ -45,6 +46,7 @@ from acwi_node.ledger.models import (
     Study,
     StudyState,
     Verdict,
+    utcnow,
 )
 from acwi_node.review.quality import FLAGGED, SAMPLE
 
@@ -317,6 +319,19 @@ class LedgerCollector(Collector):
                     Delivery.destination, Delivery.state
                 )
             ).all()
+            outages = s.execute(
+                select(Delivery.destination, func.min(Delivery.unreachable_since))
+                .where(
+                    Delivery.state == DeliveryState.PENDING,
+                    Delivery.unreachable_since.is_not(None),
+                )
+                .group_by(Delivery.destination)
+            ).all()
+            ris_outage = s.scalar(
+                select(func.min(Hl7Outbound.unreachable_since)).where(
+                    Hl7Outbound.state == DeliveryState.PENDING
+                )
+            )
             analysed = s.scalar(select(func.count(distinct(Result.job_id)))) or 0
             reviewed = (
                 s.scalar(
@@ -401,6 +416,23 @@ class LedgerCollector(Collector):
         )
         for destination, delivery_state, n in deliveries:
             g.add_metric([destination, DeliveryState(delivery_state).value], n)
+        out.append(g)
+        now = utcnow()
+        g = GaugeMetricFamily(
+            "acwi_destination_unreachable_seconds",
+            "How long a destination with results waiting has not been reachable (an outage:"
+            " exporter.outage_patience_s); absent while it is",
+            labels=["destination"],
+        )
+        for destination, since in outages:
+            if since is not None:
+                g.add_metric([destination], max(0.0, (now - since).total_seconds()))
+        out.append(g)
+        g = GaugeMetricFamily(
+            "acwi_ris_unreachable_seconds",
+            "How long the RIS, with ORU^R01 waiting, has not been reachable (0 while it is)",
+        )
+        g.add_metric([], max(0.0, (now - ris_outage).total_seconds()) if ris_outage else 0.0)
         out.append(g)
         g = GaugeMetricFamily("acwi_analysed_jobs", "Jobs that produced results")
         g.add_metric([], analysed)

@@ -11,11 +11,15 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
+from sqlalchemy import select
 
 from acwi_node.config import Settings
 from acwi_node.export.outbox import Exporter
 from acwi_node.ledger import Ledger
+from acwi_node.ledger.models import Notification
 from acwi_node.ledger.trace import study_trace
+from acwi_node.notify import queue_events
+from acwi_node.observability.metrics import ledger_registry
 from acwi_node.review.store import ReviewStore
 from acwi_node.tasks.analyse import run_job
 from acwi_node.web.api import create_app
@@ -41,6 +45,14 @@ def _node(tmp_path: Path, orthanc: OrthancServer, patience: float) -> tuple[Sett
         tmp_path,
         pacs_ae=orthanc.aet,
         pacs_port=orthanc.dicom_port,
+        notify=[
+            {
+                "name": "pacs-team",
+                "url": "http://127.0.0.1:9/",
+                "events": ["unreachable"],
+                "min_outage_s": 0,
+            }
+        ],  # fmt: skip
         exporter={
             "timeout_s": 5,
             "max_attempts": 1,
@@ -94,6 +106,15 @@ def test_results_wait_out_a_pacs_restart_and_are_delivered_once_it_is_back(
         assert any("pacs unreachable since" in e.text for e in trace.events), trace.events
         (outbox,) = ReviewStore(ledger).delivery_status(["pacs"])  # the dashboard's row
         assert outbox["unreachable_since"] and outbox["pending"] == len(deliveries)
+        # told once per outage, however often the ledger is read; Prometheus has its length
+        assert queue_events(settings, ledger) == 1 and queue_events(settings, ledger) == 0
+        with ledger.session() as s:
+            (note,) = s.scalars(select(Notification)).all()
+            assert note.event == "unreachable" and note.payload["destination"] == "pacs"
+            assert note.payload["waiting"] == len(deliveries)
+            assert "pacs cannot be reached since" in note.payload["text"]
+        gauge = ("acwi_destination_unreachable_seconds", {"destination": "pacs"})
+        assert (ledger_registry(settings, ledger).get_sample_value(*gauge) or -1) >= 0
         add_user(ledger, "boss", "admin")
         with TestClient(create_app(settings, ledger)) as client:
             sign_in(client, "boss")
@@ -108,6 +129,7 @@ def test_results_wait_out_a_pacs_restart_and_are_delivered_once_it_is_back(
         assert all(d["outage_attempts"] == 0 for d in _deliveries(ledger, uid))
         (outbox,) = ReviewStore(ledger).delivery_status(["pacs"])
         assert outbox["unreachable_since"] is None and outbox["pending"] == 0
+        assert ledger_registry(settings, ledger).get_sample_value(*gauge) is None
         classes = [
             str(orthanc.instance_tags(i["ID"]).get("SOPClassUID", ""))
             for i in orthanc.study_instances(uid)

@@ -321,6 +321,24 @@ def test_unreachable_ris_is_retried_until_it_answers(
     trace = study_trace(ledger, STUDY_UID)
     assert trace is not None
     assert any("the RIS unreachable since" in e.text for e in trace.events), trace.events
+    from acwi_node.observability.metrics import ledger_registry
+
+    waited = ledger_registry(settings, ledger).get_sample_value("acwi_ris_unreachable_seconds")
+    assert waited is not None and waited > 0
+    from acwi_node.config import NotifyTarget
+    from acwi_node.notify import queue_events
+
+    told = settings.model_copy(
+        update={
+            "notify": [
+                NotifyTarget(
+                    name="ris-team", url="http://127.0.0.1:9/", events=["unreachable"],
+                    min_outage_s=0,
+                )
+            ]
+        }
+    )  # fmt: skip
+    assert queue_events(told, ledger) == 1 and queue_events(told, ledger) == 0
     peer = make_peer("AA")
     assert peer.port != port
     sender.ris = settings.hl7.ris.model_copy(update={"port": peer.port})  # type: ignore[union-attr]

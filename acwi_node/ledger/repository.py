@@ -1431,7 +1431,14 @@ class Ledger:
                 d.last_error = attempt.error[:2000]
                 jobs.add(d.job_id)
                 if attempt.unreachable and attempt.outage_patience_s > 0:
-                    _outage_attempt(d, attempt, now)
+                    _outage_attempt(
+                        d,
+                        error=attempt.error,
+                        backoff_s=attempt.backoff_s,
+                        patience_s=attempt.outage_patience_s,
+                        setting="exporter.outage_patience_s",
+                        now=now,
+                    )
                     continue
                 d.attempts += 1
                 d.unreachable_since = None
@@ -2098,17 +2105,14 @@ class Ledger:
             row.last_ack_code = ack_code[:2]
             row.last_error = error[:2000]
             if unreachable and outage_patience_s > 0:
-                since = row.unreachable_since or now
-                row.unreachable_since = since
-                row.outage_attempts += 1
-                if (now - since).total_seconds() >= outage_patience_s:
-                    row.state = DeliveryState.FAILED
-                    row.last_error = (
-                        f"unreachable since {since:%Y-%m-%d %H:%M:%S} UTC"
-                        f" (hl7.ris.outage_patience_s): {error}"
-                    )[:2000]
-                else:
-                    row.next_attempt_at = now + dt.timedelta(seconds=backoff_s)
+                _outage_attempt(
+                    row,
+                    error=error,
+                    backoff_s=backoff_s,
+                    patience_s=outage_patience_s,
+                    setting="hl7.ris.outage_patience_s",
+                    now=now,
+                )
                 return row.state.value
             row.attempts += 1
             row.unreachable_since = None
@@ -2237,21 +2241,28 @@ def owed_delivery() -> Any:
     )
 
 
-def _outage_attempt(d: Delivery, attempt: DeliveryAttempt, now: dt.datetime) -> None:
-    """An attempt that could not reach the destination: tried again after the back-off, not
-    counted against ``max_attempts``, until the destination has been unreachable for
-    ``outage_patience_s``; then the delivery fails, saying since when."""
-    since = d.unreachable_since or now
-    d.unreachable_since = since
-    d.outage_attempts += 1
-    if (now - since).total_seconds() >= attempt.outage_patience_s:
-        d.state = DeliveryState.FAILED
-        d.last_error = (
-            f"unreachable since {since:%Y-%m-%d %H:%M:%S} UTC"
-            f" (exporter.outage_patience_s): {attempt.error}"
-        )[:2000]
+def _outage_attempt(
+    row: Delivery | Hl7Outbound,
+    *,
+    error: str,
+    backoff_s: float,
+    patience_s: float,
+    setting: str,
+    now: dt.datetime,
+) -> None:
+    """An attempt that could not reach the destination (``row``: a result's delivery, or an
+    ORU^R01 to the RIS): tried again after the back-off, not counted against
+    ``max_attempts``, until the destination has been unreachable for ``patience_s`` (the
+    setting named ``setting``); then it fails, saying since when."""
+    since = row.unreachable_since or now
+    row.unreachable_since = since
+    row.outage_attempts += 1
+    if (now - since).total_seconds() >= patience_s:
+        row.state = DeliveryState.FAILED
+        why = f"unreachable since {since:%Y-%m-%d %H:%M:%S} UTC ({setting}): {error}"
+        row.last_error = why[:2000]
     else:
-        d.next_attempt_at = now + dt.timedelta(seconds=attempt.backoff_s)
+        row.next_attempt_at = now + dt.timedelta(seconds=backoff_s)
 
 
 def _add_result(s: Session, job_id: int, result: ResultFile) -> Result:

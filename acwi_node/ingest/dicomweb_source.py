@@ -57,6 +57,33 @@ def _first(item: Any, tag: str) -> Any:
     return values[0] if isinstance(values, list) and values else None
 
 
+class _SearchFailed(Exception):
+    """A QIDO-RS search that did not answer a list of matches; the message says why."""
+
+
+def _search(source: Source, params: list[tuple[str, str]], *, timeout_s: float) -> list[Any]:
+    """``GET {url}/studies?params``: the matches (none for ``204``); raises
+    :class:`_SearchFailed` with why for no answer, another status or an answer that is not a
+    JSON list."""
+    try:
+        status, _type, body = get(
+            source, f"/studies?{urlencode(params)}", accept=DICOM_JSON, timeout_s=timeout_s
+        )
+    except DicomwebError as exc:
+        raise _SearchFailed(f"QIDO-RS to {source.where}: {exc}") from exc
+    if status == 204:
+        return []
+    if status != 200:
+        raise _SearchFailed(f"QIDO-RS to {source.where}: {reason(status, body)}")
+    try:
+        matches = json.loads(body) if body.strip() else []
+    except ValueError:
+        raise _SearchFailed(f"QIDO-RS to {source.where}: the answer is not JSON") from None
+    if not isinstance(matches, list):
+        raise _SearchFailed(f"QIDO-RS to {source.where}: the answer is not a list")
+    return matches
+
+
 def search_studies(
     source: Source, query: dict[str, str], *, timeout_s: float, limit: int
 ) -> FindResult:
@@ -65,21 +92,9 @@ def search_studies(
     params = [(_PARAMETERS[k], v) for k, v in query.items()]
     params += [("includefield", _NUMBER_OF_STUDY_RELATED_INSTANCES), ("limit", str(limit + 1))]
     try:
-        status, _type, body = get(
-            source, f"/studies?{urlencode(params)}", accept=DICOM_JSON, timeout_s=timeout_s
-        )
-    except DicomwebError as exc:
-        return FindResult(False, error=f"QIDO-RS to {source.where}: {exc}")
-    if status == 204:
-        return FindResult(True)
-    if status != 200:
-        return FindResult(False, error=f"QIDO-RS to {source.where}: {reason(status, body)}")
-    try:
-        matches = json.loads(body) if body.strip() else []
-    except ValueError:
-        return FindResult(False, error=f"QIDO-RS to {source.where}: the answer is not JSON")
-    if not isinstance(matches, list):
-        return FindResult(False, error=f"QIDO-RS to {source.where}: the answer is not a list")
+        matches = _search(source, params, timeout_s=timeout_s)
+    except _SearchFailed as exc:
+        return FindResult(False, error=str(exc))
     studies: dict[str, FoundStudy] = {}
     unusable = 0
     for item in matches:
@@ -104,24 +119,14 @@ def search_study_header(source: Source, study_uid: str, *, timeout_s: float) -> 
     params = [(_STUDY_INSTANCE_UID_KEYWORD, study_uid)]
     params += [("includefield", keyword) for keyword in STUDY_HEADER_KEYWORDS]
     try:
-        status, _type, body = get(
-            source, f"/studies?{urlencode(params)}", accept=DICOM_JSON, timeout_s=timeout_s
-        )
-    except DicomwebError as exc:
-        return StudyHeader(False, error=f"QIDO-RS to {source.where}: {exc}")
-    if status == 204:
-        return StudyHeader(True)
-    if status != 200:
-        return StudyHeader(False, error=f"QIDO-RS to {source.where}: {reason(status, body)}")
-    try:
-        matches = json.loads(body) if body.strip() else []
-        if not isinstance(matches, list):
-            raise ValueError("not a list")
+        matches = _search(source, params, timeout_s=timeout_s)
         found = [
             Dataset.from_json(item)
             for item in matches
             if isinstance(item, dict) and _first(item, _STUDY_INSTANCE_UID) == study_uid
         ]
+    except _SearchFailed as exc:
+        return StudyHeader(False, error=str(exc))
     except (ValueError, TypeError, KeyError) as exc:
         return StudyHeader(
             False, error=f"QIDO-RS to {source.where}: the answer is not DICOM JSON ({exc})"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +133,56 @@ def _comment(status: Dataset) -> str:
     return f" ({comment})" if comment else ""
 
 
+class _FindFailed(Exception):
+    """A Study Root C-FIND that did not end with success; the message says why, for people."""
+
+
+def _study_root_find(
+    identifier: Dataset,
+    *,
+    called_ae: str,
+    host: str,
+    port: int,
+    calling_ae: str,
+    timeout_s: float,
+    tls: TlsArgs | None,
+) -> Generator[tuple[Any, Dataset], None, None]:
+    """One Study Root C-FIND on an association of its own: yields (the association, a match)
+    for each pending response, ends at success, and raises :class:`_FindFailed` with why
+    otherwise (no association, the context refused, a failure status, no response, the
+    association lost). The association is ended when the generator is closed."""
+    assoc, error = open_association(
+        calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=0, tls=tls,
+        contexts=[build_context(STUDY_ROOT_FIND)],
+    )  # fmt: skip
+    if assoc is None:
+        raise _FindFailed(error)
+    where = f"{called_ae}@{host}:{port}"
+    try:
+        if not assoc.accepted_contexts:
+            raise _FindFailed(f"{where} does not accept Study Root C-FIND")
+        try:
+            for status, match in assoc.send_c_find(identifier, STUDY_ROOT_FIND):
+                if "Status" not in status:
+                    raise _FindFailed(f"no C-FIND response within {timeout_s:g} s")
+                code = int(status.Status)
+                if code in (0xFF00, 0xFF01):
+                    if match is not None:
+                        yield assoc, match
+                elif code == 0x0000:
+                    return
+                else:
+                    raise _FindFailed(
+                        f"C-FIND refused by {where} with status 0x{code:04X}{_comment(status)}"
+                    )
+        except _FindFailed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - association lost mid-way
+            raise _FindFailed(f"association lost: {type(exc).__name__}: {exc}") from exc
+    finally:
+        end_association(assoc)
+
+
 def find_studies(
     query: dict[str, str],
     *,
@@ -152,53 +202,37 @@ def find_studies(
     identifier.NumberOfStudyRelatedInstances = ""
     for key, value in query.items():
         setattr(identifier, _KEYWORDS[key], value)
-    assoc, error = open_association(
-        calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=0, tls=tls,
-        contexts=[build_context(STUDY_ROOT_FIND)],
-    )  # fmt: skip
-    if assoc is None:
-        return FindResult(False, error=error)
-    where = f"{called_ae}@{host}:{port}"
     studies: dict[str, FoundStudy] = {}
     unusable = 0
+    matches = _study_root_find(
+        identifier, called_ae=called_ae, host=host, port=port, calling_ae=calling_ae,
+        timeout_s=timeout_s, tls=tls,
+    )  # fmt: skip
     try:
-        if not assoc.accepted_contexts:
-            return FindResult(False, error=f"{where} does not accept Study Root C-FIND")
-        for status, found in assoc.send_c_find(identifier, STUDY_ROOT_FIND):
-            if "Status" not in status:
-                return FindResult(False, error=f"no C-FIND response within {timeout_s:g} s")
-            code = int(status.Status)
-            if code in (0xFF00, 0xFF01):
-                uid = str(found.get("StudyInstanceUID", "") or "") if found is not None else ""
-                if not is_safe_uid(uid):
-                    unusable += 1
-                    continue
-                count = found.get("NumberOfStudyRelatedInstances") if found is not None else None
-                try:
-                    instances = int(count) if count not in (None, "") else None
-                except (TypeError, ValueError):
-                    instances = None
-                studies[uid] = FoundStudy(uid, instances)
-                if len(studies) > limit:
-                    assoc.abort()
-                    return FindResult(
-                        False,
-                        error=f"more than {limit} studies match (retrieve.max_studies):"
-                        " narrow the query",
-                        final=True,
-                    )
-            elif code == 0x0000:
-                break
-            else:
+        for assoc, found in matches:
+            uid = str(found.get("StudyInstanceUID", "") or "")
+            if not is_safe_uid(uid):
+                unusable += 1
+                continue
+            count = found.get("NumberOfStudyRelatedInstances")
+            try:
+                instances = int(count) if count not in (None, "") else None
+            except (TypeError, ValueError):
+                instances = None
+            studies[uid] = FoundStudy(uid, instances)
+            if len(studies) > limit:
+                assoc.abort()
                 return FindResult(
                     False,
-                    error=f"C-FIND refused by {where} with status 0x{code:04X}{_comment(status)}",
+                    error=f"more than {limit} studies match (retrieve.max_studies):"
+                    " narrow the query",
+                    final=True,
                 )
-        return FindResult(True, studies=list(studies.values()), unusable=unusable)
-    except Exception as exc:  # noqa: BLE001 - association lost mid-way
-        return FindResult(False, error=f"association lost: {type(exc).__name__}: {exc}")
+    except _FindFailed as exc:
+        return FindResult(False, error=str(exc))
     finally:
-        end_association(assoc)
+        matches.close()
+    return FindResult(True, studies=list(studies.values()), unusable=unusable)
 
 
 #: The patient's and the study's attributes a result object copies from its source images,
@@ -247,36 +281,16 @@ def find_study_header(
     identifier.StudyInstanceUID = study_uid
     for keyword in STUDY_HEADER_KEYWORDS:
         setattr(identifier, keyword, "")
-    assoc, error = open_association(
-        calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=0, tls=tls,
-        contexts=[build_context(STUDY_ROOT_FIND)],
-    )  # fmt: skip
-    if assoc is None:
-        return StudyHeader(False, error=error)
-    where = f"{called_ae}@{host}:{port}"
     found: Dataset | None = None
     try:
-        if not assoc.accepted_contexts:
-            return StudyHeader(False, error=f"{where} does not accept Study Root C-FIND")
-        for status, match in assoc.send_c_find(identifier, STUDY_ROOT_FIND):
-            if "Status" not in status:
-                return StudyHeader(False, error=f"no C-FIND response within {timeout_s:g} s")
-            code = int(status.Status)
-            if code in (0xFF00, 0xFF01):
-                uid = str(match.get("StudyInstanceUID", "") or "") if match is not None else ""
-                if found is None and uid == study_uid:
-                    found = match
-            elif code == 0x0000:
-                break
-            else:
-                return StudyHeader(
-                    False,
-                    error=f"C-FIND refused by {where} with status 0x{code:04X}{_comment(status)}",
-                )
-    except Exception as exc:  # noqa: BLE001 - association lost mid-way
-        return StudyHeader(False, error=f"association lost: {type(exc).__name__}: {exc}")
-    finally:
-        end_association(assoc)
+        for _assoc, match in _study_root_find(
+            identifier, called_ae=called_ae, host=host, port=port, calling_ae=calling_ae,
+            timeout_s=timeout_s, tls=tls,
+        ):  # fmt: skip
+            if found is None and str(match.get("StudyInstanceUID", "") or "") == study_uid:
+                found = match
+    except _FindFailed as exc:
+        return StudyHeader(False, error=str(exc))
     return StudyHeader(True, study_header_of(found, study_uid) if found is not None else None)
 
 

@@ -455,28 +455,40 @@ def queue_notice(
     event = str(payload["event"])
     digest = hashlib.sha256(repr(sorted(payload.items())).encode()).hexdigest()[:24]
     key = f"{event}-{digest}"
-    queued = 0
-    for target in settings.notify:
-        if event not in target.events:
-            continue
-        try:
-            with ledger.session() as s:
-                s.add(
-                    Notification(
-                        target=target.name,
-                        event=event,
-                        key=key,
-                        study_id=study_id,
-                        payload=payload,
-                        created_at=now,
-                        next_attempt_at=now,
-                    )
+    return sum(
+        _queue_one(ledger, target.name, key, study_id, payload, now)
+        for target in settings.notify
+        if event in target.events
+    )
+
+
+def _queue_one(
+    ledger: Ledger,
+    target: str,
+    key: str,
+    study_id: int | None,
+    payload: dict[str, Any],
+    now: dt.datetime,
+) -> bool:
+    """Queue one notification for ``target``; False when it is queued already (by this
+    process before, or by another one first)."""
+    try:
+        with ledger.session() as s:
+            s.add(
+                Notification(
+                    target=target,
+                    event=str(payload["event"]),
+                    key=key,
+                    study_id=study_id,
+                    payload=payload,
+                    created_at=now,
+                    next_attempt_at=now,
                 )
-        except IntegrityError:
-            continue  # queued already
-        queued += 1
-        log.info("notify %s: %s queued", target.name, key)
-    return queued
+            )
+    except IntegrityError:
+        return False
+    log.info("notify %s: %s queued", target, key)
+    return True
 
 
 def queue_events(
@@ -516,23 +528,6 @@ def queue_events(
                 ).all()
             )
         for key, study_id, payload in found:
-            if key in known:
-                continue
-            try:
-                with ledger.session() as s:
-                    s.add(
-                        Notification(
-                            target=target.name,
-                            event=str(payload["event"]),
-                            key=key,
-                            study_id=study_id,
-                            payload=payload,
-                            created_at=now,
-                            next_attempt_at=now,
-                        )
-                    )
-            except IntegrityError:
-                continue  # another process queued it first
-            queued += 1
-            log.info("notify %s: %s queued", target.name, key)
+            if key not in known:
+                queued += _queue_one(ledger, target.name, key, study_id, payload, now)
     return queued

@@ -2230,6 +2230,49 @@ def _queue_deliveries(
     return queued
 
 
+@dataclass(frozen=True)
+class Outage:
+    """A destination (or the RIS) with results waiting that cannot be reached."""
+
+    destination: str
+    #: When the oldest waiting delivery first failed to reach it.
+    since: dt.datetime
+    #: Results (or ORU^R01 messages) waiting for it.
+    waiting: int
+
+
+#: The name an outage of the RIS goes by (it is not a ``[[destinations]]`` entry).
+RIS_OUTAGE = "RIS (HL7)"
+
+
+def outages(s: Session, *, ris: bool = True) -> list[Outage]:
+    """Each destination with results waiting that cannot be reached, and (``ris``) the RIS
+    with ORU^R01 waiting as :data:`RIS_OUTAGE`: the dashboard, the metrics and the
+    ``unreachable`` notification read them alike."""
+    found = [
+        Outage(str(name), since, int(n))
+        for name, since, n in s.execute(
+            select(Delivery.destination, func.min(Delivery.unreachable_since), func.count())
+            .where(
+                Delivery.state == DeliveryState.PENDING,
+                Delivery.unreachable_since.is_not(None),
+            )
+            .group_by(Delivery.destination)
+        ).all()
+        if since is not None
+    ]
+    if ris:
+        since, n = s.execute(
+            select(func.min(Hl7Outbound.unreachable_since), func.count()).where(
+                Hl7Outbound.state == DeliveryState.PENDING,
+                Hl7Outbound.unreachable_since.is_not(None),
+            )
+        ).one()
+        if since is not None:
+            found.append(Outage(RIS_OUTAGE, since, int(n)))
+    return found
+
+
 def owed_delivery() -> Any:
     """The SQL condition (over Delivery joined to its Job, Study and Result) of a delivery the
     node still owes its destination: a result of the study's current generation not withdrawn

@@ -33,16 +33,13 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from acwi_node import __version__
 from acwi_node.config import NotifyTarget, Settings
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import (
-    Delivery,
-    DeliveryState,
-    Hl7Outbound,
     Job,
     JobState,
     Notification,
@@ -52,6 +49,7 @@ from acwi_node.ledger.models import (
     StudyState,
     utcnow,
 )
+from acwi_node.ledger.repository import outages
 from acwi_node.monitoring.drift import Status
 from acwi_node.monitoring.report import ModelReport, SignalResult
 from acwi_node.monitoring.traffic import Flow, TrafficReport, describe
@@ -360,32 +358,15 @@ def _unreachable_events(s: Any, settings: Settings, target: NotifyTarget) -> Ite
     """Each destination, and the RIS, unreachable for ``target.min_outage_s``: once per
     outage (its key names when it began), however long it lasts."""
     cutoff = utcnow() - dt.timedelta(seconds=target.min_outage_s)
-    found = list(
-        s.execute(
-            select(Delivery.destination, func.min(Delivery.unreachable_since), func.count())
-            .where(
-                Delivery.state == DeliveryState.PENDING,
-                Delivery.unreachable_since.is_not(None),
-            )
-            .group_by(Delivery.destination)
-        ).all()
-    )
-    ris = s.execute(
-        select(func.min(Hl7Outbound.unreachable_since), func.count()).where(
-            Hl7Outbound.state == DeliveryState.PENDING,
-            Hl7Outbound.unreachable_since.is_not(None),
-        )
-    ).one()
-    if ris[0] is not None:
-        found.append(("RIS (HL7)", ris[0], ris[1]))
-    for destination, since, waiting in found:
-        if since is None or since > cutoff:
+    for outage in outages(s):
+        if outage.since > cutoff:
             continue
-        digest = hashlib.sha256(f"{destination}|{since.isoformat()}".encode()).hexdigest()[:24]
+        began = f"{outage.destination}|{outage.since.isoformat()}"
+        digest = hashlib.sha256(began.encode()).hexdigest()[:24]
         yield (
             f"unreachable-{digest}",
             None,
-            unreachable_payload(settings, destination, since, int(waiting)),
+            unreachable_payload(settings, outage.destination, outage.since, outage.waiting),
         )
 
 

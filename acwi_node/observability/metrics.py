@@ -33,7 +33,6 @@ from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import (
     Delivery,
     DeliveryState,
-    Hl7Outbound,
     Instance,
     Job,
     JobState,
@@ -48,6 +47,7 @@ from acwi_node.ledger.models import (
     Verdict,
     utcnow,
 )
+from acwi_node.ledger.repository import RIS_OUTAGE, outages
 from acwi_node.review.quality import FLAGGED, SAMPLE
 
 log = logging.getLogger("acwi_node.metrics")
@@ -319,19 +319,8 @@ class LedgerCollector(Collector):
                     Delivery.destination, Delivery.state
                 )
             ).all()
-            outages = s.execute(
-                select(Delivery.destination, func.min(Delivery.unreachable_since))
-                .where(
-                    Delivery.state == DeliveryState.PENDING,
-                    Delivery.unreachable_since.is_not(None),
-                )
-                .group_by(Delivery.destination)
-            ).all()
-            ris_outage = s.scalar(
-                select(func.min(Hl7Outbound.unreachable_since)).where(
-                    Hl7Outbound.state == DeliveryState.PENDING
-                )
-            )
+            unreachable = {o.destination: o.since for o in outages(s)}
+            ris_outage = unreachable.pop(RIS_OUTAGE, None)
             analysed = s.scalar(select(func.count(distinct(Result.job_id)))) or 0
             reviewed = (
                 s.scalar(
@@ -424,9 +413,8 @@ class LedgerCollector(Collector):
             " exporter.outage_patience_s); absent while it is",
             labels=["destination"],
         )
-        for destination, since in outages:
-            if since is not None:
-                g.add_metric([destination], max(0.0, (now - since).total_seconds()))
+        for destination, since in unreachable.items():
+            g.add_metric([destination], max(0.0, (now - since).total_seconds()))
         out.append(g)
         g = GaugeMetricFamily(
             "acwi_ris_unreachable_seconds",

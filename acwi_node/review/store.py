@@ -44,6 +44,7 @@ from acwi_node.ledger.models import (
 from acwi_node.ledger.repository import (
     DeliveryFilter,
     files_deleted_at,
+    outages,
     owed_delivery,
     promise_hl7_outbound,
 )
@@ -977,16 +978,7 @@ class ReviewStore:
             ):
                 counts[name][state.value] += n
             # an outage: since when the oldest waiting delivery could not reach it
-            outages = dict(
-                s.execute(
-                    select(Delivery.destination, func.min(Delivery.unreachable_since))
-                    .where(
-                        Delivery.state == DeliveryState.PENDING,
-                        Delivery.unreachable_since.is_not(None),
-                    )
-                    .group_by(Delivery.destination)
-                ).all()
-            )
+            unreachable = {o.destination: o.since for o in outages(s, ris=False)}
             for name in list(dict.fromkeys([*destinations, *sorted(counts)])):
                 delivered_at, error = _outbox_latest(s, Delivery, Delivery.destination == name)
                 out.append(
@@ -1000,7 +992,7 @@ class ReviewStore:
                         "failed": counts[name]["failed"],
                         "last_delivered_at": _iso(delivered_at),
                         "last_error": error,
-                        "unreachable_since": _iso(outages.get(name)),
+                        "unreachable_since": _iso(unreachable.get(name)),
                     }
                 )
             if ris:

@@ -1280,11 +1280,7 @@ class Ledger:
                     " it): reprocess it instead"
                 )
             for d in deliveries:
-                d.state = DeliveryState.PENDING
-                d.attempts = 0
-                d.unreachable_since = None
-                d.outage_attempts = 0
-                d.next_attempt_at = now
+                _back_to_outbox(d, now)
             for job in jobs:
                 if any(d.job_id == job.id for d in deliveries):
                     job.state = JobState.EXPORTING
@@ -1318,11 +1314,7 @@ class Ledger:
             studies: dict[int, Study] = {}
             count = 0
             for d, job, study in rows:
-                d.state = DeliveryState.PENDING
-                d.attempts = 0
-                d.unreachable_since = None
-                d.outage_attempts = 0
-                d.next_attempt_at = now
+                _back_to_outbox(d, now)
                 count += 1
                 jobs[job.id] = job
                 studies[study.id] = study
@@ -2271,6 +2263,15 @@ def outages(s: Session, *, ris: bool = True) -> list[Outage]:
         if since is not None:
             found.append(Outage(RIS_OUTAGE, since, int(n)))
     return found
+
+
+def _back_to_outbox(d: Delivery, now: dt.datetime) -> None:
+    """A delivery sent again (resend, retry): due now, its attempts counted from zero."""
+    d.state = DeliveryState.PENDING
+    d.attempts = 0
+    d.unreachable_since = None
+    d.outage_attempts = 0
+    d.next_attempt_at = now
 
 
 def owed_delivery() -> Any:

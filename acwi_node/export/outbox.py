@@ -206,10 +206,16 @@ class Exporter:
         )
         if result.accepted:
             metrics.COMMITMENT_REQUESTS.labels(dest.name, "accepted").inc()
+            self.ledger.commitment_request_answered(ids)
             log.info("asked %s to commit %d stored result(s)", dest.name, len(items))
             return
         metrics.COMMITMENT_REQUESTS.labels(dest.name, "failed").inc()
-        self.ledger.commitment_request_failed(ids, result.error)
+        self.ledger.commitment_request_failed(
+            ids,
+            result.error,
+            unreachable=result.unreachable,
+            outage_patience_s=self.settings.exporter.outage_patience_s,
+        )
         log.warning(
             "storage commitment request to %s for %d result(s) failed: %s (asked again in %g s)",
             dest.name,

@@ -839,6 +839,8 @@ class CommitmentRequestResult:
     error: str = ""
     #: The destination reported on the request's own association.
     reported: bool = False
+    #: The destination could not be reached (:class:`AssociationFailure`'s outage).
+    unreachable: bool = False
 
 
 def request_commitment(
@@ -877,7 +879,8 @@ def request_commitment(
         contexts=_commitment_contexts(), handlers=handlers,
     )  # fmt: skip
     if assoc is None:
-        return CommitmentRequestResult(False, error=error)
+        outage = isinstance(error, AssociationFailure) and error.outage
+        return CommitmentRequestResult(False, error=error, unreachable=outage)
     try:
         if not _offers_commitment(assoc):
             return CommitmentRequestResult(False, error=_no_commitment(called_ae, host, port))

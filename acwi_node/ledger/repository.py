@@ -1514,16 +1514,59 @@ class Ledger:
                 )
             )
 
-    def commitment_request_failed(self, delivery_ids: Sequence[int], error: str) -> None:
+    def commitment_request_failed(
+        self,
+        delivery_ids: Sequence[int],
+        error: str,
+        *,
+        unreachable: bool = False,
+        outage_patience_s: float = 0.0,
+    ) -> None:
         """Record why a storage commitment request failed (it is made again after the
-        destination's ``commitment_wait_s``)."""
+        destination's ``commitment_wait_s``). One that could not reach the destination
+        (``unreachable``, with ``outage_patience_s`` > 0) is not counted against the requests
+        allowed, until the destination has been unreachable that long: then the results
+        fail, saying since when."""
+        if not delivery_ids:
+            return
+        now = utcnow()
+        with self.session() as s:
+            rows = s.scalars(
+                select(Delivery).where(
+                    Delivery.id.in_(list(delivery_ids)),
+                    Delivery.state == DeliveryState.COMMITTING,
+                )
+            ).all()
+            failed: set[int] = set()
+            for d in rows:
+                d.last_error = error[:2000]
+                if not (unreachable and outage_patience_s > 0):
+                    d.unreachable_since = None  # it answered
+                    continue
+                d.commitment_requests = max(0, d.commitment_requests - 1)
+                since = d.unreachable_since or now
+                d.unreachable_since = since
+                d.outage_attempts += 1
+                if (now - since).total_seconds() >= outage_patience_s:
+                    d.state = DeliveryState.FAILED
+                    d.last_error = (
+                        f"storage commitment: unreachable since {since:%Y-%m-%d %H:%M:%S} UTC"
+                        f" (exporter.outage_patience_s): {error}"
+                    )[:2000]
+                    failed.add(d.job_id)
+            s.flush()
+            for job_id in sorted(failed):
+                self._sync_job_delivery(s, job_id)
+
+    def commitment_request_answered(self, delivery_ids: Sequence[int]) -> None:
+        """A storage commitment request the destination accepted: no outage any more."""
         if not delivery_ids:
             return
         with self.session() as s:
             s.execute(
                 update(Delivery)
-                .where(Delivery.id.in_(delivery_ids), Delivery.state == DeliveryState.COMMITTING)
-                .values(last_error=error[:2000])
+                .where(Delivery.id.in_(list(delivery_ids)), Delivery.unreachable_since.is_not(None))
+                .values(unreachable_since=None, outage_attempts=0)
             )
 
     def end_commitments(self, destinations: Sequence[str]) -> int:

@@ -3,6 +3,7 @@ destination is asked to commit what it stored, on SQLite and on the real Postgre
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from acwi_node.export.commitment import (
 )
 from acwi_node.export.outbox import Exporter
 from acwi_node.ledger import AwaitedCommitment, DeliveryAttempt, DueDelivery, Ledger
+from acwi_node.ledger.models import utcnow
 from acwi_node.review.store import ReviewStore
 from tests.unit.test_ledger import _analyse, rec, route_all
 
@@ -260,6 +262,40 @@ def test_no_report_means_asking_again_then_failing(db: Ledger) -> None:
     assert "connection refused" in reason  # why the last request failed
 
 
+def test_requests_that_cannot_reach_the_destination_are_not_counted_until_the_patience(
+    db: Ledger,
+) -> None:
+    """A destination down for longer than its requests allow: the requests that could not
+    reach it are not counted, an accepted one ends the outage, and unreachable for longer
+    than the patience the results fail saying since when."""
+    from acwi_node.ledger.models import Delivery
+
+    due = _stored(db)
+    ids = [d.id for d in due]
+    for _ in range(4):  # max_requests 2, yet asked again each time
+        asked = db.commitments_due("pacs", wait_s=0, max_requests=2)
+        assert [a.delivery_id for a in asked] == ids
+        db.commitment_requested(ids, str(generate_uid()))
+        db.commitment_request_failed(
+            ids, "connection refused by 10.0.0.1:104", unreachable=True, outage_patience_s=3600
+        )
+    with db.session() as s:
+        rows = [s.get_one(Delivery, i) for i in ids]
+        assert all(d.commitment_requests == 0 and d.unreachable_since for d in rows)
+    db.commitment_requested(ids, str(generate_uid()))
+    db.commitment_request_answered(ids)  # it is back: accepted
+    with db.session() as s:
+        assert all(s.get_one(Delivery, i).unreachable_since is None for i in ids)
+        for i in ids:  # down again, since two hours
+            s.get_one(Delivery, i).unreachable_since = utcnow() - dt.timedelta(hours=2)
+    db.commitment_request_failed(
+        ids, "connection refused by 10.0.0.1:104", unreachable=True, outage_patience_s=3600
+    )
+    state, reason, deliveries = _state(db)
+    assert (state, deliveries) == ("failed", {"2.25.1": "failed", "2.25.2": "failed"})
+    assert "storage commitment: unreachable since" in reason
+
+
 def test_a_new_generation_supersedes_results_awaiting_commitment(db: Ledger) -> None:
     due = _stored(db)
     uid = str(generate_uid())
@@ -304,3 +340,19 @@ def test_an_exporter_whose_destination_no_longer_asks_delivers_what_waited(
     assert _state(db)[0] == "exporting"  # nothing is done before the first pass
     assert exporter.tick() == 0
     assert _state(db) == ("delivered", "", {"2.25.1": "delivered", "2.25.2": "delivered"})
+
+
+def test_a_request_to_a_destination_that_is_down_is_an_outage() -> None:
+    from acwi_node.export.scu import request_commitment
+    from tests.support.ports import free_port
+
+    result = request_commitment(
+        commitment_request(str(generate_uid()), []),
+        called_ae="PACS",
+        host="127.0.0.1",
+        port=free_port(),
+        calling_ae="ACWI",
+        timeout_s=5,
+    )
+    assert not result.accepted and result.unreachable
+    assert "connection refused" in result.error

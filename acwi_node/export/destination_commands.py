@@ -18,7 +18,8 @@ def add_destination_parsers(destinations_sub: argparse._SubParsersAction[Any]) -
     status = destinations_sub.add_parser(
         "status",
         help="each destination's outbox: results waiting, failed, the last delivered, the"
-        " latest error, and since when one cannot be reached",
+        " latest error, and since when one cannot be reached (exit 1 when one cannot be"
+        " reached or has failed deliveries)",
     )
     status.add_argument("--json", action="store_true", help="print JSON")
     retry = destinations_sub.add_parser(
@@ -30,7 +31,8 @@ def add_destination_parsers(destinations_sub: argparse._SubParsersAction[Any]) -
 
 
 def run_destinations_status(settings: Settings, *, as_json: bool) -> int:
-    """Print each destination's outbox (the dashboard's table); exit 0."""
+    """Print each destination's outbox (the dashboard's table); exit 1 when one cannot be
+    reached or has deliveries that failed for good (a monitoring script's test), else 0."""
     from acwi_node.ledger import Ledger
     from acwi_node.review.store import ReviewStore
     from acwi_node.review.views import destination_outboxes
@@ -40,9 +42,10 @@ def run_destinations_status(settings: Settings, *, as_json: bool) -> int:
         rows = destination_outboxes(ReviewStore(ledger), settings)
     finally:
         ledger.dispose()
+    trouble = any(row["failed"] or row.get("unreachable_since") for row in rows)
     if as_json:
         print(json.dumps(rows, indent=2))
-        return 0
+        return 1 if trouble else 0
     for row in rows:
         committing = row["committing"]
         awaiting = f" (+{committing} awaiting commitment)" if committing else ""
@@ -57,7 +60,7 @@ def run_destinations_status(settings: Settings, *, as_json: bool) -> int:
         print(line)
     if not rows:
         print("no destinations configured ([[destinations]])")
-    return 0
+    return 1 if trouble else 0
 
 
 def run_destinations_retry(settings: Settings, args: argparse.Namespace) -> int:

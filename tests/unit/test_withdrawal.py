@@ -858,7 +858,7 @@ def test_a_destinations_failed_deliveries_are_retried_at_once_never_withdrawn_re
     # the command line: status, then the viewer's (the failed study's SR and the note)
     config = tmp_path / "node.toml"
     config.write_text(_toml(settings), encoding="utf-8")
-    assert main(["--config", str(config), "destinations", "status"]) == 0
+    assert main(["--config", str(config), "destinations", "status"]) == 1  # the viewer failed
     out = capsys.readouterr().out
     assert "pacs  PACS@127.0.0.1:11199: 4 waiting, 0 failed" in out
     # (the withdrawn study's 3 failed results are no longer owed: not counted, not retried)
@@ -869,6 +869,11 @@ def test_a_destinations_failed_deliveries_are_retried_at_once_never_withdrawn_re
     )
     assert main(["--config", str(config), "destinations", "retry", "nowhere"]) == 2
     assert "no destination named nowhere" in capsys.readouterr().err
+    assert main(["--config", str(config), "destinations", "status", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["name"], r["failed"], r["pending"]) for r in rows] == [
+        ("pacs", 0, 4), ("viewer", 0, 2),
+    ]  # fmt: skip
 
     # the API and the dashboard, once they failed again
     _fail_all(ledger)

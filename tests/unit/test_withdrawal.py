@@ -270,11 +270,11 @@ def test_a_withdrawn_cases_review_closes_and_takes_no_verdict(
         assert 'name="action"' not in page  # no verdict form
 
 
-def test_a_decided_case_withdrawn_later_cannot_be_amended(
-    node: tuple[Settings, Ledger], tmp_path: Path
-) -> None:
-    settings, ledger = node
-    job_id, uid = analysed(settings, ledger, tmp_path)
+def _confirmed_by_a_radiologist(
+    settings: Settings, ledger: Ledger, job_id: int
+) -> tuple[int, ReviewStore, SessionInfo, Any]:
+    """A radiologist ("rad") confirms the job's review case: (case id, store, the
+    radiologist's session, the verdict's outcome)."""
     with ledger.session() as s:
         item_id = s.scalars(select(ReviewItem.id).where(ReviewItem.job_id == job_id)).one()
     add_user(ledger, "rad", "radiologist")
@@ -282,7 +282,15 @@ def test_a_decided_case_withdrawn_later_cannot_be_amended(
     found = store.get_user("rad")
     assert found is not None
     rad = SessionInfo(found.id, found.name, found.role, "", utcnow())
-    verdict = submit_verdict(settings, store, item_id, rad, action="confirm")
+    return item_id, store, rad, submit_verdict(settings, store, item_id, rad, action="confirm")
+
+
+def test_a_decided_case_withdrawn_later_cannot_be_amended(
+    node: tuple[Settings, Ledger], tmp_path: Path
+) -> None:
+    settings, ledger = node
+    job_id, uid = analysed(settings, ledger, tmp_path)
+    item_id, store, rad, verdict = _confirmed_by_a_radiologist(settings, ledger, job_id)
     deliver(ledger)
     withdraw_results(settings, ledger, reason="safety", note=NOTE, by="a", study_uid=uid)
     with TestClient(create_app(settings)) as client:
@@ -776,14 +784,7 @@ def test_the_same_version_analysing_a_withdrawn_study_again_reissues_new_uids(
     }
     assert after["heatmap"] == sources
     # the radiologist's verified SR of the reissued result is a new object too
-    with ledger.session() as s:
-        item_id = s.scalars(select(ReviewItem.id).where(ReviewItem.job_id == second)).one()
-    add_user(ledger, "rad", "radiologist")
-    store = ReviewStore(ledger)
-    found = store.get_user("rad")
-    assert found is not None
-    rad = SessionInfo(found.id, found.name, found.role, "", utcnow())
-    verdict = submit_verdict(settings, store, item_id, rad, action="confirm")
+    item_id, _store, _rad, verdict = _confirmed_by_a_radiologist(settings, ledger, second)
     from acwi_node.results.sr import verified_sr_uid
 
     assert verdict.sr_sop_instance_uid == verified_sr_uid(uid, model["name"], model["version"], 1)

@@ -432,6 +432,14 @@ def run_retention(settings: Settings, *, dry_run: bool, as_json: bool) -> int:
                     "planned": [{"study_uid": u, "reason": r} for u, r in report.planned],
                     "free_percent": report.free_percent,
                     "short_of_space": report.short_of_space,
+                    "records": {
+                        "studies": report.compacted,
+                        "instance_rows": report.instance_rows,
+                        "orders_erased": report.orders_erased,
+                        "messages_erased": report.messages_erased,
+                        "inbound_deleted": report.inbound_deleted,
+                        "planned": report.planned_compactions,
+                    },
                 },
                 indent=2,
             )
@@ -451,6 +459,21 @@ def run_retention(settings: Settings, *, dry_run: bool, as_json: bool) -> int:
             f"deleted the files of {report.studies} studies"
             + (f" ({reasons})" if reasons else "")
             + f": {report.files} files, {report.bytes / 1e6:.1f} MB"
+        )
+    if dry_run and settings.retention.records_keep_days:
+        print(
+            f"would compact the records of {report.compacted} studies, erase the patient"
+            f" identifiers of {report.orders_erased} HL7 orders no study names and delete"
+            f" {report.inbound_deleted} inbound HL7 message records"
+        )
+        for uid in report.planned_compactions:
+            print(f"  {uid}  records")
+    elif report.compacted or report.orders_erased or report.inbound_deleted:
+        print(
+            f"compacted the records of {report.compacted} studies ({report.instance_rows}"
+            f" instance rows); erased the patient identifiers of {report.orders_erased} HL7"
+            f" orders and {report.messages_erased} ORU^R01 messages; deleted"
+            f" {report.inbound_deleted} inbound HL7 message records"
         )
     if report.free_percent is not None:
         print(f"free space: {report.free_percent:.1f}%")

@@ -338,6 +338,12 @@ class RetentionSettings(_Strict):
     min_free_percent: float = Field(10.0, ge=0, lt=100)
     #: How often the exporter process looks for studies to delete.
     interval_s: float = Field(300.0, gt=0)
+    #: This many days after a study's files were deleted, the ledger's records of it are
+    #: compacted: its instance rows become one row per generation and sending AE, and the
+    #: patient identifiers kept for the RIS (its HL7 order's, its ORU^R01 messages') are
+    #: erased. HL7 orders no study names and inbound HL7 messages go the same many days after
+    #: they were received. 0: the ledger keeps everything.
+    records_keep_days: float = Field(30.0, ge=0, le=36_500)
 
 
 class DestinationTls(_Strict):

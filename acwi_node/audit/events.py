@@ -29,6 +29,7 @@ APPLICATION_ACTIVITY = Code("110100", "DCM", "Application Activity")
 INSTANCES_ACCESSED = Code("110103", "DCM", "DICOM Instances Accessed")
 INSTANCES_TRANSFERRED = Code("110104", "DCM", "DICOM Instances Transferred")
 STUDY_DELETED = Code("110105", "DCM", "DICOM Study Deleted")
+PATIENT_RECORD = Code("110110", "DCM", "Patient Record")
 EXPORT = Code("110106", "DCM", "Export")
 QUERY = Code("110112", "DCM", "Query")
 SECURITY_ALERT = Code("110113", "DCM", "Security Alert")
@@ -57,6 +58,7 @@ class AuditEvent(str, enum.Enum):
     VERDICT_RECORDED = "verdict_recorded"
     FEEDBACK_EXPORTED = "feedback_exported"
     STUDY_DELETED = "study_deleted"
+    PATIENT_DATA_ERASED = "patient_data_erased"
     CONFIGURATION_CHANGED = "configuration_changed"
     USERS_CHANGED = "users_changed"
     STUDIES_QUERIED = "studies_queried"
@@ -77,6 +79,7 @@ DICOM_CODES: dict[AuditEvent, tuple[Code, Code | None, str]] = {
     AuditEvent.VERDICT_RECORDED: (INSTANCES_ACCESSED, None, "U"),
     AuditEvent.FEEDBACK_EXPORTED: (EXPORT, None, "R"),
     AuditEvent.STUDY_DELETED: (STUDY_DELETED, None, "D"),
+    AuditEvent.PATIENT_DATA_ERASED: (PATIENT_RECORD, None, "D"),
     AuditEvent.CONFIGURATION_CHANGED: (SECURITY_ALERT, SOFTWARE_CONFIGURATION, "E"),
     AuditEvent.USERS_CHANGED: (SECURITY_ALERT, SECURITY_ROLES_CHANGED, "E"),
     AuditEvent.STUDIES_QUERIED: (QUERY, None, "E"),

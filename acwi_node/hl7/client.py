@@ -104,14 +104,16 @@ def _dicom_patient(path: Path | None) -> dict[str, str]:
 
 def oru_study(settings: Settings, ledger: Ledger, job_id: int) -> OruStudy:
     """The :class:`OruStudy` of an analysed job: summary from the ledger, patient from the
-    order (by Study Instance UID or accession number), else from the study's DICOM header."""
+    order (by Study Instance UID or accession number), else from the study's DICOM header
+    (also where records retention erased the order's: ``retention.records_keep_days``)."""
     inputs = ledger.job_report_inputs(job_id)
     if not inputs["summary"]:
         raise ValueError(f"job {job_id} has no analysis result")
     rel = inputs["instance_path"]
     dicom = _dicom_patient(settings.spool_dir / rel if rel else None)
     order = ledger.hl7_order_for_study(inputs["study_uid"], dicom.get("accession_number", ""))
-    source: dict[str, Any] = order if order is not None else dicom
+    erased = order is not None and not (order.get("patient_id") or order.get("patient_name"))
+    source: dict[str, Any] = order if order is not None and not erased else dicom
     return OruStudy(
         study_uid=inputs["study_uid"],
         accession_number=(order or {}).get("accession_number") or dicom.get("accession_number", ""),

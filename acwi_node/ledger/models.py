@@ -164,6 +164,32 @@ class Instance(Base):
     study: Mapped[Study] = relationship(back_populates="instances")
 
 
+class InstanceArrival(Base):
+    """What the instance rows of one generation of a study from one sending AE said, kept
+    once records retention deleted those rows (``retention.records_keep_days``): the
+    study's trace and the instance counts go on telling the same story."""
+
+    __tablename__ = "instance_arrivals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    series: Mapped[int] = mapped_column(Integer, default=0)
+    #: The modalities of those instances, backslash-separated.
+    modalities: Mapped[str] = mapped_column(String(64), default="")
+    first_received_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    last_received_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    #: The last of them that arrived before the generation completed (a report the PACS
+    #: forwarded later is kept in the generation): what the completion waited for.
+    waited_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+    __table_args__ = (
+        UniqueConstraint("study_id", "generation", "calling_ae", name="uq_instance_arrival"),
+    )
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
@@ -535,6 +561,12 @@ class Purge(Base):
     instances: Mapped[int] = mapped_column(Integer, default=0)
     files: Mapped[int] = mapped_column(Integer, default=0)
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: When records retention summarised the study's instance rows and erased the patient
+    #: identifiers the ledger held for it (``retention.records_keep_days`` after
+    #: ``finished_at``); None: not yet.
+    records_compacted_at: Mapped[dt.datetime | None] = mapped_column(
+        DateTime, nullable=True, default=None
+    )
 
     __table_args__ = (UniqueConstraint("study_id", "generation", name="uq_purge_generation"),)
 
@@ -609,6 +641,7 @@ __all__ = [
     "Hl7Order",
     "Hl7Outbound",
     "Instance",
+    "InstanceArrival",
     "Purge",
     "Job",
     "JobState",

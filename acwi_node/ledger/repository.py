@@ -49,6 +49,7 @@ from acwi_node.ledger.models import (
     Hl7Order,
     Hl7Outbound,
     Instance,
+    InstanceArrival,
     Job,
     JobState,
     Purge,
@@ -1830,7 +1831,9 @@ class Ledger:
             out = {state.value: 0 for state in StudyState}
             for state, n in rows:
                 out[StudyState(state).value] = n
-            out["instances"] = s.scalar(select(func.count()).select_from(Instance)) or 0
+            out["instances"] = (s.scalar(select(func.count()).select_from(Instance)) or 0) + int(
+                s.scalar(select(func.sum(InstanceArrival.instances))) or 0
+            )
             return out
 
     # -------------------------------------------------------------------- HL7

@@ -33,6 +33,7 @@ from acwi_node.ledger.models import (
     Hl7Order,
     Hl7Outbound,
     Instance,
+    InstanceArrival,
     Job,
     JobState,
     Notification,
@@ -198,22 +199,29 @@ class _Arrival:
     first: dt.datetime
     last: dt.datetime
     count: int
+    #: Of the instances records retention summarised (``InstanceArrival``): the last that
+    #: arrived before the generation completed; None where it summarised none.
+    waited_until: dt.datetime | None = None
 
 
 def _received(s: Session, study: Study, events: list[TraceEvent]) -> dict[int, _Arrival]:
-    """One event per generation and sending AE; returns each generation's arrival."""
-    rows = s.execute(
-        select(
-            Instance.generation,
-            Instance.calling_ae,
-            func.count(),
-            func.count(func.distinct(Instance.series_uid)),
-            func.min(Instance.received_at),
-            func.max(Instance.received_at),
-        )
-        .where(Instance.study_id == study.id)
-        .group_by(Instance.generation, Instance.calling_ae)
-    ).all()
+    """One event per generation and sending AE; returns each generation's arrival. The
+    instance rows say it, or, once records retention compacted them, their summaries."""
+    rows = [
+        (*row, None)
+        for row in s.execute(
+            select(
+                Instance.generation,
+                Instance.calling_ae,
+                func.count(),
+                func.count(func.distinct(Instance.series_uid)),
+                func.min(Instance.received_at),
+                func.max(Instance.received_at),
+            )
+            .where(Instance.study_id == study.id)
+            .group_by(Instance.generation, Instance.calling_ae)
+        ).all()
+    ]
     modalities: dict[int, set[str]] = defaultdict(set)
     for generation, modality in s.execute(
         select(Instance.generation, Instance.modality)
@@ -222,8 +230,37 @@ def _received(s: Session, study: Study, events: list[TraceEvent]) -> dict[int, _
     ).all():
         if modality:
             modalities[generation].add(modality)
+    summarised: dict[tuple[int, str], list[Any]] = {}
+    for a in s.scalars(select(InstanceArrival).where(InstanceArrival.study_id == study.id)).all():
+        modalities[a.generation].update(filter(None, a.modalities.split("\\")))
+        summarised[(a.generation, a.calling_ae)] = [
+            a.generation,
+            a.calling_ae,
+            a.instances,
+            a.series,
+            a.first_received_at,
+            a.last_received_at,
+            a.waited_until,
+        ]
+    merged = []
+    for row in rows:  # rows left beside a summary of the same AE: one event, as before
+        summary = summarised.pop((row[0], row[1]), None)
+        if summary is not None:
+            row = (
+                row[0],
+                row[1],
+                row[2] + summary[2],
+                row[3] + summary[3],
+                min(row[4], summary[4]),
+                max(row[5], summary[5]),
+                summary[6],
+            )
+        merged.append(row)
+    merged += [tuple(summary) for summary in summarised.values()]
     arrivals: dict[int, _Arrival] = {}
-    for generation, ae, count, series, first, last in rows:
+    for generation, ae, count, series, first, last, waited in sorted(
+        merged, key=lambda r: (r[0], r[4])
+    ):
         kinds = ", ".join(sorted(modalities[generation])) or "no modality"
         span = f", until {last:%H:%M:%S}" if last > first else ""
         events.append(
@@ -237,10 +274,12 @@ def _received(s: Session, study: Study, events: list[TraceEvent]) -> dict[int, _
             )
         )
         seen = arrivals.get(generation)
+        waits = [w for w in (waited, seen.waited_until if seen else None) if w is not None]
         arrivals[generation] = _Arrival(
             min(first, seen.first) if seen else first,
             max(last, seen.last) if seen else last,
             count + (seen.count if seen else 0),
+            max(waits) if waits else None,
         )
     return arrivals
 
@@ -285,7 +324,7 @@ def _completions(
         if arrival is None and generation > 1:
             text = "complete: reprocessing asked for (no new instances)"
         elif arrival is not None:
-            last = _last_waited_for(s, study.id, generation, arrival.last, when)
+            last = _last_waited_for(s, study.id, generation, arrival, when)
             if last is not None:
                 text += f", {max(0.0, (when - last).total_seconds()):.1f} s after the last"
                 text += " instance"
@@ -573,6 +612,14 @@ def _purges(s: Session, study: Study) -> Iterable[TraceEvent]:
             "retention",
             f"storage retention deleted {p.instances} instance(s) and result files ({why})",
         )
+        if p.records_compacted_at is not None:
+            yield TraceEvent(
+                p.records_compacted_at,
+                p.generation,
+                "retention",
+                "records retention summarised the instance records and erased the patient"
+                " identifiers kept for the RIS (records_keep_days passed)",
+            )
 
 
 def _turnaround(
@@ -604,8 +651,8 @@ def _turnaround(
         return None if a is None or b is None else max(0.0, (b - a).total_seconds())
 
     last = arrival.last if arrival is not None else None
-    if last is not None and completed is not None:
-        last = _last_waited_for(s, job.study_id, job.generation, last, completed)
+    if arrival is not None and completed is not None:
+        last = _last_waited_for(s, job.study_id, job.generation, arrival, completed)
     return [
         Step("last instance to complete", span(last, completed)),
         Step("complete to analysis started", span(completed, job.started_at)),
@@ -616,19 +663,22 @@ def _turnaround(
 
 
 def _last_waited_for(
-    s: Session, study_id: int, generation: int, last: dt.datetime, completed: dt.datetime
+    s: Session, study_id: int, generation: int, arrival: _Arrival, completed: dt.datetime
 ) -> dt.datetime | None:
-    """The last instance of a generation that arrived before it completed: ``last`` unless a
-    report or key object note came after completion (kept in it without re-opening it)."""
-    if last <= completed:
-        return last
-    return s.scalar(
+    """The last instance of a generation that arrived before it completed: the last of all
+    unless a report or key object note came after completion (kept in it without re-opening
+    it)."""
+    if arrival.last <= completed:
+        return arrival.last
+    found = s.scalar(
         select(func.max(Instance.received_at)).where(
             Instance.study_id == study_id,
             Instance.generation == generation,
             Instance.received_at <= completed,
         )
     )
+    waits = [t for t in (found, arrival.waited_until) if t is not None]
+    return max(waits) if waits else None
 
 
 def _iso(value: dt.datetime | None) -> str | None:

@@ -34,6 +34,7 @@ from acwi_node.ledger.models import (
     Delivery,
     DeliveryState,
     Instance,
+    InstanceArrival,
     Job,
     JobState,
     Notification,
@@ -146,6 +147,11 @@ RETENTION_STUDIES_DELETED = Counter(
 RETENTION_BYTES_DELETED = Counter(
     "acwi_retention_bytes_deleted",
     "Bytes of images and result files storage retention deleted",
+)
+RETENTION_RECORDS_COMPACTED = Counter(
+    "acwi_retention_records_compacted",
+    "Studies whose instance rows records retention summarised and whose patient identifiers"
+    " it erased",
 )
 
 # ------------------------------------------------------------------ process-local (web)
@@ -303,9 +309,19 @@ class LedgerCollector(Collector):
             completed = s.scalar(
                 select(func.count()).select_from(Study).where(Study.completed_at.is_not(None))
             )
-            instances = s.execute(
-                select(Instance.calling_ae, func.count()).group_by(Instance.calling_ae)
-            ).all()
+            # with those whose rows records retention summarised
+            instances: dict[str, int] = {}
+            for calling_ae, n in [
+                *s.execute(
+                    select(Instance.calling_ae, func.count()).group_by(Instance.calling_ae)
+                ).all(),
+                *s.execute(
+                    select(
+                        InstanceArrival.calling_ae, func.sum(InstanceArrival.instances)
+                    ).group_by(InstanceArrival.calling_ae)
+                ).all(),
+            ]:
+                instances[calling_ae or ""] = instances.get(calling_ae or "", 0) + int(n or 0)
             jobs = s.execute(
                 select(Job.state, Job.model, func.count()).group_by(Job.state, Job.model)
             ).all()
@@ -374,8 +390,8 @@ class LedgerCollector(Collector):
         g = GaugeMetricFamily(
             "acwi_instances", "Instances in the ledger by calling AE title", labels=["calling_ae"]
         )
-        for calling_ae, n in instances:
-            g.add_metric([calling_ae or ""], n)
+        for calling_ae, n in sorted(instances.items()):
+            g.add_metric([calling_ae], n)
         out.append(g)
         g = GaugeMetricFamily(
             "acwi_jobs",

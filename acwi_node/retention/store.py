@@ -71,7 +71,7 @@ class PurgeClaim:
         )
 
 
-def _may_purge() -> ColumnElement[bool]:
+def may_purge() -> ColumnElement[bool]:
     """The study (``Study``) is finished and nothing will read its files again."""
     busy_job = exists().where(Job.study_id == Study.id, Job.state.in_(_BUSY_JOB_STATES))
     # A result awaiting storage commitment is sent again if the destination refuses it.
@@ -113,7 +113,7 @@ class RetentionStore:
         reviewed = exists().where(ReviewItem.study_id == Study.id)
         query = (
             select(Study.id, Study.study_uid, Study.generation)
-            .where(_may_purge(), not_(purged))
+            .where(may_purge(), not_(purged))
             .order_by(reviewed, Study.updated_at, Study.id)
             .limit(limit)
         )
@@ -146,7 +146,7 @@ class RetentionStore:
                 study = s.get(Study, candidate.study_id, with_for_update=True)
                 if study is None or study.generation != candidate.generation:
                     return None
-                still = s.scalar(select(exists().where(Study.id == study.id, _may_purge())))
+                still = s.scalar(select(exists().where(Study.id == study.id, may_purge())))
                 if not still:
                     return None
                 received_before = study.last_received_at

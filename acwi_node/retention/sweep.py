@@ -10,7 +10,9 @@ receiving, analysing, delivering or open on the worklist is never touched.
 Each purge: the ledger part first (:meth:`RetentionStore.claim`: the instances' paths
 emptied, a ``purges`` row), then the files of ``spool/<study>/`` and ``results/<study>/``.
 A file newer than the claim's limits is a later generation's (the study was re-opened
-meanwhile) and stays. The ledger keeps the study, its jobs, results and verdicts.
+meanwhile) and stays. The ledger keeps the study, its jobs, results and verdicts;
+``retention.records_keep_days`` later, its instance rows are summarised and the patient
+identifiers kept for the RIS erased (:mod:`acwi_node.retention.records`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from acwi_node.ingest.spool import is_safe_uid
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import utcnow
 from acwi_node.observability import metrics
+from acwi_node.retention.records import RecordsStore
 from acwi_node.retention.store import Candidate, PurgeClaim, RetentionStore
 
 log = logging.getLogger("acwi_node.retention")
@@ -73,6 +76,16 @@ class SweepReport:
     free_percent: float | None = None
     #: Free space is still below ``min_free_percent`` and no finished study is left to delete.
     short_of_space: bool = False
+    #: Records retention: studies whose records were compacted (a dry run: would be), the
+    #: instance rows that became arrivals, the HL7 orders and ORU^R01 messages whose patient
+    #: identifiers were erased, and the inbound HL7 messages' records deleted.
+    compacted: int = 0
+    instance_rows: int = 0
+    orders_erased: int = 0
+    messages_erased: int = 0
+    inbound_deleted: int = 0
+    #: Dry run: the studies whose records would be compacted.
+    planned_compactions: list[str] = field(default_factory=list)
 
 
 def _epoch_ns(value: dt.datetime) -> int:
@@ -136,6 +149,7 @@ class Retention:
     ) -> None:
         self.settings = settings
         self.store = RetentionStore(ledger)
+        self.records = RecordsStore(ledger)
         self._space = space or (lambda: disk_space(settings.data_dir))
         self._clock = clock
         self._stop = threading.Event()
@@ -162,7 +176,46 @@ class Retention:
             self._purge(candidate, "age", report, dry_run=dry_run)
         if cfg.min_free_percent:
             self._make_space(report, dry_run=dry_run)
+        if cfg.records_keep_days:
+            self._compact_records(now - dt.timedelta(days=cfg.records_keep_days), report, dry_run)
         return report
+
+    def _compact_records(self, cut: dt.datetime, report: SweepReport, dry_run: bool) -> None:
+        """Records retention (:mod:`acwi_node.retention.records`) for what is older than
+        ``cut``: studies purged before it, orders and inbound messages of before it."""
+        records = self.records
+        while True:
+            batch = records.candidates(purged_before=cut)
+            if dry_run:
+                report.planned_compactions += [c.study_uid for c in batch]
+                report.compacted += len(batch)
+                break
+            done = [d for d in map(records.compact, batch) if d is not None]
+            for compacted in done:
+                report.compacted += 1
+                report.instance_rows += compacted.instance_rows
+                report.orders_erased += compacted.orders
+                report.messages_erased += compacted.messages
+                if compacted.orders or compacted.messages:
+                    audit(
+                        AuditEvent.PATIENT_DATA_ERASED,
+                        study_uids=[compacted.study_uid],
+                        detail=f"records retention: the patient identifiers of"
+                        f" {compacted.orders} HL7 order(s) and {compacted.messages} ORU^R01"
+                        " message(s)",
+                    )
+            metrics.RETENTION_RECORDS_COMPACTED.inc(len(done))
+            if not done:  # nothing left, or only studies that changed meanwhile
+                break
+        orders = records.erase_unclaimed_orders(updated_before=cut, dry_run=dry_run)
+        report.orders_erased += orders
+        if orders and not dry_run:
+            audit(
+                AuditEvent.PATIENT_DATA_ERASED,
+                detail=f"records retention: the patient identifiers of {orders} HL7 order(s)"
+                " that no study the node holds names",
+            )
+        report.inbound_deleted += records.delete_inbound(received_before=cut, dry_run=dry_run)
 
     def _make_space(self, report: SweepReport, *, dry_run: bool) -> None:
         cfg = self.settings.retention
@@ -282,6 +335,17 @@ class Retention:
                         report.studies,
                         report.files,
                         report.bytes / 1e6,
+                    )
+                if report.compacted or report.orders_erased or report.inbound_deleted:
+                    log.info(
+                        "records retention: compacted the records of %d studies (%d instance"
+                        " rows); erased the patient identifiers of %d HL7 orders and %d ORU"
+                        " messages; deleted %d inbound HL7 message records",
+                        report.compacted,
+                        report.instance_rows,
+                        report.orders_erased,
+                        report.messages_erased,
+                        report.inbound_deleted,
                     )
             elapsed = time.monotonic() - started
             self._stop.wait(max(0.0, self.settings.retention.interval_s - elapsed))

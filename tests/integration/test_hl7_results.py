@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from acwi_node.hl7.messages import Verdict, oru_observations
 from acwi_node.hl7.orders import OrderIntake
 from acwi_node.ledger import InstanceRecord, Ledger, ResultFile, RoutedJob, StudyFacts
 from acwi_node.ledger.models import ReviewItem, utcnow
+from acwi_node.retention.records import RecordsStore
 from acwi_node.review.store import ReviewStore, SessionInfo
 from tests.support import write_secondary_capture
 from tests.support.mllp_peer import Peer
@@ -271,6 +273,37 @@ def test_patient_from_order_and_script_in_name(
     assert segs[1] == "PID|1||ORD-PID^^^HOSP^MR||<script>x</script>^Eve||19800101|F"
     obr = segs[3].split("|")
     assert (obr[2], obr[3], obr[4], obr[18]) == ("PL9", "FI9", "CT^CT head^L", "ACC-9")
+    ledger.dispose()
+
+
+def test_an_order_whose_patient_identifiers_were_erased_gives_the_orders_numbers_only(
+    tmp_path: Path, make_peer: Callable[[str], Peer]
+) -> None:
+    """An order scheduled long before its study (records retention erased its patient
+    identifiers, as it does ``retention.records_keep_days`` after an order no study names):
+    the ORU takes the patient from the images and the order numbers from the order."""
+    peer = make_peer("AA")
+    settings = make_settings(tmp_path, peer.port)
+    ledger = Ledger(settings.database_url)
+    order = "\r".join(
+        [
+            "MSH|^~\\&|RIS|HOSP|ACWI|NODE|20240101||ORM^O01|O1|P|2.5",
+            "PID|1||ORD-PID^^^HOSP^MR||Order^Eve||19800101|F",
+            "ORC|NW|PL9|FI9",
+            "OBR|1|PL9|FI9|CT^CT head^L" + "|" * 14 + "ACC-9",
+            f"ZDS|{STUDY_UID}",
+        ]
+    )
+    assert b"MSA|AA|O1" in OrderIntake(settings, ledger).handle(order.encode())
+    records = RecordsStore(ledger)
+    assert records.erase_unclaimed_orders(updated_before=utcnow() + dt.timedelta(seconds=1)) == 1
+    queue_oru(settings, ledger, analysed_job(settings, ledger))
+    drain(OruSender(settings, ledger), ledger, "delivered")
+    (message,) = peer.messages()
+    segs = message.split("\r")
+    assert segs[1] == "PID|1||DICOM-PID||Header^Patient|||O"
+    obr = segs[3].split("|")
+    assert (obr[2], obr[3], obr[18]) == ("PL9", "FI9", "ACC-9")
     ledger.dispose()
 
 

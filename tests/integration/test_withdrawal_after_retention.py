@@ -102,7 +102,12 @@ def _in_the_pacs_then_deleted(
             for r in results
         }
         s.execute(update(ReviewItem).values(state=ReviewState.CLOSED, closed_at=utcnow()))
-    Retention(settings, ledger, space=lambda: DiskSpace(900, 1000), clock=later(91 * 24)).sweep()
+    # 91 days on, its files go, and (records_keep_days being past too, on this clock) the
+    # ledger's records of it are compacted: a recall needs neither
+    swept = Retention(
+        settings, ledger, space=lambda: DiskSpace(900, 1000), clock=later(91 * 24)
+    ).sweep()
+    assert (swept.studies, swept.compacted) == (1, 1)
     assert not list(settings.results_dir.rglob("*.dcm"))
     sources = [str(dcmread(f, stop_before_pixels=True).SOPClassUID) for f in files]
     return job_id, uid, sources, held, from_files

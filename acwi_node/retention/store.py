@@ -10,6 +10,7 @@ checks that again inside the transaction that empties its instances' paths and w
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 
@@ -109,7 +110,13 @@ class RetentionStore:
         later of the study's last update and its last closed review item counts), or with
         ``any_age`` all of them. Studies never reviewed come first, then the least recently
         active; None for a time leaves those studies out (unless ``any_age``)."""
-        purged = exists().where(Purge.study_id == Study.id, Purge.generation == Study.generation)
+        # purged in its current generation, and nothing came since (a report or key object
+        # note the PACS forwarded later is kept in the delivered study, and goes in its turn)
+        purged = exists().where(
+            Purge.study_id == Study.id,
+            Purge.generation == Study.generation,
+            Purge.received_before >= Study.last_received_at,
+        )
         reviewed = exists().where(ReviewItem.study_id == Study.id)
         query = (
             select(Study.id, Study.study_uid, Study.generation)
@@ -139,7 +146,11 @@ class RetentionStore:
         """Take ``candidate``'s current generation for deletion: its instances' paths are
         emptied (a job of a later generation analyses only what arrives from then on) and the
         purge recorded. None if the study changed meanwhile (re-opened, a new job, a review
-        item) or another process claimed it."""
+        item) or another process claimed it.
+
+        A generation purged before takes its purge up again for what arrived since (kept in
+        it without re-opening it): the row's limit moves to the study's last arrival and its
+        record compaction is due again."""
         now = utcnow()
         try:
             with self.ledger.session() as s:
@@ -148,6 +159,16 @@ class RetentionStore:
                     return None
                 still = s.scalar(select(exists().where(Study.id == study.id, may_purge())))
                 if not still:
+                    return None
+                earlier = s.scalars(
+                    select(Purge)
+                    .where(Purge.study_id == study.id, Purge.generation == study.generation)
+                    .with_for_update()
+                ).one_or_none()
+                if earlier is not None and (
+                    earlier.finished_at is None  # being deleted, or left for the next sweep
+                    or earlier.received_before >= study.last_received_at
+                ):
                     return None
                 received_before = study.last_received_at
                 emptied = s.execute(
@@ -162,13 +183,23 @@ class RetentionStore:
                     .values(path="")
                     .execution_options(synchronize_session=False)
                 )
+                count = int(getattr(emptied, "rowcount", 0) or 0)
+                if earlier is not None:
+                    earlier.received_before = received_before
+                    earlier.finished_at = None
+                    earlier.records_compacted_at = None
+                    earlier.instances += count
+                    s.flush()
+                    return dataclasses.replace(
+                        PurgeClaim.of(earlier, study.study_uid), reason=reason, instances=count
+                    )
                 purge = Purge(
                     study_id=study.id,
                     generation=study.generation,
                     reason=reason,
                     received_before=received_before,
                     started_at=now,
-                    instances=int(getattr(emptied, "rowcount", 0) or 0),
+                    instances=count,
                 )
                 s.add(purge)
                 s.flush()

@@ -3,6 +3,7 @@ patient identifiers kept for the RIS are erased, and what the node tells of the 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from sqlalchemy import select, update
 from acwi_node.audit import audit_file, close_audit
 from acwi_node.cli import main
 from acwi_node.config import ConfigError, Settings, load_settings
+from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import (
     Hl7Inbound,
@@ -31,6 +33,7 @@ from acwi_node.retention import DiskSpace, Retention
 from tests.support.study_flow import analyse, deliver, dx_record, receive, study_id
 
 DAY = dt.timedelta(days=1)
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"  # a report: no model reads it
 HOUR = dt.timedelta(hours=1)
 PATIENT = {
     "patient_id": "PID-7^^^HOSP^MR",
@@ -301,3 +304,51 @@ def test_the_retention_command_lists_compacts_and_audits_the_erasure(
     assert erased[0]["event_id"]["code"] == "110110"
     assert "PID-7" not in audit_file(settings).read_text()
     assert "DOE" not in audit_file(settings).read_text()
+
+
+def test_a_report_forwarded_after_the_purge_goes_in_its_turn_its_file_then_its_record(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    """A PACS that forwards what it receives sends the radiologist's report weeks later: the
+    delivered study keeps its results (no model reads a report), and the report's file and
+    row go like the study's own did."""
+    settings, ledger = ledger_node
+    receive(settings, ledger, "1.2.3", "1.2.3.1")
+    receive(settings, ledger, "1.2.3", "1.2.3.2")
+    analyse(settings, ledger, "1.2.3")
+    deliver(ledger)
+    assert Retention(settings, ledger, space=plenty, clock=later(169 * HOUR)).sweep().studies == 1
+    first = Retention(settings, ledger, space=plenty, clock=later(31 * DAY)).sweep()
+    assert (first.compacted, first.instance_rows) == (1, 2)
+
+    Spool(settings.spool_dir, fsync=False).store("1.2.3", "1.2.3.90", b"\3" * 700)
+    report_record = dataclasses.replace(
+        dx_record("1.2.3", "1.2.3.90", size=700),
+        sop_class_uid=BASIC_TEXT_SR,
+        series_uid="1.2.3.80",
+        modality="SR",
+    )
+    assert not ledger.record_instance(report_record, first_in_association=False).reopened
+    study = ledger.get_study("1.2.3")
+    assert study is not None and (study["state"], study["generation"]) == ("delivered", 1)
+    young = Retention(settings, ledger, space=plenty, clock=later(167 * HOUR)).sweep()
+    assert young.studies == 0 and (settings.spool_dir / "1.2.3" / "1.2.3.90.dcm").exists()
+
+    swept = Retention(settings, ledger, space=plenty, clock=later(169 * HOUR)).sweep()
+    assert (swept.studies, swept.files, swept.bytes, swept.compacted) == (1, 1, 700, 0)
+    assert not (settings.spool_dir / "1.2.3").exists()
+    with ledger.session() as s:
+        purge = s.scalars(select(Purge)).one()
+        assert (purge.generation, purge.instances, purge.records_compacted_at) == (1, 3, None)
+    assert ledger.instance_file("1.2.3.90") == ("", 700, "1.2.840.10008.1.2.1")
+
+    again = Retention(settings, ledger, space=plenty, clock=later(31 * DAY)).sweep()
+    assert (again.studies, again.compacted, again.instance_rows) == (0, 1, 1)
+    with ledger.session() as s:
+        assert s.scalars(select(Instance)).all() == []
+        (arrival,) = s.scalars(select(InstanceArrival)).all()
+        assert (arrival.instances, arrival.series, arrival.modalities) == (3, 2, "DX\\SR")
+    received = [text for _, kind, text in told(ledger, "1.2.3")[0] if kind == "received"]
+    assert len(received) == 1
+    assert received[0].startswith("3 instance(s) in 2 series (DX, SR) from MOD")
+    assert Retention(settings, ledger, space=plenty, clock=later(62 * DAY)).sweep().studies == 0

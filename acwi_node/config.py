@@ -901,6 +901,10 @@ class NotifyTarget(_Strict):
     timeout_s: float = Field(10.0, gt=0, le=300)
     #: Attempts before a notification fails for good (back-off 5 s, doubling, at most 5 min).
     max_attempts: int = Field(8, ge=1, le=100)
+    #: A webhook that cannot be reached (no connection, no answer, HTTP 502, 503 or 504 from it
+    #: or a proxy) is tried again, at most every 5 minutes, for this long before the
+    #: notification fails; those attempts do not count against ``max_attempts`` (0: they do).
+    outage_patience_s: float = Field(3600.0, ge=0, le=7 * 24 * 3600)
     #: What happened longer ago than this when the exporter first sees it (it was down) is
     #: not notified: a notification is for what needs someone now.
     lookback_s: int = Field(3600, ge=60, le=7 * 24 * 3600)

@@ -421,6 +421,10 @@ class Notification(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    #: An outage of the webhook (no connection, no answer, a gateway's 502-504): since when,
+    #: and the attempts it took (not counted in ``attempts``; ``outage_patience_s``).
+    unreachable_since: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    outage_attempts: Mapped[int] = mapped_column(Integer, default=0)
 
     __table_args__ = (
         UniqueConstraint("target", "key"),

@@ -52,6 +52,7 @@ from acwi_node.ledger.models import (
     InstanceArrival,
     Job,
     JobState,
+    Notification,
     Purge,
     Result,
     ReviewItem,
@@ -1424,7 +1425,7 @@ class Ledger:
                 d.last_error = attempt.error[:2000]
                 jobs.add(d.job_id)
                 if attempt.unreachable and attempt.outage_patience_s > 0:
-                    _outage_attempt(
+                    outage_attempt(
                         d,
                         error=attempt.error,
                         backoff_s=attempt.backoff_s,
@@ -2143,7 +2144,7 @@ class Ledger:
             row.last_ack_code = ack_code[:2]
             row.last_error = error[:2000]
             if unreachable and outage_patience_s > 0:
-                _outage_attempt(
+                outage_attempt(
                     row,
                     error=error,
                     backoff_s=backoff_s,
@@ -2311,6 +2312,23 @@ def outages(s: Session, *, ris: bool = True) -> list[Outage]:
     return found
 
 
+def webhook_outages(s: Session) -> dict[str, dt.datetime]:
+    """Each ``[[notify]]`` webhook with notifications waiting that cannot be reached: since
+    when (the dashboard and the metrics)."""
+    return {
+        str(target): since
+        for target, since in s.execute(
+            select(Notification.target, func.min(Notification.unreachable_since))
+            .where(
+                Notification.state == DeliveryState.PENDING,
+                Notification.unreachable_since.is_not(None),
+            )
+            .group_by(Notification.target)
+        ).all()
+        if since is not None
+    }
+
+
 def _back_to_outbox(d: Delivery, now: dt.datetime) -> None:
     """A delivery sent again (resend, retry): due now, its attempts counted from zero."""
     d.state = DeliveryState.PENDING
@@ -2331,8 +2349,8 @@ def owed_delivery() -> Any:
     )
 
 
-def _outage_attempt(
-    row: Delivery | Hl7Outbound,
+def outage_attempt(
+    row: Delivery | Hl7Outbound | Notification,
     *,
     error: str,
     backoff_s: float,
@@ -2340,10 +2358,10 @@ def _outage_attempt(
     setting: str,
     now: dt.datetime,
 ) -> None:
-    """An attempt that could not reach the destination (``row``: a result's delivery, or an
-    ORU^R01 to the RIS): tried again after the back-off, not counted against
-    ``max_attempts``, until the destination has been unreachable for ``patience_s`` (the
-    setting named ``setting``); then it fails, saying since when."""
+    """An attempt that could not reach the destination (``row``: a result's delivery, an
+    ORU^R01 to the RIS, a notification to a webhook): tried again after the back-off, not
+    counted against ``max_attempts``, until the destination has been unreachable for
+    ``patience_s`` (the setting named ``setting``); then it fails, saying since when."""
     since = row.unreachable_since or now
     row.unreachable_since = since
     row.outage_attempts += 1

@@ -2,9 +2,11 @@
 
 A ``2xx`` answer delivers; ``408``, ``429``, ``5xx``, no answer or no connection is retried (5 s,
 doubling, at most 5 minutes) and fails after the target's ``max_attempts``; any other answer
-(``400``, ``401``, ``404``: the webhook refuses it as it is) fails at once. The state, the last
-HTTP status and error are kept in the ledger; the log names the target and the event, never
-the payload.
+(``400``, ``401``, ``404``: the webhook refuses it as it is) fails at once. An attempt that did
+not reach the webhook (no connection, no answer, ``502``-``504`` from it or a proxy) is an
+outage: not counted, until the webhook has been unreachable for its ``outage_patience_s``. The
+state, the last HTTP status and error are kept in the ledger; the log names the target and the
+event, never the payload.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import datetime as dt
 import http.client
 import json
 import logging
+import ssl
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +29,7 @@ from acwi_node.config import NotifyTarget, Settings
 from acwi_node.http_client import connect, request_target, target_of
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import DeliveryState, Notification, utcnow
+from acwi_node.ledger.repository import outage_attempt
 from acwi_node.monitoring.cached import MonitoringCaches
 from acwi_node.notify.events import queue_events
 from acwi_node.notify.formats import shape
@@ -36,16 +40,21 @@ BACKOFF_INITIAL_S = 5.0
 BACKOFF_MAX_S = 300.0
 #: Answers worth trying again: the webhook was busy or down, not refusing the message.
 RETRYABLE = {408, 425, 429}
+#: Answers that say the webhook was not reached: it, or the gateway or proxy before it, is
+#: down (an outage, as no connection is).
+UNREACHED = {502, 503, 504}
 
 
 @dataclass(frozen=True)
 class PostOutcome:
-    """How one POST went: ``status`` (None without an answer), and whether to try again."""
+    """How one POST went: ``status`` (None without an answer), whether to try again, and
+    whether the webhook was not reached at all (an outage)."""
 
     delivered: bool
     status: int | None
     error: str
     retry: bool
+    unreachable: bool = False
 
 
 def post_notification(target: NotifyTarget, payload: dict[str, Any]) -> PostOutcome:
@@ -82,19 +91,27 @@ def post_notification(target: NotifyTarget, payload: dict[str, Any]) -> PostOutc
             answer = response.read(2048)
         finally:
             conn.close()
-    except (OSError, http.client.HTTPException) as exc:
+    except ssl.SSLError as exc:  # reached, and the TLS settings do not fit: no outage
         return PostOutcome(False, None, f"{type(exc).__name__}: {exc}", True)
+    except (OSError, http.client.HTTPException) as exc:
+        return PostOutcome(False, None, f"{type(exc).__name__}: {exc}", True, unreachable=True)
     status = response.status
     if 200 <= status < 300:
         return PostOutcome(True, status, "", False)
     text = answer.decode("utf-8", "replace").strip().splitlines()
     error = f"HTTP {status} {response.reason}" + (f": {text[0][:200]}" if text else "")
-    return PostOutcome(False, status, error, status in RETRYABLE or status >= 500)
+    return PostOutcome(
+        False,
+        status,
+        error,
+        status in RETRYABLE or status >= 500,
+        unreachable=status in UNREACHED,
+    )
 
 
 def backoff_s(attempts_so_far: int) -> float:
     """Seconds before the next attempt after ``attempts_so_far + 1`` failures."""
-    return float(min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2**attempts_so_far))
+    return float(min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** min(attempts_so_far, 32)))
 
 
 class Notifier:
@@ -148,28 +165,7 @@ class Notifier:
                 outcome = PostOutcome(False, None, f"no [[notify]] named {name!r} now", False)
             else:
                 outcome = post_notification(target, payload)
-            tried = attempts + 1
-            final = not outcome.retry or target is None or tried >= target.max_attempts
-            state = (
-                DeliveryState.DELIVERED
-                if outcome.delivered
-                else DeliveryState.FAILED
-                if final
-                else DeliveryState.PENDING
-            )
-            with self.ledger.session() as s:
-                s.execute(
-                    update(Notification)
-                    .where(Notification.id == row_id)
-                    .values(
-                        state=state,
-                        attempts=tried,
-                        last_status=outcome.status,
-                        last_error=outcome.error[:2000],
-                        next_attempt_at=utcnow() + dt.timedelta(seconds=backoff_s(attempts)),
-                        delivered_at=utcnow() if outcome.delivered else None,
-                    )
-                )
+            state = self._record(row_id, target, attempts, outcome)
             if outcome.delivered:
                 log.info("notify %s: %s delivered", name, key)
             elif state == DeliveryState.FAILED:
@@ -177,6 +173,41 @@ class Notifier:
             else:
                 log.warning("notify %s: %s: %s; retrying", name, key, outcome.error)
         return len(due)
+
+    def _record(
+        self, row_id: int, target: NotifyTarget | None, attempts: int, outcome: PostOutcome
+    ) -> DeliveryState:
+        """Keep how the attempt went; returns the notification's state after it. An outage
+        (:func:`~acwi_node.ledger.repository.outage_attempt`) is not counted in ``attempts``
+        until the webhook has been unreachable for its ``outage_patience_s``."""
+        now = utcnow()
+        with self.ledger.session() as s:
+            row = s.get_one(Notification, row_id, with_for_update=True)
+            row.last_status = outcome.status
+            row.last_error = outcome.error[:2000]
+            if outcome.unreachable and target is not None and target.outage_patience_s > 0:
+                outage_attempt(
+                    row,
+                    error=outcome.error,
+                    backoff_s=backoff_s(row.outage_attempts),
+                    patience_s=target.outage_patience_s,
+                    setting=f"notify {target.name} outage_patience_s",
+                    now=now,
+                )
+                return row.state
+            tried = attempts + 1
+            final = not outcome.retry or target is None or tried >= target.max_attempts
+            row.attempts = tried
+            row.unreachable_since = None
+            row.outage_attempts = 0
+            if outcome.delivered:
+                row.state = DeliveryState.DELIVERED
+                row.delivered_at = now
+            elif final:
+                row.state = DeliveryState.FAILED
+            else:
+                row.next_attempt_at = now + dt.timedelta(seconds=backoff_s(attempts))
+            return row.state
 
     def _claim(self, row_id: int, now: dt.datetime, target: NotifyTarget | None) -> bool:
         """Take a due notification for one attempt: its next attempt moves past the attempt's

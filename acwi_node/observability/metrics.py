@@ -48,7 +48,7 @@ from acwi_node.ledger.models import (
     Verdict,
     utcnow,
 )
-from acwi_node.ledger.repository import RIS_OUTAGE, outages
+from acwi_node.ledger.repository import RIS_OUTAGE, outages, webhook_outages
 from acwi_node.review.quality import FLAGGED, SAMPLE
 
 log = logging.getLogger("acwi_node.metrics")
@@ -337,6 +337,7 @@ class LedgerCollector(Collector):
             ).all()
             unreachable = {o.destination: o.since for o in outages(s)}
             ris_outage = unreachable.pop(RIS_OUTAGE, None)
+            webhooks_down = webhook_outages(s)
             analysed = s.scalar(select(func.count(distinct(Result.job_id)))) or 0
             reviewed = (
                 s.scalar(
@@ -437,6 +438,15 @@ class LedgerCollector(Collector):
             "How long the RIS, with ORU^R01 waiting, has not been reachable (0 while it is)",
         )
         g.add_metric([], max(0.0, (now - ris_outage).total_seconds()) if ris_outage else 0.0)
+        out.append(g)
+        g = GaugeMetricFamily(
+            "acwi_webhook_unreachable_seconds",
+            "How long a [[notify]] webhook with notifications waiting has not been reachable"
+            " (an outage: its outage_patience_s); absent while it is",
+            labels=["target"],
+        )
+        for target, since in webhooks_down.items():
+            g.add_metric([target], max(0.0, (now - since).total_seconds()))
         out.append(g)
         g = GaugeMetricFamily("acwi_analysed_jobs", "Jobs that produced results")
         g.add_metric([], analysed)

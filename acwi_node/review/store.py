@@ -42,11 +42,13 @@ from acwi_node.ledger.models import (
     utcnow,
 )
 from acwi_node.ledger.repository import (
+    RIS_OUTAGE,
     DeliveryFilter,
     files_deleted_at,
     outages,
     owed_delivery,
     promise_hl7_outbound,
+    webhook_outages,
 )
 from acwi_node.review.quality import FLAGGED, SAMPLE
 
@@ -978,7 +980,8 @@ class ReviewStore:
             ):
                 counts[name][state.value] += n
             # an outage: since when the oldest waiting delivery could not reach it
-            unreachable = {o.destination: o.since for o in outages(s, ris=False)}
+            unreachable = {o.destination: o.since for o in outages(s)}
+            webhooks_down = webhook_outages(s)
             for name in list(dict.fromkeys([*destinations, *sorted(counts)])):
                 delivered_at, error = _outbox_latest(s, Delivery, Delivery.destination == name)
                 out.append(
@@ -1014,6 +1017,7 @@ class ReviewStore:
                         "failed": hl7["failed"],
                         "last_delivered_at": _iso(delivered_at),
                         "last_error": error,
+                        "unreachable_since": _iso(unreachable.get(RIS_OUTAGE)),
                     }
                 )
             for target in notify:
@@ -1035,6 +1039,7 @@ class ReviewStore:
                         "failed": counted["failed"],
                         "last_delivered_at": _iso(delivered_at),
                         "last_error": error,
+                        "unreachable_since": _iso(webhooks_down.get(target)),
                     }
                 )
         return out

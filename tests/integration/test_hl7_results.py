@@ -358,6 +358,13 @@ def test_unreachable_ris_is_retried_until_it_answers(
 
     waited = ledger_registry(settings, ledger).get_sample_value("acwi_ris_unreachable_seconds")
     assert waited is not None and waited > 0
+    from acwi_node.review.views import destination_outboxes
+
+    (ris_row,) = [
+        r for r in destination_outboxes(ReviewStore(ledger), settings) if r["name"] == "RIS (HL7)"
+    ]
+    assert ris_row["unreachable_since"][:19] == row["unreachable_since"][:19]
+    assert ris_row["pending"] == 1
     from acwi_node.config import NotifyTarget
     from acwi_node.notify import queue_events
 

@@ -164,9 +164,16 @@ def test_a_webhook_that_is_down_is_tried_again_and_one_that_refuses_is_not(
             base,
             {"name": "flaky", "url": hook.url},
             {"name": "strict", "url": strict.url},
-            {"name": "down", "url": dead, "max_attempts": 2, "timeout_s": 2},
+            # no patience with an outage: each attempt counts
+            {
+                "name": "down",
+                "url": dead,
+                "max_attempts": 2,
+                "timeout_s": 2,
+                "outage_patience_s": 0,
+            },
         )
-        hook.answers.extend([500, 503])
+        hook.answers.extend([500, 500])
         strict.answers.append(400)
         _case(settings, ledger, "1.2.3")
         notifier = Notifier(settings, ledger)
@@ -184,7 +191,7 @@ def test_a_webhook_that_is_down_is_tried_again_and_one_that_refuses_is_not(
             down = s.scalars(select(Notification).where(Notification.target == "down")).one()
             assert down.last_status is None and "Connection" in down.last_error
         assert notifier.tick(now=t0 + dt.timedelta(seconds=1)) == 0  # backing off
-        notifier.tick(now=utcnow() + dt.timedelta(seconds=6))  # flaky: 503 again
+        notifier.tick(now=utcnow() + dt.timedelta(seconds=6))  # flaky: 500 again
         notifier.tick(now=utcnow() + dt.timedelta(seconds=11))  # flaky: 200
         states = {target: (state, n) for target, _, state, n in _states(ledger)}
         assert states == {
@@ -200,6 +207,59 @@ def test_a_webhook_that_is_down_is_tried_again_and_one_that_refuses_is_not(
         assert rows["Notify: strict"]["failed"] == 1
         assert "HTTP 400" in rows["Notify: strict"]["last_error"]
         assert rows["Notify: down"]["failed"] == 1 and rows["Notify: down"]["last_error"]
+
+
+def test_a_webhook_that_cannot_be_reached_is_waited_for_without_counting_attempts(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    """No connection, or a gateway's 503: an outage, tried again with the back-off and not
+    counted against max_attempts, until outage_patience_s has passed; the dashboard and the
+    metrics say since when."""
+    base, ledger = ledger_node
+    dead = f"http://127.0.0.1:{free_port()}/hook"
+    with WebhookServer() as gateway:
+        settings = _settings(
+            base,
+            {"name": "down", "url": dead, "max_attempts": 2, "outage_patience_s": 600},
+            {"name": "gateway", "url": gateway.url, "max_attempts": 2},
+        )
+        gateway.answers.extend([503, 502, 504])
+        _case(settings, ledger, "1.2.3")
+        notifier = Notifier(settings, ledger)
+        for k in range(4):
+            notifier.tick(now=utcnow() + dt.timedelta(seconds=400 * k))
+        states = {target: (state, n) for target, _, state, n in _states(ledger)}
+        # 4 attempts each: the gateway's fourth was answered; nothing counted before it
+        assert states == {"down": ("pending", 0), "gateway": ("delivered", 1)}
+        assert len(gateway.received) == 4
+        with ledger.session() as s:
+            down = s.scalars(select(Notification).where(Notification.target == "down")).one()
+            assert (down.outage_attempts, down.unreachable_since is not None) == (4, True)
+            answered = s.scalars(select(Notification).where(Notification.target == "gateway")).one()
+            assert (answered.outage_attempts, answered.unreachable_since) == (0, None)
+        rows = {r["name"]: r for r in destination_outboxes(ReviewStore(ledger), settings)}
+        assert rows["Notify: down"]["unreachable_since"] is not None
+        assert rows["Notify: down"]["pending"] == 1
+        assert rows["Notify: gateway"]["unreachable_since"] is None
+        metrics = ledger_registry(settings, ledger)
+        assert metrics.get_sample_value("acwi_webhook_unreachable_seconds", {"target": "down"})
+        assert (
+            metrics.get_sample_value("acwi_webhook_unreachable_seconds", {"target": "gateway"})
+            is None
+        )
+        # Unreachable for longer than its patience: it fails, saying since when.
+        with ledger.session() as s:
+            s.execute(
+                update(Notification)
+                .where(Notification.target == "down")
+                .values(unreachable_since=utcnow() - dt.timedelta(seconds=601))
+            )
+        notifier.tick(now=utcnow() + dt.timedelta(seconds=2000))
+        with ledger.session() as s:
+            down = s.scalars(select(Notification).where(Notification.target == "down")).one()
+            assert (down.state.value, down.attempts) == ("failed", 0)
+            assert down.last_error.startswith("unreachable since ")
+            assert "(notify down outage_patience_s): ConnectionRefusedError" in down.last_error
 
 
 def test_two_exporter_processes_post_each_notification_once(

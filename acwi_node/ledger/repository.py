@@ -2285,15 +2285,16 @@ RIS_OUTAGE = "RIS (HL7)"
 
 
 def outages(s: Session, *, ris: bool = True) -> list[Outage]:
-    """Each destination with results waiting that cannot be reached, and (``ris``) the RIS
-    with ORU^R01 waiting as :data:`RIS_OUTAGE`: the dashboard, the metrics and the
+    """Each destination with results waiting that cannot be reached (to be sent, or stored
+    and awaiting its storage commitment, whose requests cannot reach it), and (``ris``) the
+    RIS with ORU^R01 waiting as :data:`RIS_OUTAGE`: the dashboard, the metrics and the
     ``unreachable`` notification read them alike."""
     found = [
         Outage(str(name), since, int(n))
         for name, since, n in s.execute(
             select(Delivery.destination, func.min(Delivery.unreachable_since), func.count())
             .where(
-                Delivery.state == DeliveryState.PENDING,
+                Delivery.state.in_(UNSETTLED_DELIVERY_STATES),
                 Delivery.unreachable_since.is_not(None),
             )
             .group_by(Delivery.destination)

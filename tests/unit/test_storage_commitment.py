@@ -282,8 +282,13 @@ def test_requests_that_cannot_reach_the_destination_are_not_counted_until_the_pa
     with db.session() as s:
         rows = [s.get_one(Delivery, i) for i in ids]
         assert all(d.commitment_requests == 0 and d.unreachable_since for d in rows)
+    # the outbox row says so, as for results that cannot be sent
+    (row,) = ReviewStore(db).delivery_status(["pacs"])
+    assert (row["committing"], row["unreachable_since"] is not None) == (2, True)
     db.commitment_requested(ids, str(generate_uid()))
     db.commitment_request_answered(ids)  # it is back: accepted
+    (row,) = ReviewStore(db).delivery_status(["pacs"])
+    assert row["unreachable_since"] is None
     with db.session() as s:
         assert all(s.get_one(Delivery, i).unreachable_since is None for i in ids)
         for i in ids:  # down again, since two hours

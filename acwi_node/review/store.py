@@ -8,11 +8,13 @@ verdict it replaces superseded only if nothing else did first).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs, urlencode
 
 from sqlalchemy import ColumnElement, delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -118,6 +120,17 @@ class WorklistFilters:
     state: str = ""
     #: ``flagged`` (the model asked for review) or ``sample`` (quality control)
     kind: str = ""
+
+    def query(self) -> str:
+        """The filters given, as a URL query (``modality=CT&kind=flagged``); "" for none."""
+        return urlencode({k: v for k, v in dataclasses.asdict(self).items() if v})
+
+    @classmethod
+    def from_query(cls, query: str) -> WorklistFilters:
+        """The filters of such a query; anything else in it is ignored."""
+        given = parse_qs(query[:1000])
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v[0][:64] for k, v in given.items() if k in names and v})
 
     def matches(self, item: dict[str, Any]) -> bool:
         if self.modality and self.modality not in str(item["modality"]).split("\\"):
@@ -334,6 +347,35 @@ class ReviewStore:
             ]
 
     # --------------------------------------------------------------- worklist
+    def next_case(
+        self,
+        reader: str,
+        *,
+        after: int,
+        filters: WorklistFilters | None = None,
+        claim_s: int = 0,
+        now: dt.datetime | None = None,
+    ) -> int | None:
+        """The case ``reader`` opens after deciding ``after``: the first on the worklist, in its
+        order and under the reader's filters, that nobody else is reading and that the reader
+        did not escalate (it waits for a second reader); None when there is none."""
+        found = self.worklist(filters, claim_s=claim_s, now=now)
+        with self.ledger.session() as s:
+            escalated = set(
+                s.scalars(
+                    select(Verdict.review_item_id).where(
+                        Verdict.action == "escalate", Verdict.user_name == reader
+                    )
+                ).all()
+            )
+        for item in found["items"]:
+            reading = item["reading"]
+            if item["id"] == after or item["id"] in escalated:
+                continue
+            if reading is None or reading["user"] == reader:
+                return int(item["id"])
+        return None
+
     def worklist(
         self,
         filters: WorklistFilters | None = None,

@@ -593,6 +593,9 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
                 "kind": kind,
             },
             filter_names=FILTER_NAMES,
+            # each case opened from this list carries its filters: "Submit and open the next
+            # case" takes the next of the same list
+            list_query=filters.query(),
             refresh_s=settings.review.worklist_refresh_s,
             now=utcnow().isoformat(timespec="seconds"),
         )
@@ -973,11 +976,13 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         status: int = 200,
         submitted: dict[str, str] | None = None,
         amend: bool = False,
+        filters: WorklistFilters | None = None,
     ) -> HTMLResponse:
         """The case page; ``submitted`` is the verdict form the node just refused, whose
         choices, reason and lesion boxes the page shows again. With ``amend`` a closed case's
         page offers the form that amends its verdict, starting from that verdict's finding and
-        lesion boxes."""
+        lesion boxes. ``filters``: those of the worklist the reader came from, where the
+        next case is taken from and the reader goes back to."""
         case = _case_or_404(item_id)
         standing = current_verdict(case)
         amending = (
@@ -1100,16 +1105,46 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             other_reader=other_reader,
             # the reader may leave an open case for the others (it is theirs while open)
             may_leave=case["state"] == "open" and claim_s > 0 and other_reader is None,
+            list_query=(filters or WorklistFilters()).query(),
         )
+
+    def _worklist_url(filters: WorklistFilters) -> str:
+        query = filters.query()
+        return "/review/worklist" + (f"?{query}" if query else "")
+
+    def _after_decision(request: Request, item_id: int, form: dict[str, str]) -> str:
+        """Where a reader goes once the case is decided (or escalated, or left): with
+        ``then=next`` the next case of the worklist they came from, else that worklist."""
+        filters = WorklistFilters.from_query(form.get("list", ""))
+        if form.get("then") == "next":
+            user: SessionInfo = request.state.user
+            following = review.store.next_case(
+                user.user_name,
+                after=item_id,
+                filters=filters,
+                claim_s=settings.review.reading_claim_s,
+            )
+            if following is not None:
+                query = filters.query()
+                return f"/review/cases/{following}" + (
+                    f"?list={quote(query, safe='')}" if query else ""
+                )
+        return _worklist_url(filters)
 
     @app.get("/review/cases/{item_id}", include_in_schema=False)
     def case_page(
-        request: Request, item_id: int, amend: bool = False, amended: bool = False
+        request: Request,
+        item_id: int,
+        amend: bool = False,
+        amended: bool = False,
+        list: str = Query("", max_length=1000),  # noqa: A002 (the worklist's filters)
     ) -> HTMLResponse:
         notice = ""
         if amended:
             notice = AMENDED_NOTICE + (AMENDED_RIS_NOTICE if settings.hl7.ris is not None else "")
-        return _case_page(request, item_id, amend=amend, notice=notice)
+        return _case_page(
+            request, item_id, amend=amend, notice=notice, filters=WorklistFilters.from_query(list)
+        )
 
     @app.get("/review/cases/{item_id}/images/{sop}.png", include_in_schema=False)
     def case_image(
@@ -1202,11 +1237,20 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             message = str(exc)
             status = 409 if isinstance(exc, ItemClosed) else 400
             return await run_in_threadpool(
-                partial(_case_page, request, item_id, error=message, status=status, submitted=form)
+                partial(
+                    _case_page,
+                    request,
+                    item_id,
+                    error=message,
+                    status=status,
+                    submitted=form,
+                    filters=WorklistFilters.from_query(form.get("list", "")),
+                )
             )
-        if outcome.action == "escalate":
+        if outcome.action == "escalate" and form.get("then") != "next":
             return RedirectResponse(f"/review/cases/{item_id}", status_code=303)
-        return RedirectResponse("/review/worklist", status_code=303)
+        where = await run_in_threadpool(_after_decision, request, item_id, form)
+        return RedirectResponse(where, status_code=303)
 
     @app.post("/review/cases/{item_id}/leave", include_in_schema=False)
     async def leave(request: Request, item_id: int) -> Response:
@@ -1216,7 +1260,8 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         if not auth.csrf_ok(review.key, "session", user.token_hash, form.get("csrf_token")):
             return _forbidden("invalid form token: reload the page")
         await run_in_threadpool(review.store.stop_reading, item_id, user.user_name)
-        return RedirectResponse("/review/worklist", status_code=303)
+        where = _worklist_url(WorklistFilters.from_query(form.get("list", "")))
+        return RedirectResponse(where, status_code=303)
 
     @app.post("/review/cases/{item_id}/amend", include_in_schema=False)
     async def amend(request: Request, item_id: int) -> Response:

@@ -149,8 +149,10 @@ def test_sign_in_open_case_override(tmp_path: Path) -> None:
             assert new_label and new_label != predicted
             page.select_option("select[name=label]", new_label)
             page.fill("textarea[name=reason]", "rib overlap <not> a finding")
-            page.click(".verdict-form button[type=submit]")
-            expect(page).to_have_url(f"{base}/review/worklist")
+            # decided, and on to the next case of the worklist at once
+            page.click("#submit-next")
+            expect(page).to_have_url(f"{base}/review/cases/{other_item}")
+            page.goto(f"{base}/review/worklist")
             expect(page.locator("#counts")).to_have_text("1 of 1 open case shown")
             expect(page.locator(f"a[href='/review/cases/{canary_item}']")).to_have_count(0)
             expect(page.locator(f"a[href='/review/cases/{other_item}']")).to_have_count(1)

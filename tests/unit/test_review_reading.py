@@ -11,10 +11,10 @@ from fastapi.testclient import TestClient
 from acwi_node.config import Settings, load_settings
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import utcnow
-from acwi_node.review.store import ReviewStore, SessionInfo
+from acwi_node.review.store import ReviewStore, SessionInfo, WorklistFilters
 from acwi_node.web.api import create_app
 from tests.support.review_case import PASSWORD, add_user, sign_in
-from tests.support.study_flow import analyse, receive
+from tests.support.study_flow import analyse, dx_record, receive
 
 
 def _open_case(settings: Settings, ledger: Ledger, study: str = "1.2.3") -> int:
@@ -135,3 +135,85 @@ def test_a_worklist_that_does_not_reload_itself(ledger_node: tuple[Settings, Led
         sign_in(client)
         page = client.get("/review/worklist").text
         assert 'http-equiv="refresh"' not in page and "reloads every" not in page
+
+
+def _case_from(settings: Settings, ledger: Ledger, study: str, ae: str) -> int:
+    ledger.record_instance(dx_record(study, f"{study}.1", ae=ae), first_in_association=False)
+    analyse(settings, ledger, study, needs_review=True)
+    (item,) = [i["id"] for i in ledger.worklist() if i["study_uid"] == study]
+    return int(item)
+
+
+def test_the_next_case_is_the_next_of_the_readers_list_that_nobody_else_reads(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    """After a verdict the reader may open the next case at once: the worklist's next, under
+    the filters the reader chose, skipping a case another radiologist is reading and one the
+    reader escalated (it waits for a second reader)."""
+    settings, ledger = ledger_node
+    first = _case_from(settings, ledger, "1.2.1", "MOD")
+    other_site = _case_from(settings, ledger, "1.2.2", "OTHER")
+    ricks = _case_from(settings, ledger, "1.2.3", "MOD")
+    escalated = _case_from(settings, ledger, "1.2.4", "MOD")
+    last = _case_from(settings, ledger, "1.2.5", "MOD")
+    add_user(ledger)
+    add_user(ledger, "rick.roe")
+    app = create_app(settings, ledger)
+    with (
+        TestClient(app, base_url="https://testserver") as jane,
+        TestClient(app, base_url="https://testserver") as rick,
+    ):
+        csrf = sign_in(jane)
+        sign_in(rick, "rick.roe")
+        assert rick.get(f"/review/cases/{ricks}").status_code == 200  # rick reads it
+        kept = jane.post(  # escalated, staying on the case as before
+            f"/review/cases/{escalated}/verdict",
+            data={"csrf_token": csrf, "action": "escalate", "reason": "a second look"},
+            follow_redirects=False,
+        )
+        assert kept.headers["location"] == f"/review/cases/{escalated}"
+        # the worklist filtered to one site: each case link carries the filter
+        listed = jane.get("/review/worklist?calling_ae=MOD").text
+        assert f'href="/review/cases/{first}?list=calling_ae%3DMOD"' in listed
+        page = jane.get(f"/review/cases/{first}?list=calling_ae%3DMOD").text
+        assert 'name="list" value="calling_ae=MOD"' in page
+        assert 'id="submit-next"' in page
+
+        def then_next(item: int, query: str) -> str:
+            answer = jane.post(
+                f"/review/cases/{item}/verdict",
+                data={
+                    "csrf_token": csrf,
+                    "action": "escalate",
+                    "reason": "unsure",
+                    "then": "next",
+                    "list": query,
+                },
+                follow_redirects=False,
+            )
+            assert answer.status_code == 303
+            return str(answer.headers["location"])
+
+        # not the other site's, not rick's, not the one she escalated: the last
+        assert then_next(first, "calling_ae=MOD") == f"/review/cases/{last}?list=calling_ae%3DMOD"
+        # nothing left of her list: back to it, filtered
+        assert then_next(last, "calling_ae=MOD") == "/review/worklist?calling_ae=MOD"
+        # unfiltered, the other site's case is next; a forged filter is dropped
+        store = ReviewStore(ledger)
+        assert store.next_case("jane.doe", after=-1, claim_s=600) == other_site
+        assert WorklistFilters.from_query("calling_ae=MOD&x=<b>&kind=").query() == (
+            "calling_ae=MOD"
+        )
+        # rick's claim lapsed or left: his case is hers to take next
+        left = rick.post(
+            f"/review/cases/{ricks}/leave",
+            data={"csrf_token": sign_in(rick, "rick.roe"), "list": "calling_ae=MOD"},
+            follow_redirects=False,
+        )
+        assert left.headers["location"] == "/review/worklist?calling_ae=MOD"
+        assert (
+            store.next_case(
+                "jane.doe", after=-1, filters=WorklistFilters(calling_ae="MOD"), claim_s=600
+            )
+            == ricks
+        )

@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 from acwi_node.config import Settings
 from acwi_node.inference.manifest import MANIFEST_NAME, ModelManifest
 from acwi_node.ledger import Ledger
-from acwi_node.ledger.models import Job, JobState
+from acwi_node.ledger.models import Job, JobState, job_model_name, job_model_version
 from acwi_node.model_registry import ModelRegistry
 
 __all__ = ["ModelOverview", "VersionOverview", "models_overview"]
@@ -126,8 +126,8 @@ def _model_names(settings: Settings, registry: ModelRegistry) -> list[str]:
 
 def _ledger_versions(ledger: Ledger) -> dict[str, dict[tuple[str, str], dict[str, Any]]]:
     """Per route model name: (manifest name, version) -> analyses, last, withdrawn."""
-    name = func.coalesce(Job.summary[("model", "name")].as_string(), Job.model)
-    version = func.coalesce(Job.summary[("model", "version")].as_string(), "")
+    name = job_model_name()
+    version = job_model_version()
     withdrawn = func.count(Job.withdrawn_at)
     out: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
     with ledger.session() as s:

@@ -22,8 +22,13 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    func,
+    select,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import DeclarativeBase, Mapped, aliased, mapped_column, relationship
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.visitors import InternalTraversal
 
 
 def utcnow() -> dt.datetime:
@@ -214,14 +219,22 @@ class Job(Base):
     #: Renewed by the worker while it analyses; a job whose lease ran out is taken again.
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
-    #: The analysis summary: model identity, probabilities, uncertainty, review decision.
-    summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: The model's manifest name and version, as the summary names them, kept beside it: what
+    #: groups and picks jobs by model version (:func:`job_model_name`) reads no summary (a
+    #: CT's lists hundreds of images). None until the analysis, or where an earlier version
+    #: of the node wrote the summary and records retention has not copied them yet.
+    manifest_name: Mapped[str | None] = mapped_column(String(64), nullable=True, default=None)
+    manifest_version: Mapped[str | None] = mapped_column(String(64), nullable=True, default=None)
     #: Its results withdrawn from the PACS (a rejection note sent): when, by whom, why (the
     #: note's reason, ``quality`` or ``safety``, and the operator's words).
     withdrawn_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     withdrawn_by: Mapped[str] = mapped_column(String(64), default="")
     withdrawn_reason: Mapped[str] = mapped_column(String(16), default="")
     withdrawn_note: Mapped[str] = mapped_column(Text, default="")
+    #: The analysis summary: model identity, probabilities, uncertainty, review decision. The
+    #: table's last column: a CT's summary spans many pages, and SQLite reads through them
+    #: to any column after it.
+    summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     results: Mapped[list[Result]] = relationship(back_populates="job", order_by="Result.id")
@@ -234,6 +247,56 @@ class Job(Base):
         # the turnaround's window: the jobs whose results were stored in the last hours
         Index("ix_jobs_finished_at", "finished_at"),
     )
+
+
+class _SummaryField(ColumnElement[str]):
+    """A field of a job's summary, as the database reads it best: on SQLite by a subquery on
+    the same row (SQLite copies every column a GROUP BY's expressions name into its sorter,
+    a CT's summary of hundreds of images too, even where the expression never reads it); on
+    PostgreSQL directly (a subquery there makes the planner cost the query high enough to
+    compile it first, which took longer than the query)."""
+
+    inherit_cache = True
+    _traverse_internals = [
+        ("direct", InternalTraversal.dp_clauseelement),
+        ("by_subquery", InternalTraversal.dp_clauseelement),
+    ]
+
+    def __init__(self, job: Any, path: tuple[str, ...]) -> None:
+        same = aliased(Job)
+        self.direct = job.summary[path].as_string()
+        self.by_subquery = (
+            select(same.summary[path].as_string()).where(same.id == job.id).scalar_subquery()
+        )
+        self.type = String()
+
+    @property
+    def _from_objects(self) -> list[Any]:
+        return list(self.direct._from_objects)
+
+
+@compiles(_SummaryField)
+def _summary_field(element: _SummaryField, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.direct, **kw))
+
+
+@compiles(_SummaryField, "sqlite")
+def _summary_field_sqlite(element: _SummaryField, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.by_subquery, **kw))
+
+
+def job_model_name(job: Any = None) -> Any:
+    """The SQL expression of the manifest name of the model that analysed a job (``job``: the
+    :class:`Job` entity or an alias of it): its column, else its summary's, else the route's
+    model name."""
+    job = Job if job is None else job
+    return func.coalesce(job.manifest_name, _SummaryField(job, ("model", "name")), job.model)
+
+
+def job_model_version(job: Any = None) -> Any:
+    """The same for the model's version ("" where the job names none)."""
+    job = Job if job is None else job
+    return func.coalesce(job.manifest_version, _SummaryField(job, ("model", "version")), "")
 
 
 class Result(Base):
@@ -649,6 +712,8 @@ __all__ = [
     "Purge",
     "Job",
     "JobState",
+    "job_model_name",
+    "job_model_version",
     "MppsStep",
     "Result",
     "Retrieval",

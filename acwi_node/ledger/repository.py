@@ -1105,6 +1105,9 @@ class Ledger:
                 _queue_deliveries(s, job, _add_result(s, job_id, rf), now, takes) for rf in results
             )
             job.summary = summary
+            model = summary.get("model") or {}
+            job.manifest_name = str(model.get("name") or job.model)[:64]
+            job.manifest_version = str(model.get("version") or "")[:64]
             job.error = ""
             job.analysed_at = now
             job.state = JobState.EXPORTING if queued else JobState.DELIVERED

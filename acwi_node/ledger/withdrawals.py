@@ -20,7 +20,6 @@ import datetime as dt
 from collections import defaultdict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import aliased, defer
@@ -35,6 +34,8 @@ from acwi_node.ledger.models import (
     ReviewItem,
     ReviewState,
     Study,
+    job_model_name,
+    job_model_version,
     utcnow,
 )
 from acwi_node.ledger.repository import (
@@ -134,7 +135,7 @@ class Withdrawals:
         """The jobs whose results may be withdrawn: of study ``study_uid`` (every generation),
         and/or analysed by ``model_name`` (``model_version``), and/or among ``job_ids``, oldest
         first. Raises :class:`StudyActionRefused` for a study not in the ledger."""
-        name, version = _model_name(Job), _model_version(Job)
+        name, version = job_model_name(Job), job_model_version(Job)
         reissue = func.coalesce(Job.summary[("model", "reissue")].as_integer(), 0)
         with self.ledger.session() as s:
             # the summaries stay in the database: a CT's lists hundreds of images
@@ -219,8 +220,8 @@ class Withdrawals:
                     .where(
                         Study.study_uid == study_uid,
                         Job.withdrawn_at.is_not(None),
-                        _model_name(Job) == model_name,
-                        _model_version(Job) == model_version,
+                        job_model_name(Job) == model_name,
+                        job_model_version(Job) == model_version,
                     )
                 )
                 or 0
@@ -234,7 +235,9 @@ class Withdrawals:
         """
         old, new = aliased(Job), aliased(Job)
         query = (
-            select(old.id, Study.study_uid, _model_name(new), _model_version(new), new.generation)
+            select(
+                old.id, Study.study_uid, job_model_name(new), job_model_version(new), new.generation
+            )
             .join(
                 new,
                 (new.study_id == old.study_id)
@@ -248,8 +251,8 @@ class Withdrawals:
                 new.withdrawn_at.is_(None),
                 old.withdrawn_at.is_(None),
                 old.state.not_in(_UNFINISHED),
-                (_model_name(old) != _model_name(new))
-                | (_model_version(old) != _model_version(new)),
+                (job_model_name(old) != job_model_name(new))
+                | (job_model_version(old) != job_model_version(new)),
                 exists().where(Result.job_id == old.id, Result.kind != REJECTION_NOTE_KIND),
             )
             .order_by(old.id, new.generation.desc())
@@ -313,15 +316,6 @@ class Withdrawals:
                 self.ledger._sync_job_delivery(s, job.id)
                 self.ledger._sync_study(s, job.study_id)
             return WithdrawnJob(job.id, cancelled, queued)
-
-
-def _model_name(job: Any) -> Any:
-    """A job's model name: its summary's (the manifest's), else the route's model."""
-    return func.coalesce(job.summary[("model", "name")].as_string(), job.model)
-
-
-def _model_version(job: Any) -> Any:
-    return func.coalesce(job.summary[("model", "version")].as_string(), "")
 
 
 def _only(destinations: Sequence[str]) -> Callable[[str, str], bool]:

@@ -24,11 +24,18 @@ from typing import Any, Literal
 from sqlalchemy import ColumnElement, and_, delete, exists, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
-from sqlalchemy.orm.util import AliasedClass
 
 from acwi_node.config import MonitoringSettings
 from acwi_node.ledger import Ledger
-from acwi_node.ledger.models import Job, JobState, MonitoringBaseline, Study, utcnow
+from acwi_node.ledger.models import (
+    Job,
+    JobState,
+    MonitoringBaseline,
+    Study,
+    job_model_name,
+    job_model_version,
+    utcnow,
+)
 from acwi_node.monitoring.cache import Refreshed
 from acwi_node.monitoring.drift import (
     Status,
@@ -434,15 +441,6 @@ class BaselineRefused(ValueError):
     """A baseline that cannot be pinned (an empty or reversed period), with the reason."""
 
 
-def _model_name(job: type[Job] | AliasedClass[Job] = Job) -> ColumnElement[Any]:
-    """A job's model name: its summary's (the manifest's), else the route's model."""
-    return func.coalesce(job.summary[("model", "name")].as_string(), job.model)
-
-
-def _model_version(job: type[Job] | AliasedClass[Job] = Job) -> ColumnElement[Any]:
-    return func.coalesce(job.summary[("model", "version")].as_string(), "")
-
-
 def latest_analysis() -> ColumnElement[bool]:
     """A condition on :class:`Job`: it is the latest analysis of its study by its route with
     its model name and version. A study analysed again (reprocessed, or re-opened by late
@@ -461,8 +459,8 @@ def latest_analysis() -> ColumnElement[bool]:
             later.state != JobState.SUPERSEDED,
             label.is_not(None),
             label != "",
-            _model_name(later) == _model_name(Job),
-            _model_version(later) == _model_version(Job),
+            job_model_name(later) == job_model_name(Job),
+            job_model_version(later) == job_model_version(Job),
         )
         .correlate(Job)
     )
@@ -489,8 +487,8 @@ class ModelMonitor:
         query = (
             select(
                 Job.id,
-                _model_name(),
-                _model_version(),
+                job_model_name(),
+                job_model_version(),
                 Job.started_at,
                 summary["predicted_label"].as_string(),
                 summary["finding_labels"],
@@ -541,7 +539,7 @@ class ModelMonitor:
         return out
 
     def _version(self, model: str, version: str) -> ColumnElement[bool]:
-        return and_(_model_name() == model, _model_version() == version)
+        return and_(job_model_name() == model, job_model_version() == version)
 
     def baseline(self, model: str, version: str) -> tuple[Baseline, list[Sample]]:
         """A version's baseline and its samples: the pinned period, else its first

@@ -46,6 +46,7 @@ from acwi_node.ledger.models import (
     Study,
     StudyState,
     Verdict,
+    job_model_version,
     utcnow,
 )
 from acwi_node.ledger.repository import RIS_OUTAGE, outages, webhook_outages
@@ -355,7 +356,7 @@ class LedgerCollector(Collector):
             )
             # the model version that gave the result the radiologist judged (a route's model
             # is rolled out version by version: agreement is a version's)
-            version = func.coalesce(Job.summary[("model", "version")].as_string(), "")
+            version = job_model_version()
             verdicts = s.execute(
                 select(Job.model, version, ReviewItem.sampled, Verdict.action, func.count())
                 .join(ReviewItem, Verdict.review_item_id == ReviewItem.id)

@@ -36,6 +36,8 @@ from acwi_node.ledger.models import (
     Purge,
     Study,
     StudyState,
+    job_model_name,
+    job_model_version,
     utcnow,
 )
 from acwi_node.retention.store import may_purge
@@ -258,6 +260,28 @@ class RecordsStore:
                 update(Hl7Order)
                 .where(where)
                 .values(**dict.fromkeys(_PATIENT_FIELDS, ""))
+                .execution_options(synchronize_session=False)
+            )
+            return int(getattr(done, "rowcount", 0) or 0)
+
+    def copy_model_identity(self, *, limit: int = 2000) -> int:
+        """Copy the model's manifest name and version out of the summaries of up to ``limit``
+        jobs an earlier version of the node analysed (:func:`job_model_name` then reads the
+        columns, not the summaries); returns how many."""
+        todo = (
+            select(Job.id)
+            .where(Job.manifest_version.is_(None), Job.analysed_at.is_not(None))
+            .limit(limit)
+            .scalar_subquery()
+        )
+        with self.ledger.session() as s:
+            done = s.execute(
+                update(Job)
+                .where(Job.id.in_(todo))
+                .values(
+                    manifest_name=func.substr(job_model_name(), 1, 64),
+                    manifest_version=func.substr(job_model_version(), 1, 64),
+                )
                 .execution_options(synchronize_session=False)
             )
             return int(getattr(done, "rowcount", 0) or 0)

@@ -178,6 +178,10 @@ class Retention:
             self._make_space(report, dry_run=dry_run)
         if cfg.records_keep_days:
             self._compact_records(now - dt.timedelta(days=cfg.records_keep_days), report, dry_run)
+        if not dry_run:  # jobs an earlier version analysed: their model's identity, copied
+            for _ in range(10):
+                if self.records.copy_model_identity() == 0:
+                    break
         return report
 
     def _compact_records(self, cut: dt.datetime, report: SweepReport, dry_run: bool) -> None:

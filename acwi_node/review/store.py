@@ -41,6 +41,8 @@ from acwi_node.ledger.models import (
     User,
     Verdict,
     WebSession,
+    job_model_name,
+    job_model_version,
     utcnow,
 )
 from acwi_node.ledger.repository import (
@@ -895,35 +897,46 @@ class ReviewStore:
             }
         )
         with self.ledger.session() as s:
-            for st in s.scalars(select(Study).where(Study.first_received_at >= since)).all():
-                key = (st.first_received_at.date().isoformat(), st.calling_ae or "-")
+            for received_at, calling_ae, state in s.execute(
+                select(Study.first_received_at, Study.calling_ae, Study.state).where(
+                    Study.first_received_at >= since
+                )
+            ).all():
+                key = (received_at.date().isoformat(), calling_ae or "-")
                 rows[key]["received"] += 1
-                if st.state.value == "delivered":
+                if state == StudyState.DELIVERED:
                     rows[key]["delivered"] += 1
+            # a summary's figures, read by the database: a CT's summary lists hundreds of
+            # images, and two weeks of them decoded whole held the page for seconds
+            summary = Job.summary
             jobs = s.execute(
-                select(Job, Study.calling_ae)
+                select(
+                    Job.started_at,
+                    Study.calling_ae,
+                    summary["probabilities"].as_string(),
+                    summary[("uncertainty", "score")].as_float(),
+                    summary["needs_review"].as_boolean(),
+                    summary["uncertainty_threshold"].as_float(),
+                    summary["ood_threshold"].as_float(),
+                    summary["ood_score"].as_float(),
+                )
                 .join(Study, Job.study_id == Study.id)
                 .where(Job.started_at >= since, Job.state != JobState.SUPERSEDED)
             ).all()
-            for job, calling_ae in jobs:
-                summary = job.summary or {}
-                if not summary.get("probabilities"):
+            for started_at, calling_ae, probabilities, score, review, threshold, ood_t, ood in jobs:
+                if probabilities in (None, "", "{}", "null"):
                     continue
-                assert job.started_at is not None
-                key = (job.started_at.date().isoformat(), calling_ae or "-")
+                key = (started_at.date().isoformat(), calling_ae or "-")
                 row = rows[key]
                 row["analysed"] += 1
-                u = summary.get("uncertainty") or {}
-                score = float(u.get("score", 0.0))
+                score = float(score or 0.0)
                 row["_uncertainty"].append(score)
-                if summary.get("needs_review"):
+                if review:
                     row["review"] += 1
-                    threshold = float(summary.get("uncertainty_threshold", float("inf")))
-                    ood_threshold = summary.get("ood_threshold")
-                    if ood_threshold is not None:
-                        is_ood = float(summary.get("ood_score", 0.0)) > float(ood_threshold)
+                    if ood_t is not None:
+                        is_ood = float(ood or 0.0) > float(ood_t)
                     else:
-                        is_ood = score <= threshold
+                        is_ood = score <= (float("inf") if threshold is None else threshold)
                     row["ood"] += int(is_ood)
             queue = {
                 "queued": _count(s, Job, Job.state == JobState.QUEUED),
@@ -965,8 +978,8 @@ class ReviewStore:
         with self.ledger.session() as s:
             rows = s.execute(
                 select(
-                    func.coalesce(Job.summary[("model", "name")].as_string(), Job.model),
-                    func.coalesce(Job.summary[("model", "version")].as_string(), ""),
+                    job_model_name(),
+                    job_model_version(),
                     ReviewItem.sampled,
                     Verdict.model_label,
                     Verdict.label,

@@ -23,8 +23,11 @@ from acwi_node.ledger.models import (
     Hl7Outbound,
     Instance,
     InstanceArrival,
+    Job,
     Purge,
     Study,
+    job_model_name,
+    job_model_version,
     utcnow,
 )
 from acwi_node.ledger.trace import study_trace
@@ -352,3 +355,33 @@ def test_a_report_forwarded_after_the_purge_goes_in_its_turn_its_file_then_its_r
     assert len(received) == 1
     assert received[0].startswith("3 instance(s) in 2 series (DX, SR) from MOD")
     assert Retention(settings, ledger, space=plenty, clock=later(62 * DAY)).sweep().studies == 0
+
+
+def test_the_model_that_analysed_a_job_is_kept_beside_its_summary(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    """What groups jobs by model version reads two columns, not the summaries (a CT's lists
+    hundreds of images); jobs an earlier version of the node analysed get them copied by the
+    sweep, and meanwhile their summaries say it."""
+    settings, ledger = ledger_node
+    receive(settings, ledger, "1.2.3", "1.2.3.1")
+    analyse(settings, ledger, "1.2.3")
+
+    def identity() -> tuple[Any, ...]:
+        with ledger.session() as s:
+            row = s.execute(
+                select(
+                    Job.manifest_name, Job.manifest_version, job_model_name(), job_model_version()
+                )
+            ).one()
+            return tuple(row)
+
+    assert identity() == ("acwi-dianet-chest", "1.0.0", "acwi-dianet-chest", "1.0.0")
+    with ledger.session() as s:  # as an earlier version left it
+        s.execute(update(Job).values(manifest_name=None, manifest_version=None))
+    assert identity() == (None, None, "acwi-dianet-chest", "1.0.0")
+    Retention(settings, ledger, space=plenty).sweep()
+    assert identity() == ("acwi-dianet-chest", "1.0.0", "acwi-dianet-chest", "1.0.0")
+    with ledger.session() as s:  # the columns are what is read
+        s.execute(update(Job).values(manifest_version="1.0.1"))
+    assert identity()[3] == "1.0.1"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -241,6 +242,8 @@ class Job(Base):
 
     __table_args__ = (
         Index("ix_jobs_state", "state"),
+        # /metrics counts jobs by state and model at every scrape: from this index alone
+        Index("ix_jobs_state_model", "state", "model"),
         # the dashboard's and the model monitoring's windows
         Index("ix_jobs_started_at", "started_at"),
         Index("ix_jobs_created_at", "created_at"),
@@ -283,6 +286,61 @@ def _summary_field(element: _SummaryField, compiler: Any, **kw: Any) -> str:
 @compiles(_SummaryField, "sqlite")
 def _summary_field_sqlite(element: _SummaryField, compiler: Any, **kw: Any) -> str:
     return str(compiler.process(element.by_subquery, **kw))
+
+
+class _SummaryHead(ColumnElement[Any]):
+    """Some top-level fields of a job's summary, made by the database: what a view of many
+    jobs reads. A CT's summary lists hundreds of images; these fields are a few hundred
+    bytes, and the summary is parsed once for all of them (each field extracted on its own
+    parsed all of it each time, and decoding it whole took longer still). SQLite gives the
+    summary without its lists of images; PostgreSQL the named fields."""
+
+    inherit_cache = True
+    _traverse_internals = [
+        ("summary", InternalTraversal.dp_clauseelement),
+        ("keys", InternalTraversal.dp_string_list),
+    ]
+
+    def __init__(self, job: Any, keys: tuple[str, ...]) -> None:
+        self.summary = job.summary
+        self.keys = list(keys)
+        self.type = JSON()
+
+    @property
+    def _from_objects(self) -> list[Any]:
+        return list(self.summary._from_objects)
+
+
+@compiles(_SummaryHead)
+def _summary_head(element: _SummaryHead, compiler: Any, **kw: Any) -> str:
+    column = compiler.process(element.summary, **kw)
+    fields = ", ".join(f'"{key}" json' for key in element.keys)
+    return f"(SELECT json_strip_nulls(row_to_json(h)) FROM json_to_record({column}) AS h({fields}))"
+
+
+@compiles(_SummaryHead, "sqlite")
+def _summary_head_sqlite(element: _SummaryHead, compiler: Any, **kw: Any) -> str:
+    column = compiler.process(element.summary, **kw)
+    return f"json_remove({column}, '$.images', '$.skipped')"
+
+
+#: The keys :func:`summary_head` may name: a summary's top-level fields but its lists.
+SUMMARY_HEAD_KEYS = frozenset(
+    {
+        "model", "labels", "finding_labels", "probabilities", "predicted_label", "uncertainty",
+        "uncertainty_threshold", "ood_score", "ood_threshold", "equipment", "needs_review",
+    }
+)  # fmt: skip
+
+
+def summary_head(keys: Sequence[str], job: Any = None) -> Any:
+    """The SQL expression of these top-level fields of a job's summary (:class:`_SummaryHead`),
+    a dict when read: read a field with ``.get()``, a null one and one the summary lacks
+    alike (the one is absent, the other None, as the database gives it)."""
+    unknown = set(keys) - SUMMARY_HEAD_KEYS
+    if unknown:
+        raise ValueError(f"not a summary's top-level field: {sorted(unknown)}")
+    return _SummaryHead(Job if job is None else job, tuple(keys))
 
 
 def job_model_name(job: Any = None) -> Any:
@@ -349,6 +407,9 @@ class Delivery(Base):
 
     __table_args__ = (
         Index("ix_deliveries_due", "state", "next_attempt_at"),
+        # /metrics and the dashboard count deliveries by destination and state: from this
+        # index alone, not a scan of every delivery ever made
+        Index("ix_deliveries_destination_state", "destination", "state"),
         Index("ix_deliveries_commitment", "commitment_uid"),
     )
 
@@ -714,6 +775,7 @@ __all__ = [
     "JobState",
     "job_model_name",
     "job_model_version",
+    "summary_head",
     "MppsStep",
     "Result",
     "Retrieval",

@@ -43,6 +43,7 @@ from acwi_node.ledger.models import (
     WebSession,
     job_model_name,
     job_model_version,
+    summary_head,
     utcnow,
 )
 from acwi_node.ledger.repository import (
@@ -144,6 +145,17 @@ class WorklistFilters:
         if self.kind and item["kind"] != self.kind:
             return False
         return not (self.state and item["state"] != self.state)
+
+
+#: What the dashboard reads of an analysis's summary.
+_DASHBOARD_FIELDS = (
+    "probabilities",
+    "uncertainty",
+    "needs_review",
+    "uncertainty_threshold",
+    "ood_threshold",
+    "ood_score",
+)
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -906,37 +918,32 @@ class ReviewStore:
                 rows[key]["received"] += 1
                 if state == StudyState.DELIVERED:
                     rows[key]["delivered"] += 1
-            # a summary's figures, read by the database: a CT's summary lists hundreds of
-            # images, and two weeks of them decoded whole held the page for seconds
-            summary = Job.summary
+            # the summaries without their lists of images: a CT's lists hundreds, and two
+            # weeks of them read whole held the page for seconds
             jobs = s.execute(
-                select(
-                    Job.started_at,
-                    Study.calling_ae,
-                    summary["probabilities"].as_string(),
-                    summary[("uncertainty", "score")].as_float(),
-                    summary["needs_review"].as_boolean(),
-                    summary["uncertainty_threshold"].as_float(),
-                    summary["ood_threshold"].as_float(),
-                    summary["ood_score"].as_float(),
-                )
+                select(Job.started_at, Study.calling_ae, summary_head(_DASHBOARD_FIELDS))
                 .join(Study, Job.study_id == Study.id)
                 .where(Job.started_at >= since, Job.state != JobState.SUPERSEDED)
             ).all()
-            for started_at, calling_ae, probabilities, score, review, threshold, ood_t, ood in jobs:
-                if probabilities in (None, "", "{}", "null"):
+            for started_at, calling_ae, head in jobs:
+                summary = head or {}
+                if not summary.get("probabilities"):
                     continue
                 key = (started_at.date().isoformat(), calling_ae or "-")
                 row = rows[key]
                 row["analysed"] += 1
-                score = float(score or 0.0)
+                u = summary.get("uncertainty") or {}
+                score = float(u.get("score") or 0.0)
                 row["_uncertainty"].append(score)
-                if review:
+                if summary.get("needs_review"):
                     row["review"] += 1
-                    if ood_t is not None:
-                        is_ood = float(ood or 0.0) > float(ood_t)
+                    threshold = summary.get("uncertainty_threshold")
+                    threshold = float("inf") if threshold is None else float(threshold)
+                    ood_threshold = summary.get("ood_threshold")
+                    if ood_threshold is not None:
+                        is_ood = float(summary.get("ood_score") or 0.0) > float(ood_threshold)
                     else:
-                        is_ood = score <= (float("inf") if threshold is None else threshold)
+                        is_ood = score <= threshold
                     row["ood"] += int(is_ood)
             queue = {
                 "queued": _count(s, Job, Job.state == JobState.QUEUED),

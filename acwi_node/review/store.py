@@ -38,12 +38,12 @@ from acwi_node.ledger.models import (
     ReviewState,
     Study,
     StudyState,
+    SummaryFields,
     User,
     Verdict,
     WebSession,
     job_model_name,
     job_model_version,
-    summary_head,
     utcnow,
 )
 from acwi_node.ledger.repository import (
@@ -148,14 +148,14 @@ class WorklistFilters:
 
 
 #: What the dashboard reads of an analysis's summary.
-_DASHBOARD_FIELDS = (
-    "probabilities",
-    "uncertainty",
-    "needs_review",
-    "uncertainty_threshold",
-    "ood_threshold",
-    "ood_score",
-)
+_DASHBOARD_FIELDS = {
+    "probabilities": "json",
+    "uncertainty": "json",
+    "needs_review": "bool",
+    "uncertainty_threshold": "float",
+    "ood_threshold": "float",
+    "ood_score": "float",
+}
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -918,15 +918,16 @@ class ReviewStore:
                 rows[key]["received"] += 1
                 if state == StudyState.DELIVERED:
                     rows[key]["delivered"] += 1
-            # the summaries without their lists of images: a CT's lists hundreds, and two
-            # weeks of them read whole held the page for seconds
+            # a few fields of the summaries, by the database: a CT's lists hundreds of images,
+            # and two weeks of them decoded whole held the page for seconds
+            fields = SummaryFields(_DASHBOARD_FIELDS, self.ledger.engine.dialect.name)
             jobs = s.execute(
-                select(Job.started_at, Study.calling_ae, summary_head(_DASHBOARD_FIELDS))
+                select(Job.started_at, Study.calling_ae, *fields.columns)
                 .join(Study, Job.study_id == Study.id)
                 .where(Job.started_at >= since, Job.state != JobState.SUPERSEDED)
             ).all()
-            for started_at, calling_ae, head in jobs:
-                summary = head or {}
+            for started_at, calling_ae, *values in jobs:
+                summary = fields.read(values)
                 if not summary.get("probabilities"):
                     continue
                 key = (started_at.date().isoformat(), calling_ae or "-")

@@ -8,7 +8,7 @@ from sqlalchemy import select, update
 
 from acwi_node.config import Settings
 from acwi_node.ledger import Ledger
-from acwi_node.ledger.models import Job, summary_head
+from acwi_node.ledger.models import Job, SummaryFields
 from tests.support.study_flow import analyse, receive
 
 
@@ -20,18 +20,25 @@ def test_a_summary_s_fields_without_its_images(ledger_node: tuple[Settings, Ledg
     with ledger.session() as s:
         job = s.scalars(select(Job)).one()
         job.summary = {**job.summary, "images": images, "ood_threshold": None}
-    fields = ("probabilities", "needs_review", "uncertainty", "ood_threshold", "ood_score")
+    fields = SummaryFields(
+        {
+            "probabilities": "json",
+            "needs_review": "bool",
+            "uncertainty": "json",
+            "ood_threshold": "float",
+            "ood_score": "float",
+        },
+        ledger.engine.dialect.name,
+    )
     with ledger.session() as s:
-        head = s.scalar(select(summary_head(fields)))
-    assert isinstance(head, dict)
-    assert head["probabilities"] == {"normal": 0.3, "nodule": 0.7}
-    assert head["needs_review"] is False
-    assert head["uncertainty"]["score"] == 0.4
-    assert "images" not in head and "skipped" not in head
-    # null or absent: None to .get()
-    assert head.get("ood_threshold") is None and head.get("ood_score") is None
+        head = fields.read(s.execute(select(*fields.columns)).one())
+    assert head == {
+        "probabilities": {"normal": 0.3, "nodule": 0.7},
+        "needs_review": False,
+        "uncertainty": {"score": 0.4, "entropy": 0.6, "epistemic": 0.02, "aleatoric": 0.6},
+    }  # the null threshold and the absent score alike: not there
     with ledger.session() as s:  # a summary from before the analysis: empty
         s.execute(update(Job).values(summary={}))
-        assert not s.scalar(select(summary_head(fields)))
+        assert fields.read(s.execute(select(*fields.columns)).one()) == {}
     with pytest.raises(ValueError, match="images"):
-        summary_head(("images",))
+        SummaryFields({"images": "json"}, "sqlite")

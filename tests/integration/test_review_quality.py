@@ -82,8 +82,9 @@ def test_sure_studies_are_sampled_and_the_verdicts_measure_agreement(
             assert page.count('<span class="badge">QC sample</span>') == 1
             assert '<option value="sample" >sample (1)</option>' in page
             only = client.get("/review/worklist", params={"kind": "sample"}).text
-            assert f'href="/review/cases/{sample_item}"' in only
-            assert f'href="/review/cases/{flagged_item}"' not in only
+            # (each case link carries the filter: the next case is the next of this list)
+            assert f'href="/review/cases/{sample_item}?list=kind%3Dsample"' in only
+            assert f'href="/review/cases/{flagged_item}' not in only
             for item, fields in [
                 (sample_item, {"action": "override", "label": other, "reason": "missed"}),
                 (flagged_item, {"action": "escalate", "reason": "second look"}),  # not final

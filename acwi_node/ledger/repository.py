@@ -1438,8 +1438,7 @@ class Ledger:
                     )
                     continue
                 d.attempts += 1
-                d.unreachable_since = None
-                d.outage_attempts = 0
+                outage_over(d)
                 if attempt.delivered and attempt.awaits_commitment:
                     d.state = DeliveryState.COMMITTING
                     d.commitment_uid = None
@@ -1546,7 +1545,7 @@ class Ledger:
             for d in rows:
                 d.last_error = error[:2000]
                 if not (unreachable and outage_patience_s > 0):
-                    d.unreachable_since = None  # it answered
+                    outage_over(d)  # it answered
                     continue
                 d.commitment_requests = max(0, d.commitment_requests - 1)
                 since = d.unreachable_since or now
@@ -2157,8 +2156,7 @@ class Ledger:
                 )
                 return row.state.value
             row.attempts += 1
-            row.unreachable_since = None
-            row.outage_attempts = 0
+            outage_over(row)
             if delivered:
                 row.state = DeliveryState.DELIVERED
                 row.delivered_at = now
@@ -2337,8 +2335,7 @@ def _back_to_outbox(d: Delivery, now: dt.datetime) -> None:
     """A delivery sent again (resend, retry): due now, its attempts counted from zero."""
     d.state = DeliveryState.PENDING
     d.attempts = 0
-    d.unreachable_since = None
-    d.outage_attempts = 0
+    outage_over(d)
     d.next_attempt_at = now
 
 
@@ -2375,6 +2372,13 @@ def outage_attempt(
         row.last_error = why[:2000]
     else:
         row.next_attempt_at = now + dt.timedelta(seconds=backoff_s)
+
+
+def outage_over(row: Delivery | Hl7Outbound | Notification) -> None:
+    """The destination answered an attempt (or the row is sent afresh): no outage now, and
+    the next one counts its time and attempts from its own start."""
+    row.unreachable_since = None
+    row.outage_attempts = 0
 
 
 def _add_result(s: Session, job_id: int, result: ResultFile) -> Result:

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, Select, func, select
 from sqlalchemy.orm import Session
 
 from acwi_node.ledger.models import (
@@ -204,23 +204,31 @@ class _Arrival:
     waited_until: dt.datetime | None = None
 
 
+def arrivals_by_sender(
+    where: ColumnElement[bool],
+) -> Select[int, str, int, int, dt.datetime, dt.datetime]:
+    """The instance rows ``where`` selects, by generation and sending AE: (generation, AE,
+    instances, series, first and last arrival): what a trace tells of them, and what records
+    retention keeps of them (:class:`~acwi_node.ledger.models.InstanceArrival`)."""
+    return (
+        select(
+            Instance.generation,
+            Instance.calling_ae,
+            func.count(),
+            func.count(func.distinct(Instance.series_uid)),
+            func.min(Instance.received_at),
+            func.max(Instance.received_at),
+        )
+        .where(where)
+        .group_by(Instance.generation, Instance.calling_ae)
+    )
+
+
 def _received(s: Session, study: Study, events: list[TraceEvent]) -> dict[int, _Arrival]:
     """One event per generation and sending AE; returns each generation's arrival. The
     instance rows say it, or, once records retention compacted them, their summaries."""
     rows = [
-        (*row, None)
-        for row in s.execute(
-            select(
-                Instance.generation,
-                Instance.calling_ae,
-                func.count(),
-                func.count(func.distinct(Instance.series_uid)),
-                func.min(Instance.received_at),
-                func.max(Instance.received_at),
-            )
-            .where(Instance.study_id == study.id)
-            .group_by(Instance.generation, Instance.calling_ae)
-        ).all()
+        (*row, None) for row in s.execute(arrivals_by_sender(Instance.study_id == study.id)).all()
     ]
     modalities: dict[int, set[str]] = defaultdict(set)
     for generation, modality in s.execute(

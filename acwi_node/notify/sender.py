@@ -29,7 +29,7 @@ from acwi_node.config import NotifyTarget, Settings
 from acwi_node.http_client import connect, request_target, target_of
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import DeliveryState, Notification, utcnow
-from acwi_node.ledger.repository import outage_attempt
+from acwi_node.ledger.repository import outage_attempt, outage_over
 from acwi_node.monitoring.cached import MonitoringCaches
 from acwi_node.notify.events import queue_events
 from acwi_node.notify.formats import shape
@@ -198,8 +198,7 @@ class Notifier:
             tried = attempts + 1
             final = not outcome.retry or target is None or tried >= target.max_attempts
             row.attempts = tried
-            row.unreachable_since = None
-            row.outage_attempts = 0
+            outage_over(row)
             if outcome.delivered:
                 row.state = DeliveryState.DELIVERED
                 row.delivered_at = now

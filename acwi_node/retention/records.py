@@ -40,6 +40,7 @@ from acwi_node.ledger.models import (
     job_model_version,
     utcnow,
 )
+from acwi_node.ledger.trace import arrivals_by_sender
 from acwi_node.retention.store import may_purge
 
 
@@ -158,18 +159,7 @@ class RecordsStore:
     @staticmethod
     def _summarise(s: Session, study: Study, gone: ColumnElement[bool]) -> int:
         """Add the rows selected by ``gone`` to the study's arrivals; returns how many."""
-        groups = s.execute(
-            select(
-                Instance.generation,
-                Instance.calling_ae,
-                func.count(),
-                func.count(func.distinct(Instance.series_uid)),
-                func.min(Instance.received_at),
-                func.max(Instance.received_at),
-            )
-            .where(gone)
-            .group_by(Instance.generation, Instance.calling_ae)
-        ).all()
+        groups = s.execute(arrivals_by_sender(gone)).all()
         if not groups:
             return 0
         modalities: dict[tuple[int, str], set[str]] = defaultdict(set)

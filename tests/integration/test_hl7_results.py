@@ -249,22 +249,28 @@ def test_a_verdict_waits_for_its_study_s_result_in_back_off(
     ledger.dispose()
 
 
+def order(settings: Settings, ledger: Ledger, patient_name: str) -> None:
+    """The RIS's order of the study (ORM^O01 with its Study Instance UID, accession ACC-9),
+    taken by the order listener."""
+    message = "\r".join(
+        [
+            "MSH|^~\\&|RIS|HOSP|ACWI|NODE|20240101||ORM^O01|O1|P|2.5",
+            f"PID|1||ORD-PID^^^HOSP^MR||{patient_name}||19800101|F",
+            "ORC|NW|PL9|FI9",
+            "OBR|1|PL9|FI9|CT^CT head^L" + "|" * 14 + "ACC-9",
+            f"ZDS|{STUDY_UID}",
+        ]
+    )
+    assert b"MSA|AA|O1" in OrderIntake(settings, ledger).handle(message.encode())
+
+
 def test_patient_from_order_and_script_in_name(
     tmp_path: Path, make_peer: Callable[[str], Peer]
 ) -> None:
     peer = make_peer("AA")
     settings = make_settings(tmp_path, peer.port)
     ledger = Ledger(settings.database_url)
-    order = "\r".join(
-        [
-            "MSH|^~\\&|RIS|HOSP|ACWI|NODE|20240101||ORM^O01|O1|P|2.5",
-            "PID|1||ORD-PID^^^HOSP^MR||<script>x</script>^Eve||19800101|F",
-            "ORC|NW|PL9|FI9",
-            "OBR|1|PL9|FI9|CT^CT head^L" + "|" * 14 + "ACC-9",
-            f"ZDS|{STUDY_UID}",
-        ]
-    )
-    assert b"MSA|AA|O1" in OrderIntake(settings, ledger).handle(order.encode())
+    order(settings, ledger, "<script>x</script>^Eve")
     job_id = analysed_job(settings, ledger)
     queue_oru(settings, ledger, job_id)
     drain(OruSender(settings, ledger), ledger, "delivered")
@@ -285,16 +291,7 @@ def test_an_order_whose_patient_identifiers_were_erased_gives_the_orders_numbers
     peer = make_peer("AA")
     settings = make_settings(tmp_path, peer.port)
     ledger = Ledger(settings.database_url)
-    order = "\r".join(
-        [
-            "MSH|^~\\&|RIS|HOSP|ACWI|NODE|20240101||ORM^O01|O1|P|2.5",
-            "PID|1||ORD-PID^^^HOSP^MR||Order^Eve||19800101|F",
-            "ORC|NW|PL9|FI9",
-            "OBR|1|PL9|FI9|CT^CT head^L" + "|" * 14 + "ACC-9",
-            f"ZDS|{STUDY_UID}",
-        ]
-    )
-    assert b"MSA|AA|O1" in OrderIntake(settings, ledger).handle(order.encode())
+    order(settings, ledger, "Order^Eve")
     records = RecordsStore(ledger)
     assert records.erase_unclaimed_orders(updated_before=utcnow() + dt.timedelta(seconds=1)) == 1
     queue_oru(settings, ledger, analysed_job(settings, ledger))

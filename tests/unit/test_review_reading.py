@@ -5,6 +5,8 @@ lock. On SQLite and (integration) PostgreSQL."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from fastapi.testclient import TestClient
 
@@ -22,6 +24,22 @@ def _open_case(settings: Settings, ledger: Ledger, study: str = "1.2.3") -> int:
     analyse(settings, ledger, study, needs_review=True)
     (item,) = [i["id"] for i in ledger.worklist() if i["study_uid"] == study]
     return int(item)
+
+
+@contextmanager
+def two_readers(settings: Settings, ledger: Ledger) -> Iterator[tuple[TestClient, TestClient, str]]:
+    """Jane and Rick, radiologists, each signed in to the review app in a browser of their
+    own; with Jane's form token."""
+    add_user(ledger)
+    add_user(ledger, "rick.roe")
+    app = create_app(settings, ledger)
+    with (
+        TestClient(app, base_url="https://testserver") as jane,
+        TestClient(app, base_url="https://testserver") as rick,
+    ):
+        jane_csrf = sign_in(jane)
+        sign_in(rick, "rick.roe")
+        yield jane, rick, jane_csrf
 
 
 def test_the_first_to_open_a_case_reads_it_until_the_claim_lapses(
@@ -84,15 +102,7 @@ def test_the_pages_and_the_api_tell_the_others(ledger_node: tuple[Settings, Ledg
     she is; Rick opening it is told so, with the time. She leaves it: nobody is."""
     settings, ledger = ledger_node
     item = _open_case(settings, ledger)
-    add_user(ledger)
-    add_user(ledger, "rick.roe")
-    app = create_app(settings, ledger)
-    with (
-        TestClient(app, base_url="https://testserver") as jane,
-        TestClient(app, base_url="https://testserver") as rick,
-    ):
-        jane_csrf = sign_in(jane)
-        sign_in(rick, "rick.roe")
+    with two_readers(settings, ledger) as (jane, rick, jane_csrf):
         page = jane.get(f"/review/cases/{item}").text
         assert "Leave it for the others" in page and "reading-notice" not in page
         worklist = jane.get("/review/worklist").text
@@ -156,15 +166,7 @@ def test_the_next_case_is_the_next_of_the_readers_list_that_nobody_else_reads(
     ricks = _case_from(settings, ledger, "1.2.3", "MOD")
     escalated = _case_from(settings, ledger, "1.2.4", "MOD")
     last = _case_from(settings, ledger, "1.2.5", "MOD")
-    add_user(ledger)
-    add_user(ledger, "rick.roe")
-    app = create_app(settings, ledger)
-    with (
-        TestClient(app, base_url="https://testserver") as jane,
-        TestClient(app, base_url="https://testserver") as rick,
-    ):
-        csrf = sign_in(jane)
-        sign_in(rick, "rick.roe")
+    with two_readers(settings, ledger) as (jane, rick, csrf):
         assert rick.get(f"/review/cases/{ricks}").status_code == 200  # rick reads it
         kept = jane.post(  # escalated, staying on the case as before
             f"/review/cases/{escalated}/verdict",

@@ -325,7 +325,7 @@ def _summary_head_sqlite(element: _SummaryHead, compiler: Any, **kw: Any) -> str
     return f"json_remove({column}, '$.images', '$.skipped')"
 
 
-#: The keys :func:`summary_head` may name: a summary's top-level fields but its lists.
+#: The fields :class:`SummaryFields` may read: a summary's top-level fields but its lists.
 SUMMARY_HEAD_KEYS = frozenset(
     {
         "model", "labels", "finding_labels", "probabilities", "predicted_label", "uncertainty",

@@ -297,9 +297,28 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
     lock = threading.Lock()
     used = [0]
     unanswered = [False]  # a request got no HTTP answer at all
+    gone = [False]  # after one went unanswered, the service could not be reached again
+
+    def reachable() -> bool:
+        """Whether a new connection reaches the service (or its proxy)."""
+        try:
+            probe = connect(dest, target, timeout_s, tunnel_headers)
+        except (OSError, ValueError):  # the TLS files went missing meanwhile
+            return True  # a configuration problem, not an outage
+        try:
+            probe.connect()
+            return True
+        except OSError:
+            return False
+        finally:
+            probe.close()
 
     def send_batches() -> None:
-        """One connection's share: batches until none is left, or the service is gone."""
+        """One connection's share: batches until none is left, or the service is gone. A
+        request without an answer (the service restarted, the connection was cut) is not
+        sent again in this call; the next goes over a new connection, and when that one
+        gets no answer either (or none can be made) the service went away: what is left,
+        and what was not answered, waits out the outage."""
         try:
             conn = connect(dest, target, timeout_s, tunnel_headers)
         except (OSError, ValueError) as exc:  # the TLS files went missing since start-up
@@ -307,11 +326,15 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
                 report.error = report.error or f"TLS configuration: {exc}"
             return
         answered = False
+        lost = False  # the last request got no answer
         try:
             while True:
                 try:
                     batch = batches.get_nowait()
                 except queue.Empty:
+                    if lost and not reachable():
+                        with lock:
+                            gone[0] = True
                     return
                 with contextlib.ExitStack() as opened:
                     files: list[BinaryIO] = []
@@ -334,7 +357,17 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
                         with lock:
                             report.error = report.error or str(exc)
                             unanswered[0] = True
-                        return  # unreachable: what is left waits for the next attempt
+                            if lost:  # twice in a row: the service went away
+                                gone[0] = True
+                        if lost or not answered:
+                            return  # unreachable: what is left waits for the next attempt
+                        lost = True
+                        try:
+                            conn = connect(dest, target, timeout_s, tunnel_headers)
+                        except (OSError, ValueError):  # the TLS files went missing meanwhile
+                            return
+                        continue
+                lost = False
                 outcomes, error = _outcomes(response, body, {p: uids[p] for p in sent})
                 with lock:
                     report.association_ok = True
@@ -365,7 +398,15 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
     if report.error is None and errors:
         report.error = errors[0]
     for path in unique:  # in input order, as the DIMSE sender gives them
-        report.outcomes.setdefault(path, FileOutcome(None, False, report.error or "not sent"))
+        report.outcomes.setdefault(
+            path,
+            FileOutcome(
+                None,
+                False,
+                report.error or "not sent",
+                unreachable=gone[0] and report.association_ok,
+            ),
+        )
     report.outcomes = {p: report.outcomes[p] for p in unique}
     return report
 

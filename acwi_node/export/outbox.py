@@ -262,9 +262,15 @@ class Exporter:
         for d in items:
             path: Path = paths[d.id]
             outcome = report.outcomes.get(path)
-            # nothing answered: the destination could not be reached (an outage); a file
-            # that could not be read is no fault of the destination's
-            unreachable = report.unreachable and not (outcome is not None and outcome.unreadable)
+            # nothing answered, or the destination went away in the middle (the association
+            # was lost, and a new one could not reach it): an outage; a file that could not
+            # be read is no fault of the destination's
+            if outcome is None:
+                unreachable = report.unreachable
+            else:
+                unreachable = not outcome.unreadable and (
+                    outcome.unreachable or (report.unreachable and not outcome.delivered)
+                )
             if outcome is None:
                 ok, status, detail = False, None, report.error or "not sent"
             else:

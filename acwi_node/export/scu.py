@@ -97,6 +97,11 @@ class FileOutcome:
     detail: str
     #: The file could not be read (nothing the destination did).
     unreadable: bool = False
+    #: Not delivered because the destination could not be reached: it went away in the
+    #: middle of the transfer (the association was lost, and a new one could not reach it),
+    #: before this file's C-STORE response or before its turn. An outage, not the file's
+    #: fault; :attr:`SendReport.unreachable` says the same of every file at once.
+    unreachable: bool = False
 
 
 class AssociationFailure(str):
@@ -446,7 +451,11 @@ def send_files(
     threads (Orthanc) takes a CT's 100 heatmaps in a third of the time over four. An extra
     association that is refused, or lost, costs nothing but itself: its files go over the
     others (the report's ``associations`` says how many served), and the call never waits
-    for one still being requested once every file has an outcome.
+    for one still being requested once every file has an outcome. When every association is
+    lost with files left or a C-STORE unanswered (the destination restarted), a new one
+    sends what is left (at most :data:`RECONNECTS` in a row that deliver nothing); when none
+    can be established because the destination cannot be reached, those files and the ones
+    whose C-STORE was never answered are reported :attr:`FileOutcome.unreachable`.
 
     Args:
         paths: Part-10 files to send.  Duplicates are sent once.
@@ -535,6 +544,31 @@ def send_files(
         threading.Thread(target=serve_extra, name="acwi-scu-extra", daemon=True).start()
     queue.serve(assoc)
     pending = queue.wait()
+    fruitless = 0
+    while queue.lost_mid_way() and fruitless < RECONNECTS:
+        # Every association was lost, with files still to send or a C-STORE never answered
+        # (the destination restarted, a firewall cut the connection): a new association
+        # sends what is left (with nothing left, it is released at once), or tells that the
+        # destination went away: an outage, not the files' fault. A file that was in flight
+        # is not sent again in this call: it may be what the peer aborts on.
+        delivered_before = sum(o.delivered for o in pending.values())
+        again, why = associate()
+        if again is None:
+            logger.warning(
+                "C-STORE to %s@%s:%d: association lost, and a new one: %s",
+                called_ae, host, port, why,
+            )  # fmt: skip
+            outage = isinstance(why, AssociationFailure) and why.outage
+            pending = queue.give_up(why, unreachable=outage)
+            break
+        logger.info("association with %s@%s:%d established again", called_ae, host, port)
+        queue.resume()
+        queue.serve(again)
+        pending = queue.wait()
+        if sum(o.delivered for o in pending.values()) > delivered_before:
+            fruitless = 0
+        else:
+            fruitless += 1
     report.associations = queue.served
     report.error = queue.error
     delivered = sum(1 for o in pending.values() if o.delivered)
@@ -571,14 +605,24 @@ class _SendQueue:
         self.served = 0
         #: The first association-level problem (an association lost), or None.
         self.error: str | None = None
+        #: Files whose C-STORE was sent but never answered: the association was lost.
+        self._unanswered: set[Path] = set()
+        #: An association was lost since the last one was established.
+        self._lost = False
 
     def _next(self) -> tuple[int, Path] | None:
         with self._cond:
             return self._todo.popleft() if self._todo else None
 
-    def _record(self, path: Path, outcome: FileOutcome) -> None:
+    def _record(self, path: Path, outcome: FileOutcome, *, lost: bool = False) -> None:
+        """``path``'s outcome; ``lost``: its association was lost before the answer (told
+        with the outcome, so that :meth:`lost_mid_way` sees it once every file has one)."""
         with self._cond:
             self.pending[path] = outcome
+            if lost:
+                self.error = self.error or outcome.detail
+                self._unanswered.add(path)
+                self._lost = True
             self._cond.notify_all()
 
     def stopped(self) -> None:
@@ -586,6 +630,41 @@ class _SendQueue:
         with self._cond:
             self.serving -= 1
             self._cond.notify_all()
+
+    def lost_mid_way(self) -> bool:
+        """After :meth:`wait`: an association was lost since the last was established, and
+        files are left to send (no association serves them any more) or a C-STORE was never
+        answered."""
+        with self._cond:
+            return self._lost and bool(self._todo or self._unanswered)
+
+    def resume(self) -> None:
+        """A new association was established: it serves the files left (if any)."""
+        with self._cond:
+            self._lost = False
+            self.serving += 1
+
+    def give_up(self, why: str, *, unreachable: bool) -> dict[Path, FileOutcome]:
+        """No new association could be established for the files left (``why``): each is
+        not sent, and (``unreachable``: the destination went away) neither they nor the files
+        whose C-STORE was never answered are at fault. Returns every outcome."""
+        with self._cond:
+            self.error = f"{self.error}; a new association: {why}"
+            while self._todo:
+                _, path = self._todo.popleft()
+                self.pending[path] = FileOutcome(
+                    None, False, f"not sent: {self.error}", unreachable=unreachable
+                )
+            if unreachable:
+                for path in self._unanswered:
+                    lost = self.pending[path]
+                    self.pending[path] = FileOutcome(
+                        lost.status,
+                        lost.delivered,
+                        f"{lost.detail}; a new association: {why}",
+                        unreachable=True,
+                    )
+            return dict(self.pending)
 
     def wait(self) -> dict[Path, FileOutcome]:
         """Until every file has an outcome, or no association is left to send the rest."""
@@ -608,6 +687,7 @@ class _SendQueue:
                 if not assoc.is_established:
                     with self._cond:
                         self._todo.appendleft(item)  # another association may send it
+                        self._lost = True
                         self.error = self.error or (
                             "association aborted by the peer or connection lost"
                         )
@@ -640,12 +720,10 @@ class _SendQueue:
                 outcome, association_lost = _store_one(
                     assoc, path, index, class_name, self._timeout_s, as_stored=as_stored
                 )
-                self._record(path, outcome)
+                self._record(path, outcome, lost=association_lost)
                 if association_lost:
                     # pynetdicom may still report the association as established for
                     # a moment after an A-ABORT; it is unusable either way.
-                    with self._cond:
-                        self.error = self.error or outcome.detail
                     if assoc.is_established:
                         assoc.abort()
                     break
@@ -711,6 +789,10 @@ def _store_one(
     log("file %d (%s): C-STORE status 0x%04X", index, class_name, outcome.status)
     return outcome, False
 
+
+#: New associations :func:`send_files` requests at most, one after the other, when every
+#: association was lost (files left, or a C-STORE never answered) and none delivered a file.
+RECONNECTS = 2
 
 #: The longest an A-RELEASE may take before the association is aborted instead.
 RELEASE_TIMEOUT_S = 30.0

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
+from pydicom.dataset import Dataset
+from pynetdicom import StoragePresentationContexts, evt
 from sqlalchemy import select
 
 from acwi_node.config import Settings
@@ -27,6 +29,7 @@ from models.data.synth import write_study
 from tests.support.orthanc import OrthancServer, require_orthanc
 from tests.support.ports import free_port
 from tests.support.review_case import add_user, review_settings, sign_in, store_and_route
+from tests.support.scripted_scp import ScriptedScp
 
 pytestmark = pytest.mark.integration
 
@@ -40,11 +43,13 @@ def orthanc() -> Iterator[OrthancServer]:
         yield server
 
 
-def _node(tmp_path: Path, orthanc: OrthancServer, patience: float) -> tuple[Settings, Ledger]:
+def _node(
+    tmp_path: Path, orthanc: OrthancServer | None, patience: float, *, pacs_port: int = 0
+) -> tuple[Settings, Ledger]:
     settings = review_settings(
         tmp_path,
-        pacs_ae=orthanc.aet,
-        pacs_port=orthanc.dicom_port,
+        pacs_ae=orthanc.aet if orthanc else "SCRIPTED",
+        pacs_port=orthanc.dicom_port if orthanc else pacs_port,
         notify=[
             {
                 "name": "pacs-team",
@@ -152,4 +157,51 @@ def test_without_patience_an_outage_fails_the_delivery_after_max_attempts(
         assert all(d["attempts"] == 1 for d in _deliveries(ledger, uid))
     finally:
         orthanc.resume()
+        ledger.dispose()
+
+
+STORAGE_CLASSES = [str(cx.abstract_syntax) for cx in StoragePresentationContexts]
+
+
+def test_a_pacs_that_goes_away_in_the_middle_of_a_delivery_is_an_outage(
+    tmp_path: Path,
+) -> None:
+    """The PACS stores the first result, then stops (a restart) while the second is in
+    flight: the second, never answered, and any left wait out the outage without counting
+    an attempt (``max_attempts`` is 1: counted, they would have failed); the first is
+    delivered and is not sent again once the PACS is back."""
+    port = free_port()
+    settings, ledger = _node(tmp_path, None, patience=3600, pacs_port=port)
+    scps: list[ScriptedScp] = []
+
+    def restarting(index: int, _ds: Dataset, event: evt.Event) -> int:
+        if index == 2:
+            scps[0].go_away(event)
+        return 0x0000
+
+    try:
+        uid = _analysed(settings, ledger, tmp_path)
+        exporter = Exporter(settings, ledger)
+        before = _unreachable_count()
+        with ScriptedScp(restarting, sop_classes=STORAGE_CLASSES, port=port) as scp:
+            scps.append(scp)
+            exporter.tick()
+        deliveries = _deliveries(ledger, uid)
+        assert len(deliveries) >= 2 and scp.calls == 2
+        delivered = [d for d in deliveries if d["state"] == "delivered"]
+        waiting = [d for d in deliveries if d["state"] == "pending"]
+        assert len(delivered) == 1 and len(waiting) == len(deliveries) - 1, deliveries
+        assert all(d["attempts"] == 0 and d["outage_attempts"] == 1 for d in waiting)
+        assert all(d["unreachable_since"] for d in waiting)
+        assert "a new association" in str(waiting[0]["last_error"])
+        assert _unreachable_count() == before + len(waiting)
+
+        time.sleep(0.15)
+        with ScriptedScp(lambda *_: 0x0000, sop_classes=STORAGE_CLASSES, port=port) as back:
+            exporter.tick()
+        assert back.calls == len(waiting)  # the one stored is not sent again
+        view = ledger.get_study(uid)
+        assert view is not None and view["state"] == "delivered", _deliveries(ledger, uid)
+        assert all(d["outage_attempts"] == 0 for d in _deliveries(ledger, uid))
+    finally:
         ledger.dispose()

@@ -6,7 +6,6 @@ import io
 import json
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket
 
 from acwi_node.cli import main as cli_main
 from acwi_node.export import FileOutcome, SendReport, echo, scu, send_files
@@ -38,6 +37,7 @@ from tests.support.dcmtk import echoscu, find_dcmtk_tool, require_dcmtk_tool, st
 from tests.support.node import write_config
 from tests.support.orthanc import OrthancServer, require_orthanc
 from tests.support.ports import free_port
+from tests.support.scripted_scp import ScriptedScp, abort_before_answering
 
 NODE_AE = "ACWI"
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
@@ -343,44 +343,6 @@ def test_context_plan_is_capped() -> None:
 # ---------------------------------------------------------- scripted peers
 
 
-class _ScriptedScp:
-    """A pynetdicom storage SCP whose C-STORE answers are chosen by the test."""
-
-    def __init__(
-        self,
-        answer: Callable[[int, Dataset, evt.Event], int],
-        *,
-        require_called_aet: bool = False,
-        syntaxes: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian),
-    ) -> None:
-        self.ae = AE(ae_title="SCRIPTED")
-        self.ae.add_supported_context(SECONDARY_CAPTURE_IMAGE_STORAGE, list(syntaxes))
-        self.ae.require_called_aet = require_called_aet
-        self.port = free_port()
-        self.calls = 0
-        self._lock = threading.Lock()
-        self._answer = answer
-        self.server: ThreadedAssociationServer | None = None
-
-    def _on_store(self, event: evt.Event) -> int:
-        with self._lock:
-            self.calls += 1
-            index = self.calls
-        return self._answer(index, event.dataset, event)
-
-    def __enter__(self) -> _ScriptedScp:
-        self.server = self.ae.start_server(
-            ("127.0.0.1", self.port),
-            block=False,
-            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
-        )
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-
-
 def _three_files(tmp_path: Path) -> list[Path]:
     study_uid = generate_uid()
     return [
@@ -411,7 +373,7 @@ def test_a_file_in_an_accepted_syntax_is_sent_as_stored(
 
     monkeypatch.setattr(scu, "dcmread", no_decoding)
     received: list[tuple[UID, bytes]] = []
-    with _ScriptedScp(_recorder(received)) as scp:
+    with ScriptedScp(_recorder(received)) as scp:
         report = send_files(
             [path], called_ae="SCRIPTED", host="127.0.0.1", port=scp.port, calling_ae=NODE_AE
         )
@@ -425,7 +387,7 @@ def test_a_file_in_a_syntax_the_peer_refuses_is_converted(tmp_path: Path) -> Non
     (path,) = _three_files(tmp_path)[:1]
     assert dcmread(path).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     received: list[tuple[UID, bytes]] = []
-    with _ScriptedScp(_recorder(received), syntaxes=(ImplicitVRLittleEndian,)) as scp:
+    with ScriptedScp(_recorder(received), syntaxes=(ImplicitVRLittleEndian,)) as scp:
         report = send_files(
             [path], called_ae="SCRIPTED", host="127.0.0.1", port=scp.port, calling_ae=NODE_AE
         )
@@ -441,7 +403,7 @@ def test_a_file_in_a_syntax_the_peer_refuses_is_converted(tmp_path: Path) -> Non
 def test_requested_associations_are_event_driven_and_send_at_once() -> None:
     """The node's requestor DUL waits in select, not in 1 ms sleeps, and its socket sends each
     PDU at once (no Nagle delay)."""
-    with _ScriptedScp(lambda *_: 0) as scp:
+    with ScriptedScp(lambda *_: 0) as scp:
         ae = scu._make_ae(NODE_AE, 5.0, 0)
         ae.add_requested_context(SECONDARY_CAPTURE_IMAGE_STORAGE, ExplicitVRLittleEndian)
         assoc = ae.associate("127.0.0.1", scp.port, ae_title="SCRIPTED")
@@ -459,7 +421,7 @@ def test_requested_associations_are_event_driven_and_send_at_once() -> None:
 def test_warning_statuses_count_as_delivered(tmp_path: Path) -> None:
     statuses = {1: 0xB000, 2: 0xB007, 3: 0xA700}
     paths = _three_files(tmp_path)
-    with _ScriptedScp(lambda index, _ds, _event: statuses[index]) as scp:
+    with ScriptedScp(lambda index, _ds, _event: statuses[index]) as scp:
         report = send_files(
             paths, called_ae="SCRIPTED", host="127.0.0.1", port=scp.port, calling_ae=NODE_AE
         )
@@ -475,12 +437,11 @@ def test_warning_statuses_count_as_delivered(tmp_path: Path) -> None:
 def _abort_second_store(index: int, _ds: Dataset, event: evt.Event) -> int:
     """An answer that aborts the association of the second C-STORE before answering it."""
     if index == 2:
-        threading.Timer(0.05, event.assoc.abort).start()
-        time.sleep(1.0)
+        abort_before_answering(event)
     return 0x0000
 
 
-def _send_to_scripted(scp: _ScriptedScp, paths: list[Path], associations: int = 1) -> SendReport:
+def _send_to_scripted(scp: ScriptedScp, paths: list[Path], associations: int = 1) -> SendReport:
     return send_files(
         paths,
         called_ae="SCRIPTED",
@@ -492,17 +453,67 @@ def _send_to_scripted(scp: _ScriptedScp, paths: list[Path], associations: int = 
     )
 
 
-def test_abort_half_way_leaves_remaining_files_unsent(tmp_path: Path) -> None:
+def test_the_files_left_by_a_lost_association_go_over_a_new_one(tmp_path: Path) -> None:
+    """The peer aborts the association on the second C-STORE (a PACS restarting, a firewall
+    cutting the connection) and is there again at once: the third file goes over a new
+    association; the second, never answered, is not sent again (it may be what the peer
+    aborts on) and is no outage."""
     paths = _three_files(tmp_path)
-    with _ScriptedScp(_abort_second_store) as scp:
+    with ScriptedScp(_abort_second_store) as scp:
         report = _send_to_scripted(scp, paths)
-    assert report.association_ok
+    assert report.association_ok and not report.unreachable
     assert report.error is not None and "abort" in report.error
     first, second, third = (report.outcomes[p] for p in paths)
     assert (first.status, first.delivered) == (0x0000, True)
-    assert (second.status, second.delivered) == (None, False)
-    assert (third.status, third.delivered) == (None, False)
-    assert third.detail.startswith("not sent")
+    assert (second.status, second.delivered, second.unreachable) == (None, False, False)
+    assert (third.status, third.delivered) == (0x0000, True)
+    assert scp.calls == 3 and scp.associations == 2 and report.associations == 2
+
+
+def test_a_destination_that_goes_away_mid_way_leaves_an_outage(tmp_path: Path) -> None:
+    """The peer stops listening and aborts on the second C-STORE: the new association cannot
+    reach it, so the file left and the one never answered are unreachable (an outage: the
+    exporter waits it out without counting attempts); the first was stored."""
+    paths = _three_files(tmp_path)
+    scps: list[ScriptedScp] = []
+
+    def answer(index: int, _ds: Dataset, event: evt.Event) -> int:
+        if index == 2:
+            scps[0].go_away(event)
+        return 0x0000
+
+    with ScriptedScp(answer) as scp:
+        scps.append(scp)
+        report = _send_to_scripted(scp, paths)
+    assert not report.unreachable  # some of it was answered
+    first, second, third = (report.outcomes[p] for p in paths)
+    assert (first.delivered, first.unreachable) == (True, False)
+    assert (second.status, second.delivered, second.unreachable) == (None, False, True)
+    assert (third.status, third.delivered, third.unreachable) == (None, False, True)
+    assert "a new association" in third.detail and "a new association" in second.detail
+    assert scp.calls == 2
+
+
+def test_a_peer_that_aborts_every_association_is_not_asked_for_ever(tmp_path: Path) -> None:
+    """Every association is aborted at its first C-STORE: after the first, at most
+    ``RECONNECTS`` new ones that deliver nothing; the files never offered are not sent, and
+    none of it is an outage (the peer answers associations)."""
+    study_uid = generate_uid()
+    paths = [
+        write_secondary_capture(tmp_path / f"f{i}.dcm", study_uid=study_uid, instance_number=i + 1)
+        for i in range(6)
+    ]
+
+    def answer(_index: int, _ds: Dataset, event: evt.Event) -> int:
+        abort_before_answering(event)
+        return 0x0000
+
+    with ScriptedScp(answer) as scp:
+        report = _send_to_scripted(scp, paths)
+    assert scp.associations == 1 + scu.RECONNECTS == scp.calls
+    outcomes = [report.outcomes[p] for p in paths]
+    assert not any(o.delivered or o.unreachable for o in outcomes)
+    assert all(o.detail.startswith("not sent") for o in outcomes[scp.calls :])
 
 
 def test_a_lost_association_leaves_its_remaining_files_to_the_other(tmp_path: Path) -> None:
@@ -513,7 +524,7 @@ def test_a_lost_association_leaves_its_remaining_files_to_the_other(tmp_path: Pa
         write_secondary_capture(tmp_path / f"f{i}.dcm", study_uid=study_uid, instance_number=i + 1)
         for i in range(6)
     ]
-    with _ScriptedScp(_abort_second_store) as scp:
+    with ScriptedScp(_abort_second_store) as scp:
         report = _send_to_scripted(scp, paths, associations=2)
     assert report.associations == 2
     assert report.error is not None and "abort" in report.error
@@ -524,7 +535,7 @@ def test_a_lost_association_leaves_its_remaining_files_to_the_other(tmp_path: Pa
 
 def test_rejected_association_is_explained(tmp_path: Path) -> None:
     path = write_secondary_capture(tmp_path / "sc.dcm", study_uid=generate_uid())
-    with _ScriptedScp(lambda *_: 0, require_called_aet=True) as scp:
+    with ScriptedScp(lambda *_: 0, require_called_aet=True) as scp:
         report = send_files(
             [path], called_ae="WRONG", host="127.0.0.1", port=scp.port, calling_ae=NODE_AE
         )

@@ -304,6 +304,54 @@ def test_large_results_take_several_requests_and_unreadable_files_stay_behind(
     assert "unreadable" in report.outcomes[broken].detail
 
 
+class _NoAnswer(Exception):
+    """Raised by an answer: the service closes the connection without answering."""
+
+
+@pytest.mark.parametrize("stays", [True, False], ids=["still-there", "gone"])
+@pytest.mark.parametrize("at", [2, 3], ids=["mid-way", "last-request"])
+def test_a_request_without_an_answer_is_an_outage_only_if_the_service_went_away(
+    tmp_path: Path,
+    service: Callable[..., FakeService],
+    monkeypatch: pytest.MonkeyPatch,
+    stays: bool,
+    at: int,
+) -> None:
+    """Three requests (two objects, two, one); request ``at`` gets no answer. A service still
+    there stores what is left over a new connection, and the objects without an answer count
+    as an attempt (they may be what it fails on); one that went away (a restart) leaves them,
+    and those never sent, unreachable: the exporter waits the outage out."""
+    paths, _ = objects(tmp_path, 5, rows=680)
+    fakes: list[FakeService] = []
+
+    def answer(seen: Seen) -> tuple[int, dict[str, Any] | bytes | None]:
+        if len(fakes[0].seen) == at:
+            if not stays:
+                fakes[0].server.shutdown()
+                fakes[0].server.server_close()
+            raise _NoAnswer
+        return 200, None
+
+    fakes.append(service(answer))
+    one_at_a_time = web(fakes[0].url, request_max_bytes=1 << 20, associations=1)
+    report = stow_files(paths, one_at_a_time, timeout_s=10)
+    outcomes = list(report.outcomes.values())
+    unanswered = outcomes[2:4] if at == 2 else outcomes[4:]
+    assert report.association_ok and not report.unreachable
+    assert all(o.delivered for o in outcomes[:2])
+    assert not any(o.delivered for o in unanswered)
+    if stays:
+        assert len(fakes[0].seen) == 3
+        assert all(o.delivered for o in outcomes if o not in unanswered)
+        assert not any(o.unreachable for o in outcomes)
+    else:
+        assert len(fakes[0].seen) == at
+        left = outcomes[2 * at - 2 :]  # the unanswered request's objects and those after
+        assert left == unanswered + left[len(unanswered) :]
+        assert all(o.unreachable and not o.delivered for o in left)
+        assert all(o.delivered and not o.unreachable for o in outcomes[: 2 * at - 2])
+
+
 def test_credentials_are_read_from_their_files_for_every_request(
     tmp_path: Path, service: Callable[..., FakeService]
 ) -> None:

@@ -874,3 +874,17 @@ class ShadowJob(Base):
         UniqueConstraint("job_id", "model", name="uq_shadow_job_model"),
         Index("ix_shadow_jobs_state", "state"),
     )
+
+
+class FlushMark(Base):
+    """One row that :meth:`acwi_node.ledger.Ledger.flush` writes on SQLite: a commit with
+    ``synchronous = FULL`` syncs the write-ahead log, and with it every commit before that was
+    not synced (the ingest journal's instance rows). Opening the database's files to sync them
+    by hand would drop the process's SQLite locks on them when closed (POSIX advisory locks
+    belong to the process, not to the descriptor), and another process closing its last
+    connection would then checkpoint and delete the log under this one's connections."""
+
+    __tablename__ = "flush_marks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    flushes: Mapped[int] = mapped_column(Integer, default=0)

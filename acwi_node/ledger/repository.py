@@ -33,6 +33,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
@@ -45,6 +46,7 @@ from acwi_node.ledger.models import (
     Base,
     Delivery,
     DeliveryState,
+    FlushMark,
     Hl7Inbound,
     Hl7Order,
     Hl7Outbound,
@@ -537,7 +539,10 @@ class Ledger:
         PostgreSQL: a synchronous commit of a transaction with an ID flushes the write-ahead
         log up to it, and with it every asynchronous commit before. SQLite (WAL mode): the
         unflushed commits are in the ``-wal`` file (or, checkpointed, in the database file,
-        which SQLite flushed then); flushing both files keeps them.
+        which SQLite synced then); a commit with ``synchronous = FULL`` syncs that file, so
+        one that writes a row (:class:`FlushMark`) keeps them all. The files are never opened
+        here: closing a descriptor of them would drop every SQLite lock this process holds on
+        them (see :class:`FlushMark`).
         """
         self._after_fork()
         if self.engine.dialect.name == "postgresql":
@@ -547,15 +552,12 @@ class Ledger:
         database = self.engine.url.database
         if not database or database == ":memory:":
             return
-        for path in (f"{database}-wal", database):
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        mark = sqlite_insert(FlushMark).values(id=1, flushes=1)
+        mark = mark.on_conflict_do_update(
+            index_elements=[FlushMark.id], set_={"flushes": FlushMark.flushes + 1}
+        )
+        with self.engine.begin() as conn:
+            conn.execute(mark)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -47,6 +49,48 @@ def test_unflushed_instance_rows_are_seen_at_once_and_flush_keeps_them(db: Ledge
     db.flush()
     again = db.record_instance(rec(sop="1.2.3.7"), first_in_association=False, flushed=False)
     assert again.study_id == recorded.study_id and again.duplicate
+
+
+def test_a_flush_leaves_the_sqlite_log_to_the_connections_still_open(tmp_path: Path) -> None:
+    """The SCP flushes the ledger at each journal checkpoint while its connections stay open;
+    then another process (``acwi-node status``) opens the ledger and closes it. Were the
+    flush to open and close the database's files itself, the process's SQLite locks on them
+    would go with the descriptor (POSIX locks belong to the process), and the other process,
+    believing itself the last, would checkpoint and delete the write-ahead log under the
+    SCP: the instances it acknowledged next would be committed to a deleted file, lost."""
+    database = tmp_path / "ledger.sqlite"
+    scp = Ledger(f"sqlite:///{database}")
+    try:
+        scp.record_instance(rec(sop="1.2.3.1"), first_in_association=True, flushed=False)
+        scp.flush()
+        status = subprocess.run(
+            [sys.executable, "-c", STATUS_READS_THE_LEDGER, str(database)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert status.returncode == 0, status.stderr
+        assert Path(f"{database}-wal").exists()
+        scp.record_instance(rec(sop="1.2.3.2"), first_in_association=False, flushed=False)
+        scp.flush()
+    finally:
+        scp.dispose()
+    after_restart = Ledger(f"sqlite:///{database}", create=False)
+    try:
+        assert after_restart.instance_file("1.2.3.2") is not None
+        view = after_restart.get_study("1.2.3")
+        assert view is not None and view["instances"] == 2
+    finally:
+        after_restart.dispose()
+
+
+#: Another process opening the ledger, reading it, and closing it (its last connection).
+STATUS_READS_THE_LEDGER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1])
+conn.execute("SELECT count(*) FROM studies").fetchall()
+conn.close()
+"""
 
 
 def test_ingest_rows_read_back_through_the_orm_like_its_own(db: Ledger) -> None:

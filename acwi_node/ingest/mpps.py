@@ -46,6 +46,7 @@ from acwi_node.ledger.models import (
     StudyState,
     utcnow,
 )
+from acwi_node.observability.logging import note_identifiers
 
 log = logging.getLogger("acwi_node.mpps")
 
@@ -263,13 +264,20 @@ class MppsSCP:
         try:
             attrs = event.attribute_list
         except Exception as exc:
-            log.warning("MPPS N-CREATE: cannot decode the attribute list: %s", exc)
+            # The exception's text may quote a value of the data set: its kind only.
+            log.warning("MPPS N-CREATE: cannot decode the attribute list (%s)", type(exc).__name__)
             return MPPS_INVALID_VALUE, None
+        note_identifiers(attrs)  # from here on, no log line can show this patient's name/ID
         status = str(attrs.get("PerformedProcedureStepStatus", "") or "").strip()
         if not status:
             return MPPS_MISSING_ATTRIBUTE, None
         if status != IN_PROGRESS:
-            log.warning("MPPS N-CREATE with status %r refused (must be IN PROGRESS)", status)
+            # Not the value: a modality's text there may be anything, the patient's name too.
+            log.warning(
+                "MPPS N-CREATE refused with 0x%04X: its Performed Procedure Step Status is not "
+                "IN PROGRESS",
+                MPPS_INVALID_VALUE,
+            )
             return MPPS_INVALID_VALUE, None
         given = str(request.AffectedSOPInstanceUID or "")
         step_uid = given or generate_uid()
@@ -304,8 +312,9 @@ class MppsSCP:
         try:
             mods = event.modification_list
         except Exception as exc:
-            log.warning("MPPS N-SET: cannot decode the modification list: %s", exc)
+            log.warning("MPPS N-SET: cannot decode the modification list (%s)", type(exc).__name__)
             return MPPS_INVALID_VALUE, None
+        note_identifiers(mods)  # an N-SET may carry the patient's name and ID too
         new_status = str(mods.get("PerformedProcedureStepStatus", "") or "").strip()
         if new_status and new_status not in (IN_PROGRESS, COMPLETED, DISCONTINUED):
             return MPPS_INVALID_VALUE, None

@@ -46,7 +46,9 @@ from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.dimse_primitives import C_CANCEL, C_STORE, N_EVENT_REPORT
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import StateMachine
 from pynetdicom.pdu import A_ABORT_RQ, A_RELEASE_RP
@@ -54,6 +56,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, A_RELEASE
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, RequestHandler
+from pynetdicom.utils import make_target
 
 from acwi_node.ingest.fastpath import (
     C_STORE_RQ,
@@ -73,6 +76,11 @@ log = logging.getLogger("acwi_node.ingest")
 # Every association the node makes or accepts (all come through this module) pauses its
 # reactor safely before a send_* method sends: see acwi_node.reactor_pause.
 install_reactor_pause()
+
+#: The status of the C-STORE response to a request that lacks a required parameter (an
+#: Affected SOP Class or Instance UID, a Priority, a data set): Error: Cannot understand
+#: (PS3.4 B.2.3).
+INVALID_REQUEST_STATUS = 0xC000
 
 #: Longest a loop sleeps before it checks its timers again (seconds).
 MAX_WAIT_S = 0.05
@@ -136,6 +144,9 @@ def compatible() -> bool:
                 (DULServiceProvider, "send_pdu"),
                 (DULServiceProvider, "kill_dul"),
                 (Association, "_serve_request"),
+                (DIMSEServiceProvider, "receive_primitive"),
+                (DIMSEMessage, "decode_msg"),
+                (DIMSEMessage, "message_to_primitive"),
                 (Association, "_run_reactor"),
                 (RequestHandler, "_create_association"),
                 (AE, "_create_socket"),
@@ -165,6 +176,111 @@ def conformant_uid(value: str) -> UID | None:
     ):
         return UID(value, validation_mode=pydicom_config.IGNORE)
     return None
+
+
+def peer_name(assoc: Association) -> str:
+    """The peer of ``assoc`` as log lines name it: its AE title once known, and its address."""
+    peer = assoc.requestor if assoc.is_acceptor else assoc.acceptor
+    try:
+        address = str(peer.address)
+    except Exception:  # no address information (a stand-in socket)
+        address = "an unknown address"
+    ae_title = str(getattr(peer, "_ae_title", "") or "").strip()
+    return f"{ae_title} ({address})" if ae_title else address
+
+
+#: Where the Called and the Calling AE Title lie in an A-ASSOCIATE-RQ PDU, header included
+#: (PS3.8 9.3.2).
+_AE_TITLE_FIELDS = (("called", 10), ("calling", 26))
+
+
+def ae_title_problem(value: bytes) -> str | None:
+    """Why the 16 bytes of an A-ASSOCIATE-RQ's AE title field are not an AE title that
+    pynetdicom takes (ASCII, no control character or backslash, not only spaces; PS3.5 6.2);
+    None when they are. pynetdicom logs such a title at ERROR (a traceback for one not in
+    ASCII) before it refuses it."""
+    try:
+        text = value.decode("ascii")
+    except UnicodeDecodeError:
+        if any(
+            codec.lower() not in ("ascii", "646", "us-ascii") for codec in pynetdicom_config.CODECS
+        ):
+            return None  # pynetdicom is configured to try other character sets: it decides
+        return "not in ASCII"
+    text = text.strip()
+    if not text:
+        return "only spaces"
+    valid, reason = pynetdicom_config.VALIDATORS["AE"](text)
+    return None if valid else str(reason or "not a valid AE title")
+
+
+def _why(message: DIMSEMessage, exc: Exception) -> str:
+    """Why a command set could not be decoded, in words where pynetdicom's are obscure."""
+    command_set = getattr(message, "command_set", None)
+    try:
+        if command_set is not None and "CommandField" not in command_set:
+            return "no Command Field"
+        if isinstance(exc, KeyError) and command_set is not None:
+            return f"unknown Command Field 0x{int(command_set.CommandField):04X}"
+    except Exception:  # the command set itself cannot be read
+        pass
+    return f"{type(exc).__name__}: {exc}"
+
+
+class CheckedDIMSE(DIMSEServiceProvider):
+    """pynetdicom 3.0's DIMSE service provider, whose ``receive_primitive`` ends the
+    association when a received message cannot be decoded.
+
+    pynetdicom raises from the state machine's action DT-2 when a command set is not a DIMSE
+    command (no Command Field, an unknown one, bytes pydicom cannot read): the exception went
+    up the DUL thread, which died without a word to the peer, after some 40 lines of
+    tracebacks. Here such a message is an invalid PDU (event 19): the state machine sends an
+    A-ABORT (source service provider) and tells the association, and one line is logged.
+    """
+
+    def receive_primitive(self, primitive: Any) -> None:
+        """pynetdicom 3.0's, with the decoding's failures handled as described above."""
+        message = self.message
+        if message is None:
+            message = self.message = DIMSEMessage()
+        try:
+            if not message.decode_msg(primitive, self.assoc):
+                return
+        except Exception as exc:
+            self._undecodable("a command set that is not a DIMSE command", _why(message, exc))
+            return
+        evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": message})
+        context_id = cast(int, message.context_id)
+        try:
+            received = message.message_to_primitive()
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            self._undecodable(f"a {type(message).__name__} message that is not valid", reason)
+            return
+        if isinstance(received, C_CANCEL) and len(self.cancel_req) < 10:
+            self.cancel_req[cast(int, received.MessageIDBeingRespondedTo)] = received
+        elif isinstance(received, N_EVENT_REPORT) and received.is_valid_request:
+            # pynetdicom serves these at once, on a thread of their own
+            threading.Thread(
+                target=make_target(self.assoc._serve_request), args=(received, context_id)
+            ).start()
+        else:
+            self.msg_queue.put((context_id, cast(Any, received)))  # not a C-CANCEL here
+        self._forget(message)
+
+    def _forget(self, message: DIMSEMessage) -> None:
+        message.encoded_command_set = BytesIO()
+        message.data_set = BytesIO()
+        message._data_set_file = None
+        message._data_set_path = None
+        self.message = None
+
+    def _undecodable(self, what: str, reason: str) -> None:
+        self._forget(cast(DIMSEMessage, self.message))
+        log.warning(
+            "the association from %s sent %s (%s): aborting it", peer_name(self.assoc), what, reason
+        )
+        self.dul.event_queue.put("Evt19")  # an invalid PDU: A-ABORT, A-P-ABORT indication
 
 
 class EventDrivenDUL(DULServiceProvider):
@@ -460,10 +576,33 @@ class EventDrivenDUL(DULServiceProvider):
                 else:
                     self._serve_store(action)
             return
+        if pdu_type == 0x01 and self.assoc.is_acceptor and self._bad_ae_title(header + body):
+            self._queue_event("Evt19")  # an invalid PDU: A-ABORT
+            return
         if pdu_type == 0x01 and self._remember_requests():
             self._queue_request(bytes(header + body))
             return
         self._decode_and_queue(header + body)
+
+    def _bad_ae_title(self, pdu: bytes | bytearray) -> bool:
+        """Whether an A-ASSOCIATE-RQ PDU carries a Called or Calling AE Title pynetdicom
+        refuses (:func:`ae_title_problem`); if so, logged in one line, the title escaped."""
+        for name, offset in _AE_TITLE_FIELDS:
+            field = bytes(pdu[offset : offset + 16])
+            if len(field) < 16:
+                return False  # a PDU cut short: pynetdicom's decoding reports it
+            problem = ae_title_problem(field)
+            if problem is not None:
+                log.warning(
+                    "association request from %s refused: its %s AE title %s is not a valid "
+                    "AE title (%s)",
+                    peer_name(self.assoc),
+                    name,
+                    ascii(field.rstrip(b" ").decode("latin-1")),
+                    problem,
+                )
+                return True
+        return False
 
     def _queue_event(self, event: str) -> None:
         """Hand a state-machine event to pynetdicom, after the work left for an idle
@@ -563,16 +702,7 @@ class EventDrivenDUL(DULServiceProvider):
                 elif self._is_transport_event():
                     self._idle_timer.restart()
             except Exception as exc:
-                log.error("DICOM upper layer error, aborting the association: %s", exc)
-                abort_pdu = A_ABORT_RQ()
-                abort_pdu.source = 0x02
-                abort_pdu.reason_diagnostic = 0x00
-                with contextlib.suppress(Exception):
-                    self.socket.send(abort_pdu.encode())  # type: ignore[union-attr]
-                self.assoc.is_aborted = True
-                self.assoc.is_established = False
-                self.assoc._kill = True
-                self._kill_thread = True
+                self._abort_on_error(exc)
                 return
             # Nothing queued: looked at without the queue's lock and without the exception that
             # get() raises (twice per C-STORE on the fast path); what another thread queues
@@ -585,20 +715,47 @@ class EventDrivenDUL(DULServiceProvider):
             except queue.Empty:
                 idle = True
                 continue
-            with self.fsm_lock:
-                if event == "Evt6":  # an A-ASSOCIATE-RQ PDU came
-                    self._request_settled = True
-                    self.request_came = True
-                if not (
-                    event == "Evt7"
-                    and self.state_machine.current_state == "Sta3"
-                    and self._send_accept()
-                ):
-                    self.state_machine.do_action(event)
-                if not self._request_settled and self.state_machine.current_state == "Sta1":
-                    self._no_request_came()
+            try:
+                with self.fsm_lock:
+                    if event == "Evt6":  # an A-ASSOCIATE-RQ PDU came
+                        self._request_settled = True
+                        self.request_came = True
+                    if not (
+                        event == "Evt7"
+                        and self.state_machine.current_state == "Sta3"
+                        and self._send_accept()
+                    ):
+                        self.state_machine.do_action(event)
+                    if not self._request_settled and self.state_machine.current_state == "Sta1":
+                        self._no_request_came()
+            except Exception as exc:
+                # pynetdicom's state machine logged it and raised it again: the association
+                # cannot go on, but this thread must end in order, not with the exception.
+                self._abort_on_error(exc)
+                return
             self.activity.set()
             idle = False
+
+    def _abort_on_error(self, exc: Exception) -> None:
+        """End the association after an error in the upper layer: one log line, an A-ABORT
+        (source service provider) to the peer, the association thread told, this one ended."""
+        log.error(
+            "DICOM upper layer error on the association from %s, aborting it: %s",
+            peer_name(self.assoc),
+            exc,
+        )
+        abort_pdu = A_ABORT_RQ()
+        abort_pdu.source = 0x02
+        abort_pdu.reason_diagnostic = 0x00
+        with contextlib.suppress(Exception):
+            self.socket.send(abort_pdu.encode())  # type: ignore[union-attr]
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.assoc._kill = True
+        self._kill_thread = True
+        if not self._request_settled:
+            self._no_request_came()
+        self.activity.set()
 
     def _no_request_came(self) -> None:
         """The connection ended, or was aborted, before an A-ASSOCIATE-RQ came: a port probe,
@@ -645,9 +802,51 @@ class EventDrivenAssociation(Association):
     def __init__(self, ae: Any, mode: str) -> None:
         super().__init__(ae, mode)
         self.dul = EventDrivenDUL(self)
+        self.dimse = CheckedDIMSE(self)
         # pynetdicom applies these to the DUL when they are set; apply them to the new one.
         self.acse_timeout = self.acse_timeout
         self.network_timeout = self.network_timeout
+
+    def _serve_request(self, msg: Any, context_id: int) -> None:
+        """pynetdicom's, but a request it would drop as invalid (a required parameter missing:
+        "Received unexpected C-STORE service message") is answered at once: the peer would
+        otherwise wait for the response until a timeout ends the association. A C-STORE
+        request with a Message ID gets a failure response (:data:`INVALID_REQUEST_STATUS`);
+        any other is aborted."""
+        if (
+            self._sent_release
+            or msg is None
+            or msg.is_valid_request
+            or getattr(msg, "MessageIDBeingRespondedTo", None) is not None  # a response
+        ):
+            super()._serve_request(msg, context_id)
+            return
+        missing = [name for name in msg.REQUEST_KEYWORDS if getattr(msg, name, None) is None]
+        if (
+            isinstance(msg, C_STORE)
+            and msg.MessageID is not None
+            and context_id in self._accepted_cx
+        ):
+            log.warning(
+                "C-STORE request from %s without %s: refused with 0x%04X",
+                peer_name(self),
+                ", ".join(missing),
+                INVALID_REQUEST_STATUS,
+            )
+            response = C_STORE()
+            response.MessageIDBeingRespondedTo = msg.MessageID
+            response.AffectedSOPClassUID = msg.AffectedSOPClassUID
+            response.AffectedSOPInstanceUID = msg.AffectedSOPInstanceUID
+            response.Status = INVALID_REQUEST_STATUS
+            self.dimse.send_msg(response, context_id)
+            return
+        log.warning(
+            "%s request from %s without %s, which cannot be answered: aborting the association",
+            msg.msg_type,
+            peer_name(self),
+            ", ".join(missing),
+        )
+        self.abort()
 
     def _run_reactor(self) -> None:
         """pynetdicom 3.0's acceptor loop, waiting for the DUL instead of sleeping 1 ms."""
@@ -860,6 +1059,7 @@ class EventDrivenRequestorAE(AE):
     ) -> AssociationSocket:
         if compatible():
             assoc.dul = EventDrivenDUL(assoc)
+            assoc.dimse = CheckedDIMSE(assoc)
             # pynetdicom applies these to the DUL when they are set; apply them to the new one.
             assoc.acse_timeout = assoc.acse_timeout
             assoc.network_timeout = assoc.network_timeout

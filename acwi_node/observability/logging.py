@@ -17,24 +17,41 @@ defence, applied to the message and to exception tracebacks:
 * patient-module attributes (group 0010) in dataset dumps and ``PatientName=...`` style text are
   redacted;
 * the Patient Name (and its components of three or more characters) and Patient ID of every
-  dataset the process received or read (:func:`note_identifiers`, called by the SCP and the
-  worker) are redacted wherever they appear as whole words, whatever code logged them. These
-  values are held in memory only, for the most recent :data:`REMEMBERED_IDENTIFIERS` identifiers.
+  dataset the process received or read (:func:`note_identifiers`, called by the SCP, the MPPS
+  SCP and the worker) are redacted wherever they appear as whole words, in any case, whatever
+  code logged them. These values are held in memory only, for the most recent
+  :data:`REMEMBERED_IDENTIFIERS` identifiers. In a traceback, the lines naming a frame of the
+  installed code (the node's package, its libraries, the standard library) and showing its
+  source are left alone: they hold code, never data, and a name part that is a common word
+  ("Name", "Value") made them unreadable. Frames of any other file (a script, a test) are
+  redacted like the rest.
+
+Whatever ``node.log_phi`` says, :class:`EscapeFilter` then escapes every character that is not
+printable (line breaks, ESC, other control and format characters) in the message and in the
+exception messages of a traceback, as ``\n``, ``\x1b``, ``\u202e``: a value a peer sent (an
+AE title, a UID) cannot start a line of its own that looks like another record, nor drive a
+terminal. Exceptions a thread does not handle are logged through the same handler
+(:func:`setup_logging`), not printed to standard error past these filters.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import datetime as dt
 import json
 import logging
+import os
 import re
+import site
 import sys
 import threading
+import traceback
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import IO, Any
+from types import TracebackType
+from typing import IO, Any, TypeAlias
 
 from acwi_node.config import Settings
 
@@ -183,6 +200,118 @@ def redact_text(text: str) -> str:
     return _IDENTIFIERS.redact(text)
 
 
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped_char(char: str) -> str:
+    if char.isprintable():
+        return char
+    special = _ESCAPES.get(char)
+    if special is not None:
+        return special
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def escape_text(text: str, *, keep_newlines: bool = False) -> str:
+    """``text`` with every character that is not printable escaped (``\\n``, ``\\x1b``,
+    ``\\u2028`` ...); backslashes and printable non-ASCII letters stay as they are.
+    ``keep_newlines``: line feeds stay (a traceback's lines)."""
+    if text.isprintable():
+        return text
+    if keep_newlines:
+        return "\n".join(escape_text(line) for line in text.split("\n"))
+    return "".join(_escaped_char(char) for char in text)
+
+
+def _escape_inside(chunk: str) -> str:
+    """``chunk`` escaped, but for the line breaks that begin and end it."""
+    body = chunk.strip("\n")
+    if not body:
+        return chunk
+    start = chunk.index(body)
+    return chunk[:start] + escape_text(body) + chunk[start + len(body) :]
+
+
+ExcInfo: TypeAlias = (
+    "tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]"
+)
+
+
+_code_roots: tuple[str, ...] | None = None
+
+
+def _installed_code_roots() -> tuple[str, ...]:
+    """The folders of the code the node runs: its package, the installed libraries and
+    Python's standard library (not the working directory, scripts or tests)."""
+    global _code_roots
+    if _code_roots is None:
+        import sysconfig
+
+        import acwi_node
+
+        folders = {os.path.dirname(os.path.abspath(acwi_node.__file__))}
+        paths = sysconfig.get_paths()
+        folders.update(paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib"))
+        with contextlib.suppress(AttributeError):  # not in every virtual environment's site
+            folders.update(site.getsitepackages())
+        _code_roots = tuple(os.path.join(os.path.abspath(f), "") for f in folders if f)
+    return _code_roots
+
+
+def _code_frames(stack: traceback.StackSummary) -> set[str]:
+    """The formatted frames of ``stack`` whose file is installed code (see
+    :func:`_installed_code_roots`): their lines (file, line, function, source) hold no data."""
+    format_frame = getattr(stack, "format_frame_summary", None)  # Python 3.11
+    if format_frame is None:
+        return set()
+    roots = _installed_code_roots()
+    return {
+        format_frame(frame) for frame in stack if os.path.abspath(frame.filename).startswith(roots)
+    }
+
+
+def format_exception(exc_info: ExcInfo, transform: Callable[[str], str] | None = None) -> str:
+    """An exception's traceback as :class:`logging.Formatter` writes it, but every exception
+    message (and note) on one line, its characters that are not printable escaped, and
+    ``transform`` (redaction) applied to all but the frames of installed code (file, line,
+    function and source code of the node's package, its libraries, the standard library:
+    code, not data)."""
+    try:
+        formatted = traceback.TracebackException(*exc_info, compact=True)
+        frames: set[str] = set()  # every frame's lines (their line breaks are the format's)
+        code: set[str] = set()  # those of installed code
+        pending, seen = [formatted], set()
+        while pending:
+            current = pending.pop()
+            if id(current) in seen:
+                continue
+            seen.add(id(current))
+            frames.update(current.stack.format())
+            code.update(_code_frames(current.stack))
+            pending += [e for e in (current.__cause__, current.__context__) if e is not None]
+            pending += getattr(current, "exceptions", None) or []
+        out = []
+        for chunk in formatted.format():
+            is_frame = chunk in frames
+            if transform is not None and chunk not in code:
+                chunk = transform(chunk)
+            if is_frame:
+                out.append(escape_text(chunk, keep_newlines=True))
+            else:  # an exception's message (or the words between chained exceptions)
+                out.append(_escape_inside(chunk))
+        text = "".join(out)
+    except Exception:  # anything odd: the standard formatting, every line escaped
+        text = logging.Formatter().formatException(exc_info)
+        text = transform(text) if transform else text
+        text = escape_text(text, keep_newlines=True)
+    return text[:-1] if text.endswith("\n") else text
+
+
 def _is_dicom_object(value: object) -> bool:
     from pydicom.dataelem import DataElement
     from pydicom.dataset import Dataset
@@ -226,11 +355,32 @@ class PhiFilter(logging.Filter):
         record.msg = redact_text(message)
         record.args = None
         if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
+            record.exc_text = format_exception(record.exc_info, redact_text)
+        elif record.exc_text:  # formatted before it came here: all of it
             record.exc_text = redact_text(record.exc_text)
         if record.stack_info:
             record.stack_info = redact_text(record.stack_info)
+        return True
+
+
+class EscapeFilter(logging.Filter):
+    """Escapes the characters that are not printable in a record's message and in its
+    traceback's exception messages (see the module's documentation); one record, one line
+    (and its traceback's)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: let the handler report it as logging does
+            return True
+        record.msg = escape_text(message)
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = format_exception(record.exc_info)
+        elif record.exc_text:
+            record.exc_text = escape_text(record.exc_text, keep_newlines=True)
+        if record.stack_info:
+            record.stack_info = escape_text(record.stack_info, keep_newlines=True)
         return True
 
 
@@ -319,6 +469,7 @@ def make_handler(settings: Settings, stream: IO[str] | None = None) -> logging.H
         handler.addFilter(RepeatedRequestorErrors())
     if not settings.node.log_phi:
         handler.addFilter(PhiFilter())
+    handler.addFilter(EscapeFilter())  # after the redaction, which reads the text as logged
     if settings.observability.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -335,7 +486,22 @@ def setup_logging(settings: Settings, kind: str = "cli", stream: IO[str] | None 
         old.close()
     root.addHandler(make_handler(settings, stream))
     root.setLevel(settings.node.log_level)
+    threading.excepthook = log_thread_exception
     # pynetdicom logs dataset contents at DEBUG and association chatter at INFO.
     logging.getLogger("pynetdicom").setLevel(
         logging.DEBUG if settings.node.log_phi else logging.WARNING
     )
+
+
+def log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    """``threading.excepthook``: an exception a thread did not handle, logged through the
+    root handler and its filters rather than printed to standard error past them."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "a thread"
+    exc_info: ExcInfo = (
+        (args.exc_type, args.exc_value, args.exc_traceback)
+        if args.exc_value is not None
+        else (None, None, None)
+    )
+    logging.getLogger("acwi_node").error("unhandled exception in %s", name, exc_info=exc_info)

@@ -4,6 +4,7 @@ next association works."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import struct
@@ -21,6 +22,7 @@ from acwi_node.config import Settings
 from acwi_node.ingest.scp import StorageSCP
 from acwi_node.ledger import Ledger
 from tests.integration.test_scp import SC, make_sc, node, running_scp, send
+from tests.support import raw_dicom as raw
 from tests.support.association import rejected
 from tests.support.dcmtk import storescu
 
@@ -309,3 +311,31 @@ def test_host_check_binds_a_calling_ae_to_its_hosts(
     finally:
         scp.stop()
         ledger.dispose()
+
+
+@pytest.mark.parametrize(
+    ("title", "shown"),
+    [
+        (b"A'\nERROR forged!", '"A\'\\nERROR forged!"'),
+        ("\u00c4\u00d6\u00dcAE\x1b[31m".encode("latin-1"), r"'\xc4\xd6\xdcAE\x1b[31m'"),
+        (b"BACK\\SLASH", r"'BACK\\SLASH'"),
+        (b" " * 16, "''"),
+    ],
+    ids=["line-break", "not-ascii", "backslash", "spaces"],
+)
+def test_a_calling_ae_title_that_is_no_ae_title_is_refused_in_one_line(
+    node: Node, caplog: pytest.LogCaptureFixture, title: bytes, shown: str
+) -> None:
+    """Before the allow-list is asked: pynetdicom logged such a title raw at ERROR (a line
+    break in it forged a log line of its own) or, not in ASCII, with a traceback."""
+    settings, ledger, _ = node
+    with caplog.at_level(logging.DEBUG), raw.connect(settings.node.dicom_port) as sock:
+        sock.sendall(raw.associate_rq(calling=title))
+        assert raw.read_pdu(sock)[0] == raw.A_ABORT
+    logged = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.name for r in logged] == ["acwi_node.ingest"]
+    assert logged[0].exc_info is None
+    message = logged[0].getMessage()
+    assert message.startswith("association request from 127.0.0.1 refused: its calling AE title")
+    assert f"AE title {shown} is not a valid AE title" in message and "\n" not in message
+    next_association_works(settings, ledger)

@@ -6,6 +6,8 @@ A C-STORE the fast path takes runs its handler on the association's DUL thread
 
 from __future__ import annotations
 
+import logging
+import socket
 import struct
 import threading
 import time
@@ -29,6 +31,7 @@ from acwi_node.ingest.scp import StorageSCP
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger
 from tests.integration.test_scp import SC, make_sc
+from tests.support import raw_dicom as raw
 from tests.support.ports import free_port
 
 ECHO = "1.2.840.10008.1.1"
@@ -206,3 +209,106 @@ def test_a_command_inside_a_data_set_aborts_only_that_association(node: Node) ->
         assert int(again.send_c_store(make_sc(generate_uid())).Status) == 0
     finally:
         again.release()
+
+
+@pytest.fixture(params=["INFO", "DEBUG"], ids=["fast-path", "pynetdicom-path"])
+def either_path(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
+    """The node with the fast path on, and with it off (PDU logging at DEBUG): every message
+    then takes pynetdicom's path."""
+    level = pynetdicom_config.LOG_HANDLER_LEVEL
+    n = Node(tmp_path, log_level=request.param)
+    yield n
+    n.close()
+    pynetdicom_config.LOG_HANDLER_LEVEL = level
+
+
+def associated(node: Node) -> socket.socket:
+    sock = raw.connect(node.settings.node.dicom_port)
+    sock.sendall(raw.associate_rq())
+    assert raw.read_pdu(sock)[0] == raw.A_ASSOCIATE_AC
+    return sock
+
+
+def acceptors_ended() -> bool:
+    """Whether the in-process SCP's association threads have all ended (waited for a while)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if not any(t.name.startswith("AcceptorThread") for t in threading.enumerate()):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def problems(node: Node, caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The warnings and errors logged; at DEBUG the node's own only (pynetdicom's DEBUG
+    handlers, which print every message received, fail on a request missing an element)."""
+    return [
+        r
+        for r in caplog.records
+        if r.levelno >= logging.WARNING
+        and (node.settings.node.log_level != "DEBUG" or r.name.startswith("acwi_node"))
+    ]
+
+
+def test_a_command_set_that_is_no_command_gets_an_a_abort_and_one_log_line(
+    either_path: Node, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pynetdicom raised from the state machine: the association's DUL thread died (two
+    tracebacks, the second printed past the log filters) and the peer saw the connection
+    close without an A-ABORT."""
+    node = either_path
+    died: list[Any] = []
+    monkeypatch.setattr(threading, "excepthook", died.append)
+    with caplog.at_level(logging.WARNING), associated(node) as sock:
+        sock.sendall(raw.p_data((1, 0x03, bytes(range(1, 65)))))
+        assert raw.read_pdu(sock)[0] == raw.A_ABORT
+        assert acceptors_ended()
+    assert died == []
+    assert not [r for r in caplog.records if r.name == "pynetdicom.fsm"]
+    (line,) = problems(node, caplog)
+    assert line.name == "acwi_node.ingest" and line.exc_info is None
+    assert "not a DIMSE command (no Command Field): aborting it" in line.getMessage()
+    assert node.threads == []
+    again = node.associate()
+    try:
+        assert int(again.send_c_store(make_sc(generate_uid())).Status) == 0
+    finally:
+        again.release()
+
+
+def test_a_c_store_request_without_its_affected_sop_instance_uid_is_answered_at_once(
+    either_path: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pynetdicom dropped it ("Received unexpected C-STORE service message") and the sender
+    waited for the network timeout: now a failure response, and the association goes on."""
+    node = either_path
+    with caplog.at_level(logging.WARNING), associated(node) as sock:
+        command = raw.store_command(message_id=7, sop_instance=None)
+        sock.sendall(raw.p_data((1, 0x03, command), (1, 0x02, b"\x08\x00\x18\x00UI\x00\x00")))
+        kind, body = raw.read_pdu(sock)
+        assert kind == raw.P_DATA_TF
+        response = raw.command_elements(body)
+        assert response[0x0100] == struct.pack("<H", 0x8001)  # C-STORE-RSP
+        assert response[0x0120] == struct.pack("<H", 7)  # to message 7
+        assert response[0x0900] == struct.pack("<H", 0xC000)  # Error: Cannot understand
+        assert 0x1000 not in response
+        sock.sendall(raw.RELEASE_RQ)
+        assert raw.read_pdu(sock)[0] == raw.A_RELEASE_RP
+    (line,) = problems(node, caplog)
+    assert "without AffectedSOPInstanceUID: refused with 0xC000" in line.getMessage()
+    assert node.threads == []  # no handler ran
+
+
+def test_a_c_store_request_without_a_message_id_is_aborted_at_once(
+    either_path: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = either_path
+    with caplog.at_level(logging.WARNING), associated(node) as sock:
+        command = raw.store_command(message_id=None, sop_instance=generate_uid())
+        sock.sendall(raw.p_data((1, 0x03, command), (1, 0x02, b"\x08\x00\x18\x00UI\x00\x00")))
+        assert raw.read_pdu(sock)[0] == raw.A_ABORT
+    messages = [r.getMessage() for r in problems(node, caplog)]
+    assert messages == [
+        "C-STORE request from RAWPEER (127.0.0.1) without MessageID, which cannot be answered: "
+        "aborting the association"
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -331,3 +332,86 @@ def test_pynetdicom_does_not_repeat_what_the_node_says_of_a_destination(
         "Reason: Calling AE title not recognised",
     ):
         assert (repeated in out) is (level == "DEBUG"), repeated
+
+
+def text_lines(tmp_path: Path, *, log_phi: bool) -> tuple[io.StringIO, Settings]:
+    settings = load_settings(None, node={"data_dir": str(tmp_path), "log_phi": log_phi})
+    stream = io.StringIO()
+    setup_logging(settings, "scp", stream)
+    return stream, settings
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("log_phi", [False, True])
+def test_control_characters_in_logged_values_are_escaped(tmp_path: Path, log_phi: bool) -> None:
+    """A value a peer sent (a calling AE title) cannot forge a log line or reach a terminal
+    raw, whichever logger writes it and however: as an argument, in an f-string (pynetdicom's
+    way), in an exception's message."""
+    stream, _ = text_lines(tmp_path, log_phi=log_phi)
+    forged = "A'\nERROR forged!\r\x1b[31m\u202e"
+    logging.getLogger("acwi_node.ingest").warning("from %s: refused", forged)
+    logging.getLogger("pynetdicom.utils").error(f"Invalid 'Calling AE Title' value '{forged}'")
+    try:
+        raise ValueError(f"cannot decode {forged}")
+    except ValueError:
+        logging.getLogger("acwi_node.ingest").exception("unable to decode a received PDU")
+    text = stream.getvalue()
+    assert "\x1b" not in text and "\r" not in text and "\u202e" not in text
+    lines_out = text.splitlines()
+    assert not any(line.startswith("ERROR forged!") for line in lines_out)
+    assert sum("ERROR forged!" in line for line in lines_out) == 3
+    assert "from A'\\nERROR forged!\\r\\x1b[31m\\u202e: refused" in text
+    assert "ValueError: cannot decode A'\\nERROR forged!" in text
+    assert "Traceback (most recent call last):" in text  # a traceback keeps its lines
+    from acwi_node.observability.logging import escape_text
+
+    assert escape_text("Klinik München") == "Klinik München"  # printable letters stay
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_json_lines_escape_control_characters_too(tmp_path: Path) -> None:
+    _, stream = configured(tmp_path)
+    logging.getLogger("acwi_node.ingest").warning("AE %s", "X\x1b[2J\u2028Y")
+    (record,) = lines(stream)
+    assert record["message"] == "AE X\\x1b[2J\\u2028Y"
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_an_exception_no_thread_handles_goes_through_the_filters(
+    tmp_path: Path, identifiers: Any
+) -> None:
+    """threading's own hook printed such tracebacks to standard error, past the filter."""
+    stream, _ = text_lines(tmp_path, log_phi=False)
+    note_identifiers({"PatientName": CANARY_NAME, "PatientID": CANARY_ID})
+
+    def fail() -> None:
+        raise RuntimeError(f"no order for {CANARY_ID}\nERROR forged!")
+
+    thread = threading.Thread(target=fail, name="reactor-test")
+    thread.start()
+    thread.join()
+    text = stream.getvalue()
+    assert "ERROR acwi_node [scp " in text and "unhandled exception in reactor-test" in text
+    assert "RuntimeError: no order for [redacted]\\nERROR forged!" in text
+    assert CANARY_ID not in text
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_name_part_that_is_a_common_word_leaves_installed_code_readable(
+    tmp_path: Path, identifiers: Any
+) -> None:
+    """The frames of installed code (here the standard library's json) hold code, not data: a
+    patient called "Value^Frederica" no longer blanks every "value" in them. The exception's
+    message, the log message and the frames of other files (this test, whose source names the
+    patient) are redacted as before, in any case."""
+    stream, _ = text_lines(tmp_path, log_phi=False)
+    note_identifiers({"PatientName": "Value^Frederica", "PatientID": "VF-1"})
+    try:
+        json.loads("VALUE^FREDERICA")
+    except ValueError:
+        logging.getLogger("acwi_node.worker").exception("the value of %s", "Frederica")
+    text = stream.getvalue()
+    assert 'raise JSONDecodeError("Expecting value", s, err.value) from None' in text
+    assert "JSONDecodeError: Expecting [redacted]: line 1" in text
+    assert "the [redacted] of [redacted]" in text
+    assert "frederica" not in text.lower()

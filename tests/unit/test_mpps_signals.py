@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from pynetdicom.dimse_primitives import N_CREATE, N_SET
 from sqlalchemy import select, update
 
 from acwi_node.ingest.mpps import (
+    MPPS_INVALID_VALUE,
+    MPPS_SOP_CLASS,
     RETENTION,
     CompletionSignals,
+    MppsSCP,
     referenced_instances,
     step_studies,
 )
@@ -116,3 +123,44 @@ def test_old_signals_and_steps_are_forgotten(ledger: Ledger) -> None:
     assert signals.pending == 0
     with ledger.session() as s:
         assert s.scalars(select(MppsStep.step_uid)).all() == ["1.2.95"]
+
+
+def mpps_event(attrs: Dataset, *, create: bool = True) -> Any:
+    """An EVT_N_CREATE (or EVT_N_SET) event as the MPPS handlers read it."""
+    if create:
+        request = N_CREATE()
+        request.AffectedSOPClassUID = MPPS_SOP_CLASS
+        request.AffectedSOPInstanceUID = generate_uid()
+        return SimpleNamespace(request=request, attribute_list=attrs)
+    modification = N_SET()
+    modification.RequestedSOPClassUID = MPPS_SOP_CLASS
+    modification.RequestedSOPInstanceUID = generate_uid()
+    return SimpleNamespace(request=modification, modification_list=attrs)
+
+
+def test_mpps_values_never_reach_the_log(
+    ledger: Ledger, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused status is not quoted (a modality may put anything there), and the patient of
+    an N-CREATE or N-SET is noted for the log filter, as a C-STORE's is."""
+    import acwi_node.observability.logging as node_logging
+
+    identifiers = node_logging._Identifiers()
+    monkeypatch.setattr(node_logging, "_IDENTIFIERS", identifiers)
+    scp = MppsSCP(ledger, None)
+    attrs = Dataset()
+    attrs.PatientName = "Mppsleak^Herbert"
+    attrs.PatientID = "MPPSPID4711"
+    attrs.PerformedProcedureStepStatus = "Mppsleak^Herbert"
+    with caplog.at_level(logging.INFO, logger="acwi_node.mpps"):
+        assert scp.handle_n_create(mpps_event(attrs)) == (MPPS_INVALID_VALUE, None)
+    (refused,) = [r.getMessage() for r in caplog.records if r.name == "acwi_node.mpps"]
+    assert "Mppsleak" not in refused and "refused with 0x0106" in refused
+    redacted = "[redacted] [redacted] [redacted]"
+    assert identifiers.redact("Herbert MPPSPID4711 mppsleak") == redacted
+
+    modifications = Dataset()
+    modifications.PatientName = "Setonly^Gertrude"
+    modifications.PerformedProcedureStepStatus = "PAUSED"
+    assert scp.handle_n_set(mpps_event(modifications, create=False))[0] == MPPS_INVALID_VALUE
+    assert identifiers.redact("Gertrude Setonly") == "[redacted]"

@@ -90,7 +90,20 @@ STATUS_MEANINGS: dict[str, tuple[str, str, str]] = {
     "STATUS_CANNOT_UNDERSTAND": (
         "Failure",
         "Error: Cannot understand",
-        "The data set could not be encoded or its header could not be parsed.",
+        "The data set could not be encoded or its header could not be read: a corrupt or"
+        " truncated deflate stream, a deflated data set whose header attributes (up to Series"
+        " Instance UID) are not within its first 4 MiB inflated (it is never inflated further),"
+        " sequences nested deeper than pydicom reads (where the node's own reader does not"
+        " apply: big endian, code extensions), anything else pydicom cannot read; or the"
+        " C-STORE-RQ lacks a required command element (Affected SOP Class UID, Affected SOP"
+        " Instance UID, Priority), its data set then neither read nor stored.",
+    ),
+    "STATUS_DOES_NOT_MATCH": (
+        "Failure",
+        "Error: Data Set does not match SOP Class",
+        "The data set's SOP Class UID is not the command's Affected SOP Class UID, or that is"
+        " not the presentation context's abstract syntax (nor a specialization of it that SOP"
+        " Class Common Extended Negotiation related to it). Nothing is stored.",
     ),
     "STATUS_BAD_UID": (
         "Failure",
@@ -103,6 +116,20 @@ STATUS_MEANINGS: dict[str, tuple[str, str, str]] = {
         "Error: Cannot understand",
         "The data set has no Study Instance UID, or neither a SOP Instance UID nor an "
         "Affected SOP Instance UID.",
+    ),
+    "STATUS_INSTANCE_MISMATCH": (
+        "Failure",
+        "Error: Cannot understand",
+        "The data set's SOP Instance UID is not the command's Affected SOP Instance UID"
+        " (the stored file, its ledger row and the response would name different instances)."
+        " Nothing is stored.",
+    ),
+    "STATUS_HANDLER_FAILED": (
+        "Failure",
+        "Error: Cannot understand",
+        "The instance could not be stored for a reason the node did not foresee (logged in one"
+        ' line; counted in `acwi_scp_instances_rejected{reason="handler_error"}` and audited'
+        " as a refusal like any other). Nothing is stored.",
     ),
 }
 

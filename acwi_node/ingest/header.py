@@ -8,15 +8,28 @@ read; walking the elements with ``struct`` costs a tenth of that.
 
 :func:`scan_header` handles little endian data sets, implicit or explicit VR (every
 transfer syntax the SCP accepts but deflated and big endian), sequences of defined or undefined
-length, and the character sets whose decoding needs no escape sequences. For anything else it
-returns None and the SCP asks pydicom (:func:`pydicom_header`), so the result is always pydicom's
-(``tests/unit/test_header.py`` compares the two on every kind of file the tests have).
+length, nested to any depth (walked without recursion), and the character sets whose decoding
+needs no escape sequences. For anything else it returns None and the SCP asks pydicom
+(:func:`pydicom_header`), so the result is always pydicom's (``tests/unit/test_header.py``
+compares the two on every kind of file the tests have).
+
+A deflated data set (Deflated Explicit VR Little Endian) is inflated only as far as the header
+attributes go (:func:`deflated_header`), never whole: a megabyte that inflates to gigabytes (a
+"deflate bomb") costs no more memory than a small instance. The attributes must lie within the
+first :data:`DEFLATED_HEADER_LIMIT` bytes of the inflated data set (they are in its first
+kilobytes in practice); a data set whose attributes do not, or whose deflate stream is corrupt,
+cannot be understood (:class:`HeaderError`). The data set is stored as received all the same,
+its bytes not inflated beyond the header.
+
+:func:`dataset_header` chooses between the three for the SCP and STOW-RS.
 """
 
 from __future__ import annotations
 
 import io
 import struct
+import zlib
+from collections.abc import Callable
 
 from pydicom import dcmread
 from pydicom.tag import Tag
@@ -37,10 +50,17 @@ WANTED: dict[int, str] = {
 _LAST = max(WANTED)
 _SPECIFIC_CHARACTER_SET = 0x00080005
 _IMPLICIT_LE = "1.2.840.10008.1.2"
+_EXPLICIT_LE = "1.2.840.10008.1.2.1"
+DEFLATED = "1.2.840.10008.1.2.1.99"
 _NOT_LITTLE_ENDIAN_EXPLICIT = {
-    "1.2.840.10008.1.2.1.99",  # deflated
+    DEFLATED,
     "1.2.840.10008.1.2.2",  # big endian
 }
+#: How much of a deflated data set is inflated, at most, to find the header attributes.
+DEFLATED_HEADER_LIMIT = 4 << 20
+#: The first amount inflated; each further step inflates as much again as there is (the
+#: scan starts over each time: doubling keeps that within twice the inflated size).
+_INFLATE_FIRST = 16 << 10
 #: Explicit VRs whose length is 4 bytes, after 2 reserved ones (PS3.5 7.1.2).
 LONG_VRS = {
     b"OB",
@@ -71,44 +91,63 @@ _IMPLICIT_HEADER = struct.Struct("<HHI")
 _EXPLICIT_HEADER = struct.Struct("<HH2sH")
 
 
+class HeaderError(ValueError):
+    """A data set whose header attributes cannot be read; the message names what is wrong with
+    it, never a value from it."""
+
+
 class _Unsupported(Exception):
     """The data set needs pydicom (undecodable character set, multiple values, odd layout)."""
 
 
-def _tag_at(data: bytes | memoryview, pos: int) -> int:
+class _Truncated(_Unsupported):
+    """The data set ends inside an element before the wanted ones end."""
+
+
+class _NeedMore(Exception):
+    """The inflated part of a deflated data set ends before the header attributes do."""
+
+
+_Bytes = bytes | bytearray | memoryview
+
+
+def _tag_at(data: _Bytes, pos: int) -> int:
     group, element = _U16U16.unpack_from(data, pos)
     return int(group << 16 | element)
 
 
-def _skip_undefined_sequence(data: bytes | memoryview, pos: int, implicit: bool) -> int:
+def _skip_undefined_sequence(data: _Bytes, pos: int, implicit: bool) -> int:
     """Skip the items of an undefined-length sequence starting at ``pos``; returns the offset
-    after its sequence delimiter."""
-    while True:
+    after its sequence delimiter. Nested sequences are followed with a stack, not recursion:
+    any depth costs no more than its bytes (raises ``struct.error`` past the end)."""
+    in_item: list[bool] = [False]  # per open level: inside an item (else between items)
+    while in_item:
         tag = _tag_at(data, pos)
-        length = _U32.unpack_from(data, pos + 4)[0]
-        pos += 8
-        if tag == _SEQUENCE_END:
-            return pos
-        if tag != _ITEM:
-            raise _Unsupported("unexpected element in a sequence")
-        if length != _UNDEFINED:
-            pos += length
+        if not in_item[-1]:
+            length = _U32.unpack_from(data, pos + 4)[0]
+            pos += 8
+            if tag == _SEQUENCE_END:
+                in_item.pop()
+            elif tag != _ITEM:
+                raise _Unsupported("unexpected element in a sequence")
+            elif length == _UNDEFINED:
+                in_item[-1] = True
+            else:
+                pos += length
             continue
-        while _tag_at(data, pos) != _ITEM_END:  # an item of undefined length
-            pos = _skip_element(data, pos, implicit)
-        pos += 8
+        if tag == _ITEM_END:  # the end of an item of undefined length
+            pos += 8
+            in_item[-1] = False
+            continue
+        _tag, _vr, _start, length, pos = _element_header(data, pos, implicit)
+        if length == _UNDEFINED:
+            in_item.append(False)  # a sequence inside the item
+        else:
+            pos += length
+    return pos
 
 
-def _skip_element(data: bytes | memoryview, pos: int, implicit: bool) -> int:
-    _tag, _vr, _start, length, pos = _element_header(data, pos, implicit)
-    if length == _UNDEFINED:
-        return _skip_undefined_sequence(data, pos, implicit)
-    return pos + length
-
-
-def _element_header(
-    data: bytes | memoryview, pos: int, implicit: bool
-) -> tuple[int, bytes, int, int, int]:
+def _element_header(data: _Bytes, pos: int, implicit: bool) -> tuple[int, bytes, int, int, int]:
     """(tag, VR or b"", value offset, length, value offset)."""
     tag = _tag_at(data, pos)
     if implicit:
@@ -128,54 +167,156 @@ def scan_header(dataset: bytes | memoryview, transfer_syntax: str) -> dict[str, 
     pydicom can read them."""
     if transfer_syntax in _NOT_LITTLE_ENDIAN_EXPLICIT:
         return None
-    implicit = transfer_syntax == _IMPLICIT_LE
+    try:
+        found, charset, _end = _walk(dataset, transfer_syntax == _IMPLICIT_LE, complete=True)
+        return _decode(found, charset)
+    except (_Unsupported, struct.error, UnicodeDecodeError):
+        return None
+
+
+def _walk(
+    dataset: _Bytes, implicit: bool, *, complete: bool
+) -> tuple[dict[str, bytes], bytes, int]:
+    """The wanted elements' values, the Specific Character Set's value and the offset where
+    the elements after the wanted ones start (or the data set ends).
+
+    ``complete`` False: ``dataset`` is the start of a longer data set (what is inflated so far
+    of a deflated one); raises :class:`_NeedMore` (or ``struct.error``) where it ends too soon.
+    """
     found: dict[str, bytes] = {}
-    encoding = "latin-1"
+    charset = b""
     pos, end = 0, len(dataset)
     # The element headers are read inline (this runs for every instance received): the tag
     # and length of an implicit VR element, or the tag, VR and short length of an explicit one.
     implicit_header = _IMPLICIT_HEADER.unpack_from
     explicit_header = _EXPLICIT_HEADER.unpack_from
     u32 = _U32.unpack_from
-    try:
-        while pos + 8 <= end:
-            if implicit:
-                group, element, length = implicit_header(dataset, pos)
-                start = pos + 8
+    while pos + 8 <= end:
+        if implicit:
+            group, element, length = implicit_header(dataset, pos)
+            start = pos + 8
+        else:
+            group, element, vr, length = explicit_header(dataset, pos)
+            if vr in LONG_VRS:
+                length = u32(dataset, pos + 8)[0]
+                start = pos + 12
             else:
-                group, element, vr, length = explicit_header(dataset, pos)
-                if vr in LONG_VRS:
-                    length = u32(dataset, pos + 8)[0]
-                    start = pos + 12
-                else:
-                    start = pos + 8
-            tag = group << 16 | element
-            if tag > _LAST:
-                break
-            if length == _UNDEFINED:
-                pos = _skip_undefined_sequence(dataset, start, implicit)
-                continue
-            pos = start + length
-            if pos > end:
-                raise _Unsupported("truncated")
-            if tag == _SPECIFIC_CHARACTER_SET:
-                charset = bytes(dataset[start:pos]).decode("ascii").strip(" \x00")
-                if charset not in _CHARSETS:
-                    raise _Unsupported("character set with code extensions")
-                encoding = _CHARSETS[charset]
-            keyword = WANTED.get(tag)
-            if keyword is not None:
-                found[keyword] = bytes(dataset[start:pos])  # of a bytes slice: no copy
-        values: dict[str, str] = {}
-        for keyword in WANTED.values():
-            raw = found.get(keyword)
-            text = raw.decode(encoding).strip(" \x00") if raw else ""
-            if "\\" in text:
-                raise _Unsupported("more than one value")
-            values[keyword] = text
-        return values
-    except (_Unsupported, struct.error, UnicodeDecodeError, RecursionError):
-        return None
+                start = pos + 8
+        tag = group << 16 | element
+        if tag > _LAST:
+            return found, charset, pos
+        if length == _UNDEFINED:
+            pos = _skip_undefined_sequence(dataset, start, implicit)
+            continue
+        value_end = start + length
+        if value_end > end:
+            if complete:
+                raise _Truncated
+            raise _NeedMore
+        if tag == _SPECIFIC_CHARACTER_SET:
+            charset = bytes(dataset[start:value_end])
+        keyword = WANTED.get(tag)
+        if keyword is not None:
+            found[keyword] = bytes(dataset[start:value_end])  # of a bytes slice: no copy
+        pos = value_end
+    if not complete:
+        raise _NeedMore
+    return found, charset, pos
+
+
+def _decode(found: dict[str, bytes], charset: bytes) -> dict[str, str]:
+    name = charset.decode("ascii").strip(" \x00")
+    if name not in _CHARSETS:
+        raise _Unsupported("character set with code extensions")
+    encoding = _CHARSETS[name]
+    values: dict[str, str] = {}
+    for keyword in WANTED.values():
+        raw = found.get(keyword)
+        text = raw.decode(encoding).strip(" \x00") if raw else ""
+        if "\\" in text:
+            raise _Unsupported("more than one value")
+        values[keyword] = text
+    return values
+
+
+def deflated_header(
+    deflated: bytes | memoryview, *, limit: int = DEFLATED_HEADER_LIMIT
+) -> dict[str, str]:
+    """The wanted attributes of a deflated data set (its encoded bytes after the file meta:
+    raw deflate, PS3.5 A.5), inflated step by step only as far as they go, at most ``limit``
+    bytes (never the whole data set: memory stays within about twice ``limit``).
+
+    Raises :class:`HeaderError` for a corrupt deflate stream, one that ends before the
+    attributes do, and attributes not within ``limit`` inflated bytes."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = bytearray()
+    pending: bytes | memoryview = deflated
+    step = _INFLATE_FIRST
+    while True:
+        try:
+            chunk = inflater.decompress(pending, step)
+        except zlib.error:
+            raise HeaderError("the deflated data set is not a valid deflate stream") from None
+        inflated += chunk
+        pending = inflater.unconsumed_tail
+        ended = inflater.eof or (not pending and len(chunk) < step)
+        try:
+            # A stream cut short (no final block) holds no complete data set.
+            found, charset, _end = _walk(inflated, False, complete=inflater.eof)
+            return _decode(found, charset)
+        except (_NeedMore, _Truncated, struct.error):
+            if ended:
+                raise HeaderError("the deflated data set ends inside its header") from None
+        except (_Unsupported, UnicodeDecodeError):
+            # Code extensions, several values, an odd layout: pydicom reads what is inflated.
+            return _pydicom_dataset_header(bytes(inflated))
+        if len(inflated) >= limit:
+            raise HeaderError(
+                f"the header attributes of the deflated data set are not within its first"
+                f" {limit >> 20 or 1} MiB inflated"
+            )
+        step = min(max(step, len(inflated)), limit - len(inflated))
+
+
+def _pydicom_dataset_header(explicit_le: bytes) -> dict[str, str]:
+    """pydicom's reading of the wanted attributes of an explicit VR little endian data set
+    (the inflated start of a deflated one: it may end inside an element after them)."""
+    from acwi_node.ingest.part10 import file_meta_prefix
+
+    try:
+        return pydicom_header(file_meta_prefix("1.2", "1.2", _EXPLICIT_LE) + explicit_le)
+    except Exception as exc:
+        raise HeaderError(describe(exc)) from exc
+
+
+def describe(exc: BaseException) -> str:
+    """One line on why a data set could not be read, for the log."""
+    if isinstance(exc, HeaderError):
+        return str(exc)
+    if isinstance(exc, RecursionError):
+        return "sequences nested too deeply to read"
+    if isinstance(exc, zlib.error):
+        return "not a valid deflate stream"
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def dataset_header(
+    dataset: bytes | memoryview, transfer_syntax: str, part10: Callable[[], bytes]
+) -> dict[str, str]:
+    """The wanted attributes of a received data set (encoded, without file meta) in
+    ``transfer_syntax``: :func:`deflated_header` for a deflated one, :func:`scan_header`, else
+    pydicom on the whole instance (``part10`` makes it, only then). Raises
+    :class:`HeaderError` for a data set none of them can read (whatever pydicom raised)."""
+    if transfer_syntax == DEFLATED:
+        return deflated_header(dataset)
+    header = scan_header(dataset, transfer_syntax)
+    if header is not None:
+        return header
+    try:
+        return pydicom_header(part10())
+    except Exception as exc:
+        raise HeaderError(describe(exc)) from exc
 
 
 def study_date(header: dict[str, str]) -> str:

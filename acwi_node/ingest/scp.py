@@ -42,7 +42,7 @@ from typing import Any, cast
 
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
@@ -56,7 +56,7 @@ from acwi_node.export.commitment import CommitmentReports
 from acwi_node.export.scu import STORAGE_COMMITMENT_PUSH_MODEL
 from acwi_node.ingest.checksum import crc32_of
 from acwi_node.ingest.cpu_latency import CpuLatencyRequest
-from acwi_node.ingest.header import pydicom_header, scan_header, study_date
+from acwi_node.ingest.header import HeaderError, dataset_header, describe, study_date
 from acwi_node.ingest.journal import (
     SPOOLED_CRC,
     IngestJournal,
@@ -119,9 +119,17 @@ ROW_MAX_DELAY_S = 0.05
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_LEDGER_UNAVAILABLE = 0xA701  # out of resources: the ledger cannot record the instance
+STATUS_DOES_NOT_MATCH = 0xA900  # error: the data set (or command) is of another SOP class
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_BAD_UID = 0xC001  # cannot understand: a UID unsafe to store (path-like, too long)
 STATUS_MISSING_UID = 0xC002  # cannot understand: no Study/SOP Instance UID
+#: Cannot understand: the data set's SOP Instance UID is not the command's Affected SOP
+#: Instance UID, so the file, the ledger row and the response could not agree on the instance
+#: (DCMTK's storescp answers 0xA900 here; a code of its own tells the two cases apart).
+STATUS_INSTANCE_MISMATCH = 0xC003
+#: Cannot understand: the handler failed unexpectedly (pynetdicom's code for a handler that
+#: raises); counted and audited as a refusal all the same.
+STATUS_HANDLER_FAILED = 0xC211
 
 
 def skip_pydicom_value_checks() -> None:
@@ -156,6 +164,21 @@ def _received(event: evt.Event) -> tuple[bytes, tuple[bytes, bytes]]:
 
 def _text(header: Mapping[str, str], keyword: str) -> str:
     return header.get(keyword, "")
+
+
+def _class_fits_context(sop_class: str, event: evt.Event) -> bool:
+    """Whether a C-STORE's Affected SOP Class UID may come on its presentation context: the
+    context's abstract syntax, or a class whose related general SOP classes (SOP Class
+    Common Extended Negotiation, PS3.7 D.3.3.6) name it (PS3.4 B.3.1.4)."""
+    abstract_syntax = str(getattr(event.context, "abstract_syntax", "") or "")
+    if not abstract_syntax or sop_class == abstract_syntax:
+        return True
+    try:
+        extended = event.assoc.acceptor.accepted_common_extended
+    except AttributeError:
+        return False
+    related = extended.get(UID(sop_class)) if extended else None
+    return related is not None and abstract_syntax in {str(uid) for uid in related[1] or ()}
 
 
 class _NodeAE(AE):
@@ -737,10 +760,22 @@ class StorageSCP:
             self.signals.released(state.study_ids)
 
     def handle_store(self, event: evt.Event) -> int | tuple[int, Dataset]:
-        """Persist one instance, then answer. Never raises."""
+        """Persist one instance, then answer. Never raises: an unexpected failure is answered
+        0xC211 and counted and audited as a refusal."""
         with self._lock:
             state = self._assocs.get(id(event.assoc))
-        status = self._store(event, state)
+        try:
+            status = self._store(event, state)
+        except Exception as exc:
+            calling_ae = state.calling_ae if state else event.assoc.requestor.ae_title.strip()
+            log.error(
+                "C-STORE from %s: refused, the instance could not be stored: %s",
+                calling_ae,
+                describe(exc),
+            )
+            log.debug("the C-STORE handler's failure", exc_info=True)
+            metrics.INSTANCES_REJECTED.labels("handler_error").inc()
+            status = STATUS_HANDLER_FAILED
         if status != STATUS_SUCCESS and state is not None:
             with self._lock:
                 state.refused += 1
@@ -755,17 +790,41 @@ class StorageSCP:
             metrics.INSTANCES_REJECTED.labels("unencodable").inc()
             return STATUS_CANNOT_UNDERSTAND
         try:
-            header = scan_header(dataset, str(event.context.transfer_syntax)) or pydicom_header(
-                b"".join(data)
+            header = dataset_header(
+                dataset, str(event.context.transfer_syntax), lambda: b"".join(data)
             )
-        except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OSError) as exc:
-            log.warning("C-STORE from %s: cannot parse the dataset header: %s", calling_ae, exc)
+        except HeaderError as exc:
+            log.warning("C-STORE from %s: refused, cannot read the data set: %s", calling_ae, exc)
             metrics.INSTANCES_REJECTED.labels("unparseable_header").inc()
             return STATUS_CANNOT_UNDERSTAND
         note_identifiers(header)  # from here on, no log line can show this patient's name/ID
         request = cast(C_STORE, event.request)
-        sop_uid = _text(header, "SOPInstanceUID") or str(request.AffectedSOPInstanceUID or "")
-        sop_class = str(request.AffectedSOPClassUID or "") or _text(header, "SOPClassUID")
+        command_class = str(request.AffectedSOPClassUID or "")
+        command_uid = str(request.AffectedSOPInstanceUID or "")
+        data_class = _text(header, "SOPClassUID")
+        data_uid = _text(header, "SOPInstanceUID")
+        # The file's meta (from the command), its ledger row and the response (from the
+        # command) must name the instance the data set is: a mismatch is refused (PS3.4 B.2.3).
+        if (data_class and command_class and data_class != command_class) or (
+            command_class and not _class_fits_context(command_class, event)
+        ):
+            log.warning(
+                "C-STORE from %s: refused, the data set's SOP Class UID, the command's Affected"
+                " SOP Class UID and the presentation context's abstract syntax disagree",
+                calling_ae,
+            )
+            metrics.INSTANCES_REJECTED.labels("class_mismatch").inc()
+            return STATUS_DOES_NOT_MATCH
+        if data_uid and command_uid and data_uid != command_uid:
+            log.warning(
+                "C-STORE from %s: refused, the data set's SOP Instance UID is not the command's"
+                " Affected SOP Instance UID",
+                calling_ae,
+            )
+            metrics.INSTANCES_REJECTED.labels("instance_mismatch").inc()
+            return STATUS_INSTANCE_MISMATCH
+        sop_uid = data_uid or command_uid
+        sop_class = command_class or data_class
         study_uid = _text(header, "StudyInstanceUID")
         if not sop_uid or not study_uid:
             log.warning("C-STORE from %s: missing Study or SOP Instance UID", calling_ae)

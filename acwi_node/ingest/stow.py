@@ -37,13 +37,21 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
-from pydicom import dcmread
 from pydicom.datadict import keyword_for_tag
-from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
 
 from acwi_node.audit import AuditEvent, Outcome, audit, remote_ae
 from acwi_node.ingest.checksum import crc32
-from acwi_node.ingest.header import LONG_VRS, pydicom_header, scan_header, study_date
+from acwi_node.ingest.header import (
+    DEFLATED,
+    LONG_VRS,
+    HeaderError,
+    deflated_header,
+    describe,
+    pydicom_header,
+    scan_header,
+    study_date,
+)
 from acwi_node.ingest.journal import sync_filesystem
 from acwi_node.ingest.own_results import is_own_result
 from acwi_node.ingest.spool import Spool, SpoolError, is_safe_uid
@@ -97,16 +105,30 @@ def file_meta(data: bytes | memoryview) -> tuple[str, int] | None:
 def read_header(data: bytes | memoryview) -> tuple[str, dict[str, str]]:
     """A Part 10 file's transfer syntax and the header attributes the node needs: read with
     :func:`file_meta` and :func:`~.header.scan_header` where they can (a view is not copied),
-    else by pydicom (which raises for what is not a DICOM file)."""
+    a deflated data set inflated only as far as they go (:func:`~.header.deflated_header`),
+    else by pydicom. Raises :class:`~.header.HeaderError` for what cannot be read (not a
+    DICOM file, a corrupt deflate stream, whatever pydicom raised)."""
     found = file_meta(data)
     if found is not None:
         syntax, start = found
+        if syntax == DEFLATED:
+            return syntax, deflated_header(data[start:])
         header = scan_header(data[start:], syntax)
         if header is not None:
             return syntax, header
-    whole = bytes(data)
-    meta = dcmread(io.BytesIO(whole), stop_before_pixels=True, specific_tags=[]).file_meta
-    return str(meta.get("TransferSyntaxUID", "") or ""), pydicom_header(whole)
+    try:
+        whole = bytes(data)
+        stream = io.BytesIO(whole)
+        read_preamble(stream, False)
+        meta = _read_file_meta_info(stream)
+        syntax = str(meta.get("TransferSyntaxUID", "") or "")
+        if syntax == DEFLATED:  # never pydicom: it would inflate the whole data set
+            return syntax, deflated_header(memoryview(whole)[stream.tell() :])
+        return syntax, pydicom_header(whole)
+    except HeaderError:
+        raise
+    except Exception as exc:
+        raise HeaderError(describe(exc)) from exc
 
 
 class MultipartError(ValueError):
@@ -346,7 +368,18 @@ class StowReceiver:
         written: dict[str, _Written] = {}
         try:
             for part in parts:
-                done = self._write(part, calling, study_uid, result)
+                try:
+                    done = self._write(part, calling, study_uid, result)
+                except Exception as exc:  # this part's refusal; the others are stored
+                    log.error(
+                        "STOW-RS from %s: refused a part, it could not be stored: %s",
+                        calling,
+                        describe(exc),
+                    )
+                    log.debug("the STOW-RS part's failure", exc_info=True)
+                    metrics.INSTANCES_REJECTED.labels("handler_error").inc()
+                    result.failed.append(("", "", CANNOT_UNDERSTAND))
+                    continue
                 if done is not None:
                     earlier = written.pop(done.record.sop_instance_uid, None)
                     if earlier is not None:  # sent twice: the later bytes are in the file
@@ -355,10 +388,12 @@ class StowReceiver:
                     written[done.record.sop_instance_uid] = done
             if written_out is not None:
                 written_out()
+            committing, pending = list(written.values()), written
+            written = {}  # from here on _commit owns the files: it records or removes them
             if (
-                written
+                committing
                 and self._commit(
-                    list(written.values()),
+                    committing,
                     calling,
                     result,
                     studies,
@@ -367,7 +402,14 @@ class StowReceiver:
                 )
                 and self.audit_patient_id
             ):  # the stored instances' patients only, as the SCP's record names
-                patient_ids.update(w.patient_id for w in written.values())
+                patient_ids.update(w.patient_id for w in pending.values())
+        except BaseException:
+            # Spool files written and never recorded would be orphans: removed (a file that
+            # held an earlier version stays, as when the ledger refuses, with that version's row).
+            for w in written.values():
+                if not w.existed:
+                    self.spool.discard(w.path)
+            raise
         finally:
             if end_of_request:
                 self.end_request(result, studies, sender=calling, address=address)
@@ -447,16 +489,8 @@ class StowReceiver:
         data = part
         try:
             transfer_syntax, header = read_header(data)
-        except (
-            InvalidDicomError,
-            ValueError,
-            EOFError,
-            KeyError,
-            TypeError,
-            OSError,
-            struct.error,
-        ) as exc:
-            log.warning("STOW-RS from %s: a part is not a DICOM file: %s", calling, exc)
+        except HeaderError as exc:
+            log.warning("STOW-RS from %s: refused a part that cannot be read: %s", calling, exc)
             metrics.INSTANCES_REJECTED.labels("unparseable_header").inc()
             result.failed.append(("", "", CANNOT_UNDERSTAND))
             return None

@@ -188,6 +188,9 @@ REJECT_REASONS = (
     "spool_error",
     "ledger_unavailable",
     "other_study",
+    "class_mismatch",
+    "instance_mismatch",
+    "handler_error",
 )
 
 

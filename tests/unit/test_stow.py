@@ -7,7 +7,9 @@ import base64
 import io
 import logging
 import mmap
+import struct
 import tracemalloc
+import zlib
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
@@ -16,14 +18,19 @@ import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
 from sqlalchemy import select
 
 from acwi_node.config import Settings, load_settings
 from acwi_node.ingest import spool as spool_module
 from acwi_node.ingest import stow
-from acwi_node.ingest.header import pydicom_header
+from acwi_node.ingest.header import HeaderError, pydicom_header
 from acwi_node.ingest.spool import Spool
 from acwi_node.ingest.stow import MultipartError, boundary_of, close_mapping, split_parts
 from acwi_node.ledger import Ledger, RoutedJob
@@ -620,7 +627,7 @@ def test_headers_read_as_pydicom_reads_them(tmp_path: Path) -> None:
     raw = files[0].read_bytes()
     for broken in (raw[132:], raw[:140], b"\0" * 128 + b"DICM"):
         assert stow.file_meta(broken) is None
-    with pytest.raises(InvalidDicomError):
+    with pytest.raises(HeaderError, match="InvalidDicomError"):
         stow.read_header(raw[132:])  # no preamble: not a Part 10 file
 
 
@@ -635,3 +642,124 @@ def test_multipart_bodies() -> None:
     for broken in (b"no boundary at all", b"--x\r\n\r\nunfinished", b"--x\r\nContent-Type"):
         with pytest.raises(MultipartError):
             split_parts(broken, "x")
+
+
+def deflated_part10(ds: pydicom.Dataset, deflated: bytes) -> bytes:
+    """``ds``'s File Meta Information (deflated transfer syntax), then ``deflated`` as its
+    data set."""
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    part10 = buffer.getvalue()
+    meta_end = 132 + 12 + struct.unpack_from("<I", part10, 140)[0]
+    return part10[:meta_end] + deflated
+
+
+def nested_big_endian(ds: pydicom.Dataset, levels: int) -> bytes:
+    """``ds`` in Explicit VR Big Endian with a sequence nested ``levels`` deep before Patient's
+    Name (pydicom's reader recurses per level)."""
+    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True, little_endian=False, implicit_vr=False)
+    part10 = buffer.getvalue()
+    level = b"\x00\x08\x11\x40SQ\x00\x00\xff\xff\xff\xff" + b"\xff\xfe\xe0\x00\xff\xff\xff\xff"
+    close = b"\xff\xfe\xe0\x0d\x00\x00\x00\x00" + b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"
+    at = part10.index(b"\x00\x10\x00\x10PN")
+    return part10[:at] + level * levels + close * levels + part10[at:]
+
+
+def test_parts_that_cannot_be_read_are_refused_alone(
+    tmp_path: Path, ledger_node: tuple[Settings, Ledger], client: TestClient
+) -> None:
+    """A corrupt deflate stream, sequences nested deeper than pydicom can read: each refused
+    with 0xC000, the good part before them stored and recorded, no file left without a row."""
+    settings, ledger = ledger_node
+    study_uid = generate_uid()
+    good, other = write_study(tmp_path / "s", n_images=2, seed=6, study_instance_uid=study_uid)
+    corrupt = deflated_part10(pydicom.dcmread(other), b"\x78\x9c" + bytes(range(256)) * 2)
+    nested = nested_big_endian(pydicom.dcmread(other), 3000)
+    answer = post(client, multipart(good.read_bytes(), corrupt, nested))
+    assert answer.status_code == 202, answer.text
+    body = answer.json()
+    good_uid = str(pydicom.dcmread(good).SOPInstanceUID)
+    assert [values(i, "00081155") for i in values(body, "00081199")] == [[good_uid]]
+    assert [values(i, "00081197") for i in values(body, "00081198")] == [[0xC000], [0xC000]]
+    assert [p.name for p in spool_files(settings)] == [f"{good_uid}.dcm"]
+    assert [s[:2] for s in studies(ledger)] == [(study_uid, 1)]
+
+
+def test_an_unexpected_failure_refuses_its_part_alone(
+    tmp_path: Path,
+    ledger_node: tuple[Settings, Ledger],
+    client: TestClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings, ledger = ledger_node
+    study_uid = generate_uid()
+    first, second = write_study(tmp_path / "s", n_images=2, seed=7, study_instance_uid=study_uid)
+    store = Spool.store
+    failing = str(pydicom.dcmread(second).SOPInstanceUID)
+
+    def store_or_fail(self: Spool, study: str, sop: str, *args: Any, **kwargs: Any) -> Path:
+        if sop == failing:
+            raise RuntimeError("an unexpected failure")
+        return store(self, study, sop, *args, **kwargs)
+
+    monkeypatch.setattr(Spool, "store", store_or_fail)
+    answer = post(client, multipart(first.read_bytes(), second.read_bytes()))
+    assert answer.status_code == 202, answer.text
+    body = answer.json()
+    first_uid = str(pydicom.dcmread(first).SOPInstanceUID)
+    assert [values(i, "00081155") for i in values(body, "00081199")] == [[first_uid]]
+    assert [values(i, "00081197") for i in values(body, "00081198")] == [[0xC000]]
+    assert [p.name for p in spool_files(settings)] == [f"{first_uid}.dcm"]
+    assert [s[:2] for s in studies(ledger)] == [(study_uid, 1)]
+
+
+def test_files_written_are_removed_when_the_request_fails_before_recording(
+    tmp_path: Path, ledger_node: tuple[Settings, Ledger]
+) -> None:
+    settings, ledger = ledger_node
+    receiver = stow.StowReceiver(ledger, Spool(settings.spool_dir, fsync=False))
+    (only,) = write_study(tmp_path / "s", n_images=1, seed=8)
+
+    def body_lost() -> None:
+        raise OSError("the body's file could not be released")
+
+    with pytest.raises(OSError):
+        receiver.receive(
+            [memoryview(only.read_bytes())], sender="pacs", address="", written_out=body_lost
+        )
+    assert spool_files(settings) == []
+    assert studies(ledger) == []
+
+
+def test_a_deflate_bomb_is_stored_as_received_in_little_memory(
+    tmp_path: Path, ledger_node: tuple[Settings, Ledger]
+) -> None:
+    """A deflated object of a megabyte that inflates to 256 MiB: its header read from the
+    first kilobytes inflated, the object stored byte for byte."""
+    settings, ledger = ledger_node
+    receiver = stow.StowReceiver(ledger, Spool(settings.spool_dir, fsync=False))
+    (path,) = write_study(tmp_path / "s", n_images=1, seed=9)
+    ds = pydicom.dcmread(path)
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    whole = buffer.getvalue()
+    explicit = whole[132 + 12 + struct.unpack_from("<I", whole, 140)[0] :]
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = compressor.compress(explicit)
+    deflated += compressor.compress(struct.pack("<HH2s2xI", 0x0099, 0x1000, b"OB", 256 << 20))
+    deflated += b"".join(compressor.compress(bytes(1 << 20)) for _ in range(256))
+    deflated += compressor.flush()
+    part10 = deflated_part10(ds, deflated)
+    tracemalloc.start()
+    try:
+        result = receiver.receive([memoryview(part10)], sender="pacs", address="")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.stored == [(str(ds.SOPClassUID), str(ds.SOPInstanceUID))]
+    assert peak < 8 << 20, peak
+    stored = settings.spool_dir / str(ds.StudyInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
+    assert stored.read_bytes() == part10

@@ -512,7 +512,9 @@ class StorageSCP:
         recorded = (rec.path, rec.size, rec.transfer_syntax_uid)
         if self.ledger.instance_file(rec.sop_instance_uid) == recorded:
             return False  # the row survived (an older version's row is brought up to date)
-        self.ledger.record_instance(rec, first_in_association=False, flushed=False)
+        row = self.ledger.record_instance(rec, first_in_association=False, flushed=False)
+        if row.moved_from:
+            self.spool.remove_moved(row.moved_from)
         return True
 
     def _record_acknowledged(self, record: JournalRecord) -> None:
@@ -1116,6 +1118,8 @@ class StorageSCP:
         """An instance's row is written: note it for its association (the audit record and
         completion at its end), in the metrics and for completion."""
         study_uid = record.study_uid
+        if recorded.moved_from:
+            self.spool.remove_moved(recorded.moved_from)
         if state is not None:
             with self._lock:
                 state.study_uids.add(study_uid)

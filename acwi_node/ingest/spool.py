@@ -14,12 +14,15 @@ import contextlib
 import errno
 import functools
 import itertools
+import logging
 import os
 import re
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeAlias
+
+log = logging.getLogger("acwi_node.spool")
 
 #: One buffer, or several written one after the other (an instance's file meta and data set,
 #: written without joining them first).
@@ -187,6 +190,15 @@ class Spool:
     def discard(self, path: Path) -> None:
         """Remove a stored file (used when recording it in the ledger failed)."""
         path.unlink(missing_ok=True)
+
+    def remove_moved(self, relative: str) -> None:
+        """Remove the earlier copy of an instance that moved to another study (its SOP
+        Instance UID came again there: :attr:`acwi_node.ledger.Recorded.moved_from`); the
+        ledger no longer names it."""
+        try:
+            self.resolve(relative).unlink(missing_ok=True)
+        except (ValueError, OSError) as exc:
+            log.warning("spool: the earlier copy of a moved instance stays: %s", exc)
 
     def clean_tmp(self) -> int:
         """Remove temporary files left by a crash; returns how many."""

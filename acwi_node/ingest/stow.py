@@ -593,6 +593,8 @@ class StowReceiver:
             return False
         opened |= seen
         for w, row in zip(written, recorded, strict=True):
+            if row.moved_from:
+                self.spool.remove_moved(row.moved_from)
             study = w.record.study_uid
             studies[study] = studies.get(study, 0) + 1
             study_ids.add(row.study_id)

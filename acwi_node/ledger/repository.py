@@ -105,6 +105,11 @@ class Recorded:
     #: :func:`acwi_node.dicom_classes.reads_nothing`) added to a study that kept its results:
     #: it did not re-open the study either.
     kept: bool = False
+    #: The instance was recorded in another study before (its SOP Instance UID came again
+    #: in this one: the sender moved it, as a PACS does when it corrects a study): the spool
+    #: path of that earlier copy, which the row no longer names (the caller removes the file).
+    #: "" when it was not moved.
+    moved_from: str = ""
 
 
 #: The states of a study that an instance sent again unchanged does not re-open: it has its
@@ -337,7 +342,10 @@ class _IngestSql:
         )
         #: Those of a batch's instances already recorded, with what tells whether one came
         #: again unchanged (one query per batch).
-        known = "SELECT sop_instance_uid, id, size, transfer_syntax_uid, path, crc32 FROM instances"
+        known = (
+            "SELECT sop_instance_uid, id, size, transfer_syntax_uid, path, crc32, study_id"
+            " FROM instances"
+        )
         self.select_instances = (
             f"{known} WHERE sop_instance_uid = ANY(%(sops)s)"
             if self.postgresql
@@ -354,6 +362,18 @@ class _IngestSql:
             "UPDATE instances SET path = :path, size = :size, crc32 = :crc32,"
             " transfer_syntax_uid = :ts, generation = :generation, received_at = :now"
             " WHERE id = :id"
+        )
+        #: An instance recorded in another study came in this one: the row moves, whole.
+        self.move_instance = q(
+            "UPDATE instances SET study_id = :study_id, sop_class_uid = :sop_class,"
+            " series_uid = :series, modality = :modality, calling_ae = :ae, path = :path,"
+            " size = :size, crc32 = :crc32, transfer_syntax_uid = :ts,"
+            " generation = :generation, received_at = :now WHERE id = :id"
+        )
+        #: The study an instance moved out of has one instance fewer.
+        self.instance_moved_out = q(
+            "UPDATE studies SET instance_count = instance_count - 1, updated_at = :now"
+            " WHERE id = :id AND instance_count > 0"
         )
         received = (
             "last_received_at = :now, modality = :modality, body_part = :body_part,"
@@ -641,8 +661,11 @@ class Ledger:
         known: dict[str, int] = {}
         #: (size, transfer syntax, CRC-32) of each known instance whose file the spool holds.
         known_bytes: dict[str, tuple[int, str, int | None]] = {}
-        for sop, id_, size, ts, path, crc in cur.fetchall():
+        #: The study and spool path of each known instance.
+        known_in: dict[str, tuple[int, str]] = {}
+        for sop, id_, size, ts, path, crc, study_id in cur.fetchall():
             known[str(sop)] = int(id_)
+            known_in[str(sop)] = (int(study_id), str(path or ""))
             if path:  # "": storage retention deleted its file
                 known_bytes[str(sop)] = (int(size), str(ts), None if crc is None else int(crc))
         # The batch's studies are read (locked, on PostgreSQL) in one order, their UIDs', not in
@@ -654,12 +677,18 @@ class Ledger:
         studies = {uid: self._study_rows(cur, first_of[uid], now) for uid in sorted(first_of)}
         inserts: dict[str, dict[str, Any]] = {}  # by SOP Instance UID, in order
         updates: list[dict[str, Any]] = []
+        moves: list[dict[str, Any]] = []
+        moved_out: list[int] = []  # a study per instance that left it
         recorded: list[Recorded] = []
         for rec, first_in_association in batch:
             study = studies[rec.study_uid]
+            sop = rec.sop_instance_uid
+            before = known_in.get(sop)
+            moved = before is not None and before[0] != study.id
             reopened = study.state != StudyState.RECEIVING.value
             unchanged = (
-                reopened
+                not moved
+                and reopened
                 and study.state in KEEPS_RESULTS
                 and rec.crc32 is not None
                 and known_bytes.get(rec.sop_instance_uid)
@@ -684,7 +713,6 @@ class Ledger:
             study.body_part = study.body_part or rec.body_part[:64]
             study.study_date = study.study_date or rec.study_date
             study.opened += 1 if first_in_association else 0
-            sop = rec.sop_instance_uid
             version = {
                 "path": rec.path,
                 "size": rec.size,
@@ -693,11 +721,50 @@ class Ledger:
                 "generation": study.generation,
                 "now": now,
             }
-            duplicate = sop in known or sop in inserts
-            if sop in known:
+            duplicate = (sop in known and not moved) or sop in inserts
+            moved_from = ""
+            if moved and before is not None:
+                # One SOP Instance UID names one instance: sent in another study, it moves
+                # there, as a later version replaces an earlier one in the same study.
+                moves.append(
+                    {
+                        "id": known[sop],
+                        "study_id": study.id,
+                        "sop_class": rec.sop_class_uid,
+                        "series": rec.series_uid,
+                        "modality": rec.modality,
+                        "ae": rec.calling_ae,
+                        **version,
+                    }
+                )
+                moved_out.append(before[0])
+                known_in[sop] = (study.id, rec.path)
+                study.added += 1
+                moved_from = before[1] if before[1] != rec.path else ""
+                log.warning(
+                    "ledger: an instance of study_id=%d came again in study_id=%d: it moved"
+                    " there (its SOP Instance UID names one instance)",
+                    before[0],
+                    study.id,
+                )
+            elif sop in known:
                 updates.append({"id": known[sop], **version})
             elif sop in inserts:  # twice in the batch: the row takes the later version
-                inserts[sop].update(version)
+                first = inserts[sop]
+                if first["study_id"] != study.id:  # and moved, in the batch
+                    left = next(o for o in studies.values() if o.id == first["study_id"])
+                    left.added -= 1
+                    study.added += 1
+                    duplicate = False
+                    moved_from = first["path"] if first["path"] != rec.path else ""
+                    first.update(
+                        study_id=study.id,
+                        sop_class=rec.sop_class_uid,
+                        series=rec.series_uid,
+                        modality=rec.modality,
+                        ae=rec.calling_ae,
+                    )
+                first.update(version)
             else:
                 inserts[sop] = {
                     "study_id": study.id,
@@ -710,12 +777,19 @@ class Ledger:
                 }
                 study.added += 1
             recorded.append(
-                Recorded(study.id, study.generation, reopened, duplicate, unchanged, kept)
+                Recorded(
+                    study.id, study.generation, reopened, duplicate, unchanged, kept, moved_from
+                )
             )
         if inserts:
             cur.executemany(sql.insert_instance, list(inserts.values()))
         if updates:
             cur.executemany(sql.update_instance, updates)
+        if moves:
+            cur.executemany(sql.move_instance, moves)
+            cur.executemany(
+                sql.instance_moved_out, [{"id": study_id, "now": now} for study_id in moved_out]
+            )
         for study in studies.values():
             params: dict[str, Any] = {
                 "id": study.id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import socket
 import struct
@@ -291,6 +292,36 @@ def test_the_node_s_own_results_coming_back_are_answered_and_not_stored(
         2,
         2,
     )
+
+
+@pytest.mark.parametrize("journal_max_bytes", [65536, 0], ids=["journaled", "spooled"])
+def test_an_instance_sent_in_another_study_moves_there(
+    tmp_path: Path, journal_max_bytes: int
+) -> None:
+    """A PACS that corrected a study sends an image again in another one, its SOP Instance
+    UID kept: the one instance moves, its row and its file; the study it left counts one
+    fewer, and keeps no file that no row names."""
+    with running_scp(
+        tmp_path, allowed_calling_aes=["SENDER"], journal_max_bytes=journal_max_bytes
+    ) as (settings, ledger, _):
+        first, second = generate_uid(), generate_uid()
+        images = [make_sc(first) for _ in range(2)]
+        assert send(settings, images) == [0, 0]
+        moved = copy.deepcopy(images[0])
+        moved.StudyInstanceUID = second
+        assert send(settings, [moved]) == [0]
+        deadline = time.monotonic() + 5
+        while (st := ledger.get_study(second)) is None or st["instances"] != 1:
+            assert time.monotonic() < deadline, st
+            time.sleep(0.05)
+        left = ledger.get_study(first)
+        assert left is not None and left["instances"] == 1
+        sop = str(moved.SOPInstanceUID)
+        recorded = ledger.instance_file(sop)
+        assert recorded is not None and recorded[0] == f"{second}/{sop}.dcm"
+        assert (settings.spool_dir / second / f"{sop}.dcm").exists()
+        assert not (settings.spool_dir / first / f"{sop}.dcm").exists()
+        assert (settings.spool_dir / first / f"{images[1].SOPInstanceUID}.dcm").exists()
 
 
 @pytest.mark.parametrize("journal_max_bytes", [65536, 0], ids=["journaled", "spooled"])

@@ -93,6 +93,50 @@ conn.close()
 """
 
 
+def _study_of(db: Ledger, sop: str) -> tuple[str, int]:
+    """The study UID whose row an instance is in, and that study's instance count."""
+    with db.session() as s:
+        uid, count = s.execute(
+            select(Study.study_uid, Study.instance_count)
+            .join(Instance, Instance.study_id == Study.id)
+            .where(Instance.sop_instance_uid == sop)
+        ).one()
+    return uid, count
+
+
+def test_an_instance_sent_again_in_another_study_moves_there(db: Ledger) -> None:
+    """One SOP Instance UID names one instance: sent in another study (a PACS that corrected
+    the study), the row moves there whole, the study it left counts one instance fewer, and
+    the caller learns the earlier copy's file, which the row no longer names."""
+    db.record_instance(rec("1.2.3", "1.2.3.1"), first_in_association=True)
+    db.record_instance(rec("1.2.3", "1.2.3.2"), first_in_association=False)
+    moved = db.record_instance(
+        replace(rec("1.2.4", "1.2.3.1", ae="PACS"), series_uid="1.2.4.9", size=321),
+        first_in_association=True,
+    )
+    assert moved.moved_from == "1.2.3/1.2.3.1.dcm" and not moved.duplicate
+    assert _study_of(db, "1.2.3.1") == ("1.2.4", 1)
+    left = db.get_study("1.2.3")
+    assert left is not None and left["instances"] == 1
+    assert db.instance_file("1.2.3.1") == ("1.2.4/1.2.3.1.dcm", 321, "1.2.840.10008.1.2.1")
+    with db.session() as s:
+        row = s.scalars(select(Instance).where(Instance.sop_instance_uid == "1.2.3.1")).one()
+        assert (row.series_uid, row.calling_ae) == ("1.2.4.9", "PACS")
+    again = db.record_instance(rec("1.2.4", "1.2.3.1"), first_in_association=False)
+    assert again.duplicate and again.moved_from == ""  # sent again where it is: no move
+
+
+def test_an_instance_in_two_studies_of_one_batch_ends_in_the_later(db: Ledger) -> None:
+    first, second = db.record_instances(
+        [(rec("1.2.3", "1.2.3.1"), True), (rec("1.2.4", "1.2.3.1"), True)]
+    )
+    assert second.moved_from == "1.2.3/1.2.3.1.dcm" and not second.duplicate
+    assert first.moved_from == ""
+    assert _study_of(db, "1.2.3.1") == ("1.2.4", 1)
+    left = db.get_study("1.2.3")
+    assert left is not None and left["instances"] == 0
+
+
 def test_ingest_rows_read_back_through_the_orm_like_its_own(db: Ledger) -> None:
     """record_instance writes its rows with its own SQL: the models must read them unchanged."""
     db.record_instance(rec(sop="1.2.3.1"), first_in_association=True)

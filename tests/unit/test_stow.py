@@ -338,6 +338,26 @@ def test_an_instance_sent_twice_in_one_request(
     assert [s[:2] for s in studies(ledger)] == [(study_uid, 1)]
 
 
+def test_an_instance_stored_in_another_study_moves_there(
+    tmp_path: Path, ledger_node: tuple[Settings, Ledger], client: TestClient
+) -> None:
+    """Its SOP Instance UID kept, an image stored again in another study moves: one row, in
+    the later study, and one file, the later one."""
+    settings, ledger = ledger_node
+    first_uid, second_uid = generate_uid(), generate_uid()
+    (first,) = write_study(tmp_path / "a", n_images=1, seed=11, study_instance_uid=first_uid)
+    ds = pydicom.dcmread(first)
+    ds.StudyInstanceUID = second_uid
+    second = tmp_path / "moved.dcm"
+    ds.save_as(second)
+    assert post(client, multipart(first.read_bytes())).status_code == 200
+    answer = post(client, multipart(second.read_bytes()))
+    assert answer.status_code == 200, answer.text
+    (stored,) = spool_files(settings)
+    assert stored == settings.spool_dir / second_uid / f"{ds.SOPInstanceUID}.dcm"
+    assert sorted(s[:2] for s in studies(ledger)) == sorted([(first_uid, 0), (second_uid, 1)])
+
+
 def test_one_flush_for_a_request_and_what_a_failure_refuses(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -25,6 +25,7 @@ reactors when it does not.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import queue
@@ -796,16 +797,14 @@ def holds_association_slot(assoc: Association) -> bool:
     return bool(getattr(assoc.dul, "request_came", True))
 
 
-class EventDrivenAssociation(Association):
-    """An acceptor association whose reactor waits on the DUL's activity, not on a timer."""
+class AnswersInvalidRequests(Association):
+    """An acceptor association that answers at once the requests pynetdicom drops as invalid,
+    and whose DIMSE provider ends the association on a command set that is no DIMSE command
+    (:class:`CheckedDIMSE`)."""
 
     def __init__(self, ae: Any, mode: str) -> None:
         super().__init__(ae, mode)
-        self.dul = EventDrivenDUL(self)
         self.dimse = CheckedDIMSE(self)
-        # pynetdicom applies these to the DUL when they are set; apply them to the new one.
-        self.acse_timeout = self.acse_timeout
-        self.network_timeout = self.network_timeout
 
     def _serve_request(self, msg: Any, context_id: int) -> None:
         """pynetdicom's, but a request it would drop as invalid (a required parameter missing:
@@ -847,6 +846,66 @@ class EventDrivenAssociation(Association):
             ", ".join(missing),
         )
         self.abort()
+
+
+class CheckedAssociation(AnswersInvalidRequests):
+    """The association of ``ingest.reactor = "polling"``: pynetdicom's own loops, with the
+    same answers to invalid requests as the event-driven association's."""
+
+
+class CheckedRequestHandler(RequestHandler):
+    """Creates :class:`CheckedAssociation` acceptors (``ingest.reactor = "polling"``)."""
+
+    def _create_association(self) -> Association:
+        """pynetdicom 3.0's ``RequestHandler._create_association``, with the checked
+        association class."""
+        return _make_acceptor(self, CheckedAssociation, AssociationSocket, shared=False)
+
+
+def _make_acceptor(
+    handler: RequestHandler,
+    association: type[Association],
+    socket_class: type[AssociationSocket],
+    *,
+    shared: bool,
+) -> Association:
+    """pynetdicom 3.0's ``RequestHandler._create_association`` for ``handler``'s connection,
+    with ``association`` and ``socket_class`` for pynetdicom's own; ``shared``: the
+    presentation contexts shared by every association (:func:`acceptor_contexts`), else each
+    association's copy, as pynetdicom makes."""
+    server = cast(Any, handler.server)
+    ae = server.ae
+    assoc = association(ae, MODE_ACCEPTOR)
+    assoc._server = server
+    assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
+    assoc.set_socket(socket_class(assoc, client_socket=handler.request))
+    assoc.acceptor.maximum_length = ae.maximum_pdu_size
+    assoc.acceptor.ae_title = server.ae_title
+    assoc.acceptor.address_info = handler.local
+    assoc.acceptor.implementation_class_uid = ae.implementation_class_uid
+    assoc.acceptor.implementation_version_name = ae.implementation_version_name
+    assoc.acceptor.supported_contexts = (
+        acceptor_contexts(server.contexts) if shared else copy.deepcopy(server.contexts)
+    )
+    assoc.requestor.address_info = handler.remote
+    for event, handlers in server._handlers.items():
+        if event.is_intervention and handlers:
+            assoc.bind(event, *handlers)
+        elif isinstance(event, evt.NotificationEvent):
+            for bound in handlers:
+                assoc.bind(event, bound[0], bound[1])
+    return assoc
+
+
+class EventDrivenAssociation(AnswersInvalidRequests):
+    """An acceptor association whose reactor waits on the DUL's activity, not on a timer."""
+
+    def __init__(self, ae: Any, mode: str) -> None:
+        super().__init__(ae, mode)
+        self.dul = EventDrivenDUL(self)
+        # pynetdicom applies these to the DUL when they are set; apply them to the new one.
+        self.acse_timeout = self.acse_timeout
+        self.network_timeout = self.network_timeout
 
     def _run_reactor(self) -> None:
         """pynetdicom 3.0's acceptor loop, waiting for the DUL instead of sleeping 1 ms."""
@@ -1018,26 +1077,7 @@ class EventDrivenRequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         """pynetdicom 3.0's ``RequestHandler._create_association``, with the event-driven
         association class."""
-        server = cast(Any, self.server)
-        ae = server.ae
-        assoc = EventDrivenAssociation(ae, MODE_ACCEPTOR)
-        assoc._server = server
-        assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
-        assoc.set_socket(BulkReadSocket(assoc, client_socket=self.request))
-        assoc.acceptor.maximum_length = ae.maximum_pdu_size
-        assoc.acceptor.ae_title = server.ae_title
-        assoc.acceptor.address_info = self.local
-        assoc.acceptor.implementation_class_uid = ae.implementation_class_uid
-        assoc.acceptor.implementation_version_name = ae.implementation_version_name
-        assoc.acceptor.supported_contexts = acceptor_contexts(server.contexts)
-        assoc.requestor.address_info = self.remote
-        for event, handlers in server._handlers.items():
-            if event.is_intervention and handlers:
-                assoc.bind(event, *handlers)
-            elif isinstance(event, evt.NotificationEvent):
-                for handler in handlers:
-                    assoc.bind(event, handler[0], handler[1])
-        return assoc
+        return _make_acceptor(self, EventDrivenAssociation, BulkReadSocket, shared=True)
 
 
 class EventDrivenRequestorAE(AE):

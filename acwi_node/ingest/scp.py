@@ -71,6 +71,7 @@ from acwi_node.ingest.negotiation import install as remember_negotiations
 from acwi_node.ingest.own_results import is_own_result
 from acwi_node.ingest.part10 import file_meta_prefix
 from acwi_node.ingest.reactor import (
+    CheckedRequestHandler,
     EventDrivenRequestHandler,
     after_response,
     holds_association_slot,
@@ -590,11 +591,13 @@ class StorageSCP:
             ),
         )
         server.handshake_timeout_s = tls.handshake_timeout_s
-        if self.settings.ingest.reactor == "event":
-            if reactor_compatible():
-                server.use_event_driven_reactors()
-            else:
+        if not reactor_compatible():
+            if self.settings.ingest.reactor == "event":
                 log.warning("this pynetdicom lacks what the event-driven reactor needs: polling")
+        elif self.settings.ingest.reactor == "event":
+            server.use_event_driven_reactors()
+        else:  # pynetdicom's loops, with the same answers to invalid requests
+            server.RequestHandlerClass = CheckedRequestHandler
         server.on_handshake_failed = self._on_handshake_failed
         self.ae._servers.append(server)  # so that AE.shutdown() and server.shutdown() work
         self._server = server

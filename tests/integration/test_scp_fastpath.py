@@ -40,7 +40,9 @@ ECHO = "1.2.840.10008.1.1"
 class Node:
     """A StorageSCP whose C-STORE handler records the thread it ran on (and may be replaced)."""
 
-    def __init__(self, tmp_path: Path, log_level: str = "INFO", max_pdu: int = 4096) -> None:
+    def __init__(
+        self, tmp_path: Path, log_level: str = "INFO", max_pdu: int = 4096, reactor: str = "event"
+    ) -> None:
         self.settings: Settings = load_settings(
             None,
             node={
@@ -54,6 +56,7 @@ class Node:
                 "network_timeout_s": 5,
                 "acse_timeout_s": 5,
                 "max_pdu_size": max_pdu,
+                "reactor": reactor,
             },
         )
         self.ledger = Ledger(self.settings.database_url)
@@ -211,12 +214,16 @@ def test_a_command_inside_a_data_set_aborts_only_that_association(node: Node) ->
         again.release()
 
 
-@pytest.fixture(params=["INFO", "DEBUG"], ids=["fast-path", "pynetdicom-path"])
+@pytest.fixture(
+    params=[("INFO", "event"), ("DEBUG", "event"), ("INFO", "polling")],
+    ids=["fast-path", "pynetdicom-path", "polling-reactor"],
+)
 def either_path(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
-    """The node with the fast path on, and with it off (PDU logging at DEBUG): every message
-    then takes pynetdicom's path."""
+    """The node with the fast path on, with it off (PDU logging at DEBUG): every message then
+    takes pynetdicom's path, and with pynetdicom's own polling loops (``ingest.reactor``)."""
     level = pynetdicom_config.LOG_HANDLER_LEVEL
-    n = Node(tmp_path, log_level=request.param)
+    log_level, reactor = request.param
+    n = Node(tmp_path, log_level=log_level, reactor=reactor)
     yield n
     n.close()
     pynetdicom_config.LOG_HANDLER_LEVEL = level

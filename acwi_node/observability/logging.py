@@ -332,8 +332,41 @@ class ContextFilter(logging.Filter):
         return True
 
 
-class PhiFilter(logging.Filter):
+class _RewritingFilter(logging.Filter):
+    """Rewrites a record's message (its arguments merged in), its traceback and its stack with
+    :meth:`rewrite` (a traceback formatted here by :meth:`traceback`)."""
+
+    def rewrite(self, text: str, *, lines: bool = False) -> str:
+        """``text`` rewritten; ``lines``: a traceback or a stack, its line breaks kept."""
+        raise NotImplementedError
+
+    def traceback(self, exc_info: ExcInfo) -> str:
+        raise NotImplementedError
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: let the handler report it as logging does
+            return True
+        record.msg = self.rewrite(message)
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.traceback(record.exc_info)
+        elif record.exc_text:  # formatted before it came here: all of it
+            record.exc_text = self.rewrite(record.exc_text, lines=True)
+        if record.stack_info:
+            record.stack_info = self.rewrite(record.stack_info, lines=True)
+        return True
+
+
+class PhiFilter(_RewritingFilter):
     """Keeps patient identifiers out of log records (see the module's documentation)."""
+
+    def rewrite(self, text: str, *, lines: bool = False) -> str:
+        return redact_text(text)
+
+    def traceback(self, exc_info: ExcInfo) -> str:
+        return format_exception(exc_info, redact_text)
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
@@ -348,40 +381,19 @@ class PhiFilter(logging.Filter):
             }
         if _is_dicom_object(record.msg):
             record.msg = f"<{type(record.msg).__name__}: {REDACTED}>"
-        try:
-            message = record.getMessage()
-        except Exception:  # a malformed call: let the handler report it as logging does
-            return True
-        record.msg = redact_text(message)
-        record.args = None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = format_exception(record.exc_info, redact_text)
-        elif record.exc_text:  # formatted before it came here: all of it
-            record.exc_text = redact_text(record.exc_text)
-        if record.stack_info:
-            record.stack_info = redact_text(record.stack_info)
-        return True
+        return super().filter(record)
 
 
-class EscapeFilter(logging.Filter):
+class EscapeFilter(_RewritingFilter):
     """Escapes the characters that are not printable in a record's message and in its
     traceback's exception messages (see the module's documentation); one record, one line
     (and its traceback's)."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a malformed call: let the handler report it as logging does
-            return True
-        record.msg = escape_text(message)
-        record.args = None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = format_exception(record.exc_info)
-        elif record.exc_text:
-            record.exc_text = escape_text(record.exc_text, keep_newlines=True)
-        if record.stack_info:
-            record.stack_info = escape_text(record.stack_info, keep_newlines=True)
-        return True
+    def rewrite(self, text: str, *, lines: bool = False) -> str:
+        return escape_text(text, keep_newlines=lines)
+
+    def traceback(self, exc_info: ExcInfo) -> str:
+        return format_exception(exc_info)
 
 
 class JsonFormatter(logging.Formatter):

@@ -22,6 +22,7 @@ any dataset with this layout, walking the content tree.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import functools
 import hashlib
@@ -224,9 +225,31 @@ def _label_codes(labels: Sequence[str]) -> dict[str, CodedConcept]:
 # ---------------------------------------------------------------------------------------------
 
 
+#: What a text value (UT, the TEXT items' Text Value) may not hold: every control character
+#: but TAB, LF, FF and CR (PS3.5 6.2; ESC belongs to the character set's own encoding), and
+#: unpaired surrogates, which no character set writes.
+_NOT_IN_TEXT = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+#: What a string value (LO, PN) may not hold: any control character, unpaired surrogates.
+_NOT_IN_STRING = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def sr_text(text: str) -> str:
+    """``text`` as a text value may hold it: each character it may not (a NUL, an escape
+    sequence's ESC, ...; see :data:`_NOT_IN_TEXT`) written as a space. Readers' words are
+    refused with such characters before they get here (:mod:`acwi_node.review.inputs`): this
+    keeps the document valid whatever the words."""
+    return _NOT_IN_TEXT.sub(" ", text)
+
+
+def _string(text: str) -> str:
+    """``text`` as a string value (LO, PN) may hold it: each control character a space."""
+    return _NOT_IN_STRING.sub(" ", text)
+
+
 def _lo(text: str) -> str:
-    """A Long String value: no backslash (the value separator), at most 64 characters."""
-    return text.replace("\\", "/")[:_LO_MAX]
+    """A Long String value: no backslash (the value separator), no control character, at
+    most 64 characters."""
+    return _string(text).replace("\\", "/")[:_LO_MAX]
 
 
 def _check_sources(
@@ -719,8 +742,8 @@ def amended_sr_uid(predecessor_uid: str) -> str:
 
 
 def _person_name(name: str) -> str:
-    """A PN value: no value separator, at most 64 characters."""
-    cleaned = name.replace("\\", "/").replace("=", "-").strip()[:63] or "Unknown"
+    """A PN value: no value separator, no control character, at most 64 characters."""
+    cleaned = _string(name).replace("\\", "/").replace("=", "-").strip()[:63] or "Unknown"
     # A single component is a family name: the trailing caret says so (PS3.5 6.2.1.2).
     return cleaned if "^" in cleaned else cleaned + "^"
 
@@ -826,6 +849,8 @@ def build_verified_sr(
         raise ValueError(
             f"verdict must be one of {sorted(VERDICT_ACTIONS)}, got {verification.action!r}"
         )
+    # the reason as a text value holds it (and the charset chosen for that text)
+    verification = dataclasses.replace(verification, reason=sr_text(verification.reason))
     if verification.action == "override" and not verification.reason.strip():
         raise ValueError("an override needs a reason")
     if not sources:

@@ -40,6 +40,7 @@ from acwi_node.ledger import ResultFile, StudyActionRefused
 from acwi_node.ledger.models import VERIFIED_SR_KIND, utcnow
 from acwi_node.results.encoding import encode_part10
 from acwi_node.results.sr import LesionRegion, Verification, build_verified_sr
+from acwi_node.review.inputs import typed_text_error
 from acwi_node.review.lesion_boxes import BoxError, marks_from_pixels, place_boxes
 from acwi_node.review.store import (
     ACTIONS,
@@ -97,6 +98,9 @@ def decide_label(case: dict[str, Any], action: str, label: str, reason: str) -> 
         raise ReviewError(f"verdict must be one of {', '.join(ACTIONS)}")
     if len(reason) > MAX_REASON:
         raise ReviewError(f"reason: at most {MAX_REASON} characters")
+    problem = typed_text_error(reason, "reason")
+    if problem is not None:  # it goes into the ledger, the verified SR and the RIS's message
+        raise ReviewError(problem)
     summary = case["summary"]
     predicted = str(summary.get("predicted_label") or "")
     labels = [str(x) for x in summary.get("labels") or []]

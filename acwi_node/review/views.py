@@ -71,6 +71,7 @@ from acwi_node.results.sr import summarise_sr
 from acwi_node.results.uids import result_uids
 from acwi_node.retention import disk_space
 from acwi_node.review import auth
+from acwi_node.review.inputs import RowId, typed_text_error
 from acwi_node.review.lesion_boxes import drafted_boxes, marked_boxes
 from acwi_node.review.store import (
     ItemClosed,
@@ -736,6 +737,10 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         if not name or not version or not form.get("confirm"):
             error = "name the model version and tick the box that confirms the recall"
             return await run_in_threadpool(partial(_models, request, error=error, status=422))
+        problem = typed_text_error(form.get("note", ""), "the note")
+        if problem is not None:
+            error = f"{name} {version}: {problem}"
+            return await run_in_threadpool(partial(_models, request, error=error, status=422))
         try:
             report = await run_in_threadpool(
                 partial(
@@ -862,6 +867,12 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             return refused
         form = _form(await request.body())
         back_to_study = action == "withdraw" or form.get("next") == "study"
+        problem = typed_text_error(form.get("note", ""), "the note")
+        if action == "withdraw" and problem is not None:  # the note goes to the RIS
+            error = f"{study_uid}: {problem}"
+            return await run_in_threadpool(
+                partial(_study_page, request, study_uid, error=error, status=422)
+            )
         act: Callable[[str], object]
         if action == "withdraw":
             act = partial(
@@ -1134,7 +1145,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
     @app.get("/review/cases/{item_id}", include_in_schema=False)
     def case_page(
         request: Request,
-        item_id: int,
+        item_id: RowId,
         amend: bool = False,
         amended: bool = False,
         list: str = Query("", max_length=1000),  # noqa: A002 (the worklist's filters)
@@ -1148,7 +1159,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
 
     @app.get("/review/cases/{item_id}/images/{sop}.png", include_in_schema=False)
     def case_image(
-        item_id: int,
+        item_id: RowId,
         sop: str,
         frame: int | None = Query(None, ge=1),
         window: str | None = Query(None, max_length=16),
@@ -1196,7 +1207,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             raise HTTPException(status_code=404, detail="heatmap cannot be rendered") from exc
 
     @app.get("/review/cases/{item_id}/heatmaps/{sop}.png", include_in_schema=False)
-    def case_heatmap(item_id: int, sop: str, frame: int | None = Query(None, ge=1)) -> Response:
+    def case_heatmap(item_id: RowId, sop: str, frame: int | None = Query(None, ge=1)) -> Response:
         heatmap, rows, columns = _heatmap_of(_case_or_404(item_id), sop, frame)
         try:
             data = render_heatmap_png(heatmap, rows, columns)
@@ -1205,7 +1216,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         return Response(data, media_type="image/png", headers={"Cache-Control": "private"})
 
     @app.get("/review/cases/{item_id}/overlays/{sop}.png", include_in_schema=False)
-    def case_overlay(item_id: int, sop: str, frame: int | None = Query(None, ge=1)) -> Response:
+    def case_overlay(item_id: RowId, sop: str, frame: int | None = Query(None, ge=1)) -> Response:
         """The heatmap's colour map alone, transparent elsewhere: drawn over the image in
         whatever window the reader chose."""
         heatmap, rows, columns = _heatmap_of(_case_or_404(item_id), sop, frame)
@@ -1216,7 +1227,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         return Response(data, media_type="image/png", headers={"Cache-Control": "private"})
 
     @app.post("/review/cases/{item_id}/verdict", include_in_schema=False)
-    async def verdict(request: Request, item_id: int) -> Response:
+    async def verdict(request: Request, item_id: RowId) -> Response:
         user: SessionInfo = request.state.user
         form = _form(await request.body())
         if not auth.csrf_ok(review.key, "session", user.token_hash, form.get("csrf_token")):
@@ -1253,7 +1264,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         return RedirectResponse(where, status_code=303)
 
     @app.post("/review/cases/{item_id}/leave", include_in_schema=False)
-    async def leave(request: Request, item_id: int) -> Response:
+    async def leave(request: Request, item_id: RowId) -> Response:
         """The reader leaves the open case undecided: the others see nobody reading it."""
         user: SessionInfo = request.state.user
         form = _form(await request.body())
@@ -1264,7 +1275,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         return RedirectResponse(where, status_code=303)
 
     @app.post("/review/cases/{item_id}/amend", include_in_schema=False)
-    async def amend(request: Request, item_id: int) -> Response:
+    async def amend(request: Request, item_id: RowId) -> Response:
         user: SessionInfo = request.state.user
         form = _form(await request.body())
         if not auth.csrf_ok(review.key, "session", user.token_hash, form.get("csrf_token")):

@@ -23,11 +23,14 @@ needs a signed-in user (the JSON API also accepts HTTP Basic credentials of a lo
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
@@ -63,6 +66,35 @@ def app_in_worker() -> FastAPI:
     return create_app(settings)
 
 
+async def request_invalid(request: Request, exc: Exception) -> Response:
+    """A request the handler's parameters refuse.
+
+    A path parameter that is not valid (a case id beyond what the ledger's keys hold, or no
+    number at all: :data:`~acwi_node.review.inputs.RowId`) names nothing there can be: 404.
+    Anything else is FastAPI's 422 with the errors, less what JSON cannot carry: a NaN or
+    Infinity in the body, or an unpaired surrogate, is left out of the error it belongs to
+    rather than failing the answer."""
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    if any(tuple(error.get("loc") or ())[:1] == ("path",) for error in errors):
+        return JSONResponse({"detail": "Not Found"}, status_code=404)
+    return JSONResponse({"detail": [_reportable(error) for error in errors]}, status_code=422)
+
+
+def _reportable(error: Mapping[str, Any]) -> dict[str, Any]:
+    """One validation error as the 422 answer gives it: each of its parts (``type``, ``loc``,
+    ``msg``, ``input``, ``ctx``) that JSON can carry."""
+    out: dict[str, Any] = {}
+    for key, value in error.items():
+        encoded = jsonable_encoder(value)
+        try:
+            json.dumps(encoded, allow_nan=False, ensure_ascii=False).encode("utf-8")
+        except (TypeError, ValueError):  # NaN, Infinity; an unpaired surrogate (UnicodeError)
+            continue
+        out[key] = encoded
+    return out
+
+
 def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
     """The FastAPI application over the ledger."""
     db = ledger or Ledger(settings.database_url)
@@ -78,6 +110,8 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
         a traceback; nobody is left to read the answer."""
         log.info("%s %s: the client closed the connection", request.method, request.url.path)
         return JSONResponse({"detail": "the connection closed"}, status_code=400)
+
+    app.add_exception_handler(RequestValidationError, request_invalid)
 
     app.include_router(stow_router(settings, db))  # STOW-RS: POST /dicomweb/studies
     app.include_router(retrievals_router(settings, db))  # /api/retrievals

@@ -16,6 +16,7 @@ from acwi_node.config import Settings
 from acwi_node.ingest.retrieval import QueryError, check_query
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.retrievals import Retrievals
+from acwi_node.review.inputs import RowId
 from acwi_node.web.guards import admin_json_request
 
 log = logging.getLogger("acwi_node.api")
@@ -77,7 +78,7 @@ def retrievals_router(settings: Settings, db: Ledger) -> APIRouter:
         }
 
     @router.get("/api/retrievals/{retrieval_id}", responses={404: {"description": "No such"}})
-    def one_retrieval(retrieval_id: int) -> dict[str, Any]:
+    def one_retrieval(retrieval_id: RowId) -> dict[str, Any]:
         view = retrievals.get(retrieval_id)
         if view is None:
             raise HTTPException(status_code=404, detail="no such retrieval")

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from acwi_node.config import Settings
 from acwi_node.inference.types import unit_name
 from acwi_node.ledger import Ledger
+from acwi_node.review.inputs import RowId, TypedText
 from acwi_node.review.store import (
     ItemClosed,
     ReviewError,
@@ -48,8 +49,9 @@ class VerdictRequest(BaseModel):
     action: Literal["confirm", "override", "escalate"]
     #: The right label, for an override (one of the model's labels).
     label: str = ""
-    #: Required to override or escalate.
-    reason: str = Field("", max_length=MAX_REASON)
+    #: Required to override or escalate; plain text (tabs and line breaks, no other control
+    #: character).
+    reason: TypedText = Field("", max_length=MAX_REASON)
     #: Lesion boxes by image name, with a confirmed or corrected finding.
     boxes: PixelBoxes = Field(default_factory=dict)
 
@@ -63,7 +65,7 @@ class AmendmentRequest(BaseModel):
     amends: int
     action: Literal["confirm", "override"]
     label: str = ""
-    reason: str = Field(min_length=1, max_length=MAX_REASON)
+    reason: TypedText = Field(min_length=1, max_length=MAX_REASON)
     #: Every lesion box the amended verdict keeps (those of the verdict it amends included).
     boxes: PixelBoxes = Field(default_factory=dict)
 
@@ -175,7 +177,7 @@ def review_router(settings: Settings, db: Ledger) -> APIRouter:
         return {"items": items, "count": len(items)}
 
     @router.get("/api/review/cases/{item_id}", responses={404: {"description": "No such case"}})
-    def review_case(item_id: int, request: Request) -> dict[str, Any]:
+    def review_case(item_id: RowId, request: Request) -> dict[str, Any]:
         """A review case: the model's figures, the verdicts so far (``current_verdict``: the
         one that stands), the results and their deliveries."""
         case = _case(item_id)
@@ -185,7 +187,7 @@ def review_router(settings: Settings, db: Ledger) -> APIRouter:
         return case_json(case)
 
     @router.post("/api/review/cases/{item_id}/verdict", responses=_DECIDED)
-    def review_verdict(item_id: int, body: VerdictRequest, user: Reader) -> dict[str, Any]:
+    def review_verdict(item_id: RowId, body: VerdictRequest, user: Reader) -> dict[str, Any]:
         """Confirm, override or escalate an open case (as the case page's form)."""
         _case(item_id)
         try:
@@ -200,7 +202,7 @@ def review_router(settings: Settings, db: Ledger) -> APIRouter:
         return _answer(item_id, outcome)
 
     @router.post("/api/review/cases/{item_id}/amend", responses=_DECIDED)
-    def review_amendment(item_id: int, body: AmendmentRequest, user: Reader) -> dict[str, Any]:
+    def review_amendment(item_id: RowId, body: AmendmentRequest, user: Reader) -> dict[str, Any]:
         """Amend a closed case's verdict ``amends`` (its ``current_verdict``)."""
         _case(item_id)
         try:

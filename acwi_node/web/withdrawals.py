@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from acwi_node.config import Settings
 from acwi_node.export.withdrawal import MAX_NOTE, withdraw_results
 from acwi_node.ledger import Ledger, StudyActionRefused
+from acwi_node.review.inputs import TypedText
 from acwi_node.web.guards import admin_json_request
 
 log = logging.getLogger("acwi_node.api")
@@ -27,7 +28,8 @@ class WithdrawalRequest(BaseModel):
     #: ``quality``: Rejected for Quality Reasons; ``safety``: Rejected for Patient Safety
     #: Reasons.
     reason: Literal["quality", "safety"] = "quality"
-    note: str = Field(min_length=1, max_length=MAX_NOTE)
+    #: Plain text: tabs and line breaks, no other control character.
+    note: TypedText = Field(min_length=1, max_length=MAX_NOTE)
 
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -147,6 +147,35 @@ def test_a_radiologists_words_in_any_script_are_kept(tmp_path: Path) -> None:
     assert not errors, "\n".join(errors)
 
 
+def test_no_control_character_reaches_a_text_value(tmp_path: Path) -> None:
+    """A reason with a NUL, an escape sequence or a C1 control (refused from readers, but
+    never written either): each such character a space in the SR, tab, CR, LF and FF kept; the
+    observer's name and organization (string values) without any control character."""
+    sources, sr = _unverified()
+    verdict = Verification(
+        "Doe\u001b^Jane\u0000",
+        "Example\r\nHospital",
+        "override",
+        "nodule",
+        "scar\u0000\u001b[2J\r\nFORGED:\tline\u000cend\u0085\u007fnote",
+        AT,
+    )
+    path = tmp_path / "verified.dcm"
+    build_verified_sr(sr, sources, verdict).save_as(path, enforce_file_format=True)
+    raw = path.read_bytes()
+    assert b"\x1b" not in raw and b"[2J" in raw
+    back = pydicom.dcmread(path)
+    reason = "scar  [2J\r\nFORGED:\tline\u000cend  note"
+    assert [str(item.TextValue) for item in _walk(back) if "TextValue" in item][-1] == reason
+    assert summarise_sr(back)["verdict"]["reason"] == reason
+    observer = back.VerifyingObserverSequence[0]
+    assert str(observer.VerifyingObserverName) == "Doe ^Jane"
+    assert observer.VerifyingOrganization == "Example  Hospital"
+    only_controls = Verification("Doe^Jane", "H", "override", "nodule", "\u0000\u001b", AT)
+    with pytest.raises(ValueError, match="an override needs a reason"):
+        build_verified_sr(sr, sources, only_controls)
+
+
 def _with_regions(sources: list[Dataset]) -> Verification:
     regions = (
         LesionRegion(str(sources[0].SOPInstanceUID), None, (10, 20, 29, 39)),

@@ -152,13 +152,18 @@ class WithdrawalReport:
 
 def check_request(reason: str, note: str, *, automatic: bool = False) -> None:
     """Raise ValueError for a reason not in :data:`REASONS` (any of the notes' with
-    ``automatic``) or a missing or long note."""
+    ``automatic``), or a missing or long note, or one with a control character."""
     if reason not in (REJECTION_REASONS if automatic else REASONS):
         raise ValueError(f"reason must be one of {', '.join(REASONS)}")
     if not note.strip():
         raise ValueError("say why the results are withdrawn (it is kept, and sent in the note)")
     if len(note) > MAX_NOTE:
         raise ValueError(f"the note: at most {MAX_NOTE} characters")
+    from acwi_node.review.inputs import typed_text_error
+
+    problem = typed_text_error(note, "the note")  # it goes into the note and to the RIS
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def withdraw_results(

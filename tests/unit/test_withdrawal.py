@@ -368,6 +368,10 @@ def test_withdrawal_refuses_what_it_cannot_do(
         withdraw_results(settings, ledger, reason="bad", note=NOTE, by="a", study_uid="9.9")
     with pytest.raises(ValueError, match="say why"):
         withdraw_results(settings, ledger, reason="quality", note=" ", by="a", study_uid="9.9")
+    with pytest.raises(ValueError, match=r"the note: a control character \(U\+001B"):
+        withdraw_results(
+            settings, ledger, reason="quality", note="bad\x1b[2J", by="a", study_uid="9.9"
+        )
     job_id, uid = analysed(settings, ledger, tmp_path)
     deliver(ledger)
     # storage retention deleted the results the note is made of: withdraw by hand

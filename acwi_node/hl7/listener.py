@@ -1,10 +1,11 @@
 """The MLLP listener for orders from the RIS (asyncio).
 
 One task per connection, at most ``max_connections`` at once (more are closed at once). Each
-framed message gets exactly one acknowledgement; the ledger work runs in a thread so a slow
-database never blocks other connections. A peer that breaks framing (no start byte, no end bytes
-before the read timeout or the end of the connection, a message over ``max_message_bytes``) or
-stays idle past ``idle_timeout_s`` has its connection closed; the listener carries on.
+framed message gets exactly one acknowledgement (``AR`` where none could be built); the ledger
+work runs in a thread so a slow database never blocks other connections. A peer that breaks
+framing (no start byte, no end bytes before the read timeout or the end of the connection, a
+message over ``max_message_bytes``) or stays idle past ``idle_timeout_s`` has its connection
+closed; the listener carries on.
 """
 
 from __future__ import annotations
@@ -75,8 +76,18 @@ class MllpListener:
                     break
                 if payload is None:
                     break
-                ack = await asyncio.to_thread(self.intake.handle, payload)
-                writer.write(frame(ack))
+                try:
+                    reply = frame(await asyncio.to_thread(self.intake.handle, payload))
+                except Exception as exc:  # every message gets an answer, never a silent close
+                    log.error(
+                        "message from %s could not be acknowledged (%s): answered AR",
+                        where,
+                        type(exc).__name__,
+                    )
+                    reply = frame(
+                        self.intake.refusal(payload, "AR", "the acknowledgement could not be built")
+                    )
+                writer.write(reply)
                 await writer.drain()
         except (ConnectionError, OSError) as exc:
             log.info("connection from %s ended: %s", where, type(exc).__name__)

@@ -16,50 +16,53 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hl7apy.core import Message
 from hl7apy.exceptions import HL7apyException
 from hl7apy.parser import parse_message
+
+from acwi_node.hl7.er7 import (
+    LIMITS,
+    STANDARD_ENCODING,
+    ApplicationError,
+    Encoding,
+    HL7Error,
+    LimitExceeded,
+    Rejected,
+    Segment,
+    decode,
+    decode_message,
+    encoding_of,
+    er7_prefix,
+    normalise,
+    read_segments,
+    to_er7,
+    transcode,
+)
 
 HL7_VERSION = "2.5"
 #: Local coding system of the node's observation identifiers (HL7 local codes start with 99).
 CODING_SYSTEM = "99ACWI"
 ORDER_TYPES = {"ORM^O01", "OMI^O23"}
-STANDARD_ENCODING = {
-    "FIELD": "|",
-    "COMPONENT": "^",
-    "REPETITION": "~",
-    "ESCAPE": "\\",
-    "SUBCOMPONENT": "&",
-}
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
-
-class HL7Error(Exception):
-    """A message the node cannot take. ``code`` is the MSA-1 acknowledgement code to answer."""
-
-    def __init__(self, code: str, text: str) -> None:
-        super().__init__(text)
-        self.code = code
-        self.text = text
-
-
-class Rejected(HL7Error):
-    """Malformed or unsupported: answered ``AR``."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__("AR", text)
-
-
-class ApplicationError(HL7Error):
-    """Well-formed but unusable (e.g. no accession number): answered ``AE``."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__("AE", text)
+__all__ = [
+    "LIMITS",
+    "STANDARD_ENCODING",
+    "ApplicationError",
+    "HL7Error",
+    "LimitExceeded",
+    "Rejected",
+    "decode",
+    "decode_message",
+    "normalise",
+]
 
 
 # ------------------------------------------------------------------------------ escaping
 def escape(text: str, enc: dict[str, str] | None = None) -> str:
-    """HL7 escape sequences for the delimiters in a value (``|`` -> ``\\F\\`` etc.)."""
+    """HL7 escape sequences for the delimiters in a value (``|`` -> ``\\F\\`` etc.) and for
+    control characters (``\\r`` -> ``\\X0D\\``), so that the value can neither break the
+    message's structure nor its MLLP framing."""
     enc = enc or STANDARD_ENCODING
     esc = enc["ESCAPE"]
     out = text.replace(esc, f"{esc}E{esc}")
@@ -70,7 +73,7 @@ def escape(text: str, enc: dict[str, str] | None = None) -> str:
         ("REPETITION", "R"),
     ):
         out = out.replace(enc[key], f"{esc}{code}{esc}")
-    return out.replace("\r", f"{esc}X0D{esc}").replace("\n", f"{esc}X0A{esc}")
+    return _CONTROL.sub(lambda m: f"{esc}X{ord(m.group()):02X}{esc}", out)
 
 
 def unescape(text: str, enc: dict[str, str] | None = None) -> str:
@@ -101,23 +104,31 @@ def unescape(text: str, enc: dict[str, str] | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------- parsing
-def decode(raw: bytes) -> str:
-    """Message bytes as text: UTF-8 when valid, else Latin-1 (every byte maps to a character)."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
+@dataclass(frozen=True)
+class ParsedMessage:
+    """A message's segments in standard ER7 (``|^~\\&``), each ``[name, field 1, ...]``
+    (for MSH, item ``n`` is MSH-``n``), as :func:`parse` read them."""
 
+    segments: list[list[str]]
 
-def normalise(text: str) -> str:
-    """Segments separated by ``\\r`` (peers also send ``\\n`` or ``\\r\\n``); no empty lines."""
-    lines = re.split(r"\r\n|\r|\n", text)
-    return "\r".join(line for line in lines if line.strip())
+    def all(self, name: str) -> list[list[str]]:
+        return [seg for seg in self.segments if seg[0] == name]
+
+    def first(self, name: str) -> list[str] | None:
+        return next(iter(self.all(name)), None)
+
+    @property
+    def msh(self) -> list[str]:
+        return self.segments[0]
 
 
 @dataclass(frozen=True)
 class MshInfo:
-    """What an acknowledgement needs from the MSH of the message it answers."""
+    """What an acknowledgement needs from the MSH of the message it answers.
+
+    ``control_id`` is MSH-10 as ER7 text in the standard delimiters, as the sender wrote it
+    (escape sequences kept), so that MSA-2 repeats it exactly; the other values are unescaped.
+    """
 
     sending_application: str = ""
     sending_facility: str = ""
@@ -138,95 +149,73 @@ class MshInfo:
         return f"{self.sending_application}|{self.sending_facility}"
 
 
-def peek_msh(text: str) -> MshInfo | None:
-    """Read MSH by plain splitting, for answering messages hl7apy cannot parse."""
-    if not text.startswith("MSH") or len(text) < 8:
-        return None
-    sep = text[3]
-    first = re.split(r"\r|\n", text, maxsplit=1)[0]
-    fields = first.split(sep)
-    enc = dict(STANDARD_ENCODING, FIELD=sep)
-    if len(fields) > 1 and len(fields[1]) >= 1:
-        enc["COMPONENT"] = fields[1][0]
-
-    def get(n: int) -> str:  # MSH-n is fields[n - 1]: MSH-1 is the separator itself
-        return fields[n - 1] if len(fields) > n - 1 else ""
-
-    def first_comp(value: str) -> str:
-        return unescape(value.split(enc["COMPONENT"])[0], enc)[:180]
-
-    msg_type = get(9).split(enc["COMPONENT"])
+def _msh_info(msh: Sequence[str]) -> MshInfo:
+    """:class:`MshInfo` of an MSH in standard ER7 (item ``n`` is MSH-``n``)."""
+    mtype = _field(msh, 9)
     return MshInfo(
-        sending_application=first_comp(get(3)),
-        sending_facility=first_comp(get(4)),
-        receiving_application=first_comp(get(5)),
-        receiving_facility=first_comp(get(6)),
-        message_type=unescape(msg_type[0], enc)[:3] if msg_type else "",
-        trigger=unescape(msg_type[1], enc)[:3] if len(msg_type) > 1 else "",
-        control_id=unescape(get(10), enc)[:199],
-        processing_id=first_comp(get(11))[:1] or "P",
-        version=first_comp(get(12))[:8] or HL7_VERSION,
+        sending_application=_comp(_field(msh, 3), 1)[:180],
+        sending_facility=_comp(_field(msh, 4), 1)[:180],
+        receiving_application=_comp(_field(msh, 5), 1)[:180],
+        receiving_facility=_comp(_field(msh, 6), 1)[:180],
+        message_type=_comp(mtype, 1)[:3],
+        trigger=_comp(mtype, 2)[:3],
+        control_id=er7_prefix(_field(msh, 10).strip(), 199),
+        processing_id=_comp(_field(msh, 11), 1)[:1] or "P",
+        version=_comp(_field(msh, 12), 1)[:8] or HL7_VERSION,
     )
 
 
-def parse(text: str) -> Message:
-    """Parse ER7 text with hl7apy (tolerant validation). Raises :class:`Rejected`."""
-    text = normalise(text)
-    if not text.startswith("MSH"):
-        raise Rejected("message does not start with an MSH segment")
+def peek_msh(text: str) -> MshInfo | None:
+    """Read MSH by plain splitting, for answering messages the node cannot parse."""
+    if not text.startswith("MSH") or len(text) < 8:
+        return None
+    line = re.split(r"\r|\n", text, maxsplit=1)[0]
+    sep = line[3]
     try:
-        msg = parse_message(text, find_groups=False)
+        enc = encoding_of(line)
+    except Rejected:  # read with the standard delimiters, as far as they go
+        enc = Encoding(field=sep)
+    parts = line.split(sep, 12)[:12]  # MSH, MSH-2, MSH-3 ... MSH-12
+    msh = ["MSH", "|", "^~\\&"] + [transcode(part[:400], enc) for part in parts[2:]]
+    return _msh_info(msh)
+
+
+def parse(text: str) -> ParsedMessage:
+    """Read ER7 text: limits and delimiters (:func:`~acwi_node.hl7.er7.read_segments`), then
+    hl7apy's tolerant validation. Raises :class:`Rejected` (:class:`LimitExceeded` past a
+    limit, before hl7apy sees the message)."""
+    segments = read_segments(text)
+    standard = "\r".join(
+        "|".join(["MSH", "^~\\&", *seg[3:]]) if i == 0 else "|".join(seg)
+        for i, seg in enumerate(segments)
+    )
+    try:
+        parse_message(standard, find_groups=False)
     except HL7apyException as exc:
         raise Rejected(f"malformed message: {exc}") from None
     except Exception as exc:  # hl7apy raises plain errors on some malformed input
         raise Rejected(f"malformed message: {type(exc).__name__}") from None
-    return msg
+    return ParsedMessage(segments)
 
 
-def _segments(msg: Message, name: str) -> list[Any]:
-    return [c for c in msg.children if c.name == name]
-
-
-def _field(segment: Any, n: int) -> str:
-    """Raw ER7 text of field ``n`` of a segment ('' when absent)."""
-    if segment is None:
+def _field(segment: Sequence[str] | None, n: int) -> str:
+    """ER7 text (standard delimiters, escaped) of field ``n`` of a segment ('' when absent)."""
+    if segment is None or len(segment) <= n:
         return ""
-    try:
-        children = segment.children.get(f"{segment.name}_{n}")
-    except Exception:
-        return ""
-    if not children:
-        return ""
-    try:
-        return str(children[0].to_er7())
-    except Exception:
-        return ""
+    return segment[n]
 
 
-def _comp(er7: str, i: int, enc: dict[str, str]) -> str:
+def _comp(er7: str, i: int) -> str:
     """Component ``i`` (1-based) of the first repetition of a field, unescaped."""
-    first = er7.split(enc["REPETITION"])[0]
-    comps = first.split(enc["COMPONENT"])
+    first = er7.split("~")[0]
+    comps = first.split("^")
     if len(comps) < i:
         return ""
-    return unescape(comps[i - 1].split(enc["SUBCOMPONENT"])[0], enc).strip()
+    return unescape(comps[i - 1].split("&")[0]).strip()
 
 
-def msh_info(msg: Message) -> MshInfo:
-    enc = msg.encoding_chars
-    msh = msg.msh
-    mtype = _field(msh, 9)
-    return MshInfo(
-        sending_application=_comp(_field(msh, 3), 1, enc)[:180],
-        sending_facility=_comp(_field(msh, 4), 1, enc)[:180],
-        receiving_application=_comp(_field(msh, 5), 1, enc)[:180],
-        receiving_facility=_comp(_field(msh, 6), 1, enc)[:180],
-        message_type=_comp(mtype, 1, enc)[:3],
-        trigger=_comp(mtype, 2, enc)[:3],
-        control_id=unescape(_field(msh, 10), enc).strip()[:199],
-        processing_id=_comp(_field(msh, 11), 1, enc)[:1] or "P",
-        version=_comp(_field(msh, 12), 1, enc)[:8] or HL7_VERSION,
-    )
+def msh_info(msg: ParsedMessage) -> MshInfo:
+    return _msh_info(msg.msh)
 
 
 @dataclass(frozen=True)
@@ -252,20 +241,20 @@ class OrderInfo:
         return self.priority == "S"
 
 
-def _priority(msg: Message, enc: dict[str, str]) -> str:
+def _priority(msg: ParsedMessage) -> str:
     """Priority from TQ1-9, else ORC-7 (TQ: component 6), else OBR-27 (TQ: component 6)."""
     for seg_name, n, comp in (("TQ1", 9, 1), ("ORC", 7, 6), ("OBR", 27, 6)):
-        for seg in _segments(msg, seg_name):
-            value = _comp(_field(seg, n), comp, enc).upper()
+        for seg in msg.all(seg_name):
+            value = _comp(_field(seg, n), comp).upper()
             if value:
                 return value[:2]
     return "R"
 
 
-def _study_uid(msg: Message, enc: dict[str, str]) -> str | None:
+def _study_uid(msg: ParsedMessage) -> str | None:
     for seg_name, n in (("IPC", 3), ("ZDS", 1)):
-        for seg in _segments(msg, seg_name):
-            value = _comp(_field(seg, n), 1, enc)
+        for seg in msg.all(seg_name):
+            value = _comp(_field(seg, n), 1)
             if value:
                 if len(value) > 64 or not _UID_RE.match(value):
                     raise ApplicationError(f"{seg_name}-{n} is not a valid Study Instance UID")
@@ -273,52 +262,55 @@ def _study_uid(msg: Message, enc: dict[str, str]) -> str | None:
     return None
 
 
-def _expected_images(msg: Message, enc: dict[str, str]) -> int | None:
+def _expected_images(msg: ParsedMessage) -> int | None:
     """The number of images announced in ZDS-2 (a node extension; absent in most orders)."""
-    for seg in _segments(msg, "ZDS"):
-        value = _comp(_field(seg, 2), 1, enc)
+    for seg in msg.all("ZDS"):
+        value = _comp(_field(seg, 2), 1)
         if value.isdigit() and 0 < int(value) < 1_000_000:
             return int(value)
     return None
 
 
-def extract_order(msg: Message) -> OrderInfo:
-    """The order an ``ORM^O01`` or ``OMI^O23`` carries. Raises :class:`HL7Error`."""
-    enc = msg.encoding_chars
+def extract_order(msg: ParsedMessage) -> OrderInfo:
+    """The order an ``ORM^O01`` or ``OMI^O23`` carries. Raises :class:`HL7Error`.
+
+    The patient's PID-3 and PID-5 (first repetition) are kept as ER7 in the standard
+    delimiters with the sender's escape sequences, as a result message carries them back.
+    """
     info = msh_info(msg)
     if info.type_code not in ORDER_TYPES:
         raise Rejected(f"unsupported message type {info.type_code or '(none)'}")
-    pid = next(iter(_segments(msg, "PID")), None)
-    orc = next(iter(_segments(msg, "ORC")), None)
-    obr = next(iter(_segments(msg, "OBR")), None)
-    ipc = next(iter(_segments(msg, "IPC")), None)
+    pid = msg.first("PID")
+    orc = msg.first("ORC")
+    obr = msg.first("OBR")
+    ipc = msg.first("IPC")
     if orc is None:
         raise ApplicationError("no ORC segment")
-    accession = _comp(_field(ipc, 1), 1, enc) if ipc is not None else ""
+    accession = _comp(_field(ipc, 1), 1) if ipc is not None else ""
     if not accession and obr is not None:
-        accession = _comp(_field(obr, 18), 1, enc)  # Placer Field 1 (IHE Scheduled Workflow)
+        accession = _comp(_field(obr, 18), 1)  # Placer Field 1 (IHE Scheduled Workflow)
     if not accession:
         raise ApplicationError("no accession number (IPC-1 or OBR-18)")
     if len(accession) > 64:
         raise ApplicationError("accession number longer than 64 characters")
-    control = _comp(_field(orc, 1), 1, enc).upper()[:2] or "NW"
-    placer = _comp(_field(orc, 2), 1, enc) or _comp(_field(obr, 2), 1, enc)
-    filler = _comp(_field(orc, 3), 1, enc) or _comp(_field(obr, 3), 1, enc)
+    control = _comp(_field(orc, 1), 1).upper()[:2] or "NW"
+    placer = _comp(_field(orc, 2), 1) or _comp(_field(obr, 2), 1)
+    filler = _comp(_field(orc, 3), 1) or _comp(_field(obr, 3), 1)
     procedure = _field(obr, 4)
     return OrderInfo(
         control=control,
         accession_number=accession,
         placer_order_number=placer[:64],
         filler_order_number=filler[:64],
-        patient_id=_field(pid, 3).split(enc["REPETITION"])[0][:250],
-        patient_name=_field(pid, 5).split(enc["REPETITION"])[0][:250],
-        birth_date=_comp(_field(pid, 7), 1, enc)[:8],
-        sex=_comp(_field(pid, 8), 1, enc)[:1],
-        procedure_code=_comp(procedure, 1, enc)[:64],
-        procedure_text=_comp(procedure, 2, enc)[:200],
-        priority=_priority(msg, enc),
-        study_uid=_study_uid(msg, enc),
-        expected_images=_expected_images(msg, enc),
+        patient_id=er7_prefix(_field(pid, 3).split("~")[0], 250),
+        patient_name=er7_prefix(_field(pid, 5).split("~")[0], 250),
+        birth_date=_comp(_field(pid, 7), 1)[:8],
+        sex=_comp(_field(pid, 8), 1)[:1],
+        procedure_code=_comp(procedure, 1)[:64],
+        procedure_text=_comp(procedure, 2)[:200],
+        priority=_priority(msg),
+        study_uid=_study_uid(msg),
+        expected_images=_expected_images(msg),
     )
 
 
@@ -328,7 +320,6 @@ def timestamp(when: dt.datetime | None = None) -> str:
 
 
 def _msh(
-    msg: Message,
     *,
     sending: tuple[str, str],
     receiving: tuple[str, str],
@@ -336,18 +327,26 @@ def _msh(
     control_id: str,
     processing_id: str = "P",
     when: dt.datetime | None = None,
-) -> None:
-    msh = msg.msh
-    msh.msh_3 = escape(sending[0])
-    msh.msh_4 = escape(sending[1])
-    msh.msh_5 = escape(receiving[0])
-    msh.msh_6 = escape(receiving[1])
-    msh.msh_7 = timestamp(when)
-    msh.msh_9 = type_code
-    msh.msh_10 = escape(control_id)
-    msh.msh_11 = processing_id or "P"
-    msh.msh_12 = HL7_VERSION
-    msh.msh_18 = "UNICODE UTF-8"
+) -> Segment:
+    msh = Segment("MSH")
+    msh[3] = escape(sending[0])
+    msh[4] = escape(sending[1])
+    msh[5] = escape(receiving[0])
+    msh[6] = escape(receiving[1])
+    msh[7] = timestamp(when)
+    msh[9] = type_code
+    msh[10] = escape(control_id)
+    msh[11] = processing_id or "P"
+    msh[12] = HL7_VERSION
+    msh[18] = "UNICODE UTF-8"
+    return msh
+
+
+def _control_id_er7(control_id: str) -> str:
+    """An answered MSH-10 (ER7) for MSA-2: as received, with any control character or field
+    separator escaped so that it can break neither the ACK nor its MLLP framing."""
+    out = _CONTROL.sub(lambda m: f"\\X{ord(m.group()):02X}\\", control_id)
+    return out.replace("|", "\\F\\")
 
 
 def build_ack(
@@ -363,30 +362,32 @@ def build_ack(
 
     ``answered`` may be None when the message was too broken to read its MSH; MSA-2 is then empty.
     The acknowledgement never repeats the answered message's content beyond its MSH identifiers.
+    A refusal (``AE``, ``AR``) has an ERR segment with ``text`` (ERR-8) too.
     """
     if code not in {"AA", "AE", "AR"}:
         raise ValueError(f"acknowledgement code {code!r}")
     ans = answered or MshInfo()
-    msg = Message("ACK", version=HL7_VERSION)
     trigger = ans.trigger if re.fullmatch(r"[A-Z0-9]{3}", ans.trigger) else ""
-    _msh(
-        msg,
+    msh = _msh(
         sending=(application, facility),
         receiving=(ans.sending_application, ans.sending_facility),
         type_code=f"ACK^{trigger}^ACK" if trigger else "ACK",
         control_id=control_id,
         processing_id=ans.processing_id if ans.processing_id in {"P", "D", "T"} else "P",
     )
-    msg.msa.msa_1 = code
-    msg.msa.msa_2 = escape(ans.control_id)
+    msa = Segment("MSA")
+    msa[1] = code
+    msa[2] = _control_id_er7(ans.control_id)
     if text:
-        msg.msa.msa_3 = escape(text[:80])
+        msa[3] = escape(text[:80])
+    segments = [msh, msa]
     if code != "AA":
-        msg.add_segment("ERR")
-        msg.err.err_4 = "E"  # severity: error
+        err = Segment("ERR")
+        err[4] = "E"  # severity: error
         if text:
-            msg.err.err_8 = escape(text[:250])
-    return str(msg.to_er7())
+            err[8] = escape(text[:250])
+        segments.append(err)
+    return to_er7(segments)
 
 
 @dataclass(frozen=True)
@@ -397,16 +398,15 @@ class AckInfo:
 
 
 def parse_ack(text: str) -> AckInfo:
-    """MSA-1, MSA-2, MSA-3 of an acknowledgement. Raises :class:`Rejected` when it is none."""
+    """MSA-1, MSA-2 (ER7, as sent), MSA-3 of an acknowledgement. Raises :class:`Rejected`."""
     msg = parse(text)
-    enc = msg.encoding_chars
-    msa = next(iter(_segments(msg, "MSA")), None)
+    msa = msg.first("MSA")
     if msa is None:
         raise Rejected("reply has no MSA segment")
-    code = _comp(_field(msa, 1), 1, enc).upper()
+    code = _comp(_field(msa, 1), 1).upper()
     if code not in {"AA", "AE", "AR", "CA", "CE", "CR"}:
         raise Rejected(f"reply has an unknown acknowledgement code {code!r}")
-    return AckInfo(code, unescape(_field(msa, 2), enc), _comp(_field(msa, 3), 1, enc))
+    return AckInfo(code, _field(msa, 2), _comp(_field(msa, 3), 1))
 
 
 # ----------------------------------------------------------------------------------- ORU
@@ -450,7 +450,6 @@ class OruStudy:
 
 
 def _obx(
-    msg_obx: Any,
     set_id: int,
     value_type: str,
     code: str,
@@ -461,18 +460,20 @@ def _obx(
     status: str,
     units: str = "",
     method: str = "",
-) -> None:
-    msg_obx.obx_1 = str(set_id)
-    msg_obx.obx_2 = value_type
-    msg_obx.obx_3 = f"{escape(code)}^{escape(text)}^{CODING_SYSTEM}"
+) -> Segment:
+    obx = Segment("OBX")
+    obx[1] = str(set_id)
+    obx[2] = value_type
+    obx[3] = f"{escape(code)}^{escape(text)}^{CODING_SYSTEM}"
     if sub_id:
-        msg_obx.obx_4 = escape(sub_id)
-    msg_obx.obx_5 = value
+        obx[4] = escape(sub_id)
+    obx[5] = value
     if units:
-        msg_obx.obx_6 = units
-    msg_obx.obx_11 = status
+        obx[6] = units
+    obx[11] = status
     if method:
-        msg_obx.obx_17 = method
+        obx[17] = method
+    return obx
 
 
 def _cwe(code: str, text: str, system: str = CODING_SYSTEM) -> str:
@@ -587,58 +588,45 @@ def build_oru(
     """
     status = "C" if correction or withdrawn is not None else "F" if verdict is not None else "P"
     observation_status = "W" if withdrawn is not None else status
-    msg = Message("ORU_R01", version=HL7_VERSION)
-    _msh(
-        msg,
+    msh = _msh(
         sending=sending,
         receiving=receiving,
         type_code="ORU^R01^ORU_R01",
         control_id=control_id,
         when=when,
     )
-    result = msg.add_group("ORU_R01_PATIENT_RESULT")
-    pid = result.add_group("ORU_R01_PATIENT").pid
-    pid.pid_1 = "1"
-    if study.patient_id:
-        pid.pid_3 = study.patient_id
-    if study.patient_name:
-        pid.pid_5 = study.patient_name
-    if study.birth_date:
-        pid.pid_7 = escape(study.birth_date)
-    if study.sex:
-        pid.pid_8 = escape(study.sex)
-    order = result.add_group("ORU_R01_ORDER_OBSERVATION")
-    order.orc.orc_1 = "RE"
-    if study.placer_order_number:
-        order.orc.orc_2 = escape(study.placer_order_number)
-    if study.filler_order_number:
-        order.orc.orc_3 = escape(study.filler_order_number)
-    obr = order.obr
-    obr.obr_1 = "1"
-    if study.placer_order_number:
-        obr.obr_2 = escape(study.placer_order_number)
-    if study.filler_order_number:
-        obr.obr_3 = escape(study.filler_order_number)
-    obr.obr_4 = (
+    pid = Segment("PID")
+    pid[1] = "1"
+    pid[3] = study.patient_id
+    pid[5] = study.patient_name
+    pid[7] = escape(study.birth_date)
+    pid[8] = escape(study.sex)
+    orc = Segment("ORC")
+    orc[1] = "RE"
+    orc[2] = escape(study.placer_order_number)
+    orc[3] = escape(study.filler_order_number)
+    obr = Segment("OBR")
+    obr[1] = "1"
+    obr[2] = escape(study.placer_order_number)
+    obr[3] = escape(study.filler_order_number)
+    obr[4] = (
         f"{escape(study.procedure_code)}^{escape(study.procedure_text)}^L"
         if study.procedure_code
         else f"AI^AI analysis^{CODING_SYSTEM}"
     )
-    obr.obr_7 = timestamp(study.observed_at)
-    if study.accession_number:
-        obr.obr_18 = escape(study.accession_number)
-    obr.obr_22 = timestamp(when)
-    obr.obr_24 = "RAD"
-    obr.obr_25 = status
+    obr[7] = timestamp(study.observed_at)
+    obr[18] = escape(study.accession_number)
+    obr[22] = timestamp(when)
+    obr[24] = "RAD"
+    obr[25] = status
+    segments = [msh, pid, orc, obr]
     model = study.summary.get("model", {})
     method = _cwe(str(model.get("name", "")), f"AI model {model.get('version', '')}".strip())
     rows = observations(study, verdict)
     if withdrawn is not None:
         rows.insert(0, ("TX", "WITHDRAWN", "AI result withdrawn", "", escape(withdrawn)))
     for n, (vtype, code, text, sub_id, value) in enumerate(rows, start=1):
-        obs = order.add_group("ORU_R01_OBSERVATION")
-        _obx(
-            obs.obx,
+        obx = _obx(
             n,
             vtype,
             code,
@@ -655,18 +643,20 @@ def build_oru(
                 if code == "FINAL_FINDING" and verdict
                 else str(study.summary.get("predicted_label", ""))
             )
-            obs.obx.obx_8 = abnormal_flag(study.summary, label)
+            obx[8] = abnormal_flag(study.summary, label)
         if verdict is not None and code in {"VERDICT", "FINAL_FINDING"} and verdict.reviewer:
-            obs.obx.obx_16 = "^".join(escape(p) for p in verdict.reviewer.split("^"))
+            obx[16] = "^".join(escape(p) for p in verdict.reviewer.split("^"))
         if code == "VERDICT" and verdict is not None and verdict.reviewed_at is not None:
-            obs.obx.obx_14 = timestamp(verdict.reviewed_at)
-    obs = order.add_group("ORU_R01_OBSERVATION")
-    obs.obx.obx_1 = str(len(rows) + 1)
-    obs.obx.obx_2 = "ST"
-    obs.obx.obx_3 = f"STUDY_UID^Study Instance UID^{CODING_SYSTEM}"
-    obs.obx.obx_5 = escape(study.study_uid)
-    obs.obx.obx_11 = observation_status
-    return str(msg.to_er7())
+            obx[14] = timestamp(verdict.reviewed_at)
+        segments.append(obx)
+    obx = Segment("OBX")
+    obx[1] = str(len(rows) + 1)
+    obx[2] = "ST"
+    obx[3] = f"STUDY_UID^Study Instance UID^{CODING_SYSTEM}"
+    obx[5] = escape(study.study_uid)
+    obx[11] = observation_status
+    segments.append(obx)
+    return to_er7(segments)
 
 
 def abnormal_flag(summary: dict[str, Any], label: str) -> str:
@@ -682,23 +672,9 @@ def abnormal_flag(summary: dict[str, Any], label: str) -> str:
 
 def oru_observations(text: str) -> dict[str, list[tuple[str, str]]]:
     """OBX code -> [(sub-id, value)] of an ORU (for checks and tests), values unescaped."""
-    msg = parse(text)
-    enc = msg.encoding_chars
     out: dict[str, list[tuple[str, str]]] = {}
-    for seg in _iter_segments(msg):
-        if seg.name != "OBX":
-            continue
-        code = _comp(_field(seg, 3), 1, enc)
-        sub = unescape(_field(seg, 4), enc)
-        out.setdefault(code, []).append((sub, unescape(_field(seg, 5), enc)))
+    for seg in parse(text).all("OBX"):
+        code = _comp(_field(seg, 3), 1)
+        sub = unescape(_field(seg, 4))
+        out.setdefault(code, []).append((sub, unescape(_field(seg, 5))))
     return out
-
-
-def _iter_segments(element: Any) -> Sequence[Any]:
-    found: list[Any] = []
-    for child in element.children:
-        if getattr(child, "classname", "") == "Segment":
-            found.append(child)
-        elif getattr(child, "classname", "") == "Group":
-            found.extend(_iter_segments(child))
-    return found

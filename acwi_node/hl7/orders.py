@@ -1,7 +1,8 @@
 """Order intake: one inbound HL7 message in, its acknowledgement out, the order in the ledger.
 
 ``AA`` accepted (the order is stored, keyed by accession number), ``AE`` application error (e.g.
-no accession number), ``AR`` rejected (malformed, or a message type the node does not take). Every
+no accession number), ``AR`` rejected (malformed, past one of the node's limits, bytes invalid in
+the character set MSH-18 declares, or a message type the node does not take). Every
 acknowledgement of a message with a control id (MSH-10) is stored with it, so the same message
 sent again gets the same acknowledgement and creates nothing twice.
 """
@@ -15,16 +16,19 @@ from dataclasses import asdict
 from acwi_node.config import Settings
 from acwi_node.hl7.messages import (
     HL7Error,
+    LimitExceeded,
     MshInfo,
     Rejected,
     build_ack,
     decode,
+    decode_message,
     extract_order,
     msh_info,
     normalise,
     parse,
     peek_msh,
 )
+from acwi_node.hl7.mllp import frame
 from acwi_node.ledger import Ledger
 
 log = logging.getLogger("acwi_node.hl7")
@@ -48,15 +52,37 @@ class OrderIntake:
             facility=cfg.sending_facility,
         )
 
+    def refusal(self, raw: bytes, code: str, text: str) -> bytes:
+        """An acknowledgement ``code`` that can always be framed: answering the message's MSH
+        where it can be read, else answering none (MSA-2 empty)."""
+        try:
+            ack = self._ack(peek_msh(decode(raw)), code, text).encode("utf-8")
+            frame(ack)  # raises if it could not be framed
+            return ack
+        except Exception:
+            return self._ack(None, code, text).encode("utf-8")
+
     def handle(self, raw: bytes) -> bytes:
-        """The acknowledgement (ER7, UTF-8) for one message's bytes. Never raises for bad input."""
-        text = normalise(decode(raw))
+        """The acknowledgement (ER7, UTF-8) for one message's bytes. Never raises."""
+        try:
+            return self._handle(raw)
+        except Exception as exc:
+            log.error("a message could not be processed: %s", type(exc).__name__)
+            return self.refusal(raw, "AE", "internal error")
+
+    def _handle(self, raw: bytes) -> bytes:
+        try:
+            text = normalise(decode_message(raw))
+        except HL7Error as exc:  # bytes invalid in the declared character set, or an unknown one
+            peeked = peek_msh(normalise(decode(raw)))
+            log.warning("rejected a message (%s): %s", _describe(peeked), exc.text)
+            return self._ack(peeked, exc.code, exc.text).encode("utf-8")
         try:
             msg = parse(text)
             info = msh_info(msg)
         except HL7Error as exc:
             peeked = peek_msh(text)
-            log.warning("rejected a malformed message (%s)", _describe(peeked))
+            log.warning("rejected a malformed message (%s): %s", _describe(peeked), _reason(exc))
             return self._ack(peeked, exc.code, exc.text).encode("utf-8")
         if not info.control_id:
             log.warning("rejected a message without MSH-10 (%s)", info.type_code or "no type")
@@ -113,6 +139,14 @@ class OrderIntake:
 def _safe(value: str) -> str:
     """A control id for the log: printable ASCII only, bounded (it is not patient data)."""
     return "".join(c if 32 < ord(c) < 127 else "?" for c in value[:40])
+
+
+def _reason(exc: HL7Error) -> str:
+    """Why a message was refused, for the log: a limit names only the segment and field;
+    hl7apy's own text may quote the message's content, so only its kind is logged."""
+    if isinstance(exc, LimitExceeded) or not exc.text.startswith("malformed message:"):
+        return exc.text
+    return "malformed message"
 
 
 def _describe(info: MshInfo | None) -> str:

@@ -231,6 +231,69 @@ def test_connection_cap(node: tuple[MllpListener, Ledger]) -> None:
             time.sleep(0.1)
 
 
+def test_every_message_gets_an_ack_that_can_be_framed(
+    node: tuple[MllpListener, Ledger],
+) -> None:
+    """A malformed message whose MSH-10 hex-escapes MLLP framing bytes is answered AR with
+    MSA-2 as sent, on a connection that stays open for the next message."""
+    listener, _ = node
+    broken = b"MSH|^~\\&|RIS|HOSP|ACWI|ACWI|2024||ORM^O01|M\\X0B\\X\\X1C0D\\|P|2.5\rZZZ1|a\rPI"
+    with connect(listener) as sock:
+        sock.sendall(frame(broken))
+        raw = read_frame_sync(sock, max_bytes=65536, timeout_s=5)
+        assert raw.split(b"\r")[1].startswith(b"MSA|AR|M\\X0B\\X\\X1C0D\\|")
+        sock.sendall(frame(orm("C\\X0B\\1", "ACC-X0B")))
+        ack = read_frame_sync(sock, max_bytes=65536, timeout_s=5)
+        assert ack.split(b"\r")[1] == b"MSA|AA|C\\X0B\\1"
+
+
+def test_an_ack_that_cannot_be_built_is_answered_ar(
+    node: tuple[MllpListener, Ledger], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listener, _ = node
+    monkeypatch.setattr(listener.intake, "handle", lambda raw: b"MSA|AA|\x0b")
+    with connect(listener) as sock:
+        sock.sendall(frame(orm("NOACK1", "ACC-NOACK")))
+        ack = parse_ack(read_frame_sync(sock, max_bytes=65536, timeout_s=5).decode())
+    assert (ack.code, ack.control_id) == ("AR", "NOACK1")
+
+
+def test_a_message_past_a_limit_is_answered_ar_with_the_limit(
+    node: tuple[MllpListener, Ledger],
+) -> None:
+    listener, ledger = node
+    with connect(listener) as sock:
+        sock.sendall(frame(orm("TILDE1", "ACC-TILDE", name="~" * 3000)))
+        raw = read_frame_sync(sock, max_bytes=65536, timeout_s=5)
+    segs = raw.decode().split("\r")
+    assert segs[1] == "MSA|AR|TILDE1|PID-5 has more than 100 repetitions"
+    assert segs[2] == "ERR||||E||||PID-5 has more than 100 repetitions"
+    assert ledger.hl7_order("ACC-TILDE") is None
+
+
+def _declaring(charset: str, cid: str, accession: str, name: bytes) -> bytes:
+    text = orm(cid, accession).decode().replace(f"|{cid}|P|2.5", f"|{cid}|P|2.5||||||{charset}")
+    return text.replace("Doe^John", "@NAME@").encode().replace(b"@NAME@", name)
+
+
+def test_messages_are_decoded_in_the_character_set_msh18_declares(
+    node: tuple[MllpListener, Ledger],
+) -> None:
+    listener, ledger = node
+    # Latin-1 bytes that happen to be valid UTF-8 are read as Latin-1
+    assert exchange(listener, _declaring("8859/1", "CS1", "ACC-CS1", b"M\xc3\xbcller"))[0] == "AA"
+    order = ledger.hl7_order("ACC-CS1")
+    assert order is not None and order["patient_name"] == "MÃ¼ller"
+    # bytes that are not UTF-8 in a message declaring UTF-8 are refused
+    code, cid, text = exchange(
+        listener, _declaring("UNICODE UTF-8", "CS2", "ACC-CS2", b"M\xfcller")
+    )
+    assert (code, cid) == ("AR", "CS2") and "UNICODE UTF-8 (MSH-18)" in text
+    assert ledger.hl7_order("ACC-CS2") is None
+    code, cid, text = exchange(listener, _declaring("EBCDIC", "CS3", "ACC-CS3", b"Doe"))
+    assert (code, cid, text) == ("AR", "CS3", "unsupported character set in MSH-18: EBCDIC")
+
+
 _CELERY: list[Celery] = []
 
 

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import tracemalloc
+from typing import Any
+
 import pytest
 
+from acwi_node.hl7 import messages
 from acwi_node.hl7.messages import (
     ApplicationError,
     Lesion,
+    LimitExceeded,
     OruStudy,
     Rejected,
     Verdict,
     build_ack,
     build_oru,
+    decode_message,
     escape,
     extract_order,
     msh_info,
@@ -21,6 +27,7 @@ from acwi_node.hl7.messages import (
     peek_msh,
     unescape,
 )
+from acwi_node.hl7.mllp import frame
 
 MSH = "MSH|^~\\&|RIS|HOSP|ACWI|ACWI|20240101120000||{type}|{cid}|P|2.5"
 
@@ -144,7 +151,8 @@ def test_ack_without_msh_and_with_error() -> None:
 def test_peek_msh_reads_broken_messages() -> None:
     info = peek_msh("MSH|^~\\&|RIS|H|A|N|2024||ORM^O01|X\\F\\1|P|2.5\rQQQ|broken")
     assert info is not None
-    assert (info.type_code, info.control_id, info.sender) == ("ORM^O01", "X|1", "RIS|H")
+    # the control id as the sender wrote it (MSA-2 repeats it), the other values unescaped
+    assert (info.type_code, info.control_id, info.sender) == ("ORM^O01", "X\\F\\1", "RIS|H")
     assert peek_msh("PID|1") is None
 
 
@@ -296,3 +304,177 @@ def test_a_finding_is_flagged_abnormal_for_the_ris() -> None:
     study = OruStudy(summary=listed, study_uid="1.2.3", accession_number="", patient_id="",
                      patient_name="")  # fmt: skip
     assert _flags(build_oru(study, control_id="F3")) == {"FINDING": "N"}
+
+
+# ----------------------------------------------------------- framing bytes, limits, encodings
+def test_an_ack_never_carries_the_mllp_framing_bytes() -> None:
+    """A control id or sender that hex-escapes a framing byte (and a message too broken to
+    parse, answered from its MSH alone) gets an ACK that can be framed, repeating MSH-10 as
+    it was sent; control characters in any value are escaped as HL7 hex escapes."""
+    text = "MSH|^~\\&|R\\X0B\\IS|HOSP|ACWI|ACWI|2024||ORM^O01|M\\X0B\\X\\X1C0D\\|P|2.5\rZZZ1|a\rPI"
+    with pytest.raises(Rejected):
+        parse(text)
+    info = peek_msh(text)
+    assert info is not None
+    ack = build_ack(info, "AR", "bad\x0b\x1c\r", control_id="A1", application="A", facility="F")
+    framed = frame(ack.encode())
+    assert b"\x0b" not in framed[1:] and b"\x1c" not in framed[:-2]
+    segs = ack.split("\r")
+    assert segs[0].split("|")[4] == "R\\X0B\\IS"
+    assert segs[1] == "MSA|AR|M\\X0B\\X\\X1C0D\\|bad\\X0B\\\\X1C\\\\X0D\\"
+    assert escape("a\x00b\x7f") == "a\\X00\\b\\X7F\\"
+
+
+def test_msa2_repeats_the_control_id_as_sent() -> None:
+    ack = build_ack(
+        msh_info(parse(orm(cid="C\\X0B\\1\\F\\"))),
+        "AA",
+        "",
+        control_id="A1",
+        application="ACWI",
+        facility="F",
+    )
+    assert ack.split("\r")[1] == "MSA|AA|C\\X0B\\1\\F\\"
+
+
+def _big_order() -> str:
+    """An order far larger than real ones: every segment an OMI may carry, comments, many
+    identifiers, and long clinical text."""
+    pid = "PID|1||" + "~".join(f"ID{n}^^^AUTH{n}&1.2.3&ISO^MR" for n in range(20))
+    pid += "||Doe^John^Q^Jr^Dr^^L~Doe^Johnny^^^^^A||19700101|M|||1 Main St^^Town^^12345^US"
+    segs = [
+        MSH.format(type="OMI^O23^OMI_O23", cid="BIG1"),
+        pid,
+        "PV1|1|O|RAD^1^1^HOSP||||1234^Smith^Ann^^^Dr|||||||||||V1",
+        *[f"NTE|{n}||{'clinical note ' * 40}" for n in range(1, 31)],
+        "ORC|NW|PL1|FI1||SC||^^^^^R|||||1234^Smith^Ann",
+        "TQ1|1||||||||R",
+        "OBR|1|PL1|FI1|CHEST^Chest X-ray^L" + "|" * 14 + "ACC1",
+        *[f"OBX|{n}|ST|Q{n}^Question^L||answer {n}||||||F" for n in range(1, 41)],
+        *[f"IPC|ACC1|REQ1|1.2.3.{n}|SPS{n}|CR" for n in range(1, 11)],
+    ]
+    return "\r".join(segs)
+
+
+@pytest.mark.parametrize(
+    ("text", "limit"),
+    [
+        (orm(name="~" * 250_000), "PID-5 has more than 100 repetitions"),
+        (orm(name="~".join(["X^^^H^MR"] * 60_000)), "PID-5 has more than 100 repetitions"),
+        (orm(name="^" * 100_000), "PID-5 has more than 64 components"),
+        (orm(name="&" * 100_000), "PID-5 has more than 32 subcomponents"),
+        (orm() + "|x" * 200_000, "OBR has more than 100 fields"),
+        (orm() + "\rNTE|1" * 60_000, "more than 250 segments"),
+        (orm() + ("\rNTE|1|" + "|".join(["a^b"] * 40)) * 40, "more than 2000 separators"),
+    ],
+    ids=[
+        "empty-repetitions",
+        "repetitions",
+        "components",
+        "subcomponents",
+        "fields",
+        "segments",
+        "separators",
+    ],
+)
+def test_a_message_past_a_limit_is_refused_before_it_is_parsed(
+    monkeypatch: pytest.MonkeyPatch, text: str, limit: str
+) -> None:
+    """Counting delimiters refuses a hostile message (hundreds of thousands of repetitions
+    or segments) without handing it to hl7apy, whose time and memory grow with every
+    element, and in little memory; a real order, however large, is well within the limits."""
+    parsed: list[str] = []
+    real = messages.parse_message
+
+    def parse_message(text: str, **kw: Any) -> Any:
+        parsed.append(text)
+        return real(text, **kw)
+
+    monkeypatch.setattr(messages, "parse_message", parse_message)
+    tracemalloc.start()
+    try:
+        with pytest.raises(LimitExceeded) as info:
+            parse(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (info.value.code, info.value.text) == ("AR", limit)
+    assert parsed == []
+    assert peak < 8 * len(text) + (1 << 20)  # a few copies of the text, not a parse tree
+    order = extract_order(parse(_big_order()))
+    assert order.accession_number == "ACC1" and len(parsed) == 1
+
+
+def test_sender_delimiters_are_re_encoded_in_the_standard_ones() -> None:
+    """A sender declaring its own delimiters (MSH-2 ``$~\\&``): the patient is kept in the
+    standard ones, so that a result message built with them carries what the order did."""
+    text = "\r".join(
+        [
+            "MSH|$~\\&|RIS|HOSP|ACWI|ACWI|2024||ORM$O01|ODD1|P|2.5",
+            "PID|1||PAT3$$$H$MR~OTHER||Smith$An^na$\\S\\x",
+            "ORC|NW|PL3",
+            "OBR|1|PL3|FI3|CT$CT scan" + "|" * 14 + "ACCODD",
+        ]
+    )
+    order = extract_order(parse(text))
+    assert order.patient_id == "PAT3^^^H^MR"
+    assert order.patient_name == "Smith^An\\S\\na^\\S\\x"
+    assert (order.procedure_code, order.procedure_text) == ("CT", "CT scan")
+    oru = build_oru(
+        _study(patient_id=order.patient_id, patient_name=order.patient_name), control_id="O1"
+    )
+    assert oru.split("\r")[1] == "PID|1||PAT3^^^H^MR||Smith^An\\S\\na^\\S\\x"
+
+
+def test_escape_sequences_and_control_characters_in_the_patient_travel_unchanged() -> None:
+    name = "Do\\S\\e\\X0D\\^Jo\\X0A\\hn\x01\x1b[1m\\.br\\\\H\\x\\N\\"
+    order = extract_order(parse(orm(name=name)))
+    expected = "Do\\S\\e\\X0D\\^Jo\\X0A\\hn\\X01\\\\X1B\\[1m\\.br\\\\H\\x\\N\\"
+    assert order.patient_name == expected
+    oru = build_oru(_study(patient_name=order.patient_name), control_id="O1")
+    assert oru.split("\r")[1] == f"PID|1||PAT1^^^HOSP^MR||{expected}"
+    assert "\x01" not in oru and "\x1b" not in oru
+    # a comment over several lines arrives as lines, not as literal escape text
+    comment = Verdict(agrees=True, label="normal", comment="line 1\nline 2")
+    assert oru_observations(build_oru(_study(), comment, control_id="O2"))["COMMENT"] == [
+        ("", "line 1\nline 2")
+    ]
+
+
+def _bytes(charset: str, name: bytes) -> bytes:
+    msh = MSH.format(type="ORM^O01", cid="CS1") + "||||||" + charset
+    return msh.encode() + b"\rPID|1||PAT1^^^H^MR||" + name
+
+
+def test_message_is_decoded_in_the_declared_character_set() -> None:
+    """MSH-18 decides how the bytes are read; without it, UTF-8 when valid, else Latin-1."""
+    for charset, name, decoded in [
+        ("8859/1", b"M\xc3\xbcller", "MÃ¼ller"),  # valid UTF-8, but declared Latin-1
+        ("8859/1", b"M\xfcller", "Müller"),
+        ("UNICODE UTF-8", b"M\xc3\xbcller", "Müller"),
+        ("ASCII", b"Muller", "Muller"),
+        ("", b"M\xc3\xbcller", "Müller"),
+        ("", b"M\xfcller", "Müller"),
+        ("ISO IR100", b"M\xfcller", "Müller"),  # DICOM's term, as some senders write it
+        ("GB 18030-2000", "王^小明".encode("gb18030"), "王^小明"),
+    ]:
+        assert decode_message(_bytes(charset, name)).endswith(f"||{decoded}"), charset
+
+
+@pytest.mark.parametrize(
+    ("charset", "name", "reason"),
+    [
+        ("UNICODE UTF-8", b"M\xfcller", "is not valid in the character set UNICODE UTF-8 (MSH-18)"),
+        ("ASCII", b"M\xc3\xbcller", "is not valid in the character set ASCII (MSH-18)"),
+        ("KLINGON", b"x", "unsupported character set in MSH-18: KLINGON"),
+    ],
+)
+def test_bytes_invalid_in_the_declared_character_set_are_rejected(
+    charset: str, name: bytes, reason: str
+) -> None:
+    raw = _bytes(charset, name)
+    with pytest.raises(Rejected) as info:
+        decode_message(raw)
+    first = next((i for i, b in enumerate(raw) if b > 127), None)
+    where = f"byte {first + 1} " if first is not None else ""
+    assert (info.value.code, info.value.text) == ("AR", where + reason)

@@ -66,9 +66,11 @@ class OrderIntake:
         """The acknowledgement (ER7, UTF-8) for one message's bytes. Never raises."""
         try:
             return self._handle(raw)
-        except Exception as exc:
+        except Exception as exc:  # the ledger unavailable, say: nothing was kept of it
             log.error("a message could not be processed: %s", type(exc).__name__)
-            return self.refusal(raw, "AE", "internal error")
+            # AR, not AE: rejected for a reason unrelated to its content (HL7 2.x 2.9.2), so
+            # the RIS sends it again, and then it is taken
+            return self.refusal(raw, "AR", "the message could not be processed now: send it again")
 
     def _handle(self, raw: bytes) -> bytes:
         try:

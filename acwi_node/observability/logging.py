@@ -334,14 +334,15 @@ class ContextFilter(logging.Filter):
 
 class _RewritingFilter(logging.Filter):
     """Rewrites a record's message (its arguments merged in), its traceback and its stack with
-    :meth:`rewrite` (a traceback formatted here by :meth:`traceback`)."""
+    :meth:`rewrite` (a traceback formatted here by :meth:`traceback`); a subclass says how."""
 
     def rewrite(self, text: str, *, lines: bool = False) -> str:
         """``text`` rewritten; ``lines``: a traceback or a stack, its line breaks kept."""
-        raise NotImplementedError
+        return text
 
     def traceback(self, exc_info: ExcInfo) -> str:
-        raise NotImplementedError
+        """A traceback formatted here (each exception's message on one line, escaped)."""
+        return format_exception(exc_info)
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
@@ -391,9 +392,6 @@ class EscapeFilter(_RewritingFilter):
 
     def rewrite(self, text: str, *, lines: bool = False) -> str:
         return escape_text(text, keep_newlines=lines)
-
-    def traceback(self, exc_info: ExcInfo) -> str:
-        return format_exception(exc_info)
 
 
 class JsonFormatter(logging.Formatter):

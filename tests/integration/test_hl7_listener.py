@@ -258,6 +258,29 @@ def test_an_ack_that_cannot_be_built_is_answered_ar(
     assert (ack.code, ack.control_id) == ("AR", "NOACK1")
 
 
+def test_a_message_the_ledger_cannot_take_now_is_answered_ar_to_be_sent_again(
+    node: tuple[MllpListener, Ledger], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger unavailable: AR (rejected for no fault of its content), nothing kept, so
+    the same message sent again once the ledger is back is taken."""
+    listener, ledger = node
+    real = ledger.hl7_record_message
+
+    def unavailable(**_: object) -> str:
+        raise OSError("database unavailable")
+
+    monkeypatch.setattr(ledger, "hl7_record_message", unavailable)
+    with connect(listener) as sock:
+        sock.sendall(frame(orm("DOWN1", "ACC-DOWN")))
+        ack = parse_ack(read_frame_sync(sock, max_bytes=65536, timeout_s=5).decode())
+        assert (ack.code, ack.control_id) == ("AR", "DOWN1")
+        assert "send it again" in ack.text
+        monkeypatch.setattr(ledger, "hl7_record_message", real)
+        sock.sendall(frame(orm("DOWN1", "ACC-DOWN")))
+        again = parse_ack(read_frame_sync(sock, max_bytes=65536, timeout_s=5).decode())
+    assert (again.code, again.control_id) == ("AA", "DOWN1")
+
+
 def test_a_message_past_a_limit_is_answered_ar_with_the_limit(
     node: tuple[MllpListener, Ledger],
 ) -> None:

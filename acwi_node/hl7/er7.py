@@ -32,7 +32,7 @@ STANDARD_ENCODING = {
 STANDARD_MSH2 = "^~\\&"
 
 #: At most this many segments in one message.
-MAX_SEGMENTS = 250
+MAX_SEGMENTS = 500
 #: At most this many fields in one segment.
 MAX_FIELDS = 100
 #: At most this many repetitions of one field.
@@ -42,7 +42,7 @@ MAX_COMPONENTS = 64
 #: At most this many subcomponents in one component.
 MAX_SUBCOMPONENTS = 32
 #: At most this many field, repetition, component and subcomponent separators in one message.
-MAX_SEPARATORS = 2000
+MAX_SEPARATORS = 5000
 LIMITS = {
     "segments": MAX_SEGMENTS,
     "fields per segment": MAX_FIELDS,

@@ -364,8 +364,8 @@ def _big_order() -> str:
         (orm(name="^" * 100_000), "PID-5 has more than 64 components"),
         (orm(name="&" * 100_000), "PID-5 has more than 32 subcomponents"),
         (orm() + "|x" * 200_000, "OBR has more than 100 fields"),
-        (orm() + "\rNTE|1" * 60_000, "more than 250 segments"),
-        (orm() + ("\rNTE|1|" + "|".join(["a^b"] * 40)) * 40, "more than 2000 separators"),
+        (orm() + "\rNTE|1" * 60_000, "more than 500 segments"),
+        (orm() + ("\rNTE|1|" + "|".join(["a^b"] * 40)) * 80, "more than 5000 separators"),
     ],
     ids=[
         "empty-repetitions",

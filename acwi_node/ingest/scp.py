@@ -79,7 +79,7 @@ from acwi_node.ingest.reactor import (
     when_idle,
 )
 from acwi_node.ingest.reactor import compatible as reactor_compatible
-from acwi_node.ingest.spool import Buffers, Spool, SpoolError, is_safe_uid
+from acwi_node.ingest.spool import Buffers, Spool, SpoolError, SpoolFile, is_safe_uid
 from acwi_node.ledger import InstanceRecord, Ledger, Recorded
 from acwi_node.observability import metrics
 from acwi_node.observability.logging import note_identifiers
@@ -355,6 +355,8 @@ class _PendingRow:
     record: InstanceRecord
     ticket: Ticket
     patient_id: str
+    #: The spool file written for it (the row describes it only while it is still there).
+    written: SpoolFile
 
 
 @dataclass
@@ -920,7 +922,7 @@ class StorageSCP:
             self._ledger_works
             and state is not None
             and after_response(
-                lambda: self._queue_row(state, _PendingRow(record, ticket, patient_id))
+                lambda: self._queue_row(state, _PendingRow(record, ticket, patient_id, stored))
             )
         ):
             return STATUS_SUCCESS
@@ -962,7 +964,9 @@ class StorageSCP:
 
         def spool_and_queue() -> None:
             try:
-                self.spool.write(record.study_uid, record.sop_instance_uid, data, sync=False)
+                written = self.spool.write(
+                    record.study_uid, record.sop_instance_uid, data, sync=False
+                )
             except SpoolError as exc:
                 self._spool_works = False
                 log.error(
@@ -974,7 +978,7 @@ class StorageSCP:
                 journal.unrecorded(ticket)
                 journal.done(ticket)
                 return
-            self._queue_row(state, _PendingRow(record, ticket, patient_id))
+            self._queue_row(state, _PendingRow(record, ticket, patient_id, written))
 
         if not after_response(spool_and_queue):  # on_fast_path() said it would
             spool_and_queue()
@@ -1019,7 +1023,13 @@ class StorageSCP:
                 batch.append((row.record, study_uid not in known))
                 known.add(study_uid)
             try:
-                recorded = self.ledger.record_instances(batch, flushed=False)
+                recorded = self.ledger.record_instances(
+                    batch,
+                    flushed=False,
+                    file_is_current=lambda i: self.spool.is_current(
+                        rows[i].record.path, rows[i].written
+                    ),
+                )
             except Exception:
                 self._ledger_works = False
                 for row in rows:
@@ -1046,8 +1056,8 @@ class StorageSCP:
         *,
         sync_file: bool,
         wait_durable: Callable[[], None] | None = None,
-    ) -> Path | int:
-        """Write the spool file; its path, or a failure status if that fails.
+    ) -> SpoolFile | int:
+        """Write the spool file; the file written, or a failure status if that fails.
 
         ``sync_file``: flush the spool file and its directory entry (the spool's ``fsync``
         setting permitting); not for an instance whose bytes the journal holds.
@@ -1055,7 +1065,7 @@ class StorageSCP:
         answer and the ledger row (see :mod:`.journal`); if it fails, so does the store.
         """
         try:
-            path = self.spool.store(
+            written = self.spool.write(
                 record.study_uid, record.sop_instance_uid, data, sync=None if sync_file else False
             )
         except SpoolError as exc:
@@ -1069,15 +1079,15 @@ class StorageSCP:
             except JournalError as exc:
                 log.error("C-STORE from %s: %s", record.calling_ae, exc)
                 if not existed:
-                    self.spool.discard(path)
+                    self.spool.discard(Path(written.path))
                 metrics.INSTANCES_REJECTED.labels("spool_error").inc()
                 return STATUS_OUT_OF_RESOURCES
-        return path
+        return written
 
     def _record(
         self,
         record: InstanceRecord,
-        path: Path,
+        written: SpoolFile,
         existed: bool,
         state: _AssociationState | None,
         patient_id: str,
@@ -1093,16 +1103,18 @@ class StorageSCP:
             self._write_rows(state)
         first = state is not None and record.study_uid not in state.study_uids
         try:
-            recorded = self.ledger.record_instance(
-                record, first_in_association=first, flushed=journal is None
-            )
+            recorded = self.ledger.record_instances(
+                [(record, first)],
+                flushed=journal is None,
+                file_is_current=lambda _: self.spool.is_current(record.path, written),
+            )[0]
         except Exception:
             self._ledger_works = False
             log.exception(
                 "C-STORE from %s: the ledger could not record the instance", record.calling_ae
             )
             if not existed:
-                self.spool.discard(path)
+                self.spool.discard(Path(written.path))
             if journal is not None and ticket is not None:
                 journal.withdraw(ticket)
             metrics.INSTANCES_REJECTED.labels("ledger_unavailable").inc()
@@ -1123,6 +1135,13 @@ class StorageSCP:
         study_uid = record.study_uid
         if recorded.moved_from:
             self.spool.remove_moved(recorded.moved_from)
+        if recorded.superseded:
+            log.warning(
+                "C-STORE from %s: study_id=%d: another association stored another version of"
+                " an instance at the same moment; the ledger describes the version kept",
+                record.calling_ae,
+                recorded.study_id,
+            )
         if state is not None:
             with self._lock:
                 state.study_uids.add(study_uid)

@@ -20,7 +20,7 @@ import re
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeAlias
+from typing import NamedTuple, TypeAlias
 
 log = logging.getLogger("acwi_node.spool")
 
@@ -71,6 +71,15 @@ def is_safe_uid(value: str) -> bool:
     its instances.
     """
     return 0 < len(value) <= 64 and _UID_RE.match(value) is not None
+
+
+class SpoolFile(NamedTuple):
+    """A file :meth:`Spool.write` wrote: its final path, and what tells it from a later file
+    renamed over it (its inode and size, which a rename keeps)."""
+
+    path: str
+    inode: int
+    size: int
 
 
 class SpoolError(OSError):
@@ -137,7 +146,7 @@ class Spool:
         ``sync``: flush the file and its directory entry before returning (default: the
         spool's ``fsync``). False for an instance the ingest journal already holds.
         """
-        return Path(self.write(study_uid, sop_instance_uid, data, sync=sync))
+        return Path(self.write(study_uid, sop_instance_uid, data, sync=sync).path)
 
     def write(
         self,
@@ -146,9 +155,9 @@ class Spool:
         data: Buffers,
         *,
         sync: bool | None = None,
-    ) -> str:
+    ) -> SpoolFile:
         """:meth:`store`, returning the final path as a string (no ``Path`` made: this runs
-        for every instance received)."""
+        for every instance received) with the identity of the file written there."""
         sync = self.fsync if sync is None else sync
         # Strings, not Paths, up to the return: this runs for every instance received.
         final = os.path.join(self._root, self.relative_for(study_uid, sop_instance_uid))
@@ -157,9 +166,10 @@ class Spool:
         fd = -1
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            write_all(fd, data)
+            size = write_all(fd, data)
             if sync:
                 os.fsync(fd)
+            inode = os.fstat(fd).st_ino
             os.close(fd)
             fd = -1
             new_dir = study_uid not in self._dirs and not os.path.isdir(directory)
@@ -176,7 +186,7 @@ class Spool:
                 fsync_dir(Path(directory))
                 if new_dir:
                     fsync_dir(self.root)
-            return final
+            return SpoolFile(final, inode, size)
         except OSError as exc:
             if fd >= 0:
                 os.close(fd)
@@ -186,6 +196,17 @@ class Spool:
             raise SpoolError(
                 f"cannot write to spool: {exc.strerror or exc}", out_of_space=full
             ) from exc
+
+    def is_current(self, relative: str, written: SpoolFile) -> bool:
+        """Whether the file at ``relative`` is still the one :meth:`write` wrote as
+        ``written``: False when another write of the same instance (another association
+        sending it at the same moment) replaced it since. A file gone (removed by retention)
+        is no evidence of a replacement: True."""
+        try:
+            st = os.stat(os.path.join(self._root, relative))
+        except FileNotFoundError:
+            return True
+        return st.st_ino == written.inode and st.st_size == written.size
 
     def discard(self, path: Path) -> None:
         """Remove a stored file (used when recording it in the ledger failed)."""

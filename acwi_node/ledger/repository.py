@@ -110,6 +110,10 @@ class Recorded:
     #: path of that earlier copy, which the row no longer names (the caller removes the file).
     #: "" when it was not moved.
     moved_from: str = ""
+    #: Another write of the instance replaced this version's spool file before its row was
+    #: written (two associations sending it at the same moment): the row was left to the
+    #: version whose file is there, and this one re-opened nothing.
+    superseded: bool = False
 
 
 #: The states of a study that an instance sent again unchanged does not re-open: it has its
@@ -596,25 +600,40 @@ class Ledger:
         return self.record_instances([(rec, first_in_association)], flushed=flushed)[0]
 
     def record_instances(
-        self, batch: Sequence[tuple[InstanceRecord, bool]], *, flushed: bool = True
+        self,
+        batch: Sequence[tuple[InstanceRecord, bool]],
+        *,
+        flushed: bool = True,
+        file_is_current: Callable[[int], bool] | None = None,
     ) -> list[Recorded]:
         """:meth:`record_instance` for each (record, first in its association) of ``batch``,
-        in order, in one transaction: all are recorded, or (raising) none."""
+        in order, in one transaction: all are recorded, or (raising) none.
+
+        ``file_is_current(i)``: whether the spool file at ``batch[i]``'s path is still the one
+        that record describes. It is asked while the batch's studies are locked, for each
+        instance recorded before; False (another association stored another version of the
+        instance at the same moment, and its file replaced this one's) leaves the row's size,
+        CRC-32 and transfer syntax to the version whose file is there: the file writes and
+        the row writes of two associations may land in different orders, and the row must
+        describe the file, not the last row written (:attr:`Recorded.superseded`)."""
         for attempt in range(3):
             try:
-                return self._record_instances(batch, flushed)
+                return self._record_instances(batch, flushed, file_is_current)
             except IntegrityError:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
     def _record_instances(
-        self, batch: Sequence[tuple[InstanceRecord, bool]], flushed: bool
+        self,
+        batch: Sequence[tuple[InstanceRecord, bool]],
+        flushed: bool,
+        file_is_current: Callable[[int], bool] | None,
     ) -> list[Recorded]:
         sql = self._ingest_sql
         try:
             with self._ingest_transaction(flushed) as cur:
-                return self._write_instances(cur, batch, sql.time(utcnow()))
+                return self._write_instances(cur, batch, sql.time(utcnow()), file_is_current)
         except sql.integrity_error as exc:
             raise IntegrityError(sql.insert_instance, None, exc) from exc
 
@@ -637,7 +656,12 @@ class Ledger:
         raw = engine.raw_connection()
         try:
             cur = raw.cursor()
-            if not flushed and postgresql:
+            if not postgresql:
+                # The write lock from the first statement: what the batch reads (the instances
+                # known, their spool files) is what it writes over. sqlite3 would begin the
+                # transaction only at the first INSERT or UPDATE, after the reads.
+                cur.execute("BEGIN IMMEDIATE")
+            elif not flushed:
                 cur.execute("SET LOCAL synchronous_commit TO OFF")
             yield cur
             cur.close()
@@ -649,7 +673,11 @@ class Ledger:
             raw.close()  # back to the pool
 
     def _write_instances(
-        self, cur: Any, batch: Sequence[tuple[InstanceRecord, bool]], now: Any
+        self,
+        cur: Any,
+        batch: Sequence[tuple[InstanceRecord, bool]],
+        now: Any,
+        file_is_current: Callable[[int], bool] | None = None,
     ) -> list[Recorded]:
         """A batch's rows, on ``cur``, inside the caller's transaction: what writing them one
         after the other would leave, in a few statements (one query for the instances already
@@ -680,14 +708,18 @@ class Ledger:
         moves: list[dict[str, Any]] = []
         moved_out: list[int] = []  # a study per instance that left it
         recorded: list[Recorded] = []
-        for rec, first_in_association in batch:
+        for index, (rec, first_in_association) in enumerate(batch):
             study = studies[rec.study_uid]
             sop = rec.sop_instance_uid
             before = known_in.get(sop)
             moved = before is not None and before[0] != study.id
-            reopened = study.state != StudyState.RECEIVING.value
+            # Asked under the studies' locks: the file replaced after this is the file of a
+            # version whose row comes after this one.
+            superseded = file_is_current is not None and not moved and not file_is_current(index)
+            reopened = study.state != StudyState.RECEIVING.value and not superseded
             unchanged = (
                 not moved
+                and not superseded
                 and reopened
                 and study.state in KEEPS_RESULTS
                 and rec.crc32 is not None
@@ -716,7 +748,8 @@ class Ledger:
             version = {
                 "path": rec.path,
                 "size": rec.size,
-                "crc32": rec.crc32,
+                # A superseded version's row is one the instance's own version updates.
+                "crc32": None if superseded else rec.crc32,
                 "ts": rec.transfer_syntax_uid,
                 "generation": study.generation,
                 "now": now,
@@ -748,7 +781,8 @@ class Ledger:
                     study.id,
                 )
             elif sop in known:
-                updates.append({"id": known[sop], **version})
+                if not superseded:
+                    updates.append({"id": known[sop], **version})
             elif sop in inserts:  # twice in the batch: the row takes the later version
                 first = inserts[sop]
                 if first["study_id"] != study.id:  # and moved, in the batch
@@ -778,7 +812,14 @@ class Ledger:
                 study.added += 1
             recorded.append(
                 Recorded(
-                    study.id, study.generation, reopened, duplicate, unchanged, kept, moved_from
+                    study.id,
+                    study.generation,
+                    reopened,
+                    duplicate,
+                    unchanged,
+                    kept,
+                    moved_from,
+                    superseded,
                 )
             )
         if inserts:

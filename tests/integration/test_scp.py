@@ -35,9 +35,9 @@ from acwi_node.ingest.journal import (
     read_journal,
 )
 from acwi_node.ingest.scp import TRANSFER_SYNTAXES, StorageSCP
-from acwi_node.ingest.spool import Spool, SpoolError
+from acwi_node.ingest.spool import Spool, SpoolError, SpoolFile
 from acwi_node.ledger import InstanceRecord, Ledger, RoutedJob
-from acwi_node.ledger.models import Study
+from acwi_node.ledger.models import Instance, Study
 from tests.support.answer_threads import record_answer_threads
 from tests.support.association import rejected
 from tests.support.dcmtk import storescu
@@ -627,7 +627,7 @@ def test_a_spool_file_that_fails_after_the_answer_is_written_by_the_checkpoint(
         write = scp.spool.write
         failures: list[str] = []
 
-        def full_once(*args: Any, **kwargs: Any) -> str:
+        def full_once(*args: Any, **kwargs: Any) -> SpoolFile:
             if not failures:
                 failures.append("no space")
                 raise SpoolError(
@@ -915,3 +915,61 @@ def test_an_scp_that_may_not_request_a_cpu_wakeup_latency_serves_without(
         assert not scp.cpu_latency.held
         st = ledger.get_study(study)
         assert st is not None and st["instances"] == 1
+
+
+@pytest.mark.parametrize(
+    "ingest",
+    [{}, {"journal_max_bytes": 0}, {"journal": False}],
+    ids=["journaled", "spooled", "no-journal"],
+)
+def test_two_versions_sent_at_the_same_moment_leave_the_row_of_the_file_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ingest: dict[str, object]
+) -> None:
+    """Two associations send two versions of one instance at the same moment. The spool files
+    land A then B, and the rows, written apart from the files (after the answer, in batches),
+    B then A: the ledger must describe B, the file kept, not the row written last (its size
+    and CRC-32 tell an instance sent again unchanged, and the journal's replay checks them)."""
+    with running_scp(tmp_path, **ingest) as (settings, ledger, _):
+        study, sop = generate_uid(), generate_uid()
+        a, b = sized_sc(study, 8), sized_sc(study, 16)
+        for ds in (a, b):
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(sop)
+        path = settings.spool_dir / study / f"{sop}.dcm"
+        rows: list[InstanceRecord] = []  # A's row, then B's, as the SCP asks to write them
+        a_waits, b_recorded = threading.Event(), threading.Event()
+        working = ledger.record_instances
+
+        def rows_out_of_order(batch: list[tuple[InstanceRecord, bool]], **kwargs: Any) -> Any:
+            mine = [r for r, _ in batch if r.sop_instance_uid == sop]
+            rows.extend(mine)
+            if mine and len(rows) == 1:  # A's row waits until B's is written
+                a_waits.set()
+                assert b_recorded.wait(10)
+            recorded = working(batch, **kwargs)
+            if mine and len(rows) == 2:
+                b_recorded.set()
+            return recorded
+
+        monkeypatch.setattr(ledger, "record_instances", rows_out_of_order)
+        statuses: list[int] = []
+        second = associate(settings)  # open before A is sent
+        sender = threading.Thread(target=lambda: statuses.extend(send(settings, [a])))
+        sender.start()
+        try:
+            assert a_waits.wait(10)  # A's file is written and its row waits
+            assert path.stat().st_size == rows[0].size
+            assert int(second.send_c_store(b).Status) == 0
+            second.release()
+            assert b_recorded.wait(10)
+        finally:
+            b_recorded.set()
+            sender.join(10)
+        assert statuses == [0]
+        a_row, b_row = rows
+        assert a_row.size < b_row.size
+        data = path.read_bytes()
+        assert (len(data), zlib.crc32(data)) == (b_row.size, b_row.crc32)
+        assert ledger.instance_file(sop) == (b_row.path, b_row.size, ExplicitVRLittleEndian)
+        with ledger.session() as s:
+            crc = s.scalars(select(Instance.crc32).where(Instance.sop_instance_uid == sop)).one()
+        assert crc == b_row.crc32

@@ -288,7 +288,7 @@ def watch_statements(db: Ledger, monkeypatch: pytest.MonkeyPatch) -> list[tuple[
 
         def execute(self, sql: str, params: Any = None) -> Any:
             seen.append(("execute", sql, params))
-            return self._cur.execute(sql, params)
+            return self._cur.execute(sql) if params is None else self._cur.execute(sql, params)
 
         def executemany(self, sql: str, params: Any) -> Any:
             seen.append(("executemany", sql, params))
@@ -315,9 +315,12 @@ def test_a_batch_takes_a_few_statements_not_four_per_instance(
     db: Ledger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """32 instances of one study: one query for the instances already recorded, one for the
-    study, one insert of all the instances, one update of the study."""
+    study, one insert of all the instances, one update of the study (on SQLite, after the
+    BEGIN IMMEDIATE that takes the write lock before the reads)."""
     statements = watch_statements(db, monkeypatch)
     db.record_instances([(rec(sop=f"1.2.3.{i}"), i == 0) for i in range(32)])
+    if not db._ingest_sql.postgresql:
+        assert statements.pop(0)[1] == "BEGIN IMMEDIATE"
     calls = [(kind, len(params) if kind == "executemany" else 1) for kind, _, params in statements]
     assert calls == [
         ("execute", 1),
@@ -849,6 +852,45 @@ def test_an_instance_sent_again_unchanged_leaves_a_study_its_results(db: Ledger)
         resent = db.record_instance(changed, first_in_association=False)
         known = changed.crc32 is not None
         assert (resent.unchanged, resent.reopened) == (known, not known), changed
+
+
+def _row_bytes(db: Ledger, sop: str) -> tuple[int, int | None]:
+    with db.session() as s:
+        row = s.scalars(select(Instance).where(Instance.sop_instance_uid == sop)).one()
+        return row.size, row.crc32
+
+
+def test_a_version_whose_file_was_replaced_leaves_the_row_to_the_version_there(
+    db: Ledger,
+) -> None:
+    """Two associations send two versions of one instance at the same moment: their spool
+    files land A then B, their rows B then A. The row must describe B, the file there, and
+    A (asked, under the study's lock, whether its file is still there) re-opens nothing."""
+    a = replace(rec(sop="1.2.3.1"), size=100, crc32=1)
+    b = replace(rec(sop="1.2.3.1"), size=200, crc32=2)
+    c = replace(rec(sop="1.2.3.2"), crc32=3)
+
+    # A new instance: A's row, coming first, is one B's row updates.
+    late = db.record_instances([(a, True), (c, False)], file_is_current=lambda i: i == 1)
+    assert late[0].superseded and not late[1].superseded
+    assert _row_bytes(db, "1.2.3.1") == (100, None)  # never A's CRC for B's file
+    db.record_instances([(b, False)], file_is_current=lambda _: True)
+    assert _row_bytes(db, "1.2.3.1") == (200, 2)
+
+    # Known, in a study with its results: B (the bytes recorded) then A.
+    db.complete_study(late[0].study_id, 1, route_all)
+    (again,) = db.record_instances([(b, True)], file_is_current=lambda _: True)
+    assert again.unchanged and not again.reopened
+    (stale,) = db.record_instances([(a, True)], file_is_current=lambda _: False)
+    assert stale.superseded and stale.duplicate and not stale.reopened and not stale.unchanged
+    assert _row_bytes(db, "1.2.3.1") == (200, 2)
+    st = db.get_study("1.2.3")
+    assert st is not None and (st["state"], st["generation"]) == ("queued", 1)
+
+    # Without the question (a STOW-RS part, a journal replay), the last row wins as before.
+    (plain,) = db.record_instances([(a, True)])
+    assert not plain.superseded and plain.reopened
+    assert _row_bytes(db, "1.2.3.1") == (100, 1)
 
 
 KOS = "1.2.840.10008.5.1.4.1.1.88.59"

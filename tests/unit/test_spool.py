@@ -99,3 +99,18 @@ def test_a_study_directory_removed_meanwhile_is_made_again(tmp_path: Path) -> No
     second = spool.store("1.2.3", "1.2.3.2", b"two")
     assert second.read_bytes() == b"two" and not first.exists()
     assert list(spool.tmp_dir.iterdir()) == []
+
+
+def test_a_written_file_knows_whether_a_later_write_replaced_it(tmp_path: Path) -> None:
+    """Two associations writing one instance at the same moment: each file's row must learn
+    whether its file is still the one there (the ledger asks before writing the row)."""
+    spool = Spool(tmp_path)
+    first = spool.write("1.2", "1.2.3", b"first version")
+    assert first.size == len(b"first version")
+    relative = spool.relative_for("1.2", "1.2.3")
+    assert spool.is_current(relative, first)
+    second = spool.write("1.2", "1.2.3", b"second")
+    assert not spool.is_current(relative, first)
+    assert spool.is_current(relative, second)
+    Path(second.path).unlink()  # retention: no evidence of a replacement
+    assert spool.is_current(relative, first)

@@ -100,6 +100,13 @@ class _Unsupported(Exception):
     """The data set needs pydicom (undecodable character set, multiple values, odd layout)."""
 
 
+#: Why a little endian data set cut short before its UIDs cannot be read.
+TRUNCATED = (
+    "the data set ends inside an element before its UIDs (cut short, or an element's length"
+    " is wrong)"
+)
+
+
 class _Truncated(_Unsupported):
     """The data set ends inside an element before the wanted ones end."""
 
@@ -310,13 +317,23 @@ def dataset_header(
     :class:`HeaderError` for a data set none of them can read (whatever pydicom raised)."""
     if transfer_syntax == DEFLATED:
         return deflated_header(dataset)
-    header = scan_header(dataset, transfer_syntax)
-    if header is not None:
-        return header
+    truncated = False
+    if transfer_syntax not in _NOT_LITTLE_ENDIAN_EXPLICIT:
+        try:
+            found, charset, _end = _walk(dataset, transfer_syntax == _IMPLICIT_LE, complete=True)
+            return _decode(found, charset)
+        except _Truncated:
+            truncated = True
+        except (_Unsupported, struct.error, UnicodeDecodeError):
+            pass
     try:
-        return pydicom_header(part10())
+        header = pydicom_header(part10())
     except Exception as exc:
         raise HeaderError(describe(exc)) from exc
+    if truncated and not (header["SOPInstanceUID"] and header["StudyInstanceUID"]):
+        # What pydicom read of it ends where the bytes do: say why the UIDs are missing.
+        raise HeaderError(TRUNCATED)
+    return header
 
 
 def study_date(header: dict[str, str]) -> str:

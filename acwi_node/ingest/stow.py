@@ -46,10 +46,10 @@ from acwi_node.ingest.header import (
     DEFLATED,
     LONG_VRS,
     HeaderError,
+    dataset_header,
     deflated_header,
     describe,
     pydicom_header,
-    scan_header,
     study_date,
 )
 from acwi_node.ingest.journal import sync_filesystem
@@ -104,18 +104,14 @@ def file_meta(data: bytes | memoryview) -> tuple[str, int] | None:
 
 def read_header(data: bytes | memoryview) -> tuple[str, dict[str, str]]:
     """A Part 10 file's transfer syntax and the header attributes the node needs: read with
-    :func:`file_meta` and :func:`~.header.scan_header` where they can (a view is not copied),
+    :func:`file_meta` and :func:`~.header.dataset_header` where they can (a view is not copied),
     a deflated data set inflated only as far as they go (:func:`~.header.deflated_header`),
     else by pydicom. Raises :class:`~.header.HeaderError` for what cannot be read (not a
     DICOM file, a corrupt deflate stream, whatever pydicom raised)."""
     found = file_meta(data)
     if found is not None:
         syntax, start = found
-        if syntax == DEFLATED:
-            return syntax, deflated_header(data[start:])
-        header = scan_header(data[start:], syntax)
-        if header is not None:
-            return syntax, header
+        return syntax, dataset_header(data[start:], syntax, lambda: bytes(data))
     try:
         whole = bytes(data)
         stream = io.BytesIO(whole)

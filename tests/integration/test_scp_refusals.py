@@ -121,13 +121,16 @@ def test_unreadable_data_sets_are_refused_counted_and_audited(
     ledger = Ledger(settings.database_url)
     caplog.set_level(logging.INFO, logger="acwi_node")
     before = rejected("unparseable_header")
-    corrupt, plain, cut, nested, good = (instance(tmp_path) for _ in range(5))
+    corrupt, plain, cut, nested, short, good = (instance(tmp_path) for _ in range(6))
     deflated = encoded(cut, DeflatedExplicitVRLittleEndian)
+    explicit = encoded(short, ExplicitVRLittleEndian)
+    inside_name = explicit.index(b"\x10\x00\x10\x00PN") + 10  # cut short in the name
     sends = [
         (corrupt, b"\x78\x9c" + bytes(range(256)) * 2, DeflatedExplicitVRLittleEndian),
         (plain, encoded(plain, ExplicitVRLittleEndian), DeflatedExplicitVRLittleEndian),
         (cut, deflated[: len(deflated) // 8], DeflatedExplicitVRLittleEndian),
         (nested, nested_big_endian(nested, 3000), ExplicitVRBigEndian),
+        (short, explicit[:inside_name], ExplicitVRLittleEndian),
         (good, encoded(good, DeflatedExplicitVRLittleEndian), DeflatedExplicitVRLittleEndian),
     ]
     assoc = associate(settings.node.dicom_port)
@@ -138,15 +141,16 @@ def test_unreadable_data_sets_are_refused_counted_and_audited(
         ]
     finally:
         assoc.release()
-    assert statuses == [0xC000, 0xC000, 0xC000, 0xC000, 0x0000]
-    assert rejected("unparseable_header") - before == 4
+    assert statuses == [0xC000, 0xC000, 0xC000, 0xC000, 0xC000, 0x0000]
+    assert rejected("unparseable_header") - before == 5
     (record,) = _wait_for(settings, "instances_received")
     assert record["outcome"] == "minor_failure"
-    assert record["detail"].startswith("1 instance(s) stored, 4 refused")
-    nothing_stored(settings, ledger, *(str(ds.SOPInstanceUID) for ds, _, _ in sends[:4]))
+    assert record["detail"].startswith("1 instance(s) stored, 5 refused")
+    nothing_stored(settings, ledger, *(str(ds.SOPInstanceUID) for ds, _, _ in sends[:5]))
     assert ledger.instance_file(str(good.SOPInstanceUID)) is not None
     refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
-    assert len(refusals) == 4, refusals
+    assert len(refusals) == 5, refusals
+    assert "the data set ends inside an element before its UIDs" in refusals[4]
     assert all("\n" not in line and "Refusalcanary" not in line for line in refusals)
     assert "the C-STORE handler failed" not in caplog.text
     ledger.dispose()

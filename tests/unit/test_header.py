@@ -203,3 +203,18 @@ def test_deflated_data_sets_that_cannot_be_read(tmp_path: Path) -> None:
         deflated_header(deflate(padded))
     # Within the limit it is read.
     assert deflated_header(deflate(padded), limit=2 * DEFLATED_HEADER_LIMIT)["Modality"] == "OT"
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_a_data_set_cut_short_before_its_uids_says_so(tmp_path: Path, syntax: str) -> None:
+    """Cut inside an element before the Study Instance UID: the reason is the cut, not a
+    missing UID. Cut after the UIDs (in the pixel data), pydicom's reading stands."""
+    part10 = encode(base(tmp_path), syntax)
+    dataset, _ = split(part10)
+    name_tag = b"\x10\x00\x10\x00"
+    cut = dataset[: dataset.index(name_tag) + 10]
+    meta = part10[: len(part10) - len(dataset)]
+    with pytest.raises(HeaderError, match="ends inside an element before its UIDs"):
+        dataset_header(cut, syntax, lambda: meta + cut)
+    late = dataset[:-10]
+    assert dataset_header(late, syntax, lambda: meta + late) == pydicom_header(part10)

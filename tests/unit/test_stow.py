@@ -649,6 +649,9 @@ def test_headers_read_as_pydicom_reads_them(tmp_path: Path) -> None:
         assert stow.file_meta(broken) is None
     with pytest.raises(HeaderError, match="InvalidDicomError"):
         stow.read_header(raw[132:])  # no preamble: not a Part 10 file
+    # Cut short inside the patient's name, before the UIDs: the reason is the cut.
+    with pytest.raises(HeaderError, match="ends inside an element before its UIDs"):
+        stow.read_header(raw[: raw.index(b"\x10\x00\x10\x00PN") + 10])
 
 
 def test_multipart_bodies() -> None:

@@ -91,7 +91,9 @@ STATUS_MEANINGS: dict[str, tuple[str, str, str]] = {
         "Failure",
         "Error: Cannot understand",
         "The data set could not be encoded or its header could not be read: a corrupt or"
-        " truncated deflate stream, a deflated data set whose header attributes (up to Series"
+        " truncated deflate stream, a little endian data set that ends inside an element"
+        " before its Study and SOP Instance UIDs, a deflated data set whose header attributes"
+        " (up to Series"
         " Instance UID) are not within its first 4 MiB inflated (it is never inflated further),"
         " sequences nested deeper than pydicom reads (where the node's own reader does not"
         " apply: big endian, code extensions), anything else pydicom cannot read; or the"

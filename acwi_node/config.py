@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     IPvAnyNetwork,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -50,8 +51,29 @@ def _check_ae_title(value: str) -> str:
 AETitle = Annotated[str, AfterValidator(_check_ae_title)]
 
 
+#: The longest duration a ``*_s`` setting may name (30 days): longer is no wait the node can
+#: keep (a timestamp past it overflows the clock's types), and no interval anyone means.
+MAX_DURATION_S = 30 * 86_400
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No inf or nan: a loop told to sleep for ever dies on it (OverflowError) while its
+    # process runs on.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _a_duration_the_node_can_keep(cls, value: Any, info: ValidationInfo) -> Any:
+        """Every ``*_s`` setting (seconds) at most :data:`MAX_DURATION_S`."""
+        name = info.field_name or ""
+        if (
+            name.endswith("_s")
+            and isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and value > MAX_DURATION_S
+        ):
+            raise ValueError(f"at most {MAX_DURATION_S} seconds (30 days), got {value:g}")
+        return value
 
 
 class HttpTlsSettings(_Strict):
@@ -102,6 +124,20 @@ class NodeSettings(_Strict):
     log_level: str = "INFO"
     #: Log patient identifiers (names, IDs). Off by default.
     log_phi: bool = False
+
+    @field_validator("database_url")
+    @classmethod
+    def _ledger_url(cls, v: str | None) -> str | None:
+        """SQLite or PostgreSQL (``postgres://``, as some hosting services write it, is
+        PostgreSQL)."""
+        if v is None:
+            return v
+        if v.startswith("postgres://"):
+            v = "postgresql://" + v[len("postgres://") :]
+        scheme = v.split("://", 1)[0] if "://" in v else ""
+        if scheme not in ("sqlite", "postgresql", "postgresql+psycopg"):
+            raise ValueError("a ledger is sqlite:///PATH or postgresql://USER@HOST[:PORT]/DATABASE")
+        return v
 
     @field_validator("log_level")
     @classmethod

@@ -180,3 +180,37 @@ def test_every_setting_is_documented_in_the_readme() -> None:
             continue
         missing += [f"{section}.{key}" for key in model.model_fields]
     assert sorted(set(missing) - documented) == []
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        (
+            "ACWI_COMPLETION__POLL_INTERVAL_S",
+            "inf",
+            "completion.poll_interval_s: Input should be a finite number",
+        ),
+        ("ACWI_EXPORTER__TIMEOUT_S", "nan", "exporter.timeout_s: Input should be a finite number"),
+        (
+            "ACWI_RETENTION__INTERVAL_S",
+            "1e300",
+            "retention.interval_s: Value error, at most 2592000 seconds",
+        ),
+        ("ACWI_WORKER__VISIBILITY_TIMEOUT_S", "99999999999", "worker.visibility_timeout_s"),
+        ("ACWI_INGEST__NETWORK_TIMEOUT_S", "2592001", "ingest.network_timeout_s"),
+    ],
+)
+def test_a_duration_no_loop_can_wait_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    """A loop told to sleep for ever (inf) or for 10^300 s died on the clock's overflow while
+    its process ran on (no study completed, nothing sent): refused when settings load."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as err:
+        load_settings(None)
+    assert message in str(err.value)
+
+
+def test_thirty_days_is_the_longest_duration() -> None:
+    settings = load_settings(None, exporter={"outage_patience_s": 30 * 86_400})
+    assert settings.exporter.outage_patience_s == 30 * 86_400

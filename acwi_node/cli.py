@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import errno
 import gc
 import json
 import logging
@@ -91,6 +92,11 @@ def freeze_startup_heap() -> int:
 
 
 # ---------------------------------------------------------------------- process kinds
+#: What binding a listening socket raises for a host or port the settings name wrongly: the
+#: port taken, a port below 1024 without the privilege, an address not of this machine.
+_BIND_ERRORS = frozenset({errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL})
+
+
 def run_scp(settings: Settings, config: Path | None = None) -> int:
     """The storage SCP and the completion loop; with ``ingest.processes`` > 1, the loop here
     and the SCP in listener processes sharing the port (:mod:`acwi_node.ingest.listeners`)."""
@@ -139,20 +145,32 @@ def run_scp(settings: Settings, config: Path | None = None) -> int:
     retrieval = RetrievalService(settings, ledger, signals)
     retrieval.start()
     scp: Any
-    if listeners > 1:
-        from acwi_node.ingest.listeners import ListenerProcesses, bind_listener
+    try:
+        if listeners > 1:
+            from acwi_node.ingest.listeners import ListenerProcesses, bind_listener
 
-        env = dict(os.environ)
-        if config is not None:
-            env["ACWI_CONFIG"] = str(config.resolve())
-        env["ACWI_NODE__DATA_DIR"] = str(settings.data_dir)
-        scp = ListenerProcesses(
-            bind_listener(settings.node.dicom_host, settings.node.dicom_port), listeners, env
+            env = dict(os.environ)
+            if config is not None:
+                env["ACWI_CONFIG"] = str(config.resolve())
+            env["ACWI_NODE__DATA_DIR"] = str(settings.data_dir)
+            scp = ListenerProcesses(
+                bind_listener(settings.node.dicom_host, settings.node.dicom_port), listeners, env
+            )
+        else:
+            scp = StorageSCP(settings, ledger, spool, signals=signals)
+        freeze_startup_heap()  # before the first association: it pauses the process once
+        scp.start()
+    except OSError as exc:
+        if exc.errno not in _BIND_ERRORS:
+            raise
+        print(
+            f"acwi-node: cannot listen on node.dicom_host {settings.node.dicom_host!r} port"
+            f" {settings.node.dicom_port} (node.dicom_port): {exc.strerror}",
+            file=sys.stderr,
         )
-    else:
-        scp = StorageSCP(settings, ledger, spool, signals=signals)
-    freeze_startup_heap()  # before the first association: it pauses the process once
-    scp.start()
+        retrieval.stop()
+        completion.stop()
+        return 2
     if listeners > 1 and not scp.wait_ready():
         log.warning("not every scp listener accepts connections yet; going on")
     from acwi_node.observability.health import scp_readiness, start_ops_server_safely
@@ -893,6 +911,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"acwi-node: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings, args.command)
+    from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
+
     from acwi_node.ledger.repository import LedgerSchemaError
 
     try:
@@ -900,6 +920,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LedgerSchemaError as exc:
         print(f"acwi-node: {exc}", file=sys.stderr)
         return 2
+    except (OperationalError, InterfaceError, ArgumentError) as exc:
+        print(f"acwi-node: {ledger_error(settings.database_url, exc)}", file=sys.stderr)
+        return 2
+
+
+def ledger_error(url: str, exc: Exception) -> str:
+    """One line on a ledger that cannot be opened or used: its URL without the password and
+    the database driver's first line (the server down, an unknown role or database)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        shown = "node.database_url"
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    reason = lines[0] if lines else type(cause).__name__
+    return f"cannot use the ledger {shown}: {reason}"
 
 
 def _dispatch(settings: Settings, config: Path | None, args: argparse.Namespace) -> int:

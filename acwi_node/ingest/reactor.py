@@ -52,7 +52,7 @@ from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_CANCEL, C_STORE, N_EVENT_REPORT
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import StateMachine
-from pynetdicom.pdu import A_ABORT_RQ, A_RELEASE_RP
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ, A_RELEASE_RP
 from pynetdicom.pdu_primitives import A_ASSOCIATE, A_RELEASE
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
@@ -193,6 +193,27 @@ def peer_name(assoc: Association) -> str:
 #: Where the Called and the Calling AE Title lie in an A-ASSOCIATE-RQ PDU, header included
 #: (PS3.8 9.3.2).
 _AE_TITLE_FIELDS = (("called", 10), ("calling", 26))
+
+
+def bad_ae_title(assoc: Association, pdu: bytes | bytearray) -> bool:
+    """Whether an A-ASSOCIATE-RQ PDU carries a Called or Calling AE Title pynetdicom
+    refuses (:func:`ae_title_problem`); if so, logged in one line, the title escaped."""
+    for name, offset in _AE_TITLE_FIELDS:
+        field = bytes(pdu[offset : offset + 16])
+        if len(field) < 16:
+            return False  # a PDU cut short: pynetdicom's decoding reports it
+        problem = ae_title_problem(field)
+        if problem is not None:
+            log.warning(
+                "association request from %s refused: its %s AE title %s is not a valid "
+                "AE title (%s)",
+                peer_name(assoc),
+                name,
+                ascii(field.rstrip(b" ").decode("latin-1")),
+                problem,
+            )
+            return True
+    return False
 
 
 def ae_title_problem(value: bytes) -> str | None:
@@ -586,24 +607,7 @@ class EventDrivenDUL(DULServiceProvider):
         self._decode_and_queue(header + body)
 
     def _bad_ae_title(self, pdu: bytes | bytearray) -> bool:
-        """Whether an A-ASSOCIATE-RQ PDU carries a Called or Calling AE Title pynetdicom
-        refuses (:func:`ae_title_problem`); if so, logged in one line, the title escaped."""
-        for name, offset in _AE_TITLE_FIELDS:
-            field = bytes(pdu[offset : offset + 16])
-            if len(field) < 16:
-                return False  # a PDU cut short: pynetdicom's decoding reports it
-            problem = ae_title_problem(field)
-            if problem is not None:
-                log.warning(
-                    "association request from %s refused: its %s AE title %s is not a valid "
-                    "AE title (%s)",
-                    peer_name(self.assoc),
-                    name,
-                    ascii(field.rstrip(b" ").decode("latin-1")),
-                    problem,
-                )
-                return True
-        return False
+        return bad_ae_title(self.assoc, pdu)
 
     def _queue_event(self, event: str) -> None:
         """Hand a state-machine event to pynetdicom, after the work left for an idle
@@ -848,9 +852,31 @@ class AnswersInvalidRequests(Association):
         self.abort()
 
 
+class CheckedDUL(DULServiceProvider):
+    """pynetdicom's DUL service provider, refusing an A-ASSOCIATE-RQ whose AE titles are
+    none in one line (:func:`bad_ae_title`), as :class:`EventDrivenDUL` does: pynetdicom's
+    decoding logged such a title at ERROR, with a traceback for one not in ASCII."""
+
+    def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
+        if (
+            bytestream[:1] == b"\x01"
+            and self.assoc.is_acceptor
+            and bad_ae_title(self.assoc, bytestream)
+        ):
+            return A_ASSOCIATE_RQ(), "Evt19"  # an invalid PDU: A-ABORT
+        return cast(tuple[Any, str], super()._decode_pdu(bytestream))
+
+
 class CheckedAssociation(AnswersInvalidRequests):
     """The association of ``ingest.reactor = "polling"``: pynetdicom's own loops, with the
-    same answers to invalid requests as the event-driven association's."""
+    same answers to invalid requests and AE titles as the event-driven association's."""
+
+    def __init__(self, ae: Any, mode: str) -> None:
+        super().__init__(ae, mode)
+        self.dul = CheckedDUL(self)
+        # pynetdicom applies these to the DUL when they are set; apply them to the new one.
+        self.acse_timeout = self.acse_timeout
+        self.network_timeout = self.network_timeout
 
 
 class CheckedRequestHandler(RequestHandler):

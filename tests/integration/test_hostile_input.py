@@ -323,19 +323,25 @@ def test_host_check_binds_a_calling_ae_to_its_hosts(
     ],
     ids=["line-break", "not-ascii", "backslash", "spaces"],
 )
+@pytest.mark.parametrize("reactor", ["event", "polling"])
 def test_a_calling_ae_title_that_is_no_ae_title_is_refused_in_one_line(
-    node: Node, caplog: pytest.LogCaptureFixture, title: bytes, shown: str
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, title: bytes, shown: str, reactor: str
 ) -> None:
     """Before the allow-list is asked: pynetdicom logged such a title raw at ERROR (a line
     break in it forged a log line of its own) or, not in ASCII, with a traceback."""
-    settings, ledger, _ = node
-    with caplog.at_level(logging.DEBUG), raw.connect(settings.node.dicom_port) as sock:
-        sock.sendall(raw.associate_rq(calling=title))
-        assert raw.read_pdu(sock)[0] == raw.A_ABORT
-    logged = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert [r.name for r in logged] == ["acwi_node.ingest"]
-    assert logged[0].exc_info is None
-    message = logged[0].getMessage()
-    assert message.startswith("association request from 127.0.0.1 refused: its calling AE title")
-    assert f"AE title {shown} is not a valid AE title" in message and "\n" not in message
-    next_association_works(settings, ledger)
+    # Short timeouts: pynetdicom's polling loops end an aborted association's thread only
+    # when its ARTIM timer (acse_timeout_s) runs out, and later tests count such threads.
+    timeouts = {"acse_timeout_s": 2, "network_timeout_s": 2}
+    with running_scp(tmp_path, reactor=reactor, **timeouts) as (settings, ledger, _):
+        with caplog.at_level(logging.DEBUG), raw.connect(settings.node.dicom_port) as sock:
+            sock.sendall(raw.associate_rq(calling=title))
+            assert raw.read_pdu(sock)[0] == raw.A_ABORT
+        logged = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert [r.name for r in logged] == ["acwi_node.ingest"], [r.getMessage() for r in logged]
+        assert logged[0].exc_info is None
+        message = logged[0].getMessage()
+        assert message.startswith(
+            "association request from 127.0.0.1 refused: its calling AE title"
+        )
+        assert f"AE title {shown} is not a valid AE title" in message and "\n" not in message
+        next_association_works(settings, ledger)

@@ -68,31 +68,49 @@ CHARSETS = {
 }
 
 
-class HL7Error(Exception):
-    """A message the node cannot take. ``code`` is the MSA-1 acknowledgement code to answer."""
+#: HL7 Table 0357 (Message Error Condition Codes): the codes the node answers in ERR-3.
+ERROR_CODES = {
+    "100": "Segment sequence error",
+    "101": "Required field missing",
+    "102": "Data type error",
+    "103": "Table value not found",
+    "200": "Unsupported message type",
+    "207": "Application internal error",
+}
 
-    def __init__(self, code: str, text: str) -> None:
+
+class HL7Error(Exception):
+    """A message the node cannot take. ``code`` is the MSA-1 acknowledgement code to answer;
+    ``error`` the HL7 Table 0357 code of ERR-3 (:data:`ERROR_CODES`); ``location`` ERR-2 as
+    ER7 components (``SEG^sequence^field``), "" when no one place is wrong."""
+
+    def __init__(self, code: str, text: str, *, error: str = "207", location: str = "") -> None:
         super().__init__(text)
         self.code = code
         self.text = text
+        self.error = error
+        self.location = location
 
 
 class Rejected(HL7Error):
     """Malformed or unsupported: answered ``AR``."""
 
-    def __init__(self, text: str) -> None:
-        super().__init__("AR", text)
+    def __init__(self, text: str, *, error: str = "102", location: str = "") -> None:
+        super().__init__("AR", text, error=error, location=location)
 
 
 class ApplicationError(HL7Error):
     """Well-formed but unusable (e.g. no accession number): answered ``AE``."""
 
-    def __init__(self, text: str) -> None:
-        super().__init__("AE", text)
+    def __init__(self, text: str, *, error: str = "101", location: str = "") -> None:
+        super().__init__("AE", text, error=error, location=location)
 
 
 class LimitExceeded(Rejected):
     """Larger than one of the node's limits (:data:`LIMITS`): answered ``AR``, unparsed."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text, error="207")
 
 
 # ------------------------------------------------------------------------- character sets
@@ -132,7 +150,11 @@ def decode_message(raw: bytes) -> str:
         return decode(raw)
     codec = CHARSETS.get(" ".join(declared.upper().split()))
     if codec is None:
-        raise Rejected(f"unsupported character set in MSH-18: {printable(declared, 20)}")
+        raise Rejected(
+            f"unsupported character set in MSH-18: {printable(declared, 20)}",
+            error="103",
+            location="MSH^1^18",
+        )
     try:
         return raw.decode(codec)
     except UnicodeDecodeError as exc:
@@ -169,16 +191,16 @@ def _delimiter_ok(c: str) -> bool:
 def encoding_of(msh: str) -> Encoding:
     """The delimiters an MSH segment declares. Raises :class:`Rejected` when they are unusable."""
     if not msh.startswith("MSH") or len(msh) < 4:
-        raise Rejected("message does not start with an MSH segment")
+        raise Rejected("message does not start with an MSH segment", error="100")
     field = msh[3]
     if not _delimiter_ok(field):
-        raise Rejected("invalid field separator (MSH-1)")
+        raise Rejected("invalid field separator (MSH-1)", location="MSH^1^1")
     chars = msh[4:].split(field, 1)[0]
     # four characters (a fifth, the truncation character of HL7 2.7, is read as data)
     if len(chars) not in (4, 5) or len(set(chars + field)) != len(chars) + 1:
-        raise Rejected("invalid encoding characters (MSH-2)")
+        raise Rejected("invalid encoding characters (MSH-2)", location="MSH^1^2")
     if not all(_delimiter_ok(c) for c in chars):
-        raise Rejected("invalid encoding characters (MSH-2)")
+        raise Rejected("invalid encoding characters (MSH-2)", location="MSH^1^2")
     return Encoding(field, chars[0], chars[1], chars[2], chars[3])
 
 
@@ -279,16 +301,16 @@ def read_segments(text: str) -> list[list[str]]:
                 raise LimitExceeded(f"more than {MAX_SEGMENTS} segments")
     text = normalise(text)
     if not text.startswith("MSH"):
-        raise Rejected("message does not start with an MSH segment")
+        raise Rejected("message does not start with an MSH segment", error="100")
     enc = encoding_of(text)
     bodies: list[tuple[str, str | None]] = []
     separators = 0
     for index, line in enumerate(text.split("\r")):
         name = line[:3]
         if not _SEGMENT_ID.fullmatch(name) or (len(line) > 3 and line[3] != enc.field):
-            raise Rejected(f"segment {index + 1} has no valid segment id")
+            raise Rejected(f"segment {index + 1} has no valid segment id", error="100")
         if name == "MSH" and index:
-            raise Rejected(f"segment {index + 1} is a second MSH")
+            raise Rejected(f"segment {index + 1} is a second MSH", error="100")
         body: str | None = None
         if index == 0:  # MSH: its fields from MSH-3 on (MSH-1 and MSH-2 are the delimiters)
             rest = line[4:].split(enc.field, 1)

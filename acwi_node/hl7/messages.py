@@ -20,6 +20,7 @@ from hl7apy.exceptions import HL7apyException
 from hl7apy.parser import parse_message
 
 from acwi_node.hl7.er7 import (
+    ERROR_CODES,
     LIMITS,
     STANDARD_ENCODING,
     ApplicationError,
@@ -257,7 +258,11 @@ def _study_uid(msg: ParsedMessage) -> str | None:
             value = _comp(_field(seg, n), 1)
             if value:
                 if len(value) > 64 or not _UID_RE.match(value):
-                    raise ApplicationError(f"{seg_name}-{n} is not a valid Study Instance UID")
+                    raise ApplicationError(
+                        f"{seg_name}-{n} is not a valid Study Instance UID",
+                        error="102",
+                        location=f"{seg_name}^1^{n}",
+                    )
                 return value
     return None
 
@@ -279,20 +284,27 @@ def extract_order(msg: ParsedMessage) -> OrderInfo:
     """
     info = msh_info(msg)
     if info.type_code not in ORDER_TYPES:
-        raise Rejected(f"unsupported message type {info.type_code or '(none)'}")
+        raise Rejected(
+            f"unsupported message type {info.type_code or '(none)'}",
+            error="200",
+            location="MSH^1^9",
+        )
     pid = msg.first("PID")
     orc = msg.first("ORC")
     obr = msg.first("OBR")
     ipc = msg.first("IPC")
     if orc is None:
-        raise ApplicationError("no ORC segment")
+        raise ApplicationError("no ORC segment", error="100", location="ORC")
     accession = _comp(_field(ipc, 1), 1) if ipc is not None else ""
     if not accession and obr is not None:
         accession = _comp(_field(obr, 18), 1)  # Placer Field 1 (IHE Scheduled Workflow)
     if not accession:
-        raise ApplicationError("no accession number (IPC-1 or OBR-18)")
+        raise ApplicationError("no accession number (IPC-1 or OBR-18)", location="OBR^1^18")
     if len(accession) > 64:
-        raise ApplicationError("accession number longer than 64 characters")
+        where = "IPC^1^1" if ipc is not None and _comp(_field(ipc, 1), 1) else "OBR^1^18"
+        raise ApplicationError(
+            "accession number longer than 64 characters", error="102", location=where
+        )
     control = _comp(_field(orc, 1), 1).upper()[:2] or "NW"
     placer = _comp(_field(orc, 2), 1) or _comp(_field(obr, 2), 1)
     filler = _comp(_field(orc, 3), 1) or _comp(_field(obr, 3), 1)
@@ -357,12 +369,16 @@ def build_ack(
     control_id: str,
     application: str,
     facility: str,
+    error: str = "207",
+    location: str = "",
 ) -> str:
     """An ``ACK`` (MSA-1 ``code``, MSA-2 the answered MSH-10, MSA-3 ``text``) as ER7 text.
 
     ``answered`` may be None when the message was too broken to read its MSH; MSA-2 is then empty.
     The acknowledgement never repeats the answered message's content beyond its MSH identifiers.
-    A refusal (``AE``, ``AR``) has an ERR segment with ``text`` (ERR-8) too.
+    A refusal (``AE``, ``AR``) has an ERR segment too: ERR-2 ``location`` (``SEG^sequence^field``
+    where one place is wrong), ERR-3 the HL7 Table 0357 code ``error`` (required in HL7 2.5),
+    ERR-4 severity ``E``, ERR-8 ``text``.
     """
     if code not in {"AA", "AE", "AR"}:
         raise ValueError(f"acknowledgement code {code!r}")
@@ -383,6 +399,9 @@ def build_ack(
     segments = [msh, msa]
     if code != "AA":
         err = Segment("ERR")
+        if re.fullmatch(r"[A-Z][A-Z0-9]{2}(\^[0-9]+(\^[0-9]+)?)?", location):
+            err[2] = location
+        err[3] = f"{error}^{ERROR_CODES[error]}^HL70357"
         err[4] = "E"  # severity: error
         if text:
             err[8] = escape(text[:250])

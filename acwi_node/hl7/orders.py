@@ -41,7 +41,11 @@ class OrderIntake:
         self.settings = settings
         self.ledger = ledger
 
-    def _ack(self, answered: MshInfo | None, code: str, text: str) -> str:
+    def _ack(
+        self, answered: MshInfo | None, code: str, text: str, error: HL7Error | None = None
+    ) -> str:
+        """An acknowledgement; a refusal's ERR-2 and ERR-3 from ``error`` (else ERR-3
+        ``207``, an application internal error)."""
         cfg = self.settings.hl7
         return build_ack(
             answered,
@@ -50,6 +54,8 @@ class OrderIntake:
             control_id=f"ACK{uuid.uuid4().hex[:16].upper()}",
             application=cfg.sending_application,
             facility=cfg.sending_facility,
+            error=error.error if error is not None else "207",
+            location=error.location if error is not None else "",
         )
 
     def refusal(self, raw: bytes, code: str, text: str) -> bytes:
@@ -78,17 +84,18 @@ class OrderIntake:
         except HL7Error as exc:  # bytes invalid in the declared character set, or an unknown one
             peeked = peek_msh(normalise(decode(raw)))
             log.warning("rejected a message (%s): %s", _describe(peeked), exc.text)
-            return self._ack(peeked, exc.code, exc.text).encode("utf-8")
+            return self._ack(peeked, exc.code, exc.text, exc).encode("utf-8")
         try:
             msg = parse(text)
             info = msh_info(msg)
         except HL7Error as exc:
             peeked = peek_msh(text)
             log.warning("rejected a malformed message (%s): %s", _describe(peeked), _reason(exc))
-            return self._ack(peeked, exc.code, exc.text).encode("utf-8")
+            return self._ack(peeked, exc.code, exc.text, exc).encode("utf-8")
         if not info.control_id:
             log.warning("rejected a message without MSH-10 (%s)", info.type_code or "no type")
-            return self._ack(info, "AR", "no message control id (MSH-10)").encode("utf-8")
+            missing = Rejected("no message control id (MSH-10)", error="101", location="MSH^1^10")
+            return self._ack(info, "AR", missing.text, missing).encode("utf-8")
         stored = self.ledger.hl7_stored_ack(info.sender, info.control_id)
         if stored is not None:
             log.info("message %s repeated: answered with its stored ACK", _safe(info.control_id))
@@ -96,7 +103,7 @@ class OrderIntake:
         try:
             order = extract_order(msg)
         except HL7Error as exc:
-            ack = self._ack(info, exc.code, exc.text)
+            ack = self._ack(info, exc.code, exc.text, exc)
             ack = self.ledger.hl7_record_message(
                 sender=info.sender,
                 control_id=info.control_id,

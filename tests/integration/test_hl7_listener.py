@@ -290,7 +290,9 @@ def test_a_message_past_a_limit_is_answered_ar_with_the_limit(
         raw = read_frame_sync(sock, max_bytes=65536, timeout_s=5)
     segs = raw.decode().split("\r")
     assert segs[1] == "MSA|AR|TILDE1|PID-5 has more than 100 repetitions"
-    assert segs[2] == "ERR||||E||||PID-5 has more than 100 repetitions"
+    assert segs[2] == (
+        "ERR|||207^Application internal error^HL70357|E||||PID-5 has more than 100 repetitions"
+    )
     assert ledger.hl7_order("ACC-TILDE") is None
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import tracemalloc
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from acwi_node.config import load_settings
 from acwi_node.hl7 import messages
 from acwi_node.hl7.messages import (
     ApplicationError,
@@ -28,6 +30,8 @@ from acwi_node.hl7.messages import (
     unescape,
 )
 from acwi_node.hl7.mllp import frame
+from acwi_node.hl7.orders import OrderIntake
+from acwi_node.ledger import Ledger
 
 MSH = "MSH|^~\\&|RIS|HOSP|ACWI|ACWI|20240101120000||{type}|{cid}|P|2.5"
 
@@ -478,3 +482,35 @@ def test_bytes_invalid_in_the_declared_character_set_are_rejected(
     first = next((i for i, b in enumerate(raw) if b > 127), None)
     where = f"byte {first + 1} " if first is not None else ""
     assert (info.value.code, info.value.text) == ("AR", where + reason)
+
+
+@pytest.mark.parametrize(
+    ("text", "err"),
+    [
+        (orm(accession=""), "ERR||OBR^1^18|101^Required field missing^HL70357|E"),
+        (orm(zds="../../etc"), "ERR||ZDS^1^1|102^Data type error^HL70357|E"),
+        (orm(accession="A" * 65), "ERR||OBR^1^18|102^Data type error^HL70357|E"),
+        (
+            MSH.format(type="ADT^A01", cid="M3") + "\rPID|1||X",
+            "ERR||MSH^1^9|200^Unsupported message type^HL70357|E",
+        ),
+        (orm(cid=""), "ERR||MSH^1^10|101^Required field missing^HL70357|E"),
+        (orm().replace("|P|2.5", "|P|2.5||||||KLINGON", 1), "ERR||MSH^1^18|103^Table value"),
+        (orm().replace("\rORC|NW|PL1|FI1||SC||", "\rQ!Q|1"), "ERR|||100^Segment sequence error"),
+        (orm(name="~" * 200), "ERR|||207^Application internal error^HL70357|E"),
+    ],
+    ids=["no-accession", "bad-uid", "long-accession", "type", "no-msh10", "charset", "seg", "lim"],
+)
+def test_a_refusal_says_where_and_what_in_err_2_and_err_3(
+    tmp_path: Path, text: str, err: str
+) -> None:
+    """HL7 2.5 requires ERR-3 (Table 0357) in an ERR segment; ERR-2 names the field at fault,
+    so that an interface engine can route the error without reading its text."""
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    try:
+        intake = OrderIntake(load_settings(None, node={"data_dir": tmp_path}), ledger)
+        ack = intake.handle(text.encode()).decode()
+    finally:
+        ledger.dispose()
+    (segment,) = [s for s in ack.split("\r") if s.startswith("ERR|")]
+    assert segment.startswith(err), segment

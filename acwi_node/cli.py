@@ -906,7 +906,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config is None and os.environ.get("ACWI_CONFIG"):
         config = Path(os.environ["ACWI_CONFIG"])
     try:
-        settings = load_settings(config)
+        # A route may name the model an ``acwi-node models`` command is about to install.
+        settings = load_settings(config, route_models_known=args.command != "models")
     except ConfigError as exc:
         print(f"acwi-node: {exc}", file=sys.stderr)
         return 2

@@ -1227,12 +1227,14 @@ class Settings(BaseSettings):
                         f"routes.{route.name}: destination {dest!r} is not defined"
                         " in [[destinations]]"
                     )
-            if route.model not in model_names:
+            if route.model not in model_names and _ROUTE_MODELS_KNOWN["checked"]:
                 problems.append(
                     f"routes.{route.name}: model {route.model!r} is not defined in [[models]]"
+                    " nor activated in the model registry (acwi-node models install DIR"
+                    f" --name {route.model} --activate)"
                 )
             for shadow in route.shadow_models:
-                if shadow not in model_names:
+                if shadow not in model_names and _ROUTE_MODELS_KNOWN["checked"]:
                     problems.append(
                         f"routes.{route.name}: shadow model {shadow!r} is not defined in [[models]]"
                     )
@@ -1332,12 +1334,19 @@ class Settings(BaseSettings):
 
 
 _CONFIG_FILE: dict[str, Path | None] = {"path": None}
+#: Whether the settings being loaded must name only known models in their routes (False
+#: while ``acwi-node models`` loads them: see :func:`load_settings`).
+_ROUTE_MODELS_KNOWN: dict[str, bool] = {"checked": True}
 
 
-def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+def load_settings(
+    config_file: Path | str | None = None, *, route_models_known: bool = True, **overrides: Any
+) -> Settings:
     """Read the TOML file (argument, else ``ACWI_CONFIG``), apply ``ACWI_...`` overrides, validate.
 
     Raises :class:`ConfigError` with a readable message for every invalid key.
+    ``route_models_known`` False: a route may name a model neither in ``[[models]]`` nor
+    activated in the registry (``acwi-node models``, which installs and activates it).
     """
     path_text = str(config_file) if config_file else os.environ.get("ACWI_CONFIG")
     path: Path | None = None
@@ -1346,6 +1355,7 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
         if not path.is_file():
             raise ConfigError(f"configuration file {path} does not exist")
     _CONFIG_FILE["path"] = path
+    _ROUTE_MODELS_KNOWN["checked"] = route_models_known
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -1359,3 +1369,4 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
         raise ConfigError(f"cannot read configuration {path}: {exc}") from None
     finally:
         _CONFIG_FILE["path"] = None
+        _ROUTE_MODELS_KNOWN["checked"] = True

@@ -214,3 +214,27 @@ def test_a_duration_no_loop_can_wait_is_refused_at_start(
 def test_thirty_days_is_the_longest_duration() -> None:
     settings = load_settings(None, exporter={"outage_patience_s": 30 * 86_400})
     assert settings.exporter.outage_patience_s == 30 * 86_400
+
+
+def test_a_route_may_name_the_model_a_models_command_installs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The route is written first, then ``acwi-node models install DIR --name chest-v2
+    --activate``: that command loads the settings too and must not refuse them for the very
+    model it installs; every other command still does, saying how to install it."""
+    from acwi_node.cli import main
+
+    config = write(
+        tmp_path,
+        f'[node]\ndata_dir = "{tmp_path / "data"}"\n'
+        '[[routes]]\nname = "chest"\nmodel = "chest-v2"\n',
+    )
+    with pytest.raises(ConfigError, match="--name chest-v2 --activate"):
+        load_settings(config)
+    settings = load_settings(config, route_models_known=False)
+    assert settings.routes[0].model == "chest-v2"
+    assert main(["--config", str(config), "models", "list"]) == 0
+    assert main(["--config", str(config), "status"]) == 2
+    assert "model 'chest-v2' is not defined" in capsys.readouterr().err
+    with pytest.raises(ConfigError):  # the next load checks again
+        load_settings(config)

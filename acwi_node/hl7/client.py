@@ -30,6 +30,7 @@ from acwi_node.hl7.messages import (
     Verdict,
     build_oru,
     decode,
+    decode_message,
     escape,
     parse_ack,
 )
@@ -71,9 +72,19 @@ def send_message(host: str, port: int, message: str, *, timeout_s: float) -> Ack
     except (OSError, FramingError) as exc:
         raise SendError(f"{type(exc).__name__}: {exc}") from None
     try:
-        return parse_ack(decode(reply))
+        return parse_ack(ack_text(reply))
     except HL7Error as exc:
         raise SendError(f"unreadable acknowledgement: {exc.text}") from None
+
+
+def ack_text(reply: bytes) -> str:
+    """An acknowledgement's text in the character set its MSH-18 declares (MSA-3 in a RIS's
+    own language); one it declares wrongly or not at all is read as the listener reads an
+    order without MSH-18 (UTF-8, else Latin-1): its code and control id are ASCII either way."""
+    try:
+        return decode_message(reply)
+    except HL7Error:
+        return decode(reply)
 
 
 # ----------------------------------------------------------------------- building the ORU

@@ -514,3 +514,26 @@ def test_a_refusal_says_where_and_what_in_err_2_and_err_3(
         ledger.dispose()
     (segment,) = [s for s in ack.split("\r") if s.startswith("ERR|")]
     assert segment.startswith(err), segment
+
+
+@pytest.mark.parametrize(
+    ("charset", "codec", "text"),
+    [
+        ("GB 18030-2000", "gb18030", "检查号未知"),
+        ("8859/1", "latin-1", "Auftragsnummer unbekannt: Müller"),
+        ("", "utf-8", "número desconocido"),
+        ("KLINGON", "utf-8", "número desconocido"),  # declared wrongly: read as without
+    ],
+    ids=["gb18030", "latin-1", "none", "unknown"],
+)
+def test_a_ris_acknowledgement_is_read_in_its_declared_character_set(
+    charset: str, codec: str, text: str
+) -> None:
+    """MSA-3 in the RIS's language, in the character set its MSH-18 declares, is logged and
+    stored as the RIS wrote it; its code and control id are read whatever it declares."""
+    from acwi_node.hl7.client import ack_text
+
+    msh = f"MSH|^~\\&|RIS|HOSP|ACWI|ACWI|20240101120000||ACK^R01^ACK|R1|P|2.5||||||{charset}"
+    reply = f"{msh}\rMSA|AE|ORU-7|{text}".encode(codec)
+    info = parse_ack(ack_text(reply))
+    assert (info.code, info.control_id, info.text) == ("AE", "ORU-7", text)

@@ -321,7 +321,7 @@ def test_syslog_collector_down_then_back(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------- configuration changes
 def test_configuration_changes_are_audited_by_key_name(tmp_path: Path) -> None:
-    base = {"node": {"data_dir": tmp_path / "data"}}
+    base: dict[str, Any] = {"node": {"data_dir": tmp_path / "data"}}
     first = load_settings(None, **base)
     configure_audit(first, "scp")
     try:

@@ -1262,13 +1262,13 @@ class Ledger:
         :class:`StudyActionRefused` for a job whose results were withdrawn.
         """
         now = utcnow()
+        withdrawn = StudyActionRefused(
+            "the results of this analysis were withdrawn from the PACS: nothing more of it is sent"
+        )
         with self.session() as s:
             job = s.get_one(Job, job_id, with_for_update=True)
             if job.withdrawn_at is not None:
-                raise StudyActionRefused(
-                    "the results of this analysis were withdrawn from the PACS: nothing more of"
-                    " it is sent"
-                )
+                raise withdrawn
             res = s.scalars(
                 select(Result).where(
                     Result.job_id == job_id, Result.sop_instance_uid == result.sop_instance_uid
@@ -1286,6 +1286,11 @@ class Ledger:
                     )
                     .values(state=DeliveryState.SUPERSEDED)
                 )
+            # SQLite locks no row: the check above ran before this transaction's first write,
+            # and a withdrawal may have committed between the two. Asked again now that the
+            # transaction has written (and holds the write lock), it cannot change any more.
+            if s.scalar(select(Job.withdrawn_at).where(Job.id == job_id)) is not None:
+                raise withdrawn
             queued = _queue_deliveries(s, job, res, now, takes)
             if queued and job.state == JobState.DELIVERED:
                 job.state = JobState.EXPORTING

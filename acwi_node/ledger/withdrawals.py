@@ -7,7 +7,11 @@ transaction with everything it changes:
 * each rejection note is a result of the job (kind ``rejection-note``) with one pending
   delivery per destination it goes to, which the exporter sends like any other result;
 * the job's open review items are closed (``withdrawn``): a verdict on a withdrawn result would
-  send a verified SR of it.
+  send a verified SR of it. A verdict takes the job's row before its item's too
+  (:meth:`acwi_node.review.store.ReviewStore.claim_verdict`) and is refused once the job is
+  withdrawn; one that claimed its item just before (closed then, so passed by here) has its
+  verified SR refused (:meth:`Ledger.attach_result`), and its item is closed the same way
+  (:meth:`acwi_node.review.store.ReviewStore.undo_verdict`).
 
 A result counts as possibly stored by a destination when its delivery there was delivered, is
 awaiting commitment or is pending: a pending one may be on its way at this moment, and a note

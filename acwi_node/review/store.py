@@ -4,6 +4,12 @@ Everything goes through :meth:`Ledger.session`, so the same code runs on SQLite 
 Verdicts close review items with a conditional update: two radiologists deciding the same case
 at once cannot both win. An amendment replaces a closed case's verdict the same way (it marks the
 verdict it replaces superseded only if nothing else did first).
+
+A verdict and a withdrawal of the case's results (:mod:`acwi_node.ledger.withdrawals`) agree
+under the job's row: each takes it first (``FOR UPDATE`` on PostgreSQL; SQLite serialises the
+writers, and each decides in a conditional write), so a verdict on a withdrawn analysis is
+refused when claimed, and one claimed before the withdrawal whose verified SR is then refused
+(:meth:`Ledger.attach_result`) leaves its case closed as the withdrawal closes it, never open.
 """
 
 from __future__ import annotations
@@ -92,6 +98,18 @@ class VerdictAmended(ReviewError):
 
 class ItemClosed(ReviewError):
     pass
+
+
+#: What a verdict or an amendment on an analysis whose results were withdrawn is told (the words
+#: of :meth:`Ledger.attach_result`'s refusal).
+RESULTS_WITHDRAWN = (
+    "the results of this analysis were withdrawn from the PACS: nothing more of it is sent"
+)
+
+
+class ResultsWithdrawn(ReviewError):
+    """The case's analysis had its results withdrawn from the PACS: it takes no verdict (its
+    verified SR would go to the PACS)."""
 
 
 @dataclass(frozen=True)
@@ -714,55 +732,66 @@ class ReviewStore:
         With ``hl7_control_id`` (a RIS is configured) a confirm or override also promises its
         ORU^R01 in the same transaction (see :func:`promise_hl7_outbound`).
 
-        Raises :class:`ItemClosed` when the item is not open (someone else decided first).
+        Raises :class:`ItemClosed` when the item is not open (someone else decided first),
+        :class:`ResultsWithdrawn` when its analysis's results were withdrawn from the PACS (an
+        item such a withdrawal missed, open still, is closed as it closes them).
         """
         if action not in ACTIONS:
             raise ReviewError(f"verdict must be one of {', '.join(ACTIONS)}")
         now = utcnow()
         count = sum(len(kept) for kept in (boxes or {}).values())
         marked = f", {count} lesion box(es)" if count else ""
+        refusal: ReviewError | None = None
         with self.ledger.session() as s:
-            if action == "escalate":
-                it = s.get(ReviewItem, item_id, with_for_update=True)
-                won = it is not None and it.state == ReviewState.OPEN
-                if won and it is not None:  # for a second reader: nobody is reading it now
-                    it.reading_by, it.reading_since = None, None
+            job_id = s.scalar(select(ReviewItem.job_id).where(ReviewItem.id == item_id))
+            if job_id is None:
+                raise ItemClosed("this case is no longer open for review")
+            _lock_job(s, job_id)
+            # nobody is reading it now; confirm and override close it, an escalation leaves
+            # it open for a second reader
+            values: dict[str, Any] = {"reading_by": None, "reading_since": None}
+            if action != "escalate":
+                values.update(state=ReviewState.CLOSED, closed_at=now)
+            won = s.execute(
+                update(ReviewItem)
+                .where(
+                    ReviewItem.id == item_id,
+                    ReviewItem.state == ReviewState.OPEN,
+                    ~_withdrawn(ReviewItem.job_id),
+                )
+                .values(**values)
+            )
+            it = s.get(ReviewItem, item_id) if getattr(won, "rowcount", 0) else None
+            if it is None:
+                refusal = (
+                    ResultsWithdrawn(RESULTS_WITHDRAWN)
+                    if _close_if_withdrawn(s, item_id)
+                    else ItemClosed("this case is no longer open for review")
+                )
             else:
-                result = s.execute(
-                    update(ReviewItem)
-                    .where(ReviewItem.id == item_id, ReviewItem.state == ReviewState.OPEN)
-                    .values(
-                        state=ReviewState.CLOSED,
-                        closed_at=now,
-                        reading_by=None,
-                        reading_since=None,
+                verdict = _verdict_row(
+                    it, user, action, label, model_label, reason, now, sr_sop_instance_uid, boxes
+                )
+                s.add(verdict)
+                if hl7_control_id is not None and action != "escalate":
+                    promise_hl7_outbound(
+                        s, study_id=it.study_id, job_id=it.job_id, kind=f"verdict-{item_id}",
+                        control_id=hl7_control_id,
+                    )  # fmt: skip
+                s.add(
+                    AuditEvent(
+                        at=now,
+                        user_name=user.user_name,
+                        action=f"verdict:{action}",
+                        study_uid=it.study.study_uid,
+                        detail=f"item {item_id}, label {label or '-'}{marked}",
                     )
                 )
-                won = bool(getattr(result, "rowcount", 0))
-                it = s.get(ReviewItem, item_id)
-            if not won or it is None:
-                raise ItemClosed("this case is no longer open for review")
-            verdict = _verdict_row(
-                it, user, action, label, model_label, reason, now, sr_sop_instance_uid, boxes
-            )
-            s.add(verdict)
-            if hl7_control_id is not None and action != "escalate":
-                promise_hl7_outbound(
-                    s, study_id=it.study_id, job_id=it.job_id, kind=f"verdict-{item_id}",
-                    control_id=hl7_control_id,
-                )  # fmt: skip
-            s.add(
-                AuditEvent(
-                    at=now,
-                    user_name=user.user_name,
-                    action=f"verdict:{action}",
-                    study_uid=it.study.study_uid,
-                    detail=f"item {item_id}, label {label or '-'}{marked}",
-                )
-            )
-            s.flush()
-            verdict_id = verdict.id
-            study_uid = it.study.study_uid
+                s.flush()
+                verdict_id = verdict.id
+                study_uid = it.study.study_uid
+        if refusal is not None:  # after the commit: an item closed as withdrawn stays so
+            raise refusal
         trail.audit(
             trail.AuditEvent.VERDICT_RECORDED,
             participants=[trail.user(user.user_name)],
@@ -793,7 +822,8 @@ class ReviewStore:
         :func:`acwi_node.hl7.client.verdict_kind`).
 
         Raises :class:`VerdictAmended` when ``amends`` is not the item's current verdict any
-        more (someone amended it first).
+        more (someone amended it first), :class:`ResultsWithdrawn` when the analysis's results
+        were withdrawn from the PACS.
         """
         if action not in FINAL_ACTIONS:
             raise ReviewError(f"an amendment must be one of {', '.join(FINAL_ACTIONS)}")
@@ -801,6 +831,9 @@ class ReviewStore:
         count = sum(len(kept) for kept in (boxes or {}).values())
         marked = f", {count} lesion box(es)" if count else ""
         with self.ledger.session() as s:
+            job_id = s.scalar(select(ReviewItem.job_id).where(ReviewItem.id == item_id))
+            if job_id is not None:
+                _lock_job(s, job_id)
             result = s.execute(
                 update(Verdict)
                 .where(
@@ -808,11 +841,15 @@ class ReviewStore:
                     Verdict.review_item_id == item_id,
                     Verdict.action.in_(FINAL_ACTIONS),
                     Verdict.superseded_at.is_(None),
+                    ~_withdrawn(Verdict.job_id),
                 )
                 .values(superseded_at=now)
             )
             it = s.get(ReviewItem, item_id)
             if not getattr(result, "rowcount", 0) or it is None:
+                withdrawn_at = select(Job.withdrawn_at).where(Job.id == job_id)
+                if job_id is not None and s.scalar(withdrawn_at) is not None:
+                    raise ResultsWithdrawn(RESULTS_WITHDRAWN)
                 raise VerdictAmended(
                     "this case's verdict changed since the page was loaded: reload it"
                 )
@@ -852,17 +889,25 @@ class ReviewStore:
 
     def undo_verdict(self, verdict_id: int) -> None:
         """Remove a verdict whose verified SR could not be stored, and re-open its item; for an
-        amendment, the verdict it amended stands again."""
+        amendment, the verdict it amended stands again.
+
+        An item whose analysis's results were withdrawn since the verdict claimed it (the
+        withdrawal found it closed, and the verified SR was refused) is not re-opened: it is
+        closed as the withdrawal closes the items it finds open (``withdrawn``)."""
+        withdrawn = False
         with self.ledger.session() as s:
             v = s.get(Verdict, verdict_id)
             if v is None:
                 return
+            _lock_job(s, v.job_id)
             if v.amends_id is None:
+                # the item stays closed for a withdrawn analysis, else it is open again
                 s.execute(
                     update(ReviewItem)
-                    .where(ReviewItem.id == v.review_item_id)
+                    .where(ReviewItem.id == v.review_item_id, ~_withdrawn(ReviewItem.job_id))
                     .values(state=ReviewState.OPEN, closed_at=None)
                 )
+                withdrawn = _close_if_withdrawn(s, v.review_item_id, claimed=True)
                 kind = f"verdict-{v.review_item_id}"
             else:
                 s.execute(
@@ -878,12 +923,20 @@ class ReviewStore:
                     Hl7Outbound.message == "",
                 )
             )
+        closed = "; the case is closed: its results were withdrawn" if withdrawn else ""
         trail.audit(
             trail.AuditEvent.VERDICT_RECORDED,
             outcome=trail.Outcome.MINOR_FAILURE,
             participants=[trail.user(user_name)],
-            detail=f"verdict on item {item_id} withdrawn: its verified SR could not be stored",
+            detail=f"verdict on item {item_id} withdrawn: its verified SR could not be stored"
+            + closed,
         )
+
+    def names_result_file(self, path: str) -> bool:
+        """Whether a result in the ledger (of any job) is the file at ``path``, relative to the
+        results directory."""
+        with self.ledger.session() as s:
+            return s.scalar(select(Result.id).where(Result.path == path).limit(1)) is not None
 
     def attach_verified_sr(
         self, job_id: int, result: ResultFile, takes: DeliveryFilter | None = None
@@ -1183,6 +1236,44 @@ class ReviewStore:
                     }
                 )
             return out
+
+
+def _withdrawn(job_id: Any) -> ColumnElement[bool]:
+    """Whether the results of the job ``job_id`` (a column) were withdrawn from the PACS."""
+    return exists().where(Job.id == job_id, Job.withdrawn_at.is_not(None))
+
+
+def _lock_job(s: Session, job_id: int) -> None:
+    """Lock the job's row first, as a withdrawal (:meth:`Withdrawals.record`) and the
+    attaching of a result (:meth:`Ledger.attach_result`) do. On PostgreSQL (``FOR UPDATE``)
+    a verdict then waits for a withdrawal of the job's results in progress and sees it done;
+    taken after the review item's row, the two would deadlock (the withdrawal holds the job
+    and waits for the item; the verdict's rows, which refer to the job, wait for the job).
+    SQLite has no row locks but serialises writers: the verdict's first write, a conditional
+    one, decides."""
+    s.execute(select(Job.id).where(Job.id == job_id).with_for_update())
+
+
+def _close_if_withdrawn(s: Session, item_id: int, *, claimed: bool = False) -> bool:
+    """If the results of review item ``item_id``'s job were withdrawn, close the item as the
+    withdrawal closes those it finds open (``withdrawn``, at the withdrawal's time): one open
+    still (it has no verdict, and takes none) or, ``claimed``, the one that a verdict whose
+    verified SR was refused had closed (the withdrawal found it closed already). Returns
+    whether they were withdrawn."""
+    withdrawn_at = s.scalar(
+        select(Job.withdrawn_at)
+        .join(ReviewItem, ReviewItem.job_id == Job.id)
+        .where(ReviewItem.id == item_id)
+    )
+    if withdrawn_at is None:
+        return False
+    states = [ReviewState.OPEN, ReviewState.CLOSED] if claimed else [ReviewState.OPEN]
+    s.execute(
+        update(ReviewItem)
+        .where(ReviewItem.id == item_id, ReviewItem.state.in_(states))
+        .values(state=ReviewState.CLOSED, closed_at=withdrawn_at, reason="withdrawn")
+    )
+    return True
 
 
 def _verdict_row(

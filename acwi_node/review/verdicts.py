@@ -13,7 +13,11 @@ Confirm and override close the item, write a VERIFIED Comprehensive 3D SR (verif
 the radiologist) that supersedes the unverified one, store it in the results directory and queue
 it in the outbox for every destination of the job: the exporter sends it by C-STORE like any
 other result. The SR is built before the item is claimed, so a case that cannot be verified
-(missing files) stays open; if storing it fails after the claim, the verdict is undone.
+(missing files) stays open; if storing it fails after the claim, the verdict is undone and its
+file removed. A verdict or an amendment on an analysis whose results were withdrawn from the PACS
+is refused (:class:`ResultsWithdrawn`), also one whose claim the withdrawal came just after: its
+verified SR is refused then, and its case closed as the withdrawal closes the cases it finds
+open (``withdrawn``), never open again.
 
 A closed case's verdict can be amended (:func:`amend_verdict`): a reader who finds the verdict
 wrong (the finding, or the lesion boxes) gives a confirm or override again, with a reason. The
@@ -28,6 +32,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
@@ -35,7 +40,7 @@ from pydicom.dataset import Dataset
 
 from acwi_node.config import Settings
 from acwi_node.inference.types import unit_name
-from acwi_node.ingest.spool import Spool
+from acwi_node.ingest.spool import Spool, SpoolFile
 from acwi_node.ledger import ResultFile, StudyActionRefused
 from acwi_node.ledger.models import VERIFIED_SR_KIND, utcnow
 from acwi_node.results.encoding import encode_part10
@@ -45,7 +50,9 @@ from acwi_node.review.lesion_boxes import BoxError, marks_from_pixels, place_box
 from acwi_node.review.store import (
     ACTIONS,
     FINAL_ACTIONS,
+    RESULTS_WITHDRAWN,
     ItemClosed,
+    ResultsWithdrawn,
     ReviewError,
     ReviewStore,
     SessionInfo,
@@ -337,23 +344,48 @@ def _store_verified_sr(
     data: bytes,
 ) -> int:
     """Store a claimed verdict's verified SR and queue it for the job's destinations; returns
-    how many deliveries were queued. On failure the verdict is undone and the error raised."""
+    how many deliveries were queued. On failure the verdict is undone, the file written
+    removed and the error raised: :class:`ResultsWithdrawn` when the analysis's results were
+    withdrawn since the claim (its case is then closed, see :meth:`ReviewStore.undo_verdict`).
+    """
     uid = str(document.SOPInstanceUID)
+    out = Spool(settings.results_dir, fsync=settings.ingest.fsync)
+    written: SpoolFile | None = None
     try:
-        out = Spool(settings.results_dir, fsync=settings.ingest.fsync)
-        path = out.store(case["study_uid"], uid, data)
+        written = out.write(case["study_uid"], uid, data)
         return store.attach_verified_sr(
             case["job_id"],
-            ResultFile(VERIFIED_SR_KIND, uid, str(document.SOPClassUID), out.relative(path)),
+            ResultFile(
+                VERIFIED_SR_KIND, uid, str(document.SOPClassUID), out.relative(Path(written.path))
+            ),
             settings.destination_takes,
         )
     except StudyActionRefused as exc:  # the results were withdrawn meanwhile
         store.undo_verdict(verdict_id)
-        raise ReviewError(str(exc)) from exc
+        _remove_unrecorded(store, out, written, item_id)
+        raise ResultsWithdrawn(str(exc)) from exc
     except Exception:
         log.exception("review item %d: the verified SR could not be stored", item_id)
         store.undo_verdict(verdict_id)
+        _remove_unrecorded(store, out, written, item_id)
         raise
+
+
+def _remove_unrecorded(
+    store: ReviewStore, out: Spool, written: SpoolFile | None, item_id: int
+) -> None:
+    """Remove the verified SR file of a verdict undone: no result in the ledger names it, and
+    nothing is sent of it. A file some result names (the same object of an earlier analysis
+    of the study), or that another write replaced since, stays."""
+    if written is None:
+        return
+    relative = out.relative(Path(written.path))
+    try:
+        if store.names_result_file(relative) or not out.is_current(relative, written):
+            return
+        out.discard(Path(written.path))
+    except Exception as exc:  # the verdict's failure is what the reader is told
+        log.warning("review item %d: the verified SR file %s stays: %s", item_id, relative, exc)
 
 
 def current_verdict(case: dict[str, Any]) -> dict[str, Any] | None:
@@ -389,6 +421,8 @@ def amend_verdict(
     case = store.case(item_id)
     if case is None:
         raise ReviewError("no such case")
+    if case["withdrawn"]:  # its verified SR would go to the PACS
+        raise ResultsWithdrawn(RESULTS_WITHDRAWN)
     previous = current_verdict(case)
     if case["state"] != "closed" or previous is None:
         raise ReviewError("only a closed case's verdict can be amended")

@@ -5,9 +5,12 @@ line (``studies withdraw``, ``models recall``), the API and the study page. Real
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import io
 import json
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,19 +19,22 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from pydicom import dcmread
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from acwi_node.cli import main
 from acwi_node.config import Settings
 from acwi_node.export.outbox import Exporter
 from acwi_node.export.withdrawal import withdraw_replaced, withdraw_results
-from acwi_node.ledger import Ledger, ResultFile, RoutedJob, StudyActionRefused
+from acwi_node.ledger import Ledger, ResultFile, RoutedJob, StudyActionRefused, repository
+from acwi_node.ledger import withdrawals as withdrawals_module
 from acwi_node.ledger.models import (
     Delivery,
     DeliveryState,
     Job,
+    Result,
     ReviewItem,
     ReviewState,
+    Verdict,
     utcnow,
 )
 from acwi_node.ledger.trace import study_trace
@@ -36,7 +42,7 @@ from acwi_node.monitoring.turnaround import TurnaroundMonitor
 from acwi_node.results.encoding import encode_part10
 from acwi_node.results.rejection import REJECTION_SERIES_NUMBER, build_rejection_note
 from acwi_node.retention import DiskSpace, Retention
-from acwi_node.review.store import ReviewError, ReviewStore, SessionInfo
+from acwi_node.review.store import ItemClosed, ReviewError, ReviewStore, SessionInfo
 from acwi_node.review.verdicts import amend_verdict, submit_verdict
 from acwi_node.tasks.analyse import run_job
 from acwi_node.web.api import create_app
@@ -270,19 +276,61 @@ def test_a_withdrawn_cases_review_closes_and_takes_no_verdict(
         assert 'name="action"' not in page  # no verdict form
 
 
+def _radiologist(
+    ledger: Ledger, job_id: int, name: str = "rad"
+) -> tuple[int, ReviewStore, SessionInfo]:
+    """A radiologist ``name`` for the job's review case: (case id, store, their session)."""
+    with ledger.session() as s:
+        item_id = s.scalars(select(ReviewItem.id).where(ReviewItem.job_id == job_id)).one()
+    add_user(ledger, name, "radiologist")
+    store = ReviewStore(ledger)
+    found = store.get_user(name)
+    assert found is not None
+    return item_id, store, SessionInfo(found.id, found.name, found.role, "", utcnow())
+
+
 def _confirmed_by_a_radiologist(
     settings: Settings, ledger: Ledger, job_id: int
 ) -> tuple[int, ReviewStore, SessionInfo, Any]:
     """A radiologist ("rad") confirms the job's review case: (case id, store, the
     radiologist's session, the verdict's outcome)."""
-    with ledger.session() as s:
-        item_id = s.scalars(select(ReviewItem.id).where(ReviewItem.job_id == job_id)).one()
-    add_user(ledger, "rad", "radiologist")
-    store = ReviewStore(ledger)
-    found = store.get_user("rad")
-    assert found is not None
-    rad = SessionInfo(found.id, found.name, found.role, "", utcnow())
+    item_id, store, rad = _radiologist(ledger, job_id)
     return item_id, store, rad, submit_verdict(settings, store, item_id, rad, action="confirm")
+
+
+def unrecorded_files(settings: Settings, ledger: Ledger) -> list[str]:
+    """The DICOM files in the results directory that no result in the ledger names (a
+    verified SR written for a verdict that was refused)."""
+    with ledger.session() as s:
+        known = set(s.scalars(select(Result.path)).all())
+    found = (
+        p.relative_to(settings.results_dir).as_posix() for p in settings.results_dir.rglob("*.dcm")
+    )
+    return sorted(path for path in found if path not in known)
+
+
+def _item(ledger: Ledger, item_id: int) -> tuple[str, str]:
+    """A review item's state and reason."""
+    with ledger.session() as s:
+        item = s.get_one(ReviewItem, item_id)
+        return item.state.value, item.reason
+
+
+def _verdicts(ledger: Ledger, item_id: int) -> list[tuple[str, bool]]:
+    """A review item's verdicts: action, and whether an amendment replaced it."""
+    with ledger.session() as s:
+        rows = s.scalars(select(Verdict).where(Verdict.review_item_id == item_id)).all()
+        return [(v.action, v.superseded_at is not None) for v in rows]
+
+
+def _kinds(ledger: Ledger, job_id: int) -> list[str]:
+    with ledger.session() as s:
+        return sorted(r.kind for r in s.get_one(Job, job_id).results)
+
+
+def _basic(name: str) -> dict[str, str]:
+    token = base64.b64encode(f"{name}:{PASSWORD}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
 
 
 def test_a_decided_case_withdrawn_later_cannot_be_amended(
@@ -309,6 +357,256 @@ def test_a_decided_case_withdrawn_later_cannot_be_amended(
     with ledger.session() as s:
         kinds = [r.kind for r in s.get_one(Job, job_id).results]
     assert kinds.count("sr-verified") == 1  # the verdict's, not the amendment's
+    assert unrecorded_files(settings, ledger) == []  # nor its verified SR's file
+
+
+def test_a_verdict_claimed_as_its_results_are_withdrawn_closes_its_case_as_withdrawn(
+    node: tuple[Settings, Ledger], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The withdrawal lands between the verdict's claim of the case (closed then, so the
+    withdrawal passes it by) and its verified SR's attaching, which is refused: the case ends
+    closed as withdrawn, not back on the worklist, and the SR's file is removed."""
+    settings, ledger = node
+    job_id, uid = analysed(settings, ledger, tmp_path)
+    deliver(ledger)
+    item_id, _, _ = _radiologist(ledger, job_id)
+    add_user(ledger, "rad2", "radiologist")
+    attach = ReviewStore.attach_verified_sr
+    attached: list[ResultFile] = []
+
+    def withdrawn_first(self: ReviewStore, job: int, result: ResultFile, *args: Any) -> int:
+        attached.append(result)
+        (done,) = withdraw_results(
+            settings, ledger, reason="quality", note=NOTE, by="admin", study_uid=uid
+        ).jobs
+        assert done.withdrawn
+        assert _item(ledger, item_id)[0] == "closed"  # the verdict's: the withdrawal passed it
+        return attach(self, job, result, *args)
+
+    monkeypatch.setattr(ReviewStore, "attach_verified_sr", withdrawn_first)
+    with TestClient(create_app(settings)) as client:
+        url = f"/api/review/cases/{item_id}/verdict"
+        answer = client.post(url, json={"action": "confirm"}, headers=_basic("rad"))
+        assert answer.status_code == 422, answer.text
+        assert "withdrawn from the PACS" in answer.json()["detail"]
+        (sr,) = attached
+        assert sr.kind == "sr-verified" and not (settings.results_dir / sr.path).exists()
+        assert _item(ledger, item_id) == ("closed", "withdrawn")
+        assert _verdicts(ledger, item_id) == []
+        assert "sr-verified" not in _kinds(ledger, job_id)
+        assert unrecorded_files(settings, ledger) == []
+        worklist = client.get("/api/worklist", headers=_basic("rad2")).json()
+        assert [case["id"] for case in worklist["items"]] == []
+        # the next radiologist finds it closed, and nothing is written for them either
+        answer = client.post(url, json={"action": "confirm"}, headers=_basic("rad2"))
+        assert answer.status_code == 409, answer.text
+    assert len(attached) == 1 and unrecorded_files(settings, ledger) == []
+    assert _item(ledger, item_id) == ("closed", "withdrawn")
+
+
+def test_an_amendment_claimed_as_its_results_are_withdrawn_leaves_the_verdict_standing(
+    node: tuple[Settings, Ledger], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same moment for an amendment: refused, the verdict it amended stands (its
+    verified SR too), and the amendment's verified SR file is removed."""
+    settings, ledger = node
+    job_id, uid = analysed(settings, ledger, tmp_path)
+    item_id, store, rad, verdict = _confirmed_by_a_radiologist(settings, ledger, job_id)
+    deliver(ledger)
+    before = _item(ledger, item_id)
+    attach = ReviewStore.attach_verified_sr
+    attached: list[ResultFile] = []
+
+    def withdrawn_first(self: ReviewStore, job: int, result: ResultFile, *args: Any) -> int:
+        attached.append(result)
+        withdraw_results(settings, ledger, reason="safety", note=NOTE, by="a", study_uid=uid)
+        return attach(self, job, result, *args)
+
+    monkeypatch.setattr(ReviewStore, "attach_verified_sr", withdrawn_first)
+    with pytest.raises(ReviewError, match="withdrawn from the PACS"):
+        amend_verdict(
+            settings, store, item_id, rad, amends=verdict.verdict_id, action="override",
+            label="normal", reason="scar",
+        )  # fmt: skip
+    (sr,) = attached
+    assert sr.sop_instance_uid != verdict.sr_sop_instance_uid
+    assert not (settings.results_dir / sr.path).exists()
+    assert unrecorded_files(settings, ledger) == []
+    case = store.case(item_id)
+    assert case is not None and case["current_verdict"] == verdict.verdict_id
+    assert _verdicts(ledger, item_id) == [("confirm", False)]
+    assert _item(ledger, item_id) == before  # decided before the withdrawal: as it was
+    assert _kinds(ledger, job_id).count("sr-verified") == 1  # the verdict's, still named
+
+
+@pytest.mark.parametrize("action", ["verdict", "amendment"])
+def test_a_verdict_claimed_after_a_withdrawal_is_refused_before_its_sr_is_written(
+    node: tuple[Settings, Ledger], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, action: str
+) -> None:
+    """The withdrawal lands after the verdict read the case (open, not withdrawn) and before
+    its claim: the claim is refused, and no verified SR is written."""
+    settings, ledger = node
+    job_id, uid = analysed(settings, ledger, tmp_path)
+    if action == "verdict":
+        item_id, store, rad = _radiologist(ledger, job_id)
+        method = "claim_verdict"
+    else:
+        item_id, store, rad, verdict = _confirmed_by_a_radiologist(settings, ledger, job_id)
+        method = "claim_amendment"
+    deliver(ledger)
+    before = _item(ledger, item_id)
+    claim = getattr(ReviewStore, method)
+
+    def withdrawn_first(self: ReviewStore, *args: Any, **kwargs: Any) -> int:
+        withdraw_results(settings, ledger, reason="quality", note=NOTE, by="a", study_uid=uid)
+        return int(claim(self, *args, **kwargs))
+
+    monkeypatch.setattr(ReviewStore, method, withdrawn_first)
+    with pytest.raises(ReviewError, match="withdrawn from the PACS"):
+        if action == "verdict":
+            submit_verdict(settings, store, item_id, rad, action="confirm")
+        else:
+            amend_verdict(
+                settings, store, item_id, rad, amends=verdict.verdict_id, action="override",
+                label="normal", reason="scar",
+            )  # fmt: skip
+    assert unrecorded_files(settings, ledger) == []
+    if action == "verdict":
+        assert _item(ledger, item_id) == ("closed", "withdrawn")
+        assert _verdicts(ledger, item_id) == []
+        assert "sr-verified" not in _kinds(ledger, job_id)
+    else:
+        assert _item(ledger, item_id) == before
+        assert _verdicts(ledger, item_id) == [("confirm", False)]
+        assert _kinds(ledger, job_id).count("sr-verified") == 1
+
+
+def test_a_case_a_withdrawal_left_open_is_closed_by_the_next_verdict(
+    node: tuple[Settings, Ledger], tmp_path: Path
+) -> None:
+    """A case that a withdrawal left open (as the race above did before it was fixed) takes
+    no verdict: the first one tried closes it as withdrawn, and writes no verified SR."""
+    settings, ledger = node
+    job_id, uid = analysed(settings, ledger, tmp_path)
+    item_id, store, rad = _radiologist(ledger, job_id)
+    withdraw_results(settings, ledger, reason="quality", note=NOTE, by="a", study_uid=uid)
+    with ledger.session() as s:
+        s.execute(
+            update(ReviewItem)
+            .where(ReviewItem.id == item_id)
+            .values(state=ReviewState.OPEN, closed_at=None, reason="uncertain")
+        )
+    assert [case["id"] for case in ledger.worklist()] == [item_id]
+    with pytest.raises(ReviewError, match="withdrawn from the PACS"):
+        submit_verdict(settings, store, item_id, rad, action="confirm")
+    assert _item(ledger, item_id) == ("closed", "withdrawn")
+    assert ledger.worklist() == []
+    assert _verdicts(ledger, item_id) == [] and "sr-verified" not in _kinds(ledger, job_id)
+    assert unrecorded_files(settings, ledger) == []
+    # a withdrawn case's verdict is refused before anything is written, as ever
+    with pytest.raises(ItemClosed):
+        submit_verdict(settings, store, item_id, rad, action="confirm")
+    assert unrecorded_files(settings, ledger) == []
+
+
+def test_a_verified_sr_attached_as_a_withdrawal_commits_is_refused_on_sqlite(
+    node: tuple[Settings, Ledger], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite locks no row: a withdrawal may commit between the attaching's check of the job
+    and its first write. The attaching asks again under the write lock, and is refused."""
+    settings, ledger = node
+    if ledger.engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL: the attaching holds the job's row from its check on")
+    job_id, uid = analysed(settings, ledger, tmp_path)
+    item_id, store, rad = _radiologist(ledger, job_id)
+    add_result = repository._add_result
+    withdrawn: list[int] = []
+
+    def withdrawn_first(s: Any, job: int, result: ResultFile) -> Any:
+        if not withdrawn:  # after the attaching's check, before its first write
+            withdrawn.append(job)
+            withdraw_results(settings, ledger, reason="quality", note=NOTE, by="a", study_uid=uid)
+        return add_result(s, job, result)
+
+    monkeypatch.setattr(repository, "_add_result", withdrawn_first)
+    with pytest.raises(ReviewError, match="withdrawn from the PACS"):
+        submit_verdict(settings, store, item_id, rad, action="confirm")
+    assert withdrawn == [job_id]
+    assert _item(ledger, item_id) == ("closed", "withdrawn")
+    assert "sr-verified" not in _kinds(ledger, job_id)
+    assert unrecorded_files(settings, ledger) == []
+    # nothing of the withdrawn analysis is on its way but its rejection notes
+    assert {kind for _, kind, state in deliveries(ledger, job_id) if state == "pending"} == {
+        "rejection-note"
+    }
+
+
+def test_a_verdict_waits_for_a_withdrawal_in_progress_on_postgresql(
+    node: tuple[Settings, Ledger], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A verdict given while a withdrawal of its case's results holds the job's row (its
+    rejection notes being recorded, its open cases not closed yet) waits for it, then is
+    refused; the two never deadlock (the verdict locked the case's row first, then waited for
+    the job's, which the withdrawal held while it waited for the case's)."""
+    settings, ledger = node
+    if ledger.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite: one writer at a time, nothing for the verdict to wait on")
+    job_id, uid = analysed(settings, ledger, tmp_path)
+    item_id, store, rad = _radiologist(ledger, job_id)
+    add_result = withdrawals_module._add_result
+    holding, go_on = threading.Event(), threading.Event()
+
+    def add_and_hold(s: Any, job: int, result: ResultFile) -> Any:
+        row = add_result(s, job, result)
+        holding.set()  # the withdrawal holds the job's row; its case is open still
+        assert go_on.wait(60)
+        return row
+
+    monkeypatch.setattr(withdrawals_module, "_add_result", add_and_hold)
+    outcomes: dict[str, Any] = {}
+
+    def run(name: str, call: Any) -> None:
+        try:
+            outcomes[name] = call()
+        except Exception as exc:
+            outcomes[name] = exc
+
+    withdrawal = threading.Thread(
+        target=run,
+        args=("withdrawal", lambda: withdraw_results(
+            settings, ledger, reason="quality", note=NOTE, by="a", study_uid=uid
+        )),
+    )  # fmt: skip
+    verdict = threading.Thread(
+        target=run,
+        args=("verdict", lambda: submit_verdict(settings, store, item_id, rad, action="confirm")),
+    )
+    try:
+        withdrawal.start()
+        assert holding.wait(60)
+        verdict.start()
+        waiting = text(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        deadline = time.monotonic() + 60
+        with ledger.engine.connect() as conn:
+            while not conn.execute(waiting).scalar() and time.monotonic() < deadline:
+                conn.rollback()
+                time.sleep(0.05)
+            assert conn.execute(waiting).scalar(), "the verdict never waited for the withdrawal"
+    finally:
+        go_on.set()
+        withdrawal.join(120)
+        verdict.join(120)
+    report = outcomes["withdrawal"]
+    assert not isinstance(report, Exception), report
+    assert [j.withdrawn for j in report.jobs] == [True]
+    refused = outcomes["verdict"]
+    assert isinstance(refused, ReviewError) and "withdrawn from the PACS" in str(refused), refused
+    assert _item(ledger, item_id) == ("closed", "withdrawn")
+    assert _verdicts(ledger, item_id) == [] and "sr-verified" not in _kinds(ledger, job_id)
+    assert unrecorded_files(settings, ledger) == []
 
 
 def test_a_recall_withdraws_one_model_versions_results_and_reprocesses(

@@ -19,6 +19,7 @@ withdrawn in the PACS by hand, and the withdrawal says so.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 from collections import defaultdict
@@ -41,7 +42,7 @@ from acwi_node.export.withdrawal_headers import (
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger, ResultFile, StudyActionRefused
 from acwi_node.ledger.models import utcnow
-from acwi_node.ledger.withdrawals import WithdrawableJob, Withdrawals
+from acwi_node.ledger.withdrawals import ResultsChanged, WithdrawableJob, Withdrawals
 from acwi_node.results.encoding import encode_part10
 from acwi_node.results.rejection import (
     REJECTION_NOTE_KIND,
@@ -308,8 +309,21 @@ def _withdraw_job(
         )
 
     try:
-        notes = _write_notes(settings, job, reason, note, archives)
-        recorded = withdrawals.record(job.job_id, reason=reason, note=note, by=by, notes=notes)
+        for attempt in range(_PREPARE_ATTEMPTS):
+            notes = _write_notes(settings, job, reason, note, archives)
+            try:
+                recorded = withdrawals.record(
+                    job.job_id, reason=reason, note=note, by=by, notes=notes, held=job
+                )
+                break
+            except ResultsChanged:  # a verified SR attached meanwhile: its note too
+                _discard_notes(settings, notes)
+                found = withdrawals.candidates(job_ids=[job.job_id]).jobs
+                if not found or attempt == _PREPARE_ATTEMPTS - 1:
+                    raise WithdrawalError(
+                        "its results kept changing while it was withdrawn: try again"
+                    ) from None
+                job = found[0]
     except (WithdrawalError, StudyActionRefused) as exc:
         return outcome(withdrawn=False, error=str(exc))
     except (ValueError, OSError) as exc:  # a result that is not one, a full disk
@@ -332,6 +346,20 @@ def _withdraw_job(
         queued=recorded.queued,
         cancelled=recorded.cancelled,
     )
+
+
+#: How many times a job's withdrawal is prepared (its notes written) before it gives up on
+#: results that change under it (:class:`ResultsChanged`).
+_PREPARE_ATTEMPTS = 3
+
+
+def _discard_notes(settings: Settings, notes: Sequence[tuple[ResultFile, Sequence[str]]]) -> None:
+    """Remove the rejection notes written for a withdrawal not recorded (no ledger row names
+    them; those written again are written anew)."""
+    out = Spool(settings.results_dir, fsync=False)
+    for file, _destinations in notes:
+        with contextlib.suppress(OSError, ValueError):
+            out.resolve(file.path).unlink(missing_ok=True)
 
 
 def _tell_the_ris(settings: Settings, withdrawals: Withdrawals, job_id: int, note: str) -> None:

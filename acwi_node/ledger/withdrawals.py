@@ -26,7 +26,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import exists, func, select, update
-from sqlalchemy.orm import aliased, defer
+from sqlalchemy.orm import Session, aliased, defer
 
 from acwi_node.ledger.models import (
     REJECTION_NOTE_KIND,
@@ -53,6 +53,7 @@ from acwi_node.ledger.repository import (
 
 __all__ = [
     "Replacement",
+    "ResultsChanged",
     "WithdrawableJob",
     "WithdrawableResult",
     "Withdrawals",
@@ -275,14 +276,26 @@ class Withdrawals:
         note: str,
         by: str,
         notes: Sequence[tuple[ResultFile, Sequence[str]]],
+        held: WithdrawableJob | None = None,
     ) -> WithdrawnJob:
         """Record the withdrawal of job ``job_id``'s results: its pending deliveries
         superseded, each rejection note queued for its destinations, its open review items
         closed. Raises :class:`StudyActionRefused` for a job withdrawn already or not finished.
+
+        ``held``: the job as :meth:`candidates` found it, whose results ``notes`` reject.
+        Raises :class:`ResultsChanged` when the job's results that destinations may hold are
+        no longer those (a verified SR attached since): the notes would leave it out.
         """
         now = utcnow()
         with self.ledger.session() as s:
             job = s.get_one(Job, job_id, with_for_update=True)
+            # A write first: SQLite locks no row, and begins its transaction only now; from
+            # here on nothing this reads can change before it commits (PostgreSQL: the row
+            # lock above).
+            s.execute(update(Job).where(Job.id == job_id).values(generation=Job.generation))
+            s.refresh(job)
+            if held is not None and not _possibly_stored(s, job_id) <= _pairs(held):
+                raise ResultsChanged("its results changed while the rejection notes were written")
             if job.withdrawn_at is not None:
                 raise StudyActionRefused(
                     f"its results were withdrawn already ({job.withdrawn_at:%Y-%m-%d %H:%M} UTC)"
@@ -320,6 +333,30 @@ class Withdrawals:
                 self.ledger._sync_job_delivery(s, job.id)
                 self.ledger._sync_study(s, job.study_id)
             return WithdrawnJob(job.id, cancelled, queued)
+
+
+class ResultsChanged(Exception):
+    """A job's results that destinations may hold changed while its withdrawal was prepared
+    (:meth:`Withdrawals.record`): prepare it again."""
+
+
+def _possibly_stored(s: Session, job_id: int) -> set[tuple[str, str]]:
+    """(SOP Instance UID, destination) of each result of the job some destination may hold
+    (rejection notes never), as :meth:`Withdrawals.candidates` counts them."""
+    rows = s.execute(
+        select(Result.sop_instance_uid, Delivery.destination)
+        .join(Delivery, Delivery.result_id == Result.id)
+        .where(
+            Result.job_id == job_id,
+            Result.kind != REJECTION_NOTE_KIND,
+            Delivery.state.in_(_POSSIBLY_STORED),
+        )
+    )
+    return {(str(uid), str(destination)) for uid, destination in rows}
+
+
+def _pairs(job: WithdrawableJob) -> set[tuple[str, str]]:
+    return {(r.sop_instance_uid, d) for r in job.results for d in r.destinations}
 
 
 def _only(destinations: Sequence[str]) -> Callable[[str, str], bool]:

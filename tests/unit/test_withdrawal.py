@@ -23,6 +23,7 @@ from sqlalchemy import func, select, text, update
 
 from acwi_node.cli import main
 from acwi_node.config import Settings
+from acwi_node.export import withdrawal as withdrawal_module
 from acwi_node.export.outbox import Exporter
 from acwi_node.export.withdrawal import withdraw_replaced, withdraw_results
 from acwi_node.ledger import Ledger, ResultFile, RoutedJob, StudyActionRefused, repository
@@ -536,6 +537,44 @@ def test_a_verified_sr_attached_as_a_withdrawal_commits_is_refused_on_sqlite(
     assert "sr-verified" not in _kinds(ledger, job_id)
     assert unrecorded_files(settings, ledger) == []
     # nothing of the withdrawn analysis is on its way but its rejection notes
+    assert {kind for _, kind, state in deliveries(ledger, job_id) if state == "pending"} == {
+        "rejection-note"
+    }
+
+
+def test_a_verified_sr_attached_while_the_notes_are_written_is_in_them(
+    node: tuple[Settings, Ledger], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A withdrawal finds the job's results, writes their rejection notes, then records them.
+    A verdict whose verified SR is attached between the two (queued, so possibly on its way to
+    the PACS) must be named in the notes too: the withdrawal is prepared again, and the notes
+    of the first try are removed."""
+    settings, ledger = node
+    job_id, uid = analysed(settings, ledger, tmp_path)
+    item_id, store, rad = _radiologist(ledger, job_id)
+    write_notes = withdrawal_module._write_notes
+    tries: list[int] = []
+
+    def verdict_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        notes = write_notes(*args, **kwargs)
+        tries.append(len(notes))
+        if len(tries) == 1:
+            submit_verdict(settings, store, item_id, rad, action="confirm")
+        return notes
+
+    monkeypatch.setattr(withdrawal_module, "_write_notes", verdict_meanwhile)
+    report = withdraw_results(settings, ledger, reason="quality", note=NOTE, by="a", study_uid=uid)
+    (job,) = report.jobs
+    assert job.withdrawn and len(tries) == 2, job.error
+    with ledger.session() as s:
+        (sr_uid,) = s.scalars(
+            select(Result.sop_instance_uid).where(
+                Result.job_id == job_id, Result.kind == "sr-verified"
+            )
+        ).all()
+    notes = notes_due(ledger, settings)
+    assert sr_uid in referenced(notes["pacs"]) and sr_uid in referenced(notes["viewer"])
+    assert unrecorded_files(settings, ledger) == []  # the first try's notes are gone
     assert {kind for _, kind, state in deliveries(ledger, job_id) if state == "pending"} == {
         "rejection-note"
     }

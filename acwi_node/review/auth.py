@@ -264,6 +264,9 @@ def csrf_token(key: bytes, purpose: str, bound_to: str) -> str:
 
 
 def csrf_ok(key: bytes, purpose: str, bound_to: str, presented: str | None) -> bool:
+    """Whether ``presented`` is the form's token; False for any other text (compared as
+    bytes: ``hmac.compare_digest`` refuses a string with a character beyond ASCII)."""
     if not presented or not bound_to:
         return False
-    return hmac.compare_digest(csrf_token(key, purpose, bound_to), presented)
+    expected = csrf_token(key, purpose, bound_to).encode("ascii")
+    return hmac.compare_digest(expected, presented.encode("utf-8", "replace"))

@@ -10,6 +10,13 @@
   at all (:func:`typed_text_error`). The text goes into the ledger, the verified SR and the
   RIS's messages, where a NUL or an escape sequence would corrupt them; the node refuses it
   with the reason rather than change what the reader wrote.
+* Text that names something (a path parameter, a query value, a sign-in name) holds no such
+  character either: none can name anything the node keeps, and PostgreSQL cannot even compare
+  a NUL (psycopg refuses it). :func:`plain_path_and_query`, a dependency of every route of the
+  app, answers a path parameter holding one 404 (it names nothing) and a query value 422 (a
+  value no filter can take), as for any other invalid path or query, without asking the
+  database; sign-in treats such a name as no account's (a wrong password's answer) and writes
+  it to the audit trail as :func:`printable` gives it.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import Path
+from fastapi import Path, Request
+from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator
 
 #: The largest id a ledger row can have (PostgreSQL's INTEGER, a signed 32-bit integer).
@@ -56,3 +64,30 @@ def _plain_text(value: str) -> str:
 
 #: A JSON API model's typed text field (refused with a 422 naming the character).
 TypedText = Annotated[str, AfterValidator(_plain_text)]
+
+
+def printable(text: str) -> str:
+    """``text`` with each character typed text may not hold written as its escape (``\\x00``,
+    ``\\x1b``, ``\\ud800``): a name no account can have, as the audit trail and the logs keep
+    it."""
+    return _NOT_TEXT.sub(lambda found: found.group().encode("unicode_escape").decode(), text)
+
+
+def plain_path_and_query(request: Request) -> None:
+    """Every route's first dependency: a path parameter, or a query parameter's name or value,
+    holding a character typed text may not hold (:func:`typed_text_error`: a NUL, an ESC, ...)
+    is refused before the handler asks the database about it. The request validation handler
+    answers the path's 404 (no such thing) and the query's 422 (its error names the parameter
+    and the character)."""
+    for name, value in request.path_params.items():
+        if isinstance(value, str) and (problem := typed_text_error(value)) is not None:
+            raise RequestValidationError([_invalid("path", name, value, problem)])
+    for name, value in request.query_params.multi_items():
+        problem = typed_text_error(name, "the parameter's name") or typed_text_error(value)
+        if problem is not None:
+            raise RequestValidationError([_invalid("query", name, value, problem)])
+
+
+def _invalid(where: str, name: str, value: str, problem: str) -> dict[str, object]:
+    """A validation error as FastAPI gives one (``type``, ``loc``, ``msg``, ``input``)."""
+    return {"type": "value_error", "loc": (where, name), "msg": problem, "input": value}

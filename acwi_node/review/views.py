@@ -28,11 +28,11 @@ import io
 import logging
 import math
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs, quote, unquote
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -71,7 +71,7 @@ from acwi_node.results.sr import summarise_sr
 from acwi_node.results.uids import result_uids
 from acwi_node.retention import disk_space
 from acwi_node.review import auth
-from acwi_node.review.inputs import RowId, typed_text_error
+from acwi_node.review.inputs import RowId, printable, typed_text_error
 from acwi_node.review.lesion_boxes import drafted_boxes, marked_boxes
 from acwi_node.review.store import (
     ItemClosed,
@@ -99,6 +99,10 @@ BASIC_PREFIXES = ("/api/", "/dicomweb/")
 #: The only paths a ``sender`` account (a PACS storing by STOW-RS) may use.
 SENDER_PREFIXES = ("/dicomweb/",)
 MAX_FORM_BYTES = 64 * 1024
+#: The forms' fields of typed text (a verdict's reason, a withdrawal's note): their handlers
+#: refuse a control character in them with the page again and the reason
+#: (:func:`~acwi_node.review.inputs.typed_text_error`); :func:`_form` refuses one elsewhere.
+TYPED_TEXT_FIELDS = frozenset({"reason", "note"})
 #: Largest side of a rendered image (pixels).
 DISPLAY_MAX = 1024
 SECURITY_HEADERS = {
@@ -310,7 +314,7 @@ class ReviewApp:
         except (binascii.Error, UnicodeDecodeError):
             return None
         name, _, password = decoded.partition(":")
-        user = self.store.get_user(name)
+        user = self.account(name)
         # Credentials that verified a moment ago pass even while the name is throttled: they
         # hold the password already (a PACS storing by STOW-RS keeps working while someone
         # guesses at its account).
@@ -331,10 +335,20 @@ class ReviewApp:
             if user is None or user.disabled:
                 auth.verify_password(password, auth.DUMMY_HASH)  # the same time either way
             self.sign_in_failed(name, "basic", user)
-            self.store.audit(name[:64], "login_failed", detail="HTTP Basic", address=address)
+            self.store.audit(
+                printable(name)[:64], "login_failed", detail="HTTP Basic", address=address
+            )
             return None
         self.sign_in_succeeded(user)
         return SessionInfo(user.id, user.name, user.role, "", utcnow())
+
+    def account(self, name: str) -> UserInfo | None:
+        """The account a sign-in names; None, without asking the ledger, for a name with a
+        control character, which no account has (and PostgreSQL cannot compare a NUL): it
+        fails like an unknown name."""
+        if typed_text_error(name) is not None:
+            return None
+        return self.store.get_user(name)
 
     def wait_s(self, name: str, user: UserInfo | None) -> float:
         """Seconds before ``name`` may try to sign in again (0: now): an account's failures
@@ -388,14 +402,25 @@ def _client_address(request: Request) -> str:
     return request.client.host if request.client is not None else ""
 
 
-def _form(body: bytes) -> dict[str, str]:
+def _form(body: bytes, *, text: Collection[str] = TYPED_TEXT_FIELDS) -> dict[str, str]:
+    """A posted form's fields. A field's name, or a value of a field but those of ``text``
+    (which their handler checks), with a control character (a NUL, which PostgreSQL refuses)
+    is refused with a 422 that names the field and the character: a model's name, a label,
+    a lesion box's image name hold none, and the handlers look them up."""
     if len(body) > MAX_FORM_BYTES:
         raise HTTPException(status_code=413, detail="form too large")
     try:
         parsed = parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=50)
     except (UnicodeDecodeError, ValueError) as exc:
         raise HTTPException(status_code=400, detail="malformed form") from exc
-    return {k: v[0] for k, v in parsed.items()}
+    form = {k: v[0] for k, v in parsed.items()}
+    for key, value in form.items():
+        problem = typed_text_error(key, f"a field's name ({printable(key)})")
+        if problem is None and key not in text:
+            problem = typed_text_error(value, key)
+        if problem is not None:
+            raise HTTPException(status_code=422, detail=problem)
+    return form
 
 
 def _safe_next(value: str) -> str:
@@ -453,6 +478,8 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
                     headers={"WWW-Authenticate": 'Basic realm="ACWI Node"'},
                 )
             target = path + (f"?{request.url.query}" if request.url.query else "")
+            if typed_text_error(unquote(target)) is not None:  # a 404 or a 422 once signed in:
+                return RedirectResponse("/login", status_code=303)  # not worth coming back to
             return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
         if user.role == "sender" and not path.startswith(SENDER_PREFIXES) and path != "/logout":
             return JSONResponse({"detail": "a sender account may only store studies"}, 403)
@@ -478,7 +505,9 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
 
     @app.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
-        form = _form(await request.body())
+        # a user name or a password with a control character is no account's: refused below
+        # as a wrong password is, nothing told
+        form = _form(await request.body(), text={"username", "password"})
         nonce = request.cookies.get(auth.LOGIN_COOKIE, "")
         next_path = _safe_next(form.get("next", ""))
         if not auth.csrf_ok(review.key, "login", nonce, form.get("csrf_token")):
@@ -499,13 +528,13 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             _set_cookie(failed, auth.LOGIN_COOKIE, new_nonce, 3600, cookie_secure)
             return failed
 
-        user = await run_in_threadpool(review.store.get_user, name)
+        user = await run_in_threadpool(review.account, name)
         wait = review.wait_s(name, user)
         if wait > 0:  # refused before the password is looked at
             metrics.SIGN_INS_THROTTLED.labels("form").inc()
             await run_in_threadpool(
                 review.store.audit,
-                name[:64],
+                printable(name)[:64],
                 "login_failed",
                 detail="throttled",
                 address=_client_address(request),
@@ -524,7 +553,10 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         sender = user is not None and user.role == "sender"
         if user is None or user.disabled or not ok or sender:
             await run_in_threadpool(
-                review.store.audit, name[:64], "login_failed", address=_client_address(request)
+                review.store.audit,
+                printable(name)[:64],
+                "login_failed",
+                address=_client_address(request),
             )
             if not ok or user is None or user.disabled:
                 await run_in_threadpool(review.sign_in_failed, name, "form", user)

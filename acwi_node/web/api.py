@@ -28,7 +28,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -38,6 +38,7 @@ from acwi_node import __version__
 from acwi_node.config import Settings
 from acwi_node.ledger import Ledger, StudyActionRefused, StudyState
 from acwi_node.ledger.trace import study_trace
+from acwi_node.review.inputs import plain_path_and_query
 from acwi_node.review.store import ReviewStore, WorklistFilters
 from acwi_node.review.views import destination_outboxes, install_review
 from acwi_node.web.feedback import feedback_router
@@ -70,10 +71,12 @@ async def request_invalid(request: Request, exc: Exception) -> Response:
     """A request the handler's parameters refuse.
 
     A path parameter that is not valid (a case id beyond what the ledger's keys hold, or no
-    number at all: :data:`~acwi_node.review.inputs.RowId`) names nothing there can be: 404.
-    Anything else is FastAPI's 422 with the errors, less what JSON cannot carry: a NaN or
-    Infinity in the body, or an unpaired surrogate, is left out of the error it belongs to
-    rather than failing the answer."""
+    number at all: :data:`~acwi_node.review.inputs.RowId`; text with a control character, a
+    NUL that PostgreSQL cannot compare among them:
+    :func:`~acwi_node.review.inputs.plain_path_and_query`) names nothing there can be: 404.
+    Anything else (a query value with a control character too) is FastAPI's 422 with the
+    errors, less what JSON cannot carry: a NaN or Infinity in the body, or an unpaired
+    surrogate, is left out of the error it belongs to rather than failing the answer."""
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     if any(tuple(error.get("loc") or ())[:1] == ("path",) for error in errors):
@@ -98,7 +101,15 @@ def _reportable(error: Mapping[str, Any]) -> dict[str, Any]:
 def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
     """The FastAPI application over the ledger."""
     db = ledger or Ledger(settings.database_url)
-    app = FastAPI(title="ACWI Node", version=__version__, docs_url="/api/docs", redoc_url=None)
+    app = FastAPI(
+        title="ACWI Node",
+        version=__version__,
+        docs_url="/api/docs",
+        redoc_url=None,
+        # every route, those to come too: a path parameter or a query value with a control
+        # character (a NUL, which PostgreSQL refuses) is a 404 or a 422, never a lookup
+        dependencies=[Depends(plain_path_and_query)],
+    )
     # The review web app, and sign-in for everything but /healthz, /readyz and /metrics.
     install_review(app, settings, db)
 

@@ -37,8 +37,9 @@ from acwi_node.review.verdicts import MAX_REASON, VerdictOutcome, amend_verdict,
 
 log = logging.getLogger("acwi_node.api")
 
-#: An image's lesion boxes: each ``[x0, y0, x1, y1]`` in its pixels, inclusive.
-PixelBoxes = dict[str, list[list[StrictInt]]]
+#: An image's lesion boxes: each ``[x0, y0, x1, y1]`` in its pixels, inclusive (by image
+#: name: plain text, as every name the API is given).
+PixelBoxes = dict[TypedText, list[list[StrictInt]]]
 
 
 class VerdictRequest(BaseModel):
@@ -48,7 +49,7 @@ class VerdictRequest(BaseModel):
 
     action: Literal["confirm", "override", "escalate"]
     #: The right label, for an override (one of the model's labels).
-    label: str = ""
+    label: TypedText = ""
     #: Required to override or escalate; plain text (tabs and line breaks, no other control
     #: character).
     reason: TypedText = Field("", max_length=MAX_REASON)
@@ -64,7 +65,7 @@ class AmendmentRequest(BaseModel):
     #: The id of the verdict it amends: the case's ``current_verdict`` as last read.
     amends: int
     action: Literal["confirm", "override"]
-    label: str = ""
+    label: TypedText = ""
     reason: TypedText = Field(min_length=1, max_length=MAX_REASON)
     #: Every lesion box the amended verdict keeps (those of the verdict it amends included).
     boxes: PixelBoxes = Field(default_factory=dict)

@@ -1,10 +1,15 @@
 """What the web app accepts from people: ids in paths (one that cannot be a ledger row's is
 404, on SQLite and PostgreSQL alike), bodies that fail validation (a 422 whatever they hold,
-NaN and Infinity included) and typed text (no control characters, from the API or a form)."""
+NaN and Infinity included), typed text (no control characters, from the API or a form) and
+names (a control character, a NUL that PostgreSQL refuses among them, in a path is a 404, in a
+query value, a form field or a JSON name a 422, in sign-in credentials a wrong password's
+answer: never a server error, on either database)."""
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -18,10 +23,11 @@ from starlette.routing import BaseRoute
 from acwi_node.config import Settings
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import Verdict
+from acwi_node.review import auth
 from acwi_node.review.inputs import MAX_ROW_ID, typed_text_error
 from acwi_node.review.store import ReviewStore
 from acwi_node.web.api import create_app
-from tests.support.review_case import PASSWORD, add_user, sign_in
+from tests.support.review_case import CSRF, PASSWORD, add_user, sign_in
 from tests.support.study_flow import analyse, receive
 
 ADMIN = ("ada", PASSWORD)
@@ -233,3 +239,239 @@ def test_typed_text_is_plain_text(text: str, problem: str | None) -> None:
         assert found is None
     else:
         assert found is not None and found.startswith(f"reason: {problem} is not allowed")
+
+
+#: Control characters no name holds: NUL (which PostgreSQL refuses), ESC, a C1 control, each
+#: as a URL carries it.
+NAMELESS = {"\u0000": "%00", "\u001b": "%1B", "\u0085": "%C2%85"}
+
+
+def _client(settings: Settings, ledger: Ledger) -> TestClient:
+    return TestClient(
+        create_app(settings, ledger), base_url="https://testserver", raise_server_exceptions=False
+    )
+
+
+def _refused_query(answer: Any, name: str) -> None:
+    """A 422 whose one error names the query parameter and the character."""
+    assert answer.status_code == 422, answer.text
+    (error,) = answer.json()["detail"]
+    assert error["loc"] == ["query", name], error
+    assert "a control character (U+" in error["msg"], error
+
+
+def _basic(name: str, password: str = PASSWORD) -> dict[str, str]:
+    credentials = base64.b64encode(f"{name}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {credentials}"}
+
+
+def test_a_control_character_in_a_path_or_a_query_names_nothing(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    """A study UID, a destination's or a model's name in the path is a 404, a filter in the
+    query a 422 naming it: the database is never asked (PostgreSQL refuses a NUL: it was a
+    500 there), and SQLite answers the same. Reading, administrators' actions and pages."""
+    settings, ledger = ledger_node
+    add_user(ledger, "ada", role="admin")
+    receive(settings, ledger, "1.2.3", "1.2.3.1")
+    with _client(settings, ledger) as client:
+        for char, q in NAMELESS.items():
+            for path in [f"/api/studies/{q}", f"/api/studies/1.2{q}", f"/api/studies/1.2{q}/trace"]:
+                assert client.get(path, auth=ADMIN).status_code == 404, path
+            for path, body in [
+                (f"/api/studies/1.2{q}/resend", {}),
+                (f"/api/studies/1.2{q}/reprocess", {}),
+                (f"/api/studies/1.2{q}/withdraw", {"reason": "quality", "note": "wrong"}),
+                (f"/api/destinations/{q}/retry", {}),
+                (f"/api/models/{q}/1.0/recall", {"reason": "quality", "note": "wrong"}),
+                (f"/api/models/acwi-dianet-chest/1.0{q}/recall", {"note": "wrong"}),
+            ]:
+                answer = client.post(path, json=body, auth=ADMIN)
+                assert answer.status_code == 404, (char, path, answer.text)
+            for method in ["PUT", "DELETE"]:
+                answer = client.request(
+                    method, f"/api/monitoring/baselines/m{q}/1", auth=ADMIN,
+                    json={"since": "2026-01-01", "until": "2026-01-31"},
+                )  # fmt: skip
+                assert answer.status_code == 404, (method, answer.text)
+            for path, name in [
+                (f"/api/studies?uid={q}", "uid"),
+                (f"/api/studies?calling_ae={q}", "calling_ae"),
+                (f"/api/studies?state=received&uid=1.2{q}", "uid"),
+                (f"/api/review/decided?reader={q}", "reader"),
+                (f"/api/worklist?modality={q}", "modality"),
+                (f"/api/monitoring?model={q}", "model"),
+            ]:
+                _refused_query(client.get(path, auth=ADMIN), name)
+            # the study is still there for a UID without the character
+            found = client.get("/api/studies?uid=1.2", auth=ADMIN).json()["studies"]
+            assert [s["study_uid"] for s in found] == ["1.2.3"]
+            # signing in comes first: 401 without credentials; a page is the sign-in page,
+            # which does not offer to come back to it
+            assert client.get(f"/api/studies/{q}").status_code == 401
+            for path in [f"/review/studies/1.2{q}", f"/review/studies?uid={q}"]:
+                answer = client.get(path, follow_redirects=False)
+                assert (answer.status_code, answer.headers["location"]) == (303, "/login")
+        assert client.get("/login").status_code == 200
+        csrf = sign_in(client, "ada")
+        for q in NAMELESS.values():
+            for path in [f"/review/studies/1.2{q}", f"/review/studies/{q}"]:
+                assert client.get(path).status_code == 404, path
+            for path in [f"/review/destinations/{q}/retry", f"/review/studies/1.2{q}/resend"]:
+                answer = client.post(path, data={"csrf_token": csrf})
+                assert answer.status_code == 404, (path, answer.text)
+            for path, name in [
+                (f"/review/studies?uid={q}", "uid"),
+                (f"/review/studies?calling_ae={q}", "calling_ae"),
+                (f"/review/worklist?calling_ae={q}", "calling_ae"),
+            ]:
+                _refused_query(client.get(path), name)
+        assert client.get("/review/studies?uid=1.2").status_code == 200
+
+
+def test_every_route_refuses_a_control_character_in_its_path_and_query(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    """Every route of the app, those to come too (the rule is the app's, not each
+    handler's): a path parameter with a NUL is a 404 and a query parameter a 422, for an
+    administrator signed in, before the handler looks anything up."""
+    settings, ledger = ledger_node
+    add_user(ledger, "ada", role="admin")
+    checked = 0
+    with _client(settings, ledger) as client:
+        sign_in(client, "ada")
+        for route in _api_routes(client.app.routes):  # type: ignore[attr-defined]
+            method = sorted(route.methods or {"GET"})[0]
+            names = [p.name for p in route.dependant.path_params]
+            for name in names:
+                path = route.path
+                for other in names:
+                    path = path.replace(f"{{{other}}}", "1.2%00" if other == name else "1")
+                answer = client.request(method, path, headers={"Content-Type": "application/json"})
+                assert answer.status_code == 404, (method, path, answer.text)
+                checked += 1
+            plain = route.path
+            for other in names:
+                plain = plain.replace(f"{{{other}}}", "1")
+            for param in route.dependant.query_params:
+                answer = client.request(
+                    method,
+                    f"{plain}?{param.name}=%00",
+                    headers={"Content-Type": "application/json"},
+                )
+                _refused_query(answer, param.name)
+                checked += 1
+    assert checked > 30
+
+
+def test_a_control_character_in_sign_in_credentials_is_a_wrong_password(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    """HTTP Basic and the sign-in form: a user name or a password with a NUL (or any control
+    character) is answered as a wrong password is (401, the same words), never a 500 or
+    anything that tells more; the failure is audited with the name escaped."""
+    settings, ledger = ledger_node
+    add_user(ledger, "ada", role="admin")
+    with _client(settings, ledger) as client:
+        wrong = client.get("/api/studies", headers=_basic("ada", "not the password"))
+        assert wrong.status_code == 401
+        for name, password in [("a\u0000da", PASSWORD), ("ada", "pass\u0000word"),
+                               ("a\u001bda", PASSWORD), ("ada\u0085", PASSWORD)]:  # fmt: skip
+            answer = client.get("/api/studies", headers=_basic(name, password))
+            assert answer.status_code == 401, (name, answer.text)
+            assert answer.json() == wrong.json()
+            assert answer.headers["WWW-Authenticate"] == wrong.headers["WWW-Authenticate"]
+
+        def form_sign_in(name: str, password: str) -> Any:
+            token = CSRF.search(client.get("/login").text)
+            assert token is not None
+            return client.post(
+                "/login",
+                data={"csrf_token": token.group(1), "username": name, "password": password},
+                follow_redirects=False,
+            )
+
+        for name, password in [("a\u0000da", PASSWORD), ("ada", "pass\u0000word")]:
+            answer = form_sign_in(name, password)
+            assert answer.status_code == 401, (name, answer.text)
+            assert "Unknown user name or wrong password." in answer.text
+            assert auth.SESSION_COOKIE not in answer.cookies
+        assert form_sign_in("ada", PASSWORD).status_code == 303  # not throttled, not locked
+    failed = [
+        e["user"] for e in ReviewStore(ledger).audit_events() if e["action"] == "login_failed"
+    ]
+    assert "a\\x00da" in failed and "a\\x1bda" in failed and "ada\\x85" in failed
+    assert not [name for name in failed if typed_text_error(name) is not None]
+
+
+def test_a_control_character_in_a_form_field_is_refused(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    """A model's name or version (a recall, a monitoring baseline), a verdict's label, a
+    lesion box's image name: the pages' forms refuse a control character with a 422 naming
+    the field, before anything is looked up; nothing is recorded."""
+    settings, ledger = ledger_node
+    add_user(ledger, "ada", role="admin")
+    item = _open_case(settings, ledger)
+    with _client(settings, ledger) as client:
+        csrf = sign_in(client, "ada")
+        for path, form, field in [
+            ("/review/models/recall", {"name": "m\u0000", "version": "1", "confirm": "on",
+                                       "reason": "quality", "note": "wrong"}, "name"),
+            ("/review/models/recall", {"name": "m", "version": "1\u0000", "confirm": "on",
+                                       "reason": "quality", "note": "wrong"}, "version"),
+            ("/review/monitoring/baseline", {"model": "m\u0000", "version": "1",
+                                             "since": "2026-01-01", "until": "2026-01-31"},
+             "model"),
+            ("/review/monitoring/baseline", {"model": "m", "version": "1\u001b", "clear": "1"},
+             "version"),
+            (f"/review/cases/{item}/verdict",
+             {"action": "override", "label": "nor\u0000mal", "reason": "scar"}, "label"),
+            (f"/review/cases/{item}/verdict",
+             {"action": "confirm", "box:1.2.3.1\u0000": "0.1 0.1 0.2 0.2"}, "a field's name"),
+            (f"/review/cases/{item}/amend",
+             {"amends": "1", "action": "override", "label": "x\u0085", "reason": "r"}, "label"),
+        ]:  # fmt: skip
+            answer = client.post(path, data={"csrf_token": csrf, **form})
+            assert answer.status_code == 422, (path, form, answer.text)
+            assert answer.json()["detail"].startswith(f"{field}")
+            assert "a control character (U+" in answer.json()["detail"]
+        assert _verdicts(ledger) == 0
+        # a CSRF token beyond ASCII is a wrong token, not a server error
+        answer = client.post(f"/review/cases/{item}/leave", data={"csrf_token": csrf + "é"})
+        assert answer.status_code == 403, answer.text
+
+
+def test_a_control_character_in_a_json_name_is_refused(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    """The JSON API's names (a verdict's label, a lesion box's image name, a retrieval's
+    source and keys, a baseline's period): 422, never a 500, nothing recorded."""
+    settings, ledger = ledger_node
+    add_user(ledger, "ada", role="admin")
+    item = _open_case(settings, ledger)
+    with _client(settings, ledger) as client:
+        for method, path, body in [
+            ("POST", f"/api/review/cases/{item}/verdict",
+             {"action": "override", "label": "nor\u0000mal", "reason": "scar"}),
+            ("POST", f"/api/review/cases/{item}/verdict",
+             {"action": "confirm", "boxes": {"1.2.3.1\u0000": [[1, 1, 2, 2]]}}),
+            ("POST", f"/api/review/cases/{item}/amend",
+             {"amends": 1, "action": "override", "label": "x\u001b", "reason": "r"}),
+            ("POST", "/api/retrievals", {"source": "pacs\u0000", "study_uid": "1.2"}),
+            ("POST", "/api/retrievals", {"source": "pacs", "accession_number": "A\u0000"}),
+            ("PUT", "/api/monitoring/baselines/m/1",
+             {"since": "2026-01-0\u0000", "until": "2026-01-31"}),
+        ]:  # fmt: skip
+            answer = client.request(method, path, json=body, auth=ADMIN)
+            assert answer.status_code == 422, (path, body, answer.text)
+        assert _verdicts(ledger) == 0
+
+
+def test_a_name_with_a_control_character_is_kept_printable() -> None:
+    """What the audit trail keeps of a sign-in name no account can have."""
+    from acwi_node.review.inputs import printable
+
+    assert printable("a\u0000d\u001ba\u0085\ud800") == "a\\x00d\\x1ba\\x85\\ud800"
+    assert printable("Doe^Jane, Œdème\t") == "Doe^Jane, Œdème\t"
+    assert re.fullmatch(r"[ -~]*", printable("\u0000\u007f"))

@@ -8,14 +8,18 @@ Layout::
     <data_dir>/models/<name>/ACTIVE                    the active version's name (one line)
 
 ``acwi-node models install`` copies a model folder (or the folder of a manifest file) into the
-registry after checking the weights' SHA-256 against the manifest, and refuses a mismatch; an
-installed version is never overwritten by different weights. ``acwi-node models activate NAME
-VERSION`` writes ``ACTIVE`` atomically. :meth:`acwi_node.config.Settings.model_manifest` prefers
-the active version, so routes using model ``NAME`` run it from the worker's next task on.
+registry after checking the weights' SHA-256 against the manifest, and refuses a mismatch;
+before the copy the model must run as the worker runs it (:func:`trial_run`). An installed
+version is never overwritten: installing it again with another manifest (other weights, labels,
+thresholds) is refused. ``acwi-node models activate NAME VERSION`` writes ``ACTIVE`` atomically.
+:meth:`acwi_node.config.Settings.model_manifest` prefers the active version, so routes using
+model ``NAME`` run it from the worker's next task on.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import shutil
@@ -32,6 +36,16 @@ if TYPE_CHECKING:
 MANIFEST_NAME = "manifest.json"
 ACTIVE_FILE = "ACTIVE"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: What :func:`is_safe_name` takes, in words (error messages).
+SAFE_NAME_RULE = (
+    "use letters, digits, '.', '_' and '-' (at most 64, starting with a letter or digit)"
+)
+
+
+def is_safe_name(value: str) -> bool:
+    """Whether ``value`` can name a folder or a file on its own (a model's name or version):
+    no path separator, no ``..``, nothing hidden."""
+    return bool(_SAFE_NAME.fullmatch(value))
 
 
 class RegistryError(ValueError):
@@ -54,11 +68,8 @@ class InstalledModel:
 
 
 def _check_name(kind: str, value: str) -> str:
-    if not _SAFE_NAME.match(value) or value in {".", ".."}:
-        raise RegistryError(
-            f"model {kind} {value!r} cannot name a folder: use letters, digits, '.', '_' and '-'"
-            " (at most 64, starting with a letter or digit)"
-        )
+    if not is_safe_name(value):
+        raise RegistryError(f"model {kind} {value!r} cannot name a folder: {SAFE_NAME_RULE}")
     return value
 
 
@@ -68,6 +79,129 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class TrialRunError(RuntimeError):
+    """The model does not run as the worker would run it; the message says where (one line)."""
+
+
+#: The longest exception message a refusal quotes.
+_REASON_CHARS = 300
+
+
+def _brief(exc: BaseException) -> str:
+    """An exception on one line: its type and its message's first :data:`_REASON_CHARS`
+    characters (a state dict's size mismatches fill many lines)."""
+    message = " ".join(str(exc).split())
+    if len(message) > _REASON_CHARS:
+        message = message[: _REASON_CHARS - 3] + "..."
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def trial_run(source: Path) -> None:
+    """Load the model at ``source`` as the worker does and run its warm-up analysis (a
+    synthetic image at the manifest's input size, alone and in a batch of two) on the CPU:
+    on PyTorch, and through the backbone ONNX file the manifest records on ONNX Runtime, whose
+    outputs must match PyTorch's as ``acwi-models export`` required; the full-model ONNX file,
+    when recorded, must pass the export's parity check. The ONNX files are checked when ONNX
+    Runtime is installed (without it the worker cannot run them either).
+
+    Raises :class:`TrialRunError` naming the step that failed.
+    """
+    import tempfile
+
+    quiet = logging.getLogger("acwi_node.engines")  # "inference engine: ...": the worker's news
+    level = quiet.level
+    quiet.setLevel(max(level, logging.WARNING))
+    try:
+        with tempfile.TemporaryDirectory(prefix="acwi-install-") as cache_dir:
+            _trial_runs(Path(source), Path(cache_dir))
+    finally:
+        quiet.setLevel(level)
+
+
+def _trial_runs(source: Path, cache_dir: Path) -> None:
+    from acwi_node.inference.analyser import Analyser
+    from acwi_node.inference.engines import EngineOptions, cached_onnx
+    from acwi_node.inference.engines.ort import ort_providers
+    from models.export import CHECK_TOLERANCE, check_full_onnx, check_onnx, parity_inputs
+
+    def load(engine: str) -> Analyser:  # as the worker's get_analyser does, on the CPU
+        return Analyser.load(
+            source,
+            device="cpu",
+            mc_samples=2,
+            batch_size=2,
+            engine=EngineOptions(engine=engine, cache_dir=cache_dir, cuda_graphs=False),
+        )
+
+    try:
+        analyser = load("pytorch")
+    except Exception as exc:
+        raise TrialRunError(
+            f"the worker could not load the model (network, weights): {_brief(exc)}"
+        ) from None
+    manifest, model = analyser.manifest, analyser.model
+    size = manifest.input.size
+    try:
+        analyser.warm_up()
+    except Exception as exc:
+        raise TrialRunError(
+            f"a trial analysis on PyTorch (input {size} x {size}) failed: {_brief(exc)}"
+        ) from None
+    if not ort_providers():
+        return
+    if manifest.onnx is not None:
+        try:
+            load("onnxruntime").warm_up()
+        except Exception as exc:
+            raise TrialRunError(
+                f"a trial analysis through {manifest.onnx.file} on ONNX Runtime (input"
+                f" {size} x {size}) failed: {_brief(exc)}"
+            ) from None
+        try:
+            worst = check_onnx(model, cached_onnx(manifest, model, cache_dir), size)
+        except Exception as exc:
+            raise TrialRunError(
+                f"{manifest.onnx.file} does not compute what the weights and manifest do:"
+                f" {_brief(exc)}"
+            ) from None
+        if worst is not None and not worst <= CHECK_TOLERANCE:
+            raise TrialRunError(
+                f"{manifest.onnx.file} does not compute what the weights and manifest do"
+                f" (ONNX Runtime differs from PyTorch by {worst:.2e} > {CHECK_TOLERANCE:.0e}):"
+                " was it exported from other weights or another architecture_config?"
+            )
+    if manifest.full_onnx is not None:
+        path = manifest.directory / manifest.full_onnx.file
+        try:
+            parity = check_full_onnx(model, path, parity_inputs(manifest), manifest.temperature)
+        except Exception as exc:
+            raise TrialRunError(
+                f"a trial run of {manifest.full_onnx.file} on ONNX Runtime (input {size} x"
+                f" {size}) failed: {_brief(exc)}"
+            ) from None
+        if not parity.ok:
+            worst_outputs = ", ".join(
+                f"{k} {parity.max_abs_diff[k]:.2e} > {parity.tolerances[k]:.0e}"
+                for k in parity.failures
+            )
+            raise TrialRunError(
+                f"{manifest.full_onnx.file} does not compute what the weights and manifest"
+                f" do (ONNX Runtime differs from PyTorch: {worst_outputs}): was it exported"
+                " from other weights, another architecture_config or temperature?"
+            )
+
+
+def _canonical(manifest: ModelManifest) -> str:
+    """The manifest as canonical JSON (what two installs of one version must share)."""
+    return json.dumps(manifest.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def _differences(a: ModelManifest, b: ModelManifest) -> list[str]:
+    """The manifest's top-level keys whose values differ between ``a`` and ``b``."""
+    one, two = a.model_dump(mode="json"), b.model_dump(mode="json")
+    return sorted(k for k in one.keys() | two.keys() if one.get(k) != two.get(k))
 
 
 class ModelRegistry:
@@ -87,7 +221,7 @@ class ModelRegistry:
 
     def active_manifest(self, name: str) -> Path | None:
         """The manifest of the active version of ``name`` (None when there is none)."""
-        if not _SAFE_NAME.match(name):
+        if not is_safe_name(name):
             return None
         version = self.active_version(name)
         if version is None:
@@ -121,12 +255,18 @@ class ModelRegistry:
                 manifest_file = version_dir / MANIFEST_NAME
                 if not manifest_file.is_file():
                     continue
-                manifest = ModelManifest.model_validate_json(manifest_file.read_bytes())
+                raw = manifest_file.read_bytes()
+                try:
+                    weights_sha256 = ModelManifest.model_validate_json(raw).weights_sha256
+                except ValueError:
+                    # installed before a check it fails was added: still listed (activating it,
+                    # or a worker loading it, is refused with the reason)
+                    weights_sha256 = str(json.loads(raw).get("weights_sha256", ""))
                 out.append(
                     InstalledModel(
                         name=name_dir.name,
                         version=version_dir.name,
-                        weights_sha256=manifest.weights_sha256,
+                        weights_sha256=weights_sha256,
                         active=version_dir.name == active,
                         path=version_dir,
                     )
@@ -143,8 +283,10 @@ class ModelRegistry:
         own name. The manifest is copied unchanged, so results still name the model as it does.
 
         The weights' SHA-256 (and the ONNX file's, when the manifest names one) must match the
-        manifest, in the source and again in the copy; otherwise nothing is installed. Installing
-        a version again with the same weights is a no-op; with different weights it is refused.
+        manifest, in the source and again in the copy; otherwise nothing is installed. Before
+        the copy, the model must also run as the worker runs it (:func:`trial_run`). Installing
+        a version again with the same manifest is a no-op; with another manifest (other weights,
+        labels, thresholds...) it is refused.
         """
         from acwi_node.inference.manifest import ManifestError, load_manifest, sha256_file
 
@@ -173,14 +315,30 @@ class ModelRegistry:
             files.append(record.file)
         target = self.root / name / version
         if target.exists():
-            existing = load_manifest(target)
+            try:
+                existing = load_manifest(target)
+            except ManifestError as exc:
+                raise RegistryError(
+                    f"refused to install {source}: the installed {name} {version} does not"
+                    f" verify: {exc}"
+                ) from None
             if existing.weights_sha256 != manifest.weights_sha256:
                 raise RegistryError(
                     f"refused to install {source}: {name} {version} is already installed with"
                     f" other weights (SHA-256 {existing.weights_sha256[:16]}...); give the new"
                     " weights a new version"
                 )
+            if _canonical(existing) != _canonical(manifest):
+                raise RegistryError(
+                    f"refused to install {source}: {name} {version} is installed with another"
+                    f" manifest ({', '.join(_differences(existing, manifest))} differ): give it"
+                    " a new version"
+                )
         else:
+            try:
+                trial_run(source)
+            except TrialRunError as exc:
+                raise RegistryError(f"refused to install {source}: {exc}") from None
             self._copy_in(manifest, files, target)
         if activate:
             return self.activate(name, version)

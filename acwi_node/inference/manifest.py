@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from acwi_node.inference.preprocess import PreprocessSpec
 from acwi_node.inference.types import ModelIdentity
+from acwi_node.model_registry import SAFE_NAME_RULE, is_safe_name
+from models.networks.dianet import DIANetConfig
 
 MANIFEST_NAME = "manifest.json"
 
@@ -21,7 +23,8 @@ class ManifestError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity: no number of a model is either (and JSON cannot write them back)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class InputSpec(_Strict):
@@ -129,6 +132,12 @@ class ModelManifest(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelManifest:
+        # name and version name the model's registry folders and engine cache files
+        for key, value in (("name", self.name), ("version", self.version)):
+            if not is_safe_name(value):
+                raise ValueError(
+                    f"{key} {value!r} cannot name a folder or a file: {SAFE_NAME_RULE}"
+                )
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels must be unique")
         unknown = set(self.finding_labels) - set(self.labels)
@@ -137,7 +146,33 @@ class ModelManifest(_Strict):
         name = PurePosixPath(self.weights)
         if name.is_absolute() or ".." in name.parts or "\\" in self.weights:
             raise ValueError("weights must be a file name relative to the manifest")
+        self._matches_architecture()
         return self
+
+    def _matches_architecture(self) -> None:
+        """The network built from ``architecture_config`` must take the manifest's input,
+        labels and OOD statistics. Only the keys every architecture shares are read, with
+        their common defaults: ``models.model_io`` validates AMRI-Net manifests with this
+        schema too; whether the rest builds a network, ``acwi-node models install`` tries."""
+        arch, defaults = self.architecture_config, DIANetConfig()
+        num_classes = arch.get("num_classes", defaults.num_classes)
+        if num_classes != len(self.labels):
+            raise ValueError(
+                f"architecture_config num_classes is {num_classes} but the manifest lists"
+                f" {len(self.labels)} labels"
+            )
+        in_channels = arch.get("in_channels", defaults.in_channels)
+        if in_channels != self.input.channels:
+            raise ValueError(
+                f"architecture_config in_channels is {in_channels} but input.channels is"
+                f" {self.input.channels}"
+            )
+        latent_dim = arch.get("latent_dim", defaults.latent_dim)
+        if len(self.ood.mean) != latent_dim:
+            raise ValueError(
+                f"ood.mean and ood.precision have {len(self.ood.mean)} dimensions but the latent"
+                f" has {latent_dim} (architecture_config latent_dim)"
+            )
 
     @property
     def directory(self) -> Path:
@@ -178,6 +213,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _problems(exc: ValidationError) -> str:
+    """A validation error on one line: ``where: what`` per problem, ``;`` between them."""
+    out = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"])
+        what = str(error["msg"]).removeprefix("Value error, ")
+        out.append(f"{where}: {what}" if where else what)
+    return "; ".join(out)
+
+
 def load_manifest(path: Path) -> ModelManifest:
     """Read and validate a manifest (a file, or a folder holding ``manifest.json``).
 
@@ -196,7 +241,7 @@ def load_manifest(path: Path) -> ModelManifest:
     try:
         manifest = ModelManifest.model_validate(raw)
     except ValidationError as exc:
-        raise ManifestError(f"model manifest {path} is invalid:\n{exc}") from exc
+        raise ManifestError(f"model manifest {path} is invalid: {_problems(exc)}") from exc
     manifest._directory = path.resolve().parent
     weights = manifest.weights_path
     if not weights.is_file():

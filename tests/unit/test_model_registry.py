@@ -97,6 +97,51 @@ def test_a_version_is_never_overwritten_with_other_weights(
     assert load_manifest(first.path).weights_sha256 == first.weights_sha256
 
 
+def test_a_version_is_never_reinstalled_with_another_manifest(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Same weights, other labels and threshold: refused, the installed manifest kept."""
+    registry = ModelRegistry(settings.models_dir)
+    first = registry.install(model_copy(tmp_path, "a"), activate=True)
+    kept = first.manifest_path.read_bytes()
+    changed = model_copy(tmp_path, "b")
+    raw = json.loads((changed / "manifest.json").read_text())
+    raw["labels"], raw["finding_labels"] = ["normal", "mass", "effusion"], ["mass", "effusion"]
+    raw["uncertainty_threshold"] = 0.05
+    (changed / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(
+        RegistryError,
+        match=r"default 2\.0\.0 is installed with another manifest \(finding_labels, labels,"
+        r" uncertainty_threshold differ\): give it a new version",
+    ):
+        registry.install(changed, activate=True)
+    assert first.manifest_path.read_bytes() == kept
+    assert registry.install(model_copy(tmp_path, "c"), activate=True) == first  # the same: no-op
+
+
+def test_a_manifest_name_that_is_a_path_is_refused(settings: Settings, tmp_path: Path) -> None:
+    """The manifest's own name names engine cache files: it must be a safe file name too,
+    whatever name the registry installs it under."""
+    registry = ModelRegistry(settings.models_dir)
+    with pytest.raises(RegistryError, match="name '../../../escaped' cannot name a folder"):
+        registry.install(model_copy(tmp_path, "x", name="../../../escaped"), name="probe")
+    assert registry.installed() == []
+    assert not (settings.models_dir / "probe").exists()
+
+
+def test_a_version_installed_before_a_new_check_is_still_listed(
+    settings: Settings, tmp_path: Path
+) -> None:
+    registry = ModelRegistry(settings.models_dir)
+    model = registry.install(model_copy(tmp_path, "a"))
+    raw = json.loads(model.manifest_path.read_text())
+    raw["name"] = "../escaped"  # what an older node installed unchecked
+    model.manifest_path.write_text(json.dumps(raw))
+    assert registry.installed() == [model]
+    with pytest.raises(RegistryError, match="cannot name a folder"):
+        registry.activate("default", "2.0.0")
+
+
 def test_activate_needs_an_installed_version(settings: Settings, tmp_path: Path) -> None:
     registry = ModelRegistry(settings.models_dir)
     with pytest.raises(RegistryError, match="none is installed"):

@@ -12,9 +12,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
+import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -26,10 +29,12 @@ from typing import Any, NamedTuple, TypeVar, cast
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import Tensor
 
 from acwi_node.inference.analyser import mahalanobis, mc_head, summarise_mc
 from acwi_node.inference.manifest import (
+    MANIFEST_NAME,
     InputSpec,
     ModelManifest,
     OODSpec,
@@ -114,6 +119,9 @@ class DataConfig:
     workers: int = 1
     #: With ``--data``: the fraction of studies held out for validation.
     val_fraction: float = 0.2
+    #: Train from scratch even when a label has no training image (normally an error: the
+    #: model would ship an output it never learned). Fine-tuning only warns.
+    allow_missing_labels: bool = False
 
 
 @dataclass
@@ -476,7 +484,12 @@ def validation_mask(items: Sequence[LabelledImage], val_fraction: float, seed: i
 
 
 def folder_splits(
-    config: TrainingConfig, root: Path, spec: PreprocessSpec, masks: bool = False
+    config: TrainingConfig,
+    root: Path,
+    spec: PreprocessSpec,
+    masks: bool = False,
+    *,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[ImageSet, ImageSet, dict[str, str]]:
     """Train/validation sets from a labelled DICOM folder, split by patient where
     ``labels.csv`` names them (its ``patient`` column: the feedback export's pseudonyms), else
@@ -487,10 +500,11 @@ def folder_splits(
     Also returns the files the preprocessing refused, with their reasons. With ``masks``, the
     lesion boxes (``labels.csv``'s ``box`` column, one or several per image, or side-cars) come
     along as masks at the input size, each image's the union of its boxes
-    (:func:`~models.data.dicom_dataset.lesion_masks`), when any image has one.
+    (:func:`~models.data.dicom_dataset.lesion_masks`), when any image has one. ``log`` hears
+    how many DICOM images have no row in ``labels.csv``.
     """
     d = config.data
-    items = scan_folder(root, labels=d.labels)
+    items = scan_folder(root, labels=d.labels, log=log)
     if not items:
         raise ValueError(f"no labelled DICOM images found under {root}")
     images, kept, refused = load_unit_images(items, spec)
@@ -722,12 +736,17 @@ class InitialModel:
     std: float
     description: str
     fisher: FisherState | None
+    #: The model's labels, in the order of its output rows (None: a checkpoint written before
+    #: checkpoints recorded them), and its normal label.
+    labels: list[str] | None = None
+    normal_label: str | None = None
 
 
 def load_initial(path: Path) -> InitialModel:
     """Load a model to fine-tune: a manifest (file or folder) or a training checkpoint.
 
-    A ``fisher.pt`` next to the manifest (or inside a checkpoint) is picked up for EWC.
+    A ``fisher.pt`` next to the manifest (or inside a checkpoint) is picked up for EWC. The
+    model's labels come along: fine-tuning must keep them (:func:`check_initial_labels`).
     """
     path = Path(path)
     if path.is_file() and path.suffix == ".pt":
@@ -745,10 +764,13 @@ def load_initial(path: Path) -> InitialModel:
             float(std),
             f"checkpoint {path.name} (epoch {state.get('epoch')})",
             fisher,
+            list(state["labels"]) if state.get("labels") else None,
+            str(state["normal_label"]) if state.get("normal_label") else None,
         )
     manifest, architecture = read_manifest(path)
     weights = torch.load(manifest.weights_path, map_location="cpu", weights_only=True)
     fisher_path = manifest.directory / FISHER_NAME
+    normal = [name for name in manifest.labels if name not in manifest.finding_labels]
     return InitialModel(
         manifest.directory,
         dict(weights),
@@ -758,7 +780,31 @@ def load_initial(path: Path) -> InitialModel:
         manifest.preprocessing.std,
         f"{manifest.name} {manifest.version}",
         load_fisher(fisher_path) if fisher_path.is_file() else None,
+        list(manifest.labels),
+        normal[0] if len(normal) == 1 else None,
     )
+
+
+def check_initial_labels(initial: InitialModel, labels: Sequence[str], normal_label: str) -> None:
+    """Refuse to fine-tune ``initial`` onto other labels than its own, in its order.
+
+    Fine-tuning keeps the model's output rows (and EWC holds each to what it learned), so a
+    reordered or renamed ``data.labels`` would silently give an old row a new meaning.
+    """
+    if initial.labels is not None and list(labels) != initial.labels:
+        raise ValueError(
+            f"--init-from {initial.description} has the labels {initial.labels} (its output"
+            f" rows, in this order), but data.labels is {list(labels)}: fine-tuning keeps the"
+            " model's output rows, so set [data] labels = "
+            + json.dumps(initial.labels)
+            + " in --config (and label the data with them); a model with other labels is a"
+            " new model: train it without --init-from"
+        )
+    if initial.normal_label is not None and normal_label != initial.normal_label:
+        raise ValueError(
+            f"--init-from {initial.description} has the normal label {initial.normal_label!r},"
+            f" but data.normal_label is {normal_label!r}"
+        )
 
 
 class _DomainLosses:
@@ -893,6 +939,177 @@ def _compute_fisher(
     return fisher_diagonal(model, x[pick], y[pick], dataset=dataset)
 
 
+#: Where a manifest field comes from in the configuration (for the errors of check_config).
+_MANIFEST_KEYS = {
+    "labels": "data.labels",
+    "finding_labels": "data.labels",
+    "input.size": "preprocessing.input_size",
+    "preprocessing.lower_percentile": "preprocessing.lower_percentile",
+    "preprocessing.upper_percentile": "preprocessing.upper_percentile",
+    "target_review_rate": "calibration.target_review_rate",
+    "mc_samples": "calibration.mc_samples",
+    "ood.quantile": "calibration.ood_quantile",
+    "training.epochs": "train.epochs",
+    "training.seed": "train.seed",
+}
+
+
+def check_config(config: TrainingConfig, initial: InitialModel | None = None) -> None:
+    """Refuse, before any training, a configuration that cannot give a valid model: fewer
+    than one epoch or image per batch, a normal label outside ``data.labels``, labels other
+    than those of the model to fine-tune (``initial``), or a manifest field (name, version,
+    labels, calibration) the node's manifest schema would refuse."""
+    opt, d, p, cal = config.train, config.data, config.preprocessing, config.calibration
+    if opt.epochs < 1:
+        raise ValueError(f"train.epochs (--epochs) must be at least 1, not {opt.epochs}")
+    if opt.batch_size < 1:
+        raise ValueError(f"train.batch_size must be at least 1, not {opt.batch_size}")
+    if d.normal_label not in d.labels:
+        raise ValueError(
+            f"data.normal_label {d.normal_label!r} must be one of data.labels {list(d.labels)}"
+        )
+    if initial is not None:
+        check_initial_labels(initial, d.labels, d.normal_label)
+        arch_config = dict(initial.architecture_config)
+    else:
+        arch_config = config.network()[1]
+    dim = int(arch_config.get("latent_dim", 1))
+    placeholder = {
+        "name": config.name,
+        "version": config.version,
+        "architecture": "dianet",
+        "architecture_config": arch_config,
+        "labels": list(d.labels),
+        "finding_labels": [name for name in d.labels if name != d.normal_label],
+        "input": {"size": p.input_size, "channels": 1},
+        "preprocessing": {
+            "lower_percentile": p.lower_percentile,
+            "upper_percentile": p.upper_percentile,
+            "mean": 0.0,
+            "std": 1.0,
+        },
+        "temperature": 1.0,
+        "uncertainty_threshold": 0.5,
+        "target_review_rate": cal.target_review_rate,
+        "mc_samples": cal.mc_samples,
+        "ood": {
+            "mean": [0.0] * dim,
+            "precision": np.eye(dim).tolist(),
+            "threshold": 1.0,
+            "quantile": cal.ood_quantile,
+        },
+        "weights": WEIGHTS_NAME,
+        "weights_sha256": "0" * 64,
+        "created_at": dt.datetime.now(dt.timezone.utc),
+        "training": {
+            "dataset": "",
+            "epochs": opt.epochs,
+            "train_images": 0,
+            "val_images": 0,
+            "val_accuracy": 0.0,
+            "val_balanced_accuracy": 0.0,
+            "val_nll": 0.0,
+            "seconds": 0.0,
+            "seed": opt.seed,
+            "preset": config.preset,
+        },
+    }
+    try:
+        ModelManifest.model_validate(placeholder)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"])
+            if where:
+                key = _MANIFEST_KEYS.get(where, where)
+                problems.append(f"{key}: {error['msg']} (got {error.get('input')!r})")
+            else:  # a check across fields
+                problems.append(str(error["msg"]).removeprefix("Value error, "))
+        raise ValueError(
+            "the configuration cannot give a valid model manifest: " + "; ".join(problems)
+        ) from None
+
+
+def _check_label_counts(
+    config: TrainingConfig, train_set: ImageSet, *, fine_tuning: bool, log: Callable[[str], None]
+) -> None:
+    """Refuse (from scratch) or warn about (fine-tuning) labels without a training image."""
+    labels = list(config.data.labels)
+    counts = np.bincount(train_set.targets, minlength=len(labels))
+    missing = [name for name, n in zip(labels, counts, strict=True) if n == 0]
+    if not missing:
+        return
+    per_label = ", ".join(f"{name} {int(n)}" for name, n in zip(labels, counts, strict=True))
+    if fine_tuning:
+        log(
+            f"warning: no training images of {missing} (training images per label: "
+            f"{per_label}); the model's rows for them only keep what it learned before"
+            " (--ewc-lambda holds them to it)"
+        )
+        return
+    if config.data.allow_missing_labels:
+        log(
+            f"warning: no training images of {missing} (training images per label: "
+            f"{per_label}); data.allow_missing_labels is set, so the model learns nothing of"
+            " them"
+        )
+        return
+    raise ValueError(
+        f"no training images of {missing} (training images per label: {per_label}): the model"
+        " would have outputs it never learned. Add images of every label in data.labels, or"
+        " list only the labels the data has in [data] labels"
+    )
+
+
+def _check_finite(model: Network | None, **values: float) -> None:
+    """Refuse a trained model with non-finite weights, or non-finite calibration ``values``."""
+    bad = []
+    if model is not None:
+        state = model.state_dict()
+        bad = [n for n, t in state.items() if t.is_floating_point() and not t.isfinite().all()]
+    bad += [name for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        raise ValueError(
+            f"training diverged: {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''} not"
+            f" finite; lower train.lr or check the data"
+        )
+
+
+def _model_files(out_dir: Path) -> set[str]:
+    """The files of the model in ``out_dir``: its manifest's weights and ONNX files (file
+    names in the folder only), a Fisher file and dense heads."""
+    files = {FISHER_NAME, HEADS_NAME}
+    try:
+        raw = json.loads((out_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raw = {}
+    if not isinstance(raw, dict):
+        raw = {}
+    named = [raw.get("weights")]
+    named += [
+        rec.get("file") for rec in (raw.get("onnx"), raw.get("full_onnx")) if isinstance(rec, dict)
+    ]
+    files.update(n for n in named if isinstance(n, str) and n and Path(n).name == n)
+    return {name for name in files if (out_dir / name).is_file()}
+
+
+def _install(staging: Path, out_dir: Path) -> list[str]:
+    """Move a finished model's files from ``staging`` into ``out_dir`` (the manifest last, the
+    old manifest first out, so the folder never pairs a manifest with other weights) and
+    remove the files of the model there before that this one does not have. Returns those."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    produced = {path.name for path in staging.iterdir()}
+    stale = _model_files(out_dir) - produced
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    for name in sorted(produced - {MANIFEST_NAME}):
+        os.replace(staging / name, out_dir / name)
+    for name in sorted(stale):
+        (out_dir / name).unlink(missing_ok=True)
+    os.replace(staging / MANIFEST_NAME, out_dir / MANIFEST_NAME)
+    staging.rmdir()
+    return sorted(stale)
+
+
 def train(
     config: TrainingConfig,
     out_dir: Path,
@@ -901,27 +1118,41 @@ def train(
     resume: bool = False,
     init_from: Path | None = None,
     ewc_data: Path | None = None,
+    overwrite: bool = False,
     log: Callable[[str], None] = _log,
 ) -> TrainResult:
     """Run the whole pipeline and write ``weights.pt`` and ``manifest.json`` into ``out_dir``.
 
     ``init_from`` (a manifest or a training checkpoint) fine-tunes that model instead of
-    training from scratch, keeping its architecture and input statistics; with
+    training from scratch, keeping its architecture, labels and input statistics; with
     ``continual.ewc_lambda > 0`` the EWC penalty holds it near the old task (Fisher from the
     model's ``fisher.pt``, else computed on ``ewc_data`` or on the configured synthetic data).
+
+    The configuration is checked before any training (epochs, the manifest's fields), and an
+    ``out_dir`` that already holds a model (``manifest.json``) is refused unless
+    ``overwrite``. The model's files are written into a temporary folder beside ``out_dir``
+    and moved in only once all of them are: a run that fails (a diverging loss stops it
+    with an error) leaves ``out_dir``'s model as it was; only ``checkpoint.pt``, for
+    ``resume``, is written there during training.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     opt = config.train
+    labels = list(config.data.labels)
+    initial = load_initial(init_from) if init_from is not None else None
+    check_config(config, initial)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a folder")
+    if (out_dir / MANIFEST_NAME).exists() and not overwrite:
+        raise ValueError(
+            f"--out {out_dir} already holds a model ({MANIFEST_NAME}); pass --overwrite to"
+            " replace it (it stays as it is until the new one is complete), or choose another"
+            " --out"
+        )
     torch.set_num_threads(max(1, opt.threads))
     torch.manual_seed(opt.seed)
-    labels = list(config.data.labels)
-    if config.data.normal_label not in labels:
-        raise ValueError("data.normal_label must be one of data.labels")
     p = config.preprocessing
     unit_spec = PreprocessSpec(p.input_size, p.lower_percentile, p.upper_percentile)
-    initial = load_initial(init_from) if init_from is not None else None
     ewc_lambda = config.continual.ewc_lambda
     if ewc_lambda > 0 and initial is None:
         raise ValueError("continual.ewc_lambda needs a model to start from (--init-from)")
@@ -939,10 +1170,13 @@ def train(
         )
         dataset_name = f"synthetic phantoms, sites {config.data.sites}, seed {config.data.seed}"
     else:
-        train_set, val_set, refused = folder_splits(config, data_dir, unit_spec, cam_wanted)
+        train_set, val_set, refused = folder_splits(
+            config, data_dir, unit_spec, cam_wanted, log=log
+        )
         for path, reason in refused.items():
             log(f"skipped {path}: {reason}")
         dataset_name = f"DICOM folder {Path(data_dir).name}"
+    _check_label_counts(config, train_set, fine_tuning=initial is not None, log=log)
     cam_weight = config.localisation.cam_weight if train_set.masks is not None else 0.0
     if cam_wanted and data_dir is not None:
         if cam_weight > 0:
@@ -1024,6 +1258,11 @@ def train(
     history: list[dict[str, float]] = []
     if resume and checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
+        if state.get("labels") and list(state["labels"]) != labels:
+            raise ValueError(
+                f"--resume: {checkpoint} was trained with the labels {list(state['labels'])},"
+                f" but data.labels is {labels}"
+            )
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         schedule.load_state_dict(state["schedule"])
@@ -1100,6 +1339,12 @@ def train(
                 + config.heads.reconstruction_weight * rec
                 + cam_weight * loc
             )
+            if not math.isfinite(float(total.detach())):
+                raise ValueError(
+                    f"training diverged: the loss is {float(total.detach())} in epoch"
+                    f" {epoch + 1}, batch {step - epoch * steps_per_epoch + 1}; lower train.lr"
+                    f" (now {opt.lr:g}) or check the data"
+                )
             optimiser.zero_grad(set_to_none=True)
             total.backward()
             optimiser.step()
@@ -1142,6 +1387,7 @@ def train(
             f"val_nll {val.nll:.4f} lr {schedule.get_last_lr()[0]:.2e} "
             f"{record['seconds']:.1f}s"
         )
+        out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(
             {
                 "model": model.state_dict(),
@@ -1155,6 +1401,8 @@ def train(
                 "architecture": arch_name,
                 "architecture_config": arch_config,
                 "input_stats": (mean, std),
+                "labels": labels,
+                "normal_label": config.data.normal_label,
                 "fisher": fisher_state.to_dict() if fisher_state is not None else None,
                 "segmentation": dense.segmentation.state_dict() if dense.segmentation else None,
                 "reconstruction": (
@@ -1166,6 +1414,7 @@ def train(
 
     for hook in hooks:
         hook.remove()
+    _check_finite(model)
     model = model.to(memory_format=torch.contiguous_format).eval()
     cal = config.calibration
     x_train = (x_train_unit - mean) / std
@@ -1203,71 +1452,104 @@ def train(
             f"({int(sel.sum())} images)"
         )
 
-    weights_path = out_dir / WEIGHTS_NAME
-    torch.save(copy.deepcopy(model.state_dict()), weights_path)
-    if config.continual.fisher_images > 0:
-        fisher_path = save_fisher(
-            _compute_fisher(model, x_train, y_train, config.continual.fisher_images, dataset_name),
-            out_dir / FISHER_NAME,
-        )
-        log(f"wrote {fisher_path} (EWC Fisher information)")
-    if dense.modules():
-        head_metrics = dense.validate(model, x_val, val_set.targets, val_set.masks)
-        dense.save(out_dir / HEADS_NAME, stride, head_metrics)
-        log(
-            f"wrote {out_dir / HEADS_NAME} (dense heads)"
-            + "".join(f", {k} {v:.3f}" for k, v in head_metrics.items())
-        )
+    _check_finite(
+        None,
+        temperature=temperature,
+        uncertainty_threshold=threshold,
+        ood_threshold=ood_threshold,
+        val_nll=val_nll,
+    )
     cam_pointing = _cam_pointing(model, x_val, val_set.targets, val_set.masks, normal_index)
     if cam_pointing is not None:
         log(f"heatmap: peak in a lesion cell for {cam_pointing:.3f} of validation lesions")
+    fisher_dataset = dataset_name  # the data the Fisher information is estimated on
     if initial is not None:
         dataset_name += f"; fine-tuned from {initial.description}"
         if ewc_lambda > 0:
             dataset_name += f" with EWC lambda {ewc_lambda:g}"
-    seconds = time.perf_counter() - started
-    manifest = ModelManifest(
-        name=config.name,
-        version=config.version,
-        architecture="dianet",
-        architecture_config=arch_config,
-        labels=labels,
-        finding_labels=[name for name in labels if name != config.data.normal_label],
-        input=InputSpec(size=p.input_size, channels=1),
-        preprocessing=PreprocessingSpec(
-            lower_percentile=p.lower_percentile,
-            upper_percentile=p.upper_percentile,
-            mean=mean,
-            std=std,
-        ),
-        temperature=temperature,
-        uncertainty_threshold=threshold,
-        target_review_rate=cal.target_review_rate,
-        mc_samples=cal.mc_samples,
-        ood=OODSpec(
-            mean=ood_mean.tolist(),
-            precision=precision.tolist(),
-            threshold=ood_threshold,
-            quantile=cal.ood_quantile,
-        ),
-        weights=WEIGHTS_NAME,
-        weights_sha256=sha256_file(weights_path),
-        created_at=dt.datetime.now(dt.timezone.utc).replace(microsecond=0),
-        training=TrainingSummary(
-            dataset=dataset_name,
-            epochs=opt.epochs,
-            train_images=len(train_set),
-            val_images=len(val_set),
-            val_accuracy=val_accuracy,
-            val_balanced_accuracy=val_balanced,
-            val_nll=val_nll,
-            seconds=round(seconds, 1),
-            seed=opt.seed,
-            preset=config.preset,
-            val_cam_pointing=cam_pointing,
-        ),
+
+    # Every file of the model goes into a folder beside out_dir first, and into out_dir only
+    # once all of them are written: a failure leaves the model that was there as it was.
+    beside = out_dir.resolve()
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{beside.name}.", suffix=".partial", dir=beside.parent)
     )
-    manifest_path = write_model_manifest(manifest, arch_name, out_dir)
+    try:
+        staged_weights = staging / WEIGHTS_NAME
+        torch.save(copy.deepcopy(model.state_dict()), staged_weights)
+        wrote: list[str] = []
+        if config.continual.fisher_images > 0:
+            save_fisher(
+                _compute_fisher(
+                    model, x_train, y_train, config.continual.fisher_images, fisher_dataset
+                ),
+                staging / FISHER_NAME,
+            )
+            wrote.append(f"wrote {out_dir / FISHER_NAME} (EWC Fisher information)")
+        if dense.modules():
+            head_metrics = dense.validate(model, x_val, val_set.targets, val_set.masks)
+            dense.save(staging / HEADS_NAME, stride, head_metrics)
+            wrote.append(
+                f"wrote {out_dir / HEADS_NAME} (dense heads)"
+                + "".join(f", {k} {v:.3f}" for k, v in head_metrics.items())
+            )
+        seconds = time.perf_counter() - started
+        try:
+            manifest = ModelManifest(
+                name=config.name,
+                version=config.version,
+                architecture="dianet",
+                architecture_config=arch_config,
+                labels=labels,
+                finding_labels=[name for name in labels if name != config.data.normal_label],
+                input=InputSpec(size=p.input_size, channels=1),
+                preprocessing=PreprocessingSpec(
+                    lower_percentile=p.lower_percentile,
+                    upper_percentile=p.upper_percentile,
+                    mean=mean,
+                    std=std,
+                ),
+                temperature=temperature,
+                uncertainty_threshold=threshold,
+                target_review_rate=cal.target_review_rate,
+                mc_samples=cal.mc_samples,
+                ood=OODSpec(
+                    mean=ood_mean.tolist(),
+                    precision=precision.tolist(),
+                    threshold=ood_threshold,
+                    quantile=cal.ood_quantile,
+                ),
+                weights=WEIGHTS_NAME,
+                weights_sha256=sha256_file(staged_weights),
+                created_at=dt.datetime.now(dt.timezone.utc).replace(microsecond=0),
+                training=TrainingSummary(
+                    dataset=dataset_name,
+                    epochs=opt.epochs,
+                    train_images=len(train_set),
+                    val_images=len(val_set),
+                    val_accuracy=val_accuracy,
+                    val_balanced_accuracy=val_balanced,
+                    val_nll=val_nll,
+                    seconds=round(seconds, 1),
+                    seed=opt.seed,
+                    preset=config.preset,
+                    val_cam_pointing=cam_pointing,
+                ),
+            )
+        except ValidationError as exc:
+            raise ValueError(f"the trained model's manifest is invalid: {exc}") from None
+        write_model_manifest(manifest, arch_name, staging)
+        replaced = _install(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for line in wrote:
+        log(line)
+    for name in replaced:
+        log(f"removed {out_dir / name} (the replaced model's, which this one does not have)")
+    weights_path = out_dir / WEIGHTS_NAME
+    manifest_path = out_dir / MANIFEST_NAME
     if checkpoint.exists():
         os.remove(checkpoint)
     log(
@@ -1318,7 +1600,7 @@ def _old_task_fisher(
     """
     images = max(1, config.continual.fisher_images)
     if ewc_data is not None:
-        items = scan_folder(ewc_data, labels=config.data.labels)
+        items = scan_folder(ewc_data, labels=config.data.labels, log=log)
         unit, kept, _ = load_unit_images(items, spec)
         index = {name: i for i, name in enumerate(config.data.labels)}
         targets = np.asarray([index[items[i].label] for i in kept], dtype=np.int64)

@@ -2,8 +2,10 @@
 
 The CSV needs a ``label`` column and at least one of ``sop_instance_uid`` (per image) or
 ``study_instance_uid`` (every image of the study); an optional ``site`` column is kept.
-A per-image row wins over a per-study row. Files that are not DICOM, or that have no label,
-are ignored; images the preprocessing refuses are reported, not loaded.
+A per-image row wins over a per-study row; rows repeating an image or study must agree.
+Files that are not DICOM are ignored, DICOM images without a row are left out (and counted);
+images the preprocessing refuses are reported, not loaded. The CSV may carry a UTF-8 byte
+order mark.
 
 A multi-frame image (Enhanced CT or MR, tomosynthesis) is one labelled image per frame, as
 the node analyses it. An optional ``frame_number`` column labels one frame; a row without
@@ -20,8 +22,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +45,7 @@ from acwi_node.inference.preprocess import (
 from acwi_node.inference.types import unit_name
 
 LABELS_CSV = "labels.csv"
+_logger = logging.getLogger(__name__)
 #: A lesion box ``(x0, y0, x1, y1)`` in pixels (columns, rows), inclusive.
 Box = tuple[int, int, int, int]
 #: An image's lesion boxes (empty: none).
@@ -75,46 +79,89 @@ class _Row:
     patient: str = ""
 
 
+def _int_cell(line: Mapping[str, str | None], column: str, where: str) -> int | None:
+    """An integer cell (None when empty); ``where`` names the file and line in the error."""
+    text = (line.get(column) or "").strip()
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{where}: {column} {text!r} is not an integer") from None
+
+
+def _describe(row: _Row) -> str:
+    site = "" if row.site is None else f", site {row.site}"
+    patient = f", patient {row.patient!r}" if row.patient else ""
+    return f"label {row.label!r}{site}{patient}"
+
+
 def read_labels_csv(path: Path) -> tuple[dict[str, _Row], dict[str, _Row]]:
     """Rows keyed by image (SOP Instance UID, ``"<uid> frame <n>"`` for a row with a frame
-    number) and by Study Instance UID."""
+    number) and by Study Instance UID.
+
+    The file may start with a UTF-8 byte order mark (Excel's "CSV UTF-8"). Several rows for
+    one image (or study) must agree on label, site and patient: identical repeats are kept
+    once, differing ones raise ValueError naming both lines. A ``site`` or ``frame_number``
+    that is not an integer raises ValueError naming the file and line.
+    """
     by_sop: dict[str, _Row] = {}
     by_study: dict[str, _Row] = {}
-    with Path(path).open(newline="") as fh:
+    first_line: dict[tuple[str, str], int] = {}
+    with Path(path).open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         fields = set(reader.fieldnames or [])
         if "label" not in fields or not fields & {"sop_instance_uid", "study_instance_uid"}:
             raise ValueError(
                 f"{path}: needs a 'label' column and 'sop_instance_uid' or 'study_instance_uid'"
+                f" (found {sorted(fields)})"
             )
         for line in reader:
-            site_text = (line.get("site") or "").strip()
+            where = f"{path}, line {reader.line_num}"
             row = _Row(
-                line["label"].strip(),
-                int(site_text) if site_text else None,
+                (line.get("label") or "").strip(),
+                _int_cell(line, "site", where),
                 (line.get("patient") or "").strip(),
             )
             sop = (line.get("sop_instance_uid") or "").strip()
             study = (line.get("study_instance_uid") or "").strip()
-            frame_text = (line.get("frame_number") or "").strip()
             if sop:
-                by_sop[unit_name(sop, int(frame_text) if frame_text else None)] = row
+                kind, table = "image", by_sop
+                key = unit_name(sop, _int_cell(line, "frame_number", where))
             elif study:
-                by_study[study] = row
+                kind, table, key = "study", by_study, study
+            else:
+                continue
+            earlier = table.get(key)
+            if earlier is None:
+                table[key] = row
+                first_line[kind, key] = reader.line_num
+            elif earlier != row:
+                raise ValueError(
+                    f"{path}: lines {first_line[kind, key]} and {reader.line_num} disagree on"
+                    f" {kind} {key!r}: {_describe(earlier)} against {_describe(row)}"
+                )
     return by_sop, by_study
 
 
 def scan_folder(
-    root: Path, labels_csv: Path | None = None, labels: Sequence[str] | None = None
+    root: Path,
+    labels_csv: Path | None = None,
+    labels: Sequence[str] | None = None,
+    *,
+    log: Callable[[str], None] | None = None,
 ) -> list[LabelledImage]:
     """Labelled DICOM files under ``root`` (sorted by path).
 
     ``labels_csv`` defaults to ``root/labels.csv``. With ``labels`` given, a label outside it
-    is an error.
+    is an error. DICOM images (files, or frames of a multi-frame file) without a row are left
+    out, and how many is reported through ``log`` (default: a logging warning).
     """
     root = Path(root)
-    by_sop, by_study = read_labels_csv(labels_csv or root / LABELS_CSV)
+    csv_path = labels_csv or root / LABELS_CSV
+    by_sop, by_study = read_labels_csv(csv_path)
     items: list[LabelledImage] = []
+    unlabelled: list[str] = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         if path.suffix.lower() in (".csv", ".json"):
             continue
@@ -128,10 +175,16 @@ def scan_folder(
         for frame in [None] if frames == 1 else range(1, frames + 1):
             row = by_sop.get(unit_name(sop, frame)) or by_sop.get(sop) or by_study.get(study)
             if row is None:
+                unlabelled.append(unit_name(str(path.relative_to(root)), frame))
                 continue
             if labels is not None and row.label not in labels:
                 raise ValueError(f"{path}: label {row.label!r} is not one of {list(labels)}")
             items.append(LabelledImage(path, study, sop, row.label, row.site, frame, row.patient))
+    if unlabelled:
+        (log or _logger.warning)(
+            f"{len(unlabelled)} of {len(unlabelled) + len(items)} DICOM images under {root} have"
+            f" no row in {Path(csv_path).name} and are left out (first: {unlabelled[0]})"
+        )
     return items
 
 
@@ -258,25 +311,25 @@ def read_boxes(root: Path, items: Sequence[LabelledImage]) -> dict[str, Boxes]:
     :func:`parse_boxes`), else side-cars (``"box": [x0, y0, x1, y1]`` and/or ``"boxes": [[...],
     ...]``; a multi-frame image's lists its frames', each with its own).
 
-    A malformed box raises ValueError naming the CSV line and SOP Instance UID, or the
-    side-car.
+    Several rows for one image add their boxes up. A malformed box raises ValueError naming
+    the CSV line and SOP Instance UID, or the side-car.
     """
     boxes: dict[str, Boxes] = {}
     csv_path = Path(root) / LABELS_CSV
     if csv_path.is_file():
-        with csv_path.open(newline="") as fh:
+        with csv_path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             for row in reader:
                 sop = (row.get("sop_instance_uid") or "").strip()
+                where = f"{csv_path}, line {reader.line_num}"
                 try:
                     found = parse_boxes(row.get("box"))
                 except ValueError as exc:
-                    raise ValueError(
-                        f"{csv_path}, line {reader.line_num} (sop_instance_uid {sop!r}): {exc}"
-                    ) from None
-                frame = (row.get("frame_number") or "").strip()
+                    raise ValueError(f"{where} (sop_instance_uid {sop!r}): {exc}") from None
                 if found and sop:
-                    boxes[unit_name(sop, int(frame) if frame else None)] = found
+                    key = unit_name(sop, _int_cell(row, "frame_number", where))
+                    earlier = boxes.get(key, ())
+                    boxes[key] = earlier + tuple(box for box in found if box not in earlier)
     for item in items:
         if item.name in boxes:
             continue

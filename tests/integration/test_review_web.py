@@ -698,7 +698,7 @@ def test_a_radiologist_marks_the_lesion_and_training_learns_from_the_box(
     }
     config = config_from_dict(
         {
-            "data": {"workers": 1, "sizes": [64]},
+            "data": {"workers": 1, "sizes": [64], "allow_missing_labels": True},
             "preprocessing": {"input_size": 64},
             "model": {"widths": [8, 8, 16, 16, 32], "fpn_channels": 16,
                       "feature_channels": 16, "latent_dim": 8},

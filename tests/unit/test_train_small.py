@@ -69,7 +69,9 @@ def test_training_is_deterministic(tmp_path: Path) -> None:
 
 
 def test_training_from_a_dicom_folder(tmp_path: Path) -> None:
-    write_dataset(tmp_path / "data", 10, seed=2, size=96)
+    # every label among the training studies (training refuses a label without images)
+    balanced = {"normal": 0.4, "nodule": 0.3, "effusion": 0.3}
+    write_dataset(tmp_path / "data", 10, seed=2, size=96, class_fractions=balanced)
     config = config_from_dict(TINY)
     result = train(config, tmp_path / "model", data_dir=tmp_path / "data", log=lambda _: None)
     manifest = load_manifest(result.manifest_path)

@@ -15,21 +15,42 @@ copy (``Dataset.pixel_array`` keeps it on the dataset) as much again. So:
   analysis ten times slower), and decoded by pydicom's decoder for the transfer syntax;
 * a single-frame image in a compressed transfer syntax keeps what it decoded (decoding JPEG
   2000 or JPEG-LS again would cost more time than the memory is worth).
+
+The stored values become modality values (:func:`modality_values`: the Modality LUT Sequence,
+else Rescale Slope and Intercept) and are looked up in a LUT (:func:`lookup_table`, the
+Modality or VOI LUT Sequence's item) here too, checked: a header whose rescale or LUT cannot
+be applied as PS3.3 C.11 defines it raises :class:`InvalidPixelTransform` with the reason,
+never a numpy or struct error with the LUT's bytes in its message.
 """
 
 from __future__ import annotations
 
+import math
 import struct
+from dataclasses import dataclass
 from os import PathLike
 
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder, pixel_array
 from pydicom.pixels.utils import as_pixel_options
 
-__all__ = ["DEFER_SIZE", "PIXEL_DATA", "is_native", "read_deferred", "stored_pixels"]
+__all__ = [
+    "DEFER_SIZE",
+    "PIXEL_DATA",
+    "InvalidPixelTransform",
+    "LookupTable",
+    "is_little_endian",
+    "is_native",
+    "lookup_table",
+    "modality_values",
+    "read_deferred",
+    "rescale",
+    "stored_pixels",
+]
 
 #: Pixel Data (7FE0,0010).
 PIXEL_DATA = 0x7FE00010
@@ -106,3 +127,178 @@ def stored_pixels(ds: Dataset, frame_number: int | None = None) -> np.ndarray:
     finally:
         if deferred is not None:  # back in the file: read again when next used
             ds[PIXEL_DATA] = deferred
+
+
+class InvalidPixelTransform(ValueError):
+    """The header's rescale or LUT cannot be applied; the message says why in a few words
+    (never the LUT's data)."""
+
+
+def is_little_endian(ds: Dataset) -> bool:
+    """Whether ``ds``'s values in its file (an OW LUT Data's bytes) are little endian: its
+    transfer syntax's byte order, else the encoding it was read with, else little endian."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is not None:
+        try:
+            return bool(syntax.is_little_endian)
+        except ValueError:  # not a transfer syntax pydicom knows
+            pass
+    little = getattr(ds, "original_encoding", (None, None))[1]
+    return True if little is None else bool(little)
+
+
+def _number(value: object) -> float | None:
+    """A single finite number, or None."""
+    if isinstance(value, MultiValue | list | tuple):
+        if len(value) != 1:
+            return None
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _shown(value: object) -> str:
+    """What is wrong with a header value that is not a single finite number, in a few words."""
+    if isinstance(value, MultiValue | list | tuple):
+        return f"has {len(value)} values"
+    text = repr(value) if isinstance(value, str) else str(value)
+    text = text if len(text) <= 24 else text[:21] + "..."
+    return f"{text} is not a finite number"
+
+
+_RESCALE = (("RescaleSlope", "Rescale Slope"), ("RescaleIntercept", "Rescale Intercept"))
+
+
+def rescale(header: Dataset) -> tuple[float, float] | None:
+    """Rescale Slope and Intercept of ``header`` (an image, or a frame's view), or None when
+    it has neither (no rescale, as an MR image). One of them alone counts with the other's
+    identity value (slope 1, intercept 0). Either present but not a single finite number
+    (empty, several values, not a number, infinite) or a slope of 0 raises
+    :class:`InvalidPixelTransform`: they are Type 1 wherever the Modality LUT Module has
+    them (PS3.3 C.11.1), and an empty one says nothing of what the stored values mean, not
+    even whether the grey scale is inverted (a negative slope); the image is not read rather
+    than read with a guess (1 and 0)."""
+    found: dict[str, float] = {}
+    for keyword, name in _RESCALE:
+        if keyword not in header:
+            continue
+        try:
+            value = header[keyword].value
+        except Exception as exc:  # a value pydicom cannot convert
+            raise InvalidPixelTransform(
+                f"invalid Rescale Slope/Intercept ({name} unreadable: {type(exc).__name__})"
+            ) from None
+        if value is None or (isinstance(value, str | MultiValue) and len(value) == 0):
+            raise InvalidPixelTransform(f"invalid Rescale Slope/Intercept ({name} empty)")
+        number = _number(value)
+        if number is None:
+            raise InvalidPixelTransform(f"invalid Rescale Slope/Intercept ({name} {_shown(value)})")
+        found[keyword] = number
+    if not found:
+        return None
+    slope = found.get("RescaleSlope", 1.0)
+    if slope == 0.0:
+        raise InvalidPixelTransform("invalid Rescale Slope/Intercept (Rescale Slope 0)")
+    return slope, found.get("RescaleIntercept", 0.0)
+
+
+@dataclass(frozen=True)
+class LookupTable:
+    """A LUT of PS3.3 C.11.1.1.1 / C.11.2.1.1: input values from ``first`` map to
+    ``entries`` in order; those below ``first`` to the first entry, those past the last to
+    the last. Its output is in 0 to 2**``bits`` - 1."""
+
+    first: int
+    entries: np.ndarray
+    bits: int
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        """The entries ``values`` (rounded to integers) map to, as float64."""
+        index = np.rint(np.asarray(values, dtype=np.float64)) - self.first
+        np.clip(index, 0, len(self.entries) - 1, out=index)
+        return self.entries[index.astype(np.intp)].astype(np.float64)
+
+
+def _ints(value: object) -> list[int]:
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, MultiValue | list | tuple):
+        return [int(v) for v in value]
+    raise InvalidPixelTransform(f"LUT Data of type {type(value).__name__}")
+
+
+def lookup_table(item: Dataset, *, little_endian: bool, signed: bool = False) -> LookupTable:
+    """The LUT of a Modality or VOI LUT Sequence item: its LUT Descriptor (entries, 0 for
+    65536; first input value mapped; bits per entry) and LUT Data, read as pydicom reads it
+    (a list of US values) or as raw OW bytes (16 bits per entry in the byte order of the
+    data set, ``little_endian``; one byte per entry for 8 bits packed). ``signed``: the
+    image's Pixel Representation is signed, so a first value of 32768 or more is negative
+    (its VR is SS, which a US read gives as the unsigned value). Raises
+    :class:`InvalidPixelTransform` for one that cannot be applied."""
+    descriptor = item.get("LUTDescriptor")
+    if not isinstance(descriptor, MultiValue | list | tuple) or len(descriptor) != 3:
+        raise InvalidPixelTransform("LUT Descriptor is not three values")
+    try:
+        count, first, bits = (int(v) for v in descriptor)
+    except (TypeError, ValueError):
+        raise InvalidPixelTransform("LUT Descriptor is not three numbers") from None
+    count = count or 65536
+    if signed and first >= 32768:
+        first -= 65536
+    if not 1 <= bits <= 16:
+        raise InvalidPixelTransform(f"LUT Descriptor gives {bits} bits per entry")
+    data = item.get("LUTData")
+    if data is None:
+        raise InvalidPixelTransform("no LUT Data")
+    if isinstance(data, bytes | bytearray):
+        if bits <= 8 and len(data) in (count, count + 1):  # 8-bit entries packed two a word
+            entries = np.frombuffer(bytes(data[:count]), dtype=np.uint8)
+        elif len(data) >= 2 * count:
+            entries = np.frombuffer(
+                bytes(data[: 2 * count]), dtype="<u2" if little_endian else ">u2"
+            )
+        else:
+            raise InvalidPixelTransform(
+                f"LUT Data holds {len(data)} bytes, the descriptor {count} entries"
+            )
+        table = entries.astype(np.int64)
+    else:
+        values = _ints(data)
+        if len(values) < count:
+            raise InvalidPixelTransform(
+                f"LUT Data holds {len(values)} entries, the descriptor {count}"
+            )
+        table = np.asarray(values[:count], dtype=np.int64)
+    if table.size and int(table.max()) >= 1 << bits:
+        # entries past the descriptor's depth (a known vendor quirk: 8 said, 12 stored):
+        # the depth the entries need
+        bits = min(16, int(table.max()).bit_length())
+    return LookupTable(first=first, entries=table, bits=bits)
+
+
+def modality_values(stored: np.ndarray, header: Dataset, *, little_endian: bool) -> np.ndarray:
+    """Stored values to modality values (float64), as pydicom's ``apply_modality_lut`` does
+    (the same operations on the same values) but checked: the Modality LUT Sequence's first
+    item if there is one, else :func:`rescale` (none: the stored values). Raises
+    :class:`InvalidPixelTransform`."""
+    sequence = header.get("ModalityLUTSequence")
+    if sequence:
+        signed = int(header.get("PixelRepresentation", 0) or 0) == 1
+        try:
+            lut = lookup_table(sequence[0], little_endian=little_endian, signed=signed)
+        except InvalidPixelTransform as exc:
+            raise InvalidPixelTransform(f"invalid Modality LUT Sequence ({exc})") from None
+        return lut.apply(stored)
+    factors = rescale(header)
+    if factors is None:
+        return np.asarray(stored)
+    slope, intercept = factors
+    values = np.asarray(stored).astype(np.float64) * slope
+    values += intercept
+    return values

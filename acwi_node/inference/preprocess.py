@@ -10,7 +10,11 @@ Steps, in order:
    is one model input (:class:`ImageUnit`), decoded alone, with the frame's own functional
    groups (its rescale, its Frame Type) read as a single-frame image's attributes
    (:mod:`acwi_node.dicom_frames`);
-2. modality LUT (Rescale Slope/Intercept or a Modality LUT Sequence; a frame's own);
+2. modality LUT (Rescale Slope/Intercept or a Modality LUT Sequence; a frame's own). A
+   Rescale Slope or Intercept that is not a single finite number (present but empty, several
+   values, not a number) or a slope of 0, or a Modality LUT that cannot be applied, refuses
+   the image (:func:`acwi_node.dicom_pixels.rescale`): the file does not say what its stored
+   values mean, and a guess (1 and 0) is not made;
 3. MONOCHROME1 inversion (negation), so that higher always means brighter/denser;
 4. plain resize (no padding, aspect ratio not kept) to ``size x size`` with antialiased
    bilinear interpolation; the heatmap goes back to Rows x Columns by the inverse resize;
@@ -29,10 +33,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut
 
 from acwi_node.dicom_frames import frame_count, frame_pixels, frame_view, short_pixel_data
-from acwi_node.dicom_pixels import stored_pixels
+from acwi_node.dicom_pixels import (
+    InvalidPixelTransform,
+    is_little_endian,
+    modality_values,
+    stored_pixels,
+)
 from acwi_node.inference.image_checks import header_refusal
 from acwi_node.inference.types import unit_name
 
@@ -126,7 +134,11 @@ def modality_pixels(ds: Dataset, frame_number: int | None = None) -> np.ndarray:
         raise UnsupportedImage(f"{name}: pixel data could not be decoded: {exc}") from exc
     if stored.ndim != 2:
         raise UnsupportedImage(f"{name}: unexpected pixel array shape {stored.shape}")
-    values = np.asarray(apply_modality_lut(stored, header), dtype=np.float32)
+    try:
+        modality = modality_values(stored, header, little_endian=is_little_endian(ds))
+    except InvalidPixelTransform as exc:  # an empty or multi-valued Rescale Slope, ...
+        raise UnsupportedImage(f"{name}: {exc}") from None
+    values = np.asarray(modality, dtype=np.float32)
     if photometric == "MONOCHROME1":
         values = -values
     if not np.isfinite(values).all():

@@ -14,6 +14,7 @@ unchanged.
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 import numpy as np
@@ -22,12 +23,17 @@ from numpy.typing import NDArray
 from PIL import Image
 from pydicom import Dataset
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_modality_lut, apply_voi
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from acwi_node.dicom_frames import frame_count, frame_pixels, frame_view
-from acwi_node.dicom_pixels import stored_pixels
-from acwi_node.inference.types import ImageResult, StudyAnalysis
+from acwi_node.dicom_pixels import (
+    InvalidPixelTransform,
+    is_little_endian,
+    lookup_table,
+    modality_values,
+    stored_pixels,
+)
+from acwi_node.inference.types import ImageResult, StudyAnalysis, unit_name
 from acwi_node.results.charset import result_charset
 from acwi_node.results.headers import copy_anatomy, copy_patient_and_study
 from acwi_node.results.sr import MANUFACTURER
@@ -69,6 +75,9 @@ _CMAP_RGB = np.array(
 
 _PERCENTILES = (0.5, 99.5)
 
+log = logging.getLogger("acwi_node.results.heatmap")
+
+
 FloatImage = NDArray[np.float64]
 
 
@@ -108,19 +117,45 @@ def _window(values: FloatImage, centre: float, width: float, function: str) -> F
     return np.clip((values - (centre - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
 
 
-def _voi_lut(values: FloatImage, source: Dataset) -> FloatImage | None:
+class _NoVOI(ValueError):
+    """The file's VOI LUT gives no usable grey scale (the percentile window is used)."""
+
+
+def _why(exc: Exception) -> str:
+    """``exc`` for a log line: the reasons :mod:`acwi_node.dicom_pixels` and this module give
+    (a few words), else only its type (a numpy or struct error's message may hold a LUT's
+    bytes)."""
+    if isinstance(exc, InvalidPixelTransform | _NoVOI):
+        return str(exc)
+    return type(exc).__name__
+
+
+def _voi_lut(values: FloatImage, source: Dataset, *, little_endian: bool) -> FloatImage | None:
+    """The VOI LUT Sequence's first LUT applied to ``values`` (after the modality LUT), in
+    [0, 1]: its output range is 0 to 2**bits - 1, bits the LUT Descriptor's third value
+    (PS3.3 C.11.2.1.1). None without one; raises ValueError for one that cannot be applied
+    (:func:`acwi_node.dicom_pixels.lookup_table`: the LUT Data as read, a list of US values
+    or OW bytes in the data set's byte order)."""
     sequence = source.get("VOILUTSequence")
     if not sequence:
         return None
-    lut_data = np.asarray(sequence[0].get("LUTData") or [], dtype=np.float64)
-    if lut_data.size == 0:
-        return None
-    low, high = float(lut_data.min()), float(lut_data.max())
-    if high <= low:
-        return None
-    # The LUT is indexed by integer input values.
-    mapped = apply_voi(np.rint(values).astype(np.int64), source).astype(np.float64)
-    return np.clip((mapped - low) / (high - low), 0.0, 1.0)
+    signed = int(source.get("PixelRepresentation", 0) or 0) == 1
+    lut = lookup_table(sequence[0], little_endian=little_endian, signed=signed)
+    if int(lut.entries.min()) == int(lut.entries.max()):
+        raise _NoVOI("its VOI LUT maps every value to one")
+    mapped = lut.apply(values)  # the LUT is indexed by integer input values
+    return np.clip(mapped / float((1 << lut.bits) - 1), 0.0, 1.0)
+
+
+def _file_window(values: FloatImage, source: Dataset, *, little_endian: bool) -> FloatImage | None:
+    """``values`` in the file's own VOI: its window (Window Center and Width, VOI LUT
+    Function), else its VOI LUT; None when it has neither."""
+    centre = _first(source.get("WindowCenter"))
+    width = _first(source.get("WindowWidth"))
+    if centre is not None and width is not None and width > 0:
+        function = str(source.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        return _window(values, centre, width, function)
+    return _voi_lut(values, source, little_endian=little_endian)
 
 
 #: A window chosen instead of the file's: ``(centre, width)`` in the values after the modality
@@ -133,8 +168,12 @@ def render_grey(
 ) -> FloatImage:
     """The source image as display grey levels in [0, 1]; of a multi-frame image, frame
     ``frame_number`` (default the first) with its own rescale and window; with ``window``,
-    in that window instead of the file's (a linear one)."""
+    in that window instead of the file's (a linear one). A file's window or VOI LUT that
+    cannot be applied (a malformed LUT) is logged and the percentile window used; a rescale
+    that cannot be (:func:`acwi_node.dicom_pixels.rescale`) raises
+    :class:`acwi_node.dicom_pixels.InvalidPixelTransform`."""
     samples = int(source.get("SamplesPerPixel", 1) or 1)
+    little_endian = is_little_endian(source)  # of the file: a frame's view has no transfer syntax
     if frame_number not in (None, 1) and frame_count(source) == 1:
         raise ValueError(f"frame {frame_number} of a single-frame image")
     if frame_count(source) > 1:
@@ -148,19 +187,27 @@ def render_grey(
         luminance = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
         return _percentile_window(luminance)
 
-    values = np.asarray(apply_modality_lut(pixels, source), dtype=np.float64)
-    centre = _first(source.get("WindowCenter"))
-    width = _first(source.get("WindowWidth"))
+    # an invalid rescale raises InvalidPixelTransform (preprocessing skipped such an image)
+    values = np.asarray(
+        modality_values(pixels, source, little_endian=little_endian), dtype=np.float64
+    )
     grey: FloatImage | None = None
     if window == "auto":
         grey = _percentile_window(values)
     elif window is not None:
         grey = _window(values, window[0], window[1], "LINEAR")
-    elif centre is not None and width is not None and width > 0:
-        function = str(source.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
-        grey = _window(values, centre, width, function)
-    if grey is None:
-        grey = _voi_lut(values, source)
+    else:
+        try:
+            grey = _file_window(values, source, little_endian=little_endian)
+        except Exception as exc:  # a malformed VOI: the image is still shown, never fails
+            log.warning(
+                "source image %s: its VOI window or LUT cannot be applied (%s); shown in "
+                "its %g-%g percentile window instead",
+                unit_name(str(source.get("SOPInstanceUID", "")), frame_number),
+                _why(exc),
+                *_PERCENTILES,
+            )
+            grey = None
     if grey is None:
         grey = _percentile_window(values)
     if str(source.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":

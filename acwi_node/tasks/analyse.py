@@ -4,18 +4,29 @@
 message is a no-op), analyses the study's instances, writes the SR and heatmaps with UIDs derived
 from (study, model, version, kind) into the results directory, and records them with one outbox row
 per destination. A re-run replaces the same files and rows; it never duplicates.
+
+A job that fails, or is superseded, after it wrote some of its result objects removes them
+again (:func:`_remove_unrecorded`): no ledger row names them, nothing would send them, and a
+later analysis writes its own. A file a result row of the study names (an earlier analysis's
+object of the same UID, which this job's rewrote) stays for that row; a file another job
+wrote over ours meanwhile stays too. A worker that dies mid-job leaves its files to the
+next attempt, which writes the same ones, and to storage retention, which deletes a finished
+study's result folder (``retention.keep_hours``, or when the disk runs short).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
+from sqlalchemy import select
 
 from acwi_node.config import Settings, load_settings
 from acwi_node.dicom_pixels import read_deferred
@@ -25,12 +36,13 @@ from acwi_node.inference.engines import EngineOptions
 from acwi_node.inference.types import DeferredHeatmap, StudyAnalysis
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger, ResultFile
+from acwi_node.ledger.models import Job, Result, Study
 from acwi_node.ledger.withdrawals import Withdrawals
 from acwi_node.observability import metrics
 from acwi_node.observability.logging import bind_study, log_context, note_identifiers
 from acwi_node.results.encoding import encode_part10
 from acwi_node.results.heatmap import build_heatmap_sc
-from acwi_node.results.overlay import write_cam
+from acwi_node.results.overlay import heat_path, write_cam
 from acwi_node.results.parametric_map import build_parametric_maps
 from acwi_node.results.sr import build_sr
 from acwi_node.review.quality import quality_sampled, sample_reason
@@ -213,6 +225,9 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
         log.info("job %d: nothing to do (final, or running elsewhere)", job_id)
         return "skipped"
     lease = LeaseKeeper(ledger, job_id, settings.worker.lease_s / 3).start()
+    # every file this run wrote, with its identity: removed again should the job not finish
+    written: list[_Written] = []
+    study_uid = ""
     try:
         study_uid, rel_paths = ledger.job_inputs(job_id)
         bind_study(study_uid)
@@ -253,7 +268,9 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
         def write(kind: str, ds: Dataset) -> Path:
             """Each object to its file as soon as it is built: a CT's hundreds of heatmaps
             are never all in memory at once (0.75 MiB each for a 512 x 512 slice)."""
-            path = out.store(study_uid, str(ds.SOPInstanceUID), encode_part10(ds))
+            stored = out.write(study_uid, str(ds.SOPInstanceUID), encode_part10(ds))
+            path = Path(stored.path)
+            written.append(_Written(path, out.relative(path), stored.inode))
             files.append(
                 ResultFile(kind, str(ds.SOPInstanceUID), str(ds.SOPClassUID), out.relative(path))
             )
@@ -281,6 +298,7 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
             )
             if isinstance(image.heatmap, DeferredHeatmap):  # the review page's overlay
                 write_cam(path, image.heatmap.cam)
+                written.append(_Written.beside(heat_path(path), written[-1]))
         if parametric_maps:  # every analysed image of a mappable series
             for pm in build_parametric_maps(used, analysis):
                 write("parametric_map", pm)
@@ -332,14 +350,17 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
     except Exception as exc:
         # A study re-opened while its job ran may have had a file replaced under it (its
         # Pixel Data is read when used): the job is superseded, its failure no news.
-        if not ledger.fail_job(job_id, f"analysis failed: {type(exc).__name__}: {exc}"):
+        if not ledger.fail_job(job_id, f"analysis failed: {_brief(exc)}"):
+            _remove_unrecorded(ledger, study_uid, written)
             return _superseded_meanwhile(job_id, exc)
+        _remove_unrecorded(ledger, study_uid, written)
         log.exception("job %d: analysis failed", job_id)
         return "failed"
     finally:
         lease.stop()
     if not kept:
         log.info("job %d: superseded while it ran; results not sent", job_id)
+        _remove_unrecorded(ledger, study_uid, written)
         return "superseded"
     if files:
         wake_exporter(settings.data_dir)  # the results are due: sent now, not at its next poll
@@ -357,6 +378,85 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
 
         queue_result_safely(settings, ledger, job_id)
     return "analysed"
+
+
+#: The longest exception message a failed job's reason quotes.
+_REASON_CHARS = 300
+
+
+def _brief(exc: Exception) -> str:
+    """An exception as a job's failure reason: its type and its message's first
+    :data:`_REASON_CHARS` characters (a numpy error's message may quote a whole value)."""
+    message = " ".join(str(exc).split())
+    if len(message) > _REASON_CHARS:
+        message = message[: _REASON_CHARS - 3] + "..."
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+@dataclass(frozen=True)
+class _Written:
+    """A file a job wrote: where, the path a result row would name (its object's), and the
+    inode it was written with (a later write of the same path, by another job, has another)."""
+
+    path: Path
+    relative: str
+    inode: int | None
+
+    @classmethod
+    def beside(cls, path: Path, object_file: _Written) -> _Written:
+        """A file kept beside an object (its heatmap's map), if one was written."""
+        try:
+            inode: int | None = os.stat(path).st_ino
+        except OSError:
+            inode = None
+        return cls(path, object_file.relative, inode)
+
+
+def _remove_unrecorded(ledger: Ledger, study_uid: str, written: Sequence[_Written]) -> None:
+    """Remove the files a job that did not finish wrote (see the module docstring): those
+    no result row of the study names, still the ones the job wrote. A failure to look or to
+    remove is logged: storage retention deletes them with the study's folder."""
+    if not written:
+        return
+    try:
+        with ledger.session() as s:
+            named = set(
+                s.scalars(
+                    select(Result.path)
+                    .join(Job, Result.job_id == Job.id)
+                    .join(Study, Job.study_id == Study.id)
+                    .where(Study.study_uid == study_uid)
+                )
+            )
+    except Exception as exc:
+        log.warning(
+            "%d result file(s) of a job that did not finish stay (the ledger could not say "
+            "which it names: %s); storage retention deletes them",
+            len(written),
+            type(exc).__name__,
+        )
+        return
+    removed = kept = 0
+    for item in written:
+        if item.relative in named or item.inode is None:
+            kept += item.relative in named
+            continue
+        try:
+            if os.stat(item.path).st_ino != item.inode:
+                kept += 1  # written again since, by another job
+                continue
+            os.unlink(item.path)
+            removed += 1
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("a result file of a job that did not finish stays: %s", exc.strerror)
+    log.info(
+        "removed %d result file(s) the job wrote before it stopped; %d kept (a result row "
+        "names them, or another job wrote them since)",
+        removed,
+        kept,
+    )
 
 
 def _enqueue_shadow(ledger: Ledger, job_id: int) -> None:

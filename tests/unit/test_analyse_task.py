@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import itertools
 import logging
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 from prometheus_client import REGISTRY
+from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 
 from acwi_node.config import Settings
 from acwi_node.dicom_pixels import PIXEL_DATA
-from acwi_node.ledger import InstanceRecord, Ledger
+from acwi_node.ingest.spool import Spool
+from acwi_node.ledger import InstanceRecord, Ledger, RoutedJob
 from acwi_node.ledger.models import Job, Study, utcnow
 from acwi_node.results.uids import result_uids
 from acwi_node.tasks import analyse
 from models.data.synth import write_ct_series, write_enhanced_ct, write_study
+from tests.support.dciodvfy import dciodvfy_errors, dciodvfy_path
+from tests.support.dx import make_dx
 from tests.support.review_case import (
     DESTINATION,
     MODEL,
@@ -427,5 +434,222 @@ def test_a_job_whose_study_re_opened_while_it_ran_is_superseded_not_failed(
         assert st is not None and st["state"] == "receiving"
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert "superseded while it ran" in caplog.text
+    finally:
+        ledger.dispose()
+
+
+def _dciodvfy_errors(folder: Path) -> dict[str, list[str]]:
+    """Each result object's dciodvfy errors (none checked where dciodvfy is not installed)."""
+    if dciodvfy_path() is None:
+        return {}
+    return {p.name: errors for p in sorted(folder.glob("*.dcm")) if (errors := dciodvfy_errors(p))}
+
+
+def _frame_numbers(ds: pydicom.Dataset) -> list[object]:
+    """Every Referenced Frame Number anywhere in ``ds``."""
+    found: list[object] = []
+
+    def visit(dataset: pydicom.Dataset, element: pydicom.DataElement) -> None:
+        if element.keyword == "ReferencedFrameNumber":
+            found.append(element.value)
+
+    ds.walk(visit)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("slope", "intercept", "why"),
+    [
+        (None, None, "Rescale Slope empty"),
+        (1, None, "Rescale Intercept empty"),
+        (["1", "2"], 0, "Rescale Slope has 2 values"),
+    ],
+    ids=["empty", "empty-intercept", "two-slopes"],
+)
+def test_an_image_with_an_invalid_rescale_is_skipped_and_the_rest_analysed(
+    tmp_path: Path, slope: object, intercept: object, why: str
+) -> None:
+    """One image of the study with an empty or multi-valued Rescale Slope or Intercept is
+    listed as skipped with the reason and counted (``unsupported``); the other is analysed,
+    its SR and heatmap written and valid, the SR naming it alone."""
+    settings = review_settings(tmp_path, routes=[_route()])
+    files = write_study(tmp_path / "src", n_images=2, size=64, seed=9)
+    bad = pydicom.dcmread(files[1])
+    bad.RescaleSlope = slope
+    bad.RescaleIntercept = intercept
+    bad.save_as(files[1])
+    good_uid, bad_uid = (
+        str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files
+    )
+    before = _not_analysed("unsupported")
+    study_uid, _, st = _analysed(settings, files)
+    assert _not_analysed("unsupported") == before + 1
+    summary = st["jobs"][0]["summary"]
+    assert [im["sop_instance_uid"] for im in summary["images"]] == [good_uid]
+    assert summary["skipped"] == {bad_uid: f"{bad_uid}: invalid Rescale Slope/Intercept ({why})"}
+    assert _result_classes(settings, study_uid) == [SC_CLASS, SR_CLASS]
+    folder = settings.results_dir / study_uid
+    sr = pydicom.dcmread(folder / f"{summary['sr_sop_instance_uid']}.dcm")
+    evidence = [
+        item.ReferencedSOPInstanceUID
+        for series in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    ]
+    assert evidence == [good_uid]
+    assert _dciodvfy_errors(folder) == {}
+
+
+def test_a_radiograph_with_an_ow_voi_lut_and_no_window_is_analysed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A radiograph whose VOI is a VOI LUT Sequence (its LUT Data read as OW bytes) and no
+    window: its heatmap shows it through that LUT, and the study is analysed, its objects
+    valid; nothing is logged about the LUT."""
+    source = make_dx(generate_uid(), window=False)
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [4096, 0, 12]
+    item.add_new(0x00283006, "OW", np.arange(4096, dtype="<u2").tobytes())
+    source.VOILUTSequence = [item]
+    path = tmp_path / "dx.dcm"
+    source.save_as(path, enforce_file_format=True)
+    settings = review_settings(tmp_path, routes=[_route()])
+    with caplog.at_level(logging.INFO, logger="acwi_node"):
+        study_uid, _, _ = _analysed(settings, [path])
+    assert _result_classes(settings, study_uid) == [SC_CLASS, SR_CLASS]
+    assert "VOI" not in caplog.text
+    assert max(len(line) for line in caplog.text.splitlines()) < 1000
+    assert _dciodvfy_errors(settings.results_dir / study_uid) == {}
+
+
+def test_a_dx_image_that_says_it_has_several_frames_is_skipped(tmp_path: Path) -> None:
+    """A DX image (a single-frame IOD) sent with Number of Frames 3 is listed as skipped with
+    the reason, counted (``unsupported``), and referenced nowhere: no result names a frame of
+    it, and every object written is valid. The study's other radiograph is analysed."""
+    study = generate_uid()
+    frames = make_dx(study)
+    pixels = np.frombuffer(frames.PixelData, np.uint16).reshape(frames.Rows, frames.Columns)
+    frames.NumberOfFrames = 3
+    frames.PixelData = np.stack([pixels, pixels[::-1], pixels[:, ::-1]]).tobytes()
+    good = make_dx(study, number=2)
+    files = []
+    for n, ds in enumerate([frames, good]):
+        files.append(tmp_path / f"{n}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    settings = review_settings(tmp_path, routes=[_route()])
+    before = _not_analysed("unsupported")
+    study_uid, _, st = _analysed(settings, files)
+    assert _not_analysed("unsupported") == before + 1
+    summary = st["jobs"][0]["summary"]
+    uid = str(frames.SOPInstanceUID)
+    assert [im["sop_instance_uid"] for im in summary["images"]] == [str(good.SOPInstanceUID)]
+    assert "frame_number" not in summary["images"][0]
+    assert summary["skipped"] == {
+        uid: f"{uid}: Number of Frames 3 in an image of a single-frame SOP Class (Digital "
+        "X-Ray Image Storage - For Presentation, not multi-frame), not analysed"
+    }
+    folder = settings.results_dir / study_uid
+    objects = [pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))]
+    assert len(objects) == 2 and all(_frame_numbers(ds) == [] for ds in objects)
+    assert _dciodvfy_errors(folder) == {}
+
+
+def _fail_on_second_heatmap(
+    monkeypatch: pytest.MonkeyPatch, before_failing: Callable[[], None] | None = None
+) -> None:
+    """Make the worker's second heatmap fail (after ``before_failing``) with a long message,
+    as a numpy error quoting a LUT's bytes did: the SR and the first heatmap are written."""
+    real = analyse.build_heatmap_sc
+    calls = itertools.count(1)
+
+    def build(*args: Any, **kwargs: Any) -> Any:
+        if next(calls) == 2:
+            if before_failing is not None:
+                before_failing()
+            raise ValueError("could not convert string to float: " + repr(bytes(range(256)) * 8))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(analyse, "build_heatmap_sc", build)
+
+
+def test_a_job_that_fails_after_writing_results_leaves_no_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SR and a heatmap (and its map for the review page) were written when the second
+    heatmap failed: no ledger row names them and nothing would send them, so they are
+    removed; the reason quotes the error's first few hundred characters only."""
+    _fail_on_second_heatmap(monkeypatch)
+    settings = review_settings(tmp_path, routes=[_route()])
+    st, _ = _failing_job(settings, write_study(tmp_path / "src", n_images=2, size=64), "x")
+    folder = settings.results_dir / st["study_uid"]
+    assert sorted(p.name for p in folder.glob("*")) == []
+    assert st["reason"].startswith(f"{ROUTE}: analysis failed: ValueError: could not convert")
+    assert len(st["reason"]) < 400 and st["reason"].endswith("...")
+
+
+def test_a_failed_job_leaves_a_file_another_job_wrote_over_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the job ran, another (of the study's next version) wrote the SR of the same UID:
+    that file is not the failed job's and stays; the job's own heatmap goes."""
+    settings = review_settings(tmp_path, routes=[_route()])
+    files = write_study(tmp_path / "src", n_images=2, size=64)
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    folder = settings.results_dir / study_uid
+
+    def another_job_writes_the_sr() -> None:
+        (sr,) = [p for p in folder.glob("*.dcm") if pydicom.dcmread(p).Modality == "SR"]
+        Spool(settings.results_dir, fsync=False).store(study_uid, sr.stem, b"another job's")
+
+    _fail_on_second_heatmap(monkeypatch, another_job_writes_the_sr)
+    _failing_job(settings, files, "x")
+    assert [p.read_bytes() for p in folder.glob("*")] == [b"another job's"]
+
+
+def test_a_failed_job_keeps_the_files_an_earlier_analysis_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The study's first analysis wrote its SR alone (``heatmaps = "none"``); analysed again
+    (reprocessed, the same model version: the same UIDs), the job rewrites that SR, writes a
+    heatmap and fails: the SR stays, the earlier analysis's result row names it; the heatmap,
+    which no row names, goes."""
+    route = _route()
+    route["results"] = {"heatmaps": "none"}
+    settings = review_settings(tmp_path, routes=[route])
+    ledger = Ledger(settings.database_url)
+    try:
+        files = write_study(tmp_path / "src", n_images=2, size=64)
+        job_id, study_uid = store_and_route(settings, ledger, files, destinations=())
+        assert analyse.run_job(settings, ledger, job_id) == "analysed"
+        folder = settings.results_dir / study_uid
+        (recorded,) = folder.glob("*.dcm")
+        generation = ledger.reprocess_study(study_uid)
+        with ledger.session() as s:
+            sid = s.scalars(select(Study.id).where(Study.study_uid == study_uid)).one()
+        (again,) = ledger.complete_study(
+            sid, generation, lambda _facts: [RoutedJob(ROUTE, MODEL, [], 0)]
+        )
+        settings.routes[0].results.heatmaps = "all"
+        _fail_on_second_heatmap(monkeypatch)
+        assert analyse.run_job(settings, ledger, again) == "failed"
+        assert list(folder.glob("*")) == [recorded]
+        assert pydicom.dcmread(recorded).Modality == "SR"
+    finally:
+        ledger.dispose()
+
+
+def test_a_job_superseded_once_its_results_are_written_leaves_no_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The study re-opened while the job wrote its results: the ledger takes none of them
+    (the job is superseded), so none stays; the newer version's job writes its own."""
+    settings = review_settings(tmp_path, routes=[_route()])
+    ledger = Ledger(settings.database_url)
+    try:
+        job_id, study_uid = store_and_route(
+            settings, ledger, write_study(tmp_path / "src", n_images=2, size=64)
+        )
+        monkeypatch.setattr(ledger, "finish_analysis", lambda *args, **kwargs: False)
+        assert analyse.run_job(settings, ledger, job_id) == "superseded"
+        assert list((settings.results_dir / study_uid).glob("*")) == []
     finally:
         ledger.dispose()

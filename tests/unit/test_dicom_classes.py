@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from acwi_node.dicom_classes import reads_nothing
+from acwi_node.dicom_classes import is_single_frame_class, reads_nothing
 
 S = "1.2.840.10008.5.1.4.1.1."
 
@@ -36,3 +36,34 @@ S = "1.2.840.10008.5.1.4.1.1."
 )
 def test_reads_nothing(sop_class: str, expected: bool) -> None:
     assert reads_nothing(sop_class) is expected
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "expected"),
+    [
+        (S + "1", True),  # Computed Radiography Image
+        (S + "1.1", True),  # Digital X-Ray Image, For Presentation
+        (S + "1.1.1", True),  # Digital X-Ray Image, For Processing
+        (S + "1.2", True),  # Digital Mammography, For Presentation
+        (S + "1.2.1", True),  # Digital Mammography, For Processing
+        (S + "2", True),  # CT Image
+        (S + "4", True),  # MR Image
+        (S + "6.1", True),  # Ultrasound Image
+        (S + "7", True),  # Secondary Capture Image
+        (S + "128", True),  # PET Image
+        (S + "1.1\x00", True),  # padded as it may come from a header
+        (S + "2.1", False),  # Enhanced CT Image
+        (S + "4.1", False),  # Enhanced MR Image
+        (S + "7.3", False),  # Multi-frame Grayscale Word Secondary Capture
+        (S + "3.1", False),  # Ultrasound Multi-frame Image
+        (S + "12.1", False),  # X-Ray Angiographic Image (a multi-frame IOD)
+        (S + "13.1.3", False),  # Breast Tomosynthesis
+        (S + "20", False),  # Nuclear Medicine Image (multi-frame)
+        (S + "481.1", False),  # RT Image (has the Multi-frame Module)
+        (S + "10", False),  # not 1 and its children
+        ("", False),
+    ],
+)
+def test_is_single_frame_class(sop_class: str, expected: bool) -> None:
+    """The image classes whose IOD has no Multi-frame Module (PS3.3 Annex A)."""
+    assert is_single_frame_class(sop_class) is expected

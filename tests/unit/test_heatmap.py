@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import logging
 import shutil
 from pathlib import Path
 
@@ -10,8 +12,15 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom import Dataset
+from pydicom.pixels import apply_voi
 from pydicom.sequence import Sequence
-from pydicom.uid import generate_uid
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
 
 from acwi_node.inference.types import ImageResult, ModelIdentity, StudyAnalysis, Uncertainty
 from acwi_node.results.encoding import encode_part10
@@ -21,6 +30,8 @@ from models.data.synth import write_ct_series
 from tests.support.dx import DX_FOR_PRESENTATION, make_dx
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+MF_GREY_WORD_SC = UID("1.2.840.10008.5.1.4.1.1.7.3")
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 LABELS = ["normal", "effusion", "pneumothorax"]
 MODEL = ModelIdentity(name="cxr-triage", version="2.1.0", weights_sha256="9f2c4e1ab37d")
 HOT = (slice(20, 44), slice(30, 54))
@@ -386,3 +397,139 @@ def test_a_raw_heatmap_is_blended_as_blend_heatmap_blends_it(
     sc = build_heatmap_sc(source, raw, analysis, image, instance_number=1)
     expected = blend_heatmap(render_grey(source), raw)
     assert sc.PixelData[: expected.size] == expected.tobytes()
+
+
+def _voi_lut_item(lut: np.ndarray, bits: int = 12, *, order: str = "<") -> Dataset:
+    """A VOI LUT Sequence item whose LUT Data is OW bytes, as pydicom reads it from a file."""
+    item = Dataset()
+    item.LUTDescriptor = [len(lut) % 65536, 0, bits]
+    item.add_new(0x00283006, "OW", np.asarray(lut).astype(f"{order}u2").tobytes())
+    return item
+
+
+def _read_back(ds: Dataset) -> Dataset:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    return pydicom.dcmread(buffer)
+
+
+_RAMP = np.tile(np.arange(0, 4096, 64, dtype=np.uint16), (40, 1))
+_DOUBLING = np.minimum(4095, 2 * np.arange(4096))
+
+
+@pytest.mark.parametrize(
+    ("syntax", "order"),
+    [
+        (ExplicitVRLittleEndian, "<"),
+        (ImplicitVRLittleEndian, "<"),
+        (ExplicitVRBigEndian, ">"),
+    ],
+    ids=["explicit-le", "implicit-le", "explicit-be"],
+)
+def test_a_voi_lut_read_from_a_file_as_ow_bytes_is_applied(syntax: UID, order: str) -> None:
+    """A radiograph with a VOI LUT Sequence and no window, read from its file: pydicom gives
+    the LUT Data as OW bytes (in the data set's byte order), which are read as 16-bit entries
+    and scaled by the descriptor's depth (12 bits: 0-4095), as pydicom's apply_voi maps them."""
+    source = make_dx(generate_uid(), rows=40, columns=64, pixels=_RAMP, window=False)
+    source.file_meta.TransferSyntaxUID = syntax
+    source.PixelData = _RAMP.astype(f"{order}u2").tobytes()
+    source.VOILUTSequence = Sequence([_voi_lut_item(_DOUBLING, order=order)])
+    read = _read_back(source)
+    assert isinstance(read.VOILUTSequence[0].LUTData, bytes)
+    grey = render_grey(read)
+    expected = apply_voi(read.pixel_array, read) / 4095.0
+    np.testing.assert_allclose(grey, expected, atol=1e-12)
+    assert grey[0, 16] == pytest.approx(2 * 1024 / 4095) and (grey[0, 32:] == 1.0).all()
+
+
+def test_a_voi_lut_of_a_frame_is_read_with_its_files_byte_order() -> None:
+    """A frame of a multi-frame image is read through a view of the frame without the file's
+    transfer syntax: its VOI LUT's OW bytes are still read in the file's byte order."""
+    source = make_dx(generate_uid(), rows=40, columns=64, pixels=_RAMP, window=False)
+    source.SOPClassUID = source.file_meta.MediaStorageSOPClassUID = MF_GREY_WORD_SC
+    source.NumberOfFrames = 2
+    source.PixelData = np.stack([_RAMP, _RAMP[:, ::-1]]).astype("<u2").tobytes()
+    source.VOILUTSequence = Sequence([_voi_lut_item(_DOUBLING)])
+    read = _read_back(source)
+    second = render_grey(read, 2)
+    assert second[0, -1] == pytest.approx(0.0) and second[0, -17] == pytest.approx(2048 / 4095)
+
+
+@pytest.mark.parametrize(
+    "broken",
+    ["short", "bits", "descriptor", "flat"],
+)
+def test_a_voi_lut_that_cannot_be_applied_falls_back_to_the_percentile_window(
+    broken: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A malformed VOI LUT (LUT Data shorter than its descriptor says, an impossible depth,
+    a descriptor of two values, every entry the same) does not fail the heatmap: the image is
+    shown in its percentile window, and one short log line says why, without the LUT's bytes."""
+    source = make_dx(generate_uid(), rows=40, columns=64, pixels=_RAMP, window=False)
+    item = _voi_lut_item(_DOUBLING)
+    if broken == "short":
+        item.LUTData = item.LUTData[:2000]
+    elif broken == "bits":
+        item.LUTDescriptor = [4096, 0, 0]
+    elif broken == "descriptor":
+        item.LUTDescriptor = [4096, 0]
+    else:
+        item.LUTData = np.full(4096, 7, dtype="<u2").tobytes()
+    source.VOILUTSequence = Sequence([item])
+    read = _read_back(source)
+    with caplog.at_level(logging.WARNING, logger="acwi_node.results.heatmap"):
+        grey = render_grey(read)
+    np.testing.assert_array_equal(grey, render_grey(read, window="auto"))
+    (record,) = [r for r in caplog.records if r.name == "acwi_node.results.heatmap"]
+    message = record.getMessage()
+    assert "percentile window instead" in message and str(read.SOPInstanceUID) in message
+    assert len(message) < 300 and "\\x" not in message and "PID0001" not in message
+
+
+@pytest.mark.parametrize(
+    ("slope", "intercept"),
+    [(None, None), (1, None), (["1", "2"], 0), ("nan", 0), (0, 0)],
+    ids=["empty", "empty-intercept", "two-slopes", "nan", "zero-slope"],
+)
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+def test_an_invalid_rescale_is_refused_with_the_reason(slope: object, intercept: object) -> None:
+    """An empty, multi-valued or non-finite Rescale Slope or Intercept (or a slope of 0) is
+    one reason, a ValueError, not a numpy error (preprocessing skipped such an image)."""
+    source = make_dx(generate_uid())
+    source.RescaleSlope = slope
+    source.RescaleIntercept = intercept
+    with pytest.raises(ValueError, match=r"invalid Rescale Slope/Intercept \(Rescale"):
+        render_grey(source)
+
+
+@needs_dciodvfy
+def test_a_heatmap_of_a_radiograph_with_an_ow_voi_lut_validates() -> None:
+    from acwi_node.results.validate import run_dciodvfy
+
+    source = make_dx(generate_uid(), window=False)
+    source.VOILUTSequence = Sequence([_voi_lut_item(_DOUBLING)])
+    read = _read_back(source)
+    report = run_dciodvfy(_build(read, _analysis([read])))
+    assert report.errors == [], report.output
+
+
+@needs_dciodvfy
+def test_the_single_frame_classes_are_those_no_reference_may_name_a_frame_of() -> None:
+    """:data:`SINGLE_FRAME_IMAGE_CLASSES` against dciodvfy: a reference naming a frame of an
+    instance of each is an error ("not multi-frame"); of a multi-frame class it is not."""
+    from acwi_node.dicom_classes import SINGLE_FRAME_IMAGE_CLASSES
+    from acwi_node.results.validate import run_dciodvfy
+
+    source = make_dx(generate_uid())
+    source.NumberOfFrames = 2
+    source.PixelData = source.PixelData * 2
+    analysis = _analysis([source])
+    image = dataclasses.replace(analysis.images[0], frame_number=2)
+    sc = build_heatmap_sc(source, image.heatmap_array(), analysis, image, instance_number=1)
+    refused = []
+    for sop_class in [*sorted(SINGLE_FRAME_IMAGE_CLASSES), MF_GREY_WORD_SC, ENHANCED_CT]:
+        sc.SourceImageSequence[0].ReferencedSOPClassUID = sop_class
+        if any("not multi-frame" in e for e in run_dciodvfy(sc).errors):
+            refused.append(sop_class)
+    assert refused == sorted(SINGLE_FRAME_IMAGE_CLASSES)

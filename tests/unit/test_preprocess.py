@@ -7,11 +7,13 @@ import copy
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import JPEGBaseline8Bit
+from pydicom.uid import UID, JPEGBaseline8Bit
 
 from acwi_node.inference.preprocess import (
+    ImageUnit,
     PreprocessSpec,
     UnsupportedImage,
+    image_units,
     modality_pixels,
     preprocess,
     preprocess_many,
@@ -39,6 +41,7 @@ def _with_pixels(ds: Dataset, pixels: np.ndarray) -> Dataset:
 
 
 SPEC = PreprocessSpec(size=64)
+MF_GREY_WORD_SC = UID("1.2.840.10008.5.1.4.1.1.7.3")
 
 
 def test_output_shape_range_and_normalisation() -> None:
@@ -193,3 +196,108 @@ def test_many_at_once_gives_each_ones_values_and_refusals(monkeypatch: pytest.Mo
         False,
         False,
     ]
+
+
+@pytest.mark.parametrize(
+    ("slope", "intercept", "why"),
+    [
+        (None, None, "Rescale Slope empty"),
+        ("", "0", "Rescale Slope empty"),
+        ("1", None, "Rescale Intercept empty"),
+        (["1", "2"], "0", "Rescale Slope has 2 values"),
+        ("1", ["0", "5"], "Rescale Intercept has 2 values"),
+        ("nan", "0", "Rescale Slope nan is not a finite number"),
+        ("1", "inf", "Rescale Intercept inf is not a finite number"),
+        ("0", "0", "Rescale Slope 0"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+def test_an_invalid_rescale_refuses_the_image(slope: object, intercept: object, why: str) -> None:
+    """Rescale Slope and Intercept are Type 1: present but empty (or several values, or not
+    a finite number, or a slope of 0) they do not say what the stored values mean (not even
+    whether the grey scale is inverted), so the image is refused with the reason rather than
+    read as 1 and 0; the other images of a batch are read."""
+    bad = _dataset(seed=2)
+    bad.RescaleSlope = slope
+    bad.RescaleIntercept = intercept
+    expected = f"{bad.SOPInstanceUID}: invalid Rescale Slope/Intercept ({why})"
+    with pytest.raises(UnsupportedImage) as refused:
+        modality_pixels(bad)
+    assert str(refused.value) == expected
+    good = _dataset(seed=3)
+    first, second = preprocess_many([good, bad], SPEC)
+    assert np.array_equal(first, preprocess(good, SPEC))  # type: ignore[arg-type]
+    assert isinstance(second, UnsupportedImage) and str(second) == expected
+
+
+def test_rescale_slope_or_intercept_alone_counts_with_the_others_identity_value() -> None:
+    ds = _dataset()
+    stored = ds.pixel_array.astype(np.float64)
+    del ds.RescaleIntercept
+    ds.RescaleSlope = "-2"
+    np.testing.assert_array_equal(modality_pixels(ds), (-2 * stored).astype(np.float32))
+    del ds.RescaleSlope
+    ds.RescaleIntercept = "-1024"
+    np.testing.assert_array_equal(modality_pixels(ds), (stored - 1024).astype(np.float32))
+    del ds.RescaleIntercept
+    np.testing.assert_array_equal(modality_pixels(ds), stored.astype(np.float32))
+
+
+def _modality_lut(entries: np.ndarray, *, first: int = 0, bits: int = 16) -> Dataset:
+    item = Dataset()
+    item.LUTDescriptor = [len(entries) % 65536, first, bits]
+    item.add_new(0x00283006, "OW", entries.astype("<u2").tobytes())
+    item.ModalityLUTType = "US"
+    return item
+
+
+def test_a_modality_lut_sequence_is_applied_as_pydicom_applies_it() -> None:
+    """A Modality LUT Sequence (its LUT Data OW bytes, as read from a file) instead of the
+    rescale: the stored values map to its entries, those past its ends to its first and
+    last entry, as pydicom's apply_modality_lut maps them."""
+    from pydicom.pixels import apply_modality_lut
+
+    ds = _dataset()
+    del ds.RescaleSlope, ds.RescaleIntercept
+    ds.ModalityLUTSequence = [_modality_lut(4095 - np.arange(2000), first=100)]
+    expected = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+    np.testing.assert_array_equal(modality_pixels(ds), expected)
+
+
+@pytest.mark.parametrize("broken", ["short", "bits"])
+def test_a_modality_lut_that_cannot_be_applied_refuses_the_image(broken: str) -> None:
+    ds = _dataset()
+    del ds.RescaleSlope, ds.RescaleIntercept
+    item = _modality_lut(np.arange(4096))
+    if broken == "short":
+        item.LUTData = item.LUTData[:100]
+    else:
+        item.LUTDescriptor = [4096, 0, 40]
+    ds.ModalityLUTSequence = [item]
+    with pytest.raises(UnsupportedImage, match="invalid Modality LUT Sequence") as refused:
+        modality_pixels(ds)
+    assert len(str(refused.value)) < 200
+
+
+def test_an_image_of_a_single_frame_class_with_several_frames_is_refused_once() -> None:
+    """A DX image (its IOD has no Multi-frame Module) that says it has three frames: no
+    result may reference a frame of it, and its first frame alone is not the image, so it is
+    refused as a whole, with the reason; the same pixels as a multi-frame Secondary Capture
+    are read frame by frame."""
+    single = _dataset()
+    pixels = single.pixel_array
+    single.NumberOfFrames = 3
+    single.PixelData = np.stack([pixels, pixels[::-1], pixels[:, ::-1]]).tobytes()
+    units = image_units([single])
+    assert units == [ImageUnit(single)]
+    (refused,) = preprocess_many(units, SPEC)
+    assert isinstance(refused, UnsupportedImage)
+    assert str(refused) == (
+        f"{single.SOPInstanceUID}: Number of Frames 3 in an image of a single-frame SOP Class "
+        "(Digital X-Ray Image Storage - For Presentation, not multi-frame), not analysed"
+    )
+    multi = copy.deepcopy(single)
+    multi.SOPClassUID = multi.file_meta.MediaStorageSOPClassUID = MF_GREY_WORD_SC
+    units = image_units([multi])
+    assert [u.frame_number for u in units] == [1, 2, 3]
+    assert all(isinstance(x, np.ndarray) for x in preprocess_many(units, SPEC))

@@ -86,7 +86,7 @@ def get_analyser(settings: Settings, model: str) -> Analyser:
             for stale in [k for k in _analysers if k[0] == model]:
                 del _analysers[stale]  # another version of this model was activated
             worker = settings.worker
-            _analysers[key] = Analyser.load(
+            analyser = Analyser.load(
                 manifest,
                 device=worker.device,
                 mc_samples=worker.mc_samples,
@@ -105,11 +105,16 @@ def get_analyser(settings: Settings, model: str) -> Analyser:
                 heatmaps=worker.heatmaps,
             )
             try:
-                seconds = _analysers[key].warm_up()
-            except Exception as exc:  # the first study will show what is wrong, if anything
-                log.warning("model %s loaded; its warm-up failed: %s", model, exc)
-            else:
-                log.info("model %s loaded and warmed up (%.2f s)", model, seconds)
+                seconds = analyser.warm_up()
+            except Exception as exc:
+                # What fails the warm-up fails every study: not loaded, not cached (the next
+                # task tries again), and /readyz (ModelPreload) reports the reason.
+                raise RuntimeError(
+                    f"model {model} loaded, but its warm-up analysis failed:"
+                    f" {type(exc).__name__}: {exc}"
+                ) from exc
+            log.info("model %s loaded and warmed up (%.2f s)", model, seconds)
+            _analysers[key] = analyser
         return _analysers[key]
 
 

@@ -653,3 +653,29 @@ def test_a_job_superseded_once_its_results_are_written_leaves_no_files(
         assert list((settings.results_dir / study_uid).glob("*")) == []
     finally:
         ledger.dispose()
+
+
+def test_a_model_whose_warm_up_fails_is_not_loaded_and_the_worker_not_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A warm-up that fails (a manifest the network does not fit in some way install could not
+    see) fails every study the same way: the model is not cached as loaded, the next task tries
+    again, and the worker's /readyz says why instead of "loaded"."""
+    from acwi_node.inference.analyser import Analyser
+    from acwi_node.observability.health import ModelPreload
+
+    settings = review_settings(tmp_path)
+    monkeypatch.setattr(analyse, "_analysers", {})
+
+    def broken(self: Analyser) -> float:
+        raise ValueError("operands could not be broadcast together with shapes (1,32) (16,)")
+
+    monkeypatch.setattr(Analyser, "warm_up", broken)
+    with pytest.raises(RuntimeError, match="warm-up analysis failed: ValueError: operands"):
+        analyse.get_analyser(settings, MODEL)
+    assert analyse._analysers == {}
+    preload = ModelPreload(settings, load=True)
+    preload.names = [MODEL]  # what a route naming it gives
+    preload.run()
+    ready, why = preload.check()
+    assert not ready and "warm-up analysis failed" in why, why

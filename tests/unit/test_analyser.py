@@ -264,6 +264,10 @@ def test_the_worker_warms_up_each_model_it_loads(
     assert analyse.get_analyser(settings, "default") is first  # cached: not again
     assert calls == [first]
     monkeypatch.setattr(analyse, "_analysers", {})
-    second = analyse.get_analyser(settings, "default")  # its warm-up fails: still served
-    assert calls == [first, second]
-    assert analyse.get_analyser(settings, "default") is second
+    # Its warm-up fails: what fails it fails every study, so it is not served (nor cached:
+    # the next task loads it again).
+    with pytest.raises(RuntimeError, match="warm-up analysis failed: RuntimeError"):
+        analyse.get_analyser(settings, "default")
+    assert len(calls) == 2 and analyse._analysers == {}
+    third = analyse.get_analyser(settings, "default")
+    assert calls[2] is third and analyse.get_analyser(settings, "default") is third

@@ -1,17 +1,34 @@
-"""Source images' headers, as the result objects copy patient, study and anatomy from them."""
+"""Source images' headers, as the result objects copy patient, study and anatomy from them.
+
+What a result copies is cleaned of the non-conformant values found in the field that would
+make highdicom refuse to build it, or make the result fail validation where its source did
+not: a Patient's Sex outside M, F, O (:func:`clean_patient_sex`), a date or time that is no
+valid DA, DT or TM value (:func:`conformant_date_time`), a Body Part Examined in lower case
+(:func:`copy_anatomy`). No value found wrong is ever put into an exception or a log: dates
+are patient data.
+"""
 
 from __future__ import annotations
 
 import copy
 import functools
+import re
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from highdicom import SOPClass
-from pydicom import Dataset
+from pydicom import DataElement, Dataset
+from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
+from pydicom.valuerep import DA, DT, TM
 
 __all__ = [
     "PATIENT_STUDY_TYPE2",
     "UNPAIRED_BODY_PARTS",
+    "clean_date_times",
+    "clean_patient_sex",
+    "conformant_date_time",
     "copy_anatomy",
     "copy_patient_and_study",
     "patient_study_header",
@@ -69,26 +86,130 @@ def _patient_study_tags(sop_class_uid: str, present: frozenset[BaseTag]) -> tupl
     return tuple(sorted(probe.keys()))
 
 
+# A date (DA), a time (TM), a date and time (DT) as PS3.5 6.2 writes them; and the lenient forms
+# of a date or a time (ISO 8601's, ACR-NEMA's) the node repairs, as each can mean one thing only.
+_DA = re.compile(r"(?P<y>\d{4})(?P<m>\d{2})(?P<d>\d{2})")
+_DA_LENIENT = re.compile(r"(?P<y>\d{4})(?P<sep>[-.])(?P<m>\d{2})(?P=sep)(?P<d>\d{2})")
+_TM = re.compile(r"(?P<h>\d{2})(?:(?P<m>\d{2})(?:(?P<s>\d{2})(?:\.(?P<f>\d*))?)?)?")
+_TM_LENIENT = re.compile(r"(?P<h>\d{2}):(?P<m>\d{2})(?::(?P<s>\d{2})(?:\.(?P<f>\d*))?)?")
+_DT = re.compile(
+    r"\d{4}(?:\d{2}(?:\d{2}(?:\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?)?)?)?(?:[+-]\d{4})?"
+)
+#: TM's fraction of a second: at most six digits.
+_TM_FRACTION = 6
+
+
+def _parses(parse: Callable[[str], Any], value: str) -> bool:
+    """Whether pydicom's ``parse`` (:class:`DA`, :class:`TM`, :class:`DT`) reads ``value`` as
+    a date or time that exists (not 2 Feb 30, not year 0). Its exception, which names the
+    value, is not kept."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a leap second: pydicom warns, DICOM allows it
+            parse(value)
+    except (ArithmeticError, TypeError, ValueError):
+        return False
+    return True
+
+
+def _date(value: str) -> str:
+    match = _DA.fullmatch(value) or _DA_LENIENT.fullmatch(value)
+    if match is None:
+        return ""
+    date = match["y"] + match["m"] + match["d"]
+    return date if _parses(DA, date) else ""
+
+
+def _time(value: str) -> str:
+    match = _TM.fullmatch(value) or _TM_LENIENT.fullmatch(value)
+    if match is None:
+        return ""
+    time = match["h"] + (match["m"] or "") + (match["s"] or "")
+    if match["f"]:
+        time += "." + match["f"][:_TM_FRACTION]  # a 7th digit and on: below a microsecond
+    return time if _parses(TM, time) else ""
+
+
+def _date_time(value: str) -> str:
+    return value if _DT.fullmatch(value) and _parses(DT, value) else ""
+
+
+_CONFORMANT: dict[str, Callable[[str], str]] = {"DA": _date, "TM": _time, "DT": _date_time}
+
+
+def conformant_date_time(vr: str, value: str) -> str:
+    """``value`` of the VR ``vr`` (DA, TM or DT) as the standard writes it, or "" where it is
+    no date or time that can be.
+
+    A conformant value is kept. A lenient form of a date or a time that can mean one thing
+    only is repaired: ``1967-03-21`` and ``1967.03.21`` are ``19670321``, ``10:15:00`` is
+    ``101500``, a fraction of a second of more than six digits is cut to six. Anything else (a
+    date that does not exist, as ``00000000`` or ``19700230``, ``21/03/1967``, whose order of
+    day and month is a guess) is empty, which the Type 2 patient and study attributes allow."""
+    return _CONFORMANT[vr](value.strip())
+
+
+def _clean_date_time(element: DataElement) -> None:
+    values: Iterable[Any]
+    if isinstance(element.value, MultiValue | list | tuple):
+        values = element.value
+    else:
+        values = [element.value]
+    texts = [str(value) for value in values if value is not None and str(value).strip()]
+    if not texts:
+        return
+    cleaned = [conformant_date_time(element.VR, text) for text in texts]
+    if cleaned == texts:
+        return
+    kept = [value for value in cleaned if value]
+    element.value = kept if len(kept) > 1 else (kept[0] if kept else "")
+
+
+def clean_date_times(ds: Dataset, tags: Iterable[BaseTag] | None = None) -> None:
+    """Each DA, TM, DT value among the top-level ``tags`` of ``ds`` (all of them: None) as
+    :func:`conformant_date_time` writes it, in place. highdicom refuses a result whose source
+    has a date or time pydicom cannot read (and its exception would name the value)."""
+    for tag in ds.keys() if tags is None else tags:
+        if tag not in ds:
+            continue
+        element = ds[tag]
+        if element.VR in _CONFORMANT:
+            _clean_date_time(element)
+
+
+def clean_patient_sex(ds: Dataset) -> None:
+    """``ds``'s Patient's Sex, where it has one, as M, F or O (case and spaces aside), else
+    empty (unknown)."""
+    if "PatientSex" not in ds:
+        return
+    sex = str(ds.PatientSex or "").strip().upper()
+    ds.PatientSex = sex if sex in _PATIENT_SEX_VALUES else ""
+
+
 def copy_patient_and_study(source: Dataset, result: Dataset) -> None:
     """What highdicom's ``SOPClass.copy_patient_and_study_information`` copies from
     ``source`` onto ``result``, as copies (``result`` shares no element with ``source``):
     without copying the whole header first and walking highdicom's module tables for every
-    object (2-3 ms of each of a CT's heatmaps)."""
+    object (2-3 ms of each of a CT's heatmaps). Cleaned as :func:`patient_study_header`
+    cleans it: Patient's Sex, dates and times."""
     tags = _patient_study_tags(str(source.SOPClassUID), frozenset(source.keys()))
     for tag in tags:
         result.add(copy.deepcopy(source[tag]))
+    clean_patient_sex(result)
+    clean_date_times(result, tags)
 
 
 def patient_study_header(source: Dataset) -> Dataset:
     """:func:`source_header`, with absent Type 2 patient/study attributes empty (as the IODs
-    allow) and a Patient's Sex outside the enumerated values empty (unknown): what a result
-    object copies its patient and study from."""
+    allow), a Patient's Sex outside the enumerated values empty (unknown) and every date and
+    time as :func:`conformant_date_time` writes it: what a result object copies its patient
+    and study from."""
     header = source_header(source)
     for keyword in PATIENT_STUDY_TYPE2:
         if keyword not in header or header[keyword].value is None:
             setattr(header, keyword, "")
-    sex = str(header.PatientSex or "").strip().upper()
-    header.PatientSex = sex if sex in _PATIENT_SEX_VALUES else ""
+    clean_patient_sex(header)
+    clean_date_times(header)
     return header
 
 
@@ -112,16 +233,19 @@ UNPAIRED_BODY_PARTS = frozenset((
 
 
 def copy_anatomy(source: Dataset, result: Dataset) -> None:
-    """The source's Body Part Examined onto ``result``, and the General Series module's
-    Laterality (2C): the source's side (Laterality, else Image Laterality) when it is R or L;
-    absent for an unpaired body part; else empty (unknown)."""
-    body_part = str(source.get("BodyPartExamined", "") or "")
+    """The source's Body Part Examined onto ``result`` (upper case, without spaces around it),
+    and the General Series module's Laterality (2C): the source's side (Laterality, else
+    Image Laterality) when it is R or L (in either case); absent for an unpaired body part;
+    else empty (unknown)."""
+    # CS is upper case: a "chest" in the field is written, and looked up, as CHEST
+    body_part = str(source.get("BodyPartExamined", "") or "").strip().upper()
     if body_part:
         result.BodyPartExamined = body_part
     laterality = str(source.get("Laterality", "") or source.get("ImageLaterality", "") or "")
+    laterality = laterality.strip().upper()
     if laterality in {"R", "L"}:
         result.Laterality = laterality
-    elif body_part.upper() in UNPAIRED_BODY_PARTS:
+    elif body_part in UNPAIRED_BODY_PARTS:
         if "Laterality" in result:
             del result.Laterality
     else:

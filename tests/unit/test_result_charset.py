@@ -6,9 +6,12 @@ from __future__ import annotations
 import datetime as dt
 import warnings
 from dataclasses import replace
+from pathlib import Path
 
 import pydicom
 import pytest
+from highdicom.valuerep import _check_specific_character_set
+from pydicom.charset import python_encoding
 from pydicom.multival import MultiValue
 
 from acwi_node.inference.types import StudyAnalysis
@@ -16,6 +19,7 @@ from acwi_node.results.charset import UTF8, result_charset
 from acwi_node.results.encoding import encode_part10
 from acwi_node.results.heatmap import build_heatmap_sc
 from acwi_node.results.sr import Verification, build_sr, build_verified_sr, summarise_sr
+from tests.unit.test_result_headers import NO_ERRORS, result_objects, validation_errors
 from tests.unit.test_sr import LABELS, make_study, needs_dciodvfy
 
 JAPANESE = {"normal": "normal", "effusion": "胸水", "nodule": "Rundherd ø", "atelectasis": "無気肺"}
@@ -36,7 +40,17 @@ JAPANESE = {"normal": "normal", "effusion": "胸水", "nodule": "Rundherd ø", "
         ("GB18030", ["结节"], "GB18030"),
         ("ISO_IR 13", ["ｹｯｾﾂ"], UTF8),  # JIS X 0201: kept only for ASCII
         (["", "ISO 2022 IR 87"], ["結節"], UTF8),  # code extensions: only ASCII is safe
-        (["", "ISO 2022 IR 87"], ["nodule"], ["", "ISO 2022 IR 87"]),
+        # the empty first value (the default repertoire) as highdicom takes it
+        (["", "ISO 2022 IR 87"], ["nodule"], ["ISO 2022 IR 6", "ISO 2022 IR 87"]),
+        (" ISO_IR 100 ", ["Rundherd ø"], "ISO_IR 100"),
+        # what highdicom refuses is UTF-8, whatever the words
+        (["", "ISO 2022 IR 149"], ["nodule"], UTF8),  # highdicom 0.28 lacks IR 149
+        ("ISO_IR 6", ["nodule"], UTF8),  # the default repertoire is no value
+        ("UTF-8", ["nodule"], UTF8),
+        ("ISO 2022 IR 100", ["nodule"], UTF8),  # code extensions, but one value
+        (["ISO_IR 100", "ISO_IR 192"], ["nodule"], UTF8),  # several, without extensions
+        (["", "ISO 2022 IR 58"], ["nodule"], UTF8),
+        ("ISO_IR 203", ["nodule"], UTF8),  # highdicom takes it, pydicom has no codec
     ],
 )
 def test_the_source_character_set_is_kept_when_it_writes_every_word(
@@ -45,16 +59,88 @@ def test_the_source_character_set_is_kept_when_it_writes_every_word(
     assert result_charset(source, texts) == expected
 
 
-def test_an_unknown_source_character_set_keeps_only_ascii() -> None:
-    assert result_charset("ISO_IR 999", ["nodule"]) == "ISO_IR 999"
-    with pytest.warns(UserWarning, match="Unknown encoding"):
-        assert result_charset("ISO_IR 999", ["ø"]) == UTF8
+def test_an_unknown_source_character_set_is_utf8() -> None:
+    """highdicom refuses it; pydicom decoded the source's text as best it could, and UTF-8
+    writes that text whatever it is."""
+    assert result_charset("ISO_IR 999", ["nodule"]) == UTF8
+    assert result_charset("ISO_IR 999", ["ø"]) == UTF8
 
 
-def test_a_multi_valued_source_character_set_is_kept_as_read() -> None:
+def test_a_multi_valued_source_character_set_is_kept_as_highdicom_takes_it() -> None:
     read = MultiValue(str, ["", "ISO 2022 IR 100"])
-    assert result_charset(read, ["nodule"]) is read
+    assert result_charset(read, ["nodule"]) == ["ISO 2022 IR 6", "ISO 2022 IR 100"]
     assert result_charset(read, ["Größe"]) == UTF8
+
+
+def _field_values() -> list[str | list[str]]:
+    """Every value pydicom knows, alone, after an empty one and before a Kanji one, and some
+    it does not."""
+    known = sorted(python_encoding)
+    return [
+        *known,
+        *(["", value] for value in known),
+        *([value, "ISO 2022 IR 87"] for value in known),
+        *(["ISO 2022 IR 6", value] for value in known),
+        "UTF-8",
+        "utf8",
+        "iso_ir 100",
+        "ISO-IR 100",
+        "ISO IR 192",
+        "ISO_IR 999",
+        ["", ""],
+        ["ISO_IR 100", "ISO_IR 100"],
+    ]
+
+
+@pytest.mark.parametrize("words", [["nodule"], ["Rundherd ø"], ["無気肺"]])
+def test_every_result_character_set_is_one_highdicom_takes_and_pydicom_writes(
+    words: list[str],
+) -> None:
+    for value in _field_values():
+        charset = result_charset(value, words)
+        if charset is None:
+            continue
+        values = [charset] if isinstance(charset, str) else list(charset)
+        assert all(v in python_encoding for v in values), (value, charset)
+        _check_specific_character_set(charset)  # raises where highdicom refuses it
+
+
+#: Specific Character Sets found in the field that highdicom refused as they are, a patient
+#: name each writes, and the set the results are written in.
+FIELD_CHARSETS = [
+    (
+        ["", "ISO 2022 IR 87"],  # Japanese, PS3.5 Annex H
+        "Yamada^Tarou=山田^太郎=やまだ^たろう",
+        ["ISO 2022 IR 6", "ISO 2022 IR 87"],
+    ),
+    (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동", UTF8),  # Korean, Annex I
+    ("ISO_IR 6", "Doe^John", UTF8),
+    ("UTF-8", "Müller^Jürgen", UTF8),
+    ("ISO 2022 IR 100", "Müller^Jürgen", UTF8),
+    (["ISO_IR 100", "ISO_IR 192"], "Doe^John", UTF8),
+]
+
+
+@pytest.mark.parametrize(("source_charset", "name", "expected"), FIELD_CHARSETS)
+def test_results_of_a_source_in_a_character_set_highdicom_refuses_are_written_and_valid(
+    source_charset: str | list[str], name: str, expected: str | list[str], tmp_path: Path
+) -> None:
+    """The whole study failed ('' is not a valid SpecificCharacterSetValues): now every
+    result object is written, in the source's character set as highdicom takes it or in
+    UTF-8, and reads back the patient's name as the node read it from the source."""
+
+    def edit(ds: pydicom.Dataset) -> None:
+        ds.SpecificCharacterSet = source_charset
+        ds.PatientName = name
+
+    results = result_objects(edit, tmp_path)
+    source = results.pop("sources")
+    assert str(source.PatientName) == name  # the source's text, decoded by pydicom
+    for kind, ds in results.items():
+        charset = ds.SpecificCharacterSet
+        assert (charset if isinstance(charset, str) else list(charset)) == expected, kind
+        assert str(ds.PatientName) == name, kind
+    assert validation_errors(results) == NO_ERRORS
 
 
 def _relabelled(analysis: StudyAnalysis) -> StudyAnalysis:

@@ -1,10 +1,16 @@
 """What result objects copy from their sources' headers (``acwi_node/results/headers.py``):
 ``copy_patient_and_study`` copies what highdicom's ``copy_patient_and_study_information``
-copies, as copies, for sources of any shape."""
+copies, as copies, for sources of any shape; the values found in the field that highdicom
+refuses or that fail validation (dates and times, Patient's Sex, Body Part Examined) are
+cleaned in every result object."""
 
 from __future__ import annotations
 
 import copy
+import io
+import logging
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,9 +18,24 @@ from highdicom import SOPClass
 from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from acwi_node.results.headers import copy_patient_and_study, source_header
+from acwi_node.ledger import Ledger
+from acwi_node.results.encoding import encode_part10
+from acwi_node.results.headers import (
+    copy_anatomy,
+    copy_patient_and_study,
+    patient_study_header,
+    source_header,
+)
+from acwi_node.results.heatmap import build_heatmap_sc
+from acwi_node.results.parametric_map import build_parametric_maps
+from acwi_node.results.sr import build_sr
+from acwi_node.tasks import analyse
 from models.data.synth import write_ct_series
+from tests.support.dciodvfy import require_dciodvfy
 from tests.support.dx import make_dx
+from tests.support.review_case import review_settings, store_and_route
+from tests.unit.test_parametric_map import analysis_of
+from tests.unit.test_sr import make_study
 
 
 def result_object() -> SOPClass:
@@ -112,3 +133,208 @@ def test_the_result_shares_no_element_with_the_source() -> None:
     assert source.PatientName != "CHANGED^HERE"
     assert source.OtherPatientIDsSequence[0].PatientID == "OTHER1"
     assert len(source.ProcedureCodeSequence) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Values found in the field, in every result object
+# ---------------------------------------------------------------------------------------------
+
+
+def as_read(ds: Dataset) -> Dataset:
+    """``ds`` written and read back, as the node reads what it receives (its text decoded in
+    its own character set)."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the invalid values are the point
+        ds.save_as(buffer, enforce_file_format=True)
+    return dcmread(io.BytesIO(buffer.getvalue()))
+
+
+def written(ds: Dataset) -> Dataset:
+    """A result object as the node writes it, read back."""
+    return dcmread(io.BytesIO(encode_part10(ds)))
+
+
+def result_objects(edit: Callable[[Dataset], None], folder: Path) -> dict[str, Dataset]:
+    """Each kind of result object, written and read back, of sources edited by ``edit``: the
+    SR and a heatmap of a radiograph study, the parametric map of a CT slice."""
+
+    def edited(source: Dataset) -> Dataset:
+        edit(source)
+        return as_read(source)
+
+    sources, analysis = make_study()
+    sources = [edited(source) for source in sources]
+    image = analysis.images[0]
+    heatmap = build_heatmap_sc(
+        sources[0], image.heatmap_array(), analysis, image, instance_number=1
+    )
+    ct = [edited(ct_slice(folder))]
+    (pmap,) = build_parametric_maps(ct, analysis_of(ct))
+    return {
+        "sources": sources[0],
+        "sr": written(build_sr(sources, analysis)),
+        "heatmap": written(heatmap),
+        "parametric map": written(pmap),
+    }
+
+
+def validation_errors(results: dict[str, Dataset]) -> dict[str, list[str]]:
+    """What dciodvfy finds wrong in each result object (not in its source)."""
+    require_dciodvfy()
+    from acwi_node.results.validate import run_dciodvfy
+
+    return {kind: run_dciodvfy(ds).errors for kind, ds in results.items() if kind != "sources"}
+
+
+NO_ERRORS: dict[str, list[str]] = {"sr": [], "heatmap": [], "parametric map": []}
+
+
+@pytest.mark.parametrize(
+    ("vr", "value", "expected"),
+    [
+        ("DA", "19670321", "19670321"),
+        ("DA", " 19670321 ", "19670321"),
+        ("DA", "1967-03-21", "19670321"),  # ISO 8601
+        ("DA", "1967.03.21", "19670321"),  # ACR-NEMA
+        ("DA", "00000000", ""),  # year 0
+        ("DA", "19700230", ""),  # 30 February
+        ("DA", "21/03/1967", ""),  # day and month: a guess
+        ("DA", "1967-03.21", ""),
+        ("DA", "+0010101", ""),  # pydicom reads it; DICOM does not
+        ("DA", "196703", ""),
+        ("TM", "101500", "101500"),
+        ("TM", "10", "10"),
+        ("TM", "101500.123456", "101500.123456"),
+        ("TM", "10:15:00", "101500"),
+        ("TM", "10:15", "1015"),
+        ("TM", "10:15:00.5", "101500.5"),
+        ("TM", "101500.1234567", "101500.123456"),  # below a microsecond: cut
+        ("TM", "101500.", "101500"),
+        ("TM", "240000", ""),
+        ("TM", "1", ""),
+        ("TM", "10h15", ""),
+        ("DT", "20240115101500.123456+0100", "20240115101500.123456+0100"),
+        ("DT", "2024", "2024"),
+        ("DT", "2024-01-15T10:15", ""),
+        ("DT", "20241315", ""),
+    ],
+)
+def test_a_date_or_time_is_kept_repaired_or_empty(vr: str, value: str, expected: str) -> None:
+    from acwi_node.results.headers import conformant_date_time
+
+    assert conformant_date_time(vr, value) == expected
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "expected"),
+    [
+        ("PatientBirthDate", "00000000", ""),
+        ("PatientBirthDate", "19700230", ""),
+        ("PatientBirthDate", "1967-03-21", "19670321"),
+        ("StudyDate", "2024-01-15", "20240115"),
+        ("StudyTime", "10:15:00", "101500"),
+        ("StudyTime", "101500.1234567", "101500.123456"),
+        ("PatientBirthTime", "07:30", "0730"),
+    ],
+)
+def test_results_of_a_source_with_a_non_conformant_date_or_time_are_written_and_valid(
+    keyword: str, value: str, expected: str, tmp_path: Path
+) -> None:
+    """highdicom refused the whole study (the SR's constructor reads the dates with pydicom):
+    every result object now has the date or time repaired where it can mean one thing only,
+    else empty (Type 2), and validates."""
+    results = result_objects(lambda ds: setattr(ds, keyword, value), tmp_path)
+    assert str(results.pop("sources")[keyword].value) == value  # as the PACS sent it
+    for kind, ds in results.items():
+        assert str(ds[keyword].value) == expected, kind
+    assert validation_errors(results) == NO_ERRORS
+
+
+@pytest.mark.parametrize(("sex", "expected"), [("X", ""), ("m", "M"), (" f ", "F"), ("O", "O")])
+def test_results_clean_the_patients_sex_the_heatmaps_too(
+    sex: str, expected: str, tmp_path: Path
+) -> None:
+    """The SR and the parametric map cleaned Patient's Sex; the heatmaps copied it as sent."""
+    results = result_objects(lambda ds: setattr(ds, "PatientSex", sex), tmp_path)
+    del results["sources"]
+    assert {kind: ds.PatientSex for kind, ds in results.items()} == dict.fromkeys(results, expected)
+    assert validation_errors(results) == NO_ERRORS
+
+
+def test_copy_patient_and_study_cleans_what_patient_study_header_cleans() -> None:
+    source = make_dx(generate_uid())
+    source.PatientSex = "m"
+    source.PatientBirthDate = "1967-03-21"
+    source.StudyDate = "00000000"
+    source.StudyTime = "10:15:00"
+    header = patient_study_header(source)
+    copied = ours(source)
+    for keyword, expected in {
+        "PatientSex": "M",
+        "PatientBirthDate": "19670321",
+        "StudyDate": "",
+        "StudyTime": "101500",
+    }.items():
+        assert copied[keyword].value == header[keyword].value == expected, keyword
+    assert source.PatientSex == "m" and source.StudyDate == "00000000"  # the source as it was
+
+
+@pytest.mark.parametrize("body_part", ["chest", " Chest ", "CHEST"])
+def test_a_body_part_in_lower_case_is_written_and_looked_up_in_upper_case(
+    body_part: str, tmp_path: Path
+) -> None:
+    """ "chest" was looked up as CHEST (unpaired: no Laterality) but written as sent: the
+    heatmaps and the parametric map lacked the Laterality a body part that is not CHEST
+    needs."""
+
+    def edit(ds: Dataset) -> None:
+        ds.BodyPartExamined = body_part
+        for keyword in ("Laterality", "ImageLaterality"):
+            if keyword in ds:
+                delattr(ds, keyword)
+
+    results = result_objects(edit, tmp_path)
+    del results["sources"], results["sr"]  # the SR has no General Series anatomy
+    for kind, ds in results.items():
+        assert ds.BodyPartExamined == "CHEST", kind
+        assert "Laterality" not in ds, kind
+    assert validation_errors(results) == {"heatmap": [], "parametric map": []}
+
+
+def test_copy_anatomy_writes_a_side_in_either_case() -> None:
+    source = Dataset()
+    source.BodyPartExamined = "breast"
+    source.ImageLaterality = "l"
+    result = Dataset()
+    copy_anatomy(source, result)
+    assert (result.BodyPartExamined, result.Laterality) == ("BREAST", "L")
+
+
+@pytest.mark.parametrize("birth_date", ["1967-03-21", "19700230"])
+def test_a_date_of_the_source_is_in_no_failure_reason_nor_log(
+    birth_date: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The real analyse task: a birth date highdicom could not read failed the study, with
+    the date (patient data) in the ledger's reason and the worker's log. Now the study is
+    analysed, and the date is nowhere."""
+    source = make_dx(generate_uid())
+    source.PatientBirthDate = birth_date
+    path = tmp_path / "source.dcm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        source.save_as(path, enforce_file_format=True)
+    settings = review_settings(tmp_path)
+    ledger = Ledger(settings.database_url)
+    try:
+        job_id, study_uid = store_and_route(settings, ledger, [path])
+        caplog.clear()  # pydicom's warning of the test's own invalid value, written above
+        with caplog.at_level(logging.DEBUG):
+            outcome = analyse.run_job(settings, ledger, job_id)
+        study = ledger.get_study(study_uid)
+    finally:
+        ledger.dispose()
+    assert study is not None
+    assert birth_date not in str(study.get("reason") or "")
+    assert birth_date not in caplog.text
+    assert outcome == "analysed" and study["state"] != "failed", study.get("reason")

@@ -16,14 +16,29 @@ manifest and weights (the source folder is then left untouched):
   above :data:`FULL_TOLERANCES` the export fails and nothing is recorded.
 
 The manifest records each file's name, SHA-256, opset, input/output names and the dynamic batch.
+The opset recorded is the one each file imports; when the exporter could not write the opset
+asked for (it falls back to its own), the export fails instead.
+
+Nothing in the target folder changes until everything passed: both files (and, with ``--out``,
+the weights and the manifest) are written under temporary names in the folder, checked, and only
+then renamed over the old ones, the manifest last (written in full and synced first). A failed
+check, an error or a kill before that point leaves the old files and manifest as they were.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import os
+import secrets
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +57,6 @@ from acwi_node.inference.manifest import (
     OnnxRecord,
     load_manifest,
     sha256_file,
-    write_manifest,
 )
 from acwi_node.inference.preprocess import preprocess
 from models.networks.dianet import DIANet
@@ -78,22 +92,45 @@ class ExportError(RuntimeError):
 
 
 def load_model(manifest: ModelManifest) -> DIANet:
-    """The manifest's DIANet with its verified weights, on CPU, in evaluation mode."""
+    """The manifest's DIANet with its verified weights, on CPU, in evaluation mode.
+
+    Raises :class:`ExportError` in one line when the weights do not fit the manifest's
+    ``architecture_config`` (how many keys are missing, unexpected or of another shape).
+    """
     model = build_model(manifest)
     state = torch.load(manifest.weights_path, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or reshaped:
+        raise ExportError(
+            f"weights {manifest.weights_path} do not fit the manifest's architecture_config:"
+            f" {len(missing)} missing, {len(unexpected)} unexpected keys, {len(reshaped)} of"
+            " another shape"
+        )
     model.load_state_dict(state)
     return model.eval()
 
 
+def _session(path: Path) -> object:
+    """An ONNX Runtime CPU session for ``path`` (:class:`ExportError` when it cannot load it)."""
+    import onnxruntime
+
+    try:
+        return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own exception types (Fail, InvalidGraph, ...)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"ONNX Runtime cannot load {path.name}: {first}") from exc
+
+
 def check_onnx(model: DIANet, onnx: OnnxFile, input_size: int, seed: int = 0) -> float | None:
     """Largest absolute difference between ONNX Runtime and PyTorch (``None``: no runtime)."""
-    try:
-        import onnxruntime
-    except ImportError:
+    if importlib.util.find_spec("onnxruntime") is None:
         return None
     generator = torch.Generator().manual_seed(seed)
     worst = 0.0
-    session = onnxruntime.InferenceSession(str(onnx.path), providers=["CPUExecutionProvider"])
+    session: Any = _session(onnx.path)
     for batch in (1, 3):
         x = torch.randn(
             batch, model.config.in_channels, input_size, input_size, generator=generator
@@ -224,13 +261,9 @@ def check_full_onnx(
     tolerances: dict[str, float] | None = None,
 ) -> Parity:
     """Run ``path`` with ONNX Runtime on ``x``, all at once and image by image, against PyTorch."""
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise ExportError(
-            "the parity check needs onnxruntime (pip install 'acwi-node[onnx]')"
-        ) from exc
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise ExportError("the parity check needs onnxruntime (pip install 'acwi-node[onnx]')")
+    session: Any = _session(path)
     want = reference_outputs(model, x, temperature)
     names = list(FULL_OUTPUT_NAMES)
     got = dict(zip(names, session.run(names, {FULL_INPUT_NAME: x}), strict=True))
@@ -262,7 +295,7 @@ def export_full(
     model = model.eval()
     example = torch.zeros(2, model.config.in_channels, input_size, input_size)
     try:
-        write_onnx(
+        written = write_onnx(
             FullModel(model, temperature),
             example,
             path,
@@ -277,7 +310,7 @@ def export_full(
     return OnnxFile(
         path=path,
         sha256=sha256_file(path),
-        opset=opset,
+        opset=written,
         input_names=(FULL_INPUT_NAME,),
         output_names=FULL_OUTPUT_NAMES,
     )
@@ -294,6 +327,137 @@ def _record(name: str, onnx: OnnxFile) -> OnnxRecord:
     )
 
 
+def newest_opset() -> int | None:
+    """The newest ONNX opset the installed ``onnx`` package knows (``None``: not installed)."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    return int(onnx.defs.onnx_opset_version())
+
+
+def _check_opset(onnx: OnnxFile, asked: int, what: str) -> None:
+    """:class:`ExportError` when the file written does not import the opset asked for."""
+    if onnx.opset == asked:
+        return
+    newest = newest_opset()
+    works = f"opsets {onnx.opset} to {newest}" if newest else f"opset {onnx.opset} and newer"
+    raise ExportError(
+        f"--opset {asked} cannot be written here: the exporter (torch {torch.__version__}) could"
+        f" not convert the {what} to opset {asked} and wrote its own opset {onnx.opset}"
+        f" instead; {works} work here; nothing was recorded"
+    )
+
+
+class _Staging:
+    """Temporary files next to their final names, renamed over them together or removed."""
+
+    def __init__(self) -> None:
+        self._token = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._moves: list[tuple[Path, Path]] = []
+
+    def path(self, final: Path) -> Path:
+        """A fresh hidden name in ``final``'s folder that :meth:`commit` renames to ``final``."""
+        tmp = final.with_name(f".{final.name}.{self._token}.tmp")
+        self._moves.append((tmp, final))
+        return tmp
+
+    def commit(self) -> None:
+        """Sync every staged file, then rename each over its final name, in staging order.
+
+        The renames run back to back with SIGINT, SIGTERM and SIGHUP held until they are done.
+        Should a rename fail, the ones already done are undone from hard-link backups of the
+        old files, so that the folder keeps its old files and manifest.
+        """
+        for tmp, _ in self._moves:
+            _fsync(tmp)
+        backups: list[tuple[Path, Path | None, bool]] = []  # final, its backup, existed
+        for _, final in self._moves:
+            backup = None
+            if final.is_file():
+                backup = final.with_name(f".{final.name}.{self._token}.old")
+                try:
+                    os.link(final, backup)
+                except OSError:  # a file system without hard links: no undo for this one
+                    backup = None
+            backups.append((final, backup, final.exists()))
+        done: list[int] = []
+        try:
+            with _signals_held():
+                for i, (tmp, final) in enumerate(self._moves):
+                    os.replace(tmp, final)
+                    done.append(i)
+        except OSError:
+            for i in reversed(done):
+                final, backup, existed = backups[i]
+                if backup is not None:
+                    os.replace(backup, final)
+                elif not existed:
+                    final.unlink(missing_ok=True)
+            raise
+        finally:
+            for _, backup, _ in backups:
+                if backup is not None:
+                    backup.unlink(missing_ok=True)
+        for folder in {final.parent for _, final in self._moves}:
+            _fsync(folder)
+        self._moves = []
+
+    def discard(self) -> None:
+        """Remove every staged file not committed."""
+        for tmp, _ in self._moves:
+            tmp.unlink(missing_ok=True)
+        self._moves = []
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file or a folder) to disk, where the platform allows it."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP until the block ends, then act on the first one.
+
+    Only in the main thread (elsewhere Python cannot install handlers; the block runs as is).
+    """
+    names = ("SIGINT", "SIGTERM", "SIGHUP")
+    held = [getattr(signal, n) for n in names if hasattr(signal, n)]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def remember(signum: int, frame: FrameType | None) -> None:
+        caught.append(signum)
+
+    old = {sig: signal.signal(sig, remember) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if caught:
+            signal.raise_signal(caught[0])
+
+
+def _manifest_text(manifest: ModelManifest) -> str:
+    """The manifest as :func:`write_manifest` writes it, validated (as it will be loaded)."""
+    text = manifest.model_dump_json(indent=2) + "\n"
+    ModelManifest.model_validate_json(text)
+    return text
+
+
 def export(
     model_dir: Path,
     out: Path | None = None,
@@ -305,43 +469,74 @@ def export(
 
     ``on_parity`` sees the parity numbers before they are judged (also when they fail).
     Raises :class:`ExportError` (:class:`ParityError` for the parity check) and then records
-    nothing: a file that failed its check is removed, the manifest is left as it was.
+    nothing: every file is written under a temporary name and renamed into place, together with
+    the manifest, only once all checks passed, so a failure (or an interruption) leaves the
+    target folder's files and manifest as they were.
     """
     manifest = load_manifest(Path(model_dir))
     model = load_model(manifest)
     source = manifest.directory
     target = Path(out).resolve() if out is not None else source
-    if target != source:
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(manifest.weights_path, target / manifest.weights)
-    onnx = export_backbone(model, target / ONNX_NAME, input_size=manifest.input.size, opset=opset)
-    worst = check_onnx(model, onnx, manifest.input.size)
-    if worst is not None and worst > CHECK_TOLERANCE:
-        onnx.path.unlink(missing_ok=True)
+    newest = newest_opset()
+    if newest is not None and opset > newest:
         raise ExportError(
-            f"ONNX Runtime differs from PyTorch by {worst:.2e} (> {CHECK_TOLERANCE:.0e}); "
-            "nothing was recorded"
+            f"--opset {opset} is newer than the newest opset the installed onnx package knows"
+            f" ({newest}); nothing was recorded"
         )
-    full = export_full(
-        model,
-        target / FULL_ONNX_NAME,
-        input_size=manifest.input.size,
-        temperature=manifest.temperature,
-        opset=opset,
-    )
+    created = not target.exists()
+    if target != source:
+        if not created and not target.is_dir():
+            raise ExportError(f"--out {target} exists and is not a folder")
+        target.mkdir(parents=True, exist_ok=True)
+    staging = _Staging()
+    done = False
     try:
+        weights = target / manifest.weights
+        if target != source and not (
+            weights.is_file() and sha256_file(weights) == manifest.weights_sha256
+        ):
+            shutil.copy2(manifest.weights_path, staging.path(weights))
+        size = manifest.input.size
+        try:
+            onnx = export_backbone(
+                model, staging.path(target / ONNX_NAME), input_size=size, opset=opset
+            )
+        except RuntimeError as exc:  # the exporter's packages are missing
+            raise ExportError(str(exc)) from exc
+        _check_opset(onnx, opset, "backbone")
+        worst = check_onnx(model, onnx, size)
+        if worst is not None and worst > CHECK_TOLERANCE:
+            raise ExportError(
+                f"ONNX Runtime differs from PyTorch by {worst:.2e} (> {CHECK_TOLERANCE:.0e}); "
+                "nothing was recorded"
+            )
+        full = export_full(
+            model,
+            staging.path(target / FULL_ONNX_NAME),
+            input_size=size,
+            temperature=manifest.temperature,
+            opset=opset,
+        )
+        _check_opset(full, opset, "full model")
         parity = check_full_onnx(model, full.path, parity_inputs(manifest), manifest.temperature)
         if on_parity is not None:
             on_parity(parity)
         if not parity.ok:
             raise ParityError(parity)
-    except ExportError:
-        full.path.unlink(missing_ok=True)
-        if target != source or manifest.onnx is None:  # keep what the manifest records
-            onnx.path.unlink(missing_ok=True)
-        raise
-    update = {"onnx": _record(ONNX_NAME, onnx), "full_onnx": _record(FULL_ONNX_NAME, full)}
-    path = write_manifest(manifest.model_copy(update=update), target)
+        onnx = replace(onnx, path=target / ONNX_NAME)
+        full = replace(full, path=target / FULL_ONNX_NAME)
+        update = {"onnx": _record(ONNX_NAME, onnx), "full_onnx": _record(FULL_ONNX_NAME, full)}
+        path = target / MANIFEST_NAME
+        staged = staging.path(path)
+        staged.write_text(_manifest_text(manifest.model_copy(update=update)), encoding="utf-8")
+        os.chmod(staged, path.stat().st_mode & 0o777 if path.is_file() else 0o644)
+        staging.commit()
+        done = True
+    finally:
+        staging.discard()
+        if created and not done:
+            with contextlib.suppress(OSError):
+                target.rmdir()  # the --out folder this call made, when it is still empty
     load_manifest(path)  # what was written must load (weights and hashes verified)
     return ExportResult(
         manifest_path=path,

@@ -33,6 +33,9 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 LABELS: tuple[str, ...] = ("normal", "nodule", "effusion")
+#: Smallest and largest image matrix :func:`write_dataset` writes (the phantoms need 64 pixels).
+MIN_SIZE = 64
+MAX_SIZE = 4096
 #: Screening-like prevalence used when a class mix is not given.
 DEFAULT_CLASS_FRACTIONS: dict[str, float] = {"normal": 0.70, "nodule": 0.15, "effusion": 0.15}
 
@@ -702,9 +705,24 @@ def write_dataset(
     ``enhanced`` (CT only) writes each series as one multi-frame image
     (:func:`write_enhanced_ct`); ``labels.csv`` then has a ``frame_number`` column and a row
     per frame.
+
+    Raises :class:`ValueError` before writing anything when an argument is out of range (no
+    study or image, a size outside :data:`MIN_SIZE` to :data:`MAX_SIZE`, an unknown site) or
+    ``out_dir`` exists and is not a folder.
     """
     if not sites:
         raise ValueError("sites must not be empty")
+    unknown_sites = sorted({int(s) for s in sites if not 0 <= int(s) < len(SITES)})
+    if unknown_sites:
+        raise ValueError(f"unknown sites {unknown_sites}; sites are 0 to {len(SITES) - 1}")
+    if n_studies < 1:
+        raise ValueError(f"n_studies must be at least 1, not {n_studies}")
+    if images_per_study < 1:
+        raise ValueError(f"images_per_study must be at least 1, not {images_per_study}")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise ValueError(f"size must be {MIN_SIZE} to {MAX_SIZE} pixels, not {size}")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"{out_dir} exists and is not a folder")
     if enhanced and modality != "CT":
         raise ValueError("enhanced (multi-frame) images are written for modality CT only")
     if modality is not None and modality not in (*SOP_CLASS_FOR_MODALITY, "CT"):

@@ -26,6 +26,7 @@ from models.export import (
     FULL_OUTPUT_NAMES,
     FULL_TOLERANCES,
     ONNX_NAME,
+    ExportError,
     check_full_onnx,
     export_model,
     load_model,
@@ -235,3 +236,55 @@ def test_cli_export_fails_on_a_parity_mismatch(
     assert "FAIL" in captured.out
     assert (model / MANIFEST_NAME).read_bytes() == before  # nothing recorded
     assert not (model / FULL_ONNX_NAME).exists() and not (model / ONNX_NAME).exists()
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file in ``folder`` (hidden ones too): inode and bytes."""
+    return {p.name: (p.stat().st_ino, p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("failure", ["interrupted", "export error"])
+def test_a_failed_reexport_leaves_the_old_files_and_manifest(
+    exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """Killed, interrupted or failing after the new backbone was written, a re-export in place
+    leaves the files the manifest records: nothing final is replaced before every check
+    passed (before, backbone.onnx was replaced first and the manifest then named a file that
+    was no longer there)."""
+    import models.export as export_module
+
+    model = tmp_path / "model"
+    shutil.copytree(exported, model)
+    before = _snapshot(model)
+    seen: list[dict[str, tuple[int, bytes]]] = []
+
+    def check_then_stop(*args: object, **kwargs: object) -> float:
+        seen.append(_snapshot(model))  # the new backbone is written by now
+        if failure == "interrupted":
+            raise KeyboardInterrupt  # as a kill would end it, but with clean-up
+        raise export_module.ExportError("simulated failure after the backbone")
+
+    monkeypatch.setattr(export_module, "check_onnx", check_then_stop)
+    with pytest.raises(KeyboardInterrupt if failure == "interrupted" else ExportError):
+        export_module.export(model)
+    (during,) = seen
+    assert {k: during[k] for k in before} == before  # old files in place while it ran
+    assert _snapshot(model) == before  # and after: no temporary file left either
+    manifest = load_manifest(model)
+    assert manifest.onnx is not None and manifest.full_onnx is not None
+    assert sha256_file(model / manifest.onnx.file) == manifest.onnx.sha256
+    assert sha256_file(model / manifest.full_onnx.file) == manifest.full_onnx.sha256
+
+
+def test_an_opset_the_exporter_cannot_write_fails_and_records_nothing(tmp_path: Path) -> None:
+    """The exporter writes opset 18 and cannot convert DIANet's graph to 17 (it keeps 18,
+    quietly): the export fails saying so, instead of recording 17 for an opset-18 file."""
+    model = tmp_path / "model"
+    shutil.copytree(default_model_dir(), model)
+    before = _snapshot(model)
+    with pytest.raises(ExportError, match=r"--opset 17 cannot be written here: .* opset 18"):
+        export_model(model, opset=17)
+    assert _snapshot(model) == before
+    with pytest.raises(ExportError, match="newer than the newest opset"):
+        export_model(model, opset=10_000)
+    assert _snapshot(model) == before

@@ -368,7 +368,9 @@ def test_cli_synth_ct(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert len(files) == 6
     ds = pydicom.dcmread(files[0])
     assert ds.Modality == "CT" and ds.Rows == 64 and ds.Manufacturer == SITES[3].manufacturer
-    assert main([*args, "--slices", "0"]) == 1
+    with pytest.raises(SystemExit) as stop:  # a usage error: argparse's exit status 2
+        main([*args, "--slices", "0"])
+    assert stop.value.code == 2
     assert "--slices" in capsys.readouterr().err
 
 
@@ -453,3 +455,25 @@ def test_an_enhanced_ct_benchmark_labels_each_frame(tmp_path: Path) -> None:
     assert dciodvfy_errors(files[0]) == []
     with pytest.raises(ValueError, match="modality CT only"):
         write_dataset(tmp_path / "dx", 1, seed=0, enhanced=True)
+
+
+def test_write_dataset_refuses_out_of_range_arguments_before_writing(tmp_path: Path) -> None:
+    """No study, no image, a size the phantoms cannot draw, an unknown site or an ``out_dir``
+    that is a file: a ValueError naming it, and nothing written (no empty folder either)."""
+    out = tmp_path / "ds"
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"n_studies": 0}, "n_studies must be at least 1"),
+        ({"images_per_study": 0}, "images_per_study must be at least 1"),
+        ({"size": 0}, "size must be 64 to 4096"),
+        ({"size": 8192}, "size must be 64 to 4096"),
+        ({"sites": (0, 9)}, r"unknown sites \[9\]; sites are 0 to 4"),
+    ]
+    for changes, message in cases:
+        kwargs: dict[str, object] = {"n_studies": 2, "seed": 0, "size": 64, **changes}
+        with pytest.raises(ValueError, match=message):
+            write_dataset(out, **kwargs)  # type: ignore[arg-type]
+        assert not out.exists(), changes
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        write_dataset(a_file, 2, seed=0, size=64)

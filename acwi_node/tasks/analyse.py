@@ -9,13 +9,18 @@ A job that fails, or is superseded, after it wrote some of its result objects re
 again (:func:`_remove_unrecorded`): no ledger row names them, nothing would send them, and a
 later analysis writes its own. A file a result row of the study names (an earlier analysis's
 object of the same UID, which this job's rewrote) stays for that row; a file another job
-wrote over ours meanwhile stays too. A worker that dies mid-job leaves its files to the
+wrote over ours meanwhile stays too. Two jobs of one study (the older superseded by the
+study's next version) never write at once: the write phase, from the first result file to
+the ledger's answer and this clean-up, holds the study's result-write lock
+(:mod:`acwi_node.results.write_lock`), and a job superseded before it took the lock writes
+nothing. A worker that dies mid-job leaves its files to the
 next attempt, which writes the same ones, and to storage retention, which deletes a finished
 study's result folder (``retention.keep_hours``, or when the disk runs short).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -45,6 +50,7 @@ from acwi_node.results.heatmap import build_heatmap_sc
 from acwi_node.results.overlay import heat_path, write_cam
 from acwi_node.results.parametric_map import build_parametric_maps
 from acwi_node.results.sr import build_sr
+from acwi_node.results.write_lock import study_results_lock
 from acwi_node.review.quality import quality_sampled, sample_reason
 from acwi_node.routing.selection import InstanceSelection
 from acwi_node.tasks.app import ANALYSE_TASK, app
@@ -233,6 +239,9 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
     # every file this run wrote, with its identity: removed again should the job not finish
     written: list[_Written] = []
     study_uid = ""
+    # the study's result-write lock, held from the first file written to the ledger's answer
+    # and any clean-up (:mod:`acwi_node.results.write_lock`)
+    write_phase = contextlib.ExitStack()
     try:
         study_uid, rel_paths = ledger.job_inputs(job_id)
         bind_study(study_uid)
@@ -269,6 +278,12 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
         used = [by_uid[uid] for uid in dict.fromkeys(im.sop_instance_uid for im in analysis.images)]
         out = Spool(settings.results_dir, fsync=settings.ingest.fsync)
         files: list[ResultFile] = []
+        write_phase.enter_context(study_results_lock(settings.results_dir, study_uid))
+        # A job of the study's next version may have written and recorded the same files
+        # while this one analysed: it superseded this one, which then writes nothing.
+        if not ledger.renew_lease(job_id):
+            log.info("job %d: superseded while it analysed; no results written", job_id)
+            return "superseded"
 
         def write(kind: str, ds: Dataset) -> Path:
             """Each object to its file as soon as it is built: a CT's hundreds of heatmaps
@@ -346,6 +361,8 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
             # the route's shadow models analyse the study next, on the lowest queue
             shadow_models=route.shadow_models if route is not None else (),
         )
+        if not kept:
+            _remove_unrecorded(ledger, study_uid, written)
     except NothingToAnalyse as exc:
         count_not_analysed(job.model, exc.skipped)
         if not ledger.fail_job(job_id, f"nothing to analyse: {exc}"):
@@ -362,10 +379,10 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
         log.exception("job %d: analysis failed", job_id)
         return "failed"
     finally:
+        write_phase.close()
         lease.stop()
     if not kept:
         log.info("job %d: superseded while it ran; results not sent", job_id)
-        _remove_unrecorded(ledger, study_uid, written)
         return "superseded"
     if files:
         wake_exporter(settings.data_dir)  # the results are due: sent now, not at its next poll

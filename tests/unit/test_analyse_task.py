@@ -679,3 +679,81 @@ def test_a_model_whose_warm_up_fails_is_not_loaded_and_the_worker_not_ready(
     preload.run()
     ready, why = preload.check()
     assert not ready and "warm-up analysis failed" in why, why
+
+
+def test_a_superseded_job_never_writes_over_the_newer_jobs_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The study's next image arrives while its job writes the first heatmap; the newer
+    version's job (the same model version: the same result UIDs and paths) runs to the end
+    meanwhile. The two write phases take turns: every file the study keeps is the newer
+    job's, each of its result rows names a file that is there, and none holds the older
+    job's content (before, the older job's late heatmap replaced the newer job's recorded
+    one)."""
+    import threading
+
+    settings = review_settings(tmp_path, routes=[_route()])
+    ledger = Ledger(settings.database_url)
+    files = write_study(tmp_path / "src", n_images=2, size=64)
+    real = analyse.build_heatmap_sc
+    older_writes = threading.Event()
+    go_on = threading.Event()
+    outcomes: dict[str, str] = {}
+
+    def build(*args: Any, **kwargs: Any) -> Any:
+        ds = real(*args, **kwargs)
+        if threading.current_thread().name == "older":
+            ds.SeriesDescription = "OLDER JOB"
+            older_writes.set()
+            assert go_on.wait(30)
+        return ds
+
+    monkeypatch.setattr(analyse, "build_heatmap_sc", build)
+    try:
+        older, study_uid = store_and_route(settings, ledger, files[:1], destinations=())
+
+        def run(name: str, job_id: int) -> None:
+            outcomes[name] = analyse.run_job(settings, ledger, job_id)
+
+        first = threading.Thread(target=run, args=("older", older), name="older")
+        first.start()
+        assert older_writes.wait(60)  # its SR is written, its first heatmap built
+        newer, _ = store_and_route(settings, ledger, files[1:], destinations=())
+        second = threading.Thread(target=run, args=("newer", newer), name="newer")
+        second.start()
+        second.join(3)  # (it waits for the older job's write phase)
+        go_on.set()
+        first.join(60)
+        second.join(60)
+        assert outcomes == {"older": "superseded", "newer": "analysed"}
+        with ledger.session() as s:
+            named = set(
+                s.scalars(select(analyse.Result.path).where(analyse.Result.job_id == newer))
+            )
+        folder = settings.results_dir / study_uid
+        kept = {f"{study_uid}/{p.name}" for p in folder.glob("*.dcm")}
+        assert kept == named and len(named) == 3  # the SR and two heatmaps
+        for path in folder.glob("*.dcm"):
+            assert pydicom.dcmread(path).get("SeriesDescription") != "OLDER JOB"
+    finally:
+        go_on.set()
+        ledger.dispose()
+
+
+def test_a_job_superseded_while_it_analysed_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job is no longer analysing when its write phase begins (the study's next version
+    superseded it, and that version's job may have written the same files): it writes
+    nothing and says it was superseded."""
+    settings = review_settings(tmp_path, routes=[_route()])
+    ledger = Ledger(settings.database_url)
+    try:
+        job_id, study_uid = store_and_route(
+            settings, ledger, write_study(tmp_path / "src", n_images=2, size=64)
+        )
+        monkeypatch.setattr(ledger, "renew_lease", lambda _job_id: False)
+        assert analyse.run_job(settings, ledger, job_id) == "superseded"
+        assert not (settings.results_dir / study_uid).exists()
+    finally:
+        ledger.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 
 from acwi_node.audit.events import DICOM_CODES, AuditRecord, Code
@@ -17,6 +18,22 @@ _DESTINATION_ROLE = Code("110152", "DCM", "Destination Role ID")
 _APPLICATION_ROLE = Code("110150", "DCM", "Application")
 _STUDY_UID_TYPE = Code("110180", "DCM", "Study Instance UID")
 _PATIENT_ID_TYPE = Code("2", "RFC-3881", "Patient Number")
+
+
+# What XML 1.0 cannot hold at all, not even escaped (control characters, U+FFFE, U+FFFF):
+# a peer's AE title, a note or a RIS's answer with one must not make a message no
+# collector can parse.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _xml_text(text: str) -> str:
+    """``text`` with each character XML cannot hold written as ``\\xNN`` / ``\\uNNNN``."""
+    return _NOT_XML.sub(
+        lambda m: (
+            f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}"
+        ),
+        text,
+    )
 
 
 def _coded(parent: ET.Element, tag: str, code: Code) -> ET.Element:
@@ -97,6 +114,11 @@ def audit_message_xml(record: AuditRecord, *, source_id: str, enterprise_site: s
             },
         )
         _coded(patient, "ParticipantObjectIDTypeCode", _PATIENT_ID_TYPE)
+    for element in root.iter():
+        if element.text:
+            element.text = _xml_text(element.text)
+        for key, value in element.attrib.items():
+            element.set(key, _xml_text(value))
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
 

@@ -14,6 +14,8 @@ IDs only with ``audit.patient_id``; never patient names.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import fcntl
 import getpass
 import hashlib
@@ -85,6 +87,10 @@ class SyslogSink:
     octet counting) or ``tls://`` (RFC 5425), from a background thread."""
 
     QUEUE_LIMIT = 10_000
+    #: The largest message sent in one UDP datagram (what common collectors take whole, as
+    #: rsyslog's default ``maxMessageSize``); a larger record goes as several messages, each
+    #: naming some of its studies (:meth:`AuditTrail.write`).
+    UDP_MESSAGE_LIMIT = 8192
 
     def __init__(self, url: str, *, tls_context: ssl.SSLContext | None = None) -> None:
         parts = urlsplit(url)
@@ -98,11 +104,24 @@ class SyslogSink:
         self._thread = threading.Thread(target=self._run, name="acwi-audit-syslog", daemon=True)
         self._thread.start()
 
+    @property
+    def message_limit(self) -> int | None:
+        """The largest message this transport takes in one piece (None: no limit)."""
+        return self.UDP_MESSAGE_LIMIT if self.scheme == "udp" else None
+
     def send(self, message: bytes) -> None:
         try:
             self._queue.put_nowait(message)
         except queue.Full:
             self.dropped += 1
+            if self.dropped % 1000 == 1:  # the first, then every thousandth
+                log.warning(
+                    "audit: syslog to %s:%d is behind: %d message(s) not sent, queue full"
+                    " (the audit file has them)",
+                    self.host,
+                    self.port,
+                    self.dropped,
+                )
 
     def _connect(self) -> socket.socket:
         if self.scheme == "udp":
@@ -135,6 +154,17 @@ class SyslogSink:
                     backoff = 1.0
                     break
                 except OSError as exc:
+                    if exc.errno == errno.EMSGSIZE:  # never sendable: the next ones must go
+                        self.dropped += 1
+                        log.error(
+                            "audit: a %d-byte message is too long for syslog to %s:%d, not"
+                            " sent (the audit file has it): %s",
+                            len(message),
+                            self.host,
+                            self.port,
+                            exc,
+                        )
+                        break
                     log.warning("audit: syslog to %s:%d failed: %s", self.host, self.port, exc)
                     if self._sock is not None:
                         with contextlib.suppress(OSError):
@@ -197,12 +227,59 @@ class AuditTrail:
         if self.syslog is not None:
             if not self.cfg.patient_id and record.patient_ids:
                 record = AuditRecord(**{**record.__dict__, "patient_ids": ()})
-            xml = audit_message_xml(
-                record, source_id=self.source_id, enterprise_site=self.cfg.enterprise_site
-            )
-            self.syslog.send(
-                syslog_frame(record, hostname=self.hostname, procid=os.getpid(), xml=xml)
-            )
+            for frame in self._syslog_frames(record, self.syslog.message_limit):
+                self.syslog.send(frame)
+
+    def _frame(self, record: AuditRecord) -> bytes:
+        xml = audit_message_xml(
+            record, source_id=self.source_id, enterprise_site=self.cfg.enterprise_site
+        )
+        return syslog_frame(record, hostname=self.hostname, procid=os.getpid(), xml=xml)
+
+    def _syslog_frames(self, record: AuditRecord, limit: int | None) -> list[bytes]:
+        """The syslog message(s) of ``record``: one, or, where it is longer than ``limit``
+        (a UDP datagram), one per group of its studies ("part 2 of 4" in the detail), each
+        with its detail cut short if it still does not fit. The file keeps the record whole."""
+        whole = self._frame(record)
+        if limit is None or len(whole) <= limit:
+            return [whole]
+        uids = list(record.study_uids)
+        parts = [record]
+        size = len(uids)
+        while size > 1:
+            size = -(-size // 2)  # ceiling
+            groups = [uids[i : i + size] for i in range(0, len(uids), size)]
+            parts = [
+                dataclasses.replace(
+                    record,
+                    study_uids=tuple(group),
+                    instances={u: record.instances[u] for u in group if u in record.instances},
+                    detail=f"{record.detail} (part {n} of {len(groups)})".lstrip(),
+                )
+                for n, group in enumerate(groups, 1)
+            ]
+            if all(len(self._frame(part)) <= limit for part in parts):
+                break
+        return [self._fitted(part, limit) for part in parts]
+
+    def _fitted(self, record: AuditRecord, limit: int) -> bytes:
+        """``record``'s message, its detail cut short (``...``) where it is longer than
+        ``limit``: rebuilt, so that the message stays well-formed XML."""
+        frame = self._frame(record)
+        if len(frame) <= limit or not record.detail:
+            return frame
+
+        def cut(keep: int) -> bytes:
+            return self._frame(dataclasses.replace(record, detail=record.detail[:keep] + "..."))
+
+        low, high = 0, len(record.detail) - 1  # the longest start of the detail that fits
+        while low < high:
+            middle = (low + high + 1) // 2
+            if len(cut(middle)) <= limit:
+                low = middle
+            else:
+                high = middle - 1
+        return cut(low)
 
     def close(self) -> None:
         self.file.close()

@@ -29,6 +29,7 @@ from acwi_node.audit import (
     note_configuration,
     remote_ae,
 )
+from acwi_node.audit.trail import SyslogSink
 from acwi_node.config import Settings, load_settings
 from acwi_node.ingest.scp import StorageSCP
 from acwi_node.ingest.spool import Spool
@@ -317,6 +318,84 @@ def test_syslog_collector_down_then_back(tmp_path: Path) -> None:
         collector.close()
     finally:
         close_audit()
+
+
+def test_a_record_too_long_for_one_udp_datagram_goes_in_parts_and_holds_nothing_up(
+    tmp_path: Path,
+) -> None:
+    """A model recall names thousands of studies: over UDP its record goes as several messages,
+    each naming some of them, and the records after it still reach the collector."""
+    collector = _Collector("udp")
+    settings = load_settings(
+        None,
+        node={"data_dir": tmp_path / "data"},
+        audit={"syslog_url": f"udp://127.0.0.1:{collector.port}"},
+    )
+    uids = [f"1.2.826.0.1.3680043.8.498.{i}.{i}.{i}" for i in range(300)]
+    configure_audit(settings, "exporter")
+    try:
+        audit(AuditEvent.RESULTS_WITHDRAWN, study_uids=uids, detail="model recall")
+        audit(AuditEvent.STUDY_DELETED, study_uids=["1.2.3"], detail="after the recall")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(
+            b"after the recall" in m for m in collector.messages
+        ):
+            time.sleep(0.05)
+        messages = list(collector.messages)
+    finally:
+        close_audit()
+        collector.close()
+    assert any(b"after the recall" in m for m in messages)
+    parts = [m for m in messages if b"model recall" in m]
+    assert len(parts) > 1
+    named: list[str] = []
+    for part in parts:
+        assert len(part) <= 8192
+        xml = ET.fromstring(part[SYSLOG_HEADER.match(part).end() :])  # type: ignore[union-attr]
+        detail = xml.findtext("EventIdentification/EventOutcomeDescription") or ""
+        assert re.fullmatch(rf"model recall \(part \d+ of {len(parts)}\)", detail), detail
+        named += [
+            o.get("ParticipantObjectID", "") for o in xml.findall("ParticipantObjectIdentification")
+        ]
+    assert sorted(named) == sorted(uids)
+    # The file keeps the record whole.
+    (recall,) = [r for r in records(settings) if r["event"] == "results_withdrawn"]
+    assert recall["study_uids"] == uids and recall["detail"] == "model recall"
+
+
+def test_a_long_detail_is_cut_short_to_fit_one_udp_datagram(tmp_path: Path) -> None:
+    collector = _Collector("udp")
+    settings = load_settings(
+        None,
+        node={"data_dir": tmp_path / "data"},
+        audit={"syslog_url": f"udp://127.0.0.1:{collector.port}"},
+    )
+    configure_audit(settings, "web")
+    try:
+        audit(AuditEvent.RESULTS_WITHDRAWN, study_uids=["1.2.3"], detail="note & " * 20_000)
+        (message,) = collector.wait(1)
+    finally:
+        close_audit()
+        collector.close()
+    assert len(message) <= 8192
+    xml = ET.fromstring(message[SYSLOG_HEADER.match(message).end() :])  # type: ignore[union-attr]
+    detail = xml.findtext("EventIdentification/EventOutcomeDescription") or ""
+    assert detail.startswith("note & note") and detail.endswith("...")
+
+
+def test_a_message_the_transport_refuses_as_too_long_is_dropped_not_retried(
+    tmp_path: Path,
+) -> None:
+    collector = _Collector("udp")
+    sink = SyslogSink(f"udp://127.0.0.1:{collector.port}")
+    try:
+        sink.send(b"x" * 70_000)  # longer than any UDP datagram
+        sink.send(b"the next one")
+        assert collector.wait(1) == [b"the next one"]
+        assert sink.dropped == 1
+    finally:
+        sink.close()
+        collector.close()
 
 
 # ----------------------------------------------------------------------- configuration changes

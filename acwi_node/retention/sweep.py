@@ -231,11 +231,17 @@ class Retention:
         needed = self._shortfall(space) - (report.bytes if dry_run else 0)
         # Studies tried already (a dry run's age-planned ones included: nothing was claimed).
         seen = {uid for uid, _ in report.planned}
+        # Of those, the ones the candidates' query still lists (not claimed): each read must
+        # reach past them, or a dry run (which claims nothing) would see only its first batch.
+        still_listed = len(seen)
         while needed > 0:
             batch = [
                 c
                 for c in self.store.candidates(
-                    unreviewed_before=None, reviewed_before=None, any_age=True, limit=_SPACE_BATCH
+                    unreviewed_before=None,
+                    reviewed_before=None,
+                    any_age=True,
+                    limit=still_listed + _SPACE_BATCH,
                 )
                 if c.study_uid not in seen
             ]
@@ -243,7 +249,10 @@ class Retention:
                 break
             for candidate in batch:
                 seen.add(candidate.study_uid)
+                claimed_before = report.studies
                 freed = self._purge(candidate, "space", report, dry_run=dry_run)
+                if dry_run or report.studies == claimed_before:
+                    still_listed += 1
                 if dry_run:
                     needed -= freed
                 else:

@@ -196,6 +196,29 @@ def test_short_of_space_deletes_oldest_first_reviewed_last_until_enough_is_free(
     assert not any(files_of(settings, s) for s in ("1.2.2", "1.2.3", "1.2.9"))
 
 
+def test_a_dry_run_short_of_space_lists_every_study_past_the_first_batch(
+    ledger_node: tuple[Settings, Ledger], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dry run claims nothing, so each read of the candidates must reach past the studies
+    it already listed: all five go, and the disk is not said to be beyond help."""
+    settings, ledger = ledger_node
+    monkeypatch.setattr(sweep_module, "_SPACE_BATCH", 2)
+    studies = [f"1.2.{i}" for i in range(1, 6)]
+    for study in studies:
+        delivered_study(settings, ledger, study, n=1)  # 1,500 bytes each
+
+    def space() -> DiskSpace:  # all five must go: 7,500 bytes short of 10 %
+        return DiskSpace(free_bytes=0, total_bytes=75_000)
+
+    dry = Retention(settings, ledger, space=space, clock=utcnow).sweep(dry_run=True)
+    assert sorted(dry.planned) == [(s, "space") for s in studies]
+    assert dry.bytes == 7500 and not dry.short_of_space
+    assert all(files_of(settings, s) for s in studies)
+    # The sweep itself deletes the same five.
+    report = Retention(settings, ledger, space=space, clock=utcnow).sweep()
+    assert report.by_reason == {"space": 5}
+
+
 def test_a_file_written_after_the_claim_belongs_to_a_later_generation_and_stays(
     ledger_node: tuple[Settings, Ledger],
 ) -> None:

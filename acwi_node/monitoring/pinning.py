@@ -19,7 +19,10 @@ def parse_moment(text: str, *, end: bool = False) -> dt.datetime:
     text = text.strip()
     if len(text) == 10:
         day = dt.datetime.strptime(text, "%Y-%m-%d")
-        return day + dt.timedelta(days=1) if end else day
+        try:
+            return day + dt.timedelta(days=1) if end else day
+        except OverflowError:  # through 9999-12-31: past the last day a date can hold
+            raise ValueError(f"{text} is past the last day the node can count to") from None
     moment = dt.datetime.fromisoformat(text.removesuffix("Z"))
     if moment.tzinfo is not None:
         moment = moment.astimezone(dt.timezone.utc).replace(tzinfo=None)

@@ -86,6 +86,8 @@ def test_monitor_baseline_command_pins_and_clears(
     assert "a baseline needs at least 30" in capsys.readouterr().err
     assert main([*args, "--since", "yesterday", "--until", until]) == 1
     assert "not a date" in capsys.readouterr().err
+    assert main([*args, "--since", since, "--until", "9999-12-31"]) == 1
+    assert "not a date: 9999-12-31 is past the last day" in capsys.readouterr().err
     assert main([*args]) == 2
     assert main(["--config", str(config), "monitor", "--json"]) == 0
     (model,) = json.loads(capsys.readouterr().out)["models"]
@@ -146,6 +148,8 @@ def test_monitoring_api_and_page(ledger_node: tuple[Settings, Ledger]) -> None:
         assert client.put(url, content=json.dumps(period)).status_code == 415
         refused = client.put(url, json={"since": period["until"], "until": period["until"]})
         assert refused.status_code == 422 and "at least 30" in refused.json()["detail"]
+        refused = client.put(url, json={"since": period["since"], "until": "9999-12-31"})
+        assert refused.status_code == 422 and "not a date" in refused.json()["detail"]
         pinned = client.put(url, json=period)
         assert pinned.status_code == 200 and pinned.json()["studies"] == 100
         model = client.get("/api/monitoring").json()["models"][0]

@@ -58,6 +58,14 @@ def _synth_sites(text: str) -> list[int]:
     return sites
 
 
+def _site(text: str) -> int:
+    """``--baseline-site``: one phantom site, 0 to ``len(SITES) - 1``."""
+    sites = _synth_sites(text)
+    if len(sites) != 1:
+        raise argparse.ArgumentTypeError(f"give one site, not {text!r}")
+    return sites[0]
+
+
 def _at_least(low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -187,28 +195,22 @@ def _parser() -> argparse.ArgumentParser:
         " after a baseline site's",
     )
     monitor.add_argument("--model", type=Path, required=True, help="manifest or its folder")
-    monitor.add_argument("--baseline-site", type=int, default=0)
-    monitor.add_argument("--sites", type=_sites, help="default: every phantom site")
-    monitor.add_argument("--studies", type=int, default=100, help="studies per site (default 100)")
-    monitor.add_argument("--size", type=int, default=128, help="image matrix (default 128)")
-    monitor.add_argument("--mc-samples", type=int, default=20)
-    monitor.add_argument("--threads", type=int)
+    monitor.add_argument("--baseline-site", type=_site, default=0)
+    monitor.add_argument("--sites", type=_synth_sites, help="default: every phantom site")
+    monitor.add_argument(
+        "--studies", type=_at_least(5), default=100, help="studies per site (default 100)"
+    )
+    monitor.add_argument("--size", type=_image_size, default=128, help="image matrix (default 128)")
+    monitor.add_argument("--mc-samples", type=_at_least(1), default=20)
+    monitor.add_argument("--threads", type=_at_least(1))
     monitor.add_argument("--json", type=Path, help="also write the readings here")
     return parser
 
 
 def _monitor_sites(args: argparse.Namespace) -> int:
-    from models.data.synth import SITES
     from models.model_io import load_analyser
     from models.monitoring_check import format_readings, monitor_sites
 
-    known = range(len(SITES))
-    if args.baseline_site not in known or any(s not in known for s in args.sites or []):
-        print(f"monitor-sites failed: sites are 0 to {len(SITES) - 1}", file=sys.stderr)
-        return 1
-    if args.studies < 5:
-        print("monitor-sites failed: --studies must be at least 5", file=sys.stderr)
-        return 1
     analyser = load_analyser(args.model, mc_samples=args.mc_samples, threads=args.threads)
     readings = monitor_sites(
         analyser,

@@ -31,8 +31,25 @@ def test_monitor_sites_reads_the_baseline_site_stable_and_a_new_scanner_shifted(
     assert all(s["statistic"] is not None for s in unseen["signals"].values())
 
 
-def test_monitor_sites_refuses_unknown_sites(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        ("--sites", "0,9", "unknown site 9: sites are 0 to 4"),
+        ("--baseline-site", "7", "unknown site 7: sites are 0 to 4"),
+        ("--baseline-site", "1,2", "give one site"),
+        ("--studies", "2", "must be at least 5, not 2"),
+        ("--mc-samples", "0", "must be at least 1, not 0"),
+        ("--size", "8", "must be at least"),
+    ],
+)
+def test_monitor_sites_refuses_bad_arguments_as_usage_errors(
+    capsys: pytest.CaptureFixture[str], option: str, value: str, said: str
+) -> None:
+    """A bad argument is a usage error (exit status 2, as for ``synth``), said in one line
+    before the model is loaded."""
     args = ["monitor-sites", "--model", str(default_model_dir())]
-    assert main([*args, "--sites", "0,9"]) == 1
-    assert "sites are 0 to 4" in capsys.readouterr().err
-    assert main([*args, "--studies", "2"]) == 1
+    with pytest.raises(SystemExit) as exc:
+        main([*args, option, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err

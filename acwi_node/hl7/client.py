@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import socket
 import threading
 from pathlib import Path
@@ -32,10 +33,12 @@ from acwi_node.hl7.messages import (
     decode,
     decode_message,
     escape,
+    identifying_values,
     parse_ack,
 )
 from acwi_node.hl7.mllp import FramingError, frame, read_frame_sync
 from acwi_node.ledger import Ledger
+from acwi_node.observability.logging import REDACTED
 
 log = logging.getLogger("acwi_node.hl7")
 
@@ -56,6 +59,22 @@ class SendError(Exception):
     def __init__(self, message: str, *, unreachable: bool = False) -> None:
         super().__init__(message)
         self.unreachable = unreachable
+
+
+def without_identifiers(text: str, message: str) -> str:
+    """``text`` (a peer's answer to ``message``) with every value of ``message`` that
+    identifies its patient or order (:func:`~acwi_node.hl7.messages.identifying_values`)
+    replaced by ``[redacted]``, wherever it stands as a whole word, in any case."""
+    values = identifying_values(message)
+    if not text or not values:
+        return text
+    pattern = re.compile(
+        r"(?<![^\W_])(?:"
+        + "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
+        + r")(?![^\W_])",
+        re.IGNORECASE,
+    )
+    return pattern.sub(REDACTED, text)
 
 
 def send_message(host: str, port: int, message: str, *, timeout_s: float) -> AckInfo:
@@ -347,6 +366,9 @@ class OruSender:
             except SendError as exc:
                 error = str(exc)
                 unreachable = exc.unreachable
+            # The RIS's words ("patient DOE^JOHN not found") go to the ledger, the log and
+            # the audit trail: without the message's patient and order identifiers.
+            error = without_identifiers(error, item.message)
             state = self.ledger.record_hl7_attempt(
                 item.id,
                 delivered=delivered,

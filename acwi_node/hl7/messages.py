@@ -416,6 +416,42 @@ class AckInfo:
     text: str
 
 
+#: Fields of a message the node sends that identify its patient or order: PID-3 (the
+#: patient's identifiers), PID-5 (name), PID-7 (birth date), PID-18 (account number), PID-19
+#: (SSN), ORC-2/3 and OBR-2/3 (placer and filler order numbers), OBR-18 (accession number).
+_IDENTIFYING_FIELDS = {
+    "PID": (3, 5, 7, 18, 19),
+    "ORC": (2, 3),
+    "OBR": (2, 3, 18),
+}
+
+
+def identifying_values(message: str) -> list[str]:
+    """The values of ``message`` (ER7 the node built) that identify its patient or order, as a
+    peer answering it might quote them: each identifier, the name whole (``DOE^JOHN``, ``DOE
+    JOHN``) and its parts, the birth date as sent and as ``YYYY-MM-DD``. Values shorter than
+    three characters are left out (they would match ordinary words and numbers)."""
+    values: list[str] = []
+    for segment in message.split("\r"):
+        fields = segment.split("|")
+        for n in _IDENTIFYING_FIELDS.get(fields[0], ()):
+            if len(fields) <= n:
+                continue
+            for repetition in fields[n].split("~"):
+                parts = [unescape(c.split("&")[0]).strip() for c in repetition.split("^")]
+                if fields[0] == "PID" and n == 5:  # a name: whole, and each part
+                    named = [p for p in parts if p]
+                    values += [unescape(repetition).rstrip("^"), " ".join(named), *named]
+                elif fields[0] == "PID" and n == 7:
+                    day = parts[0][:8]
+                    values += [parts[0], day]
+                    if len(day) == 8 and day.isdigit():
+                        values.append(f"{day[:4]}-{day[4:6]}-{day[6:]}")
+                else:
+                    values.append(parts[0])
+    return list(dict.fromkeys(v for v in values if len(v) >= 3))
+
+
 def parse_ack(text: str) -> AckInfo:
     """MSA-1, MSA-2 (ER7, as sent), MSA-3 of an acknowledgement. Raises :class:`Rejected`."""
     msg = parse(text)

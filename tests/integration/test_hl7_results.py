@@ -489,3 +489,68 @@ def test_an_undone_verdict_withdraws_its_promised_oru(tmp_path: Path) -> None:
     store.undo_verdict(verdict_id)  # its verified SR could not be stored
     assert ledger.hl7_outbound(STUDY_UID) == []
     ledger.dispose()
+
+
+def test_a_ris_answer_quoting_the_patient_is_kept_without_their_identifiers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The RIS refuses the ORU in words that quote the patient's name and ID (as many do):
+    the reason the ledger keeps, the warning logged and the audit record's detail say what
+    the RIS said without them."""
+    import logging
+
+    from acwi_node.hl7 import client
+    from acwi_node.hl7.messages import AckInfo
+
+    sent: list[str] = []
+    audited: list[str] = []
+
+    def refuse(host: str, port: int, message: str, *, timeout_s: float) -> AckInfo:
+        sent.append(message)
+        control_id = message.split("\r")[0].split("|")[9]
+        return AckInfo(
+            "AR", control_id, "Unknown person HEADER^PATIENT (header patient, DICOM-PID)"
+        )
+
+    monkeypatch.setattr(client, "send_message", refuse)
+    monkeypatch.setattr(client, "audit", lambda *a, **kw: audited.append(kw["detail"]))
+    settings = make_settings(tmp_path, free_port())
+    ledger = Ledger(settings.database_url)
+    try:
+        queue_oru(settings, ledger, analysed_job(settings, ledger))
+        with caplog.at_level(logging.WARNING, logger="acwi_node"):
+            (row,) = drain(OruSender(settings, ledger), ledger, "failed")
+        assert "PID|1||DICOM-PID||Header^Patient" in sent[0]
+        said = "Unknown person [redacted] ([redacted], [redacted])"
+        assert row["last_error"] == said, row
+        assert said in caplog.text and said in audited[0]
+        for leaked in ("HEADER", "Header", "DICOM-PID"):
+            assert leaked not in caplog.text and leaked not in audited[0]
+    finally:
+        ledger.dispose()
+
+
+def test_identifying_values_of_an_oru() -> None:
+    """What a RIS's answer must not be quoted with: identifiers, the name whole and in parts,
+    the birth date as sent and written out, order numbers and the accession number."""
+    from acwi_node.hl7.client import without_identifiers
+    from acwi_node.hl7.messages import identifying_values
+
+    message = "\r".join(
+        [
+            "MSH|^~\\&|ACWI|NODE|RIS|HOSP|20260101120000||ORU^R01^ORU_R01|C1|P|2.5",
+            "PID|1||PID-77^^^HOSP~NHS9988||O'Brien^Mary Ann^^^Dr||19700131|F",
+            "ORC|RE|PL9|FI9",
+            "OBR|1|PL9|FI9|AI^AI analysis^99ACWI||||||||||||||ACC-9",
+        ]
+    )
+    values = identifying_values(message)
+    for expected in ("PID-77", "NHS9988", "O'Brien", "Mary Ann", "O'Brien^Mary Ann^^^Dr",
+                     "19700131", "1970-01-31", "PL9", "FI9", "ACC-9"):  # fmt: skip
+        assert expected in values, (expected, values)
+    assert "Dr" not in values  # too short to redact anywhere safely
+    text = "mary ann o'brien (pid-77) born 1970-01-31, ACC-9: no order PL9; PL90 is another"
+    assert without_identifiers(text, message) == (
+        "[redacted] [redacted] ([redacted]) born [redacted], [redacted]: no order [redacted];"
+        " PL90 is another"
+    )

@@ -148,7 +148,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
                 return 1
             print(notice)
             return 0
-        days = args.days or cfg.window_days
+        days = cfg.window_days if args.days is None else args.days
         if not 1 <= days <= 365 or not 0 <= args.weeks <= 52:
             print("acwi-node monitor: --days must be 1 to 365, --weeks 0 to 52", file=sys.stderr)
             return 2

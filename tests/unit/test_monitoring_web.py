@@ -68,6 +68,9 @@ def test_monitor_command_reads_shifted_and_exits_1(
     assert statuses["ood_rate"] == "shifted" and statuses["site"] == "stable"
     assert main(["--config", str(config), "monitor", "--model", "other"]) == 0
     assert "no model analysed a study" in capsys.readouterr().out
+    # a window of no days is refused, not read as the default window
+    assert main(["--config", str(config), "monitor", "--days", "0"]) == 2
+    assert "--days must be 1 to 365" in capsys.readouterr().err
 
 
 def test_monitor_baseline_command_pins_and_clears(

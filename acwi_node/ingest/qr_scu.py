@@ -34,6 +34,9 @@ STUDY_ROOT_GET = UID("1.2.840.10008.5.1.4.1.2.2.3")
 
 #: Presentation contexts one association may propose (PS3.8 9.3.2.2: IDs 1 to 255, odd).
 MAX_CONTEXTS = 128
+#: The most pending responses one C-FIND is read for (a PACS that repeats its answers, or
+#: answers pending without matches, would otherwise hold the retrievals forever).
+MAX_FIND_RESPONSES = 10_000
 
 
 def _get_storage_classes() -> list[str]:
@@ -146,11 +149,14 @@ def _study_root_find(
     calling_ae: str,
     timeout_s: float,
     tls: TlsArgs | None,
+    max_responses: int | None = None,
 ) -> Generator[tuple[Any, Dataset], None, None]:
     """One Study Root C-FIND on an association of its own: yields (the association, a match)
     for each pending response, ends at success, and raises :class:`_FindFailed` with why
     otherwise (no association, the context refused, a failure status, no response, the
-    association lost). The association is ended when the generator is closed."""
+    association lost, more than ``max_responses`` (default :data:`MAX_FIND_RESPONSES`) pending
+    responses: a PACS that repeats its answers never ends). The association is ended when the
+    generator is closed."""
     assoc, error = open_association(
         calling_ae, called_ae, host, port, timeout_s=timeout_s, max_pdu=0, tls=tls,
         contexts=[build_context(STUDY_ROOT_FIND)],
@@ -162,11 +168,16 @@ def _study_root_find(
         if not assoc.accepted_contexts:
             raise _FindFailed(f"{where} does not accept Study Root C-FIND")
         try:
+            pending, most = 0, MAX_FIND_RESPONSES if max_responses is None else max_responses
             for status, match in assoc.send_c_find(identifier, STUDY_ROOT_FIND):
                 if "Status" not in status:
                     raise _FindFailed(f"no C-FIND response within {timeout_s:g} s")
                 code = int(status.Status)
                 if code in (0xFF00, 0xFF01):
+                    pending += 1
+                    if pending > most:
+                        assoc.abort()
+                        raise _FindFailed(f"{where} answered more than {most} C-FIND responses")
                     if match is not None:
                         yield assoc, match
                 elif code == 0x0000:
@@ -204,28 +215,41 @@ def find_studies(
         setattr(identifier, _KEYWORDS[key], value)
     studies: dict[str, FoundStudy] = {}
     unusable = 0
+    answers = 0
     matches = _study_root_find(
         identifier, called_ae=called_ae, host=host, port=port, calling_ae=calling_ae,
         timeout_s=timeout_s, tls=tls,
     )  # fmt: skip
     try:
         for assoc, found in matches:
+            answers += 1
             uid = str(found.get("StudyInstanceUID", "") or "")
-            if not is_safe_uid(uid):
+            if is_safe_uid(uid):
+                count = found.get("NumberOfStudyRelatedInstances")
+                try:
+                    instances = int(count) if count not in (None, "") else None
+                except (TypeError, ValueError):
+                    instances = None
+                studies[uid] = FoundStudy(uid, instances)
+            else:
                 unusable += 1
-                continue
-            count = found.get("NumberOfStudyRelatedInstances")
-            try:
-                instances = int(count) if count not in (None, "") else None
-            except (TypeError, ValueError):
-                instances = None
-            studies[uid] = FoundStudy(uid, instances)
             if len(studies) > limit:
                 assoc.abort()
                 return FindResult(
                     False,
                     error=f"more than {limit} studies match (retrieve.max_studies):"
                     " narrow the query",
+                    final=True,
+                )
+            if answers > limit:
+                # The same study again and again, or matches without a usable UID: a PACS
+                # that never ends its answer must not hold the retrievals.
+                assoc.abort()
+                return FindResult(
+                    False,
+                    error=f"{called_ae}@{host}:{port} answered more than {limit} matches"
+                    f" (retrieve.max_studies) for {len(studies)} distinct study(ies)"
+                    + (f", {unusable} without a usable Study Instance UID" if unusable else ""),
                     final=True,
                 )
     except _FindFailed as exc:
@@ -351,7 +375,10 @@ def move_study(
         responses = assoc.send_c_move(
             _study_identifier(study_uid), move_destination, STUDY_ROOT_MOVE
         )
-        return _follow(responses, "C-MOVE", where, timeout_s, on_response, hint)
+        moved = _follow(responses, "C-MOVE", where, timeout_s, on_response, hint)
+        if moved.status is None and assoc.is_established:
+            assoc.abort()  # still under way on the PACS: no release waits for it
+        return moved
     finally:
         end_association(assoc)
 
@@ -363,9 +390,15 @@ MAX_QUERIED_INSTANCES = 100_000
 
 
 def _find(assoc: Any, identifier: Dataset) -> Iterator[Dataset]:
-    """The matches of one Study Root C-FIND on ``assoc``, to its end or its first failure."""
-    for status, found in assoc.send_c_find(identifier, STUDY_ROOT_FIND):
+    """The matches of one Study Root C-FIND on ``assoc``, to its end or its first failure;
+    after :data:`MAX_FIND_RESPONSES` pending responses the association is aborted (a PACS
+    that repeats its answers never ends)."""
+    responses = assoc.send_c_find(identifier, STUDY_ROOT_FIND)
+    for pending, (status, found) in enumerate(responses, start=1):
         if "Status" not in status or int(status.Status) not in (0xFF00, 0xFF01):
+            return
+        if pending > MAX_FIND_RESPONSES:
+            assoc.abort()
             return
         if found is not None:
             yield found
@@ -500,7 +533,10 @@ def get_study(
         if STUDY_ROOT_GET not in accepted:
             return MoveResult(False, error=f"{where} does not accept Study Root C-GET")
         responses = assoc.send_c_get(_study_identifier(study_uid), STUDY_ROOT_GET)
-        return _follow(responses, "C-GET", where, timeout_s, on_response, hint)
+        got = _follow(responses, "C-GET", where, timeout_s, on_response, hint)
+        if got.status is None and assoc.is_established:
+            assoc.abort()  # still under way on the PACS: no release waits for it
+        return got
     finally:
         end_association(assoc)
 
@@ -522,7 +558,8 @@ def _follow(
 ) -> MoveResult:
     """Read a C-MOVE's or C-GET's responses to the final one: the sub-operation counts, and
     for a failure the status, its meaning and ``hint(status, completed)``."""
-    counts = {"completed": 0, "failed": 0, "warnings": 0}
+    counts = {"completed": 0, "failed": 0, "warnings": 0, "remaining": -1}
+    progress_at = time.monotonic()
 
     def result(ok: bool, status: int | None = None, error: str = "") -> MoveResult:
         return MoveResult(
@@ -535,16 +572,28 @@ def _follow(
                 return result(False, error=f"no {what} response within {timeout_s:g} s")
             if on_response is not None:
                 on_response()
+            before = dict(counts)
             for key, keyword in (
                 ("completed", "NumberOfCompletedSuboperations"),
                 ("failed", "NumberOfFailedSuboperations"),
                 ("warnings", "NumberOfWarningSuboperations"),
+                ("remaining", "NumberOfRemainingSuboperations"),
             ):
                 value = status.get(keyword)
                 if value is not None:
                     counts[key] = int(value)
             code = int(status.Status)
             if code == 0xFF00:
+                # Pending responses whose sub-operation counts never change: the PACS is stuck
+                # (each one within the DIMSE timeout would otherwise hold the retrieval forever).
+                if counts != before:
+                    progress_at = time.monotonic()
+                elif time.monotonic() - progress_at > timeout_s:
+                    return result(
+                        False,
+                        error=f"{where} kept answering the {what} pending with no"
+                        f" sub-operation ending for {timeout_s:g} s",
+                    )
                 continue
             if code == 0x0000 or code == 0xB000:
                 return result(True, status=code)

@@ -137,7 +137,16 @@ def _line(view: RetrievalView) -> str:
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
     if args.studies_command == "retrievals":
+        if args.limit < 1:
+            print(f"acwi-node: --limit {args.limit}: give a number above 0", file=sys.stderr)
+            return 2
         return _list(settings, args.limit, as_json=args.json)
+    # checked before anything is queued: a retrieval asked for with a wrong --wait still ran
+    if args.wait is not None and not args.wait >= 0:  # NaN too
+        print(
+            f"acwi-node: --wait {args.wait:g}: give a number of seconds, 0 or more", file=sys.stderr
+        )
+        return 2
     return _retrieve(settings, args)
 
 

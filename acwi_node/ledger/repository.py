@@ -504,6 +504,22 @@ class StudyActionRefused(Exception):
     message says why and what to do instead."""
 
 
+def _with_values(held: str, received: str, limit: int) -> str:
+    """``held`` (a study's values, backslash-separated) with those of ``received`` it lacks
+    (compared without case and surrounding blanks) added, each only if the whole fits in
+    ``limit`` characters: a value is never cut short."""
+    have = {v.strip().upper() for v in held.split("\\") if v.strip()}
+    for value in received.split("\\"):
+        value = value.strip()
+        if not value or value.upper() in have:
+            continue
+        joined = f"{held}\\{value}" if held else value
+        if len(joined) <= limit:
+            held = joined
+            have.add(value.upper())
+    return held
+
+
 class Ledger:
     """Repository over the ledger database."""
 
@@ -738,11 +754,10 @@ class Ledger:
                 study.generation += 1
                 study.state = StudyState.RECEIVING.value
                 study.reopened = True
-            if rec.modality and rec.modality not in study.modality.split("\\"):
-                study.modality = (
-                    f"{study.modality}\\{rec.modality}" if study.modality else rec.modality
-                )[:16]
-            study.body_part = study.body_part or rec.body_part[:64]
+            # Every value the study's instances carry (routing matches any of them), as many
+            # as the column holds whole.
+            study.modality = _with_values(study.modality, rec.modality, 16)
+            study.body_part = _with_values(study.body_part, rec.body_part, 64)
             study.study_date = study.study_date or rec.study_date
             study.opened += 1 if first_in_association else 0
             version = {
@@ -857,14 +872,16 @@ class Ledger:
             return _StudyRows(
                 int(study_id), int(generation), state, modality or "", body_part, study_date or ""
             )
+        modality = _with_values("", rec.modality, 16)
+        body_part = _with_values("", rec.body_part, 64)
         cur.execute(
             sql.insert_study,
             {
                 "uid": rec.study_uid,
                 "state": StudyState.RECEIVING.value,
                 "ae": rec.calling_ae,
-                "modality": rec.modality[:16],
-                "body_part": rec.body_part[:64],
+                "modality": modality,
+                "body_part": body_part,
                 "study_date": rec.study_date,
                 "now": now,
             },
@@ -872,12 +889,7 @@ class Ledger:
         created = cur.fetchone()
         assert created is not None
         return _StudyRows(
-            int(created[0]),
-            1,
-            StudyState.RECEIVING.value,
-            rec.modality[:16],
-            rec.body_part[:64],
-            rec.study_date,
+            int(created[0]), 1, StudyState.RECEIVING.value, modality, body_part, rec.study_date
         )
 
     def instance_received_at(self, sop_instance_uid: str) -> dt.datetime | None:

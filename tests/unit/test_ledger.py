@@ -26,7 +26,7 @@ from acwi_node.ledger import (
     StudyFacts,
 )
 from acwi_node.ledger.models import Instance, Study, StudyState, utcnow
-from acwi_node.routing.rules import explain_no_route
+from acwi_node.routing.rules import decide_routes, explain_no_route
 from tests.support.study_flow import deliver, dx_record
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -148,7 +148,11 @@ def test_ingest_rows_read_back_through_the_orm_like_its_own(db: Ledger) -> None:
         instances = s.scalars(select(Instance).order_by(Instance.sop_instance_uid)).all()
         assert study.state is StudyState.RECEIVING
         assert (study.generation, study.instance_count, study.open_associations) == (1, 2, 1)
-        assert (study.modality, study.body_part, study.calling_ae) == ("DX\\CR", "CHEST", "MOD")
+        assert (study.modality, study.body_part, study.calling_ae) == (
+            "DX\\CR",
+            "CHEST\\HAND",
+            "MOD",
+        )
         assert study.needs_review is False and study.reason == ""
         assert study.last_released_at is None and study.completed_at is None
         for when in (study.first_received_at, study.last_received_at, study.updated_at):
@@ -271,7 +275,7 @@ def test_a_batch_leaves_the_rows_that_its_instances_one_by_one_leave(db: Ledger)
     studies, _ = _rows(db, "9.1.")
     assert studies == [
         ("1", "receiving", 1, "DX\\CR", "CHEST", 2, 1),
-        ("2", "receiving", 2, "DX\\CT", "CHEST", 2, 2),
+        ("2", "receiving", 2, "DX\\CT", "CHEST\\HEAD", 2, 2),
         ("3", "receiving", 1, "MR", "KNEE", 2, 1),
     ]
 
@@ -522,6 +526,27 @@ def test_routing_sees_every_modality_and_sop_class_of_the_study(db: Ledger) -> N
     ]
     assert seen[0].study_uid == "1.2.3" and seen[0].calling_ae == "MOD"
     assert seen[0].body_parts == {"CHEST"}
+
+
+def test_routing_sees_every_body_part_of_the_study(db: Ledger) -> None:
+    """A study of CHEST and ABDOMEN images is routed on both, whichever came first, as
+    ``acwi-node routes check`` reads it (the ledger kept the first alone); one value in another
+    case, or with blanks, is the same value; a value that would not fit whole is left out."""
+    first = db.record_instance(rec(sop="1.2.3.1"), first_in_association=False)
+    for n, part in enumerate(["ABDOMEN", " chest ", "", "PELVIS\\ABDOMEN", "X" * 60], start=2):
+        db.record_instance(
+            replace(rec(sop=f"1.2.3.{n}"), body_part=part), first_in_association=False
+        )
+    seen: list[StudyFacts] = []
+
+    def remember(facts: StudyFacts) -> list[RoutedJob]:
+        seen.append(facts)
+        return []
+
+    db.complete_study(first.study_id, 1, remember)
+    assert seen[0].body_parts == {"CHEST", "ABDOMEN", "PELVIS"}
+    abdomen = Route(name="abdomen", model="default", match=RouteMatch(body_part=["abdomen"]))
+    assert decide_routes([abdomen], seen[0]) != []
 
 
 def test_study_no_rule_matches_is_not_routed(db: Ledger) -> None:

@@ -63,18 +63,21 @@ local function NodeAet()
   return string.upper(Trim(modality['AET']))
 end
 
-function OnStableStudy(studyId, tags, metadata)
+-- Forward what of a study is still to be sent; returns 'forwarded', 'nothing'
+-- (nothing left to send), 'failed' (the C-STORE job failed: the node is down
+-- or refused), 'gone' (the study was deleted) or 'unconfigured'.
+local function ForwardStudy(studyId)
   local nodeAet = NodeAet()
   if nodeAet == nil or nodeAet == '' then
     print('ACWI routing: modality "' .. NODE_MODALITY .. '" is not configured; study '
           .. studyId .. ' not forwarded')
-    return
+    return 'unconfigured'
   end
 
   local seriesList = GetJson('/studies/' .. studyId .. '/series')
   if seriesList == nil then
     print('ACWI routing: study ' .. studyId .. ' disappeared before routing')
-    return
+    return 'gone'
   end
 
   local toSend = {}
@@ -99,7 +102,7 @@ function OnStableStudy(studyId, tags, metadata)
   if #toSend == 0 then
     print('ACWI routing: study ' .. studyId .. ': nothing to forward ('
           .. fromNode .. ' node result(s), ' .. alreadyForwarded .. ' already forwarded)')
-    return
+    return 'nothing'
   end
 
   local request = {}
@@ -109,8 +112,9 @@ function OnStableStudy(studyId, tags, metadata)
                              DumpJson(request, true))
   if answer == nil then
     print('ACWI routing: study ' .. studyId .. ': C-STORE of ' .. #toSend
-          .. ' instance(s) to "' .. NODE_MODALITY .. '" FAILED (see the job list)')
-    return
+          .. ' instance(s) to "' .. NODE_MODALITY .. '" FAILED (see the job list);'
+          .. ' tried again once the node answers')
+    return 'failed'
   end
 
   local stamp = os.date('!%Y-%m-%dT%H:%M:%SZ')
@@ -119,6 +123,61 @@ function OnStableStudy(studyId, tags, metadata)
   end
   print('ACWI routing: study ' .. studyId .. ': forwarded ' .. #toSend .. ' instance(s), skipped '
         .. fromNode .. ' node result(s) and ' .. alreadyForwarded .. ' already forwarded')
+  return 'forwarded'
+end
+
+-- Studies whose forward failed (the node down, restarting, refusing), by
+-- Orthanc identifier, with the time of their first failure.  A study does
+-- not become stable again by itself, so they are tried again after the next
+-- stable study of any patient (OnStableStudy) and, where Orthanc calls it,
+-- on OnHeartBeat ("LuaHeartBeatPeriod", Orthanc 1.11.1 and later), oldest
+-- first.  Right after a forward that succeeded (the node is up) every one is
+-- tried; otherwise the round stops at the first that fails again (the node
+-- is still down: no point waiting for each one's timeout).  One that still
+-- fails RETRY_FOR_S after its first failure is given up (logged).  The list
+-- is kept in memory: a restart of Orthanc forgets it.
+local RETRY_FOR_S = 7 * 24 * 3600
+local pending = {}
+
+local function RetryPending(nodeUp)
+  local order = {}
+  for studyId, since in pairs(pending) do
+    table.insert(order, { studyId, since })
+  end
+  table.sort(order, function(x, y) return x[2] < y[2] end)
+  for _, entry in ipairs(order) do
+    local studyId, since = entry[1], entry[2]
+    local outcome = ForwardStudy(studyId)
+    if outcome == 'failed' then
+      if os.time() - since > RETRY_FOR_S then
+        pending[studyId] = nil
+        print('ACWI routing: study ' .. studyId .. ': given up after '
+              .. RETRY_FOR_S .. ' s of failed forwards (send it to the node by hand)')
+      elseif not nodeUp then
+        return  -- the node still does not answer: the others wait for the next round
+      end
+    else
+      pending[studyId] = nil
+    end
+  end
+end
+
+function OnStableStudy(studyId, tags, metadata)
+  local outcome = ForwardStudy(studyId)
+  if outcome == 'failed' then
+    if pending[studyId] == nil then
+      pending[studyId] = os.time()
+    end
+    return
+  end
+  pending[studyId] = nil
+  if outcome ~= 'unconfigured' then
+    RetryPending(outcome == 'forwarded')
+  end
+end
+
+function OnHeartBeat()
+  RetryPending(false)
 end
 
 -- ------------------------------------------------------------------------

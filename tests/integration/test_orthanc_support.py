@@ -304,6 +304,89 @@ def test_lua_leaves_instances_unmarked_when_the_node_is_down(tmp_path: Path) -> 
         assert [job["State"] for job in _store_jobs(a)] == ["Failure"]
 
 
+def test_lua_forwards_a_study_that_failed_once_the_node_is_back(tmp_path: Path) -> None:
+    """A study that became stable while the node was down (restarted, upgraded) is not stable
+    again by itself: it goes with the next study forwarded, once, and only its own instances."""
+    require_orthanc()
+    with (
+        OrthancServer(aet="NODEB") as b,
+        OrthancServer(node_ae=b.aet, node_port=b.dicom_port, with_lua=True, stable_age=1) as a,
+    ):
+        b.halt()
+        missed_uid = generate_uid()
+        missed = [
+            write_secondary_capture(tmp_path / f"missed{i}.dcm", study_uid=missed_uid)
+            for i in range(2)
+        ]
+        assert send_files(
+            missed, called_ae=a.aet, host="127.0.0.1", port=a.dicom_port, calling_ae="MODALITY"
+        ).all_delivered
+        a.wait_for(
+            lambda: a.log_lines_matching("FAILED"), timeout_s=30, message="the failed forward"
+        )
+        missed_id = a.find_study(missed_uid)
+        assert missed_id is not None
+        b.resume()
+
+        next_uid = generate_uid()
+        following = write_secondary_capture(tmp_path / "next.dcm", study_uid=next_uid)
+        assert send_files(
+            [following], called_ae=a.aet, host="127.0.0.1", port=a.dicom_port, calling_ae="MODALITY"
+        ).all_delivered
+        missed_sops = {_sop_uid(p) for p in missed}
+        b.wait_for(
+            lambda: b.study_sop_instance_uids(missed_uid) == missed_sops,
+            timeout_s=30,
+            message="the missed study in the node",
+        )
+        assert b.study_sop_instance_uids(next_uid) == {_sop_uid(following)}
+        for instance in a.study_instances(missed_uid):
+            assert "AcwiForwarded" in a.instance_metadata(instance["ID"])
+        a.wait_for(
+            lambda: any("forwarded 2 instance(s)" in line for line in _routing_lines(a, missed_id)),
+            timeout_s=10,
+            message="the retry's log line",
+        )
+        # A third study: the missed one is not sent again.
+        third = write_secondary_capture(tmp_path / "third.dcm", study_uid=generate_uid())
+        assert send_files(
+            [third], called_ae=a.aet, host="127.0.0.1", port=a.dicom_port, calling_ae="MODALITY"
+        ).all_delivered
+        b.wait_for(
+            lambda: b.find_study(str(dcmread(third).StudyInstanceUID)),
+            timeout_s=30,
+            message="the third study in the node",
+        )
+        forwards = [line for line in _routing_lines(a, missed_id) if "forwarded" in line]
+        assert len(forwards) == 1, forwards
+        states = sorted(str(job["State"]) for job in _store_jobs(a))
+        assert states == ["Failure", "Success", "Success", "Success"]
+        # Orthanc logs the failed store job; the script itself raised nothing.
+        errors = a.log_lines_matching("Lua: Error")
+        assert len(errors) == 2 and "RestApiPost() for URI: /modalities/acwi/store" in errors[1]
+
+
+def test_lua_keeps_trying_no_study_while_the_node_stays_down(tmp_path: Path) -> None:
+    """With the node still down, a new study's failed forward does not retry the others one
+    after the other (each would wait for its own failure): one attempt per stable study."""
+    require_orthanc()
+    with OrthancServer(node_ae=NODE_AE, node_port=free_port(), with_lua=True, stable_age=1) as a:
+        for i in range(2):
+            path = write_secondary_capture(tmp_path / f"sc{i}.dcm", study_uid=generate_uid())
+            assert send_files(
+                [path], called_ae=a.aet, host="127.0.0.1", port=a.dicom_port, calling_ae="MOD"
+            ).all_delivered
+
+            def failed(n: int = i + 1) -> bool:
+                return len(a.log_lines_matching("FAILED")) >= n
+
+            a.wait_for(failed, timeout_s=30, message="the failed forward")
+        assert [job["State"] for job in _store_jobs(a)] == ["Failure", "Failure"]
+        for study in a.studies():
+            for instance in a.get_json(f"/studies/{study}/instances"):
+                assert "AcwiForwarded" not in a.instance_metadata(instance["ID"])
+
+
 # ------------------------------------------------------- IOCM rejection notes
 
 REJECTION_LOG = "ACWI rejection:"

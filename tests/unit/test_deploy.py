@@ -16,10 +16,14 @@ import shlex
 import shutil
 import subprocess
 import sys
+import types
+import typing
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from acwi_node.cli import build_parser
 from acwi_node.config import Settings, load_settings
@@ -30,6 +34,13 @@ COMPOSE_FILE = DEPLOY / "docker-compose.yml"
 STACK_CONFIG = DEPLOY / "acwi-node.toml"
 SYSTEMD = DEPLOY / "systemd"
 DOCKERFILES = ["Dockerfile", "Dockerfile.cuda", "Dockerfile.jetson"]
+ORTHANC_CONFIG = ROOT / "orthanc" / "orthanc.json"
+#: Files whose text names node settings (ACWI_... variables, TOML keys) for IT staff.
+DEPLOY_TEXTS = sorted(
+    p
+    for p in [*DEPLOY.rglob("*"), *(ROOT / "orthanc").rglob("*")]
+    if p.is_file() and p.suffix not in {".json", ".lua"} and "models" not in p.parts
+)
 
 #: Compose services that run the node, and the subcommand each must run.
 NODE_SERVICES = {
@@ -38,6 +49,7 @@ NODE_SERVICES = {
     "worker-gpu": "worker",
     "exporter": "exporter",
     "web": "web",
+    "hl7": "hl7",
 }
 #: systemd units and the subcommand each must run.
 UNITS = {
@@ -45,6 +57,7 @@ UNITS = {
     "acwi-node-worker@.service": "worker",
     "acwi-node-exporter.service": "exporter",
     "acwi-node-web.service": "web",
+    "acwi-node-hl7.service": "hl7",
 }
 
 
@@ -492,3 +505,185 @@ def test_operations_guide_covers_the_routine_tasks() -> None:
         "allowed_calling_aes",
     ):
         assert topic in guide, topic
+
+
+# ------------------------------------------------------------- names the files use
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The settings model an annotation holds (``X``, ``X | None``, ``list[X]``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, list):
+        for arg in typing.get_args(annotation):
+            found = _model_of(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def setting_problem(path: list[str]) -> str | None:
+    """Why ``[a.b] c`` (``path`` = ``["a", "b", "c"]``, lower case) names no setting, or None."""
+    model: type[BaseModel] | None = Settings
+    for depth, part in enumerate(path):
+        if model is None:
+            return f"{'.'.join(path[:depth])} has no keys"
+        field = model.model_fields.get(part)
+        if field is None:
+            return f"{'.'.join(path[: depth + 1])} is no setting"
+        model = _model_of(field.annotation)
+    return None
+
+
+def env_overrides(text: str) -> set[str]:
+    """The ``ACWI_SECTION__KEY`` variables a text names."""
+    return set(re.findall(r"\bACWI_[A-Z0-9_]+__[A-Z0-9_]+\b", text))
+
+
+def test_setting_names_are_checked() -> None:
+    assert setting_problem(["worker", "device"]) is None
+    assert setting_problem(["node", "http_tls", "cert_file"]) is None
+    assert setting_problem(["destinations", "tls", "ca_file"]) is None
+    assert setting_problem(["worker", "devices"]) == "worker.devices is no setting"
+    assert setting_problem(["node", "ae_title", "x"]) == "node.ae_title has no keys"
+    assert env_overrides("ACWI_WORKER__DEVICE=cuda ACWI_CONFIG ACWI_DB_PASSWORD") == {
+        "ACWI_WORKER__DEVICE"
+    }
+
+
+@pytest.mark.parametrize("path", DEPLOY_TEXTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_environment_overrides_name_real_settings(path: Path) -> None:
+    """Every ACWI_<SECTION>__<KEY> a deployment file sets or shows overrides a real setting
+    (a misspelt one is ignored by the node, silently)."""
+    for variable in env_overrides(path.read_text(encoding="utf-8")):
+        parts = variable.removeprefix("ACWI_").lower().split("__")
+        assert setting_problem(parts) is None, f"{variable}: {setting_problem(parts)}"
+
+
+def commented_keys(text: str) -> list[tuple[list[str], str]]:
+    """The keys of commented-out TOML lines (``# key = value``), each with its table, the
+    commented table headers (``# [node.http_tls]``) counted as tables."""
+    found: list[tuple[list[str], str]] = []
+    table: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        header = re.match(r"^#?\s*\[\[?([a-z0-9_.]+)\]\]?\s*(#.*)?$", line)
+        if header:
+            table = header.group(1).split(".")
+            continue
+        key = re.match(r"^#\s*([a-z0-9_]+)\s*=\s*\S", line)
+        if key:
+            found.append((table, key.group(1)))
+    return found
+
+
+def test_commented_keys_are_found() -> None:
+    text = "[node]\n# ae_title = 'X'\n# [node.http_tls]\n# enabled = true\n# See: a = b\n"
+    assert commented_keys(text) == [(["node"], "ae_title"), (["node", "http_tls"], "enabled")]
+
+
+@pytest.mark.parametrize("name", ["acwi-node.toml", "acwi-node.jetson.toml"])
+def test_commented_examples_name_real_settings(name: str) -> None:
+    """The commented-out examples of the shipped configurations work once uncommented."""
+    text = (DEPLOY / name).read_text(encoding="utf-8")
+    keys = commented_keys(text)
+    assert keys, f"{name}: no commented examples found (the parser is broken)"
+    for table, key in keys:
+        problem = setting_problem([*table, key])
+        assert problem is None, f"{name}: # {key} under [{'.'.join(table)}]: {problem}"
+
+
+def _orthanc_key(variable: str) -> str:
+    """The configuration key of an ``ORTHANC__SNAKE_CASE`` variable of the orthancteam image."""
+    words = variable.removeprefix("ORTHANC__").split("_")
+    return "".join(word.capitalize() for word in words)
+
+
+def test_compose_orthanc_matches_the_bundled_configuration(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """The compose Orthanc is configured by variables: each names a key of orthanc/orthanc.json
+    (a misspelt variable is ignored), with the same value where the two set-ups agree."""
+    bundled = json.loads(ORTHANC_CONFIG.read_text(encoding="utf-8"))
+    env = services["orthanc"]["environment"]
+    for variable, value in env.items():
+        if not variable.startswith("ORTHANC__"):
+            continue
+        key = _orthanc_key(variable)
+        assert key in bundled, f"{variable}: no {key} in orthanc/orthanc.json"
+        if key in {"Name", "DicomModalities", "LuaScripts", "RemoteAccessAllowed"}:
+            continue  # host names and paths of the compose network; published on loopback
+        parsed = json.loads(value) if value[:1] in "[{" or value in ("true", "false") else value
+        expected = bundled[key]
+        assert parsed == expected or str(expected) == str(parsed), f"{variable}={value!r}"
+    assert _orthanc_key("ORTHANC__LUA_HEART_BEAT_PERIOD") == "LuaHeartBeatPeriod"
+    assert env["ORTHANC__LUA_HEART_BEAT_PERIOD"] == str(bundled["LuaHeartBeatPeriod"])
+
+
+def test_hl7_process_runs_in_both_layouts(services: dict[str, dict[str, Any]]) -> None:
+    """HL7 with the RIS is a process of its own (acwi-node hl7): without it no order is
+    received and no ORU^R01 sent. It exits without [hl7], so compose starts it on request."""
+    hl7 = services["hl7"]
+    assert hl7.get("profiles") == ["hl7"]
+    assert parse_cli(hl7["command"]).command == "hl7"
+    assert "hl7" in hl7["healthcheck"]["test"][-1] or "--kind" not in hl7["healthcheck"]["test"]
+    service = unit_entries(SYSTEMD / "acwi-node-hl7.service")["Service"]
+    assert parse_cli(shlex.split(_values(service, "ExecStart")[0])[1:]).command == "hl7"
+    guide = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    assert "--profile hl7" in guide and "acwi-node-hl7" in guide
+
+
+def _pip_extras(dockerfile: str) -> list[set[str]]:
+    """The extras of each ``pip install ...[extras]`` of the node in a Dockerfile."""
+    return [
+        {e.strip() for e in m.group(1).split(",")}
+        for m in re.finditer(r"pip install[^\n]*?\"[^\"]*?(?:\.|/src)\[([^\]]*)\]\"", dockerfile)
+    ]
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfiles_install_real_extras(name: str) -> None:
+    """pip ignores an extra the package does not define (a warning): every extra a Dockerfile
+    names exists; the GPU images have what the TensorRT engine needs (its ONNX export)."""
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    section = pyproject.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    defined = set(re.findall(r"^([a-z0-9_-]+)\s*=", section, flags=re.M))
+    installs = _pip_extras((DEPLOY / name).read_text(encoding="utf-8"))
+    assert installs, f"{name}: no pip install of the node with extras"
+    for extras in installs:
+        assert extras <= defined, f"{name}: {sorted(extras - defined)} not in pyproject.toml"
+        assert "codecs" in extras  # compressed studies
+        if name != "Dockerfile":
+            assert "onnx" in extras, f"{name}: the TensorRT engine is built from an ONNX export"
+
+
+def test_the_installed_package_carries_its_runtime_files(tmp_path: Path) -> None:
+    """The images install the package (not editable): the wheel must carry every file the
+    processes read at run time besides the code (the review app's templates and static files:
+    without them `acwi-node web` does not start; the bundled model)."""
+    source = tmp_path / "source"  # what the images copy; the build writes beside it
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    for folder in ("acwi_node", "models"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=skip)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+        + ["-w", str(tmp_path / "wheel"), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (wheel,) = (tmp_path / "wheel").glob("acwi_node-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    needed = [
+        path.relative_to(ROOT).as_posix()
+        for folder in ("acwi_node", "models/registry/default")
+        for path in (ROOT / folder).rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
+    ]
+    assert any(n.startswith("acwi_node/review/templates/") for n in needed)
+    missing = sorted(n for n in needed if n not in shipped)
+    assert not missing, f"not in the wheel (pyproject.toml package-data): {missing}"

@@ -26,6 +26,12 @@ SHADOW_QUEUE = "analysis.shadow"
 WORKER_QUEUES = (HIGH_PRIORITY_QUEUE, ANALYSIS_QUEUE, SHADOW_QUEUE)
 #: ``worker.queues``' names of them.
 QUEUE_NAMES = {"stat": HIGH_PRIORITY_QUEUE, "routine": ANALYSIS_QUEUE, "shadow": SHADOW_QUEUE}
+#: Redis: how long a connection attempt, and a command (a message sent), may wait for the
+#: server. Without it a Redis that stopped answering without closing the connection (hung, a
+#: failover, a firewall that drops the connection) blocks a send for ever, and with it the
+#: completion loop, and at start-up the storage SCP; with it the send fails, the job stays
+#: queued in the ledger and the reconciler sends it again.
+REDIS_SOCKET_TIMEOUT_S = 5.0
 
 
 def worker_queues(settings: Settings) -> list[str]:
@@ -64,6 +70,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Poll the queues in the order the worker lists them (high priority first).
         "queue_order_strategy": "priority",
     }
+    if settings.broker_url.startswith(("redis://", "rediss://", "unix://", "sentinel://")):
+        transport.update(
+            socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+            socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S,
+            socket_keepalive=True,
+        )
     if settings.broker_url.startswith("filesystem://"):
         from acwi_node.tasks.embedded_broker import install
 

@@ -6,8 +6,11 @@ import logging
 from collections.abc import Callable, Sequence
 
 from celery import Celery
+from kombu.exceptions import ChannelError
+from sqlalchemy import func, select
 
 from acwi_node.ledger import Ledger
+from acwi_node.ledger.models import Job, JobState, ShadowJob, ShadowState
 from acwi_node.ledger.repository import STAT_PRIORITY
 from acwi_node.ledger.shadow import ShadowJobs
 from acwi_node.observability import metrics
@@ -50,15 +53,26 @@ def enqueue(
 def _ring(
     celery: Celery, task: str, ids: Sequence[int], queue_of: Callable[[int], str], what: str
 ) -> list[int]:
-    """Send ``task`` once per id to its queue; returns the ids sent (a broker that is down is
-    logged: the ledger keeps them, the reconciler sends them again)."""
+    """Send ``task`` once per id to its queue; returns the ids sent.
+
+    A broker that is down (or does not answer) is logged once and the rest are not tried: each
+    would wait for it in turn (the completion loop, and at start-up the storage SCP, with
+    them). The ledger keeps them; the reconciler sends them again."""
     sent: list[int] = []
-    for i in ids:
+    for n, i in enumerate(ids):
         try:
             celery.send_task(task, args=[i], queue=queue_of(i))
             sent.append(i)
         except Exception as exc:
-            log.error("%s %d: broker unavailable, will retry from the ledger: %s", what, i, exc)
+            left = len(ids) - n
+            log.error(
+                "%s %d%s: broker unavailable, will retry from the ledger: %s",
+                what,
+                i,
+                f" and {left - 1} more" if left > 1 else "",
+                exc,
+            )
+            break
     return sent
 
 
@@ -83,20 +97,95 @@ def reconcile(
 
     At start-up every queued or analysing job is sent again (a duplicate is harmless: the task
     claims the job in the ledger). Later, only jobs queued for ``requeue_after_s`` without being
-    started, or analysing by a worker whose lease (``lease_s``) ran out.
+    started, or analysing by a worker whose lease (``lease_s``) ran out; and of the queued ones
+    only those of a broker queue that holds fewer messages than the ledger has jobs queued for
+    it (:func:`_still_waiting`): a backlog that no worker took yet is not sent again and again.
     """
     if startup:
         ids = ledger.unfinished_jobs()
     else:
-        ids = ledger.jobs_to_requeue(older_than_s=requeue_after_s, lease_s=lease_s)
+        ids = _lost_jobs(
+            celery, ledger, ledger.jobs_to_requeue(older_than_s=requeue_after_s, lease_s=lease_s)
+        )
     if ids:
         log.info("reconciler: re-enqueueing %d job(s)", len(ids))
     sent = enqueue(celery, ledger, ids)
     shadow_ids = ShadowJobs(ledger).to_requeue(
         older_than_s=requeue_after_s, lease_s=lease_s, startup=startup
     )
+    if not startup:
+        shadow_ids = _lost_shadow_jobs(celery, ledger, shadow_ids)
     if shadow_ids:
         log.info("reconciler: re-enqueueing %d shadow job(s)", len(shadow_ids))
         sent += enqueue_shadow(celery, ledger, shadow_ids)
     metrics.RECONCILER_REQUEUED.labels("startup" if startup else "periodic").inc(sent)
     return sent
+
+
+def _lost_jobs(celery: Celery, ledger: Ledger, ids: Sequence[int]) -> list[int]:
+    """Of the periodic reconciler's candidates ``ids``, those whose message may be lost: every
+    one a worker was analysing (its message was taken), every queued one never sent, and the
+    queued ones of a broker queue that holds fewer messages than the ledger has jobs queued
+    for it."""
+    if not ids:
+        return []
+    with ledger.session() as s:
+        rows = s.execute(
+            select(Job.id, Job.state, Job.priority, Job.enqueued_at).where(Job.id.in_(list(ids)))
+        ).all()
+        queued = s.execute(
+            select(Job.priority, func.count())
+            .where(Job.state == JobState.QUEUED)
+            .group_by(Job.priority)
+        ).all()
+    in_ledger: dict[str, int] = {}
+    for priority, count in queued:
+        in_ledger[queue_for(priority)] = in_ledger.get(queue_for(priority), 0) + int(count)
+    waiting = {q: _still_waiting(celery, q, n) for q, n in in_ledger.items()}
+    return [
+        job_id
+        for job_id, state, priority, enqueued_at in rows
+        if state != JobState.QUEUED or enqueued_at is None or not waiting[queue_for(priority)]
+    ]
+
+
+def _lost_shadow_jobs(celery: Celery, ledger: Ledger, ids: Sequence[int]) -> list[int]:
+    """:func:`_lost_jobs` for shadow jobs (one broker queue)."""
+    if not ids:
+        return []
+    with ledger.session() as s:
+        rows = s.execute(
+            select(ShadowJob.id, ShadowJob.state, ShadowJob.enqueued_at).where(
+                ShadowJob.id.in_(list(ids))
+            )
+        ).all()
+        queued = int(
+            s.scalar(select(func.count()).where(ShadowJob.state == ShadowState.QUEUED)) or 0
+        )
+    waiting = _still_waiting(celery, SHADOW_QUEUE, queued)
+    return [
+        shadow_id
+        for shadow_id, state, enqueued_at in rows
+        if state != ShadowState.QUEUED or enqueued_at is None or not waiting
+    ]
+
+
+def _still_waiting(celery: Celery, queue: str, queued_in_ledger: int) -> bool:
+    """Whether ``queue`` holds at least ``queued_in_ledger`` messages: then no message of a
+    job queued for it is lost, as far as the broker can tell (the jobs wait their turn).
+    False when the broker cannot say (the reconciler then sends them again, as a net)."""
+    try:
+        with celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1)
+            channel = conn.channel()
+            try:
+                try:
+                    declared = channel.queue_declare(queue=queue, passive=True)
+                except ChannelError:  # no such queue (Redis: no message on it)
+                    return False
+                return int(declared.message_count) >= queued_in_ledger
+            finally:
+                channel.close()
+    except Exception as exc:
+        log.debug("reconciler: cannot read the length of broker queue %s: %s", queue, exc)
+        return False

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import logging
+import socket
+import threading
 from pathlib import Path
 
 import pytest
 import redis
+from sqlalchemy import update
 
 from acwi_node.config import load_settings
 from acwi_node.ledger import InstanceRecord, Ledger, RoutedJob, StudyFacts
+from acwi_node.ledger.models import Job, utcnow
 from acwi_node.tasks.app import ANALYSIS_QUEUE, configure
 from acwi_node.tasks.queue import enqueue, reconcile
 from tests.conftest import REDIS_URL
@@ -102,4 +109,129 @@ def test_a_worker_takes_a_live_job_before_a_shadow_job_sent_earlier(tmp_path: Pa
     assert taken is not None and taken[0] == SHADOW_QUEUE.encode()
     assert b"acwi_node.shadow" in taken[1]
     client.flushdb()
+    ledger.dispose()
+
+
+def many_jobs(ledger: Ledger, n: int) -> list[int]:
+    """``n`` queued jobs of ``n`` one-radiograph studies."""
+    ids: list[int] = []
+    for k in range(n):
+        r = ledger.record_instance(
+            InstanceRecord(
+                f"1.2.4.{k}",
+                f"1.2.4.{k}.1",
+                "1.2.840.10008.5.1.4.1.1.1.1",
+                f"1.2.4.{k}.9",
+                "1.2.840.10008.1.2.1",
+                "DX",
+                "CHEST",
+                f"1.2.4.{k}/1.2.4.{k}.1.dcm",
+                10,
+                "MOD",
+            ),
+            first_in_association=False,
+        )
+        ids += ledger.complete_study(
+            r.study_id, 1, lambda _: [RoutedJob("chest", "default", [], 0)]
+        )
+    return ids
+
+
+def sent_long_ago(ledger: Ledger, seconds: float) -> None:
+    """Every job's message was sent ``seconds`` ago."""
+    with ledger.session() as s:
+        s.execute(update(Job).values(enqueued_at=utcnow() - dt.timedelta(seconds=seconds)))
+
+
+def test_a_backlog_on_redis_is_not_sent_again_and_again(tmp_path: Path) -> None:
+    """No worker took the queued jobs for longer than ``requeue_after_s`` (a worker stopped for
+    maintenance, a long CT ahead): their messages still wait on Redis, and the periodic
+    reconciler does not add a copy of each at every pass. Once Redis lost them, it does."""
+    broker = f"{REDIS_URL}/{DB}"
+    client = redis.Redis.from_url(broker)
+    client.flushdb()
+    settings = load_settings(None, node={"data_dir": tmp_path, "broker_url": broker})
+    celery = configure(settings)
+    ledger = Ledger(settings.database_url)
+    ids = many_jobs(ledger, 4)
+    assert enqueue(celery, ledger, ids) == 4
+    for _ in range(3):
+        sent_long_ago(ledger, 121)
+        assert reconcile(celery, ledger, startup=False, requeue_after_s=120, lease_s=30) == 0
+    assert client.llen(ANALYSIS_QUEUE) == 4
+
+    client.flushdb()  # Redis restarted empty
+    assert reconcile(celery, ledger, startup=False, requeue_after_s=120, lease_s=30) == 4
+    assert client.llen(ANALYSIS_QUEUE) == 4
+    client.flushdb()
+    ledger.dispose()
+
+
+class SilentServer:
+    """A TCP server that accepts connections and never answers (a hung Redis, or one behind a
+    firewall that drops the connection)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.port = int(self.sock.getsockname()[1])
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.accepted.append(self.sock.accept()[0])
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+def test_a_broker_that_does_not_answer_fails_the_send_instead_of_blocking(
+    tmp_path: Path,
+) -> None:
+    """A Redis that accepts the connection and never answers: the send gives up (the job stays
+    queued in the ledger for the reconciler) instead of blocking the completion loop, and
+    the storage SCP's start-up, for ever."""
+    server = SilentServer()
+    settings = load_settings(
+        None,
+        node={"data_dir": tmp_path, "broker_url": f"redis://:pw@127.0.0.1:{server.port}/0"},
+    )
+    celery = configure(settings)
+    ledger = Ledger(settings.database_url)
+    ids = many_jobs(ledger, 3)
+    outcome: list[int] = []
+    sender = threading.Thread(target=lambda: outcome.append(enqueue(celery, ledger, ids)))
+    sender.start()
+    sender.join(timeout=120)  # a bound for a hang only: the send gives up after seconds
+    try:
+        assert not sender.is_alive(), "the send is still waiting for the broker"
+        assert outcome == [0]
+        assert sorted(ledger.jobs_to_requeue(older_than_s=3600, lease_s=3600)) == sorted(ids)
+    finally:
+        server.close()
+        sender.join()
+        ledger.dispose()
+
+
+def test_a_broker_that_is_down_is_tried_once_per_batch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing listens at the broker's address: the first job's send fails, and the others are
+    not tried one by one (each would wait for the broker again): one error, the jobs left
+    queued in the ledger for the reconciler."""
+    settings = load_settings(
+        None, node={"data_dir": tmp_path, "broker_url": "redis://127.0.0.1:1/0"}
+    )
+    celery = configure(settings)
+    ledger = Ledger(settings.database_url)
+    ids = many_jobs(ledger, 5)
+    with caplog.at_level(logging.ERROR, logger="acwi_node.queue"):
+        assert enqueue(celery, ledger, ids) == 0
+    errors = [r.getMessage() for r in caplog.records if r.name == "acwi_node.queue"]
+    assert len(errors) == 1, errors
+    assert f"job {ids[0]} and 4 more: broker unavailable" in errors[0]
+    assert sorted(ledger.jobs_to_requeue(older_than_s=3600, lease_s=3600)) == sorted(ids)
     ledger.dispose()

@@ -26,15 +26,17 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import N_CREATE, N_SET
-from sqlalchemy import CursorResult, delete, func, select, update
+from sqlalchemy import CursorResult, Select, delete, func, select, true, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from acwi_node.ingest.spool import is_safe_uid
 from acwi_node.ledger import Ledger
@@ -98,14 +100,65 @@ def step_studies(ds: Dataset) -> set[str]:
     return found
 
 
-#: Every unspent signal, oldest first (asked on every completion pass: built once).
-_SIGNALS = select(
-    CompletionSignal.id,
-    CompletionSignal.kind,
-    CompletionSignal.study_id,
-    CompletionSignal.study_uids,
-    CompletionSignal.sop_uids,
-).order_by(CompletionSignal.id)
+def _signals_query(dialect: str) -> Select[Any]:
+    """Every unspent signal, oldest first, once per study it names, with that study's instance
+    count and last update (NULL: no such study in the ledger, or a signal naming none): what
+    tells a completion pass which steps may have new instances. Without the instances a step
+    lists: those are read only for the steps looked at again."""
+    each = (
+        func.json_each(CompletionSignal.study_uids).table_valued("value").alias("named")
+        if dialect == "sqlite"
+        else func.json_array_elements_text(CompletionSignal.study_uids)
+        .table_valued("value")
+        .lateral("named")
+    )
+    return (
+        select(
+            CompletionSignal.id,
+            CompletionSignal.kind,
+            CompletionSignal.study_id,
+            each.c.value,
+            Study.instance_count,
+            Study.updated_at,
+        )
+        .select_from(CompletionSignal)
+        .outerjoin(each, true())
+        .outerjoin(Study, Study.study_uid == each.c.value)
+        .order_by(CompletionSignal.id)
+    )
+
+
+@dataclass
+class _Signal:
+    """An unspent signal as a completion pass reads it."""
+
+    id: int
+    kind: str
+    study_id: int | None
+    #: The studies an MPPS step names.
+    study_uids: list[str]
+    #: (study UID, instance count, last update) of each of those in the ledger.
+    marker: tuple[Any, ...]
+
+
+#: A step still awaiting instances is looked at again once a study it names changed, and at
+#: least this often (seconds) whatever changed: the instances a step lists may be in a study
+#: it does not name.
+RECHECK_EVERY_S = 60.0
+#: The most listed instances one completion pass looks up (always every instance of at least
+#: one step): steps whose studies changed first, then steps not looked at yet (the newest
+#: first), then those looked at longest ago.
+LOOKUPS_PER_PASS = 10_000
+#: Steps whose instances are read in one query.
+_STEPS_PER_READ = 100
+
+
+@dataclass(frozen=True)
+class _Looked:
+    """What a step's studies were when its instances were last looked up, and when."""
+
+    marker: tuple[Any, ...]
+    at: float
 
 
 class CompletionSignals:
@@ -124,6 +177,9 @@ class CompletionSignals:
         self._lock = threading.Lock()
         #: Studies awaited by a completed step, as of the last :meth:`due` (this process only).
         self._awaited_studies: frozenset[str] = frozenset()
+        #: Steps awaiting instances, as of their last lookup (this process only), by signal id.
+        self._looked: dict[int, _Looked] = {}
+        self._signals = _signals_query(ledger.engine.dialect.name)
         self._last_prune = 0.0
 
     # ----------------------------------------------------------------- inputs
@@ -174,61 +230,159 @@ class CompletionSignals:
 
         Spent signals (their studies completed, or no longer receiving) are deleted, so that
         whichever process runs this deletes each signal once.
+
+        A step's listed instances are looked up again only when a study it names changed since
+        they were last looked up (the ledger writes an instance's row and its study's row in
+        one transaction: a new instance always changes the study's row), or
+        :data:`RECHECK_EVERY_S` passed; at most :data:`LOOKUPS_PER_PASS` instances per pass.
+        A pass with nothing new is one query (the signals with the rows of the studies they
+        name), however many steps await instances and however many instances they list.
         """
         self._prune()
         due: dict[int, tuple[int, str]] = {}
         spent: list[int] = []
         awaited: set[str] = set()
         with self.ledger.session() as s:
-            signals = s.execute(_SIGNALS).all()
+            signals = self._read_signals(s)
             if not signals:
                 self._awaited_studies = frozenset()
+                self._looked.clear()
                 return []
-            released = sorted({r.study_id for r in signals if r.kind == "release"} - {None})
-            studies_by_id = {
-                r.id: r
-                for r in s.execute(
-                    select(Study.id, Study.generation, Study.state, Study.open_associations).where(
-                        Study.id.in_(released)
-                    )
-                ).all()
-            }
-            for row in signals:
-                if row.kind != "release":
+            released = sorted(
+                {r.study_id for r in signals if r.kind == "release" and r.study_id is not None}
+            )
+            studies_by_id = (
+                {
+                    r.id: r
+                    for r in s.execute(
+                        select(
+                            Study.id, Study.generation, Study.state, Study.open_associations
+                        ).where(Study.id.in_(released))
+                    ).all()
+                }
+                if released
+                else {}
+            )
+            for sig in signals:
+                if sig.kind != "release":
                     continue
-                study = studies_by_id.get(row.study_id)
+                study = studies_by_id.get(sig.study_id)
                 if study is None or study.state != StudyState.RECEIVING:
-                    spent.append(row.id)  # gone, or completed some other way
+                    spent.append(sig.id)  # gone, or completed some other way
                 elif study.open_associations <= 0:
                     due[study.id] = (study.generation, "release")
-                    spent.append(row.id)
-            for row in signals:
-                if row.kind != "mpps":
-                    continue
-                wanted = sorted(row.sop_uids)
-                studies_of: dict[str, int] = {}
-                for i in range(0, len(wanted), _CHUNK):
-                    hits = s.execute(
-                        select(Instance.sop_instance_uid, Instance.study_id).where(
-                            Instance.sop_instance_uid.in_(wanted[i : i + _CHUNK])
-                        )
-                    ).all()
-                    studies_of.update({uid: study_id for uid, study_id in hits})
-                if len(studies_of) < len(wanted):
-                    awaited.update(row.study_uids)
-                    continue  # still waiting for instances
-                studies = s.execute(
-                    select(Study.id, Study.generation).where(
-                        Study.id.in_(sorted(set(studies_of.values()))),
-                        Study.state == StudyState.RECEIVING,
+                    spent.append(sig.id)
+            steps = [sig for sig in signals if sig.kind == "mpps"]
+            if steps:
+                complete = self._complete_steps(s, steps, awaited)
+                spent.extend(complete)
+                if complete:
+                    due.update(
+                        {
+                            study_id: (generation, "mpps")
+                            for study_id, generation in s.execute(
+                                select(Study.id, Study.generation).where(
+                                    Study.id.in_(sorted(set().union(*complete.values()))),
+                                    Study.state == StudyState.RECEIVING,
+                                )
+                            ).all()
+                        }
                     )
-                ).all()
-                due.update({study_id: (generation, "mpps") for study_id, generation in studies})
-                spent.append(row.id)
             if spent:
                 s.execute(delete(CompletionSignal).where(CompletionSignal.id.in_(spent)))
+        live = {sig.id for sig in signals} - set(spent)
+        self._looked = {i: seen for i, seen in self._looked.items() if i in live}
         self._awaited_studies = frozenset(awaited)
         return [(study_id, gen, kind) for study_id, (gen, kind) in sorted(due.items())]
+
+    def _read_signals(self, s: Session) -> list[_Signal]:
+        """The unspent signals, oldest first, each with what its studies are now. A step
+        naming no study has for them the newest instance row's id (any new instance may be
+        one it lists)."""
+        signals: dict[int, _Signal] = {}
+        for signal_id, kind, study_id, uid, count, updated in s.execute(self._signals):
+            sig = signals.get(signal_id)
+            if sig is None:
+                sig = signals[signal_id] = _Signal(signal_id, kind, study_id, [], ())
+            if uid is not None:
+                sig.study_uids.append(uid)
+                if count is not None:
+                    sig.marker += ((uid, count, updated),)
+        for sig in signals.values():  # the order the database lists them in aside
+            sig.marker = tuple(sorted(sig.marker))
+        if any(sig.kind == "mpps" and not sig.study_uids for sig in signals.values()):
+            newest = s.scalar(select(func.max(Instance.id)))
+            for sig in signals.values():
+                if not sig.study_uids:
+                    sig.marker = (newest,)
+        return list(signals.values())
+
+    def _complete_steps(
+        self, s: Session, steps: Sequence[_Signal], awaited: set[str]
+    ) -> dict[int, set[int]]:
+        """The steps (signal id: the ledger ids of the studies holding their instances) whose
+        every listed instance is in the ledger, of those looked up in this pass; adds to
+        ``awaited`` the studies of the steps still waiting. The studies' rows were read
+        (:meth:`_read_signals`) before the instances are: an instance committed after its
+        lookup here changed its study's row after that read, and the next pass sees it."""
+        now = time.monotonic()
+        changed: list[_Signal] = []
+        new: list[_Signal] = []
+        stale: list[tuple[float, int, _Signal]] = []
+        for step in steps:
+            seen = self._looked.get(step.id)
+            if seen is None:
+                new.append(step)
+            elif seen.marker != step.marker:
+                changed.append(step)
+            elif now - seen.at >= RECHECK_EVERY_S:
+                stale.append((seen.at, step.id, step))
+            else:
+                awaited.update(step.study_uids)
+        new.sort(key=lambda step: -step.id)
+        candidates = [*changed, *new, *(step for _, _, step in sorted(stale))]
+        # Their listed instances, a few steps per query, up to the pass's share of lookups.
+        wanted: dict[int, list[str]] = {}
+        total = 0
+        for i in range(0, len(candidates), _STEPS_PER_READ):
+            if total >= LOOKUPS_PER_PASS:
+                break
+            ids = [step.id for step in candidates[i : i + _STEPS_PER_READ]]
+            listed: dict[int, list[str]] = {
+                step_id: sops
+                for step_id, sops in s.execute(
+                    select(CompletionSignal.id, CompletionSignal.sop_uids).where(
+                        CompletionSignal.id.in_(ids)
+                    )
+                )
+            }
+            for step_id in ids:
+                if total >= LOOKUPS_PER_PASS:
+                    break
+                sops = sorted(set(listed.get(step_id) or []))
+                wanted[step_id] = sops
+                total += len(sops)
+        uids = sorted(set().union(*wanted.values())) if wanted else []
+        study_of: dict[str, int] = {}
+        for i in range(0, len(uids), _CHUNK):
+            study_of.update(
+                (uid, study_id)
+                for uid, study_id in s.execute(
+                    select(Instance.sop_instance_uid, Instance.study_id).where(
+                        Instance.sop_instance_uid.in_(uids[i : i + _CHUNK])
+                    )
+                )
+            )
+        complete: dict[int, set[int]] = {}
+        for step in candidates:
+            looked = wanted.get(step.id)
+            if looked is not None and all(uid in study_of for uid in looked):
+                complete[step.id] = {study_of[uid] for uid in looked}
+                continue
+            if looked is not None:
+                self._looked[step.id] = _Looked(step.marker, now)
+            awaited.update(step.study_uids)
+        return complete
 
     def _prune(self) -> None:
         """Forget steps and signals older than :data:`RETENTION` (at most every 10 minutes)."""

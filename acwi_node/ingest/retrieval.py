@@ -17,7 +17,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from io import BytesIO
 from typing import TypedDict, cast
 
@@ -41,8 +41,9 @@ from acwi_node.ingest.qr_scu import (
 from acwi_node.ingest.spool import Spool, is_safe_uid
 from acwi_node.ingest.stow import CANNOT_UNDERSTAND, StowReceiver, StowResult
 from acwi_node.ledger import Ledger, StudyState
+from acwi_node.ledger.models import utcnow
 from acwi_node.ledger.repository import KEEPS_RESULTS
-from acwi_node.ledger.retrievals import QUERY_KEYS, Retrievals, RetrievalTask
+from acwi_node.ledger.retrievals import QUERY_KEYS, Retrievals, RetrievalTask, StudyNow
 from acwi_node.observability.metrics import RETRIEVALS, RETRIEVED_INSTANCES
 from acwi_node.tls import TlsConfigError
 
@@ -76,6 +77,18 @@ class _Peer(TypedDict):
     calling_ae: str
     timeout_s: float
     tls: TlsArgs | None
+
+
+@dataclass(frozen=True)
+class _Arrival:
+    """What reached the node of a study the source reported sent."""
+
+    #: The study as the ledger holds it; None: none of its instances came.
+    held: StudyNow | None = None
+    #: Why the retrieval fails for good (instances reported sent, none came), or "".
+    none_came: str = ""
+    #: The source sent another study's instances instead (what came, for people), or "".
+    other_study: str = ""
 
 
 class QueryError(ValueError):
@@ -150,6 +163,9 @@ class RetrievalService:
         # DICOMweb and C-GET sources: what comes is stored as a STOW-RS request is.
         self.spool = Spool(settings.spool_dir, fsync=settings.ingest.fsync)
         self.receiver = StowReceiver(ledger, self.spool, audit_patient_id=settings.audit.patient_id)
+        #: By retrieval: studies whose C-MOVE the PACS answered with another study's
+        #: instances, and what came (for people).
+        self._answered_wrong: dict[int, dict[str, str]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -224,14 +240,18 @@ class RetrievalService:
             )
         retrieved = set(task.retrieved_uids)
         already: list[str] = []
+        # Studies whose C-MOVE the PACS answered with another study's instances: not moved
+        # again when the retrieval resumes (stepped back, or tried again) in this process.
+        answered_wrong = self._answered_wrong.setdefault(task.id, {})
         for uid in study_uids:
-            if uid in retrieved:
+            if uid in retrieved or uid in answered_wrong:
                 continue
             if self._waiting(retrieved) >= self.settings.retrieve.studies_ahead:
                 # Its studies on the node wait for their analyses: later, and others first.
                 self.retrievals.defer(task.id, after_s=self.settings.retrieve.poll_interval_s)
                 return
             before = self.retrievals.study_states([uid]).get(uid)
+            since = utcnow()
             moved = self._move(task, source, tls, uid, node_ae)
             if moved.failed and not moved.completed:
                 dest = source.destination_ae(node_ae)
@@ -262,6 +282,16 @@ class RetrievalService:
                 # Its counts are not kept: the next attempt moves the whole study again.
                 self._failed(task, moved.error)
                 return
+            arrival = self._arrival(uid, moved, source, since)
+            if arrival.none_came:
+                self._finish(task, error=arrival.none_came)
+                return
+            if arrival.other_study:
+                # Not retrieved, its counts not kept; the other studies are moved still (a
+                # later attempt, after another study's failure, moves this one again).
+                answered_wrong[uid] = arrival.other_study
+                log.warning("retrieval %d: %s", task.id, arrival.other_study)
+                continue
             RETRIEVED_INSTANCES.labels("completed").inc(moved.completed)
             RETRIEVED_INSTANCES.labels("failed").inc(moved.failed)
             RETRIEVED_INSTANCES.labels("warning").inc(moved.warnings)
@@ -278,13 +308,15 @@ class RetrievalService:
                 and after.state in KEEPS_RESULTS
             ):
                 already.append(uid)  # its instances came back unchanged: it keeps its results
-            problem = self._signal_complete(uid, moved, source)
-            if problem:
-                self._finish(task, error=problem)
-                return
+            self._signal_complete(uid, arrival.held)
         view = self.retrievals.get(task.id)  # the counts of every attempt and step
         not_sent = view.failed if view is not None else 0
-        self._finish(task, note=self._summary(study_uids, already, not_sent))
+        self._answered_wrong.pop(task.id, None)
+        summary = self._summary(study_uids, already, not_sent, answered_wrong)
+        if answered_wrong:
+            self._finish(task, error="; ".join([summary, *answered_wrong.values()]))
+        else:
+            self._finish(task, note=summary)
 
     def _waiting(self, retrieved: set[str]) -> int:
         """Studies this retrieval moved that wait for their analysis on the node."""
@@ -405,36 +437,73 @@ class RetrievalService:
                 received, studies, sender=sender, address=address, how="C-GET"
             )
 
-    def _signal_complete(self, uid: str, moved: MoveResult, source: Source) -> str:
-        """The study's C-MOVE ended: complete it once its sending association is released.
-        Returns why the retrieval failed for good, or ""."""
+    def _arrival(self, uid: str, moved: MoveResult, source: Source, since: dt.datetime) -> _Arrival:
+        """What reached the node of a study whose C-MOVE (or C-GET, WADO-RS) ended, once the
+        ledger rows of the instances the source reported sent are there (they follow the
+        C-STORE responses by a moment; at most :data:`_ROWS_WAIT_S`)."""
         held = self.retrievals.study_states([uid])
+        # The PACS sends its C-MOVE sub-operations under its own AE title.
+        sender = source.ae_title if source.kind == "dimse" and not source.uses_get else None
+        others = (0, 0)
         deadline = time.monotonic() + _ROWS_WAIT_S
+        next_look = 0.0
         while uid not in held and moved.completed and time.monotonic() < deadline:
-            # The SCP answered each C-STORE once the instance was safe in its journal; its
-            # ledger rows follow a moment later.
+            if sender and time.monotonic() >= next_look:
+                # Instances of other studies, as many as reported sent: no need to wait on.
+                others = self.retrievals.other_arrivals(sender, since, besides=uid)
+                if others[0] >= moved.completed:
+                    break
+                next_look = time.monotonic() + 0.25
             time.sleep(0.05)
             held = self.retrievals.study_states([uid])
-        if uid not in held:
-            if moved.completed:
-                destination = source.destination_ae(self.settings.node.ae_title)
-                return (
-                    f"{source.name} reported sending {moved.completed} instance(s) of a study"
-                    f" to {destination!r} but none reached this node: check the host and port"
-                    f" {source.name} has for {destination!r}"
+        if uid in held:
+            return _Arrival(held=held[uid])
+        if not moved.completed:
+            return _Arrival()
+        if sender:
+            others = self.retrievals.other_arrivals(sender, since, besides=uid)
+        if others[0]:
+            instances, studies = others
+            return _Arrival(
+                other_study=(
+                    f"{source.name} answered the C-MOVE of a study with another study: it"
+                    f" reported sending {moved.completed} instance(s), and {instances}"
+                    f" instance(s) of {studies} other study(ies) came from {sender!r}, none of"
+                    " the study asked for (check that study's UID and accession number on"
+                    f" {source.name}; what came is kept and processed like any study received)"
                 )
-            return ""
-        study = held[uid]
+            )
+        destination = source.destination_ae(self.settings.node.ae_title)
+        return _Arrival(
+            none_came=(
+                f"{source.name} reported sending {moved.completed} instance(s) of a study"
+                f" to {destination!r} but none reached this node: check the host and port"
+                f" {source.name} has for {destination!r}"
+            )
+        )
+
+    def _signal_complete(self, uid: str, study: StudyNow | None) -> None:
+        """The study's C-MOVE ended: complete it once its sending association is released."""
+        if study is None:
+            return
         if study.state == StudyState.RECEIVING.value and self.signals is not None:
             self.signals.released([study.id])
-        return ""
 
-    def _summary(self, study_uids: list[str], already: list[str], not_sent: int) -> str:
+    def _summary(
+        self,
+        study_uids: list[str],
+        already: list[str],
+        not_sent: int,
+        answered_wrong: dict[str, str] | None = None,
+    ) -> str:
         held = self.retrievals.study_states(study_uids)
+        wrong = [uid for uid in answered_wrong or {} if uid not in held]
         parts = [f"{len(held)} of {len(study_uids)} study(ies) retrieved"]
-        missing = len(study_uids) - len(held)
+        missing = len(study_uids) - len(held) - len(wrong)
         if missing:
             parts.append(f"{missing} with no instances sent")
+        if wrong:
+            parts.append(f"{len(wrong)} answered with another study's instances")
         if not_sent:
             parts.append(f"{not_sent} instance(s) the PACS could not send")
         if already:
@@ -448,6 +517,11 @@ class RetrievalService:
     def _finish(
         self, task: RetrievalTask, *, error: str = "", note: str = "", log_error: str = ""
     ) -> None:
+        # Something else ended it: what the PACS sent instead of a study is said still.
+        wrong = list(self._answered_wrong.pop(task.id, {}).values())
+        if wrong and error:
+            error = "; ".join([error, *wrong])
+            log_error = "; ".join([log_error, *wrong]) if log_error else ""
         self.retrievals.finish(task.id, error=error, note=note)
         RETRIEVALS.labels("failed" if error else "done").inc()
         if error:

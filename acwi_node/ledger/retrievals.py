@@ -11,9 +11,9 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import distinct, func, select, update
 
-from acwi_node.ledger.models import Retrieval, RetrievalState, Study, utcnow
+from acwi_node.ledger.models import Instance, Retrieval, RetrievalState, Study, utcnow
 from acwi_node.ledger.repository import Ledger
 
 #: The keys a retrieval query may hold (each a DICOM matching key of the Study level).
@@ -272,3 +272,22 @@ class Retrievals:
                 )
             ).all()
         return {uid: StudyNow(sid, state.value, gen) for uid, sid, state, gen in rows}
+
+    def other_arrivals(
+        self, calling_ae: str, since: dt.datetime, *, besides: str
+    ) -> tuple[int, int]:
+        """(instances, studies) of studies other than ``besides`` whose instance rows a sender
+        with the calling AE title ``calling_ae`` wrote since ``since``: what a PACS sent in
+        answer to a C-MOVE of ``besides`` when that study never came."""
+        with self.ledger.session() as s:
+            instances, studies = s.execute(
+                select(func.count(Instance.id), func.count(distinct(Instance.study_id)))
+                .join(Study, Study.id == Instance.study_id)
+                .where(
+                    Study.last_received_at >= since,
+                    Study.study_uid != besides,
+                    Instance.received_at >= since,
+                    Instance.calling_ae == calling_ae,
+                )
+            ).one()
+        return int(instances), int(studies)

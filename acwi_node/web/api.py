@@ -42,7 +42,13 @@ from acwi_node.review.inputs import plain_path_and_query
 from acwi_node.review.store import ReviewStore, WorklistFilters
 from acwi_node.review.views import destination_outboxes, install_review
 from acwi_node.web.feedback import feedback_router
-from acwi_node.web.guards import admin_json_request, admin_user
+from acwi_node.web.guards import (
+    ApiLimits,
+    admin_json_request,
+    admin_user,
+    document_access,
+    server_failed,
+)
 from acwi_node.web.models import models_router
 from acwi_node.web.monitoring import monitoring_router
 from acwi_node.web.ops import ops_router
@@ -105,6 +111,8 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
         title="ACWI Node",
         version=__version__,
         docs_url="/api/docs",
+        # under /api/, where HTTP Basic credentials do: a program can fetch it
+        openapi_url="/api/openapi.json",
         redoc_url=None,
         # every route, those to come too: a path parameter or a query value with a control
         # character (a NUL, which PostgreSQL refuses) is a 404 or a 422, never a lookup
@@ -123,6 +131,10 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
         return JSONResponse({"detail": "the connection closed"}, status_code=400)
 
     app.add_exception_handler(RequestValidationError, request_invalid)
+    # an error nothing else answered, the sign-in's too: JSON, no traceback; 503 for the ledger
+    app.add_exception_handler(Exception, server_failed)
+    # outside the sign-in: a body too large is refused unread, every answer kept from caches
+    app.add_middleware(ApiLimits)
 
     app.include_router(stow_router(settings, db))  # STOW-RS: POST /dicomweb/studies
     app.include_router(retrievals_router(settings, db))  # /api/retrievals
@@ -261,4 +273,11 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
             "rows": ReviewStore(db).agreement(days=days),
         }
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, with how to sign in and every error the API answers."""
+        if app.openapi_schema is None:
+            app.openapi_schema = document_access(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

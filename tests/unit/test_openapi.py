@@ -13,10 +13,15 @@ from acwi_node.web.api import create_app
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def document(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     data = Path(tmp_path_factory.mktemp("openapi")) / "data"
     app = create_app(load_settings(None, node={"data_dir": data}))
-    return dict(app.openapi()["paths"])
+    return dict(app.openapi())
+
+
+@pytest.fixture(scope="module")
+def paths(document: dict[str, Any]) -> dict[str, Any]:
+    return dict(document["paths"])
 
 
 @pytest.mark.parametrize("path", ["/dicomweb/studies", "/dicomweb/studies/{study_uid}"])
@@ -65,3 +70,41 @@ def test_a_radiologist_s_verdict_takes_json_and_says_why_it_was_refused(
     assert list(post["requestBody"]["content"]) == ["application/json"]
     assert {"200", "403", "404", "409", "415", "422"} <= set(post["responses"])
     assert "404" in paths["/api/review/cases/{item_id}"]["get"]["responses"]
+
+
+def _api_operations(paths: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [
+        (path, method, operation)
+        for path, operations in paths.items()
+        if path.startswith("/api/")
+        for method, operation in operations.items()
+    ]
+
+
+def test_every_api_path_says_how_to_sign_in_and_what_the_sign_in_answers(
+    document: dict[str, Any],
+) -> None:
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["basic"] == {"type": "http", "scheme": "basic", "description": "A local account"}
+    assert schemes["session"]["in"] == "cookie"
+    operations = _api_operations(document["paths"])
+    assert len(operations) > 20
+    for path, method, operation in operations:
+        assert operation["security"] == [{"basic": []}, {"session": []}], (path, method)
+        assert {"401", "403", "429", "503"} <= set(operation["responses"]), (path, method)
+        if method in ("post", "put"):
+            assert "413" in operation["responses"], (path, method)
+
+
+def test_every_api_error_is_json_with_a_detail(document: dict[str, Any]) -> None:
+    """Each error answer has its body's schema; a handler's own 422 gives its reason as
+    text, as FastAPI's gives the list of errors."""
+    schemas = document["components"]["schemas"]
+    assert schemas["Error"]["properties"] == {"detail": {"type": "string"}}
+    detail = schemas["HTTPValidationError"]["properties"]["detail"]
+    assert {"type": "string"} in detail["anyOf"]
+    assert any(option.get("type") == "array" for option in detail["anyOf"])
+    for path, method, operation in _api_operations(document["paths"]):
+        for status, answer in operation["responses"].items():
+            if status >= "400":
+                assert "application/json" in answer.get("content", {}), (path, method, status)

@@ -99,19 +99,32 @@ class Readiness:
 
     kind: str
     checks: dict[str, Check] = field(default_factory=dict)
+    #: The error each check last raised (logged when it changes).
+    _raised: dict[str, str] = field(default_factory=dict)
 
     def add(self, name: str, check: Check) -> Readiness:
         self.checks[name] = check
         return self
 
     def evaluate(self) -> tuple[bool, dict[str, Any]]:
+        """Run every check. A check that raises is not ok, and its answer names the error's
+        type alone: ``/readyz`` answers anyone who asks, and a driver's message names the
+        database's host, port, name and user (``connection to server at "10.0.0.5", port
+        5432 failed``). The message goes to the log, once each time it changes."""
         results: dict[str, Any] = {}
         ready = True
         for name, check in self.checks.items():
             try:
                 ok, detail = check()
+                self._raised.pop(name, None)
             except Exception as exc:
-                ok, detail = False, f"{type(exc).__name__}: {exc}"
+                message = " ".join(str(exc).split())[:500]
+                if self._raised.get(name) != message:
+                    self._raised[name] = message
+                    log.warning(
+                        "readiness check %s failed: %s: %s", name, type(exc).__name__, message
+                    )
+                ok, detail = False, f"{type(exc).__name__} (the log says more)"
             ready = ready and ok
             results[name] = {"ok": ok, "detail": detail}
         body = {"status": "ready" if ready else "unavailable", "kind": self.kind, "checks": results}

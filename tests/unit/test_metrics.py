@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -337,3 +338,32 @@ def test_the_grafana_dashboard_names_only_metrics_the_node_exports(
         "acwi_data_free_bytes",
     ):
         assert metric in covered, metric
+
+
+def test_a_check_that_raises_says_its_error_type_and_logs_the_message_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A ledger that cannot be reached: /readyz (which answers anyone) names the error's type,
+    not the driver's message with the database's host, port and name; the log has the
+    message, once while it stays the same, again when it changes."""
+    from acwi_node.observability.health import Readiness
+
+    errors = iter(
+        [
+            'connection to server at "10.9.8.7", port 5433 failed: Connection refused',
+            'connection to server at "10.9.8.7", port 5433 failed: Connection refused',
+            'FATAL: database "acwi_secret" does not exist',
+        ]
+    )
+
+    def ledger() -> tuple[bool, str]:
+        raise RuntimeError(next(errors))
+
+    readiness = Readiness("web").add("ledger", ledger)
+    with caplog.at_level(logging.WARNING, logger="acwi_node.health"):
+        bodies = [json.dumps(readiness.evaluate()) for _ in range(3)]
+    for body in bodies:
+        assert '"ok": false' in body and "RuntimeError" in body
+        assert "10.9.8.7" not in body and "5433" not in body and "acwi_secret" not in body
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 2 and "10.9.8.7" in logged[0] and "acwi_secret" in logged[1]

@@ -21,7 +21,18 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, and_, delete, exists, func, select
+from sqlalchemy import (
+    JSON,
+    ColumnElement,
+    and_,
+    case,
+    column,
+    delete,
+    exists,
+    func,
+    literal,
+    select,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
@@ -450,20 +461,71 @@ def latest_analysis() -> ColumnElement[bool]:
     leaves the earlier job counted."""
     later = aliased(Job)
     label = later.summary["predicted_label"].as_string()
+    later_analysis = later.generation > Job.generation
     return ~(
         exists()
         .where(
             later.study_id == Job.study_id,
+            later_analysis,
             later.route == Job.route,
-            later.generation > Job.generation,
             later.state != JobState.SUPERSEDED,
-            label.is_not(None),
-            label != "",
+            # its summary read only for a later generation's job: a condition on the later
+            # job alone is tested by the database on every job of the table (parsing each
+            # summary: seconds over a year of studies), this one on the few pairs found
+            case((later_analysis, and_(label.is_not(None), label != "")), else_=False),
             job_model_name(later) == job_model_name(Job),
             job_model_version(later) == job_model_version(Job),
         )
         .correlate(Job)
     )
+
+
+#: What a sample reads of a job's summary: the field, or the path to it.
+_SAMPLE_FIELDS: tuple[tuple[str, ...], ...] = (
+    ("predicted_label",),
+    ("finding_labels",),
+    ("needs_review",),
+    ("uncertainty", "score"),
+    ("ood_score",),
+    ("ood_threshold",),
+    ("equipment",),
+    ("images",),
+)
+
+
+def _sample_fields(dialect: str) -> list[Any]:
+    """The select-list columns of :data:`_SAMPLE_FIELDS` (the images: their number). SQLite
+    extracts each on its own (fast on its JSON text); PostgreSQL parses a summary whole for
+    each extraction, so there one subquery parses it once and gives them all as an array."""
+    summary = Job.summary
+    if dialect != "postgresql":
+        return [
+            summary["predicted_label"].as_string(),
+            summary["finding_labels"],
+            summary["needs_review"].as_boolean(),
+            summary[("uncertainty", "score")].as_float(),
+            summary["ood_score"].as_float(),
+            summary["ood_threshold"].as_float(),
+            summary["equipment"],
+            func.json_array_length(summary, "$.images"),
+        ]
+    head = (
+        func.json_to_record(summary)
+        .table_valued(*(column(path[0], JSON) for path in _SAMPLE_FIELDS))
+        .render_derived(name="sample_head", with_types=True)
+    )
+    values: list[Any] = []
+    for path in _SAMPLE_FIELDS:
+        if path == ("uncertainty", "score"):
+            values.append(head.c.uncertainty.op("->")(literal("score")))
+        elif path == ("images",):  # an analysis without a list of images: none
+            images = head.c.images
+            values.append(
+                case((func.json_typeof(images) == "array", func.json_array_length(images)))
+            )
+        else:
+            values.append(head.c[path[0]])
+    return [select(func.json_build_array(*values)).scalar_subquery()]
 
 
 class ModelMonitor:
@@ -478,45 +540,42 @@ class ModelMonitor:
     def _samples(self, *conditions: ColumnElement[bool], limit: int | None = None) -> list[Sample]:
         """The samples of the analysed jobs matching ``conditions``, oldest first. The
         database picks the few fields a sample needs out of each summary: a CT's summary
-        lists hundreds of images, which are never read here."""
-        summary = Job.summary
-        if self.ledger.engine.dialect.name == "postgresql":
-            images = func.json_array_length(summary["images"])
-        else:
-            images = func.json_array_length(summary, "$.images")
+        lists hundreds of images, which are never read here. With ``limit``, the jobs are
+        picked first and only theirs are read (reading the fields of every matching job
+        before keeping the first ones took seconds over a year of studies)."""
+        wanted = [
+            Job.started_at.is_not(None),
+            Job.state != JobState.SUPERSEDED,
+            latest_analysis(),
+            *conditions,
+        ]
+        if limit is not None:
+            first = (
+                select(Job.id)
+                .where(*wanted)
+                .order_by(Job.started_at, Job.id)
+                .limit(limit)
+                .correlate(None)
+                .scalar_subquery()
+            )
+            wanted = [Job.id.in_(first)]
         query = (
-            select(
-                Job.id,
-                job_model_name(),
-                job_model_version(),
-                Job.started_at,
-                summary["predicted_label"].as_string(),
-                summary["finding_labels"],
-                summary["needs_review"].as_boolean(),
-                summary[("uncertainty", "score")].as_float(),
-                summary["ood_score"].as_float(),
-                summary["ood_threshold"].as_float(),
-                summary["equipment"],
-                images,
-                Study.calling_ae,
-            )
+            select(Job.id, job_model_name(), job_model_version(), Job.started_at)
+            .add_columns(*_sample_fields(self.ledger.engine.dialect.name))
+            .add_columns(Study.calling_ae)
             .join(Study, Job.study_id == Study.id)
-            .where(
-                Job.started_at.is_not(None),
-                Job.state != JobState.SUPERSEDED,
-                latest_analysis(),
-                *conditions,
-            )
+            .where(*wanted)
             .order_by(Job.started_at, Job.id)
         )
-        if limit is not None:
-            query = query.limit(limit)
         with self.ledger.session() as s:
             rows = s.execute(query).all()
         out = []
         for row in rows:
-            (job_id, model, version, at, label, findings, review, uncertainty, ood,
-             ood_threshold, equipment, n_images, site) = row  # fmt: skip
+            job_id, model, version, at, *fields, site = row
+            if len(fields) == 1:  # PostgreSQL: one array of them
+                fields = list(fields[0] or [None] * len(_SAMPLE_FIELDS))
+            (label, findings, review, uncertainty, ood, ood_threshold, equipment,
+             n_images) = fields  # fmt: skip
             if not label:
                 continue  # a job that analysed nothing (failed before its summary)
             out.append(

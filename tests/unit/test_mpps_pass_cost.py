@@ -20,24 +20,9 @@ from sqlalchemy.orm import Session
 import acwi_node.ingest.mpps as mpps
 from acwi_node.config import Settings
 from acwi_node.ingest.mpps import CompletionSignals
-from acwi_node.ledger import InstanceRecord, Ledger
+from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import Instance, Study, utcnow
-
-
-def record(ledger: Ledger, study: str, sop: str) -> int:
-    rec = InstanceRecord(
-        study_uid=study,
-        sop_instance_uid=sop,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
-        series_uid="",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        modality="OT",
-        body_part="",
-        path=f"{study}/{sop}.dcm",
-        size=1,
-        calling_ae="MODALITY",
-    )
-    return ledger.record_instance(rec, first_in_association=True).study_id
+from tests.unit.test_mpps_signals import record
 
 
 @contextmanager

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
@@ -244,11 +244,16 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
 
     @app.get("/api/worklist")
     def worklist(
-        modality: str = "",
-        calling_ae: str = "",
-        model: str = "",
-        state: str = "",
-        kind: str = "",
+        modality: str = Query("", max_length=64),
+        calling_ae: str = Query("", max_length=64),
+        model: str = Query("", max_length=64),
+        state: Annotated[
+            StudyState | None, Query(description="only the cases of studies in this state")
+        ] = None,
+        kind: Annotated[
+            Literal["flagged", "sample"] | None,
+            Query(description="flagged: the model asked for review; sample: quality control"),
+        ] = None,
     ) -> dict[str, Any]:
         """The open review cases in the worklist page's order (escalated, priority, flagged
         before quality-control samples, oldest), with its filters: each case's figures,
@@ -256,7 +261,7 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
         seconds, else null). ``count``: the cases listed; ``total``: before the filters;
         ``counts``: per filter value, over every open case."""
         found = ReviewStore(db).worklist(
-            WorklistFilters(modality, calling_ae, model, state, kind),
+            WorklistFilters(modality, calling_ae, model, state.value if state else "", kind or ""),
             claim_s=settings.review.reading_claim_s,
         )
         return {**found, "count": len(found["items"])}

@@ -85,6 +85,12 @@ def test_sure_studies_are_sampled_and_the_verdicts_measure_agreement(
             # (each case link carries the filter: the next case is the next of this list)
             assert f'href="/review/cases/{sample_item}?list=kind%3Dsample"' in only
             assert f'href="/review/cases/{flagged_item}' not in only
+            # so does the API; a filter value that names nothing is refused, not an empty list
+            api = client.get("/api/worklist", params={"kind": "sample"}).json()
+            assert [item["id"] for item in api["items"]] == [sample_item]
+            for name, value in [("kind", "samples"), ("state", "bogus")]:
+                refused = client.get("/api/worklist", params={name: value})
+                assert refused.status_code == 422, (name, refused.text)
             for item, fields in [
                 (sample_item, {"action": "override", "label": other, "reason": "missed"}),
                 (flagged_item, {"action": "escalate", "reason": "second look"}),  # not final

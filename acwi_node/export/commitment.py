@@ -16,12 +16,14 @@ with a Failure Reason): the ledger delivers the former, and sends the latter aga
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import generate_uid
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import N_EVENT_REPORT
@@ -102,6 +104,20 @@ class CommitmentReport:
     refused: dict[str, int] = field(default_factory=dict)
 
 
+def _one_uid(item: Dataset) -> str:
+    """An item's Referenced SOP Instance UID; "" for none, or for several (no object)."""
+    value = item.get("ReferencedSOPInstanceUID", "")
+    return "" if isinstance(value, MultiValue) else str(value or "")
+
+
+def _failure_reason(value: Any) -> int:
+    """A Failure Reason (its first value where it has several); processing failure where it
+    has none, or none that is a number."""
+    if isinstance(value, MultiValue):
+        value = value[0] if value else None
+    return value if isinstance(value, int) else STATUS_PROCESSING_FAILURE
+
+
 def parse_report(event_type_id: int, ds: Dataset | None) -> CommitmentReport:
     """Read a storage commitment N-EVENT-REPORT's Event Information (PS3.4 J.3.3.1.1);
     raises :class:`ReportError`."""
@@ -117,15 +133,14 @@ def parse_report(event_type_id: int, ds: Dataset | None) -> CommitmentReport:
         raise ReportError("the report's Transaction UID is not a UID", STATUS_INVALID_ARGUMENT)
     committed = []
     for item in ds.get("ReferencedSOPSequence", None) or []:
-        uid = str(item.get("ReferencedSOPInstanceUID", ""))
+        uid = _one_uid(item)
         if uid:
             committed.append(uid)
     refused: dict[str, int] = {}
     for item in ds.get("FailedSOPSequence", None) or []:
-        uid = str(item.get("ReferencedSOPInstanceUID", ""))
+        uid = _one_uid(item)
         if uid:
-            reason = item.get("FailureReason")
-            refused[uid] = int(reason) if reason is not None else STATUS_PROCESSING_FAILURE
+            refused[uid] = _failure_reason(item.get("FailureReason"))
     if event_type_id == EVENT_SOME_FAILED and not refused:
         raise ReportError(
             "event type 2 (failures) with no Failed SOP Sequence", STATUS_MISSING_ATTRIBUTE
@@ -139,6 +154,8 @@ class CommitmentReports:
     def __init__(self, settings: Settings, ledger: Ledger) -> None:
         self.settings = settings
         self.ledger = ledger
+        #: Held while a report is recorded (the exporter's: its own ledger writes take turns).
+        self.lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
 
     def handlers(self) -> list[tuple[evt.EventType, Callable[[evt.Event], Any]]]:
         return [(evt.EVT_N_EVENT_REPORT, self.handle_n_event_report)]
@@ -146,14 +163,15 @@ class CommitmentReports:
     def apply(self, report: CommitmentReport, *, sender: str) -> CommitmentOutcome:
         """Deliver what ``report`` committed, send again what it refused (raises what the
         ledger raises)."""
-        outcome = self.ledger.record_commitment(
-            report.transaction_uid,
-            report.committed,
-            report.refused,
-            max_attempts=self.settings.exporter.max_attempts,
-            backoff_s=self.settings.exporter.backoff_s,
-            describe=describe_failure,
-        )
+        with self.lock:
+            outcome = self.ledger.record_commitment(
+                report.transaction_uid,
+                report.committed,
+                report.refused,
+                max_attempts=self.settings.exporter.max_attempts,
+                backoff_s=self.settings.exporter.backoff_s,
+                describe=describe_failure,
+            )
         if not outcome.known:
             log.warning(
                 "storage commitment report from %s for a transaction the node is not waiting"

@@ -64,18 +64,36 @@ def run_destinations_status(settings: Settings, *, as_json: bool) -> int:
 
 
 def run_destinations_retry(settings: Settings, args: argparse.Namespace) -> int:
-    """Put each named destination's failed deliveries back in the outbox; exit 2 for a name
-    neither configured nor in the outbox."""
+    """Put each named destination's failed deliveries back in the outbox; exit 2, with
+    nothing put back, when a name is neither configured nor in the outbox."""
+    from sqlalchemy import select
+
     from acwi_node.ledger import Ledger
+    from acwi_node.ledger.models import Delivery
 
     ledger = Ledger(settings.database_url)
     try:
         known = {d.name for d in settings.destinations}
-        for name in args.names:
+        names = list(dict.fromkeys(args.names))
+        with ledger.session() as s:
+            unknown = [
+                name
+                for name in names
+                if name not in known
+                and s.scalars(
+                    select(Delivery.id).where(Delivery.destination == name).limit(1)
+                ).first()
+                is None
+            ]
+        if unknown:
+            print(
+                f"acwi-node: no destination named {', '.join(unknown)}"
+                f" (configured: {', '.join(sorted(known)) or 'none'})",
+                file=sys.stderr,
+            )
+            return 2
+        for name in names:
             retried = ledger.retry_failed(name)
-            if name not in known and not retried.deliveries:
-                print(f"acwi-node: no destination named {name}", file=sys.stderr)
-                return 2
             print(
                 f"{name}: {retried.deliveries} failed delivery(ies) of"
                 f" {len(retried.study_uids)} study(ies) back in the outbox"

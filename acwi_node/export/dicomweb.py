@@ -26,6 +26,7 @@ import base64
 import contextlib
 import http.client
 import json
+import logging
 import os
 import queue
 import secrets
@@ -40,8 +41,16 @@ from urllib.parse import urlsplit
 from pydicom import dcmread
 
 from acwi_node.config import Destination, Source
-from acwi_node.export.scu import DELIVERED_WARNING_STATUSES, EchoResult, FileOutcome, SendReport
+from acwi_node.export.scu import (
+    DELIVERED_WARNING_STATUSES,
+    EchoResult,
+    FileOutcome,
+    SendReport,
+    tls_refused,
+)
 from acwi_node.http_client import connect, request_target, target_of
+
+log = logging.getLogger("acwi_node.exporter")
 
 __all__ = ["CheckResult", "DicomwebError", "check", "get", "parse_stow_response", "stow_files"]
 
@@ -60,7 +69,13 @@ CheckResult = EchoResult
 
 
 class _Failed(Exception):
-    """A request that got no usable answer (connection, TLS, timeout, unreadable reply)."""
+    """A request that got no usable answer (connection, TLS, timeout, unreadable reply);
+    ``refused``: the TLS handshake was refused (:func:`~acwi_node.export.scu.tls_refused`),
+    an answer of the configuration's making, not an outage."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 def _basic(username: str, password_file: Path) -> str:
@@ -159,11 +174,27 @@ def _values(item: dict[str, Any], tag: str) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
+def _code(value: Any) -> int | None:
+    """A Warning or Failure Reason as the response gives it: a number, or its decimal digits
+    in a string (Orthanc's DICOMweb plugin); None for anything else (not given)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 0 <= value <= 0xFFFF else None
+    if isinstance(value, str) and value.strip().isdigit() and int(value) <= 0xFFFF:
+        return int(value)
+    return None
+
+
 def parse_stow_response(body: bytes) -> tuple[dict[str, int | None], dict[str, int | None]]:
     """(stored, failed) from a STOW-RS response body (``application/dicom+json``): SOP Instance
     UID -> Warning Reason (None: none) for the stored objects, -> Failure Reason (None: not
-    given) for those not stored. Raises ValueError when the body is not such a response."""
-    data = json.loads(body.decode("utf-8"))
+    given, or not a number) for those not stored. Raises ValueError when the body is not such
+    a response (JSON nested too deep for the parser included)."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("JSON nested too deep") from None
     if isinstance(data, list):  # some servers wrap the data set in an array
         data = data[0] if data else {}
     if not isinstance(data, dict):
@@ -178,10 +209,10 @@ def parse_stow_response(body: bytes) -> tuple[dict[str, int | None], dict[str, i
             if not isinstance(item, dict):
                 continue
             uids = _values(item, _SOP_INSTANCE_UID)
-            if not uids:
+            if not uids or not isinstance(uids[0], str):
                 continue
             reasons = _values(item, reason)
-            out[str(uids[0])] = int(reasons[0]) if reasons else None
+            out[uids[0]] = _code(reasons[0]) if reasons else None
         found.append(out)
     return found[0], found[1]
 
@@ -189,7 +220,11 @@ def parse_stow_response(body: bytes) -> tuple[dict[str, int | None], dict[str, i
 def _reason(response: http.client.HTTPResponse, body: bytes) -> str:
     text = body[:300].decode("utf-8", "replace").strip().replace("\n", " ")
     detail = f": {text}" if text and not text.startswith("{") else ""
-    return f"HTTP {response.status} {response.reason}{detail}"
+    # a redirect is not followed (the body would have to be sent again, and credentials could
+    # go to another host): where it points is what the destination's url should say
+    location = response.getheader("Location") if 300 <= response.status < 400 else None
+    moved = f" to {location[:200]}" if location else ""
+    return f"HTTP {response.status} {response.reason}{moved}{detail}"
 
 
 def _post(
@@ -225,7 +260,7 @@ def _post(
         body = response.read()
     except (OSError, http.client.HTTPException) as exc:
         conn.close()
-        raise _Failed(f"{type(exc).__name__}: {exc}") from None
+        raise _Failed(f"{type(exc).__name__}: {exc}", refused=tls_refused(exc)) from None
     return response, body
 
 
@@ -235,18 +270,33 @@ def _outcomes(
     """Each object's outcome from one response, and the request's error (if it had one)."""
     status = response.status
     if status == 200:
-        return {p: FileOutcome(0x0000, True, "stored (STOW-RS 200)") for p in uids}, None
-    if status not in (202, 409):
+        # Every object stored (PS3.18 10.5.3); the body, if any, is not needed, but a
+        # service that answers 200 to a partial success (earlier versions of Orthanc's
+        # DICOMweb plugin always answered 200) names in its Failed SOP Sequence what it did
+        # not store: those stay in the outbox.
+        try:
+            _, failed = parse_stow_response(body) if body.strip() else ({}, {})
+        except (ValueError, UnicodeDecodeError):
+            failed = {}
+        if not any(uid in failed for uid in uids.values()):
+            return {p: FileOutcome(0x0000, True, "stored (STOW-RS 200)") for p in uids}, None
+        stored: dict[str, int | None] = {uid: None for uid in uids.values() if uid not in failed}
+    elif status not in (202, 409):
         error = _reason(response, body)
         return {p: FileOutcome(None, False, error) for p in uids}, error
-    try:
-        stored, failed = parse_stow_response(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        error = f"HTTP {status}: unreadable STOW-RS response ({exc})"
-        return {p: FileOutcome(None, False, error) for p in uids}, error
+    else:
+        try:
+            stored, failed = parse_stow_response(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            error = f"HTTP {status}: unreadable STOW-RS response ({exc})"
+            return {p: FileOutcome(None, False, error) for p in uids}, error
     outcomes: dict[Path, FileOutcome] = {}
     for path, uid in uids.items():
-        if uid in stored:
+        if uid in failed:  # named in both sequences: not stored
+            reason = failed[uid]
+            text = f"0x{reason:04X}" if reason is not None else "no reason given"
+            outcomes[path] = FileOutcome(reason, False, f"not stored (STOW-RS {status}): {text}")
+        elif uid in stored:
             warning = stored[uid]
             if warning is None:
                 outcomes[path] = FileOutcome(0x0000, True, f"stored (STOW-RS {status})")
@@ -255,10 +305,6 @@ def _outcomes(
                 outcomes[path] = FileOutcome(
                     warning, True, f"stored with warning 0x{warning:04X} ({meaning})"
                 )
-        elif uid in failed:
-            reason = failed[uid]
-            text = f"0x{reason:04X}" if reason is not None else "no reason given"
-            outcomes[path] = FileOutcome(reason, False, f"not stored (STOW-RS {status}): {text}")
         else:
             outcomes[path] = FileOutcome(
                 None, False, f"STOW-RS {status}: the response does not name this object"
@@ -356,6 +402,9 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
                     except _Failed as exc:
                         with lock:
                             report.error = report.error or str(exc)
+                        if exc.refused:  # TLS refused: no outage, no use asking again now
+                            return
+                        with lock:
                             unanswered[0] = True
                             if lost:  # twice in a row: the service went away
                                 gone[0] = True
@@ -380,12 +429,22 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
         finally:
             conn.close()
 
+    def send_guarded() -> None:
+        """:func:`send_batches`, whatever it raises told as the error (nothing here may end
+        the exporter's pass; what was not answered waits for the next attempt)."""
+        try:
+            send_batches()
+        except Exception as exc:  # noqa: BLE001 - a bug or an answer nobody foresaw
+            log.error("STOW-RS to %s failed: %s", dest.name, type(exc).__name__, exc_info=True)
+            with lock:
+                report.error = report.error or f"STOW-RS failed: {type(exc).__name__}: {exc}"
+
     workers = min(dest.associations, batches.qsize())
     if workers <= 1:
-        send_batches()
+        send_guarded()
     else:  # several requests at once, each connection taking the next batch
         threads = [
-            threading.Thread(target=send_batches, name=f"stow-{i}", daemon=True)
+            threading.Thread(target=send_guarded, name=f"stow-{i}", daemon=True)
             for i in range(workers)
         ]
         for thread in threads:

@@ -3,7 +3,9 @@
 A result is delivered only when the destination answered success (or an accepted warning);
 otherwise it stays in the outbox with exponential back-off, and fails visibly after
 ``max_attempts``. Deliveries due for one destination go over its associations (DIMSE,
-:mod:`.scu`) or its STOW-RS requests (DICOMweb, :mod:`.dicomweb`). For a destination with
+:mod:`.scu`) or its STOW-RS requests (DICOMweb, :mod:`.dicomweb`); each destination is sent to
+in a thread of its own, so that one that answers slowly or not at all delays no other (a
+destination gets its next results once its last send has ended). For a destination with
 ``storage_commitment``, a stored result is delivered once the destination commits it
 (:mod:`.commitment`): the exporter asks, and asks again when no report came.
 """
@@ -15,7 +17,10 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
+
+from sqlalchemy import select
 
 from acwi_node.audit import AuditEvent, Outcome, audit, remote_ae
 from acwi_node.config import Destination, Settings
@@ -36,7 +41,7 @@ from acwi_node.export.scu import (
 )
 from acwi_node.export.wakeup import WakeUpListener, wake_exporter
 from acwi_node.ledger import AwaitedCommitment, DeliveryAttempt, DueDelivery, Ledger
-from acwi_node.ledger.models import utcnow
+from acwi_node.ledger.models import Delivery, DeliveryState, Job, Result, Study, utcnow
 from acwi_node.observability import metrics
 from acwi_node.tls import TlsConfigError
 
@@ -46,6 +51,35 @@ log = logging.getLogger("acwi_node.exporter")
 #: analysis may have been delivered (an exporter stopped meanwhile catches up).
 REPLACED_EVERY_S = 5.0
 REPLACED_WITHIN = dt.timedelta(days=2)
+#: The most deliveries one pass takes (a destination's share goes in one send).
+DUE_LIMIT = 500
+#: How long :meth:`Exporter.run` waits, once stopped, for the sends still under way.
+STOP_WAIT_S = 20.0
+
+
+def due_deliveries(
+    ledger: Ledger, *, exclude: Sequence[str] = (), limit: int = DUE_LIMIT
+) -> list[DueDelivery]:
+    """:meth:`Ledger.due_deliveries`, leaving out the destinations ``exclude`` names (a send
+    to them is under way): a destination with a long backlog hides no other's results."""
+    now = utcnow()
+    query = (
+        select(Delivery, Result.path, Study.study_uid)
+        .join(Result, Delivery.result_id == Result.id)
+        .join(Job, Delivery.job_id == Job.id)
+        .join(Study, Job.study_id == Study.id)
+        .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
+    )
+    if exclude:
+        query = query.where(Delivery.destination.not_in(list(exclude)))
+    with ledger.session() as s:
+        rows = s.execute(query.order_by(Delivery.next_attempt_at, Delivery.id).limit(limit)).all()
+        return [
+            DueDelivery(
+                d.id, d.job_id, d.destination, path, d.attempts, study_uid, d.outage_attempts
+            )
+            for d, path, study_uid in rows
+        ]
 
 
 def tls_args(dest: Destination) -> TlsArgs | None:
@@ -101,6 +135,8 @@ class Exporter:
         self.ledger = ledger
         self._stop = threading.Event()
         self._listener: WakeUpListener | None = None
+        #: :meth:`run` is passing over the outbox (its sends do not hold up its passes).
+        self._running = False
         self._committing = [
             d for d in settings.destinations if d.kind == "dimse" and d.storage_commitment
         ]
@@ -115,12 +151,24 @@ class Exporter:
         #: (their files deleted), not tried again by this process.
         self._replaced_at = -REPLACED_EVERY_S
         self._replaced_refused: set[int] = set()
+        #: The sends under way, by destination (each in a thread of its own).
+        self._sending: dict[str, threading.Thread] = {}
+        self._sending_lock = threading.Lock()
+        #: The exporter's ledger writes that may settle a job take turns: a job whose
+        #: deliveries to two destinations end at once is settled from the last one's view.
+        self._record_lock = threading.RLock()
+        self._reports.lock = self._record_lock
 
-    def tick(self) -> int:
-        """One pass over the due deliveries, then the storage commitments to request; returns
-        how many deliveries were attempted and commitments requested."""
+    def tick(self, *, wait: bool | None = None) -> int:
+        """One pass: a send to each destination with due deliveries (and none under way),
+        then the storage commitments to request; returns how many deliveries were taken and
+        commitments requested. ``wait``: return once those sends have ended; by default
+        only outside :meth:`run`, whose passes leave them going on in their threads."""
+        if wait is None:
+            wait = not self._running
         if not self._settled:
-            ended = self.ledger.end_commitments([d.name for d in self._committing])
+            with self._record_lock:
+                ended = self.ledger.end_commitments([d.name for d in self._committing])
             if ended:
                 log.warning(
                     "%d stored result(s) no longer wait for storage commitment (the destination"
@@ -128,13 +176,49 @@ class Exporter:
                     ended,
                 )
             self._settled = True
-        due = self.ledger.due_deliveries()
+        with self._sending_lock:
+            busy = list(self._sending)
+        due = due_deliveries(self.ledger, exclude=busy)
         by_dest: dict[str, list[DueDelivery]] = defaultdict(list)
         for d in due:
             by_dest[d.destination].append(d)
+        started: list[threading.Thread] = []
         for dest_name, items in by_dest.items():
-            self._send(dest_name, items)
+            if wait and len(by_dest) == 1:
+                self._send_guarded(dest_name, items)
+                break
+            thread = threading.Thread(
+                target=self._send_then_wake,
+                args=(dest_name, items),
+                name=f"export-{dest_name}",
+                daemon=True,
+            )
+            with self._sending_lock:
+                self._sending[dest_name] = thread
+            thread.start()
+            started.append(thread)
+        if wait:
+            for thread in started:
+                thread.join()
         return len(due) + self._request_commitments() + self._withdraw_replaced()
+
+    def _send_then_wake(self, dest_name: str, items: list[DueDelivery]) -> None:
+        """A destination's send in its own thread; then the loop looks again at once (the
+        destination may have more results due)."""
+        try:
+            self._send_guarded(dest_name, items)
+        finally:
+            with self._sending_lock:
+                self._sending.pop(dest_name, None)
+            if self._running:
+                wake_exporter(self.settings.data_dir)
+
+    def _send_guarded(self, dest_name: str, items: list[DueDelivery]) -> None:
+        """:meth:`_send`; what it raises is logged, and stops no other destination's send."""
+        try:
+            self._send(dest_name, items)
+        except Exception:
+            log.exception("sending to %s failed; its results are tried again", dest_name)
 
     def _withdraw_replaced(self) -> int:
         """Every :data:`REPLACED_EVERY_S`: withdraw the results a later analysis by another
@@ -148,12 +232,13 @@ class Exporter:
         self._replaced_at = now
         from acwi_node.export.withdrawal import withdraw_replaced
 
-        outcomes = withdraw_replaced(
-            self.settings,
-            self.ledger,
-            since=utcnow() - REPLACED_WITHIN,
-            skip=self._replaced_refused,
-        )
+        with self._record_lock:  # it may settle jobs, as a send's outcome does
+            outcomes = withdraw_replaced(
+                self.settings,
+                self.ledger,
+                since=utcnow() - REPLACED_WITHIN,
+                skip=self._replaced_refused,
+            )
         for outcome in outcomes:
             if not outcome.withdrawn:
                 self._replaced_refused.add(outcome.job_id)
@@ -166,14 +251,20 @@ class Exporter:
 
     def _request_commitments(self) -> int:
         """Ask each destination with ``storage_commitment`` to commit what it stored and has
-        not reported on (never asked, or asked ``commitment_wait_s`` ago)."""
+        not reported on (never asked, or asked ``commitment_wait_s`` ago); not while results
+        are being sent to it (a PACS may take one association at a time)."""
         asked = 0
+        with self._sending_lock:
+            sending = set(self._sending)
         for dest in self._committing:
-            due = self.ledger.commitments_due(
-                dest.name,
-                wait_s=dest.commitment_wait_s,
-                max_requests=self.settings.exporter.max_attempts,
-            )
+            if dest.name in sending:
+                continue
+            with self._record_lock:
+                due = self.ledger.commitments_due(
+                    dest.name,
+                    wait_s=dest.commitment_wait_s,
+                    max_requests=self.settings.exporter.max_attempts,
+                )
             for start in range(0, len(due), MAX_REFERENCES):
                 self._request_commitment(dest, due[start : start + MAX_REFERENCES])
             asked += len(due)
@@ -184,12 +275,14 @@ class Exporter:
         ids = [i.delivery_id for i in items]
         transaction_uid = new_transaction_uid()
         # Recorded first: the report may come back before the request's answer does.
-        self.ledger.commitment_requested(ids, transaction_uid)
+        with self._record_lock:
+            self.ledger.commitment_requested(ids, transaction_uid)
         try:
             tls = tls_args(dest)
         except TlsConfigError as exc:
             result_error = f"TLS configuration of {dest.name!r}: {exc}"
-            self.ledger.commitment_request_failed(ids, result_error)
+            with self._record_lock:
+                self.ledger.commitment_request_failed(ids, result_error)
             log.error("cannot ask %s for storage commitment: %s", dest.name, result_error)
             metrics.COMMITMENT_REQUESTS.labels(dest.name, "failed").inc()
             return
@@ -206,16 +299,18 @@ class Exporter:
         )
         if result.accepted:
             metrics.COMMITMENT_REQUESTS.labels(dest.name, "accepted").inc()
-            self.ledger.commitment_request_answered(ids)
+            with self._record_lock:
+                self.ledger.commitment_request_answered(ids)
             log.info("asked %s to commit %d stored result(s)", dest.name, len(items))
             return
         metrics.COMMITMENT_REQUESTS.labels(dest.name, "failed").inc()
-        self.ledger.commitment_request_failed(
-            ids,
-            result.error,
-            unreachable=result.unreachable,
-            outage_patience_s=self.settings.exporter.outage_patience_s,
-        )
+        with self._record_lock:
+            self.ledger.commitment_request_failed(
+                ids,
+                result.error,
+                unreachable=result.unreachable,
+                outage_patience_s=self.settings.exporter.outage_patience_s,
+            )
         log.warning(
             "storage commitment request to %s for %d result(s) failed: %s (asked again in %g s)",
             dest.name,
@@ -226,19 +321,19 @@ class Exporter:
 
     def _fail_all(self, items: list[DueDelivery], error: str, *, final: bool) -> None:
         """Record a failed attempt for every item (``final``: no further attempts)."""
-        self.ledger.record_deliveries(
-            [
-                DeliveryAttempt(
-                    d.id,
-                    delivered=False,
-                    status=None,
-                    error=error,
-                    max_attempts=1 if final else self.settings.exporter.max_attempts,
-                    backoff_s=0 if final else backoff_s(self.settings, d.attempts),
-                )
-                for d in items
-            ]
-        )
+        attempts = [
+            DeliveryAttempt(
+                d.id,
+                delivered=False,
+                status=None,
+                error=error,
+                max_attempts=1 if final else self.settings.exporter.max_attempts,
+                backoff_s=0 if final else backoff_s(self.settings, d.attempts),
+            )
+            for d in items
+        ]
+        with self._record_lock:
+            self.ledger.record_deliveries(attempts)
 
     def _send(self, dest_name: str, items: list[DueDelivery]) -> None:
         cfg = self.settings.exporter
@@ -255,6 +350,10 @@ class Exporter:
         except TlsConfigError as exc:  # a certificate file went missing since start-up
             self._fail_all(items, f"TLS configuration of {dest_name!r}: {exc}", final=False)
             log.error("cannot send to %s: %s", dest_name, exc)
+            return
+        except Exception as exc:  # a fault of the node's: counted, so never sent in a loop
+            log.exception("sending to %s failed", dest_name)
+            self._fail_all(items, f"the exporter failed: {type(exc).__name__}: {exc}", final=False)
             return
         delivered = 0
         commit = dest.kind == "dimse" and dest.storage_commitment
@@ -294,7 +393,8 @@ class Exporter:
                     outage_patience_s=cfg.outage_patience_s,
                 )
             )
-        self.ledger.record_deliveries(attempts)
+        with self._record_lock:
+            self.ledger.record_deliveries(attempts)
         self._audit_sent(dest, items, paths, report)
         if delivered == len(items):
             log.info(
@@ -366,6 +466,7 @@ class Exporter:
         ``poll_interval_s`` or a worker's wake-up (:mod:`.wakeup`), whichever comes first."""
         listener = WakeUpListener(self.settings.data_dir)
         self._listener = listener
+        self._running = True
         try:
             while not self._stop.is_set():
                 try:
@@ -383,6 +484,17 @@ class Exporter:
         finally:
             self._listener = None
             listener.close()
+            self._wait_for_sends(STOP_WAIT_S)
+            self._running = False
+
+    def _wait_for_sends(self, timeout_s: float) -> None:
+        """Let the sends under way end (their outcomes recorded), for ``timeout_s`` at most:
+        one cut off is sent again by the next exporter, as after a crash."""
+        deadline = time.monotonic() + timeout_s
+        with self._sending_lock:
+            threads = list(self._sending.values())
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def stop(self) -> None:
         self._stop.set()

@@ -109,7 +109,8 @@ class AssociationFailure(str):
     whether it is an **outage**: the peer could not be reached (no connection, no answer to
     the request, a name that does not resolve), it closed the connection during negotiation,
     or it rejected the association as transient. A permanent rejection, no accepted context or
-    a TLS failure is an answer: the configuration, not the peer's availability, is at fault."""
+    a TLS handshake the peer refused (:func:`tls_refused`) is an answer: the configuration, not
+    the peer's availability, is at fault."""
 
     outage: bool
 
@@ -264,8 +265,19 @@ def _probe_connection(host: str, port: int, timeout_s: float) -> str:
         return f"cannot connect to {host}:{port}: {exc.strerror or exc}"
 
 
-def _probe_tls(host: str, port: int, tls: TlsArgs, timeout_s: float) -> str | None:
-    """Why a TLS session with ``host:port`` fails, or None when it works (after a failure).
+def tls_refused(exc: BaseException) -> bool:
+    """Whether a TLS error is an answer: the peer's certificate is not trusted or names
+    another host, the peer sent an alert (no client certificate, no protocol in common), it
+    does not speak TLS. The configuration is at fault, not the peer's availability, so it is
+    no outage; a connection closed in the middle of the handshake may be one."""
+    return isinstance(exc, ssl.SSLError) and not isinstance(
+        exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)
+    )
+
+
+def _probe_tls(host: str, port: int, tls: TlsArgs, timeout_s: float) -> tuple[str, bool] | None:
+    """Why a TLS session with ``host:port`` fails, and whether the peer refused it
+    (:func:`tls_refused`), or None when it works (after a failure).
 
     With TLS 1.3 the server checks the client's certificate after the client has finished its
     handshake, so a refused client certificate shows only as an alert on the first read.
@@ -281,9 +293,10 @@ def _probe_tls(host: str, port: int, tls: TlsArgs, timeout_s: float) -> str | No
                 return None
             return None
     except ssl.SSLCertVerificationError as exc:
-        return f"TLS: the certificate of {host}:{port} is not trusted: {exc.verify_message}"
+        message = f"TLS: the certificate of {host}:{port} is not trusted: {exc.verify_message}"
+        return message, True
     except ssl.SSLError as exc:
-        return f"TLS handshake with {host}:{port} failed: {exc.reason or exc}"
+        return f"TLS handshake with {host}:{port} failed: {exc.reason or exc}", tls_refused(exc)
     except OSError:
         return None
 
@@ -316,7 +329,8 @@ def _association_error(
     outage (:class:`AssociationFailure`)."""
     tls_problem = _probe_tls(host, port, tls, timeout_s) if tls is not None else None
     if tls_problem is not None:
-        return AssociationFailure(tls_problem, outage=not connected)
+        message, refused = tls_problem
+        return AssociationFailure(message, outage=not (refused or connected))
     if not connected:
         if elapsed_s >= 0.95 * timeout_s:
             message = f"connection to {host}:{port} timed out after {timeout_s:g} s"

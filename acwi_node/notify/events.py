@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -137,17 +138,48 @@ def finding_payload(
     }
 
 
+#: A delivery's failure as the ledger words it (``delivery to pacs failed (0xA700): ...``),
+#: and an outage waited out (``unreachable since ... UTC (exporter.outage_patience_s)``).
+_DELIVERY_FAILED = re.compile(r"delivery to \S+ failed \((?:0x[0-9A-F]{4}|no status)\)")
+_UNREACHABLE_SINCE = re.compile(r"unreachable since [^()]* UTC \([^()]*\)")
+
+
+def public_reason(study: Study) -> str:
+    """Why ``study`` failed, for a webhook: each failed job's reason, but of a delivery's
+    failure only the destination and the status (and since when it was unreachable). What
+    follows is the destination's own words (a C-STORE's Error Comment, an HTTP reason and
+    body): an archive's "patient mismatch" may quote the patient's name and ID there. The
+    dashboard and the study's trace keep the whole reason."""
+    jobs = [
+        j
+        for j in study.jobs
+        if j.generation == study.generation and j.state != JobState.SUPERSEDED and j.error
+    ]
+    if not jobs:
+        return study.reason
+    reasons = []
+    for job in jobs:
+        reason = job.error
+        delivery = _DELIVERY_FAILED.match(reason)
+        if delivery is not None:
+            outage = _UNREACHABLE_SINCE.search(reason, delivery.end())
+            reason = delivery.group() + (f": {outage.group()}" if outage else "")
+        reasons.append(f"{job.route}: {reason}")
+    return "; ".join(reasons)[:2000]
+
+
 def failed_payload(settings: Settings, study: Study) -> dict[str, Any]:
     """A study failed: no result reaches the PACS until someone acts."""
     url = _link(settings, "/review/dashboard")
+    reason = public_reason(study)
     text = (
         f"ACWI Node: a {study.modality or 'study'} from {study.calling_ae or 'an unnamed sender'}"
-        f" failed: {study.reason or 'no reason recorded'}"
+        f" failed: {reason or 'no reason recorded'}"
     )
     return {
         **_common(settings, "failed", study),
         "text": text + (f" ({url})" if url else ""),
-        "reason": study.reason,
+        "reason": reason,
         "generation": study.generation,
         "at": _iso(study.updated_at),
         "dashboard_url": url,

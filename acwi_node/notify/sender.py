@@ -99,7 +99,11 @@ def post_notification(target: NotifyTarget, payload: dict[str, Any]) -> PostOutc
     if 200 <= status < 300:
         return PostOutcome(True, status, "", False)
     text = answer.decode("utf-8", "replace").strip().splitlines()
-    error = f"HTTP {status} {response.reason}" + (f": {text[0][:200]}" if text else "")
+    # a redirect is not followed (the POST would change to a GET on the way): where it
+    # points is what the target's url should say
+    location = response.getheader("Location") if 300 <= status < 400 else None
+    error = f"HTTP {status} {response.reason}" + (f" to {location[:200]}" if location else "")
+    error += f": {text[0][:200]}" if text else ""
     return PostOutcome(
         False,
         status,
@@ -155,6 +159,10 @@ class Notifier:
                     .limit(100)
                 ).all()
             ]
+        # The targets found unreachable in this pass: their other notifications are not
+        # POSTed too (a webhook that never answers would hold the pass for each one's
+        # timeout), but take the same outcome.
+        unreachable: dict[str, PostOutcome] = {}
         for row_id, name, event, key, attempts, payload in due:
             if self._stop.is_set():
                 break
@@ -163,8 +171,12 @@ class Notifier:
                 continue  # another exporter process took it
             if target is None:
                 outcome = PostOutcome(False, None, f"no [[notify]] named {name!r} now", False)
+            elif name in unreachable:
+                outcome = unreachable[name]
             else:
                 outcome = post_notification(target, payload)
+                if outcome.unreachable:
+                    unreachable[name] = outcome
             state = self._record(row_id, target, attempts, outcome)
             if outcome.delivered:
                 log.info("notify %s: %s delivered", name, key)

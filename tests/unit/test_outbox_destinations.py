@@ -1,0 +1,279 @@
+"""The exporter with several destinations (``acwi_node/export/outbox.py``): one that answers
+slowly, or whose send fails in a way nobody foresaw, holds up no other; a destination with a
+backlog hides no other's results; the sends under way end before the exporter stops. Real
+associations to scripted storage SCPs on loopback, on SQLite and (integration) PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import evt
+from sqlalchemy import update
+
+from acwi_node.config import Settings, load_settings
+from acwi_node.export import outbox
+from acwi_node.export.outbox import Exporter, due_deliveries
+from acwi_node.ledger import Ledger, ResultFile, RoutedJob, StudyFacts
+from acwi_node.ledger.models import Delivery, utcnow
+from tests.support import SECONDARY_CAPTURE_IMAGE_STORAGE, write_secondary_capture
+from tests.support.scripted_scp import ScriptedScp
+from tests.support.study_flow import dx_record
+
+
+def _settings(tmp_path: Path, db: Ledger, ports: dict[str, int]) -> Settings:
+    return load_settings(
+        None,
+        node={"data_dir": tmp_path / "data", "database_url": db.url},
+        destinations=[
+            {"name": name, "ae_title": "SCRIPTED", "host": "127.0.0.1", "port": port,
+             "associations": 1}
+            for name, port in ports.items()
+        ],
+        exporter={"timeout_s": 10, "poll_interval_s": 0.05, "backoff_initial_s": 30,
+                  "withdraw_replaced": False},
+    )  # fmt: skip
+
+
+def _analysed(settings: Settings, db: Ledger, study: str, n: int) -> list[str]:
+    """A study analysed, its ``n`` result objects (real Secondary Captures) due for every
+    destination; returns their SOP Instance UIDs."""
+    names = [d.name for d in settings.destinations]
+
+    def route(facts: StudyFacts) -> list[RoutedJob]:
+        return [RoutedJob(route="chest", model="default", destinations=names, priority=0)]
+
+    recorded = db.record_instance(dx_record(study, f"{study}.1"), first_in_association=False)
+    (job_id,) = db.complete_study(recorded.study_id, 1, route)
+    assert db.claim_job(job_id, lease_s=3600) is not None
+    results, uids = [], []
+    for i in range(n):
+        uid = str(generate_uid())
+        relative = f"{study}/{uid}.dcm"
+        (settings.results_dir / study).mkdir(parents=True, exist_ok=True)
+        write_secondary_capture(
+            settings.results_dir / relative, study_uid=study, sop_instance_uid=uid,
+            instance_number=i + 1,
+        )  # fmt: skip
+        results.append(ResultFile("heatmap", uid, SECONDARY_CAPTURE_IMAGE_STORAGE, relative))
+        uids.append(uid)
+    assert db.finish_analysis(
+        job_id,
+        results=results,
+        summary={"needs_review": False},
+        needs_review=False,
+        review_reason="",
+    )
+    return uids
+
+
+def _states(db: Ledger, study: str) -> dict[str, list[str]]:
+    """Each destination's delivery states, in result order."""
+    view = db.get_study(study)
+    assert view is not None
+    states: dict[str, list[str]] = {}
+    for job in view["jobs"]:
+        for result in job["results"]:
+            for d in result["deliveries"]:
+                states.setdefault(d["destination"], []).append(d["state"])
+    return states
+
+
+def _answer_after(delay_s: float) -> Callable[[int, Dataset, evt.Event], int]:
+    def answer(index: int, ds: Dataset, event: evt.Event) -> int:
+        time.sleep(delay_s)
+        return 0x0000
+
+    return answer
+
+
+@pytest.fixture
+def running() -> Iterator[Callable[[Exporter], None]]:
+    """Start an exporter's :meth:`Exporter.run` in a thread; stopped after the test."""
+    started: list[tuple[Exporter, threading.Thread]] = []
+
+    def start(exporter: Exporter) -> None:
+        thread = threading.Thread(target=exporter.run, daemon=True)
+        thread.start()
+        started.append((exporter, thread))
+
+    yield start
+    for exporter, thread in started:
+        exporter.stop()
+        thread.join(60)
+
+
+def _wait_for(condition: Callable[[], bool], deadline_s: float = 30.0) -> None:
+    """Until ``condition`` holds; the test fails if it does not within ``deadline_s``."""
+    began = time.monotonic()
+    while not condition():
+        assert time.monotonic() - began < deadline_s, "never happened"
+        time.sleep(0.02)
+
+
+def _held(release: threading.Event) -> Callable[[int, Dataset, evt.Event], int]:
+    """A C-STORE answer held back until ``release`` is set (an archive that stalls)."""
+
+    def answer(index: int, ds: Dataset, event: evt.Event) -> int:
+        release.wait(60)
+        return 0x0000
+
+    return answer
+
+
+def test_a_destination_that_answers_slowly_delays_no_other(
+    tmp_path: Path, db: Ledger, running: Callable[[Exporter], None]
+) -> None:
+    """An archive that holds its first C-STORE's answer: while it does, the PACS beside it
+    gets all of the study's objects, and a second study's too; then the archive gets its
+    own, each object once."""
+    release = threading.Event()
+    with ScriptedScp(_held(release)) as archive, ScriptedScp(_answer_after(0.0)) as pacs:
+        settings = _settings(tmp_path, db, {"archive": archive.port, "pacs": pacs.port})
+        _analysed(settings, db, "1.2.3", 4)
+        exporter = Exporter(settings, db)
+        running(exporter)
+        try:
+            _wait_for(lambda: _states(db, "1.2.3")["pacs"] == ["delivered"] * 4)
+            _analysed(settings, db, "1.2.4", 2)
+            _wait_for(lambda: _states(db, "1.2.4")["pacs"] == ["delivered"] * 2)
+            assert archive.calls == 1 and not release.is_set()  # still held
+            assert _states(db, "1.2.3")["archive"] == ["pending"] * 4
+        finally:
+            release.set()
+        _wait_for(lambda: _states(db, "1.2.3")["archive"] == ["delivered"] * 4)
+        _wait_for(lambda: _states(db, "1.2.4")["archive"] == ["delivered"] * 2)
+        assert db.get_study("1.2.3")["state"] == "delivered"  # type: ignore[index]
+        assert db.get_study("1.2.4")["state"] == "delivered"  # type: ignore[index]
+    assert (archive.calls, pacs.calls) == (6, 6)  # each object once
+
+
+def test_a_send_that_fails_unforeseen_stops_no_other_and_waits_its_back_off(
+    tmp_path: Path, db: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault of the node's own in one destination's send (here a TypeError): the other
+    destination gets its results in the same pass, and the failing one's count as an attempt
+    with the back-off, not sent again at every pass."""
+    with ScriptedScp(_answer_after(0.0)) as pacs, ScriptedScp(_answer_after(0.0)) as viewer:
+        settings = _settings(tmp_path, db, {"viewer": viewer.port, "pacs": pacs.port})
+        _analysed(settings, db, "1.2.3", 2)
+        real = outbox.send_files
+
+        def send_files(paths: list[Path], **kwargs: object) -> object:
+            if kwargs["port"] == viewer.port:
+                raise TypeError("int() argument must be a string, not 'dict'")
+            return real(paths, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(outbox, "send_files", send_files)
+        exporter = Exporter(settings, db)
+        exporter.tick()
+        assert _states(db, "1.2.3") == {
+            "viewer": ["pending", "pending"],
+            "pacs": ["delivered", "delivered"],
+        }
+        view = db.get_study("1.2.3")
+        assert view is not None
+        for d in view["jobs"][0]["results"][0]["deliveries"]:
+            if d["destination"] == "viewer":
+                assert d["attempts"] == 1
+                assert "the exporter failed: TypeError" in d["last_error"]
+        assert exporter.tick() == 0  # backing off (30 s), not sent again at once
+    assert (pacs.calls, viewer.calls) == (2, 0)
+
+
+def test_a_destinations_backlog_hides_no_other_destinations_results(
+    db: Ledger, tmp_path: Path
+) -> None:
+    """The pass's query leaves out the destinations a send is under way to: with more due
+    for one than a pass takes, the other's still come."""
+    settings = load_settings(
+        None,
+        node={"data_dir": tmp_path / "data", "database_url": db.url},
+        destinations=[
+            {"name": "archive", "ae_title": "A", "host": "127.0.0.1", "port": 104},
+            {"name": "pacs", "ae_title": "P", "host": "127.0.0.1", "port": 104},
+        ],
+    )
+    _analysed(settings, db, "1.2.3", 3)
+    with db.session() as s:  # the archive's have waited longest (it was down)
+        s.execute(
+            update(Delivery)
+            .where(Delivery.destination == "archive")
+            .values(next_attempt_at=utcnow() - dt.timedelta(hours=1))
+        )
+    assert [d.destination for d in due_deliveries(db, limit=3)] == ["archive"] * 3
+    assert [d.destination for d in due_deliveries(db, exclude=["archive"], limit=3)] == ["pacs"] * 3
+    ours = {(d.id, d.path, d.attempts) for d in db.due_deliveries()}
+    assert {(d.id, d.path, d.attempts) for d in due_deliveries(db)} == ours
+
+
+def test_stopping_lets_the_sends_under_way_end(
+    tmp_path: Path, db: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped while a send is under way, the exporter returns once its outcome is recorded
+    (not sent again by the next exporter); one that does not end within the wait is left to
+    the next exporter, as after a crash."""
+    with ScriptedScp(_answer_after(0.2)) as pacs:
+        settings = _settings(tmp_path, db, {"pacs": pacs.port})
+        _analysed(settings, db, "1.2.3", 2)
+        exporter = Exporter(settings, db)
+        thread = threading.Thread(target=exporter.run, daemon=True)
+        thread.start()
+        _wait_for(lambda: pacs.calls >= 1)
+        exporter.stop()
+        thread.join(30)
+        assert not thread.is_alive()
+        assert _states(db, "1.2.3") == {"pacs": ["delivered", "delivered"]}
+    assert pacs.calls == 2
+    monkeypatch.setattr(outbox, "STOP_WAIT_S", 0.2)
+    release = threading.Event()
+    with ScriptedScp(_held(release)) as stuck:
+        settings = _settings(tmp_path, db, {"pacs": stuck.port})
+        _analysed(settings, db, "1.2.4", 1)
+        exporter = Exporter(settings, db)
+        thread = threading.Thread(target=exporter.run, daemon=True)
+        thread.start()
+        try:
+            _wait_for(lambda: stuck.calls >= 1)
+            exporter.stop()
+            thread.join(30)
+            assert not thread.is_alive() and not release.is_set()  # returned, still held
+            assert _states(db, "1.2.4") == {"pacs": ["pending"]}
+        finally:
+            release.set()
+
+
+def test_retry_with_a_name_it_does_not_know_puts_nothing_back(
+    tmp_path: Path, db: Ledger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``acwi-node destinations retry pacs nowhere``: refused (exit 2) before any delivery
+    is put back; named right, they are."""
+    from acwi_node.cli import main
+
+    settings = _settings(tmp_path, db, {"pacs": 104, "viewer": 105})
+    _analysed(settings, db, "1.2.3", 1)
+    with db.session() as s:
+        s.execute(update(Delivery).values(state="failed"))
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[node]\ndata_dir = "{settings.data_dir}"\ndatabase_url = "{db.url}"\n'
+        + "".join(
+            f'[[destinations]]\nname = "{d.name}"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
+            f"port = {d.port}\n"
+            for d in settings.destinations
+        ),
+        encoding="utf-8",
+    )
+    assert main(["--config", str(config), "destinations", "retry", "pacs", "nowhere"]) == 2
+    assert "no destination named nowhere (configured: pacs, viewer)" in capsys.readouterr().err
+    assert _states(db, "1.2.3") == {"pacs": ["failed"], "viewer": ["failed"]}
+    assert main(["--config", str(config), "destinations", "retry", "viewer", "pacs"]) == 0
+    out = capsys.readouterr().out
+    assert "viewer: 1 failed delivery(ies) of 1 study(ies) back in the outbox" in out
+    assert _states(db, "1.2.3") == {"pacs": ["pending"], "viewer": ["pending"]}

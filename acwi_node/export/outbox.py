@@ -17,10 +17,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
 from pathlib import Path
-
-from sqlalchemy import select
 
 from acwi_node.audit import AuditEvent, Outcome, audit, remote_ae
 from acwi_node.config import Destination, Settings
@@ -41,7 +38,7 @@ from acwi_node.export.scu import (
 )
 from acwi_node.export.wakeup import WakeUpListener, wake_exporter
 from acwi_node.ledger import AwaitedCommitment, DeliveryAttempt, DueDelivery, Ledger
-from acwi_node.ledger.models import Delivery, DeliveryState, Job, Result, Study, utcnow
+from acwi_node.ledger.models import utcnow
 from acwi_node.observability import metrics
 from acwi_node.tls import TlsConfigError
 
@@ -55,31 +52,6 @@ REPLACED_WITHIN = dt.timedelta(days=2)
 DUE_LIMIT = 500
 #: How long :meth:`Exporter.run` waits, once stopped, for the sends still under way.
 STOP_WAIT_S = 20.0
-
-
-def due_deliveries(
-    ledger: Ledger, *, exclude: Sequence[str] = (), limit: int = DUE_LIMIT
-) -> list[DueDelivery]:
-    """:meth:`Ledger.due_deliveries`, leaving out the destinations ``exclude`` names (a send
-    to them is under way): a destination with a long backlog hides no other's results."""
-    now = utcnow()
-    query = (
-        select(Delivery, Result.path, Study.study_uid)
-        .join(Result, Delivery.result_id == Result.id)
-        .join(Job, Delivery.job_id == Job.id)
-        .join(Study, Job.study_id == Study.id)
-        .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
-    )
-    if exclude:
-        query = query.where(Delivery.destination.not_in(list(exclude)))
-    with ledger.session() as s:
-        rows = s.execute(query.order_by(Delivery.next_attempt_at, Delivery.id).limit(limit)).all()
-        return [
-            DueDelivery(
-                d.id, d.job_id, d.destination, path, d.attempts, study_uid, d.outage_attempts
-            )
-            for d, path, study_uid in rows
-        ]
 
 
 def tls_args(dest: Destination) -> TlsArgs | None:
@@ -178,7 +150,7 @@ class Exporter:
             self._settled = True
         with self._sending_lock:
             busy = list(self._sending)
-        due = due_deliveries(self.ledger, exclude=busy)
+        due = self.ledger.due_deliveries(limit=DUE_LIMIT, exclude=busy)
         by_dest: dict[str, list[DueDelivery]] = defaultdict(list)
         for d in due:
             by_dest[d.destination].append(d)

@@ -442,6 +442,22 @@ class Delivery(Base):
     )
 
 
+class CommitmentRequest(Base):
+    """A storage commitment request made for a delivery (one row per delivery per request).
+
+    A destination may report on an earlier request after the node asked again (it reports
+    late, or in batches): :attr:`Delivery.commitment_uid` names the latest request alone, and
+    these rows let a report on any request still awaited apply. Removed once the delivery
+    settles."""
+
+    __tablename__ = "commitment_requests"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    transaction_uid: Mapped[str] = mapped_column(String(64), index=True)
+    delivery_id: Mapped[int] = mapped_column(Integer, index=True)
+    requested_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class ReviewItem(Base):
     """A study a radiologist must look at: uncertain or out of distribution, or a
     quality-control sample of the studies the model was sure of."""

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     create_engine,
+    delete,
     event,
     exists,
     func,
@@ -44,6 +45,7 @@ from acwi_node.ledger.models import (
     REJECTION_NOTE_KIND,
     UNSETTLED_DELIVERY_STATES,
     Base,
+    CommitmentRequest,
     Delivery,
     DeliveryState,
     FlushMark,
@@ -502,6 +504,28 @@ def _constant_default(column: Any, dialect: Any) -> str | None:
 class StudyActionRefused(Exception):
     """An operator's action on a study (resend, reprocess) that its state does not allow; the
     message says why and what to do instead."""
+
+
+def _lock_jobs(s: Session, job_ids: Iterable[int]) -> None:
+    """Lock the jobs' rows (PostgreSQL; in id order) before their deliveries' are written.
+
+    Every writer of deliveries that may settle a job (:meth:`Ledger._sync_job_delivery`)
+    takes the job first, as withdrawals and verified SRs do: two transactions recording the
+    last deliveries of one job (the exporter one destination's, the storage SCP another's
+    commitment report) take turns, the second seeing the first's (each saw the other's still
+    unsettled, and the job stayed exporting for ever), and none deadlocks against a
+    withdrawal that holds the job and supersedes its deliveries."""
+    ids = sorted(set(job_ids))
+    if ids:
+        s.execute(select(Job.id).where(Job.id.in_(ids)).order_by(Job.id).with_for_update())
+
+
+def _forget_requests(s: Session, delivery_ids: Sequence[int]) -> None:
+    """The storage commitment requests of settled deliveries: no report applies any more."""
+    if delivery_ids:
+        s.execute(
+            delete(CommitmentRequest).where(CommitmentRequest.delivery_id.in_(list(delivery_ids)))
+        )
 
 
 def _with_values(held: str, received: str, limit: int) -> str:
@@ -1225,11 +1249,14 @@ class Ledger:
                     s, study_id=job.study_id, job_id=job_id, kind="result",
                     control_id=hl7_result_control_id,
                 )  # fmt: skip
+            replaced: list[int] = []
             for old in list(job.results):
                 for d in old.deliveries:
+                    replaced.append(d.id)
                     s.delete(d)
                 s.delete(old)
             s.flush()
+            _forget_requests(s, replaced)
             queued = sum(
                 _queue_deliveries(s, job, _add_result(s, job_id, rf), now, takes) for rf in results
             )
@@ -1513,17 +1540,23 @@ class Ledger:
         return bool(kinds) and set(kinds) == {REJECTION_NOTE_KIND}
 
     # --------------------------------------------------------------- delivery
-    def due_deliveries(self, *, limit: int = 500) -> list[DueDelivery]:
+    def due_deliveries(self, *, limit: int = 500, exclude: Sequence[str] = ()) -> list[DueDelivery]:
+        """The deliveries due now, the longest due first; none to the destinations ``exclude``
+        names (a send to them is under way: a destination with a long backlog hides no
+        other's results)."""
         now = utcnow()
+        query = (
+            select(Delivery, Result.path, Study.study_uid)
+            .join(Result, Delivery.result_id == Result.id)
+            .join(Job, Delivery.job_id == Job.id)
+            .join(Study, Job.study_id == Study.id)
+            .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
+        )
+        if exclude:
+            query = query.where(Delivery.destination.not_in(list(exclude)))
         with self.session() as s:
             rows = s.execute(
-                select(Delivery, Result.path, Study.study_uid)
-                .join(Result, Delivery.result_id == Result.id)
-                .join(Job, Delivery.job_id == Job.id)
-                .join(Study, Job.study_id == Study.id)
-                .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
-                .order_by(Delivery.next_attempt_at, Delivery.id)
-                .limit(limit)
+                query.order_by(Delivery.next_attempt_at, Delivery.id).limit(limit)
             ).all()
             return [
                 DueDelivery(
@@ -1553,6 +1586,14 @@ class Ledger:
         at every delivery of the job after each one cost O(n²))."""
         now = utcnow()
         with self.session() as s:
+            _lock_jobs(
+                s,
+                s.scalars(
+                    select(Delivery.job_id).where(
+                        Delivery.id.in_([a.delivery_id for a in attempts])
+                    )
+                ),
+            )
             jobs: set[int] = set()
             for attempt in attempts:
                 d = s.get_one(Delivery, attempt.delivery_id, with_for_update=True)
@@ -1598,24 +1639,35 @@ class Ledger:
         requested ``max_requests`` times already fails for good instead (the destination
         never reported), and its job with it."""
         now = utcnow()
+        awaited = (
+            Delivery.destination == destination,
+            Delivery.state == DeliveryState.COMMITTING,
+            (Delivery.commitment_requested_at.is_(None))
+            | (Delivery.commitment_requested_at <= now - dt.timedelta(seconds=wait_s)),
+        )
         with self.session() as s:
+            # the jobs of those that fail now, locked before their deliveries (_lock_jobs)
+            _lock_jobs(
+                s,
+                s.scalars(
+                    select(Delivery.job_id).where(
+                        *awaited, Delivery.commitment_requests >= max_requests
+                    )
+                ),
+            )
             rows = s.execute(
                 select(Delivery, Result.sop_class_uid, Result.sop_instance_uid, Study.study_uid)
                 .join(Result, Delivery.result_id == Result.id)
                 .join(Job, Delivery.job_id == Job.id)
                 .join(Study, Job.study_id == Study.id)
-                .where(
-                    Delivery.destination == destination,
-                    Delivery.state == DeliveryState.COMMITTING,
-                    (Delivery.commitment_requested_at.is_(None))
-                    | (Delivery.commitment_requested_at <= now - dt.timedelta(seconds=wait_s)),
-                )
+                .where(*awaited)
                 .order_by(Delivery.id)
                 .limit(limit)
                 .with_for_update(of=Delivery)
             ).all()
             due: list[AwaitedCommitment] = []
             exhausted: set[int] = set()
+            gave_up: list[int] = []
             for d, sop_class, sop_instance, study_uid in rows:
                 if d.commitment_requests >= max_requests:
                     d.state = DeliveryState.FAILED
@@ -1626,9 +1678,11 @@ class Ledger:
                         f" {d.commitment_requests} request(s) ({why})"
                     )[:2000]
                     exhausted.add(d.job_id)
+                    gave_up.append(d.id)
                 else:
                     due.append(AwaitedCommitment(d.id, sop_class, sop_instance, study_uid))
             s.flush()
+            _forget_requests(s, gave_up)
             for job_id in sorted(exhausted):
                 self._sync_job_delivery(s, job_id)
             return due
@@ -1651,6 +1705,11 @@ class Ledger:
                     last_error="",
                 )
             )
+            # a report on this request still applies once the node has asked again
+            s.add_all(
+                CommitmentRequest(transaction_uid=transaction_uid, delivery_id=i, requested_at=now)
+                for i in delivery_ids
+            )
 
     def commitment_request_failed(
         self,
@@ -1669,6 +1728,9 @@ class Ledger:
             return
         now = utcnow()
         with self.session() as s:
+            _lock_jobs(
+                s, s.scalars(select(Delivery.job_id).where(Delivery.id.in_(list(delivery_ids))))
+            )
             rows = s.scalars(
                 select(Delivery).where(
                     Delivery.id.in_(list(delivery_ids)),
@@ -1712,13 +1774,14 @@ class Ledger:
         ``destinations`` (the ones that still ask for it): they were stored, and no longer
         wait for a report. Returns how many."""
         now = utcnow()
+        ending = (
+            Delivery.state == DeliveryState.COMMITTING,
+            Delivery.destination.not_in(list(destinations)),
+        )
         with self.session() as s:
-            rows = s.scalars(
-                select(Delivery).where(
-                    Delivery.state == DeliveryState.COMMITTING,
-                    Delivery.destination.not_in(list(destinations)),
-                )
-            ).all()
+            _lock_jobs(s, s.scalars(select(Delivery.job_id).where(*ending)))
+            rows = s.scalars(select(Delivery).where(*ending)).all()
+            _forget_requests(s, [d.id for d in rows])
             jobs: set[int] = set()
             for d in rows:
                 d.state = DeliveryState.DELIVERED
@@ -1748,17 +1811,26 @@ class Ledger:
         waiting (asked again after the wait)."""
         now = utcnow()
         committed_uids = set(committed)
+        # the latest request of a delivery, or an earlier one (a report that came late)
+        requested = (Delivery.commitment_uid == transaction_uid) | Delivery.id.in_(
+            select(CommitmentRequest.delivery_id).where(
+                CommitmentRequest.transaction_uid == transaction_uid
+            )
+        )
         with self.session() as s:
+            _lock_jobs(s, s.scalars(select(Delivery.job_id).where(requested)))
             rows = s.execute(
                 select(Delivery, Result.sop_instance_uid)
                 .join(Result, Delivery.result_id == Result.id)
-                .where(Delivery.commitment_uid == transaction_uid)
+                .where(requested)
+                .order_by(Delivery.id)
                 .with_for_update(of=Delivery)
             ).all()
             if not rows:
                 return CommitmentOutcome()
             n_committed = n_refused = 0
             jobs: set[int] = set()
+            settled: list[int] = []
             for d, sop_instance in rows:
                 if d.state != DeliveryState.COMMITTING:
                     continue
@@ -1783,19 +1855,26 @@ class Ledger:
                     continue
                 d.commitment_uid = None
                 jobs.add(d.job_id)
+                settled.append(d.id)
             s.flush()
+            _forget_requests(s, settled)
             for job_id in sorted(jobs):
                 self._sync_job_delivery(s, job_id)
             return CommitmentOutcome(n_committed, n_refused, known=True)
 
     def _sync_job_delivery(self, s: Session, job_id: int) -> None:
-        job = s.get_one(Job, job_id)
+        """Settle an exporting job once none of its deliveries is: delivered, or failed with
+        its first failed delivery's reason. The job's row is locked first (callers that write
+        deliveries lock it before them, :func:`_lock_jobs`), and its deliveries are read as
+        committed now, not as this session loaded them."""
+        job = s.get_one(Job, job_id, with_for_update=True)
         if job.state != JobState.EXPORTING:
             return
-        states = [
-            (d.state, d.destination, d.last_status, d.last_error)
-            for d in s.scalars(select(Delivery).where(Delivery.job_id == job_id)).all()
-        ]
+        states = s.execute(
+            select(Delivery.state, Delivery.destination, Delivery.last_status, Delivery.last_error)
+            .where(Delivery.job_id == job_id)
+            .order_by(Delivery.id)
+        ).all()
         if any(st in UNSETTLED_DELIVERY_STATES for st, *_ in states):
             return
         failed = [

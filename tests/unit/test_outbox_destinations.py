@@ -19,7 +19,7 @@ from sqlalchemy import update
 
 from acwi_node.config import Settings, load_settings
 from acwi_node.export import outbox
-from acwi_node.export.outbox import Exporter, due_deliveries
+from acwi_node.export.outbox import Exporter
 from acwi_node.ledger import Ledger, ResultFile, RoutedJob, StudyFacts
 from acwi_node.ledger.models import Delivery, utcnow
 from tests.support import SECONDARY_CAPTURE_IMAGE_STORAGE, write_secondary_capture
@@ -207,10 +207,8 @@ def test_a_destinations_backlog_hides_no_other_destinations_results(
             .where(Delivery.destination == "archive")
             .values(next_attempt_at=utcnow() - dt.timedelta(hours=1))
         )
-    assert [d.destination for d in due_deliveries(db, limit=3)] == ["archive"] * 3
-    assert [d.destination for d in due_deliveries(db, exclude=["archive"], limit=3)] == ["pacs"] * 3
-    ours = {(d.id, d.path, d.attempts) for d in db.due_deliveries()}
-    assert {(d.id, d.path, d.attempts) for d in due_deliveries(db)} == ours
+    assert [d.destination for d in db.due_deliveries(limit=3)] == ["archive"] * 3
+    assert [d.destination for d in db.due_deliveries(exclude=["archive"], limit=3)] == ["pacs"] * 3
 
 
 def test_stopping_lets_the_sends_under_way_end(

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from sqlalchemy import select
 
 from acwi_node.config import ConfigError, load_settings
 from acwi_node.export.commitment import (
@@ -25,7 +26,7 @@ from acwi_node.export.commitment import (
 )
 from acwi_node.export.outbox import Exporter
 from acwi_node.ledger import AwaitedCommitment, DeliveryAttempt, DueDelivery, Ledger
-from acwi_node.ledger.models import utcnow
+from acwi_node.ledger.models import CommitmentRequest, utcnow
 from acwi_node.review.store import ReviewStore
 from tests.unit.test_ledger import _analyse, rec, route_all
 
@@ -226,6 +227,26 @@ def test_a_refused_result_is_sent_again_and_then_committed(db: Ledger) -> None:
     assert _record(db, uid, [], {"2.25.2": 0x0112}) == (0, 0, False)  # the older request
     assert _record(db, second, ["2.25.2"], {}) == (1, 0, True)
     assert _state(db) == ("delivered", "", {"2.25.1": "delivered", "2.25.2": "delivered"})
+
+
+def test_a_report_on_a_request_asked_again_since_still_applies(db: Ledger) -> None:
+    """The PACS reports after ``commitment_wait_s`` (late, or in batches): the node has asked
+    again under a new Transaction UID meanwhile. The report on the first request commits the
+    results all the same (it was dropped, and a PACS that always reports late had its
+    committed results fail after the last request); the answer to the second, once they are
+    delivered, applies to nothing."""
+    due = _stored(db)
+    ids = [d.id for d in due]
+    first, second = str(generate_uid()), str(generate_uid())
+    db.commitment_requested(ids, first)
+    asked = db.commitments_due("pacs", wait_s=0, max_requests=5)  # no report within the wait
+    assert [a.delivery_id for a in asked] == ids
+    db.commitment_requested(ids, second)
+    assert _record(db, first, ["2.25.1"], {"2.25.2": 0x0112}) == (1, 1, True)
+    assert _state(db)[2] == {"2.25.1": "delivered", "2.25.2": "pending"}
+    assert _record(db, second, ["2.25.1", "2.25.2"], {}) == (0, 0, False)  # settled since
+    with db.session() as s:  # the requests of settled deliveries are forgotten
+        assert s.scalars(select(CommitmentRequest.delivery_id)).all() == []
 
 
 def test_a_result_refused_on_its_last_attempt_fails_the_study(db: Ledger) -> None:

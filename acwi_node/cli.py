@@ -396,7 +396,8 @@ def run_destinations_check(settings: Settings, names: Sequence[str], *, as_json:
             file=sys.stderr,
         )
         return 2
-    chosen = [known[n] for n in names] if names else list(settings.destinations)
+    # each named once, however often it is given
+    chosen = [known[n] for n in dict.fromkeys(names)] if names else list(settings.destinations)
     # Each failure is printed with its reason below: pynetdicom's own lines would repeat it.
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     # Together: a destination that never answers costs exporter.timeout_s, once, not per row.

@@ -640,9 +640,9 @@ def test_destinations_check_says_which_answer_and_why_the_others_do_not(
         assert out.startswith(f"pacs  {orthanc.aet}@127.0.0.1:{orthanc.dicom_port}  C-ECHO ok, ")
         assert cli_main(["--config", str(config), "destinations", "check", "nope"]) == 2
         assert "no destination named nope" in capsys.readouterr().err
-        assert cli_main(["--config", str(config), "destinations", "check", "down"]) == 1
+        assert cli_main(["--config", str(config), "destinations", "check", "down", "down"]) == 1
         out, err = capsys.readouterr()
-        assert out.startswith("down  DOWN@127.0.0.1:")
+        assert out.startswith("down  DOWN@127.0.0.1:") and out.count("down  DOWN@") == 1
         assert "C-ECHO FAILED: connection refused" in out
         assert "pynetdicom" not in err  # the reason is printed once, not in its logs too
     finally:

@@ -284,7 +284,9 @@ def run_exporter(settings: Settings) -> int:
     if notifier is not None:
         notify_thread = threading.Thread(target=notifier.run, name="notify", daemon=True)
         notify_thread.start()
-    ops = start_ops_server_safely(settings, exporter_readiness(settings, ledger, exporter))
+    ops = start_ops_server_safely(
+        settings, exporter_readiness(settings, ledger, exporter, retention)
+    )
     log.info("exporter ready")
     stop.wait()
     if ops is not None:

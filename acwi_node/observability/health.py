@@ -8,7 +8,8 @@ Each of these processes may run a small HTTP server (``observability.<kind>_port
   check and what it found. Checks per kind: ``ledger`` and ``broker`` reachable (all kinds),
   ``listening`` (scp: the DICOM listener is up), ``completion_loop`` (scp), ``models`` (worker:
   the route models are loaded and their weights verified), ``outbox_loop`` (exporter: the outbox
-  loop made a pass within ``observability.loop_stale_s``).
+  loop made a pass within ``observability.loop_stale_s``), ``retention`` (exporter: storage
+  retention's sweeps are not failing one after another).
 * ``GET /metrics``: this process's own Prometheus metrics.
 
 The web process serves the same ``/healthz`` and ``/readyz`` and the ledger-derived metrics from
@@ -228,9 +229,35 @@ def scp_readiness(settings: Settings, ledger: Ledger, scp: Any, completion: Any)
     )
 
 
-def exporter_readiness(settings: Settings, ledger: Ledger, exporter: Any) -> Readiness:
-    """exporter: ledger, and the outbox loop made a pass recently."""
-    return (
+#: Storage retention sweeps that must fail in a row before the exporter is not ready: one
+#: failed sweep (a database restart) is tried again at the next interval.
+RETENTION_FAILURES_UNREADY = 3
+
+
+def retention_check(retention: Any) -> Check:
+    """Storage retention is not failing sweep after sweep (a data disk that only fills)."""
+
+    def check() -> tuple[bool, str]:
+        failed = retention.failed_in_a_row
+        if failed >= RETENTION_FAILURES_UNREADY:
+            error = retention.last_error
+            return False, f"{failed} sweeps in a row failed ({error}; the log says more)"
+        last = retention.last_sweep
+        if last is None:
+            done = "no sweep finished yet"
+        else:
+            done = f"last sweep {time.monotonic() - last:.0f} s ago"
+        return True, done + (f"; {failed} failed since" if failed else "")
+
+    return check
+
+
+def exporter_readiness(
+    settings: Settings, ledger: Ledger, exporter: Any, retention: Any = None
+) -> Readiness:
+    """exporter: ledger, the outbox loop made a pass recently, and storage retention (which
+    runs beside it) is not failing sweep after sweep."""
+    readiness = (
         Readiness("exporter")
         .add("ledger", ledger_check(ledger))
         .add(
@@ -238,6 +265,9 @@ def exporter_readiness(settings: Settings, ledger: Ledger, exporter: Any) -> Rea
             loop_check(lambda: exporter.last_pass, settings.observability.loop_stale_s),
         )
     )
+    if retention is not None:
+        readiness.add("retention", retention_check(retention))
+    return readiness
 
 
 class ModelPreload:

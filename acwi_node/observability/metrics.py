@@ -150,6 +150,10 @@ RETENTION_BYTES_DELETED = Counter(
     "acwi_retention_bytes_deleted",
     "Bytes of images and result files storage retention deleted",
 )
+RETENTION_SWEEP_FAILURES = Counter(
+    "acwi_retention_sweep_failures",
+    "Storage and records retention sweeps that failed (the exporter's log says why)",
+)
 RETENTION_RECORDS_COMPACTED = Counter(
     "acwi_retention_records_compacted",
     "Studies whose instance rows records retention summarised and whose patient identifiers"

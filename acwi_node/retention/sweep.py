@@ -155,6 +155,10 @@ class Retention:
         self._stop = threading.Event()
         #: ``time.monotonic()`` of the last finished sweep.
         self.last_sweep: float | None = None
+        #: Sweeps that failed since the last one that finished, and the last one's error type
+        #: (readiness: a sweep that always fails would let the data disk fill).
+        self.failed_in_a_row = 0
+        self.last_error: str | None = None
 
     # ----------------------------------------------------------------- sweeps
     def sweep(self, *, dry_run: bool = False) -> SweepReport:
@@ -338,10 +342,15 @@ class Retention:
             started = time.monotonic()
             try:
                 report = self.sweep()
-            except Exception:
+            except Exception as exc:
+                self.failed_in_a_row += 1
+                self.last_error = type(exc).__name__
+                metrics.RETENTION_SWEEP_FAILURES.inc()
                 log.exception("storage retention sweep failed; retrying")
             else:
                 self.last_sweep = time.monotonic()
+                self.failed_in_a_row = 0
+                self.last_error = None
                 if report.studies:
                     log.info(
                         "storage retention: deleted the files of %d studies (%d files, %.1f MB)",

@@ -331,3 +331,45 @@ def test_retention_settings_are_validated() -> None:
     ):
         with pytest.raises(ConfigError):
             load_settings(None, retention=bad)
+
+
+def test_sweeps_failing_one_after_another_make_the_exporter_not_ready_until_one_finishes(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    """A retention sweep that always fails (a spool the process may not write, a ledger
+    statement that always errs) leaves the data disk to fill: after three in a row the
+    exporter's /readyz says so, and the failures are counted for the alert."""
+    from prometheus_client import REGISTRY
+
+    from acwi_node.observability.health import retention_check
+
+    settings, ledger = ledger_node
+    settings = settings.model_copy(
+        update={"retention": settings.retention.model_copy(update={"interval_s": 0.01})}
+    )
+    retention = Retention(settings, ledger, space=plenty)
+    check = retention_check(retention)
+    assert check() == (True, "no sweep finished yet")
+    outcomes = iter([RuntimeError("disk"), RuntimeError("disk"), None, *[PermissionError()] * 3])
+    passes: list[tuple[int, bool]] = []  # failed in a row, and ready, as each sweep starts
+
+    def sweep(*, dry_run: bool = False) -> sweep_module.SweepReport:
+        passes.append((retention.failed_in_a_row, check()[0]))
+        outcome = next(outcomes, None)
+        if outcome is not None:
+            raise outcome
+        if len(passes) > 6:
+            retention.stop()
+        return sweep_module.SweepReport()
+
+    retention.sweep = sweep  # type: ignore[method-assign]
+    before = REGISTRY.get_sample_value("acwi_retention_sweep_failures_total") or 0.0
+    retention.run()
+    # Two failures, one success (the count starts again), three failures (not ready), a success.
+    assert passes == [(0, True), (1, True), (2, True), (0, True), (1, True), (2, True), (3, False)]
+    assert REGISTRY.get_sample_value("acwi_retention_sweep_failures_total") == before + 5
+    assert retention.failed_in_a_row == 0 and retention.last_sweep is not None
+    assert check()[0]
+    retention.failed_in_a_row, retention.last_error = 3, "PermissionError"
+    ok, detail = check()
+    assert not ok and detail.startswith("3 sweeps in a row failed (PermissionError")

@@ -98,8 +98,9 @@ def reconcile(
     At start-up every queued or analysing job is sent again (a duplicate is harmless: the task
     claims the job in the ledger). Later, only jobs queued for ``requeue_after_s`` without being
     started, or analysing by a worker whose lease (``lease_s``) ran out; and of the queued ones
-    only those of a broker queue that holds fewer messages than the ledger has jobs queued for
-    it (:func:`_still_waiting`): a backlog that no worker took yet is not sent again and again.
+    only those of a broker queue that holds fewer messages than the ledger has jobs queued and
+    sent to it (:func:`_still_waiting`): a backlog that no worker took yet is not sent again
+    and again. Shadow jobs likewise, on their own queue.
     """
     if startup:
         ids = ledger.unfinished_jobs()
@@ -126,16 +127,16 @@ def _lost_jobs(celery: Celery, ledger: Ledger, ids: Sequence[int]) -> list[int]:
     """Of the periodic reconciler's candidates ``ids``, those whose message may be lost: every
     one a worker was analysing (its message was taken), every queued one never sent, and the
     queued ones of a broker queue that holds fewer messages than the ledger has jobs queued
-    for it."""
+    for it and sent (a job never sent is no message short: sending it is enough)."""
     if not ids:
         return []
     with ledger.session() as s:
         rows = s.execute(
             select(Job.id, Job.state, Job.priority, Job.enqueued_at).where(Job.id.in_(list(ids)))
         ).all()
-        queued = s.execute(
+        queued = s.execute(  # jobs whose message was sent: a never-sent job has none
             select(Job.priority, func.count())
-            .where(Job.state == JobState.QUEUED)
+            .where(Job.state == JobState.QUEUED, Job.enqueued_at.is_not(None))
             .group_by(Job.priority)
         ).all()
     in_ledger: dict[str, int] = {}
@@ -160,7 +161,12 @@ def _lost_shadow_jobs(celery: Celery, ledger: Ledger, ids: Sequence[int]) -> lis
             )
         ).all()
         queued = int(
-            s.scalar(select(func.count()).where(ShadowJob.state == ShadowState.QUEUED)) or 0
+            s.scalar(
+                select(func.count()).where(
+                    ShadowJob.state == ShadowState.QUEUED, ShadowJob.enqueued_at.is_not(None)
+                )
+            )
+            or 0
         )
     waiting = _still_waiting(celery, SHADOW_QUEUE, queued)
     return [

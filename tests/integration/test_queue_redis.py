@@ -15,9 +15,9 @@ from sqlalchemy import update
 
 from acwi_node.config import load_settings
 from acwi_node.ledger import InstanceRecord, Ledger, RoutedJob, StudyFacts
-from acwi_node.ledger.models import Job, utcnow
-from acwi_node.tasks.app import ANALYSIS_QUEUE, configure
-from acwi_node.tasks.queue import enqueue, reconcile
+from acwi_node.ledger.models import Job, JobState, ShadowJob, utcnow
+from acwi_node.tasks.app import ANALYSIS_QUEUE, SHADOW_QUEUE, configure
+from acwi_node.tasks.queue import enqueue, enqueue_shadow, reconcile
 from tests.conftest import REDIS_URL
 
 pytestmark = pytest.mark.integration
@@ -163,6 +163,74 @@ def test_a_backlog_on_redis_is_not_sent_again_and_again(tmp_path: Path) -> None:
     client.flushdb()  # Redis restarted empty
     assert reconcile(celery, ledger, startup=False, requeue_after_s=120, lease_s=30) == 4
     assert client.llen(ANALYSIS_QUEUE) == 4
+    client.flushdb()
+    ledger.dispose()
+
+
+def test_a_job_never_sent_is_sent_alone_while_the_others_wait_on_redis(tmp_path: Path) -> None:
+    """The broker went away after three of four messages: the periodic reconciler sends the
+    fourth, and not a copy of the three that wait on Redis."""
+    broker = f"{REDIS_URL}/{DB}"
+    client = redis.Redis.from_url(broker)
+    client.flushdb()
+    settings = load_settings(None, node={"data_dir": tmp_path, "broker_url": broker})
+    celery = configure(settings)
+    ledger = Ledger(settings.database_url)
+    ids = many_jobs(ledger, 4)
+    assert enqueue(celery, ledger, ids[:3]) == 3
+    with ledger.session() as s:
+        s.execute(
+            update(Job)
+            .where(Job.enqueued_at.is_not(None))
+            .values(enqueued_at=utcnow() - dt.timedelta(seconds=121))
+        )
+    assert reconcile(celery, ledger, startup=False, requeue_after_s=120, lease_s=30) == 1
+    assert client.llen(ANALYSIS_QUEUE) == 4
+    sent_long_ago(ledger, 121)
+    assert reconcile(celery, ledger, startup=False, requeue_after_s=120, lease_s=30) == 0
+    client.flushdb()
+    ledger.dispose()
+
+
+def test_a_shadow_backlog_on_redis_is_not_sent_again_and_again(tmp_path: Path) -> None:
+    """The same for shadow models' jobs, on their own broker queue: a waiting backlog is left
+    alone, one that Redis lost is sent again, and a job whose message was never sent is sent
+    even while the others wait."""
+    broker = f"{REDIS_URL}/{DB}"
+    client = redis.Redis.from_url(broker)
+    client.flushdb()
+    settings = load_settings(None, node={"data_dir": tmp_path, "broker_url": broker})
+    celery = configure(settings)
+    ledger = Ledger(settings.database_url)
+    live = many_jobs(ledger, 4)
+    with ledger.session() as s:  # the live jobs are done; their shadow jobs wait
+        s.execute(update(Job).values(state=JobState.DELIVERED))
+        shadows = [ShadowJob(job_id=j, model="challenger") for j in live]
+        s.add_all(shadows)
+        s.flush()
+        shadow_ids = [row.id for row in shadows]
+    assert enqueue_shadow(celery, ledger, shadow_ids[:3]) == 3
+
+    def sent_long_ago() -> None:
+        with ledger.session() as s:
+            s.execute(
+                update(ShadowJob)
+                .where(ShadowJob.enqueued_at.is_not(None))
+                .values(enqueued_at=utcnow() - dt.timedelta(seconds=121))
+            )
+
+    # The fourth was never sent (the broker went away after the third): sent once, and then
+    # the four wait their turn.
+    sent_long_ago()
+    assert reconcile(celery, ledger, startup=False, requeue_after_s=120, lease_s=30) == 1
+    for _ in range(3):
+        sent_long_ago()
+        assert reconcile(celery, ledger, startup=False, requeue_after_s=120, lease_s=30) == 0
+    assert client.llen(SHADOW_QUEUE) == 4
+
+    client.flushdb()  # Redis restarted empty
+    assert reconcile(celery, ledger, startup=False, requeue_after_s=120, lease_s=30) == 4
+    assert client.llen(SHADOW_QUEUE) == 4
     client.flushdb()
     ledger.dispose()
 

@@ -328,7 +328,15 @@ def extract_order(msg: ParsedMessage) -> OrderInfo:
 
 # ------------------------------------------------------------------------------ building
 def timestamp(when: dt.datetime | None = None) -> str:
-    return (when or dt.datetime.now()).strftime("%Y%m%d%H%M%S")
+    """An HL7 TS (``YYYYMMDDHHMMSS+ZZZZ``): ``when`` (None: now) on the node's local clock,
+    with its offset from UTC, so that the RIS reads the same moment whatever its time zone, and
+    an hour repeated when the clocks go back is told apart. A naive ``when`` is UTC, as the
+    ledger keeps its times."""
+    if when is None:
+        when = dt.datetime.now(dt.timezone.utc)
+    elif when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.astimezone().strftime("%Y%m%d%H%M%S%z")
 
 
 def _msh(

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+import time
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +244,35 @@ def test_oru_with_verdict_carries_the_lesion_boxes_marked() -> None:
     parse(text)  # still a well-formed message
     plain = oru_observations(build_oru(_study(), Verdict(agrees=True, label="x"), control_id="O"))
     assert not {"LESION_IMAGE", "LESION_FRAME", "LESION_BOX"} & set(plain)
+
+
+@pytest.fixture
+def berlin(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The node's local time is Berlin's (a clock change on 2026-10-25, 03:00 CEST -> 02:00)."""
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_oru_times_are_one_clock_with_their_offset(berlin: None) -> None:
+    """The ledger's times (naive UTC) reach the RIS as the moments they were: in local time
+    with the offset, like MSH-7, so that the two 02:30 of the night the clocks go back differ."""
+    completed = dt.datetime(2026, 10, 25, 0, 30)  # 02:30 CEST, the first 02:30
+    reviewed = dt.datetime(2026, 10, 25, 1, 30)  # 02:30 CET, the second
+    verdict = Verdict(agrees=True, label="abnormal", reviewed_at=reviewed)
+    sent = dt.datetime(2026, 12, 7, 5, 0, tzinfo=dt.timezone.utc)
+    study = dataclasses.replace(_study(), observed_at=completed)
+    text = build_oru(study, verdict, control_id="T1", when=sent)
+    segs = [seg.split("|") for seg in text.split("\r")]
+    msh, obr = segs[0], next(f for f in segs if f[0] == "OBR")
+    (obx,) = [f for f in segs if f[0] == "OBX" and f[3].startswith("VERDICT^")]
+    assert msh[6] == obr[22] == "20261207060000+0100"
+    assert obr[7] == "20261025023000+0200"
+    assert obx[14] == "20261025023000+0100"
+    now = messages.timestamp()  # now: local, with the offset of this moment
+    assert len(now) == 19 and now[14] in "+-"
 
 
 def test_oru_after_a_final_result_is_a_correction() -> None:

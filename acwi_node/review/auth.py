@@ -199,8 +199,20 @@ class SignInThrottle:
         return float(min(2 ** min(failures - self.free_failures, 30), self.max_delay_s))
 
     def wait_after(self, failures: int, last: float) -> float:
-        """Seconds left to wait after ``failures`` in a row, the last at ``last`` (0: none)."""
-        return max(0.0, last + self.delay_s(failures) - self.clock()) if failures else 0.0
+        """Seconds left to wait after ``failures`` in a row, the last at ``last`` (0: none).
+
+        Never more than the delay: a clock a little behind (another web host's) waits the
+        delay. A last failure further ahead of now than any delay was timed on a wall clock
+        since set back (NTP stepping a clock that ran fast): its delay is taken as over, rather
+        than shutting the account until the clock catches up; the next failure is timed anew.
+        """
+        if not failures:
+            return 0.0
+        now = self.clock()
+        if last - now > self.max_delay_s:
+            return 0.0
+        delay = self.delay_s(failures)
+        return min(delay, max(0.0, last + delay - now))
 
     def wait_s(self, name: str) -> float:
         """Seconds before ``name`` (counted here) may try again (0: now)."""

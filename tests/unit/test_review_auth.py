@@ -266,6 +266,23 @@ def test_sign_in_throttle_delays_grow_and_clear() -> None:
     assert off.wait_s("jane") == 0
 
 
+def test_a_clock_set_back_does_not_lengthen_the_sign_in_delay() -> None:
+    """NTP steps the wall clock back an hour after failed sign-ins (the ledger keeps when the
+    last one was, in wall time): the account is not shut until the clock catches up; the next
+    failure is delayed as before. A clock a few seconds behind waits the delay, no longer."""
+    now = [10_000.0]
+    throttle = auth.SignInThrottle(3, 60, clock=lambda: now[0])
+    for _ in range(10):
+        throttle.failed("jane")
+    assert throttle.wait_s("jane") == 60
+    assert throttle.wait_after(10, last=now[0] + 5) == 60  # another host's clock, ahead
+    now[0] -= 3600
+    assert throttle.wait_s("jane") == 0
+    assert throttle.wait_after(10, last=now[0] + 3600) == 0  # an account's, from the ledger
+    throttle.failed("jane")
+    assert throttle.wait_s("jane") == 60  # timed on the clock as it is now
+
+
 def test_failed_sign_ins_slow_the_next_down(
     ledger_node: tuple[Settings, Ledger], caplog: pytest.LogCaptureFixture
 ) -> None:

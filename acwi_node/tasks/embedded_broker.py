@@ -98,9 +98,15 @@ class Channel(filesystem.Channel):
 
     # kombu names the parameter `payload` here and `message` in the base class.
     def _put(self, queue: Any, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        """Put ``payload`` onto ``queue``: written aside, then renamed into the queue folder
-        (kombu's own name, so messages are still taken oldest first)."""
-        name = f"{int(round(time.monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+        """Put ``payload`` onto ``queue``: written aside, then renamed into the queue folder.
+
+        Named as kombu names it (time, then a UUID), its consumer taking the first name in
+        order, but the time is the wall clock's, in microseconds, padded to one width: kombu's
+        milliseconds of the monotonic clock start again at every boot and grow a digit at
+        times (1,000 s, 2.8 h, 28 h), so that names sorted as text put the messages of a
+        backlog left from before a restart, or from before such a digit, behind every newer
+        one."""
+        name = f"{time.time_ns() // 1000:017d}_{uuid.uuid4()}.{queue}.msg"
         folder = self.data_folder_out
         final = os.path.join(folder, name)
         partial = os.path.join(folder, f".{name}.part")

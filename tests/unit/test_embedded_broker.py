@@ -269,6 +269,31 @@ def test_every_message_arrives_whole(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("transports")
+def test_a_backlog_left_from_before_a_restart_is_taken_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message put five days after a boot, then the machine restarts and one more is put
+    30 s after the new boot (the monotonic clock starts again; the wall clock goes on): the
+    older is taken first."""
+    embedded_broker.install()
+    options = transport_options(tmp_path)
+    now = time.time_ns()
+    with Connection("filesystem://", transport_options=options) as conn:
+        queue = conn.SimpleQueue("backlog")
+        for job, uptime_s, wall_ns in ((1, 5 * 86_400.0, now), (2, 30.0, now + 60 * 10**9)):
+            with monkeypatch.context() as m:
+                m.setattr(time, "monotonic", lambda uptime_s=uptime_s: uptime_s)
+                m.setattr(time, "time_ns", lambda wall_ns=wall_ns: wall_ns)
+                queue.put({"job": job})
+        taken = []
+        for _ in range(2):
+            message = queue.get(block=True, timeout=5)
+            taken.append(message.payload["job"])
+            message.ack()
+    assert taken == [1, 2]
+
+
+@pytest.mark.usefixtures("transports")
 def test_the_node_configures_celery_with_this_transport(settings: Settings) -> None:
     """An embedded broker (``filesystem://``, the default) gets the node's transport."""
     assert settings.broker_url.startswith("filesystem://")

@@ -11,6 +11,7 @@ A-RELEASE) complete a study earlier.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import time
@@ -20,10 +21,15 @@ from celery import Celery
 from acwi_node.config import Settings
 from acwi_node.ingest.mpps import CompletionSignals
 from acwi_node.ledger import Ledger, RoutedJob, StudyFacts
+from acwi_node.ledger.models import utcnow
 from acwi_node.routing.rules import decide_routes, explain_no_route
 from acwi_node.tasks.queue import enqueue, reconcile
 
 log = logging.getLogger("acwi_node.completion")
+
+#: How far the wall clock may move from the monotonic clock between two passes before it is
+#: taken as stepped (NTP slewing moves it by under a millisecond a second).
+CLOCK_STEP_S = 2.0
 
 
 class CompletionService:
@@ -50,6 +56,10 @@ class CompletionService:
         self._last_reconcile = 0.0
         #: ``time.monotonic()`` of the last finished pass (readiness: the loop is alive).
         self.last_pass: float | None = None
+        #: (wall clock, monotonic clock) at the start of the last pass: a step between them.
+        self._clocks: tuple[dt.datetime, float] | None = None
+        self.wall_clock = utcnow
+        self.monotonic = time.monotonic
 
     def decide(self, facts: StudyFacts) -> list[RoutedJob]:
         return decide_routes(self.settings.routes, facts)
@@ -57,9 +67,40 @@ class CompletionService:
     def explain(self, facts: StudyFacts) -> str:
         return explain_no_route(self.settings.routes, facts)
 
+    def _follow_clock_step(self) -> None:
+        """The ledger's times are the wall clock's (every process shares them); this loop's
+        waits are measured on them. Were the wall clock stepped since the last pass, the
+        ledger moves the times stamped before the step (:meth:`Ledger.clock_stepped`); at the
+        first pass, the times a step back left in the future (the node was down, or not yet
+        started). A pass that fails to record it tries again at the next."""
+        wall, mono = self.wall_clock(), self.monotonic()
+        last = self._clocks
+        if last is None:
+            moved = self.ledger.clock_stepped(
+                -dt.timedelta(seconds=CLOCK_STEP_S), stamped_before=wall, timers=False
+            )
+            if moved:
+                log.warning(
+                    "%d ledger time(s) were in the future (the wall clock was set back):"
+                    " counted from now",
+                    moved,
+                )
+        else:
+            passed = dt.timedelta(seconds=mono - last[1])
+            step = (wall - last[0]) - passed
+            if abs(step.total_seconds()) > CLOCK_STEP_S:
+                moved = self.ledger.clock_stepped(step, stamped_before=last[0] + passed)
+                log.warning(
+                    "the wall clock stepped %+.0f s: %d ledger time(s) moved with it",
+                    step.total_seconds(),
+                    moved,
+                )
+        self._clocks = (wall, mono)
+
     def tick(self) -> list[int]:
         """One pass: complete due studies and queue their jobs. Returns the new job ids."""
         cfg = self.settings.completion
+        self._follow_clock_step()
         new_jobs: list[int] = []
         # What completes each study: the first signal found, the strongest first. A quiet
         # period read while an association stays open is recorded as max_wait by the ledger.

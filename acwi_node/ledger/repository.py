@@ -62,6 +62,7 @@ from acwi_node.ledger.models import (
     ReviewItem,
     ReviewState,
     ShadowJob,
+    ShadowState,
     Study,
     StudyState,
     Verdict,
@@ -965,6 +966,66 @@ class Ledger:
         with self.session() as s:
             rows = s.execute(_STUDIES_DUE, cuts).all()
         return [(r[0], r[1]) for r in rows]
+
+    def clock_stepped(
+        self, by: dt.timedelta, *, stamped_before: dt.datetime, timers: bool = True
+    ) -> int:
+        """The wall clock stepped ``by`` (NTP setting a clock that was wrong): move the times
+        the completion loop and the reconciler count from, so that they measure the time that
+        passed rather than the step. Returns how many rows moved.
+
+        Forward: the times stamped on the old clock (no later than ``stamped_before``, that
+        clock's now) move forward with it: a receiving study's last instance and release, an
+        analysing job's (and shadow job's) last heartbeat; else every study still being sent
+        would complete at once, cut in two, and every worker's lease would look lapsed, its
+        job taken by a second worker. Backward: a time now in the future becomes now, so the
+        quiet period or the lease counts from now instead of waiting out the step; and the
+        next attempt of a delivery, an ORU or a notification waiting out its back-off moves
+        back with the clock (not before now), rather than an hour's step later (not with
+        ``timers`` false: a step of unknown size, found at start-up)."""
+        now = utcnow()
+        forward = by > dt.timedelta(0)
+
+        def moved(value: dt.datetime | None) -> dt.datetime | None:
+            if value is None:
+                return None
+            if forward:
+                return value + by if value <= stamped_before else None
+            return now if value > now else None
+
+        count = 0
+        with self.session() as s:
+            for study in s.scalars(select(Study).where(Study.state == StudyState.RECEIVING)):
+                received, released = moved(study.last_received_at), moved(study.last_released_at)
+                if received is not None:
+                    study.last_received_at = received
+                if released is not None:
+                    study.last_released_at = released
+                count += received is not None or released is not None
+            for task in (
+                *s.scalars(select(Job).where(Job.state == JobState.ANALYSING)),
+                *s.scalars(select(ShadowJob).where(ShadowJob.state == ShadowState.ANALYSING)),
+            ):
+                beat = moved(task.heartbeat_at or task.started_at)
+                if beat is not None:
+                    task.heartbeat_at = beat
+                    count += 1
+            if forward or not timers:
+                return count  # a retry due sooner than its back-off asked for is harmless
+            outboxes: tuple[type[Delivery] | type[Hl7Outbound] | type[Notification], ...]
+            outboxes = (Delivery, Hl7Outbound, Notification)
+            for outbox in outboxes:
+                due = outbox.next_attempt_at
+                for row_id, at in s.execute(
+                    select(outbox.id, due).where(outbox.state == DeliveryState.PENDING, due > now)
+                ).all():
+                    s.execute(
+                        update(outbox)
+                        .where(outbox.id == row_id)
+                        .values(next_attempt_at=max(now, at + by))
+                    )
+                    count += 1
+        return count
 
     def study_facts(self, study_id: int) -> StudyFacts:
         """What routing decides on: the study's modalities and SOP classes come from its

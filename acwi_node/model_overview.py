@@ -26,7 +26,7 @@ from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import Job, JobState, job_model_name, job_model_version
 from acwi_node.model_registry import ModelRegistry
 
-__all__ = ["ModelOverview", "VersionOverview", "models_overview"]
+__all__ = ["ModelOverview", "VersionOverview", "model_version_known", "models_overview"]
 
 #: Jobs whose analysis has not ended: not counted as analyses yet.
 _UNFINISHED = (JobState.QUEUED, JobState.ANALYSING)
@@ -208,6 +208,26 @@ def models_overview(settings: Settings, ledger: Ledger) -> list[ModelOverview]:
             )
         )
     return out
+
+
+def model_version_known(
+    settings: Settings, ledger: Ledger, name: str, version: str | None = None
+) -> bool:
+    """Whether the node knows model ``name`` (a manifest's name, as a recall or the model
+    monitor takes it) ``version`` (None: any version of it): an analysis by it in the ledger,
+    finished or not, or the version running or installed (:func:`models_overview`)."""
+    query = select(Job.id).where(job_model_name() == name)
+    if version is not None:
+        query = query.where(job_model_version() == version)
+    with ledger.session() as s:
+        found = s.scalar(query.limit(1))
+    if found is not None:
+        return True
+    return any(
+        v.name == name and version in (None, v.version)
+        for model in models_overview(settings, ledger)
+        for v in model.versions
+    )
 
 
 def _ordered(versions: Iterable[VersionOverview]) -> list[VersionOverview]:

@@ -53,6 +53,7 @@ from acwi_node.results.rejection import (
 __all__ = [
     "REASONS",
     "JobWithdrawal",
+    "NoSuchModel",
     "WithdrawalReport",
     "withdraw_replaced",
     "withdraw_results",
@@ -66,6 +67,19 @@ REASONS = ("quality", "safety")
 #: Who withdraws the results a later analysis replaced.
 NODE = "acwi-node"
 MAX_NOTE = 1000
+
+
+class NoSuchModel(LookupError):
+    """A recall of a model version the node does not know (:func:`check_model_known`)."""
+
+
+def check_model_known(settings: Settings, ledger: Ledger, name: str, version: str) -> None:
+    """Raise :class:`NoSuchModel` unless model ``name`` ``version`` analysed a study here or
+    is running or installed (a version that exists but analysed nothing recalls nothing)."""
+    from acwi_node.model_overview import model_version_known
+
+    if not model_version_known(settings, ledger, name, version):
+        raise NoSuchModel(f"no model {name} version {version} on this node")
 
 
 class WithdrawalError(Exception):
@@ -184,11 +198,14 @@ def withdraw_results(
     """Withdraw the results of study ``study_uid`` and/or of ``model_name``
     (``model_version``): every job that wrote some and was not withdrawn yet. ``by`` is who
     asks (an account, or the command's operator), ``note`` their words. Raises ValueError for
-    a bad request and :class:`StudyActionRefused` for a study not in the ledger; a job that
-    cannot be withdrawn is reported, not raised."""
+    a bad request, :class:`StudyActionRefused` for a study not in the ledger and
+    :class:`NoSuchModel` for a model version the node does not know; a job that cannot be
+    withdrawn is reported, not raised."""
     check_request(reason, note, automatic=automatic)
     if study_uid is None and model_name is None:
         raise ValueError("name a study or a model")
+    if model_name is not None and model_version is not None:
+        check_model_known(settings, ledger, model_name, model_version)
     withdrawals = Withdrawals(ledger)
     found = withdrawals.candidates(
         study_uid=study_uid, model_name=model_name, model_version=model_version, job_ids=job_ids

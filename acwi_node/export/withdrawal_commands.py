@@ -122,9 +122,15 @@ def _print(uid: str, report: WithdrawalReport) -> None:
 
 def run_recall(settings: Settings, args: argparse.Namespace) -> int:
     """``acwi-node models recall NAME VERSION --note TEXT [--reprocess] [--dry-run]``: exit 1
-    if a job could not be withdrawn or a study not reprocessed, 2 for a bad request."""
+    if a job could not be withdrawn or a study not reprocessed, 2 for a bad request (a model
+    version the node does not know among them)."""
     from acwi_node.audit.trail import command_operator
-    from acwi_node.export.withdrawal import check_request, withdraw_results
+    from acwi_node.export.withdrawal import (
+        NoSuchModel,
+        check_model_known,
+        check_request,
+        withdraw_results,
+    )
     from acwi_node.ledger import Ledger, StudyActionRefused
     from acwi_node.ledger.withdrawals import Withdrawals
 
@@ -135,6 +141,11 @@ def run_recall(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     ledger = Ledger(settings.database_url)
     try:
+        try:
+            check_model_known(settings, ledger, args.name, args.version)
+        except NoSuchModel as exc:  # a name or version mistyped: nothing withdrawn
+            print(f"acwi-node models recall: {exc}", file=sys.stderr)
+            return 2
         if args.dry_run:
             found = Withdrawals(ledger).candidates(model_name=args.name, model_version=args.version)
             listing = [

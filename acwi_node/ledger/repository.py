@@ -507,6 +507,13 @@ class StudyActionRefused(Exception):
     message says why and what to do instead."""
 
 
+class NoSuchStudy(StudyActionRefused):
+    """An operator's action on a study the ledger does not hold (the HTTP API's 404)."""
+
+    def __init__(self, message: str = "no such study") -> None:
+        super().__init__(message)
+
+
 def _lock_jobs(s: Session, job_ids: Iterable[int]) -> None:
     """Lock the jobs' rows (PostgreSQL; in id order) before their deliveries' are written.
 
@@ -1456,7 +1463,7 @@ class Ledger:
             select(Study).where(Study.study_uid == study_uid).with_for_update()
         ).one_or_none()
         if study is None:
-            raise StudyActionRefused("no such study")
+            raise NoSuchStudy()
         if study.state not in allowed:
             raise StudyActionRefused(
                 f"the study is {study.state.value}: wait until it is "

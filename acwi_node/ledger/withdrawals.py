@@ -44,6 +44,7 @@ from acwi_node.ledger.models import (
 )
 from acwi_node.ledger.repository import (
     Ledger,
+    NoSuchStudy,
     ResultFile,
     StudyActionRefused,
     _add_result,
@@ -151,7 +152,7 @@ class Withdrawals:
             )
             if study_uid is not None:
                 if s.scalar(select(Study.id).where(Study.study_uid == study_uid)) is None:
-                    raise StudyActionRefused("no such study")
+                    raise NoSuchStudy()
                 query = query.where(Study.study_uid == study_uid)
             if model_name is not None:
                 query = query.where(name == model_name)

@@ -119,6 +119,7 @@ def format_reports(reports: list[ModelReport], *, days: int, target: int) -> str
 def run(settings: Settings, args: argparse.Namespace) -> int:
     from acwi_node.audit import command_operator
     from acwi_node.ledger import Ledger
+    from acwi_node.model_overview import model_version_known
     from acwi_node.monitoring import pinning
     from acwi_node.monitoring.report import BaselineRefused, ModelMonitor
     from acwi_node.monitoring.shadow import ShadowComparison, format_shadow
@@ -129,7 +130,15 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     ledger = Ledger(settings.database_url)
     try:
         monitor = ModelMonitor(ledger, cfg)
-        if args.monitor_command == "baseline":
+        baseline = args.monitor_command == "baseline"
+        named = args.name if baseline else args.model
+        version = args.version if baseline else None
+        if named is not None and not model_version_known(settings, ledger, named, version):
+            what = named if version is None else f"{named} version {version}"
+            command = "monitor baseline" if baseline else "monitor"
+            print(f"acwi-node {command}: no model {what} on this node", file=sys.stderr)
+            return 2
+        if baseline:
             if args.clear:
                 print(pinning.clear(monitor, args.name, args.version, command_operator()))
                 return 0

@@ -11,6 +11,7 @@ Each of these processes may run a small HTTP server (``observability.<kind>_port
   loop made a pass within ``observability.loop_stale_s``), ``retention`` (exporter: storage
   retention's sweeps are not failing one after another).
 * ``GET /metrics``: this process's own Prometheus metrics.
+* ``HEAD`` of each: the status and headers of its ``GET``, no body (load balancers probe so).
 
 The web process serves the same ``/healthz`` and ``/readyz`` and the ledger-derived metrics from
 its FastAPI app (:mod:`acwi_node.web.ops`). ``acwi-node health --kind KIND``
@@ -142,6 +143,13 @@ class OpsServer:
         readiness_ref = readiness
 
         class Handler(BaseHTTPRequestHandler):
+            #: False for a HEAD request: the status and headers of its GET, no body.
+            with_body = True
+
+            def do_HEAD(self) -> None:  # noqa: N802 (load balancers and monitoring probe so)
+                self.with_body = False
+                self.do_GET()
+
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 path = self.path.split("?", 1)[0]
                 if path == "/healthz":
@@ -155,7 +163,8 @@ class OpsServer:
                     self.send_header("Content-Type", CONTENT_TYPE)
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(payload)
+                    if self.with_body:
+                        self.wfile.write(payload)
                 else:
                     self._send(404, {"detail": "not found"})
 
@@ -165,7 +174,8 @@ class OpsServer:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                self.wfile.write(payload)
+                if self.with_body:
+                    self.wfile.write(payload)
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 return  # probes every few seconds would flood the log

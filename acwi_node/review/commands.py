@@ -166,10 +166,13 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             print(f"added {name} ({args.role})")
             return 0
         if args.users_command == "passwd":
+            if store.get_user(args.name) is None:  # said before a password is asked for
+                print(f"acwi-node users passwd: no user {args.name!r}", file=sys.stderr)
+                return 1
             try:
                 password = auth.check_password(_read_password(args.password_stdin))
             except (ValueError, EOFError) as exc:
-                print(f"acwi-node users passwd: {exc}", file=sys.stderr)
+                print(f"acwi-node users passwd: {exc or 'no password given'}", file=sys.stderr)
                 return 1
             if not store.set_password(args.name, auth.hash_password(password)):
                 print(f"acwi-node users passwd: no user {args.name!r}", file=sys.stderr)

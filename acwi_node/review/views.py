@@ -49,11 +49,11 @@ from acwi_node.config import Settings
 from acwi_node.dicom_pixels import read_deferred
 from acwi_node.export.outbox import verify_destination, what_it_checks
 from acwi_node.export.withdrawal import REASONS as WITHDRAWAL_REASON_KEYS
-from acwi_node.export.withdrawal import withdraw_results
+from acwi_node.export.withdrawal import NoSuchModel, withdraw_results
 from acwi_node.inference.types import unit_name
 from acwi_node.ingest.retrieval import QueryError, check_query
 from acwi_node.ingest.spool import Spool, is_safe_uid
-from acwi_node.ledger import Ledger, StudyActionRefused
+from acwi_node.ledger import Ledger, NoSuchStudy, StudyActionRefused
 from acwi_node.ledger.models import VERIFIED_SR_KIND, WITHDRAWAL_REASONS, utcnow
 from acwi_node.ledger.retrievals import QUERY_KEYS, Retrievals
 from acwi_node.ledger.trace import study_trace
@@ -88,6 +88,7 @@ from acwi_node.review.verdicts import (
     current_verdict,
     submit_verdict,
 )
+from acwi_node.web.guards import MAX_FORM_BODY
 
 log = logging.getLogger("acwi_node.review")
 
@@ -98,7 +99,8 @@ PUBLIC_PREFIXES = ("/static/",)
 BASIC_PREFIXES = ("/api/", "/dicomweb/")
 #: The only paths a ``sender`` account (a PACS storing by STOW-RS) may use.
 SENDER_PREFIXES = ("/dicomweb/",)
-MAX_FORM_BYTES = 64 * 1024
+#: The largest form body (refused unread past it: :class:`~acwi_node.web.guards.ApiLimits`).
+MAX_FORM_BYTES = MAX_FORM_BODY
 #: The forms' fields of typed text (a verdict's reason, a withdrawal's note): their handlers
 #: refuse a control character in them with the page again and the reason
 #: (:func:`~acwi_node.review.inputs.typed_text_error`); :func:`_form` refuses one elsewhere.
@@ -790,6 +792,8 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         except ValueError as exc:
             error = f"{name} {version}: {exc}"
             return await run_in_threadpool(partial(_models, request, error=error, status=422))
+        except NoSuchModel as exc:
+            return await run_in_threadpool(partial(_models, request, error=str(exc), status=404))
         withdrawn = [j for j in report.jobs if j.withdrawn]
         log.info("model %s %s recalled by %s", name, version, user.user_name)
         if not withdrawn:
@@ -920,10 +924,11 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             await run_in_threadpool(act, study_uid)
         except (StudyActionRefused, ValueError) as exc:
             error = f"{study_uid}: {exc}"
+            status = 404 if isinstance(exc, NoSuchStudy) else 409
             if back_to_study:
-                page = partial(_study_page, request, study_uid, error=error, status=409)
+                page = partial(_study_page, request, study_uid, error=error, status=status)
             else:
-                page = partial(_dashboard, request, error=error, status=409)
+                page = partial(_dashboard, request, error=error, status=status)
             return await run_in_threadpool(page)
         log.info("%s: %s by %s", study_uid, action, user.user_name)
         if back_to_study:

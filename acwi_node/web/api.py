@@ -36,7 +36,7 @@ from starlette.requests import ClientDisconnect
 
 from acwi_node import __version__
 from acwi_node.config import Settings
-from acwi_node.ledger import Ledger, StudyActionRefused, StudyState
+from acwi_node.ledger import Ledger, NoSuchStudy, StudyActionRefused, StudyState
 from acwi_node.ledger.trace import study_trace
 from acwi_node.review.inputs import plain_path_and_query
 from acwi_node.review.store import ReviewStore, WorklistFilters
@@ -44,6 +44,8 @@ from acwi_node.review.views import destination_outboxes, install_review
 from acwi_node.web.feedback import feedback_router
 from acwi_node.web.guards import (
     ApiLimits,
+    GuardsFirst,
+    HeadAsGet,
     admin_json_request,
     admin_user,
     document_access,
@@ -118,6 +120,8 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
         # character (a NUL, which PostgreSQL refuses) is a 404 or a 422, never a lookup
         dependencies=[Depends(plain_path_and_query)],
     )
+    # inside the sign-in: who may call a route is checked before its body is read
+    app.add_middleware(GuardsFirst)
     # The review web app, and sign-in for everything but /healthz, /readyz and /metrics.
     install_review(app, settings, db)
 
@@ -135,6 +139,8 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
     app.add_exception_handler(Exception, server_failed)
     # outside the sign-in: a body too large is refused unread, every answer kept from caches
     app.add_middleware(ApiLimits)
+    # outermost: HEAD is answered as GET, without the body (load balancers, monitoring)
+    app.add_middleware(HeadAsGet)
 
     app.include_router(stow_router(settings, db))  # STOW-RS: POST /dicomweb/studies
     app.include_router(retrievals_router(settings, db))  # /api/retrievals
@@ -181,6 +187,8 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
         name = admin_json_request(request)
         try:
             value = act(study_uid)
+        except NoSuchStudy as exc:
+            raise HTTPException(status_code=404, detail=str(exc)) from exc
         except StudyActionRefused as exc:
             raise HTTPException(status_code=409, detail=str(exc)) from exc
         log.info("%s: %s (%d) by %s", study_uid, request.url.path.rsplit("/", 1)[-1], value, name)
@@ -198,19 +206,27 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
         },
         "responses": {
             403: {"description": "Not an administrator"},
-            409: {"description": "No such study, or its state does not allow it (detail)"},
             415: {"description": "Not sent as application/json"},
         },
     }
+    study_action: dict[str, Any] = {
+        **admin_action,
+        "responses": {
+            **admin_action["responses"],
+            404: {"description": "No such study"},
+            409: {"description": "The study's state does not allow it (detail)"},
+        },
+        "dependencies": [Depends(admin_json_request)],
+    }
 
-    @app.post("/api/studies/{study_uid}/resend", **admin_action)
+    @app.post("/api/studies/{study_uid}/resend", **study_action)
     def resend(study_uid: str, request: Request) -> dict[str, Any]:
         """The study's results go to their destinations again (after a PACS outage longer
         than ``exporter.max_attempts`` allowed, or objects the PACS lost)."""
         count = _study_action(request, study_uid, db.resend_results)
         return {"deliveries": count, "study": db.get_study(study_uid)}
 
-    @app.post("/api/studies/{study_uid}/reprocess", **admin_action)
+    @app.post("/api/studies/{study_uid}/reprocess", **study_action)
     def reprocess(study_uid: str, request: Request) -> dict[str, Any]:
         """The study goes through routing and analysis again, as a new generation."""
         generation = _study_action(request, study_uid, db.reprocess_study)
@@ -230,12 +246,11 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
             "responses": {**admin_action["responses"], 404: {"description": "No such destination"}},
         },
     )
-    def retry_destination(name: str, request: Request) -> dict[str, Any]:
+    def retry_destination(name: str, user: str = Depends(admin_json_request)) -> dict[str, Any]:
         """Every delivery to the destination that failed for good goes back to the outbox,
         its attempts counted from zero (after an outage longer than
         ``exporter.outage_patience_s``, or once its configuration is mended): the current
         results of each study and every rejection note owed, never withdrawn results."""
-        user = admin_json_request(request)
         retried = db.retry_failed(name)
         if not retried.deliveries and name not in {d.name for d in settings.destinations}:
             raise HTTPException(status_code=404, detail=f"no destination named {name}")

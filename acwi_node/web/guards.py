@@ -1,18 +1,24 @@
 """Who may call what, and what the JSON API takes and answers: the checks its handlers share
-(:func:`admin_user`, :func:`admin_json_request`), the limits and headers of every ``/api/``
-request (:class:`ApiLimits`), the answer to an error nothing else answered
+(:func:`admin_user`, :func:`admin_json_request`; :func:`access_guard` marks them, and
+:class:`GuardsFirst` runs them before a request's body is read), the limits of every request
+body and the headers of every ``/api/`` answer (:class:`ApiLimits`), ``HEAD`` answered as
+``GET`` (:class:`HeadAsGet`), the answer to an error nothing else answered
 (:func:`server_failed`) and what the OpenAPI document says of signing in and of errors
 (:func:`document_access`)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from fastapi import HTTPException, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.routing import iter_route_contexts
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from acwi_node.review.store import SessionInfo
@@ -21,10 +27,35 @@ from acwi_node.review.store import SessionInfo
 #: retrieval is a few kilobytes; a larger body is refused (413) before it is read whole.
 MAX_API_BODY = 1 << 20
 
+#: The largest body a review page's form may post (sign-in, a verdict with its lesion boxes,
+#: an amendment, an administrator's action), in bytes: the largest, a verdict, is a few
+#: kilobytes (a reason of at most 1000 characters, at most 20 lesion boxes).
+MAX_FORM_BODY = 64 * 1024
+
+#: The paths whose handlers enforce their own body limit: STOW-RS
+#: (``dicomweb.max_request_bytes``).
+OWN_BODY_LIMIT = ("/dicomweb/",)
+
+G = TypeVar("G", bound=Callable[[Request], object])
+
+#: The checks of who may call a route (:func:`access_guard`).
+_GUARDS: set[Callable[[Request], object]] = set()
+
+
+def access_guard(check: G) -> G:
+    """Mark ``check`` (a dependency taking only the request: who signed in, the headers) as
+    one that decides who may call a route: :class:`GuardsFirst` runs it before the request's
+    body is read, so that a caller without the right gets 401, 403 or 415 whatever the body
+    holds, never the body's 422."""
+    _GUARDS.add(check)
+    return check
+
+
 #: What every answer of the JSON API carries (patient-related data: kept by no cache).
 API_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 
 
+@access_guard
 def admin_user(request: Request) -> str:
     """The signed-in administrator's user name; 403 for anyone else."""
     user: SessionInfo | None = getattr(request.state, "user", None)
@@ -33,6 +64,7 @@ def admin_user(request: Request) -> str:
     return user.user_name
 
 
+@access_guard
 def admin_json_request(request: Request) -> str:
     """An administrator's POST with a JSON body: the content type keeps cross-site forms
     (which cannot send it without a CORS preflight the node never grants) out."""
@@ -44,10 +76,21 @@ def admin_json_request(request: Request) -> str:
 
 
 class BodyTooLarge(HTTPException):
-    """A request body past :data:`MAX_API_BODY`."""
+    """A request body past its path's limit (:func:`body_limit`)."""
 
-    def __init__(self) -> None:
-        super().__init__(status_code=413, detail=f"the body is larger than {MAX_API_BODY} bytes")
+    def __init__(self, limit: int = MAX_API_BODY) -> None:
+        super().__init__(status_code=413, detail=f"the body is larger than {limit} bytes")
+
+
+def body_limit(path: str) -> int | None:
+    """The largest body a request to ``path`` may carry, in bytes: :data:`MAX_API_BODY` under
+    ``/api/``, :data:`MAX_FORM_BODY` for the review app's pages and forms (``/login``,
+    ``/review/...``); None under :data:`OWN_BODY_LIMIT`, whose handler holds its own."""
+    if path.startswith("/api/"):
+        return MAX_API_BODY
+    if path.startswith(OWN_BODY_LIMIT):
+        return None
+    return MAX_FORM_BODY
 
 
 def _with_api_headers(send: Send) -> Send:
@@ -64,22 +107,29 @@ def _with_api_headers(send: Send) -> Send:
 
 
 class ApiLimits:
-    """ASGI middleware of every ``/api/`` request: a body larger than :data:`MAX_API_BODY`
-    is refused with 413 (by its Content-Length before anything is read, else once that much
-    has come, whatever the handler reading it answered), and every answer carries
+    """ASGI middleware of every request: a body larger than its path's limit
+    (:func:`body_limit`: 1 MiB for the JSON API, 64 KiB for the review app's forms) is
+    refused with 413 (by its Content-Length before anything is read, else once that much has
+    come, whatever the handler reading it answered), and every ``/api/`` answer carries
     :data:`API_HEADERS` (those a handler set stay)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not str(scope["path"]).startswith("/api/"):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        send = _with_api_headers(send)
-        refusal = JSONResponse({"detail": BodyTooLarge().detail}, 413)
+        path = str(scope["path"])
+        if path.startswith("/api/"):
+            send = _with_api_headers(send)
+        limit = body_limit(path)
+        if limit is None:
+            await self.app(scope, receive, send)
+            return
+        refusal = JSONResponse({"detail": BodyTooLarge(limit).detail}, 413)
         declared = Headers(scope=scope).get("content-length", "").strip()
-        if declared.isdigit() and int(declared) > MAX_API_BODY:
+        if declared.isdigit() and int(declared) > limit:
             await refusal(scope, receive, send)
             return
         received = 0
@@ -90,9 +140,9 @@ class ApiLimits:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > MAX_API_BODY:
+                if received > limit:
                     exceeded = True
-                    raise BodyTooLarge()
+                    raise BodyTooLarge(limit)
             return message
 
         async def send_or_refuse(message: Message) -> None:
@@ -113,6 +163,86 @@ class ApiLimits:
             if not exceeded or started:
                 raise
             await refusal(scope, receive, send)
+
+
+def _guards_of(dependant: Dependant) -> Iterator[Callable[[Request], object]]:
+    """The :func:`access_guard` checks among ``dependant``'s dependencies, at any depth."""
+    for sub in dependant.dependencies:
+        if sub.call in _GUARDS:
+            yield sub.call
+        yield from _guards_of(sub)
+
+
+class GuardsFirst:
+    """ASGI middleware, inside the sign-in (which has put the user on the request): a
+    ``/api/`` request that may carry a body (any method but ``GET``, ``HEAD`` and
+    ``OPTIONS``) goes through its route's :func:`access_guard` checks before anything reads
+    its body. FastAPI reads and parses a body before it solves a route's dependencies: a
+    radiologist's malformed JSON to an administrators' endpoint got 422, not 403. The route
+    runs the same checks again as dependencies (they are cheap, and read no body)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and str(scope["path"]).startswith("/api/")
+            and scope["method"] not in ("GET", "HEAD", "OPTIONS")
+        ):
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _refusal(scope: Scope) -> Response | None:
+        """The answer of the first check of the route ``scope`` names that refuses it."""
+        app = scope.get("app")
+        if app is None:
+            return None
+        for route in iter_route_contexts(app.router.routes):
+            match, _ = route.matches(scope)
+            if match is not Match.FULL:
+                continue
+            dependant = getattr(route, "dependant", None)
+            if dependant is None:
+                return None
+            request = Request(scope)
+            for check in dict.fromkeys(_guards_of(dependant)):
+                try:
+                    check(request)
+                except HTTPException as exc:
+                    return JSONResponse(
+                        {"detail": exc.detail}, exc.status_code, headers=exc.headers
+                    )
+            return None
+        return None
+
+
+class HeadAsGet:
+    """ASGI middleware: a ``HEAD`` request is answered as its ``GET`` would be, without the
+    body (status and headers, Content-Length included). FastAPI's routes answer only the
+    methods they declare (``HEAD`` was 405), and load balancers and monitoring probe with
+    ``HEAD``; a path without ``GET`` still answers 405."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 async def server_failed(request: Request, exc: Exception) -> Response:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from acwi_node.config import Settings
 from acwi_node.ledger import Ledger
+from acwi_node.model_overview import model_version_known
 from acwi_node.monitoring import pinning
 from acwi_node.monitoring.report import BaselineRefused, ModelMonitor
 from acwi_node.monitoring.shadow import ShadowComparison
@@ -65,9 +66,21 @@ def monitoring_router(settings: Settings, db: Ledger) -> APIRouter:
             out["turnaround"] = turnaround.report().as_json()
         return out
 
+    def _known(name: str, version: str) -> None:
+        """404 for a model version the node never ran nor installed."""
+        if not model_version_known(settings, db, name, version):
+            raise HTTPException(
+                status_code=404, detail=f"no model {name} version {version} on this node"
+            )
+
+    unknown: dict[int | str, dict[str, Any]] = {
+        404: {"description": "No such model version on the node"}
+    }
+
     @router.put(
         "/api/monitoring/baselines/{name}/{version}",
         responses={
+            **unknown,
             403: {"description": "Not an administrator"},
             415: {"description": "Not sent as application/json"},
             422: {"description": "A period the node cannot use (detail)"},
@@ -78,6 +91,7 @@ def monitoring_router(settings: Settings, db: Ledger) -> APIRouter:
     ) -> dict[str, Any]:
         """Compare the model version with the studies it analysed from ``since`` to
         ``until`` (at least ``monitoring.min_studies`` of them)."""
+        _known(name, version)
         try:
             notice = pinning.pin(monitor, name, version, body.since, body.until, by)
         except BaselineRefused as exc:
@@ -87,10 +101,11 @@ def monitoring_router(settings: Settings, db: Ledger) -> APIRouter:
 
     @router.delete(
         "/api/monitoring/baselines/{name}/{version}",
-        responses={403: {"description": "Not an administrator"}},
+        responses={**unknown, 403: {"description": "Not an administrator"}},
     )
     def delete_baseline(name: str, version: str, by: str = Depends(admin_user)) -> dict[str, Any]:
         """Compare the model version with its first ``monitoring.baseline_studies`` again."""
+        _known(name, version)
         return {"notice": pinning.clear(monitor, name, version, by)}
 
     return router

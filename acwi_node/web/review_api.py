@@ -34,6 +34,7 @@ from acwi_node.review.store import (
     frame_number_of,
 )
 from acwi_node.review.verdicts import MAX_REASON, VerdictOutcome, amend_verdict, submit_verdict
+from acwi_node.web.guards import access_guard
 
 log = logging.getLogger("acwi_node.api")
 
@@ -121,6 +122,7 @@ def case_json(case: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+@access_guard
 def reader_json_request(request: Request) -> SessionInfo:
     """A radiologist's or administrator's POST with a JSON body; 403 / 415 otherwise."""
     user: SessionInfo | None = getattr(request.state, "user", None)

@@ -12,8 +12,8 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from acwi_node.config import Settings
-from acwi_node.export.withdrawal import MAX_NOTE, withdraw_results
-from acwi_node.ledger import Ledger, StudyActionRefused
+from acwi_node.export.withdrawal import MAX_NOTE, NoSuchModel, withdraw_results
+from acwi_node.ledger import Ledger, NoSuchStudy, StudyActionRefused
 from acwi_node.review.inputs import TypedText
 from acwi_node.web.guards import admin_json_request
 
@@ -58,8 +58,10 @@ def withdrawals_router(settings: Settings, db: Ledger) -> APIRouter:
             )
         except ValueError as exc:
             raise HTTPException(status_code=422, detail=str(exc)) from exc
-        except StudyActionRefused as exc:
+        except (NoSuchStudy, NoSuchModel) as exc:
             raise HTTPException(status_code=404, detail=str(exc)) from exc
+        except StudyActionRefused as exc:
+            raise HTTPException(status_code=409, detail=str(exc)) from exc
 
     @router.post(
         "/api/studies/{study_uid}/withdraw",
@@ -81,7 +83,16 @@ def withdrawals_router(settings: Settings, db: Ledger) -> APIRouter:
         log.info("%s: results withdrawn (%s) by %s", study_uid, body.reason, user)
         return {**report.as_json(), "study": db.get_study(study_uid)}
 
-    @router.post("/api/models/{name}/{version}/recall", responses=_RESPONSES)
+    @router.post(
+        "/api/models/{name}/{version}/recall",
+        responses={
+            **_RESPONSES,
+            404: {
+                "description": "No such model version on the node (none analysed, running"
+                " or installed)"
+            },
+        },
+    )
     async def recall(
         name: str,
         version: str,
@@ -90,7 +101,9 @@ def withdrawals_router(settings: Settings, db: Ledger) -> APIRouter:
         user: str = Depends(admin_json_request),
     ) -> dict[str, Any]:
         """Withdraw every result model ``name`` ``version`` gave (as ``acwi-node models
-        recall``; reprocessing the studies is a separate request per study)."""
+        recall``; reprocessing the studies is a separate request per study): 404 for a
+        version the node does not know, 200 with nothing withdrawn for one that analysed
+        nothing yet."""
         report = await run(request, body, user, model_name=name, model_version=version)
         log.info("model %s %s recalled by %s", name, version, user)
         return report.as_json()

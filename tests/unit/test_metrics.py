@@ -220,6 +220,16 @@ def test_ops_server_serves_health_readiness_and_process_metrics(
     }
     assert samples[("acwi_scp_instances_rejected_total", (("reason", "invalid_uid"),))] >= 1
     assert get(base + "/nothing")[0] == 404
+    # HEAD, as load balancers probe: the GET's status and headers, no body (it was 501)
+    for path in ("/healthz", "/readyz", "/metrics", "/nothing"):
+        request = urllib.request.Request(base + path, method="HEAD")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                status, headers, body = int(response.status), response.headers, response.read()
+        except urllib.error.HTTPError as exc:
+            status, headers, body = int(exc.code), exc.headers, exc.read()
+        assert (status, body) == (get(base + path)[0], b""), path
+        assert int(headers["Content-Length"]) > 0, path
 
 
 PREFORK_SCRIPT = """

@@ -22,6 +22,7 @@ from tests.support.review_case import (
     CSRF,
     DESTINATION,
     MODEL,
+    PASSWORD,
     ROUTE,
     add_user,
     review_settings,
@@ -142,4 +143,47 @@ def test_an_administrator_recalls_a_version_from_the_page(
     for uid in (uid1, uid2):
         view = ledger.get_study(uid)
         assert view is not None and all(j["withdrawn"] for j in view["jobs"])
+    ledger.dispose()
+
+
+def test_a_recall_of_a_version_the_node_does_not_know_is_not_found(
+    node: tuple[Settings, Ledger], tmp_path: Path
+) -> None:
+    """Over the API and from the page: a model name or version the node never ran nor
+    installed is 404, nothing withdrawn; one installed that analysed nothing is a recall of
+    nothing (200, zero)."""
+    settings, ledger = node
+    analysed(settings, ledger, tmp_path, seed=1)
+    deliver(ledger)
+    name, version = _version(settings, ledger)
+    ModelRegistry(settings.models_dir).install(
+        model_variant(tmp_path / "v9", version="9.9.9").parent, name=MODEL
+    )
+    (model,) = [m for m in models_overview(settings, ledger) if m.model == MODEL]
+    (idle,) = [v for v in model.versions if v.version == "9.9.9"]
+    assert idle.analyses == 0
+    add_user(ledger, "boss", "admin")
+    boss = ("boss", PASSWORD)
+    body = {"reason": "safety", "note": NOTE}
+    with TestClient(create_app(settings, ledger)) as client:
+        for unknown_name, unknown_version in [(name, "0.0.0-none"), ("no-such-model", version)]:
+            url = f"/api/models/{unknown_name}/{unknown_version}/recall"
+            answer = client.post(url, json=body, auth=boss)
+            assert answer.status_code == 404, answer.text
+            assert answer.json() == {
+                "detail": f"no model {unknown_name} version {unknown_version} on this node"
+            }
+        nothing = client.post(f"/api/models/{idle.name}/9.9.9/recall", json=body, auth=boss)
+        assert nothing.status_code == 200, nothing.text
+        assert (nothing.json()["withdrawn"], nothing.json()["jobs"]) == (0, [])
+
+        sign_in(client, "boss")
+        token = CSRF.search(client.get("/review/models").text)
+        assert token is not None
+        form = {"csrf_token": token.group(1), "name": name, "version": "0.0.0-none",
+                "reason": "safety", "note": NOTE, "confirm": "1"}  # fmt: skip
+        page = client.post("/review/models/recall", data=form)
+        assert page.status_code == 404
+        assert f"no model {name} version 0.0.0-none on this node" in page.text
+    assert notes_due(ledger, settings) == {}
     ledger.dispose()

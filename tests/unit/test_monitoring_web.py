@@ -66,8 +66,10 @@ def test_monitor_command_reads_shifted_and_exits_1(
     assert len(model["trend"]) == 1
     statuses = {s["signal"]: s["status"] for s in model["signals"]}
     assert statuses["ood_rate"] == "shifted" and statuses["site"] == "stable"
-    assert main(["--config", str(config), "monitor", "--model", "other"]) == 0
-    assert "no model analysed a study" in capsys.readouterr().out
+    # a model the node never ran: one line, exit 2 (it was "no model analysed" and exit 0)
+    assert main(["--config", str(config), "monitor", "--model", "other"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines()[-1] == "acwi-node monitor: no model other on this node"
     # a window of no days is refused, not read as the default window
     assert main(["--config", str(config), "monitor", "--days", "0"]) == 2
     assert "--days must be 1 to 365" in capsys.readouterr().err
@@ -92,6 +94,14 @@ def test_monitor_baseline_command_pins_and_clears(
     assert main([*args, "--since", since, "--until", "9999-12-31"]) == 1
     assert "not a date: 9999-12-31 is past the last day" in capsys.readouterr().err
     assert main([*args]) == 2
+    # a version the node never ran: one line, exit 2, whether pinned or cleared
+    other = ["--config", str(config), "monitor", "baseline", "dianet-cxr", "9.9.9"]
+    for extra in (["--since", since, "--until", until], ["--clear"]):
+        assert main([*other, *extra]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.splitlines()[-1] == (
+            "acwi-node monitor baseline: no model dianet-cxr version 9.9.9 on this node"
+        )
     assert main(["--config", str(config), "monitor", "--json"]) == 0
     (model,) = json.loads(capsys.readouterr().out)["models"]
     assert model["baseline"]["kind"] == "pinned"
@@ -161,6 +171,13 @@ def test_monitoring_api_and_page(ledger_node: tuple[Settings, Ledger]) -> None:
             "dianet-cxr 1.0.0: compared with its first 100 studies"
         )
         assert client.delete(url).json()["notice"].endswith("(no baseline was pinned)")
+        # a version the node never ran: 404, as the command's exit 2 (422 and 200 before)
+        for answer in (
+            client.put("/api/monitoring/baselines/dianet-cxr/9.9.9", json=period),
+            client.delete("/api/monitoring/baselines/dianet-cxr/9.9.9"),
+        ):
+            assert answer.status_code == 404
+            assert answer.json() == {"detail": "no model dianet-cxr version 9.9.9 on this node"}
         # the page's form
         page = client.get("/review/monitoring")
         assert "Pin the baseline" in page.text

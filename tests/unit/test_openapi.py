@@ -45,7 +45,18 @@ def test_an_administrator_s_action_takes_json_and_may_be_refused(
 ) -> None:
     post = paths[f"/api/studies/{{study_uid}}/{action}"]["post"]
     assert list(post["requestBody"]["content"]) == ["application/json"]
-    assert {"200", "403", "409", "415"} <= set(post["responses"])
+    assert {"200", "403", "404", "409", "415"} <= set(post["responses"])
+    assert post["responses"]["404"]["description"] == "No such study"
+    assert "No such" not in post["responses"]["409"]["description"]
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/studies/{study_uid}/withdraw", "/api/models/{name}/{version}/recall"]
+)
+def test_a_withdrawal_of_what_the_node_does_not_hold_is_not_found(
+    paths: dict[str, Any], path: str
+) -> None:
+    assert {"200", "403", "404", "409", "415", "422"} <= set(paths[path]["post"]["responses"])
 
 
 def test_the_other_answers_given_by_hand(paths: dict[str, Any]) -> None:

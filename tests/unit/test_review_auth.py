@@ -235,8 +235,12 @@ def test_users_passwd_command(
     assert not auth.verify_password("first password 1", changed.password_hash)
     assert store.session_user(session, idle_timeout_s=600) is None  # signed out
     assert "user_password_set" in [e["action"] for e in store.audit_events()]
-    monkeypatch.setattr("sys.stdin", io.StringIO("second password 2\n"))
+    # an unknown user is said at once, before a password is asked for (one line, exit 1)
+    typed = io.StringIO("second password 2\n")
+    monkeypatch.setattr("sys.stdin", typed)
     assert cli.main(["--config", str(config), "users", "passwd", "nobody", "--password-stdin"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == "acwi-node users passwd: no user 'nobody'"
+    assert typed.read() == "second password 2\n"  # nothing read
     ledger.dispose()
 
 

@@ -164,8 +164,13 @@ def test_the_api_lets_administrators_act_on_json_requests_only(
         deliver(ledger)
         answer = client.post("/api/studies/1.2.3/reprocess", json={}, auth=admin)
         assert answer.status_code == 200 and answer.json()["generation"] == 2
-        missing = client.post("/api/studies/9.9.9/resend", json={}, auth=admin)
-        assert missing.status_code == 409 and missing.json()["detail"] == "no such study"
+        # a study the node does not hold is not found, as by withdraw and GET (not a 409)
+        for action in ("resend", "reprocess", "withdraw"):
+            missing = client.post(
+                f"/api/studies/9.9.9/{action}", json={"note": "wrong study"}, auth=admin
+            )
+            assert missing.status_code == 404, (action, missing.text)
+            assert missing.json()["detail"] == "no such study"
 
 
 def test_administrators_resend_and_reprocess_failed_studies_from_the_dashboard(
@@ -211,6 +216,8 @@ def test_administrators_resend_and_reprocess_failed_studies_from_the_dashboard(
         assert "back in the outbox" in client.get(done.headers["location"]).text
         again = client.post("/review/studies/1.2.3/resend", data={"csrf_token": csrf_token})
         assert again.status_code == 409 and "the study is exporting" in again.text
+        missing = client.post("/review/studies/9.9.9/resend", data={"csrf_token": csrf_token})
+        assert missing.status_code == 404 and "9.9.9: no such study" in missing.text
         done = client.post(
             "/review/studies/1.2.4/reprocess",
             data={"csrf_token": csrf_token},

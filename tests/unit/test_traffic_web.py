@@ -15,6 +15,7 @@ from acwi_node.cli import main
 from acwi_node.config import Settings
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import utcnow
+from acwi_node.model_overview import models_overview
 from acwi_node.observability.metrics import ledger_registry
 from acwi_node.web.api import create_app
 from tests.support.arrivals import WEEK, Arrivals
@@ -53,7 +54,8 @@ def test_monitor_command_tells_a_source_that_stopped(
     body = json.loads(capsys.readouterr().out)
     ct1 = next(f for f in body["traffic"]["flows"] if f["name"] == "CT1")
     assert ct1["status"] == "shifted" and ct1["windows"][0]["expected"] == 10.0
-    assert main(["--config", str(config), "monitor", "--model", "x", "--json"]) == 0
+    known = models_overview(settings, ledger)[0].versions[0].name  # the node's running model
+    assert main(["--config", str(config), "monitor", "--model", known, "--json"]) == 0
     assert "traffic" not in json.loads(capsys.readouterr().out)
 
 

@@ -20,6 +20,7 @@ from acwi_node.ledger import Ledger, ResultFile, RoutedJob
 from acwi_node.ledger.models import Instance, Job, Study, utcnow
 from acwi_node.ledger.repository import STAT_PRIORITY
 from acwi_node.ledger.trace import study_trace
+from acwi_node.model_overview import models_overview
 from acwi_node.monitoring.drift import Status
 from acwi_node.monitoring.turnaround import (
     ALL,
@@ -270,7 +271,8 @@ def test_monitor_api_pages_and_metrics_tell_a_slow_route(
     assert body["status"] == "shifted" and body["goal_s"] == 300.0
     assert body["routes"][1]["steps"][-1] == {"step": "total", "p50": 404.0, "p95": 404.0,
                                                "max": 404.0}  # fmt: skip
-    assert main(["--config", str(config), "monitor", "--model", "x", "--json"]) == 0
+    known = models_overview(settings, ledger)[0].versions[0].name  # the node's running model
+    assert main(["--config", str(config), "monitor", "--model", known, "--json"]) == 0
     assert "turnaround" not in json.loads(capsys.readouterr().out)
 
     settings = settings.model_copy(

@@ -23,6 +23,7 @@ from starlette.routing import BaseRoute
 from acwi_node.config import Settings
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import Verdict
+from acwi_node.model_overview import models_overview
 from acwi_node.review import auth
 from acwi_node.review.inputs import MAX_ROW_ID, typed_text_error
 from acwi_node.review.store import ReviewStore
@@ -450,6 +451,8 @@ def test_a_control_character_in_a_json_name_is_refused(
     settings, ledger = ledger_node
     add_user(ledger, "ada", role="admin")
     item = _open_case(settings, ledger)
+    # a model version the node ran (another is not found, whatever the body: 404)
+    model = next(v for m in models_overview(settings, ledger) for v in m.versions if v.analyses)
     with _client(settings, ledger) as client:
         for method, path, body in [
             ("POST", f"/api/review/cases/{item}/verdict",
@@ -460,7 +463,7 @@ def test_a_control_character_in_a_json_name_is_refused(
              {"amends": 1, "action": "override", "label": "x\u001b", "reason": "r"}),
             ("POST", "/api/retrievals", {"source": "pacs\u0000", "study_uid": "1.2"}),
             ("POST", "/api/retrievals", {"source": "pacs", "accession_number": "A\u0000"}),
-            ("PUT", "/api/monitoring/baselines/m/1",
+            ("PUT", f"/api/monitoring/baselines/{model.name}/{model.version}",
              {"since": "2026-01-0\u0000", "until": "2026-01-31"}),
         ]:  # fmt: skip
             answer = client.request(method, path, json=body, auth=ADMIN)

@@ -661,10 +661,15 @@ def test_a_recall_withdraws_one_model_versions_results_and_reprocesses(
     config = tmp_path / "node.toml"
     config.write_text(_toml(settings), encoding="utf-8")
 
-    # another version's recall touches nothing
+    # a version the node does not know: one line, exit 2 (as a name mistyped), nothing touched
     recall = ["--config", str(config), "models", "recall", name]
-    assert main([*recall, "0.0.0-other", "--note", NOTE]) == 0
-    assert "0 analysis(es) withdrawn, 0 not" in capsys.readouterr().out
+    for extra in ([], ["--dry-run"]):
+        assert main([*recall, "0.0.0-other", "--note", NOTE, *extra]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.splitlines()[-1] == (
+            f"acwi-node models recall: no model {name} version 0.0.0-other on this node"
+        )
+    assert ledger.due_deliveries() == []
     # a dry run lists, changes nothing
     args = [*recall, version, "--note", NOTE]
     assert main([*args, "--dry-run"]) == 0

@@ -622,6 +622,13 @@ class RetrieveSettings(_Strict):
     #: waiting for its studies' analyses lets others go first).
     poll_interval_s: float = Field(1.0, gt=0, le=3600)
 
+    @property
+    def lease_s(self) -> float:
+        """How long a running retrieval stays its runner's without a renewal; renewed on every
+        C-MOVE response: a source silent for longer than the DIMSE timeout has ended the
+        C-MOVE anyway."""
+        return self.timeout_s + 60.0
+
 
 class Source(_Strict):
     """A PACS the node may retrieve studies from (``acwi-node studies retrieve``,

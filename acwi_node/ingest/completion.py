@@ -77,7 +77,11 @@ class CompletionService:
         last = self._clocks
         if last is None:
             moved = self.ledger.clock_stepped(
-                -dt.timedelta(seconds=CLOCK_STEP_S), stamped_before=wall, timers=False
+                -dt.timedelta(seconds=CLOCK_STEP_S),
+                stamped_before=wall,
+                timers=False,
+                retrieval_lease_s=self.settings.retrieve.lease_s,
+                session_lifetime_s=self.settings.review.session_lifetime_s,
             )
             if moved:
                 log.warning(
@@ -89,7 +93,12 @@ class CompletionService:
             passed = dt.timedelta(seconds=mono - last[1])
             step = (wall - last[0]) - passed
             if abs(step.total_seconds()) > CLOCK_STEP_S:
-                moved = self.ledger.clock_stepped(step, stamped_before=last[0] + passed)
+                moved = self.ledger.clock_stepped(
+                    step,
+                    stamped_before=last[0] + passed,
+                    retrieval_lease_s=self.settings.retrieve.lease_s,
+                    session_lifetime_s=self.settings.review.session_lifetime_s,
+                )
                 log.warning(
                     "the wall clock stepped %+.0f s: %d ledger time(s) moved with it",
                     step.total_seconds(),

@@ -171,9 +171,7 @@ class RetrievalService:
 
     @property
     def lease_s(self) -> float:
-        # Renewed on every C-MOVE response: a PACS silent for longer than the DIMSE timeout
-        # has ended the C-MOVE anyway.
-        return self.settings.retrieve.timeout_s + 60.0
+        return self.settings.retrieve.lease_s
 
     # ----------------------------------------------------------------- one retrieval
     def tick(self) -> bool:

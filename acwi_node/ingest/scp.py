@@ -30,6 +30,7 @@ import collections
 import datetime as dt
 import ipaddress
 import logging
+import posixpath
 import socket
 import ssl
 import struct
@@ -448,6 +449,11 @@ class StorageSCP:
         #: Whether the last spool file could be written: only then is a journaled instance
         #: answered before its spool file is written (see :meth:`_store_journaled`).
         self._spool_works = True
+        #: By journal record number, of the instances acknowledged without a spool file or a
+        #: ledger row: the spool path, and the file the instance left there (inode and size;
+        #: its own, else the one it found, None: none). Another file there at the checkpoint
+        #: is a later version's (see :meth:`_record_acknowledged`).
+        self._unrecorded_files: dict[int, tuple[str, tuple[int, int] | None]] = {}
         #: Held from the first association accepted to the end of the last one.
         self.cpu_latency = CpuLatencyRequest(settings.ingest.cpu_wakeup_latency_us)
 
@@ -520,14 +526,58 @@ class StorageSCP:
             self.spool.remove_moved(row.moved_from)
         return True
 
+    def _unrecorded(
+        self, journal: IngestJournal, ticket: Ticket, path: str, left: tuple[int, int] | None
+    ) -> None:
+        """An instance answered, its spool file or ledger row not written: the journal's
+        checkpoint writes them. ``left``: the file at its ``path`` (:meth:`Spool.identity`)."""
+        self._unrecorded_files[ticket.number] = (path, left)
+        journal.unrecorded(ticket)
+
     def _record_acknowledged(self, record: JournalRecord) -> None:
-        """For the journal's checkpoint: the ledger row of an instance answered while the
-        ledger failed, unless a later version of the instance has been recorded since."""
-        written = dt.datetime.fromtimestamp(record.time_ns / 1e9, dt.timezone.utc)
-        recorded_at = self.ledger.instance_received_at(str(record.meta["sop_instance_uid"]))
-        if recorded_at is not None and recorded_at > written.replace(tzinfo=None):
-            return
-        self._replay(record)
+        """For the journal's checkpoint: the spool file and ledger row of an instance answered
+        while the spool or the ledger failed, unless a later version of the instance came
+        since. Which came later is told without the wall clock (NTP may have set it back
+        meanwhile): by this journal's order, and by the spool file, which every later version
+        replaces."""
+        note = self._unrecorded_files.get(record.number)
+        if note is None or not self._later_version(record, *note):
+            self._replay(record)  # raises while the ledger fails: the note stays for the next
+        self._unrecorded_files.pop(record.number, None)
+
+    def _later_version(
+        self, record: JournalRecord, path: str, left: tuple[int, int] | None
+    ) -> bool:
+        """Whether a later version of ``record``'s instance came: answered here after it and
+        not recorded yet either (its record, replayed after this one, decides), or stored in
+        the spool since (another file at ``path``) and recorded (the row describes that file).
+        A file stored since and not recorded is a version refused, or a version another
+        process answered and records at its checkpoint, after this one."""
+        name = posixpath.basename(path)  # <study>/<SOP Instance UID>.dcm
+        if any(
+            number > record.number and posixpath.basename(other) == name
+            for number, (other, _) in list(self._unrecorded_files.items())
+        ):
+            return True
+        version = self.ledger.instance_version(str(record.meta["sop_instance_uid"]))
+        if version is not None and version[0] != path:
+            # Recorded in another study: moved there before this version came, or after it.
+            # Neither the spool nor this journal can tell; the row's time does, unless the
+            # wall clock was set back between the two.
+            written = dt.datetime.fromtimestamp(record.time_ns / 1e9, dt.timezone.utc)
+            return version[3] > written.replace(tzinfo=None)
+        now = self.spool.identity(path)
+        if now is None or now == left:
+            return False  # this version's file, or the one before it (or retention's doing)
+        try:
+            data = self.spool.resolve(path).read_bytes()
+        except FileNotFoundError:
+            return False
+        return (
+            version is not None
+            and version[:2] == (path, len(data))
+            and (version[2] is None or version[2] == crc32_of([data]))
+        )
 
     def open_journal(self) -> None:
         """Replay the journals of stopped processes, then open this process's journal."""
@@ -536,6 +586,7 @@ class StorageSCP:
             return
         root = self.spool.root / ".journal"
         replay_orphans(root, self._replay, self._flush_spool_and_ledger, fsync=cfg.fsync)
+        self._unrecorded_files.clear()  # numbered by the journal, which starts here
         journal = IngestJournal(
             root,
             self.spool.root,
@@ -975,7 +1026,7 @@ class StorageSCP:
                     record.calling_ae,
                     exc,
                 )
-                journal.unrecorded(ticket)
+                self._unrecorded(journal, ticket, record.path, self.spool.identity(record.path))
                 journal.done(ticket)
                 return
             self._queue_row(state, _PendingRow(record, ticket, patient_id, written))
@@ -1033,7 +1084,8 @@ class StorageSCP:
             except Exception:
                 self._ledger_works = False
                 for row in rows:
-                    journal.unrecorded(row.ticket)
+                    left = (row.written.inode, row.written.size)
+                    self._unrecorded(journal, row.ticket, row.record.path, left)
                 log.exception(
                     "C-STORE from %s: the ledger could not record %d acknowledged instance(s);"
                     " the journal's checkpoint records them",

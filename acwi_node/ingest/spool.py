@@ -208,6 +208,15 @@ class Spool:
             return True
         return st.st_ino == written.inode and st.st_size == written.size
 
+    def identity(self, relative: str) -> tuple[int, int] | None:
+        """The inode and size of the file at ``relative`` (what :meth:`is_current` compares:
+        a later write of the instance renames another file over it); None where there is none."""
+        try:
+            st = os.stat(os.path.join(self._root, relative))
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size
+
     def discard(self, path: Path) -> None:
         """Remove a stored file (used when recording it in the ledger failed)."""
         path.unlink(missing_ok=True)

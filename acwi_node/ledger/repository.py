@@ -59,6 +59,8 @@ from acwi_node.ledger.models import (
     Notification,
     Purge,
     Result,
+    Retrieval,
+    RetrievalState,
     ReviewItem,
     ReviewState,
     ShadowJob,
@@ -66,6 +68,7 @@ from acwi_node.ledger.models import (
     Study,
     StudyState,
     Verdict,
+    WebSession,
     utcnow,
 )
 
@@ -924,12 +927,20 @@ class Ledger:
             int(created[0]), 1, StudyState.RECEIVING.value, modality, body_part, rec.study_date
         )
 
-    def instance_received_at(self, sop_instance_uid: str) -> dt.datetime | None:
-        """When the ledger's row of an instance was last written (UTC); None: no such row."""
+    def instance_version(
+        self, sop_instance_uid: str
+    ) -> tuple[str, int, int | None, dt.datetime] | None:
+        """The spool path, size, CRC-32 (None where not known) and time (UTC) recorded for an
+        instance; None when the ledger has no such row."""
         with self.session() as s:
-            return s.execute(
-                select(Instance.received_at).where(Instance.sop_instance_uid == sop_instance_uid)
-            ).scalar_one_or_none()
+            row = s.execute(
+                select(Instance.path, Instance.size, Instance.crc32, Instance.received_at).where(
+                    Instance.sop_instance_uid == sop_instance_uid
+                )
+            ).first()
+        if row is None:
+            return None
+        return str(row[0]), int(row[1]), None if row[2] is None else int(row[2]), row[3]
 
     def instance_file(self, sop_instance_uid: str) -> tuple[str, int, str] | None:
         """The spool path, size and transfer syntax recorded for an instance; None when the
@@ -975,7 +986,13 @@ class Ledger:
         return [(r[0], r[1]) for r in rows]
 
     def clock_stepped(
-        self, by: dt.timedelta, *, stamped_before: dt.datetime, timers: bool = True
+        self,
+        by: dt.timedelta,
+        *,
+        stamped_before: dt.datetime,
+        timers: bool = True,
+        retrieval_lease_s: float | None = None,
+        session_lifetime_s: float | None = None,
     ) -> int:
         """The wall clock stepped ``by`` (NTP setting a clock that was wrong): move the times
         the completion loop and the reconciler count from, so that they measure the time that
@@ -987,9 +1004,18 @@ class Ledger:
         would complete at once, cut in two, and every worker's lease would look lapsed, its
         job taken by a second worker. Backward: a time now in the future becomes now, so the
         quiet period or the lease counts from now instead of waiting out the step; and the
-        next attempt of a delivery, an ORU or a notification waiting out its back-off moves
-        back with the clock (not before now), rather than an hour's step later (not with
-        ``timers`` false: a step of unknown size, found at start-up)."""
+        next attempt of a delivery, an ORU, a notification or a retrieval waiting out its
+        back-off moves back with the clock (not before now), rather than an hour's step later
+        (not with ``timers`` false: a step of unknown size, found at start-up).
+
+        The same for who opened an open case last (so that the others are not told a case
+        is being read for the step's length) and a web session's last use. A running
+        retrieval's lease (``retrieval_lease_s`` long) and a web session's end
+        (``session_lifetime_s`` after its sign-in) are deadlines (None: they stay): forward,
+        one set on the old clock (ending no later than its now and that length) moves with it,
+        else a second runner would take the C-MOVE from a live one and the PACS send the study
+        twice; backward, one ending further ahead than one set now would ends then, else a
+        dead runner's retrieval would wait out the step and a sign-in last the step longer."""
         now = utcnow()
         forward = by > dt.timedelta(0)
 
@@ -999,6 +1025,11 @@ class Ledger:
             if forward:
                 return value + by if value <= stamped_before else None
             return now if value > now else None
+
+        def ends(until: dt.datetime, length: dt.timedelta) -> dt.datetime | None:
+            if forward:
+                return until + by if until <= stamped_before + length else None
+            return now + length if until > now + length else None
 
         count = 0
         with self.session() as s:
@@ -1017,6 +1048,38 @@ class Ledger:
                 if beat is not None:
                     task.heartbeat_at = beat
                     count += 1
+            for item in s.scalars(
+                select(ReviewItem).where(
+                    ReviewItem.state == ReviewState.OPEN, ReviewItem.reading_since.is_not(None)
+                )
+            ):
+                since = moved(item.reading_since)
+                if since is not None:
+                    item.reading_since = since
+                    count += 1
+            if retrieval_lease_s is not None:
+                lease = dt.timedelta(seconds=retrieval_lease_s)
+                for retrieval in s.scalars(
+                    select(Retrieval).where(
+                        Retrieval.state == RetrievalState.RUNNING,
+                        Retrieval.lease_until.is_not(None),
+                    )
+                ):
+                    assert retrieval.lease_until is not None
+                    until = ends(retrieval.lease_until, lease)
+                    if until is not None:
+                        retrieval.lease_until = until
+                        count += 1
+            if session_lifetime_s is not None:
+                lifetime = dt.timedelta(seconds=session_lifetime_s)
+                for web_session in s.scalars(select(WebSession)):
+                    seen = moved(web_session.last_seen_at)
+                    until = ends(web_session.expires_at, lifetime)
+                    if seen is not None:
+                        web_session.last_seen_at = seen
+                    if until is not None:
+                        web_session.expires_at = until
+                    count += seen is not None or until is not None
             if forward or not timers:
                 return count  # a retry due sooner than its back-off asked for is harmless
             outboxes: tuple[type[Delivery] | type[Hl7Outbound] | type[Notification], ...]
@@ -1032,6 +1095,16 @@ class Ledger:
                         .values(next_attempt_at=max(now, at + by))
                     )
                     count += 1
+            waiting = (Retrieval.state == RetrievalState.QUEUED) & (Retrieval.next_attempt_at > now)
+            for row_id, at in s.execute(
+                select(Retrieval.id, Retrieval.next_attempt_at).where(waiting)
+            ).all():
+                s.execute(
+                    update(Retrieval)
+                    .where(Retrieval.id == row_id)
+                    .values(next_attempt_at=max(now, at + by))
+                )
+                count += 1
         return count
 
     def study_facts(self, study_id: int) -> StudyFacts:

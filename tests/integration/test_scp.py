@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime as dt
 import logging
 import socket
 import struct
@@ -37,7 +38,8 @@ from acwi_node.ingest.journal import (
 from acwi_node.ingest.scp import TRANSFER_SYNTAXES, StorageSCP
 from acwi_node.ingest.spool import Spool, SpoolError, SpoolFile
 from acwi_node.ledger import InstanceRecord, Ledger, RoutedJob
-from acwi_node.ledger.models import Instance, Study
+from acwi_node.ledger import repository as ledger_repository
+from acwi_node.ledger.models import Instance, Study, utcnow
 from tests.support.answer_threads import record_answer_threads
 from tests.support.association import rejected
 from tests.support.dcmtk import storescu
@@ -646,11 +648,21 @@ def test_a_spool_file_that_fails_after_the_answer_is_written_by_the_checkpoint(
         assert ledger.instance_file(ds.SOPInstanceUID) is not None
 
 
+def set_clock_back(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """The wall clock the ledger's rows are stamped with, set back (NTP stepping it)."""
+    stepped = dt.timedelta(seconds=seconds)
+    monkeypatch.setattr(ledger_repository, "utcnow", lambda: utcnow() - stepped)
+
+
+@pytest.mark.parametrize("clock_set_back_s", [0, 3600], ids=["", "clock-set-back"])
 def test_the_checkpoint_keeps_a_later_version_of_an_unrecorded_instance(
-    slow_checkpoints: tuple[Settings, Ledger, StorageSCP], monkeypatch: pytest.MonkeyPatch
+    slow_checkpoints: tuple[Settings, Ledger, StorageSCP],
+    monkeypatch: pytest.MonkeyPatch,
+    clock_set_back_s: float,
 ) -> None:
     """An instance answered while the ledger failed, then sent again and recorded: the
-    checkpoint must not bring back the first version."""
+    checkpoint must not bring back the first version, were the wall clock set back between
+    the two (the second version's row then looks older than the first's record)."""
     settings, ledger, scp = slow_checkpoints
     assert scp.journal is not None
     working = ledger.record_instances
@@ -663,6 +675,7 @@ def test_the_checkpoint_keeps_a_later_version_of_an_unrecorded_instance(
     monkeypatch.setattr(ledger, "record_instances", broken)
     assert send(settings, [first]) == [0]
     monkeypatch.setattr(ledger, "record_instances", working)
+    set_clock_back(monkeypatch, clock_set_back_s)
     assert send(settings, [second]) == [0]
     path = settings.spool_dir / study / f"{sop}.dcm"
     sent_last = path.read_bytes()
@@ -674,6 +687,134 @@ def test_the_checkpoint_keeps_a_later_version_of_an_unrecorded_instance(
         len(sent_last),
         ExplicitVRLittleEndian,
     )
+
+
+@pytest.mark.parametrize("later", [True, False], ids=["moved-after", "moved-before"])
+def test_the_checkpoint_tells_an_instance_moved_to_another_study(
+    slow_checkpoints: tuple[Settings, Ledger, StorageSCP],
+    monkeypatch: pytest.MonkeyPatch,
+    later: bool,
+) -> None:
+    """An instance answered in one study while the ledger failed, and recorded in another
+    study before (a correction the PACS sent earlier) or after it (sent again, corrected): the
+    checkpoint records the version that came last, in its study."""
+    settings, ledger, scp = slow_checkpoints
+    assert scp.journal is not None
+    working = ledger.record_instances
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("database is locked")
+
+    sop, unrecorded_study, recorded_study = generate_uid(), generate_uid(), generate_uid()
+    if not later:
+        assert send(settings, [make_sc(recorded_study, sop, patient="SCP^RECORDED")]) == [0]
+    monkeypatch.setattr(ledger, "record_instances", broken)
+    assert send(settings, [make_sc(unrecorded_study, sop)]) == [0]
+    monkeypatch.setattr(ledger, "record_instances", working)
+    if later:
+        assert send(settings, [make_sc(recorded_study, sop, patient="SCP^RECORDED")]) == [0]
+    assert scp.journal.checkpoint() > 0
+    last = recorded_study if later else unrecorded_study
+    recorded = ledger.instance_file(sop)
+    assert recorded is not None and recorded[0] == f"{last}/{sop}.dcm"
+
+
+def test_the_checkpoint_keeps_a_later_version_of_an_instance_whose_file_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An instance answered, its spool file failing after the answer; then sent again, and
+    recorded after the wall clock was set back: the checkpoint keeps the second version."""
+    with running_scp(tmp_path, journal_checkpoint_s=300) as (settings, ledger, scp):
+        assert scp.journal is not None
+        write = scp.spool.write
+        failures: list[str] = []
+
+        def full_once(*args: Any, **kwargs: Any) -> SpoolFile:
+            if not failures:
+                failures.append("no space")
+                raise SpoolError(
+                    "cannot write to spool: No space left on device", out_of_space=True
+                )
+            return write(*args, **kwargs)
+
+        monkeypatch.setattr(scp.spool, "write", full_once)
+        study, sop = generate_uid(), generate_uid()
+        first, second = make_sc(study, sop), make_sc(study, sop, patient="SCP^SECOND")
+        assert send(settings, [first]) == [0]
+        path = settings.spool_dir / study / f"{sop}.dcm"
+        assert failures and not path.exists()
+        set_clock_back(monkeypatch, 3600)
+        assert send(settings, [second]) == [0]
+        sent_last = path.read_bytes()
+        assert scp.journal.checkpoint() > 0
+        assert path.read_bytes() == sent_last
+        assert ledger.instance_file(sop) == (
+            f"{study}/{sop}.dcm",
+            len(sent_last),
+            ExplicitVRLittleEndian,
+        )
+
+
+def test_the_checkpoint_records_the_later_of_two_unrecorded_versions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two versions of an instance answered while the ledger failed now and then: the
+    checkpoint records them in the order they came, the second last."""
+    with running_scp(tmp_path, journal_checkpoint_s=300) as (settings, ledger, scp):
+        assert scp.journal is not None
+        working = ledger.record_instances
+
+        def broken(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("database is locked")
+
+        study, sop = generate_uid(), generate_uid()
+        first, second = make_sc(study, sop), make_sc(study, sop, patient="SCP^SECOND")
+        monkeypatch.setattr(ledger, "record_instances", broken)
+        assert send(settings, [first]) == [0]
+        monkeypatch.setattr(ledger, "record_instances", working)
+        assert send(settings, [make_sc(generate_uid())]) == [0]  # the ledger works again
+        monkeypatch.setattr(ledger, "record_instances", broken)
+        assert send(settings, [second]) == [0]  # answered first, its row failing after
+        monkeypatch.setattr(ledger, "record_instances", working)
+        path = settings.spool_dir / study / f"{sop}.dcm"
+        sent_last = path.read_bytes()
+        assert dcmread(path).PatientName == "SCP^SECOND"
+        assert scp.journal.checkpoint() > 0
+        assert path.read_bytes() == sent_last
+        assert ledger.instance_file(sop) == (
+            f"{study}/{sop}.dcm",
+            len(sent_last),
+            ExplicitVRLittleEndian,
+        )
+
+
+def test_the_checkpoint_records_an_unrecorded_instance_over_a_refused_later_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answered while the ledger failed; a second version, refused while it still failed,
+    left its file in the spool: the checkpoint brings back the version answered."""
+    with running_scp(tmp_path, journal_checkpoint_s=300) as (settings, ledger, scp):
+        assert scp.journal is not None
+        working = ledger.record_instances
+
+        def broken(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("database is locked")
+
+        study, sop = generate_uid(), generate_uid()
+        first, second = make_sc(study, sop), make_sc(study, sop, patient="SCP^SECOND")
+        monkeypatch.setattr(ledger, "record_instances", broken)
+        assert send(settings, [first]) == [0]
+        assert send(settings, [second]) == [scp_module.STATUS_LEDGER_UNAVAILABLE]
+        path = settings.spool_dir / study / f"{sop}.dcm"
+        assert dcmread(path).PatientName == "SCP^SECOND"
+        monkeypatch.setattr(ledger, "record_instances", working)
+        assert scp.journal.checkpoint() > 0
+        assert dcmread(path).PatientName == "SCP^TEST"
+        assert ledger.instance_file(sop) == (
+            f"{study}/{sop}.dcm",
+            path.stat().st_size,
+            ExplicitVRLittleEndian,
+        )
 
 
 def test_instances_wait_in_the_journal_until_its_checkpoint(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """The completion loop and the reconciler when NTP steps the wall clock, which the ledger's
-times are read on: a study still being sent is not cut in two, a live worker's job is not
-taken by a second one (a step forward), and no study or lapsed lease waits out the step (a
-step back)."""
+times are read on: a study still being sent is not cut in two, a live worker's job or a live
+runner's retrieval is not taken by a second one (a step forward), and no study, lapsed lease,
+retry, case shown as being read or sign-in waits out the step (a step back)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,12 @@ from acwi_node.config import Settings
 from acwi_node.ingest.completion import CompletionService
 from acwi_node.ledger import Ledger
 from acwi_node.ledger import repository as ledger_repository
+from acwi_node.ledger import retrievals as ledger_retrievals
 from acwi_node.ledger.models import Notification, utcnow
-from tests.support.study_flow import dx_record, route_all
+from acwi_node.ledger.retrievals import Retrievals
+from acwi_node.review import store as review_store
+from acwi_node.review.store import ReviewStore
+from tests.support.study_flow import analyse, dx_record, receive, route_all
 
 LEASE_S = 30.0
 
@@ -41,6 +45,8 @@ class Clocks:
 def clocks(monkeypatch: pytest.MonkeyPatch) -> Clocks:
     found = Clocks()
     monkeypatch.setattr(ledger_repository, "utcnow", lambda: found.wall)
+    monkeypatch.setattr(ledger_retrievals, "utcnow", lambda: found.wall)
+    monkeypatch.setattr(review_store, "utcnow", lambda: found.wall)
     return found
 
 
@@ -60,6 +66,13 @@ def analysing_job(ledger: Ledger) -> int:
     (job_id,) = ledger.complete_study(done.study_id, 1, route_all)
     assert ledger.claim_job(job_id, lease_s=LEASE_S) is not None
     return job_id
+
+
+def requested(retrievals: Retrievals, clocks: Clocks, study_uid: str) -> int:
+    """A retrieval request, due (its time is the real clock's, behind the test's a moment)."""
+    found = retrievals.request("pacs", {"study_uid": study_uid})
+    clocks.wait(1)
+    return found
 
 
 def state(ledger: Ledger, uid: str) -> str:
@@ -130,3 +143,103 @@ def test_times_left_in_the_future_by_a_step_back_before_start_up_count_from_now(
     assert service.tick() == []
     clocks.wait(1)
     assert len(service.tick()) == 1 and state(ledger, "1.2.3") == "queued"
+
+
+def test_a_clock_stepped_forward_lets_no_second_runner_take_a_running_retrieval(
+    ledger_node: tuple[Settings, Ledger], clocks: Clocks
+) -> None:
+    """Another ``scp`` process would run the C-MOVE again: the PACS sends the study twice."""
+    settings, ledger = ledger_node
+    service = loop(settings, ledger, clocks)
+    retrievals, lease_s = Retrievals(ledger), settings.retrieve.lease_s
+    running = requested(retrievals, clocks, "1.2.3")
+    assert retrievals.claim(lease_s) is not None
+    assert service.tick() == []
+    clocks.step(3600)
+    clocks.wait(0.1)
+    assert service.tick() == []
+    assert retrievals.claim(lease_s) is None  # its runner still holds it
+    clocks.wait(lease_s + 1)  # its runner died at the step: taken after its lease
+    taken = retrievals.claim(lease_s)
+    assert taken is not None and taken.id == running
+
+
+def test_a_clock_stepped_back_holds_no_lapsed_retrieval_or_retry_for_the_step(
+    ledger_node: tuple[Settings, Ledger], clocks: Clocks
+) -> None:
+    settings, ledger = ledger_node
+    service = loop(settings, ledger, clocks)
+    retrievals, lease_s = Retrievals(ledger), settings.retrieve.lease_s
+    orphaned = requested(retrievals, clocks, "1.2.3")
+    retried = requested(retrievals, clocks, "1.2.4")
+    assert retrievals.claim(lease_s) is not None  # its runner dies at the step
+    assert retrievals.claim(lease_s) is not None
+    retrievals.retry(retried, error="association refused", after_s=300)
+    assert service.tick() == []
+    clocks.step(-3600)
+    clocks.wait(0.1)
+    assert service.tick() == []
+    assert retrievals.claim(lease_s) is None
+    clocks.wait(301)  # its back-off, not an hour and its back-off
+    taken = retrievals.claim(lease_s)
+    assert taken is not None and taken.id == retried
+    clocks.wait(lease_s - 300)  # its lease, not an hour and its lease
+    taken = retrievals.claim(lease_s)
+    assert taken is not None and taken.id == orphaned
+
+
+def test_a_retrieval_lease_left_in_the_future_before_start_up_ends_after_a_lease(
+    ledger_node: tuple[Settings, Ledger], clocks: Clocks
+) -> None:
+    """Its runner stopped with the node; NTP set the clock back an hour meanwhile."""
+    settings, ledger = ledger_node
+    retrievals, lease_s = Retrievals(ledger), settings.retrieve.lease_s
+    orphaned = requested(retrievals, clocks, "1.2.3")
+    assert retrievals.claim(lease_s) is not None
+    clocks.step(-3600)
+    service = loop(settings, ledger, clocks)
+    assert service.tick() == []
+    clocks.wait(lease_s + 1)
+    taken = retrievals.claim(lease_s)
+    assert taken is not None and taken.id == orphaned
+
+
+def test_a_clock_stepped_back_shows_no_case_as_being_read_for_the_step(
+    ledger_node: tuple[Settings, Ledger], clocks: Clocks
+) -> None:
+    settings, ledger = ledger_node
+    receive(settings, ledger, "1.2.3", "1.2.3.1")
+    analyse(settings, ledger, "1.2.3", needs_review=True)
+    (item,) = [int(i["id"]) for i in ledger.worklist()]
+    service = loop(settings, ledger, clocks)
+    store = ReviewStore(ledger)
+    assert store.open_for_reading(item, "jane", claim_s=600) is None  # hers
+    assert service.tick() == []
+    clocks.step(-3600)
+    clocks.wait(0.1)
+    assert service.tick() == []
+    assert store.open_for_reading(item, "rick", claim_s=600) is not None  # jane reads it
+    clocks.wait(601)  # she left it: after the claim, not an hour and the claim
+    assert store.open_for_reading(item, "rick", claim_s=600) is None
+
+
+def test_a_clock_stepped_back_lengthens_no_sign_in(
+    ledger_node: tuple[Settings, Ledger], clocks: Clocks
+) -> None:
+    settings, ledger = ledger_node
+    settings.review.session_lifetime_s = 3000
+    service = loop(settings, ledger, clocks)
+    store = ReviewStore(ledger)
+    user = store.add_user("jane.doe", "not-a-hash", "radiologist")
+    store.create_session(user.id, "idle", lifetime_s=3000)
+    store.create_session(user.id, "busy", lifetime_s=3000)
+    assert service.tick() == []
+    clocks.step(-3600)
+    clocks.wait(0.1)
+    assert service.tick() == []
+    for _ in range(2):
+        clocks.wait(1000)
+        assert store.session_user("busy", idle_timeout_s=1800) is not None
+    assert store.session_user("idle", idle_timeout_s=1800) is None  # unused for 2,000 s
+    clocks.wait(1001)  # signed in 3,000 s ago: its lifetime, not an hour and its lifetime
+    assert store.session_user("busy", idle_timeout_s=1800) is None

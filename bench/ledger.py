@@ -18,12 +18,22 @@ It prints milliseconds for each size (``--studies``, a fresh ledger each): what 
 ledger's age and what does not. The dashboard reads its 14 days; records retention keeps the
 instance rows to the last weeks (``retention.records_keep_days``: this ledger's are all
 still there, as if it were off).
+
+A second table times the administrators' commands that read the ledger, each run whole as
+``acwi-node`` runs it (in this process, its output discarded; the interpreter's start is not
+counted): ``status``, ``studies show``, the outboxes, a retention dry run (with a policy of 7
+days, 90 for reviewed cases, records 30 days), the accounts, the agreement figures, the
+feedback export (into a temporary folder: the bulk rows have no files, so it counts what it
+would copy), ``monitor``, a model version's recall (dry run: every analysis of the year) and
+the installed models. ``--no-cli`` leaves them out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import io
 import tempfile
 import time
 import uuid
@@ -38,6 +48,8 @@ from bench.common import machine, markdown_table, write_json
 _BATCH = 2000
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
+#: A study of every ledger the bench fills: the one whose trace is read.
+SHOWN_STUDY = "1.2.826.0.1.3680043.8.498.7"
 
 
 def fill(url: str, studies: int, images: int) -> float:
@@ -183,9 +195,75 @@ def views(url: str, data_dir: Path) -> dict[str, Callable[[], Any]]:
         "Models page": lambda: models_overview(settings, ledger),
         "agreement (90 days)": store.agreement,
         "acwi-node status": ledger.list_studies,
-        "a study's trace": lambda: study_trace(ledger, "1.2.826.0.1.3680043.8.498.7"),
+        "a study's trace": lambda: study_trace(ledger, SHOWN_STUDY),
         "retention sweep (dry run)": lambda: retention.sweep(dry_run=True),
     }
+
+
+#: The administrators' commands that read the ledger, by name: ``acwi-node``'s arguments.
+COMMANDS: dict[str, str] = {
+    "status": "status",
+    "status --json": "status --json",
+    "studies show": f"studies show {SHOWN_STUDY}",
+    "studies show --json": f"studies show {SHOWN_STUDY} --json",
+    "studies retrievals": "studies retrievals",
+    "destinations status": "destinations status",
+    "retention --dry-run": "retention --dry-run",
+    "retention --dry-run --json": "retention --dry-run --json",
+    "users list": "users list",
+    "feedback agreement": "feedback agreement",
+    "feedback export": "feedback export {work}/feedback",
+    "monitor": "monitor",
+    "monitor --weeks 8": "monitor --weeks 8",
+    "models recall --dry-run": "models recall acwi-dianet-chest 1.1.0 --dry-run --note bench",
+    "models list": "models list",
+}
+
+
+def commands(url: str, work: Path) -> dict[str, Callable[[], Any]]:
+    """:data:`COMMANDS`, each a call of ``acwi-node``'s entry point with a configuration in
+    ``work`` whose ledger is ``url``."""
+    from acwi_node.audit import close_audit
+    from acwi_node.cli import main
+
+    data = work / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    config = work / "acwi-node.toml"
+    config.write_text(
+        f"""[node]
+data_dir = "{data}"
+database_url = "{url}"
+
+[retention]
+keep_hours = 168
+reviewed_keep_hours = 2160
+records_keep_days = 30
+
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = 4242
+"""
+    )
+
+    def command(line: str) -> Callable[[], Any]:
+        args = ["--config", str(config), *line.replace("{work}", str(work)).split()]
+
+        def run() -> int:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                try:
+                    code = main(args)
+                finally:
+                    close_audit()  # the trail a command opened, as its process's exit would
+            if code not in (0, 1):  # 1: a monitoring verdict (a shifted signal, a failure)
+                raise RuntimeError(f"acwi-node {line}: exit {code}: {out.getvalue()}")
+            return code
+
+        return run
+
+    return {name: command(line) for name, line in COMMANDS.items()}
 
 
 def best_ms(fn: Callable[[], Any], rounds: int = 3) -> float:
@@ -198,10 +276,11 @@ def best_ms(fn: Callable[[], Any], rounds: int = 3) -> float:
     return best * 1000
 
 
-def run(url: str, studies: int, images: int, work: Path) -> dict[str, Any]:
+def run(url: str, studies: int, images: int, work: Path, *, cli: bool = True) -> dict[str, Any]:
     filled = fill(url, studies, images)
     timed = {name: best_ms(fn) for name, fn in views(url, work / "data").items()}
-    return {"fill_s": filled, "ms": timed}
+    cli_ms = {name: best_ms(fn) for name, fn in commands(url, work).items()} if cli else {}
+    return {"fill_s": filled, "ms": timed, "cli_ms": cli_ms}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,14 +293,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--postgres", help="a PostgreSQL server's URL: a database is made there")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--no-cli", action="store_true", help="leave out the acwi-node commands' timings"
+    )
     args = parser.parse_args(argv)
+    cli = not args.no_cli
     sizes = [int(n) for n in str(args.studies).split(",") if n]
     runs: dict[str, dict[str, Any]] = {}
     for size in sizes:
         with tempfile.TemporaryDirectory(prefix="acwi-bench-ledger-") as tmp:
             work = Path(tmp)
             url = f"sqlite:///{work / 'ledger.sqlite'}"
-            runs[f"SQLite, {size:,}"] = run(url, size, args.images, work)
+            runs[f"SQLite, {size:,}"] = run(url, size, args.images, work, cli=cli)
             if args.postgres:
                 name = f"acwi_bench_{uuid.uuid4().hex[:8]}"
                 admin = create_engine(args.postgres, isolation_level="AUTOCOMMIT")
@@ -229,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                     c.execute(text(f'CREATE DATABASE "{name}"'))
                 try:
                     url = args.postgres.rsplit("/", 1)[0] + f"/{name}"
-                    runs[f"PostgreSQL, {size:,}"] = run(url, size, args.images, work)
+                    runs[f"PostgreSQL, {size:,}"] = run(url, size, args.images, work, cli=cli)
                 finally:
                     with admin.connect() as c:
                         c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -241,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{key}: {r['fill_s']:.0f} s" for key, r in runs.items()
     ))  # fmt: skip
     print(markdown_table(header, rows))
+    if cli:
+        header = ["acwi-node command"] + [f"{key} studies, ms" for key in runs]
+        rows = [[name] + [f"{r['cli_ms'][name]:.1f}" for r in runs.values()] for name in COMMANDS]
+        print()
+        print(markdown_table(header, rows))
     write_json(
         args.json,
         {"machine": machine(), "sizes": sizes, "images": args.images, "runs": runs},

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -1353,6 +1353,28 @@ class Ledger:
             ).all()
             return study.study_uid, list(paths)
 
+    def jobs_input_paths(self, job_ids: Collection[int]) -> dict[int, list[str]]:
+        """The spool paths (relative) of the instances each of ``job_ids`` analyses, in
+        :meth:`job_inputs`' order: one query per 500 jobs (a job with none, or unknown, is
+        absent)."""
+        found: dict[int, list[str]] = {}
+        ids = sorted(set(job_ids))
+        with self.session() as s:
+            for start in range(0, len(ids), 500):
+                rows = s.execute(
+                    select(Job.id, Instance.path)
+                    .join(Instance, Instance.study_id == Job.study_id)
+                    .where(
+                        Job.id.in_(ids[start : start + 500]),
+                        Instance.generation <= Job.generation,
+                        Instance.path != "",  # storage retention deleted its file
+                    )
+                    .order_by(Job.id, Instance.series_uid, Instance.id)
+                )
+                for job_id, path in rows:
+                    found.setdefault(job_id, []).append(path)
+        return found
+
     def finish_analysis(
         self,
         job_id: int,
@@ -2570,6 +2592,15 @@ def files_deleted_at(s: Session, study_id: int, generation: int) -> dt.datetime 
             Purge.study_id == study_id, Purge.generation >= generation
         )
     )
+
+
+def jobs_files_deleted(s: Session, job_ids: Collection[int]) -> set[int]:
+    """Those of ``job_ids`` whose files storage retention deleted (:func:`files_deleted_at`
+    of each job's study and generation), in one query."""
+    if not job_ids:
+        return set()
+    purged = exists().where(Purge.study_id == Job.study_id, Purge.generation >= Job.generation)
+    return set(s.scalars(select(Job.id).where(Job.id.in_(list(job_ids)), purged)))
 
 
 def promise_hl7_outbound(

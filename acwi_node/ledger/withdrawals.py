@@ -25,8 +25,8 @@ from collections import defaultdict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import exists, func, select, update
-from sqlalchemy.orm import Session, aliased, defer
+from sqlalchemy import Row, exists, func, select, update
+from sqlalchemy.orm import Session, aliased
 
 from acwi_node.ledger.models import (
     REJECTION_NOTE_KIND,
@@ -49,7 +49,7 @@ from acwi_node.ledger.repository import (
     StudyActionRefused,
     _add_result,
     _queue_deliveries,
-    files_deleted_at,
+    jobs_files_deleted,
 )
 
 __all__ = [
@@ -144,12 +144,19 @@ class Withdrawals:
         name, version = job_model_name(Job), job_model_version(Job)
         reissue = func.coalesce(Job.summary[("model", "reissue")].as_integer(), 0)
         with self.ledger.session() as s:
-            # the summaries stay in the database: a CT's lists hundreds of images
-            query = (
-                select(Job, Study.study_uid, name, version, reissue)
-                .join(Study, Job.study_id == Study.id)
-                .options(defer(Job.summary))
-            )
+            # columns, not objects: a model version's recall may list every job of a year; the
+            # summaries stay in the database (a CT's lists hundreds of images)
+            query = select(
+                Job.id,
+                Job.state,
+                Job.withdrawn_at,
+                Job.generation,
+                Job.route,
+                Study.study_uid,
+                name.label("model_name"),
+                version.label("model_version"),
+                reissue.label("reissue"),
+            ).join(Study, Job.study_id == Study.id)
             if study_uid is not None:
                 if s.scalar(select(Study.id).where(Study.study_uid == study_uid)) is None:
                     raise NoSuchStudy()
@@ -161,30 +168,40 @@ class Withdrawals:
             if job_ids is not None:
                 query = query.where(Job.id.in_(list(job_ids)))
             matching = s.execute(query.order_by(Job.id)).all()
-            unfinished = sum(1 for job, *_ in matching if job.state in _UNFINISHED)
-            withdrawn_before = sum(1 for job, *_ in matching if job.withdrawn_at is not None)
+            unfinished = sum(1 for row in matching if row.state in _UNFINISHED)
+            withdrawn_before = sum(1 for row in matching if row.withdrawn_at is not None)
             open_jobs = [
-                row
-                for row in matching
-                if row[0].state not in _UNFINISHED and row[0].withdrawn_at is None
+                row for row in matching if row.state not in _UNFINISHED and row.withdrawn_at is None
             ]
             stored: dict[int, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
-            results: dict[int, list[Result]] = defaultdict(list)
-            ids = [row[0].id for row in open_jobs]
+            # (id, job_id, kind, sop_instance_uid, sop_class_uid, path) of each job's results
+            results: dict[int, list[Row[int, int, str, str, str, str]]] = defaultdict(list)
+            deleted: set[int] = set()  # jobs whose files storage retention deleted
+            ids = [row.id for row in open_jobs]
             for chunk in _chunks(ids):
-                written = select(Result).where(
-                    Result.job_id.in_(chunk), Result.kind != REJECTION_NOTE_KIND
+                written = (
+                    select(
+                        Result.id,
+                        Result.job_id,
+                        Result.kind,
+                        Result.sop_instance_uid,
+                        Result.sop_class_uid,
+                        Result.path,
+                    )
+                    .where(Result.job_id.in_(chunk), Result.kind != REJECTION_NOTE_KIND)
+                    .order_by(Result.id)
                 )
-                for res in s.scalars(written):
+                for res in s.execute(written):
                     results[res.job_id].append(res)
-                for d in s.scalars(
-                    select(Delivery).where(
+                for job_id, result_id, destination in s.execute(
+                    select(Delivery.job_id, Delivery.result_id, Delivery.destination).where(
                         Delivery.job_id.in_(chunk), Delivery.state.in_(_POSSIBLY_STORED)
                     )
                 ):
-                    stored[d.job_id][d.result_id].add(d.destination)
+                    stored[job_id][result_id].add(destination)
+                deleted |= jobs_files_deleted(s, chunk)
             jobs = []
-            for job, uid, job_model, job_version, job_reissue in open_jobs:
+            for job in open_jobs:
                 if not results[job.id]:
                     continue  # it wrote nothing: nothing to withdraw
                 held = tuple(
@@ -195,20 +212,20 @@ class Withdrawals:
                         r.path,
                         tuple(sorted(stored[job.id][r.id])),
                     )
-                    for r in sorted(results[job.id], key=lambda r: r.id)
+                    for r in results[job.id]
                     if stored[job.id][r.id]
                 )
                 jobs.append(
                     WithdrawableJob(
                         job.id,
-                        uid,
+                        job.study_uid,
                         job.generation,
                         job.route,
-                        str(job_model),
-                        str(job_version or ""),
+                        str(job.model_name),
+                        str(job.model_version or ""),
                         held,
-                        files_deleted_at(s, job.study_id, job.generation) is not None,
-                        int(job_reissue or 0),
+                        job.id in deleted,
+                        int(job.reissue or 0),
                     )
                 )
             return Candidates(jobs, unfinished, withdrawn_before)

@@ -57,6 +57,9 @@ from acwi_node.review.store import ReviewStore
 
 log = logging.getLogger("acwi_node.review")
 
+#: The reviewed cases whose images' spool paths are looked up together (one query).
+_PATHS_BATCH = 500
+
 #: Beside the images of a de-identified export: how they were de-identified.
 METHOD_FILE = "deidentification.json"
 
@@ -133,13 +136,17 @@ def export_feedback(
     rows: list[dict[str, str]] = []
     missing = withheld = 0
     cleaned: set[str] = set()  # exported images (their new UIDs) with regions blanked
-    for case in cases:
+    paths: dict[tuple[str, str], str] = {}
+    for n, case in enumerate(cases):
+        if n % _PATHS_BATCH == 0:  # the spool paths of the next cases' images
+            batch = cases[n : n + _PATHS_BATCH]
+            paths = store.instance_paths({c["study_uid"] for c in batch})
         copied: dict[str, _Copied] = {}  # by SOP Instance UID
         for sop, frame in case["images"]:
             if sop not in copied:
                 copied[sop] = _export_instance(
                     spool,
-                    store,
+                    paths.get((case["study_uid"], sop)),
                     case["study_uid"],
                     sop,
                     images_dir,
@@ -241,7 +248,7 @@ def _write_method(out_dir: Path, settings: Settings) -> None:
 
 def _export_instance(
     spool: Spool,
-    store: ReviewStore,
+    rel: str | None,
     study_uid: str,
     sop: str,
     images_dir: Path,
@@ -251,10 +258,10 @@ def _export_instance(
 ) -> _Copied:
     """Write one analysed instance from the spool into ``images_dir``, de-identified or an
     exact copy; not ``ok`` when it is gone, unreadable, or refused by de-identification (or
-    its UID could name a path). ``deidentifier`` gives the patient's pseudonym either way."""
+    its UID could name a path). ``rel``: its spool path, as the ledger has it (None: not
+    there). ``deidentifier`` gives the patient's pseudonym either way."""
     if not is_safe_uid(sop):
         return _Copied(False)
-    rel = store.instance_path(study_uid, sop)
     source = spool.resolve(rel) if rel else None
     if source is None or not source.is_file():
         return _Copied(False)

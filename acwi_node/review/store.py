@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlencode
@@ -665,9 +665,29 @@ class ReviewStore:
                 .where(Study.study_uid == study_uid, Instance.sop_instance_uid == sop_instance_uid)
             ).first()
 
+    def instance_paths(self, study_uids: Collection[str]) -> dict[tuple[str, str], str]:
+        """:meth:`instance_path` of every instance of the studies, by (Study Instance UID,
+        SOP Instance UID): one query per 500 studies."""
+        found: dict[tuple[str, str], str] = {}
+        uids = sorted(set(study_uids))
+        with self.ledger.session() as s:
+            for start in range(0, len(uids), 500):
+                rows = s.execute(
+                    select(Study.study_uid, Instance.sop_instance_uid, Instance.path)
+                    .join(Study, Instance.study_id == Study.id)
+                    .where(Study.study_uid.in_(uids[start : start + 500]))
+                )
+                for study_uid, sop_instance_uid, path in rows:
+                    found[(study_uid, sop_instance_uid)] = path
+        return found
+
     def job_instance_paths(self, job_id: int) -> list[str]:
         _, paths = self.ledger.job_inputs(job_id)
         return paths
+
+    def jobs_instance_paths(self, job_ids: Collection[int]) -> dict[int, list[str]]:
+        """:meth:`job_instance_paths` of many jobs: one query per 500."""
+        return self.ledger.jobs_input_paths(job_ids)
 
     # ---------------------------------------------------------------- reading
     def open_for_reading(
@@ -1201,41 +1221,52 @@ class ReviewStore:
     # --------------------------------------------------------------- feedback
     def reviewed_cases(self) -> list[dict[str, Any]]:
         """Closed items with their current confirm/override verdict (an amended case's
-        amendment)."""
+        amendment); in one query, however many."""
         with self.ledger.session() as s:
-            verdicts = s.scalars(
-                select(Verdict)
+            rows = s.execute(
+                select(
+                    Verdict.review_item_id,
+                    Verdict.label,
+                    Verdict.model_label,
+                    Verdict.action,
+                    Verdict.boxes,
+                    Study.study_uid,
+                    Study.calling_ae,
+                    Job.id.label("job_id"),
+                    Job.summary,
+                    ReviewItem.sampled,
+                )
+                .join(Study, Study.id == Verdict.study_id)
+                .join(Job, Job.id == Verdict.job_id)
+                .join(ReviewItem, ReviewItem.id == Verdict.review_item_id)
                 .where(Verdict.action.in_(FINAL_ACTIONS), Verdict.superseded_at.is_(None))
                 .order_by(Verdict.id)
             ).all()
-            latest: dict[int, Verdict] = {}
-            for v in verdicts:
-                latest[v.review_item_id] = v
-            out = []
-            for v in latest.values():
-                st = s.get_one(Study, v.study_id)
-                job = s.get_one(Job, v.job_id)
-                item = s.get_one(ReviewItem, v.review_item_id)
-                # (SOP Instance UID, frame number or None): a multi-frame image's frames
-                images = [
-                    (im.get("sop_instance_uid"), frame_number_of(im))
-                    for im in (job.summary or {}).get("images", [])
-                ]
-                out.append(
-                    {
-                        "study_uid": st.study_uid,
-                        "calling_ae": st.calling_ae,
-                        "job_id": job.id,
-                        "label": v.label,
-                        "model_label": v.model_label,
-                        "action": v.action,
-                        # a quality-control sample, or a case the model asked about
-                        "kind": SAMPLE if item.sampled else FLAGGED,
-                        "images": [(uid, frame) for uid, frame in images if uid],
-                        "boxes": kept_boxes(v.boxes),
-                    }
-                )
-            return out
+        latest: dict[int, Any] = {}
+        for row in rows:
+            latest[row.review_item_id] = row
+        out = []
+        for v in latest.values():
+            # (SOP Instance UID, frame number or None): a multi-frame image's frames
+            images = [
+                (im.get("sop_instance_uid"), frame_number_of(im))
+                for im in (v.summary or {}).get("images", [])
+            ]
+            out.append(
+                {
+                    "study_uid": v.study_uid,
+                    "calling_ae": v.calling_ae,
+                    "job_id": v.job_id,
+                    "label": v.label,
+                    "model_label": v.model_label,
+                    "action": v.action,
+                    # a quality-control sample, or a case the model asked about
+                    "kind": SAMPLE if v.sampled else FLAGGED,
+                    "images": [(uid, frame) for uid, frame in images if uid],
+                    "boxes": kept_boxes(v.boxes),
+                }
+            )
+        return out
 
 
 def _withdrawn(job_id: Any) -> ColumnElement[bool]:

@@ -59,7 +59,12 @@ class DiskSpace:
 
 
 def disk_space(path: Path) -> DiskSpace:
-    """Free (for unprivileged users) and total bytes of the file system holding ``path``."""
+    """Free (for unprivileged users) and total bytes of the file system holding ``path``; for
+    a ``path`` not made yet (a node that has stored nothing, its ledger elsewhere), of the one
+    it will be made on (its nearest existing parent's)."""
+    path = Path(path).absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
     st = os.statvfs(path)
     return DiskSpace(st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize)
 

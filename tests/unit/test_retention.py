@@ -373,3 +373,16 @@ def test_sweeps_failing_one_after_another_make_the_exporter_not_ready_until_one_
     retention.failed_in_a_row, retention.last_error = 3, "PermissionError"
     ok, detail = check()
     assert not ok and detail.startswith("3 sweeps in a row failed (PermissionError")
+
+
+def test_the_free_space_of_a_data_directory_not_made_yet_is_its_file_systems(
+    tmp_path: Path,
+) -> None:
+    """A node whose ledger is elsewhere (PostgreSQL) and which stored nothing yet has no data
+    directory: ``acwi-node retention`` and the exporter's sweeps failed on it
+    (FileNotFoundError); the space is that of the file system it will be made on."""
+    from acwi_node.retention import disk_space
+
+    space = disk_space(tmp_path / "not" / "made")
+    assert space == disk_space(tmp_path) and space.total_bytes > 0
+    assert not (tmp_path / "not").exists()

@@ -1082,29 +1082,28 @@ class Ledger:
                     count += seen is not None or until is not None
             if forward or not timers:
                 return count  # a retry due sooner than its back-off asked for is harmless
-            outboxes: tuple[type[Delivery] | type[Hl7Outbound] | type[Notification], ...]
-            outboxes = (Delivery, Hl7Outbound, Notification)
-            for outbox in outboxes:
-                due = outbox.next_attempt_at
+            retries: tuple[
+                tuple[
+                    type[Delivery] | type[Hl7Outbound] | type[Notification] | type[Retrieval], Any
+                ],
+                ...,
+            ] = (
+                (Delivery, DeliveryState.PENDING),
+                (Hl7Outbound, DeliveryState.PENDING),
+                (Notification, DeliveryState.PENDING),
+                (Retrieval, RetrievalState.QUEUED),
+            )
+            for table, waiting in retries:
+                due = table.next_attempt_at
                 for row_id, at in s.execute(
-                    select(outbox.id, due).where(outbox.state == DeliveryState.PENDING, due > now)
+                    select(table.id, due).where(table.state == waiting, due > now)
                 ).all():
                     s.execute(
-                        update(outbox)
-                        .where(outbox.id == row_id)
+                        update(table)
+                        .where(table.id == row_id)
                         .values(next_attempt_at=max(now, at + by))
                     )
                     count += 1
-            waiting = (Retrieval.state == RetrievalState.QUEUED) & (Retrieval.next_attempt_at > now)
-            for row_id, at in s.execute(
-                select(Retrieval.id, Retrieval.next_attempt_at).where(waiting)
-            ).all():
-                s.execute(
-                    update(Retrieval)
-                    .where(Retrieval.id == row_id)
-                    .values(next_attempt_at=max(now, at + by))
-                )
-                count += 1
         return count
 
     def study_facts(self, study_id: int) -> StudyFacts:

@@ -7,10 +7,12 @@ import datetime as dt
 import logging
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from celery import Celery
 from sqlalchemy import update
 
 from acwi_node.config import load_settings
@@ -48,13 +50,24 @@ def one_job(ledger: Ledger) -> int:
     return job_id
 
 
-def test_messages_carry_only_the_job_id_and_survive_a_flush(tmp_path: Path) -> None:
+OnRedis = tuple[redis.Redis, Celery, Ledger]
+
+
+@pytest.fixture
+def on_redis(tmp_path: Path) -> Iterator[OnRedis]:
+    """A node on the real Redis (its own database, emptied before and after) and a ledger."""
     broker = f"{REDIS_URL}/{DB}"
     client = redis.Redis.from_url(broker)
     client.flushdb()
     settings = load_settings(None, node={"data_dir": tmp_path, "broker_url": broker})
-    celery = configure(settings)
     ledger = Ledger(settings.database_url)
+    yield client, configure(settings), ledger
+    client.flushdb()
+    ledger.dispose()
+
+
+def test_messages_carry_only_the_job_id_and_survive_a_flush(on_redis: OnRedis) -> None:
+    client, celery, ledger = on_redis
     job_id = one_job(ledger)
 
     assert enqueue(celery, ledger, [job_id]) == 1
@@ -67,8 +80,6 @@ def test_messages_carry_only_the_job_id_and_survive_a_flush(tmp_path: Path) -> N
     client.flushdb()
     assert reconcile(celery, ledger, startup=True, requeue_after_s=120, lease_s=3600) == 1
     assert client.llen(ANALYSIS_QUEUE) == 1
-    client.flushdb()
-    ledger.dispose()
 
 
 def test_broker_down_keeps_the_job_queued_in_the_ledger(tmp_path: Path) -> None:
@@ -143,16 +154,11 @@ def sent_long_ago(ledger: Ledger, seconds: float) -> None:
         s.execute(update(Job).values(enqueued_at=utcnow() - dt.timedelta(seconds=seconds)))
 
 
-def test_a_backlog_on_redis_is_not_sent_again_and_again(tmp_path: Path) -> None:
+def test_a_backlog_on_redis_is_not_sent_again_and_again(on_redis: OnRedis) -> None:
     """No worker took the queued jobs for longer than ``requeue_after_s`` (a worker stopped for
     maintenance, a long CT ahead): their messages still wait on Redis, and the periodic
     reconciler does not add a copy of each at every pass. Once Redis lost them, it does."""
-    broker = f"{REDIS_URL}/{DB}"
-    client = redis.Redis.from_url(broker)
-    client.flushdb()
-    settings = load_settings(None, node={"data_dir": tmp_path, "broker_url": broker})
-    celery = configure(settings)
-    ledger = Ledger(settings.database_url)
+    client, celery, ledger = on_redis
     ids = many_jobs(ledger, 4)
     assert enqueue(celery, ledger, ids) == 4
     for _ in range(3):
@@ -163,19 +169,12 @@ def test_a_backlog_on_redis_is_not_sent_again_and_again(tmp_path: Path) -> None:
     client.flushdb()  # Redis restarted empty
     assert reconcile(celery, ledger, startup=False, requeue_after_s=120, lease_s=30) == 4
     assert client.llen(ANALYSIS_QUEUE) == 4
-    client.flushdb()
-    ledger.dispose()
 
 
-def test_a_job_never_sent_is_sent_alone_while_the_others_wait_on_redis(tmp_path: Path) -> None:
+def test_a_job_never_sent_is_sent_alone_while_the_others_wait_on_redis(on_redis: OnRedis) -> None:
     """The broker went away after three of four messages: the periodic reconciler sends the
     fourth, and not a copy of the three that wait on Redis."""
-    broker = f"{REDIS_URL}/{DB}"
-    client = redis.Redis.from_url(broker)
-    client.flushdb()
-    settings = load_settings(None, node={"data_dir": tmp_path, "broker_url": broker})
-    celery = configure(settings)
-    ledger = Ledger(settings.database_url)
+    client, celery, ledger = on_redis
     ids = many_jobs(ledger, 4)
     assert enqueue(celery, ledger, ids[:3]) == 3
     with ledger.session() as s:
@@ -188,20 +187,13 @@ def test_a_job_never_sent_is_sent_alone_while_the_others_wait_on_redis(tmp_path:
     assert client.llen(ANALYSIS_QUEUE) == 4
     sent_long_ago(ledger, 121)
     assert reconcile(celery, ledger, startup=False, requeue_after_s=120, lease_s=30) == 0
-    client.flushdb()
-    ledger.dispose()
 
 
-def test_a_shadow_backlog_on_redis_is_not_sent_again_and_again(tmp_path: Path) -> None:
+def test_a_shadow_backlog_on_redis_is_not_sent_again_and_again(on_redis: OnRedis) -> None:
     """The same for shadow models' jobs, on their own broker queue: a waiting backlog is left
     alone, one that Redis lost is sent again, and a job whose message was never sent is sent
     even while the others wait."""
-    broker = f"{REDIS_URL}/{DB}"
-    client = redis.Redis.from_url(broker)
-    client.flushdb()
-    settings = load_settings(None, node={"data_dir": tmp_path, "broker_url": broker})
-    celery = configure(settings)
-    ledger = Ledger(settings.database_url)
+    client, celery, ledger = on_redis
     live = many_jobs(ledger, 4)
     with ledger.session() as s:  # the live jobs are done; their shadow jobs wait
         s.execute(update(Job).values(state=JobState.DELIVERED))
@@ -231,8 +223,6 @@ def test_a_shadow_backlog_on_redis_is_not_sent_again_and_again(tmp_path: Path) -
     client.flushdb()  # Redis restarted empty
     assert reconcile(celery, ledger, startup=False, requeue_after_s=120, lease_s=30) == 4
     assert client.llen(SHADOW_QUEUE) == 4
-    client.flushdb()
-    ledger.dispose()
 
 
 class SilentServer:

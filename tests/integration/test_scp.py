@@ -619,6 +619,21 @@ def test_a_row_waits_no_longer_than_its_limit_while_the_association_sends(
         assoc.release()
 
 
+def spool_full_once(scp: StorageSCP, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The next spool file write fails (the disk full); returns the failures, one then."""
+    write = scp.spool.write
+    failures: list[str] = []
+
+    def full_once(*args: Any, **kwargs: Any) -> SpoolFile:
+        if not failures:
+            failures.append("no space")
+            raise SpoolError("cannot write to spool: No space left on device", out_of_space=True)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(scp.spool, "write", full_once)
+    return failures
+
+
 def test_a_spool_file_that_fails_after_the_answer_is_written_by_the_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -626,18 +641,7 @@ def test_a_spool_file_that_fails_after_the_answer_is_written_by_the_checkpoint(
     instance is safe in the journal, and the journal's checkpoint writes the file and the row."""
     with running_scp(tmp_path, journal_checkpoint_s=300) as (settings, ledger, scp):
         assert scp.journal is not None
-        write = scp.spool.write
-        failures: list[str] = []
-
-        def full_once(*args: Any, **kwargs: Any) -> SpoolFile:
-            if not failures:
-                failures.append("no space")
-                raise SpoolError(
-                    "cannot write to spool: No space left on device", out_of_space=True
-                )
-            return write(*args, **kwargs)
-
-        monkeypatch.setattr(scp.spool, "write", full_once)
+        failures = spool_full_once(scp, monkeypatch)
         ds = make_sc(generate_uid())
         assert send(settings, [ds]) == [0]
         path = settings.spool_dir / ds.StudyInstanceUID / f"{ds.SOPInstanceUID}.dcm"
@@ -726,18 +730,7 @@ def test_the_checkpoint_keeps_a_later_version_of_an_instance_whose_file_failed(
     recorded after the wall clock was set back: the checkpoint keeps the second version."""
     with running_scp(tmp_path, journal_checkpoint_s=300) as (settings, ledger, scp):
         assert scp.journal is not None
-        write = scp.spool.write
-        failures: list[str] = []
-
-        def full_once(*args: Any, **kwargs: Any) -> SpoolFile:
-            if not failures:
-                failures.append("no space")
-                raise SpoolError(
-                    "cannot write to spool: No space left on device", out_of_space=True
-                )
-            return write(*args, **kwargs)
-
-        monkeypatch.setattr(scp.spool, "write", full_once)
+        failures = spool_full_once(scp, monkeypatch)
         study, sop = generate_uid(), generate_uid()
         first, second = make_sc(study, sop), make_sc(study, sop, patient="SCP^SECOND")
         assert send(settings, [first]) == [0]

@@ -652,6 +652,20 @@ def test_a_spool_file_that_fails_after_the_answer_is_written_by_the_checkpoint(
         assert ledger.instance_file(ds.SOPInstanceUID) is not None
 
 
+def checkpoint_keeps_the_file_sent_last(scp: StorageSCP, ledger: Ledger, path: Path) -> None:
+    """The journal's checkpoint leaves the spool file at ``path`` (``<study>/<sop>.dcm``) as
+    it is, the ledger's row describing it."""
+    assert scp.journal is not None
+    sent_last = path.read_bytes()
+    assert scp.journal.checkpoint() > 0
+    assert path.read_bytes() == sent_last
+    assert ledger.instance_file(path.stem) == (
+        f"{path.parent.name}/{path.name}",
+        len(sent_last),
+        ExplicitVRLittleEndian,
+    )
+
+
 def set_clock_back(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     """The wall clock the ledger's rows are stamped with, set back (NTP stepping it)."""
     stepped = dt.timedelta(seconds=seconds)
@@ -682,15 +696,8 @@ def test_the_checkpoint_keeps_a_later_version_of_an_unrecorded_instance(
     set_clock_back(monkeypatch, clock_set_back_s)
     assert send(settings, [second]) == [0]
     path = settings.spool_dir / study / f"{sop}.dcm"
-    sent_last = path.read_bytes()
     assert dcmread(path).PatientName == "SCP^SECOND"
-    assert scp.journal.checkpoint() > 0
-    assert path.read_bytes() == sent_last
-    assert ledger.instance_file(sop) == (
-        f"{study}/{sop}.dcm",
-        len(sent_last),
-        ExplicitVRLittleEndian,
-    )
+    checkpoint_keeps_the_file_sent_last(scp, ledger, path)
 
 
 @pytest.mark.parametrize("later", [True, False], ids=["moved-after", "moved-before"])
@@ -738,14 +745,7 @@ def test_the_checkpoint_keeps_a_later_version_of_an_instance_whose_file_failed(
         assert failures and not path.exists()
         set_clock_back(monkeypatch, 3600)
         assert send(settings, [second]) == [0]
-        sent_last = path.read_bytes()
-        assert scp.journal.checkpoint() > 0
-        assert path.read_bytes() == sent_last
-        assert ledger.instance_file(sop) == (
-            f"{study}/{sop}.dcm",
-            len(sent_last),
-            ExplicitVRLittleEndian,
-        )
+        checkpoint_keeps_the_file_sent_last(scp, ledger, path)
 
 
 def test_the_checkpoint_records_the_later_of_two_unrecorded_versions(
@@ -770,15 +770,8 @@ def test_the_checkpoint_records_the_later_of_two_unrecorded_versions(
         assert send(settings, [second]) == [0]  # answered first, its row failing after
         monkeypatch.setattr(ledger, "record_instances", working)
         path = settings.spool_dir / study / f"{sop}.dcm"
-        sent_last = path.read_bytes()
         assert dcmread(path).PatientName == "SCP^SECOND"
-        assert scp.journal.checkpoint() > 0
-        assert path.read_bytes() == sent_last
-        assert ledger.instance_file(sop) == (
-            f"{study}/{sop}.dcm",
-            len(sent_last),
-            ExplicitVRLittleEndian,
-        )
+        checkpoint_keeps_the_file_sent_last(scp, ledger, path)
 
 
 def test_the_checkpoint_records_an_unrecorded_instance_over_a_refused_later_version(

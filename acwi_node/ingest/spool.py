@@ -28,6 +28,9 @@ log = logging.getLogger("acwi_node.spool")
 #: written without joining them first).
 Buffers: TypeAlias = bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
 
+#: How many study directories a spool remembers as made (some 150 KB of UIDs).
+REMEMBERED_STUDY_DIRS = 1024
+
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
@@ -101,7 +104,8 @@ class Spool:
         # The same as strings: the ingest path joins them per instance, without pathlib.
         self._root = str(root)
         self._tmp = str(self.tmp_dir)
-        #: Study directories known to exist (saves a stat and a mkdir per instance).
+        #: Study directories known to exist (saves a stat and a mkdir per instance): the
+        #: latest studies', at most :data:`REMEMBERED_STUDY_DIRS` of them.
         self._dirs: set[str] = set()
         #: Temporary names: this spool object's random prefix and a counter (no random number,
         #: and no system call, per file).
@@ -181,7 +185,12 @@ class Spool:
                 os.makedirs(directory, exist_ok=True)
                 os.replace(tmp, final)
                 new_dir = True
-            self._dirs.add(study_uid)
+            if study_uid not in self._dirs:
+                if len(self._dirs) >= REMEMBERED_STUDY_DIRS:
+                    # A listener runs for months and sees each study once: forget them all
+                    # (the studies being received come back with one stat each).
+                    self._dirs.clear()
+                self._dirs.add(study_uid)
             if sync:
                 fsync_dir(Path(directory))
                 if new_dir:

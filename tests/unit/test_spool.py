@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from acwi_node.ingest import spool as spool_module
 from acwi_node.ingest.spool import Spool, SpoolError, is_safe_uid
 
 
@@ -99,6 +100,22 @@ def test_a_study_directory_removed_meanwhile_is_made_again(tmp_path: Path) -> No
     second = spool.store("1.2.3", "1.2.3.2", b"two")
     assert second.read_bytes() == b"two" and not first.exists()
     assert list(spool.tmp_dir.iterdir()) == []
+
+
+def test_the_study_directories_it_remembers_stay_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listener's spool lives for months and sees each study once: what it remembers of the
+    directories it made must not grow with every study received."""
+    monkeypatch.setattr(spool_module, "REMEMBERED_STUDY_DIRS", 16, raising=False)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    for n in range(200):
+        spool.store(f"1.2.{n}", f"1.2.{n}.1", b"x")
+        assert len(spool._dirs) <= 16
+    # Forgotten or not, a study's directory is made again once removed.
+    shutil.rmtree(tmp_path / "spool" / "1.2.199")
+    assert spool.store("1.2.199", "1.2.199.2", b"y").read_bytes() == b"y"
+    assert spool.store("1.2.0", "1.2.0.2", b"z").read_bytes() == b"z"
 
 
 def test_a_written_file_knows_whether_a_later_write_replaced_it(tmp_path: Path) -> None:

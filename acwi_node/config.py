@@ -280,7 +280,9 @@ class WorkerSettings(_Strict):
     #: ``["shadow"]`` alone runs the shadow models apart (another machine, its own GPU); one
     #: without ``shadow`` never runs them.
     queues: list[WorkerQueue] = Field(default_factory=_all_queues, min_length=1, max_length=3)
-    mc_samples: int = Field(20, ge=1, le=1000)
+    #: Monte-Carlo dropout samples of the head: at least 2, as one sample's mutual information
+    #: (the epistemic uncertainty) is 0 whatever the image.
+    mc_samples: int = Field(20, ge=2, le=1000)
     #: Torch intra-op threads; 0 lets torch decide.
     torch_threads: int = Field(0, ge=0)
     device: str = "cpu"

@@ -159,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="run the node's analyser over a benchmark")
     evaluate.add_argument("--model", type=Path, required=True, help="manifest or its folder")
     evaluate.add_argument("--data", type=Path, required=True, help="DICOM folder + labels.csv")
-    evaluate.add_argument("--mc-samples", type=int, default=20)
+    evaluate.add_argument("--mc-samples", type=_at_least(2), default=20)
     evaluate.add_argument("--threads", type=int)
     evaluate.add_argument(
         "--out", type=Path, help="write metrics.json, report.md and PNG plots into this folder"
@@ -201,7 +201,7 @@ def _parser() -> argparse.ArgumentParser:
         "--studies", type=_at_least(5), default=100, help="studies per site (default 100)"
     )
     monitor.add_argument("--size", type=_image_size, default=128, help="image matrix (default 128)")
-    monitor.add_argument("--mc-samples", type=_at_least(1), default=20)
+    monitor.add_argument("--mc-samples", type=_at_least(2), default=20)
     monitor.add_argument("--threads", type=_at_least(1))
     monitor.add_argument("--json", type=Path, help="also write the readings here")
     return parser

@@ -169,13 +169,26 @@ def sens_spec(pred_positive: np.ndarray, positive: np.ndarray) -> dict[str, floa
     }
 
 
-def pointing_hit(heatmap: np.ndarray, box: Box, tolerance: float = 0.0) -> bool:
-    """Whether the heatmap's peak lies inside ``box`` (inclusive) grown by ``tolerance`` px."""
+Tolerance = float | tuple[float, float]
+
+
+def pointing_hit(heatmap: np.ndarray, box: Box, tolerance: Tolerance = 0.0) -> bool:
+    """Whether the heatmap's peak lies inside ``box`` (inclusive) grown by ``tolerance`` px
+    (one number for both axes, or ``(rows, columns)``: :func:`half_cell`)."""
     if float(heatmap.max()) <= 0.0:
         return False
+    ty, tx = tolerance if isinstance(tolerance, tuple) else (tolerance, tolerance)
     y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
     x0, y0, x1, y1 = box
-    return bool(x0 - tolerance <= x <= x1 + tolerance and y0 - tolerance <= y <= y1 + tolerance)
+    return bool(x0 - tx <= x <= x1 + tx and y0 - ty <= y <= y1 + ty)
+
+
+def half_cell(shape: tuple[int, int], grid: int) -> tuple[float, float]:
+    """Half a feature cell of a ``rows x columns`` heatmap from a ``grid x grid`` map, in
+    pixels along the rows and along the columns: the input is resized to a square without
+    keeping the aspect ratio, so a non-square image's cells are not square."""
+    rows, cols = shape
+    return 0.5 * rows / grid, 0.5 * cols / grid
 
 
 def centre_value(heatmap: np.ndarray, box: Box) -> float:
@@ -188,7 +201,7 @@ def centre_value(heatmap: np.ndarray, box: Box) -> float:
 
 
 def localisation_scores(
-    heatmap: np.ndarray, boxes: Boxes, tolerance: float = 0.0
+    heatmap: np.ndarray, boxes: Boxes, tolerance: Tolerance = 0.0
 ) -> dict[str, bool | float]:
     """Pointing-game scores of a heatmap against an image's lesion boxes (at least one).
 
@@ -223,19 +236,35 @@ def bootstrap_ci(
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = BOOTSTRAP_SEED,
     level: float = 0.95,
+    groups: Sequence[object] | None = None,
 ) -> tuple[float, float] | None:
     """Percentile bootstrap interval of ``statistic(indices)`` over ``n`` cases (seeded).
 
-    Resamples where the statistic is undefined (e.g. one class missing) are dropped; None when
-    fewer than half of them are defined.
+    ``groups`` (one key per case, e.g. its study) makes it a cluster bootstrap: whole groups
+    are drawn, so the images of one study, which are not independent of each other, widen the
+    interval as they should rather than narrow it. One case per group draws exactly the
+    indices the plain bootstrap draws. Resamples where the statistic is undefined (e.g. one
+    class missing) are dropped; None when fewer than half of them are defined.
     """
-    if n < 2:
+    if groups is None:
+        members = [np.array([i]) for i in range(n)]
+    else:
+        if len(groups) != n:
+            raise ValueError(f"{len(groups)} group keys for {n} cases")
+        by_group: dict[object, list[int]] = {}
+        for i, key in enumerate(groups):
+            by_group.setdefault(key, []).append(i)
+        members = [np.asarray(idx) for idx in by_group.values()]
+    if len(members) < 2:
         return None
     rng = np.random.default_rng(seed)
+
+    def draw() -> np.ndarray:
+        picked = rng.integers(0, len(members), size=len(members))
+        return np.concatenate([members[j] for j in picked])
+
     values = [
-        v
-        for _ in range(resamples)
-        if (v := statistic(rng.integers(0, n, size=n))) is not None and not math.isnan(v)
+        v for _ in range(resamples) if (v := statistic(draw())) is not None and not math.isnan(v)
     ]
     if len(values) < max(1, resamples // 2):
         return None
@@ -458,8 +487,7 @@ def collect(
             sop_uids.append(img.name)
             if member.boxes:
                 heat = img.heatmap_array()
-                rows, cols = heat.shape
-                tolerance = 0.5 * max(rows, cols) / grid
+                tolerance = half_cell((int(heat.shape[0]), int(heat.shape[1])), grid)
                 pointing.append(
                     {
                         "image": len(truth) - 1,
@@ -677,7 +705,11 @@ def required_metrics(
     chosen = [case for case in cases if case.image in indices]
     auc_value = macro_auc(probs, truth) if len(truth) else None
     ci = bootstrap_ci(
-        lambda idx: macro_auc(probs[idx], truth[idx]), len(truth), resamples=resamples, seed=seed
+        lambda idx: macro_auc(probs[idx], truth[idx]),
+        len(truth),
+        resamples=resamples,
+        seed=seed,
+        groups=[c.study_of[i] for i in np.flatnonzero(sel)],
     )
     gap = None if in_domain_auc is None or auc_value is None else in_domain_auc - auc_value
     n_images = len(truth)

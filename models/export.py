@@ -8,7 +8,9 @@ manifest and weights (the source folder is then left untouched):
   (when installed) runs it on random inputs and its outputs are compared with PyTorch's.
 * ``model.onnx``: the whole model's deterministic pass (dropout off, latent = ``mu``), recorded
   as ``full_onnx``: ``image`` -> ``probabilities`` (``softmax(logits / temperature)`` with the
-  manifest's temperature, as the analyser computes them), ``logits`` (the head's mean logits),
+  manifest's temperature, of the one pass without dropout: the analyser's probabilities are
+  the mean softmax over its Monte-Carlo dropout samples, a few hundredths away on uncertain
+  images), ``logits`` (the head's mean logits),
   ``features`` (the last convolutional activations the CAM is computed from), ``mu`` and
   ``logvar`` (latent statistics). Before it is recorded, ONNX Runtime runs it on real
   preprocessed synthetic radiographs (every site, every label, through the node's

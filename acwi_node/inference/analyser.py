@@ -6,8 +6,10 @@ pass, temperature ``tau`` from the manifest, ``p_t = softmax(logits_t / tau)``):
 * ``probabilities``  = ``p = mean_t p_t``;
 * ``entropy``        = ``H(p) = -sum_k p_k log p_k`` (nats);
 * ``epistemic``      = mutual information ``H(p) - mean_t H(p_t)`` (>= 0);
-* ``aleatoric``      = ``mean_t H(p_t) + mean_{t,k} exp(log_var_t,k) / tau^2``: the expected
-  entropy plus the mean heteroscedastic logit variance on the temperature-scaled logit scale;
+* ``aleatoric``      = ``mean_t H(p_t)``, the expected entropy (nats), so that
+  ``entropy = epistemic + aleatoric``. The heteroscedastic head's mean logit variance
+  ``mean_{t,k} exp(log_var_t,k) / tau^2`` is on the squared logit scale, not in nats, and is
+  kept apart (``MCSummary.logit_variance``), never added to an entropy;
 * ``score``          = ``H(p) / log K`` in [0, 1], compared with the manifest threshold;
 * ``ood_score``      = Mahalanobis distance of the latent mean (see ``OODSpec``);
 * ``heatmap``        = for the most probable finding label ``k`` (the predicted label if the
@@ -111,6 +113,8 @@ class MCSummary:
     epistemic: np.ndarray
     aleatoric: np.ndarray
     score: np.ndarray
+    #: Mean heteroscedastic logit variance on the temperature-scaled logit scale (not nats).
+    logit_variance: np.ndarray
 
 
 def mc_head(
@@ -168,8 +172,9 @@ def summarise_mc(logits: Tensor, log_var: Tensor, temperature: float) -> MCSumma
         probabilities=p.numpy(),
         entropy=entropy.numpy(),
         epistemic=epistemic.numpy(),
-        aleatoric=(expected + variance).numpy(),
+        aleatoric=expected.numpy(),
         score=score.numpy(),
+        logit_variance=variance.numpy(),
     )
 
 
@@ -239,8 +244,8 @@ class Analyser:
         engine: Engine | None = None,
         heatmaps: HeatmapPolicy = "all",
     ) -> None:
-        if mc_samples < 1:
-            raise ValueError("mc_samples must be at least 1")
+        if mc_samples < 2:  # one sample's mutual information (epistemic part) is always 0
+            raise ValueError("mc_samples must be at least 2")
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if heatmaps not in HEATMAP_POLICIES:

@@ -79,7 +79,7 @@ class Uncertainty:
     entropy: float
     #: Mutual information between prediction and weights (Monte-Carlo dropout epistemic part).
     epistemic: float
-    #: Expected entropy under the weight posterior plus mean heteroscedastic variance (aleatoric).
+    #: Expected entropy under the weight posterior (aleatoric): ``entropy = epistemic + aleatoric``.
     aleatoric: float
     #: The scalar the review decision compares with the manifest threshold (normalised to [0, 1]).
     score: float

@@ -201,6 +201,53 @@ def test_native_images_do_not_keep_their_decoded_pixels(analyser: Analyser, tmp_
     assert compressed._pixel_array is not None
 
 
+def test_uncertainty_decomposition_matches_an_independent_computation() -> None:
+    """Entropy of the mean, mutual information and expected entropy, all in nats, against a
+    direct NumPy computation of T = 7 samples of 3 images: the aleatoric figure is the
+    expected entropy (the logit variance, not in nats, is apart), and entropy = epistemic +
+    aleatoric."""
+    import torch
+
+    from acwi_node.inference.analyser import summarise_mc
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(scale=3.0, size=(7, 3, 3))
+    log_var = rng.normal(size=(7, 3, 3))
+    tau = 0.6
+    summary = summarise_mc(torch.from_numpy(logits), torch.from_numpy(log_var), tau)
+    scaled = logits / tau
+    p_t = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+    p_t /= p_t.sum(axis=-1, keepdims=True)
+    p = p_t.mean(axis=0)
+    entropy = -(p * np.log(p)).sum(axis=-1)
+    expected = -(p_t * np.log(p_t)).sum(axis=-1).mean(axis=0)
+    np.testing.assert_allclose(summary.probabilities, p, rtol=1e-12)
+    np.testing.assert_allclose(summary.entropy, entropy, rtol=1e-12)
+    np.testing.assert_allclose(summary.epistemic, entropy - expected, rtol=1e-9)
+    np.testing.assert_allclose(summary.aleatoric, expected, rtol=1e-12)
+    np.testing.assert_allclose(summary.score, entropy / np.log(3), rtol=1e-12)
+    np.testing.assert_allclose(
+        summary.logit_variance, (np.exp(log_var) / tau**2).mean(axis=(0, 2)), rtol=1e-12
+    )
+    np.testing.assert_allclose(summary.epistemic + summary.aleatoric, summary.entropy, atol=1e-12)
+
+
+def test_one_monte_carlo_sample_is_refused(analyser: Analyser) -> None:
+    """With one dropout sample the epistemic part would be 0 for every image."""
+    with pytest.raises(ValueError, match="mc_samples must be at least 2"):
+        Analyser(analyser.model, analyser.manifest, mc_samples=1)
+
+
+def test_reported_uncertainty_parts_add_up_in_nats(analyser: Analyser, tmp_path: Path) -> None:
+    """What the SR and the review page show in nats: no part exceeds the predictive entropy,
+    which is at most log K."""
+    for label in ("nodule", "effusion", "normal"):
+        result = analyser.analyse(_study(tmp_path / label, n_images=1, label=label, seed=7))
+        u = result.images[0].uncertainty
+        assert u.epistemic + u.aleatoric == pytest.approx(u.entropy, abs=1e-9)
+        assert u.aleatoric <= u.entropy + 1e-12 <= np.log(len(analyser.labels)) + 1e-12
+
+
 @pytest.mark.parametrize("backbone", ["small", "resnet50", "mobilenetv3"])
 def test_batched_head_matches_dianet_head_with_a_codebook(backbone: str) -> None:
     """The node's batched MC head adds the prototype mixture exactly as DIANet.head does."""

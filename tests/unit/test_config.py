@@ -79,6 +79,7 @@ def test_acwi_config_env_names_the_file(tmp_path: Path, monkeypatch: pytest.Monk
         (EXAMPLE + "\n[node2]\nx = 1\n", "node2"),
         (EXAMPLE.replace("http_port = 8080", "http_prot = 8080"), "http_prot"),
         ("[node\n", "cannot read"),
+        ("[worker]\nmc_samples = 1\n", "mc_samples"),
         (EXAMPLE.replace("port = 4242", "port = 4242\nresults = []"), "results"),
         (EXAMPLE.replace("port = 4242", 'port = 4242\nresults = ["pdf"]'), "results"),
         (

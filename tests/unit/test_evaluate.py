@@ -24,6 +24,7 @@ from models.evaluate import (
     deletion_images,
     evaluate_model,
     f1_macro,
+    half_cell,
     heatmap_iou,
     localisation_scores,
     macro_auc,
@@ -99,6 +100,22 @@ def test_pointing_game() -> None:
     assert pointing_hit(heatmap, (23, 8, 25, 12), tolerance=3)
     assert not pointing_hit(np.zeros((8, 8)), (0, 0, 7, 7))
     assert centre_value(heatmap, (18, 8, 22, 12)) == 1.0
+
+
+def test_tolerant_pointing_is_half_a_cell_along_each_axis() -> None:
+    """A 200 x 100 image from a 16 x 16 map: its cells are 12.5 px tall and 6.25 px wide, so
+    the tolerant hit grows a box by 6.25 px along the rows but only 3.125 px along the
+    columns; a peak 4 px beside the box is no hit, one 4 px below it is."""
+    assert half_cell((200, 100), 16) == (6.25, 3.125)
+    box = (40, 80, 50, 90)
+    beside = np.zeros((200, 100), dtype=np.float32)
+    beside[85, 54] = 1.0
+    below = np.zeros((200, 100), dtype=np.float32)
+    below[94, 45] = 1.0
+    tolerance = half_cell(beside.shape, 16)
+    assert localisation_scores(beside, (box,), tolerance)["hit_tolerant"] is False
+    assert localisation_scores(below, (box,), tolerance)["hit_tolerant"] is True
+    assert pointing_hit(beside, box, (0.0, 4.0)) and not pointing_hit(beside, box, (4.0, 0.0))
 
 
 def test_localisation_scores_of_an_image_with_two_boxes() -> None:
@@ -204,6 +221,34 @@ def test_macro_auc_and_bootstrap_interval() -> None:
     again = bootstrap_ci(lambda idx: macro_auc(noisy[idx], truth[idx]), 200, resamples=100)
     assert again == ci  # seeded
     assert bootstrap_ci(lambda idx: 1.0, 1) is None
+
+
+def test_bootstrap_draws_whole_studies() -> None:
+    """Forty studies of fifty identical slices each hold forty cases' worth of evidence, not
+    two thousand: drawn by study, the interval is the one of the forty de-duplicated cases
+    (the same draws), and wider than the one that takes every slice as independent. One image
+    per study draws exactly what the plain bootstrap draws."""
+    rng = np.random.default_rng(2)
+    truth = rng.integers(0, 3, 40)
+    probs = np.eye(3)[truth] + rng.normal(0, 0.8, (40, 3))
+    study = np.repeat(np.arange(40), 50)
+    slices_truth, slices_probs = truth[study], probs[study]
+
+    def per_case(idx: np.ndarray) -> float | None:
+        return macro_auc(probs[idx], truth[idx])
+
+    def per_slice(idx: np.ndarray) -> float | None:
+        return macro_auc(slices_probs[idx], slices_truth[idx])
+
+    by_study = bootstrap_ci(per_slice, 2000, resamples=100, groups=study.tolist())
+    cases = bootstrap_ci(per_case, 40, resamples=100)
+    naive = bootstrap_ci(per_slice, 2000, resamples=100)
+    assert by_study is not None and cases is not None and naive is not None
+    assert by_study == pytest.approx(cases, abs=1e-12)
+    assert by_study[1] - by_study[0] > 3 * (naive[1] - naive[0])
+    single = bootstrap_ci(per_case, 40, resamples=100, groups=[f"s{i}" for i in range(40)])
+    assert single == cases
+    assert bootstrap_ci(per_slice, 100, groups=[0] * 100) is None  # one study: no interval
 
 
 def test_f1_macro() -> None:

@@ -38,7 +38,7 @@ def test_monitor_sites_reads_the_baseline_site_stable_and_a_new_scanner_shifted(
         ("--baseline-site", "7", "unknown site 7: sites are 0 to 4"),
         ("--baseline-site", "1,2", "give one site"),
         ("--studies", "2", "must be at least 5, not 2"),
-        ("--mc-samples", "0", "must be at least 1, not 0"),
+        ("--mc-samples", "1", "must be at least 2, not 1"),
         ("--size", "8", "must be at least"),
     ],
 )

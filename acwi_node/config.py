@@ -281,8 +281,9 @@ class WorkerSettings(_Strict):
     #: without ``shadow`` never runs them.
     queues: list[WorkerQueue] = Field(default_factory=_all_queues, min_length=1, max_length=3)
     #: Monte-Carlo dropout samples of the head: at least 2, as one sample's mutual information
-    #: (the epistemic uncertainty) is 0 whatever the image.
-    mc_samples: int = Field(20, ge=2, le=1000)
+    #: (the epistemic uncertainty) is 0 whatever the image. None: each model's own (its
+    #: manifest's ``mc_samples``, those its uncertainty threshold was calibrated with).
+    mc_samples: int | None = Field(None, ge=2, le=1000)
     #: Torch intra-op threads; 0 lets torch decide.
     torch_threads: int = Field(0, ge=0)
     device: str = "cpu"

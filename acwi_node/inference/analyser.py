@@ -275,13 +275,16 @@ class Analyser:
         manifest_path: Path,
         *,
         device: str = "cpu",
-        mc_samples: int = 20,
+        mc_samples: int | None = None,
         num_threads: int | None = None,
         batch_size: int = 16,
         engine: EngineOptions | None = None,
         heatmaps: HeatmapPolicy = "all",
     ) -> Analyser:
         """Load a manifest (file or folder) and its verified weights, and start the engine.
+
+        ``mc_samples`` defaults to the manifest's: the number of Monte-Carlo samples its
+        uncertainty threshold was calibrated with.
 
         ``num_threads``, when given, is passed to ``torch.set_num_threads`` (and to ONNX
         Runtime). ``engine`` defaults to eager PyTorch in fp32.
@@ -301,7 +304,7 @@ class Analyser:
             model,
             manifest,
             device=device,
-            mc_samples=mc_samples,
+            mc_samples=manifest.mc_samples if mc_samples is None else mc_samples,
             batch_size=batch_size,
             engine=backbone,
             heatmaps=heatmaps,

@@ -318,3 +318,27 @@ def test_the_worker_warms_up_each_model_it_loads(
     assert len(calls) == 2 and analyse._analysers == {}
     third = analyse.get_analyser(settings, "default")
     assert calls[2] is third and analyse.get_analyser(settings, "default") is third
+
+
+def test_the_worker_takes_each_models_own_number_of_monte_carlo_samples(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model's uncertainty threshold was calibrated with its manifest's ``mc_samples``: the
+    worker runs that many unless ``worker.mc_samples`` says otherwise (it ran 20 whatever the
+    model's)."""
+    from acwi_node.config import load_settings
+    from acwi_node.tasks import analyse
+    from tests.support.model_variant import model_variant
+
+    monkeypatch.setattr(Analyser, "warm_up", lambda self, image_size=(512, 512): 0.01)
+    monkeypatch.setattr(analyse, "_analysers", {})
+    manifest = model_variant(tmp_path / "seven", version="7.0.0", mc_samples=7)
+    models = [{"name": "seven", "manifest": manifest}]
+    settings = load_settings(None, node={"data_dir": tmp_path / "data"}, models=models)
+    assert analyse.get_analyser(settings, "seven").mc_samples == 7
+    assert analyse.get_analyser(settings, "default").mc_samples == 20
+    monkeypatch.setattr(analyse, "_analysers", {})
+    settings = load_settings(
+        None, node={"data_dir": tmp_path / "data"}, models=models, worker={"mc_samples": 5}
+    )
+    assert analyse.get_analyser(settings, "seven").mc_samples == 5

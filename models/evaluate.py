@@ -90,7 +90,12 @@ def auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
-    """AUROC, or None when one of the two groups is empty."""
+    """AUROC, or None when one of the two groups is empty. Scores that are not finite are an
+    error: ranked among the others they gave a plausible figure (a NaN everywhere, 0.5)."""
+    scores = np.asarray(scores, dtype=float)
+    if not np.isfinite(scores).all():
+        bad = int((~np.isfinite(scores)).sum())
+        raise ValueError(f"{bad} of {scores.size} scores are not finite (NaN or infinite)")
     positive = np.asarray(positive, dtype=bool)
     if positive.all() or not positive.any():
         return None

@@ -369,3 +369,13 @@ def test_evaluate_bundled_model_headline_metrics(tmp_path: Path) -> None:
     assert "## Headline metrics" in text and "(example_heatmaps.png)" in text
     saved = json.loads((report / "metrics.json").read_text())
     assert saved["test"]["auc_macro"] == test["auc_macro"]
+
+
+def test_an_auc_of_scores_that_are_not_finite_is_an_error() -> None:
+    """A model whose outputs went NaN scored 0.5, a plausible figure, instead of failing."""
+    positive = np.array([True, False, True, False])
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="1 of 4 scores are not finite"):
+            roc_auc(np.array([0.9, 0.1, bad, 0.2]), positive)
+    with pytest.raises(ValueError, match="4 of 4"):
+        roc_auc(np.full(4, np.nan), positive)

@@ -431,6 +431,42 @@ def run_destinations_check(settings: Settings, names: Sequence[str], *, as_json:
     return 0 if all(r["ok"] for r in rows) else 1
 
 
+def run_check(settings: Settings, *, as_json: bool) -> int:
+    """``acwi-node check``: where the ledger and the data directory disagree; exit 1 if they
+    do anywhere."""
+    from acwi_node.ledger import Ledger
+    from acwi_node.retention.check import check
+
+    ledger = Ledger(settings.database_url)
+    try:
+        report = check(settings, ledger)
+    finally:
+        ledger.dispose()
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0 if report.agrees else 1
+    lines = (
+        ("spool folders of studies the ledger has no row of", report.spool_without_study),
+        ("results folders of studies the ledger has no row of", report.results_without_study),
+        ("instance rows whose spool file is gone", report.instances_without_file),
+        ("result rows whose file is gone", report.results_without_file),
+        ("files left in studies retention purged", report.files_of_purged_studies),
+    )
+    for title, finding in lines:
+        owed = ""
+        if finding is report.results_without_file and finding.studies:
+            owed = f", {report.owed_results_without_file} still owed to a destination"
+        print(
+            f"{title}: {finding.studies} studies, {finding.files} files"
+            + (f" ({finding.bytes / 1e6:.1f} MB)" if finding.bytes else "")
+            + owed
+        )
+        for uid in finding.study_uids:
+            print(f"  {uid}")
+    print("the ledger and the data directory agree" if report.agrees else "they disagree")
+    return 0 if report.agrees else 1
+
+
 def run_retention(settings: Settings, *, dry_run: bool, as_json: bool) -> int:
     """One storage retention sweep now (``acwi-node retention``)."""
     from acwi_node.ledger import Ledger
@@ -858,6 +894,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="list the studies, delete nothing"
     )
     retention.add_argument("--json", action="store_true", help="print JSON")
+    disagreements = sub.add_parser(
+        "check",
+        help="where the ledger and the data directory disagree (after a restore); read-only",
+    )
+    disagreements.add_argument("--json", action="store_true", help="print JSON")
     health = sub.add_parser(
         "health", help="query a process kind's health endpoint (exit 0 when ready)"
     )
@@ -982,6 +1023,8 @@ def _dispatch(settings: Settings, config: Path | None, args: argparse.Namespace)
         return run_show_studies(settings, args.study_uids, as_json=args.json)
     if args.command == "studies":
         return run_studies(settings, args.studies_command, args.study_uids)
+    if args.command == "check":
+        return run_check(settings, as_json=args.json)
     if args.command == "retention":
         return run_retention(settings, dry_run=args.dry_run, as_json=args.json)
     if args.command == "destinations" and args.destinations_command == "status":

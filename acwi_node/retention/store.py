@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import ColumnElement, and_, exists, not_, or_, select, text, update
@@ -222,6 +223,29 @@ class RetentionStore:
                 .order_by(Purge.id)
             ).all()
         return [PurgeClaim.of(p, uid) for p, uid in rows]
+
+    def purged(self, study_uids: Sequence[str]) -> list[PurgeClaim]:
+        """Of ``study_uids``, the finished studies whose current generation a finished purge
+        took, nothing having arrived since: their folders should be empty (files found there
+        came back with a restore)."""
+        found: list[PurgeClaim] = []
+        uids = list(study_uids)
+        with self.ledger.session() as s:
+            for start in range(0, len(uids), 500):
+                rows = s.execute(
+                    select(Purge, Study.study_uid)
+                    .join(Study, Study.id == Purge.study_id)
+                    .where(
+                        Study.study_uid.in_(uids[start : start + 500]),
+                        Purge.generation == Study.generation,
+                        Purge.finished_at.is_not(None),
+                        Purge.received_before >= Study.last_received_at,
+                        may_purge(),
+                    )
+                    .order_by(Purge.id)
+                ).all()
+                found += [PurgeClaim.of(p, uid) for p, uid in rows]
+        return found
 
     def finish(self, claim: PurgeClaim, *, files: int, size: int) -> None:
         with self.ledger.session() as s:

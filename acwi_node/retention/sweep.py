@@ -10,9 +10,13 @@ receiving, analysing, delivering or open on the worklist is never touched.
 Each purge: the ledger part first (:meth:`RetentionStore.claim`: the instances' paths
 emptied, a ``purges`` row), then the files of ``spool/<study>/`` and ``results/<study>/``.
 A file newer than the claim's limits is a later generation's (the study was re-opened
-meanwhile) and stays. The ledger keeps the study, its jobs, results and verdicts;
-``retention.records_keep_days`` later, its instance rows are summarised and the patient
-identifiers kept for the RIS erased (:mod:`acwi_node.retention.records`).
+meanwhile) and stays; a spool file older than an hour before the claim goes whatever its time
+(a data directory restored or copied without its files' times leaves them newer than the
+study's last arrival). Files found again in the folders of a study purged before (a data
+directory restored from before the purge) go at the next sweep, those an hour old. The
+ledger keeps the study, its jobs, results and verdicts; ``retention.records_keep_days`` later,
+its instance rows are summarised and the patient identifiers kept for the RIS erased
+(:mod:`acwi_node.retention.records`).
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ log = logging.getLogger("acwi_node.retention")
 _SPACE_BATCH = 50
 #: An unfinished purge older than this was left by a process that stopped: finished again.
 _LEFTOVER_AFTER = dt.timedelta(seconds=60)
+#: A spool file written this long before its purge was claimed, and still newer than the
+#: study's last recorded arrival, is no arrival whose ledger row is yet to come (rows follow
+#: their files within seconds): its time is a restore's or a copy's, and it goes with the rest.
+_ARRIVAL_SETTLED = dt.timedelta(hours=1)
 _trash_names = itertools.count()
 
 
@@ -175,6 +183,7 @@ class Retention:
             for claim in self.store.unfinished(started_before=now - _LEFTOVER_AFTER):
                 log.info("storage retention: finishing an interrupted purge")
                 self._delete_files(claim, report)
+            self._delete_restored(report)
         hours = dt.timedelta(hours=1)
         for candidate in self.store.candidates(
             unreviewed_before=now - cfg.keep_hours * hours if cfg.keep_hours else None,
@@ -317,7 +326,10 @@ class Retention:
     def _delete_files(self, claim: PurgeClaim, report: SweepReport) -> None:
         files = size = 0
         for root, before in (
-            (self.settings.spool_dir, claim.received_before),
+            (
+                self.settings.spool_dir,
+                max(claim.received_before, claim.started_at - _ARRIVAL_SETTLED),
+            ),
             (self.settings.results_dir, claim.started_at),
         ):
             n, b = delete_study_files(root, claim.study_uid, before)
@@ -326,6 +338,43 @@ class Retention:
         report.files += files
         report.bytes += size
         metrics.RETENTION_BYTES_DELETED.inc(size)
+
+    def _delete_restored(self, report: SweepReport) -> None:
+        """Delete the files found in the folders of studies already purged (and not come back
+        since): a data directory restored from before their purge brought them back, and no
+        later purge would look at them again. Files younger than an hour stay (an arrival
+        whose ledger row is still to come)."""
+        present: set[str] = set()
+        for root in self._roots():
+            with contextlib.suppress(FileNotFoundError), os.scandir(root) as entries:
+                present.update(
+                    e.name
+                    for e in entries
+                    if not e.name.startswith(".") and is_safe_uid(e.name) and e.is_dir()
+                )
+        if not present:
+            return
+        cut = utcnow() - _ARRIVAL_SETTLED
+        for claim in self.store.purged(sorted(present)):
+            files = size = 0
+            for root in self._roots():
+                n, b = delete_study_files(root, claim.study_uid, cut)
+                files, size = files + n, size + b
+            if not files:
+                continue
+            self.store.finish(claim, files=files, size=size)
+            report.files += files
+            report.bytes += size
+            metrics.RETENTION_BYTES_DELETED.inc(size)
+            log.info(
+                "storage retention: deleted %d file(s) found again in a study purged before",
+                files,
+            )
+            audit(
+                AuditEvent.STUDY_DELETED,
+                study_uids=[claim.study_uid],
+                detail="storage retention (files restored after the study's purge)",
+            )
 
     def _roots(self) -> tuple[Path, Path]:
         return self.settings.spool_dir, self.settings.results_dir

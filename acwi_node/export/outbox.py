@@ -50,6 +50,8 @@ REPLACED_EVERY_S = 5.0
 REPLACED_WITHIN = dt.timedelta(days=2)
 #: The most deliveries one pass takes (a destination's share goes in one send).
 DUE_LIMIT = 500
+#: Seconds between renewals of the deliveries an exporter is sending (see ``_claimed``).
+CLAIM_RENEW_S = 10.0
 #: How long :meth:`Exporter.run` waits, once stopped, for the sends still under way.
 STOP_WAIT_S = 20.0
 
@@ -130,6 +132,11 @@ class Exporter:
         #: deliveries to two destinations end at once is settled from the last one's view.
         self._record_lock = threading.RLock()
         self._reports.lock = self._record_lock
+        #: The deliveries being sent (taken in the ledger, :meth:`Ledger.claim_deliveries`,
+        #: so that another exporter process does not send them too); guarded by
+        #: ``_record_lock``, and renewed every :data:`CLAIM_RENEW_S`.
+        self._claimed: set[int] = set()
+        self._renewed_at = time.monotonic()
 
     def tick(self, *, wait: bool | None = None) -> int:
         """One pass: a send to each destination with due deliveries (and none under way),
@@ -148,12 +155,17 @@ class Exporter:
                     ended,
                 )
             self._settled = True
+        self._renew_claims()
         with self._sending_lock:
             busy = list(self._sending)
         due = self.ledger.due_deliveries(limit=DUE_LIMIT, exclude=busy)
         by_dest: dict[str, list[DueDelivery]] = defaultdict(list)
+        with self._record_lock:
+            taken = self.ledger.claim_deliveries([d.id for d in due], lease_s=self._claim_s())
+            self._claimed |= taken
         for d in due:
-            by_dest[d.destination].append(d)
+            if d.id in taken:  # else another exporter process took it
+                by_dest[d.destination].append(d)
         started: list[threading.Thread] = []
         for dest_name, items in by_dest.items():
             if wait and len(by_dest) == 1:
@@ -174,6 +186,28 @@ class Exporter:
                 thread.join()
         return len(due) + self._request_commitments() + self._withdraw_replaced()
 
+    def _claim_s(self) -> float:
+        """How long a delivery taken for a send stays taken without a renewal: longer than
+        a pass of the loop that renews it can take (a storage commitment request waits
+        ``timeout_s``)."""
+        return 3 * self.settings.exporter.timeout_s + 60.0
+
+    def _renew_claims(self) -> None:
+        """Every :data:`CLAIM_RENEW_S`: keep the deliveries being sent taken."""
+        now = time.monotonic()
+        if now - self._renewed_at < CLAIM_RENEW_S:
+            return
+        self._renewed_at = now
+        with self._record_lock:
+            if self._claimed:
+                self.ledger.renew_delivery_claims(sorted(self._claimed), lease_s=self._claim_s())
+
+    def _record(self, attempts: list[DeliveryAttempt]) -> None:
+        """Record a send's attempts; its deliveries are no longer taken by this process."""
+        with self._record_lock:
+            self._claimed -= {a.delivery_id for a in attempts}
+            self.ledger.record_deliveries(attempts)
+
     def _send_then_wake(self, dest_name: str, items: list[DueDelivery]) -> None:
         """A destination's send in its own thread; then the loop looks again at once (the
         destination may have more results due)."""
@@ -191,6 +225,9 @@ class Exporter:
             self._send(dest_name, items)
         except Exception:
             log.exception("sending to %s failed; its results are tried again", dest_name)
+        finally:  # those not recorded are taken again once their claim runs out
+            with self._record_lock:
+                self._claimed -= {d.id for d in items}
 
     def _withdraw_replaced(self) -> int:
         """Every :data:`REPLACED_EVERY_S`: withdraw the results a later analysis by another
@@ -304,8 +341,7 @@ class Exporter:
             )
             for d in items
         ]
-        with self._record_lock:
-            self.ledger.record_deliveries(attempts)
+        self._record(attempts)
 
     def _send(self, dest_name: str, items: list[DueDelivery]) -> None:
         cfg = self.settings.exporter
@@ -365,8 +401,7 @@ class Exporter:
                     outage_patience_s=cfg.outage_patience_s,
                 )
             )
-        with self._record_lock:
-            self.ledger.record_deliveries(attempts)
+        self._record(attempts)
         self._audit_sent(dest, items, paths, report)
         if delivered == len(items):
             log.info(

@@ -349,6 +349,10 @@ class OruSender:
         for item in due:
             if self._stop.is_set():
                 break
+            # Connect, send and the ACK may each take ``timeout_s``: another hl7 process
+            # sharing the ledger leaves the message alone until this attempt has surely ended.
+            if not self.ledger.claim_hl7_outbound(item.id, lease_s=3 * self.ris.timeout_s + 60):
+                continue  # another hl7 process took it
             delivered, final, code, error = False, False, "", ""
             unreachable = False
             try:

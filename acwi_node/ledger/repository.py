@@ -1727,6 +1727,42 @@ class Ledger:
                 for d, path, study_uid in rows
             ]
 
+    def claim_deliveries(self, delivery_ids: Sequence[int], *, lease_s: float) -> set[int]:
+        """Take due deliveries for one attempt: their next attempt moves ``lease_s`` past now,
+        so that another exporter process sharing the ledger does not send them too (the
+        taker renews the lease while it sends, :meth:`renew_delivery_claims`). Returns the
+        ids taken: those still pending and due (not taken by another process meanwhile)."""
+        if not delivery_ids:
+            return set()
+        now = utcnow()
+        with self.session() as s:
+            taken = s.execute(
+                update(Delivery)
+                .where(
+                    Delivery.id.in_(list(delivery_ids)),
+                    Delivery.state == DeliveryState.PENDING,
+                    Delivery.next_attempt_at <= now,
+                )
+                .values(next_attempt_at=now + dt.timedelta(seconds=lease_s))
+                .returning(Delivery.id)
+            )
+            return {int(row[0]) for row in taken}
+
+    def renew_delivery_claims(self, delivery_ids: Sequence[int], *, lease_s: float) -> None:
+        """Keep the deliveries being sent (:meth:`claim_deliveries`) taken for ``lease_s``
+        more; an exporter that dies leaves them due again once its last lease runs out."""
+        if not delivery_ids:
+            return
+        with self.session() as s:
+            s.execute(
+                update(Delivery)
+                .where(
+                    Delivery.id.in_(list(delivery_ids)),
+                    Delivery.state == DeliveryState.PENDING,
+                )
+                .values(next_attempt_at=utcnow() + dt.timedelta(seconds=lease_s))
+            )
+
     def record_delivery(
         self,
         delivery_id: int,
@@ -2496,6 +2532,25 @@ class Ledger:
             return [
                 DueHl7(r.id, r.control_id, r.message, r.attempts + r.outage_attempts) for r in rows
             ]
+
+    def claim_hl7_outbound(self, outbound_id: int, *, lease_s: float) -> bool:
+        """Take a due ORU for one attempt: its next attempt moves ``lease_s`` past now (longer
+        than the attempt can take), so that another ``hl7`` process sharing the ledger does
+        not send it too. False when it is not due any more (another process took it, or it
+        was settled meanwhile); a process that dies holding it leaves it to be sent again
+        once the lease has run out."""
+        now = utcnow()
+        with self.session() as s:
+            taken = s.execute(
+                update(Hl7Outbound)
+                .where(
+                    Hl7Outbound.id == outbound_id,
+                    Hl7Outbound.state == DeliveryState.PENDING,
+                    Hl7Outbound.next_attempt_at <= now,
+                )
+                .values(next_attempt_at=now + dt.timedelta(seconds=lease_s))
+            )
+            return bool(cast(Any, taken).rowcount)
 
     def record_hl7_attempt(
         self,

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from acwi_node.config import Settings, load_settings
+from acwi_node.hl7 import client
 from acwi_node.hl7.client import OruSender, queue_oru
 from acwi_node.hl7.messages import Verdict, oru_observations
 from acwi_node.hl7.orders import OrderIntake
@@ -554,3 +555,35 @@ def test_identifying_values_of_an_oru() -> None:
         "[redacted] [redacted] ([redacted]) born [redacted], [redacted]: no order [redacted];"
         " PL90 is another"
     )
+
+
+def test_two_hl7_processes_send_each_oru_once(
+    tmp_path: Path,
+    make_peer: Callable[[str], Peer],
+    database_url: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two ``hl7`` processes on one ledger (two hosts): while one sends a due ORU, the other's
+    pass comes; the RIS gets the message once."""
+    peer = make_peer("AA")
+    settings = make_settings(tmp_path, peer.port, database_url=database_url)
+    ledger, other_ledger = Ledger(settings.database_url), Ledger(settings.database_url)
+    job_id = analysed_job(settings, ledger)
+    assert queue_oru(settings, ledger, job_id) is not None
+    first, second = OruSender(settings, ledger), OruSender(settings, other_ledger)
+    real_send = client.send_message
+    other_passes: list[int] = []
+
+    def send_while_the_other_passes(*args: Any, **kwargs: Any) -> Any:
+        if not other_passes:  # the other process's pass, in the middle of this send
+            other_passes.append(-1)  # (its own send, if any, comes back here)
+            other_passes[0] = second.tick()
+        return real_send(*args, **kwargs)
+
+    monkeypatch.setattr(client, "send_message", send_while_the_other_passes)
+    assert first.tick() == 1
+    assert other_passes == [0]  # it found nothing due
+    assert [r["state"] for r in ledger.hl7_outbound(STUDY_UID)] == ["delivered"]
+    assert len(peer.messages()) == 1
+    ledger.dispose()
+    other_ledger.dispose()

@@ -275,3 +275,47 @@ def test_retry_with_a_name_it_does_not_know_puts_nothing_back(
     out = capsys.readouterr().out
     assert "viewer: 1 failed delivery(ies) of 1 study(ies) back in the outbox" in out
     assert _states(db, "1.2.3") == {"pacs": ["pending"], "viewer": ["pending"]}
+
+
+def test_two_exporter_processes_send_each_result_once(tmp_path: Path, db: Ledger) -> None:
+    """Two exporter processes on one ledger (two hosts): while one sends a study's results,
+    the other's pass comes; the destination gets each object once, from the first."""
+    others: list[Exporter] = []
+    other_passes: list[int] = []
+
+    def answer(index: int, ds: Dataset, event: evt.Event) -> int:
+        if index == 1:  # the other process's pass, while this send is under way
+            other_passes.append(others[0].tick(wait=True))
+        return 0x0000
+
+    with ScriptedScp(answer) as pacs:
+        settings = _settings(tmp_path, db, {"pacs": pacs.port})
+        _analysed(settings, db, "1.2.3", 2)
+        other_ledger = Ledger(db.url)
+        others.append(Exporter(settings, other_ledger))
+        try:
+            assert Exporter(settings, db).tick(wait=True) == 2
+        finally:
+            other_ledger.dispose()
+        assert other_passes == [0]
+        assert _states(db, "1.2.3") == {"pacs": ["delivered", "delivered"]}
+        assert db.get_study("1.2.3")["state"] == "delivered"  # type: ignore[index]
+    assert pacs.calls == 2  # each object once
+
+
+def test_deliveries_taken_by_an_exporter_that_died_are_taken_again_once_its_claim_ran_out(
+    tmp_path: Path, db: Ledger
+) -> None:
+    """A delivery one exporter took is not due for another while the claim lasts (renewed);
+    once the claim of a killed exporter has run out, another takes it."""
+    settings = _settings(tmp_path, db, {"pacs": 104})
+    _analysed(settings, db, "1.2.3", 2)
+    ids = sorted(d.id for d in db.due_deliveries())
+    assert db.claim_deliveries(ids, lease_s=600) == set(ids)
+    assert db.due_deliveries() == []
+    assert db.claim_deliveries(ids, lease_s=600) == set()  # the other exporter's try
+    db.renew_delivery_claims(ids, lease_s=600)
+    assert db.due_deliveries() == []
+    with db.session() as s:  # the taker was killed; its last renewal is long past
+        s.execute(update(Delivery).values(next_attempt_at=utcnow() - dt.timedelta(seconds=1)))
+    assert db.claim_deliveries(ids, lease_s=600) == set(ids)

@@ -35,6 +35,8 @@ node's time. The journal needs one, shared by every association of the process:
 4. When a process starts, it replays the journals of processes that are gone (a journal
    directory whose lock nobody holds): every record's spool file is written again and its
    ledger row added where it is missing. What a crash took from the page cache comes back.
+   What the ledger settled after a record was written (a journal restored from a backup: its
+   study purged since, the instance sent again since) is left out.
 
 This is the write-ahead rule databases follow: the journal is flushed before the ledger row
 exists, so no durable ledger row can point at a spool file that a power loss took away.
@@ -843,6 +845,9 @@ class ReplayReport:
     recorded: int = 0
     #: Spooled records whose file a crash took or cut before it was flushed (never answered).
     unusable: int = 0
+    #: Instances the ledger settled after their records were written (``superseded``): a
+    #: journal restored from a backup. Left out.
+    superseded: int = 0
     failed: list[str] = field(default_factory=list)
 
 
@@ -852,6 +857,7 @@ def replay_orphans(
     flush: Callable[[], None],
     *,
     fsync: bool = True,
+    superseded: Callable[[JournalRecord], bool] | None = None,
 ) -> ReplayReport:
     """Replay and remove every journal under ``root`` whose owner is gone.
 
@@ -862,7 +868,9 @@ def replay_orphans(
     says whether the row was missing (True) or there (False); None: the record cannot be
     replayed (a spooled record whose file a crash took or cut, so never acknowledged).
     ``flush`` makes the spool and the ledger durable. If the replay fails the journals stay for
-    the next start.
+    the next start. ``superseded`` says whether the ledger settled an instance after its last
+    record was written (a journal restored from a backup: recorded since, its study purged
+    since): such a file is left out, its records not replayed, and counted in one log line.
     """
     report = ReplayReport()
     if not root.is_dir():
@@ -911,6 +919,9 @@ def replay_orphans(
             for key, record in keyed:
                 if versions[key][-1] is not record:
                     continue  # a later record for the same file decides it
+                if superseded is not None and superseded(record):
+                    report.superseded += 1  # and its earlier records are older still
+                    continue
                 for candidate in reversed(versions[key]):
                     outcome = replay(candidate)
                     if outcome is None:
@@ -931,6 +942,12 @@ def replay_orphans(
     finally:
         for _, lock_fd in locked:
             os.close(lock_fd)
+    if report.superseded:
+        log.warning(
+            "ingest journal: %d instance(s) left out: the ledger recorded them, or purged their"
+            " study, after the journal was written (a journal restored from a backup)",
+            report.superseded,
+        )
     log.info(
         "ingest journal: replayed %d journal(s), %d instance(s), %d ledger row(s) restored, "
         "%d unacknowledged instance(s) skipped",

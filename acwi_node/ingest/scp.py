@@ -526,6 +526,20 @@ class StorageSCP:
             self.spool.remove_moved(row.moved_from)
         return True
 
+    def _superseded(self, record: JournalRecord) -> bool:
+        """Whether the ledger settled ``record``'s instance after the record was written (a
+        journal restored from a backup): replaying it would bring back an instance retention
+        purged, re-opening its study, or an older version of one. See
+        :meth:`Ledger.journaled_since_settled`."""
+        meta = record.meta
+        written = dt.datetime.fromtimestamp(record.time_ns / 1e9, dt.timezone.utc)
+        return self.ledger.journaled_since_settled(
+            str(meta["study_uid"]),
+            str(meta["sop_instance_uid"]),
+            (str(meta["path"]), int(meta["size"]), str(meta["transfer_syntax_uid"])),
+            written.replace(tzinfo=None),
+        )
+
     def _unrecorded(
         self, journal: IngestJournal, ticket: Ticket, path: str, left: tuple[int, int] | None
     ) -> None:
@@ -585,7 +599,13 @@ class StorageSCP:
         if not cfg.journal or self.journal is not None:
             return
         root = self.spool.root / ".journal"
-        replay_orphans(root, self._replay, self._flush_spool_and_ledger, fsync=cfg.fsync)
+        replay_orphans(
+            root,
+            self._replay,
+            self._flush_spool_and_ledger,
+            fsync=cfg.fsync,
+            superseded=self._superseded,
+        )
         self._unrecorded_files.clear()  # numbered by the journal, which starts here
         journal = IngestJournal(
             root,

@@ -942,6 +942,38 @@ class Ledger:
             return None
         return str(row[0]), int(row[1]), None if row[2] is None else int(row[2]), row[3]
 
+    def journaled_since_settled(
+        self,
+        study_uid: str,
+        sop_instance_uid: str,
+        recorded: tuple[str, int, str],
+        written: dt.datetime,
+    ) -> bool:
+        """Whether an ingest journal record written at ``written`` (UTC) for an instance
+        (``recorded``: its spool path, size and transfer syntax) is older than what the ledger
+        has settled since, as a journal restored from a backup is: a generation of its study
+        was purged after it (the purge took every instance received until
+        ``Purge.received_before``), or the instance's row is from the same or a later arrival
+        (received at or after ``written``) and describes another file. A record never
+        recorded (a crash) is neither; nor is one whose row survived as it was recorded (its
+        spool file may not have)."""
+        with self.session() as s:
+            purged = s.scalar(
+                select(func.max(Purge.received_before))
+                .join(Study, Purge.study_id == Study.id)
+                .where(Study.study_uid == study_uid)
+            )
+            if purged is not None and purged >= written:
+                return True
+            row = s.execute(
+                select(
+                    Instance.path, Instance.size, Instance.transfer_syntax_uid, Instance.received_at
+                ).where(Instance.sop_instance_uid == sop_instance_uid)
+            ).first()
+        if row is None or row[3] < written:
+            return False
+        return (str(row[0]), int(row[1]), str(row[2])) != recorded
+
     def instance_file(self, sop_instance_uid: str) -> tuple[str, int, str] | None:
         """The spool path, size and transfer syntax recorded for an instance; None when the
         ledger has no such row."""
@@ -1835,13 +1867,20 @@ class Ledger:
         """Results ``destination`` stored whose storage commitment is to be requested now:
         never requested, or requested ``wait_s`` ago or more with no report since. One
         requested ``max_requests`` times already fails for good instead (the destination
-        never reported), and its job with it."""
+        never reported), and its job with it.
+
+        Those returned are taken for the caller's request: their request time moves to now
+        (by one conditional update, so that another exporter process sharing the ledger, on
+        PostgreSQL or SQLite, does not ask for them too); one that dies before asking leaves
+        them to be asked for again once ``wait_s`` has passed."""
         now = utcnow()
+        due_again = (Delivery.commitment_requested_at.is_(None)) | (
+            Delivery.commitment_requested_at <= now - dt.timedelta(seconds=wait_s)
+        )
         awaited = (
             Delivery.destination == destination,
             Delivery.state == DeliveryState.COMMITTING,
-            (Delivery.commitment_requested_at.is_(None))
-            | (Delivery.commitment_requested_at <= now - dt.timedelta(seconds=wait_s)),
+            due_again,
         )
         with self.session() as s:
             # the jobs of those that fail now, locked before their deliveries (_lock_jobs)
@@ -1883,7 +1922,23 @@ class Ledger:
             _forget_requests(s, gave_up)
             for job_id in sorted(exhausted):
                 self._sync_job_delivery(s, job_id)
-            return due
+            if not due:
+                return due
+            taken = {
+                int(row[0])
+                for row in s.execute(
+                    update(Delivery)
+                    .where(
+                        Delivery.id.in_([c.delivery_id for c in due]),
+                        Delivery.state == DeliveryState.COMMITTING,
+                        due_again,
+                    )
+                    .values(commitment_requested_at=now)
+                    .returning(Delivery.id)
+                    .execution_options(synchronize_session=False)
+                )
+            }
+            return [c for c in due if c.delivery_id in taken]  # else another process took it
 
     def commitment_requested(self, delivery_ids: Sequence[int], transaction_uid: str) -> None:
         """Record, before it is sent, a storage commitment request for ``delivery_ids`` under

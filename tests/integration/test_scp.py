@@ -877,6 +877,60 @@ def test_replay_writes_the_file_and_brings_the_row_up_to_date(
     assert scp._replay(JournalRecord(KIND_SPOOLED, 3, time.time_ns(), meta, b"")) is None
 
 
+def test_a_journal_restored_from_a_backup_brings_back_nothing_settled_since(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A data directory backup taken while the SCP ran holds its journal; restored, the next
+    start replays it. Its instances were recorded long ago: one study has been delivered and
+    purged by storage retention since, another's instance sent again (another version). The
+    replay leaves them out, with one line that counts them: the purged study is not re-opened
+    and gets no files back, and the later version stays."""
+    import shutil
+
+    from acwi_node.retention import DiskSpace, Retention
+    from tests.support.study_flow import analyse, deliver
+    from tests.unit.test_retention import later
+
+    purged, other = generate_uid(prefix=None), generate_uid()  # room for an SR UID
+    sop = generate_uid()
+    backup = tmp_path / "backup-journal"
+    with running_scp(
+        tmp_path, allowed_calling_aes=["SENDER"], journal_checkpoint_s=300,
+        journal_checkpoint_idle_s=300,
+    ) as (settings, ledger, _):  # fmt: skip
+        assert send(settings, [make_sc(purged), make_sc(purged), make_sc(other, sop)]) == [0] * 3
+        shutil.copytree(settings.spool_dir / ".journal", backup)  # the backup
+        assert send(settings, [make_sc(other, sop, patient="SCP^LATER")]) == [0]
+        analyse(settings, ledger, purged)
+        deliver(ledger)
+        Retention(settings, ledger, space=lambda: DiskSpace(900, 1000), clock=later(200)).sweep()
+        st = ledger.get_study(purged)
+        assert st is not None and st["state"] == "delivered" and st["images_deleted_at"]
+    assert not (settings.spool_dir / purged).exists()
+    shutil.rmtree(settings.spool_dir / ".journal", ignore_errors=True)
+    shutil.copytree(backup, settings.spool_dir / ".journal")  # the restore
+    with (
+        caplog.at_level(logging.INFO, logger="acwi_node.ingest"),
+        running_scp(tmp_path, allowed_calling_aes=["SENDER"]) as (settings, ledger, _),
+    ):
+        st = ledger.get_study(purged)
+        assert st is not None
+        assert (st["state"], st["generation"]) == ("delivered", 1)
+        assert st["images_deleted_at"]
+        assert not (settings.spool_dir / purged).exists()
+        path = settings.spool_dir / other / f"{sop}.dcm"
+        assert dcmread(path).PatientName == "SCP^LATER"
+        assert ledger.instance_file(sop) == (
+            f"{other}/{sop}.dcm",
+            path.stat().st_size,
+            ExplicitVRLittleEndian,
+        )
+    (line,) = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert line.startswith("ingest journal: 3 instance(s) left out")
+    assert purged not in caplog.text and sop not in caplog.text  # a count, no UIDs
+    assert list((settings.spool_dir / ".journal").iterdir()) == []
+
+
 def test_dcmtk_storescu_sends_a_directory(
     node: tuple[Settings, Ledger, StorageSCP], tmp_path: Path
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import mmap
 import os
 import struct
@@ -703,6 +704,40 @@ def test_the_journal_of_a_crashed_process_is_replayed_and_removed(
     assert not directory.exists()
     assert live.directory.exists()
     live.close()
+
+
+def test_records_the_ledger_settled_since_are_left_out_with_one_line(
+    tmp_path: Path, flushes: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A journal restored from a backup: the files whose last record the ledger settled since
+    (``superseded``) are not replayed, none of their records, and one line counts them."""
+    crashed_journal(
+        tmp_path,
+        [
+            ("payload", {"path": "a", "uid": "1.2.1"}, b"a1"),
+            ("payload", {"path": "b", "uid": "1.2.2"}, b"b1"),
+            ("payload", {"path": "a", "uid": "1.2.1"}, b"a2"),
+            ("payload", {"path": "c", "uid": "1.2.3"}, b"c1"),
+        ],
+    )
+    replayed: list[bytes] = []
+
+    def replay(record: JournalRecord) -> bool:
+        replayed.append(record.payload)
+        return True
+
+    with caplog.at_level(logging.INFO, logger="acwi_node.ingest"):
+        report = replay_orphans(
+            tmp_path / ".journal",
+            replay,
+            lambda: None,
+            superseded=lambda record: record.meta["path"] in ("a", "c"),
+        )
+    assert replayed == [b"b1"]
+    assert (report.instances, report.recorded, report.superseded) == (1, 1, 2)
+    (line,) = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert line.startswith("ingest journal: 2 instance(s) left out") and "1.2." not in line
+    assert list((tmp_path / ".journal").iterdir()) == []
 
 
 def test_journals_of_several_processes_replay_in_the_order_written(

@@ -1133,3 +1133,30 @@ def test_sqlite_commits_survive_a_power_loss(ledger: Ledger) -> None:
     with ledger.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+
+
+def test_a_journal_record_is_older_than_what_the_ledger_settled_since(db: Ledger) -> None:
+    """An ingest journal restored from a backup (the scp's replay): a record is left out once
+    its instance's row is from the same or a later arrival and describes another file, or once
+    its study was purged after it was written; a record never recorded (a crash), or whose
+    row is as recorded (its spool file may be lost), or of an earlier version, is replayed."""
+    from acwi_node.ledger.models import Purge
+
+    first = dx_record("1.2.3", "1.2.3.1")
+    recorded = (first.path, first.size, first.transfer_syntax_uid)
+    settled = db.journaled_since_settled
+    before = utcnow() - dt.timedelta(seconds=5)
+    assert not settled("1.2.3", "1.2.3.1", recorded, before)  # never recorded
+    db.record_instance(first, first_in_association=False)
+    assert not settled("1.2.3", "1.2.3.1", recorded, before)  # the row as this record left it
+    other = (first.path, first.size + 1, first.transfer_syntax_uid)  # another version
+    assert settled("1.2.3", "1.2.3.1", other, before)  # an older one: the row came later
+    assert not settled("1.2.3", "1.2.3.1", other, utcnow() + dt.timedelta(seconds=5))
+    with db.session() as s:  # retention purged the study (its rows keep their times)
+        study = s.scalars(select(Study).where(Study.study_uid == "1.2.3")).one()
+        s.add(Purge(study_id=study.id, generation=1, reason="age", received_before=utcnow()))
+        s.execute(update(Instance).values(path="", received_at=before - dt.timedelta(hours=1)))
+    assert settled("1.2.3", "1.2.3.1", recorded, before)  # purged after it was written
+    assert settled("1.2.3", "1.2.3.9", recorded, before)  # its row compacted away since
+    after = utcnow() + dt.timedelta(seconds=5)  # an arrival after the purge: a new generation
+    assert not settled("1.2.3", "1.2.3.9", recorded, after)

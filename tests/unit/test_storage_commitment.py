@@ -382,3 +382,79 @@ def test_a_request_to_a_destination_that_is_down_is_an_outage() -> None:
     )
     assert not result.accepted and result.unreachable
     assert "connection refused" in result.error
+
+
+def test_two_exporter_processes_ask_for_each_commitment_once(
+    db: Ledger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two exporter processes on one ledger (two hosts): the other's pass comes while one asks
+    the PACS to commit the first of its requests (one result each here), the second listed
+    and not asked for yet. The PACS is asked about each result once, by the first."""
+    from pynetdicom import AE, evt
+
+    from acwi_node.export import outbox
+    from acwi_node.export.scu import STORAGE_COMMITMENT_PUSH_MODEL
+    from tests.support.ports import free_port
+
+    monkeypatch.setattr(outbox, "MAX_REFERENCES", 1)
+    _stored(db)
+    others: list[Exporter] = []
+    other_passes: list[int] = []
+    asked: list[str] = []
+
+    def on_action(event: evt.Event) -> tuple[int, Dataset | None]:
+        asked.extend(
+            r.ReferencedSOPInstanceUID for r in event.action_information.ReferencedSOPSequence
+        )
+        if len(asked) == 1:  # the other process's pass, while this request is under way
+            other_passes.append(others[0].tick(wait=True))
+        return 0x0000, None
+
+    ae = AE(ae_title="FAKEPACS")
+    ae.add_supported_context(STORAGE_COMMITMENT_PUSH_MODEL)
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_N_ACTION, on_action)]
+    )
+    assert server is not None
+    settings = load_settings(
+        None,
+        node={"data_dir": tmp_path / "data", "database_url": db.url},
+        destinations=[
+            {"name": "pacs", "ae_title": "FAKEPACS", "host": "127.0.0.1", "port": port,
+             "storage_commitment": True, "commitment_wait_s": 300},
+        ],
+        exporter={"timeout_s": 10, "withdraw_replaced": False},
+    )  # fmt: skip
+    other_ledger = Ledger(db.url)
+    others.append(Exporter(settings, other_ledger))
+    try:
+        assert Exporter(settings, db).tick(wait=True) == 2
+    finally:
+        other_ledger.dispose()
+        server.shutdown()
+    assert other_passes == [0]
+    assert sorted(asked) == ["2.25.1", "2.25.2"]  # each result once
+    assert _state(db)[2] == {"2.25.1": "committing", "2.25.2": "committing"}
+
+
+def test_results_taken_by_an_exporter_that_died_are_asked_for_once_the_wait_ran_out(
+    db: Ledger,
+) -> None:
+    """The results listed for a request are taken: another exporter does not list them; an
+    exporter killed before it asked leaves them to be asked for after the wait, not counted
+    as asked."""
+    from sqlalchemy import update
+
+    from acwi_node.ledger.models import Delivery
+
+    ids = [d.id for d in _stored(db)]
+    assert [c.delivery_id for c in db.commitments_due("pacs", wait_s=300, max_requests=3)] == ids
+    assert db.commitments_due("pacs", wait_s=300, max_requests=3) == []  # the other's pass
+    with db.session() as s:  # the taker was killed; the wait has passed since
+        s.execute(
+            update(Delivery).values(commitment_requested_at=utcnow() - dt.timedelta(seconds=301))
+        )
+    assert [c.delivery_id for c in db.commitments_due("pacs", wait_s=300, max_requests=3)] == ids
+    with db.session() as s:
+        assert [s.get_one(Delivery, i).commitment_requests for i in ids] == [0, 0]

@@ -2589,19 +2589,31 @@ class Ledger:
             ]
 
     def claim_hl7_outbound(self, outbound_id: int, *, lease_s: float) -> bool:
-        """Take a due ORU for one attempt: its next attempt moves ``lease_s`` past now (longer
-        than the attempt can take), so that another ``hl7`` process sharing the ledger does
-        not send it too. False when it is not due any more (another process took it, or it
-        was settled meanwhile); a process that dies holding it leaves it to be sent again
-        once the lease has run out."""
+        """Take a due ORU for one attempt, so that another ``hl7`` process sharing the ledger
+        does not send it too (:meth:`claim_attempt`)."""
+        return self.claim_attempt(Hl7Outbound, outbound_id, lease_s=lease_s)
+
+    def claim_attempt(
+        self,
+        table: type[Hl7Outbound] | type[Notification],
+        row_id: int,
+        *,
+        lease_s: float,
+        due_at: dt.datetime | None = None,
+    ) -> bool:
+        """Take a pending message that is due (at ``due_at``, default now) for one attempt:
+        its next attempt moves ``lease_s`` past now (longer than the attempt can take), so
+        that another process sharing the ledger does not send it too. False when it is not
+        due any more (another process took it, or it was settled meanwhile); a process that
+        dies holding it leaves it to be sent again once the lease has run out."""
         now = utcnow()
         with self.session() as s:
             taken = s.execute(
-                update(Hl7Outbound)
+                update(table)
                 .where(
-                    Hl7Outbound.id == outbound_id,
-                    Hl7Outbound.state == DeliveryState.PENDING,
-                    Hl7Outbound.next_attempt_at <= now,
+                    table.id == row_id,
+                    table.state == DeliveryState.PENDING,
+                    table.next_attempt_at <= (now if due_at is None else due_at),
                 )
                 .values(next_attempt_at=now + dt.timedelta(seconds=lease_s))
             )

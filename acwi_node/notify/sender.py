@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from acwi_node import __version__
 from acwi_node.config import NotifyTarget, Settings
@@ -224,17 +224,7 @@ class Notifier:
         """Take a due notification for one attempt: its next attempt moves past the attempt's
         longest wait, so that a second exporter process does not POST it too."""
         lease = (target.timeout_s if target is not None else 0.0) + 60.0
-        with self.ledger.session() as s:
-            result = s.execute(
-                update(Notification)
-                .where(
-                    Notification.id == row_id,
-                    Notification.state == DeliveryState.PENDING,
-                    Notification.next_attempt_at <= now,
-                )
-                .values(next_attempt_at=utcnow() + dt.timedelta(seconds=lease))
-            )
-            return bool(getattr(result, "rowcount", 0))
+        return self.ledger.claim_attempt(Notification, row_id, lease_s=lease, due_at=now)
 
     def run(self) -> None:
         """Tick until :meth:`stop`; an error in one pass is logged and the next goes on."""

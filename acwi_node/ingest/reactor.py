@@ -313,6 +313,8 @@ class EventDrivenDUL(DULServiceProvider):
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        #: Held while the pipe's write end is written or closed (see :meth:`_wake`).
+        self._wake_lock = threading.Lock()
         #: Set after every state-machine action: the association thread has something to see.
         self.activity = threading.Event()
         #: Set when the association thread starts serving (negotiation done, EVT_ACCEPTED
@@ -352,8 +354,19 @@ class EventDrivenDUL(DULServiceProvider):
                     log.exception("the work left for an idle association failed")
 
     def _wake(self) -> None:
-        with contextlib.suppress(OSError):  # a full pipe is already awake; a closed one is done
-            os.write(self._wake_w, b"\0")
+        """Wake the reactor thread from another one (something is to be sent).
+
+        The association thread may send after the reactor ended and closed the pipe (a
+        response to a peer that aborted, a stop): its descriptor number is then free, and the
+        next file the process opens (a spool file, the ledger's database) gets it. Writing to
+        the number then would put a NUL byte into that file: at offset 0 of an SQLite database
+        that SQLite writes with ``pwrite``, which makes it "not a database". So the write end
+        is written and closed under a lock, and marked closed (-1) when it is."""
+        with self._wake_lock:
+            if self._wake_w < 0:
+                return
+            with contextlib.suppress(OSError):  # a full pipe is already awake
+                os.write(self._wake_w, b"\0")
 
     def send_pdu(self, primitive: Any) -> None:
         if self._answer_at_once(primitive):
@@ -684,9 +697,11 @@ class EventDrivenDUL(DULServiceProvider):
             _serving.dul = None
             self._run_idle_work()
             self.activity.set()
-            for fd in (self._wake_r, self._wake_w):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            with self._wake_lock:
+                for fd in (self._wake_r, self._wake_w):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                self._wake_r = self._wake_w = -1
 
     def _reactor(self) -> None:
         self._idle_timer.start()

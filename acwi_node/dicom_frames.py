@@ -3,16 +3,19 @@
 An enhanced multi-frame image (Enhanced CT or MR, a Legacy Converted Enhanced image, breast
 tomosynthesis, a multi-frame X-ray angiogram) keeps what a single-frame image has at the top
 level in functional groups (PS3.3 C.7.6.16): the Rescale Slope and Intercept of each frame in
-the Pixel Value Transformation Sequence, its window in the Frame VOI LUT Sequence, its pixel
-spacing in the Pixel Measures Sequence, its position and orientation in the Plane Position
-and Plane Orientation Sequences, its Frame Type in the modality's Frame Type Sequence; each
-either shared by every frame (Shared Functional Groups Sequence) or given per frame (Per-frame
-Functional Groups Sequence, which wins). A multi-frame image without them (a Multi-frame
-Grayscale Secondary Capture) keeps its values at the top level, shared by every frame.
+the Pixel Value Transformation Sequence, its window (or VOI LUT) in the Frame VOI LUT
+Sequence, its pixel spacing in the Pixel Measures Sequence, its position and orientation in
+the Plane Position and Plane Orientation Sequences, its Frame Type in the modality's Frame
+Type Sequence; each either shared by every frame (Shared Functional Groups Sequence) or given
+per frame (Per-frame Functional Groups Sequence, which wins). A multi-frame image without
+them (a Multi-frame Grayscale Secondary Capture) keeps its values at the top level, shared by
+every frame.
 
 :func:`frame_view` gathers a frame's values into a data set with the top-level attributes a
 single-frame image would have, so that the code reading a single-frame image (the modality
-LUT, the window, the pixel spacing, the localizer check) reads a frame the same way.
+LUT, the window, the pixel spacing, the localizer check) reads a frame the same way. An
+enhanced image of one frame keeps them in functional groups too, and is read through its
+frame's view as a whole (:func:`image_header`).
 :func:`frame_pixels` decodes that frame's stored values alone: a CT of hundreds of frames is
 never decoded whole.
 """
@@ -26,7 +29,7 @@ from pydicom.sequence import Sequence
 
 from acwi_node.dicom_pixels import PIXEL_DATA, is_native, stored_pixels
 
-__all__ = ["frame_count", "frame_pixels", "frame_view", "short_pixel_data"]
+__all__ = ["frame_count", "frame_pixels", "frame_view", "image_header", "short_pixel_data"]
 
 #: The top-level attributes a frame's view copies from its image: what decoding, the modality
 #: LUT, the window and the result writers read.
@@ -67,11 +70,12 @@ _IMAGE_TYPE = 0x00080008
 #: Functional group macros and the attributes each gives a frame (PS3.3 C.7.6.16.2).
 _MACROS: dict[str, tuple[str, ...]] = {
     "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept", "RescaleType"),
-    "FrameVOILUTSequence": (
+    "FrameVOILUTSequence": (  # the Frame VOI LUT (With LUT) Macro
         "WindowCenter",
         "WindowWidth",
         "WindowCenterWidthExplanation",
         "VOILUTFunction",
+        "VOILUTSequence",
     ),
     "PixelMeasuresSequence": ("PixelSpacing", "SliceThickness"),
     "PlanePositionSequence": ("ImagePositionPatient",),
@@ -136,6 +140,22 @@ def frame_view(ds: Dataset, frame_number: int) -> Dataset:
                 # a new element: the view shares the image's, which must not change
                 view[_IMAGE_TYPE] = DataElement(_IMAGE_TYPE, "CS", items[0].FrameType)
     return view
+
+
+def image_header(ds: Dataset, frame_number: int | None = None) -> Dataset:
+    """The header that frame ``frame_number`` (1-based) of ``ds``, or ``ds`` as a whole
+    (None), is read with: a frame's :func:`frame_view`; for an image of one frame with
+    functional groups (an Enhanced CT or MR, a Legacy Converted Enhanced image, of a single
+    frame: no Rescale, window or Pixel Spacing at the top level), its frame's view too;
+    else ``ds`` itself."""
+    if frame_number is not None:
+        return frame_view(ds, frame_number)
+    if frame_count(ds) == 1 and any(
+        isinstance(ds.get(name), Sequence) and len(ds.get(name)) > 0
+        for name in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
+    ):
+        return frame_view(ds, 1)
+    return ds
 
 
 def frame_pixels(ds: Dataset, frame_number: int) -> np.ndarray:

@@ -14,7 +14,9 @@ copy (``Dataset.pixel_array`` keeps it on the dataset) as much again. So:
   or its fragments only (reading the whole element for each frame of a 100-frame CT made its
   analysis ten times slower), and decoded by pydicom's decoder for the transfer syntax;
 * a single-frame image in a compressed transfer syntax keeps what it decoded (decoding JPEG
-  2000 or JPEG-LS again would cost more time than the memory is worth).
+  2000 or JPEG-LS again would cost more time than the memory is worth);
+* each value is that of its Bits Stored bits alone, whatever the transfer syntax: a JPEG-LS
+  or JPEG 2000 code stream may hold the bits above them too (:func:`stored_pixels`).
 
 The stored values become modality values (:func:`modality_values`: the Modality LUT Sequence,
 else Rescale Slope and Intercept) and are looked up in a LUT (:func:`lookup_table`, the
@@ -110,10 +112,43 @@ def _frame_from_file(ds: Dataset, raw: RawDataElement, index: int) -> np.ndarray
     return array
 
 
+def _bits_stored_only(ds: Dataset, array: np.ndarray) -> np.ndarray:
+    """``array``'s values as their Bits Stored bits alone give them (PS3.5 8.1.1: the bits
+    above High Bit are not part of a value; a signed value's sign is High Bit's), ``array``
+    itself where they are so already. pydicom drops those bits from native, RLE and JPEG
+    pixel data, but of a JPEG-LS or JPEG 2000 code stream only the bits above the code
+    stream's own precision: an encoder that compressed 16-bit words as they were (DCMTK's
+    JPEG-LS does), overlay bits or whatever a scanner left above a 12-bit value with them,
+    gave values of 16 bits."""
+    if array.dtype.kind not in "iu":
+        return array
+    try:
+        bits = int(ds.BitsStored)
+    except (AttributeError, TypeError, ValueError):
+        return array
+    width = 8 * array.dtype.itemsize
+    if not 0 < bits < width or array.size == 0:
+        return array
+    if array.dtype.kind == "u":
+        inside = int(array.max()) < 1 << bits
+    else:
+        inside = -(1 << (bits - 1)) <= int(array.min()) and int(array.max()) < 1 << (bits - 1)
+    if inside:
+        return array
+    shifted = np.left_shift(array, width - bits)  # a new array: a kept decoding stays as it is
+    return np.right_shift(shifted, width - bits, out=shifted)  # arithmetic when signed
+
+
 def stored_pixels(ds: Dataset, frame_number: int | None = None) -> np.ndarray:
     """``ds.pixel_array`` (frame ``frame_number``, 1-based, of a multi-frame image alone),
     without keeping it, or the Pixel Data it was decoded from, on ``ds`` when decoding again
-    is a copy (module docstring)."""
+    is a copy (module docstring); its values of Bits Stored bits alone
+    (:func:`_bits_stored_only`)."""
+    return _bits_stored_only(ds, _decoded(ds, frame_number))
+
+
+def _decoded(ds: Dataset, frame_number: int | None) -> np.ndarray:
+    """:func:`stored_pixels` as pydicom's decoder gives them."""
     index = None if frame_number is None else frame_number - 1
     deferred = _deferred_pixel_data(ds)
     if deferred is not None and index is not None:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from pydicom.dataset import Dataset
 
-from acwi_node.dicom_frames import frame_count, frame_pixels, frame_view, short_pixel_data
+from acwi_node.dicom_frames import frame_count, frame_pixels, image_header, short_pixel_data
 from acwi_node.dicom_pixels import (
     InvalidPixelTransform,
     is_little_endian,
@@ -116,14 +116,13 @@ def modality_pixels(ds: Dataset, frame_number: int | None = None) -> np.ndarray:
     if refusal is not None:
         raise UnsupportedImage(f"{name}: {refusal}")
     frames = frame_count(ds)
-    header: Dataset = ds
     if frame_number is None and frames > 1:
         raise UnsupportedImage(f"{name}: multi-frame image ({frames} frames) read as one image")
-    if frame_number is not None:
-        try:
-            header = frame_view(ds, frame_number)
-        except ValueError as exc:
-            raise UnsupportedImage(f"{name}: {exc}") from exc
+    try:  # a frame's functional groups (those of an enhanced image of one frame too)
+        header = image_header(ds, frame_number)
+    except ValueError as exc:
+        raise UnsupportedImage(f"{name}: {exc}") from exc
+    if header is not ds:
         refusal = header_refusal(header)  # the frame's own Frame Type: a localizer frame
         if refusal is not None:
             raise UnsupportedImage(f"{name}: {refusal}")

@@ -25,7 +25,7 @@ from pydicom import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
-from acwi_node.dicom_frames import frame_count, frame_pixels, frame_view
+from acwi_node.dicom_frames import frame_count, frame_pixels, frame_view, image_header
 from acwi_node.dicom_pixels import (
     InvalidPixelTransform,
     is_little_endian,
@@ -109,7 +109,9 @@ def _percentile_window(values: FloatImage) -> FloatImage:
 def _window(values: FloatImage, centre: float, width: float, function: str) -> FloatImage:
     """VOI windowing to [0, 1] as defined in PS3.3 C.11.2.1.2."""
     if function == "SIGMOID":
-        return 1.0 / (1.0 + np.exp(-4.0 * (values - centre) / max(width, 1e-12)))
+        # far below a narrow window's centre exp overflows to inf: 1 / inf is 0, the limit
+        with np.errstate(over="ignore"):
+            return 1.0 / (1.0 + np.exp(-4.0 * (values - centre) / max(width, 1e-12)))
     if function == "LINEAR_EXACT":
         return np.clip((values - centre) / max(width, 1e-12) + 0.5, 0.0, 1.0)
     if width <= 1.0:
@@ -167,7 +169,8 @@ def render_grey(
     source: Dataset, frame_number: int | None = None, *, window: Window | None = None
 ) -> FloatImage:
     """The source image as display grey levels in [0, 1]; of a multi-frame image, frame
-    ``frame_number`` (default the first) with its own rescale and window; with ``window``,
+    ``frame_number`` (default the first) with its own rescale and window (an enhanced image
+    of one frame: its frame's, :func:`acwi_node.dicom_frames.image_header`); with ``window``,
     in that window instead of the file's (a linear one). A file's window or VOI LUT that
     cannot be applied (a malformed LUT) is logged and the percentile window used; a rescale
     that cannot be (:func:`acwi_node.dicom_pixels.rescale`) raises
@@ -182,6 +185,7 @@ def render_grey(
         source = frame_view(source, frame_number)  # the frame's rescale and window
     else:
         pixels = np.asarray(stored_pixels(source))
+        source = image_header(source)  # an enhanced image of one frame: its functional groups
     if samples == 3:
         rgb = pixels.astype(np.float64)
         luminance = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
@@ -436,7 +440,7 @@ def build_heatmap_sc(
         sc.DateOfSecondaryCapture = sc.ContentDate
     if "ContentTime" in sc:
         sc.TimeOfSecondaryCapture = sc.ContentTime
-    geometry = frame_view(source, frame_number) if frame_number is not None else source
+    geometry = image_header(source, frame_number)
     spacing = geometry.get("PixelSpacing")
     if isinstance(spacing, MultiValue) and len(spacing) == 2:
         row_factor = source_rows / rows

@@ -5,15 +5,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jpeg_ls
 import numpy as np
+import openjpeg
 import pydicom
 import pytest
-from pydicom.uid import RLELossless
+from pydicom.encaps import encapsulate
+from pydicom.uid import UID, JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
 from acwi_node.dicom_frames import frame_pixels
 from acwi_node.dicom_pixels import PIXEL_DATA, read_deferred, stored_pixels
+from acwi_node.inference.preprocess import modality_pixels
 from acwi_node.results.headers import source_header
 from models.data.synth import write_ct_series, write_enhanced_ct
+from tests.support.dx import make_dx
+
+#: Multi-frame Grayscale Word Secondary Capture Image Storage.
+MF_GREY_WORD_SC = UID("1.2.840.10008.5.1.4.1.1.7.3")
 
 
 def _in_file(ds: pydicom.Dataset) -> bool:
@@ -98,3 +106,40 @@ def test_a_dataset_read_whole_is_decoded_without_a_cached_copy(slice_path: Path)
     ds = pydicom.dcmread(slice_path)
     stored_pixels(ds)
     assert "PixelData" in ds and getattr(ds, "_pixel_array", None) is None
+
+
+@pytest.mark.parametrize("syntax", [JPEGLSLossless, JPEG2000Lossless], ids=["jpeg-ls", "j2k"])
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_bits_above_bits_stored_in_a_code_stream_are_not_part_of_the_values(
+    syntax: UID, signed: bool, tmp_path: Path
+) -> None:
+    """A JPEG-LS or JPEG 2000 code stream of 16-bit precision for 12 Bits Stored (an encoder
+    that compressed the 16-bit words as they were: overlay bits or whatever a scanner left above
+    High Bit with them). The values are those of the 12 bits (PS3.5 8.1.1), as in the native
+    image and as DCMTK decodes it, in a single-frame image and in a frame of a multi-frame one."""
+    rows, columns = 64, 48
+    yy, xx = np.mgrid[0:rows, 0:columns]
+    values = ((yy * 37 + xx * 11) % 4096 - (2048 if signed else 0)).astype(np.int32)
+    words = ((values & 0x0FFF) | 0xA000).astype(np.uint16)  # bits 13 and 15 set: not values
+    if syntax == JPEGLSLossless:
+        codestream = bytes(jpeg_ls.encode(words))
+    else:
+        codestream = openjpeg.encode(words, bits_stored=16, photometric_interpretation=2)
+    for frames in (1, 2):
+        ds = make_dx(generate_uid(), rows=rows, columns=columns, window=False)
+        ds.PixelRepresentation = 1 if signed else 0
+        ds.file_meta.TransferSyntaxUID = syntax
+        ds.PixelData = encapsulate([codestream] * frames)
+        ds["PixelData"].VR = "OB"
+        if frames > 1:  # a multi-frame class: each frame read from the file alone
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MF_GREY_WORD_SC
+            ds.NumberOfFrames = frames
+        path = tmp_path / f"{frames}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        read = read_deferred(path)
+        if frames == 1:
+            assert np.array_equal(stored_pixels(read), values)
+            assert np.array_equal(modality_pixels(read), values)  # Rescale 1 and 0
+        else:
+            assert np.array_equal(frame_pixels(read, 2), values)
+            assert np.array_equal(modality_pixels(read, 2), values)

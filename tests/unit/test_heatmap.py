@@ -243,6 +243,24 @@ def test_voi_lut_sequence_without_window() -> None:
     assert (grey[0, 32:] == 1.0).all()
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_a_narrow_sigmoid_window_is_drawn_without_an_overflow() -> None:
+    """VOI LUT Function SIGMOID (PS3.3 C.11.2.1.3.1) of values far from a narrow window's
+    centre: 0 and 1, as its formula's limits, and no numpy overflow warning (which fell back
+    to the percentile window where warnings are errors)."""
+    pixels = np.tile(np.arange(0, 4096, 64, dtype=np.uint16), (8, 1))
+    source = make_dx(generate_uid(), rows=8, columns=64, pixels=pixels)
+    source.WindowCenter = 2000
+    source.WindowWidth = 10
+    source.VOILUTFunction = "SIGMOID"
+    grey = render_grey(source)
+    values = pixels.astype(np.float64)
+    near = np.abs(values - 2000) < 100  # where the formula needs no limit
+    np.testing.assert_allclose(grey[near], 1.0 / (1.0 + np.exp(-4.0 * (values[near] - 2000) / 10)))
+    assert (grey[values < 1900] < 1e-20).all() and (grey[values > 2100] == 1.0).all()
+    assert grey[0, 0] == 0.0  # exp(800) is past float64's range
+
+
 def test_rescale_is_applied() -> None:
     study_uid = generate_uid()
     pixels = np.full((16, 16), 100, dtype=np.uint16)

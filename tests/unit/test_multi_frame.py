@@ -26,6 +26,7 @@ from acwi_node.inference.preprocess import (
     PreprocessSpec,
     UnsupportedImage,
     image_units,
+    modality_pixels,
     preprocess,
     preprocess_many,
     to_unit_range,
@@ -109,6 +110,31 @@ def test_a_frames_own_rescale_wins_over_the_shared_one(
     assert np.array_equal(
         apply_modality_lut(frame_pixels(image, 3), frame_view(image, 3)), stored * 2 - 1000
     )
+
+
+def test_a_frames_voi_lut_in_its_functional_groups_draws_it(
+    enhanced: tuple[Dataset, list[Dataset]],
+) -> None:
+    """A VOI LUT Sequence in a frame's Frame VOI LUT (the Frame VOI LUT With LUT Macro, PS3.3
+    C.7.6.16.2.10b, of a breast projection X-ray image) draws the frame as a single-frame
+    image's VOI LUT Sequence draws it, not in the percentile window."""
+    image = copy.deepcopy(enhanced[0])
+    lut = Dataset()
+    lut.LUTDescriptor = [4096, 65536 - 1024, 12]  # from -1024 HU (signed pixels: SS)
+    lut.LUTData = [min(4095, 4 * value) for value in range(4096)]
+    groups = [*image.SharedFunctionalGroupsSequence, *image.PerFrameFunctionalGroupsSequence]
+    for group in groups:
+        for item in group.get("FrameVOILUTSequence", []):
+            for keyword in ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation"):
+                if keyword in item:
+                    delattr(item, keyword)
+            item.VOILUTSequence = [lut]
+    for n, ds in enumerate(enhanced[1], start=1):
+        flat = copy.deepcopy(ds)
+        del flat.WindowCenter, flat.WindowWidth
+        flat.VOILUTSequence = [lut]
+        assert np.array_equal(render_grey(image, n), render_grey(flat))
+        assert not np.array_equal(render_grey(flat), render_grey(flat, window="auto"))
 
 
 def test_a_multi_frame_image_is_one_model_input_per_frame(
@@ -248,6 +274,32 @@ def test_each_frames_heatmap_shows_and_references_its_frame(
     assert uids.heatmap_instance_uid("1.2.3") != uids.heatmap_instance_uid("1.2.3", 1)
     with pytest.raises(ValueError, match="frame 2 of a single-frame image"):
         render_grey(slices[0], 2)
+
+
+def test_an_enhanced_image_of_one_frame_is_read_with_its_functional_groups(
+    analyser: Analyser, tmp_path: Path
+) -> None:
+    """An Enhanced CT of a single frame keeps its rescale, window and pixel spacing in its
+    functional groups, as one of several frames does: read, drawn and measured as the slice
+    it was made from (not as stored values in a percentile window)."""
+    image = pydicom.dcmread(write_enhanced_ct(tmp_path / "mf", slices=1, size=64))
+    (ds,) = (pydicom.dcmread(p) for p in write_ct_series(tmp_path / "sf", slices=1, size=64))
+    assert frame_count(image) == 1 and "RescaleIntercept" not in image
+    assert "WindowCenter" not in image and "PixelSpacing" not in image
+    assert np.array_equal(modality_pixels(image), modality_pixels(ds))
+    assert np.array_equal(render_grey(image), render_grey(ds))
+    flipped = copy.deepcopy(image)  # a negative slope inverts the grey scale the model reads
+    flipped.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0].RescaleSlope = -1
+    assert np.array_equal(modality_pixels(flipped), -modality_pixels(ds) - 2048)
+    (result,) = analyser.analyse([image]).images
+    assert result.frame_number is None  # the image as a whole: no Referenced Frame Number
+    sc = build_heatmap_sc(
+        image, result.heatmap_array(), analyser.analyse([image]), result, instance_number=1
+    )
+    assert [float(v) for v in sc.PixelSpacing] == [float(v) for v in ds.PixelSpacing]
+    path = tmp_path / "hm.dcm"
+    path.write_bytes(encode_part10(sc))
+    assert dciodvfy_errors(path) == []
 
 
 def test_the_truth_side_car_lists_each_frames_slice(tmp_path: Path) -> None:

@@ -48,6 +48,7 @@ from acwi_node.monitoring.commands import add_parser as add_monitor_command
 from acwi_node.review.commands import COMMANDS as REVIEW_COMMANDS
 from acwi_node.review.commands import add_parsers as add_review_commands
 from acwi_node.review.commands import run as run_review_command
+from acwi_node.tcp import host_port, listening_socket
 
 log = logging.getLogger("acwi_node")
 
@@ -95,6 +96,28 @@ def freeze_startup_heap() -> int:
 #: What binding a listening socket raises for a host or port the settings name wrongly: the
 #: port taken, a port below 1024 without the privilege, an address not of this machine.
 _BIND_ERRORS = frozenset({errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL})
+
+#: Permissions no file or directory the node creates gives to users outside its own user and
+#: group (the umask bits :func:`private_umask` adds).
+OTHERS = 0o007
+
+
+def private_umask() -> int:
+    """Add "others" (:data:`OTHERS`) to the process's umask, keep what it takes from the group,
+    and return the umask in force.
+
+    What the node writes holds patient data and credentials: the ledger (an HL7 order's
+    patient name, ID and birth date, the ORU^R01 texts, the accounts' password hashes), the
+    spool, results, broker messages, feedback exports. SQLite, the broker and the exports
+    create their files with the umask's modes, and the usual 022 made them readable by every
+    user of the host. With 022 the node's files are 0640 and its directories 0750 (its group
+    may read them: processes of the node running as other users of that group); with 002 or
+    007 its group may also write its directories and the broker's messages (files the node
+    creates with a mode of its own stay 0640); 077 stays 077. Set before any file is opened,
+    and inherited by the processes ``serve`` starts."""
+    current = os.umask(OTHERS)
+    os.umask(current | OTHERS)
+    return current | OTHERS
 
 
 def run_scp(settings: Settings, config: Path | None = None) -> int:
@@ -576,8 +599,20 @@ def run_web(settings: Settings, config: Path | None = None) -> int:
     if workers <= 1:
         from acwi_node.web.api import create_app
 
-        uvicorn.run(create_app(settings), **options)
-        return 0
+        # bound as every listener of the node: ``::`` takes IPv4 connections too (uvicorn's own
+        # binding of one process made it IPv6 only), a host name its first address
+        try:
+            sock = listening_socket(settings.node.http_host, settings.node.http_port)
+        except OSError as exc:
+            print(
+                f"acwi-node: cannot listen on node.http_host {settings.node.http_host!r} port"
+                f" {settings.node.http_port} (node.http_port): {exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return 2
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), **options))
+        server.run(sockets=[sock])
+        return 0 if server.started else 3  # as uvicorn.run: the app did not start
     from acwi_node.observability.multiproc import disable_multiprocess, enable_multiprocess
 
     # Before anything loads prometheus_client; the workers inherit the folder, and the file
@@ -652,14 +687,12 @@ def run_serve(settings: Settings, config: Path | None) -> int:
     children = {kind: spawn(kind) for kind in kinds}
     restarts = dict.fromkeys(kinds, 0)
     log.info(
-        "ACWI Node %s serving: DICOM %s@%s:%d, HTTP %s://%s:%d, data %s",
+        "ACWI Node %s serving: DICOM %s@%s, HTTP %s://%s, data %s",
         __version__,
         settings.node.ae_title,
-        settings.node.dicom_host,
-        settings.node.dicom_port,
+        host_port(settings.node.dicom_host, settings.node.dicom_port),
         "https" if settings.node.http_tls.enabled else "http",
-        settings.node.http_host,
-        settings.node.http_port,
+        host_port(settings.node.http_host, settings.node.http_port),
         settings.data_dir,
     )
     while not stop.wait(0.5):
@@ -945,6 +978,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    private_umask()
     args = build_parser().parse_args(argv)
     config: Path | None = args.config
     if config is None and os.environ.get("ACWI_CONFIG"):

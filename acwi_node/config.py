@@ -51,6 +51,42 @@ def _check_ae_title(value: str) -> str:
 AETitle = Annotated[str, AfterValidator(_check_ae_title)]
 
 
+def _check_host(value: str) -> str:
+    """A host name or an IP address as a socket takes it: an IPv6 address without brackets
+    (``::1``; they belong in URLs), no port (it has a key of its own)."""
+    import ipaddress
+
+    if value.startswith("[") or value.endswith("]"):
+        raise ValueError(
+            f"host {value!r}: write an IPv6 address without brackets ({value.strip('[]')!r});"
+            " brackets go only in URLs (http://[::1]:8080/)"
+        )
+    if ":" in value:
+        try:
+            ipaddress.IPv6Address(value)
+        except ValueError:
+            raise ValueError(
+                f"host {value!r} is neither a host name nor an IP address"
+                " (the port has a key of its own)"
+            ) from None
+    elif any(c.isspace() or c in "/@?#" for c in value):
+        raise ValueError(f"host {value!r} is neither a host name nor an IP address")
+    return value
+
+
+#: A host name or an IP address (IPv4, or IPv6 without brackets).
+Host = Annotated[str, AfterValidator(_check_host)]
+
+
+def _unbracketed_ipv6(url: str) -> str:
+    """What to add to a message refusing ``url`` when its host is an IPv6 address without
+    brackets (``http://::1:8080/``), else ``""``."""
+    netloc = url.partition("://")[2].split("/", 1)[0].rpartition("@")[2]
+    if netloc.count(":") > 1 and "[" not in netloc:
+        return " (an IPv6 address goes in brackets in a URL: [fd00::5]:8080)"
+    return ""
+
+
 #: The longest duration a ``*_s`` setting may name (30 days): longer is no wait the node can
 #: keep (a timestamp past it overflows the clock's types), and no interval anyone means.
 MAX_DURATION_S = 30 * 86_400
@@ -106,9 +142,9 @@ class NodeSettings(_Strict):
     """Identity, ports and storage of this node."""
 
     ae_title: AETitle = "ACWI"
-    dicom_host: str = "0.0.0.0"
+    dicom_host: Host = "0.0.0.0"
     dicom_port: int = Field(11112, ge=1, le=65535)
-    http_host: str = "127.0.0.1"
+    http_host: Host = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)
     #: Processes of ``acwi-node web`` serving ``http_port`` (review app, API, STOW-RS), for
     #: requests on several connections at once to use several cores; 0: one per core.
@@ -468,8 +504,10 @@ def _check_peer(peer: Any, what: str, dimse_only: tuple[str, ...]) -> None:
     from urllib.parse import urlsplit
 
     parts = urlsplit(peer.url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{what} {peer.name!r}: url must be http:// or https://")
+    if parts.scheme not in ("http", "https") or not parts.hostname or _unbracketed_ipv6(peer.url):
+        raise ValueError(
+            f"{what} {peer.name!r}: url must be http:// or https://" + _unbracketed_ipv6(peer.url)
+        )
     if parts.username or parts.password:
         raise ValueError(
             f"{what} {peer.name!r}: no credentials in url (username and"
@@ -503,8 +541,16 @@ def _check_proxy(who: str, peer: Any, files: tuple[str, ...] = ()) -> None:
             raise ValueError(f"{who}: {key} {path} is not a file")
     if peer.proxy is not None:
         proxy = urlsplit(peer.proxy)
-        if proxy.scheme != "http" or not proxy.hostname or proxy.path not in ("", "/"):
-            raise ValueError(f"{who}: proxy must be http://host:port, not {peer.proxy!r}")
+        if (
+            proxy.scheme != "http"
+            or not proxy.hostname
+            or proxy.path not in ("", "/")
+            or _unbracketed_ipv6(peer.proxy)
+        ):
+            raise ValueError(
+                f"{who}: proxy must be http://host:port, not {peer.proxy!r}"
+                + _unbracketed_ipv6(peer.proxy)
+            )
         if proxy.username or proxy.password:
             raise ValueError(
                 f"{who}: no credentials in proxy (proxy_username and proxy_password_file)"
@@ -517,7 +563,7 @@ class Destination(_Strict):
 
     name: str
     ae_title: AETitle | None = None
-    host: str | None = None
+    host: Host | None = None
     port: int | None = Field(None, ge=1, le=65535)
     #: DIMSE: the calling AE title the node uses towards this destination (default
     #: ``node.ae_title``), for a PACS that knows the node under another name.
@@ -641,7 +687,7 @@ class Source(_Strict):
 
     name: str
     ae_title: AETitle | None = None
-    host: str | None = None
+    host: Host | None = None
     port: int | None = Field(None, ge=1, le=65535)
     #: DIMSE: the calling AE title of the node's associations to it (default ``node.ae_title``).
     calling_ae_title: AETitle | None = None
@@ -783,7 +829,7 @@ class ObservabilitySettings(_Strict):
     #: ``text`` (one readable line per record) or ``json`` (one JSON object per line).
     log_format: Literal["text", "json"] = "text"
     #: Address the scp, worker and exporter health/metrics servers listen on.
-    ops_host: str = "127.0.0.1"
+    ops_host: Host = "127.0.0.1"
     #: Port of the scp process's ``/healthz``, ``/readyz`` and ``/metrics``; 0 = none.
     scp_port: int = Field(0, ge=0, le=65535)
     #: Port of the worker process's health and metrics server; 0 = none.
@@ -802,7 +848,7 @@ class ObservabilitySettings(_Strict):
 class RisSettings(_Strict):
     """The RIS that receives ORU^R01 results over MLLP."""
 
-    host: str
+    host: Host
     port: int = Field(ge=1, le=65535)
     receiving_application: str = "RIS"
     receiving_facility: str = ""
@@ -820,7 +866,7 @@ class RisSettings(_Strict):
 class Hl7Settings(_Strict):
     """HL7 v2 with the RIS: the order listener (MLLP) and the ORU^R01 results sender."""
 
-    listen_host: str = "0.0.0.0"
+    listen_host: Host = "0.0.0.0"
     #: MLLP listener port for orders (ORM^O01, OMI^O23); 0 means no listener.
     listen_port: int = Field(0, ge=0, le=65535)
     #: Largest message accepted; a larger one closes the connection.
@@ -960,8 +1006,15 @@ class NotifyTarget(_Strict):
         from urllib.parse import urlsplit
 
         parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"notify {self.name}: url must be http:// or https:// with a host")
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or _unbracketed_ipv6(self.url)
+        ):
+            raise ValueError(
+                f"notify {self.name}: url must be http:// or https:// with a host"
+                + _unbracketed_ipv6(self.url)
+            )
         if "finding" in self.events and not self.labels:
             raise ValueError(f"notify {self.name}: the finding event needs labels")
         _check_proxy(f"notify {self.name}", self, ("token_file",))
@@ -1062,9 +1115,10 @@ class AuditSettings(_Strict):
         from urllib.parse import urlsplit
 
         parts = urlsplit(v)
-        if parts.scheme not in {"udp", "tcp", "tls"} or not parts.hostname:
+        if parts.scheme not in {"udp", "tcp", "tls"} or not parts.hostname or _unbracketed_ipv6(v):
             raise ValueError(
                 f"syslog_url {v!r} must look like udp://host:514, tcp://host:601 or tls://host:6514"
+                + _unbracketed_ipv6(v)
             )
         return v
 

@@ -4,8 +4,9 @@ and HL7 MLLP (the listener and the ORU client)."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class SocketOptions(Protocol):
@@ -43,3 +44,44 @@ def no_delay(sock: socket.socket | None) -> None:
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+#: Connections the kernel queues before a listener accepts them.
+BACKLOG = 128
+
+
+def ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as an IP address (an IPv6 one with or without a ``%zone``); None for a host
+    name."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as URLs and logs write it: an IPv6 address in brackets (``[::1]:104``)."""
+    literal = ip_literal(host)
+    return f"[{host}]:{port}" if literal is not None and literal.version == 6 else f"{host}:{port}"
+
+
+def listening_socket(host: str, port: int, *, backlog: int = BACKLOG) -> socket.socket:
+    """A TCP socket listening on ``host`` and ``port``, as every listener of the node binds:
+
+    * an IPv4 address (``0.0.0.0``, ``127.0.0.1``) or ``""`` (every IPv4 address): IPv4;
+    * ``::`` (every address): IPv6 and IPv4 alike (dual stack) where the system allows it,
+      as the DICOM listener of one process always took them; an IPv6 address (``::1``): IPv6;
+    * a host name: the first address it resolves to.
+
+    Raises :class:`OSError` (``socket.gaierror`` for a name that does not resolve)."""
+    family = socket.AF_INET
+    address: Any = (host, port)
+    dual_stack = False
+    literal = ip_literal(host)
+    if literal is not None and literal.version == 6:
+        family = socket.AF_INET6
+        dual_stack = literal.is_unspecified and socket.has_dualstack_ipv6()
+    elif literal is None and host:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, address = found[0][0], found[0][4]
+    return socket.create_server(address, family=family, backlog=backlog, dualstack_ipv6=dual_stack)

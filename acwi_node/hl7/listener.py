@@ -19,7 +19,7 @@ from acwi_node.config import Settings
 from acwi_node.hl7.mllp import FramingError, frame, read_frame, stream_limit
 from acwi_node.hl7.orders import OrderIntake
 from acwi_node.ledger import Ledger
-from acwi_node.tcp import quick_ack
+from acwi_node.tcp import host_port, listening_socket, quick_ack
 
 log = logging.getLogger("acwi_node.hl7")
 
@@ -103,16 +103,16 @@ class MllpListener:
 
     async def _main(self, stop: asyncio.Event) -> None:
         cfg = self.settings.hl7
+        # ``::`` takes IPv4 connections too, as every listener of the node does (asyncio's own
+        # binding made it IPv6 only)
         self._server = await asyncio.start_server(
             self._serve_connection,
-            host=cfg.listen_host,
-            port=cfg.listen_port,
+            sock=listening_socket(cfg.listen_host, cfg.listen_port),
             limit=stream_limit(cfg.max_message_bytes),
-            reuse_address=True,
         )
         sock = self._server.sockets[0]
         self.port = int(sock.getsockname()[1])
-        log.info("HL7 MLLP listener on %s:%d", cfg.listen_host, self.port)
+        log.info("HL7 MLLP listener on %s", host_port(cfg.listen_host, self.port))
         self._ready.set()
         async with self._server:
             await stop.wait()

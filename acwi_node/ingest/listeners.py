@@ -24,6 +24,7 @@ import time
 from collections.abc import Mapping
 
 from acwi_node.config import Settings
+from acwi_node.tcp import listening_socket
 
 log = logging.getLogger("acwi_node.ingest")
 
@@ -52,9 +53,10 @@ def listener_count(settings: Settings, cores: int | None = None) -> int:
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
-    """The listening socket the listener processes share (inheritable)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=BACKLOG)
+    """The listening socket the listener processes share (inheritable); ``::`` takes IPv4
+    connections too, as the listener of one process does
+    (:func:`~acwi_node.tcp.listening_socket`)."""
+    sock = listening_socket(host, port, backlog=BACKLOG)
     sock.set_inheritable(True)
     return sock
 

@@ -84,7 +84,7 @@ from acwi_node.ingest.spool import Buffers, Spool, SpoolError, SpoolFile, is_saf
 from acwi_node.ledger import InstanceRecord, Ledger, Recorded
 from acwi_node.observability import metrics
 from acwi_node.observability.logging import note_identifiers
-from acwi_node.tcp import no_delay
+from acwi_node.tcp import host_port, no_delay
 from acwi_node.tls import peer_subject
 
 log = logging.getLogger("acwi_node.ingest")
@@ -675,9 +675,9 @@ class StorageSCP:
         self.ae._servers.append(server)  # so that AE.shutdown() and server.shutdown() work
         self._server = server
         log.info(
-            "storage SCP %s listening on %s:%d%s",
+            "storage SCP %s listening on %s%s",
             node.ae_title,
-            *address,
+            host_port(*address),
             " (DICOM TLS)" if tls.enabled else "",
         )
         if block:

@@ -34,6 +34,7 @@ from sqlalchemy import text
 
 from acwi_node.config import Settings
 from acwi_node.ledger import Ledger
+from acwi_node.tcp import host_port, listening_socket
 
 log = logging.getLogger("acwi_node.health")
 
@@ -180,7 +181,12 @@ class OpsServer:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 return  # probes every few seconds would flood the log
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        # bound as every listener of the node (an IPv6 address, ``::`` for IPv6 and IPv4):
+        # http.server's own binding is IPv4 only
+        self._server = ThreadingHTTPServer((host, port), Handler, bind_and_activate=False)
+        self._server.socket.close()
+        self._server.socket = listening_socket(host, port)
+        self._server.server_address = self._server.socket.getsockname()
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="ops-http", daemon=True
@@ -193,10 +199,9 @@ class OpsServer:
     def start(self) -> OpsServer:
         self._thread.start()
         log.info(
-            "%s health and metrics on http://%s:%d (/healthz, /readyz, /metrics)",
+            "%s health and metrics on http://%s (/healthz, /readyz, /metrics)",
             self.readiness.kind,
-            self._server.server_address[0],
-            self.port,
+            host_port(str(self._server.server_address[0]), self.port),
         )
         return self
 

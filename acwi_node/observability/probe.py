@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 
 from acwi_node.config import Settings
+from acwi_node.tcp import host_port
 
 
 def _unverified() -> ssl.SSLContext:
@@ -30,8 +31,15 @@ def _opener() -> urllib.request.OpenerDirector:
     )
 
 
-def _probe_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+def _probe_host(host: str, port: int) -> str:
+    """``host:port`` of a listener on ``host`` as this host reaches it: every address by
+    loopback (``::`` by ``::1``: an IPv6 listener may take no IPv4), an IPv6 address in
+    brackets."""
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return host_port(host, port)
 
 
 def health_url(settings: Settings, kind: str, *, live: bool = False) -> str:
@@ -44,14 +52,13 @@ def health_url(settings: Settings, kind: str, *, live: bool = False) -> str:
         if not settings.node.http_port:
             raise ValueError("the web process has no HTTP port (node.http_port = 0)")
         scheme = "https" if settings.node.http_tls.enabled else "http"
-        host = _probe_host(settings.node.http_host)
-        return f"{scheme}://{host}:{settings.node.http_port}{path}"
+        return f"{scheme}://{_probe_host(settings.node.http_host, settings.node.http_port)}{path}"
     port = settings.observability.port_for(kind)
     if not port:
         raise ValueError(
             f"the {kind} process serves no health endpoint: set observability.{kind}_port"
         )
-    return f"http://{_probe_host(settings.observability.ops_host)}:{port}{path}"
+    return f"http://{_probe_host(settings.observability.ops_host, port)}{path}"
 
 
 def probe(settings: Settings, kind: str, *, live: bool = False, timeout_s: float = 5.0) -> int:

@@ -117,6 +117,10 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
+#: What a case's rendered images carry: they show a patient's images, which no cache keeps
+#: (``private`` let the browser keep them on the reading room's shared workstation after
+#: sign-out, where the pages are ``no-store``).
+IMAGE_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 FILTER_NAMES = [
     ("modality", "Modality"),
     ("calling_ae", "Site (calling AE)"),
@@ -1219,7 +1223,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             data = render_source_png(path, frame, chosen)
         except (OSError, ValueError) as exc:
             raise HTTPException(status_code=404, detail="image cannot be rendered") from exc
-        return Response(data, media_type="image/png", headers={"Cache-Control": "private"})
+        return Response(data, media_type="image/png", headers=IMAGE_HEADERS)
 
     def _heatmap_of(case: dict[str, Any], sop: str, frame: int | None) -> tuple[Path, int, int]:
         """The heatmap object of image ``sop`` (frame ``frame``) of ``case``, and the source
@@ -1255,7 +1259,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             data = render_heatmap_png(heatmap, rows, columns)
         except (OSError, ValueError, AttributeError) as exc:
             raise HTTPException(status_code=404, detail="heatmap cannot be rendered") from exc
-        return Response(data, media_type="image/png", headers={"Cache-Control": "private"})
+        return Response(data, media_type="image/png", headers=IMAGE_HEADERS)
 
     @app.get("/review/cases/{item_id}/overlays/{sop}.png", include_in_schema=False)
     def case_overlay(item_id: RowId, sop: str, frame: int | None = Query(None, ge=1)) -> Response:
@@ -1266,7 +1270,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         if cam is None:
             raise HTTPException(status_code=404, detail="no map kept for this heatmap")
         data = render_overlay_png(cam, rows, columns)
-        return Response(data, media_type="image/png", headers={"Cache-Control": "private"})
+        return Response(data, media_type="image/png", headers=IMAGE_HEADERS)
 
     @app.post("/review/cases/{item_id}/verdict", include_in_schema=False)
     async def verdict(request: Request, item_id: RowId) -> Response:

@@ -170,6 +170,11 @@ def test_worklist_case_and_override(
     heat = client.get(f"/review/cases/{routine}/heatmaps/{sops[0]}.png")
     assert heat.status_code == 200
     assert Image.open(io.BytesIO(heat.content)).mode == "RGB"
+    overlay = client.get(f"/review/cases/{routine}/overlays/{sops[0]}.png")
+    assert overlay.status_code == 200
+    for answer in (case, image, heat, overlay):  # a patient's data: no cache keeps it
+        assert answer.headers["cache-control"] == "no-store"
+        assert answer.headers["x-content-type-options"] == "nosniff"
     assert client.get(f"/review/cases/{routine}/images/1.2.3.png").status_code == 404
 
     predicted, other = _predicted_and_other(ledger, routine)

@@ -7,6 +7,7 @@ import base64
 import json
 import re
 import secrets
+import socket
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -93,3 +94,29 @@ def test_two_web_processes_share_the_port_and_their_counts(tmp_path: Path) -> No
     ]
     received = [r for r in records if "STOW-RS" in json.dumps(r)]
     assert len(received) == sent  # written by the worker processes, into the node's trail
+
+
+@pytest.mark.skipif(not socket.has_dualstack_ipv6(), reason="no dual-stack sockets here")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_web_on_the_unspecified_ipv6_address_takes_ipv4_and_ipv6(
+    tmp_path: Path, workers: int
+) -> None:
+    """``http_host = "::"``: one process took IPv6 connections only (uvicorn's own binding),
+    where several took both."""
+    port = free_port()
+    config = write_config(
+        tmp_path / "acwi-node.toml",
+        {
+            "node": {
+                "http_host": "::",
+                "http_port": port,
+                "http_workers": workers,
+                "data_dir": str(tmp_path / "data"),
+            }
+        },
+    )
+    with NodeProcesses(config, ["web"], tmp_path) as nodes:
+        wait_port("::1", port)
+        for address in ("127.0.0.1", "[::1]"):
+            with urllib.request.urlopen(f"http://{address}:{port}/healthz", timeout=10) as answer:
+                assert answer.status == 200, nodes.log_text()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -239,3 +240,63 @@ def test_a_route_may_name_the_model_a_models_command_installs(
     assert "model 'chest-v2' is not defined" in capsys.readouterr().err
     with pytest.raises(ConfigError):  # the next load checks again
         load_settings(config)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("node", "dicom_host", "::"),
+        ("node", "http_host", "::1"),
+        ("node", "dicom_host", "fe80::1%eth0"),
+        ("hl7", "listen_host", "0.0.0.0"),
+        ("observability", "ops_host", "node.hospital.local"),
+        ("hl7.ris", "host", "fd00::25"),
+    ],
+)
+def test_host_fields_take_names_and_ip_addresses(section: str, key: str, value: str) -> None:
+    overrides: dict[str, Any] = {section: {key: value}}
+    if section == "hl7.ris":
+        overrides = {"hl7": {"ris": {"host": value, "port": 2575}}}
+    settings = load_settings(None, **overrides)
+    if section == "hl7.ris":
+        assert settings.hl7.ris is not None and settings.hl7.ris.host == value
+    else:
+        assert getattr(getattr(settings, section), key) == value
+
+
+@pytest.mark.parametrize(
+    ("host", "message"),
+    [
+        ("[::1]", "host '[::1]': write an IPv6 address without brackets ('::1')"),
+        ("pacs.hospital:104", "is neither a host name nor an IP address (the port has a key"),
+        ("pacs hospital", "is neither a host name nor an IP address"),
+    ],
+)
+def test_a_host_that_no_socket_takes_is_refused_at_start(
+    tmp_path: Path, host: str, message: str
+) -> None:
+    """A DIMSE destination's or source's host in brackets was accepted, and every
+    association failed later with "cannot resolve host '[::1]'"."""
+    text = EXAMPLE.replace('host = "127.0.0.1"', f'host = "{host}"')
+    assert text != EXAMPLE
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, text))
+    assert "destinations.0.host" in str(err.value)
+    assert message in str(err.value)
+    with pytest.raises(ConfigError, match="node.dicom_host"):
+        load_settings(None, node={"dicom_host": host})
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        '[[destinations]]\nname = "web"\nurl = "http://fd00::5:8042/dicom-web"',
+        '[[notify]]\nname = "hook"\nurl = "https://fd00::5/hook"',
+        '[audit]\nsyslog_url = "tls://fd00::5:6514"',
+    ],
+)
+def test_an_ipv6_address_in_a_url_is_asked_for_in_brackets(tmp_path: Path, table: str) -> None:
+    with pytest.raises(ConfigError, match=r"an IPv6 address goes in brackets in a URL"):
+        load_settings(write(tmp_path, table + "\n"))
+    bracketed = table.replace("fd00::5", "[fd00::5]")
+    load_settings(write(tmp_path, bracketed + "\n"))

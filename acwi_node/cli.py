@@ -319,7 +319,7 @@ def run_exporter(settings: Settings) -> int:
     if notifier is not None and notify_thread is not None:
         notifier.stop()
         notify_thread.join(timeout=30)
-    thread.join(timeout=30)
+    thread.join(timeout=exporter.stop_wait_s())  # the sends under way recorded
     retention_thread.join(timeout=30)
     return 0
 

@@ -312,8 +312,16 @@ def _outcomes(
     return outcomes, None
 
 
-def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) -> SendReport:
-    """Store ``paths`` (Part 10 files) at the DICOMweb destination ``dest``; never raises."""
+def stow_files(
+    paths: Sequence[Path],
+    dest: Destination,
+    *,
+    timeout_s: float,
+    stop: threading.Event | None = None,
+) -> SendReport:
+    """Store ``paths`` (Part 10 files) at the DICOMweb destination ``dest``; never raises.
+    Once ``stop`` is set no further request is started: the files in none yet are left in
+    the report's ``withheld``."""
     assert dest.url is not None, "stow_files needs a DICOMweb destination"
     report = SendReport(association_ok=False)
     unique = list(dict.fromkeys(paths))
@@ -341,6 +349,7 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
     for batch in _batches(readable, dest.request_max_bytes, dest.associations):
         batches.put(batch)
     lock = threading.Lock()
+    attempted: set[Path] = set()  # in a request that was sent
     used = [0]
     unanswered = [False]  # a request got no HTTP answer at all
     gone = [False]  # after one went unanswered, the service could not be reached again
@@ -375,6 +384,8 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
         lost = False  # the last request got no answer
         try:
             while True:
+                if stop is not None and stop.is_set():
+                    return
                 try:
                     batch = batches.get_nowait()
                 except queue.Empty:
@@ -397,6 +408,8 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
                         sent.append(path)
                     if not sent:
                         continue
+                    with lock:
+                        attempted.update(sent)
                     try:
                         response, body = _post(conn, studies_url, headers, files)
                     except _Failed as exc:
@@ -456,6 +469,8 @@ def stow_files(paths: Sequence[Path], dest: Destination, *, timeout_s: float) ->
     report.unreachable = unanswered[0] and not report.association_ok
     if report.error is None and errors:
         report.error = errors[0]
+    if stop is not None and stop.is_set():
+        report.withheld = {p for p, _ in readable if p not in attempted}
     for path in unique:  # in input order, as the DIMSE sender gives them
         report.outcomes.setdefault(
             path,

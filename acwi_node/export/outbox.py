@@ -52,8 +52,9 @@ REPLACED_WITHIN = dt.timedelta(days=2)
 DUE_LIMIT = 500
 #: Seconds between renewals of the deliveries an exporter is sending (see ``_claimed``).
 CLAIM_RENEW_S = 10.0
-#: How long :meth:`Exporter.run` waits, once stopped, for the sends still under way.
-STOP_WAIT_S = 20.0
+#: How long :meth:`Exporter.run` waits, once stopped, for the sends still under way beyond
+#: ``exporter.timeout_s`` (see :meth:`Exporter.stop_wait_s`).
+STOP_WAIT_S = 5.0
 
 
 def tls_args(dest: Destination) -> TlsArgs | None:
@@ -207,6 +208,13 @@ class Exporter:
         with self._record_lock:
             self._claimed -= {a.delivery_id for a in attempts}
             self.ledger.record_deliveries(attempts)
+
+    def _release(self, delivery_ids: list[int]) -> None:
+        """Give back deliveries taken and not attempted (the send was stopped before their
+        turn): due again at once, for the next exporter."""
+        with self._record_lock:
+            self._claimed -= set(delivery_ids)
+            self.ledger.release_delivery_claims(delivery_ids)
 
     def _send_then_wake(self, dest_name: str, items: list[DueDelivery]) -> None:
         """A destination's send in its own thread; then the loop looks again at once (the
@@ -366,6 +374,17 @@ class Exporter:
         delivered = 0
         commit = dest.kind == "dimse" and dest.storage_commitment
         attempts: list[DeliveryAttempt] = []
+        withheld = [d for d in items if paths[d.id] in report.withheld]
+        if withheld:  # stopping: no attempt was made; the next exporter sends them at once
+            self._release([d.id for d in withheld])
+            log.info(
+                "stopping: %d object(s) for %s not sent, left for the next exporter",
+                len(withheld),
+                dest_name,
+            )
+            items = [d for d in items if paths[d.id] not in report.withheld]
+            if not items:
+                return
         for d in items:
             path: Path = paths[d.id]
             outcome = report.outcomes.get(path)
@@ -401,7 +420,8 @@ class Exporter:
                     outage_patience_s=cfg.outage_patience_s,
                 )
             )
-        self._record(attempts)
+        if attempts:
+            self._record(attempts)
         self._audit_sent(dest, items, paths, report)
         if delivered == len(items):
             log.info(
@@ -425,7 +445,7 @@ class Exporter:
         if dest.kind == "dicomweb":
             if dest.tls is not None:
                 dest.tls.context()  # a certificate file went missing: raises as for DIMSE
-            return dicomweb.stow_files(files, dest, timeout_s=timeout_s)
+            return dicomweb.stow_files(files, dest, timeout_s=timeout_s, stop=self._stop)
         assert dest.ae_title is not None and dest.host is not None and dest.port is not None
         return send_files(
             files,
@@ -436,6 +456,7 @@ class Exporter:
             timeout_s=timeout_s,
             tls=tls_args(dest),
             associations=dest.associations,
+            stop=self._stop,
         )
 
     @staticmethod
@@ -491,8 +512,16 @@ class Exporter:
         finally:
             self._listener = None
             listener.close()
-            self._wait_for_sends(STOP_WAIT_S)
+            self._wait_for_sends(self.stop_wait_s())
             self._running = False
+
+    def stop_wait_s(self) -> float:
+        """How long :meth:`run` waits, once stopped, for the sends under way to end. A send
+        stopped starts no further C-STORE or STOW-RS request, and one sent before is answered,
+        or its association aborted, within ``exporter.timeout_s``: its outcome is recorded,
+        and what was not sent given back, before the process exits (which it could not do
+        sooner: an association still open holds it)."""
+        return self.settings.exporter.timeout_s + STOP_WAIT_S
 
     def _wait_for_sends(self, timeout_s: float) -> None:
         """Let the sends under way end (their outcomes recorded), for ``timeout_s`` at most:

@@ -140,6 +140,9 @@ class SendReport:
     unreachable: bool = False
     #: Associations the files went over (0 when none was established).
     associations: int = 0
+    #: The files not sent because the send was stopped before their turn (``stop``): no
+    #: attempt was made (their outcomes say "not sent").
+    withheld: set[Path] = field(default_factory=set)
 
     @property
     def all_delivered(self) -> bool:
@@ -450,6 +453,7 @@ def send_files(
     max_pdu: int = 0,
     tls: TlsArgs | None = None,
     associations: int = 1,
+    stop: threading.Event | None = None,
 ) -> SendReport:
     """Send DICOM Part-10 files to a storage SCP over one association, or several at once.
 
@@ -483,6 +487,9 @@ def send_files(
         tls: DICOM TLS: the client SSL context and the host name its certificate must
             carry; plain TCP when None.
         associations: Associations to send over at most (1: one, as before).
+        stop: once set, no further C-STORE is started (the exporter is stopping): the
+            C-STOREs under way are answered, and the files not sent yet are left in the
+            report's ``withheld``.
 
     Returns:
         A :class:`SendReport`; this function does not raise for network or
@@ -509,6 +516,8 @@ def send_files(
         not_sent = FileOutcome(
             None, False, f"not sent: {report.error}" if report.error else "not sent"
         )
+        if stop is not None and stop.is_set():
+            report.withheld = {p for p in infos if p not in pending}
         report.outcomes = {
             p: read_failures.get(p) or pending.get(p, not_sent) for p in unique_paths
         }
@@ -542,7 +551,7 @@ def send_files(
         len(infos),
         len(assoc.accepted_contexts),
     )
-    queue = _SendQueue(list(infos), infos, covered, timeout_s)
+    queue = _SendQueue(list(infos), infos, covered, timeout_s, stop)
     extra = max(0, min(associations, len(infos)) - 1)
     queue.serving = 1 + extra
 
@@ -559,7 +568,7 @@ def send_files(
     queue.serve(assoc)
     pending = queue.wait()
     fruitless = 0
-    while queue.lost_mid_way() and fruitless < RECONNECTS:
+    while queue.lost_mid_way() and fruitless < RECONNECTS and not queue.stopping():
         # Every association was lost, with files still to send or a C-STORE never answered
         # (the destination restarted, a firewall cut the connection): a new association
         # sends what is left (with nothing left, it is released at once), or tells that the
@@ -605,8 +614,11 @@ class _SendQueue:
         infos: dict[Path, _FileInfo],
         covered: set[tuple[UID, UID]],
         timeout_s: float,
+        stop: threading.Event | None = None,
     ) -> None:
         self._todo = collections.deque(enumerate(paths))
+        #: Once set, no file is taken any more (those left are not sent in this call).
+        self._stop = stop
         self._total = len(paths)
         self._infos = infos
         self._covered = covered
@@ -626,7 +638,11 @@ class _SendQueue:
 
     def _next(self) -> tuple[int, Path] | None:
         with self._cond:
-            return self._todo.popleft() if self._todo else None
+            return self._todo.popleft() if self._todo and not self.stopping() else None
+
+    def stopping(self) -> bool:
+        """The caller stopped the send: no further file is taken."""
+        return self._stop is not None and self._stop.is_set()
 
     def _record(self, path: Path, outcome: FileOutcome, *, lost: bool = False) -> None:
         """``path``'s outcome; ``lost``: its association was lost before the answer (told

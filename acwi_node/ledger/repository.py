@@ -1795,6 +1795,27 @@ class Ledger:
                 .values(next_attempt_at=utcnow() + dt.timedelta(seconds=lease_s))
             )
 
+    def release_delivery_claims(self, delivery_ids: Sequence[int]) -> int:
+        """Give back deliveries taken (:meth:`claim_deliveries`) and not attempted: a send
+        stopped before their turn. They are due again at once, for any exporter, with no
+        attempt counted; returns how many. Only the taker calls this, while its claim lasts
+        (it renews it until then); one already due is left as it is."""
+        if not delivery_ids:
+            return 0
+        now = utcnow()
+        with self.session() as s:
+            released = s.execute(
+                update(Delivery)
+                .where(
+                    Delivery.id.in_(list(delivery_ids)),
+                    Delivery.state == DeliveryState.PENDING,
+                    Delivery.next_attempt_at > now,
+                )
+                .values(next_attempt_at=now)
+                .returning(Delivery.id)
+            )
+            return len(released.all())
+
     def record_delivery(
         self,
         delivery_id: int,

@@ -304,6 +304,27 @@ def test_large_results_take_several_requests_and_unreadable_files_stay_behind(
     assert "unreadable" in report.outcomes[broken].detail
 
 
+def test_a_stopped_send_starts_no_further_request_and_withholds_what_it_did_not_send(
+    tmp_path: Path, service: Callable[..., FakeService]
+) -> None:
+    """Stopped during its first request (the exporter is stopping), the send starts no
+    other: that request's objects get their outcomes, the rest are withheld, not failed."""
+    paths, _ = objects(tmp_path, 5, rows=680)
+    stop = threading.Event()
+
+    def answer(seen: Seen) -> tuple[int, None]:
+        stop.set()
+        return 200, None
+
+    fake = service(answer)
+    dest = web(fake.url, request_max_bytes=1 << 20, associations=1)
+    report = stow_files(paths, dest, timeout_s=10, stop=stop)
+    assert len(fake.seen) == 1  # of the three requests the objects take
+    delivered = {p for p, o in report.outcomes.items() if o.delivered}
+    assert sorted(p.read_bytes() for p in delivered) == sorted(fake.seen[0].parts)
+    assert report.withheld == set(paths) - delivered and len(report.withheld) >= 2
+
+
 class _NoAnswer(Exception):
     """Raised by an answer: the service closes the connection without answering."""
 

@@ -23,11 +23,14 @@ from acwi_node.export.outbox import Exporter
 from acwi_node.ledger import Ledger, ResultFile, RoutedJob, StudyFacts
 from acwi_node.ledger.models import Delivery, utcnow
 from tests.support import SECONDARY_CAPTURE_IMAGE_STORAGE, write_secondary_capture
+from tests.support.node import NodeProcesses, write_config
 from tests.support.scripted_scp import ScriptedScp
 from tests.support.study_flow import dx_record
 
 
-def _settings(tmp_path: Path, db: Ledger, ports: dict[str, int]) -> Settings:
+def _settings(
+    tmp_path: Path, db: Ledger, ports: dict[str, int], *, timeout_s: float = 10
+) -> Settings:
     return load_settings(
         None,
         node={"data_dir": tmp_path / "data", "database_url": db.url},
@@ -36,7 +39,7 @@ def _settings(tmp_path: Path, db: Ledger, ports: dict[str, int]) -> Settings:
              "associations": 1}
             for name, port in ports.items()
         ],
-        exporter={"timeout_s": 10, "poll_interval_s": 0.05, "backoff_initial_s": 30,
+        exporter={"timeout_s": timeout_s, "poll_interval_s": 0.05, "backoff_initial_s": 30,
                   "withdraw_replaced": False},
     )  # fmt: skip
 
@@ -214,22 +217,32 @@ def test_a_destinations_backlog_hides_no_other_destinations_results(
 def test_stopping_lets_the_sends_under_way_end(
     tmp_path: Path, db: Ledger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Stopped while a send is under way, the exporter returns once its outcome is recorded
-    (not sent again by the next exporter); one that does not end within the wait is left to
-    the next exporter, as after a crash."""
-    with ScriptedScp(_answer_after(0.2)) as pacs:
+    """Stopped while a send is under way, the exporter returns once the C-STORE under way is
+    answered and recorded (not sent again by the next exporter); it starts no other, and
+    what it did not send is due at once for the next exporter, no attempt counted. A send
+    that does not end within the wait is left to the next exporter, as after a crash."""
+    release = threading.Event()
+    with ScriptedScp(_held(release)) as pacs:
         settings = _settings(tmp_path, db, {"pacs": pacs.port})
-        _analysed(settings, db, "1.2.3", 2)
+        _analysed(settings, db, "1.2.3", 3)
         exporter = Exporter(settings, db)
         thread = threading.Thread(target=exporter.run, daemon=True)
         thread.start()
-        _wait_for(lambda: pacs.calls >= 1)
-        exporter.stop()
+        try:
+            _wait_for(lambda: pacs.calls >= 1)
+            exporter.stop()
+        finally:
+            release.set()
         thread.join(30)
         assert not thread.is_alive()
-        assert _states(db, "1.2.3") == {"pacs": ["delivered", "delivered"]}
-    assert pacs.calls == 2
-    monkeypatch.setattr(outbox, "STOP_WAIT_S", 0.2)
+        assert _states(db, "1.2.3") == {"pacs": ["delivered", "pending", "pending"]}
+        left = db.due_deliveries()  # not held for the claim's 3 * timeout_s + 60 s
+        assert len(left) == 2 and all(d.attempts == 0 for d in left)
+        assert pacs.calls == 1
+        assert Exporter(settings, db).tick() == 2  # the next exporter, at once
+        assert _states(db, "1.2.3") == {"pacs": ["delivered"] * 3}
+    assert pacs.calls == 3  # each object once
+    monkeypatch.setattr(Exporter, "stop_wait_s", lambda self: 0.2)
     release = threading.Event()
     with ScriptedScp(_held(release)) as stuck:
         settings = _settings(tmp_path, db, {"pacs": stuck.port})
@@ -245,6 +258,74 @@ def test_stopping_lets_the_sends_under_way_end(
             assert _states(db, "1.2.4") == {"pacs": ["pending"]}
         finally:
             release.set()
+
+
+def test_stopped_while_a_destination_holds_its_answer_it_records_it_and_gives_back_the_rest(
+    tmp_path: Path, db: Ledger
+) -> None:
+    """A C-STORE whose answer does not come is aborted after ``exporter.timeout_s``: the
+    stopped exporter waits for that (the process could not exit sooner), records the
+    attempt, with its back-off, and gives back what it did not send, due at once."""
+    release = threading.Event()
+    with ScriptedScp(_held(release)) as stuck:
+        settings = _settings(tmp_path, db, {"pacs": stuck.port}, timeout_s=1)
+        _analysed(settings, db, "1.2.3", 3)
+        exporter = Exporter(settings, db)
+        thread = threading.Thread(target=exporter.run, daemon=True)
+        thread.start()
+        try:
+            _wait_for(lambda: stuck.calls >= 1)
+            exporter.stop()
+            thread.join(30)
+            assert not thread.is_alive() and not release.is_set()  # returned, still held
+        finally:
+            release.set()
+        view = db.get_study("1.2.3")
+        assert view is not None
+        tried = [d for r in view["jobs"][0]["results"] for d in r["deliveries"] if d["attempts"]]
+        assert len(tried) == 1 and "no C-STORE response" in tried[0]["last_error"]
+        left = db.due_deliveries()
+        assert len(left) == 2 and all(d.attempts == 0 for d in left)
+    assert stuck.calls == 1
+
+
+def test_an_exporter_process_stopped_with_sigterm_records_its_attempt_and_gives_back_the_rest(
+    tmp_path: Path, db: Ledger
+) -> None:
+    """``acwi-node exporter`` stopped with SIGTERM (what ``docker compose stop`` sends) while
+    a destination holds a C-STORE's answer: it exits by itself once that C-STORE is aborted
+    (``exporter.timeout_s``), the attempt recorded and the objects it did not send due at
+    once for the next exporter."""
+    release = threading.Event()
+    with ScriptedScp(_held(release)) as stuck:
+        settings = _settings(tmp_path, db, {"pacs": stuck.port}, timeout_s=1)
+        _analysed(settings, db, "1.2.3", 3)
+        config = write_config(
+            tmp_path / "acwi.toml",
+            {
+                "node": {"data_dir": str(settings.data_dir), "database_url": db.url},
+                "destinations": [
+                    {"name": "pacs", "ae_title": "SCRIPTED", "host": "127.0.0.1",
+                     "port": stuck.port, "associations": 1}
+                ],
+                "exporter": {"timeout_s": 1, "poll_interval_s": 0.05,
+                             "withdraw_replaced": False},
+            },
+        )  # fmt: skip
+        with NodeProcesses(config, ["exporter"], tmp_path) as nodes:
+            try:
+                _wait_for(lambda: stuck.calls >= 1)
+                nodes.stop("exporter")  # SIGTERM; SIGKILL only after 30 s
+            finally:
+                release.set()
+            assert nodes.procs["exporter"].returncode == 0, nodes.log_text()
+        view = db.get_study("1.2.3")
+        assert view is not None
+        tried = [d for r in view["jobs"][0]["results"] for d in r["deliveries"] if d["attempts"]]
+        assert len(tried) == 1 and "no C-STORE response" in tried[0]["last_error"]
+        left = db.due_deliveries()
+        assert len(left) == 2 and all(d.attempts == 0 for d in left)
+    assert stuck.calls == 1
 
 
 def test_retry_with_a_name_it_does_not_know_puts_nothing_back(
@@ -301,6 +382,27 @@ def test_two_exporter_processes_send_each_result_once(tmp_path: Path, db: Ledger
         assert _states(db, "1.2.3") == {"pacs": ["delivered", "delivered"]}
         assert db.get_study("1.2.3")["state"] == "delivered"  # type: ignore[index]
     assert pacs.calls == 2  # each object once
+
+
+def test_deliveries_given_back_are_due_at_once_and_nothing_else_is(
+    tmp_path: Path, db: Ledger
+) -> None:
+    """An exporter that took deliveries and stopped before sending them gives them back: due
+    at once, with no attempt counted; one another exporter settled meanwhile stays so."""
+    settings = _settings(tmp_path, db, {"pacs": 104})
+    _analysed(settings, db, "1.2.3", 3)
+    first, second, third = sorted(d.id for d in db.due_deliveries())
+    assert db.claim_deliveries([first, second, third], lease_s=600) == {first, second, third}
+    assert db.due_deliveries() == []
+    assert db.release_delivery_claims([first, second]) == 2
+    due = db.due_deliveries()
+    assert [(d.id, d.attempts) for d in due] == [(first, 0), (second, 0)]  # third still taken
+    assert db.claim_deliveries([first], lease_s=600) == {first}  # another exporter's
+    db.record_delivery(
+        first, delivered=True, status=0, error="", max_attempts=5, backoff_s=0
+    )  # fmt: skip
+    assert db.release_delivery_claims([first]) == 0
+    assert _states(db, "1.2.3") == {"pacs": ["delivered", "pending", "pending"]}
 
 
 def test_deliveries_taken_by_an_exporter_that_died_are_taken_again_once_its_claim_ran_out(

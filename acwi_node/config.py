@@ -119,6 +119,9 @@ class HttpTlsSettings(_Strict):
     #: The web server's certificate (PEM, leaf first, then intermediates) and private key.
     cert_file: Path | None = None
     key_file: Path | None = None
+    #: How long a browser that reached the node over HTTPS keeps to HTTPS for its host
+    #: (``Strict-Transport-Security: max-age``, RFC 6797), in days; 0: no such header.
+    hsts_max_age_days: int = Field(365, ge=0, le=730)
 
     @model_validator(mode="after")
     def _usable(self) -> HttpTlsSettings:

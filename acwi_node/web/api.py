@@ -46,6 +46,7 @@ from acwi_node.web.guards import (
     ApiLimits,
     GuardsFirst,
     HeadAsGet,
+    StrictTransport,
     admin_json_request,
     admin_user,
     document_access,
@@ -139,6 +140,9 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
     app.add_exception_handler(Exception, server_failed)
     # outside the sign-in: a body too large is refused unread, every answer kept from caches
     app.add_middleware(ApiLimits)
+    tls = settings.node.http_tls
+    if tls.enabled and tls.hsts_max_age_days > 0:  # every answer, errors too
+        app.add_middleware(StrictTransport, max_age_s=tls.hsts_max_age_days * 86_400)
     # outermost: HEAD is answered as GET, without the body (load balancers, monitoring)
     app.add_middleware(HeadAsGet)
 

@@ -106,6 +106,30 @@ def _with_api_headers(send: Send) -> Send:
     return sending
 
 
+class StrictTransport:
+    """ASGI middleware of a node serving HTTPS: every answer carries
+    ``Strict-Transport-Security`` (RFC 6797), so that a browser that reached the node once
+    over HTTPS never sends a session cookie or a patient's page over plain HTTP to the same
+    host (a link or a bookmark typed ``http://``, a network that rewrites the scheme) for
+    ``max_age_s``. Not ``includeSubDomains``: the node names no other host of the hospital."""
+
+    def __init__(self, app: ASGIApp, max_age_s: int) -> None:
+        self.app = app
+        self.value = f"max-age={max_age_s}"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).setdefault("Strict-Transport-Security", self.value)
+            await send(message)
+
+        await self.app(scope, receive, sending)
+
+
 class ApiLimits:
     """ASGI middleware of every request: a body larger than its path's limit
     (:func:`body_limit`: 1 MiB for the JSON API, 64 KiB for the review app's forms) is

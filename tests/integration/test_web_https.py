@@ -50,6 +50,11 @@ def test_the_web_port_speaks_https_only(tmp_path: Path, pki: Pki) -> None:
         trusted = ssl.create_default_context(cafile=str(pki.ca))
         with httpx.Client(base_url=base, verify=trusted, timeout=20) as client:
             assert client.get("/healthz").status_code == 200
+            # A browser keeps to HTTPS for this host a year, on every answer, errors too.
+            assert client.get("/healthz").headers["strict-transport-security"] == (
+                "max-age=31536000"
+            )
+            assert client.get("/api/nothing-here").headers["strict-transport-security"]
             user, password = add_api_user(config)
             assert client.get("/api/studies", auth=(user, password)).status_code == 200
             # The sign-in page's cookie is marked Secure (sent over HTTPS only).

@@ -23,6 +23,12 @@ else Rescale Slope and Intercept) and are looked up in a LUT (:func:`lookup_tabl
 Modality or VOI LUT Sequence's item) here too, checked: a header whose rescale or LUT cannot
 be applied as PS3.3 C.11 defines it raises :class:`InvalidPixelTransform` with the reason,
 never a numpy or struct error with the LUT's bytes in its message.
+
+:func:`padding_mask` finds the pixels that Pixel Padding Value (0028,0120) and Pixel Padding
+Range Limit (0028,0121) mark as padding: outside a CT's reconstruction circle, a mammogram's
+background. They are compared with the stored values, before the Modality LUT (PS3.3
+C.7.5.1.1.2), and are top-level attributes of every image (General Equipment and Image Pixel
+Modules; no functional group macro holds them), a multi-frame image's for each of its frames.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ __all__ = [
     "is_native",
     "lookup_table",
     "modality_values",
+    "padding_mask",
     "read_deferred",
     "rescale",
     "stored_pixels",
@@ -337,3 +344,66 @@ def modality_values(stored: np.ndarray, header: Dataset, *, little_endian: bool)
     values = np.asarray(stored).astype(np.float64) * slope
     values += intercept
     return values
+
+
+#: Pixel Padding Value (0028,0120) and Pixel Padding Range Limit (0028,0121).
+PIXEL_PADDING_VALUE = 0x00280120
+PIXEL_PADDING_RANGE_LIMIT = 0x00280121
+
+
+def _padding_limit(ds: Dataset, tag: int, *, signed: bool, bits: int) -> int | None:
+    """The stored value ``ds``'s padding attribute ``tag`` gives, or None when it is absent or
+    not a value the stored pixels can take. Its VR is that of Pixel Representation (US
+    unsigned, SS signed, PS3.3 C.7.5.1): one written with the other (an explicit VR file
+    that says US for signed pixels) is read as the 16 bits it holds, in the pixels'
+    signedness, as :func:`lookup_table` reads a signed image's first value mapped."""
+    if tag not in ds:
+        return None
+    try:
+        value = ds[tag].value
+    except Exception:  # a value pydicom cannot convert
+        return None
+    if isinstance(value, MultiValue | list | tuple):
+        if len(value) != 1:
+            return None
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    if bits <= 16:
+        if signed and 1 << 15 <= value < 1 << 16:
+            value -= 1 << 16
+        elif not signed and -(1 << 15) <= value < 0:
+            value += 1 << 16
+    low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    return value if low <= value <= high else None
+
+
+def padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """Where ``stored`` (an image's or a frame's stored values, :func:`stored_pixels`) is
+    padding, as ``ds``'s Pixel Padding Value (0028,0120) and Pixel Padding Range Limit
+    (0028,0121) say (PS3.3 C.7.5.1.1.2): the stored values equal to Pixel Padding Value, or
+    with a Range Limit those between the two, inclusive, in either order (the standard puts
+    Pixel Padding Value at the darker end: the lower for MONOCHROME2, the higher for
+    MONOCHROME1). None when no pixel is padding: no such attribute, one that is not a value
+    of the image's Bits Stored and Pixel Representation (it marks nothing), or no pixel with
+    such a value. A Range Limit that is not such a value leaves Pixel Padding Value alone, as
+    a reader that knows nothing of the range reads it."""
+    if PIXEL_PADDING_VALUE not in ds or stored.dtype.kind not in "iu" or stored.size == 0:
+        return None
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    try:
+        bits = int(ds.get("BitsStored") or 8 * stored.dtype.itemsize)
+    except (TypeError, ValueError):
+        bits = 8 * stored.dtype.itemsize
+    if not 1 <= bits <= 8 * stored.dtype.itemsize:
+        bits = 8 * stored.dtype.itemsize
+    value = _padding_limit(ds, PIXEL_PADDING_VALUE, signed=signed, bits=bits)
+    if value is None:
+        return None
+    limit = _padding_limit(ds, PIXEL_PADDING_RANGE_LIMIT, signed=signed, bits=bits)
+    if limit is None or limit == value:
+        mask = stored == value
+    else:
+        mask = stored >= min(value, limit)
+        mask &= stored <= max(value, limit)
+    return mask if mask.any() else None

@@ -15,12 +15,18 @@ Steps, in order:
    values, not a number) or a slope of 0, or a Modality LUT that cannot be applied, refuses
    the image (:func:`acwi_node.dicom_pixels.rescale`): the file does not say what its stored
    values mean, and a guess (1 and 0) is not made;
-3. MONOCHROME1 inversion (negation), so that higher always means brighter/denser;
+3. MONOCHROME1 inversion (negation), so that higher always means brighter/denser; pixels
+   that Pixel Padding Value (0028,0120), with Pixel Padding Range Limit (0028,0121), marks
+   as padding (compared with the stored values, PS3.3 C.7.5.1.1.2: outside a CT's
+   reconstruction circle, a mammogram's background;
+   :func:`acwi_node.dicom_pixels.padding_mask`) take the lowest value of the others, so
+   that an image reads the same whatever value its scanner pads with;
 4. plain resize (no padding, aspect ratio not kept) to ``size x size`` with antialiased
    bilinear interpolation; the heatmap goes back to Rows x Columns by the inverse resize;
-5. robust windowing: the lower/upper percentiles of the resized image map to 0/1, clipped.
-   The VOI LUT (Window Center/Width) of the file is deliberately ignored, so that sites with
-   different windows give comparable inputs;
+5. robust windowing: the lower/upper percentiles of the resized image map to 0/1, clipped;
+   of an image with padding, the percentiles of the resized pixels that no padded pixel
+   contributes to (padding then maps to 0). The VOI LUT (Window Center/Width) of the file
+   is deliberately ignored, so that sites with different windows give comparable inputs;
 6. z-normalisation with the manifest's mean and standard deviation.
 """
 
@@ -39,6 +45,7 @@ from acwi_node.dicom_pixels import (
     InvalidPixelTransform,
     is_little_endian,
     modality_values,
+    padding_mask,
     stored_pixels,
 )
 from acwi_node.inference.image_checks import header_refusal
@@ -108,7 +115,15 @@ def image_units(datasets: Iterable[Dataset]) -> list[ImageUnit]:
 
 def modality_pixels(ds: Dataset, frame_number: int | None = None) -> np.ndarray:
     """Checked float32 pixels after the modality LUT and MONOCHROME1 inversion (steps 1-3),
-    of the image or, for a multi-frame image, of frame ``frame_number`` (1-based)."""
+    of the image or, for a multi-frame image, of frame ``frame_number`` (1-based); padding
+    has the lowest value of the other pixels."""
+    return padded_modality_pixels(ds, frame_number)[0]
+
+
+def padded_modality_pixels(
+    ds: Dataset, frame_number: int | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`modality_pixels` and where the pixels are padding (None: nowhere)."""
     name = unit_name(_sop(ds), frame_number)
     if "PixelData" not in ds:
         raise UnsupportedImage(f"{name}: no PixelData (not an integer-pixel image)")
@@ -133,6 +148,9 @@ def modality_pixels(ds: Dataset, frame_number: int | None = None) -> np.ndarray:
         raise UnsupportedImage(f"{name}: pixel data could not be decoded: {exc}") from exc
     if stored.ndim != 2:
         raise UnsupportedImage(f"{name}: unexpected pixel array shape {stored.shape}")
+    padding = padding_mask(stored, ds)  # top-level attributes, a frame's too
+    if padding is not None and padding.all():
+        raise UnsupportedImage(f"{name}: every pixel is padding (Pixel Padding Value)")
     try:
         modality = modality_values(stored, header, little_endian=is_little_endian(ds))
     except InvalidPixelTransform as exc:  # an empty or multi-valued Rescale Slope, ...
@@ -142,7 +160,9 @@ def modality_pixels(ds: Dataset, frame_number: int | None = None) -> np.ndarray:
         values = -values
     if not np.isfinite(values).all():
         raise UnsupportedImage(f"{name}: non-finite pixel values after the modality LUT")
-    return values
+    if padding is not None:
+        values = np.where(padding, values[~padding].min(), values)
+    return values, padding
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -150,9 +170,19 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     return _resize_stack(np.asarray(image)[None], size)[0]
 
 
-def window(image: np.ndarray, lower_percentile: float, upper_percentile: float) -> np.ndarray:
-    """Map the given percentiles to 0 and 1 and clip; constant images are unsupported."""
-    lo, hi = np.percentile(image, [lower_percentile, upper_percentile])
+def window(
+    image: np.ndarray,
+    lower_percentile: float,
+    upper_percentile: float,
+    padding: np.ndarray | None = None,
+) -> np.ndarray:
+    """Map the given percentiles to 0 and 1 and clip; constant images are unsupported. With
+    ``padding`` (the resized padding mask: how much padding each pixel holds), the
+    percentiles are those of the pixels that hold none."""
+    sample = image if padding is None else image[padding <= 0.0]
+    if sample.size == 0:
+        raise UnsupportedImage("every pixel of the resized image holds padding")
+    lo, hi = np.percentile(sample, [lower_percentile, upper_percentile])
     if not hi - lo > 1e-6 * max(1.0, abs(float(hi))):
         raise UnsupportedImage("image has no contrast between its window percentiles")
     return np.clip((image - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
@@ -161,9 +191,14 @@ def window(image: np.ndarray, lower_percentile: float, upper_percentile: float) 
 def to_unit_range(ds: Dataset, spec: PreprocessSpec, frame_number: int | None = None) -> np.ndarray:
     """Steps 1-5: a ``(size, size)`` float32 image in [0, 1] (of frame ``frame_number`` of a
     multi-frame image)."""
-    pixels = modality_pixels(ds, frame_number)
+    pixels, padding = padded_modality_pixels(ds, frame_number)
     try:
-        return window(resize(pixels, spec.size), spec.lower_percentile, spec.upper_percentile)
+        return window(
+            resize(pixels, spec.size),
+            spec.lower_percentile,
+            spec.upper_percentile,
+            None if padding is None else resize(padding, spec.size),
+        )
     except UnsupportedImage as exc:
         raise UnsupportedImage(f"{unit_name(_sop(ds), frame_number)}: {exc}") from exc
 
@@ -199,29 +234,40 @@ def preprocess_many(
             for u in units[start : start + RESIZE_BATCH]
         ]
         results: list[np.ndarray | UnsupportedImage | None] = [None] * len(chunk)
-        by_shape: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
+        by_shape: dict[tuple[int, ...], list[tuple[int, np.ndarray, np.ndarray | None]]] = {}
         for i, unit in enumerate(chunk):
             if unit.refusal is not None:
                 results[i] = UnsupportedImage(f"{unit.name}: {unit.refusal}")
                 continue
             try:
-                pixels = modality_pixels(unit.ds, unit.frame_number)
+                pixels, padding = padded_modality_pixels(unit.ds, unit.frame_number)
             except UnsupportedImage as exc:
                 results[i] = exc
                 continue
-            by_shape.setdefault(pixels.shape, []).append((i, pixels))
+            by_shape.setdefault(pixels.shape, []).append((i, pixels, padding))
         for group in by_shape.values():
-            stacked = np.stack([pixels for _, pixels in group]).astype(np.float32, copy=False)
+            stacked = np.stack([pixels for _, pixels, _ in group]).astype(np.float32, copy=False)
             resized = _resize_stack(stacked, spec.size)
-            for (i, _), image in zip(group, resized, strict=True):
+            paddings = _resized_padding([padding for _, _, padding in group], spec.size)
+            for (i, _, _), image, padding in zip(group, resized, paddings, strict=True):
                 try:
-                    in_range = window(image, spec.lower_percentile, spec.upper_percentile)
+                    in_range = window(image, spec.lower_percentile, spec.upper_percentile, padding)
                 except UnsupportedImage as exc:
                     results[i] = UnsupportedImage(f"{chunk[i].name}: {exc}")
                     continue
                 results[i] = normalise(in_range, spec)
         out.extend(r for r in results if r is not None)
     return out
+
+
+def _resized_padding(masks: list[np.ndarray | None], size: int) -> list[np.ndarray | None]:
+    """Each padding mask of one shape resized as its image is (:func:`_resize_stack`), in
+    one call; None stays None."""
+    given = [mask for mask in masks if mask is not None]
+    if not given:
+        return [None] * len(masks)
+    resized = iter(_resize_stack(np.stack(given), size))
+    return [None if mask is None else next(resized) for mask in masks]
 
 
 def _resize_stack(images: np.ndarray, size: int) -> np.ndarray:

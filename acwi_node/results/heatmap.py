@@ -1,10 +1,11 @@
 """Heatmap overlays as RGB Secondary Capture images in the source study.
 
 The source image is rendered to 8-bit grey the way a viewer would show it (modality LUT or
-rescale, then its VOI window or LUT, else a 0.5-99.5 percentile window; MONOCHROME1 inverted)
-and blended with a jet-like colour map of the heatmap whose opacity is proportional to the heat.
-No text is burned into the pixels: the model, version, predicted label and the
-"not for primary diagnosis" notice are in Image Comments and Derivation Description.
+rescale, then its VOI window or LUT, else a 0.5-99.5 percentile window; MONOCHROME1 inverted;
+the pixels Pixel Padding Value marks black) and blended with a jet-like colour map of the
+heatmap whose opacity is proportional to the heat. No text is burned into the pixels: the
+model, version, predicted label and the "not for primary diagnosis" notice are in Image
+Comments and Derivation Description.
 
 The object is written to the Secondary Capture Image IOD (PS3.3 A.8.1) on top of
 ``highdicom.SOPClass``: ``highdicom.sc.SCImage`` only accepts single-letter Patient Orientation
@@ -15,7 +16,9 @@ unchanged.
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Literal
 
 import numpy as np
 from highdicom import SOPClass
@@ -31,6 +34,7 @@ from acwi_node.dicom_pixels import (
     is_little_endian,
     lookup_table,
     modality_values,
+    padding_mask,
     stored_pixels,
 )
 from acwi_node.inference.types import ImageResult, StudyAnalysis, unit_name
@@ -78,7 +82,7 @@ _PERCENTILES = (0.5, 99.5)
 log = logging.getLogger("acwi_node.results.heatmap")
 
 
-FloatImage = NDArray[np.float64]
+FloatImage = NDArray[np.floating[Any]]
 
 
 def _first(value: object) -> float | None:
@@ -165,17 +169,32 @@ def _file_window(values: FloatImage, source: Dataset, *, little_endian: bool) ->
 Window = tuple[float, float] | Literal["auto"]
 
 
+#: Rows of the source rendered at a time: a large image's float64 values and window are a
+#: block's, not the image's (a 4096 x 3328 mammogram's are 104 MiB each).
+_RENDER_ROWS = 256
+
+
 def render_grey(
-    source: Dataset, frame_number: int | None = None, *, window: Window | None = None
+    source: Dataset,
+    frame_number: int | None = None,
+    *,
+    window: Window | None = None,
+    dtype: type[np.floating[Any]] = np.float64,
 ) -> FloatImage:
     """The source image as display grey levels in [0, 1]; of a multi-frame image, frame
     ``frame_number`` (default the first) with its own rescale and window (an enhanced image
     of one frame: its frame's, :func:`acwi_node.dicom_frames.image_header`); with ``window``,
-    in that window instead of the file's (a linear one). A file's window or VOI LUT that
-    cannot be applied (a malformed LUT) is logged and the percentile window used; a rescale
-    that cannot be (:func:`acwi_node.dicom_pixels.rescale`) raises
-    :class:`acwi_node.dicom_pixels.InvalidPixelTransform`."""
+    in that window instead of the file's (a linear one). Padding (Pixel Padding Value and
+    Range Limit, :func:`acwi_node.dicom_pixels.padding_mask`) is black and takes no part in
+    the percentile window. A file's window or VOI LUT that cannot be applied (a malformed
+    LUT) is logged and the percentile window used; a rescale that cannot be
+    (:func:`acwi_node.dicom_pixels.rescale`) raises
+    :class:`acwi_node.dicom_pixels.InvalidPixelTransform`.
+
+    The grey levels are computed in float64, :data:`_RENDER_ROWS` rows at a time, and
+    returned as ``dtype`` (float32: the float64 values rounded, as a resize reads them)."""
     samples = int(source.get("SamplesPerPixel", 1) or 1)
+    image = source  # its Pixel Padding Value and Range Limit: top-level, a frame's too
     little_endian = is_little_endian(source)  # of the file: a frame's view has no transfer syntax
     if frame_number not in (None, 1) and frame_count(source) == 1:
         raise ValueError(f"frame {frame_number} of a single-frame image")
@@ -189,34 +208,79 @@ def render_grey(
     if samples == 3:
         rgb = pixels.astype(np.float64)
         luminance = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
-        return _percentile_window(luminance)
+        return _percentile_window(luminance).astype(dtype, copy=False)
 
+    padding = padding_mask(pixels, image)
+    header = source
+
+    def modality(rows: slice) -> FloatImage:
+        values = modality_values(pixels[rows], header, little_endian=little_endian)
+        return np.asarray(values, dtype=np.float64)
+
+    blocks = [slice(row, row + _RENDER_ROWS) for row in range(0, pixels.shape[0], _RENDER_ROWS)]
     # an invalid rescale raises InvalidPixelTransform (preprocessing skipped such an image)
-    values = np.asarray(
-        modality_values(pixels, source, little_endian=little_endian), dtype=np.float64
-    )
-    grey: FloatImage | None = None
+    first = modality(blocks[0])
+    draw: Callable[[FloatImage], FloatImage | None]
     if window == "auto":
-        grey = _percentile_window(values)
+        draw = _no_window
     elif window is not None:
-        grey = _window(values, window[0], window[1], "LINEAR")
+        centre, width = window
+        draw = partial(_window, centre=centre, width=width, function="LINEAR")
     else:
-        try:
-            grey = _file_window(values, source, little_endian=little_endian)
-        except Exception as exc:  # a malformed VOI: the image is still shown, never fails
-            log.warning(
-                "source image %s: its VOI window or LUT cannot be applied (%s); shown in "
-                "its %g-%g percentile window instead",
-                unit_name(str(source.get("SOPInstanceUID", "")), frame_number),
-                _why(exc),
-                *_PERCENTILES,
-            )
-            grey = None
+        draw = partial(_file_window, source=source, little_endian=little_endian)
+    try:
+        grey = draw(first)
+    except Exception as exc:  # a malformed VOI: the image is still shown, never fails
+        log.warning(
+            "source image %s: its VOI window or LUT cannot be applied (%s); shown in "
+            "its %g-%g percentile window instead",
+            unit_name(str(source.get("SOPInstanceUID", "")), frame_number),
+            _why(exc),
+            *_PERCENTILES,
+        )
+        grey = None
     if grey is None:
-        grey = _percentile_window(values)
-    if str(source.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        grey = 1.0 - grey
-    return grey
+        draw = _percentiles(modality(slice(None)), padding)
+        grey = draw(first)
+    inverted = str(source.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+    out = np.empty(pixels.shape, dtype=dtype)
+    for rows in blocks:
+        if grey is None:
+            grey = draw(modality(rows))
+        assert grey is not None  # a window's function draws every block once it drew one
+        if inverted:
+            grey = 1.0 - grey
+        if padding is not None:
+            grey[padding[rows]] = 0.0
+        out[rows] = grey
+        grey = None
+    return out
+
+
+def _no_window(values: FloatImage) -> None:
+    """No window: the percentile window is used."""
+    return None
+
+
+def _percentiles(
+    values: FloatImage, padding: np.ndarray | None
+) -> Callable[[FloatImage], FloatImage]:
+    """:func:`_percentile_window` with the percentiles of the whole image's ``values`` (which
+    it reorders), for each block of it."""
+    finite = np.isfinite(values)
+    if padding is not None:
+        finite &= ~padding
+    sample = values if finite.all() else values[finite]
+    if sample.size == 0:
+        return np.zeros_like
+    low, high = np.percentile(sample, _PERCENTILES, overwrite_input=True)
+    if high <= low:
+        high = low + 1.0
+    return partial(_between, low=float(low), high=float(high))
+
+
+def _between(values: FloatImage, low: float, high: float) -> FloatImage:
+    return np.clip((values - low) / (high - low), 0.0, 1.0)
 
 
 def colour_map(heat: FloatImage) -> FloatImage:
@@ -294,7 +358,7 @@ def _blend_block(grey: FloatImage, clipped: FloatImage, max_alpha: float, rgb: n
 def _resize(values: FloatImage, rows: int, columns: int) -> FloatImage:
     if values.shape == (rows, columns):
         return values
-    image = Image.fromarray(values.astype(np.float32), mode="F")
+    image = Image.fromarray(values.astype(np.float32, copy=False), mode="F")
     resized = image.resize((columns, rows), Image.Resampling.BILINEAR)
     return np.asarray(resized, dtype=np.float64)
 
@@ -307,9 +371,9 @@ def _output_shape(rows: int, columns: int) -> tuple[int, int]:
     return max(1, round(rows * scale)), max(1, round(columns * scale))
 
 
-def unit_heat(heatmap: np.ndarray) -> FloatImage:
-    """A model's heatmap as float64 in [0, 1]: NaN and -inf as 0, +inf as 1."""
-    heat = np.array(heatmap, dtype=np.float64)  # a copy: changed in place below
+def unit_heat(heatmap: np.ndarray, dtype: type[np.floating[Any]] = np.float64) -> FloatImage:
+    """A model's heatmap as float64 (or ``dtype``) in [0, 1]: NaN and -inf as 0, +inf as 1."""
+    heat = np.array(heatmap, dtype=dtype)  # a copy: changed in place below
     np.nan_to_num(heat, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
     return np.clip(heat, 0.0, 1.0, out=heat)
 
@@ -348,18 +412,24 @@ def build_heatmap_sc(
         raise ValueError(
             f"image result is for {image.sop_instance_uid}, source image is {source_uid}"
         )
-    heat = unit_heat(heatmap)
-    if heat.ndim != 2:
-        raise ValueError(f"heatmap must be 2-D, got shape {heat.shape}")
+    if np.ndim(heatmap) != 2:
+        raise ValueError(f"heatmap must be 2-D, got shape {np.shape(heatmap)}")
 
     model = analysis.model
     study_uid = str(source.StudyInstanceUID)
     uids = result_uids(study_uid, model.name, model.version, analysis.reissue)
 
-    grey = render_grey(source, frame_number)
+    # A source scaled down is drawn in float32, the precision its resize reads (the same
+    # values), and its heat made float32 after: one full-size float copy at a time.
+    scaled = _output_shape(int(source.Rows), int(source.Columns)) != (
+        int(source.Rows),
+        int(source.Columns),
+    )
+    grey = render_grey(source, frame_number, dtype=np.float32 if scaled else np.float64)
     source_rows, source_columns = grey.shape
     rows, columns = _output_shape(source_rows, source_columns)
     grey = np.clip(_resize(grey, rows, columns), 0.0, 1.0)
+    heat = unit_heat(heatmap, np.float32 if scaled else np.float64)
     if heat.shape != (rows, columns):  # unit_heat's values are in [0, 1] already
         heat = np.clip(_resize(heat, rows, columns), 0.0, 1.0)
     rgb = np.ascontiguousarray(_blend_unit(grey, heat))

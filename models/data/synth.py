@@ -18,6 +18,7 @@ Images are PA views: the patient's left (and the heart) is on the image's right.
 
 from __future__ import annotations
 
+import copy
 import csv
 import datetime as dt
 import json
@@ -1129,6 +1130,25 @@ def make_ct_dataset(
     ds.WindowCenterWidthExplanation = ["LUNG", "MEDIASTINUM"]
     ds.PixelData = np.ascontiguousarray(stored).tobytes()
     return ds
+
+
+def pad_outside_fov(ds: Dataset, stored_value: int, *, declared: bool = True) -> Dataset:
+    """A copy of CT slice ``ds`` (:func:`make_ct_dataset`'s) as a scanner that pads the pixels
+    outside its reconstruction circle (the circle inscribed in the image) writes it: they hold
+    the stored value ``stored_value``, which Pixel Padding Value (0028,0120) declares
+    (``declared``); undeclared, they are part of the image (a scanner that fills them with
+    air)."""
+    out = copy.deepcopy(ds)
+    stored = np.frombuffer(out.PixelData, dtype="<i2").reshape(out.Rows, out.Columns).copy()
+    rows, cols = stored.shape
+    y, x = np.mgrid[0:rows, 0:cols]
+    radius = min(rows, cols) / 2.0
+    outside = (y + 0.5 - rows / 2.0) ** 2 + (x + 0.5 - cols / 2.0) ** 2 > radius**2
+    stored[outside] = stored_value
+    out.PixelData = stored.tobytes()
+    if declared:
+        out.add_new(0x00280120, "SS", stored_value)  # Pixel Padding Value
+    return out
 
 
 def write_ct_series(

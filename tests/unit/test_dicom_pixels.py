@@ -14,7 +14,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import UID, JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
 from acwi_node.dicom_frames import frame_pixels
-from acwi_node.dicom_pixels import PIXEL_DATA, read_deferred, stored_pixels
+from acwi_node.dicom_pixels import PIXEL_DATA, padding_mask, read_deferred, stored_pixels
 from acwi_node.inference.preprocess import modality_pixels
 from acwi_node.results.headers import source_header
 from models.data.synth import write_ct_series, write_enhanced_ct
@@ -143,3 +143,53 @@ def test_bits_above_bits_stored_in_a_code_stream_are_not_part_of_the_values(
         else:
             assert np.array_equal(frame_pixels(read, 2), values)
             assert np.array_equal(modality_pixels(read, 2), values)
+
+
+def _padded(
+    value: object, limit: object = None, *, signed: bool = False, vr: str | None = None
+) -> pydicom.Dataset:
+    ds = pydicom.Dataset()
+    ds.BitsStored, ds.PixelRepresentation = 12, int(signed)
+    kind = vr or ("SS" if signed else "US")
+    ds.add_new(0x00280120, kind, value)  # Pixel Padding Value
+    if limit is not None:
+        ds.add_new(0x00280121, kind, limit)  # Pixel Padding Range Limit
+    return ds
+
+
+def _marks(stored: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    mask = padding_mask(stored, ds)
+    assert mask is not None
+    return mask
+
+
+def test_pixel_padding_value_and_range_limit_mark_stored_values() -> None:
+    """PS3.3 C.7.5.1.1.2: Pixel Padding Value alone marks the stored values equal to it; with
+    Pixel Padding Range Limit, those from one to the other inclusive (the standard's order
+    for MONOCHROME2, value below limit, or MONOCHROME1's, above); no pixel with such a value,
+    or no attribute, is no mask."""
+    stored = np.array([[0, 5, 10, 11], [4095, 4000, 3999, 7]], dtype=np.uint16)
+    assert np.array_equal(_marks(stored, _padded(0)), stored == 0)
+    in_range = (stored >= 0) & (stored <= 10)
+    assert np.array_equal(_marks(stored, _padded(0, 10)), in_range)
+    high = (stored >= 4000) & (stored <= 4095)
+    assert np.array_equal(_marks(stored, _padded(4095, 4000)), high)  # MONOCHROME1's
+    assert np.array_equal(_marks(stored, _padded(4000, 4095)), high)
+    assert padding_mask(stored, _padded(1)) is None  # no pixel holds it
+    assert padding_mask(stored, pydicom.Dataset()) is None
+
+
+def test_pixel_padding_value_follows_pixel_representation() -> None:
+    """Its VR is that of Pixel Representation: a signed image's -2000 written as US (63536 as
+    read) is -2000; a value the stored values cannot take (outside 12 Bits Stored) marks
+    nothing, and a Range Limit that cannot be one leaves Pixel Padding Value alone."""
+    signed = np.array([[-2000, -1999, 0], [24, -2000, 2047]], dtype=np.int16)
+    expected = signed == -2000
+    assert np.array_equal(_marks(signed, _padded(-2000, signed=True)), expected)
+    as_us = _padded(63536, signed=True, vr="US")
+    assert np.array_equal(_marks(signed, as_us), expected)
+    assert np.array_equal(_marks(signed, _padded(-2000, 5000, signed=True)), expected)
+    assert padding_mask(signed, _padded(-3000, signed=True)) is None  # under -2048
+    unsigned = np.array([[4095, 0], [1, 2]], dtype=np.uint16)
+    assert padding_mask(unsigned, _padded(-1, vr="SS")) is None  # 65535: not 12 bits
+    assert np.array_equal(_marks(unsigned, _padded(4095)), unsigned == 4095)

@@ -37,7 +37,7 @@ from acwi_node.results.heatmap import build_heatmap_sc, render_grey
 from acwi_node.results.sr import build_sr, summarise_sr
 from acwi_node.results.uids import result_uids
 from models.data.dicom_dataset import load_unit_images, scan_folder
-from models.data.synth import write_ct_series, write_enhanced_ct
+from models.data.synth import pad_outside_fov, write_ct_series, write_enhanced_ct
 from models.evaluate import read_boxes
 from tests.support.dciodvfy import dciodvfy_errors
 from tests.unit.test_sr_image_groups import _from_template, _same_times
@@ -93,6 +93,31 @@ def test_a_frame_reads_as_the_slice_it_was_made_from(
         frame_view(image, 5)
     with pytest.raises(ValueError, match="frame 0"):
         frame_pixels(image, 0)
+
+
+def test_an_enhanced_images_pixel_padding_value_pads_each_frame(
+    enhanced: tuple[Dataset, list[Dataset]],
+) -> None:
+    """Pixel Padding Value is a top-level attribute of an enhanced image too (no functional
+    group holds it): each frame padded with -2000 reads as its slice padded with -1000, in
+    the model input and in the heatmap's grey."""
+    image, slices = enhanced
+    padded = [pad_outside_fov(ds, -2000) for ds in slices]
+    mf = copy.deepcopy(image)
+    rows, columns = int(mf.Rows), int(mf.Columns)
+    frames = np.frombuffer(mf.PixelData, dtype="<i2").reshape(SLICES, rows, columns).copy()
+    for n, ds in enumerate(padded):
+        outside = ds.pixel_array == -2000
+        frames[n][outside] = -2000
+    mf.PixelData = frames.tobytes()
+    mf.add_new(0x00280120, "SS", -2000)
+    spec = PreprocessSpec(size=32)
+    inputs = preprocess_many(image_units([mf]), spec)
+    for n, ds in enumerate(slices, start=1):
+        other = pad_outside_fov(ds, -1000)
+        x = inputs[n - 1]
+        assert isinstance(x, np.ndarray) and np.array_equal(x, preprocess(other, spec))
+        assert np.array_equal(render_grey(mf, n, window="auto"), render_grey(other, window="auto"))
 
 
 def test_a_frames_own_rescale_wins_over_the_shared_one(

@@ -71,15 +71,20 @@ class JsonLinesSink:
                 current = -2
             if self._fd < 0 or current != self._inode:
                 if self._fd >= 0:
-                    os.close(self._fd)
+                    # Marked closed before the file is opened again: should that fail (a file
+                    # the node may not open, a file system remounted read-only), the number
+                    # is free, and the next file the process opens (the ledger, a spool file)
+                    # may take it; the next write must not close it or write into it.
+                    fd, self._fd = self._fd, -1
+                    os.close(fd)
                 self._open()
             os.write(self._fd, line)
 
     def close(self) -> None:
         with self._lock:
             if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+                fd, self._fd = self._fd, -1  # released even if close() reports an error
+                os.close(fd)
 
 
 class SyslogSink:

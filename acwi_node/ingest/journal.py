@@ -456,7 +456,8 @@ class IngestJournal:
             # ``_preallocate`` leaves a segment).
             with contextlib.suppress(OSError):
                 os.ftruncate(partial.fd, 0)
-        os.close(partial.fd)
+        with contextlib.suppress(OSError):  # released even if close() reports an error
+            os.close(partial.fd)
         with self._lock:
             self._partial_spare = None
             self._spares.append(partial.path)
@@ -471,7 +472,11 @@ class IngestJournal:
 
     def _retire(self, seg: _Segment) -> None:
         """Close a checkpointed segment; keep it as a spare, or delete it."""
-        os.close(seg.fd)
+        # A close() that reports an error (NFS: a failed write-back) has released the number
+        # all the same, and the segment's records are in the spool and the ledger: closing it
+        # again at the next checkpoint would close whatever file another thread opened since.
+        with contextlib.suppress(OSError):
+            os.close(seg.fd)
         if self.preallocate_bytes and not seg.error and len(self._spares) < self.max_spares:
             spare = self.directory / f"{self._next_spare:012d}.spare"
             self._next_spare += 1

@@ -559,6 +559,18 @@ class EventDrivenDUL(DULServiceProvider):
         response = StorageServiceClass(assoc).validate_status(cast(Any, status), response)
         assoc.dimse.send_msg(response, taken.context_id)
 
+    def _is_transport_event(self) -> bool:
+        """pynetdicom's, holding ``fsm_lock`` in Sta13, where it closes the connection once
+        nothing more is to be read: the association thread moves to Sta13 before its
+        A-RELEASE-RP leaves and sends it holding the lock (:meth:`_answer_at_once`). Closed in
+        between, the response was lost; closed just after the association thread took the
+        socket's descriptor number, the response went to the next file the process opened,
+        which had taken the number (10 bytes at offset 0 of an SQLite database)."""
+        if self.state_machine.current_state != "Sta13":
+            return bool(super()._is_transport_event())
+        with self.fsm_lock:
+            return bool(super()._is_transport_event())
+
     def _process_recv_primitive(self) -> bool:
         """pynetdicom's, without the exception it raises and catches when nothing was sent to
         the DUL (on every turn of the loop)."""
@@ -998,6 +1010,11 @@ class EventDrivenAssociation(AnswersInvalidRequests):
                     self.abort()
                 self.kill()
                 return
+        # Killed from another thread (AE.shutdown() aborting the association: the SCP stops),
+        # which waits for the DUL thread to end while that thread sends the A-ABORT. pynetdicom
+        # closes the connection as soon as this returns: not while the DUL thread may still
+        # write to the socket's descriptor number, which would then be the next file opened.
+        dul.join()
 
 
 #: Largest single read of a PDU's body: enough for any common PDU in one call, while a PDU

@@ -174,8 +174,10 @@ class Spool:
             if sync:
                 os.fsync(fd)
             inode = os.fstat(fd).st_ino
-            os.close(fd)
-            fd = -1
+            # Never closed twice: a close() that reports an error (NFS reports ENOSPC,
+            # EDQUOT or EIO there) has released the number, which another thread may take.
+            written, fd = fd, -1
+            os.close(written)
             new_dir = study_uid not in self._dirs and not os.path.isdir(directory)
             if new_dir:
                 os.makedirs(directory, exist_ok=True)

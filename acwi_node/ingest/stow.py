@@ -310,8 +310,10 @@ class BodyFile:
             return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        os.close(self.fd)
-        self.fd = -1
+        # Marked closed first: a close() that reports an error (NFS reports ENOSPC, EDQUOT or
+        # EIO there) has released the number all the same, and another thread may take it.
+        fd, self.fd = self.fd, -1
+        os.close(fd)
 
 
 def close_mapping(mapped: mmap.mmap) -> None:

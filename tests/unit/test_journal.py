@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import json
 import logging
 import mmap
@@ -923,3 +925,69 @@ def test_syncfs_is_looked_up_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     finally:
         journal_module._syncfs.cache_clear()
     assert looked_up == ["c"]
+
+
+def test_a_segment_whose_close_reported_an_error_is_not_closed_again(
+    tmp_path: Path, flushes: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() may report an error (NFS reports a failed write-back there: EIO, ENOSPC),
+    having released the descriptor all the same (Linux). The checkpoint failed on it, and its
+    next try closed the segment's number again: whatever file another thread had opened
+    meanwhile (an association's spool file, the ledger's database) lost its descriptor."""
+    journal = make_journal(tmp_path, flushes)
+    journal.done(journal.append({"i": 0}, b"data"))
+    segment_fd = journal._segments[0].fd
+    real_close = os.close
+    others: list[int] = []
+
+    def close_reporting_an_error(fd: int) -> None:
+        real_close(fd)
+        if fd == segment_fd and not others:
+            others.append(os.open(tmp_path / "ledger.sqlite", os.O_RDWR | os.O_CREAT, 0o600))
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "close", close_reporting_an_error)
+    try:
+        with contextlib.suppress(OSError):
+            journal.checkpoint()  # retires the segment
+        journal.checkpoint()  # the checkpointer's next try
+        os.fstat(others[0])  # still open
+    finally:
+        monkeypatch.setattr(os, "close", real_close)
+        for fd in others:
+            real_close(fd)
+        journal.close()
+
+
+def test_a_spare_whose_close_reported_an_error_is_not_closed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for a segment: the spare's close reporting an error left it half-prepared, and the
+    next idle moment closed its number again."""
+    journal = IngestJournal(
+        tmp_path / ".journal", tmp_path, lambda: None, preallocate_bytes=1 << 20
+    )
+    journal.directory.mkdir(parents=True)  # as open() makes it, without the threads
+    journal._segments.append(journal._new_segment())
+    real_close = os.close
+    others: list[int] = []
+
+    def close_reporting_an_error(fd: int) -> None:
+        spare = os.readlink(f"/proc/self/fd/{fd}").endswith(".spare")
+        real_close(fd)
+        if spare and not others:
+            others.append(os.open(tmp_path / "ledger.sqlite", os.O_RDWR | os.O_CREAT, 0o600))
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "close", close_reporting_an_error)
+    try:
+        with contextlib.suppress(OSError):
+            journal._prepare_spare()
+        journal._prepare_spare()  # the next idle moment
+        os.fstat(others[0])  # still open
+    finally:
+        monkeypatch.setattr(os, "close", real_close)
+        for fd in others:
+            real_close(fd)
+        for seg in journal._segments:
+            real_close(seg.fd)

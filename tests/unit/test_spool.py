@@ -131,3 +131,32 @@ def test_a_written_file_knows_whether_a_later_write_replaced_it(tmp_path: Path) 
     assert spool.is_current(relative, second)
     Path(second.path).unlink()  # retention: no evidence of a replacement
     assert spool.is_current(relative, first)
+
+
+def test_a_close_that_reports_an_error_is_not_repeated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() may report a write error (NFS reports ENOSPC, EDQUOT or EIO there), having
+    released the descriptor all the same (Linux). The spool closed the number a second time:
+    whatever file another thread had opened meanwhile (the ledger's database, another
+    association's spool file) lost its descriptor."""
+    spool = Spool(tmp_path / "spool", fsync=False)
+    real_close = os.close
+    others: list[int] = []
+
+    def close_reporting_an_error(fd: int) -> None:
+        real_close(fd)
+        if not others:
+            others.append(os.open(tmp_path / "ledger.sqlite", os.O_RDWR | os.O_CREAT, 0o600))
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(os, "close", close_reporting_an_error)
+    with pytest.raises(SpoolError) as err:
+        spool.store("1.2", "1.2.9", b"0123456789")
+    monkeypatch.setattr(os, "close", real_close)
+    try:
+        assert err.value.out_of_space
+        os.fstat(others[0])  # still open
+        assert list(spool.tmp_dir.iterdir()) == []
+    finally:
+        real_close(others[0])

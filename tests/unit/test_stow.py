@@ -4,9 +4,11 @@ ledger (SQLite and PostgreSQL), what each part's outcome is, and who may post.""
 from __future__ import annotations
 
 import base64
+import errno
 import io
 import logging
 import mmap
+import os
 import struct
 import tracemalloc
 import zlib
@@ -786,3 +788,31 @@ def test_a_deflate_bomb_is_stored_as_received_in_little_memory(
     assert peak < 8 << 20, peak
     stored = settings.spool_dir / str(ds.StudyInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
     assert stored.read_bytes() == part10
+
+
+def test_a_body_file_whose_close_reported_an_error_is_not_closed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() may report a write error (NFS: ENOSPC, EDQUOT, EIO), having released the
+    descriptor all the same (Linux). The receiver's discard raised, and the request's own
+    discard afterwards closed the number again: whatever file another thread had opened
+    meanwhile (the ledger's database, another request's body) lost its descriptor."""
+    body = stow.BodyFile(Spool(tmp_path / "spool", fsync=False))
+    real_close = os.close
+    others: list[int] = []
+
+    def close_reporting_an_error(fd: int) -> None:
+        real_close(fd)
+        if not others:
+            others.append(os.open(tmp_path / "ledger.sqlite", os.O_RDWR | os.O_CREAT, 0o600))
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "close", close_reporting_an_error)
+    try:
+        with pytest.raises(OSError):
+            body.discard()  # the receiver's, once every part is in the spool
+        body.discard()  # the request's own, afterwards
+        os.fstat(others[0])  # still open
+    finally:
+        monkeypatch.setattr(os, "close", real_close)
+        real_close(others[0])

@@ -75,6 +75,7 @@ ERROR_CODES = {
     "102": "Data type error",
     "103": "Table value not found",
     "200": "Unsupported message type",
+    "203": "Unsupported version id",
     "207": "Application internal error",
 }
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hl7apy.exceptions import HL7apyException
+from hl7apy import load_reference
+from hl7apy.exceptions import ChildNotFound, HL7apyException, UnsupportedVersion
 from hl7apy.parser import parse_message
 
 from acwi_node.hl7.er7 import (
@@ -34,6 +36,7 @@ from acwi_node.hl7.er7 import (
     encoding_of,
     er7_prefix,
     normalise,
+    printable,
     read_segments,
     to_er7,
     transcode,
@@ -181,17 +184,44 @@ def peek_msh(text: str) -> MshInfo | None:
     return _msh_info(msh)
 
 
+@functools.lru_cache(maxsize=512)
+def _segment_known(name: str, version: str) -> bool:
+    """Whether hl7apy knows segment ``name`` in HL7 ``version`` (a version it does not know:
+    True, for :func:`parse_message` to refuse the version itself)."""
+    try:
+        load_reference(name, "Segment", version)
+    except ChildNotFound:
+        return False
+    except Exception:
+        return True
+    return True
+
+
 def parse(text: str) -> ParsedMessage:
     """Read ER7 text: limits and delimiters (:func:`~acwi_node.hl7.er7.read_segments`), then
     hl7apy's tolerant validation. Raises :class:`Rejected` (:class:`LimitExceeded` past a
-    limit, before hl7apy sees the message)."""
+    limit, before hl7apy sees the message).
+
+    A segment the message's version does not define (``PRT`` in 2.5, ``TQ1`` or ``SFT`` in
+    2.3, a vendor's own) is left out of hl7apy's validation and kept: HL7 v2 asks a receiver
+    to ignore segments it does not expect rather than refuse the message."""
     segments = read_segments(text)
+    version = _field(segments[0], 12).split("~")[0].split("^")[0].strip()  # VID-1, as sent
     standard = "\r".join(
         "|".join(["MSH", "^~\\&", *seg[3:]]) if i == 0 else "|".join(seg)
         for i, seg in enumerate(segments)
+        if i == 0 or seg[0].startswith("Z") or _segment_known(seg[0], version)
     )
     try:
         parse_message(standard, find_groups=False)
+    except UnsupportedVersion:
+        if not version:
+            raise Rejected("no HL7 version (MSH-12)", error="101", location="MSH^1^12") from None
+        raise Rejected(
+            f"unsupported HL7 version in MSH-12: {printable(version, 20)}",
+            error="203",
+            location="MSH^1^12",
+        ) from None
     except HL7apyException as exc:
         raise Rejected(f"malformed message: {exc}") from None
     except Exception as exc:  # hl7apy raises plain errors on some malformed input
@@ -223,7 +253,7 @@ def msh_info(msg: ParsedMessage) -> MshInfo:
 class OrderInfo:
     """An imaging order as the RIS announced it. Patient fields are ER7-escaped XPN/CX text."""
 
-    control: str  # ORC-1: NW new, XO change, CA cancel, ...
+    control: str  # ORC-1: NW new, XO change, SC status changed, CA cancel, ...
     accession_number: str
     placer_order_number: str
     filler_order_number: str
@@ -233,26 +263,43 @@ class OrderInfo:
     sex: str
     procedure_code: str
     procedure_text: str
-    priority: str  # S = STAT, A = ASAP, R = routine
+    priority: str  # S = STAT, A = ASAP, R = routine; "" when the message gives none
     study_uid: str | None
     expected_images: int | None
+    status: str = ""  # ORC-5 (HL7 table 0038): SC scheduled, IP in process, CA cancelled, ...
 
     @property
     def stat(self) -> bool:
         return self.priority == "S"
 
+    @property
+    def cancelled(self) -> bool:
+        """The order is cancelled or discontinued: by its control code (a request, or the
+        RIS's own cancellation) or by the status a status change gives it (``SC`` with ORC-5
+        ``CA``)."""
+        return self.control in CANCEL_CONTROLS or self.status in CANCELLED_STATUSES
+
+
+#: ORC-1 codes (HL7 table 0119) that cancel or discontinue an order: cancel and discontinue
+#: requests, the order cancelled or discontinued (by the RIS), and either done as requested.
+CANCEL_CONTROLS = frozenset({"CA", "DC", "OC", "OD", "CR", "DR"})
+#: ORC-5 order statuses (HL7 table 0038) of a cancelled or discontinued order.
+CANCELLED_STATUSES = frozenset({"CA", "DC"})
+
 
 def _priority(msg: ParsedMessage) -> str:
-    """Priority from TQ1-9, else ORC-7 (TQ: component 6), else OBR-27 (TQ: component 6)."""
+    """Priority from TQ1-9, else ORC-7 (TQ: component 6), else OBR-27 (TQ: component 6); ""
+    when none is given (a status change, say, which leaves the order's priority as it was)."""
     for seg_name, n, comp in (("TQ1", 9, 1), ("ORC", 7, 6), ("OBR", 27, 6)):
         for seg in msg.all(seg_name):
             value = _comp(_field(seg, n), comp).upper()
             if value:
                 return value[:2]
-    return "R"
+    return ""
 
 
-def _study_uid(msg: ParsedMessage) -> str | None:
+def _study_uid(msg: ParsedMessage, order: int = 1) -> str | None:
+    """IPC-3, else ZDS-1, of the ``order``-th order of a message (its segments ``msg``)."""
     for seg_name, n in (("IPC", 3), ("ZDS", 1)):
         for seg in msg.all(seg_name):
             value = _comp(_field(seg, n), 1)
@@ -261,7 +308,7 @@ def _study_uid(msg: ParsedMessage) -> str | None:
                     raise ApplicationError(
                         f"{seg_name}-{n} is not a valid Study Instance UID",
                         error="102",
-                        location=f"{seg_name}^1^{n}",
+                        location=f"{seg_name}^{order}^{n}",
                     )
                 return value
     return None
@@ -276,8 +323,31 @@ def _expected_images(msg: ParsedMessage) -> int | None:
     return None
 
 
-def extract_order(msg: ParsedMessage) -> OrderInfo:
-    """The order an ``ORM^O01`` or ``OMI^O23`` carries. Raises :class:`HL7Error`.
+def order_groups(msg: ParsedMessage) -> list[ParsedMessage]:
+    """The orders of a message, one per ORC/OBR group: each from its ORC to the next (an OBR
+    after its group's OBR starts another order of the same ORC). The first also holds the
+    segments before it (PID, PV1), so that a message of one order is read whole."""
+    groups: list[list[list[str]]] = [[]]
+    orc: list[str] | None = None
+    has_obr = False
+    for seg in msg.segments:
+        if seg[0] == "ORC" and orc is not None:
+            groups.append([])
+            has_obr = False
+        elif seg[0] == "OBR" and has_obr and orc is not None:
+            groups.append([orc])
+            has_obr = False
+        if seg[0] == "ORC":
+            orc = seg
+        has_obr = has_obr or seg[0] == "OBR"
+        groups[-1].append(seg)
+    return [ParsedMessage(group) for group in groups]
+
+
+def extract_orders(msg: ParsedMessage) -> list[OrderInfo]:
+    """Every order an ``ORM^O01`` or ``OMI^O23`` carries (several ORC/OBR groups: a
+    multi-procedure order), in message order. Raises :class:`HL7Error` when any of them cannot
+    be taken, naming its OBR (``OBR^2^18``): a message is taken whole or not at all.
 
     The patient's PID-3 and PID-5 (first repetition) are kept as ER7 in the standard
     delimiters with the sender's escape sequences, as a result message carries them back.
@@ -289,19 +359,29 @@ def extract_order(msg: ParsedMessage) -> OrderInfo:
             error="200",
             location="MSH^1^9",
         )
-    pid = msg.first("PID")
-    orc = msg.first("ORC")
-    obr = msg.first("OBR")
-    ipc = msg.first("IPC")
-    if orc is None:
+    if msg.first("ORC") is None:
         raise ApplicationError("no ORC segment", error="100", location="ORC")
+    pid = msg.first("PID")
+    return [_order(group, pid, n) for n, group in enumerate(order_groups(msg), start=1)]
+
+
+def extract_order(msg: ParsedMessage) -> OrderInfo:
+    """The first order of a message (:func:`extract_orders`)."""
+    return extract_orders(msg)[0]
+
+
+def _order(group: ParsedMessage, pid: list[str] | None, n: int) -> OrderInfo:
+    """The order of one ORC/OBR group, the ``n``-th of its message."""
+    orc = group.first("ORC")
+    obr = group.first("OBR")
+    ipc = group.first("IPC")
     accession = _comp(_field(ipc, 1), 1) if ipc is not None else ""
     if not accession and obr is not None:
         accession = _comp(_field(obr, 18), 1)  # Placer Field 1 (IHE Scheduled Workflow)
     if not accession:
-        raise ApplicationError("no accession number (IPC-1 or OBR-18)", location="OBR^1^18")
+        raise ApplicationError("no accession number (IPC-1 or OBR-18)", location=f"OBR^{n}^18")
     if len(accession) > 64:
-        where = "IPC^1^1" if ipc is not None and _comp(_field(ipc, 1), 1) else "OBR^1^18"
+        where = f"IPC^{n}^1" if ipc is not None and _comp(_field(ipc, 1), 1) else f"OBR^{n}^18"
         raise ApplicationError(
             "accession number longer than 64 characters", error="102", location=where
         )
@@ -320,9 +400,10 @@ def extract_order(msg: ParsedMessage) -> OrderInfo:
         sex=_comp(_field(pid, 8), 1)[:1],
         procedure_code=_comp(procedure, 1)[:64],
         procedure_text=_comp(procedure, 2)[:200],
-        priority=_priority(msg),
-        study_uid=_study_uid(msg),
-        expected_images=_expected_images(msg),
+        priority=_priority(group),
+        study_uid=_study_uid(group, n),
+        expected_images=_expected_images(group),
+        status=_comp(_field(orc, 5), 1).upper()[:2],
     )
 
 
@@ -461,8 +542,13 @@ def identifying_values(message: str) -> list[str]:
 
 
 def parse_ack(text: str) -> AckInfo:
-    """MSA-1, MSA-2 (ER7, as sent), MSA-3 of an acknowledgement. Raises :class:`Rejected`."""
-    msg = parse(text)
+    """MSA-1, MSA-2 (ER7, as sent), MSA-3 of an acknowledgement. Raises :class:`Rejected`.
+
+    It is read within the node's limits and in the RIS's delimiters, without hl7apy: an
+    acknowledgement needs only its MSA, so one whose MSH-12 is empty or names a version hl7apy
+    does not know (``2.9``) is read too, rather than taken for no answer and its message sent
+    again."""
+    msg = ParsedMessage(read_segments(text))
     msa = msg.first("MSA")
     if msa is None:
         raise Rejected("reply has no MSA segment")

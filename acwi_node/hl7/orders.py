@@ -1,10 +1,10 @@
 """Order intake: one inbound HL7 message in, its acknowledgement out, the order in the ledger.
 
-``AA`` accepted (the order is stored, keyed by accession number), ``AE`` application error (e.g.
-no accession number), ``AR`` rejected (malformed, past one of the node's limits, bytes invalid in
-the character set MSH-18 declares, or a message type the node does not take). Every
-acknowledgement of a message with a control id (MSH-10) is stored with it, so the same message
-sent again gets the same acknowledgement and creates nothing twice.
+``AA`` accepted (every order it carries is stored, keyed by accession number), ``AE``
+application error (e.g. no accession number), ``AR`` rejected (malformed, past one of the node's
+limits, bytes invalid in the character set MSH-18 declares, or a message type the node does not
+take). Every acknowledgement of a message with a control id (MSH-10) is stored with it, so the
+same message sent again gets the same acknowledgement and creates nothing twice.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from acwi_node.hl7.messages import (
     build_ack,
     decode,
     decode_message,
-    extract_order,
+    extract_orders,
     msh_info,
     normalise,
     parse,
@@ -101,7 +101,7 @@ class OrderIntake:
             log.info("message %s repeated: answered with its stored ACK", _safe(info.control_id))
             return stored.encode("utf-8")
         try:
-            order = extract_order(msg)
+            orders = extract_orders(msg)
         except HL7Error as exc:
             ack = self._ack(info, exc.code, exc.text, exc)
             ack = self.ledger.hl7_record_message(
@@ -123,25 +123,24 @@ class OrderIntake:
             log.exception("message %s: unexpected error", _safe(info.control_id))
             return self._ack(info, "AE", "internal error").encode("utf-8")
         ack = self._ack(info, "AA", "")
-        fields = asdict(order)
         ack = self.ledger.hl7_record_message(
             sender=info.sender,
             control_id=info.control_id,
             message_type=info.type_code,
             ack_code="AA",
             ack=ack,
-            accession_number=order.accession_number,
-            order=fields,
-            control=order.control,
+            orders=[{**asdict(order), "cancelled": order.cancelled} for order in orders],
         )
-        log.info(
-            "order %s (%s, priority %s%s) accepted from message %s",
-            order.control,
-            info.type_code,
-            order.priority,
-            ", study UID given" if order.study_uid else "",
-            _safe(info.control_id),
-        )
+        for order in orders:
+            log.info(
+                "order %s%s (%s, priority %s%s) accepted from message %s",
+                order.control,
+                f"/{order.status}" if order.status else "",
+                info.type_code,
+                order.priority or "not given",
+                ", study UID given" if order.study_uid else "",
+                _safe(info.control_id),
+            )
         return ack.encode("utf-8")
 
 

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -2344,15 +2344,15 @@ class Ledger:
         message_type: str,
         ack_code: str,
         ack: str,
-        accession_number: str = "",
-        order: dict[str, Any] | None = None,
-        control: str = "NW",
+        orders: Sequence[Mapping[str, Any]] = (),
     ) -> str:
-        """Record a processed message, its ACK and the order it carries, in one transaction.
+        """Record a processed message, its ACK and the orders it carries, in one transaction.
 
-        ``control`` is ORC-1: ``CA``/``DC`` cancel the order, anything else creates or updates it.
-        Returns the ACK to send: ``ack``, or the stored one when the same sender's ``control_id``
-        was recorded first by a concurrent connection (nothing is then created twice).
+        Each order is a dict of its ``accession_number``, ``cancelled`` (the order cancelled or
+        discontinued; else it is created or updated and scheduled) and :data:`ORDER_FIELDS`; a
+        field empty or absent leaves the stored value as it was. Returns the ACK to send:
+        ``ack``, or the stored one when the same sender's ``control_id`` was recorded first by
+        a concurrent connection (nothing is then created twice).
         """
         try:
             with self.session() as s:
@@ -2363,11 +2363,14 @@ class Ledger:
                         message_type=message_type[:16],
                         ack_code=ack_code,
                         ack=ack,
-                        accession_number=accession_number[:64],
+                        accession_number=str(orders[0]["accession_number"])[:64] if orders else "",
                     )
                 )
                 s.flush()
-                if order is not None and accession_number:
+                for order in orders:
+                    accession_number = str(order.get("accession_number") or "")
+                    if not accession_number:
+                        continue
                     row = s.scalars(
                         select(Hl7Order)
                         .where(Hl7Order.accession_number == accession_number)
@@ -2381,7 +2384,8 @@ class Ledger:
                         if value is not None and value != "":
                             setattr(row, key, value)
                     row.control_id = control_id
-                    row.status = "cancelled" if control in ("CA", "DC", "OC") else "scheduled"
+                    row.status = "cancelled" if order.get("cancelled") else "scheduled"
+                    s.flush()  # a later order of the message with the same accession finds it
             return ack
         except IntegrityError:
             stored = self.hl7_stored_ack(sender, control_id)

@@ -99,6 +99,38 @@ def test_order_is_stored_and_acknowledged(node: tuple[MllpListener, Ledger]) -> 
     assert order["patient_name"] == "Doe^John"
 
 
+def test_a_multi_procedure_order_stores_each_of_its_orders(
+    node: tuple[MllpListener, Ledger],
+) -> None:
+    """An order of two procedures (two ORC/OBR groups): both are stored, each with its own
+    Study Instance UID and priority, under the one ACK; the second is not dropped."""
+    listener, ledger = node
+    second = "\r".join(
+        [
+            "ORC|NW|PL2|FI2||SC||^^^^^S",
+            "OBR|2|PL2|FI2|ABD^Abdomen X-ray^L" + "|" * 14 + "ACC-2",
+            f"ZDS|{STUDY_UID}.2",
+        ]
+    )
+    message = orm("MP1", "ACC-1", extra=f"ZDS|{STUDY_UID}.1").replace(
+        b"ORC|NW|PL1|FI1||SC||^^^^^S", b"ORC|NW|PL1|FI1||SC"
+    )
+    assert exchange(listener, message + b"\r" + second.encode()) == ("AA", "MP1", "")
+    first, other = ledger.hl7_order("ACC-1"), ledger.hl7_order("ACC-2")
+    assert first is not None and other is not None
+    assert (first["study_uid"], first["priority"], first["procedure_code"]) == (
+        f"{STUDY_UID}.1",
+        "R",
+        "CHEST",
+    )
+    assert (other["study_uid"], other["priority"], other["procedure_code"]) == (
+        f"{STUDY_UID}.2",
+        "S",
+        "ABD",
+    )
+    assert first["control_id"] == other["control_id"] == "MP1"
+
+
 def test_several_messages_on_one_connection(node: tuple[MllpListener, Ledger]) -> None:
     listener, ledger = node
     with connect(listener) as sock:
@@ -190,19 +222,20 @@ def test_broken_framing_closes_and_listener_serves_next(
 
 
 @pytest.mark.parametrize(
-    ("payload", "control_id"),
+    ("payload", "control_id", "expected"),
     [
-        (b"MSH|^~\\&|RIS|H|A|N|2024||ADT^A01|U1|P|2.5\rPID|1||X", "U1"),
-        (b"MSH|^~\\&|RIS|H|A|N|2024||ORM^O01|B1|P|2.5\rQQQ|not a segment", "B1"),
-        (b"this is not HL7", ""),
+        (b"MSH|^~\\&|RIS|H|A|N|2024||ADT^A01|U1|P|2.5\rPID|1||X", "U1", "AR"),
+        # a segment HL7 2.5 does not define is ignored: what is left is an order without ORC
+        (b"MSH|^~\\&|RIS|H|A|N|2024||ORM^O01|B1|P|2.5\rQQQ|not a segment", "B1", "AE"),
+        (b"this is not HL7", "", "AR"),
     ],
 )
 def test_unsupported_or_malformed_is_ar(
-    node: tuple[MllpListener, Ledger], payload: bytes, control_id: str
+    node: tuple[MllpListener, Ledger], payload: bytes, control_id: str, expected: str
 ) -> None:
     listener, _ = node
     code, cid, _text = exchange(listener, payload)
-    assert (code, cid) == ("AR", control_id)
+    assert (code, cid) == (expected, control_id)
     assert exchange(listener, orm("NEXT" + control_id, "ACC-N" + control_id))[0] == "AA"
 
 

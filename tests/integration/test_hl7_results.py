@@ -320,6 +320,23 @@ def test_application_error_is_retried_then_failed(
     ledger.dispose()
 
 
+@pytest.mark.parametrize("version", ["2.9", ""])
+def test_an_acknowledgement_of_any_hl7_version_delivers(tmp_path: Path, version: str) -> None:
+    """A RIS whose ACK names a version hl7apy does not know in MSH-12, or none: its AA is
+    read, the ORU delivered once (not sent again until it fails)."""
+    peer = Peer(tmp_path, "AA", version)
+    try:
+        settings = make_settings(tmp_path, peer.port, max_attempts=3)
+        ledger = Ledger(settings.database_url)
+        queue_oru(settings, ledger, analysed_job(settings, ledger))
+        (row,) = drain(OruSender(settings, ledger), ledger, "delivered")
+        assert (row["attempts"], row["last_ack_code"]) == (1, "AA")
+        assert len(peer.messages()) == 1
+        ledger.dispose()
+    finally:
+        peer.stop()
+
+
 def test_rejection_fails_at_once(tmp_path: Path, make_peer: Callable[[str], Peer]) -> None:
     peer = make_peer("AR")
     settings = make_settings(tmp_path, peer.port, max_attempts=5)

@@ -1,11 +1,13 @@
 """A test MLLP peer (a RIS stand-in), run as a subprocess.
 
     python -m tests.support.mllp_peer --port N --record FILE [--ack AA|AE|AR] [--ready FILE]
+        [--version V]
 
 It records every message it receives (one JSON line {"message": ...} per message, appended and
 flushed before answering) and answers each with an ACK carrying the configured code and the
-message's MSH-10 in MSA-2. It writes ``--ready`` once it listens. :class:`Peer` starts one for a
-test and reads what it received.
+message's MSH-10 in MSA-2, and ``--version`` (default 2.5; "" for none) in its MSH-12. It
+writes ``--ready`` once it listens. :class:`Peer` starts one for a test and reads what it
+received.
 """
 
 from __future__ import annotations
@@ -28,17 +30,19 @@ def _control_id(message: str) -> str:
     return fields[9] if len(fields) > 9 else ""
 
 
-def _ack(message: str, code: str) -> bytes:
+def _ack(message: str, code: str, version: str = "2.5") -> bytes:
     text = "\r".join(
         [
-            "MSH|^~\\&|RIS|HOSP|ACWI|ACWI|20240101120000||ACK^R01^ACK|PEER1|P|2.5",
+            f"MSH|^~\\&|RIS|HOSP|ACWI|ACWI|20240101120000||ACK^R01^ACK|PEER1|P|{version}",
             f"MSA|{code}|{_control_id(message)}|{'ok' if code == 'AA' else 'peer refused'}",
         ]
     )
     return START + text.encode() + END
 
 
-def _serve(conn: socket.socket, record: Path, code: str, lock: threading.Lock) -> None:
+def _serve(
+    conn: socket.socket, record: Path, code: str, lock: threading.Lock, version: str = "2.5"
+) -> None:
     buf = bytearray()
     with conn:
         while True:
@@ -55,7 +59,7 @@ def _serve(conn: socket.socket, record: Path, code: str, lock: threading.Lock) -
                 with lock, record.open("a", encoding="utf-8") as fh:
                     fh.write(json.dumps({"message": message}) + "\n")
                     fh.flush()
-                conn.sendall(_ack(message, code))
+                conn.sendall(_ack(message, code, version))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", type=Path, required=True)
     parser.add_argument("--ack", default="AA", choices=["AA", "AE", "AR"])
     parser.add_argument("--ready", type=Path, default=None)
+    parser.add_argument("--version", default="2.5")
     args = parser.parse_args(argv)
     lock = threading.Lock()
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -75,14 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     while True:
         conn, _ = server.accept()
         threading.Thread(
-            target=_serve, args=(conn, args.record, args.ack, lock), daemon=True
+            target=_serve, args=(conn, args.record, args.ack, lock, args.version), daemon=True
         ).start()
 
 
 class Peer:
-    """This peer in a subprocess on a free loopback port, answering ``ack``."""
+    """This peer in a subprocess on a free loopback port, answering ``ack`` in an ACK of
+    HL7 ``version``."""
 
-    def __init__(self, tmp: Path, ack: str) -> None:
+    def __init__(self, tmp: Path, ack: str, version: str = "2.5") -> None:
         from tests.support.ports import free_port
 
         self.port = free_port()
@@ -90,7 +96,8 @@ class Peer:
         ready = tmp / f"ready-{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.support.mllp_peer", "--port", str(self.port),
-             "--record", str(self.record), "--ack", ack, "--ready", str(ready)],
+             "--record", str(self.record), "--ack", ack, "--ready", str(ready),
+             "--version", version],
         )  # fmt: skip
         deadline = time.monotonic() + 20
         while not ready.exists():

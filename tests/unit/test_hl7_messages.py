@@ -26,6 +26,7 @@ from acwi_node.hl7.messages import (
     decode_message,
     escape,
     extract_order,
+    extract_orders,
     msh_info,
     oru_observations,
     parse,
@@ -82,11 +83,11 @@ def test_orm_order_fields() -> None:
     assert order.placer_order_number == "PL1"
     assert order.study_uid == "1.2.826.0.1.3680043.2.1125.1"
     assert order.expected_images == 12
-    assert order.priority == "R" and not order.stat
+    assert order.priority == "" and not order.stat  # none given: routine, unless one was
 
 
 @pytest.mark.parametrize(
-    ("orc", "obr", "expected"), [("S", "", "S"), ("", "S", "S"), ("R", "S", "R"), ("", "", "R")]
+    ("orc", "obr", "expected"), [("S", "", "S"), ("", "S", "S"), ("R", "S", "R"), ("", "", "")]
 )
 def test_priority_from_orc_then_obr(orc: str, obr: str, expected: str) -> None:
     order = extract_order(parse(orm(orc_priority=orc, obr_priority=obr)))
@@ -531,8 +532,26 @@ def test_bytes_invalid_in_the_declared_character_set_are_rejected(
         (orm().replace("|P|2.5", "|P|2.5||||||KLINGON", 1), "ERR||MSH^1^18|103^Table value"),
         (orm().replace("\rORC|NW|PL1|FI1||SC||", "\rQ!Q|1"), "ERR|||100^Segment sequence error"),
         (orm(name="~" * 200), "ERR|||207^Application internal error^HL70357|E"),
+        (orm().replace("|P|2.5", "|P|2.9", 1), "ERR||MSH^1^12|203^Unsupported version id"),
+        (orm().replace("|P|2.5", "|P|", 1), "ERR||MSH^1^12|101^Required field missing"),
+        (
+            orm() + "\rORC|NW|PL2|FI2\rOBR|1|PL2|FI2|ABD^Abdomen^L",
+            "ERR||OBR^2^18|101^Required field missing",
+        ),
     ],
-    ids=["no-accession", "bad-uid", "long-accession", "type", "no-msh10", "charset", "seg", "lim"],
+    ids=[
+        "no-accession",
+        "bad-uid",
+        "long-accession",
+        "type",
+        "no-msh10",
+        "charset",
+        "seg",
+        "lim",
+        "version",
+        "no-version",
+        "second-order-no-accession",
+    ],
 )
 def test_a_refusal_says_where_and_what_in_err_2_and_err_3(
     tmp_path: Path, text: str, err: str
@@ -570,3 +589,127 @@ def test_a_ris_acknowledgement_is_read_in_its_declared_character_set(
     reply = f"{msh}\rMSA|AE|ORU-7|{text}".encode(codec)
     info = parse_ack(ack_text(reply))
     assert (info.code, info.control_id, info.text) == ("AE", "ORU-7", text)
+
+
+def test_a_multi_procedure_order_gives_each_of_its_orders() -> None:
+    """Several ORC/OBR groups in one message (a multi-procedure order) are several orders,
+    each with its own accession number, numbers, procedure, priority and Study Instance UID."""
+    text = "\r".join(
+        [
+            MSH.format(type="OMI^O23^OMI_O23", cid="M9"),
+            "PID|1||P9^^^HOSP^MR||Roe^Jane",
+            "PV1|1|O",
+            "ORC|NW|PLA|FIA",
+            "TQ1|1||||||||R",
+            "OBR|1|PLA|FIA|CT^CT head",
+            "IPC|ACC-A|RP1|1.2.3.1|SPS1|CT",
+            "ORC|NW|PLB|FIB",
+            "TQ1|1||||||||S",
+            "OBR|2|PLB|FIB|CR^Chest",
+            "IPC|ACC-B|RP2|1.2.3.2|SPS2|CR",
+            "ORC|CA|PLC|FIC",
+            "OBR|3|PLC|FIC|US^Abdomen" + "|" * 14 + "ACC-C",
+            "OBR|4|PLC|FIC|US^Pelvis" + "|" * 14 + "ACC-D",
+        ]
+    )
+    orders = extract_orders(parse(text))
+    assert [
+        (o.accession_number, o.placer_order_number, o.procedure_code, o.priority, o.study_uid)
+        for o in orders
+    ] == [
+        ("ACC-A", "PLA", "CT", "R", "1.2.3.1"),
+        ("ACC-B", "PLB", "CR", "S", "1.2.3.2"),
+        ("ACC-C", "PLC", "US", "", None),
+        ("ACC-D", "PLC", "US", "", None),  # an OBR without its own ORC: that ORC's order
+    ]
+    assert [o.cancelled for o in orders] == [False, False, True, True]
+    assert {o.patient_id for o in orders} == {"P9^^^HOSP^MR"}
+
+
+@pytest.mark.parametrize(
+    ("control", "status", "cancelled"),
+    [
+        ("NW", "SC", False),
+        ("XO", "", False),
+        ("SC", "IP", False),
+        ("SC", "CM", False),
+        ("SC", "CA", True),
+        ("SC", "DC", True),
+        ("CA", "", True),
+        ("DC", "", True),
+        ("OC", "CA", True),
+        ("CR", "CA", True),
+        ("OD", "", True),
+        ("DR", "DC", True),
+    ],
+)
+def test_an_order_is_cancelled_by_its_control_code_or_the_status_it_changes_to(
+    control: str, status: str, cancelled: bool
+) -> None:
+    """ORC-1 (HL7 table 0119): a cancel or discontinue request, or the RIS's own cancellation
+    (``OC``, ``OD``) or its answer to one (``CR``, ``DR``); or a status change (``SC``) to ORC-5
+    ``CA`` or ``DC`` (HL7 table 0038)."""
+    text = orm().replace("ORC|NW|PL1|FI1||SC||", f"ORC|{control}|PL1|FI1||{status}||", 1)
+    assert extract_order(parse(text)).cancelled is cancelled
+
+
+def test_a_status_change_keeps_the_orders_priority_and_can_cancel_it(tmp_path: Path) -> None:
+    """A status change (``SC``, exam in progress) gives no priority: the STAT order stays STAT;
+    one to ``CA`` cancels the order."""
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    try:
+        intake = OrderIntake(load_settings(None, node={"data_dir": tmp_path}), ledger)
+        for cid, control in (("S1", "NW"), ("S2", "SC")):
+            text = orm(cid=cid, orc_priority="S" if control == "NW" else "")
+            text = text.replace("ORC|NW|PL1|FI1||SC||", f"ORC|{control}|PL1|FI1||IP||", 1)
+            assert "MSA|AA|" in intake.handle(text.encode()).decode()
+        order = ledger.hl7_order("ACC1")
+        assert order is not None
+        assert (order["priority"], order["status"]) == ("S", "scheduled")
+        text = orm(cid="S3").replace("ORC|NW|PL1|FI1||SC||", "ORC|SC|PL1|FI1||CA||", 1)
+        assert "MSA|AA|" in intake.handle(text.encode()).decode()
+        order = ledger.hl7_order("ACC1")
+        assert order is not None
+        assert (order["priority"], order["status"]) == ("S", "cancelled")
+        assert extract_order(parse(orm(cid="S4"))).priority == ""
+        intake.handle(orm(cid="S4", accession="ACC2").encode())
+        new = ledger.hl7_order("ACC2")
+        assert new is not None and new["priority"] == "R"  # none given: routine
+    finally:
+        ledger.dispose()
+
+
+@pytest.mark.parametrize("version", ["2.9", ""])
+def test_a_ris_acknowledgement_of_any_version_is_read(version: str) -> None:
+    """An ACK needs only its MSA: one whose MSH-12 names a version hl7apy does not know, or
+    none, is read (not taken for no answer, so that its ORU would be sent again and fail)."""
+    reply = f"MSH|^~\\&|RIS|HOSP|ACWI|ACWI|20240101||ACK^R01^ACK|R1|P|{version}\rMSA|AA|ORU-8"
+    info = parse_ack(reply)
+    assert (info.code, info.control_id) == ("AA", "ORU-8")
+
+
+@pytest.mark.parametrize(
+    ("version", "extra", "priority"),
+    [
+        ("2.3", ["TQ1|1||||||||S", "IPC|ACC1|RP1|1.2.3.9|SPS1"], "S"),
+        ("2.4", ["SFT|Vendor|4.2|RIS"], ""),
+        ("2.5.1", ["PRT|1|AD||OP^Ordering Provider^HL70443|1234^Smith^Ann"], ""),
+        ("2.5", ["XYZ|a vendor's own segment"], ""),
+    ],
+    ids=["tq1-ipc-in-2.3", "sft-in-2.4", "prt-in-2.5.1", "vendor"],
+)
+def test_segments_the_version_does_not_define_are_ignored(
+    tmp_path: Path, version: str, extra: list[str], priority: str
+) -> None:
+    """HL7 v2 asks a receiver to ignore segments it does not expect: one that the message's
+    version does not define (added in a later version, or a vendor's) does not refuse the
+    order; one the node reads (TQ1, IPC) is read whatever the version."""
+    text = orm().replace("|P|2.5", f"|P|{version}", 1) + "\r" + "\r".join(extra)
+    order = extract_order(parse(text))
+    assert (order.accession_number, order.priority) == ("ACC1", priority)
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    try:
+        intake = OrderIntake(load_settings(None, node={"data_dir": tmp_path}), ledger)
+        assert "\rMSA|AA|MSG1" in intake.handle(text.encode()).decode()
+    finally:
+        ledger.dispose()

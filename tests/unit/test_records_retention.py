@@ -62,8 +62,7 @@ def order(ledger: Ledger, accession: str, control_id: str, **fields: Any) -> Non
         message_type="ORM^O01",
         ack_code="AA",
         ack=f"MSH|^~\\&|ACWI|NODE|RIS|HOSP|||ACK|A{control_id}|P|2.5\rMSA|AA|{control_id}",
-        accession_number=accession,
-        order={**PATIENT, "placer_order_number": "PL1", **fields},
+        orders=[{"accession_number": accession, **PATIENT, "placer_order_number": "PL1", **fields}],
     )
 
 

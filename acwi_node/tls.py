@@ -23,7 +23,11 @@ def _load_chain(ctx: ssl.SSLContext, cert_file: Path, key_file: Path | None) -> 
     try:
         ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
     except FileNotFoundError as exc:
-        raise TlsConfigError(f"certificate or key file not found: {exc.filename}") from exc
+        # The ssl module's error names no file (its filename is None): say which is missing.
+        missing = [str(p) for p in (cert_file, key_file) if p is not None and not p.exists()]
+        raise TlsConfigError(
+            f"certificate or key file not found: {', '.join(missing) or cert_file}"
+        ) from exc
     except (ssl.SSLError, OSError) as exc:
         raise TlsConfigError(
             f"cannot load the certificate {cert_file} with key {key_file}: {exc}"

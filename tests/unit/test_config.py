@@ -166,22 +166,92 @@ def documented_settings(readme: str) -> set[str]:
     return names
 
 
-def test_every_setting_is_documented_in_the_readme() -> None:
-    """Each key of each configuration section is named in the README (the lists,
-    ``[[destinations]]``, ``[[routes]]`` and the like, are documented with examples)."""
+def documented_table_keys(readme: str) -> set[str]:
+    """``path.key`` names the README documents for the keys of a table or list of tables
+    (``[hl7.ris]``, ``[[destinations]]`` and its ``[destinations.tls]``): those a row of the
+    configuration table names, whose first cell is the table (`` `[hl7.ris]` ``) or one of its
+    keys, under that table and its section; the first column of a table of its own
+    (`` | `[routes.select]` key | ``); and the keys of TOML examples under its header."""
+    import re
+
+    names = documented_settings(readme)
+    table = ""
+    for line in readme.splitlines():
+        if not line.startswith("|"):
+            table = ""
+            continue
+        header = re.match(r"\| `\[+([a-z0-9_.]+)\]+` key \|", line)
+        if header:
+            table = header.group(1)
+            continue
+        if table:
+            key = re.match(r"\| `([a-z0-9_]+)` \|", line)
+            if key:
+                names.add(f"{table}.{key.group(1)}")
+            continue
+        first = re.match(r"\| `(\[*)([a-z0-9_.]+)\]*`", line)
+        if not first:
+            continue
+        path = first.group(2) if first.group(1) else first.group(2).rpartition(".")[0]
+        keys = re.findall(r"`\[*(?:[a-z0-9_]+\.)*([a-z0-9_]+)\]*(?:`| =)", line)
+        for prefix in {path, path.split(".")[0]}:
+            names.update(f"{prefix}.{k}" for k in keys)
+    return names
+
+
+def _settings_model(annotation: Any) -> Any:
+    """The settings model an annotation holds (``X``, ``X | None``, ``list[X]``), if any."""
+    import typing
+
     from pydantic import BaseModel
 
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _settings_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def test_documented_table_keys_reads_rows_tables_and_examples() -> None:
+    readme = (
+        "| `[hl7.ris]` | none | `host`, `receiving_application` (`RIS`) |\n"
+        "| `[[destinations]]` | | `name`; `[destinations.tls]`: `ca_file` |\n"
+        "\n| `[routes.select]` key | default | meaning |\n|---|---|---|\n"
+        "| `modality` | any | its Modality |\n\n"
+        '```toml\n[[notify]]\nname = "pager"\n# timeout_s = 10\n```\n'
+    )
+    names = documented_table_keys(readme)
+    assert {"hl7.ris.host", "hl7.ris.receiving_application", "destinations.ca_file"} <= names
+    assert {"routes.select.modality", "notify.name", "notify.timeout_s"} <= names
+    assert "hl7.ris.port" not in names and "routes.select.default" not in names
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    """Each key of each configuration section, and of each table and list of tables in them
+    (``[hl7.ris]``, ``[[destinations]]`` and ``[destinations.tls]``, ``[routes.select]``), is
+    named in the README: the configuration table, a table of its own, or a TOML example."""
     from acwi_node.config import Settings
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    documented = documented_settings(readme)
-    missing = []
-    for section, field in Settings.model_fields.items():
-        model = field.annotation
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            continue
-        missing += [f"{section}.{key}" for key in model.model_fields]
-    assert sorted(set(missing) - documented) == []
+    documented = documented_table_keys(readme)
+    missing: list[str] = []
+    seen: set[type] = set()
+
+    def walk(model: Any, path: str) -> None:
+        for key, field in model.model_fields.items():
+            name = f"{path}.{key}" if path else key
+            if path and not {name, f"{path.split('.')[0]}.{key}"} & documented:
+                missing.append(name)
+            sub = _settings_model(field.annotation)
+            # Each model once: [notify.tls] and [sources.tls] have the keys of [destinations.tls].
+            if sub is not None and sub not in seen:
+                seen.add(sub)
+                walk(sub, name)
+
+    walk(Settings, "")
+    assert sorted(missing) == []
 
 
 @pytest.mark.parametrize(

@@ -308,6 +308,42 @@ def test_alert_rules_name_only_metrics_the_node_exports(settings: Settings, ledg
     assert {"AcwiLedgerDown", "AcwiDataDiskLow", "AcwiStudiesFailing"} <= alerts
 
 
+OBSERVABILITY_GUIDE = ALERT_RULES.parents[2] / "docs" / "observability.md"
+
+
+def test_every_metric_the_node_exports_is_documented(settings: Settings, ledger: Ledger) -> None:
+    """docs/observability.md has a row for each metric family (counters with ``_total``,
+    histograms by their name) with the family's labels, and names no metric the node does
+    not export."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    labels: dict[str, set[str]] = {}
+    for family in vars(metrics).values():
+        if isinstance(family, (Counter, Gauge, Histogram)):
+            name = family._name + ("_total" if isinstance(family, Counter) else "")
+            labels[name] = set(family._labelnames)
+    for collected in metrics.LedgerCollector(settings, ledger).collect():
+        labels[collected.name] = set(getattr(collected, "_labelnames", ()))
+    assert len(labels) >= 40
+    documented: dict[str, set[str]] = {}
+    for row in OBSERVABILITY_GUIDE.read_text().splitlines():
+        cells = row.strip("|").split("|")
+        if row.startswith("| `acwi_") and len(cells) >= 4:  # metric | type or process | labels
+            for name in re.findall(r"`(acwi_[a-z0-9_]+)`", cells[0]):
+                documented[name] = set(re.findall(r"`([a-z_]+)`", cells[2]))
+    assert sorted(set(labels) - set(documented)) == []
+    assert sorted(set(documented) - set(labels)) == []
+    assert {n: sorted(ls) for n, ls in documented.items() if ls != labels[n]} == {}
+
+
+def test_every_alert_is_named_in_the_observability_guide() -> None:
+    """An alert that fires is looked up by its name: docs/observability.md names each rule."""
+    yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (it is in the dev extras)")
+    rules = [r for g in yaml.safe_load(ALERT_RULES.read_text())["groups"] for r in g["rules"]]
+    named = set(re.findall(r"`(Acwi[A-Za-z]+)`", OBSERVABILITY_GUIDE.read_text()))
+    assert sorted({r["alert"] for r in rules} - named) == []
+
+
 GRAFANA_DASHBOARD = ALERT_RULES.parents[1] / "grafana" / "acwi-node.json"
 
 

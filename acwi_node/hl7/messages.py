@@ -349,8 +349,9 @@ def extract_orders(msg: ParsedMessage) -> list[OrderInfo]:
     multi-procedure order), in message order. Raises :class:`HL7Error` when any of them cannot
     be taken, naming its OBR (``OBR^2^18``): a message is taken whole or not at all.
 
-    The patient's PID-3 and PID-5 (first repetition) are kept as ER7 in the standard
-    delimiters with the sender's escape sequences, as a result message carries them back.
+    The patient's PID-3 (every repetition that fits in 250 characters) and PID-5 (first
+    repetition) are kept as ER7 in the standard delimiters with the sender's escape sequences,
+    as a result message carries them back.
     """
     info = msh_info(msg)
     if info.type_code not in ORDER_TYPES:
@@ -368,6 +369,20 @@ def extract_orders(msg: ParsedMessage) -> list[OrderInfo]:
 def extract_order(msg: ParsedMessage) -> OrderInfo:
     """The first order of a message (:func:`extract_orders`)."""
     return extract_orders(msg)[0]
+
+
+def _whole_repetitions(field: str, limit: int) -> str:
+    """A field's repetitions (ER7, ``~``-separated), as many whole ones as fit in ``limit``
+    characters after the first (which is cut to fit): PID-3 lists the patient's identifiers
+    (the RIS's medical record number, an insurance number, another facility's), and the RIS
+    finds its patient by the one it issued, which need not come first."""
+    repetitions = field.split("~")
+    kept = er7_prefix(repetitions[0], limit)
+    for repetition in repetitions[1:]:
+        if len(kept) + 1 + len(repetition) > limit:
+            break
+        kept += "~" + repetition
+    return kept
 
 
 def _order(group: ParsedMessage, pid: list[str] | None, n: int) -> OrderInfo:
@@ -394,7 +409,7 @@ def _order(group: ParsedMessage, pid: list[str] | None, n: int) -> OrderInfo:
         accession_number=accession,
         placer_order_number=placer[:64],
         filler_order_number=filler[:64],
-        patient_id=er7_prefix(_field(pid, 3).split("~")[0], 250),
+        patient_id=_whole_repetitions(_field(pid, 3), 250),
         patient_name=er7_prefix(_field(pid, 5).split("~")[0], 250),
         birth_date=_comp(_field(pid, 7), 1)[:8],
         sex=_comp(_field(pid, 8), 1)[:1],

@@ -27,6 +27,7 @@ from acwi_node.hl7.messages import (
     escape,
     extract_order,
     extract_orders,
+    identifying_values,
     msh_info,
     oru_observations,
     parse,
@@ -455,13 +456,33 @@ def test_sender_delimiters_are_re_encoded_in_the_standard_ones() -> None:
         ]
     )
     order = extract_order(parse(text))
-    assert order.patient_id == "PAT3^^^H^MR"
+    assert order.patient_id == "PAT3^^^H^MR~OTHER"
     assert order.patient_name == "Smith^An\\S\\na^\\S\\x"
     assert (order.procedure_code, order.procedure_text) == ("CT", "CT scan")
     oru = build_oru(
         _study(patient_id=order.patient_id, patient_name=order.patient_name), control_id="O1"
     )
-    assert oru.split("\r")[1] == "PID|1||PAT3^^^H^MR||Smith^An\\S\\na^\\S\\x"
+    assert oru.split("\r")[1] == "PID|1||PAT3^^^H^MR~OTHER||Smith^An\\S\\na^\\S\\x"
+
+
+def test_every_patient_identifier_of_the_order_goes_back_to_the_ris() -> None:
+    """PID-3 lists several identifiers; the RIS's own medical record number need not come
+    first (here an insurance number does). Only the first went back in the ORU^R01, and the
+    RIS could not find its patient by it."""
+    text = orm().replace("PID|1||PAT1^^^HOSP^MR|", "PID|1||INS-77^^^AOK^SN~PAT1^^^HOSP^MR|")
+    order = extract_order(parse(text))
+    assert order.patient_id == "INS-77^^^AOK^SN~PAT1^^^HOSP^MR"
+    oru = build_oru(_study(patient_id=order.patient_id), control_id="O1")
+    assert oru.split("\r")[1].startswith("PID|1||INS-77^^^AOK^SN~PAT1^^^HOSP^MR|")
+    assert "PAT1" in identifying_values(oru) and "INS-77" in identifying_values(oru)
+
+
+def test_patient_identifiers_past_250_characters_are_left_out_whole() -> None:
+    many = "~".join(f"ID{n:03d}^^^FACILITY-{n:03d}^MR" for n in range(20))  # 20 x 23 characters
+    order = extract_order(parse(orm().replace("PID|1||PAT1^^^HOSP^MR|", f"PID|1||{many}|")))
+    kept = order.patient_id.split("~")
+    assert len(order.patient_id) <= 250 and len(kept) == 10
+    assert kept == many.split("~")[:10]
 
 
 def test_escape_sequences_and_control_characters_in_the_patient_travel_unchanged() -> None:

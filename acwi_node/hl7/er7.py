@@ -53,7 +53,8 @@ LIMITS = {
 }
 
 #: MSH-18 values (HL7 table 0211) the node decodes, and their Python codecs; with the
-#: terms some senders use from DICOM's (ISO IR 6, 100, 192) for the same character sets.
+#: terms some senders use from DICOM's (ISO IR 6, 100, 192) and the IANA names many
+#: interface engines write (``UTF-8``, ``ISO-8859-1``) for the same character sets.
 CHARSETS = {
     "ASCII": "ascii",
     **{f"8859/{n}": f"iso8859_{n}" for n in range(1, 10)},
@@ -65,6 +66,9 @@ CHARSETS = {
     "ISO IR6": "ascii",
     "ISO IR100": "iso8859_1",
     "ISO IR192": "utf-8",
+    "UTF-8": "utf-8",
+    "UTF8": "utf-8",
+    **{f"ISO-8859-{n}": f"iso8859_{n}" for n in (*range(1, 10), 15)},
 }
 
 

@@ -515,6 +515,10 @@ def test_message_is_decoded_in_the_declared_character_set() -> None:
         ("", b"M\xc3\xbcller", "Müller"),
         ("", b"M\xfcller", "Müller"),
         ("ISO IR100", b"M\xfcller", "Müller"),  # DICOM's term, as some senders write it
+        ("UTF-8", b"M\xc3\xbcller", "Müller"),  # IANA's names, as interface engines write them
+        ("utf8", b"M\xc3\xbcller", "Müller"),
+        ("ISO-8859-1", b"M\xfcller", "Müller"),
+        ("ISO-8859-15", b"\xa4", "€"),
         ("GB 18030-2000", "王^小明".encode("gb18030"), "王^小明"),
     ]:
         assert decode_message(_bytes(charset, name)).endswith(f"||{decoded}"), charset
@@ -526,6 +530,9 @@ def test_message_is_decoded_in_the_declared_character_set() -> None:
         ("UNICODE UTF-8", b"M\xfcller", "is not valid in the character set UNICODE UTF-8 (MSH-18)"),
         ("ASCII", b"M\xc3\xbcller", "is not valid in the character set ASCII (MSH-18)"),
         ("KLINGON", b"x", "unsupported character set in MSH-18: KLINGON"),
+        ("UTF-8", b"M\xfcller", "is not valid in the character set UTF-8 (MSH-18)"),
+        # HL7 2.3's UNICODE names no encoding (UCS-2 or UTF-8): not guessed
+        ("UNICODE", b"x", "unsupported character set in MSH-18: UNICODE"),
     ],
 )
 def test_bytes_invalid_in_the_declared_character_set_are_rejected(

@@ -287,14 +287,27 @@ CANCEL_CONTROLS = frozenset({"CA", "DC", "OC", "OD", "CR", "DR"})
 CANCELLED_STATUSES = frozenset({"CA", "DC"})
 
 
+#: Priorities some RISs spell out, and their HL7 table 0027 codes.
+SPELLED_PRIORITIES = {
+    "STAT": "S",
+    "ASAP": "A",
+    "ROUTINE": "R",
+    "PREOP": "P",
+    "CALLBACK": "C",
+    "TIMING CRITICAL": "T",
+}
+
+
 def _priority(msg: ParsedMessage) -> str:
     """Priority from TQ1-9, else ORC-7 (TQ: component 6), else OBR-27 (TQ: component 6); ""
-    when none is given (a status change, say, which leaves the order's priority as it was)."""
+    when none is given (a status change, say, which leaves the order's priority as it was).
+    A priority spelled out (``STAT``, ``Routine``) is its code (:data:`SPELLED_PRIORITIES`):
+    cut to two characters, ``STAT`` was ``ST``, and the order was not taken for a STAT one."""
     for seg_name, n, comp in (("TQ1", 9, 1), ("ORC", 7, 6), ("OBR", 27, 6)):
         for seg in msg.all(seg_name):
-            value = _comp(_field(seg, n), comp).upper()
+            value = " ".join(_comp(_field(seg, n), comp).upper().split())
             if value:
-                return value[:2]
+                return SPELLED_PRIORITIES.get(value, value)[:2]
     return ""
 
 

@@ -88,7 +88,18 @@ def test_orm_order_fields() -> None:
 
 
 @pytest.mark.parametrize(
-    ("orc", "obr", "expected"), [("S", "", "S"), ("", "S", "S"), ("R", "S", "R"), ("", "", "")]
+    ("orc", "obr", "expected"),
+    [
+        ("S", "", "S"),
+        ("", "S", "S"),
+        ("R", "S", "R"),
+        ("", "", ""),
+        # spelled out, as some RISs send it: the code, not its first two letters ("ST")
+        ("STAT", "", "S"),
+        ("", "Stat", "S"),
+        ("ASAP", "", "A"),
+        ("Routine", "S", "R"),
+    ],
 )
 def test_priority_from_orc_then_obr(orc: str, obr: str, expected: str) -> None:
     order = extract_order(parse(orm(orc_priority=orc, obr_priority=obr)))

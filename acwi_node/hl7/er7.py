@@ -119,8 +119,14 @@ class LimitExceeded(Rejected):
 
 
 # ------------------------------------------------------------------------- character sets
+#: The byte order mark some Windows interface engines put before a UTF-8 message's MSH.
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def decode(raw: bytes) -> str:
-    """Message bytes as text: UTF-8 when valid, else Latin-1 (every byte maps to a character)."""
+    """Message bytes as text: UTF-8 when valid, else Latin-1 (every byte maps to a character);
+    without a leading byte order mark."""
+    raw = raw.removeprefix(UTF8_BOM)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -150,6 +156,7 @@ def decode_message(raw: bytes) -> str:
     Without MSH-18: UTF-8 when valid, else Latin-1. Raises :class:`Rejected` for a character set
     the node does not know, or bytes that are not valid in the declared one.
     """
+    raw = raw.removeprefix(UTF8_BOM)  # not part of MSH: the message was refused as no HL7
     declared = declared_charset(raw)
     if not declared:
         return decode(raw)

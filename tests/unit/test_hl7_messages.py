@@ -14,6 +14,7 @@ import pytest
 
 from acwi_node.config import load_settings
 from acwi_node.hl7 import messages
+from acwi_node.hl7.er7 import normalise
 from acwi_node.hl7.messages import (
     ApplicationError,
     Lesion,
@@ -533,6 +534,15 @@ def test_message_is_decoded_in_the_declared_character_set() -> None:
         ("GB 18030-2000", "王^小明".encode("gb18030"), "王^小明"),
     ]:
         assert decode_message(_bytes(charset, name)).endswith(f"||{decoded}"), charset
+
+
+def test_a_byte_order_mark_before_msh_is_no_part_of_the_message() -> None:
+    """Some Windows interface engines write one before a UTF-8 message: it was refused as not
+    starting with MSH, with an ACK that could not name its control id."""
+    for charset in ("", "UNICODE UTF-8"):
+        text = decode_message(b"\xef\xbb\xbf" + _bytes(charset, b"M\xc3\xbcller"))
+        assert text.startswith("MSH|") and text.endswith("||Müller")
+        assert parse(normalise(text)).first("PID") is not None
 
 
 @pytest.mark.parametrize(

@@ -153,7 +153,9 @@ def read_studies(paths: Iterable[Path]) -> tuple[dict[str, list[Dataset]], dict[
     unreadable: dict[str, str] = {}
     for path in _files(paths):
         try:
-            ds = dcmread(path, stop_before_pixels=True)
+            # values over 4 KiB (the pixel data) left in the file: which pixel data element
+            # the file has is known, its bytes are not read
+            ds = dcmread(path, defer_size=4096)
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
             unreadable[str(path)] = f"not a readable DICOM file: {type(exc).__name__}"
             continue
@@ -166,11 +168,16 @@ def read_studies(paths: Iterable[Path]) -> tuple[dict[str, list[Dataset]], dict[
 
 
 def _model_cannot_read(ds: Dataset) -> str | None:
-    """Preprocessing's refusal told from the header (the files are read without their pixel
-    data: whether it decodes is found when the study is analysed)."""
+    """Preprocessing's refusal told from the header and which pixel data element the file
+    has (its bytes are not read: whether they decode is found when the study is analysed)."""
     if "Rows" not in ds and "PhotometricInterpretation" not in ds:
         return "no pixel data (not an image)"
-    return header_refusal(ds)
+    refusal = header_refusal(ds)
+    if refusal is None and "PixelData" not in ds:
+        # Float or Double Float Pixel Data (a parametric map, some enhanced images): as the
+        # analysis says (acwi_node.inference.preprocess.padded_modality_pixels)
+        return "no PixelData (not an integer-pixel image)"
+    return refusal
 
 
 def facts_of(study_uid: str, datasets: list[Dataset], calling_ae: str) -> StudyFacts:

@@ -190,6 +190,27 @@ def test_images_the_model_cannot_read_are_named_from_their_headers(
     assert "    its job would fail: nothing to analyse" in out
 
 
+def test_an_image_of_float_pixel_data_is_said_to_be_unreadable(
+    tmp_path: Path, studies: tuple[Path, str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its header is a greyscale image's; it has Float Pixel Data, which the analysis skips
+    ("no PixelData"): the check said the model reads it."""
+    config, _, _ = studies
+    slices = sorted((tmp_path / "ct").glob("ACC*.dcm"))
+    ds = pydicom.dcmread(slices[2])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    values = ds.pixel_array.astype("float32")
+    del ds.PixelData, ds.PixelRepresentation, ds.BitsStored, ds.HighBit
+    ds.BitsAllocated = 32
+    ds.FloatPixelData = values.tobytes()
+    ds.save_as(tmp_path / "ct" / "float.dcm")
+    code, out = _run(capsys, config, str(tmp_path / "ct"), "--date", "2024-09-20")
+    assert code == 0
+    assert "reads 5 of 7 instance(s)" in out
+    assert "    the model cannot read: 1 x no PixelData (not an integer-pixel image)" in out
+
+
 def test_a_multi_frame_image_is_said_to_be_read_frame_by_frame(
     tmp_path: Path, studies: tuple[Path, str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -23,7 +23,8 @@ from pydicom.sr.codedict import codes
 from acwi_node import MANUFACTURER, __version__
 from acwi_node.ledger.models import REJECTION_NOTE_KIND
 from acwi_node.results.charset import result_charset
-from acwi_node.results.headers import patient_study_header
+from acwi_node.results.headers import copy_patient_and_study, patient_study_header
+from acwi_node.results.sr import sr_text
 from acwi_node.results.uids import UID_NAMESPACE, derive_uid
 
 __all__ = [
@@ -46,6 +47,8 @@ REJECTION_REASONS: dict[str, CodedConcept] = {
     # a result a later analysis by another model version replaced (the node's own doing)
     "replaced": CodedConcept("113001", "DCM", "Rejected for Quality Reasons"),
 }
+#: The value types of the note's references to the objects it rejects.
+_REFERENCE_VALUE_TYPES = frozenset({"IMAGE", "COMPOSITE", "WAVEFORM"})
 #: Key Object Description: at most 1024 characters (UT would allow more, the text item is UT,
 #: but a PACS shows a line).
 _MAX_DESCRIPTION = 1024
@@ -95,7 +98,8 @@ def build_rejection_note(
         raise ValueError(f"not objects the node wrote: {foreign}")
     uids = [str(ds.SOPInstanceUID) for ds in rejected]
     series_uid, sop_uid = rejection_note_uids(study_uid, reason, uids)
-    description = description.strip()[:_MAX_DESCRIPTION]
+    # as its text value may hold it (a TAB of the administrator's note a space)
+    description = sr_text(description).strip()[:_MAX_DESCRIPTION]
     # the results' character set, unless the administrator's words need more (UTF-8 then)
     charset = result_charset(rejected[0].get("SpecificCharacterSet"), [description])
     content = KeyObjectSelection(
@@ -104,8 +108,9 @@ def build_rejection_note(
         observer_device_context=_node_observer(),
         description=description or None,
     )
-    return KeyObjectSelectionDocument(
-        evidence=[patient_study_header(rejected[0]), *rejected[1:]],
+    header = patient_study_header(rejected[0])
+    document = KeyObjectSelectionDocument(
+        evidence=[header, *rejected[1:]],
         content=content,
         series_instance_uid=series_uid,
         series_number=REJECTION_SERIES_NUMBER,
@@ -118,3 +123,13 @@ def build_rejection_note(
         software_versions=__version__,
         specific_character_set=charset,
     )
+    # highdicom's document takes the Type 2 patient and study attributes alone; the others of
+    # the Patient and Study modules (Issuer of Patient ID, Other Patient IDs, Study
+    # Description, ...) are the rejected objects' too: an archive files the note by them.
+    copy_patient_and_study(header, document)
+    # TID 2010 rows 8-10: a reference has no Purpose of Reference (its Concept Name), and
+    # highdicom names each (260753009, SCT, "Source")
+    for item in document.ContentSequence:
+        if item.ValueType in _REFERENCE_VALUE_TYPES and "ConceptNameCodeSequence" in item:
+            del item.ConceptNameCodeSequence
+    return document

@@ -226,18 +226,19 @@ def _label_codes(labels: Sequence[str]) -> dict[str, CodedConcept]:
 
 
 #: What a text value (UT, the TEXT items' Text Value) may not hold: every control character
-#: but TAB, LF, FF and CR (PS3.5 6.2; ESC belongs to the character set's own encoding), and
-#: unpaired surrogates, which no character set writes.
-_NOT_IN_TEXT = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+#: but LF, FF and CR (PS3.5 6.2: a TAB is none of the control characters UT may hold; ESC
+#: belongs to the character set's own encoding), and unpaired surrogates, which no character
+#: set writes.
+_NOT_IN_TEXT = re.compile("[\x00-\x09\x0b\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 #: What a string value (LO, PN) may not hold: any control character, unpaired surrogates.
 _NOT_IN_STRING = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def sr_text(text: str) -> str:
     """``text`` as a text value may hold it: each character it may not (a NUL, an escape
-    sequence's ESC, ...; see :data:`_NOT_IN_TEXT`) written as a space. Readers' words are
-    refused with such characters before they get here (:mod:`acwi_node.review.inputs`): this
-    keeps the document valid whatever the words."""
+    sequence's ESC, a TAB, ...; see :data:`_NOT_IN_TEXT`) written as a space. Readers' words
+    are refused with such characters but a TAB before they get here
+    (:mod:`acwi_node.review.inputs`): this keeps the document valid whatever the words."""
     return _NOT_IN_TEXT.sub(" ", text)
 
 
@@ -371,20 +372,43 @@ def _summary_group(
     )
 
 
+#: What an Image Library entry of an image without the descriptors highdicom reads says of it:
+#: TID 1602's rows for any image (its modality, from its SOP Class, and the frame of reference).
+_PLAIN_ENTRY_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "FrameOfReferenceUID")
+
+
+def _plain_entry_image(ds: Dataset) -> Dataset:
+    """A stand-in for ``ds`` whose Image Library entry has TID 1602's descriptors for any image
+    alone: highdicom's TID 1603/1604 descriptors need the geometry at the top level of the
+    dataset, which an enhanced multi-frame image keeps in its functional groups (an empty
+    Modality is neither a projection nor a cross-sectional modality to highdicom; the coded
+    modality is its SOP Class's)."""
+    plain = Dataset()
+    for keyword in _PLAIN_ENTRY_KEYWORDS:
+        if ds.get(keyword) not in (None, ""):
+            setattr(plain, keyword, ds[keyword].value)
+    plain.Modality = ""
+    return plain
+
+
 def _library_images(sources: Sequence[Dataset]) -> list[Dataset]:
-    """Sources that can be described by an Image Library entry (TID 1601/1602)."""
+    """What the Image Library entries (TID 1601/1602) describe, each source once: the source,
+    or where highdicom cannot describe it, a stand-in with the descriptors of any image
+    (:func:`_plain_entry_image`); a source that is no image is left out."""
     usable: list[Dataset] = []
     seen: set[str] = set()
     for ds in sources:
         uid = str(ds.SOPInstanceUID)
         if uid in seen:
             continue
-        try:
-            ImageLibraryEntryDescriptors(ds)
-        except (AttributeError, IndexError, KeyError, TypeError, ValueError):
-            continue
-        seen.add(uid)
-        usable.append(ds)
+        for described in (ds, _plain_entry_image(ds)):
+            try:
+                ImageLibraryEntryDescriptors(described)
+            except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+                continue
+            seen.add(uid)
+            usable.append(described)
+            break
     return usable
 
 

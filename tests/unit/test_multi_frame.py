@@ -276,6 +276,36 @@ def test_the_sr_refers_to_each_frame(
     assert dciodvfy_errors(path) == []
 
 
+def test_the_sr_lists_the_multi_frame_image_in_its_image_library(
+    enhanced: tuple[Dataset, list[Dataset]], analysis: StudyAnalysis
+) -> None:
+    """The Image Library lists the image (a viewer finds the images an SR is about there),
+    with the descriptors of any image: highdicom reads no geometry from functional groups."""
+    image = enhanced[0]
+    document = build_sr([image], analysis)
+    reference = build_sr([image], analysis, check_all=True)
+    _same_times(document, reference)
+    assert encode_part10(document) == encode_part10(reference)
+    (library,) = [
+        item
+        for item in document.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == "111028"
+    ]
+    (group,) = library.ContentSequence
+    (entry,) = [item for item in group.ContentSequence if item.ValueType == "IMAGE"]
+    listed = entry.ReferencedSOPSequence[0]
+    assert (listed.ReferencedSOPClassUID, listed.ReferencedSOPInstanceUID) == (
+        image.SOPClassUID,
+        image.SOPInstanceUID,
+    )
+    descriptors = {
+        item.ConceptNameCodeSequence[0].CodeMeaning: item for item in entry.ContentSequence
+    }
+    assert descriptors["Modality"].ConceptCodeSequence[0].CodeValue == "CT"
+    assert image.FrameOfReferenceUID == descriptors["Frame of Reference UID"].UID
+    assert float(descriptors["Pixel Data Rows"].MeasuredValueSequence[0].NumericValue) == 64
+
+
 def test_each_frames_heatmap_shows_and_references_its_frame(
     enhanced: tuple[Dataset, list[Dataset]], analysis: StudyAnalysis, tmp_path: Path
 ) -> None:

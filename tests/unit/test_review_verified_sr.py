@@ -149,8 +149,9 @@ def test_a_radiologists_words_in_any_script_are_kept(tmp_path: Path) -> None:
 
 def test_no_control_character_reaches_a_text_value(tmp_path: Path) -> None:
     """A reason with a NUL, an escape sequence or a C1 control (refused from readers, but
-    never written either): each such character a space in the SR, tab, CR, LF and FF kept; the
-    observer's name and organization (string values) without any control character."""
+    never written either): each such character a space in the SR, and a tab too (no text value
+    may hold one), CR, LF and FF kept; the observer's name and organization (string values)
+    without any control character."""
     sources, sr = _unverified()
     verdict = Verification(
         "Doe\u001b^Jane\u0000",
@@ -165,7 +166,7 @@ def test_no_control_character_reaches_a_text_value(tmp_path: Path) -> None:
     raw = path.read_bytes()
     assert b"\x1b" not in raw and b"[2J" in raw
     back = pydicom.dcmread(path)
-    reason = "scar  [2J\r\nFORGED:\tline\u000cend  note"
+    reason = "scar  [2J\r\nFORGED: line\u000cend  note"
     assert [str(item.TextValue) for item in _walk(back) if "TextValue" in item][-1] == reason
     assert summarise_sr(back)["verdict"]["reason"] == reason
     observer = back.VerifyingObserverSequence[0]
@@ -174,6 +175,21 @@ def test_no_control_character_reaches_a_text_value(tmp_path: Path) -> None:
     only_controls = Verification("Doe^Jane", "H", "override", "nodule", "\u0000\u001b", AT)
     with pytest.raises(ValueError, match="an override needs a reason"):
         build_verified_sr(sr, sources, only_controls)
+
+
+@needs_dciodvfy
+def test_a_reason_typed_with_tabs_is_a_valid_text_value(tmp_path: Path) -> None:
+    """Readers may type tabs (a reason pasted from a table), but a text value (UT) holds no
+    tab (PS3.5 6.2): each is written as a space and dciodvfy finds the SR valid."""
+    sources, sr = _unverified()
+    verdict = _verdict(reason="rib\tshadow\r\nsee:\tprior")
+    path = tmp_path / "verified.dcm"
+    build_verified_sr(sr, sources, verdict).save_as(path, enforce_file_format=True)
+    back = pydicom.dcmread(path)
+    assert summarise_sr(back)["verdict"]["reason"] == "rib shadow\r\nsee: prior"
+    done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if "Error" in line]
+    assert not errors, "\n".join(errors)
 
 
 def _with_regions(sources: list[Dataset]) -> Verification:

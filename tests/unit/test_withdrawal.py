@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
+from pydicom.uid import generate_uid
 from sqlalchemy import func, select, text, update
 
 from acwi_node.cli import main
@@ -26,6 +28,7 @@ from acwi_node.config import Settings
 from acwi_node.export import withdrawal as withdrawal_module
 from acwi_node.export.outbox import Exporter
 from acwi_node.export.withdrawal import withdraw_replaced, withdraw_results
+from acwi_node.inference.types import ImageResult, ModelIdentity, StudyAnalysis, Uncertainty
 from acwi_node.ledger import Ledger, ResultFile, RoutedJob, StudyActionRefused, repository
 from acwi_node.ledger import withdrawals as withdrawals_module
 from acwi_node.ledger.models import (
@@ -41,7 +44,9 @@ from acwi_node.ledger.models import (
 from acwi_node.ledger.trace import study_trace
 from acwi_node.monitoring.turnaround import TurnaroundMonitor
 from acwi_node.results.encoding import encode_part10
+from acwi_node.results.heatmap import build_heatmap_sc
 from acwi_node.results.rejection import REJECTION_SERIES_NUMBER, build_rejection_note
+from acwi_node.results.sr import build_sr
 from acwi_node.retention import DiskSpace, Retention
 from acwi_node.review.store import ItemClosed, ReviewError, ReviewStore, SessionInfo
 from acwi_node.review.verdicts import amend_verdict, submit_verdict
@@ -49,6 +54,7 @@ from acwi_node.tasks.analyse import run_job
 from acwi_node.web.api import create_app
 from models.data.synth import write_study
 from tests.support.dciodvfy import dciodvfy_errors, require_dciodvfy
+from tests.support.dx import make_dx
 from tests.support.model_variant import model_variant
 from tests.support.review_case import (
     CSRF,
@@ -174,7 +180,7 @@ def test_a_delivered_studys_results_are_withdrawn_with_a_note_per_destination(
     description = [
         item.TextValue
         for item in pacs.ContentSequence
-        if item.ConceptNameCodeSequence[0].CodeValue == "113012"
+        if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "113012"
     ]
     assert description and NOTE in description[0]
     require_dciodvfy()
@@ -778,6 +784,99 @@ def test_the_note_is_the_same_object_when_built_again(
     source = dcmread(next((tmp_path / "src-0").rglob("*.dcm")), stop_before_pixels=True)
     with pytest.raises(ValueError, match="not objects the node wrote"):
         build_rejection_note([*headers, source], reason="quality")
+
+
+def _written_results() -> list[Dataset]:
+    """The headers of an SR and a heatmap, as read from their files, of a source image whose
+    patient has an issuer of patient ID, another ID, an age; and its study an admission."""
+    source = make_dx(generate_uid(), generate_uid())
+    source.IssuerOfPatientID = "HOSP-A"
+    qualifiers = Dataset()
+    qualifiers.UniversalEntityID = "1.2.826.0.1.3680043.8.498.1"
+    qualifiers.UniversalEntityIDType = "ISO"
+    source.IssuerOfPatientIDQualifiersSequence = [qualifiers]
+    other = Dataset()
+    other.PatientID = "X-99"
+    other.IssuerOfPatientID = "HOSP-B"
+    other.TypeOfPatientID = "TEXT"
+    source.OtherPatientIDsSequence = [other]
+    source.PatientAge = "054Y"
+    source.AdmissionID = "ADM-7"
+    analysis = StudyAnalysis(
+        model=ModelIdentity(name="dianet", version="1.4.0", weights_sha256="9f2c4e1a"),
+        labels=["normal", "nodule"],
+        images=[
+            ImageResult(
+                sop_instance_uid=str(source.SOPInstanceUID),
+                sop_class_uid=str(source.SOPClassUID),
+                series_instance_uid=str(source.SeriesInstanceUID),
+                probabilities={"normal": 0.3, "nodule": 0.7},
+                uncertainty=Uncertainty(entropy=0.6, epistemic=0.1, aleatoric=0.5, score=0.3),
+                heatmap=np.zeros((source.Rows, source.Columns), dtype=np.float32),
+            )
+        ],
+        probabilities={"normal": 0.3, "nodule": 0.7},
+        predicted_label="nodule",
+        uncertainty=Uncertainty(entropy=0.6, epistemic=0.1, aleatoric=0.5, score=0.3),
+        ood_score=0.1,
+        needs_review=False,
+        finding_labels=["nodule"],
+    )
+    image = analysis.images[0]
+    results: list[Dataset] = [
+        dcmread(io.BytesIO(encode_part10(ds)), stop_before_pixels=True)
+        for ds in (
+            build_sr([source], analysis),
+            build_heatmap_sc(source, image.heatmap_array(), analysis, image, instance_number=1),
+        )
+    ]
+    return results
+
+
+def test_the_note_has_the_patient_and_study_of_the_results_it_rejects() -> None:
+    """Every Patient and Study module attribute the results copied from the source image is
+    the note's too, not the Type 2 ones alone: an archive that tells patients apart by the
+    issuer of their ID files a note without it under another patient."""
+    results = _written_results()
+    note = dcmread(io.BytesIO(encode_part10(build_rejection_note(results, reason="quality"))))
+    copied = (
+        "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence",
+        "OtherPatientIDsSequence", "PatientBirthDate", "PatientSex", "PatientAge",
+        "StudyInstanceUID", "StudyID", "StudyDate", "StudyTime", "AccessionNumber",
+        "ReferringPhysicianName", "StudyDescription", "AdmissionID",
+    )  # fmt: skip
+    for result in results:
+        for keyword in copied:
+            assert keyword in result, keyword
+            assert note[keyword].value == result[keyword].value, keyword
+
+
+def test_the_notes_references_have_no_purpose_of_reference() -> None:
+    """TID 2010 rows 8-10: the IMAGE and COMPOSITE items that list the rejected objects carry
+    no Purpose of Reference (a Concept Name)."""
+    results = _written_results()
+    note = dcmread(io.BytesIO(encode_part10(build_rejection_note(results, reason="safety"))))
+    references = [i for i in note.ContentSequence if i.ValueType in ("IMAGE", "COMPOSITE")]
+    assert sorted(i.ValueType for i in references) == ["COMPOSITE", "IMAGE"]
+    assert [i for i in references if "ConceptNameCodeSequence" in i] == []
+    assert {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in references} == {
+        r.SOPInstanceUID for r in results
+    }
+
+
+def test_a_note_typed_with_tabs_is_a_valid_text_value(tmp_path: Path) -> None:
+    """An administrator may type tabs in a withdrawal's note, but the Key Object Description
+    (UT) holds no tab (PS3.5 6.2): each is written as a space and dciodvfy finds the note
+    valid."""
+    note = build_rejection_note(
+        _written_results(), reason="quality", description="recalled:\tsee ticket\t42"
+    )
+    path = tmp_path / "note.dcm"
+    path.write_bytes(encode_part10(note))
+    texts = [i.TextValue for i in dcmread(path).ContentSequence if i.ValueType == "TEXT"]
+    assert "recalled: see ticket 42" in texts
+    require_dciodvfy()
+    assert dciodvfy_errors(path) == []
 
 
 def test_withdrawal_over_the_api_and_from_the_study_page(

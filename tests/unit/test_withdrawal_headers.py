@@ -61,6 +61,17 @@ def test_a_patient_name_outside_the_answers_character_set_makes_the_note_utf8() 
     assert build_rejection_note([sr], reason="quality").SpecificCharacterSet == "ISO_IR 192"
 
 
+def test_the_note_names_the_patient_by_the_archives_issuer_of_patient_id() -> None:
+    """The note is filed by the patient's ID and its issuer as the archive holds them."""
+    uids = result_uids(STUDY, "dianet", "1.2.0")
+    results = (_result("sr", uids.sr_instance_uid, SR),)
+    header = _header()
+    header.IssuerOfPatientID = "HOSP-A"
+    (sr,) = stand_ins(header, _job(*results), results)
+    note = build_rejection_note([sr], reason="quality")
+    assert (note.PatientID, note.get("IssuerOfPatientID")) == ("P1", "HOSP-A")
+
+
 @pytest.mark.parametrize(
     "result",
     [

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from acwi_node.audit.trail import JsonLinesSink
+from tests.support.descriptors import REAL_CLOSE, CloseReportingAnError
 
 SQLITE_HEADER = b"SQLite format 3\0"
 
@@ -70,24 +71,20 @@ def test_a_write_after_a_close_that_reported_an_error_goes_to_the_audit_file(
     path = tmp_path / "audit.jsonl"
     sink = JsonLinesSink(path)
     sink.write(b'{"n":1}\n')
-    real_close = os.close
-    others: list[int] = []
-
-    def close_reporting_an_error(fd: int) -> None:
-        real_close(fd)
-        others.append(os.open(tmp_path / "ledger.sqlite", os.O_RDWR | os.O_CREAT, 0o600))
-        os.pwrite(others[-1], SQLITE_HEADER, 0)
-        raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(os, "close", close_reporting_an_error)
+    failing = CloseReportingAnError(
+        tmp_path / "ledger.sqlite",
+        errno.EIO,
+        once=False,
+        then=lambda fd: os.pwrite(fd, SQLITE_HEADER, 0),
+    )
+    monkeypatch.setattr(os, "close", failing)
     with pytest.raises(OSError):
         sink.close()
-    monkeypatch.setattr(os, "close", real_close)
+    monkeypatch.setattr(os, "close", REAL_CLOSE)
     try:
         sink.write(b'{"n":2}\n')
         assert (tmp_path / "ledger.sqlite").read_bytes() == SQLITE_HEADER
         assert path.read_bytes() == b'{"n":1}\n{"n":2}\n'
     finally:
-        for fd in others:
-            real_close(fd)
+        failing.close_others()
         sink.close()

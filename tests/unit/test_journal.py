@@ -32,6 +32,7 @@ from acwi_node.ingest.journal import (
     sync_filesystem,
 )
 from acwi_node.observability import metrics
+from tests.support.descriptors import REAL_CLOSE, CloseReportingAnError
 
 
 @pytest.fixture
@@ -937,25 +938,18 @@ def test_a_segment_whose_close_reported_an_error_is_not_closed_again(
     journal = make_journal(tmp_path, flushes)
     journal.done(journal.append({"i": 0}, b"data"))
     segment_fd = journal._segments[0].fd
-    real_close = os.close
-    others: list[int] = []
-
-    def close_reporting_an_error(fd: int) -> None:
-        real_close(fd)
-        if fd == segment_fd and not others:
-            others.append(os.open(tmp_path / "ledger.sqlite", os.O_RDWR | os.O_CREAT, 0o600))
-            raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(os, "close", close_reporting_an_error)
+    failing = CloseReportingAnError(
+        tmp_path / "ledger.sqlite", errno.EIO, which=lambda fd: fd == segment_fd
+    )
+    monkeypatch.setattr(os, "close", failing)
     try:
         with contextlib.suppress(OSError):
             journal.checkpoint()  # retires the segment
         journal.checkpoint()  # the checkpointer's next try
-        os.fstat(others[0])  # still open
+        os.fstat(failing.others[0])  # still open
     finally:
-        monkeypatch.setattr(os, "close", real_close)
-        for fd in others:
-            real_close(fd)
+        monkeypatch.setattr(os, "close", REAL_CLOSE)
+        failing.close_others()
         journal.close()
 
 
@@ -969,25 +963,19 @@ def test_a_spare_whose_close_reported_an_error_is_not_closed_again(
     )
     journal.directory.mkdir(parents=True)  # as open() makes it, without the threads
     journal._segments.append(journal._new_segment())
-    real_close = os.close
-    others: list[int] = []
-
-    def close_reporting_an_error(fd: int) -> None:
-        spare = os.readlink(f"/proc/self/fd/{fd}").endswith(".spare")
-        real_close(fd)
-        if spare and not others:
-            others.append(os.open(tmp_path / "ledger.sqlite", os.O_RDWR | os.O_CREAT, 0o600))
-            raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(os, "close", close_reporting_an_error)
+    failing = CloseReportingAnError(
+        tmp_path / "ledger.sqlite",
+        errno.EIO,
+        which=lambda fd: os.readlink(f"/proc/self/fd/{fd}").endswith(".spare"),
+    )
+    monkeypatch.setattr(os, "close", failing)
     try:
         with contextlib.suppress(OSError):
             journal._prepare_spare()
         journal._prepare_spare()  # the next idle moment
-        os.fstat(others[0])  # still open
+        os.fstat(failing.others[0])  # still open
     finally:
-        monkeypatch.setattr(os, "close", real_close)
-        for fd in others:
-            real_close(fd)
+        monkeypatch.setattr(os, "close", REAL_CLOSE)
+        failing.close_others()
         for seg in journal._segments:
-            real_close(seg.fd)
+            REAL_CLOSE(seg.fd)

@@ -9,6 +9,7 @@ import pytest
 
 from acwi_node.ingest import spool as spool_module
 from acwi_node.ingest.spool import Spool, SpoolError, is_safe_uid
+from tests.support.descriptors import REAL_CLOSE, CloseReportingAnError
 
 
 @pytest.mark.parametrize(
@@ -141,22 +142,14 @@ def test_a_close_that_reports_an_error_is_not_repeated(
     whatever file another thread had opened meanwhile (the ledger's database, another
     association's spool file) lost its descriptor."""
     spool = Spool(tmp_path / "spool", fsync=False)
-    real_close = os.close
-    others: list[int] = []
-
-    def close_reporting_an_error(fd: int) -> None:
-        real_close(fd)
-        if not others:
-            others.append(os.open(tmp_path / "ledger.sqlite", os.O_RDWR | os.O_CREAT, 0o600))
-            raise OSError(errno.EDQUOT, "Disk quota exceeded")
-
-    monkeypatch.setattr(os, "close", close_reporting_an_error)
+    failing = CloseReportingAnError(tmp_path / "ledger.sqlite", errno.EDQUOT)
+    monkeypatch.setattr(os, "close", failing)
     with pytest.raises(SpoolError) as err:
         spool.store("1.2", "1.2.9", b"0123456789")
-    monkeypatch.setattr(os, "close", real_close)
+    monkeypatch.setattr(os, "close", REAL_CLOSE)
     try:
         assert err.value.out_of_space
-        os.fstat(others[0])  # still open
+        os.fstat(failing.others[0])  # still open
         assert list(spool.tmp_dir.iterdir()) == []
     finally:
-        real_close(others[0])
+        failing.close_others()

@@ -44,6 +44,7 @@ from acwi_node.web.stow import response_type
 from bench.common import write_ct_series, write_small_instances
 from models.data.synth import write_study
 from tests.support.asgi import post_then_hang_up
+from tests.support.descriptors import REAL_CLOSE, CloseReportingAnError
 from tests.support.review_case import CSRF, PASSWORD, add_user
 
 NATIVE = "{http://dicom.nema.org/PS3.19/models/NativeDICOM}"
@@ -798,21 +799,13 @@ def test_a_body_file_whose_close_reported_an_error_is_not_closed_again(
     discard afterwards closed the number again: whatever file another thread had opened
     meanwhile (the ledger's database, another request's body) lost its descriptor."""
     body = stow.BodyFile(Spool(tmp_path / "spool", fsync=False))
-    real_close = os.close
-    others: list[int] = []
-
-    def close_reporting_an_error(fd: int) -> None:
-        real_close(fd)
-        if not others:
-            others.append(os.open(tmp_path / "ledger.sqlite", os.O_RDWR | os.O_CREAT, 0o600))
-            raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(os, "close", close_reporting_an_error)
+    failing = CloseReportingAnError(tmp_path / "ledger.sqlite", errno.EIO)
+    monkeypatch.setattr(os, "close", failing)
     try:
         with pytest.raises(OSError):
             body.discard()  # the receiver's, once every part is in the spool
         body.discard()  # the request's own, afterwards
-        os.fstat(others[0])  # still open
+        os.fstat(failing.others[0])  # still open
     finally:
-        monkeypatch.setattr(os, "close", real_close)
-        real_close(others[0])
+        monkeypatch.setattr(os, "close", REAL_CLOSE)
+        failing.close_others()

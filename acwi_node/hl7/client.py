@@ -147,7 +147,9 @@ def oru_study(settings: Settings, ledger: Ledger, job_id: int) -> OruStudy:
     return OruStudy(
         study_uid=inputs["study_uid"],
         accession_number=(order or {}).get("accession_number") or dicom.get("accession_number", ""),
-        patient_id=source.get("patient_id") or "",
+        # PID-3 is required: an order that named no identifier (an old RIS's PID-2 alone)
+        # takes the images'
+        patient_id=source.get("patient_id") or dicom.get("patient_id") or "",
         patient_name=source.get("patient_name") or "",
         birth_date=source.get("birth_date") or "",
         sex=source.get("sex") or "",

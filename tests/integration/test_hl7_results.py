@@ -305,6 +305,32 @@ def test_an_order_whose_patient_identifiers_were_erased_gives_the_orders_numbers
     ledger.dispose()
 
 
+def test_an_order_without_patient_identifiers_takes_them_from_the_images(
+    tmp_path: Path, make_peer: Callable[[str], Peer]
+) -> None:
+    """A RIS that gave the patient's name but no PID-3 (an old one writes the identifier in
+    PID-2 alone): the ORU^R01's PID-3, which HL7 requires, was empty; it takes the images'
+    Patient ID, the name still the order's."""
+    peer = make_peer("AA")
+    settings = make_settings(tmp_path, peer.port)
+    ledger = Ledger(settings.database_url)
+    message = "\r".join(
+        [
+            "MSH|^~\\&|RIS|HOSP|ACWI|NODE|20240101||ORM^O01|O1|P|2.3",
+            "PID|1|OLD-PID|||Order^Eve||19800101|F",
+            "ORC|NW|PL9|FI9",
+            "OBR|1|PL9|FI9|CT^CT head^L" + "|" * 14 + "ACC-9",
+            f"ZDS|{STUDY_UID}",
+        ]
+    )
+    assert b"MSA|AA|O1" in OrderIntake(settings, ledger).handle(message.encode())
+    queue_oru(settings, ledger, analysed_job(settings, ledger))
+    drain(OruSender(settings, ledger), ledger, "delivered")
+    (sent,) = peer.messages()
+    assert sent.split("\r")[1] == "PID|1||DICOM-PID||Order^Eve||19800101|F"
+    ledger.dispose()
+
+
 def test_application_error_is_retried_then_failed(
     tmp_path: Path, make_peer: Callable[[str], Peer]
 ) -> None:

@@ -27,6 +27,7 @@ import datetime as dt
 import io
 import logging
 import math
+import zoneinfo
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from functools import lru_cache, partial
@@ -130,14 +131,34 @@ FILTER_NAMES = [
 ]
 
 
-def make_templates() -> Environment:
-    """The page templates; autoescaping is on for every template."""
+def wall_clock(value: str | None, zone: str = "UTC", *, shown: str = "%Y-%m-%d %H:%M") -> str:
+    """A ledger time (ISO 8601, UTC: ``2026-03-02T07:05:09Z``, or without its ``Z``) as the
+    hospital's wall clock in ``zone`` (``monitoring.timezone``), in the ``shown`` format,
+    followed by its offset from UTC (``2026-03-02 08:05 +0100``); a value that is no time
+    is shown as it is."""
+    if not value:
+        return ""
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    here = moment.astimezone(zoneinfo.ZoneInfo(zone))
+    return here.strftime(shown + " %z")
+
+
+def make_templates(timezone: str = "UTC") -> Environment:
+    """The page templates; autoescaping is on for every template. Their filters ``local``
+    (date and time) and ``clock`` (time of day) show a ledger time in ``timezone``."""
     env = Environment(
         loader=FileSystemLoader(str(HERE / "templates")),
         autoescape=True,
         auto_reload=False,
     )
     env.filters["duration"] = duration
+    env.filters["local"] = partial(wall_clock, zone=timezone)
+    env.filters["clock"] = partial(wall_clock, zone=timezone, shown="%H:%M")
     return env
 
 
@@ -146,7 +167,13 @@ def _text(value: object) -> str:
     return "" if value is None else str(value)
 
 
-@lru_cache(maxsize=512)
+#: The image headers kept read (a few hundred bytes each): more than the open cases of a busy
+#: worklist, which shows every case's patient and accession and reloads every minute; a
+#: smaller cache would be read through on every load and keep none of them.
+HEADER_CACHE = 8192
+
+
+@lru_cache(maxsize=HEADER_CACHE)
 def _header(path: str, mtime_ns: int) -> dict[str, str]:
     try:
         ds = dcmread(path, stop_before_pixels=True)
@@ -271,7 +298,7 @@ class ReviewApp:
     def __init__(self, settings: Settings, ledger: Ledger) -> None:
         self.settings = settings
         self.store = ReviewStore(ledger)
-        self.templates = make_templates()
+        self.templates = make_templates(settings.monitoring.timezone)
         self.key = auth.load_secret_key(settings.review_secret_key_file)
         self.credentials = auth.VerifiedCredentials(settings.review.basic_auth_cache_s)
         self.throttle = auth.SignInThrottle(
@@ -541,6 +568,8 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
                 error=error,
                 login_csrf=auth.csrf_token(review.key, "login", new_nonce),
                 next=next_path,
+                # the name typed stays in the form; one no account can have does not
+                username=name if typed_text_error(name) is None else "",
             )
             _set_cookie(failed, auth.LOGIN_COOKIE, new_nonce, 3600, cookie_secure)
             return failed

@@ -142,6 +142,30 @@ def test_sign_in_open_case_override(tmp_path: Path) -> None:
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "review-case.png"), full_page=True)
 
+            # Without a mouse: "Mark lesion" from the keyboard puts a box in the middle of the
+            # image, the arrow keys move it (Shift: its size), Escape drops it, Enter keeps it.
+            first = page.locator("figure.viewer").first
+            first.locator("button.mark-lesion").focus()
+            page.keyboard.press("Enter")
+            expect(first.locator(".stack")).to_be_focused()
+            expect(first.locator(".lesion-box")).to_have_count(1)
+            page.keyboard.press("Escape")
+            expect(first.locator(".lesion-box")).to_have_count(0)
+            expect(first.locator("button.mark-lesion")).to_be_focused()
+            page.keyboard.press("Enter")
+            for key in ("ArrowLeft", "ArrowLeft", "ArrowUp", "Shift+ArrowRight", "Shift+ArrowDown"):
+                page.keyboard.press(key)
+            page.keyboard.press("Enter")
+            status = page.locator("#lesion-boxes")
+            expect(status).to_have_text(
+                "1 lesion box marked: sent with a confirmed or corrected finding."
+            )
+            box = page.locator(f"input[name='box:{first.get_attribute('data-image')}']")
+            expect(box).to_have_value("0.3600 0.3800 0.5800 0.6000")
+            first.locator("button.clear-lesion").focus()
+            page.keyboard.press("Enter")
+            expect(status).to_contain_text("No lesion marked")
+
             # Override: choose another label, give a reason, submit.
             predicted = page.locator("#predicted").inner_text()
             page.check("input[name=action][value=override]")
@@ -170,7 +194,6 @@ def test_sign_in_open_case_override(tmp_path: Path) -> None:
             page.wait_for_function(
                 "() => [...document.images].every(i => i.complete && i.naturalWidth > 0)"
             )
-            status = page.locator("#lesion-boxes")
             expect(status).to_contain_text("No lesion marked")
             figure = page.locator("figure.viewer").nth(1)
             marked_image = figure.get_attribute("data-image")

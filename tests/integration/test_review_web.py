@@ -598,6 +598,20 @@ def test_a_radiograph_case_offers_the_automatic_window_alone(
     assert _windows(page.text) == ["", "auto"]
 
 
+def test_each_images_heatmap_controls_name_their_image(
+    env: tuple[Settings, Ledger, TestClient], tmp_path: Path
+) -> None:
+    """A screen reader tabbing through the images hears which image's heatmap a control
+    shows or fades, not "heatmap" and "opacity" over and again."""
+    settings, ledger, client = env
+    item, _ = make_review_case(settings, ledger, tmp_path)
+    sign_in(client)
+    page = client.get(f"/review/cases/{item}").text
+    for n in (1, 2):
+        assert f'class="heatmap-toggle" checked aria-label="heatmap over image {n}"' in page
+        assert f'value="100" aria-label="heatmap opacity, image {n}"' in page
+
+
 def confirm(client: TestClient, item: int) -> None:
     """Sign in as the radiologist and confirm the case's finding."""
     csrf = sign_in(client)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from pydicom.filewriter import dcmwrite
 from acwi_node.config import Settings, load_settings
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import InstanceRecord, Ledger, RoutedJob
-from acwi_node.review import auth
+from acwi_node.review import auth, views
 from acwi_node.review.store import ReviewStore
 from acwi_node.web.api import create_app
 from tests.support.dx import make_dx
@@ -218,3 +219,143 @@ def test_a_case_of_many_images_names_where_to_look_first(tmp_path: Path) -> None
         assert f'id="image-{n}"' in page
         assert f"/images/2.25.100.png?frame={n}" in page
     assert page.count('loading="lazy"') == 5  # no heatmap objects in this case
+
+
+def test_a_refused_verdict_or_sign_in_points_the_form_at_the_reason(
+    client: tuple[TestClient, Ledger, int],
+) -> None:
+    """A screen reader names the override's label list, and a refused form says why where the
+    reader is: the form's fields point at the error (aria-describedby) and keep what was typed
+    (the user name; the verdict's choices and reason)."""
+    c, _ledger, item = client
+    token = CSRF.search(c.get("/login").text)
+    assert token is not None
+    refused = c.post(
+        "/login",
+        data={"csrf_token": token.group(1), "username": "jane", "password": "wrong", "next": "/"},
+    )
+    assert refused.status_code == 401
+    assert 'id="page-error"' in refused.text
+    assert '<input name="username" value="jane"' in refused.text
+    assert refused.text.count('aria-describedby="page-error"') == 2
+    csrf = sign_in(c, "jane")
+    page = c.get(f"/review/cases/{item}").text
+    assert 'aria-describedby="page-error"' not in page
+    assert '<select name="label" aria-label="the finding instead of &lt;svg onload' in page
+    answer = c.post(
+        f"/review/cases/{item}/verdict",
+        data={"csrf_token": csrf, "action": "override", "label": "normal", "reason": "kept"},
+    )
+    assert answer.status_code == 400
+    assert '<fieldset aria-describedby="page-error">' in answer.text
+    assert 'id="page-error" role="alert"' in answer.text
+    assert ">kept</textarea>" in answer.text
+
+
+def _contrast(foreground: str, background: str) -> float:
+    """WCAG 2.1 contrast ratio of two ``#rgb``/``#rrggbb`` colours."""
+
+    def luminance(colour: str) -> float:
+        hex_ = colour.lstrip("#")
+        if len(hex_) == 3:
+            hex_ = "".join(c * 2 for c in hex_)
+        channels = [int(hex_[i : i + 2], 16) / 255 for i in (0, 2, 4)]
+        linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+    light, dark = sorted((luminance(foreground), luminance(background)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+def test_secondary_text_is_readable_against_the_page() -> None:
+    """Muted text (hints under the verdict form, "the list reloads every 60 s", replaced
+    verdicts) meets WCAG AA contrast (4.5:1) on the page and in the table cells."""
+    css = (views.HERE / "static" / "review.css").read_text()
+
+    def colour(rule: str, prop: str = "color") -> str:
+        found = re.search(re.escape(rule) + r"\s*\{[^}]*?\b" + prop + r":\s*(#[0-9a-fA-F]+)", css)
+        assert found is not None, rule
+        return found.group(1)
+
+    page = colour("body", "background")
+    for rule in (".muted", ".history li.superseded", "footer"):
+        for background in (page, "#fff"):
+            assert _contrast(colour(rule), background) >= 4.5, rule
+    # inside an image's black frame
+    assert _contrast(colour(".viewer .muted"), "#000") >= 4.5
+
+
+def test_every_table_column_has_a_header_a_screen_reader_reads(
+    client: tuple[TestClient, Ledger, int],
+) -> None:
+    """The columns of action buttons too (the administrator's dashboard)."""
+    c, ledger, _item = client
+    ReviewStore(ledger).add_user("root", auth.hash_password(PASSWORD), "admin")
+    sign_in(c, "root")
+    for path in ("/review/worklist", "/review/decided", "/review/dashboard", "/review/studies"):
+        page = c.get(path)
+        assert page.status_code == 200, path
+        assert "<th></th>" not in page.text, path
+        if path == "/review/dashboard":
+            assert '<table class="outboxes">' in page.text
+            assert '<table class="failed">' in page.text
+
+
+def test_a_long_worklist_reads_each_header_once() -> None:
+    """The worklist shows every open case's patient and accession from its image's header and
+    reloads every minute: with 2000 open cases, the second load finds every header read."""
+    paths = [f"/nonexistent/case-{n}.dcm" for n in range(2000)]
+    views._header.cache_clear()
+    try:
+        for path in paths:
+            views._header(path, 0)
+        before = views._header.cache_info().hits
+        for path in paths:
+            views._header(path, 0)
+        assert views._header.cache_info().hits - before == len(paths)
+    finally:
+        views._header.cache_clear()
+
+
+def test_times_are_shown_on_the_hospitals_clock_with_their_offset(tmp_path: Path) -> None:
+    """``monitoring.timezone``: the worklist, the decided cases and a case's verdicts show
+    their times on the hospital's wall clock, each with its offset from UTC, not UTC
+    unmarked."""
+    assert views.wall_clock("2026-01-15T07:05:09Z", "Europe/Berlin") == "2026-01-15 08:05 +0100"
+    assert views.wall_clock("2026-07-15T07:05:09Z", "Europe/Berlin") == "2026-07-15 09:05 +0200"
+    assert views.wall_clock("2026-07-15T23:30:00", "UTC") == "2026-07-15 23:30 +0000"
+    assert views.wall_clock("2026-07-15T23:30:00Z", "America/New_York", shown="%H:%M") == (
+        "19:30 -0400"
+    )
+    assert views.wall_clock("", "UTC") == "" and views.wall_clock("soon", "UTC") == "soon"
+    settings = load_settings(
+        None,
+        node={"data_dir": tmp_path / "data"},
+        ingest={"fsync": False},
+        review={"cookie_secure": False},
+        monitoring={"timezone": "Asia/Kolkata"},
+    )
+    ledger = Ledger(settings.database_url)
+    store = ReviewStore(ledger)
+    store.add_user("jane", auth.hash_password(PASSWORD), "radiologist")
+    item = _case(settings, ledger)
+    try:
+        with TestClient(create_app(settings, ledger)) as c:
+            sign_in(c, "jane")
+            received = store.worklist()["items"][0]["received_at"]
+            worklist = c.get("/review/worklist").text
+            assert f"<td>{views.wall_clock(received, 'Asia/Kolkata')}</td>" in worklist
+            assert "+0530</td>" in worklist and received not in worklist
+            assert re.search(r'id="refreshed">As of \d\d:\d\d \+0530;', worklist)
+            csrf = CSRF.search(worklist)
+            assert csrf is not None
+            escalated = c.post(
+                f"/review/cases/{item}/verdict",
+                data={"csrf_token": csrf.group(1), "action": "escalate", "reason": "unsure"},
+                follow_redirects=False,
+            )
+            assert escalated.status_code == 303, escalated.text
+            case = c.get(f"/review/cases/{item}").text
+            assert re.search(r"<li>\d{4}-\d\d-\d\d \d\d:\d\d \+0530: jane escalate", case)
+    finally:
+        ledger.dispose()

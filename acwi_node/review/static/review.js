@@ -1,6 +1,6 @@
 // Case page controls (no inline script: CSP): each heatmap's show/hide and opacity, the
 // window every image is drawn in (the heatmap layer is drawn over it in any window), and the
-// lesion boxes a reader may mark with the verdict.
+// lesion boxes a reader may mark with the verdict, with the mouse or the keyboard.
 "use strict";
 document.addEventListener("DOMContentLoaded", function () {
   var preset = document.getElementById("window-preset");
@@ -132,13 +132,73 @@ document.addEventListener("DOMContentLoaded", function () {
       }
     });
     if (boxes.length) { store(); }
-    mark.addEventListener("click", function () {
+    // Without a mouse: "Mark lesion" pressed from the keyboard puts a box in the middle of the
+    // image and the focus on the image; the arrow keys move the box, with Shift they make it
+    // wider or narrower, taller or shorter; Enter keeps it, Escape (or leaving) drops it.
+    var keyed = null;  // {corners, element} while a box is placed with the keys
+    function endKeyed(keep, refocus) {
+      var k = keyed;
+      if (!k) { return; }
+      keyed = null;
+      stack.classList.remove("marking");
+      stack.removeAttribute("tabindex");
+      stack.removeAttribute("role");
+      stack.removeAttribute("aria-label");
+      mark.textContent = "Mark lesion";
+      if (keep) {
+        boxes.push(k);
+        store();
+      } else {
+        k.element.remove();
+      }
+      if (refocus) { mark.focus(); }
+    }
+    mark.addEventListener("click", function (event) {
+      if (keyed) { endKeyed(false, true); return; }
       var on = !stack.classList.contains("marking");
       stack.classList.toggle("marking", on);
       mark.textContent = on ? "Drag over the lesion" : "Mark lesion";
+      if (on && event.detail === 0) {  // Enter or Space, not a mouse click
+        keyed = {corners: [0.4, 0.4, 0.6, 0.6], element: outline()};
+        place(keyed.element, keyed.corners);
+        stack.tabIndex = 0;
+        stack.setAttribute("role", "application");
+        stack.setAttribute("aria-label", "Lesion box on " + figure.id.replace("-", " ") +
+          ": the arrow keys move it, Shift and the arrow keys change its size; " +
+          "Enter keeps it, Escape drops it.");
+        mark.textContent = "Drop the box";
+        stack.focus();
+      }
     });
+    stack.addEventListener("keydown", function (event) {
+      if (!keyed) { return; }
+      var c = keyed.corners, step = 0.02, dx = 0, dy = 0;
+      if (event.key === "Enter" || event.key === "Escape") {
+        event.preventDefault();
+        endKeyed(event.key === "Enter", true);
+        return;
+      }
+      if (event.key === "ArrowLeft") { dx = -step; }
+      else if (event.key === "ArrowRight") { dx = step; }
+      else if (event.key === "ArrowUp") { dy = -step; }
+      else if (event.key === "ArrowDown") { dy = step; }
+      else { return; }
+      event.preventDefault();
+      if (event.shiftKey) {
+        c[2] = Math.min(Math.max(c[2] + dx, c[0] + step), 1);
+        c[3] = Math.min(Math.max(c[3] + dy, c[1] + step), 1);
+      } else {
+        dx = Math.min(Math.max(dx, -c[0]), 1 - c[2]);
+        dy = Math.min(Math.max(dy, -c[1]), 1 - c[3]);
+        c[0] += dx; c[2] += dx; c[1] += dy; c[3] += dy;
+      }
+      place(keyed.element, c);
+    });
+    stack.addEventListener("focusout", function () { endKeyed(false, false); });
     stack.addEventListener("pointerdown", function (event) {
       if (!stack.classList.contains("marking")) { return; }
+      endKeyed(false, false);
+      stack.classList.add("marking");
       event.preventDefault();
       start = at(event);
       dragged = outline();

@@ -37,6 +37,7 @@ from urllib.parse import parse_qs, quote, unquote
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader
@@ -44,6 +45,7 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from acwi_node import __version__
 from acwi_node.config import Settings
@@ -491,10 +493,51 @@ def destination_outboxes(store: ReviewStore, settings: Settings) -> list[dict[st
     return rows
 
 
+#: Paths answered in JSON whatever the client accepts: programs call them.
+MACHINE_PREFIXES = (*BASIC_PREFIXES, "/healthz", "/readyz", "/metrics", "/static/")
+#: Page titles of the HTTP errors a browser may meet on the review pages.
+ERROR_TITLES = {401: "Sign in required", 403: "Forbidden", 404: "Not found", 405: "Not allowed"}
+
+
+def wants_page(request: Request) -> bool:
+    """Whether an error is answered as a page: a browser's request (it accepts HTML) for a
+    path that is no program's (:data:`MACHINE_PREFIXES`)."""
+    path = request.url.path
+    return not path.startswith(MACHINE_PREFIXES) and "text/html" in request.headers.get(
+        "accept", ""
+    )
+
+
+async def error_page(request: Request, status_code: int, message: str) -> HTMLResponse:
+    """The review app's page of an HTTP error (:func:`wants_page`)."""
+    review: ReviewApp = request.app.state.review
+    return await run_in_threadpool(
+        partial(
+            review.page,
+            "error.html",
+            request,
+            status_code=status_code,
+            title=ERROR_TITLES.get(status_code, f"Error {status_code}"),
+            message=message,
+        )
+    )
+
+
 def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewApp:
     """Add the review pages and the authentication middleware to ``app``."""
     review = ReviewApp(settings, ledger)
     app.state.review = review
+
+    @app.exception_handler(StarletteHTTPException)
+    async def page_or_json(request: Request, exc: StarletteHTTPException) -> Response:
+        """A browser following a stale link (a case or study no longer there) gets a page
+        with the reason and the way back, not a JSON object; a program gets JSON as ever."""
+        if not wants_page(request):
+            return await http_exception_handler(request, exc)
+        page = await error_page(request, exc.status_code, str(exc.detail))
+        page.headers.update(exc.headers or {})
+        return page
+
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="review-static")
     cookie_secure = settings.review.cookie_secure
 

@@ -40,7 +40,7 @@ from acwi_node.ledger import Ledger, NoSuchStudy, StudyActionRefused, StudyState
 from acwi_node.ledger.trace import study_trace
 from acwi_node.review.inputs import plain_path_and_query
 from acwi_node.review.store import ReviewStore, WorklistFilters
-from acwi_node.review.views import destination_outboxes, install_review
+from acwi_node.review.views import destination_outboxes, error_page, install_review, wants_page
 from acwi_node.web.feedback import feedback_router
 from acwi_node.web.guards import (
     ApiLimits,
@@ -89,6 +89,8 @@ async def request_invalid(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     if any(tuple(error.get("loc") or ())[:1] == ("path",) for error in errors):
+        if wants_page(request):  # a browser's review page: as any other 404 of one
+            return await error_page(request, 404, "Not Found")
         return JSONResponse({"detail": "Not Found"}, status_code=404)
     return JSONResponse({"detail": [_reportable(error) for error in errors]}, status_code=422)
 

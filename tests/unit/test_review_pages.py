@@ -359,3 +359,31 @@ def test_times_are_shown_on_the_hospitals_clock_with_their_offset(tmp_path: Path
             assert re.search(r"<li>\d{4}-\d\d-\d\d \d\d:\d\d \+0530: jane escalate", case)
     finally:
         ledger.dispose()
+
+
+def test_a_stale_link_gives_a_browser_a_page_and_a_program_json(
+    client: tuple[TestClient, Ledger, int],
+) -> None:
+    """A radiologist following a link to a case or study that is no longer there (or a
+    mistyped one) got ``{"detail":"no such case"}``; a browser now gets a page with the
+    reason and the way back to the worklist. Programs, and the API, get JSON as before."""
+    c, _, item = client
+    sign_in(c, "jane")
+    html = {"Accept": "text/html,application/xhtml+xml"}
+    for path, reason in [
+        (f"/review/cases/{item + 1000}", "no such case"),
+        ("/review/cases/not-a-number", "Not Found"),
+        ("/review/studies/1.2.3.4", "no such study"),
+        ("/review/no-such-page", "Not Found"),
+    ]:
+        page = c.get(path, headers=html)
+        assert page.status_code == 404, path
+        assert page.headers["content-type"].startswith("text/html"), path
+        assert page.headers["cache-control"] == "no-store"
+        assert "<h1>Not found</h1>" in page.text and f"<p>{reason}</p>" in page.text, path
+        assert 'href="/review/worklist"' in page.text
+        program = c.get(path)  # no Accept: text/html
+        assert (program.status_code, program.json()) == (404, {"detail": reason}), path
+    for path in ("/api/studies/1.2.3.4", "/api/review/cases/999999"):
+        answer = c.get(path, headers=html)
+        assert answer.status_code == 404 and answer.headers["content-type"] == "application/json"

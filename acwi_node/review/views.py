@@ -68,7 +68,7 @@ from acwi_node.monitoring.shadow import ShadowComparison
 from acwi_node.monitoring.traffic import traffic_monitor
 from acwi_node.monitoring.turnaround import TurnaroundMonitor, duration
 from acwi_node.observability import metrics
-from acwi_node.results.heatmap import Window, render_grey
+from acwi_node.results.heatmap import Window, colour_map, render_grey
 from acwi_node.results.overlay import heat_path, overlay_rgba, read_cam
 from acwi_node.results.sr import summarise_sr
 from acwi_node.results.uids import result_uids
@@ -273,6 +273,19 @@ def render_overlay_png(cam: np.ndarray, rows: int, columns: int) -> bytes:
     ``rows`` x ``columns`` source (:func:`acwi_node.results.overlay.overlay_rgba`)."""
     width, height = display_size(rows, columns)
     return _png(overlay_rgba(cam, height, width))
+
+
+#: Width and height of the heatmap's colour scale on the case page (pixels).
+LEGEND_SIZE = (256, 14)
+
+
+@lru_cache(maxsize=1)
+def render_legend_png() -> bytes:
+    """The heatmap's colour map from heat 0 (left) to 1 (right), as the overlays and the
+    secondary captures draw it (:func:`acwi_node.results.heatmap.colour_map`)."""
+    width, height = LEGEND_SIZE
+    row = np.clip(np.rint(colour_map(np.linspace(0.0, 1.0, width)) * 255.0), 0, 255)
+    return _png(np.repeat(row.astype(np.uint8)[None], height, axis=0))
 
 
 def render_heatmap_png(heatmap_path: Path, rows: int, columns: int) -> bytes:
@@ -1332,6 +1345,18 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         except (OSError, ValueError, AttributeError) as exc:
             raise HTTPException(status_code=404, detail="heatmap cannot be rendered") from exc
         return Response(data, media_type="image/png", headers=IMAGE_HEADERS)
+
+    @app.get("/review/heatmap-scale.png", include_in_schema=False)
+    def heatmap_scale() -> Response:
+        """The heatmap's colour scale, 0 to 1 (the case page's legend)."""
+        return Response(
+            render_legend_png(),
+            media_type="image/png",
+            headers={
+                "Cache-Control": "private, max-age=86400",
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
 
     @app.get("/review/cases/{item_id}/overlays/{sop}.png", include_in_schema=False)
     def case_overlay(item_id: RowId, sop: str, frame: int | None = Query(None, ge=1)) -> Response:

@@ -28,7 +28,7 @@ from acwi_node.config import BurnedInRegions, Settings
 from acwi_node.export.outbox import Exporter
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import AuditEvent, Delivery, Result, Verdict
-from acwi_node.results.heatmap import MAX_ALPHA
+from acwi_node.results.heatmap import MAX_ALPHA, colour_map
 from acwi_node.results.sr import summarise_sr
 from acwi_node.review.commands import run as run_review_command
 from acwi_node.review.feedback import ExportError, export_feedback
@@ -610,6 +610,26 @@ def test_each_images_heatmap_controls_name_their_image(
     for n in (1, 2):
         assert f'class="heatmap-toggle" checked aria-label="heatmap over image {n}"' in page
         assert f'value="100" aria-label="heatmap opacity, image {n}"' in page
+
+
+def test_a_case_with_heatmaps_shows_their_colour_scale(
+    env: tuple[Settings, Ledger, TestClient], tmp_path: Path
+) -> None:
+    """The heatmap's colours carried its meaning alone (a jet-like map, its red and green
+    hard to tell apart for colour-blind readers): the page names the scale's ends and shows
+    it, as the overlays draw it."""
+    settings, ledger, client = env
+    item, _ = make_review_case(settings, ledger, tmp_path)
+    sign_in(client)
+    page = client.get(f"/review/cases/{item}").text
+    assert page.count('src="/review/heatmap-scale.png"') == 1
+    assert "0, none" in page and "1, strongest" in page and "not a probability" in page
+    scale = client.get("/review/heatmap-scale.png")
+    assert scale.status_code == 200 and scale.headers["content-type"] == "image/png"
+    pixels = np.asarray(Image.open(io.BytesIO(scale.content)).convert("RGB"))
+    assert pixels.shape == (14, 256, 3)
+    ends = np.rint(colour_map(np.array([0.0, 1.0])) * 255.0).astype(np.uint8)
+    assert (pixels[0, 0] == ends[0]).all() and (pixels[0, -1] == ends[1]).all()
 
 
 def confirm(client: TestClient, item: int) -> None:

@@ -78,7 +78,22 @@ class JsonLinesSink:
                     fd, self._fd = self._fd, -1
                     os.close(fd)
                 self._open()
-            os.write(self._fd, line)
+            written = os.write(self._fd, line)
+            if written < len(line):
+                self._cut_back(written)
+                raise OSError(
+                    errno.ENOSPC, f"the audit file took {written} of a record's {len(line)} bytes"
+                )
+
+    def _cut_back(self, written: int) -> None:
+        """Remove the ``written`` bytes of a record cut short (a full disk takes part of a
+        write without an error): left there, the next record appended, by any process, once
+        there is room again would share its line, and neither could be read. Left alone if
+        another process appended after it meanwhile."""
+        end = os.lseek(self._fd, 0, os.SEEK_CUR)  # O_APPEND: the end of this write
+        with contextlib.suppress(OSError):
+            if os.fstat(self._fd).st_size == end:
+                os.ftruncate(self._fd, end - written)
 
     def close(self) -> None:
         with self._lock:
@@ -228,12 +243,15 @@ class AuditTrail:
         if record.detail:
             body["detail"] = record.detail
         line = json.dumps(body, ensure_ascii=False, separators=(",", ":")) + "\n"
-        self.file.write(line.encode("utf-8"))
-        if self.syslog is not None:
-            if not self.cfg.patient_id and record.patient_ids:
-                record = AuditRecord(**{**record.__dict__, "patient_ids": ()})
-            for frame in self._syslog_frames(record, self.syslog.message_limit):
-                self.syslog.send(frame)
+        try:
+            self.file.write(line.encode("utf-8"))
+        finally:
+            # A file that cannot take the record (a full data disk) keeps it from no collector.
+            if self.syslog is not None:
+                if not self.cfg.patient_id and record.patient_ids:
+                    record = AuditRecord(**{**record.__dict__, "patient_ids": ()})
+                for frame in self._syslog_frames(record, self.syslog.message_limit):
+                    self.syslog.send(frame)
 
     def _frame(self, record: AuditRecord) -> bytes:
         xml = audit_message_xml(

@@ -161,6 +161,13 @@ def _preallocate(fd: int, size: int) -> None:
         os.ftruncate(fd, 0)
 
 
+#: Seconds between tries of a checkpoint that failed (a full disk, a ledger down).
+CHECKPOINT_RETRY_S = 1.0
+#: While a checkpoint keeps failing the same way it is tried every CHECKPOINT_RETRY_S and
+#: counted each time, but logged again (one line) at most this often: a full disk outlasting
+#: a night must not fill the log with a traceback a second.
+CHECKPOINT_FAILURE_LOG_S = 60.0
+
 #: What a spare segment is written with, a MiB at a time.
 _ZEROS = bytes(1 << 20)
 
@@ -358,6 +365,10 @@ class IngestJournal:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.checkpoints = 0
+        #: Seconds between tries of a checkpoint that failed.
+        self.retry_s = CHECKPOINT_RETRY_S
+        #: A checkpoint failing again the same way is logged at most this often (seconds).
+        self.failure_log_s = CHECKPOINT_FAILURE_LOG_S
 
     # ---------------------------------------------------------------- life
     def open(self) -> None:
@@ -691,6 +702,12 @@ class IngestJournal:
 
     # ---------------------------------------------------------- checkpoint
     def _checkpoint_loop(self) -> None:
+        # A checkpoint that keeps failing the same way (a full disk for hours) is tried every
+        # second and counted each time, but logged with its traceback once, then a line at
+        # most every CHECKPOINT_FAILURE_LOG_S, and once more when it works again.
+        failing: str | None = None
+        failures = 0
+        logged_at = 0.0
         while not self._stop.is_set():
             due_in = self._checkpoint_due_in()
             if due_in > 0:
@@ -704,10 +721,30 @@ class IngestJournal:
                 continue
             try:
                 self.checkpoint()
-            except Exception:
+            except Exception as exc:
                 metrics.JOURNAL_CHECKPOINT_FAILURES.inc()
-                log.exception("ingest journal: checkpoint failed; trying again")
-                self._stop.wait(1.0)
+                failures += 1
+                lines = str(exc).splitlines()
+                what = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+                now = time.monotonic()
+                if what != failing:
+                    log.exception("ingest journal: checkpoint failed; trying again")
+                    failing, logged_at = what, now
+                elif now - logged_at >= self.failure_log_s:
+                    log.error(
+                        "ingest journal: checkpoint still failing after %d tries (%s);"
+                        " trying again",
+                        failures,
+                        what,
+                    )
+                    logged_at = now
+                self._stop.wait(self.retry_s)
+                continue
+            if failing is not None:
+                log.warning(
+                    "ingest journal: checkpoint done after %d failed tries (%s)", failures, failing
+                )
+                failing, failures = None, 0
 
     def _idle(self) -> bool:
         """Nothing journaled for ``checkpoint_idle_s``, or nothing to checkpoint."""

@@ -1534,6 +1534,26 @@ class Ledger:
                 self._sync_job_delivery(s, job.id)
             return queued
 
+    def postpone_job(self, job_id: int) -> bool:
+        """Put a job its worker could not finish for want of disk space back in the queue,
+        its attempt not counted: the reconciler sends it again after
+        ``completion.requeue_after_s``, and a study queued is one storage retention keeps.
+        False when it is not this worker's analysis of the study's current generation (final,
+        or re-opened meanwhile): :meth:`fail_job` then says what it is."""
+        with self.session() as s:
+            job = s.get_one(Job, job_id)
+            if job.state != JobState.ANALYSING:
+                return False
+            if job.generation < s.get_one(Study, job.study_id).generation:
+                return False
+            job.state = JobState.QUEUED
+            job.attempts = max(0, job.attempts - 1)
+            job.enqueued_at = utcnow()
+            job.started_at = None
+            job.heartbeat_at = None
+            self._sync_study(s, job.study_id)
+            return True
+
     def fail_job(self, job_id: int, error: str) -> bool:
         """Mark a job failed with ``error``; False when it was not: it was final already, or
         its study re-opened while it ran (a newer generation of it is receiving or complete:

@@ -21,6 +21,7 @@ study's result folder (``retention.keep_hours``, or when the disk runs short).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -39,7 +40,7 @@ from acwi_node.export.wakeup import wake_exporter
 from acwi_node.inference.analyser import Analyser, NothingToAnalyse
 from acwi_node.inference.engines import EngineOptions
 from acwi_node.inference.types import DeferredHeatmap, StudyAnalysis
-from acwi_node.ingest.spool import Spool
+from acwi_node.ingest.spool import Spool, SpoolError
 from acwi_node.ledger import Ledger, ResultFile
 from acwi_node.ledger.models import Job, Result, Study
 from acwi_node.ledger.withdrawals import Withdrawals
@@ -229,7 +230,8 @@ def read_inputs(
 
 
 def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
-    """Analyse one job. Returns what happened: analysed, skipped, superseded or failed."""
+    """Analyse one job. Returns what happened: analysed, skipped, superseded, postponed (its
+    results could not be written for want of disk space: queued again) or failed."""
     worker = settings.worker
     job = ledger.claim_job(job_id, lease_s=worker.lease_s, max_attempts=worker.max_attempts)
     if job is None:
@@ -370,6 +372,18 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
         log.warning("job %d: nothing to analyse: %s", job_id, exc)
         return "failed"
     except Exception as exc:
+        # A full disk is no fault of the study's: the job waits in the queue, its files
+        # removed, and is analysed again once there is room (a failed study's images would
+        # be the first storage retention deletes to make room).
+        if out_of_space(exc) and ledger.postpone_job(job_id):
+            _remove_unrecorded(ledger, study_uid, written)
+            log.error(
+                "job %d: the results could not be written (%s); the job is queued again and"
+                " analysed once the data disk has room",
+                job_id,
+                _brief(exc),
+            )
+            return "postponed"
         # A study re-opened while its job ran may have had a file replaced under it (its
         # Pixel Data is read when used): the job is superseded, its failure no news.
         if not ledger.fail_job(job_id, f"analysis failed: {_brief(exc)}"):
@@ -490,6 +504,20 @@ def _enqueue_shadow(ledger: Ledger, job_id: int) -> None:
         enqueue_shadow(app, ledger, ShadowJobs(ledger).of_job(job_id))
     except Exception as exc:
         log.warning("job %d: shadow jobs not enqueued (the reconciler will): %s", job_id, exc)
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether ``exc``, or an exception it was raised from, is a full disk or quota."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, SpoolError) and current.out_of_space:
+            return True
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _superseded_meanwhile(job_id: int, exc: Exception) -> str:

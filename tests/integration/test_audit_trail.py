@@ -320,6 +320,34 @@ def test_syslog_collector_down_then_back(tmp_path: Path) -> None:
         close_audit()
 
 
+def test_a_record_the_audit_file_cannot_take_still_goes_to_the_collector(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The data disk is full: the audit file cannot take the record, but the collector (on
+    another host, not short of space) gets it; it got nothing, the record was lost."""
+    collector = _Collector("udp")
+    settings = load_settings(
+        None,
+        node={"data_dir": tmp_path / "data"},
+        audit={"syslog_url": f"udp://127.0.0.1:{collector.port}"},
+    )
+    trail = configure_audit(settings, "scp")
+    assert trail is not None
+
+    def full_disk(line: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    try:
+        monkeypatch.setattr(trail.file, "write", full_disk)
+        audit(AuditEvent.ASSOCIATION_ACCEPTED, detail="while the data disk is full")
+        messages = collector.wait(1)
+        assert b"while the data disk is full" in messages[0]
+        assert "could not record association_accepted" in caplog.text
+    finally:
+        close_audit()
+        collector.close()
+
+
 def test_a_record_too_long_for_one_udp_datagram_goes_in_parts_and_holds_nothing_up(
     tmp_path: Path,
 ) -> None:

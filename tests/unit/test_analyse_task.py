@@ -20,7 +20,7 @@ from sqlalchemy import select, update
 
 from acwi_node.config import Settings
 from acwi_node.dicom_pixels import PIXEL_DATA
-from acwi_node.ingest.spool import Spool
+from acwi_node.ingest.spool import Spool, SpoolError
 from acwi_node.ledger import InstanceRecord, Ledger, RoutedJob
 from acwi_node.ledger.models import Job, Study, utcnow
 from acwi_node.results.uids import result_uids
@@ -584,6 +584,45 @@ def test_a_job_that_fails_after_writing_results_leaves_no_files(
     assert sorted(p.name for p in folder.glob("*")) == []
     assert st["reason"].startswith(f"{ROUTE}: analysis failed: ValueError: could not convert")
     assert len(st["reason"]) < 400 and st["reason"].endswith("...")
+
+
+def test_a_job_whose_results_a_full_disk_refuses_waits_in_the_queue_and_is_analysed_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data disk filled while the worker wrote a study's results: the job failed for good,
+    and storage retention, short of space, deleted the failed study's images at once. The job
+    goes back to the queue instead, its attempt not counted and its files removed, and is
+    analysed once there is room."""
+    settings = review_settings(tmp_path, routes=[_route()])
+    files = write_study(tmp_path / "src", n_images=2, size=64)
+    real = Spool.write
+    calls = itertools.count(1)
+
+    def full_disk(self: Spool, *args: Any, **kwargs: Any) -> Any:
+        if next(calls) == 2:  # the SR was written; the first heatmap finds the disk full
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError as exc:
+                raise SpoolError("cannot write to spool: full", out_of_space=True) from exc
+        return real(self, *args, **kwargs)
+
+    ledger = Ledger(settings.database_url)
+    try:
+        job_id, study_uid = store_and_route(settings, ledger, files)
+        monkeypatch.setattr(Spool, "write", full_disk)
+        assert analyse.run_job(settings, ledger, job_id) == "postponed"
+        st = ledger.get_study(study_uid)
+        assert st is not None and st["state"] == "queued", st
+        assert list((settings.results_dir / study_uid).glob("*")) == []
+        with ledger.session() as s:
+            job = s.get_one(Job, job_id)
+            assert (job.state.value, job.attempts, job.error) == ("queued", 0, "")
+            assert job.enqueued_at is not None  # the reconciler sends it again in time
+        monkeypatch.setattr(Spool, "write", real)  # room again
+        assert analyse.run_job(settings, ledger, job_id) == "analysed"
+        assert _result_classes(settings, study_uid) == [SC_CLASS] * 2 + [SR_CLASS]
+    finally:
+        ledger.dispose()
 
 
 def test_a_failed_job_leaves_a_file_another_job_wrote_over_its_own(

@@ -1,4 +1,5 @@
-"""The audit file: a re-open that fails after a rotation leaves no stale descriptor behind."""
+"""The audit file: a re-open that fails after a rotation leaves no stale descriptor behind; a
+record a full disk cuts short leaves no fragment behind."""
 
 from __future__ import annotations
 
@@ -88,3 +89,28 @@ def test_a_write_after_a_close_that_reported_an_error_goes_to_the_audit_file(
     finally:
         failing.close_others()
         sink.close()
+
+
+def test_a_record_a_full_disk_cuts_short_leaves_no_fragment_for_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk takes part of a write without an error (the blocks left, or the rest of the
+    file's last block). The fragment stayed at the end of the file, the record counted as
+    written; once there was room again the next record was appended to it, one line that
+    neither record could be read from."""
+    path = tmp_path / "audit.jsonl"
+    sink = JsonLinesSink(path)
+    sink.write(b'{"n":1}\n')
+    real_write = os.write
+
+    def full_disk(fd: int, data: bytes) -> int:
+        return real_write(fd, bytes(data)[:5])  # what the file system had room for
+
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(OSError) as raised:
+        sink.write(b'{"n":2,"detail":"cut short"}\n')
+    assert raised.value.errno == errno.ENOSPC
+    monkeypatch.setattr(os, "write", real_write)
+    sink.write(b'{"n":3}\n')  # room again
+    sink.close()
+    assert path.read_bytes() == b'{"n":1}\n{"n":3}\n'

@@ -885,6 +885,41 @@ def test_a_failed_checkpoint_keeps_the_journal_and_counts(
     journal.close()
 
 
+def test_a_checkpoint_failing_for_long_logs_one_traceback_not_one_a_second(
+    tmp_path: Path, flushes: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full disk lasting hours: the checkpoint is tried again every second and counted
+    each time, but its traceback is logged once (a traceback a second filled the log of a
+    node whose data disk was full), and its recovery once."""
+    failures = metrics.JOURNAL_CHECKPOINT_FAILURES._value.get()
+    broken = [True]
+
+    def flush_ledger() -> None:
+        if broken[0]:
+            raise OSError(28, "No space left on device")
+        flushes.append("ledger")
+
+    journal = IngestJournal(tmp_path / ".journal", tmp_path, flush_ledger, checkpoint_s=0.05)
+    journal.retry_s = 0.01
+    caplog.set_level(logging.INFO, logger="acwi_node.ingest")
+    journal.open()
+    journal.done(journal.append({"i": 0}, b"data"))
+    deadline = time.monotonic() + 10
+    while metrics.JOURNAL_CHECKPOINT_FAILURES._value.get() < failures + 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    broken[0] = False
+    while journal.pending_records:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    journal.close()
+    said = [r for r in caplog.records if "checkpoint" in r.getMessage()]
+    assert len([r for r in said if r.exc_info]) == 1, [r.getMessage() for r in said]
+    assert len(said) == 2, [r.getMessage() for r in said]
+    assert "done after" in said[-1].getMessage()
+    assert "No space left on device" in said[-1].getMessage()
+
+
 def test_a_record_written_while_the_journal_closes_is_still_flushed(
     tmp_path: Path, flushes: list[str]
 ) -> None:

@@ -269,11 +269,31 @@ class HeadAsGet:
         await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
+#: PostgreSQL's SQLSTATE for a full disk (class 53, insufficient resources).
+PG_DISK_FULL = "53100"
+
+
+def disk_full(exc: OperationalError) -> bool:
+    """Whether the ledger's database failed for want of disk space: SQLite's "database or
+    disk is full", PostgreSQL's ``disk_full``, or an ENOSPC either passed on."""
+    orig = exc.orig
+    text = str(orig)
+    return (
+        "database or disk is full" in text
+        or getattr(orig, "sqlstate", None) == PG_DISK_FULL
+        or "No space left on device" in text
+    )
+
+
 async def server_failed(request: Request, exc: Exception) -> Response:
     """The answer to an error nothing else answered (the traceback goes to the log, never to
     the client): 503 while the ledger does not answer (its database down, unreachable or
-    locked: try again later), else 500; as JSON on ``/api/``, as text elsewhere."""
-    if isinstance(exc, OperationalError | PoolTimeout):
+    locked: try again later; or its disk full, said so: waiting will not mend it), else 500;
+    as JSON on ``/api/``, as text elsewhere."""
+    if isinstance(exc, OperationalError) and disk_full(exc):
+        status, detail = 503, "the node's data disk is full: the ledger cannot write"
+        headers = {"Retry-After": "60"}
+    elif isinstance(exc, OperationalError | PoolTimeout):
         status, detail = 503, "the node's ledger is not answering: try again later"
         headers = {"Retry-After": "30"}
     else:

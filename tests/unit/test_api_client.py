@@ -5,10 +5,12 @@ ledger that does not answer told as a JSON 503 (never a traceback, never text)."
 from __future__ import annotations
 
 import base64
+import sqlite3
 from collections.abc import Iterator
 from typing import Any
 
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import OperationalError
 
 from acwi_node.config import Settings
 from acwi_node.ledger import Ledger
@@ -94,3 +96,20 @@ def test_a_ledger_that_does_not_answer_is_a_json_503(settings: Settings) -> None
             assert "Traceback" not in answer.text and "127.0.0.1" not in answer.text
     finally:
         down.dispose()
+
+
+def test_a_ledger_on_a_full_disk_says_so(settings: Settings, ledger: Ledger) -> None:
+    """SQLite's "database or disk is full" was answered "the ledger is not answering: try
+    again later", which sent the operator looking for a database that was up."""
+    add_user(ledger, "ada", role="admin")
+    app = create_app(settings, ledger)
+    full = OperationalError("INSERT ...", {}, sqlite3.OperationalError("database or disk is full"))
+
+    @app.get("/api/full")
+    def write_on_a_full_disk() -> None:
+        raise full
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.get("/api/full", auth=ADMIN)
+    assert answer.status_code == 503
+    assert answer.json() == {"detail": "the node's data disk is full: the ledger cannot write"}

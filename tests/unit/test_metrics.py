@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import stat
 import subprocess
 import sys
 import urllib.request
@@ -235,9 +236,11 @@ def test_ops_server_serves_health_readiness_and_process_metrics(
 PREFORK_SCRIPT = """
 import multiprocessing, sys
 from acwi_node.config import load_settings
-from acwi_node.observability.multiproc import enable_multiprocess
-folder = enable_multiprocess(load_settings(None, node={"data_dir": sys.argv[1]}))
-assert folder is not None
+from pathlib import Path
+from acwi_node.observability import multiproc
+multiproc.SHARED_MEMORY = Path(sys.argv[2])
+folder = multiproc.enable_multiprocess(load_settings(None, node={"data_dir": sys.argv[1]}))
+assert folder is not None and folder.parent.parent == multiproc.SHARED_MEMORY
 from acwi_node.observability import metrics
 
 def child() -> None:
@@ -256,8 +259,9 @@ sys.stdout.write(metrics.process_metrics().decode())
 
 def test_prefork_pool_metrics_add_up_across_processes(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    (tmp_path / "shm").mkdir()
     done = subprocess.run(
-        [sys.executable, "-c", PREFORK_SCRIPT, str(tmp_path)],
+        [sys.executable, "-c", PREFORK_SCRIPT, str(tmp_path / "data"), str(tmp_path / "shm")],
         capture_output=True,
         text=True,
         timeout=120,
@@ -273,7 +277,102 @@ def test_prefork_pool_metrics_add_up_across_processes(tmp_path: Path) -> None:
     assert values[("acwi_worker_jobs_total", (("outcome", "analysed"),))] == 3
     assert values[("acwi_worker_jobs_total", (("outcome", "failed"),))] == 1
     assert values[("acwi_inference_seconds_count", (("model", "m"), ("version", "1")))] == 3
-    assert list((tmp_path / "metrics").iterdir())  # the pool's own folder under data_dir
+    # the pool's own folder, on the memory file system and not on the data disk
+    assert [p.name for p in (tmp_path / "shm").glob("acwi-node-*/worker-*")]
+    assert not (tmp_path / "data" / "metrics").exists()
+
+
+def _node(data_dir: Path) -> Settings:
+    return load_settings(None, node={"data_dir": str(data_dir)})
+
+
+def test_multiprocess_metrics_are_kept_off_the_data_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prometheus_client's sparse mmapped files kill a process with SIGBUS when the file system
+    they are on is full: they are on /dev/shm, in a private folder of each data directory."""
+    from acwi_node.observability import multiproc
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(multiproc, "SHARED_MEMORY", shm)
+    monkeypatch.setenv(multiproc.ENV, "")  # prometheus_client is loaded here already
+    first = multiproc.enable_multiprocess(_node(tmp_path / "a"), "scp")
+    assert first is not None and first.is_dir()
+    assert first.parent.parent == shm and not (tmp_path / "a" / "metrics").exists()
+    assert os.environ[multiproc.ENV] == str(first)
+    assert stat.S_IMODE(first.parent.stat().st_mode) == 0o700
+    # Another data directory (another node on the host) has its own folder; the same one
+    # named another way has the same.
+    other = multiproc.metrics_root(_node(tmp_path / "b"))
+    assert other != first.parent and other.parent == shm
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    assert multiproc.metrics_root(_node(tmp_path / "link")) == first.parent
+    # A folder a process left (its pid used again) is emptied; a stopped one's removed.
+    (first / "counter_1.db").write_bytes(b"x")
+    again = multiproc.enable_multiprocess(_node(tmp_path / "a"), "scp")
+    assert again == first and not list(first.iterdir())
+    multiproc.disable_multiprocess(first)
+    assert not first.exists() and other.is_dir()
+    assert not first.parent.exists()  # the node's folder, empty, goes too
+    # A folder other processes of the node still use stays.
+    worker = multiproc.enable_multiprocess(_node(tmp_path / "a"), "worker")
+    web = multiproc.enable_multiprocess(_node(tmp_path / "a"), "web")
+    assert worker is not None and web is not None and worker.parent == web.parent
+    multiproc.disable_multiprocess(web)
+    assert worker.is_dir()
+    multiproc.disable_multiprocess(worker)
+    assert not worker.parent.exists()
+
+
+def test_multiprocess_metrics_fall_back_to_the_data_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from acwi_node.observability import multiproc
+
+    node = _node(tmp_path / "data")
+    monkeypatch.setattr(multiproc, "SHARED_MEMORY", tmp_path / "missing")
+    assert multiproc.metrics_root(node) == tmp_path / "data" / "metrics"
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(multiproc, "SHARED_MEMORY", shm)
+    shm.chmod(0o500)  # not writable
+    try:
+        if not os.access(shm, os.W_OK):  # (root may write anyway)
+            assert multiproc.metrics_root(node) == tmp_path / "data" / "metrics"
+    finally:
+        shm.chmod(0o700)
+    # A name someone else planted there (a link to elsewhere) is not used.
+    expected = multiproc.metrics_root(node)
+    expected.rmdir()
+    expected.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    assert multiproc.metrics_root(node) == tmp_path / "data" / "metrics"
+    # A folder of this user's with a wider mode is made private.
+    expected.unlink()
+    expected.mkdir(mode=0o755)
+    expected.chmod(0o755)
+    assert multiproc.metrics_root(node) == expected
+    assert stat.S_IMODE(expected.stat().st_mode) == 0o700
+
+
+def test_multiprocess_metrics_use_dev_shm_where_it_is_usable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from acwi_node.observability import multiproc
+
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        pytest.skip("no writable /dev/shm here")
+    monkeypatch.setenv(multiproc.ENV, "")  # prometheus_client is loaded here already
+    folder = multiproc.enable_multiprocess(_node(tmp_path), "web")
+    assert folder is not None
+    try:
+        assert folder.parent.parent == shm
+        assert folder.parent.name.startswith(f"acwi-node-{os.getuid()}-")
+    finally:
+        multiproc.disable_multiprocess(folder)
+    assert not folder.exists() and not folder.parent.exists()
 
 
 ALERT_RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "acwi-alerts.yml"

@@ -20,6 +20,7 @@ from typing import Any
 from highdicom import SOPClass
 from pydicom import DataElement, Dataset
 from pydicom.multival import MultiValue
+from pydicom.sr.codedict import codes
 from pydicom.tag import BaseTag
 from pydicom.valuerep import DA, DT, TM
 
@@ -30,6 +31,8 @@ __all__ = [
     "clean_patient_sex",
     "conformant_date_time",
     "copy_anatomy",
+    "frame_body_part",
+    "frame_laterality",
     "copy_patient_and_study",
     "patient_study_header",
     "source_header",
@@ -232,17 +235,75 @@ UNPAIRED_BODY_PARTS = frozenset((
 # fmt: on
 
 
+def _frame_anatomy(source: Dataset) -> Dataset | None:
+    """An enhanced image's Frame Anatomy item: the shared functional group's, else the first
+    frame's; None when there is none."""
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        try:
+            anatomy = source.get(groups)[0].get("FrameAnatomySequence")
+            if anatomy:
+                item: Dataset = anatomy[0]
+                return item
+        except (TypeError, IndexError, AttributeError):
+            continue
+    return None
+
+
+def _body_parts_by_code() -> dict[tuple[str, str], str]:
+    """PS3.16 CID 4031 (Common Anatomic Regions) codes whose meaning is one word: that word,
+    upper case, is the region's Body Part Examined defined term (Chest: CHEST, Knee: KNEE;
+    PS3.16 Annex L). Regions of several words (Abdomen and Pelvis: ABDOMENPELVIS) are left
+    out rather than guessed, and so are the six one-word regions that are not defined terms
+    (dciodvfy's verdict, as for :data:`UNPAIRED_BODY_PARTS`)."""
+    not_terms = {"ANUS", "FIBULA", "FOREARM", "MANDIBLE", "PHANTOM", "SACRUM"}
+    cid = codes.cid4031
+    table = {}
+    for name in cid.dir():
+        code = getattr(cid, name)
+        meaning = str(code.meaning)
+        if meaning.isalpha() and meaning.upper() not in not_terms:
+            table[(str(code.scheme_designator), str(code.value))] = meaning.upper()
+    return table
+
+
+_BODY_PART_BY_CODE = _body_parts_by_code()
+
+
+def frame_body_part(source: Dataset) -> str:
+    """The Body Part Examined term of an enhanced image's Frame Anatomy region (Anatomic
+    Region Sequence), where PS3.16 CID 4031 names it with that word; "" otherwise."""
+    regions = _frame_anatomy(source) or Dataset()
+    region = (regions.get("AnatomicRegionSequence") or [None])[0]
+    if not isinstance(region, Dataset):
+        return ""
+    key = (str(region.get("CodingSchemeDesignator", "")), str(region.get("CodeValue", "")))
+    return _BODY_PART_BY_CODE.get(key, "")
+
+
+def frame_laterality(source: Dataset) -> str:
+    """An enhanced image's Frame Laterality (R, L, U for an unpaired structure, B for both),
+    from the Frame Anatomy functional group: the shared one, else the first frame's; "" when
+    there is none."""
+    anatomy = _frame_anatomy(source)
+    return str(anatomy.get("FrameLaterality", "") or "").strip().upper() if anatomy else ""
+
+
 def copy_anatomy(source: Dataset, result: Dataset) -> None:
     """The source's Body Part Examined onto ``result`` (upper case, without spaces around it),
+    (an enhanced image that names none: its Frame Anatomy region's, :func:`frame_body_part`),
     and the General Series module's Laterality (2C): the source's side (Laterality, else
-    Image Laterality) when it is R or L (in either case); absent for an unpaired body part;
-    else empty (unknown)."""
+    Image Laterality, else an enhanced image's Frame Laterality) when it is R or L (in either
+    case); absent for an unpaired body part; else empty (unknown)."""
     # CS is upper case: a "chest" in the field is written, and looked up, as CHEST
     body_part = str(source.get("BodyPartExamined", "") or "").strip().upper()
+    body_part = body_part or frame_body_part(source)
     if body_part:
         result.BodyPartExamined = body_part
     laterality = str(source.get("Laterality", "") or source.get("ImageLaterality", "") or "")
     laterality = laterality.strip().upper()
+    frame_side = frame_laterality(source)
+    if laterality not in {"R", "L"} and frame_side in {"R", "L"}:
+        laterality = frame_side
     if laterality in {"R", "L"}:
         result.Laterality = laterality
     elif body_part in UNPAIRED_BODY_PARTS:

@@ -39,7 +39,7 @@ from acwi_node.results.uids import result_uids
 from models.data.dicom_dataset import load_unit_images, scan_folder
 from models.data.synth import pad_outside_fov, write_ct_series, write_enhanced_ct
 from models.evaluate import read_boxes
-from tests.support.dciodvfy import dciodvfy_errors
+from tests.support.dciodvfy import dciodvfy_errors, dciodvfy_output
 from tests.unit.test_sr_image_groups import _from_template, _same_times
 
 SLICES = 4
@@ -322,9 +322,13 @@ def test_each_frames_heatmap_shows_and_references_its_frame(
         assert int(reference.ReferencedFrameNumber) == n
         assert f"Frame {n} of the source image." in sc.ImageComments
         assert [float(v) for v in sc.PixelSpacing] == [float(v) for v in ds.PixelSpacing]
+        # the Frame Anatomy group's chest (SCT 816094009), an unpaired region: no Laterality
+        # (dciodvfy warned of the empty one written when the body part was not read there)
+        assert sc.BodyPartExamined == "CHEST" and "Laterality" not in sc
         path = tmp_path / f"hm{n}.dcm"
         path.write_bytes(encode_part10(sc))
         assert dciodvfy_errors(path) == []
+        assert "<Laterality>" not in dciodvfy_output(path)
     assert len(seen) == SLICES
     assert uids.heatmap_instance_uid("1.2.3") != uids.heatmap_instance_uid("1.2.3", 1)
     with pytest.raises(ValueError, match="frame 2 of a single-frame image"):

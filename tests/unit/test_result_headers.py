@@ -311,6 +311,66 @@ def test_copy_anatomy_writes_a_side_in_either_case() -> None:
     assert (result.BodyPartExamined, result.Laterality) == ("BREAST", "L")
 
 
+def _enhanced_anatomy(code: tuple[str, str, str] | None, side: str, *, shared: bool) -> Dataset:
+    """A source with a Frame Anatomy functional group (shared or the first frame's) of an
+    anatomic region ``code`` (scheme, value, meaning) and Frame Laterality ``side``."""
+    anatomy = Dataset()
+    if code is not None:
+        region = Dataset()
+        region.CodingSchemeDesignator, region.CodeValue, region.CodeMeaning = code
+        anatomy.AnatomicRegionSequence = [region]
+    anatomy.FrameLaterality = side
+    group = Dataset()
+    group.FrameAnatomySequence = [anatomy]
+    source = Dataset()
+    if shared:
+        source.SharedFunctionalGroupsSequence = [group]
+    else:
+        source.SharedFunctionalGroupsSequence = [Dataset()]
+        source.PerFrameFunctionalGroupsSequence = [group, Dataset()]
+    return source
+
+
+@pytest.mark.parametrize(
+    ("code", "side", "shared", "expected"),
+    [
+        # an unpaired region: Body Part Examined from its code, Laterality absent
+        (("SCT", "816094009", "Chest"), "U", True, ("CHEST", None)),
+        (("SCT", "816094009", "Chest"), "U", False, ("CHEST", None)),
+        # a paired region: the frame's side
+        (("SCT", "72696002", "Knee"), "L", True, ("KNEE", "L")),
+        # both sides: not a value of Laterality, so unknown
+        (("SCT", "76752008", "Breast"), "B", True, ("BREAST", "")),
+        # a region of several words is not guessed: no body part, the side still read
+        (("SCT", "818982008", "Abdomen and Pelvis"), "R", True, (None, "R")),
+        # no region: the side alone
+        (None, "R", True, (None, "R")),
+        (None, "U", True, (None, "")),
+    ],
+)
+def test_an_enhanced_images_frame_anatomy_gives_body_part_and_side(
+    code: tuple[str, str, str] | None,
+    side: str,
+    shared: bool,
+    expected: tuple[str | None, str | None],
+) -> None:
+    """An Enhanced CT names its anatomy in the Frame Anatomy functional group, not in Body
+    Part Examined: its heatmaps had an empty Laterality (dciodvfy: should be absent for an
+    unpaired body part) and no body part."""
+    result = Dataset()
+    copy_anatomy(_enhanced_anatomy(code, side, shared=shared), result)
+    assert (result.get("BodyPartExamined"), result.get("Laterality")) == expected
+
+
+def test_a_sources_own_body_part_and_side_win_over_its_frame_anatomy() -> None:
+    source = _enhanced_anatomy(("SCT", "72696002", "Knee"), "L", shared=True)
+    source.BodyPartExamined = "HIP"
+    source.ImageLaterality = "R"
+    result = Dataset()
+    copy_anatomy(source, result)
+    assert (result.BodyPartExamined, result.Laterality) == ("HIP", "R")
+
+
 @pytest.mark.parametrize("birth_date", ["1967-03-21", "19700230"])
 def test_a_date_of_the_source_is_in_no_failure_reason_nor_log(
     birth_date: str, tmp_path: Path, caplog: pytest.LogCaptureFixture

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,10 @@ def write_cam(object_path: Path, cam: np.ndarray) -> None:
     target = heat_path(object_path)
     temporary: str | None = None
     try:
-        fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=".heat-", suffix=".tmp")
+        # the result objects' mode (0640 under the node's umask), not mkstemp's 0600: a web
+        # process of another user in the node's group reads the object and its map alike
+        temporary = str(target.with_name(f".heat-{secrets.token_hex(8)}.tmp"))
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         with os.fdopen(fd, "wb") as handle:
             np.save(handle, np.ascontiguousarray(cam, dtype=np.float32), allow_pickle=False)
         os.replace(temporary, target)

@@ -29,6 +29,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+from acwi_node.ingest.spool import fsync_dir
+
 SESSION_COOKIE = "acwi_session"
 LOGIN_COOKIE = "acwi_login"
 MIN_PASSWORD_LENGTH = 10
@@ -257,12 +259,18 @@ def load_secret_key(path: Path, what: str = "the review secret key") -> bytes:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(secrets.token_bytes(32))
+            fh.flush()
+            # on disk before it is named: a crash after the link left an empty key, which
+            # stopped the web process from starting (and a de-identification key that changed
+            # would give the same patient another pseudonym in the next feedback export)
+            os.fsync(fh.fileno())
         try:
             os.link(tmp, path)  # never replaces a key another process just wrote
         except FileExistsError:
             pass
         finally:
             tmp.unlink()
+        fsync_dir(path.parent)  # the name too
     key = path.read_bytes()
     if len(key) < 16:
         raise ValueError(f"{path}: {what} must hold at least 16 bytes")

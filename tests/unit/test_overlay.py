@@ -4,6 +4,8 @@ analyser (inference/resample.py)."""
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +93,14 @@ def test_a_ct_slice_is_drawn_in_the_window_asked_for(tmp_path: Path) -> None:
     auto = render_grey(ds, window="auto")
     low, high = np.percentile(hu, (0.5, 99.5))
     assert np.allclose(auto, np.clip((hu - low) / (high - low), 0.0, 1.0))
+
+
+def test_a_kept_map_has_the_result_objects_mode(tmp_path: Path) -> None:
+    """The map was written 0600 (mkstemp's mode) beside result objects written 0640: a web
+    process of another user in the node's group could show the object but not its map."""
+    before = os.umask(0o027)  # the node's own umask (acwi_node.cli.private_umask)
+    try:
+        write_cam(tmp_path / "1.2.3.dcm", np.ones((2, 2), np.float32))
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(heat_path(tmp_path / "1.2.3.dcm").stat().st_mode) == 0o640

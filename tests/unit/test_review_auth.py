@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import io
 import logging
+import os
 import stat
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,29 @@ def test_secret_key_created_private_and_kept(tmp_path: Path) -> None:
     (tmp_path / "short.key").write_bytes(b"abc")
     with pytest.raises(ValueError, match="at least 16 bytes"):
         auth.load_secret_key(tmp_path / "short.key")
+
+
+def test_a_new_secret_key_is_on_disk_before_it_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key was linked into place unflushed: a crash just after left an empty key file,
+    which the web process refused at its next start (and a new de-identification key would
+    give patients other pseudonyms)."""
+    done: list[str] = []
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd: int) -> None:
+        done.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def link(source: str | Path, target: str | Path) -> None:
+        done.append("link")
+        real_link(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    auth.load_secret_key(tmp_path / "review-secret.key")
+    assert done == ["fsync file", "link", "fsync dir"]
 
 
 def test_users(ledger: Ledger) -> None:

@@ -426,6 +426,9 @@ class Collected:
     needs_review_image: np.ndarray  # score or OOD over the manifest thresholds
     study_of: list[str]
     study_needs_review: dict[str, bool]
+    #: (N,) the bootstrap's unit of each image: its patient where ``labels.csv`` names one
+    #: (``"patient <pseudonym>"``), else its study (``"study <uid>"``)
+    cluster_of: list[str] = field(default_factory=list)
     pointing: list[dict[str, Any]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     #: (N,) each image's SOP Instance UID ("<uid> frame <n>" for a frame)
@@ -460,6 +463,7 @@ def collect(
     scores: list[float] = []
     oods: list[float] = []
     study_of: list[str] = []
+    cluster_of: list[str] = []
     study_review: dict[str, bool] = {}
     pointing: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
@@ -489,6 +493,8 @@ def collect(
             scores.append(img.uncertainty.score)
             oods.append(img.ood_score)
             study_of.append(study)
+            patient = member.item.patient
+            cluster_of.append(f"patient {patient}" if patient else f"study {study}")
             sop_uids.append(img.name)
             if member.boxes:
                 heat = img.heatmap_array()
@@ -518,6 +524,7 @@ def collect(
         needs_review_image=(score > manifest.uncertainty_threshold)
         | (ood > manifest.ood.threshold),
         study_of=study_of,
+        cluster_of=cluster_of,
         study_needs_review=study_review,
         pointing=pointing,
         skipped=skipped,
@@ -709,12 +716,15 @@ def required_metrics(
     boxes = [p for p in c.pointing if p["image"] in indices]
     chosen = [case for case in cases if case.image in indices]
     auc_value = macro_auc(probs, truth) if len(truth) else None
+    # whole patients where the labels name them (a patient's studies are not independent
+    # either), else whole studies
+    groups = [(c.cluster_of or c.study_of)[i] for i in np.flatnonzero(sel)]
     ci = bootstrap_ci(
         lambda idx: macro_auc(probs[idx], truth[idx]),
         len(truth),
         resamples=resamples,
         seed=seed,
-        groups=[c.study_of[i] for i in np.flatnonzero(sel)],
+        groups=groups,
     )
     gap = None if in_domain_auc is None or auc_value is None else in_domain_auc - auc_value
     n_images = len(truth)
@@ -741,6 +751,7 @@ def required_metrics(
             "lesion_images": len(boxes),
             "stability_deletion_images": len(chosen),
             "bootstrap_resamples": resamples,
+            "bootstrap_clusters": len(set(groups)),
         },
     }
 

@@ -194,6 +194,39 @@ def test_evaluate_writes_metrics_report_and_plots(tiny_model: Path, tmp_path: Pa
     assert "## Per site" in text and "4 (unseen)" in text
 
 
+def test_the_auc_interval_draws_whole_patients_where_the_labels_name_them(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """The interval drew whole studies only: a patient's studies, which are not independent
+    of each other either, counted as separate evidence. With a ``patient`` column it draws
+    whole patients (here two studies each), else whole studies."""
+    write_dataset(tmp_path / "data", 8, seed=4, sites=[0, 1], size=96)
+    labels = tmp_path / "data" / "labels.csv"
+    with labels.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    studies = list(dict.fromkeys(row["study_instance_uid"] for row in rows))
+    assert len(studies) == 8
+    runs = {}
+    for named in (False, True):
+        if named:
+            for row in rows:
+                row["patient"] = f"p{studies.index(row['study_instance_uid']) // 2}"
+            with labels.open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        metrics = evaluate_model(
+            tiny_model,
+            tmp_path / "data",
+            tmp_path / f"report{named}",
+            mc_samples=2,
+            costly_images=0,
+            log=lambda _: None,
+        )
+        runs[named] = metrics["test"]["n"]["bootstrap_clusters"]
+    assert runs == {False: 8, True: 4}
+
+
 def test_evaluate_cli_reports_bad_input(
     tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

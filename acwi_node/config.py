@@ -872,7 +872,7 @@ class Hl7Settings(_Strict):
     listen_host: Host = "0.0.0.0"
     #: MLLP listener port for orders (ORM^O01, OMI^O23); 0 means no listener.
     listen_port: int = Field(0, ge=0, le=65535)
-    #: Largest message accepted; a larger one closes the connection.
+    #: Largest message (a batch: the whole frame) accepted; a larger one closes the connection.
     max_message_bytes: int = Field(1_048_576, ge=256, le=64 * 1_048_576)
     #: Concurrent connections; more are closed at once.
     max_connections: int = Field(16, ge=1, le=1024)

@@ -1,7 +1,9 @@
 """The MLLP listener for orders from the RIS (asyncio).
 
 One task per connection, at most ``max_connections`` at once (more are closed at once). Each
-framed message gets exactly one acknowledgement (``AR`` where none could be built); the ledger
+framed message gets exactly one acknowledgement (``AR`` where none could be built), or none
+where its MSH-15 and MSH-16 (enhanced mode) ask for none; a batch (FHS/BHS) one batch of
+acknowledgements; the ledger
 work runs in a thread so a slow database never blocks other connections. A peer that breaks
 framing (no start byte, no end bytes before the read timeout or the end of the connection, a
 message over ``max_message_bytes``) or stays idle past ``idle_timeout_s`` has its connection
@@ -17,7 +19,7 @@ import threading
 
 from acwi_node.config import Settings
 from acwi_node.hl7.mllp import FramingError, frame, read_frame, stream_limit
-from acwi_node.hl7.orders import OrderIntake
+from acwi_node.hl7.orders import OrderIntake, acknowledgement, is_batch
 from acwi_node.ledger import Ledger
 from acwi_node.tcp import host_port, listening_socket, quick_ack
 
@@ -77,7 +79,14 @@ class MllpListener:
                 if payload is None:
                     break
                 try:
-                    reply = frame(await asyncio.to_thread(self.intake.handle, payload))
+                    if is_batch(payload):
+                        reply = frame(await asyncio.to_thread(self.intake.handle_batch, payload))
+                    else:
+                        ack = await asyncio.to_thread(self.intake.handle, payload)
+                        answer = acknowledgement(payload, ack)
+                        if answer is None:  # enhanced mode: MSH-15 and MSH-16 ask for none
+                            continue
+                        reply = frame(answer)
                 except Exception as exc:  # every message gets an answer, never a silent close
                     log.error(
                         "message from %s could not be acknowledged (%s): answered AR",

@@ -1,6 +1,7 @@
 """HL7 v2 messages the node reads and writes, with hl7apy.
 
-Read: order messages from the RIS (``ORM^O01``, ``OMI^O23``) into :class:`OrderInfo`.
+Read: order messages from the RIS (``ORM^O01``, ``OMI^O23``) into :class:`OrderInfo`, patient
+merges (``ADT^A40``) into :class:`MergeInfo`.
 Write: acknowledgements (``ACK`` with MSA-1 ``AA``/``AE``/``AR``) and results (``ORU^R01``, built by
 :func:`build_oru` from an :class:`OruStudy` and, once a radiologist has reviewed it, a
 :class:`Verdict`). Values are escaped with the HL7 escape sequences, so text such as a patient
@@ -46,6 +47,8 @@ HL7_VERSION = "2.5"
 #: Local coding system of the node's observation identifiers (HL7 local codes start with 99).
 CODING_SYSTEM = "99ACWI"
 ORDER_TYPES = {"ORM^O01", "OMI^O23"}
+#: Patient merges the node applies to its orders.
+MERGE_TYPES = {"ADT^A40"}
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -143,6 +146,8 @@ class MshInfo:
     control_id: str = ""
     processing_id: str = "P"
     version: str = HL7_VERSION
+    accept_ack: str = ""  # MSH-15 (HL7 table 0155: AL, NE, ER, SU)
+    application_ack: str = ""  # MSH-16 (HL7 table 0155)
 
     @property
     def type_code(self) -> str:
@@ -166,6 +171,8 @@ def _msh_info(msh: Sequence[str]) -> MshInfo:
         control_id=er7_prefix(_field(msh, 10).strip(), 199),
         processing_id=_comp(_field(msh, 11), 1)[:1] or "P",
         version=_comp(_field(msh, 12), 1)[:8] or HL7_VERSION,
+        accept_ack=_comp(_field(msh, 15), 1).upper()[:2],
+        application_ack=_comp(_field(msh, 16), 1).upper()[:2],
     )
 
 
@@ -179,7 +186,7 @@ def peek_msh(text: str) -> MshInfo | None:
         enc = encoding_of(line)
     except Rejected:  # read with the standard delimiters, as far as they go
         enc = Encoding(field=sep)
-    parts = line.split(sep, 12)[:12]  # MSH, MSH-2, MSH-3 ... MSH-12
+    parts = line.split(sep, 16)[:16]  # MSH, MSH-2, MSH-3 ... MSH-16
     msh = ["MSH", "|", "^~\\&"] + [transcode(part[:400], enc) for part in parts[2:]]
     return _msh_info(msh)
 
@@ -377,6 +384,68 @@ def extract_orders(msg: ParsedMessage) -> list[OrderInfo]:
         raise ApplicationError("no ORC segment", error="100", location="ORC")
     pid = msg.first("PID")
     return [_order(group, pid, n) for n, group in enumerate(order_groups(msg), start=1)]
+
+
+@dataclass(frozen=True)
+class MergeInfo:
+    """One patient merge of an ``ADT^A40`` (a PID and its MRG): ``prior`` the merged-away
+    patient's identifiers (MRG-1, each (CX-1, CX-4) as ER7 in the standard delimiters, as
+    orders keep PID-3), the surviving patient's PID-3 (as an order keeps it), name, birth date
+    and sex."""
+
+    prior: tuple[tuple[str, str], ...]
+    patient_id: str
+    patient_name: str
+    birth_date: str
+    sex: str
+
+
+def extract_merges(msg: ParsedMessage) -> list[MergeInfo]:
+    """The merges of an ``ADT^A40``: each PID with the MRG that follows it. Raises
+    :class:`HL7Error` when one has no PID-3 or no MRG-1 (nothing of the message is applied)."""
+    info = msh_info(msg)
+    if info.type_code not in MERGE_TYPES:
+        raise Rejected(
+            f"unsupported message type {info.type_code or '(none)'}",
+            error="200",
+            location="MSH^1^9",
+        )
+    merges: list[MergeInfo] = []
+    pid: list[str] | None = None
+    n = 0
+    for seg in msg.segments:
+        if seg[0] == "PID":
+            pid = seg
+            n += 1
+        elif seg[0] == "MRG":
+            if pid is None:
+                raise ApplicationError("MRG without its PID", error="100", location="MRG")
+            if not _comp(_field(pid, 3), 1):
+                raise ApplicationError(
+                    "no surviving patient identifier (PID-3)", location=f"PID^{n}^3"
+                )
+            prior = []
+            for repetition in _field(seg, 1).split("~"):
+                comps = repetition.split("^")
+                ident = comps[0].split("&")[0].strip()
+                authority = comps[3].split("&")[0].strip() if len(comps) > 3 else ""
+                if ident:
+                    prior.append((ident, authority))
+            if not prior:
+                raise ApplicationError("no prior patient identifier (MRG-1)", location=f"MRG^{n}^1")
+            merges.append(
+                MergeInfo(
+                    prior=tuple(prior),
+                    patient_id=_whole_repetitions(_field(pid, 3), 250),
+                    patient_name=er7_prefix(_field(pid, 5).split("~")[0], 250),
+                    birth_date=_comp(_field(pid, 7), 1)[:8],
+                    sex=_comp(_field(pid, 8), 1)[:1],
+                )
+            )
+            pid = None
+    if not merges:
+        raise ApplicationError("no MRG segment", error="100", location="MRG")
+    return merges
 
 
 def extract_order(msg: ParsedMessage) -> OrderInfo:

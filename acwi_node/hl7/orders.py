@@ -1,4 +1,6 @@
-"""Order intake: one inbound HL7 message in, its acknowledgement out, the order in the ledger.
+"""Order intake: one inbound HL7 message in, its acknowledgement out, the order in the ledger
+(an ``ADT^A40`` patient merge: the merged-away patient's orders moved to the surviving one;
+a batch: each of its messages, answered with a batch of acknowledgements).
 
 ``AA`` accepted (every order it carries is stored, keyed by accession number), ``AE``
 application error (e.g. no accession number), ``AR`` rejected (malformed, past one of the node's
@@ -10,26 +12,34 @@ same message sent again gets the same acknowledgement and creates nothing twice.
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from dataclasses import asdict
 
 from acwi_node.config import Settings
 from acwi_node.hl7.messages import (
+    MERGE_TYPES,
+    ApplicationError,
     HL7Error,
     LimitExceeded,
     MshInfo,
     Rejected,
+    _control_id_er7,
+    _field,
     build_ack,
     decode,
     decode_message,
+    escape,
+    extract_merges,
     extract_orders,
     msh_info,
     normalise,
     parse,
     peek_msh,
+    timestamp,
 )
 from acwi_node.hl7.mllp import frame
-from acwi_node.ledger import Ledger
+from acwi_node.ledger import Ledger, OrderCancelled, PatientMerge
 
 log = logging.getLogger("acwi_node.hl7")
 
@@ -101,7 +111,10 @@ class OrderIntake:
             log.info("message %s repeated: answered with its stored ACK", _safe(info.control_id))
             return stored.encode("utf-8")
         try:
-            orders = extract_orders(msg)
+            if info.type_code in MERGE_TYPES:
+                merges, orders = extract_merges(msg), []
+            else:
+                merges, orders = [], extract_orders(msg)
         except HL7Error as exc:
             ack = self._ack(info, exc.code, exc.text, exc)
             ack = self.ledger.hl7_record_message(
@@ -123,14 +136,50 @@ class OrderIntake:
             log.exception("message %s: unexpected error", _safe(info.control_id))
             return self._ack(info, "AE", "internal error").encode("utf-8")
         ack = self._ack(info, "AA", "")
-        ack = self.ledger.hl7_record_message(
-            sender=info.sender,
-            control_id=info.control_id,
-            message_type=info.type_code,
-            ack_code="AA",
-            ack=ack,
-            orders=[{**asdict(order), "cancelled": order.cancelled} for order in orders],
-        )
+        moved: list[int] = []
+        try:
+            ack = self.ledger.hl7_record_message(
+                sender=info.sender,
+                control_id=info.control_id,
+                message_type=info.type_code,
+                ack_code="AA",
+                ack=ack,
+                orders=[{**asdict(order), "cancelled": order.cancelled} for order in orders],
+                merges=[PatientMerge(**asdict(merge)) for merge in merges],
+                merged=moved,
+            )
+        except OrderCancelled as exc:
+            # HL7 v2.5 chapter 4 (ORC-1): a cancelled order is final; a change (XO) or a
+            # status change cannot reopen it (a filler answers "unable to change"): AE,
+            # nothing kept
+            control = orders[exc.index - 1].control
+            refused = ApplicationError(
+                f"order {exc.index} is cancelled: {control} cannot change or reopen it",
+                error="207",
+                location=f"ORC^{exc.index}^1",
+            )
+            ack = self.ledger.hl7_record_message(
+                sender=info.sender,
+                control_id=info.control_id,
+                message_type=info.type_code,
+                ack_code="AE",
+                ack=self._ack(info, "AE", refused.text, refused),
+            )
+            log.warning(
+                "message %s (%s) answered AE: its order %d (%s) is cancelled",
+                _safe(info.control_id),
+                info.type_code,
+                exc.index,
+                control,
+            )
+            return ack.encode("utf-8")
+        for count in moved:
+            log.info(
+                "patient merge (%s) from message %s: %d order(s) moved to the surviving patient",
+                info.type_code,
+                _safe(info.control_id),
+                count,
+            )
         for order in orders:
             log.info(
                 "order %s%s (%s, priority %s%s) accepted from message %s",
@@ -142,6 +191,136 @@ class OrderIntake:
                 _safe(info.control_id),
             )
         return ack.encode("utf-8")
+
+    def handle_batch(self, raw: bytes) -> bytes:
+        """The batch acknowledgement (HL7 v2.5 chapter 2, batch protocol) of a batch
+        (``[FHS] {[BHS] {MSH ...} [BTS]} [FTS]`` in one frame): each message is taken as if it
+        came alone (:meth:`handle`) and its acknowledgement, as its MSH-15 and MSH-16 ask
+        (:func:`acknowledgement`), goes in a batch of ACKs: ``FHS`` answering the file's
+        FHS-11 in FHS-12, ``BHS`` answering each batch's BHS-11 in BHS-12, ``BTS-1`` the number
+        of ACKs in it, ``FTS-1`` the number of batches. Never raises."""
+        try:
+            return self._handle_batch(raw)
+        except Exception as exc:
+            log.error("a batch could not be processed: %s", type(exc).__name__)
+            return self.refusal(raw, "AR", "the batch could not be processed now: send it again")
+
+    def _handle_batch(self, raw: bytes) -> bytes:
+        cfg = self.settings.hl7
+        file_header: list[str] | None = None
+        # each batch: its BHS (None: none came before its first message), its messages
+        batches: list[tuple[list[str] | None, list[list[bytes]]]] = []
+        in_message = False
+        for line in _BATCH_LINES.split(raw.removeprefix(b"\xef\xbb\xbf")):
+            name = line[:3]
+            if not line.strip():  # empty lines are no segments (as in a message alone)
+                continue
+            if name in _BATCH_SEGMENTS:
+                in_message = False
+                if name == b"FHS" and file_header is None and not batches:
+                    file_header = _header_fields(line)
+                elif name == b"BHS":
+                    batches.append((_header_fields(line), []))
+                continue
+            if name == b"MSH" or not in_message:  # a segment astray: a message answered AR
+                if not batches:
+                    batches.append((None, []))
+                batches[-1][1].append([])
+                in_message = True
+            batches[-1][1][-1].append(line)
+        out: list[str] = []
+        when = timestamp()
+        me = (escape(cfg.sending_application), escape(cfg.sending_facility))
+
+        def answer_header(name: str, answered: list[str] | None) -> str:
+            """FHS or BHS: from the node to the header's sender (its -3 and -4), -12 the
+            header's control id (-11), as sent."""
+            got = [_control_id_er7(value) for value in answered or []]
+            fields = [name, "^~\\&", *me, _field(got, 2), _field(got, 3), when, "", "", ""]
+            fields += [f"{name[0]}{uuid.uuid4().hex[:16].upper()}", _field(got, 10)]
+            return "|".join(fields)
+
+        if file_header is not None:
+            out.append(answer_header("FHS", file_header))
+        taken = 0
+        for batch_header, messages in batches:
+            out.append(answer_header("BHS", batch_header))
+            acks = 0
+            for lines in messages:
+                one = b"\r".join(lines)
+                ack = acknowledgement(one, self.handle(one))
+                taken += 1
+                if ack is not None:
+                    out.extend(ack.decode("utf-8").split("\r"))
+                    acks += 1
+            out.append(f"BTS|{acks}")
+        if file_header is not None:
+            out.append(f"FTS|{len(batches)}")
+        log.info("batch of %d message(s) in %d batch(es) processed", taken, len(batches))
+        return "\r".join(out).encode("utf-8")
+
+
+#: MSH-15 / MSH-16 (HL7 table 0155) of an enhanced-mode message: whether an acknowledgement
+#: of each code goes back. Empty (the other of the two given) is "always".
+_ASKED = {
+    "AL": {"AA", "AE", "AR"},
+    "": {"AA", "AE", "AR"},
+    "NE": set(),
+    "ER": {"AE", "AR"},
+    "SU": {"AA"},
+}
+#: The accept acknowledgement code (MSA-1) for the node's outcome: CA committed, CE not (an
+#: error in the message, or the node's own); CR (:data:`_UNSUPPORTED`) a message the node
+#: does not take at all, whatever its content.
+_ACCEPT = {"AA": "CA", "AE": "CE", "AR": "CE"}
+#: ERR-3 (HL7 table 0357) of a rejection for the message's type, event, processing id or
+#: version: its accept acknowledgement is CR.
+_UNSUPPORTED = {b"200", b"201", b"202", b"203"}
+_BATCH_LINES = re.compile(rb"\r\n|\r|\n")
+_BATCH_SEGMENTS = {b"FHS", b"BHS", b"BTS", b"FTS"}
+
+
+def _header_fields(line: bytes) -> list[str]:
+    """An FHS's or BHS's fields (item ``n`` is field ``n + 1``), split at its own field
+    separator."""
+    text = line.decode("latin-1")
+    return text.split(text[3]) if len(text) > 3 else [text]
+
+
+def acknowledgement(raw: bytes, ack: bytes) -> bytes | None:
+    """What goes back for message ``raw`` whose outcome is ``ack`` (``AA``, ``AE``, ``AR``),
+    as its MSH-15 and MSH-16 ask (HL7 v2.5 2.9): both empty, ``ack`` (original mode); else
+    (enhanced mode) the accept acknowledgement (``CA``; ``CR`` for a message type, event,
+    processing id or version the node does not take; else ``CE``) where MSH-15 asks for one
+    for this outcome, else ``ack`` where MSH-16 asks for an application acknowledgement,
+    else None (nothing is sent). The node takes a message at once, so the accept and the
+    application outcome are known together; it sends at most one reply, on the connection
+    the message came on."""
+    try:
+        info = peek_msh(normalise(decode(raw)))
+    except Exception:
+        return ack
+    if info is None or not (info.accept_ack or info.application_ack):
+        return ack
+    lines = ack.split(b"\r")
+    msa = lines[1] if len(lines) > 1 and lines[1].startswith(b"MSA|") else b""
+    code = msa[4:6].decode("ascii", "replace")
+    if code not in _ACCEPT:
+        return ack
+    if code in _ASKED.get(info.accept_ack, _ASKED["AL"]):
+        err = next((line.split(b"|") for line in lines if line.startswith(b"ERR|")), [])
+        unsupported = len(err) > 3 and err[3].split(b"^")[0] in _UNSUPPORTED
+        accept = "CR" if code == "AR" and unsupported else _ACCEPT[code]
+        lines[1] = b"MSA|" + accept.encode() + msa[6:]
+        return b"\r".join(lines)
+    if code in _ASKED.get(info.application_ack, _ASKED["AL"]):
+        return ack
+    return None
+
+
+def is_batch(raw: bytes) -> bool:
+    """Whether a frame holds a batch (it begins with FHS or BHS)."""
+    return raw.removeprefix(b"\xef\xbb\xbf")[:3] in {b"FHS", b"BHS"}
 
 
 def _safe(value: str) -> str:
@@ -163,4 +342,4 @@ def _describe(info: MshInfo | None) -> str:
     return f"type {_safe(info.type_code) or 'none'}, control id {_safe(info.control_id)}"
 
 
-__all__ = ["OrderIntake", "Rejected"]
+__all__ = ["OrderIntake", "Rejected", "acknowledgement", "is_batch"]

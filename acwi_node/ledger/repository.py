@@ -505,6 +505,30 @@ def _constant_default(column: Any, dialect: Any) -> str | None:
     return None
 
 
+class OrderCancelled(Exception):
+    """A message would reopen a cancelled order (a change, a status change, a new order with
+    its accession number): a cancelled order stays cancelled, and nothing of the message is
+    kept. ``index`` is the order's place in its message (1-based)."""
+
+    def __init__(self, accession_number: str, index: int) -> None:
+        super().__init__(f"order {index} of the message is cancelled")
+        self.accession_number = accession_number
+        self.index = index
+
+
+@dataclass(frozen=True)
+class PatientMerge:
+    """One merge of an ``ADT^A40``: the orders of any of the ``prior`` identifiers (MRG-1, as
+    (CX-1 id, CX-4 assigning authority) pairs) go to the surviving patient: ``patient_id``
+    (PID-3, ER7) and, where given, the name, birth date and sex of its PID."""
+
+    prior: tuple[tuple[str, str], ...]
+    patient_id: str
+    patient_name: str = ""
+    birth_date: str = ""
+    sex: str = ""
+
+
 class StudyActionRefused(Exception):
     """An operator's action on a study (resend, reprocess) that its state does not allow; the
     message says why and what to do instead."""
@@ -2365,6 +2389,8 @@ class Ledger:
         ack_code: str,
         ack: str,
         orders: Sequence[Mapping[str, Any]] = (),
+        merges: Sequence[PatientMerge] = (),
+        merged: list[int] | None = None,
     ) -> str:
         """Record a processed message, its ACK and the orders it carries, in one transaction.
 
@@ -2373,6 +2399,12 @@ class Ledger:
         field empty or absent leaves the stored value as it was. Returns the ACK to send:
         ``ack``, or the stored one when the same sender's ``control_id`` was recorded first by
         a concurrent connection (nothing is then created twice).
+
+        A cancelled order stays cancelled: an order of the message that would give it another
+        status (a change ``XO``, a status change, ``NW`` again) raises :class:`OrderCancelled`
+        and nothing of the message is recorded. ``merges`` (an ``ADT^A40``) move orders to the
+        surviving patient (:func:`_merge_patients`); ``merged``, when given, gets the number of
+        orders each merge moved.
         """
         try:
             with self.session() as s:
@@ -2387,7 +2419,11 @@ class Ledger:
                     )
                 )
                 s.flush()
-                for order in orders:
+                for merge in merges:
+                    moved = _merge_patients(s, merge, control_id)
+                    if merged is not None:
+                        merged.append(moved)
+                for index, order in enumerate(orders, start=1):
                     accession_number = str(order.get("accession_number") or "")
                     if not accession_number:
                         continue
@@ -2399,6 +2435,8 @@ class Ledger:
                     if row is None:
                         row = Hl7Order(accession_number=accession_number)
                         s.add(row)
+                    elif row.status == "cancelled" and not order.get("cancelled"):
+                        raise OrderCancelled(accession_number, index)
                     for key in ORDER_FIELDS:
                         value = order.get(key)
                         if value is not None and value != "":
@@ -2734,6 +2772,46 @@ class Ledger:
                 }
                 for r in rows
             ]
+
+
+def _cx_keys(er7: str) -> set[tuple[str, str]]:
+    """(CX-1 id, CX-4 assigning authority) of each repetition of a PID-3 kept as ER7."""
+    keys = set()
+    for repetition in er7.split("~"):
+        comps = repetition.split("^")
+        ident = comps[0].split("&")[0].strip()
+        authority = comps[3].split("&")[0].strip() if len(comps) > 3 else ""
+        if ident:
+            keys.add((ident, authority))
+    return keys
+
+
+def _merge_patients(s: Session, merge: PatientMerge, control_id: str) -> int:
+    """Move the orders of a merged-away patient (any identifier of ``merge.prior``: the same
+    id from the same assigning authority) to the surviving one; returns how many moved."""
+    prior = {(ident, authority) for ident, authority in merge.prior if ident}
+    if not prior:
+        return 0
+    moved = 0
+    for ident in sorted({ident for ident, _ in prior}):
+        pattern = ident.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        rows = s.scalars(
+            select(Hl7Order)
+            .where(Hl7Order.patient_id.like(f"%{pattern}%", escape="\\"))
+            .with_for_update()
+        ).all()
+        for row in rows:
+            if row.patient_id == merge.patient_id or not (_cx_keys(row.patient_id) & prior):
+                continue
+            row.patient_id = merge.patient_id
+            for key in ("patient_name", "birth_date", "sex"):
+                value = getattr(merge, key)
+                if value:
+                    setattr(row, key, value)
+            row.control_id = control_id
+            moved += 1
+    s.flush()
+    return moved
 
 
 def _order_view(row: Hl7Order) -> dict[str, Any]:

@@ -424,3 +424,64 @@ def test_routine_order_uses_normal_queue(
     assert len(job_ids) == 1 and ledger.job_priorities(job_ids)[job_ids[0]] < STAT_PRIORITY
     assert client.llen(ANALYSIS_QUEUE) == 1 and client.llen(HIGH_PRIORITY_QUEUE) == 0
     client.delete(ANALYSIS_QUEUE, HIGH_PRIORITY_QUEUE)
+
+
+def test_msh15_and_msh16_ne_get_no_reply_and_the_connection_goes_on(
+    node: tuple[MllpListener, Ledger],
+) -> None:
+    """Enhanced mode (HL7 v2.5 2.9): MSH-15 and MSH-16 NE ask for no acknowledgement: none
+    is sent, the order is taken, and the next message on the connection gets its own; MSH-15
+    AL gets the accept acknowledgement CA."""
+    listener, ledger = node
+    never = orm("EN1", "ACC-EN1").replace(b"|P|2.5", b"|P|2.5|||NE|NE", 1)
+    accept = orm("EN2", "ACC-EN2").replace(b"|P|2.5", b"|P|2.5|||AL|NE", 1)
+    with connect(listener) as sock:
+        sock.sendall(frame(never))
+        sock.sendall(frame(accept))
+        first = parse_ack(read_frame_sync(sock, max_bytes=65536, timeout_s=5).decode())
+        sock.sendall(frame(orm("EN3", "ACC-EN3")))
+        second = parse_ack(read_frame_sync(sock, max_bytes=65536, timeout_s=5).decode())
+    assert (first.code, first.control_id) == ("CA", "EN2")
+    assert (second.code, second.control_id) == ("AA", "EN3")
+    assert all(ledger.hl7_order(f"ACC-EN{n}") is not None for n in (1, 2, 3))
+
+
+def batch_of(*messages: bytes, newline: bytes = b"\r", file: bool = True) -> bytes:
+    head = [b"BHS|^~\\&|RIS|HOSP|ACWI|ACWI|20240101120000||||B-77"]
+    tail = [f"BTS|{len(messages)}".encode()]
+    if file:
+        head.insert(0, b"FHS|^~\\&|RIS|HOSP|ACWI|ACWI|20240101120000||||F-5")
+        tail.append(b"FTS|1")
+    return newline.join([*head, *(m.replace(b"\r", newline) for m in messages), *tail])
+
+
+@pytest.mark.parametrize("file", [True, False], ids=["fhs-bhs", "bhs"])
+def test_a_batch_of_orders_gets_a_batch_of_acknowledgements(
+    node: tuple[MllpListener, Ledger], file: bool
+) -> None:
+    """HL7 v2.5 batch protocol: a batch (FHS, BHS ... BTS, FTS) in one frame: each message is taken
+    as if it came alone, and the answer is a batch of their ACKs whose FHS-12 and BHS-12
+    name the file and batch answered, BTS-1 the number of ACKs; the connection goes on."""
+    listener, ledger = node
+    bad = orm("B3", "")  # no accession number: AE
+    payload = batch_of(orm("B1", "ACC-B1"), orm("B2", "ACC-B2"), bad, newline=b"\n", file=file)
+    with connect(listener) as sock:
+        sock.sendall(frame(payload))
+        reply = read_frame_sync(sock, max_bytes=65536, timeout_s=5).decode().split("\r")
+        sock.sendall(frame(orm("B4", "ACC-B4")))
+        after = parse_ack(read_frame_sync(sock, max_bytes=65536, timeout_s=5).decode())
+    names = [seg[:3] for seg in reply]
+    expected = ["BHS", "MSH", "MSA", "MSH", "MSA", "MSH", "MSA", "ERR", "BTS"]
+    assert names == (["FHS", *expected, "FTS"] if file else expected)
+    headers = {seg[:3]: seg.split("|") for seg in reply if seg[:3] in {"FHS", "BHS"}}
+    assert headers["BHS"][11] == "B-77"
+    if file:
+        assert headers["FHS"][11] == "F-5"
+        assert reply[-1] == "FTS|1"
+    msas = [seg.split("|")[1:3] for seg in reply if seg.startswith("MSA|")]
+    assert msas == [["AA", "B1"], ["AA", "B2"], ["AE", "B3"]]
+    assert "BTS|3" in reply
+    assert (after.code, after.control_id) == ("AA", "B4")
+    assert ledger.hl7_order("ACC-B1") is not None and ledger.hl7_order("ACC-B2") is not None
+    # the batch again: each message's stored answer, nothing taken twice
+    assert exchange(listener, orm("B1", "ACC-B1"))[:2] == ("AA", "B1")

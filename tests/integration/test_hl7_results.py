@@ -283,6 +283,49 @@ def test_patient_from_order_and_script_in_name(
     ledger.dispose()
 
 
+def test_after_a_patient_merge_the_result_carries_the_surviving_patient(
+    tmp_path: Path, make_peer: Callable[[str], Peer], database_url: str | None
+) -> None:
+    """ADT^A40 merges the order's patient (MRG-1) into another: the ORU^R01 of the study,
+    analysed after the merge, names the surviving patient (PID-3, PID-5 of the A40)."""
+    peer = make_peer("AA")
+    settings = make_settings(tmp_path, peer.port, database_url=database_url)
+    ledger = Ledger(settings.database_url)
+    order(settings, ledger, "Doe^Jane")
+    other = "\r".join(
+        [
+            "MSH|^~\\&|RIS|HOSP|ACWI|NODE|20240101||ORM^O01|O2|P|2.5",
+            "PID|1||O_D%\\E\\1^^^HOSP^MR||Roe^Rick||19500101|M",
+            "ORC|NW|PL10|FI10",
+            "OBR|1|PL10|FI10|CT^CT head^L" + "|" * 14 + "ACC-10",
+        ]
+    )
+    assert b"MSA|AA|O2" in OrderIntake(settings, ledger).handle(other.encode())
+    merge = "\r".join(
+        [
+            "MSH|^~\\&|RIS|HOSP|ACWI|NODE|20240102||ADT^A40^ADT_A39|A40-1|P|2.5",
+            "EVN|A40|20240102",
+            "PID|1||SURV-PID^^^HOSP^MR~99_%^^^HOSP^PI||Doe^Jane^Q||19800101|F",
+            "MRG|ORD-PID^^^HOSP^MR",
+            "PID|2||ROE-2^^^HOSP^MR||Roe^Rick",
+            "MRG|O_D%\\E\\1^^^HOSP^MR",  # LIKE's wildcards and escape are the id's own
+        ]
+    )
+    assert b"MSA|AA|A40-1" in OrderIntake(settings, ledger).handle(merge.encode())
+    assert (ledger.hl7_order("ACC-10") or {}).get("patient_id") == "ROE-2^^^HOSP^MR"
+    job_id = analysed_job(settings, ledger)
+    queue_oru(settings, ledger, job_id)
+    drain(OruSender(settings, ledger), ledger, "delivered")
+    (message,) = peer.messages()
+    pid = message.split("\r")[1]
+    assert pid == "PID|1||SURV-PID^^^HOSP^MR~99_%^^^HOSP^PI||Doe^Jane^Q||19800101|F"
+    # merging the merged-away identifier again finds nothing to move
+    again = merge.replace("A40-1", "A40-2").replace("SURV-PID", "OTHER")
+    assert b"MSA|AA|A40-2" in OrderIntake(settings, ledger).handle(again.encode())
+    assert (ledger.hl7_order("ACC-9") or {}).get("patient_id", "").startswith("SURV-PID^")
+    ledger.dispose()
+
+
 def test_an_order_whose_patient_identifiers_were_erased_gives_the_orders_numbers_only(
     tmp_path: Path, make_peer: Callable[[str], Peer]
 ) -> None:

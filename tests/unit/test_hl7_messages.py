@@ -37,7 +37,7 @@ from acwi_node.hl7.messages import (
     unescape,
 )
 from acwi_node.hl7.mllp import frame
-from acwi_node.hl7.orders import OrderIntake
+from acwi_node.hl7.orders import OrderIntake, acknowledgement
 from acwi_node.ledger import Ledger
 
 MSH = "MSH|^~\\&|RIS|HOSP|ACWI|ACWI|20240101120000||{type}|{cid}|P|2.5"
@@ -762,3 +762,223 @@ def test_segments_the_version_does_not_define_are_ignored(
         assert "\rMSA|AA|MSG1" in intake.handle(text.encode()).decode()
     finally:
         ledger.dispose()
+
+
+@pytest.fixture
+def intake(tmp_path: Path) -> Iterator[tuple[OrderIntake, Ledger]]:
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    try:
+        yield OrderIntake(load_settings(None, node={"data_dir": tmp_path}), ledger), ledger
+    finally:
+        ledger.dispose()
+
+
+def _msa(ack: bytes) -> list[str]:
+    return ack.decode().split("\r")[1].split("|")
+
+
+@pytest.mark.parametrize(
+    ("control", "status"),
+    [("XO", ""), ("SC", "IP"), ("NW", "SC")],
+    ids=["change", "status-change", "new-order-again"],
+)
+def test_a_cancelled_order_stays_cancelled(
+    intake: tuple[OrderIntake, Ledger], control: str, status: str
+) -> None:
+    """HL7 v2.5 chapter 4 (ORC-1): a cancelled order is final. A change (``XO``), a status
+    change or a new order with its accession number is answered AE, naming the order's ORC-1,
+    and changes nothing; the same message again gets the same answer; a cancel again is AA."""
+    handler, ledger = intake
+    assert _msa(handler.handle(orm(cid="C1", orc_priority="S").encode()))[1] == "AA"
+    cancel = orm(cid="C2").replace("ORC|NW|PL1|FI1||SC||", "ORC|CA|PL1|FI1||CA||", 1)
+    assert _msa(handler.handle(cancel.encode()))[1] == "AA"
+    change = orm(cid="C3", name="Changed^Name", orc_priority="R").replace(
+        "ORC|NW|PL1|FI1||SC||", f"ORC|{control}|PL1|FI1||{status}||", 1
+    )
+    ack = handler.handle(change.encode())
+    msa = _msa(ack)
+    assert msa[1:3] == ["AE", "C3"]
+    assert msa[3] == f"order 1 is cancelled: {control} cannot change or reopen it"
+    assert ack.decode().split("\r")[2].split("|")[2] == "ORC^1^1"
+    order = ledger.hl7_order("ACC1")
+    assert order is not None
+    assert (order["status"], order["priority"], order["patient_name"], order["control_id"]) == (
+        "cancelled",
+        "S",
+        "Doe^John",
+        "C2",
+    )
+    assert handler.handle(change.encode()) == ack  # the stored answer
+    again = cancel.replace("|C2|", "|C4|", 1)
+    assert _msa(handler.handle(again.encode()))[1] == "AA"
+
+
+def a40(cid: str, surviving: str, prior: str, *, name: str = "Doe^John") -> str:
+    return "\r".join(
+        [
+            MSH.format(type="ADT^A40^ADT_A39", cid=cid),
+            "EVN|A40|20240101120000",
+            f"PID|1||{surviving}||{name}||19700101|M",
+            f"MRG|{prior}",
+        ]
+    )
+
+
+def test_a_patient_merge_moves_the_orders_of_the_merged_away_patient(
+    intake: tuple[OrderIntake, Ledger], caplog: pytest.LogCaptureFixture
+) -> None:
+    """ADT^A40: the orders under MRG-1 (the same id from the same assigning authority, in
+    any repetition of the order's PID-3) take the surviving PID-3 and name; the orders of
+    other patients, and of the same id from another authority, stay; AA; the log names no
+    patient."""
+    handler, ledger = intake
+    for cid, accession, pid in (
+        ("M1", "ACC-OLD", "OLD7^^^HOSP^MR"),
+        ("M2", "ACC-OLD2", "INS55^^^AOK^SS~OLD7^^^HOSP^MR"),
+        ("M3", "ACC-OTHER", "OLD7^^^CLINIC^MR"),
+        ("M4", "ACC-NEW", "NEW1^^^HOSP^MR"),
+    ):
+        text = orm(cid=cid, accession=accession).replace("PAT1^^^HOSP^MR", pid, 1)
+        assert _msa(handler.handle(text.encode()))[1] == "AA"
+    caplog.set_level("INFO", logger="acwi_node.hl7")
+    ack = handler.handle(a40("A1", "NEW1^^^HOSP^MR", "OLD7^^^HOSP^MR", name="Doe^Jon").encode())
+    assert _msa(ack)[1:3] == ["AA", "A1"]
+    moved = [ledger.hl7_order(a) for a in ("ACC-OLD", "ACC-OLD2", "ACC-OTHER", "ACC-NEW")]
+    assert [(o or {}).get("patient_id") for o in moved] == [
+        "NEW1^^^HOSP^MR",
+        "NEW1^^^HOSP^MR",
+        "OLD7^^^CLINIC^MR",
+        "NEW1^^^HOSP^MR",
+    ]
+    assert [(o or {}).get("patient_name") for o in moved] == [
+        "Doe^Jon",
+        "Doe^Jon",
+        "Doe^John",
+        "Doe^John",
+    ]
+    assert "2 order(s) moved" in caplog.text
+    for value in ("OLD7", "NEW1", "Doe", "Jon"):
+        assert value not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("message", "location"),
+    [
+        (a40("A2", "NEW1^^^HOSP^MR", ""), "MRG^1^1"),
+        (a40("A3", "", "OLD7^^^HOSP^MR"), "PID^1^3"),
+        (a40("A4", "NEW1^^^HOSP^MR", "OLD7").replace("\rMRG|OLD7", ""), "MRG"),
+    ],
+    ids=["no-prior-id", "no-surviving-id", "no-mrg"],
+)
+def test_a_patient_merge_without_both_patients_is_an_application_error(
+    intake: tuple[OrderIntake, Ledger], message: str, location: str
+) -> None:
+    handler, ledger = intake
+    assert _msa(handler.handle(orm(cid="M1").encode()))[1] == "AA"
+    ack = handler.handle(message.encode()).decode()
+    assert ack.split("\r")[1].split("|")[1] == "AE"
+    assert ack.split("\r")[2].split("|")[2] == location
+    order = ledger.hl7_order("ACC1")
+    assert order is not None and order["patient_id"] == "PAT1^^^HOSP^MR"
+
+
+@pytest.mark.parametrize(
+    ("accept", "application", "outcome", "expected"),
+    [
+        ("", "", "AA", "AA"),  # original mode
+        ("", "", "AE", "AE"),
+        ("NE", "NE", "AA", None),
+        ("NE", "NE", "AR", None),
+        ("AL", "NE", "AA", "CA"),
+        ("AL", "NE", "AE", "CE"),
+        ("AL", "NE", "AR", "CE"),  # the node's own failure (ERR-3 207): CE
+        ("AL", "NE", "AR/200", "CR"),  # a message type the node does not take: CR
+        ("AL", "NE", "AR/203", "CR"),  # nor its version
+        ("AL", "AL", "AA", "CA"),
+        ("ER", "NE", "AA", None),
+        ("ER", "NE", "AR/200", "CR"),
+        ("SU", "NE", "AA", "CA"),
+        ("SU", "NE", "AE", None),
+        ("NE", "AL", "AA", "AA"),
+        ("NE", "ER", "AA", None),
+        ("NE", "ER", "AE", "AE"),
+        ("NE", "SU", "AE", None),
+        ("NE", "", "AA", "AA"),  # MSH-16 empty in enhanced mode: always
+        ("", "NE", "AE", "CE"),  # MSH-15 empty in enhanced mode: always
+    ],
+)
+def test_msh15_and_msh16_decide_which_acknowledgement_goes_back(
+    accept: str, application: str, outcome: str, expected: str | None
+) -> None:
+    """HL7 v2.5 2.9 (table 0155): both empty, original mode (the ACK); else enhanced mode:
+    the accept acknowledgement (CA; CR for a message the node does not take whatever its
+    content; else CE) where MSH-15 asks for one for this outcome, else
+    the application acknowledgement where MSH-16 asks for one, else nothing."""
+    text = orm().replace("|P|2.5", f"|P|2.5|||{accept}|{application}", 1)
+    assert msh_info(parse(text)).accept_ack == accept
+    code, _, error = outcome.partition("/")
+    ack = build_ack(
+        peek_msh(text),
+        code,
+        "",
+        control_id="A1",
+        application="ACWI",
+        facility="ACWI",
+        error=error or "207",
+    )
+    got = acknowledgement(text.encode(), ack.encode())
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None
+        assert _msa(got)[1:3] == [expected, "MSG1"]
+        assert got.split(b"\r")[0] == ack.encode().split(b"\r")[0]
+
+
+def test_the_messages_the_node_sends_pass_strict_hl7_2_5_validation() -> None:
+    """Every ORU^R01 (preliminary, with a verdict and its lesion boxes, a withdrawal) and
+    every ACK (AA, and AE with its ERR) is valid HL7 2.5, the version its MSH-12 claims,
+    under hl7apy's strict validation."""
+    from hl7apy.consts import VALIDATION_LEVEL
+    from hl7apy.parser import parse_message
+
+    study = OruStudy(
+        "1.2.3",
+        "ACC1",
+        "PAT1^^^HOSP^MR",
+        "Doe^John",
+        SUMMARY,
+        birth_date="19700101",
+        sex="M",
+        placer_order_number="PL1",
+        filler_order_number="FI1",
+        procedure_code="CHEST",
+        procedure_text="Chest X-ray",
+    )
+    verdict = Verdict(
+        True,
+        "abnormal",
+        reviewer="R1^Smith^Ann",
+        comment="agreed",
+        reviewed_at=dt.datetime(2024, 1, 1, 12),
+        lesions=(Lesion("1.2.3.4", 2, (1, 2, 3, 4)),),
+    )
+    sent = [
+        build_oru(study, control_id="C1"),
+        build_oru(study, verdict, control_id="C2", correction=True),
+        build_oru(study, control_id="C3", withdrawn="wrong patient"),
+        build_ack(peek_msh(orm()), "AA", "", control_id="A1", application="A", facility="F"),
+        build_ack(
+            peek_msh(orm()),
+            "AE",
+            "no accession number",
+            control_id="A2",
+            application="A",
+            facility="F",
+            error="101",
+            location="OBR^1^18",
+        ),
+    ]
+    for text in sent:
+        assert "|P|2.5|" in text.split("\r")[0]
+        parse_message(text, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True).validate()

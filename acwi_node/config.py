@@ -353,6 +353,10 @@ class WorkerSettings(_Strict):
     cuda_graphs: bool = True
     #: Which heatmap objects are written: all, only positive or uncertain images, or none.
     heatmaps: Literal["all", "positive_or_uncertain", "none"] = "all"
+    #: The colour map of the heatmaps (secondary captures, the review page's overlay and its
+    #: scale): ``jet`` (blue to red), or a perceptually uniform one that readers with a
+    #: colour-vision deficiency tell apart as well, ``cividis`` or ``viridis``.
+    heatmap_colours: Literal["jet", "cividis", "viridis"] = "jet"
     #: Also write each analysed series' heatmaps as one Parametric Map (values 0-1, for viewers
     #: that overlay it themselves); only images with a frame of reference (CT, MR, PET).
     parametric_maps: bool = False

@@ -2,8 +2,9 @@
 
 The source image is rendered to 8-bit grey the way a viewer would show it (modality LUT or
 rescale, then its VOI window or LUT, else a 0.5-99.5 percentile window; MONOCHROME1 inverted;
-the pixels Pixel Padding Value marks black) and blended with a jet-like colour map of the
-heatmap whose opacity is proportional to the heat. No text is burned into the pixels: the
+the pixels Pixel Padding Value marks black) and blended with a colour map of the heatmap
+(``worker.heatmap_colours``: jet-like by default, or cividis or viridis) whose opacity is
+proportional to the heat. No text is burned into the pixels: the
 model, version, predicted label and the "not for primary diagnosis" notice are in Image
 Comments and Derivation Description.
 
@@ -44,6 +45,7 @@ from acwi_node.results.sr import MANUFACTURER
 from acwi_node.results.uids import result_uids
 
 __all__ = [
+    "COLOUR_MAPS",
     "HEATMAP_SERIES_NUMBER",
     "MAX_ALPHA",
     "MAX_DIMENSION",
@@ -76,6 +78,95 @@ _CMAP_RGB = np.array(
         [1.0, 0.0, 0.0],
     ]
 )
+
+#: The colour maps a heatmap is drawn in (``worker.heatmap_colours``), each with the words
+#: the secondary capture's Derivation Description names it by: ``jet`` (the default: dark
+#: blue, cyan, yellow, red), and two perceptually uniform ones, dark to light, whose order
+#: readers with a red-green (or, for cividis, any) colour-vision deficiency see as well and
+#: which keep it in grey: ``cividis`` (dark blue to yellow) and ``viridis`` (purple, teal,
+#: green, yellow).
+COLOUR_MAPS = {"jet": "jet-like", "cividis": "cividis", "viridis": "viridis"}
+ColourMapName = Literal["jet", "cividis", "viridis"]
+
+# The perceptually uniform maps, sampled at 33 evenly spaced heat values (from matplotlib's
+# tables: viridis by van der Walt and Smith, cividis by Nunez, Anderton and Renslow, 2018),
+# interpolated linearly between (within 5/255 of the full tables).
+_UNIFORM_RGB = {
+    "cividis": np.array(
+        [
+            [0.0000, 0.1351, 0.3048],
+            [0.0000, 0.1579, 0.3575],
+            [0.0000, 0.1788, 0.4148],
+            [0.0179, 0.1985, 0.4412],
+            [0.1034, 0.2204, 0.4358],
+            [0.1543, 0.2425, 0.4301],
+            [0.1951, 0.2644, 0.4259],
+            [0.2309, 0.2861, 0.4235],
+            [0.2637, 0.3078, 0.4228],
+            [0.2947, 0.3295, 0.4237],
+            [0.3242, 0.3513, 0.4263],
+            [0.3529, 0.3732, 0.4302],
+            [0.3808, 0.3952, 0.4357],
+            [0.4082, 0.4174, 0.4426],
+            [0.4352, 0.4398, 0.4511],
+            [0.4616, 0.4624, 0.4620],
+            [0.4887, 0.4853, 0.4710],
+            [0.5179, 0.5085, 0.4727],
+            [0.5478, 0.5319, 0.4717],
+            [0.5782, 0.5557, 0.4687],
+            [0.6091, 0.5798, 0.4636],
+            [0.6404, 0.6044, 0.4568],
+            [0.6720, 0.6293, 0.4480],
+            [0.7040, 0.6547, 0.4371],
+            [0.7365, 0.6806, 0.4240],
+            [0.7694, 0.7070, 0.4085],
+            [0.8027, 0.7340, 0.3902],
+            [0.8364, 0.7615, 0.3687],
+            [0.8707, 0.7896, 0.3433],
+            [0.9056, 0.8183, 0.3129],
+            [0.9411, 0.8475, 0.2758],
+            [0.9778, 0.8773, 0.2280],
+            [0.9957, 0.9093, 0.2178],
+        ]
+    ),
+    "viridis": np.array(
+        [
+            [0.2670, 0.0049, 0.3294],
+            [0.2770, 0.0503, 0.3757],
+            [0.2823, 0.0950, 0.4173],
+            [0.2829, 0.1359, 0.4534],
+            [0.2788, 0.1755, 0.4834],
+            [0.2706, 0.2141, 0.5071],
+            [0.2590, 0.2515, 0.5247],
+            [0.2450, 0.2877, 0.5373],
+            [0.2297, 0.3224, 0.5457],
+            [0.2143, 0.3556, 0.5512],
+            [0.1994, 0.3876, 0.5546],
+            [0.1856, 0.4186, 0.5568],
+            [0.1727, 0.4488, 0.5579],
+            [0.1607, 0.4785, 0.5581],
+            [0.1490, 0.5081, 0.5573],
+            [0.1378, 0.5375, 0.5549],
+            [0.1276, 0.5669, 0.5506],
+            [0.1206, 0.5964, 0.5436],
+            [0.1206, 0.6258, 0.5335],
+            [0.1323, 0.6550, 0.5197],
+            [0.1579, 0.6838, 0.5017],
+            [0.1966, 0.7118, 0.4792],
+            [0.2461, 0.7389, 0.4520],
+            [0.3041, 0.7647, 0.4199],
+            [0.3692, 0.7889, 0.3829],
+            [0.4401, 0.8111, 0.3410],
+            [0.5160, 0.8312, 0.2943],
+            [0.5958, 0.8487, 0.2433],
+            [0.6785, 0.8637, 0.1895],
+            [0.7624, 0.8764, 0.1371],
+            [0.8456, 0.8873, 0.0997],
+            [0.9261, 0.8973, 0.1041],
+            [0.9932, 0.9062, 0.1439],
+        ]
+    ),
+}
 
 _PERCENTILES = (0.5, 99.5)
 
@@ -283,11 +374,21 @@ def _between(values: FloatImage, low: float, high: float) -> FloatImage:
     return np.clip((values - low) / (high - low), 0.0, 1.0)
 
 
-def colour_map(heat: FloatImage) -> FloatImage:
-    """Jet-like RGB in [0, 1] for heat values in [0, 1]; shape (..., 3)."""
+def colour_map(heat: FloatImage, name: ColourMapName = "jet") -> FloatImage:
+    """RGB in [0, 1] for heat values in [0, 1] in the colour map ``name`` (jet-like unless
+    given, see :data:`COLOUR_MAPS`); shape (..., 3)."""
     clipped = np.clip(heat, 0.0, 1.0)
-    channels = [np.interp(clipped, _CMAP_POSITIONS, _CMAP_RGB[:, c]) for c in range(3)]
-    return np.stack(channels, axis=-1)
+    return np.stack(_channels_of(clipped, name), axis=-1)
+
+
+def _channels_of(clipped: FloatImage, name: str) -> list[FloatImage]:
+    """The three channels of heat in [0, 1] in the colour map ``name``, each a new array."""
+    if name == "jet":
+        positions, table = _CMAP_POSITIONS, _CMAP_RGB
+    else:
+        table = _UNIFORM_RGB[name]
+        positions = np.linspace(0.0, 1.0, len(table))
+    return [np.interp(clipped, positions, table[:, c]) for c in range(3)]
 
 
 def _colour_channels(heat: FloatImage) -> tuple[FloatImage, FloatImage, FloatImage]:
@@ -320,33 +421,52 @@ def _colour_channels(heat: FloatImage) -> tuple[FloatImage, FloatImage, FloatIma
 _BLEND_ROWS = 32
 
 
-def blend_heatmap(grey: FloatImage, heat: FloatImage, max_alpha: float = MAX_ALPHA) -> np.ndarray:
-    """Blend grey [0, 1] and heat [0, 1] (same shape) into an 8-bit RGB image; NaN heat
-    counts as 0, heat outside [0, 1] is clipped."""
+def blend_heatmap(
+    grey: FloatImage,
+    heat: FloatImage,
+    max_alpha: float = MAX_ALPHA,
+    colours: ColourMapName = "jet",
+) -> np.ndarray:
+    """Blend grey [0, 1] and heat [0, 1] (same shape) in the colour map ``colours`` into an
+    8-bit RGB image; NaN heat counts as 0, heat outside [0, 1] is clipped."""
     if grey.shape != heat.shape:
         raise ValueError(f"grey {grey.shape} and heat {heat.shape} differ in shape")
-    return _blend_unit(grey, np.clip(np.nan_to_num(heat, nan=0.0), 0.0, 1.0), max_alpha)
+    return _blend_unit(grey, np.clip(np.nan_to_num(heat, nan=0.0), 0.0, 1.0), max_alpha, colours)
 
 
-def _blend_unit(grey: FloatImage, heat: FloatImage, max_alpha: float = MAX_ALPHA) -> np.ndarray:
+def _blend_unit(
+    grey: FloatImage,
+    heat: FloatImage,
+    max_alpha: float = MAX_ALPHA,
+    colours: ColourMapName = "jet",
+) -> np.ndarray:
     """:func:`blend_heatmap` of heat already in [0, 1] without NaN (:func:`unit_heat`'s)."""
     rgb = np.empty((*grey.shape, 3), dtype=np.uint8)
     if grey.ndim != 2:
-        _blend_block(grey, heat, max_alpha, rgb)
+        _blend_block(grey, heat, max_alpha, rgb, colours)
         return rgb
     for start in range(0, grey.shape[0], _BLEND_ROWS):
         rows = slice(start, start + _BLEND_ROWS)
-        _blend_block(grey[rows], heat[rows], max_alpha, rgb[rows])
+        _blend_block(grey[rows], heat[rows], max_alpha, rgb[rows], colours)
     return rgb
 
 
-def _blend_block(grey: FloatImage, clipped: FloatImage, max_alpha: float, rgb: np.ndarray) -> None:
+def _blend_block(
+    grey: FloatImage,
+    clipped: FloatImage,
+    max_alpha: float,
+    rgb: np.ndarray,
+    colours: ColourMapName = "jet",
+) -> None:
     """:func:`_blend_unit` of a block of rows into ``rgb``: grey * (1 - alpha) + colour *
     alpha, channel by channel in place, the same operations on the same values as the
     whole-image formula (so the same bytes) without its (rows, columns, 3) temporaries."""
     alpha = max_alpha * clipped
     kept = grey * (1.0 - alpha)
-    for c, channel in enumerate(_colour_channels(clipped)):
+    channels = (
+        _colour_channels(clipped) if colours == "jet" else tuple(_channels_of(clipped, colours))
+    )
+    for c, channel in enumerate(channels):
         np.multiply(channel, alpha, out=channel)
         np.add(kept, channel, out=channel)
         np.multiply(channel, 255.0, out=channel)
@@ -398,8 +518,10 @@ def build_heatmap_sc(
     image: ImageResult,
     *,
     instance_number: int,
+    colours: ColourMapName = "jet",
 ) -> Dataset:
-    """Build the RGB Secondary Capture overlaying ``heatmap`` on ``source``.
+    """Build the RGB Secondary Capture overlaying ``heatmap`` on ``source``, in the colour
+    map ``colours`` (:data:`COLOUR_MAPS`).
 
     The result is in the source's study, in the model version's heatmap series, with a SOP
     Instance UID derived from the source's, so a re-run replaces it. For a frame of a
@@ -432,7 +554,7 @@ def build_heatmap_sc(
     heat = unit_heat(heatmap, np.float32 if scaled else np.float64)
     if heat.shape != (rows, columns):  # unit_heat's values are in [0, 1] already
         heat = np.clip(_resize(heat, rows, columns), 0.0, 1.0)
-    rgb = np.ascontiguousarray(_blend_unit(grey, heat))
+    rgb = np.ascontiguousarray(_blend_unit(grey, heat, colours=colours))
 
     sc = SOPClass(
         study_instance_uid=study_uid,
@@ -480,7 +602,8 @@ def build_heatmap_sc(
     )
     sc.DerivationDescription = (
         f"Source image windowed to 8-bit grey and blended with the {model.name} "
-        f"{model.version} heatmap (jet-like colour map, opacity proportional to heat). "
+        f"{model.version} heatmap ({COLOUR_MAPS[colours]} colour map, opacity proportional "
+        "to heat). "
         f"{NOTICE}."
     )[:1024]
     reference = Dataset()

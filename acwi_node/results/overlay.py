@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from acwi_node.inference.resample import upsample_cam
-from acwi_node.results.heatmap import MAX_ALPHA, colour_map
+from acwi_node.results.heatmap import MAX_ALPHA, ColourMapName, colour_map
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,14 @@ def read_cam(object_path: Path) -> np.ndarray | None:
     return cam
 
 
-def overlay_rgba(cam: np.ndarray, rows: int, columns: int) -> np.ndarray:
-    """The colour map of ``cam`` at ``rows`` x ``columns`` as 8-bit RGBA, its alpha the heat
-    times the secondary capture's opacity: drawn over a grey image ``g`` it gives
+def overlay_rgba(
+    cam: np.ndarray, rows: int, columns: int, colours: ColourMapName = "jet"
+) -> np.ndarray:
+    """The colour map ``colours`` of ``cam`` at ``rows`` x ``columns`` as 8-bit RGBA, its alpha
+    the heat times the secondary capture's opacity: drawn over a grey image ``g`` it gives
     ``g * (1 - alpha) + colour * alpha``, the secondary capture's blend."""
     heat = upsample_cam(cam, (rows, columns)).astype(np.float64)
     rgba = np.empty((rows, columns, 4), dtype=np.uint8)
-    rgba[..., :3] = np.clip(np.rint(colour_map(heat) * 255.0), 0, 255)
+    rgba[..., :3] = np.clip(np.rint(colour_map(heat, colours) * 255.0), 0, 255)
     rgba[..., 3] = np.clip(np.rint(MAX_ALPHA * heat * 255.0), 0, 255)
     return rgba

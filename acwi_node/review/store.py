@@ -165,6 +165,33 @@ class WorklistFilters:
         return not (self.state and item["state"] != self.state)
 
 
+#: The worklist's cases per page (the page and ``GET /api/worklist``) when none is asked for,
+#: and the most one may ask for (``per_page``).
+WORKLIST_PER_PAGE = 50
+WORKLIST_MAX_PER_PAGE = 200
+
+
+def worklist_page(
+    found: dict[str, Any], page: int = 1, per_page: int = WORKLIST_PER_PAGE
+) -> dict[str, Any]:
+    """Page ``page`` (from 1) of :meth:`ReviewStore.worklist`'s cases, ``per_page`` a page, in
+    the worklist's order: ``items`` that page's cases; ``count`` the cases under the filters
+    (every page); ``page``, ``per_page`` and ``pages`` (at least 1). A page past the last has
+    no items. ``total`` and ``counts`` as :meth:`ReviewStore.worklist` gives them."""
+    per_page = max(1, min(per_page, WORKLIST_MAX_PER_PAGE))
+    page = max(1, page)
+    items = found["items"]
+    start = (page - 1) * per_page
+    return {
+        **found,
+        "items": items[start : start + per_page],
+        "count": len(items),
+        "page": page,
+        "per_page": per_page,
+        "pages": max(1, -(-len(items) // per_page)),
+    }
+
+
 #: What the dashboard reads of an analysis's summary.
 _DASHBOARD_FIELDS = {
     "probabilities": "json",

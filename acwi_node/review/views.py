@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qs, quote, unquote
+from urllib.parse import parse_qs, quote, unquote, urlencode
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -68,7 +68,7 @@ from acwi_node.monitoring.shadow import ShadowComparison
 from acwi_node.monitoring.traffic import traffic_monitor
 from acwi_node.monitoring.turnaround import TurnaroundMonitor, duration
 from acwi_node.observability import metrics
-from acwi_node.results.heatmap import Window, colour_map, render_grey
+from acwi_node.results.heatmap import ColourMapName, Window, colour_map, render_grey
 from acwi_node.results.overlay import heat_path, overlay_rgba, read_cam
 from acwi_node.results.sr import summarise_sr
 from acwi_node.results.uids import result_uids
@@ -77,6 +77,8 @@ from acwi_node.review import auth
 from acwi_node.review.inputs import RowId, printable, typed_text_error
 from acwi_node.review.lesion_boxes import drafted_boxes, marked_boxes
 from acwi_node.review.store import (
+    WORKLIST_MAX_PER_PAGE,
+    WORKLIST_PER_PAGE,
     ItemClosed,
     ReviewError,
     ReviewStore,
@@ -85,6 +87,7 @@ from acwi_node.review.store import (
     VerdictAmended,
     WorklistFilters,
     frame_number_of,
+    worklist_page,
 )
 from acwi_node.review.verdicts import (
     amend_verdict,
@@ -133,26 +136,37 @@ FILTER_NAMES = [
 ]
 
 
-def wall_clock(value: str | None, zone: str = "UTC", *, shown: str = "%Y-%m-%d %H:%M") -> str:
-    """A ledger time (ISO 8601, UTC: ``2026-03-02T07:05:09Z``, or without its ``Z``) as the
-    hospital's wall clock in ``zone`` (``monitoring.timezone``), in the ``shown`` format,
-    followed by its offset from UTC (``2026-03-02 08:05 +0100``); a value that is no time
-    is shown as it is."""
+def wall_clock(
+    value: str | dt.datetime | None,
+    zone: str = "UTC",
+    *,
+    shown: str = "%Y-%m-%d %H:%M",
+    offset: bool = True,
+) -> str:
+    """A ledger time (ISO 8601, UTC: ``2026-03-02T07:05:09Z``, or without its ``Z``; or a
+    datetime, naive ones in UTC) as the hospital's wall clock in ``zone``
+    (``monitoring.timezone``), in the ``shown`` format, followed by its offset from UTC
+    (``2026-03-02 08:05 +0100``; not with ``offset`` false, for a day); a value that is no
+    time is shown as it is."""
     if not value:
         return ""
-    try:
-        moment = dt.datetime.fromisoformat(value)
-    except ValueError:
-        return value
+    if isinstance(value, dt.datetime):
+        moment = value
+    else:
+        try:
+            moment = dt.datetime.fromisoformat(value)
+        except ValueError:
+            return value
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.timezone.utc)
     here = moment.astimezone(zoneinfo.ZoneInfo(zone))
-    return here.strftime(shown + " %z")
+    return here.strftime(shown + (" %z" if offset else ""))
 
 
 def make_templates(timezone: str = "UTC") -> Environment:
-    """The page templates; autoescaping is on for every template. Their filters ``local``
-    (date and time) and ``clock`` (time of day) show a ledger time in ``timezone``."""
+    """The page templates; autoescaping is on for every template. Their filters show a ledger
+    time in ``timezone``, with its offset from UTC: ``local`` (date and time), ``local_s``
+    (with seconds), ``clock`` (time of day), ``clock_s`` (with seconds); ``day`` its date."""
     env = Environment(
         loader=FileSystemLoader(str(HERE / "templates")),
         autoescape=True,
@@ -160,7 +174,10 @@ def make_templates(timezone: str = "UTC") -> Environment:
     )
     env.filters["duration"] = duration
     env.filters["local"] = partial(wall_clock, zone=timezone)
+    env.filters["local_s"] = partial(wall_clock, zone=timezone, shown="%Y-%m-%d %H:%M:%S")
     env.filters["clock"] = partial(wall_clock, zone=timezone, shown="%H:%M")
+    env.filters["clock_s"] = partial(wall_clock, zone=timezone, shown="%H:%M:%S")
+    env.filters["day"] = partial(wall_clock, zone=timezone, shown="%Y-%m-%d", offset=False)
     return env
 
 
@@ -268,23 +285,33 @@ def leading_images(images: list[dict[str, Any]]) -> dict[str, list[tuple[int, fl
     return {"probability": top("probability"), "uncertainty": top("uncertainty")}
 
 
-def render_overlay_png(cam: np.ndarray, rows: int, columns: int) -> bytes:
-    """The heatmap's colour map as a transparent layer (RGBA) at the display size of a
-    ``rows`` x ``columns`` source (:func:`acwi_node.results.overlay.overlay_rgba`)."""
+def render_overlay_png(
+    cam: np.ndarray, rows: int, columns: int, colours: ColourMapName = "jet"
+) -> bytes:
+    """The heatmap's colour map ``colours`` as a transparent layer (RGBA) at the display size
+    of a ``rows`` x ``columns`` source (:func:`acwi_node.results.overlay.overlay_rgba`)."""
     width, height = display_size(rows, columns)
-    return _png(overlay_rgba(cam, height, width))
+    return _png(overlay_rgba(cam, height, width, colours))
 
 
 #: Width and height of the heatmap's colour scale on the case page (pixels).
 LEGEND_SIZE = (256, 14)
 
 
-@lru_cache(maxsize=1)
-def render_legend_png() -> bytes:
-    """The heatmap's colour map from heat 0 (left) to 1 (right), as the overlays and the
-    secondary captures draw it (:func:`acwi_node.results.heatmap.colour_map`)."""
+#: What the case page's colour scale says of each colour map (its alternative text).
+LEGEND_WORDS = {
+    "jet": "dark blue (0, none) through cyan, green and yellow to dark red (1, strongest)",
+    "cividis": "dark blue (0, none) through grey to light yellow (1, strongest)",
+    "viridis": "dark purple (0, none) through blue, teal and green to yellow (1, strongest)",
+}
+
+
+@lru_cache(maxsize=len(LEGEND_WORDS))
+def render_legend_png(colours: ColourMapName = "jet") -> bytes:
+    """The heatmap's colour map ``colours`` from heat 0 (left) to 1 (right), as the overlays
+    and the secondary captures draw it (:func:`acwi_node.results.heatmap.colour_map`)."""
     width, height = LEGEND_SIZE
-    row = np.clip(np.rint(colour_map(np.linspace(0.0, 1.0, width)) * 255.0), 0, 255)
+    row = np.clip(np.rint(colour_map(np.linspace(0.0, 1.0, width), colours) * 255.0), 0, 255)
     return _png(np.repeat(row.astype(np.uint8)[None], height, axis=0))
 
 
@@ -699,23 +726,50 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
 
     # ---------------------------------------------------------------- worklist
     @app.get("/review/worklist", include_in_schema=False)
-    def worklist_page(
+    def worklist_page_view(
         request: Request,
         modality: str = "",
         calling_ae: str = "",
         model: str = "",
         state: str = "",
         kind: str = "",
+        page: int = Query(1, ge=1, le=1_000_000),
+        per_page: int = Query(WORKLIST_PER_PAGE, ge=1, le=WORKLIST_MAX_PER_PAGE),
+        reload: Literal["on", "off", ""] = "",
     ) -> HTMLResponse:
+        """The open cases, a page of ``per_page`` at a time (a page past the last shows the
+        last). It reloads itself every ``review.worklist_refresh_s`` seconds unless the
+        reader stopped that (``reload=off``, kept in a cookie of their browser; ``reload=on``
+        starts it again)."""
         filters = WorklistFilters(modality, calling_ae, model, state, kind)
         found = review.store.worklist(filters, claim_s=settings.review.reading_claim_s)
-        review.add_headers(found["items"])
-        return review.page(
+        shown = worklist_page(found, page, per_page)
+        if shown["page"] > shown["pages"]:
+            shown = worklist_page(found, shown["pages"], per_page)
+        # only this page's headers are read (the header cache keeps them for the next load)
+        review.add_headers(shown["items"])
+        if reload:
+            reloading = reload == "on"
+        else:
+            reloading = request.cookies.get(WORKLIST_RELOAD_COOKIE) != "off"
+        refresh_s = settings.review.worklist_refresh_s
+
+        def url(at_page: int, **extra: str) -> str:
+            return _worklist_url(filters, page=at_page, per_page=shown["per_page"], **extra)
+
+        first = (shown["page"] - 1) * shown["per_page"]
+        response = review.page(
             "worklist.html",
             request,
-            items=found["items"],
+            items=shown["items"],
             total=found["total"],
-            shown=len(found["items"]),
+            shown=shown["count"],
+            page=shown["page"],
+            pages=shown["pages"],
+            first=first + 1,
+            last=first + len(shown["items"]),
+            previous_url=url(shown["page"] - 1) if shown["page"] > 1 else "",
+            next_url=url(shown["page"] + 1) if shown["page"] < shown["pages"] else "",
             counts=found["counts"],
             filters={
                 "modality": modality,
@@ -725,12 +779,35 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
                 "kind": kind,
             },
             filter_names=FILTER_NAMES,
+            per_page=shown["per_page"],
+            per_page_default=WORKLIST_PER_PAGE,
             # each case opened from this list carries its filters: "Submit and open the next
             # case" takes the next of the same list
             list_query=filters.query(),
-            refresh_s=settings.review.worklist_refresh_s,
+            refresh_s=refresh_s if reloading else 0,
+            refresh_off=bool(refresh_s) and not reloading,
+            reload_every_s=refresh_s,
+            reload_given=bool(reload),
+            # the page reloads itself at its own address, without the reload switch
+            this_url=url(shown["page"]),
+            stop_url=url(shown["page"], reload="off"),
+            start_url=url(shown["page"], reload="on"),
+            notice=WORKLIST_RELOAD_NOTICES.get(reload, "") if refresh_s else "",
             now=utcnow().isoformat(timespec="seconds"),
         )
+        if reload == "off":
+            response.set_cookie(
+                WORKLIST_RELOAD_COOKIE,
+                "off",
+                max_age=WORKLIST_RELOAD_COOKIE_AGE,
+                path="/review/",
+                secure=cookie_secure,
+                httponly=True,
+                samesite="strict",
+            )
+        elif reload == "on":
+            response.delete_cookie(WORKLIST_RELOAD_COOKIE, path="/review/")
+        return response
 
     @app.get("/review/decided", include_in_schema=False)
     def decided_page(request: Request, days: int = 14, mine: bool = False) -> HTMLResponse:
@@ -1239,6 +1316,8 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             skipped_count=len(summary.get("skipped") or {}),
             results=results,
             windows=window_choices(str(case.get("modality") or "")),
+            heat_colours=settings.worker.heatmap_colours,
+            heat_scale_words=LEGEND_WORDS[settings.worker.heatmap_colours],
             draft=draft,
             error=error,
             notice=notice,
@@ -1250,8 +1329,14 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             list_query=(filters or WorklistFilters()).query(),
         )
 
-    def _worklist_url(filters: WorklistFilters) -> str:
-        query = filters.query()
+    def _worklist_url(
+        filters: WorklistFilters, *, page: int = 1, per_page: int = WORKLIST_PER_PAGE, **extra: str
+    ) -> str:
+        """The worklist under ``filters``, at ``page`` (``per_page`` a page), with ``extra``."""
+        paging = {"page": str(page)} if page > 1 else {}
+        if per_page != WORKLIST_PER_PAGE:
+            paging["per_page"] = str(per_page)
+        query = "&".join(q for q in (filters.query(), urlencode({**paging, **extra})) if q)
         return "/review/worklist" + (f"?{query}" if query else "")
 
     def _after_decision(request: Request, item_id: int, form: dict[str, str]) -> str:
@@ -1348,9 +1433,11 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
 
     @app.get("/review/heatmap-scale.png", include_in_schema=False)
     def heatmap_scale() -> Response:
-        """The heatmap's colour scale, 0 to 1 (the case page's legend)."""
+        """The heatmap's colour scale, 0 to 1 (the case page's legend), in the colour map of
+        ``worker.heatmap_colours`` (the page asks with ``?map=<name>``: a browser that kept
+        another map's scale asks anew)."""
         return Response(
-            render_legend_png(),
+            render_legend_png(settings.worker.heatmap_colours),
             media_type="image/png",
             headers={
                 "Cache-Control": "private, max-age=86400",
@@ -1366,7 +1453,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         cam = read_cam(heatmap)
         if cam is None:
             raise HTTPException(status_code=404, detail="no map kept for this heatmap")
-        data = render_overlay_png(cam, rows, columns)
+        data = render_overlay_png(cam, rows, columns, settings.worker.heatmap_colours)
         return Response(data, media_type="image/png", headers=IMAGE_HEADERS)
 
     @app.post("/review/cases/{item_id}/verdict", include_in_schema=False)
@@ -1497,6 +1584,15 @@ def _result_line(study: dict[str, Any]) -> str:
             return line + ("; needs review" if summary.get("needs_review") else "")
     return ""
 
+
+#: The cookie that keeps a reader's worklist from reloading itself (``reload=off``), and for
+#: how long (seconds): the browser's, for a year, till ``reload=on``.
+WORKLIST_RELOAD_COOKIE = "acwi_worklist_reload"
+WORKLIST_RELOAD_COOKIE_AGE = 365 * 24 * 3600
+WORKLIST_RELOAD_NOTICES = {
+    "off": "The worklist no longer reloads itself: reload the page for new cases.",
+    "on": "The worklist reloads itself again.",
+}
 
 STUDY_ACTION_NOTICES = {
     "resend": "The study's results are back in the outbox.",

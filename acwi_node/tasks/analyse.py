@@ -316,7 +316,14 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
             source = by_uid[image.sop_instance_uid]
             path = write(
                 "heatmap",
-                build_heatmap_sc(source, image.heatmap_array(), analysis, image, instance_number=n),
+                build_heatmap_sc(
+                    source,
+                    image.heatmap_array(),
+                    analysis,
+                    image,
+                    instance_number=n,
+                    colours=settings.worker.heatmap_colours,
+                ),
             )
             if isinstance(image.heatmap, DeferredHeatmap):  # the review page's overlay
                 write_cam(path, image.heatmap.cam)

@@ -27,6 +27,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
+from urllib.parse import urlencode
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
@@ -39,7 +40,13 @@ from acwi_node.config import Settings
 from acwi_node.ledger import Ledger, NoSuchStudy, StudyActionRefused, StudyState
 from acwi_node.ledger.trace import study_trace
 from acwi_node.review.inputs import plain_path_and_query
-from acwi_node.review.store import ReviewStore, WorklistFilters
+from acwi_node.review.store import (
+    WORKLIST_MAX_PER_PAGE,
+    WORKLIST_PER_PAGE,
+    ReviewStore,
+    WorklistFilters,
+    worklist_page,
+)
 from acwi_node.review.views import destination_outboxes, error_page, install_review, wants_page
 from acwi_node.web.feedback import feedback_router
 from acwi_node.web.guards import (
@@ -265,6 +272,7 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
 
     @app.get("/api/worklist")
     def worklist(
+        request: Request,
         modality: str = Query("", max_length=64),
         calling_ae: str = Query("", max_length=64),
         model: str = Query("", max_length=64),
@@ -275,17 +283,38 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
             Literal["flagged", "sample"] | None,
             Query(description="flagged: the model asked for review; sample: quality control"),
         ] = None,
+        page: Annotated[int, Query(ge=1, le=1_000_000, description="the page, from 1")] = 1,
+        per_page: Annotated[
+            int,
+            Query(ge=1, le=WORKLIST_MAX_PER_PAGE, description="cases a page"),
+        ] = WORKLIST_PER_PAGE,
     ) -> dict[str, Any]:
         """The open review cases in the worklist page's order (escalated, priority, flagged
-        before quality-control samples, oldest), with its filters: each case's figures,
-        ``escalated``, and ``reading`` (who opened it in the last ``review.reading_claim_s``
-        seconds, else null). ``count``: the cases listed; ``total``: before the filters;
-        ``counts``: per filter value, over every open case."""
-        found = ReviewStore(db).worklist(
-            WorklistFilters(modality, calling_ae, model, state.value if state else "", kind or ""),
-            claim_s=settings.review.reading_claim_s,
+        before quality-control samples, oldest, then by id), with its filters, a page at a
+        time: each case's figures, ``escalated``, and ``reading`` (who opened it in the last
+        ``review.reading_claim_s`` seconds, else null). ``count``: the cases under the
+        filters, on every page; ``total``: before the filters; ``counts``: per filter value,
+        over every open case; ``page``, ``per_page``, ``pages``; ``next`` and ``previous``:
+        the address of the next and the previous page with the same filters, or null (a
+        page past the last has no items)."""
+        filters = WorklistFilters(
+            modality, calling_ae, model, state.value if state else "", kind or ""
         )
-        return {**found, "count": len(found["items"])}
+        found = worklist_page(
+            ReviewStore(db).worklist(filters, claim_s=settings.review.reading_claim_s),
+            page,
+            per_page,
+        )
+
+        def at(number: int) -> str:
+            query = {k: v for k, v in request.query_params.items() if k != "page"}
+            return "/api/worklist?" + urlencode({**query, "page": str(number)})
+
+        return {
+            **found,
+            "next": at(page + 1) if page < found["pages"] else None,
+            "previous": at(min(page - 1, found["pages"])) if page > 1 else None,
+        }
 
     @app.get("/api/review/agreement")
     def review_agreement(days: int = Query(90, ge=1, le=3650)) -> dict[str, Any]:

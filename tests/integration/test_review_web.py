@@ -632,6 +632,46 @@ def test_a_case_with_heatmaps_shows_their_colour_scale(
     assert (pixels[0, 0] == ends[0]).all() and (pixels[0, -1] == ends[1]).all()
 
 
+def test_heatmaps_in_a_colour_blind_safe_map(tmp_path: Path) -> None:
+    """``worker.heatmap_colours = "cividis"``: the worker's secondary captures are drawn in it
+    (named in Derivation Description; no dciodvfy error), and the case page's overlay and
+    colour scale too, the scale described in words and asked for by the map's name (a
+    browser keeps the scale a day)."""
+    base = review_settings(tmp_path)
+    settings = base.model_copy(
+        update={"worker": base.worker.model_copy(update={"heatmap_colours": "cividis"})}
+    )
+    ledger = Ledger(settings.database_url)
+    add_user(ledger)
+    try:
+        item, _ = make_review_case(settings, ledger, tmp_path)
+        with ledger.session() as s:
+            paths = s.scalars(select(Result.path).where(Result.kind == "heatmap")).all()
+        assert len(paths) == 2
+        for path in paths:
+            sc = pydicom.dcmread(settings.results_dir / path)
+            assert "(cividis colour map," in sc.DerivationDescription
+            assert dciodvfy_errors(settings.results_dir / path) == []
+        with TestClient(create_app(settings, ledger)) as client:
+            sign_in(client)
+            page = client.get(f"/review/cases/{item}").text
+            assert 'src="/review/heatmap-scale.png?map=cividis"' in page
+            assert "colour scale from dark blue (0, none) through grey to light yellow" in page
+            sops = re.findall(rf"/review/cases/{item}/overlays/([0-9.]+)\.png", page)
+            overlay = client.get(f"/review/cases/{item}/overlays/{sops[0]}.png")
+            scale = client.get("/review/heatmap-scale.png?map=cividis")
+    finally:
+        ledger.dispose()
+    rgba = np.asarray(Image.open(io.BytesIO(overlay.content)).convert("RGBA")).reshape(-1, 4)
+    palette = np.rint(colour_map(np.linspace(0.0, 1.0, 1025), "cividis") * 255.0)
+    drawn = np.unique(rgba[rgba[:, 3] > 0][:, :3], axis=0).astype(float)
+    # every colour drawn is cividis's (to a rounding), none jet's
+    nearest = np.abs(drawn[:, None, :] - palette[None, :, :]).max(axis=2).min(axis=1)
+    assert len(drawn) > 10 and nearest.max() <= 1.5, nearest.max()
+    pixels = np.asarray(Image.open(io.BytesIO(scale.content)).convert("RGB"))
+    assert pixels[0, -1].tolist() == palette[-1].tolist()
+
+
 def confirm(client: TestClient, item: int) -> None:
     """Sign in as the radiologist and confirm the case's finding."""
     csrf = sign_in(client)

@@ -40,6 +40,7 @@ from acwi_node.export.wakeup import WakeUpListener, wake_exporter
 from acwi_node.ledger import AwaitedCommitment, DeliveryAttempt, DueDelivery, Ledger
 from acwi_node.ledger.models import utcnow
 from acwi_node.observability import metrics
+from acwi_node.observability.logging import LoopFailures
 from acwi_node.tls import TlsConfigError
 
 log = logging.getLogger("acwi_node.exporter")
@@ -109,6 +110,8 @@ class Exporter:
         self.settings = settings
         self.ledger = ledger
         self._stop = threading.Event()
+        #: A ledger that is down logs a traceback, then a line a minute, not one a pass.
+        self.failures = LoopFailures(log, "exporter pass")
         self._listener: WakeUpListener | None = None
         #: :meth:`run` is passing over the outbox (its sends do not hold up its passes).
         self._running = False
@@ -500,15 +503,17 @@ class Exporter:
                 try:
                     busy = self.tick()
                 except Exception:
-                    log.exception("exporter pass failed; retrying")
+                    self.failures.failed()
                     busy = 0
                 else:
+                    self.failures.worked()
                     self.last_pass = time.monotonic()
                 if not busy and not self._stop.is_set():
+                    wait_s = self.failures.wait_s(self.settings.exporter.poll_interval_s)
                     if listener.listening:
-                        listener.wait(self.settings.exporter.poll_interval_s)
+                        listener.wait(wait_s)
                     else:
-                        self._stop.wait(self.settings.exporter.poll_interval_s)
+                        self._stop.wait(wait_s)
         finally:
             self._listener = None
             listener.close()

@@ -38,7 +38,7 @@ from acwi_node.hl7.messages import (
 )
 from acwi_node.hl7.mllp import FramingError, frame, read_frame_sync
 from acwi_node.ledger import Ledger
-from acwi_node.observability.logging import REDACTED
+from acwi_node.observability.logging import REDACTED, LoopFailures
 
 log = logging.getLogger("acwi_node.hl7")
 
@@ -292,6 +292,8 @@ class OruSender:
         self.ris = settings.hl7.ris
         self.ledger = ledger
         self._stop = threading.Event()
+        #: A ledger that is down logs a traceback, then a line a minute, not one a pass.
+        self.failures = LoopFailures(log, "ORU sender pass")
 
     def backoff_s(self, attempts_so_far: int) -> float:
         return float(min(self.ris.backoff_max_s, self.ris.backoff_initial_s * (2**attempts_so_far)))
@@ -417,10 +419,12 @@ class OruSender:
             try:
                 busy = self.tick()
             except Exception:
-                log.exception("ORU sender pass failed; retrying")
+                self.failures.failed()
                 busy = 0
+            else:
+                self.failures.worked()
             if not busy:
-                self._stop.wait(self.ris.poll_interval_s)
+                self._stop.wait(self.failures.wait_s(self.ris.poll_interval_s))
 
     def stop(self) -> None:
         self._stop.set()

@@ -22,6 +22,7 @@ from acwi_node.config import Settings
 from acwi_node.ingest.mpps import CompletionSignals
 from acwi_node.ledger import Ledger, RoutedJob, StudyFacts
 from acwi_node.ledger.models import utcnow
+from acwi_node.observability.logging import LoopFailures
 from acwi_node.routing.rules import decide_routes, explain_no_route
 from acwi_node.tasks.queue import enqueue, reconcile
 
@@ -60,6 +61,8 @@ class CompletionService:
         self._clocks: tuple[dt.datetime, float] | None = None
         self.wall_clock = utcnow
         self.monotonic = time.monotonic
+        #: A ledger that is down logs a traceback, then a line a minute, not one a pass.
+        self.failures = LoopFailures(log, "completion pass")
 
     def decide(self, facts: StudyFacts) -> list[RoutedJob]:
         return decide_routes(self.settings.routes, facts)
@@ -155,10 +158,11 @@ class CompletionService:
             try:
                 self.tick()
             except Exception:
-                log.exception("completion pass failed; retrying")
+                self.failures.failed()
             else:
+                self.failures.worked()
                 self.last_pass = time.monotonic()
-            self._wake.wait(self.settings.completion.poll_interval_s)
+            self._wake.wait(self.failures.wait_s(self.settings.completion.poll_interval_s))
             self._wake.clear()
 
     def start(self) -> None:

@@ -44,6 +44,7 @@ from acwi_node.ledger import Ledger, StudyState
 from acwi_node.ledger.models import utcnow
 from acwi_node.ledger.repository import KEEPS_RESULTS
 from acwi_node.ledger.retrievals import QUERY_KEYS, Retrievals, RetrievalTask, StudyNow
+from acwi_node.observability.logging import LoopFailures
 from acwi_node.observability.metrics import RETRIEVALS, RETRIEVED_INSTANCES
 from acwi_node.tls import TlsConfigError
 
@@ -167,6 +168,8 @@ class RetrievalService:
         #: instances, and what came (for people).
         self._answered_wrong: dict[int, dict[str, str]] = {}
         self._stop = threading.Event()
+        #: A ledger that is down logs a traceback, then a line a minute, not one a pass.
+        self.failures = LoopFailures(log, "retrieval pass")
         self._thread: threading.Thread | None = None
 
     @property
@@ -546,10 +549,12 @@ class RetrievalService:
             try:
                 ran = self.tick()
             except Exception:
-                log.exception("retrieval pass failed; retrying")
+                self.failures.failed()
                 ran = False
+            else:
+                self.failures.worked()
             if not ran:
-                self._stop.wait(self.settings.retrieve.poll_interval_s)
+                self._stop.wait(self.failures.wait_s(self.settings.retrieve.poll_interval_s))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="retrieval", daemon=True)

@@ -34,6 +34,7 @@ import posixpath
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -83,7 +84,7 @@ from acwi_node.ingest.reactor import compatible as reactor_compatible
 from acwi_node.ingest.spool import Buffers, Spool, SpoolError, SpoolFile, is_safe_uid
 from acwi_node.ledger import InstanceRecord, Ledger, Recorded
 from acwi_node.observability import metrics
-from acwi_node.observability.logging import note_identifiers
+from acwi_node.observability.logging import failure_summary, note_identifiers
 from acwi_node.tcp import host_port, no_delay
 from acwi_node.tls import peer_subject
 
@@ -1102,11 +1103,10 @@ class StorageSCP:
                     ),
                 )
             except Exception:
-                self._ledger_works = False
                 for row in rows:
                     left = (row.written.inode, row.written.size)
                     self._unrecorded(journal, row.ticket, row.record.path, left)
-                log.exception(
+                self._ledger_failed(
                     "C-STORE from %s: the ledger could not record %d acknowledged instance(s);"
                     " the journal's checkpoint records them",
                     state.calling_ae,
@@ -1181,8 +1181,7 @@ class StorageSCP:
                 file_is_current=lambda _: self.spool.is_current(record.path, written),
             )[0]
         except Exception:
-            self._ledger_works = False
-            log.exception(
+            self._ledger_failed(
                 "C-STORE from %s: the ledger could not record the instance", record.calling_ae
             )
             if not existed:
@@ -1194,6 +1193,15 @@ class StorageSCP:
         self._ledger_works = True
         self._note_recorded(record, recorded, state, patient_id)
         return STATUS_SUCCESS
+
+    def _ledger_failed(self, message: str, *args: object) -> None:
+        """Log a ledger write that failed: with its traceback if the ledger worked until now,
+        else one line (a database that is down for minutes, a traceback per C-STORE refused)."""
+        if self._ledger_works:
+            self._ledger_works = False
+            log.exception(message, *args)
+        else:
+            log.error(message + " (%s)", *args, failure_summary(sys.exc_info()[1]))
 
     def _note_recorded(
         self,

@@ -35,7 +35,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
@@ -274,6 +274,25 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any, *, synchronous: str = "FULL")
     cur.close()
 
 
+#: libpq's connection settings for a PostgreSQL ledger, unless its URL gives its own
+#: (``?connect_timeout=30``). Without them a database server that does not answer (a failover
+#: whose old address is gone, a firewall that drops a connection without a reset) holds a
+#: ledger call for as long as the kernel retransmits, a quarter of an hour: a C-STORE's
+#: association release and a loop's pass hung with it (measured: the release, for the whole
+#: outage). With them a new connection gives up after ``connect_timeout`` seconds (a server
+#: that accepts and never answers included), and one whose data or keepalives the server stops
+#: acknowledging is closed after ``tcp_user_timeout`` milliseconds, failing the call under way
+#: (the pool's pre-ping then replaces the connection).
+POSTGRES_CONNECT_ARGS: dict[str, int] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+
+
 def make_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
     """An engine for the ledger URL; SQLite gets WAL and a busy timeout, PostgreSQL psycopg 3."""
     if url.startswith("postgresql://"):
@@ -289,7 +308,11 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
             functools.partial(_sqlite_pragmas, synchronous=sqlite_synchronous),
         )
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    given = make_url(url).query
+    connect_args = {k: v for k, v in POSTGRES_CONNECT_ARGS.items() if k not in given}
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args=connect_args
+    )
 
 
 #: pg_advisory_xact_lock key held while the ledger's tables are created ("ACWI" in ASCII).

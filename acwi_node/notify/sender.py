@@ -33,6 +33,7 @@ from acwi_node.ledger.repository import outage_attempt, outage_over
 from acwi_node.monitoring.cached import MonitoringCaches
 from acwi_node.notify.events import queue_events
 from acwi_node.notify.formats import shape
+from acwi_node.observability.logging import LoopFailures
 
 log = logging.getLogger("acwi_node.notify")
 
@@ -127,6 +128,8 @@ class Notifier:
         self.targets = {t.name: t for t in settings.notify}
         self.interval_s = interval_s
         self._stop = threading.Event()
+        #: A ledger that is down logs a traceback, then a line a minute, not one a pass.
+        self.failures = LoopFailures(log, "notify pass")
         # model monitoring reads weeks of summaries: at most every monitoring.refresh_s
         caches = MonitoringCaches(settings, ledger)
         self.monitoring, self.traffic, self.turnaround = (
@@ -232,8 +235,10 @@ class Notifier:
             try:
                 self.tick()
             except Exception:
-                log.exception("notify: a pass failed")
-            self._stop.wait(self.interval_s)
+                self.failures.failed()
+            else:
+                self.failures.worked()
+            self._stop.wait(self.failures.wait_s(self.interval_s))
 
     def stop(self) -> None:
         self._stop.set()

@@ -96,14 +96,48 @@ def loop_check(last_pass: Callable[[], float | None], stale_s: float) -> Check:
     return check
 
 
+#: A readiness check that has not answered in this many seconds is not ok: a database server
+#: that does not answer holds a query until its connection gives up (half a minute, see
+#: :data:`acwi_node.ledger.repository.POSTGRES_CONNECT_ARGS`), and a probe that hangs that long
+#: says nothing. The check goes on in the background, and is not started again until it ends.
+CHECK_TIMEOUT_S = 5.0
+
+
+class _Running:
+    """One readiness check, run on a thread of its own."""
+
+    def __init__(self, check: Check) -> None:
+        self.started = time.monotonic()
+        self.done = threading.Event()
+        self.result: tuple[bool, str] | None = None
+        self.error: Exception | None = None
+        self.thread = threading.Thread(
+            target=self._run, args=(check,), name="readiness-check", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self, check: Check) -> None:
+        try:
+            self.result = check()
+        except Exception as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+
+
 @dataclass
 class Readiness:
     """Named readiness checks of one process kind."""
 
     kind: str
     checks: dict[str, Check] = field(default_factory=dict)
+    #: Seconds a check may take before it counts as not ok (:data:`CHECK_TIMEOUT_S`).
+    timeout_s: float = CHECK_TIMEOUT_S
     #: The error each check last raised (logged when it changes).
     _raised: dict[str, str] = field(default_factory=dict)
+    #: The checks under way, by name: one that outlived its probe is not started again.
+    _running: dict[str, _Running] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, name: str, check: Check) -> Readiness:
         self.checks[name] = check
@@ -113,12 +147,33 @@ class Readiness:
         """Run every check. A check that raises is not ok, and its answer names the error's
         type alone: ``/readyz`` answers anyone who asks, and a driver's message names the
         database's host, port, name and user (``connection to server at "10.0.0.5", port
-        5432 failed``). The message goes to the log, once each time it changes."""
+        5432 failed``). The message goes to the log, once each time it changes. A check that
+        has not answered in :attr:`timeout_s` is not ok (:data:`CHECK_TIMEOUT_S`)."""
+        with self._lock:  # probes that come together share the checks under way
+            return self._evaluate()
+
+    def _evaluate(self) -> tuple[bool, dict[str, Any]]:
         results: dict[str, Any] = {}
         ready = True
-        for name, check in self.checks.items():
+        for name, check in self.checks.items():  # all at once: a probe waits timeout_s at most
+            if name not in self._running:
+                self._running[name] = _Running(check)
+        for name in self.checks:
+            running = self._running[name]
+            if not running.done.wait(max(0.0, running.started + self.timeout_s - time.monotonic())):
+                message = "no answer"
+                if self._raised.get(name) != message:
+                    self._raised[name] = message
+                    log.warning("readiness check %s has not answered in %g s", name, self.timeout_s)
+                ready = False
+                age = time.monotonic() - running.started
+                results[name] = {"ok": False, "detail": f"no answer for {age:.0f} s"}
+                continue
+            del self._running[name]
             try:
-                ok, detail = check()
+                if running.error is not None:
+                    raise running.error
+                ok, detail = running.result or (False, "no result")
                 self._raised.pop(name, None)
             except Exception as exc:
                 message = " ".join(str(exc).split())[:500]

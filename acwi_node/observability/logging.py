@@ -46,6 +46,7 @@ import re
 import site
 import sys
 import threading
+import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -515,3 +516,93 @@ def log_thread_exception(args: threading.ExceptHookArgs) -> None:
         else (None, None, None)
     )
     logging.getLogger("acwi_node").error("unhandled exception in %s", name, exc_info=exc_info)
+
+
+#: How often a background loop that keeps failing logs a line (its first failure logs the
+#: traceback).
+LOOP_FAILURE_LOG_S = 60.0
+#: The shortest wait before a failed pass of a background loop is tried again: a loop that
+#: polls every 0.1 s would otherwise open ten connections a second to a database that is down.
+LOOP_FAILURE_RETRY_S = 1.0
+
+
+def failure_summary(exc: BaseException | None) -> str:
+    """The exception's type and first line (a SQL error's statement and parameters follow on
+    lines of their own, and are left out)."""
+    if exc is None:
+        return "unknown error"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+class LoopFailures:
+    """The log of a background loop's failed passes (a ledger that is down, a full disk).
+
+    The first failure after a pass that worked is logged with its traceback; while the passes
+    keep failing, one line at most every ``log_every_s`` with the count of failed passes and
+    the last error; and one line once a pass works again. An outage of the database logs three
+    lines, not a traceback for every pass (ten a second for the completion loop)::
+
+        failures = LoopFailures(log, "completion pass")
+        while not stop.is_set():
+            try:
+                tick()
+            except Exception:
+                failures.failed()
+            else:
+                failures.worked()
+            stop.wait(failures.wait_s(poll_interval_s))
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        *,
+        log_every_s: float = LOOP_FAILURE_LOG_S,
+        retry_s: float = LOOP_FAILURE_RETRY_S,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.log = logger
+        self.what = what
+        self.log_every_s = log_every_s
+        self.retry_s = retry_s
+        self.clock = clock or time.monotonic
+        #: Failed passes since the last one that worked.
+        self.failures = 0
+        self._last = ""
+        self._logged_at = 0.0
+
+    @property
+    def failing(self) -> bool:
+        return self.failures > 0
+
+    def failed(self) -> None:
+        """Call in the ``except`` block of a failed pass."""
+        self._last = failure_summary(sys.exc_info()[1])
+        self.failures += 1
+        now = self.clock()
+        if self.failures == 1:
+            self.log.exception("%s failed; retrying", self.what)
+            self._logged_at = now
+        elif now - self._logged_at >= self.log_every_s:
+            self.log.error(
+                "%s still failing after %d tries (%s); retrying",
+                self.what,
+                self.failures,
+                self._last,
+            )
+            self._logged_at = now
+
+    def worked(self) -> None:
+        """Call after a pass that worked."""
+        if self.failures:
+            self.log.warning(
+                "%s works again after %d failed tries (%s)", self.what, self.failures, self._last
+            )
+            self.failures = 0
+
+    def wait_s(self, poll_interval_s: float) -> float:
+        """How long the loop waits before its next pass: its interval, or while it fails at
+        least :attr:`retry_s`."""
+        return max(poll_interval_s, self.retry_s) if self.failures else poll_interval_s

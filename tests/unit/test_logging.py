@@ -22,6 +22,8 @@ from acwi_node.ingest.scp import StorageSCP
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger
 from acwi_node.observability.logging import (
+    LOOP_FAILURE_RETRY_S,
+    LoopFailures,
     bind_study,
     log_context,
     note_identifiers,
@@ -415,3 +417,37 @@ def test_a_name_part_that_is_a_common_word_leaves_installed_code_readable(
     assert "JSONDecodeError: Expecting [redacted]: line 1" in text
     assert "the [redacted] of [redacted]" in text
     assert "frederica" not in text.lower()
+
+
+def test_a_loop_failing_for_long_logs_a_traceback_then_a_line_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    failures = LoopFailures(logging.getLogger("acwi_node.test"), "test pass", clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="acwi_node.test"):
+        for second in range(181):  # three minutes of a pass a second, all failing
+            now[0] = float(second)
+            try:
+                raise ConnectionError(f"refused\n[parameters: ('DOE^JANE', {second})]")
+            except ConnectionError:
+                failures.failed()
+        assert failures.wait_s(0.1) == LOOP_FAILURE_RETRY_S
+        failures.worked()
+        failures.worked()
+    assert failures.wait_s(0.1) == 0.1
+    assert [(r.levelno, r.exc_info is not None, r.getMessage()) for r in caplog.records] == [
+        (logging.ERROR, True, "test pass failed; retrying"),
+        *[
+            (
+                logging.ERROR,
+                False,
+                f"test pass still failing after {n} tries (ConnectionError: refused); retrying",
+            )
+            for n in (61, 121, 181)
+        ],
+        (
+            logging.WARNING,
+            False,
+            "test pass works again after 181 failed tries (ConnectionError: refused)",
+        ),
+    ]

@@ -512,3 +512,36 @@ def test_a_check_that_raises_says_its_error_type_and_logs_the_message_once(
         assert "10.9.8.7" not in body and "5433" not in body and "acwi_secret" not in body
     logged = [r.getMessage() for r in caplog.records]
     assert len(logged) == 2 and "10.9.8.7" in logged[0] and "acwi_secret" in logged[1]
+
+
+def test_a_readiness_check_that_does_not_answer_is_not_ok_and_not_started_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A ledger that does not answer (its server gone without a reset) holds its check: the
+    probe answers not ready without it, and the next probe does not pile up another."""
+    import threading
+
+    answer = threading.Event()
+    calls: list[str] = []
+
+    def ledger() -> tuple[bool, str]:
+        calls.append("ledger")
+        answer.wait()
+        return True, "reachable"
+
+    readiness = Readiness("web", timeout_s=0.01).add("ledger", ledger)
+    readiness.add("broker", lambda: (True, "embedded"))
+    with caplog.at_level(logging.WARNING, logger="acwi_node.health"):
+        probes = [readiness.evaluate() for _ in range(3)]
+    for ready, body in probes:
+        assert not ready
+        assert body["checks"]["ledger"]["ok"] is False
+        assert body["checks"]["ledger"]["detail"].startswith("no answer for ")
+        assert body["checks"]["broker"] == {"ok": True, "detail": "embedded"}
+    assert calls == ["ledger"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "readiness check ledger has not answered in 0.01 s"
+    ]
+    answer.set()
+    readiness._running["ledger"].thread.join()
+    assert readiness.evaluate()[0]

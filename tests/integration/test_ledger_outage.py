@@ -1,0 +1,191 @@
+"""A PostgreSQL ledger that refuses connections for a while (a restart, a failover,
+max_connections reached), then takes them again: the node logs the outage without a traceback
+per pass or per C-STORE, answers what it cannot record with a failure, and goes on by itself."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from celery import Celery
+from pydicom.uid import generate_uid
+from sqlalchemy import create_engine, text
+
+from acwi_node.config import load_settings
+from acwi_node.ingest import scp as scp_module
+from acwi_node.ingest.completion import CompletionService
+from acwi_node.ingest.scp import StorageSCP
+from acwi_node.ingest.spool import Spool
+from acwi_node.ledger import Ledger
+from acwi_node.observability.logging import LOOP_FAILURE_RETRY_S
+from tests.conftest import POSTGRES_ADMIN_URL
+from tests.integration.test_scp import make_sc, send
+from tests.support.ports import free_port
+
+
+class Outage:
+    """Makes the test's database refuse connections (and ends those it has), as a server that
+    restarts or fails over does, without stopping the server the other tests use."""
+
+    def __init__(self, database_url: str) -> None:
+        self.name = database_url.rsplit("/", 1)[1]
+        self.admin = create_engine(
+            POSTGRES_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://"),
+            isolation_level="AUTOCOMMIT",
+        )
+
+    def begin(self) -> None:
+        with self.admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{self.name}" WITH ALLOW_CONNECTIONS false'))
+            conn.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+                {"n": self.name},
+            )
+
+    def end(self) -> None:
+        with self.admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{self.name}" WITH ALLOW_CONNECTIONS true'))
+
+
+@pytest.fixture
+def outage(postgres_url: str) -> Iterator[Outage]:
+    db = Outage(postgres_url)
+    try:
+        yield db
+    finally:
+        db.end()
+        db.admin.dispose()
+
+
+@contextmanager
+def scp_on(tmp_path: Path, database_url: str) -> Iterator[tuple[StorageSCP, Ledger]]:
+    settings = load_settings(
+        None,
+        node={
+            "data_dir": tmp_path / "data",
+            "dicom_host": "127.0.0.1",
+            "dicom_port": free_port(),
+            "database_url": database_url,
+        },
+        ingest={"fsync": False, "journal_checkpoint_s": 300},
+    )
+    ledger = Ledger(settings.database_url)
+    scp = StorageSCP(settings, ledger, Spool(settings.spool_dir, fsync=False))
+    scp.start(block=False)
+    try:
+        yield scp, ledger
+    finally:
+        scp.stop()
+        ledger.dispose()
+
+
+def test_the_scp_logs_one_traceback_for_an_outage_and_answers_a_failure_after_it(
+    tmp_path: Path,
+    postgres_url: str,
+    outage: Outage,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with scp_on(tmp_path, postgres_url) as (scp, ledger):
+        settings = scp.settings
+        assert send(settings, [make_sc(generate_uid())]) == [0]  # the ledger works
+        outage.begin()
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="acwi_node.ingest"):
+            acknowledged = make_sc(generate_uid())
+            # Answered from the journal; its row fails after the answer.
+            assert send(settings, [acknowledged]) == [0]
+            # The ledger is known to be down: the next ones are refused, the sender retries.
+            for _ in range(3):
+                assert send(settings, [make_sc(generate_uid())]) == [
+                    scp_module.STATUS_LEDGER_UNAVAILABLE
+                ]
+        failures = [r for r in caplog.records if "could not record" in r.getMessage()]
+        assert len(failures) == 4
+        assert [r.exc_info is not None for r in failures] == [True, False, False, False]
+        assert all("OperationalError" in r.getMessage() for r in failures[1:])
+        outage.end()
+        assert scp.journal is not None
+        assert scp.journal.checkpoint() > 0
+        assert ledger.instance_file(acknowledged.SOPInstanceUID) is not None
+        assert send(settings, [make_sc(generate_uid())]) == [0]
+
+
+class CountedPasses:
+    """The completion loop's wake-up event: ends the outage before pass ``back_at``, stops
+    the loop after pass ``passes``, and keeps each wait asked for."""
+
+    def __init__(self, loop: CompletionService, outage: Outage, back_at: int, passes: int):
+        self.loop, self.outage, self.back_at, self.passes = loop, outage, back_at, passes
+        self.waits: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(float(timeout or 0))
+        if len(self.waits) == self.back_at:
+            self.outage.end()
+        if len(self.waits) == self.passes:
+            self.loop._stop.set()
+        return False
+
+    def clear(self) -> None:
+        pass
+
+    def set(self) -> None:
+        pass
+
+
+def test_the_completion_loop_logs_an_outage_once_and_its_end(
+    tmp_path: Path,
+    postgres_url: str,
+    outage: Outage,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = load_settings(
+        None,
+        node={"data_dir": tmp_path / "data", "database_url": postgres_url},
+        completion={"poll_interval_s": 0.1},
+    )
+    ledger = Ledger(settings.database_url)
+    try:
+        loop = CompletionService(settings, ledger, Celery("acwi-test-outage", broker="memory://"))
+        loop.tick()  # a pass that works: the pool holds a connection the outage ends
+        passes = CountedPasses(loop, outage, back_at=4, passes=6)
+        loop._wake = passes  # type: ignore[assignment]
+        outage.begin()
+        with caplog.at_level(logging.INFO, logger="acwi_node.completion"):
+            loop.run()
+    finally:
+        ledger.dispose()
+    lines = [r for r in caplog.records if r.name == "acwi_node.completion"]
+    assert [(r.levelno, r.exc_info is not None) for r in lines] == [
+        (logging.ERROR, True),
+        (logging.WARNING, False),
+    ]
+    assert "works again after 4 failed tries" in lines[1].getMessage()
+    # While the ledger is down a pass is tried once a second, not ten times.
+    assert passes.waits == [LOOP_FAILURE_RETRY_S] * 4 + [0.1, 0.1]
+    assert loop.last_pass is not None
+
+
+@pytest.mark.parametrize(
+    ("query", "connect_timeout"), [("", "10"), ("?connect_timeout=3", "3")], ids=["default", "url"]
+)
+def test_a_postgresql_ledger_gives_up_on_a_server_that_stops_answering(
+    postgres_url: str, query: str, connect_timeout: str
+) -> None:
+    """A server that no longer answers (its address gone in a failover, a connection a
+    firewall dropped without a reset) fails the call under way in seconds, not after the
+    kernel's quarter of an hour of retransmissions; the URL's own settings win."""
+    ledger = Ledger(postgres_url + query)
+    try:
+        with ledger.engine.connect() as conn:
+            dbapi = conn.connection.dbapi_connection
+            assert dbapi is not None
+            params = dbapi.info.get_parameters()
+    finally:
+        ledger.dispose()
+    assert params["connect_timeout"] == connect_timeout
+    assert params["tcp_user_timeout"] == "30000"
+    assert (params["keepalives"], params["keepalives_idle"]) == ("1", "30")

@@ -928,6 +928,11 @@ class ReviewSettings(_Strict):
     #: ``sign_in_max_delay_s`` (0: never wait).
     sign_in_free_failures: int = Field(5, ge=1, le=1000)
     sign_in_max_delay_s: int = Field(60, ge=0, le=3600)
+    #: Failed sign-ins in a row from one client address (any user names, form or HTTP Basic;
+    #: a success from it clears them) before its next attempts wait as a user name's do (0:
+    #: never): one guesser trying many names, or made-up names that each cost a password
+    #: check, is held to the same pace as one trying one name.
+    sign_in_address_free_failures: int = Field(50, ge=0, le=100_000)
     #: Percentage of the studies the model was sure of that also go to the worklist as
     #: quality-control samples (chosen by a hash of the Study Instance UID): their verdicts
     #: estimate the accuracy of the results the PACS receives unreviewed. 0: none.

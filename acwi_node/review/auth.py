@@ -11,7 +11,9 @@
 * Failed sign-ins (form or HTTP Basic) slow the next attempts for the same user name down
   (:class:`SignInThrottle`): after ``[review] sign_in_free_failures`` in a row, each further
   attempt waits twice as long as the one before, up to ``sign_in_max_delay_s``, and one made
-  sooner is refused unchecked (429).
+  sooner is refused unchecked (429). A browser that signed in as that user before holds a
+  device cookie (:func:`remember_device`) and is held to its own count instead, so that
+  someone guessing at a user name cannot keep its owner from signing in at their workstation.
 * Every POST carries a CSRF token: an HMAC (key from ``[review] secret_key_file``) of the
   session token, or of a random pre-sign-in cookie for the sign-in form itself.
 """
@@ -33,6 +35,14 @@ from acwi_node.ingest.spool import fsync_dir
 
 SESSION_COOKIE = "acwi_session"
 LOGIN_COOKIE = "acwi_login"
+#: The cookie a browser that signed in keeps (sent to ``/login`` alone): its sign-ins are
+#: throttled on their own, not by the failures of whoever guesses at the same user name.
+DEVICE_COOKIE = "acwi_device"
+DEVICE_COOKIE_PATH = "/login"
+#: How long a browser is remembered after its last sign-in, in seconds (a year).
+DEVICE_COOKIE_MAX_AGE = 365 * 86_400
+#: How many user names one browser is remembered for (a reading room's shared workstation).
+DEVICE_NAMES = 8
 MIN_PASSWORD_LENGTH = 10
 MAX_PASSWORD_LENGTH = 1024
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
@@ -222,6 +232,11 @@ class SignInThrottle:
             found = self._failures.get(name)
         return 0.0 if found is None else self.wait_after(*found)
 
+    def succeeded(self, name: str) -> None:
+        """Clear ``name``'s count (counted here)."""
+        with self._lock:
+            self._failures.pop(name, None)
+
     def failed(self, name: str) -> int:
         """Count a failure for ``name``; the failures in a row so far."""
         with self._lock:
@@ -275,6 +290,43 @@ def load_secret_key(path: Path, what: str = "the review secret key") -> bytes:
     if len(key) < 16:
         raise ValueError(f"{path}: {what} must hold at least 16 bytes")
     return key
+
+
+def _device_mac(key: bytes, name: str, nonce: str) -> str:
+    mac = hmac.new(key, f"device\0{name}\0{nonce}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac).decode("ascii").rstrip("=")
+
+
+def known_device(key: bytes, cookie: str, name: str) -> str | None:
+    """The device id (its nonce) of the :data:`DEVICE_COOKIE` token in ``cookie`` that a
+    sign-in as ``name`` gave this browser; None when it holds none (or a forged one).
+
+    A device cookie proves no identity: it only says that this browser signed in as ``name``
+    before, so that its attempts are throttled by their own failures
+    (:class:`SignInThrottle` keyed by the device id) rather than by the user name's, which
+    anyone may drive up by guessing."""
+    if not name:
+        return None
+    for token in cookie.split("~")[:DEVICE_NAMES]:
+        nonce, _, mac = token.partition(".")
+        if nonce and hmac.compare_digest(
+            _device_mac(key, name, nonce).encode("ascii"), mac.encode("utf-8", "replace")
+        ):
+            return nonce
+    return None
+
+
+def remember_device(key: bytes, cookie: str, name: str) -> str:
+    """The :data:`DEVICE_COOKIE` value after a sign-in as ``name`` from a browser that sent
+    ``cookie``: a fresh token for ``name`` first, the tokens of the other names it held after
+    it (at most :data:`DEVICE_NAMES` in all, the oldest dropped)."""
+    nonce = secrets.token_urlsafe(16)
+    kept = [
+        token
+        for token in cookie.split("~")[:DEVICE_NAMES]
+        if token and known_device(key, token, name) is None
+    ]
+    return "~".join([f"{nonce}.{_device_mac(key, name, nonce)}", *kept][:DEVICE_NAMES])
 
 
 def csrf_token(key: bytes, purpose: str, bound_to: str) -> str:

@@ -341,9 +341,17 @@ class ReviewStore:
             )
 
     def session_user(
-        self, token_hash: str, *, idle_timeout_s: float, now: dt.datetime | None = None
+        self,
+        token_hash: str,
+        *,
+        idle_timeout_s: float,
+        now: dt.datetime | None = None,
+        touch: bool = True,
     ) -> SessionInfo | None:
-        """The signed-in user of a live session, or None (unknown, expired, idle, disabled)."""
+        """The signed-in user of a live session, or None (unknown, expired, idle, disabled).
+        ``touch``: the request is the reader's doing, and the session's idle time starts
+        over; not for a page that reloads itself (the worklist), which would otherwise keep
+        an unattended workstation signed in."""
         now = now or utcnow()
         with self.ledger.session() as s:
             row = s.scalars(select(WebSession).where(WebSession.token_hash == token_hash)).first()
@@ -353,7 +361,8 @@ class ReviewStore:
             if row.expires_at <= now or row.last_seen_at <= idle_cut or row.user.disabled:
                 s.delete(row)
                 return None
-            row.last_seen_at = now
+            if touch:
+                row.last_seen_at = now
             return SessionInfo(
                 row.user_id, row.user.name, row.user.role, token_hash, row.expires_at
             )

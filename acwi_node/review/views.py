@@ -346,6 +346,20 @@ class ReviewApp:
         self.throttle = auth.SignInThrottle(
             settings.review.sign_in_free_failures, settings.review.sign_in_max_delay_s
         )
+        #: the form's failed sign-ins from browsers that signed in before, by device id
+        #: (:func:`~acwi_node.review.auth.known_device`), timed on :attr:`throttle`'s clock
+        self.devices = auth.SignInThrottle(
+            settings.review.sign_in_free_failures,
+            settings.review.sign_in_max_delay_s,
+            clock=lambda: self.throttle.clock(),
+        )
+        #: failed sign-ins by client address, whatever the names (0 free failures: none)
+        per_address = settings.review.sign_in_address_free_failures
+        self.addresses = auth.SignInThrottle(
+            max(1, per_address),
+            settings.review.sign_in_max_delay_s if per_address else 0,
+            clock=lambda: self.throttle.clock(),
+        )
 
     # ------------------------------------------------------------- helpers
     def csrf_for(self, user: SessionInfo) -> str:
@@ -371,7 +385,9 @@ class ReviewApp:
         token = request.cookies.get(auth.SESSION_COOKIE)
         if token:
             found = self.store.session_user(
-                auth.token_hash(token), idle_timeout_s=self.settings.review.idle_timeout_s
+                auth.token_hash(token),
+                idle_timeout_s=self.settings.review.idle_timeout_s,
+                touch=not is_auto_reload(request),
             )
             if found is not None:
                 return found
@@ -399,7 +415,7 @@ class ReviewApp:
             and self.credentials.known(name, password, user.password_hash)
         ):
             return SessionInfo(user.id, user.name, user.role, "", utcnow())
-        wait = self.wait_s(name, user)
+        wait = max(self.wait_s(name, user), self.addresses.wait_s(address))
         if wait > 0:
             raise auth.SignInThrottled(wait)
         if (
@@ -409,12 +425,12 @@ class ReviewApp:
         ):
             if user is None or user.disabled:
                 auth.verify_password(password, auth.DUMMY_HASH)  # the same time either way
-            self.sign_in_failed(name, "basic", user)
+            self.sign_in_failed(name, "basic", user, address=address)
             self.store.audit(
                 printable(name)[:64], "login_failed", detail="HTTP Basic", address=address
             )
             return None
-        self.sign_in_succeeded(user)
+        self.sign_in_succeeded(user, address)
         return SessionInfo(user.id, user.name, user.role, "", utcnow())
 
     def account(self, name: str) -> UserInfo | None:
@@ -425,9 +441,13 @@ class ReviewApp:
             return None
         return self.store.get_user(name)
 
-    def wait_s(self, name: str, user: UserInfo | None) -> float:
+    def wait_s(self, name: str, user: UserInfo | None, device: str | None = None) -> float:
         """Seconds before ``name`` may try to sign in again (0: now): an account's failures
-        are in the ledger (every web process sees them), other names' in this process."""
+        are in the ledger (every web process sees them), other names' in this process; from a
+        browser that signed in as ``name`` before (``device``), that browser's own failures
+        alone, so that a guesser's cannot shut its owner out."""
+        if device is not None:
+            return self.devices.wait_s(device)
         if user is None:
             return self.throttle.wait_s(name)
         if user.last_failed_sign_in_at is None:
@@ -435,9 +455,23 @@ class ReviewApp:
         last = user.last_failed_sign_in_at.replace(tzinfo=dt.timezone.utc).timestamp()
         return self.throttle.wait_after(user.failed_sign_ins, last)
 
-    def sign_in_failed(self, name: str, method: str, user: UserInfo | None) -> None:
-        """Count a failed sign-in (``method``: form or basic) for the throttle and metrics."""
+    def sign_in_failed(
+        self,
+        name: str,
+        method: str,
+        user: UserInfo | None,
+        device: str | None = None,
+        *,
+        address: str = "",
+    ) -> None:
+        """Count a failed sign-in (``method``: form or basic) for the throttle and metrics;
+        the user name's count either way, the client address's, and the browser's where it
+        signed in before."""
         metrics.SIGN_IN_FAILURES.labels(method).inc()
+        if device is not None:
+            self.devices.failed(device)
+        if address:
+            self.addresses.failed(address)
         if user is None:
             failures = self.throttle.failed(name)
         else:
@@ -451,8 +485,10 @@ class ReviewApp:
                 self.settings.review.sign_in_max_delay_s,
             )
 
-    def sign_in_succeeded(self, user: UserInfo) -> None:
-        """Clear an account's failed sign-ins (a write only when there were some)."""
+    def sign_in_succeeded(self, user: UserInfo, address: str = "") -> None:
+        """Clear an account's failed sign-ins (a write only when there were some), and the
+        client address's."""
+        self.addresses.succeeded(address)
         if user.failed_sign_ins:
             self.store.sign_in_succeeded(user.id)
 
@@ -481,6 +517,17 @@ class ReviewApp:
             header = self._first_header(paths.get(it["job_id"], ()))
             it["patient_name"] = header.get("patient_name", "")
             it["accession"] = header.get("accession", "")
+
+
+#: The query parameter that marks a page's reload of itself (the worklist's ``<meta
+#: http-equiv="refresh">``): such a request is nobody's doing, and does not keep a session from
+#: its idle timeout.
+AUTO_RELOAD = "auto"
+
+
+def is_auto_reload(request: Request) -> bool:
+    """Whether ``request`` is a page reloading itself (:data:`AUTO_RELOAD`), not a reader's."""
+    return request.method in ("GET", "HEAD") and request.query_params.get(AUTO_RELOAD) == "1"
 
 
 def _client_address(request: Request) -> str:
@@ -598,12 +645,20 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
                 headers={"Retry-After": str(math.ceil(exc.wait_s))},
             )
         if user is None:
-            if path.startswith(BASIC_PREFIXES) or request.method != "GET":
+            if path.startswith(BASIC_PREFIXES):
                 return JSONResponse(
                     {"detail": "sign in required"},
                     status_code=401,
                     headers={"WWW-Authenticate": 'Basic realm="ACWI Node"'},
                 )
+            if request.method != "GET":  # a page's form, its session over: no Basic challenge
+                # (the pages take none: a browser would ask for a password that cannot work,
+                # then keep sending it to the node, sign-out or not)
+                if wants_page(request):
+                    return await error_page(
+                        request, 401, "Your session has ended: sign in again, then resubmit."
+                    )
+                return JSONResponse({"detail": "sign in required"}, status_code=401)
             target = path + (f"?{request.url.query}" if request.url.query else "")
             if typed_text_error(unquote(target)) is not None:  # a 404 or a 422 once signed in:
                 return RedirectResponse("/login", status_code=303)  # not worth coming back to
@@ -658,7 +713,13 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             return failed
 
         user = await run_in_threadpool(review.account, name)
-        wait = review.wait_s(name, user)
+        devices = request.cookies.get(auth.DEVICE_COOKIE, "")
+        device = auth.known_device(review.key, devices, name)
+        address = _client_address(request)
+        name_wait = review.wait_s(name, user, device)
+        # a browser that signed in as this user before is not held back by its address either
+        from_address = 0.0 if device is not None else review.addresses.wait_s(address)
+        wait = max(name_wait, from_address)
         if wait > 0:  # refused before the password is looked at
             metrics.SIGN_INS_THROTTLED.labels("form").inc()
             await run_in_threadpool(
@@ -666,11 +727,11 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
                 printable(name)[:64],
                 "login_failed",
                 detail="throttled",
-                address=_client_address(request),
+                address=address,
             )
+            whose = "this user name" if name_wait >= from_address else "this address"
             response = refused(
-                429,
-                f"Too many failed sign-ins for this user name: try again in {math.ceil(wait)} s.",
+                429, f"Too many failed sign-ins for {whose}: try again in {math.ceil(wait)} s."
             )
             response.headers["Retry-After"] = str(math.ceil(wait))
             return response
@@ -688,14 +749,20 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
                 address=_client_address(request),
             )
             if not ok or user is None or user.disabled:
-                await run_in_threadpool(review.sign_in_failed, name, "form", user)
+                await run_in_threadpool(
+                    partial(review.sign_in_failed, name, "form", user, device, address=address)
+                )
             return refused(
                 403 if ok and sender else 401,
                 "This account stores studies by DICOMweb; it cannot sign in."
                 if ok and sender
                 else "Unknown user name or wrong password.",
             )
-        await run_in_threadpool(review.sign_in_succeeded, user)
+        if device is None:
+            await run_in_threadpool(review.sign_in_succeeded, user, address)
+        else:  # the user name's count stands: a guesser's failures do not start over
+            review.devices.succeeded(device)
+            review.addresses.succeeded(address)
         token = auth.new_token()
         lifetime = settings.review.session_lifetime_s
         await run_in_threadpool(
@@ -707,6 +774,15 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         response = RedirectResponse(next_path, status_code=303)
         _set_cookie(response, auth.SESSION_COOKIE, token, lifetime, cookie_secure)
         response.delete_cookie(auth.LOGIN_COOKIE, path="/")
+        response.set_cookie(
+            auth.DEVICE_COOKIE,
+            auth.remember_device(review.key, devices, user.name),
+            max_age=auth.DEVICE_COOKIE_MAX_AGE,
+            path=auth.DEVICE_COOKIE_PATH,
+            secure=cookie_secure,
+            httponly=True,
+            samesite="strict",
+        )
         return response
 
     @app.post("/logout", include_in_schema=False)
@@ -787,9 +863,10 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             refresh_s=refresh_s if reloading else 0,
             refresh_off=bool(refresh_s) and not reloading,
             reload_every_s=refresh_s,
-            reload_given=bool(reload),
-            # the page reloads itself at its own address, without the reload switch
-            this_url=url(shown["page"]),
+            # the page reloads itself at its own address, without the reload switch, and
+            # marked: a reload is not the reader's activity, so that a worklist left open on a
+            # shared workstation ends with the idle timeout
+            refresh_url=url(shown["page"], **{AUTO_RELOAD: "1"}),
             stop_url=url(shown["page"], reload="off"),
             start_url=url(shown["page"], reload="on"),
             notice=WORKLIST_RELOAD_NOTICES.get(reload, "") if refresh_s else "",
@@ -1135,12 +1212,12 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         """An administrator C-ECHOes a destination from the dashboard (as ``acwi-node
         destinations check NAME``); the answer, or why there was none, shows on the page."""
         user: SessionInfo = request.state.user
+        refused = await _admin_form_refused(request)  # first: a 404 told which names exist
+        if refused is not None:
+            return refused
         dest = next((d for d in settings.destinations if d.name == name), None)
         if dest is None:
             raise HTTPException(status_code=404, detail="no such destination")
-        refused = await _admin_form_refused(request)
-        if refused is not None:
-            return refused
         result = await run_in_threadpool(verify_destination, settings, dest)
         log.info("destination %s checked by %s: %s", name, user.user_name, result.ok)
         where = f"{dest.name} ({dest.where})"

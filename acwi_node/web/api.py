@@ -122,7 +122,12 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
     app = FastAPI(
         title="ACWI Node",
         version=__version__,
-        docs_url="/api/docs",
+        # No browsable Swagger UI: FastAPI's page loads its script from a public CDN (a
+        # floating version, no integrity check) into the node's origin, where a signed-in
+        # reader's session may decide cases and an administrator's export patients' images;
+        # and it needs inline script, which the pages' Content-Security-Policy refuses. Its
+        # OAuth2 redirect page (/docs/oauth2-redirect) goes with it.
+        docs_url=None,
         # under /api/, where HTTP Basic credentials do: a program can fetch it
         openapi_url="/api/openapi.json",
         redoc_url=None,

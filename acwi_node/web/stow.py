@@ -97,8 +97,9 @@ def _refusal_doc(outcome: str) -> dict[str, Any]:
     }
 
 
-#: What the OpenAPI document (``/api/docs``) says of the two STOW-RS paths: the handler reads
-#: the body itself (streamed to a file), so FastAPI cannot infer it, nor the answers.
+#: What the OpenAPI document (``/api/openapi.json``) says of the two STOW-RS paths: the
+#: handler reads the body itself (streamed to a file), so FastAPI cannot infer it, nor the
+#: answers.
 OPENAPI: dict[str, Any] = {
     "tags": ["DICOMweb"],
     "response_class": Response,  # no application/json of FastAPI's own beside DICOM JSON

@@ -164,7 +164,7 @@ def http_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
     app = create_app(load_settings(None, node={"data_dir": data}))
     document: dict[str, Any] = app.openapi()
     paths = {path: {method.upper() for method in item} for path, item in document["paths"].items()}
-    for route in app.routes:  # the OpenAPI document's own paths, /api/openapi.json and /api/docs
+    for route in app.routes:  # the OpenAPI document's own paths, /api/openapi.json
         path, methods = getattr(route, "path", None), getattr(route, "methods", None)
         if isinstance(path, str) and methods:
             paths.setdefault(path, set()).update(methods)

@@ -1,5 +1,6 @@
-"""The OpenAPI document (``/api/docs``) describes what each API path takes and answers, where
-FastAPI cannot infer it: bodies the handlers read themselves, statuses they return by hand."""
+"""The OpenAPI document (``/api/openapi.json``) describes what each API path takes and
+answers, where FastAPI cannot infer it: bodies the handlers read themselves, statuses they
+return by hand."""
 
 from __future__ import annotations
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import html
 import io
 import logging
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -14,16 +16,17 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
+from sqlalchemy import select
 
 from acwi_node import cli
 from acwi_node.config import Settings, load_settings
 from acwi_node.ledger import Ledger
-from acwi_node.ledger.models import utcnow
+from acwi_node.ledger.models import WebSession, utcnow
 from acwi_node.review import auth
 from acwi_node.review.store import ReviewError, ReviewStore, UserExists
 from acwi_node.web.api import create_app
 from tests.support.asgi import post_then_hang_up
-from tests.support.review_case import CSRF, PASSWORD, add_user
+from tests.support.review_case import CSRF, PASSWORD, add_user, sign_in
 
 
 def basic(name: str, password: str) -> dict[str, str]:
@@ -376,6 +379,172 @@ def test_failed_sign_ins_slow_the_next_down(
     app.state.review.credentials = auth.VerifiedCredentials(300)  # as after a restart
     answer = late.get("/api/studies", headers=basic("pacs", PASSWORD))
     assert answer.status_code == 429 and int(answer.headers["retry-after"]) >= 1
+
+
+def test_a_device_cookie_remembers_the_latest_names() -> None:
+    """A shared workstation's browser is remembered for its last 8 user names, each token
+    bound to its name by the key; signing in again replaces that name's token."""
+    key = b"k" * 32
+    cookie = ""
+    for i in range(9):
+        cookie = auth.remember_device(key, cookie, f"user{i}")
+    assert auth.known_device(key, cookie, "user0") is None  # the oldest dropped
+    assert all(auth.known_device(key, cookie, f"user{i}") for i in range(1, 9))
+    again = auth.remember_device(key, cookie, "user5")
+    assert len(again.split("~")) == 8
+    assert auth.known_device(key, again, "user5") not in (
+        None,
+        auth.known_device(key, cookie, "user5"),
+    )
+    assert auth.known_device(b"another key....." * 2, cookie, "user1") is None
+    assert auth.known_device(key, cookie, "") is None
+
+
+def test_a_guesser_cannot_shut_a_reader_out_of_their_own_browser(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    """Someone who tries a wrong password for a reader's user name each time its delay ends
+    kept the reader from signing in at all (every try of theirs 429, for as long as the
+    guessing went on). A browser that signed in as that user before holds a device cookie
+    and is held to its own failures: it signs in while the name waits for everyone else. The
+    cookie is the sign-in page's alone, HttpOnly and SameSite=Strict, bound by the node's key
+    to the name (it does nothing for another name, nor forged), and a browser that guesses
+    with it is slowed down like anyone."""
+    settings, ledger = ledger_node
+    add_user(ledger, "jane.doe", role="radiologist")
+    add_user(ledger, "ada", role="admin")
+    app = create_app(settings, ledger)
+    now = [1000.0]
+    app.state.review.throttle.clock = lambda: now[0]
+    reader = TestClient(app, base_url="https://node.example")
+    guesser = TestClient(app, base_url="https://node.example")
+
+    def form(client: TestClient, password: str, name: str = "jane.doe") -> Any:
+        page = client.get("/login")
+        token = CSRF.search(page.text)
+        assert token is not None
+        return client.post(
+            "/login",
+            data={"csrf_token": token.group(1), "username": name, "password": password},
+            follow_redirects=False,
+        )
+
+    signed_in = form(reader, PASSWORD)
+    assert signed_in.status_code == 303
+    cookie = next(c for c in signed_in.headers.get_list("set-cookie") if "acwi_device=" in c)
+    assert "Path=/login" in cookie and "HttpOnly" in cookie and "Secure" in cookie
+    assert "samesite=strict" in cookie.lower()
+    reader.cookies.delete("acwi_session")  # signed out; the browser remembers the device
+
+    for second in range(120):  # a wrong guess every second, for two minutes
+        now[0] += 1
+        assert form(guesser, f"guess {second}").status_code in (401, 429)
+    assert form(guesser, PASSWORD).status_code == 429  # the name waits for the guesser
+    assert form(TestClient(app, base_url="https://node.example"), PASSWORD).status_code == 429
+    assert form(reader, PASSWORD).status_code == 303  # but not in the reader's browser
+
+    forged = TestClient(app, base_url="https://node.example")
+    forged.cookies.set("acwi_device", "nonce.bm90LXRoZS1tYWM", path="/login")
+    assert form(forged, PASSWORD).status_code == 429
+    for _ in range(5):  # ada's sign-ins wait too; jane's device cookie does nothing for them
+        form(guesser, "wrong for ada", "ada")
+    assert form(reader, PASSWORD, "ada").status_code == 429
+
+    statuses = [form(reader, f"mistyped {i}").status_code for i in range(7)]
+    assert statuses == [401] * 5 + [429] * 2  # guessing with the cookie is slowed down
+
+
+def test_many_names_from_one_address_slow_that_address_down(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    """The delay counted per user name alone: one client trying a new made-up name each
+    time never waited, and each try cost the node a password check (scrypt, some 35 ms of
+    CPU) and an audit record, without end. After ``review.sign_in_address_free_failures``
+    failures in a row from one address, whatever the names, its next attempts wait as a
+    name's do (429, unchecked, by HTTP Basic and the form alike); other addresses do not, and
+    neither does a browser that signed in as that user before; a success from the address,
+    once its delay is over, clears its count."""
+    base, ledger = ledger_node
+    settings = load_settings(
+        None,
+        node={"data_dir": base.data_dir, "database_url": base.database_url},
+        review={"sign_in_address_free_failures": 10},
+    )
+    add_user(ledger)
+    app = create_app(settings, ledger)
+    now = [1000.0]
+    app.state.review.throttle.clock = lambda: now[0]
+    guesser = TestClient(app, base_url="https://node.example", client=("10.1.2.3", 40000))
+    elsewhere = TestClient(app, base_url="https://node.example", client=("10.9.9.9", 40000))
+    reader = TestClient(app, base_url="https://node.example", client=("10.1.2.3", 40001))
+
+    def form(client: TestClient) -> Any:
+        page = client.get("/login")
+        token = CSRF.search(page.text)
+        assert token is not None
+        return client.post(
+            "/login",
+            data={"csrf_token": token.group(1), "username": "jane.doe", "password": PASSWORD},
+            follow_redirects=False,
+        )
+
+    assert form(reader).status_code == 303  # the reader's browser, on the same address
+    statuses = [
+        guesser.get("/api/worklist", headers=basic(f"made-up-{i}", "guess")).status_code
+        for i in range(12)
+    ]
+    assert statuses == [401] * 10 + [429] * 2
+    assert guesser.get("/api/worklist", headers=basic("jane.doe", PASSWORD)).status_code == 429
+    refused = form(guesser)
+    assert refused.status_code == 429 and "for this address" in refused.text
+    assert elsewhere.get("/api/worklist", headers=basic("jane.doe", PASSWORD)).status_code == 200
+    now[0] += 1
+    assert guesser.get("/api/worklist", headers=basic("jane.doe", PASSWORD)).status_code == 200
+    assert guesser.get("/api/worklist", headers=basic("made-up", "guess")).status_code == 401
+    for i in range(10):
+        guesser.get("/api/worklist", headers=basic(f"made-up-again-{i}", "guess"))
+    assert form(guesser).status_code == 429
+    assert form(reader).status_code == 303  # it signed in as jane.doe before: not held back
+
+
+def test_a_worklist_left_open_does_not_keep_its_session_alive(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    """The worklist reloads itself every minute (``review.worklist_refresh_s``), and each
+    reload counted as the reader's activity: a worklist left open on a reading room's shared
+    workstation stayed signed in, the patients' names on the screen, for the whole session
+    lifetime (8 h), never the idle timeout (30 min). The reload is now marked (``auto=1``,
+    with the list's filters) and does not count; a reader's own request still does."""
+    settings, ledger = ledger_node
+    add_user(ledger)
+    idle = settings.review.idle_timeout_s
+    with TestClient(create_app(settings, ledger), base_url="https://testserver") as client:
+        sign_in(client)
+        page = client.get("/review/worklist?modality=CR").text
+        found = re.search(r'<meta http-equiv="refresh" content="60; url=([^"]+)">', page)
+        assert found is not None, "the worklist's reload names its URL"
+        reload_url = html.unescape(found.group(1))
+        assert reload_url == "/review/worklist?modality=CR&auto=1"
+
+        def last_seen(ago_s: float | None = None) -> dt.datetime:
+            with ledger.session() as s:
+                row = s.scalars(select(WebSession)).one()
+                if ago_s is not None:
+                    row.last_seen_at = utcnow() - dt.timedelta(seconds=ago_s)
+                return row.last_seen_at
+
+        quiet_since = last_seen(idle - 120)  # the reader left 28 minutes ago
+        for _ in range(3):  # the page reloads itself meanwhile
+            assert client.get(reload_url, follow_redirects=False).status_code == 200
+        assert last_seen() == quiet_since  # not the reader's doing
+        last_seen(idle + 1)
+        ended = client.get(reload_url, follow_redirects=False)
+        assert ended.status_code == 303 and ended.headers["location"].startswith("/login")
+
+        sign_in(client)
+        quiet_since = last_seen(idle - 120)
+        assert client.get("/review/worklist", follow_redirects=False).status_code == 200
+        assert last_seen() > quiet_since  # a click counts
 
 
 def test_a_form_cut_short_is_a_line_not_a_traceback(

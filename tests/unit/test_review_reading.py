@@ -108,7 +108,7 @@ def test_the_pages_and_the_api_tell_the_others(ledger_node: tuple[Settings, Ledg
         worklist = jane.get("/review/worklist").text
         assert "you are reading it" in worklist
         # it reloads itself (review.worklist_refresh_s), so new cases show without a click
-        assert '<meta http-equiv="refresh" content="60">' in worklist
+        assert '<meta http-equiv="refresh" content="60; url=/review/worklist?auto=1">' in worklist
         assert 'id="refreshed">As of ' in worklist and "reloads every 60 s" in worklist
         assert "being read by jane.doe" in rick.get("/review/worklist").text
         listed = rick.get("/api/worklist", auth=("rick.roe", PASSWORD)).json()["items"]

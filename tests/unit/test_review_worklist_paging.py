@@ -144,7 +144,9 @@ def test_the_reader_stops_and_restarts_the_reloading(
     _open_cases(settings, ledger, 1)
     with _reader(settings, ledger) as client:
         page = client.get("/review/worklist?kind=flagged").text
-        assert '<meta http-equiv="refresh" content="60">' in page
+        assert (
+            '<meta http-equiv="refresh" content="60; url=/review/worklist?kind=flagged&amp;auto=1">'
+        ) in page
         assert (
             '<a href="/review/worklist?kind=flagged&amp;reload=off" id="reload-switch">'
             "Stop reloading the list</a>"
@@ -163,6 +165,9 @@ def test_the_reader_stops_and_restarts_the_reloading(
         assert '<a href="/review/worklist?reload=on" id="reload-switch">' in later
         assert "Reload the list every 60 s</a>" in later
         again = client.get("/review/worklist?reload=on").text
-        assert '<meta http-equiv="refresh" content="60; url=/review/worklist">' in again
+        assert '<meta http-equiv="refresh" content="60; url=/review/worklist?auto=1">' in again
         assert '<p class="notice" role="status">The worklist reloads itself again.' in again
-        assert '<meta http-equiv="refresh" content="60">' in client.get("/review/worklist").text
+        assert (
+            '<meta http-equiv="refresh" content="60; url=/review/worklist?auto=1">'
+            in client.get("/review/worklist").text
+        )

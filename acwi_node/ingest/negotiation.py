@@ -26,7 +26,11 @@ those values (:func:`freeze`: every attribute of every object involved, recursiv
   (:func:`accept_pdu_bytes`, which the event-driven DUL uses for state machine action AE-7).
 
 A value that cannot be pictured that way (an attribute holding something unhashable) is
-simply not remembered: pynetdicom does the work, as it would without this module.
+simply not remembered: pynetdicom does the work, as it would without this module. Nor is a
+request over :data:`REMEMBERED_PDU_BYTES`, or a proposal of more than
+:data:`REMEMBERED_SYNTAXES` transfer syntaxes: each memo holds at most :data:`CAPACITY`
+entries, and these bounds keep what each entry holds small (a peer, before its AE title is
+checked, chooses the request's size).
 
 Picturing the two lists of presentation contexts (128 proposed by ``storescu``, 172 supported
 by the node, every one with its UIDs) and hashing the picture cost more than the negotiation
@@ -58,6 +62,14 @@ _V = TypeVar("_V")
 #: Distinct requests remembered (least recently used dropped first): a node's peers are few,
 #: and a peer that sends a new request each time only costs the decoding it would anyway.
 CAPACITY = 32
+#: A larger A-ASSOCIATE-RQ PDU is decoded and not remembered. DCMTK's ``storescu`` sends about
+#: 10 KB (128 contexts, three transfer syntaxes each); the PDU's length is the peer's to choose
+#: (up to 4 GiB, before any AE title is checked), and a remembered request holds some seven
+#: times its size in decoded objects: 32 of 5 MB each held a gigabyte for good.
+REMEMBERED_PDU_BYTES = 128 << 10
+#: Proposed contexts with more transfer syntaxes than this altogether are negotiated by
+#: pynetdicom and not remembered (the memo's key holds every one of them).
+REMEMBERED_SYNTAXES = 4096
 
 
 class RememberedRequest:
@@ -120,13 +132,14 @@ class RequestMemo(_Memo[bytes, A_ASSOCIATE]):
 
         Raises what pynetdicom's decoder raises for a malformed PDU. A request with a protocol
         version other than 1 is returned decoded and not remembered: the state machine
-        rejects it from the PDU itself.
+        rejects it from the PDU itself. One over :data:`REMEMBERED_PDU_BYTES` is returned
+        decoded and not remembered either.
         """
         template = self.get(pdu)
         if template is None:
             decoded = A_ASSOCIATE_RQ()
             decoded.decode(pdu)
-            if decoded.protocol_version != 0x0001:
+            if decoded.protocol_version != 0x0001 or len(pdu) > REMEMBERED_PDU_BYTES:
                 return decoded
             template = decoded.to_primitive()
             template._presentation_context_definition_list = SharedContexts(
@@ -404,6 +417,10 @@ def negotiate_as_acceptor(
     contexts of a remembered negotiation are :class:`SharedResult` objects, the same for every
     association that negotiates the same way (in a list of its own); the role replies are
     copies."""
+    if sum(len(getattr(c, "transfer_syntax", None) or ()) for c in rq_contexts) > (
+        REMEMBERED_SYNTAXES
+    ):
+        return _pynetdicom_negotiate(rq_contexts, ac_contexts, roles)
     try:
         key = (
             picture(rq_contexts),

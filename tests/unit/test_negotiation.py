@@ -145,6 +145,52 @@ def test_a_malformed_request_raises_as_pynetdicom_does_and_is_not_remembered() -
     assert len(memo) == 0
 
 
+def _huge_request_pdu(calling: str, syntaxes: int) -> bytes:
+    """A request proposing 128 contexts of ``syntaxes`` transfer syntaxes each (made-up
+    UIDs): what a peer may send before its AE title is checked."""
+    primitive = _request(calling)
+    for cx in primitive.presentation_context_definition_list:
+        cx.transfer_syntax = [UID(f"1.2.840.10008.1.2.1.99.{i}") for i in range(syntaxes)]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return bytes(pdu.encode())
+
+
+def test_a_request_too_large_to_remember_is_decoded_and_not_kept() -> None:
+    """The memo held the last 32 distinct requests whatever their size: a 5 MB request (128
+    contexts of 1,400 transfer syntaxes) kept 32 MB of decoded objects, 32 of them a gigabyte,
+    sent by peers whose AE titles were then rejected."""
+    memo = RequestMemo()
+    small = _request_pdu()
+    assert len(small) <= negotiation.REMEMBERED_PDU_BYTES
+    huge = _huge_request_pdu("PEER", 50)
+    assert len(huge) > negotiation.REMEMBERED_PDU_BYTES
+    answer = memo.request(huge)
+    assert isinstance(answer, A_ASSOCIATE_RQ)
+    assert freeze(answer.to_primitive()) == freeze(_decoded(huge))
+    for i in range(3):
+        memo.request(_huge_request_pdu(f"PEER{i}", 50))
+    assert len(memo) == 0
+    memo.request(small)
+    assert len(memo) == 1
+    assert all(len(key) <= negotiation.REMEMBERED_PDU_BYTES for key in memo._entries)
+
+
+def test_a_proposal_of_too_many_transfer_syntaxes_is_negotiated_and_not_kept() -> None:
+    contexts = _decoded(_huge_request_pdu("PEER", 40)).presentation_context_definition_list
+    assert sum(len(c.transfer_syntax) for c in contexts) > negotiation.REMEMBERED_SYNTAXES
+    before = negotiation.NEGOTIATIONS.misses  # one more for each negotiation remembered
+    results, _ = negotiate_as_acceptor(contexts, _server_contexts())
+    reference, _ = pynetdicom_negotiate(
+        _decoded(_huge_request_pdu("PEER", 40)).presentation_context_definition_list,
+        _server_contexts(),
+    )
+    assert [(c.context_id, c.result) for c in results] == [
+        (c.context_id, c.result) for c in reference
+    ]
+    assert negotiation.NEGOTIATIONS.misses == before
+
+
 def test_the_least_recently_used_request_goes_first() -> None:
     memo = RequestMemo(capacity=2)
     a, b, c = _request_pdu("A"), _request_pdu("B"), _request_pdu("C")

@@ -74,7 +74,8 @@ def enable_multiprocess(settings: Settings, kind: str = "worker") -> Path | None
     if "prometheus_client" in sys.modules and ENV not in os.environ:
         log.warning("metrics: multiprocess mode must be enabled before prometheus_client loads")
         return None
-    name = f"{kind}-{socket.gethostname()}-{os.getpid()}"
+    host = socket.gethostname()
+    name = f"{kind}-{host}-{os.getpid()}"
     for _ in range(3):  # the node's folder on /dev/shm, removed by a process stopping meanwhile
         try:
             root = metrics_root(settings)
@@ -85,11 +86,44 @@ def enable_multiprocess(settings: Settings, kind: str = "worker") -> Path | None
         except FileNotFoundError:
             continue
     else:
-        folder = settings.data_dir / "metrics" / name
+        root = settings.data_dir / "metrics"
+        folder = root / name
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
+    remove_stopped(root, host)
     os.environ[ENV] = str(folder)
     return folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's: there
+    return True
+
+
+def remove_stopped(root: Path, host: str) -> int:
+    """Remove the folders under ``root`` that processes of this host (``<kind>-<host>-<pid>``)
+    left when they were killed (SIGKILL, the OOM killer: :func:`disable_multiprocess` never
+    ran) and that no running process owns; how many. Their values are no longer added up (a
+    restarted process has a folder of its own), and each restart would leave one more on the
+    memory file system. A folder of another host (a container sharing ``/dev/shm``) stays."""
+    removed = 0
+    with contextlib.suppress(FileNotFoundError), os.scandir(root) as entries:
+        for entry in entries:
+            _, _, rest = entry.name.partition("-")  # a kind has no "-"; a host may
+            of_host, _, pid = rest.rpartition("-")
+            if of_host != host or not pid.isdigit():
+                continue
+            if int(pid) == os.getpid() or _alive(int(pid)):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed += 1
+    return removed
 
 
 def disable_multiprocess(folder: Path | None) -> None:

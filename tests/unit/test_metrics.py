@@ -325,6 +325,45 @@ def test_multiprocess_metrics_are_kept_off_the_data_disk(
     assert not worker.parent.exists()
 
 
+def test_folders_of_processes_killed_before_they_removed_theirs_go_at_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process killed (SIGKILL, the OOM killer) never removes its folder: each restart by
+    ``acwi-node serve`` left one more on the memory file system, its values added up by
+    nobody. The next process of the node removes those of this host's processes that are
+    gone; a running process's folder, another host's and anything else stay."""
+    from acwi_node.observability import multiproc
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(multiproc, "SHARED_MEMORY", shm)
+    monkeypatch.setenv(multiproc.ENV, "")  # prometheus_client is loaded here already
+    monkeypatch.setattr(multiproc.socket, "gethostname", lambda: "node-1")
+    root = multiproc.metrics_root(_node(tmp_path / "a"))
+    gone = []
+    for _ in range(3):
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()
+        gone.append(child.pid)
+    left = [
+        root / f"{kind}-node-1-{pid}"
+        for kind, pid in zip(("scp", "web", "worker"), gone, strict=True)
+    ]
+    kept = [
+        root / f"scp-node-1-{os.getppid()}",  # running
+        root / f"scp-other-node-1-{gone[0]}",  # another host's
+        root / f"web-node-{gone[1]}",  # another host's ("node")
+        root / "notes",
+    ]
+    for planted in left + kept:
+        planted.mkdir()
+        (planted / "counter_1.db").write_bytes(b"x" * 100)
+    folder = multiproc.enable_multiprocess(_node(tmp_path / "a"), "scp")
+    assert folder is not None and folder.parent == root
+    assert sorted(p.name for p in root.iterdir()) == sorted([folder.name] + [p.name for p in kept])
+    multiproc.disable_multiprocess(folder)
+
+
 def test_multiprocess_metrics_fall_back_to_the_data_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -426,6 +426,11 @@ class RetentionSettings(_Strict):
     #: erased. HL7 orders no study names and inbound HL7 messages go the same many days after
     #: they were received. 0: the ledger keeps everything.
     records_keep_days: float = Field(30.0, ge=0, le=36_500)
+    #: A study folder in the spool or results the ledger has no row of (nor the ingest
+    #: journal a record of) is deleted once its files are this many hours old (at least one):
+    #: left by a crash between a file and its row, a ledger restored older than the data
+    #: directory, rows deleted by hand. 0: kept (``acwi-node check`` lists them).
+    orphan_keep_hours: float = Field(720.0, ge=0, le=876_000)
 
 
 class DestinationTls(_Strict):

@@ -116,6 +116,9 @@ _HEADER = struct.Struct("<4sBQQIQI")
 #: separators makes a new one per call).
 _META_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
+#: The folder of the spool holding the journals (one folder per SCP process).
+JOURNAL_DIR = ".journal"
+
 #: A segment this large gets a successor (the checkpoint retires whole segments).
 SEGMENT_BYTES = 64 << 20
 #: Checkpoint once the segments not yet retired hold this much (a CT series of 500 slices).
@@ -877,6 +880,48 @@ def read_journal(directory: Path) -> list[JournalRecord]:
     return [
         r for r in records if r.kind in (KIND_INSTANCE, KIND_SPOOLED) and r.number not in withdrawn
     ]
+
+
+def journaled_studies(root: Path) -> set[str]:
+    """The Study Instance UIDs named by the records of every journal under ``root`` (the
+    spool's ``.journal``): the running processes' and those a start-up would replay. What a
+    record names may not be in the ledger yet, and a spooled record's file is its only copy.
+
+    Read-only, beside the processes writing them: only each record's header and meta are
+    read, with no CRC check, so a record torn or left from a segment's earlier use may be
+    named too (more, never fewer, than a replay would record). A journal that cannot be read
+    raises ``OSError``."""
+    found: set[str] = set()
+    if not root.is_dir():
+        return found
+    for directory in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            segments = sorted(directory.glob("*.wal"))
+        except FileNotFoundError:
+            continue  # its owner removed it meanwhile (a clean stop, a checkpoint)
+        for path in segments:
+            try:
+                f = path.open("rb")
+            except FileNotFoundError:
+                continue  # retired meanwhile: its records are in the ledger
+            with f:
+                while True:
+                    head = f.read(_HEADER.size)
+                    if len(head) < _HEADER.size:
+                        break
+                    magic, _, _, _, meta_len, payload_len, _ = _HEADER.unpack(head)
+                    if magic not in (MAGIC, MAGIC_V1):
+                        break  # the zeros after the last record
+                    try:
+                        meta = json.loads(f.read(meta_len))
+                    except ValueError:
+                        break  # torn
+                    if isinstance(meta, dict):
+                        for value in (meta.get("study_uid"), meta.get("path")):
+                            if isinstance(value, str):
+                                found.add(value.split("/", 1)[0])  # a path's study folder
+                    f.seek(payload_len, os.SEEK_CUR)
+    return found
 
 
 @dataclass

@@ -60,6 +60,7 @@ from acwi_node.ingest.checksum import crc32_of
 from acwi_node.ingest.cpu_latency import CpuLatencyRequest
 from acwi_node.ingest.header import HeaderError, dataset_header, describe, study_date
 from acwi_node.ingest.journal import (
+    JOURNAL_DIR,
     SPOOLED_CRC,
     IngestJournal,
     JournalError,
@@ -599,7 +600,7 @@ class StorageSCP:
         cfg = self.settings.ingest
         if not cfg.journal or self.journal is not None:
             return
-        root = self.spool.root / ".journal"
+        root = self.spool.root / JOURNAL_DIR
         replay_orphans(
             root,
             self._replay,

@@ -143,7 +143,8 @@ COMMITMENT_REQUESTS = Counter(
 )
 RETENTION_STUDIES_DELETED = Counter(
     "acwi_retention_studies_deleted",
-    "Studies whose images and result files storage retention deleted, by reason (age, space)",
+    "Studies whose images and result files storage retention deleted, by reason (age, space,"
+    " orphan: folders of a study the ledger has no row of)",
     ["reason"],
 )
 RETENTION_BYTES_DELETED = Counter(

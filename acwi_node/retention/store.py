@@ -247,6 +247,21 @@ class RetentionStore:
                 found += [PurgeClaim.of(p, uid) for p, uid in rows]
         return found
 
+    def known(self, study_uids: Sequence[str]) -> set[str]:
+        """Of ``study_uids``, those the ledger has a study row of (in any state)."""
+        found: set[str] = set()
+        uids = list(study_uids)
+        with self.ledger.session() as s:
+            for start in range(0, len(uids), 500):
+                found.update(
+                    s.scalars(
+                        select(Study.study_uid).where(
+                            Study.study_uid.in_(uids[start : start + 500])
+                        )
+                    )
+                )
+        return found
+
     def finish(self, claim: PurgeClaim, *, files: int, size: int) -> None:
         with self.ledger.session() as s:
             s.execute(

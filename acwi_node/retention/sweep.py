@@ -13,7 +13,9 @@ A file newer than the claim's limits is a later generation's (the study was re-o
 meanwhile) and stays; a spool file older than an hour before the claim goes whatever its time
 (a data directory restored or copied without its files' times leaves them newer than the
 study's last arrival). Files found again in the folders of a study purged before (a data
-directory restored from before the purge) go at the next sweep, those an hour old. The
+directory restored from before the purge) go at the next sweep, those an hour old. Folders
+of studies the ledger has no row of (nor the ingest journal a record of) go once their files
+are ``retention.orphan_keep_hours`` old (:meth:`Retention._delete_orphans`). The
 ledger keeps the study, its jobs, results and verdicts; ``retention.records_keep_days`` later,
 its instance rows are summarised and the patient identifiers kept for the RIS erased
 (:mod:`acwi_node.retention.records`).
@@ -36,6 +38,7 @@ from pathlib import Path
 
 from acwi_node.audit import AuditEvent, audit
 from acwi_node.config import Settings
+from acwi_node.ingest.journal import JOURNAL_DIR, journaled_studies
 from acwi_node.ingest.spool import is_safe_uid
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import utcnow
@@ -49,6 +52,9 @@ log = logging.getLogger("acwi_node.retention")
 _SPACE_BATCH = 50
 #: An unfinished purge older than this was left by a process that stopped: finished again.
 _LEFTOVER_AFTER = dt.timedelta(seconds=60)
+#: A study folder without a ledger row is deleted once its files are at least this old, whatever
+#: ``retention.orphan_keep_hours`` says (an arrival's row follows its file within seconds).
+_ORPHAN_MIN_AGE = dt.timedelta(hours=1)
 #: A spool file written this long before its purge was claimed, and still newer than the
 #: study's last recorded arrival, is no arrival whose ledger row is yet to come (rows follow
 #: their files within seconds): its time is a restore's or a copy's, and it goes with the rest.
@@ -192,6 +198,12 @@ class Retention:
             else None,
         ):
             self._purge(candidate, "age", report, dry_run=dry_run)
+        if cfg.orphan_keep_hours:
+            self._delete_orphans(
+                now - max(dt.timedelta(hours=cfg.orphan_keep_hours), _ORPHAN_MIN_AGE),
+                report,
+                dry_run=dry_run,
+            )
         if cfg.min_free_percent:
             self._make_space(report, dry_run=dry_run)
         if cfg.records_keep_days:
@@ -376,6 +388,72 @@ class Retention:
                 detail="storage retention (files restored after the study's purge)",
             )
 
+    def _delete_orphans(self, cut: dt.datetime, report: SweepReport, *, dry_run: bool) -> None:
+        """Delete the study folders in the spool and results that the ledger has no study row
+        of, nor the ingest journal a record of, and that nothing changed for since ``cut``:
+        their files older than it (a younger file is an arrival whose row is still to come, or
+        one a restore brought back: it stays, and so does its folder).
+
+        The journal is read before the ledger: an instance it no longer holds was recorded
+        before its segment went (a checkpoint deletes a segment only once the ledger holds
+        its rows), or was written after the folders were looked at (its file is young)."""
+        limit = _epoch_ns(cut)
+        folders: dict[str, list[Path]] = {}
+        for root in self._roots():
+            with contextlib.suppress(FileNotFoundError), os.scandir(root) as entries:
+                for e in entries:
+                    if e.name.startswith(".") or not is_safe_uid(e.name):
+                        continue
+                    try:
+                        if not e.is_dir(follow_symlinks=False):
+                            continue
+                        if e.stat(follow_symlinks=False).st_mtime_ns > limit:
+                            continue  # a file came or went there since the cut
+                    except FileNotFoundError:
+                        continue
+                    folders.setdefault(e.name, []).append(root)
+        if not folders:
+            return
+        journaled = journaled_studies(self.settings.spool_dir / JOURNAL_DIR)
+        uids = sorted(set(folders) - journaled)
+        known = self.store.known(uids) if uids else set()
+        deleted = deleted_files = 0
+        for uid in (u for u in uids if u not in known):
+            if dry_run:
+                old = [self._old_files(root, uid, limit) for root in folders[uid]]
+                if not sum(n for n, _ in old):
+                    continue  # only younger files: nothing would go
+                report.planned.append((uid, "orphan"))
+                report.studies += 1
+                report.by_reason["orphan"] += 1
+                report.bytes += sum(b for _, b in old)
+                continue
+            files = size = 0
+            for root in folders[uid]:
+                n, b = delete_study_files(root, uid, cut)
+                files, size = files + n, size + b
+            if not files:
+                continue
+            deleted, deleted_files = deleted + 1, deleted_files + files
+            report.studies += 1
+            report.by_reason["orphan"] += 1
+            report.files += files
+            report.bytes += size
+            metrics.RETENTION_STUDIES_DELETED.labels("orphan").inc()
+            metrics.RETENTION_BYTES_DELETED.inc(size)
+            audit(
+                AuditEvent.STUDY_DELETED,
+                study_uids=[uid],
+                detail="storage retention (orphan: a folder the ledger has no study row of)",
+            )
+        if deleted:
+            log.info(
+                "storage retention: deleted the folders of %d studies the ledger has no row"
+                " of (%d files, older than retention.orphan_keep_hours)",
+                deleted,
+                deleted_files,
+            )
+
     def _roots(self) -> tuple[Path, Path]:
         return self.settings.spool_dir, self.settings.results_dir
 
@@ -388,6 +466,19 @@ class Retention:
                 return sum(e.stat().st_size for e in entries if e.is_file(follow_symlinks=False))
         except FileNotFoundError:
             return 0
+
+    @staticmethod
+    def _old_files(root: Path, study_uid: str, modified_before_ns: int) -> tuple[int, int]:
+        """The files of ``root/<study_uid>/`` modified at or before ``modified_before_ns``
+        (what :func:`delete_study_files` would take): how many, and their bytes."""
+        files = size = 0
+        with contextlib.suppress(FileNotFoundError), os.scandir(root / study_uid) as entries:
+            for e in entries:
+                if e.is_file(follow_symlinks=False):
+                    st = e.stat(follow_symlinks=False)
+                    if st.st_mtime_ns <= modified_before_ns:
+                        files, size = files + 1, size + st.st_size
+        return files, size
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> None:

@@ -16,6 +16,7 @@ from sqlalchemy import select, update
 from acwi_node.audit import audit_file, close_audit
 from acwi_node.cli import main
 from acwi_node.config import ConfigError, Settings, load_settings
+from acwi_node.ingest.journal import JOURNAL_DIR, IngestJournal
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import (
     Instance,
@@ -27,6 +28,7 @@ from acwi_node.ledger.models import (
     Verdict,
     utcnow,
 )
+from acwi_node.observability import metrics
 from acwi_node.retention import DiskSpace, Retention
 from acwi_node.retention import sweep as sweep_module
 from acwi_node.retention.store import RetentionStore
@@ -439,3 +441,127 @@ def test_the_free_space_of_a_data_directory_not_made_yet_is_its_file_systems(
     space = disk_space(tmp_path / "not" / "made")
     assert space == disk_space(tmp_path) and space.total_bytes > 0
     assert not (tmp_path / "not").exists()
+
+
+def age_files(folder: Path, hours: float) -> None:
+    """Give ``folder`` and every file in it a modification time ``hours`` ago."""
+    then = (dt.datetime.now(dt.timezone.utc) - hours * HOUR).timestamp()
+    for f in folder.iterdir():
+        os.utime(f, (then, then))
+    os.utime(folder, (then, then))
+
+
+def orphan_folder(root: Path, study: str, names: list[str], hours_old: float) -> Path:
+    folder = root / study
+    folder.mkdir(parents=True)
+    for name in names:
+        (folder / name).write_bytes(b"\0" * 100)
+    age_files(folder, hours_old)
+    return folder
+
+
+def test_study_folders_the_ledger_has_no_row_of_go_once_older_than_orphan_keep_hours(
+    ledger_node: tuple[Settings, Ledger], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A crash between a file and its row, a ledger restored older than the data directory,
+    rows deleted by hand: folders of studies the ledger has no row of were never deleted.
+    They go once their files are ``orphan_keep_hours`` old (720 by default); a young one, one
+    whose study has a row, one the ingest journal still holds a record of (its row is still to
+    come) stay, and so does a file younger than that in an old folder."""
+    settings, ledger = ledger_node
+    spool, results = settings.spool_dir, settings.results_dir
+    orphan_folder(spool, "1.9.1", ["1.9.1.1.dcm", "1.9.1.2.dcm"], hours_old=721)
+    orphan_folder(results, "1.9.1", ["sr.dcm"], hours_old=721)
+    orphan_folder(results, "1.9.5", ["sr.dcm"], hours_old=800)  # results only
+    orphan_folder(spool, "1.9.2", ["1.9.2.1.dcm"], hours_old=719)  # young
+    young_files = orphan_folder(spool, "1.9.8", ["1.9.8.1.dcm"], hours_old=0)
+    os.utime(young_files, (young_files.stat().st_mtime - 800 * 3600,) * 2)  # an old folder
+    mixed = orphan_folder(spool, "1.9.4", ["1.9.4.1.dcm"], hours_old=721)
+    old = mixed.stat().st_mtime
+    (mixed / "1.9.4.2.dcm").write_bytes(b"\0" * 100)  # just written
+    os.utime(mixed, (old, old))  # a folder restored with its time
+    # a study the ledger knows, whose files are as old
+    delivered_study(settings, ledger, "1.2.3")
+    for root in (spool, results):
+        age_files(root / "1.2.3", 800)
+    # a study the running SCP journaled, its row not written yet
+    journal = IngestJournal(spool / JOURNAL_DIR, spool, lambda: None, fsync=False)
+    journal.open()
+    try:
+        journal.done(
+            journal.append({"study_uid": "1.9.3", "path": "1.9.3/1.9.3.1.dcm"}, b"\0" * 100)
+        )
+        orphan_folder(spool, "1.9.3", ["1.9.3.1.dcm"], hours_old=800)
+        before = metrics.RETENTION_STUDIES_DELETED.labels("orphan")._value.get()
+
+        config = settings.data_dir.parent / "acwi.toml"
+        config.write_text(
+            f'[node]\ndata_dir = "{settings.data_dir}"\ndatabase_url = "{settings.database_url}"\n'
+            "[retention]\nmin_free_percent = 0\n"
+        )
+        assert main(["--config", str(config), "retention", "--dry-run", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["planned"] == [
+            {"study_uid": u, "reason": "orphan"} for u in ("1.9.1", "1.9.4", "1.9.5")
+        ]
+        assert (out["by_reason"], out["bytes"]) == ({"orphan": 3}, 500)
+        assert files_of(settings, "1.9.1") == ["1.9.1.1.dcm", "1.9.1.2.dcm", "sr.dcm"]
+
+        report = Retention(settings, ledger, space=plenty, clock=utcnow).sweep()
+        assert (report.studies, report.files, report.bytes) == (3, 5, 500)
+        assert dict(report.by_reason) == {"orphan": 3}
+        assert metrics.RETENTION_STUDIES_DELETED.labels("orphan")._value.get() == before + 3
+        assert not (spool / "1.9.1").exists() and not (results / "1.9.1").exists()
+        assert not (results / "1.9.5").exists()
+        assert files_of(settings, "1.9.4") == ["1.9.4.2.dcm"]
+        assert files_of(settings, "1.9.2") == ["1.9.2.1.dcm"]
+        assert files_of(settings, "1.9.8") == ["1.9.8.1.dcm"]
+        assert files_of(settings, "1.9.3") == ["1.9.3.1.dcm"]
+        assert len(files_of(settings, "1.2.3")) == 3
+        assert Retention(settings, ledger, space=plenty, clock=utcnow).sweep().studies == 0
+    finally:
+        journal.close()
+
+
+def test_a_journal_left_by_a_stopped_scp_keeps_its_studies_folders(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    """A journal the next start of the SCP replays (its process gone): a spooled record's file
+    is the instance's only copy, and its row is still to come."""
+    settings, ledger = ledger_node
+    spool = settings.spool_dir
+    journal = IngestJournal(spool / JOURNAL_DIR, spool, lambda: None, fsync=False)
+    journal.open()
+    ticket = journal.write_spooled({"study_uid": "1.9.6", "path": "1.9.6/1.9.6.1.dcm"}, b"\0" * 100)
+    journal.done(ticket)
+    journal.wait_durable(ticket)
+    left = journal.directory
+    shutil.copytree(left, spool / JOURNAL_DIR / "4242-deadbeef")  # as a crash leaves it
+    journal.close()
+    assert any((spool / JOURNAL_DIR / "4242-deadbeef").glob("*.wal"))
+    orphan_folder(spool, "1.9.6", ["1.9.6.1.dcm"], hours_old=800)
+    orphan_folder(spool, "1.9.7", ["1.9.7.1.dcm"], hours_old=800)
+
+    report = Retention(settings, ledger, space=plenty, clock=utcnow).sweep()
+    assert dict(report.by_reason) == {"orphan": 1}
+    assert files_of(settings, "1.9.6") == ["1.9.6.1.dcm"]
+    assert files_of(settings, "1.9.7") == []
+
+
+def test_orphan_keep_hours_zero_keeps_folders_without_rows_and_one_hour_is_the_least(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    settings, ledger = ledger_node
+    orphan_folder(settings.spool_dir, "1.9.1", ["1.9.1.1.dcm"], hours_old=5000)
+    orphan_folder(settings.spool_dir, "1.9.2", ["1.9.2.1.dcm"], hours_old=0.5)
+    off = settings.model_copy(
+        update={"retention": settings.retention.model_copy(update={"orphan_keep_hours": 0})}
+    )
+    assert Retention(off, ledger, space=plenty, clock=utcnow).sweep().studies == 0
+    assert files_of(settings, "1.9.1") == ["1.9.1.1.dcm"]
+    tiny = settings.model_copy(
+        update={"retention": settings.retention.model_copy(update={"orphan_keep_hours": 0.01})}
+    )
+    report = Retention(tiny, ledger, space=plenty, clock=utcnow).sweep()
+    assert dict(report.by_reason) == {"orphan": 1}
+    assert files_of(settings, "1.9.1") == [] and files_of(settings, "1.9.2") == ["1.9.2.1.dcm"]

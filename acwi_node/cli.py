@@ -653,8 +653,28 @@ def run_hl7(settings: Settings) -> int:
         listener.stop()
     if sender is not None and thread is not None:
         sender.stop()
-        thread.join(timeout=30)
+        thread.join(timeout=HL7_STOP_WAIT_S)
     return 0
+
+
+#: How long the ``hl7`` process waits, once stopped, for the ORU^R01 being sent to be answered.
+HL7_STOP_WAIT_S = 30.0
+#: The least time ``serve`` gives its processes to stop before it kills them.
+SERVE_STOP_WAIT_S = 20.0
+
+
+def serve_stop_wait_s(settings: Settings) -> float:
+    """How long ``serve`` waits, once stopped, for its processes to exit before it kills them:
+    20 s, or what the exporter needs to see the answers of the sends under way
+    (``exporter.timeout_s`` + 5 s), or the ``hl7`` process the RIS's answer to an ORU^R01
+    being sent (30 s), whichever is longer. A container or unit running ``serve`` must allow
+    more than this before it kills ``serve`` itself."""
+    from acwi_node.export.outbox import STOP_WAIT_S
+
+    wait = max(SERVE_STOP_WAIT_S, settings.exporter.timeout_s + STOP_WAIT_S)
+    if settings.hl7.enabled:
+        wait = max(wait, HL7_STOP_WAIT_S)
+    return wait
 
 
 def run_serve(settings: Settings, config: Path | None) -> int:
@@ -709,7 +729,7 @@ def run_serve(settings: Settings, config: Path | None) -> int:
     for proc in children.values():
         if proc.poll() is None:
             proc.terminate()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + serve_stop_wait_s(settings)
     for proc in children.values():
         try:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))

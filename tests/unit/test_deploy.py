@@ -8,7 +8,6 @@ GPU reservation), and the Dockerfiles must pass hadolint and the structural rule
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import os
 import re
@@ -51,6 +50,8 @@ NODE_SERVICES = {
     "web": "web",
     "hl7": "hl7",
 }
+#: Process kinds with a health and metrics port of their own ([observability] <kind>_port).
+OPS_KINDS = ("scp", "worker", "exporter")
 #: systemd units and the subcommand each must run.
 UNITS = {
     "acwi-node-scp.service": "scp",
@@ -211,6 +212,32 @@ def test_stack_config_points_at_the_compose_services(
     assert stack_settings.node.http_host == "0.0.0.0"
 
 
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> source of a service's volumes (short syntax)."""
+    return {str(v).split(":")[1]: str(v).split(":")[0] for v in service.get("volumes", [])}
+
+
+def test_every_node_process_sees_the_same_files(services: dict[str, dict[str, Any]]) -> None:
+    """Every process reads the configuration and the models it names (the web's model
+    overview and recalls, `acwi-node models install` in any container, the worker's
+    analyses): each node container mounts every /etc/acwi path the stack's configuration and
+    deploy/README.md name, and the data volume, alike."""
+    named = set(
+        re.findall(
+            r"/etc/acwi/[\w./-]+",
+            STACK_CONFIG.read_text(encoding="utf-8")
+            + (DEPLOY / "README.md").read_text(encoding="utf-8"),
+        )
+    )
+    assert "/etc/acwi/models/chest-1.1.0/manifest.json" in named
+    reference = _mounts(services["scp"])
+    for name in NODE_SERVICES:
+        mounts = _mounts(services[name])
+        assert mounts == reference, name
+        for path in named:
+            assert any(path == m or path.startswith(m + "/") for m in mounts), f"{name}: {path}"
+
+
 def test_orthanc_routes_to_the_scp_and_is_allowed_to(
     services: dict[str, dict[str, Any]], stack_settings: Settings
 ) -> None:
@@ -241,6 +268,131 @@ def test_images_are_pinned(services: dict[str, dict[str, Any]]) -> None:
         image = str(service["image"])
         assert ":" in image.rsplit("/", 1)[-1], f"{name}: {image} has no tag"
         assert not image.endswith(":latest"), f"{name}: {image}"
+
+
+OBSERVABILITY_GUIDE = ROOT / "docs" / "observability.md"
+ALERT_RULES = DEPLOY / "prometheus" / "acwi-alerts.yml"
+
+
+def scrape_configs() -> dict[str, dict[str, Any]]:
+    """The scrape jobs of the Prometheus configuration docs/observability.md gives the stack."""
+    yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (it is in the dev extras)")
+    text = OBSERVABILITY_GUIDE.read_text(encoding="utf-8")
+    (block,) = [
+        b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S) if "scrape_configs" in b
+    ]
+    return {job["job_name"]: job for job in yaml.safe_load(block)["scrape_configs"]}
+
+
+def scraped(job: dict[str, Any]) -> tuple[set[str], set[str]]:
+    """``host:port`` of a job's static targets, and of its DNS (A record) names."""
+    static = {t for c in job.get("static_configs", []) for t in c["targets"]}
+    dns = {
+        f"{name}:{c['port']}"
+        for c in job.get("dns_sd_configs", [])
+        if c.get("type") == "A"
+        for name in c["names"]
+    }
+    return static, dns
+
+
+def test_prometheus_scrapes_every_process_of_the_stack(
+    services: dict[str, dict[str, Any]], stack_settings: Settings
+) -> None:
+    """Each node container with a metrics port is scraped, every replica of a scaled service
+    (`--scale worker=4`: a static target names one container of the four), under the job
+    names the alert rules use."""
+    jobs = scrape_configs()
+    assert set(jobs) == {"acwi-ledger", "acwi-processes"}
+    rules = ALERT_RULES.read_text(encoding="utf-8")
+    assert set(re.findall(r'job="([^"]+)"', rules)) <= set(jobs)
+    static, dns = scraped(jobs["acwi-ledger"])
+    assert static == {f"web:{stack_settings.node.http_port}"} and not dns
+    guide = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    scaled = set(re.findall(r"--scale ([a-z0-9-]+)=", guide))
+    assert {"worker", "worker-gpu"} <= scaled
+    static, dns = scraped(jobs["acwi-processes"])
+    expected = set()
+    for name, kind in NODE_SERVICES.items():
+        port = stack_settings.observability.port_for(kind) if kind in OPS_KINDS else 0
+        if port:
+            target = f"{name}:{port}"
+            expected.add(target)
+            if name in scaled:
+                assert target in dns, f"{target}: each replica needs dns_sd_configs (type A)"
+    assert static | dns == expected
+
+
+def duration_s(text: str) -> float:
+    """Seconds of a compose duration (``45s``, ``5m``, ``1m30s``) or a systemd time span
+    (``45``, ``5min``, ``1min 30s``)."""
+    units = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", str(text))
+    assert parts and all(unit in units for _, unit in parts), text
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+def test_durations_are_read() -> None:
+    assert [duration_s(t) for t in ("45s", "5m", "1m30s", "45", "5min", "1min 30s")] == [
+        45,
+        300,
+        90,
+        45,
+        300,
+        90,
+    ]
+
+
+def test_stop_times_give_each_process_what_it_needs(
+    services: dict[str, dict[str, Any]], stack_settings: Settings
+) -> None:
+    """A stop is SIGTERM, then SIGKILL after the service's stop_grace_period (Docker's default
+    10 s where none is set) or the unit's TimeoutStopSec: each process kind gets the same time
+    in both layouts, the one deploy/README.md gives it, and the exporter the
+    exporter.timeout_s + 5 s it takes to see the answers of the sends under way."""
+    from acwi_node.export.outbox import STOP_WAIT_S
+
+    units = {kind: name for name, kind in UNITS.items()}
+    for name, kind in NODE_SERVICES.items():
+        assert "stop_grace_period" in services[name], f"{name}: Docker's default 10 s"
+        grace = duration_s(services[name]["stop_grace_period"])
+        (timeout,) = _values(unit_entries(SYSTEMD / units[kind])["Service"], "TimeoutStopSec")
+        assert grace == duration_s(timeout), f"{name}: {grace} s, {units[kind]}: {timeout}"
+    needed = stack_settings.exporter.timeout_s + STOP_WAIT_S
+    assert duration_s(services["exporter"]["stop_grace_period"]) > needed
+
+
+def test_the_gpu_worker_s_health_check_waits_for_its_engine_build(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """A worker is ready once its routes' models are loaded; on a GPU (engine auto: TensorRT)
+    loading first builds the TensorRT engine, minutes at the first start: failed checks
+    before then must not make the container unhealthy."""
+    check = services["worker-gpu"]["healthcheck"]
+    assert duration_s(check["start_period"]) >= 600, check
+    assert duration_s(services["worker"]["healthcheck"]["start_period"]) < 600
+
+
+def test_the_jetson_container_outlasts_serve_s_own_stop() -> None:
+    """deploy/README.md runs the Jetson image's `serve` with `docker run`: Docker must wait
+    longer than `serve` gives its processes (the exporter's exporter.timeout_s + 5 s) before
+    it kills the container, and an init process reaps what they leave."""
+    from acwi_node.cli import serve_stop_wait_s
+
+    guide = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    (command,) = re.findall(r"^docker run (?:[^\n]*\\\n)*[^\n]*$", guide, flags=re.M)
+    argv = shlex.split(command.replace("\\\n", " "))
+    final: list[tuple[str, str]] = []
+    for keyword, rest in dockerfile_instructions(
+        (DEPLOY / "Dockerfile.jetson").read_text(encoding="utf-8")
+    ):
+        final = [] if keyword == "FROM" else [*final, (keyword, rest)]
+    image_cmd = json.loads([r for k, r in final if k == "CMD"][-1])
+    assert argv[-1].startswith("acwi-node-jetson:") and image_cmd == ["serve"]
+    assert "--init" in argv
+    stop_timeout = float(argv[argv.index("--stop-timeout") + 1])
+    settings = load_settings(DEPLOY / "acwi-node.jetson.toml")
+    assert stop_timeout >= serve_stop_wait_s(settings) + 5, stop_timeout
 
 
 def _docker_compose() -> list[str]:
@@ -371,6 +523,46 @@ def test_dockerfile_runs_an_acwi_node_subcommand(name: str) -> None:
     assert {"11112", "8080"} <= exposed
 
 
+def pip_installs(dockerfile: str) -> list[list[str]]:
+    """The arguments of each ``pip install`` the RUN instructions of a Dockerfile run."""
+    found: list[list[str]] = []
+    for keyword, rest in dockerfile_instructions(dockerfile):
+        if keyword != "RUN":
+            continue
+        for command in rest.split("&&"):
+            argv = [a for a in shlex.split(command) if not a.startswith("--mount=")]
+            if len(argv) >= 2 and Path(argv[0]).name in {"pip", "pip3"} and argv[1] == "install":
+                found.append(argv[2:])
+            elif argv[1:4] == ["-m", "pip", "install"]:
+                found.append(argv[4:])
+    return found
+
+
+def _names_torch(argv: list[str]) -> bool:
+    return any(re.match(r"torch($|[=<>!~ ])", a) for a in argv if not a.startswith("-"))
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_torch_comes_from_one_index(name: str) -> None:
+    """Where a Dockerfile takes PyTorch from an index of its own (the CPU build, NVIDIA's
+    Jetson build), pip sees no other index while it installs it: PyPI has a torch of the same
+    version, and an older pip (Ubuntu 22.04's, in the Jetson venv) prefers PyPI's manylinux
+    wheel to the Jetson index's linux_aarch64 one, a torch without the Orin's CUDA."""
+    installs = pip_installs((DEPLOY / name).read_text(encoding="utf-8"))
+    assert installs, name
+    own_index = [a for a in installs if "--index-url" in a and _names_torch(a)]
+    for argv in own_index:
+        assert not any(a.startswith(("--extra-index-url", "--find-links")) for a in argv), argv
+        if name == "Dockerfile.jetson":
+            # its dependencies (from PyPI) come afterwards, torch itself then being installed
+            assert "--no-deps" in argv, argv
+    if own_index:
+        first = installs.index(own_index[0])
+        assert not any(_names_torch(a) or "/src" in " ".join(a) for a in installs[:first])
+    if name == "Dockerfile.jetson":
+        assert own_index
+
+
 def _hadolint() -> str:
     search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     found = shutil.which("hadolint", path=search)
@@ -390,26 +582,108 @@ def test_hadolint_passes() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dockerignore_keeps_local_state_out_and_the_sources_in() -> None:
-    patterns = [
+def _dockerignore_regex(pattern: str) -> re.Pattern[str]:
+    """A ``.dockerignore`` pattern as Docker reads it: relative to the context's root, ``*``
+    and ``?`` within one path element, ``**`` across any number of them."""
+    pattern = pattern.strip("/")
+    out = ""
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        elif pattern[i] == "[":
+            close = pattern.index("]", i)
+            out, i = out + pattern[i : close + 1], close + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + r"\Z")
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """Whether Docker leaves ``path`` (relative to the context) out of the build context: the
+    last pattern that matches it or a folder above it decides, ``!`` patterns taking back in."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    ignored = False
+    for pattern in patterns:
+        keep = pattern.startswith("!")
+        regex = _dockerignore_regex(pattern.removeprefix("!"))
+        if any(regex.match(prefix) for prefix in prefixes):
+            ignored = not keep
+    return ignored
+
+
+def _dockerignore_patterns() -> list[str]:
+    return [
         line.strip()
         for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
-        if line.strip() and not line.startswith("#")
+        if line.strip() and not line.strip().startswith("#")
     ]
-    for required in (
-        ".git",
-        ".venv",
-        "acwi-data",
-        "**/__pycache__",
-        ".pytest_cache",
-        ".mypy_cache",
-        ".ruff_cache",
-        "test-artifacts",
+
+
+def test_dockerignore_matching_follows_docker() -> None:
+    patterns = ["*", "!acwi_node", "**/__pycache__", "*.log", "!keep.log", "docs/*.md"]
+    assert dockerignored("tests/unit/test_x.py", patterns)
+    assert not dockerignored("acwi_node/web/api.py", patterns)
+    assert dockerignored("acwi_node/web/__pycache__/api.cpython-311.pyc", patterns)
+    assert not dockerignored("keep.log", patterns)
+    assert not dockerignored("a/b.md", ["docs/*.md"])  # anchored at the context's root
+    assert dockerignored("docs/b.md", ["docs/*.md"])
+    assert not dockerignored("docs/x/b.md", ["docs/*.md"])  # * stays within one element
+    assert dockerignored("x/y/z.pyc", ["**/*.py[cod]"])
+
+
+def test_dockerignore_keeps_local_state_out_and_the_sources_in() -> None:
+    """Only what the images are built from goes into the build context: not the checkout's
+    virtual environment, data, caches or test output, nor the secrets and ledger backups an
+    operator keeps beside it (deploy/README.md makes the dumps in deploy/ and the SQLite
+    backup in the checkout): the CUDA and Jetson builds mount the whole context."""
+    patterns = _dockerignore_patterns()
+    for path in (
+        ".git/HEAD",
+        ".venv/bin/python",
+        "acwi-data/ledger.sqlite",
+        "deploy/acwi-data/spool/x.dcm",
+        "deploy/.env",
+        "deploy/models/chest-1.1.0/weights.pt",
+        "deploy/acwi-ledger-2025-01-31.dump",  # pg_dump, as deploy/README.md runs it
+        "ledger-backup.sqlite",  # the SQLite backup of deploy/README.md
+        "review-secret.key",
+        "feedback-deid.key",
+        "tests/unit/test_deploy.py",
+        "test-artifacts/report.xml",
+        ".pytest_cache/v/cache/lastfailed",
+        ".mypy_cache/3.11/x.json",
+        "acwi_node/__pycache__/cli.cpython-311.pyc",
+        "models/networks/__pycache__/dianet.cpython-311.pyc",
+        "acwi_node.egg-info/PKG-INFO",
+        "build/lib/acwi_node/cli.py",
+        "dist/acwi_node-0.1.0-py3-none-any.whl",
     ):
-        assert required in patterns, required
-    for needed in ("pyproject.toml", "README.md", "acwi_node", "models", "models/registry"):
-        excluded = [p for p in patterns if not p.startswith("!") and fnmatch.fnmatch(needed, p)]
-        assert not excluded, f"{needed} is excluded by {excluded}"
+        assert dockerignored(path, patterns), f"{path} goes into the build context"
+    sources = [
+        "pyproject.toml",
+        "README.md",
+        "acwi_node/cli.py",
+        "acwi_node/review/templates/base.html",
+        "models/registry/default/manifest.json",
+        "models/registry/default/weights.pt",
+        "models/presets/default.toml",
+    ]
+    sources += [
+        path.relative_to(ROOT).as_posix()
+        for folder in ("acwi_node", "models")
+        for path in (ROOT / folder).rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
+    ]
+    for path in sources:
+        assert not dockerignored(path, patterns), f"{path} is left out of the build context"
 
 
 # ------------------------------------------------------------------------------ systemd

@@ -524,6 +524,92 @@ def test_the_grafana_dashboard_names_only_metrics_the_node_exports(
         assert metric in covered, metric
 
 
+#: Labels Prometheus adds to every series it scrapes.
+TARGET_LABELS = {"job", "instance"}
+
+
+def _exported_labels(settings: Settings, ledger: Ledger) -> dict[str, set[str]]:
+    """Each sample name a scrape can show, with the labels its series carry."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    labels: dict[str, set[str]] = {"up": set()}
+    for family in vars(metrics).values():
+        if isinstance(family, Counter):
+            labels[family._name + "_total"] = set(family._labelnames)
+        elif isinstance(family, Histogram):
+            for suffix in ("_bucket", "_sum", "_count"):
+                labels[family._name + suffix] = set(family._labelnames)
+            labels[family._name + "_bucket"].add("le")
+        elif isinstance(family, Gauge):
+            labels[family._name] = set(family._labelnames)
+    for collected in metrics.LedgerCollector(settings, ledger).collect():
+        found = labels.setdefault(collected.name, set(getattr(collected, "_labelnames", ())))
+        for sample in collected.samples:
+            found |= set(sample.labels)
+    return labels
+
+
+def label_problems(expr: str, labels: dict[str, set[str]], uses: str = "") -> list[str]:
+    """Labels a PromQL expression (and the ``{{ $labels.x }}`` of its annotations or legend,
+    ``uses``) names that its metrics do not carry, or that its aggregation drops."""
+    problems: list[str] = []
+    names = set(re.findall(r"\b(acwi_[a-z0-9_]+|up)\b(?=\s*[{\[)=<>/ ]|\s*$)", expr))
+    for name, matchers in re.findall(r"\b(acwi_[a-z0-9_]+|up)\{([^}]*)\}", expr):
+        for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers):
+            if label not in labels.get(name, set()) | TARGET_LABELS:
+                problems.append(f"{name} has no label {label}")
+    carried = set().union(*(labels.get(n, set()) for n in names)) | TARGET_LABELS
+    grouped = [
+        {label.strip() for label in group.split(",") if label.strip()}
+        for group in re.findall(r"\bby\s*\(([^)]*)\)", expr)
+    ]
+    for group in grouped:
+        problems += [f"by ({label}): not a label of {sorted(names)}" for label in group - carried]
+    # The outermost aggregation comes first; one without `by` keeps no label at all.
+    aggregated = re.search(r"\b(sum|max|min|avg|count|group)\s*\(", expr)
+    kept = grouped[0] if grouped else set() if aggregated else carried
+    for label in set(re.findall(r"\$labels\.(\w+)", uses)) - kept:
+        problems.append(f"$labels.{label}: the expression does not keep it")
+    return problems
+
+
+def test_label_problems_are_found() -> None:
+    labels = {"acwi_deliveries": {"destination", "state"}}
+    assert label_problems('sum by (destination) (acwi_deliveries{state="x"})', labels, "") == []
+    assert label_problems(
+        'sum by (route) (acwi_deliveries{stat="x"})', labels, "{{ $labels.destination }}"
+    ) == [
+        "acwi_deliveries has no label stat",
+        "by (route): not a label of ['acwi_deliveries']",
+        "$labels.destination: the expression does not keep it",
+    ]
+    assert label_problems("max(acwi_deliveries)", labels, "{{ $labels.destination }}") == [
+        "$labels.destination: the expression does not keep it"
+    ]
+
+
+def test_alerts_and_dashboard_use_the_labels_the_metrics_carry(
+    settings: Settings, ledger: Ledger
+) -> None:
+    """A label matcher on a label the metric lacks matches nothing (an alert that never fires,
+    a panel that stays empty); an annotation naming a label the aggregation dropped is empty."""
+    yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (it is in the dev extras)")
+    labels = _exported_labels(settings, ledger)
+    problems: list[str] = []
+    for group in yaml.safe_load(ALERT_RULES.read_text())["groups"]:
+        for rule in group["rules"]:
+            uses = json.dumps(rule.get("annotations", {}))
+            problems += [
+                f"{rule['alert']}: {p}" for p in label_problems(rule["expr"], labels, uses)
+            ]
+    for panel in json.loads(GRAFANA_DASHBOARD.read_text())["panels"]:
+        for target in panel.get("targets", []):
+            legend = re.sub(r"\{\{\s*(\w+)\s*\}\}", r"$labels.\1", target.get("legendFormat", ""))
+            found = label_problems(target["expr"], labels, legend)
+            problems += [f"{panel['title']}: {p}" for p in found]
+    assert problems == []
+
+
 def test_a_check_that_raises_says_its_error_type_and_logs_the_message_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

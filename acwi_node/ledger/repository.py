@@ -1601,6 +1601,34 @@ class Ledger:
             self._sync_study(s, job.study_id)
             return True
 
+    def give_back_job(self, job_id: int, *, started_at: dt.datetime, attempts: int) -> bool:
+        """Put a job back in the queue, its attempt not counted, if it is still the claim that
+        :meth:`claim_job` made with ``started_at`` and ``attempts``: its worker lived, but the
+        ledger stopped answering while it analysed (an outage of the database is no fault of
+        the study's, and ``worker.max_attempts`` counts the workers a study stopped). False when
+        the job is no longer that claim: finished, failed, superseded, or taken over by another
+        worker once its lease ran out (that worker's attempt counts)."""
+        with self.session() as s:
+            job = s.scalars(
+                select(Job)
+                .where(
+                    Job.id == job_id,
+                    Job.state == JobState.ANALYSING,
+                    Job.started_at == started_at,
+                    Job.attempts == attempts,
+                )
+                .with_for_update()
+            ).one_or_none()
+            if job is None:
+                return False
+            job.state = JobState.QUEUED
+            job.attempts = max(0, job.attempts - 1)
+            job.enqueued_at = utcnow()
+            job.started_at = None
+            job.heartbeat_at = None
+            self._sync_study(s, job.study_id)
+            return True
+
     def fail_job(self, job_id: int, error: str) -> bool:
         """Mark a job failed with ``error``; False when it was not: it was final already, or
         its study re-opened while it ran (a newer generation of it is receiving or complete:

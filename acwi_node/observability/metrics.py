@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -51,6 +52,7 @@ from acwi_node.ledger.models import (
     utcnow,
 )
 from acwi_node.ledger.repository import RIS_OUTAGE, outages, webhook_outages
+from acwi_node.observability.logging import LoopFailures
 from acwi_node.review.quality import FLAGGED, SAMPLE
 
 log = logging.getLogger("acwi_node.metrics")
@@ -119,7 +121,8 @@ INFERENCE_SECONDS = Histogram(
 )
 JOBS_PROCESSED = Counter(
     "acwi_worker_jobs",
-    "Jobs this worker process handled, by outcome (analysed, failed, skipped, superseded)",
+    "Jobs this worker process handled, by outcome (analysed, failed, skipped, superseded,"
+    " postponed, ledger_unavailable)",
     ["outcome"],
 )
 IMAGES_NOT_ANALYSED = Counter(
@@ -250,7 +253,12 @@ INSTANCE_COUNT_REFRESH_S = 60.0
 
 class LedgerCollector(Collector):
     """Gauges read from the ledger (and the broker) on every scrape; ``acwi_instances`` at
-    most every :data:`INSTANCE_COUNT_REFRESH_S` seconds of ``clock``."""
+    most every :data:`INSTANCE_COUNT_REFRESH_S` seconds of ``clock``.
+
+    A ledger that does not answer (its database down) is logged as a loop's failing pass is
+    (:class:`LoopFailures`): with its traceback at the first scrape, then a line a minute at
+    most with the scrapes that failed and the error's first line, and once it answers again;
+    not a line for every scrape (every 15 s per Prometheus server, and per web process)."""
 
     def __init__(
         self, settings: Settings, ledger: Ledger, clock: Callable[[], float] = time.monotonic
@@ -260,6 +268,16 @@ class LedgerCollector(Collector):
 
         self.settings = settings
         self.ledger = ledger
+        self._failures_lock = threading.Lock()  # scrapes may come at once, in threads
+        self.failures = {
+            part: LoopFailures(log, f"metrics: reading {what}", clock=clock)
+            for part, what in (
+                ("ledger", "the ledger"),
+                ("monitoring", "model monitoring"),
+                ("traffic", "the studies arriving"),
+                ("turnaround", "the turnaround"),
+            )
+        }
         self.instances: Refreshed[dict[str, int]] = Refreshed(
             self._count_instances, INSTANCE_COUNT_REFRESH_S, clock=clock
         )
@@ -275,28 +293,17 @@ class LedgerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("acwi_ledger_up", "1 when the ledger answered this scrape, else 0")
-        try:
-            families = self._from_ledger()
-        except Exception as exc:
-            log.warning("metrics: the ledger is unavailable: %s", exc)
-            up.add_metric([], 0)
-            yield up
-        else:
-            up.add_metric([], 1)
-            yield up
+        families = self._read("ledger", self._from_ledger)
+        up.add_metric([], 0 if families is None else 1)
+        yield up
+        if families is not None:
             yield from families
-            try:
-                yield from self._monitoring()
-            except Exception as exc:
-                log.warning("metrics: model monitoring could not be read: %s", exc)
-            try:
-                yield from self._traffic()
-            except Exception as exc:
-                log.warning("metrics: the studies arriving could not be read: %s", exc)
-            try:
-                yield from self._turnaround()
-            except Exception as exc:
-                log.warning("metrics: the turnaround could not be read: %s", exc)
+            for part, read in (
+                ("monitoring", self._monitoring),
+                ("traffic", self._traffic),
+                ("turnaround", self._turnaround),
+            ):
+                yield from self._read(part, read) or []
         from acwi_node.tasks.app import WORKER_QUEUES
 
         broker = GaugeMetricFamily(
@@ -324,6 +331,18 @@ class LedgerCollector(Collector):
             family = GaugeMetricFamily(name, doc)
             family.add_metric([], blocks * disk.f_frsize)
             yield family
+
+    def _read(self, part: str, read: Callable[[], list[Metric]]) -> list[Metric] | None:
+        """``read()``'s families; None when it failed (logged as :class:`LoopFailures`)."""
+        try:
+            families = read()
+        except Exception:
+            with self._failures_lock:
+                self.failures[part].failed()
+            return None
+        with self._failures_lock:
+            self.failures[part].worked()
+        return families
 
     def _count_instances(self) -> dict[str, int]:
         """Instances by calling AE title, with those whose rows records retention summarised."""

@@ -21,18 +21,21 @@ study's result folder (``retention.keep_hours``, or when the disk runs short).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import errno
 import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from acwi_node.config import Settings, load_settings
 from acwi_node.dicom_pixels import read_deferred
@@ -45,7 +48,13 @@ from acwi_node.ledger import Ledger, ResultFile
 from acwi_node.ledger.models import Job, Result, Study
 from acwi_node.ledger.withdrawals import Withdrawals
 from acwi_node.observability import metrics
-from acwi_node.observability.logging import bind_study, log_context, note_identifiers
+from acwi_node.observability.logging import (
+    LOOP_FAILURE_RETRY_S,
+    LoopFailures,
+    bind_study,
+    log_context,
+    note_identifiers,
+)
 from acwi_node.results.encoding import encode_part10
 from acwi_node.results.heatmap import build_heatmap_sc
 from acwi_node.results.overlay import heat_path, write_cam
@@ -229,14 +238,136 @@ def read_inputs(
     return datasets, left_out, unreadable
 
 
+def ledger_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc``, or an exception it was raised from, is the ledger's database not
+    answering (down, restarting, its connection ended or timed out, its pool exhausted): no
+    fault of the job's."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, LedgerUnavailable | OperationalError | InterfaceError | PoolTimeout):
+            return True
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A worker's claim on a job, as :meth:`Ledger.claim_job` made it (what
+    :meth:`Ledger.give_back_job` checks is still the job's)."""
+
+    started_at: dt.datetime
+    attempts: int
+
+
+class LedgerUnavailable(Exception):
+    """:func:`run_job`: the ledger stopped answering after the job was claimed (``claim``)."""
+
+    def __init__(self, job_id: int, claim: Claim) -> None:
+        super().__init__(f"job {job_id}: the ledger stopped answering while it ran")
+        self.claim = claim
+
+
+#: While the ledger does not answer, the analyse task tries its job again this often...
+LEDGER_RETRY_S = LOOP_FAILURE_RETRY_S
+#: ...for at most this long (below the worker's stop grace period, 5 minutes); then the task
+#: ends and the reconciler sends the job again once the ledger answers.
+LEDGER_WAIT_S = 240.0
+
+
+def _pause(seconds: float) -> None:
+    """The wait between two tries of a job while the ledger does not answer."""
+    time.sleep(seconds)
+
+
+def run_job_through_outages(
+    settings: Settings,
+    ledger_of: Callable[[], Ledger],
+    job_id: int,
+    *,
+    max_wait_s: float = LEDGER_WAIT_S,
+    clock: Callable[[], float] = time.monotonic,
+) -> str:
+    """:func:`run_job`, which waits out an outage of the ledger instead of ending on it.
+
+    A message taken while the database is down (restarting, failing over, refusing
+    connections) would end before its job is claimed, and the job would wait for the
+    reconciler (``completion.requeue_after_s``). A job whose database went away while it was
+    analysed would stay claimed until its lease ran out, and the worker that takes it over
+    would count one more attempt against ``worker.max_attempts``, which is there for studies
+    that kill their workers, not for the ledger. Here the task keeps its message and tries
+    again every :data:`LEDGER_RETRY_S` (a claim is the test whether the ledger answers), for
+    at most ``max_wait_s``: the job is analysed within a second of the ledger's return, and
+    one the outage interrupted is first given back, its attempt not counted (if it is still
+    this worker's claim: one taken over by another worker, whose lease ran out, is that
+    worker's). The log says so once, then a line a minute, then "works again" (as a loop's
+    :class:`LoopFailures`). A duplicate message meanwhile is harmless: the claim in the
+    ledger lets one worker run the job.
+
+    ``ledger_of`` gives the ledger (the worker's is made by its first task, which may come
+    while the database is down). Returns :func:`run_job`'s outcome, or
+    ``ledger_unavailable`` when the ledger did not answer for ``max_wait_s``."""
+    failures = LoopFailures(log, f"job {job_id}: the ledger")
+    claim: Claim | None = None
+    started = clock()
+    while True:
+        try:
+            ledger = ledger_of()
+            if claim is not None:
+                if ledger.give_back_job(
+                    job_id, started_at=claim.started_at, attempts=claim.attempts
+                ):
+                    log.info(
+                        "job %d: queued again, its attempt not counted (a ledger outage)", job_id
+                    )
+                claim = None
+            outcome = run_job(settings, ledger, job_id)
+        except Exception as exc:
+            if not ledger_unavailable(exc):
+                raise
+            if isinstance(exc, LedgerUnavailable):
+                claim = exc.claim
+            failures.failed()
+            if clock() - started >= max_wait_s:
+                log.error(
+                    "job %d: the ledger did not answer for %.0f s; the reconciler sends the job"
+                    " again once it does",
+                    job_id,
+                    max_wait_s,
+                )
+                return "ledger_unavailable"
+            _pause(failures.wait_s(LEDGER_RETRY_S))
+            continue
+        failures.worked()
+        return outcome
+
+
 def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
     """Analyse one job. Returns what happened: analysed, skipped, superseded, postponed (its
-    results could not be written for want of disk space: queued again) or failed."""
+    results could not be written for want of disk space: queued again) or failed. Raises
+    :class:`LedgerUnavailable` when the ledger stops answering once the job is claimed (the
+    job is not failed: :func:`run_job_through_outages` gives it back)."""
     worker = settings.worker
     job = ledger.claim_job(job_id, lease_s=worker.lease_s, max_attempts=worker.max_attempts)
     if job is None:
         log.info("job %d: nothing to do (final, or running elsewhere)", job_id)
         return "skipped"
+    assert job.started_at is not None  # set by the claim
+    claim = Claim(job.started_at, job.attempts)
+    try:
+        return _run_claimed(settings, ledger, job)
+    except Exception as exc:
+        if ledger_unavailable(exc):
+            raise LedgerUnavailable(job_id, claim) from exc
+        raise
+
+
+def _run_claimed(settings: Settings, ledger: Ledger, job: Job) -> str:
+    """:func:`run_job` once ``job`` is claimed."""
+    job_id = job.id
     lease = LeaseKeeper(ledger, job_id, settings.worker.lease_s / 3).start()
     # every file this run wrote, with its identity: removed again should the job not finish
     written: list[_Written] = []
@@ -379,6 +510,9 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
         log.warning("job %d: nothing to analyse: %s", job_id, exc)
         return "failed"
     except Exception as exc:
+        if ledger_unavailable(exc):  # nor is the ledger's outage: the job is not failed
+            _remove_unrecorded(ledger, study_uid, written)
+            raise
         # A full disk is no fault of the study's: the job waits in the queue, its files
         # removed, and is analysed again once there is room (a failed study's images would
         # be the first storage retention deletes to make room).
@@ -540,6 +674,6 @@ def _superseded_meanwhile(job_id: int, exc: Exception) -> str:
 def analyse_job(job_id: int) -> str:
     """Celery entry point: the message carries only the job id."""
     with log_context(job_id=int(job_id)):
-        outcome = run_job(_settings(), _ledger(), int(job_id))
+        outcome = run_job_through_outages(_settings(), _ledger, int(job_id))
     metrics.JOBS_PROCESSED.labels(outcome).inc()
     return outcome

@@ -8,22 +8,28 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from celery import Celery
 from pydicom.uid import generate_uid
 from sqlalchemy import create_engine, text
 
-from acwi_node.config import load_settings
+from acwi_node.config import Settings, load_settings
 from acwi_node.ingest import scp as scp_module
 from acwi_node.ingest.completion import CompletionService
 from acwi_node.ingest.scp import StorageSCP
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger
+from acwi_node.ledger.models import Job
 from acwi_node.observability.logging import LOOP_FAILURE_RETRY_S
+from acwi_node.observability.metrics import LedgerCollector
+from acwi_node.tasks import analyse
+from models.data.synth import write_study
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.integration.test_scp import make_sc, send
 from tests.support.ports import free_port
+from tests.support.review_case import review_settings, store_and_route
 
 
 class Outage:
@@ -189,3 +195,148 @@ def test_a_postgresql_ledger_gives_up_on_a_server_that_stops_answering(
     assert params["connect_timeout"] == connect_timeout
     assert params["tcp_user_timeout"] == "30000"
     assert (params["keepalives"], params["keepalives_idle"]) == ("1", "30")
+
+
+class Pauses:
+    """The analyse task's waits between tries while the ledger is down: ends the outage at
+    wait ``back_at`` and keeps each wait asked for."""
+
+    def __init__(self, outage: Outage, back_at: int) -> None:
+        self.outage, self.back_at = outage, back_at
+        self.waits: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        if len(self.waits) == self.back_at:
+            self.outage.end()
+
+
+def _worker_on(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Settings, Ledger, int]:
+    """A node on the test's database, a study routed to the review model (its job queued),
+    and the analyse task bound to them as a worker's is."""
+    settings = review_settings(tmp_path, database_url=postgres_url)
+    ledger = Ledger(settings.database_url)
+    files = write_study(tmp_path / "study", n_images=1, size=64, seed=5)
+    job_id, _ = store_and_route(settings, ledger, files)
+    monkeypatch.setattr(analyse, "_state", {"settings": settings, "ledger": ledger})
+    return settings, ledger, job_id
+
+
+def _job(ledger: Ledger, job_id: int) -> tuple[str, int, str]:
+    with ledger.session() as s:
+        job = s.get_one(Job, job_id)
+        return job.state.value, job.attempts, job.error
+
+
+def test_a_job_taken_while_the_ledger_is_down_is_analysed_as_soon_as_it_answers(
+    tmp_path: Path,
+    postgres_url: str,
+    outage: Outage,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The worker took the job's message while the database refused connections: the job was
+    left queued, and analysed only when the reconciler sent it again (two minutes late). The
+    task keeps the message and tries again once a second, logging the outage once and its
+    end; the job is analysed at the first try after the ledger's return, its one attempt
+    counted."""
+    _, ledger, job_id = _worker_on(tmp_path, postgres_url, monkeypatch)
+    pauses = Pauses(outage, back_at=3)
+    monkeypatch.setattr(analyse, "_pause", pauses, raising=False)
+    try:
+        outage.begin()
+        with caplog.at_level(logging.INFO, logger="acwi_node.worker"):
+            assert analyse.analyse_job(job_id) == "analysed"
+        assert _job(ledger, job_id) == ("exporting", 1, "")
+    finally:
+        ledger.dispose()
+    assert pauses.waits == [LOOP_FAILURE_RETRY_S] * 3
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [(r.levelno, r.exc_info is not None) for r in lines] == [
+        (logging.ERROR, True),
+        (logging.WARNING, False),
+    ]
+    assert f"job {job_id}: the ledger works again after 3 failed tries" in lines[1].getMessage()
+
+
+def test_a_ledger_outage_while_a_job_is_analysed_costs_it_no_attempt(
+    tmp_path: Path,
+    postgres_url: str,
+    outage: Outage,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The database went away while the worker built the job's results: the job stayed
+    claimed until its lease ran out, and the worker that took it over counted a second
+    attempt (``worker.max_attempts`` outages of the ledger failed it for good, as if the study
+    had killed its workers). The task waits for the ledger, gives its claim back, its attempt
+    not counted, and analyses the job again: with ``max_attempts = 1`` it is analysed."""
+    settings, ledger, job_id = _worker_on(tmp_path, postgres_url, monkeypatch)
+    settings.worker.max_attempts = 1
+    monkeypatch.setattr(analyse, "_pause", Pauses(outage, back_at=2), raising=False)
+    real_build_sr = analyse.build_sr
+    builds = 0
+
+    def build_sr(*args: Any, **kwargs: Any) -> Any:
+        nonlocal builds
+        builds += 1
+        if builds == 1:  # the ledger goes away while the results are written
+            outage.begin()
+        return real_build_sr(*args, **kwargs)
+
+    monkeypatch.setattr(analyse, "build_sr", build_sr)
+    try:
+        assert analyse.analyse_job(job_id) == "analysed"
+        assert _job(ledger, job_id) == ("exporting", 1, "")
+        uid = ledger.job_inputs(job_id)[0]
+        view = ledger.get_study(uid)
+        assert view is not None and view["state"] == "exporting"
+    finally:
+        ledger.dispose()
+    assert builds == 2
+    results = sorted(p.name for p in (settings.results_dir / uid).glob("*.dcm"))
+    assert len(results) == 2  # the SR and a heatmap, once
+
+
+def test_the_metrics_log_a_ledger_outage_once_a_minute_without_credentials(
+    tmp_path: Path, postgres_url: str, outage: Outage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every ``/metrics`` scrape while the ledger was down logged "the ledger is unavailable"
+    with the whole error. It is logged as a loop's failure is: with its traceback at the first
+    scrape, then a line a minute, then once it answers again; and none of it names the
+    database's password."""
+    password = "not-in-any-log-4711"
+    url = postgres_url.replace("://postgres@", f"://postgres:{password}@")
+    assert password in url
+    settings = load_settings(None, node={"data_dir": tmp_path / "data", "database_url": url})
+    ledger = Ledger(settings.database_url)
+    now = [0.0]
+    collector = LedgerCollector(settings, ledger, clock=lambda: now[0])
+
+    def ledger_up() -> float:
+        families = {f.name: f for f in collector.collect()}
+        return families["acwi_ledger_up"].samples[0].value
+
+    try:
+        assert ledger_up() == 1
+        outage.begin()
+        with caplog.at_level(logging.INFO, logger="acwi_node.metrics"):
+            ups = [ledger_up() for _ in range(3)]
+            now[0] += 61
+            ups.append(ledger_up())
+            outage.end()
+            ups.append(ledger_up())
+    finally:
+        ledger.dispose()
+    assert ups == [0, 0, 0, 0, 1]
+    lines = [r for r in caplog.records if r.name == "acwi_node.metrics"]
+    assert [(r.levelno, r.exc_info is not None) for r in lines] == [
+        (logging.ERROR, True),
+        (logging.ERROR, False),
+        (logging.WARNING, False),
+    ]
+    assert "metrics: reading the ledger still failing after 4 tries" in lines[1].getMessage()
+    assert "OperationalError" in lines[1].getMessage()
+    assert "works again after 4 failed tries" in lines[2].getMessage()
+    assert password not in caplog.text

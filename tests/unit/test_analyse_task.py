@@ -17,6 +17,7 @@ import pytest
 from prometheus_client import REGISTRY
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 
 from acwi_node.config import Settings
 from acwi_node.dicom_pixels import PIXEL_DATA
@@ -796,3 +797,74 @@ def test_a_job_superseded_while_it_analysed_writes_nothing(
         assert not (settings.results_dir / study_uid).exists()
     finally:
         ledger.dispose()
+
+
+def test_a_worker_gives_back_its_own_claim_only(tmp_path: Path) -> None:
+    """A worker whose ledger went away mid-analysis gives its attempt back once the ledger
+    answers, but not a claim another worker made since (its lease ran out: a study that stops
+    its workers still fails after ``worker.max_attempts``)."""
+    settings = review_settings(tmp_path)
+    ledger = Ledger(settings.database_url)
+    try:
+        receive(settings, ledger, "1.2.3", "1.2.3.1")
+        with ledger.session() as s:
+            study = s.scalars(select(Study)).one()
+            study_id, generation = study.id, study.generation
+        (job_id,) = ledger.complete_study(study_id, generation, route_all)
+        first = ledger.claim_job(job_id, lease_s=0)
+        assert first is not None and first.started_at is not None
+        stale = utcnow() - dt.timedelta(seconds=60)
+        with ledger.session() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=stale))
+        second = ledger.claim_job(job_id, lease_s=30)  # the first worker's lease ran out
+        assert second is not None and second.started_at is not None
+        assert not ledger.give_back_job(
+            job_id, started_at=first.started_at, attempts=first.attempts
+        )
+        with ledger.session() as s:
+            job = s.get_one(Job, job_id)
+            assert (job.state.value, job.attempts) == ("analysing", 2)
+        assert ledger.give_back_job(job_id, started_at=second.started_at, attempts=2)
+        with ledger.session() as s:
+            job = s.get_one(Job, job_id)
+            assert (job.state.value, job.attempts, job.started_at) == ("queued", 1, None)
+            assert job.enqueued_at is not None
+        st = ledger.get_study("1.2.3")
+        assert st is not None and st["state"] == "queued"
+    finally:
+        ledger.dispose()
+
+
+def test_the_analyse_task_waits_for_the_ledger_a_bounded_time(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, settings: Settings
+) -> None:
+    """A ledger that does not come back: the task tries once a second for
+    :data:`analyse.LEDGER_WAIT_S`, logs the outage's traceback once, and ends (the reconciler
+    sends the job again once the ledger answers); an error that is not the ledger's ends it
+    at once."""
+    now = [0.0]
+    waits: list[float] = []
+
+    def pause(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += seconds
+
+    def down() -> Ledger:
+        raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+    monkeypatch.setattr(analyse, "_pause", pause)
+    with caplog.at_level(logging.INFO, logger="acwi_node.worker"):
+        outcome = analyse.run_job_through_outages(settings, down, 7, clock=lambda: now[0])
+    assert outcome == "ledger_unavailable"
+    assert waits == [1.0] * int(analyse.LEDGER_WAIT_S)
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.exc_info is not None for r in lines] == [True, False]
+    assert "job 7: the ledger did not answer for 240 s" in lines[-1].getMessage()
+
+    def broken() -> Ledger:
+        raise ValueError("not the ledger")
+
+    waits.clear()
+    with pytest.raises(ValueError, match="not the ledger"):
+        analyse.run_job_through_outages(settings, broken, 7, clock=lambda: now[0])
+    assert waits == []

@@ -34,7 +34,7 @@ from types import FrameType
 from typing import Any
 
 from acwi_node import __version__
-from acwi_node.config import ConfigError, Settings, load_settings
+from acwi_node.config import ConfigError, Settings, load_settings, processes_per_core
 from acwi_node.export.destination_commands import (
     add_destination_parsers,
     run_destinations_retry,
@@ -314,14 +314,34 @@ def run_exporter(settings: Settings) -> int:
     stop.wait()
     if ops is not None:
         ops.stop()
-    exporter.stop()
-    retention.stop()
-    if notifier is not None and notify_thread is not None:
-        notifier.stop()
-        notify_thread.join(timeout=30)
-    thread.join(timeout=exporter.stop_wait_s())  # the sends under way recorded
-    retention_thread.join(timeout=30)
+    # Every loop told to stop first, then all of them given the same time: the sends under
+    # way recorded (exporter.timeout_s + 5 s, what serve, the compose file's stop_grace_period
+    # and the unit's TimeoutStopSec allow), not that time plus the others' one after another.
+    stops = [exporter.stop, retention.stop] + ([notifier.stop] if notifier is not None else [])
+    threads = [thread, retention_thread] + ([notify_thread] if notify_thread is not None else [])
+    stop_and_join(stops, threads, exporter.stop_wait_s())
     return 0
+
+
+def stop_and_join(
+    stops: Sequence[Callable[[], None]], threads: Sequence[threading.Thread], wait_s: float
+) -> list[threading.Thread]:
+    """Call every one of ``stops``, then wait for ``threads`` to end, all of them within
+    ``wait_s`` of the first join (one deadline, not ``wait_s`` each); the threads still
+    running then (daemon threads, which the process's exit ends)."""
+    for stop in stops:
+        stop()
+    deadline = time.monotonic() + wait_s
+    for thread in threads:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    running = [thread for thread in threads if thread.is_alive()]
+    if running:
+        log.warning(
+            "stopping: %s still running after %.0f s",
+            ", ".join(thread.name for thread in running),
+            wait_s,
+        )
+    return running
 
 
 def run_show_studies(settings: Settings, study_uids: Sequence[str], *, as_json: bool) -> int:
@@ -570,13 +590,21 @@ def run_retention(settings: Settings, *, dry_run: bool, as_json: bool) -> int:
 HTTPS_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
+def web_processes(settings: Settings, cores: int | None = None) -> int:
+    """Processes ``acwi-node web`` runs: ``node.http_workers``, or when it is 0 one per core
+    (``cores``: the machine's), at most :data:`~acwi_node.config.MAX_AUTO_PROCESSES` (as the
+    storage SCP's listeners): each holds a ledger connection pool of its own, and a 64-core
+    host made 64 of them."""
+    return processes_per_core(settings.node.http_workers, cores)
+
+
 def run_web(settings: Settings, config: Path | None = None) -> int:
-    """The web app, in this process or, with ``node.http_workers`` > 1 (0: one per core), in
-    that many processes sharing the port (uvicorn's workers), whose metrics ``/metrics`` adds
-    up (prometheus_client's multiprocess mode)."""
+    """The web app, in this process or, with ``node.http_workers`` > 1 (0: one per core, at
+    most 8), in that many processes sharing the port (uvicorn's workers), whose metrics
+    ``/metrics`` adds up (prometheus_client's multiprocess mode)."""
     import uvicorn
 
-    workers = settings.node.http_workers or (os.cpu_count() or 1)
+    workers = web_processes(settings)
     options: dict[str, Any] = {
         "host": settings.node.http_host,
         "port": settings.node.http_port,
@@ -1010,6 +1038,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"acwi-node: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings, args.command)
+    if args.command == "health":
+        # The containers' healthcheck, run every 30 s: it opens no ledger, so it loads neither
+        # SQLAlchemy nor the ledger's models (tests/unit/test_cli_health_imports.py).
+        return _dispatch(settings, config, args)
     from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
 
     from acwi_node.ledger.repository import LedgerSchemaError

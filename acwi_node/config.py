@@ -92,6 +92,21 @@ def _unbracketed_ipv6(url: str) -> str:
 MAX_DURATION_S = 30 * 86_400
 
 
+#: Most processes a setting of 0 ("one per core") starts on a host with more cores:
+#: ``ingest.processes`` (storage SCP listeners) and ``node.http_workers`` (web processes). Each
+#: is a process of about 100 MiB with a ledger connection pool of its own (up to 10 connections
+#: to PostgreSQL), and a PACS rarely opens more associations or connections at once than this.
+MAX_AUTO_PROCESSES = 8
+
+
+def processes_per_core(configured: int, cores: int | None = None) -> int:
+    """Processes to run for a setting that takes 0 for one per core: ``configured`` when set,
+    else one per core (``cores``: the machine's), at most :data:`MAX_AUTO_PROCESSES`."""
+    if configured:
+        return configured
+    return max(1, min(cores or os.cpu_count() or 1, MAX_AUTO_PROCESSES))
+
+
 class _Strict(BaseModel):
     # No inf or nan: a loop told to sleep for ever dies on it (OverflowError) while its
     # process runs on.
@@ -150,7 +165,8 @@ class NodeSettings(_Strict):
     http_host: Host = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)
     #: Processes of ``acwi-node web`` serving ``http_port`` (review app, API, STOW-RS), for
-    #: requests on several connections at once to use several cores; 0: one per core.
+    #: requests on several connections at once to use several cores; 0: one per core, at most
+    #: :data:`MAX_AUTO_PROCESSES` (:func:`processes_per_core`).
     http_workers: int = Field(1, ge=0, le=64)
     #: HTTPS on ``http_port`` (TLS 1.2 or newer), for a web port reached from other hosts
     #: without a reverse proxy in front.

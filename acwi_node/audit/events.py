@@ -59,6 +59,7 @@ class AuditEvent(str, enum.Enum):
     FEEDBACK_EXPORTED = "feedback_exported"
     STUDY_DELETED = "study_deleted"
     PATIENT_DATA_ERASED = "patient_data_erased"
+    PATIENTS_MERGED = "patients_merged"
     CONFIGURATION_CHANGED = "configuration_changed"
     USERS_CHANGED = "users_changed"
     STUDIES_QUERIED = "studies_queried"
@@ -80,6 +81,7 @@ DICOM_CODES: dict[AuditEvent, tuple[Code, Code | None, str]] = {
     AuditEvent.FEEDBACK_EXPORTED: (EXPORT, None, "R"),
     AuditEvent.STUDY_DELETED: (STUDY_DELETED, None, "D"),
     AuditEvent.PATIENT_DATA_ERASED: (PATIENT_RECORD, None, "D"),
+    AuditEvent.PATIENTS_MERGED: (PATIENT_RECORD, None, "U"),
     AuditEvent.CONFIGURATION_CHANGED: (SECURITY_ALERT, SOFTWARE_CONFIGURATION, "E"),
     AuditEvent.USERS_CHANGED: (SECURITY_ALERT, SECURITY_ROLES_CHANGED, "E"),
     AuditEvent.STUDIES_QUERIED: (QUERY, None, "E"),

@@ -16,12 +16,14 @@ import re
 import uuid
 from dataclasses import asdict
 
+from acwi_node.audit import AuditEvent, Participant, audit
 from acwi_node.config import Settings
 from acwi_node.hl7.messages import (
     MERGE_TYPES,
     ApplicationError,
     HL7Error,
     LimitExceeded,
+    MergeInfo,
     MshInfo,
     Rejected,
     _control_id_er7,
@@ -37,9 +39,10 @@ from acwi_node.hl7.messages import (
     parse,
     peek_msh,
     timestamp,
+    unescape,
 )
 from acwi_node.hl7.mllp import frame
-from acwi_node.ledger import Ledger, OrderCancelled, PatientMerge
+from acwi_node.ledger import Ledger, MergeMoved, OrderCancelled, PatientMerge
 
 log = logging.getLogger("acwi_node.hl7")
 
@@ -136,7 +139,7 @@ class OrderIntake:
             log.exception("message %s: unexpected error", _safe(info.control_id))
             return self._ack(info, "AE", "internal error").encode("utf-8")
         ack = self._ack(info, "AA", "")
-        moved: list[int] = []
+        moved: list[MergeMoved] = []
         try:
             ack = self.ledger.hl7_record_message(
                 sender=info.sender,
@@ -173,13 +176,17 @@ class OrderIntake:
                 control,
             )
             return ack.encode("utf-8")
-        for count in moved:
+        # none when another connection recorded the same message first (it applied them)
+        for merge, count in zip(merges, moved, strict=False):
             log.info(
-                "patient merge (%s) from message %s: %d order(s) moved to the surviving patient",
+                "patient merge (%s) from message %s: %d order(s) and %d ORU^R01 waiting in"
+                " the outbox moved to the surviving patient",
                 info.type_code,
                 _safe(info.control_id),
-                count,
+                count.orders,
+                count.messages,
             )
+            _audit_merge(info, merge, count)
         for order in orders:
             log.info(
                 "order %s%s (%s, priority %s%s) accepted from message %s",
@@ -321,6 +328,24 @@ def acknowledgement(raw: bytes, ack: bytes) -> bytes | None:
 def is_batch(raw: bytes) -> bool:
     """Whether a frame holds a batch (it begins with FHS or BHS)."""
     return raw.removeprefix(b"\xef\xbb\xbf")[:3] in {b"FHS", b"BHS"}
+
+
+def _audit_merge(info: MshInfo, merge: MergeInfo, moved: MergeMoved) -> None:
+    """The audit record of one patient merge applied (IHE ATNA: a Patient Record event,
+    action U, as for a Patient Identity Feed's merge): the RIS that sent it, what moved, and
+    the surviving and merged-away patient IDs (CX-1; the trail keeps them only with
+    ``audit.patient_id``); no name."""
+    surviving = unescape(merge.patient_id.split("~")[0].split("^")[0].split("&")[0]).strip()
+    audit(
+        AuditEvent.PATIENTS_MERGED,
+        participants=[
+            Participant("application", info.sending_application or info.sender, requestor=True)
+        ],
+        patient_ids=[surviving, *dict.fromkeys(unescape(ident) for ident, _ in merge.prior)],
+        detail=f"patient merge ({info.type_code}, message {_safe(info.control_id)}):"
+        f" {moved.orders} order(s) and {moved.messages} ORU^R01 waiting in the outbox moved"
+        " to the surviving patient",
+    )
 
 
 def _safe(value: str) -> str:

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Mapping
 
-from acwi_node.config import Settings
+from acwi_node.config import MAX_AUTO_PROCESSES, Settings, processes_per_core
 from acwi_node.tcp import listening_socket
 
 log = logging.getLogger("acwi_node.ingest")
@@ -39,17 +39,15 @@ READY_FD_ENV = "ACWI_SCP_READY_FD"
 BACKLOG = 128
 
 
-#: Most listener processes ``ingest.processes = 0`` starts (each is a process of about 100 MiB;
-#: a PACS rarely opens more associations at once than this).
-MAX_AUTO_LISTENERS = 8
+#: Most listener processes ``ingest.processes = 0`` starts (as many as ``node.http_workers = 0``
+#: starts web processes).
+MAX_AUTO_LISTENERS = MAX_AUTO_PROCESSES
 
 
 def listener_count(settings: Settings, cores: int | None = None) -> int:
     """Listener processes to run: ``ingest.processes``, or when it is 0 one per core (``cores``:
     the machine's), at most :data:`MAX_AUTO_LISTENERS`."""
-    if settings.ingest.processes:
-        return settings.ingest.processes
-    return max(1, min(cores or os.cpu_count() or 1, MAX_AUTO_LISTENERS))
+    return processes_per_core(settings.ingest.processes, cores)
 
 
 def bind_listener(host: str, port: int) -> socket.socket:

@@ -540,6 +540,15 @@ class OrderCancelled(Exception):
 
 
 @dataclass(frozen=True)
+class MergeMoved:
+    """What one patient merge moved to the surviving patient: ``orders`` (HL7 orders) and
+    ``messages`` (ORU^R01 messages built and waiting in the outbox, not yet delivered)."""
+
+    orders: int = 0
+    messages: int = 0
+
+
+@dataclass(frozen=True)
 class PatientMerge:
     """One merge of an ``ADT^A40``: the orders of any of the ``prior`` identifiers (MRG-1, as
     (CX-1 id, CX-4 assigning authority) pairs) go to the surviving patient: ``patient_id``
@@ -2441,7 +2450,7 @@ class Ledger:
         ack: str,
         orders: Sequence[Mapping[str, Any]] = (),
         merges: Sequence[PatientMerge] = (),
-        merged: list[int] | None = None,
+        merged: list[MergeMoved] | None = None,
     ) -> str:
         """Record a processed message, its ACK and the orders it carries, in one transaction.
 
@@ -2453,9 +2462,10 @@ class Ledger:
 
         A cancelled order stays cancelled: an order of the message that would give it another
         status (a change ``XO``, a status change, ``NW`` again) raises :class:`OrderCancelled`
-        and nothing of the message is recorded. ``merges`` (an ``ADT^A40``) move orders to the
-        surviving patient (:func:`_merge_patients`); ``merged``, when given, gets the number of
-        orders each merge moved.
+        and nothing of the message is recorded. ``merges`` (an ``ADT^A40``) move orders, and
+        the ORU^R01 messages waiting in the outbox, to the surviving patient
+        (:func:`_merge_patients`); ``merged``, when given, gets each merge's
+        :class:`MergeMoved`.
         """
         try:
             with self.session() as s:
@@ -2837,15 +2847,34 @@ def _cx_keys(er7: str) -> set[tuple[str, str]]:
     return keys
 
 
-def _merge_patients(s: Session, merge: PatientMerge, control_id: str) -> int:
+def _merge_patients(s: Session, merge: PatientMerge, control_id: str) -> MergeMoved:
     """Move the orders of a merged-away patient (any identifier of ``merge.prior``: the same
-    id from the same assigning authority) to the surviving one; returns how many moved."""
+    id from the same assigning authority) to the surviving one, and the ORU^R01 messages
+    built for it and waiting in the outbox (:func:`_surviving_patient`); returns how many of
+    each moved."""
     prior = {(ident, authority) for ident, authority in merge.prior if ident}
     if not prior:
-        return 0
+        return MergeMoved()
     moved = 0
+    messages: set[int] = set()
     for ident in sorted({ident for ident, _ in prior}):
         pattern = ident.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        # A message still to be sent (a first attempt, or a retry in back-off) carries the
+        # surviving patient; one sent already is the RIS's to merge, as its own records. The
+        # same MSH-10: a RIS that took it before (its ACK lost) answers the repeat as such.
+        waiting = s.scalars(
+            select(Hl7Outbound)
+            .where(
+                Hl7Outbound.state == DeliveryState.PENDING,
+                Hl7Outbound.message.like(f"%{pattern}%", escape="\\"),
+            )
+            .with_for_update()
+        ).all()
+        for outbound in waiting:
+            patched = _surviving_patient(outbound.message, merge, prior)
+            if patched is not None:
+                outbound.message = patched
+                messages.add(outbound.id)
         rows = s.scalars(
             select(Hl7Order)
             .where(Hl7Order.patient_id.like(f"%{pattern}%", escape="\\"))
@@ -2862,7 +2891,32 @@ def _merge_patients(s: Session, merge: PatientMerge, control_id: str) -> int:
             row.control_id = control_id
             moved += 1
     s.flush()
-    return moved
+    return MergeMoved(orders=moved, messages=len(messages))
+
+
+def _surviving_patient(
+    message: str, merge: PatientMerge, prior: set[tuple[str, str]]
+) -> str | None:
+    """``message`` (an ORU^R01 the node built: standard delimiters, segments ended by CR) with
+    the surviving patient of ``merge`` in each PID whose PID-3 names a merged-away identifier
+    of ``prior``: its PID-3 and, where the merge gives them, PID-5, PID-7 and PID-8 (as an
+    order takes them); None when no PID names one."""
+    segments = message.split("\r")
+    changed = False
+    for n, segment in enumerate(segments):
+        fields = segment.split("|")
+        if fields[0] != "PID" or len(fields) <= 3 or fields[3] == merge.patient_id:
+            continue
+        if not (_cx_keys(fields[3]) & prior):
+            continue
+        fields += [""] * (9 - len(fields))
+        fields[3] = merge.patient_id
+        for index, value in ((5, merge.patient_name), (7, merge.birth_date), (8, merge.sex)):
+            if value:
+                fields[index] = value
+        segments[n] = "|".join(fields)
+        changed = True
+    return "\r".join(segments) if changed else None
 
 
 def _order_view(row: Hl7Order) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from acwi_node.audit import audit_file, close_audit, configure_audit
 from acwi_node.config import load_settings
 from acwi_node.hl7 import messages
 from acwi_node.hl7.er7 import normalise
@@ -39,6 +41,8 @@ from acwi_node.hl7.messages import (
 from acwi_node.hl7.mllp import frame
 from acwi_node.hl7.orders import OrderIntake, acknowledgement
 from acwi_node.ledger import Ledger
+from acwi_node.ledger.models import Hl7Outbound
+from tests.support.study_flow import analyse, receive
 
 MSH = "MSH|^~\\&|RIS|HOSP|ACWI|ACWI|20240101120000||{type}|{cid}|P|2.5"
 
@@ -856,9 +860,97 @@ def test_a_patient_merge_moves_the_orders_of_the_merged_away_patient(
         "Doe^John",
         "Doe^John",
     ]
-    assert "2 order(s) moved" in caplog.text
+    assert "2 order(s) and 0 ORU^R01 waiting in the outbox moved" in caplog.text
     for value in ("OLD7", "NEW1", "Doe", "Jon"):
         assert value not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "database", ["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)]
+)
+def test_a_patient_merge_moves_the_orus_waiting_in_the_outbox(
+    tmp_path: Path, database: str, request: pytest.FixtureRequest
+) -> None:
+    """ADT^A40: an ORU^R01 built for the merged-away patient and not yet delivered carries the
+    surviving patient's PID-3 (and name, birth date, sex) when it goes, under the same MSH-10;
+    one delivered already, and one of the same id from another authority, stay as they
+    were."""
+    node: dict[str, Any] = {"data_dir": tmp_path / "data"}
+    if database == "postgresql":
+        node["database_url"] = request.getfixturevalue("postgres_url")
+    settings = load_settings(None, node=node, ingest={"fsync": False})
+    ledger = Ledger(settings.database_url)
+    try:
+        queued: dict[str, tuple[int, str]] = {}
+        for study, pid, delivered in (
+            ("1.2.3", "OLD7^^^HOSP^MR", False),
+            ("1.2.4", "OLD7^^^HOSP^MR", True),
+            ("1.2.5", "OLD7^^^CLINIC^MR", False),
+        ):
+            receive(settings, ledger, study, f"{study}.1")
+            job = analyse(settings, ledger, study)
+            oru = _study(study_uid=study, patient_id=pid, patient_name="Doe^John")
+            message = build_oru(oru, control_id=f"R{job}")
+            row = ledger.add_hl7_outbound(
+                job_id=job, kind="result", control_id=f"R{job}", message=message
+            )
+            assert row is not None
+            if delivered:
+                ledger.record_hl7_attempt(
+                    row, delivered=True, ack_code="AA", error="", max_attempts=3, backoff_s=1
+                )
+            queued[study] = (row, message)
+        handler = OrderIntake(settings, ledger)
+        ack = handler.handle(a40("M1", "NEW1^^^HOSP^MR", "OLD7^^^HOSP^MR", name="Doe^Jon").encode())
+        assert _msa(ack)[1:3] == ["AA", "M1"]
+        with ledger.session() as s:
+            now = {study: s.get_one(Hl7Outbound, row) for study, (row, _) in queued.items()}
+            sent = {study: (r.message, r.control_id) for study, r in now.items()}
+    finally:
+        ledger.dispose()
+    before = queued["1.2.3"][1].split("\r")
+    after = sent["1.2.3"][0].split("\r")
+    assert after[1] == "PID|1||NEW1^^^HOSP^MR||Doe^Jon||19700101|M"
+    assert after[:1] + after[2:] == before[:1] + before[2:]  # nothing else changed
+    assert sent["1.2.3"][1] == msh_info(parse(queued["1.2.3"][1])).control_id
+    assert sent["1.2.4"][0] == queued["1.2.4"][1]  # delivered: the RIS merges its own
+    assert sent["1.2.5"][0] == queued["1.2.5"][1]  # another authority's OLD7
+
+
+@pytest.mark.parametrize("patient_id", [True, False], ids=["patient-ids", "no-patient-ids"])
+def test_a_patient_merge_is_an_audit_record(tmp_path: Path, patient_id: bool) -> None:
+    """ADT^A40: each merge applied is an audit record (IHE ATNA: 110110 Patient Record,
+    action U) naming the RIS and what moved, with the patient IDs only where
+    ``audit.patient_id`` is on, never a name; the same message again records nothing."""
+    settings = load_settings(
+        None, node={"data_dir": tmp_path / "data"}, audit={"patient_id": patient_id}
+    )
+    ledger = Ledger(settings.database_url)
+    configure_audit(settings, "hl7")
+    try:
+        handler = OrderIntake(settings, ledger)
+        text = orm(cid="O1").replace("PAT1^^^HOSP^MR", "OLD7^^^HOSP^MR", 1)
+        assert _msa(handler.handle(text.encode()))[1] == "AA"
+        merge = a40("M1", "NEW1^^^HOSP^MR", "OLD7^^^HOSP^MR", name="Canary^Jon").encode()
+        ack = handler.handle(merge)
+        assert _msa(ack)[1:3] == ["AA", "M1"]
+        assert handler.handle(merge) == ack  # a repeat: its stored answer, nothing applied
+    finally:
+        close_audit()
+        ledger.dispose()
+    trail = audit_file(settings).read_text()
+    merged = [json.loads(line) for line in trail.splitlines() if "patients_merged" in line]
+    assert len(merged) == 1
+    record = merged[0]
+    assert (record["event_id"]["code"], record["action"], record["outcome"]) == (
+        "110110",
+        "U",
+        "success",
+    )
+    assert {"type": "application", "id": "RIS", "requestor": True} in record["participants"]
+    assert "1 order(s) and 0 ORU^R01" in record["detail"]
+    assert record.get("patient_ids") == (["NEW1", "OLD7"] if patient_id else None)
+    assert "Canary" not in trail and "Jon" not in trail
 
 
 @pytest.mark.parametrize(

@@ -375,6 +375,7 @@ def test_a_stale_link_gives_a_browser_a_page_and_a_program_json(
         ("/review/cases/not-a-number", "Not Found"),
         ("/review/studies/1.2.3.4", "no such study"),
         ("/review/no-such-page", "Not Found"),
+        ("/nope/1", "Not Found"),  # no route at all: no page answers it
     ]:
         page = c.get(path, headers=html)
         assert page.status_code == 404, path
@@ -384,6 +385,6 @@ def test_a_stale_link_gives_a_browser_a_page_and_a_program_json(
         assert 'href="/review/worklist"' in page.text
         program = c.get(path)  # no Accept: text/html
         assert (program.status_code, program.json()) == (404, {"detail": reason}), path
-    for path in ("/api/studies/1.2.3.4", "/api/review/cases/999999"):
+    for path in ("/api/studies/1.2.3.4", "/api/review/cases/999999", "/api/nope/1"):
         answer = c.get(path, headers=html)
         assert answer.status_code == 404 and answer.headers["content-type"] == "application/json"

@@ -11,9 +11,11 @@ Layout::
 registry after checking the weights' SHA-256 against the manifest, and refuses a mismatch;
 before the copy the model must run as the worker runs it (:func:`trial_run`). An installed
 version is never overwritten: installing it again with another manifest (other weights, labels,
-thresholds) is refused. ``acwi-node models activate NAME VERSION`` writes ``ACTIVE`` atomically.
-:meth:`acwi_node.config.Settings.model_manifest` prefers the active version, so routes using
-model ``NAME`` run it from the worker's next task on.
+thresholds) is refused, and so is a model whose manifest takes the name and version of another
+(the bundled model's, or one installed under another registry name), since results,
+monitoring and recalls know a model by them. ``acwi-node models activate NAME VERSION``
+writes ``ACTIVE`` atomically. :meth:`acwi_node.config.Settings.model_manifest` prefers the
+active version, so routes using model ``NAME`` run it from the worker's next task on.
 """
 
 from __future__ import annotations
@@ -193,6 +195,11 @@ def _trial_runs(source: Path, cache_dir: Path) -> None:
             )
 
 
+#: The manifest's records of its exported ONNX files: an export of a model adds them, and it
+#: stays the same model.
+_EXPORT_RECORDS = frozenset({"onnx", "full_onnx"})
+
+
 def _canonical(manifest: ModelManifest) -> str:
     """The manifest as canonical JSON (what two installs of one version must share)."""
     return json.dumps(manifest.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
@@ -339,10 +346,49 @@ class ModelRegistry:
                 trial_run(source)
             except TrialRunError as exc:
                 raise RegistryError(f"refused to install {source}: {exc}") from None
+            namesake = self._namesake(manifest, target)
+            if namesake:
+                raise RegistryError(
+                    f"refused to install {source}: {manifest.name} {manifest.version} already"
+                    f" names another model ({namesake}); results, monitoring and recalls know a"
+                    " model by its manifest's name and version: give this one its own"
+                    " (acwi-models train takes them from its --config)"
+                )
             self._copy_in(manifest, files, target)
         if activate:
             return self.activate(name, version)
         return self._entry(name, version)
+
+    def _namesake(self, manifest: ModelManifest, target: Path) -> str | None:
+        """Another model going by ``manifest``'s name and version (the bundled model, or one
+        installed under any registry name but ``target``) whose manifest differs: where it is
+        and what differs; None if there is none."""
+        from acwi_node.inference.manifest import ManifestError, default_model_dir, load_manifest
+
+        others = [("the bundled model", default_model_dir())]
+        others += [
+            (f"installed as {m.name} {m.version}", m.path)
+            for m in self.installed()
+            if m.path != target
+        ]
+        for where, folder in others:
+            try:
+                raw = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if not isinstance(raw, dict) or (raw.get("name"), raw.get("version")) != (
+                manifest.name,
+                manifest.version,
+            ):
+                continue
+            try:
+                other = load_manifest(folder)
+            except ManifestError:
+                return f"{where}, which does not verify"
+            differ = [k for k in _differences(other, manifest) if k not in _EXPORT_RECORDS]
+            if differ:
+                return f"{where}: {', '.join(differ)} differ"
+        return None
 
     def _copy_in(self, manifest: ModelManifest, files: list[str], target: Path) -> None:
         from acwi_node.inference.manifest import ManifestError, load_manifest

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import math
 import os
@@ -1061,6 +1062,89 @@ def _check_label_counts(
     )
 
 
+#: Settings a resumed run may change: they do not alter what the training loop computes
+#: (threads and workers only its speed; the calibration, Fisher, name and version come after).
+RESUME_FREE_SETTINGS = frozenset(
+    {
+        "name",
+        "version",
+        "preset",
+        "calibration",
+        "data.workers",
+        "train.threads",
+        "continual.fisher_images",
+    }
+)
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and not key.endswith("fractions"):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def run_fingerprint(
+    config: TrainingConfig, sets: Sequence[ImageSet], initial: InitialModel | None
+) -> dict[str, Any]:
+    """What a checkpoint must have been trained with for ``--resume`` to continue it: the
+    settings that shape the training loop (not :data:`RESUME_FREE_SETTINGS`) and SHA-256
+    digests of the training and validation data (images, labels, sites, lesion masks) and of
+    the starting weights (``--init-from``)."""
+    settings = {
+        key: value
+        for key, value in _flatten(dataclasses.asdict(config)).items()
+        if key not in RESUME_FREE_SETTINGS and key.split(".")[0] not in RESUME_FREE_SETTINGS
+    }
+    data = hashlib.sha256()
+    for image_set in sets:
+        for array in (image_set.images, image_set.targets, image_set.sites, image_set.masks):
+            if array is None:
+                data.update(b"none")
+                continue
+            array = np.ascontiguousarray(array)
+            data.update(f"{array.dtype.str}{array.shape}".encode())
+            data.update(array.tobytes())
+    start = hashlib.sha256()
+    if initial is not None:
+        for key, tensor in sorted(initial.state.items()):
+            start.update(key.encode())
+            start.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return {
+        "settings": settings,
+        "data_sha256": data.hexdigest(),
+        "initial_sha256": start.hexdigest() if initial is not None else None,
+    }
+
+
+def check_resume(saved: dict[str, Any] | None, run: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse to continue ``checkpoint`` (its :func:`run_fingerprint` ``saved``) with another
+    run's settings, data or starting model: the result would be neither run. A checkpoint
+    written before checkpoints recorded it (``saved`` None) is continued as it is."""
+    if saved is None:
+        return
+    again = "resume with the same, or train again without --resume (or delete it)"
+    old, new = saved.get("settings", {}), run["settings"]
+    changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    if changed:
+        listed = "; ".join(f"{key} {old.get(key)!r}, now {new.get(key)!r}" for key in changed)
+        raise ValueError(
+            f"--resume: {checkpoint} was trained with other settings ({listed}): {again}"
+        )
+    if saved.get("data_sha256") != run["data_sha256"]:
+        raise ValueError(
+            f"--resume: {checkpoint} was trained on other data (the images, labels, sites or"
+            f" lesion boxes differ from this run's): {again}"
+        )
+    if saved.get("initial_sha256") != run["initial_sha256"]:
+        raise ValueError(
+            f"--resume: {checkpoint} was started from another model (--init-from): {again}"
+        )
+
+
 def _check_finite(model: Network | None, **values: float) -> None:
     """Refuse a trained model with non-finite weights, or non-finite calibration ``values``."""
     bad = []
@@ -1256,6 +1340,7 @@ def train(
     checkpoint = out_dir / CHECKPOINT_NAME
     first_epoch = 0
     history: list[dict[str, float]] = []
+    run = run_fingerprint(config, (train_set, val_set), initial)
     if resume and checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
         if state.get("labels") and list(state["labels"]) != labels:
@@ -1263,6 +1348,7 @@ def train(
                 f"--resume: {checkpoint} was trained with the labels {list(state['labels'])},"
                 f" but data.labels is {labels}"
             )
+        check_resume(state.get("run"), run, checkpoint)
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         schedule.load_state_dict(state["schedule"])
@@ -1398,6 +1484,7 @@ def train(
                 ),
                 "epoch": epoch + 1,
                 "history": history,
+                "run": run,
                 "architecture": arch_name,
                 "architecture_config": arch_config,
                 "input_stats": (mean, std),

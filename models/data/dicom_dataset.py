@@ -3,7 +3,8 @@
 The CSV needs a ``label`` column and at least one of ``sop_instance_uid`` (per image) or
 ``study_instance_uid`` (every image of the study); an optional ``site`` column is kept.
 A per-image row wins over a per-study row; rows repeating an image or study must agree.
-Files that are not DICOM are ignored, DICOM images without a row are left out (and counted);
+Files that are not DICOM are ignored, DICOM images without a row are left out (and counted),
+rows naming no DICOM file are reported by line;
 images the preprocessing refuses are reported, not loaded. The CSV may carry a UTF-8 byte
 order mark.
 
@@ -96,18 +97,26 @@ def _describe(row: _Row) -> str:
     return f"label {row.label!r}{site}{patient}"
 
 
-def read_labels_csv(path: Path) -> tuple[dict[str, _Row], dict[str, _Row]]:
+def read_labels_csv(
+    path: Path,
+    labels: Sequence[str] | None = None,
+    *,
+    lines: dict[tuple[str, str], int] | None = None,
+) -> tuple[dict[str, _Row], dict[str, _Row]]:
     """Rows keyed by image (SOP Instance UID, ``"<uid> frame <n>"`` for a row with a frame
     number) and by Study Instance UID.
 
     The file may start with a UTF-8 byte order mark (Excel's "CSV UTF-8"). Several rows for
     one image (or study) must agree on label, site and patient: identical repeats are kept
     once, differing ones raise ValueError naming both lines. A ``site`` or ``frame_number``
-    that is not an integer raises ValueError naming the file and line.
+    that is not an integer, or (with ``labels`` given) a label outside ``labels``, raises
+    ValueError naming the file and line, whether or not the row's file is in the folder.
+    ``lines``, when given, is filled with each key's first line: ``("image", key)`` and
+    ``("study", uid)``.
     """
     by_sop: dict[str, _Row] = {}
     by_study: dict[str, _Row] = {}
-    first_line: dict[tuple[str, str], int] = {}
+    first_line: dict[tuple[str, str], int] = {} if lines is None else lines
     with Path(path).open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         fields = set(reader.fieldnames or [])
@@ -132,6 +141,8 @@ def read_labels_csv(path: Path) -> tuple[dict[str, _Row], dict[str, _Row]]:
                 kind, table, key = "study", by_study, study
             else:
                 continue
+            if labels is not None and row.label not in labels:
+                raise ValueError(f"{where}: label {row.label!r} is not one of {list(labels)}")
             earlier = table.get(key)
             if earlier is None:
                 table[key] = row
@@ -154,14 +165,17 @@ def scan_folder(
     """Labelled DICOM files under ``root`` (sorted by path).
 
     ``labels_csv`` defaults to ``root/labels.csv``. With ``labels`` given, a label outside it
-    is an error. DICOM images (files, or frames of a multi-frame file) without a row are left
-    out, and how many is reported through ``log`` (default: a logging warning).
+    is an error naming the CSV line. DICOM images (files, or frames of a multi-frame file)
+    without a row are left out, and how many is reported through ``log`` (default: a logging
+    warning), as are the CSV lines whose image or study no DICOM file under ``root`` holds.
     """
     root = Path(root)
     csv_path = labels_csv or root / LABELS_CSV
-    by_sop, by_study = read_labels_csv(csv_path)
+    lines: dict[tuple[str, str], int] = {}
+    by_sop, by_study = read_labels_csv(csv_path, labels, lines=lines)
     items: list[LabelledImage] = []
     unlabelled: list[str] = []
+    found: set[tuple[str, str]] = set()  # the rows' keys some DICOM file answers
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         if path.suffix.lower() in (".csv", ".json"):
             continue
@@ -172,18 +186,25 @@ def scan_folder(
         sop = str(ds.get("SOPInstanceUID", ""))
         study = str(ds.get("StudyInstanceUID", ""))
         frames = frame_count(ds)
+        found.update({("image", sop), ("study", study)})
         for frame in [None] if frames == 1 else range(1, frames + 1):
+            found.add(("image", unit_name(sop, frame)))
             row = by_sop.get(unit_name(sop, frame)) or by_sop.get(sop) or by_study.get(study)
             if row is None:
                 unlabelled.append(unit_name(str(path.relative_to(root)), frame))
                 continue
-            if labels is not None and row.label not in labels:
-                raise ValueError(f"{path}: label {row.label!r} is not one of {list(labels)}")
             items.append(LabelledImage(path, study, sop, row.label, row.site, frame, row.patient))
     if unlabelled:
         (log or _logger.warning)(
             f"{len(unlabelled)} of {len(unlabelled) + len(items)} DICOM images under {root} have"
             f" no row in {Path(csv_path).name} and are left out (first: {unlabelled[0]})"
+        )
+    orphans = sorted(line for key, line in lines.items() if key not in found)
+    if orphans:
+        (log or _logger.warning)(
+            f"{len(orphans)} of {len(lines)} images and studies in {Path(csv_path).name} have no"
+            f" DICOM file under {root} (a missing file or a mistyped UID), lines"
+            f" {', '.join(map(str, orphans[:10]))}{' ...' if len(orphans) > 10 else ''}"
         )
     return items
 

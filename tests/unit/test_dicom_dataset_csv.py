@@ -130,3 +130,38 @@ def test_a_cell_that_is_not_an_integer_names_the_file_and_line(data: Path, colum
     if column == "frame_number":  # the boxes' reader too
         with pytest.raises(ValueError, match="line 4: frame_number 'site-A'"):
             read_boxes(data, [])
+
+
+LABELS = ["normal", "nodule", "effusion"]
+
+
+@pytest.mark.parametrize("file_present", [True, False])
+def test_a_label_outside_the_models_names_the_csv_line(data: Path, file_present: bool) -> None:
+    """A mistyped label is the row's fault: the error names labels.csv's line, also for a row
+    whose file is not in the folder (it would otherwise pass unnoticed)."""
+    rows = _rows(data)
+    typo = {**rows[3], "label": "nodlue"}
+    if not file_present:
+        typo["sop_instance_uid"] += ".9"
+        typo["study_instance_uid"] += ".9"
+    _write(data, [*rows[:3], typo, *rows[4:]] if file_present else [*rows, typo], list(rows[0]))
+    line = 5 if file_present else 8
+    with pytest.raises(ValueError, match=f"labels.csv, line {line}: label 'nodlue' is not one of"):
+        scan_folder(data, labels=LABELS)
+    assert len(scan_folder(data)) == 6  # without labels to check against, nothing is refused
+
+
+def test_rows_naming_no_dicom_file_are_reported_by_line(data: Path) -> None:
+    rows = _rows(data)
+    missing = {**rows[0], "sop_instance_uid": "1.2.3.4", "study_instance_uid": "1.2.3"}
+    study_only = {**rows[1], "sop_instance_uid": "", "study_instance_uid": "1.2.3.5"}
+    _write(data, [*rows, rows[2], missing, study_only], list(rows[0]))
+    heard: list[str] = []
+    assert len(scan_folder(data, labels=LABELS, log=heard.append)) == 6
+    assert len(heard) == 1
+    assert "2 of 8 images and studies in labels.csv have no DICOM file" in heard[0]
+    assert "lines 9, 10" in heard[0] and "1.2.3" not in heard[0]  # lines, not UIDs
+    heard.clear()
+    _write(data, rows, list(rows[0]))
+    scan_folder(data, labels=LABELS, log=heard.append)
+    assert heard == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -117,6 +118,40 @@ def test_a_version_is_never_reinstalled_with_another_manifest(
         registry.install(changed, activate=True)
     assert first.manifest_path.read_bytes() == kept
     assert registry.install(model_copy(tmp_path, "c"), activate=True) == first  # the same: no-op
+
+
+def test_a_model_taking_another_models_name_and_version_is_refused(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Results, monitoring and recalls know a model by its manifest's name and version: a model
+    trained from the default preset (the bundled model's name and version, other weights), or
+    one reusing an installed model's under another registry name, would be taken for it."""
+    bundled = load_manifest(default_model_dir())
+    registry = ModelRegistry(settings.models_dir)
+    own_training = model_copy(
+        tmp_path, "own", name=bundled.name, version=bundled.version, change_weights=True
+    )
+    for registry_name in (None, "chest"):
+        with pytest.raises(
+            RegistryError,
+            match=rf"{bundled.name} {re.escape(bundled.version)} already names another model"
+            r" \(the bundled model: .*weights_sha256 differ\)",
+        ):
+            registry.install(own_training, name=registry_name)
+    assert registry.installed() == []
+    # the bundled model itself may be installed, under any name
+    assert registry.install(default_model_dir(), name="chest").version == bundled.version
+
+    registry.install(model_copy(tmp_path, "a", name="lung", version="1.0"), name="ward-a")
+    with pytest.raises(
+        RegistryError,
+        match=r"lung 1\.0 already names another model \(installed as ward-a 1\.0: weights_sha256",
+    ):
+        registry.install(
+            model_copy(tmp_path, "b", name="lung", version="1.0", change_weights=True),
+            name="ward-b",
+        )
+    assert [m.name for m in registry.installed()] == ["chest", "ward-a"]
 
 
 def test_a_manifest_name_that_is_a_path_is_refused(settings: Settings, tmp_path: Path) -> None:

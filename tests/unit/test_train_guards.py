@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import csv
 import hashlib
+import re
 import shutil
 from pathlib import Path
 from typing import Any, cast
@@ -247,3 +248,70 @@ def test_fine_tuning_on_some_labels_only_warns(trained: Path, tmp_path: Path) ->
     load_manifest(tmp_path / "ft")
     old = torch.load(trained / "weights.pt", weights_only=True)
     assert old.keys() == torch.load(tmp_path / "ft" / "weights.pt", weights_only=True).keys()
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupted_after_epoch_1(out: Path, **sections: dict[str, Any]) -> None:
+    """Train 2 epochs into ``out``, stopped as epoch 2 ends (its checkpoint not yet written)."""
+
+    def log(message: str) -> None:
+        if message.startswith("epoch 2/"):
+            raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        train(_config(train={"epochs": 2}, **sections), out, log=log)
+    assert torch.load(out / CHECKPOINT_NAME, weights_only=False)["epoch"] == 1
+
+
+def test_resume_continues_an_interrupted_run_to_the_same_weights(tmp_path: Path) -> None:
+    whole = train(_config(train={"epochs": 2}), tmp_path / "whole", log=_quiet)
+    _interrupted_after_epoch_1(tmp_path / "resumed")
+    heard: list[str] = []
+    resumed = train(
+        _config(train={"epochs": 2}), tmp_path / "resumed", resume=True, log=heard.append
+    )
+    assert any(line.startswith("resumed from") for line in heard)
+    a, b = torch.load(whole.weights_path), torch.load(resumed.weights_path)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"train": {"epochs": 3}}, "other settings (train.epochs 2, now 3)"),
+        ({"train": {"epochs": 2, "lr": 0.01}}, "other settings (train.lr 0.003, now 0.01)"),
+        ({"train": {"epochs": 2}, "data": {"seed": 5}}, "other settings (data.seed"),
+    ],
+)
+def test_resume_refuses_a_checkpoint_of_other_settings(
+    tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    """A resumed run with other settings would be neither run (more epochs crashed the
+    learning-rate schedule after the old run's last step; another lr was silently ignored)."""
+    out = tmp_path / "model"
+    _interrupted_after_epoch_1(out)
+    checkpoint = _snapshot(out)
+    with pytest.raises(ValueError, match=rf"checkpoint.pt was trained with {re.escape(message)}"):
+        train(_config(**change), out, resume=True, log=_quiet)
+    assert _snapshot(out) == checkpoint
+
+
+def test_resume_refuses_a_checkpoint_trained_on_other_data(tmp_path: Path) -> None:
+    for name, seed in (("a", 1), ("b", 2)):
+        write_dataset(tmp_path / name, 8, seed=seed, size=64)
+    out = tmp_path / "model"
+
+    def log(message: str) -> None:
+        if message.startswith("epoch 2/"):
+            raise _Interrupted
+
+    config = _config(train={"epochs": 2}, data={"allow_missing_labels": True})
+    with pytest.raises(_Interrupted):
+        train(config, out, data_dir=tmp_path / "a", log=log)
+    with pytest.raises(ValueError, match="was trained on other data"):
+        train(config, out, data_dir=tmp_path / "b", resume=True, log=_quiet)
+    train(config, out, data_dir=tmp_path / "a", resume=True, log=_quiet)
+    assert (out / "manifest.json").is_file() and not (out / CHECKPOINT_NAME).exists()

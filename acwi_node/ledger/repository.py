@@ -162,6 +162,17 @@ class StudyFacts:
 
 
 @dataclass(frozen=True)
+class JobClaim:
+    """A worker's claim on a job, as :meth:`Ledger.claim_job` made it: its start and its
+    attempt number. A job whose lease ran out and that another worker took over has another
+    claim; the writes of the worker that stalled (its lease renewed, its results recorded,
+    the job failed or queued again) then change nothing."""
+
+    started_at: dt.datetime
+    attempts: int
+
+
+@dataclass(frozen=True)
 class ResultFile:
     kind: str
     sop_instance_uid: str
@@ -585,6 +596,17 @@ def _lock_jobs(s: Session, job_ids: Iterable[int]) -> None:
     ids = sorted(set(job_ids))
     if ids:
         s.execute(select(Job.id).where(Job.id.in_(ids)).order_by(Job.id).with_for_update())
+
+
+def _hold_claim(s: Session, job_id: int, claim: JobClaim | None) -> bool:
+    """In ``s``'s transaction: renew the lease of ``job_id`` if it is analysing (and, with
+    ``claim``, is still that claim), which locks its row until the transaction ends (SQLite:
+    the ledger). Whether it did: a conditional update, its rows counted."""
+    held = [Job.id == job_id, Job.state == JobState.ANALYSING]
+    if claim is not None:
+        held += [Job.started_at == claim.started_at, Job.attempts == claim.attempts]
+    result = s.execute(update(Job).where(*held).values(heartbeat_at=utcnow()))
+    return bool(getattr(result, "rowcount", 0))
 
 
 def _forget_requests(s: Session, delivery_ids: Sequence[int]) -> None:
@@ -1414,15 +1436,12 @@ class Ledger:
                 self._sync_study(s, study_id)
             log.error("job %d: %s", job_id, error)
 
-    def renew_lease(self, job_id: int) -> bool:
-        """The worker analysing ``job_id`` is alive. False when the job is no longer analysing."""
+    def renew_lease(self, job_id: int, *, claim: JobClaim | None = None) -> bool:
+        """The worker analysing ``job_id`` is alive. False when the job is no longer analysing,
+        or (with ``claim``) no longer that worker's claim: another worker took it over once
+        its lease ran out."""
         with self.session() as s:
-            result = s.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == JobState.ANALYSING)
-                .values(heartbeat_at=utcnow())
-            )
-            return bool(getattr(result, "rowcount", 0))
+            return _hold_claim(s, job_id, claim)
 
     def job_inputs(self, job_id: int) -> tuple[str, list[str]]:
         """The study UID and the spool paths (relative) of the instances a job analyses."""
@@ -1474,6 +1493,7 @@ class Ledger:
         takes: DeliveryFilter | None = None,
         quality_sample: bool = False,
         shadow_models: Sequence[str] = (),
+        claim: JobClaim | None = None,
     ) -> bool:
         """Record a job's result objects, its outbox rows (one per destination that ``takes``
         the object's kind; all without it) and its review item: for a job that
@@ -1486,11 +1506,16 @@ class Ledger:
         :meth:`fill_hl7_outbound` completes. Should the worker die before it does, the ORU
         sender builds it (:meth:`hl7_outbound_to_build`), so no analysed job misses its ORU.
 
-        Idempotent: re-running replaces the job's earlier result rows. Returns False if the job
-        was superseded while it ran (its results are then not delivered).
+        Idempotent: re-running replaces the job's earlier result rows. Returns False, recording
+        nothing, if the job was superseded while it ran, or (with ``claim``, the worker's) is no
+        longer that worker's claim: another worker took it over once its lease ran out (a
+        worker that stalled longer than ``worker.lease_s``), and records its own.
         """
         now = utcnow()
         with self.session() as s:
+            # the claim checked and the row locked by one conditional update
+            if not _hold_claim(s, job_id, claim):
+                return False
             job = s.get_one(Job, job_id, with_for_update=True)
             if job.state != JobState.ANALYSING:
                 return False
@@ -1590,13 +1615,16 @@ class Ledger:
                 self._sync_job_delivery(s, job.id)
             return queued
 
-    def postpone_job(self, job_id: int) -> bool:
+    def postpone_job(self, job_id: int, *, claim: JobClaim | None = None) -> bool:
         """Put a job its worker could not finish for want of disk space back in the queue,
         its attempt not counted: the reconciler sends it again after
         ``completion.requeue_after_s``, and a study queued is one storage retention keeps.
         False when it is not this worker's analysis of the study's current generation (final,
-        or re-opened meanwhile): :meth:`fail_job` then says what it is."""
+        re-opened meanwhile, or with ``claim`` taken over by another worker): :meth:`fail_job`
+        then says what it is."""
         with self.session() as s:
+            if claim is not None and not _hold_claim(s, job_id, claim):
+                return False
             job = s.get_one(Job, job_id)
             if job.state != JobState.ANALYSING:
                 return False
@@ -1638,12 +1666,16 @@ class Ledger:
             self._sync_study(s, job.study_id)
             return True
 
-    def fail_job(self, job_id: int, error: str) -> bool:
+    def fail_job(self, job_id: int, error: str, *, claim: JobClaim | None = None) -> bool:
         """Mark a job failed with ``error``; False when it was not: it was final already, or
         its study re-opened while it ran (a newer generation of it is receiving or complete:
         the job is superseded, with the error kept, and the study's state is the newer
-        generation's). A failure of a study's outdated version is not the study's."""
+        generation's). A failure of a study's outdated version is not the study's. With
+        ``claim`` (the failing worker's), a job that is no longer that claim (another worker
+        took it over once its lease ran out) is left as it is: False."""
         with self.session() as s:
+            if claim is not None and not _hold_claim(s, job_id, claim):
+                return False
             job = s.get_one(Job, job_id)
             if job.state in FINAL_JOB_STATES:
                 return False

@@ -19,7 +19,7 @@ from sqlalchemy import func, select, update
 
 from acwi_node.ledger.models import Job as LiveJob
 from acwi_node.ledger.models import JobState, ShadowJob, ShadowState, utcnow
-from acwi_node.ledger.repository import Ledger
+from acwi_node.ledger.repository import JobClaim, Ledger
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,8 @@ class ClaimedShadow:
     job_id: int
     route: str
     model: str
+    #: the worker's claim, which its lease renewals, its end and a give-back name
+    claim: JobClaim | None = None
 
 
 class ShadowJobs:
@@ -96,28 +98,63 @@ class ShadowJobs:
                 shadow.state = ShadowState.SUPERSEDED
                 shadow.finished_at = now
                 return None
-            return ClaimedShadow(shadow.id, live.id, live.route, shadow.model)
+            assert shadow.started_at is not None  # set by the claim
+            return ClaimedShadow(
+                shadow.id,
+                live.id,
+                live.route,
+                shadow.model,
+                JobClaim(shadow.started_at, shadow.attempts),
+            )
 
-    def renew(self, shadow_id: int) -> bool:
+    @staticmethod
+    def _held(shadow_id: int, claim: JobClaim | None) -> list[Any]:
+        """The shadow job analysing (with ``claim``: by that claim, not taken over since)."""
+        held = [ShadowJob.id == shadow_id, ShadowJob.state == ShadowState.ANALYSING]
+        if claim is not None:
+            held += [ShadowJob.started_at == claim.started_at, ShadowJob.attempts == claim.attempts]
+        return held
+
+    def renew(self, shadow_id: int, *, claim: JobClaim | None = None) -> bool:
+        """Renew the lease; False when the shadow job is no longer analysing (by ``claim``)."""
         with self.ledger.session() as s:
             result = s.execute(
-                update(ShadowJob)
-                .where(ShadowJob.id == shadow_id, ShadowJob.state == ShadowState.ANALYSING)
-                .values(heartbeat_at=utcnow())
+                update(ShadowJob).where(*self._held(shadow_id, claim)).values(heartbeat_at=utcnow())
             )
             return bool(getattr(result, "rowcount", 0))
 
-    def finish(self, shadow_id: int, summary: dict[str, Any]) -> bool:
-        return self._end(shadow_id, ShadowState.DONE, summary=summary, error="")
+    def finish(
+        self, shadow_id: int, summary: dict[str, Any], *, claim: JobClaim | None = None
+    ) -> bool:
+        return self._end(shadow_id, ShadowState.DONE, claim, summary=summary, error="")
 
-    def fail(self, shadow_id: int, error: str) -> bool:
-        return self._end(shadow_id, ShadowState.FAILED, error=error[:2000])
+    def fail(self, shadow_id: int, error: str, *, claim: JobClaim | None = None) -> bool:
+        return self._end(shadow_id, ShadowState.FAILED, claim, error=error[:2000])
 
-    def _end(self, shadow_id: int, state: ShadowState, **values: Any) -> bool:
+    def give_back(self, shadow_id: int, claim: JobClaim) -> bool:
+        """Queue a shadow job again, its attempt not counted, if it is still ``claim`` (the
+        ledger stopped answering while its worker ran it); False when it is not."""
         with self.ledger.session() as s:
             result = s.execute(
                 update(ShadowJob)
-                .where(ShadowJob.id == shadow_id, ShadowJob.state == ShadowState.ANALYSING)
+                .where(*self._held(shadow_id, claim))
+                .values(
+                    state=ShadowState.QUEUED,
+                    attempts=ShadowJob.attempts - 1,
+                    enqueued_at=utcnow(),
+                    started_at=None,
+                    heartbeat_at=None,
+                )
+            )
+            return bool(getattr(result, "rowcount", 0))
+
+    def _end(
+        self, shadow_id: int, state: ShadowState, claim: JobClaim | None, **values: Any
+    ) -> bool:
+        with self.ledger.session() as s:
+            result = s.execute(
+                update(ShadowJob)
+                .where(*self._held(shadow_id, claim))
                 .values(state=state, finished_at=utcnow(), **values)
             )
             return bool(getattr(result, "rowcount", 0))

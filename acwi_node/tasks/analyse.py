@@ -16,12 +16,19 @@ the ledger's answer and this clean-up, holds the study's result-write lock
 nothing. A worker that dies mid-job leaves its files to the
 next attempt, which writes the same ones, and to storage retention, which deletes a finished
 study's result folder (``retention.keep_hours``, or when the disk runs short).
+
+A worker that stalls longer than ``worker.lease_s`` (a ledger outage, a long pause of its
+process or VM) may have its job taken over by another worker (the reconciler sends it again).
+Every write the job makes to the ledger (its lease renewed, its results recorded, the job
+failed or queued again) names the worker's claim (:class:`acwi_node.ledger.JobClaim`), and
+changes nothing once the job is another worker's: the stalled run ends as "superseded"
+(its lease keeper stops it before its next result file, or the ledger refuses its results),
+removing only the files it wrote that no result row names and that no other job wrote since.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import errno
 import logging
 import os
@@ -44,7 +51,7 @@ from acwi_node.inference.analyser import Analyser, NothingToAnalyse
 from acwi_node.inference.engines import EngineOptions
 from acwi_node.inference.types import DeferredHeatmap, StudyAnalysis
 from acwi_node.ingest.spool import Spool, SpoolError
-from acwi_node.ledger import Ledger, ResultFile
+from acwi_node.ledger import JobClaim, Ledger, ResultFile
 from acwi_node.ledger.models import Job, Result, Study
 from acwi_node.ledger.withdrawals import Withdrawals
 from acwi_node.observability import metrics
@@ -254,21 +261,23 @@ def ledger_unavailable(exc: BaseException) -> bool:
     return False
 
 
-@dataclass(frozen=True)
-class Claim:
-    """A worker's claim on a job, as :meth:`Ledger.claim_job` made it (what
-    :meth:`Ledger.give_back_job` checks is still the job's)."""
-
-    started_at: dt.datetime
-    attempts: int
+#: A worker's claim on a job, as :meth:`Ledger.claim_job` made it (what
+#: :meth:`Ledger.give_back_job` checks is still the job's, and every write the job makes).
+Claim = JobClaim
 
 
 class LedgerUnavailable(Exception):
-    """:func:`run_job`: the ledger stopped answering after the job was claimed (``claim``)."""
+    """:func:`run_job` (or a shadow job's run): the ledger stopped answering after the job was
+    claimed (``claim``)."""
 
-    def __init__(self, job_id: int, claim: Claim) -> None:
-        super().__init__(f"job {job_id}: the ledger stopped answering while it ran")
+    def __init__(self, job_id: int, claim: Claim, *, what: str = "") -> None:
+        super().__init__(f"{what or f'job {job_id}'}: the ledger stopped answering while it ran")
         self.claim = claim
+
+
+class ClaimLost(Exception):
+    """:func:`run_job`: the job stopped being this worker's while it ran (its lease keeper
+    found it superseded, or taken over by another worker once its lease ran out)."""
 
 
 #: While the ledger does not answer, the analyse task tries its job again this often...
@@ -310,21 +319,43 @@ def run_job_through_outages(
     ``ledger_of`` gives the ledger (the worker's is made by its first task, which may come
     while the database is down). Returns :func:`run_job`'s outcome, or
     ``ledger_unavailable`` when the ledger did not answer for ``max_wait_s``."""
-    failures = LoopFailures(log, f"job {job_id}: the ledger")
+    return run_through_outages(
+        f"job {job_id}",
+        ledger_of,
+        lambda ledger: run_job(settings, ledger, job_id),
+        lambda ledger, claim: ledger.give_back_job(
+            job_id, started_at=claim.started_at, attempts=claim.attempts
+        ),
+        max_wait_s=max_wait_s,
+        clock=clock,
+    )
+
+
+def run_through_outages(
+    what: str,
+    ledger_of: Callable[[], Ledger],
+    run: Callable[[Ledger], str],
+    give_back: Callable[[Ledger, Claim], bool],
+    *,
+    max_wait_s: float = LEDGER_WAIT_S,
+    clock: Callable[[], float] = time.monotonic,
+) -> str:
+    """``run`` (a job's run, ``what`` in the log: "job 12"), waiting out an outage of the
+    ledger as :func:`run_job_through_outages` says: ``run`` raises :class:`LedgerUnavailable`
+    with its claim when the ledger stopped answering once the job was claimed, and
+    ``give_back`` gives that claim back (its attempt not counted; False when it is no longer
+    the job's) before ``run`` is tried again. The shadow task waits the same way."""
+    failures = LoopFailures(log, f"{what}: the ledger")
     claim: Claim | None = None
     started = clock()
     while True:
         try:
             ledger = ledger_of()
             if claim is not None:
-                if ledger.give_back_job(
-                    job_id, started_at=claim.started_at, attempts=claim.attempts
-                ):
-                    log.info(
-                        "job %d: queued again, its attempt not counted (a ledger outage)", job_id
-                    )
+                if give_back(ledger, claim):
+                    log.info("%s: queued again, its attempt not counted (a ledger outage)", what)
                 claim = None
-            outcome = run_job(settings, ledger, job_id)
+            outcome = run(ledger)
         except Exception as exc:
             if not ledger_unavailable(exc):
                 raise
@@ -333,9 +364,9 @@ def run_job_through_outages(
             failures.failed()
             if clock() - started >= max_wait_s:
                 log.error(
-                    "job %d: the ledger did not answer for %.0f s; the reconciler sends the job"
+                    "%s: the ledger did not answer for %.0f s; the reconciler sends the job"
                     " again once it does",
-                    job_id,
+                    what,
                     max_wait_s,
                 )
                 return "ledger_unavailable"
@@ -358,17 +389,23 @@ def run_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
     assert job.started_at is not None  # set by the claim
     claim = Claim(job.started_at, job.attempts)
     try:
-        return _run_claimed(settings, ledger, job)
+        return _run_claimed(settings, ledger, job, claim)
     except Exception as exc:
         if ledger_unavailable(exc):
             raise LedgerUnavailable(job_id, claim) from exc
         raise
 
 
-def _run_claimed(settings: Settings, ledger: Ledger, job: Job) -> str:
-    """:func:`run_job` once ``job`` is claimed."""
+def _run_claimed(settings: Settings, ledger: Ledger, job: Job, claim: Claim) -> str:
+    """:func:`run_job` once ``job`` is claimed (``claim``, which every write to the ledger
+    names: a job another worker took over meanwhile is that worker's)."""
     job_id = job.id
-    lease = LeaseKeeper(ledger, job_id, settings.worker.lease_s / 3).start()
+    lease = LeaseKeeper(
+        ledger,
+        job_id,
+        settings.worker.lease_s / 3,
+        renew=lambda renewed: ledger.renew_lease(renewed, claim=claim),
+    ).start()
     # every file this run wrote, with its identity: removed again should the job not finish
     written: list[_Written] = []
     study_uid = ""
@@ -413,14 +450,23 @@ def _run_claimed(settings: Settings, ledger: Ledger, job: Job) -> str:
         files: list[ResultFile] = []
         write_phase.enter_context(study_results_lock(settings.results_dir, study_uid))
         # A job of the study's next version may have written and recorded the same files
-        # while this one analysed: it superseded this one, which then writes nothing.
-        if not ledger.renew_lease(job_id):
-            log.info("job %d: superseded while it analysed; no results written", job_id)
+        # while this one analysed: it superseded this one, which then writes nothing. So does
+        # a job another worker took over (this worker stalled past its lease).
+        if not ledger.renew_lease(job_id, claim=claim):
+            log.info(
+                "job %d: superseded, or taken over by another worker, while it analysed;"
+                " no results written",
+                job_id,
+            )
             return "superseded"
 
         def write(kind: str, ds: Dataset) -> Path:
             """Each object to its file as soon as it is built: a CT's hundreds of heatmaps
-            are never all in memory at once (0.75 MiB each for a 512 x 512 slice)."""
+            are never all in memory at once (0.75 MiB each for a 512 x 512 slice). Raises
+            :class:`ClaimLost` once the job is no longer this worker's (its lease keeper
+            found it superseded or taken over): it writes nothing more."""
+            if lease.lost.is_set():
+                raise ClaimLost(job_id)
             stored = out.write(study_uid, str(ds.SOPInstanceUID), encode_part10(ds))
             path = Path(stored.path)
             written.append(_Written(path, out.relative(path), stored.inode))
@@ -500,15 +546,19 @@ def _run_claimed(settings: Settings, ledger: Ledger, job: Job) -> str:
             takes=settings.destination_takes,  # [[destinations]] results
             # the route's shadow models analyse the study next, on the lowest queue
             shadow_models=route.shadow_models if route is not None else (),
+            claim=claim,  # a job another worker took over records that worker's results
         )
         if not kept:
             _remove_unrecorded(ledger, study_uid, written)
     except NothingToAnalyse as exc:
         count_not_analysed(job.model, exc.skipped)
-        if not ledger.fail_job(job_id, f"nothing to analyse: {exc}"):
+        if not ledger.fail_job(job_id, f"nothing to analyse: {exc}", claim=claim):
             return _superseded_meanwhile(job_id, exc)
         log.warning("job %d: nothing to analyse: %s", job_id, exc)
         return "failed"
+    except ClaimLost as exc:
+        _remove_unrecorded(ledger, study_uid, written)
+        return _superseded_meanwhile(job_id, exc)
     except Exception as exc:
         if ledger_unavailable(exc):  # nor is the ledger's outage: the job is not failed
             _remove_unrecorded(ledger, study_uid, written)
@@ -516,7 +566,7 @@ def _run_claimed(settings: Settings, ledger: Ledger, job: Job) -> str:
         # A full disk is no fault of the study's: the job waits in the queue, its files
         # removed, and is analysed again once there is room (a failed study's images would
         # be the first storage retention deletes to make room).
-        if out_of_space(exc) and ledger.postpone_job(job_id):
+        if out_of_space(exc) and ledger.postpone_job(job_id, claim=claim):
             _remove_unrecorded(ledger, study_uid, written)
             log.error(
                 "job %d: the results could not be written (%s); the job is queued again and"
@@ -527,7 +577,7 @@ def _run_claimed(settings: Settings, ledger: Ledger, job: Job) -> str:
             return "postponed"
         # A study re-opened while its job ran may have had a file replaced under it (its
         # Pixel Data is read when used): the job is superseded, its failure no news.
-        if not ledger.fail_job(job_id, f"analysis failed: {_brief(exc)}"):
+        if not ledger.fail_job(job_id, f"analysis failed: {_brief(exc)}", claim=claim):
             _remove_unrecorded(ledger, study_uid, written)
             return _superseded_meanwhile(job_id, exc)
         _remove_unrecorded(ledger, study_uid, written)
@@ -537,7 +587,11 @@ def _run_claimed(settings: Settings, ledger: Ledger, job: Job) -> str:
         write_phase.close()
         lease.stop()
     if not kept:
-        log.info("job %d: superseded while it ran; results not sent", job_id)
+        log.info(
+            "job %d: superseded, or taken over by another worker, while it ran; its results"
+            " not recorded",
+            job_id,
+        )
         return "superseded"
     if files:
         wake_exporter(settings.data_dir)  # the results are due: sent now, not at its next poll
@@ -663,7 +717,8 @@ def out_of_space(exc: BaseException) -> bool:
 
 def _superseded_meanwhile(job_id: int, exc: Exception) -> str:
     log.info(
-        "job %d: superseded while it ran (its study re-opened); it stopped on %s",
+        "job %d: superseded while it ran (its study re-opened, or another worker took it over"
+        " once its lease ran out); it stopped on %s",
         job_id,
         type(exc).__name__,
     )

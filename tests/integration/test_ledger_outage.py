@@ -340,3 +340,66 @@ def test_the_metrics_log_a_ledger_outage_once_a_minute_without_credentials(
     assert "OperationalError" in lines[1].getMessage()
     assert "works again after 4 failed tries" in lines[2].getMessage()
     assert password not in caplog.text
+
+
+def test_a_ledger_outage_while_a_shadow_job_runs_costs_it_no_attempt(
+    tmp_path: Path,
+    postgres_url: str,
+    outage: Outage,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The database went away while a shadow model analysed: the task's error handler could
+    not fail the shadow job either, the task ended on the outage, and the shadow job stayed
+    claimed until its lease ran out (the worker that took it over then counted a second
+    attempt). The shadow task waits for the ledger as the analyse task does, gives its claim
+    back, its attempt not counted, and runs it again: with ``max_attempts = 1`` it is done."""
+    from acwi_node.ledger.models import ShadowJob, ShadowState
+    from acwi_node.ledger.shadow import ShadowJobs
+    from acwi_node.tasks import shadow
+    from tests.support.model_variant import model_variant
+    from tests.support.review_case import DESTINATION, MODEL, ROUTE
+
+    challenger = model_variant(
+        tmp_path / "challenger", version="1.2.0-rc1", uncertainty_threshold=1.0, ood_threshold=1e9
+    )
+    settings = review_settings(
+        tmp_path,
+        database_url=postgres_url,
+        extra_models=[{"name": "challenger", "manifest": challenger}],
+        routes=[
+            {
+                "name": ROUTE,
+                "model": MODEL,
+                "destinations": [DESTINATION],
+                "shadow_models": ["challenger"],
+            }
+        ],
+    )
+    ledger = Ledger(settings.database_url)
+    monkeypatch.setattr(analyse, "_enqueue_shadow", lambda *_args: None)
+    try:
+        files = write_study(tmp_path / "study", n_images=1, size=64, seed=5)
+        job_id, _ = store_and_route(settings, ledger, files)
+        assert analyse.run_job(settings, ledger, job_id) == "analysed"
+        (shadow_id,) = ShadowJobs(ledger).of_job(job_id)
+        settings.worker.max_attempts = 1
+        monkeypatch.setattr(analyse, "_state", {"settings": settings, "ledger": ledger})
+        monkeypatch.setattr(analyse, "_pause", Pauses(outage, back_at=2), raising=False)
+        real_summarise = shadow.summarise
+        summaries = 0
+
+        def summarise(*args: Any, **kwargs: Any) -> Any:
+            nonlocal summaries
+            summaries += 1
+            if summaries == 1:  # the ledger goes away once the shadow model has analysed
+                outage.begin()
+            return real_summarise(*args, **kwargs)
+
+        monkeypatch.setattr(shadow, "summarise", summarise)
+        assert shadow.shadow_job(shadow_id) == "analysed"
+        with ledger.session() as s:
+            row = s.get_one(ShadowJob, shadow_id)
+            assert (row.state, row.attempts, row.error) == (ShadowState.DONE, 1, "")
+    finally:
+        ledger.dispose()
+    assert summaries == 2

@@ -22,7 +22,7 @@ from sqlalchemy.exc import OperationalError
 from acwi_node.config import Settings
 from acwi_node.dicom_pixels import PIXEL_DATA
 from acwi_node.ingest.spool import Spool, SpoolError
-from acwi_node.ledger import InstanceRecord, Ledger, RoutedJob
+from acwi_node.ledger import InstanceRecord, Ledger, ResultFile, RoutedJob
 from acwi_node.ledger.models import Job, Study, utcnow
 from acwi_node.results.uids import result_uids
 from acwi_node.tasks import analyse
@@ -792,7 +792,7 @@ def test_a_job_superseded_while_it_analysed_writes_nothing(
         job_id, study_uid = store_and_route(
             settings, ledger, write_study(tmp_path / "src", n_images=2, size=64)
         )
-        monkeypatch.setattr(ledger, "renew_lease", lambda _job_id: False)
+        monkeypatch.setattr(ledger, "renew_lease", lambda *_args, **_kwargs: False)
         assert analyse.run_job(settings, ledger, job_id) == "superseded"
         assert not (settings.results_dir / study_uid).exists()
     finally:
@@ -868,3 +868,131 @@ def test_the_analyse_task_waits_for_the_ledger_a_bounded_time(
     with pytest.raises(ValueError, match="not the ledger"):
         analyse.run_job_through_outages(settings, broken, 7, clock=lambda: now[0])
     assert waits == []
+
+
+class Takeover:
+    """Another worker takes the job over while the first one runs it (the first stalled
+    past its lease: a ledger outage, a long pause of its process or VM): at the first call of
+    a result builder, the second worker claims the job (its lease, ``lease_s = 0``, counted
+    out) and holds it; ``then`` is what the first worker meets next."""
+
+    def __init__(self, ledger: Ledger, job_id: int, then: str) -> None:
+        self.ledger, self.job_id, self.then = ledger, job_id, then
+        self.second: Job | None = None
+        self.keepers: list[analyse.LeaseKeeper] = []
+
+    def at(self, real: Callable[..., Any]) -> Callable[..., Any]:
+        def build(*args: Any, **kwargs: Any) -> Any:
+            if self.second is None:
+                self.second = self.ledger.claim_job(self.job_id, lease_s=0)
+                assert self.second is not None
+                if self.then == "its lease keeper":
+                    # the first worker's next renewal finds the job another's, and stops
+                    (keeper,) = self.keepers
+                    keeper._thread.join(30)
+                    assert not keeper._thread.is_alive()
+                elif self.then == "a failure":
+                    raise RuntimeError("the first worker's analysis failed")
+            return real(*args, **kwargs)
+
+        return build
+
+
+@pytest.mark.parametrize("then", ["its finish", "a failure", "its lease keeper"])
+def test_a_worker_whose_job_was_taken_over_records_nothing_and_leaves_the_job_alone(
+    ledger_node: tuple[Settings, Ledger],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    then: str,
+) -> None:
+    """The first worker stalled longer than its lease while it wrote the job's results, and
+    the reconciler's message had another worker take the job over. The first one went on: its
+    lease renewals kept the second's claim alive, its results were recorded over the second
+    worker's claim (their deliveries queued; the second's then refused), or its failure failed
+    the job the second was analysing. Every write names the worker's claim now: the first
+    worker's run ends as "superseded", having recorded and changed nothing and removed the
+    files it wrote (no row names them); the second worker's run records its results once."""
+    settings = review_settings(tmp_path, database_url=ledger_node[0].database_url)
+    # a renewal a second, or none while the job runs
+    settings.worker.lease_s = 3.0 if then == "its lease keeper" else 600.0
+    ledger = ledger_node[1]
+    job_id, study_uid = store_and_route(
+        settings, ledger, write_study(tmp_path / "src", n_images=2, size=64)
+    )
+    takeover = Takeover(ledger, job_id, then)
+    real_keeper = analyse.LeaseKeeper
+
+    def keeper(*args: Any, **kwargs: Any) -> analyse.LeaseKeeper:
+        made = real_keeper(*args, **kwargs)
+        takeover.keepers.append(made)
+        return made
+
+    monkeypatch.setattr(analyse, "LeaseKeeper", keeper)
+    if then == "its lease keeper":  # the SR is written when the first heatmap is built
+        monkeypatch.setattr(analyse, "build_heatmap_sc", takeover.at(analyse.build_heatmap_sc))
+    else:
+        monkeypatch.setattr(analyse, "build_sr", takeover.at(analyse.build_sr))
+
+    assert analyse.run_job(settings, ledger, job_id) == "superseded"
+
+    second = takeover.second
+    assert second is not None and second.started_at is not None
+    with ledger.session() as s:
+        job = s.get_one(Job, job_id)
+        assert (job.state.value, job.attempts, job.error) == ("analysing", 2, "")
+        assert job.started_at == second.started_at
+        assert s.scalars(select(analyse.Result).where(analyse.Result.job_id == job_id)).all() == []
+    assert ledger.due_deliveries() == []
+    folder = settings.results_dir / study_uid
+    assert sorted(folder.glob("*")) == []  # the first worker's files, which no row names
+    # The second worker's run goes on and records its results, each delivery queued once.
+    claim = analyse.Claim(second.started_at, second.attempts)
+    assert analyse._run_claimed(settings, ledger, second, claim) == "analysed"
+    with ledger.session() as s:
+        named = set(s.scalars(select(analyse.Result.path).where(analyse.Result.job_id == job_id)))
+        assert s.get_one(Job, job_id).state.value == "exporting"
+    assert {f"{study_uid}/{p.name}" for p in folder.glob("*.dcm")} == named
+    assert sorted(d.path for d in ledger.due_deliveries()) == sorted(named)
+
+
+def test_the_ledger_refuses_a_claims_writes_once_another_worker_took_the_job_over(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    """The first claim's lease ran out and a second worker took the job: the first worker's
+    renewal, results, failure and postponement change nothing (each says so); the second's
+    renewal and results are taken."""
+    settings, ledger = ledger_node
+    receive(settings, ledger, "1.2.3", "1.2.3.1")
+    with ledger.session() as s:
+        study = s.scalars(select(Study)).one()
+        study_id, generation = study.id, study.generation
+    (job_id,) = ledger.complete_study(study_id, generation, route_all)
+    first = ledger.claim_job(job_id, lease_s=30)
+    assert first is not None and first.started_at is not None
+    second = ledger.claim_job(job_id, lease_s=0)  # the first one's lease ran out
+    assert second is not None and second.started_at is not None
+    old = analyse.Claim(first.started_at, first.attempts)
+    new = analyse.Claim(second.started_at, second.attempts)
+    result = ResultFile("sr", "1.2.3.9", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.3/1.2.3.9.dcm")
+    summary = {"model": {"name": "m", "version": "1"}}
+    assert not ledger.renew_lease(job_id, claim=old)
+    assert not ledger.finish_analysis(
+        job_id, results=[result], summary=summary, needs_review=True, review_reason="x",
+        claim=old,
+    )  # fmt: skip
+    assert not ledger.fail_job(job_id, "the first worker's failure", claim=old)
+    assert not ledger.postpone_job(job_id, claim=old)
+    with ledger.session() as s:
+        job = s.get_one(Job, job_id)
+        assert (job.state.value, job.attempts, job.error, job.summary) == (
+            "analysing", 2, "", {},
+        )  # fmt: skip
+        assert s.scalars(select(analyse.Result)).all() == []
+    assert ledger.renew_lease(job_id, claim=new)
+    assert ledger.finish_analysis(
+        job_id, results=[result], summary=summary, needs_review=False, review_reason="",
+        claim=new,
+    )  # fmt: skip
+    with ledger.session() as s:
+        assert s.get_one(Job, job_id).summary == summary
+        assert len(s.scalars(select(analyse.Result)).all()) == 1

@@ -1105,6 +1105,49 @@ def test_a_shadow_jobs_lease_is_kept_by_its_own_renewal(db: Ledger) -> None:
     assert calls == [41, 41, 41] and keeper.renewals == 2
 
 
+def test_a_lease_keeper_logs_a_ledger_outage_once_and_its_end(
+    db: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the ledger does not answer, the keeper's renewal fails every ``lease_s / 3``: it
+    logged "could not renew its lease" each time. It logs as a loop does: the first failure
+    with its traceback, then a line a minute, and once a renewal works again."""
+    import logging
+
+    from sqlalchemy.exc import OperationalError
+
+    from acwi_node.tasks.lease import LeaseKeeper
+
+    r = db.record_instance(rec(), first_in_association=False)
+    (job_id,) = db.complete_study(r.study_id, 1, route_all)
+    assert db.claim_job(job_id, lease_s=30) is not None
+    calls = 0
+    renewed = threading.Event()
+
+    def renew(renewing: int) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls <= 5:  # the ledger refuses connections
+            raise OperationalError("UPDATE jobs", {}, ConnectionRefusedError("connection refused"))
+        held = db.renew_lease(renewing)
+        renewed.set()
+        return held
+
+    with caplog.at_level(logging.INFO, logger="acwi_node.worker"):
+        keeper = LeaseKeeper(db, job_id, interval_s=0.01, renew=renew).start()
+        try:
+            assert renewed.wait(30)
+        finally:
+            keeper.stop()
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [(r.levelno, r.exc_info is not None) for r in lines] == [
+        (logging.ERROR, True),
+        (logging.WARNING, False),
+    ]
+    assert f"job {job_id}: renewing its lease failed" in lines[0].getMessage()
+    assert "works again after 5 failed tries (OperationalError" in lines[1].getMessage()
+    assert keeper.renewals >= 1 and not keeper.lost.is_set()
+
+
 def test_processes_starting_at_once_create_the_sqlite_schema_once(tmp_path: Path) -> None:
     """scp, worker and exporter start together on the embedded ledger: no CREATE TABLE race."""
     import subprocess

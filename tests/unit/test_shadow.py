@@ -5,6 +5,7 @@ comparison's statistics."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -463,3 +464,79 @@ def test_a_worker_may_take_the_shadow_models_alone_or_never(tmp_path: Path) -> N
     assert load_settings(
         None, node={"data_dir": tmp_path}, worker={"queues": ["shadow"]}
     ).worker.queues == ["shadow"]
+
+
+def test_a_shadow_job_waits_out_a_ledger_outage_and_costs_it_no_attempt(
+    tmp_path: Path,
+    ledger_node: tuple[Any, Ledger],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The ledger stopped answering as the shadow job's summary was recorded, and answered
+    again by the time the task's error handler ran: the shadow job was failed for the
+    ledger's outage (had it stayed down, the worker that took it over once its lease ran out
+    would have counted a second attempt). The task waits for the ledger as the analyse task
+    does, gives its claim back, its attempt not counted, and runs the shadow job again: with
+    ``max_attempts = 1`` it is done."""
+    from sqlalchemy.exc import OperationalError
+
+    settings = _settings(tmp_path, database_url=ledger_node[0].database_url)
+    ledger = ledger_node[1]
+    monkeypatch.setattr(analyse, "app", Bell())
+    (job_id,) = _studies(settings, ledger, tmp_path, 1)
+    assert analyse.run_job(settings, ledger, job_id) == "analysed"
+    (shadow_id,) = ShadowJobs(ledger).of_job(job_id)
+    settings.worker.max_attempts = 1
+    monkeypatch.setattr(analyse, "_state", {"settings": settings, "ledger": ledger})
+    pauses: list[float] = []
+    monkeypatch.setattr(analyse, "_pause", pauses.append)
+    real_finish = ShadowJobs.finish
+
+    def finish(self: ShadowJobs, *args: Any, **kwargs: Any) -> bool:
+        if not pauses:  # the ledger goes away as the summary is recorded, then comes back
+            raise OperationalError("UPDATE shadow_jobs", {}, ConnectionRefusedError("refused"))
+        return real_finish(self, *args, **kwargs)
+
+    monkeypatch.setattr(ShadowJobs, "finish", finish)
+    with caplog.at_level(logging.INFO, logger="acwi_node.worker"):
+        assert shadow.shadow_job(shadow_id) == "analysed"
+    assert pauses == [1.0]
+    with ledger.session() as s:
+        row = s.get_one(ShadowJob, shadow_id)
+        assert (row.state, row.attempts, row.error) == (ShadowState.DONE, 1, "")
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [(r.levelno, r.exc_info is not None) for r in lines] == [
+        (logging.ERROR, True),
+        (logging.WARNING, False),
+    ]
+    assert f"shadow job {shadow_id}: the ledger works again after 1" in lines[1].getMessage()
+
+
+def test_a_shadow_job_taken_over_is_the_new_workers_to_finish(db: Ledger) -> None:
+    """A worker that stalled past its lease, its shadow job taken over by another, renews,
+    finishes and fails nothing; the other worker's claim does."""
+    from tests.support.monitoring_jobs import summary
+
+    job_id = _live_job(db)
+    assert db.finish_analysis(
+        job_id, results=[], summary=summary(label="nodule"), needs_review=False,
+        review_reason="", shadow_models=["cxr-next"],
+    )  # fmt: skip
+    shadows = ShadowJobs(db)
+    (shadow_id,) = shadows.of_job(job_id)
+    first = shadows.claim(shadow_id, lease_s=60, max_attempts=3)
+    second = shadows.claim(shadow_id, lease_s=0, max_attempts=3)  # the first one's lease ran out
+    assert first is not None and second is not None
+    assert first.claim is not None and second.claim is not None
+    assert not shadows.renew(shadow_id, claim=first.claim)
+    assert not shadows.finish(shadow_id, summary(label="normal"), claim=first.claim)
+    assert not shadows.fail(shadow_id, "the first worker's failure", claim=first.claim)
+    assert not shadows.give_back(shadow_id, first.claim)
+    with db.session() as s:
+        row = s.get_one(ShadowJob, shadow_id)
+        assert (row.state, row.attempts, row.error) == (ShadowState.ANALYSING, 2, "")
+    assert shadows.renew(shadow_id, claim=second.claim)
+    assert shadows.finish(shadow_id, summary(label="effusion"), claim=second.claim)
+    with db.session() as s:
+        row = s.get_one(ShadowJob, shadow_id)
+        assert (row.state, row.summary["predicted_label"]) == (ShadowState.DONE, "effusion")

@@ -881,10 +881,10 @@ def run_models(settings: Settings, args: argparse.Namespace) -> int:
 def run_routes_check(settings: Settings, args: argparse.Namespace) -> int:
     """``acwi-node routes check PATH...``: 0 when every study found would be analysed."""
     from acwi_node.routing.check import check, format_report
+    from acwi_node.routing.rules import hospital_today
 
-    report = check(
-        settings, args.paths, calling_ae=args.calling_ae, today=args.date or dt.date.today()
-    )
+    today = args.date or hospital_today(settings.monitoring.timezone)
+    report = check(settings, args.paths, calling_ae=args.calling_ae, today=today)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
@@ -950,7 +950,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--date",
         type=dt.date.fromisoformat,
         default=None,
-        help="the day the study completes, YYYY-MM-DD (match.max_age_days; default today)",
+        help="the day the study completes, YYYY-MM-DD (match.max_age_days; default today on the"
+        " hospital's clock, monitoring.timezone)",
     )
     routes_check.add_argument("--json", action="store_true", help="print JSON")
     destinations = sub.add_parser("destinations", help="the DICOM destinations of results")

@@ -1210,7 +1210,9 @@ class MonitoringSettings(_Strict):
     traffic_min_drop: float = Field(0.5, gt=0.0, le=1.0)
     #: The hospital's time zone (an IANA name, ``Europe/Berlin``): "the same hours of the
     #: same weekday" are its wall-clock hours, so that a clock change to or from summer time
-    #: does not compare a morning with the hour before it.
+    #: does not compare a morning with the hour before it. Also the clock of the review pages'
+    #: times and days, HL7 messages' times, results' own dates and times (where the source
+    #: study has no Timezone Offset From UTC) and routes' ``max_age_days``.
     timezone: str = "UTC"
     #: Turnaround: the results stored in the last this many hours, last instance to stored,
     #: step by step, per route ...

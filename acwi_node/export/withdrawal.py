@@ -415,7 +415,12 @@ def _write_notes(
             rejected = [headers[n] for n in group]
         else:
             rejected = _stand_ins(settings, job, group, destinations, unreadable, archives)
-        document = build_rejection_note(rejected, reason=reason, description=description)
+        document = build_rejection_note(
+            rejected,
+            reason=reason,
+            description=description,
+            timezone=settings.monitoring.timezone,
+        )
         uid = str(document.SOPInstanceUID)
         path = out.store(job.study_uid, uid, encode_part10(document))
         files.append(

@@ -201,6 +201,7 @@ def queue_oru(
         correction=ledger.study_has_final_oru(job_id, before_id=promised[0] if promised else None),
         sending=(cfg.sending_application, cfg.sending_facility),
         receiving=(cfg.ris.receiving_application, cfg.ris.receiving_facility),
+        timezone=settings.monitoring.timezone,
     )
     if promised is not None:
         row: int | None = promised[0] if ledger.fill_hl7_outbound(promised[0], message) else None
@@ -226,6 +227,7 @@ def queue_withdrawal_oru(settings: Settings, ledger: Ledger, job_id: int, note: 
         control_id=control_id,
         sending=(cfg.sending_application, cfg.sending_facility),
         receiving=(cfg.ris.receiving_application, cfg.ris.receiving_facility),
+        timezone=settings.monitoring.timezone,
         withdrawn=note,
     )
     row = ledger.add_hl7_outbound(

@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import functools
 import re
+import zoneinfo
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -505,16 +506,22 @@ def _order(group: ParsedMessage, pid: list[str] | None, n: int) -> OrderInfo:
 
 
 # ------------------------------------------------------------------------------ building
-def timestamp(when: dt.datetime | None = None) -> str:
-    """An HL7 TS (``YYYYMMDDHHMMSS+ZZZZ``): ``when`` (None: now) on the node's local clock,
-    with its offset from UTC, so that the RIS reads the same moment whatever its time zone, and
-    an hour repeated when the clocks go back is told apart. A naive ``when`` is UTC, as the
+def timestamp(when: dt.datetime | None = None, zone: str = "UTC") -> str:
+    """An HL7 TS (``YYYYMMDDHHMMSS+ZZZZ``): ``when`` (None: now) on the hospital's clock
+    ``zone`` (an IANA name: ``monitoring.timezone``), whatever the node's own time zone, with
+    its offset from UTC, so that the RIS reads the same moment whatever its time zone, and an
+    hour repeated when the clocks go back is told apart. A naive ``when`` is UTC, as the
     ledger keeps its times."""
     if when is None:
         when = dt.datetime.now(dt.timezone.utc)
     elif when.tzinfo is None:
         when = when.replace(tzinfo=dt.timezone.utc)
-    return when.astimezone().strftime("%Y%m%d%H%M%S%z")
+    return when.astimezone(_zone(zone)).strftime("%Y%m%d%H%M%S%z")
+
+
+@functools.lru_cache(maxsize=8)
+def _zone(name: str) -> zoneinfo.ZoneInfo:
+    return zoneinfo.ZoneInfo(name)
 
 
 def _msh(
@@ -525,13 +532,14 @@ def _msh(
     control_id: str,
     processing_id: str = "P",
     when: dt.datetime | None = None,
+    zone: str = "UTC",
 ) -> Segment:
     msh = Segment("MSH")
     msh[3] = escape(sending[0])
     msh[4] = escape(sending[1])
     msh[5] = escape(receiving[0])
     msh[6] = escape(receiving[1])
-    msh[7] = timestamp(when)
+    msh[7] = timestamp(when, zone)
     msh[9] = type_code
     msh[10] = escape(control_id)
     msh[11] = processing_id or "P"
@@ -557,6 +565,7 @@ def build_ack(
     facility: str,
     error: str = "207",
     location: str = "",
+    timezone: str = "UTC",
 ) -> str:
     """An ``ACK`` (MSA-1 ``code``, MSA-2 the answered MSH-10, MSA-3 ``text``) as ER7 text.
 
@@ -576,6 +585,7 @@ def build_ack(
         type_code=f"ACK^{trigger}^ACK" if trigger else "ACK",
         control_id=control_id,
         processing_id=ans.processing_id if ans.processing_id in {"P", "D", "T"} else "P",
+        zone=timezone,
     )
     msa = Segment("MSA")
     msa[1] = code
@@ -818,6 +828,7 @@ def build_oru(
     receiving: tuple[str, str] = ("RIS", ""),
     when: dt.datetime | None = None,
     withdrawn: str | None = None,
+    timezone: str = "UTC",
 ) -> str:
     """An ``ORU^R01`` with the AI result of ``study`` (and the radiologist's ``verdict``).
 
@@ -831,6 +842,9 @@ def build_oru(
     sent the PACS a rejection note): OBR-25 ``C`` (a correction of what the RIS has), every
     OBX-11 ``W`` (the result posted before is wrong), and a ``WITHDRAWN`` observation with the
     reason.
+
+    Every time (MSH-7, OBR-7, OBR-22, OBX-14) is on the hospital's clock ``timezone`` with its
+    offset from UTC (:func:`timestamp`).
     """
     status = "C" if correction or withdrawn is not None else "F" if verdict is not None else "P"
     observation_status = "W" if withdrawn is not None else status
@@ -840,6 +854,7 @@ def build_oru(
         type_code="ORU^R01^ORU_R01",
         control_id=control_id,
         when=when,
+        zone=timezone,
     )
     pid = Segment("PID")
     pid[1] = "1"
@@ -860,9 +875,9 @@ def build_oru(
         if study.procedure_code
         else f"AI^AI analysis^{CODING_SYSTEM}"
     )
-    obr[7] = timestamp(study.observed_at)
+    obr[7] = timestamp(study.observed_at, timezone)
     obr[18] = escape(study.accession_number)
-    obr[22] = timestamp(when)
+    obr[22] = timestamp(when, timezone)
     obr[24] = "RAD"
     obr[25] = status
     segments = [msh, pid, orc, obr]
@@ -893,7 +908,7 @@ def build_oru(
         if verdict is not None and code in {"VERDICT", "FINAL_FINDING"} and verdict.reviewer:
             obx[16] = "^".join(escape(p) for p in verdict.reviewer.split("^"))
         if code == "VERDICT" and verdict is not None and verdict.reviewed_at is not None:
-            obx[14] = timestamp(verdict.reviewed_at)
+            obx[14] = timestamp(verdict.reviewed_at, timezone)
         segments.append(obx)
     obx = Segment("OBX")
     obx[1] = str(len(rows) + 1)

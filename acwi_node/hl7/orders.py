@@ -69,6 +69,7 @@ class OrderIntake:
             facility=cfg.sending_facility,
             error=error.error if error is not None else "207",
             location=error.location if error is not None else "",
+            timezone=self.settings.monitoring.timezone,
         )
 
     def refusal(self, raw: bytes, code: str, text: str) -> bytes:
@@ -236,7 +237,7 @@ class OrderIntake:
                 in_message = True
             batches[-1][1][-1].append(line)
         out: list[str] = []
-        when = timestamp()
+        when = timestamp(zone=self.settings.monitoring.timezone)
         me = (escape(cfg.sending_application), escape(cfg.sending_facility))
 
         def answer_header(name: str, answered: list[str] | None) -> str:

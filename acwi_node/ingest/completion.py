@@ -23,7 +23,7 @@ from acwi_node.ingest.mpps import CompletionSignals
 from acwi_node.ledger import Ledger, RoutedJob, StudyFacts
 from acwi_node.ledger.models import utcnow
 from acwi_node.observability.logging import LoopFailures
-from acwi_node.routing.rules import decide_routes, explain_no_route
+from acwi_node.routing.rules import decide_routes, explain_no_route, hospital_today
 from acwi_node.tasks.queue import enqueue, reconcile
 
 log = logging.getLogger("acwi_node.completion")
@@ -64,11 +64,15 @@ class CompletionService:
         #: A ledger that is down logs a traceback, then a line a minute, not one a pass.
         self.failures = LoopFailures(log, "completion pass")
 
+    def _today(self) -> dt.date:
+        """The hospital's date (routes' ``max_age_days``: Study Dates are on its clock)."""
+        return hospital_today(self.settings.monitoring.timezone, self.wall_clock())
+
     def decide(self, facts: StudyFacts) -> list[RoutedJob]:
-        return decide_routes(self.settings.routes, facts)
+        return decide_routes(self.settings.routes, facts, self._today())
 
     def explain(self, facts: StudyFacts) -> str:
-        return explain_no_route(self.settings.routes, facts)
+        return explain_no_route(self.settings.routes, facts, self._today())
 
     def _follow_clock_step(self) -> None:
         """The ledger's times are the wall clock's (every process shares them); this loop's

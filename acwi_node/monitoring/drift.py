@@ -180,7 +180,7 @@ def poisson_cdf(k: int, mean: float) -> float:
 
 def drop_status(
     count: int,
-    history: Sequence[int],
+    history: Sequence[float],
     *,
     min_weeks: int,
     min_drop: float,

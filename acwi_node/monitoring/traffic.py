@@ -13,7 +13,9 @@ first instance), for each configured route (the studies it got a job for) and fo
 each count with the same hours of the same weekday in the ``traffic_weeks`` weeks before
 (:func:`acwi_node.monitoring.drift.drop_status`): a working day's morning is compared with
 the mornings of that weekday, a night with the nights; the hours on the wall clocks of
-``monitoring.timezone``, so that the week after a clock change compares the same mornings.
+``monitoring.timezone``, so that the week after a clock change compares the same mornings;
+where a clock change makes the same wall-clock hours longer or shorter (the night the clocks
+go forward, or back), the weeks before are counted per hour of the window's real length.
 Only the weeks the ledger reaches back to are counted, from its first study on. No patient
 data is read: counts of rows, AE titles and route names.
 """
@@ -52,8 +54,9 @@ class Window:
     studies: int
     #: The same hours 1, 2, ... weeks before (newest first), of the weeks the ledger reaches.
     history: tuple[int, ...]
-    #: The mean of ``history``, and how likely as few studies are by chance (Poisson); None
-    #: when not compared.
+    #: The mean of ``history`` (each week's count per hour of this window's real length, where
+    #: a clock change made them differ), and how likely as few studies are by chance
+    #: (Poisson); None when not compared.
     expected: float | None
     p_value: float | None
     status: Status
@@ -184,15 +187,20 @@ class TrafficMonitor:
             return wall.replace(tzinfo=zone).astimezone(dt.timezone.utc).replace(tzinfo=None)
 
         slots: dict[int, list[Counter[tuple[FlowKind, str]]]] = {}
+        #: each slot's length in real time: the wall-clock hours of a night the clocks went
+        #: forward hold an hour less, of one they went back an hour more
+        lengths: dict[int, list[float]] = {}
         for hours in sorted(cfg.traffic_hours):  # the shortest first: it tells soonest
             span = dt.timedelta(hours=hours)
             slots[hours] = []
+            lengths[hours] = []
             for week in range(cfg.traffic_weeks + 1):
                 end = wall_now - WEEK * week
                 start, end = utc(end - span), (now if week == 0 else utc(end))
                 if week and (first is None or start < first):
                     break  # the ledger does not reach back to this week
                 slots[hours].append(self._counts(start, end))
+                lengths[hours].append(max((end - start).total_seconds(), 1.0))
         names: set[tuple[FlowKind, str]] = {("node", ALL)}
         names |= {("route", route) for route in self.routes or ()}
         for counts in slots.values():
@@ -203,9 +211,15 @@ class TrafficMonitor:
             windows = []
             for hours, counts in slots.items():
                 series = [slot[key] for slot in counts]
+                # the weeks before as many real hours as this one holds: across a clock
+                # change the same wall-clock hours are an hour more or less
+                now_length, *before = lengths[hours]
+                scaled = [
+                    n * now_length / length for n, length in zip(series[1:], before, strict=True)
+                ]
                 expected, p, status = drop_status(
                     series[0],
-                    series[1:],
+                    scaled,
                     min_weeks=cfg.traffic_min_weeks,
                     min_drop=cfg.traffic_min_drop,
                     p_watch=cfg.p_watch,

@@ -11,9 +11,11 @@ are patient data.
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import functools
 import re
 import warnings
+import zoneinfo
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -35,6 +37,8 @@ __all__ = [
     "frame_laterality",
     "copy_patient_and_study",
     "patient_study_header",
+    "result_offset",
+    "set_result_times",
     "source_header",
 ]
 
@@ -214,6 +218,66 @@ def patient_study_header(source: Dataset) -> Dataset:
     clean_patient_sex(header)
     clean_date_times(header)
     return header
+
+
+_OFFSET = re.compile(r"(?P<sign>[+-])(?P<h>\d{2})(?P<m>\d{2})")
+
+
+def result_offset(source: Dataset, moment: dt.datetime, zone: str = "UTC") -> dt.timezone:
+    """The offset from UTC a result object's own dates and times are written in: the source
+    study's Timezone Offset From UTC where it has a valid one (the study's dates and times,
+    which the result copies, are in it, and PS3.3 C.12.1.1.8 gives one offset to every date
+    and time of an instance), else ``zone``'s (the hospital's, ``monitoring.timezone``) at
+    ``moment`` (a naive ``moment`` is UTC)."""
+    text = str(source.get("TimezoneOffsetFromUTC", "") or "").strip()
+    match = _OFFSET.fullmatch(text)
+    if match is not None:
+        hours, minutes = int(match["h"]), int(match["m"])
+        if hours <= 14 and minutes < 60:
+            delta = dt.timedelta(hours=hours, minutes=minutes)
+            return dt.timezone(-delta if match["sign"] == "-" else delta)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    offset = moment.astimezone(zoneinfo.ZoneInfo(zone)).utcoffset() or dt.timedelta(0)
+    return dt.timezone(offset)
+
+
+def _offset_text(offset: dt.timezone) -> str:
+    minutes = int((offset.utcoffset(None) or dt.timedelta(0)).total_seconds() // 60)
+    sign = "-" if minutes < 0 else "+"
+    return f"{sign}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
+
+
+def set_result_times(
+    result: Dataset, source: Dataset, moment: dt.datetime | None = None, zone: str = "UTC"
+) -> dt.timezone:
+    """Write ``result``'s own dates and times (Instance Creation, Content, Series where it
+    has them, Date/Time of Secondary Capture where it has them) for ``moment`` (None: now; a
+    naive ``moment`` is UTC) in :func:`result_offset`'s offset, with that offset as its
+    Timezone Offset From UTC: one clock for every date and time of the result, whatever the
+    node's own time zone, and told apart in the hour repeated when the clocks go back.
+    Returns the offset."""
+    if moment is None:
+        moment = dt.datetime.now(dt.timezone.utc)
+    elif moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    offset = result_offset(source, moment, zone)
+    here = moment.astimezone(offset)
+    date = here.strftime("%Y%m%d")
+    time = here.strftime("%H%M%S.%f")
+    result.InstanceCreationDate = date
+    result.InstanceCreationTime = time
+    for date_keyword, time_keyword in (
+        ("ContentDate", "ContentTime"),
+        ("SeriesDate", "SeriesTime"),
+        ("DateOfSecondaryCapture", "TimeOfSecondaryCapture"),
+    ):
+        if date_keyword in result:
+            setattr(result, date_keyword, date)
+        if time_keyword in result:
+            setattr(result, time_keyword, time)
+    result.TimezoneOffsetFromUTC = _offset_text(offset)
+    return offset
 
 
 #: Body Part Examined values of unpaired structures (PS3.16 CID 4031), for which the General

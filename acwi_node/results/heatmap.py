@@ -16,6 +16,7 @@ unchanged.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Callable
 from functools import partial
@@ -40,7 +41,7 @@ from acwi_node.dicom_pixels import (
 )
 from acwi_node.inference.types import ImageResult, StudyAnalysis, unit_name
 from acwi_node.results.charset import result_charset
-from acwi_node.results.headers import copy_anatomy, copy_patient_and_study
+from acwi_node.results.headers import copy_anatomy, copy_patient_and_study, set_result_times
 from acwi_node.results.sr import MANUFACTURER
 from acwi_node.results.uids import result_uids
 
@@ -519,9 +520,13 @@ def build_heatmap_sc(
     *,
     instance_number: int,
     colours: ColourMapName = "jet",
+    now: dt.datetime | None = None,
+    timezone: str = "UTC",
 ) -> Dataset:
     """Build the RGB Secondary Capture overlaying ``heatmap`` on ``source``, in the colour
-    map ``colours`` (:data:`COLOUR_MAPS`).
+    map ``colours`` (:data:`COLOUR_MAPS`). Its own dates and times (Instance Creation,
+    Content, Date/Time of Secondary Capture) are ``now`` (None: the moment it is built) in the
+    source's offset from UTC, else ``timezone``'s, with Timezone Offset From UTC.
 
     The result is in the source's study, in the model version's heatmap series, with a SOP
     Instance UID derived from the source's, so a re-run replaces it. For a frame of a
@@ -628,7 +633,8 @@ def build_heatmap_sc(
             if keyword in source:
                 setattr(sc, keyword, source[keyword].value)
 
-    # SC Image
+    # SC Image (highdicom wrote the node's naive local time: one clock and offset instead)
+    set_result_times(sc, source, now, timezone)
     if "ContentDate" in sc:
         sc.DateOfSecondaryCapture = sc.ContentDate
     if "ContentTime" in sc:

@@ -21,6 +21,7 @@ the source series (the source image, for a multi-frame one), so a re-run replace
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Sequence
 
@@ -32,7 +33,12 @@ from pydicom import Dataset
 from acwi_node.dicom_frames import frame_count, frame_view
 from acwi_node.inference.types import ImageResult, StudyAnalysis
 from acwi_node.results.charset import result_charset
-from acwi_node.results.headers import copy_anatomy, patient_study_header, source_header
+from acwi_node.results.headers import (
+    copy_anatomy,
+    patient_study_header,
+    set_result_times,
+    source_header,
+)
 from acwi_node.results.heatmap import NOTICE, unit_heat
 from acwi_node.results.sr import MANUFACTURER
 from acwi_node.results.uids import result_uids
@@ -61,11 +67,19 @@ def mappable(source: Dataset) -> bool:
     return all(geometry.get(keyword) not in (None, "") for keyword in _GEOMETRY)
 
 
-def build_parametric_maps(sources: Sequence[Dataset], analysis: StudyAnalysis) -> list[Dataset]:
+def build_parametric_maps(
+    sources: Sequence[Dataset],
+    analysis: StudyAnalysis,
+    *,
+    now: dt.datetime | None = None,
+    timezone: str = "UTC",
+) -> list[Dataset]:
     """One parametric map per series (and image size) of the analysed images that
-    :func:`mappable` accepts; none for the others. A map is an extra: a series whose map
-    cannot be built (planes highdicom refuses, a heatmap of the wrong size) is logged and
-    gets none, and the study's other results stand."""
+    :func:`mappable` accepts; none for the others. Their own dates and times are ``now``
+    (None: the moment each is built) in the source's offset from UTC, else ``timezone``'s,
+    with Timezone Offset From UTC (:func:`~acwi_node.results.headers.set_result_times`).
+    A map is an extra: a series whose map cannot be built (planes highdicom refuses, a
+    heatmap of the wrong size) is logged and gets none, and the study's other results stand."""
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     groups: dict[tuple[str, int, int], list[tuple[Dataset, ImageResult]]] = {}
     for image in analysis.images:
@@ -88,7 +102,9 @@ def build_parametric_maps(sources: Sequence[Dataset], analysis: StudyAnalysis) -
             )
             continue
         try:
-            maps.append(_build(group_uid, rows, columns, members, analysis, len(maps) + 1))
+            pmap = _build(group_uid, rows, columns, members, analysis, len(maps) + 1)
+            set_result_times(pmap, members[0][0], now, timezone)
+            maps.append(pmap)
         except Exception as exc:
             log.warning(
                 "no parametric map for %s (%dx%d): %s: %s",

@@ -13,6 +13,7 @@ is the same object, and a PACS that receives it twice keeps one.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 
 from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
@@ -23,7 +24,11 @@ from pydicom.sr.codedict import codes
 from acwi_node import MANUFACTURER, __version__
 from acwi_node.ledger.models import REJECTION_NOTE_KIND
 from acwi_node.results.charset import result_charset
-from acwi_node.results.headers import copy_patient_and_study, patient_study_header
+from acwi_node.results.headers import (
+    copy_patient_and_study,
+    patient_study_header,
+    set_result_times,
+)
 from acwi_node.results.sr import sr_text
 from acwi_node.results.uids import UID_NAMESPACE, derive_uid
 
@@ -76,12 +81,19 @@ def _node_observer() -> ObserverContext:
 
 
 def build_rejection_note(
-    rejected: Sequence[Dataset], *, reason: str, description: str = ""
+    rejected: Sequence[Dataset],
+    *,
+    reason: str,
+    description: str = "",
+    now: dt.datetime | None = None,
+    timezone: str = "UTC",
 ) -> KeyObjectSelectionDocument:
     """The IOCM rejection note listing ``rejected`` (the headers of the node's result objects
     of one study, pixel data not needed) for ``reason`` (a key of :data:`REJECTION_REASONS`),
     with ``description`` as its Key Object Description (cut to 1024 characters). Its patient
     and study come from the first rejected object, which copied them from the source images.
+    Its own dates and times are ``now`` (None: the moment it is built) in that object's offset
+    from UTC, else ``timezone``'s, with Timezone Offset From UTC.
     """
     if reason not in REJECTION_REASONS:
         raise ValueError(f"reason must be one of {sorted(REJECTION_REASONS)}, got {reason!r}")
@@ -132,4 +144,5 @@ def build_rejection_note(
     for item in document.ContentSequence:
         if item.ValueType in _REFERENCE_VALUE_TYPES and "ConceptNameCodeSequence" in item:
             del item.ConceptNameCodeSequence
+    set_result_times(document, rejected[0], now, timezone)
     return document

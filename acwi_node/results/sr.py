@@ -64,7 +64,7 @@ from acwi_node import MANUFACTURER
 from acwi_node.inference.types import ImageResult, StudyAnalysis, Uncertainty, unit_name
 from acwi_node.results.charset import result_charset
 from acwi_node.results.content_templates import append_encoded, set_encoded
-from acwi_node.results.headers import patient_study_header
+from acwi_node.results.headers import patient_study_header, set_result_times
 from acwi_node.results.image_groups import encode_image_groups
 from acwi_node.results.image_library import plan_image_library
 from acwi_node.results.study_groups import STUDY_SCOPE, encode_study_groups
@@ -418,8 +418,14 @@ def build_sr(
     *,
     institution_name: str | None = None,
     check_all: bool = False,
+    now: dt.datetime | None = None,
+    timezone: str = "UTC",
 ) -> Dataset:
     """Build the Comprehensive 3D SR holding ``analysis`` for the study of ``sources``.
+
+    Its own dates and times are ``now`` (None: the moment it is built) in the source study's
+    offset from UTC, else in ``timezone`` (the hospital's), with Timezone Offset From UTC
+    (:func:`~acwi_node.results.headers.set_result_times`).
 
     ``sources`` are all instances received for the study (analysed or skipped); the first one
     supplies the patient and study attributes. Series and SOP Instance UIDs come from
@@ -535,6 +541,7 @@ def build_sr(
     # The root item's other attributes are the same in both reports. (highdicom's own parsed
     # copy, ``document.content``, keeps the checked one: the node never reads it.)
     document.ContentSequence = report[0].ContentSequence
+    set_result_times(document, sources[0], now, timezone)
     return document
 
 
@@ -772,10 +779,11 @@ def _person_name(name: str) -> str:
     return cleaned if "^" in cleaned else cleaned + "^"
 
 
-def _dicom_datetime(value: dt.datetime) -> str:
-    if value.tzinfo is not None:
-        value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
-    return value.strftime("%Y%m%d%H%M%S.%f") + "+0000"
+def _dicom_datetime(value: dt.datetime, offset: dt.tzinfo = dt.timezone.utc) -> str:
+    """A DT value for ``value`` (naive: UTC) in ``offset``, with the offset written."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(offset).strftime("%Y%m%d%H%M%S.%f%z")
 
 
 def _verdict_group(
@@ -854,8 +862,12 @@ def build_verified_sr(
     verification: Verification,
     *,
     reissue: int = 0,
+    timezone: str = "UTC",
 ) -> Dataset:
     """The VERIFIED successor of an SR written by :func:`build_sr`.
+
+    Its own dates and times, and the Verification DateTime, are ``verification.verified_at``
+    in the unverified SR's offset from UTC, else the hospital's (``timezone``) at that moment.
 
     The content tree is the unverified document's, plus one "Radiologist verdict" measurement
     group (verdict, verified class, reason) and one planar ROI group per lesion box the
@@ -956,8 +968,9 @@ def build_verified_sr(
         coding_schemes=[_PRIVATE_SCHEME_ITEM],
         specific_character_set=charset,
     )
+    offset = set_result_times(document, unverified, verification.verified_at, timezone)
     document.VerifyingObserverSequence[0].VerificationDateTime = _dicom_datetime(
-        verification.verified_at
+        verification.verified_at, offset
     )
     return document
 

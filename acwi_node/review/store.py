@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import zoneinfo
 from collections import Counter, defaultdict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -1002,11 +1003,27 @@ class ReviewStore:
         return self.ledger.attach_result(job_id, result, takes)
 
     # -------------------------------------------------------------- dashboard
-    def dashboard(self, *, days: int = 14, now: dt.datetime | None = None) -> dict[str, Any]:
+    def dashboard(
+        self, *, days: int = 14, now: dt.datetime | None = None, timezone: str = "UTC"
+    ) -> dict[str, Any]:
         """Per calling AE (site) and day: received, analysed, delivered, review rate, mean
-        uncertainty and out-of-distribution rate; plus the current queue depth."""
+        uncertainty and out-of-distribution rate; plus the current queue depth. A day is the
+        hospital's (``timezone``, ``monitoring.timezone``: midnight to midnight on its clock,
+        23 or 25 hours on the days its clocks change), from the start of the day ``days``
+        days before today's."""
         now = now or utcnow()
-        since = (now - dt.timedelta(days=days)).replace(hour=0, minute=0, second=0, microsecond=0)
+        zone = zoneinfo.ZoneInfo(timezone)
+        here = now.replace(tzinfo=dt.timezone.utc).astimezone(zone)
+        first_day = here.date() - dt.timedelta(days=days)
+        since = (
+            dt.datetime.combine(first_day, dt.time(), tzinfo=zone)
+            .astimezone(dt.timezone.utc)
+            .replace(tzinfo=None)
+        )
+
+        def day_of(moment: dt.datetime) -> str:
+            return moment.replace(tzinfo=dt.timezone.utc).astimezone(zone).date().isoformat()
+
         rows: dict[tuple[str, str], dict[str, Any]] = defaultdict(
             lambda: {
                 "received": 0,
@@ -1023,7 +1040,7 @@ class ReviewStore:
                     Study.first_received_at >= since
                 )
             ).all():
-                key = (received_at.date().isoformat(), calling_ae or "-")
+                key = (day_of(received_at), calling_ae or "-")
                 rows[key]["received"] += 1
                 if state == StudyState.DELIVERED:
                     rows[key]["delivered"] += 1
@@ -1039,7 +1056,7 @@ class ReviewStore:
                 summary = fields.read(values)
                 if not summary.get("probabilities"):
                     continue
-                key = (started_at.date().isoformat(), calling_ae or "-")
+                key = (day_of(started_at), calling_ae or "-")
                 row = rows[key]
                 row["analysed"] += 1
                 u = summary.get("uncertainty") or {}

@@ -327,7 +327,11 @@ def _verified_sr(
     try:
         model = case["summary"].get("model") or {}
         document = build_verified_sr(
-            unverified, sources, verification, reissue=int(model.get("reissue", 0))
+            unverified,
+            sources,
+            verification,
+            reissue=int(model.get("reissue", 0)),
+            timezone=settings.monitoring.timezone,
         )
     except ValueError as exc:
         raise ReviewError(f"the verified SR cannot be written: {exc}") from exc

@@ -910,7 +910,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             "dashboard.html",
             request,
             status_code=status,
-            d=review.store.dashboard(days=days),
+            d=review.store.dashboard(days=days, timezone=settings.monitoring.timezone),
             agreement=review.store.agreement(days=days),
             sample_percent=settings.review.quality_sample_percent,
             disk=_disk_free_percent(settings.data_dir),

@@ -3,13 +3,15 @@
 A route matches when every condition it states holds: for each given list (modality, SOP class,
 body part, calling AE) at least one of the study's values is in the list. Comparison is
 case-insensitive and ignores surrounding blanks (scanners differ). ``max_age_days`` holds when
-the study's Study Date is at most that many days before ``today`` (the node's local date), or
-the study has none. Routes are returned highest priority first, then in configuration order.
+the study's Study Date is at most that many days before ``today`` (the hospital's date,
+:func:`hospital_today`: a Study Date is on the modality's clock, not the node's), or the study
+has none. Routes are returned highest priority first, then in configuration order.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import zoneinfo
 from collections.abc import Iterable, Sequence
 
 from acwi_node.config import Route
@@ -26,6 +28,16 @@ def study_age_days(study_date: str, today: dt.date) -> int | None:
         return (today - dt.datetime.strptime(study_date, "%Y%m%d").date()).days
     except ValueError:
         return None
+
+
+def hospital_today(zone: str, now: dt.datetime | None = None) -> dt.date:
+    """The date on the hospital's clock (``zone``: ``monitoring.timezone``) at ``now`` (None:
+    now; a naive ``now`` is UTC), whatever the node's own time zone."""
+    if now is None:
+        now = dt.datetime.now(dt.timezone.utc)
+    elif now.tzinfo is None:
+        now = now.replace(tzinfo=dt.timezone.utc)
+    return now.astimezone(zoneinfo.ZoneInfo(zone)).date()
 
 
 def _shown(values: Iterable[str]) -> str:

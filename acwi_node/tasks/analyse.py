@@ -475,7 +475,8 @@ def _run_claimed(settings: Settings, ledger: Ledger, job: Job, claim: Claim) -> 
             )
             return path
 
-        sr = build_sr(used, analysis)
+        zone = settings.monitoring.timezone
+        sr = build_sr(used, analysis, timezone=zone)
         write("sr", sr)
         # The route's [routes.results], else the worker's settings.
         heatmap_policy = route.results.heatmaps if route is not None else None
@@ -500,13 +501,14 @@ def _run_claimed(settings: Settings, ledger: Ledger, job: Job, claim: Claim) -> 
                     image,
                     instance_number=n,
                     colours=settings.worker.heatmap_colours,
+                    timezone=zone,
                 ),
             )
             if isinstance(image.heatmap, DeferredHeatmap):  # the review page's overlay
                 write_cam(path, image.heatmap.cam)
                 written.append(_Written.beside(heat_path(path), written[-1]))
         if parametric_maps:  # every analysed image of a mappable series
-            for pm in build_parametric_maps(used, analysis):
+            for pm in build_parametric_maps(used, analysis, timezone=zone):
                 write("parametric_map", pm)
         threshold = analyser.manifest.uncertainty_threshold
         summary = summarise(

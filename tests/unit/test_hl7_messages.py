@@ -265,32 +265,61 @@ def test_oru_with_verdict_carries_the_lesion_boxes_marked() -> None:
 
 
 @pytest.fixture
-def berlin(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The node's local time is Berlin's (a clock change on 2026-10-25, 03:00 CEST -> 02:00)."""
-    monkeypatch.setenv("TZ", "Europe/Berlin")
+def node_in_new_york(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The node's own local time is New York's: the hospital's clock (``monitoring.timezone``)
+    is what the messages must use all the same."""
+    monkeypatch.setenv("TZ", "America/New_York")
     time.tzset()
     yield
     monkeypatch.undo()
     time.tzset()
 
 
-def test_oru_times_are_one_clock_with_their_offset(berlin: None) -> None:
-    """The ledger's times (naive UTC) reach the RIS as the moments they were: in local time
-    with the offset, like MSH-7, so that the two 02:30 of the night the clocks go back differ."""
+def test_oru_times_are_one_clock_with_their_offset(node_in_new_york: None) -> None:
+    """The ledger's times (naive UTC) reach the RIS as the moments they were: on the hospital's
+    clock (Berlin: a clock change on 2026-10-25, 03:00 CEST -> 02:00) with the offset, like
+    MSH-7, so that the two 02:30 of the night the clocks go back differ."""
     completed = dt.datetime(2026, 10, 25, 0, 30)  # 02:30 CEST, the first 02:30
     reviewed = dt.datetime(2026, 10, 25, 1, 30)  # 02:30 CET, the second
     verdict = Verdict(agrees=True, label="abnormal", reviewed_at=reviewed)
     sent = dt.datetime(2026, 12, 7, 5, 0, tzinfo=dt.timezone.utc)
     study = dataclasses.replace(_study(), observed_at=completed)
-    text = build_oru(study, verdict, control_id="T1", when=sent)
+    text = build_oru(study, verdict, control_id="T1", when=sent, timezone="Europe/Berlin")
     segs = [seg.split("|") for seg in text.split("\r")]
     msh, obr = segs[0], next(f for f in segs if f[0] == "OBR")
     (obx,) = [f for f in segs if f[0] == "OBX" and f[3].startswith("VERDICT^")]
     assert msh[6] == obr[22] == "20261207060000+0100"
     assert obr[7] == "20261025023000+0200"
     assert obx[14] == "20261025023000+0100"
-    now = messages.timestamp()  # now: local, with the offset of this moment
-    assert len(now) == 19 and now[14] in "+-"
+    now = messages.timestamp(zone="Asia/Kolkata")  # now, with Kolkata's offset
+    assert len(now) == 19 and now.endswith("+0530")
+
+
+@pytest.mark.parametrize(
+    ("zone", "moment", "expected"),
+    [
+        ("America/New_York", dt.datetime(2026, 11, 1, 5, 30), "20261101013000-0400"),
+        ("America/New_York", dt.datetime(2026, 11, 1, 6, 30), "20261101013000-0500"),
+        ("Europe/Berlin", dt.datetime(2026, 3, 29, 0, 59), "20260329015900+0100"),
+        ("Europe/Berlin", dt.datetime(2026, 3, 29, 1, 0), "20260329030000+0200"),
+        ("Australia/Lord_Howe", dt.datetime(2026, 4, 4, 14, 45), "20260405014500+1100"),
+        ("Australia/Lord_Howe", dt.datetime(2026, 4, 4, 15, 15), "20260405014500+1030"),
+        ("Asia/Kolkata", dt.datetime(2026, 10, 25, 1, 30), "20261025070000+0530"),
+        ("UTC", dt.datetime(2026, 10, 25, 1, 30), "20261025013000+0000"),
+    ],
+)
+def test_timestamps_on_the_hospitals_clock_not_the_nodes(
+    node_in_new_york: None, zone: str, moment: dt.datetime, expected: str
+) -> None:
+    assert messages.timestamp(moment, zone) == expected
+
+
+def test_acks_are_on_the_hospitals_clock(node_in_new_york: None) -> None:
+    ack = build_ack(
+        None, "AA", "", control_id="A1", application="ACWI", facility="H", timezone="Asia/Kolkata"
+    )
+    stamp = ack.split("\r")[0].split("|")[6]
+    assert len(stamp) == 19 and stamp.endswith("+0530")
 
 
 def test_oru_after_a_final_result_is_a_correction() -> None:

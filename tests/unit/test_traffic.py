@@ -238,3 +238,46 @@ def test_the_same_hours_are_the_hospitals_wall_clock_hours_across_a_clock_change
     assert (cr2.studies, cr2.history, cr2.status) == (20, (40, 40, 40, 40), Status.SHIFTED)
     with pytest.raises(ValueError, match="unknown time zone 'Mars/Olympus'"):
         MonitoringSettings(timezone="Mars/Olympus")
+
+
+@pytest.mark.parametrize(
+    ("local_now", "hours_now"),
+    [
+        # the night the clocks go forward (2026-03-29, 02:00 CET -> 03:00 CEST): at 03:30 the
+        # last two wall-clock hours (01:30 to 03:30) held one real hour
+        (dt.datetime(2026, 3, 29, 3, 30), 1),
+        # the night they go back (2026-10-25, 03:00 CEST -> 02:00 CET): at 03:30 the last two
+        # wall-clock hours held three real hours
+        (dt.datetime(2026, 10, 25, 3, 30), 3),
+    ],
+)
+def test_the_night_the_clocks_change_is_counted_per_real_hour(
+    db: Ledger, local_now: dt.datetime, hours_now: int
+) -> None:
+    """A busy source sending as steadily as ever (50 studies an hour) is not read as dropped
+    because the same wall-clock hours hold an hour less (or more) that night; one that
+    stopped is still told."""
+    berlin = ZoneInfo("Europe/Berlin")
+
+    def utc(local: dt.datetime) -> dt.datetime:
+        aware = local.replace(tzinfo=berlin).astimezone(dt.timezone.utc)
+        return aware.replace(tzinfo=None)
+
+    arrivals = Arrivals(db)
+    now = utc(local_now)
+    arrivals.add(now - WEEK * 5 - dt.timedelta(days=1), "OLDCR")
+    for week in range(1, 5):
+        end = utc(local_now - WEEK * week)
+        for hour in range(2):
+            arrivals.add(end - dt.timedelta(minutes=30 + 60 * hour), "STEADY", 50)
+            arrivals.add(end - dt.timedelta(minutes=30 + 60 * hour), "STOPPED", 50)
+    for hour in range(hours_now):
+        arrivals.add(now - dt.timedelta(minutes=30 + 60 * hour), "STEADY", 50)
+    report = TrafficMonitor(db, MonitoringSettings(timezone="Europe/Berlin")).report(now)
+    steady = _flow(report.flows, "source", "STEADY").windows[0]
+    assert steady.hours == 2
+    assert (steady.studies, steady.history) == (50 * hours_now, (100, 100, 100, 100))
+    assert steady.expected == pytest.approx(50 * hours_now)
+    assert steady.status == Status.STABLE
+    stopped = _flow(report.flows, "source", "STOPPED").windows[0]
+    assert (stopped.studies, stopped.status) == (0, Status.SHIFTED)

@@ -420,8 +420,9 @@ def test_a_name_part_that_is_a_common_word_leaves_installed_code_readable(
 
 
 def test_a_loop_failing_for_long_logs_a_traceback_then_a_line_a_minute(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, identifiers: Any
 ) -> None:
+    # ``identifiers``: no patient another test remembered ("Test^...") blanks "test" here
     now = [0.0]
     failures = LoopFailures(logging.getLogger("acwi_node.test"), "test pass", clock=lambda: now[0])
     with caplog.at_level(logging.INFO, logger="acwi_node.test"):

@@ -17,6 +17,8 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 from acwi_node.audit import AuditEvent, Outcome, audit, remote_ae
@@ -39,6 +41,7 @@ from acwi_node.export.scu import (
 from acwi_node.export.wakeup import WakeUpListener, wake_exporter
 from acwi_node.ledger import AwaitedCommitment, DeliveryAttempt, DueDelivery, Ledger
 from acwi_node.ledger.models import utcnow
+from acwi_node.ledger.repository import new_claim
 from acwi_node.observability import metrics
 from acwi_node.observability.logging import LoopFailures
 from acwi_node.tls import TlsConfigError
@@ -136,10 +139,14 @@ class Exporter:
         #: deliveries to two destinations end at once is settled from the last one's view.
         self._record_lock = threading.RLock()
         self._reports.lock = self._record_lock
-        #: The deliveries being sent (taken in the ledger, :meth:`Ledger.claim_deliveries`,
-        #: so that another exporter process does not send them too); guarded by
-        #: ``_record_lock``, and renewed every :data:`CLAIM_RENEW_S`.
-        self._claimed: set[int] = set()
+        #: The deliveries being sent, and the claim each was taken under (in the ledger,
+        #: :meth:`Ledger.claim_deliveries`, so that another exporter process does not send
+        #: them too); guarded by ``_record_lock``, and renewed every :data:`CLAIM_RENEW_S`.
+        self._claimed: dict[int, str] = {}
+        #: Those of them another process has taken over (this one stalled past its claim: a
+        #: send that hung, a pause of the process or its VM, a ledger outage): no longer
+        #: renewed, and their outcome is not recorded over the other's.
+        self._lost: set[int] = set()
         self._renewed_at = time.monotonic()
 
     def tick(self, *, wait: bool | None = None) -> int:
@@ -164,9 +171,12 @@ class Exporter:
             busy = list(self._sending)
         due = self.ledger.due_deliveries(limit=DUE_LIMIT, exclude=busy)
         by_dest: dict[str, list[DueDelivery]] = defaultdict(list)
+        claim = new_claim()
         with self._record_lock:
-            taken = self.ledger.claim_deliveries([d.id for d in due], lease_s=self._claim_s())
-            self._claimed |= taken
+            taken = self.ledger.claim_deliveries(
+                [d.id for d in due], lease_s=self._claim_s(), claim=claim
+            )
+            self._claimed.update(dict.fromkeys(taken, claim))
         for d in due:
             if d.id in taken:  # else another exporter process took it
                 by_dest[d.destination].append(d)
@@ -196,28 +206,63 @@ class Exporter:
         ``timeout_s``)."""
         return 3 * self.settings.exporter.timeout_s + 60.0
 
+    def _by_claim(self, delivery_ids: Iterable[int]) -> dict[str, list[int]]:
+        """Deliveries being sent, by the claim they were taken under (``_record_lock``
+        held)."""
+        grouped: dict[str, list[int]] = defaultdict(list)
+        for delivery_id in sorted(delivery_ids):
+            grouped[self._claimed[delivery_id]].append(delivery_id)
+        return grouped
+
     def _renew_claims(self) -> None:
-        """Every :data:`CLAIM_RENEW_S`: keep the deliveries being sent taken."""
+        """Every :data:`CLAIM_RENEW_S`: keep the deliveries being sent taken; those another
+        process has taken over since this one's claim ran out are not renewed again."""
         now = time.monotonic()
         if now - self._renewed_at < CLAIM_RENEW_S:
             return
         self._renewed_at = now
         with self._record_lock:
-            if self._claimed:
-                self.ledger.renew_delivery_claims(sorted(self._claimed), lease_s=self._claim_s())
+            for claim, ids in self._by_claim(set(self._claimed) - self._lost).items():
+                lost = set(ids) - self.ledger.renew_delivery_claims(
+                    ids, lease_s=self._claim_s(), claim=claim
+                )
+                if lost:
+                    self._lost |= lost
+                    log.warning(
+                        "%d delivery(ies) being sent were taken over by another exporter (this"
+                        " one's claim ran out) or settled: their outcome here is not recorded",
+                        len(lost),
+                    )
 
     def _record(self, attempts: list[DeliveryAttempt]) -> None:
-        """Record a send's attempts; its deliveries are no longer taken by this process."""
+        """Record a send's attempts, each under the claim its delivery was taken with; its
+        deliveries are no longer taken by this process. One another process has taken over
+        meanwhile keeps that one's outcome (the objects it sent again are the same: the
+        destination keeps one of each)."""
         with self._record_lock:
-            self._claimed -= {a.delivery_id for a in attempts}
-            self.ledger.record_deliveries(attempts)
+            # "" names no claim: a delivery this process does not hold is not recorded
+            claimed = [replace(a, claim=self._claimed.pop(a.delivery_id, "")) for a in attempts]
+            self._lost -= {a.delivery_id for a in attempts}
+            recorded = self.ledger.record_deliveries(claimed)
+        if len(recorded) < len(attempts):
+            log.warning(
+                "%d of %d attempt(s) not recorded: another exporter took those deliveries over"
+                " after this one's claim ran out, or they were settled meanwhile",
+                len(attempts) - len(recorded),
+                len(attempts),
+            )
 
     def _release(self, delivery_ids: list[int]) -> None:
         """Give back deliveries taken and not attempted (the send was stopped before their
-        turn): due again at once, for the next exporter."""
+        turn): due again at once, for the next exporter; not those another process has
+        taken over since."""
         with self._record_lock:
-            self._claimed -= set(delivery_ids)
-            self.ledger.release_delivery_claims(delivery_ids)
+            held = [i for i in delivery_ids if i in self._claimed]
+            for claim, ids in self._by_claim(held).items():
+                self.ledger.release_delivery_claims(ids, claim=claim)
+            for delivery_id in delivery_ids:
+                self._claimed.pop(delivery_id, None)
+                self._lost.discard(delivery_id)
 
     def _send_then_wake(self, dest_name: str, items: list[DueDelivery]) -> None:
         """A destination's send in its own thread; then the loop looks again at once (the
@@ -238,7 +283,9 @@ class Exporter:
             log.exception("sending to %s failed; its results are tried again", dest_name)
         finally:  # those not recorded are taken again once their claim runs out
             with self._record_lock:
-                self._claimed -= {d.id for d in items}
+                for d in items:
+                    self._claimed.pop(d.id, None)
+                    self._lost.discard(d.id)
 
     def _withdraw_replaced(self) -> int:
         """Every :data:`REPLACED_EVERY_S`: withdraw the results a later analysis by another
@@ -279,30 +326,48 @@ class Exporter:
         for dest in self._committing:
             if dest.name in sending:
                 continue
+            claim = new_claim()
             with self._record_lock:
                 due = self.ledger.commitments_due(
                     dest.name,
                     wait_s=dest.commitment_wait_s,
                     max_requests=self.settings.exporter.max_attempts,
+                    claim=claim,
                 )
             for start in range(0, len(due), MAX_REFERENCES):
-                self._request_commitment(dest, due[start : start + MAX_REFERENCES])
+                self._request_commitment(dest, due[start : start + MAX_REFERENCES], claim)
             asked += len(due)
         return asked
 
-    def _request_commitment(self, dest: Destination, items: list[AwaitedCommitment]) -> None:
+    def _request_commitment(
+        self, dest: Destination, items: list[AwaitedCommitment], claim: str
+    ) -> None:
+        """Ask ``dest`` to commit ``items``, taken under ``claim``: not those another process
+        has taken since (this one stalled longer than ``commitment_wait_s``), nor its outcome
+        for them."""
         assert dest.ae_title is not None and dest.host is not None and dest.port is not None
-        ids = [i.delivery_id for i in items]
         transaction_uid = new_transaction_uid()
         # Recorded first: the report may come back before the request's answer does.
         with self._record_lock:
-            self.ledger.commitment_requested(ids, transaction_uid)
+            ids = self.ledger.commitment_requested(
+                [i.delivery_id for i in items], transaction_uid, claim=claim
+            )
+        if len(ids) < len(items):
+            log.warning(
+                "%d stored result(s) to ask %s to commit were taken by another exporter (this"
+                " one's claim ran out): not asked for here",
+                len(items) - len(ids),
+                dest.name,
+            )
+            items = [i for i in items if i.delivery_id in set(ids)]
+            if not items:
+                return
         try:
             tls = tls_args(dest)
         except TlsConfigError as exc:
             result_error = f"TLS configuration of {dest.name!r}: {exc}"
             with self._record_lock:
-                self.ledger.commitment_request_failed(ids, result_error)
+                self.ledger.commitment_request_failed(ids, result_error, claim=claim)
             log.error("cannot ask %s for storage commitment: %s", dest.name, result_error)
             metrics.COMMITMENT_REQUESTS.labels(dest.name, "failed").inc()
             return
@@ -320,7 +385,7 @@ class Exporter:
         if result.accepted:
             metrics.COMMITMENT_REQUESTS.labels(dest.name, "accepted").inc()
             with self._record_lock:
-                self.ledger.commitment_request_answered(ids)
+                self.ledger.commitment_request_answered(ids, claim=claim)
             log.info("asked %s to commit %d stored result(s)", dest.name, len(items))
             return
         metrics.COMMITMENT_REQUESTS.labels(dest.name, "failed").inc()
@@ -330,6 +395,7 @@ class Exporter:
                 result.error,
                 unreachable=result.unreachable,
                 outage_patience_s=self.settings.exporter.outage_patience_s,
+                claim=claim,
             )
         log.warning(
             "storage commitment request to %s for %d result(s) failed: %s (asked again in %g s)",

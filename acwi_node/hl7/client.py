@@ -38,6 +38,7 @@ from acwi_node.hl7.messages import (
 )
 from acwi_node.hl7.mllp import FramingError, frame, read_frame_sync
 from acwi_node.ledger import Ledger
+from acwi_node.ledger.repository import SUPERSEDED
 from acwi_node.observability.logging import REDACTED, LoopFailures
 
 log = logging.getLogger("acwi_node.hl7")
@@ -357,7 +358,8 @@ class OruSender:
                 break
             # Connect, send and the ACK may each take ``timeout_s``: another hl7 process
             # sharing the ledger leaves the message alone until this attempt has surely ended.
-            if not self.ledger.claim_hl7_outbound(item.id, lease_s=3 * self.ris.timeout_s + 60):
+            claim = self.ledger.claim_hl7_outbound(item.id, lease_s=3 * self.ris.timeout_s + 60)
+            if claim is None:
                 continue  # another hl7 process took it
             delivered, final, code, error = False, False, "", ""
             unreachable = False
@@ -389,7 +391,14 @@ class OruSender:
                 final=final,
                 unreachable=unreachable,
                 outage_patience_s=self.ris.outage_patience_s,
+                claim=claim,
             )
+            if state == SUPERSEDED:
+                log.warning(
+                    "ORU %s: another hl7 process took it over (this one's claim ran out):"
+                    " this attempt's outcome is not recorded",
+                    item.control_id,
+                )
             audit(
                 AuditEvent.RESULTS_SENT,
                 outcome=Outcome.SUCCESS if delivered else Outcome.MINOR_FAILURE,

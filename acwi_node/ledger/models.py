@@ -430,6 +430,10 @@ class Delivery(Base):
     #: (an outage: not counted in ``attempts``, ``exporter.outage_patience_s``).
     unreachable_since: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     outage_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: The claim of the process sending it now (:meth:`Ledger.claim_deliveries`), a random
+    #: token: renewals, give-backs and outcomes name it, and change nothing once another
+    #: process has taken the delivery over (the first stalled past its claim).
+    claim_token: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
     result: Mapped[Result] = relationship(back_populates="deliveries")
 
@@ -557,6 +561,9 @@ class Hl7Outbound(Base):
     #: in ``attempts``; ``hl7.ris.outage_patience_s``).
     unreachable_since: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     outage_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: The claim of the process sending it now (:meth:`Ledger.claim_attempt`): its outcome
+    #: names it, and changes nothing once another process has taken the message over.
+    claim_token: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
     __table_args__ = (
         UniqueConstraint("job_id", "kind"),
@@ -593,6 +600,9 @@ class Notification(Base):
     #: and the attempts it took (not counted in ``attempts``; ``outage_patience_s``).
     unreachable_since: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     outage_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: The claim of the process sending it now (:meth:`Ledger.claim_attempt`): its outcome
+    #: names it, and changes nothing once another process has taken the message over.
+    claim_token: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
     __table_args__ = (
         UniqueConstraint("target", "key"),

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -212,6 +213,9 @@ class DeliveryAttempt:
     #: delivery fails only once the destination has been unreachable that long.
     unreachable: bool = False
     outage_patience_s: float = 0.0
+    #: The claim the attempt was made under (:meth:`Ledger.claim_deliveries`): not recorded
+    #: if another process has taken the delivery over since. None: recorded whoever holds it.
+    claim: str | None = None
 
 
 @dataclass(frozen=True)
@@ -235,6 +239,10 @@ class CommitmentOutcome:
     #: Whether the transaction was one of this ledger's (a request still awaited).
     known: bool = False
 
+
+#: What :meth:`Ledger.record_hl7_attempt` answers for an attempt whose claim another process
+#: has taken over: nothing recorded.
+SUPERSEDED = "superseded"
 
 #: Job priority given to the jobs of a study whose order is STAT; jobs at or above it go to the
 #: high-priority analysis queue.
@@ -607,6 +615,19 @@ def _hold_claim(s: Session, job_id: int, claim: JobClaim | None) -> bool:
         held += [Job.started_at == claim.started_at, Job.attempts == claim.attempts]
     result = s.execute(update(Job).where(*held).values(heartbeat_at=utcnow()))
     return bool(getattr(result, "rowcount", 0))
+
+
+def new_claim() -> str:
+    """A claim token: one process's claim on outbox rows it sends (deliveries, ORU^R01
+    messages, notifications), written with the claim and named by each later write."""
+    return uuid.uuid4().hex
+
+
+def _held_by(table: Any, claim: str | None) -> list[Any]:
+    """The condition that an outbox row of ``table`` is still under ``claim`` (None: under
+    anyone's): a write that names a claim another process has since replaced (the first
+    stalled past its lease, and the second took the row over) changes nothing."""
+    return [] if claim is None else [table.claim_token == claim]
 
 
 def _forget_requests(s: Session, delivery_ids: Sequence[int]) -> None:
@@ -1895,11 +1916,16 @@ class Ledger:
                 for d, path, study_uid in rows
             ]
 
-    def claim_deliveries(self, delivery_ids: Sequence[int], *, lease_s: float) -> set[int]:
+    def claim_deliveries(
+        self, delivery_ids: Sequence[int], *, lease_s: float, claim: str | None = None
+    ) -> set[int]:
         """Take due deliveries for one attempt: their next attempt moves ``lease_s`` past now,
         so that another exporter process sharing the ledger does not send them too (the
         taker renews the lease while it sends, :meth:`renew_delivery_claims`). Returns the
-        ids taken: those still pending and due (not taken by another process meanwhile)."""
+        ids taken: those still pending and due (not taken by another process meanwhile).
+
+        ``claim`` (:func:`new_claim`) names this claim: the renewals, give-backs and outcomes
+        that name it change nothing once another process has taken a delivery over."""
         if not delivery_ids:
             return set()
         now = utcnow()
@@ -1911,31 +1937,41 @@ class Ledger:
                     Delivery.state == DeliveryState.PENDING,
                     Delivery.next_attempt_at <= now,
                 )
-                .values(next_attempt_at=now + dt.timedelta(seconds=lease_s))
+                .values(next_attempt_at=now + dt.timedelta(seconds=lease_s), claim_token=claim)
                 .returning(Delivery.id)
             )
             return {int(row[0]) for row in taken}
 
-    def renew_delivery_claims(self, delivery_ids: Sequence[int], *, lease_s: float) -> None:
+    def renew_delivery_claims(
+        self, delivery_ids: Sequence[int], *, lease_s: float, claim: str | None = None
+    ) -> set[int]:
         """Keep the deliveries being sent (:meth:`claim_deliveries`) taken for ``lease_s``
-        more; an exporter that dies leaves them due again once its last lease runs out."""
+        more; an exporter that dies leaves them due again once its last lease runs out.
+        Returns the ids still held: with ``claim``, those still under it (not those another
+        process took over after this claim ran out, nor those settled)."""
         if not delivery_ids:
-            return
+            return set()
         with self.session() as s:
-            s.execute(
+            held = s.execute(
                 update(Delivery)
                 .where(
                     Delivery.id.in_(list(delivery_ids)),
                     Delivery.state == DeliveryState.PENDING,
+                    *_held_by(Delivery, claim),
                 )
                 .values(next_attempt_at=utcnow() + dt.timedelta(seconds=lease_s))
+                .returning(Delivery.id)
             )
+            return {int(row[0]) for row in held}
 
-    def release_delivery_claims(self, delivery_ids: Sequence[int]) -> int:
+    def release_delivery_claims(
+        self, delivery_ids: Sequence[int], *, claim: str | None = None
+    ) -> int:
         """Give back deliveries taken (:meth:`claim_deliveries`) and not attempted: a send
         stopped before their turn. They are due again at once, for any exporter, with no
-        attempt counted; returns how many. Only the taker calls this, while its claim lasts
-        (it renews it until then); one already due is left as it is."""
+        attempt counted; returns how many. Only the taker calls this, naming its ``claim``:
+        one another process has taken over since is left to it, and one already due is left
+        as it is."""
         if not delivery_ids:
             return 0
         now = utcnow()
@@ -1946,8 +1982,9 @@ class Ledger:
                     Delivery.id.in_(list(delivery_ids)),
                     Delivery.state == DeliveryState.PENDING,
                     Delivery.next_attempt_at > now,
+                    *_held_by(Delivery, claim),
                 )
-                .values(next_attempt_at=now)
+                .values(next_attempt_at=now, claim_token=None)
                 .returning(Delivery.id)
             )
             return len(released.all())
@@ -1961,16 +1998,21 @@ class Ledger:
         error: str,
         max_attempts: int,
         backoff_s: float,
-    ) -> None:
-        """Record one attempt; a delivery fails for good after ``max_attempts``."""
-        self.record_deliveries(
-            [DeliveryAttempt(delivery_id, delivered, status, error, max_attempts, backoff_s)]
+        claim: str | None = None,
+    ) -> bool:
+        """Record one attempt; a delivery fails for good after ``max_attempts``. Whether it
+        was recorded (see :meth:`record_deliveries`)."""
+        attempt = DeliveryAttempt(
+            delivery_id, delivered, status, error, max_attempts, backoff_s, claim=claim
         )
+        return bool(self.record_deliveries([attempt]))
 
-    def record_deliveries(self, attempts: Sequence[DeliveryAttempt]) -> None:
+    def record_deliveries(self, attempts: Sequence[DeliveryAttempt]) -> set[int]:
         """Record attempts in one transaction; each job's state follows its deliveries once
         (one association's objects, a job's SR and heatmaps, are recorded together: looking
-        at every delivery of the job after each one cost O(n²))."""
+        at every delivery of the job after each one cost O(n²)). Returns the ids recorded:
+        not those settled meanwhile, nor those whose attempt names a claim another process
+        has replaced (it took the delivery over: its own outcome stands)."""
         now = utcnow()
         with self.session() as s:
             _lock_jobs(
@@ -1982,10 +2024,15 @@ class Ledger:
                 ),
             )
             jobs: set[int] = set()
+            recorded: set[int] = set()
             for attempt in attempts:
                 d = s.get_one(Delivery, attempt.delivery_id, with_for_update=True)
-                if d.state != DeliveryState.PENDING:
+                if d.state != DeliveryState.PENDING or (
+                    attempt.claim is not None and d.claim_token != attempt.claim
+                ):
                     continue
+                recorded.add(d.id)
+                d.claim_token = None
                 d.last_status = attempt.status
                 d.last_error = attempt.error[:2000]
                 jobs.add(d.job_id)
@@ -2016,10 +2063,17 @@ class Ledger:
             s.flush()
             for job_id in sorted(jobs):
                 self._sync_job_delivery(s, job_id)
+            return recorded
 
     # ------------------------------------------------------- storage commitment
     def commitments_due(
-        self, destination: str, *, wait_s: float, max_requests: int, limit: int = 1000
+        self,
+        destination: str,
+        *,
+        wait_s: float,
+        max_requests: int,
+        limit: int = 1000,
+        claim: str | None = None,
     ) -> list[AwaitedCommitment]:
         """Results ``destination`` stored whose storage commitment is to be requested now:
         never requested, or requested ``wait_s`` ago or more with no report since. One
@@ -2029,7 +2083,9 @@ class Ledger:
         Those returned are taken for the caller's request: their request time moves to now
         (by one conditional update, so that another exporter process sharing the ledger, on
         PostgreSQL or SQLite, does not ask for them too); one that dies before asking leaves
-        them to be asked for again once ``wait_s`` has passed."""
+        them to be asked for again once ``wait_s`` has passed. ``claim`` (:func:`new_claim`)
+        names this taking: the request recorded for it, and its outcome, change nothing once
+        another process has taken the results again (this one stalled longer than ``wait_s``)."""
         now = utcnow()
         due_again = (Delivery.commitment_requested_at.is_(None)) | (
             Delivery.commitment_requested_at <= now - dt.timedelta(seconds=wait_s)
@@ -2090,36 +2146,46 @@ class Ledger:
                         Delivery.state == DeliveryState.COMMITTING,
                         due_again,
                     )
-                    .values(commitment_requested_at=now)
+                    .values(commitment_requested_at=now, claim_token=claim)
                     .returning(Delivery.id)
                     .execution_options(synchronize_session=False)
                 )
             }
             return [c for c in due if c.delivery_id in taken]  # else another process took it
 
-    def commitment_requested(self, delivery_ids: Sequence[int], transaction_uid: str) -> None:
+    def commitment_requested(
+        self, delivery_ids: Sequence[int], transaction_uid: str, *, claim: str | None = None
+    ) -> list[int]:
         """Record, before it is sent, a storage commitment request for ``delivery_ids`` under
         ``transaction_uid`` (the destination may report before the request's answer is
-        back)."""
+        back). Returns those recorded, to be asked for: with ``claim``
+        (:meth:`commitments_due`), not those another process has taken since."""
         if not delivery_ids:
-            return
+            return []
         now = utcnow()
         with self.session() as s:
-            s.execute(
+            held = s.execute(
                 update(Delivery)
-                .where(Delivery.id.in_(delivery_ids), Delivery.state == DeliveryState.COMMITTING)
+                .where(
+                    Delivery.id.in_(delivery_ids),
+                    Delivery.state == DeliveryState.COMMITTING,
+                    *_held_by(Delivery, claim),
+                )
                 .values(
                     commitment_uid=transaction_uid,
                     commitment_requested_at=now,
                     commitment_requests=Delivery.commitment_requests + 1,
                     last_error="",
                 )
+                .returning(Delivery.id)
             )
+            asked = sorted(int(row[0]) for row in held)
             # a report on this request still applies once the node has asked again
             s.add_all(
                 CommitmentRequest(transaction_uid=transaction_uid, delivery_id=i, requested_at=now)
-                for i in delivery_ids
+                for i in asked
             )
+            return asked
 
     def commitment_request_failed(
         self,
@@ -2128,12 +2194,13 @@ class Ledger:
         *,
         unreachable: bool = False,
         outage_patience_s: float = 0.0,
+        claim: str | None = None,
     ) -> None:
         """Record why a storage commitment request failed (it is made again after the
         destination's ``commitment_wait_s``). One that could not reach the destination
         (``unreachable``, with ``outage_patience_s`` > 0) is not counted against the requests
         allowed, until the destination has been unreachable that long: then the results
-        fail, saying since when."""
+        fail, saying since when. With ``claim``, not those another process has taken since."""
         if not delivery_ids:
             return
         now = utcnow()
@@ -2145,6 +2212,7 @@ class Ledger:
                 select(Delivery).where(
                     Delivery.id.in_(list(delivery_ids)),
                     Delivery.state == DeliveryState.COMMITTING,
+                    *_held_by(Delivery, claim),
                 )
             ).all()
             failed: set[int] = set()
@@ -2168,14 +2236,21 @@ class Ledger:
             for job_id in sorted(failed):
                 self._sync_job_delivery(s, job_id)
 
-    def commitment_request_answered(self, delivery_ids: Sequence[int]) -> None:
-        """A storage commitment request the destination accepted: no outage any more."""
+    def commitment_request_answered(
+        self, delivery_ids: Sequence[int], *, claim: str | None = None
+    ) -> None:
+        """A storage commitment request the destination accepted: no outage any more (with
+        ``claim``, not for those another process has taken since)."""
         if not delivery_ids:
             return
         with self.session() as s:
             s.execute(
                 update(Delivery)
-                .where(Delivery.id.in_(list(delivery_ids)), Delivery.unreachable_since.is_not(None))
+                .where(
+                    Delivery.id.in_(list(delivery_ids)),
+                    Delivery.unreachable_since.is_not(None),
+                    *_held_by(Delivery, claim),
+                )
                 .values(unreachable_since=None, outage_attempts=0)
             )
 
@@ -2764,9 +2839,9 @@ class Ledger:
                 DueHl7(r.id, r.control_id, r.message, r.attempts + r.outage_attempts) for r in rows
             ]
 
-    def claim_hl7_outbound(self, outbound_id: int, *, lease_s: float) -> bool:
+    def claim_hl7_outbound(self, outbound_id: int, *, lease_s: float) -> str | None:
         """Take a due ORU for one attempt, so that another ``hl7`` process sharing the ledger
-        does not send it too (:meth:`claim_attempt`)."""
+        does not send it too (:meth:`claim_attempt`): the claim's token, or None."""
         return self.claim_attempt(Hl7Outbound, outbound_id, lease_s=lease_s)
 
     def claim_attempt(
@@ -2776,13 +2851,16 @@ class Ledger:
         *,
         lease_s: float,
         due_at: dt.datetime | None = None,
-    ) -> bool:
+    ) -> str | None:
         """Take a pending message that is due (at ``due_at``, default now) for one attempt:
         its next attempt moves ``lease_s`` past now (longer than the attempt can take), so
-        that another process sharing the ledger does not send it too. False when it is not
-        due any more (another process took it, or it was settled meanwhile); a process that
-        dies holding it leaves it to be sent again once the lease has run out."""
+        that another process sharing the ledger does not send it too. Returns the claim's
+        token, which the attempt's outcome names (it changes nothing once another process
+        has taken the message over); None when it is not due any more (another process took
+        it, or it was settled meanwhile). A process that dies holding it leaves it to be sent
+        again once the lease has run out."""
         now = utcnow()
+        claim = new_claim()
         with self.session() as s:
             taken = s.execute(
                 update(table)
@@ -2791,9 +2869,9 @@ class Ledger:
                     table.state == DeliveryState.PENDING,
                     table.next_attempt_at <= (now if due_at is None else due_at),
                 )
-                .values(next_attempt_at=now + dt.timedelta(seconds=lease_s))
+                .values(next_attempt_at=now + dt.timedelta(seconds=lease_s), claim_token=claim)
             )
-            return bool(cast(Any, taken).rowcount)
+            return claim if cast(Any, taken).rowcount else None
 
     def record_hl7_attempt(
         self,
@@ -2807,15 +2885,21 @@ class Ledger:
         final: bool = False,
         unreachable: bool = False,
         outage_patience_s: float = 0.0,
+        claim: str | None = None,
     ) -> str:
         """Record one send; ``final`` (a rejection) fails it at once; ``unreachable`` (no
         connection) with ``outage_patience_s`` > 0 is an outage, not counted against
-        ``max_attempts`` until the RIS has been unreachable that long. Returns the new state."""
+        ``max_attempts`` until the RIS has been unreachable that long. Returns the new state;
+        :data:`SUPERSEDED`, recording nothing, when ``claim`` (:meth:`claim_hl7_outbound`) is
+        no longer the message's: another process took it over after the claim ran out."""
         now = utcnow()
         with self.session() as s:
             row = s.get_one(Hl7Outbound, outbound_id, with_for_update=True)
             if row.state != DeliveryState.PENDING:
                 return row.state.value
+            if claim is not None and row.claim_token != claim:
+                return SUPERSEDED
+            row.claim_token = None
             row.last_ack_code = ack_code[:2]
             row.last_error = error[:2000]
             if unreachable and outage_patience_s > 0:

@@ -170,7 +170,8 @@ class Notifier:
             if self._stop.is_set():
                 break
             target = self.targets.get(name)
-            if not self._claim(row_id, now, target):
+            claim = self._claim(row_id, now, target)
+            if claim is None:
                 continue  # another exporter process took it
             if target is None:
                 outcome = PostOutcome(False, None, f"no [[notify]] named {name!r} now", False)
@@ -180,7 +181,7 @@ class Notifier:
                 outcome = post_notification(target, payload)
                 if outcome.unreachable:
                     unreachable[name] = outcome
-            state = self._record(row_id, target, attempts, outcome)
+            state = self._record(row_id, target, attempts, outcome, claim)
             if outcome.delivered:
                 log.info("notify %s: %s delivered", name, key)
             elif state == DeliveryState.FAILED:
@@ -190,14 +191,30 @@ class Notifier:
         return len(due)
 
     def _record(
-        self, row_id: int, target: NotifyTarget | None, attempts: int, outcome: PostOutcome
+        self,
+        row_id: int,
+        target: NotifyTarget | None,
+        attempts: int,
+        outcome: PostOutcome,
+        claim: str | None = None,
     ) -> DeliveryState:
         """Keep how the attempt went; returns the notification's state after it. An outage
         (:func:`~acwi_node.ledger.repository.outage_attempt`) is not counted in ``attempts``
-        until the webhook has been unreachable for its ``outage_patience_s``."""
+        until the webhook has been unreachable for its ``outage_patience_s``. Nothing is kept
+        when ``claim`` is no longer the notification's (this process stalled past it, and
+        another took the notification over: its outcome stands)."""
         now = utcnow()
         with self.ledger.session() as s:
             row = s.get_one(Notification, row_id, with_for_update=True)
+            if claim is not None and row.claim_token != claim:
+                log.warning(
+                    "notify %s: another process took notification %d over (this one's claim"
+                    " ran out): this attempt's outcome is not recorded",
+                    row.target,
+                    row_id,
+                )
+                return row.state
+            row.claim_token = None
             row.last_status = outcome.status
             row.last_error = outcome.error[:2000]
             if outcome.unreachable and target is not None and target.outage_patience_s > 0:
@@ -223,9 +240,10 @@ class Notifier:
                 row.next_attempt_at = now + dt.timedelta(seconds=backoff_s(attempts))
             return row.state
 
-    def _claim(self, row_id: int, now: dt.datetime, target: NotifyTarget | None) -> bool:
+    def _claim(self, row_id: int, now: dt.datetime, target: NotifyTarget | None) -> str | None:
         """Take a due notification for one attempt: its next attempt moves past the attempt's
-        longest wait, so that a second exporter process does not POST it too."""
+        longest wait, so that a second exporter process does not POST it too. The claim's
+        token, or None (another process took it)."""
         lease = (target.timeout_s if target is not None else 0.0) + 60.0
         return self.ledger.claim_attempt(Notification, row_id, lease_s=lease, due_at=now)
 

@@ -36,11 +36,11 @@ def _job_for_two_destinations(ledger: Ledger, n: int) -> tuple[str, dict[str, in
     return study, due
 
 
-def _at_once(*calls: Callable[[], None]) -> None:
+def _at_once(*calls: Callable[[], object]) -> None:
     start = threading.Barrier(len(calls))
     errors: list[BaseException] = []
 
-    def run(call: Callable[[], None]) -> None:
+    def run(call: Callable[[], object]) -> None:
         start.wait()
         try:
             call()

@@ -25,7 +25,8 @@ from acwi_node.ledger import (
     RoutedJob,
     StudyFacts,
 )
-from acwi_node.ledger.models import Instance, Study, StudyState, utcnow
+from acwi_node.ledger.models import Hl7Outbound, Instance, Study, StudyState, utcnow
+from acwi_node.ledger.repository import SUPERSEDED
 from acwi_node.routing.rules import decide_routes, explain_no_route
 from tests.support.study_flow import deliver, dx_record
 
@@ -625,6 +626,35 @@ def test_a_result_oru_promised_with_the_results_is_built_once(db: Ledger) -> Non
     assert db.hl7_outbound_to_build() == []
     assert [(d.control_id, d.message) for d in db.due_hl7_outbound()] == [("ACWI1RT1", "MSH|...")]
     assert db.unbuilt_hl7_outbound(job_id, "result") is None
+
+
+def test_an_hl7_process_that_stalled_past_its_claim_records_nothing_over_the_next_takers(
+    db: Ledger,
+) -> None:
+    """An ``hl7`` process took an ORU^R01 and stalled past its claim; another took it over.
+    The first's outcome (a rejection: failed for good) is not recorded; the second's is."""
+    r = db.record_instance(rec(), first_in_association=False)
+    (job_id,) = db.complete_study(r.study_id, 1, route_all)
+    outbound = db.add_hl7_outbound(job_id=job_id, kind="result", control_id="C1", message="MSH|")
+    assert outbound is not None
+    first = db.claim_hl7_outbound(outbound, lease_s=600)
+    assert first is not None
+    assert db.claim_hl7_outbound(outbound, lease_s=600) is None  # its claim lasts
+    with db.session() as s:  # the first stalls: its claim runs out
+        s.execute(update(Hl7Outbound).values(next_attempt_at=utcnow() - dt.timedelta(seconds=1)))
+    second = db.claim_hl7_outbound(outbound, lease_s=600)
+    assert second is not None and second != first
+    rejected = db.record_hl7_attempt(
+        outbound, delivered=False, ack_code="AR", error="unknown patient", max_attempts=3,
+        backoff_s=1, final=True, claim=first,
+    )  # fmt: skip
+    assert rejected == SUPERSEDED
+    assert [(o["state"], o["attempts"]) for o in db.hl7_outbound("1.2.3")] == [("pending", 0)]
+    assert db.record_hl7_attempt(
+        outbound, delivered=True, ack_code="AA", error="", max_attempts=3, backoff_s=1,
+        claim=second,
+    ) == "delivered"  # fmt: skip
+    assert [(o["state"], o["attempts"]) for o in db.hl7_outbound("1.2.3")] == [("delivered", 1)]
 
 
 def test_full_lifecycle_to_delivered(db: Ledger) -> None:

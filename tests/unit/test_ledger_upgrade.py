@@ -14,7 +14,7 @@ from sqlalchemy import inspect, text
 from acwi_node.cli import main
 from acwi_node.config import load_settings
 from acwi_node.ledger import Ledger
-from acwi_node.ledger.repository import LedgerSchemaError
+from acwi_node.ledger.repository import LedgerSchemaError, new_claim
 from tests.support.study_flow import analyse, deliver, delivered_study, dx_record, receive
 
 
@@ -81,6 +81,42 @@ def test_an_earlier_ledger_gets_the_columns_and_indexes_it_lacks(
         caplog.clear()
         Ledger(database_url).dispose()  # nothing left to add: nothing logged
         assert "upgraded" not in caplog.text
+    finally:
+        upgraded.dispose()
+
+
+def test_an_earlier_ledgers_outbox_gets_claim_tokens_and_is_sent_from(
+    ledger: Ledger, database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ledger of the version before claim tokens, with a delivery taken by its exporter
+    when it stopped: the columns are added, and the new exporter takes the delivery once
+    that claim has run out, renews it and records its outcome under its own claim."""
+    settings = load_settings(
+        None, node={"data_dir": tmp_path / "data", "database_url": database_url}
+    )
+    receive(settings, ledger, "1.2.3", "1.2.3.1")
+    analyse(settings, ledger, "1.2.3")
+    (due,) = ledger.due_deliveries()
+    assert ledger.claim_deliveries([due.id], lease_s=0) == {due.id}  # the old exporter's
+    with ledger.engine.begin() as conn:
+        for table in ("deliveries", "hl7_outbound", "notifications"):
+            conn.execute(text(f"ALTER TABLE {table} DROP COLUMN claim_token"))
+    ledger.dispose()
+
+    with caplog.at_level(logging.WARNING, logger="acwi_node.ledger"):
+        upgraded = Ledger(database_url)
+    try:
+        for table in ("deliveries", "hl7_outbound", "notifications"):
+            assert "claim_token" in columns(upgraded, table)
+            assert f"{table}.claim_token" in caplog.text
+        claim = new_claim()
+        assert upgraded.claim_deliveries([due.id], lease_s=600, claim=claim) == {due.id}
+        assert upgraded.renew_delivery_claims([due.id], lease_s=600, claim=claim) == {due.id}
+        assert upgraded.record_delivery(
+            due.id, delivered=True, status=0, error="", max_attempts=1, backoff_s=1, claim=claim
+        )
+        view = upgraded.get_study("1.2.3")
+        assert view is not None and view["state"] == "delivered"
     finally:
         upgraded.dispose()
 

@@ -5,6 +5,7 @@ it points. On SQLite and (integration) PostgreSQL."""
 
 from __future__ import annotations
 
+import datetime as dt
 import socket
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,11 +13,11 @@ from threading import Thread
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from acwi_node.config import Settings
 from acwi_node.ledger import Ledger
-from acwi_node.ledger.models import Notification
+from acwi_node.ledger.models import Notification, utcnow
 from acwi_node.notify import Notifier
 from tests.support.webhook import WebhookServer
 from tests.unit.test_notify import _case, _settings
@@ -124,3 +125,51 @@ def test_a_redirect_fails_at_once_and_says_where_it_points(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_notifier_that_stalled_past_its_claim_records_nothing_over_the_next_takers(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    """Exporter A's POST hangs past its claim; exporter B takes the notification over and
+    delivers it. A's answer (a redirect: failed for good) is then not recorded over B's."""
+    base, ledger = ledger_node
+    others: list[Notifier] = []
+    posts: list[int] = []
+
+    class _TakenOver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (the http.server name)
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            posts.append(1)
+            if len(posts) == 1:  # A's POST: it hangs past its claim, and B takes it over
+                with ledger.session() as s:
+                    s.execute(
+                        update(Notification).values(
+                            next_attempt_at=utcnow() - dt.timedelta(seconds=1)
+                        )
+                    )
+                others[0].tick()
+                self.send_response(301)
+                self.send_header("Location", "https://chat.example.org/hooks/acwi")
+            else:
+                self.send_response(204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _TakenOver)
+    Thread(target=server.serve_forever, daemon=True).start()
+    other_ledger = Ledger(ledger.url)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/hooks/acwi"
+        settings = _settings(base, {"name": "chat", "url": url})
+        _case(settings, ledger, "1.2.3")
+        others.append(Notifier(settings, other_ledger))
+        Notifier(settings, ledger).tick()
+        assert len(posts) == 2
+        (row,) = _rows(ledger, "chat")
+        assert (row.state.value, row.attempts, row.last_status) == ("delivered", 1, 204)
+    finally:
+        server.shutdown()
+        other_ledger.dispose()

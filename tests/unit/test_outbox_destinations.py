@@ -15,13 +15,14 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import evt
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from acwi_node.config import Settings, load_settings
 from acwi_node.export import outbox
 from acwi_node.export.outbox import Exporter
-from acwi_node.ledger import Ledger, ResultFile, RoutedJob, StudyFacts
+from acwi_node.ledger import DeliveryAttempt, Ledger, ResultFile, RoutedJob, StudyFacts
 from acwi_node.ledger.models import Delivery, utcnow
+from acwi_node.ledger.repository import new_claim
 from tests.support import SECONDARY_CAPTURE_IMAGE_STORAGE, write_secondary_capture
 from tests.support.node import NodeProcesses, write_config
 from tests.support.scripted_scp import ScriptedScp
@@ -29,7 +30,12 @@ from tests.support.study_flow import dx_record
 
 
 def _settings(
-    tmp_path: Path, db: Ledger, ports: dict[str, int], *, timeout_s: float = 10
+    tmp_path: Path,
+    db: Ledger,
+    ports: dict[str, int],
+    *,
+    timeout_s: float = 10,
+    max_attempts: int = 5,
 ) -> Settings:
     return load_settings(
         None,
@@ -40,7 +46,7 @@ def _settings(
             for name, port in ports.items()
         ],
         exporter={"timeout_s": timeout_s, "poll_interval_s": 0.05, "backoff_initial_s": 30,
-                  "withdraw_replaced": False},
+                  "withdraw_replaced": False, "max_attempts": max_attempts},
     )  # fmt: skip
 
 
@@ -422,3 +428,107 @@ def test_deliveries_taken_by_an_exporter_that_died_are_taken_again_once_its_clai
     with db.session() as s:  # the taker was killed; its last renewal is long past
         s.execute(update(Delivery).values(next_attempt_at=utcnow() - dt.timedelta(seconds=1)))
     assert db.claim_deliveries(ids, lease_s=600) == set(ids)
+
+
+def test_an_exporter_that_stalled_past_its_claim_changes_nothing_of_the_next_takers(
+    tmp_path: Path, db: Ledger
+) -> None:
+    """Exporter A took two deliveries and stalled past its claim (a hung C-STORE, a paused
+    VM); exporter B took them over. A's renewal, give-back and outcome then change nothing:
+    B's claim is not extended, the deliveries are not due again while B sends them (a third
+    send), and B's outcome is the one recorded."""
+    settings = _settings(tmp_path, db, {"pacs": 104})
+    _analysed(settings, db, "1.2.3", 2)
+    first, second = sorted(d.id for d in db.due_deliveries())
+    a, b = new_claim(), new_claim()
+    assert db.claim_deliveries([first, second], lease_s=600, claim=a) == {first, second}
+    with db.session() as s:  # A stalls: its claim runs out
+        s.execute(update(Delivery).values(next_attempt_at=utcnow() - dt.timedelta(seconds=1)))
+    assert db.claim_deliveries([first, second], lease_s=60, claim=b) == {first, second}
+
+    def held_until() -> list[dt.datetime]:
+        with db.session() as s:
+            return list(s.scalars(select(Delivery.next_attempt_at).order_by(Delivery.id)))
+
+    b_until = held_until()
+    assert db.renew_delivery_claims([first, second], lease_s=6000, claim=a) == set()
+    assert held_until() == b_until  # B's claim is not extended
+    assert db.release_delivery_claims([first], claim=a) == 0
+    assert db.due_deliveries() == []  # nor given back under B's feet
+    assert not db.record_delivery(
+        second, delivered=False, status=0xA700, error="refused", max_attempts=1, backoff_s=0,
+        claim=a,
+    )  # fmt: skip
+    assert _states(db, "1.2.3") == {"pacs": ["pending", "pending"]}
+    assert db.renew_delivery_claims([first, second], lease_s=60, claim=b) == {first, second}
+    for delivery_id in (first, second):
+        assert db.record_delivery(
+            delivery_id, delivered=True, status=0, error="", max_attempts=1, backoff_s=0, claim=b
+        )
+    assert _states(db, "1.2.3") == {"pacs": ["delivered", "delivered"]}
+    assert db.get_study("1.2.3")["state"] == "delivered"  # type: ignore[index]
+
+
+def test_an_exporter_whose_claim_was_taken_over_records_nothing_over_the_other(
+    tmp_path: Path, db: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exporter A's C-STORE hangs past its claim and exporter B takes the result over. While
+    B sends it, A's renewal does not extend B's claim, and A's refusal (its last attempt) is
+    not recorded over B's outcome: the result is delivered (sent by each: the same SOP
+    Instance UID, of which the PACS keeps one), not failed."""
+    b_sending, a_recorded = threading.Event(), threading.Event()
+    exporters: dict[str, Exporter] = {}
+    b_runs: list[threading.Thread] = []
+    held_until: list[dt.datetime] = []
+
+    def b_answer(index: int, ds: Dataset, event: evt.Event) -> int:
+        exporter_a = exporters["a"]
+        exporter_a._renewed_at = -outbox.CLAIM_RENEW_S  # A's next renewal is due
+        exporter_a._renew_claims()
+        with db.session() as s:
+            held_until.extend(s.scalars(select(Delivery.next_attempt_at)))
+        b_sending.set()
+        a_recorded.wait(30)
+        return 0x0000
+
+    def a_answer(index: int, ds: Dataset, event: evt.Event) -> int:
+        with db.session() as s:  # A hangs here past its claim; B takes the result over
+            s.execute(update(Delivery).values(next_attempt_at=utcnow() - dt.timedelta(seconds=1)))
+        run = threading.Thread(target=exporters["b"].tick, kwargs={"wait": True})
+        run.start()
+        b_runs.append(run)
+        b_sending.wait(30)
+        return 0xA700  # out of resources
+
+    a_ledger, b_ledger = Ledger(db.url), Ledger(db.url)
+    record = a_ledger.record_deliveries
+
+    def recorded_by_a(attempts: list[DeliveryAttempt]) -> set[int]:
+        try:
+            return record(attempts)
+        finally:
+            a_recorded.set()
+
+    monkeypatch.setattr(a_ledger, "record_deliveries", recorded_by_a)
+    try:
+        with ScriptedScp(a_answer) as pacs_a, ScriptedScp(b_answer) as pacs_b:
+            a_settings = _settings(
+                tmp_path, db, {"pacs": pacs_a.port}, timeout_s=100, max_attempts=1
+            )
+            b_settings = _settings(tmp_path, db, {"pacs": pacs_b.port}, max_attempts=1)
+            _analysed(a_settings, db, "1.2.3", 1)
+            exporters["a"] = Exporter(a_settings, a_ledger)
+            exporters["b"] = Exporter(b_settings, b_ledger)
+            assert exporters["a"].tick(wait=True) == 1
+            for run in b_runs:
+                run.join()
+            assert (pacs_a.calls, pacs_b.calls) == (1, 1)
+    finally:
+        a_ledger.dispose()
+        b_ledger.dispose()
+    assert _states(db, "1.2.3") == {"pacs": ["delivered"]}
+    assert db.get_study("1.2.3")["state"] == "delivered"  # type: ignore[index]
+    # B's claim (3 x 10 s + 60 s) was not extended to A's (3 x 100 s + 60 s)
+    assert held_until and all(t < utcnow() + dt.timedelta(seconds=200) for t in held_until)
+    with db.session() as s:
+        assert list(s.scalars(select(Delivery.attempts))) == [1]  # B's alone

@@ -458,3 +458,41 @@ def test_results_taken_by_an_exporter_that_died_are_asked_for_once_the_wait_ran_
     assert [c.delivery_id for c in db.commitments_due("pacs", wait_s=300, max_requests=3)] == ids
     with db.session() as s:
         assert [s.get_one(Delivery, i).commitment_requests for i in ids] == [0, 0]
+
+
+def test_an_exporter_that_stalled_past_the_wait_changes_nothing_of_the_next_takers_request(
+    db: Ledger,
+) -> None:
+    """Exporter A took stored results to ask for their commitment and stalled longer than the
+    wait; exporter B took them again and asked. A's request is then not recorded (not counted
+    against the requests allowed, B's transaction stays the latest), and its failure is not
+    recorded over B's request."""
+    from sqlalchemy import update
+
+    from acwi_node.ledger.models import Delivery
+    from acwi_node.ledger.repository import new_claim
+
+    ids = [d.id for d in _stored(db)]
+    a, b = new_claim(), new_claim()
+    assert [
+        c.delivery_id for c in db.commitments_due("pacs", wait_s=300, max_requests=3, claim=a)
+    ] == ids
+    with db.session() as s:  # A stalls: the wait passes
+        s.execute(
+            update(Delivery).values(commitment_requested_at=utcnow() - dt.timedelta(seconds=301))
+        )
+    assert [
+        c.delivery_id for c in db.commitments_due("pacs", wait_s=300, max_requests=3, claim=b)
+    ] == ids
+    b_uid, a_uid = str(generate_uid()), str(generate_uid())
+    assert db.commitment_requested(ids, b_uid, claim=b) == ids
+    assert db.commitment_requested(ids, a_uid, claim=a) == []
+    db.commitment_request_failed(ids, "association rejected by PACS", claim=a)
+    with db.session() as s:
+        rows = [s.get_one(Delivery, i) for i in ids]
+        assert [(d.commitment_requests, d.commitment_uid, d.last_error) for d in rows] == [
+            (1, b_uid, ""),
+            (1, b_uid, ""),
+        ]
+    assert _record(db, a_uid, ["2.25.1", "2.25.2"], {}) == (0, 0, False)  # A's: never asked
+    assert _record(db, b_uid, ["2.25.1", "2.25.2"], {}) == (2, 0, True)

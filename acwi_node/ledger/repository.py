@@ -1651,12 +1651,7 @@ class Ledger:
                 return False
             if job.generation < s.get_one(Study, job.study_id).generation:
                 return False
-            job.state = JobState.QUEUED
-            job.attempts = max(0, job.attempts - 1)
-            job.enqueued_at = utcnow()
-            job.started_at = None
-            job.heartbeat_at = None
-            self._sync_study(s, job.study_id)
+            self._queue_uncounted(s, job)
             return True
 
     def give_back_job(self, job_id: int, *, started_at: dt.datetime, attempts: int) -> bool:
@@ -1667,25 +1662,19 @@ class Ledger:
         the job is no longer that claim: finished, failed, superseded, or taken over by another
         worker once its lease ran out (that worker's attempt counts)."""
         with self.session() as s:
-            job = s.scalars(
-                select(Job)
-                .where(
-                    Job.id == job_id,
-                    Job.state == JobState.ANALYSING,
-                    Job.started_at == started_at,
-                    Job.attempts == attempts,
-                )
-                .with_for_update()
-            ).one_or_none()
-            if job is None:
+            if not _hold_claim(s, job_id, JobClaim(started_at, attempts)):
                 return False
-            job.state = JobState.QUEUED
-            job.attempts = max(0, job.attempts - 1)
-            job.enqueued_at = utcnow()
-            job.started_at = None
-            job.heartbeat_at = None
-            self._sync_study(s, job.study_id)
+            self._queue_uncounted(s, s.get_one(Job, job_id))
             return True
+
+    def _queue_uncounted(self, s: Session, job: Job) -> None:
+        """In ``s``: ``job`` back in the queue, the attempt its claim counted given back."""
+        job.state = JobState.QUEUED
+        job.attempts = max(0, job.attempts - 1)
+        job.enqueued_at = utcnow()
+        job.started_at = None
+        job.heartbeat_at = None
+        self._sync_study(s, job.study_id)
 
     def fail_job(self, job_id: int, error: str, *, claim: JobClaim | None = None) -> bool:
         """Mark a job failed with ``error``; False when it was not: it was final already, or

@@ -48,12 +48,19 @@ def study_id(ledger: Ledger, study: str) -> int:
         return s.scalars(select(Study.id).where(Study.study_uid == study)).one()
 
 
-def analyse(settings: Settings, ledger: Ledger, study: str, *, needs_review: bool = False) -> int:
-    """Complete the study and analyse it: an SR in the results folder, delivery pending."""
+def complete(ledger: Ledger, study: str) -> tuple[int, int]:
+    """Complete the study (every instance received): its one job (:func:`route_all`) and the
+    study's generation."""
     with ledger.session() as s:
         st = s.scalars(select(Study).where(Study.study_uid == study)).one()
         sid, generation = st.id, st.generation
     (job_id,) = ledger.complete_study(sid, generation, route_all)
+    return job_id, generation
+
+
+def analyse(settings: Settings, ledger: Ledger, study: str, *, needs_review: bool = False) -> int:
+    """Complete the study and analyse it: an SR in the results folder, delivery pending."""
+    job_id, generation = complete(ledger, study)
     assert ledger.claim_job(job_id, lease_s=3600) is not None
     sr_uid = f"{study}.{generation}.77"
     out = Spool(settings.results_dir, fsync=False)

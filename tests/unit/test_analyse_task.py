@@ -37,7 +37,7 @@ from tests.support.review_case import (
     review_settings,
     store_and_route,
 )
-from tests.support.study_flow import receive, route_all
+from tests.support.study_flow import complete, receive
 
 
 def test_a_studys_pixel_data_stays_in_the_spool_while_its_results_are_built(
@@ -102,10 +102,7 @@ def test_a_job_that_stopped_its_workers_too_often_fails_when_taken_again(
     ledger = Ledger(settings.database_url)
     try:
         receive(settings, ledger, "1.2.3", "1.2.3.1")
-        with ledger.session() as s:
-            study = s.scalars(select(Study)).one()
-            study_id, generation = study.id, study.generation
-        (job,) = ledger.complete_study(study_id, generation, route_all)
+        job, _ = complete(ledger, "1.2.3")
         for _ in range(2):  # two workers took it, and stopped without a word
             assert ledger.claim_job(job, lease_s=0) is not None
         stale = utcnow() - dt.timedelta(seconds=2 * settings.worker.lease_s)
@@ -807,10 +804,7 @@ def test_a_worker_gives_back_its_own_claim_only(tmp_path: Path) -> None:
     ledger = Ledger(settings.database_url)
     try:
         receive(settings, ledger, "1.2.3", "1.2.3.1")
-        with ledger.session() as s:
-            study = s.scalars(select(Study)).one()
-            study_id, generation = study.id, study.generation
-        (job_id,) = ledger.complete_study(study_id, generation, route_all)
+        job_id, _ = complete(ledger, "1.2.3")
         first = ledger.claim_job(job_id, lease_s=0)
         assert first is not None and first.started_at is not None
         stale = utcnow() - dt.timedelta(seconds=60)
@@ -963,10 +957,7 @@ def test_the_ledger_refuses_a_claims_writes_once_another_worker_took_the_job_ove
     renewal and results are taken."""
     settings, ledger = ledger_node
     receive(settings, ledger, "1.2.3", "1.2.3.1")
-    with ledger.session() as s:
-        study = s.scalars(select(Study)).one()
-        study_id, generation = study.id, study.generation
-    (job_id,) = ledger.complete_study(study_id, generation, route_all)
+    job_id, _ = complete(ledger, "1.2.3")
     first = ledger.claim_job(job_id, lease_s=30)
     assert first is not None and first.started_at is not None
     second = ledger.claim_job(job_id, lease_s=0)  # the first one's lease ran out

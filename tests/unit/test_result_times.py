@@ -87,20 +87,19 @@ def test_a_naive_moment_is_utc_and_the_nodes_own_zone_does_not_matter() -> None:
     assert _times(sr) == {("20260329", "063000.000000")}
 
 
-def test_heatmap_times_in_one_clock_with_offset() -> None:
+def _heatmap(now: dt.datetime, zone: str) -> Dataset:
+    """The heatmap secondary capture of a study's first image, written at ``now`` in ``zone``."""
     sources, analysis = make_study()
     image = analysis.images[0]
     source = next(s for s in sources if s.SOPInstanceUID == image.sop_instance_uid)
+    return build_heatmap_sc(
+        source, image.heatmap_array(), analysis, image, instance_number=1, now=now, timezone=zone
+    )
+
+
+def test_heatmap_times_in_one_clock_with_offset() -> None:
     for now, date, time, offset in BERLIN_FALL_BACK:
-        sc = build_heatmap_sc(
-            source,
-            image.heatmap_array(),
-            analysis,
-            image,
-            instance_number=1,
-            now=now,
-            timezone="Europe/Berlin",
-        )
+        sc = _heatmap(now, "Europe/Berlin")
         assert sc.TimezoneOffsetFromUTC == offset
         assert _times(sc) == {(date, time + ".000000")}
         assert (sc.DateOfSecondaryCapture, sc.TimeOfSecondaryCapture) == (date, time + ".000000")
@@ -131,18 +130,7 @@ def test_dciodvfy_reports_no_errors(tmp_path: Path) -> None:
     now = BERLIN_FALL_BACK[1][0]
     sources, sr = _unverified(now, "Europe/Berlin")
     verdict = Verification("Doe^Jane", "Example Hospital", "confirm", "effusion", "", now)
-    others, analysis = make_study()
-    image = analysis.images[0]
-    source = next(s for s in others if s.SOPInstanceUID == image.sop_instance_uid)
-    sc = build_heatmap_sc(
-        source,
-        image.heatmap_array(),
-        analysis,
-        image,
-        instance_number=1,
-        now=now,
-        timezone="Europe/Berlin",
-    )
+    sc = _heatmap(now, "Europe/Berlin")
     verified = build_verified_sr(sr, sources, verdict, timezone="Europe/Berlin")
     for name, ds in (("sr.dcm", sr), ("verified.dcm", verified), ("sc.dcm", sc)):
         path = tmp_path / name

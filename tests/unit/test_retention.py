@@ -460,6 +460,20 @@ def orphan_folder(root: Path, study: str, names: list[str], hours_old: float) ->
     return folder
 
 
+def _held_journal(spool: Path) -> IngestJournal:
+    """An ingest journal whose records no checkpoint retires while the test runs (its ledger
+    is a stand-in: a checkpoint half a second after the last record, on a slow machine before
+    the sweep looked, retired the record the test needs)."""
+    return IngestJournal(
+        spool / JOURNAL_DIR,
+        spool,
+        lambda: None,
+        fsync=False,
+        checkpoint_s=3600,
+        checkpoint_idle_s=3600,
+    )
+
+
 def test_study_folders_the_ledger_has_no_row_of_go_once_older_than_orphan_keep_hours(
     ledger_node: tuple[Settings, Ledger], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -485,7 +499,7 @@ def test_study_folders_the_ledger_has_no_row_of_go_once_older_than_orphan_keep_h
     for root in (spool, results):
         age_files(root / "1.2.3", 800)
     # a study the running SCP journaled, its row not written yet
-    journal = IngestJournal(spool / JOURNAL_DIR, spool, lambda: None, fsync=False)
+    journal = _held_journal(spool)
     journal.open()
     try:
         journal.done(
@@ -530,7 +544,7 @@ def test_a_journal_left_by_a_stopped_scp_keeps_its_studies_folders(
     is the instance's only copy, and its row is still to come."""
     settings, ledger = ledger_node
     spool = settings.spool_dir
-    journal = IngestJournal(spool / JOURNAL_DIR, spool, lambda: None, fsync=False)
+    journal = _held_journal(spool)
     journal.open()
     ticket = journal.write_spooled({"study_uid": "1.9.6", "path": "1.9.6/1.9.6.1.dcm"}, b"\0" * 100)
     journal.done(ticket)

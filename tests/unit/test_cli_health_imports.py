@@ -4,12 +4,10 @@ about a second of CPU each time (acwi_node/observability/probe.py)."""
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pytest
 
 import acwi_node
 from tests.support.ports import free_port
+from tests.support.ready_endpoint import ready_endpoint
 
 #: Modules no ``health`` run may load (nor any of their submodules).
 HEAVY = (
@@ -41,28 +40,10 @@ with open(sys.argv[1], "w") as out:
 """
 
 
-class _Ready(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = b'{"status":"ready"}'
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
-
-
 @pytest.fixture
 def ready_port() -> Iterator[int]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Ready)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
+    with ready_endpoint() as port:
+        yield port
 
 
 def _health(tmp_path: Path, toml: str, *args: str) -> tuple[int, list[str]]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import http.server
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,34 +10,17 @@ import pytest
 from acwi_node.config import Settings, load_settings
 from acwi_node.observability.probe import probe
 from tests.support.ports import free_port
-
-
-class _Ready(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = b'{"status":"ready"}' if self.path == "/readyz" else b"{}"
-        self.send_response(200 if self.path == "/readyz" else 404)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
+from tests.support.ready_endpoint import ready_endpoint
 
 
 @pytest.fixture
 def worker_endpoint(tmp_path: Path) -> Iterator[Settings]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Ready)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with ready_endpoint() as port:
         yield load_settings(
             None,
             node={"data_dir": tmp_path / "data"},
-            observability={"ops_host": "0.0.0.0", "worker_port": server.server_address[1]},
+            observability={"ops_host": "0.0.0.0", "worker_port": port},
         )
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_the_probe_reaches_the_node_with_a_proxy_set(

@@ -59,8 +59,9 @@ from pynetdicom.presentation import PresentationContext
 _K = TypeVar("_K")
 _V = TypeVar("_V")
 
-#: Distinct requests remembered (least recently used dropped first): a node's peers are few,
-#: and a peer that sends a new request each time only costs the decoding it would anyway.
+#: Distinct requests remembered (least recently used dropped first, those used once before
+#: those used again: :class:`_Memo`): a node's peers are few, and a peer that sends a new
+#: request each time only costs the decoding it would anyway.
 CAPACITY = 32
 #: A larger A-ASSOCIATE-RQ PDU is decoded and not remembered. DCMTK's ``storescu`` sends about
 #: 10 KB (128 contexts, three transfer syntaxes each); the PDU's length is the peer's to choose
@@ -94,34 +95,64 @@ class RememberedRequest:
 
 
 class _Memo(Generic[_K, _V]):
-    """A small least-recently-used map, safe between threads. ``hits`` counts the lookups
-    that found their key, ``misses`` the values put (each after a lookup that did not)."""
+    """A small map of the values used most recently, safe between threads, that holds at most
+    ``capacity`` entries. ``hits`` counts the lookups that found their key, ``misses`` the
+    values put (each after a lookup that did not).
+
+    A segmented least-recently-used map: a value put waits on probation, and the first lookup
+    that finds it moves it to the protected part, which keeps up to three quarters of the
+    capacity (its least recent entry goes back on probation when it is full). Probation holds
+    whatever the protected entries leave free, and drops its least recent entry first. So
+    entries that each come once (a peer sending a new request every time, before its AE title
+    is refused) replace each other on probation, and leave alone the requests of the peers that
+    come back.
+    """
 
     def __init__(self, capacity: int = CAPACITY) -> None:
         self.capacity = capacity
-        self._entries: OrderedDict[_K, _V] = OrderedDict()
+        self._protected_capacity = capacity * 3 // 4
+        self._probation: OrderedDict[_K, _V] = OrderedDict()
+        self._protected: OrderedDict[_K, _V] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
     def get(self, key: _K) -> _V | None:
         with self._lock:
-            value = self._entries.get(key)
+            value = self._protected.get(key)
             if value is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
+                self._protected.move_to_end(key)
+            else:
+                value = self._probation.pop(key, None)
+                if value is None:
+                    return None
+                self._protected[key] = value
+                while len(self._protected) > self._protected_capacity:
+                    demoted, kept = self._protected.popitem(last=False)
+                    self._probation[demoted] = kept
+            self.hits += 1
             return value
 
     def put(self, key: _K, value: _V) -> None:
         with self._lock:
             self.misses += 1
-            self._entries[key] = value
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+            if key in self._protected:
+                self._protected[key] = value
+                self._protected.move_to_end(key)
+                return
+            self._probation[key] = value
+            self._probation.move_to_end(key)
+            while len(self._probation) > self.capacity - len(self._protected):
+                self._probation.popitem(last=False)
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._entries)
+            return len(self._probation) + len(self._protected)
+
+    def held(self) -> list[_K]:
+        """The keys held, those on probation first."""
+        with self._lock:
+            return [*self._probation, *self._protected]
 
 
 class RequestMemo(_Memo[bytes, A_ASSOCIATE]):

@@ -173,7 +173,7 @@ def test_a_request_too_large_to_remember_is_decoded_and_not_kept() -> None:
     assert len(memo) == 0
     memo.request(small)
     assert len(memo) == 1
-    assert all(len(key) <= negotiation.REMEMBERED_PDU_BYTES for key in memo._entries)
+    assert all(len(key) <= negotiation.REMEMBERED_PDU_BYTES for key in memo.held())
 
 
 def test_a_proposal_of_too_many_transfer_syntaxes_is_negotiated_and_not_kept() -> None:
@@ -355,3 +355,34 @@ def test_the_accept_pdu_is_pynetdicoms_encoding() -> None:
     assert (negotiation.ACCEPTS.misses, negotiation.ACCEPTS.hits) == (1, 1)
     other = accept_pdu_bytes(_accept_primitive("OTHER"))
     assert other == A_ASSOCIATE_AC(_accept_primitive("OTHER")).encode() != reference
+
+
+def test_requests_seen_once_do_not_push_out_a_peer_that_comes_back() -> None:
+    """A peer sending a new request each time (refused on its AE title, say): its requests
+    replace each other, and the request of a peer that associates again and again stays
+    remembered however many of them came in between."""
+    memo = RequestMemo(capacity=4)
+    good = _request_pdu("MODALITY")
+    memo.request(good)
+    memo.request(good)  # seen again: kept
+    for n in range(40):
+        memo.request(_request_pdu(f"STRANGER{n}"))
+    assert len(memo) == 4
+    hits = memo.hits
+    memo.request(good)
+    assert memo.hits == hits + 1
+
+
+def test_the_protected_requests_hold_three_quarters_of_the_memo() -> None:
+    memo = RequestMemo(capacity=4)
+    pdus = [_request_pdu(f"PEER{n}") for n in range(5)]
+    for pdu in pdus:
+        memo.request(pdu)
+        memo.request(pdu)  # each one used again: protected, the first three stay so
+    assert len(memo) == 4
+    for n in range(20):
+        memo.request(_request_pdu(f"ONCE{n}"))
+    hits = memo.hits
+    for pdu in pdus[2:]:
+        memo.request(pdu)  # the three most recent protected ones were kept
+    assert memo.hits == hits + 3

@@ -12,6 +12,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from acwi_node.config import Settings
+from acwi_node.hospital_clock import wall_clock
 from acwi_node.monitoring.drift import Status
 
 if TYPE_CHECKING:
@@ -45,26 +46,28 @@ def add_parser(sub: Any) -> None:
     )
     baseline.add_argument("name", help="the model's manifest name")
     baseline.add_argument("version")
-    baseline.add_argument("--since", help="YYYY-MM-DD or YYYY-MM-DDTHH:MM (UTC)")
-    baseline.add_argument("--until", help="YYYY-MM-DD (through that day) or YYYY-MM-DDTHH:MM")
+    baseline.add_argument(
+        "--since", help="YYYY-MM-DD or YYYY-MM-DDTHH:MM (the hospital's clock, monitoring.timezone)"
+    )
+    baseline.add_argument(
+        "--until", help="YYYY-MM-DD (through that day) or YYYY-MM-DDTHH:MM (the hospital's clock)"
+    )
     baseline.add_argument(
         "--clear", action="store_true", help="back to the version's first studies"
     )
 
 
-def _when(t: dt.datetime | None) -> str:
-    return "-" if t is None else f"{t:%Y-%m-%d %H:%M}"
+def _when(t: dt.datetime | None, zone: str) -> str:
+    return "-" if t is None else wall_clock(t, zone)
 
 
-def _baseline_line(report: ModelReport, target: int) -> str:
+def _baseline_line(report: ModelReport, target: int, zone: str) -> str:
     b = report.baseline
+    period = f"{_when(b.since, zone)} to {_when(b.until, zone)}"
     if b.kind == "pinned":
-        return (
-            f"baseline: pinned by {b.pinned_by or '-'}, {b.studies} studies from {_when(b.since)}"
-            f" to {_when(b.until)}"
-        )
+        return f"baseline: pinned by {b.pinned_by or '-'}, {b.studies} studies from {period}"
     forming = f" (forming: {b.studies} of {target})" if b.forming else ""
-    return f"baseline: its first {b.studies} studies, {_when(b.since)} to {_when(b.until)}{forming}"
+    return f"baseline: its first {b.studies} studies, {period}{forming}"
 
 
 RATES = (("finding", "finding_rate"), ("review", "review_rate"), ("OOD", "ood_rate"))
@@ -77,15 +80,19 @@ def _rates(row: dict[str, Any]) -> str:
     )
 
 
-def format_reports(reports: list[ModelReport], *, days: int, target: int) -> str:
-    """The reports as the command prints them."""
+def format_reports(reports: list[ModelReport], *, days: int, target: int, zone: str = "UTC") -> str:
+    """The reports as the command prints them, times on the hospital's clock in ``zone``."""
     if not reports:
         return f"no model analysed a study in the last {days} day(s)"
+
+    def day(t: dt.datetime) -> str:
+        return wall_clock(t, zone, shown="%Y-%m-%d", offset=False)
+
     out = []
     for r in reports:
         out.append(
             f"{r.model} {r.version}: {r.status.value.upper()}  (last {days} day(s):"
-            f" {r.studies} studies, {r.images} images; {_baseline_line(r, target)})"
+            f" {r.studies} studies, {r.images} images; {_baseline_line(r, target, zone)})"
         )
         rows = [("signal", "baseline", "recent", "statistic", "p", "status")]
         for s in r.signals:
@@ -110,7 +117,7 @@ def format_reports(reports: list[ModelReport], *, days: int, target: int) -> str
             out.append("  windows before (newest first):")
             for w in r.trend:
                 out.append(
-                    f"    {w['since']:%Y-%m-%d} to {w['until']:%Y-%m-%d}: {w['studies']} studies,"
+                    f"    {day(w['since'])} to {day(w['until'])}: {w['studies']} studies,"
                     f" {_rates(w)}: {w['status']}"
                 )
     return "\n".join(out)
@@ -178,7 +185,9 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
                 out["turnaround"] = turnaround.as_json()
             print(json.dumps(out, indent=2))
         else:
-            print(format_reports(reports, days=days, target=cfg.baseline_studies))
+            print(
+                format_reports(reports, days=days, target=cfg.baseline_studies, zone=cfg.timezone)
+            )
             if traffic is not None:
                 print(format_traffic(traffic))
             if turnaround is not None:

@@ -37,6 +37,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
 from acwi_node.config import MonitoringSettings
+from acwi_node.hospital_clock import wall_clock
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import (
     Job,
@@ -714,9 +715,10 @@ class ModelMonitor:
             )
         )
         if found < self.cfg.min_studies:
+            zone = self.cfg.timezone
             raise BaselineRefused(
-                f"{model} {version} analysed {found} studies from {since:%Y-%m-%d %H:%M} to"
-                f" {until:%Y-%m-%d %H:%M}: a baseline needs at least {self.cfg.min_studies}"
+                f"{model} {version} analysed {found} studies from {wall_clock(since, zone)} to"
+                f" {wall_clock(until, zone)}: a baseline needs at least {self.cfg.min_studies}"
                 " (monitoring.min_studies)"
             )
         for _attempt in range(2):  # two pinning at once: the second replaces the first

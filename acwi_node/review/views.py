@@ -27,7 +27,6 @@ import datetime as dt
 import io
 import logging
 import math
-import zoneinfo
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from functools import lru_cache, partial
@@ -53,6 +52,7 @@ from acwi_node.dicom_pixels import read_deferred
 from acwi_node.export.outbox import verify_destination, what_it_checks
 from acwi_node.export.withdrawal import REASONS as WITHDRAWAL_REASON_KEYS
 from acwi_node.export.withdrawal import NoSuchModel, withdraw_results
+from acwi_node.hospital_clock import wall_clock
 from acwi_node.inference.types import unit_name
 from acwi_node.ingest.retrieval import QueryError, check_query
 from acwi_node.ingest.spool import Spool, is_safe_uid
@@ -134,33 +134,6 @@ FILTER_NAMES = [
     ("state", "Study state"),
     ("kind", "Why (flagged, quality-control sample)"),
 ]
-
-
-def wall_clock(
-    value: str | dt.datetime | None,
-    zone: str = "UTC",
-    *,
-    shown: str = "%Y-%m-%d %H:%M",
-    offset: bool = True,
-) -> str:
-    """A ledger time (ISO 8601, UTC: ``2026-03-02T07:05:09Z``, or without its ``Z``; or a
-    datetime, naive ones in UTC) as the hospital's wall clock in ``zone``
-    (``monitoring.timezone``), in the ``shown`` format, followed by its offset from UTC
-    (``2026-03-02 08:05 +0100``; not with ``offset`` false, for a day); a value that is no
-    time is shown as it is."""
-    if not value:
-        return ""
-    if isinstance(value, dt.datetime):
-        moment = value
-    else:
-        try:
-            moment = dt.datetime.fromisoformat(value)
-        except ValueError:
-            return value
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.timezone.utc)
-    here = moment.astimezone(zoneinfo.ZoneInfo(zone))
-    return here.strftime(shown + (" %z" if offset else ""))
 
 
 def make_templates(timezone: str = "UTC") -> Environment:

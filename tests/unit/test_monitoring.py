@@ -389,3 +389,41 @@ def test_sample_of_a_summary() -> None:
 def test_compare_without_samples() -> None:
     results = compare([], [], cfg())
     assert {r.status for r in results} == {Status.TOO_FEW}
+
+
+def test_a_baseline_period_is_read_and_shown_on_the_hospital_s_clock(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    """The dates an administrator pins (the page's date fields, the command's --since and
+    --until) are the hospital's days, as every time the page shows: they were read as UTC days,
+    so a Berlin baseline "from 2026-11-01" began at 01:00 on the hospital's clock, and the
+    first hour's studies were left out."""
+    from acwi_node.monitoring import pinning
+    from acwi_node.monitoring.commands import format_reports
+
+    _settings, ledger = ledger_node
+    jobs = Jobs(ledger)
+    hour = dt.timedelta(hours=1)
+    # from 00:30 on 1 November in Berlin (23:30 UTC the day before), one an hour
+    jobs.many(60, dt.datetime(2026, 10, 31, 23, 30), hour, seed=1, **TYPICAL)
+    jobs.many(40, NOW - dt.timedelta(days=6), hour, seed=2, **TYPICAL)
+    monitor = ModelMonitor(ledger, cfg(timezone="Europe/Berlin"))
+    notice = pinning.pin(monitor, "dianet-cxr", "1.0.0", "2026-11-01", "2026-11-02", by="ml")
+    assert notice == (
+        "dianet-cxr 1.0.0: baseline pinned, 48 studies from 2026-11-01 00:00 +0100"
+        " to 2026-11-03 00:00 +0100"
+    )
+    (report,) = monitor.report(now=NOW)
+    assert report.baseline.since == dt.datetime(2026, 10, 31, 23, 0)  # UTC, as the ledger's
+    assert report.baseline.until == dt.datetime(2026, 11, 2, 23, 0)
+    # a time of day is the hospital's too, unless it carries its own offset
+    pinning.pin(monitor, "dianet-cxr", "1.0.0", "2026-11-01T06:00", "2026-11-02T20:30Z", by="ml")
+    (report,) = monitor.report(now=NOW)
+    assert report.baseline.since == dt.datetime(2026, 11, 1, 5, 0)
+    assert report.baseline.until == dt.datetime(2026, 11, 2, 20, 30)
+    printed = format_reports([report], days=7, target=100, zone="Europe/Berlin")
+    assert "39 studies from 2026-11-01 06:00 +0100 to 2026-11-02 21:30 +0100" in printed
+    with pytest.raises(BaselineRefused, match="from 2026-11-01 00:00 [+]0100 to 2026-11-01 02:00"):
+        pinning.pin(monitor, "dianet-cxr", "1.0.0", "2026-11-01", "2026-11-01T02:00", by="ml")
+    with pytest.raises(BaselineRefused, match="not a date"):
+        pinning.pin(monitor, "dianet-cxr", "1.0.0", "2026-11-01", "9999-12-31", by="ml")

@@ -899,6 +899,17 @@ class Hl7Settings(_Strict):
     listen_port: int = Field(0, ge=0, le=65535)
     #: Largest message (a batch: the whole frame) accepted; a larger one closes the connection.
     max_message_bytes: int = Field(1_048_576, ge=256, le=64 * 1_048_576)
+    #: A message (an order from the RIS, an acknowledgement of a result) with more segments,
+    #: fields in a segment, repetitions of a field, components in a repetition, subcomponents
+    #: in a component, or separators in all, is refused (AR) before it is parsed. The lower
+    #: bounds let every standard segment and data type through; the upper ones keep parsing
+    #: a hostile message (hl7apy's time and memory grow with each element) bounded.
+    max_segments: int = Field(500, ge=20, le=10_000)
+    max_fields: int = Field(100, ge=50, le=1_000)
+    max_repetitions: int = Field(100, ge=10, le=10_000)
+    max_components: int = Field(64, ge=30, le=1_000)
+    max_subcomponents: int = Field(32, ge=10, le=1_000)
+    max_separators: int = Field(5_000, ge=1_000, le=200_000)
     #: Concurrent connections; more are closed at once.
     max_connections: int = Field(16, ge=1, le=1024)
     #: From the start byte of a message to its end bytes.

@@ -29,6 +29,7 @@ APPLICATION_ACTIVITY = Code("110100", "DCM", "Application Activity")
 INSTANCES_ACCESSED = Code("110103", "DCM", "DICOM Instances Accessed")
 INSTANCES_TRANSFERRED = Code("110104", "DCM", "DICOM Instances Transferred")
 STUDY_DELETED = Code("110105", "DCM", "DICOM Study Deleted")
+ORDER_RECORD = Code("110109", "DCM", "Order Record")
 PATIENT_RECORD = Code("110110", "DCM", "Patient Record")
 EXPORT = Code("110106", "DCM", "Export")
 QUERY = Code("110112", "DCM", "Query")
@@ -60,6 +61,10 @@ class AuditEvent(str, enum.Enum):
     STUDY_DELETED = "study_deleted"
     PATIENT_DATA_ERASED = "patient_data_erased"
     PATIENTS_MERGED = "patients_merged"
+    PATIENT_IDENTIFIER_CHANGED = "patient_identifier_changed"
+    ORDER_CREATED = "order_created"
+    ORDER_UPDATED = "order_updated"
+    ORDER_CANCELLED = "order_cancelled"
     CONFIGURATION_CHANGED = "configuration_changed"
     USERS_CHANGED = "users_changed"
     STUDIES_QUERIED = "studies_queried"
@@ -82,6 +87,12 @@ DICOM_CODES: dict[AuditEvent, tuple[Code, Code | None, str]] = {
     AuditEvent.STUDY_DELETED: (STUDY_DELETED, None, "D"),
     AuditEvent.PATIENT_DATA_ERASED: (PATIENT_RECORD, None, "D"),
     AuditEvent.PATIENTS_MERGED: (PATIENT_RECORD, None, "U"),
+    AuditEvent.PATIENT_IDENTIFIER_CHANGED: (PATIENT_RECORD, None, "U"),
+    # an order from the RIS (PS3.15 A.5.3.13): a cancelled order is kept with its status, an
+    # update of the record, not its deletion
+    AuditEvent.ORDER_CREATED: (ORDER_RECORD, None, "C"),
+    AuditEvent.ORDER_UPDATED: (ORDER_RECORD, None, "U"),
+    AuditEvent.ORDER_CANCELLED: (ORDER_RECORD, None, "U"),
     AuditEvent.CONFIGURATION_CHANGED: (SECURITY_ALERT, SOFTWARE_CONFIGURATION, "E"),
     AuditEvent.USERS_CHANGED: (SECURITY_ALERT, SECURITY_ROLES_CHANGED, "E"),
     AuditEvent.STUDIES_QUERIED: (QUERY, None, "E"),

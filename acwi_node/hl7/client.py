@@ -24,9 +24,11 @@ from pydicom.dataset import Dataset
 from acwi_node.audit import AuditEvent, Outcome, Participant, audit
 from acwi_node.config import Settings
 from acwi_node.hl7.messages import (
+    DEFAULT_LIMITS,
     AckInfo,
     HL7Error,
     Lesion,
+    Limits,
     OruStudy,
     Verdict,
     build_oru,
@@ -78,8 +80,11 @@ def without_identifiers(text: str, message: str) -> str:
     return pattern.sub(REDACTED, text)
 
 
-def send_message(host: str, port: int, message: str, *, timeout_s: float) -> AckInfo:
-    """Send one message over MLLP and return the acknowledgement. Raises :class:`SendError`."""
+def send_message(
+    host: str, port: int, message: str, *, timeout_s: float, limits: Limits = DEFAULT_LIMITS
+) -> AckInfo:
+    """Send one message over MLLP and return the acknowledgement, read within ``limits``.
+    Raises :class:`SendError`."""
     try:
         sock = socket.create_connection((host, port), timeout=timeout_s)
     except OSError as exc:
@@ -92,7 +97,7 @@ def send_message(host: str, port: int, message: str, *, timeout_s: float) -> Ack
     except (OSError, FramingError) as exc:
         raise SendError(f"{type(exc).__name__}: {exc}") from None
     try:
-        return parse_ack(ack_text(reply))
+        return parse_ack(ack_text(reply), limits)
     except HL7Error as exc:
         raise SendError(f"unreadable acknowledgement: {exc.text}") from None
 
@@ -365,7 +370,11 @@ class OruSender:
             unreachable = False
             try:
                 ack = send_message(
-                    self.ris.host, self.ris.port, item.message, timeout_s=self.ris.timeout_s
+                    self.ris.host,
+                    self.ris.port,
+                    item.message,
+                    timeout_s=self.ris.timeout_s,
+                    limits=Limits.of(self.settings.hl7),
                 )
                 code = ack.code
                 if ack.control_id and ack.control_id != item.control_id:

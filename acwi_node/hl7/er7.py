@@ -5,7 +5,8 @@ Inbound messages are read here before hl7apy sees them:
 * :func:`decode_message` decodes the bytes in the character set MSH-18 declares (none declared:
   UTF-8 when valid, else Latin-1); bytes invalid in the declared set, or a set the node does not
   know, are refused.
-* :func:`read_segments` checks the message against the node's limits (:data:`LIMITS`) by counting
+* :func:`read_segments` checks the message against the node's limits (:class:`Limits`:
+  ``[hl7]`` ``max_segments`` and the like, by default :data:`LIMITS`) by counting
   delimiters, without splitting anything larger than a limit allows, so that a hostile message
   is refused quickly and in little memory; then it re-encodes every field in the standard
   delimiters ``|^~\\&`` (a sender may declare others in MSH-1 and MSH-2), keeping the sender's
@@ -21,6 +22,10 @@ import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from acwi_node.config import Hl7Settings
 
 STANDARD_ENCODING = {
     "FIELD": "|",
@@ -51,6 +56,35 @@ LIMITS = {
     "subcomponents per component": MAX_SUBCOMPONENTS,
     "separators per message": MAX_SEPARATORS,
 }
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits a message is read within (``[hl7]`` ``max_segments``, ``max_fields``,
+    ``max_repetitions``, ``max_components``, ``max_subcomponents``, ``max_separators``);
+    the defaults are :data:`LIMITS`."""
+
+    segments: int = MAX_SEGMENTS
+    fields: int = MAX_FIELDS
+    repetitions: int = MAX_REPETITIONS
+    components: int = MAX_COMPONENTS
+    subcomponents: int = MAX_SUBCOMPONENTS
+    separators: int = MAX_SEPARATORS
+
+    @classmethod
+    def of(cls, hl7: Hl7Settings) -> Limits:
+        """The limits ``[hl7]`` sets."""
+        return cls(
+            segments=hl7.max_segments,
+            fields=hl7.max_fields,
+            repetitions=hl7.max_repetitions,
+            components=hl7.max_components,
+            subcomponents=hl7.max_subcomponents,
+            separators=hl7.max_separators,
+        )
+
+
+DEFAULT_LIMITS = Limits()
 
 #: MSH-18 values (HL7 table 0211) the node decodes, and their Python codecs; with the
 #: terms some senders use from DICOM's (ISO IR 6, 100, 192) and the IANA names many
@@ -277,40 +311,40 @@ def normalise(text: str) -> str:
 _SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{2}")
 
 
-def _check_limits(name: str, body: str, enc: Encoding, first: int) -> int:
+def _check_limits(name: str, body: str, enc: Encoding, first: int, limits: Limits) -> int:
     """Raise :class:`LimitExceeded` if a segment is past a limit; its separator count.
 
     Only counts are taken before a split, so no split makes more parts than a limit allows.
     """
-    if body.count(enc.field) >= MAX_FIELDS:
-        raise LimitExceeded(f"{name} has more than {MAX_FIELDS} fields")
+    if body.count(enc.field) >= limits.fields:
+        raise LimitExceeded(f"{name} has more than {limits.fields} fields")
     for n, value in enumerate(body.split(enc.field), start=first):
-        if value.count(enc.repetition) >= MAX_REPETITIONS:
-            raise LimitExceeded(f"{name}-{n} has more than {MAX_REPETITIONS} repetitions")
+        if value.count(enc.repetition) >= limits.repetitions:
+            raise LimitExceeded(f"{name}-{n} has more than {limits.repetitions} repetitions")
         for rep in value.split(enc.repetition):
-            if rep.count(enc.component) >= MAX_COMPONENTS:
-                raise LimitExceeded(f"{name}-{n} has more than {MAX_COMPONENTS} components")
+            if rep.count(enc.component) >= limits.components:
+                raise LimitExceeded(f"{name}-{n} has more than {limits.components} components")
             for comp in rep.split(enc.component):
-                if comp.count(enc.subcomponent) >= MAX_SUBCOMPONENTS:
+                if comp.count(enc.subcomponent) >= limits.subcomponents:
                     raise LimitExceeded(
-                        f"{name}-{n} has more than {MAX_SUBCOMPONENTS} subcomponents"
+                        f"{name}-{n} has more than {limits.subcomponents} subcomponents"
                     )
     return sum(body.count(c) for c in enc.separators)
 
 
-def read_segments(text: str) -> list[list[str]]:
+def read_segments(text: str, limits: Limits = DEFAULT_LIMITS) -> list[list[str]]:
     """The segments of a message, each ``[name, field 1, field 2, ...]`` in standard ER7.
 
     For MSH, item ``n`` is MSH-``n`` too: ``["MSH", "|", "^~\\&", MSH-3, ...]``. Raises
-    :class:`LimitExceeded` past a limit (checked before any other work), :class:`Rejected`
-    when the message is not HL7 ER7.
+    :class:`LimitExceeded` past one of ``limits`` (checked before any other work),
+    :class:`Rejected` when the message is not HL7 ER7.
     """
     segments_seen = 0
     for found in _LINE.finditer(text):  # counted one at a time, before anything is split
         if found.group().strip():
             segments_seen += 1
-            if segments_seen > MAX_SEGMENTS:
-                raise LimitExceeded(f"more than {MAX_SEGMENTS} segments")
+            if segments_seen > limits.segments:
+                raise LimitExceeded(f"more than {limits.segments} segments")
     text = normalise(text)
     if not text.startswith("MSH"):
         raise Rejected("message does not start with an MSH segment", error="100")
@@ -330,9 +364,9 @@ def read_segments(text: str) -> list[list[str]]:
         elif len(line) > 3:
             body = line[4:]
         if body is not None:
-            separators += _check_limits(name, body, enc, 3 if index == 0 else 1)
-        if separators > MAX_SEPARATORS:
-            raise LimitExceeded(f"more than {MAX_SEPARATORS} separators")
+            separators += _check_limits(name, body, enc, 3 if index == 0 else 1, limits)
+        if separators > limits.separators:
+            raise LimitExceeded(f"more than {limits.separators} separators")
         bodies.append((name, body))
     segments: list[list[str]] = []
     for index, (name, body) in enumerate(bodies):

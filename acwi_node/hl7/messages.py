@@ -1,7 +1,8 @@
 """HL7 v2 messages the node reads and writes, with hl7apy.
 
 Read: order messages from the RIS (``ORM^O01``, ``OMI^O23``) into :class:`OrderInfo`, patient
-merges (``ADT^A40``) into :class:`MergeInfo`.
+merges and identifier changes (:data:`MERGE_TYPES`: ``ADT^A40`` and the like) into
+:class:`MergeInfo`.
 Write: acknowledgements (``ACK`` with MSA-1 ``AA``/``AE``/``AR``) and results (``ORU^R01``, built by
 :func:`build_oru` from an :class:`OruStudy` and, once a radiologist has reviewed it, a
 :class:`Verdict`). Values are escaped with the HL7 escape sequences, so text such as a patient
@@ -24,6 +25,7 @@ from hl7apy.exceptions import ChildNotFound, HL7apyException, UnsupportedVersion
 from hl7apy.parser import parse_message
 
 from acwi_node.hl7.er7 import (
+    DEFAULT_LIMITS,
     ERROR_CODES,
     LIMITS,
     STANDARD_ENCODING,
@@ -31,6 +33,7 @@ from acwi_node.hl7.er7 import (
     Encoding,
     HL7Error,
     LimitExceeded,
+    Limits,
     Rejected,
     Segment,
     decode,
@@ -48,14 +51,38 @@ HL7_VERSION = "2.5"
 #: Local coding system of the node's observation identifiers (HL7 local codes start with 99).
 CODING_SYSTEM = "99ACWI"
 ORDER_TYPES = {"ORM^O01", "OMI^O23"}
-#: Patient merges the node applies to its orders.
-MERGE_TYPES = {"ADT^A40"}
+#: Patient identity events (HL7 v2.5 chapter 3) the node applies to its orders and to the
+#: ORU^R01 messages waiting in its outbox: the merges of two patients' identifiers (``A18``
+#: merge patient information, ``A30`` merge person information, ``A34`` merge patient ID only,
+#: ``A36`` merge patient ID and account number, ``A39`` merge person - patient ID, ``A40``
+#: merge patient - patient identifier list), and ``A47``, one of a patient's identifiers
+#: changed (:data:`IDENTIFIER_CHANGES`).
+MERGE_TYPES = frozenset(
+    {"ADT^A18", "ADT^A30", "ADT^A34", "ADT^A36", "ADT^A39", "ADT^A40", "ADT^A47"}
+)
+#: Events whose structure (``ADT_A39``) repeats the PID/MRG group: one merge each; the others
+#: (``ADT_A18``, ``ADT_A30``) carry one PID and its MRG.
+REPEATED_MERGES = frozenset({"ADT^A39", "ADT^A40"})
+#: Person merges: the merged-away identifiers are in MRG-1 and, as HL7 v2.5 still describes
+#: these events, in MRG-4 (prior patient ID).
+PERSON_MERGES = frozenset({"ADT^A30", "ADT^A39"})
+#: A patient identifier changed (``A47``): MRG-1 the identifier that was wrong, PID-3 the
+#: right one; the patient's other identifiers stay.
+IDENTIFIER_CHANGES = frozenset({"ADT^A47"})
+#: Patient identity events acknowledged ``AA`` with nothing changed: what they change is
+#: nothing the node keeps. ``A35`` (merge account number only), ``A41`` (merge account) and
+#: ``A42`` (merge visit) merge account or visit numbers, which orders do not carry here;
+#: ``A24`` (link patient information) and ``A37`` (unlink) relate two patients who keep
+#: their own identifiers, and the node keeps no links.
+IDENTITY_NOTICES = frozenset({"ADT^A24", "ADT^A35", "ADT^A37", "ADT^A41", "ADT^A42"})
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "LIMITS",
     "STANDARD_ENCODING",
+    "Limits",
     "ApplicationError",
     "HL7Error",
     "LimitExceeded",
@@ -205,15 +232,15 @@ def _segment_known(name: str, version: str) -> bool:
     return True
 
 
-def parse(text: str) -> ParsedMessage:
-    """Read ER7 text: limits and delimiters (:func:`~acwi_node.hl7.er7.read_segments`), then
-    hl7apy's tolerant validation. Raises :class:`Rejected` (:class:`LimitExceeded` past a
+def parse(text: str, limits: Limits = DEFAULT_LIMITS) -> ParsedMessage:
+    """Read ER7 text: ``limits`` and delimiters (:func:`~acwi_node.hl7.er7.read_segments`),
+    then hl7apy's tolerant validation. Raises :class:`Rejected` (:class:`LimitExceeded` past a
     limit, before hl7apy sees the message).
 
     A segment the message's version does not define (``PRT`` in 2.5, ``TQ1`` or ``SFT`` in
     2.3, a vendor's own) is left out of hl7apy's validation and kept: HL7 v2 asks a receiver
     to ignore segments it does not expect rather than refuse the message."""
-    segments = read_segments(text)
+    segments = read_segments(text, limits)
     version = _field(segments[0], 12).split("~")[0].split("^")[0].strip()  # VID-1, as sent
     standard = "\r".join(
         "|".join(["MSH", "^~\\&", *seg[3:]]) if i == 0 else "|".join(seg)
@@ -389,21 +416,39 @@ def extract_orders(msg: ParsedMessage) -> list[OrderInfo]:
 
 @dataclass(frozen=True)
 class MergeInfo:
-    """One patient merge of an ``ADT^A40`` (a PID and its MRG): ``prior`` the merged-away
-    patient's identifiers (MRG-1, each (CX-1, CX-4) as ER7 in the standard delimiters, as
-    orders keep PID-3), the surviving patient's PID-3 (as an order keeps it), name, birth date
-    and sex."""
+    """One patient merge (a PID and its MRG) of a merge event (:data:`MERGE_TYPES`):
+    ``prior`` the merged-away patient's identifiers (MRG-1, and MRG-4 for a person merge; each
+    (CX-1, CX-4) as ER7 in the standard delimiters, as orders keep PID-3), the surviving
+    patient's PID-3 (as an order keeps it), name, birth date and sex. ``identifier_change``
+    (``ADT^A47``): ``prior`` names identifiers that were wrong and PID-3 the right ones, which
+    replace them among the patient's other identifiers."""
 
     prior: tuple[tuple[str, str], ...]
     patient_id: str
     patient_name: str
     birth_date: str
     sex: str
+    identifier_change: bool = False
+
+
+def _cx_list(field: str) -> list[tuple[str, str]]:
+    """(CX-1, CX-4) of each repetition of a CX field (ER7) that has an id."""
+    out = []
+    for repetition in field.split("~"):
+        comps = repetition.split("^")
+        ident = comps[0].split("&")[0].strip()
+        authority = comps[3].split("&")[0].strip() if len(comps) > 3 else ""
+        if ident:
+            out.append((ident, authority))
+    return out
 
 
 def extract_merges(msg: ParsedMessage) -> list[MergeInfo]:
-    """The merges of an ``ADT^A40``: each PID with the MRG that follows it. Raises
-    :class:`HL7Error` when one has no PID-3 or no MRG-1 (nothing of the message is applied)."""
+    """The merges of a merge event (:data:`MERGE_TYPES`): each PID with the MRG that follows
+    it (repeated in ``ADT^A39`` and ``ADT^A40``; one pair in the others). Raises
+    :class:`HL7Error` when one has no PID-3 or no prior identifier (MRG-1; for a person
+    merge, MRG-1 or MRG-4), or an event of one pair has more (nothing of the message is
+    applied)."""
     info = msh_info(msg)
     if info.type_code not in MERGE_TYPES:
         raise Rejected(
@@ -421,26 +466,34 @@ def extract_merges(msg: ParsedMessage) -> list[MergeInfo]:
         elif seg[0] == "MRG":
             if pid is None:
                 raise ApplicationError("MRG without its PID", error="100", location="MRG")
+            if merges and info.type_code not in REPEATED_MERGES:
+                raise ApplicationError(
+                    f"{info.type_code} carries one PID and its MRG",
+                    error="100",
+                    location=f"MRG^{len(merges) + 1}",
+                )
             if not _comp(_field(pid, 3), 1):
                 raise ApplicationError(
                     "no surviving patient identifier (PID-3)", location=f"PID^{n}^3"
                 )
-            prior = []
-            for repetition in _field(seg, 1).split("~"):
-                comps = repetition.split("^")
-                ident = comps[0].split("&")[0].strip()
-                authority = comps[3].split("&")[0].strip() if len(comps) > 3 else ""
-                if ident:
-                    prior.append((ident, authority))
+            prior = _cx_list(_field(seg, 1))
+            if info.type_code in PERSON_MERGES:
+                prior += _cx_list(_field(seg, 4))
             if not prior:
-                raise ApplicationError("no prior patient identifier (MRG-1)", location=f"MRG^{n}^1")
+                raise ApplicationError(
+                    "no prior patient identifier (MRG-1)"
+                    if info.type_code not in PERSON_MERGES
+                    else "no prior patient identifier (MRG-1 or MRG-4)",
+                    location=f"MRG^{n}^1",
+                )
             merges.append(
                 MergeInfo(
-                    prior=tuple(prior),
+                    prior=tuple(dict.fromkeys(prior)),
                     patient_id=_whole_repetitions(_field(pid, 3), 250),
                     patient_name=er7_prefix(_field(pid, 5).split("~")[0], 250),
                     birth_date=_comp(_field(pid, 7), 1)[:8],
                     sex=_comp(_field(pid, 8), 1)[:1],
+                    identifier_change=info.type_code in IDENTIFIER_CHANGES,
                 )
             )
             pid = None
@@ -648,14 +701,14 @@ def identifying_values(message: str) -> list[str]:
     return list(dict.fromkeys(v for v in values if len(v) >= 3))
 
 
-def parse_ack(text: str) -> AckInfo:
+def parse_ack(text: str, limits: Limits = DEFAULT_LIMITS) -> AckInfo:
     """MSA-1, MSA-2 (ER7, as sent), MSA-3 of an acknowledgement. Raises :class:`Rejected`.
 
     It is read within the node's limits and in the RIS's delimiters, without hl7apy: an
     acknowledgement needs only its MSA, so one whose MSH-12 is empty or names a version hl7apy
     does not know (``2.9``) is read too, rather than taken for no answer and its message sent
     again."""
-    msg = ParsedMessage(read_segments(text))
+    msg = ParsedMessage(read_segments(text, limits))
     msa = msg.first("MSA")
     if msa is None:
         raise Rejected("reply has no MSA segment")

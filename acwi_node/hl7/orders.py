@@ -1,6 +1,8 @@
 """Order intake: one inbound HL7 message in, its acknowledgement out, the order in the ledger
-(an ``ADT^A40`` patient merge: the merged-away patient's orders moved to the surviving one;
-a batch: each of its messages, answered with a batch of acknowledgements).
+(an ``ADT^A40`` patient merge, or another of :data:`MERGE_TYPES`: the merged-away patient's
+orders moved to the surviving one; an event of :data:`IDENTITY_NOTICES`: acknowledged, nothing
+changed; a batch: each of its messages, answered with a batch of acknowledgements). Each
+order taken, and each merge applied, is an audit record.
 
 ``AA`` accepted (every order it carries is stored, keyed by accession number), ``AE``
 application error (e.g. no accession number), ``AR`` rejected (malformed, past one of the node's
@@ -19,12 +21,15 @@ from dataclasses import asdict
 from acwi_node.audit import AuditEvent, Participant, audit
 from acwi_node.config import Settings
 from acwi_node.hl7.messages import (
+    IDENTITY_NOTICES,
     MERGE_TYPES,
     ApplicationError,
     HL7Error,
     LimitExceeded,
+    Limits,
     MergeInfo,
     MshInfo,
+    OrderInfo,
     Rejected,
     _control_id_er7,
     _field,
@@ -100,7 +105,7 @@ class OrderIntake:
             log.warning("rejected a message (%s): %s", _describe(peeked), exc.text)
             return self._ack(peeked, exc.code, exc.text, exc).encode("utf-8")
         try:
-            msg = parse(text)
+            msg = parse(text, Limits.of(self.settings.hl7))
             info = msh_info(msg)
         except HL7Error as exc:
             peeked = peek_msh(text)
@@ -114,11 +119,13 @@ class OrderIntake:
         if stored is not None:
             log.info("message %s repeated: answered with its stored ACK", _safe(info.control_id))
             return stored.encode("utf-8")
+        merges: list[MergeInfo] = []
+        orders: list[OrderInfo] = []
         try:
             if info.type_code in MERGE_TYPES:
-                merges, orders = extract_merges(msg), []
-            else:
-                merges, orders = [], extract_orders(msg)
+                merges = extract_merges(msg)
+            elif info.type_code not in IDENTITY_NOTICES:
+                orders = extract_orders(msg)
         except HL7Error as exc:
             ack = self._ack(info, exc.code, exc.text, exc)
             ack = self.ledger.hl7_record_message(
@@ -141,6 +148,7 @@ class OrderIntake:
             return self._ack(info, "AE", "internal error").encode("utf-8")
         ack = self._ack(info, "AA", "")
         moved: list[MergeMoved] = []
+        taken: list[str] = []
         try:
             ack = self.ledger.hl7_record_message(
                 sender=info.sender,
@@ -151,6 +159,7 @@ class OrderIntake:
                 orders=[{**asdict(order), "cancelled": order.cancelled} for order in orders],
                 merges=[PatientMerge(**asdict(merge)) for merge in merges],
                 merged=moved,
+                taken=taken,
             )
         except OrderCancelled as exc:
             # HL7 v2.5 chapter 4 (ORC-1): a cancelled order is final; a change (XO) or a
@@ -180,14 +189,25 @@ class OrderIntake:
         # none when another connection recorded the same message first (it applied them)
         for merge, count in zip(merges, moved, strict=False):
             log.info(
-                "patient merge (%s) from message %s: %d order(s) and %d ORU^R01 waiting in"
-                " the outbox moved to the surviving patient",
+                "%s (%s) from message %s: %d order(s) and %d ORU^R01 waiting in the outbox"
+                " moved to the %s",
+                "patient identifier change" if merge.identifier_change else "patient merge",
                 info.type_code,
                 _safe(info.control_id),
                 count.orders,
                 count.messages,
+                "new identifier" if merge.identifier_change else "surviving patient",
             )
             _audit_merge(info, merge, count)
+        if info.type_code in IDENTITY_NOTICES:
+            log.info(
+                "%s from message %s acknowledged: nothing the node keeps changes",
+                info.type_code,
+                _safe(info.control_id),
+            )
+        for order, outcome in zip(orders, taken, strict=False):
+            if outcome:
+                _audit_order(info, order, outcome)
         for order in orders:
             log.info(
                 "order %s%s (%s, priority %s%s) accepted from message %s",
@@ -331,21 +351,58 @@ def is_batch(raw: bytes) -> bool:
     return raw.removeprefix(b"\xef\xbb\xbf")[:3] in {b"FHS", b"BHS"}
 
 
+def _cx1(patient_id: str) -> str:
+    """CX-1 of the first repetition of a PID-3 kept as ER7, unescaped."""
+    return unescape(patient_id.split("~")[0].split("^")[0].split("&")[0]).strip()
+
+
 def _audit_merge(info: MshInfo, merge: MergeInfo, moved: MergeMoved) -> None:
     """The audit record of one patient merge applied (IHE ATNA: a Patient Record event,
-    action U, as for a Patient Identity Feed's merge): the RIS that sent it, what moved, and
-    the surviving and merged-away patient IDs (CX-1; the trail keeps them only with
-    ``audit.patient_id``); no name."""
-    surviving = unescape(merge.patient_id.split("~")[0].split("^")[0].split("&")[0]).strip()
+    action U, as for a Patient Identity Feed's merge; ``patient_identifier_changed`` for an
+    ``ADT^A47``): the RIS that sent it, what moved, and the surviving and merged-away patient
+    IDs (CX-1; the trail keeps them only with ``audit.patient_id``); no name."""
+    change = merge.identifier_change
     audit(
-        AuditEvent.PATIENTS_MERGED,
+        AuditEvent.PATIENT_IDENTIFIER_CHANGED if change else AuditEvent.PATIENTS_MERGED,
         participants=[
             Participant("application", info.sending_application or info.sender, requestor=True)
         ],
-        patient_ids=[surviving, *dict.fromkeys(unescape(ident) for ident, _ in merge.prior)],
-        detail=f"patient merge ({info.type_code}, message {_safe(info.control_id)}):"
+        patient_ids=[
+            _cx1(merge.patient_id),
+            *dict.fromkeys(unescape(ident) for ident, _ in merge.prior),
+        ],
+        detail=f"{'patient identifier change' if change else 'patient merge'}"
+        f" ({info.type_code}, message {_safe(info.control_id)}):"
         f" {moved.orders} order(s) and {moved.messages} ORU^R01 waiting in the outbox moved"
-        " to the surviving patient",
+        f" to the {'new identifier' if change else 'surviving patient'}",
+    )
+
+
+_ORDER_EVENTS = {
+    "created": AuditEvent.ORDER_CREATED,
+    "updated": AuditEvent.ORDER_UPDATED,
+    "cancelled": AuditEvent.ORDER_CANCELLED,
+}
+
+
+def _audit_order(info: MshInfo, order: OrderInfo, outcome: str) -> None:
+    """The audit record of one order taken from the RIS (DICOM PS3.15 A.5.3.13: an Order
+    Record event, action C for an order the node did not have, U for a change or a
+    cancellation, which the node keeps as the order's status): the RIS that sent it, the
+    message (type, MSH-10), the order control (ORC-1, ORC-5), the study's UID where the order
+    gives one, and the patient ID (CX-1; the trail keeps it only with
+    ``audit.patient_id``); no name, no accession or order number (the ledger finds the order
+    by the MSH-10)."""
+    audit(
+        _ORDER_EVENTS[outcome],
+        participants=[
+            Participant("application", info.sending_application or info.sender, requestor=True)
+        ],
+        study_uids=[order.study_uid] if order.study_uid else [],
+        patient_ids=[_cx1(order.patient_id)],
+        detail=f"order {outcome} ({info.type_code}, message {_safe(info.control_id)}):"
+        f" ORC-1 {_safe(order.control)}{f', ORC-5 {_safe(order.status)}' if order.status else ''}"
+        f", priority {_safe(order.priority) or 'not given'}",
     )
 
 

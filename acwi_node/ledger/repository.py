@@ -569,15 +569,19 @@ class MergeMoved:
 
 @dataclass(frozen=True)
 class PatientMerge:
-    """One merge of an ``ADT^A40``: the orders of any of the ``prior`` identifiers (MRG-1, as
-    (CX-1 id, CX-4 assigning authority) pairs) go to the surviving patient: ``patient_id``
-    (PID-3, ER7) and, where given, the name, birth date and sex of its PID."""
+    """One merge of an ``ADT^A40`` (or another merge event): the orders of any of the
+    ``prior`` identifiers (MRG-1, as (CX-1 id, CX-4 assigning authority) pairs) go to the
+    surviving patient: ``patient_id`` (PID-3, ER7) and, where given, the name, birth date and
+    sex of its PID. ``identifier_change`` (``ADT^A47``): the same patient, whose ``prior``
+    identifiers were wrong; they are replaced by ``patient_id``'s and the patient's other
+    identifiers stay (:func:`_changed_identifiers`)."""
 
     prior: tuple[tuple[str, str], ...]
     patient_id: str
     patient_name: str = ""
     birth_date: str = ""
     sex: str = ""
+    identifier_change: bool = False
 
 
 class StudyActionRefused(Exception):
@@ -2547,6 +2551,7 @@ class Ledger:
         orders: Sequence[Mapping[str, Any]] = (),
         merges: Sequence[PatientMerge] = (),
         merged: list[MergeMoved] | None = None,
+        taken: list[str] | None = None,
     ) -> str:
         """Record a processed message, its ACK and the orders it carries, in one transaction.
 
@@ -2561,8 +2566,13 @@ class Ledger:
         and nothing of the message is recorded. ``merges`` (an ``ADT^A40``) move orders, and
         the ORU^R01 messages waiting in the outbox, to the surviving patient
         (:func:`_merge_patients`); ``merged``, when given, gets each merge's
-        :class:`MergeMoved`.
+        :class:`MergeMoved`, and ``taken`` what became of each order (``created``, the
+        ledger did not have it; ``updated``; ``cancelled``; ``""``, none without an accession
+        number), once the transaction is committed
+        (neither gets anything when a concurrent connection recorded the message first).
         """
+        moved_now: list[MergeMoved] = []
+        taken_now: list[str] = []
         try:
             with self.session() as s:
                 s.add(
@@ -2577,18 +2587,21 @@ class Ledger:
                 )
                 s.flush()
                 for merge in merges:
-                    moved = _merge_patients(s, merge, control_id)
-                    if merged is not None:
-                        merged.append(moved)
+                    moved_now.append(_merge_patients(s, merge, control_id))
                 for index, order in enumerate(orders, start=1):
                     accession_number = str(order.get("accession_number") or "")
                     if not accession_number:
+                        taken_now.append("")  # nothing taken
                         continue
                     row = s.scalars(
                         select(Hl7Order)
                         .where(Hl7Order.accession_number == accession_number)
                         .with_for_update()
                     ).one_or_none()
+                    if order.get("cancelled"):
+                        taken_now.append("cancelled")
+                    else:
+                        taken_now.append("created" if row is None else "updated")
                     if row is None:
                         row = Hl7Order(accession_number=accession_number)
                         s.add(row)
@@ -2601,12 +2614,16 @@ class Ledger:
                     row.control_id = control_id
                     row.status = "cancelled" if order.get("cancelled") else "scheduled"
                     s.flush()  # a later order of the message with the same accession finds it
-            return ack
         except IntegrityError:
             stored = self.hl7_stored_ack(sender, control_id)
             if stored is None:
                 raise
             return stored
+        if merged is not None:
+            merged.extend(moved_now)
+        if taken is not None:
+            taken.extend(taken_now)
+        return ack
 
     def hl7_order(self, accession_number: str) -> dict[str, Any] | None:
         with self.session() as s:
@@ -2986,9 +3003,12 @@ def _merge_patients(s: Session, merge: PatientMerge, control_id: str) -> MergeMo
             .with_for_update()
         ).all()
         for row in rows:
-            if row.patient_id == merge.patient_id or not (_cx_keys(row.patient_id) & prior):
+            if not (_cx_keys(row.patient_id) & prior):
                 continue
-            row.patient_id = merge.patient_id
+            surviving = _surviving_id(row.patient_id, merge, prior)
+            if row.patient_id == surviving:
+                continue
+            row.patient_id = surviving
             for key in ("patient_name", "birth_date", "sex"):
                 value = getattr(merge, key)
                 if value:
@@ -2999,23 +3019,51 @@ def _merge_patients(s: Session, merge: PatientMerge, control_id: str) -> MergeMo
     return MergeMoved(orders=moved, messages=len(messages))
 
 
+def _surviving_id(patient_id: str, merge: PatientMerge, prior: set[tuple[str, str]]) -> str:
+    """The PID-3 (ER7) that a patient under a merged-away identifier of ``prior`` takes:
+    the surviving patient's (a merge), or, for an identifier change (``ADT^A47``), its own
+    with the wrong identifiers replaced by ``merge.patient_id``'s (where the first of them
+    was; its other identifiers kept, in their order, unless ``merge.patient_id`` names them
+    too), as many whole repetitions as fit in 250 characters."""
+    if not merge.identifier_change:
+        return merge.patient_id
+    new = _cx_keys(merge.patient_id)
+    out: list[str] = []
+    placed = False
+    for repetition in patient_id.split("~"):
+        keys = _cx_keys(repetition)
+        if keys & prior:
+            if not placed:
+                out.extend(merge.patient_id.split("~"))
+                placed = True
+        elif not keys & new:
+            out.append(repetition)
+    kept = out[0][:250]
+    for repetition in out[1:]:
+        if len(kept) + 1 + len(repetition) > 250:
+            break
+        kept += "~" + repetition
+    return kept
+
+
 def _surviving_patient(
     message: str, merge: PatientMerge, prior: set[tuple[str, str]]
 ) -> str | None:
     """``message`` (an ORU^R01 the node built: standard delimiters, segments ended by CR) with
     the surviving patient of ``merge`` in each PID whose PID-3 names a merged-away identifier
-    of ``prior``: its PID-3 and, where the merge gives them, PID-5, PID-7 and PID-8 (as an
-    order takes them); None when no PID names one."""
+    of ``prior``: its PID-3 (:func:`_surviving_id`) and, where the merge gives them, PID-5,
+    PID-7 and PID-8 (as an order takes them); None when no PID names one."""
     segments = message.split("\r")
     changed = False
     for n, segment in enumerate(segments):
         fields = segment.split("|")
-        if fields[0] != "PID" or len(fields) <= 3 or fields[3] == merge.patient_id:
+        if fields[0] != "PID" or len(fields) <= 3 or not (_cx_keys(fields[3]) & prior):
             continue
-        if not (_cx_keys(fields[3]) & prior):
+        surviving = _surviving_id(fields[3], merge, prior)
+        if fields[3] == surviving:
             continue
         fields += [""] * (9 - len(fields))
-        fields[3] = merge.patient_id
+        fields[3] = surviving
         for index, value in ((5, merge.patient_name), (7, merge.birth_date), (8, merge.sex)):
             if value:
                 fields[index] = value

@@ -592,7 +592,7 @@ def test_a_ris_answer_quoting_the_patient_is_kept_without_their_identifiers(
     sent: list[str] = []
     audited: list[str] = []
 
-    def refuse(host: str, port: int, message: str, *, timeout_s: float) -> AckInfo:
+    def refuse(host: str, port: int, message: str, *, timeout_s: float, **_: Any) -> AckInfo:
         sent.append(message)
         control_id = message.split("\r")[0].split("|")[9]
         return AckInfo(

@@ -14,13 +14,14 @@ from typing import Any
 import pytest
 
 from acwi_node.audit import audit_file, close_audit, configure_audit
-from acwi_node.config import load_settings
+from acwi_node.config import ConfigError, load_settings
 from acwi_node.hl7 import messages
 from acwi_node.hl7.er7 import normalise
 from acwi_node.hl7.messages import (
     ApplicationError,
     Lesion,
     LimitExceeded,
+    Limits,
     OruStudy,
     Rejected,
     Verdict,
@@ -487,6 +488,69 @@ def test_a_message_past_a_limit_is_refused_before_it_is_parsed(
     assert peak < 8 * len(text) + (1 << 20)  # a few copies of the text, not a parse tree
     order = extract_order(parse(_big_order()))
     assert order.accession_number == "ACC1" and len(parsed) == 1
+
+
+@pytest.mark.parametrize(
+    ("hl7", "text", "code", "reason"),
+    [
+        ({}, orm().replace("PAT1^^^HOSP^MR", "~".join(["X^^^H^MR"] * 150), 1), "AR", "100"),
+        (
+            {"max_repetitions": 200},
+            orm().replace("PAT1^^^HOSP^MR", "~".join(["X"] * 150), 1),
+            "AA",
+            "",
+        ),
+        ({"max_segments": 20}, orm() + "\rNTE|1" * 30, "AR", "more than 20 segments"),
+        (
+            {"max_separators": 1000},
+            orm() + ("\rNTE|1|" + "|".join(["a^b"] * 40)) * 15,
+            "AR",
+            "1000",
+        ),
+        ({"max_fields": 50}, orm() + "|x" * 60, "AR", "OBR has more than 50 fields"),
+    ],
+    ids=["default", "more-repetitions", "fewer-segments", "fewer-separators", "fewer-fields"],
+)
+def test_the_message_limits_are_settings(
+    tmp_path: Path, hl7: dict[str, int], text: str, code: str, reason: str
+) -> None:
+    """``[hl7]`` ``max_segments``, ``max_fields``, ``max_repetitions``, ``max_components``,
+    ``max_subcomponents`` and ``max_separators`` set the limits an order is read within."""
+    settings = load_settings(None, node={"data_dir": tmp_path}, hl7=hl7)
+    ledger = Ledger(settings.database_url)
+    try:
+        msa = _msa(OrderIntake(settings, ledger).handle(text.encode()))
+    finally:
+        ledger.dispose()
+    assert msa[1] == code
+    assert reason in (msa[3] if len(msa) > 3 else "")
+
+
+@pytest.mark.parametrize(
+    "hl7",
+    [
+        {"max_segments": 10},
+        {"max_segments": 20_000},
+        {"max_fields": 40},
+        {"max_repetitions": 0},
+        {"max_components": 29},
+        {"max_subcomponents": 5_000},
+        {"max_separators": 999},
+    ],
+)
+def test_message_limits_out_of_bounds_stop_the_start(tmp_path: Path, hl7: dict[str, int]) -> None:
+    """A limit that would refuse standard messages, or let a hostile one be parsed at
+    length, is a configuration error at start-up."""
+    with pytest.raises(ConfigError, match=next(iter(hl7))):
+        load_settings(None, node={"data_dir": tmp_path}, hl7=hl7)
+
+
+def test_an_acknowledgement_is_read_within_the_limits() -> None:
+    """The RIS's acknowledgement of a result is read within the configured limits too."""
+    ack = "MSH|^~\\&|RIS|H|ACWI|ACWI|2024||ACK|A1|P|2.5\rMSA|AA|R1" + "\rNTE|1" * 30
+    assert parse_ack(ack).code == "AA"
+    with pytest.raises(LimitExceeded, match="more than 20 segments"):
+        parse_ack(ack, Limits(segments=20))
 
 
 def test_sender_delimiters_are_re_encoded_in_the_standard_ones() -> None:
@@ -1001,6 +1065,217 @@ def test_a_patient_merge_without_both_patients_is_an_application_error(
     assert ack.split("\r")[2].split("|")[2] == location
     order = ledger.hl7_order("ACC1")
     assert order is not None and order["patient_id"] == "PAT1^^^HOSP^MR"
+
+
+def adt(event: str, cid: str, *groups: tuple[str, str], name: str = "Doe^John") -> str:
+    """An ADT merge or link event: its PID/MRG pairs (surviving PID-3, MRG segment text),
+    in the event's structure (ADT_A18: PV1 after the MRG; ADT_A39: PV1 in each group)."""
+    structure = {
+        "A18": "ADT_A18",
+        "A39": "ADT_A39",
+        "A40": "ADT_A39",
+        "A41": "ADT_A39",
+        "A42": "ADT_A39",
+    }.get(event, "ADT_A30")
+    segs = [MSH.format(type=f"ADT^{event}^{structure}", cid=cid), f"EVN|{event}|20240101120000"]
+    for surviving, mrg in groups:
+        segs += [f"PID|1||{surviving}||{name}||19700101|M", f"MRG|{mrg}"]
+        if structure in {"ADT_A18", "ADT_A39"}:
+            segs.append("PV1|1|O")
+    return "\r".join(segs)
+
+
+def _take_orders(handler: OrderIntake, *patients: tuple[str, str]) -> None:
+    for n, (accession, pid) in enumerate(patients, start=1):
+        text = orm(cid=f"O{n}", accession=accession).replace("PAT1^^^HOSP^MR", pid, 1)
+        assert _msa(handler.handle(text.encode()))[1] == "AA"
+
+
+@pytest.mark.parametrize(
+    ("event", "mrg"),
+    [
+        ("A18", "OLD7^^^HOSP^MR"),
+        ("A30", "OLD7^^^HOSP^MR"),
+        ("A30", "|||OLD7^^^HOSP^MR"),
+        ("A34", "OLD7^^^HOSP^MR"),
+        ("A36", "OLD7^^^HOSP^MR|||ACCT1"),
+        ("A39", "|||OLD7^^^HOSP^MR"),
+        ("A40", "OLD7^^^HOSP^MR"),
+    ],
+    ids=["A18", "A30", "A30-mrg4", "A34", "A36", "A39-mrg4", "A40"],
+)
+def test_the_patient_merge_events_move_the_orders_as_an_a40_does(
+    intake: tuple[OrderIntake, Ledger], event: str, mrg: str
+) -> None:
+    """HL7 v2.5 chapter 3: A18 (merge patient information), A30 (merge person information),
+    A34 (merge patient ID only), A36 (merge patient ID and account number), A39 (merge person
+    - patient ID: the prior ID may be in MRG-4) merge two patients as an A40 does: the orders
+    under the merged-away identifier take the surviving PID-3 and name; AA."""
+    handler, ledger = intake
+    _take_orders(handler, ("ACC-OLD", "OLD7^^^HOSP^MR"), ("ACC-OTHER", "OLD7^^^CLINIC^MR"))
+    message = adt(event, "M1", ("NEW1^^^HOSP^MR", mrg), name="Doe^Jon")
+    assert _msa(handler.handle(message.encode()))[1:3] == ["AA", "M1"]
+    old, other = ledger.hl7_order("ACC-OLD"), ledger.hl7_order("ACC-OTHER")
+    assert old is not None and other is not None
+    assert (old["patient_id"], old["patient_name"]) == ("NEW1^^^HOSP^MR", "Doe^Jon")
+    assert (other["patient_id"], other["patient_name"]) == ("OLD7^^^CLINIC^MR", "Doe^John")
+
+
+def test_an_a39_merges_each_of_its_patient_groups(intake: tuple[OrderIntake, Ledger]) -> None:
+    """ADT^A39 repeats its PID/PD1/MRG/PV1 group (ADT_A39): each group is one merge."""
+    handler, ledger = intake
+    _take_orders(handler, ("ACC-A", "OLDA^^^HOSP^MR"), ("ACC-B", "OLDB^^^HOSP^MR"))
+    message = adt(
+        "A39", "M1", ("NEWA^^^HOSP^MR", "OLDA^^^HOSP^MR"), ("NEWB^^^HOSP^MR", "OLDB^^^HOSP^MR")
+    )
+    assert _msa(handler.handle(message.encode()))[1] == "AA"
+    assert [(ledger.hl7_order(a) or {}).get("patient_id") for a in ("ACC-A", "ACC-B")] == [
+        "NEWA^^^HOSP^MR",
+        "NEWB^^^HOSP^MR",
+    ]
+
+
+@pytest.mark.parametrize("event", ["A18", "A30", "A34", "A36", "A47"])
+def test_an_event_of_one_patient_pair_with_two_is_an_application_error(
+    intake: tuple[OrderIntake, Ledger], event: str
+) -> None:
+    """ADT_A18 and ADT_A30 (A18, A30, A34, A36, A47) carry one PID and its MRG: a second pair
+    is a segment sequence error (AE, ERR-3 100, ERR-2 the second MRG) and nothing is applied."""
+    handler, ledger = intake
+    _take_orders(handler, ("ACC-A", "OLDA^^^HOSP^MR"))
+    message = adt(
+        event, "M1", ("NEWA^^^HOSP^MR", "OLDA^^^HOSP^MR"), ("NEWB^^^HOSP^MR", "OLDB^^^HOSP^MR")
+    )
+    ack = handler.handle(message.encode()).decode().split("\r")
+    assert ack[1].split("|")[1] == "AE"
+    assert ack[2].split("|")[2:4] == ["MRG^2", "100^Segment sequence error^HL70357"]
+    assert (ledger.hl7_order("ACC-A") or {}).get("patient_id") == "OLDA^^^HOSP^MR"
+
+
+def test_an_a47_changes_one_identifier_and_keeps_the_others(tmp_path: Path) -> None:
+    """ADT^A47 (change patient identifier list): MRG-1 the wrong identifier, PID-3 the right
+    one. The orders and the waiting ORU^R01 under the wrong one take the right one in its
+    place and keep the patient's other identifiers (an A40 would give them PID-3 alone); the
+    audit record is ``patient_identifier_changed`` (110110, U); the log names no patient."""
+    settings = load_settings(None, node={"data_dir": tmp_path / "data"}, audit={"patient_id": True})
+    ledger = Ledger(settings.database_url)
+    configure_audit(settings, "hl7")
+    try:
+        receive(settings, ledger, "1.2.3", "1.2.3.1")
+        job = analyse(settings, ledger, "1.2.3")
+        pid = "INS55^^^AOK^SS~OLD7^^^HOSP^MR~X9^^^LAB^PI"
+        oru = build_oru(_study(patient_id=pid, patient_name="Doe^John"), control_id="R1")
+        row = ledger.add_hl7_outbound(job_id=job, kind="result", control_id="R1", message=oru)
+        assert row is not None
+        handler = OrderIntake(settings, ledger)
+        _take_orders(handler, ("ACC-A", pid), ("ACC-B", "OLD7^^^CLINIC^MR"))
+        message = adt("A47", "M1", ("NEW7^^^HOSP^MR", "OLD7^^^HOSP^MR"))
+        assert _msa(handler.handle(message.encode()))[1:3] == ["AA", "M1"]
+        with ledger.session() as s:
+            patched = s.get_one(Hl7Outbound, row).message
+        changed = ledger.hl7_order("ACC-A")
+        other = ledger.hl7_order("ACC-B")
+    finally:
+        close_audit()
+        ledger.dispose()
+    assert changed is not None and other is not None
+    assert changed["patient_id"] == "INS55^^^AOK^SS~NEW7^^^HOSP^MR~X9^^^LAB^PI"
+    assert other["patient_id"] == "OLD7^^^CLINIC^MR"
+    assert patched.split("\r")[1].split("|")[3] == "INS55^^^AOK^SS~NEW7^^^HOSP^MR~X9^^^LAB^PI"
+    trail = [json.loads(line) for line in audit_file(settings).read_text().splitlines()]
+    changes = [r for r in trail if r["event"] == "patient_identifier_changed"]
+    assert len(changes) == 1
+    assert (changes[0]["event_id"]["code"], changes[0]["action"]) == ("110110", "U")
+    assert "1 order(s) and 1 ORU^R01" in changes[0]["detail"]
+    assert changes[0]["patient_ids"] == ["NEW7", "OLD7"]
+    assert not [r for r in trail if r["event"] == "patients_merged"]
+
+
+@pytest.mark.parametrize(
+    "event",
+    ["A24", "A35", "A37", "A41", "A42"],
+)
+def test_link_account_and_visit_events_are_acknowledged_without_changes(
+    intake: tuple[OrderIntake, Ledger], event: str
+) -> None:
+    """A24 (link), A37 (unlink), A35 (merge account number only), A41 (merge account), A42
+    (merge visit) change nothing the node keeps: AA (CA in enhanced mode), the orders stay
+    under their patient even where MRG-1 names another."""
+    handler, ledger = intake
+    _take_orders(handler, ("ACC-A", "OLDA^^^HOSP^MR"))
+    if event in {"A24", "A37"}:
+        message = "\r".join(
+            [
+                MSH.format(type=f"ADT^{event}^ADT_{event}", cid="M1"),
+                f"EVN|{event}|20240101120000",
+                "PID|1||OLDA^^^HOSP^MR||Doe^John",
+                "PID|2||NEWA^^^HOSP^MR||Doe^John",
+            ]
+        )
+    else:
+        message = adt(event, "M1", ("NEWA^^^HOSP^MR", "OLDA^^^HOSP^MR|||ACCT1"))
+    assert _msa(handler.handle(message.encode()))[1:3] == ["AA", "M1"]
+    assert (ledger.hl7_order("ACC-A") or {}).get("patient_id") == "OLDA^^^HOSP^MR"
+    enhanced = message.replace("|M1|P|2.5", "|M2|P|2.5|||AL|NE", 1).encode()
+    answer = acknowledgement(enhanced, handler.handle(enhanced))
+    assert answer is not None and answer.decode().split("\r")[1].split("|")[1:3] == ["CA", "M2"]
+
+
+@pytest.mark.parametrize("event", ["A18", "A34", "A39", "A47"])
+def test_merge_events_are_accepted_in_enhanced_mode(
+    intake: tuple[OrderIntake, Ledger], event: str
+) -> None:
+    """A merge event asking for an accept acknowledgement (MSH-15 AL) gets CA, once applied."""
+    handler, ledger = intake
+    _take_orders(handler, ("ACC-A", "OLDA^^^HOSP^MR"))
+    message = adt(event, "M1", ("NEWA^^^HOSP^MR", "OLDA^^^HOSP^MR"))
+    raw = message.replace("|M1|P|2.5", "|M1|P|2.5|||AL|NE", 1).encode()
+    answer = acknowledgement(raw, handler.handle(raw))
+    assert answer is not None and answer.decode().split("\r")[1].split("|")[1:3] == ["CA", "M1"]
+    assert (ledger.hl7_order("ACC-A") or {}).get("patient_id") == "NEWA^^^HOSP^MR"
+
+
+@pytest.mark.parametrize("patient_id", [True, False], ids=["patient-ids", "no-patient-ids"])
+def test_orders_taken_are_audit_records(tmp_path: Path, patient_id: bool) -> None:
+    """Each order taken from the RIS is an audit record (DICOM PS3.15 A.5.3.13: 110109 Order
+    Record): ``order_created`` (action C) for one the node did not have, ``order_updated``
+    (U) for a change, ``order_cancelled`` (U: the order is kept, cancelled), naming the RIS,
+    the message and the order control, the study's UID where given, the patient ID only with
+    ``audit.patient_id``; no name, accession or order number. A repeated message, and one
+    refused (a change of a cancelled order), record nothing."""
+    settings = load_settings(
+        None, node={"data_dir": tmp_path / "data"}, audit={"patient_id": patient_id}
+    )
+    ledger = Ledger(settings.database_url)
+    configure_audit(settings, "hl7")
+    try:
+        handler = OrderIntake(settings, ledger)
+        new = orm(cid="C1", accession="ACC-Q7", name="Canary^Jon", zds="1.2.840.99.7")
+        change = new.replace("|C1|", "|C2|", 1).replace("ORC|NW|", "ORC|XO|", 1)
+        cancel = new.replace("|C1|", "|C3|", 1).replace("ORC|NW|", "ORC|CA|", 1)
+        refused = new.replace("|C1|", "|C4|", 1).replace("ORC|NW|", "ORC|XO|", 1)
+        for text, code in ((new, "AA"), (new, "AA"), (change, "AA"), (cancel, "AA")):
+            assert _msa(handler.handle(text.encode()))[1] == code
+        assert _msa(handler.handle(refused.encode()))[1] == "AE"
+    finally:
+        close_audit()
+        ledger.dispose()
+    text = audit_file(settings).read_text()
+    trail = [json.loads(line) for line in text.splitlines()]
+    orders = [r for r in trail if r["event"].startswith("order_")]
+    assert [(r["event"], r["event_id"]["code"], r["action"]) for r in orders] == [
+        ("order_created", "110109", "C"),
+        ("order_updated", "110109", "U"),
+        ("order_cancelled", "110109", "U"),
+    ]
+    for record, control in zip(orders, ("C1", "C2", "C3"), strict=True):
+        assert {"type": "application", "id": "RIS", "requestor": True} in record["participants"]
+        assert f"message {control}" in record["detail"]
+        assert record["study_uids"] == ["1.2.840.99.7"]
+        assert record.get("patient_ids") == (["PAT1"] if patient_id else None)
+    assert "ORC-1 CA" in orders[2]["detail"]
+    for value in ("Canary", "Jon", "ACC-Q7", "PL1", "FI1"):
+        assert value not in text
 
 
 @pytest.mark.parametrize(

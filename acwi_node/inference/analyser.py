@@ -59,7 +59,7 @@ import dataclasses
 import hashlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -315,8 +315,14 @@ class Analyser:
         """The model identity written into results."""
         return self.manifest.identity()
 
-    def analyse(self, datasets: Sequence[Dataset]) -> StudyAnalysis:
-        """Analyse the images of one study (see the module docstring for every number)."""
+    def analyse(
+        self, datasets: Sequence[Dataset], *, between_batches: Callable[[], None] | None = None
+    ) -> StudyAnalysis:
+        """Analyse the images of one study (see the module docstring for every number).
+
+        ``between_batches`` is called before each batch of images goes through the network;
+        what it raises ends the analysis (the analyse task stops a run that is no longer its
+        worker's: a CT series' remaining batches are not computed for nothing)."""
         skipped: dict[str, str] = {}
         prepared: list[_Prepared] = []
         units = image_units(datasets)
@@ -338,6 +344,8 @@ class Analyser:
         results: dict[int, ImageResult] = {}
         for items in by_series.values():
             for start in range(0, len(items), self.batch_size):
+                if between_batches is not None:
+                    between_batches()
                 batch = items[start : start + self.batch_size]
                 for item, result in zip(batch, self._analyse_batch(batch, study_uid), strict=True):
                     results[item.index] = result

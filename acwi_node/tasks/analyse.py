@@ -427,8 +427,15 @@ def _run_claimed(settings: Settings, ledger: Ledger, job: Job, claim: Claim) -> 
             raise NothingToAnalyse(f"no image could be analysed ({shown or 'none'}{more})", reasons)
         analyser = get_analyser(settings, job.model)
         started = time.perf_counter()
+
+        def still_ours() -> None:
+            """Between batches: a run whose lease keeper found the job superseded or taken
+            over stops computing (its results would be refused)."""
+            if lease.lost.is_set():
+                raise ClaimLost(job_id)
+
         try:
-            analysis = analyser.analyse(datasets)
+            analysis = analyser.analyse(datasets, between_batches=still_ours)
         except NothingToAnalyse as exc:
             exc.skipped.update({**left_out, **unreadable})
             raise

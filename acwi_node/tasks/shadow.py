@@ -28,6 +28,7 @@ from acwi_node.observability.logging import bind_study, log_context
 from acwi_node.routing.selection import InstanceSelection
 from acwi_node.tasks.analyse import (
     LEDGER_WAIT_S,
+    ClaimLost,
     LedgerUnavailable,
     _ledger,
     _settings,
@@ -95,7 +96,7 @@ def run_shadow(settings: Settings, ledger: Ledger, shadow_id: int) -> str:
         if not datasets:
             raise NothingToAnalyse("no image could be analysed", {**left_out, **unreadable})
         analyser = get_analyser(settings, claimed.model)
-        analysis = analyser.analyse(datasets)
+        analysis = analyser.analyse(datasets, between_batches=lambda: _still_ours(lease))
         analysis.skipped.update(left_out)
         analysis.skipped.update(unreadable)
         used = {str(ds.SOPInstanceUID): ds for ds in datasets}
@@ -125,6 +126,12 @@ def run_shadow(settings: Settings, ledger: Ledger, shadow_id: int) -> str:
         analysis.predicted_label,
     )
     return "analysed"
+
+
+def _still_ours(lease: LeaseKeeper) -> None:
+    """Between batches: a shadow run whose claim was lost (taken over) stops computing."""
+    if lease.lost.is_set():
+        raise ClaimLost(lease.job_id)
 
 
 def _taken_over(shadow_id: int) -> str:

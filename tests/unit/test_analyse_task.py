@@ -949,6 +949,49 @@ def test_a_worker_whose_job_was_taken_over_records_nothing_and_leaves_the_job_al
     assert sorted(d.path for d in ledger.due_deliveries()) == sorted(named)
 
 
+def test_a_run_whose_claim_was_lost_stops_between_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease keeper found the job another worker's while the images went through the
+    network, a batch at a time: the run stops before the next batch (it computed the whole
+    series, then found at its first result file that nothing would be kept), writes nothing
+    and ends as superseded."""
+    settings = review_settings(tmp_path, routes=[_route()])
+    ledger = Ledger(settings.database_url)
+    keepers: list[analyse.LeaseKeeper] = []
+    real_keeper, real_analyser = analyse.LeaseKeeper, analyse.get_analyser
+    batches: list[int] = []
+
+    def keeper(*args: Any, **kwargs: Any) -> analyse.LeaseKeeper:
+        keepers.append(real_keeper(*args, **kwargs))
+        return keepers[-1]
+
+    def analyser(*args: Any) -> Any:
+        loaded = real_analyser(*args)
+        run_batch = loaded._analyse_batch
+
+        def one_batch(batch: Any, study_uid: str) -> Any:
+            batches.append(len(batch))
+            keepers[0].lost.set()  # the next renewal found the job taken over
+            return run_batch(batch, study_uid)
+
+        monkeypatch.setattr(loaded, "batch_size", 1)
+        monkeypatch.setattr(loaded, "_analyse_batch", one_batch)
+        return loaded
+
+    monkeypatch.setattr(analyse, "LeaseKeeper", keeper)
+    monkeypatch.setattr(analyse, "get_analyser", analyser)
+    try:
+        job_id, study_uid = store_and_route(
+            settings, ledger, write_study(tmp_path / "src", n_images=3, size=64)
+        )
+        assert analyse.run_job(settings, ledger, job_id) == "superseded"
+        assert batches == [1]  # of three
+        assert not list((settings.results_dir / study_uid).glob("*.dcm"))
+    finally:
+        ledger.dispose()
+
+
 def test_the_ledger_refuses_a_claims_writes_once_another_worker_took_the_job_over(
     ledger_node: tuple[Settings, Ledger],
 ) -> None:

@@ -540,3 +540,47 @@ def test_a_shadow_job_taken_over_is_the_new_workers_to_finish(db: Ledger) -> Non
     with db.session() as s:
         row = s.get_one(ShadowJob, shadow_id)
         assert (row.state, row.summary["predicted_label"]) == (ShadowState.DONE, "effusion")
+
+
+def test_a_shadow_run_taken_over_stops_between_batches(
+    tmp_path: Path, ledger_node: tuple[Any, Ledger], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker took the shadow job over while its images went through the challenger a
+    batch at a time: the run stops before the next batch, records nothing and fails nothing."""
+    settings = _settings(tmp_path, database_url=ledger_node[0].database_url)
+    ledger = ledger_node[1]
+    monkeypatch.setattr(analyse, "app", Bell())
+    files = write_study(tmp_path / "src", n_images=3, label="nodule", seed=4, size=128)
+    job_id, _ = store_and_route(settings, ledger, files)
+    assert analyse.run_job(settings, ledger, job_id) == "analysed"
+    (shadow_id,) = ShadowJobs(ledger).of_job(job_id)
+    keepers: list[shadow.LeaseKeeper] = []
+    real_keeper, real_analyser = shadow.LeaseKeeper, shadow.get_analyser
+    batches: list[int] = []
+
+    def keeper(*args: Any, **kwargs: Any) -> shadow.LeaseKeeper:
+        keepers.append(real_keeper(*args, **kwargs))
+        return keepers[-1]
+
+    def analyser(*args: Any) -> Any:
+        loaded = real_analyser(*args)
+        run_batch = loaded._analyse_batch
+
+        def one_batch(batch: Any, study_uid: str) -> Any:
+            if not batches:  # the other worker's claim, after this one's lease ran out
+                assert ShadowJobs(ledger).claim(shadow_id, lease_s=0, max_attempts=3)
+                keepers[0].lost.set()  # this worker's next renewal found it so
+            batches.append(len(batch))
+            return run_batch(batch, study_uid)
+
+        monkeypatch.setattr(loaded, "batch_size", 1)
+        monkeypatch.setattr(loaded, "_analyse_batch", one_batch)
+        return loaded
+
+    monkeypatch.setattr(shadow, "LeaseKeeper", keeper)
+    monkeypatch.setattr(shadow, "get_analyser", analyser)
+    assert shadow.run_shadow(settings, ledger, shadow_id) == "superseded"
+    assert batches == [1]  # of three
+    with ledger.session() as s:
+        row = s.get_one(ShadowJob, shadow_id)
+        assert (row.state, row.attempts, row.error) == (ShadowState.ANALYSING, 2, "")

@@ -16,7 +16,7 @@ import functools
 import re
 import warnings
 import zoneinfo
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from highdicom import SOPClass
@@ -352,23 +352,47 @@ def frame_laterality(source: Dataset) -> str:
     return str(anatomy.get("FrameLaterality", "") or "").strip().upper() if anatomy else ""
 
 
-def copy_anatomy(source: Dataset, result: Dataset) -> None:
-    """The source's Body Part Examined onto ``result`` (upper case, without spaces around it),
-    (an enhanced image that names none: its Frame Anatomy region's, :func:`frame_body_part`),
-    and the General Series module's Laterality (2C): the source's side (Laterality, else
-    Image Laterality, else an enhanced image's Frame Laterality) when it is R or L (in either
-    case); absent for an unpaired body part; else empty (unknown)."""
+def _body_part(source: Dataset) -> str:
+    """The source's Body Part Examined, upper case, without spaces around it (an enhanced
+    image that names none: its Frame Anatomy region's, :func:`frame_body_part`); "" for
+    none."""
     # CS is upper case: a "chest" in the field is written, and looked up, as CHEST
     body_part = str(source.get("BodyPartExamined", "") or "").strip().upper()
-    body_part = body_part or frame_body_part(source)
-    if body_part:
-        result.BodyPartExamined = body_part
+    return body_part or frame_body_part(source)
+
+
+def _side(source: Dataset) -> str:
+    """The source's side, R or L (Laterality, else Image Laterality, else an enhanced
+    image's Frame Laterality, in either case); "" for none of these."""
     laterality = str(source.get("Laterality", "") or source.get("ImageLaterality", "") or "")
     laterality = laterality.strip().upper()
     frame_side = frame_laterality(source)
     if laterality not in {"R", "L"} and frame_side in {"R", "L"}:
         laterality = frame_side
-    if laterality in {"R", "L"}:
+    return laterality if laterality in {"R", "L"} else ""
+
+
+def copy_anatomy(source: Dataset, result: Dataset, series: Sequence[Dataset] = ()) -> None:
+    """The source's Body Part Examined onto ``result`` (upper case, without spaces around it),
+    (an enhanced image that names none: its Frame Anatomy region's, :func:`frame_body_part`),
+    and the General Series module's Laterality (2C): the source's side (Laterality, else
+    Image Laterality, else an enhanced image's Frame Laterality) when it is R or L (in either
+    case); absent for an unpaired body part; else empty (unknown).
+
+    ``series``: the sources of the other instances of ``result``'s series. Both attributes
+    are the series', the same in each of its instances (a PACS keeps one value for the
+    series, and a hanging protocol places the series by it): a body part they do not all
+    share is left out, and a side they do not all share is unknown (empty), so that a
+    heatmap of the right breast is never in a series that says left."""
+    body_parts = {_body_part(ds) for ds in (source, *series)}
+    body_part = body_parts.pop() if len(body_parts) == 1 else ""
+    if body_part:
+        result.BodyPartExamined = body_part
+    elif "BodyPartExamined" in result:
+        del result.BodyPartExamined
+    sides = {_side(ds) for ds in (source, *series)}
+    laterality = sides.pop() if len(sides) == 1 else ""
+    if laterality:
         result.Laterality = laterality
     elif body_part in UNPAIRED_BODY_PARTS:
         if "Laterality" in result:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Literal
 
@@ -54,6 +54,7 @@ __all__ = [
     "blend_heatmap",
     "build_heatmap_sc",
     "colour_map",
+    "patient_orientation",
     "render_grey",
     "unit_heat",
 ]
@@ -190,6 +191,47 @@ def _first(value: object) -> float | None:
     except ValueError:
         return None
     return number if np.isfinite(number) else None
+
+
+#: The letters of each axis of the patient coordinate system, its negative and positive
+#: direction (PS3.3 C.7.6.1.1.1): x right to left, y anterior to posterior, z feet to head.
+_AXIS_LETTERS = (("R", "L"), ("A", "P"), ("F", "H"))
+#: A direction cosine at most this far from 0 names no direction.
+_OBLIQUITY = 1e-4
+
+
+def _direction_letters(cosines: Sequence[float]) -> str:
+    """The Patient Orientation value of one direction: the letter of each axis it runs along,
+    most significant first (several for an oblique direction)."""
+    axes = sorted(range(3), key=lambda axis: -abs(cosines[axis]))
+    return "".join(
+        _AXIS_LETTERS[axis][1 if cosines[axis] > 0 else 0]
+        for axis in axes
+        if abs(cosines[axis]) > _OBLIQUITY
+    )
+
+
+def patient_orientation(source: Dataset, geometry: Dataset) -> list[str] | str:
+    """The heatmap's Patient Orientation (General Image, 2C; a secondary capture has no plane
+    orientation of its own): the source's two values; else, for an image in a patient
+    coordinate system (CT, MR, PET, an enhanced image's frame: ``geometry``, the header its
+    frame is read with), the directions of its rows and columns from its Image Orientation
+    (Patient), e.g. ``L\\P`` for an axial slice, so that a viewer still shows the patient's
+    left and right; empty where neither is known."""
+    orientation = source.get("PatientOrientation")
+    if isinstance(orientation, MultiValue) and len(orientation) == 2:
+        return [str(value) for value in orientation]
+    cosines = geometry.get("ImageOrientationPatient")
+    if not isinstance(cosines, MultiValue) or len(cosines) != 6:
+        return ""
+    try:
+        values = [float(value) for value in cosines]
+    except (TypeError, ValueError):
+        return ""
+    if not all(np.isfinite(values)):
+        return ""
+    directions = [_direction_letters(values[:3]), _direction_letters(values[3:])]
+    return directions if all(directions) else ""
 
 
 def _percentile_window(values: FloatImage) -> FloatImage:
@@ -522,6 +564,7 @@ def build_heatmap_sc(
     colours: ColourMapName = "jet",
     now: dt.datetime | None = None,
     timezone: str = "UTC",
+    series_sources: Sequence[Dataset] = (),
 ) -> Dataset:
     """Build the RGB Secondary Capture overlaying ``heatmap`` on ``source``, in the colour
     map ``colours`` (:data:`COLOUR_MAPS`). Its own dates and times (Instance Creation,
@@ -532,6 +575,10 @@ def build_heatmap_sc(
     Instance UID derived from the source's, so a re-run replaces it. For a frame of a
     multi-frame image (``image.frame_number``) it shows that frame, references it (Referenced
     Frame Number) and has a UID of its own.
+
+    ``series_sources``: the sources of the study's other heatmaps, which are in the same
+    series: its Body Part Examined and Laterality are those they all share
+    (:func:`~acwi_node.results.headers.copy_anatomy`).
     """
     source_uid = str(source.SOPInstanceUID)
     frame_number = image.frame_number
@@ -583,8 +630,8 @@ def build_heatmap_sc(
     # Copies: the new object shares no data elements with the source.
     copy_patient_and_study(source, sc)
 
-    # General Series: same anatomy as the source.
-    copy_anatomy(source, sc)
+    # General Series: the source's anatomy, where the series' other heatmaps share it.
+    copy_anatomy(source, sc, series_sources)
 
     # SC Equipment
     sc.ConversionType = "WSD"
@@ -594,10 +641,7 @@ def build_heatmap_sc(
 
     # General Image
     sc.ImageType = ["DERIVED", "SECONDARY"]
-    orientation = source.get("PatientOrientation")
-    sc.PatientOrientation = (
-        list(orientation) if isinstance(orientation, MultiValue) and len(orientation) == 2 else ""
-    )
+    sc.PatientOrientation = patient_orientation(source, image_header(source, frame_number))
     label, probability = _predicted(analysis, image)
     shown = f"{label} (p={probability:.3f})" if probability is not None else label
     review = "; flagged for human review" if analysis.needs_review else ""

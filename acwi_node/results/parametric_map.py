@@ -91,8 +91,7 @@ def build_parametric_maps(
         group = image.sop_instance_uid if framed else str(source.SeriesInstanceUID)
         key = (group, int(source.Rows), int(source.Columns))
         groups.setdefault(key, []).append((source, image))
-    maps: list[Dataset] = []
-    for (group_uid, rows, columns), members in groups.items():
+    for key, members in list(groups.items()):
         frames = frame_count(members[0][0])
         if frames > 1 and len(members) != frames:
             log.info(
@@ -100,9 +99,13 @@ def build_parametric_maps(
                 len(members),
                 frames,
             )
-            continue
+            del groups[key]
+    # the sources of every map: the maps are one series, whose anatomy they all share
+    mapped = [source for members in groups.values() for source, _ in members]
+    maps: list[Dataset] = []
+    for (group_uid, rows, columns), members in groups.items():
         try:
-            pmap = _build(group_uid, rows, columns, members, analysis, len(maps) + 1)
+            pmap = _build(group_uid, rows, columns, members, analysis, len(maps) + 1, mapped)
             set_result_times(pmap, members[0][0], now, timezone)
             maps.append(pmap)
         except Exception as exc:
@@ -124,7 +127,10 @@ def _build(
     members: list[tuple[Dataset, ImageResult]],
     analysis: StudyAnalysis,
     instance_number: int,
+    series: Sequence[Dataset],
 ) -> Dataset:
+    """The parametric map of one source series (or multi-frame image); ``series``: the sources
+    of every map of the study (one series, :func:`~.headers.copy_anatomy`)."""
     members = sorted(
         members,
         key=lambda m: (
@@ -186,5 +192,5 @@ def _build(
             headers[0].get("SpecificCharacterSet"), [model.name, model.version]
         ),
     )
-    copy_anatomy(headers[0], pmap)  # General Series: the source's anatomy
+    copy_anatomy(headers[0], pmap, series)  # General Series: the sources' anatomy
     return pmap

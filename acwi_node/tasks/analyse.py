@@ -490,14 +490,21 @@ def _run_claimed(settings: Settings, ledger: Ledger, job: Job, claim: Claim) -> 
         parametric_maps = settings.worker.parametric_maps
         if route is not None and route.results.parametric_maps is not None:
             parametric_maps = route.results.parametric_maps
-        for n, image in enumerate(analysis.images, start=1):
-            wanted = (
+        # heatmaps = "positive_or_uncertain" or "none" leaves some or all out
+        heatmaps = [
+            (n, image)
+            for n, image in enumerate(analysis.images, start=1)
+            if (
                 image.heatmap_selected
                 if heatmap_policy is None
                 else analyser.wants_heatmap(image, heatmap_policy)
             )
-            if not wanted:  # heatmaps = "positive_or_uncertain" or "none"
-                continue
+        ]
+        # the sources of the heatmap series' instances: the anatomy they share is the series'
+        heatmap_sources = [
+            by_uid[uid] for uid in dict.fromkeys(i.sop_instance_uid for _, i in heatmaps)
+        ]
+        for n, image in heatmaps:
             source = by_uid[image.sop_instance_uid]
             path = write(
                 "heatmap",
@@ -509,6 +516,7 @@ def _run_claimed(settings: Settings, ledger: Ledger, job: Job, claim: Claim) -> 
                     instance_number=n,
                     colours=settings.worker.heatmap_colours,
                     timezone=zone,
+                    series_sources=heatmap_sources,
                 ),
             )
             if isinstance(image.heatmap, DeferredHeatmap):  # the review page's overlay

@@ -260,9 +260,9 @@ def test_images_the_route_leaves_out_are_not_held_while_the_study_is_analysed(
         read.append(weakref.ref(ds))
         return ds
 
-    def analyse_study(self: Any, datasets: Any) -> Any:
+    def analyse_study(self: Any, datasets: Any, **kwargs: Any) -> Any:
         count_left_out_alive()
-        return real_analyse(self, datasets)
+        return real_analyse(self, datasets, **kwargs)
 
     monkeypatch.setattr(analyse, "read_deferred", read_deferred)
     monkeypatch.setattr(analyse.Analyser, "analyse", analyse_study)
@@ -332,6 +332,28 @@ def test_a_routes_heatmap_policy_overrides_the_workers(
         settings, write_study(tmp_path / "src", n_images=2, size=64, seed=7)
     )
     assert _result_classes(settings, study_uid) == [SC_CLASS] * heatmaps + [SR_CLASS]
+
+
+def test_the_heatmaps_of_both_sides_are_a_series_that_names_neither(tmp_path: Path) -> None:
+    """Radiographs of the left and the right hand: their heatmaps are one series, whose
+    Laterality (General Series) says no side in either heatmap (a PACS keeps one value for the
+    series)."""
+    files = write_study(tmp_path / "src", n_images=2, size=64, seed=7)
+    for path, side in zip(files, ("L", "R"), strict=True):
+        ds = pydicom.dcmread(path)
+        ds.BodyPartExamined = "HAND"
+        ds.ImageLaterality = side
+        ds.save_as(path)
+    settings = review_settings(tmp_path, routes=[_route()])
+    settings.worker.heatmaps = "all"
+    study_uid, _, _ = _analysed(settings, files)
+    heatmaps = [
+        pydicom.dcmread(p, stop_before_pixels=True)
+        for p in (settings.results_dir / study_uid).glob("*.dcm")
+    ]
+    heatmaps = [ds for ds in heatmaps if ds.SOPClassUID == SC_CLASS]
+    assert len(heatmaps) == 2 and len({ds.SeriesInstanceUID for ds in heatmaps}) == 1
+    assert [(ds.Laterality, ds.BodyPartExamined) for ds in heatmaps] == [("", "HAND")] * 2
 
 
 def test_a_route_asks_for_parametric_maps_the_worker_does_not_write(tmp_path: Path) -> None:

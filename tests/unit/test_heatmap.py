@@ -413,6 +413,47 @@ def test_laterality_follows_the_body_part(
     assert sc.get("Laterality") == laterality
 
 
+def test_the_heatmap_series_names_only_the_side_all_its_heatmaps_share() -> None:
+    """The heatmaps of a study are one series, whose Laterality (General Series) a PACS keeps
+    once and a mammography hanging protocol places the series by: with heatmaps of the left
+    and the right breast, each says no side (empty: unknown), never the other breast's."""
+    study_uid = generate_uid()
+    left, right = make_dx(study_uid), make_dx(study_uid)
+    for source, side in ((left, "L"), (right, "R")):
+        source.BodyPartExamined = "BREAST"
+        source.ImageLaterality = side
+    analysis = _analysis([left, right])
+    alone = build_heatmap_sc(
+        right, _heat(right.Rows, right.Columns), analysis, analysis.images[1], instance_number=2
+    )
+    assert alone.Laterality == "R"
+    heatmaps = [
+        build_heatmap_sc(
+            source,
+            image.heatmap_array(),
+            analysis,
+            image,
+            instance_number=n,
+            series_sources=[left, right],
+        )
+        for n, (source, image) in enumerate(zip([left, right], analysis.images, strict=True), 1)
+    ]
+    assert len({sc.SeriesInstanceUID for sc in heatmaps}) == 1
+    assert [(sc.Laterality, sc.BodyPartExamined) for sc in heatmaps] == [("", "BREAST")] * 2
+    # both of one side: that side
+    right.ImageLaterality = "L"
+    sc = _build(right, analysis, 1)
+    same = build_heatmap_sc(
+        right,
+        analysis.images[1].heatmap_array(),
+        analysis,
+        analysis.images[1],
+        instance_number=2,
+        series_sources=[left, right],
+    )
+    assert sc.Laterality == same.Laterality == "L"
+
+
 @needs_dciodvfy
 def test_a_heatmap_of_a_chest_ct_slice_validates(tmp_path: Path) -> None:
     """A CT slice of the chest carries no laterality: the heatmap's must be absent, not
@@ -423,6 +464,41 @@ def test_a_heatmap_of_a_chest_ct_slice_validates(tmp_path: Path) -> None:
     assert source.BodyPartExamined == "CHEST" and "Laterality" not in source
     report = run_dciodvfy(_build(source, _analysis([source])))
     assert report.errors == [], report.output
+
+
+def test_a_heatmap_of_a_ct_slice_names_its_rows_and_columns_directions(tmp_path: Path) -> None:
+    """A CT slice has no Patient Orientation (its plane orientation says it): the heatmap, a
+    secondary capture without one, names the directions of its rows and columns from the
+    slice's Image Orientation (Patient), so that a viewer shows the patient's left and
+    right; a radiograph's own Patient Orientation is kept."""
+    source = pydicom.dcmread(write_ct_series(tmp_path, slices=1, size=64)[0])
+    assert "PatientOrientation" not in source
+    assert [float(v) for v in source.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+    sc = _read_back(_build(source, _analysis([source])))
+    assert list(sc.PatientOrientation) == ["L", "P"]
+    # a coronal slice; an oblique one: the most significant direction first
+    source.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    assert list(_build(source, _analysis([source])).PatientOrientation) == ["L", "F"]
+    source.ImageOrientationPatient = [-0.8, 0.6, 0, 0, 0, -1]
+    assert list(_build(source, _analysis([source])).PatientOrientation) == ["RP", "F"]
+    # no usable orientation: empty, as before
+    source.ImageOrientationPatient = [0, 0, 0, 0, 0, 0]
+    assert _build(source, _analysis([source])).PatientOrientation == ""
+    radiograph = make_dx(generate_uid())
+    assert list(_build(radiograph, _analysis([radiograph])).PatientOrientation) == ["L", "F"]
+
+
+def test_a_heatmap_of_an_enhanced_images_frame_names_its_directions(tmp_path: Path) -> None:
+    """An enhanced image's orientation is in its functional groups (Plane Orientation): the
+    heatmap of a frame names that frame's directions."""
+    from models.data.synth import write_enhanced_ct
+
+    source = pydicom.dcmread(write_enhanced_ct(tmp_path, slices=2, size=64))
+    assert "ImageOrientationPatient" not in source and "PatientOrientation" not in source
+    image = dataclasses.replace(_analysis([source]).images[0], frame_number=2)
+    analysis = dataclasses.replace(_analysis([source]), images=[image])
+    sc = build_heatmap_sc(source, image.heatmap_array(), analysis, image, instance_number=1)
+    assert list(sc.PatientOrientation) == ["L", "P"]
 
 
 def test_a_raw_heatmap_is_blended_as_blend_heatmap_blends_it(

@@ -143,6 +143,36 @@ def test_images_of_two_sizes_get_a_map_each(tmp_path: Path, ct: list[Dataset]) -
     assert len({m.SOPInstanceUID for m in maps}) == 2
 
 
+def test_the_maps_series_names_only_the_side_and_body_part_all_its_maps_share(
+    tmp_path: Path,
+) -> None:
+    """The maps of a study are one series, whose Laterality and Body Part Examined (General
+    Series) a PACS keeps once: a series with maps of the left and the right knee says no
+    side (empty: unknown) in each map, not one side in one map and the other in the next."""
+    left, right = (
+        [
+            Dataset(dcmread(p))
+            for p in write_ct_series(tmp_path / side, slices=2, size=64, accession_number=side)
+        ]
+        for side in ("L", "R")
+    )
+    for side, series in (("L", left), ("R", right)):
+        for source in series:
+            source.StudyInstanceUID = left[0].StudyInstanceUID
+            source.BodyPartExamined = "KNEE"
+            source.Laterality = side
+    assert left[0].SeriesInstanceUID != right[0].SeriesInstanceUID
+    (alone,) = build_parametric_maps(left, analysis_of(left))
+    assert alone.Laterality == "L" and alone.BodyPartExamined == "KNEE"
+    maps = build_parametric_maps([*left, *right], analysis_of([*left, *right]))
+    assert len(maps) == 2 and len({m.SeriesInstanceUID for m in maps}) == 1
+    assert [(m.Laterality, m.BodyPartExamined) for m in maps] == [("", "KNEE")] * 2
+    for source in right:  # another body part: the series names none
+        source.BodyPartExamined = "ANKLE"
+    maps = build_parametric_maps([*left, *right], analysis_of([*left, *right]))
+    assert [(m.Laterality, "BodyPartExamined" in m) for m in maps] == [("", False)] * 2
+
+
 def test_a_series_whose_map_fails_is_logged_and_the_others_stand(
     tmp_path: Path, ct: list[Dataset], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import io
 import shutil
+import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -16,8 +19,17 @@ from pydicom.uid import generate_uid
 
 from acwi_node.inference.types import ImageResult, ModelIdentity, StudyAnalysis, Uncertainty
 from acwi_node.results.encoding import encode_part10
-from acwi_node.results.sr import PRIVATE_SCHEME, build_sr, finding_code, summarise_sr
+from acwi_node.results.sr import (
+    PRIVATE_SCHEME,
+    LesionRegion,
+    Verification,
+    build_sr,
+    build_verified_sr,
+    finding_code,
+    summarise_sr,
+)
 from acwi_node.results.uids import device_uid, result_uids
+from tests.support.dcmtk import require_dcmtk_tool
 from tests.support.dx import make_dx
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -394,3 +406,42 @@ def test_dciodvfy_reports_no_errors(built: Built) -> None:
     report = run_dciodvfy(sr)
     assert report.iod == "Comprehensive3DSR"
     assert report.errors == [], report.output
+
+
+def test_dcmtk_reads_the_sr_and_its_verified_successor_without_a_complaint(
+    built: Built, tmp_path: Path
+) -> None:
+    """DCMTK's ``dsrdump`` reads each document as a viewer's SR module would: every content
+    item of its value type, every relationship one the Comprehensive 3D SR IOD allows (it
+    stops at the first that is not), every string of its VR. Nothing is reported: no error,
+    no warning. The verified SR adds a lesion box (SCOORD) on an image."""
+    dsrdump = require_dcmtk_tool("dsrdump")
+    sources, _, sr = built
+    box = LesionRegion(str(sources[0].SOPInstanceUID), None, (20, 10, 39, 29))
+    verdict = Verification(
+        "Doe^Jane",
+        "Example Hospital",
+        "override",
+        "nodule",
+        "Nodule on the lateral view",
+        dt.datetime(2024, 1, 16, 9, 0, tzinfo=dt.UTC),
+        regions=(box,),
+    )
+    unverified = pydicom.dcmread(io.BytesIO(encode_part10(sr)))
+    verified = build_verified_sr(unverified, sources, verdict)
+    for name, document in (("sr", sr), ("verified", verified)):
+        path = tmp_path / f"{name}.dcm"
+        path.write_bytes(encode_part10(document))
+        run = subprocess.run(
+            [str(dsrdump), "-v", str(path)],
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=60,
+            check=False,
+        )
+        complaints = [
+            line for line in run.stderr.splitlines() if line.startswith(("W:", "E:", "F:"))
+        ]
+        assert run.returncode == 0 and complaints == [], (name, run.stderr)
+        assert "Imaging Measurement Report" in run.stdout

@@ -2,10 +2,12 @@
 the record of each purge.
 
 A study may be purged when nothing will read its files again: it is finished (delivered,
-not routed or failed), no association sends it, no job of it waits or runs, no delivery of it
-is pending and no item of it is open on the review worklist. :meth:`RetentionStore.claim`
-checks that again inside the transaction that empties its instances' paths and writes the
-:class:`~acwi_node.ledger.models.Purge` row; the files go after it commits.
+not routed or failed), no association sends it (one counted open that has sent it nothing
+for :data:`ASSOCIATION_GONE_AFTER` is one a killed SCP never released), no job of it waits
+or runs, no delivery of it is pending and no item of it is open on the review worklist.
+:meth:`RetentionStore.claim` checks that again inside the transaction that empties its
+instances' paths and writes the :class:`~acwi_node.ledger.models.Purge` row; the files go
+after it commits.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ from acwi_node.ledger.models import (
 
 FINISHED_STATES = (StudyState.DELIVERED, StudyState.NOT_ROUTED, StudyState.FAILED)
 _BUSY_JOB_STATES = (JobState.QUEUED, JobState.ANALYSING, JobState.EXPORTING)
+#: An association still counted open on a study (``Study.open_associations``) that has sent
+#: it nothing for this long holds it no longer: an SCP killed with an association open never
+#: releases it, and its count would keep the study's files for good.
+ASSOCIATION_GONE_AFTER = dt.timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -85,9 +91,13 @@ def may_purge() -> ColumnElement[bool]:
     open_review = exists().where(
         ReviewItem.study_id == Study.id, ReviewItem.state == ReviewState.OPEN
     )
+    no_association = or_(
+        Study.open_associations <= 0,
+        Study.last_received_at < utcnow() - ASSOCIATION_GONE_AFTER,
+    )
     return and_(
         Study.state.in_(FINISHED_STATES),
-        Study.open_associations <= 0,
+        no_association,
         not_(busy_job),
         not_(pending_delivery),
         not_(open_review),

@@ -17,6 +17,7 @@ from acwi_node.audit import audit_file, close_audit
 from acwi_node.cli import main
 from acwi_node.config import ConfigError, Settings, load_settings
 from acwi_node.ingest.journal import JOURNAL_DIR, IngestJournal
+from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import (
     Instance,
@@ -35,7 +36,15 @@ from acwi_node.retention.store import RetentionStore
 from acwi_node.review.store import ReviewStore
 from acwi_node.web.api import create_app
 from tests.support.review_case import add_user, sign_in
-from tests.support.study_flow import analyse, deliver, delivered_study, receive, route_all, study_id
+from tests.support.study_flow import (
+    analyse,
+    deliver,
+    delivered_study,
+    dx_record,
+    receive,
+    route_all,
+    study_id,
+)
 
 HOUR = dt.timedelta(hours=1)
 
@@ -149,6 +158,40 @@ def test_studies_in_use_are_never_deleted_even_when_space_runs_short(
         )  # fmt: skip
         assert refused.status_code == 400
         assert "its verdict can no longer be amended</p>" in refused.text
+
+
+def test_a_study_whose_association_a_killed_scp_left_open_goes_an_hour_after_its_last_image(
+    ledger_node: tuple[Settings, Ledger],
+) -> None:
+    """The SCP was killed with the study's association open: the count of open associations
+    it left is never released (the study completed after completion.max_wait_s and was
+    delivered); it keeps the files only while an association could still be sending it."""
+    settings, ledger = ledger_node
+    for k in (1, 2):
+        Spool(settings.spool_dir, fsync=False).store("1.2.5", f"1.2.5.{k}", b"\0" * 1000)
+        ledger.record_instance(dx_record("1.2.5", f"1.2.5.{k}"), first_in_association=k == 1)
+    analyse(settings, ledger, "1.2.5")
+    deliver(ledger)
+    with ledger.session() as s:
+        st = s.scalars(select(Study).where(Study.study_uid == "1.2.5")).one()
+        assert (st.state, st.open_associations) == ("delivered", 1)
+
+    def full() -> DiskSpace:
+        return DiskSpace(free_bytes=10, total_bytes=1000)
+
+    # Within the hour a live association may still send it more: kept, whatever the space.
+    assert Retention(settings, ledger, space=full, clock=later(169)).sweep().studies == 0
+    assert len(files_of(settings, "1.2.5")) == 3
+    then = utcnow() - 2 * HOUR  # its last image came two hours ago
+    with ledger.session() as s:
+        s.execute(update(Study).values(last_received_at=then))
+        s.execute(update(Instance).values(received_at=then))
+    stamp = then.replace(tzinfo=dt.UTC).timestamp()
+    for path in (settings.spool_dir / "1.2.5").iterdir():
+        os.utime(path, (stamp, stamp))
+    report = Retention(settings, ledger, space=plenty, clock=later(169)).sweep()
+    assert report.by_reason == {"age": 1}
+    assert files_of(settings, "1.2.5") == []
 
 
 def test_short_of_space_deletes_oldest_first_reviewed_last_until_enough_is_free(

@@ -132,6 +132,9 @@ class SessionInfo:
     role: str
     token_hash: str
     expires_at: dt.datetime
+    #: when the session ends unless the reader does something (``idle_timeout_s`` after the
+    #: last request of theirs); None for HTTP Basic
+    idle_ends_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -365,7 +368,12 @@ class ReviewStore:
             if touch:
                 row.last_seen_at = now
             return SessionInfo(
-                row.user_id, row.user.name, row.user.role, token_hash, row.expires_at
+                row.user_id,
+                row.user.name,
+                row.user.role,
+                token_hash,
+                row.expires_at,
+                row.last_seen_at + dt.timedelta(seconds=idle_timeout_s),
             )
 
     def end_session(self, token_hash: str) -> None:

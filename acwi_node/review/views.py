@@ -350,6 +350,7 @@ class ReviewApp:
             user=user,
             csrf=self.csrf_for(user) if user else "",
             version=__version__,
+            session_left=session_left(user, self.settings.review.idle_timeout_s),
             **context,
         )
         return HTMLResponse(html, status_code=status_code, headers=SECURITY_HEADERS)
@@ -555,6 +556,23 @@ def destination_outboxes(store: ReviewStore, settings: Settings) -> list[dict[st
 
 #: Paths answered in JSON whatever the client accepts: programs call them.
 MACHINE_PREFIXES = (*BASIC_PREFIXES, "/healthz", "/readyz", "/metrics", "/static/")
+
+
+def session_left(user: SessionInfo | None, idle_timeout_s: float) -> dict[str, int] | None:
+    """How long a signed-in reader's session lasts: ``idle_left_s`` until it ends for want of
+    a request of theirs, ``lifetime_left_s`` until its ``session_lifetime_s`` is over, and the
+    ``idle_timeout_s`` a request starts again. The pages warn before either (WCAG 2.2.1) and
+    offer to stay signed in; None without a session (HTTP Basic)."""
+    if user is None or user.idle_ends_at is None:
+        return None
+    now = utcnow()
+    return {
+        "idle_left_s": max(0, int((user.idle_ends_at - now).total_seconds())),
+        "lifetime_left_s": max(0, int((user.expires_at - now).total_seconds())),
+        "idle_timeout_s": int(idle_timeout_s),
+    }
+
+
 #: Page titles of the HTTP errors a browser may meet on the review pages.
 ERROR_TITLES = {401: "Sign in required", 403: "Forbidden", 404: "Not found", 405: "Not allowed"}
 
@@ -773,6 +791,13 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         response.delete_cookie(auth.SESSION_COOKIE, path="/")
         return response
 
+    @app.get("/review/session", include_in_schema=False)
+    def session_view(request: Request) -> Response:
+        """The pages' "Stay signed in": the request itself starts the idle time again (the
+        middleware); the answer is how long the session now lasts (:func:`session_left`)."""
+        left = session_left(request.state.user, settings.review.idle_timeout_s)
+        return JSONResponse(left, headers={"Cache-Control": "no-store"})
+
     # ---------------------------------------------------------------- worklist
     @app.get("/review/worklist", include_in_schema=False)
     def worklist_page_view(
@@ -875,8 +900,15 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
     turnaround_monitor = TurnaroundMonitor(ledger, settings.monitoring)
 
     def _dashboard(
-        request: Request, days: int = 14, *, notice: str = "", error: str = "", status: int = 200
+        request: Request,
+        days: int = 14,
+        *,
+        notice: str = "",
+        error: str = "",
+        status: int = 200,
+        retrieval: dict[str, str] | None = None,
     ) -> HTMLResponse:
+        """``retrieval``: the retrieval form as refused, shown again as typed (WCAG 3.3.7)."""
         days = max(1, min(days, 365))
         user: SessionInfo = request.state.user
         return review.page(
@@ -896,6 +928,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             outboxes=destination_outboxes(review.store, settings) if user.role == "admin" else None,
             sources=[src.name for src in settings.sources],
             retrievals=Retrievals(ledger).recent(10) if user.role == "admin" else None,
+            retrieval=retrieval or {},
             notice=notice,
             error=error,
         )
@@ -959,8 +992,14 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         return await run_in_threadpool(partial(_monitoring, request, notice=notice))
 
     def _models(
-        request: Request, *, notice: str = "", error: str = "", status: int = 200
+        request: Request,
+        *,
+        notice: str = "",
+        error: str = "",
+        status: int = 200,
+        recall: dict[str, str] | None = None,
     ) -> HTMLResponse:
+        """``recall``: the recall form as refused, shown again as typed."""
         user: SessionInfo = request.state.user
         return review.page(
             "models.html",
@@ -969,6 +1008,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             models=[m.as_json() for m in models_overview(settings, ledger)],
             admin=user.role == "admin",
             withdrawal_reasons={key: WITHDRAWAL_REASONS[key] for key in WITHDRAWAL_REASON_KEYS},
+            recall=recall or {},
             notice=notice,
             error=error,
         )
@@ -989,13 +1029,18 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             return refused
         form = _form(await request.body())
         name, version = form.get("name", ""), form.get("version", "")
+        typed = {k: form.get(k, "") for k in ("name", "version", "reason", "note")}
         if not name or not version or not form.get("confirm"):
             error = "name the model version and tick the box that confirms the recall"
-            return await run_in_threadpool(partial(_models, request, error=error, status=422))
+            return await run_in_threadpool(
+                partial(_models, request, error=error, status=422, recall=typed)
+            )
         problem = typed_text_error(form.get("note", ""), "the note")
         if problem is not None:
             error = f"{name} {version}: {problem}"
-            return await run_in_threadpool(partial(_models, request, error=error, status=422))
+            return await run_in_threadpool(
+                partial(_models, request, error=error, status=422, recall=typed)
+            )
         try:
             report = await run_in_threadpool(
                 partial(
@@ -1012,9 +1057,13 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             )
         except ValueError as exc:
             error = f"{name} {version}: {exc}"
-            return await run_in_threadpool(partial(_models, request, error=error, status=422))
+            return await run_in_threadpool(
+                partial(_models, request, error=error, status=422, recall=typed)
+            )
         except NoSuchModel as exc:
-            return await run_in_threadpool(partial(_models, request, error=str(exc), status=404))
+            return await run_in_threadpool(
+                partial(_models, request, error=str(exc), status=404, recall=typed)
+            )
         withdrawn = [j for j in report.jobs if j.withdrawn]
         log.info("model %s %s recalled by %s", name, version, user.user_name)
         if not withdrawn:
@@ -1078,8 +1127,15 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             raise StudyActionRefused(f"nothing withdrawn: {report.why_nothing()}")
 
     def _study_page(
-        request: Request, study_uid: str, *, notice: str = "", error: str = "", status: int = 200
+        request: Request,
+        study_uid: str,
+        *,
+        notice: str = "",
+        error: str = "",
+        status: int = 200,
+        withdrawal: dict[str, str] | None = None,
     ) -> HTMLResponse:
+        """``withdrawal``: the withdrawal form as refused, shown again as typed."""
         trace = study_trace(ledger, study_uid)
         if trace is None:
             raise HTTPException(status_code=404, detail="no such study")
@@ -1102,6 +1158,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             withdrawable=withdrawable,
             # what an administrator may give (``replaced`` is the node's own)
             withdrawal_reasons={key: WITHDRAWAL_REASONS[key] for key in WITHDRAWAL_REASON_KEYS},
+            withdrawal=withdrawal or {},
             notice=notice,
             error=error,
         )
@@ -1124,11 +1181,13 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             return refused
         form = _form(await request.body())
         back_to_study = action == "withdraw" or form.get("next") == "study"
+        typed = {"reason": form.get("reason", ""), "note": form.get("note", "")}
+        typed = typed if action == "withdraw" else {}
         problem = typed_text_error(form.get("note", ""), "the note")
         if action == "withdraw" and problem is not None:  # the note goes to the RIS
             error = f"{study_uid}: {problem}"
             return await run_in_threadpool(
-                partial(_study_page, request, study_uid, error=error, status=422)
+                partial(_study_page, request, study_uid, error=error, status=422, withdrawal=typed)
             )
         act: Callable[[str], object]
         if action == "withdraw":
@@ -1147,7 +1206,9 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             error = f"{study_uid}: {exc}"
             status = 404 if isinstance(exc, NoSuchStudy) else 409
             if back_to_study:
-                page = partial(_study_page, request, study_uid, error=error, status=status)
+                page = partial(
+                    _study_page, request, study_uid, error=error, status=status, withdrawal=typed
+                )
             else:
                 page = partial(_dashboard, request, error=error, status=status)
             return await run_in_threadpool(page)
@@ -1168,14 +1229,19 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             return refused
         form = _form(await request.body())
         source = form.get("source", "")
+        typed = {k: form.get(k, "") for k in ("source", *QUERY_KEYS)}
         if source not in {src.name for src in settings.sources}:
             error = f"no source named {source!r}"
-            return await run_in_threadpool(partial(_dashboard, request, error=error, status=422))
+            return await run_in_threadpool(
+                partial(_dashboard, request, error=error, status=422, retrieval=typed)
+            )
         try:
             query = check_query({k: form.get(k) for k in QUERY_KEYS})
         except QueryError as exc:
             error = f"retrieve from {source}: {exc}"
-            return await run_in_threadpool(partial(_dashboard, request, error=error, status=422))
+            return await run_in_threadpool(
+                partial(_dashboard, request, error=error, status=422, retrieval=typed)
+            )
         rid = await run_in_threadpool(Retrievals(ledger).request, source, query, user.user_name)
         log.info("retrieval %d from %s queued by %s", rid, source, user.user_name)
         return RedirectResponse("/review/dashboard?done=retrieve", status_code=303)
@@ -1670,8 +1736,15 @@ def _verdict_draft(form: dict[str, str], images: set[str]) -> dict[str, Any]:
 
 
 def _forbidden(message: str) -> Response:
+    """A refused form (its token expired or forged): a page in the app's language and style,
+    with a heading, the reason and the way back, as the other error pages are."""
     return HTMLResponse(
-        f"<!doctype html><title>Forbidden</title><p>{_escape(message)}</p>",
+        '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        "<title>Forbidden - ACWI Node review</title>\n"
+        '<link rel="stylesheet" href="/static/review.css">\n</head>\n<body>\n'
+        f'<main>\n<h1>Forbidden</h1>\n<p role="alert">{_escape(message)}</p>\n'
+        '<p><a href="/review/worklist">Back to the worklist</a></p>\n</main>\n</body>\n</html>\n',
         status_code=403,
         headers=SECURITY_HEADERS,
     )

@@ -165,6 +165,23 @@ def test_sign_in_open_case_override(tmp_path: Path) -> None:
             first.locator("button.clear-lesion").focus()
             page.keyboard.press("Enter")
             expect(status).to_contain_text("No lesion marked")
+            # Without dragging (WCAG 2.5.7): a click on one corner, a second on the opposite
+            # one; the way to mark is written under the image while marking.
+            mark = first.locator("button.mark-lesion")
+            mark.click()
+            expect(first.locator(".marking-hint")).to_be_visible()
+            area = first.locator(".stack").bounding_box()
+            assert area is not None
+            page.mouse.click(area["x"] + 0.2 * area["width"], area["y"] + 0.2 * area["height"])
+            expect(mark).to_have_text("Click the opposite corner")
+            page.mouse.click(area["x"] + 0.6 * area["width"], area["y"] + 0.5 * area["height"])
+            expect(status).to_contain_text("1 lesion box marked")
+            expect(first.locator(".marking-hint")).to_be_hidden()
+            remove = first.locator("button.remove-box")
+            target = remove.bounding_box()  # WCAG 2.5.8: at least 24 by 24 CSS pixels
+            assert target is not None and min(target["width"], target["height"]) >= 24, target
+            remove.click()
+            expect(status).to_contain_text("No lesion marked")
 
             # Override: choose another label, give a reason, submit.
             predicted = page.locator("#predicted").inner_text()
@@ -311,6 +328,27 @@ def test_sign_in_open_case_override(tmp_path: Path) -> None:
             arrivals = page.locator("section.arrivals")
             expect(arrivals.locator("h2")).to_contain_text("too few weeks")
             expect(arrivals.locator("tr.flow-node td").first).to_have_text("All")
+            # WCAG 2.2.1: two minutes before the idle timeout (30 min) a warning, read out at
+            # once, offers to stay signed in; the request starts the idle time again.
+            page.clock.install()
+            page.reload()
+            page.clock.fast_forward("28:30")
+            warning = page.locator("#session-warning[aria-live=assertive]")
+            expect(warning).to_contain_text("You will be signed out at")
+            with page.expect_response(f"{base}/review/session") as stayed:
+                warning.locator("button").click()
+            assert stayed.value.json()["idle_left_s"] >= 1790
+            expect(warning).to_be_empty()
+            # WCAG 1.4.10: 320 CSS pixels wide (400 % zoom), nothing but a table is wider
+            page.set_viewport_size({"width": 320, "height": 640})
+            for path in (f"/review/cases/{other_item}", "/review/worklist"):
+                page.goto(base + path)
+                wider = page.evaluate(
+                    "() => [...document.querySelectorAll('body *')]"
+                    ".filter(e => !e.closest('table') && e.getBoundingClientRect().right > 321)"
+                    ".map(e => e.tagName + '.' + e.className)"
+                )
+                assert wider == [], (path, wider)
             assert page.title() != "pwned"
             assert dialogs == []
         finally:

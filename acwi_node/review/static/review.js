@@ -2,6 +2,77 @@
 // window every image is drawn in (the heatmap layer is drawn over it in any window), and the
 // lesion boxes a reader may mark with the verdict, with the mouse or the keyboard.
 "use strict";
+// Every page of a signed-in reader: a warning before the session ends (WCAG 2.2.1). Two
+// minutes before the idle timeout (half of it when it is shorter) a "Stay signed in" button
+// starts the idle time again; before the session's lifetime ends, a note to send what is
+// being written. The warning is an assertive live region (read out at once); the focus is
+// not moved.
+document.addEventListener("DOMContentLoaded", function () {
+  var box = document.getElementById("session-warning");
+  if (!box) { return; }
+  var timer = null, back = null;
+  function seconds(name) { return Number(box.getAttribute(name)) || 0; }
+  var idleTimeout = seconds("data-idle-timeout-s");
+  var warnBefore = Math.min(120, idleTimeout / 2);
+  function clock(at) {
+    return new Date(at).toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
+  }
+  function say(text, button) {
+    box.textContent = "";
+    document.documentElement.classList.toggle("session-warned", text !== "");
+    if (!text) { return; }
+    var p = document.createElement("p");
+    p.textContent = text;
+    box.appendChild(p);
+    if (button) { box.appendChild(button); }
+  }
+  function ended() {
+    var link = document.createElement("a");
+    link.href = "/login?next=" + encodeURIComponent(location.pathname + location.search);
+    link.textContent = "Sign in again";
+    say("Your session has ended: sign in again before you submit anything on this page " +
+        "(what you typed here stays in this tab).", link);
+  }
+  function schedule(idleLeft, lifetimeLeft) {
+    clearTimeout(timer);
+    var now = Date.now();
+    var idleEnd = now + idleLeft * 1000, lifetimeEnd = now + lifetimeLeft * 1000;
+    var end = Math.min(idleEnd, lifetimeEnd);
+    timer = setTimeout(function () {
+      if (lifetimeEnd <= idleEnd) {
+        say("Your session ends at " + clock(lifetimeEnd) + " (its longest): submit what you " +
+            "are writing before then, then sign in again.", null);
+      } else {
+        var stay = document.createElement("button");
+        stay.type = "button";
+        stay.id = "stay-signed-in";
+        stay.textContent = "Stay signed in";
+        stay.addEventListener("click", extend);
+        say("You will be signed out at " + clock(idleEnd) + " for inactivity.", stay);
+      }
+      timer = setTimeout(ended, Math.max(0, end - Date.now()));
+    }, Math.max(0, end - now - warnBefore * 1000));
+  }
+  function extend() {
+    fetch("/review/session", {credentials: "same-origin", redirect: "manual",
+                              headers: {"Accept": "application/json"}})
+      .then(function (answer) {
+        if (!answer.ok) { throw new Error("signed out"); }
+        return answer.json();
+      })
+      .then(function (left) {
+        say("", null);
+        schedule(left.idle_left_s, left.lifetime_left_s);
+        if (back && document.contains(back)) { back.focus(); }
+      })
+      .catch(ended);
+  }
+  box.addEventListener("focusin", function (event) {
+    if (event.relatedTarget && !box.contains(event.relatedTarget)) { back = event.relatedTarget; }
+  });
+  schedule(seconds("data-idle-left-s"), seconds("data-lifetime-left-s"));
+});
+
 document.addEventListener("DOMContentLoaded", function () {
   var preset = document.getElementById("window-preset");
   if (preset) {
@@ -67,6 +138,7 @@ document.addEventListener("DOMContentLoaded", function () {
     var stack = figure.querySelector(".stack");
     var mark = figure.querySelector("button.mark-lesion");
     var clear = figure.querySelector("button.clear-lesion");
+    var hint = figure.querySelector(".marking-hint");
     if (!form || !stack || !mark || !clear) { return; }
     var name = "box:" + figure.getAttribute("data-image");
     var boxes = [];  // [{corners: [x0, y0, x1, y1], element: div}]
@@ -74,6 +146,19 @@ document.addEventListener("DOMContentLoaded", function () {
       img.setAttribute("draggable", "false");
     });
     var start = null, dragged = null;
+    // Without dragging (WCAG 2.5.7): a click marks one corner, a second click the opposite
+    // one; the box follows the pointer in between.
+    var anchor = null;
+    function marking(on, words) {
+      stack.classList.toggle("marking", on);
+      mark.textContent = on ? words : "Mark lesion";
+      if (hint) { hint.hidden = !on; }
+    }
+    function dropAnchor() {
+      if (anchor && dragged) { dragged.remove(); }
+      anchor = null;
+      dragged = null;
+    }
     function store() {
       var input = form.querySelector("input[name='" + CSS.escape(name) + "']");
       if (boxes.length === 0) {
@@ -140,11 +225,10 @@ document.addEventListener("DOMContentLoaded", function () {
       var k = keyed;
       if (!k) { return; }
       keyed = null;
-      stack.classList.remove("marking");
+      marking(false);
       stack.removeAttribute("tabindex");
       stack.removeAttribute("role");
       stack.removeAttribute("aria-label");
-      mark.textContent = "Mark lesion";
       if (keep) {
         boxes.push(k);
         store();
@@ -156,8 +240,8 @@ document.addEventListener("DOMContentLoaded", function () {
     mark.addEventListener("click", function (event) {
       if (keyed) { endKeyed(false, true); return; }
       var on = !stack.classList.contains("marking");
-      stack.classList.toggle("marking", on);
-      mark.textContent = on ? "Drag over the lesion" : "Mark lesion";
+      dropAnchor();
+      marking(on, "Drag over the lesion");
       if (on && event.detail === 0) {  // Enter or Space, not a mouse click
         keyed = {corners: [0.4, 0.4, 0.6, 0.6], element: outline()};
         place(keyed.element, keyed.corners);
@@ -198,28 +282,42 @@ document.addEventListener("DOMContentLoaded", function () {
     stack.addEventListener("pointerdown", function (event) {
       if (!stack.classList.contains("marking")) { return; }
       endKeyed(false, false);
-      stack.classList.add("marking");
+      marking(true, anchor ? "Click the opposite corner" : "Drag over the lesion");
       event.preventDefault();
-      start = at(event);
-      dragged = outline();
-      place(dragged, spanned(start, start));
+      if (anchor) {
+        start = anchor;
+      } else {
+        start = at(event);
+        dragged = outline();
+        place(dragged, spanned(start, start));
+      }
       stack.setPointerCapture(event.pointerId);
     });
     stack.addEventListener("pointermove", function (event) {
-      if (start && dragged) { place(dragged, spanned(start, at(event))); }
+      var from = start || anchor;
+      if (from && dragged) { place(dragged, spanned(from, at(event))); }
     });
     stack.addEventListener("pointerup", function (event) {
       if (!start || !dragged) { return; }
       var c = spanned(start, at(event));
       var element = dragged;
-      start = null;
-      dragged = null;
-      stack.classList.remove("marking");
-      mark.textContent = "Mark lesion";
-      if (c[2] - c[0] < 0.002 || c[3] - c[1] < 0.002) {
-        element.remove();  // a click, not a box
+      if (c[2] - c[0] < 0.002 || c[3] - c[1] < 0.002) {  // a click, not a drag
+        if (!anchor) {  // the first corner: the next click is the opposite one
+          anchor = start;
+          start = null;
+          mark.textContent = "Click the opposite corner";
+          return;
+        }
+        start = null;  // the same spot again: no box
+        dropAnchor();
+        marking(false);
+        element.remove();
         return;
       }
+      start = null;
+      dragged = null;
+      anchor = null;
+      marking(false);
       place(element, c);
       boxes.push({corners: c, element: element});
       store();

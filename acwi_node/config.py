@@ -376,6 +376,12 @@ class WorkerSettings(_Strict):
     #: Also write each analysed series' heatmaps as one Parametric Map (values 0-1, for viewers
     #: that overlay it themselves); only images with a frame of reference (CT, MR, PET).
     parametric_maps: bool = False
+    #: In the SR, an AI region (TID 1410 planar ROI, which viewers draw on the image) for each
+    #: image the model reports a finding on: the box around its heatmap's hot region.
+    sr_regions: bool = True
+    #: The AI region is the connected part of the heatmap at or above this fraction of its
+    #: peak that holds the peak (lower: larger boxes).
+    sr_region_fraction: float = Field(0.5, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _engine_combination(self) -> WorkerSettings:

@@ -43,6 +43,7 @@ KINDS: dict[str, tuple[int, str]] = {
     "text": (0x0040A160, "UT"),  # Text Value
     "ds": (0x0040A30A, "DS"),  # Numeric Value
     "fd": (0x0040A161, "FD"),  # Floating Point Value
+    "graphic": (0x00700022, "FL"),  # Graphic Data (a SCOORD's points)
 }
 
 #: Content Sequence (0040,A730).

@@ -11,6 +11,7 @@ from pydicom import Dataset, dcmwrite
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag
 from pydicom.valuerep import AMBIGUOUS_VR
@@ -163,10 +164,13 @@ def encode_element(element: DataElement, encodings: Any) -> bytes | None:
             return _header(element.tag, vr, _UNDEFINED) + body + _SEQUENCE_END
         return _header(element.tag, vr, len(body)) + body
     if vr in _NUMBERS:
-        if not isinstance(value, int | float) or isinstance(value, bool):
+        # one number, or several (a SCOORD's Graphic Data): each packed in turn, as pydicom's
+        # write_numbers does
+        values = list(value) if isinstance(value, MultiValue | list) else [value]
+        if not values or any(not isinstance(v, int | float) or isinstance(v, bool) for v in values):
             return None
         try:
-            raw = struct.pack(_NUMBERS[vr], value)
+            raw = struct.pack("<" + _NUMBERS[vr][1] * len(values), *values)
         except struct.error:
             return None  # out of range: pydicom's writer says so
     else:

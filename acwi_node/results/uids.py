@@ -131,6 +131,11 @@ class ResultUIDs:
         """
         return self._derive("tracking", label, scope)
 
+    def region_tracking_uid(self, label: str, scope: str) -> str:
+        """Tracking Unique Identifier of the AI region group (TID 1410) of ``label`` on the
+        image (or frame) ``scope`` names."""
+        return self._derive("region-tracking", label, scope)
+
     def summary_tracking_uid(self, scope: str) -> str:
         """Tracking Unique Identifier of the uncertainty summary group for ``scope``."""
         return self._derive("summary-tracking", scope)

@@ -483,7 +483,9 @@ def _run_claimed(settings: Settings, ledger: Ledger, job: Job, claim: Claim) -> 
             return path
 
         zone = settings.monitoring.timezone
-        sr = build_sr(used, analysis, timezone=zone)
+        # the AI regions (TID 1410) of the images with a finding, unless turned off
+        region_fraction = settings.worker.sr_region_fraction if settings.worker.sr_regions else None
+        sr = build_sr(used, analysis, timezone=zone, region_fraction=region_fraction)
         write("sr", sr)
         # The route's [routes.results], else the worker's settings.
         heatmap_policy = route.results.heatmaps if route is not None else None

@@ -753,8 +753,13 @@ def test_a_radiologist_marks_the_lesion_and_training_learns_from_the_box(
         {"image": sops[0], "box": [0, 0, 15, 15]},
     ]
     assert dciodvfy_errors(verified_path) == []
+    # the AI's regions (from the heatmaps, kept from the unverified SR) are not the reader's
+    assert read["ai_regions"] and {r["label"] for r in read["ai_regions"]} == {"nodule"}
+    assert {r["image"] for r in read["ai_regions"]} <= set(sops)
     closed = client.get(f"/review/cases/{item}").text
     assert "2 lesion boxes marked" in closed
+    assert "verdict confirm as nodule, 2 lesion boxes;" in closed
+    assert f"; {len(read['ai_regions'])} AI region" in closed
     # drawn back over its image (the picture's fractions of 128 x 128 pixels) and named
     assert closed.count('class="lesion-box marked" data-box="0.2500 0.5000 0.5000 0.7500"') == 1
     assert closed.count('class="lesion-box marked" data-box="0.0000 0.0000 0.1250 0.1250"') == 1

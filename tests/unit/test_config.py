@@ -370,3 +370,16 @@ def test_an_ipv6_address_in_a_url_is_asked_for_in_brackets(tmp_path: Path, table
         load_settings(write(tmp_path, table + "\n"))
     bracketed = table.replace("fd00::5", "[fd00::5]")
     load_settings(write(tmp_path, bracketed + "\n"))
+
+
+def test_sr_regions_are_on_by_default_and_their_fraction_is_checked_at_start(
+    tmp_path: Path,
+) -> None:
+    worker = load_settings(None).worker
+    assert worker.sr_regions is True and worker.sr_region_fraction == 0.5
+    for bad in ("0", "-0.25", "1.5", '"half"'):
+        with pytest.raises(ConfigError, match="sr_region_fraction"):
+            load_settings(write(tmp_path, f"[worker]\nsr_region_fraction = {bad}\n"))
+    text = "[worker]\nsr_regions = false\nsr_region_fraction = 1\n"
+    worker = load_settings(write(tmp_path, text)).worker
+    assert worker.sr_regions is False and worker.sr_region_fraction == 1.0

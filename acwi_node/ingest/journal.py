@@ -945,6 +945,7 @@ def replay_orphans(
     *,
     fsync: bool = True,
     superseded: Callable[[JournalRecord], bool] | None = None,
+    release: Callable[[str], object] | None = None,
 ) -> ReplayReport:
     """Replay and remove every journal under ``root`` whose owner is gone.
 
@@ -958,6 +959,10 @@ def replay_orphans(
     the next start. ``superseded`` says whether the ledger settled an instance after its last
     record was written (a journal restored from a backup: recorded since, its study purged
     since): such a file is left out, its records not replayed, and counted in one log line.
+    ``release`` is called with the name of each journal replayed (its owner's name), once its
+    records are, before the journal is removed: the associations its owner left open are
+    released there (``Ledger.release_holder``). If it fails the journals stay for the next
+    start too.
     """
     report = ReplayReport()
     if not root.is_dir():
@@ -1020,6 +1025,9 @@ def replay_orphans(
                     break
             if fsync:
                 flush()
+            if release is not None:
+                for directory in readable:
+                    release(directory.name)
         except Exception as exc:
             log.exception("ingest journal: replay failed; the journals are kept for the next start")
             report.failed.append(str(exc))

@@ -445,6 +445,9 @@ class StorageSCP:
         #: Where instances become durable first (``ingest.journal``); None: each spool file
         #: and ledger row is flushed on its own.
         self.journal: IngestJournal | None = None
+        #: The name its associations are held under in the ledger (``AssociationHold``): its
+        #: journal's, which a process finding it orphaned releases them by; None without one.
+        self._holder: str | None = None
         #: Whether the last ledger row could be written: only then is an instance answered
         #: before its row is written (see :meth:`_record`).
         self._ledger_works = True
@@ -607,6 +610,7 @@ class StorageSCP:
             self._flush_spool_and_ledger,
             fsync=cfg.fsync,
             superseded=self._superseded,
+            release=self._release_holder,
         )
         self._unrecorded_files.clear()  # numbered by the journal, which starts here
         journal = IngestJournal(
@@ -621,6 +625,19 @@ class StorageSCP:
         )
         journal.open()
         self.journal = journal
+        self._holder = journal.directory.name
+
+    def _release_holder(self, holder: str) -> None:
+        """The associations a process that is gone left open (its journal ``holder`` is
+        replayed) end, as aborted: their studies complete by their usual signals."""
+        released = self.ledger.release_holder(holder)
+        if released:
+            log.warning(
+                "released the associations a stopped SCP process (%s) left open on %d"
+                " study(ies); their quiet period starts now",
+                holder,
+                len(released),
+            )
 
     def start(self, *, block: bool = False, listen_socket: socket.socket | None = None) -> None:
         """Listen on the configured host and port (DICOM TLS there when ``[ingest.tls]``).
@@ -828,7 +845,7 @@ class StorageSCP:
         if state is None or not state.study_ids:
             return
         try:
-            self.ledger.association_released(sorted(state.study_ids))
+            self.ledger.association_released(sorted(state.study_ids), holder=self._holder)
         except Exception:  # the upper bound on waiting still completes these studies
             log.exception("could not record the end of an association")
             return
@@ -1102,6 +1119,7 @@ class StorageSCP:
                     file_is_current=lambda i: self.spool.is_current(
                         rows[i].record.path, rows[i].written
                     ),
+                    holder=self._holder,
                 )
             except Exception:
                 for row in rows:
@@ -1180,6 +1198,7 @@ class StorageSCP:
                 [(record, first)],
                 flushed=journal is None,
                 file_is_current=lambda _: self.spool.is_current(record.path, written),
+                holder=self._holder,
             )[0]
         except Exception:
             self._ledger_failed(

@@ -148,6 +148,27 @@ class Study(Base):
     )
 
 
+class AssociationHold(Base):
+    """Of a study's ``open_associations``, how many one SCP process holds: associations it
+    accepted that sent the study instances and whose end it has not recorded yet.
+
+    ``holder`` names the process as its ingest journal does (the journal's directory,
+    ``<process id>-<random>``). A process that finds the journal of a process that is gone
+    (:func:`~acwi_node.ingest.journal.replay_orphans`) releases that process's holds, as if
+    its associations had been aborted (:meth:`~acwi_node.ledger.Ledger.release_holder`): a
+    process killed with associations open no longer keeps their studies counted open.
+    Associations of a process without a journal are counted in the study alone.
+    """
+
+    __tablename__ = "association_holds"
+
+    study_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    holder: Mapped[str] = mapped_column(String(64), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer, default=0)
+
+    __table_args__ = (Index("ix_association_holds_holder", "holder"),)
+
+
 class Instance(Base):
     __tablename__ = "instances"
 
@@ -812,6 +833,7 @@ class AuditEvent(Base):
 
 
 __all__ = [
+    "AssociationHold",
     "AuditEvent",
     "Base",
     "CompletionSignal",

@@ -455,6 +455,50 @@ class _IngestSql:
             else "UPDATE studies SET open_associations = max(open_associations - 1, 0),"
             " last_released_at = :now WHERE id IN (SELECT value FROM json_each(:ids))"
         )
+        #: The process that holds an association counts it as its own (``association_holds``,
+        #: :class:`~acwi_node.ledger.models.AssociationHold`): one statement per study the
+        #: association opens, in the transaction that counts it.
+        self.hold_studies = q(
+            "INSERT INTO association_holds (study_id, holder, count) VALUES (:id, :holder, :open)"
+            " ON CONFLICT (study_id, holder) DO UPDATE"
+            " SET count = association_holds.count + excluded.count"
+        )
+        ids = "= ANY(%(ids)s)" if self.postgresql else "IN (SELECT value FROM json_each(:ids))"
+        holder = "%(holder)s" if self.postgresql else ":holder"
+        #: ... and no longer once it ended: the holds it had alone go, the others count one
+        #: fewer (after :attr:`release_studies`, which locks the studies first). On PostgreSQL
+        #: in one statement (one round trip): the rows deleted and those updated are not the
+        #: same rows.
+        unhold_last = (
+            f"DELETE FROM association_holds WHERE holder = {holder} AND count <= 1"
+            f" AND study_id {ids}"
+        )
+        unhold_others = (
+            "UPDATE association_holds SET count = count - 1"
+            f" WHERE holder = {holder} AND count > 1 AND study_id {ids}"
+        )
+        self.unhold_studies = (
+            [f"WITH last AS ({unhold_last}) {unhold_others}"]
+            if self.postgresql
+            else [unhold_last, unhold_others]
+        )
+        #: A process that is gone: its holds, taken in one statement (whoever deletes them
+        #: releases them, once).
+        self.take_holds = q(
+            "DELETE FROM association_holds WHERE holder = :holder RETURNING study_id, count"
+        )
+        #: ... and the studies they counted, locked as :attr:`release_studies` locks them.
+        self.lock_studies = (
+            "SELECT id FROM studies WHERE id = ANY(%(ids)s)"
+            ' ORDER BY study_uid COLLATE "C" FOR UPDATE'
+            if self.postgresql
+            else None
+        )
+        self.release_held = q(
+            "UPDATE studies SET open_associations = "
+            + ("GREATEST" if self.postgresql else "max")
+            + "(open_associations - :count, 0), last_released_at = :now WHERE id = :id"
+        )
 
     def _style(self, sql: str) -> str:
         """``:name`` (sqlite3) or ``%(name)s`` (psycopg) parameters."""
@@ -759,9 +803,15 @@ class Ledger:
         *,
         flushed: bool = True,
         file_is_current: Callable[[int], bool] | None = None,
+        holder: str | None = None,
     ) -> list[Recorded]:
         """:meth:`record_instance` for each (record, first in its association) of ``batch``,
         in order, in one transaction: all are recorded, or (raising) none.
+
+        ``holder``: the process whose associations sent them (its ingest journal's name), which
+        holds the associations each study counts as opened here
+        (:class:`~acwi_node.ledger.models.AssociationHold`); its :meth:`association_released`
+        names it too. None: the studies alone count them.
 
         ``file_is_current(i)``: whether the spool file at ``batch[i]``'s path is still the one
         that record describes. It is asked while the batch's studies are locked, for each
@@ -772,7 +822,7 @@ class Ledger:
         describe the file, not the last row written (:attr:`Recorded.superseded`)."""
         for attempt in range(3):
             try:
-                return self._record_instances(batch, flushed, file_is_current)
+                return self._record_instances(batch, flushed, file_is_current, holder)
             except IntegrityError:
                 if attempt == 2:
                     raise
@@ -783,11 +833,14 @@ class Ledger:
         batch: Sequence[tuple[InstanceRecord, bool]],
         flushed: bool,
         file_is_current: Callable[[int], bool] | None,
+        holder: str | None = None,
     ) -> list[Recorded]:
         sql = self._ingest_sql
         try:
             with self._ingest_transaction(flushed) as cur:
-                return self._write_instances(cur, batch, sql.time(utcnow()), file_is_current)
+                return self._write_instances(
+                    cur, batch, sql.time(utcnow()), file_is_current, holder
+                )
         except sql.integrity_error as exc:
             raise IntegrityError(sql.insert_instance, None, exc) from exc
 
@@ -832,11 +885,13 @@ class Ledger:
         batch: Sequence[tuple[InstanceRecord, bool]],
         now: Any,
         file_is_current: Callable[[int], bool] | None = None,
+        holder: str | None = None,
     ) -> list[Recorded]:
         """A batch's rows, on ``cur``, inside the caller's transaction: what writing them one
         after the other would leave, in a few statements (one query for the instances already
         recorded; per study, one query and one update; the new instances in one
-        ``executemany``) rather than four per instance."""
+        ``executemany``) rather than four per instance; with ``holder``, one more per study
+        that an association opens here."""
         sql = self._ingest_sql
         sops = list(dict.fromkeys(rec.sop_instance_uid for rec, _ in batch))
         cur.execute(sql.select_instances, {"sops": sql.uid_list(sops)})
@@ -997,6 +1052,10 @@ class Ledger:
             if study.reopened:
                 params.update(generation=study.generation, state=study.state)
             cur.execute(sql.reopen_study if study.reopened else sql.update_study, params)
+            if holder is not None and study.opened:
+                cur.execute(
+                    sql.hold_studies, {"id": study.id, "holder": holder, "open": study.opened}
+                )
         return recorded
 
     def _study_rows(self, cur: Any, rec: InstanceRecord, now: Any) -> _StudyRows:
@@ -1088,20 +1147,53 @@ class Ledger:
             ).first()
         return None if row is None else (str(row[0]), int(row[1]), str(row[2]))
 
-    def association_released(self, study_ids: Sequence[int]) -> None:
+    def association_released(self, study_ids: Sequence[int], *, holder: str | None = None) -> None:
         """An association that sent instances of these studies ended (released or aborted).
 
         Runs once per association, after it closed: one statement on the DB-API connection
-        (the ORM's update cost three times the database's work), committed without a flush
-        of its own. A crash that loses it leaves the study waiting for the upper bound
-        (``completion.max_wait_s``), never loses an instance; the journal's checkpoint
-        flushes it with the rest (:meth:`flush`)."""
+        (the ORM's update cost three times the database's work), and for the holds of
+        ``holder`` (the process that recorded the association's first instances with it) one
+        more on PostgreSQL, two on SQLite,
+        committed without a flush of their own. A crash that loses them leaves the studies
+        counted open until the process's journal is found orphaned (:meth:`release_holder`;
+        the upper bound ``completion.max_wait_s`` meanwhile), never loses an instance; the
+        journal's checkpoint flushes them with the rest (:meth:`flush`)."""
         if not study_ids:
             return
         sql = self._ingest_sql
         params = {"now": sql.time(utcnow()), "ids": sql.uid_list(sorted(set(study_ids)))}
         with self._ingest_transaction(flushed=False) as cur:
             cur.execute(sql.release_studies, params)
+            if holder is not None:
+                params["holder"] = holder
+                for statement in sql.unhold_studies:
+                    cur.execute(statement, params)
+
+    def release_holder(self, holder: str) -> list[int]:
+        """Release every association ``holder`` (a process that is gone: its ingest journal
+        is orphaned) still held open, as if each had been aborted: its studies count them no
+        longer, and their quiet period starts now. Returns the studies released. Safe to run
+        twice, or in two processes at once: the holds are taken in one statement, and only
+        once. Committed with a flush (it runs at start-up, not per association)."""
+        sql = self._ingest_sql
+        with self._ingest_transaction(flushed=True) as cur:
+            cur.execute(sql.take_holds, {"holder": holder})
+            held = {int(study_id): int(count) for study_id, count in cur.fetchall()}
+            if not held:
+                return []
+            if sql.lock_studies is not None:
+                cur.execute(sql.lock_studies, {"ids": sorted(held)})
+                cur.fetchall()
+            now = sql.time(utcnow())
+            cur.executemany(
+                sql.release_held,
+                [
+                    {"id": study_id, "count": count, "now": now}
+                    for study_id, count in sorted(held.items())
+                    if count > 0
+                ],
+            )
+        return sorted(held)
 
     # -------------------------------------------------------------- completion
     def studies_due(self, *, quiet_period_s: float, max_wait_s: float) -> list[tuple[int, int]]:

@@ -3,7 +3,7 @@ the record of each purge.
 
 A study may be purged when nothing will read its files again: it is finished (delivered,
 not routed or failed), no association sends it (one counted open that has sent it nothing
-for :data:`ASSOCIATION_GONE_AFTER` is one a killed SCP never released), no job of it waits
+for :data:`ASSOCIATION_GONE_AFTER` is one nothing released), no job of it waits
 or runs, no delivery of it is pending and no item of it is open on the review worklist.
 :meth:`RetentionStore.claim` checks that again inside the transaction that empties its
 instances' paths and writes the :class:`~acwi_node.ledger.models.Purge` row; the files go
@@ -38,8 +38,11 @@ from acwi_node.ledger.models import (
 FINISHED_STATES = (StudyState.DELIVERED, StudyState.NOT_ROUTED, StudyState.FAILED)
 _BUSY_JOB_STATES = (JobState.QUEUED, JobState.ANALYSING, JobState.EXPORTING)
 #: An association still counted open on a study (``Study.open_associations``) that has sent
-#: it nothing for this long holds it no longer: an SCP killed with an association open never
-#: releases it, and its count would keep the study's files for good.
+#: it nothing for this long holds it no longer. An SCP process killed with associations open
+#: has them released by the next SCP process to start (``Ledger.release_holder``); this is the
+#: backstop for a count nothing releases: no SCP process started since, an association no
+#: process names (the ingest journal off, a C-GET, a STOW-RS request of a killed process), a
+#: count an earlier version left. Without it, such a count would keep the study's files for good.
 ASSOCIATION_GONE_AFTER = dt.timedelta(hours=1)
 
 

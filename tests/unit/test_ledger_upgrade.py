@@ -52,6 +52,7 @@ def test_an_earlier_ledger_gets_the_columns_and_indexes_it_lacks(
         conn.execute(text("ALTER TABLE verdicts DROP COLUMN boxes"))  # a JSON column
         conn.execute(text("ALTER TABLE review_items DROP COLUMN sampled"))  # a boolean
         conn.execute(text("ALTER TABLE verdicts DROP COLUMN superseded_at"))  # a date-time
+        conn.execute(text("DROP TABLE association_holds"))  # a table
         if database_url.startswith("postgresql"):  # SQLite drops no column a key names
             conn.execute(text("ALTER TABLE verdicts DROP COLUMN amends_id"))  # a foreign key
     assert "last_error" not in columns(ledger, "deliveries")
@@ -68,6 +69,9 @@ def test_an_earlier_ledger_gets_the_columns_and_indexes_it_lacks(
         assert "amends_id" in columns(upgraded, "verdicts")
         assert "review_items.sampled" in caplog.text
         assert upgraded.worklist() == []  # the query reads the new column
+        assert "association_holds" in inspect(upgraded.engine).get_table_names()
+        study = upgraded.record_instances([(dx_record("1.2.4", "1.2.4.1"), True)], holder="1-a")
+        upgraded.association_released([study[0].study_id], holder="1-a")
         indexes = {ix["name"] for ix in inspect(upgraded.engine).get_indexes("deliveries")}
         assert "ix_deliveries_due" in indexes
         assert "deliveries.delivered_at" in caplog.text and "ix_deliveries_due" in caplog.text

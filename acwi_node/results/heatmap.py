@@ -42,7 +42,7 @@ from acwi_node.dicom_pixels import (
 from acwi_node.inference.types import ImageResult, StudyAnalysis, unit_name
 from acwi_node.results.charset import result_charset
 from acwi_node.results.headers import copy_anatomy, copy_patient_and_study, set_result_times
-from acwi_node.results.sr import MANUFACTURER
+from acwi_node.results.sr import MANUFACTURER, algorithm_equipment
 from acwi_node.results.uids import result_uids
 
 __all__ = [
@@ -621,10 +621,10 @@ def build_heatmap_sc(
         series_description=_lo(f"ACWI {model.name} {model.version} AI heatmap"),
         manufacturer_model_name=_lo(model.name),
         software_versions=_lo(model.version),
-        # the source's, unless the predicted label or the model's name needs more (UTF-8 then)
+        # the source's, unless the predicted label or the model's words need more (UTF-8 then)
         specific_character_set=result_charset(
             source.get("SpecificCharacterSet"),
-            [analysis.predicted_label, model.name, model.version],
+            [analysis.predicted_label, model.name, model.version, model.manufacturer],
         ),
     )
     # Copies: the new object shares no data elements with the source.
@@ -638,6 +638,11 @@ def build_heatmap_sc(
     sc.SecondaryCaptureDeviceManufacturer = MANUFACTURER
     sc.SecondaryCaptureDeviceManufacturerModelName = _lo(model.name)
     sc.SecondaryCaptureDeviceSoftwareVersions = _lo(model.version)
+    # SOP Common: the model, as the IHE AI Results profile describes the algorithm of a result
+    sc.ContributingEquipmentSequence = [
+        *(sc.get("ContributingEquipmentSequence") or []),
+        algorithm_equipment(model.name, model.version, model.manufacturer),
+    ]
 
     # General Image
     sc.ImageType = ["DERIVED", "SECONDARY"]

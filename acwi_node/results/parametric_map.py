@@ -40,7 +40,7 @@ from acwi_node.results.headers import (
     source_header,
 )
 from acwi_node.results.heatmap import NOTICE, unit_heat
-from acwi_node.results.sr import MANUFACTURER
+from acwi_node.results.sr import MANUFACTURER, algorithm_equipment
 from acwi_node.results.uids import result_uids
 
 __all__ = ["PARAMETRIC_MAP_SERIES_NUMBER", "STORED_MAX", "build_parametric_maps", "mappable"]
@@ -186,10 +186,13 @@ def _build(
         ],
         content_label="HEATMAP",
         content_description=NOTICE,
+        # the model, as the IHE AI Results profile describes the algorithm of a result
+        contributing_equipment=[algorithm_equipment(model.name, model.version, model.manufacturer)],
         series_description=f"ACWI {model.name} {model.version} AI heatmap map"[:64],
-        # the source's, unless the model's name needs more (UTF-8 then)
+        # the source's, unless the model's words need more (UTF-8 then)
         specific_character_set=result_charset(
-            headers[0].get("SpecificCharacterSet"), [model.name, model.version]
+            headers[0].get("SpecificCharacterSet"),
+            [model.name, model.version, model.manufacturer],
         ),
     )
     copy_anatomy(headers[0], pmap, series)  # General Series: the sources' anatomy

@@ -22,8 +22,10 @@ Content tree written by :func:`build_sr`::
             selected from the image (and frame)
 
 Every source instance handed to :func:`build_sr` (analysed or skipped) is listed in the
-Current Requested Procedure Evidence Sequence. :func:`summarise_sr` reads the numbers back from
-any dataset with this layout, walking the content tree.
+Current Requested Procedure Evidence Sequence. The Contributing Equipment Sequence names the
+model (:func:`algorithm_equipment`, as the IHE AI Results profile asks of every result object).
+:func:`summarise_sr` reads the numbers back from any dataset with this layout, walking the
+content tree.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from highdicom import ContributingEquipment
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
     AlgorithmIdentification,
@@ -89,9 +92,11 @@ from acwi_node.results.uids import (
 __all__ = [
     "MANUFACTURER",
     "PRIVATE_SCHEME",
+    "PROCESSING_ALGORITHM",
     "SR_SERIES_NUMBER",
     "VERDICT_ACTIONS",
     "Verification",
+    "algorithm_equipment",
     "build_sr",
     "build_verified_sr",
     "finding_code",
@@ -112,6 +117,18 @@ _PRIVATE_SCHEME_ITEM = CodingSchemeIdentificationItem(
     designator=PRIVATE_SCHEME,
     name="ACWI Node local codes",
     responsible_organization="ACWI Node",
+)
+
+
+#: The Purpose of Reference of the item of the Contributing Equipment Sequence that describes the
+#: algorithm (the model) that produced a result, as the IHE Radiology AI Results (AIR) profile
+#: defines it (General Result Encoding Requirements): the code is IHE's interim one.
+PROCESSING_ALGORITHM = CodedConcept("Newcode1", "99IHE", "Processing Algorithm")
+
+_IHE_SCHEME_ITEM = CodingSchemeIdentificationItem(
+    designator="99IHE",
+    name="IHE interim codes",
+    responsible_organization="IHE International",
 )
 
 
@@ -302,6 +319,69 @@ def _algorithm_items(name: str, version: str, manufacturer: str | None) -> Algor
     and group of a document holds the same ones (a 100-slice CT has 1,200), and nothing
     changes a built document's items."""
     return AlgorithmIdentification(name=name, version=version, manufacturer=manufacturer)
+
+
+def algorithm_equipment(name: str, version: str, manufacturer: str) -> ContributingEquipment:
+    """The Contributing Equipment item that describes the model that produced a result (IHE
+    AIR: Purpose of Reference "Processing Algorithm", Manufacturer, Manufacturer's Model Name
+    and Software Versions). AIR's Device UID is not written: the SOP Common Module's
+    Contributing Equipment Sequence has no such attribute as dicom3tools' dciodvfy knows it
+    (the document would be a Standard Extended SOP Class); the content tree's Device Observer
+    UID identifies the model."""
+    item = ContributingEquipment(
+        manufacturer=_lo(manufacturer) or MANUFACTURER,
+        # highdicom takes CID 7005's codes only; the item then gets IHE's (CID 7005 is
+        # extensible)
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=_lo(name),
+        software_versions=_lo(version),
+        contribution_description="AI model that produced the results",
+    )
+    item.PurposeOfReferenceCodeSequence = [
+        CodedConcept(
+            PROCESSING_ALGORITHM.value,
+            PROCESSING_ALGORITHM.scheme_designator,
+            PROCESSING_ALGORITHM.meaning,
+        )
+    ]
+    return item
+
+
+def _is_algorithm_item(item: Dataset) -> bool:
+    purpose = item.get("PurposeOfReferenceCodeSequence") or []
+    return any(
+        (str(code.get("CodingSchemeDesignator", "")), str(code.get("CodeValue", "")))
+        == _key(PROCESSING_ALGORITHM)
+        for code in purpose
+    )
+
+
+def _verified_equipment(
+    unverified: Dataset, model_name: str, model_version: str
+) -> list[ContributingEquipment]:
+    """The algorithm items of the SR a verified SR verifies: its own, or for an SR written
+    without them, one for its algorithm (the manufacturer its device observer names)."""
+    found = [
+        algorithm_equipment(
+            str(item.get("ManufacturerModelName", "") or model_name),
+            str(item.get("SoftwareVersions", "") or model_version),
+            str(item.get("Manufacturer", "") or MANUFACTURER),
+        )
+        for item in unverified.get("ContributingEquipmentSequence") or []
+        if _is_algorithm_item(item)
+    ]
+    if found:
+        return found
+    maker = next(
+        (
+            str(item.TextValue)
+            for item in _children(unverified)
+            if _concept(item) == ("DCM", "121014")  # Device Observer Manufacturer
+            and item.get("TextValue")
+        ),
+        MANUFACTURER,
+    )
+    return [algorithm_equipment(model_name, model_version, maker)]
 
 
 def _source_refs(
@@ -547,7 +627,8 @@ def build_sr(
         series_description=_lo(f"ACWI {model.name} {model.version} AI result"),
         manufacturer_model_name=_lo(model.name),
         software_versions=_lo(model.version),
-        coding_schemes=[_PRIVATE_SCHEME_ITEM],
+        coding_schemes=[_PRIVATE_SCHEME_ITEM, _IHE_SCHEME_ITEM],
+        contributing_equipment=[algorithm_equipment(model.name, model.version, model.manufacturer)],
     )
     if report is None:
         # The study-level groups (study_groups.py), then the per-image ones (image_groups.py),
@@ -1051,8 +1132,10 @@ def build_verified_sr(
         sop_instance_uid = amended_sr_uid(verification.amends)
     # the source's character set, unless the radiologist's or the model's words need more:
     # UTF-8 then (a name or reason in another script would otherwise be question marks)
+    equipment = _verified_equipment(unverified, model_name, model_version)
     words = (verification.observer_name, verification.organization, verification.reason)
-    charset = result_charset(sources[0].get("SpecificCharacterSet"), [*words, *labels])
+    makers = [str(item.Manufacturer) for item in equipment]
+    charset = result_charset(sources[0].get("SpecificCharacterSet"), [*words, *labels, *makers])
     document = Comprehensive3DSR(
         evidence=[patient_study_header(sources[0]), *sources[1:]],
         content=root,
@@ -1074,7 +1157,8 @@ def build_verified_sr(
         ),
         manufacturer_model_name=_lo(model_name),
         software_versions=_lo(model_version),
-        coding_schemes=[_PRIVATE_SCHEME_ITEM],
+        coding_schemes=[_PRIVATE_SCHEME_ITEM, _IHE_SCHEME_ITEM],
+        contributing_equipment=equipment,
         specific_character_set=charset,
     )
     offset = set_result_times(document, unverified, verification.verified_at, timezone)

@@ -177,6 +177,25 @@ def test_comments_name_model_and_notice(pair: tuple[list[Dataset], StudyAnalysis
     assert "cxr-triage" in str(sc.SeriesDescription)
 
 
+def test_contributing_equipment_describes_the_model(
+    pair: tuple[list[Dataset], StudyAnalysis],
+) -> None:
+    """IHE AI Results (AIR): the model that produced the heatmap is an item of the Contributing
+    Equipment Sequence, Purpose of Reference (Newcode1, 99IHE, "Processing Algorithm")."""
+    sources, analysis = pair
+    sc = pydicom.dcmread(io.BytesIO(encode_part10(_build(sources[0], analysis))))
+    items = [
+        item
+        for item in sc.ContributingEquipmentSequence
+        if item.PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator == "99IHE"
+    ]
+    assert len(items) == 1
+    assert items[0].PurposeOfReferenceCodeSequence[0].CodeValue == "Newcode1"
+    assert items[0].Manufacturer == analysis.model.manufacturer
+    assert items[0].ManufacturerModelName == analysis.model.name
+    assert items[0].SoftwareVersions == analysis.model.version
+
+
 def test_hot_region_is_redder_and_brighter(pair: tuple[list[Dataset], StudyAnalysis]) -> None:
     sources, analysis = pair
     for index, source in enumerate(sources):

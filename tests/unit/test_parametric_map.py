@@ -111,6 +111,26 @@ def test_a_ct_series_gets_one_map_with_a_frame_per_image(ct: list[Dataset]) -> N
     assert positions == {tuple(float(v) for v in s.ImagePositionPatient) for s in ct}
 
 
+def test_contributing_equipment_describes_the_model(ct: list[Dataset]) -> None:
+    """IHE AI Results (AIR): the model that produced the map is an item of the Contributing
+    Equipment Sequence, Purpose of Reference (Newcode1, 99IHE, "Processing Algorithm"), after
+    the source's acquisition equipment."""
+    (pmap,) = build_parametric_maps(ct, analysis_of(ct))
+    back = dcmread(io.BytesIO(encode_part10(pmap)))
+    purposes = [
+        (
+            i.PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator,
+            i.PurposeOfReferenceCodeSequence[0].CodeValue,
+        )
+        for i in back.ContributingEquipmentSequence
+    ]
+    assert ("99IHE", "Newcode1") in purposes
+    item = back.ContributingEquipmentSequence[purposes.index(("99IHE", "Newcode1"))]
+    assert item.Manufacturer == MODEL.manufacturer
+    assert item.ManufacturerModelName == MODEL.name
+    assert item.SoftwareVersions == MODEL.version
+
+
 def test_its_uids_are_derived_so_a_rerun_replaces_it(ct: list[Dataset]) -> None:
     (first,) = build_parametric_maps(ct, analysis_of(ct))
     (again,) = build_parametric_maps(ct, analysis_of(ct))

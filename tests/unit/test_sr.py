@@ -318,6 +318,76 @@ def test_device_observer_identifies_model(built: Built) -> None:
     assert observation["Device Observer Model Name"].TextValue == "cxr-triage 2.1.0"
 
 
+def _algorithm_items(ds: Dataset) -> list[Dataset]:
+    return [
+        item
+        for item in ds.get("ContributingEquipmentSequence") or []
+        if [(c.CodingSchemeDesignator, c.CodeValue) for c in item.PurposeOfReferenceCodeSequence]
+        == [("99IHE", "Newcode1")]
+    ]
+
+
+def test_contributing_equipment_describes_the_model(built: Built) -> None:
+    """IHE AI Results (AIR), General Result Encoding Requirements: each algorithm that produced
+    the results is an item of the Contributing Equipment Sequence with Purpose of Reference
+    (Newcode1, 99IHE, "Processing Algorithm"), Manufacturer, Manufacturer's Model Name and
+    Software Versions, after the source images' acquisition equipment; the scheme is
+    identified. (AIR's Device UID is not written: dciodvfy knows no such attribute there.)"""
+    _, _, sr = built
+    sr = _roundtrip(sr)
+    items = _algorithm_items(sr)
+    assert len(items) == 1
+    item = items[0]
+    assert item.PurposeOfReferenceCodeSequence[0].CodeMeaning == "Processing Algorithm"
+    assert item.Manufacturer == MODEL.manufacturer
+    assert item.ManufacturerModelName == MODEL.name
+    assert item.SoftwareVersions == MODEL.version
+    assert "DeviceUID" not in item
+    purposes = [
+        i.PurposeOfReferenceCodeSequence[0].CodeValue for i in sr.ContributingEquipmentSequence
+    ]
+    assert purposes[0] == "109101"  # the acquisition equipment first
+    schemes = {str(i.CodingSchemeDesignator) for i in sr.CodingSchemeIdentificationSequence}
+    assert {"99IHE", PRIVATE_SCHEME} <= schemes
+
+
+def test_verified_sr_keeps_the_model_equipment(built: Built) -> None:
+    """The verified SR names the same algorithm, and so does one that verifies an SR written
+    without the item (read from its device observer)."""
+    sources, _, sr = built
+    verdict = Verification(
+        "Doe^Jane",
+        "Example Hospital",
+        "confirm",
+        "effusion",
+        "",
+        dt.datetime(2024, 1, 16, 9, 0, tzinfo=dt.UTC),
+    )
+    unverified = pydicom.dcmread(io.BytesIO(encode_part10(sr)))
+    expected = [
+        (i.Manufacturer, i.ManufacturerModelName, i.SoftwareVersions)
+        for i in _algorithm_items(unverified)
+    ]
+    assert len(expected) == 1
+    older = copy.deepcopy(unverified)
+    older.ContributingEquipmentSequence = [
+        i for i in older.ContributingEquipmentSequence if not _algorithm_items_in([i])
+    ]
+    for document in (unverified, older):
+        verified = _roundtrip(build_verified_sr(document, sources, verdict))
+        got = [
+            (i.Manufacturer, i.ManufacturerModelName, i.SoftwareVersions)
+            for i in _algorithm_items(verified)
+        ]
+        assert got == expected
+
+
+def _algorithm_items_in(items: list[Dataset]) -> list[Dataset]:
+    holder = Dataset()
+    holder.ContributingEquipmentSequence = items
+    return _algorithm_items(holder)
+
+
 def test_finding_codes() -> None:
     effusion = finding_code("Pleural_Effusion")
     assert (effusion.scheme_designator, effusion.value) == ("SCT", "60046008")

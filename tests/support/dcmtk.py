@@ -179,3 +179,20 @@ def echoscu(
         timeout=timeout_s * 3 + 30,
         check=False,
     )
+
+
+def dsrdump_clean(path: Path) -> str:
+    """Read the SR at ``path`` with DCMTK's ``dsrdump -v`` (which checks its content tree
+    against the IOD's relationship constraints) and return what it printed; fails the calling
+    test on any warning, error or fatal line, and skips it without DCMTK."""
+    run = subprocess.run(
+        [str(require_dcmtk_tool("dsrdump")), "-v", str(path)],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=60,
+        check=False,
+    )
+    complaints = [line for line in run.stderr.splitlines() if line.startswith(("W:", "E:", "F:"))]
+    assert run.returncode == 0 and complaints == [], (path.name, run.stderr)
+    return run.stdout

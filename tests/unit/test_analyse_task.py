@@ -27,6 +27,7 @@ from acwi_node.ledger.models import Job, Study, utcnow
 from acwi_node.results.uids import result_uids
 from acwi_node.tasks import analyse
 from models.data.synth import write_ct_series, write_enhanced_ct, write_study
+from tests.support.claim_loss import lose_claim_at_first_batch
 from tests.support.dciodvfy import dciodvfy_errors, dciodvfy_path
 from tests.support.dx import make_dx
 from tests.support.review_case import (
@@ -980,29 +981,7 @@ def test_a_run_whose_claim_was_lost_stops_between_batches(
     and ends as superseded."""
     settings = review_settings(tmp_path, routes=[_route()])
     ledger = Ledger(settings.database_url)
-    keepers: list[analyse.LeaseKeeper] = []
-    real_keeper, real_analyser = analyse.LeaseKeeper, analyse.get_analyser
-    batches: list[int] = []
-
-    def keeper(*args: Any, **kwargs: Any) -> analyse.LeaseKeeper:
-        keepers.append(real_keeper(*args, **kwargs))
-        return keepers[-1]
-
-    def analyser(*args: Any) -> Any:
-        loaded = real_analyser(*args)
-        run_batch = loaded._analyse_batch
-
-        def one_batch(batch: Any, study_uid: str) -> Any:
-            batches.append(len(batch))
-            keepers[0].lost.set()  # the next renewal found the job taken over
-            return run_batch(batch, study_uid)
-
-        monkeypatch.setattr(loaded, "batch_size", 1)
-        monkeypatch.setattr(loaded, "_analyse_batch", one_batch)
-        return loaded
-
-    monkeypatch.setattr(analyse, "LeaseKeeper", keeper)
-    monkeypatch.setattr(analyse, "get_analyser", analyser)
+    batches = lose_claim_at_first_batch(monkeypatch, analyse)
     try:
         job_id, study_uid = store_and_route(
             settings, ledger, write_study(tmp_path / "src", n_images=3, size=64)

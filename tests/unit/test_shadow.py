@@ -39,6 +39,7 @@ from acwi_node.monitoring.shadow import (
 from acwi_node.tasks import analyse, shadow
 from acwi_node.tasks.queue import enqueue_shadow, reconcile
 from models.data.synth import write_study
+from tests.support.claim_loss import lose_claim_at_first_batch
 from tests.support.model_variant import model_variant
 from tests.support.review_case import (
     DESTINATION,
@@ -554,31 +555,11 @@ def test_a_shadow_run_taken_over_stops_between_batches(
     job_id, _ = store_and_route(settings, ledger, files)
     assert analyse.run_job(settings, ledger, job_id) == "analysed"
     (shadow_id,) = ShadowJobs(ledger).of_job(job_id)
-    keepers: list[shadow.LeaseKeeper] = []
-    real_keeper, real_analyser = shadow.LeaseKeeper, shadow.get_analyser
-    batches: list[int] = []
 
-    def keeper(*args: Any, **kwargs: Any) -> shadow.LeaseKeeper:
-        keepers.append(real_keeper(*args, **kwargs))
-        return keepers[-1]
+    def taken_over() -> None:  # the other worker's claim, after this one's lease ran out
+        assert ShadowJobs(ledger).claim(shadow_id, lease_s=0, max_attempts=3)
 
-    def analyser(*args: Any) -> Any:
-        loaded = real_analyser(*args)
-        run_batch = loaded._analyse_batch
-
-        def one_batch(batch: Any, study_uid: str) -> Any:
-            if not batches:  # the other worker's claim, after this one's lease ran out
-                assert ShadowJobs(ledger).claim(shadow_id, lease_s=0, max_attempts=3)
-                keepers[0].lost.set()  # this worker's next renewal found it so
-            batches.append(len(batch))
-            return run_batch(batch, study_uid)
-
-        monkeypatch.setattr(loaded, "batch_size", 1)
-        monkeypatch.setattr(loaded, "_analyse_batch", one_batch)
-        return loaded
-
-    monkeypatch.setattr(shadow, "LeaseKeeper", keeper)
-    monkeypatch.setattr(shadow, "get_analyser", analyser)
+    batches = lose_claim_at_first_batch(monkeypatch, shadow, taken_over)
     assert shadow.run_shadow(settings, ledger, shadow_id) == "superseded"
     assert batches == [1]  # of three
     with ledger.session() as s:

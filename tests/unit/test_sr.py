@@ -6,7 +6,6 @@ import copy
 import datetime as dt
 import io
 import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +28,7 @@ from acwi_node.results.sr import (
     summarise_sr,
 )
 from acwi_node.results.uids import device_uid, result_uids
-from tests.support.dcmtk import require_dcmtk_tool
+from tests.support.dcmtk import dsrdump_clean, require_dcmtk_tool
 from tests.support.dx import make_dx
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -485,7 +484,7 @@ def test_dcmtk_reads_the_sr_and_its_verified_successor_without_a_complaint(
     item of its value type, every relationship one the Comprehensive 3D SR IOD allows (it
     stops at the first that is not), every string of its VR. Nothing is reported: no error,
     no warning. The verified SR adds a lesion box (SCOORD) on an image."""
-    dsrdump = require_dcmtk_tool("dsrdump")
+    require_dcmtk_tool("dsrdump")  # before building anything: skipped without DCMTK
     sources, _, sr = built
     box = LesionRegion(str(sources[0].SOPInstanceUID), None, (20, 10, 39, 29))
     verdict = Verification(
@@ -502,16 +501,5 @@ def test_dcmtk_reads_the_sr_and_its_verified_successor_without_a_complaint(
     for name, document in (("sr", sr), ("verified", verified)):
         path = tmp_path / f"{name}.dcm"
         path.write_bytes(encode_part10(document))
-        run = subprocess.run(
-            [str(dsrdump), "-v", str(path)],
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=60,
-            check=False,
-        )
-        complaints = [
-            line for line in run.stderr.splitlines() if line.startswith(("W:", "E:", "F:"))
-        ]
-        assert run.returncode == 0 and complaints == [], (name, run.stderr)
-        assert "Imaging Measurement Report" in run.stdout
+        printed = dsrdump_clean(path)
+        assert "Imaging Measurement Report" in printed

@@ -7,7 +7,6 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import io
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from acwi_node.results.sr import (
 )
 from models.data.synth import write_enhanced_ct
 from tests.support.dciodvfy import dciodvfy_output, require_dciodvfy
-from tests.support.dcmtk import require_dcmtk_tool
+from tests.support.dcmtk import dsrdump_clean, require_dcmtk_tool
 from tests.unit.test_sr import LABELS, MODEL, make_study
 from tests.unit.test_sr_image_groups import _from_template, _same_times
 
@@ -265,26 +264,15 @@ def test_dciodvfy_finds_nothing_new_in_an_sr_with_regions(tmp_path: Path) -> Non
 
 
 def test_dcmtk_reads_the_sr_with_regions_and_its_verified_successor(tmp_path: Path) -> None:
-    dsrdump = require_dcmtk_tool("dsrdump")
+    require_dcmtk_tool("dsrdump")  # before building anything: skipped without DCMTK
     sources, analysis = _study()
     sr = build_sr(sources, analysis, region_fraction=FRACTION)
     verified = build_verified_sr(_reread(sr), sources, _verdict(sources))
     for name, document in (("sr", sr), ("verified", verified)):
         path = tmp_path / f"{name}.dcm"
         path.write_bytes(encode_part10(document))
-        run = subprocess.run(
-            [str(dsrdump), "-v", str(path)],
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=60,
-            check=False,
-        )
-        complaints = [
-            line for line in run.stderr.splitlines() if line.startswith(("W:", "E:", "F:"))
-        ]
-        assert run.returncode == 0 and complaints == [], (name, run.stderr)
-        assert "AI region 1: effusion" in run.stdout and "SCOORD" in run.stdout
+        printed = dsrdump_clean(path)
+        assert "AI region 1: effusion" in printed and "SCOORD" in printed
 
 
 def _brute_force(heat: np.ndarray, fraction: float) -> tuple[tuple[int, int, int, int], int]:

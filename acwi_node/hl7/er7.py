@@ -401,3 +401,16 @@ class Segment:
 
 def to_er7(segments: Sequence[Segment]) -> str:
     return "\r".join(seg.to_er7() for seg in segments)
+
+
+def cx_identifiers(field: str) -> list[tuple[str, str]]:
+    """(CX-1 id, CX-4 assigning authority) of each repetition of a CX field kept as ER7
+    (PID-3, MRG-1) that has an id, in order."""
+    out = []
+    for repetition in field.split("~"):
+        comps = repetition.split("^")
+        ident = comps[0].split("&")[0].strip()
+        authority = comps[3].split("&")[0].strip() if len(comps) > 3 else ""
+        if ident:
+            out.append((ident, authority))
+    return out

@@ -36,6 +36,7 @@ from acwi_node.hl7.er7 import (
     Limits,
     Rejected,
     Segment,
+    cx_identifiers,
     decode,
     decode_message,
     encoding_of,
@@ -431,18 +432,6 @@ class MergeInfo:
     identifier_change: bool = False
 
 
-def _cx_list(field: str) -> list[tuple[str, str]]:
-    """(CX-1, CX-4) of each repetition of a CX field (ER7) that has an id."""
-    out = []
-    for repetition in field.split("~"):
-        comps = repetition.split("^")
-        ident = comps[0].split("&")[0].strip()
-        authority = comps[3].split("&")[0].strip() if len(comps) > 3 else ""
-        if ident:
-            out.append((ident, authority))
-    return out
-
-
 def extract_merges(msg: ParsedMessage) -> list[MergeInfo]:
     """The merges of a merge event (:data:`MERGE_TYPES`): each PID with the MRG that follows
     it (repeated in ``ADT^A39`` and ``ADT^A40``; one pair in the others). Raises
@@ -476,9 +465,9 @@ def extract_merges(msg: ParsedMessage) -> list[MergeInfo]:
                 raise ApplicationError(
                     "no surviving patient identifier (PID-3)", location=f"PID^{n}^3"
                 )
-            prior = _cx_list(_field(seg, 1))
+            prior = cx_identifiers(_field(seg, 1))
             if info.type_code in PERSON_MERGES:
-                prior += _cx_list(_field(seg, 4))
+                prior += cx_identifiers(_field(seg, 4))
             if not prior:
                 raise ApplicationError(
                     "no prior patient identifier (MRG-1)"

@@ -41,6 +41,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from acwi_node.dicom_classes import reads_nothing
+from acwi_node.hl7.er7 import cx_identifiers
 from acwi_node.ledger.models import (
     FINAL_JOB_STATES,
     REJECTION_NOTE_KIND,
@@ -3051,14 +3052,7 @@ class Ledger:
 
 def _cx_keys(er7: str) -> set[tuple[str, str]]:
     """(CX-1 id, CX-4 assigning authority) of each repetition of a PID-3 kept as ER7."""
-    keys = set()
-    for repetition in er7.split("~"):
-        comps = repetition.split("^")
-        ident = comps[0].split("&")[0].strip()
-        authority = comps[3].split("&")[0].strip() if len(comps) > 3 else ""
-        if ident:
-            keys.add((ident, authority))
-    return keys
+    return set(cx_identifiers(er7))
 
 
 def _merge_patients(s: Session, merge: PatientMerge, control_id: str) -> MergeMoved:

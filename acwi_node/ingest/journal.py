@@ -355,6 +355,10 @@ class IngestJournal:
         self.directory = root / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
+        #: One checkpoint at a time (the checkpointer thread's, a caller's): two would each
+        #: retire the same segments, closing each file twice (the second close() closing
+        #: whatever another thread had opened since under that number).
+        self._checkpointing = threading.Lock()
         #: Records were written (the flusher waits on this) / a flush ended (writers wait).
         self._dirty = threading.Condition(self._lock)
         self._flushed = threading.Condition(self._lock)
@@ -773,7 +777,12 @@ class IngestJournal:
     def checkpoint(self, *, final: bool = False) -> int:
         """Make the instances of every finished segment durable in the spool and the ledger,
         then delete those segments; returns how many records that retired. ``final``: the
-        current segment too (the SCP has stopped)."""
+        current segment too (the SCP has stopped). A checkpoint called while another runs
+        waits for it."""
+        with self._checkpointing:
+            return self._checkpoint(final)
+
+    def _checkpoint(self, final: bool) -> int:
         with self._lock:
             if not final and self._segments[-1].records:
                 self._segments.append(self._new_segment())

@@ -1014,3 +1014,43 @@ def test_a_spare_whose_close_reported_an_error_is_not_closed_again(
         failing.close_others()
         for seg in journal._segments:
             REAL_CLOSE(seg.fd)
+
+
+def test_two_checkpoints_at_once_retire_each_segment_once(
+    tmp_path: Path, flushes: list[str]
+) -> None:
+    """A checkpoint called while another runs (the checkpointer thread's and a caller's)
+    waits for it: both retired the same segment, the second closing its file again (whatever
+    another thread had opened since under that number: a test's read of a spool file failed
+    with EBADF) and failing."""
+    inside, go_on = threading.Event(), threading.Event()
+
+    def flush_ledger() -> None:
+        inside.set()
+        go_on.wait(10)
+
+    journal = IngestJournal(
+        tmp_path / ".journal", tmp_path, flush_ledger, checkpoint_s=3600.0, checkpoint_idle_s=3600.0
+    )
+    journal.open()
+    for i in range(3):
+        journal.done(journal.append({"i": i}, b"data"))
+    outcomes: list[object] = []
+
+    def checkpoint() -> None:
+        try:
+            outcomes.append(journal.checkpoint())
+        except Exception as exc:  # noqa: BLE001 - what the second one raised
+            outcomes.append(exc)
+
+    first = threading.Thread(target=checkpoint)
+    first.start()
+    assert inside.wait(10)
+    second = threading.Thread(target=checkpoint)
+    second.start()
+    second.join(0.5)  # it waits for the first (it went on to retire the same segment)
+    go_on.set()
+    first.join(10)
+    second.join(10)
+    assert sorted(map(str, outcomes)) == ["0", "3"]
+    journal.close()

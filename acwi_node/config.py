@@ -904,6 +904,7 @@ class Hl7Settings(_Strict):
     #: MLLP listener port for orders (ORM^O01, OMI^O23); 0 means no listener.
     listen_port: int = Field(0, ge=0, le=65535)
     #: Largest message (a batch: the whole frame) accepted; a larger one closes the connection.
+    #: Also the largest acknowledgement of a result read from the RIS.
     max_message_bytes: int = Field(1_048_576, ge=256, le=64 * 1_048_576)
     #: A message (an order from the RIS, an acknowledgement of a result) with more segments,
     #: fields in a segment, repetitions of a field, components in a repetition, subcomponents

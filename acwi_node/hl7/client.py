@@ -93,7 +93,7 @@ def send_message(
         with sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.sendall(frame(message.encode("utf-8")))
-            reply = read_frame_sync(sock, max_bytes=1_048_576, timeout_s=timeout_s)
+            reply = read_frame_sync(sock, max_bytes=limits.message_bytes, timeout_s=timeout_s)
     except (OSError, FramingError) as exc:
         raise SendError(f"{type(exc).__name__}: {exc}") from None
     try:

@@ -38,6 +38,8 @@ STANDARD_MSH2 = "^~\\&"
 
 #: At most this many segments in one message.
 MAX_SEGMENTS = 500
+#: At most this many bytes in one message (a batch: its whole frame).
+MAX_MESSAGE_BYTES = 1_048_576
 #: At most this many fields in one segment.
 MAX_FIELDS = 100
 #: At most this many repetitions of one field.
@@ -60,10 +62,11 @@ LIMITS = {
 
 @dataclass(frozen=True)
 class Limits:
-    """The limits a message is read within (``[hl7]`` ``max_segments``, ``max_fields``,
-    ``max_repetitions``, ``max_components``, ``max_subcomponents``, ``max_separators``);
-    the defaults are :data:`LIMITS`."""
+    """The limits a message is read within (``[hl7]`` ``max_message_bytes``, ``max_segments``,
+    ``max_fields``, ``max_repetitions``, ``max_components``, ``max_subcomponents``,
+    ``max_separators``); the defaults are :data:`LIMITS`."""
 
+    message_bytes: int = MAX_MESSAGE_BYTES
     segments: int = MAX_SEGMENTS
     fields: int = MAX_FIELDS
     repetitions: int = MAX_REPETITIONS
@@ -75,6 +78,7 @@ class Limits:
     def of(cls, hl7: Hl7Settings) -> Limits:
         """The limits ``[hl7]`` sets."""
         return cls(
+            message_bytes=hl7.max_message_bytes,
             segments=hl7.max_segments,
             fields=hl7.max_fields,
             repetitions=hl7.max_repetitions,

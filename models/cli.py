@@ -8,7 +8,7 @@ Commands::
                       [--data DIR] [--epochs N] [--threads N] [--resume] [--overwrite]
                       [--init-from MODEL --ewc-lambda X [--ewc-data OLD_DIR]]
     acwi-models evaluate --model models/registry/default --data DIR [--out REPORT_DIR]
-                         [--compare MODEL2] [--costly-images 60]
+                         [--compare MODEL2] [--costly-images 60] [--region-fraction 0.5]
     acwi-models export --model models/registry/default [--out DIR] [--opset N]
 
 Exit status: 0 done; 2 the command line is wrong (argparse: an unknown option, a number out of
@@ -77,6 +77,17 @@ def _at_least(low: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _fraction(text: str) -> float:
+    """``--region-fraction``: more than 0, at most 1 (as ``worker.sr_region_fraction``)."""
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 1, not {text}")
+    return value
 
 
 def _image_size(text: str) -> int:
@@ -180,6 +191,12 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=60,
         help="lesion images for the heatmap stability and deletion metrics (default 60)",
+    )
+    evaluate.add_argument(
+        "--region-fraction",
+        type=_fraction,
+        help="the deployment's worker.sr_region_fraction, for the SR's AI region box against"
+        " the lesion boxes (default: the node's, 0.5)",
     )
 
     export = sub.add_parser(
@@ -374,7 +391,7 @@ def _training_error(exc: Exception, args: argparse.Namespace, checkpoint_name: s
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from models.evaluate import evaluate_model, summary_lines
+    from models.evaluate import SR_REGION_FRACTION, evaluate_model, summary_lines
 
     try:
         metrics = evaluate_model(
@@ -386,6 +403,9 @@ def _evaluate(args: argparse.Namespace) -> int:
             train_sites=args.train_sites,
             compare=args.compare,
             costly_images=args.costly_images,
+            region_fraction=(
+                SR_REGION_FRACTION if args.region_fraction is None else args.region_fraction
+            ),
         )
     except ValueError as exc:
         print(f"evaluation failed: {exc}", file=sys.stderr)

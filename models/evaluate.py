@@ -19,6 +19,10 @@ does, and computes per image (``K`` labels):
 * heatmap faithfulness by the pointing game: the heatmap's peak lies inside one of the
   image's lesion boxes (strictly, and with a tolerance of half a feature cell, the heatmap's
   resolution), and the IoU of its hot region with the union of the boxes;
+* the SR's AI region box: the box the node writes into the SR (TID 1410) for an image, found
+  by the node's own :func:`~acwi_node.results.heatmap_region.heatmap_region` at the
+  deployment's ``worker.sr_region_fraction``, against the image's lesion boxes (IoU with the
+  best-matching one, the share of that lesion it covers, the peak in a lesion);
 * OOD AUROC: the OOD score separating images of sites the model was not trained on from
   images of its training sites, when both are present.
 
@@ -41,8 +45,11 @@ from typing import Any
 import numpy as np
 import pydicom
 
+from acwi_node.config import WorkerSettings
 from acwi_node.inference.analyser import Analyser, NothingToAnalyse
 from acwi_node.inference.types import StudyAnalysis
+from acwi_node.results.heatmap_region import heatmap_region
+from acwi_node.results.sr import finding_label
 from models.data.dicom_dataset import (
     LABELS_CSV,
     Box,
@@ -60,6 +67,9 @@ BOOTSTRAP_RESAMPLES = 200
 BOOTSTRAP_SEED = 0
 AUTO_ACCEPT_REVIEW = 0.2  # auto-accept accuracy on the 80 % most certain cases
 HEATMAP_IOU_THRESHOLD = 0.5  # heatmap >= 0.5 of its maximum is the "hot" region
+#: The node's default ``worker.sr_region_fraction``: the SR's AI region box is the connected
+#: region of the heatmap at or above this fraction of its peak that holds the peak.
+SR_REGION_FRACTION: float = float(WorkerSettings.model_fields["sr_region_fraction"].default)
 STABILITY_SHIFT = 2  # pixels, each of +x, -x, +y, -y
 STABILITY_NOISE = 0.02  # Gaussian noise sigma as a fraction of the image's value range
 DELETION_STEPS = 10
@@ -221,6 +231,67 @@ def localisation_scores(
         "hit_tolerant": any(pointing_hit(heatmap, box, tolerance) for box in boxes),
         "centre_value": max(centre_value(heatmap, box) for box in boxes),
         "iou": heatmap_iou(heatmap, boxes_mask(heatmap.shape, boxes)),
+    }
+
+
+def _clip_box(box: Box, shape: tuple[int, int]) -> Box | None:
+    """``box`` clipped to a ``rows x cols`` image (as :func:`boxes_mask` clips it); None when
+    nothing of it is on the image."""
+    rows, cols = shape
+    x0, y0, x1, y1 = max(box[0], 0), max(box[1], 0), min(box[2], cols - 1), min(box[3], rows - 1)
+    return (x0, y0, x1, y1) if x0 <= x1 and y0 <= y1 else None
+
+
+def _box_area(box: Box) -> int:
+    return (box[2] - box[0] + 1) * (box[3] - box[1] + 1)
+
+
+def sr_box_scores(
+    heatmap: np.ndarray, boxes: Boxes, fraction: float = SR_REGION_FRACTION
+) -> dict[str, Any]:
+    """The SR's AI region box of an image against its lesion boxes (at least one).
+
+    The box is the node's own (:func:`~acwi_node.results.heatmap_region.heatmap_region` at
+    ``fraction``) on the heatmap at the source image's Rows x Columns, as the node finds it,
+    so it is in the image's pixels, as the lesion boxes are (both inclusive; a lesion box is
+    clipped to the image). ``sr_box``: ``[x0, y0, x1, y1]``, None where the map has no region
+    (empty, not finite or nowhere above 0: the node writes no box; it counts as IoU 0, nothing
+    covered and a miss). ``sr_box_iou``: IoU with the best-matching lesion box (the highest
+    IoU; of equals, the one it covers most); ``sr_box_covered``: the share of that lesion box's
+    pixels inside the box; ``sr_box_peak_in_lesion``: the region's peak (the heatmap's, the
+    first of equal maxima) lies in any of the lesion boxes; ``sr_box_share``: the box's share
+    of the image's pixels.
+    """
+    if not boxes:
+        raise ValueError("SR box scores need at least one lesion box")
+    region = heatmap_region(heatmap, fraction)
+    if region is None:
+        return {
+            "sr_box": None,
+            "sr_box_iou": 0.0,
+            "sr_box_covered": 0.0,
+            "sr_box_peak_in_lesion": False,
+            "sr_box_share": 0.0,
+        }
+    shape = (int(heatmap.shape[0]), int(heatmap.shape[1]))
+    ours = region.box
+    best = (0.0, 0.0)
+    for lesion in boxes:
+        clipped = _clip_box(lesion, shape)
+        if clipped is None:
+            continue
+        w = min(ours[2], clipped[2]) - max(ours[0], clipped[0]) + 1
+        h = min(ours[3], clipped[3]) - max(ours[1], clipped[1]) + 1
+        inter = max(w, 0) * max(h, 0)
+        union = _box_area(ours) + _box_area(clipped) - inter
+        best = max(best, (inter / union, inter / _box_area(clipped)))
+    px, py = region.peak
+    return {
+        "sr_box": list(ours),
+        "sr_box_iou": float(best[0]),
+        "sr_box_covered": float(best[1]),
+        "sr_box_peak_in_lesion": any(x0 <= px <= x1 and y0 <= py <= y1 for x0, y0, x1, y1 in boxes),
+        "sr_box_share": _box_area(ours) / float(shape[0] * shape[1]),
     }
 
 
@@ -439,9 +510,11 @@ def collect(
     analyser: Analyser,
     images: Sequence[EvalImage],
     *,
+    region_fraction: float = SR_REGION_FRACTION,
     log: Callable[[str], None] = print,
 ) -> Collected:
-    """Analyse every study of ``images`` with the node's analyser (and at temperature 1)."""
+    """Analyse every study of ``images`` with the node's analyser (and at temperature 1);
+    ``region_fraction``: the SR's AI region threshold (:func:`sr_box_scores`)."""
     manifest = analyser.manifest
     raw = Analyser(
         analyser.model,
@@ -499,12 +572,18 @@ def collect(
             if member.boxes:
                 heat = img.heatmap_array()
                 tolerance = half_cell((int(heat.shape[0]), int(heat.shape[1])), grid)
+                # the heatmap the node finds the SR's box on: at the image's Rows x Columns
+                sr_box = sr_box_scores(heat, member.boxes, region_fraction)
                 pointing.append(
                     {
                         "image": len(truth) - 1,
                         "label": member.item.label,
                         "site": sites[-1],
                         **localisation_scores(heat, member.boxes, tolerance),
+                        **sr_box,
+                        # the node writes it only where the model reports a finding
+                        "sr_box_written": sr_box["sr_box"] is not None
+                        and finding_label(img, result) is not None,
                     }
                 )
         if (n + 1) % 50 == 0:
@@ -738,6 +817,9 @@ def required_metrics(
         "auto_accept_accuracy_at_20pct_review": auto_accept_accuracy(score, correct),
         "pointing_game": _mean([float(p["hit"]) for p in boxes]),
         "heatmap_iou": _mean([p["iou"] for p in boxes]),
+        "sr_box_iou": _mean([p["sr_box_iou"] for p in boxes]),
+        "sr_box_covered": _mean([p["sr_box_covered"] for p in boxes]),
+        "sr_box_peak_in_lesion": _mean([float(p["sr_box_peak_in_lesion"]) for p in boxes]),
         "explanation_stability_ssim": _mean([case.stability for case in chosen]),
         "explanation_stability_ssim_shift": _mean([case.ssim_shift for case in chosen]),
         "explanation_stability_ssim_noise": _mean([case.ssim_noise for case in chosen]),
@@ -749,6 +831,8 @@ def required_metrics(
             "errors": int((~correct).sum()),
             "auto_accepted": n_images - int(round(AUTO_ACCEPT_REVIEW * n_images)),
             "lesion_images": len(boxes),
+            "sr_box_no_region": sum(p["sr_box"] is None for p in boxes),
+            "sr_box_written": sum(bool(p["sr_box_written"]) for p in boxes),
             "stability_deletion_images": len(chosen),
             "bootstrap_resamples": resamples,
             "bootstrap_clusters": len(set(groups)),
@@ -823,12 +907,31 @@ def _none_if_nan(value: float) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 
 
+def sr_box_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The SR box figures (:func:`sr_box_scores`) of some lesion images (at least one): means,
+    the median IoU, the share with IoU >= 0.5, how many have no region and how many boxes the
+    node writes (the model reports a finding)."""
+    iou = [float(p["sr_box_iou"]) for p in rows]
+    return {
+        "cases": len(rows),
+        "iou": float(np.mean(iou)),
+        "iou_median": float(np.median(iou)),
+        "iou_at_least_half": float(np.mean([v >= 0.5 for v in iou])),
+        "covered": float(np.mean([p["sr_box_covered"] for p in rows])),
+        "peak_in_lesion": float(np.mean([p["sr_box_peak_in_lesion"] for p in rows])),
+        "share_of_image": float(np.mean([p["sr_box_share"] for p in rows])),
+        "no_region": sum(p["sr_box"] is None for p in rows),
+        "written": sum(bool(p["sr_box_written"]) for p in rows),
+    }
+
+
 def compute_metrics(
     c: Collected,
     *,
     uncertainty_threshold: float,
     normal_labels: Sequence[str],
     train_sites: Sequence[int] | None,
+    region_fraction: float = SR_REGION_FRACTION,
 ) -> dict[str, Any]:
     """Every number of the report as a JSON-ready dictionary."""
     k = len(c.labels)
@@ -880,6 +983,12 @@ def compute_metrics(
             "hit_rate_tolerant": float(np.mean([p["hit_tolerant"] for p in rows])),
             "mean_centre_value": float(np.mean([p["centre_value"] for p in rows])),
         }
+
+    sr_box: dict[str, Any] = {"fraction": region_fraction, "labels": {}, "all": None}
+    if c.pointing:
+        for label in sorted({p["label"] for p in c.pointing}):
+            sr_box["labels"][label] = sr_box_summary([p for p in c.pointing if p["label"] == label])
+        sr_box["all"] = sr_box_summary(c.pointing)
 
     ood: dict[str, Any] = {"train_sites": list(train_sites) if train_sites is not None else None}
     if train_sites is not None:
@@ -933,6 +1042,7 @@ def compute_metrics(
         },
         "per_site": per_site,
         "pointing_game": pointing,
+        "sr_box": sr_box,
         "ood": ood,
     }
 
@@ -1056,6 +1166,9 @@ HEADLINE_KEYS = (
     "auto_accept_accuracy_at_20pct_review",
     "pointing_game",
     "heatmap_iou",
+    "sr_box_iou",
+    "sr_box_covered",
+    "sr_box_peak_in_lesion",
     "explanation_stability_ssim",
     "deletion_auc",
     "deletion_auc_random",
@@ -1086,7 +1199,9 @@ def _headline_markdown(m: dict[str, Any], files: dict[str, str]) -> list[str]:
         f"{m['settings']['bootstrap_seed']}. Stability (SSIM of the heatmap under "
         f"+-{m['settings']['stability_shift_px']} px shifts and Gaussian noise) and deletion "
         f"AUC ({m['settings']['deletion_steps']} steps, lower is more faithful) on "
-        f"{m['settings']['stability_deletion_images']} lesion images.",
+        f"{m['settings']['stability_deletion_images']} lesion images. sr_box_*: the SR's AI "
+        f"region box at {_fmt(m['settings'].get('sr_region_fraction'), 2)} of the heatmap's "
+        "peak against the lesion boxes (section above).",
         "",
         "| metric | " + " | ".join(name for name, _ in columns) + " |",
         "|---" * (len(columns) + 1) + "|",
@@ -1111,6 +1226,40 @@ def _headline_markdown(m: dict[str, Any], files: dict[str, str]) -> list[str]:
     )
     if "examples" in files:
         lines += ["", f"![Example heatmaps]({files['examples']})"]
+    return lines
+
+
+def _sr_box_markdown(m: dict[str, Any]) -> list[str]:
+    """The SR's AI region box against the lesion boxes, by label and for all."""
+    box = m.get("sr_box")
+    if box is None:
+        return []
+    lines = ["", "## The SR's AI region box", ""]
+    if box["all"] is None:
+        return [*lines, "No lesion boxes in the data."]
+    lines += [
+        "The box the node writes into the SR for an image (TID 1410 AI region): the connected "
+        f"region of the heatmap at or above {_fmt(box['fraction'], 2)} of its peak "
+        "(`worker.sr_region_fraction`, `--region-fraction`) that holds the peak, found by the "
+        "node's own code on the heatmap at the image's Rows x Columns, so in the image's "
+        "pixels. IoU: with the best-matching lesion box of the image; covered: the share of "
+        "that lesion box inside the box; peak in lesion: the region's peak in any of the "
+        "image's lesion boxes. A heatmap with no region (nowhere above 0) counts as IoU 0, "
+        "nothing covered and a miss. Every lesion image counts, whether or not the model "
+        "reports a finding on it; the node writes the box only where it does (written).",
+        "",
+        "| label | cases | IoU mean (median) | IoU >= 0.5 | lesion covered | peak in lesion "
+        "| box, share of the image | no region | written |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = [*box["labels"].items(), ("**all**", box["all"])]
+    for label, v in rows:
+        lines.append(
+            f"| {label} | {v['cases']} | {_fmt(v['iou'])} ({_fmt(v['iou_median'])}) | "
+            f"{_fmt(v['iou_at_least_half'])} | {_fmt(v['covered'])} | "
+            f"{_fmt(v['peak_in_lesion'])} | {_fmt(v['share_of_image'])} | {v['no_region']} | "
+            f"{v['written']} |"
+        )
     return lines
 
 
@@ -1200,6 +1349,7 @@ def _markdown(metrics: dict[str, Any], files: dict[str, str]) -> str:
             )
     else:
         lines.append("No lesion boxes in the data.")
+    lines += _sr_box_markdown(m)
     lines += _headline_markdown(m, files)
     ood = m["ood"]
     lines += ["", "## Out-of-distribution detection", ""]
@@ -1229,6 +1379,7 @@ def evaluate_model(
     compare: Path | None = None,
     costly_images: int = COSTLY_IMAGES,
     seed: int = BOOTSTRAP_SEED,
+    region_fraction: float = SR_REGION_FRACTION,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Analyse ``data`` with the model at ``model`` (manifest or folder); return the metrics.
@@ -1238,8 +1389,12 @@ def evaluate_model(
     ``costly_images`` lesion images (round-robin over sites, ``seed``) get the stability and
     deletion metrics. ``compare`` evaluates a second model on the same images, with the same
     held-out sites and the same subsample, under the ``comparison`` key.
+    ``region_fraction``: the deployment's ``worker.sr_region_fraction``, for the SR's AI region
+    box (:func:`sr_box_scores`).
     """
     started = time.perf_counter()
+    if not 0.0 < region_fraction <= 1.0:
+        raise ValueError(f"the region fraction must be in (0, 1], not {region_fraction}")
     if not (Path(data) / LABELS_CSV).is_file():
         raise ValueError(f"{data} has no {LABELS_CSV}")
     if costly_images < 0:
@@ -1255,7 +1410,7 @@ def evaluate_model(
         train_sites = training_sites(manifest.training.dataset)
     chosen = select_costly(images, costly_images, seed)
     collected, cases, metrics = _evaluate_one(
-        analyser, images, chosen, train_sites, seed=seed, log=log
+        analyser, images, chosen, train_sites, seed=seed, region_fraction=region_fraction, log=log
     )
     metrics["data"] = str(data)
     if compare is not None:
@@ -1265,7 +1420,9 @@ def evaluate_model(
                 f"cannot compare: {compare} has labels {other.labels}, not {analyser.labels}"
             )
         log(f"evaluating the comparison model {compare}")
-        _, _, theirs = _evaluate_one(other, images, chosen, train_sites, seed=seed, log=log)
+        _, _, theirs = _evaluate_one(
+            other, images, chosen, train_sites, seed=seed, region_fraction=region_fraction, log=log
+        )
         metrics["comparison"] = {
             key: theirs[key]
             for key in (
@@ -1275,6 +1432,7 @@ def evaluate_model(
                 "accuracy",
                 "balanced_accuracy",
                 "macro_auc",
+                "sr_box",
                 "mc_samples",
                 "temperature",
             )
@@ -1292,10 +1450,11 @@ def _evaluate_one(
     train_sites: Sequence[int] | None,
     *,
     seed: int,
+    region_fraction: float = SR_REGION_FRACTION,
     log: Callable[[str], None],
 ) -> tuple[Collected, list[CostlyCase], dict[str, Any]]:
     manifest = analyser.manifest
-    collected = collect(analyser, images, log=log)
+    collected = collect(analyser, images, region_fraction=region_fraction, log=log)
     position = {sop: i for i, sop in enumerate(collected.sop_uids)}
     cases = costly_cases(analyser, images, chosen, position, seed=seed, log=log)
     normal = [name for name in manifest.labels if name not in manifest.finding_labels]
@@ -1304,6 +1463,7 @@ def _evaluate_one(
         uncertainty_threshold=manifest.uncertainty_threshold,
         normal_labels=normal,
         train_sites=train_sites,
+        region_fraction=region_fraction,
     )
     metrics.update(headline_metrics(collected, cases, train_sites, seed=seed))
     metrics.update(
@@ -1324,6 +1484,7 @@ def _evaluate_one(
                 "bootstrap_seed": seed,
                 "auto_accept_review_fraction": AUTO_ACCEPT_REVIEW,
                 "heatmap_iou_threshold": HEATMAP_IOU_THRESHOLD,
+                "sr_region_fraction": region_fraction,
                 "stability_shift_px": STABILITY_SHIFT,
                 "stability_noise_fraction": STABILITY_NOISE,
                 "deletion_steps": DELETION_STEPS,
@@ -1408,6 +1569,13 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
             f"  pointing game {label}: {v['hit_rate']:.3f}, within half a cell "
             f"{v['hit_rate_tolerant']:.3f}, centre value {v['mean_centre_value']:.3f} "
             f"({v['cases']} cases)"
+        )
+    box = metrics.get("sr_box") or {"labels": {}}
+    for label, v in box["labels"].items():
+        lines.append(
+            f"  SR box {label} (fraction {box['fraction']:g}): IoU {v['iou']:.3f}, lesion "
+            f"covered {v['covered']:.3f}, peak in lesion {v['peak_in_lesion']:.3f}, "
+            f"written {v['written']} of {v['cases']} cases"
         )
     if metrics["ood"].get("auroc_unseen_site") is not None:
         lines.append(f"  OOD AUROC unseen site: {metrics['ood']['auroc_unseen_site']:.3f}")

@@ -10,11 +10,14 @@ import numpy as np
 import pydicom
 import pytest
 
+from acwi_node.config import WorkerSettings
+from acwi_node.results import heatmap_region as node_region
 from models.cli import main as cli_main
 from models.data.dicom_dataset import LabelledImage, box_mask, boxes_mask
 from models.data.synth import write_dataset
 from models.evaluate import (
     HEADLINE_KEYS,
+    SR_REGION_FRACTION,
     EvalImage,
     auc,
     auto_accept_accuracy,
@@ -35,6 +38,8 @@ from models.evaluate import (
     salience_order,
     select_costly,
     shift_array,
+    sr_box_scores,
+    sr_box_summary,
     ssim,
     training_sites,
     triage_curve,
@@ -140,6 +145,95 @@ def test_localisation_scores_of_an_image_with_two_boxes() -> None:
         localisation_scores(heatmap, ())
 
 
+def test_sr_box_scores_against_the_lesion_boxes() -> None:
+    """The SR's box is the node's region around the peak (not every hot pixel), scored against
+    the best-matching lesion box, in the image's pixels."""
+    heatmap = np.zeros((32, 32), dtype=np.float32)
+    heatmap[6:14, 6:14] = 0.6  # the region holding the peak: columns and rows 6-13
+    heatmap[8, 8] = 1.0  # the peak
+    heatmap[22:26, 22:26] = 0.9  # hot, but not connected to the peak: not in the box
+    heatmap[14, 6:14] = 0.4  # below half the peak: not in the box
+    lesion, other = (4, 4, 11, 11), (20, 20, 27, 27)
+    scores = sr_box_scores(heatmap, (other, lesion))
+    assert scores == {
+        "sr_box": [6, 6, 13, 13],
+        "sr_box_iou": pytest.approx(36 / 92),  # 6 x 6 shared of 8 x 8 + 8 x 8 - 36
+        "sr_box_covered": pytest.approx(36 / 64),
+        "sr_box_peak_in_lesion": True,
+        "sr_box_share": pytest.approx(64 / 1024),
+    }
+    assert sr_box_scores(heatmap, (lesion, other)) == scores
+    alone = sr_box_scores(heatmap, (other,))
+    assert alone["sr_box_iou"] == 0.0 and alone["sr_box_covered"] == 0.0
+    assert alone["sr_box_peak_in_lesion"] is False
+    # at 0.7 of the peak the region is the peak alone
+    tight = sr_box_scores(heatmap, (lesion,), 0.7)
+    assert tight["sr_box"] == [8, 8, 8, 8]
+    assert tight["sr_box_iou"] == pytest.approx(1 / 64) and tight["sr_box_covered"] == 1 / 64
+    # the same box as the node's for the SR, at its default fraction
+    assert WorkerSettings.model_fields["sr_region_fraction"].default == SR_REGION_FRACTION
+    region = node_region.heatmap_region(heatmap, SR_REGION_FRACTION)
+    assert region is not None and scores["sr_box"] == list(region.box)
+    with pytest.raises(ValueError, match="at least one"):
+        sr_box_scores(heatmap, ())
+
+
+def test_sr_box_scores_on_a_non_square_image_and_a_box_over_its_edge() -> None:
+    """Columns are x and rows y on a non-square map; a lesion box over the image's edge is
+    clipped to it (as the hot-region IoU's mask is)."""
+    heatmap = np.zeros((20, 40), dtype=np.float32)
+    heatmap[2:6, 30:36] = 1.0
+    scores = sr_box_scores(heatmap, ((30, 2, 35, 5),))
+    assert scores["sr_box"] == [30, 2, 35, 5]
+    assert scores["sr_box_iou"] == 1.0 and scores["sr_box_covered"] == 1.0
+    assert scores["sr_box_share"] == pytest.approx(24 / 800)
+    edge = np.zeros((20, 40), dtype=np.float32)
+    edge[16:20, 36:40] = 1.0
+    over = sr_box_scores(edge, ((36, 16, 50, 30),))  # clipped: columns 36-39, rows 16-19
+    assert over["sr_box_iou"] == 1.0 and over["sr_box_covered"] == 1.0
+
+
+def test_an_sr_box_of_a_map_with_no_region_is_a_miss() -> None:
+    """An empty, flat or not finite heatmap has no region: the node writes no box, and it
+    counts as IoU 0, nothing covered and a miss."""
+    miss = {
+        "sr_box": None,
+        "sr_box_iou": 0.0,
+        "sr_box_covered": 0.0,
+        "sr_box_peak_in_lesion": False,
+        "sr_box_share": 0.0,
+    }
+    nan = np.zeros((8, 8), dtype=np.float32)
+    nan[3, 3] = np.nan
+    for heatmap in (np.zeros((8, 8)), np.full((8, 8), -1.0), nan):
+        assert sr_box_scores(heatmap, ((2, 2, 5, 5),)) == miss
+
+
+def test_sr_box_summary() -> None:
+    def row(iou: float, covered: float, hit: bool, written: bool) -> dict[str, object]:
+        return {
+            "sr_box": [0, 0, 1, 1] if written or iou else None,
+            "sr_box_iou": iou,
+            "sr_box_covered": covered,
+            "sr_box_peak_in_lesion": hit,
+            "sr_box_share": 0.25 if iou else 0.0,
+            "sr_box_written": written,
+        }
+
+    rows = [row(0.8, 1.0, True, True), row(0.5, 0.5, True, False), row(0.0, 0.0, False, False)]
+    assert sr_box_summary(rows) == {
+        "cases": 3,
+        "iou": pytest.approx(1.3 / 3),
+        "iou_median": 0.5,
+        "iou_at_least_half": pytest.approx(2 / 3),
+        "covered": 0.5,
+        "peak_in_lesion": pytest.approx(2 / 3),
+        "share_of_image": pytest.approx(0.5 / 3),
+        "no_region": 1,
+        "written": 1,
+    }
+
+
 def test_select_costly_draws_only_images_with_a_box() -> None:
     def image(n: int, boxes: tuple[tuple[int, int, int, int], ...]) -> EvalImage:
         return EvalImage(LabelledImage(Path(f"{n}.dcm"), "1", f"1.{n}", "nodule", 0), boxes)
@@ -192,6 +286,41 @@ def test_evaluate_writes_metrics_report_and_plots(tiny_model: Path, tmp_path: Pa
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({name})" in text
     assert "## Per site" in text and "4 (unseen)" in text
+    # the SR's AI region box, at the node's default fraction, on every lesion image
+    box = saved["sr_box"]
+    assert box["fraction"] == 0.5 == saved["settings"]["sr_region_fraction"]
+    assert box["all"]["cases"] == findings
+    assert set(box["labels"]) == set(metrics["pointing_game"])
+    for label, v in box["labels"].items():
+        assert v["cases"] == metrics["pointing_game"][label]["cases"]
+        # the region's peak is the heatmap's: in a lesion as often as the pointing game's
+        assert v["peak_in_lesion"] == metrics["pointing_game"][label]["hit_rate"]
+        assert 0.0 <= v["iou"] <= 1.0 and 0.0 <= v["covered"] <= 1.0
+        assert 0 <= v["written"] <= v["cases"]
+    test = saved["test"]
+    for key in ("sr_box_iou", "sr_box_covered", "sr_box_peak_in_lesion"):
+        assert key in HEADLINE_KEYS and 0.0 <= test[key] <= 1.0
+    assert test["sr_box_iou"] == pytest.approx(box["all"]["iou"])
+    assert test["n"]["sr_box_written"] == box["all"]["written"]
+    assert "## The SR's AI region box" in text and "| **all** | " in text
+    assert "| sr_box_iou | " in text
+
+
+def test_evaluate_cli_takes_the_deployment_s_region_fraction(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_dataset(tmp_path / "data", 6, seed=5, sites=[0, 1], size=96)
+    args = ["evaluate", "--model", str(tiny_model), "--data", str(tmp_path / "data")]
+    args += ["--mc-samples", "2", "--costly-images", "0", "--out", str(tmp_path / "report")]
+    assert cli_main([*args, "--region-fraction", "0.8"]) == 0
+    saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert saved["sr_box"]["fraction"] == 0.8 == saved["settings"]["sr_region_fraction"]
+    assert "(fraction 0.8)" in capsys.readouterr().out
+    assert "at or above 0.80 of its peak" in (tmp_path / "report" / "report.md").read_text()
+    for bad in ("0", "1.5", "half"):
+        with pytest.raises(SystemExit) as exc:
+            cli_main([*args, "--region-fraction", bad])
+        assert exc.value.code == 2
 
 
 def test_the_auc_interval_draws_whole_patients_where_the_labels_name_them(

@@ -22,7 +22,10 @@ by ``; `` (empty when none), which training turns into a lesion mask for the hea
 (their images, taken by a hash of the study's UID, are an unbiased test set of what the PACS
 receives unreviewed) and ``flagged`` for a study the model asked about.
 De-identified, the UIDs are the replaced ones (the file names too) and ``calling_ae`` is
-empty (it names a device of the hospital). Escalated cases without a final verdict are left
+empty (it names a device of the hospital). A cell that a spreadsheet would open as a formula
+(beginning with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return: an AE title a remote
+device chose, a model's label) is written after a single quote, which the training reader
+takes off again (:mod:`acwi_node.csv_cells`). Escalated cases without a final verdict are left
 out. Running it again into the same folder rewrites the CSV and adds new images; a folder
 holds either de-identified images or exact copies, never both.
 """
@@ -41,6 +44,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from acwi_node.config import Settings
+from acwi_node.csv_cells import neutralise
 from acwi_node.inference.types import unit_name
 from acwi_node.ingest.spool import Spool, is_safe_uid
 from acwi_node.ledger import Ledger
@@ -185,7 +189,9 @@ def export_feedback(
     with tmp_csv.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows(rows)
+        # a spreadsheet opens no cell as a formula (a calling AE title, a model's label);
+        # the training reader takes the quote off again (acwi_node.csv_cells)
+        writer.writerows({k: neutralise(v) for k, v in row.items()} for row in rows)
     os.replace(tmp_csv, out_dir / "labels.csv")
     return ExportReport(
         cases=len(cases),

@@ -6,7 +6,9 @@ A per-image row wins over a per-study row; rows repeating an image or study must
 Files that are not DICOM are ignored, DICOM images without a row are left out (and counted),
 rows naming no DICOM file are reported by line;
 images the preprocessing refuses are reported, not loaded. The CSV may carry a UTF-8 byte
-order mark.
+order mark. A cell the node's feedback export wrote after a single quote, so that a
+spreadsheet does not open it as a formula (one beginning with ``=``, ``+``, ``-``, ``@``, a tab
+or a carriage return), reads without that quote (:func:`acwi_node.csv_cells.restore`).
 
 A multi-frame image (Enhanced CT or MR, tomosynthesis) is one labelled image per frame, as
 the node analyses it. An optional ``frame_number`` column labels one frame; a row without
@@ -35,6 +37,7 @@ import torch
 from pydicom.errors import InvalidDicomError
 from torch.utils.data import Dataset as TorchDataset
 
+from acwi_node.csv_cells import restore
 from acwi_node.dicom_frames import frame_count
 from acwi_node.inference.preprocess import (
     PreprocessSpec,
@@ -78,6 +81,12 @@ class _Row:
     label: str
     site: int | None
     patient: str = ""
+
+
+def _cells(line: Mapping[str, str | None]) -> dict[str, str | None]:
+    """A CSV row's cells as they were before the feedback export's spreadsheet quoting
+    (:func:`acwi_node.csv_cells.restore`); a short row's missing cells stay None."""
+    return {k: restore(v) if isinstance(v, str) else v for k, v in line.items()}
 
 
 def _int_cell(line: Mapping[str, str | None], column: str, where: str) -> int | None:
@@ -125,7 +134,8 @@ def read_labels_csv(
                 f"{path}: needs a 'label' column and 'sop_instance_uid' or 'study_instance_uid'"
                 f" (found {sorted(fields)})"
             )
-        for line in reader:
+        for cells in reader:
+            line = _cells(cells)
             where = f"{path}, line {reader.line_num}"
             row = _Row(
                 (line.get("label") or "").strip(),
@@ -340,7 +350,8 @@ def read_boxes(root: Path, items: Sequence[LabelledImage]) -> dict[str, Boxes]:
     if csv_path.is_file():
         with csv_path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
-            for row in reader:
+            for cells in reader:
+                row = _cells(cells)
                 sop = (row.get("sop_instance_uid") or "").strip()
                 where = f"{csv_path}, line {reader.line_num}"
                 try:

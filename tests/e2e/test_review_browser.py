@@ -385,3 +385,65 @@ def test_sign_in_open_case_override(tmp_path: Path) -> None:
     assert study is not None and study["state"] == "exporting"
     assert ledger.worklist() == []  # both cases decided
     ledger.dispose()
+
+
+def _contrast(foreground: str, background: str) -> float:
+    """WCAG's contrast ratio of two computed ``rgb(r, g, b)`` colours."""
+
+    def luminance(colour: str) -> float:
+        channels = [int(v) / 255 for v in colour[colour.index("(") + 1 : -1].split(",")[:3]]
+        linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+    high, low = sorted((luminance(foreground), luminance(background)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def test_the_first_tab_skips_the_header_to_the_page(tmp_path: Path) -> None:
+    """WCAG 2.4.1: a keyboard user went through the header's six links and the sign-out on
+    every page before the worklist. The first Tab now shows "Skip to main content" (out of
+    sight until then, legible at AA over the header), Enter puts the focus on the page's
+    ``<main>``, and the next Tab goes on inside it."""
+    http_port = free_port()
+    config = write_config(
+        tmp_path / "acwi.toml",
+        {"node": {"data_dir": str(tmp_path / "data"), "http_port": http_port}},
+    )
+    _cli(config, "users", "add", USER, "--role", "radiologist", "--password-stdin", stdin=PASSWORD)
+    base = f"http://127.0.0.1:{http_port}"
+    with NodeProcesses(config, ["web"], tmp_path) as nodes, sync_playwright() as pw:
+        wait_port("127.0.0.1", http_port)
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"]
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{base}/review/worklist")
+            page.fill("input[name=username]", USER)
+            page.fill("input[name=password]", PASSWORD)
+            page.click("button[type=submit]")
+            expect(page).to_have_url(f"{base}/review/worklist")
+            for path in ("/review/worklist", "/review/decided"):
+                page.goto(base + path)
+                skip = page.locator("a.skip-link")
+                hidden = skip.bounding_box()
+                assert hidden is not None and hidden["width"] <= 1, hidden  # out of sight
+                page.keyboard.press("Tab")
+                expect(skip).to_be_focused()
+                expect(skip).to_have_text("Skip to main content")
+                shown = skip.bounding_box()
+                assert shown is not None and shown["width"] > 100 and shown["y"] >= 0, shown
+                colours = skip.evaluate(
+                    "e => [getComputedStyle(e).color, getComputedStyle(e).backgroundColor,"
+                    " getComputedStyle(document.querySelector('header.top')).backgroundColor]"
+                )
+                assert _contrast(colours[0], colours[1]) >= 4.5, colours  # its text
+                assert _contrast(colours[1], colours[2]) >= 3, colours  # it, over the header
+                page.keyboard.press("Enter")
+                expect(page.locator("main#main")).to_be_focused()
+                page.keyboard.press("Tab")
+                inside = page.evaluate("() => document.activeElement.closest('main') !== null")
+                assert inside, path
+        finally:
+            browser.close()
+        nodes.assert_alive()

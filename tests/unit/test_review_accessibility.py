@@ -16,7 +16,7 @@ from sqlalchemy import update
 from acwi_node.config import load_settings
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import WebSession, utcnow
-from acwi_node.review import auth
+from acwi_node.review import auth, views
 from acwi_node.review.store import ReviewStore
 from acwi_node.web.api import create_app
 from tests.support.review_case import sign_in
@@ -67,6 +67,73 @@ def _outline(html: str) -> _Outline:
     found = _Outline()
     found.feed(html)
     return found
+
+
+TEMPLATES = Path(views.__file__).parent / "templates"
+
+
+class _FirstFocus(HTMLParser):
+    """The first element of the page's body that Tab reaches, and each element's attributes
+    by id."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first: tuple[str, dict[str, str | None]] | None = None
+        self.by_id: dict[str, tuple[str, dict[str, str | None]]] = {}
+        self._in_body = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if found.get("id"):
+            self.by_id[str(found["id"])] = (tag, found)
+        self._in_body = self._in_body or tag == "body"
+        focusable = (
+            (tag == "a" and "href" in found)
+            or (tag == "input" and found.get("type") != "hidden")
+            or tag in ("button", "select", "textarea", "summary")
+            or (found.get("tabindex") or "").isdigit()  # 0 or more: in the Tab order
+        )
+        if self._in_body and self.first is None and focusable:
+            self.first = (tag, found)
+
+
+def _assert_skip_link_first(html: str) -> None:
+    page = _FirstFocus()
+    page.feed(html)
+    assert page.first is not None, html
+    tag, attrs = page.first
+    assert (tag, attrs.get("href"), attrs.get("class")) == ("a", "#main", "skip-link"), attrs
+    assert page.by_id["main"][0] == "main" and page.by_id["main"][1].get("tabindex") == "-1"
+
+
+def test_every_page_begins_with_a_link_past_the_header(
+    client: tuple[TestClient, Ledger, int],
+) -> None:
+    """WCAG 2.4.1: a keyboard user tabbed through the header's links and the sign-out on
+    every page before reaching the worklist. The first Tab of every page now reaches "Skip to
+    main content", which moves the focus to the page's ``<main>`` (the browser test presses
+    it). Every full page template is ``base.html`` or extends it."""
+    c, _ledger, item = client
+    base = (TEMPLATES / "base.html").read_text()
+    assert '<a class="skip-link" href="#main">Skip to main content</a>' in base
+    for template in sorted(TEMPLATES.glob("*.html")):
+        text = template.read_text()
+        assert template.name == "base.html" or text.startswith('{% extends "base.html" %}'), (
+            template.name
+        )
+    _assert_skip_link_first(c.get("/login").text)
+    sign_in(c, "root")
+    for path in (
+        "/review/worklist",
+        f"/review/cases/{item}",
+        "/review/decided",
+        "/review/dashboard",
+        "/review/studies",
+        "/review/monitoring",
+        "/review/models",
+        "/review/no-such-page",
+    ):
+        _assert_skip_link_first(c.get(path, headers=HTML).text)
 
 
 def test_a_refused_form_gets_a_page_like_the_other_error_pages(

@@ -3,7 +3,8 @@
 Content tree written by :func:`build_sr`::
 
     Imaging Measurement Report (TID 1500)
-      Language, Observation context (device observer = the model), Procedure reported
+      Language, Observation context (device observer = the model), Procedure reported (the
+          study's coded procedures, :func:`procedure_codes`)
       Image Library (TID 1600): the analysed source images
       Imaging Measurements
         per label, study level (TID 1501): tracking identifier = the label,
@@ -100,6 +101,7 @@ __all__ = [
     "build_sr",
     "build_verified_sr",
     "finding_code",
+    "procedure_codes",
     "summarise_sr",
     "verified_sr_uid",
 ]
@@ -139,7 +141,9 @@ def _local(value: str, meaning: str) -> CodedConcept:
 # DICOM PS3.16 concepts (as listed in pydicom.sr.codedict, which is generated from PS3.16).
 PROBABILITY = CodedConcept("122157", "DCM", "Probability")
 NO_UNITS = CodedConcept("1", "UCUM", "no units")
+#: Procedure Reported where the sources name no procedure, or one not usable (CID 100).
 IMAGING_PROCEDURE = CodedConcept("363679005", "SCT", "Imaging procedure")  # CID 100
+_PROCEDURE_REPORTED = ("DCM", "121058")
 YES = CodedConcept("373066001", "SCT", "Yes")  # CID 230
 NO = CodedConcept("373067005", "SCT", "No")  # CID 230
 _TRACKING_IDENTIFIER = ("DCM", "112039")
@@ -282,6 +286,139 @@ def _lo(text: str) -> str:
     """A Long String value: no backslash (the value separator), no control character, at
     most 64 characters."""
     return _string(text).replace("\\", "/")[:_LO_MAX]
+
+
+#: The attributes of a code (the Basic Code Sequence Macro's) the SR's codes are written from.
+_CODE_KEYWORDS = (
+    "CodeValue",
+    "LongCodeValue",
+    "URNCodeValue",
+    "CodingSchemeDesignator",
+    "CodingSchemeVersion",
+    "CodeMeaning",
+)
+#: Short String (SH): Code Value, Coding Scheme Designator, Coding Scheme Version.
+_SH_MAX = 16
+#: What a URN Code Value (UR) may not hold: anything but printable ASCII without spaces.
+_NOT_IN_URN = re.compile("[^\x21-\x7e]")
+#: At most this many items of one code sequence of a source are read (a real image's hold a
+#: few).
+_MAX_CODE_ITEMS = 32
+
+
+def _code_text(value: Any, limit: int | None) -> str | None:
+    """One value of a code's string attribute as a string VR holds it (stripped: leading and
+    trailing spaces are not significant in SH, LO, UC), None where it is absent, empty,
+    several values, or holds what the VR may not (a control character, a backslash) or more
+    than ``limit`` characters."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip(" ")
+    if not text or _NOT_IN_STRING.search(text) or "\\" in text:
+        return None
+    if limit is not None and len(text) > limit:
+        return None
+    return text
+
+
+def _procedure_code(item: Dataset) -> CodedConcept | None:
+    """The procedure code of an item of a source's Procedure Code Sequence or Requested
+    Procedure Code Sequence (the Code Sequence Macro) as the SR writes it, None where it is not
+    usable: not exactly one of Code Value, Long Code Value and URN Code Value, or a missing,
+    empty or invalid value, Coding Scheme Designator, Coding Scheme Version or Code Meaning
+    (longer than LO's 64 characters, say). A value over 16 characters is written as Long Code
+    Value (SH holds 16), one of URN Code Value as URN Code Value."""
+    try:
+        present = [
+            keyword
+            for keyword in ("CodeValue", "LongCodeValue", "URNCodeValue")
+            if item.get(keyword) not in (None, "")
+        ]
+        if len(present) != 1:
+            return None
+        keyword = present[0]
+        value = _code_text(item.get(keyword), None)
+        if keyword == "URNCodeValue" and value is not None and _NOT_IN_URN.search(value):
+            value = None
+        scheme = _code_text(item.get("CodingSchemeDesignator"), _SH_MAX)
+        meaning = _code_text(item.get("CodeMeaning"), _LO_MAX)
+        version: str | None = None
+        if item.get("CodingSchemeVersion") not in (None, ""):
+            version = _code_text(item.get("CodingSchemeVersion"), _SH_MAX)
+            if version is None:
+                return None
+        if value is None or scheme is None or meaning is None:
+            return None
+        code = CodedConcept(value, scheme, meaning, version)
+    except Exception:  # a source's malformed code never stops the SR
+        return None
+    # highdicom picks the attribute by the value's length and form; the source's kind wins
+    # for a URN, the length for the others (Code Value up to 16 characters, else Long).
+    wanted = (
+        "URNCodeValue"
+        if keyword == "URNCodeValue"
+        else "CodeValue"
+        if len(value) <= _SH_MAX
+        else "LongCodeValue"
+    )
+    for other in ("CodeValue", "LongCodeValue", "URNCodeValue"):
+        if other != wanted and other in code:
+            delattr(code, other)
+    setattr(code, wanted, value)
+    return code
+
+
+def _code_items(ds: Dataset, keyword: str) -> list[Dataset]:
+    """The items of ``ds``'s code sequence ``keyword`` (none where it is not a sequence)."""
+    try:
+        seq = ds.get(keyword)
+        if seq is None or isinstance(seq, str | bytes):
+            return []
+        return [item for item in list(seq)[:_MAX_CODE_ITEMS] if isinstance(item, Dataset)]
+    except Exception:  # a source's malformed code never stops the SR
+        return []
+
+
+def procedure_codes(sources: Sequence[Dataset]) -> list[CodedConcept]:
+    """Procedure Reported (TID 1500, 1-n; BCID 100 is extensible) for the study of
+    ``sources``: the codes of their Procedure Code Sequence (0008,1032), else those of the
+    Requested Procedure Code Sequence (0032,1064) of their Request Attributes Sequence items
+    (or at the top level), else :data:`IMAGING_PROCEDURE`. Each code once (by scheme and
+    value, the first meaning), in the order of the sources and their items; an item that is not
+    a usable code (:func:`_procedure_code`) counts as :data:`IMAGING_PROCEDURE`."""
+    performed = [item for ds in sources for item in _code_items(ds, "ProcedureCodeSequence")]
+    requested: list[Dataset] = []
+    for ds in sources:
+        for request in _code_items(ds, "RequestAttributesSequence"):
+            requested += _code_items(request, "RequestedProcedureCodeSequence")
+        requested += _code_items(ds, "RequestedProcedureCodeSequence")
+    found: dict[tuple[str, str], CodedConcept] = {}
+    read: set[tuple[Any, ...]] = set()  # the items read: every slice of a CT repeats its own
+    for item in performed or requested:
+        try:
+            raw = tuple(str(item.get(keyword)) for keyword in _CODE_KEYWORDS)
+        except Exception:  # a source's malformed code never stops the SR
+            raw = None
+        if raw is not None:
+            if raw in read:
+                continue
+            read.add(raw)
+        code = _procedure_code(item) or _generic_procedure()
+        found.setdefault((code.scheme_designator, code.value), code)
+    return list(found.values()) or [_generic_procedure()]
+
+
+def _generic_procedure() -> CodedConcept:
+    return CodedConcept(
+        IMAGING_PROCEDURE.value, IMAGING_PROCEDURE.scheme_designator, IMAGING_PROCEDURE.meaning
+    )
+
+
+def _code_texts(codes_: Sequence[Dataset]) -> list[str]:
+    """The words of codes a character set must write (their values, schemes and meanings)."""
+    return [
+        str(code.get(keyword)) for code in codes_ for keyword in _CODE_KEYWORDS if keyword in code
+    ]
 
 
 def _check_sources(
@@ -556,6 +693,7 @@ def build_sr(
         by_uid[uid] for uid in dict.fromkeys(img.sop_instance_uid for img in analysis.images)
     ]
     codes_by_label = _label_codes(analysis.labels)
+    procedures = procedure_codes(sources)
 
     def build_study_groups(
         study: StudyAnalysis, images: Sequence[Dataset]
@@ -597,7 +735,7 @@ def build_sr(
     groups: list[_Group]
     if check_all:
         groups = [*build_study_groups(analysis, analysed), *all_image_groups(), *all_regions()]
-        report: MeasurementReport | None = _report(context, groups, analysed)
+        report: MeasurementReport | None = _report(context, procedures, groups, analysed)
     else:
         report = None
     # What highdicom's document constructor copies and checks (see above): a stand-in report
@@ -605,11 +743,19 @@ def build_sr(
     # The check it skips (every image the content references is in the evidence) holds by
     # construction: every group and Image Library entry is for an analysed image, which
     # _check_sources found among the sources, and every source is evidence.
-    checked = report if report is not None else _stand_in_report(context)
-    # the source's character set, unless the model's words need more (UTF-8 then)
+    checked = report if report is not None else _stand_in_report(context, procedures)
+    # the source's character set, unless the model's words or the procedures' need more
+    # (UTF-8 then: a procedure's meaning may come from a source in another character set)
     charset = result_charset(
         sources[0].get("SpecificCharacterSet"),
-        [*analysis.labels, model.name, model.version, model.manufacturer, institution_name],
+        [
+            *analysis.labels,
+            model.name,
+            model.version,
+            model.manufacturer,
+            institution_name,
+            *_code_texts(procedures),
+        ],
     )
     document = Comprehensive3DSR(
         evidence=[patient_study_header(sources[0]), *sources[1:]],
@@ -637,7 +783,7 @@ def build_sr(
         encoded = encode_image_groups(analysis, uids, build_image_groups, by_uid, encodings)
         if encoded is None:
             groups = [*build_study_groups(analysis, analysed), *all_image_groups(), *all_regions()]
-            report = _report(context, groups, analysed)
+            report = _report(context, procedures, groups, analysed)
         else:
             # the AI regions after the per-image groups, from templates too (region_groups.py)
             encoded += encode_region_groups(
@@ -646,12 +792,16 @@ def build_sr(
             study = encode_study_groups(analysis, uids, build_study_groups, analysed, encodings)
             if study is None:
                 groups = [*build_study_groups(analysis, analysed)]
-                report = _report(context, groups, analysed, encodings=encodings, templates=True)
+                report = _report(
+                    context, procedures, groups, analysed, encodings=encodings, templates=True
+                )
                 _append_encoded_groups(report, encoded, encodings)
             else:
                 # The report's one group is the stand-in's, replaced by the encoded ones.
                 groups = [_stand_in_group()]
-                report = _report(context, groups, analysed, encodings=encodings, templates=True)
+                report = _report(
+                    context, procedures, groups, analysed, encodings=encodings, templates=True
+                )
                 set_encoded(_measurements_container(report), study + encoded)
     # The root item's other attributes are the same in both reports. (highdicom's own parsed
     # copy, ``document.content``, keeps the checked one: the node never reads it.)
@@ -675,12 +825,15 @@ def _stand_in_group() -> MeasurementsAndQualitativeEvaluations:
     )
 
 
-def _stand_in_report(context: ObservationContext) -> MeasurementReport:
-    """A TID 1500 report with the root item's attributes of every report built here, one
-    group and no image reference: what the document constructor copies and walks."""
+def _stand_in_report(
+    context: ObservationContext, procedures: Sequence[CodedConcept]
+) -> MeasurementReport:
+    """A TID 1500 report with the root item's attributes of every report built here (the
+    document's observation context and procedures), one group and no image reference: what
+    the document constructor copies and walks."""
     return MeasurementReport(
         observation_context=context,
-        procedure_reported=IMAGING_PROCEDURE,
+        procedure_reported=procedures,
         imaging_measurements=[_stand_in_group()],
     )
 
@@ -743,6 +896,7 @@ def _append_encoded_groups(report: MeasurementReport, encoded: bytes, encodings:
 
 def _report(
     context: ObservationContext,
+    procedures: Sequence[CodedConcept],
     groups: Sequence[_Group],
     analysed: Sequence[Dataset],
     *,
@@ -761,7 +915,7 @@ def _report(
             try:
                 report = MeasurementReport(
                     observation_context=context,
-                    procedure_reported=IMAGING_PROCEDURE,
+                    procedure_reported=procedures,
                     imaging_measurements=groups,
                     referenced_images=plan.representatives,
                 )
@@ -774,7 +928,7 @@ def _report(
         try:
             return MeasurementReport(
                 observation_context=context,
-                procedure_reported=IMAGING_PROCEDURE,
+                procedure_reported=procedures,
                 imaging_measurements=groups,
                 referenced_images=list(analysed) or None,
             )
@@ -783,7 +937,7 @@ def _report(
     library = _library_images(analysed)
     return MeasurementReport(
         observation_context=context,
-        procedure_reported=IMAGING_PROCEDURE,
+        procedure_reported=procedures,
         imaging_measurements=groups,
         referenced_images=library or None,
     )
@@ -1135,7 +1289,17 @@ def build_verified_sr(
     equipment = _verified_equipment(unverified, model_name, model_version)
     words = (verification.observer_name, verification.organization, verification.reason)
     makers = [str(item.Manufacturer) for item in equipment]
-    charset = result_charset(sources[0].get("SpecificCharacterSet"), [*words, *labels, *makers])
+    # the study's procedures as the unverified SR reported them (its content is copied)
+    procedures = [
+        code
+        for item in root.ContentSequence
+        if _concept(item) == _PROCEDURE_REPORTED
+        for code in item.get("ConceptCodeSequence") or []
+    ]
+    charset = result_charset(
+        sources[0].get("SpecificCharacterSet"),
+        [*words, *labels, *makers, *_code_texts(procedures)],
+    )
     document = Comprehensive3DSR(
         evidence=[patient_study_header(sources[0]), *sources[1:]],
         content=root,

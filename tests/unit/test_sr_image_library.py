@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from pydicom import Dataset
 from pydicom.dataelem import RawDataElement
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
 
 from acwi_node.inference.types import ImageResult, StudyAnalysis, Uncertainty
@@ -17,7 +18,7 @@ from acwi_node.results.encoding import encode_part10
 from acwi_node.results.image_library import plan_image_library
 from acwi_node.results.sr import build_sr
 from bench.common import ct_slice
-from tests.support.dx import make_dx
+from tests.support.dx import code_item, make_dx
 from tests.unit.test_sr import LABELS, needs_dciodvfy
 from tests.unit.test_sr_image_groups import _same_times, study_analysis
 
@@ -117,3 +118,26 @@ def test_dciodvfy_reports_no_errors_for_templated_content() -> None:
     report = run_dciodvfy(document)
     assert report.iod == "Comprehensive3DSR"
     assert report.errors == [], report.output
+
+
+def test_templated_library_with_the_studys_procedures_is_highdicoms() -> None:
+    """The sources' procedure codes (Procedure Reported, beside the Image Library in the root
+    content) change nothing of the templated entries: the document is still highdicom's."""
+    sources = _sources()
+    for ds in sources:
+        modality = str(ds.Modality)
+        ds.ProcedureCodeSequence = DicomSequence(
+            [code_item(f"P-{modality}", "99LOC", f"{modality} procedure")]
+        )
+    analysis = _analysis(sources)
+    document = build_sr(sources, analysis)
+    assert all(_templated(group) for group in _library_groups(document))
+    reported = [
+        item.ConceptCodeSequence[0].CodeValue
+        for item in document.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == "121058"
+    ]
+    assert reported == ["P-CT", "P-DX"]
+    reference = build_sr(sources, analysis, check_all=True)
+    _same_times(document, reference)
+    assert encode_part10(document) == encode_part10(reference)

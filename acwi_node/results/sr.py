@@ -143,6 +143,7 @@ PROBABILITY = CodedConcept("122157", "DCM", "Probability")
 NO_UNITS = CodedConcept("1", "UCUM", "no units")
 #: Procedure Reported where the sources name no procedure, or one not usable (CID 100).
 IMAGING_PROCEDURE = CodedConcept("363679005", "SCT", "Imaging procedure")  # CID 100
+#: The concept name of TID 1500's Procedure Reported rows.
 _PROCEDURE_REPORTED = ("DCM", "121058")
 YES = CodedConcept("373066001", "SCT", "Yes")  # CID 230
 NO = CodedConcept("373067005", "SCT", "No")  # CID 230

@@ -8,6 +8,7 @@ job routed to one destination and runs the real analyse task (SR and heatmaps wr
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -116,6 +117,48 @@ def store_and_route(
     )
     assert len(jobs) == 1
     return jobs[0], study_uid
+
+
+def flagged_case(
+    settings: Settings,
+    ledger: Ledger,
+    ds: pydicom.Dataset,
+    summary: dict[str, Any],
+    *,
+    calling_ae: str,
+    review_reason: str = "uncertain",
+) -> int:
+    """Spool and record the one image ``ds`` as the SCP would (from ``calling_ae``), complete
+    its study, and finish its job with ``summary`` as an analysis that asks for review, without
+    running a model; returns the worklist item's id."""
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    spool = Spool(settings.spool_dir, fsync=False)
+    path = spool.store(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), buf.getvalue())
+    rec = ledger.record_instance(
+        InstanceRecord(
+            study_uid=str(ds.StudyInstanceUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            sop_class_uid=str(ds.SOPClassUID),
+            series_uid=str(ds.SeriesInstanceUID),
+            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+            modality=str(ds.get("Modality", "")),
+            body_part=str(ds.get("BodyPartExamined", "")),
+            path=spool.relative(path),
+            size=len(buf.getvalue()),
+            calling_ae=calling_ae,
+        ),
+        first_in_association=True,
+    )
+    ledger.association_released([rec.study_id])
+    (job,) = ledger.complete_study(
+        rec.study_id, rec.generation, lambda _f: [RoutedJob("r", "default", [], 0)]
+    )
+    assert ledger.claim_job(job, lease_s=30) is not None
+    assert ledger.finish_analysis(
+        job, results=[], summary=summary, needs_review=True, review_reason=review_reason
+    )
+    return int(ledger.worklist()[0]["id"])
 
 
 def make_review_case(

@@ -4,21 +4,19 @@ injection"), and the training reader still reads every value exactly."""
 from __future__ import annotations
 
 import csv
-import io
 from pathlib import Path
 
 import pytest
-from pydicom.filewriter import dcmwrite
 
 from acwi_node.config import load_settings
 from acwi_node.csv_cells import FORMULA_STARTS, neutralise, restore
-from acwi_node.ingest.spool import Spool
-from acwi_node.ledger import InstanceRecord, Ledger, RoutedJob
+from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import utcnow
 from acwi_node.review.feedback import export_feedback
 from acwi_node.review.store import ReviewStore, SessionInfo
 from models.data.dicom_dataset import read_boxes, read_labels_csv, scan_folder
 from tests.support.dx import make_dx
+from tests.support.review_case import flagged_case
 
 #: An AE title a remote device may choose (16 characters at most), and model labels a
 #: spreadsheet would take for formulas.
@@ -66,30 +64,6 @@ def test_the_export_neutralises_formulas_and_training_reads_them_back(tmp_path: 
     try:
         ds = make_dx("1.2.826.0.1.3680043.10.9.1", "1.2.826.0.1.3680043.10.9.2", 1)
         sop = str(ds.SOPInstanceUID)
-        buf = io.BytesIO()
-        dcmwrite(buf, ds, enforce_file_format=True)
-        spool = Spool(settings.spool_dir, fsync=False)
-        path = spool.store(ds.StudyInstanceUID, sop, buf.getvalue())
-        rec = ledger.record_instance(
-            InstanceRecord(
-                study_uid=ds.StudyInstanceUID,
-                sop_instance_uid=sop,
-                sop_class_uid=ds.SOPClassUID,
-                series_uid=ds.SeriesInstanceUID,
-                transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-                modality="DX",
-                body_part="CHEST",
-                path=spool.relative(path),
-                size=len(buf.getvalue()),
-                calling_ae=CALLING_AE,
-            ),
-            first_in_association=True,
-        )
-        ledger.association_released([rec.study_id])
-        (job,) = ledger.complete_study(
-            rec.study_id, rec.generation, lambda _f: [RoutedJob("r", "default", [], 0)]
-        )
-        assert ledger.claim_job(job, lease_s=30) is not None
         summary = {
             "model": {"name": "m", "version": "1"},
             "labels": [MODEL_LABEL, CORRECTED],
@@ -98,10 +72,7 @@ def test_the_export_neutralises_formulas_and_training_reads_them_back(tmp_path: 
             "needs_review": True,
             "images": [{"sop_instance_uid": sop}],
         }
-        assert ledger.finish_analysis(
-            job, results=[], summary=summary, needs_review=True, review_reason="uncertain"
-        )
-        item = int(ledger.worklist()[0]["id"])
+        item = flagged_case(settings, ledger, ds, summary, calling_ae=CALLING_AE)
         store = ReviewStore(ledger)
         user = store.add_user("jane", "x", "radiologist")
         jane = SessionInfo(user.id, user.name, user.role, "", utcnow())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,16 +9,14 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from pydicom.filewriter import dcmwrite
 
 from acwi_node.config import Settings, load_settings
-from acwi_node.ingest.spool import Spool
-from acwi_node.ledger import InstanceRecord, Ledger, RoutedJob
+from acwi_node.ledger import Ledger
 from acwi_node.review import auth, views
 from acwi_node.review.store import ReviewStore
 from acwi_node.web.api import create_app
 from tests.support.dx import make_dx
-from tests.support.review_case import CSRF, sign_in
+from tests.support.review_case import CSRF, flagged_case, sign_in
 
 CANARY_NAME = "<script>document.title='pwned'</script>^Canary"
 CANARY_DESC = '"><img src=x onerror=alert(1)>'
@@ -31,30 +28,6 @@ def _case(settings: Settings, ledger: Ledger, images: list[dict[str, Any]] | Non
     ds.PatientName = CANARY_NAME
     ds.StudyDescription = CANARY_DESC
     ds.AccessionNumber = "<i>ACC</i>"
-    buf = io.BytesIO()
-    dcmwrite(buf, ds, enforce_file_format=True)
-    spool = Spool(settings.spool_dir, fsync=False)
-    path = spool.store(ds.StudyInstanceUID, ds.SOPInstanceUID, buf.getvalue())
-    rec = ledger.record_instance(
-        InstanceRecord(
-            study_uid=ds.StudyInstanceUID,
-            sop_instance_uid=ds.SOPInstanceUID,
-            sop_class_uid=ds.SOPClassUID,
-            series_uid=ds.SeriesInstanceUID,
-            transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-            modality="DX",
-            body_part="CHEST",
-            path=spool.relative(path),
-            size=len(buf.getvalue()),
-            calling_ae="<b>AE</b>",
-        ),
-        first_in_association=True,
-    )
-    ledger.association_released([rec.study_id])
-    (job,) = ledger.complete_study(
-        rec.study_id, rec.generation, lambda _f: [RoutedJob("r", "default", [], 0)]
-    )
-    assert ledger.claim_job(job, lease_s=30) is not None
     summary = {
         "model": {"name": "m", "version": "1"},
         "labels": ["normal", "<svg onload=alert(1)>"],
@@ -73,10 +46,9 @@ def _case(settings: Settings, ledger: Ledger, images: list[dict[str, Any]] | Non
             "2.25.5": "not selected by route 'ct': Modality PT",
         },
     }
-    assert ledger.finish_analysis(
-        job, results=[], summary=summary, needs_review=True, review_reason="<u>uncertain</u>"
+    return flagged_case(
+        settings, ledger, ds, summary, calling_ae="<b>AE</b>", review_reason="<u>uncertain</u>"
     )
-    return int(ledger.worklist()[0]["id"])
 
 
 def _node(tmp_path: Path) -> tuple[Settings, Ledger]:

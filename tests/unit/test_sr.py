@@ -350,18 +350,27 @@ def test_contributing_equipment_describes_the_model(built: Built) -> None:
     assert {"99IHE", PRIVATE_SCHEME} <= schemes
 
 
+#: When the radiologist verified the reports of these tests.
+VERIFIED_AT = dt.datetime(2024, 1, 16, 9, 0, tzinfo=dt.UTC)
+
+
+def verification(
+    action: str = "confirm",
+    label: str = "effusion",
+    reason: str = "",
+    regions: tuple[LesionRegion, ...] = (),
+) -> Verification:
+    """Doe^Jane's verdict at Example Hospital, at :data:`VERIFIED_AT`."""
+    return Verification(
+        "Doe^Jane", "Example Hospital", action, label, reason, VERIFIED_AT, regions=regions
+    )
+
+
 def test_verified_sr_keeps_the_model_equipment(built: Built) -> None:
     """The verified SR names the same algorithm, and so does one that verifies an SR written
     without the item (read from its device observer)."""
     sources, _, sr = built
-    verdict = Verification(
-        "Doe^Jane",
-        "Example Hospital",
-        "confirm",
-        "effusion",
-        "",
-        dt.datetime(2024, 1, 16, 9, 0, tzinfo=dt.UTC),
-    )
+    verdict = verification()
     unverified = pydicom.dcmread(io.BytesIO(encode_part10(sr)))
     expected = [
         (i.Manufacturer, i.ManufacturerModelName, i.SoftwareVersions)
@@ -487,15 +496,7 @@ def test_dcmtk_reads_the_sr_and_its_verified_successor_without_a_complaint(
     require_dcmtk_tool("dsrdump")  # before building anything: skipped without DCMTK
     sources, _, sr = built
     box = LesionRegion(str(sources[0].SOPInstanceUID), None, (20, 10, 39, 29))
-    verdict = Verification(
-        "Doe^Jane",
-        "Example Hospital",
-        "override",
-        "nodule",
-        "Nodule on the lateral view",
-        dt.datetime(2024, 1, 16, 9, 0, tzinfo=dt.UTC),
-        regions=(box,),
-    )
+    verdict = verification("override", "nodule", "Nodule on the lateral view", (box,))
     unverified = pydicom.dcmread(io.BytesIO(encode_part10(sr)))
     verified = build_verified_sr(unverified, sources, verdict)
     for name, document in (("sr", sr), ("verified", verified)):

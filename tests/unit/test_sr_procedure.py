@@ -3,7 +3,6 @@ source images, else the generic "Imaging procedure"."""
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 import logging
 from pathlib import Path
@@ -15,10 +14,10 @@ from pydicom.sequence import Sequence
 
 from acwi_node.inference.types import StudyAnalysis
 from acwi_node.results.encoding import encode_part10
-from acwi_node.results.sr import Verification, build_sr, build_verified_sr
+from acwi_node.results.sr import build_sr, build_verified_sr
 from tests.support.dcmtk import dsrdump_clean, require_dcmtk_tool
 from tests.support.dx import code_item
-from tests.unit.test_sr import make_study, needs_dciodvfy
+from tests.unit.test_sr import make_study, needs_dciodvfy, verification
 from tests.unit.test_sr_image_groups import _same_times
 
 GENERIC = ("363679005", "SCT", "Imaging procedure")
@@ -166,18 +165,24 @@ def test_no_procedure_code_is_the_generic_one() -> None:
     assert _procedures(_built(sources, analysis)) == [GENERIC]
 
 
-def test_long_and_urn_code_values() -> None:
-    """A value over 16 characters is written as Long Code Value, a URN as URN Code Value (as
-    the source has it), a short one as Code Value."""
-    sources, analysis = make_study()
+def _long_and_urn(urn_value: str) -> tuple[Dataset, Dataset]:
+    """A code item with a Long Code Value and one with the URN Code Value ``urn_value``."""
     long_value = Dataset()
     long_value.LongCodeValue = "LOCAL-PROCEDURE-0000017"
     long_value.CodingSchemeDesignator = "99LOC"
     long_value.CodeMeaning = "Local procedure with a long code"
     urn = Dataset()
-    urn.URNCodeValue = "urn:oid:1.2.3"  # a URN of 16 characters or less stays a URN
+    urn.URNCodeValue = urn_value
     urn.CodingSchemeDesignator = "99URN"
     urn.CodeMeaning = "Procedure named by a URN"
+    return long_value, urn
+
+
+def test_long_and_urn_code_values() -> None:
+    """A value over 16 characters is written as Long Code Value, a URN as URN Code Value (as
+    the source has it), a short one as Code Value."""
+    sources, analysis = make_study()
+    long_value, urn = _long_and_urn("urn:oid:1.2.3")  # a URN of 16 characters or less stays a URN
     sources[0].ProcedureCodeSequence = Sequence([long_value, urn, code_item(*CHEST_2_VIEWS)])
     document = _built(sources, analysis)
     assert _procedures(document) == [
@@ -203,14 +208,7 @@ def test_a_meaning_the_sources_character_set_cannot_write_makes_the_sr_utf8() ->
     document = _built(sources, analysis)
     assert document.SpecificCharacterSet == "ISO_IR 192"
     assert _procedures(document) == [("P1", "99LOC", meaning)]
-    verdict = Verification(
-        "Doe^Jane",
-        "Example Hospital",
-        "confirm",
-        "effusion",
-        "",
-        dt.datetime(2024, 1, 16, 9, 0, tzinfo=dt.UTC),
-    )
+    verdict = verification()
     verified = build_verified_sr(document, sources, verdict)
     read = pydicom.dcmread(io.BytesIO(encode_part10(verified)))
     assert read.SpecificCharacterSet == "ISO_IR 192"
@@ -220,14 +218,7 @@ def test_a_meaning_the_sources_character_set_cannot_write_makes_the_sr_utf8() ->
 def _coded_study() -> tuple[list[Dataset], StudyAnalysis]:
     """A study whose images name four procedures: two short codes, a long one, a URN."""
     sources, analysis = make_study()
-    long_value = Dataset()
-    long_value.LongCodeValue = "LOCAL-PROCEDURE-0000017"
-    long_value.CodingSchemeDesignator = "99LOC"
-    long_value.CodeMeaning = "Local procedure with a long code"
-    urn = Dataset()
-    urn.URNCodeValue = "urn:oid:1.2.826.0.1.3680043.10.1137.5"
-    urn.CodingSchemeDesignator = "99URN"
-    urn.CodeMeaning = "Procedure named by a URN"
+    long_value, urn = _long_and_urn("urn:oid:1.2.826.0.1.3680043.10.1137.5")
     sources[0].ProcedureCodeSequence = Sequence([code_item(*CHEST_2_VIEWS), long_value])
     sources[1].ProcedureCodeSequence = Sequence([code_item(*CHEST_PA_LAT), urn])
     return sources, analysis

@@ -5,7 +5,6 @@ image's pixels (and frame), which viewers draw on the image."""
 from __future__ import annotations
 
 import collections
-import datetime as dt
 import io
 from dataclasses import replace
 from pathlib import Path
@@ -34,7 +33,7 @@ from acwi_node.results.sr import (
 from models.data.synth import write_enhanced_ct
 from tests.support.dciodvfy import dciodvfy_output, require_dciodvfy
 from tests.support.dcmtk import dsrdump_clean, require_dcmtk_tool
-from tests.unit.test_sr import LABELS, MODEL, make_study
+from tests.unit.test_sr import LABELS, MODEL, make_study, verification
 from tests.unit.test_sr_image_groups import _from_template, _same_times
 
 FRACTION = 0.5
@@ -208,15 +207,7 @@ def test_a_frame_of_a_multi_frame_image_is_referenced_by_its_number(tmp_path: Pa
 
 def _verdict(sources: list[Dataset]) -> Verification:
     box = LesionRegion(str(sources[0].SOPInstanceUID), None, (22, 12, 35, 25))
-    return Verification(
-        "Doe^Jane",
-        "Example Hospital",
-        "confirm",
-        "effusion",
-        "",
-        dt.datetime(2024, 1, 16, 9, 0, tzinfo=dt.UTC),
-        regions=(box,),
-    )
+    return verification(regions=(box,))
 
 
 def test_the_verified_sr_keeps_the_ai_regions_apart_from_the_radiologists_boxes() -> None:

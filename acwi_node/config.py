@@ -824,12 +824,31 @@ class RouteSelect(_Strict):
 
 
 class RouteResults(_Strict):
-    """Which result objects a route's jobs write beside the SR; not given: the worker's."""
+    """Which result objects a route's jobs write beside the SR, and the SR's AI regions; not
+    given: the worker's."""
 
     #: ``all``, ``positive_or_uncertain`` or ``none`` (``worker.heatmaps``'s values).
     heatmaps: Literal["all", "positive_or_uncertain", "none"] | None = None
     #: Also each analysed series' heatmaps as one Parametric Map (``worker.parametric_maps``).
     parametric_maps: bool | None = None
+    #: The SR's AI regions (TID 1410) for this route's studies (``worker.sr_regions``): off
+    #: for a model whose heatmaps do not localise its findings.
+    sr_regions: bool | None = None
+    #: The fraction of the heatmap's peak the AI region is found at, for this route's model
+    #: (``worker.sr_region_fraction``; ``acwi-models evaluate --region-fraction`` measures it).
+    sr_region_fraction: float | None = Field(None, gt=0.0, le=1.0)
+
+    def region_fraction(self, worker: WorkerSettings) -> float | None:
+        """The fraction of the heatmap's peak the SR's AI regions are found at for this
+        route's jobs (the route's settings, else the worker's); None: the SR has none."""
+        regions = worker.sr_regions if self.sr_regions is None else self.sr_regions
+        if not regions:
+            return None
+        return (
+            worker.sr_region_fraction
+            if self.sr_region_fraction is None
+            else self.sr_region_fraction
+        )
 
 
 class Route(_Strict):

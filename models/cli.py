@@ -195,8 +195,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--region-fraction",
         type=_fraction,
-        help="the deployment's worker.sr_region_fraction, for the SR's AI region box against"
-        " the lesion boxes (default: the node's, 0.5)",
+        help="the deployment's worker.sr_region_fraction (or the model's route's"
+        " results.sr_region_fraction), for the SR's AI region box against the lesion boxes"
+        " (default: the node's, 0.5)",
     )
 
     export = sub.add_parser(

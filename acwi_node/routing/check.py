@@ -60,6 +60,8 @@ class RouteOutcome:
     #: What its jobs write beside the SR (the route's ``results``, else the worker's).
     heatmaps: str = "all"
     parametric_maps: bool = False
+    #: The fraction of the heatmap's peak the SR's AI regions are found at; None: none.
+    sr_region_fraction: float | None = 0.5
 
     @property
     def matches(self) -> bool:
@@ -115,6 +117,8 @@ class StudyCheck:
                     "frames": r.frames,
                     "heatmaps": r.heatmaps,
                     "parametric_maps": r.parametric_maps,
+                    "sr_regions": r.sr_region_fraction is not None,
+                    "sr_region_fraction": r.sr_region_fraction,
                 }
                 for r in self.routes
             ],
@@ -227,6 +231,7 @@ def check_study(
                 if route.results.parametric_maps is None
                 else route.results.parametric_maps
             ),
+            sr_region_fraction=route.results.region_fraction(settings.worker),
         )
         if route.name not in routed:
             outcome.no_match = why_not(route, facts, today) or "does not match"
@@ -293,7 +298,12 @@ def format_report(report: CheckReport) -> str:
             if not r.matches:
                 lines.append(f"{head}: no match: {r.no_match}")
                 continue
-            written = ["SR", f"heatmaps: {r.heatmaps}"]
+            regions = (
+                "without AI regions"
+                if r.sr_region_fraction is None
+                else f"with AI regions at {r.sr_region_fraction:g} of the peak"
+            )
+            written = [f"SR {regions}", f"heatmaps: {r.heatmaps}"]
             if r.parametric_maps:
                 written.append("parametric maps")
             lines.append(

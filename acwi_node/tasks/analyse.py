@@ -44,7 +44,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from acwi_node.config import Settings, load_settings
+from acwi_node.config import RouteResults, Settings, load_settings
 from acwi_node.dicom_pixels import read_deferred
 from acwi_node.export.wakeup import wake_exporter
 from acwi_node.inference.analyser import Analyser, NothingToAnalyse
@@ -483,8 +483,10 @@ def _run_claimed(settings: Settings, ledger: Ledger, job: Job, claim: Claim) -> 
             return path
 
         zone = settings.monitoring.timezone
-        # the AI regions (TID 1410) of the images with a finding, unless turned off
-        region_fraction = settings.worker.sr_region_fraction if settings.worker.sr_regions else None
+        # the AI regions (TID 1410) of the images with a finding, unless turned off: the
+        # route's [routes.results], else the worker's settings
+        route_results = route.results if route is not None else RouteResults()
+        region_fraction = route_results.region_fraction(settings.worker)
         sr = build_sr(used, analysis, timezone=zone, region_fraction=region_fraction)
         write("sr", sr)
         # The route's [routes.results], else the worker's settings.

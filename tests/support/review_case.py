@@ -82,9 +82,11 @@ def store_and_route(
     calling_ae: str = "SITEA",
     priority: int = 0,
     destinations: Sequence[str] = (DESTINATION,),
+    route: str = ROUTE,
 ) -> tuple[int, str]:
     """Spool and record a study's files as the SCP would, complete it, and route it to
-    ``review-route`` (the review model, to ``destinations``); returns (job id, study UID)."""
+    ``route`` (default ``review-route``; the review model, to ``destinations``); returns (job
+    id, study UID)."""
     spool = Spool(settings.spool_dir, fsync=False)
     study_id = generation = 0
     study_uid = ""
@@ -113,7 +115,7 @@ def store_and_route(
     jobs = ledger.complete_study(
         study_id,
         generation,
-        lambda _facts: [RoutedJob(ROUTE, MODEL, list(destinations), priority)],
+        lambda _facts: [RoutedJob(route, MODEL, list(destinations), priority)],
     )
     assert len(jobs) == 1
     return jobs[0], study_uid

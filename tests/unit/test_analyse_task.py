@@ -24,6 +24,7 @@ from acwi_node.dicom_pixels import PIXEL_DATA
 from acwi_node.ingest.spool import Spool, SpoolError
 from acwi_node.ledger import InstanceRecord, Ledger, ResultFile, RoutedJob
 from acwi_node.ledger.models import Job, Study, utcnow
+from acwi_node.results.sr import summarise_sr
 from acwi_node.results.uids import result_uids
 from acwi_node.tasks import analyse
 from models.data.synth import write_ct_series, write_enhanced_ct, write_study
@@ -365,6 +366,67 @@ def test_a_route_asks_for_parametric_maps_the_worker_does_not_write(tmp_path: Pa
     assert settings.worker.parametric_maps is False
     study_uid, _, _ = _analysed(settings, write_ct_series(tmp_path / "ct", slices=3, size=64))
     assert _result_classes(settings, study_uid) == [PM_CLASS, SR_CLASS]
+
+
+def _region_thresholds(sr: pydicom.Dataset) -> list[float]:
+    """The "Heatmap region threshold" of each AI region of an SR, wherever it is nested."""
+    found: list[float] = []
+
+    def walk(items: Any) -> None:
+        for item in items or []:
+            names = item.get("ConceptNameCodeSequence") or []
+            if names and names[0].CodeMeaning == "Heatmap region threshold":
+                found.append(float(item.MeasuredValueSequence[0].NumericValue))
+            walk(item.get("ContentSequence"))
+
+    walk(sr.ContentSequence)
+    return found
+
+
+def _box_holds(outer: list[int], inner: list[int]) -> bool:
+    return outer[:2] <= inner[:2] and outer[2] >= inner[2] and outer[3] >= inner[3]
+
+
+def test_each_route_has_the_sr_regions_its_model_localises_with(tmp_path: Path) -> None:
+    """``[routes.results] sr_regions`` and ``sr_region_fraction`` in place of the worker's:
+    the same images routed three ways give an SR without AI regions (a model whose heatmaps do
+    not localise), with them at the worker's fraction (the route says nothing), and with them
+    at the route's fraction, whose lower threshold finds a larger box around the same peak."""
+    routes = [
+        {**_route(), "name": "no-regions", "results": {"sr_regions": False}},
+        _route(),
+        {**_route(), "name": "wide-regions", "results": {"sr_region_fraction": 0.2}},
+    ]
+    settings = review_settings(tmp_path, routes=routes)
+    assert settings.worker.sr_regions is True and settings.worker.sr_region_fraction == 0.5
+    read: dict[str, pydicom.Dataset] = {}
+    ledger = Ledger(settings.database_url)
+    try:
+        for n, route in enumerate(("no-regions", ROUTE, "wide-regions")):
+            files = write_study(  # the same pixels each time, another study
+                tmp_path / route,
+                n_images=2,
+                size=128,
+                seed=7,
+                study_instance_uid=f"1.2.826.0.1.3680043.8.498.77.{n + 1}",
+                accession_number=f"ACC{n}",
+            )
+            job_id, study_uid = store_and_route(settings, ledger, files, route=route)
+            assert analyse.run_job(settings, ledger, job_id) == "analysed"
+            (job,) = ledger.get_study(study_uid)["jobs"]  # type: ignore[index]
+            uid = job["summary"]["sr_sop_instance_uid"]
+            read[route] = pydicom.dcmread(settings.results_dir / study_uid / f"{uid}.dcm")
+    finally:
+        ledger.dispose()
+    regions = {route: summarise_sr(sr)["ai_regions"] for route, sr in read.items()}
+    assert regions["no-regions"] == [] and _region_thresholds(read["no-regions"]) == []
+    assert len(regions[ROUTE]) == 2 and len(regions["wide-regions"]) == 2
+    assert _region_thresholds(read[ROUTE]) == [pytest.approx(0.5)] * 2
+    assert _region_thresholds(read["wide-regions"]) == [pytest.approx(0.2)] * 2
+    boxes = {route: [r["box"] for r in regions[route]] for route in (ROUTE, "wide-regions")}
+    assert boxes["wide-regions"] != boxes[ROUTE]
+    for wide, default in zip(boxes["wide-regions"], boxes[ROUTE], strict=True):
+        assert _box_holds(wide, default), (wide, default)
 
 
 def test_the_worker_queues_each_destination_only_the_kinds_it_takes(tmp_path: Path) -> None:

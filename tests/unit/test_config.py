@@ -383,3 +383,33 @@ def test_sr_regions_are_on_by_default_and_their_fraction_is_checked_at_start(
     text = "[worker]\nsr_regions = false\nsr_region_fraction = 1\n"
     worker = load_settings(write(tmp_path, text)).worker
     assert worker.sr_regions is False and worker.sr_region_fraction == 1.0
+
+
+def test_a_routes_sr_regions_are_the_workers_unless_it_says_and_checked_at_start(
+    tmp_path: Path,
+) -> None:
+    """``[routes.results] sr_regions`` and ``sr_region_fraction``: a bad fraction stops the
+    node at start-up, naming the route's key; what a route does not say is the worker's."""
+    route = '[[routes]]\nname = "ct"\nresults = {{ {} }}\n'
+    for bad, said in (
+        ("0", "greater than 0"),
+        ("-0.25", "greater than 0"),
+        ("1.5", "less than or equal to 1"),
+        ('"half"', "valid number"),
+    ):
+        with pytest.raises(ConfigError, match=f"routes.0.results.sr_region_fraction: .*{said}"):
+            load_settings(write(tmp_path, route.format(f"sr_region_fraction = {bad}")))
+    worker = "[worker]\nsr_region_fraction = 0.6\n"
+    for results, fraction in (
+        ("", 0.6),  # the worker's
+        ("sr_region_fraction = 0.3", 0.3),
+        ("sr_regions = false", None),
+        ("sr_regions = false, sr_region_fraction = 0.3", None),
+    ):
+        settings = load_settings(write(tmp_path, worker + route.format(results)))
+        assert settings.routes[0].results.region_fraction(settings.worker) == fraction, results
+    off = "[worker]\nsr_regions = false\n"
+    settings = load_settings(write(tmp_path, off + route.format("sr_regions = true")))
+    assert settings.routes[0].results.region_fraction(settings.worker) == 0.5
+    settings = load_settings(write(tmp_path, off + route.format("")))
+    assert settings.routes[0].results.region_fraction(settings.worker) is None

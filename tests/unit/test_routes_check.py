@@ -29,12 +29,13 @@ manifest = "{manifest}"
 name = "chest"
 match = {{ modality = ["CR", "DX"], calling_ae = ["XRAY1"] }}
 shadow_models = ["chest-next"]
+results = {{ sr_regions = false }}
 destinations = ["pacs"]
 [[routes]]
 name = "ct"
 match = {{ modality = ["CT"], max_age_days = 30 }}
 select = {{ image_type_exclude = ["REFORMATTED"] }}
-results = {{ heatmaps = "positive_or_uncertain", parametric_maps = true }}
+results = {{ heatmaps = "positive_or_uncertain", parametric_maps = true, sr_region_fraction = 0.3 }}
 destinations = ["pacs"]
 priority = 5
 """
@@ -99,7 +100,8 @@ def test_each_study_shows_its_routes_and_what_each_reads(
         f"study {ct_uid}: 6 instance(s), modalities CT/PT, Study Date 20240916",
         "  1 object(s) written by ACWI Node (its results): dropped on receipt",
         "  route ct (priority 5): matches; model default reads 4 of 6 instance(s);"
-        " results (SR, heatmaps: positive_or_uncertain, parametric maps) to pacs",
+        " results (SR with AI regions at 0.3 of the peak, heatmaps: positive_or_uncertain,"
+        " parametric maps) to pacs",
         "    left out: 1 x Image Type DERIVED\\SECONDARY\\REFORMATTED",
         "    left out: 1 x Modality PT",
         "  route chest (priority 0): no match: modality: the study has CT, PT,"
@@ -109,7 +111,8 @@ def test_each_study_shows_its_routes_and_what_each_reads(
     assert f"study {dx_uid}: 2 instance(s), modalities DX" in dx_block
     assert (
         "route chest (priority 0): matches; model default reads 2 of 2 instance(s);"
-        " results (SR, heatmaps: all) to pacs; in its shadow (kept, not sent): chest-next"
+        " results (SR without AI regions, heatmaps: all) to pacs; in its shadow (kept, not"
+        " sent): chest-next"
     ) in dx_block
     assert "=> job(s): chest" in dx_block
     assert "file(s) skipped:" in out and "more (--json lists them all)" in out
@@ -149,6 +152,9 @@ def test_a_route_that_selects_nothing_is_shown_as_a_failing_job(
     assert study["own_results"] == 1 and study["jobs"] == ["ct"]
     chest = next(r for r in study["routes"] if r["route"] == "chest")
     assert (ct["shadow_models"], chest["shadow_models"]) == ([], ["chest-next"])
+    # the SR's AI regions: the route's, else the worker's (default on, at 0.5)
+    assert (ct["sr_regions"], ct["sr_region_fraction"]) == (True, 0.3)
+    assert (chest["sr_regions"], chest["sr_region_fraction"]) == (False, None)
     assert any(p.endswith("notes.txt") for p in report["unreadable"])
     code, text = _run(capsys, config, str(tmp_path / "ct"), "--date", "2024-09-20")
     assert "its job would fail: nothing to analyse" in text

@@ -4,8 +4,10 @@ What a result copies is cleaned of the non-conformant values found in the field 
 make highdicom refuse to build it, or make the result fail validation where its source did
 not: a Patient's Sex outside M, F, O (:func:`clean_patient_sex`), a date or time that is no
 valid DA, DT or TM value (:func:`conformant_date_time`), a Body Part Examined in lower case
-(:func:`copy_anatomy`). No value found wrong is ever put into an exception or a log: dates
-are patient data.
+(:func:`copy_anatomy`), an item of a code sequence that is no usable code (a Code Meaning
+over 64 characters, an empty Code Value: :func:`~acwi_node.results.codes.clean_code_sequences`),
+an optional descriptive attribute whose value its VR cannot hold (:func:`clean_descriptions`).
+No value found wrong is ever put into an exception or a log: they are patient data.
 """
 
 from __future__ import annotations
@@ -20,16 +22,24 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from highdicom import SOPClass
+from highdicom._standard_utils import (
+    get_iod_module_map,
+    get_module_attribute_map,
+    get_sop_class_iod_map,
+)
 from pydicom import DataElement, Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.tag import BaseTag
 from pydicom.valuerep import DA, DT, TM
 
+from acwi_node.results.codes import LO_MAX, NOT_IN_STRING, SH_MAX, clean_code_sequences
+
 __all__ = [
     "PATIENT_STUDY_TYPE2",
     "UNPAIRED_BODY_PARTS",
     "clean_date_times",
+    "clean_descriptions",
     "clean_patient_sex",
     "conformant_date_time",
     "copy_anatomy",
@@ -198,26 +208,121 @@ def copy_patient_and_study(source: Dataset, result: Dataset) -> None:
     ``source`` onto ``result``, as copies (``result`` shares no element with ``source``):
     without copying the whole header first and walking highdicom's module tables for every
     object (2-3 ms of each of a CT's heatmaps). Cleaned as :func:`patient_study_header`
-    cleans it: Patient's Sex, dates and times."""
+    cleans it: Patient's Sex, dates and times, code sequences, descriptions."""
     tags = _patient_study_tags(str(source.SOPClassUID), frozenset(source.keys()))
     for tag in tags:
         result.add(copy.deepcopy(source[tag]))
     clean_patient_sex(result)
     clean_date_times(result, tags)
+    clean_code_sequences(result, tags)
+    clean_descriptions(result, str(source.SOPClassUID), tags)
 
 
 def patient_study_header(source: Dataset) -> Dataset:
     """:func:`source_header`, with absent Type 2 patient/study attributes empty (as the IODs
-    allow), a Patient's Sex outside the enumerated values empty (unknown) and every date and
-    time as :func:`conformant_date_time` writes it: what a result object copies its patient
-    and study from."""
+    allow), a Patient's Sex outside the enumerated values empty (unknown), every date and
+    time as :func:`conformant_date_time` writes it, and the patient and study attributes'
+    code sequences (:func:`~acwi_node.results.codes.clean_code_sequences`) and descriptions
+    (:func:`clean_descriptions`) cleaned: what a result object copies its patient and study
+    from."""
     header = source_header(source)
     for keyword in PATIENT_STUDY_TYPE2:
         if keyword not in header or header[keyword].value is None:
             setattr(header, keyword, "")
     clean_patient_sex(header)
     clean_date_times(header)
+    sop_class_uid = str(header.get("SOPClassUID", ""))
+    try:
+        tags: Iterable[BaseTag] = _patient_study_tags(sop_class_uid, frozenset(header.keys()))
+    except Exception:  # an IOD highdicom does not know: every top-level attribute
+        tags = list(header.keys())
+    clean_code_sequences(header, tags)
+    clean_descriptions(header, sop_class_uid, tags)
     return header
+
+
+#: The longest value of each string VR a description may have (PS3.5 6.2); UC and UT have
+#: no limit but their length's.
+_MAX_LENGTH = {"SH": SH_MAX, "LO": LO_MAX, "ST": 1024, "LT": 10240, "UC": None, "UT": None}
+#: What a text value (ST, LT, UT) may not hold: the control characters but LF, FF, CR and
+#: ESC (PS3.5 6.1.3), unpaired surrogates.
+_NOT_IN_TEXT = re.compile("[\x00-\x09\x0b\x0e-\x1a\x1c-\x1f\x7f-\x9f\ud800-\udfff]")
+_SINGLE_VALUED = frozenset({"ST", "LT", "UT"})
+_FORMS = {
+    "CS": re.compile("[A-Z0-9 _]{0,16}"),
+    "AS": re.compile(r"\d{3}[DWMY]"),
+    "DS": re.compile(r" *[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)? *"),
+}
+_DS_MAX = 16
+
+
+@functools.lru_cache(maxsize=64)
+def _optional_root_keywords(sop_class_uid: str) -> frozenset[str]:
+    """The type 3 root attributes of the Patient and Study modules of the IOD of
+    ``sop_class_uid`` (none for an IOD highdicom does not know)."""
+    try:
+        iod = get_sop_class_iod_map()[sop_class_uid]
+        modules = [m["key"] for m in get_iod_module_map()[iod] if m["ie"] in {"Patient", "Study"}]
+        table = get_module_attribute_map()
+    except KeyError:
+        return frozenset()
+    return frozenset(
+        str(attribute["keyword"])
+        for module in modules
+        for attribute in table.get(module, [])
+        if not attribute["path"] and attribute["type"] == "3"
+    )
+
+
+def _valid_value(vr: str, value: str) -> bool:
+    if vr in _FORMS:
+        form = _FORMS[vr]
+        return form.fullmatch(value) is not None and (vr != "DS" or len(value) <= _DS_MAX)
+    if vr in _SINGLE_VALUED:
+        limit = _MAX_LENGTH[vr]
+        return not _NOT_IN_TEXT.search(value) and (limit is None or len(value) <= limit)
+    limit = _MAX_LENGTH[vr]
+    return (
+        not NOT_IN_STRING.search(value)
+        and "\\" not in value
+        and (limit is None or len(value.strip(" ")) <= limit)
+    )
+
+
+def _is_identifier(keyword: str) -> bool:
+    """An identifier of the patient, the study, an admission, a trial (Issuer of Patient ID,
+    Admission ID, ...): copied as sent, whatever its value, as the archive files the result
+    by it; a value cut or left out could file it elsewhere."""
+    return keyword.endswith("ID") or keyword.startswith("IssuerOf")
+
+
+def clean_descriptions(ds: Dataset, sop_class_uid: str, tags: Iterable[BaseTag]) -> None:
+    """Leave out of ``ds``, in place, each of the top-level ``tags`` that is an optional (type
+    3) attribute of the Patient and Study modules of ``sop_class_uid``'s IOD, of a string VR
+    (SH, LO, ST, LT, UC, UT, CS, AS, DS), with a value its VR cannot hold: a Study
+    Description longer than 64 characters, a control character in Patient Comments, a
+    Patient's Weight of 17 characters. Identifiers (:func:`_is_identifier`), names (PN) and
+    the attributes of types 1 and 2 are copied as sent."""
+    optional = _optional_root_keywords(sop_class_uid)
+    for tag in list(tags):
+        try:
+            if tag not in ds:
+                continue
+            element = ds[tag]
+            keyword = element.keyword
+            if keyword not in optional or _is_identifier(keyword):
+                continue
+            if element.VR not in _MAX_LENGTH and element.VR not in _FORMS:
+                continue
+            if element.value is None or element.value == "":
+                continue
+            values = element.value if isinstance(element.value, MultiValue) else [element.value]
+            if all(_valid_value(element.VR, str(value)) for value in values):
+                continue
+        except Exception:  # a value pydicom cannot read: left out, as an invalid one
+            pass
+        if tag in ds:
+            del ds[tag]
 
 
 _OFFSET = re.compile(r"(?P<sign>[+-])(?P<h>\d{2})(?P<m>\d{2})")

@@ -74,6 +74,7 @@ from pydicom.uid import Comprehensive3DSRStorage
 from acwi_node import MANUFACTURER
 from acwi_node.inference.types import ImageResult, StudyAnalysis, Uncertainty, unit_name
 from acwi_node.results.charset import result_charset
+from acwi_node.results.codes import CODE_KEYWORDS, LO_MAX, NOT_IN_STRING, usable_code
 from acwi_node.results.content_templates import append_encoded, set_encoded
 from acwi_node.results.headers import patient_study_header, set_result_times
 from acwi_node.results.heatmap_region import heatmap_region
@@ -223,8 +224,6 @@ FINDING_CODES: Mapping[str, CodedConcept] = {
     "infiltration": CodedConcept("112121", "DCM", "Infiltrate"),
 }
 
-_LO_MAX = 64
-
 
 def _normalise_label(label: str) -> str:
     return re.sub(r"[\s_\-]+", " ", label.strip().lower())
@@ -266,8 +265,6 @@ def _label_codes(labels: Sequence[str]) -> dict[str, CodedConcept]:
 #: belongs to the character set's own encoding), and unpaired surrogates, which no character
 #: set writes.
 _NOT_IN_TEXT = re.compile("[\x00-\x09\x0b\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
-#: What a string value (LO, PN) may not hold: any control character, unpaired surrogates.
-_NOT_IN_STRING = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def sr_text(text: str) -> str:
@@ -280,93 +277,18 @@ def sr_text(text: str) -> str:
 
 def _string(text: str) -> str:
     """``text`` as a string value (LO, PN) may hold it: each control character a space."""
-    return _NOT_IN_STRING.sub(" ", text)
+    return NOT_IN_STRING.sub(" ", text)
 
 
 def _lo(text: str) -> str:
     """A Long String value: no backslash (the value separator), no control character, at
     most 64 characters."""
-    return _string(text).replace("\\", "/")[:_LO_MAX]
+    return _string(text).replace("\\", "/")[:LO_MAX]
 
 
-#: The attributes of a code (the Basic Code Sequence Macro's) the SR's codes are written from.
-_CODE_KEYWORDS = (
-    "CodeValue",
-    "LongCodeValue",
-    "URNCodeValue",
-    "CodingSchemeDesignator",
-    "CodingSchemeVersion",
-    "CodeMeaning",
-)
-#: Short String (SH): Code Value, Coding Scheme Designator, Coding Scheme Version.
-_SH_MAX = 16
-#: What a URN Code Value (UR) may not hold: anything but printable ASCII without spaces.
-_NOT_IN_URN = re.compile("[^\x21-\x7e]")
 #: At most this many items of one code sequence of a source are read (a real image's hold a
 #: few).
 _MAX_CODE_ITEMS = 32
-
-
-def _code_text(value: Any, limit: int | None) -> str | None:
-    """One value of a code's string attribute as a string VR holds it (stripped: leading and
-    trailing spaces are not significant in SH, LO, UC), None where it is absent, empty,
-    several values, or holds what the VR may not (a control character, a backslash) or more
-    than ``limit`` characters."""
-    if not isinstance(value, str):
-        return None
-    text = value.strip(" ")
-    if not text or _NOT_IN_STRING.search(text) or "\\" in text:
-        return None
-    if limit is not None and len(text) > limit:
-        return None
-    return text
-
-
-def _procedure_code(item: Dataset) -> CodedConcept | None:
-    """The procedure code of an item of a source's Procedure Code Sequence or Requested
-    Procedure Code Sequence (the Code Sequence Macro) as the SR writes it, None where it is not
-    usable: not exactly one of Code Value, Long Code Value and URN Code Value, or a missing,
-    empty or invalid value, Coding Scheme Designator, Coding Scheme Version or Code Meaning
-    (longer than LO's 64 characters, say). A value over 16 characters is written as Long Code
-    Value (SH holds 16), one of URN Code Value as URN Code Value."""
-    try:
-        present = [
-            keyword
-            for keyword in ("CodeValue", "LongCodeValue", "URNCodeValue")
-            if item.get(keyword) not in (None, "")
-        ]
-        if len(present) != 1:
-            return None
-        keyword = present[0]
-        value = _code_text(item.get(keyword), None)
-        if keyword == "URNCodeValue" and value is not None and _NOT_IN_URN.search(value):
-            value = None
-        scheme = _code_text(item.get("CodingSchemeDesignator"), _SH_MAX)
-        meaning = _code_text(item.get("CodeMeaning"), _LO_MAX)
-        version: str | None = None
-        if item.get("CodingSchemeVersion") not in (None, ""):
-            version = _code_text(item.get("CodingSchemeVersion"), _SH_MAX)
-            if version is None:
-                return None
-        if value is None or scheme is None or meaning is None:
-            return None
-        code = CodedConcept(value, scheme, meaning, version)
-    except Exception:  # a source's malformed code never stops the SR
-        return None
-    # highdicom picks the attribute by the value's length and form; the source's kind wins
-    # for a URN, the length for the others (Code Value up to 16 characters, else Long).
-    wanted = (
-        "URNCodeValue"
-        if keyword == "URNCodeValue"
-        else "CodeValue"
-        if len(value) <= _SH_MAX
-        else "LongCodeValue"
-    )
-    for other in ("CodeValue", "LongCodeValue", "URNCodeValue"):
-        if other != wanted and other in code:
-            delattr(code, other)
-    setattr(code, wanted, value)
-    return code
 
 
 def _code_items(ds: Dataset, keyword: str) -> list[Dataset]:
@@ -386,7 +308,8 @@ def procedure_codes(sources: Sequence[Dataset]) -> list[CodedConcept]:
     Requested Procedure Code Sequence (0032,1064) of their Request Attributes Sequence items
     (or at the top level), else :data:`IMAGING_PROCEDURE`. Each code once (by scheme and
     value, the first meaning), in the order of the sources and their items; an item that is not
-    a usable code (:func:`_procedure_code`) counts as :data:`IMAGING_PROCEDURE`."""
+    a usable code (:func:`~acwi_node.results.codes.usable_code`) counts as
+    :data:`IMAGING_PROCEDURE`."""
     performed = [item for ds in sources for item in _code_items(ds, "ProcedureCodeSequence")]
     requested: list[Dataset] = []
     for ds in sources:
@@ -397,14 +320,14 @@ def procedure_codes(sources: Sequence[Dataset]) -> list[CodedConcept]:
     read: set[tuple[Any, ...]] = set()  # the items read: every slice of a CT repeats its own
     for item in performed or requested:
         try:
-            raw = tuple(str(item.get(keyword)) for keyword in _CODE_KEYWORDS)
+            raw = tuple(str(item.get(keyword)) for keyword in CODE_KEYWORDS)
         except Exception:  # a source's malformed code never stops the SR
             raw = None
         if raw is not None:
             if raw in read:
                 continue
             read.add(raw)
-        code = _procedure_code(item) or _generic_procedure()
+        code = usable_code(item) or _generic_procedure()
         found.setdefault((code.scheme_designator, code.value), code)
     return list(found.values()) or [_generic_procedure()]
 
@@ -418,7 +341,7 @@ def _generic_procedure() -> CodedConcept:
 def _code_texts(codes_: Sequence[Dataset]) -> list[str]:
     """The words of codes a character set must write (their values, schemes and meanings)."""
     return [
-        str(code.get(keyword)) for code in codes_ for keyword in _CODE_KEYWORDS if keyword in code
+        str(code.get(keyword)) for code in codes_ for keyword in CODE_KEYWORDS if keyword in code
     ]
 
 

@@ -2,11 +2,13 @@
 ``copy_patient_and_study`` copies what highdicom's ``copy_patient_and_study_information``
 copies, as copies, for sources of any shape; the values found in the field that highdicom
 refuses or that fail validation (dates and times, Patient's Sex, Body Part Examined) are
-cleaned in every result object."""
+cleaned in every result object: code sequences whose items are no usable code and optional
+descriptions whose value their VR cannot hold too."""
 
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import io
 import logging
 import warnings
@@ -19,6 +21,7 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from acwi_node.ledger import Ledger
+from acwi_node.results.codes import clean_code_sequences
 from acwi_node.results.encoding import encode_part10
 from acwi_node.results.headers import (
     copy_anatomy,
@@ -28,11 +31,12 @@ from acwi_node.results.headers import (
 )
 from acwi_node.results.heatmap import build_heatmap_sc
 from acwi_node.results.parametric_map import build_parametric_maps
-from acwi_node.results.sr import build_sr
+from acwi_node.results.rejection import build_rejection_note
+from acwi_node.results.sr import Verification, build_sr, build_verified_sr
 from acwi_node.tasks import analyse
 from models.data.synth import write_ct_series
 from tests.support.dciodvfy import require_dciodvfy
-from tests.support.dx import make_dx
+from tests.support.dx import code_item, make_dx
 from tests.support.review_case import review_settings, store_and_route
 from tests.unit.test_parametric_map import analysis_of
 from tests.unit.test_sr import make_study
@@ -155,9 +159,13 @@ def written(ds: Dataset) -> Dataset:
     return dcmread(io.BytesIO(encode_part10(ds)))
 
 
-def result_objects(edit: Callable[[Dataset], None], folder: Path) -> dict[str, Dataset]:
+def result_objects(
+    edit: Callable[[Dataset], None], folder: Path, *, every_kind: bool = False
+) -> dict[str, Dataset]:
     """Each kind of result object, written and read back, of sources edited by ``edit``: the
-    SR and a heatmap of a radiograph study, the parametric map of a CT slice."""
+    SR and a heatmap of a radiograph study, the parametric map of a CT slice; with
+    ``every_kind``, the verified SR too, and the rejection note of a heatmap that a release
+    before this one wrote (which copied the source's attributes as sent)."""
 
     def edited(source: Dataset) -> Dataset:
         edit(source)
@@ -171,12 +179,29 @@ def result_objects(edit: Callable[[Dataset], None], folder: Path) -> dict[str, D
     )
     ct = [edited(ct_slice(folder))]
     (pmap,) = build_parametric_maps(ct, analysis_of(ct))
-    return {
+    sr = build_sr(sources, analysis)
+    results = {
         "sources": sources[0],
-        "sr": written(build_sr(sources, analysis)),
+        "sr": written(sr),
         "heatmap": written(heatmap),
         "parametric map": written(pmap),
     }
+    if every_kind:
+        verdict = Verification(
+            "Doe^Jane",
+            "Example Hospital",
+            "confirm",
+            "effusion",
+            "",
+            dt.datetime(2024, 1, 16, tzinfo=dt.UTC),
+        )
+        results["verified sr"] = written(build_verified_sr(sr, sources, verdict))
+        old_heatmap = written(heatmap)
+        for keyword in ("ProcedureCodeSequence", "StudyDescription"):
+            if keyword in sources[0]:  # as a release before this one copied it
+                old_heatmap[keyword] = copy.deepcopy(sources[0][keyword])
+        results["rejection note"] = written(build_rejection_note([old_heatmap], reason="quality"))
+    return results
 
 
 def validation_errors(results: dict[str, Dataset]) -> dict[str, list[str]]:
@@ -398,3 +423,138 @@ def test_a_date_of_the_source_is_in_no_failure_reason_nor_log(
     assert birth_date not in str(study.get("reason") or "")
     assert birth_date not in caplog.text
     assert outcome == "analysed" and study["state"] != "failed", study.get("reason")
+
+
+# ---------------------------------------------------------------------------------------------
+# Code sequences and descriptions found in the field, in every result object
+# ---------------------------------------------------------------------------------------------
+
+CHEST = ("RPID16", "RADLEX", "XR Chest 2 Views")
+EVERY_KIND_VALID: dict[str, list[str]] = {
+    kind: [] for kind in ("sr", "heatmap", "parametric map", "verified sr", "rejection note")
+}
+
+
+def _codes(ds: Dataset, keyword: str) -> list[tuple[str, str, str]] | None:
+    if keyword not in ds:
+        return None
+    return [
+        (
+            str(item.get("CodeValue") or item.get("LongCodeValue")),
+            str(item.CodingSchemeDesignator),
+            str(item.CodeMeaning),
+        )
+        for item in ds[keyword].value
+    ]
+
+
+@pytest.mark.parametrize(
+    "invalid",
+    [
+        pytest.param(("RPID17", "RADLEX", "M" * 65), id="meaning-over-64"),
+        pytest.param(("", "RADLEX", "Empty code value"), id="empty-code-value"),
+        pytest.param(("RPID17", "", "Empty scheme"), id="empty-scheme"),
+        pytest.param(("RPID17", "RADLEX", ""), id="empty-meaning"),
+    ],
+)
+def test_an_invalid_procedure_code_is_left_out_of_every_result_the_valid_one_kept(
+    invalid: tuple[str, str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The source's Procedure Code Sequence was copied as sent into every result object,
+    which then failed dciodvfy for the source's code; now the item that is no usable code is
+    left out, the valid one kept, and nothing of the code is logged."""
+
+    def edit(ds: Dataset) -> None:
+        ds.ProcedureCodeSequence = [code_item(*invalid), code_item(*CHEST)]
+
+    with caplog.at_level(logging.DEBUG):
+        results = result_objects(edit, tmp_path, every_kind=True)
+    assert len(results.pop("sources").ProcedureCodeSequence) == 2  # as the PACS sent it
+    for kind, ds in results.items():
+        assert _codes(ds, "ProcedureCodeSequence") == [CHEST], kind
+    assert validation_errors(results) == EVERY_KIND_VALID
+    for text in invalid:
+        assert len(text) < 6 or text not in caplog.text
+
+
+def test_a_code_sequence_left_without_a_valid_item_is_left_out(tmp_path: Path) -> None:
+    """Optional code sequences of the Patient and Study modules (the Requesting Service's,
+    the Admitting Diagnoses', one nested in the Referring Physician's identification) whose
+    every item is invalid are left out; a Code Value over 16 characters is moved to Long Code
+    Value."""
+
+    def edit(ds: Dataset) -> None:
+        ds.RequestingServiceCodeSequence = [code_item("", "99LOC", "No value")]
+        ds.AdmittingDiagnosesCodeSequence = [code_item("D1", "99LOC", "")]
+        person = Dataset()
+        person.PersonIdentificationCodeSequence = [code_item("", "99LOC", "No value")]
+        person.InstitutionName = "Example Hospital"
+        ds.ReferringPhysicianIdentificationSequence = [person]
+        ds.ProcedureCodeSequence = [code_item("LOCAL-PROCEDURE-17", "99LOC", "Chest")]
+
+    results = result_objects(edit, tmp_path)
+    del results["sources"]
+    for kind, ds in results.items():
+        for keyword in (
+            "RequestingServiceCodeSequence",
+            "AdmittingDiagnosesCodeSequence",
+            "ReferringPhysicianIdentificationSequence",
+        ):
+            assert keyword not in ds, (kind, keyword)
+        (procedure,) = ds.ProcedureCodeSequence
+        assert "CodeValue" not in procedure, kind
+        assert procedure.LongCodeValue == "LOCAL-PROCEDURE-17", kind
+    assert validation_errors(results) == NO_ERRORS
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("StudyDescription", "D" * 65),
+        ("PatientComments", "first line\x01second"),
+        ("PatientWeight", "72.50000000000001"),
+        ("PatientAge", "61"),
+        ("Occupation", "O" * 17),
+    ],
+)
+def test_an_optional_description_its_vr_cannot_hold_is_left_out(
+    keyword: str, value: str, tmp_path: Path
+) -> None:
+    results = result_objects(lambda ds: setattr(ds, keyword, value), tmp_path)
+    assert str(results.pop("sources")[keyword].value) == value  # as the PACS sent it
+    for kind, ds in results.items():
+        assert keyword not in ds, kind
+    assert validation_errors(results) == NO_ERRORS
+
+
+def test_valid_descriptions_and_identifiers_are_copied_as_sent(tmp_path: Path) -> None:
+    """A valid description is kept; an identifier is copied as sent even where its VR cannot
+    hold it (an Accession Number of 17 characters): the archive files the result by it."""
+
+    def edit(ds: Dataset) -> None:
+        ds.StudyDescription = "D" * 64
+        ds.PatientWeight = "72.5"
+        ds.AccessionNumber = "A" * 17
+
+    results = result_objects(edit, tmp_path)
+    del results["sources"]
+    for kind, ds in results.items():
+        assert (ds.StudyDescription, str(ds.PatientWeight)) == ("D" * 64, "72.5"), kind
+        assert ds.AccessionNumber == "A" * 17, kind
+
+
+def test_a_malformed_code_sequence_never_stops_the_copy() -> None:
+    ds = Dataset()
+    ds.ProcedureCodeSequence = [Dataset(), code_item(*CHEST)]
+    ds.ProcedureCodeSequence[0].CodeValue = ["A", "B"]
+    nested = code_item(*CHEST)
+    nested.EquivalentCodeSequence = [code_item("", "X", "")]
+    ds.ReasonForPerformedProcedureCodeSequence = [nested]
+    ds.PatientBreedCodeSequence = [code_item("", "X", "")]  # type 2C: kept, empty
+    ds.StrainCodeSequence = []
+    clean_code_sequences(ds)
+    assert _codes(ds, "ProcedureCodeSequence") == [CHEST]
+    (reason,) = ds.ReasonForPerformedProcedureCodeSequence
+    assert "EquivalentCodeSequence" not in reason  # the code kept, its invalid equivalent not
+    assert len(ds.PatientBreedCodeSequence) == 0
+    assert len(ds.StrainCodeSequence) == 0

@@ -24,11 +24,16 @@ from pydicom.tag import BaseTag
 __all__ = [
     "CODE_KEYWORDS",
     "LO_MAX",
+    "MAX_CODE_ITEMS",
     "NOT_IN_STRING",
     "SH_MAX",
+    "VALUE_KEYWORDS",
     "clean_code_sequences",
+    "code_items",
+    "code_texts",
     "is_code_sequence",
     "usable_code",
+    "written_as",
 ]
 
 #: Long String (LO): Code Meaning.
@@ -48,7 +53,11 @@ CODE_KEYWORDS = (
     "CodingSchemeVersion",
     "CodeMeaning",
 )
-_VALUE_KEYWORDS = ("CodeValue", "LongCodeValue", "URNCodeValue")
+#: The attributes one of which holds a code's value.
+VALUE_KEYWORDS = ("CodeValue", "LongCodeValue", "URNCodeValue")
+#: At most this many items of one code sequence of a source are read (a real image's hold a
+#: few).
+MAX_CODE_ITEMS = 32
 #: Code sequences whose items are not read deeper than this (a real header's nest two or three
 #: deep).
 _MAX_DEPTH = 8
@@ -81,7 +90,7 @@ def usable_code(item: Dataset) -> CodedConcept | None:
     characters is written as Long Code Value (SH holds 16), one of URN Code Value as URN Code
     Value."""
     try:
-        present = [keyword for keyword in _VALUE_KEYWORDS if item.get(keyword) not in (None, "")]
+        present = [keyword for keyword in VALUE_KEYWORDS if item.get(keyword) not in (None, "")]
         if len(present) != 1:
             return None
         keyword = present[0]
@@ -102,11 +111,17 @@ def usable_code(item: Dataset) -> CodedConcept | None:
         return None
     # highdicom picks the attribute by the value's length and form; the source's kind wins
     # for a URN, the length for the others (Code Value up to 16 characters, else Long).
-    wanted = _value_keyword(keyword, value)
-    for other in _VALUE_KEYWORDS:
-        if other != wanted and other in code:
+    return written_as(code, _value_keyword(keyword, value), value)
+
+
+def written_as(code: CodedConcept, keyword: str, value: str) -> CodedConcept:
+    """``code`` with its value ``value`` in ``keyword`` (Code Value, Long Code Value or URN
+    Code Value) and in no other of them: highdicom picks the attribute by the value's length
+    and form alone."""
+    for other in VALUE_KEYWORDS:
+        if other != keyword and other in code:
             delattr(code, other)
-    setattr(code, wanted, value)
+    setattr(code, keyword, value)
     return code
 
 
@@ -114,6 +129,25 @@ def _value_keyword(keyword: str, value: str) -> str:
     if keyword == "URNCodeValue":
         return keyword
     return "CodeValue" if len(value) <= SH_MAX else "LongCodeValue"
+
+
+def code_items(ds: Dataset, keyword: str) -> list[Dataset]:
+    """The items of ``ds``'s code sequence ``keyword`` (none where it is not a sequence), at
+    most :data:`MAX_CODE_ITEMS`."""
+    try:
+        seq = ds.get(keyword)
+        if seq is None or isinstance(seq, str | bytes):
+            return []
+        return [item for item in list(seq)[:MAX_CODE_ITEMS] if isinstance(item, Dataset)]
+    except Exception:  # a source's malformed code never stops a result
+        return []
+
+
+def code_texts(codes_: Iterable[Dataset]) -> list[str]:
+    """The words of codes a character set must write (their values, schemes and meanings)."""
+    return [
+        str(code.get(keyword)) for code in codes_ for keyword in CODE_KEYWORDS if keyword in code
+    ]
 
 
 def is_code_sequence(keyword: str) -> bool:

@@ -8,8 +8,9 @@ values only: its measurement groups (:mod:`.image_groups`) and its Image Library
 explicit VR little endian, as the SR is written), the sentinels' elements are found in the
 bytes (:func:`template`), and :meth:`Template.render` writes an image's items as the
 template's bytes with that image's elements in place of the sentinels' and the lengths of the
-items and sequences around them adjusted. What a template does not replace (codes, units,
-methods, relationship types) is highdicom's, built and checked by it.
+items and sequences around them adjusted. What a template does not replace (units, methods,
+relationship types, every code but those read from the image itself) is highdicom's, built and
+checked by it.
 
 A *role* names a variable value: a kind (the element it is written in, :data:`KINDS`) and a
 name. The callers give the stand-in's value of every role; a role whose value is not found in
@@ -44,6 +45,12 @@ KINDS: dict[str, tuple[int, str]] = {
     "ds": (0x0040A30A, "DS"),  # Numeric Value
     "fd": (0x0040A161, "FD"),  # Floating Point Value
     "graphic": (0x00700022, "FL"),  # Graphic Data (a SCOORD's points)
+    "code": (0x00080100, "SH"),  # Code Value
+    "longcode": (0x00080119, "UC"),  # Long Code Value
+    "urncode": (0x00080120, "UR"),  # URN Code Value
+    "scheme": (0x00080102, "SH"),  # Coding Scheme Designator
+    "version": (0x00080103, "SH"),  # Coding Scheme Version
+    "meaning": (0x00080104, "LO"),  # Code Meaning
 }
 
 #: Content Sequence (0040,A730).

@@ -7,15 +7,19 @@ and imager pixel spacing). highdicom builds each entry in about 10 ms (it checks
 class against the standard's tables for each), a second for a 100-slice CT. The entries of a
 series are alike but for the values read from each image, so highdicom builds one entry per
 kind of image (its SOP class, modality, and which of those attributes it has, with how many
-values of which type), for a stand-in whose values are sentinels, and every image's entry is
-rendered from that template (:mod:`.content_templates`).
+values of which type; for a projection radiograph, whether it has a laterality, a view and how
+many view modifiers, :mod:`.library_descriptors`, and in which attributes each code's value and
+version are written), for a stand-in whose values are sentinels (the codes' too), and every
+image's entry is rendered from that template (:mod:`.content_templates`).
 
 highdicom groups the entries by modality and frame of reference (Image Library Group
 containers). Here highdicom builds the library for the first image of each group, and the other
 images' entries are appended to their group's container, in the order highdicom would have
-listed them. Anything unusual leaves the whole library to highdicom: an attribute with an empty
-value or a value of another type, a value that is not finite, text outside ASCII, a stand-in
-highdicom refuses, a sentinel not found. The tests compare the bytes with highdicom's library.
+listed them; the laterality and view items are added to highdicom's entries as to the
+stand-in's (:func:`describe`). Anything unusual leaves the whole library to highdicom: an
+attribute with an empty value or a value of another type, a value that is not finite, text
+outside ASCII (a code's too), a stand-in highdicom refuses, a sentinel not found. The tests
+compare the bytes with highdicom's library (with the same laterality and view items added).
 """
 
 from __future__ import annotations
@@ -25,12 +29,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from highdicom.sr import ImageLibrary, MeasurementReport
+from highdicom.sr import CodedConcept, ImageLibrary, MeasurementReport
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import DS, DSfloat
 
+from acwi_node.results.codes import written_as
 from acwi_node.results.content_templates import Role, Template, append_encoded, template
+from acwi_node.results.library_descriptors import (
+    LibraryDescriptors,
+    add_descriptors,
+    descriptors_of,
+    library_descriptors,
+)
 
 #: What highdicom's entry reads from an image besides its SOP Class UID, Modality and Frame of
 #: Reference UID: numbers (Numeric Value, and Floating Point Value for a decimal) and text.
@@ -55,6 +66,10 @@ _MODALITY = ("DCM", "121139")
 #: An attribute's shape: None (absent), or whether it is multi-valued and each value's kind
 #: ("i" an integer, "f" a decimal, "s" text).
 _Shape = tuple[bool, tuple[str, ...]] | None
+#: A code's shape: the attribute its value is written in and whether it has a scheme version.
+_CodeShape = tuple[str, bool]
+#: The role kind (:data:`~.content_templates.KINDS`) of each attribute a code's value is in.
+_VALUE_ROLES = {"CodeValue": "code", "LongCodeValue": "longcode", "URNCodeValue": "urncode"}
 
 
 def _kind(value: Any) -> str | None:
@@ -89,9 +104,38 @@ class _Kind:
     modality: str | None
     frame_of_reference: bool
     shapes: tuple[_Shape, ...]
+    #: The laterality and view codes the entry holds (:mod:`.library_descriptors`), each named
+    #: ("laterality", "view", "modifier/<n>") with its shape.
+    codes: tuple[tuple[str, _CodeShape], ...] = ()
+
+
+def _named_codes(descriptors: LibraryDescriptors) -> list[tuple[str, CodedConcept]]:
+    named: list[tuple[str, CodedConcept]] = []
+    if descriptors.laterality is not None:
+        named.append(("laterality", descriptors.laterality))
+    if descriptors.view is not None:
+        named.append(("view", descriptors.view))
+    named += [(f"modifier/{i}", code) for i, code in enumerate(descriptors.modifiers)]
+    return named
+
+
+def _code_shape(code: CodedConcept) -> _CodeShape | None:
+    """``code``'s shape; None for text outside ASCII (left to highdicom, as other text)."""
+    texts = [str(code.get(keyword, "")) for keyword in (*_VALUE_ROLES, "CodingSchemeDesignator")]
+    texts += [str(code.get("CodingSchemeVersion", "")), str(code.get("CodeMeaning", ""))]
+    if not all(text.isascii() for text in texts):
+        return None
+    keyword = next(k for k in _VALUE_ROLES if k in code)
+    return (keyword, "CodingSchemeVersion" in code)
 
 
 def _kind_of(ds: Dataset) -> _Kind | None:
+    named: list[tuple[str, _CodeShape]] = []
+    for name, code in _named_codes(library_descriptors(ds)):
+        code_shape = _code_shape(code)
+        if code_shape is None:
+            return None
+        named.append((name, code_shape))
     shapes: list[_Shape] = []
     for name in (*_NUMBERS, *_TEXTS):
         shape = _shape(ds, name)
@@ -102,12 +146,19 @@ def _kind_of(ds: Dataset) -> _Kind | None:
     frame = ds.get("FrameOfReferenceUID")
     if not isinstance(modality, str | None) or ("FrameOfReferenceUID" in ds and not frame):
         return None
-    return _Kind(str(ds.SOPClassUID), modality, frame is not None, tuple(shapes))
+    return _Kind(str(ds.SOPClassUID), modality, frame is not None, tuple(shapes), tuple(named))
 
 
-def _roles(ds: Dataset, kind: _Kind) -> dict[Role, Any]:
-    """Each role's value in ``ds`` (an image of ``kind``)."""
+def _roles(ds: Dataset, kind: _Kind, descriptors: LibraryDescriptors) -> dict[Role, Any]:
+    """Each role's value in ``ds`` (an image of ``kind``) and its ``descriptors``."""
     roles: dict[Role, Any] = {("instance", ""): str(ds.SOPInstanceUID)}
+    for name, code in _named_codes(descriptors):
+        keyword = next(k for k in _VALUE_ROLES if k in code)
+        roles[(_VALUE_ROLES[keyword], name)] = str(code.get(keyword))
+        roles[("scheme", name)] = str(code.CodingSchemeDesignator)
+        roles[("meaning", name)] = str(code.CodeMeaning)
+        if "CodingSchemeVersion" in code:
+            roles[("version", name)] = str(code.CodingSchemeVersion)
     if kind.frame_of_reference:
         roles[("uid", "frame")] = str(ds.FrameOfReferenceUID)
     for name, shape in zip((*_NUMBERS, *_TEXTS), kind.shapes, strict=True):
@@ -151,13 +202,30 @@ def _stand_in(kind: _Kind) -> Dataset:
     return ds
 
 
+def _sentinel_descriptors(kind: _Kind) -> LibraryDescriptors:
+    """The laterality and view codes of a stand-in of ``kind``: every value a sentinel."""
+    made: dict[str, CodedConcept] = {}
+    for n, (name, (keyword, versioned)) in enumerate(kind.codes, start=1):
+        value = {
+            "CodeValue": f"SNC{n}Q",
+            "LongCodeValue": f"SNCLONGSENTINEL{n:03d}Q",
+            "URNCodeValue": f"urn:snc:{n}q",
+        }[keyword]
+        code = CodedConcept(value, f"SNS{n}Q", f"SNM{n}Q", f"SNV{n}Q" if versioned else None)
+        made[name] = written_as(code, keyword, value)
+    modifiers = [made[name] for name, _ in kind.codes if name.startswith("modifier/")]
+    return LibraryDescriptors(made.get("laterality"), made.get("view"), tuple(modifiers))
+
+
 def _entry(kind: _Kind) -> tuple[Dataset, tuple[str, str]] | None:
-    """highdicom's entry (an IMAGE content item) for a stand-in of ``kind``, and the modality
-    it is grouped by; None if highdicom refuses the stand-in."""
+    """highdicom's entry (an IMAGE content item) for a stand-in of ``kind``, with the stand-in's
+    laterality and view items, and the modality it is grouped by; None if highdicom refuses the
+    stand-in."""
     try:
         library = ImageLibrary([_stand_in(kind)])
     except (AttributeError, IndexError, KeyError, TypeError, ValueError):
         return None
+    add_descriptors(library[0], {_SENTINEL_INSTANCE: _sentinel_descriptors(kind)})
     group = library[0].ContentSequence[0]
     images = [item for item in group.ContentSequence if item.ValueType == "IMAGE"]
     if len(images) != 1:
@@ -169,6 +237,31 @@ def _entry(kind: _Kind) -> tuple[Dataset, tuple[str, str]] | None:
             code = item.ConceptCodeSequence[0]
             return entry, (str(code.CodingSchemeDesignator), str(code.CodeValue))
     return None
+
+
+def library_container(report: MeasurementReport) -> Dataset | None:
+    """The Image Library container (TID 1600) of ``report``, None where it has none."""
+    return next(
+        (
+            item
+            for item in report[0].ContentSequence
+            if item.ValueType == "CONTAINER"
+            and (
+                item.ConceptNameCodeSequence[0].CodingSchemeDesignator,
+                item.ConceptNameCodeSequence[0].CodeValue,
+            )
+            == _IMAGE_LIBRARY
+        ),
+        None,
+    )
+
+
+def describe(report: MeasurementReport, images: Sequence[Dataset]) -> None:
+    """Add to the entries highdicom wrote in ``report``'s Image Library the laterality and view
+    of their images (among ``images``; :mod:`.library_descriptors`)."""
+    library = library_container(report)
+    if library is not None:
+        add_descriptors(library, descriptors_of(images))
 
 
 @dataclass
@@ -193,23 +286,18 @@ class LibraryPlan:
             for ds, kind in images:
                 if kind not in templates:
                     entry = self.entries[kind]
-                    templates[kind] = template([entry], _roles(_stand_in(kind), kind), encodings)
+                    sentinels = _roles(_stand_in(kind), kind, _sentinel_descriptors(kind))
+                    templates[kind] = template([entry], sentinels, encodings)
                 found = templates[kind]
-                part = found.render(_roles(ds, kind), encodings) if found is not None else None
+                roles = _roles(ds, kind, library_descriptors(ds))
+                part = found.render(roles, encodings) if found is not None else None
                 if part is None:
                     return False
                 parts.append(part)
             rendered.append(b"".join(parts))
-        library = next(
-            item
-            for item in report[0].ContentSequence
-            if item.ValueType == "CONTAINER"
-            and (
-                item.ConceptNameCodeSequence[0].CodingSchemeDesignator,
-                item.ConceptNameCodeSequence[0].CodeValue,
-            )
-            == _IMAGE_LIBRARY
-        )
+        library = library_container(report)
+        if library is None:
+            return False
         groups = list(library.ContentSequence)
         if len(groups) != len(rendered):
             return False

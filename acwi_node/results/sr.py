@@ -5,7 +5,8 @@ Content tree written by :func:`build_sr`::
     Imaging Measurement Report (TID 1500)
       Language, Observation context (device observer = the model), Procedure reported (the
           study's coded procedures, :func:`procedure_codes`)
-      Image Library (TID 1600): the analysed source images
+      Image Library (TID 1600): the analysed source images (a projection radiograph's with
+          its laterality and view, :mod:`.library_descriptors`)
       Imaging Measurements
         per label, study level (TID 1501): tracking identifier = the label,
             finding = coded label, Probability (method "Study-level aggregate"),
@@ -74,12 +75,21 @@ from pydicom.uid import Comprehensive3DSRStorage
 from acwi_node import MANUFACTURER
 from acwi_node.inference.types import ImageResult, StudyAnalysis, Uncertainty, unit_name
 from acwi_node.results.charset import result_charset
-from acwi_node.results.codes import CODE_KEYWORDS, LO_MAX, NOT_IN_STRING, usable_code
+from acwi_node.results.codes import (
+    CODE_KEYWORDS,
+    LO_MAX,
+    NOT_IN_STRING,
+    code_items,
+    code_texts,
+    usable_code,
+)
 from acwi_node.results.content_templates import append_encoded, set_encoded
 from acwi_node.results.headers import patient_study_header, set_result_times
 from acwi_node.results.heatmap_region import heatmap_region
 from acwi_node.results.image_groups import encode_image_groups
+from acwi_node.results.image_library import describe as describe_library
 from acwi_node.results.image_library import plan_image_library
+from acwi_node.results.library_descriptors import library_descriptors
 from acwi_node.results.region_groups import RegionSpec, encode_region_groups, region_corners
 from acwi_node.results.study_groups import STUDY_SCOPE, encode_study_groups
 from acwi_node.results.uids import (
@@ -153,6 +163,7 @@ _TRACKING_UID = ("DCM", "112040")
 _FINDING = ("DCM", "121071")
 _MEASUREMENT_GROUP = ("DCM", "125007")
 _IMAGING_MEASUREMENTS = ("DCM", "126010")
+_IMAGE_LIBRARY = ("DCM", "111028")
 _MEASUREMENT_METHOD = ("SCT", "370129005")
 _ALGORITHM_NAME = ("DCM", "111001")
 _ALGORITHM_VERSION = ("DCM", "111003")
@@ -286,22 +297,6 @@ def _lo(text: str) -> str:
     return _string(text).replace("\\", "/")[:LO_MAX]
 
 
-#: At most this many items of one code sequence of a source are read (a real image's hold a
-#: few).
-_MAX_CODE_ITEMS = 32
-
-
-def _code_items(ds: Dataset, keyword: str) -> list[Dataset]:
-    """The items of ``ds``'s code sequence ``keyword`` (none where it is not a sequence)."""
-    try:
-        seq = ds.get(keyword)
-        if seq is None or isinstance(seq, str | bytes):
-            return []
-        return [item for item in list(seq)[:_MAX_CODE_ITEMS] if isinstance(item, Dataset)]
-    except Exception:  # a source's malformed code never stops the SR
-        return []
-
-
 def procedure_codes(sources: Sequence[Dataset]) -> list[CodedConcept]:
     """Procedure Reported (TID 1500, 1-n; BCID 100 is extensible) for the study of
     ``sources``: the codes of their Procedure Code Sequence (0008,1032), else those of the
@@ -310,12 +305,12 @@ def procedure_codes(sources: Sequence[Dataset]) -> list[CodedConcept]:
     value, the first meaning), in the order of the sources and their items; an item that is not
     a usable code (:func:`~acwi_node.results.codes.usable_code`) counts as
     :data:`IMAGING_PROCEDURE`."""
-    performed = [item for ds in sources for item in _code_items(ds, "ProcedureCodeSequence")]
+    performed = [item for ds in sources for item in code_items(ds, "ProcedureCodeSequence")]
     requested: list[Dataset] = []
     for ds in sources:
-        for request in _code_items(ds, "RequestAttributesSequence"):
-            requested += _code_items(request, "RequestedProcedureCodeSequence")
-        requested += _code_items(ds, "RequestedProcedureCodeSequence")
+        for request in code_items(ds, "RequestAttributesSequence"):
+            requested += code_items(request, "RequestedProcedureCodeSequence")
+        requested += code_items(ds, "RequestedProcedureCodeSequence")
     found: dict[tuple[str, str], CodedConcept] = {}
     read: set[tuple[Any, ...]] = set()  # the items read: every slice of a CT repeats its own
     for item in performed or requested:
@@ -336,13 +331,6 @@ def _generic_procedure() -> CodedConcept:
     return CodedConcept(
         IMAGING_PROCEDURE.value, IMAGING_PROCEDURE.scheme_designator, IMAGING_PROCEDURE.meaning
     )
-
-
-def _code_texts(codes_: Sequence[Dataset]) -> list[str]:
-    """The words of codes a character set must write (their values, schemes and meanings)."""
-    return [
-        str(code.get(keyword)) for code in codes_ for keyword in CODE_KEYWORDS if keyword in code
-    ]
 
 
 def _check_sources(
@@ -678,7 +666,8 @@ def build_sr(
             model.version,
             model.manufacturer,
             institution_name,
-            *_code_texts(procedures),
+            *code_texts(procedures),
+            *code_texts(code for ds in analysed for code in library_descriptors(ds).codes()),
         ],
     )
     document = Comprehensive3DSR(
@@ -846,11 +835,12 @@ def _report(
             except (AttributeError, IndexError, KeyError, TypeError, ValueError):
                 pass  # as below: highdicom describes what it can
             else:
+                describe_library(report, analysed)
                 if plan.append_to(report, encodings):
                     return report
     if unique:
         try:
-            return MeasurementReport(
+            report = MeasurementReport(
                 observation_context=context,
                 procedure_reported=procedures,
                 imaging_measurements=groups,
@@ -858,13 +848,18 @@ def _report(
             )
         except (AttributeError, IndexError, KeyError, TypeError, ValueError):
             pass  # a source an Image Library entry cannot describe: leave it out
+        else:
+            describe_library(report, analysed)
+            return report
     library = _library_images(analysed)
-    return MeasurementReport(
+    report = MeasurementReport(
         observation_context=context,
         procedure_reported=procedures,
         imaging_measurements=groups,
         referenced_images=library or None,
     )
+    describe_library(report, analysed)
+    return report
 
 
 def _image_groups(
@@ -1220,9 +1215,18 @@ def build_verified_sr(
         if _concept(item) == _PROCEDURE_REPORTED
         for code in item.get("ConceptCodeSequence") or []
     ]
+    # and the codes of its Image Library (an image's laterality and view, as its source has them)
+    library_codes = [
+        code
+        for item in root.ContentSequence
+        if _concept(item) == _IMAGE_LIBRARY
+        for child in _walk(item)
+        if child.get("ValueType") == "CODE"
+        for code in child.get("ConceptCodeSequence") or []
+    ]
     charset = result_charset(
         sources[0].get("SpecificCharacterSet"),
-        [*words, *labels, *makers, *_code_texts(procedures)],
+        [*words, *labels, *makers, *code_texts(procedures), *code_texts(library_codes)],
     )
     document = Comprehensive3DSR(
         evidence=[patient_study_header(sources[0]), *sources[1:]],

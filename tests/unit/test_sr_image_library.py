@@ -4,19 +4,23 @@ describe an image."""
 
 from __future__ import annotations
 
+import datetime as dt
+import io
 from collections.abc import Sequence
 
 import numpy as np
+import pydicom
 import pytest
+from highdicom.sr import ImageLibrary
 from pydicom import Dataset
 from pydicom.dataelem import RawDataElement
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 from acwi_node.inference.types import ImageResult, StudyAnalysis, Uncertainty
-from acwi_node.results.encoding import encode_part10
+from acwi_node.results.encoding import encode_items, encode_part10
 from acwi_node.results.image_library import plan_image_library
-from acwi_node.results.sr import build_sr
+from acwi_node.results.sr import Verification, build_sr, build_verified_sr, summarise_sr
 from bench.common import ct_slice
 from tests.support.dx import code_item, make_dx
 from tests.unit.test_sr import LABELS, needs_dciodvfy
@@ -141,3 +145,271 @@ def test_templated_library_with_the_studys_procedures_is_highdicoms() -> None:
     reference = build_sr(sources, analysis, check_all=True)
     _same_times(document, reference)
     assert encode_part10(document) == encode_part10(reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image Laterality and Image View (TID 1602 row 3, TID 1603 rows 1-2) of projection radiographs
+# ---------------------------------------------------------------------------------------------
+
+MG_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.2")
+_LATERALITY = ("DCM", "111027")
+_VIEW = ("DCM", "111031")
+_VIEW_MODIFIER = ("DCM", "111032")
+_CC = ("399162004", "SCT", "cranio-caudal")
+_MLO = ("399368009", "SCT", "medio-lateral oblique")
+_MAGNIFICATION = ("399163009", "SCT", "Magnification")
+_LEFT = ("7771000", "SCT", "Left")
+_RIGHT = ("24028007", "SCT", "Right")
+
+
+def _mammogram(
+    study: str, series: str, number: int, laterality: str, view: tuple[str, str, str]
+) -> Dataset:
+    """A small MG For Presentation image: the DX header with MG's class, modality, laterality
+    and view."""
+    ds = make_dx(study, series, number, rows=24, columns=20)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MG_FOR_PRESENTATION
+    ds.Modality = "MG"
+    ds.BodyPartExamined = "BREAST"
+    ds.ImageLaterality = laterality
+    ds.ViewPosition = "CC" if view == _CC else "MLO"
+    ds.ViewCodeSequence = DicomSequence([code_item(*view)])
+    ds.PatientOrientation = ["P", "L"] if laterality == "R" else ["A", "R"]
+    return ds
+
+
+def _four_views() -> list[Dataset]:
+    """A screening mammogram: R CC, L CC, R MLO, L MLO (the right MLO magnified)."""
+    study, series = generate_uid(), generate_uid()
+    views = [("R", _CC), ("L", _CC), ("R", _MLO), ("L", _MLO)]
+    sources = [
+        _mammogram(study, series, n, side, view) for n, (side, view) in enumerate(views, start=1)
+    ]
+    sources[2].ViewCodeSequence[0].ViewModifierCodeSequence = DicomSequence(
+        [code_item(*_MAGNIFICATION)]
+    )
+    return sources
+
+
+def _code(item: Dataset) -> tuple[str, str, str]:
+    code = item.ConceptCodeSequence[0]
+    value = code.get("CodeValue") or code.get("LongCodeValue") or code.get("URNCodeValue")
+    return (str(value), str(code.CodingSchemeDesignator), str(code.CodeMeaning))
+
+
+def _name(item: Dataset) -> tuple[str, str]:
+    name = item.ConceptNameCodeSequence[0]
+    return (str(name.CodingSchemeDesignator), str(name.CodeValue))
+
+
+def _entries(document: Dataset) -> dict[str, Dataset]:
+    """The Image Library's entries, by SOP Instance UID."""
+    return {
+        str(entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID): entry
+        for group in _library_groups(document)
+        for entry in group.ContentSequence
+        if entry.ValueType == "IMAGE"
+    }
+
+
+def _described(entry: Dataset) -> dict[str, object]:
+    """What an entry says of its image's laterality and view."""
+    found: dict[str, object] = {}
+    for item in entry.ContentSequence:
+        if _name(item) == _LATERALITY:
+            assert item.ValueType == "CODE"
+            assert item.RelationshipType == "HAS ACQ CONTEXT"
+            found["laterality"] = _code(item)
+        elif _name(item) == _VIEW:
+            assert item.ValueType == "CODE"
+            assert item.RelationshipType == "HAS ACQ CONTEXT"
+            found["view"] = _code(item)
+            modifiers = []
+            for child in item.get("ContentSequence") or []:
+                assert _name(child) == _VIEW_MODIFIER
+                assert child.ValueType == "CODE"
+                assert child.RelationshipType == "HAS CONCEPT MOD"
+                modifiers.append(_code(child))
+            found["modifiers"] = modifiers
+    return found
+
+
+def _same_as_highdicom(sources: list[Dataset]) -> Dataset:
+    """The SR of ``sources`` (templates), asserted to be the one highdicom builds entry by
+    entry."""
+    analysis = _analysis(sources)
+    document = build_sr(sources, analysis)
+    reference = build_sr(sources, analysis, check_all=True)
+    assert not any(_templated(group) for group in _library_groups(reference))
+    _same_times(document, reference)
+    assert encode_part10(document) == encode_part10(reference)
+    return document
+
+
+def test_mammography_entries_say_each_views_laterality_and_view() -> None:
+    sources = _four_views()
+    document = _same_as_highdicom(sources)
+    assert [_templated(group) for group in _library_groups(document)] == [True]
+    entries = _entries(document)
+    described = [_described(entries[str(ds.SOPInstanceUID)]) for ds in sources]
+    assert described == [
+        {"laterality": _RIGHT, "view": _CC, "modifiers": []},
+        {"laterality": _LEFT, "view": _CC, "modifiers": []},
+        {"laterality": _RIGHT, "view": _MLO, "modifiers": [_MAGNIFICATION]},
+        {"laterality": _LEFT, "view": _MLO, "modifiers": []},
+    ]
+    # after highdicom's own descriptors (as its additional_descriptors would be), laterality
+    # first
+    names = [_name(item) for item in entries[str(sources[0].SOPInstanceUID)].ContentSequence]
+    assert names[0] == ("DCM", "121139")  # Modality
+    assert names[-2:] == [_LATERALITY, _VIEW]
+
+
+def test_the_sr_reader_reads_a_mammogram_sr_back() -> None:
+    sources = _four_views()
+    buf = io.BytesIO()
+    build_sr(sources, _analysis(sources)).save_as(buf, enforce_file_format=True)
+    summary = summarise_sr(pydicom.dcmread(io.BytesIO(buf.getvalue())))
+    uids = sorted(str(ds.SOPInstanceUID) for ds in sources)
+    assert summary["referenced_sop_instance_uids"] == uids
+    assert sorted(summary["image_probabilities"]) == uids
+    assert summary["probabilities"] == {label: 0.25 for label in LABELS}
+
+
+def test_laterality_and_view_codes_written_as_the_source_has_them() -> None:
+    """Laterality (0020,0060) where the image has no Image Laterality; a view's Long Code
+    Value, URN Code Value and Coding Scheme Version as the source writes them; several
+    modifiers: every shape of code the templates write, and highdicom's bytes."""
+    sources = _four_views()
+    del sources[0].ImageLaterality
+    sources[0].Laterality = "R"
+    sources[1].ImageLaterality = "B"
+    long_view = code_item("", "RADLEX", "cranio-caudal (local)")
+    del long_view.CodeValue
+    long_view.LongCodeValue = "RID10000-LONG-CODE-VALUE"
+    long_view.CodingSchemeVersion = "4.1"
+    long_view.ViewModifierCodeSequence = DicomSequence(
+        [code_item(*_MAGNIFICATION), code_item("399055006", "SCT", "Spot Compression")]
+    )
+    sources[1].ViewCodeSequence = DicomSequence([long_view])
+    urn_view = Dataset()
+    urn_view.URNCodeValue = "urn:oid:1.2.3.4.5"
+    urn_view.CodingSchemeDesignator = "99LOC"
+    urn_view.CodeMeaning = "local view"
+    sources[3].ViewCodeSequence = DicomSequence([urn_view])
+    document = _same_as_highdicom(sources)
+    assert all(_templated(group) for group in _library_groups(document))
+    entries = _entries(document)
+    described = [_described(entries[str(ds.SOPInstanceUID)]) for ds in sources]
+    assert described[0]["laterality"] == _RIGHT
+    assert described[1] == {
+        "laterality": ("51440002", "SCT", "Bilateral"),
+        "view": ("RID10000-LONG-CODE-VALUE", "RADLEX", "cranio-caudal (local)"),
+        "modifiers": [_MAGNIFICATION, ("399055006", "SCT", "Spot Compression")],
+    }
+    view_code = next(
+        item.ConceptCodeSequence[0]
+        for item in entries[str(sources[1].SOPInstanceUID)].ContentSequence
+        if _name(item) == _VIEW
+    )
+    assert "CodeValue" not in view_code
+    assert view_code.CodingSchemeVersion == "4.1"
+    assert described[3]["view"] == ("urn:oid:1.2.3.4.5", "99LOC", "local view")
+
+
+@pytest.mark.parametrize(
+    "broken",
+    ["laterality X", "laterality U", "view without meaning", "view of two values", "modifier"],
+)
+def test_an_unusable_laterality_or_view_is_left_out(broken: str) -> None:
+    """A value the SR cannot write as it is leaves that descriptor out (a view's modifiers with
+    it), never the SR; the other images keep theirs, and the library is highdicom's."""
+    sources = _four_views()
+    target = sources[2]  # R MLO, magnified
+    expected = {"laterality": _RIGHT, "view": _MLO, "modifiers": [_MAGNIFICATION]}
+    if broken == "laterality X":
+        target.ImageLaterality = "X"
+        del expected["laterality"]
+    elif broken == "laterality U":
+        target.ImageLaterality = "U"
+        del expected["laterality"]
+    elif broken == "view without meaning":
+        del target.ViewCodeSequence[0].CodeMeaning
+        del expected["view"], expected["modifiers"]
+    elif broken == "view of two values":
+        target.ViewCodeSequence[0].LongCodeValue = "399368009-AS-LONG-CODE"
+        del expected["view"], expected["modifiers"]
+    else:
+        target.ViewCodeSequence[0].ViewModifierCodeSequence.insert(
+            0, code_item("399163009", "SCT", "bad\\meaning")
+        )
+    document = _same_as_highdicom(sources)
+    entries = _entries(document)
+    assert _described(entries[str(target.SOPInstanceUID)]) == expected
+    assert _described(entries[str(sources[3].SOPInstanceUID)]) == {
+        "laterality": _LEFT,
+        "view": _MLO,
+        "modifiers": [],
+    }
+
+
+def test_a_dx_without_laterality_or_view_and_a_ct_keep_highdicoms_entries() -> None:
+    """A radiograph without Image Laterality or a View Code Sequence, and a cross-sectional
+    image (which has no TID 1603 view) even with a laterality: the entries highdicom writes,
+    nothing added."""
+    sources = _sources()
+    for ds in sources:
+        if ds.Modality == "DX":
+            del ds.ViewCodeSequence
+            del ds.ImageLaterality
+        else:
+            ds.Laterality = "R"
+    document = _same_as_highdicom(sources)
+    entries = _entries(document)
+    own = ImageLibrary(sources)[0]
+    expected = {
+        str(entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID): entry
+        for group in own.ContentSequence
+        for entry in group.ContentSequence
+        if entry.ValueType == "IMAGE"
+    }
+    assert sorted(entries) == sorted(expected)
+    encodings = document.get("SpecificCharacterSet")
+    for uid, entry in entries.items():
+        assert encode_items([entry], encodings) == encode_items([expected[uid]], encodings)
+        assert _described(entry) == {}
+
+
+def test_a_view_meaning_in_another_script_is_written_in_utf8() -> None:
+    """A view's meaning the source's character set cannot write makes the SR UTF-8, as a
+    procedure's does, and the verified SR keeps it."""
+    sources = _four_views()
+    sources[0].ViewCodeSequence = DicomSequence([code_item("CC-JA", "99LOC", "頭尾方向")])
+    document = _same_as_highdicom(sources)
+    assert document.SpecificCharacterSet == "ISO_IR 192"
+    buf = io.BytesIO()
+    document.save_as(buf, enforce_file_format=True)
+    unverified = pydicom.dcmread(io.BytesIO(buf.getvalue()))
+    entries = _entries(unverified)
+    assert _described(entries[str(sources[0].SOPInstanceUID)])["view"] == (
+        "CC-JA",
+        "99LOC",
+        "頭尾方向",
+    )
+    verification = Verification(
+        "Doe^Jane", "Example Hospital", "confirm", "nodule", "", dt.datetime(2026, 3, 4)
+    )
+    verified = build_verified_sr(unverified, sources, verification)
+    assert verified.SpecificCharacterSet == "ISO_IR 192"
+
+
+@needs_dciodvfy
+def test_dciodvfy_reports_no_errors_for_a_mammogram_sr() -> None:
+    from acwi_node.results.validate import run_dciodvfy
+
+    sources = _four_views()
+    document = build_sr(sources, _analysis(sources))
+    assert all(_templated(group) for group in _library_groups(document))
+    report = run_dciodvfy(document)
+    assert report.iod == "Comprehensive3DSR"
+    assert report.errors == [], report.output

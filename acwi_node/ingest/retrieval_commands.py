@@ -79,6 +79,7 @@ def run_sources_check(settings: Settings, names: list[str], *, as_json: bool) ->
     # Each failure is printed with its reason below: pynetdicom's own lines would repeat it.
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     rows: list[dict[str, Any]] = []
+    asked: list[str] = []  # what each check sent, for its line
     for src in [known[n] for n in names] if names else settings.sources:
         timeout_s = min(settings.retrieve.timeout_s, 30.0)
         try:
@@ -103,15 +104,14 @@ def run_sources_check(settings: Settings, names: list[str], *, as_json: bool) ->
             {"name": src.name, "where": src.where, "ok": ok, "elapsed_ms": round(elapsed, 1),
              "error": error}
         )  # fmt: skip
+        asked.append("QIDO-RS" if src.kind == "dicomweb" else "C-ECHO and C-FIND")
     if as_json:
         print(json.dumps(rows, indent=2))
     elif not rows:
         print("no sources configured ([[sources]])")
-    for row in [] if as_json else rows:
+    for row, what in [] if as_json else zip(rows, asked, strict=True):
         if row["ok"]:
-            print(
-                f"{row['name']} ({row['where']}): C-ECHO and C-FIND ok, {row['elapsed_ms']:.0f} ms"
-            )
+            print(f"{row['name']} ({row['where']}): {what} ok, {row['elapsed_ms']:.0f} ms")
         else:
             print(f"{row['name']} ({row['where']}): FAILED: {row['error']}")
     return 0 if all(r["ok"] for r in rows) else 1

@@ -1,11 +1,18 @@
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from acwi_node.config import ConfigError, load_settings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 reads TOML with the tomli backport
+    import tomli as tomllib
 
 EXAMPLE = """
 [node]
@@ -252,6 +259,160 @@ def test_every_setting_is_documented_in_the_readme() -> None:
 
     walk(Settings, "")
     assert sorted(missing) == []
+
+
+def _readme() -> str:
+    return (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def settings_defaults(model: Any, path: str = "") -> dict[str, Any]:
+    """Each setting's ``path.key`` (``[notify.tls]`` and ``[sources.tls]`` too, with the keys
+    of ``[destinations.tls]``) and its default (``...`` for a key that must be given)."""
+    from pydantic_core import PydanticUndefined
+
+    found: dict[str, Any] = {}
+    for key, field in model.model_fields.items():
+        name = f"{path}.{key}" if path else key
+        default = field.get_default(call_default_factory=True)
+        found[name] = ... if default is PydanticUndefined else default
+        sub = _settings_model(field.annotation)
+        if sub is not None:
+            found.update(settings_defaults(sub, name))
+    return found
+
+
+def test_every_setting_has_a_row_in_a_table_of_the_readme() -> None:
+    """An administrator looks a key up in the configuration table (or a table of its own, as
+    ``[routes.select]``'s): a key shown only in a TOML example elsewhere has no default and
+    no meaning there to find."""
+    from acwi_node.config import Settings
+
+    tables = re.sub(r"```toml\n.*?```", "", _readme(), flags=re.DOTALL)
+    documented = documented_table_keys(tables)
+    missing = []
+    for name in settings_defaults(Settings):
+        # [notify.tls] and [sources.tls]: "the keys of [destinations.tls]"
+        name = re.sub(r"^(notify|sources)\.tls\.", "destinations.tls.", name)
+        section, leaf = name.split(".")[0], name.rpartition(".")[2]
+        if "." in name and not {name, f"{section}.{leaf}"} & documented:
+            missing.append(name)
+    assert missing == []
+
+
+def _literal(text: str) -> tuple[bool, Any]:
+    """``(True, value)`` for a stated default that is a value: a TOML literal (``11112``,
+    ``true``, ``["review"]``) or a word, a name or an address (``ACWI``, ``fp32``,
+    ``0.0.0.0``); ``(False, None)`` for one that says what the node works out
+    (``<data_dir>/engines``) or shows a form (``http://host:port``)."""
+    try:
+        return True, tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return (True, text) if re.fullmatch(r"[\w.:-]+", text) else (False, None)
+
+
+def documented_defaults(readme: str) -> list[tuple[int, str, str]]:
+    """``(line, key, value)`` for each default the configuration table states: a row's keys
+    (`` `node.dicom_host` / `node.dicom_port` ``) with its default column's values, one each
+    (`` `0.0.0.0` / `11112` ``, a remark in parentheses after them); and in a table's row
+    (`` `[hl7.ris]` ``, `` `[[destinations]]` ``) a key written `` `key = value` `` or followed
+    by its default in parentheses: `` `max_attempts` (5) ``, `` `associations` (`2`: ...) ``."""
+    found: list[tuple[int, str, str]] = []
+    for number, line in enumerate(readme.splitlines(), 1):
+        cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", line)]
+        if len(cells) != 5 or cells[0] or cells[-1]:
+            continue
+        first, default, meaning = cells[1:4]
+        table = re.fullmatch(r"`\[+([a-z0-9_.]+)\]+`", first)
+        if table:
+            # `enabled = false` as the default, or in parentheses (`hsts_max_age_days = 365`);
+            # elsewhere in the row an example (`results = ["sr"]`)
+            for cell, said, then in ((default, "`", ""), (meaning, r"\(`", r"(?=[);])")):
+                for key, value in re.findall(said + r"([a-z0-9_]+) = ([^`]+)`" + then, cell):
+                    found.append((number, f"{table.group(1)}.{key}", value))
+            for key, quoted, bare in re.findall(
+                r"`([a-z0-9_]+)` \((?:`([^`]+)`|(-?[0-9][0-9.]*))(?=[),;:])", meaning
+            ):
+                found.append((number, f"{table.group(1)}.{key}", quoted or bare))
+            continue
+        keys = re.fullmatch(r"`([a-z0-9_]+)\.([a-z0-9_]+)`((?:(?: /|,) `[a-z0-9_.]+`)*)", first)
+        values = re.fullmatch(r"`([^`]+)`((?:(?: /|,) `[^`]+`)*)(?: \(.*\))?", default)
+        if keys and values:
+            names = [keys.group(2), *re.findall(r"`(?:[a-z0-9_]+\.)?([a-z0-9_]+)`", keys.group(3))]
+            stated = [values.group(1), *re.findall(r"`([^`]+)`", values.group(2))]
+            if len(names) == len(stated):
+                found += [
+                    (number, f"{keys.group(1)}.{n}", v) for n, v in zip(names, stated, strict=True)
+                ]
+    return found
+
+
+def test_documented_defaults_reads_rows_and_their_tables() -> None:
+    readme = (
+        "| `node.dicom_host` / `node.dicom_port` | `0.0.0.0` / `11112` | listener |\n"
+        "| `ingest.max_pdu_size` | `0` (unlimited) | largest PDU |\n"
+        "| `node.database_url` | SQLite in `data_dir` | ledger |\n"
+        "| `[node.http_tls]` | `enabled = false` | `cert_file` (PEM) (`hsts_max_age_days = 365`;"
+        ' 0: none), split (`results = ["sr"]` to an archive) |\n'
+        "| `[hl7.ris]` | none | `receiving_application` (`RIS`), `max_attempts` (5), "
+        "`request_max_bytes` (64 MiB), `proxy` (`http://host:port`: a tunnel) |\n"
+    )
+    assert documented_defaults(readme) == [
+        (1, "node.dicom_host", "0.0.0.0"),
+        (1, "node.dicom_port", "11112"),
+        (2, "ingest.max_pdu_size", "0"),
+        (4, "node.http_tls.enabled", "false"),
+        (4, "node.http_tls.hsts_max_age_days", "365"),
+        (5, "hl7.ris.receiving_application", "RIS"),
+        (5, "hl7.ris.max_attempts", "5"),
+        (5, "hl7.ris.proxy", "http://host:port"),
+    ]
+    assert _literal("http://host:port") == (False, None)
+    assert _literal("0.0.0.0") == (True, "0.0.0.0") and _literal('["a"]') == (True, ["a"])
+
+
+def _same(stated: Any, default: Any) -> bool:
+    from enum import Enum
+
+    if isinstance(default, list):
+        return (
+            isinstance(stated, list)
+            and len(stated) == len(default)
+            and all(_same(s, d) for s, d in zip(stated, default, strict=True))
+        )
+    if isinstance(default, Enum):
+        default = default.value
+    if isinstance(default, bool) or isinstance(stated, bool):
+        return stated is default
+    if isinstance(default, int | float) and isinstance(stated, int | float):
+        return float(stated) == float(default)
+    return default is not None and str(stated) == str(default)
+
+
+def test_the_defaults_the_configuration_table_states_are_the_settings() -> None:
+    """``| `retrieve.timeout_s` | `600` |``, ``[[destinations]]``: ``associations`` (`2`):
+    each default the configuration table states is the one the node takes without the key
+    (a key of a table's table, ``verify_hostname`` of ``[destinations.tls]``, by its name)."""
+    from pydantic import BaseModel
+
+    from acwi_node.config import Settings
+
+    defaults = settings_defaults(Settings)
+    wrong = []
+    for number, key, value in documented_defaults(_readme()):
+        table, _, leaf = key.rpartition(".")
+        name = key if key in defaults else None
+        for other in defaults if name is None else ():
+            if other.startswith(f"{table}.") and other.rpartition(".")[2] == leaf:
+                name = other
+                break
+        if name is None:
+            wrong.append(f"README.md:{number}: {key}: no such setting")
+            continue
+        is_value, stated = _literal(value)
+        default = defaults[name]
+        if is_value and not isinstance(default, BaseModel) and not _same(stated, default):
+            wrong.append(f"README.md:{number}: {name}: README {value}, the node {default!r}")
+    assert wrong == []
 
 
 @pytest.mark.parametrize(

@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from acwi_node.cli import build_parser
-from acwi_node.config import load_settings
+from acwi_node.config import ConfigError, Settings, load_settings
 from acwi_node.web.api import create_app
+from tests.support.certs import Pki, make_pki
+from tests.unit.test_config import documented_settings, settings_defaults
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 reads TOML with the tomli backport
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 GUIDES = [
@@ -213,3 +221,97 @@ def test_the_readme_opens_with_what_setup_and_ci_run() -> None:
     said = readme.split("## ", 1)[0].lower()
     # orthanc-dicomweb: "Orthanc (with its DICOMweb plugin)"
     assert sorted(p for p in packages if p.rpartition("-")[2] not in said) == []
+
+
+#: The guides whose TOML examples are the node's configuration (``acwi-node --config``).
+CONFIGURATION_GUIDES = [ROOT / "README.md", ROOT / "deploy" / "README.md"]
+
+
+def toml_examples(path: Path) -> list[tuple[int, str]]:
+    """``(line, text)`` of each ```` ```toml ```` block of a guide."""
+    text = path.read_text()
+    return [
+        (text.count("\n", 0, m.start()) + 1, m.group(1))
+        for m in re.finditer(r"```toml\n(.*?)```", text, re.DOTALL)
+    ]
+
+
+def loadable(example: str, pki: Pki, secret: Path) -> str:
+    """The example as a configuration file here: the certificates, keys and secrets it names
+    (``/etc/acwi/tls/node.key``, ``/run/secrets/pacs-password``) the test's own, and a DIMSE
+    destination for each one a route names that the example leaves out."""
+
+    def local(found: re.Match[str]) -> str:
+        path = found.group(1)
+        name = path.rpartition("/")[2]
+        if name.endswith(".key"):
+            path = str(pki.server.key)
+        elif name.endswith((".crt", ".pem")):
+            path = str(pki.ca if "ca" in name.split(".")[0].split("-") else pki.server.cert)
+        elif path.startswith("/run/secrets/"):
+            path = str(secret)
+        return f'"{path}"'
+
+    text = re.sub(r'"(/(?:etc|run)/[^"]+)"', local, example)
+    parsed = tomllib.loads(text)
+    defined = {d["name"] for d in parsed.get("destinations", [])}
+    for name in sorted({n for r in parsed.get("routes", []) for n in r.get("destinations", [])}):
+        if name not in defined:
+            text += f'\n[[destinations]]\nname = "{name}"\nae_title = "PACS"\n'
+            text += 'host = "pacs"\nport = 104\n'
+    return text
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def test_loadable_gives_an_example_the_files_it_names(tmp_path: Path, pki: Pki) -> None:
+    example = (
+        '[ingest.tls]\ncert_file = "/etc/acwi/tls/node.crt"\nkey_file = "/etc/acwi/tls/node.key"\n'
+        'ca_file = "/etc/acwi/tls/hospital-ca.crt"\n[[notify]]\ntoken_file = "/run/secrets/t"\n'
+        'manifest = "/etc/acwi/models/chest/manifest.json"\n'
+        '[[routes]]\nname = "r"\ndestinations = ["pacs", "archive"]\n'
+    )
+    parsed = tomllib.loads(loadable(example, pki, tmp_path / "secret"))
+    assert parsed["ingest"]["tls"] == {
+        "cert_file": str(pki.server.cert),
+        "key_file": str(pki.server.key),
+        "ca_file": str(pki.ca),
+    }
+    assert parsed["notify"][0] == {
+        "token_file": str(tmp_path / "secret"),
+        "manifest": "/etc/acwi/models/chest/manifest.json",
+    }
+    assert [d["name"] for d in parsed["destinations"]] == ["archive", "pacs"]
+
+
+@pytest.mark.parametrize("guide", CONFIGURATION_GUIDES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_toml_examples_of_the_guides_load(
+    guide: Path, tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An administrator copies an example into the configuration: ``acwi-node config``
+    accepts each as it stands (with the files it names, and the destination its routes
+    send to), and each key it shows commented out (``# commitment_linger_s = 10``) is one
+    of the section it stands in."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ACWI_CONFIG", raising=False)
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret\n")
+    settings = settings_defaults(Settings)
+    wrong = []
+    for number, example in toml_examples(guide):
+        where = f"{guide.relative_to(ROOT)}:{number}"
+        config = tmp_path / f"example-{number}.toml"
+        config.write_text(loadable(example, pki, secret))
+        try:
+            load_settings(config, route_models_known=False)
+        except ConfigError as exc:
+            wrong.append(f"{where}: {exc}")
+        wrong += [
+            f"{where}: no setting {name}"
+            for name in sorted(documented_settings(f"```toml\n{example}```"))
+            if name not in settings
+        ]
+    assert wrong == []

@@ -192,6 +192,48 @@ def test_the_command_line_queues_and_lists_retrievals(
     assert '"study_uid": "1.2.3"' in capsys.readouterr().out
 
 
+def test_sources_check_says_it_asked_a_dicomweb_source_by_qido_rs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A DICOMweb source is checked by a QIDO-RS query, as a DICOMweb destination is: its
+    line says so, not "C-ECHO and C-FIND" (which a DICOMweb service is never sent)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    asked: list[str] = []
+
+    class Qido(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Qido)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    config = tmp_path / "acwi-node.toml"
+    config.write_text(
+        f'[node]\ndata_dir = "{tmp_path / "data"}"\n\n[[sources]]\nname = "vna"\n'
+        f'url = "http://127.0.0.1:{server.server_port}/dicom-web"\n'
+    )
+    try:
+        assert main(["--config", str(config), "sources", "check"]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert asked == ["/dicom-web/studies?limit=1"]
+    out = capsys.readouterr().out
+    assert re.fullmatch(
+        rf"vna \(http://127\.0\.0\.1:{server.server_port}/dicom-web\): QIDO-RS ok, \d+ ms\n",
+        out,
+    ), out
+
+
 # ------------------------------------------------------------------ HTTP API and dashboard
 @pytest.fixture
 def settings(ledger_node: tuple[Settings, Ledger]) -> Settings:

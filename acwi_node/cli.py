@@ -15,12 +15,14 @@ acwi-node feedback    export reviewed cases as a labelled dataset
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import errno
 import gc
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -1027,6 +1029,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader of what a command prints went away (``acwi-node studies list | head``):
+        # nothing more to say, and no traceback. Standard output is pointed at /dev/null, so
+        # that the interpreter's own flush at exit does not fail in turn. Any other broken
+        # pipe (a socket) is an error as before.
+        if not _stdout_is_broken():
+            raise
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _stdout_is_broken() -> bool:
+    """Whether standard output's reader is gone: polled, a pipe without readers (or a closed
+    socket) reports an error or a hang-up."""
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        events = poller.poll(0)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(mask & (select.POLLERR | select.POLLHUP) for _, mask in events)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     private_umask()
     args = build_parser().parse_args(argv)
     config: Path | None = args.config

@@ -79,11 +79,17 @@ Host = Annotated[str, AfterValidator(_check_host)]
 
 
 def _unbracketed_ipv6(url: str) -> str:
-    """What to add to a message refusing ``url`` when its host is an IPv6 address without
-    brackets (``http://::1:8080/``), else ``""``."""
-    netloc = url.partition("://")[2].split("/", 1)[0].rpartition("@")[2]
+    """The message refusing ``url`` when its host is an IPv6 address without brackets
+    (``http://::1:8080/``), else ``""``: it names the URL's own scheme, not the URL (which
+    could hold credentials)."""
+    scheme, _, rest = url.partition("://")
+    netloc = rest.split("/", 1)[0].rpartition("@")[2]
     if netloc.count(":") > 1 and "[" not in netloc:
-        return " (an IPv6 address goes in brackets in a URL: [fd00::5]:8080)"
+        shown = scheme if scheme.isascii() and scheme.isalpha() and len(scheme) <= 8 else "https"
+        return (
+            f"an IPv6 address goes in brackets in a URL: {shown}://[fd00::5]:8080/,"
+            f" not {shown}://fd00::5:8080/"
+        )
     return ""
 
 
@@ -540,7 +546,8 @@ def _check_peer(peer: Any, what: str, dimse_only: tuple[str, ...]) -> None:
     parts = urlsplit(peer.url)
     if parts.scheme not in ("http", "https") or not parts.hostname or _unbracketed_ipv6(peer.url):
         raise ValueError(
-            f"{what} {peer.name!r}: url must be http:// or https://" + _unbracketed_ipv6(peer.url)
+            f"{what} {peer.name!r}: url "
+            + (_unbracketed_ipv6(peer.url) or "must be http:// or https://")
         )
     if parts.username or parts.password:
         raise ValueError(
@@ -582,8 +589,8 @@ def _check_proxy(who: str, peer: Any, files: tuple[str, ...] = ()) -> None:
             or _unbracketed_ipv6(peer.proxy)
         ):
             raise ValueError(
-                f"{who}: proxy must be http://host:port, not {peer.proxy!r}"
-                + _unbracketed_ipv6(peer.proxy)
+                f"{who}: proxy "
+                + (_unbracketed_ipv6(peer.proxy) or f"must be http://host:port, not {peer.proxy!r}")
             )
         if proxy.username or proxy.password:
             raise ValueError(
@@ -1082,8 +1089,8 @@ class NotifyTarget(_Strict):
             or _unbracketed_ipv6(self.url)
         ):
             raise ValueError(
-                f"notify {self.name}: url must be http:// or https:// with a host"
-                + _unbracketed_ipv6(self.url)
+                f"notify {self.name}: url "
+                + (_unbracketed_ipv6(self.url) or "must be http:// or https:// with a host")
             )
         if "finding" in self.events and not self.labels:
             raise ValueError(f"notify {self.name}: the finding event needs labels")
@@ -1187,8 +1194,11 @@ class AuditSettings(_Strict):
         parts = urlsplit(v)
         if parts.scheme not in {"udp", "tcp", "tls"} or not parts.hostname or _unbracketed_ipv6(v):
             raise ValueError(
-                f"syslog_url {v!r} must look like udp://host:514, tcp://host:601 or tls://host:6514"
-                + _unbracketed_ipv6(v)
+                f"syslog_url {v!r}: "
+                + (
+                    _unbracketed_ipv6(v)
+                    or "must look like udp://host:514, tcp://host:601 or tls://host:6514"
+                )
             )
         return v
 

@@ -523,12 +523,18 @@ def test_a_host_that_no_socket_takes_is_refused_at_start(
     [
         '[[destinations]]\nname = "web"\nurl = "http://fd00::5:8042/dicom-web"',
         '[[notify]]\nname = "hook"\nurl = "https://fd00::5/hook"',
+        '[[notify]]\nname = "hook"\nurl = "https://hooks.example/x"\nproxy = "http://fd00::5:3128"',
         '[audit]\nsyslog_url = "tls://fd00::5:6514"',
     ],
 )
 def test_an_ipv6_address_in_a_url_is_asked_for_in_brackets(tmp_path: Path, table: str) -> None:
-    with pytest.raises(ConfigError, match=r"an IPv6 address goes in brackets in a URL"):
+    """The refusal says what is wrong, with the URL's own scheme: not that an https:// URL
+    must be http:// or https://."""
+    with pytest.raises(ConfigError, match=r"an IPv6 address goes in brackets in a URL") as err:
         load_settings(write(tmp_path, table + "\n"))
+    scheme = table.split("fd00::5")[0].rsplit('"', 1)[1]  # the scheme of the refused URL
+    assert f"{scheme}[fd00::5]:8080/" in str(err.value)
+    assert "must be" not in str(err.value) and "must look like" not in str(err.value)
     bracketed = table.replace("fd00::5", "[fd00::5]")
     load_settings(write(tmp_path, bracketed + "\n"))
 

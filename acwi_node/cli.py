@@ -600,6 +600,28 @@ def web_processes(settings: Settings, cores: int | None = None) -> int:
     return processes_per_core(settings.node.http_workers, cores)
 
 
+def forwarded_allow_ips(settings: Settings) -> list[str]:
+    """uvicorn's ``forwarded_allow_ips`` for ``node.http_trusted_proxies``: each IPv4 entry
+    also as the IPv6 peer address a dual-stack socket (``http_host = "::"``) gives an IPv4
+    client (``::ffff:10.0.0.5``), which uvicorn compares as a different address."""
+    import ipaddress
+
+    trusted = settings.node.http_trusted_proxies
+    if trusted == ["*"]:
+        return trusted
+    allowed: list[str] = []
+    for entry in trusted:
+        allowed.append(entry)
+        network = ipaddress.ip_network(entry)
+        if network.version == 4:
+            mapped = ipaddress.IPv6Address(f"::ffff:{network.network_address}")
+            if network.prefixlen == 32:
+                allowed.append(str(mapped))
+            else:
+                allowed.append(f"{mapped}/{96 + network.prefixlen}")
+    return allowed
+
+
 def run_web(settings: Settings, config: Path | None = None) -> int:
     """The web app, in this process or, with ``node.http_workers`` > 1 (0: one per core, at
     most 8), in that many processes sharing the port (uvicorn's workers), whose metrics
@@ -612,6 +634,10 @@ def run_web(settings: Settings, config: Path | None = None) -> int:
         "port": settings.node.http_port,
         "log_level": settings.node.log_level.lower(),
         "access_log": False,
+        # The client's address and the scheme from X-Forwarded-For and X-Forwarded-Proto, from
+        # the trusted proxies alone (given here: FORWARDED_ALLOW_IPS would widen uvicorn's own).
+        "proxy_headers": bool(settings.node.http_trusted_proxies),
+        "forwarded_allow_ips": forwarded_allow_ips(settings),
     }
     tls = settings.node.http_tls
     if tls.enabled:

@@ -78,6 +78,37 @@ def _check_host(value: str) -> str:
 Host = Annotated[str, AfterValidator(_check_host)]
 
 
+def _check_trusted_proxies(value: list[str]) -> list[str]:
+    """``node.http_trusted_proxies``: IP addresses and networks (CIDR), written as
+    :mod:`ipaddress` writes them, or ``["*"]`` alone. uvicorn takes an entry it cannot read
+    (a host name, a typo, a network with host bits set) for a literal that no peer ever
+    matches: such an entry is refused here instead of being silently never trusted."""
+    import ipaddress
+
+    if "*" in value:
+        if value != ["*"]:
+            raise ValueError('"*" (every peer) stands alone in http_trusted_proxies')
+        return value
+    written: list[str] = []
+    for entry in value:
+        item = entry.strip()
+        try:
+            if "/" in item:
+                written.append(str(ipaddress.ip_network(item, strict=True)))
+            else:
+                written.append(str(ipaddress.ip_address(item)))
+        except ValueError as exc:
+            raise ValueError(
+                f"trusted proxy {entry!r} is neither an IP address nor a network"
+                f" (10.0.0.5, 10.0.0.0/24, fd00::/64): {exc}"
+            ) from None
+    return written
+
+
+#: Reverse proxies whose forwarded headers the web app takes (``node.http_trusted_proxies``).
+TrustedProxies = Annotated[list[str], AfterValidator(_check_trusted_proxies)]
+
+
 def _unbracketed_ipv6(url: str) -> str:
     """The message refusing ``url`` when its host is an IPv6 address without brackets
     (``http://::1:8080/``), else ``""``: it names the URL's own scheme, not the URL (which
@@ -177,6 +208,13 @@ class NodeSettings(_Strict):
     #: HTTPS on ``http_port`` (TLS 1.2 or newer), for a web port reached from other hosts
     #: without a reverse proxy in front.
     http_tls: HttpTlsSettings = Field(default_factory=HttpTlsSettings)
+    #: Peers (IP addresses or CIDR networks) whose ``X-Forwarded-For`` and
+    #: ``X-Forwarded-Proto`` the web app takes for the client's address (sign-in throttle,
+    #: audit trail) and the scheme: the reverse proxies in front of it. Loopback by default
+    #: (a proxy on the same host); ``[]``: no peer; ``["*"]``: every peer, so that any client
+    #: names its own address (only where nothing but the proxy can reach the port).
+    #: uvicorn's ``FORWARDED_ALLOW_IPS`` environment variable is not read.
+    http_trusted_proxies: TrustedProxies = Field(default_factory=lambda: ["127.0.0.1", "::1"])
     data_dir: Path = Path("acwi-data")
     #: SQLAlchemy URL of the ledger; default ``sqlite:///<data_dir>/ledger.sqlite``.
     database_url: str | None = None

@@ -505,7 +505,9 @@ def is_auto_reload(request: Request) -> bool:
 
 
 def _client_address(request: Request) -> str:
-    """The address the request came from (the proxy's, behind one)."""
+    """The address the request came from: behind a reverse proxy in
+    ``node.http_trusted_proxies``, the client's it forwards (``X-Forwarded-For``, taken by
+    uvicorn before the app sees the request), else the proxy's."""
     return request.client.host if request.client is not None else ""
 
 

@@ -580,3 +580,36 @@ def test_a_routes_sr_regions_are_the_workers_unless_it_says_and_checked_at_start
     assert settings.routes[0].results.region_fraction(settings.worker) == 0.5
     settings = load_settings(write(tmp_path, off + route.format("")))
     assert settings.routes[0].results.region_fraction(settings.worker) is None
+
+
+@pytest.mark.parametrize(
+    ("entries", "said"),
+    [
+        (["10.0.0.300"], "trusted proxy '10.0.0.300' is neither an IP address nor a network"),
+        (["nonsense"], "trusted proxy 'nonsense' is neither an IP address nor a network"),
+        (["proxy.hospital.local"], "'proxy.hospital.local' is neither an IP address"),
+        (["10.0.0.1/8"], "10.0.0.1/8 has host bits set"),
+        (["*", "10.0.0.5"], '"*" (every peer) stands alone'),
+    ],
+)
+def test_a_trusted_proxy_that_is_no_address_or_network_is_refused_at_start(
+    tmp_path: Path, entries: list[str], said: str
+) -> None:
+    """uvicorn takes an entry it cannot read for a name no peer matches: the proxy would be
+    silently distrusted (or a typo in a network left the node trusting nobody)."""
+    listed = ", ".join(f'"{entry}"' for entry in entries)
+    with pytest.raises(ConfigError, match="node.http_trusted_proxies") as err:
+        load_settings(write(tmp_path, f"[node]\nhttp_trusted_proxies = [{listed}]\n"))
+    assert said in str(err.value)
+
+
+def test_trusted_proxies_default_to_loopback_and_are_written_as_read() -> None:
+    assert load_settings(None).node.http_trusted_proxies == ["127.0.0.1", "::1"]
+    settings = load_settings(
+        None, node={"http_trusted_proxies": [" 10.1.0.0/16", "FD00::0:5", "192.0.2.1/32"]}
+    )
+    assert settings.node.http_trusted_proxies == ["10.1.0.0/16", "fd00::5", "192.0.2.1/32"]
+    assert load_settings(None, node={"http_trusted_proxies": []}).node.http_trusted_proxies == []
+    assert load_settings(None, node={"http_trusted_proxies": ["*"]}).node.http_trusted_proxies == [
+        "*"
+    ]

@@ -46,3 +46,52 @@ def test_web_on_a_64_core_host_starts_eight_processes(
     settings = load_settings(None, node={"data_dir": tmp_path, "http_workers": 0})
     assert cli.run_web(settings) == 0
     assert started["workers"] == 8
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_web_hands_uvicorn_the_trusted_proxies_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """Both paths of ``run_web`` name the trusted proxies (uvicorn read FORWARDED_ALLOW_IPS
+    else); an IPv4 entry also as the IPv4-mapped address a dual-stack port's peer has."""
+    import uvicorn
+
+    from acwi_node.observability import multiproc
+    from acwi_node.web import api
+
+    given: dict[str, Any] = {}
+
+    class Server:
+        started = True
+
+        def __init__(self, config: Any) -> None:
+            pass
+
+        def run(self, sockets: Any) -> None:
+            for sock in sockets:
+                sock.close()
+
+    monkeypatch.setattr(cli, "_stop_on_signals", lambda stop: None)
+    monkeypatch.setattr(multiproc, "enable_multiprocess", lambda settings, kind: None)
+    monkeypatch.setattr(multiproc, "disable_multiprocess", lambda folder: None)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: given.update(options))
+    monkeypatch.setattr(uvicorn, "Config", lambda app, **options: given.update(options))
+    monkeypatch.setattr(uvicorn, "Server", Server)
+    monkeypatch.setattr(api, "create_app", lambda settings: None)
+    monkeypatch.setenv("ACWI_NODE__DATA_DIR", str(tmp_path))  # restored afterwards
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "*")
+    node = {"data_dir": tmp_path, "http_workers": workers, "http_port": 0}
+    proxies = ["10.2.0.0/16", "192.0.2.7", "fd00::7"]
+    assert cli.run_web(load_settings(None, node={**node, "http_trusted_proxies": proxies})) == 0
+    assert given["proxy_headers"] is True
+    assert given["forwarded_allow_ips"] == [
+        "10.2.0.0/16",
+        "::ffff:a02:0/112",
+        "192.0.2.7",
+        "::ffff:c000:207",
+        "fd00::7",
+    ]
+    given.clear()
+    assert cli.run_web(load_settings(None, node={**node, "http_trusted_proxies": []})) == 0
+    assert given["proxy_headers"] is False
+    assert given["forwarded_allow_ips"] == []

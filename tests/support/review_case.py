@@ -19,12 +19,13 @@ from fastapi.testclient import TestClient
 
 from acwi_node.config import Settings, load_settings
 from acwi_node.ingest.spool import Spool
-from acwi_node.ledger import InstanceRecord, Ledger, RoutedJob
+from acwi_node.ledger import Ledger, RoutedJob
 from acwi_node.review import auth
 from acwi_node.review.store import ReviewStore
 from acwi_node.tasks.analyse import run_job
 from models.data.synth import write_study
 from tests.support.model_variant import model_variant
+from tests.support.study_flow import spool_and_record
 
 MODEL = "review-model"
 ROUTE = "review-route"
@@ -94,21 +95,8 @@ def store_and_route(
         data = path.read_bytes()
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         study_uid = str(ds.StudyInstanceUID)
-        stored = spool.store(study_uid, str(ds.SOPInstanceUID), data)
-        rec = ledger.record_instance(
-            InstanceRecord(
-                study_uid=study_uid,
-                sop_instance_uid=str(ds.SOPInstanceUID),
-                sop_class_uid=str(ds.SOPClassUID),
-                series_uid=str(ds.SeriesInstanceUID),
-                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                modality=str(ds.get("Modality", "")),
-                body_part=str(ds.get("BodyPartExamined", "")),
-                path=spool.relative(stored),
-                size=len(data),
-                calling_ae=calling_ae,
-            ),
-            first_in_association=n == 0,
+        rec = spool_and_record(
+            spool, ledger, data, ds, calling_ae=calling_ae, first_in_association=n == 0
         )
         study_id, generation = rec.study_id, rec.generation
     ledger.association_released([study_id])
@@ -136,21 +124,8 @@ def flagged_case(
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     spool = Spool(settings.spool_dir, fsync=False)
-    path = spool.store(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), buf.getvalue())
-    rec = ledger.record_instance(
-        InstanceRecord(
-            study_uid=str(ds.StudyInstanceUID),
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            sop_class_uid=str(ds.SOPClassUID),
-            series_uid=str(ds.SeriesInstanceUID),
-            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-            modality=str(ds.get("Modality", "")),
-            body_part=str(ds.get("BodyPartExamined", "")),
-            path=spool.relative(path),
-            size=len(buf.getvalue()),
-            calling_ae=calling_ae,
-        ),
-        first_in_association=True,
+    rec = spool_and_record(
+        spool, ledger, buf.getvalue(), ds, calling_ae=calling_ae, first_in_association=True
     )
     ledger.association_released([rec.study_id])
     (job,) = ledger.complete_study(

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pydicom
 from sqlalchemy import select, update
 
 from acwi_node.config import Settings
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import InstanceRecord, Ledger, ResultFile, RoutedJob, StudyFacts
 from acwi_node.ledger.models import Delivery, Instance, Job, Study
+from acwi_node.ledger.repository import Recorded
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -34,6 +36,36 @@ def dx_record(study: str, sop: str, *, ae: str = "MOD", size: int = 100) -> Inst
         path=f"{study}/{sop}.dcm",
         size=size,
         calling_ae=ae,
+    )
+
+
+def spool_and_record(
+    spool: Spool,
+    ledger: Ledger,
+    data: bytes,
+    ds: pydicom.Dataset,
+    *,
+    calling_ae: str,
+    first_in_association: bool,
+) -> Recorded:
+    """The Part 10 file ``data`` (whose header is ``ds``) as the SCP leaves it: its spool file,
+    then its ledger row, from ``calling_ae``."""
+    study_uid = str(ds.StudyInstanceUID)
+    stored = spool.store(study_uid, str(ds.SOPInstanceUID), data)
+    return ledger.record_instance(
+        InstanceRecord(
+            study_uid=study_uid,
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            sop_class_uid=str(ds.SOPClassUID),
+            series_uid=str(ds.SeriesInstanceUID),
+            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+            modality=str(ds.get("Modality", "")),
+            body_part=str(ds.get("BodyPartExamined", "")),
+            path=spool.relative(stored),
+            size=len(data),
+            calling_ae=calling_ae,
+        ),
+        first_in_association=first_in_association,
     )
 
 

@@ -527,8 +527,9 @@ def test_worker_writes_heatmaps_only_for_selected_images(tmp_path: Path, device:
 
     from acwi_node.config import load_settings
     from acwi_node.ingest.spool import Spool
-    from acwi_node.ledger import InstanceRecord, Ledger, RoutedJob
+    from acwi_node.ledger import Ledger, RoutedJob
     from acwi_node.tasks.analyse import run_job
+    from tests.support.study_flow import spool_and_record
 
     model_dir = tmp_path / "model"
     shutil.copytree(default_model_dir(), model_dir)
@@ -560,21 +561,8 @@ def test_worker_writes_heatmaps_only_for_selected_images(tmp_path: Path, device:
                 data = path.read_bytes()
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
                 study_uid = str(ds.StudyInstanceUID)
-                stored = spool.store(study_uid, str(ds.SOPInstanceUID), data)
-                rec = ledger.record_instance(
-                    InstanceRecord(
-                        study_uid=study_uid,
-                        sop_instance_uid=str(ds.SOPInstanceUID),
-                        sop_class_uid=str(ds.SOPClassUID),
-                        series_uid=str(ds.SeriesInstanceUID),
-                        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                        modality=str(ds.get("Modality", "")),
-                        body_part=str(ds.get("BodyPartExamined", "")),
-                        path=spool.relative(stored),
-                        size=len(data),
-                        calling_ae="SITEA",
-                    ),
-                    first_in_association=n == 0,
+                rec = spool_and_record(
+                    spool, ledger, data, ds, calling_ae="SITEA", first_in_association=n == 0
                 )
                 study_id, generation = rec.study_id, rec.generation
             ledger.association_released([study_id])

@@ -475,8 +475,18 @@ def synthetic_split(
 def validation_mask(items: Sequence[LabelledImage], val_fraction: float, seed: int) -> np.ndarray:
     """Which of ``items`` are held out for validation: whole patients (their pseudonym) where
     known, else whole studies, ``val_fraction`` of them (at least one of two or more), drawn
-    with ``seed``."""
-    group_of = [item.patient or f"study:{item.study_instance_uid}" for item in items]
+    with ``seed``. A study whose patient only some of its rows name (a ``labels.csv`` filled
+    in part) is that patient's whole: its other images do not land on the other side."""
+    patient_of_study: dict[str, str] = {}
+    for item in items:
+        if item.patient:
+            patient_of_study.setdefault(item.study_instance_uid, item.patient)
+    group_of = [
+        item.patient
+        or patient_of_study.get(item.study_instance_uid)
+        or f"study:{item.study_instance_uid}"
+        for item in items
+    ]
     groups = sorted(set(group_of))
     rng = np.random.default_rng([seed, 3])
     n_val = max(1, round(len(groups) * val_fraction)) if len(groups) > 1 else 0

@@ -15,7 +15,7 @@ from acwi_node.inference.analyser import Analyser
 from acwi_node.inference.manifest import load_manifest
 from acwi_node.inference.preprocess import PreprocessSpec
 from models.cli import main as cli_main
-from models.data.dicom_dataset import DicomFolderDataset, scan_folder
+from models.data.dicom_dataset import DicomFolderDataset, LabelledImage, scan_folder
 from models.data.synth import write_dataset, write_study
 from models.train import (
     config_from_dict,
@@ -154,3 +154,22 @@ def test_validation_holds_out_whole_patients(tmp_path: Path) -> None:
     anonymous = [dataclasses.replace(item, patient="") for item in items]
     is_val = validation_mask(anonymous, 0.25, 0)
     assert int(is_val.sum()) == 3  # 3 of the 12 studies
+
+
+def test_a_study_whose_patient_some_rows_name_stays_with_that_patient() -> None:
+    """A ``labels.csv`` whose ``patient`` column is filled in part: the study's unnamed images
+    go where its named ones go, with the rest of that patient's studies."""
+    items = [
+        LabelledImage(Path(f"{study}-{n}.dcm"), study, f"{study}.{n}", "normal", None, None, named)
+        for study, patient in (("1.1", "P1"), ("1.2", "P2"), ("1.3", "P3"), ("1.4", "P4"))
+        for n, named in enumerate((patient, "", ""))
+    ]
+    for seed in range(8):
+        is_val = validation_mask(items, 0.5, seed)
+        for study in ("1.1", "1.2", "1.3", "1.4"):
+            sides = {
+                bool(v)
+                for item, v in zip(items, is_val, strict=True)
+                if item.study_instance_uid == study
+            }
+            assert len(sides) == 1, (seed, study)

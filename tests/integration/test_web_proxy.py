@@ -76,9 +76,9 @@ def test_forwarded_client_address_and_scheme_from_trusted_proxies_alone(
     tmp_path: Path, http_host: str, trusted: list[str], source: str, workers: int, taken: bool
 ) -> None:
     if source != "127.0.0.1" and not _can_bind(source):
-        pytest.skip(f"{source} is not a loopback address here")
+        pytest.skip(f"this machine's OS cannot bind {source} (Linux routes all of 127/8)")
     if http_host == "::" and not socket.has_dualstack_ipv6():
-        pytest.skip("no dual-stack sockets here")
+        pytest.skip("this machine's OS has no dual-stack IPv6 sockets (IPV6_V6ONLY off)")
     port = free_port()
     config = write_config(
         tmp_path / "acwi-node.toml",

@@ -29,7 +29,14 @@ from pydicom.sequence import Sequence
 
 from acwi_node.dicom_pixels import PIXEL_DATA, is_native, stored_pixels
 
-__all__ = ["frame_count", "frame_pixels", "frame_view", "image_header", "short_pixel_data"]
+__all__ = [
+    "frame_count",
+    "frame_pixels",
+    "frame_view",
+    "functional_groups",
+    "image_header",
+    "short_pixel_data",
+]
 
 #: The top-level attributes a frame's view copies from its image: what decoding, the modality
 #: LUT, the window and the result writers read.
@@ -102,8 +109,10 @@ def frame_count(ds: Dataset) -> int:
     return max(frames, 1)
 
 
-def _groups(ds: Dataset, frame_number: int) -> list[Dataset]:
-    """The functional groups that apply to a frame: shared first, then its own."""
+def functional_groups(ds: Dataset, frame_number: int) -> list[Dataset]:
+    """The functional groups that apply to frame ``frame_number`` (1-based): the shared item
+    first, then the frame's own (a macro in it wins over the shared one); none for an image
+    without functional groups."""
     groups: list[Dataset] = []
     shared = ds.get("SharedFunctionalGroupsSequence")
     if isinstance(shared, Sequence) and len(shared) > 0:
@@ -126,7 +135,7 @@ def frame_view(ds: Dataset, frame_number: int) -> Dataset:
     for keyword in _IMAGE_ATTRIBUTES:
         if keyword in ds:
             view[keyword] = ds[keyword]
-    for group in _groups(ds, frame_number):
+    for group in functional_groups(ds, frame_number):
         for macro, keywords in _MACROS.items():
             items = group.get(macro)
             if not isinstance(items, Sequence) or len(items) == 0:

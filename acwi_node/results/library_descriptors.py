@@ -9,10 +9,18 @@ which the entry of a projection radiograph (Modality CR, DX, IO, MG, PX, RF, RG 
 1602's condition for TID 1603) says here too:
 
 - Image Laterality (111027, DCM), TID 1602 row 3: CODE, HAS ACQ CONTEXT, from CID 244: the
-  image's Image Laterality (0020,0062) R, L or B (Right, Left, Bilateral), else the series'
-  Laterality (0020,0060) R or L; "U" (an unpaired body part) or any other value has no code.
+  image's Image Laterality (0020,0062) R, L or B (Right, Left, Bilateral), else its frames'
+  Frame Laterality (0020,9072), else the series' Laterality (0020,0060) R or L; "U" (an
+  unpaired body part) or any other value has no code. An enhanced multi-frame image (Breast
+  Tomosynthesis, Breast Projection X-Ray, Enhanced XA or XRF: PS3.3 A.55, A.74, A.47, A.48)
+  has no Image Laterality: each frame's is the Frame Laterality of the Frame Anatomy
+  Sequence (0020,9071) in its functional groups (C.7.6.16.2.8; Type 1, per frame or shared
+  by all). It is the image's only where every frame has the same one: frames that disagree,
+  or some without one, give no laterality at all (not the series', nor an Image Laterality
+  that contradicts them), since no single value would be true of the whole image.
 - Image View (111031, DCM), TID 1603 row 1: CODE, HAS ACQ CONTEXT, the first item of the
-  image's View Code Sequence (0054,0220), with an Image View Modifier (111032, DCM), TID 1603
+  image's View Code Sequence (0054,0220) (at the top level in the enhanced breast images too:
+  their Breast View Module, C.8.21.6), with an Image View Modifier (111032, DCM), TID 1603
   row 2: CODE, HAS CONCEPT MOD, below it for each item of that item's View Modifier Code
   Sequence (0054,0222).
 
@@ -38,8 +46,10 @@ from highdicom.sr import (
     RelationshipTypeValues,
 )
 from pydicom import Dataset
+from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 
+from acwi_node.dicom_frames import frame_count, functional_groups
 from acwi_node.results.codes import code_items, usable_code
 
 #: The modalities of projection radiography (PS3.16 TID 1602 row 13: TID 1603 is included for
@@ -114,8 +124,46 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     return value.strip(" ") if isinstance(value, str) else None
 
 
+#: The functional group sequences (PS3.3 C.7.6.16).
+_FUNCTIONAL_GROUPS = ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
+#: What :func:`_frame_laterality` says of frames whose lateralities differ.
+_DISAGREE = "disagree"
+
+
+def _frame_laterality(ds: Dataset) -> str | None:
+    """The Frame Laterality (0020,9072) every frame of ``ds`` has (its Frame Anatomy Sequence
+    in its own functional groups, else in the shared ones), as it is written ("" for a frame
+    without one); :data:`_DISAGREE` where frames differ; None for an image without a Frame
+    Anatomy Sequence in its functional groups."""
+    try:
+        if not any(isinstance(ds.get(name), Sequence) for name in _FUNCTIONAL_GROUPS):
+            return None
+        found: set[str] = set()
+        anatomy = False
+        for number in range(1, frame_count(ds) + 1):
+            value = ""
+            for group in functional_groups(ds, number):
+                items = group.get("FrameAnatomySequence")
+                if isinstance(items, Sequence) and len(items) > 0:
+                    anatomy = True
+                    value = _text(items[0], "FrameLaterality") or ""
+            found.add(value)
+            if len(found) > 1:
+                return _DISAGREE
+    except Exception:  # a malformed functional group never stops the SR
+        return _DISAGREE
+    return found.pop() if anatomy and found else None
+
+
 def _laterality(ds: Dataset) -> CodedConcept | None:
-    code = _IMAGE_LATERALITY.get(_text(ds, "ImageLaterality") or "")
+    image = _IMAGE_LATERALITY.get(_text(ds, "ImageLaterality") or "")
+    frames = _frame_laterality(ds)
+    if frames == _DISAGREE:
+        return None
+    framed = _IMAGE_LATERALITY.get(frames or "")
+    if image is not None and framed is not None and image != framed:
+        return None  # the image and its frames contradict each other
+    code = image or framed
     if code is None:
         code = _SERIES_LATERALITY.get(_text(ds, "Laterality") or "")
     if code is None:

@@ -20,6 +20,7 @@ from pydicom.uid import UID, generate_uid
 from acwi_node.inference.types import ImageResult, StudyAnalysis, Uncertainty
 from acwi_node.results.encoding import encode_items, encode_part10
 from acwi_node.results.image_library import plan_image_library
+from acwi_node.results.library_descriptors import library_descriptors
 from acwi_node.results.sr import Verification, build_sr, build_verified_sr, summarise_sr
 from bench.common import ct_slice
 from tests.support.dx import code_item, make_dx
@@ -401,6 +402,271 @@ def test_dciodvfy_reports_no_errors_for_templated_content(study: str) -> None:
     sources = _sources() if study == "several series" else _four_views()
     document = build_sr(sources, _analysis(sources))
     assert all(_templated(group) for group in _library_groups(document))
+    report = run_dciodvfy(document)
+    assert report.iod == "Comprehensive3DSR"
+    assert report.errors == [], report.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Enhanced multi-frame projection images: the laterality in the frames' functional groups
+# ---------------------------------------------------------------------------------------------
+
+BREAST_TOMOSYNTHESIS = UID("1.2.840.10008.5.1.4.1.1.13.1.3")
+BREAST_PROJECTION_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.13.1.4")
+ENHANCED_XA = UID("1.2.840.10008.5.1.4.1.1.12.1.1")
+_FRAMES = 3
+#: What a single-frame radiograph has at the top level and an enhanced image has in its
+#: functional groups, or not at all.
+_NOT_ENHANCED = (
+    "ImageLaterality",
+    "PatientOrientation",
+    "ImagerPixelSpacing",
+    "WindowCenter",
+    "WindowWidth",
+    "RescaleIntercept",
+    "RescaleSlope",
+    "RescaleType",
+    "ViewPosition",
+    "AnatomicRegionSequence",
+    "PixelIntensityRelationship",
+    "PixelIntensityRelationshipSign",
+    "PresentationLUTShape",
+)
+
+
+def _enhanced(
+    study: str,
+    series: str,
+    number: int,
+    lateralities: Sequence[str | None],
+    view: tuple[str, str, str] | None,
+    *,
+    sop_class: UID = BREAST_TOMOSYNTHESIS,
+    frame_of_reference: str | None = None,
+) -> Dataset:
+    """An enhanced multi-frame image of ``len(lateralities)`` frames as a breast tomosynthesis
+    system (or a breast projection or XA system) writes it: the view at the top level (Breast
+    View Module), each frame's Frame Laterality in a Frame Anatomy Sequence, shared where all
+    frames have the same one, per frame otherwise (a None: that frame has no Frame Anatomy)."""
+    ds = make_dx(study, series, number, rows=24, columns=20)
+    for keyword in _NOT_ENHANCED:
+        delattr(ds, keyword)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    mammography = sop_class != ENHANCED_XA
+    ds.Modality = "MG" if mammography else "XA"
+    ds.BodyPartExamined = "BREAST" if mammography else "HEART"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "TOMOSYNTHESIS" if mammography else "SINGLE", "NONE"]
+    ds.FrameOfReferenceUID = frame_of_reference or generate_uid()
+    ds.NumberOfFrames = len(lateralities)
+    ds.PixelData = np.zeros((len(lateralities), 24, 20), dtype=np.uint16).tobytes()
+    ds["PixelData"].VR = "OW"
+    if view is None:
+        del ds.ViewCodeSequence
+    else:
+        ds.ViewCodeSequence = DicomSequence([code_item(*view)])
+        ds.ViewCodeSequence[0].ViewModifierCodeSequence = DicomSequence()
+        ds.BreastImplantPresent = "NO"
+    region = ("76752008", "SCT", "Breast") if mammography else ("80891009", "SCT", "Heart")
+
+    def anatomy(side: str) -> DicomSequence:
+        item = Dataset()
+        item.FrameLaterality = side
+        item.AnatomicRegionSequence = DicomSequence([code_item(*region)])
+        return DicomSequence([item])
+
+    shared = Dataset()
+    measures = Dataset()
+    measures.PixelSpacing = [0.1, 0.1]
+    measures.SliceThickness = 1.0
+    shared.PixelMeasuresSequence = DicomSequence([measures])
+    voi = Dataset()
+    voi.WindowCenter, voi.WindowWidth = 2048, 4096
+    shared.FrameVOILUTSequence = DicomSequence([voi])
+    frame_type = Dataset()
+    frame_type.FrameType = list(ds.ImageType)
+    shared.XRay3DFrameTypeSequence = DicomSequence([frame_type])
+    common = set(lateralities)
+    if len(common) == 1 and None not in common:
+        shared.FrameAnatomySequence = anatomy(str(lateralities[0]))
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    per_frame = []
+    for n, side in enumerate(lateralities, start=1):
+        group = Dataset()
+        content = Dataset()
+        content.FrameAcquisitionNumber = n
+        group.FrameContentSequence = DicomSequence([content])
+        if "FrameAnatomySequence" not in shared and side is not None:
+            group.FrameAnatomySequence = anatomy(side)
+        per_frame.append(group)
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
+    return ds
+
+
+def _frame_analysis(sources: Sequence[Dataset]) -> StudyAnalysis:
+    """A result for each frame of each source, as the node analyses a multi-frame image."""
+    images = [
+        ImageResult(
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            sop_class_uid=str(ds.SOPClassUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            probabilities={label: 0.25 for label in LABELS},
+            uncertainty=Uncertainty(entropy=0.5, epistemic=0.1, aleatoric=0.4, score=0.3),
+            heatmap=np.zeros((int(ds.Rows), int(ds.Columns)), dtype=np.float32),
+            ood_score=0.2,
+            frame_number=n,
+        )
+        for ds in sources
+        for n in range(1, int(ds.NumberOfFrames) + 1)
+    ]
+    return study_analysis(images)
+
+
+def _tomosynthesis_views(*, one_frame_of_reference: bool = False) -> list[Dataset]:
+    """A screening tomosynthesis: R CC, L CC, R MLO, L MLO (the last one's lateralities per
+    frame); ``one_frame_of_reference``: all four in one (one Image Library group)."""
+    study, series = generate_uid(), generate_uid()
+    frame = generate_uid() if one_frame_of_reference else None
+    views = [("R", _CC), ("L", _CC), ("R", _MLO), ("L", _MLO)]
+    sources = [
+        _enhanced(study, series, n, [side] * _FRAMES, view, frame_of_reference=frame)
+        for n, (side, view) in enumerate(views, start=1)
+    ]
+    # the same laterality given per frame: the image's all the same
+    last = sources[3]
+    anatomy = last.SharedFunctionalGroupsSequence[0].FrameAnatomySequence
+    del last.SharedFunctionalGroupsSequence[0].FrameAnatomySequence
+    for group in last.PerFrameFunctionalGroupsSequence:
+        group.FrameAnatomySequence = DicomSequence([Dataset(anatomy[0])])
+    return sources
+
+
+def _same_bytes_both_ways(sources: list[Dataset]) -> Dataset:
+    """The SR of ``sources`` (a result per frame), asserted to be the one highdicom builds
+    entry by entry."""
+    analysis = _frame_analysis(sources)
+    document = build_sr(sources, analysis)
+    reference = build_sr(sources, analysis, check_all=True)
+    _same_times(document, reference)
+    assert encode_part10(document) == encode_part10(reference)
+    return document
+
+
+@pytest.mark.parametrize("one_frame_of_reference", [False, True])
+def test_breast_tomosynthesis_entries_say_each_views_laterality_from_its_frames(
+    one_frame_of_reference: bool,
+) -> None:
+    """A Breast Tomosynthesis Image has no Image Laterality: its frames' Frame Laterality
+    (Frame Anatomy Sequence, shared or per frame) is the entry's Image Laterality, beside the
+    view of its Breast View Module; both ways of writing the library give the same bytes."""
+    sources = _tomosynthesis_views(one_frame_of_reference=one_frame_of_reference)
+    assert all("ImageLaterality" not in ds and "Laterality" not in ds for ds in sources)
+    document = _same_bytes_both_ways(sources)
+    entries = _entries(document)
+    described = [_described(entries[str(ds.SOPInstanceUID)]) for ds in sources]
+    assert described == [
+        {"laterality": _RIGHT, "view": _CC, "modifiers": []},
+        {"laterality": _LEFT, "view": _CC, "modifiers": []},
+        {"laterality": _RIGHT, "view": _MLO, "modifiers": []},
+        {"laterality": _LEFT, "view": _MLO, "modifiers": []},
+    ]
+
+
+def test_an_enhanced_xa_entry_says_its_frames_laterality() -> None:
+    """An Enhanced XA image keeps the laterality in the same functional group (and has no
+    view)."""
+    study, series = generate_uid(), generate_uid()
+    sources = [
+        _enhanced(study, series, n, ["L"] * _FRAMES, None, sop_class=ENHANCED_XA) for n in (1, 2)
+    ]
+    document = _same_bytes_both_ways(sources)
+    entries = _entries(document)
+    assert [_described(entries[str(ds.SOPInstanceUID)]) for ds in sources] == [
+        {"laterality": _LEFT}
+    ] * 2
+
+
+def test_a_breast_projection_images_descriptors_come_from_its_frames() -> None:
+    """A Breast Projection X-Ray image's laterality is its frames' too (per frame here), its
+    view its Breast View Module's. (highdicom describes no image of this class in an Image
+    Library: the SR lists none, as any image highdicom cannot describe.)"""
+    ds = _enhanced(
+        generate_uid(),
+        generate_uid(),
+        1,
+        ["B", "B"],
+        _MLO,
+        sop_class=BREAST_PROJECTION_FOR_PRESENTATION,
+    )
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    anatomy = shared.FrameAnatomySequence
+    del shared.FrameAnatomySequence
+    for group in ds.PerFrameFunctionalGroupsSequence:
+        group.FrameAnatomySequence = DicomSequence([Dataset(anatomy[0])])
+    found = library_descriptors(ds)
+    assert found.laterality is not None and found.view is not None
+    assert (found.laterality.value, found.laterality.meaning) == ("51440002", "Bilateral")
+    assert (found.view.value, found.view.meaning) == (_MLO[0], _MLO[2])
+
+
+@pytest.mark.parametrize(
+    ("lateralities", "series", "image"),
+    [
+        (["R", "L", "R"], None, None),  # the frames disagree
+        (["R", "L", "R"], "R", None),  # ... whatever the series says
+        (["R", None, "R"], None, None),  # a frame without one
+        (["L", "L", "L"], None, "R"),  # a top-level Image Laterality contradicts them
+    ],
+    ids=["frames disagree", "frames disagree, series R", "frame without", "image contradicts"],
+)
+def test_no_laterality_where_an_images_frames_do_not_agree(
+    lateralities: list[str | None], series: str | None, image: str | None
+) -> None:
+    """An image whose frames do not all have the same laterality (or whose Image Laterality
+    says another) has no Image Laterality in its entry, not one that is wrong for some of its
+    frames; its view is written all the same, and the other images keep theirs."""
+    sources = _tomosynthesis_views()
+    target = _enhanced(
+        str(sources[0].StudyInstanceUID),
+        str(sources[0].SeriesInstanceUID),
+        5,
+        lateralities,
+        _CC,
+    )
+    if series is not None:
+        target.Laterality = series
+    if image is not None:
+        target.ImageLaterality = image
+    sources.append(target)
+    document = _same_bytes_both_ways(sources)
+    entries = _entries(document)
+    assert _described(entries[str(target.SOPInstanceUID)]) == {"view": _CC, "modifiers": []}
+    assert _described(entries[str(sources[0].SOPInstanceUID)])["laterality"] == _RIGHT
+
+
+def test_an_enhanced_image_without_frame_laterality_falls_back_to_the_series() -> None:
+    """Frames whose laterality is U (unpaired) leave the series' Laterality to say it, as an
+    Image Laterality of U does."""
+    study, series = generate_uid(), generate_uid()
+    sources = [_enhanced(study, series, n, ["U"] * _FRAMES, _CC) for n in (1, 2)]
+    sources[0].Laterality = "L"
+    document = _same_bytes_both_ways(sources)
+    entries = _entries(document)
+    assert _described(entries[str(sources[0].SOPInstanceUID)])["laterality"] == _LEFT
+    assert "laterality" not in _described(entries[str(sources[1].SOPInstanceUID)])
+
+
+@needs_dciodvfy
+@pytest.mark.parametrize("one_frame_of_reference", [False, True])
+def test_dciodvfy_reports_no_errors_for_a_tomosynthesis_library(
+    one_frame_of_reference: bool,
+) -> None:
+    """The SR of a tomosynthesis study (entries with Image Laterality from the frames, frame
+    references in the measurement groups) passes dciodvfy."""
+    from acwi_node.results.validate import run_dciodvfy
+
+    sources = _tomosynthesis_views(one_frame_of_reference=one_frame_of_reference)
+    document = build_sr(sources, _frame_analysis(sources))
+    assert all("laterality" in _described(e) for e in _entries(document).values())
     report = run_dciodvfy(document)
     assert report.iod == "Comprehensive3DSR"
     assert report.errors == [], report.output

@@ -50,6 +50,27 @@ def is_safe_name(value: str) -> bool:
     return bool(_SAFE_NAME.fullmatch(value))
 
 
+#: Words that name whichever weights are newest rather than one set of them (``1.0-SNAPSHOT``).
+_MOVING_WORDS = frozenset({"latest", "current", "newest", "snapshot", "nightly"})
+#: What :func:`is_fixed_version` takes, in words (error messages).
+FIXED_VERSION_RULE = (
+    "a version names one set of weights for good (results' UIDs, recalls, monitoring and the"
+    " heatmaps' and HL7 messages' algorithm version know a model by its name and version):"
+    " give it a number or a date (1.2.0, 2.0.0-rc1, 2026.03.01), not a moving name such as"
+    " 'latest' or 'current'"
+)
+
+
+def is_fixed_version(value: str) -> bool:
+    """Whether ``value`` can be a model's version: it holds a digit (a number or a date) and
+    no word of a moving alias (``latest``, ``current``, ``newest``, ``snapshot``,
+    ``nightly``, between ``.``, ``_`` or ``-``). A version without a digit (``latest``,
+    ``stable``) says nothing an auditor can trace, and ``ACTIVE`` would take the place of the
+    registry's own ``ACTIVE`` file."""
+    words = re.split(r"[._-]", value.lower())
+    return any(c.isdigit() for c in value) and not _MOVING_WORDS.intersection(words)
+
+
 class RegistryError(ValueError):
     """An install or activation was refused; the message says why."""
 

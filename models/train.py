@@ -1372,7 +1372,9 @@ def train(
         history = list(state["history"])
         log(f"resumed from {checkpoint} after epoch {first_epoch}")
 
-    names = ("loss", "ce", "het", "kl", "mmd", "adv", "ewc", "seg", "rec", "loc")
+    # "lambda_ewc": the EWC penalty times continual.ewc_lambda, as the loss adds it (the other
+    # terms are shown before their weights)
+    names = ("loss", "ce", "het", "kl", "mmd", "adv", "lambda_ewc", "seg", "rec", "loc")
     step = first_epoch * steps_per_epoch
     for epoch in range(first_epoch, opt.epochs):
         t0 = time.perf_counter()
@@ -1412,6 +1414,7 @@ def train(
             ewc = (
                 ewc_penalty(model, fisher_state) if fisher_state is not None else mmd.new_zeros(())
             )
+            weighted_ewc = ewc_lambda * ewc  # what the loss adds, and what the log shows
             seg, rec = dense(out.features, x, y, mask)
             loc = (
                 cam_localisation_loss(
@@ -1430,7 +1433,7 @@ def train(
                 terms.total
                 + domain.mmd_weight * mmd
                 + domain.adversarial_weight * adv
-                + ewc_lambda * ewc
+                + weighted_ewc
                 + config.heads.segmentation_weight * seg
                 + config.heads.reconstruction_weight * rec
                 + cam_weight * loc
@@ -1446,7 +1449,7 @@ def train(
             optimiser.step()
             schedule.step()
             step += 1
-            parts = (total, terms.ce, terms.het, terms.kl, mmd, adv, ewc, seg, rec, loc)
+            parts = (total, terms.ce, terms.het, terms.kl, mmd, adv, weighted_ewc, seg, rec, loc)
             sums += np.asarray([float(t.detach()) for t in parts]) * len(idx)
             correct += int((out.logits.argmax(1) == y).sum())
         sums /= len(train_set)
@@ -1468,7 +1471,7 @@ def train(
             for name, on in (
                 ("mmd", domain.mmd_weight > 0),
                 ("adv", losses.discriminator is not None),
-                ("ewc", fisher_state is not None),
+                ("lambda_ewc", fisher_state is not None),
                 ("seg", dense.segmentation is not None),
                 ("rec", dense.reconstruction is not None),
                 ("loc", cam_weight > 0),

@@ -12,7 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from acwi_node.inference.preprocess import PreprocessSpec
 from acwi_node.inference.types import ModelIdentity
-from acwi_node.model_registry import SAFE_NAME_RULE, is_safe_name
+from acwi_node.model_registry import (
+    FIXED_VERSION_RULE,
+    SAFE_NAME_RULE,
+    is_fixed_version,
+    is_safe_name,
+)
 from models.networks.dianet import DIANetConfig
 
 MANIFEST_NAME = "manifest.json"
@@ -138,6 +143,8 @@ class ModelManifest(_Strict):
                 raise ValueError(
                     f"{key} {value!r} cannot name a folder or a file: {SAFE_NAME_RULE}"
                 )
+        if not is_fixed_version(self.version):
+            raise ValueError(f"version {self.version!r} is refused: {FIXED_VERSION_RULE}")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels must be unique")
         unknown = set(self.finding_labels) - set(self.labels)

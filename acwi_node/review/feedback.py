@@ -23,8 +23,9 @@ by ``; `` (empty when none), which training turns into a lesion mask for the hea
 receives unreviewed) and ``flagged`` for a study the model asked about.
 De-identified, the UIDs are the replaced ones (the file names too) and ``calling_ae`` is
 empty (it names a device of the hospital). A cell that a spreadsheet would open as a formula
-(beginning with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return: an AE title a remote
-device chose, a model's label) is written after a single quote, which the training reader
+(beginning with ``=``, ``+``, ``-``, ``@``, a tab, a carriage return, a line feed, a NUL or a
+full-width ``＝ ＋ － ＠ ー``: an AE title a remote device chose, a model's label) is written
+after a single quote, which the training reader
 takes off again (:mod:`acwi_node.csv_cells`). Escalated cases without a final verdict are left
 out. Running it again into the same folder rewrites the CSV and adds new images; a folder
 holds either de-identified images or exact copies, never both.

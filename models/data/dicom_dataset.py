@@ -7,8 +7,10 @@ Files that are not DICOM are ignored, DICOM images without a row are left out (a
 rows naming no DICOM file are reported by line;
 images the preprocessing refuses are reported, not loaded. The CSV may carry a UTF-8 byte
 order mark. A cell the node's feedback export wrote after a single quote, so that a
-spreadsheet does not open it as a formula (one beginning with ``=``, ``+``, ``-``, ``@``, a tab
-or a carriage return), reads without that quote (:func:`acwi_node.csv_cells.restore`).
+spreadsheet does not open it as a formula (one beginning with ``=``, ``+``, ``-``, ``@``, a tab,
+a carriage return, a line feed, a NUL or a full-width ``＝ ＋ － ＠ ー``, see
+:data:`acwi_node.csv_cells.FORMULA_STARTS`), reads without that quote
+(:func:`acwi_node.csv_cells.restore`).
 
 A multi-frame image (Enhanced CT or MR, tomosynthesis) is one labelled image per frame, as
 the node analyses it. An optional ``frame_number`` column labels one frame; a row without

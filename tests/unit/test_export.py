@@ -144,6 +144,21 @@ def test_cli_export_reports_a_bad_model(tmp_path: Path, capsys: pytest.CaptureFi
     assert "export failed" in capsys.readouterr().err
 
 
+def test_cli_export_refuses_a_moving_version(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model whose manifest says ``latest`` is not exported: nothing is written next to it."""
+    model = tmp_path / "model"
+    shutil.copytree(default_model_dir(), model)
+    raw = json.loads((model / MANIFEST_NAME).read_text())
+    (model / MANIFEST_NAME).write_text(json.dumps({**raw, "version": "latest"}))
+    before = sorted(p.name for p in model.iterdir())
+    assert models_main(["export", "--model", str(model)]) == 1
+    err = capsys.readouterr().err
+    assert "export failed" in err and "version 'latest' is refused" in err
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
 def test_export_records_the_full_model(exported: Path) -> None:
     manifest = load_manifest(exported)
     record = manifest.full_onnx

@@ -113,6 +113,35 @@ def test_name_and_version_must_be_safe_file_names(key: str, value: str) -> None:
         ModelManifest.model_validate(edited(_set(key, value)))
 
 
+@pytest.mark.parametrize(
+    "version",
+    ["latest", "Latest", "current", "ACTIVE", "active", "stable", "newest", "1.0-SNAPSHOT",
+     "latest-2", "2.0_current", "nightly.3"],
+)  # fmt: skip
+def test_a_moving_version_is_refused(version: str) -> None:
+    """A version names one set of weights for good: the results' UIDs, recalls, monitoring and
+    the heatmaps' and HL7 messages' algorithm version know a model by its name and version, so
+    a name that moves to newer weights (or says nothing, or takes the place of the registry's
+    ``ACTIVE`` file) is refused."""
+    with pytest.raises(ValidationError, match=f"version {version!r} is refused: .*moving name"):
+        ModelManifest.model_validate(edited(_set("version", version)))
+
+
+@pytest.mark.parametrize("version", ["", " ", "..", "latest "])
+def test_an_empty_or_unsafe_version_is_still_refused(version: str) -> None:
+    with pytest.raises(ValidationError, match="version"):
+        ModelManifest.model_validate(edited(_set("version", version)))
+
+
+@pytest.mark.parametrize(
+    "version",
+    ["1", "1.0", "1.1.0", "9.9.9", "1.2.0-rc1", "1.0-b", "0.0.0-none", "2026.03.01",
+     "2026-03-01", "20260301", "v3", "3.0.1_ward-a"],
+)  # fmt: skip
+def test_numbered_and_dated_versions_validate(version: str) -> None:
+    assert ModelManifest.model_validate(edited(_set("version", version))).version == version
+
+
 def test_safe_names_still_validate() -> None:
     raw = edited(_set("version", "1.2.0-rc1_b.2"))
     raw["name"] = "Chest.AI_v2-x"

@@ -197,6 +197,20 @@ def test_unsafe_names_are_refused(settings: Settings, tmp_path: Path) -> None:
         ModelRegistry(settings.models_dir).install(model_copy(tmp_path, "x", version="1/../2"))
 
 
+@pytest.mark.parametrize("version", ["latest", "ACTIVE"])
+def test_a_moving_version_is_not_installed(
+    settings: Settings, tmp_path: Path, version: str
+) -> None:
+    """``latest`` would name other weights on each install, and ``ACTIVE`` took the place of
+    the registry's ``ACTIVE`` file (activating another version then failed on a folder)."""
+    registry = ModelRegistry(settings.models_dir)
+    with pytest.raises(RegistryError, match=f"version {version!r} is refused: .*moving name"):
+        registry.install(model_copy(tmp_path, "moving", name="chest", version=version))
+    assert registry.installed() == []
+    registry.install(model_copy(tmp_path, "v1", name="chest", version="1.0.0"), activate=True)
+    assert registry.active_version("chest") == "1.0.0"
+
+
 def test_routes_may_name_an_activated_model(tmp_path: Path) -> None:
     data = tmp_path / "data"
     routes = [{"name": "chest", "model": "chest-ai", "destinations": []}]

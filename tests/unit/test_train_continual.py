@@ -153,7 +153,7 @@ def test_fine_tuning_with_ewc_forgets_less(tmp_path: Path) -> None:
         assert result.manifest.preprocessing.mean == old.manifest.preprocessing.mean
         if lam > 0:
             assert any("EWC: lambda" in line for line in lines)
-            assert result.history[-1]["ewc"] > 0
+            assert result.history[-1]["lambda_ewc"] > 0
             assert "with EWC lambda" in result.manifest.training.dataset
         scores[lam] = _old_task_metrics(result.manifest_path, OLD_TASK)
         old_w = torch.load(old.weights_path, weights_only=True)
@@ -166,6 +166,41 @@ def test_fine_tuning_with_ewc_forgets_less(tmp_path: Path) -> None:
     # Accuracy on 24 images moves in steps of 1/24 and, on this tiny network, sits near chance
     # after either fine-tuning (it varies with library versions); it may trail by one image.
     assert ewc_acc >= plain_acc - 1 / 24 - 1e-9
+
+
+def test_the_logged_ewc_figure_is_the_one_added_to_the_loss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The epoch line's and history's ``lambda_ewc`` is lambda x the penalty, as the loss adds
+    it (the mean over the epoch's images), not the bare penalty (that is 1/lambda of it)."""
+    import models.train as train_module
+
+    quick = {**OLD_TASK, "train": {**OLD_TASK["train"], "epochs": 1}}
+    old = train(config_from_dict(quick), tmp_path / "old", log=lambda _: None)
+    penalties: list[float] = []
+
+    def recorded(model: torch.nn.Module, state: Any) -> torch.Tensor:
+        value = ewc_penalty(model, state)
+        penalties.append(float(value.detach()))
+        return value
+
+    monkeypatch.setattr(train_module, "ewc_penalty", recorded)
+    lam = 250.0
+    new_task = {**NEW_TASK, "train": {**NEW_TASK["train"], "epochs": 2}}
+    config = config_from_dict({**new_task, "continual": {"fisher_images": 0, "ewc_lambda": lam}})
+    lines: list[str] = []
+    result = train(config, tmp_path / "new", init_from=old.manifest_path, log=lines.append)
+    images, batch = config.data.train_images, config.train.batch_size
+    sizes = [min(batch, images - start) for start in range(0, images, batch)]
+    assert len(penalties) == 2 * len(sizes)  # one penalty per batch, as the loss takes it
+    epoch_lines = [line for line in lines if line.startswith("epoch ")]
+    for epoch, record in enumerate(result.history):
+        these = penalties[epoch * len(sizes) : (epoch + 1) * len(sizes)]
+        expected = sum(lam * p * n for p, n in zip(these, sizes, strict=True)) / images
+        assert record["lambda_ewc"] == pytest.approx(expected, rel=1e-5)
+        assert f" lambda_ewc {record['lambda_ewc']:.4f}" in epoch_lines[epoch]
+        assert " ewc " not in epoch_lines[epoch]
+    assert result.history[-1]["lambda_ewc"] > 0
 
 
 def test_fine_tuning_re_estimates_the_batchnorm_statistics_by_default(tmp_path: Path) -> None:

@@ -125,6 +125,7 @@ def test_a_checkpoint_carries_its_labels_for_fine_tuning(tmp_path: Path) -> None
     [
         ({"name": ""}, "name"),
         ({"version": ""}, "version"),
+        ({"version": "latest"}, "version 'latest' is refused: .*moving name"),
         ({"train": {"epochs": 0}}, "at least 1"),
         ({"train": {"epochs": -2}}, "at least 1"),
         ({"calibration": {"ood_quantile": 1.5}}, "calibration.ood_quantile"),

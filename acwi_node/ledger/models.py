@@ -118,7 +118,15 @@ class Study(Base):
     state: Mapped[StudyState] = mapped_column(_enum(StudyState), default=StudyState.RECEIVING)
     #: Bumped each time the study is re-opened by instances arriving after completion.
     generation: Mapped[int] = mapped_column(Integer, default=1)
+    #: The calling AE title of the study's first instance: its first sender.
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    #: The calling AE title of the current generation's first instance (the one that created
+    #: or re-opened the study): what routing matches (``match.calling_ae``). None where an
+    #: earlier version recorded the generation: ``calling_ae`` stands for it
+    #: (:meth:`generation_sender`).
+    generation_calling_ae: Mapped[str | None] = mapped_column(
+        String(16), nullable=True, default=None
+    )
     modality: Mapped[str] = mapped_column(String(16), default="")
     body_part: Mapped[str] = mapped_column(String(64), default="")
     #: Study Date (0008,0020), ``YYYYMMDD``, of the first instance that had one; "" if none
@@ -146,6 +154,13 @@ class Study(Base):
         # model monitoring's studies arriving: the studies of given hours, by source
         Index("ix_studies_first_received_at", "first_received_at"),
     )
+
+    def generation_sender(self) -> str:
+        """The calling AE title that sent the current generation first (the study's first
+        sender where an earlier version recorded the generation)."""
+        if self.generation_calling_ae is None:
+            return self.calling_ae
+        return self.generation_calling_ae
 
 
 class AssociationHold(Base):

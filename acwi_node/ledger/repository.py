@@ -387,11 +387,12 @@ class _IngestSql:
             f" WHERE study_uid = :uid{lock}"
         )
         self.insert_study = q(
-            "INSERT INTO studies (study_uid, state, generation, calling_ae, modality, body_part,"
-            " study_date, instance_count, open_associations, first_received_at,"
-            " last_received_at, updated_at, needs_review, reason, completed_by)"
-            " VALUES (:uid, :state, 1, :ae, :modality, :body_part, :study_date, 0, 0, :now,"
-            " :now, :now, FALSE, '', '') RETURNING id"
+            "INSERT INTO studies (study_uid, state, generation, calling_ae,"
+            " generation_calling_ae, modality, body_part, study_date, instance_count,"
+            " open_associations, first_received_at, last_received_at, updated_at,"
+            " needs_review, reason, completed_by)"
+            " VALUES (:uid, :state, 1, :ae, :ae, :modality, :body_part, :study_date, 0, 0,"
+            " :now, :now, :now, FALSE, '', '') RETURNING id"
         )
         #: Those of a batch's instances already recorded, with what tells whether one came
         #: again unchanged (one query per batch).
@@ -411,10 +412,12 @@ class _IngestSql:
             " VALUES (:study_id, :sop, :sop_class, :series, :ts, :modality, :path, :size, :crc32,"
             " :ae, :generation, :now)"
         )
+        #: A new version of an instance (or the same sent again): the row tells the version
+        #: the spool holds, and who sent it.
         self.update_instance = q(
             "UPDATE instances SET path = :path, size = :size, crc32 = :crc32,"
-            " transfer_syntax_uid = :ts, generation = :generation, received_at = :now"
-            " WHERE id = :id"
+            " transfer_syntax_uid = :ts, generation = :generation, received_at = :now,"
+            " calling_ae = :ae WHERE id = :id"
         )
         #: An instance recorded in another study came in this one: the row moves, whole.
         self.move_instance = q(
@@ -436,10 +439,11 @@ class _IngestSql:
         )
         #: A study still receiving: its state and generation are left as they are.
         self.update_study = q(f"UPDATE studies SET {received} WHERE id = :id")
-        #: An instance re-opens a study that had completed: a new generation.
+        #: An instance re-opens a study that had completed: a new generation, whose sender
+        #: is that instance's.
         self.reopen_study = q(
             f"UPDATE studies SET {received}, generation = :generation, state = :state,"
-            " reason = '' WHERE id = :id"
+            " generation_calling_ae = :ae, reason = '' WHERE id = :id"
         )
         #: An association that sent instances of these studies ended (never below zero). On
         #: PostgreSQL the rows are locked first in the order a batch of instance rows locks
@@ -529,6 +533,8 @@ class _StudyRows:
     added: int = 0
     opened: int = 0
     reopened: bool = False
+    #: The calling AE title of the instance that re-opened it: the new generation's sender.
+    reopened_by: str = ""
 
 
 class LedgerSchemaError(RuntimeError):
@@ -948,6 +954,7 @@ class Ledger:
                 study.generation += 1
                 study.state = StudyState.RECEIVING.value
                 study.reopened = True
+                study.reopened_by = rec.calling_ae
             # Every value the study's instances carry (routing matches any of them), as many
             # as the column holds whole.
             study.modality = _with_values(study.modality, rec.modality, 16)
@@ -991,7 +998,7 @@ class Ledger:
                 )
             elif sop in known:
                 if not superseded:
-                    updates.append({"id": known[sop], **version})
+                    updates.append({"id": known[sop], "ae": rec.calling_ae, **version})
             elif sop in inserts:  # twice in the batch: the row takes the later version
                 first = inserts[sop]
                 if first["study_id"] != study.id:  # and moved, in the batch
@@ -1007,7 +1014,7 @@ class Ledger:
                         modality=rec.modality,
                         ae=rec.calling_ae,
                     )
-                first.update(version)
+                first.update(version, ae=rec.calling_ae)
             else:
                 inserts[sop] = {
                     "study_id": study.id,
@@ -1051,7 +1058,7 @@ class Ledger:
                 "count": study.added,
             }
             if study.reopened:
-                params.update(generation=study.generation, state=study.state)
+                params.update(generation=study.generation, state=study.state, ae=study.reopened_by)
             cur.execute(sql.reopen_study if study.reopened else sql.update_study, params)
             if holder is not None and study.opened:
                 cur.execute(
@@ -1348,7 +1355,9 @@ class Ledger:
             ).all()
             return StudyFacts(
                 study_uid=study.study_uid,
-                calling_ae=study.calling_ae,
+                # the generation's own sender: a study another AE sent again is routed as
+                # that AE's
+                calling_ae=study.generation_sender(),
                 modalities={modality for modality, _ in pairs if modality},
                 sop_classes={sop_class for _, sop_class in pairs},
                 body_parts={p for p in study.body_part.split("\\") if p},
@@ -2466,12 +2475,15 @@ class Ledger:
         self, *, limit: int = 200, state: str = "", calling_ae: str = "", uid: str = ""
     ) -> list[dict[str, Any]]:
         """The latest studies first; only those in ``state`` (a :class:`StudyState` value),
-        from ``calling_ae``, or whose Study Instance UID starts with ``uid``, where given."""
+        from ``calling_ae`` (its first sender, or its current generation's), or whose Study
+        Instance UID starts with ``uid``, where given."""
         query = select(Study).order_by(Study.id.desc()).limit(limit)
         if state:
             query = query.where(Study.state == StudyState(state))
         if calling_ae:
-            query = query.where(Study.calling_ae == calling_ae)
+            query = query.where(
+                (Study.calling_ae == calling_ae) | (Study.generation_calling_ae == calling_ae)
+            )
         if uid:
             query = query.where(Study.study_uid.startswith(uid, autoescape=True))
         with self.session() as s:
@@ -2521,7 +2533,9 @@ class Ledger:
             "needs_review": st.needs_review,
             "reason": st.reason,
             "generation": st.generation,
+            # the study's first sender, and the current generation's (what routing matched)
             "calling_ae": st.calling_ae,
+            "generation_calling_ae": st.generation_sender(),
             "modality": st.modality,
             "body_part": st.body_part,
             "instances": st.instance_count,

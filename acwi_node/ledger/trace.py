@@ -105,10 +105,15 @@ class StudyTrace:
     def render(self) -> str:
         """The trace as ``acwi-node studies show`` prints it."""
         st = self.study
+        # The current generation's sender, what routing matched; the first sender beside it
+        # where another AE sent the study first.
+        sender = st["generation_calling_ae"] or "-"
+        if st["generation_calling_ae"] != st["calling_ae"]:
+            sender += f" (first sent by {st['calling_ae'] or '-'})"
         lines = [
             f"study {st['study_uid']}",
             f"  state {st['status']}, generation {st['generation']}, {st['instances']} "
-            f"instance(s), {st['modality'] or '-'} from {st['calling_ae'] or '-'}",
+            f"instance(s), {st['modality'] or '-'} from {sender}",
         ]
         if st["reason"]:
             lines.append(f"  reason: {st['reason']}")

@@ -175,7 +175,11 @@ def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
         state: Annotated[
             StudyState | None, Query(description="only the studies in this state")
         ] = None,
-        calling_ae: str = Query("", max_length=16, description="only those this AE sent"),
+        calling_ae: str = Query(
+            "",
+            max_length=16,
+            description="only those this AE sent (first, or the current generation)",
+        ),
         uid: str = Query("", max_length=64, description="a Study Instance UID's beginning"),
     ) -> dict[str, Any]:
         """The latest studies first, and how many studies are in each state."""

@@ -871,6 +871,54 @@ def test_late_instance_reopens_and_supersedes(db: Ledger) -> None:
     assert study_uid == "1.2.3" and len(paths) == 2
 
 
+def _senders(db: Ledger, study_id: int) -> tuple[str, str, str]:
+    """What routing matches, and the study's first and current generation's senders."""
+    st = db.study_facts(study_id)
+    view = db.get_study(st.study_uid)
+    assert view is not None
+    return st.calling_ae, view["calling_ae"], view["generation_calling_ae"]
+
+
+def test_a_generation_another_ae_sent_is_that_aes(db: Ledger) -> None:
+    """A modality sent the study; a PACS sends it again (a changed version of an instance,
+    and a new one): the new generation is routed as the PACS's, whose instance re-opened it,
+    though the modality sends one more while it is receiving. The study keeps its first
+    sender; the instance rows name who sent the version they describe."""
+    first = replace(rec(sop="1.2.3.1", ae="MOD1"), crc32=1)
+    r = db.record_instance(first, first_in_association=True)
+    assert _senders(db, r.study_id) == ("MOD1", "MOD1", "MOD1")
+    (job,) = db.complete_study(r.study_id, 1, route_all)
+    _analyse(db, job)
+    deliver(db)
+
+    again = db.record_instances(
+        [
+            (replace(first, calling_ae="PACS2", crc32=2), True),
+            (rec(sop="1.2.3.2", ae="PACS2"), False),
+        ]
+    )
+    assert again[0].reopened and again[0].generation == 2
+    db.record_instance(rec(sop="1.2.3.3", ae="MOD1"), first_in_association=True)
+    assert _senders(db, r.study_id) == ("PACS2", "MOD1", "PACS2")
+    with db.session() as s:
+        rows = s.execute(select(Instance.sop_instance_uid, Instance.calling_ae)).all()
+    assert sorted(rows) == [("1.2.3.1", "PACS2"), ("1.2.3.2", "PACS2"), ("1.2.3.3", "MOD1")]
+    routed: list[str] = []
+
+    def route_none(facts: StudyFacts) -> list[RoutedJob]:
+        routed.append(facts.calling_ae)
+        return []
+
+    db.complete_study(r.study_id, 2, route_none)
+    assert routed == ["PACS2"]
+    # Reprocessed: no new instance, the same sender as the generation before.
+    assert db.reprocess_study("1.2.3") == 3
+    assert _senders(db, r.study_id) == ("PACS2", "MOD1", "PACS2")
+    assert [st["study_uid"] for st in db.list_studies(calling_ae="PACS2")] == ["1.2.3"]
+    assert [st["study_uid"] for st in db.list_studies(calling_ae="MOD1")] == ["1.2.3"]
+    assert db.list_studies(calling_ae="CT1") == []
+
+
 def test_an_instance_sent_again_unchanged_leaves_a_study_its_results(db: Ledger) -> None:
     """A PACS that forwards a whole study again (its results came in, a rule fires twice):
     instances with the bytes recorded before re-open nothing while the study has, or is

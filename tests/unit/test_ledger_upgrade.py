@@ -15,7 +15,14 @@ from acwi_node.cli import main
 from acwi_node.config import load_settings
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.repository import LedgerSchemaError, new_claim
-from tests.support.study_flow import analyse, deliver, delivered_study, dx_record, receive
+from tests.support.study_flow import (
+    analyse,
+    deliver,
+    delivered_study,
+    dx_record,
+    receive,
+    study_id,
+)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
@@ -215,5 +222,28 @@ def test_studies_recorded_before_their_date_was_kept(
         with upgraded.engine.connect() as conn:
             dates = conn.execute(text("SELECT study_date FROM studies")).scalars().all()
         assert dates == ["20261201"]
+    finally:
+        upgraded.dispose()
+
+
+def test_studies_recorded_before_their_generations_sender_was_kept(
+    ledger: Ledger, database_url: str, tmp_path: Path
+) -> None:
+    """A ledger from before ``studies.generation_calling_ae``: the column is added, empty for
+    the studies it holds, which are routed and shown as their first sender's, as before; a
+    generation another AE re-opens is that AE's."""
+    settings = load_settings(
+        None, node={"data_dir": tmp_path / "data", "database_url": database_url}
+    )
+    delivered_study(settings, ledger, "1.2.3", n=1)
+    upgraded = reopened_without(ledger, database_url, "studies", "generation_calling_ae")
+    try:
+        view = upgraded.get_study("1.2.3")
+        assert view is not None
+        assert (view["calling_ae"], view["generation_calling_ae"]) == ("MOD", "MOD")
+        assert upgraded.study_facts(study_id(upgraded, "1.2.3")).calling_ae == "MOD"
+        again = replace(dx_record("1.2.3", "1.2.3.1", size=1000), calling_ae="PACS2")
+        assert upgraded.record_instance(again, first_in_association=True).reopened
+        assert upgraded.study_facts(study_id(upgraded, "1.2.3")).calling_ae == "PACS2"
     finally:
         upgraded.dispose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from acwi_node.cli import main
-from acwi_node.config import Settings
+from acwi_node.config import Route, RouteMatch, Settings
 from acwi_node.ingest.completion import CompletionService
 from acwi_node.ingest.mpps import CompletionSignals
 from acwi_node.ledger import Ledger
@@ -278,6 +279,46 @@ def test_the_completion_loop_records_the_signal_that_came_first(
         "hl7_order",
         "quiet_period",
     ]
+
+
+def test_a_study_another_ae_sends_again_is_routed_and_shown_as_that_aes(
+    ledger_node: tuple[Settings, Ledger], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A modality sent the study, which no route took (the one route takes the PACS's
+    studies); the PACS sends it again: the completion loop routes the new generation as the
+    PACS's, and ``studies show`` names the PACS, and the modality as the first sender."""
+    settings, ledger = ledger_node
+    settings.routes = [Route(name="from-pacs", match=RouteMatch(calling_ae=["PACS2"]))]
+    settings.completion.quiet_period_s = 0
+    service = CompletionService(settings, ledger, Celery("sender-test", broker="memory://"))
+    sent = replace(dx_record("1.2.3", "1.2.3.1", ae="MOD1"), crc32=1)
+    r = ledger.record_instance(sent, first_in_association=True)
+    ledger.association_released([r.study_id])
+    assert service.tick() == []
+    view = ledger.get_study("1.2.3")
+    assert view is not None and view["state"] == "not_routed"
+    assert "the study has MOD1, the route wants PACS2" in view["reason"]
+
+    # The same instance, sent again by the PACS: a new generation, the PACS's.
+    again = ledger.record_instance(replace(sent, calling_ae="PACS2"), first_in_association=True)
+    assert again.reopened
+    ledger.association_released([r.study_id])
+    (job_id,) = service.tick()
+    view = ledger.get_study("1.2.3")
+    assert view is not None and view["state"] == "queued"
+    assert [(j["id"], j["route"], j["generation"]) for j in view["jobs"]] == [
+        (job_id, "from-pacs", 2)
+    ]
+    assert (view["calling_ae"], view["generation_calling_ae"]) == ("MOD1", "PACS2")
+    assert texts(ledger, "1.2.3", "received") == ["1 instance(s) in 1 series (DX) from PACS2"]
+    config = settings.data_dir.parent / "acwi.toml"
+    config.write_text(
+        f'[node]\ndata_dir = "{settings.data_dir}"\ndatabase_url = "{settings.database_url}"\n'
+    )
+    assert main(["--config", str(config), "studies", "show", "1.2.3"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == (
+        "  state queued, generation 2, 1 instance(s), DX from PACS2 (first sent by MOD1)"
+    )
 
 
 # ------------------------------------------------------------------ where it is read

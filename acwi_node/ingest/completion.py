@@ -19,6 +19,7 @@ import time
 from celery import Celery
 
 from acwi_node.config import Settings
+from acwi_node.ingest.holders import SWEEP_EVERY_S, release_gone_holders
 from acwi_node.ingest.mpps import CompletionSignals
 from acwi_node.ledger import Ledger, RoutedJob, StudyFacts
 from acwi_node.ledger.models import utcnow
@@ -55,6 +56,7 @@ class CompletionService:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_reconcile = 0.0
+        self._last_holders_sweep = 0.0
         #: ``time.monotonic()`` of the last finished pass (readiness: the loop is alive).
         self.last_pass: float | None = None
         #: (wall clock, monotonic clock) at the start of the last pass: a step between them.
@@ -141,6 +143,12 @@ class CompletionService:
                 enqueue(self.celery, self.ledger, job_ids)
                 new_jobs.extend(job_ids)
         now = time.monotonic()
+        if now - self._last_holders_sweep >= SWEEP_EVERY_S:
+            # Requests a killed web or retrieval process left open: released (their studies'
+            # quiet period starts then), before the next pass looks for studies due.
+            self._last_holders_sweep = now
+            if release_gone_holders(self.settings.spool_dir, self.ledger.release_holder):
+                self.poke()
         if now - self._last_reconcile >= min(cfg.requeue_after_s / 2, self.settings.worker.lease_s):
             self._last_reconcile = now
             reconcile(

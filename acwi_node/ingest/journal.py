@@ -401,8 +401,12 @@ class IngestJournal:
             )
             self._flusher.start()
 
-    def close(self) -> None:
-        """Checkpoint everything and remove this journal (a clean stop leaves none)."""
+    def close(self, *, keep: bool = False) -> None:
+        """Checkpoint everything and remove this journal (a clean stop leaves none).
+
+        ``keep``: leave the journal, unlocked, once checkpointed (nothing in it to replay):
+        its owner still holds associations it could not release (the ledger down), and the
+        next process to find it orphaned releases them (:func:`replay_orphans`)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -422,7 +426,8 @@ class IngestJournal:
         except OSError:
             log.exception("ingest journal: the last checkpoint failed; it is replayed at start")
             return
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(self.directory, ignore_errors=True)
         os.close(self._lock_fd)
         self._lock_fd = -1
 

@@ -28,6 +28,7 @@ from acwi_node.audit import AuditEvent, Outcome, Participant, audit
 from acwi_node.config import Settings, Source
 from acwi_node.export.scu import TlsArgs
 from acwi_node.ingest.dicomweb_source import retrieve_study, search_studies
+from acwi_node.ingest.holders import HOLDERS_DIR, HolderName, release_gone_holders
 from acwi_node.ingest.mpps import CompletionSignals
 from acwi_node.ingest.part10 import file_meta_prefix
 from acwi_node.ingest.qr_scu import (
@@ -159,11 +160,16 @@ class RetrievalService:
         self, settings: Settings, ledger: Ledger, signals: CompletionSignals | None = None
     ) -> None:
         self.settings = settings
+        self.ledger = ledger
         self.retrievals = Retrievals(ledger)
         self.signals = signals
-        # DICOMweb and C-GET sources: what comes is stored as a STOW-RS request is.
+        # DICOMweb and C-GET sources: what comes is stored as a STOW-RS request is, counted
+        # open under this process's name while it comes (released by whoever finds it gone).
         self.spool = Spool(settings.spool_dir, fsync=settings.ingest.fsync)
-        self.receiver = StowReceiver(ledger, self.spool, audit_patient_id=settings.audit.patient_id)
+        self.holder = HolderName(self.spool.root / HOLDERS_DIR, "retrieval")
+        self.receiver = StowReceiver(
+            ledger, self.spool, audit_patient_id=settings.audit.patient_id, holder=self.holder
+        )
         #: By retrieval: studies whose C-MOVE the PACS answered with another study's
         #: instances, and what came (for people).
         self._answered_wrong: dict[int, dict[str, str]] = {}
@@ -557,6 +563,11 @@ class RetrievalService:
                 self._stop.wait(self.failures.wait_s(self.settings.retrieve.poll_interval_s))
 
     def start(self) -> None:
+        # What a retrieval process killed in the middle of a C-GET or WADO-RS held goes.
+        try:
+            release_gone_holders(self.spool.root, self.ledger.release_holder)
+        except Exception:  # the completion loop sweeps them too
+            log.exception("could not release what stopped processes held")
         self._thread = threading.Thread(target=self.run, name="retrieval", daemon=True)
         self._thread.start()
 
@@ -564,3 +575,7 @@ class RetrievalService:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+            if self._thread.is_alive():
+                return  # a retrieval still under way: its end is recorded when it ends
+        # An end this process could not record (the ledger down just then) goes now.
+        self.holder.close(self.ledger.release_holder)

@@ -59,6 +59,7 @@ from acwi_node.export.scu import STORAGE_COMMITMENT_PUSH_MODEL
 from acwi_node.ingest.checksum import crc32_of
 from acwi_node.ingest.cpu_latency import CpuLatencyRequest
 from acwi_node.ingest.header import HeaderError, dataset_header, describe, study_date
+from acwi_node.ingest.holders import HOLDERS_DIR, HolderName
 from acwi_node.ingest.journal import (
     JOURNAL_DIR,
     SPOOLED_CRC,
@@ -115,6 +116,9 @@ TRANSFER_SYNTAXES: list[str] = [
 #: sender streaming small instances fills a batch within :data:`ROW_MAX_DELAY_S` (128 rows
 #: cost a third less per row than 32 on SQLite, and on PostgreSQL a quarter of the commits).
 ROW_BATCH = 128
+#: At a clean stop, how long the associations aborted may take to record their ends before
+#: the process releases what it still holds (:meth:`StorageSCP.stop`).
+STOP_WAIT_S = 5.0
 #: A pending ledger row this old (seconds) is written with the next one to join it (an idle
 #: association's rows are written after ``reactor.IDLE_S``).
 ROW_MAX_DELAY_S = 0.05
@@ -446,8 +450,10 @@ class StorageSCP:
         #: and ledger row is flushed on its own.
         self.journal: IngestJournal | None = None
         #: The name its associations are held under in the ledger (``AssociationHold``): its
-        #: journal's, which a process finding it orphaned releases them by; None without one.
+        #: journal's, which a process finding it orphaned releases them by; without a journal,
+        #: a name of :mod:`.holders` (``_names``), which works the same way.
         self._holder: str | None = None
+        self._names: HolderName | None = None
         #: Whether the last ledger row could be written: only then is an instance answered
         #: before its row is written (see :meth:`_record`).
         self._ledger_works = True
@@ -646,6 +652,9 @@ class StorageSCP:
         SCP processes share, see :mod:`acwi_node.ingest.listeners`).
         """
         self.open_journal()
+        if self._holder is None:  # ingest.journal off
+            self._names = HolderName(self.spool.root / HOLDERS_DIR, "scp")
+            self._holder = self._names.name
         self.cpu_latency.check()
         node = self.settings.node
         tls = self.settings.ingest.tls
@@ -724,9 +733,38 @@ class StorageSCP:
             self._server = None
         self.ae.shutdown()
         self.cpu_latency.close()
+        released = self._release_own_holds()
         if self.journal is not None:
-            self.journal.close()
+            # Holds left (an association still closing, or the ledger down): the journal
+            # stays, and the next process to start releases them.
+            self.journal.close(keep=not released)
             self.journal = None
+
+    def _release_own_holds(self) -> bool:
+        """A clean stop: the ends of this process's associations it could not record (the
+        ledger was down just then) are released now, once no association is left to end
+        (one still ending would count its end twice). Whether none is held any more."""
+        if self._holder is None:
+            return True
+        deadline = time.monotonic() + STOP_WAIT_S
+        while self.open_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.open_associations:
+            return False
+        if self._names is not None:  # its name goes with what it holds, or stays for a sweep
+            self._names.close(self.ledger.release_holder)
+            return True
+        try:
+            released = self.ledger.release_holder(self._holder)
+        except Exception:
+            log.exception("could not release the associations whose end was not recorded")
+            return False
+        if released:
+            log.warning(
+                "released the associations whose end could not be recorded on %d study(ies)",
+                len(released),
+            )
+        return True
 
     # ---------------------------------------------------------------- handlers
     def _on_handshake_failed(self, address: tuple[str, int], reason: str) -> None:

@@ -11,6 +11,8 @@ node's own results coming back are answered as stored and not stored (:mod:`.own
 
 A request plays the part of an association: its studies are marked as being received while it
 runs (the quiet period counts from its end, as from a release) and as released when it ends.
+The receiving process counts them as its own under its name (:mod:`.holders`): if it is killed
+before a request's end is recorded, a process that finds it gone releases them.
 The sending account's name (its first 16 characters) stands for the calling AE title, in the
 ledger, in routing rules (``calling_ae``) and in the audit trail.
 
@@ -52,6 +54,7 @@ from acwi_node.ingest.header import (
     pydicom_header,
     study_date,
 )
+from acwi_node.ingest.holders import HolderName
 from acwi_node.ingest.journal import sync_filesystem
 from acwi_node.ingest.own_results import is_own_result
 from acwi_node.ingest.spool import Spool, SpoolError, is_safe_uid
@@ -329,11 +332,25 @@ def close_mapping(mapped: mmap.mmap) -> None:
 class StowReceiver:
     """Stores the objects of STOW-RS requests in the spool and the ledger."""
 
-    def __init__(self, ledger: Ledger, spool: Spool, *, audit_patient_id: bool = False) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        spool: Spool,
+        *,
+        audit_patient_id: bool = False,
+        holder: HolderName | None = None,
+    ) -> None:
         self.ledger = ledger
         self.spool = spool
         #: Name the patients' IDs in the audit record (``[audit] patient_id``).
         self.audit_patient_id = audit_patient_id
+        #: The process's name, under which the ledger counts the requests it has open as its
+        #: own (:mod:`.holders`); None: the studies alone count them.
+        self.holder = holder
+
+    @property
+    def _holder_name(self) -> str | None:
+        return None if self.holder is None else self.holder.name
 
     def receive(
         self,
@@ -427,8 +444,8 @@ class StowReceiver:
         ``studies`` counts the instances stored of each study."""
         if result.study_ids:
             try:
-                self.ledger.association_released(sorted(result.study_ids))
-            except Exception:  # the upper bound on waiting still completes these studies
+                self.ledger.association_released(sorted(result.study_ids), holder=self._holder_name)
+            except Exception:  # released when this process stops or is found gone
                 log.exception("%s from %s: could not record the request's end", how, sender)
         if not result.stored and not result.failed:
             return
@@ -577,7 +594,9 @@ class StowReceiver:
                 batch.append((w.record, w.record.study_uid not in seen))
                 seen.add(w.record.study_uid)
             try:
-                recorded = self.ledger.record_instances(batch, flushed=True)
+                recorded = self.ledger.record_instances(
+                    batch, flushed=True, holder=self._holder_name
+                )
             except Exception:
                 log.exception("STOW-RS from %s: the ledger could not record the instances", calling)
                 metrics.INSTANCES_REJECTED.labels("ledger_unavailable").inc(len(written))

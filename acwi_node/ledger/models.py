@@ -164,15 +164,18 @@ class Study(Base):
 
 
 class AssociationHold(Base):
-    """Of a study's ``open_associations``, how many one SCP process holds: associations it
-    accepted that sent the study instances and whose end it has not recorded yet.
+    """Of a study's ``open_associations``, how many one process holds: associations it
+    accepted (STOW-RS requests, C-GETs and WADO-RS retrievals it runs) that sent the study
+    instances and whose end it has not recorded yet.
 
-    ``holder`` names the process as its ingest journal does (the journal's directory,
-    ``<process id>-<random>``). A process that finds the journal of a process that is gone
-    (:func:`~acwi_node.ingest.journal.replay_orphans`) releases that process's holds, as if
-    its associations had been aborted (:meth:`~acwi_node.ledger.Ledger.release_holder`): a
+    ``holder`` names an SCP process as its ingest journal does (the journal's directory,
+    ``<process id>-<random>``), any other as its lock file in ``<spool>/.holders/`` does
+    (:mod:`acwi_node.ingest.holders`: ``stow-``, ``retrieval-``, ``scp-<process id>-<random>``).
+    A process that finds the journal or lock file of a process that is gone
+    (:func:`~acwi_node.ingest.journal.replay_orphans`,
+    :func:`~acwi_node.ingest.holders.release_gone`) releases that process's holds, as if its
+    associations had been aborted (:meth:`~acwi_node.ledger.Ledger.release_holder`): a
     process killed with associations open no longer keeps their studies counted open.
-    Associations of a process without a journal are counted in the study alone.
     """
 
     __tablename__ = "association_holds"

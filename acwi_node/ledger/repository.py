@@ -1163,7 +1163,8 @@ class Ledger:
         ``holder`` (the process that recorded the association's first instances with it) one
         more on PostgreSQL, two on SQLite,
         committed without a flush of their own. A crash that loses them leaves the studies
-        counted open until the process's journal is found orphaned (:meth:`release_holder`;
+        counted open until the process is found gone (its journal orphaned, its lock file
+        free: :meth:`release_holder`;
         the upper bound ``completion.max_wait_s`` meanwhile), never loses an instance; the
         journal's checkpoint flushes them with the rest (:meth:`flush`)."""
         if not study_ids:

@@ -38,11 +38,12 @@ from acwi_node.ledger.models import (
 FINISHED_STATES = (StudyState.DELIVERED, StudyState.NOT_ROUTED, StudyState.FAILED)
 _BUSY_JOB_STATES = (JobState.QUEUED, JobState.ANALYSING, JobState.EXPORTING)
 #: An association still counted open on a study (``Study.open_associations``) that has sent
-#: it nothing for this long holds it no longer. An SCP process killed with associations open
-#: has them released by the next SCP process to start (``Ledger.release_holder``); this is the
-#: backstop for a count nothing releases: no SCP process started since, an association no
-#: process names (the ingest journal off, a C-GET, a STOW-RS request of a killed process), a
-#: count an earlier version left. Without it, such a count would keep the study's files for good.
+#: it nothing for this long holds it no longer. A process killed with associations or
+#: requests open has them released by a process that finds it gone (``Ledger.release_holder``:
+#: an SCP's orphaned journal, a web or retrieval process's free lock file,
+#: :mod:`acwi_node.ingest.holders`); this is the backstop for a count nothing releases: no
+#: such process started since, a count an earlier version left. Without it, such a count
+#: would keep the study's files for good.
 ASSOCIATION_GONE_AFTER = dt.timedelta(hours=1)
 
 

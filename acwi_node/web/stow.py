@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from acwi_node.config import Settings
+from acwi_node.ingest.holders import HOLDERS_DIR, HolderName, release_gone_holders
 from acwi_node.ingest.spool import Spool, is_safe_uid
 from acwi_node.ingest.stow import BodyFile, MultipartError, StowReceiver, boundary_of
 from acwi_node.ledger import Ledger
@@ -136,8 +137,27 @@ def stow_router(settings: Settings, ledger: Ledger) -> APIRouter:
     """The STOW-RS routes."""
     router = APIRouter()
     spool = Spool(settings.spool_dir, fsync=settings.ingest.fsync)
-    receiver = StowReceiver(ledger, spool, audit_patient_id=settings.audit.patient_id)
+    # the requests this process has open, under its name: released by whoever finds it gone
+    holder = HolderName(spool.root / HOLDERS_DIR, "stow")
+    receiver = StowReceiver(
+        ledger, spool, audit_patient_id=settings.audit.patient_id, holder=holder
+    )
     limit = settings.dicomweb.max_request_bytes
+
+    def started() -> None:
+        """What a web process (this one's predecessor) killed with requests open held goes."""
+        try:
+            release_gone_holders(spool.root, ledger.release_holder)
+        except Exception:  # the scp process's completion loop sweeps them too
+            log.exception("STOW-RS: could not release what stopped processes held")
+
+    def stopped() -> None:
+        """Every request has ended: what this process still holds (an end it could not
+        record, the ledger down just then) goes now."""
+        holder.close(ledger.release_holder)
+
+    router.add_event_handler("startup", started)
+    router.add_event_handler("shutdown", stopped)
 
     async def store(request: Request, study_uid: str | None) -> Response:
         user: SessionInfo | None = getattr(request.state, "user", None)

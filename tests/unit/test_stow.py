@@ -33,6 +33,7 @@ from acwi_node.config import Settings, load_settings
 from acwi_node.ingest import spool as spool_module
 from acwi_node.ingest import stow
 from acwi_node.ingest.header import HeaderError, pydicom_header
+from acwi_node.ingest.holders import HOLDERS_DIR
 from acwi_node.ingest.spool import Spool
 from acwi_node.ingest.stow import MultipartError, boundary_of, close_mapping, split_parts
 from acwi_node.ledger import Ledger, RoutedJob
@@ -87,7 +88,10 @@ def values(item: dict[str, Any], tag: str) -> list[Any]:
 
 
 def spool_files(settings: Settings) -> list[Path]:
-    return sorted(p for p in settings.spool_dir.rglob("*") if p.is_file())
+    """The spool's files (request bodies in ``.tmp`` too); not the lock file that names the
+    receiving process (``.holders``)."""
+    holders = settings.spool_dir / HOLDERS_DIR
+    return sorted(p for p in settings.spool_dir.rglob("*") if p.is_file() and p.parent != holders)
 
 
 def studies(ledger: Ledger) -> list[tuple[str, int, int, str]]:

@@ -29,13 +29,16 @@ from highdicom._standard_utils import (
 )
 from pydicom import DataElement, Dataset
 from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.tag import BaseTag
 from pydicom.valuerep import DA, DT, TM
 
+from acwi_node.dicom_frames import frame_count, functional_groups
 from acwi_node.results.codes import LO_MAX, NOT_IN_STRING, SH_MAX, clean_code_sequences
 
 __all__ = [
+    "IMAGE_LATERALITIES",
     "PATIENT_STUDY_TYPE2",
     "UNPAIRED_BODY_PARTS",
     "clean_date_times",
@@ -449,12 +452,39 @@ def frame_body_part(source: Dataset) -> str:
     return _BODY_PART_BY_CODE.get(key, "")
 
 
-def frame_laterality(source: Dataset) -> str:
+#: Image Laterality (0020,0062)'s Enumerated Values: right, left, unpaired, both.
+IMAGE_LATERALITIES = frozenset({"R", "L", "U", "B"})
+
+
+def _one_frames_laterality(source: Dataset, frame_number: int) -> str:
+    """Frame ``frame_number``'s Frame Laterality, upper case: its own Frame Anatomy functional
+    group's, else the shared one's; "" for none."""
+    found = ""
+    for group in functional_groups(source, frame_number):  # the frame's own last: it wins
+        try:
+            anatomy = group.get("FrameAnatomySequence")
+            if anatomy:
+                found = str(anatomy[0].get("FrameLaterality", "") or "").strip().upper()
+        except (TypeError, IndexError, AttributeError):
+            continue
+    return found
+
+
+def frame_laterality(source: Dataset, frame_number: int | None = None) -> str:
     """An enhanced image's Frame Laterality (R, L, U for an unpaired structure, B for both),
-    from the Frame Anatomy functional group: the shared one, else the first frame's; "" when
-    there is none."""
-    anatomy = _frame_anatomy(source)
-    return str(anatomy.get("FrameLaterality", "") or "").strip().upper() if anatomy else ""
+    from the Frame Anatomy functional groups: frame ``frame_number``'s (its own group, else the
+    shared one); for the whole image (None), the one every frame has. "" when there is none,
+    and for the whole image when its frames' differ (a frame of the left breast is never said
+    to be of the right one because the first frame is)."""
+    if not any(
+        isinstance(source.get(groups), DicomSequence)
+        for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
+    ):
+        return ""
+    if frame_number is not None:
+        return _one_frames_laterality(source, frame_number)
+    sides = {_one_frames_laterality(source, n) for n in range(1, frame_count(source) + 1)}
+    return sides.pop() if len(sides) == 1 else ""
 
 
 def _body_part(source: Dataset) -> str:
@@ -467,8 +497,8 @@ def _body_part(source: Dataset) -> str:
 
 
 def _side(source: Dataset) -> str:
-    """The source's side, R or L (Laterality, else Image Laterality, else an enhanced
-    image's Frame Laterality, in either case); "" for none of these."""
+    """The source's side, R or L (Laterality, else Image Laterality, else the Frame Laterality
+    every frame of an enhanced image has, in either case); "" for none of these."""
     laterality = str(source.get("Laterality", "") or source.get("ImageLaterality", "") or "")
     laterality = laterality.strip().upper()
     frame_side = frame_laterality(source)

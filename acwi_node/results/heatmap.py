@@ -41,7 +41,13 @@ from acwi_node.dicom_pixels import (
 )
 from acwi_node.inference.types import ImageResult, StudyAnalysis, unit_name
 from acwi_node.results.charset import result_charset
-from acwi_node.results.headers import copy_anatomy, copy_patient_and_study, set_result_times
+from acwi_node.results.headers import (
+    IMAGE_LATERALITIES,
+    copy_anatomy,
+    copy_patient_and_study,
+    frame_laterality,
+    set_result_times,
+)
 from acwi_node.results.sr import MANUFACTURER, algorithm_equipment
 from acwi_node.results.uids import result_uids
 
@@ -646,6 +652,16 @@ def build_heatmap_sc(
 
     # General Image
     sc.ImageType = ["DERIVED", "SECONDARY"]
+    if frame_number is not None:
+        # A frame's own side: its Frame Laterality, as Image Laterality (the series' Laterality
+        # is the side all the series' sources have, none for an image whose frames' differ).
+        # The General Series' Laterality (2C) is then absent: it is required only where no
+        # Image Laterality is present, and dciodvfy reports it present beside one.
+        side = frame_laterality(source, frame_number)
+        if side in IMAGE_LATERALITIES:
+            sc.ImageLaterality = side
+            if "Laterality" in sc:
+                del sc.Laterality
     sc.PatientOrientation = patient_orientation(source, image_header(source, frame_number))
     label, probability = _predicted(analysis, image)
     shown = f"{label} (p={probability:.3f})" if probability is not None else label

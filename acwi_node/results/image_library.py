@@ -36,6 +36,7 @@ from pydicom.valuerep import DS, DSfloat
 
 from acwi_node.results.codes import written_as
 from acwi_node.results.content_templates import Role, Template, append_encoded, template
+from acwi_node.results.library_classes import restore_classes
 from acwi_node.results.library_descriptors import (
     LibraryDescriptors,
     add_descriptors,
@@ -258,9 +259,11 @@ def library_container(report: MeasurementReport) -> Dataset | None:
 
 def describe(report: MeasurementReport, images: Sequence[Dataset]) -> None:
     """Add to the entries highdicom wrote in ``report``'s Image Library the laterality and view
-    of their images (among ``images``; :mod:`.library_descriptors`)."""
+    of their images (among ``images``; :mod:`.library_descriptors`), and give the entries
+    built for a stand-in of another class (:mod:`.library_classes`) their image's class."""
     library = library_container(report)
     if library is not None:
+        restore_classes(library, images)
         add_descriptors(library, descriptors_of(images))
 
 

@@ -89,6 +89,7 @@ from acwi_node.results.heatmap_region import heatmap_region
 from acwi_node.results.image_groups import encode_image_groups
 from acwi_node.results.image_library import describe as describe_library
 from acwi_node.results.image_library import plan_image_library
+from acwi_node.results.library_classes import in_known_class
 from acwi_node.results.library_descriptors import library_descriptors
 from acwi_node.results.region_groups import RegionSpec, encode_region_groups, region_corners
 from acwi_node.results.study_groups import STUDY_SCOPE, encode_study_groups
@@ -537,14 +538,19 @@ def _plain_entry_image(ds: Dataset) -> Dataset:
 def _library_images(sources: Sequence[Dataset]) -> list[Dataset]:
     """What the Image Library entries (TID 1601/1602) describe, each source once: the source,
     or where highdicom cannot describe it, a stand-in with the descriptors of any image
-    (:func:`_plain_entry_image`); a source that is no image is left out."""
+    (:func:`_plain_entry_image`); a source of a class highdicom has no modality for, in the
+    class it has for the same modality (:mod:`.library_classes`; the entry's class is the
+    source's again in :func:`~.image_library.describe`); a source that is no image, or of
+    another class highdicom does not know, is left out."""
     usable: list[Dataset] = []
     seen: set[str] = set()
     for ds in sources:
         uid = str(ds.SOPInstanceUID)
         if uid in seen:
             continue
-        for described in (ds, _plain_entry_image(ds)):
+        for candidate in (ds, _plain_entry_image(ds)):
+            # an image of a class highdicom has no modality for: as one of a class it has
+            described = in_known_class(candidate)
             try:
                 ImageLibraryEntryDescriptors(described)
             except (AttributeError, IndexError, KeyError, TypeError, ValueError):

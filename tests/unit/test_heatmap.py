@@ -749,3 +749,98 @@ def test_a_large_source_is_drawn_in_a_fraction_of_its_float64_size() -> None:
             tracemalloc.stop()
         assert (sc.Rows, sc.Columns) == (2048, 1654)
         assert peak < 24 * rows * columns, peak / (rows * columns)
+
+
+def _frame_heatmaps(source: Dataset) -> list[Dataset]:
+    """The heatmap of each frame of the multi-frame ``source`` (one series)."""
+    analysis = _analysis([source])
+    images = [
+        dataclasses.replace(analysis.images[0], frame_number=n)
+        for n in range(1, int(source.NumberOfFrames) + 1)
+    ]
+    analysis = dataclasses.replace(analysis, images=images)
+    return [
+        build_heatmap_sc(
+            source,
+            image.heatmap_array(),
+            analysis,
+            image,
+            instance_number=n,
+            series_sources=[source],
+        )
+        for n, image in enumerate(images, start=1)
+    ]
+
+
+def _breast_projection(lateralities: list[str | None]) -> Dataset:
+    """A Breast Projection X-Ray image (For Presentation) of 64 x 64 pixels whose frames have
+    ``lateralities`` (Frame Laterality in each frame's Frame Anatomy, or shared by all)."""
+    from tests.unit.test_sr_image_library import (
+        BREAST_PROJECTION_FOR_PRESENTATION,
+        _enhanced,
+    )
+
+    ds = _enhanced(
+        generate_uid(),
+        generate_uid(),
+        1,
+        lateralities,
+        ("399162004", "SCT", "cranio-caudal"),
+        sop_class=BREAST_PROJECTION_FOR_PRESENTATION,
+    )
+    ds.Rows, ds.Columns = 64, 64
+    frames = np.arange(len(lateralities) * 64 * 64, dtype=np.uint16).reshape(-1, 64, 64)
+    ds.PixelData = (frames % 4096).tobytes()
+    return ds
+
+
+def test_a_frames_heatmap_says_that_frames_side() -> None:
+    """The heatmap of each frame of a breast image whose frames' lateralities differ (R, L, R)
+    said frame 1's side (R) for all: the series' Laterality was the first frame's. Each says
+    its own frame's side now (Image Laterality, the series' Laterality then absent, as
+    dciodvfy wants it beside one); a frame without a side has none, and the series' Laterality
+    of its heatmap is empty (unknown), as for heatmaps of both breasts."""
+    heatmaps = _frame_heatmaps(_breast_projection(["R", "L", "R"]))
+    assert [sc.get("ImageLaterality") for sc in heatmaps] == ["R", "L", "R"]
+    assert [(sc.get("Laterality"), sc.BodyPartExamined) for sc in heatmaps] == [
+        (None, "BREAST")
+    ] * 3
+    heatmaps = _frame_heatmaps(_breast_projection(["L", None]))
+    assert [(sc.get("ImageLaterality"), sc.get("Laterality")) for sc in heatmaps] == [
+        ("L", None),
+        (None, ""),
+    ]
+    # frames that agree (shared by all): that side
+    heatmaps = _frame_heatmaps(_breast_projection(["L", "L"]))
+    assert [(sc.get("ImageLaterality"), sc.get("Laterality")) for sc in heatmaps] == [
+        ("L", None)
+    ] * 2
+    # a single-frame radiograph's heatmap has the series' Laterality alone, as before
+    radiograph = make_dx(generate_uid())
+    radiograph.ImageLaterality = "R"
+    sc = _build(radiograph, _analysis([radiograph]))
+    assert sc.Laterality == "R" and "ImageLaterality" not in sc
+
+
+def test_the_series_side_of_an_image_whose_frames_differ_is_unknown() -> None:
+    """The series' Laterality (copy_anatomy) of an enhanced image is the side all its frames
+    have: frames R and L give none (empty: unknown), not the first frame's R."""
+    from acwi_node.results.headers import copy_anatomy, frame_laterality
+
+    source = _breast_projection(["R", "L"])
+    assert [frame_laterality(source, n) for n in (1, 2)] == ["R", "L"]
+    assert frame_laterality(source) == ""
+    result = Dataset()
+    copy_anatomy(source, result)
+    assert (result.BodyPartExamined, result.Laterality) == ("BREAST", "")
+    assert frame_laterality(_breast_projection(["R", "R"])) == "R"
+
+
+@needs_dciodvfy
+def test_dciodvfy_reports_no_errors_for_the_heatmaps_of_frames_of_either_side() -> None:
+    from acwi_node.results.validate import run_dciodvfy
+
+    for sc in _frame_heatmaps(_breast_projection(["R", "L", None])):
+        report = run_dciodvfy(sc)
+        assert report.iod == "SCImage"
+        assert report.errors == [], report.output

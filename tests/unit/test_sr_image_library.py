@@ -413,6 +413,7 @@ def test_dciodvfy_reports_no_errors_for_templated_content(study: str) -> None:
 
 BREAST_TOMOSYNTHESIS = UID("1.2.840.10008.5.1.4.1.1.13.1.3")
 BREAST_PROJECTION_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.13.1.4")
+BREAST_PROJECTION_FOR_PROCESSING = UID("1.2.840.10008.5.1.4.1.1.13.1.5")
 ENHANCED_XA = UID("1.2.840.10008.5.1.4.1.1.12.1.1")
 _FRAMES = 3
 #: What a single-frame radiograph has at the top level and an enhanced image has in its
@@ -587,8 +588,7 @@ def test_an_enhanced_xa_entry_says_its_frames_laterality() -> None:
 
 def test_a_breast_projection_images_descriptors_come_from_its_frames() -> None:
     """A Breast Projection X-Ray image's laterality is its frames' too (per frame here), its
-    view its Breast View Module's. (highdicom describes no image of this class in an Image
-    Library: the SR lists none, as any image highdicom cannot describe.)"""
+    view its Breast View Module's."""
     ds = _enhanced(
         generate_uid(),
         generate_uid(),
@@ -667,6 +667,165 @@ def test_dciodvfy_reports_no_errors_for_a_tomosynthesis_library(
     sources = _tomosynthesis_views(one_frame_of_reference=one_frame_of_reference)
     document = build_sr(sources, _frame_analysis(sources))
     assert all("laterality" in _described(e) for e in _entries(document).values())
+    report = run_dciodvfy(document)
+    assert report.iod == "Comprehensive3DSR"
+    assert report.errors == [], report.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Images of classes highdicom has no modality for (Breast Projection X-Ray): in the library
+# ---------------------------------------------------------------------------------------------
+
+_MODALITY = ("DCM", "121139")
+_MAMMOGRAPHY = ("MG", "DCM", "Mammography")
+
+
+def _breast_projection_views(*, one_frame_of_reference: bool = False) -> list[Dataset]:
+    """A Breast Projection X-Ray study: R CC, L CC (For Presentation), R MLO, L MLO (For
+    Processing; the last one's laterality per frame)."""
+    study, series = generate_uid(), generate_uid()
+    frame = generate_uid() if one_frame_of_reference else None
+    views = [("R", _CC), ("L", _CC), ("R", _MLO), ("L", _MLO)]
+    sources = [
+        _enhanced(
+            study,
+            series,
+            n,
+            [side] * 2,
+            view,
+            sop_class=BREAST_PROJECTION_FOR_PRESENTATION
+            if n <= 2
+            else BREAST_PROJECTION_FOR_PROCESSING,
+            frame_of_reference=frame,
+        )
+        for n, (side, view) in enumerate(views, start=1)
+    ]
+    last = sources[3]
+    anatomy = last.SharedFunctionalGroupsSequence[0].FrameAnatomySequence
+    del last.SharedFunctionalGroupsSequence[0].FrameAnatomySequence
+    for group in last.PerFrameFunctionalGroupsSequence:
+        group.FrameAnatomySequence = DicomSequence([Dataset(anatomy[0])])
+    return sources
+
+
+def _plain_items(entry: Dataset) -> dict[tuple[str, str], object]:
+    """An entry's items other than the laterality and view: their values, by concept name."""
+    found: dict[tuple[str, str], object] = {}
+    for item in entry.ContentSequence:
+        if _name(item) in (_LATERALITY, _VIEW):
+            continue
+        if item.ValueType == "CODE":
+            found[_name(item)] = _code(item)
+        elif item.ValueType == "UIDREF":
+            found[_name(item)] = str(item.UID)
+        elif item.ValueType == "NUM":
+            found[_name(item)] = float(item.MeasuredValueSequence[0].NumericValue)
+        else:
+            found[_name(item)] = item.ValueType
+    return found
+
+
+@pytest.mark.parametrize("one_frame_of_reference", [False, True])
+def test_breast_projection_images_are_in_the_image_library(one_frame_of_reference: bool) -> None:
+    """highdicom has no modality for the Breast Projection X-Ray classes and refused them:
+    the SR's library left them out (an SR of only such images had no library). Each has an
+    entry now, in its own class, as an MG image's (Modality MG, frame of reference, rows and
+    columns, its frames' laterality and its view), grouped by frame of reference; both ways of
+    writing the library give the same bytes, and highdicom reads the SR back."""
+    from highdicom.sr import Comprehensive3DSR
+
+    sources = _breast_projection_views(one_frame_of_reference=one_frame_of_reference)
+    document = _same_bytes_both_ways(sources)
+    entries = _entries(document)
+    assert list(entries) == [str(ds.SOPInstanceUID) for ds in sources]
+    for ds in sources:
+        entry = entries[str(ds.SOPInstanceUID)]
+        assert entry.ReferencedSOPSequence[0].ReferencedSOPClassUID == ds.SOPClassUID
+        assert _plain_items(entry) == {
+            _MODALITY: _MAMMOGRAPHY,
+            ("DCM", "112227"): str(ds.FrameOfReferenceUID),
+            ("DCM", "110910"): 24.0,
+            ("DCM", "110911"): 20.0,
+        }
+    assert [_described(entries[str(ds.SOPInstanceUID)]) for ds in sources] == [
+        {"laterality": _RIGHT, "view": _CC, "modifiers": []},
+        {"laterality": _LEFT, "view": _CC, "modifiers": []},
+        {"laterality": _RIGHT, "view": _MLO, "modifiers": []},
+        {"laterality": _LEFT, "view": _MLO, "modifiers": []},
+    ]
+    assert len(_library_groups(document)) == (1 if one_frame_of_reference else 4)
+    assert all(ds.SOPClassUID.startswith("1.2.840.10008.5.1.4.1.1.13.1.") for ds in sources)
+    read = Comprehensive3DSR.from_dataset(pydicom.dcmread(io.BytesIO(encode_part10(document))))
+    assert str(read.SOPInstanceUID) == str(document.SOPInstanceUID)
+
+
+def test_breast_projection_images_beside_mammograms_share_their_modalitys_group() -> None:
+    """Beside a mammogram's four views (a templated library), a Breast Projection X-Ray image
+    in their frame of reference is in their group (Modality MG) with its own class; the same
+    bytes both ways."""
+    sources = _four_views()
+    frame = generate_uid()
+    for ds in sources:
+        ds.FrameOfReferenceUID = frame
+    projection = _enhanced(
+        str(sources[0].StudyInstanceUID),
+        generate_uid(),
+        1,
+        ["R", "R"],
+        _CC,
+        sop_class=BREAST_PROJECTION_FOR_PRESENTATION,
+        frame_of_reference=frame,
+    )
+    sources.append(projection)
+    # a result per image of the mammogram, per frame of the projection image
+    analysis = study_analysis(
+        [*_analysis(sources[:4]).images, *_frame_analysis([projection]).images]
+    )
+    document = build_sr(sources, analysis)
+    reference = build_sr(sources, analysis, check_all=True)
+    _same_times(document, reference)
+    assert encode_part10(document) == encode_part10(reference)
+    groups = _library_groups(document)
+    assert len(groups) == 1
+    entry = _entries(document)[str(projection.SOPInstanceUID)]
+    assert (
+        entry.ReferencedSOPSequence[0].ReferencedSOPClassUID == BREAST_PROJECTION_FOR_PRESENTATION
+    )
+    assert _described(entry) == {"laterality": _RIGHT, "view": _CC, "modifiers": []}
+
+
+def test_the_classes_described_as_others_are_those_highdicom_has_no_modality_for() -> None:
+    """Each class of KNOWN_CLASSES is one highdicom refuses, described as one it codes; the
+    source itself is left as it is."""
+    from highdicom.sr.templates import _get_coded_modality
+
+    from acwi_node.results.library_classes import KNOWN_CLASSES, in_known_class
+
+    for unknown, known in KNOWN_CLASSES.items():
+        with pytest.raises(ValueError, match="does not identify a SOP Class"):
+            _get_coded_modality(unknown)
+        _get_coded_modality(known)
+    mammography = {
+        _get_coded_modality(KNOWN_CLASSES[c]).value
+        for c in (BREAST_PROJECTION_FOR_PRESENTATION, BREAST_PROJECTION_FOR_PROCESSING)
+    }
+    assert mammography == {"MG"}
+    source = _breast_projection_views()[0]
+    described = in_known_class(source)
+    assert described.SOPClassUID == "1.2.840.10008.5.1.4.1.1.1.2"
+    assert source.SOPClassUID == BREAST_PROJECTION_FOR_PRESENTATION
+    assert described.FrameOfReferenceUID == source.FrameOfReferenceUID
+
+
+@needs_dciodvfy
+def test_dciodvfy_reports_no_errors_for_a_breast_projection_library() -> None:
+    """The SR of a Breast Projection X-Ray study (its entries' classes those of the evidence)
+    passes dciodvfy."""
+    from acwi_node.results.validate import run_dciodvfy
+
+    sources = _breast_projection_views()
+    document = build_sr(sources, _frame_analysis(sources))
+    assert len(_entries(document)) == len(sources)
     report = run_dciodvfy(document)
     assert report.iod == "Comprehensive3DSR"
     assert report.errors == [], report.output

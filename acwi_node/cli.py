@@ -148,7 +148,7 @@ def run_scp(settings: Settings, config: Path | None = None) -> int:
     from acwi_node.tasks.queue import reconcile
 
     skip_pydicom_value_checks()
-    ledger = Ledger(settings.database_url)
+    ledger = Ledger(settings.ledger_url)
     spool = Spool(settings.spool_dir, fsync=settings.ingest.fsync)
     removed = spool.clean_tmp()  # before any listener writes there
     if removed:
@@ -225,7 +225,7 @@ def _run_scp_listener(settings: Settings, sock: socket.socket) -> int:
     from acwi_node.ledger import Ledger
 
     skip_pydicom_value_checks()
-    ledger = Ledger(settings.database_url)
+    ledger = Ledger(settings.ledger_url)
     spool = Spool(settings.spool_dir, fsync=settings.ingest.fsync)
     scp = StorageSCP(settings, ledger, spool, signals=CompletionSignals(ledger))
     stop = threading.Event()
@@ -293,7 +293,7 @@ def run_exporter(settings: Settings) -> int:
     from acwi_node.observability.health import exporter_readiness, start_ops_server_safely
     from acwi_node.retention import Retention
 
-    ledger = Ledger(settings.database_url)
+    ledger = Ledger(settings.ledger_url)
     exporter = Exporter(settings, ledger)
     stop = threading.Event()
     _stop_on_signals(stop)
@@ -351,7 +351,7 @@ def run_show_studies(settings: Settings, study_uids: Sequence[str], *, as_json: 
     from acwi_node.ledger import Ledger
     from acwi_node.ledger.trace import study_trace
 
-    ledger = Ledger(settings.database_url)
+    ledger = Ledger(settings.ledger_url)
     missing = 0
     traces: list[dict[str, Any]] = []
     try:
@@ -375,7 +375,7 @@ def run_studies(settings: Settings, action: str, study_uids: Sequence[str]) -> i
     """``acwi-node studies resend|reprocess UID...``: exit 1 if any study refused."""
     from acwi_node.ledger import Ledger, StudyActionRefused
 
-    ledger = Ledger(settings.database_url)
+    ledger = Ledger(settings.ledger_url)
     refused = 0
     try:
         for uid in study_uids:
@@ -482,7 +482,7 @@ def run_check(settings: Settings, *, as_json: bool) -> int:
     from acwi_node.ledger import Ledger
     from acwi_node.retention.check import check
 
-    ledger = Ledger(settings.database_url)
+    ledger = Ledger(settings.ledger_url)
     try:
         report = check(settings, ledger)
     finally:
@@ -517,7 +517,7 @@ def run_retention(settings: Settings, *, dry_run: bool, as_json: bool) -> int:
     from acwi_node.ledger import Ledger
     from acwi_node.retention import Retention
 
-    ledger = Ledger(settings.database_url)
+    ledger = Ledger(settings.ledger_url)
     try:
         report = Retention(settings, ledger).sweep(dry_run=dry_run)
     finally:
@@ -694,7 +694,7 @@ def run_hl7(settings: Settings) -> int:
     if not cfg.enabled:
         log.error("hl7: nothing to do: set [hl7] listen_port and/or [hl7.ris]")
         return 2
-    ledger = Ledger(settings.database_url)
+    ledger = Ledger(settings.ledger_url)
     stop = threading.Event()
     _stop_on_signals(stop)
     listener = MllpListener(settings, ledger).start() if cfg.listen_port else None
@@ -753,7 +753,7 @@ def run_serve(settings: Settings, config: Path | None) -> int:
     from acwi_node.ledger.repository import LedgerSchemaError
 
     try:
-        Ledger(settings.database_url).dispose()
+        Ledger(settings.ledger_url).dispose()
     except LedgerSchemaError:
         raise
     except Exception as exc:
@@ -797,7 +797,7 @@ def run_serve(settings: Settings, config: Path | None) -> int:
 def run_status(settings: Settings, as_json: bool) -> int:
     from acwi_node.ledger import Ledger
 
-    studies = Ledger(settings.database_url).list_studies(limit=1000)
+    studies = Ledger(settings.ledger_url).list_studies(limit=1000)
     if as_json:
         print(json.dumps(studies, indent=2))
         return 0

@@ -12,7 +12,7 @@ import re
 import ssl
 import zoneinfo
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -20,8 +20,11 @@ from pydantic import (
     ConfigDict,
     Field,
     IPvAnyNetwork,
+    PrivateAttr,
+    SecretStr,
     ValidationError,
     ValidationInfo,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -31,6 +34,9 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no "\"
 
@@ -218,11 +224,21 @@ class NodeSettings(_Strict):
     data_dir: Path = Path("acwi-data")
     #: SQLAlchemy URL of the ledger; default ``sqlite:///<data_dir>/ledger.sqlite``.
     database_url: str | None = None
+    #: A file holding the password of ``database_url``'s PostgreSQL user (a Docker secret, a
+    #: systemd credential), read once at start-up: the password then appears in no URL, log,
+    #: output or environment. One trailing newline is not part of it.
+    database_password_file: Path | None = None
     #: Celery broker; default an embedded broker in ``<data_dir>/broker`` (no server needed).
     broker_url: str | None = None
+    #: A file holding the broker's password (Redis ``requirepass`` or an ACL user's, the user
+    #: in ``broker_url``), read once at start-up as ``database_password_file`` is.
+    broker_password_file: Path | None = None
     log_level: str = "INFO"
     #: Log patient identifiers (names, IDs). Off by default.
     log_phi: bool = False
+
+    _database_password: SecretStr | None = PrivateAttr(None)
+    _broker_password: SecretStr | None = PrivateAttr(None)
 
     @field_validator("database_url")
     @classmethod
@@ -245,6 +261,117 @@ class NodeSettings(_Strict):
         if v not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError(f"log_level {v!r} is not one of DEBUG, INFO, WARNING, ERROR")
         return v
+
+    @field_serializer("database_url", "broker_url")
+    def _shown_without_password(self, url: str | None) -> str | None:
+        """``acwi-node config`` (and any dump of the settings) shows a URL's password as
+        ``***``."""
+        return None if url is None else masked_url(url)
+
+    @model_validator(mode="after")
+    def _password_files(self) -> NodeSettings:
+        """Read ``database_password_file`` and ``broker_password_file``: each for a server
+        whose URL carries no password of its own."""
+        if self.database_password_file is not None:
+            if self.database_url is None or not self.database_url.startswith("postgresql"):
+                raise ValueError(
+                    "database_password_file needs a PostgreSQL database_url"
+                    " (postgresql://USER@HOST/DATABASE); an SQLite ledger has no password"
+                )
+            if url_password(self.database_url) is not None:
+                raise ValueError(
+                    "database_url carries a password and database_password_file names"
+                    " another: give one of them (the file, keeping the URL without it)"
+                )
+            self._database_password = read_password_file(
+                "database_password_file", self.database_password_file
+            )
+        if self.broker_password_file is not None:
+            if self.broker_url is None or self.broker_url.startswith("filesystem://"):
+                raise ValueError(
+                    "broker_password_file needs a broker server's broker_url (redis://HOST);"
+                    " the embedded broker has no password"
+                )
+            if url_password(self.broker_url) is not None:
+                raise ValueError(
+                    "broker_url carries a password and broker_password_file names another:"
+                    " give one of them (the file, keeping the URL without it)"
+                )
+            self._broker_password = read_password_file(
+                "broker_password_file", self.broker_password_file
+            )
+        return self
+
+
+def url_password(url: str) -> str | None:
+    """The password a server URL carries (``user:PASSWORD@`` or a ``password=`` query
+    parameter, which libpq reads too), None without one."""
+    from urllib.parse import parse_qs, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return None
+    if password:
+        return password
+    given = parse_qs(parts.query).get("password")
+    return given[0] if given and given[0] else None
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password, in the user part or a ``password=`` query parameter, shown
+    as ``***``; the rest as written."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        has_password = parts.password is not None
+    except ValueError:  # not a URL urllib reads (a bad port): hide what could be a password
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    in_query = any(key == "password" for key, _ in pairs)
+    if not has_password and not in_query:
+        return url
+    netloc = parts.netloc
+    if has_password:
+        user, host = netloc.rsplit("@", 1)
+        netloc = f"{user.split(':', 1)[0]}:***@{host}"
+    query = parts.query
+    if in_query:
+        query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*")
+    shown = f"{parts.scheme}://{netloc}{parts.path}"
+    return shown + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
+
+
+def read_password_file(setting: str, path: Path) -> SecretStr:
+    """The password in the file a ``*_password_file`` setting names, without one trailing
+    newline (``echo`` writes one); raises ``ValueError`` naming the setting and the file, never
+    what the file holds."""
+    where = path.expanduser()
+    try:
+        raw = where.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{setting} {path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{setting} {path} is a folder, not a file") from None
+    except OSError as exc:
+        raise ValueError(f"{setting} {path} cannot be read ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{setting} {path} is not UTF-8 text") from None
+    if text.endswith("\r\n"):
+        text = text[:-2]
+    elif text.endswith("\n"):
+        text = text[:-1]
+    if not text:
+        raise ValueError(f"{setting} {path} is empty")
+    if "\n" in text or "\r" in text or "\x00" in text:
+        raise ValueError(
+            f"{setting} {path} holds more than one line: the password is its only line"
+        )
+    return SecretStr(text)
 
 
 class IngestTlsSettings(_Strict):
@@ -1466,8 +1593,27 @@ class Settings(BaseSettings):
         return f"sqlite:///{self.data_dir / 'ledger.sqlite'}"
 
     @property
+    def ledger_url(self) -> str | URL:
+        """What the ledger connects to: ``database_url``, with the password of
+        ``node.database_password_file`` where that is set (a SQLAlchemy URL then, whose
+        ``str()`` shows the password as ``***``). Never log or print it whole."""
+        password = self.node._database_password
+        if password is None:
+            return self.database_url
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.database_url).set(password=password.get_secret_value())
+
+    @property
     def broker_url(self) -> str:
         return self.node.broker_url or "filesystem://"
+
+    @property
+    def broker_password(self) -> str | None:
+        """The password of ``node.broker_password_file``, None without one (a password in
+        ``broker_url`` is the URL's own)."""
+        password = self.node._broker_password
+        return None if password is None else password.get_secret_value()
 
     @property
     def embedded_broker_dir(self) -> Path:

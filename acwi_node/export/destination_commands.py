@@ -37,7 +37,7 @@ def run_destinations_status(settings: Settings, *, as_json: bool) -> int:
     from acwi_node.review.store import ReviewStore
     from acwi_node.review.views import destination_outboxes
 
-    ledger = Ledger(settings.database_url)
+    ledger = Ledger(settings.ledger_url)
     try:
         rows = destination_outboxes(ReviewStore(ledger), settings)
     finally:
@@ -71,7 +71,7 @@ def run_destinations_retry(settings: Settings, args: argparse.Namespace) -> int:
     from acwi_node.ledger import Ledger
     from acwi_node.ledger.models import Delivery
 
-    ledger = Ledger(settings.database_url)
+    ledger = Ledger(settings.ledger_url)
     try:
         known = {d.name for d in settings.destinations}
         names = list(dict.fromkeys(args.names))

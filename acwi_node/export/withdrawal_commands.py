@@ -73,7 +73,7 @@ def run_withdraw(settings: Settings, args: argparse.Namespace) -> int:
     from acwi_node.export.withdrawal import withdraw_results
     from acwi_node.ledger import Ledger, StudyActionRefused
 
-    ledger = Ledger(settings.database_url)
+    ledger = Ledger(settings.ledger_url)
     failed = 0
     reports: dict[str, Any] = {}
     try:
@@ -139,7 +139,7 @@ def run_recall(settings: Settings, args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"acwi-node models recall: {exc}", file=sys.stderr)
         return 2
-    ledger = Ledger(settings.database_url)
+    ledger = Ledger(settings.ledger_url)
     try:
         try:
             check_model_known(settings, ledger, args.name, args.version)

@@ -175,7 +175,7 @@ def _retrieve(settings: Settings, args: argparse.Namespace) -> int:
     except QueryError as exc:
         print(f"acwi-node: {exc}", file=sys.stderr)
         return 2
-    ledger = Ledger(settings.database_url)
+    ledger = Ledger(settings.ledger_url)
     try:
         retrievals = Retrievals(ledger)
         rid = retrievals.request(args.source, query, requested_by="cli")
@@ -206,7 +206,7 @@ def _list(settings: Settings, limit: int, *, as_json: bool) -> int:
     from acwi_node.ledger import Ledger
     from acwi_node.ledger.retrievals import Retrievals
 
-    ledger = Ledger(settings.database_url)
+    ledger = Ledger(settings.ledger_url)
     try:
         views = Retrievals(ledger).recent(limit)
     finally:

@@ -36,7 +36,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
@@ -313,11 +313,18 @@ POSTGRES_CONNECT_ARGS: dict[str, int] = {
 }
 
 
-def make_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
-    """An engine for the ledger URL; SQLite gets WAL and a busy timeout, PostgreSQL psycopg 3."""
-    if url.startswith("postgresql://"):
+def make_engine(url: str | URL, *, sqlite_synchronous: str = "FULL") -> Engine:
+    """An engine for the ledger URL; SQLite gets WAL and a busy timeout, PostgreSQL psycopg 3.
+    A :class:`~sqlalchemy.engine.URL` is how a password from a file comes
+    (:attr:`acwi_node.config.Settings.ledger_url`): it is never written into a string."""
+    if isinstance(url, URL):
+        if url.drivername == "postgresql":
+            url = url.set(drivername="postgresql+psycopg")
+        if url.get_backend_name() != "postgresql":
+            url = url.render_as_string(hide_password=False)
+    if isinstance(url, str) and url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
-    if url.startswith("sqlite"):
+    if isinstance(url, str) and url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -712,8 +719,11 @@ def _with_values(held: str, received: str, limit: int) -> str:
 class Ledger:
     """Repository over the ledger database."""
 
-    def __init__(self, url: str, *, create: bool = True) -> None:
-        self.url = url
+    def __init__(self, url: str | URL, *, create: bool = True) -> None:
+        #: The ledger's URL as text; without the password a :class:`~sqlalchemy.engine.URL`
+        #: given (``Settings.ledger_url``) carries, which stays in the engine alone.
+        self.url = url if isinstance(url, str) else url._replace(password=None).render_as_string()
+        self._connect_url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._pid = os.getpid()
@@ -865,7 +875,7 @@ class Ledger:
         engine = self.engine
         if not flushed and not postgresql:
             if self._unflushed_engine is None:
-                self._unflushed_engine = make_engine(self.url, sqlite_synchronous="NORMAL")
+                self._unflushed_engine = make_engine(self._connect_url, sqlite_synchronous="NORMAL")
             engine = self._unflushed_engine
         raw = engine.raw_connection()
         try:

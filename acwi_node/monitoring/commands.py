@@ -134,7 +134,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     from acwi_node.monitoring.turnaround import TurnaroundMonitor, format_turnaround
 
     cfg = settings.monitoring
-    ledger = Ledger(settings.database_url)
+    ledger = Ledger(settings.ledger_url)
     try:
         monitor = ModelMonitor(ledger, cfg)
         baseline = args.monitor_command == "baseline"

@@ -59,7 +59,12 @@ def broker_check(settings: Settings) -> Check:
         if url.startswith(("redis://", "rediss://", "unix://")):
             import redis
 
-            client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+            client = redis.Redis.from_url(
+                url,
+                password=settings.broker_password,
+                socket_timeout=2,
+                socket_connect_timeout=2,
+            )
             try:
                 client.ping()
             finally:
@@ -74,7 +79,7 @@ def broker_check(settings: Settings) -> Check:
             return False, f"data directory {settings.data_dir} is missing"
         from kombu import Connection
 
-        with Connection(url, connect_timeout=2) as conn:
+        with Connection(url, password=settings.broker_password, connect_timeout=2) as conn:
             conn.ensure_connection(max_retries=1)
         return True, "reachable"
 
@@ -275,7 +280,7 @@ def start_ops_server(settings: Settings, readiness: Readiness) -> OpsServer | No
 
 # ------------------------------------------------------------- readiness per process kind
 def _ledger_for_checks(settings: Settings) -> Ledger:
-    return Ledger(settings.database_url, create=False)
+    return Ledger(settings.ledger_url, create=False)
 
 
 def scp_readiness(settings: Settings, ledger: Ledger, scp: Any, completion: Any) -> Readiness:

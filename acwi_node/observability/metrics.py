@@ -226,7 +226,9 @@ def broker_queue_length(settings: Settings, queue: str = "analysis") -> int | No
     if url.startswith(("redis://", "rediss://", "unix://")):
         import redis
 
-        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        client = redis.Redis.from_url(
+            url, password=settings.broker_password, socket_timeout=2, socket_connect_timeout=2
+        )
         try:
             total = 0
             keys = [queue] + [f"{queue}\x06\x16{p}" for p in range(1, 10)]

@@ -118,7 +118,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     from acwi_node.review import auth
     from acwi_node.review.store import ReviewError, ReviewStore
 
-    ledger = Ledger(settings.database_url)
+    ledger = Ledger(settings.ledger_url)
     try:
         if args.command == "feedback" and args.feedback_command == "agreement":
             return _print_agreement(ReviewStore(ledger), args.days, as_json=args.json)

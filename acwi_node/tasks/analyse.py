@@ -95,7 +95,7 @@ def _settings() -> Settings:
 
 def _ledger() -> Ledger:
     if "ledger" not in _state:
-        _state["ledger"] = Ledger(_settings().database_url)
+        _state["ledger"] = Ledger(_settings().ledger_url)
     ledger: Ledger = _state["ledger"]
     return ledger
 

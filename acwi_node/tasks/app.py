@@ -95,6 +95,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "wake_folder": str(folder / "wake"),
         }
     conf["broker_transport_options"] = transport
+    if settings.broker_password is not None:
+        # Celery hands it to kombu's connection beside the URL: never part of broker_url, so
+        # that no banner, log line or error shows it.
+        conf["broker_password"] = settings.broker_password
     return conf
 
 

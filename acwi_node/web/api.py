@@ -118,7 +118,7 @@ def _reportable(error: Mapping[str, Any]) -> dict[str, Any]:
 
 def create_app(settings: Settings, ledger: Ledger | None = None) -> FastAPI:
     """The FastAPI application over the ledger."""
-    db = ledger or Ledger(settings.database_url)
+    db = ledger or Ledger(settings.ledger_url)
     app = FastAPI(
         title="ACWI Node",
         version=__version__,

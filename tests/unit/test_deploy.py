@@ -200,7 +200,7 @@ def test_stack_config_points_at_the_compose_services(
 ) -> None:
     assert stack_settings.database_url == "postgresql://acwi@postgres:5432/acwi"
     assert ":" not in stack_settings.database_url.split("@")[0].removeprefix("postgresql://"), (
-        "the ledger password belongs in PGPASSWORD, not in the file"
+        "the ledger password belongs in the acwi_db_password secret, not in the file"
     )
     assert stack_settings.broker_url.startswith("redis://redis:")
     assert services["postgres"]["environment"]["POSTGRES_USER"] == "acwi"
@@ -210,6 +210,66 @@ def test_stack_config_points_at_the_compose_services(
     mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in services["worker"]["volumes"]}
     assert mounts[str(stack_settings.node.data_dir)] == "acwi-data"
     assert stack_settings.node.http_host == "0.0.0.0"
+
+
+def _secret_names(service: dict[str, Any]) -> list[str]:
+    """The secrets a service is given (short syntax, or the long one's ``source``)."""
+    return [s if isinstance(s, str) else s["source"] for s in service.get("secrets", [])]
+
+
+def test_the_ledger_password_is_a_secret_file_not_an_environment_variable(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """PostgreSQL (``POSTGRES_PASSWORD_FILE``) and every node process
+    (``node.database_password_file``) read the password from one file-based Compose secret,
+    mounted at /run/secrets/<name>: no service has it in its environment (``docker inspect``
+    shows that), and the stack's configuration with the secret's file yields a ledger URL with
+    the password in it."""
+    secrets = compose["secrets"]
+    (name,) = secrets
+    assert set(secrets[name]) == {"file"}, "a file-based secret (Compose without Swarm)"
+    assert "secrets/" in secrets[name]["file"]
+    mounted = f"/run/secrets/{name}"
+    for service_name, service in services.items():
+        environment = service.get("environment") or {}
+        assert isinstance(environment, dict), f"{service_name}: environment as a mapping"
+        for key, value in environment.items():
+            assert "PGPASSWORD" not in key and key != "POSTGRES_PASSWORD", (service_name, key)
+            assert "ACWI_DB_PASSWORD" not in str(value), (service_name, key)
+    postgres = services["postgres"]
+    assert postgres["environment"]["POSTGRES_PASSWORD_FILE"] == mounted
+    assert name in _secret_names(postgres)
+    for service_name in NODE_SERVICES:
+        service = services[service_name]
+        assert name in _secret_names(service), f"{service_name} lacks the secret {name}"
+        assert service["environment"]["ACWI_NODE__DATABASE_PASSWORD_FILE"] == mounted
+    for service_name in ("redis", "orthanc"):
+        assert name not in _secret_names(services[service_name])
+    secret = tmp_path / name
+    secret.write_text("compose-secret\n", encoding="utf-8")
+    settings = load_settings(STACK_CONFIG, node={"database_password_file": secret})
+    url = settings.ledger_url
+    assert not isinstance(url, str) and url.password == "compose-secret"
+
+
+def test_compose_file_follows_the_compose_specification_s_secrets(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    """What ``docker compose config`` checks of secrets, where Compose is not installed: each
+    secret a service names is defined at the top level, a definition has exactly one source
+    (``file``, ``environment`` or ``external``), and the long syntax's keys are the
+    specification's."""
+    defined = compose.get("secrets", {})
+    for name, definition in defined.items():
+        sources = {"file", "environment", "external"} & set(definition)
+        assert len(sources) == 1, f"secret {name}: one of file, environment, external"
+        assert set(definition) <= {"file", "environment", "external", "name"}, name
+    for service_name, service in services.items():
+        for entry in service.get("secrets", []):
+            if isinstance(entry, dict):
+                assert set(entry) <= {"source", "target", "uid", "gid", "mode"}, service_name
+            source = entry if isinstance(entry, str) else entry["source"]
+            assert source in defined, f"{service_name}: secret {source} is not defined"
 
 
 def _mounts(service: dict[str, Any]) -> dict[str, str]:
@@ -411,9 +471,11 @@ def _docker_compose() -> list[str]:
     return [docker, "compose"]
 
 
-def test_docker_compose_config_accepts_the_stack() -> None:
+def test_docker_compose_config_accepts_the_stack(tmp_path: Path) -> None:
     command = _docker_compose()
-    env = {**os.environ, "ACWI_DB_PASSWORD": "compose-config-check"}
+    secret = tmp_path / "acwi_db_password"
+    secret.write_text("compose-config-check\n", encoding="utf-8")
+    env = {**os.environ, "ACWI_DB_PASSWORD_FILE": str(secret)}
     result = subprocess.run(
         [*command, "-f", str(COMPOSE_FILE), "--profile", "gpu", "config", "--quiet"],
         capture_output=True,
@@ -742,6 +804,22 @@ def test_worker_template_is_per_instance() -> None:
     assert any("%i" in value for value in _values(service, "EnvironmentFile"))
     # A GPU worker needs the device nodes.
     assert not _values(service, "PrivateDevices")
+
+
+@pytest.mark.parametrize("name", sorted(UNITS))
+def test_unit_reads_the_ledger_password_from_a_credential(name: str) -> None:
+    """systemd copies the password file into the unit's credentials directory
+    (``LoadCredential=ID:PATH``), and the node reads it there (``%d/ID``: ``%d`` is
+    ``$CREDENTIALS_DIRECTORY``); no password is set in the unit's environment."""
+    service = unit_entries(SYSTEMD / name)["Service"]
+    (credential,) = _values(service, "LoadCredential")
+    credential_id, _, source = credential.partition(":")
+    assert Path(source).is_absolute() and source.startswith("/etc/acwi-node/")
+    environment = [
+        assignment for line in _values(service, "Environment") for assignment in shlex.split(line)
+    ]
+    assert f"ACWI_NODE__DATABASE_PASSWORD_FILE=%d/{credential_id}" in environment
+    assert not any(a.startswith(("PGPASSWORD=", "ACWI_NODE__DATABASE_URL=")) for a in environment)
 
 
 def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:

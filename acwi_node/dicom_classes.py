@@ -77,6 +77,10 @@ SINGLE_FRAME_IMAGE_CLASSES = frozenset(
         _STORAGE + "77.1.2",  # VL Microscopic Image (A.32.2)
         _STORAGE + "77.1.3",  # VL Slide-Coordinates Microscopic Image (A.32.3)
         _STORAGE + "77.1.4",  # VL Photographic Image (A.32.4)
+        _STORAGE + "77.1.5.7",  # Ophthalmic OCT En Face Image (A.86)
+        _STORAGE + "77.1.7",  # Dermoscopic Photography Image (A.91)
+        _STORAGE + "81.1",  # Ophthalmic Thickness Map (A.67)
+        _STORAGE + "82.1",  # Corneal Topography Map (A.68)
         _STORAGE + "128",  # Positron Emission Tomography Image (A.21)
     }
 )

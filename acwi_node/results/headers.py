@@ -36,6 +36,7 @@ from pydicom.valuerep import DA, DT, TM
 
 from acwi_node.dicom_frames import frame_count, functional_groups
 from acwi_node.results.codes import LO_MAX, NOT_IN_STRING, SH_MAX, clean_code_sequences
+from acwi_node.results.iod_classes import patient_study_class
 
 __all__ = [
     "IMAGE_LATERALITIES",
@@ -100,7 +101,8 @@ def _patient_study_tags(sop_class_uid: str, present: frozenset[BaseTag]) -> tupl
     shape = Dataset()
     for tag in present:
         shape.add_new(tag, "UN", None)
-    shape.SOPClassUID = sop_class_uid
+    # a class highdicom has no IOD for: as the stand-in with the same Patient and Study modules
+    shape.SOPClassUID = patient_study_class(sop_class_uid)
     probe = _CopyProbe()
     probe.copy_patient_and_study_information(shape)
     return tuple(sorted(probe.keys()))
@@ -262,9 +264,10 @@ _DS_MAX = 16
 @functools.lru_cache(maxsize=64)
 def _optional_root_keywords(sop_class_uid: str) -> frozenset[str]:
     """The type 3 root attributes of the Patient and Study modules of the IOD of
-    ``sop_class_uid`` (none for an IOD highdicom does not know)."""
+    ``sop_class_uid`` (for a class highdicom has no IOD for, those of the stand-in with the
+    same modules, :func:`~.iod_classes.patient_study_class`)."""
     try:
-        iod = get_sop_class_iod_map()[sop_class_uid]
+        iod = get_sop_class_iod_map()[patient_study_class(sop_class_uid)]
         modules = [m["key"] for m in get_iod_module_map()[iod] if m["ie"] in {"Patient", "Study"}]
         table = get_module_attribute_map()
     except KeyError:

@@ -40,6 +40,7 @@ from acwi_node.results.headers import (
     source_header,
 )
 from acwi_node.results.heatmap import NOTICE, unit_heat
+from acwi_node.results.iod_classes import in_patient_study_class, restore_reference_classes
 from acwi_node.results.sr import MANUFACTURER, algorithm_equipment
 from acwi_node.results.uids import result_uids
 
@@ -149,13 +150,13 @@ def _build(
         frames[k] = np.rint(heat * STORED_MAX).astype(np.uint16)
     # highdicom copies patient and study from the first source image; a multi-frame image is
     # the one source of its map, whose frames are the image's, in order.
+    # (an image of a class highdicom has no IOD for: copied as the stand-in's, whose Patient
+    # and Study modules are the same, and referenced in its own class, :mod:`.iod_classes`)
+    first = in_patient_study_class(patient_study_header(members[0][0]))
     if members[0][1].frame_number is not None:
-        headers = [patient_study_header(members[0][0])]
+        headers = [first]
     else:
-        headers = [
-            patient_study_header(members[0][0]),
-            *(source_header(s) for s, _ in members[1:]),
-        ]
+        headers = [first, *(source_header(s) for s, _ in members[1:])]
     model = analysis.model
     uids = result_uids(
         str(headers[0].StudyInstanceUID), model.name, model.version, analysis.reissue
@@ -195,5 +196,6 @@ def _build(
             [model.name, model.version, model.manufacturer],
         ),
     )
+    restore_reference_classes(pmap, [members[0][0]])
     copy_anatomy(headers[0], pmap, series)  # General Series: the sources' anatomy
     return pmap

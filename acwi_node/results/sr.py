@@ -89,6 +89,11 @@ from acwi_node.results.heatmap_region import heatmap_region
 from acwi_node.results.image_groups import encode_image_groups
 from acwi_node.results.image_library import describe as describe_library
 from acwi_node.results.image_library import plan_image_library
+from acwi_node.results.iod_classes import (
+    in_patient_study_class,
+    region_class,
+    restore_reference_classes,
+)
 from acwi_node.results.library_classes import in_known_class
 from acwi_node.results.library_descriptors import library_descriptors
 from acwi_node.results.region_groups import RegionSpec, encode_region_groups, region_corners
@@ -677,7 +682,7 @@ def build_sr(
         ],
     )
     document = Comprehensive3DSR(
-        evidence=[patient_study_header(sources[0]), *sources[1:]],
+        evidence=[in_patient_study_class(patient_study_header(sources[0])), *sources[1:]],
         content=checked,
         specific_character_set=charset,
         series_instance_uid=uids.sr_series_uid,
@@ -725,8 +730,20 @@ def build_sr(
     # The root item's other attributes are the same in both reports. (highdicom's own parsed
     # copy, ``document.content``, keeps the checked one: the node never reads it.)
     document.ContentSequence = report[0].ContentSequence
+    _restore_evidence_classes(document, sources)
     set_result_times(document, sources[0], now, timezone)
     return document
+
+
+#: The evidence sequences of a document (PS3.3 C.17.2).
+_EVIDENCE = ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence")
+
+
+def _restore_evidence_classes(document: Dataset, sources: Sequence[Dataset]) -> None:
+    """The first source's own class in the evidence, where highdicom was given it in the
+    stand-in class of its patient and study copy (:mod:`.iod_classes`: a class highdicom has
+    no IOD for, a retired ultrasound image say)."""
+    restore_reference_classes(document, sources[:1], _EVIDENCE)
 
 
 #: The stand-in group's tracking UID: it is in no document (its report is only checked).
@@ -960,7 +977,7 @@ def _ai_region_group(
         _number(UNCERTAINTY_SCORE, image.uncertainty.score, NO_UNITS, METHOD_IMAGE, analysis),
         _number(HEATMAP_REGION_FRACTION, fraction, NO_UNITS, METHOD_HEATMAP_REGION, analysis),
     ]
-    return PlanarROIMeasurementsAndQualitativeEvaluations(
+    group = PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
             uid=uids.region_tracking_uid(spec.label, image.name),
             identifier=f"AI region {spec.number}: {spec.label}",
@@ -969,7 +986,7 @@ def _ai_region_group(
             graphic_type=GraphicTypeValues.POLYLINE,
             graphic_data=np.asarray(region_corners(spec.box), dtype=np.float32).reshape(-1, 2),
             source_image=SourceImageForRegion(
-                str(spec.source.SOPClassUID), str(spec.source.SOPInstanceUID), frames
+                region_class(str(spec.source.SOPClassUID)), str(spec.source.SOPInstanceUID), frames
             ),
         ),
         finding_type=codes_by_label[spec.label],
@@ -977,6 +994,9 @@ def _ai_region_group(
         algorithm_id=_algorithm(analysis),
         measurements=measurements,
     )
+    # a class highdicom has no IOD for was given as one it has (:func:`.iod_classes.region_class`)
+    restore_reference_classes(group[0], [spec.source])
+    return group
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1101,7 +1121,7 @@ def _region_groups(
         x0, y0, x1, y1 = region.box
         corners = [(x0, y0), (x1 + 1, y0), (x1 + 1, y1 + 1), (x0, y1 + 1), (x0, y0)]
         image = SourceImageForRegion(
-            sop_class,
+            region_class(sop_class),  # the source's own class again below
             region.sop_instance_uid,
             [region.frame_number] if region.frame_number is not None else None,
         )
@@ -1121,6 +1141,7 @@ def _region_groups(
             ),
             finding_type=label_code,
         )
+        restore_reference_classes(group[0], sources)
         groups.append(group[0])
     return groups
 
@@ -1235,7 +1256,7 @@ def build_verified_sr(
         [*words, *labels, *makers, *code_texts(procedures), *code_texts(library_codes)],
     )
     document = Comprehensive3DSR(
-        evidence=[patient_study_header(sources[0]), *sources[1:]],
+        evidence=[in_patient_study_class(patient_study_header(sources[0])), *sources[1:]],
         content=root,
         series_instance_uid=str(unverified.SeriesInstanceUID),
         series_number=int(unverified.get("SeriesNumber", SR_SERIES_NUMBER) or SR_SERIES_NUMBER),
@@ -1259,6 +1280,7 @@ def build_verified_sr(
         contributing_equipment=equipment,
         specific_character_set=charset,
     )
+    _restore_evidence_classes(document, sources)
     offset = set_result_times(document, unverified, verification.verified_at, timezone)
     document.VerifyingObserverSequence[0].VerificationDateTime = _dicom_datetime(
         verification.verified_at, offset

@@ -51,6 +51,10 @@ def test_reads_nothing(sop_class: str, expected: bool) -> None:
         (S + "6.1", True),  # Ultrasound Image
         (S + "7", True),  # Secondary Capture Image
         (S + "128", True),  # PET Image
+        (S + "77.1.5.7", True),  # Ophthalmic OCT En Face Image
+        (S + "77.1.7", True),  # Dermoscopic Photography Image
+        (S + "81.1", True),  # Ophthalmic Thickness Map
+        (S + "82.1", True),  # Corneal Topography Map
         (S + "1.1\x00", True),  # padded as it may come from a header
         (S + "2.1", False),  # Enhanced CT Image
         (S + "4.1", False),  # Enhanced MR Image
@@ -67,3 +71,21 @@ def test_reads_nothing(sop_class: str, expected: bool) -> None:
 def test_is_single_frame_class(sop_class: str, expected: bool) -> None:
     """The image classes whose IOD has no Multi-frame Module (PS3.3 Annex A)."""
     assert is_single_frame_class(sop_class) is expected
+
+
+def test_single_frame_classes_are_the_image_classes_without_a_multi_frame_module() -> None:
+    """Every image class of highdicom's copy of PS3.3's tables whose IOD has no Number of
+    Frames (no Multi-frame Module, no Multi-frame Functional Groups) is a single-frame class,
+    and no other class of those tables is."""
+    from highdicom._standard_utils import (
+        get_iod_module_map,
+        get_sop_class_iod_map,
+        is_attribute_in_iod,
+    )
+
+    modules = get_iod_module_map()
+    for sop_class, iod in get_sop_class_iod_map().items():
+        if not any(module["key"].endswith("image-pixel") for module in modules[iod]):
+            continue  # no image
+        single = not is_attribute_in_iod("NumberOfFrames", sop_class)
+        assert is_single_frame_class(sop_class) is single, sop_class

@@ -15,6 +15,7 @@ reports it as an error otherwise). :func:`is_single_frame_class` says which.
 from __future__ import annotations
 
 __all__ = [
+    "NON_IMAGE_CLASSES",
     "NON_IMAGE_CLASS_PREFIXES",
     "SINGLE_FRAME_IMAGE_CLASSES",
     "is_single_frame_class",
@@ -44,10 +45,63 @@ NON_IMAGE_CLASS_PREFIXES = (
 )
 
 
+#: Storage SOP Classes, whole, of other IODs without image pixels (PS3.3 Annex A: no Image
+#: Pixel Module): measurements, RT radiation sets, records and instructions, annotations,
+#: displays, inventories, hanging protocols, palettes and implant templates; and the retired
+#: standalone overlay, curve and LUT classes.
+NON_IMAGE_CLASSES = frozenset(
+    {
+        _STORAGE + "4.2",  # MR Spectroscopy
+        _STORAGE + "77.1.5.3",  # Stereometric Relationship
+        _STORAGE + "78.1",  # Lensometry Measurements
+        _STORAGE + "78.2",  # Autorefraction Measurements
+        _STORAGE + "78.3",  # Keratometry Measurements
+        _STORAGE + "78.4",  # Subjective Refraction Measurements
+        _STORAGE + "78.5",  # Visual Acuity Measurements
+        _STORAGE + "78.6",  # Spectacle Prescription Report
+        _STORAGE + "78.7",  # Ophthalmic Axial Measurements
+        _STORAGE + "78.8",  # Intraocular Lens Calculations
+        _STORAGE + "79.1",  # Macular Grid Thickness and Volume Report
+        _STORAGE + "80.1",  # Ophthalmic Visual Field Static Perimetry Measurements
+        _STORAGE + "90.1",  # Content Assessment Results
+        _STORAGE + "91.1",  # Microscopy Bulk Simple Annotations
+        _STORAGE + "131",  # Basic Structured Display
+        _STORAGE + "201.1",  # Inventory
+        _STORAGE + "481.10",  # RT Physician Intent
+        _STORAGE + "481.11",  # RT Segment Annotation
+        _STORAGE + "481.12",  # RT Radiation Set
+        _STORAGE + "481.13",  # C-Arm Photon-Electron Radiation
+        _STORAGE + "481.14",  # Tomotherapeutic Radiation
+        _STORAGE + "481.15",  # Robotic-Arm Radiation
+        _STORAGE + "481.16",  # RT Radiation Record Set
+        _STORAGE + "481.17",  # RT Radiation Salvage Record
+        _STORAGE + "481.18",  # Tomotherapeutic Radiation Record
+        _STORAGE + "481.19",  # C-Arm Photon-Electron Radiation Record
+        _STORAGE + "481.20",  # Robotic Radiation Record
+        _STORAGE + "481.21",  # RT Radiation Set Delivery Instruction
+        _STORAGE + "481.22",  # RT Treatment Preparation
+        _STORAGE + "481.25",  # RT Patient Position Acquisition Instruction
+        "1.2.840.10008.5.1.4.38.1",  # Hanging Protocol
+        "1.2.840.10008.5.1.4.39.1",  # Color Palette
+        "1.2.840.10008.5.1.4.43.1",  # Generic Implant Template
+        "1.2.840.10008.5.1.4.44.1",  # Implant Assembly Template
+        "1.2.840.10008.5.1.4.45.1",  # Implant Template Group
+        "1.2.840.10008.1.3.10",  # Media Storage Directory (a DICOMDIR)
+        _STORAGE + "8",  # Standalone Overlay (retired)
+        _STORAGE + "9",  # Standalone Curve (retired)
+        _STORAGE + "10",  # Standalone Modality LUT (retired)
+        _STORAGE + "11",  # Standalone VOI LUT (retired)
+        _STORAGE + "129",  # Standalone PET Curve (retired)
+    }
+)
+
+
 def reads_nothing(sop_class_uid: str) -> bool:
     """Whether no model reads an instance of ``sop_class_uid``: a report, a key object note,
-    a presentation state, a document, a waveform, a plan (not an image)."""
+    a presentation state, a document, a waveform, a plan, a measurement (not an image)."""
     uid = sop_class_uid.strip()
+    if uid in NON_IMAGE_CLASSES:
+        return True
     for prefix in NON_IMAGE_CLASS_PREFIXES:
         if prefix.endswith("."):
             if uid.startswith(prefix):

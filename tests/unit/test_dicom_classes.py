@@ -21,6 +21,17 @@ S = "1.2.840.10008.5.1.4.1.1."
         (S + "66", True),  # Raw Data
         (S + "66.4", True),  # Segmentation
         (S + "481.3", True),  # RT Structure Set
+        (S + "4.2", True),  # MR Spectroscopy
+        (S + "78.7", True),  # Ophthalmic Axial Measurements
+        (S + "481.10", True),  # RT Physician Intent
+        (S + "481.12", True),  # RT Radiation Set
+        (S + "131", True),  # Basic Structured Display
+        (S + "90.1", True),  # Content Assessment Results
+        (S + "91.1", True),  # Microscopy Bulk Simple Annotations
+        (S + "201.1", True),  # Inventory
+        (S + "10", True),  # Standalone Modality LUT (retired)
+        (S + "11", True),  # Standalone VOI LUT (retired)
+        ("1.2.840.10008.5.1.4.38.1", True),  # Hanging Protocol
         (" " + S + "88.59 ", True),  # padded as it may come from a header
         (S + "1.1", False),  # Digital X-Ray Image
         (S + "2", False),  # CT Image
@@ -31,6 +42,12 @@ S = "1.2.840.10008.5.1.4.1.1."
         (S + "481.2", False),  # RT Dose (a grid of values)
         (S + "660", False),  # not 66 and its children
         (S + "6.1", False),  # Ultrasound Image
+        (S + "6", False),  # Ultrasound Image (retired)
+        (S + "3", False),  # Ultrasound Multi-frame Image (retired)
+        (S + "5", False),  # Nuclear Medicine Image (retired)
+        (S + "30", False),  # Parametric Map
+        (S + "13.1.3", False),  # Breast Tomosynthesis Image
+        (S + "110", False),  # not 11 and its children
         ("", False),
     ],
 )
@@ -71,6 +88,21 @@ def test_reads_nothing(sop_class: str, expected: bool) -> None:
 def test_is_single_frame_class(sop_class: str, expected: bool) -> None:
     """The image classes whose IOD has no Multi-frame Module (PS3.3 Annex A)."""
     assert is_single_frame_class(sop_class) is expected
+
+
+def test_every_class_whose_iod_has_no_image_reads_nothing() -> None:
+    """Every storage class of highdicom's copy of PS3.3's tables whose IOD has no Image Pixel
+    Module reads nothing (it never re-opens a study), and every class whose IOD has one is
+    read."""
+    from highdicom._standard_utils import get_iod_module_map, get_sop_class_iod_map
+
+    modules = get_iod_module_map()
+    for sop_class, iod in get_sop_class_iod_map().items():
+        image = any(module["key"].endswith("image-pixel") for module in modules[iod])
+        if sop_class.startswith(S + "66"):  # segmentations: images no model reads
+            assert reads_nothing(sop_class), sop_class
+            continue
+        assert reads_nothing(sop_class) is not image, sop_class
 
 
 def test_single_frame_classes_are_the_image_classes_without_a_multi_frame_module() -> None:

@@ -892,6 +892,8 @@ def run_models(settings: Settings, args: argparse.Namespace) -> int:
                 "weights_sha256": m.weights_sha256,
                 "active": m.active,
                 "path": str(m.path),
+                "refused": m.refused,
+                "warning": m.warning,
             }
             for m in installed
         ]
@@ -903,6 +905,11 @@ def run_models(settings: Settings, args: argparse.Namespace) -> int:
     print(f"{'NAME':<24} {'VERSION':<16} {'ACTIVE':<6} WEIGHTS SHA-256")
     for m in installed:
         print(f"{m.name:<24} {m.version:<16} {'yes' if m.active else '-':<6} {m.weights_sha256}")
+    for m in installed:
+        if m.refused:
+            print(f"{m.name} {m.version} does not load in this version: {m.refused}")
+        elif m.warning:
+            print(f"warning: {m.name} {m.version} {m.warning}")
     return 0
 
 

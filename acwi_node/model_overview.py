@@ -21,7 +21,12 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 
 from acwi_node.config import Settings
-from acwi_node.inference.manifest import MANIFEST_NAME, ModelManifest
+from acwi_node.inference.manifest import (
+    EXISTING,
+    MANIFEST_NAME,
+    ModelManifest,
+    warn_moving_version,
+)
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import Job, JobState, job_model_name, job_model_version
 from acwi_node.model_registry import ModelRegistry
@@ -73,11 +78,15 @@ class ModelOverview:
 
 
 def _manifest(path: Path) -> tuple[ModelManifest | None, str]:
-    """The manifest at ``path`` (a file or its folder), validated, weights not hashed."""
+    """The manifest at ``path`` (a file or its folder), validated as one the node has (a
+    version that is not fixed is shown, and logged once), weights not hashed."""
     if path.is_dir():
         path = path / MANIFEST_NAME
     try:
-        return ModelManifest.model_validate(json.loads(path.read_text(encoding="utf-8"))), ""
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        manifest = ModelManifest.model_validate(raw, context=EXISTING)
+        warn_moving_version(path, manifest)
+        return manifest, ""
     except FileNotFoundError:
         return None, f"no manifest at {path}"
     except (OSError, ValueError, ValidationError) as exc:

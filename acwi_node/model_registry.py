@@ -84,6 +84,14 @@ class InstalledModel:
     weights_sha256: str
     active: bool
     path: Path
+    #: Why this version of the node refuses to load it ("" when it loads): a model an earlier
+    #: version installed before a check it fails was added (a name such as ``../x``).
+    refused: str = ""
+    #: What to know of a version that loads all the same ("" when there is nothing): one an
+    #: earlier version installed under a moving version such as ``latest``, with how to
+    #: install it again under a fixed one
+    #: (:func:`~acwi_node.inference.manifest.moving_version_warning`).
+    warning: str = ""
 
     @property
     def manifest_path(self) -> Path:
@@ -221,6 +229,17 @@ def _trial_runs(source: Path, cache_dir: Path) -> None:
 _EXPORT_RECORDS = frozenset({"onnx", "full_onnx"})
 
 
+def _refusal(exc: ValueError, manifest_file: Path, content: object) -> str:
+    """Why an installed manifest no longer loads, in one line, with the way out where there is
+    one (:func:`~acwi_node.inference.manifest.refused_version_advice`)."""
+    from pydantic import ValidationError
+
+    from acwi_node.inference.manifest import _problems, refused_version_advice
+
+    reason = _problems(exc) if isinstance(exc, ValidationError) else str(exc)
+    return reason + refused_version_advice(manifest_file, content)
+
+
 def _canonical(manifest: ModelManifest) -> str:
     """The manifest as canonical JSON (what two installs of one version must share)."""
     return json.dumps(manifest.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
@@ -268,7 +287,11 @@ class ModelRegistry:
 
     def installed(self) -> list[InstalledModel]:
         """Every installed version, by name then version."""
-        from acwi_node.inference.manifest import ModelManifest
+        from acwi_node.inference.manifest import (
+            EXISTING,
+            ModelManifest,
+            moving_version_warning,
+        )
 
         out: list[InstalledModel] = []
         if not self.root.is_dir():
@@ -284,12 +307,18 @@ class ModelRegistry:
                 if not manifest_file.is_file():
                     continue
                 raw = manifest_file.read_bytes()
+                refused = warning = ""
                 try:
-                    weights_sha256 = ModelManifest.model_validate_json(raw).weights_sha256
-                except ValueError:
+                    manifest = ModelManifest.model_validate_json(raw, context=EXISTING)
+                except ValueError as exc:
                     # installed before a check it fails was added: still listed (activating it,
                     # or a worker loading it, is refused with the reason)
-                    weights_sha256 = str(json.loads(raw).get("weights_sha256", ""))
+                    content = json.loads(raw)
+                    weights_sha256 = str(content.get("weights_sha256", ""))
+                    refused = _refusal(exc, manifest_file, content)
+                else:
+                    weights_sha256 = manifest.weights_sha256
+                    warning = moving_version_warning(manifest_file, manifest.version)
                 out.append(
                     InstalledModel(
                         name=name_dir.name,
@@ -297,6 +326,8 @@ class ModelRegistry:
                         weights_sha256=weights_sha256,
                         active=version_dir.name == active,
                         path=version_dir,
+                        refused=refused,
+                        warning=warning,
                     )
                 )
         return out
@@ -344,7 +375,7 @@ class ModelRegistry:
         target = self.root / name / version
         if target.exists():
             try:
-                existing = load_manifest(target)
+                existing = load_manifest(target, existing=True)
             except ManifestError as exc:
                 raise RegistryError(
                     f"refused to install {source}: the installed {name} {version} does not"
@@ -403,7 +434,7 @@ class ModelRegistry:
             ):
                 continue
             try:
-                other = load_manifest(folder)
+                other = load_manifest(folder, existing=True)
             except ManifestError:
                 return f"{where}, which does not verify"
             differ = [k for k in _differences(other, manifest) if k not in _EXPORT_RECORDS]
@@ -450,7 +481,9 @@ class ModelRegistry:
             hint = f"installed: {', '.join(installed)}" if installed else "none is installed"
             raise RegistryError(f"model {name} version {version} is not installed ({hint})")
         try:
-            load_manifest(folder)
+            # installed: a version an earlier version of the node took that is not fixed is
+            # activated, with the warning (installing it again under a fixed one is the fix)
+            load_manifest(folder, existing=True)
         except ManifestError as exc:
             raise RegistryError(f"refused to activate {name} {version}: {exc}") from None
         tmp = self.root / name / f".{ACTIVE_FILE}.{uuid.uuid4().hex}"

@@ -19,11 +19,13 @@ import torch
 from acwi_node.inference.analyser import Analyser
 from acwi_node.inference.engines import PyTorchEngine
 from acwi_node.inference.manifest import (
+    EXISTING,
     MANIFEST_NAME,
     ManifestError,
     ModelManifest,
     load_manifest,
     sha256_file,
+    warn_moving_version,
     write_manifest,
 )
 from models.networks import ARCHITECTURES, Network, build
@@ -33,7 +35,10 @@ NODE_ARCHITECTURE = "dianet"
 
 
 def read_manifest(path: Path) -> tuple[ModelManifest, str]:
-    """A validated manifest (file or folder, weights hash checked) and its architecture name."""
+    """A validated manifest (file or folder, weights hash checked) and its architecture name.
+
+    The model exists (``--init-from``, ``acwi-models evaluate``): a version that is not fixed
+    is read, with the node's warning; what training and export write is held to the rule."""
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
@@ -45,14 +50,17 @@ def read_manifest(path: Path) -> tuple[ModelManifest, str]:
         raise ManifestError(f"model manifest {path} is unreadable: {exc}") from exc
     architecture = str(raw.get("architecture", NODE_ARCHITECTURE))
     if architecture == NODE_ARCHITECTURE:
-        return load_manifest(path), architecture
+        return load_manifest(path, existing=True), architecture
     if architecture not in ARCHITECTURES:
         raise ManifestError(f"{path}: unknown architecture {architecture!r}")
-    manifest = ModelManifest.model_validate({**raw, "architecture": NODE_ARCHITECTURE})
+    manifest = ModelManifest.model_validate(
+        {**raw, "architecture": NODE_ARCHITECTURE}, context=EXISTING
+    )
     manifest._directory = path.resolve().parent
     actual = sha256_file(manifest.weights_path)
     if actual != manifest.weights_sha256:
         raise ManifestError(f"weights file {manifest.weights_path} does not match {path}")
+    warn_moving_version(path, manifest)
     return manifest, architecture
 
 

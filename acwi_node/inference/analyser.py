@@ -291,7 +291,9 @@ class Analyser:
         """
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        manifest = load_manifest(Path(manifest_path))
+        # a model the node has (installed, configured): a version that is not fixed loads,
+        # with a warning; installing refuses one before it gets here
+        manifest = load_manifest(Path(manifest_path), existing=True)
         model = build_model(manifest)
         state = torch.load(manifest.weights_path, map_location=device, weights_only=True)
         model.load_state_dict(state)

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import threading
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 from acwi_node.inference.preprocess import PreprocessSpec
 from acwi_node.inference.types import ModelIdentity
@@ -21,6 +31,16 @@ from acwi_node.model_registry import (
 from models.networks.dianet import DIANetConfig
 
 MANIFEST_NAME = "manifest.json"
+
+#: Validation context of a manifest that already exists (installed in the model registry,
+#: configured as a ``[[models]]`` path, loaded by a worker): ``ModelManifest.model_validate(raw,
+#: context=EXISTING)``. A version that is not fixed (:func:`~acwi_node.model_registry.
+#: is_fixed_version`) is refused only for what is made from now on (``acwi-models train`` and
+#: ``export``, ``acwi-node models install``); one that exists keeps loading, with a warning
+#: (:func:`moving_version_warning`), so that an upgrade does not take a working model offline.
+EXISTING: dict[str, bool] = {"existing": True}
+
+log = logging.getLogger("acwi_node.models")
 
 
 class ManifestError(ValueError):
@@ -136,14 +156,15 @@ class ModelManifest(_Strict):
     _directory: Path | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
-    def _consistent(self) -> ModelManifest:
+    def _consistent(self, info: ValidationInfo) -> ModelManifest:
         # name and version name the model's registry folders and engine cache files
         for key, value in (("name", self.name), ("version", self.version)):
             if not is_safe_name(value):
                 raise ValueError(
                     f"{key} {value!r} cannot name a folder or a file: {SAFE_NAME_RULE}"
                 )
-        if not is_fixed_version(self.version):
+        existing = isinstance(info.context, dict) and info.context.get("existing") is True
+        if not existing and not is_fixed_version(self.version):
             raise ValueError(f"version {self.version!r} is refused: {FIXED_VERSION_RULE}")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels must be unique")
@@ -230,8 +251,14 @@ def _problems(exc: ValidationError) -> str:
     return "; ".join(out)
 
 
-def load_manifest(path: Path) -> ModelManifest:
+def load_manifest(path: Path, *, existing: bool = False) -> ModelManifest:
     """Read and validate a manifest (a file, or a folder holding ``manifest.json``).
+
+    ``existing``: the manifest of a model the node already has (the worker's, the health
+    check's, an installed version being activated), validated with :data:`EXISTING`: a version
+    that is not fixed loads, and is logged once per manifest file and process
+    (:func:`warn_moving_version`). Without it (a model being made or installed) such a version
+    is refused.
 
     Raises :class:`ManifestError` when the file is missing or invalid, the weights file does
     not exist, or its SHA-256 differs from ``weights_sha256``.
@@ -246,9 +273,10 @@ def load_manifest(path: Path) -> ModelManifest:
     except (OSError, json.JSONDecodeError) as exc:
         raise ManifestError(f"model manifest {path} is unreadable: {exc}") from exc
     try:
-        manifest = ModelManifest.model_validate(raw)
+        manifest = ModelManifest.model_validate(raw, context=EXISTING if existing else None)
     except ValidationError as exc:
-        raise ManifestError(f"model manifest {path} is invalid: {_problems(exc)}") from exc
+        message = f"model manifest {path} is invalid: {_problems(exc)}"
+        raise ManifestError(message + refused_version_advice(path, raw)) from exc
     manifest._directory = path.resolve().parent
     weights = manifest.weights_path
     if not weights.is_file():
@@ -259,7 +287,67 @@ def load_manifest(path: Path) -> ModelManifest:
             f"weights file {weights} has SHA-256 {actual}, but {path} expects "
             f"{manifest.weights_sha256}: the weights were changed or replaced"
         )
+    if existing:
+        warn_moving_version(path, manifest)
     return manifest
+
+
+def moving_version_warning(path: Path, version: str) -> str:
+    """For the manifest file ``path`` of a model that exists, whose ``version`` is not fixed
+    (:func:`~acwi_node.model_registry.is_fixed_version`): that it loads, why the version
+    matters and how to renumber the model; "" for a fixed version."""
+    if is_fixed_version(version):
+        return ""
+    path = Path(path)
+    advice = refused_version_advice(path, {"version": version})
+    if not advice:  # a [[models]] manifest: its own file is the one to renumber
+        advice = f'. Give {path} a fixed "version" (1.0.0)'
+    return (
+        f"loads, but its version {version!r} is a moving name, which this version of the node"
+        f" no longer accepts for a model made or installed: {FIXED_VERSION_RULE}{advice}"
+    )
+
+
+_warned: set[Path] = set()
+_warned_lock = threading.Lock()
+
+
+def warn_moving_version(path: Path, manifest: ModelManifest) -> None:
+    """Log :func:`moving_version_warning` for ``manifest`` (loaded from ``path``) as a
+    WARNING, once per manifest file and process."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    warning = moving_version_warning(path, manifest.version)
+    if not warning:
+        return
+    key = path.resolve()
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    log.warning("model %s %s (%s) %s", manifest.name, manifest.version, path, warning)
+
+
+def refused_version_advice(path: Path, raw: object) -> str:
+    """For a manifest that an earlier version of the node installed in the model registry
+    (``<data_dir>/models/<name>/<version>/manifest.json``) and whose version this one refuses
+    (:func:`~acwi_node.model_registry.is_fixed_version`): how to bring the model back under a
+    fixed version, to follow the refusal's reason (or :func:`moving_version_warning`); "" for
+    any other manifest."""
+    version = raw.get("version") if isinstance(raw, dict) else None
+    if not isinstance(version, str) or is_fixed_version(version):
+        return ""
+    folder = path.parent
+    if folder.name != version or folder.parent.parent.name != "models":
+        return ""
+    name = folder.parent.name
+    return (
+        f". It was installed in the model registry as {name} {version} before versions had to"
+        f' be fixed: copy {folder}, give the copy\'s manifest.json a fixed "version" (1.0.0)'
+        f" and run `acwi-node models install COPY --name {name} --activate`"
+        " (deploy/README.md, Upgrade the node)"
+    )
 
 
 def write_manifest(manifest: ModelManifest, directory: Path) -> Path:

@@ -377,7 +377,7 @@ class ModelPreload:
 
                     manifest = get_analyser(self.settings, name).manifest
                 else:
-                    manifest = load_manifest(self.settings.model_manifest(name))
+                    manifest = load_manifest(self.settings.model_manifest(name), existing=True)
                 self.status[name] = (
                     f"{manifest.name} {manifest.version} "
                     f"sha256 {manifest.weights_sha256[:16]} {'loaded' if self.load else 'verified'}"

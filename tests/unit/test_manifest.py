@@ -12,6 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from acwi_node.inference.manifest import (
+    EXISTING,
     ManifestError,
     ModelManifest,
     default_model_dir,
@@ -131,6 +132,18 @@ def test_a_moving_version_is_refused(version: str) -> None:
 def test_an_empty_or_unsafe_version_is_still_refused(version: str) -> None:
     with pytest.raises(ValidationError, match="version"):
         ModelManifest.model_validate(edited(_set("version", version)))
+    with pytest.raises(ValidationError, match="version"):  # also of a model the node has
+        ModelManifest.model_validate(edited(_set("version", version)), context=EXISTING)
+
+
+@pytest.mark.parametrize("version", ["latest", "current", "stable", "1.0-SNAPSHOT"])
+def test_a_moving_version_of_a_model_the_node_has_validates(version: str) -> None:
+    """The version rule is for what is made from now on: an installed or configured manifest
+    an earlier version accepted (validated with ``EXISTING``) keeps loading."""
+    raw = edited(_set("version", version))
+    assert ModelManifest.model_validate(raw, context=EXISTING).version == version
+    with pytest.raises(ValidationError, match="is refused"):
+        ModelManifest.model_validate(raw, context={"existing": False})
 
 
 @pytest.mark.parametrize(

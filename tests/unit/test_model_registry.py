@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from acwi_node.cli import main
 from acwi_node.config import ConfigError, Settings, load_settings
-from acwi_node.inference.manifest import default_model_dir, load_manifest, sha256_file
+from acwi_node.inference import manifest as manifest_module
+from acwi_node.inference.analyser import Analyser
+from acwi_node.inference.manifest import (
+    ManifestError,
+    default_model_dir,
+    load_manifest,
+    sha256_file,
+)
+from acwi_node.ledger import Ledger
+from acwi_node.model_overview import models_overview
 from acwi_node.model_registry import ModelRegistry, RegistryError
+from acwi_node.observability.health import ModelPreload
 from acwi_node.results.uids import device_uid
 from acwi_node.tasks.analyse import get_analyser
 from tests.support.node import write_config
@@ -172,7 +184,9 @@ def test_a_version_installed_before_a_new_check_is_still_listed(
     raw = json.loads(model.manifest_path.read_text())
     raw["name"] = "../escaped"  # what an older node installed unchecked
     model.manifest_path.write_text(json.dumps(raw))
-    assert registry.installed() == [model]
+    (listed,) = registry.installed()
+    assert replace(listed, refused="") == model
+    assert "name '../escaped' cannot name a folder" in listed.refused  # and says why
     with pytest.raises(RegistryError, match="cannot name a folder"):
         registry.activate("default", "2.0.0")
 
@@ -209,6 +223,156 @@ def test_a_moving_version_is_not_installed(
     assert registry.installed() == []
     registry.install(model_copy(tmp_path, "v1", name="chest", version="1.0.0"), activate=True)
     assert registry.active_version("chest") == "1.0.0"
+
+
+def installed_as_earlier_versions_did(settings: Settings, tmp_path: Path, version: str) -> Path:
+    """A model an earlier version of the node installed and activated as ``chest`` under a
+    version this one refuses (the check came later): returns its folder in the registry."""
+    registry = ModelRegistry(settings.models_dir)
+    registry.install(model_copy(tmp_path, "v1", name="chest-ai", version="1.0.0"), name="chest")
+    folder = settings.models_dir / "chest" / version
+    (settings.models_dir / "chest" / "1.0.0").rename(folder)
+    raw = json.loads((folder / "manifest.json").read_text())
+    raw["version"] = version
+    (folder / "manifest.json").write_text(json.dumps(raw))
+    (settings.models_dir / "chest" / "ACTIVE").write_text(version + "\n")
+    return folder
+
+
+def moving_version_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "is a moving name" in r.getMessage()
+    ]
+
+
+def test_an_installed_moving_version_keeps_loading_after_an_upgrade(
+    settings: Settings,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A model an earlier version installed as ``latest`` is not taken offline by the upgrade:
+    the worker loads it (and its health check passes), logging once why the version matters
+    and how to renumber it; the way out (a copy under a fixed version, installed and
+    activated) works, and activating the moving version again is allowed, with the warning."""
+    folder = installed_as_earlier_versions_did(settings, tmp_path, "latest")
+    steps = re.escape(
+        f"installed in the model registry as chest latest before versions had to be fixed:"
+        f' copy {folder}, give the copy\'s manifest.json a fixed "version" (1.0.0) and run'
+        " `acwi-node models install COPY --name chest --activate`"
+    )
+    caplog.set_level(logging.WARNING)
+    analyser = get_analyser(settings, "chest")  # what the worker's next task loads
+    assert analyser.manifest.version == "latest"
+    assert analyser.manifest.directory == folder.resolve()
+    routes = [{"name": "chest", "model": "chest", "destinations": []}]
+    worker = load_settings(None, node={"data_dir": str(settings.data_dir)}, routes=routes)
+    for load in (False, True):
+        preload = ModelPreload(worker, load=load)
+        preload.run()
+        assert preload.check() == (
+            True,
+            f"chest: chest-ai latest sha256 {analyser.manifest.weights_sha256[:16]} "
+            + ("loaded" if load else "verified"),
+        )
+    Analyser.load(folder, mc_samples=2)  # another load of the same manifest: no second line
+    (warning,) = moving_version_warnings(caplog)
+    assert f"model chest-ai latest ({folder / 'manifest.json'}) loads, but" in warning
+    assert re.search(f"version 'latest' is a moving name.*results' UIDs, recalls.*{steps}", warning)
+
+    config = write_config(tmp_path / "node.toml", {"node": {"data_dir": str(settings.data_dir)}})
+    copy = tmp_path / "chest-fixed"
+    shutil.copytree(folder, copy)
+    raw = json.loads((copy / "manifest.json").read_text())
+    raw["version"] = "1.0.0"
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    assert (
+        main(
+            ["--config", str(config), "models", "install", str(copy), "--name", "chest"]
+            + ["--activate"]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert load_manifest(settings.model_manifest("chest")).version == "1.0.0"
+    assert get_analyser(settings, "chest").manifest.version == "1.0.0"
+    warnings = {m.version: m.warning for m in ModelRegistry(settings.models_dir).installed()}
+    assert warnings["1.0.0"] == "" and "moving name" in warnings["latest"]
+
+    # going back to the installed moving version is allowed, with the warning (logged by the
+    # command, a process of its own)
+    monkeypatch.setattr(manifest_module, "_warned", set())
+    assert main(["--config", str(config), "models", "activate", "chest", "latest"]) == 0
+    out, err = capsys.readouterr()
+    assert "version latest is active" in out
+    (warning,) = [line for line in err.splitlines() if "is a moving name" in line]
+    assert " WARNING acwi_node.models " in warning and re.search(steps, warning)
+    assert ModelRegistry(settings.models_dir).active_version("chest") == "latest"
+
+
+def test_models_list_warns_of_an_installed_moving_version(
+    settings: Settings, ledger: Ledger, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``acwi-node models list`` shows a version an earlier version installed as ``latest`` as
+    one that loads, with a warning line saying how to renumber it (``--json``: ``warning``);
+    the Models page shows it running."""
+    folder = installed_as_earlier_versions_did(settings, tmp_path, "latest")
+    steps = re.escape(
+        f"installed in the model registry as chest latest before versions had to be fixed:"
+        f' copy {folder}, give the copy\'s manifest.json a fixed "version" (1.0.0) and run'
+        " `acwi-node models install COPY --name chest --activate`"
+    )
+    config = write_config(tmp_path / "node.toml", {"node": {"data_dir": str(settings.data_dir)}})
+    assert main(["--config", str(config), "models", "list"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[1].split()[:3] == ["chest", "latest", "yes"]
+    assert listing[2].startswith("warning: chest latest loads, but its version 'latest' is")
+    assert re.search(steps, listing[2])
+    assert len(listing) == 3  # and no "does not load" line
+    assert main(["--config", str(config), "models", "list", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["refused"] == "" and re.search(steps, row["warning"])
+
+    (model,) = [m for m in models_overview(settings, ledger) if m.model == "chest"]
+    assert (model.source, model.error) == ("registry", "")
+    assert [(v.version, v.running) for v in model.versions] == [("latest", True)]
+
+
+def test_a_models_path_manifest_with_a_moving_version_keeps_loading(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``[[models]]`` manifest an earlier version ran with version ``latest`` still loads in
+    the worker, with one warning saying to give its file a fixed version."""
+    source = model_copy(tmp_path, "latest", name="chest-ai", version="latest")
+    settings = load_settings(
+        None,
+        node={"data_dir": str(tmp_path / "data")},
+        models=[{"name": "chest", "manifest": str(source / "manifest.json")}],
+        routes=[{"name": "chest", "model": "chest", "destinations": []}],
+    )
+    caplog.set_level(logging.WARNING)
+    preload = ModelPreload(settings, load=True)
+    preload.run()
+    assert preload.check()[0], preload.check()
+    assert get_analyser(settings, "chest").manifest.version == "latest"
+    Analyser.load(source, mc_samples=2)
+    (warning,) = moving_version_warnings(caplog)
+    manifest_file = (source / "manifest.json").resolve()
+    assert f"({manifest_file}) loads, but its version 'latest' is a moving name" in warning
+    assert warning.endswith(f'Give {manifest_file} a fixed "version" (1.0.0)')
+    assert "model registry" not in warning
+
+
+def test_a_manifest_outside_the_registry_gets_no_registry_advice(tmp_path: Path) -> None:
+    """A ``[[models]]`` manifest with a moving version is refused with the reason alone: its
+    own file is the one to fix."""
+    source = model_copy(tmp_path, "latest", version="latest")
+    with pytest.raises(ManifestError, match="version 'latest' is refused") as refused:
+        load_manifest(source)
+    assert "model registry" not in str(refused.value)
 
 
 def test_routes_may_name_an_activated_model(tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ __all__ = [
     "clean_patient_sex",
     "conformant_date_time",
     "copy_anatomy",
+    "frame_anatomic_region",
     "frame_body_part",
     "frame_laterality",
     "copy_patient_and_study",
@@ -410,20 +411,6 @@ UNPAIRED_BODY_PARTS = frozenset((
 # fmt: on
 
 
-def _frame_anatomy(source: Dataset) -> Dataset | None:
-    """An enhanced image's Frame Anatomy item: the shared functional group's, else the first
-    frame's; None when there is none."""
-    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        try:
-            anatomy = source.get(groups)[0].get("FrameAnatomySequence")
-            if anatomy:
-                item: Dataset = anatomy[0]
-                return item
-        except (TypeError, IndexError, AttributeError):
-            continue
-    return None
-
-
 def _body_parts_by_code() -> dict[tuple[str, str], str]:
     """PS3.16 CID 4031 (Common Anatomic Regions) codes whose meaning is one word: that word,
     upper case, is the region's Body Part Examined defined term (Chest: CHEST, Knee: KNEE;
@@ -444,11 +431,9 @@ def _body_parts_by_code() -> dict[tuple[str, str], str]:
 _BODY_PART_BY_CODE = _body_parts_by_code()
 
 
-def frame_body_part(source: Dataset) -> str:
-    """The Body Part Examined term of an enhanced image's Frame Anatomy region (Anatomic
-    Region Sequence), where PS3.16 CID 4031 names it with that word; "" otherwise."""
-    regions = _frame_anatomy(source) or Dataset()
-    region = (regions.get("AnatomicRegionSequence") or [None])[0]
+def _region_term(region: Dataset | None) -> str:
+    """The Body Part Examined term of an Anatomic Region code, where PS3.16 CID 4031 names it
+    with one word (:func:`_body_parts_by_code`); "" otherwise."""
     if not isinstance(region, Dataset):
         return ""
     key = (str(region.get("CodingSchemeDesignator", "")), str(region.get("CodeValue", "")))
@@ -459,18 +444,92 @@ def frame_body_part(source: Dataset) -> str:
 IMAGE_LATERALITIES = frozenset({"R", "L", "U", "B"})
 
 
-def _one_frames_laterality(source: Dataset, frame_number: int) -> str:
-    """Frame ``frame_number``'s Frame Laterality, upper case: its own Frame Anatomy functional
-    group's, else the shared one's; "" for none."""
-    found = ""
+def _has_functional_groups(source: Dataset) -> bool:
+    return any(
+        isinstance(source.get(groups), DicomSequence)
+        for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
+    )
+
+
+#: Frame Anatomy Sequence, Frame Laterality, Anatomic Region Sequence: read by tag (every
+#: frame of a CT of hundreds is read, for each of its heatmaps).
+_FRAME_ANATOMY, _FRAME_LATERALITY, _ANATOMIC_REGION = 0x00209071, 0x00209072, 0x00082218
+
+
+def _group_anatomy(group: Dataset) -> tuple[str, Dataset | None] | None:
+    """A functional group's Frame Laterality (upper case, "" for none) and first Anatomic
+    Region item (None for none); None where the group has no Frame Anatomy."""
+    try:
+        anatomy = group.get(_FRAME_ANATOMY)
+        if anatomy is None or not anatomy.value:
+            return None
+        item = anatomy.value[0]
+        side = item.get(_FRAME_LATERALITY)
+        regions = item.get(_ANATOMIC_REGION)
+        region = regions.value[0] if regions is not None and regions.value else None
+        return (
+            str(side.value or "").strip().upper() if side is not None else "",
+            region if isinstance(region, Dataset) else None,
+        )
+    except (TypeError, IndexError, AttributeError, KeyError):
+        return None
+
+
+def _one_frames_anatomy(source: Dataset, frame_number: int) -> tuple[str, Dataset | None]:
+    """Frame ``frame_number``'s Frame Laterality (upper case, "" for none) and the first item of
+    its Anatomic Region Sequence (None for none): its own Frame Anatomy functional group's,
+    else the shared one's (the macro is one: a frame's own item wins whole)."""
+    found: tuple[str, Dataset | None] = ("", None)
     for group in functional_groups(source, frame_number):  # the frame's own last: it wins
-        try:
-            anatomy = group.get("FrameAnatomySequence")
-            if anatomy:
-                found = str(anatomy[0].get("FrameLaterality", "") or "").strip().upper()
-        except (TypeError, IndexError, AttributeError):
-            continue
+        found = _group_anatomy(group) or found
     return found
+
+
+def _image_anatomy(source: Dataset) -> tuple[str, str]:
+    """The Frame Laterality and the body part term (:func:`_region_term`) every frame of an
+    enhanced image has, each "" where there is none or the frames' differ: one pass over the
+    frames."""
+    if not _has_functional_groups(source):
+        return "", ""
+    frames = frame_count(source)
+    shared: tuple[str, Dataset | None] = ("", None)
+    per_frame: list[Dataset] = []
+    try:
+        items = source.get("SharedFunctionalGroupsSequence")
+        if isinstance(items, DicomSequence) and len(items) > 0:
+            shared = _group_anatomy(items[0]) or shared
+        items = source.get("PerFrameFunctionalGroupsSequence")
+        if isinstance(items, DicomSequence):
+            per_frame = list(items)[:frames]
+    except (TypeError, AttributeError):
+        return "", ""
+    anatomies = [_group_anatomy(group) or shared for group in per_frame]
+    anatomies += [shared] * (frames - len(anatomies))  # frames without a group: the shared
+    sides = {side for side, _ in anatomies}
+    parts = {_region_term(region) for _, region in anatomies}
+    return (
+        sides.pop() if len(sides) == 1 else "",
+        parts.pop() if len(parts) == 1 else "",
+    )
+
+
+def frame_anatomic_region(source: Dataset, frame_number: int) -> Dataset | None:
+    """Frame ``frame_number``'s Anatomic Region item (its Frame Anatomy functional group's,
+    else the shared one's), the source's own item; None for none."""
+    if not _has_functional_groups(source):
+        return None
+    return _one_frames_anatomy(source, frame_number)[1]
+
+
+def frame_body_part(source: Dataset, frame_number: int | None = None) -> str:
+    """The Body Part Examined term of an enhanced image's Frame Anatomy region (Anatomic
+    Region Sequence), where PS3.16 CID 4031 names it with that word: frame ``frame_number``'s
+    (its own group, else the shared one); for the whole image (None), the one every frame
+    has. "" otherwise, and for the whole image when its frames' differ (a frame of the pelvis
+    is never said to be of the chest because the first frame is)."""
+    if frame_number is not None:
+        return _region_term(frame_anatomic_region(source, frame_number))
+    return _image_anatomy(source)[1]
 
 
 def frame_laterality(source: Dataset, frame_number: int | None = None) -> str:
@@ -479,56 +538,52 @@ def frame_laterality(source: Dataset, frame_number: int | None = None) -> str:
     shared one); for the whole image (None), the one every frame has. "" when there is none,
     and for the whole image when its frames' differ (a frame of the left breast is never said
     to be of the right one because the first frame is)."""
-    if not any(
-        isinstance(source.get(groups), DicomSequence)
-        for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
-    ):
+    if not _has_functional_groups(source):
         return ""
     if frame_number is not None:
-        return _one_frames_laterality(source, frame_number)
-    sides = {_one_frames_laterality(source, n) for n in range(1, frame_count(source) + 1)}
-    return sides.pop() if len(sides) == 1 else ""
+        return _one_frames_anatomy(source, frame_number)[0]
+    return _image_anatomy(source)[0]
 
 
-def _body_part(source: Dataset) -> str:
+def _anatomy(source: Dataset) -> tuple[str, str]:
     """The source's Body Part Examined, upper case, without spaces around it (an enhanced
-    image that names none: its Frame Anatomy region's, :func:`frame_body_part`); "" for
-    none."""
+    image that names none: the Frame Anatomy region all its frames have), and its side, R or
+    L (Laterality, else Image Laterality, else the Frame Laterality every frame of an enhanced
+    image has, in either case); "" for none."""
     # CS is upper case: a "chest" in the field is written, and looked up, as CHEST
     body_part = str(source.get("BodyPartExamined", "") or "").strip().upper()
-    return body_part or frame_body_part(source)
-
-
-def _side(source: Dataset) -> str:
-    """The source's side, R or L (Laterality, else Image Laterality, else the Frame Laterality
-    every frame of an enhanced image has, in either case); "" for none of these."""
     laterality = str(source.get("Laterality", "") or source.get("ImageLaterality", "") or "")
     laterality = laterality.strip().upper()
-    frame_side = frame_laterality(source)
-    if laterality not in {"R", "L"} and frame_side in {"R", "L"}:
-        laterality = frame_side
-    return laterality if laterality in {"R", "L"} else ""
+    if not body_part or laterality not in {"R", "L"}:  # the frames' (one pass over them)
+        frame_side, frame_part = _image_anatomy(source)
+        body_part = body_part or frame_part
+        if laterality not in {"R", "L"} and frame_side in {"R", "L"}:
+            laterality = frame_side
+    return body_part, laterality if laterality in {"R", "L"} else ""
 
 
 def copy_anatomy(source: Dataset, result: Dataset, series: Sequence[Dataset] = ()) -> None:
     """The source's Body Part Examined onto ``result`` (upper case, without spaces around it),
-    (an enhanced image that names none: its Frame Anatomy region's, :func:`frame_body_part`),
-    and the General Series module's Laterality (2C): the source's side (Laterality, else
-    Image Laterality, else an enhanced image's Frame Laterality) when it is R or L (in either
-    case); absent for an unpaired body part; else empty (unknown).
+    (an enhanced image that names none: the Frame Anatomy region all its frames have,
+    :func:`frame_body_part`; none where its frames' differ), and the General Series module's
+    Laterality (2C): the source's side (Laterality, else Image Laterality, else the Frame
+    Laterality all the frames of an enhanced image have) when it is R or L (in either case);
+    absent for an unpaired body part; else empty (unknown).
 
     ``series``: the sources of the other instances of ``result``'s series. Both attributes
     are the series', the same in each of its instances (a PACS keeps one value for the
     series, and a hanging protocol places the series by it): a body part they do not all
     share is left out, and a side they do not all share is unknown (empty), so that a
     heatmap of the right breast is never in a series that says left."""
-    body_parts = {_body_part(ds) for ds in (source, *series)}
+    # each source once (a multi-frame image's frames are its heatmaps': it is there for each)
+    anatomies = [_anatomy(ds) for ds in {id(ds): ds for ds in (source, *series)}.values()]
+    body_parts = {body_part for body_part, _ in anatomies}
     body_part = body_parts.pop() if len(body_parts) == 1 else ""
     if body_part:
         result.BodyPartExamined = body_part
     elif "BodyPartExamined" in result:
         del result.BodyPartExamined
-    sides = {_side(ds) for ds in (source, *series)}
+    sides = {side for _, side in anatomies}
     laterality = sides.pop() if len(sides) == 1 else ""
     if laterality:
         result.Laterality = laterality

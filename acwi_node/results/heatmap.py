@@ -16,6 +16,7 @@ unchanged.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from numpy.typing import NDArray
 from PIL import Image
 from pydicom import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from acwi_node.dicom_frames import frame_count, frame_pixels, frame_view, image_header
@@ -41,10 +43,12 @@ from acwi_node.dicom_pixels import (
 )
 from acwi_node.inference.types import ImageResult, StudyAnalysis, unit_name
 from acwi_node.results.charset import result_charset
+from acwi_node.results.codes import clean_code_sequences
 from acwi_node.results.headers import (
     IMAGE_LATERALITIES,
     copy_anatomy,
     copy_patient_and_study,
+    frame_anatomic_region,
     frame_laterality,
     set_result_times,
 )
@@ -662,6 +666,13 @@ def build_heatmap_sc(
             sc.ImageLaterality = side
             if "Laterality" in sc:
                 del sc.Laterality
+        # A frame's own anatomy: its Frame Anatomy region, as the Anatomic Region Sequence of
+        # the General Image module (the series' Body Part Examined is the one all the series'
+        # sources have, none for an image whose frames show different regions).
+        region = frame_anatomic_region(source, frame_number)
+        if region is not None:
+            sc.AnatomicRegionSequence = [copy.deepcopy(region)]
+            clean_code_sequences(sc, [Tag("AnatomicRegionSequence")])
     sc.PatientOrientation = patient_orientation(source, image_header(source, frame_number))
     label, probability = _predicted(analysis, image)
     shown = f"{label} (p={probability:.3f})" if probability is not None else label

@@ -15,8 +15,10 @@ secondary captures only. Images of one series that differ in size go to one map 
 multi-frame image in a frame of reference (an Enhanced CT or MR) gets a map of its own, a frame
 per frame in that frame's plane (from the image's functional groups), when every one of its
 frames was analysed (a frame skipped, a localizer frame say, would leave a hole: no map, and the
-secondary captures stand). Built by ``highdicom.pm.ParametricMap``; the UIDs are derived from
-the source series (the source image, for a multi-frame one), so a re-run replaces the map.
+secondary captures stand) and all its frames have the same pixel spacing, slice thickness and
+orientation, shared or given per frame (a map has one of each: frames that differ get no map).
+Built by ``highdicom.pm.ParametricMap``; the UIDs are derived from the source series (the
+source image, for a multi-frame one), so a re-run replaces the map.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import highdicom as hd
 import numpy as np
 from highdicom.pm import ParametricMap, RealWorldValueMapping
 from pydicom import Dataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
 
 from acwi_node.dicom_frames import frame_count, frame_view
 from acwi_node.inference.types import ImageResult, StudyAnalysis
@@ -44,7 +48,14 @@ from acwi_node.results.iod_classes import in_patient_study_class, restore_refere
 from acwi_node.results.sr import MANUFACTURER, algorithm_equipment
 from acwi_node.results.uids import result_uids
 
-__all__ = ["PARAMETRIC_MAP_SERIES_NUMBER", "STORED_MAX", "build_parametric_maps", "mappable"]
+__all__ = [
+    "PARAMETRIC_MAP_SERIES_NUMBER",
+    "STORED_MAX",
+    "build_parametric_maps",
+    "frames_share_planes",
+    "mappable",
+    "share_planes",
+]
 
 log = logging.getLogger("acwi_node.results")
 
@@ -66,6 +77,59 @@ def mappable(source: Dataset) -> bool:
     its first frame's functional groups)."""
     geometry = frame_view(source, 1) if frame_count(source) > 1 else source
     return all(geometry.get(keyword) not in (None, "") for keyword in _GEOMETRY)
+
+
+#: The functional groups whose values a map has one of (its shared functional groups), which
+#: highdicom reads from a multi-frame source's shared group alone, and the attributes that
+#: must be the same in every frame for them to be shared.
+_PLANE_MACROS = {
+    "PixelMeasuresSequence": ("PixelSpacing", "SliceThickness"),
+    "PlaneOrientationSequence": ("ImageOrientationPatient",),
+}
+
+
+def _frame_values(view: Dataset, keywords: Sequence[str]) -> tuple[tuple[float, ...], ...]:
+    values = []
+    for keyword in keywords:
+        value = view.get(keyword)
+        items = value if isinstance(value, MultiValue | list | tuple) else [value]
+        values.append(tuple(float(v) if v not in (None, "") else float("nan") for v in items))
+    return tuple(values)
+
+
+def frames_share_planes(source: Dataset) -> bool:
+    """Whether every frame of the multi-frame ``source`` has the same pixel spacing, slice
+    thickness and orientation (its own functional groups', else the shared ones'): a map has
+    one of each. False for values that are no numbers."""
+    try:
+        found = {
+            _frame_values(frame_view(source, n), [k for ks in _PLANE_MACROS.values() for k in ks])
+            for n in range(1, frame_count(source) + 1)
+        }
+    except (TypeError, ValueError):
+        return False
+    return len(found) == 1
+
+
+def share_planes(header: Dataset) -> None:
+    """Move, in place, the Pixel Measures and Plane Orientation that every frame of the
+    multi-frame ``header`` has in its own functional group (:func:`frames_share_planes`) to its
+    shared group, where highdicom reads them: a scanner may write them per frame."""
+    per_frame = header.get("PerFrameFunctionalGroupsSequence")
+    if not isinstance(per_frame, DicomSequence) or len(per_frame) == 0:
+        return
+    if not isinstance(header.get("SharedFunctionalGroupsSequence"), DicomSequence) or not len(
+        header.SharedFunctionalGroupsSequence
+    ):
+        header.SharedFunctionalGroupsSequence = [Dataset()]
+    shared = header.SharedFunctionalGroupsSequence[0]
+    for macro in _PLANE_MACROS:
+        if macro in shared or macro not in per_frame[0]:
+            continue
+        shared[macro] = per_frame[0][macro]
+        for group in per_frame:
+            if macro in group:
+                del group[macro]
 
 
 def build_parametric_maps(
@@ -99,6 +163,12 @@ def build_parametric_maps(
                 "no parametric map for a multi-frame image: %d of its %d frames analysed",
                 len(members),
                 frames,
+            )
+            del groups[key]
+        elif frames > 1 and not frames_share_planes(members[0][0]):
+            log.info(
+                "no parametric map for a multi-frame image whose frames differ in pixel"
+                " spacing, slice thickness or orientation (a map has one of each)"
             )
             del groups[key]
     # the sources of every map: the maps are one series, whose anatomy they all share
@@ -154,6 +224,7 @@ def _build(
     # and Study modules are the same, and referenced in its own class, :mod:`.iod_classes`)
     first = in_patient_study_class(patient_study_header(members[0][0]))
     if members[0][1].frame_number is not None:
+        share_planes(first)
         headers = [first]
     else:
         headers = [first, *(source_header(s) for s, _ in members[1:])]

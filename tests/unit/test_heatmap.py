@@ -26,7 +26,7 @@ from acwi_node.inference.types import ImageResult, ModelIdentity, StudyAnalysis,
 from acwi_node.results.encoding import encode_part10
 from acwi_node.results.heatmap import MAX_DIMENSION, Window, build_heatmap_sc, render_grey
 from acwi_node.results.uids import result_uids
-from models.data.synth import pad_outside_fov, write_ct_series
+from models.data.synth import pad_outside_fov, write_ct_series, write_enhanced_ct
 from tests.support.dx import DX_FOR_PRESENTATION, make_dx
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -843,4 +843,51 @@ def test_dciodvfy_reports_no_errors_for_the_heatmaps_of_frames_of_either_side() 
     for sc in _frame_heatmaps(_breast_projection(["R", "L", None])):
         report = run_dciodvfy(sc)
         assert report.iod == "SCImage"
+        assert report.errors == [], report.output
+
+
+def _chest_abdomen_pelvis(folder: Path) -> Dataset:
+    """An enhanced CT of three frames, each of its own anatomic region (Frame Anatomy in its
+    own functional group): chest, abdomen, pelvis; no Body Part Examined."""
+    from tests.support.dx import code_item
+
+    source = pydicom.dcmread(write_enhanced_ct(folder, slices=3, size=64))
+    if "BodyPartExamined" in source:
+        del source.BodyPartExamined
+    regions = [
+        ("816094009", "SCT", "Chest"),
+        ("818981001", "SCT", "Abdomen"),
+        ("816092008", "SCT", "Pelvis"),
+    ]
+    for group, region in zip(source.PerFrameFunctionalGroupsSequence, regions, strict=True):
+        anatomy = Dataset()
+        anatomy.AnatomicRegionSequence = Sequence([code_item(*region)])
+        anatomy.FrameLaterality = "U"
+        group.FrameAnatomySequence = Sequence([anatomy])
+    return source
+
+
+def test_a_frames_heatmap_names_that_frames_anatomy(tmp_path: Path) -> None:
+    """The heatmaps of the frames of a chest-abdomen-pelvis CT all said CHEST (Body Part
+    Examined from the first frame's Frame Anatomy). Each now names its own frame's region
+    (Anatomic Region Sequence, General Image), and the series, whose frames differ, names no
+    body part rather than a wrong one."""
+    heatmaps = _frame_heatmaps(_chest_abdomen_pelvis(tmp_path))
+    assert [
+        [(c.CodeValue, c.CodeMeaning) for c in sc.AnatomicRegionSequence] for sc in heatmaps
+    ] == [[("816094009", "Chest")], [("818981001", "Abdomen")], [("816092008", "Pelvis")]]
+    assert [sc.get("BodyPartExamined") for sc in heatmaps] == [None] * 3
+    # a single-frame source's heatmap has none
+    radiograph = make_dx(generate_uid())
+    assert "AnatomicRegionSequence" not in _build(radiograph, _analysis([radiograph]))
+
+
+@needs_dciodvfy
+def test_dciodvfy_reports_no_errors_for_the_heatmaps_of_frames_of_different_regions(
+    tmp_path: Path,
+) -> None:
+    from acwi_node.results.validate import run_dciodvfy
+
+    for sc in _frame_heatmaps(_chest_abdomen_pelvis(tmp_path)):
+        report = run_dciodvfy(sc)
         assert report.errors == [], report.output

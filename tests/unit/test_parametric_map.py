@@ -276,3 +276,48 @@ def test_an_enhanced_ct_with_a_frame_not_analysed_gets_no_map(
     with caplog.at_level("INFO", logger="acwi_node.results"):
         assert build_parametric_maps([enhanced], frame_analysis(enhanced, [1, 2, 4])) == []
     assert "3 of its 4 frames analysed" in caplog.text
+
+
+def _pixel_measures_per_frame(image: Dataset, spacings: list[list[float]]) -> Dataset:
+    """``image`` (a copy) with its Pixel Measures in each frame's own functional group, of
+    ``spacings``, as a scanner may write them, none shared."""
+    import copy
+
+    from pydicom.sequence import Sequence
+
+    image = copy.deepcopy(image)
+    shared = image.SharedFunctionalGroupsSequence[0]
+    thickness = frame_view(image, 1).SliceThickness
+    if "PixelMeasuresSequence" in shared:
+        del shared.PixelMeasuresSequence
+    for group, spacing in zip(image.PerFrameFunctionalGroupsSequence, spacings, strict=True):
+        measures = Dataset()
+        measures.PixelSpacing = spacing
+        measures.SliceThickness = thickness
+        group.PixelMeasuresSequence = Sequence([measures])
+    return image
+
+
+def test_an_enhanced_ct_with_pixel_measures_per_frame_gets_a_map(
+    enhanced: Dataset, caplog: pytest.LogCaptureFixture
+) -> None:
+    """highdicom reads a multi-frame source's Pixel Measures from its shared functional group
+    alone: an image whose frames each had them (the same) got no map (AttributeError). The
+    map now has them shared; frames whose spacing differs get no map, said why."""
+    same = _pixel_measures_per_frame(enhanced, [[0.7, 0.7]] * 4)
+    (pmap,) = build_parametric_maps([same], frame_analysis(same, [1, 2, 3, 4]))
+    measures = pmap.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert [float(v) for v in measures.PixelSpacing] == [0.7, 0.7]
+    assert all("PixelMeasuresSequence" not in g for g in pmap.PerFrameFunctionalGroupsSequence)
+    # the source is not changed
+    assert "PixelMeasuresSequence" in same.PerFrameFunctionalGroupsSequence[0]
+    require_dciodvfy()
+    from acwi_node.results.validate import run_dciodvfy
+
+    report = run_dciodvfy(pmap)
+    assert report.errors == [], report.output
+
+    differ = _pixel_measures_per_frame(enhanced, [[0.7, 0.7], [0.7, 0.7], [0.8, 0.8], [0.7, 0.7]])
+    with caplog.at_level("INFO", logger="acwi_node.results"):
+        assert build_parametric_maps([differ], frame_analysis(differ, [1, 2, 3, 4])) == []
+    assert "differ in pixel spacing, slice thickness or orientation" in caplog.text

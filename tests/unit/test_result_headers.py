@@ -26,6 +26,7 @@ from acwi_node.results.encoding import encode_part10
 from acwi_node.results.headers import (
     copy_anatomy,
     copy_patient_and_study,
+    frame_body_part,
     patient_study_header,
     source_header,
 )
@@ -558,3 +559,43 @@ def test_a_malformed_code_sequence_never_stops_the_copy() -> None:
     assert "EquivalentCodeSequence" not in reason  # the code kept, its invalid equivalent not
     assert len(ds.PatientBreedCodeSequence) == 0
     assert len(ds.StrainCodeSequence) == 0
+
+
+def _frames_of_regions(regions: list[tuple[str, str, str] | None]) -> Dataset:
+    """An enhanced image whose frames each have a Frame Anatomy of their own, of the anatomic
+    region in ``regions`` (scheme, value, meaning; None: a frame with no Frame Anatomy, which
+    then has the shared one, of the chest)."""
+    source = Dataset()
+    source.NumberOfFrames = len(regions)
+    shared = _enhanced_anatomy(("SCT", "816094009", "Chest"), "U", shared=True)
+    source.SharedFunctionalGroupsSequence = shared.SharedFunctionalGroupsSequence
+    groups = []
+    for code in regions:
+        group = Dataset()
+        if code is not None:
+            group = _enhanced_anatomy(code, "U", shared=True).SharedFunctionalGroupsSequence[0]
+        groups.append(group)
+    source.PerFrameFunctionalGroupsSequence = groups
+    return source
+
+
+def test_each_frame_has_its_own_body_part_and_the_image_the_one_they_share() -> None:
+    """frame_body_part read the shared group, else the first frame's: a frame of the pelvis
+    of a chest-abdomen-pelvis image was of the chest, and so was the image. Each frame has its
+    own region now (its own group, else the shared one), and the image the one all share."""
+    abdomen, pelvis = ("SCT", "818981001", "Abdomen"), ("SCT", "816092008", "Pelvis")
+    source = _frames_of_regions([None, abdomen, pelvis])
+    assert [frame_body_part(source, n) for n in (1, 2, 3)] == ["CHEST", "ABDOMEN", "PELVIS"]
+    assert frame_body_part(source) == ""
+    result = Dataset()
+    copy_anatomy(source, result)
+    assert "BodyPartExamined" not in result and result.Laterality == ""
+    # a region of several words: no term for that frame, and none for the image
+    several = _frames_of_regions([pelvis, ("SCT", "818982008", "Abdomen and Pelvis")])
+    assert [frame_body_part(several, n) for n in (1, 2)] == ["PELVIS", ""]
+    assert frame_body_part(several) == ""
+    # frames that agree: that body part, for the image and the series
+    agree = _frames_of_regions([abdomen, abdomen, abdomen])
+    assert frame_body_part(agree) == "ABDOMEN"
+    copy_anatomy(agree, result)
+    assert result.BodyPartExamined == "ABDOMEN" and "Laterality" not in result

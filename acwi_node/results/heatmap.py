@@ -46,6 +46,7 @@ from acwi_node.results.charset import result_charset
 from acwi_node.results.codes import clean_code_sequences
 from acwi_node.results.headers import (
     IMAGE_LATERALITIES,
+    SeriesAnatomy,
     copy_anatomy,
     copy_patient_and_study,
     frame_anatomic_region,
@@ -574,7 +575,7 @@ def build_heatmap_sc(
     colours: ColourMapName = "jet",
     now: dt.datetime | None = None,
     timezone: str = "UTC",
-    series_sources: Sequence[Dataset] = (),
+    series_sources: Sequence[Dataset] | SeriesAnatomy = (),
 ) -> Dataset:
     """Build the RGB Secondary Capture overlaying ``heatmap`` on ``source``, in the colour
     map ``colours`` (:data:`COLOUR_MAPS`). Its own dates and times (Instance Creation,
@@ -588,7 +589,8 @@ def build_heatmap_sc(
 
     ``series_sources``: the sources of the study's other heatmaps, which are in the same
     series: its Body Part Examined and Laterality are those they all share
-    (:func:`~acwi_node.results.headers.copy_anatomy`).
+    (:func:`~acwi_node.results.headers.copy_anatomy`); or their
+    :func:`~acwi_node.results.headers.series_anatomy`, made once for all the study's heatmaps.
     """
     source_uid = str(source.SOPInstanceUID)
     frame_number = image.frame_number

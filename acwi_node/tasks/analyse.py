@@ -63,6 +63,7 @@ from acwi_node.observability.logging import (
     note_identifiers,
 )
 from acwi_node.results.encoding import encode_part10
+from acwi_node.results.headers import series_anatomy
 from acwi_node.results.heatmap import build_heatmap_sc
 from acwi_node.results.overlay import heat_path, write_cam
 from acwi_node.results.parametric_map import build_parametric_maps
@@ -505,9 +506,10 @@ def _run_claimed(settings: Settings, ledger: Ledger, job: Job, claim: Claim) -> 
             )
         ]
         # the sources of the heatmap series' instances: the anatomy they share is the series'
-        heatmap_sources = [
+        # (read once for the study: each heatmap copies it)
+        heatmap_anatomy = series_anatomy(
             by_uid[uid] for uid in dict.fromkeys(i.sop_instance_uid for _, i in heatmaps)
-        ]
+        )
         for n, image in heatmaps:
             source = by_uid[image.sop_instance_uid]
             path = write(
@@ -520,7 +522,7 @@ def _run_claimed(settings: Settings, ledger: Ledger, job: Job, claim: Claim) -> 
                     instance_number=n,
                     colours=settings.worker.heatmap_colours,
                     timezone=zone,
-                    series_sources=heatmap_sources,
+                    series_sources=heatmap_anatomy,
                 ),
             )
             if isinstance(image.heatmap, DeferredHeatmap):  # the review page's overlay

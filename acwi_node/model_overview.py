@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import ConfigDict, ValidationError
 from sqlalchemy import func, select
 
 from acwi_node.config import Settings
@@ -25,13 +25,21 @@ from acwi_node.inference.manifest import (
     EXISTING,
     MANIFEST_NAME,
     ModelManifest,
+    moving_version_warning,
     warn_moving_version,
 )
 from acwi_node.ledger import Ledger
 from acwi_node.ledger.models import Job, JobState, job_model_name, job_model_version
 from acwi_node.model_registry import ModelRegistry
 
-__all__ = ["ModelOverview", "VersionOverview", "model_version_known", "models_overview"]
+__all__ = [
+    "ModelOverview",
+    "VersionOverview",
+    "VersionWarning",
+    "model_version_known",
+    "model_version_warnings",
+    "models_overview",
+]
 
 #: Jobs whose analysis has not ended: not counted as analyses yet.
 _UNFINISHED = (JobState.QUEUED, JobState.ANALYSING)
@@ -41,56 +49,95 @@ _UNFINISHED = (JobState.QUEUED, JobState.ANALYSING)
 class VersionOverview:
     """One version of a model: installed, running, or only found in the ledger."""
 
-    #: The manifest's name (the results' algorithm name; what ``models recall`` takes).
+    # the fields' docstrings describe them in the OpenAPI document (``GET /api/models``)
+    __pydantic_config__ = ConfigDict(use_attribute_docstrings=True)
+
     name: str
+    """The manifest's name (the results' algorithm name; what ``models recall`` takes)."""
     version: str
-    #: The version running now for the model name.
+    """The manifest's version."""
     running: bool = False
-    #: Installed in the model registry (``acwi-node models install``).
+    """The version running now for the model name."""
     installed: bool = False
-    #: Analyses in the ledger, the last one's time (ISO, UTC), those withdrawn from the PACS,
-    #: and those a recall would withdraw now (analysed, not withdrawn).
+    """Installed in the model registry (``acwi-node models install``)."""
     analyses: int = 0
+    """Analyses by this version in the ledger."""
     last_analysed_at: str | None = None
+    """The last analysis's time (ISO 8601, UTC); null when there is none."""
     withdrawn: int = 0
+    """Analyses whose results were withdrawn from the PACS."""
     recallable: int = 0
-    #: The manifest, for the running and the installed versions (None where unreadable).
+    """Analyses a recall would withdraw now (analysed, not withdrawn)."""
     manifest: dict[str, Any] | None = None
+    """The manifest (labels, thresholds, training), for the running and the installed
+    versions; null where it cannot be read."""
+    warning: str = ""
+    """What to know of a version that loads all the same ("" when there is nothing): a
+    moving version such as ``latest``, which the node no longer accepts for a model made or
+    installed, with how to renumber it."""
 
 
 @dataclass(frozen=True)
 class ModelOverview:
     """One model name the routes use."""
 
-    #: The name routes use (``[[routes]] model``, ``[[models]] name``, the registry's).
+    __pydantic_config__ = ConfigDict(use_attribute_docstrings=True)
+
     model: str
-    #: Where the running version comes from: ``registry``, ``config`` (a ``[[models]]``
-    #: manifest path), ``bundled`` (``default``), or ``missing`` (its manifest is unreadable).
+    """The name routes use (``[[routes]] model``, ``[[models]] name``, the registry's)."""
     source: str
-    #: Why the running version's manifest cannot be read ("" when it can).
+    """Where the running version comes from: ``registry``, ``config`` (a ``[[models]]``
+    manifest path), ``bundled`` (``default``), or ``missing`` (its manifest is unreadable)."""
     error: str = ""
+    """Why the running version's manifest cannot be read ("" when it can)."""
+    warning: str = ""
+    """The running version's ``warning`` ("" when there is none): it loads and analyses, but
+    a moving version such as ``latest`` should be renumbered, and this says how."""
     routes: list[str] = field(default_factory=list)
+    """The routes that run it live."""
     shadow_routes: list[str] = field(default_factory=list)
+    """The routes that run it as a shadow."""
     versions: list[VersionOverview] = field(default_factory=list)
+    """Its versions: the running one first, then the installed ones, then those met in the
+    ledger, by their last analysis."""
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _manifest(path: Path) -> tuple[ModelManifest | None, str]:
-    """The manifest at ``path`` (a file or its folder), validated as one the node has (a
-    version that is not fixed is shown, and logged once), weights not hashed."""
+@dataclass(frozen=True)
+class VersionWarning:
+    """A version of a model name, running or installed, that loads with a warning."""
+
+    model: str
+    version: str
+    running: bool
+    warning: str
+
+
+def _manifest(path: Path) -> tuple[ModelManifest | None, str, str]:
+    """The manifest at ``path`` (a file or its folder), validated as one the node has, weights
+    not hashed; why it cannot be read ("" when it can); and its warning ("" when none: a
+    version that is not fixed is shown, :func:`moving_version_warning`, and logged once)."""
     if path.is_dir():
         path = path / MANIFEST_NAME
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         manifest = ModelManifest.model_validate(raw, context=EXISTING)
-        warn_moving_version(path, manifest)
-        return manifest, ""
     except FileNotFoundError:
-        return None, f"no manifest at {path}"
+        return None, f"no manifest at {path}", ""
     except (OSError, ValueError, ValidationError) as exc:
-        return None, f"the manifest {path} cannot be read: {type(exc).__name__}"
+        return None, f"the manifest {path} cannot be read: {type(exc).__name__}", ""
+    warn_moving_version(path, manifest)
+    return manifest, "", moving_version_warning(path, manifest.version)
+
+
+def _running(settings: Settings, model: str) -> tuple[ModelManifest | None, str, str]:
+    """:func:`_manifest` of the version running now for ``model``."""
+    try:
+        return _manifest(settings.model_manifest(model))
+    except (KeyError, ValueError, OSError) as exc:
+        return None, f"no manifest: {exc}", ""
 
 
 def _facts(manifest: ModelManifest) -> dict[str, Any]:
@@ -170,12 +217,7 @@ def models_overview(settings: Settings, ledger: Ledger) -> list[ModelOverview]:
             source = "config"
         else:
             source = "bundled" if model == "default" else "missing"
-        running: ModelManifest | None = None
-        error = ""
-        try:
-            running, error = _manifest(settings.model_manifest(model))
-        except (KeyError, ValueError, OSError) as exc:
-            error = f"no manifest: {exc}"
+        running, error, warning = _running(settings, model)
         if running is None:
             source = "missing"
         versions: dict[tuple[str, str], dict[str, Any]] = {}
@@ -183,13 +225,16 @@ def models_overview(settings: Settings, ledger: Ledger) -> list[ModelOverview]:
             versions[(running.name, running.version)] = {
                 "running": True,
                 "manifest": _facts(running),
+                "warning": warning,
             }
         for entry in installed.get(model, []):
-            manifest, _ = _manifest(entry.manifest_path)
+            manifest, _, entry_warning = _manifest(entry.manifest_path)
             key = (manifest.name if manifest else model, entry.version)
+            known = versions.get(key, {})
             versions.setdefault(key, {}).update(
                 installed=True,
-                manifest=_facts(manifest) if manifest else versions.get(key, {}).get("manifest"),
+                manifest=_facts(manifest) if manifest else known.get("manifest"),
+                warning=entry_warning or known.get("warning", ""),
             )
         for key, counts in in_ledger.get(model, {}).items():
             versions.setdefault(key, {}).update(counts)
@@ -198,6 +243,7 @@ def models_overview(settings: Settings, ledger: Ledger) -> list[ModelOverview]:
                 model=model,
                 source=source,
                 error=error,
+                warning=warning,
                 routes=[r.name for r in settings.routes if r.model == model],
                 shadow_routes=[r.name for r in settings.routes if model in r.shadow_models],
                 versions=_ordered(
@@ -211,12 +257,30 @@ def models_overview(settings: Settings, ledger: Ledger) -> list[ModelOverview]:
                         withdrawn=int(facts.get("withdrawn", 0)),
                         recallable=int(facts.get("analyses", 0)) - int(facts.get("withdrawn", 0)),
                         manifest=facts.get("manifest"),
+                        warning=str(facts.get("warning", "")),
                     )
                     for key, facts in versions.items()
                 ),
             )
         )
     return out
+
+
+def model_version_warnings(settings: Settings) -> list[VersionWarning]:
+    """The versions of the model names the node knows (:func:`models_overview`'s, without the
+    ledger) that are running or installed and load with a warning: for ``/metrics``."""
+    registry = ModelRegistry(settings.models_dir)
+    out: dict[tuple[str, str], VersionWarning] = {}
+    for model in _model_names(settings, registry):
+        running, _, warning = _running(settings, model)
+        if running is not None and warning:
+            out[(model, running.version)] = VersionWarning(model, running.version, True, warning)
+    for entry in registry.installed():
+        if entry.warning and (entry.name, entry.version) not in out:
+            out[(entry.name, entry.version)] = VersionWarning(
+                entry.name, entry.version, False, entry.warning
+            )
+    return sorted(out.values(), key=lambda w: (w.model, w.version))
 
 
 def model_version_known(

@@ -34,6 +34,7 @@ from sqlalchemy import text
 
 from acwi_node.config import Settings
 from acwi_node.ledger import Ledger
+from acwi_node.model_registry import is_fixed_version
 from acwi_node.tcp import host_port, listening_socket
 
 log = logging.getLogger("acwi_node.health")
@@ -345,6 +346,14 @@ def exporter_readiness(
     return readiness
 
 
+#: Said after a model's status (``/readyz``'s ``models`` check, still ok) when its version is
+#: a moving name such as ``latest`` (:func:`~acwi_node.inference.manifest.
+#: moving_version_warning`).
+MOVING_VERSION_NOTE = (
+    "warning: its version is a moving name, to renumber: the log and the Models page say how"
+)
+
+
 class ModelPreload:
     """The worker's models: loaded (solo pool) or verified (prefork) before it takes tasks.
 
@@ -382,6 +391,10 @@ class ModelPreload:
                     f"{manifest.name} {manifest.version} "
                     f"sha256 {manifest.weights_sha256[:16]} {'loaded' if self.load else 'verified'}"
                 )
+                if not is_fixed_version(manifest.version):
+                    # ready all the same (the model works); the log and the Models page say
+                    # how to renumber it (the manifest's path is not for an unsigned probe)
+                    self.status[name] += f" ({MOVING_VERSION_NOTE})"
                 log.info("model %s: %s", name, self.status[name])
             except Exception as exc:
                 self.failed[name] = f"{type(exc).__name__}: {exc}"

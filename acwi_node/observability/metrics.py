@@ -4,7 +4,8 @@ Two sources, because the node runs as separate processes (possibly on several ho
 
 * **Ledger-derived** (:class:`LedgerCollector`, served by the ``web`` process at ``/metrics``):
   studies by state, instances by calling AE, jobs by state and model (the queue depth in the
-  ledger), deliveries by destination and state, the review rate, and the broker's queue length.
+  ledger), deliveries by destination and state, the review rate, and the broker's queue length;
+  and the model versions that load with a warning, from their manifests (``acwi_model_warnings``).
   They are read from the ledger (and the broker) on every scrape, so they are right across
   processes and hosts and survive restarts.
 * **Process-local** (module-level counters and histograms below, served by each process's own
@@ -278,6 +279,7 @@ class LedgerCollector(Collector):
                 ("monitoring", "model monitoring"),
                 ("traffic", "the studies arriving"),
                 ("turnaround", "the turnaround"),
+                ("models", "the models' manifests"),
             )
         }
         self.instances: Refreshed[dict[str, int]] = Refreshed(
@@ -306,6 +308,7 @@ class LedgerCollector(Collector):
                 ("turnaround", self._turnaround),
             ):
                 yield from self._read(part, read) or []
+        yield from self._read("models", self._model_warnings) or []  # the ledger not needed
         from acwi_node.tasks.app import WORKER_QUEUES
 
         broker = GaugeMetricFamily(
@@ -569,6 +572,23 @@ class LedgerCollector(Collector):
                 status.add_metric(labels, level[sig.status])
                 statistic.add_metric(labels, sig.statistic)
         return [status, statistic, studies]
+
+    def _model_warnings(self) -> list[Metric]:
+        """The versions running or installed that load with a warning (a moving version such
+        as ``latest``: README "Model versions"), read from their manifests on every scrape."""
+        from acwi_node.model_overview import model_version_warnings
+
+        family = GaugeMetricFamily(
+            "acwi_model_warnings",
+            "Model versions that load with a warning (a moving version such as latest, to"
+            " renumber: the Models page says how), by model name, version and state (running,"
+            " installed): 1 each (absent: none)",
+            labels=["model", "version", "state"],
+        )
+        for found in model_version_warnings(self.settings):
+            state = "running" if found.running else "installed"
+            family.add_metric([found.model, found.version, state], 1)
+        return [family]
 
     def _traffic(self) -> list[Metric]:
         """The studies arriving, of all, from each source and for each route, against the

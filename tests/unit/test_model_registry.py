@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import re
@@ -10,6 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from acwi_node.cli import main
 from acwi_node.config import ConfigError, Settings, load_settings
@@ -27,7 +30,9 @@ from acwi_node.model_registry import ModelRegistry, RegistryError
 from acwi_node.observability.health import ModelPreload
 from acwi_node.results.uids import device_uid
 from acwi_node.tasks.analyse import get_analyser
+from acwi_node.web.api import create_app
 from tests.support.node import write_config
+from tests.support.review_case import add_user, sign_in
 
 
 def model_copy(
@@ -273,10 +278,15 @@ def test_an_installed_moving_version_keeps_loading_after_an_upgrade(
     for load in (False, True):
         preload = ModelPreload(worker, load=load)
         preload.run()
-        assert preload.check() == (
-            True,
-            f"chest: chest-ai latest sha256 {analyser.manifest.weights_sha256[:16]} "
-            + ("loaded" if load else "verified"),
+        assert (
+            preload.check()
+            == (  # ready, with a warning
+                True,
+                f"chest: chest-ai latest sha256 {analyser.manifest.weights_sha256[:16]} "
+                + ("loaded" if load else "verified")
+                + " (warning: its version is a moving name, to renumber: the log and the Models"
+                " page say how)",
+            )
         )
     Analyser.load(folder, mc_samples=2)  # another load of the same manifest: no second line
     (warning,) = moving_version_warnings(caplog)
@@ -341,6 +351,77 @@ def test_models_list_warns_of_an_installed_moving_version(
     assert [(v.version, v.running) for v in model.versions] == [("latest", True)]
 
 
+def test_the_models_page_api_and_metrics_warn_of_a_moving_version(
+    settings: Settings, ledger: Ledger, tmp_path: Path
+) -> None:
+    """Where an administrator looks: the Models page (in words, not by colour alone),
+    ``GET /api/models`` (``warning``, of the model and its version) and the web process's
+    ``/metrics`` (``acwi_model_warnings``) say that a model runs, or has installed, a version
+    an earlier version installed as ``latest``, and how to renumber it; a fixed one, nothing."""
+    folder = installed_as_earlier_versions_did(settings, tmp_path, "latest")
+    steps = re.escape(
+        f"installed in the model registry as chest latest before versions had to be fixed:"
+        f' copy {folder}, give the copy\'s manifest.json a fixed "version" (1.0.0) and run'
+        " `acwi-node models install COPY --name chest --activate`"
+    )
+    (model,) = [m for m in models_overview(settings, ledger) if m.model == "chest"]
+    (running,) = model.versions
+    assert re.match(f"loads, but its version 'latest' is a moving name.*{steps}", model.warning)
+    assert running.warning == model.warning and running.running
+
+    add_user(ledger, "boss", "admin")
+    metric = "acwi_model_warnings"
+    web = load_settings(None, node={"data_dir": settings.data_dir}, review={"cookie_secure": False})
+    with TestClient(create_app(web, ledger)) as client:
+        sign_in(client, "boss")
+        (listed,) = [m for m in client.get("/api/models").json()["models"] if m["model"] == "chest"]
+        assert listed["warning"] == model.warning
+        assert listed["versions"][0]["warning"] == model.warning
+        page = html.unescape(client.get("/review/models").text)
+        assert re.search(
+            r'<p class="warning"><strong>Warning:</strong> chest-ai latest, running now, loads,'
+            f" but its version 'latest' is a moving name.*{steps}.*</p>",
+            page,
+        )
+        assert "<td>running; <strong>with a warning</strong></td>" in page
+        samples = _samples(client.get("/metrics").text, metric)
+        assert samples == {(("model", "chest"), ("state", "running"), ("version", "latest")): 1}
+
+        # renumbered: the fixed version runs without a warning; the moving one, still
+        # installed, keeps its own
+        copy = tmp_path / "chest-fixed"
+        shutil.copytree(folder, copy)
+        raw = json.loads((copy / "manifest.json").read_text())
+        raw["version"] = "1.0.0"
+        (copy / "manifest.json").write_text(json.dumps(raw))
+        ModelRegistry(settings.models_dir).install(copy, name="chest", activate=True)
+        (listed,) = [m for m in client.get("/api/models").json()["models"] if m["model"] == "chest"]
+        assert listed["warning"] == ""
+        assert [(v["version"], v["running"], bool(v["warning"])) for v in listed["versions"]] == [
+            ("1.0.0", True, False),
+            ("latest", False, True),
+        ]
+        page = html.unescape(client.get("/review/models").text)
+        assert ", running now," not in page
+        assert "<td>installed; <strong>with a warning</strong></td>" in page
+        assert re.search(
+            r'<tr class="warning-row"><td colspan="8"><p class="warning"><strong>Warning:'
+            f"</strong> chest-ai latest loads, but .*{steps}.*</p>",
+            page,
+        )
+        samples = _samples(client.get("/metrics").text, metric)
+        assert samples == {(("model", "chest"), ("state", "installed"), ("version", "latest")): 1}
+
+
+def _samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {
+        tuple(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    }
+
+
 def test_a_models_path_manifest_with_a_moving_version_keeps_loading(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -356,7 +437,11 @@ def test_a_models_path_manifest_with_a_moving_version_keeps_loading(
     caplog.set_level(logging.WARNING)
     preload = ModelPreload(settings, load=True)
     preload.run()
-    assert preload.check()[0], preload.check()
+    ready, detail = preload.check()
+    assert ready and detail.endswith(
+        " loaded (warning: its version is a moving name, to renumber:"
+        " the log and the Models page say how)"
+    ), detail
     assert get_analyser(settings, "chest").manifest.version == "latest"
     Analyser.load(source, mc_samples=2)
     (warning,) = moving_version_warnings(caplog)

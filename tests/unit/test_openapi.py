@@ -120,3 +120,22 @@ def test_every_api_error_is_json_with_a_detail(document: dict[str, Any]) -> None
         for status, answer in operation["responses"].items():
             if status >= "400":
                 assert "application/json" in answer.get("content", {}), (path, method, status)
+
+
+def test_the_models_answer_is_described_warnings_included(document: dict[str, Any]) -> None:
+    """``GET /api/models``: each model and each version, with what it warns of (a moving
+    version such as ``latest``, to renumber) beside the error of one that cannot load."""
+    answer = document["paths"]["/api/models"]["get"]["responses"]["200"]["content"]
+    assert answer["application/json"]["schema"] == {"$ref": "#/components/schemas/ModelsAnswer"}
+    schemas = document["components"]["schemas"]
+    assert schemas["ModelsAnswer"]["properties"]["models"]["items"] == {
+        "$ref": "#/components/schemas/ModelOverview"
+    }
+    model = schemas["ModelOverview"]["properties"]
+    version = schemas["VersionOverview"]["properties"]
+    assert {"model", "source", "error", "warning", "routes", "versions"} <= set(model)
+    assert {"name", "version", "running", "installed", "manifest", "warning"} <= set(version)
+    for warning in (model["warning"], version["warning"]):
+        assert warning["type"] == "string" and warning["default"] == ""
+        assert "moving version" in warning["description"]
+    assert "cannot be read" in model["error"]["description"]

@@ -257,6 +257,21 @@ def test_secondary_text_is_readable_against_the_page() -> None:
     assert _contrast(colour(".viewer .muted"), "#000") >= 4.5
 
 
+def test_a_warning_is_told_in_words_readable_on_its_background() -> None:
+    """A warning (the Models page's, of a version to renumber) says "Warning:" in its text; its
+    background only repeats it, and the page's text stays 4.5:1 on it; a long path wraps."""
+    css = (views.HERE / "static" / "review.css").read_text()
+    text = re.search(r"\nbody\s*\{[^}]*?\bcolor:\s*(#[0-9a-fA-F]+)", "\n" + css)
+    warning = re.search(r"\n\.warning\s*\{([^}]*)\}", css)
+    assert text is not None and warning is not None
+    background = re.search(r"background:\s*(#[0-9a-fA-F]+)", warning.group(1))
+    assert background is not None
+    assert _contrast(text.group(1), background.group(1)) >= 4.5
+    assert "overflow-wrap: anywhere" in warning.group(1)
+    template = (views.HERE / "templates" / "models.html").read_text()
+    assert template.count('<p class="warning"><strong>Warning:</strong>') == 2
+
+
 def test_every_table_column_has_a_header_a_screen_reader_reads(
     client: tuple[TestClient, Ledger, int],
 ) -> None:

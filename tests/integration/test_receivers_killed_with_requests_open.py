@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +40,15 @@ from acwi_node.ingest.completion import CompletionService
 from acwi_node.ingest.holders import HOLDERS_DIR
 from acwi_node.ingest.retrieval import RetrievalService
 from acwi_node.ledger import Ledger
-from acwi_node.ledger.models import AssociationHold, Study
+from acwi_node.ledger.models import AssociationHold
 from acwi_node.ledger.retrievals import Retrievals
 from acwi_node.web.api import create_app
 from tests.support.dx import make_dx
 from tests.support.node import wait_port
+from tests.support.polling import until
 from tests.support.ports import free_port
 from tests.support.review_case import PASSWORD, add_user
+from tests.support.study_flow import study_row
 
 pytestmark = pytest.mark.integration
 
@@ -80,20 +82,8 @@ time.sleep(600)
 """
 
 
-def until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
-def study(ledger: Ledger, uid: str) -> Study | None:
-    with ledger.session() as s:
-        return s.scalars(select(Study).where(Study.study_uid == uid)).one_or_none()
-
-
 def open_count(ledger: Ledger, uid: str) -> int | None:
-    found = study(ledger, uid)
+    found = study_row(ledger, uid)
     return None if found is None else found.open_associations
 
 
@@ -124,7 +114,7 @@ def stuck(ledger: Ledger, uid: str) -> None:
 
 def due(ledger: Ledger, uid: str) -> None:
     """Released, as if the request had been aborted: due by the quiet period."""
-    found = study(ledger, uid)
+    found = study_row(ledger, uid)
     assert found is not None and found.open_associations == 0
     assert ledger.studies_due(quiet_period_s=0, max_wait_s=3600) == [(found.id, 1)]
     assert holders(ledger) == []

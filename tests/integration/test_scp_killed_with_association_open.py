@@ -11,23 +11,23 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from sqlalchemy import select
 
 from acwi_node.config import Settings, load_settings
 from acwi_node.ingest.journal import JOURNAL_DIR
 from acwi_node.ingest.scp import StorageSCP
 from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger
-from acwi_node.ledger.models import Study
 from tests.support.dx import make_dx
 from tests.support.node import wait_port
+from tests.support.polling import until
 from tests.support.ports import free_port
+from tests.support.study_flow import study_row
 
 pytestmark = pytest.mark.integration
 
@@ -67,18 +67,6 @@ def ledger(node: tuple[dict[str, object], dict[str, object]]) -> Iterator[tuple[
     ledger.dispose()
 
 
-def until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
-def study(ledger: Ledger, uid: str) -> Study | None:
-    with ledger.session() as s:
-        return s.scalars(select(Study).where(Study.study_uid == uid)).one_or_none()
-
-
 def test_the_next_scp_releases_the_association_a_killed_one_left_open(
     node: tuple[dict[str, object], dict[str, object]],
     ledger: tuple[Settings, Ledger],
@@ -101,7 +89,7 @@ def test_the_next_scp_releases_the_association_a_killed_one_left_open(
         assert assoc.is_established
         assert int(assoc.send_c_store(ds).Status) == 0
         # The row is written once the association is idle; the association stays open.
-        until(lambda: (s := study(db, study_uid)) is not None and s.open_associations == 1)
+        until(lambda: (s := study_row(db, study_uid)) is not None and s.open_associations == 1)
         proc.kill()
         proc.wait(timeout=30)
     finally:
@@ -112,7 +100,7 @@ def test_the_next_scp_releases_the_association_a_killed_one_left_open(
             proc.wait(timeout=30)
     (killed,) = (settings.spool_dir / JOURNAL_DIR).iterdir()
     time.sleep(0.2)
-    stuck = study(db, study_uid)
+    stuck = study_row(db, study_uid)
     assert stuck is not None and stuck.open_associations == 1  # nobody recorded its end
     assert db.studies_due(quiet_period_s=0, max_wait_s=3600) == []
 
@@ -120,11 +108,11 @@ def test_the_next_scp_releases_the_association_a_killed_one_left_open(
     scp.start(block=False)  # replays the killed process's journal first
     try:
         assert not killed.exists()
-        released = study(db, study_uid)
+        released = study_row(db, study_uid)
         assert released is not None and released.open_associations == 0
         assert db.studies_due(quiet_period_s=0, max_wait_s=3600) == [(released.id, 1)]
         db.complete_study(released.id, 1, lambda _: [], by="quiet_period")
-        completed = study(db, study_uid)
+        completed = study_row(db, study_uid)
         assert completed is not None and completed.completed_by == "quiet_period"
     finally:
         scp.stop()

@@ -75,6 +75,12 @@ def receive(settings: Settings, ledger: Ledger, study: str, sop: str, size: int 
     ledger.record_instance(dx_record(study, sop, size=size), first_in_association=False)
 
 
+def study_row(ledger: Ledger, uid: str) -> Study | None:
+    """The ledger's row of the study ``uid``, None before it is recorded."""
+    with ledger.session() as s:
+        return s.scalars(select(Study).where(Study.study_uid == uid)).one_or_none()
+
+
 def study_id(ledger: Ledger, study: str) -> int:
     with ledger.session() as s:
         return s.scalars(select(Study.id).where(Study.study_uid == study)).one()

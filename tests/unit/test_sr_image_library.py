@@ -44,7 +44,9 @@ def _sources() -> list[Dataset]:
     return sources
 
 
-def _analysis(sources: Sequence[Dataset]) -> StudyAnalysis:
+def _analysis(sources: Sequence[Dataset], *, frames: bool = False) -> StudyAnalysis:
+    """A result for each source; ``frames``: for each frame of each source instead, as the
+    node analyses a multi-frame image."""
     images = [
         ImageResult(
             sop_instance_uid=str(ds.SOPInstanceUID),
@@ -54,8 +56,10 @@ def _analysis(sources: Sequence[Dataset]) -> StudyAnalysis:
             uncertainty=Uncertainty(entropy=0.5, epistemic=0.1, aleatoric=0.4, score=0.3),
             heatmap=np.zeros((int(ds.Rows), int(ds.Columns)), dtype=np.float32),
             ood_score=0.2,
+            frame_number=n if frames else None,
         )
         for ds in sources
+        for n in (range(1, int(ds.NumberOfFrames) + 1) if frames else [None])
     ]
     return study_analysis(images)
 
@@ -503,25 +507,6 @@ def _enhanced(
     return ds
 
 
-def _frame_analysis(sources: Sequence[Dataset]) -> StudyAnalysis:
-    """A result for each frame of each source, as the node analyses a multi-frame image."""
-    images = [
-        ImageResult(
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            sop_class_uid=str(ds.SOPClassUID),
-            series_instance_uid=str(ds.SeriesInstanceUID),
-            probabilities={label: 0.25 for label in LABELS},
-            uncertainty=Uncertainty(entropy=0.5, epistemic=0.1, aleatoric=0.4, score=0.3),
-            heatmap=np.zeros((int(ds.Rows), int(ds.Columns)), dtype=np.float32),
-            ood_score=0.2,
-            frame_number=n,
-        )
-        for ds in sources
-        for n in range(1, int(ds.NumberOfFrames) + 1)
-    ]
-    return study_analysis(images)
-
-
 def _tomosynthesis_views(*, one_frame_of_reference: bool = False) -> list[Dataset]:
     """A screening tomosynthesis: R CC, L CC, R MLO, L MLO (the last one's lateralities per
     frame); ``one_frame_of_reference``: all four in one (one Image Library group)."""
@@ -544,7 +529,7 @@ def _tomosynthesis_views(*, one_frame_of_reference: bool = False) -> list[Datase
 def _same_bytes_both_ways(sources: list[Dataset]) -> Dataset:
     """The SR of ``sources`` (a result per frame), asserted to be the one highdicom builds
     entry by entry."""
-    analysis = _frame_analysis(sources)
+    analysis = _analysis(sources, frames=True)
     document = build_sr(sources, analysis)
     reference = build_sr(sources, analysis, check_all=True)
     _same_times(document, reference)
@@ -665,7 +650,7 @@ def test_dciodvfy_reports_no_errors_for_a_tomosynthesis_library(
     from acwi_node.results.validate import run_dciodvfy
 
     sources = _tomosynthesis_views(one_frame_of_reference=one_frame_of_reference)
-    document = build_sr(sources, _frame_analysis(sources))
+    document = build_sr(sources, _analysis(sources, frames=True))
     assert all("laterality" in _described(e) for e in _entries(document).values())
     report = run_dciodvfy(document)
     assert report.iod == "Comprehensive3DSR"
@@ -779,7 +764,7 @@ def test_breast_projection_images_beside_mammograms_share_their_modalitys_group(
     sources.append(projection)
     # a result per image of the mammogram, per frame of the projection image
     analysis = study_analysis(
-        [*_analysis(sources[:4]).images, *_frame_analysis([projection]).images]
+        [*_analysis(sources[:4]).images, *_analysis([projection], frames=True).images]
     )
     document = build_sr(sources, analysis)
     reference = build_sr(sources, analysis, check_all=True)
@@ -824,7 +809,7 @@ def test_dciodvfy_reports_no_errors_for_a_breast_projection_library() -> None:
     from acwi_node.results.validate import run_dciodvfy
 
     sources = _breast_projection_views()
-    document = build_sr(sources, _frame_analysis(sources))
+    document = build_sr(sources, _analysis(sources, frames=True))
     assert len(_entries(document)) == len(sources)
     report = run_dciodvfy(document)
     assert report.iod == "Comprehensive3DSR"

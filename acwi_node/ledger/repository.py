@@ -1670,9 +1670,12 @@ class Ledger:
                 s.delete(old)
             s.flush()
             _forget_requests(s, replaced)
-            queued = sum(
-                _queue_deliveries(s, job, _add_result(s, job_id, rf), now, takes) for rf in results
-            )
+            # Every result row, then every outbox row, in one flush each, not a flush per
+            # object: a CT's hundreds of heatmaps are a few batched INSERTs on PostgreSQL (808
+            # statements for 400 before). The rows are numbered in the order of ``results``.
+            rows = [_add_result(s, job_id, rf, flush=False) for rf in results]
+            s.flush()
+            queued = sum(_queue_deliveries(s, job, row, now, takes) for row in rows)
             job.summary = summary
             model = summary.get("model") or {}
             job.manifest_name = str(model.get("name") or job.model)[:64]
@@ -3379,8 +3382,8 @@ def outage_over(row: Delivery | Hl7Outbound | Notification) -> None:
     row.outage_attempts = 0
 
 
-def _add_result(s: Session, job_id: int, result: ResultFile) -> Result:
-    """A new result row of the job (flushed: it has its id)."""
+def _add_result(s: Session, job_id: int, result: ResultFile, *, flush: bool = True) -> Result:
+    """A new result row of the job (flushed: it has its id; not yet, without ``flush``)."""
     row = Result(
         job_id=job_id,
         kind=result.kind,
@@ -3389,5 +3392,6 @@ def _add_result(s: Session, job_id: int, result: ResultFile) -> Result:
         path=result.path,
     )
     s.add(row)
-    s.flush()
+    if flush:
+        s.flush()
     return row

@@ -604,6 +604,64 @@ def _analyse(db: Ledger, job_id: int, needs_review: bool = False) -> None:
     assert kept
 
 
+def test_a_jobs_results_are_recorded_in_a_few_batches_in_their_order(db: Ledger) -> None:
+    """A CT's hundreds of heatmaps: :meth:`Ledger.finish_analysis` flushes its result rows
+    and its outbox rows once each (it flushed every result row on its own, a round trip or
+    two per object: 400 heatmaps, 808 statements on PostgreSQL), and the rows are numbered
+    in the order of the results, each result's deliveries in its destinations' order."""
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    from acwi_node.ledger.models import Delivery, Result
+
+    def two_destinations(facts: StudyFacts) -> list[RoutedJob]:
+        return [RoutedJob(route="chest", model="default", destinations=["a", "b"], priority=0)]
+
+    r = db.record_instance(rec(), first_in_association=False)
+    (job_id,) = db.complete_study(r.study_id, 1, two_destinations)
+    assert db.claim_job(job_id, lease_s=3600) is not None
+    uids = [f"2.25.{n}" for n in (7, 3, 9, *range(100, 157))]  # not in the order of the UIDs
+    results = [ResultFile("heatmap", u, "1.2.840.10008.5.1.4.1.1.7", f"x/{u}.dcm") for u in uids]
+    flushes: list[int] = []
+    statements: list[str] = []
+
+    def flushed(session: Session, _context: Any) -> None:
+        flushes.append(1)
+
+    def executed(*args: Any) -> None:
+        statements.append(str(args[2]))
+
+    event.listen(Session, "after_flush", flushed)
+    event.listen(db.engine, "before_cursor_execute", executed)
+    try:
+        assert db.finish_analysis(
+            job_id, results=results, summary={}, needs_review=False, review_reason=""
+        )
+    finally:
+        event.remove(Session, "after_flush", flushed)
+        event.remove(db.engine, "before_cursor_execute", executed)
+    assert len(flushes) <= 5  # was one per result (60) and more
+    if db.engine.dialect.name == "postgresql":  # SQLite's driver inserts a row at a time
+        inserts = [q for q in statements if q.lstrip().upper().startswith("INSERT")]
+        assert len(inserts) <= 4, inserts  # the results, the deliveries: one batch each
+    with db.session() as s:
+        rows = s.execute(
+            select(Result.id, Result.sop_instance_uid)
+            .where(Result.job_id == job_id)
+            .order_by(Result.id)
+        ).all()
+        assert [uid for _, uid in rows] == uids
+        number = {rid: n for n, (rid, _) in enumerate(rows)}
+        deliveries = s.execute(
+            select(Delivery.result_id, Delivery.destination)
+            .where(Delivery.job_id == job_id)
+            .order_by(Delivery.id)
+        ).all()
+    assert [(number[rid], dest) for rid, dest in deliveries] == [
+        (n, dest) for n in range(len(uids)) for dest in ("a", "b")
+    ]
+
+
 def test_a_result_oru_promised_with_the_results_is_built_once(db: Ledger) -> None:
     r = db.record_instance(rec(), first_in_association=False)
     (job_id,) = db.complete_study(r.study_id, 1, route_all)

@@ -167,6 +167,12 @@ def note_identifiers(ds: Any) -> None:
     _IDENTIFIERS.add(values, patient=(name, patient_id))
 
 
+def forget_identifiers() -> None:
+    """Forget every identifier :func:`note_identifiers` remembered (a process that starts
+    over: a test)."""
+    _IDENTIFIERS.clear()
+
+
 @contextmanager
 def log_context(*, study_uid: str | None = None, job_id: int | None = None) -> Iterator[None]:
     """Records logged inside this block carry ``study_uid`` and ``job_id`` (when given)."""

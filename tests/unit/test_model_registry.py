@@ -28,6 +28,7 @@ from acwi_node.ledger import Ledger
 from acwi_node.model_overview import models_overview
 from acwi_node.model_registry import ModelRegistry, RegistryError
 from acwi_node.observability.health import ModelPreload
+from acwi_node.observability.logging import forget_identifiers
 from acwi_node.results.uids import device_uid
 from acwi_node.tasks.analyse import get_analyser
 from acwi_node.web.api import create_app
@@ -242,6 +243,13 @@ def installed_as_earlier_versions_did(settings: Settings, tmp_path: Path, versio
     (folder / "manifest.json").write_text(json.dumps(raw))
     (settings.models_dir / "chest" / "ACTIVE").write_text(version + "\n")
     return folder
+
+
+@pytest.fixture(autouse=True)
+def no_patient_noted_before() -> None:
+    """The log lines these tests read name temporary folders (``test_...``): a patient an
+    earlier test of the process noted (``Test^Patient``) would have "test" redacted in them."""
+    forget_identifiers()
 
 
 def moving_version_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -21,18 +21,34 @@ kilobytes in practice); a data set whose attributes do not, or whose deflate str
 cannot be understood (:class:`HeaderError`). The data set is stored as received all the same,
 its bytes not inflated beyond the header.
 
+A multi-frame image without Body Part Examined, of a class that may have functional groups,
+is walked on to its Shared Functional Groups Sequence (and its Per-frame one only where the
+shared group has no Frame Anatomy) for the body parts its Frame Anatomy regions name
+(:data:`FRAME_BODY_PART`, :func:`body_part`); no other image is read past group 0020.
+
 :func:`dataset_header` chooses between the three for the SCP and STOW-RS.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import itertools
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 from pydicom import dcmread
 from pydicom.tag import Tag
+
+from acwi_node.anatomy import (
+    BODY_PART_MAX,
+    FRAME_ANATOMY_ITEMS_MAX,
+    image_body_parts,
+    joined_body_parts,
+    may_have_functional_groups,
+    region_body_part,
+)
 
 #: Keyword -> (group << 16 | element) of the attributes read.
 WANTED: dict[int, str] = {
@@ -48,6 +64,12 @@ WANTED: dict[int, str] = {
     0x0020000E: "SeriesInstanceUID",
 }
 _LAST = max(WANTED)
+#: The header's key for the body parts an image without Body Part Examined names in its Frame
+#: Anatomy functional groups (:func:`~acwi_node.anatomy.image_body_parts`; "" for none).
+FRAME_BODY_PART = "FrameBodyPart"
+_SHARED_GROUPS, _PER_FRAME_GROUPS = 0x52009229, 0x52009230
+_FRAME_ANATOMY, _ANATOMIC_REGION = 0x00209071, 0x00082218
+_CODE_VALUE, _CODING_SCHEME = 0x00080100, 0x00080102
 _SPECIFIC_CHARACTER_SET = 0x00080005
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -82,7 +104,7 @@ _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 #: Character sets whose values decode without code extensions, and how.
 _CHARSETS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 
-_HEADER_TAGS = [Tag(t >> 16, t & 0xFFFF) for t in WANTED]
+_HEADER_TAGS = [Tag(t >> 16, t & 0xFFFF) for t in (*WANTED, _SHARED_GROUPS, _PER_FRAME_GROUPS)]
 
 _U16U16 = struct.Struct("<HH")
 _U32 = struct.Struct("<I")
@@ -169,16 +191,184 @@ def _element_header(data: _Bytes, pos: int, implicit: bool) -> tuple[int, bytes,
 
 
 def scan_header(dataset: bytes | memoryview, transfer_syntax: str) -> dict[str, str] | None:
-    """The wanted attributes (stripped text, "" when absent) of an encoded data set (no file
-    meta; bytes, or a view into a larger buffer, which is not copied), or None when only
-    pydicom can read them."""
+    """The wanted attributes (stripped text, "" when absent) and :data:`FRAME_BODY_PART` of an
+    encoded data set (no file meta; bytes, or a view into a larger buffer, which is not
+    copied), or None when only pydicom can read them."""
     if transfer_syntax in _NOT_LITTLE_ENDIAN_EXPLICIT:
         return None
     try:
-        found, charset, _end = _walk(dataset, transfer_syntax == _IMPLICIT_LE, complete=True)
-        return _decode(found, charset)
+        return _read(dataset, transfer_syntax == _IMPLICIT_LE)
     except (_Unsupported, struct.error, UnicodeDecodeError):
         return None
+
+
+def _read(dataset: _Bytes, implicit: bool) -> dict[str, str]:
+    """:func:`_walk`, :func:`_decode` and, where the image may name its anatomy in its
+    functional groups alone, :func:`_frame_body_parts` on a whole data set."""
+    found, charset, end = _walk(dataset, implicit, complete=True)
+    values = _decode(found, charset)
+    values[FRAME_BODY_PART] = ""
+    if _wants_frame_anatomy(values):
+        # a data set cut short in its functional groups: their anatomy unread, no more
+        with contextlib.suppress(_Truncated, struct.error):
+            values[FRAME_BODY_PART] = _frame_body_parts(dataset, end, implicit, complete=True)
+    return values
+
+
+def _wants_frame_anatomy(values: dict[str, str]) -> bool:
+    """Whether an image's header must be read on, to its functional groups: it has no Body
+    Part Examined, and is of a class that may have functional groups (never a CT or MR slice,
+    a radiograph, a secondary capture)."""
+    return not values["BodyPartExamined"] and may_have_functional_groups(values["SOPClassUID"])
+
+
+def _element_at(data: _Bytes, pos: int, implicit: bool) -> tuple[int, int, int]:
+    """(tag, value offset, length) of the element at ``pos``."""
+    tag, _vr, start, length, _ = _element_header(data, pos, implicit)
+    return tag, start, length
+
+
+def _find(
+    data: _Bytes, pos: int, length: int, implicit: bool, wanted: tuple[int, ...]
+) -> tuple[dict[int, tuple[int, int]], int]:
+    """The ``wanted`` elements (value offset, length) of the item whose elements start at
+    ``pos`` (``length``: the item's, or undefined), and the offset after the item."""
+    found: dict[int, tuple[int, int]] = {}
+    size = len(data)
+    if length != _UNDEFINED:
+        end = pos + length
+        if end > size:
+            raise _Truncated
+        last = max(wanted)
+        while pos < end:
+            tag, start, value_length = _element_at(data, pos, implicit)
+            if tag > last:  # elements are in ascending order: the rest are not wanted
+                break
+            if tag in wanted:
+                found[tag] = (start, value_length)
+            if value_length == _UNDEFINED:
+                pos = _skip_undefined_sequence(data, start, implicit)
+                continue
+            pos = start + value_length
+        return found, end
+    while True:
+        tag = _tag_at(data, pos)
+        if tag == _ITEM_END:
+            return found, pos + 8
+        tag, start, value_length = _element_at(data, pos, implicit)
+        if value_length == _UNDEFINED:
+            if tag in wanted:
+                found[tag] = (start, value_length)
+            pos = _skip_undefined_sequence(data, start, implicit)
+            continue
+        if start + value_length > size:
+            raise _Truncated
+        if tag in wanted:
+            found[tag] = (start, value_length)
+        pos = start + value_length
+
+
+def _items(
+    data: _Bytes, start: int, length: int, implicit: bool, wanted: tuple[int, ...]
+) -> Iterator[dict[int, tuple[int, int]]]:
+    """Each item's ``wanted`` elements (:func:`_find`) of the sequence whose value starts at
+    ``start`` (``length``: the sequence's, or undefined)."""
+    pos = start
+    end = None if length == _UNDEFINED else start + length
+    while end is None or pos < end:
+        tag, item_length = _U16U16.unpack_from(data, pos), _U32.unpack_from(data, pos + 4)[0]
+        tag = tag[0] << 16 | tag[1]
+        pos += 8
+        if tag == _SEQUENCE_END:
+            return
+        if tag != _ITEM:
+            raise _Unsupported("unexpected element in a sequence")
+        found, pos = _find(data, pos, item_length, implicit, wanted)
+        yield found
+
+
+def _first_item(
+    data: _Bytes, element: tuple[int, int], implicit: bool, wanted: tuple[int, ...]
+) -> dict[int, tuple[int, int]] | None:
+    """The first item's ``wanted`` elements of a sequence (value offset, length); None for a
+    sequence without items."""
+    return next(_items(data, element[0], element[1], implicit, wanted), None)
+
+
+def _anatomy_term(data: _Bytes, anatomy: tuple[int, int], implicit: bool) -> str | None:
+    """The body part term of a Frame Anatomy Sequence's region (its first item's first
+    Anatomic Region item, :func:`~acwi_node.anatomy.region_body_part`); "" for none, None
+    for a sequence without items."""
+    item = _first_item(data, anatomy, implicit, (_ANATOMIC_REGION,))
+    if item is None:
+        return None
+    if _ANATOMIC_REGION not in item:
+        return ""
+    code = _first_item(data, item[_ANATOMIC_REGION], implicit, (_CODE_VALUE, _CODING_SCHEME))
+    if not code:
+        return ""
+    text = {}
+    for tag in (_CODE_VALUE, _CODING_SCHEME):
+        start, length = code.get(tag, (0, 0))
+        if length == _UNDEFINED:
+            return ""
+        text[tag] = bytes(data[start : start + length]).decode("latin-1")
+    return region_body_part(text[_CODING_SCHEME], text[_CODE_VALUE])
+
+
+def _frame_body_parts(data: _Bytes, pos: int, implicit: bool, *, complete: bool) -> str:
+    """The body parts (:func:`~acwi_node.anatomy.image_body_parts`) an image names in its
+    Frame Anatomy functional groups, walking on from ``pos`` (where :func:`_walk` stopped):
+    the elements up to the Shared Functional Groups Sequence are skipped, as are the other
+    functional groups in it; the Per-frame one is read only where the shared one has no
+    Frame Anatomy (at most :data:`~acwi_node.anatomy.FRAME_ANATOMY_ITEMS_MAX` items).
+
+    Raises :class:`_Truncated` (or ``struct.error``) where ``data`` ends inside an element,
+    :class:`_NeedMore` where it ends and is not ``complete``."""
+    end = len(data)
+    while pos + 8 <= end:
+        tag, start, length = _element_at(data, pos, implicit)
+        if tag > _PER_FRAME_GROUPS:  # past where the functional groups would be
+            return ""
+        if tag == _SHARED_GROUPS:
+            group = _first_item(data, (start, length), implicit, (_FRAME_ANATOMY,))
+            if group and _FRAME_ANATOMY in group:
+                term = _anatomy_term(data, group[_FRAME_ANATOMY], implicit)
+                if term is not None:  # the shared group has Frame Anatomy: the frames'
+                    return term
+        elif tag == _PER_FRAME_GROUPS:
+            terms: dict[str, None] = {}  # in frame order, once each
+            known: dict[bytes, str] = {}  # the frames' Frame Anatomy, as encoded: mostly alike
+            groups = _items(data, start, length, implicit, (_FRAME_ANATOMY,))
+            for group in itertools.islice(groups, FRAME_ANATOMY_ITEMS_MAX):
+                anatomy = group.get(_FRAME_ANATOMY)
+                if anatomy is None:
+                    continue
+                if anatomy[1] == _UNDEFINED:
+                    terms[_anatomy_term(data, anatomy, implicit) or ""] = None
+                    continue
+                encoded = bytes(data[anatomy[0] : anatomy[0] + anatomy[1]])
+                term = known.get(encoded)
+                if term is None:
+                    term = known[encoded] = _anatomy_term(data, anatomy, implicit) or ""
+                terms[term] = None
+            return joined_body_parts(list(terms))
+        if length == _UNDEFINED:
+            pos = _skip_undefined_sequence(data, start, implicit)
+        else:
+            pos = start + length
+    if pos > end:
+        raise _Truncated
+    if not complete:
+        raise _NeedMore
+    return ""
+
+
+def body_part(header: Mapping[str, str]) -> str:
+    """The body parts routing matches a received image by (backslash-separated, within the
+    ledger's 64 characters): its Body Part Examined, else those of its Frame Anatomy
+    functional groups (:data:`FRAME_BODY_PART`)."""
+    return header.get("BodyPartExamined", "")[:BODY_PART_MAX] or header.get(FRAME_BODY_PART, "")
 
 
 def _walk(
@@ -251,7 +441,8 @@ def deflated_header(
 ) -> dict[str, str]:
     """The wanted attributes of a deflated data set (its encoded bytes after the file meta:
     raw deflate, PS3.5 A.5), inflated step by step only as far as they go, at most ``limit``
-    bytes (never the whole data set: memory stays within about twice ``limit``).
+    bytes (never the whole data set: memory stays within about twice ``limit``); and
+    :data:`FRAME_BODY_PART`, where the functional groups lie within ``limit`` ("" otherwise).
 
     Raises :class:`HeaderError` for a corrupt deflate stream, one that ends before the
     attributes do, and attributes not within ``limit`` inflated bytes."""
@@ -259,6 +450,7 @@ def deflated_header(
     inflated = bytearray()
     pending: bytes | memoryview = deflated
     step = _INFLATE_FIRST
+    values: dict[str, str] | None = None  # the wanted attributes, once inflated that far
     while True:
         try:
             chunk = inflater.decompress(pending, step)
@@ -269,9 +461,16 @@ def deflated_header(
         ended = inflater.eof or (not pending and len(chunk) < step)
         try:
             # A stream cut short (no final block) holds no complete data set.
-            found, charset, _end = _walk(inflated, False, complete=inflater.eof)
-            return _decode(found, charset)
+            found, charset, end = _walk(inflated, False, complete=inflater.eof)
+            values = _decode(found, charset)
+            values[FRAME_BODY_PART] = ""
+            if not _wants_frame_anatomy(values):
+                return values
+            values[FRAME_BODY_PART] = _frame_body_parts(inflated, end, False, complete=inflater.eof)
+            return values
         except (_NeedMore, _Truncated, struct.error):
+            if values is not None and (ended or len(inflated) >= limit):
+                return values  # the functional groups not within reach: their anatomy unread
             if ended:
                 raise HeaderError("the deflated data set ends inside its header") from None
         except (_Unsupported, UnicodeDecodeError):
@@ -320,8 +519,7 @@ def dataset_header(
     truncated = False
     if transfer_syntax not in _NOT_LITTLE_ENDIAN_EXPLICIT:
         try:
-            found, charset, _end = _walk(dataset, transfer_syntax == _IMPLICIT_LE, complete=True)
-            return _decode(found, charset)
+            return _read(dataset, transfer_syntax == _IMPLICIT_LE)
         except _Truncated:
             truncated = True
         except (_Unsupported, struct.error, UnicodeDecodeError):
@@ -349,4 +547,5 @@ def pydicom_header(part10: bytes) -> dict[str, str]:
     for keyword in WANTED.values():
         value = ds.get(keyword, "")
         values[keyword] = str(value).strip() if value is not None else ""
+    values[FRAME_BODY_PART] = "" if values["BodyPartExamined"] else image_body_parts(ds)
     return values

@@ -58,7 +58,7 @@ from acwi_node.export.commitment import CommitmentReports
 from acwi_node.export.scu import STORAGE_COMMITMENT_PUSH_MODEL
 from acwi_node.ingest.checksum import crc32_of
 from acwi_node.ingest.cpu_latency import CpuLatencyRequest
-from acwi_node.ingest.header import HeaderError, dataset_header, describe, study_date
+from acwi_node.ingest.header import HeaderError, body_part, dataset_header, describe, study_date
 from acwi_node.ingest.holders import HOLDERS_DIR, HolderName
 from acwi_node.ingest.journal import (
     JOURNAL_DIR,
@@ -990,7 +990,7 @@ class StorageSCP:
             series_uid=series_uid,
             transfer_syntax_uid=str(event.context.transfer_syntax),
             modality=_text(header, "Modality")[:16],
-            body_part=_text(header, "BodyPartExamined")[:64],
+            body_part=body_part(header),
             path=self.spool.relative_for(study_uid, sop_uid),
             size=len(data[0]) + len(data[1]),
             calling_ae=calling_ae,

@@ -31,10 +31,10 @@ from highdicom._standard_utils import (
 from pydicom import DataElement, Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.sr.codedict import codes
 from pydicom.tag import BaseTag
 from pydicom.valuerep import DA, DT, TM
 
+from acwi_node.anatomy import region_body_part
 from acwi_node.dicom_frames import frame_count, functional_groups
 from acwi_node.results.codes import LO_MAX, NOT_IN_STRING, SH_MAX, clean_code_sequences
 from acwi_node.results.iod_classes import patient_study_class
@@ -414,33 +414,14 @@ UNPAIRED_BODY_PARTS = frozenset((
 # fmt: on
 
 
-def _body_parts_by_code() -> dict[tuple[str, str], str]:
-    """PS3.16 CID 4031 (Common Anatomic Regions) codes whose meaning is one word: that word,
-    upper case, is the region's Body Part Examined defined term (Chest: CHEST, Knee: KNEE;
-    PS3.16 Annex L). Regions of several words (Abdomen and Pelvis: ABDOMENPELVIS) are left
-    out rather than guessed, and so are the six one-word regions that are not defined terms
-    (dciodvfy's verdict, as for :data:`UNPAIRED_BODY_PARTS`)."""
-    not_terms = {"ANUS", "FIBULA", "FOREARM", "MANDIBLE", "PHANTOM", "SACRUM"}
-    cid = codes.cid4031
-    table = {}
-    for name in cid.dir():
-        code = getattr(cid, name)
-        meaning = str(code.meaning)
-        if meaning.isalpha() and meaning.upper() not in not_terms:
-            table[(str(code.scheme_designator), str(code.value))] = meaning.upper()
-    return table
-
-
-_BODY_PART_BY_CODE = _body_parts_by_code()
-
-
 def _region_term(region: Dataset | None) -> str:
     """The Body Part Examined term of an Anatomic Region code, where PS3.16 CID 4031 names it
-    with one word (:func:`_body_parts_by_code`); "" otherwise."""
+    with one word (:func:`~acwi_node.anatomy.region_body_part`); "" otherwise."""
     if not isinstance(region, Dataset):
         return ""
-    key = (str(region.get("CodingSchemeDesignator", "")), str(region.get("CodeValue", "")))
-    return _BODY_PART_BY_CODE.get(key, "")
+    return region_body_part(
+        str(region.get("CodingSchemeDesignator", "")), str(region.get("CodeValue", ""))
+    )
 
 
 #: Image Laterality (0020,0062)'s Enumerated Values: right, left, unpaired, both.

@@ -23,6 +23,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from acwi_node.anatomy import image_body_parts
 from acwi_node.config import Settings
 from acwi_node.dicom_frames import frame_count
 from acwi_node.inference.image_checks import header_refusal
@@ -192,9 +193,7 @@ def facts_of(study_uid: str, datasets: list[Dataset], calling_ae: str) -> StudyF
         calling_ae=calling_ae,
         modalities={_text(ds, "Modality") for ds in datasets if _text(ds, "Modality")},
         sop_classes={_text(ds, "SOPClassUID") for ds in datasets},
-        body_parts={
-            part for ds in datasets for part in _text(ds, "BodyPartExamined").split("\\") if part
-        },
+        body_parts={part for ds in datasets for part in image_body_parts(ds).split("\\") if part},
         study_date=dates[0] if dates else "",
     )
 

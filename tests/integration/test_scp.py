@@ -25,7 +25,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from sqlalchemy import select
 
-from acwi_node.config import Settings, load_settings
+from acwi_node.config import Route, RouteMatch, Settings, load_settings
 from acwi_node.ingest import cpu_latency, reactor
 from acwi_node.ingest import scp as scp_module
 from acwi_node.ingest.journal import (
@@ -40,6 +40,8 @@ from acwi_node.ingest.spool import Spool, SpoolError, SpoolFile
 from acwi_node.ledger import InstanceRecord, Ledger, RoutedJob
 from acwi_node.ledger import repository as ledger_repository
 from acwi_node.ledger.models import Instance, Study, utcnow
+from acwi_node.routing.rules import decide_routes
+from models.data.synth import write_enhanced_ct
 from tests.support.answer_threads import record_answer_threads
 from tests.support.association import rejected
 from tests.support.dcmtk import storescu
@@ -1154,3 +1156,43 @@ def test_two_versions_sent_at_the_same_moment_leave_the_row_of_the_file_kept(
         with ledger.session() as s:
             crc = s.scalars(select(Instance.crc32).where(Instance.sop_instance_uid == sop)).one()
         assert crc == b_row.crc32
+
+
+@pytest.mark.parametrize("per_frame", [False, True], ids=["shared group", "per-frame groups"])
+def test_an_enhanced_image_is_routed_by_the_body_part_of_its_frame_anatomy(
+    node: tuple[Settings, Ledger, StorageSCP], tmp_path: Path, per_frame: bool
+) -> None:
+    """An enhanced CT without Body Part Examined, its region (Chest, SNOMED CT 816094009) in
+    its Frame Anatomy functional groups only: a ``body_part = ["CHEST"]`` route takes it."""
+    settings, ledger, _ = node
+    image = dcmread(write_enhanced_ct(tmp_path / "enhanced", slices=3, size=64))
+    if "BodyPartExamined" in image:
+        del image.BodyPartExamined
+    region = Dataset()
+    region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = (
+        "816094009",
+        "SCT",
+        "Chest",
+    )
+    anatomy = Dataset()
+    anatomy.FrameLaterality = "U"
+    anatomy.AnatomicRegionSequence = [region]
+    groups = (
+        image.PerFrameFunctionalGroupsSequence
+        if per_frame
+        else [image.SharedFunctionalGroupsSequence[0]]
+    )
+    for group in groups:
+        group.FrameAnatomySequence = [anatomy]
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(image.SOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", settings.node.dicom_port, ae_title=settings.node.ae_title)
+    assert assoc.is_established
+    assert int(assoc.send_c_store(image).Status) == 0
+    assoc.release()
+    study_id, _generation = due_study(ledger)
+    facts = ledger.study_facts(study_id)
+    assert facts.body_parts == {"CHEST"}
+    chest = Route(name="chest", match=RouteMatch(modality=["CT"], body_part=["chest"]))
+    knee = Route(name="knee", match=RouteMatch(body_part=["KNEE"]))
+    assert [job.route for job in decide_routes([knee, chest], facts)] == ["chest"]

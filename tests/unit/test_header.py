@@ -21,9 +21,12 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from acwi_node.anatomy import BODY_PART_BY_CODE, image_body_parts
 from acwi_node.ingest.header import (
     DEFLATED_HEADER_LIMIT,
+    FRAME_BODY_PART,
     HeaderError,
+    body_part,
     dataset_header,
     deflated_header,
     pydicom_header,
@@ -218,3 +221,173 @@ def test_a_data_set_cut_short_before_its_uids_says_so(tmp_path: Path, syntax: st
         dataset_header(cut, syntax, lambda: meta + cut)
     late = dataset[:-10]
     assert dataset_header(late, syntax, lambda: meta + late) == pydicom_header(part10)
+
+
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _code(value: str, scheme: str = "SCT", meaning: str = "Region") -> Dataset:
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = value, scheme, meaning
+    return code
+
+
+def _group(code: Dataset | None, *, laterality: str = "U") -> Dataset:
+    """A functional group item with Frame Anatomy (its region ``code``, None for none), after
+    another functional group (Frame Content), as scanners write them."""
+    anatomy = Dataset()
+    anatomy.FrameLaterality = laterality
+    if code is not None:
+        anatomy.AnatomicRegionSequence = Sequence([code])
+    content = Dataset()
+    content.FrameAcquisitionNumber = 1
+    group = Dataset()
+    group.FrameContentSequence = Sequence([content])
+    group.FrameAnatomySequence = Sequence([anatomy])
+    pixel_measures = Dataset()
+    pixel_measures.PixelSpacing = [0.5, 0.5]
+    group.PixelMeasuresSequence = Sequence([pixel_measures])
+    return group
+
+
+def _lengths(ds: Dataset, *, defined: bool) -> Dataset:
+    """Every sequence and item of ``ds`` written with its length (``defined``), or of
+    undefined length, ended by a delimiter."""
+    for elem in ds.iterall():
+        if elem.VR == "SQ":
+            elem.is_undefined_length = not defined
+            for item in elem.value:
+                item.is_undefined_length_sequence_item = not defined
+    return ds
+
+
+def enhanced(
+    tmp_path: Path,
+    *,
+    shared: Dataset | None = None,
+    per_frame: list[Dataset] | None = None,
+    sop_class: str = ENHANCED_CT,
+    defined: bool = False,
+    **attrs: object,
+) -> Dataset:
+    """A multi-frame image without Body Part Examined, its anatomy in functional groups."""
+    ds = base(tmp_path, SOPClassUID=sop_class, Modality="CT", **attrs)
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
+    if "BodyPartExamined" in ds and "BodyPartExamined" not in attrs:
+        del ds.BodyPartExamined
+    ds.NumberOfFrames = len(per_frame) if per_frame else 2
+    ds.SharedFunctionalGroupsSequence = Sequence([shared if shared is not None else Dataset()])
+    if per_frame is not None:
+        ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    return _lengths(ds, defined=defined)
+
+
+CHEST, ABDOMEN, THORAX_2008 = _code("816094009"), _code("818981001"), _code("51185008")
+
+
+@pytest.mark.parametrize("defined", [False, True], ids=["undefined-length", "defined-length"])
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("shared", "CHEST"),
+        ("per-frame, all alike", "CHEST"),
+        ("per-frame, two regions", "CHEST\\ABDOMEN"),
+        ("per-frame, some frames without", "ABDOMEN"),
+        ("shared wins over per-frame", "CHEST"),
+        ("empty shared frame anatomy: per-frame", "ABDOMEN"),
+        ("former SNOMED CT code", "CHEST"),
+        ("SNOMED RT code", "CHEST"),
+        ("region without a term", ""),
+        ("region without a code", ""),
+        ("frame anatomy without a region", ""),
+        ("no functional groups", ""),
+        ("body part examined", ""),
+        ("a single-frame class is not read on", ""),
+    ],
+)
+def test_frame_anatomy_names_the_body_part(
+    tmp_path: Path, case: str, expected: str, syntax: str, defined: bool
+) -> None:
+    per_frame: list[Dataset] | None = None
+    shared: Dataset | None = None
+    attrs: dict[str, object] = {}
+    sop_class = ENHANCED_CT
+    if case == "shared":
+        shared = _group(CHEST)
+    elif case == "per-frame, all alike":
+        per_frame = [_group(CHEST) for _ in range(3)]
+    elif case == "per-frame, two regions":
+        per_frame = [_group(CHEST), _group(ABDOMEN), _group(CHEST), _group(ABDOMEN)]
+    elif case == "per-frame, some frames without":
+        per_frame = [Dataset(), _group(ABDOMEN), _group(None)]
+    elif case == "shared wins over per-frame":
+        shared, per_frame = _group(CHEST), [_group(ABDOMEN)]
+    elif case == "empty shared frame anatomy: per-frame":
+        shared = _group(None)
+        shared.FrameAnatomySequence = Sequence([])
+        per_frame = [_group(ABDOMEN)]
+    elif case == "former SNOMED CT code":
+        shared = _group(THORAX_2008)
+    elif case == "SNOMED RT code":
+        shared = _group(_code("T-D3000", "SRT"))
+    elif case == "region without a term":
+        shared, per_frame = _group(_code("818982008")), [_group(CHEST)]  # Abdomen and Pelvis
+    elif case == "region without a code":
+        missing = Dataset()
+        missing.CodeMeaning = "Chest"
+        shared = _group(missing)
+    elif case == "frame anatomy without a region":
+        shared = _group(None)
+    elif case == "body part examined":
+        shared, attrs = _group(ABDOMEN), {"BodyPartExamined": "CHEST"}
+    elif case == "a single-frame class is not read on":
+        shared, sop_class = _group(CHEST), CT_IMAGE
+    ds = enhanced(
+        tmp_path, shared=shared, per_frame=per_frame, sop_class=sop_class, defined=defined, **attrs
+    )
+    if case == "no functional groups":
+        del ds.SharedFunctionalGroupsSequence
+    part10 = encode(ds, syntax)
+    check(part10, fast=True)  # the fast walk reads what pydicom reads
+    scanned = scan_header(*split(part10))
+    assert scanned is not None and scanned[FRAME_BODY_PART] == expected
+    assert body_part(scanned) == (attrs.get("BodyPartExamined") or expected)
+    assert image_body_parts(dcmread(io.BytesIO(part10))) == body_part(scanned)  # routes check
+
+
+def test_frame_anatomy_of_a_deflated_image(tmp_path: Path) -> None:
+    part10 = encode(enhanced(tmp_path, shared=_group(CHEST)), DeflatedExplicitVRLittleEndian)
+    dataset, _syntax = split(part10)
+    header = deflated_header(dataset)
+    assert header == pydicom_header(part10)
+    assert header[FRAME_BODY_PART] == "CHEST"
+    # Functional groups beyond the inflation limit: the attributes all the same, no anatomy.
+    big = enhanced(tmp_path, shared=_group(CHEST))
+    big.add_new(0x00291010, "OB", bytes(64 << 10))  # a private block before the groups
+    header = deflated_header(split(encode(big, DeflatedExplicitVRLittleEndian))[0], limit=1 << 15)
+    assert header["SOPInstanceUID"] == str(big.SOPInstanceUID) and header[FRAME_BODY_PART] == ""
+
+
+def test_an_image_cut_short_in_its_functional_groups_keeps_its_header(tmp_path: Path) -> None:
+    part10 = encode(enhanced(tmp_path, per_frame=[_group(CHEST)] * 3), ExplicitVRLittleEndian)
+    dataset, syntax = split(part10)
+    cut = dataset[: dataset.index(b"\x00\x52\x30\x92") + 40]  # inside the per-frame groups
+    header = dataset_header(cut, syntax, lambda: part10)
+    assert header["SOPInstanceUID"] and header[FRAME_BODY_PART] == ""
+
+
+def test_many_regions_are_kept_whole_within_64_characters(tmp_path: Path) -> None:
+    by_term = {
+        term: value for (scheme, value), term in BODY_PART_BY_CODE.items() if scheme == "SCT"
+    }
+    names = sorted(by_term)[:20]
+    frames = [_group(_code(by_term[name])) for name in names]
+    part10 = encode(enhanced(tmp_path, per_frame=frames), ExplicitVRLittleEndian)
+    check(part10, fast=True)
+    scanned = scan_header(*split(part10))
+    assert scanned is not None
+    value = scanned[FRAME_BODY_PART]
+    assert len(value) <= 64 and value.split("\\") == names[: len(value.split("\\"))]
+    assert len(value.split("\\")) >= 8

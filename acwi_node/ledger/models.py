@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    case,
     func,
     select,
 )
@@ -161,6 +162,13 @@ class Study(Base):
         if self.generation_calling_ae is None:
             return self.calling_ae
         return self.generation_calling_ae
+
+    def sender_of(self, generation: int) -> str:
+        """Who sent the generation ``generation`` (a job's): the first sender for the first,
+        the current generation's for any later one (the ledger keeps no sender of the
+        generations in between: theirs reads as the current one's). :func:`job_sender` is the
+        same in SQL."""
+        return self.calling_ae if generation == 1 else self.generation_sender()
 
 
 class AssociationHold(Base):
@@ -416,6 +424,16 @@ def job_model_name(job: Any = None) -> Any:
     model name."""
     job = Job if job is None else job
     return func.coalesce(job.manifest_name, _SummaryField(job, ("model", "name")), job.model)
+
+
+def job_sender(job: Any = None) -> Any:
+    """The SQL expression of the sender of a job's generation (:meth:`Study.sender_of`; the
+    query joins :class:`Study`): what its analysis read came from, and what routing matched."""
+    job = Job if job is None else job
+    return case(
+        (job.generation == 1, Study.calling_ae),
+        else_=func.coalesce(Study.generation_calling_ae, Study.calling_ae),
+    )
 
 
 def job_model_version(job: Any = None) -> Any:
@@ -869,6 +887,7 @@ __all__ = [
     "JobState",
     "job_model_name",
     "job_model_version",
+    "job_sender",
     "SummaryFields",
     "MppsStep",
     "Result",

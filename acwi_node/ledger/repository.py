@@ -2631,7 +2631,8 @@ class Ledger:
                         "priority": it.priority,
                         "created_at": _iso(it.created_at),
                         "modality": it.study.modality,
-                        "calling_ae": it.study.calling_ae,
+                        # who sent the generation the model read
+                        "calling_ae": it.study.sender_of(job.generation),
                         "predicted_label": job.summary.get("predicted_label"),
                         "probabilities": job.summary.get("probabilities"),
                         "uncertainty": job.summary.get("uncertainty"),

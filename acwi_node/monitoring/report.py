@@ -8,7 +8,8 @@ studies on this node, or the period an ML engineer pinned) and of the **recent w
 last ``monitoring.window_days`` days, less any baseline study), and compares them signal by
 signal (:mod:`acwi_node.monitoring.drift`). A study analysed again counts once per model
 version: its latest analysis (:func:`latest_analysis`). No patient data is read: the summaries
-hold none, and the sites are calling AE titles.
+hold none, and the sites are calling AE titles (of the sender of the generation a job
+analysed: a study another AE sent again counts as that AE's).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from acwi_node.ledger.models import (
     Study,
     job_model_name,
     job_model_version,
+    job_sender,
     utcnow,
 )
 from acwi_node.monitoring.cache import Refreshed
@@ -563,7 +565,9 @@ class ModelMonitor:
         query = (
             select(Job.id, job_model_name(), job_model_version(), Job.started_at)
             .add_columns(*_sample_fields(self.ledger.engine.dialect.name))
-            .add_columns(Study.calling_ae)
+            # the site: who sent the generation the job analysed (a study another AE sent
+            # again is that AE's)
+            .add_columns(job_sender())
             .join(Study, Job.study_id == Study.id)
             .where(*wanted)
             .order_by(Job.started_at, Job.id)

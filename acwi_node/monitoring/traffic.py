@@ -8,8 +8,10 @@ node; results just stop reaching the radiologists.
 
 :class:`TrafficMonitor` counts the studies of the last ``monitoring.traffic_hours`` hours
 (each horizon apart): all of them, from each source (the calling AE that sent the study's
-first instance), for each configured route (the studies it got a job for) and for each path
-(a source's studies for a route: one modality's that no longer match), and compares
+first instance: a study another AE sends again is no new arrival), for each configured route
+(the studies it got a job for) and for each path (a source's studies for a route: one
+modality's that no longer match; the source is the one the route matched, the sender of the
+generation the job is of: a study the PACS sent again is the PACS's), and compares
 each count with the same hours of the same weekday in the ``traffic_weeks`` weeks before
 (:func:`acwi_node.monitoring.drift.drop_status`): a working day's morning is compared with
 the mornings of that weekday, a night with the nights; the hours on the wall clocks of
@@ -33,7 +35,7 @@ from sqlalchemy import func, select
 
 from acwi_node.config import MonitoringSettings, Settings
 from acwi_node.ledger import Ledger
-from acwi_node.ledger.models import Job, Study, utcnow
+from acwi_node.ledger.models import Job, Study, job_sender, utcnow
 from acwi_node.monitoring.drift import Status, drop_status
 
 FlowKind = Literal["node", "source", "route", "path"]
@@ -149,8 +151,11 @@ class TrafficMonitor:
         self.routes = None if routes is None else set(routes)
 
     def _counts(self, start: dt.datetime, end: dt.datetime) -> Counter[tuple[FlowKind, str]]:
-        """The studies first received from ``start`` to ``end``: in all, per source; and
-        those given a job in that time per route and per path (a source's for a route)."""
+        """The studies first received from ``start`` to ``end``: in all, per source (the
+        study's first sender: its arrival); and those given a job in that time per route and
+        per path (a source's for a route: the sender of the generation the job is of, whose
+        studies the route matched)."""
+        sender = job_sender()
         with self.ledger.session() as s:
             sources = s.execute(
                 select(Study.calling_ae, func.count())
@@ -158,18 +163,26 @@ class TrafficMonitor:
                 .group_by(Study.calling_ae)
             ).all()
             routed = s.execute(
-                select(Study.calling_ae, Job.route, func.count(func.distinct(Job.study_id)))
+                select(sender, Job.route, func.count(func.distinct(Job.study_id)))
                 .join(Study, Job.study_id == Study.id)
                 .where(Job.created_at >= start, Job.created_at < end)
-                .group_by(Study.calling_ae, Job.route)
+                .group_by(sender, Job.route)
+            ).all()
+            # a study two senders' generations each got a job for is one of the route's
+            routes = s.execute(
+                select(Job.route, func.count(func.distinct(Job.study_id)))
+                .where(Job.created_at >= start, Job.created_at < end)
+                .group_by(Job.route)
             ).all()
         counts: Counter[tuple[FlowKind, str]] = Counter()
         for ae, n in sources:
             counts["node", ALL] += int(n)
             counts["source", str(ae or "-")] += int(n)
-        for ae, route, n in routed:
+        for route, n in routes:
             if self._configured(str(route)):
                 counts["route", str(route)] += int(n)
+        for ae, route, n in routed:
+            if self._configured(str(route)):
                 counts["path", path_name(str(ae or "-"), str(route))] += int(n)
         return counts
 

@@ -82,14 +82,18 @@ def _model(summary: dict[str, Any]) -> dict[str, str]:
     return {"name": str(model.get("name", "")), "version": str(model.get("version", ""))}
 
 
-def _common(settings: Settings, event: str, study: Study) -> dict[str, Any]:
+def _common(settings: Settings, event: str, study: Study, generation: int) -> dict[str, Any]:
+    """What every study's event says; ``calling_ae`` is who sent the generation it is about
+    (a study another AE sent again is that AE's), ``first_calling_ae`` the study's first
+    sender."""
     return {
         "event": event,
         "node": settings.node.ae_title,
         "sender": f"ACWI Node {__version__}",
         "study_uid": study.study_uid,
         "modality": study.modality,
-        "calling_ae": study.calling_ae,
+        "calling_ae": study.sender_of(generation),
+        "first_calling_ae": study.calling_ae,
     }
 
 
@@ -99,12 +103,13 @@ def review_payload(settings: Settings, item: ReviewItem, study: Study, job: Job)
     label = str(summary.get("predicted_label") or "")
     url = _link(settings, f"/review/cases/{item.id}")
     urgency = "A STAT case" if item.priority > 0 else "A case"
+    sender = study.sender_of(job.generation)
     text = (
         f"ACWI Node: {urgency} needs review: {study.modality or 'study'} from"
-        f" {study.calling_ae or 'an unnamed sender'}, the model says {label or '-'} ({item.reason})"
+        f" {sender or 'an unnamed sender'}, the model says {label or '-'} ({item.reason})"
     )
     return {
-        **_common(settings, "review", study),
+        **_common(settings, "review", study, job.generation),
         "text": text + (f": {url}" if url else ""),
         "case_id": item.id,
         "case_url": url,
@@ -123,12 +128,13 @@ def finding_payload(
 ) -> dict[str, Any]:
     """A study analysed with a finding the target watches for."""
     summary = job.summary or {}
+    sender = study.sender_of(job.generation)
     text = (
         f"ACWI Node: {label} ({probability:.2f}) in a {study.modality or 'study'} from"
-        f" {study.calling_ae or 'an unnamed sender'}, an AI result: the PACS has it"
+        f" {sender or 'an unnamed sender'}, an AI result: the PACS has it"
     )
     return {
-        **_common(settings, "finding", study),
+        **_common(settings, "finding", study, job.generation),
         "text": text,
         "label": label,
         "probability": probability,
@@ -172,12 +178,13 @@ def failed_payload(settings: Settings, study: Study) -> dict[str, Any]:
     """A study failed: no result reaches the PACS until someone acts."""
     url = _link(settings, "/review/dashboard")
     reason = public_reason(study)
+    sender = study.generation_sender()
     text = (
-        f"ACWI Node: a {study.modality or 'study'} from {study.calling_ae or 'an unnamed sender'}"
+        f"ACWI Node: a {study.modality or 'study'} from {sender or 'an unnamed sender'}"
         f" failed: {reason or 'no reason recorded'}"
     )
     return {
-        **_common(settings, "failed", study),
+        **_common(settings, "failed", study, study.generation),
         "text": text + (f" ({url})" if url else ""),
         "reason": reason,
         "generation": study.generation,

@@ -13,8 +13,9 @@
 model read (a frame of a multi-frame image is one, with its ``frame_number``; empty for a
 single-frame image; the file is copied once), the label the radiologist stood by (confirm:
 the model's label; override: the corrected one; an amended verdict's, the amendment's);
-``site`` numbers the calling AE titles in sorted order; ``patient`` is the patient's
-pseudonym, the same in every export made with the node's key, so that a training split can
+``site`` numbers the calling AE titles in sorted order (``calling_ae``: who sent the
+generation the model read, a study another AE sent again that AE's); ``patient`` is the
+patient's pseudonym, the same in every export made with the node's key, so that a training split can
 keep each patient's images on one side; ``box`` holds the lesion boxes the radiologist
 marked on that image with the verdict, each ``x0 y0 x1 y1`` in its pixels, several separated
 by ``; `` (empty when none), which training turns into a lesion mask for the heatmap;

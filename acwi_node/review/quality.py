@@ -71,7 +71,7 @@ class FinalVerdict:
     kind: str  # FLAGGED or SAMPLE
     model_label: str
     label: str  # the radiologist's
-    site: str = ""  # the study's calling AE title
+    site: str = ""  # who sent the generation judged (its calling AE title)
 
     @property
     def agrees(self) -> bool:

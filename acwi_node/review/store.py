@@ -51,6 +51,7 @@ from acwi_node.ledger.models import (
     WebSession,
     job_model_name,
     job_model_version,
+    job_sender,
     utcnow,
 )
 from acwi_node.ledger.repository import (
@@ -504,7 +505,8 @@ class ReviewStore:
                         "escalated": it.id in escalated,
                         "state": st.state.value,
                         "modality": st.modality,
-                        "calling_ae": st.calling_ae,
+                        # the site: who sent the generation the model read
+                        "calling_ae": st.sender_of(job.generation),
                         "received_at": _iso(st.first_received_at),
                         "created_at": _iso(it.created_at),
                         "_received": st.first_received_at,
@@ -597,7 +599,7 @@ class ReviewStore:
                         "job_id": job.id,
                         "kind": SAMPLE if it.sampled else FLAGGED,
                         "modality": st.modality,
-                        "calling_ae": st.calling_ae,
+                        "calling_ae": st.sender_of(job.generation),
                         "model": job.model,
                         "model_version": (summary.get("model") or {}).get("version", ""),
                         "predicted_label": summary.get("predicted_label"),
@@ -666,7 +668,9 @@ class ReviewStore:
                 "study_uid": st.study_uid,
                 "study_state": st.state.value,
                 "modality": st.modality,
-                "calling_ae": st.calling_ae,
+                # who sent the generation the model read, and the study's first sender
+                "calling_ae": st.sender_of(job.generation),
+                "first_calling_ae": st.calling_ae,
                 "body_part": st.body_part,
                 "instances": st.instance_count,
                 "received_at": _iso(st.first_received_at),
@@ -1015,7 +1019,10 @@ class ReviewStore:
         self, *, days: int = 14, now: dt.datetime | None = None, timezone: str = "UTC"
     ) -> dict[str, Any]:
         """Per calling AE (site) and day: received, analysed, delivered, review rate, mean
-        uncertainty and out-of-distribution rate; plus the current queue depth. A day is the
+        uncertainty and out-of-distribution rate; plus the current queue depth. The studies
+        received (and of them delivered) count under their first sender, on the day they
+        first came; the analyses under the sender of the generation analysed (a study another
+        AE sent again is that AE's, as routing took it). A day is the
         hospital's (``timezone``, ``monitoring.timezone``: midnight to midnight on its clock,
         23 or 25 hours on the days its clocks change), from the start of the day ``days``
         days before today's."""
@@ -1056,7 +1063,7 @@ class ReviewStore:
             # and two weeks of them decoded whole held the page for seconds
             fields = SummaryFields(_DASHBOARD_FIELDS, self.ledger.engine.dialect.name)
             jobs = s.execute(
-                select(Job.started_at, Study.calling_ae, *fields.columns)
+                select(Job.started_at, job_sender(), *fields.columns)
                 .join(Study, Job.study_id == Study.id)
                 .where(Job.started_at >= since, Job.state != JobState.SUPERSEDED)
             ).all()
@@ -1125,7 +1132,7 @@ class ReviewStore:
                     ReviewItem.sampled,
                     Verdict.model_label,
                     Verdict.label,
-                    Study.calling_ae,
+                    job_sender(),
                 )
                 .join(ReviewItem, Verdict.review_item_id == ReviewItem.id)
                 .join(Job, Verdict.job_id == Job.id)
@@ -1268,7 +1275,7 @@ class ReviewStore:
             return [
                 {
                     "study_uid": st.study_uid,
-                    "calling_ae": st.calling_ae,
+                    "calling_ae": st.generation_sender(),
                     "modality": st.modality,
                     "reason": st.reason,
                     "updated_at": _iso(st.updated_at),
@@ -1292,7 +1299,7 @@ class ReviewStore:
                     Verdict.action,
                     Verdict.boxes,
                     Study.study_uid,
-                    Study.calling_ae,
+                    job_sender().label("calling_ae"),
                     Job.id.label("job_id"),
                     Job.summary,
                     ReviewItem.sampled,

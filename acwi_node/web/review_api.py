@@ -100,7 +100,9 @@ def case_json(case: dict[str, Any]) -> dict[str, Any]:
         "closed_at": case["closed_at"],
         "study_uid": case["study_uid"],
         "modality": case["modality"],
+        # who sent the generation the model read, and the study's first sender
         "calling_ae": case["calling_ae"],
+        "first_calling_ae": case["first_calling_ae"],
         "body_part": case["body_part"],
         "instances": case["instances"],
         "images_deleted_at": case["images_deleted_at"],

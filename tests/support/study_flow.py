@@ -69,10 +69,13 @@ def spool_and_record(
     )
 
 
-def receive(settings: Settings, ledger: Ledger, study: str, sop: str, size: int = 1000) -> None:
-    """An instance as the SCP leaves it: its spool file, then its ledger row."""
+def receive(
+    settings: Settings, ledger: Ledger, study: str, sop: str, size: int = 1000, *, ae: str = "MOD"
+) -> None:
+    """An instance as the SCP leaves it, from ``ae``: its spool file, then its ledger row (an
+    instance recorded before re-opens its completed study: its bytes are not known)."""
     Spool(settings.spool_dir, fsync=False).store(study, sop, b"\0" * size)
-    ledger.record_instance(dx_record(study, sop, size=size), first_in_association=False)
+    ledger.record_instance(dx_record(study, sop, ae=ae, size=size), first_in_association=False)
 
 
 def study_row(ledger: Ledger, uid: str) -> Study | None:

@@ -7,6 +7,11 @@ processes may run this loop at once without routing a study twice. Instances arr
 completion re-open the study (a new generation); its new job supersedes the old one.
 Stronger signals (:mod:`acwi_node.ingest.mpps`: MPPS COMPLETED, a release-complete sender's
 A-RELEASE) complete a study earlier.
+
+Every :data:`~acwi_node.ingest.holders.SWEEP_EVERY_S`, and before it completes any study, the
+loop replays the ingest journals of SCP processes that are gone (:mod:`.orphans`), then
+releases their associations: a killed SCP process that nothing starts again leaves no study
+to complete without the instances it acknowledged.
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ from celery import Celery
 
 from acwi_node.config import Settings
 from acwi_node.ingest.holders import SWEEP_EVERY_S, release_gone_holders
+from acwi_node.ingest.journal import JOURNAL_DIR
 from acwi_node.ingest.mpps import CompletionSignals
+from acwi_node.ingest.orphans import OrphanedJournals
+from acwi_node.ingest.spool import Spool
 from acwi_node.ledger import Ledger, RoutedJob, StudyFacts
 from acwi_node.ledger.models import utcnow
 from acwi_node.observability.logging import LoopFailures
@@ -57,6 +65,10 @@ class CompletionService:
         self._thread: threading.Thread | None = None
         self._last_reconcile = 0.0
         self._last_holders_sweep = 0.0
+        #: Replays the journals of stopped SCP processes (made on first use).
+        self._orphans: OrphanedJournals | None = None
+        #: ``time.monotonic()`` of the last replay of them that failed (-inf: none).
+        self._journals_failed_at = float("-inf")
         #: ``time.monotonic()`` of the last finished pass (readiness: the loop is alive).
         self.last_pass: float | None = None
         #: (wall clock, monotonic clock) at the start of the last pass: a step between them.
@@ -120,19 +132,15 @@ class CompletionService:
         cfg = self.settings.completion
         self._follow_clock_step()
         new_jobs: list[int] = []
-        # What completes each study: the first signal found, the strongest first. A quiet
-        # period read while an association stays open is recorded as max_wait by the ledger.
-        due: dict[tuple[int, int], str] = {}
-        if self.signals is not None:
-            for study_id, generation, kind in self.signals.due_by():
-                due.setdefault((study_id, generation), kind)
-        # An HL7 order announced this study: complete once it arrived, without the quiet period.
-        for key in self.ledger.expected_studies_due():
-            due.setdefault(key, "hl7_order")
-        for key in self.ledger.studies_due(
-            quiet_period_s=cfg.quiet_period_s, max_wait_s=cfg.max_wait_s
-        ):
-            due.setdefault(key, "quiet_period")
+        now = time.monotonic()
+        sweep = now - self._last_holders_sweep >= SWEEP_EVERY_S
+        if sweep:
+            self._replay_stopped_journals()
+        due = self._due()
+        # Before a study completes, what a killed SCP process acknowledged for it and had not
+        # recorded yet is in the ledger: its journal is replayed first, then looked at again.
+        if due and not sweep and self._replay_stopped_journals():
+            due = self._due()
         for (study_id, generation), by in due.items():
             job_ids = self.ledger.complete_study(
                 study_id, generation, self.decide, self.explain, by=by
@@ -142,8 +150,7 @@ class CompletionService:
                 log.info("study_id=%d complete: %d job(s) queued", study_id, len(job_ids))
                 enqueue(self.celery, self.ledger, job_ids)
                 new_jobs.extend(job_ids)
-        now = time.monotonic()
-        if now - self._last_holders_sweep >= SWEEP_EVERY_S:
+        if sweep:
             # Requests a killed web or retrieval process left open: released (their studies'
             # quiet period starts then), before the next pass looks for studies due.
             self._last_holders_sweep = now
@@ -159,6 +166,52 @@ class CompletionService:
                 lease_s=self.settings.worker.lease_s,
             )
         return new_jobs
+
+    def _due(self) -> dict[tuple[int, int], str]:
+        """The studies complete now, each with what completes it: the first signal found, the
+        strongest first. A quiet period read while an association stays open is recorded as
+        max_wait by the ledger."""
+        cfg = self.settings.completion
+        due: dict[tuple[int, int], str] = {}
+        if self.signals is not None:
+            for study_id, generation, kind in self.signals.due_by():
+                due.setdefault((study_id, generation), kind)
+        # An HL7 order announced this study: complete once it arrived, without the quiet period.
+        for key in self.ledger.expected_studies_due():
+            due.setdefault(key, "hl7_order")
+        for key in self.ledger.studies_due(
+            quiet_period_s=cfg.quiet_period_s, max_wait_s=cfg.max_wait_s
+        ):
+            due.setdefault(key, "quiet_period")
+        return due
+
+    def _replay_stopped_journals(self) -> bool:
+        """Replay the ingest journals of SCP processes that are gone and not started again
+        (:mod:`acwi_node.ingest.orphans`): their acknowledged instances are recorded, then
+        their associations released. Whether one was; after a replay that failed, tried again
+        only at the next sweep (:data:`SWEEP_EVERY_S`)."""
+        if not self.settings.ingest.journal:
+            return False  # as at start-up: an SCP without a journal replays none
+        now = time.monotonic()
+        if now - self._journals_failed_at < SWEEP_EVERY_S:
+            return False
+        root = self.settings.spool_dir / JOURNAL_DIR
+        if not root.is_dir():
+            return False
+        if self._orphans is None:
+            self._orphans = OrphanedJournals(
+                Spool(self.settings.spool_dir, fsync=self.settings.ingest.fsync),
+                self.ledger,
+                fsync=self.settings.ingest.fsync,
+            )
+        report = self._orphans.replay_stopped()
+        if report.failed:
+            self._journals_failed_at = now
+            return False
+        if report.journals:
+            self.poke()
+            return True
+        return False
 
     def poke(self) -> None:
         """Something happened (an association ended): look again soon."""

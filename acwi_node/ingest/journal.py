@@ -36,7 +36,14 @@ node's time. The journal needs one, shared by every association of the process:
    directory whose lock nobody holds): every record's spool file is written again and its
    ledger row added where it is missing. What a crash took from the page cache comes back.
    What the ledger settled after a record was written (a journal restored from a backup: its
-   study purged since, the instance sent again since) is left out.
+   study purged since, the instance sent again since) is left out. The completion loop of a
+   running ``scp`` process replays them too (:mod:`.orphans`), every few seconds and before
+   it completes a study: a process killed and not started again (a listener that keeps
+   failing, another host) would otherwise leave the instances it acknowledged out of the
+   ledger while its studies complete, by ``completion.max_wait_s`` or by another process's
+   association. A journal is replayed by whoever takes its lock, and its owner's associations
+   are released only once its records are in the ledger; replayers take turns (the lock of
+   ``.journal.replay`` beside the folder), so one that finds another at work waits for it.
 
 This is the write-ahead rule databases follow: the journal is flushed before the ledger row
 exists, so no durable ledger row can point at a spool file that a power loss took away.
@@ -118,6 +125,8 @@ _META_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 #: The folder of the spool holding the journals (one folder per SCP process).
 JOURNAL_DIR = ".journal"
+#: Beside that folder, the file whose lock one process replaying orphaned journals holds.
+REPLAY_LOCK_SUFFIX = ".replay"
 
 #: A segment this large gets a successor (the checkpoint retires whole segments).
 SEGMENT_BYTES = 64 << 20
@@ -970,17 +979,49 @@ def replay_orphans(
     says whether the row was missing (True) or there (False); None: the record cannot be
     replayed (a spooled record whose file a crash took or cut, so never acknowledged).
     ``flush`` makes the spool and the ledger durable. If the replay fails the journals stay for
-    the next start. ``superseded`` says whether the ledger settled an instance after its last
-    record was written (a journal restored from a backup: recorded since, its study purged
-    since): such a file is left out, its records not replayed, and counted in one log line.
+    the next try (a start, the completion loop's next sweep). ``superseded`` says whether the
+    ledger settled an instance after its last record was written (a journal restored from a
+    backup: recorded since, its study purged since): such a file is left out, its records not
+    replayed, and counted in one log line.
     ``release`` is called with the name of each journal replayed (its owner's name), once its
     records are, before the journal is removed: the associations its owner left open are
     released there (``Ledger.release_holder``). If it fails the journals stay for the next
-    start too.
+    try too. One replayer runs at a time (the lock of ``<root>.replay``): one that finds
+    another at work waits for it, and returns once what that one took is replayed.
     """
     report = ReplayReport()
     if not root.is_dir():
         return report
+    # One replayer at a time (an SCP process starting, a completion loop's sweep): the records
+    # of all the journals found are replayed in one order, never split between two replayers.
+    # A replayer that finds another at work waits for it, then finds its journals gone.
+    try:
+        serial_fd = os.open(
+            root.with_name(root.name + REPLAY_LOCK_SUFFIX),
+            os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC,
+            0o640,
+        )
+    except OSError as exc:
+        log.error("ingest journal: cannot take the replay lock (%s); not replayed now", exc)
+        report.failed.append(str(exc))
+        return report
+    try:
+        fcntl.flock(serial_fd, fcntl.LOCK_EX)
+        return _replay_locked(root, report, replay, flush, fsync, superseded, release)
+    finally:
+        os.close(serial_fd)
+
+
+def _replay_locked(
+    root: Path,
+    report: ReplayReport,
+    replay: Callable[[JournalRecord], bool | None],
+    flush: Callable[[], None],
+    fsync: bool,
+    superseded: Callable[[JournalRecord], bool] | None,
+    release: Callable[[str], object] | None,
+) -> ReplayReport:
+    """:func:`replay_orphans`, under the lock that lets one replayer run at a time."""
     locked: list[tuple[Path, int]] = []
     try:
         for directory in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -1043,7 +1084,7 @@ def replay_orphans(
                 for directory in readable:
                     release(directory.name)
         except Exception as exc:
-            log.exception("ingest journal: replay failed; the journals are kept for the next start")
+            log.exception("ingest journal: replay failed; the journals are kept for the next try")
             report.failed.append(str(exc))
             return report
         for directory in readable:

@@ -62,16 +62,14 @@ from acwi_node.ingest.header import HeaderError, body_part, dataset_header, desc
 from acwi_node.ingest.holders import HOLDERS_DIR, HolderName
 from acwi_node.ingest.journal import (
     JOURNAL_DIR,
-    SPOOLED_CRC,
     IngestJournal,
     JournalError,
     JournalRecord,
     Ticket,
-    replay_orphans,
-    sync_filesystem,
 )
 from acwi_node.ingest.mpps import MPPS_SOP_CLASS, CompletionSignals, MppsSCP
 from acwi_node.ingest.negotiation import install as remember_negotiations
+from acwi_node.ingest.orphans import OrphanedJournals
 from acwi_node.ingest.own_results import is_own_result
 from acwi_node.ingest.part10 import file_meta_prefix
 from acwi_node.ingest.reactor import (
@@ -465,6 +463,9 @@ class StorageSCP:
         #: its own, else the one it found, None: none). Another file there at the checkpoint
         #: is a later version's (see :meth:`_record_acknowledged`).
         self._unrecorded_files: dict[int, tuple[str, tuple[int, int] | None]] = {}
+        #: Replays journals: those of stopped processes at start, and this one's records that
+        #: its checkpoint writes again.
+        self._orphans = OrphanedJournals(spool, ledger, fsync=settings.ingest.fsync)
         #: Held from the first association accepted to the end of the last one.
         self.cpu_latency = CpuLatencyRequest(settings.ingest.cpu_wakeup_latency_us)
 
@@ -510,46 +511,10 @@ class StorageSCP:
             no_delay(sock)
 
     # ----------------------------------------------------------------- journal
-    def _flush_spool_and_ledger(self) -> None:
-        sync_filesystem(self.spool.root)
-        self.ledger.flush()
-
     def _replay(self, record: JournalRecord) -> bool | None:
-        """Write a journaled instance's spool file again (or, for a spooled record, check that
-        the file is the one recorded); add its ledger row if missing. See
-        :func:`~acwi_node.ingest.journal.replay_orphans`."""
-        meta = {k: v for k, v in record.meta.items() if k != SPOOLED_CRC}
-        rec = InstanceRecord(**meta)
-        if record.spooled:
-            try:
-                data = self.spool.path_for(rec.study_uid, rec.sop_instance_uid).read_bytes()
-            except FileNotFoundError:
-                return None
-            if not record.matches(data):
-                return None
-        else:
-            self.spool.store(rec.study_uid, rec.sop_instance_uid, record.payload, sync=False)
-        recorded = (rec.path, rec.size, rec.transfer_syntax_uid)
-        if self.ledger.instance_file(rec.sop_instance_uid) == recorded:
-            return False  # the row survived (an older version's row is brought up to date)
-        row = self.ledger.record_instance(rec, first_in_association=False, flushed=False)
-        if row.moved_from:
-            self.spool.remove_moved(row.moved_from)
-        return True
-
-    def _superseded(self, record: JournalRecord) -> bool:
-        """Whether the ledger settled ``record``'s instance after the record was written (a
-        journal restored from a backup): replaying it would bring back an instance retention
-        purged, re-opening its study, or an older version of one. See
-        :meth:`Ledger.journaled_since_settled`."""
-        meta = record.meta
-        written = dt.datetime.fromtimestamp(record.time_ns / 1e9, dt.timezone.utc)
-        return self.ledger.journaled_since_settled(
-            str(meta["study_uid"]),
-            str(meta["sop_instance_uid"]),
-            (str(meta["path"]), int(meta["size"]), str(meta["transfer_syntax_uid"])),
-            written.replace(tzinfo=None),
-        )
+        """Write a journaled instance's spool file again and its ledger row if missing (see
+        :meth:`~acwi_node.ingest.orphans.OrphanedJournals.replay`)."""
+        return self._orphans.replay(record)
 
     def _unrecorded(
         self, journal: IngestJournal, ticket: Ticket, path: str, left: tuple[int, int] | None
@@ -610,14 +575,7 @@ class StorageSCP:
         if not cfg.journal or self.journal is not None:
             return
         root = self.spool.root / JOURNAL_DIR
-        replay_orphans(
-            root,
-            self._replay,
-            self._flush_spool_and_ledger,
-            fsync=cfg.fsync,
-            superseded=self._superseded,
-            release=self._release_holder,
-        )
+        self._orphans.replay_stopped()
         self._unrecorded_files.clear()  # numbered by the journal, which starts here
         journal = IngestJournal(
             root,
@@ -632,18 +590,6 @@ class StorageSCP:
         journal.open()
         self.journal = journal
         self._holder = journal.directory.name
-
-    def _release_holder(self, holder: str) -> None:
-        """The associations a process that is gone left open (its journal ``holder`` is
-        replayed) end, as aborted: their studies complete by their usual signals."""
-        released = self.ledger.release_holder(holder)
-        if released:
-            log.warning(
-                "released the associations a stopped SCP process (%s) left open on %d"
-                " study(ies); their quiet period starts now",
-                holder,
-                len(released),
-            )
 
     def start(self, *, block: bool = False, listen_socket: socket.socket | None = None) -> None:
         """Listen on the configured host and port (DICOM TLS there when ``[ingest.tls]``).

@@ -709,6 +709,47 @@ def test_the_journal_of_a_crashed_process_is_replayed_and_removed(
     live.close()
 
 
+def test_a_replayer_finding_another_at_work_waits_until_it_has_replayed(
+    tmp_path: Path,
+) -> None:
+    """An SCP process starting and the completion loop's sweep may look at once. The one that
+    comes second returns only once the first has replayed what it took: the completion loop
+    then completes no study before the instances a killed process acknowledged for it are
+    recorded (it used to find the journal locked, pass it by, and go on)."""
+    directory = crashed_journal(tmp_path)
+    started, go_on = threading.Event(), threading.Event()
+    replayed: list[str] = []
+
+    def slow(record: JournalRecord) -> bool:
+        started.set()
+        assert go_on.wait(30)
+        replayed.append(record.meta["uid"])
+        return True
+
+    first = threading.Thread(
+        target=replay_orphans, args=(tmp_path / ".journal", slow, lambda: None)
+    )
+    first.start()
+    assert started.wait(30)
+    second: list[tuple[int, list[str]]] = []
+    late = threading.Thread(
+        target=lambda: second.append(
+            (
+                replay_orphans(tmp_path / ".journal", lambda r: True, lambda: None).journals,
+                list(replayed),
+            )
+        )
+    )
+    late.start()
+    time.sleep(0.3)
+    assert late.is_alive()  # waits for the first
+    go_on.set()
+    first.join(30)
+    late.join(30)
+    assert second == [(0, [f"1.2.{i}" for i in range(5)])]  # nothing left, all replayed
+    assert not directory.exists()
+
+
 def test_records_the_ledger_settled_since_are_left_out_with_one_line(
     tmp_path: Path, flushes: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:

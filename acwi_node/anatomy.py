@@ -5,8 +5,10 @@ anatomy only as a code, in the Frame Anatomy functional group (Frame Anatomy Seq
 Anatomic Region Sequence), not in Body Part Examined (0018,0015). Routing matches such an
 image by the Body Part Examined term of that code (:func:`image_body_parts`), and the result
 objects name it (:mod:`acwi_node.results.headers`): the one table, :data:`BODY_PART_BY_CODE`,
-serves both. The C-STORE handler reads the same codes without pydicom
-(:mod:`acwi_node.ingest.header`), with the same outcome.
+serves both. It is PS3.16 Annex L's (:mod:`acwi_node.body_part_terms`): every region it gives
+a term, of one word or several (Chest, Abdomen and Pelvis: CHESTABDPELVIS; Head and Neck:
+HEADNECK; Lumbar spine: LSPINE), built once, at import. The C-STORE handler
+reads the same codes without pydicom (:mod:`acwi_node.ingest.header`), with the same outcome.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from __future__ import annotations
 from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr._snomed_dict import mapping as _snomed_mapping
-from pydicom.sr.codedict import codes
 
+from acwi_node.body_part_terms import FORMER_REGIONS, REGIONS, SCHEME
 from acwi_node.dicom_classes import is_single_frame_class, reads_nothing
 
 __all__ = [
@@ -35,33 +37,23 @@ BODY_PART_MAX = 64
 #: image whose shared functional group names none): the first frames of a larger image only.
 FRAME_ANATOMY_ITEMS_MAX = 10_000
 
-#: Codes CID 4031 used before it took its present ones (the SNOMED CT codes of SNOMED RT's
-#: T-D3000, T-D4000 and T-D6000): images written before that still carry them.
-_LEGACY_SCT = {"51185008": "CHEST", "113345001": "ABDOMEN", "12921003": "PELVIS"}
-
 
 def _body_parts_by_code() -> dict[tuple[str, str], str]:
-    """PS3.16 CID 4031 (Common Anatomic Regions) codes whose meaning is one word: that word,
-    upper case, is the region's Body Part Examined defined term (Chest: CHEST, Knee: KNEE;
-    PS3.16 Annex L). Regions of several words (Abdomen and Pelvis: ABDOMENPELVIS) are left
-    out rather than guessed, and so are the six one-word regions that are not defined terms
-    (dciodvfy's verdict, as for the results' UNPAIRED_BODY_PARTS). The former codes of
-    Chest, Abdomen and Pelvis (Thorax 51185008: CHEST), and the SNOMED RT codes (scheme SRT)
-    of these regions (T-D3000: CHEST), name them too."""
-    not_terms = {"ANUS", "FIBULA", "FOREARM", "MANDIBLE", "PHANTOM", "SACRUM"}
-    cid = codes.cid4031
+    """PS3.16 Annex L's Body Part Examined term of each anatomic region code
+    (:data:`~acwi_node.body_part_terms.REGIONS`: Chest: CHEST, Chest, Abdomen and Pelvis:
+    CHESTABDPELVIS, Lumbar spine: LSPINE, Sacrum: SSPINE), of the codes those regions had
+    before (:data:`~acwi_node.body_part_terms.FORMER_REGIONS`: Thorax 51185008: CHEST), and
+    of the SNOMED RT codes (scheme SRT) of both (T-D3000: CHEST). A region Annex L gives no
+    term (Anus, Facial bones) is not in it."""
     table: dict[tuple[str, str], str] = {}
-    for name in cid.dir():
-        code = getattr(cid, name)
-        meaning = str(code.meaning)
-        if meaning.isalpha() and meaning.upper() not in not_terms:
-            table[(str(code.scheme_designator), str(code.value))] = meaning.upper()
-    for value, term in _LEGACY_SCT.items():
-        table[("SCT", value)] = term
+    for value, _meaning, term in REGIONS:
+        table[(SCHEME, value)] = term
+    for value, term, _why in FORMER_REGIONS:
+        table.setdefault((SCHEME, value), term)
     for srt, sct in _snomed_mapping["SRT"].items():
-        known = table.get(("SCT", sct))
+        known = table.get((SCHEME, sct))
         if known:
-            table[("SRT", srt)] = known
+            table.setdefault(("SRT", srt), known)
     return table
 
 

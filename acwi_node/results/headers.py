@@ -415,8 +415,8 @@ UNPAIRED_BODY_PARTS = frozenset((
 
 
 def _region_term(region: Dataset | None) -> str:
-    """The Body Part Examined term of an Anatomic Region code, where PS3.16 CID 4031 names it
-    with one word (:func:`~acwi_node.anatomy.region_body_part`); "" otherwise."""
+    """The Body Part Examined term of an Anatomic Region code, where PS3.16 Annex L gives it
+    one (:func:`~acwi_node.anatomy.region_body_part`); "" otherwise."""
     if not isinstance(region, Dataset):
         return ""
     return region_body_part(
@@ -507,10 +507,11 @@ def frame_anatomic_region(source: Dataset, frame_number: int) -> Dataset | None:
 
 def frame_body_part(source: Dataset, frame_number: int | None = None) -> str:
     """The Body Part Examined term of an enhanced image's Frame Anatomy region (Anatomic
-    Region Sequence), where PS3.16 CID 4031 names it with that word: frame ``frame_number``'s
-    (its own group, else the shared one); for the whole image (None), the one every frame
-    has. "" otherwise, and for the whole image when its frames' differ (a frame of the pelvis
-    is never said to be of the chest because the first frame is)."""
+    Region Sequence), where PS3.16 Annex L gives its code one (Chest, Abdomen and Pelvis:
+    CHESTABDPELVIS): frame ``frame_number``'s (its own group, else the shared one); for the
+    whole image (None), the one every frame has. "" otherwise, and for the whole image when
+    its frames' differ (a frame of the pelvis is never said to be of the chest because the
+    first frame is)."""
     if frame_number is not None:
         return _region_term(frame_anatomic_region(source, frame_number))
     return _image_anatomy(source)[1]

@@ -1158,22 +1158,32 @@ def test_two_versions_sent_at_the_same_moment_leave_the_row_of_the_file_kept(
         assert crc == b_row.crc32
 
 
+@pytest.mark.parametrize(
+    ("code", "term"),
+    [
+        (("816094009", "Chest"), "CHEST"),
+        (("416775004", "Chest, Abdomen and Pelvis"), "CHESTABDPELVIS"),
+    ],
+    ids=["chest", "chest-abdomen-pelvis"],
+)
 @pytest.mark.parametrize("per_frame", [False, True], ids=["shared group", "per-frame groups"])
 def test_an_enhanced_image_is_routed_by_the_body_part_of_its_frame_anatomy(
-    node: tuple[Settings, Ledger, StorageSCP], tmp_path: Path, per_frame: bool
+    node: tuple[Settings, Ledger, StorageSCP],
+    tmp_path: Path,
+    per_frame: bool,
+    code: tuple[str, str],
+    term: str,
 ) -> None:
-    """An enhanced CT without Body Part Examined, its region (Chest, SNOMED CT 816094009) in
-    its Frame Anatomy functional groups only: a ``body_part = ["CHEST"]`` route takes it."""
+    """An enhanced CT without Body Part Examined, its region (Chest, SNOMED CT 816094009; or
+    Chest, Abdomen and Pelvis 416775004, a region of several words) in its Frame Anatomy
+    functional groups only: a ``body_part = ["CHEST"]`` (``["CHESTABDPELVIS"]``) route takes
+    it (PS3.16 Annex L's term of the code)."""
     settings, ledger, _ = node
     image = dcmread(write_enhanced_ct(tmp_path / "enhanced", slices=3, size=64))
     if "BodyPartExamined" in image:
         del image.BodyPartExamined
     region = Dataset()
-    region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = (
-        "816094009",
-        "SCT",
-        "Chest",
-    )
+    region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = code[0], "SCT", code[1]
     anatomy = Dataset()
     anatomy.FrameLaterality = "U"
     anatomy.AnatomicRegionSequence = [region]
@@ -1182,6 +1192,8 @@ def test_an_enhanced_image_is_routed_by_the_body_part_of_its_frame_anatomy(
         if per_frame
         else [image.SharedFunctionalGroupsSequence[0]]
     )
+    if per_frame:  # the converted image names its anatomy in the shared group: that would win
+        del image.SharedFunctionalGroupsSequence[0].FrameAnatomySequence
     for group in groups:
         group.FrameAnatomySequence = [anatomy]
     ae = AE(ae_title="SENDER")
@@ -1192,7 +1204,7 @@ def test_an_enhanced_image_is_routed_by_the_body_part_of_its_frame_anatomy(
     assoc.release()
     study_id, _generation = due_study(ledger)
     facts = ledger.study_facts(study_id)
-    assert facts.body_parts == {"CHEST"}
-    chest = Route(name="chest", match=RouteMatch(modality=["CT"], body_part=["chest"]))
+    assert facts.body_parts == {term}
+    chest = Route(name="chest", match=RouteMatch(modality=["CT"], body_part=[term.lower()]))
     knee = Route(name="knee", match=RouteMatch(body_part=["KNEE"]))
     assert [job.route for job in decide_routes([knee, chest], facts)] == ["chest"]

@@ -299,6 +299,7 @@ CHEST, ABDOMEN, THORAX_2008 = _code("816094009"), _code("818981001"), _code("511
         ("empty shared frame anatomy: per-frame", "ABDOMEN"),
         ("former SNOMED CT code", "CHEST"),
         ("SNOMED RT code", "CHEST"),
+        ("region of several words", "CHESTABDPELVIS"),
         ("region without a term", ""),
         ("region without a code", ""),
         ("frame anatomy without a region", ""),
@@ -332,8 +333,10 @@ def test_frame_anatomy_names_the_body_part(
         shared = _group(THORAX_2008)
     elif case == "SNOMED RT code":
         shared = _group(_code("T-D3000", "SRT"))
+    elif case == "region of several words":  # Chest, Abdomen and Pelvis (PS3.16 Annex L)
+        shared = _group(_code("416775004"))
     elif case == "region without a term":
-        shared, per_frame = _group(_code("818982008")), [_group(CHEST)]  # Abdomen and Pelvis
+        shared, per_frame = _group(_code("53505006")), [_group(CHEST)]  # Anus: none in Annex L
     elif case == "region without a code":
         missing = Dataset()
         missing.CodeMeaning = "Chest"
@@ -382,7 +385,7 @@ def test_many_regions_are_kept_whole_within_64_characters(tmp_path: Path) -> Non
     by_term = {
         term: value for (scheme, value), term in BODY_PART_BY_CODE.items() if scheme == "SCT"
     }
-    names = sorted(by_term)[:20]
+    names = sorted(by_term, key=lambda term: (len(term), term))[:20]  # short ones: many fit
     frames = [_group(_code(by_term[name])) for name in names]
     part10 = encode(enhanced(tmp_path, per_frame=frames), ExplicitVRLittleEndian)
     check(part10, fast=True)

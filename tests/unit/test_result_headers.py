@@ -367,8 +367,11 @@ def _enhanced_anatomy(code: tuple[str, str, str] | None, side: str, *, shared: b
         (("SCT", "72696002", "Knee"), "L", True, ("KNEE", "L")),
         # both sides: not a value of Laterality, so unknown
         (("SCT", "76752008", "Breast"), "B", True, ("BREAST", "")),
-        # a region of several words is not guessed: no body part, the side still read
-        (("SCT", "818982008", "Abdomen and Pelvis"), "R", True, (None, "R")),
+        # a region of several words: its PS3.16 Annex L term
+        (("SCT", "416775004", "Chest, Abdomen and Pelvis"), "U", True, ("CHESTABDPELVIS", None)),
+        (("SCT", "122496007", "Lumbar spine"), "U", False, ("LSPINE", None)),
+        # a region Annex L gives no term: no body part, the side still read
+        (("SCT", "53505006", "Anus"), "R", True, (None, "R")),
         # no region: the side alone
         (None, "R", True, (None, "R")),
         (None, "U", True, (None, "")),
@@ -590,9 +593,9 @@ def test_each_frame_has_its_own_body_part_and_the_image_the_one_they_share() -> 
     result = Dataset()
     copy_anatomy(source, result)
     assert "BodyPartExamined" not in result and result.Laterality == ""
-    # a region of several words: no term for that frame, and none for the image
+    # a region of several words: its own term (PS3.16 Annex L), and none for the image
     several = _frames_of_regions([pelvis, ("SCT", "818982008", "Abdomen and Pelvis")])
-    assert [frame_body_part(several, n) for n in (1, 2)] == ["PELVIS", ""]
+    assert [frame_body_part(several, n) for n in (1, 2)] == ["PELVIS", "ABDOMENPELVIS"]
     assert frame_body_part(several) == ""
     # frames that agree: that body part, for the image and the series
     agree = _frames_of_regions([abdomen, abdomen, abdomen])

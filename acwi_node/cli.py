@@ -853,7 +853,13 @@ def run_models(settings: Settings, args: argparse.Namespace) -> int:
         from acwi_node.export.withdrawal_commands import run_recall
 
         return run_recall(settings, args)
-    registry = ModelRegistry(settings.models_dir)
+    from acwi_node.ledger import Ledger
+    from acwi_node.ledger.model_versions import ModelVersions
+
+    ledger = Ledger(settings.ledger_url) if args.models_command in ("install", "activate") else None
+    # installing or activating a version the workers know as other weights is refused
+    versions = ModelVersions(ledger) if ledger is not None else None
+    registry = ModelRegistry(settings.models_dir, versions=versions)
     try:
         if args.models_command == "install":
             model = registry.install(args.source, name=args.name, activate=args.activate)
@@ -883,6 +889,9 @@ def run_models(settings: Settings, args: argparse.Namespace) -> int:
     except RegistryError as exc:
         print(f"acwi-node models: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if ledger is not None:
+            ledger.dispose()
     installed = registry.installed()
     if args.json:
         rows = [

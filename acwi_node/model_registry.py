@@ -13,9 +13,12 @@ before the copy the model must run as the worker runs it (:func:`trial_run`). An
 version is never overwritten: installing it again with another manifest (other weights, labels,
 thresholds) is refused, and so is a model whose manifest takes the name and version of another
 (the bundled model's, or one installed under another registry name), since results,
-monitoring and recalls know a model by them. ``acwi-node models activate NAME VERSION``
-writes ``ACTIVE`` atomically. :meth:`acwi_node.config.Settings.model_manifest` prefers the
-active version, so routes using model ``NAME`` run it from the worker's next task on.
+monitoring and recalls know a model by them; given the ledger's record of the weights each
+version stands for (``versions``: ``acwi-node models`` does), so are installing and activating
+a version the workers loaded before with other weights (from a ``[[models]]`` path).
+``acwi-node models activate NAME VERSION`` writes ``ACTIVE`` atomically.
+:meth:`acwi_node.config.Settings.model_manifest` prefers the active version, so routes using
+model ``NAME`` run it from the worker's next task on.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from acwi_node.inference.manifest import ModelManifest
+    from acwi_node.ledger.model_versions import ModelVersions
 
 # The manifest module imports PyTorch (seconds); reading which version is active must not, since
 # the configuration check and ``acwi-node health`` do it. It is imported where manifests are read.
@@ -254,8 +258,12 @@ def _differences(a: ModelManifest, b: ModelManifest) -> list[str]:
 class ModelRegistry:
     """Install, list and activate model versions in one registry folder."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, versions: ModelVersions | None = None) -> None:
         self.root = Path(root)
+        #: The ledger's record of the weights each model version stands for
+        #: (:mod:`acwi_node.ledger.model_versions`): with it, installing or activating a
+        #: version the ledger knows as other weights is refused (the worker would refuse it).
+        self.versions = versions
 
     # ----------------------------------------------------------------- reading
     def active_version(self, name: str) -> str | None:
@@ -356,6 +364,7 @@ class ModelRegistry:
             raise RegistryError(f"refused to install {source}: {exc}") from None
         name = _check_name("name", name or manifest.name)
         version = _check_name("version", manifest.version)
+        self._stands_for_other_weights(manifest, source, "install")
         files = [manifest.weights]
         for record in (manifest.onnx, manifest.full_onnx):
             if record is None:
@@ -410,6 +419,21 @@ class ModelRegistry:
         if activate:
             return self.activate(name, version)
         return self._entry(name, version)
+
+    def _stands_for_other_weights(self, manifest: ModelManifest, source: Path, what: str) -> None:
+        """Refuse (:class:`RegistryError`) to ``what`` a model whose name and version the
+        ledger records as other weights (a ``[[models]]`` path the workers loaded before):
+        the worker would refuse it."""
+        if self.versions is None:
+            return
+        from acwi_node.ledger.model_versions import conflict_message
+
+        recorded = self.versions.recorded(manifest.name, manifest.version)
+        if recorded is not None and recorded.weights_sha256 != manifest.weights_sha256:
+            message = conflict_message(
+                manifest.name, manifest.version, manifest.weights_sha256, str(source), recorded
+            )
+            raise RegistryError(f"refused to {what}: {message}")
 
     def _namesake(self, manifest: ModelManifest, target: Path) -> str | None:
         """Another model going by ``manifest``'s name and version (the bundled model, or one
@@ -483,9 +507,10 @@ class ModelRegistry:
         try:
             # installed: a version an earlier version of the node took that is not fixed is
             # activated, with the warning (installing it again under a fixed one is the fix)
-            load_manifest(folder, existing=True)
+            manifest = load_manifest(folder, existing=True)
         except ManifestError as exc:
             raise RegistryError(f"refused to activate {name} {version}: {exc}") from None
+        self._stands_for_other_weights(manifest, folder / MANIFEST_NAME, "activate")
         tmp = self.root / name / f".{ACTIVE_FILE}.{uuid.uuid4().hex}"
         with tmp.open("w", encoding="utf-8") as fh:
             fh.write(version + "\n")

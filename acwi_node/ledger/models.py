@@ -889,6 +889,7 @@ __all__ = [
     "job_model_version",
     "job_sender",
     "SummaryFields",
+    "ModelVersion",
     "MppsStep",
     "Result",
     "Retrieval",
@@ -923,6 +924,27 @@ class MonitoringBaseline(Base):
     pinned_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
     __table_args__ = (UniqueConstraint("model", "version", name="uq_monitoring_baseline"),)
+
+
+class ModelVersion(Base):
+    """The weights a model's manifest name and version stand for, recorded the first time a
+    worker loaded it (:mod:`acwi_node.ledger.model_versions`): results' UIDs, recalls,
+    monitoring, shadow comparisons and the feedback export know a model by its name and
+    version alone, so a later load of them with other weights is refused."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: The model's manifest name and version, as the results name them.
+    model: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(64))
+    #: The full SHA-256 of the weights file (the manifest's ``weights_sha256``).
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    #: The manifest file they were first loaded from.
+    manifest_path: Mapped[str] = mapped_column(Text, default="")
+    first_loaded_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    __table_args__ = (UniqueConstraint("model", "version", name="uq_model_version"),)
 
 
 class ShadowState(str, enum.Enum):

@@ -362,7 +362,8 @@ class ModelPreload:
     analyse task does (:meth:`Settings.model_manifest`). With ``load`` the analysers are put
     into the task's cache, so the first study does not pay for it; without, each manifest is
     validated and its weights' SHA-256 checked (a prefork pool must not fork after loading
-    PyTorch models).
+    PyTorch models). Either way the ledger must not know the model's name and version as other
+    weights (:mod:`acwi_node.ledger.model_versions`): the first load records them.
     """
 
     def __init__(self, settings: Settings, *, load: bool) -> None:
@@ -386,7 +387,11 @@ class ModelPreload:
 
                     manifest = get_analyser(self.settings, name).manifest
                 else:
-                    manifest = load_manifest(self.settings.model_manifest(name), existing=True)
+                    from acwi_node.tasks.analyse import claim_model_version
+
+                    path = self.settings.model_manifest(name)
+                    manifest = load_manifest(path, existing=True)
+                    claim_model_version(self.settings, manifest, path)
                 self.status[name] = (
                     f"{manifest.name} {manifest.version} "
                     f"sha256 {manifest.weights_sha256[:16]} {'loaded' if self.load else 'verified'}"

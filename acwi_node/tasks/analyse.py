@@ -49,9 +49,11 @@ from acwi_node.dicom_pixels import read_deferred
 from acwi_node.export.wakeup import wake_exporter
 from acwi_node.inference.analyser import Analyser, NothingToAnalyse
 from acwi_node.inference.engines import EngineOptions
+from acwi_node.inference.manifest import ModelManifest
 from acwi_node.inference.types import DeferredHeatmap, StudyAnalysis
 from acwi_node.ingest.spool import Spool, SpoolError
 from acwi_node.ledger import JobClaim, Ledger, ResultFile
+from acwi_node.ledger.model_versions import ModelVersions
 from acwi_node.ledger.models import Job, Result, Study
 from acwi_node.ledger.withdrawals import Withdrawals
 from acwi_node.observability import metrics
@@ -128,6 +130,9 @@ def get_analyser(settings: Settings, model: str) -> Analyser:
                 ),
                 heatmaps=worker.heatmaps,
             )
+            # its name and version must stand for these weights alone (refused, not cached:
+            # the next task tries again, and /readyz reports the reason)
+            claim_model_version(settings, analyser.manifest, manifest)
             try:
                 seconds = analyser.warm_up()
             except Exception as exc:
@@ -140,6 +145,23 @@ def get_analyser(settings: Settings, model: str) -> Analyser:
             log.info("model %s loaded and warmed up (%.2f s)", model, seconds)
             _analysers[key] = analyser
         return _analysers[key]
+
+
+def claim_model_version(settings: Settings, manifest: ModelManifest, path: Path) -> None:
+    """Record in the ledger that ``manifest``'s name and version stand for its weights (first
+    load), or raise :class:`~acwi_node.ledger.model_versions.ModelVersionConflict` when they
+    already stand for other weights (:mod:`acwi_node.ledger.model_versions`). ``path``: the
+    manifest file it was loaded from, which the record and the refusal name."""
+    if _state.get("settings") is settings:
+        ModelVersions(_ledger()).claim(
+            manifest.name, manifest.version, manifest.weights_sha256, path
+        )
+        return
+    ledger = Ledger(settings.ledger_url)  # settings of the caller's own (the worker's preload)
+    try:
+        ModelVersions(ledger).claim(manifest.name, manifest.version, manifest.weights_sha256, path)
+    finally:
+        ledger.dispose()
 
 
 def equipment_of(datasets: Sequence[Dataset]) -> list[str]:

@@ -261,8 +261,11 @@ def run_worker(settings: Settings) -> int:
         if concurrency > 1 and settings.observability.worker_port
         else None
     )
+    from acwi_node.tasks import analyse
     from acwi_node.tasks.app import configure, worker_queues
 
+    # a loaded model's heap is frozen: a study's full collections skip it (freeze_worker_heap)
+    analyse.FREEZE_HEAP_AFTER_LOAD = True
     celery = configure(settings)
     # solo pool: load the models now; prefork: verify them only (no fork after loading torch).
     preload = ModelPreload(settings, load=concurrency == 1)

@@ -143,15 +143,30 @@ _kept: OrderedDict[Hashable, Template | None] = OrderedDict()
 _kept_lock = threading.Lock()
 
 
-def kept_template(key: Hashable, make: Callable[[], Template | None]) -> Template | None:
+#: Keys met once, whose templates are made the next time (``second_time``).
+_met: OrderedDict[Hashable, None] = OrderedDict()
+
+
+def kept_template(
+    key: Hashable, make: Callable[[], Template | None], *, second_time: bool = False
+) -> Template | None:
     """The template kept under ``key``, made (by ``make``) and kept now if there is none; None:
     no template can be made for that key. A template holds nothing of the document it was made
     for but what its roles replace, so the key is what its other bytes depend on (the callers
-    say what that is)."""
+    say what that is). ``second_time``: the first time a key is met, return None (the caller
+    builds its content with highdicom) and only note it; make the template the second time.
+    For keys that seldom come back (a CT's image count), making a template first costs more
+    than highdicom's content alone."""
     with _kept_lock:
         if key in _kept:
             _kept.move_to_end(key)
             return _kept[key]
+        if second_time and key not in _met:
+            _met[key] = None
+            while len(_met) > KEPT_TEMPLATES:
+                _met.popitem(last=False)
+            return None
+        _met.pop(key, None)
     made = make()  # outside the lock: highdicom's build is the slow part
     with _kept_lock:
         _kept[key] = made
@@ -170,6 +185,7 @@ def forget_templates() -> None:
     """Drop every kept template (tests; nothing else needs to)."""
     with _kept_lock:
         _kept.clear()
+        _met.clear()
 
 
 def encodings_key(encodings: Any) -> Hashable:

@@ -1128,3 +1128,38 @@ def test_the_ledger_refuses_a_claims_writes_once_another_worker_took_the_job_ove
     with ledger.session() as s:
         assert s.get_one(Job, job_id).summary == summary
         assert len(s.scalars(select(analyse.Result)).all()) == 1
+
+
+@pytest.mark.parametrize("in_the_worker", [True, False])
+def test_the_worker_freezes_its_heap_once_a_model_is_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_the_worker: bool
+) -> None:
+    """The worker process (``acwi-node worker``) freezes its heap once a model is loaded and
+    warmed up: a study's full collections then skip the model's and the libraries' objects.
+    Nowhere else (a test, another process that loads a model), nor again for a loaded one."""
+    from acwi_node.inference.analyser import Analyser
+    from acwi_node.inference.manifest import load_manifest
+
+    settings = review_settings(tmp_path)
+    manifest = load_manifest(settings.model_manifest(MODEL))
+
+    class Loaded:
+        def __init__(self) -> None:
+            self.manifest = manifest
+
+        def warm_up(self) -> float:
+            return 0.0
+
+    monkeypatch.setattr(analyse, "_analysers", {})
+    monkeypatch.setattr(Analyser, "load", staticmethod(lambda *args, **kwargs: Loaded()))
+    frozen: list[int] = []
+
+    def freeze() -> int:
+        frozen.append(1)
+        return 1
+
+    monkeypatch.setattr(analyse, "freeze_worker_heap", freeze)
+    monkeypatch.setattr(analyse, "FREEZE_HEAP_AFTER_LOAD", in_the_worker)
+    first = analyse.get_analyser(settings, MODEL)
+    assert analyse.get_analyser(settings, MODEL) is first
+    assert frozen == ([1] if in_the_worker else [])

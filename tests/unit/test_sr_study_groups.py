@@ -50,10 +50,30 @@ def test_study_groups_from_a_template_make_highdicoms_document(
     images: int, made: list[int]
 ) -> None:
     sources, analysis = _study(images, seed=31)
+    build_sr(sources, analysis)  # the key's first study: highdicom's groups, no template
+    assert made == []
     document = build_sr(sources, analysis)
     assert isinstance(_measurements_container(document).get_item(0x0040A730), RawDataElement)
     _as_highdicom_builds_it(sources, analysis)
     assert made == [images]
+
+
+def test_a_key_met_once_makes_no_template_and_leaks_nothing(made: list[int]) -> None:
+    """A CT's image count seldom comes back: its first study is highdicom's alone (no
+    template made); the second study of that count makes one, and a third, with other UIDs,
+    values and a flag, gets nothing of the second's."""
+    sources, analysis = _study(5, seed=71)
+    _as_highdicom_builds_it(sources, analysis)
+    assert made == []
+    other_sources, other = _study(5, seed=72)
+    _as_highdicom_builds_it(other_sources, other)
+    assert made == [5]
+    third_sources, third = _study(5, seed=73)
+    encoded = _as_highdicom_builds_it(third_sources, third)
+    assert made == [5]
+    for ds in other_sources:
+        assert str(ds.SOPInstanceUID).encode() not in encoded
+    assert str(third_sources[4].SOPInstanceUID).encode() in encoded
 
 
 def test_a_later_study_is_rendered_from_the_kept_template(made: list[int]) -> None:
@@ -61,6 +81,7 @@ def test_a_later_study_is_rendered_from_the_kept_template(made: list[int]) -> No
     flag and predicted class: no template made; with another flag, class or count: one each."""
     first_sources, first = _study(3, seed=41)
     build_sr(first_sources, first)
+    build_sr(first_sources, first)  # a key's second study makes its template
     assert made == [3]
     sources, analysis = _study(3, seed=42)
     analysis = replace(
@@ -76,15 +97,17 @@ def test_a_later_study_is_rendered_from_the_kept_template(made: list[int]) -> No
     assert summary["ood_score"] == pytest.approx(123456.789)
     assert summary["needs_review"] is False
 
-    _as_highdicom_builds_it(sources, replace(analysis, needs_review=True))
-    _as_highdicom_builds_it(sources, replace(analysis, predicted_label="normal"))
-    _as_highdicom_builds_it(sources[:2], replace(analysis, images=analysis.images[:2]))
+    for _ in range(2):  # each new key: highdicom's first, a template the second time
+        _as_highdicom_builds_it(sources, replace(analysis, needs_review=True))
+        _as_highdicom_builds_it(sources, replace(analysis, predicted_label="normal"))
+        _as_highdicom_builds_it(sources[:2], replace(analysis, images=analysis.images[:2]))
     assert made == [3, 3, 3, 2]
 
 
 def test_a_predicted_class_that_is_no_label_has_no_evaluation(made: list[int]) -> None:
     sources, analysis = _study(2, seed=51)
-    _as_highdicom_builds_it(sources, replace(analysis, predicted_label="not a label"))
+    for _ in range(2):
+        _as_highdicom_builds_it(sources, replace(analysis, predicted_label="not a label"))
     assert made == [2]
 
 

@@ -23,3 +23,22 @@ def test_the_start_up_heap_leaves_the_collected_generations() -> None:
     finally:
         gc.unfreeze()
     assert gc.get_freeze_count() == 0
+
+
+def test_the_worker_heap_leaves_the_collected_generations() -> None:
+    """The worker's heap, once its model is loaded (``analyse.freeze_worker_heap``), as the
+    storage SCP's at start-up, highdicom's tables of the standard read and frozen with it."""
+    from highdicom import _standard_utils
+
+    from acwi_node.tasks.analyse import freeze_worker_heap
+
+    assert gc.get_freeze_count() == 0
+    try:
+        assert freeze_worker_heap() >= gc.get_freeze_count() > 0
+        assert len(gc.get_objects()) < 1_000
+        # highdicom's tables of the standard were read first: frozen with the rest
+        assert _standard_utils.get_module_attribute_map.cache_info().currsize == 1
+        assert _standard_utils.get_iod_module_map.cache_info().currsize == 1
+    finally:
+        gc.unfreeze()
+    assert gc.get_freeze_count() == 0

@@ -228,16 +228,22 @@ def _run_scp_listener(settings: Settings, sock: socket.socket) -> int:
     ledger = Ledger(settings.ledger_url)
     spool = Spool(settings.spool_dir, fsync=settings.ingest.fsync)
     scp = StorageSCP(settings, ledger, spool, signals=CompletionSignals(ledger))
+    from acwi_node.ingest.listeners import announce_ready, parent_gone
+
     stop = threading.Event()
     _stop_on_signals(stop)
-    parent = os.getppid()
+    # The parent's process id came in the environment: one that died while this process was
+    # starting is noticed too (the parent process id read now would already be init's, and
+    # this listener would hold the DICOM port for good, so that no new scp could bind it).
+    if parent_gone():
+        log.error("scp listener: the parent process exited while it started; stopping")
+        ledger.dispose()
+        return 0
     freeze_startup_heap()
     scp.start(listen_socket=sock)
-    from acwi_node.ingest.listeners import announce_ready
-
     announce_ready()
     while not stop.wait(1.0):
-        if os.getppid() != parent:  # the scp process is gone: so is its socket's owner
+        if parent_gone():  # the scp process is gone: so is its socket's owner
             log.error("scp listener: the parent process exited; stopping")
             break
     scp.stop()

@@ -6,10 +6,13 @@ inherit the listening socket: each new connection goes to whichever listener acc
 and every association then stays in the process that accepted it.
 
 The parent process runs the completion loop, the reconciler and the health endpoint, and starts
-a listener again when one dies (with a growing delay, like ``acwi-node serve``). Listeners keep
-nothing in memory that another process needs: instances, MPPS steps and completion signals are
-in the ledger (:mod:`acwi_node.ingest.mpps`), which is why a modality's N-CREATE and N-SET may
-reach different listeners.
+a listener again when one dies (with a growing delay, like ``acwi-node serve``). A listener
+stops once its parent is gone (killed included): it is told the parent's process id
+(:data:`PARENT_PID_ENV`) rather than reading it once started, since a parent killed while the
+listener still starts would leave it init's, and the listener holding the DICOM port for good.
+Listeners keep nothing in memory that another process needs: instances, MPPS steps and
+completion signals are in the ledger (:mod:`acwi_node.ingest.mpps`), which is why a modality's
+N-CREATE and N-SET may reach different listeners.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ LISTEN_FD_ENV = "ACWI_SCP_LISTEN_FD"
 
 #: In a listener process, the inherited pipe on which it tells its parent that it accepts.
 READY_FD_ENV = "ACWI_SCP_READY_FD"
+
+#: In a listener process, the process id of the parent that started it: a listener whose parent
+#: died while it was still starting (its parent process id already that of init or a
+#: subreaper) knows it from this, and stops instead of serving the port for good.
+PARENT_PID_ENV = "ACWI_SCP_PARENT_PID"
 
 #: Connections the kernel queues before a listener accepts them.
 BACKLOG = 128
@@ -71,6 +79,15 @@ def announce_ready() -> None:
         pass
 
 
+def parent_gone() -> bool:
+    """In a listener process: whether the ``scp`` process that started it has exited (its
+    parent process id is no longer the one it was started with)."""
+    expected = os.environ.get(PARENT_PID_ENV)
+    if not expected:
+        return False
+    return os.getppid() != int(expected)
+
+
 def inherited_listener() -> socket.socket | None:
     """In a listener process, the socket its parent passed; None elsewhere."""
     fd = os.environ.get(LISTEN_FD_ENV)
@@ -88,7 +105,7 @@ class ListenerProcesses:
     def __init__(self, sock: socket.socket, count: int, env: Mapping[str, str]) -> None:
         self.sock = sock
         self.count = count
-        self.env = {**env, LISTEN_FD_ENV: str(sock.fileno())}
+        self.env = {**env, LISTEN_FD_ENV: str(sock.fileno()), PARENT_PID_ENV: str(os.getpid())}
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * count
         #: Per listener: the read end of its ready pipe until it said it accepts, else None.
         self._ready_pipes: list[int | None] = [None] * count

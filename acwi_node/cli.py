@@ -647,6 +647,9 @@ def run_web(settings: Settings, config: Path | None = None) -> int:
         # the trusted proxies alone (given here: FORWARDED_ALLOW_IPS would widen uvicorn's own).
         "proxy_headers": bool(settings.node.http_trusted_proxies),
         "forwarded_allow_ips": forwarded_allow_ips(settings),
+        # The path a reverse proxy publishes the app under, which it strips from the requests
+        # it passes on: the app's links, redirects and cookie paths carry it again.
+        "root_path": settings.node.http_root_path,
     }
     tls = settings.node.http_tls
     if tls.enabled:

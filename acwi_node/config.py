@@ -114,6 +114,35 @@ def _check_trusted_proxies(value: list[str]) -> list[str]:
 #: Reverse proxies whose forwarded headers the web app takes (``node.http_trusted_proxies``).
 TrustedProxies = Annotated[list[str], AfterValidator(_check_trusted_proxies)]
 
+#: A path segment of ``node.http_root_path``: letters, digits and ``-._~`` (no character a
+#: URL, a cookie's ``Path`` or an HTML attribute would need to quote).
+_ROOT_PATH_SEGMENT = re.compile(r"[A-Za-z0-9._~-]+")
+
+
+def _check_root_path(value: str) -> str:
+    """``node.http_root_path``: ``""`` (the web app at the host's root) or a path such as
+    ``/acwi`` or ``/apps/acwi``: it starts with ``/``, does not end with one, and each of its
+    segments is plain (:data:`_ROOT_PATH_SEGMENT`, not ``.`` nor ``..``): it is written
+    unquoted before every link, redirect and cookie path the web app makes."""
+    if value == "":
+        return value
+    if not value.startswith("/") or value.endswith("/"):
+        raise ValueError(
+            f"http_root_path {value!r} must start with / and not end with one"
+            ' ("/acwi"; "" for the host\'s root)'
+        )
+    for segment in value[1:].split("/"):
+        if not _ROOT_PATH_SEGMENT.fullmatch(segment) or segment in (".", ".."):
+            raise ValueError(
+                f"http_root_path {value!r}: segment {segment!r} is not a plain name"
+                " (letters, digits, - . _ ~; not . or ..)"
+            )
+    return value
+
+
+#: Where a reverse proxy publishes the web app (``node.http_root_path``).
+RootPath = Annotated[str, AfterValidator(_check_root_path)]
+
 
 def _unbracketed_ipv6(url: str) -> str:
     """The message refusing ``url`` when its host is an IPv6 address without brackets
@@ -221,6 +250,14 @@ class NodeSettings(_Strict):
     #: names its own address (only where nothing but the proxy can reach the port).
     #: uvicorn's ``FORWARDED_ALLOW_IPS`` environment variable is not read.
     http_trusted_proxies: TrustedProxies = Field(default_factory=lambda: ["127.0.0.1", "::1"])
+    #: The path a reverse proxy publishes the web app under (``/acwi`` for
+    #: ``https://apps.hospital.local/acwi/``), the proxy stripping it from the requests it
+    #: passes on (nginx: ``location /acwi/ { proxy_pass http://127.0.0.1:8080/; }``): every
+    #: link, form, redirect and cookie of the review app, the STOW-RS answers' RetrieveURL and
+    #: the OpenAPI document's server carry it. ``""``: the host's root. A plain path (starts
+    #: with ``/``, no trailing ``/``, no ``.``/``..`` segment); ``X-Forwarded-Prefix`` is not
+    #: read.
+    http_root_path: RootPath = ""
     data_dir: Path = Path("acwi-data")
     #: SQLAlchemy URL of the ledger; default ``sqlite:///<data_dir>/ledger.sqlite``.
     database_url: str | None = None
@@ -1464,6 +1501,16 @@ class MonitoringSettings(_Strict):
         return self
 
 
+def _url_path(url: str | None) -> str | None:
+    """The path of ``url`` without its trailing ``/`` (``https://h/acwi/``: ``/acwi``;
+    ``https://h``: ``""``); None without a URL."""
+    if url is None:
+        return None
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).path.rstrip("/")
+
+
 class Settings(BaseSettings):
     """The whole node configuration."""
 
@@ -1555,6 +1602,18 @@ class Settings(BaseSettings):
                     )
             for dup in {m for m in route.shadow_models if route.shadow_models.count(m) > 1}:
                 problems.append(f"routes.{route.name}: shadow model {dup!r} is listed twice")
+        # A root path set names where the app is published: the notifications' links must
+        # be there too. Without one, a public_url with a path is taken as before (a proxy
+        # that rewrites the app's pages, say): nothing an earlier release took is refused.
+        public_path = _url_path(self.review.public_url)
+        root_path = self.node.http_root_path
+        if root_path and public_path is not None and public_path != root_path:
+            problems.append(
+                f"review.public_url {self.review.public_url!r} is under"
+                f" {public_path or '/'!r} but node.http_root_path is"
+                f" {self.node.http_root_path!r}: the web app's links would not be the"
+                " notifications' (give the path a reverse proxy publishes it under in both)"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self

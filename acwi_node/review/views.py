@@ -4,6 +4,9 @@
 node's FastAPI app. Every path needs a signed-in user except ``/login``, ``/static/``,
 ``/healthz``, ``/readyz`` and ``/metrics``. The JSON API (``/api/...``) also accepts HTTP Basic
 credentials of an active local account, for scripts; it answers 401 rather than redirecting.
+Behind a reverse proxy that publishes the app under a path (``node.http_root_path``), those
+paths are the ones within the app: every link, form, redirect and cookie path a page names
+starts with the root path (:mod:`acwi_node.web.paths`; ``{{ root }}`` in the templates).
 
 Pages are Jinja2 templates with autoescaping on, served with a Content-Security-Policy that
 allows no inline script: DICOM and HL7 text is always rendered as text.
@@ -95,6 +98,7 @@ from acwi_node.review.verdicts import (
     submit_verdict,
 )
 from acwi_node.web.guards import MAX_FORM_BODY
+from acwi_node.web.paths import cookie_path, root_path, route_path
 
 log = logging.getLogger("acwi_node.review")
 
@@ -350,6 +354,8 @@ class ReviewApp:
             user=user,
             csrf=self.csrf_for(user) if user else "",
             version=__version__,
+            # every link, form and image of a page starts with it (node.http_root_path)
+            root=root_path(request.scope),
             session_left=session_left(user, self.settings.review.idle_timeout_s),
             **context,
         )
@@ -365,7 +371,7 @@ class ReviewApp:
             )
             if found is not None:
                 return found
-        if request.url.path.startswith(BASIC_PREFIXES):
+        if route_path(request.scope).startswith(BASIC_PREFIXES):
             return self._basic(request.headers.get("authorization", ""), _client_address(request))
         return None
 
@@ -582,7 +588,7 @@ ERROR_TITLES = {401: "Sign in required", 403: "Forbidden", 404: "Not found", 405
 def wants_page(request: Request) -> bool:
     """Whether an error is answered as a page: a browser's request (it accepts HTML) for a
     path that is no program's (:data:`MACHINE_PREFIXES`)."""
-    path = request.url.path
+    path = route_path(request.scope)
     return not path.startswith(MACHINE_PREFIXES) and "text/html" in request.headers.get(
         "accept", ""
     )
@@ -625,7 +631,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
     async def require_sign_in(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        path = request.url.path
+        path = route_path(request.scope)
         if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
             return await call_next(request)
         try:
@@ -654,8 +660,8 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
                 return JSONResponse({"detail": "sign in required"}, status_code=401)
             target = path + (f"?{request.url.query}" if request.url.query else "")
             if typed_text_error(unquote(target)) is not None:  # a 404 or a 422 once signed in:
-                return RedirectResponse("/login", status_code=303)  # not worth coming back to
-            return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
+                return _redirect(request, "/login")  # not worth coming back to
+            return _redirect(request, f"/login?next={quote(target, safe='')}")
         if user.role == "sender" and not path.startswith(SENDER_PREFIXES) and path != "/logout":
             return JSONResponse({"detail": "a sender account may only store studies"}, 403)
         request.state.user = user
@@ -663,8 +669,8 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
 
     # ---------------------------------------------------------------- sign-in
     @app.get("/", include_in_schema=False)
-    def root() -> RedirectResponse:
-        return RedirectResponse("/review/worklist", status_code=303)
+    def root(request: Request) -> RedirectResponse:
+        return _redirect(request, "/review/worklist")
 
     @app.get("/login", include_in_schema=False)
     def login_form(request: Request, next: str = "/review/worklist") -> HTMLResponse:
@@ -675,7 +681,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             login_csrf=auth.csrf_token(review.key, "login", nonce),
             next=_safe_next(next),
         )
-        _set_cookie(response, auth.LOGIN_COOKIE, nonce, 3600, cookie_secure)
+        _set_cookie(request, response, auth.LOGIN_COOKIE, nonce, 3600, cookie_secure)
         return response
 
     @app.post("/login", include_in_schema=False)
@@ -686,7 +692,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         nonce = request.cookies.get(auth.LOGIN_COOKIE, "")
         next_path = _safe_next(form.get("next", ""))
         if not auth.csrf_ok(review.key, "login", nonce, form.get("csrf_token")):
-            return _forbidden("the sign-in form expired: reload the page and try again")
+            return _forbidden(request, "the sign-in form expired: reload the page and try again")
         name = form.get("username", "").strip()
         password = form.get("password", "")
 
@@ -702,7 +708,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
                 # the name typed stays in the form; one no account can have does not
                 username=name if typed_text_error(name) is None else "",
             )
-            _set_cookie(failed, auth.LOGIN_COOKIE, new_nonce, 3600, cookie_secure)
+            _set_cookie(request, failed, auth.LOGIN_COOKIE, new_nonce, 3600, cookie_secure)
             return failed
 
         user = await run_in_threadpool(review.account, name)
@@ -764,14 +770,14 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         await run_in_threadpool(
             review.store.audit, user.name, "login", address=_client_address(request)
         )
-        response = RedirectResponse(next_path, status_code=303)
-        _set_cookie(response, auth.SESSION_COOKIE, token, lifetime, cookie_secure)
-        response.delete_cookie(auth.LOGIN_COOKIE, path="/")
+        response = _redirect(request, next_path)
+        _set_cookie(request, response, auth.SESSION_COOKIE, token, lifetime, cookie_secure)
+        response.delete_cookie(auth.LOGIN_COOKIE, path=cookie_path(request.scope))
         response.set_cookie(
             auth.DEVICE_COOKIE,
             auth.remember_device(review.key, devices, user.name),
             max_age=auth.DEVICE_COOKIE_MAX_AGE,
-            path=auth.DEVICE_COOKIE_PATH,
+            path=cookie_path(request.scope, auth.DEVICE_COOKIE_PATH),
             secure=cookie_secure,
             httponly=True,
             samesite="strict",
@@ -783,14 +789,14 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         user: SessionInfo = request.state.user
         form = _form(await request.body())
         if not auth.csrf_ok(review.key, "session", user.token_hash, form.get("csrf_token")):
-            return _forbidden("invalid form token")
+            return _forbidden(request, "invalid form token")
         if user.token_hash:
             await run_in_threadpool(review.store.end_session, user.token_hash)
         await run_in_threadpool(
             review.store.audit, user.user_name, "logout", address=_client_address(request)
         )
-        response = RedirectResponse("/login", status_code=303)
-        response.delete_cookie(auth.SESSION_COOKIE, path="/")
+        response = _redirect(request, "/login")
+        response.delete_cookie(auth.SESSION_COOKIE, path=cookie_path(request.scope))
         return response
 
     @app.get("/review/session", include_in_schema=False)
@@ -831,7 +837,9 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         refresh_s = settings.review.worklist_refresh_s
 
         def url(at_page: int, **extra: str) -> str:
-            return _worklist_url(filters, page=at_page, per_page=shown["per_page"], **extra)
+            return root_path(request.scope) + _worklist_url(
+                filters, page=at_page, per_page=shown["per_page"], **extra
+            )
 
         first = (shown["page"] - 1) * shown["per_page"]
         response = review.page(
@@ -877,13 +885,15 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
                 WORKLIST_RELOAD_COOKIE,
                 "off",
                 max_age=WORKLIST_RELOAD_COOKIE_AGE,
-                path="/review/",
+                path=cookie_path(request.scope, "/review/"),
                 secure=cookie_secure,
                 httponly=True,
                 samesite="strict",
             )
         elif reload == "on":
-            response.delete_cookie(WORKLIST_RELOAD_COOKIE, path="/review/")
+            response.delete_cookie(
+                WORKLIST_RELOAD_COOKIE, path=cookie_path(request.scope, "/review/")
+            )
         return response
 
     @app.get("/review/decided", include_in_schema=False)
@@ -1086,10 +1096,10 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         """403 unless an administrator posted the form with a valid CSRF token; else None."""
         user: SessionInfo = request.state.user
         if user.role != "admin":
-            return _forbidden("administrators only")
+            return _forbidden(request, "administrators only")
         form = _form(await request.body())
         if not auth.csrf_ok(review.key, "session", user.token_hash, form.get("csrf_token")):
-            return _forbidden("invalid form token: reload the page")
+            return _forbidden(request, "invalid form token: reload the page")
         return None
 
     @app.get("/review/studies", include_in_schema=False)
@@ -1216,10 +1226,8 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             return await run_in_threadpool(page)
         log.info("%s: %s by %s", study_uid, action, user.user_name)
         if back_to_study:
-            return RedirectResponse(
-                f"/review/studies/{quote(study_uid)}?done={action}", status_code=303
-            )
-        return RedirectResponse(f"/review/dashboard?done={action}", status_code=303)
+            return _redirect(request, f"/review/studies/{quote(study_uid)}?done={action}")
+        return _redirect(request, f"/review/dashboard?done={action}")
 
     @app.post("/review/retrievals", include_in_schema=False)
     async def retrieve(request: Request) -> Response:
@@ -1246,7 +1254,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
             )
         rid = await run_in_threadpool(Retrievals(ledger).request, source, query, user.user_name)
         log.info("retrieval %d from %s queued by %s", rid, source, user.user_name)
-        return RedirectResponse("/review/dashboard?done=retrieve", status_code=303)
+        return _redirect(request, "/review/dashboard?done=retrieve")
 
     @app.post("/review/destinations/{name}/check", include_in_schema=False)
     async def check_destination(request: Request, name: str) -> Response:
@@ -1579,7 +1587,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         user: SessionInfo = request.state.user
         form = _form(await request.body())
         if not auth.csrf_ok(review.key, "session", user.token_hash, form.get("csrf_token")):
-            return _forbidden("invalid form token: reload the page")
+            return _forbidden(request, "invalid form token: reload the page")
         try:
             outcome = await run_in_threadpool(
                 submit_verdict,
@@ -1607,9 +1615,9 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
                 )
             )
         if outcome.action == "escalate" and form.get("then") != "next":
-            return RedirectResponse(f"/review/cases/{item_id}", status_code=303)
+            return _redirect(request, f"/review/cases/{item_id}")
         where = await run_in_threadpool(_after_decision, request, item_id, form)
-        return RedirectResponse(where, status_code=303)
+        return _redirect(request, where)
 
     @app.post("/review/cases/{item_id}/leave", include_in_schema=False)
     async def leave(request: Request, item_id: RowId) -> Response:
@@ -1617,17 +1625,17 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
         user: SessionInfo = request.state.user
         form = _form(await request.body())
         if not auth.csrf_ok(review.key, "session", user.token_hash, form.get("csrf_token")):
-            return _forbidden("invalid form token: reload the page")
+            return _forbidden(request, "invalid form token: reload the page")
         await run_in_threadpool(review.store.stop_reading, item_id, user.user_name)
         where = _worklist_url(WorklistFilters.from_query(form.get("list", "")))
-        return RedirectResponse(where, status_code=303)
+        return _redirect(request, where)
 
     @app.post("/review/cases/{item_id}/amend", include_in_schema=False)
     async def amend(request: Request, item_id: RowId) -> Response:
         user: SessionInfo = request.state.user
         form = _form(await request.body())
         if not auth.csrf_ok(review.key, "session", user.token_hash, form.get("csrf_token")):
-            return _forbidden("invalid form token: reload the page")
+            return _forbidden(request, "invalid form token: reload the page")
         try:
             amends = int(form.get("amends", ""))
         except ValueError:
@@ -1659,7 +1667,7 @@ def install_review(app: FastAPI, settings: Settings, ledger: Ledger) -> ReviewAp
                     amend=not stale,
                 )
             )
-        return RedirectResponse(f"/review/cases/{item_id}?amended=1", status_code=303)
+        return _redirect(request, f"/review/cases/{item_id}?amended=1")
 
     return review
 
@@ -1737,16 +1745,18 @@ def _verdict_draft(form: dict[str, str], images: set[str]) -> dict[str, Any]:
     }
 
 
-def _forbidden(message: str) -> Response:
+def _forbidden(request: Request, message: str) -> Response:
     """A refused form (its token expired or forged): a page in the app's language and style,
     with a heading, the reason and the way back, as the other error pages are."""
+    root = _escape(root_path(request.scope))
     return HTMLResponse(
         '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         "<title>Forbidden - ACWI Node review</title>\n"
-        '<link rel="stylesheet" href="/static/review.css">\n</head>\n<body>\n'
+        f'<link rel="stylesheet" href="{root}/static/review.css">\n</head>\n<body>\n'
         f'<main>\n<h1>Forbidden</h1>\n<p role="alert">{_escape(message)}</p>\n'
-        '<p><a href="/review/worklist">Back to the worklist</a></p>\n</main>\n</body>\n</html>\n',
+        f'<p><a href="{root}/review/worklist">Back to the worklist</a></p>\n</main>\n'
+        "</body>\n</html>\n",
         status_code=403,
         headers=SECURITY_HEADERS,
     )
@@ -1758,12 +1768,21 @@ def _escape(text: str) -> str:
     return str(escape(text))
 
 
-def _set_cookie(response: Response, name: str, value: str, max_age: int, secure: bool) -> None:
+def _redirect(request: Request, path: str) -> RedirectResponse:
+    """A 303 to the app's ``path`` (``/review/worklist?...``), under the root path the app is
+    published at (:func:`~acwi_node.web.paths.root_path`)."""
+    return RedirectResponse(root_path(request.scope) + path, status_code=303)
+
+
+def _set_cookie(
+    request: Request, response: Response, name: str, value: str, max_age: int, secure: bool
+) -> None:
+    """A cookie of the whole app (under its root path), kept from scripts and other sites."""
     response.set_cookie(
         name,
         value,
         max_age=max_age,
-        path="/",
+        path=cookie_path(request.scope),
         secure=secure,
         httponly=True,
         samesite="strict",

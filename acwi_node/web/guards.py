@@ -22,6 +22,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from acwi_node.review.store import SessionInfo
+from acwi_node.web.paths import route_path
 
 #: The largest request body the JSON API takes, in bytes: a verdict, a withdrawal or a
 #: retrieval is a few kilobytes; a larger body is refused (413) before it is read whole.
@@ -144,7 +145,7 @@ class ApiLimits:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = str(scope["path"])
+        path = route_path(scope)  # under node.http_root_path: the path within the app
         if path.startswith("/api/"):
             send = _with_api_headers(send)
         limit = body_limit(path)
@@ -211,7 +212,7 @@ class GuardsFirst:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             scope["type"] == "http"
-            and str(scope["path"]).startswith("/api/")
+            and route_path(scope).startswith("/api/")
             and scope["method"] not in ("GET", "HEAD", "OPTIONS")
         ):
             refusal = self._refusal(scope)
@@ -298,7 +299,7 @@ async def server_failed(request: Request, exc: Exception) -> Response:
         headers = {"Retry-After": "30"}
     else:
         status, detail, headers = 500, "Internal Server Error", {}
-    if request.url.path.startswith("/api/"):
+    if route_path(request.scope).startswith("/api/"):
         return JSONResponse({"detail": detail}, status, headers={**headers, **API_HEADERS})
     return PlainTextResponse(detail, status, headers=headers)
 

@@ -143,3 +143,47 @@ def test_forwarded_client_address_and_scheme_from_trusted_proxies_alone(
     retrieve_url = stored["00081190"]["Value"][0]
     scheme = "https" if taken else "http"
     assert retrieve_url.startswith(f"{scheme}://127.0.0.1:{port}/dicomweb/studies"), stored
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_under_a_path_of_a_shared_host(tmp_path: Path, workers: int) -> None:
+    """``node.http_root_path``: the proxy (``location /acwi/ { proxy_pass .../; }``) strips
+    ``/acwi`` and the node, run as in production (uvicorn given the root path, in one process
+    or as uvicorn's workers), puts it back in its redirects, pages, cookies and STOW-RS
+    answers; the probes still answer at the port's root."""
+    port = free_port()
+    config = write_config(
+        tmp_path / "acwi-node.toml",
+        {
+            "node": {
+                "http_port": port,
+                "http_workers": workers,
+                "http_root_path": "/acwi",
+                "data_dir": str(tmp_path / "data"),
+            },
+            "review": {"public_url": "https://apps.hospital.local/acwi"},
+        },
+    )
+    add_api_user(config, SENDER, role="sender")
+    file = write_small_instances(tmp_path / "small", 1)[0]
+    base = f"http://127.0.0.1:{port}"  # what the proxy asks for: the path without /acwi
+    proxied = {"X-Forwarded-Proto": "https", "Host": "apps.hospital.local"}
+    with (
+        NodeProcesses(config, ["web"], tmp_path) as node,
+        httpx.Client(timeout=30, follow_redirects=False) as client,
+    ):
+        wait_port("127.0.0.1", port)
+        assert client.get(f"{base}/healthz").status_code == 200
+        signed_out = client.get(f"{base}/review/worklist", headers=proxied)
+        assert signed_out.status_code == 303
+        assert signed_out.headers["location"] == "/acwi/login?next=%2Freview%2Fworklist"
+        login = client.get(f"{base}/login", headers=proxied)
+        assert login.status_code == 200, login.text
+        assert 'href="/acwi/static/review.css"' in login.text
+        assert 'action="/acwi/login"' in login.text
+        assert "Path=/acwi;" in login.headers["set-cookie"]
+        assert client.get(f"{base}/static/review.css").status_code == 200
+        stored = _stow(client, f"{base}/dicomweb/studies", file, CLIENT)
+        node.assert_alive()
+    # _stow sends no Host of the proxy's: the node's address, under the root path
+    assert stored["00081190"]["Value"] == [f"https://127.0.0.1:{port}/acwi/dicomweb/studies"]

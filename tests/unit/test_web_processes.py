@@ -95,3 +95,8 @@ def test_web_hands_uvicorn_the_trusted_proxies_alone(
     assert cli.run_web(load_settings(None, node={**node, "http_trusted_proxies": []})) == 0
     assert given["proxy_headers"] is False
     assert given["forwarded_allow_ips"] == []
+    assert given["root_path"] == ""
+    given.clear()
+    # behind a proxy publishing it under a path: uvicorn puts it before every request's path
+    assert cli.run_web(load_settings(None, node={**node, "http_root_path": "/acwi"})) == 0
+    assert given["root_path"] == "/acwi"

@@ -13,6 +13,8 @@ document.addEventListener("DOMContentLoaded", function () {
   var timer = null, back = null;
   function seconds(name) { return Number(box.getAttribute(name)) || 0; }
   var idleTimeout = seconds("data-idle-timeout-s");
+  // the path a reverse proxy publishes the app under ("" or "/acwi": node.http_root_path)
+  var root = box.getAttribute("data-root") || "";
   var warnBefore = Math.min(120, idleTimeout / 2);
   function clock(at) {
     return new Date(at).toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
@@ -28,7 +30,10 @@ document.addEventListener("DOMContentLoaded", function () {
   }
   function ended() {
     var link = document.createElement("a");
-    link.href = "/login?next=" + encodeURIComponent(location.pathname + location.search);
+    // the sign-in's next page is a path of the app: without the root path in front
+    var path = location.pathname;
+    if (root && path.indexOf(root + "/") === 0) { path = path.slice(root.length); }
+    link.href = root + "/login?next=" + encodeURIComponent(path + location.search);
     link.textContent = "Sign in again";
     say("Your session has ended: sign in again before you submit anything on this page " +
         "(what you typed here stays in this tab).", link);
@@ -54,7 +59,7 @@ document.addEventListener("DOMContentLoaded", function () {
     }, Math.max(0, end - now - warnBefore * 1000));
   }
   function extend() {
-    fetch("/review/session", {credentials: "same-origin", redirect: "manual",
+    fetch(root + "/review/session", {credentials: "same-origin", redirect: "manual",
                               headers: {"Accept": "application/json"}})
       .then(function (answer) {
         if (!answer.ok) { throw new Error("signed out"); }

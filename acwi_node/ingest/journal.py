@@ -969,6 +969,8 @@ def replay_orphans(
     fsync: bool = True,
     superseded: Callable[[JournalRecord], bool] | None = None,
     release: Callable[[str], object] | None = None,
+    prepare: Callable[[list[JournalRecord]], object] | None = None,
+    commit: Callable[[], object] | None = None,
 ) -> ReplayReport:
     """Replay and remove every journal under ``root`` whose owner is gone.
 
@@ -988,6 +990,10 @@ def replay_orphans(
     released there (``Ledger.release_holder``). If it fails the journals stay for the next
     try too. One replayer runs at a time (the lock of ``<root>.replay``): one that finds
     another at work waits for it, and returns once what that one took is replayed.
+    ``prepare`` is called with every record before any is replayed (its ledger look-ups made
+    for all of them at once), and ``commit`` once all are, before ``flush``: ``replay`` may
+    leave the ledger rows to it, to write them together (see
+    :class:`~acwi_node.ingest.orphans.OrphanedJournals`); if either fails the journals stay.
     """
     report = ReplayReport()
     if not root.is_dir():
@@ -1007,7 +1013,9 @@ def replay_orphans(
         return report
     try:
         fcntl.flock(serial_fd, fcntl.LOCK_EX)
-        return _replay_locked(root, report, replay, flush, fsync, superseded, release)
+        return _replay_locked(
+            root, report, replay, flush, fsync, superseded, release, prepare, commit
+        )
     finally:
         os.close(serial_fd)
 
@@ -1020,6 +1028,8 @@ def _replay_locked(
     fsync: bool,
     superseded: Callable[[JournalRecord], bool] | None,
     release: Callable[[str], object] | None,
+    prepare: Callable[[list[JournalRecord]], object] | None = None,
+    commit: Callable[[], object] | None = None,
 ) -> ReplayReport:
     """:func:`replay_orphans`, under the lock that lets one replayer run at a time."""
     locked: list[tuple[Path, int]] = []
@@ -1063,6 +1073,8 @@ def _replay_locked(
         for key, record in keyed:
             versions.setdefault(key, []).append(record)
         try:
+            if prepare is not None:
+                prepare([record for _, record in keyed])
             for key, record in keyed:
                 if versions[key][-1] is not record:
                     continue  # a later record for the same file decides it
@@ -1078,6 +1090,8 @@ def _replay_locked(
                     if outcome:
                         report.recorded += 1
                     break
+            if commit is not None:
+                commit()
             if fsync:
                 flush()
             if release is not None:

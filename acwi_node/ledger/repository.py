@@ -124,6 +124,49 @@ class Recorded:
     superseded: bool = False
 
 
+#: UIDs looked up in one query (:meth:`Ledger.instance_files`, :meth:`Ledger.purged_before`),
+#: and instance rows written in one transaction by an ingest journal's replay: well under
+#: SQLite's limit on a statement's parameters.
+LOOKUP_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class InstanceFile:
+    """What the ledger recorded of an instance's spool file (:meth:`Ledger.instance_files`)."""
+
+    path: str
+    size: int
+    transfer_syntax_uid: str
+    #: When its last version was received (UTC).
+    received_at: dt.datetime
+
+    @property
+    def recorded(self) -> tuple[str, int, str]:
+        """(path, size, transfer syntax), as :meth:`Ledger.instance_file` returns them."""
+        return self.path, self.size, self.transfer_syntax_uid
+
+
+def settled_since(
+    purged_before: dt.datetime | None,
+    row: InstanceFile | None,
+    recorded: tuple[str, int, str],
+    written: dt.datetime,
+) -> bool:
+    """Whether an ingest journal record written at ``written`` (UTC) for an instance
+    (``recorded``: its spool path, size and transfer syntax) is older than what the ledger
+    has settled since, as a journal restored from a backup is: a generation of its study
+    was purged after it (``purged_before``: the latest ``Purge.received_before`` of its
+    study; the purge took every instance received until then), or the instance's ``row`` is
+    from the same or a later arrival (received at or after ``written``) and describes
+    another file. A record never recorded (a crash) is neither; nor is one whose row survived
+    as it was recorded (its spool file may not have)."""
+    if purged_before is not None and purged_before >= written:
+        return True
+    if row is None or row.received_at < written:
+        return False
+    return row.recorded != recorded
+
+
 #: The states of a study that an instance sent again unchanged does not re-open: it has its
 #: results, or is on its way to them. Re-opening would analyse the same images again and put a
 #: case a radiologist may have decided back on the worklist. A study that failed or was not
@@ -1131,28 +1174,54 @@ class Ledger:
     ) -> bool:
         """Whether an ingest journal record written at ``written`` (UTC) for an instance
         (``recorded``: its spool path, size and transfer syntax) is older than what the ledger
-        has settled since, as a journal restored from a backup is: a generation of its study
-        was purged after it (the purge took every instance received until
-        ``Purge.received_before``), or the instance's row is from the same or a later arrival
-        (received at or after ``written``) and describes another file. A record never
-        recorded (a crash) is neither; nor is one whose row survived as it was recorded (its
-        spool file may not have)."""
+        has settled since (:func:`settled_since`); one record's look-ups, where a replay of
+        many makes them in batches (:meth:`instance_files`, :meth:`purged_before`)."""
+        return settled_since(
+            self.purged_before([study_uid]).get(study_uid),
+            self.instance_files([sop_instance_uid]).get(sop_instance_uid),
+            recorded,
+            written,
+        )
+
+    def instance_files(self, sop_instance_uids: Iterable[str]) -> dict[str, InstanceFile]:
+        """The spool path, size, transfer syntax and time received (UTC) recorded for each of
+        these instances that the ledger has, by SOP Instance UID: one query per
+        :data:`LOOKUP_CHUNK` of them (an ingest journal's replay looks up thousands)."""
+        found: dict[str, InstanceFile] = {}
+        uids = list(dict.fromkeys(sop_instance_uids))
         with self.session() as s:
-            purged = s.scalar(
-                select(func.max(Purge.received_before))
-                .join(Study, Purge.study_id == Study.id)
-                .where(Study.study_uid == study_uid)
-            )
-            if purged is not None and purged >= written:
-                return True
-            row = s.execute(
-                select(
-                    Instance.path, Instance.size, Instance.transfer_syntax_uid, Instance.received_at
-                ).where(Instance.sop_instance_uid == sop_instance_uid)
-            ).first()
-        if row is None or row[3] < written:
-            return False
-        return (str(row[0]), int(row[1]), str(row[2])) != recorded
+            for start in range(0, len(uids), LOOKUP_CHUNK):
+                rows = s.execute(
+                    select(
+                        Instance.sop_instance_uid,
+                        Instance.path,
+                        Instance.size,
+                        Instance.transfer_syntax_uid,
+                        Instance.received_at,
+                    ).where(Instance.sop_instance_uid.in_(uids[start : start + LOOKUP_CHUNK]))
+                )
+                for sop, path, size, ts, received_at in rows:
+                    found[str(sop)] = InstanceFile(str(path), int(size), str(ts), received_at)
+        return found
+
+    def purged_before(self, study_uids: Iterable[str]) -> dict[str, dt.datetime]:
+        """For each of these studies that retention purged, the latest ``received_before``
+        of its purges (every instance received until then was purged), by Study Instance UID;
+        one query per :data:`LOOKUP_CHUNK` of them."""
+        found: dict[str, dt.datetime] = {}
+        uids = list(dict.fromkeys(study_uids))
+        with self.session() as s:
+            for start in range(0, len(uids), LOOKUP_CHUNK):
+                rows = s.execute(
+                    select(Study.study_uid, func.max(Purge.received_before))
+                    .join(Study, Purge.study_id == Study.id)
+                    .where(Study.study_uid.in_(uids[start : start + LOOKUP_CHUNK]))
+                    .group_by(Study.study_uid)
+                )
+                for uid, received_before in rows:
+                    if received_before is not None:
+                        found[str(uid)] = received_before
+        return found
 
     def instance_file(self, sop_instance_uid: str) -> tuple[str, int, str] | None:
         """The spool path, size and transfer syntax recorded for an instance; None when the

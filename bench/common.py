@@ -215,6 +215,35 @@ def write_small_instances(out_dir: Path, n: int, *, per_study: int = 50) -> list
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+def spool_and_record(ledger: Any, spool: Any, path: Path, *, first: bool) -> Any:
+    """Store a synthetic CT file (:func:`write_ct_series`) in ``spool`` and record it in
+    ``ledger`` as the SCP would (calling AE ``BENCH``, body part CHEST), for the benches that
+    run the worker in-process; returns the ledger's row. ``first``: the first of its
+    association. The node's modules are imported here: the other benches do not need them."""
+    import pydicom
+
+    from acwi_node.ledger import InstanceRecord
+
+    data = path.read_bytes()
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    stored = spool.store(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), data)
+    return ledger.record_instance(
+        InstanceRecord(
+            study_uid=str(ds.StudyInstanceUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            sop_class_uid=str(ds.SOPClassUID),
+            series_uid=str(ds.SeriesInstanceUID),
+            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+            modality="CT",
+            body_part="CHEST",
+            path=spool.relative(stored),
+            size=len(data),
+            calling_ae="BENCH",
+        ),
+        first_in_association=first,
+    )
+
+
 def _children(pid: int) -> list[int]:
     out: list[int] = []
     try:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import markdown_table, ratio, write_json
+from bench.common import markdown_table, ratio, spool_and_record, write_json
 
 MIB = 1 << 20
 
@@ -42,11 +42,10 @@ def measure(
 ) -> dict[str, Any]:
     """One analysis of a ``slices``-slice CT (one image of ``slices`` frames: ``enhanced``),
     in this process."""
-    import pydicom
 
     from acwi_node.config import load_settings
     from acwi_node.ingest.spool import Spool
-    from acwi_node.ledger import InstanceRecord, Ledger, RoutedJob
+    from acwi_node.ledger import Ledger, RoutedJob
     from acwi_node.tasks.analyse import get_analyser, run_job
 
     work = Path(tempfile.mkdtemp(prefix="acwi-bench-memory-"))
@@ -69,25 +68,7 @@ def measure(
     spool = Spool(settings.spool_dir, fsync=False)
     recorded = None
     for n, path in enumerate(files):
-        data = path.read_bytes()
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        stored = spool.store(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), data)
-        recorded = ledger.record_instance(
-            InstanceRecord(
-                study_uid=str(ds.StudyInstanceUID),
-                sop_instance_uid=str(ds.SOPInstanceUID),
-                sop_class_uid=str(ds.SOPClassUID),
-                series_uid=str(ds.SeriesInstanceUID),
-                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                modality="CT",
-                body_part="CHEST",
-                path=spool.relative(stored),
-                size=len(data),
-                calling_ae="BENCH",
-            ),
-            first_in_association=n == 0,
-        )
-        del data  # not under the baseline (a multi-frame image's is the whole series)
+        recorded = spool_and_record(ledger, spool, path, first=n == 0)
     assert recorded is not None
     ledger.association_released([recorded.study_id])
     route = RoutedJob("ct", "default", [], 0)

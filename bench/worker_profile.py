@@ -39,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import markdown_table, write_json
+from bench.common import markdown_table, spool_and_record, write_json
 
 STAGES = ("read", "model", "sr", "heat", "heatmaps", "writing", "other", "total", "gc")
 
@@ -71,14 +71,13 @@ def _study(work: Path, slices: int, size: int, index: int) -> list[Path]:
 def measure(slices: int, size: int, studies: int) -> dict[str, Any]:
     """The stages of the last of ``studies`` analyses of a ``slices``-slice CT, in this
     process."""
-    import pydicom
 
     import acwi_node.tasks.analyse as analyse
     from acwi_node.config import load_settings
     from acwi_node.inference.analyser import Analyser
     from acwi_node.inference.types import ImageResult
     from acwi_node.ingest.spool import Spool
-    from acwi_node.ledger import InstanceRecord, Ledger, RoutedJob
+    from acwi_node.ledger import Ledger, RoutedJob
 
     work = Path(tempfile.mkdtemp(prefix="acwi-bench-profile-"))
     settings = load_settings(
@@ -94,24 +93,7 @@ def measure(slices: int, size: int, studies: int) -> dict[str, Any]:
     for index in range(studies):
         recorded = None
         for n, path in enumerate(_study(work, slices, size, index)):
-            data = path.read_bytes()
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            stored = spool.store(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), data)
-            recorded = ledger.record_instance(
-                InstanceRecord(
-                    study_uid=str(ds.StudyInstanceUID),
-                    sop_instance_uid=str(ds.SOPInstanceUID),
-                    sop_class_uid=str(ds.SOPClassUID),
-                    series_uid=str(ds.SeriesInstanceUID),
-                    transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                    modality="CT",
-                    body_part="CHEST",
-                    path=spool.relative(stored),
-                    size=len(data),
-                    calling_ae="BENCH",
-                ),
-                first_in_association=n == 0,
-            )
+            recorded = spool_and_record(ledger, spool, path, first=n == 0)
         assert recorded is not None
         ledger.association_released([recorded.study_id])
         (job,) = ledger.complete_study(recorded.study_id, recorded.generation, lambda _f: [route])

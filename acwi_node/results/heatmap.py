@@ -337,7 +337,12 @@ def render_grey(
     :class:`acwi_node.dicom_pixels.InvalidPixelTransform`.
 
     The grey levels are computed in float64, :data:`_RENDER_ROWS` rows at a time, and
-    returned as ``dtype`` (float32: the float64 values rounded, as a resize reads them)."""
+    returned as ``dtype`` (float32: the float64 values rounded, as a resize reads them). An
+    image of integer stored values (16 bits or fewer) no more varied than its pixels are many
+    has them computed once for each stored value from its lowest to its highest and looked up
+    (:func:`_stored_value_domain`): each is a function of the stored value alone, so these are
+    the same operations on the same values (a 512 x 512 CT slice's few thousand values, not
+    its 262,144 pixels)."""
     samples = int(source.get("SamplesPerPixel", 1) or 1)
     image = source  # its Pixel Padding Value and Range Limit: top-level, a frame's too
     little_endian = is_little_endian(source)  # of the file: a frame's view has no transfer syntax
@@ -359,12 +364,16 @@ def render_grey(
     header = source
 
     def modality(rows: slice) -> FloatImage:
-        values = modality_values(pixels[rows], header, little_endian=little_endian)
+        return modality_of(pixels[rows])
+
+    def modality_of(stored: np.ndarray) -> FloatImage:
+        values = modality_values(stored, header, little_endian=little_endian)
         return np.asarray(values, dtype=np.float64)
 
     blocks = [slice(row, row + _RENDER_ROWS) for row in range(0, pixels.shape[0], _RENDER_ROWS)]
+    domain = _stored_value_domain(pixels)
     # an invalid rescale raises InvalidPixelTransform (preprocessing skipped such an image)
-    first = modality(blocks[0])
+    first = modality(blocks[0]) if domain is None else modality_of(domain)
     draw: Callable[[FloatImage], FloatImage | None]
     if window == "auto":
         draw = _no_window
@@ -388,6 +397,20 @@ def render_grey(
         draw = _percentiles(modality(slice(None)), padding)
         grey = draw(first)
     inverted = str(source.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+    if domain is not None:  # ``grey``: of each stored value from the lowest to the highest
+        if inverted:
+            grey = 1.0 - grey
+        table = grey.astype(dtype, copy=False)
+        low = int(domain[0])
+        if low == 0:
+            drawn = table[pixels]
+        else:  # indices of 4 bytes a pixel, offset in place
+            index = pixels.astype(np.int32)
+            index -= low
+            drawn = table[index]
+        if padding is not None:
+            drawn[padding] = 0.0
+        return drawn
     out = np.empty(pixels.shape, dtype=dtype)
     for rows in blocks:
         if grey is None:
@@ -400,6 +423,19 @@ def render_grey(
         out[rows] = grey
         grey = None
     return out
+
+
+def _stored_value_domain(pixels: np.ndarray) -> np.ndarray | None:
+    """Every stored value from ``pixels``' lowest to its highest, in their dtype, for
+    :func:`render_grey` to draw each once; None for pixels not of integers of 16 bits or
+    fewer, or with more such values than pixels (drawn as they are)."""
+    if pixels.dtype.kind not in "iu" or pixels.dtype.itemsize > 2 or pixels.size == 0:
+        return None
+    # from 0 where no value is negative: the pixels then index the table as they are
+    low, high = min(int(pixels.min()), 0), int(pixels.max())
+    if high - low + 1 > pixels.size:
+        return None
+    return np.arange(low, high + 1, dtype=pixels.dtype)
 
 
 def _no_window(values: FloatImage) -> None:

@@ -128,3 +128,42 @@ def test_the_sequences_are_encoded_here_not_by_pydicom(monkeypatch: pytest.Monke
     monkeypatch.setattr(encoding, "write_data_element", counting)
     assert encode_part10(ds) == _dcmwrite(copy.deepcopy(ds))
     assert calls == []
+
+
+def test_the_top_level_elements_are_encoded_here_not_by_pydicom(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In explicit VR little endian the top-level elements too are encoded here (a heatmap's
+    50 or so): pydicom writes only the file meta information and what the fast encoder leaves
+    to it (Pixel Data, a person's name). ``ds`` and its file meta are left as they were."""
+    from pydicom import filewriter
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # no Media Storage UIDs: added
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = generate_uid()
+    ds.Modality = "OT"
+    ds.InstanceNumber = 3
+    ds.SliceThickness = DSfloat("0.5")
+    ds.Rows, ds.Columns = 2, 3
+    ds.ImageComments = "plain"
+    ds.PatientName = "Doe^Jane"
+    ds.PixelData = bytes(range(18))
+    ds["PixelData"].VR = "OB"
+    ds.preamble = b"\x01" * 128
+    meta = list(ds.file_meta.keys())
+    reference = _dcmwrite(copy.deepcopy(ds))
+    written: list[int] = []
+    original = filewriter.write_data_element
+
+    def counting(fp: object, element: object, encodings: object = None) -> None:
+        written.append(element.tag)  # type: ignore[attr-defined]
+        original(fp, element, encodings)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(filewriter, "write_data_element", counting)
+    monkeypatch.setattr(encoding, "write_data_element", counting)
+    assert encode_part10(ds) == reference
+    assert [tag for tag in written if tag >> 16 != 2] == [0x00100010, 0x7FE00010]
+    assert list(ds.file_meta.keys()) == meta
+    assert "FileMetaInformationGroupLength" not in ds.file_meta
